@@ -1,0 +1,3 @@
+from trimail.cli import main
+
+main()

@@ -1,0 +1,528 @@
+"""main.cf configuration: the parser, ``$name`` expansion and the parameter registry.
+
+The registry (``PARAMETERS``) is the single place where every parameter is named,
+typed, given its default and documented in one line; ``trimail config`` and the
+docs are generated from it.  Values are stored raw, exactly as written, and
+expanded only when used (Postfix's lazy expansion), so ``mydestination =
+$myhostname`` follows a later ``-o myhostname=...``.
+
+Syntax (postconf(5)): ``name = value`` logical lines; a line that starts with
+white space continues the previous logical line; blank lines and lines whose first
+non-blank character is ``#`` are comments.  ``$name``, ``${name}`` and
+``$(name)`` expand recursively with loop detection; ``${name?text}`` is *text*
+when *name* is non-empty and ``${name:text}`` when it is empty.
+
+Errors name the file and line (``main.cf:12: ...``); a parameter that is not in
+the registry and not referenced by another value only warns, as Postfix does.
+
+Security notes: the file is parsed as plain text; no value is ever evaluated or
+passed to a shell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import ipaddress
+import os
+import re
+import socket
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
+
+
+class ConfigError(Exception):
+    """A configuration problem; ``str()`` is the one line an operator should see."""
+
+
+# ---------------------------------------------------------------------------
+# value types
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"bad boolean value {text!r} (use yes or no)")
+
+
+def parse_int(text: str) -> int:
+    value = text.strip()
+    if not re.fullmatch(r"[+-]?\d+", value):
+        raise ValueError(f"bad numerical value {text!r}")
+    return int(value)
+
+
+_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(text: str, default_unit: str = "s") -> float:
+    """Postfix time value: ``300s``, ``5m``, ``1h``, ``5d``, ``2w``, or a bare number
+    in the parameter's default unit.  Several terms add up (``1h30m``)."""
+    value = text.strip().lower()
+    terms = re.findall(r"(\d+(?:\.\d+)?)([smhdw]?)", value)
+    if not value or "".join(n + u for n, u in terms) != value:
+        raise ValueError(f"bad time value {text!r} (use a number with unit s, m, h, d or w)")
+    return float(sum(float(n) * _TIME_UNITS[u or default_unit] for n, u in terms))
+
+
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """Byte count; a plain integer as in Postfix, or with a k/m/g suffix."""
+    m = re.fullmatch(r"(\d+)\s*([kmg]?)b?", text.strip().lower())
+    if not m:
+        raise ValueError(f"bad size value {text!r} (use a number of bytes, e.g. 10240000)")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+
+
+def split_list(text: str) -> list[str]:
+    """Postfix list: elements separated by commas and/or white space; ``{ ... }``
+    groups (as in ``inline:{ a=b, c=d }``) stay one element."""
+    items: list[str] = []
+    current: list[str] = []
+    depth = 0
+    for ch in text:
+        if ch == "{":
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+        if depth == 0 and (ch == "," or ch.isspace()):
+            if current:
+                items.append("".join(current))
+                current = []
+            continue
+        current.append(ch)
+    if depth:
+        raise ValueError(f"unbalanced '{{' in {text!r}")
+    if current:
+        items.append("".join(current))
+    return items
+
+
+_MAP_TYPES = frozenset(
+    {"hash", "btree", "texthash", "inline", "static", "cidr", "regexp", "pcre", "unix", "fail"}
+)
+
+
+def parse_maps(text: str) -> list[str]:
+    """A list of lookup-table references ``type:name``."""
+    maps = split_list(text)
+    for ref in maps:
+        kind, sep, name = ref.partition(":")
+        if not sep or not name:
+            raise ValueError(f"bad lookup table reference {ref!r} (use type:name, e.g. hash:/etc/aliases)")
+        if kind not in _MAP_TYPES:
+            raise ValueError(f"unsupported lookup table type {kind!r} in {ref!r}")
+    return maps
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(item: str, default_port: int | None = None) -> ListenAddress:
+    """``host:port`` or ``[v6addr]:port``; a bare host takes *default_port*."""
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", item)
+    if not m:
+        raise ValueError(f"bad address {item!r} (use host:port or [ipv6]:port)")
+    host = m.group(1) or m.group(3)
+    port_text = m.group(2) or m.group(4)
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"address {item!r} has no port (use host:port)")
+        port = default_port
+    else:
+        port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(f"bad port in {item!r}")
+    if host == "*":
+        host = "0.0.0.0"
+    return ListenAddress(host, port)
+
+
+def parse_listen(text: str) -> list[ListenAddress]:
+    return [parse_host_port(item) for item in split_list(text)]
+
+
+def parse_nameservers(text: str) -> list[ListenAddress]:
+    servers = [parse_host_port(item, default_port=53) for item in split_list(text)]
+    for server in servers:
+        try:
+            ipaddress.ip_address(server.host)
+        except ValueError:
+            raise ValueError(f"dns_nameservers wants IP addresses, not {server.host!r}") from None
+    return servers
+
+
+def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """``mynetworks``: CIDR blocks, IPv6 in brackets as Postfix writes them."""
+    nets = []
+    for item in split_list(text):
+        m = re.fullmatch(r"\[([^\]]+)\](/\d+)?", item)
+        spec = (m.group(1) + (m.group(2) or "")) if m else item
+        try:
+            nets.append(ipaddress.ip_network(spec, strict=False))
+        except ValueError:
+            raise ValueError(f"bad network {item!r} (use address/prefix, e.g. 192.0.2.0/24)") from None
+    return nets
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"bad value {text!r} (use one of: {', '.join(options)})")
+        return value
+
+    return parse
+
+
+# ---------------------------------------------------------------------------
+# the registry
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Param:
+    name: str
+    default: str
+    parse: Callable[[str], Any]
+    doc: str
+
+
+def _str(text: str) -> str:
+    return text.strip()
+
+
+def _time(default_unit: str = "s") -> Callable[[str], float]:
+    return lambda text: parse_time(text, default_unit)
+
+
+def _derived_hostname() -> str:
+    """Postfix's default ``myhostname``: gethostname(), with ``.localdomain``
+    appended when it is not fully qualified (mail_params.c, check_myhostname)."""
+    name = socket.gethostname().lower().rstrip(".") or "localhost"
+    return name if "." in name else name + ".localdomain"
+
+
+def _derived_domain(hostname: str) -> str:
+    """myhostname without its first label; ``localdomain`` when that leaves no dot."""
+    _, _, rest = hostname.partition(".")
+    return rest if "." in rest else "localdomain"
+
+
+_P = Param
+PARAMETERS: dict[str, Param] = {
+    p.name: p
+    for p in [
+        # identity
+        _P("myhostname", "", _str, "fully qualified name of this host (default: from gethostname())"),
+        _P("mydomain", "", _str, "internet domain of this host (default: myhostname minus first label)"),
+        _P("myorigin", "$myhostname", _str, "domain appended to unqualified sender addresses"),
+        _P("mydestination", "$myhostname, localhost.$mydomain, localhost", split_list,
+           "domains delivered locally"),
+        _P("mail_name", "trimail", _str, "mail system name in the SMTP greeting and Received header"),
+        _P("smtpd_banner", "$myhostname ESMTP $mail_name", _str, "text after 220 in the greeting"),
+        # networks and relaying
+        _P("mynetworks", "127.0.0.0/8 [::1]/128", parse_networks, "trusted client networks"),
+        _P("relay_domains", "", split_list, "domains this gateway relays mail to"),
+        _P("relayhost", "", _str, "default nexthop for non-local mail, e.g. [mail.example.com]:25"),
+        _P("default_transport", "smtp", _str, "transport for non-local mail"),
+        _P("transport_maps", "", parse_maps, "lookup tables mapping recipients to transport:nexthop"),
+        _P("dns_nameservers", "", parse_nameservers,
+           "(trimail) resolvers to use instead of /etc/resolv.conf, ip or ip:port"),
+        # local delivery and aliases
+        _P("alias_maps", "hash:/etc/aliases", parse_maps, "alias tables for local delivery"),
+        _P("alias_database", "hash:/etc/aliases", parse_maps, "alias tables newaliases rebuilds"),
+        _P("virtual_alias_maps", "", parse_maps, "address rewriting for any domain"),
+        _P("local_recipient_maps", "proxy:unix:passwd.byname $alias_maps", split_list,
+           "tables of known local recipients (empty: accept any)"),
+        _P("recipient_delimiter", "", _str, "separator of address extensions, e.g. + for user+tag"),
+        _P("mail_spool_directory", "$queue_directory/mailboxes", _str, "where local mail homes live"),
+        _P("home_mailbox", "Maildir/", _str, "mailbox relative to the mail home; ends in / for Maildir"),
+        _P("masquerade_domains", "", split_list, "domains to strip subdomains from"),
+        _P("masquerade_exceptions", "", split_list, "local parts exempt from masquerading"),
+        _P("masquerade_classes", "envelope_sender, header_sender, header_recipient", split_list,
+           "which addresses masquerading rewrites"),
+        # queue
+        _P("queue_directory", "/var/spool/trimail", _str, "directory of the queue database"),
+        _P("mail_owner", "trimail", _str, "unprivileged account serve runs as"),
+        _P("minimal_backoff_time", "300s", _time(), "shortest retry interval for deferred mail"),
+        _P("maximal_backoff_time", "4000s", _time(), "longest retry interval for deferred mail"),
+        _P("maximal_queue_lifetime", "5d", _time("d"), "how long deferred mail is retried"),
+        _P("bounce_queue_lifetime", "5d", _time("d"), "how long deferred bounces are retried"),
+        _P("queue_run_delay", "300s", _time(), "how often the deferred queue is scanned"),
+        _P("qmgr_message_active_limit", "20000", parse_int, "most messages in the active queue"),
+        _P("default_destination_concurrency_limit", "20", parse_int,
+           "most parallel deliveries to one destination"),
+        _P("hopcount_limit", "50", parse_int, "most Received: headers before a mail loop bounce"),
+        # SMTP server
+        _P("smtpd_listen", "0.0.0.0:25, [::]:25", parse_listen,
+           "(trimail) addresses the SMTP listener binds, host:port"),
+        _P("submission_listen", "", parse_listen, "(trimail) optional submission listener, host:port"),
+        _P("smtps_listen", "", parse_listen, "(trimail) optional implicit-TLS listener, host:port"),
+        _P("metrics_listen", "", parse_listen, "(trimail) optional Prometheus endpoint, host:port"),
+        _P("message_size_limit", "10240000", parse_size, "largest message accepted, in bytes"),
+        _P("line_length_limit", "2048", parse_int, "longest SMTP command line, in bytes"),
+        _P("smtpd_recipient_limit", "1000", parse_int, "most recipients per message"),
+        _P("smtpd_timeout", "300s", _time(), "time limit for each read from an SMTP client"),
+        _P("smtpd_hard_error_limit", "20", parse_int, "errors after which the session is closed"),
+        _P("smtpd_soft_error_limit", "10", parse_int, "errors after which replies are delayed"),
+        _P("smtpd_error_sleep_time", "1s", _time(), "delay per reply once the soft limit is passed"),
+        _P("smtpd_forbid_bare_newline", "normalize", choice("normalize", "yes", "no"),
+           "bare <LF> handling: normalize to <CR><LF>, or yes to reject; data never ends on bare <LF>"),
+        _P("smtpd_forbidden_commands", "CONNECT GET POST", split_list,
+           "commands that end the session at once (HTTP proxies and browsers)"),
+        _P("smtpd_client_connection_count_limit", "50", parse_int,
+           "most simultaneous sessions from one client address (0: no limit)"),
+        _P("smtpd_process_limit", "1000", parse_int, "(trimail) most simultaneous SMTP sessions"),
+        _P("graceful_timeout", "10s", _time(),
+           "(trimail) on stop, how long open sessions may finish before 421"),
+        _P("disable_vrfy_command", "no", parse_bool, "refuse VRFY (502) instead of answering 252"),
+        _P("smtputf8_enable", "yes", parse_bool, "announce and accept SMTPUTF8"),
+        # restrictions (consulted by the policy layer)
+        _P("smtpd_client_restrictions", "", split_list, "restrictions at connect time"),
+        _P("smtpd_helo_restrictions", "", split_list, "restrictions on HELO/EHLO"),
+        _P("smtpd_sender_restrictions", "", split_list, "restrictions on MAIL FROM"),
+        _P("smtpd_relay_restrictions",
+           "permit_mynetworks, permit_sasl_authenticated, defer_unauth_destination", split_list,
+           "relay control restrictions on RCPT TO"),
+        _P("smtpd_recipient_restrictions", "", split_list, "spam restrictions on RCPT TO"),
+        _P("smtpd_data_restrictions", "", split_list, "restrictions on DATA"),
+        # TLS
+        _P("smtpd_tls_cert_file", "", _str, "server certificate (PEM)"),
+        _P("smtpd_tls_key_file", "$smtpd_tls_cert_file", _str, "server private key (PEM)"),
+        _P("smtpd_tls_security_level", "", choice("", "none", "may", "encrypt"),
+           "SMTP server TLS: may or encrypt"),
+        _P("smtp_tls_security_level", "", choice("", "none", "may", "encrypt", "verify", "secure"),
+           "SMTP client TLS level"),
+        _P("smtp_tls_CAfile", "", _str, "CA certificates for verifying servers (PEM)"),
+    ]
+}
+del _P
+
+
+def _xdg_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME")
+    return (Path(base) if base else Path.home() / ".local" / "state") / "trimail"
+
+
+def development_defaults() -> dict[str, str]:
+    """The built-in configuration used when no main.cf exists: runs without root."""
+    return {
+        "smtpd_listen": "127.0.0.1:2525",
+        "queue_directory": str(_xdg_state_dir()),
+        "mynetworks": "127.0.0.0/8 [::1]/128",
+        "mail_owner": getpass.getuser(),
+        "alias_maps": "",
+        "alias_database": "",
+        "local_recipient_maps": "",
+    }
+
+
+# ---------------------------------------------------------------------------
+# parsing
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Setting:
+    value: str
+    where: str  # "file:line", "built-in development default" or "-o name=value"
+
+
+_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def parse_main_cf(text: str, filename: str) -> tuple[dict[str, Setting], list[str]]:
+    """Parse main.cf text into raw settings plus warnings; raise ConfigError."""
+    settings: dict[str, Setting] = {}
+    warnings: list[str] = []
+    logical: list[tuple[int, str]] = []  # (first line number, text)
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0].isspace():
+            if not logical:
+                raise ConfigError(f"{filename}:{number}: continuation line without a parameter before it")
+            first, previous = logical[-1]
+            logical[-1] = (first, previous + " " + stripped)
+        else:
+            logical.append((number, line.strip()))
+    for number, entry in logical:
+        name, sep, value = entry.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ConfigError(f"{filename}:{number}: missing '=' after parameter name {name.split()[0]!r}")
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{filename}:{number}: bad parameter name {name!r}")
+        if name in settings:
+            warnings.append(f"{filename}:{number}: overriding earlier entry: {name}")
+        settings[name] = Setting(value.strip(), f"{filename}:{number}")
+    return settings, warnings
+
+
+def parse_override(item: str) -> tuple[str, Setting]:
+    name, sep, value = item.partition("=")
+    name = name.strip()
+    if not sep or not _NAME.fullmatch(name):
+        raise ConfigError(f"-o {item}: use -o name=value")
+    return name, Setting(value.strip(), f"-o {name}")
+
+
+# ---------------------------------------------------------------------------
+# the effective configuration
+
+_REF = re.compile(r"\$(?:\{([A-Za-z0-9_]+)(?:([?:])((?:[^{}]|\{[^{}]*\})*))?\}|\(([A-Za-z0-9_]+)\)|([A-Za-z0-9_]+))")
+
+
+class Config:
+    """An immutable effective configuration: raw settings over registry defaults."""
+
+    def __init__(self, settings: Mapping[str, Setting], source: str, warnings: Iterable[str] = ()):
+        self._settings = dict(settings)
+        self.source = source
+        self.warnings = list(warnings)
+        self._expanded: dict[str, str] = {}
+        self._typed: dict[str, Any] = {}
+        hostname = self._settings.get("myhostname")
+        self._derived = {"myhostname": _derived_hostname()}
+        self._derived["mydomain"] = _derived_domain(
+            self._expand_text(hostname.value, ("myhostname",)) if hostname else self._derived["myhostname"]
+        )
+
+    # -- raw and expanded text
+
+    def is_set(self, name: str) -> bool:
+        return name in self._settings
+
+    def explicit_names(self) -> list[str]:
+        return sorted(self._settings)
+
+    def where(self, name: str) -> str:
+        setting = self._settings.get(name)
+        return setting.where if setting else "default"
+
+    def raw(self, name: str) -> str:
+        """The value as written (or the default), before ``$name`` expansion."""
+        if name in self._settings:
+            return self._settings[name].value
+        if name in self._derived:
+            return self._derived[name]
+        param = PARAMETERS.get(name)
+        return param.default if param else ""
+
+    def expand(self, name: str) -> str:
+        if name not in self._expanded:
+            self._expanded[name] = self._expand_name(name, ())
+        return self._expanded[name]
+
+    def _expand_name(self, name: str, stack: tuple[str, ...]) -> str:
+        if name in stack:
+            chain = " -> ".join((*stack, name))
+            raise ConfigError(f"{self.where(stack[0])}: parameter {stack[0]}: expansion loop: {chain}")
+        return self._expand_text(self.raw(name), (*stack, name))
+
+    def _expand_text(self, text: str, stack: tuple[str, ...]) -> str:
+        def replace(m: re.Match[str]) -> str:
+            name = m.group(1) or m.group(4) or m.group(5)
+            value = self._expand_name(name, stack)
+            if m.group(2) == "?":
+                return self._expand_text(_unbrace(m.group(3)), stack) if value else ""
+            if m.group(2) == ":":
+                return "" if value else self._expand_text(_unbrace(m.group(3)), stack)
+            return value
+
+        return _REF.sub(replace, text)
+
+    # -- typed values
+
+    def get(self, name: str) -> Any:
+        if name not in self._typed:
+            param = PARAMETERS.get(name)
+            text = self.expand(name)
+            if param is None:
+                self._typed[name] = text
+            else:
+                try:
+                    self._typed[name] = param.parse(text)
+                except ValueError as exc:
+                    raise ConfigError(f"{self.where(name)}: parameter {name}: {exc}") from None
+        return self._typed[name]
+
+    __getitem__ = get
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name not in PARAMETERS:
+            raise AttributeError(name)
+        return self.get(name)
+
+    def validate(self) -> None:
+        """Expand and convert every parameter so bad values fail now, with file:line."""
+        for name in PARAMETERS:
+            self.get(name)
+        referenced = {m.group(1) or m.group(4) or m.group(5) for s in self._settings.values()
+                      for m in _REF.finditer(s.value)}
+        referenced |= {m.group(1) or m.group(4) or m.group(5) for p in PARAMETERS.values()
+                       for m in _REF.finditer(p.default)}
+        for name, setting in self._settings.items():
+            if name not in PARAMETERS and name not in referenced:
+                self.warnings.append(f"{setting.where}: unused parameter: {name}={setting.value}")
+
+    def with_overrides(self, overrides: Mapping[str, str]) -> Config:
+        settings = dict(self._settings)
+        for name, value in overrides.items():
+            settings[name] = Setting(value, f"-o {name}")
+        return Config(settings, self.source, self.warnings)
+
+
+def _unbrace(text: str) -> str:
+    """``${name?{text}}`` (Postfix 3.0 form) is the same as ``${name?text}``."""
+    return text[1:-1] if text.startswith("{") and text.endswith("}") else text
+
+
+def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
+    """Which main.cf to read: -c, then $TRIMAIL_CONFIG, then /etc/trimail/main.cf."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("TRIMAIL_CONFIG")
+    if env:
+        return Path(env)
+    if DEFAULT_CONFIG_FILE.exists():
+        return DEFAULT_CONFIG_FILE
+    return None
+
+
+def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Load and validate the effective configuration (raises ConfigError)."""
+    chosen = config_path(path)
+    if chosen is None:
+        settings = {k: Setting(v, "built-in development default") for k, v in development_defaults().items()}
+        warnings: list[str] = []
+        source = "built-in development default"
+    else:
+        try:
+            text = chosen.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{chosen}: cannot read configuration: {exc.strerror}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{chosen}: not UTF-8 text: {exc.reason}") from None
+        settings, warnings = parse_main_cf(text, str(chosen))
+        source = str(chosen)
+    for item in overrides:
+        name, setting = parse_override(item)
+        settings[name] = setting
+    config = Config(settings, source, warnings)
+    config.validate()
+    return config

@@ -1,0 +1,119 @@
+"""SMTP replies as values (RFC 5321 codes with RFC 3463 enhanced status codes).
+
+Every reply trimail sends is built here or from ``Reply(...)``; texts that other
+tools match on (``Ok: queued as``) are part of the interface contract.  Our own
+failures answer ``451 4.3.0`` and the details go to the log, never to the peer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    enhanced: str  # "2.0.0", or "" where RFC 3463 has none (220, 221 greeting lines)
+    text: str | tuple[str, ...]
+
+    def lines(self) -> tuple[str, ...]:
+        return (self.text,) if isinstance(self.text, str) else self.text
+
+    def to_bytes(self) -> bytes:
+        lines = self.lines()
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        last = len(lines) - 1
+        # the enhanced code goes on every line of a multi-line reply (RFC 2034 section 4)
+        out = [f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n" for i, line in enumerate(lines)]
+        return "".join(out).encode("utf-8", "replace")
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_error(self) -> bool:
+        return self.code >= 400
+
+    def __str__(self) -> str:
+        return " ".join(filter(None, (str(self.code), self.enhanced, " / ".join(self.lines()))))
+
+
+def ok(text: str = "Ok") -> Reply:
+    return Reply(250, "2.0.0", text)
+
+
+def queued(queue_id: str) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+
+def greeting(banner: str) -> Reply:
+    return Reply(220, "", banner)
+
+
+def ehlo(hostname: str, keywords: list[str]) -> Reply:
+    return Reply(250, "", (hostname, *keywords))
+
+
+def helo(hostname: str) -> Reply:
+    return Reply(250, "", hostname)
+
+
+def shutting_down(hostname: str) -> Reply:
+    return Reply(421, "4.3.2", f"{hostname} Service shutting down, closing transmission channel")
+
+
+def timeout(hostname: str) -> Reply:
+    return Reply(421, "4.4.2", f"{hostname} Error: timeout exceeded")
+
+
+def too_many_errors(hostname: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many errors")
+
+
+def too_many_connections(hostname: str) -> Reply:
+    return Reply(421, "4.7.0", f"{hostname} Error: too many connections")
+
+
+BYE = Reply(221, "2.0.0", "Bye")
+START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
+VRFY_CANNOT = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+VRFY_DISABLED = Reply(502, "5.5.1", "VRFY command is disabled")
+HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+
+SYNTAX_HELO = Reply(501, "5.5.4", "Syntax: HELO hostname")
+SYNTAX_EHLO = Reply(501, "5.5.4", "Syntax: EHLO hostname")
+SYNTAX_MAIL = Reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+SYNTAX_RCPT = Reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+SYNTAX_DATA = Reply(501, "5.5.4", "Syntax: DATA")
+SYNTAX_RSET = Reply(501, "5.5.4", "Syntax: RSET")
+SYNTAX_QUIT = Reply(501, "5.5.4", "Syntax: QUIT")
+SYNTAX_VRFY = Reply(501, "5.5.4", "Syntax: VRFY address")
+BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
+BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
+NOT_RECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")
+BAD_UTF8 = Reply(500, "5.5.2", "Error: bad UTF-8 syntax")
+NEED_HELO = Reply(503, "5.5.1", "Error: send HELO/EHLO first")
+NESTED_MAIL = Reply(503, "5.5.1", "Error: nested MAIL command")
+NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
+NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
+LOCAL_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
+TEMPORARY_FAILURE = Reply(451, "4.3.0", "Error: internal error, try again later")
+BARE_LF = Reply(521, "5.5.2", "Error: bare <LF> received")
+FORBIDDEN_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
+TOO_MANY_HOPS = Reply(554, "5.4.0", "Error: too many hops")
+SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send UTF-8 address")
+
+
+def unsupported_option(name: str) -> Reply:
+    return Reply(555, "5.5.4", f"Unsupported option: {name}")
+
+
+def bad_parameter(text: str) -> Reply:
+    return Reply(501, "5.5.4", text)

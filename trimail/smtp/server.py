@@ -1,0 +1,610 @@
+"""The SMTP server as a pure state machine (RFC 5321 with RFC 2920 pipelining).
+
+Use it the way h11 is used::
+
+    conn = ServerConnection(settings)
+    conn.greet()                          # queues the 220 banner
+    conn.receive_data(bytes_from_peer)    # b"" means end of file
+    event = conn.next_event()             # an Event, or NEED_DATA
+    conn.respond(reply)                   # answers a decision event
+    wire = conn.data_to_send()            # reply bytes for the peer
+
+Events that need a decision (``Hello``, ``MailFrom``, ``RcptTo``, ``DataStart``,
+``DataEnd``) must be answered with ``respond()`` before ``next_event()`` moves on;
+so pipelined commands are processed strictly in order and every command gets
+exactly one reply.  Syntax, sequence and limit errors are answered by the machine
+itself.  The peer breaking the protocol never raises: it becomes a reply.  Calling
+the machine wrongly raises ``LocalProtocolError`` (a bug in the caller).
+
+DATA (chasquid's dotreader, Postfix's bare-newline rules): the message ends only
+at ``<CR><LF>.<CR><LF>``; a line starting with ``.`` is un-stuffed; a line ending in
+a bare ``<LF>`` never ends the message.  With ``smtpd_forbid_bare_newline =
+normalize`` (the default) it is stored as if it ended in ``<CR><LF>``; with ``yes``
+the session is ended with ``521 5.5.2``.  A bare ``<CR>`` is ordinary text.  The
+size limit is enforced while reading, but reading goes on to the real end of data
+so the session stays in sync.  Content comes out as ``DataChunk`` events in wire
+format (``<CR><LF>`` line ends, dots un-stuffed), never as a list of lines.
+
+Security notes: every buffer is bounded: command lines by ``line_length_limit``,
+partial data lines by ``_DATA_FLUSH`` bytes; the caller reads only on NEED_DATA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import Counter, deque
+
+from trimail.smtp import replies
+from trimail.smtp.address import AddressError, parse_path
+from trimail.smtp.replies import Reply
+
+
+class LocalProtocolError(Exception):
+    """The caller used the machine wrongly (a bug), as opposed to a peer error."""
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+
+
+# -- events --------------------------------------------------------------
+
+
+class Event:
+    """Base of all events; ``needs_reply`` events must be answered by respond()."""
+
+    needs_reply = False
+
+
+@dataclasses.dataclass(slots=True)
+class Hello(Event):
+    name: str
+    extended: bool
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
+class MailFrom(Event):
+    sender: str
+    params: dict[str, str | None]
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
+class RcptTo(Event):
+    recipient: str
+    params: dict[str, str | None]
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
+class DataStart(Event):
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
+class DataChunk(Event):
+    data: bytes
+
+
+@dataclasses.dataclass(slots=True)
+class DataEnd(Event):
+    """The message is complete; answer with the reply for its fate (e.g. queued)."""
+
+    size: int
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
+class DataAborted(Event):
+    """The message is void (too big, bare LF, connection lost): discard it."""
+
+    reason: str
+
+
+@dataclasses.dataclass(slots=True)
+class Reset(Event):
+    """The mail transaction was cleared (RSET, EHLO/HELO, or a failed DATA)."""
+
+
+@dataclasses.dataclass(slots=True)
+class Rejected(Event):
+    """The machine itself answered a command with an error reply (for the log)."""
+
+    command: str
+    reply: Reply
+
+
+@dataclasses.dataclass(slots=True)
+class Closed(Event):
+    """The session is over; send what data_to_send() returns, then close."""
+
+    reason: str
+
+
+class State(enum.Enum):
+    GREETING = "greeting"  # before greet()
+    INIT = "init"  # greeted, no HELO/EHLO yet
+    READY = "ready"  # HELO/EHLO done, no transaction
+    MAIL = "mail"  # MAIL accepted, no recipient yet
+    RCPT = "rcpt"  # at least one recipient accepted
+    DATA = "data"  # reading message content
+    CLOSED = "closed"
+
+
+# Commands allowed in each state (anything else gets the reply in _SEQUENCE_ERRORS).
+TRANSITIONS: dict[str, dict[State, State]] = {
+    "HELO": {s: State.READY for s in (State.INIT, State.READY, State.MAIL, State.RCPT)},
+    "EHLO": {s: State.READY for s in (State.INIT, State.READY, State.MAIL, State.RCPT)},
+    "MAIL": {State.READY: State.MAIL},
+    "RCPT": {State.MAIL: State.RCPT, State.RCPT: State.RCPT},
+    "DATA": {State.RCPT: State.DATA},
+}
+
+_SEQUENCE_ERRORS: dict[str, dict[State, Reply]] = {
+    "MAIL": {State.INIT: replies.NEED_HELO, State.MAIL: replies.NESTED_MAIL,
+             State.RCPT: replies.NESTED_MAIL},
+    "RCPT": {State.INIT: replies.NEED_MAIL, State.READY: replies.NEED_MAIL},
+    "DATA": {State.INIT: replies.NEED_RCPT, State.READY: replies.NEED_RCPT,
+             State.MAIL: replies.NO_VALID_RECIPIENTS},
+}
+
+_KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "STARTTLS", "AUTH", "ATRN", "SEND",
+                                    "SOML", "SAML"})
+
+_DATA_FLUSH = 4096  # longest partial data line kept before it is passed on
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Settings:
+    hostname: str = "localhost"
+    banner: str = "localhost ESMTP trimail"
+    message_size_limit: int = 10240000  # 0: no limit
+    line_length_limit: int = 2048
+    recipient_limit: int = 1000
+    hard_error_limit: int = 20
+    bare_newline: str = "normalize"  # or "yes" (reject); data never ends on bare LF
+    forbidden_commands: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})
+    smtputf8: bool = True
+    vrfy: bool = True
+    extra_extensions: tuple[str, ...] = ()
+
+
+class ServerConnection:
+    """One SMTP server session, without I/O."""
+
+    def __init__(self, settings: Settings = Settings()) -> None:
+        self.settings = settings
+        self.state = State.GREETING
+        self.extended = False  # EHLO (True) or HELO
+        self.helo_name: str | None = None
+        self.error_count = 0
+        self.recipient_count = 0
+        self.smtputf8 = False  # SMTPUTF8 declared on the current MAIL
+        self.command_stats: Counter[str] = Counter()  # "ehlo" -> total, "ehlo/ok" -> accepted
+        self._in = bytearray()
+        self._out = bytearray()
+        self._eof = False
+        self._events: deque[Event] = deque()
+        self._pending: Event | None = None
+        self._pending_verb = ""
+        self._skipping_long_line = False
+        self._last_command_crlf = True
+        # DATA reader state
+        self._line_start = True
+        self._prev_crlf = True
+        self._data_size = 0
+        self._too_big = False
+
+    # -- I/O side ----------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            return
+        if data:
+            if self._eof:
+                raise LocalProtocolError("receive_data() after end of file")
+            self._in += data
+        else:
+            self._eof = True
+
+    def data_to_send(self) -> bytes:
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    @property
+    def closed(self) -> bool:
+        return self.state is State.CLOSED
+
+    def greet(self, reply: Reply | None = None) -> None:
+        """Queue the greeting; an error reply (554/421) ends the session."""
+        if self.state is not State.GREETING:
+            raise LocalProtocolError("greet() twice")
+        reply = reply or replies.greeting(self.settings.banner)
+        self._send(reply)
+        if reply.is_error:
+            self._close("rejected at connect")
+        else:
+            self.state = State.INIT
+
+    def close(self, reply: Reply | None, reason: str) -> None:
+        """End the session now (shutdown, timeout): queue *reply* and go CLOSED."""
+        if self.state is State.CLOSED:
+            return
+        if self.state is State.DATA:
+            self._events.append(DataAborted(reason))
+        if reply is not None:
+            self._send(reply)
+        self._pending = None
+        self._close(reason)
+
+    # -- events ------------------------------------------------------------
+
+    def next_event(self) -> Event | _NeedData:
+        if self._pending is not None:
+            raise LocalProtocolError(f"respond() to {self._pending!r} first")
+        while not self._events:
+            if self.state is State.CLOSED:
+                raise LocalProtocolError("next_event() after Closed")
+            if self.state is State.GREETING:
+                return NEED_DATA
+            progressed = self._read_data() if self.state is State.DATA else self._read_command()
+            if not progressed:
+                if not self._eof:
+                    return NEED_DATA
+                if self.state is State.DATA:
+                    self._events.append(DataAborted("lost connection in DATA"))
+                self._close("lost connection")
+        event = self._events.popleft()
+        if event.needs_reply:
+            self._pending = event
+        return event
+
+    def respond(self, reply: Reply | None = None) -> None:
+        """Answer the pending decision event; None accepts with the standard reply."""
+        event = self._pending
+        if event is None:
+            raise LocalProtocolError("respond() with no event waiting for a reply")
+        if reply is None:
+            if isinstance(event, DataEnd):
+                raise LocalProtocolError("DataEnd needs an explicit reply (e.g. queued as ID)")
+            reply = self._accept_reply(event)
+        self._pending = None
+        verb = self._pending_verb
+        if reply.is_positive:
+            if not isinstance(event, DataStart):  # DATA counts as done at its end
+                self.command_stats[verb + "/ok"] += 1
+            self._proceed(event)
+        else:
+            self.error_count += 1
+            if isinstance(event, DataEnd):
+                self._end_transaction(State.READY)
+        self._send(reply)
+        if reply.code == 421:
+            if self.state is State.DATA:
+                self._events.append(DataAborted("session closed"))
+            self._close("closed by server")
+
+    def _accept_reply(self, event: Event) -> Reply:
+        if isinstance(event, Hello):
+            if not event.extended:
+                return replies.helo(self.settings.hostname)
+            return replies.ehlo(self.settings.hostname, self.extensions())
+        if isinstance(event, MailFrom):
+            return Reply(250, "2.1.0", "Ok")
+        if isinstance(event, RcptTo):
+            return Reply(250, "2.1.5", "Ok")
+        if isinstance(event, DataStart):
+            return replies.START_DATA
+        raise LocalProtocolError(f"no default reply for {event!r}")
+
+    def extensions(self) -> list[str]:
+        size = self.settings.message_size_limit
+        keywords = ["PIPELINING", f"SIZE {size}" if size else "SIZE"]
+        if self.settings.vrfy:
+            keywords.append("VRFY")
+        keywords += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        if self.settings.smtputf8:
+            keywords.append("SMTPUTF8")
+        keywords += self.settings.extra_extensions
+        return keywords
+
+    def _proceed(self, event: Event) -> None:
+        if isinstance(event, Hello):
+            self.extended = event.extended
+            self.helo_name = event.name
+            self._end_transaction(State.READY)
+        elif isinstance(event, MailFrom):
+            self.smtputf8 = "SMTPUTF8" in event.params
+            self.state = State.MAIL
+        elif isinstance(event, RcptTo):
+            self.recipient_count += 1
+            self.state = State.RCPT
+        elif isinstance(event, DataStart):
+            self.state = State.DATA
+            self._line_start = True
+            self._prev_crlf = self._last_command_crlf
+            self._data_size = 0
+            self._too_big = False
+        elif isinstance(event, DataEnd):
+            self._end_transaction(State.READY)
+
+    def _end_transaction(self, state: State) -> None:
+        self.recipient_count = 0
+        self.smtputf8 = False
+        self.state = state
+
+    # -- internals ---------------------------------------------------------
+
+    def _send(self, reply: Reply) -> None:
+        self._out += reply.to_bytes()
+
+    def _close(self, reason: str) -> None:
+        self.state = State.CLOSED
+        self._events.append(Closed(reason))
+        self._in.clear()
+
+    def _error(self, verb: str, reply: Reply) -> None:
+        self.error_count += 1
+        self._send(reply)
+        self._events.append(Rejected(verb, reply))
+
+    def _read_command(self) -> bool:
+        buf = self._in
+        limit = self.settings.line_length_limit
+        lf = buf.find(b"\n")
+        if self._skipping_long_line:
+            if lf < 0:
+                buf.clear()
+                return False
+            del buf[: lf + 1]
+            self._skipping_long_line = False
+            return True
+        if lf < 0:
+            if len(buf) > limit:
+                buf.clear()
+                self._skipping_long_line = True
+                self._error("", replies.LINE_TOO_LONG)
+                return True
+            return False
+        raw = bytes(buf[:lf])
+        del buf[: lf + 1]
+        self._last_command_crlf = raw.endswith(b"\r")
+        if self._last_command_crlf:
+            raw = raw[:-1]
+        elif self.settings.bare_newline == "yes":
+            self._send(replies.BARE_LF)
+            self._close("bare <LF> received")
+            return True
+        if len(raw) > limit:
+            self._error("", replies.LINE_TOO_LONG)
+            return True
+        if self.error_count >= self.settings.hard_error_limit:
+            self._send(replies.too_many_errors(self.settings.hostname))
+            self._close("too many errors")
+            return True
+        self._command(raw)
+        return True
+
+    def _command(self, raw: bytes) -> None:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self._error("", replies.BAD_UTF8)
+            return
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        arg = arg.strip(" ")
+        if verb in self.settings.forbidden_commands:
+            self._send(replies.FORBIDDEN_COMMAND)
+            self._close(f"forbidden command {verb}")
+            return
+        handler = _HANDLERS.get(verb)
+        if handler is None:
+            self.command_stats["unknown"] += 1
+            self._error("unknown", replies.NOT_IMPLEMENTED if verb in _KNOWN_NOT_IMPLEMENTED
+                        else replies.NOT_RECOGNIZED)
+            return
+        name = verb.lower()
+        self.command_stats[name] += 1
+        allowed = TRANSITIONS.get(verb)
+        if allowed is not None and self.state not in allowed:
+            self._error(name, _SEQUENCE_ERRORS[verb][self.state])
+            return
+        self._pending_verb = name
+        handler(self, arg)
+
+    def _decide(self, event: Event) -> None:
+        self._events.append(event)
+
+    # one method per verb: check syntax here; policy belongs to the caller
+    def _helo(self, arg: str, extended: bool) -> None:
+        name = arg.split(" ")[0] if arg else ""
+        if not name:
+            self._error(self._pending_verb, replies.SYNTAX_EHLO if extended else replies.SYNTAX_HELO)
+            return
+        self._decide(Hello(name, extended))
+
+    def _do_helo(self, arg: str) -> None:
+        self._helo(arg, False)
+
+    def _do_ehlo(self, arg: str) -> None:
+        self._helo(arg, True)
+
+    def _do_mail(self, arg: str) -> None:
+        try:
+            path = parse_path(arg, "FROM:", utf8_allowed=False)
+        except AddressError as exc:
+            self._error("mail", replies.SYNTAX_MAIL if str(exc) == "syntax" else replies.BAD_SENDER)
+            return
+        problem = self._check_mail_params(path.params)
+        if problem is not None:
+            self._error("mail", problem)
+            return
+        self._decide(MailFrom(path.address, path.params))
+
+    def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
+        if params and not self.extended:
+            return replies.unsupported_option(next(iter(params)))
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not value.isdigit():
+                    return replies.bad_parameter("Bad message size syntax")
+                limit = self.settings.message_size_limit
+                if limit and int(value) > limit:
+                    return replies.MESSAGE_TOO_BIG
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return replies.bad_parameter("Unsupported BODY parameter value")
+            elif key == "SMTPUTF8" and self.settings.smtputf8:
+                if value is not None:
+                    return replies.bad_parameter("Bad SMTPUTF8 parameter syntax")
+            else:
+                return replies.unsupported_option(key)
+        return None
+
+    def _do_rcpt(self, arg: str) -> None:
+        if self.recipient_count >= self.settings.recipient_limit:
+            self._error("rcpt", replies.TOO_MANY_RECIPIENTS)
+            return
+        try:
+            path = parse_path(arg, "TO:", utf8_allowed=self.smtputf8)
+        except AddressError as exc:
+            self._error("rcpt", replies.SYNTAX_RCPT if str(exc) == "syntax" else replies.BAD_RECIPIENT)
+            return
+        if not path.address:
+            self._error("rcpt", replies.BAD_RECIPIENT)
+            return
+        if path.params:
+            self._error("rcpt", replies.unsupported_option(next(iter(path.params))))
+            return
+        self._decide(RcptTo(path.address, path.params))
+
+    def _do_data(self, arg: str) -> None:
+        if arg:
+            self._error("data", replies.SYNTAX_DATA)
+            return
+        self._decide(DataStart())
+
+    def _do_rset(self, arg: str) -> None:
+        if arg:
+            self._error("rset", replies.SYNTAX_RSET)
+            return
+        if self.state in (State.MAIL, State.RCPT):
+            self._events.append(Reset())
+        self._end_transaction(State.READY if self.helo_name is not None else State.INIT)
+        self.command_stats["rset/ok"] += 1
+        self._send(replies.ok())
+
+    def _do_noop(self, arg: str) -> None:
+        self.command_stats["noop/ok"] += 1
+        self._send(replies.ok())
+
+    def _do_quit(self, arg: str) -> None:
+        if arg:
+            self._error("quit", replies.SYNTAX_QUIT)
+            return
+        self.command_stats["quit/ok"] += 1
+        self._send(replies.BYE)
+        if self.state in (State.MAIL, State.RCPT):
+            self._events.append(Reset())
+        self._close("quit")
+
+    def _do_vrfy(self, arg: str) -> None:
+        if not self.settings.vrfy:
+            self._error("vrfy", replies.VRFY_DISABLED)
+        elif not arg:
+            self._error("vrfy", replies.SYNTAX_VRFY)
+        else:
+            self.command_stats["vrfy/ok"] += 1
+            self._send(replies.VRFY_CANNOT)
+
+    def _do_help(self, arg: str) -> None:
+        self.command_stats["help/ok"] += 1
+        self._send(replies.HELP)
+
+    # -- DATA ------------------------------------------------------------------
+
+    def _read_data(self) -> bool:
+        """Move complete lines from the input to DataChunk events; True on progress."""
+        buf = self._in
+        n = len(buf)
+        out = bytearray()
+        pos = 0
+        ended = False
+        bare_lf = False
+        while pos < n:
+            lf = buf.find(b"\n", pos)
+            if lf < 0:
+                if n - pos <= _DATA_FLUSH:
+                    break
+                # a very long line: pass it on, keeping its last byte (maybe the CR of CRLF)
+                start = pos + 1 if self._line_start and buf[pos] == 0x2E else pos
+                out += buf[start : n - 1]
+                self._line_start = False
+                pos = n - 1
+                break
+            crlf = lf > pos and buf[lf - 1] == 0x0D
+            if not crlf and self.settings.bare_newline == "yes":
+                bare_lf = True
+                pos = lf + 1
+                break
+            start = pos
+            if self._line_start and buf[pos] == 0x2E:
+                if crlf and lf == pos + 2 and self._prev_crlf:
+                    ended = True
+                    pos = lf + 1
+                    break
+                start += 1
+            if crlf:
+                out += buf[start : lf + 1]
+            else:
+                out += buf[start:lf]
+                out += b"\r\n"
+            self._line_start = True
+            self._prev_crlf = crlf
+            pos = lf + 1
+        del buf[:pos]
+        if out:
+            self._data_size += len(out)
+            limit = self.settings.message_size_limit
+            if limit and self._data_size > limit:
+                self._too_big = True
+            if not self._too_big:
+                self._events.append(DataChunk(bytes(out)))
+        if bare_lf:
+            self._events.append(DataAborted("bare <LF> received"))
+            self._send(replies.BARE_LF)
+            self._close("bare <LF> received")
+            return True
+        if ended:
+            self._prev_crlf = True
+            self._pending_verb = "data"
+            if self._too_big:
+                self._events.append(DataAborted("message too big"))
+                self._end_transaction(State.READY)
+                self._error("data", replies.MESSAGE_TOO_BIG)
+            else:
+                self._decide(DataEnd(self._data_size))
+            return True
+        return pos > 0
+
+
+_HANDLERS = {
+    "HELO": ServerConnection._do_helo,
+    "EHLO": ServerConnection._do_ehlo,
+    "MAIL": ServerConnection._do_mail,
+    "RCPT": ServerConnection._do_rcpt,
+    "DATA": ServerConnection._do_data,
+    "RSET": ServerConnection._do_rset,
+    "NOOP": ServerConnection._do_noop,
+    "QUIT": ServerConnection._do_quit,
+    "VRFY": ServerConnection._do_vrfy,
+    "HELP": ServerConnection._do_help,
+}
