@@ -1,0 +1,8 @@
+"""The mail queue: one SQLite database in ``queue_directory`` (the only code with SQL).
+
+The four Postfix queues are states of rows in the ``message`` table; see
+``schema.py`` for the tables and ``store.py`` for the transitions.
+"""
+
+STATES = ("maildrop", "incoming", "active", "deferred", "hold")
+RECIPIENT_STATUSES = ("pending", "deferred", "sent", "bounced")

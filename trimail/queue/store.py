@@ -1,0 +1,290 @@
+"""The queue database: opening it safely, and every read and state transition.
+
+Durability (RFC 5321 section 6.1: after ``250`` the message must survive a crash):
+WAL journal with ``synchronous=FULL`` on every writing connection, so a COMMIT
+returns only after the WAL is fsynced.  Writers use ``BEGIN IMMEDIATE`` and a
+busy timeout in seconds, so ``trimail sendmail`` and ``serve`` can share the file.
+
+Every transition is ``UPDATE ... WHERE id = ? AND state = ?`` with a row-count
+check; rows are never dequeued by delete until all recipients are done.  No SQL is
+built with string formatting.
+
+Security notes: the queue directory is created 0700 and the database 0600 (SQLite
+gives its -wal and -shm files the same mode); nothing here takes a path from mail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import apsw
+
+from trimail.queue.schema import MIGRATIONS, SCHEMA_VERSION
+from trimail.queue.spool import Spool
+
+DATABASE_NAME = "queue.db"
+BUSY_TIMEOUT_MS = 30_000
+BLOB_CHUNK = 1 << 20
+
+
+class QueueError(Exception):
+    """A queue problem an operator must see (bad directory, newer schema, ...)."""
+
+
+class TransitionError(QueueError):
+    """A state transition found the row in another state than expected."""
+
+
+@dataclasses.dataclass(slots=True)
+class NewMessage:
+    """A message ready to be committed: envelope, content and client facts."""
+
+    id: str
+    sender: str
+    recipients: list[str]
+    content: Spool
+    state: str = "incoming"
+    arrival_time: float = dataclasses.field(default_factory=time.time)
+    client_address: str = ""
+    client_name: str = ""
+    helo_name: str = ""
+    protocol: str = ""
+    params: dict[str, str | None] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(slots=True)
+class RecipientInfo:
+    address: str
+    status: str
+    attempts: int
+    next_attempt: float | None
+    last_reply: str | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "address": self.address,
+            "status": self.status,
+            "attempts": self.attempts,
+            "next_attempt": rfc3339(self.next_attempt),
+            "last_reply": self.last_reply,
+        }
+
+
+@dataclasses.dataclass(slots=True)
+class MessageInfo:
+    id: str
+    state: str
+    sender: str
+    arrival_time: float
+    size: int
+    recipients: list[RecipientInfo]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "sender": self.sender,
+            "arrival_time": rfc3339(self.arrival_time),
+            "size": self.size,
+            "recipients": [r.to_json() for r in self.recipients],
+        }
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def prepare_directory(queue_directory: Path) -> Path:
+    """Create the queue directory 0700 (or tighten it) and return the database path."""
+    try:
+        queue_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = stat.S_IMODE(queue_directory.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(queue_directory, 0o700)
+    except OSError as exc:
+        raise QueueError(f"queue_directory {queue_directory}: {exc.strerror}") from None
+    path = queue_directory / DATABASE_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+    except OSError as exc:
+        raise QueueError(f"{path}: {exc.strerror}") from None
+    return path
+
+
+class Store:
+    """One connection to the queue database (not thread-safe: one thread each)."""
+
+    def __init__(self, connection: apsw.Connection, path: Path) -> None:
+        self.db = connection
+        self.path = path
+
+    @classmethod
+    def open(cls, queue_directory: str | os.PathLike[str], *, readonly: bool = False) -> Store:
+        directory = Path(queue_directory)
+        if readonly:
+            path = directory / DATABASE_NAME
+            if not path.exists():
+                raise QueueError(f"{path}: no queue database (has trimail serve run with this queue_directory?)")
+        else:
+            path = prepare_directory(directory)
+        try:
+            db = apsw.Connection(str(path))
+            db.set_busy_timeout(BUSY_TIMEOUT_MS)
+            cursor = db.cursor()
+            if not readonly:
+                cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            store = cls(db, path)
+            store._migrate(readonly)
+        except apsw.Error as exc:
+            raise QueueError(f"{path}: {exc}") from None
+        return store
+
+    def close(self) -> None:
+        self.db.close()
+
+    def _migrate(self, readonly: bool) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise QueueError(f"{self.path}: schema version {version} is newer than this trimail ({SCHEMA_VERSION})")
+        if version == SCHEMA_VERSION:
+            return
+        if readonly:
+            raise QueueError(f"{self.path}: schema version {version} needs upgrading; start trimail serve first")
+        with self.transaction():
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            for number in range(version, SCHEMA_VERSION):
+                self.db.execute(MIGRATIONS[number])
+                self.db.execute(f"PRAGMA user_version = {number + 1:d}")  # a pragma takes no parameters
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (fsynced), rolled back on error."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        """A nested unit inside a transaction: one request of a group commit."""
+        self.db.execute("SAVEPOINT request")
+        try:
+            yield
+        except BaseException:
+            self.db.execute("ROLLBACK TO request")
+            self.db.execute("RELEASE request")
+            raise
+        self.db.execute("RELEASE request")
+
+    # -- writes --------------------------------------------------------------
+
+    def insert_message(self, msg: NewMessage) -> None:
+        """Insert envelope, recipients and content (call inside a transaction)."""
+        db = self.db
+        size = msg.content.size
+        db.execute(
+            "INSERT INTO message (id, state, sender, arrival_time, next_attempt, size, client_address,"
+            " client_name, helo_name, protocol, params) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
+            (msg.id, msg.state, msg.sender, msg.arrival_time, size, msg.client_address, msg.client_name,
+             msg.helo_name, msg.protocol, json.dumps(msg.params)),
+        )
+        db.executemany(
+            "INSERT INTO recipient (message_id, seq, address) VALUES (?, ?, ?)",
+            [(msg.id, seq, address) for seq, address in enumerate(msg.recipients)],
+        )
+        in_memory = msg.content.getvalue()
+        if in_memory is not None:
+            db.execute("INSERT INTO body (message_id, content) VALUES (?, ?)", (msg.id, in_memory))
+            return
+        db.execute("INSERT INTO body (message_id, content) VALUES (?, zeroblob(?))", (msg.id, size))
+        rowid = db.last_insert_rowid()
+        with db.blob_open("main", "body", "content", rowid, True) as blob:
+            for chunk in msg.content.chunks(BLOB_CHUNK):
+                blob.write(chunk)
+
+    def recover_active(self) -> int:
+        """After a crash, messages left ``active`` go back to ``incoming`` (as qmgr does)."""
+        self.db.execute("UPDATE message SET state = 'incoming' WHERE state = 'active'")
+        return self.db.changes()
+
+    def transition(self, queue_id: str, expected: str, new: str) -> None:
+        self.db.execute("UPDATE message SET state = ? WHERE id = ? AND state = ?", (new, queue_id, expected))
+        if self.db.changes() != 1:
+            raise TransitionError(f"{queue_id}: not in state {expected}")
+
+    # -- reads ---------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, count(*) FROM message GROUP BY state")
+        return {state: count for state, count in rows}
+
+    def list_messages(self) -> list[MessageInfo]:
+        """Queued messages with at least one recipient not yet done, oldest first."""
+        messages: dict[str, MessageInfo] = {}
+        with self.read_snapshot():
+            for row in self.db.execute(
+                "SELECT id, state, sender, arrival_time, size FROM message ORDER BY id"
+            ):
+                messages[row[0]] = MessageInfo(*row, recipients=[])
+            for message_id, *fields in self.db.execute(
+                "SELECT message_id, address, status, attempts, next_attempt, last_reply"
+                " FROM recipient ORDER BY message_id, seq"
+            ):
+                info = messages.get(message_id)
+                if info is not None:
+                    info.recipients.append(RecipientInfo(*fields))
+        return [m for m in messages.values()
+                if any(r.status in ("pending", "deferred") for r in m.recipients)]
+
+    def get_message(self, queue_id: str) -> MessageInfo | None:
+        for info in self.list_messages_by_id([queue_id]):
+            return info
+        return None
+
+    def list_messages_by_id(self, ids: list[str]) -> list[MessageInfo]:
+        found = []
+        with self.read_snapshot():
+            for queue_id in ids:
+                row = self.db.execute(
+                    "SELECT id, state, sender, arrival_time, size FROM message WHERE id = ?", (queue_id,)
+                ).fetchone()
+                if row is None:
+                    continue
+                recipients = [RecipientInfo(*r) for r in self.db.execute(
+                    "SELECT address, status, attempts, next_attempt, last_reply FROM recipient"
+                    " WHERE message_id = ? ORDER BY seq", (queue_id,))]
+                found.append(MessageInfo(*row, recipients=recipients))
+        return found
+
+    def read_content(self, queue_id: str) -> bytes | None:
+        row = self.db.execute("SELECT content FROM body WHERE message_id = ?", (queue_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    @contextmanager
+    def read_snapshot(self) -> Iterator[None]:
+        """Several SELECTs that see one consistent state of the queue."""
+        if not self.db.in_transaction:
+            self.db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self.db.execute("COMMIT")
+        else:
+            yield

@@ -1,0 +1,154 @@
+"""Group commit: serve's queue work on one dedicated thread, many requests per fsync.
+
+SQLite work must never block the trio event loop, and one fsync per message would
+cap throughput at the disk's sync rate.  So serve owns exactly one writing
+connection, on a thread of its own.  Tasks ``await writer.run(fn, *args)``; the
+thread takes every request waiting (up to ``max_batch``), runs them in one
+``BEGIN IMMEDIATE`` transaction, each in its own SAVEPOINT (so one failing request
+does not spoil the others), then COMMITs once (one WAL fsync) and only then wakes
+the waiting tasks.  While one batch is being fsynced the next one fills up, so the
+batch size follows the load by itself: one request when idle, dozens under load.
+
+A task that is cancelled while waiting does not cancel its request: callers that
+must answer a client after the commit (the SMTP session's ``250``) shield the wait.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import trio
+
+from trimail.queue.store import Store
+
+log = logging.getLogger("trimail.queue")
+
+T = TypeVar("T")
+
+_STOP = object()
+
+
+class _Request:
+    __slots__ = ("fn", "args", "done", "result", "error")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.fn = fn
+        self.args = args
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class WriterStats:
+    batches: int = 0
+    requests: int = 0
+    largest_batch: int = 0
+    commit_seconds: float = 0.0
+
+
+class QueueWriter:
+    """Use as ``async with QueueWriter(open_store) as writer:``."""
+
+    def __init__(self, open_store: Callable[[], Store], max_batch: int = 512) -> None:
+        self._open_store = open_store
+        self._max_batch = max_batch
+        self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self.stats = WriterStats()
+
+    async def __aenter__(self) -> QueueWriter:
+        self._token = trio.lowlevel.current_trio_token()
+        opened = trio.Event()
+        failure: list[BaseException] = []
+
+        def report(error: BaseException | None) -> None:
+            if error is not None:
+                failure.append(error)
+            opened.set()
+
+        self._thread = threading.Thread(target=self._main, args=(report,), name="trimail-queue-writer",
+                                        daemon=True)
+        self._thread.start()
+        await opened.wait()
+        if failure:
+            await trio.to_thread.run_sync(self._thread.join)
+            raise failure[0]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._requests.put(_STOP)
+        assert self._thread is not None
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self._thread.join)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(store, *args)`` in the next group commit; return after COMMIT."""
+        request = _Request(fn, args)
+        self._requests.put(request)
+        await request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.result  # type: ignore[no-any-return]
+
+    # -- the writer thread -----------------------------------------------------
+
+    def _main(self, report: Callable[[BaseException | None], None]) -> None:
+        assert self._token is not None
+        token = self._token
+        try:
+            store = self._open_store()
+        except BaseException as exc:  # reported to __aenter__
+            token.run_sync_soon(report, exc)
+            return
+        token.run_sync_soon(report, None)
+        try:
+            while True:
+                first = self._requests.get()
+                if first is _STOP:
+                    return
+                batch = [first]
+                stop = False
+                while len(batch) < self._max_batch:
+                    try:
+                        item = self._requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is _STOP:
+                        stop = True
+                        break
+                    batch.append(item)
+                self._run_batch(store, batch)
+                for request in batch:
+                    token.run_sync_soon(request.done.set)
+                if stop:
+                    return
+        finally:
+            store.close()
+
+    def _run_batch(self, store: Store, batch: list[_Request]) -> None:
+        started = time.monotonic()
+        try:
+            with store.transaction():
+                for request in batch:
+                    try:
+                        with store.savepoint():
+                            request.result = request.fn(store, *request.args)
+                    except Exception as exc:
+                        request.error = exc
+        except Exception as exc:  # the COMMIT itself failed: nothing in the batch is durable
+            log.error("queue commit failed: %s", exc)
+            for request in batch:
+                request.error = request.error or exc
+        stats = self.stats
+        stats.batches += 1
+        stats.requests += len(batch)
+        stats.largest_batch = max(stats.largest_batch, len(batch))
+        stats.commit_seconds += time.monotonic() - started
