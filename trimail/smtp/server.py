@@ -219,6 +219,11 @@ class ServerConnection:
         return out
 
     @property
+    def output_size(self) -> int:
+        """Bytes of replies queued and not yet taken by data_to_send()."""
+        return len(self._out)
+
+    @property
     def closed(self) -> bool:
         return self.state is State.CLOSED
 

@@ -1,0 +1,189 @@
+"""The ``trimail`` command line (cyclopts): serve, queue tools, config.
+
+Every command takes ``-c/--config PATH`` and ``-o NAME=VALUE`` (repeatable), after
+the command words.  Exit status: 0 ok, 1 operational failure, 2 usage or
+configuration error; every error is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from typing import Annotated
+
+import trio
+from cyclopts import App, CycloptsError, Parameter
+
+from trimail import __version__, config as configuration
+from trimail import log as maillog
+from trimail.config import PARAMETERS, Config, ConfigError
+from trimail.net.listener import ListenError
+from trimail.queue.lock import AlreadyRunning
+from trimail.queue.store import MessageInfo, QueueError, Store
+
+app = App(name="trimail", help="A secure SMTP gateway MTA.", version=__version__,
+          exit_on_error=False, print_error=True)
+queue_app = App(name="queue", help="Inspect and manage the mail queue (mailq, postqueue, postsuper).")
+app.command(queue_app)
+
+ConfigOption = Annotated[str | None, Parameter(name=["-c", "--config"], help="main.cf to read")]
+Overrides = Annotated[
+    list[str] | None,
+    Parameter(name=["-o"], help="override one parameter, NAME=VALUE (repeatable)", consume_multiple=False),
+]
+
+
+class Failure(Exception):
+    """An operational failure: exit status 1 with this one-line message."""
+
+
+def load_config(path: str | None, overrides: list[str] | None) -> Config:
+    cfg = configuration.load(path, overrides or ())
+    for warning in cfg.warnings:
+        print(f"trimail: warning: {warning}", file=sys.stderr)
+    return cfg
+
+
+# -- serve ---------------------------------------------------------------------
+
+
+@app.command
+def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Run the MTA in the foreground until SIGTERM or SIGINT (postfix start-fg)."""
+    cfg = load_config(config, o)
+    maillog.setup(cfg.myhostname)
+    trio.run(_serve_until_signal, cfg)
+
+
+async def _serve_until_signal(cfg: Config) -> None:
+    from trimail.server import serve as run_server
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(run_server, cfg)
+            async for _ in signals:
+                server.stop()  # serve drains its sessions and returns; the nursery waits for it
+                break
+
+
+# -- config ----------------------------------------------------------------------
+
+
+@app.command(name="config")
+def show_config(
+    names: list[str] | None = None,
+    *,
+    n: Annotated[bool, Parameter(name=["-n"], help="only parameters set explicitly")] = False,
+    x: Annotated[bool, Parameter(name=["-x"], help="expand $name references")] = False,
+    config: ConfigOption = None,
+    o: Overrides = None,
+) -> None:
+    """Print effective parameter values (postconf)."""
+    cfg = load_config(config, o)
+    wanted = names or (cfg.explicit_names() if n else sorted(set(PARAMETERS) | set(cfg.explicit_names())))
+    unknown = [name for name in wanted if name not in PARAMETERS and not cfg.is_set(name)]
+    for name in wanted:
+        if name in unknown:
+            print(f"trimail: warning: {name}: unknown parameter", file=sys.stderr)
+            continue
+        value = cfg.expand(name) if x else cfg.raw(name)
+        print(f"{name} = {value}".rstrip())
+    if unknown:
+        raise SystemExit(2)
+
+
+# -- queue -----------------------------------------------------------------------
+
+
+def _open_queue(cfg: Config) -> Store:
+    try:
+        return Store.open(cfg.queue_directory, readonly=True)
+    except QueueError as exc:
+        raise Failure(str(exc)) from None
+
+
+@queue_app.command(name="list")
+def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="one JSON array")] = False,
+               config: ConfigOption = None, o: Overrides = None) -> None:
+    """List queued messages (mailq, postqueue -p / -j)."""
+    cfg = load_config(config, o)
+    try:
+        store = _open_queue(cfg)
+    except Failure:
+        if not json_output:
+            raise
+        messages: list[MessageInfo] = []
+    else:
+        messages = store.list_messages()
+        store.close()
+    if json_output:
+        json.dump([m.to_json() for m in messages], sys.stdout, indent=None)
+        sys.stdout.write("\n")
+        return
+    print(format_mailq(messages))
+
+
+_STATE_MARK = {"active": "*", "hold": "!"}
+
+
+def format_mailq(messages: list[MessageInfo]) -> str:
+    """Postfix's mailq layout."""
+    if not messages:
+        return "Mail queue is empty"
+    lines = ["-Queue ID-      --Size-- ----Arrival Time---- -Sender/Recipient-------"]
+    total = 0
+    for m in messages:
+        total += m.size
+        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(m.arrival_time))
+        lines.append(f"{m.id + _STATE_MARK.get(m.state, ''):<15} {m.size:>8} {arrival}  {m.sender or 'MAILER-DAEMON'}")
+        for r in m.recipients:
+            if r.status in ("pending", "deferred"):
+                if r.last_reply:
+                    lines.append(f"{'':<46}({r.last_reply})")
+                lines.append(f"{'':<46}{r.address}")
+        lines.append("")
+    lines.append(f"-- {(total + 1023) // 1024} Kbytes in {len(messages)} Request{'s' if len(messages) != 1 else ''}.")
+    return "\n".join(lines)
+
+
+@queue_app.command(name="show")
+def queue_show(queue_id: str, *, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Print one message: envelope and content (postcat -q)."""
+    cfg = load_config(config, o)
+    store = _open_queue(cfg)
+    try:
+        info = store.get_message(queue_id)
+        content = store.read_content(queue_id)
+    finally:
+        store.close()
+    if info is None or content is None:
+        raise Failure(f"{queue_id}: no such message in the queue")
+    print("*** ENVELOPE RECORDS ***")
+    print(f"queue_id: {info.id}\nstate: {info.state}\nmessage_size: {info.size}")
+    print(f"arrival_time: {time.ctime(info.arrival_time)}\nsender: {info.sender}")
+    for r in info.recipients:
+        print(f"recipient: {r.address} ({r.status}, attempts={r.attempts})")
+    print("*** MESSAGE CONTENTS ***")
+    sys.stdout.flush()
+    sys.stdout.buffer.write(content.replace(b"\r\n", b"\n"))
+    print("*** END OF MESSAGE ***")
+
+
+# -- entry point -----------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        app(argv if argv is not None else sys.argv[1:])
+    except CycloptsError:
+        raise SystemExit(2) from None
+    except ConfigError as exc:
+        print(f"trimail: fatal: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (Failure, QueueError, ListenError, AlreadyRunning) as exc:
+        print(f"trimail: fatal: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

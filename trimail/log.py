@@ -1,0 +1,49 @@
+"""Mail log lines in Postfix's format, so pflogsumm and operators' habits work.
+
+``Mon DD HH:MM:SS host trimail/<part>[pid]: text``; *part* is the last component
+of the logger name (``trimail.smtpd`` logs as ``trimail/smtpd``).  Messages are
+written to stderr by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from typing import TextIO
+
+
+class PostfixFormatter(logging.Formatter):
+    def __init__(self, hostname: str) -> None:
+        super().__init__()
+        self.hostname = hostname.split(".")[0] if hostname else "localhost"
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%b %e %H:%M:%S", time.localtime(record.created))
+        part = record.name.rsplit(".", 1)[-1] if "." in record.name else "master"
+        text = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            text = f"error: {text}" if record.levelno < logging.CRITICAL else f"fatal: {text}"
+        elif record.levelno >= logging.WARNING:
+            text = f"warning: {text}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return f"{stamp} {self.hostname} trimail/{part}[{os.getpid()}]: {text}"
+
+
+def setup(hostname: str, stream: TextIO | None = None, level: int = logging.INFO) -> None:
+    root = logging.getLogger("trimail")
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(PostfixFormatter(hostname))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def printable(text: str, limit: int = 256) -> str:
+    """Client-supplied text made safe for a log line or a header: printable, bounded."""
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
+    return cleaned + ("..." if len(text) > limit else "")

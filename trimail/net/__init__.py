@@ -1,0 +1,1 @@
+"""trio adapters only: listeners and the per-connection loop around the sans-IO core."""

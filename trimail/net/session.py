@@ -1,0 +1,144 @@
+"""The per-connection loop: bytes between a trio stream and the sans-IO machine.
+
+Replies are flushed only when the machine needs more input (or the output grows
+past ``FLUSH_THRESHOLD``), which batches the replies to pipelined commands
+(RFC 2920) without ever holding one back while we wait for the client.  Each read
+has its own deadline (``smtpd_timeout``).  This loop is the single catch-all
+boundary for a session: an unexpected error is logged, the client gets ``421``
+if the connection still works, and the connection is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from trimail.smtp import replies
+from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, State
+from trimail.smtpd import SmtpdSession
+
+log = logging.getLogger("trimail.smtpd")
+
+RECEIVE_SIZE = 64 * 1024
+FLUSH_THRESHOLD = 64 * 1024
+_IDLE_STATES = (State.INIT, State.READY)
+
+
+class Session:
+    """One connection.  ``request_stop()`` closes it at the next idle moment;
+    ``abort()`` closes it now (after the grace period), both with 421."""
+
+    def __init__(self, stream: trio.SocketStream, decisions: SmtpdSession, *, timeout: float,
+                 error_sleep: float, soft_error_limit: int) -> None:
+        self.stream = stream
+        self.decisions = decisions
+        self.conn = decisions.connection()
+        self.timeout = timeout
+        self.error_sleep = error_sleep
+        self.soft_error_limit = soft_error_limit
+        self.stopping = False
+        self._scope: trio.CancelScope | None = None
+        self._read_scope: trio.CancelScope | None = None
+
+    def request_stop(self) -> None:
+        self.stopping = True
+        if self._read_scope is not None and self.conn.state in _IDLE_STATES:
+            self._read_scope.cancel()
+
+    def abort(self) -> None:
+        self.stopping = True
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def run(self, greeting: replies.Reply | None = None) -> None:
+        client = self.decisions.client
+        log.info("connect from %s", client)
+        try:
+            with trio.CancelScope() as self._scope:
+                self.conn.greet(greeting)
+                await self._loop()
+            if self._scope.cancelled_caught:
+                self.conn.close(replies.shutting_down(self.decisions.ctx.hostname), "shutting down")
+            await self._final_flush()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.info("lost connection after %s from %s", self.conn.state.value.upper(), client)
+        except Exception:
+            log.exception("session with %s failed", client)
+            if not self.conn.closed:
+                self.conn.close(replies.TEMPORARY_FAILURE, "internal error")
+            await self._final_flush()
+        finally:
+            self.decisions.close()  # discards an unfinished transaction
+            with trio.CancelScope(shield=True):
+                await self.stream.aclose()
+            log.info("disconnect from %s%s", client, format_stats(self.conn.command_stats))
+
+    async def _loop(self) -> None:
+        conn = self.conn
+        hostname = self.decisions.ctx.hostname
+        while True:
+            event = conn.next_event()
+            if event is NEED_DATA:
+                if self.stopping and conn.state in _IDLE_STATES:
+                    conn.close(replies.shutting_down(hostname), "shutting down")
+                    continue
+                await self._flush()
+                with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
+                    self._read_scope = scope
+                    data = await self.stream.receive_some(RECEIVE_SIZE)
+                self._read_scope = None
+                if not scope.cancelled_caught:
+                    conn.receive_data(data)
+                elif self.stopping:
+                    conn.close(replies.shutting_down(hostname), "shutting down")
+                else:
+                    log.info("timeout after %s from %s", conn.state.value.upper(), self.decisions.client)
+                    conn.close(replies.timeout(hostname), "timeout")
+                continue
+            assert isinstance(event, Event)
+            if isinstance(event, Closed):
+                return
+            reply = await self.decisions.handle(conn, event)
+            if event.needs_reply:
+                conn.respond(reply)
+                if reply is not None and reply.is_error:
+                    await self._error_delay()
+            elif isinstance(event, Rejected):
+                await self._error_delay()
+            if conn.output_size > FLUSH_THRESHOLD:
+                await self._flush()
+
+    async def _error_delay(self) -> None:
+        """Tarpit: past smtpd_soft_error_limit, each error reply is delayed."""
+        if self.conn.error_count > self.soft_error_limit and self.error_sleep > 0:
+            await self._flush()
+            await trio.sleep(self.error_sleep)
+
+    async def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            await self.stream.send_all(data)
+
+    async def _final_flush(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await self._flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+def format_stats(stats: dict[str, int]) -> str:
+    """Postfix's disconnect summary: ``ehlo=1 mail=1 rcpt=0/1 ... commands=3/4``."""
+    parts = []
+    total = ok = 0
+    for name, count in stats.items():
+        if name.endswith("/ok"):
+            continue
+        good = stats.get(name + "/ok", 0)
+        total += count
+        ok += good
+        parts.append(f"{name}={count}" if good == count else f"{name}={good}/{count}")
+    if total:
+        parts.append(f"commands={total}" if ok == total else f"commands={ok}/{total}")
+    return (" " + " ".join(parts)) if parts else ""

@@ -1,0 +1,138 @@
+"""serve(): the top nursery of a running trimail.
+
+Structure (nurseries are the architecture)::
+
+    serve
+    ├── QueueWriter thread            (group commit; the one writing connection)
+    └── session nursery               (one task per SMTP connection)
+        └── listener nursery          (one accept loop per smtpd_listen socket)
+
+Start it with ``await nursery.start(serve, config)``; it reports readiness with the
+``Server`` handle once every listener is bound.  ``Server.stop()`` begins a
+graceful stop: the listeners close first (no new connections), idle sessions get
+``421`` at once, sessions inside a transaction get ``graceful_timeout`` to finish,
+then the rest get ``421`` too; the database is closed last.
+
+Parameters: queue_directory, smtpd_listen, smtpd_timeout, smtpd_soft_error_limit,
+smtpd_error_sleep_time, smtpd_client_connection_count_limit, smtpd_process_limit,
+graceful_timeout (plus everything trimail.smtpd reads).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import trio
+
+from trimail import __version__
+from trimail.config import Config, ListenAddress
+from trimail.net.listener import accept, bound_address, open_listeners
+from trimail.net.session import Session
+from trimail.queue.lock import QueueLock
+from trimail.queue.store import Store, prepare_directory
+from trimail.queue.writer import QueueWriter
+from trimail.smtp import replies
+from trimail.smtpd import ReceiveContext, SmtpdSession
+
+log = logging.getLogger("trimail.master")
+
+
+class Server:
+    """Handle on a running serve: where it listens, and how to stop it."""
+
+    def __init__(self, config: Config, writer: QueueWriter, listeners: list[trio.SocketListener]) -> None:
+        self.config = config
+        self.writer = writer
+        self.listeners = listeners
+        self.addresses: list[ListenAddress] = [bound_address(listener) for listener in listeners]
+        self.context = ReceiveContext(config, writer)
+        self.sessions: set[Session] = set()
+        self.per_client: Counter[str] = Counter()
+        self._stop = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def stop(self) -> None:
+        """Begin a graceful stop (idempotent)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                stream = await accept(listener)
+                sessions.start_soon(self._handle, stream)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        config = self.config
+        peer = stream.socket.getpeername()
+        address = peer[0]
+        decisions = SmtpdSession(self.context, address)
+        session = Session(
+            stream,
+            decisions,
+            timeout=config.smtpd_timeout,
+            error_sleep=config.smtpd_error_sleep_time,
+            soft_error_limit=config.smtpd_soft_error_limit,
+        )
+        greeting = None
+        limit = config.smtpd_client_connection_count_limit
+        if len(self.sessions) >= config.smtpd_process_limit or (limit and self.per_client[address] >= limit):
+            log.warning("too many connections from %s", decisions.client)
+            greeting = replies.too_many_connections(self.context.hostname)
+        self.sessions.add(session)
+        self.per_client[address] += 1
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        try:
+            if self.stopping:
+                session.request_stop()
+            await session.run(greeting)
+        finally:
+            self.sessions.discard(session)
+            self.per_client[address] -= 1
+            if not self.per_client[address]:
+                del self.per_client[address]
+            if not self.sessions:
+                self._idle.set()
+
+    async def _drain(self) -> None:
+        """After the listeners closed: idle sessions now, busy ones after the grace period."""
+        for session in list(self.sessions):
+            session.request_stop()
+        with trio.move_on_after(self.config.graceful_timeout):
+            await self._idle.wait()
+        for session in list(self.sessions):
+            session.abort()
+
+
+async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the MTA until ``Server.stop()``; readiness is reported with the Server."""
+    queue_directory = Path(config.queue_directory)
+    prepare_directory(queue_directory)
+    lock = QueueLock(queue_directory)
+    lock.acquire()
+    try:
+        async with QueueWriter(lambda: Store.open(queue_directory)) as writer:
+            recovered = await writer.run(Store.recover_active)
+            if recovered:
+                log.info("recovered %d message(s) left active by an earlier run", recovered)
+            listeners = await open_listeners(config.smtpd_listen)
+            server = Server(config, writer, listeners)
+            async with trio.open_nursery() as sessions:
+                async with trio.open_nursery() as accepting:
+                    for listener in listeners:
+                        accepting.start_soon(server._accept_loop, listener, sessions)
+                    log.info("daemon started -- version %s, configuration %s, listening on %s",
+                             __version__, config.source, ", ".join(map(str, server.addresses)))
+                    task_status.started(server)
+                    await server._stop.wait()
+                    accepting.cancel_scope.cancel()
+                await server._drain()
+            log.info("terminating on stop request")
+    finally:
+        lock.release()

@@ -1,0 +1,250 @@
+"""The SMTP server's decision side: what trimail answers to each protocol event.
+
+The sans-IO machine (``trimail.smtp.server``) says *what the client asked*; this
+module decides *what to do about it*: assign the queue ID at MAIL (as Postfix
+does), collect recipients, prepend the ``Received:`` header, spool the content,
+count hops, and commit the message to the queue through the group-commit writer
+before answering ``250 2.0.0 Ok: queued as ID``.  Policy (restriction lists)
+will hook in here, per event.
+
+Parameters: myhostname, mail_name, smtpd_banner, message_size_limit,
+line_length_limit, smtpd_recipient_limit, smtpd_hard_error_limit,
+smtpd_forbid_bare_newline, smtpd_forbidden_commands, hopcount_limit,
+disable_vrfy_command, smtputf8_enable, queue_directory.
+
+Security notes: client-supplied text (HELO name) is made printable before it goes
+into a header or a log line; our own failures answer 451 4.3.0 with the details in
+the log only.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import time
+from pathlib import Path
+
+import trio
+
+from trimail.config import Config
+from trimail.log import printable
+from trimail.queue.ids import new_queue_id
+from trimail.queue.spool import Spool
+from trimail.queue.store import NewMessage, Store
+from trimail.queue.writer import QueueWriter
+from trimail.smtp import replies
+from trimail.smtp.replies import Reply
+from trimail.smtp.server import (
+    DataAborted,
+    DataChunk,
+    DataEnd,
+    DataStart,
+    Event,
+    Hello,
+    MailFrom,
+    RcptTo,
+    Rejected,
+    Reset,
+    ServerConnection,
+    Settings,
+)
+
+log = logging.getLogger("trimail.smtpd")
+cleanup_log = logging.getLogger("trimail.cleanup")
+qmgr_log = logging.getLogger("trimail.qmgr")
+
+HEADER_SCAN_LIMIT = 64 * 1024  # header bytes examined for Message-ID and hop count
+
+
+def protocol_settings(config: Config) -> Settings:
+    return Settings(
+        hostname=config.myhostname,
+        banner=config.smtpd_banner,
+        message_size_limit=config.message_size_limit,
+        line_length_limit=config.line_length_limit,
+        recipient_limit=config.smtpd_recipient_limit,
+        hard_error_limit=config.smtpd_hard_error_limit,
+        bare_newline="yes" if config.smtpd_forbid_bare_newline == "yes" else "normalize",
+        forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands),
+        smtputf8=config.smtputf8_enable,
+        vrfy=not config.disable_vrfy_command,
+    )
+
+
+class ReceiveContext:
+    """What every session of one serve shares: configuration and the queue writer."""
+
+    def __init__(self, config: Config, writer: QueueWriter) -> None:
+        self.config = config
+        self.writer = writer
+        self.settings = protocol_settings(config)
+        self.hostname: str = config.myhostname
+        self.mail_name: str = config.mail_name
+        self.hopcount_limit: int = config.hopcount_limit
+        self.spool_directory = Path(config.queue_directory)
+
+
+class Transaction:
+    """One mail transaction: MAIL FROM to the end of DATA."""
+
+    def __init__(self, queue_id: str, sender: str, params: dict[str, str | None]) -> None:
+        self.queue_id = queue_id
+        self.sender = sender
+        self.params = params
+        self.recipients: list[str] = []
+        self.spool: Spool | None = None
+        self.protocol = "SMTP"
+        self.header = bytearray()  # start of the content, until the blank line
+        self.header_done = False
+
+    def discard(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+
+class SmtpdSession:
+    """The decisions for one SMTP connection; the I/O loop lives in trimail.net.session."""
+
+    def __init__(self, ctx: ReceiveContext, client_address: str, client_name: str = "unknown") -> None:
+        self.ctx = ctx
+        self.client_address = client_address
+        self.client_name = client_name
+        self.client = f"{client_name}[{client_address}]"
+        self.helo_name = ""
+        self.extended = False
+        self.txn: Transaction | None = None
+
+    def connection(self) -> ServerConnection:
+        return ServerConnection(self.ctx.settings)
+
+    async def handle(self, conn: ServerConnection, event: Event) -> Reply | None:
+        """Decide on *event*; a Reply for decision events (None accepts), else None."""
+        if isinstance(event, Hello):
+            self.helo_name = printable(event.name, 255)
+            self.extended = event.extended
+            self._discard()
+            return None
+        if isinstance(event, MailFrom):
+            self._discard()
+            self.txn = Transaction(new_queue_id(), event.sender, event.params)
+            log.info("%s: client=%s", self.txn.queue_id, self.client)
+            return None
+        if isinstance(event, RcptTo):
+            assert self.txn is not None
+            self.txn.recipients.append(event.recipient)
+            return None
+        if isinstance(event, DataStart):
+            assert self.txn is not None
+            self.txn.protocol = self._protocol(conn)
+            self.txn.spool = Spool(self.ctx.spool_directory)
+            self.txn.spool.write(self._received_header(conn))
+            return None
+        if isinstance(event, DataChunk):
+            if self.txn is not None and self.txn.spool is not None:
+                self._scan_header(event.data)
+                self.txn.spool.write(event.data)
+            return None
+        if isinstance(event, DataEnd):
+            return await self._commit()
+        if isinstance(event, (DataAborted, Reset)):
+            self._discard()
+            return None
+        if isinstance(event, Rejected):
+            return None
+        return None
+
+    def close(self) -> None:
+        self._discard()
+
+    def _discard(self) -> None:
+        if self.txn is not None:
+            self.txn.discard()
+            self.txn = None
+
+    def _protocol(self, conn: ServerConnection) -> str:
+        if conn.smtputf8:
+            return "UTF8SMTP"
+        return "ESMTP" if self.extended else "SMTP"
+
+    def _received_header(self, conn: ServerConnection) -> bytes:
+        assert self.txn is not None
+        txn = self.txn
+        stamp = email.utils.formatdate(time.time(), localtime=True)
+        lines = [
+            f"Received: from {self.helo_name} ({self.client_name} [{self.client_address}])",
+            f"\tby {self.ctx.hostname} ({self.ctx.mail_name}) with {txn.protocol} id {txn.queue_id}",
+        ]
+        if len(txn.recipients) == 1:
+            lines.append(f"\tfor <{txn.recipients[0]}>; {stamp}")
+        else:
+            lines[-1] += ";"
+            lines.append(f"\t{stamp}")
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+    def _scan_header(self, data: bytes) -> None:
+        """Keep the header section (bounded) for Message-ID and the hop count."""
+        txn = self.txn
+        assert txn is not None
+        if txn.header_done:
+            return
+        room = HEADER_SCAN_LIMIT - len(txn.header)
+        txn.header += data[:room]
+        end = txn.header.find(b"\r\n\r\n")
+        if txn.header.startswith(b"\r\n"):
+            end = 0
+        if end >= 0:
+            del txn.header[end + 2:]
+            txn.header_done = True
+        elif len(txn.header) >= HEADER_SCAN_LIMIT:
+            txn.header_done = True
+
+
+    async def _commit(self) -> Reply:
+        txn = self.txn
+        assert txn is not None and txn.spool is not None
+        self.txn = None
+        try:
+            if hop_count(txn.header) > self.ctx.hopcount_limit:
+                log.info("%s: reject: too many hops from %s", txn.queue_id, self.client)
+                return replies.TOO_MANY_HOPS
+            message = NewMessage(
+                id=txn.queue_id,
+                sender=txn.sender,
+                recipients=txn.recipients,
+                content=txn.spool,
+                client_address=self.client_address,
+                client_name=self.client_name,
+                helo_name=self.helo_name,
+                protocol=txn.protocol,
+                params=txn.params,
+            )
+            message_id = header_message_id(txn.header)
+            # The client must get its 250 only after the commit, and a commit that
+            # has begun cannot be taken back: so the wait is shielded from shutdown.
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.ctx.writer.run(Store.insert_message, message)
+                except Exception as exc:
+                    log.error("%s: cannot queue message from %s: %s", txn.queue_id, self.client, exc)
+                    return replies.LOCAL_ERROR
+            if message_id is not None:
+                cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
+            qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue incoming)",
+                          txn.queue_id, txn.sender, message.content.size, len(txn.recipients))
+            return replies.queued(txn.queue_id)
+        finally:
+            txn.discard()
+
+
+def hop_count(header: bytes | bytearray) -> int:
+    """Received: and Delivered-To: headers, plus the one we add (Postfix's hop count)."""
+    return len(re.findall(rb"(?im)^(?:received|delivered-to):", header)) + 1
+
+
+def header_message_id(header: bytes | bytearray) -> str | None:
+    m = re.search(rb"(?im)^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)", header)
+    if not m:
+        return None
+    return printable(m.group(1).decode("utf-8", "replace").replace("\r\n", "").strip(), 200)
