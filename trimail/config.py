@@ -469,8 +469,9 @@ class Config:
         return self.get(name)
 
     def validate(self) -> None:
-        """Expand and convert every parameter so bad values fail now, with file:line."""
-        for name in PARAMETERS:
+        """Expand and convert every parameter so bad values fail now, with file:line
+        (the settings in file order first, so the first bad line is the one named)."""
+        for name in [*self._settings, *PARAMETERS]:
             self.get(name)
         referenced = {m.group(1) or m.group(4) or m.group(5) for s in self._settings.values()
                       for m in _REF.finditer(s.value)}
