@@ -1,0 +1,227 @@
+"""The queue database: schema, permissions, transitions, and group commit."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+
+import apsw
+import pytest
+import trio
+
+from trimail.queue.ids import is_queue_id, new_queue_id
+from trimail.queue.schema import SCHEMA_VERSION
+from trimail.queue.spool import Spool
+from trimail.queue.store import NewMessage, QueueError, Store, TransitionError
+from trimail.queue.writer import QueueWriter
+
+
+def message(sender="a@example.org", recipients=("b@example.com",), content=b"Subject: x\r\n\r\nbody\r\n",
+            spool_limit=256 * 1024, directory=None) -> NewMessage:
+    spool = Spool(directory, memory_limit=spool_limit)
+    spool.write(content)
+    return NewMessage(new_queue_id(), sender, list(recipients), spool)
+
+
+def insert(store: Store, msg: NewMessage) -> None:
+    with store.transaction():
+        store.insert_message(msg)
+
+
+def test_queue_ids_are_unique_sortable_and_short():
+    ids = [new_queue_id() for _ in range(10_000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(is_queue_id(i) and len(i) == 14 for i in ids)
+
+
+def test_directory_is_0700_and_database_0600(tmp_path):
+    qdir = tmp_path / "queue"
+    store = Store.open(qdir)
+    insert(store, message())
+    assert stat.S_IMODE(qdir.stat().st_mode) == 0o700
+    for name in os.listdir(qdir):
+        assert stat.S_IMODE((qdir / name).stat().st_mode) == 0o600, name
+    store.close()
+
+
+def test_existing_directory_is_tightened(tmp_path):
+    qdir = tmp_path / "queue"
+    qdir.mkdir(mode=0o755)
+    Store.open(qdir).close()
+    assert stat.S_IMODE(qdir.stat().st_mode) == 0o700
+
+
+def test_database_is_wal_with_full_sync(tmp_path):
+    store = Store.open(tmp_path)
+    assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store.db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_newer_schema_is_refused(tmp_path):
+    Store.open(tmp_path).close()
+    db = apsw.Connection(str(tmp_path / "queue.db"))
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(QueueError, match="newer than this trimail"):
+        Store.open(tmp_path)
+
+
+def test_readonly_open_of_missing_queue_says_why(tmp_path):
+    with pytest.raises(QueueError, match="no queue database"):
+        Store.open(tmp_path / "nowhere", readonly=True)
+
+
+def test_insert_and_list_round_trip(tmp_path):
+    store = Store.open(tmp_path)
+    msg = message(recipients=[f"r{i}@example.com" for i in range(100)])
+    insert(store, msg)
+    [info] = store.list_messages()
+    assert info.id == msg.id and info.state == "incoming" and info.sender == "a@example.org"
+    assert info.size == len(b"Subject: x\r\n\r\nbody\r\n")
+    assert [r.address for r in info.recipients] == [f"r{i}@example.com" for i in range(100)]
+    assert all(r.status == "pending" and r.attempts == 0 for r in info.recipients)
+    assert store.read_content(msg.id) == b"Subject: x\r\n\r\nbody\r\n"
+
+
+def test_large_message_goes_through_a_spool_file_and_blob_io(tmp_path):
+    content = os.urandom(3 * 1024 * 1024 + 17)
+    msg = message(content=content, spool_limit=64 * 1024, directory=tmp_path)
+    assert msg.content.getvalue() is None  # spilled to a file
+    store = Store.open(tmp_path / "q")
+    insert(store, msg)
+    assert store.read_content(msg.id) == content
+
+
+def test_null_sender_is_listed_as_empty_string(tmp_path):
+    store = Store.open(tmp_path)
+    insert(store, message(sender=""))
+    assert store.list_messages()[0].to_json()["sender"] == ""
+
+
+def test_done_messages_are_not_listed(tmp_path):
+    store = Store.open(tmp_path)
+    msg = message()
+    insert(store, msg)
+    store.db.execute("UPDATE recipient SET status = 'sent' WHERE message_id = ?", (msg.id,))
+    assert store.list_messages() == []
+
+
+def test_transition_checks_the_expected_state(tmp_path):
+    store = Store.open(tmp_path)
+    msg = message()
+    insert(store, msg)
+    store.transition(msg.id, "incoming", "active")
+    with pytest.raises(TransitionError):
+        store.transition(msg.id, "incoming", "active")
+
+
+def test_active_rows_are_recovered_as_incoming(tmp_path):
+    store = Store.open(tmp_path)
+    msg = message()
+    insert(store, msg)
+    store.transition(msg.id, "incoming", "active")
+    store.close()
+    reopened = Store.open(tmp_path)
+    assert reopened.recover_active() == 1
+    assert reopened.list_messages()[0].state == "incoming"
+
+
+def test_due_deferred_rows_are_found_through_the_state_index(tmp_path):
+    store = Store.open(tmp_path)
+    plan = store.db.execute(
+        "EXPLAIN QUERY PLAN SELECT id FROM message WHERE state = 'deferred' AND next_attempt <= ?", (0.0,)
+    ).fetchall()
+    detail = " ".join(row[-1] for row in plan)
+    assert "USING INDEX message_state_next_attempt (state=? AND next_attempt<?)" in detail
+
+
+def test_unknown_state_is_refused_by_the_schema(tmp_path):
+    store = Store.open(tmp_path)
+    msg = message()
+    msg.state = "limbo"
+    with pytest.raises(apsw.ConstraintError):
+        insert(store, msg)
+
+
+# -- group commit -------------------------------------------------------------------
+
+
+class Gate:
+    """Holds the writer thread inside a request until the test opens it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def hold(self, store: Store) -> None:
+        self.entered.set()
+        self.opened.wait(10)
+
+    async def wait_entered(self) -> None:
+        assert await trio.to_thread.run_sync(self.entered.wait, 5)
+
+
+async def test_group_commit_puts_waiting_requests_in_one_transaction(tmp_path):
+    gate = Gate()
+
+    async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
+        done: list[str] = []
+
+        async def submit(msg: NewMessage) -> None:
+            await writer.run(Store.insert_message, msg)
+            done.append(msg.id)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, gate.hold)
+            await gate.wait_entered()
+            messages = [message() for _ in range(50)]
+            for msg in messages:
+                nursery.start_soon(submit, msg)
+            with trio.fail_after(5):
+                while writer._requests.qsize() < 50:
+                    await trio.sleep(0.001)
+            assert done == []  # nobody is answered before their commit
+            gate.opened.set()
+        assert sorted(done) == sorted(m.id for m in messages)
+        assert writer.stats.largest_batch == 50
+        assert writer.stats.batches == 2
+    assert len(Store.open(tmp_path).list_messages()) == 50
+
+
+async def test_a_failing_request_does_not_spoil_its_batch(tmp_path):
+    gate = Gate()
+    async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
+        good, bad = message(), message()
+        bad.state = "limbo"
+        results: dict[str, object] = {}
+
+        async def submit(msg: NewMessage) -> None:
+            try:
+                await writer.run(Store.insert_message, msg)
+                results[msg.id] = "ok"
+            except apsw.ConstraintError as exc:
+                results[msg.id] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, gate.hold)
+            await gate.wait_entered()
+            nursery.start_soon(submit, bad)
+            nursery.start_soon(submit, good)
+            with trio.fail_after(5):
+                while writer._requests.qsize() < 2:
+                    await trio.sleep(0.001)
+            gate.opened.set()
+        assert results[good.id] == "ok"
+        assert isinstance(results[bad.id], apsw.ConstraintError)
+    assert [m.id for m in Store.open(tmp_path).list_messages()] == [good.id]
+
+
+async def test_writer_reports_an_unusable_queue(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(QueueError):
+        async with QueueWriter(lambda: Store.open(tmp_path / "file" / "queue")):
+            pass
