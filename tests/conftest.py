@@ -1,0 +1,119 @@
+"""Shared helpers: configurations in tmp dirs, an in-process serve, a serve subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from trimail import config as configuration
+from trimail.config import Config
+from trimail.server import Server, serve
+
+
+def write_main_cf(directory: Path, **params: object) -> Path:
+    values = {
+        "myhostname": "mx.test.example",
+        "smtpd_listen": "127.0.0.1:0",
+        "queue_directory": str(directory / "queue"),
+        "graceful_timeout": "5s",
+    }
+    values.update({k: str(v) for k, v in params.items()})
+    path = directory / "main.cf"
+    path.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path):
+    def make(**params: object) -> Config:
+        return configuration.load(write_main_cf(tmp_path, **params))
+
+    return make
+
+
+@pytest.fixture
+async def server(make_config, nursery) -> AsyncIterator[Server]:
+    """A serve running in this test's trio run, on an ephemeral loopback port."""
+    srv = await nursery.start(serve, make_config())
+    yield srv
+    srv.stop()
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:
+    """Wait on a condition with a deadline (never a bare sleep)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+class ServeProcess:
+    """``trimail serve`` as a child process, ready once it logs that it listens."""
+
+    def __init__(self, config_path: Path | None, env: dict[str, str] | None = None) -> None:
+        args = [sys.executable, "-m", "trimail", "serve"]
+        if config_path is not None:
+            args += ["-c", str(config_path)]
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+        self.log: list[str] = []
+        self._eof = False
+        self._cond = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        line = self.wait_log(r"daemon started")
+        self.port = int(re.search(r"listening on .*?:(\d+)", line).group(1))
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            with self._cond:
+                self.log.append(line.rstrip("\n"))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def wait_log(self, pattern: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                for line in self.log:
+                    if re.search(pattern, line):
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._eof:
+                    raise AssertionError(f"no log line matching {pattern!r}; log:\n" + "\n".join(self.log))
+                self._cond.wait(remaining)
+
+    def stop(self, sig: int = 15, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+@pytest.fixture
+def serve_process() -> Iterator[type[ServeProcess]]:
+    started: list[ServeProcess] = []
+
+    def start(config_path: Path | None, env: dict[str, str] | None = None) -> ServeProcess:
+        proc = ServeProcess(config_path, env)
+        started.append(proc)
+        return proc
+
+    yield start  # type: ignore[misc]
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+
+
+def trimail(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trimail", *args], capture_output=True, text=True,
+                          timeout=60, env=env or dict(os.environ))
