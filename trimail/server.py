@@ -133,6 +133,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                     await server._stop.wait()
                     accepting.cancel_scope.cancel()
                 await server._drain()
+            stats = writer.stats
+            log.info("queue writer: %d commits for %d requests, largest batch %d, %.3f s committing",
+                     stats.batches, stats.requests, stats.largest_batch, stats.commit_seconds)
             log.info("terminating on stop request")
     finally:
         lock.release()

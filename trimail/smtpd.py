@@ -171,7 +171,7 @@ class SmtpdSession:
     def _received_header(self, conn: ServerConnection) -> bytes:
         assert self.txn is not None
         txn = self.txn
-        stamp = email.utils.formatdate(time.time(), localtime=True)
+        stamp = rfc5322_date()
         lines = [
             f"Received: from {self.helo_name} ({self.client_name} [{self.client_address}])",
             f"\tby {self.ctx.hostname} ({self.ctx.mail_name}) with {txn.protocol} id {txn.queue_id}",
@@ -236,6 +236,18 @@ class SmtpdSession:
             return replies.queued(txn.queue_id)
         finally:
             txn.discard()
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def rfc5322_date() -> str:
+    """The current time as a Date:-style string, computed once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, localtime=True))
+    return _date_cache[1]
 
 
 def hop_count(header: bytes | bytearray) -> int:

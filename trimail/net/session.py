@@ -11,6 +11,7 @@ if the connection still works, and the connection is closed.
 from __future__ import annotations
 
 import logging
+import math
 
 import trio
 
@@ -39,12 +40,12 @@ class Session:
         self.soft_error_limit = soft_error_limit
         self.stopping = False
         self._scope: trio.CancelScope | None = None
-        self._read_scope: trio.CancelScope | None = None
+        self._reading = False
 
     def request_stop(self) -> None:
         self.stopping = True
-        if self._read_scope is not None and self.conn.state in _IDLE_STATES:
-            self._read_scope.cancel()
+        if self._reading and self.conn.state in _IDLE_STATES and self._scope is not None:
+            self._scope.cancel()
 
     def abort(self) -> None:
         self.stopping = True
@@ -55,11 +56,18 @@ class Session:
         client = self.decisions.client
         log.info("connect from %s", client)
         try:
+            # One scope for the whole session: its deadline is smtpd_timeout from the
+            # start of the current read or write; stop requests cancel it too.
             with trio.CancelScope() as self._scope:
                 self.conn.greet(greeting)
                 await self._loop()
             if self._scope.cancelled_caught:
-                self.conn.close(replies.shutting_down(self.decisions.ctx.hostname), "shutting down")
+                hostname = self.decisions.ctx.hostname
+                if self.stopping:
+                    self.conn.close(replies.shutting_down(hostname), "shutting down")
+                else:
+                    log.info("timeout after %s from %s", self.conn.state.value.upper(), client)
+                    self.conn.close(replies.timeout(hostname), "timeout")
             await self._final_flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.info("lost connection after %s from %s", self.conn.state.value.upper(), client)
@@ -84,17 +92,11 @@ class Session:
                     conn.close(replies.shutting_down(hostname), "shutting down")
                     continue
                 await self._flush()
-                with trio.CancelScope(deadline=trio.current_time() + self.timeout) as scope:
-                    self._read_scope = scope
-                    data = await self.stream.receive_some(RECEIVE_SIZE)
-                self._read_scope = None
-                if not scope.cancelled_caught:
-                    conn.receive_data(data)
-                elif self.stopping:
-                    conn.close(replies.shutting_down(hostname), "shutting down")
-                else:
-                    log.info("timeout after %s from %s", conn.state.value.upper(), self.decisions.client)
-                    conn.close(replies.timeout(hostname), "timeout")
+                self._extend_deadline()
+                self._reading = True
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                self._reading = False
+                conn.receive_data(data)
                 continue
             assert isinstance(event, Event)
             if isinstance(event, Closed):
@@ -109,6 +111,14 @@ class Session:
             if conn.output_size > FLUSH_THRESHOLD:
                 await self._flush()
 
+    def _extend_deadline(self) -> None:
+        """smtpd_timeout from now, for the next read or write.  Moving a trio
+        deadline has a cost, so it is moved only when it gained a second or more."""
+        assert self._scope is not None
+        deadline = trio.current_time() + self.timeout
+        if deadline - self._scope.deadline >= 1.0 or self._scope.deadline == math.inf:
+            self._scope.deadline = deadline
+
     async def _error_delay(self) -> None:
         """Tarpit: past smtpd_soft_error_limit, each error reply is delayed."""
         if self.conn.error_count > self.soft_error_limit and self.error_sleep > 0:
@@ -118,6 +128,7 @@ class Session:
     async def _flush(self) -> None:
         data = self.conn.data_to_send()
         if data:
+            self._extend_deadline()
             await self.stream.send_all(data)
 
     async def _final_flush(self) -> None:
