@@ -16,7 +16,8 @@ from typing import Annotated
 import trio
 from cyclopts import App, CycloptsError, Parameter
 
-from trimail import __version__, config as configuration
+from trimail import __version__
+from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import PARAMETERS, Config, ConfigError
 from trimail.net.listener import ListenError

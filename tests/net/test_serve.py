@@ -13,9 +13,9 @@ import subprocess
 import pytest
 import trio
 
+from tests.conftest import trimail, wait_for, write_main_cf
 from trimail.queue.store import Store
 from trimail.server import serve
-from tests.conftest import trimail, wait_for, write_main_cf
 
 BODY = "Subject: hello\r\nMessage-ID: <m1@client.example>\r\n\r\nline one\r\n.leading dot\r\n"
 

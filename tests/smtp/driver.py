@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from trimail.smtp import replies
-from trimail.smtp.server import NEED_DATA, Closed, DataChunk, DataEnd, Event, ServerConnection, Settings
+from trimail.smtp.server import (
+    NEED_DATA,
+    Closed,
+    DataChunk,
+    DataEnd,
+    Event,
+    ServerConnection,
+    Settings,
+)
 
 
 class Driver:
@@ -19,13 +27,13 @@ class Driver:
         self.conn.greet()
         self.output += self.conn.data_to_send()
 
-    def feed(self, data: bytes) -> "Driver":
+    def feed(self, data: bytes) -> Driver:
         if data:
             self.conn.receive_data(data)
         self.pump()
         return self
 
-    def eof(self) -> "Driver":
+    def eof(self) -> Driver:
         self.conn.receive_data(b"")
         self.pump()
         return self

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from tests.smtp.driver import Driver
 from trimail.smtp.server import (
     Closed,
     DataAborted,
@@ -13,7 +15,6 @@ from trimail.smtp.server import (
     Event,
     Settings,
 )
-from tests.smtp.driver import Driver
 
 TOKENS = [
     b"EHLO client.example\r\n", b"HELO x\r\n", b"MAIL FROM:<a@example.org>\r\n",

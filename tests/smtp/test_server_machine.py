@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.smtp.driver import Driver
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
 from trimail.smtp.server import (
@@ -20,7 +21,6 @@ from trimail.smtp.server import (
     Settings,
     State,
 )
-from tests.smtp.driver import Driver
 
 EHLO = b"EHLO client.example\r\n"
 MAIL = b"MAIL FROM:<sender@example.org>\r\n"

@@ -35,7 +35,7 @@ _STOP = object()
 
 
 class _Request:
-    __slots__ = ("fn", "args", "done", "result", "error")
+    __slots__ = ("args", "done", "error", "fn", "result")
 
     def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
         self.fn = fn
