@@ -1,0 +1,1 @@
+"""Delivery: routing, DNS, the delivery agents (smtp, bounce) and their results."""

@@ -1,0 +1,115 @@
+"""MX and address lookups with dnspython's async resolver on trio.
+
+``mx_hosts(domain)`` gives the hosts to try, in preference order with random
+order among equal preferences (RFC 5321 section 5.1).  A domain without MX
+records is its own mail host (implicit MX).  Permanent answers raise
+``DnsPermanent`` (NXDOMAIN: 5.1.2; null MX ``0 .``, RFC 7505: 5.1.10);
+SERVFAIL, refusal and timeouts raise ``DnsTemporary`` (4.4.3), so the mail is
+deferred, never bounced, when DNS is sick.
+
+Parameters: dns_nameservers (resolvers to ask instead of /etc/resolv.conf).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+
+import dns.asyncbackend
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+from trimail.config import ListenAddress
+
+DEFAULT_LIFETIME = 10.0
+
+
+class DnsError(Exception):
+    def __init__(self, dsn: str, text: str) -> None:
+        super().__init__(text)
+        self.dsn = dsn
+        self.text = text
+
+
+class DnsPermanent(DnsError):
+    pass
+
+
+class DnsTemporary(DnsError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MailHost:
+    name: str
+    preference: int
+
+
+class Resolver:
+    def __init__(self, nameservers: list[ListenAddress] | None = None, lifetime: float = DEFAULT_LIFETIME) -> None:
+        if nameservers:
+            self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers]
+        else:
+            try:
+                self._resolver = dns.asyncresolver.Resolver()
+            except dns.resolver.NoResolverConfiguration:
+                self._resolver = dns.asyncresolver.Resolver(configure=False)
+                self._resolver.nameservers = ["127.0.0.1"]
+        self._resolver.lifetime = lifetime
+        self._resolver.timeout = min(lifetime, 3.0)
+        self._resolver.retry_servfail = False
+        self._backend = dns.asyncbackend.get_backend("trio")
+
+    async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
+        """The answer, or None for "no records of this type"; raises DnsError."""
+        try:
+            return await self._resolver.resolve(name, rdtype, backend=self._backend, search=False)
+        except dns.resolver.NXDOMAIN:
+            raise DnsPermanent("5.1.2", f"Host or domain name not found. Name service error for "
+                               f"name={name} type={rdtype}: Host not found") from None
+        except dns.resolver.NoAnswer:
+            return None
+        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.YXDOMAIN, OSError) as exc:
+            raise DnsTemporary("4.4.3", f"Host or domain name not found. Name service error for "
+                               f"name={name} type={rdtype}: Host not found, try again") from exc
+
+    async def mx_hosts(self, domain: str) -> list[MailHost]:
+        answer = await self._query(domain, "MX")
+        if answer is None:
+            return [MailHost(domain, 0)]
+        records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+        if any(name in ("", ".") for _, name in records) or any(str(r.exchange) == "." for r in answer):
+            raise DnsPermanent("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
+        random.shuffle(records)
+        records.sort(key=lambda record: record[0])  # stable: random order among equals
+        return [MailHost(name.lower(), pref) for pref, name in records]
+
+    async def addresses(self, host: str) -> list[str]:
+        """IPv4 then IPv6 addresses of *host*; raises DnsError when there are none."""
+        try:
+            return [str(ipaddress.ip_address(host))]
+        except ValueError:
+            pass
+        found: list[str] = []
+        temporary: DnsError | None = None
+        for rdtype in ("A", "AAAA"):
+            try:
+                answer = await self._query(host, rdtype)
+            except DnsPermanent:
+                break
+            except DnsTemporary as exc:
+                temporary = exc
+                continue
+            if answer is not None:
+                found += [r.address for r in answer]
+        if found:
+            return found
+        if temporary is not None:
+            raise temporary
+        raise DnsPermanent("5.4.4", f"Host or domain name not found. Name service error for name={host} "
+                           "type=A: Host not found")

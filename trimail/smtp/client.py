@@ -1,0 +1,182 @@
+"""The SMTP client's protocol pieces, without I/O.
+
+- ``ReplyParser``: bytes from the server in, complete (multi-line) replies out,
+  with bounded line length and reply size; a malformed reply raises
+  ``PeerProtocolError`` (the server broke the protocol: the delivery defers).
+- ``Extensions``: what an EHLO reply offers (PIPELINING, SIZE n, 8BITMIME, ...).
+- ``mail_command`` / ``rcpt_command``: the envelope commands with the parameters
+  the server offered.
+- ``DotStuffer``: message content (CRLF lines) to the DATA wire format: leading
+  dots doubled, a final CRLF guaranteed, ``.CRLF`` at the end.
+- ``classify``: a server reply to a delivery outcome with its RFC 3463 status.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from trimail.smtp.replies import Reply
+
+MAX_LINE = 4096
+MAX_LINES = 1000
+
+
+class PeerProtocolError(Exception):
+    """The server's bytes are not a valid SMTP reply."""
+
+
+_ENHANCED = re.compile(r"^([245])\.(\d{1,3})\.(\d{1,3})(?: |$)")
+
+
+class ReplyParser:
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._lines: list[str] = []
+        self._code: int | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next_reply(self) -> Reply | None:
+        """The next complete reply, or None when more bytes are needed."""
+        while True:
+            lf = self._buf.find(b"\n")
+            if lf < 0:
+                if len(self._buf) > MAX_LINE:
+                    raise PeerProtocolError("reply line too long")
+                return None
+            raw = bytes(self._buf[:lf]).rstrip(b"\r")
+            del self._buf[: lf + 1]
+            if len(raw) > MAX_LINE:
+                raise PeerProtocolError("reply line too long")
+            line = raw.decode("utf-8", "replace")
+            if len(line) < 3 or not line[:3].isdigit() or line[0] not in "12345" or (
+                    len(line) > 3 and line[3] not in " -"):
+                raise PeerProtocolError(f"malformed reply line {line[:80]!r}")
+            code = int(line[:3])
+            if self._code is not None and code != self._code:
+                raise PeerProtocolError("reply code changed inside a multi-line reply")
+            self._code = code
+            self._lines.append(line[4:])
+            if len(self._lines) > MAX_LINES:
+                raise PeerProtocolError("reply has too many lines")
+            if len(line) == 3 or line[3] == " ":
+                return self._finish(code)
+
+    def _finish(self, code: int) -> Reply:
+        lines, self._lines, self._code = self._lines, [], None
+        enhanced = ""
+        m = _ENHANCED.match(lines[0])
+        if m and int(m.group(1)) == code // 100:
+            enhanced = f"{m.group(1)}.{m.group(2)}.{m.group(3)}"
+            lines = [_strip_enhanced(line, enhanced) for line in lines]
+        return Reply(code, enhanced, tuple(lines) if len(lines) > 1 else lines[0])
+
+    @property
+    def pending(self) -> int:
+        return len(self._buf)
+
+
+def _strip_enhanced(line: str, enhanced: str) -> str:
+    return line[len(enhanced) + 1:] if line.startswith(enhanced) else line
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Extensions:
+    keywords: dict[str, str]
+
+    @classmethod
+    def from_ehlo(cls, reply: Reply) -> Extensions:
+        keywords = {}
+        for line in reply.lines()[1:]:
+            word, _, arg = line.strip().partition(" ")
+            if word:
+                keywords[word.upper()] = arg.strip()
+        return cls(keywords)
+
+    def has(self, keyword: str) -> bool:
+        return keyword in self.keywords
+
+    @property
+    def size_limit(self) -> int | None:
+        value = self.keywords.get("SIZE")
+        return int(value) if value and value.isdigit() and int(value) > 0 else None
+
+
+NONE = Extensions({})
+
+
+def mail_command(sender: str, size: int, ext: Extensions, *, eight_bit: bool, smtputf8: bool) -> bytes:
+    params = []
+    if ext.has("SIZE"):
+        params.append(f"SIZE={size}")
+    if eight_bit and ext.has("8BITMIME"):
+        params.append("BODY=8BITMIME")
+    if smtputf8 and ext.has("SMTPUTF8"):
+        params.append("SMTPUTF8")
+    return (" ".join([f"MAIL FROM:<{sender}>", *params]) + "\r\n").encode("utf-8")
+
+
+def rcpt_command(recipient: str) -> bytes:
+    return f"RCPT TO:<{recipient}>\r\n".encode()
+
+
+class DotStuffer:
+    """Content chunks (CRLF lines) to DATA wire format; call finish() for the end."""
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+        self._last = b"\n"
+
+    def stuff(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\n.", b"\n..")
+        if self._at_line_start and chunk.startswith(b"."):
+            out = b"." + out
+        self._at_line_start = chunk.endswith(b"\n")
+        self._last = chunk[-1:]
+        return out
+
+    def finish(self) -> bytes:
+        return (b"" if self._last == b"\n" else b"\r\n") + b".\r\n"
+
+
+# -- outcomes --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Outcome:
+    """What happened to one recipient: sent, deferred or bounced, and why."""
+
+    status: str  # "sent" | "deferred" | "bounced"
+    dsn: str  # RFC 3463 status, e.g. "2.0.0", "4.4.1", "5.1.1"
+    text: str  # for the log and the DSN: "host said: 550 5.1.1 ... (in reply to RCPT TO command)"
+
+    @property
+    def done(self) -> bool:
+        return self.status != "deferred"
+
+
+def sent(text: str) -> Outcome:
+    return Outcome("sent", "2.0.0", text)
+
+
+def deferred(dsn: str, text: str) -> Outcome:
+    return Outcome("deferred", dsn, text)
+
+
+def bounced(dsn: str, text: str) -> Outcome:
+    return Outcome("bounced", dsn, text)
+
+
+def classify(reply: Reply, host: str, stage: str) -> Outcome:
+    """A server's reply to a delivery outcome (Postfix's wording in the text)."""
+    text = f"host {host} said: {reply.code}{' ' + reply.enhanced if reply.enhanced else ''} " \
+           f"{' '.join(reply.lines())} (in reply to {stage} command)"
+    if reply.code < 400:
+        return sent(f"{reply.code} {reply.enhanced} {' '.join(reply.lines())}".replace("  ", " "))
+    klass = "4" if reply.code < 500 else "5"
+    dsn = reply.enhanced if reply.enhanced.startswith(klass) else f"{klass}.0.0"
+    return deferred(dsn, text) if klass == "4" else bounced(dsn, text)
