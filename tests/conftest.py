@@ -25,6 +25,8 @@ def write_main_cf(directory: Path, **params: object) -> Path:
         "smtpd_listen": "127.0.0.1:0",
         "queue_directory": str(directory / "queue"),
         "graceful_timeout": "5s",
+        # receiving tests look at the queue before anything is delivered
+        "master_service_disable": "qmgr",
     }
     values.update({k: str(v) for k, v in params.items()})
     path = directory / "main.cf"

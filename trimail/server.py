@@ -22,17 +22,22 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from trimail import __version__
 from trimail.config import Config, ListenAddress
+from trimail.delivery.dns import Resolver
+from trimail.delivery.smtp import Connector
+from trimail.net.control import open_control_listener, serve_control
 from trimail.net.listener import accept, bound_address, open_listeners
 from trimail.net.session import Session
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import Store, prepare_directory
 from trimail.queue.writer import QueueWriter
+from trimail.scheduler import Scheduler
 from trimail.smtp import replies
 from trimail.smtpd import ReceiveContext, SmtpdSession
 
@@ -47,12 +52,21 @@ class Server:
         self.writer = writer
         self.listeners = listeners
         self.addresses: list[ListenAddress] = [bound_address(listener) for listener in listeners]
-        self.context = ReceiveContext(config, writer)
+        self.scheduler = Scheduler(config, writer, Connector(config, Resolver(config.dns_nameservers),
+                                                              self.addresses))
+        self.context = ReceiveContext(config, writer, on_queued=self.scheduler.wake)
         self.sessions: set[Session] = set()
         self.per_client: Counter[str] = Counter()
         self._stop = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
+
+    def control_commands(self) -> dict[str, Callable[[], str]]:
+        def flush() -> str:
+            self.scheduler.wake()
+            return "ok"
+
+        return {"flush": flush, "ping": lambda: "ok"}
 
     def stop(self) -> None:
         """Begin a graceful stop (idempotent)."""
@@ -122,17 +136,28 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
             if recovered:
                 log.info("recovered %d message(s) left active by an earlier run", recovered)
             listeners = await open_listeners(config.smtpd_listen)
+            control = await open_control_listener(queue_directory)
             server = Server(config, writer, listeners)
-            async with trio.open_nursery() as sessions:
-                async with trio.open_nursery() as accepting:
-                    for listener in listeners:
-                        accepting.start_soon(server._accept_loop, listener, sessions)
-                    log.info("daemon started -- version %s, configuration %s, listening on %s",
-                             __version__, config.source, ", ".join(map(str, server.addresses)))
-                    task_status.started(server)
-                    await server._stop.wait()
-                    accepting.cancel_scope.cancel()
-                await server._drain()
+            async with trio.open_nursery() as top:
+                if "qmgr" not in config.master_service_disable:
+                    await top.start(server.scheduler.run)
+                else:
+                    log.info("qmgr disabled by master_service_disable: mail stays queued")
+                async with trio.open_nursery() as sessions:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(server._accept_loop, listener, sessions)
+                        accepting.start_soon(serve_control, control, server.control_commands())
+                        log.info("daemon started -- version %s, configuration %s, listening on %s",
+                                 __version__, config.source, ", ".join(map(str, server.addresses)))
+                        task_status.started(server)
+                        await server._stop.wait()
+                        accepting.cancel_scope.cancel()
+                    await server._drain()
+                top.cancel_scope.cancel()  # deliveries in flight stop; their messages go back below
+            returned = await writer.run(Store.recover_active)
+            if returned:
+                log.info("%d message(s) in delivery returned to the incoming queue", returned)
             stats = writer.stats
             log.info("queue writer: %d commits for %d requests, largest batch %d, %.3f s committing",
                      stats.batches, stats.requests, stats.largest_batch, stats.commit_seconds)

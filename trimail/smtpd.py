@@ -23,6 +23,7 @@ import email.utils
 import logging
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -75,9 +76,10 @@ def protocol_settings(config: Config) -> Settings:
 class ReceiveContext:
     """What every session of one serve shares: configuration and the queue writer."""
 
-    def __init__(self, config: Config, writer: QueueWriter) -> None:
+    def __init__(self, config: Config, writer: QueueWriter, on_queued: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.writer = writer
+        self.on_queued = on_queued
         self.settings = protocol_settings(config)
         self.hostname: str = config.myhostname
         self.mail_name: str = config.mail_name
@@ -229,6 +231,7 @@ class SmtpdSession:
                 except Exception as exc:
                     log.error("%s: cannot queue message from %s: %s", txn.queue_id, self.client, exc)
                     return replies.LOCAL_ERROR
+            self.ctx.on_queued()
             if message_id is not None:
                 cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
             qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue incoming)",

@@ -12,6 +12,7 @@ Tables (all STRICT):
   and "how many rows per state" without a table scan.
 - ``recipient``: one row per envelope recipient, with its own delivery status
   (pending, deferred, sent, bounced), attempt count, next attempt and last reply.
+  ``notified`` is set once a bounced recipient is in a delivery status notification.
 - ``body``: the message content in wire format (CRLF line ends), one blob per
   message, written with incremental blob I/O so a large message is never held in
   memory whole.
@@ -54,6 +55,10 @@ MIGRATIONS: list[str] = [
         message_id TEXT NOT NULL UNIQUE REFERENCES message (id) ON DELETE CASCADE,
         content    BLOB NOT NULL
     ) STRICT;
+    """,
+    # 1 -> 2: remember which bounced recipients the sender has been told about
+    """
+    ALTER TABLE recipient ADD COLUMN notified INTEGER NOT NULL DEFAULT 0;
     """,
 ]
 

@@ -1,0 +1,117 @@
+"""Delivery status notifications (RFC 3464), built as a pure function.
+
+A bounce is a ``multipart/report; report-type=delivery-status`` message from
+``MAILER-DAEMON@$myhostname`` with the null envelope sender, in three parts: a
+human explanation, the ``message/delivery-status`` part (per-message fields:
+Reporting-MTA, Arrival-Date; per-recipient fields: Final-Recipient, Action,
+Status, Diagnostic-Code) and the original headers as ``text/rfc822-headers``.
+It is queued like any other mail.  Mail from the null sender is never bounced
+(no bounce loops): the caller drops it and logs why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email.utils
+import re
+import time
+
+from trimail.queue.ids import new_queue_id
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Failure:
+    recipient: str
+    status: str  # RFC 3463, e.g. 5.1.1
+    diagnostic: str  # "smtp; 550 5.1.1 ..." or the reason text
+    remote_mta: str = ""
+
+
+def status_of(reply: str) -> str:
+    """The RFC 3463 code in a recorded reply, or 5.0.0."""
+    m = re.search(r"\b([245]\.\d{1,3}\.\d{1,3})\b", reply)
+    return m.group(1) if m else "5.0.0"
+
+
+def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float, failures: list[Failure],
+              original_headers: bytes, reason: str = "") -> bytes:
+    boundary = f"{queue_id}.{int(time.time())}/{hostname}"
+    now = email.utils.formatdate(time.time(), localtime=True)
+    human = [
+        f"This is the mail system at host {hostname}.",
+        "",
+        "I'm sorry to have to inform you that your message could not",
+        "be delivered to one or more recipients. It's attached below.",
+        "",
+        "For further assistance, please send mail to postmaster.",
+        "",
+        "If you do so, please include this problem report. You can",
+        "delete your own text from the attached returned message.",
+        "",
+        "                   The mail system",
+        "",
+    ]
+    if reason:
+        human += [reason, ""]
+    for failure in failures:
+        human.append(f"<{failure.recipient}>: {failure.diagnostic}")
+    status = [
+        f"Reporting-MTA: dns; {hostname}",
+        f"X-Trimail-Queue-ID: {queue_id}",
+        f"X-Trimail-Sender: rfc822; {sender}",
+        f"Arrival-Date: {email.utils.formatdate(arrival_time, localtime=True)}",
+    ]
+    for failure in failures:
+        status += [
+            "",
+            f"Final-Recipient: rfc822; {failure.recipient}",
+            f"Original-Recipient: rfc822; {failure.recipient}",
+            "Action: failed",
+            f"Status: {failure.status}",
+        ]
+        if failure.remote_mta:
+            status.append(f"Remote-MTA: dns; {failure.remote_mta}")
+        status.append(f"Diagnostic-Code: {_one_line(failure.diagnostic)}")
+    headers = [
+        f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
+        "Subject: Undelivered Mail Returned to Sender",
+        f"To: {sender}",
+        "Auto-Submitted: auto-replied",
+        "MIME-Version: 1.0",
+        f'Content-Type: multipart/report; report-type=delivery-status;\r\n\tboundary="{boundary}"',
+        "Content-Transfer-Encoding: 8bit",
+        f"Date: {now}",
+        f"Message-Id: <{new_queue_id()}@{hostname}>",
+    ]
+    parts = [
+        "\r\n".join(headers),
+        "",
+        "This is a MIME-encapsulated message.",
+        "",
+        f"--{boundary}",
+        "Content-Description: Notification",
+        "Content-Type: text/plain; charset=utf-8",
+        "",
+        "\r\n".join(human),
+        "",
+        f"--{boundary}",
+        "Content-Description: Delivery report",
+        "Content-Type: message/delivery-status",
+        "",
+        "\r\n".join(status),
+        "",
+        f"--{boundary}",
+        "Content-Description: Undelivered Message Headers",
+        "Content-Type: text/rfc822-headers",
+        "Content-Transfer-Encoding: 8bit",
+        "",
+        "",
+    ]
+    text = "\r\n".join(parts).encode("utf-8")
+    body = original_headers if original_headers.endswith(b"\r\n") or not original_headers \
+        else original_headers + b"\r\n"
+    return text + body + f"\r\n--{boundary}--\r\n".encode()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,114 @@
+"""Where a recipient goes: transport_maps, then local domains, then relayhost, then MX.
+
+The result is a ``Route``: a transport (smtp, relay, local, error, discard), a
+nexthop and whether the nexthop is a domain to look up MX records for.  Nexthop
+syntax is Postfix's (transport(5)): ``[host]:port`` or ``[host]`` means that host
+without MX lookup, ``host:port`` or ``host`` means MX lookup for host.
+
+transport_maps keys are tried as transport(5) says: the full address, the domain,
+then each parent domain as ``.parent`` and finally ``*``.  An empty transport in
+the result means ``default_transport``; an empty nexthop means the recipient's
+domain.
+
+Parameters: transport_maps, mydestination, relayhost, default_transport.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from trimail.config import Config
+from trimail.maps import Table, lookup_first, open_table
+
+DEFAULT_PORT = 25
+SMTP_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
+
+
+class RouteError(Exception):
+    """A transport or nexthop that cannot be used (bad table entry)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Route:
+    transport: str
+    nexthop: str  # host or domain; for error/discard, the text
+    port: int = DEFAULT_PORT
+    mx: bool = True
+
+    @property
+    def key(self) -> tuple[str, str, int, bool]:
+        return (self.transport, self.nexthop, self.port, self.mx)
+
+    def __str__(self) -> str:
+        if self.transport not in SMTP_TRANSPORTS:
+            return f"{self.transport}:{self.nexthop}"
+        host = self.nexthop if self.mx else f"[{self.nexthop}]"
+        return f"{self.transport}:{host}" + (f":{self.port}" if self.port != DEFAULT_PORT else "")
+
+
+def parse_nexthop(text: str) -> tuple[str, int, bool]:
+    """``[host]:port`` / ``[host]`` (no MX) or ``host:port`` / ``host`` (MX)."""
+    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", text.strip())
+    if not m:
+        raise RouteError(f"bad nexthop {text!r}")
+    if m.group(1):
+        return m.group(1).lower(), int(m.group(2) or DEFAULT_PORT), False
+    return m.group(3).lower(), int(m.group(4) or DEFAULT_PORT), True
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower().rstrip(".")
+
+
+class Router:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.tables: list[Table] = [open_table(ref) for ref in config.transport_maps]
+        self.local_domains = {d.lower() for d in config.mydestination}
+        self.default_transport: str = config.default_transport
+
+    def route(self, recipient: str) -> Route:
+        domain = domain_of(recipient)
+        entry = self._transport_entry(recipient, domain)
+        if entry is not None:
+            return self._from_entry(entry, domain)
+        if "@" not in recipient:
+            return Route("local", self.config.myhostname, mx=False)
+        if domain in self.local_domains:
+            return Route("local", domain, mx=False)
+        relayhost = self.config.relayhost
+        if relayhost:
+            host, port, mx = parse_nexthop(relayhost)
+            return Route(self.default_transport_name(), host, port, mx)
+        return self._from_entry(self.default_transport, domain)
+
+    def default_transport_name(self) -> str:
+        return self.default_transport.partition(":")[0] or "smtp"
+
+    def _transport_entry(self, recipient: str, domain: str) -> str | None:
+        if not self.tables:
+            return None
+        keys = [recipient.lower(), domain]
+        labels = domain.split(".")
+        keys += ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
+        keys.append("*")
+        for key in keys:
+            value = lookup_first(self.tables, key)
+            if value is not None:
+                return value
+        return None
+
+    def _from_entry(self, entry: str, domain: str) -> Route:
+        transport, _, nexthop = entry.strip().partition(":")
+        transport = transport or self.default_transport_name()
+        if transport in ("error", "discard", "retry"):
+            return Route(transport, nexthop.strip(), mx=False)
+        if transport == "local":
+            return Route("local", nexthop or domain, mx=False)
+        if transport not in SMTP_TRANSPORTS:
+            raise RouteError(f"unknown transport {transport!r} in {entry!r}")
+        if not nexthop:
+            return Route(transport, domain)
+        host, port, mx = parse_nexthop(nexthop)
+        return Route(transport, host, port, mx)

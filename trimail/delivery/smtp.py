@@ -1,0 +1,294 @@
+"""The SMTP delivery agent: trio I/O around the client pieces in trimail.smtp.client.
+
+``open_connection()`` finds the mail hosts of a route (MX lookup, or the literal
+host of ``[host]:port``), tries each address in order until one greets with
+``220`` and accepts EHLO (HELO as fallback), and returns a ``Connection``.
+``Connection.deliver()`` runs one mail transaction (pipelined when offered) and
+returns one ``Outcome`` per recipient; connection-level trouble at any point
+defers every recipient not yet decided.  Connections are reused for several
+messages to the same destination.
+
+Timeouts (Postfix names): smtp_connect_timeout, smtp_helo_timeout,
+smtp_mail_timeout, smtp_rcpt_timeout, smtp_data_init_timeout,
+smtp_data_xfer_timeout, smtp_data_done_timeout, smtp_quit_timeout.
+
+Security notes: replies are parsed with bounded line length and count; nothing
+from the server is trusted beyond its reply codes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from trimail.config import Config, ListenAddress
+from trimail.delivery.dns import DnsError, DnsPermanent, MailHost, Resolver
+from trimail.delivery.route import Route
+from trimail.smtp.client import (
+    DotStuffer,
+    Extensions,
+    Outcome,
+    PeerProtocolError,
+    ReplyParser,
+    bounced,
+    classify,
+    deferred,
+    mail_command,
+    rcpt_command,
+)
+from trimail.smtp.replies import Reply
+
+log = logging.getLogger("trimail.smtp")
+
+CHUNK = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect: float = 30
+    helo: float = 300
+    mail: float = 300
+    rcpt: float = 300
+    data_init: float = 120
+    data_xfer: float = 180
+    data_done: float = 600
+    quit: float = 300
+
+    @classmethod
+    def from_config(cls, config: Config) -> Timeouts:
+        return cls(*(config.get(f"smtp_{f.name}_timeout") for f in dataclasses.fields(cls)))
+
+
+class ConnectionFailed(Exception):
+    """No host of the destination could be used; ``outcome`` applies to everyone queued."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome
+
+
+class _Lost(Exception):
+    """The connection broke or timed out during *stage*."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+@dataclasses.dataclass(slots=True)
+class Envelope:
+    sender: str
+    recipients: list[str]
+    size: int
+    eight_bit: bool = False
+    smtputf8: bool = False
+
+
+class Connection:
+    def __init__(self, stream: trio.abc.Stream, host: str, address: str, port: int, timeouts: Timeouts) -> None:
+        self.stream = stream
+        self.host = host
+        self.address = address
+        self.port = port
+        self.timeouts = timeouts
+        self.parser = ReplyParser()
+        self.ext = Extensions({})
+        self.usable = True
+        self.transactions = 0
+
+    @property
+    def relay(self) -> str:
+        return f"{self.host}[{self.address}]:{self.port}"
+
+    async def _read(self, timeout: float, stage: str) -> Reply:
+        try:
+            with trio.fail_after(timeout):
+                while (reply := self.parser.next_reply()) is None:
+                    data = await self.stream.receive_some(CHUNK)
+                    if not data:
+                        raise _Lost(f"lost connection with {self.relay} while {stage}")
+                    self.parser.feed(data)
+        except trio.TooSlowError:
+            raise _Lost(f"conversation with {self.relay} timed out while {stage}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise _Lost(f"lost connection with {self.relay} while {stage}") from None
+        except PeerProtocolError as exc:
+            raise _Lost(f"bad reply from {self.relay} while {stage}: {exc}") from None
+        return reply
+
+    async def _send(self, data: bytes, timeout: float, stage: str) -> None:
+        try:
+            with trio.fail_after(timeout):
+                await self.stream.send_all(data)
+        except trio.TooSlowError:
+            raise _Lost(f"conversation with {self.relay} timed out while {stage}") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            raise _Lost(f"lost connection with {self.relay} while {stage}") from None
+
+    async def hello(self, helo_name: str) -> Reply:
+        greeting = await self._read(self.timeouts.helo, "receiving the initial server greeting")
+        if greeting.code != 220:
+            return greeting
+        await self._send(f"EHLO {helo_name}\r\n".encode(), self.timeouts.helo, "sending EHLO")
+        reply = await self._read(self.timeouts.helo, "receiving the EHLO reply")
+        if reply.code == 250:
+            self.ext = Extensions.from_ehlo(reply)
+            return reply
+        await self._send(f"HELO {helo_name}\r\n".encode(), self.timeouts.helo, "sending HELO")
+        return await self._read(self.timeouts.helo, "receiving the HELO reply")
+
+    async def deliver(self, envelope: Envelope, content: Callable[[], Awaitable[bytes]]) -> list[Outcome]:
+        """One mail transaction; an Outcome per recipient, in order."""
+        count = len(envelope.recipients)
+        limit = self.ext.size_limit
+        if limit is not None and envelope.size > limit:
+            outcome = bounced("5.3.4", f"message size {envelope.size} exceeds size limit {limit} of server "
+                              f"{self.relay}")
+            return [outcome] * count
+        try:
+            return await self._transaction(envelope, content)
+        except _Lost as exc:
+            self.usable = False
+            return [deferred("4.4.2", exc.text)] * count
+
+    async def _transaction(self, envelope: Envelope, content: Callable[[], Awaitable[bytes]]) -> list[Outcome]:
+        t = self.timeouts
+        mail = mail_command(envelope.sender, envelope.size, self.ext, eight_bit=envelope.eight_bit,
+                            smtputf8=envelope.smtputf8)
+        rcpts = [rcpt_command(r) for r in envelope.recipients]
+        self.transactions += 1
+        if self.ext.has("PIPELINING"):
+            await self._send(mail + b"".join(rcpts) + b"DATA\r\n", t.mail, "sending MAIL FROM")
+            mail_reply = await self._read(t.mail, "receiving the MAIL FROM reply")
+            rcpt_replies = [await self._read(t.rcpt, "receiving the RCPT TO reply") for _ in rcpts]
+            data_reply = await self._read(t.data_init, "receiving the DATA reply")
+        else:
+            await self._send(mail, t.mail, "sending MAIL FROM")
+            mail_reply = await self._read(t.mail, "receiving the MAIL FROM reply")
+            rcpt_replies = []
+            data_reply = None
+            if mail_reply.code == 250:
+                for command in rcpts:
+                    await self._send(command, t.rcpt, "sending RCPT TO")
+                    rcpt_replies.append(await self._read(t.rcpt, "receiving the RCPT TO reply"))
+                if any(r.code in (250, 251) for r in rcpt_replies):
+                    await self._send(b"DATA\r\n", t.data_init, "sending DATA")
+                    data_reply = await self._read(t.data_init, "receiving the DATA reply")
+        if mail_reply.code != 250:
+            await self._reset()
+            return [classify(mail_reply, self.relay, "MAIL FROM")] * len(rcpts)
+        outcomes: list[Outcome | None] = [
+            None if r.code in (250, 251) else classify(r, self.relay, "RCPT TO") for r in rcpt_replies]
+        if all(o is not None for o in outcomes):
+            if data_reply is not None and data_reply.code == 354:  # a broken server: end the empty message
+                await self._send(b".\r\n", t.data_done, "sending end of data")
+                await self._read(t.data_done, "receiving the end of data reply")
+            await self._reset()
+            return [o for o in outcomes if o is not None]
+        assert data_reply is not None
+        if data_reply.code != 354:
+            await self._reset()
+            final = classify(data_reply, self.relay, "DATA")
+            return [o if o is not None else final for o in outcomes]
+        body = await content()
+        stuffer = DotStuffer()
+        with trio.fail_after(t.data_xfer * (1 + len(body) // (1 << 20))):
+            try:
+                await self._send(stuffer.stuff(body) + stuffer.finish(), t.data_xfer, "sending message body")
+            except trio.TooSlowError:
+                raise _Lost(f"conversation with {self.relay} timed out while sending message body") from None
+        final_reply = await self._read(t.data_done, "receiving the end of data reply")
+        final = classify(final_reply, self.relay, "end of DATA")
+        return [o if o is not None else final for o in outcomes]
+
+    async def _reset(self) -> None:
+        await self._send(b"RSET\r\n", self.timeouts.mail, "sending RSET")
+        reply = await self._read(self.timeouts.mail, "receiving the RSET reply")
+        if reply.code != 250:
+            self.usable = False
+
+    async def close(self) -> None:
+        if self.usable:
+            with trio.move_on_after(min(self.timeouts.quit, 5)):
+                try:
+                    await self._send(b"QUIT\r\n", self.timeouts.quit, "sending QUIT")
+                    await self._read(self.timeouts.quit, "receiving the QUIT reply")
+                except _Lost:
+                    pass
+        with trio.CancelScope(shield=True):
+            await self.stream.aclose()
+
+
+class Connector:
+    """Opens connections for routes: DNS, loop detection, greeting and EHLO."""
+
+    def __init__(self, config: Config, resolver: Resolver, own_addresses: list[ListenAddress]) -> None:
+        self.helo_name: str = config.myhostname
+        self.timeouts = Timeouts.from_config(config)
+        self.resolver = resolver
+        self.own = own_addresses
+
+    def _is_self(self, address: str, port: int) -> bool:
+        ip = ipaddress.ip_address(address)
+        for own in self.own:
+            if own.port != port:
+                continue
+            own_ip = ipaddress.ip_address(own.host)
+            if own_ip == ip or (own_ip.is_unspecified and (ip.is_loopback or ip.version == own_ip.version
+                                                           and ip.is_loopback)):
+                return True
+        return False
+
+    async def open(self, route: Route) -> Connection:
+        try:
+            hosts = await self.resolver.mx_hosts(route.nexthop) if route.mx else [MailHost(route.nexthop, 0)]
+        except DnsError as exc:
+            raise ConnectionFailed(_dns_outcome(exc)) from None
+        last: Outcome | None = None
+        for host in hosts:
+            try:
+                addresses = await self.resolver.addresses(host.name)
+            except DnsError as exc:
+                last = _dns_outcome(exc)
+                continue
+            for address in addresses:
+                if self._is_self(address, route.port):
+                    raise ConnectionFailed(bounced("5.4.6", f"mail for {route.nexthop} loops back to myself"))
+                conn, outcome = await self._try(host.name, address, route.port)
+                if conn is not None:
+                    return conn
+                last = outcome
+        raise ConnectionFailed(last or deferred("4.4.1", f"no mail host for {route.nexthop}"))
+
+    async def _try(self, host: str, address: str, port: int) -> tuple[Connection | None, Outcome | None]:
+        relay = f"{host}[{address}]:{port}"
+        try:
+            with trio.fail_after(self.timeouts.connect):
+                stream = await trio.open_tcp_stream(address, port)
+        except trio.TooSlowError:
+            return None, deferred("4.4.1", f"connect to {relay}: Connection timed out")
+        except OSError as exc:
+            return None, deferred("4.4.1", f"connect to {relay}: {exc.strerror or exc}")
+        conn = Connection(stream, host, address, port, self.timeouts)
+        try:
+            reply = await conn.hello(self.helo_name)
+        except _Lost as exc:
+            await conn.close()
+            return None, deferred("4.4.2", exc.text)
+        if reply.code != 250:
+            conn.usable = reply.code not in (421,)
+            await conn.close()
+            stage = "the initial greeting" if reply.code != 250 else "EHLO"
+            outcome = classify(reply, relay, stage)
+            # a refusing host is skipped in favour of the next one, and never bounces mail by itself
+            return None, deferred("4.4.2" if outcome.status == "bounced" else outcome.dsn,
+                                  f"host {relay} refused to talk to me: {reply.code} {' '.join(reply.lines())}")
+        return conn, None
+
+
+def _dns_outcome(exc: DnsError) -> Outcome:
+    return bounced(exc.dsn, exc.text) if isinstance(exc, DnsPermanent) else deferred(exc.dsn, exc.text)

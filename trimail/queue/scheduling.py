@@ -1,0 +1,181 @@
+"""Queue transitions for the scheduler and the operator's tools (all SQL lives here).
+
+Functions take a ``Store`` and run inside the caller's transaction (the writer
+thread's group commit in serve, ``Store.transaction()`` in the CLI).
+
+Message states move ``incoming -> active`` (claim), ``active -> deferred`` or
+removal (finish), ``deferred -> incoming`` when due (promote, through the
+(state, next_attempt) index), and ``* <-> hold`` by the operator.  Recipients
+move ``pending/deferred -> sent | deferred | bounced`` per delivery attempt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+from trimail.queue.store import Store, TransitionError
+
+HEADER_BYTES = 64 * 1024
+
+
+@dataclasses.dataclass(slots=True)
+class QueuedRecipient:
+    seq: int
+    address: str
+    attempts: int
+    last_reply: str | None
+
+
+@dataclasses.dataclass(slots=True)
+class ClaimedMessage:
+    id: str
+    sender: str
+    arrival_time: float
+    active_time: float
+    size: int
+    params: dict[str, str | None]
+    recipients: list[QueuedRecipient]
+
+
+@dataclasses.dataclass(slots=True)
+class RecipientResult:
+    seq: int
+    status: str  # sent | deferred | bounced
+    reply: str
+    next_attempt: float | None = None
+
+
+@dataclasses.dataclass(slots=True)
+class Finished:
+    """What finish() decided: removed or deferred, and who bounced this round."""
+
+    removed: bool
+    next_attempt: float | None
+    bounced: list[tuple[str, str]]  # (recipient address, last reply)
+
+
+def promote_due(store: Store, now: float) -> int:
+    """Deferred messages whose time has come go back to incoming."""
+    store.db.execute(
+        "UPDATE message SET state = 'incoming' WHERE state = 'deferred' AND next_attempt <= ?", (now,))
+    return store.db.changes()
+
+
+def next_due(store: Store) -> float | None:
+    row = store.db.execute("SELECT min(next_attempt) FROM message WHERE state = 'deferred'").fetchone()
+    return row[0]
+
+
+def claim(store: Store, limit: int, now: float) -> list[ClaimedMessage]:
+    """Move up to *limit* incoming messages (oldest first) to active and load them."""
+    if limit <= 0:
+        return []
+    rows = store.db.execute(
+        "SELECT id, sender, arrival_time, size, params FROM message WHERE state = 'incoming'"
+        " ORDER BY id LIMIT ?", (limit,)).fetchall()
+    claimed = []
+    for message_id, sender, arrival, size, params in rows:
+        store.transition(message_id, "incoming", "active")
+        recipients = [QueuedRecipient(*r) for r in store.db.execute(
+            "SELECT seq, address, attempts, last_reply FROM recipient WHERE message_id = ?"
+            " AND status IN ('pending', 'deferred') ORDER BY seq", (message_id,))]
+        claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, json.loads(params), recipients))
+    return claimed
+
+
+def record(store: Store, message_id: str, results: list[RecipientResult]) -> None:
+    store.db.executemany(
+        "UPDATE recipient SET status = ?, attempts = attempts + 1, next_attempt = ?, last_reply = ?"
+        " WHERE message_id = ? AND seq = ?",
+        [(r.status, r.next_attempt, r.reply, message_id, r.seq) for r in results])
+
+
+def finish(store: Store, message_id: str) -> Finished:
+    """After a delivery round: defer the message if any recipient is deferred, else
+    remove it.  Recipients that bounced and were not yet reported are returned (and
+    marked reported) so the caller can queue one DSN in the same transaction."""
+    db = store.db
+    bounced = db.execute(
+        "SELECT address, coalesce(last_reply, '') FROM recipient WHERE message_id = ? AND status = 'bounced'"
+        " AND notified = 0 ORDER BY seq", (message_id,)).fetchall()
+    db.execute("UPDATE recipient SET notified = 1 WHERE message_id = ? AND status = 'bounced'", (message_id,))
+    row = db.execute(
+        "SELECT count(*), min(coalesce(next_attempt, 0)) FROM recipient WHERE message_id = ?"
+        " AND status IN ('pending', 'deferred')", (message_id,)).fetchone()
+    if row[0]:
+        next_attempt = row[1]
+        db.execute("UPDATE message SET state = 'deferred', next_attempt = ? WHERE id = ? AND state = 'active'",
+                   (next_attempt, message_id))
+        if db.changes() != 1:
+            raise TransitionError(f"{message_id}: not active")
+        return Finished(False, next_attempt, [tuple(b) for b in bounced])
+    remove(store, message_id)
+    return Finished(True, None, [tuple(b) for b in bounced])
+
+
+def remove(store: Store, message_id: str) -> bool:
+    store.db.execute("DELETE FROM message WHERE id = ?", (message_id,))
+    return store.db.changes() == 1
+
+
+def read_headers(store: Store, message_id: str) -> bytes:
+    """The start of the content, up to the end of the header section (bounded)."""
+    row = store.db.execute("SELECT substr(content, 1, ?) FROM body WHERE message_id = ?",
+                           (HEADER_BYTES, message_id)).fetchone()
+    if row is None:
+        return b""
+    head = bytes(row[0])
+    end = head.find(b"\r\n\r\n")
+    return head[: end + 2] if end >= 0 else head
+
+
+def read_content(store: Store, message_id: str) -> bytes | None:
+    return store.read_content(message_id)
+
+
+# -- operator tools ------------------------------------------------------------------
+
+
+def flush(store: Store, ids: list[str] | None, now: float | None = None) -> int:
+    """Make deferred mail due now (all, or the given IDs)."""
+    now = time.time() if now is None else now
+    targets = ids if ids is not None else [r[0] for r in store.db.execute(
+        "SELECT id FROM message WHERE state = 'deferred'")]
+    count = 0
+    for message_id in targets:
+        store.db.execute("UPDATE message SET next_attempt = ? WHERE id = ? AND state = 'deferred'",
+                         (now, message_id))
+        count += store.db.changes()
+        store.db.execute("UPDATE recipient SET next_attempt = ? WHERE message_id = ? AND status = 'deferred'",
+                         (now, message_id))
+    return count
+
+
+def existing_ids(store: Store, ids: list[str] | None, states: tuple[str, ...]) -> list[str]:
+    """IDs (all when None) of messages in one of *states*."""
+    if ids is None:
+        return [r[0] for r in store.db.execute(
+            "SELECT id FROM message WHERE state IN (SELECT value FROM json_each(?)) ORDER BY id",
+            (json.dumps(list(states)),))]
+    found = []
+    for message_id in ids:
+        row = store.db.execute("SELECT state FROM message WHERE id = ?", (message_id,)).fetchone()
+        if row is not None and row[0] in states:
+            found.append(message_id)
+    return found
+
+
+def set_state(store: Store, ids: list[str], new: str, expected: tuple[str, ...], now: float) -> list[str]:
+    """Move each message in one of *expected* states to *new*; return those moved."""
+    moved = []
+    for message_id in ids:
+        row = store.db.execute("SELECT state FROM message WHERE id = ?", (message_id,)).fetchone()
+        if row is None or row[0] not in expected:
+            continue
+        store.transition(message_id, row[0], new)
+        if new in ("incoming", "deferred"):
+            store.db.execute("UPDATE message SET next_attempt = ? WHERE id = ?", (now, message_id))
+        moved.append(message_id)
+    return moved

@@ -1,0 +1,288 @@
+"""The queue manager (Postfix's qmgr): from incoming to delivered, deferred or bounced.
+
+One task in serve's nursery.  Each round, in one group commit, it promotes the
+deferred messages that are due (through the (state, next_attempt) index), claims
+incoming messages into ``active`` while fewer than ``qmgr_message_active_limit``
+are active, and learns when the next deferred message is due.  Then it sleeps
+until a new message is committed, an operator flushes, a delivery frees a slot, or
+that due time comes: no polling, no table scans.
+
+Claimed messages are split per recipient by route into jobs (at most
+``default_destination_recipient_limit`` recipients each) and queued on their
+destination (transport, nexthop).  Each destination has up to
+``<transport>_destination_concurrency_limit`` worker tasks in the delivery nursery;
+a worker keeps its connection for as many jobs as the destination has.  When a
+destination cannot be reached at all, every job queued for it is deferred with
+the same reason without a connection each (a dead destination), so a dead
+destination costs one connection attempt, not one per message, and never holds up
+the others.
+
+Every outcome is committed as soon as it is known (so a crash repeats at most the
+deliveries in flight: at least once, never lost).  When all jobs of a message are
+done the message is deferred (next attempt: the earliest of its recipients') or
+removed, and recipients that bounced this round get one RFC 3464 notification,
+queued in the same transaction.  Temporary failures past
+``maximal_queue_lifetime`` (``bounce_queue_lifetime`` for bounces) bounce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections import deque
+
+import trio
+
+from trimail.config import Config
+from trimail.delivery.bounce import Failure, build_dsn, status_of
+from trimail.delivery.route import Route, RouteError, Router
+from trimail.delivery.smtp import ConnectionFailed, Connection, Connector, Envelope
+from trimail.maps import TableError
+from trimail.queue import scheduling
+from trimail.queue.ids import new_queue_id
+from trimail.queue.scheduling import ClaimedMessage, QueuedRecipient, RecipientResult
+from trimail.queue.spool import Spool
+from trimail.queue.store import NewMessage, Store
+from trimail.queue.writer import QueueWriter
+from trimail.scheduler.backoff import retry_delay
+from trimail.smtp.client import Outcome, bounced, deferred, sent
+
+log = logging.getLogger("trimail.qmgr")
+smtp_log = logging.getLogger("trimail.smtp")
+bounce_log = logging.getLogger("trimail.bounce")
+
+RECIPIENT_LIMIT = 50
+
+
+@dataclasses.dataclass(slots=True)
+class Job:
+    message: ClaimedMessage
+    recipients: list[QueuedRecipient]
+    route: Route
+
+
+@dataclasses.dataclass(slots=True)
+class ActiveMessage:
+    message: ClaimedMessage
+    outstanding: int
+
+
+@dataclasses.dataclass(slots=True)
+class Destination:
+    route: Route
+    limit: int
+    jobs: deque[Job] = dataclasses.field(default_factory=deque)
+    workers: int = 0
+
+
+def schedule_round(store: Store, now: float, room: int) -> tuple[list[ClaimedMessage], float | None]:
+    scheduling.promote_due(store, now)
+    claimed = scheduling.claim(store, room, now)
+    return claimed, scheduling.next_due(store)
+
+
+class Scheduler:
+    def __init__(self, config: Config, writer: QueueWriter, connector: Connector) -> None:
+        self.config = config
+        self.writer = writer
+        self.connector = connector
+        self.router = Router(config)
+        self.hostname: str = config.myhostname
+        self.active_limit: int = config.qmgr_message_active_limit
+        self.min_backoff: float = config.minimal_backoff_time
+        self.max_backoff: float = config.maximal_backoff_time
+        self.lifetime: float = config.maximal_queue_lifetime
+        self.bounce_lifetime: float = config.bounce_queue_lifetime
+        self.active: dict[str, ActiveMessage] = {}
+        self.destinations: dict[tuple[str, str, int, bool], Destination] = {}
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.idle = trio.Event()  # set whenever nothing is active (tests and stop wait on it)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as deliveries:
+            self._nursery = deliveries
+            task_status.started()
+            while True:
+                room = self.active_limit - len(self.active)
+                claimed, due = await self.writer.run(schedule_round, time.time(), room)
+                for message in claimed:
+                    self._dispatch(message)
+                if not self.active:
+                    self.idle.set()
+                if len(claimed) == room and room > 0:
+                    continue  # more may be waiting; a finishing message wakes us otherwise
+                deadline = math.inf if due is None else trio.current_time() + max(0.0, due - time.time())
+                with trio.move_on_at(deadline):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+
+    # -- fan-out -----------------------------------------------------------------
+
+    def _dispatch(self, message: ClaimedMessage) -> None:
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        groups: dict[tuple[str, str, int, bool], tuple[Route, list[QueuedRecipient]]] = {}
+        immediate: list[tuple[QueuedRecipient, Outcome]] = []
+        for recipient in message.recipients:
+            try:
+                route = self.router.route(recipient.address)
+            except (RouteError, TableError) as exc:
+                log.warning("%s: transport table problem: %s", message.id, exc)
+                immediate.append((recipient, deferred("4.3.0", f"mail transport unavailable: {exc}")))
+                continue
+            if route.transport == "error":
+                text = route.nexthop or "5.0.0 mail delivery is not allowed"
+                dsn = status_of(text)
+                immediate.append((recipient, bounced(dsn, text) if dsn[0] == "5" else deferred(dsn, text)))
+            elif route.transport == "discard":
+                immediate.append((recipient, sent(f"discarded{': ' + route.nexthop if route.nexthop else ''}")))
+            elif route.transport == "local":
+                immediate.append((recipient, deferred("4.3.0", "local delivery is not available")))
+            else:
+                groups.setdefault(route.key, (route, []))[1].append(recipient)
+        jobs = [Job(message, recipients[i:i + RECIPIENT_LIMIT], route)
+                for route, recipients in groups.values()
+                for i in range(0, len(recipients), RECIPIENT_LIMIT)]
+        active = ActiveMessage(message, len(jobs) + (1 if immediate else 0))
+        self.active[message.id] = active
+        assert self._nursery is not None
+        if immediate:
+            self._nursery.start_soon(self._complete_immediate, message, immediate)
+        for job in jobs:
+            self._enqueue(job)
+        if active.outstanding == 0:  # no recipients left at all (all done before a crash)
+            self._nursery.start_soon(self._finish_only, message)
+
+    def _enqueue(self, job: Job) -> None:
+        key = job.route.key
+        dest = self.destinations.get(key)
+        if dest is None:
+            limit = self.config.get(f"{job.route.transport}_destination_concurrency_limit") \
+                if job.route.transport in ("smtp", "relay") else self.config.default_destination_concurrency_limit
+            dest = self.destinations[key] = Destination(job.route, max(1, int(limit)))
+        dest.jobs.append(job)
+        if dest.workers < dest.limit and dest.workers < len(dest.jobs):
+            dest.workers += 1
+            assert self._nursery is not None
+            self._nursery.start_soon(self._worker, dest)
+
+    async def _worker(self, dest: Destination) -> None:
+        conn: Connection | None = None
+        try:
+            while dest.jobs:
+                job = dest.jobs.popleft()
+                if conn is None or not conn.usable:
+                    if conn is not None:
+                        await conn.close()
+                        conn = None
+                    started = time.time()
+                    try:
+                        conn = await self.connector.open(dest.route)
+                    except ConnectionFailed as exc:
+                        failed = [job, *dest.jobs]
+                        dest.jobs.clear()
+                        for each in failed:
+                            await self._complete(each, [exc.outcome] * len(each.recipients), "none", started)
+                        break
+                started = time.time()
+                envelope = Envelope(
+                    sender=job.message.sender,
+                    recipients=[r.address for r in job.recipients],
+                    size=job.message.size,
+                    eight_bit=str(job.message.params.get("BODY", "")).upper() == "8BITMIME",
+                    smtputf8="SMTPUTF8" in job.message.params,
+                )
+                message_id = job.message.id
+
+                async def content() -> bytes:
+                    data = await self.writer.run(scheduling.read_content, message_id)
+                    return data or b""
+
+                outcomes = await conn.deliver(envelope, content)
+                await self._complete(job, outcomes, conn.relay, started)
+        finally:
+            dest.workers -= 1
+            if conn is not None:
+                await conn.close()
+            if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.route.key) is dest:
+                del self.destinations[dest.route.key]
+
+    # -- results -----------------------------------------------------------------
+
+    async def _complete_immediate(self, message: ClaimedMessage, results: list[tuple[QueuedRecipient, Outcome]]) -> None:
+        job = Job(message, [r for r, _ in results], Route("none", "none"))
+        await self._complete(job, [o for _, o in results], "none", time.time())
+
+    async def _finish_only(self, message: ClaimedMessage) -> None:
+        self.active[message.id].outstanding = 1
+        await self._complete(Job(message, [], Route("none", "none")), [], "none", time.time())
+
+    async def _complete(self, job: Job, outcomes: list[Outcome], relay: str, started: float) -> None:
+        message = job.message
+        now = time.time()
+        lifetime = self.bounce_lifetime if message.sender == "" else self.lifetime
+        expired = now - message.arrival_time >= lifetime
+        results = []
+        for recipient, outcome in zip(job.recipients, outcomes, strict=True):
+            status = outcome.status
+            text = outcome.text
+            next_attempt = None
+            if status == "deferred":
+                if expired:
+                    status, text = "bounced", f"message expired: {outcome.text}"
+                else:
+                    next_attempt = now + retry_delay(recipient.attempts + 1, self.min_backoff, self.max_backoff)
+            results.append(RecipientResult(recipient.seq, status, f"{outcome.dsn} {text}", next_attempt))
+            delay = now - message.arrival_time
+            delays = (f"{message.active_time - message.arrival_time:.2g}/{max(0.0, started - message.active_time):.2g}/"
+                      f"0/{now - started:.2g}")
+            shown = "expired, returned to sender" if status == "bounced" and expired and outcome.status == "deferred" \
+                else status
+            smtp_log.info("%s: to=<%s>, relay=%s, delay=%.2g, delays=%s, dsn=%s, status=%s (%s)",
+                          message.id, recipient.address, relay, delay, delays, outcome.dsn, shown, outcome.text)
+        active = self.active[message.id]
+        active.outstanding -= 1
+        last = active.outstanding == 0
+        with trio.CancelScope(shield=True):
+            finished = await self.writer.run(self._record, message, results, last)
+        if last:
+            del self.active[message.id]
+            if finished.removed:
+                log.info("%s: removed", message.id)
+            if not self.active:
+                self.idle.set()
+            self.wake()
+
+    def _record(self, store: Store, message: ClaimedMessage, results: list[RecipientResult],
+                last: bool) -> scheduling.Finished:
+        """Writer-thread work: record outcomes; after the last job, finish the message
+        and queue a bounce for the recipients that failed this round."""
+        if results:
+            scheduling.record(store, message.id, results)
+        if not last:
+            return scheduling.Finished(False, None, [])
+        finished = scheduling.finish(store, message.id)
+        if finished.bounced:
+            self._queue_bounce(store, message, finished.bounced)
+        return finished
+
+    def _queue_bounce(self, store: Store, message: ClaimedMessage, bounced_rcpts: list[tuple[str, str]]) -> None:
+        if message.sender == "":
+            bounce_log.info("%s: not sending a notification about a bounce (null sender): %s", message.id,
+                            ", ".join(f"<{a}>" for a, _ in bounced_rcpts))
+            return
+        failures = [Failure(address, status_of(reply), f"smtp; {reply.split(' ', 1)[-1]}")
+                    for address, reply in bounced_rcpts]
+        content = build_dsn(hostname=self.hostname, queue_id=message.id, sender=message.sender,
+                            arrival_time=message.arrival_time, failures=failures,
+                            original_headers=scheduling.read_headers(store, message.id))
+        spool = Spool()
+        spool.write(content)
+        bounce_id = new_queue_id()
+        store.insert_message(NewMessage(bounce_id, "", [message.sender], spool, protocol="bounce"))
+        bounce_log.info("%s: sender non-delivery notification: %s", message.id, bounce_id)
