@@ -11,6 +11,8 @@ import json
 import signal
 import sys
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Annotated
 
 import trio
@@ -22,6 +24,10 @@ from trimail import log as maillog
 from trimail.config import PARAMETERS, Config, ConfigError
 from trimail.net.listener import ListenError
 from trimail.queue.lock import AlreadyRunning
+from trimail import maps
+from trimail.maps import TableError, open_table
+from trimail.net.control import send_command
+from trimail.queue import scheduling
 from trimail.queue.store import MessageInfo, QueueError, Store
 
 app = App(name="trimail", help="A secure SMTP gateway MTA.", version=__version__,
@@ -170,6 +176,130 @@ def queue_show(queue_id: str, *, config: ConfigOption = None, o: Overrides = Non
     sys.stdout.flush()
     sys.stdout.buffer.write(content.replace(b"\r\n", b"\n"))
     print("*** END OF MESSAGE ***")
+
+
+def _queue_change(cfg: Config, change: Callable[[Store], list[str] | int]) -> list[str] | int:
+    """Run *change* in one transaction on the queue, then wake serve if it runs."""
+    store = Store.open(cfg.queue_directory)
+    try:
+        with store.transaction():
+            result = change(store)
+    finally:
+        store.close()
+    send_command(Path(cfg.queue_directory), "flush")
+    return result
+
+
+def _ids_or_all(ids: list[str] | None, all_: bool) -> list[str] | None:
+    if all_:
+        return None
+    if not ids:
+        raise Failure("name the queue IDs, or use --all")
+    return ids
+
+
+AllFlag = Annotated[bool, Parameter(name=["--all"], help="every message in the queue")]
+
+
+@queue_app.command(name="flush")
+def queue_flush(ids: list[str] | None = None, *, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Deliver deferred mail now: all, or the given IDs (postqueue -f / -i)."""
+    cfg = load_config(config, o)
+    _queue_change(cfg, lambda store: scheduling.flush(store, ids or None))
+
+
+@app.command(name="flush")
+def flush_alias(ids: list[str] | None = None, *, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Alias of `trimail queue flush`."""
+    queue_flush(ids, config=config, o=o)
+
+
+def _report(verb: str, changed: list[str] | int, asked: list[str] | None) -> None:
+    moved = changed if isinstance(changed, list) else []
+    for queue_id in asked or []:
+        if queue_id not in moved:
+            print(f"trimail: warning: {queue_id}: no such message in a state that can be {verb}", file=sys.stderr)
+    count = len(moved) if isinstance(changed, list) else changed
+    print(f"trimail: {verb}: {count} message{'s' if count != 1 else ''}", file=sys.stderr)
+
+
+@queue_app.command(name="delete")
+def queue_delete(ids: list[str] | None = None, *, all_: AllFlag = False, config: ConfigOption = None,
+                 o: Overrides = None) -> None:
+    """Delete messages from the queue (postsuper -d)."""
+    cfg = load_config(config, o)
+    wanted = _ids_or_all(ids, all_)
+
+    def change(store: Store) -> list[str]:
+        targets = scheduling.existing_ids(store, wanted, STATES_NOT_ACTIVE)
+        return [t for t in targets if scheduling.remove(store, t)]
+
+    _report("deleted", _queue_change(cfg, change), wanted)
+
+
+STATES_NOT_ACTIVE = ("maildrop", "incoming", "deferred", "hold")
+
+
+@queue_app.command(name="hold")
+def queue_hold(ids: list[str] | None = None, *, all_: AllFlag = False, config: ConfigOption = None,
+               o: Overrides = None) -> None:
+    """Put messages on hold: kept, but not delivered (postsuper -h)."""
+    cfg = load_config(config, o)
+    wanted = _ids_or_all(ids, all_)
+    _report("placed on hold", _queue_change(cfg, lambda store: scheduling.set_state(
+        store, scheduling.existing_ids(store, wanted, ("maildrop", "incoming", "deferred")), "hold",
+        ("maildrop", "incoming", "deferred"), time.time())), wanted)
+
+
+@queue_app.command(name="release")
+def queue_release(ids: list[str] | None = None, *, all_: AllFlag = False, config: ConfigOption = None,
+                  o: Overrides = None) -> None:
+    """Release messages from hold (postsuper -H)."""
+    cfg = load_config(config, o)
+    wanted = _ids_or_all(ids, all_)
+    _report("released from hold", _queue_change(cfg, lambda store: scheduling.set_state(
+        store, scheduling.existing_ids(store, wanted, ("hold",)), "incoming", ("hold",), time.time())), wanted)
+
+
+@queue_app.command(name="requeue")
+def queue_requeue(ids: list[str] | None = None, *, all_: AllFlag = False, config: ConfigOption = None,
+                  o: Overrides = None) -> None:
+    """Queue messages again for immediate delivery (postsuper -r)."""
+    cfg = load_config(config, o)
+    wanted = _ids_or_all(ids, all_)
+
+    def change(store: Store) -> list[str]:
+        targets = scheduling.existing_ids(store, wanted, ("incoming", "deferred"))
+        scheduling.flush(store, targets)
+        return scheduling.set_state(store, targets, "incoming", ("incoming", "deferred"), time.time())
+
+    _report("requeued", _queue_change(cfg, change), wanted)
+
+
+# -- tables ----------------------------------------------------------------------
+
+
+@app.command(name="postmap")
+def postmap_command(table: str, *, q: Annotated[str | None, Parameter(name=["-q"], help="look up KEY")] = None,
+                    config: ConfigOption = None, o: Overrides = None) -> None:
+    """Compile a lookup table source into its indexed database, or query it (postmap)."""
+    load_config(config, o)
+    ref = table if ":" in table else f"hash:{table}"
+    try:
+        if q is not None:
+            value = open_table(ref).lookup(q)
+            if value is None:
+                raise SystemExit(1)
+            print(value)
+            return
+        kind, _, name = ref.partition(":")
+        if kind not in ("hash", "btree"):
+            raise Failure(f"{ref}: only hash: and btree: tables are compiled")
+        count, warnings = maps.postmap(Path(name))
+    except TableError as exc:
+        raise Failure(str(exc)) from None
+    for warning in warnings:
+        print(f"trimail: warning: {warning}", file=sys.stderr)
 
 
 # -- entry point -----------------------------------------------------------------

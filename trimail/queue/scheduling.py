@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 
 from trimail.queue.store import Store, TransitionError
 
@@ -92,14 +93,18 @@ def record(store: Store, message_id: str, results: list[RecipientResult]) -> Non
         [(r.status, r.next_attempt, r.reply, message_id, r.seq) for r in results])
 
 
-def finish(store: Store, message_id: str) -> Finished:
+def finish(store: Store, message_id: str,
+           notify: Callable[[list[tuple[str, str]]], None] | None = None) -> Finished:
     """After a delivery round: defer the message if any recipient is deferred, else
-    remove it.  Recipients that bounced and were not yet reported are returned (and
-    marked reported) so the caller can queue one DSN in the same transaction."""
+    remove it.  Recipients that bounced and were not yet reported are passed to
+    *notify* (while the message and its content still exist, in the same
+    transaction, so the caller can queue one DSN) and marked reported."""
     db = store.db
-    bounced = db.execute(
+    bounced = [tuple(b) for b in db.execute(
         "SELECT address, coalesce(last_reply, '') FROM recipient WHERE message_id = ? AND status = 'bounced'"
-        " AND notified = 0 ORDER BY seq", (message_id,)).fetchall()
+        " AND notified = 0 ORDER BY seq", (message_id,))]
+    if bounced and notify is not None:
+        notify(bounced)
     db.execute("UPDATE recipient SET notified = 1 WHERE message_id = ? AND status = 'bounced'", (message_id,))
     row = db.execute(
         "SELECT count(*), min(coalesce(next_attempt, 0)) FROM recipient WHERE message_id = ?"
@@ -110,9 +115,9 @@ def finish(store: Store, message_id: str) -> Finished:
                    (next_attempt, message_id))
         if db.changes() != 1:
             raise TransitionError(f"{message_id}: not active")
-        return Finished(False, next_attempt, [tuple(b) for b in bounced])
+        return Finished(False, next_attempt, bounced)
     remove(store, message_id)
-    return Finished(True, None, [tuple(b) for b in bounced])
+    return Finished(True, None, bounced)
 
 
 def remove(store: Store, message_id: str) -> bool:

@@ -266,10 +266,8 @@ class Scheduler:
             scheduling.record(store, message.id, results)
         if not last:
             return scheduling.Finished(False, None, [])
-        finished = scheduling.finish(store, message.id)
-        if finished.bounced:
-            self._queue_bounce(store, message, finished.bounced)
-        return finished
+        return scheduling.finish(store, message.id,
+                                 notify=lambda bounced: self._queue_bounce(store, message, bounced))
 
     def _queue_bounce(self, store: Store, message: ClaimedMessage, bounced_rcpts: list[tuple[str, str]]) -> None:
         if message.sender == "":

@@ -1,0 +1,256 @@
+"""Delivery end to end: a real serve, real SMTP peers on loopback, a real DNS server."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import socket
+import time
+
+import pytest
+import trio
+
+from trimail import config as configuration
+from trimail.queue.store import Store
+from trimail.server import serve
+from tests.conftest import trimail, wait_for, write_main_cf
+from tests.dnsserver import run_dns_server
+from tests.peers import DroppingServer, Sink, greeting_only_server
+
+
+@pytest.fixture
+def start_mta(tmp_path, nursery):
+    async def start(zone: dict | None = None, **params):
+        dns_port = await nursery.start(run_dns_server, zone or {})
+        settings = {"master_service_disable": "", "dns_nameservers": f"127.0.0.1:{dns_port}",
+                    "smtp_connect_timeout": "5s", "mydestination": "mx.test.example"}
+        settings.update(params)
+        path = write_main_cf(tmp_path, **settings)
+        return await nursery.start(serve, configuration.load(path))
+
+    return start
+
+
+def submit(port: int, sender: str, recipients: list[str], body: str = "Subject: test\r\n\r\nhello\r\n") -> str:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example")
+        client.mail(sender)
+        for rcpt in recipients:
+            assert client.rcpt(rcpt)[0] == 250
+        code, reply = client.data(body)
+        assert code == 250
+        return reply.decode().rsplit(" ", 1)[1]
+
+
+async def send(server, sender: str, recipients: list[str], body: str = "Subject: test\r\n\r\nhello\r\n") -> str:
+    return await trio.to_thread.run_sync(submit, server.addresses[0].port, sender, recipients, body)
+
+
+def queue(server) -> list:
+    store = Store.open(server.config.queue_directory, readonly=True)
+    try:
+        return store.list_messages()
+    finally:
+        store.close()
+
+
+async def wait_empty(server, timeout: float = 20) -> None:
+    await wait_for(lambda: not queue(server), timeout)
+
+
+def recipient_status(server, queue_id: str) -> dict[str, tuple[str, str | None]]:
+    for message in queue(server):
+        if message.id == queue_id:
+            return {r.address: (r.status, r.last_reply) for r in message.recipients}
+    return {}
+
+
+async def test_relay_through_relayhost(start_mta):
+    with Sink() as sink:
+        srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}")
+        await send(srv, "alice@client.example", ["bob@far.example", "carol@other.example"])
+        await wait_empty(srv)
+        [(sender, rcpts, content)] = sink.messages
+        assert sender == "alice@client.example"
+        assert sorted(rcpts) == ["bob@far.example", "carol@other.example"]
+        assert b"Received: from client.example" in content and content.endswith(b"hello\r\n")
+
+
+async def test_routing_by_transport_maps(start_mta):
+    with Sink() as one, Sink() as two:
+        srv = await start_mta(transport_maps=f"inline:{{ one.example=smtp:[127.0.0.1]:{one.port}, "
+                                             f".two.example=relay:[127.0.0.1]:{two.port} }}")
+        await send(srv, "a@client.example", ["x@one.example", "y@sub.two.example"])
+        await wait_empty(srv)
+        assert one.recorder.recipients() == ["x@one.example"]
+        assert two.recorder.recipients() == ["y@sub.two.example"]
+
+
+async def test_mx_preference_and_fallback_to_next_mx(start_mta):
+    zone = {"dest.example": {"MX": ["10 mx1.dest.example.", "20 mx2.dest.example."]},
+            "mx1.dest.example": {"A": ["127.0.0.2"]},  # nothing listens there: refused
+            "mx2.dest.example": {"A": ["127.0.0.3"]}}
+    with Sink("127.0.0.3", 25) as sink:
+        srv = await start_mta(zone)
+        await send(srv, "a@client.example", ["rcpt@dest.example"])
+        await wait_empty(srv)
+        assert sink.recorder.recipients() == ["rcpt@dest.example"]
+
+
+async def test_domain_without_mx_falls_back_to_its_address(start_mta):
+    zone = {"plain.example": {"A": ["127.0.0.4"]}}
+    with Sink("127.0.0.4", 25) as sink:
+        srv = await start_mta(zone)
+        await send(srv, "a@client.example", ["rcpt@plain.example"])
+        await wait_empty(srv)
+        assert sink.recorder.recipients() == ["rcpt@plain.example"]
+
+
+def parse_dsn(content: bytes):
+    message = email.message_from_bytes(content, policy=email.policy.default)
+    assert message.get_content_type() == "multipart/report"
+    assert message.get_param("report-type") == "delivery-status"
+    parts = list(message.iter_parts())
+    status = parts[1]
+    assert status.get_content_type() == "message/delivery-status"
+    per_recipient = status.get_payload()[1:]
+    return message, [(r["Final-Recipient"], r["Action"], r["Status"]) for r in per_recipient], parts[2]
+
+
+@pytest.mark.parametrize("zone, status", [
+    ({"nullmx.example": {"MX": ["0 ."]}}, "5.1.10"),
+    ({}, "5.1.2"),  # NXDOMAIN
+], ids=["null-mx", "nxdomain"])
+async def test_null_mx_and_nxdomain_bounce_to_the_sender(start_mta, zone, status):
+    domain = next(iter(zone), "gone.example")
+    with Sink() as senders:
+        srv = await start_mta(zone, transport_maps=f"inline:{{ client.example=smtp:[127.0.0.1]:{senders.port} }}")
+        await send(srv, "alice@client.example", [f"rcpt@{domain}"], "Subject: doomed\r\n\r\nx\r\n")
+        await wait_empty(srv)
+        [(sender, rcpts, content)] = senders.messages
+        assert sender == "<>" and rcpts == ["alice@client.example"]  # aiosmtpd shows the null sender as <>
+        message, recipients, headers = parse_dsn(content)
+        assert message["From"].startswith("MAILER-DAEMON@mx.test.example")
+        assert recipients == [(f"rfc822; rcpt@{domain}", "failed", status)]
+        assert "Subject: doomed" in headers.get_content()
+
+
+async def test_servfail_defers(start_mta):
+    srv = await start_mta({"sick.example": "SERVFAIL"})
+    queue_id = await send(srv, "alice@client.example", ["rcpt@sick.example"])
+    await wait_for(lambda: recipient_status(srv, queue_id).get("rcpt@sick.example", ("",))[0] == "deferred")
+    status, reply = recipient_status(srv, queue_id)["rcpt@sick.example"]
+    assert reply.startswith("4.4.3 ")
+    [message] = queue(srv)
+    assert message.state == "deferred"
+
+
+async def test_mixed_recipient_results_in_one_transaction(start_mta):
+    rules = {"bad": "550 5.1.1 <bad@dest.example>: user unknown", "later": "450 4.2.1 mailbox busy"}
+    with Sink(rules=rules) as sink, Sink() as senders:
+        srv = await start_mta(transport_maps=f"inline:{{ dest.example=smtp:[127.0.0.1]:{sink.port}, "
+                                             f"client.example=smtp:[127.0.0.1]:{senders.port} }}")
+        queue_id = await send(srv, "alice@client.example", ["good@dest.example", "bad@dest.example",
+                                                             "later@dest.example"])
+        await wait_for(lambda: len(senders.messages) == 1)
+        assert sink.recorder.recipients() == ["good@dest.example"]
+        statuses = recipient_status(srv, queue_id)
+        assert statuses["later@dest.example"][0] == "deferred"
+        assert statuses["later@dest.example"][1].startswith("4.2.1 ")
+        assert "good@dest.example" not in {a for a, (s, _) in statuses.items() if s != "sent"}
+        _, recipients, _ = parse_dsn(senders.messages[0][2])
+        assert recipients == [("rfc822; bad@dest.example", "failed", "5.1.1")]
+
+
+async def test_421_greeting_defers(start_mta, nursery):
+    port = await nursery.start(greeting_only_server, b"421 4.3.2 busy, come back later\r\n")
+    srv = await start_mta(relayhost=f"[127.0.0.1]:{port}")
+    queue_id = await send(srv, "a@client.example", ["r@far.example"])
+    await wait_for(lambda: recipient_status(srv, queue_id).get("r@far.example", ("",))[0] == "deferred")
+    assert "refused to talk to me: 421" in recipient_status(srv, queue_id)["r@far.example"][1]
+
+
+async def test_connection_dropped_in_data_defers_then_delivers_once(start_mta, nursery, tmp_path):
+    peer = DroppingServer()
+    port = await nursery.start(peer.run)
+    srv = await start_mta(relayhost=f"[127.0.0.1]:{port}")
+    queue_id = await send(srv, "a@client.example", ["r@far.example"])
+    await wait_for(lambda: recipient_status(srv, queue_id).get("r@far.example", ("",))[0] == "deferred")
+    assert "lost connection" in recipient_status(srv, queue_id)["r@far.example"][1]
+    peer.drop = False
+    result = await trio.to_thread.run_sync(lambda: trimail("queue", "flush", "-c", srv.config.source))
+    assert result.returncode == 0, result.stderr
+    await wait_empty(srv)
+    assert peer.delivered == [["r@far.example"]]
+
+
+async def test_backoff_grows_between_attempts(start_mta):
+    srv = await start_mta({"sick.example": "SERVFAIL"}, minimal_backoff_time="100s", maximal_backoff_time="1000s")
+    queue_id = await send(srv, "a@client.example", ["r@sick.example"])
+    gaps = []
+    for attempt in range(1, 4):
+        await wait_for(lambda: any(r.attempts == attempt for m in queue(srv) for r in m.recipients))
+        [message] = queue(srv)
+        gaps.append(message.recipients[0].next_attempt - time.time())
+        json_out = await trio.to_thread.run_sync(lambda: trimail("queue", "list", "--json", "-c", srv.config.source))
+        assert f'"attempts": {attempt}' in json_out.stdout
+        await trio.to_thread.run_sync(lambda: trimail("queue", "flush", queue_id, "-c", srv.config.source))
+    assert 80 < gaps[0] < 115 and 170 < gaps[1] < 225 and 350 < gaps[2] < 445
+
+
+async def test_queue_lifetime_expiry_bounces_with_the_last_reason(start_mta):
+    with Sink() as senders:
+        srv = await start_mta({"sick.example": "SERVFAIL"}, maximal_queue_lifetime="0s",
+                              transport_maps=f"inline:{{ client.example=smtp:[127.0.0.1]:{senders.port} }}")
+        await send(srv, "alice@client.example", ["r@sick.example"])
+        await wait_empty(srv)
+        _, recipients, _ = parse_dsn(senders.messages[0][2])
+        assert recipients == [("rfc822; r@sick.example", "failed", "4.4.3")]
+
+
+async def test_no_bounce_for_the_null_sender(start_mta):
+    srv = await start_mta({})
+    await send(srv, "<>", ["r@gone.example"])
+    await wait_empty(srv)  # bounced recipient, and no notification queued
+
+
+async def test_dead_destination_does_not_hold_up_live_ones(start_mta, nursery):
+    hang = trio.Event()
+
+    async def silent(*, task_status=trio.TASK_STATUS_IGNORED):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+
+        async def handle(stream):
+            await hang.wait()  # accepts, never greets
+
+        await trio.serve_listeners(handle, listeners)
+
+    dead_port = await nursery.start(silent)
+    with Sink() as live:
+        srv = await start_mta(smtp_helo_timeout="60s",
+                              transport_maps=f"inline:{{ dead.example=smtp:[127.0.0.1]:{dead_port}, "
+                                             f"live.example=smtp:[127.0.0.1]:{live.port} }}")
+        for i in range(5):
+            await send(srv, "a@client.example", [f"d{i}@dead.example"])
+        for i in range(5):
+            await send(srv, "a@client.example", [f"l{i}@live.example"])
+        await wait_for(lambda: len(live.recorder.recipients()) == 5, timeout=10)
+    hang.set()
+
+
+async def test_mail_looping_back_to_myself_bounces(start_mta):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        own_port = probe.getsockname()[1]
+    zone = {"loop.example": {"MX": ["10 me.loop.example."]}, "me.loop.example": {"A": ["127.0.0.1"]}}
+    with Sink() as senders:
+        srv = await start_mta(zone, smtpd_listen=f"127.0.0.1:{own_port}",
+                              transport_maps=f"inline:{{ client.example=smtp:[127.0.0.1]:{senders.port}, "
+                                             f"loop.example=smtp:loop.example:{own_port} }}")
+        await send(srv, "alice@client.example", ["r@loop.example"])
+        await wait_empty(srv)
+        message, recipients, _ = parse_dsn(senders.messages[0][2])
+        assert recipients == [("rfc822; r@loop.example", "failed", "5.4.6")]
+        assert "mail for loop.example loops back to myself" in message.as_string()

@@ -1,0 +1,135 @@
+"""Real SMTP peers for delivery tests: aiosmtpd sinks and small trio servers that misbehave."""
+
+from __future__ import annotations
+
+import threading
+
+import trio
+from aiosmtpd.controller import Controller
+
+
+class Recorder:
+    """aiosmtpd handler: records messages; ``rules`` maps a local part to a reply."""
+
+    def __init__(self, rules: dict[str, str] | None = None) -> None:
+        self.rules = rules or {}
+        self.messages: list[tuple[str, list[str], bytes]] = []
+        self.lock = threading.Lock()
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        rule = self.rules.get(address.split("@")[0])
+        if rule:
+            return rule
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
+        return "250 2.0.0 Ok: queued as SINK"
+
+    def recipients(self) -> list[str]:
+        with self.lock:
+            return [r for _, rcpts, _ in self.messages for r in rcpts]
+
+
+class Sink:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, rules: dict[str, str] | None = None) -> None:
+        self.recorder = Recorder(rules)
+        self.controller = Controller(self.recorder, hostname=host, port=port or _free_port(host),
+                                     server_hostname="sink.test", ready_timeout=10)
+        self.host = host
+        self.port = self.controller.port
+
+    def __enter__(self) -> Sink:
+        self.controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.controller.stop()
+
+    @property
+    def messages(self):
+        return self.recorder.messages
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+async def greeting_only_server(reply: bytes, host: str = "127.0.0.1", *,
+                               task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Answers every connection with *reply* (e.g. a 421 greeting) and closes."""
+    listeners = await trio.open_tcp_listeners(0, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            await stream.send_all(reply)
+
+    await trio.serve_listeners(handle, listeners)
+
+
+class DroppingServer:
+    """A minimal SMTP server that drops the connection in the middle of DATA while
+    ``drop`` is set, and accepts mail normally otherwise."""
+
+    def __init__(self) -> None:
+        self.drop = True
+        self.delivered: list[list[str]] = []
+        self.connections = 0
+
+    async def run(self, host: str = "127.0.0.1", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host=host)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self.handle, listeners)
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buf = b""
+
+        async def line() -> bytes:
+            nonlocal buf
+            while b"\r\n" not in buf:
+                data = await stream.receive_some(4096)
+                if not data:
+                    raise trio.BrokenResourceError
+                buf += data
+            out, buf = buf.split(b"\r\n", 1)
+            return out
+
+        async with stream:
+            try:
+                await stream.send_all(b"220 dropper ESMTP\r\n")
+                rcpts: list[str] = []
+                while True:
+                    cmd = await line()
+                    verb = cmd[:4].upper()
+                    if verb == b"EHLO":
+                        await stream.send_all(b"250-dropper\r\n250 8BITMIME\r\n")
+                    elif verb == b"MAIL":
+                        rcpts = []
+                        await stream.send_all(b"250 2.1.0 ok\r\n")
+                    elif verb == b"RCPT":
+                        rcpts.append(cmd.split(b"<")[1].split(b">")[0].decode())
+                        await stream.send_all(b"250 2.1.5 ok\r\n")
+                    elif verb == b"DATA":
+                        await stream.send_all(b"354 go\r\n")
+                        if self.drop:
+                            await line()  # read a little content, then vanish
+                            return
+                        while await line() != b".":
+                            pass
+                        self.delivered.append(rcpts)
+                        await stream.send_all(b"250 2.0.0 ok\r\n")
+                    elif verb == b"QUIT":
+                        await stream.send_all(b"221 bye\r\n")
+                        return
+                    else:
+                        await stream.send_all(b"250 ok\r\n")
+            except trio.BrokenResourceError:
+                return
