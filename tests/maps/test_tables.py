@@ -1,0 +1,75 @@
+"""Lookup tables: inline, static, texthash, hash compiled by postmap."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from trimail.maps import TableError, compiled_path, open_table, postmap
+from tests.conftest import trimail
+
+
+def test_inline_table_with_braced_values():
+    table = open_table("inline:{ a.example=smtp:[h]:25, { b.example = error:5.1.1 no such domain }, C=x }")
+    assert table.lookup("A.EXAMPLE") == "smtp:[h]:25"
+    assert table.lookup("b.example") == "error:5.1.1 no such domain"
+    assert table.lookup("c") == "x"
+    assert table.lookup("d") is None
+
+
+def test_static_table():
+    assert open_table("static:{relay:[gw]}").lookup("anything") == "relay:[gw]"
+
+
+def test_texthash_reads_source_and_notices_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr("trimail.maps.RECHECK_SECONDS", 0)
+    source = tmp_path / "transport"
+    source.write_text("# comment\nExample.COM  smtp:[mx]:2525\nlong.example relay:\n  [gw]:25\n")
+    table = open_table(f"texthash:{source}")
+    assert table.lookup("example.com") == "smtp:[mx]:2525"
+    assert table.lookup("long.example") == "relay: [gw]:25"
+    source.write_text("example.com discard:\n")
+    os.utime(source, ns=(1, 10**18))
+    assert table.lookup("example.com") == "discard:"
+
+
+def test_postmap_compiles_atomically_and_hash_reloads(tmp_path, monkeypatch):
+    monkeypatch.setattr("trimail.maps.RECHECK_SECONDS", 0)
+    source = tmp_path / "access"
+    source.write_text("a.example OK\nA.example REJECT duplicate\nb.example 550 go away\n")
+    count, warnings = postmap(source)
+    assert count == 2 and "duplicate entry" in warnings[0]
+    table = open_table(f"hash:{source}")
+    assert table.lookup("A.EXAMPLE") == "OK"
+    assert table.lookup("b.example") == "550 go away"
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+    source.write_text("a.example DUNNO\n")
+    postmap(source)
+    os.utime(compiled_path(source), ns=(1, 10**18))
+    assert table.lookup("a.example") == "DUNNO"
+    assert table.lookup("b.example") is None
+
+
+def test_hash_without_database_names_the_fix(tmp_path):
+    source = tmp_path / "transport"
+    source.write_text("a b\n")
+    with pytest.raises(TableError, match="cannot open"):
+        open_table(f"hash:{source}")
+
+
+def test_bad_source_line_names_file_and_line(tmp_path):
+    source = tmp_path / "t"
+    source.write_text("good value\nlonely\n")
+    with pytest.raises(TableError, match=r"t:2: expected format: key whitespace value"):
+        postmap(source)
+
+
+def test_postmap_command_compiles_and_queries(tmp_path):
+    source = tmp_path / "transport"
+    source.write_text("example.com smtp:[127.0.0.1]:2525\n")
+    assert trimail("postmap", str(source)).returncode == 0
+    assert compiled_path(source).exists()
+    found = trimail("postmap", "-q", "EXAMPLE.com", f"hash:{source}")
+    assert found.returncode == 0 and found.stdout == "smtp:[127.0.0.1]:2525\n"
+    assert trimail("postmap", "-q", "other.example", f"hash:{source}").returncode == 1

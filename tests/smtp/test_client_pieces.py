@@ -1,0 +1,68 @@
+"""The SMTP client's pure pieces: reply parsing, extensions, dot-stuffing."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, strategies as st
+
+from trimail.smtp.client import DotStuffer, Extensions, PeerProtocolError, ReplyParser, classify
+from tests.smtp.driver import Driver
+
+
+def test_multiline_reply_with_enhanced_codes():
+    parser = ReplyParser()
+    parser.feed(b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 1000\r\n250 8BITMIME\r\n550 5.1.1 no")
+    reply = parser.next_reply()
+    assert reply.code == 250 and reply.lines() == ("mx.example", "PIPELINING", "SIZE 1000", "8BITMIME")
+    ext = Extensions.from_ehlo(reply)
+    assert ext.has("PIPELINING") and ext.size_limit == 1000 and not ext.has("SMTPUTF8")
+    assert parser.next_reply() is None
+    parser.feed(b" such user\r\n")
+    reply = parser.next_reply()
+    assert (reply.code, reply.enhanced, reply.text) == (550, "5.1.1", "no such user")
+
+
+@pytest.mark.parametrize("bad", [b"hello\r\n", b"250-a\r\n251 b\r\n", b"25\r\n", b"250x\r\n", b"x" * 5000])
+def test_malformed_replies_are_peer_errors(bad):
+    parser = ReplyParser()
+    parser.feed(bad)
+    with pytest.raises(PeerProtocolError):
+        parser.next_reply()
+
+
+@given(st.binary(max_size=200))
+def test_reply_parser_only_raises_peer_errors(data):
+    parser = ReplyParser()
+    parser.feed(data)
+    try:
+        while parser.next_reply() is not None:
+            pass
+    except PeerProtocolError:
+        pass
+
+
+def test_classify_uses_reply_class_and_enhanced_code():
+    parser = ReplyParser()
+    parser.feed(b"452 4.2.2 full\r\n554 no way\r\n")
+    temp = classify(parser.next_reply(), "mx[1.2.3.4]:25", "RCPT TO")
+    perm = classify(parser.next_reply(), "mx[1.2.3.4]:25", "end of DATA")
+    assert (temp.status, temp.dsn) == ("deferred", "4.2.2")
+    assert (perm.status, perm.dsn) == ("bounced", "5.0.0")
+    assert perm.text == "host mx[1.2.3.4]:25 said: 554 no way (in reply to end of DATA command)"
+
+
+@given(st.lists(st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20),
+       st.lists(st.integers(0, 500), max_size=6))
+def test_dot_stuffed_content_round_trips_through_our_server(lines, cuts):
+    content = b"".join(line + b"\r\n" for line in lines)
+    stuffer = DotStuffer()
+    positions = sorted({min(c, len(content)) for c in cuts} | {0, len(content)})
+    wire = b"".join(stuffer.stuff(content[a:b]) for a, b in zip(positions, positions[1:])) + stuffer.finish()
+    d = Driver().feed(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n" + wire)
+    assert d.content() == content
+    assert d.queued == 1
+
+
+def test_dot_stuffer_adds_missing_final_line_end():
+    stuffer = DotStuffer()
+    assert stuffer.stuff(b".x") + stuffer.finish() == b"..x\r\n.\r\n"
