@@ -11,8 +11,9 @@ from aiosmtpd.controller import Controller
 class Recorder:
     """aiosmtpd handler: records messages; ``rules`` maps a local part to a reply."""
 
-    def __init__(self, rules: dict[str, str] | None = None) -> None:
+    def __init__(self, rules: dict[str, str] | None = None, delay: float = 0.0) -> None:
         self.rules = rules or {}
+        self.delay = delay
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.lock = threading.Lock()
 
@@ -24,6 +25,10 @@ class Recorder:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.delay:
+            import asyncio
+
+            await asyncio.sleep(self.delay)  # a slow peer, so deliveries are in flight
         with self.lock:
             self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
         return "250 2.0.0 Ok: queued as SINK"
@@ -34,8 +39,9 @@ class Recorder:
 
 
 class Sink:
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, rules: dict[str, str] | None = None) -> None:
-        self.recorder = Recorder(rules)
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, rules: dict[str, str] | None = None,
+                 delay: float = 0.0) -> None:
+        self.recorder = Recorder(rules, delay)
         self.controller = Controller(self.recorder, hostname=host, port=port or _free_port(host),
                                      server_hostname="sink.test", ready_timeout=10)
         self.host = host

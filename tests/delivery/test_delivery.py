@@ -254,3 +254,48 @@ async def test_mail_looping_back_to_myself_bounces(start_mta):
         message, recipients, _ = parse_dsn(senders.messages[0][2])
         assert recipients == [("rfc822; r@loop.example", "failed", "5.4.6")]
         assert "mail for loop.example loops back to myself" in message.as_string()
+
+
+async def test_one_connection_carries_several_messages_to_a_destination(start_mta, nursery):
+    peer = DroppingServer()
+    port = await nursery.start(peer.run)
+    srv = await start_mta(relayhost=f"[127.0.0.1]:{port}", smtp_destination_concurrency_limit=1)
+    for i in range(5):
+        await send(srv, "a@client.example", [f"r{i}@far.example"])
+    await wait_for(lambda: len(queue(srv)) == 5 and all(m.state == "deferred" for m in queue(srv)))
+    peer.drop = False
+    before = peer.connections
+    await trio.to_thread.run_sync(lambda: trimail("queue", "flush", "-c", srv.config.source))
+    await wait_empty(srv)
+    assert sorted(r for rcpts in peer.delivered for r in rcpts) == [f"r{i}@far.example" for i in range(5)]
+    assert peer.connections == before + 1
+
+
+def test_kill_9_during_a_delivery_burst_loses_no_recipient(tmp_path, serve_process):
+    with Sink(delay=0.05) as sink:
+        config_path = write_main_cf(tmp_path, master_service_disable="", relayhost=f"[127.0.0.1]:{sink.port}",
+                                    smtp_destination_concurrency_limit=2)
+        proc = serve_process(config_path)
+        accepted = []
+        with smtplib.SMTP("127.0.0.1", proc.port, timeout=30) as client:
+            for i in range(60):
+                rcpts = [f"m{i}r{j}@far.example" for j in range(2)]
+                client.sendmail("a@client.example", rcpts, f"Subject: burst {i}\r\n\r\nx\r\n")
+                accepted += rcpts
+        deadline = time.monotonic() + 30
+        while len(sink.recorder.recipients()) < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.proc.kill()
+        proc.proc.wait(30)
+        assert len(set(sink.recorder.recipients())) < len(accepted), "the burst ended before the kill"
+        again = serve_process(config_path)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            store = Store.open(tmp_path / "queue", readonly=True)
+            left = store.list_messages()
+            store.close()
+            if not left:
+                break
+            time.sleep(0.05)
+        assert set(sink.recorder.recipients()) == set(accepted)
+        assert again.stop() == 0
