@@ -14,6 +14,7 @@ class Recorder:
     def __init__(self, rules: dict[str, str] | None = None, delay: float = 0.0) -> None:
         self.rules = rules or {}
         self.delay = delay
+        self.tls_used: list[bool] = []
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.lock = threading.Lock()
 
@@ -25,6 +26,7 @@ class Recorder:
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        self.tls_used.append(session.ssl is not None)
         if self.delay:
             import asyncio
 
@@ -40,10 +42,11 @@ class Recorder:
 
 class Sink:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, rules: dict[str, str] | None = None,
-                 delay: float = 0.0) -> None:
+                 delay: float = 0.0, tls_context=None) -> None:
         self.recorder = Recorder(rules, delay)
+        extra = {"tls_context": tls_context} if tls_context is not None else {}
         self.controller = Controller(self.recorder, hostname=host, port=port or _free_port(host),
-                                     server_hostname="sink.test", ready_timeout=10)
+                                     server_hostname="sink.test", ready_timeout=10, **extra)
         self.host = host
         self.port = self.controller.port
 

@@ -321,8 +321,8 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_tls_key_file", "$smtpd_tls_cert_file", _str, "server private key (PEM)"),
         _P("smtpd_tls_security_level", "", choice("", "none", "may", "encrypt"),
            "SMTP server TLS: may or encrypt"),
-        _P("smtp_tls_security_level", "", choice("", "none", "may", "encrypt", "verify", "secure"),
-           "SMTP client TLS level"),
+        _P("smtp_tls_security_level", "may", choice("", "none", "may", "encrypt", "verify", "secure"),
+           "SMTP client TLS: may (opportunistic), encrypt, verify or secure (never in clear)"),
         _P("smtp_tls_CAfile", "", _str, "CA certificates for verifying servers (PEM)"),
     ]
 }

@@ -11,25 +11,9 @@ import time
 import pytest
 import trio
 
-from trimail import config as configuration
 from trimail.queue.store import Store
-from trimail.server import serve
 from tests.conftest import trimail, wait_for, write_main_cf
-from tests.dnsserver import run_dns_server
 from tests.peers import DroppingServer, Sink, greeting_only_server
-
-
-@pytest.fixture
-def start_mta(tmp_path, nursery):
-    async def start(zone: dict | None = None, **params):
-        dns_port = await nursery.start(run_dns_server, zone or {})
-        settings = {"master_service_disable": "", "dns_nameservers": f"127.0.0.1:{dns_port}",
-                    "smtp_connect_timeout": "5s", "mydestination": "mx.test.example"}
-        settings.update(params)
-        path = write_main_cf(tmp_path, **settings)
-        return await nursery.start(serve, configuration.load(path))
-
-    return start
 
 
 def submit(port: int, sender: str, recipients: list[str], body: str = "Subject: test\r\n\r\nhello\r\n") -> str:

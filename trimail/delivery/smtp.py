@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -79,6 +80,46 @@ class _Lost(Exception):
         self.text = text
 
 
+class TlsRequired(_Lost):
+    """The policy demands TLS and this host cannot give it: never send in clear."""
+
+
+class TlsFailed(_Lost):
+    """The TLS handshake failed (with level may, the host is retried in clear)."""
+
+
+@dataclasses.dataclass(slots=True)
+class TlsPolicy:
+    """smtp_tls_security_level: may (opportunistic), encrypt (no clear text, no
+    certificate check), verify/secure (certificate checked against smtp_tls_CAfile
+    and the host name)."""
+
+    level: str
+    ca_file: str = ""
+    _context: ssl.SSLContext | None = None
+
+    @property
+    def required(self) -> bool:
+        return self.level in ("encrypt", "verify", "secure")
+
+    def context(self) -> ssl.SSLContext:
+        if self._context is None:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.level in ("verify", "secure"):
+                ctx.check_hostname = True
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                if self.ca_file:
+                    ctx.load_verify_locations(cafile=self.ca_file)
+                else:
+                    ctx.load_default_certs()
+            else:
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            self._context = ctx
+        return self._context
+
+
 @dataclasses.dataclass(slots=True)
 class Envelope:
     sender: str
@@ -99,6 +140,7 @@ class Connection:
         self.ext = Extensions({})
         self.usable = True
         self.transactions = 0
+        self.tls: str | None = None  # "TLSv1.3 with cipher ..." once encrypted
 
     @property
     def relay(self) -> str:
@@ -129,17 +171,56 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             raise _Lost(f"lost connection with {self.relay} while {stage}") from None
 
-    async def hello(self, helo_name: str) -> Reply:
+    async def hello(self, helo_name: str, tls: TlsPolicy | None = None) -> Reply:
         greeting = await self._read(self.timeouts.helo, "receiving the initial server greeting")
         if greeting.code != 220:
             return greeting
-        await self._send(f"EHLO {helo_name}\r\n".encode(), self.timeouts.helo, "sending EHLO")
-        reply = await self._read(self.timeouts.helo, "receiving the EHLO reply")
+        reply = await self._ehlo(helo_name)
         if reply.code == 250:
-            self.ext = Extensions.from_ehlo(reply)
+            if tls is not None and tls.level != "none":
+                await self._starttls(helo_name, tls)
+                if self.tls:
+                    reply = await self._ehlo(helo_name)
+                    if reply.code != 250:
+                        raise _Lost(f"{self.relay} refused EHLO after STARTTLS: {reply}")
             return reply
+        if tls is not None and tls.required:
+            raise TlsRequired(f"TLS is required, but host {self.relay} refused EHLO")
         await self._send(f"HELO {helo_name}\r\n".encode(), self.timeouts.helo, "sending HELO")
         return await self._read(self.timeouts.helo, "receiving the HELO reply")
+
+    async def _ehlo(self, helo_name: str) -> Reply:
+        await self._send(f"EHLO {helo_name}\r\n".encode(), self.timeouts.helo, "sending EHLO")
+        reply = await self._read(self.timeouts.helo, "receiving the EHLO reply")
+        self.ext = Extensions.from_ehlo(reply) if reply.code == 250 else Extensions({})
+        return reply
+
+    async def _starttls(self, helo_name: str, tls: TlsPolicy) -> None:
+        if not self.ext.has("STARTTLS"):
+            if tls.required:
+                raise TlsRequired(f"TLS is required, but was not offered by host {self.relay}")
+            return
+        await self._send(b"STARTTLS\r\n", self.timeouts.helo, "sending STARTTLS")
+        reply = await self._read(self.timeouts.helo, "receiving the STARTTLS reply")
+        if reply.code != 220:
+            if tls.required:
+                raise TlsRequired(f"TLS is required, but host {self.relay} refused STARTTLS: {reply}")
+            return
+        if self.parser.pending:
+            # bytes after the 220 were sent before the handshake: an injection attempt
+            # (the CVE-2011-0411 class, seen from the client side); never use them
+            self.usable = False
+            raise _Lost(f"host {self.relay} sent unexpected data after the STARTTLS reply")
+        stream = trio.SSLStream(self.stream, tls.context(), server_hostname=self.host,
+                                https_compatible=False)
+        try:
+            with trio.fail_after(self.timeouts.helo):
+                await stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
+            self.usable = False
+            raise TlsFailed(f"TLS handshake with {self.relay} failed: {exc}") from None
+        self.stream = stream
+        self.tls = f"{stream.version()} with cipher {stream.cipher()[0]}"
 
     async def deliver(self, envelope: Envelope, content: Callable[[], Awaitable[bytes]]) -> list[Outcome]:
         """One mail transaction; an Outcome per recipient, in order."""
@@ -231,6 +312,8 @@ class Connector:
         self.timeouts = Timeouts.from_config(config)
         self.resolver = resolver
         self.own = own_addresses
+        level = config.smtp_tls_security_level or "none"
+        self.tls = TlsPolicy(level, config.smtp_tls_CAfile)
 
     def _is_self(self, address: str, port: int) -> bool:
         ip = ipaddress.ip_address(address)
@@ -264,7 +347,8 @@ class Connector:
                 last = outcome
         raise ConnectionFailed(last or deferred("4.4.1", f"no mail host for {route.nexthop}"))
 
-    async def _try(self, host: str, address: str, port: int) -> tuple[Connection | None, Outcome | None]:
+    async def _try(self, host: str, address: str, port: int,
+                   tls: bool = True) -> tuple[Connection | None, Outcome | None]:
         relay = f"{host}[{address}]:{port}"
         try:
             with trio.fail_after(self.timeouts.connect):
@@ -275,7 +359,16 @@ class Connector:
             return None, deferred("4.4.1", f"connect to {relay}: {exc.strerror or exc}")
         conn = Connection(stream, host, address, port, self.timeouts)
         try:
-            reply = await conn.hello(self.helo_name)
+            reply = await conn.hello(self.helo_name, self.tls if tls else None)
+        except TlsRequired as exc:
+            await conn.close()
+            return None, deferred("4.7.4", exc.text)
+        except TlsFailed as exc:
+            await conn.close()
+            if self.tls.required:
+                return None, deferred("4.7.5", exc.text)
+            log.info("%s; trying again in clear (smtp_tls_security_level = may)", exc.text)
+            return await self._try(host, address, port, tls=False)
         except _Lost as exc:
             await conn.close()
             return None, deferred("4.4.2", exc.text)
@@ -287,6 +380,8 @@ class Connector:
             # a refusing host is skipped in favour of the next one, and never bounces mail by itself
             return None, deferred("4.4.2" if outcome.status == "bounced" else outcome.dsn,
                                   f"host {relay} refused to talk to me: {reply.code} {' '.join(reply.lines())}")
+        if conn.tls:
+            log.info("Anonymous TLS connection established to %s: %s", relay, conn.tls)
         return conn, None
 
 
