@@ -42,9 +42,11 @@ class Recorder:
 
 class Sink:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, rules: dict[str, str] | None = None,
-                 delay: float = 0.0, tls_context=None) -> None:
+                 delay: float = 0.0, tls_context=None, size_limit: int | None = None) -> None:
         self.recorder = Recorder(rules, delay)
         extra = {"tls_context": tls_context} if tls_context is not None else {}
+        if size_limit is not None:
+            extra["data_size_limit"] = size_limit
         self.controller = Controller(self.recorder, hostname=host, port=port or _free_port(host),
                                      server_hostname="sink.test", ready_timeout=10, **extra)
         self.host = host
@@ -87,8 +89,10 @@ class DroppingServer:
     """A minimal SMTP server that drops the connection in the middle of DATA while
     ``drop`` is set, and accepts mail normally otherwise."""
 
-    def __init__(self) -> None:
-        self.drop = True
+    def __init__(self, drop: bool = True, ehlo: bool = True) -> None:
+        self.drop = drop
+        self.ehlo = ehlo
+        self.helo_seen: list[bytes] = []
         self.delivered: list[list[str]] = []
         self.connections = 0
 
@@ -118,8 +122,12 @@ class DroppingServer:
                 while True:
                     cmd = await line()
                     verb = cmd[:4].upper()
-                    if verb == b"EHLO":
-                        await stream.send_all(b"250-dropper\r\n250 8BITMIME\r\n")
+                    if verb == b"EHLO" and not self.ehlo:
+                        await stream.send_all(b"502 5.5.1 EHLO not implemented\r\n")
+                    elif verb in (b"EHLO", b"HELO"):
+                        self.helo_seen.append(verb)
+                        await stream.send_all(b"250-dropper\r\n250 8BITMIME\r\n" if verb == b"EHLO"
+                                              else b"250 dropper\r\n")
                     elif verb == b"MAIL":
                         rcpts = []
                         await stream.send_all(b"250 2.1.0 ok\r\n")

@@ -283,3 +283,52 @@ def test_kill_9_during_a_delivery_burst_loses_no_recipient(tmp_path, serve_proce
             time.sleep(0.05)
         assert set(sink.recorder.recipients()) == set(accepted)
         assert again.stop() == 0
+
+
+async def test_message_over_the_servers_size_limit_bounces_without_sending(start_mta):
+    with Sink(size_limit=100) as sink, Sink() as senders:
+        srv = await start_mta(transport_maps=f"inline:{{ dest.example=smtp:[127.0.0.1]:{sink.port}, "
+                                             f"client.example=smtp:[127.0.0.1]:{senders.port} }}")
+        await send(srv, "alice@client.example", ["r@dest.example"], "Subject: big\r\n\r\n" + "x" * 500 + "\r\n")
+        await wait_empty(srv)
+        assert sink.messages == []
+        _, recipients, _ = parse_dsn(senders.messages[0][2])
+        assert recipients == [("rfc822; r@dest.example", "failed", "5.3.4")]
+
+
+async def test_helo_fallback_when_ehlo_is_refused(start_mta, nursery):
+    peer = DroppingServer(drop=False, ehlo=False)
+    port = await nursery.start(peer.run)
+    srv = await start_mta(relayhost=f"[127.0.0.1]:{port}")
+    await send(srv, "a@client.example", ["r@far.example"])
+    await wait_empty(srv)
+    assert peer.helo_seen == [b"HELO"] and peer.delivered == [["r@far.example"]]
+
+
+async def test_silent_server_times_out_at_the_greeting(start_mta, nursery):
+    async def silent(*, task_status=trio.TASK_STATUS_IGNORED):
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(lambda stream: trio.sleep_forever(), listeners)
+
+    port = await nursery.start(silent)
+    srv = await start_mta(relayhost=f"[127.0.0.1]:{port}", smtp_helo_timeout="1s")
+    queue_id = await send(srv, "a@client.example", ["r@far.example"])
+    await wait_for(lambda: recipient_status(srv, queue_id).get("r@far.example", ("",))[0] == "deferred")
+    assert "timed out while receiving the initial server greeting" in recipient_status(srv, queue_id)["r@far.example"][1]
+
+
+async def test_delay_warning_is_sent_once(start_mta):
+    with Sink() as senders:
+        srv = await start_mta({"sick.example": "SERVFAIL"}, delay_warning_time="0.001s",
+                              transport_maps=f"inline:{{ client.example=smtp:[127.0.0.1]:{senders.port} }}")
+        queue_id = await send(srv, "alice@client.example", ["r@sick.example"])
+        await wait_for(lambda: len(senders.messages) == 1)
+        message, recipients, _ = parse_dsn(senders.messages[0][2])
+        assert message["Subject"] == "Delayed Mail (still being retried)"
+        assert recipients == [("rfc822; r@sick.example", "delayed", "4.4.3")]
+        await trio.to_thread.run_sync(lambda: trimail("queue", "flush", "-c", srv.config.source))
+        await wait_for(lambda: any(r.attempts == 2 for m in queue(srv) for r in m.recipients))
+        await wait_for(lambda: srv.scheduler.idle.is_set())
+        assert len(senders.messages) == 1
+        assert [m.id for m in queue(srv)] == [queue_id]

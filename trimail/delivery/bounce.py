@@ -34,14 +34,19 @@ def status_of(reply: str) -> str:
 
 
 def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float, failures: list[Failure],
-              original_headers: bytes, reason: str = "") -> bytes:
+              original_headers: bytes, reason: str = "", delayed: bool = False) -> bytes:
+    """The whole notification (wire format).  ``delayed=True`` makes the delay
+    warning of delay_warning_time (Action: delayed) instead of a bounce."""
     boundary = f"{queue_id}.{int(time.time())}/{hostname}"
     now = email.utils.formatdate(time.time(), localtime=True)
     human = [
         f"This is the mail system at host {hostname}.",
         "",
-        "I'm sorry to have to inform you that your message could not",
-        "be delivered to one or more recipients. It's attached below.",
+        *(["This is just a warning: your message has not yet been delivered",
+           "to one or more recipients. The mail system will keep trying;",
+           "you do not need to send it again."] if delayed else
+          ["I'm sorry to have to inform you that your message could not",
+           "be delivered to one or more recipients. It's attached below."]),
         "",
         "For further assistance, please send mail to postmaster.",
         "",
@@ -66,7 +71,7 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
             "",
             f"Final-Recipient: rfc822; {failure.recipient}",
             f"Original-Recipient: rfc822; {failure.recipient}",
-            "Action: failed",
+            f"Action: {'delayed' if delayed else 'failed'}",
             f"Status: {failure.status}",
         ]
         if failure.remote_mta:
@@ -74,7 +79,7 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         status.append(f"Diagnostic-Code: {_one_line(failure.diagnostic)}")
     headers = [
         f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
-        "Subject: Undelivered Mail Returned to Sender",
+        "Subject: " + ("Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"),
         f"To: {sender}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",

@@ -94,11 +94,14 @@ def record(store: Store, message_id: str, results: list[RecipientResult]) -> Non
 
 
 def finish(store: Store, message_id: str,
-           notify: Callable[[list[tuple[str, str]]], None] | None = None) -> Finished:
+           notify: Callable[[list[tuple[str, str]]], None] | None = None,
+           warn: Callable[[list[tuple[str, str]]], bool] | None = None) -> Finished:
     """After a delivery round: defer the message if any recipient is deferred, else
     remove it.  Recipients that bounced and were not yet reported are passed to
     *notify* (while the message and its content still exist, in the same
-    transaction, so the caller can queue one DSN) and marked reported."""
+    transaction, so the caller can queue one DSN) and marked reported.  A deferred
+    message not yet warned about passes its deferred recipients to *warn*; when
+    that returns True (a delay warning was queued) the message is marked warned."""
     db = store.db
     bounced = [tuple(b) for b in db.execute(
         "SELECT address, coalesce(last_reply, '') FROM recipient WHERE message_id = ? AND status = 'bounced'"
@@ -111,6 +114,13 @@ def finish(store: Store, message_id: str,
         " AND status IN ('pending', 'deferred')", (message_id,)).fetchone()
     if row[0]:
         next_attempt = row[1]
+        if warn is not None and not db.execute("SELECT delay_warned FROM message WHERE id = ?",
+                                               (message_id,)).fetchone()[0]:
+            waiting = [tuple(r) for r in db.execute(
+                "SELECT address, coalesce(last_reply, '') FROM recipient WHERE message_id = ?"
+                " AND status = 'deferred' ORDER BY seq", (message_id,))]
+            if waiting and warn(waiting):
+                db.execute("UPDATE message SET delay_warned = 1 WHERE id = ?", (message_id,))
         db.execute("UPDATE message SET state = 'deferred', next_attempt = ? WHERE id = ? AND state = 'active'",
                    (next_attempt, message_id))
         if db.changes() != 1:

@@ -60,6 +60,10 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE recipient ADD COLUMN notified INTEGER NOT NULL DEFAULT 0;
     """,
+    # 2 -> 3: a delay warning (delay_warning_time) is sent once per message
+    """
+    ALTER TABLE message ADD COLUMN delay_warned INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

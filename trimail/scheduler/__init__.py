@@ -95,6 +95,7 @@ class Scheduler:
         self.max_backoff: float = config.maximal_backoff_time
         self.lifetime: float = config.maximal_queue_lifetime
         self.bounce_lifetime: float = config.bounce_queue_lifetime
+        self.delay_warning: float = config.delay_warning_time
         self.active: dict[str, ActiveMessage] = {}
         self.destinations: dict[tuple[str, str, int, bool], Destination] = {}
         self._wake = trio.Event()
@@ -267,20 +268,33 @@ class Scheduler:
         if not last:
             return scheduling.Finished(False, None, [])
         return scheduling.finish(store, message.id,
-                                 notify=lambda bounced: self._queue_bounce(store, message, bounced))
+                                 notify=lambda bounced: self._queue_bounce(store, message, bounced),
+                                 warn=lambda waiting: self._queue_delay_warning(store, message, waiting))
 
     def _queue_bounce(self, store: Store, message: ClaimedMessage, bounced_rcpts: list[tuple[str, str]]) -> None:
         if message.sender == "":
             bounce_log.info("%s: not sending a notification about a bounce (null sender): %s", message.id,
                             ", ".join(f"<{a}>" for a, _ in bounced_rcpts))
             return
+        bounce_id = self._queue_dsn(store, message, bounced_rcpts, delayed=False)
+        bounce_log.info("%s: sender non-delivery notification: %s", message.id, bounce_id)
+
+    def _queue_delay_warning(self, store: Store, message: ClaimedMessage, waiting: list[tuple[str, str]]) -> bool:
+        if not self.delay_warning or message.sender == "" or time.time() - message.arrival_time < self.delay_warning:
+            return False
+        warning_id = self._queue_dsn(store, message, waiting, delayed=True)
+        bounce_log.info("%s: sender delay notification: %s", message.id, warning_id)
+        return True
+
+    def _queue_dsn(self, store: Store, message: ClaimedMessage, rcpts: list[tuple[str, str]], *,
+                   delayed: bool) -> str:
         failures = [Failure(address, status_of(reply), f"smtp; {reply.split(' ', 1)[-1]}")
-                    for address, reply in bounced_rcpts]
+                    for address, reply in rcpts]
         content = build_dsn(hostname=self.hostname, queue_id=message.id, sender=message.sender,
                             arrival_time=message.arrival_time, failures=failures,
-                            original_headers=scheduling.read_headers(store, message.id))
+                            original_headers=scheduling.read_headers(store, message.id), delayed=delayed)
         spool = Spool()
         spool.write(content)
-        bounce_id = new_queue_id()
-        store.insert_message(NewMessage(bounce_id, "", [message.sender], spool, protocol="bounce"))
-        bounce_log.info("%s: sender non-delivery notification: %s", message.id, bounce_id)
+        dsn_id = new_queue_id()
+        store.insert_message(NewMessage(dsn_id, "", [message.sender], spool, protocol="bounce"))
+        return dsn_id
