@@ -77,6 +77,13 @@ class Destination:
     workers: int = 0
 
 
+def log_seconds(seconds: float) -> str:
+    """Postfix's delay notation: 0.01 resolution below 10 s, no exponent, no trailing zeros."""
+    seconds = max(0.0, seconds)
+    text = f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.1f}" if seconds >= 10 else f"{seconds:.2f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def schedule_round(store: Store, now: float, room: int) -> tuple[list[ClaimedMessage], float | None]:
     scheduling.promote_due(store, now)
     claimed = scheduling.claim(store, room, now)
@@ -239,12 +246,12 @@ class Scheduler:
                 else:
                     next_attempt = now + retry_delay(recipient.attempts + 1, self.min_backoff, self.max_backoff)
             results.append(RecipientResult(recipient.seq, status, f"{outcome.dsn} {text}", next_attempt))
-            delay = now - message.arrival_time
-            delays = (f"{message.active_time - message.arrival_time:.2g}/{max(0.0, started - message.active_time):.2g}/"
-                      f"0/{now - started:.2g}")
+            delay = log_seconds(now - message.arrival_time)
+            delays = "/".join(map(log_seconds, (message.active_time - message.arrival_time,
+                                                started - message.active_time, 0.0, now - started)))
             shown = "expired, returned to sender" if status == "bounced" and expired and outcome.status == "deferred" \
                 else status
-            smtp_log.info("%s: to=<%s>, relay=%s, delay=%.2g, delays=%s, dsn=%s, status=%s (%s)",
+            smtp_log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
                           message.id, recipient.address, relay, delay, delays, outcome.dsn, shown, outcome.text)
         active = self.active[message.id]
         active.outstanding -= 1

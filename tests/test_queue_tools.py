@@ -1,0 +1,57 @@
+"""The operator's queue tools against a live serve: hold, release, delete, requeue, flush;
+and the Postfix-style delivery log lines."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from tests.conftest import trimail, write_main_cf
+from tests.net.test_serve import smtplib_send_reply
+from tests.peers import Sink
+
+
+def listed(config_path) -> dict[str, dict]:
+    result = trimail("queue", "list", "--json", "-c", str(config_path))
+    assert result.returncode == 0, result.stderr
+    return {m["id"]: m for m in json.loads(result.stdout)}
+
+
+def test_hold_release_delete_and_requeue(tmp_path, serve_process):
+    config_path = write_main_cf(tmp_path)  # qmgr disabled: mail stays where the tools put it
+    proc = serve_process(config_path)
+    ids = [smtplib_send_reply(proc.port, [f"r{i}@far.example"]).rsplit(" ", 1)[1] for i in range(3)]
+    held = trimail("queue", "hold", ids[0], ids[1], "-c", str(config_path))
+    assert held.returncode == 0 and "placed on hold: 2 messages" in held.stderr
+    states = {i: m["state"] for i, m in listed(config_path).items()}
+    assert states == {ids[0]: "hold", ids[1]: "hold", ids[2]: "incoming"}
+    released = trimail("queue", "release", ids[0], "-c", str(config_path))
+    assert released.returncode == 0 and listed(config_path)[ids[0]]["state"] == "incoming"
+    deleted = trimail("queue", "delete", ids[1], "no-such-id", "-c", str(config_path))
+    assert "deleted: 1 message" in deleted.stderr and "no-such-id" in deleted.stderr
+    assert set(listed(config_path)) == {ids[0], ids[2]}
+    requeued = trimail("queue", "requeue", "--all", "-c", str(config_path))
+    assert requeued.returncode == 0 and "requeued: 2 messages" in requeued.stderr
+    assert trimail("queue", "delete", "-c", str(config_path)).returncode == 1  # names nothing
+    assert trimail("queue", "delete", "--all", "-c", str(config_path)).returncode == 0
+    assert listed(config_path) == {}
+    assert proc.stop() == 0
+
+
+def test_delivery_log_lines_follow_postfix(tmp_path, serve_process):
+    with Sink(rules={"bad": "550 5.1.1 no such user"}) as sink:
+        config_path = write_main_cf(tmp_path, master_service_disable="",
+                                    transport_maps=f"inline:{{ far.example=smtp:[127.0.0.1]:{sink.port} }}",
+                                    relayhost="[127.0.0.1]:9")  # bounce to the sender: refused, deferred
+        proc = serve_process(config_path)
+        queue_id = smtplib_send_reply(proc.port, ["good@far.example", "bad@far.example"]).rsplit(" ", 1)[1]
+        sent = proc.wait_log(rf"{queue_id}: to=<good@far.example>")
+        bounced = proc.wait_log(rf"{queue_id}: to=<bad@far.example>")
+        proc.wait_log(rf"{queue_id}: removed")
+        proc.wait_log(rf"{queue_id}: sender non-delivery notification: ")
+        relay = rf"relay=127\.0\.0\.1\[127\.0\.0\.1\]:{sink.port}"
+        assert re.search(rf"trimail/smtp\[\d+\]: {queue_id}: to=<good@far.example>, {relay}, delay=[\d.]+, "
+                         r"delays=[\d.]+/[\d.]+/[\d.]+/[\d.]+, dsn=2\.0\.0, status=sent \(250 ", sent), sent
+        assert re.search(rf"dsn=5\.1\.1, status=bounced \(host 127\.0\.0\.1\[127\.0\.0\.1\]:{sink.port} said: "
+                         r"550 5\.1\.1 no such user \(in reply to RCPT TO command\)\)", bounced), bounced
+        assert proc.stop() == 0
