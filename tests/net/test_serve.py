@@ -268,7 +268,11 @@ def test_serve_with_no_configuration_uses_the_development_default(tmp_path, serv
     assert proc.port == 2525
     reply = smtplib_send_reply(2525, ["root@localhost"])
     queue_id = reply.rsplit(" ", 1)[1]
-    listed = json.loads(trimail("queue", "list", "--json", env=env).stdout)
-    assert [m["id"] for m in listed] == [queue_id]
     assert (tmp_path / "state" / "trimail" / "queue.db").exists()
+    # local mail lands in a Maildir under $queue_directory/mailboxes, no system account needed
+    new = tmp_path / "state" / "trimail" / "mailboxes" / "root" / "Maildir" / "new"
+    proc.wait_log(rf"{queue_id}: to=<root@localhost>, relay=local, .*status=sent \(delivered to maildir root\)")
+    [delivered] = list(new.iterdir())
+    assert queue_id.encode() in delivered.read_bytes()
+    assert json.loads(trimail("queue", "list", "--json", env=env).stdout) == []
     assert proc.stop() == 0

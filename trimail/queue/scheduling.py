@@ -58,7 +58,9 @@ class Finished:
 
 
 def promote_due(store: Store, now: float) -> int:
-    """Deferred messages whose time has come go back to incoming."""
+    """Deferred messages whose time has come go back to incoming; so does the
+    maildrop queue (local submissions: Postfix's pickup)."""
+    store.db.execute("UPDATE message SET state = 'incoming' WHERE state = 'maildrop'")
     store.db.execute(
         "UPDATE message SET state = 'incoming' WHERE state = 'deferred' AND next_attempt <= ?", (now,))
     return store.db.changes()

@@ -37,6 +37,7 @@ import trio
 
 from trimail.config import Config
 from trimail.delivery.bounce import Failure, build_dsn, status_of
+from trimail.delivery.local import Forward, LocalAgent
 from trimail.delivery.route import Route, RouteError, Router
 from trimail.delivery.smtp import ConnectionFailed, Connection, Connector, Envelope
 from trimail.maps import TableError
@@ -96,6 +97,7 @@ class Scheduler:
         self.writer = writer
         self.connector = connector
         self.router = Router(config)
+        self.local = LocalAgent(config)
         self.hostname: str = config.myhostname
         self.active_limit: int = config.qmgr_message_active_limit
         self.min_backoff: float = config.minimal_backoff_time
@@ -149,8 +151,6 @@ class Scheduler:
                 immediate.append((recipient, bounced(dsn, text) if dsn[0] == "5" else deferred(dsn, text)))
             elif route.transport == "discard":
                 immediate.append((recipient, sent(f"discarded{': ' + route.nexthop if route.nexthop else ''}")))
-            elif route.transport == "local":
-                immediate.append((recipient, deferred("4.3.0", "local delivery is not available")))
             else:
                 groups.setdefault(route.key, (route, []))[1].append(recipient)
         jobs = [Job(message, recipients[i:i + RECIPIENT_LIMIT], route)
@@ -171,7 +171,8 @@ class Scheduler:
         dest = self.destinations.get(key)
         if dest is None:
             limit = self.config.get(f"{job.route.transport}_destination_concurrency_limit") \
-                if job.route.transport in ("smtp", "relay") else self.config.default_destination_concurrency_limit
+                if job.route.transport in ("smtp", "relay", "local") \
+                else self.config.default_destination_concurrency_limit
             dest = self.destinations[key] = Destination(job.route, max(1, int(limit)))
         dest.jobs.append(job)
         if dest.workers < dest.limit and dest.workers < len(dest.jobs):
@@ -179,7 +180,38 @@ class Scheduler:
             assert self._nursery is not None
             self._nursery.start_soon(self._worker, dest)
 
+    async def _local_worker(self, dest: Destination) -> None:
+        try:
+            while dest.jobs:
+                job = dest.jobs.popleft()
+                started = time.time()
+                content = await self.writer.run(scheduling.read_content, job.message.id) or b""
+                result = await trio.to_thread.run_sync(
+                    self.local.deliver, job.message.sender, [r.address for r in job.recipients], content)
+                for forward in result.forwards:
+                    with trio.CancelScope(shield=True):
+                        new_id = await self.writer.run(self._queue_forward, forward, content)
+                    log.info("%s: forwarded as %s to %s", job.message.id, new_id,
+                             ", ".join(f"<{r}>" for r in forward.recipients))
+                await self._complete(job, result.outcomes, "local", started)
+        finally:
+            dest.workers -= 1
+            if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.route.key) is dest:
+                del self.destinations[dest.route.key]
+
+    def _queue_forward(self, store: Store, forward: Forward, content: bytes) -> str:
+        spool = Spool()
+        for address in forward.delivered_to:
+            spool.write(f"Delivered-To: {address}\r\n".encode())
+        spool.write(content)
+        new_id = new_queue_id()
+        store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local"))
+        return new_id
+
     async def _worker(self, dest: Destination) -> None:
+        if dest.route.transport == "local":
+            await self._local_worker(dest)
+            return
         conn: Connection | None = None
         try:
             while dest.jobs:

@@ -1,0 +1,188 @@
+"""The local delivery agent (Postfix's local(8)): aliases, mailboxes, files, commands.
+
+``LocalAgent.deliver()`` is synchronous (it writes files and may run a command)
+and runs on a worker thread.  For each local recipient it checks for a mail loop
+(a ``Delivered-To:`` header naming this recipient), expands aliases, and delivers
+to every target: a local name's mailbox (Maildir or mbox under
+``mail_spool_directory``, per ``home_mailbox``), an mbox ``/file``, a ``|command``
+(no shell, a time limit, an unprivileged user) or a remote address, which is
+collected and queued by the caller as a new message (Postfix logs it as
+"forwarded as ID").  Each delivered copy starts with ``Return-Path:`` and
+``Delivered-To:``.
+
+Outcomes: temporary trouble (disk full, permissions, an unreadable include file,
+command exit status 75) defers the recipient; a loop, a bad target or a failed
+command bounces it.  Mail is never dropped.
+
+Parameters: alias_maps, mydestination, recipient_delimiter, mail_spool_directory,
+home_mailbox, allow_mail_to_commands, allow_mail_to_files, command_time_limit,
+mail_owner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pwd
+import re
+import shlex
+import subprocess
+from pathlib import Path
+
+from trimail.config import Config
+from trimail.local.aliases import AliasError, Expander, Target
+from trimail.local.mailbox import MailboxError, deliver_maildir, deliver_mbox, mailbox_path
+from trimail.maps import Table, TableError, open_table
+from trimail.smtp.client import Outcome, bounced, deferred, sent
+
+log = logging.getLogger("trimail.local")
+
+EX_TEMPFAIL = 75
+
+
+@dataclasses.dataclass(slots=True)
+class Forward:
+    """Remote targets of an alias: queued by the caller as one new message."""
+
+    sender: str
+    recipients: list[str]
+    delivered_to: list[str]  # the local recipients whose aliases point here (loop detection)
+
+
+@dataclasses.dataclass(slots=True)
+class LocalResult:
+    outcomes: list[Outcome]
+    forwards: list[Forward]
+
+
+class LocalAgent:
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.spool = Path(config.mail_spool_directory)
+        self.home_mailbox: str = config.home_mailbox
+        self.delimiter: str = config.recipient_delimiter
+        self.myorigin: str = config.myorigin
+        self.time_limit: float = config.command_time_limit
+        self.allow_files = frozenset(config.allow_mail_to_files)
+        self.local_domains = {d.lower() for d in config.mydestination}
+        self.mail_owner: str = config.mail_owner
+        self._tables: list[Table] | None = None
+        self._table_error: str | None = None
+
+    def _expander(self) -> Expander:
+        if self._tables is None:
+            try:
+                self._tables = [open_table(ref) for ref in self.config.alias_maps]
+            except TableError as exc:
+                self._table_error = str(exc)
+                raise
+        return Expander(self._tables, self.local_domains, self.delimiter,
+                        frozenset(self.config.allow_mail_to_commands))
+
+    def deliver(self, sender: str, recipients: list[str], content: bytes) -> LocalResult:
+        outcomes: list[Outcome] = []
+        forwards: dict[str, Forward] = {}
+        for recipient in recipients:
+            outcomes.append(self._one(sender, recipient, content, forwards))
+        return LocalResult(outcomes, list(forwards.values()))
+
+    def _one(self, sender: str, recipient: str, content: bytes, forwards: dict[str, Forward]) -> Outcome:
+        local, _, domain = recipient.rpartition("@")
+        if not local:
+            local, domain = recipient, self.config.myhostname
+        if _delivered_to(content, recipient):
+            return bounced("5.4.6", f"mail forwarding loop for {recipient}")
+        try:
+            targets = self._expander().expand(local)
+        except TableError as exc:
+            return deferred("4.3.0", f"alias database unavailable: {exc}")
+        except AliasError as exc:
+            return (deferred if exc.dsn.startswith("4") else bounced)(exc.dsn, exc.text)
+        headers = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient.lower()}\r\n".encode()
+        copy = headers + content
+        done = []
+        for target in targets:
+            try:
+                done.append(self._target(target, sender, recipient, domain, copy, forwards))
+            except MailboxError as exc:
+                return bounced("5.3.5", str(exc))
+            except OSError as exc:
+                return deferred("4.3.0", f"cannot deliver to {target.kind} {target.value}: {exc.strerror or exc}")
+            except _CommandFailed as exc:
+                return (deferred if exc.temporary else bounced)(exc.dsn, exc.text)
+        return sent("; ".join(done) or "delivered")
+
+    def _target(self, target: Target, sender: str, recipient: str, domain: str, copy: bytes,
+                forwards: dict[str, Forward]) -> str:
+        if target.kind == "mailbox":
+            user = target.value
+            if self.delimiter and self.delimiter in user:
+                user = user.split(self.delimiter, 1)[0]
+            path, maildir = mailbox_path(self.spool, user.lower(), self.home_mailbox)
+            if maildir:
+                deliver_maildir(path, copy)
+                return f"delivered to maildir {user}"
+            deliver_mbox(path, copy, sender)
+            return f"delivered to mailbox {user}"
+        if target.kind == "file":
+            if "alias" not in self.allow_files:
+                raise MailboxError(f"mail to file is restricted by allow_mail_to_files: {target.value}")
+            deliver_mbox(Path(target.value), copy, sender)
+            return f"delivered to file {target.value}"
+        if target.kind == "command":
+            self._run(target.value, sender, recipient, domain, copy)
+            return f"delivered to command {target.value}"
+        owner = f"{target.owner}@{self.myorigin}" if target.owner else sender
+        forward = forwards.setdefault(owner, Forward(owner, [], []))
+        forward.recipients.append(target.value)
+        if recipient.lower() not in forward.delivered_to:
+            forward.delivered_to.append(recipient.lower())
+        return f"forwarded to {target.value}"
+
+    def _run(self, command: str, sender: str, recipient: str, domain: str, copy: bytes) -> None:
+        argv = shlex.split(command)
+        if not argv:
+            raise _CommandFailed(False, "5.3.0", "empty command")
+        env = {"PATH": "/usr/bin:/bin", "SENDER": sender, "RECIPIENT": recipient,
+               "LOCAL": recipient.rpartition("@")[0], "DOMAIN": domain, "SHELL": "/bin/sh"}
+        user = None
+        if os.geteuid() == 0:
+            try:
+                pwd.getpwnam(self.mail_owner)
+                user = self.mail_owner
+            except KeyError:
+                user = "nobody"
+        try:
+            result = subprocess.run(argv, input=copy.replace(b"\r\n", b"\n"), env=env, user=user,
+                                    capture_output=True, timeout=self.time_limit, cwd="/", check=False)
+        except subprocess.TimeoutExpired:
+            raise _CommandFailed(True, "4.3.0", f"command time limit exceeded: {command}") from None
+        except OSError as exc:
+            raise _CommandFailed(False, "5.3.0", f"cannot run {command}: {exc.strerror}") from None
+        if result.returncode == EX_TEMPFAIL:
+            raise _CommandFailed(True, "4.3.0", f"temporary failure. Command output: {_tail(result)}")
+        if result.returncode != 0:
+            raise _CommandFailed(False, "5.3.0",
+                                 f"Command died with status {result.returncode}: {command}. {_tail(result)}")
+
+
+class _CommandFailed(Exception):
+    def __init__(self, temporary: bool, dsn: str, text: str) -> None:
+        super().__init__(text)
+        self.temporary = temporary
+        self.dsn = dsn
+        self.text = text
+
+
+def _tail(result: subprocess.CompletedProcess[bytes]) -> str:
+    text = (result.stdout + result.stderr).decode("utf-8", "replace").strip()
+    return " ".join(text.split())[-200:]
+
+
+def _delivered_to(content: bytes, recipient: str) -> bool:
+    end = content.find(b"\r\n\r\n")
+    header = content[: end if end >= 0 else 65536]
+    wanted = recipient.lower().encode()
+    return any(m.group(1).strip().lower() == wanted
+               for m in re.finditer(rb"(?im)^delivered-to:[ \t]*(.*?)\r?$", header))

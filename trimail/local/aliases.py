@@ -1,0 +1,245 @@
+"""aliases(5): the source format, postalias/newaliases, and recursive expansion.
+
+Source syntax: ``name: value, value, ...``; a line starting with white space
+continues the previous entry; ``#`` starts a comment line; a name may be quoted
+(``"a name": ...``).  Values are local names, addresses, ``:include:/path`` (one
+or more addresses per line, comments allowed), ``/path`` (append to a file, mbox
+format) and ``|command``.  ``postalias FILE`` compiles the file into ``FILE.db``
+(the same indexed SQLite table as ``postmap``, atomically); serve reads the
+compiled table and notices a new one by itself.
+
+Expansion (what local(8) does): names are looked up case-insensitively, with the
+``recipient_delimiter`` extension removed as a second try; a name that expands to
+itself is delivered to its own mailbox; an alias that comes back to one already
+being expanded is a loop and bounces; duplicates are delivered once; depth and
+size are bounded.  ``owner-<alias>`` becomes the envelope sender of the mail an
+alias list fans out, when that alias exists.
+
+Security notes: ``:include:`` and ``/file`` targets must be absolute paths without
+``..``; ``|command`` targets are only produced when ``allow_mail_to_commands``
+names ``alias`` (or ``include`` for include files).  Nothing here runs anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from trimail.maps import Table, TableError, compiled_path, fsync_path, lookup_first
+
+MAX_DEPTH = 20
+MAX_TARGETS = 1000
+MAX_INCLUDE_BYTES = 1 << 20
+
+
+class AliasError(Exception):
+    """Expansion failed for good (loop, depth, size, bad target): the mail bounces."""
+
+    def __init__(self, dsn: str, text: str) -> None:
+        super().__init__(text)
+        self.dsn = dsn
+        self.text = text
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    kind: str  # "mailbox" (local user), "remote" (address), "file", "command"
+    value: str  # user name, address, path or command line
+    owner: str | None = None  # owner-<alias> sender for list mail
+
+
+def parse_alias_source(path: Path) -> list[tuple[str, str, int]]:
+    """Entries of an aliases(5) file as (folded name, value, line number)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TableError(f"{path}: {exc.strerror}") from None
+    entries: list[tuple[str, str, int]] = []
+    current: tuple[int, str] | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0].isspace():
+            if current is None:
+                raise TableError(f"{path}:{number}: continuation line without an alias before it")
+            current = (current[0], current[1] + " " + stripped)
+            continue
+        if current is not None:
+            entries.append(_split_alias(path, *current))
+        current = (number, stripped)
+    if current is not None:
+        entries.append(_split_alias(path, *current))
+    return entries
+
+
+def _split_alias(path: Path, number: int, text: str) -> tuple[str, str, int]:
+    m = re.match(r'\s*("(?:[^"\\]|\\.)*"|[^:\s]+)\s*:\s*(.*)$', text)
+    if not m or not m.group(2).strip():
+        raise TableError(f"{path}:{number}: expected format: name: value, ...")
+    name = m.group(1)
+    if name.startswith('"'):
+        name = name[1:-1].replace('\\"', '"')
+    return name.lower(), m.group(2).strip(), number
+
+
+def postalias(source: Path) -> tuple[int, list[str]]:
+    """Compile *source* into ``source.db`` atomically; (entries, warnings)."""
+    import os
+    import tempfile
+
+    import apsw
+
+    warnings: list[str] = []
+    seen: dict[str, int] = {}
+    rows = []
+    for name, value, number in parse_alias_source(source):
+        if name in seen:
+            warnings.append(f"{source}:{number}: duplicate entry: {name!r} (first at line {seen[name]})")
+            continue
+        seen[name] = number
+        rows.append((name, value))
+    target = compiled_path(source)
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        db = apsw.Connection(tmp)
+        db.execute("PRAGMA journal_mode = DELETE")
+        with db:
+            db.execute("CREATE TABLE map (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+            db.executemany("INSERT INTO map (key, value) VALUES (?, ?)", rows)
+        db.close()
+        os.chmod(tmp, source.stat().st_mode & 0o644)
+        fsync_path(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return len(rows), warnings
+
+
+def split_values(text: str) -> list[str]:
+    """Comma-separated alias values; quotes protect commas (``"|cmd a, b"``)."""
+    items, current, quoted = [], [], False
+    for ch in text:
+        if ch == '"':
+            quoted = not quoted
+        if ch == "," and not quoted:
+            items.append("".join(current).strip())
+            current = []
+            continue
+        current.append(ch)
+    items.append("".join(current).strip())
+    return [_unquote(i) for i in items if i]
+
+
+def _unquote(item: str) -> str:
+    return item[1:-1] if len(item) >= 2 and item.startswith('"') and item.endswith('"') else item
+
+
+def _safe_path(path: str, what: str) -> str:
+    if not path.startswith("/") or "/../" in path + "/" or "\x00" in path:
+        raise AliasError("5.3.5", f"bad {what} path {path!r}: must be absolute, without ..")
+    return path
+
+
+class Expander:
+    def __init__(self, tables: list[Table], local_domains: set[str], delimiter: str = "",
+                 commands_from: frozenset[str] = frozenset()) -> None:
+        self.tables = tables
+        self.local_domains = local_domains
+        self.delimiter = delimiter
+        self.commands_from = commands_from
+
+    def lookup(self, name: str) -> str | None:
+        if not self.tables:
+            return None
+        value = lookup_first(self.tables, name.lower())
+        if value is None and self.delimiter and self.delimiter in name:
+            value = lookup_first(self.tables, name.split(self.delimiter, 1)[0].lower())
+        return value
+
+    def expand(self, user: str) -> list[Target]:
+        """Where mail for local name *user* goes; raises AliasError when it bounces."""
+        targets: list[Target] = []
+        seen: set[tuple[str, str]] = set()
+        self._expand_name(user.lower(), (), targets, seen, None)
+        return targets
+
+    def _add(self, target: Target, targets: list[Target], seen: set[tuple[str, str]]) -> None:
+        key = (target.kind, target.value.lower() if target.kind in ("mailbox", "remote") else target.value)
+        if key in seen:
+            return
+        seen.add(key)
+        targets.append(target)
+        if len(targets) > MAX_TARGETS:
+            raise AliasError("5.3.0", f"alias expansion has more than {MAX_TARGETS} targets")
+
+    def _expand_name(self, name: str, path: tuple[str, ...], targets: list[Target],
+                     seen: set[tuple[str, str]], owner: str | None) -> None:
+        if name in path:
+            raise AliasError("5.4.6", f"alias loop: {' -> '.join((*path, name))}")
+        if len(path) >= MAX_DEPTH:
+            raise AliasError("5.4.6", f"alias expansion deeper than {MAX_DEPTH}: {' -> '.join(path)}")
+        value = self.lookup(name)
+        if value is None:
+            self._add(Target("mailbox", name, owner), targets, seen)
+            return
+        list_owner = owner
+        if self.lookup(f"owner-{name}") is not None:
+            list_owner = f"owner-{name}"
+        self._expand_values(split_values(value), (*path, name), targets, seen, list_owner, "alias", name)
+
+    def _expand_values(self, values: list[str], path: tuple[str, ...], targets: list[Target],
+                       seen: set[tuple[str, str]], owner: str | None, source: str, self_name: str | None) -> None:
+        for value in values:
+            if value.lower().startswith(":include:"):
+                include = _safe_path(value[9:].strip(), ":include:")
+                if f":include:{include}" in path:
+                    raise AliasError("5.4.6", f"alias loop: {include} includes itself")
+                if len(path) >= MAX_DEPTH:
+                    raise AliasError("5.4.6", f"alias expansion deeper than {MAX_DEPTH}")
+                self._expand_values(self._read_include(include), (*path, f":include:{include}"), targets,
+                                    seen, owner, "include", None)
+            elif value.startswith("|"):
+                if source not in self.commands_from:
+                    raise AliasError("5.7.1", f"mail to command is restricted by allow_mail_to_commands: {value}")
+                self._add(Target("command", value[1:].strip(), owner), targets, seen)
+            elif value.startswith("/"):
+                self._add(Target("file", _safe_path(value, "file"), owner), targets, seen)
+            else:
+                self._expand_address(value, path, targets, seen, owner, self_name)
+
+    def _expand_address(self, value: str, path: tuple[str, ...], targets: list[Target],
+                        seen: set[tuple[str, str]], owner: str | None, self_name: str | None) -> None:
+        address = value.strip().strip("<>")
+        local, at, domain = address.rpartition("@")
+        if not at:
+            local, domain = address, ""
+        if domain and domain.lower() not in self.local_domains:
+            self._add(Target("remote", address, owner), targets, seen)
+            return
+        name = local.lower()
+        if not re.fullmatch(r"[^\s@\x00-\x1f]+", name):
+            raise AliasError("5.1.3", f"bad alias target {value!r}")
+        if name == self_name:  # "user: user, ..." delivers to user's own mailbox
+            self._add(Target("mailbox", name, owner), targets, seen)
+        else:
+            self._expand_name(name, path, targets, seen, owner)
+
+    def _read_include(self, path: str) -> list[str]:
+        try:
+            with open(path, "rb") as handle:
+                data = handle.read(MAX_INCLUDE_BYTES + 1)
+        except OSError as exc:
+            raise AliasError("4.3.0", f"cannot open include file {path}: {exc.strerror}") from None
+        if len(data) > MAX_INCLUDE_BYTES:
+            raise AliasError("5.3.0", f"include file {path} is larger than {MAX_INCLUDE_BYTES} bytes")
+        values = []
+        for line in data.decode("utf-8", "replace").splitlines():
+            line = line.strip()
+            if line and not line.startswith("#"):
+                values += split_values(line)
+        return values
