@@ -25,6 +25,7 @@ from trimail.config import PARAMETERS, Config, ConfigError
 from trimail.net.listener import ListenError
 from trimail.queue.lock import AlreadyRunning
 from trimail import maps
+from trimail.local.aliases import postalias
 from trimail.maps import TableError, open_table
 from trimail.net.control import send_command
 from trimail.queue import scheduling
@@ -302,12 +303,68 @@ def postmap_command(table: str, *, q: Annotated[str | None, Parameter(name=["-q"
         print(f"trimail: warning: {warning}", file=sys.stderr)
 
 
+# -- aliases -----------------------------------------------------------------------
+
+
+def _postalias(path: Path) -> None:
+    try:
+        count, warnings = postalias(path)
+    except TableError as exc:
+        raise Failure(str(exc)) from None
+    for warning in warnings:
+        print(f"trimail: warning: {warning}", file=sys.stderr)
+
+
+@app.command(name="postalias")
+def postalias_command(file: str, *, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Compile an aliases(5) file into its indexed database (postalias)."""
+    load_config(config, o)
+    _postalias(Path(file.partition(":")[2] if file.startswith(("hash:", "btree:")) else file))
+
+
+@app.command(name="newaliases")
+def newaliases_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Rebuild every alias database named by alias_database (newaliases)."""
+    cfg = load_config(config, o)
+    if not cfg.alias_database:
+        print("trimail: alias_database is empty: nothing to rebuild", file=sys.stderr)
+    for ref in cfg.alias_database:
+        kind, _, name = ref.partition(":")
+        if kind not in ("hash", "btree"):
+            raise Failure(f"{ref}: newaliases rebuilds hash: and btree: tables only")
+        _postalias(Path(name))
+
+
 # -- entry point -----------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def _sendmail(argv: list[str]) -> None:
+    from trimail.sendmail import SendmailError, submit
+
     try:
-        app(argv if argv is not None else sys.argv[1:])
+        raise SystemExit(submit(argv))
+    except SendmailError as exc:
+        print(f"sendmail: fatal: {exc}", file=sys.stderr)
+        raise SystemExit(exc.status) from None
+    except (QueueError, TableError) as exc:
+        print(f"sendmail: fatal: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+# Invoked through a link with one of these names, the binary acts as that command.
+PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list"], "newaliases": ["newaliases"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        name = Path(sys.argv[0]).name
+        argv = sys.argv[1:]
+        if name in PERSONALITIES:
+            argv = PERSONALITIES[name] + argv
+    if argv[:1] == ["sendmail"]:
+        _sendmail(argv[1:])
+    try:
+        app(argv)
     except CycloptsError:
         raise SystemExit(2) from None
     except ConfigError as exc:

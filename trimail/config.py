@@ -251,6 +251,8 @@ PARAMETERS: dict[str, Param] = {
         _P("recipient_delimiter", "", _str, "separator of address extensions, e.g. + for user+tag"),
         _P("mail_spool_directory", "$queue_directory/mailboxes", _str, "where local mail homes live"),
         _P("home_mailbox", "Maildir/", _str, "mailbox relative to the mail home; ends in / for Maildir"),
+        _P("append_at_myorigin", "yes", parse_bool, "qualify bare local submissions with @$myorigin"),
+        _P("append_dot_mydomain", "no", parse_bool, "qualify user@host as user@host.$mydomain"),
         _P("allow_mail_to_commands", "", split_list,
            "where |command targets may come from: alias, include (empty: nowhere)"),
         _P("allow_mail_to_files", "alias, include", split_list, "where /file targets may come from"),

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import trio
 
+from trimail.cleanup import virtual_expand
 from trimail.config import Config
+from trimail.maps import Table, TableError, lookup_first, open_table
 from trimail.log import printable
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
@@ -85,6 +87,37 @@ class ReceiveContext:
         self.mail_name: str = config.mail_name
         self.hopcount_limit: int = config.hopcount_limit
         self.spool_directory = Path(config.queue_directory)
+        self.local_domains = {d.lower() for d in config.mydestination}
+        self.delimiter: str = config.recipient_delimiter
+        self._local_tables: list[Table] | None = None
+        self._virtual_tables: list[Table] | None = None
+
+    def local_tables(self) -> list[Table]:
+        if self._local_tables is None:
+            self._local_tables = [open_table(ref) for ref in self.config.local_recipient_maps]
+        return self._local_tables
+
+    def virtual_tables(self) -> list[Table]:
+        if self._virtual_tables is None:
+            self._virtual_tables = [open_table(ref) for ref in self.config.virtual_alias_maps]
+        return self._virtual_tables
+
+    def is_unknown_local(self, recipient: str) -> bool:
+        """local_recipient_maps (Postfix): a local domain's unknown user is refused at RCPT."""
+        local, at, domain = recipient.rpartition("@")
+        if not at:
+            local, domain = recipient, ""
+        if domain and domain.lower() not in self.local_domains:
+            return False
+        tables = self.local_tables()
+        if not tables or local.lower() == "postmaster":
+            return False
+        if virtual_expand([recipient], self.virtual_tables()) != [recipient]:
+            return False  # a virtual alias: rewritten before delivery
+        keys = [recipient.lower(), local.lower()]
+        if self.delimiter and self.delimiter in local:
+            keys.append(local.split(self.delimiter, 1)[0].lower())
+        return all(lookup_first(tables, key) is None for key in keys)
 
 
 class Transaction:
@@ -135,6 +168,18 @@ class SmtpdSession:
             return None
         if isinstance(event, RcptTo):
             assert self.txn is not None
+            try:
+                unknown = self.ctx.is_unknown_local(event.recipient)
+            except (TableError, ValueError) as exc:
+                log.warning("%s: local recipient lookup failed: %s", self.txn.queue_id, exc)
+                return Reply(451, "4.3.0", f"<{event.recipient}>: Temporary lookup failure")
+            if unknown:
+                reply = Reply(550, "5.1.1", f"<{event.recipient}>: Recipient address rejected: "
+                                            "User unknown in local recipient table")
+                log.info("NOQUEUE: reject: RCPT from %s: %s %s %s; from=<%s> to=<%s> proto=%s helo=<%s>",
+                         self.client, reply.code, reply.enhanced, reply.text, self.txn.sender, event.recipient,
+                         "ESMTP" if self.extended else "SMTP", self.helo_name)
+                return reply
             self.txn.recipients.append(event.recipient)
             return None
         if isinstance(event, DataStart):
@@ -211,10 +256,15 @@ class SmtpdSession:
             if hop_count(txn.header) > self.ctx.hopcount_limit:
                 log.info("%s: reject: too many hops from %s", txn.queue_id, self.client)
                 return replies.TOO_MANY_HOPS
+            try:
+                recipients = virtual_expand(txn.recipients, self.ctx.virtual_tables())
+            except (TableError, ValueError) as exc:
+                log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
+                return replies.LOCAL_ERROR
             message = NewMessage(
                 id=txn.queue_id,
                 sender=txn.sender,
-                recipients=txn.recipients,
+                recipients=recipients,
                 content=txn.spool,
                 client_address=self.client_address,
                 client_name=self.client_name,
@@ -235,7 +285,7 @@ class SmtpdSession:
             if message_id is not None:
                 cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
             qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue incoming)",
-                          txn.queue_id, txn.sender, message.content.size, len(txn.recipients))
+                          txn.queue_id, txn.sender, message.content.size, len(recipients))
             return replies.queued(txn.queue_id)
         finally:
             txn.discard()

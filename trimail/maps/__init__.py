@@ -221,10 +221,31 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+class PasswdTable(Table):
+    """``unix:passwd.byname``: the system's user database (value: the home directory)."""
+
+    def __init__(self, ref: str) -> None:
+        self.ref = ref
+
+    def lookup(self, key: str) -> str | None:
+        import pwd
+
+        try:
+            return pwd.getpwnam(key.lower()).pw_dir
+        except (KeyError, ValueError):
+            return None
+
+
 def open_table(ref: str) -> Table:
     kind, sep, name = ref.partition(":")
     if not sep or not name:
         raise TableError(f"bad lookup table reference {ref!r} (use type:name)")
+    if kind == "proxy":  # Postfix's proxymap: the same table, read directly here
+        return open_table(name)
+    if kind == "unix":
+        if name != "passwd.byname":
+            raise TableError(f"{ref}: only unix:passwd.byname is supported")
+        return PasswdTable(ref)
     if kind == "inline":
         return InlineTable(ref, name)
     if kind == "static":

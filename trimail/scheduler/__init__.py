@@ -35,6 +35,7 @@ from collections import deque
 
 import trio
 
+from trimail.cleanup import masquerade, masquerade_headers
 from trimail.config import Config
 from trimail.delivery.bounce import Failure, build_dsn, status_of
 from trimail.delivery.local import Forward, LocalAgent
@@ -98,6 +99,9 @@ class Scheduler:
         self.connector = connector
         self.router = Router(config)
         self.local = LocalAgent(config)
+        self.masq_domains: list[str] = config.masquerade_domains
+        self.masq_exceptions: list[str] = config.masquerade_exceptions
+        self.masq_classes: list[str] = config.masquerade_classes
         self.hostname: str = config.myhostname
         self.active_limit: int = config.qmgr_message_active_limit
         self.min_backoff: float = config.minimal_backoff_time
@@ -231,8 +235,8 @@ class Scheduler:
                         break
                 started = time.time()
                 envelope = Envelope(
-                    sender=job.message.sender,
-                    recipients=[r.address for r in job.recipients],
+                    sender=self._masquerade(job.message.sender, "envelope_sender"),
+                    recipients=[self._masquerade(r.address, "envelope_recipient") for r in job.recipients],
                     size=job.message.size,
                     eight_bit=str(job.message.params.get("BODY", "")).upper() == "8BITMIME",
                     smtputf8="SMTPUTF8" in job.message.params,
@@ -240,8 +244,8 @@ class Scheduler:
                 message_id = job.message.id
 
                 async def content() -> bytes:
-                    data = await self.writer.run(scheduling.read_content, message_id)
-                    return data or b""
+                    data = await self.writer.run(scheduling.read_content, message_id) or b""
+                    return masquerade_headers(data, self.masq_domains, self.masq_exceptions, self.masq_classes)
 
                 outcomes = await conn.deliver(envelope, content)
                 await self._complete(job, outcomes, conn.relay, started)
@@ -251,6 +255,12 @@ class Scheduler:
                 await conn.close()
             if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.route.key) is dest:
                 del self.destinations[dest.route.key]
+
+    def _masquerade(self, address: str, kind: str) -> str:
+        """Masquerading applies to mail leaving the host, for the configured classes."""
+        if kind not in self.masq_classes:
+            return address
+        return masquerade(address, self.masq_domains, self.masq_exceptions)
 
     # -- results -----------------------------------------------------------------
 
