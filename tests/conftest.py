@@ -17,6 +17,7 @@ import trio
 from trimail import config as configuration
 from trimail.config import Config
 from trimail.server import Server, serve
+from tests.dnsserver import run_dns_server
 
 
 def write_main_cf(directory: Path, **params: object) -> Path:
@@ -119,3 +120,17 @@ def serve_process() -> Iterator[type[ServeProcess]]:
 def trimail(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "trimail", *args], capture_output=True, text=True,
                           timeout=60, env=env or dict(os.environ))
+
+
+@pytest.fixture
+def start_mta(tmp_path, nursery):
+    """A serve with its queue manager running and a loopback DNS server answering *zone*."""
+    async def start(zone: dict | None = None, **params):
+        dns_port = await nursery.start(run_dns_server, zone or {})
+        settings = {"master_service_disable": "", "dns_nameservers": f"127.0.0.1:{dns_port}",
+                    "smtp_connect_timeout": "5s", "mydestination": "mx.test.example"}
+        settings.update(params)
+        path = write_main_cf(tmp_path, **settings)
+        return await nursery.start(serve, configuration.load(path))
+
+    return start

@@ -102,6 +102,16 @@ def show_config(
         raise SystemExit(2)
 
 
+@app.command(name="check")
+def check_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Validate the configuration and the files it names (postfix check)."""
+    from trimail.check import warnings
+
+    cfg = load_config(config, o)
+    for warning in warnings(cfg):
+        print(f"trimail: warning: {warning}", file=sys.stderr)
+
+
 # -- queue -----------------------------------------------------------------------
 
 

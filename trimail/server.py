@@ -28,6 +28,7 @@ from pathlib import Path
 import trio
 
 from trimail import __version__
+from trimail.check import warnings as check_warnings
 from trimail.config import Config, ListenAddress
 from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
@@ -130,6 +131,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
     prepare_directory(queue_directory)
     lock = QueueLock(queue_directory)
     lock.acquire()
+    for warning in check_warnings(config):
+        log.warning("%s", warning)
     try:
         async with QueueWriter(lambda: Store.open(queue_directory)) as writer:
             recovered = await writer.run(Store.recover_active)

@@ -1,0 +1,55 @@
+"""``trimail check`` (postfix check): configuration and files an operator should fix.
+
+Returns warnings, one line each: compiled tables (``hash:``/``btree:``) that are
+missing or older than their source file (run ``trimail postmap`` or
+``trimail newaliases``), and a queue directory others can read.  serve logs the
+same warnings when it starts.
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+from trimail.config import Config
+from trimail.maps import compiled_path
+
+TABLE_PARAMETERS = ("alias_maps", "alias_database", "transport_maps", "virtual_alias_maps")
+
+
+def table_refs(config: Config) -> list[tuple[str, str]]:
+    refs = []
+    for name in TABLE_PARAMETERS:
+        for ref in config.get(name):
+            refs.append((name, ref))
+    for ref in config.local_recipient_maps:
+        if not ref.startswith("$"):
+            refs.append(("local_recipient_maps", ref.removeprefix("proxy:")))
+    return refs
+
+
+def warnings(config: Config) -> list[str]:
+    found: list[str] = []
+    seen: set[str] = set()
+    for parameter, ref in table_refs(config):
+        kind, _, name = ref.partition(":")
+        if kind not in ("hash", "btree") or name in seen:
+            continue
+        seen.add(name)
+        source = Path(name)
+        database = compiled_path(source)
+        command = "trimail newaliases" if "alias" in parameter else f"trimail postmap {source}"
+        if not database.exists():
+            if source.exists():
+                found.append(f"{parameter}: {database} does not exist; run {command}")
+            else:
+                found.append(f"{parameter}: neither {source} nor {database} exists")
+            continue
+        if source.exists() and source.stat().st_mtime > database.stat().st_mtime:
+            found.append(f"{parameter}: database {database} is older than source file {source}; run {command}")
+    queue = Path(config.queue_directory)
+    if queue.exists() and stat.S_IMODE(queue.stat().st_mode) & 0o077:
+        found.append(f"queue_directory {queue} is accessible to other users (mode "
+                     f"{stat.S_IMODE(queue.stat().st_mode):o}); expected 700")
+    return found
+
