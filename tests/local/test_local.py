@@ -323,3 +323,28 @@ async def test_serve_notices_a_rebuilt_alias_database(tmp_path, start_mta, monke
     spool = tmp_path / "queue" / "mailboxes"
     assert [m["Subject"] for m in maildir_messages(spool, "ann")] == ["first"]
     assert [m["Subject"] for m in maildir_messages(spool, "bob")] == ["second"]
+
+
+async def test_list_mail_goes_out_with_the_owner_as_envelope_sender(tmp_path, start_mta):
+    aliases = tmp_path / "aliases"
+    aliases.write_text("staff: ann@far.example, bob@far.example\nowner-staff: ann\n")
+    assert trimail("postalias", str(aliases)).returncode == 0
+    with Sink() as sink:
+        srv = await start_mta(alias_maps=f"hash:{aliases}", myorigin="gw.example",
+                              transport_maps=f"inline:{{ far.example=smtp:[127.0.0.1]:{sink.port} }}")
+        await send(srv, "alice@client.example", ["staff@mx.test.example"])
+        await wait_empty(srv)
+        [(sender, rcpts, content)] = sink.messages
+        assert sender == "owner-staff@gw.example"
+        assert sorted(rcpts) == ["ann@far.example", "bob@far.example"]
+        assert b"Delivered-To: staff@mx.test.example\r\n" in content
+
+
+async def test_envelope_recipient_class_masquerades_recipients(start_mta):
+    with Sink() as sink:
+        srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}", masquerade_domains="far.example",
+                              masquerade_classes="envelope_recipient")
+        await send(srv, "joe@host.client.example", ["ann@eng.far.example"])
+        await wait_empty(srv)
+        [(sender, rcpts, _)] = sink.messages
+        assert (sender, rcpts) == ("joe@host.client.example", ["ann@far.example"])
