@@ -53,9 +53,9 @@ class Server:
         self.writer = writer
         self.listeners = listeners
         self.addresses: list[ListenAddress] = [bound_address(listener) for listener in listeners]
-        self.scheduler = Scheduler(config, writer, Connector(config, Resolver(config.dns_nameservers),
-                                                              self.addresses))
-        self.context = ReceiveContext(config, writer, on_queued=self.scheduler.wake)
+        resolver = Resolver(config.dns_nameservers)
+        self.scheduler = Scheduler(config, writer, Connector(config, resolver, self.addresses))
+        self.context = ReceiveContext(config, writer, on_queued=self.scheduler.wake, resolver=resolver)
         self.sessions: set[Session] = set()
         self.per_client: Counter[str] = Counter()
         self._stop = trio.Event()

@@ -30,6 +30,8 @@ import trio
 
 from trimail.cleanup import virtual_expand
 from trimail.config import Config
+from trimail.delivery.dns import Resolver
+from trimail.policy.restrictions import Policy, Request, Verdict
 from trimail.maps import Table, TableError, lookup_first, open_table
 from trimail.log import printable
 from trimail.queue.ids import new_queue_id
@@ -72,16 +74,20 @@ def protocol_settings(config: Config) -> Settings:
         forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands),
         smtputf8=config.smtputf8_enable,
         vrfy=not config.disable_vrfy_command,
+        helo_required=config.smtpd_helo_required,
     )
 
 
 class ReceiveContext:
     """What every session of one serve shares: configuration and the queue writer."""
 
-    def __init__(self, config: Config, writer: QueueWriter, on_queued: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, config: Config, writer: QueueWriter, on_queued: Callable[[], None] = lambda: None,
+                 resolver: Resolver | None = None) -> None:
         self.config = config
         self.writer = writer
         self.on_queued = on_queued
+        self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
+        self.policy.unlisted = self.is_unknown_local
         self.settings = protocol_settings(config)
         self.hostname: str = config.myhostname
         self.mail_name: str = config.mail_name
@@ -132,6 +138,7 @@ class Transaction:
         self.protocol = "SMTP"
         self.header = bytearray()  # start of the content, until the blank line
         self.header_done = False
+        self.verdict = Verdict()  # actions collected from the restrictions (HOLD, PREPEND, ...)
 
     def discard(self) -> None:
         if self.spool is not None:
@@ -150,6 +157,7 @@ class SmtpdSession:
         self.helo_name = ""
         self.extended = False
         self.txn: Transaction | None = None
+        self.dns_cache: dict = {}  # DNS answers for the restrictions, per session
 
     def connection(self) -> ServerConnection:
         return ServerConnection(self.ctx.settings)
@@ -160,14 +168,20 @@ class SmtpdSession:
             self.helo_name = printable(event.name, 255)
             self.extended = event.extended
             self._discard()
-            return None
+            return await self._restrict("helo", "HELO", conn)
         if isinstance(event, MailFrom):
             self._discard()
             self.txn = Transaction(new_queue_id(), event.sender, event.params)
-            log.info("%s: client=%s", self.txn.queue_id, self.client)
-            return None
+            reply = await self._restrict("sender", "MAIL", conn, sender=event.sender)
+            if reply is None:
+                log.info("%s: client=%s", self.txn.queue_id, self.client)
+            return reply
         if isinstance(event, RcptTo):
             assert self.txn is not None
+            reply = await self._restrict("recipient", "RCPT", conn, sender=self.txn.sender,
+                                         recipient=event.recipient)
+            if reply is not None:
+                return reply
             try:
                 unknown = self.ctx.is_unknown_local(event.recipient)
             except (TableError, ValueError) as exc:
@@ -176,17 +190,20 @@ class SmtpdSession:
             if unknown:
                 reply = Reply(550, "5.1.1", f"<{event.recipient}>: Recipient address rejected: "
                                             "User unknown in local recipient table")
-                log.info("NOQUEUE: reject: RCPT from %s: %s %s %s; from=<%s> to=<%s> proto=%s helo=<%s>",
-                         self.client, reply.code, reply.enhanced, reply.text, self.txn.sender, event.recipient,
-                         "ESMTP" if self.extended else "SMTP", self.helo_name)
+                self._log_reject("RCPT", reply, event.recipient)
                 return reply
-            self.txn.recipients.append(event.recipient)
+            self.txn.recipients.append(self._resolved(event.recipient))
             return None
         if isinstance(event, DataStart):
             assert self.txn is not None
+            reply = await self._restrict("data", "DATA", conn, sender=self.txn.sender)
+            if reply is not None:
+                return reply
             self.txn.protocol = self._protocol(conn)
             self.txn.spool = Spool(self.ctx.spool_directory)
             self.txn.spool.write(self._received_header(conn))
+            for header in self.txn.verdict.prepend:
+                self.txn.spool.write(printable(header, 998).encode("utf-8") + b"\r\n")
             return None
         if isinstance(event, DataChunk):
             if self.txn is not None and self.txn.spool is not None:
@@ -194,6 +211,12 @@ class SmtpdSession:
                 self.txn.spool.write(event.data)
             return None
         if isinstance(event, DataEnd):
+            assert self.txn is not None
+            reply = await self._restrict("end_of_data", "END-OF-MESSAGE", conn, sender=self.txn.sender,
+                                         size=event.size)
+            if reply is not None:
+                self._discard()
+                return reply
             return await self._commit()
         if isinstance(event, (DataAborted, Reset)):
             self._discard()
@@ -201,6 +224,50 @@ class SmtpdSession:
         if isinstance(event, Rejected):
             return None
         return None
+
+    async def _restrict(self, stage: str, command: str, conn: ServerConnection, *, sender: str | None = None,
+                        recipient: str | None = None, size: int = 0) -> Reply | None:
+        """Run the restriction lists for *stage*; a Reply when the command is refused."""
+        policy = self.ctx.policy
+        if not policy.lists_for(stage):
+            return None
+        txn = self.txn
+        request = Request(
+            client_address=self.client_address, client_name=self.client_name, helo=self.helo_name,
+            protocol="ESMTP" if self.extended else "SMTP", sender=sender, recipient=recipient,
+            queue_id=txn.queue_id if txn else "", recipient_count=len(txn.recipients) if txn else 0,
+            size=size, pipelined=conn.pending_input and (stage == "data" or not self.extended),
+            cache=self.dns_cache)
+        verdict = await policy.check(stage, request)
+        for warning in verdict.warnings:
+            log.info("%s: warn: %s from %s: %s", txn.queue_id if txn else "NOQUEUE", command, self.client, warning)
+        if verdict.reply is not None:
+            self._log_reject(command, verdict.reply, recipient)
+            return verdict.reply
+        if txn is not None:
+            mine = txn.verdict
+            mine.hold = mine.hold or verdict.hold
+            mine.discard = mine.discard or verdict.discard
+            mine.redirect = verdict.redirect or mine.redirect
+            mine.prepend += verdict.prepend
+        return None
+
+    def _log_reject(self, command: str, reply: Reply, recipient: str | None) -> None:
+        txn = self.txn
+        details = f"from=<{txn.sender if txn else ''}>"
+        if recipient is not None:
+            details += f" to=<{recipient}>"
+        log.info("NOQUEUE: reject: %s from %s: %s %s %s; %s proto=%s helo=<%s>", command, self.client, reply.code,
+                 reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
+                 self.helo_name)
+
+    def _resolved(self, recipient: str) -> str:
+        """The recipient as the router must see it (relay control resolved it the same way)."""
+        local, domain = self.ctx.policy.resolve(recipient)
+        original = recipient.rpartition("@")[2].lower().rstrip(".")
+        if domain == original:
+            return recipient if not recipient.endswith(".") else recipient.rstrip(".")
+        return f"{local}@{domain}" if domain else local
 
     def close(self) -> None:
         self._discard()
@@ -256,13 +323,19 @@ class SmtpdSession:
             if hop_count(txn.header) > self.ctx.hopcount_limit:
                 log.info("%s: reject: too many hops from %s", txn.queue_id, self.client)
                 return replies.TOO_MANY_HOPS
+            verdict = txn.verdict
+            if verdict.discard:
+                log.info("%s: discard: %s from %s", txn.queue_id, verdict.discard, self.client)
+                return replies.queued(txn.queue_id)
             try:
-                recipients = virtual_expand(txn.recipients, self.ctx.virtual_tables())
+                recipients = [verdict.redirect] if verdict.redirect else txn.recipients
+                recipients = virtual_expand(recipients, self.ctx.virtual_tables())
             except (TableError, ValueError) as exc:
                 log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
                 return replies.LOCAL_ERROR
             message = NewMessage(
                 id=txn.queue_id,
+                state="hold" if verdict.hold else "incoming",
                 sender=txn.sender,
                 recipients=recipients,
                 content=txn.spool,
@@ -284,8 +357,10 @@ class SmtpdSession:
             self.ctx.on_queued()
             if message_id is not None:
                 cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
-            qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue incoming)",
-                          txn.queue_id, txn.sender, message.content.size, len(recipients))
+            if verdict.hold:
+                cleanup_log.info("%s: hold: %s from %s", txn.queue_id, verdict.hold, self.client)
+            qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue %s)", txn.queue_id, txn.sender,
+                          message.content.size, len(recipients), message.state)
             return replies.queued(txn.queue_id)
         finally:
             txn.discard()

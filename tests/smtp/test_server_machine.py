@@ -59,7 +59,7 @@ PREFIX = {
 COMMANDS = {
     "HELO": (b"HELO client.example\r\n", {State.INIT: 250, State.READY: 250, State.MAIL: 250, State.RCPT: 250}),
     "EHLO": (EHLO, {State.INIT: 250, State.READY: 250, State.MAIL: 250, State.RCPT: 250}),
-    "MAIL": (MAIL, {State.INIT: 503, State.READY: 250, State.MAIL: 503, State.RCPT: 503}),
+    "MAIL": (MAIL, {State.INIT: 250, State.READY: 250, State.MAIL: 503, State.RCPT: 503}),
     "RCPT": (RCPT, {State.INIT: 503, State.READY: 503, State.MAIL: 250, State.RCPT: 250}),
     "DATA": (b"DATA\r\n", {State.INIT: 503, State.READY: 503, State.MAIL: 554, State.RCPT: 354}),
     "RSET": (b"RSET\r\n", {s: 250 for s in PREFIX}),
@@ -74,7 +74,7 @@ COMMANDS = {
 NEXT_STATE = {
     "HELO": {s: State.READY for s in PREFIX},
     "EHLO": {s: State.READY for s in PREFIX},
-    "MAIL": {State.INIT: State.INIT, State.READY: State.MAIL, State.MAIL: State.MAIL, State.RCPT: State.RCPT},
+    "MAIL": {State.INIT: State.MAIL, State.READY: State.MAIL, State.MAIL: State.MAIL, State.RCPT: State.RCPT},
     "RCPT": {State.INIT: State.INIT, State.READY: State.READY, State.MAIL: State.RCPT, State.RCPT: State.RCPT},
     "DATA": {State.INIT: State.INIT, State.READY: State.READY, State.MAIL: State.MAIL, State.RCPT: State.DATA},
     "RSET": {State.INIT: State.INIT, State.READY: State.READY, State.MAIL: State.READY, State.RCPT: State.READY},
@@ -93,6 +93,11 @@ def test_every_command_in_every_state(state, command):
     d.feed(line)
     assert d.codes()[before] == expected[state], d.replies()
     assert d.conn.state is NEXT_STATE.get(command, {}).get(state, state)
+
+
+def test_helo_required_refuses_mail_before_helo():
+    d = Driver(Settings(helo_required=True)).feed(MAIL)
+    assert d.replies()[-1] == "503 5.5.1 Error: send HELO/EHLO first"
 
 
 def test_commands_inside_data_are_message_content():

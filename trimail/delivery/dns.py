@@ -22,6 +22,7 @@ import dns.exception
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
+import dns.reversename
 
 from trimail.config import ListenAddress
 
@@ -88,6 +89,27 @@ class Resolver:
         random.shuffle(records)
         records.sort(key=lambda record: record[0])  # stable: random order among equals
         return [MailHost(name.lower(), pref) for pref, name in records]
+
+    async def lookup(self, name: str, rdtype: str) -> list[str] | None:
+        """Records of one type as text; None when the name does not exist (NXDOMAIN),
+        [] when it exists without such records.  Temporary trouble raises DnsTemporary."""
+        try:
+            answer = await self._query(name, rdtype)
+        except DnsPermanent:
+            return None
+        if answer is None:
+            return []
+        if rdtype == "TXT":
+            return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+        return [r.to_text() for r in answer]
+
+    async def reverse(self, address: str) -> list[str] | None:
+        """PTR names of an IP address (None: no PTR record at all)."""
+        name = dns.reversename.from_address(address).to_text(omit_final_dot=True)
+        names = await self.lookup(name, "PTR")
+        if not names:
+            return None
+        return [n.rstrip(".").lower() for n in names]
 
     async def addresses(self, host: str) -> list[str]:
         """IPv4 then IPv6 addresses of *host*; raises DnsError when there are none."""

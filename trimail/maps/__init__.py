@@ -21,7 +21,9 @@ database is opened read-only.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -221,6 +223,139 @@ def fsync_path(path: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+class CidrTable(_FileTable):
+    """``cidr:/path`` (cidr_table(5)): ``network/prefix result`` lines, first match wins."""
+
+    rules: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]
+
+    def _load(self) -> None:
+        self.rules = []
+        for number, line in _logical_lines(self.path):
+            spec, _, result = line.partition(" ")
+            spec = spec.strip()
+            if spec.startswith("!"):
+                raise TableError(f"{self.path}:{number}: negated cidr patterns are not supported")
+            try:
+                network = ipaddress.ip_network(spec.strip("[]") if "/" not in spec else
+                                               spec.replace("[", "").replace("]", ""), strict=False)
+            except ValueError:
+                raise TableError(f"{self.path}:{number}: bad network {spec!r}") from None
+            if not result.strip():
+                raise TableError(f"{self.path}:{number}: no result for {spec}")
+            self.rules.append((network, result.strip()))
+
+    def _get(self, key: str) -> str | None:
+        try:
+            address = ipaddress.ip_address(key.strip("[]"))
+        except ValueError:
+            return None
+        for network, result in self.rules:
+            if address.version == network.version and address in network:
+                return result
+        return None
+
+
+class RegexpTable(_FileTable):
+    """``regexp:/path`` (regexp_table(5)): ``/pattern/flags result``, ``!/pattern/``,
+    ``if /pattern/`` ... ``endif``; case-insensitive unless the ``i`` flag is given."""
+
+    rules: list[tuple[list[tuple[re.Pattern[str], bool]], str]]
+
+    def _load(self) -> None:
+        self.rules = []
+        conditions: list[tuple[re.Pattern[str], bool]] = []
+        stack: list[int] = []
+        for number, line in _logical_lines(self.path):
+            if line.lower() == "endif":
+                if not stack:
+                    raise TableError(f"{self.path}:{number}: endif without if")
+                del conditions[stack.pop():]
+                continue
+            is_if = line.lower().startswith("if ") or line.lower().startswith("if\t")
+            body = line[3:].strip() if is_if else line
+            pattern, negated, rest = _parse_regexp(self.path, number, body)
+            if is_if:
+                stack.append(len(conditions))
+                conditions.append((pattern, negated))
+                continue
+            if not rest:
+                raise TableError(f"{self.path}:{number}: no result after the pattern")
+            self.rules.append(([*conditions, (pattern, negated)], rest))
+        if stack:
+            raise TableError(f"{self.path}: if without endif")
+
+    def lookup(self, key: str) -> str | None:  # no case folding: the pattern flags decide
+        self._refresh()
+        for conditions, result in self.rules:
+            matches = []
+            ok = True
+            for pattern, negated in conditions:
+                m = pattern.search(key)
+                if bool(m) == negated:
+                    ok = False
+                    break
+                matches.append(m)
+            if ok:
+                last = matches[-1] if matches else None
+                if last is not None:
+                    return re.sub(r"\$(\d)|\$\{(\d)\}",
+                                  lambda g: last.group(int(g.group(1) or g.group(2))) or "", result)
+                return result
+        return None
+
+
+def _parse_regexp(path: Path, number: int, text: str) -> tuple[re.Pattern[str], bool, str]:
+    negated = text.startswith("!")
+    if negated:
+        text = text[1:]
+    if not text or text[0] not in "/":
+        raise TableError(f"{path}:{number}: expected /pattern/flags")
+    end = 1
+    while end < len(text):
+        if text[end] == "\\":
+            end += 2
+            continue
+        if text[end] == "/":
+            break
+        end += 1
+    if end >= len(text):
+        raise TableError(f"{path}:{number}: unterminated pattern")
+    pattern, rest = text[1:end], text[end + 1:]
+    flags_text, _, result = rest.partition(" ")
+    if not re.fullmatch(r"[imx]*", flags_text):
+        result, flags_text = rest, ""
+    flags = re.IGNORECASE
+    if "i" in flags_text:
+        flags = 0  # Postfix: the i flag toggles case sensitivity on
+    if "m" in flags_text:
+        flags |= re.MULTILINE
+    if "x" in flags_text:
+        flags |= re.VERBOSE
+    try:
+        return re.compile(pattern, flags), negated, result.strip()
+    except re.error as exc:
+        raise TableError(f"{path}:{number}: bad regular expression: {exc}") from None
+
+
+def _logical_lines(path: Path) -> Iterator[tuple[int, str]]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TableError(f"{path}: {exc.strerror}") from None
+    current: tuple[int, str] | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip() or line.strip().startswith("#"):
+            continue
+        if line[0].isspace() and current is not None:
+            current = (current[0], current[1] + " " + line.strip())
+            continue
+        if current is not None:
+            yield current
+        current = (number, line.strip())
+    if current is not None:
+        yield current
+
+
 class PasswdTable(Table):
     """``unix:passwd.byname``: the system's user database (value: the home directory)."""
 
@@ -254,6 +389,10 @@ def open_table(ref: str) -> Table:
         return TextHashTable(ref, Path(name))
     if kind in ("hash", "btree"):
         return HashTable(ref, Path(name))
+    if kind == "cidr":
+        return CidrTable(ref, Path(name))
+    if kind in ("regexp", "pcre"):
+        return RegexpTable(ref, Path(name))
     raise TableError(f"{ref}: unsupported lookup table type {kind!r}")
 
 

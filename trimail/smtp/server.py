@@ -172,6 +172,7 @@ class Settings:
     forbidden_commands: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})
     smtputf8: bool = True
     vrfy: bool = True
+    helo_required: bool = False  # smtpd_helo_required: MAIL before HELO/EHLO is refused
     extra_extensions: tuple[str, ...] = ()
 
 
@@ -217,6 +218,11 @@ class ServerConnection:
         out = bytes(self._out)
         self._out.clear()
         return out
+
+    @property
+    def pending_input(self) -> bool:
+        """Bytes already received beyond the command being decided (pipelined input)."""
+        return bool(self._in)
 
     @property
     def output_size(self) -> int:
@@ -419,7 +425,8 @@ class ServerConnection:
         name = verb.lower()
         self.command_stats[name] += 1
         allowed = TRANSITIONS.get(verb)
-        if allowed is not None and self.state not in allowed:
+        mail_without_helo = verb == "MAIL" and self.state is State.INIT and not self.settings.helo_required
+        if allowed is not None and self.state not in allowed and not mail_without_helo:
             self._error(name, _SEQUENCE_ERRORS[verb][self.state])
             return
         self._pending_verb = name

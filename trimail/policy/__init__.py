@@ -1,0 +1,1 @@
+"""Policy: restriction lists with Postfix's vocabulary, access(5), DNS/RBL checks, delegation."""
