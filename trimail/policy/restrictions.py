@@ -159,10 +159,15 @@ class Policy:
     # -- entry points ---------------------------------------------------------
 
     def lists_for(self, stage: str) -> list[str]:
-        if stage == "recipient" and self.delay_reject:
-            return [*DELAYED, *STAGE_LISTS["recipient"]]
-        if stage in ("client", "helo", "sender") and self.delay_reject:
-            return []
+        """The lists to run at *stage*.  With smtpd_delay_reject the client, HELO and
+        sender lists wait for RCPT; without it the client list runs with HELO."""
+        if self.delay_reject:
+            if stage == "recipient":
+                return [*DELAYED, *STAGE_LISTS["recipient"]]
+            if stage in ("client", "helo", "sender"):
+                return []
+        elif stage == "helo":
+            return [*STAGE_LISTS["client"], *STAGE_LISTS["helo"]]
         return STAGE_LISTS[stage]
 
     async def check(self, stage: str, request: Request) -> Verdict:

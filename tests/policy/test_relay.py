@@ -1,0 +1,101 @@
+"""The open-relay battery: an outside client tries every trick; nothing relays, nothing is queued."""
+
+from __future__ import annotations
+
+import smtplib
+
+import pytest
+import trio
+
+from trimail.queue.store import Store
+
+OUTSIDE = "127.0.0.2"  # the test client binds here; mynetworks is 127.0.0.1/32
+
+FORMS = [
+    "user@outside.example",
+    "USER@OUTSIDE.EXAMPLE",
+    "user@outside.example.",
+    "user%outside.example@gw.example",
+    '"user%outside.example"@gw.example',
+    '"user@outside.example"@gw.example',
+    '"user@outside.example."@gw.example',
+    "<@gw.example:user@outside.example>",
+    "<@gw.example,@other.example:user@outside.example>",
+    "outside.example!user@gw.example",
+    "outside.example!user",
+    "outside.example!user%other.example@gw.example",
+    "user@[192.0.2.1]",
+    "user@[127.0.0.1]",
+    "user@[IPv6:::1]",
+    "user@sub.gw.example",
+    "user@gw.example.outside.example",
+    "user@localhost.outside.example",
+    "user@outside.example@gw.example",
+    "user@gw.example@outside.example",
+    "user@outside.example%gw.example",
+    "user%outside.example",
+    "<user@outside.example >",
+    "user@outside .example",
+    "user@[192.0.2.1]@gw.example",
+    "\"user\"@outside.example",
+    "user+tag@outside.example",
+]
+
+
+def attempt(port: int, sender: str, recipient: str, source: str) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as client:
+        client.ehlo("gw.example")
+        code, text = client.docmd("MAIL", f"FROM:<{sender}>")
+        if code != 250:
+            return code, text
+        rcpt = recipient if recipient.startswith("<") else f"<{recipient}>"
+        return client.docmd("RCPT", f"TO:{rcpt}")
+
+
+@pytest.fixture
+async def gateway(start_mta):
+    return await start_mta(mynetworks="127.0.0.1/32", myhostname="gw.example", mydestination="gw.example",
+                           local_recipient_maps="inline:{ postmaster=x, user=x }", master_service_disable="qmgr")
+
+
+@pytest.mark.parametrize("sender", ["someone@client.example", "", "user@gw.example"],
+                         ids=["stranger", "null-sender", "own-domain"])
+async def test_outside_client_cannot_relay_with_any_address_form(gateway, sender):
+    port = gateway.addresses[0].port
+    results = {}
+    for form in FORMS:
+        results[form] = await trio.to_thread.run_sync(attempt, port, sender, form, OUTSIDE)
+    accepted = {form: r for form, r in results.items() if r[0] < 400}
+    assert accepted == {}
+    assert all(400 <= code < 600 for code, _ in results.values())
+    assert results["user@outside.example"] == (450, b"4.7.1 <user@outside.example>: Relay access denied")
+    store = Store.open(gateway.config.queue_directory, readonly=True)
+    assert store.list_messages() == []
+
+
+async def test_inside_client_may_relay(gateway):
+    code, text = await trio.to_thread.run_sync(attempt, gateway.addresses[0].port, "a@client.example",
+                                               "user@outside.example", "127.0.0.1")
+    assert code == 250
+
+
+async def test_local_recipient_from_outside_is_accepted(gateway):
+    code, _ = await trio.to_thread.run_sync(attempt, gateway.addresses[0].port, "a@client.example",
+                                            "user@gw.example", OUTSIDE)
+    assert code == 250
+
+
+async def test_reject_unauth_destination_gives_554(start_mta):
+    srv = await start_mta(mynetworks="127.0.0.1/32", smtpd_relay_restrictions="permit_mynetworks, "
+                          "reject_unauth_destination", master_service_disable="qmgr")
+    code, text = await trio.to_thread.run_sync(attempt, srv.addresses[0].port, "a@client.example",
+                                               "user@outside.example", OUTSIDE)
+    assert (code, text) == (554, b"5.7.1 <user@outside.example>: Relay access denied")
+
+
+async def test_relay_domains_and_their_subdomains_are_authorized(start_mta):
+    srv = await start_mta(mynetworks="127.0.0.1/32", relay_domains="internal.example",
+                          master_service_disable="qmgr")
+    for rcpt in ["a@internal.example", "a@sub.internal.example"]:
+        code, _ = await trio.to_thread.run_sync(attempt, srv.addresses[0].port, "a@client.example", rcpt, OUTSIDE)
+        assert code == 250, rcpt
