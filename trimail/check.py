@@ -11,8 +11,9 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
-from trimail.config import Config
+from trimail.config import Config, ConfigError
 from trimail.maps import compiled_path
+from trimail.policy.restrictions import restriction_lists
 
 TABLE_PARAMETERS = ("alias_maps", "alias_database", "transport_maps", "virtual_alias_maps")
 
@@ -47,6 +48,10 @@ def warnings(config: Config) -> list[str]:
             continue
         if source.exists() and source.stat().st_mtime > database.stat().st_mtime:
             found.append(f"{parameter}: database {database} is older than source file {source}; run {command}")
+    try:
+        restriction_lists(config)
+    except ConfigError as exc:
+        found.append(str(exc))
     queue = Path(config.queue_directory)
     if queue.exists() and stat.S_IMODE(queue.stat().st_mode) & 0o077:
         found.append(f"queue_directory {queue} is accessible to other users (mode "

@@ -61,6 +61,9 @@ def load_config(path: str | None, overrides: list[str] | None) -> Config:
 def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
     """Run the MTA in the foreground until SIGTERM or SIGINT (postfix start-fg)."""
     cfg = load_config(config, o)
+    from trimail.policy.restrictions import restriction_lists
+
+    restriction_lists(cfg)  # a bad restriction list stops serve before it listens (exit 2)
     maillog.setup(cfg.myhostname)
     trio.run(_serve_until_signal, cfg)
 
@@ -365,6 +368,18 @@ def _sendmail(argv: list[str]) -> None:
 PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list"], "newaliases": ["newaliases"]}
 
 
+def _first_known(group: BaseExceptionGroup) -> BaseException:
+    """The error an operator should see from a group raised by trio nurseries."""
+    known = (ConfigError, Failure, QueueError, ListenError, AlreadyRunning, KeyboardInterrupt)
+    matched, _ = group.split(known)
+    if matched is None:
+        return group
+    leaf: BaseException = matched
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None:
         name = Path(sys.argv[0]).name
@@ -374,7 +389,10 @@ def main(argv: list[str] | None = None) -> None:
     if argv[:1] == ["sendmail"]:
         _sendmail(argv[1:])
     try:
-        app(argv)
+        try:
+            app(argv)
+        except BaseExceptionGroup as group:  # errors from inside serve's nurseries
+            raise _first_known(group) from None
     except CycloptsError:
         raise SystemExit(2) from None
     except ConfigError as exc:

@@ -73,3 +73,19 @@ def test_postmap_command_compiles_and_queries(tmp_path):
     found = trimail("postmap", "-q", "EXAMPLE.com", f"hash:{source}")
     assert found.returncode == 0 and found.stdout == "smtp:[127.0.0.1]:2525\n"
     assert trimail("postmap", "-q", "other.example", f"hash:{source}").returncode == 1
+
+
+def test_cidr_and_regexp_tables(tmp_path):
+    (tmp_path / "c").write_text("192.0.2.0/24 REJECT net\n10.1.2.3 OK\n[2001:db8::]/32 DUNNO\n")
+    cidr = open_table(f"cidr:{tmp_path / 'c'}")
+    assert [cidr.lookup(a) for a in ("192.0.2.77", "10.1.2.3", "2001:db8::5", "8.8.8.8")] == [
+        "REJECT net", "OK", "DUNNO", None]
+    (tmp_path / "r").write_text("/^(.*)@spam\\.example$/ REJECT no $1\nif /example\\.com$/\n"
+                                "!/^good@/ 550 bad\nendif\n/CaSe/i OK\n")
+    regexp = open_table(f"regexp:{tmp_path / 'r'}")
+    assert [regexp.lookup(k) for k in ("joe@spam.example", "bad@example.com", "good@example.com", "CaSe", "case",
+                                       "JOE@SPAM.EXAMPLE")] == ["REJECT no joe", "550 bad", None, "OK", None,
+                                                                "REJECT no JOE"]
+    (tmp_path / "bad").write_text("if /x/\n/y/ OK\n")
+    with pytest.raises(TableError, match="if without endif"):
+        open_table(f"regexp:{tmp_path / 'bad'}")

@@ -210,3 +210,13 @@ async def test_hold_and_discard_actions(start_mta):
                                              rcpt, True) == (250, "")
     [held] = Store.open(srv.config.queue_directory, readonly=True).list_messages()
     assert held.state == "hold" and held.recipients[0].address == "held@good.example"
+
+
+def test_unknown_restriction_is_reported_by_check_and_stops_serve(tmp_path):
+    from tests.conftest import write_main_cf
+
+    config_path = write_main_cf(tmp_path, smtpd_recipient_restrictions="permit_mynetworks, reject_evil_clients")
+    checked = trimail("check", "-c", str(config_path))
+    assert f"{config_path}:" in checked.stderr and "unknown restriction 'reject_evil_clients'" in checked.stderr
+    served = trimail("serve", "-c", str(config_path))
+    assert served.returncode == 2 and "unknown restriction 'reject_evil_clients'" in served.stderr

@@ -28,7 +28,7 @@ import logging
 import re
 from collections.abc import Callable
 
-from trimail.config import Config
+from trimail.config import Config, ConfigError
 from trimail.delivery.dns import DnsError, DnsTemporary, Resolver
 from trimail.maps import Table, TableError, lookup_first, open_table
 from trimail.policy.access import AccessResult, address_keys, client_keys, parse_result
@@ -133,11 +133,23 @@ def parse_list(tokens: list[str], where: str) -> list[tuple[str, str | None]]:
     return out
 
 
+def restriction_lists(config: Config) -> dict[str, list[tuple[str, str | None]]]:
+    """Every smtpd_*_restrictions list parsed; a bad one is a ConfigError with file:line."""
+    lists = {}
+    for names in STAGE_LISTS.values():
+        for name in names:
+            try:
+                lists[name] = parse_list(config.get(name), name)
+            except RestrictionError as exc:
+                raise ConfigError(f"{config.where(name)}: {exc}") from None
+    return lists
+
+
 class Policy:
     def __init__(self, config: Config, resolver: Resolver) -> None:
         self.config = config
         self.resolver = resolver
-        self.lists = {name: parse_list(config.get(name), name) for names in STAGE_LISTS.values() for name in names}
+        self.lists = restriction_lists(config)
         self.delay_reject: bool = config.smtpd_delay_reject
         self.mynetworks = config.mynetworks
         self.local_domains = {d.lower() for d in config.mydestination}
