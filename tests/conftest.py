@@ -26,6 +26,7 @@ def write_main_cf(directory: Path, **params: object) -> Path:
         "smtpd_listen": "127.0.0.1:0",
         "queue_directory": str(directory / "queue"),
         "graceful_timeout": "5s",
+        "allow_root": "yes",  # the test suite runs as root in one process
         # receiving tests look at the queue before anything is delivered
         "master_service_disable": "qmgr",
     }

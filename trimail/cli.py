@@ -23,6 +23,7 @@ from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import PARAMETERS, Config, ConfigError
 from trimail.net.listener import ListenError
+from trimail.privileges import PrivilegeError
 from trimail.queue.lock import AlreadyRunning
 from trimail import maps
 from trimail.local.aliases import postalias
@@ -370,7 +371,7 @@ PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list"], "newalias
 
 def _first_known(group: BaseExceptionGroup) -> BaseException:
     """The error an operator should see from a group raised by trio nurseries."""
-    known = (ConfigError, Failure, QueueError, ListenError, AlreadyRunning, KeyboardInterrupt)
+    known = (ConfigError, Failure, QueueError, ListenError, AlreadyRunning, PrivilegeError, KeyboardInterrupt)
     matched, _ = group.split(known)
     if matched is None:
         return group
@@ -398,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (Failure, QueueError, ListenError, AlreadyRunning) as exc:
+    except (Failure, QueueError, ListenError, AlreadyRunning, PrivilegeError) as exc:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

@@ -21,7 +21,8 @@ graceful_timeout (plus everything trimail.smtpd reads).
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import os
+from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from trimail.net.listener import accept, bound_address, open_listeners
 from trimail.net.session import Session
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import Store, prepare_directory
+from trimail.privileges import drop_privileges
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.smtp import replies
@@ -44,20 +46,32 @@ from trimail.smtpd import ReceiveContext, SmtpdSession
 
 log = logging.getLogger("trimail.master")
 
+# (session kind, parameter with its addresses): port 25, 587 (STARTTLS, AUTH), 465 (implicit TLS)
+LISTENERS = (("smtp", "smtpd_listen"), ("submission", "submission_listen"), ("smtps", "smtps_listen"))
+
 
 class Server:
     """Handle on a running serve: where it listens, and how to stop it."""
 
-    def __init__(self, config: Config, writer: QueueWriter, listeners: list[trio.SocketListener]) -> None:
+    def __init__(self, config: Config, writer: QueueWriter,
+                 listeners: list[tuple[trio.SocketListener, str]]) -> None:
         self.config = config
         self.writer = writer
         self.listeners = listeners
-        self.addresses: list[ListenAddress] = [bound_address(listener) for listener in listeners]
+        self.addresses: list[ListenAddress] = [bound_address(listener) for listener, _ in listeners]
+        self.addresses_by_kind: dict[str, list[ListenAddress]] = {}
+        for (listener, kind), address in zip(listeners, self.addresses, strict=True):
+            self.addresses_by_kind.setdefault(kind, []).append(address)
         resolver = Resolver(config.dns_nameservers)
         self.scheduler = Scheduler(config, writer, Connector(config, resolver, self.addresses))
-        self.context = ReceiveContext(config, writer, on_queued=self.scheduler.wake, resolver=resolver)
+        auth_failures: dict[str, deque[float]] = {}
+        self.contexts = {kind: ReceiveContext(config, writer, on_queued=self.scheduler.wake, resolver=resolver,
+                                              kind=kind, auth_failures=auth_failures)
+                         for kind in {kind for _, kind in listeners} | {"smtp"}}
+        self.context = self.contexts["smtp"]
         self.sessions: set[Session] = set()
         self.per_client: Counter[str] = Counter()
+        self.recent_connects: dict[str, deque[float]] = {}
         self._stop = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -77,29 +91,50 @@ class Server:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, kind: str, sessions: trio.Nursery) -> None:
         async with listener:
             while True:
                 stream = await accept(listener)
-                sessions.start_soon(self._handle, stream)
+                sessions.start_soon(self._handle, stream, kind)
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    def _rate_exceeded(self, address: str) -> bool:
+        """smtpd_client_connection_rate_limit: connections per client per minute."""
+        limit = self.config.smtpd_client_connection_rate_limit
+        if not limit:
+            return False
+        now = trio.current_time()
+        recent = self.recent_connects.setdefault(address, deque())
+        while recent and now - recent[0] > 60:
+            recent.popleft()
+        recent.append(now)
+        if len(self.recent_connects) > 100_000:  # bounded memory: forget the oldest client
+            self.recent_connects.pop(next(iter(self.recent_connects)))
+        return len(recent) > limit
+
+    async def _handle(self, stream: trio.SocketStream, kind: str = "smtp") -> None:
         config = self.config
         peer = stream.socket.getpeername()
         address = peer[0]
-        decisions = SmtpdSession(self.context, address)
+        context = self.contexts[kind]
+        decisions = SmtpdSession(context, address)
         session = Session(
             stream,
             decisions,
             timeout=config.smtpd_timeout,
             error_sleep=config.smtpd_error_sleep_time,
             soft_error_limit=config.smtpd_soft_error_limit,
+            session_deadline=config.smtpd_session_deadline,
+            greet_pause=config.smtpd_greet_pause,
+            implicit_tls=kind == "smtps",
         )
         greeting = None
         limit = config.smtpd_client_connection_count_limit
         if len(self.sessions) >= config.smtpd_process_limit or (limit and self.per_client[address] >= limit):
             log.warning("too many connections from %s", decisions.client)
             greeting = replies.too_many_connections(self.context.hostname)
+        elif self._rate_exceeded(address):
+            log.warning("too many connections per minute from %s", decisions.client)
+            greeting = replies.Reply(421, "4.7.0", f"{context.hostname} Error: too many connections from {address}")
         self.sessions.add(session)
         self.per_client[address] += 1
         self._idle = trio.Event() if self._idle.is_set() else self._idle
@@ -134,12 +169,21 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
     for warning in check_warnings(config):
         log.warning("%s", warning)
     try:
+        listeners = [(listener, kind) for kind, parameter in LISTENERS
+                     for listener in await open_listeners(config.get(parameter))]
+        control = await open_control_listener(queue_directory)
+        if os.geteuid() == 0 and config.allow_root:
+            log.warning("running as root: allow_root = yes (development and test suites only)")
+        elif os.geteuid() == 0:
+            drop_privileges(config.mail_owner, queue_directory, config.chroot)
+            if config.chroot:
+                config = config.with_overrides({"queue_directory": "/"})
+                queue_directory = Path("/")
+            log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
         async with QueueWriter(lambda: Store.open(queue_directory)) as writer:
             recovered = await writer.run(Store.recover_active)
             if recovered:
                 log.info("recovered %d message(s) left active by an earlier run", recovered)
-            listeners = await open_listeners(config.smtpd_listen)
-            control = await open_control_listener(queue_directory)
             server = Server(config, writer, listeners)
             async with trio.open_nursery() as top:
                 if "qmgr" not in config.master_service_disable:
@@ -148,8 +192,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                     log.info("qmgr disabled by master_service_disable: mail stays queued")
                 async with trio.open_nursery() as sessions:
                     async with trio.open_nursery() as accepting:
-                        for listener in listeners:
-                            accepting.start_soon(server._accept_loop, listener, sessions)
+                        for listener, kind in listeners:
+                            accepting.start_soon(server._accept_loop, listener, kind, sessions)
                         accepting.start_soon(serve_control, control, server.control_commands())
                         log.info("daemon started -- version %s, configuration %s, listening on %s",
                                  __version__, config.source, ", ".join(map(str, server.addresses)))

@@ -22,14 +22,17 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
 
 from trimail.cleanup import virtual_expand
-from trimail.config import Config
+from trimail.config import Config, ConfigError
+from trimail.passwords import authenticate
 from trimail.delivery.dns import Resolver
 from trimail.policy.restrictions import Policy, Request, Verdict
 from trimail.maps import Table, TableError, lookup_first, open_table
@@ -41,6 +44,7 @@ from trimail.queue.writer import QueueWriter
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
 from trimail.smtp.server import (
+    Auth,
     DataAborted,
     DataChunk,
     DataEnd,
@@ -53,6 +57,7 @@ from trimail.smtp.server import (
     Reset,
     ServerConnection,
     Settings,
+    StartTls,
 )
 
 log = logging.getLogger("trimail.smtpd")
@@ -62,8 +67,12 @@ qmgr_log = logging.getLogger("trimail.qmgr")
 HEADER_SCAN_LIMIT = 64 * 1024  # header bytes examined for Message-ID and hop count
 
 
-def protocol_settings(config: Config) -> Settings:
+def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
+    tls = bool(config.smtpd_tls_cert_file) and config.smtpd_tls_security_level != "none"
     return Settings(
+        starttls=tls and kind != "smtps",
+        tls_required=tls and config.smtpd_tls_security_level == "encrypt",
+        auth=kind in ("submission", "smtps") or config.smtpd_sasl_auth_enable,
         hostname=config.myhostname,
         banner=config.smtpd_banner,
         message_size_limit=config.message_size_limit,
@@ -82,13 +91,27 @@ class ReceiveContext:
     """What every session of one serve shares: configuration and the queue writer."""
 
     def __init__(self, config: Config, writer: QueueWriter, on_queued: Callable[[], None] = lambda: None,
-                 resolver: Resolver | None = None) -> None:
+                 resolver: Resolver | None = None, kind: str = "smtp",
+                 auth_failures: dict[str, deque[float]] | None = None) -> None:
+        if kind in ("submission", "smtps"):
+            # Postfix's master.cf submission defaults: TLS first, and only logins may send
+            config = config.with_overrides({
+                "smtpd_tls_security_level": "encrypt" if kind == "submission" else "may",
+                "smtpd_client_restrictions": "permit_sasl_authenticated, reject",
+                "smtpd_relay_restrictions": "permit_sasl_authenticated, reject",
+            })
+        self.kind = kind
         self.config = config
         self.writer = writer
         self.on_queued = on_queued
+        self.tls_context = server_tls_context(config) if config.smtpd_tls_cert_file else None
+        self.password_file = Path(config.smtpd_sasl_password_file)
+        self.auth_failure_limit: int = config.smtpd_auth_failure_limit
+        self.tls_handshake_timeout: float = config.smtpd_tls_handshake_timeout
+        self.auth_failures = auth_failures if auth_failures is not None else {}
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
         self.policy.unlisted = self.is_unknown_local
-        self.settings = protocol_settings(config)
+        self.settings = protocol_settings(config, kind)
         self.hostname: str = config.myhostname
         self.mail_name: str = config.mail_name
         self.hopcount_limit: int = config.hopcount_limit
@@ -126,6 +149,21 @@ class ReceiveContext:
         return all(lookup_first(tables, key) is None for key in keys)
 
 
+def server_tls_context(config: Config) -> ssl.SSLContext:
+    """TLS 1.2 or newer with the configured certificate (ConfigError when unusable)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(config.smtpd_tls_cert_file, config.smtpd_tls_key_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"{config.where('smtpd_tls_cert_file')}: cannot load certificate "
+                          f"{config.smtpd_tls_cert_file} / key {config.smtpd_tls_key_file}: {exc}") from None
+    return ctx
+
+
+AUTH_WINDOW = 600.0
+
+
 class Transaction:
     """One mail transaction: MAIL FROM to the end of DATA."""
 
@@ -158,12 +196,21 @@ class SmtpdSession:
         self.extended = False
         self.txn: Transaction | None = None
         self.dns_cache: dict = {}  # DNS answers for the restrictions, per session
+        self.tls: str | None = None  # "TLSv1.3 with cipher ..." once encrypted
+        self.sasl_username = ""
+        self.sasl_method = ""
 
     def connection(self) -> ServerConnection:
         return ServerConnection(self.ctx.settings)
 
     async def handle(self, conn: ServerConnection, event: Event) -> Reply | None:
         """Decide on *event*; a Reply for decision events (None accepts), else None."""
+        if isinstance(event, StartTls):
+            if self.ctx.tls_context is None:
+                return Reply(454, "4.7.0", "TLS not available due to local problem")
+            return None
+        if isinstance(event, Auth):
+            return await self._authenticate(event)
         if isinstance(event, Hello):
             self.helo_name = printable(event.name, 255)
             self.extended = event.extended
@@ -174,7 +221,9 @@ class SmtpdSession:
             self.txn = Transaction(new_queue_id(), event.sender, event.params)
             reply = await self._restrict("sender", "MAIL", conn, sender=event.sender)
             if reply is None:
-                log.info("%s: client=%s", self.txn.queue_id, self.client)
+                sasl = f", sasl_method={self.sasl_method}, sasl_username={self.sasl_username}" \
+                    if self.sasl_username else ""
+                log.info("%s: client=%s%s", self.txn.queue_id, self.client, sasl)
             return reply
         if isinstance(event, RcptTo):
             assert self.txn is not None
@@ -237,7 +286,7 @@ class SmtpdSession:
             protocol="ESMTP" if self.extended else "SMTP", sender=sender, recipient=recipient,
             queue_id=txn.queue_id if txn else "", recipient_count=len(txn.recipients) if txn else 0,
             size=size, pipelined=conn.pending_input and (stage == "data" or not self.extended),
-            cache=self.dns_cache)
+            sasl_username=self.sasl_username, cache=self.dns_cache)
         verdict = await policy.check(stage, request)
         for warning in verdict.warnings:
             log.info("%s: warn: %s from %s: %s", txn.queue_id if txn else "NOQUEUE", command, self.client, warning)
@@ -251,6 +300,28 @@ class SmtpdSession:
             mine.redirect = verdict.redirect or mine.redirect
             mine.prepend += verdict.prepend
         return None
+
+    async def _authenticate(self, event: Auth) -> Reply:
+        ctx = self.ctx
+        now = time.monotonic()
+        failures = ctx.auth_failures.setdefault(self.client_address, deque())
+        while failures and now - failures[0] > AUTH_WINDOW:
+            failures.popleft()
+        if len(failures) >= ctx.auth_failure_limit:
+            log.warning("%s: too many failed AUTH attempts (%d)", self.client, len(failures))
+            return Reply(454, "4.7.0", "Too many failed authentication attempts, try again later")
+        user = event.credentials.username
+        ok = await trio.to_thread.run_sync(authenticate, ctx.password_file, user, event.credentials.password)
+        if not ok:
+            failures.append(now)
+            if len(ctx.auth_failures) > 100_000:  # bounded memory under a distributed attack
+                ctx.auth_failures.pop(next(iter(ctx.auth_failures)))
+            log.warning("%s: SASL %s authentication failed: authentication failure, sasl_username=%s",
+                        self.client, event.mechanism, printable(user, 64))
+            return Reply(535, "5.7.8", "Error: authentication failed: authentication failure")
+        self.sasl_username = user
+        self.sasl_method = event.mechanism
+        return Reply(235, "2.7.0", "Authentication successful")
 
     def _log_reject(self, command: str, reply: Reply, recipient: str | None) -> None:
         txn = self.txn
@@ -278,9 +349,13 @@ class SmtpdSession:
             self.txn = None
 
     def _protocol(self, conn: ServerConnection) -> str:
-        if conn.smtputf8:
-            return "UTF8SMTP"
-        return "ESMTP" if self.extended else "SMTP"
+        """RFC 3848 / 6531 WITH protocol types: ESMTP, ESMTPS, ESMTPSA, UTF8SMTPS, ..."""
+        base = "UTF8SMTP" if conn.smtputf8 else ("ESMTP" if self.extended else "SMTP")
+        if self.tls:
+            base += "S"
+        if self.sasl_username and base != "SMTP":
+            base += "A"
+        return base
 
     def _received_header(self, conn: ServerConnection) -> bytes:
         assert self.txn is not None
@@ -288,6 +363,7 @@ class SmtpdSession:
         stamp = rfc5322_date()
         lines = [
             f"Received: from {self.helo_name} ({self.client_name} [{self.client_address}])",
+            *([f"\t(using {self.tls})"] if self.tls else []),
             f"\tby {self.ctx.hostname} ({self.ctx.mail_name}) with {txn.protocol} id {txn.queue_id}",
         ]
         if len(txn.recipients) == 1:

@@ -16,7 +16,7 @@ import math
 import trio
 
 from trimail.smtp import replies
-from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, State
+from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, StartTls, State
 from trimail.smtpd import SmtpdSession
 
 log = logging.getLogger("trimail.smtpd")
@@ -31,8 +31,12 @@ class Session:
     ``abort()`` closes it now (after the grace period), both with 421."""
 
     def __init__(self, stream: trio.SocketStream, decisions: SmtpdSession, *, timeout: float,
-                 error_sleep: float, soft_error_limit: int) -> None:
-        self.stream = stream
+                 error_sleep: float, soft_error_limit: int, session_deadline: float = math.inf,
+                 greet_pause: float = 0.0, implicit_tls: bool = False) -> None:
+        self.stream: trio.abc.Stream = stream
+        self.session_deadline = trio.current_time() + session_deadline
+        self.greet_pause = greet_pause
+        self.implicit_tls = implicit_tls
         self.decisions = decisions
         self.conn = decisions.connection()
         self.timeout = timeout
@@ -59,18 +63,31 @@ class Session:
             # One scope for the whole session: its deadline is smtpd_timeout from the
             # start of the current read or write; stop requests cancel it too.
             with trio.CancelScope() as self._scope:
+                self._extend_deadline()
+                if self.implicit_tls:
+                    await self._start_tls()
+                    self.conn.tls_active = True
+                if greeting is None and self.greet_pause > 0 and await self._talks_first():
+                    log.info("reject: pipelining before the greeting from %s", client)
+                    greeting = replies.Reply(554, "5.5.1", "Error: SMTP protocol synchronization")
                 self.conn.greet(greeting)
                 await self._loop()
             if self._scope.cancelled_caught:
                 hostname = self.decisions.ctx.hostname
                 if self.stopping:
                     self.conn.close(replies.shutting_down(hostname), "shutting down")
+                elif trio.current_time() >= self.session_deadline:
+                    log.info("session time limit exceeded after %s from %s", self.conn.state.value.upper(), client)
+                    self.conn.close(replies.Reply(421, "4.4.2", f"{hostname} Error: session time limit exceeded"),
+                                    "session deadline")
                 else:
                     log.info("timeout after %s from %s", self.conn.state.value.upper(), client)
                     self.conn.close(replies.timeout(hostname), "timeout")
             await self._final_flush()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.info("lost connection after %s from %s", self.conn.state.value.upper(), client)
+        except _TlsFailed as exc:
+            log.info("SSL_accept error from %s: %s", client, exc)
         except Exception:
             log.exception("session with %s failed", client)
             if not self.conn.closed:
@@ -106,18 +123,43 @@ class Session:
                 conn.respond(reply)
                 if reply is not None and reply.is_error:
                     await self._error_delay()
+                elif isinstance(event, StartTls):
+                    await self._flush()
+                    await self._start_tls()
             elif isinstance(event, Rejected):
                 await self._error_delay()
             if conn.output_size > FLUSH_THRESHOLD:
                 await self._flush()
 
     def _extend_deadline(self) -> None:
-        """smtpd_timeout from now, for the next read or write.  Moving a trio
-        deadline has a cost, so it is moved only when it gained a second or more."""
+        """smtpd_timeout from now, for the next read or write, but never past the
+        session deadline (a client sending one byte at a time cannot stay forever).
+        Moving a trio deadline has a cost, so it moves only when it gained a second."""
         assert self._scope is not None
-        deadline = trio.current_time() + self.timeout
+        deadline = min(trio.current_time() + self.timeout, self.session_deadline)
         if deadline - self._scope.deadline >= 1.0 or self._scope.deadline == math.inf:
             self._scope.deadline = deadline
+
+    async def _start_tls(self) -> None:
+        ctx = self.decisions.ctx.tls_context
+        assert ctx is not None
+        stream = trio.SSLStream(self.stream, ctx, server_side=True, https_compatible=False)
+        try:
+            with trio.fail_after(self.decisions.ctx.tls_handshake_timeout):
+                await stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+            raise _TlsFailed(str(exc) or type(exc).__name__) from None
+        self.stream = stream
+        cipher = stream.cipher()
+        self.decisions.tls = f"{stream.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
+        log.info("Anonymous TLS connection established from %s: %s", self.decisions.client, self.decisions.tls)
+
+    async def _talks_first(self) -> bool:
+        """smtpd_greet_pause: does the client send before our banner?"""
+        with trio.move_on_after(self.greet_pause):
+            data = await self.stream.receive_some(RECEIVE_SIZE)
+            return bool(data)
+        return False
 
     async def _error_delay(self) -> None:
         """Tarpit: past smtpd_soft_error_limit, each error reply is delayed."""
@@ -137,6 +179,10 @@ class Session:
                 await self._flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
+
+
+class _TlsFailed(Exception):
+    pass
 
 
 def format_stats(stats: dict[str, int]) -> str:

@@ -38,6 +38,7 @@ from collections import Counter, deque
 from trimail.smtp import replies
 from trimail.smtp.address import AddressError, parse_path
 from trimail.smtp.replies import Reply
+from trimail.smtp.sasl import Credentials, SaslError, SaslExchange
 
 
 class LocalProtocolError(Exception):
@@ -108,6 +109,24 @@ class DataAborted(Event):
 
 
 @dataclasses.dataclass(slots=True)
+class StartTls(Event):
+    """The client asked for TLS.  Answer 220 to proceed: the machine then forgets
+    every byte received so far and returns to the state before EHLO; the caller
+    does the handshake after sending the reply."""
+
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
+class Auth(Event):
+    """Credentials from AUTH; answer 235 (success) or 535 (failure)."""
+
+    mechanism: str
+    credentials: Credentials
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
 class Reset(Event):
     """The mail transaction was cleared (RSET, EHLO/HELO, or a failed DATA)."""
 
@@ -134,6 +153,7 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL accepted, no recipient yet
     RCPT = "rcpt"  # at least one recipient accepted
     DATA = "data"  # reading message content
+    AUTH = "auth"  # reading SASL responses
     CLOSED = "closed"
 
 
@@ -154,7 +174,7 @@ _SEQUENCE_ERRORS: dict[str, dict[State, Reply]] = {
              State.MAIL: replies.NO_VALID_RECIPIENTS},
 }
 
-_KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "STARTTLS", "AUTH", "ATRN", "SEND",
+_KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "ATRN", "SEND",
                                     "SOML", "SAML"})
 
 _DATA_FLUSH = 4096  # longest partial data line kept before it is passed on
@@ -173,6 +193,9 @@ class Settings:
     smtputf8: bool = True
     vrfy: bool = True
     helo_required: bool = False  # smtpd_helo_required: MAIL before HELO/EHLO is refused
+    starttls: bool = False  # offer STARTTLS (a certificate is configured)
+    tls_required: bool = False  # smtpd_tls_security_level = encrypt: no mail before STARTTLS
+    auth: bool = False  # offer AUTH PLAIN LOGIN (only ever once TLS is active)
     extra_extensions: tuple[str, ...] = ()
 
 
@@ -187,6 +210,9 @@ class ServerConnection:
         self.error_count = 0
         self.recipient_count = 0
         self.smtputf8 = False  # SMTPUTF8 declared on the current MAIL
+        self.tls_active = False
+        self.authenticated: str | None = None  # the SASL login once AUTH succeeded
+        self._sasl: SaslExchange | None = None
         self.command_stats: Counter[str] = Counter()  # "ehlo" -> total, "ehlo/ok" -> accepted
         self._in = bytearray()
         self._out = bytearray()
@@ -296,6 +322,8 @@ class ServerConnection:
             self.error_count += 1
             if isinstance(event, DataEnd):
                 self._end_transaction(State.READY)
+            elif isinstance(event, Auth):
+                self.state = State.READY
         self._send(reply)
         if reply.code == 421:
             if self.state is State.DATA:
@@ -313,6 +341,10 @@ class ServerConnection:
             return Reply(250, "2.1.5", "Ok")
         if isinstance(event, DataStart):
             return replies.START_DATA
+        if isinstance(event, StartTls):
+            return Reply(220, "2.0.0", "Ready to start TLS")
+        if isinstance(event, Auth):
+            return Reply(235, "2.7.0", "Authentication successful")
         raise LocalProtocolError(f"no default reply for {event!r}")
 
     def extensions(self) -> list[str]:
@@ -323,6 +355,10 @@ class ServerConnection:
         keywords += ["ENHANCEDSTATUSCODES", "8BITMIME"]
         if self.settings.smtputf8:
             keywords.append("SMTPUTF8")
+        if self.settings.starttls and not self.tls_active:
+            keywords.append("STARTTLS")
+        if self.settings.auth and self.tls_active and not self.authenticated:
+            keywords.append("AUTH PLAIN LOGIN")
         keywords += self.settings.extra_extensions
         return keywords
 
@@ -345,6 +381,18 @@ class ServerConnection:
             self._too_big = False
         elif isinstance(event, DataEnd):
             self._end_transaction(State.READY)
+        elif isinstance(event, StartTls):
+            # CVE-2011-0411 class: nothing received before the handshake may be
+            # executed as if it had come encrypted; start over from before EHLO.
+            self._in.clear()
+            self._eof = False
+            self.tls_active = True
+            self.helo_name = None
+            self.extended = False
+            self._end_transaction(State.INIT)
+        elif isinstance(event, Auth):
+            self.authenticated = event.credentials.username
+            self.state = State.READY
 
     def _end_transaction(self, state: State) -> None:
         self.recipient_count = 0
@@ -393,6 +441,9 @@ class ServerConnection:
             self._send(replies.BARE_LF)
             self._close("bare <LF> received")
             return True
+        if self.state is State.AUTH:
+            self._sasl_line(raw)
+            return True
         if len(raw) > limit:
             self._error("", replies.LINE_TOO_LONG)
             return True
@@ -404,6 +455,9 @@ class ServerConnection:
         return True
 
     def _command(self, raw: bytes) -> None:
+        if b"\x00" in raw:
+            self._error("", Reply(500, "5.5.2", "Error: NUL character in command"))
+            return
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -424,6 +478,9 @@ class ServerConnection:
             return
         name = verb.lower()
         self.command_stats[name] += 1
+        if verb in ("MAIL", "RCPT", "DATA", "AUTH") and self.settings.tls_required and not self.tls_active:
+            self._error(name, Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
+            return
         allowed = TRANSITIONS.get(verb)
         mail_without_helo = verb == "MAIL" and self.state is State.INIT and not self.settings.helo_required
         if allowed is not None and self.state not in allowed and not mail_without_helo:
@@ -537,6 +594,63 @@ class ServerConnection:
             self.command_stats["vrfy/ok"] += 1
             self._send(replies.VRFY_CANNOT)
 
+    def _do_starttls(self, arg: str) -> None:
+        if not self.settings.starttls:
+            self._error("starttls", replies.NOT_IMPLEMENTED)
+        elif self.tls_active:
+            self._error("starttls", Reply(554, "5.5.1", "Error: TLS already active"))
+        elif arg:
+            self._error("starttls", Reply(501, "5.5.4", "Syntax: STARTTLS"))
+        elif self.state in (State.MAIL, State.RCPT):
+            self._error("starttls", Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+        else:
+            self._decide(StartTls())
+
+    def _do_auth(self, arg: str) -> None:
+        if not self.settings.auth:
+            self._error("auth", replies.NOT_IMPLEMENTED)
+        elif not self.tls_active:
+            self._error("auth", Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
+        elif self.authenticated:
+            self._error("auth", Reply(503, "5.5.1", "Error: already authenticated"))
+        elif self.state in (State.MAIL, State.RCPT):
+            self._error("auth", Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+        elif self.helo_name is None:
+            self._error("auth", replies.NEED_HELO)
+        else:
+            mechanism, _, initial = arg.partition(" ")
+            if mechanism.upper() not in ("PLAIN", "LOGIN"):
+                self._error("auth", Reply(504, "5.5.4", "Unsupported authentication mechanism"))
+                return
+            self._sasl = SaslExchange(mechanism)
+            self.state = State.AUTH
+            self._sasl_result(lambda: self._sasl.start(initial.strip() or None) if self._sasl else "")
+
+    def _sasl_line(self, raw: bytes) -> None:
+        line = raw.decode("ascii", "replace")
+        if line.strip() == "*":
+            self.state = State.READY
+            self._sasl = None
+            self._error("auth", Reply(501, "5.7.0", "Authentication aborted"))
+            return
+        self._sasl_result(lambda: self._sasl.step(line) if self._sasl else "")
+
+    def _sasl_result(self, step) -> None:
+        try:
+            result = step()
+        except SaslError as exc:
+            self.state = State.READY
+            self._sasl = None
+            self._error("auth", Reply(501, "5.5.2", str(exc)))
+            return
+        if isinstance(result, Credentials):
+            mechanism = self._sasl.mechanism if self._sasl else "PLAIN"
+            self._sasl = None
+            self._pending_verb = "auth"
+            self._decide(Auth(mechanism, result))
+        else:
+            self._send(Reply(334, "", result))
+
     def _do_help(self, arg: str) -> None:
         self.command_stats["help/ok"] += 1
         self._send(replies.HELP)
@@ -619,4 +733,6 @@ _HANDLERS = {
     "QUIT": ServerConnection._do_quit,
     "VRFY": ServerConnection._do_vrfy,
     "HELP": ServerConnection._do_help,
+    "STARTTLS": ServerConnection._do_starttls,
+    "AUTH": ServerConnection._do_auth,
 }

@@ -1,0 +1,65 @@
+"""Least privilege: serve started as root binds its ports, then becomes ``mail_owner``.
+
+``drop_privileges()`` refuses a missing or root ``mail_owner``, hands the queue
+directory (0700) and its files (0600) to that user, clears supplementary groups,
+and sets gid then uid; the change is permanent (real, effective and saved ids),
+and a check afterwards makes sure root cannot be regained.  Optional
+``chroot = yes`` first confines the process to ``queue_directory``: everything
+serve opens later (queue database, mailboxes, tables, password file, DNS server
+list via ``dns_nameservers``) must then live inside it, and paths in the
+configuration are taken relative to the jail (``queue_directory`` becomes ``/``).
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+from pathlib import Path
+
+
+class PrivilegeError(Exception):
+    pass
+
+
+def owner_ids(user: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise PrivilegeError(f"mail_owner {user!r} does not exist; create the account or set mail_owner") from None
+    if entry.pw_uid == 0 or entry.pw_gid == 0:
+        raise PrivilegeError(f"mail_owner {user!r} has root privileges; use an unprivileged account")
+    return entry.pw_uid, entry.pw_gid
+
+
+def hand_over(queue_directory: Path, uid: int, gid: int) -> None:
+    """The queue directory and everything in it belongs to mail_owner, 0700/0600."""
+    os.chown(queue_directory, uid, gid)
+    os.chmod(queue_directory, 0o700)
+    for root, dirs, files in os.walk(queue_directory):
+        for name in dirs:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chown(path, uid, gid)
+        for name in files:
+            path = os.path.join(root, name)
+            if os.path.islink(path):
+                continue
+            os.chown(path, uid, gid)
+            if os.stat(path).st_mode & 0o077 and not name.endswith(".sock") and name != "control":
+                os.chmod(path, 0o600)
+
+
+def drop_privileges(user: str, queue_directory: Path, chroot: bool) -> None:
+    uid, gid = owner_ids(user)
+    hand_over(queue_directory, uid, gid)
+    if chroot:
+        os.chroot(queue_directory)
+        os.chdir("/")
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return
+    raise PrivilegeError("still able to become root after dropping privileges")
