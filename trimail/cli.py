@@ -317,6 +317,51 @@ def postmap_command(table: str, *, q: Annotated[str | None, Parameter(name=["-q"
         print(f"trimail: warning: {warning}", file=sys.stderr)
 
 
+# -- passwords -------------------------------------------------------------------
+
+passwd_app = App(name="passwd", help="Manage AUTH logins (salted scrypt hashes, never plaintext).")
+app.command(passwd_app)
+
+
+@passwd_app.command(name="add")
+def passwd_add(user: str, *, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Add or change a login; the password is read from standard input (or prompted for)."""
+    from trimail import passwords
+
+    cfg = load_config(config, o)
+    try:
+        passwords.check_user(user)
+    except passwords.PasswordError as exc:
+        raise Failure(str(exc)) from None
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"password for {user}: ")
+        if getpass.getpass("again: ") != password:
+            raise Failure("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if not password:
+        raise Failure("empty password")
+    path = Path(cfg.smtpd_sasl_password_file)
+    table = passwords.read_table(path)
+    table[user] = passwords.hash_password(password)
+    passwords.write_table(path, table)
+
+
+@passwd_app.command(name="delete")
+def passwd_delete(user: str, *, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Remove a login."""
+    from trimail import passwords
+
+    cfg = load_config(config, o)
+    path = Path(cfg.smtpd_sasl_password_file)
+    table = passwords.read_table(path)
+    if table.pop(user, None) is None:
+        raise Failure(f"{user}: no such login in {path}")
+    passwords.write_table(path, table)
+
+
 # -- aliases -----------------------------------------------------------------------
 
 

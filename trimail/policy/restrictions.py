@@ -477,6 +477,29 @@ class Policy:
             return self._reply(550, "5.1.0", "sender", req, "User unknown in local recipient table")
         return DUNNO
 
+    # SASL
+    async def _r_reject_sender_login_mismatch(self, req, kind, arg, verdict):
+        """smtpd_sender_login_maps: who may use a sender address (Postfix's rules)."""
+        if not req.sender:
+            return DUNNO
+        owners: list[str] = []
+        try:
+            for ref in self.config.smtpd_sender_login_maps:
+                value = lookup_first([self.table(ref)], req.sender.lower()) or lookup_first(
+                    [self.table(ref)], "@" + req.sender.rpartition("@")[2].lower())
+                if value:
+                    owners = [o.strip().lower() for o in re.split(r"[,\s]+", value) if o.strip()]
+                    break
+        except TableError as exc:
+            log.warning("smtpd_sender_login_maps: %s", exc)
+            return self._reply(451, "4.3.0", "sender", req, "Temporary lookup failure")
+        if req.sasl_username:
+            if req.sasl_username.lower() not in owners:
+                return self._reply(553, "5.7.1", "sender", req, f"not owned by user {req.sasl_username}")
+        elif owners:
+            return self._reply(553, "5.7.1", "sender", req, "not logged in")
+        return DUNNO
+
     # access tables
     async def _access(self, req: Request, kind: str, ref: str, keys: list[str],
                       verdict: Verdict, depth: int = 0) -> Permit | Reply | None:
