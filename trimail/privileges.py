@@ -49,8 +49,28 @@ def hand_over(queue_directory: Path, uid: int, gid: int) -> None:
                 os.chmod(path, 0o600)
 
 
+def preload() -> None:
+    """Import now what serve would otherwise import lazily later: after the switch
+    to mail_owner (and inside a chroot) the Python installation may be out of reach."""
+    import encodings.idna  # noqa: F401  (dnspython's name codec)
+    import importlib
+
+    import dns.rdata
+    import dns.rdataclass
+    import dns.rdatatype
+
+    for module in ("dns._trio_backend", "dns.asyncbackend", "dns.asyncquery", "dns.edns", "dns.flags",
+                   "dns.message", "dns.nameserver", "dns.query", "dns.rcode", "dns.resolver", "dns.reversename",
+                   "trimail.passwords", "trimail.local.aliases", "trimail.local.mailbox", "ssl", "subprocess",
+                   "shlex", "email.utils", "email.policy"):
+        importlib.import_module(module)
+    for rdtype in ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "NS", "SOA", "OPT"):
+        dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype))
+
+
 def drop_privileges(user: str, queue_directory: Path, chroot: bool) -> None:
     uid, gid = owner_ids(user)
+    preload()
     hand_over(queue_directory, uid, gid)
     if chroot:
         os.chroot(queue_directory)

@@ -1,0 +1,61 @@
+"""serve started as root: binds port 25, then runs as mail_owner (optionally chrooted), and mail flows."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import smtplib
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_main_cf
+from tests.peers import Sink
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind port 25 and change users")
+
+
+def ids(pid: int) -> tuple[list[int], list[int]]:
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()]
+
+
+@pytest.mark.parametrize("chroot", [False, True], ids=["mail_owner", "mail_owner+chroot"])
+def test_serve_drops_root_and_mail_still_flows(tmp_path, serve_process, chroot):
+    nobody = pwd.getpwnam("nobody")
+    queue = Path(tempfile.mkdtemp(prefix="trimail-priv-", dir="/tmp"))
+    try:
+        with Sink() as sink:
+            config_path = write_main_cf(
+                tmp_path, smtpd_listen="127.0.0.1:25", queue_directory=str(queue), mail_owner="nobody",
+                allow_root="no", chroot="yes" if chroot else "no", master_service_disable="",
+                relayhost=f"[127.0.0.1]:{sink.port}", alias_maps="", alias_database="", local_recipient_maps="")
+            proc = serve_process(config_path)
+            assert proc.port == 25
+            uids, gids = ids(proc.proc.pid)
+            assert uids == [nobody.pw_uid] * 4 and gids == [nobody.pw_gid] * 4
+            if chroot:
+                assert os.readlink(f"/proc/{proc.proc.pid}/root") == str(queue)
+            assert (queue / "queue.db").stat().st_uid == nobody.pw_uid
+            assert (queue.stat().st_mode & 0o777) == 0o700
+            with smtplib.SMTP("127.0.0.1", 25, timeout=30) as client:
+                client.sendmail("a@client.example", ["b@far.example"], "Subject: unprivileged\r\n\r\nx\r\n")
+            deadline = time.monotonic() + 30
+            while not sink.messages and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert [rcpts for _, rcpts, _ in sink.messages] == [["b@far.example"]]
+            assert proc.stop() == 0
+    finally:
+        shutil.rmtree(queue, ignore_errors=True)
+
+
+def test_root_or_missing_mail_owner_is_refused(tmp_path):
+    from tests.conftest import trimail
+
+    for owner, message in (("root", "has root privileges"), ("no-such-user-xyz", "does not exist")):
+        config_path = write_main_cf(tmp_path, mail_owner=owner, allow_root="no")
+        result = trimail("serve", "-c", str(config_path))
+        assert result.returncode == 1 and message in result.stderr, result.stderr
