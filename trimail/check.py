@@ -53,8 +53,29 @@ def warnings(config: Config) -> list[str]:
     except ConfigError as exc:
         found.append(str(exc))
     queue = Path(config.queue_directory)
-    if queue.exists() and stat.S_IMODE(queue.stat().st_mode) & 0o077:
-        found.append(f"queue_directory {queue} is accessible to other users (mode "
-                     f"{stat.S_IMODE(queue.stat().st_mode):o}); expected 700")
+    if queue.exists():
+        found += _ownership(queue, config.mail_owner, config.allow_root)
+    return found
+
+
+def _ownership(queue: Path, owner: str, allow_root: bool) -> list[str]:
+    """Queue files 0600 and directories 0700, owned by mail_owner."""
+    import pwd
+
+    found = []
+    try:
+        uid = pwd.getpwnam(owner).pw_uid
+    except KeyError:
+        return [f"mail_owner {owner!r} does not exist"]
+    for path in [queue, *queue.iterdir()]:
+        st = path.lstat()
+        if stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            found.append(f"{path} is accessible to other users (mode {mode:o}); expected "
+                         f"{'700' if path.is_dir() else '600'}")
+        if st.st_uid != uid and not (allow_root and st.st_uid == 0):
+            found.append(f"{path} is owned by uid {st.st_uid}, not mail_owner {owner} (uid {uid})")
     return found
 

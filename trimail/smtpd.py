@@ -115,6 +115,7 @@ class ReceiveContext:
         self.hostname: str = config.myhostname
         self.mail_name: str = config.mail_name
         self.hopcount_limit: int = config.hopcount_limit
+        self.header_size_limit: int = config.header_size_limit
         self.spool_directory = Path(config.queue_directory)
         self.local_domains = {d.lower() for d in config.mydestination}
         self.delimiter: str = config.recipient_delimiter
@@ -176,6 +177,9 @@ class Transaction:
         self.protocol = "SMTP"
         self.header = bytearray()  # start of the content, until the blank line
         self.header_done = False
+        self.header_seen = 0  # bytes of header section seen so far
+        self.header_tail = b""  # the last bytes of the previous chunk, to find CRLFCRLF across chunks
+        self.header_too_big = False
         self.verdict = Verdict()  # actions collected from the restrictions (HOLD, PREPEND, ...)
 
     def discard(self) -> None:
@@ -380,14 +384,24 @@ class SmtpdSession:
         if txn.header_done:
             return
         room = HEADER_SCAN_LIMIT - len(txn.header)
-        txn.header += data[:room]
-        end = txn.header.find(b"\r\n\r\n")
-        if txn.header.startswith(b"\r\n"):
-            end = 0
+        if room > 0:
+            txn.header += data[:room]
+        window = txn.header_tail + data
+        end = 0 if txn.header_seen == 0 and data.startswith(b"\r\n") else window.find(b"\r\n\r\n")
         if end >= 0:
-            del txn.header[end + 2:]
+            size = txn.header_seen - len(txn.header_tail) + end + 2
+            cut = txn.header.find(b"\r\n\r\n")
+            if txn.header.startswith(b"\r\n"):
+                cut = 0
+            if cut >= 0:
+                del txn.header[cut + 2:]
             txn.header_done = True
-        elif len(txn.header) >= HEADER_SCAN_LIMIT:
+        else:
+            size = txn.header_seen + len(data)
+            txn.header_tail = window[-3:]
+        txn.header_seen = size
+        if size > self.ctx.header_size_limit:  # header_size_limit: refuse at the end of DATA
+            txn.header_too_big = True
             txn.header_done = True
 
 
@@ -396,6 +410,9 @@ class SmtpdSession:
         assert txn is not None and txn.spool is not None
         self.txn = None
         try:
+            if txn.header_too_big:
+                log.info("%s: reject: header size exceeds header_size_limit from %s", txn.queue_id, self.client)
+                return Reply(552, "5.6.0", "Message header size exceeds fixed limit")
             if hop_count(txn.header) > self.ctx.hopcount_limit:
                 log.info("%s: reject: too many hops from %s", txn.queue_id, self.client)
                 return replies.TOO_MANY_HOPS

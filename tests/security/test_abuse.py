@@ -144,3 +144,21 @@ async def test_too_many_received_headers_bounce_as_a_loop(start_mta):
 
     assert await trio.to_thread.run_sync(talk) == (554, b"5.4.0 Error: too many hops")
     assert Store.open(srv.config.queue_directory, readonly=True).list_messages() == []
+
+
+async def test_oversized_header_section_is_refused(start_mta):
+    srv = await start_mta(master_service_disable="qmgr", header_size_limit="2000")
+    big = "".join(f"X-Filler-{i}: {'y' * 60}\r\n" for i in range(60)) + "Subject: big\r\n\r\nbody\r\n"
+    small = "".join(f"X-Filler-{i}: {'y' * 60}\r\n" for i in range(10)) + "\r\n" + "z" * 5000 + "\r\n"
+
+    def talk(body: str) -> tuple[int, bytes]:
+        import smtplib
+
+        with smtplib.SMTP("127.0.0.1", srv.addresses[0].port, timeout=30) as client:
+            client.ehlo("x.example")
+            client.mail("a@client.example")
+            client.rcpt("b@far.example")
+            return client.data(body)
+
+    assert await trio.to_thread.run_sync(talk, big) == (552, b"5.6.0 Message header size exceeds fixed limit")
+    assert (await trio.to_thread.run_sync(talk, small))[0] == 250  # a big body is fine

@@ -59,3 +59,17 @@ def test_root_or_missing_mail_owner_is_refused(tmp_path):
         config_path = write_main_cf(tmp_path, mail_owner=owner, allow_root="no")
         result = trimail("serve", "-c", str(config_path))
         assert result.returncode == 1 and message in result.stderr, result.stderr
+
+
+def test_check_reports_wrong_owner_and_modes(tmp_path):
+    from tests.conftest import trimail
+
+    queue = tmp_path / "queue"
+    queue.mkdir(mode=0o755)
+    (queue / "queue.db").write_bytes(b"")
+    (queue / "queue.db").chmod(0o644)
+    config_path = write_main_cf(tmp_path, mail_owner="nobody", allow_root="no")
+    result = trimail("check", "-c", str(config_path))
+    assert "queue is accessible to other users (mode 755); expected 700" in result.stderr
+    assert "queue.db is accessible to other users (mode 644); expected 600" in result.stderr
+    assert "not mail_owner nobody" in result.stderr
