@@ -350,6 +350,7 @@ PARAMETERS: dict[str, Param] = {
         # TLS and AUTH
         _P("smtpd_tls_cert_file", "", _str, "server certificate (PEM)"),
         _P("smtpd_sasl_auth_enable", "no", parse_bool, "offer AUTH on smtpd_listen (always on submission)"),
+        _P("smtpd_tls_auth_only", "yes", parse_bool, "offer AUTH only under TLS (Postfix's default is no)"),
         _P("smtpd_sasl_password_file", "$queue_directory/sasl_passwd", _str,
            "(trimail) AUTH logins with salted scrypt hashes, managed by trimail passwd"),
         _P("smtpd_auth_failure_limit", "5", parse_int,

@@ -19,6 +19,7 @@ the log only.
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import logging
 import re
@@ -73,6 +74,7 @@ def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
         starttls=tls and kind != "smtps",
         tls_required=tls and config.smtpd_tls_security_level == "encrypt",
         auth=kind in ("submission", "smtps") or config.smtpd_sasl_auth_enable,
+        auth_tls_only=config.smtpd_tls_auth_only,
         hostname=config.myhostname,
         banner=config.smtpd_banner,
         message_size_limit=config.message_size_limit,
@@ -108,6 +110,7 @@ class ReceiveContext:
         self.password_file = Path(config.smtpd_sasl_password_file)
         self.auth_failure_limit: int = config.smtpd_auth_failure_limit
         self.tls_handshake_timeout: float = config.smtpd_tls_handshake_timeout
+        self.hooks: SessionHooks | None = None
         self.auth_failures = auth_failures if auth_failures is not None else {}
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
         self.policy.unlisted = self.is_unknown_local
@@ -163,6 +166,37 @@ def server_tls_context(config: Config) -> ssl.SSLContext:
 
 
 AUTH_WINDOW = 600.0
+
+
+class DropConnection(Exception):
+    """Raised by a hook to make the session vanish without a reply (fault injection)."""
+
+
+@dataclasses.dataclass(slots=True)
+class AcceptedMessage:
+    """What a hook learns about each message committed to the queue."""
+
+    queue_id: str
+    sender: str
+    recipients: list[str]
+    params: dict[str, str | None]
+    client_address: str
+    helo: str
+    protocol: str
+    tls: str | None
+    sasl_username: str
+    raw: bytes
+
+
+class SessionHooks:
+    """Extension points used by trimail.testing: refuse, delay or drop at a stage
+    (``mail``, ``rcpt``, ``data``, ``end``) and learn about accepted messages."""
+
+    async def before(self, stage: str, session: SmtpdSession, address: str | None) -> Reply | None:
+        return None
+
+    def accepted(self, message: AcceptedMessage) -> None:
+        pass
 
 
 class Transaction:
@@ -223,6 +257,9 @@ class SmtpdSession:
         if isinstance(event, MailFrom):
             self._discard()
             self.txn = Transaction(new_queue_id(), event.sender, event.params)
+            if (hooked := await self._hook("mail", event.sender)) is not None:
+                self.txn = None
+                return hooked
             reply = await self._restrict("sender", "MAIL", conn, sender=event.sender)
             if reply is None:
                 sasl = f", sasl_method={self.sasl_method}, sasl_username={self.sasl_username}" \
@@ -231,6 +268,8 @@ class SmtpdSession:
             return reply
         if isinstance(event, RcptTo):
             assert self.txn is not None
+            if (hooked := await self._hook("rcpt", event.recipient)) is not None:
+                return hooked
             reply = await self._restrict("recipient", "RCPT", conn, sender=self.txn.sender,
                                          recipient=event.recipient)
             if reply is not None:
@@ -249,6 +288,8 @@ class SmtpdSession:
             return None
         if isinstance(event, DataStart):
             assert self.txn is not None
+            if (hooked := await self._hook("data", None)) is not None:
+                return hooked
             reply = await self._restrict("data", "DATA", conn, sender=self.txn.sender)
             if reply is not None:
                 return reply
@@ -265,6 +306,9 @@ class SmtpdSession:
             return None
         if isinstance(event, DataEnd):
             assert self.txn is not None
+            if (hooked := await self._hook("end", None)) is not None:
+                self._discard()
+                return hooked
             reply = await self._restrict("end_of_data", "END-OF-MESSAGE", conn, sender=self.txn.sender,
                                          size=event.size)
             if reply is not None:
@@ -304,6 +348,10 @@ class SmtpdSession:
             mine.redirect = verdict.redirect or mine.redirect
             mine.prepend += verdict.prepend
         return None
+
+    async def _hook(self, stage: str, address: str | None) -> Reply | None:
+        hooks = self.ctx.hooks
+        return None if hooks is None else await hooks.before(stage, self, address)
 
     async def _authenticate(self, event: Auth) -> Reply:
         ctx = self.ctx
@@ -448,6 +496,14 @@ class SmtpdSession:
                     log.error("%s: cannot queue message from %s: %s", txn.queue_id, self.client, exc)
                     return replies.LOCAL_ERROR
             self.ctx.on_queued()
+            if self.ctx.hooks is not None:
+                spool = message.content
+                raw = spool.getvalue()
+                if raw is None:
+                    raw = b"".join(spool.chunks(1 << 20))
+                self.ctx.hooks.accepted(AcceptedMessage(
+                    txn.queue_id, txn.sender, list(recipients), dict(txn.params), self.client_address,
+                    self.helo_name, txn.protocol, self.tls, self.sasl_username, raw))
             if message_id is not None:
                 cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
             if verdict.hold:

@@ -17,7 +17,7 @@ import trio
 
 from trimail.smtp import replies
 from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, StartTls, State
-from trimail.smtpd import SmtpdSession
+from trimail.smtpd import DropConnection, SmtpdSession
 
 log = logging.getLogger("trimail.smtpd")
 
@@ -88,6 +88,8 @@ class Session:
             log.info("lost connection after %s from %s", self.conn.state.value.upper(), client)
         except _TlsFailed as exc:
             log.info("SSL_accept error from %s: %s", client, exc)
+        except DropConnection:
+            log.info("dropped connection after %s from %s (fault injection)", self.conn.state.value.upper(), client)
         except Exception:
             log.exception("session with %s failed", client)
             if not self.conn.closed:

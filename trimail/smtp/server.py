@@ -195,7 +195,8 @@ class Settings:
     helo_required: bool = False  # smtpd_helo_required: MAIL before HELO/EHLO is refused
     starttls: bool = False  # offer STARTTLS (a certificate is configured)
     tls_required: bool = False  # smtpd_tls_security_level = encrypt: no mail before STARTTLS
-    auth: bool = False  # offer AUTH PLAIN LOGIN (only ever once TLS is active)
+    auth: bool = False  # offer AUTH PLAIN LOGIN
+    auth_tls_only: bool = True  # smtpd_tls_auth_only: AUTH only once TLS is active
     extra_extensions: tuple[str, ...] = ()
 
 
@@ -357,7 +358,7 @@ class ServerConnection:
             keywords.append("SMTPUTF8")
         if self.settings.starttls and not self.tls_active:
             keywords.append("STARTTLS")
-        if self.settings.auth and self.tls_active and not self.authenticated:
+        if self.settings.auth and (self.tls_active or not self.settings.auth_tls_only) and not self.authenticated:
             keywords.append("AUTH PLAIN LOGIN")
         keywords += self.settings.extra_extensions
         return keywords
@@ -609,7 +610,7 @@ class ServerConnection:
     def _do_auth(self, arg: str) -> None:
         if not self.settings.auth:
             self._error("auth", replies.NOT_IMPLEMENTED)
-        elif not self.tls_active:
+        elif not self.tls_active and self.settings.auth_tls_only:
             self._error("auth", Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
         elif self.authenticated:
             self._error("auth", Reply(503, "5.5.1", "Error: already authenticated"))

@@ -1,0 +1,13 @@
+"""trimail.testing: a real MTA embedded in a test suite.
+
+    from trimail.testing import TestMTA, open_test_mta
+
+See docs/testing.md.  The pytest plugin (fixtures ``trimail_mta`` and
+``trimail_mta_session``, marker ``@pytest.mark.trimail(...)``) is registered
+through the ``pytest11`` entry point.
+"""
+
+from trimail.testing.mta import CapturedMessage, MTAAssertionError, TrioTestMTA, open_test_mta
+from trimail.testing.sync import TestMTA
+
+__all__ = ["CapturedMessage", "MTAAssertionError", "TestMTA", "TrioTestMTA", "open_test_mta"]
