@@ -332,3 +332,16 @@ async def test_delay_warning_is_sent_once(start_mta):
         await wait_for(lambda: srv.scheduler.idle.is_set())
         assert len(senders.messages) == 1
         assert [m.id for m in queue(srv)] == [queue_id]
+
+
+async def test_relay_to_an_embedded_trimail_peer(start_mta):
+    """Dogfood: trimail.testing as the downstream server, next to the aiosmtpd peers."""
+    from trimail.testing import open_test_mta
+
+    async with open_test_mta() as downstream:
+        downstream.reject(rcpt="nobody@*", code=550, text="No such user")
+        srv = await start_mta(relayhost=f"[127.0.0.1]:{downstream.port}")
+        queue_id = await send(srv, "a@client.example", ["ann@far.example", "nobody@far.example"])
+        [arrived] = await downstream.wait_for(timeout=10)
+        assert arrived.recipients == ["ann@far.example"] and queue_id.encode() in arrived.raw
+        await wait_for(lambda: not any(r.status == "pending" for m in queue(srv) for r in m.recipients))
