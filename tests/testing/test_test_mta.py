@@ -212,3 +212,18 @@ def test_session_fixture_is_cleared_between_tests(trimail_mta_session, round):
     trimail_mta_session.assert_nothing_sent()
     send(trimail_mta_session)
     trimail_mta_session.wait_for()
+
+
+async def test_trio_form_defer_next_greylist_slow_and_size():
+    async with open_test_mta(message_size_limit=400) as mta:
+        mta.defer_next(1)
+        with pytest.raises(smtplib.SMTPDataError):
+            await trio_send(mta)
+        mta.greylist()
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            await trio_send(mta)
+        mta.slow(0.1, stage="mail")
+        await trio_send(mta)
+        assert len(await mta.wait_for()) == 1
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            await trio_send(mta, body="Subject: big\r\n\r\n" + "x" * 800)
