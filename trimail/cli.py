@@ -65,19 +65,84 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
     from trimail.policy.restrictions import restriction_lists
 
     restriction_lists(cfg)  # a bad restriction list stops serve before it listens (exit 2)
-    maillog.setup(cfg.myhostname)
+    try:
+        maillog.setup(cfg.myhostname, maillog_file=cfg.maillog_file, syslog_facility=cfg.syslog_facility)
+    except OSError as exc:
+        raise Failure(f"maillog_file {cfg.maillog_file}: {exc.strerror or exc}") from None
     trio.run(_serve_until_signal, cfg)
 
 
 async def _serve_until_signal(cfg: Config) -> None:
     from trimail.server import serve as run_server
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def run_then_stop_watching(scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        await run_server(cfg, task_status=task_status)
+        scope.cancel()  # serve ended (signal or `trimail stop`): stop waiting for signals
+
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(run_server, cfg)
-            async for _ in signals:
-                server.stop()  # serve drains its sessions and returns; the nursery waits for it
-                break
+            watching = trio.CancelScope()
+            server = await nursery.start(run_then_stop_watching, watching)
+            with watching:
+                async for signum in signals:
+                    if signum == signal.SIGHUP:
+                        server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
+                    else:
+                        server.stop()  # serve drains its sessions and returns
+
+
+def _control(cfg: Config, command: str) -> str:
+    answer = send_command(Path(cfg.queue_directory), command, timeout=30)
+    if answer is None:
+        raise Failure(f"trimail serve is not running (no control socket in {cfg.queue_directory})")
+    if answer.startswith("error:"):
+        raise Failure(answer[6:].strip())
+    return answer
+
+
+@app.command(name="reload")
+def reload_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Re-read main.cf, tables, aliases and certificates without dropping sessions (postfix reload)."""
+    cfg = load_config(config, o)
+    _control(cfg, "reload")
+    print("trimail: reload: ok", file=sys.stderr)
+
+
+@app.command(name="stop")
+def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: float = 60.0) -> None:
+    """Stop serve gracefully and wait until it is gone (postfix stop)."""
+    from trimail.queue.lock import running_pid
+
+    cfg = load_config(config, o)
+    _control(cfg, "stop")
+    deadline = time.monotonic() + timeout
+    while running_pid(Path(cfg.queue_directory)) is not None:
+        if time.monotonic() > deadline:
+            raise Failure(f"serve did not stop within {timeout:g}s")
+        time.sleep(0.05)
+    print("trimail: stopped", file=sys.stderr)
+
+
+@app.command(name="status")
+def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Is serve running: pid, uptime, listeners, queue counts; exit 0 running, 1 not (postfix status)."""
+    cfg = load_config(config, o)
+    answer = send_command(Path(cfg.queue_directory), "status", timeout=10)
+    if answer is None:
+        print("trimail: not running")
+        raise SystemExit(1)
+    facts = json.loads(answer)
+    counts: dict[str, int] = {}
+    try:
+        store = Store.open(cfg.queue_directory, readonly=True)
+        counts = store.counts()
+        store.close()
+    except QueueError:
+        pass
+    print(f"trimail: running, pid {facts['pid']}, up {facts['uptime']:.0f}s, listening on "
+          f"{', '.join(facts['listeners'])}, {facts['sessions']} session(s)")
+    print("queue: " + ", ".join(f"{state} {counts.get(state, 0)}"
+                                for state in ("maildrop", "incoming", "active", "deferred", "hold")))
 
 
 # -- config ----------------------------------------------------------------------

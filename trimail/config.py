@@ -311,6 +311,8 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_greet_pause", "0s", _time(),
            "(trimail) wait this long before the banner; a client that talks first is refused"),
         _P("header_size_limit", "102400", parse_size, "largest header section of a message"),
+        _P("maillog_file", "", _str, "mail log file (reopened after logrotate); syslog: to syslog; empty: stderr"),
+        _P("syslog_facility", "mail", _str, "syslog facility when maillog_file = syslog"),
         _P("graceful_timeout", "10s", _time(),
            "(trimail) on stop, how long open sessions may finish before 421"),
         _P("disable_vrfy_command", "no", parse_bool, "refuse VRFY (502) instead of answering 252"),
@@ -449,6 +451,8 @@ class Config:
     def __init__(self, settings: Mapping[str, Setting], source: str, warnings: Iterable[str] = ()):
         self._settings = dict(settings)
         self.source = source
+        self.path: Path | None = None  # the main.cf read, for reload
+        self.overrides: list[str] = []  # the -o options given, for reload
         self.warnings = list(warnings)
         self._expanded: dict[str, str] = {}
         self._typed: dict[str, Any] = {}
@@ -541,7 +545,10 @@ class Config:
         settings = dict(self._settings)
         for name, value in overrides.items():
             settings[name] = Setting(value, f"-o {name}")
-        return Config(settings, self.source, self.warnings)
+        config = Config(settings, self.source, self.warnings)
+        config.path = self.path
+        config.overrides = self.overrides
+        return config
 
 
 def _unbrace(text: str) -> str:
@@ -581,5 +588,7 @@ def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = 
         name, setting = parse_override(item)
         settings[name] = setting
     config = Config(settings, source, warnings)
+    config.path = chosen
+    config.overrides = list(overrides)
     config.validate()
     return config

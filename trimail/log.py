@@ -8,6 +8,7 @@ written to stderr by default.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -42,7 +43,10 @@ class PostfixFormatter(logging.Formatter):
         return f"{self._prefix}{part}[{self._pid}]: {text}"
 
 
-def setup(hostname: str, stream: TextIO | None = None, level: int = logging.INFO) -> None:
+def setup(hostname: str, stream: TextIO | None = None, level: int = logging.INFO, maillog_file: str = "",
+          syslog_facility: str = "mail") -> None:
+    """Send the mail log to *maillog_file* (reopened when logrotate moves it), to
+    syslog when it is ``syslog``, else to stderr."""
     # The logging HOWTO's "Optimization" settings: we never print caller, thread or
     # process fields, and collecting them costs a measurable share of each message.
     logging._srcfile = None  # type: ignore[attr-defined]
@@ -52,11 +56,28 @@ def setup(hostname: str, stream: TextIO | None = None, level: int = logging.INFO
     root = logging.getLogger("trimail")
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(PostfixFormatter(hostname))
+    handler: logging.Handler
+    if maillog_file == "syslog":
+        facility = logging.handlers.SysLogHandler.facility_names.get(syslog_facility, "mail")
+        handler = logging.handlers.SysLogHandler("/dev/log", facility=facility)
+        handler.setFormatter(SyslogFormatter())
+    elif maillog_file:
+        handler = logging.handlers.WatchedFileHandler(maillog_file, encoding="utf-8")
+        handler.setFormatter(PostfixFormatter(hostname))
+    else:
+        handler = logging.StreamHandler(stream or sys.stderr)
+        handler.setFormatter(PostfixFormatter(hostname))
     root.addHandler(handler)
     root.setLevel(level)
     root.propagate = False
+
+
+class SyslogFormatter(logging.Formatter):
+    """syslog adds time and host itself: ``trimail/part[pid]: text``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = PostfixFormatter("x").format(record)
+        return line.split(" ", 4)[4]
 
 
 def printable(text: str, limit: int = 256) -> str:

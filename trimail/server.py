@@ -20,8 +20,10 @@ graceful_timeout (plus everything trimail.smtpd reads).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +32,10 @@ import trio
 
 from trimail import __version__
 from trimail.check import warnings as check_warnings
-from trimail.config import Config, ListenAddress
+from trimail import config as configuration
+from trimail.config import Config, ConfigError, ListenAddress
+from trimail.maps import TableError
+from trimail.policy.restrictions import restriction_lists
 from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
 from trimail.net.control import open_control_listener, serve_control
@@ -72,6 +77,8 @@ class Server:
         self.sessions: set[Session] = set()
         self.per_client: Counter[str] = Counter()
         self.recent_connects: dict[str, deque[float]] = {}
+        self.started = time.monotonic()
+        self.reloads = 0
         self._stop = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -81,7 +88,46 @@ class Server:
             self.scheduler.wake()
             return "ok"
 
-        return {"flush": flush, "ping": lambda: "ok"}
+        def stop() -> str:
+            self.stop()
+            return "ok"
+
+        return {"flush": flush, "ping": lambda: "ok", "reload": self.reload, "stop": stop,
+                "status": self.status}
+
+    def reload(self) -> str:
+        """Re-read main.cf and tables; new sessions and deliveries use them, sessions
+        in progress keep theirs.  A broken configuration is refused: the old one stays."""
+        try:
+            fresh = configuration.load(self.config.path, self.config.overrides)
+            restriction_lists(fresh)
+            contexts = {kind: ReceiveContext(fresh, self.writer, on_queued=self.scheduler.wake,
+                                             resolver=Resolver(fresh.dns_nameservers), kind=kind,
+                                             auth_failures=self.context.auth_failures)
+                        for kind in self.contexts}
+            self.scheduler.reconfigure(fresh)
+        except (ConfigError, TableError, OSError) as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return f"error: {exc}"
+        hooks = self.context.hooks
+        for context in contexts.values():
+            context.hooks = hooks
+        self.config = fresh
+        self.contexts = contexts
+        self.context = contexts["smtp"]
+        self.reloads += 1
+        log.info("reload -- version %s, configuration %s", __version__, fresh.source)
+        return "ok"
+
+    def status(self) -> str:
+        return json.dumps({
+            "pid": os.getpid(),
+            "uptime": round(time.monotonic() - self.started, 3),
+            "listeners": [str(a) for a in self.addresses],
+            "sessions": len(self.sessions),
+            "reloads": self.reloads,
+            "configuration": self.config.source,
+        })
 
     def stop(self) -> None:
         """Begin a graceful stop (idempotent)."""

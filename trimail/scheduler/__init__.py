@@ -118,6 +118,20 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration: new routes, tables and limits for the
+        messages claimed from now on (deliveries in progress finish as they began)."""
+        router, local = Router(config), LocalAgent(config)
+        self.config = config
+        self.router, self.local = router, local
+        self.active_limit = config.qmgr_message_active_limit
+        self.min_backoff, self.max_backoff = config.minimal_backoff_time, config.maximal_backoff_time
+        self.lifetime, self.bounce_lifetime = config.maximal_queue_lifetime, config.bounce_queue_lifetime
+        self.delay_warning = config.delay_warning_time
+        self.masq_domains, self.masq_exceptions = config.masquerade_domains, config.masquerade_exceptions
+        self.masq_classes = config.masquerade_classes
+        self.wake()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as deliveries:
             self._nursery = deliveries

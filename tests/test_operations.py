@@ -1,0 +1,173 @@
+"""Operating a running serve: reload under load, graceful stop, status, and a mail log pflogsumm reads."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import trimail, write_main_cf
+from tests.peers import Sink
+
+
+class Sender(threading.Thread):
+    """Keeps sending over one connection until told to stop; records every 250."""
+
+    def __init__(self, port: int, name: str) -> None:
+        super().__init__(daemon=True)
+        self.port, self.label = port, name
+        self.queued: list[str] = []
+        self.errors: list[str] = []
+        self.halt = threading.Event()
+        self.banner = b""
+
+    def run(self) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", self.port, timeout=30) as client:
+                while not self.halt.is_set():
+                    client.mail("a@client.example")
+                    client.rcpt(f"{self.label}@far.example")
+                    code, reply = client.data(b"Subject: load\r\n\r\nx\r\n")
+                    if code != 250:
+                        self.errors.append(f"{code} {reply!r}")
+                        return
+                    self.queued.append(reply.decode().rsplit(" ", 1)[1])
+        except (smtplib.SMTPException, OSError) as exc:
+            self.errors.append(repr(exc))
+
+
+def banner(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        greeting = sock.recv(1024)
+        sock.sendall(b"QUIT\r\n")
+        return greeting
+
+
+def queued_ids(config_path: Path) -> set[str]:
+    result = trimail("queue", "list", "--json", "-c", str(config_path))
+    return {m["id"] for m in json.loads(result.stdout)}
+
+
+def test_reload_under_load_keeps_sessions_and_applies_new_settings(tmp_path, serve_process):
+    config_path = write_main_cf(tmp_path, smtpd_banner="$myhostname ESMTP version0")
+    proc = serve_process(config_path)
+    senders = [Sender(proc.port, f"s{i}") for i in range(3)]
+    for sender in senders:
+        sender.start()
+    for version in range(1, 6):
+        text = config_path.read_text()
+        config_path.write_text(re.sub(r"version\d+", f"version{version}", text))
+        result = trimail("reload", "-c", str(config_path))
+        assert result.returncode == 0, result.stderr
+        assert banner(proc.port).startswith(f"220 mx.test.example ESMTP version{version}".encode())
+    broken = config_path.read_text()
+    config_path.write_text(broken + "smtpd_timeout = whenever\n")
+    refused = trimail("reload", "-c", str(config_path).replace("main.cf", "main.cf"))
+    config_path.write_text(broken)
+    assert refused.returncode in (1, 2) and "smtpd_timeout" in refused.stderr
+    assert banner(proc.port).startswith(b"220 mx.test.example ESMTP version5")  # still serving, old config
+    for sender in senders:
+        sender.halt.set()
+    for sender in senders:
+        sender.join(30)
+    assert all(not s.errors for s in senders), [s.errors for s in senders]
+    accepted = {i for s in senders for i in s.queued}
+    assert len(accepted) > 10
+    assert accepted <= queued_ids(config_path)  # nothing that got 250 is lost
+    assert proc.stop() == 0
+
+
+def test_reload_with_a_broken_configuration_is_refused_by_serve_itself(tmp_path, serve_process):
+    config_path = write_main_cf(tmp_path)
+    proc = serve_process(config_path)
+    good = config_path.read_text()
+    config_path.write_text(good + "smtpd_recipient_restrictions = reject_everything_evil\n")
+    proc.proc.send_signal(signal.SIGHUP)  # SIGHUP means reload, as for Postfix
+    proc.wait_log("reload refused, keeping the running configuration")
+    config_path.write_text(good)
+    assert banner(proc.port).startswith(b"220 ")
+    assert trimail("status", "-c", str(config_path)).returncode == 0
+    assert proc.stop() == 0
+
+
+def test_stop_under_load_loses_no_accepted_message_and_status_follows(tmp_path, serve_process):
+    config_path = write_main_cf(tmp_path)
+    proc = serve_process(config_path)
+    status = trimail("status", "-c", str(config_path))
+    assert status.returncode == 0 and f"pid {proc.proc.pid}" in status.stdout and "incoming" in status.stdout
+    senders = [Sender(proc.port, f"s{i}") for i in range(4)]
+    for sender in senders:
+        sender.start()
+    deadline = time.monotonic() + 30
+    while sum(len(s.queued) for s in senders) < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stopped = trimail("stop", "-c", str(config_path))
+    assert stopped.returncode == 0, stopped.stderr
+    for sender in senders:
+        sender.join(30)
+    assert proc.proc.wait(30) == 0
+    accepted = {i for s in senders for i in s.queued}
+    assert accepted and accepted <= queued_ids(config_path)
+    assert trimail("status", "-c", str(config_path)).returncode == 1
+
+
+@pytest.fixture
+def pflogsumm():
+    path = shutil.which("pflogsumm")
+    if path is None:
+        subprocess.run(["apt-get", "install", "-y", "-qq", "pflogsumm"], capture_output=True, timeout=300)
+        path = shutil.which("pflogsumm")
+    if path is None:
+        pytest.skip("pflogsumm is not installed and could not be installed")
+    return path
+
+
+def test_pflogsumm_reads_the_mail_log_with_exact_counts(tmp_path, pflogsumm):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    maillog = tmp_path / "maillog"
+    with Sink(rules={"bad": "550 5.1.1 no such user"}) as sink:
+        config_path = write_main_cf(
+            tmp_path, master_service_disable="", maillog_file=str(maillog), mynetworks="127.0.0.1/32",
+            smtp_connect_timeout="2s",
+            transport_maps=f"inline:{{ good.example=smtp:[127.0.0.1]:{sink.port}, "
+                           f"client.example=smtp:[127.0.0.1]:{sink.port}, dead.example=smtp:[127.0.0.1]:{dead} }}")
+        proc = subprocess.Popen([sys.executable, "-m", "trimail", "serve", "-c", str(config_path)])
+        try:
+            deadline = time.monotonic() + 30
+            while not (maillog.exists() and "daemon started" in maillog.read_text()):
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.05)
+            port = int(re.search(r"listening on 127\.0\.0\.1:(\d+)", maillog.read_text()).group(1))
+            for rcpt in ["ok1@good.example", "ok2@good.example", "bad@good.example", "x@dead.example"]:
+                with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+                    client.sendmail("a@client.example", [rcpt], "Subject: t\r\n\r\nx\r\n")
+            with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=("127.0.0.2", 0)) as client:
+                client.ehlo("outside.example")
+                client.mail("a@client.example")
+                assert client.rcpt("r@far.example")[0] == 450
+            deadline = time.monotonic() + 30
+            while maillog.read_text().count("removed") < 4 or "status=deferred" not in maillog.read_text():
+                assert time.monotonic() < deadline, maillog.read_text()
+                time.sleep(0.05)
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    report = subprocess.run([pflogsumm, "--syslog-name=trimail", str(maillog)], capture_output=True, text=True,
+                            timeout=60).stdout
+    totals = {name: int(count) for count, name in re.findall(r"^\s+(\d+)\s+(received|delivered|deferred|bounced|"
+                                                             r"rejected)\b", report, re.M)}
+    # 4 accepted over SMTP + 1 bounce notification; ok1, ok2 and the notification delivered
+    # ("removed" 4 times: ok1, ok2, the bounced message, the notification)
+    assert totals == {"received": 5, "delivered": 3, "deferred": 1, "bounced": 1, "rejected": 1}, report[:800]
