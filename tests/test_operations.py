@@ -171,3 +171,44 @@ def test_pflogsumm_reads_the_mail_log_with_exact_counts(tmp_path, pflogsumm):
     # 4 accepted over SMTP + 1 bounce notification; ok1, ok2 and the notification delivered
     # ("removed" 4 times: ok1, ok2, the bounced message, the notification)
     assert totals == {"received": 5, "delivered": 3, "deferred": 1, "bounced": 1, "rejected": 1}, report[:800]
+
+
+async def test_metrics_endpoint_counts_move(start_mta):
+    import urllib.request
+
+    import trio
+
+    from tests.delivery.test_delivery import send, wait_empty
+
+    with Sink(rules={"bad": "550 5.1.1 no such user"}) as sink:
+        srv = await start_mta(metrics_listen="127.0.0.1:0", mynetworks="127.0.0.1/32",
+                              transport_maps=f"inline:{{ far.example=smtp:[127.0.0.1]:{sink.port}, "
+                                             f"client.example=smtp:[127.0.0.1]:{sink.port} }}")
+        url = f"http://127.0.0.1:{srv.metrics_addresses[0].port}/metrics"
+
+        def scrape() -> dict[str, float]:
+            text = urllib.request.urlopen(url, timeout=30).read().decode()
+            return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                    if line and not line.startswith("#")}
+
+        before = await trio.to_thread.run_sync(scrape)
+        assert before["trimail_messages_received_total"] == 0
+        await send(srv, "a@client.example", ["ok@far.example", "bad@far.example"])
+        await wait_empty(srv)
+
+        def refused() -> int:
+            with smtplib.SMTP("127.0.0.1", srv.addresses[0].port, timeout=30,
+                              source_address=("127.0.0.2", 0)) as client:
+                client.ehlo("x.example")
+                client.mail("a@client.example")
+                return client.rcpt("r@elsewhere.example")[0]
+
+        assert await trio.to_thread.run_sync(refused) == 450
+        after = await trio.to_thread.run_sync(scrape)
+        assert after["trimail_messages_received_total"] == 1  # accepted over SMTP (the bounce is ours)
+        assert after['trimail_recipients_delivered_total{transport="smtp"}'] == 2
+        assert after['trimail_recipients_bounced_total{dsn_class="5.x.x"}'] == 1
+        assert after['trimail_smtpd_rejects_total{code="450",command="RCPT"}'] == 1
+        assert after['trimail_queue_messages{state="incoming"}'] == 0
+        assert after["trimail_queue_commit_batch_size_count"] > 0
+        assert after["trimail_delivery_duration_seconds_count"] == 2

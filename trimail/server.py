@@ -35,6 +35,7 @@ from trimail.check import warnings as check_warnings
 from trimail import config as configuration
 from trimail.config import Config, ConfigError, ListenAddress
 from trimail.maps import TableError
+from trimail.metrics import Metrics, serve_metrics
 from trimail.policy.restrictions import restriction_lists
 from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
@@ -74,11 +75,18 @@ class Server:
                                               kind=kind, auth_failures=auth_failures)
                          for kind in {kind for _, kind in listeners} | {"smtp"}}
         self.context = self.contexts["smtp"]
+        self.metrics = Metrics()
+        self.metrics.sessions.set_function(lambda: len(self.sessions))
+        for context in self.contexts.values():
+            context.metrics = self.metrics
+        self.scheduler.metrics = self.metrics
+        writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
         self.per_client: Counter[str] = Counter()
         self.recent_connects: dict[str, deque[float]] = {}
         self.started = time.monotonic()
         self.reloads = 0
+        self.metrics_addresses: list[ListenAddress] = []
         self._stop = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -112,12 +120,20 @@ class Server:
         hooks = self.context.hooks
         for context in contexts.values():
             context.hooks = hooks
+            context.metrics = self.metrics
         self.config = fresh
         self.contexts = contexts
         self.context = contexts["smtp"]
         self.reloads += 1
         log.info("reload -- version %s, configuration %s", __version__, fresh.source)
         return "ok"
+
+    async def refresh_metrics(self) -> None:
+        """Queue sizes and the oldest message's age, read when the endpoint is scraped."""
+        counts, oldest = await self.writer.run(lambda store: (store.counts(), store.oldest_arrival()))
+        for state in ("maildrop", "incoming", "active", "deferred", "hold"):
+            self.metrics.queue.labels(state).set(counts.get(state, 0))
+        self.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
 
     def status(self) -> str:
         return json.dumps({
@@ -218,6 +234,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
         listeners = [(listener, kind) for kind, parameter in LISTENERS
                      for listener in await open_listeners(config.get(parameter))]
         control = await open_control_listener(queue_directory)
+        metrics_listeners = await open_listeners(config.metrics_listen)
         if os.geteuid() == 0 and config.allow_root:
             log.warning("running as root: allow_root = yes (development and test suites only)")
         elif os.geteuid() == 0:
@@ -241,6 +258,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                         for listener, kind in listeners:
                             accepting.start_soon(server._accept_loop, listener, kind, sessions)
                         accepting.start_soon(serve_control, control, server.control_commands())
+                        for listener in metrics_listeners:
+                            accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
+                            server.metrics_addresses.append(bound_address(listener))
                         log.info("daemon started -- version %s, configuration %s, listening on %s",
                                  __version__, config.source, ", ".join(map(str, server.addresses)))
                         task_status.started(server)

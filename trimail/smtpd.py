@@ -38,6 +38,7 @@ from trimail.delivery.dns import Resolver
 from trimail.policy.restrictions import Policy, Request, Verdict
 from trimail.maps import Table, TableError, lookup_first, open_table
 from trimail.log import printable
+from trimail.metrics import Metrics
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
@@ -111,6 +112,7 @@ class ReceiveContext:
         self.auth_failure_limit: int = config.smtpd_auth_failure_limit
         self.tls_handshake_timeout: float = config.smtpd_tls_handshake_timeout
         self.hooks: SessionHooks | None = None
+        self.metrics: Metrics | None = None
         self.auth_failures = auth_failures if auth_failures is not None else {}
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
         self.policy.unlisted = self.is_unknown_local
@@ -376,6 +378,8 @@ class SmtpdSession:
         return Reply(235, "2.7.0", "Authentication successful")
 
     def _log_reject(self, command: str, reply: Reply, recipient: str | None) -> None:
+        if self.ctx.metrics is not None:
+            self.ctx.metrics.rejected.labels(command, str(reply.code)).inc()
         txn = self.txn
         details = f"from=<{txn.sender if txn else ''}>"
         if recipient is not None:
@@ -496,6 +500,8 @@ class SmtpdSession:
                     log.error("%s: cannot queue message from %s: %s", txn.queue_id, self.client, exc)
                     return replies.LOCAL_ERROR
             self.ctx.on_queued()
+            if self.ctx.metrics is not None:
+                self.ctx.metrics.received.inc()
             if self.ctx.hooks is not None:
                 spool = message.content
                 raw = spool.getvalue()

@@ -235,6 +235,9 @@ class Store:
         rows = self.db.execute("SELECT state, count(*) FROM message GROUP BY state")
         return {state: count for state, count in rows}
 
+    def oldest_arrival(self) -> float | None:
+        return self.db.execute("SELECT min(arrival_time) FROM message").fetchone()[0]
+
     def list_messages(self) -> list[MessageInfo]:
         """Queued messages with at least one recipient not yet done, oldest first."""
         messages: dict[str, MessageInfo] = {}

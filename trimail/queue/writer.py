@@ -63,6 +63,7 @@ class QueueWriter:
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self.stats = WriterStats()
+        self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
 
     async def __aenter__(self) -> QueueWriter:
         self._token = trio.lowlevel.current_trio_token()
@@ -151,4 +152,7 @@ class QueueWriter:
         stats.batches += 1
         stats.requests += len(batch)
         stats.largest_batch = max(stats.largest_batch, len(batch))
-        stats.commit_seconds += time.monotonic() - started
+        elapsed = time.monotonic() - started
+        stats.commit_seconds += elapsed
+        if self.on_commit is not None:
+            self.on_commit(len(batch), elapsed)  # prometheus_client is thread-safe

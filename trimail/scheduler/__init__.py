@@ -42,6 +42,7 @@ from trimail.delivery.local import Forward, LocalAgent
 from trimail.delivery.route import Route, RouteError, Router
 from trimail.delivery.smtp import ConnectionFailed, Connection, Connector, Envelope
 from trimail.maps import TableError
+from trimail.metrics import Metrics
 from trimail.queue import scheduling
 from trimail.queue.ids import new_queue_id
 from trimail.queue.scheduling import ClaimedMessage, QueuedRecipient, RecipientResult
@@ -114,6 +115,7 @@ class Scheduler:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self.idle = trio.Event()  # set whenever nothing is active (tests and stop wait on it)
+        self.metrics: Metrics | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -195,6 +197,8 @@ class Scheduler:
         dest.jobs.append(job)
         if dest.workers < dest.limit and dest.workers < len(dest.jobs):
             dest.workers += 1
+            if self.metrics is not None:
+                self.metrics.destinations.labels(str(job.route)).inc()
             assert self._nursery is not None
             self._nursery.start_soon(self._worker, dest)
 
@@ -214,6 +218,8 @@ class Scheduler:
                 await self._complete(job, result.outcomes, "local", started)
         finally:
             dest.workers -= 1
+            if self.metrics is not None:
+                self.metrics.destinations.labels(str(dest.route)).dec()
             if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.route.key) is dest:
                 del self.destinations[dest.route.key]
 
@@ -265,6 +271,8 @@ class Scheduler:
                 await self._complete(job, outcomes, conn.relay, started)
         finally:
             dest.workers -= 1
+            if self.metrics is not None:
+                self.metrics.destinations.labels(str(dest.route)).dec()
             if conn is not None:
                 await conn.close()
             if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.route.key) is dest:
@@ -307,6 +315,8 @@ class Scheduler:
                                                 started - message.active_time, 0.0, now - started)))
             shown = "expired, returned to sender" if status == "bounced" and expired and outcome.status == "deferred" \
                 else status
+            if self.metrics is not None:
+                self.metrics.outcome(status, outcome.dsn, job.route.transport, message.arrival_time)
             smtp_log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
                           message.id, recipient.address, relay, delay, delays, outcome.dsn, shown, outcome.text)
         active = self.active[message.id]

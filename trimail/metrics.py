@@ -1,0 +1,90 @@
+"""Prometheus metrics (prometheus_client) and the ``metrics_listen`` endpoint.
+
+Each serve has its own registry (several embedded servers in one process never
+mix their numbers).  Counters move where the events happen (smtpd, scheduler,
+queue writer); queue sizes and the oldest message's age are read from the
+database, through the writer, when the endpoint is scraped.  The endpoint is a
+minimal HTTP/1.0 responder on trio: ``GET /metrics`` (any path) answers the text
+exposition format; requests are bounded in size and time.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+MAX_REQUEST = 8192
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.received = Counter("trimail_messages_received", "Messages accepted into the queue", registry=r)
+        self.delivered = Counter("trimail_recipients_delivered", "Recipients delivered", ["transport"], registry=r)
+        self.deferred = Counter("trimail_recipients_deferred", "Delivery attempts deferred", ["dsn_class"],
+                                registry=r)
+        self.bounced = Counter("trimail_recipients_bounced", "Recipients bounced", ["dsn_class"], registry=r)
+        self.rejected = Counter("trimail_smtpd_rejects", "SMTP commands refused by policy", ["command", "code"],
+                                registry=r)
+        self.sessions = Gauge("trimail_smtpd_sessions", "Open SMTP sessions", registry=r)
+        self.queue = Gauge("trimail_queue_messages", "Messages in the queue", ["state"], registry=r)
+        self.oldest = Gauge("trimail_queue_oldest_message_age_seconds", "Age of the oldest queued message",
+                            registry=r)
+        self.destinations = Gauge("trimail_destination_connections", "Delivery connections in use",
+                                  ["destination"], registry=r)
+        self.delivery_seconds = Histogram("trimail_delivery_duration_seconds", "Time from arrival to delivery",
+                                          buckets=(0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400), registry=r)
+        self.commit_seconds = Histogram("trimail_queue_commit_seconds", "Duration of one group commit",
+                                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+                                        registry=r)
+        self.commit_batch = Histogram("trimail_queue_commit_batch_size", "Requests per group commit",
+                                      buckets=(1, 2, 5, 10, 20, 50, 100, 200, 512), registry=r)
+
+    def outcome(self, status: str, dsn: str, transport: str, arrival_time: float) -> None:
+        if status == "sent":
+            self.delivered.labels(transport).inc()
+            self.delivery_seconds.observe(max(0.0, time.time() - arrival_time))
+        elif status == "deferred":
+            self.deferred.labels(dsn[:1] + ".x.x").inc()
+        else:
+            self.bounced.labels(dsn[:1] + ".x.x").inc()
+
+    def commit(self, batch: int, seconds: float) -> None:
+        self.commit_batch.observe(batch)
+        self.commit_seconds.observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+async def serve_metrics(listener: trio.SocketListener, metrics: Metrics,
+                        refresh: Callable[[], Awaitable[None]]) -> None:
+    """Answer each connection with the current metrics."""
+
+    async def handle(stream: trio.SocketStream) -> None:
+        async with stream:
+            with trio.move_on_after(10):
+                request = b""
+                while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST:
+                    chunk = await stream.receive_some(MAX_REQUEST)
+                    if not chunk:
+                        break
+                    request += chunk
+                if not request.startswith(b"GET "):
+                    await stream.send_all(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                    return
+                await refresh()
+                body = metrics.exposition()
+                head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+                try:
+                    await stream.send_all(head + body)
+                except trio.BrokenResourceError:
+                    pass
+
+    await trio.serve_listeners(handle, [listener])
