@@ -212,3 +212,23 @@ async def test_metrics_endpoint_counts_move(start_mta):
         assert after['trimail_queue_messages{state="incoming"}'] == 0
         assert after["trimail_queue_commit_batch_size_count"] > 0
         assert after["trimail_delivery_duration_seconds_count"] == 2
+
+
+def test_serve_notifies_systemd_when_ready(tmp_path):
+    notify = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(notify))
+    sock.settimeout(30)
+    import os
+
+    env = dict(os.environ, NOTIFY_SOCKET=str(notify))
+    proc = subprocess.Popen([sys.executable, "-m", "trimail", "serve", "-c", str(write_main_cf(tmp_path))],
+                            env=env, stderr=subprocess.DEVNULL)
+    try:
+        assert sock.recv(64) == b"READY=1"
+        proc.send_signal(signal.SIGTERM)
+        assert sock.recv(64) == b"STOPPING=1"
+        assert proc.wait(30) == 0
+    finally:
+        proc.kill()
+        sock.close()

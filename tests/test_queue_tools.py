@@ -55,3 +55,24 @@ def test_delivery_log_lines_follow_postfix(tmp_path, serve_process):
         assert re.search(rf"dsn=5\.1\.1, status=bounced \(host 127\.0\.0\.1\[127\.0\.0\.1\]:{sink.port} said: "
                          r"550 5\.1\.1 no such user \(in reply to RCPT TO command\)\)", bounced), bounced
         assert proc.stop() == 0
+
+
+def test_list_filters_and_summary(tmp_path, serve_process):
+    config_path = write_main_cf(tmp_path)
+    proc = serve_process(config_path)
+    smtplib_send_reply(proc.port, ["a@one.example", "b@two.example"])
+    held = smtplib_send_reply(proc.port, ["c@two.example"]).rsplit(" ", 1)[1]
+    assert trimail("queue", "hold", held, "-c", str(config_path)).returncode == 0
+    assert set(listed(config_path)) and len(json.loads(trimail(
+        "queue", "list", "--json", "--domain", "two.example", "-c", str(config_path)).stdout)) == 2
+    only_held = json.loads(trimail("queue", "list", "--json", "--state", "hold", "-c", str(config_path)).stdout)
+    assert [m["id"] for m in only_held] == [held]
+    assert json.loads(trimail("queue", "list", "--json", "--recipient", "A@one.example", "-c",
+                              str(config_path)).stdout)[0]["recipients"][0]["address"] == "a@one.example"
+    text = trimail("queue", "list", "-c", str(config_path)).stdout
+    assert f"{held}!" in text and "-- 1 Kbytes in 2 Requests." in text
+    summary = trimail("queue", "summary", "-c", str(config_path)).stdout.splitlines()
+    assert any(line.split()[:3] == ["incoming", "one.example", "1"] for line in summary)
+    assert any(line.split()[:3] == ["hold", "two.example", "1"] for line in summary)
+    assert summary[-1].split() == ["TOTAL", "3"]
+    assert proc.stop() == 0

@@ -154,10 +154,14 @@ def show_config(
     *,
     n: Annotated[bool, Parameter(name=["-n"], help="only parameters set explicitly")] = False,
     x: Annotated[bool, Parameter(name=["-x"], help="expand $name references")] = False,
+    sample: Annotated[bool, Parameter(name=["--sample"], help="print an annotated main.cf")] = False,
     config: ConfigOption = None,
     o: Overrides = None,
 ) -> None:
     """Print effective parameter values (postconf)."""
+    if sample:
+        print(configuration.sample_main_cf())
+        return
     cfg = load_config(config, o)
     wanted = names or (cfg.explicit_names() if n else sorted(set(PARAMETERS) | set(cfg.explicit_names())))
     unknown = [name for name in wanted if name not in PARAMETERS and not cfg.is_set(name)]
@@ -191,9 +195,31 @@ def _open_queue(cfg: Config) -> Store:
         raise Failure(str(exc)) from None
 
 
+def _filtered(messages: list[MessageInfo], state: str | None, sender: str | None, recipient: str | None,
+              domain: str | None) -> list[MessageInfo]:
+    def keep(m: MessageInfo) -> bool:
+        if state and m.state != state:
+            return False
+        if sender is not None and m.sender.lower() != sender.lower():
+            return False
+        pending = [r.address.lower() for r in m.recipients if r.status in ("pending", "deferred")]
+        if recipient and recipient.lower() not in pending:
+            return False
+        return not (domain and not any(a.rpartition("@")[2] == domain.lower() for a in pending))
+
+    return [m for m in messages if keep(m)]
+
+
+StateFilter = Annotated[str | None, Parameter(name=["--state"], help="only messages in this queue")]
+SenderFilter = Annotated[str | None, Parameter(name=["--sender"], help="only messages from this sender")]
+RecipientFilter = Annotated[str | None, Parameter(name=["--recipient"], help="only messages to this recipient")]
+DomainFilter = Annotated[str | None, Parameter(name=["--domain"], help="only messages to this domain")]
+
+
 @queue_app.command(name="list")
 def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="one JSON array")] = False,
-               config: ConfigOption = None, o: Overrides = None) -> None:
+               state: StateFilter = None, sender: SenderFilter = None, recipient: RecipientFilter = None,
+               domain: DomainFilter = None, config: ConfigOption = None, o: Overrides = None) -> None:
     """List queued messages (mailq, postqueue -p / -j)."""
     cfg = load_config(config, o)
     try:
@@ -205,11 +231,38 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
     else:
         messages = store.list_messages()
         store.close()
+    messages = _filtered(messages, state, sender, recipient, domain)
     if json_output:
         json.dump([m.to_json() for m in messages], sys.stdout, indent=None)
         sys.stdout.write("\n")
         return
     print(format_mailq(messages))
+
+
+@queue_app.command(name="summary")
+def queue_summary(*, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Recipients per destination domain and age, per queue (like Postfix's qshape)."""
+    cfg = load_config(config, o)
+    store = _open_queue(cfg)
+    try:
+        messages = store.list_messages()
+    finally:
+        store.close()
+    buckets = (("5m", 300), ("1h", 3600), ("1d", 86400), ("older", float("inf")))
+    table: dict[tuple[str, str], list[int]] = {}
+    now = time.time()
+    for m in messages:
+        age = now - m.arrival_time
+        column = next(i for i, (_, limit) in enumerate(buckets) if age <= limit)
+        for r in m.recipients:
+            if r.status in ("pending", "deferred"):
+                row = table.setdefault((m.state, r.address.rpartition("@")[2].lower()), [0] * len(buckets))
+                row[column] += 1
+    print(f"{'queue':<10} {'domain':<32} {'total':>6} " + " ".join(f"{name:>6}" for name, _ in buckets))
+    for (state, dom), row in sorted(table.items(), key=lambda item: (item[0][0], -sum(item[1]), item[0][1])):
+        print(f"{state:<10} {dom:<32} {sum(row):>6} " + " ".join(f"{n:>6}" for n in row))
+    total = sum(sum(row) for row in table.values())
+    print(f"{'':<10} {'TOTAL':<32} {total:>6}")
 
 
 _STATE_MARK = {"active": "*", "hold": "!"}

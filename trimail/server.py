@@ -222,6 +222,21 @@ class Server:
             session.abort()
 
 
+def notify_systemd(message: bytes) -> None:
+    """sd_notify(3) without libsystemd: one datagram to $NOTIFY_SOCKET, if set."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    import socket
+
+    address = "\0" + path[1:] if path.startswith("@") else path
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(message, address)
+    except OSError as exc:
+        log.warning("cannot notify systemd through %s: %s", path, exc)
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the MTA until ``Server.stop()``; readiness is reported with the Server."""
     queue_directory = Path(config.queue_directory)
@@ -264,7 +279,9 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                         log.info("daemon started -- version %s, configuration %s, listening on %s",
                                  __version__, config.source, ", ".join(map(str, server.addresses)))
                         task_status.started(server)
+                        notify_systemd(b"READY=1")
                         await server._stop.wait()
+                        notify_systemd(b"STOPPING=1")
                         accepting.cancel_scope.cancel()
                     await server._drain()
                 top.cancel_scope.cancel()  # deliveries in flight stop; their messages go back below

@@ -227,3 +227,13 @@ def test_config_command_unknown_name_exits_2(tmp_path):
 
 def test_usage_error_exits_2():
     assert trimail("config", "--no-such-flag").returncode == 2
+
+
+def test_sample_main_cf_lists_every_parameter_and_is_current():
+    from pathlib import Path
+
+    sample = config.sample_main_cf()
+    for name, param in config.PARAMETERS.items():
+        assert f"#{name} =" in sample and param.doc in sample
+    committed = Path(__file__).resolve().parents[2] / "docs" / "main.cf.sample"
+    assert committed.read_text().rstrip("\n") == sample.rstrip("\n"), "run: trimail config --sample > docs/main.cf.sample"
