@@ -232,3 +232,37 @@ def test_serve_notifies_systemd_when_ready(tmp_path):
     finally:
         proc.kill()
         sock.close()
+
+
+def test_reload_opens_new_listeners_and_closes_removed_ones(tmp_path, serve_process):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        second = probe.getsockname()[1]
+    config_path = write_main_cf(tmp_path)
+    proc = serve_process(config_path)
+    first = proc.port
+    text = config_path.read_text()
+    config_path.write_text(text.replace("smtpd_listen = 127.0.0.1:0", f"smtpd_listen = 127.0.0.1:{second}"))
+    assert trimail("reload", "-c", str(config_path)).returncode == 0
+    assert banner(second).startswith(b"220 ")
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", first), timeout=5).close()
+    assert proc.stop() == 0
+
+
+def test_check_reports_errors_with_a_non_zero_exit(tmp_path):
+    import trustme
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        cert = tmp_path / "cert.pem"
+        trustme.CA().issue_cert("mx.test.example").private_key_and_cert_chain_pem.write_to_path(str(cert))
+        config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", smtpd_tls_cert_file=str(cert))
+        result = trimail("check", "-c", str(config_path))
+        assert result.returncode == 1
+        assert f"error: smtpd_listen: cannot listen on 127.0.0.1:{port}" in result.stderr
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    result = trimail("check", "-c", str(config_path))
+    assert result.returncode == 1 and "error: smtpd_tls_cert_file" in result.stderr

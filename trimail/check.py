@@ -51,10 +51,54 @@ def warnings(config: Config) -> list[str]:
     try:
         restriction_lists(config)
     except ConfigError as exc:
-        found.append(str(exc))
+        found.append(f"error: {exc}")
+    found += _certificate(config)
     queue = Path(config.queue_directory)
     if queue.exists():
         found += _ownership(queue, config.mail_owner, config.allow_root)
+    return found
+
+
+def _certificate(config: Config) -> list[str]:
+    """The server certificate loads with its key and is not expired or about to."""
+    if not config.smtpd_tls_cert_file:
+        return []
+    import ssl
+    import time
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.smtpd_tls_cert_file,
+                                                                config.smtpd_tls_key_file or None)
+        info = ssl._ssl._test_decode_cert(config.smtpd_tls_cert_file)  # noqa: SLF001 (stdlib, no parser else)
+    except (OSError, ssl.SSLError, ValueError, AttributeError) as exc:
+        return [f"error: smtpd_tls_cert_file {config.smtpd_tls_cert_file}: {exc}"]
+    expires = ssl.cert_time_to_seconds(info["notAfter"])
+    days = (expires - time.time()) / 86400
+    if days < 0:
+        return [f"error: smtpd_tls_cert_file {config.smtpd_tls_cert_file} expired on {info['notAfter']}"]
+    if days < 21:
+        return [f"smtpd_tls_cert_file {config.smtpd_tls_cert_file} expires in {days:.0f} days ({info['notAfter']})"]
+    return []
+
+
+def listeners_in_use(config: Config) -> list[str]:
+    """Addresses serve would bind that something else holds (for trimail check while serve is down)."""
+    import socket
+
+    found = []
+    for parameter in ("smtpd_listen", "submission_listen", "smtps_listen", "metrics_listen"):
+        for address in config.get(parameter):
+            if address.port == 0:
+                continue
+            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((address.host, address.port))
+                except PermissionError:
+                    continue  # a privileged port: serve binds it as root
+                except OSError as exc:
+                    found.append(f"error: {parameter}: cannot listen on {address}: {exc.strerror}")
     return found
 
 

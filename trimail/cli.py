@@ -86,7 +86,7 @@ async def _serve_until_signal(cfg: Config) -> None:
             with watching:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
+                        await server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
                     else:
                         server.stop()  # serve drains its sessions and returns
 
@@ -178,11 +178,22 @@ def show_config(
 @app.command(name="check")
 def check_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
     """Validate the configuration and the files it names (postfix check)."""
-    from trimail.check import warnings
+    from trimail.check import listeners_in_use, warnings
+    from trimail.queue.lock import running_pid
 
     cfg = load_config(config, o)
-    for warning in warnings(cfg):
-        print(f"trimail: warning: {warning}", file=sys.stderr)
+    problems = warnings(cfg)
+    if running_pid(Path(cfg.queue_directory)) is None:
+        problems += listeners_in_use(cfg)
+    errors = 0
+    for problem in problems:
+        if problem.startswith("error: "):
+            errors += 1
+            print(f"trimail: {problem}", file=sys.stderr)
+        else:
+            print(f"trimail: warning: {problem}", file=sys.stderr)
+    if errors:
+        raise SystemExit(1)
 
 
 # -- queue -----------------------------------------------------------------------

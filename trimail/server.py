@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import time
+from typing import Any
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,7 @@ from trimail.policy.restrictions import restriction_lists
 from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
 from trimail.net.control import open_control_listener, serve_control
-from trimail.net.listener import accept, bound_address, open_listeners
+from trimail.net.listener import ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import Store, prepare_directory
@@ -60,20 +61,26 @@ class Server:
     """Handle on a running serve: where it listens, and how to stop it."""
 
     def __init__(self, config: Config, writer: QueueWriter,
-                 listeners: list[tuple[trio.SocketListener, str]]) -> None:
+                 listeners: list[tuple[trio.SocketListener, str, ListenAddress]]) -> None:
         self.config = config
         self.writer = writer
-        self.listeners = listeners
-        self.addresses: list[ListenAddress] = [bound_address(listener) for listener, _ in listeners]
+        # (kind, configured address) -> its open listeners, each with the scope of its accept loop
+        self.listening: dict[tuple[str, str], list[tuple[trio.SocketListener, trio.CancelScope]]] = {}
+        self._pending_listeners = listeners
+        self._accepting: trio.Nursery | None = None
+        self._sessions: trio.Nursery | None = None
+        self.addresses: list[ListenAddress] = []
         self.addresses_by_kind: dict[str, list[ListenAddress]] = {}
-        for (listener, kind), address in zip(listeners, self.addresses, strict=True):
+        for listener, kind, _ in listeners:
+            address = bound_address(listener)
+            self.addresses.append(address)
             self.addresses_by_kind.setdefault(kind, []).append(address)
         resolver = Resolver(config.dns_nameservers)
         self.scheduler = Scheduler(config, writer, Connector(config, resolver, self.addresses))
         auth_failures: dict[str, deque[float]] = {}
         self.contexts = {kind: ReceiveContext(config, writer, on_queued=self.scheduler.wake, resolver=resolver,
                                               kind=kind, auth_failures=auth_failures)
-                         for kind in {kind for _, kind in listeners} | {"smtp"}}
+                         for kind in {kind for _, kind, _ in listeners} | {"smtp"}}
         self.context = self.contexts["smtp"]
         self.metrics = Metrics()
         self.metrics.sessions.set_function(lambda: len(self.sessions))
@@ -91,7 +98,7 @@ class Server:
         self._idle = trio.Event()
         self._idle.set()
 
-    def control_commands(self) -> dict[str, Callable[[], str]]:
+    def control_commands(self) -> dict[str, Callable[[], Any]]:
         def flush() -> str:
             self.scheduler.wake()
             return "ok"
@@ -103,20 +110,50 @@ class Server:
         return {"flush": flush, "ping": lambda: "ok", "reload": self.reload, "stop": stop,
                 "status": self.status}
 
-    def reload(self) -> str:
+    def start_listening(self, listeners: list[tuple[trio.SocketListener, str, ListenAddress]]) -> None:
+        assert self._accepting is not None and self._sessions is not None
+        for listener, kind, configured in listeners:
+            scope = trio.CancelScope()
+            self.listening.setdefault((kind, str(configured)), []).append((listener, scope))
+            self._accepting.start_soon(self._accept_loop, listener, kind, self._sessions, scope)
+
+    def _recount_addresses(self) -> None:
+        self.addresses, self.addresses_by_kind = [], {}
+        for (kind, _), entries in self.listening.items():
+            for listener, _ in entries:
+                address = bound_address(listener)
+                self.addresses.append(address)
+                self.addresses_by_kind.setdefault(kind, []).append(address)
+
+    async def reload(self) -> str:
         """Re-read main.cf and tables; new sessions and deliveries use them, sessions
-        in progress keep theirs.  A broken configuration is refused: the old one stays."""
+        in progress keep theirs; listeners that appeared in the configuration are
+        opened and those that disappeared are closed.  A broken configuration (or a
+        new address that cannot be bound) is refused: the old configuration stays."""
+        opened: list[tuple[trio.SocketListener, str, ListenAddress]] = []
         try:
             fresh = configuration.load(self.config.path, self.config.overrides)
             restriction_lists(fresh)
             contexts = {kind: ReceiveContext(fresh, self.writer, on_queued=self.scheduler.wake,
                                              resolver=Resolver(fresh.dns_nameservers), kind=kind,
                                              auth_failures=self.context.auth_failures)
-                        for kind in self.contexts}
+                        for kind in {kind for kind, _ in LISTENERS}}
+            wanted = {(kind, str(address)): address for kind, parameter in LISTENERS
+                      for address in fresh.get(parameter)}
+            for key, address in wanted.items():
+                if key not in self.listening:
+                    opened += [(listener, key[0], address) for listener in await open_listeners([address])]
             self.scheduler.reconfigure(fresh)
-        except (ConfigError, TableError, OSError) as exc:
+        except (ConfigError, TableError, OSError, ListenError) as exc:
+            for listener, _, _ in opened:
+                await listener.aclose()
             log.error("reload refused, keeping the running configuration: %s", exc)
             return f"error: {exc}"
+        self.start_listening(opened)
+        for key in [key for key in self.listening if key not in wanted]:
+            for _, scope in self.listening.pop(key):
+                scope.cancel()  # the accept loop closes its listener; sessions go on
+        self._recount_addresses()
         hooks = self.context.hooks
         for context in contexts.values():
             context.hooks = hooks
@@ -153,11 +190,13 @@ class Server:
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    async def _accept_loop(self, listener: trio.SocketListener, kind: str, sessions: trio.Nursery) -> None:
-        async with listener:
-            while True:
-                stream = await accept(listener)
-                sessions.start_soon(self._handle, stream, kind)
+    async def _accept_loop(self, listener: trio.SocketListener, kind: str, sessions: trio.Nursery,
+                           scope: trio.CancelScope) -> None:
+        with scope:
+            async with listener:
+                while True:
+                    stream = await accept(listener)
+                    sessions.start_soon(self._handle, stream, kind)
 
     def _rate_exceeded(self, address: str) -> bool:
         """smtpd_client_connection_rate_limit: connections per client per minute."""
@@ -246,8 +285,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
     for warning in check_warnings(config):
         log.warning("%s", warning)
     try:
-        listeners = [(listener, kind) for kind, parameter in LISTENERS
-                     for listener in await open_listeners(config.get(parameter))]
+        listeners = [(listener, kind, address) for kind, parameter in LISTENERS for address in config.get(parameter)
+                     for listener in await open_listeners([address])]
         control = await open_control_listener(queue_directory)
         metrics_listeners = await open_listeners(config.metrics_listen)
         if os.geteuid() == 0 and config.allow_root:
@@ -270,8 +309,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                     log.info("qmgr disabled by master_service_disable: mail stays queued")
                 async with trio.open_nursery() as sessions:
                     async with trio.open_nursery() as accepting:
-                        for listener, kind in listeners:
-                            accepting.start_soon(server._accept_loop, listener, kind, sessions)
+                        server._accepting, server._sessions = accepting, sessions
+                        server.start_listening(listeners)
                         accepting.start_soon(serve_control, control, server.control_commands())
                         for listener in metrics_listeners:
                             accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)

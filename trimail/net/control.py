@@ -8,9 +8,10 @@ the same when serve is not running.
 
 from __future__ import annotations
 
+import inspect
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -33,7 +34,8 @@ async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
-async def serve_control(listener: trio.SocketListener, commands: dict[str, Callable[[], str]]) -> None:
+async def serve_control(listener: trio.SocketListener,
+                        commands: dict[str, Callable[[], str | Awaitable[str]]]) -> None:
     async with listener:
         while True:
             stream = await listener.accept()
@@ -48,6 +50,8 @@ async def serve_control(listener: trio.SocketListener, commands: dict[str, Calla
                     command = line.split(b"\n")[0].decode("ascii", "replace").strip()
                     handler = commands.get(command)
                     answer = handler() if handler else f"error: unknown command {command!r}"
+                    if inspect.isawaitable(answer):
+                        answer = await answer
                     try:
                         await stream.send_all(answer.encode() + b"\n")
                     except trio.BrokenResourceError:
