@@ -11,7 +11,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -206,8 +206,8 @@ def _open_queue(cfg: Config) -> Store:
         raise Failure(str(exc)) from None
 
 
-def _filtered(messages: list[MessageInfo], state: str | None, sender: str | None, recipient: str | None,
-              domain: str | None) -> list[MessageInfo]:
+def _filtered(messages: Iterable[MessageInfo], state: str | None, sender: str | None, recipient: str | None,
+              domain: str | None) -> Iterator[MessageInfo]:
     def keep(m: MessageInfo) -> bool:
         if state and m.state != state:
             return False
@@ -218,7 +218,7 @@ def _filtered(messages: list[MessageInfo], state: str | None, sender: str | None
             return False
         return not (domain and not any(a.rpartition("@")[2] == domain.lower() for a in pending))
 
-    return [m for m in messages if keep(m)]
+    return (m for m in messages if keep(m))
 
 
 StateFilter = Annotated[str | None, Parameter(name=["--state"], help="only messages in this queue")]
@@ -238,16 +238,21 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
     except Failure:
         if not json_output:
             raise
-        messages: list[MessageInfo] = []
-    else:
-        messages = store.list_messages()
-        store.close()
-    messages = _filtered(messages, state, sender, recipient, domain)
-    if json_output:
-        json.dump([m.to_json() for m in messages], sys.stdout, indent=None)
-        sys.stdout.write("\n")
+        print("[]")
         return
-    print(format_mailq(messages))
+    try:
+        messages = _filtered(store.iter_messages(), state, sender, recipient, domain)
+        if json_output:  # one JSON array, written element by element
+            out = sys.stdout
+            out.write("[")
+            for number, message in enumerate(messages):
+                out.write(("" if number == 0 else ", ") + json.dumps(message.to_json()))
+            out.write("]\n")
+            return
+        for line in mailq_lines(messages):
+            print(line)
+    finally:
+        store.close()
 
 
 @queue_app.command(name="summary")
@@ -279,24 +284,26 @@ def queue_summary(*, config: ConfigOption = None, o: Overrides = None) -> None:
 _STATE_MARK = {"active": "*", "hold": "!"}
 
 
-def format_mailq(messages: list[MessageInfo]) -> str:
-    """Postfix's mailq layout."""
-    if not messages:
-        return "Mail queue is empty"
-    lines = ["-Queue ID-      --Size-- ----Arrival Time---- -Sender/Recipient-------"]
-    total = 0
+def mailq_lines(messages: Iterable[MessageInfo]) -> Iterator[str]:
+    """Postfix's mailq layout, line by line (streams a long queue)."""
+    total = count = 0
     for m in messages:
+        if count == 0:
+            yield "-Queue ID-      --Size-- ----Arrival Time---- -Sender/Recipient-------"
+        count += 1
         total += m.size
         arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(m.arrival_time))
-        lines.append(f"{m.id + _STATE_MARK.get(m.state, ''):<15} {m.size:>8} {arrival}  {m.sender or 'MAILER-DAEMON'}")
+        yield f"{m.id + _STATE_MARK.get(m.state, ''):<15} {m.size:>8} {arrival}  {m.sender or 'MAILER-DAEMON'}"
         for r in m.recipients:
             if r.status in ("pending", "deferred"):
                 if r.last_reply:
-                    lines.append(f"{'':<46}({r.last_reply})")
-                lines.append(f"{'':<46}{r.address}")
-        lines.append("")
-    lines.append(f"-- {(total + 1023) // 1024} Kbytes in {len(messages)} Request{'s' if len(messages) != 1 else ''}.")
-    return "\n".join(lines)
+                    yield f"{'':<46}({r.last_reply})"
+                yield f"{'':<46}{r.address}"
+        yield ""
+    if count == 0:
+        yield "Mail queue is empty"
+        return
+    yield f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}."
 
 
 @queue_app.command(name="show")
