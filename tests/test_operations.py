@@ -266,3 +266,11 @@ def test_check_reports_errors_with_a_non_zero_exit(tmp_path):
     (tmp_path / "cert.pem").write_text("not a certificate\n")
     result = trimail("check", "-c", str(config_path))
     assert result.returncode == 1 and "error: smtpd_tls_cert_file" in result.stderr
+
+
+def test_check_warns_when_the_dns_resolver_does_not_answer(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))  # receives queries, never answers
+        config_path = write_main_cf(tmp_path, dns_nameservers=f"127.0.0.1:{silent.getsockname()[1]}")
+        result = trimail("check", "-c", str(config_path))
+    assert "DNS resolver (127.0.0.1:" in result.stderr and "does not answer" in result.stderr

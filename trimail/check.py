@@ -81,6 +81,23 @@ def _certificate(config: Config) -> list[str]:
     return []
 
 
+def resolver_reachable(config: Config) -> list[str]:
+    """The DNS resolvers answer (a query for the root's NS records, 3 s at most)."""
+    import trio
+
+    from trimail.delivery.dns import DnsError, Resolver
+
+    async def probe() -> list[str]:
+        try:
+            await Resolver(config.dns_nameservers, lifetime=3).lookup(".", "NS")
+        except DnsError as exc:
+            where = ", ".join(map(str, config.dns_nameservers)) or "/etc/resolv.conf"
+            return [f"DNS resolver ({where}) does not answer: {exc}"]
+        return []
+
+    return trio.run(probe)
+
+
 def listeners_in_use(config: Config) -> list[str]:
     """Addresses serve would bind that something else holds (for trimail check while serve is down)."""
     import socket

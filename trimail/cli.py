@@ -178,11 +178,11 @@ def show_config(
 @app.command(name="check")
 def check_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
     """Validate the configuration and the files it names (postfix check)."""
-    from trimail.check import listeners_in_use, warnings
+    from trimail.check import listeners_in_use, resolver_reachable, warnings
     from trimail.queue.lock import running_pid
 
     cfg = load_config(config, o)
-    problems = warnings(cfg)
+    problems = warnings(cfg) + resolver_reachable(cfg)
     if running_pid(Path(cfg.queue_directory)) is None:
         problems += listeners_in_use(cfg)
     errors = 0
