@@ -152,6 +152,7 @@ class Policy:
         self.lists = restriction_lists(config)
         self.delay_reject: bool = config.smtpd_delay_reject
         self.mynetworks = config.mynetworks
+        self._mynetworks_cache: dict[str, bool] = {}
         self.local_domains = {d.lower() for d in config.mydestination}
         self.relay_domains = {d.lower() for d in config.relay_domains}
         self.parent_matches = set(config.parent_domain_matches_subdomains)
@@ -242,13 +243,19 @@ class Policy:
         return PERMIT if self.in_mynetworks(req.client_address) else DUNNO
 
     def in_mynetworks(self, address: str) -> bool:
-        try:
-            ip = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        if ip.version == 6 and ip.ipv4_mapped:
-            ip = ip.ipv4_mapped
-        return any(ip.version == n.version and ip in n for n in self.mynetworks)
+        known = self._mynetworks_cache.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                return False
+            if ip.version == 6 and ip.ipv4_mapped:
+                ip = ip.ipv4_mapped
+            known = any(ip.version == n.version and ip in n for n in self.mynetworks)
+            if len(self._mynetworks_cache) > 10_000:  # bounded: forget everything now and then
+                self._mynetworks_cache.clear()
+            self._mynetworks_cache[address] = known
+        return known
 
     async def _r_permit_sasl_authenticated(self, req, kind, arg, verdict):
         return PERMIT if req.sasl_username else DUNNO
