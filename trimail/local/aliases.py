@@ -26,7 +26,7 @@ import dataclasses
 import re
 from pathlib import Path
 
-from trimail.maps import Table, TableError, compiled_path, fsync_path, lookup_first
+from trimail.maps import Table, TableError, compile_table, logical_lines, lookup_first
 
 MAX_DEPTH = 20
 MAX_TARGETS = 1000
@@ -51,27 +51,7 @@ class Target:
 
 def parse_alias_source(path: Path) -> list[tuple[str, str, int]]:
     """Entries of an aliases(5) file as (folded name, value, line number)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TableError(f"{path}: {exc.strerror}") from None
-    entries: list[tuple[str, str, int]] = []
-    current: tuple[int, str] | None = None
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if line[0].isspace():
-            if current is None:
-                raise TableError(f"{path}:{number}: continuation line without an alias before it")
-            current = (current[0], current[1] + " " + stripped)
-            continue
-        if current is not None:
-            entries.append(_split_alias(path, *current))
-        current = (number, stripped)
-    if current is not None:
-        entries.append(_split_alias(path, *current))
-    return entries
+    return [_split_alias(path, number, text) for number, text in logical_lines(path)]
 
 
 def _split_alias(path: Path, number: int, text: str) -> tuple[str, str, int]:
@@ -85,39 +65,8 @@ def _split_alias(path: Path, number: int, text: str) -> tuple[str, str, int]:
 
 
 def postalias(source: Path) -> tuple[int, list[str]]:
-    """Compile *source* into ``source.db`` atomically; (entries, warnings)."""
-    import os
-    import tempfile
-
-    import apsw
-
-    warnings: list[str] = []
-    seen: dict[str, int] = {}
-    rows = []
-    for name, value, number in parse_alias_source(source):
-        if name in seen:
-            warnings.append(f"{source}:{number}: duplicate entry: {name!r} (first at line {seen[name]})")
-            continue
-        seen[name] = number
-        rows.append((name, value))
-    target = compiled_path(source)
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        db = apsw.Connection(tmp)
-        db.execute("PRAGMA journal_mode = DELETE")
-        with db:
-            db.execute("CREATE TABLE map (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
-            db.executemany("INSERT INTO map (key, value) VALUES (?, ?)", rows)
-        db.close()
-        os.chmod(tmp, source.stat().st_mode & 0o644)
-        fsync_path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return len(rows), warnings
+    """Compile an aliases(5) file into ``source.db`` atomically; (entries, warnings)."""
+    return compile_table(source, parse_alias_source(source))
 
 
 def split_values(text: str) -> list[str]:

@@ -26,7 +26,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import apsw
@@ -151,8 +151,9 @@ def compiled_path(source: Path) -> Path:
     return source.with_name(source.name + ".db")
 
 
-def parse_source(path: Path) -> Iterator[tuple[str, str, int]]:
-    """Entries of a postmap(1) source file as (folded key, value, line number)."""
+def logical_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """A table source file's entries as (first line number, text): comment and blank
+    lines dropped, lines starting with white space joined to the entry before."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -170,10 +171,16 @@ def parse_source(path: Path) -> Iterator[tuple[str, str, int]]:
             entry = (entry[0], entry[1] + " " + stripped)
             continue
         if entry is not None:
-            yield _split_entry(path, *entry)
+            yield entry
         entry = (number, stripped)
     if entry is not None:
-        yield _split_entry(path, *entry)
+        yield entry
+
+
+def parse_source(path: Path) -> Iterator[tuple[str, str, int]]:
+    """Entries of a postmap(1) source file as (folded key, value, line number)."""
+    for number, text in logical_lines(path):
+        yield _split_entry(path, number, text)
 
 
 def _split_entry(path: Path, number: int, text: str) -> tuple[str, str, int]:
@@ -184,12 +191,19 @@ def _split_entry(path: Path, number: int, text: str) -> tuple[str, str, int]:
 
 
 def postmap(source: Path) -> tuple[int, list[str]]:
-    """Compile *source* into ``source.db`` atomically; return (entries, warnings)."""
+    """Compile a postmap(1) source into ``source.db`` atomically; (entries, warnings)."""
+    return compile_table(source, parse_source(source))
+
+
+def compile_table(source: Path, entries: Iterable[tuple[str, str, int]]) -> tuple[int, list[str]]:
+    """Write (key, value, line) entries as ``source.db`` (an indexed SQLite table):
+    to a temporary file, fsynced, renamed over the old one.  The first of duplicate
+    keys wins, with a warning naming both lines."""
     target = compiled_path(source)
     warnings: list[str] = []
     seen: dict[str, int] = {}
     rows = []
-    for key, value, number in parse_source(source):
+    for key, value, number in entries:
         if key in seen:
             warnings.append(f"{source}:{number}: duplicate entry: {key!r} (first at line {seen[key]})")
             continue
@@ -204,8 +218,7 @@ def postmap(source: Path) -> tuple[int, list[str]]:
             db.execute("CREATE TABLE map (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
             db.executemany("INSERT INTO map (key, value) VALUES (?, ?)", rows)
         db.close()
-        mode = source.stat().st_mode & 0o666
-        os.chmod(tmp, mode)
+        os.chmod(tmp, source.stat().st_mode & 0o666)
         fsync_path(tmp)
         os.replace(tmp, target)
     except BaseException:
@@ -230,7 +243,7 @@ class CidrTable(_FileTable):
 
     def _load(self) -> None:
         self.rules = []
-        for number, line in _logical_lines(self.path):
+        for number, line in logical_lines(self.path):
             spec, _, result = line.partition(" ")
             spec = spec.strip()
             if spec.startswith("!"):
@@ -265,7 +278,7 @@ class RegexpTable(_FileTable):
         self.rules = []
         conditions: list[tuple[re.Pattern[str], bool]] = []
         stack: list[int] = []
-        for number, line in _logical_lines(self.path):
+        for number, line in logical_lines(self.path):
             if line.lower() == "endif":
                 if not stack:
                     raise TableError(f"{self.path}:{number}: endif without if")
@@ -335,25 +348,6 @@ def _parse_regexp(path: Path, number: int, text: str) -> tuple[re.Pattern[str], 
         return re.compile(pattern, flags), negated, result.strip()
     except re.error as exc:
         raise TableError(f"{path}:{number}: bad regular expression: {exc}") from None
-
-
-def _logical_lines(path: Path) -> Iterator[tuple[int, str]]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TableError(f"{path}: {exc.strerror}") from None
-    current: tuple[int, str] | None = None
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip() or line.strip().startswith("#"):
-            continue
-        if line[0].isspace() and current is not None:
-            current = (current[0], current[1] + " " + line.strip())
-            continue
-        if current is not None:
-            yield current
-        current = (number, line.strip())
-    if current is not None:
-        yield current
 
 
 class PasswdTable(Table):
