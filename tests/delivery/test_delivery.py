@@ -345,3 +345,35 @@ async def test_relay_to_an_embedded_trimail_peer(start_mta):
         [arrived] = await downstream.wait_for(timeout=10)
         assert arrived.recipients == ["ann@far.example"] and queue_id.encode() in arrived.raw
         await wait_for(lambda: not any(r.status == "pending" for m in queue(srv) for r in m.recipients))
+
+
+def test_50_mib_message_is_relayed_with_bounded_memory(tmp_path, serve_process):
+    from pathlib import Path
+
+    size = 50 * 1024 * 1024
+    line = b"0123456789" * 7 + b"\r\n"
+    body = b"Subject: big\r\n\r\n" + line * (size // len(line))
+    with Sink(size_limit=64 * 1024 * 1024) as sink:
+        config_path = write_main_cf(tmp_path, master_service_disable="", message_size_limit="60m",
+                                    relayhost=f"[127.0.0.1]:{sink.port}")
+        proc = serve_process(config_path)
+        baseline = _peak_rss_kib(proc.proc.pid)
+        with smtplib.SMTP("127.0.0.1", proc.port, timeout=120) as client:
+            client.sendmail("a@client.example", ["r@far.example"], body)
+        proc.wait_log(r"to=<r@far.example>, .*status=sent", timeout=120)
+        peak = _peak_rss_kib(proc.proc.pid)
+        [(_, _, content)] = sink.messages
+        assert len(content) > size and content.endswith(line)
+        # the spool, the blob writes and the delivery all stream: far less than the message
+        assert peak - baseline < 20 * 1024, (baseline, peak)
+        assert proc.stop() == 0
+    assert Path(tmp_path / "queue" / "queue.db").exists()
+
+
+def _peak_rss_kib(pid: int) -> int:
+    from pathlib import Path
+
+    for entry in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if entry.startswith("VmHWM:"):
+            return int(entry.split()[1])
+    raise AssertionError("no VmHWM")

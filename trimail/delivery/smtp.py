@@ -22,7 +22,7 @@ import dataclasses
 import ipaddress
 import logging
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -222,7 +222,7 @@ class Connection:
         self.stream = stream
         self.tls = f"{stream.version()} with cipher {stream.cipher()[0]}"
 
-    async def deliver(self, envelope: Envelope, content: Callable[[], Awaitable[bytes]]) -> list[Outcome]:
+    async def deliver(self, envelope: Envelope, content: Callable[[], AsyncIterator[bytes]]) -> list[Outcome]:
         """One mail transaction; an Outcome per recipient, in order."""
         count = len(envelope.recipients)
         limit = self.ext.size_limit
@@ -236,7 +236,7 @@ class Connection:
             self.usable = False
             return [deferred("4.4.2", exc.text)] * count
 
-    async def _transaction(self, envelope: Envelope, content: Callable[[], Awaitable[bytes]]) -> list[Outcome]:
+    async def _transaction(self, envelope: Envelope, content: Callable[[], AsyncIterator[bytes]]) -> list[Outcome]:
         t = self.timeouts
         mail = mail_command(envelope.sender, envelope.size, self.ext, eight_bit=envelope.eight_bit,
                             smtputf8=envelope.smtputf8)
@@ -275,13 +275,10 @@ class Connection:
             await self._reset()
             final = classify(data_reply, self.relay, "DATA")
             return [o if o is not None else final for o in outcomes]
-        body = await content()
         stuffer = DotStuffer()
-        with trio.fail_after(t.data_xfer * (1 + len(body) // (1 << 20))):
-            try:
-                await self._send(stuffer.stuff(body) + stuffer.finish(), t.data_xfer, "sending message body")
-            except trio.TooSlowError:
-                raise _Lost(f"conversation with {self.relay} timed out while sending message body") from None
+        async for chunk in content():  # streamed: memory does not grow with message size
+            await self._send(stuffer.stuff(chunk), t.data_xfer, "sending message body")
+        await self._send(stuffer.finish(), t.data_xfer, "sending message body")
         final_reply = await self._read(t.data_done, "receiving the end of data reply")
         final = classify(final_reply, self.relay, "end of DATA")
         return [o if o is not None else final for o in outcomes]

@@ -152,6 +152,17 @@ def read_content(store: Store, message_id: str) -> bytes | None:
     return store.read_content(message_id)
 
 
+def read_chunk(store: Store, message_id: str, offset: int, size: int) -> bytes:
+    """*size* bytes of the content from *offset* (incremental blob I/O: a 50 MiB
+    message is never in memory whole); b"" past the end or for a missing message."""
+    row = store.db.execute("SELECT rowid, length(content) FROM body WHERE message_id = ?", (message_id,)).fetchone()
+    if row is None or offset >= row[1]:
+        return b""
+    with store.db.blob_open("main", "body", "content", row[0], False) as blob:
+        blob.seek(offset)
+        return bytes(blob.read(min(size, row[1] - offset)))
+
+
 # -- operator tools ------------------------------------------------------------------
 
 

@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 
 import trio
 
@@ -57,6 +58,7 @@ smtp_log = logging.getLogger("trimail.smtp")
 bounce_log = logging.getLogger("trimail.bounce")
 
 RECIPIENT_LIMIT = 50
+CONTENT_CHUNK = 1 << 20  # bytes read from the queue per step while sending a message
 
 
 @dataclasses.dataclass(slots=True)
@@ -263,9 +265,15 @@ class Scheduler:
                 )
                 message_id = job.message.id
 
-                async def content() -> bytes:
-                    data = await self.writer.run(scheduling.read_content, message_id) or b""
-                    return masquerade_headers(data, self.masq_domains, self.masq_exceptions, self.masq_classes)
+                async def content() -> AsyncIterator[bytes]:
+                    offset = 0
+                    while chunk := await self.writer.run(scheduling.read_chunk, message_id, offset, CONTENT_CHUNK):
+                        first = offset == 0
+                        offset += len(chunk)
+                        if first:  # the header section is in the first chunk (header_size_limit)
+                            chunk = masquerade_headers(chunk, self.masq_domains, self.masq_exceptions,
+                                                       self.masq_classes)
+                        yield chunk
 
                 outcomes = await conn.deliver(envelope, content)
                 await self._complete(job, outcomes, conn.relay, started)
