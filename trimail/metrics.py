@@ -17,6 +17,8 @@ import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from trimail.net.reading import receive_until
+
 MAX_REQUEST = 8192
 
 
@@ -69,12 +71,7 @@ async def serve_metrics(listener: trio.SocketListener, metrics: Metrics,
     async def handle(stream: trio.SocketStream) -> None:
         async with stream:
             with trio.move_on_after(10):
-                request = b""
-                while b"\r\n\r\n" not in request and len(request) < MAX_REQUEST:
-                    chunk = await stream.receive_some(MAX_REQUEST)
-                    if not chunk:
-                        break
-                    request += chunk
+                request = await receive_until(stream, b"\r\n\r\n", MAX_REQUEST)
                 if not request.startswith(b"GET "):
                     await stream.send_all(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
                     return

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import trio
 
+from trimail.net.reading import receive_until
+
 CONTROL_NAME = "control"
 MAX_LINE = 256
 
@@ -41,12 +43,7 @@ async def serve_control(listener: trio.SocketListener,
             stream = await listener.accept()
             async with stream:
                 with trio.move_on_after(5):
-                    line = b""
-                    while b"\n" not in line and len(line) < MAX_LINE:
-                        chunk = await stream.receive_some(MAX_LINE)
-                        if not chunk:
-                            break
-                        line += chunk
+                    line = await receive_until(stream, b"\n", MAX_LINE)
                     command = line.split(b"\n")[0].decode("ascii", "replace").strip()
                     handler = commands.get(command)
                     answer = handler() if handler else f"error: unknown command {command!r}"

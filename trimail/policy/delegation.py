@@ -14,6 +14,8 @@ import socket
 
 import trio
 
+from trimail.net.reading import receive_until
+
 MAX_REPLY = 8192
 
 
@@ -44,14 +46,9 @@ async def ask_policy_service(endpoint: str, attributes: dict[str, str], timeout:
             stream = await _connect(endpoint)
             async with stream:
                 await stream.send_all(request.encode("utf-8", "replace"))
-                data = b""
-                while b"\n\n" not in data:
-                    chunk = await stream.receive_some(MAX_REPLY)
-                    if not chunk:
-                        break
-                    data += chunk
-                    if len(data) > MAX_REPLY:
-                        raise PolicyServiceError("reply too long")
+                data = await receive_until(stream, b"\n\n", MAX_REPLY)
+                if b"\n\n" not in data and len(data) >= MAX_REPLY:
+                    raise PolicyServiceError("reply too long")
     except trio.TooSlowError:
         raise PolicyServiceError(f"no answer within {timeout:g}s") from None
     except (OSError, trio.BrokenResourceError, ValueError) as exc:

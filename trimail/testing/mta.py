@@ -35,20 +35,18 @@ from trimail.smtpd import AcceptedMessage, DropConnection, SessionHooks, SmtpdSe
 STAGES = ("mail", "rcpt", "data", "end")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class CapturedMessage:
-    """One accepted message: envelope, facts about the session, and the content."""
+class CapturedMessage(AcceptedMessage):
+    """One accepted message: envelope (``sender``, ``recipients``, ``params``),
+    session facts (``client_address``, ``helo``, ``protocol``, ``tls``, ``auth``)
+    and the content (``raw`` bytes, ``message`` parsed)."""
 
-    queue_id: str
-    sender: str
-    recipients: list[str]
-    params: dict[str, str | None]
-    client_address: str
-    helo: str
-    protocol: str
-    tls: str | None
-    auth: str | None
-    raw: bytes
+    @classmethod
+    def of(cls, accepted: AcceptedMessage) -> CapturedMessage:
+        return cls(*(getattr(accepted, field.name) for field in dataclasses.fields(accepted)))
+
+    @property
+    def auth(self) -> str | None:
+        return self.sasl_username or None
 
     @property
     def message(self) -> email.message.EmailMessage:
@@ -95,9 +93,7 @@ class _Hooks(SessionHooks):
         return fault.reply
 
     def accepted(self, message: AcceptedMessage) -> None:
-        self.owner._capture(CapturedMessage(
-            message.queue_id, message.sender, message.recipients, message.params, message.client_address,
-            message.helo, message.protocol, message.tls, message.sasl_username or None, message.raw))
+        self.owner._capture(CapturedMessage.of(message))
 
 
 class MTAAssertionError(AssertionError):
