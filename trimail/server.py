@@ -276,8 +276,21 @@ def notify_systemd(message: bytes) -> None:
         log.warning("cannot notify systemd through %s: %s", path, exc)
 
 
+def raise_descriptor_limit() -> None:
+    """Use the hard limit for open files: each SMTP session holds one descriptor."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the MTA until ``Server.stop()``; readiness is reported with the Server."""
+    raise_descriptor_limit()
     queue_directory = Path(config.queue_directory)
     prepare_directory(queue_directory)
     lock = QueueLock(queue_directory)
