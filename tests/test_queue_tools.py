@@ -76,3 +76,25 @@ def test_list_filters_and_summary(tmp_path, serve_process):
     assert any(line.split()[:3] == ["hold", "two.example", "1"] for line in summary)
     assert summary[-1].split() == ["TOTAL", "3"]
     assert proc.stop() == 0
+
+
+def test_queue_list_is_a_table_on_a_terminal_and_plain_when_piped(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    import pytest
+
+    if shutil.which("script") is None:
+        pytest.skip("util-linux script(1) is needed to give the command a terminal")
+    config_path = write_main_cf(tmp_path)
+    submitted = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path), "a@far.example"],
+                               input=b"Subject: x\n\nbody\n", capture_output=True, timeout=60)
+    assert submitted.returncode == 0
+    queue_id = next(iter(listed(config_path)))
+    piped = trimail("queue", "list", "-c", str(config_path)).stdout
+    assert piped.startswith("-Queue ID-") and "\x1b[" not in piped
+    command = f"{sys.executable} -m trimail queue list -c {config_path}"
+    on_tty = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True,
+                            timeout=60).stdout
+    assert "Queue ID" in on_tty and queue_id in on_tty and "a@far.example" in on_tty and "\x1b[" in on_tty

@@ -249,10 +249,41 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
                 out.write(("" if number == 0 else ", ") + json.dumps(message.to_json()))
             out.write("]\n")
             return
-        for line in mailq_lines(messages):
+        if sys.stdout.isatty():
+            _rich_queue(messages)
+            return
+        for line in mailq_lines(messages):  # plain when piped, streamed for long queues
             print(line)
     finally:
         store.close()
+
+
+def _rich_queue(messages: Iterable[MessageInfo]) -> None:
+    """The mailq view as a terminal table (rich), with the same marks and summary."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column, justify in (("Queue ID", "left"), ("Size", "right"), ("Arrival Time", "left"),
+                            ("Sender/Recipient", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    total = count = 0
+    for m in messages:
+        count += 1
+        total += m.size
+        mark = _STATE_MARK.get(m.state, "")
+        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(m.arrival_time))
+        table.add_row(f"[bold]{m.id}{mark}[/bold]", str(m.size), arrival, m.sender or "MAILER-DAEMON")
+        for r in m.recipients:
+            if r.status in ("pending", "deferred"):
+                reply = f"\n  [dim]({r.last_reply})[/dim]" if r.last_reply else ""
+                table.add_row("", "", "", f"{r.address}{reply}")
+    console = Console()
+    if not count:
+        console.print("Mail queue is empty")
+        return
+    console.print(table)
+    console.print(f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.")
 
 
 @queue_app.command(name="summary")
