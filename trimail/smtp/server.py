@@ -658,6 +658,24 @@ class ServerConnection:
 
     # -- DATA ------------------------------------------------------------------
 
+    def _fast_lines(self, buf: bytearray, out: bytearray) -> int:
+        """The common case in bulk: complete CRLF lines without the end marker are
+        un-stuffed with one replace instead of line by line.  Returns how far it got
+        (0 when the slow path must look at every line: a bare LF or the end is near)."""
+        last = buf.rfind(b"\n")
+        if last < 0:
+            return 0
+        region = bytes(buf[: last + 1])
+        if region.count(b"\n") != region.count(b"\r\n"):  # a bare LF somewhere
+            return 0
+        if b"\r\n.\r\n" in region or (self._prev_crlf and region.startswith(b".\r\n")):
+            return 0  # the end of data is in here: let the line-by-line reader find it
+        unstuffed = region.replace(b"\n.", b"\n")
+        out += unstuffed[1:] if region.startswith(b".") else unstuffed
+        self._line_start = True
+        self._prev_crlf = True
+        return last + 1
+
     def _read_data(self) -> bool:
         """Move complete lines from the input to DataChunk events; True on progress."""
         buf = self._in
@@ -666,6 +684,8 @@ class ServerConnection:
         pos = 0
         ended = False
         bare_lf = False
+        if self._line_start:
+            pos = self._fast_lines(buf, out)
         while pos < n:
             lf = buf.find(b"\n", pos)
             if lf < 0:
