@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import email.utils
 import getpass
+import os
 import smtplib
 import sys
 import time
@@ -103,7 +104,7 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list
                                cfg.append_dot_mydomain)
 
     content = cleanup.normalize_newlines(raw)
-    if content.startswith(b"From ") :  # an mbox From_ line is not a header
+    if content.startswith(b"From "):  # an mbox From_ line is not a header
         content = content.split(b"\r\n", 1)[1] if b"\r\n" in content else b""
     header, rest = cleanup.split_header(content)
     rcpts = list(opts["rcpts"])
@@ -121,15 +122,9 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list
     rcpts = cleanup.virtual_expand(rcpts, tables)
     content = cleanup.complete_headers(header + rest, sender=sender, full_name=opts["F"],
                                        hostname=cfg.myhostname, queue_id=queue_id)
-    received = (f"Received: by {cfg.myhostname} ({cfg.mail_name}, from userid {_uid()})\r\n"
+    received = (f"Received: by {cfg.myhostname} ({cfg.mail_name}, from userid {os.getuid()})\r\n"
                 f"\tid {queue_id}; {email.utils.formatdate(localtime=True)}\r\n").encode()
     return sender, rcpts, received + content
-
-
-def _uid() -> int:
-    import os
-
-    return os.getuid()
 
 
 def submit(argv: list[str], stdin=None) -> int:

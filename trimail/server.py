@@ -66,7 +66,6 @@ class Server:
         self.writer = writer
         # (kind, configured address) -> its open listeners, each with the scope of its accept loop
         self.listening: dict[tuple[str, str], list[tuple[trio.SocketListener, trio.CancelScope]]] = {}
-        self._pending_listeners = listeners
         self._accepting: trio.Nursery | None = None
         self._sessions: trio.Nursery | None = None
         self.addresses: list[ListenAddress] = []

@@ -55,7 +55,6 @@ from trimail.smtp.server import (
     Hello,
     MailFrom,
     RcptTo,
-    Rejected,
     Reset,
     ServerConnection,
     Settings,
@@ -319,9 +318,6 @@ class SmtpdSession:
             return await self._commit()
         if isinstance(event, (DataAborted, Reset)):
             self._discard()
-            return None
-        if isinstance(event, Rejected):
-            return None
         return None
 
     async def _restrict(self, stage: str, command: str, conn: ServerConnection, *, sender: str | None = None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import smtplib
 import socket
 import tempfile
-import time
 from pathlib import Path
 
 import pytest

@@ -17,8 +17,8 @@ from trimail.cleanup import masquerade, masquerade_headers, virtual_expand
 from trimail.local.aliases import AliasError, Expander, parse_alias_source
 from trimail.local.mailbox import MailboxError, deliver_mbox, mailbox_path
 from trimail.maps import open_table
-from tests.conftest import trimail, wait_for, write_main_cf
-from tests.delivery.test_delivery import parse_dsn, queue, send, wait_empty
+from tests.conftest import trimail, write_main_cf
+from tests.delivery.test_delivery import parse_dsn, send, wait_empty
 from tests.net.test_serve import smtplib_send_reply
 from tests.peers import Sink
 

@@ -8,8 +8,7 @@ import time
 import trio
 
 from trimail.queue.store import Store
-from tests.conftest import wait_for
-from tests.delivery.test_delivery import send, wait_empty
+from tests.delivery.test_delivery import wait_empty
 from tests.peers import Sink
 
 

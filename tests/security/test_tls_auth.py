@@ -12,7 +12,6 @@ import trustme
 
 from trimail.queue.store import Store
 from tests.conftest import trimail
-from tests.peers import Sink
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +136,6 @@ def auth_plain(user: str, password: str) -> str:
 @pytest.fixture
 async def submission(start_mta, cert, tmp_path):
     passwd = tmp_path / "sasl_passwd"
-    config_path = None
 
     async def start(**extra):
         srv = await start_mta(smtpd_tls_cert_file=str(cert), submission_listen="127.0.0.1:0",

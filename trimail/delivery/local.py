@@ -68,15 +68,10 @@ class LocalAgent:
         self.local_domains = {d.lower() for d in config.mydestination}
         self.mail_owner: str = config.mail_owner
         self._tables: list[Table] | None = None
-        self._table_error: str | None = None
 
     def _expander(self) -> Expander:
         if self._tables is None:
-            try:
-                self._tables = [open_table(ref) for ref in self.config.alias_maps]
-            except TableError as exc:
-                self._table_error = str(exc)
-                raise
+            self._tables = [open_table(ref) for ref in self.config.alias_maps]
         return Expander(self._tables, self.local_domains, self.delimiter,
                         frozenset(self.config.allow_mail_to_commands))
 

@@ -139,7 +139,6 @@ class Connection:
         self.parser = ReplyParser()
         self.ext = Extensions({})
         self.usable = True
-        self.transactions = 0
         self.tls: str | None = None  # "TLSv1.3 with cipher ..." once encrypted
 
     @property
@@ -241,7 +240,6 @@ class Connection:
         mail = mail_command(envelope.sender, envelope.size, self.ext, eight_bit=envelope.eight_bit,
                             smtputf8=envelope.smtputf8)
         rcpts = [rcpt_command(r) for r in envelope.recipients]
-        self.transactions += 1
         if self.ext.has("PIPELINING"):
             await self._send(mail + b"".join(rcpts) + b"DATA\r\n", t.mail, "sending MAIL FROM")
             mail_reply = await self._read(t.mail, "receiving the MAIL FROM reply")

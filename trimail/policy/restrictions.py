@@ -64,7 +64,6 @@ SIMPLE = {
     "reject_multi_recipient_bounce", "permit_inet_interfaces", "reject_plaintext_session",
     "reject_sender_login_mismatch", "permit_tls_clientcerts", "sleep",
 }
-KNOWN = SIMPLE | TAKES_ARGUMENT
 
 SUBJECT_TEXT = {
     "client": "Client host rejected",

@@ -104,9 +104,6 @@ class Extensions:
         return int(value) if value and value.isdigit() and int(value) > 0 else None
 
 
-NONE = Extensions({})
-
-
 def mail_command(sender: str, size: int, ext: Extensions, *, eight_bit: bool, smtputf8: bool) -> bytes:
     params = []
     if ext.has("SIZE"):

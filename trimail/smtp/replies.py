@@ -102,13 +102,11 @@ NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
-INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Error: internal error, try again later")
 BARE_LF = Reply(521, "5.5.2", "Error: bare <LF> received")
 FORBIDDEN_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
 TOO_MANY_HOPS = Reply(554, "5.4.0", "Error: too many hops")
-SMTPUTF8_REQUIRED = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send UTF-8 address")
 
 
 def unsupported_option(name: str) -> Reply:

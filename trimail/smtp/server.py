@@ -38,7 +38,7 @@ from collections import Counter, deque
 from trimail.smtp import replies
 from trimail.smtp.address import AddressError, parse_path
 from trimail.smtp.replies import Reply
-from trimail.smtp.sasl import Credentials, SaslError, SaslExchange
+from trimail.smtp.sasl import MECHANISMS, Credentials, SaslError, SaslExchange
 
 
 class LocalProtocolError(Exception):
@@ -359,7 +359,7 @@ class ServerConnection:
         if self.settings.starttls and not self.tls_active:
             keywords.append("STARTTLS")
         if self.settings.auth and (self.tls_active or not self.settings.auth_tls_only) and not self.authenticated:
-            keywords.append("AUTH PLAIN LOGIN")
+            keywords.append("AUTH " + " ".join(MECHANISMS))
         keywords += self.settings.extra_extensions
         return keywords
 
@@ -620,7 +620,7 @@ class ServerConnection:
             self._error("auth", replies.NEED_HELO)
         else:
             mechanism, _, initial = arg.partition(" ")
-            if mechanism.upper() not in ("PLAIN", "LOGIN"):
+            if mechanism.upper() not in MECHANISMS:
                 self._error("auth", Reply(504, "5.5.4", "Unsupported authentication mechanism"))
                 return
             self._sasl = SaslExchange(mechanism)
