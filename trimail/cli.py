@@ -429,8 +429,7 @@ def queue_hold(ids: list[str] | None = None, *, all_: AllFlag = False, config: C
     cfg = load_config(config, o)
     wanted = _ids_or_all(ids, all_)
     _report("placed on hold", _queue_change(cfg, lambda store: scheduling.set_state(
-        store, scheduling.existing_ids(store, wanted, ("maildrop", "incoming", "deferred")), "hold",
-        ("maildrop", "incoming", "deferred"), time.time())), wanted)
+        store, wanted, "hold", ("maildrop", "incoming", "deferred"), time.time())), wanted)
 
 
 @queue_app.command(name="release")
@@ -440,7 +439,7 @@ def queue_release(ids: list[str] | None = None, *, all_: AllFlag = False, config
     cfg = load_config(config, o)
     wanted = _ids_or_all(ids, all_)
     _report("released from hold", _queue_change(cfg, lambda store: scheduling.set_state(
-        store, scheduling.existing_ids(store, wanted, ("hold",)), "incoming", ("hold",), time.time())), wanted)
+        store, wanted, "incoming", ("hold",), time.time())), wanted)
 
 
 @queue_app.command(name="requeue")

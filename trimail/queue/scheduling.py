@@ -195,10 +195,11 @@ def existing_ids(store: Store, ids: list[str] | None, states: tuple[str, ...]) -
     return found
 
 
-def set_state(store: Store, ids: list[str], new: str, expected: tuple[str, ...], now: float) -> list[str]:
-    """Move each message in one of *expected* states to *new*; return those moved."""
+def set_state(store: Store, ids: list[str] | None, new: str, expected: tuple[str, ...], now: float) -> list[str]:
+    """Move each message (all when *ids* is None) in one of *expected* states to *new*;
+    return those moved."""
     moved = []
-    for message_id in ids:
+    for message_id in existing_ids(store, None, expected) if ids is None else ids:
         row = store.db.execute("SELECT state FROM message WHERE id = ?", (message_id,)).fetchone()
         if row is None or row[0] not in expected:
             continue
