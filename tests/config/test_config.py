@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
 
 import pytest
 
 from trimail import config
+from tests.conftest import trimail
 from trimail.config import Config, ConfigError, ListenAddress, parse_main_cf
 
 
@@ -187,11 +186,6 @@ def test_missing_file_is_a_config_error(tmp_path):
 
 
 # -- the command ------------------------------------------------------------------
-
-
-def trimail(*args: str, env=None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "trimail", *args], capture_output=True, text=True,
-                          timeout=60, env=env)
 
 
 def test_config_command_prints_raw_expanded_and_non_default(tmp_path):
