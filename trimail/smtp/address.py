@@ -24,6 +24,10 @@ class AddressError(ValueError):
     """The path or its parameters break the syntax; ``str()`` is the reply text."""
 
 
+class Utf8NotDeclared(AddressError):
+    """A non-ASCII address in a transaction without SMTPUTF8 (RFC 6531 3.4)."""
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Path:
     address: str  # "" for the null reverse-path <>
@@ -55,7 +59,7 @@ def check_mailbox(address: str, *, utf8: bool) -> str:
     if _CONTROL.search(address):
         raise AddressError("control character in address")
     if not utf8 and not address.isascii():
-        raise AddressError("non-ASCII address without SMTPUTF8")
+        raise Utf8NotDeclared("non-ASCII address without SMTPUTF8")
     local, sep, domain = address.rpartition("@")
     if not sep:
         # RFC 5321 4.5.1: <postmaster> without a domain must be accepted for RCPT

@@ -91,6 +91,7 @@ SYNTAX_QUIT = Reply(501, "5.5.4", "Syntax: QUIT")
 SYNTAX_VRFY = Reply(501, "5.5.4", "Syntax: VRFY address")
 BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_RECIPIENT = Reply(501, "5.1.3", "Bad recipient address syntax")
+NEED_SMTPUTF8 = Reply(553, "5.6.7", "Must declare SMTPUTF8 to send unicode address")  # Postfix's words
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")
 NOT_RECOGNIZED = Reply(500, "5.5.2", "Error: command not recognized")
 NOT_IMPLEMENTED = Reply(502, "5.5.1", "Error: command not implemented")

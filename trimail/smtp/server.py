@@ -36,7 +36,7 @@ import enum
 from collections import Counter, deque
 
 from trimail.smtp import replies
-from trimail.smtp.address import AddressError, parse_path
+from trimail.smtp.address import AddressError, Utf8NotDeclared, parse_path
 from trimail.smtp.replies import Reply
 from trimail.smtp.sasl import MECHANISMS, Credentials, SaslError, SaslExchange
 
@@ -510,6 +510,9 @@ class ServerConnection:
     def _do_mail(self, arg: str) -> None:
         try:
             path = parse_path(arg, "FROM:", utf8_allowed=False)
+        except Utf8NotDeclared:
+            self._error("mail", replies.NEED_SMTPUTF8)
+            return
         except AddressError as exc:
             self._error("mail", replies.SYNTAX_MAIL if str(exc) == "syntax" else replies.BAD_SENDER)
             return
@@ -545,6 +548,9 @@ class ServerConnection:
             return
         try:
             path = parse_path(arg, "TO:", utf8_allowed=self.smtputf8)
+        except Utf8NotDeclared:
+            self._error("rcpt", replies.NEED_SMTPUTF8)
+            return
         except AddressError as exc:
             self._error("rcpt", replies.SYNTAX_RCPT if str(exc) == "syntax" else replies.BAD_RECIPIENT)
             return
