@@ -92,7 +92,8 @@ async def test_round_trip_trimail_postfix_trimail_with_tls_both_ways_is_byte_for
     end to end: the content arrives unchanged except for the three Received: fields."""
     from trimail.testing import open_test_mta
 
-    message = (b"Received: from an.earlier.hop (198.51.100.7)\r\n\tby relay.example; Tue, 24 Nov 2026 10:00:00 +0000\r\n"
+    message = (b"Received: from an.earlier.hop (198.51.100.7)\r\n"
+               b"\tby relay.example; Tue, 24 Nov 2026 10:00:00 +0000\r\n"
                b"From: =?utf-8?q?J=C3=B6rg?= <j\xc3\xb6rg@b\xc3\xbccher.example>\r\n"
                b"To: ann@far.example\r\nDate: Wed, 25 Nov 2026 12:00:00 +0000\r\n"
                b"Message-ID: <round-trip.1@b\xc3\xbccher.example>\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n"
