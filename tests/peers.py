@@ -95,6 +95,7 @@ class DroppingServer:
         self.helo_seen: list[bytes] = []
         self.delivered: list[list[str]] = []
         self.connections = 0
+        self.open_now = 0  # connections not yet closed
 
     async def run(self, host: str = "127.0.0.1", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host=host)
@@ -103,6 +104,13 @@ class DroppingServer:
 
     async def handle(self, stream: trio.SocketStream) -> None:
         self.connections += 1
+        self.open_now += 1
+        try:
+            await self._converse(stream)
+        finally:
+            self.open_now -= 1
+
+    async def _converse(self, stream: trio.SocketStream) -> None:
         buf = b""
 
         async def line() -> bytes:

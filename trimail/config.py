@@ -349,6 +349,10 @@ PARAMETERS: dict[str, Param] = {
         _P("smtp_data_xfer_timeout", "180s", _time(), "time limit for sending content (per MiB)"),
         _P("smtp_data_done_timeout", "600s", _time(), "time limit for the end-of-data reply"),
         _P("smtp_quit_timeout", "300s", _time(), "time limit for the QUIT reply"),
+        _P("smtp_connection_cache_time_limit", "2s", _time(),
+           "how long a delivery connection with nothing to send is kept open for the next message"),
+        _P("smtp_connection_reuse_time_limit", "300s", _time(),
+           "how long one delivery connection may be used for message after message"),
         # TLS and AUTH
         _P("smtpd_tls_cert_file", "", _str, "server certificate (PEM)"),
         _P("smtpd_sasl_auth_enable", "no", parse_bool, "offer AUTH on smtpd_listen (always on submission)"),

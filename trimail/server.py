@@ -166,7 +166,7 @@ class Server:
 
     async def refresh_metrics(self) -> None:
         """Queue sizes and the oldest message's age, read when the endpoint is scraped."""
-        counts, oldest = await self.writer.run(lambda store: (store.counts(), store.oldest_arrival()))
+        counts, oldest = await self.writer.read(lambda store: (store.counts(), store.oldest_arrival()))
         for state in ("maildrop", "incoming", "active", "deferred", "hold"):
             self.metrics.queue.labels(state).set(counts.get(state, 0))
         self.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))

@@ -255,6 +255,25 @@ async def test_one_connection_carries_several_messages_to_a_destination(start_mt
     assert peer.connections == before + 1
 
 
+@pytest.mark.parametrize("cache_time, connections", [("3s", 1), ("0s", 2)])
+async def test_an_idle_connection_waits_for_the_next_message_then_closes(start_mta, nursery, cache_time,
+                                                                         connections):
+    """smtp_connection_cache_time_limit: after its last message a connection stays open
+    that long for the next one to the same destination, then says QUIT."""
+    peer = DroppingServer(drop=False)
+    port = await nursery.start(peer.run)
+    srv = await start_mta(relayhost=f"[127.0.0.1]:{port}", smtp_connection_cache_time_limit=cache_time)
+    await send(srv, "a@client.example", ["r1@far.example"])
+    await wait_empty(srv)
+    if connections == 1:
+        assert peer.open_now == 1  # delivered, and still connected
+    await send(srv, "a@client.example", ["r2@far.example"])
+    await wait_empty(srv)
+    assert peer.delivered == [["r1@far.example"], ["r2@far.example"]]
+    assert peer.connections == connections
+    await wait_for(lambda: peer.open_now == 0, timeout=10)
+
+
 def test_kill_9_during_a_delivery_burst_loses_no_recipient(tmp_path, serve_process):
     with Sink(delay=0.05) as sink:
         config_path = write_main_cf(tmp_path, master_service_disable="", relayhost=f"[127.0.0.1]:{sink.port}",
@@ -342,9 +361,13 @@ async def test_relay_to_an_embedded_trimail_peer(start_mta):
         downstream.reject(rcpt="nobody@*", code=550, text="No such user")
         srv = await start_mta(relayhost=f"[127.0.0.1]:{downstream.port}")
         queue_id = await send(srv, "a@client.example", ["ann@far.example", "nobody@far.example"])
-        [arrived] = await downstream.wait_for(timeout=10)
+        [arrived] = await downstream.wait_for(timeout=10, sender="a@client.example")
         assert arrived.recipients == ["ann@far.example"] and queue_id.encode() in arrived.raw
-        await wait_for(lambda: not any(r.status == "pending" for m in queue(srv) for r in m.recipients))
+        # the refused recipient is bounced to the sender, through the same relayhost
+        [bounce] = await downstream.wait_for(timeout=10, sender="", to="a@client.example")
+        assert b"Final-Recipient: rfc822; nobody@far.example" in bounce.raw
+        assert b"Status: 5.1.1" in bounce.raw and b"said: 550 5.1.1 No such user" in bounce.raw
+        await wait_empty(srv)
 
 
 def test_50_mib_message_is_relayed_with_bounded_memory(tmp_path, serve_process):

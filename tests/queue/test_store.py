@@ -192,6 +192,37 @@ async def test_group_commit_puts_waiting_requests_in_one_transaction(tmp_path):
     assert len(Store.open(tmp_path).list_messages()) == 50
 
 
+def synchronous(store: Store) -> int:
+    return store.db.execute("PRAGMA synchronous").fetchone()[0]  # 1 NORMAL, 2 FULL
+
+
+async def test_only_batches_of_bookkeeping_alone_skip_the_fsync(tmp_path):
+    """An accepted message is fsynced; the scheduler's bookkeeping (durable=False)
+    commits with synchronous=NORMAL unless it shares a batch with durable work."""
+    gate = Gate()
+    async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
+        assert await writer.run(synchronous) == 2
+        assert await writer.run(synchronous, durable=False) == 1
+        assert await writer.run(synchronous) == 2
+        seen: list[int] = []
+
+        async def submit(durable: bool) -> None:
+            seen.append(await writer.run(synchronous, durable=durable))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, gate.hold)
+            await gate.wait_entered()
+            nursery.start_soon(submit, False)
+            nursery.start_soon(submit, True)
+            nursery.start_soon(submit, False)
+            with trio.fail_after(5):
+                while writer._requests.qsize() < 3:
+                    await trio.sleep(0.001)
+            gate.opened.set()
+        assert seen == [2, 2, 2]  # one batch with a durable request in it: all fsynced
+        assert writer.stats.durable_batches == writer.stats.batches - 1
+
+
 async def test_a_failing_request_does_not_spoil_its_batch(tmp_path):
     gate = Gate()
     async with QueueWriter(lambda: Store.open(tmp_path)) as writer:

@@ -274,9 +274,12 @@ class Connection:
             final = classify(data_reply, self.relay, "DATA")
             return [o if o is not None else final for o in outcomes]
         stuffer = DotStuffer()
+        pending = b""  # the last piece goes out with the end of data, in one send
         async for chunk in content():  # streamed: memory does not grow with message size
-            await self._send(stuffer.stuff(chunk), t.data_xfer, "sending message body")
-        await self._send(stuffer.finish(), t.data_xfer, "sending message body")
+            if pending:
+                await self._send(pending, t.data_xfer, "sending message body")
+            pending = stuffer.stuff(chunk)
+        await self._send(pending + stuffer.finish(), t.data_xfer, "sending message body")
         final_reply = await self._read(t.data_done, "receiving the end of data reply")
         final = classify(final_reply, self.relay, "end of DATA")
         return [o if o is not None else final for o in outcomes]

@@ -133,6 +133,7 @@ class Store:
     def __init__(self, connection: apsw.Connection, path: Path) -> None:
         self.db = connection
         self.path = path
+        self.durable = True  # PRAGMA synchronous = FULL (set in open)
 
     @classmethod
     def open(cls, queue_directory: str | os.PathLike[str], *, readonly: bool = False) -> Store:
@@ -160,6 +161,13 @@ class Store:
     def close(self) -> None:
         self.db.close()
 
+    def set_durable(self, durable: bool) -> None:
+        """Whether COMMIT fsyncs (FULL) or leaves it to the next one that does (NORMAL).
+        In WAL mode both are atomic; only the durability of the last commits differs."""
+        if durable != self.durable:
+            self.db.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")
+            self.durable = durable
+
     def _migrate(self, readonly: bool) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -176,7 +184,7 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[None]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (fsynced), rolled back on error."""
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (fsynced unless set_durable(False)), rolled back on error."""
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield

@@ -11,6 +11,22 @@ batch size follows the load by itself: one request when idle, dozens under load.
 
 A task that is cancelled while waiting does not cancel its request: callers that
 must answer a client after the commit (the SMTP session's ``250``) shield the wait.
+
+Durability is per request.  A message accepted from a client (``durable=True``,
+the default) is answered only after its batch is fsynced (``synchronous =
+FULL``).  The scheduler's bookkeeping (claiming rows, recording outcomes, removing
+delivered mail, queueing bounces) passes ``durable=False``: a batch made only of
+such requests commits with ``synchronous = NORMAL``, which is just as atomic but
+leaves the fsync to the next durable commit or checkpoint.  The WAL is one
+sequence, so a later fsync makes every earlier commit durable too, and a crash can
+only roll the bookkeeping back to a state that was true before: a message
+delivered again (as Postfix may after a crash between delivery and unlink), never
+one lost.
+
+Reads that need no write (a message's content while it is being delivered, the
+queue counts for metrics) go through ``writer.read``: a few reading connections of
+their own, on worker threads, each read in one snapshot, so a delivery never waits
+behind an fsync of accepted mail.
 """
 
 from __future__ import annotations
@@ -35,19 +51,26 @@ _STOP = object()
 
 
 class _Request:
-    __slots__ = ("args", "done", "error", "fn", "result")
+    __slots__ = ("args", "done", "durable", "error", "fn", "result")
 
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], durable: bool) -> None:
         self.fn = fn
         self.args = args
+        self.durable = durable
         self.done = trio.Event()
         self.result: Any = None
         self.error: BaseException | None = None
 
 
+def _in_snapshot(store: Store, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    with store.read_snapshot():
+        return fn(store, *args)
+
+
 @dataclasses.dataclass(slots=True)
 class WriterStats:
     batches: int = 0
+    durable_batches: int = 0
     requests: int = 0
     largest_batch: int = 0
     commit_seconds: float = 0.0
@@ -56,9 +79,11 @@ class WriterStats:
 class QueueWriter:
     """Use as ``async with QueueWriter(open_store) as writer:``."""
 
-    def __init__(self, open_store: Callable[[], Store], max_batch: int = 512) -> None:
+    def __init__(self, open_store: Callable[[], Store], max_batch: int = 512, readers: int = 4) -> None:
         self._open_store = open_store
         self._max_batch = max_batch
+        self._readers: list[Store] = []  # idle reading connections, opened on first need
+        self._read_limiter = trio.CapacityLimiter(readers)
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -89,10 +114,24 @@ class QueueWriter:
         assert self._thread is not None
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(self._thread.join)
+            for store in self._readers:
+                store.close()
+            self._readers.clear()
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(store, *args)`` in the next group commit; return after COMMIT."""
-        request = _Request(fn, args)
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(store, *args)`` in one read snapshot on a reading connection, on a
+        worker thread: never queued behind the writer's commits."""
+        async with self._read_limiter:
+            store = self._readers.pop() if self._readers else await trio.to_thread.run_sync(self._open_store)
+            try:
+                return await trio.to_thread.run_sync(_in_snapshot, store, fn, args)
+            finally:
+                self._readers.append(store)
+
+    async def run(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> T:
+        """Run ``fn(store, *args)`` in the next group commit; return after COMMIT
+        (fsynced unless *durable* is false: see the module's docstring)."""
+        request = _Request(fn, args, durable)
         self._requests.put(request)
         await request.done.wait()
         if request.error is not None:
@@ -136,7 +175,9 @@ class QueueWriter:
 
     def _run_batch(self, store: Store, batch: list[_Request]) -> None:
         started = time.monotonic()
+        durable = any(request.durable for request in batch)
         try:
+            store.set_durable(durable)
             with store.transaction():
                 for request in batch:
                     try:
@@ -150,6 +191,7 @@ class QueueWriter:
                 request.error = request.error or exc
         stats = self.stats
         stats.batches += 1
+        stats.durable_batches += durable
         stats.requests += len(batch)
         stats.largest_batch = max(stats.largest_batch, len(batch))
         elapsed = time.monotonic() - started

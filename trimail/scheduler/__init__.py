@@ -80,6 +80,20 @@ class Destination:
     limit: int
     jobs: deque[Job] = dataclasses.field(default_factory=deque)
     workers: int = 0
+    arrived: trio.Event = dataclasses.field(default_factory=trio.Event)  # set (and replaced) per new job
+
+    def announce(self) -> None:
+        self.arrived.set()
+        self.arrived = trio.Event()
+
+    async def next_job(self, linger: float) -> Job | None:
+        """The next job; with none waiting, wait up to *linger* seconds for one (a
+        worker holding an open connection caches it for the next message)."""
+        deadline = trio.current_time() + linger
+        while not self.jobs and trio.current_time() < deadline:
+            with trio.move_on_at(deadline):
+                await self.arrived.wait()
+        return self.jobs.popleft() if self.jobs else None
 
 
 def log_seconds(seconds: float) -> str:
@@ -142,7 +156,7 @@ class Scheduler:
             task_status.started()
             while True:
                 room = self.active_limit - len(self.active)
-                claimed, due = await self.writer.run(schedule_round, time.time(), room)
+                claimed, due = await self.writer.run(schedule_round, time.time(), room, durable=False)
                 for message in claimed:
                     self._dispatch(message)
                 if not self.active:
@@ -197,6 +211,7 @@ class Scheduler:
                 else self.config.default_destination_concurrency_limit
             dest = self.destinations[key] = Destination(job.route, max(1, int(limit)))
         dest.jobs.append(job)
+        dest.announce()
         if dest.workers < dest.limit and dest.workers < len(dest.jobs):
             dest.workers += 1
             if self.metrics is not None:
@@ -209,12 +224,12 @@ class Scheduler:
             while dest.jobs:
                 job = dest.jobs.popleft()
                 started = time.time()
-                content = await self.writer.run(scheduling.read_content, job.message.id) or b""
+                content = await self.writer.read(scheduling.read_content, job.message.id) or b""
                 result = await trio.to_thread.run_sync(
                     self.local.deliver, job.message.sender, [r.address for r in job.recipients], content)
                 for forward in result.forwards:
                     with trio.CancelScope(shield=True):
-                        new_id = await self.writer.run(self._queue_forward, forward, content)
+                        new_id = await self.writer.run(self._queue_forward, forward, content, durable=False)
                     log.info("%s: forwarded as %s to %s", job.message.id, new_id,
                              ", ".join(f"<{r}>" for r in forward.recipients))
                 await self._complete(job, result.outcomes, "local", started)
@@ -239,14 +254,22 @@ class Scheduler:
             await self._local_worker(dest)
             return
         conn: Connection | None = None
+        opened = 0.0
         try:
-            while dest.jobs:
-                job = dest.jobs.popleft()
-                if conn is None or not conn.usable:
-                    if conn is not None:
-                        await conn.close()
-                        conn = None
+            while True:
+                # Postfix's connection cache: an open connection waits a little for the
+                # next message to the same destination instead of hanging up at once
+                linger = self.config.smtp_connection_cache_time_limit if conn is not None and conn.usable else 0
+                job = await dest.next_job(linger)
+                if job is None:
+                    break
+                if conn is not None and (not conn.usable or trio.current_time() - opened
+                                         > self.config.smtp_connection_reuse_time_limit):
+                    await conn.close()
+                    conn = None
+                if conn is None:
                     started = time.time()
+                    opened = trio.current_time()
                     try:
                         conn = await self.connector.open(dest.route)
                     except ConnectionFailed as exc:
@@ -267,13 +290,15 @@ class Scheduler:
 
                 async def content() -> AsyncIterator[bytes]:
                     offset = 0
-                    while chunk := await self.writer.run(scheduling.read_chunk, message_id, offset, CONTENT_CHUNK):
-                        first = offset == 0
+                    while chunk := await self.writer.read(scheduling.read_chunk, message_id, offset, CONTENT_CHUNK):
+                        first, last = offset == 0, len(chunk) < CONTENT_CHUNK
                         offset += len(chunk)
                         if first:  # the header section is in the first chunk (header_size_limit)
                             chunk = masquerade_headers(chunk, self.masq_domains, self.masq_exceptions,
                                                        self.masq_classes)
                         yield chunk
+                        if last:  # a short read is the end: no read to learn that
+                            return
 
                 outcomes = await conn.deliver(envelope, content)
                 await self._complete(job, outcomes, conn.relay, started)
@@ -331,7 +356,7 @@ class Scheduler:
         active.outstanding -= 1
         last = active.outstanding == 0
         with trio.CancelScope(shield=True):
-            finished = await self.writer.run(self._record, message, results, last)
+            finished = await self.writer.run(self._record, message, results, last, durable=False)
         if last:
             del self.active[message.id]
             if finished.removed:
