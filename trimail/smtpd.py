@@ -28,6 +28,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -43,6 +44,9 @@ from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
+
+if TYPE_CHECKING:
+    from trimail.scheduler import Scheduler
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
 from trimail.smtp.server import (
@@ -94,7 +98,7 @@ class ReceiveContext:
 
     def __init__(self, config: Config, writer: QueueWriter, on_queued: Callable[[], None] = lambda: None,
                  resolver: Resolver | None = None, kind: str = "smtp",
-                 auth_failures: dict[str, deque[float]] | None = None) -> None:
+                 auth_failures: dict[str, deque[float]] | None = None, scheduler: Scheduler | None = None) -> None:
         if kind in ("submission", "smtps"):
             # Postfix's master.cf submission defaults: TLS first, and only logins may send
             config = config.with_overrides({
@@ -106,6 +110,7 @@ class ReceiveContext:
         self.config = config
         self.writer = writer
         self.on_queued = on_queued
+        self.scheduler = scheduler  # takes new mail straight into active when it has room
         self.tls_context = server_tls_context(config) if config.smtpd_tls_cert_file else None
         self.password_file = Path(config.smtpd_sasl_password_file)
         self.auth_failure_limit: int = config.smtpd_auth_failure_limit
@@ -487,15 +492,24 @@ class SmtpdSession:
                 params=txn.params,
             )
             message_id = header_message_id(txn.header)
+            scheduler = self.ctx.scheduler
+            hand_over = message.state == "incoming" and scheduler is not None and scheduler.reserve()
+            if hand_over:
+                message.state = "active"
             # The client must get its 250 only after the commit, and a commit that
             # has begun cannot be taken back: so the wait is shielded from shutdown.
             with trio.CancelScope(shield=True):
                 try:
                     await self.ctx.writer.run(Store.insert_message, message)
                 except Exception as exc:
+                    if hand_over:
+                        scheduler.release()  # type: ignore[union-attr]
                     log.error("%s: cannot queue message from %s: %s", txn.queue_id, self.client, exc)
                     return replies.LOCAL_ERROR
-            self.ctx.on_queued()
+            if hand_over:
+                scheduler.hand_over(message, message.content.getvalue())  # type: ignore[union-attr]
+            else:
+                self.ctx.on_queued()
             if self.ctx.metrics is not None:
                 self.ctx.metrics.received.inc()
             if self.ctx.hooks is not None:

@@ -38,6 +38,7 @@ class ClaimedMessage:
     size: int
     params: dict[str, str | None]
     recipients: list[QueuedRecipient]
+    content: bytes | None = None  # held in memory when handed over at acceptance (small messages)
 
 
 @dataclasses.dataclass(slots=True)

@@ -17,6 +17,12 @@ the same reason without a connection each (a dead destination), so a dead
 destination costs one connection attempt, not one per message, and never holds up
 the others.
 
+New mail takes a shortcut.  When the scheduler has room, a session commits the
+message straight into ``active`` and hands it over in memory (with its content,
+when small), so accepting and scheduling one message costs one commit, not a
+commit plus a claim plus a read; a crash before delivery returns it to
+``incoming`` at the next start like any active message.
+
 Every outcome is committed as soon as it is known (so a crash repeats at most the
 deliveries in flight: at least once, never lost).  When all jobs of a message are
 done the message is deferred (next attempt: the earliest of its recipients') or
@@ -59,6 +65,8 @@ bounce_log = logging.getLogger("trimail.bounce")
 
 RECIPIENT_LIMIT = 50
 CONTENT_CHUNK = 1 << 20  # bytes read from the queue per step while sending a message
+HELD_MESSAGE_LIMIT = 64 * 1024  # content handed over in memory up to this size ...
+HELD_TOTAL_LIMIT = 16 << 20  # ... while all held content together stays under this
 
 
 @dataclasses.dataclass(slots=True)
@@ -130,6 +138,10 @@ class Scheduler:
         self.destinations: dict[tuple[str, str, int, bool], Destination] = {}
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
+        self._reserved = 0  # slots promised to sessions committing a message for hand-over
+        self._held = 0  # bytes of content held in memory by active messages
+        self._starved = False  # the last round filled every slot: a finished message must wake us
+        self._queued_here = 0  # messages this scheduler queued (bounces, forwards): they need a round
         self.idle = trio.Event()  # set whenever nothing is active (tests and stop wait on it)
         self.metrics: Metrics | None = None
 
@@ -151,22 +163,55 @@ class Scheduler:
         self.wake()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as deliveries:
-            self._nursery = deliveries
-            task_status.started()
-            while True:
-                room = self.active_limit - len(self.active)
-                claimed, due = await self.writer.run(schedule_round, time.time(), room, durable=False)
-                for message in claimed:
-                    self._dispatch(message)
-                if not self.active:
-                    self.idle.set()
-                if len(claimed) == room and room > 0:
-                    continue  # more may be waiting; a finishing message wakes us otherwise
-                deadline = math.inf if due is None else trio.current_time() + max(0.0, due - time.time())
-                with trio.move_on_at(deadline):
-                    await self._wake.wait()
-                self._wake = trio.Event()
+        try:
+            async with trio.open_nursery() as deliveries:
+                self._nursery = deliveries
+                task_status.started()
+                await self._rounds()
+        finally:
+            self._nursery = None  # no more hand-overs: new mail stays in incoming
+
+    async def _rounds(self) -> None:
+        while True:
+            room = self.active_limit - len(self.active) - self._reserved
+            claimed, due = await self.writer.run(schedule_round, time.time(), room, durable=False)
+            for message in claimed:
+                self._dispatch(message)
+            if not self.active:
+                self.idle.set()
+            self._starved = len(claimed) >= room
+            if len(claimed) == room and room > 0:
+                continue  # more may be waiting; a finishing message wakes us otherwise
+            deadline = math.inf if due is None else trio.current_time() + max(0.0, due - time.time())
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    # -- hand-over of new mail ------------------------------------------------------
+
+    def reserve(self) -> bool:
+        """A slot for a message about to be committed straight into ``active``;
+        False when the scheduler is not running or has no room (the message then
+        goes to ``incoming`` and waits for a round)."""
+        if self._nursery is None or len(self.active) + self._reserved >= self.active_limit:
+            return False
+        self._reserved += 1
+        return True
+
+    def release(self) -> None:
+        """The reserved message was not committed after all."""
+        self._reserved -= 1
+
+    def hand_over(self, message: NewMessage, content: bytes | None) -> None:
+        """Take a message just committed as ``active`` under a reservation."""
+        self._reserved -= 1
+        if content is not None and (len(content) > HELD_MESSAGE_LIMIT or self._held + len(content) > HELD_TOTAL_LIMIT):
+            content = None  # read from the queue when delivered
+        self._held += len(content) if content is not None else 0
+        self._dispatch(ClaimedMessage(
+            message.id, message.sender, message.arrival_time, time.time(), message.content.size, message.params,
+            [QueuedRecipient(seq, address, 0, None) for seq, address in enumerate(message.recipients)],
+            content))
 
     # -- fan-out -----------------------------------------------------------------
 
@@ -224,12 +269,15 @@ class Scheduler:
             while dest.jobs:
                 job = dest.jobs.popleft()
                 started = time.time()
-                content = await self.writer.read(scheduling.read_content, job.message.id) or b""
+                content = job.message.content
+                if content is None:
+                    content = await self.writer.read(scheduling.read_content, job.message.id) or b""
                 result = await trio.to_thread.run_sync(
                     self.local.deliver, job.message.sender, [r.address for r in job.recipients], content)
                 for forward in result.forwards:
                     with trio.CancelScope(shield=True):
                         new_id = await self.writer.run(self._queue_forward, forward, content, durable=False)
+                    self.wake()
                     log.info("%s: forwarded as %s to %s", job.message.id, new_id,
                              ", ".join(f"<{r}>" for r in forward.recipients))
                 await self._complete(job, result.outcomes, "local", started)
@@ -247,6 +295,7 @@ class Scheduler:
         spool.write(content)
         new_id = new_queue_id()
         store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local"))
+        self._queued_here += 1
         return new_id
 
     async def _worker(self, dest: Destination) -> None:
@@ -286,9 +335,12 @@ class Scheduler:
                     eight_bit=str(job.message.params.get("BODY", "")).upper() == "8BITMIME",
                     smtputf8="SMTPUTF8" in job.message.params,
                 )
-                message_id = job.message.id
+                message_id, held = job.message.id, job.message.content
 
                 async def content() -> AsyncIterator[bytes]:
+                    if held is not None:
+                        yield masquerade_headers(held, self.masq_domains, self.masq_exceptions, self.masq_classes)
+                        return
                     offset = 0
                     while chunk := await self.writer.read(scheduling.read_chunk, message_id, offset, CONTENT_CHUNK):
                         first, last = offset == 0, len(chunk) < CONTENT_CHUNK
@@ -355,15 +407,21 @@ class Scheduler:
         active = self.active[message.id]
         active.outstanding -= 1
         last = active.outstanding == 0
+        queued_before = self._queued_here
         with trio.CancelScope(shield=True):
             finished = await self.writer.run(self._record, message, results, last, durable=False)
         if last:
             del self.active[message.id]
+            if message.content is not None:
+                self._held -= len(message.content)
             if finished.removed:
                 log.info("%s: removed", message.id)
             if not self.active:
                 self.idle.set()
-            self.wake()
+            # a new round only when it can find something: a slot freed for waiting
+            # mail, a new due time, or a notification this message queued
+            if self._starved or not finished.removed or self._queued_here != queued_before:
+                self.wake()
 
     def _record(self, store: Store, message: ClaimedMessage, results: list[RecipientResult],
                 last: bool) -> scheduling.Finished:
@@ -403,4 +461,5 @@ class Scheduler:
         spool.write(content)
         dsn_id = new_queue_id()
         store.insert_message(NewMessage(dsn_id, "", [message.sender], spool, protocol="bounce"))
+        self._queued_here += 1  # (on the writer thread; read after the request's commit)
         return dsn_id
