@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import logging
 import smtplib
 import socket
 import time
@@ -272,6 +273,31 @@ async def test_an_idle_connection_waits_for_the_next_message_then_closes(start_m
     assert peer.delivered == [["r1@far.example"], ["r2@far.example"]]
     assert peer.connections == connections
     await wait_for(lambda: peer.open_now == 0, timeout=10)
+
+
+async def test_new_mail_goes_straight_to_active_while_the_scheduler_has_room(start_mta):
+    """Hand-over at acceptance: with room, the message is committed into active (no
+    claim round, logged "queue active" as Postfix's qmgr does); past
+    qmgr_message_active_limit new mail waits in incoming for a round."""
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    qmgr_log = logging.getLogger("trimail.qmgr")
+    level = qmgr_log.level
+    qmgr_log.addHandler(handler)
+    qmgr_log.setLevel(logging.INFO)
+    try:
+        with Sink(delay=0.5) as sink:  # a slow peer keeps the first messages in delivery
+            srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}", qmgr_message_active_limit=2)
+            ids = [await send(srv, "a@client.example", [f"r{i}@far.example"]) for i in range(4)]
+            await wait_empty(srv)
+    finally:
+        qmgr_log.removeHandler(handler)
+        qmgr_log.setLevel(level)
+    queued = [line.rsplit("(queue ", 1)[1].rstrip(")") for i in ids for line in lines
+              if line.startswith(f"{i}: from=<a@client.example>")]
+    assert queued == ["active", "active", "incoming", "incoming"]
+    assert sorted(sink.recorder.recipients()) == [f"r{i}@far.example" for i in range(4)]
 
 
 def test_kill_9_during_a_delivery_burst_loses_no_recipient(tmp_path, serve_process):
