@@ -250,6 +250,38 @@ def test_reload_opens_new_listeners_and_closes_removed_ones(tmp_path, serve_proc
     assert proc.stop() == 0
 
 
+def test_reload_picks_up_a_renewed_tls_certificate(tmp_path, serve_process):
+    """A certificate renewed in place (a new key from another CA) is served to new
+    STARTTLS sessions after `trimail reload`, without a restart."""
+    import ssl
+
+    import trustme
+
+    old_ca, new_ca = trustme.CA(), trustme.CA()
+    cert = tmp_path / "cert.pem"
+    old_ca.issue_cert("mx.test.example", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    config_path = write_main_cf(tmp_path, smtpd_tls_cert_file=str(cert))
+    proc = serve_process(config_path)
+
+    def trusted_by(ca: trustme.CA) -> bool:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with smtplib.SMTP("127.0.0.1", proc.port, timeout=30) as client:
+            client.ehlo("client.example")
+            try:
+                client.starttls(context=context)
+            except ssl.SSLCertVerificationError:
+                return False
+            return client.ehlo("client.example")[0] == 250
+
+    assert trusted_by(old_ca) and not trusted_by(new_ca)
+    new_ca.issue_cert("mx.test.example", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    assert trusted_by(old_ca)  # nothing changes before the reload
+    assert trimail("reload", "-c", str(config_path)).returncode == 0
+    assert trusted_by(new_ca) and not trusted_by(old_ca)
+    assert proc.stop() == 0
+
+
 def test_check_reports_errors_with_a_non_zero_exit(tmp_path):
     import trustme
 

@@ -665,22 +665,23 @@ class ServerConnection:
     # -- DATA ------------------------------------------------------------------
 
     def _fast_lines(self, buf: bytearray, out: bytearray) -> int:
-        """The common case in bulk: complete CRLF lines without the end marker are
-        un-stuffed with one replace instead of line by line.  Returns how far it got
-        (0 when the slow path must look at every line: a bare LF or the end is near)."""
+        """The common case in bulk: complete CRLF lines up to the end marker (or the
+        last complete line) are un-stuffed with one replace instead of line by line.
+        Returns how far it got; the line-by-line reader takes the rest (the end
+        marker itself, a partial line) and everything when there is a bare LF."""
         last = buf.rfind(b"\n")
-        if last < 0:
+        if last < 0 or (self._prev_crlf and buf.startswith(b".\r\n")):
             return 0
-        region = bytes(buf[: last + 1])
+        marker = buf.find(b"\r\n.\r\n", 0, last + 1)
+        stop = marker + 2 if marker >= 0 else last + 1  # the lines before the end marker
+        region = bytes(buf[:stop])
         if region.count(b"\n") != region.count(b"\r\n"):  # a bare LF somewhere
             return 0
-        if b"\r\n.\r\n" in region or (self._prev_crlf and region.startswith(b".\r\n")):
-            return 0  # the end of data is in here: let the line-by-line reader find it
         unstuffed = region.replace(b"\n.", b"\n")
         out += unstuffed[1:] if region.startswith(b".") else unstuffed
         self._line_start = True
         self._prev_crlf = True
-        return last + 1
+        return stop
 
     def _read_data(self) -> bool:
         """Move complete lines from the input to DataChunk events; True on progress."""
