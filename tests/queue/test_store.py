@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import stat
 import threading
+from collections.abc import Awaitable, Callable
+from functools import partial
 
 import apsw
 import pytest
@@ -164,6 +166,19 @@ class Gate:
     async def wait_entered(self) -> None:
         assert await trio.to_thread.run_sync(self.entered.wait, 5)
 
+    async def batched(self, writer: QueueWriter, *calls: Callable[[], Awaitable[object]]) -> None:
+        """Hold the writer with one request, queue *calls* behind it, then let it go:
+        they all land in one batch."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, self.hold)
+            await self.wait_entered()
+            for call in calls:
+                nursery.start_soon(call)
+            with trio.fail_after(5):
+                while writer._requests.qsize() < len(calls):
+                    await trio.sleep(0.001)
+            self.opened.set()
+
 
 async def test_group_commit_puts_waiting_requests_in_one_transaction(tmp_path):
     gate = Gate()
@@ -209,16 +224,7 @@ async def test_only_batches_of_bookkeeping_alone_skip_the_fsync(tmp_path):
         async def submit(durable: bool) -> None:
             seen.append(await writer.run(synchronous, durable=durable))
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run, gate.hold)
-            await gate.wait_entered()
-            nursery.start_soon(submit, False)
-            nursery.start_soon(submit, True)
-            nursery.start_soon(submit, False)
-            with trio.fail_after(5):
-                while writer._requests.qsize() < 3:
-                    await trio.sleep(0.001)
-            gate.opened.set()
+        await gate.batched(writer, partial(submit, False), partial(submit, True), partial(submit, False))
         assert seen == [2, 2, 2]  # one batch with a durable request in it: all fsynced
         assert writer.stats.durable_batches == writer.stats.batches - 1
 
@@ -237,15 +243,7 @@ async def test_a_failing_request_does_not_spoil_its_batch(tmp_path):
             except apsw.ConstraintError as exc:
                 results[msg.id] = exc
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(writer.run, gate.hold)
-            await gate.wait_entered()
-            nursery.start_soon(submit, bad)
-            nursery.start_soon(submit, good)
-            with trio.fail_after(5):
-                while writer._requests.qsize() < 2:
-                    await trio.sleep(0.001)
-            gate.opened.set()
+        await gate.batched(writer, partial(submit, bad), partial(submit, good))
         assert results[good.id] == "ok"
         assert isinstance(results[bad.id], apsw.ConstraintError)
     assert [m.id for m in Store.open(tmp_path).list_messages()] == [good.id]
