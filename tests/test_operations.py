@@ -250,6 +250,20 @@ def test_reload_opens_new_listeners_and_closes_removed_ones(tmp_path, serve_proc
     assert proc.stop() == 0
 
 
+def test_a_node_is_drained_by_emptying_smtpd_listen_and_reloading(tmp_path, serve_process):
+    """docs/architecture.md, "Draining a node": no listener, serve still running."""
+    config_path = write_main_cf(tmp_path)
+    proc = serve_process(config_path)
+    assert banner(proc.port).startswith(b"220 ")
+    config_path.write_text(config_path.read_text().replace("smtpd_listen = 127.0.0.1:0", "smtpd_listen ="))
+    assert trimail("reload", "-c", str(config_path)).returncode == 0
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", proc.port), timeout=5).close()
+    status = trimail("status", "-c", str(config_path))
+    assert status.returncode == 0 and "not listening (drained)" in status.stdout
+    assert proc.stop() == 0
+
+
 def test_reload_picks_up_a_renewed_tls_certificate(tmp_path, serve_process):
     """A certificate renewed in place (a new key from another CA) is served to new
     STARTTLS sessions after `trimail reload`, without a restart."""

@@ -139,8 +139,9 @@ def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
         store.close()
     except QueueError:
         pass
-    print(f"trimail: running, pid {facts['pid']}, up {facts['uptime']:.0f}s, listening on "
-          f"{', '.join(facts['listeners'])}, {facts['sessions']} session(s)")
+    listening = f"listening on {', '.join(facts['listeners'])}" if facts["listeners"] else "not listening (drained)"
+    print(f"trimail: running, pid {facts['pid']}, up {facts['uptime']:.0f}s, {listening}, "
+          f"{facts['sessions']} session(s)")
     print("queue: " + ", ".join(f"{state} {counts.get(state, 0)}"
                                 for state in ("maildrop", "incoming", "active", "deferred", "hold")))
 
