@@ -300,6 +300,28 @@ async def test_new_mail_goes_straight_to_active_while_the_scheduler_has_room(sta
     assert sorted(sink.recorder.recipients()) == [f"r{i}@far.example" for i in range(4)]
 
 
+async def test_content_held_in_memory_is_bounded_and_given_back(start_mta, monkeypatch):
+    """Handed-over content is held only within HELD_TOTAL_LIMIT; past it the content
+    is read from the queue.  Either way the peer gets the same bytes, and when the
+    queue is empty nothing is held any more."""
+    import trimail.scheduler
+
+    monkeypatch.setattr(trimail.scheduler, "HELD_TOTAL_LIMIT", 3000)
+    with Sink(delay=0.3) as sink:
+        srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}")
+        bodies = [f"Subject: held {i}\r\n\r\n".encode() + (bytes([65 + i]) * 98 + b"\r\n") * 10 for i in range(4)]
+        held = []
+        for i, body in enumerate(bodies):
+            await send(srv, "a@client.example", [f"r{i}@far.example"], body.decode())
+            held.append(srv.scheduler._held)
+        assert max(held) <= 3000 and held[-1] == held[-2]  # the last ones are read from the queue
+        await wait_empty(srv)
+        assert srv.scheduler._held == 0
+    by_recipient = {rcpts[0]: content for _, rcpts, content in sink.messages}
+    for i, body in enumerate(bodies):
+        assert by_recipient[f"r{i}@far.example"].endswith(body)
+
+
 def test_kill_9_during_a_delivery_burst_loses_no_recipient(tmp_path, serve_process):
     with Sink(delay=0.05) as sink:
         config_path = write_main_cf(tmp_path, master_service_disable="", relayhost=f"[127.0.0.1]:{sink.port}",

@@ -65,7 +65,7 @@ bounce_log = logging.getLogger("trimail.bounce")
 
 RECIPIENT_LIMIT = 50
 CONTENT_CHUNK = 1 << 20  # bytes read from the queue per step while sending a message
-HELD_MESSAGE_LIMIT = 64 * 1024  # content handed over in memory up to this size ...
+HELD_MESSAGE_LIMIT = 256 * 1024  # content handed over in memory up to this size (the spool's own limit) ...
 HELD_TOTAL_LIMIT = 16 << 20  # ... while all held content together stays under this
 
 
