@@ -17,6 +17,8 @@ class Recorder:
         self.tls_used: list[bool] = []
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.lock = threading.Lock()
+        self.in_flight = 0  # DATA being handled right now, and the most there ever were
+        self.most_in_flight = 0
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         rule = self.rules.get(address.split("@")[0])
@@ -27,10 +29,13 @@ class Recorder:
 
     async def handle_DATA(self, server, session, envelope):
         self.tls_used.append(session.ssl is not None)
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         if self.delay:
             import asyncio
 
             await asyncio.sleep(self.delay)  # a slow peer, so deliveries are in flight
+        self.in_flight -= 1
         with self.lock:
             self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
         return "250 2.0.0 Ok: queued as SINK"

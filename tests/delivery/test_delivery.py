@@ -287,7 +287,7 @@ async def test_new_mail_goes_straight_to_active_while_the_scheduler_has_room(sta
     qmgr_log.addHandler(handler)
     qmgr_log.setLevel(logging.INFO)
     try:
-        with Sink(delay=0.5) as sink:  # a slow peer keeps the first messages in delivery
+        with Sink(delay=1.5) as sink:  # a slow peer keeps the first messages in delivery
             srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}", qmgr_message_active_limit=2)
             ids = [await send(srv, "a@client.example", [f"r{i}@far.example"]) for i in range(4)]
             await wait_empty(srv)
@@ -300,6 +300,19 @@ async def test_new_mail_goes_straight_to_active_while_the_scheduler_has_room(sta
     assert sorted(sink.recorder.recipients()) == [f"r{i}@far.example" for i in range(4)]
 
 
+@pytest.mark.parametrize("limit", [1, 3])
+async def test_a_busy_connection_does_not_hold_up_the_next_message(start_mta, limit):
+    """While a worker is busy with a slow delivery, the next message for the same
+    destination gets a worker (and connection) of its own, up to the concurrency limit."""
+    with Sink(delay=1.5) as sink:
+        srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}", smtp_destination_concurrency_limit=limit)
+        for i in range(3):
+            await send(srv, "a@client.example", [f"r{i}@far.example"])
+        await wait_empty(srv)
+    assert sink.recorder.most_in_flight == limit
+    assert sorted(sink.recorder.recipients()) == ["r0@far.example", "r1@far.example", "r2@far.example"]
+
+
 async def test_content_held_in_memory_is_bounded_and_given_back(start_mta, monkeypatch):
     """Handed-over content is held only within HELD_TOTAL_LIMIT; past it the content
     is read from the queue.  Either way the peer gets the same bytes, and when the
@@ -307,7 +320,7 @@ async def test_content_held_in_memory_is_bounded_and_given_back(start_mta, monke
     import trimail.scheduler
 
     monkeypatch.setattr(trimail.scheduler, "HELD_TOTAL_LIMIT", 3000)
-    with Sink(delay=0.3) as sink:
+    with Sink(delay=1.5) as sink:  # every message is still in delivery when the last is sent
         srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}")
         bodies = [f"Subject: held {i}\r\n\r\n".encode() + (bytes([65 + i]) * 98 + b"\r\n") * 10 for i in range(4)]
         held = []

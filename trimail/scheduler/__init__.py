@@ -88,6 +88,7 @@ class Destination:
     limit: int
     jobs: deque[Job] = dataclasses.field(default_factory=deque)
     workers: int = 0
+    busy: int = 0  # workers with a job in hand (the others can take the next one)
     arrived: trio.Event = dataclasses.field(default_factory=trio.Event)  # set (and replaced) per new job
 
     def announce(self) -> None:
@@ -257,7 +258,9 @@ class Scheduler:
             dest = self.destinations[key] = Destination(job.route, max(1, int(limit)))
         dest.jobs.append(job)
         dest.announce()
-        if dest.workers < dest.limit and dest.workers < len(dest.jobs):
+        # a new worker when the jobs outnumber the workers free to take them (busy
+        # workers are not), up to the destination's concurrency limit
+        if dest.workers < dest.limit and len(dest.jobs) > dest.workers - dest.busy:
             dest.workers += 1
             if self.metrics is not None:
                 self.metrics.destinations.labels(str(job.route)).inc()
@@ -265,6 +268,7 @@ class Scheduler:
             self._nursery.start_soon(self._worker, dest)
 
     async def _local_worker(self, dest: Destination) -> None:
+        dest.busy += 1  # a local worker takes jobs only while there are some
         try:
             while dest.jobs:
                 job = dest.jobs.popleft()
@@ -282,6 +286,7 @@ class Scheduler:
                              ", ".join(f"<{r}>" for r in forward.recipients))
                 await self._complete(job, result.outcomes, "local", started)
         finally:
+            dest.busy -= 1
             dest.workers -= 1
             if self.metrics is not None:
                 self.metrics.destinations.labels(str(dest.route)).dec()
@@ -304,14 +309,18 @@ class Scheduler:
             return
         conn: Connection | None = None
         opened = 0.0
+        busy = False
         try:
             while True:
+                if busy:
+                    dest.busy, busy = dest.busy - 1, False
                 # Postfix's connection cache: an open connection waits a little for the
                 # next message to the same destination instead of hanging up at once
                 linger = self.config.smtp_connection_cache_time_limit if conn is not None and conn.usable else 0
                 job = await dest.next_job(linger)
                 if job is None:
                     break
+                dest.busy, busy = dest.busy + 1, True
                 if conn is not None and (not conn.usable or trio.current_time() - opened
                                          > self.config.smtp_connection_reuse_time_limit):
                     await conn.close()
@@ -355,6 +364,8 @@ class Scheduler:
                 outcomes = await conn.deliver(envelope, content)
                 await self._complete(job, outcomes, conn.relay, started)
         finally:
+            if busy:
+                dest.busy -= 1
             dest.workers -= 1
             if self.metrics is not None:
                 self.metrics.destinations.labels(str(dest.route)).dec()
