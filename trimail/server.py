@@ -77,8 +77,7 @@ class Server:
         resolver = Resolver(config.dns_nameservers)
         self.scheduler = Scheduler(config, writer, Connector(config, resolver, self.addresses))
         auth_failures: dict[str, deque[float]] = {}
-        self.contexts = {kind: ReceiveContext(config, writer, on_queued=self.scheduler.wake, scheduler=self.scheduler,
-                                              resolver=resolver,
+        self.contexts = {kind: ReceiveContext(config, writer, scheduler=self.scheduler, resolver=resolver,
                                               kind=kind, auth_failures=auth_failures)
                          for kind in {kind for _, kind, _ in listeners} | {"smtp"}}
         self.context = self.contexts["smtp"]
@@ -134,7 +133,7 @@ class Server:
         try:
             fresh = configuration.load(self.config.path, self.config.overrides)
             restriction_lists(fresh)
-            contexts = {kind: ReceiveContext(fresh, self.writer, on_queued=self.scheduler.wake, scheduler=self.scheduler,
+            contexts = {kind: ReceiveContext(fresh, self.writer, scheduler=self.scheduler,
                                              resolver=Resolver(fresh.dns_nameservers), kind=kind,
                                              auth_failures=self.context.auth_failures)
                         for kind in {kind for kind, _ in LISTENERS}}

@@ -26,7 +26,6 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -44,9 +43,6 @@ from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
-
-if TYPE_CHECKING:
-    from trimail.scheduler import Scheduler
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
 from trimail.smtp.server import (
@@ -64,6 +60,9 @@ from trimail.smtp.server import (
     Settings,
     StartTls,
 )
+
+if TYPE_CHECKING:
+    from trimail.scheduler import Scheduler
 
 log = logging.getLogger("trimail.smtpd")
 cleanup_log = logging.getLogger("trimail.cleanup")
@@ -96,9 +95,9 @@ def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
 class ReceiveContext:
     """What every session of one serve shares: configuration and the queue writer."""
 
-    def __init__(self, config: Config, writer: QueueWriter, on_queued: Callable[[], None] = lambda: None,
+    def __init__(self, config: Config, writer: QueueWriter, scheduler: Scheduler | None = None,
                  resolver: Resolver | None = None, kind: str = "smtp",
-                 auth_failures: dict[str, deque[float]] | None = None, scheduler: Scheduler | None = None) -> None:
+                 auth_failures: dict[str, deque[float]] | None = None) -> None:
         if kind in ("submission", "smtps"):
             # Postfix's master.cf submission defaults: TLS first, and only logins may send
             config = config.with_overrides({
@@ -109,8 +108,7 @@ class ReceiveContext:
         self.kind = kind
         self.config = config
         self.writer = writer
-        self.on_queued = on_queued
-        self.scheduler = scheduler  # takes new mail straight into active when it has room
+        self.scheduler = scheduler  # woken for new mail, or takes it straight into active when it has room
         self.tls_context = server_tls_context(config) if config.smtpd_tls_cert_file else None
         self.password_file = Path(config.smtpd_sasl_password_file)
         self.auth_failure_limit: int = config.smtpd_auth_failure_limit
@@ -506,10 +504,11 @@ class SmtpdSession:
                         scheduler.release()  # type: ignore[union-attr]
                     log.error("%s: cannot queue message from %s: %s", txn.queue_id, self.client, exc)
                     return replies.LOCAL_ERROR
-            if hand_over:
-                scheduler.hand_over(message, message.content.getvalue())  # type: ignore[union-attr]
-            else:
-                self.ctx.on_queued()
+            if scheduler is not None:
+                if hand_over:
+                    scheduler.hand_over(message, message.content.getvalue())
+                else:
+                    scheduler.wake()
             if self.ctx.metrics is not None:
                 self.ctx.metrics.received.inc()
             if self.ctx.hooks is not None:

@@ -120,21 +120,10 @@ def schedule_round(store: Store, now: float, room: int) -> tuple[list[ClaimedMes
 
 class Scheduler:
     def __init__(self, config: Config, writer: QueueWriter, connector: Connector) -> None:
-        self.config = config
         self.writer = writer
         self.connector = connector
-        self.router = Router(config)
-        self.local = LocalAgent(config)
-        self.masq_domains: list[str] = config.masquerade_domains
-        self.masq_exceptions: list[str] = config.masquerade_exceptions
-        self.masq_classes: list[str] = config.masquerade_classes
         self.hostname: str = config.myhostname
-        self.active_limit: int = config.qmgr_message_active_limit
-        self.min_backoff: float = config.minimal_backoff_time
-        self.max_backoff: float = config.maximal_backoff_time
-        self.lifetime: float = config.maximal_queue_lifetime
-        self.bounce_lifetime: float = config.bounce_queue_lifetime
-        self.delay_warning: float = config.delay_warning_time
+        self._apply(config)
         self.active: dict[str, ActiveMessage] = {}
         self.destinations: dict[tuple[str, str, int, bool], Destination] = {}
         self._wake = trio.Event()
@@ -142,7 +131,7 @@ class Scheduler:
         self._reserved = 0  # slots promised to sessions committing a message for hand-over
         self._held = 0  # bytes of content held in memory by active messages
         self._starved = False  # the last round filled every slot: a finished message must wake us
-        self._queued_here = 0  # messages this scheduler queued (bounces, forwards): they need a round
+        self._queued_here = 0  # notifications this scheduler queued (bounces, delay warnings): they need a round
         self.idle = trio.Event()  # set whenever nothing is active (tests and stop wait on it)
         self.metrics: Metrics | None = None
 
@@ -152,16 +141,22 @@ class Scheduler:
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration: new routes, tables and limits for the
         messages claimed from now on (deliveries in progress finish as they began)."""
-        router, local = Router(config), LocalAgent(config)
+        self._apply(config)
+        self.wake()
+
+    def _apply(self, config: Config) -> None:
+        router, local = Router(config), LocalAgent(config)  # both built before anything changes
         self.config = config
         self.router, self.local = router, local
-        self.active_limit = config.qmgr_message_active_limit
-        self.min_backoff, self.max_backoff = config.minimal_backoff_time, config.maximal_backoff_time
-        self.lifetime, self.bounce_lifetime = config.maximal_queue_lifetime, config.bounce_queue_lifetime
-        self.delay_warning = config.delay_warning_time
-        self.masq_domains, self.masq_exceptions = config.masquerade_domains, config.masquerade_exceptions
-        self.masq_classes = config.masquerade_classes
-        self.wake()
+        self.active_limit: int = config.qmgr_message_active_limit
+        self.min_backoff: float = config.minimal_backoff_time
+        self.max_backoff: float = config.maximal_backoff_time
+        self.lifetime: float = config.maximal_queue_lifetime
+        self.bounce_lifetime: float = config.bounce_queue_lifetime
+        self.delay_warning: float = config.delay_warning_time
+        self.masq_domains: list[str] = config.masquerade_domains
+        self.masq_exceptions: list[str] = config.masquerade_exceptions
+        self.masq_classes: list[str] = config.masquerade_classes
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -281,7 +276,7 @@ class Scheduler:
                 for forward in result.forwards:
                     with trio.CancelScope(shield=True):
                         new_id = await self.writer.run(self._queue_forward, forward, content, durable=False)
-                    self.wake()
+                    self.wake()  # the forwarded copy waits in incoming for a round
                     log.info("%s: forwarded as %s to %s", job.message.id, new_id,
                              ", ".join(f"<{r}>" for r in forward.recipients))
                 await self._complete(job, result.outcomes, "local", started)
@@ -300,7 +295,6 @@ class Scheduler:
         spool.write(content)
         new_id = new_queue_id()
         store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local"))
-        self._queued_here += 1
         return new_id
 
     async def _worker(self, dest: Destination) -> None:
