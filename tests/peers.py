@@ -77,6 +77,13 @@ def _free_port(host: str) -> int:
         return sock.getsockname()[1]
 
 
+async def silent_server(host: str = "127.0.0.1", *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Accepts connections and never says a word (a hung peer, for timeouts)."""
+    listeners = await trio.open_tcp_listeners(0, host=host)
+    task_status.started(listeners[0].socket.getsockname()[1])
+    await trio.serve_listeners(lambda stream: trio.sleep_forever(), listeners)
+
+
 async def greeting_only_server(reply: bytes, host: str = "127.0.0.1", *,
                                task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Answers every connection with *reply* (e.g. a 421 greeting) and closes."""

@@ -14,7 +14,7 @@ import trio
 
 from trimail.queue.store import Store
 from tests.conftest import trimail, wait_for, write_main_cf
-from tests.peers import DroppingServer, Sink, greeting_only_server
+from tests.peers import DroppingServer, Sink, greeting_only_server, silent_server
 
 
 def submit(port: int, sender: str, recipients: list[str], body: str = "Subject: test\r\n\r\nhello\r\n") -> str:
@@ -386,12 +386,7 @@ async def test_helo_fallback_when_ehlo_is_refused(start_mta, nursery):
 
 
 async def test_silent_server_times_out_at_the_greeting(start_mta, nursery):
-    async def silent(*, task_status=trio.TASK_STATUS_IGNORED):
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(lambda stream: trio.sleep_forever(), listeners)
-
-    port = await nursery.start(silent)
+    port = await nursery.start(silent_server)
     srv = await start_mta(relayhost=f"[127.0.0.1]:{port}", smtp_helo_timeout="1s")
     queue_id = await send(srv, "a@client.example", ["r@far.example"])
     await wait_for(lambda: recipient_status(srv, queue_id).get("r@far.example", ("",))[0] == "deferred")

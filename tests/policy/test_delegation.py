@@ -7,6 +7,7 @@ import socket
 import pytest
 import trio
 
+from tests.peers import silent_server
 from tests.policy.test_restrictions import D, converse
 
 
@@ -88,12 +89,7 @@ async def test_policy_service_down_uses_the_default_action(start_mta, default, e
 
 
 async def test_silent_policy_service_times_out(start_mta, nursery):
-    async def silent(*, task_status=trio.TASK_STATUS_IGNORED):
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-        await trio.serve_listeners(lambda stream: trio.sleep_forever(), listeners)
-
-    port = await nursery.start(silent)
+    port = await nursery.start(silent_server)
     srv = await start_mta(master_service_disable="qmgr", smtpd_policy_service_timeout="1s",
                           smtpd_recipient_restrictions=f"check_policy_service inet:127.0.0.1:{port}")
     assert (await conversation(srv))[0] == 451
