@@ -135,3 +135,36 @@ def start_mta(tmp_path, nursery):
         return await nursery.start(serve, configuration.load(path))
 
     return start
+
+
+@pytest.fixture(scope="module")
+def ca():
+    """A test CA (trustme) for the server certificates of one test module."""
+    import trustme
+
+    return trustme.CA()
+
+
+@pytest.fixture
+def cert(ca, tmp_path) -> Path:
+    """Key and certificate chain for mx.test.example and 127.0.0.1, in one PEM file."""
+    path = tmp_path / "cert.pem"
+    ca.issue_cert("mx.test.example", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+def submission(start_mta, cert, tmp_path):
+    """Start serve with submission (STARTTLS, then AUTH) and smtps listeners and one
+    login, alice / "correct horse"; keyword arguments are more main.cf settings."""
+    async def start(**extra):
+        srv = await start_mta(smtpd_tls_cert_file=str(cert), submission_listen="127.0.0.1:0",
+                              smtps_listen="127.0.0.1:0", smtpd_sasl_password_file=str(tmp_path / "sasl_passwd"),
+                              master_service_disable="qmgr", mynetworks="127.0.0.2/32", **extra)
+        added = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "trimail", "passwd", "add", "alice", "-c", srv.config.source],
+            input=b"correct horse\n", capture_output=True, timeout=60))
+        assert added.returncode == 0, added.stderr
+        return srv
+
+    return start

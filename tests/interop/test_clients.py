@@ -6,11 +6,9 @@ import shutil
 import smtplib
 import ssl
 import subprocess
-import sys
 
 import pytest
 import trio
-import trustme
 
 from trimail.queue.store import Store
 from trimail.testing import TestMTA
@@ -47,26 +45,6 @@ def test_msmtp_submits_to_trimail(tmp_path, tls):
             assert message.auth == "app" and message.tls
 
 
-@pytest.fixture
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture
-async def submission(start_mta, ca, tmp_path):
-    """serve with a submission listener (STARTTLS, then AUTH) and one login, alice."""
-    cert = tmp_path / "cert.pem"
-    ca.issue_cert("mx.test.example", "127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(cert))
-    srv = await start_mta(smtpd_tls_cert_file=str(cert), submission_listen="127.0.0.1:0",
-                          smtpd_sasl_password_file=str(tmp_path / "sasl_passwd"), master_service_disable="qmgr",
-                          mynetworks="127.0.0.2/32")
-    added = await trio.to_thread.run_sync(lambda: subprocess.run(
-        [sys.executable, "-m", "trimail", "passwd", "add", "alice", "-c", srv.config.source],
-        input=b"correct horse\n", capture_output=True, timeout=60))
-    assert added.returncode == 0, added.stderr
-    return srv
-
-
 def swaks(port: int, *args: str, data: bytes | None = None, ca_file: str | None = None) -> subprocess.CompletedProcess:
     command = ["swaks", "--server", "127.0.0.1", "--port", str(port), "--helo", "client.example", *args]
     if ca_file:
@@ -79,7 +57,8 @@ def swaks(port: int, *args: str, data: bytes | None = None, ca_file: str | None 
 @needs_swaks
 @pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
 async def test_swaks_on_submission_with_starttls_auth_pipelining_and_8bit(submission, ca, tmp_path, mechanism):
-    port = submission.addresses_by_kind["submission"][0].port
+    srv = await submission()
+    port = srv.addresses_by_kind["submission"][0].port
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     headers = (b"From: Alice <alice@client.example>\r\nTo: bob@far.example, carol@far.example\r\n"
@@ -96,7 +75,7 @@ async def test_swaks_on_submission_with_starttls_auth_pipelining_and_8bit(submis
     # swaks pipelined MAIL, both RCPTs and DATA: its transcript shows them sent before any reply
     assert "~> MAIL FROM:<alice@client.example>\n ~> RCPT TO:<bob@far.example>" in transcript
     queue_id = transcript.split(" queued as ")[1].split()[0]
-    store = Store.open(submission.config.queue_directory, readonly=True)
+    store = Store.open(srv.config.queue_directory, readonly=True)
     try:
         info = store.get_message(queue_id)
         content = store.read_content(queue_id)
@@ -115,7 +94,7 @@ async def test_swaks_on_submission_with_starttls_auth_pipelining_and_8bit(submis
 async def test_swaks_with_an_undeclared_utf8_address_is_told_to_declare_smtputf8(submission):
     # swaks (20201014) cannot send the SMTPUTF8 parameter; a UTF-8 address without it
     # gets Postfix's answer for the same mistake (RFC 6531 3.4)
-    port = submission.addresses[0].port
+    port = (await submission()).addresses[0].port
     result = await trio.to_thread.run_sync(lambda: swaks(
         port, "--from", "jörg@client.example", "--to", "ann@mx.test.example"))
     transcript = result.stdout.decode("utf-8", "replace")

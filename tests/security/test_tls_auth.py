@@ -6,25 +6,10 @@ import base64
 import socket
 import ssl
 
-import pytest
 import trio
-import trustme
 
 from trimail.queue.store import Store
 from tests.conftest import trimail
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
-
-
-@pytest.fixture
-def cert(ca, tmp_path):
-    server = ca.issue_cert("mx.test.example", "127.0.0.1")
-    path = tmp_path / "cert.pem"
-    server.private_key_and_cert_chain_pem.write_to_path(str(path))
-    return path
 
 
 def client_context(ca) -> ssl.SSLContext:
@@ -131,23 +116,6 @@ async def test_encrypt_level_refuses_mail_before_starttls(start_mta, cert):
 
 def auth_plain(user: str, password: str) -> str:
     return "AUTH PLAIN " + base64.b64encode(f"\0{user}\0{password}".encode()).decode()
-
-
-@pytest.fixture
-async def submission(start_mta, cert, tmp_path):
-    passwd = tmp_path / "sasl_passwd"
-
-    async def start(**extra):
-        srv = await start_mta(smtpd_tls_cert_file=str(cert), submission_listen="127.0.0.1:0",
-                              smtps_listen="127.0.0.1:0", smtpd_sasl_password_file=str(passwd),
-                              master_service_disable="qmgr", mynetworks="127.0.0.2/32", **extra)
-        result = await trio.to_thread.run_sync(lambda: __import__("subprocess").run(
-            [__import__("sys").executable, "-m", "trimail", "passwd", "add", "alice", "-c", srv.config.source],
-            input=b"correct horse\n", capture_output=True, timeout=60))
-        assert result.returncode == 0, result.stderr
-        return srv
-
-    return start
 
 
 async def test_submission_requires_tls_before_auth_and_logins_may_relay(submission, ca):
