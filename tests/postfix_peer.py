@@ -61,10 +61,6 @@ class Postfix:
                 count += len(files)
         return count
 
-    def queued(self) -> int:
-        log = self.dir / "maillog"
-        return log.read_text().count("nrcpt=") if log.exists() else 0
-
     def stop(self) -> None:
         subprocess.run(["postfix", "-c", str(self.dir / "conf"), "stop"], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
