@@ -16,7 +16,7 @@ import trio
 
 from trimail import config as configuration
 from trimail.config import Config
-from trimail.server import Server, serve
+from trimail.master import Server, serve
 from tests.dnsserver import run_dns_server
 
 

@@ -73,7 +73,7 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
 
 
 async def _serve_until_signal(cfg: Config) -> None:
-    from trimail.server import serve as run_server
+    from trimail.master import serve as run_server
 
     async def run_then_stop_watching(scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await run_server(cfg, task_status=task_status)

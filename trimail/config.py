@@ -31,10 +31,12 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trimail.errors import ConfigurationError
+
 DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
 
 
-class ConfigError(Exception):
+class ConfigError(ConfigurationError):
     """A configuration problem; ``str()`` is the one line an operator should see."""
 
 

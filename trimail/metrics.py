@@ -46,6 +46,11 @@ class Metrics:
                                         registry=r)
         self.commit_batch = Histogram("trimail_queue_commit_batch_size", "Requests per group commit",
                                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 512), registry=r)
+        self.failures = Counter("trimail_task_failures", "Failures contained by an error boundary", ["task"],
+                                registry=r)
+
+    def task_failed(self, task: str) -> None:
+        self.failures.labels(task).inc()
 
     def outcome(self, status: str, dsn: str, transport: str, arrival_time: float) -> None:
         if status == "sent":

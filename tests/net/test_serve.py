@@ -15,7 +15,7 @@ import trio
 
 from tests.conftest import trimail, wait_for, write_main_cf
 from trimail.queue.store import Store
-from trimail.server import serve
+from trimail.master import serve
 
 BODY = "Subject: hello\r\nMessage-ID: <m1@client.example>\r\n\r\nline one\r\n.leading dot\r\n"
 

@@ -32,12 +32,14 @@ from pathlib import Path
 import apsw
 
 from trimail.config import split_list
+from trimail.errors import LookupFailure
 
 RECHECK_SECONDS = 1.0
 
 
-class TableError(Exception):
-    """A table that cannot be opened or parsed; names the file and line."""
+class TableError(LookupFailure):
+    """A table that cannot be opened, parsed or read; names the file and line.
+    A lookup that meets one fails temporarily (4.3.0): the mail waits, never bounces."""
 
 
 class Table:

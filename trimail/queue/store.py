@@ -27,6 +27,7 @@ from pathlib import Path
 
 import apsw
 
+from trimail.errors import TrimailError
 from trimail.queue.schema import MIGRATIONS, SCHEMA_VERSION
 from trimail.queue.spool import Spool
 
@@ -35,7 +36,7 @@ BUSY_TIMEOUT_MS = 30_000
 BLOB_CHUNK = 1 << 20
 
 
-class QueueError(Exception):
+class QueueError(TrimailError):
     """A queue problem an operator must see (bad directory, newer schema, ...)."""
 
 

@@ -366,7 +366,7 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
                   auth: dict[str, str] | None, require_auth: bool, require_tls: bool,
                   **config: Any) -> AsyncIterator[Any]:
     """Run serve for *mta* (hooks attached) in a temporary directory."""
-    from trimail.server import serve
+    from trimail.master import serve
 
     directory = Path(tempfile.mkdtemp(prefix="trimail-test-"))
     mta.directory = directory  # type: ignore[attr-defined]
