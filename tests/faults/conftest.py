@@ -1,0 +1,109 @@
+"""Fault injection against a real ``trimail serve`` child process.
+
+Every test here does something the Internet, a broken disk or an operator can do,
+then asserts the three things that matter: serve still answers ``220``, nothing
+acknowledged with ``250`` is lost (counted at the downstream), and the queue
+database passes ``PRAGMA integrity_check``.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+import pytest
+
+from tests.conftest import ServeProcess, write_main_cf
+
+
+class Daemon:
+    """A running serve with its configuration, queue directory and SMTP port."""
+
+    def __init__(self, proc: ServeProcess, config_path: Path, queue_directory: Path) -> None:
+        self.proc = proc
+        self.config_path = config_path
+        self.queue_directory = queue_directory
+        self.port = proc.port
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.proc.poll() is None
+
+
+@pytest.fixture
+def daemon(tmp_path: Path, serve_process) -> Iterator:
+    """``daemon(**main_cf)`` starts serve (queue manager on unless the test says
+    otherwise) with the standard test settings plus *main_cf*."""
+
+    def start(directory: Path | None = None, **params: object) -> Daemon:
+        where = directory or tmp_path
+        params.setdefault("master_service_disable", "")
+        config_path = write_main_cf(where, **params)
+        queue_directory = Path(str(params.get("queue_directory", where / "queue")))
+        return Daemon(serve_process(config_path), config_path, queue_directory)
+
+    yield start
+
+
+def banner(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> str:
+    """The greeting of a fresh connection (serve is up and answering)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.decode("ascii", "replace")
+
+
+def assert_serving(daemon: Daemon) -> None:
+    assert daemon.alive, "serve exited:\n" + "\n".join(daemon.proc.log[-30:])
+    greeting = banner(daemon.port)
+    assert greeting.startswith("220 "), greeting
+
+
+def send(port: int, recipients: list[str], body: bytes = b"Subject: fault\r\n\r\nbody\r\n",
+         sender: str = "alice@client.example") -> str:
+    """One message over smtplib; returns the queue ID from the ``250`` reply
+    (raises smtplib's errors when any reply is not a success)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example")
+        code, reply = client.mail(sender)
+        assert code == 250, reply
+        for rcpt in recipients:
+            code, reply = client.rcpt(rcpt)
+            assert code == 250, reply
+        code, reply = client.data(body)
+        assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def integrity_ok(queue_directory: Path) -> str:
+    """``PRAGMA integrity_check`` through a read-only connection: 'ok' when sound."""
+    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return str(db.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        db.close()
+
+
+def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02) -> None:
+    """Poll *predicate* with a deadline (for tests that are not inside trio)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def trimail_cmd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "trimail", *args], capture_output=True, text=True,
+                          timeout=timeout)
