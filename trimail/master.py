@@ -309,7 +309,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                 config = config.with_overrides({"queue_directory": "/"})
                 queue_directory = Path("/")
             log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
-        async with QueueWriter(lambda: Store.open(queue_directory)) as writer:
+        busy_timeout = config.queue_busy_timeout
+        async with QueueWriter(lambda: Store.open(queue_directory, busy_timeout=busy_timeout)) as writer:
             recovered = await writer.run(Store.recover_active)
             if recovered:
                 log.info("recovered %d message(s) left active by an earlier run", recovered)
