@@ -38,7 +38,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -59,7 +60,7 @@ from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.backoff import retry_delay
 from trimail.smtp.client import Outcome, bounced, deferred, sent
-from trimail.supervise import Backoff, report
+from trimail.supervise import Backoff, contained, report
 
 log = logging.getLogger("trimail.qmgr")
 smtp_log = logging.getLogger("trimail.smtp")
@@ -235,8 +236,8 @@ class Scheduler:
             outcome = deferred("4.3.0", "mail system temporarily unable to schedule this message")
             assert self._nursery is not None
             self.active[message.id] = ActiveMessage(message, 1)
-            self._nursery.start_soon(self._complete_immediate, message,
-                                     [(recipient, outcome) for recipient in message.recipients])
+            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
+                                     message, [(recipient, outcome) for recipient in message.recipients])
 
     def _dispatch(self, message: ClaimedMessage) -> None:
         self.idle = trio.Event() if self.idle.is_set() else self.idle
@@ -264,11 +265,12 @@ class Scheduler:
         self.active[message.id] = active
         assert self._nursery is not None
         if immediate:
-            self._nursery.start_soon(self._complete_immediate, message, immediate)
+            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
+                                     message, immediate)
         for job in jobs:
             self._enqueue(job)
         if active.outstanding == 0:  # no recipients left at all (all done before a crash)
-            self._nursery.start_soon(self._finish_only, message)
+            self._nursery.start_soon(self._supervised, "qmgr: finishing a message", self._finish_only, message)
 
     def _enqueue(self, job: Job) -> None:
         key = job.route.key
@@ -287,7 +289,14 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.destinations.labels(str(job.route)).inc()
             assert self._nursery is not None
-            self._nursery.start_soon(self._worker, dest)
+            self._nursery.start_soon(self._supervised, f"qmgr: delivery worker for {dest.route}", self._worker, dest)
+
+    async def _supervised(self, task: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """The last boundary of a task in the delivery nursery: a bug in one worker is
+        logged and counted, never the end of the queue manager (its messages stay
+        active in the queue and are delivered again after the next start)."""
+        with contained(task, self.metrics, logger=log):
+            await fn(*args)
 
     async def _local_worker(self, dest: Destination) -> None:
         dest.busy += 1  # a local worker takes jobs only while there are some
