@@ -266,6 +266,9 @@ PARAMETERS: dict[str, Param] = {
            "which addresses masquerading rewrites"),
         # queue
         _P("queue_directory", "/var/spool/trimail", _str, "directory of the queue database"),
+        _P("queue_minfree", "0", parse_size,
+           "free bytes the queue file system needs for smtpd to accept MAIL FROM; it also needs "
+           "more than 1.5 * message_size_limit"),
         _P("mail_owner", "trimail", _str, "unprivileged account serve runs as"),
         _P("allow_root", "no", parse_bool,
            "(trimail) stay root instead of becoming mail_owner: development and test suites only"),
