@@ -77,9 +77,11 @@ def _queue(store: Store, sender: str, recipients: list[str]) -> str:
 
 def test_queued_bad_names_bounce_and_do_not_crash_serve_or_its_restart(daemon, tmp_path: Path) -> None:
     with Sink() as sink:
-        # viabad.example is routed to a nexthop that is no DNS name: only the DNS edge sees it
+        # viabad and viabad2 are routed to nexthops that are no DNS names (an MX lookup, an
+        # address lookup): only the DNS edge sees them
         settings = {"transport_maps": f"inline:{{ good.example=smtp:[127.0.0.1]:{sink.port}, "
-                                      f"viabad.example=smtp:{LONG_LABEL} }}",
+                                      f"viabad.example=smtp:{LONG_LABEL}, "
+                                      f"viabad2.example=smtp:[{EMPTY_LABEL}] }}",
                     "dns_nameservers": _no_dns()}
         # serve once without the queue manager to create the queue, then queue mail behind its back
         first = daemon(master_service_disable="qmgr", **settings)
@@ -89,6 +91,7 @@ def test_queued_bad_names_bounce_and_do_not_crash_serve_or_its_restart(daemon, t
             # bad recipients from a good sender: they bounce to alice, at the sink
             _queue(store, "alice@good.example", [f"b@{domain}" for domain in BAD_DOMAINS])
             _queue(store, "alice@good.example", ["frank@viabad.example"])
+            _queue(store, "alice@good.example", ["grace@viabad2.example"])
             # a bad sender: its bad recipient bounces, and the bounce to the bad sender cannot go out
             for domain in (LONG_DOMAIN, BAD_ULABEL):
                 _queue(store, f"carol@{domain}", [f"dave@{LONG_LABEL}"])
@@ -98,14 +101,15 @@ def test_queued_bad_names_bounce_and_do_not_crash_serve_or_its_restart(daemon, t
 
         d = daemon(**settings)
         _wait_alive(d, lambda: "erin@good.example" in sink.recorder.recipients())
-        _wait_alive(d, lambda: len(_bounces(sink)) == 2)
+        _wait_alive(d, lambda: len(_bounces(sink)) == 3)
         assert_serving(d)
         syntax = next(raw for raw in _bounces(sink) if b"b@" + LONG_LABEL.encode() in raw)
         for domain in BAD_DOMAINS:
             assert f"b@{domain}".encode() in syntax
         assert b"Status: 5.1.3" in syntax and b"bad address syntax" in syntax
-        nexthop = next(raw for raw in _bounces(sink) if b"frank@viabad.example" in raw)
-        assert b"Status: 5.1.2" in nexthop and b"bad destination host name" in nexthop
+        for recipient in (b"frank@viabad.example", b"grace@viabad2.example"):
+            nexthop = next(raw for raw in _bounces(sink) if recipient in raw)
+            assert b"Status: 5.1.2" in nexthop and b"bad destination host name" in nexthop
         # every message is done: delivered, bounced or (the bounces to bad senders) dropped
         _wait_alive(d, lambda: _queue_empty(d.queue_directory))
         assert_serving(d)
@@ -114,7 +118,7 @@ def test_queued_bad_names_bounce_and_do_not_crash_serve_or_its_restart(daemon, t
         again = daemon(**settings)  # the restart: nothing left that could kill it
         assert_serving(again)
         assert integrity_ok(again.queue_directory) == "ok"
-        assert len(_bounces(sink)) == 2 and sink.recorder.recipients().count("erin@good.example") == 1
+        assert len(_bounces(sink)) == 3 and sink.recorder.recipients().count("erin@good.example") == 1
 
 
 def _bounces(sink: Sink) -> list[bytes]:

@@ -157,6 +157,7 @@ class Resolver:
             return [str(ipaddress.ip_address(host))]
         except ValueError:
             pass
+        to_name(host)  # a name DNS cannot express says so (5.1.2), not "host not found"
         found: list[str] = []
         temporary: DnsError | None = None
         for rdtype in ("A", "AAAA"):
