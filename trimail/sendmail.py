@@ -161,7 +161,7 @@ def submit(argv: list[str], stdin=None) -> int:
         if "Permission denied" not in str(exc) and "permission" not in str(exc).lower():
             raise SendmailError(str(exc)) from None
         return _submit_smtp(cfg, sender, rcpts, content)
-    spool = Spool()
+    spool = Spool(memory_limit=len(content))  # read into memory already: no temporary file
     spool.write(content)
     try:
         with store.transaction():
@@ -169,6 +169,7 @@ def submit(argv: list[str], stdin=None) -> int:
                                             arrival_time=time.time(), protocol="sendmail",
                                             client_name="localhost", client_address="127.0.0.1"))
     finally:
+        spool.close()
         store.close()
     send_command(queue_directory, "flush", timeout=2)
     return 0

@@ -44,12 +44,11 @@ def fill(queue: Path, leave: int) -> Path:
     filler = queue / "filler"
     stat = os.statvfs(queue)
     size = max(0, stat.f_bavail * stat.f_frsize - leave)
-    with open(filler, "wb") as out:
+    with open(filler, "wb", buffering=0) as out:
         block = b"\0" * (1 << 16)
         while size > 0:
             try:
-                size -= out.write(block[:min(size, len(block))])
-                out.flush()
+                size -= out.write(block[:min(size, len(block))]) or 0
             except OSError:  # the tmpfs is full: good enough
                 break
     return filler
