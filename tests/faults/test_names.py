@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
+from tests.faults.conftest import assert_serving, integrity_ok, trimail_cmd, wait_until
 from tests.peers import Sink
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store

@@ -64,3 +64,13 @@ def test_usable_names_stay_accepted() -> None:
     assert dns_name("example.com.") == b"example.com"
     assert is_domain("[127.0.0.1]") and is_domain("mx.test.example.")
     assert check_mailbox("b@" + ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61]), utf8=False)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(max_size=300))
+def test_any_text_gives_a_name_or_none_and_only_address_errors(text: str) -> None:
+    assert dns_name(text) is None or isinstance(dns_name(text), bytes)
+    try:
+        check_mailbox(f"b@{text}", utf8=True)
+    except AddressError:
+        pass
