@@ -83,7 +83,7 @@ class Resolver:
         else:
             try:
                 self._resolver = dns.asyncresolver.Resolver()
-            except (dns.resolver.NoResolverConfiguration, OSError):  # e.g. inside a chroot
+            except (dns.exception.DNSException, OSError, ValueError):  # no or bad resolv.conf, e.g. in a chroot
                 self._resolver = dns.asyncresolver.Resolver(configure=False)
                 self._resolver.nameservers = ["127.0.0.1"]
         self._resolver.lifetime = lifetime
