@@ -139,6 +139,7 @@ class QueueSpace:
         self.message_size_limit = message_size_limit
         self._free: int | None = None
         self._checked_at = -1e9
+        self._warned_at = -1e9
 
     def _statvfs(self) -> int | None:
         try:
@@ -162,6 +163,10 @@ class QueueSpace:
         free = await self.free()
         if free is None or (free > self.minfree and free > SPACE_MULTIPLIER * self.message_size_limit):
             return None
+        now = trio.current_time()
+        if now - self._warned_at < SPACE_CACHE_SECONDS:
+            return free  # one warning a second is enough, whatever the rate of MAIL commands
+        self._warned_at = now
         log.warning("not enough free space in mail queue: %d bytes < %g*message size limit (%d) "
                     "or queue_minfree (%d)", free, SPACE_MULTIPLIER, self.message_size_limit, self.minfree)
         return free
