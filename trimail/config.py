@@ -268,6 +268,9 @@ PARAMETERS: dict[str, Param] = {
         _P("queue_directory", "/var/spool/trimail", _str, "directory of the queue database"),
         _P("queue_busy_timeout", "30s", _time(), "how long a queue write waits while another process (an "
            "operator's tool) holds the database's write lock; past it the write fails temporarily (451, deferral)"),
+        _P("queue_minfree", "0", parse_size,
+           "free bytes the queue file system needs for smtpd to accept MAIL FROM; it also needs "
+           "more than 1.5 * message_size_limit"),
         _P("mail_owner", "trimail", _str, "unprivileged account serve runs as"),
         _P("allow_root", "no", parse_bool,
            "(trimail) stay root instead of becoming mail_owner: development and test suites only"),
