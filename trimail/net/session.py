@@ -6,15 +6,31 @@ past ``FLUSH_THRESHOLD``), which batches the replies to pipelined commands
 has its own deadline (``smtpd_timeout``).  This loop is the single catch-all
 boundary for a session: an unexpected error is logged, the client gets ``421``
 if the connection still works, and the connection is closed.
+
+Stress (Postfix's STRESS_README): ``tighten()`` gives a session the limits of a
+service under stress (``SessionLimits`` read with ``stress = yes``): a shorter
+``smtpd_timeout``, ``smtpd_hard_error_limit`` and TLS handshake deadline, and no
+greeting pause.  It works on a session that is already running: a read, a
+greeting pause or a handshake in progress gets the shorter deadline at once, so
+idle connections cannot keep every session slot.  A session busy with its own
+decision (a commit, a lookup) keeps its deadline until its next read.
+
+Security notes: every read and write has a deadline, and the whole session has
+``smtpd_session_deadline``; reads are at most ``RECEIVE_SIZE`` bytes.
+
+Parameters (through ``SessionLimits``): smtpd_timeout, smtpd_hard_error_limit,
+smtpd_tls_handshake_timeout, smtpd_greet_pause.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import trio
 
+from trimail.config import Config
 from trimail.smtp import replies
 from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, StartTls, State
 from trimail.smtpd import DropConnection, SmtpdSession
@@ -24,6 +40,25 @@ log = logging.getLogger("trimail.smtpd")
 RECEIVE_SIZE = 64 * 1024
 FLUSH_THRESHOLD = 64 * 1024
 _IDLE_STATES = (State.INIT, State.READY)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """The deadlines and limits that stress mode changes, read from one configuration."""
+
+    timeout: float
+    hard_error_limit: int
+    tls_handshake_timeout: float
+    greet_pause: float
+
+    @classmethod
+    def from_config(cls, config: Config, *, stress: bool = False) -> SessionLimits:
+        """The limits of *config*; with *stress*, as if ``stress = yes`` (and no greeting pause)."""
+        if stress:
+            config = config.with_overrides({"stress": "yes"})
+        return cls(timeout=config.smtpd_timeout, hard_error_limit=config.smtpd_hard_error_limit,
+                   tls_handshake_timeout=config.smtpd_tls_handshake_timeout,
+                   greet_pause=0.0 if stress else config.smtpd_greet_pause)
 
 
 class Session:
@@ -42,9 +77,29 @@ class Session:
         self.timeout = timeout
         self.error_sleep = error_sleep
         self.soft_error_limit = soft_error_limit
+        self.tls_handshake_timeout: float = decisions.ctx.tls_handshake_timeout
         self.stopping = False
         self._scope: trio.CancelScope | None = None
         self._reading = False
+        self._waiting: trio.CancelScope | None = None  # the greeting pause or TLS handshake in progress
+        self._handshake: trio.CancelScope | None = None
+
+    def tighten(self, limits: SessionLimits) -> None:
+        """Stress: take the smaller of each limit, effective now for a read, pause or
+        handshake in progress (see the module docstring)."""
+        self.timeout = min(self.timeout, limits.timeout)
+        self.tls_handshake_timeout = min(self.tls_handshake_timeout, limits.tls_handshake_timeout)
+        self.greet_pause = min(self.greet_pause, limits.greet_pause)
+        if limits.hard_error_limit < self.conn.settings.hard_error_limit:
+            self.conn.settings = dataclasses.replace(self.conn.settings, hard_error_limit=limits.hard_error_limit)
+        now = trio.current_time()
+        if self._waiting is not None and self._waiting is self._handshake:
+            # the handshake's own deadline ends it (logged as a TLS failure, no plaintext 421)
+            self._waiting.deadline = min(self._waiting.deadline, now + self.tls_handshake_timeout)
+        elif self._waiting is not None:
+            self._waiting.deadline = min(self._waiting.deadline, now + self.greet_pause)
+        elif self._scope is not None and self._reading:
+            self._scope.deadline = min(self._scope.deadline, now + self.timeout)
 
     def request_stop(self) -> None:
         self.stopping = True
@@ -63,10 +118,10 @@ class Session:
             # One scope for the whole session: its deadline is smtpd_timeout from the
             # start of the current read or write; stop requests cancel it too.
             with trio.CancelScope() as self._scope:
-                self._extend_deadline()
-                if self.implicit_tls:
+                if self.implicit_tls:  # bounded by its own deadline, smtpd_tls_handshake_timeout
                     await self._start_tls()
                     self.conn.tls_active = True
+                self._extend_deadline()
                 if greeting is None and self.greet_pause > 0 and await self._talks_first():
                     log.info("reject: pipelining before the greeting from %s", client)
                     greeting = replies.Reply(554, "5.5.1", "Error: SMTP protocol synchronization")
@@ -147,10 +202,15 @@ class Session:
         assert ctx is not None
         stream = trio.SSLStream(self.stream, ctx, server_side=True, https_compatible=False)
         try:
-            with trio.fail_after(self.decisions.ctx.tls_handshake_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + self.tls_handshake_timeout) as scope:
+                self._waiting = self._handshake = scope
                 await stream.do_handshake()
-        except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+        except trio.BrokenResourceError as exc:
             raise _TlsFailed(str(exc) or type(exc).__name__) from None
+        finally:
+            self._waiting = None
+        if scope.cancelled_caught:
+            raise _TlsFailed("handshake timeout")
         self.stream = stream
         cipher = stream.cipher()
         self.decisions.tls = f"{stream.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
@@ -158,9 +218,12 @@ class Session:
 
     async def _talks_first(self) -> bool:
         """smtpd_greet_pause: does the client send before our banner?"""
-        with trio.move_on_after(self.greet_pause):
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-            return bool(data)
+        try:
+            with trio.move_on_after(self.greet_pause) as self._waiting:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                return bool(data)
+        finally:
+            self._waiting = None
         return False
 
     async def _error_delay(self) -> None:
