@@ -301,6 +301,8 @@ PARAMETERS: dict[str, Param] = {
            "time limit for each read from an SMTP client (10s under stress)"),
         _P("smtpd_hard_error_limit", "${stress?{1}:{20}}", parse_int,
            "errors after which the session is closed (1 under stress)"),
+        _P("smtpd_junk_command_limit", "${stress?{1}:{100}}", parse_int,
+           "HELO, EHLO, NOOP, VRFY and RSET commands after which each one counts as an error (1 under stress)"),
         _P("stress", "", _str,
            "set to yes by serve while the SMTP service is under stress; use as ${stress?{value}:{value}}"
            " (setting it in main.cf forces stress values everywhere)"),

@@ -91,6 +91,7 @@ class Server:
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
         self.anvil = anvil.Anvil(config)
+        self.limits = SessionLimits.from_config(config)
         self.stress_limits = SessionLimits.from_config(config, stress=True)
         self.stress_gauge = Gauge("trimail_smtpd_stress", "1 while the SMTP service is under stress (STRESS_README)",
                                   registry=self.metrics.registry)
@@ -163,6 +164,7 @@ class Server:
             context.metrics = self.metrics
         self.config = fresh
         self.anvil.configure(fresh)
+        self.limits = SessionLimits.from_config(fresh)
         self.stress_limits = SessionLimits.from_config(fresh, stress=True)
         self.contexts = contexts
         self.context = contexts["smtp"]
@@ -231,11 +233,10 @@ class Server:
         session = Session(
             stream,
             decisions,
-            timeout=config.smtpd_timeout,
+            limits=self.limits,
             error_sleep=config.smtpd_error_sleep_time,
             soft_error_limit=config.smtpd_soft_error_limit,
             session_deadline=config.smtpd_session_deadline,
-            greet_pause=config.smtpd_greet_pause,
             implicit_tls=kind == "smtps",
         )
         greeting = None
@@ -269,8 +270,8 @@ class Server:
         (new sessions get the normal ones; open sessions keep what they have)."""
         on = self.anvil.stress
         self.stress_gauge.set(1 if on else 0)
-        log.warning("stress mode %s: %d of %d sessions", "on" if on else "off", self.anvil.sessions,
-                    self.anvil.process_limit)
+        (log.warning if on else log.info)("stress mode %s: %d of %d sessions", "on" if on else "off",
+                                          self.anvil.sessions, self.anvil.process_limit)
         if on:
             for session in self.sessions:
                 session.tighten(self.stress_limits)

@@ -26,8 +26,10 @@ SOURCES = 10  # 127.0.0.10 ... 127.0.0.19, six silent connections each
 
 
 def stressed_daemon(daemon, **params: object) -> Daemon:
-    return daemon(smtpd_process_limit=LIMIT, smtpd_timeout="${stress?{1}:{300}}s",
-                  smtpd_tls_handshake_timeout="${stress?{1}:{60}}s", master_service_disable="qmgr", **params)
+    settings: dict[str, object] = dict(smtpd_process_limit=LIMIT, smtpd_timeout="${stress?{1}:{300}}s",
+                                       smtpd_tls_handshake_timeout="${stress?{1}:{60}}s",
+                                       master_service_disable="qmgr")
+    return daemon(**{**settings, **params})
 
 
 def silent_connections(port: int, count: int = 60) -> list[socket.socket]:
@@ -116,3 +118,43 @@ def test_below_the_threshold_there_is_no_stress(daemon) -> None:
         assert not any("stress mode" in line for line in d.proc.log)
     finally:
         close_all(idle)
+
+
+def test_noop_keepalives_cannot_hold_a_session_under_stress(daemon) -> None:
+    """smtpd_junk_command_limit = ${stress?{1}:{100}}: NOOPs are harmless normally,
+    but under stress the next junk command counts as an error and with
+    smtpd_hard_error_limit = 1 the session is closed with 421."""
+    d = stressed_daemon(daemon, smtpd_timeout="${stress?{10}:{300}}s")
+    keeper = smtplib.SMTP("127.0.0.1", d.port, timeout=10)
+    keeper.ehlo("client.example")
+    assert [keeper.noop()[0] for _ in range(10)] == [250] * 10
+    idle = silent_connections(d.port)
+    try:
+        d.proc.wait_log(r"warning: stress mode on")
+        replies = []
+        for _ in range(3):
+            try:
+                replies.append(keeper.noop())
+            except smtplib.SMTPServerDisconnected:
+                break
+        assert (421, b"4.7.0 mx.test.example Error: too many errors") in replies, replies
+    finally:
+        close_all(idle)
+        keeper.close()
+    assert_serving(d)
+
+
+def test_stress_values_use_postfix_syntax(tmp_path) -> None:
+    """``${stress?{a}:{b}}`` (Postfix 3.0): the defaults are Postfix's, and an
+    operator's own values work the same way."""
+    from trimail import config
+    from trimail.net.session import SessionLimits
+
+    path = tmp_path / "main.cf"
+    path.write_text("smtpd_greet_pause = 3s\nsmtpd_tls_handshake_timeout = ${stress?{5}:{30}}s\n"
+                    "x = ${stress?{under}:{normal}} ${stress?stressed} ${stress:{calm}}\n")
+    normal = config.load(path)
+    assert SessionLimits.from_config(normal) == SessionLimits(300.0, 20, 100, 30.0, 3.0)
+    assert SessionLimits.from_config(normal, stress=True) == SessionLimits(10.0, 1, 1, 5.0, 0.0)
+    assert normal.get("x") == "normal  calm"
+    assert normal.with_overrides({"stress": "yes"}).get("x") == "under stressed "

@@ -9,8 +9,8 @@ if the connection still works, and the connection is closed.
 
 Stress (Postfix's STRESS_README): ``tighten()`` gives a session the limits of a
 service under stress (``SessionLimits`` read with ``stress = yes``): a shorter
-``smtpd_timeout``, ``smtpd_hard_error_limit`` and TLS handshake deadline, and no
-greeting pause.  It works on a session that is already running: a read, a
+``smtpd_timeout``, ``smtpd_hard_error_limit``, ``smtpd_junk_command_limit`` and
+TLS handshake deadline, and no greeting pause.  It works on a session that is already running: a read, a
 greeting pause or a handshake in progress gets the shorter deadline at once, so
 idle connections cannot keep every session slot.  A session busy with its own
 decision (a commit, a lookup) keeps its deadline until its next read.
@@ -19,7 +19,7 @@ Security notes: every read and write has a deadline, and the whole session has
 ``smtpd_session_deadline``; reads are at most ``RECEIVE_SIZE`` bytes.
 
 Parameters (through ``SessionLimits``): smtpd_timeout, smtpd_hard_error_limit,
-smtpd_tls_handshake_timeout, smtpd_greet_pause.
+smtpd_junk_command_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from trimail.config import Config
 from trimail.smtp import replies
 from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, StartTls, State
 from trimail.smtpd import DropConnection, SmtpdSession
+from trimail.supervise import report
 
 log = logging.getLogger("trimail.smtpd")
 
@@ -44,10 +45,11 @@ _IDLE_STATES = (State.INIT, State.READY)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class SessionLimits:
-    """The deadlines and limits that stress mode changes, read from one configuration."""
+    """The deadlines and error limits of a session: the ones stress mode changes."""
 
     timeout: float
     hard_error_limit: int
+    junk_command_limit: int
     tls_handshake_timeout: float
     greet_pause: float
 
@@ -57,6 +59,7 @@ class SessionLimits:
         if stress:
             config = config.with_overrides({"stress": "yes"})
         return cls(timeout=config.smtpd_timeout, hard_error_limit=config.smtpd_hard_error_limit,
+                   junk_command_limit=config.smtpd_junk_command_limit,
                    tls_handshake_timeout=config.smtpd_tls_handshake_timeout,
                    greet_pause=0.0 if stress else config.smtpd_greet_pause)
 
@@ -65,19 +68,21 @@ class Session:
     """One connection.  ``request_stop()`` closes it at the next idle moment;
     ``abort()`` closes it now (after the grace period), both with 421."""
 
-    def __init__(self, stream: trio.SocketStream, decisions: SmtpdSession, *, timeout: float,
+    def __init__(self, stream: trio.SocketStream, decisions: SmtpdSession, *, limits: SessionLimits,
                  error_sleep: float, soft_error_limit: int, session_deadline: float = math.inf,
-                 greet_pause: float = 0.0, implicit_tls: bool = False) -> None:
+                 implicit_tls: bool = False) -> None:
         self.stream: trio.abc.Stream = stream
         self.session_deadline = trio.current_time() + session_deadline
-        self.greet_pause = greet_pause
         self.implicit_tls = implicit_tls
         self.decisions = decisions
         self.conn = decisions.connection()
-        self.timeout = timeout
+        self.conn.settings = dataclasses.replace(self.conn.settings, hard_error_limit=limits.hard_error_limit,
+                                                 junk_command_limit=limits.junk_command_limit)
+        self.timeout = limits.timeout
+        self.greet_pause = limits.greet_pause
+        self.tls_handshake_timeout = limits.tls_handshake_timeout
         self.error_sleep = error_sleep
         self.soft_error_limit = soft_error_limit
-        self.tls_handshake_timeout: float = decisions.ctx.tls_handshake_timeout
         self.stopping = False
         self._scope: trio.CancelScope | None = None
         self._reading = False
@@ -90,8 +95,10 @@ class Session:
         self.timeout = min(self.timeout, limits.timeout)
         self.tls_handshake_timeout = min(self.tls_handshake_timeout, limits.tls_handshake_timeout)
         self.greet_pause = min(self.greet_pause, limits.greet_pause)
-        if limits.hard_error_limit < self.conn.settings.hard_error_limit:
-            self.conn.settings = dataclasses.replace(self.conn.settings, hard_error_limit=limits.hard_error_limit)
+        settings = self.conn.settings
+        self.conn.settings = dataclasses.replace(
+            settings, hard_error_limit=min(settings.hard_error_limit, limits.hard_error_limit),
+            junk_command_limit=min(settings.junk_command_limit, limits.junk_command_limit))
         now = trio.current_time()
         if self._waiting is not None and self._waiting is self._handshake:
             # the handshake's own deadline ends it (logged as a TLS failure, no plaintext 421)
@@ -145,8 +152,10 @@ class Session:
             log.info("SSL_accept error from %s: %s", client, exc)
         except DropConnection:
             log.info("dropped connection after %s from %s (fault injection)", self.conn.state.value.upper(), client)
-        except Exception:
-            log.exception("session with %s failed", client)
+        except Exception as exc:  # the session's boundary: one line, traceback at debug, counted
+            report(f"session with {client}", exc, logger=log)
+            if self.decisions.ctx.metrics is not None:
+                self.decisions.ctx.metrics.task_failed("smtpd session")
             if not self.conn.closed:
                 self.conn.close(replies.TEMPORARY_FAILURE, "internal error")
             await self._final_flush()
