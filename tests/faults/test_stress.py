@@ -1,6 +1,6 @@
 """Lock-out by idle connections, and stress mode (Postfix's STRESS_README).
 
-Silent connections from many source addresses (or TLS handshakes that never
+Silent connections from 100 source addresses (or TLS handshakes that never
 start) fill every session slot; without stress mode they hold them for
 ``smtpd_timeout`` and every real client gets ``421``.  With stress mode, reaching
 ``smtpd_stress_threshold`` percent of ``smtpd_process_limit`` cuts every idle
@@ -22,7 +22,7 @@ from tests.faults.test_connections import listening_ports
 from trimail.net.control import send_command
 
 LIMIT = 50
-SOURCES = 10  # 127.0.0.10 ... 127.0.0.19, six silent connections each
+SOURCES = 100  # 127.0.0.10 ... 127.0.0.109
 
 
 def stressed_daemon(daemon, **params: object) -> Daemon:
@@ -32,7 +32,7 @@ def stressed_daemon(daemon, **params: object) -> Daemon:
     return daemon(**{**settings, **params})
 
 
-def silent_connections(port: int, count: int = 60) -> list[socket.socket]:
+def silent_connections(port: int, count: int = 120) -> list[socket.socket]:
     """*count* connections that never send a byte, from SOURCES loopback addresses."""
     sockets = []
     for n in range(count):
