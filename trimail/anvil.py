@@ -49,14 +49,19 @@ class Anvil:
         self.stress = False
         self.configure(config)
 
-    def configure(self, config: Config) -> None:
-        """Take the limits of a (re)loaded configuration; counts are kept."""
+    def configure(self, config: Config) -> bool | None:
+        """Take the limits of a (re)loaded configuration; counts are kept.  ``False``
+        when stress mode ended because the new configuration disables it."""
         self.process_limit: int = config.smtpd_process_limit
         self.count_limit: int = config.smtpd_client_connection_count_limit
         self.rate_limit: int = config.smtpd_client_connection_rate_limit
         percent: int = config.smtpd_stress_threshold
         self.stress_on = math.ceil(self.process_limit * percent / 100) if percent > 0 else 0
         self.stress_off = self.stress_on // 2
+        if self.stress and not self.stress_on:
+            self.stress = False
+            return False
+        return None
 
     def admit(self, address: str, now: float) -> str | None:
         """``None`` when the connection may have a session, else the reason to log

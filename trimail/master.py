@@ -60,7 +60,18 @@ LISTENERS = (("smtp", "smtpd_listen"), ("submission", "submission_listen"), ("sm
 
 
 class Server:
-    """Handle on a running serve: where it listens, and how to stop it."""
+    """Handle on a running serve: where it listens, and how to stop it.
+
+    Each accepted connection runs in ``_handle`` inside its own boundary
+    (``supervise.contained``): a reset before ``getpeername()``, or any error the
+    session did not expect, costs that connection only, and its accounting in
+    ``anvil`` is undone in ``finally``.  The accept loops never end on an accept
+    error (``net.listener.accept``).  Admission (process, per-client count and
+    rate limits) and the stress level live in ``trimail.anvil``; when stress mode
+    turns on, every open session gets ``stress_limits`` at once (idle ones are cut
+    after the stress ``smtpd_timeout``), and ``status()`` and the
+    ``trimail_smtpd_stress`` gauge show it.
+    """
 
     def __init__(self, config: Config, writer: QueueWriter,
                  listeners: list[tuple[trio.SocketListener, str, ListenAddress]]) -> None:
@@ -163,7 +174,8 @@ class Server:
             context.hooks = hooks
             context.metrics = self.metrics
         self.config = fresh
-        self.anvil.configure(fresh)
+        if self.anvil.configure(fresh) is False:
+            self._stress_changed()
         self.limits = SessionLimits.from_config(fresh)
         self.stress_limits = SessionLimits.from_config(fresh, stress=True)
         self.contexts = contexts
