@@ -15,7 +15,8 @@ then the rest get ``421`` too; the database is closed last.
 
 Parameters: queue_directory, smtpd_listen, smtpd_timeout, smtpd_soft_error_limit,
 smtpd_error_sleep_time, smtpd_client_connection_count_limit, smtpd_process_limit,
-graceful_timeout (plus everything trimail.smtpd reads).
+graceful_timeout, smtpd_stress_threshold, smtpd_junk_command_limit, smtpd_hard_error_limit,
+smtpd_tls_handshake_timeout, smtpd_greet_pause (plus everything trimail.smtpd reads).
 """
 
 from __future__ import annotations
