@@ -8,6 +8,7 @@ database passes ``PRAGMA integrity_check``.
 
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 import subprocess
@@ -107,3 +108,30 @@ def trimail_cmd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[
 
     return subprocess.run([sys.executable, "-m", "trimail", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+@pytest.fixture
+def small_queue(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs to serve as the queue directory, unmounted afterwards."""
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(queue)], check=True)
+    try:
+        yield queue
+    finally:
+        subprocess.run(["umount", "-l", str(queue)], check=False)
+
+
+def fill(queue: Path, leave: int) -> Path:
+    """A filler file that leaves about *leave* bytes free in the file system."""
+    filler = queue / "filler"
+    stat = os.statvfs(queue)
+    size = max(0, stat.f_bavail * stat.f_frsize - leave)
+    with open(filler, "wb", buffering=0) as out:
+        block = b"\0" * (1 << 16)
+        while size > 0:
+            try:
+                size -= out.write(block[:min(size, len(block))]) or 0
+            except OSError:  # the tmpfs is full: good enough
+                break
+    return filler

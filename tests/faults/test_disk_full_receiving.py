@@ -12,46 +12,17 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
+from tests.faults.conftest import fill, assert_serving, integrity_ok, send, trimail_cmd, wait_until
 
 SMALL = b"Subject: small\r\n\r\n" + b"x" * 1000 + b"\r\n"
 BIG = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1024  # 1 MiB: past the in-memory spool limit
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
                                 reason="mounts a tmpfs: needs root")
-
-
-@pytest.fixture
-def small_queue(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs to serve as the queue directory, unmounted afterwards."""
-    queue = tmp_path / "queue"
-    queue.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(queue)], check=True)
-    try:
-        yield queue
-    finally:
-        subprocess.run(["umount", "-l", str(queue)], check=False)
-
-
-def fill(queue: Path, leave: int) -> Path:
-    """A filler file that leaves about *leave* bytes free in the file system."""
-    filler = queue / "filler"
-    stat = os.statvfs(queue)
-    size = max(0, stat.f_bavail * stat.f_frsize - leave)
-    with open(filler, "wb", buffering=0) as out:
-        block = b"\0" * (1 << 16)
-        while size > 0:
-            try:
-                size -= out.write(block[:min(size, len(block))]) or 0
-            except OSError:  # the tmpfs is full: good enough
-                break
-    return filler
 
 
 def queued_ids(config_path: Path) -> list[str]:

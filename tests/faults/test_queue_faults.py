@@ -12,16 +12,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import apsw
 import pytest
 
-from tests.conftest import trimail, write_main_cf
-from tests.faults.conftest import assert_serving, integrity_ok, send, wait_until
+from tests.conftest import trimail
+from tests.faults.conftest import assert_serving, fill, integrity_ok, send, wait_until
 from tests.peers import Sink
 
 
@@ -159,41 +157,14 @@ def test_queue_locked_by_another_process_during_deliveries(daemon, tmp_path):
         assert integrity_ok(served.queue_directory) == "ok"
 
 
-@pytest.fixture
-def small_filesystem(tmp_path):
-    """A 6 MiB tmpfs (tests run as root), unmounted afterwards."""
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root")
-    where = tmp_path / "small"
-    where.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(where)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
-def _fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
-
-
-def test_disk_full_under_the_queue_while_delivering(daemon, tmp_path, small_filesystem):
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a tmpfs: needs root")
+def test_disk_full_under_the_queue_while_delivering(daemon, tmp_path, small_queue):
     with Sink(delay=1.5) as sink:  # a slow peer: the outcomes are recorded after the disk filled up
-        served = daemon(relayhost=f"[127.0.0.1]:{sink.port}", queue_directory=small_filesystem / "queue",
+        served = daemon(relayhost=f"[127.0.0.1]:{sink.port}", queue_directory=small_queue,
                         message_size_limit="1000000")
         acknowledged = [send(served.port, [f"a{n}@example.com"], _body(f"before {n}")) for n in range(3)]
         wait_until(lambda: sink.recorder.in_flight >= 1, timeout=30)
-        filler = _fill(small_filesystem)
+        filler = fill(small_queue, leave=0)
         results: list[str] = []
         for n in range(20):
             try:
