@@ -43,6 +43,15 @@ def _tokens(messages) -> list[str]:
     return found
 
 
+def _kill_9_under_load(daemon, stop: threading.Event, clients: list[threading.Thread]) -> None:
+    """kill -9 while the clients are still sending, then let the clients finish."""
+    daemon.proc.proc.send_signal(signal.SIGKILL)
+    stop.set()
+    for thread in clients:
+        thread.join(60)
+    daemon.proc.proc.wait(30)
+
+
 def _load(port: int, acknowledged: list[str], stop: threading.Event, client: int) -> None:
     number = 0
     while not stop.is_set():
@@ -93,11 +102,7 @@ def test_kill_9_under_load_loses_no_acknowledged_message(daemon, tmp_path, outsi
                 else:
                     time.sleep(0.05)  # pacing of the scrapes, not synchronisation
         finally:
-            first.proc.proc.send_signal(signal.SIGKILL)
-            stop.set()
-            for thread in clients:
-                thread.join(60)
-        first.proc.proc.wait(30)
+            _kill_9_under_load(first, stop, clients)
         assert len(acknowledged) >= 20, "the load did not get going"
         assert outsider is None or backups >= 3
         assert integrity_ok(first.queue_directory) == "ok"
@@ -119,7 +124,6 @@ def test_trimail_queue_backup_under_load_then_kill_9_and_restore(daemon, tmp_pat
     from trimail.queue.store import Store
 
     first = daemon(master_service_disable="qmgr")
-    acknowledged: list[str] = []
     ids: list[str] = []
     stop = threading.Event()
 
@@ -146,11 +150,7 @@ def test_trimail_queue_backup_under_load_then_kill_9_and_restore(daemon, tmp_pat
             assert "message(s)" in result.stdout
             copies.append((tmp_path / f"copy{n}.db", before))
     finally:
-        first.proc.proc.send_signal(signal.SIGKILL)
-        stop.set()
-        for thread in clients:
-            thread.join(60)
-    first.proc.proc.wait(30)
+        _kill_9_under_load(first, stop, clients)
     live = {m.id for m in Store.open(first.queue_directory, readonly=True).list_messages()}
     assert set(ids) <= live, f"{len(set(ids) - live)} acknowledged messages lost"
     for path, before in copies:
