@@ -165,3 +165,58 @@ def test_a_table_read_that_never_returns_answers_451_after_the_lookup_timeout(tm
         os.close(fd)
     except OSError:
         pass
+
+
+def _corrupt(source: Path) -> None:
+    """Replace a compiled table with bytes that are not a database (a bad copy, a
+    disk error): the next reload of every reader meets it."""
+    broken = source.with_name(source.name + ".broken")
+    broken.write_bytes(b"this is not an SQLite database\n" * 200)
+    os.replace(broken, source.with_name(source.name + ".db"))
+
+
+def _rcpt(port: int, recipient: str) -> tuple[int, bytes]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example")
+        client.mail("alice@client.example")
+        return client.rcpt(recipient)
+
+
+def test_a_corrupt_table_costs_one_reply_or_one_deferral_never_the_daemon(tmp_path, daemon):
+    access, local, aliases, transport = (tmp_path / name for name in ("access", "local", "aliases", "transport"))
+    access.write_text("blocked@mx.test.example REJECT\n")
+    local.write_text("ann@mx.test.example ann\n")
+    aliases.write_text("ann: bob\n")
+    transport.write_text("far.example error:5.0.0 nothing goes there\n")
+    for table in (access, local, transport):
+        assert trimail_cmd("postmap", str(table)).returncode == 0
+    assert trimail_cmd("postalias", str(aliases)).returncode == 0
+    d = daemon(mydestination="mx.test.example", local_recipient_maps=f"hash:{local}", alias_maps=f"hash:{aliases}",
+               transport_maps=f"hash:{transport}", mail_spool_directory=str(tmp_path / "spool"),
+               smtpd_recipient_restrictions=f"check_recipient_access hash:{access}, reject_unlisted_recipient, "
+                                            "permit_mynetworks, reject_unauth_destination")
+    assert _rcpt(d.port, "ann@mx.test.example")[0] == 250  # every table read once
+
+    def answers(recipient: str, code: int) -> bool:
+        return _rcpt(d.port, recipient)[0] == code
+
+    _corrupt(access)  # an access table: that RCPT gets 451 4.3.0
+    wait_until(lambda: answers("ann@mx.test.example", 451), timeout=10)
+    code, text = _rcpt(d.port, "ann@mx.test.example")
+    assert code == 451 and text.startswith(b"4.3.0") and b"Temporary lookup failure" in text, text
+    assert trimail_cmd("postmap", str(access)).returncode == 0
+    wait_until(lambda: answers("ann@mx.test.example", 250), timeout=10)
+
+    _corrupt(local)  # local_recipient_maps, read by reject_unlisted_recipient and by smtpd itself
+    wait_until(lambda: answers("ann@mx.test.example", 451), timeout=10)
+    assert_serving(d)
+    assert trimail_cmd("postmap", str(local)).returncode == 0
+    wait_until(lambda: answers("ann@mx.test.example", 250), timeout=10)
+
+    _corrupt(aliases)  # alias_maps at delivery: the recipient is deferred, the message kept
+    _corrupt(transport)  # transport_maps at routing: the same
+    queued = send(d.port, ["ann@mx.test.example", "someone@far.example"])
+    d.proc.wait_log(rf"{queued}: to=<ann@mx.test.example>.*status=deferred")
+    d.proc.wait_log(rf"{queued}: to=<someone@far.example>.*status=deferred")
+    assert_serving(d)
+    assert integrity_ok(d.queue_directory) == "ok"
