@@ -21,7 +21,10 @@ Concurrency: ``lookup`` is safe from any thread.  A file table answers from an
 in-memory snapshot (or, for ``hash:``, one read-only SQLite connection behind a
 lock) that a reload replaces whole; one thread reloads at a time and the others
 keep answering from the old snapshot meanwhile, so a rebuild by ``postmap`` or
-``newaliases`` never shows a half-read table or closes a connection in use.
+``newaliases`` never shows a half-read table or closes a connection in use.  A
+thread waits at most ``LOCK_WAIT`` seconds for another thread's first load or
+query of the same table (then ``TableError``), so a read stuck for good holds one
+thread, not all of them.
 
 Blocking: ``Table.may_block()`` says whether the next lookup may wait on a disk
 or a name service (a reload is due, a ``hash:`` query, ``unix:passwd``).  Code on
@@ -71,6 +74,7 @@ __all__ = ["RECHECK_SECONDS", "Table", "TableError", "compile_table", "compiled_
 RECHECK_SECONDS = 1.0
 LOOKUP_THREADS = 10  # worker threads for lookups that may block, per serve
 DEFAULT_LOOKUP_TIMEOUT = 20.0
+LOCK_WAIT = 5.0  # longest wait for another thread's reload or query of the same table
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -137,8 +141,13 @@ class _FileTable(Table, Generic[D]):
         return self._data is None or time.monotonic() - self._checked >= RECHECK_SECONDS
 
     def _refresh(self) -> None:
-        # with a snapshot in hand, never wait for another thread's reload: answer from it
-        if not self._reload.acquire(blocking=self._data is None):
+        # with a snapshot in hand, never wait for another thread's reload: answer from it;
+        # without one, wait a bounded time, so a read stuck for good (a hung disk) holds
+        # one lookup thread, not every thread that asks after it
+        if self._data is None:
+            if not self._reload.acquire(timeout=LOCK_WAIT):
+                raise TableError(f"{self.ref}: still loading {self._watched()}")
+        elif not self._reload.acquire(blocking=False):
             return
         try:
             if (self._data is not None or self._failure is not None) and \
@@ -231,13 +240,16 @@ class HashTable(_FileTable[apsw.Connection]):
                 old.close()
 
     def _get(self, data: apsw.Connection, key: str) -> str | None:
-        with self._query:
+        if not self._query.acquire(timeout=LOCK_WAIT):
+            raise TableError(f"{self.ref}: {compiled_path(self.path)} does not answer")
+        try:
             db = self._data
             assert db is not None
-            try:
-                row = db.execute("SELECT value FROM map WHERE key = ?", (key,)).fetchone()
-            except apsw.Error as exc:
-                raise TableError(f"{self.ref}: cannot read {compiled_path(self.path)}: {exc}") from None
+            row = db.execute("SELECT value FROM map WHERE key = ?", (key,)).fetchone()
+        except apsw.Error as exc:
+            raise TableError(f"{self.ref}: cannot read {compiled_path(self.path)}: {exc}") from None
+        finally:
+            self._query.release()
         return None if row is None else str(row[0])
 
 
