@@ -185,6 +185,15 @@ def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Netw
     return nets
 
 
+def parse_lock_methods(text: str) -> list[str]:
+    """``mailbox_delivery_lock``: some of fcntl, flock, dotlock (Postfix's names)."""
+    methods = split_list(text)
+    for method in methods:
+        if method not in ("fcntl", "flock", "dotlock"):
+            raise ValueError(f"unknown locking method {method!r} (use fcntl, flock and/or dotlock)")
+    return methods
+
+
 def choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -264,6 +273,15 @@ PARAMETERS: dict[str, Param] = {
         _P("allow_mail_to_files", "alias, include", split_list, "where /file targets may come from"),
         _P("command_time_limit", "1000s", _time(), "time limit for delivery to a command"),
         _P("local_destination_concurrency_limit", "2", parse_int, "parallel local deliveries"),
+        _P("mailbox_delivery_lock", "fcntl, dotlock", parse_lock_methods,
+           "how an mbox file is locked for delivery: fcntl, flock and/or dotlock (FILE.lock)"),
+        _P("deliver_lock_attempts", "20", parse_int,
+           "attempts to lock an mbox file (and to create its dotlock) before the delivery is deferred"),
+        _P("deliver_lock_delay", "1s", _time(), "time between attempts to lock an mbox file"),
+        _P("stale_lock_time", "500s", _time(), "age after which a dotlock file is removed as stale"),
+        _P("table_lookup_timeout", "20s", _time(),
+           "(trimail) time limit for a lookup that may block (a file reload, hash:, unix:passwd.byname); "
+           "a lookup that takes longer is a temporary failure (451 4.3.0)"),
         _P("masquerade_domains", "", split_list, "domains to strip subdomains from"),
         _P("masquerade_exceptions", "", split_list, "local parts exempt from masquerading"),
         _P("masquerade_classes", "envelope_sender, header_sender, header_recipient", split_list,

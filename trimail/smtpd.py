@@ -46,7 +46,7 @@ from trimail.errors import StorageError
 from trimail.passwords import authenticate
 from trimail.delivery.dns import Resolver
 from trimail.policy.restrictions import Policy, Request, Verdict
-from trimail.maps import Table, TableError, lookup_first, open_table
+from trimail.maps import Table, TableError, lookup_first, off_loop, open_table
 from trimail.log import printable
 from trimail.metrics import Metrics
 from trimail.queue.ids import new_queue_id
@@ -139,19 +139,22 @@ class ReceiveContext:
         self.delimiter: str = config.recipient_delimiter
         self._local_tables: list[Table] | None = None
         self._virtual_tables: list[Table] | None = None
+        self.lookup_timeout: float = config.table_lookup_timeout
 
     def local_tables(self) -> list[Table]:
-        if self._local_tables is None:
-            self._local_tables = [open_table(ref) for ref in self.config.local_recipient_maps]
+        if self._local_tables is None:  # lazy: opening reads nothing, the first lookup does
+            self._local_tables = [open_table(ref, lazy=True) for ref in self.config.local_recipient_maps]
         return self._local_tables
 
     def virtual_tables(self) -> list[Table]:
         if self._virtual_tables is None:
-            self._virtual_tables = [open_table(ref) for ref in self.config.virtual_alias_maps]
+            self._virtual_tables = [open_table(ref, lazy=True) for ref in self.config.virtual_alias_maps]
         return self._virtual_tables
 
-    def is_unknown_local(self, recipient: str) -> bool:
-        """local_recipient_maps (Postfix): a local domain's unknown user is refused at RCPT."""
+    async def is_unknown_local(self, recipient: str) -> bool:
+        """local_recipient_maps (Postfix): a local domain's unknown user is refused at RCPT.
+        Tables that may block (a reload, hash:, unix:passwd.byname) are read on a lookup
+        thread within table_lookup_timeout; TableError when they cannot answer."""
         local, at, domain = recipient.rpartition("@")
         if not at:
             local, domain = recipient, ""
@@ -160,12 +163,23 @@ class ReceiveContext:
         tables = self.local_tables()
         if not tables or local.lower() == "postmaster":
             return False
-        if virtual_expand([recipient], self.virtual_tables()) != [recipient]:
+        virtual = self.virtual_tables()
+        return await off_loop([*tables, *virtual], self._unknown_local, recipient, local, tables, virtual,
+                              timeout=self.lookup_timeout)
+
+    def _unknown_local(self, recipient: str, local: str, tables: list[Table], virtual: list[Table]) -> bool:
+        if virtual_expand([recipient], virtual) != [recipient]:
             return False  # a virtual alias: rewritten before delivery
         keys = [recipient.lower(), local.lower()]
         if self.delimiter and self.delimiter in local:
             keys.append(local.split(self.delimiter, 1)[0].lower())
         return all(lookup_first(tables, key) is None for key in keys)
+
+    async def expand_virtual(self, recipients: list[str]) -> list[str]:
+        """virtual_alias_maps applied to *recipients*, off the event loop when a table
+        may block (TableError, ValueError as virtual_expand)."""
+        tables = self.virtual_tables()
+        return await off_loop(tables, virtual_expand, recipients, tables, timeout=self.lookup_timeout)
 
 
 def server_tls_context(config: Config) -> ssl.SSLContext:
@@ -295,7 +309,7 @@ class SmtpdSession:
             if reply is not None:
                 return reply
             try:
-                unknown = self.ctx.is_unknown_local(event.recipient)
+                unknown = await self.ctx.is_unknown_local(event.recipient)
             except (TableError, ValueError) as exc:
                 log.warning("%s: local recipient lookup failed: %s", self.txn.queue_id, exc)
                 return Reply(451, "4.3.0", f"<{event.recipient}>: Temporary lookup failure")

@@ -7,39 +7,77 @@
 - ``texthash:/path`` — the source file read directly (no compilation).
 - ``hash:/path`` and ``btree:/path`` — ``/path.db``, an indexed SQLite database that
   ``trimail postmap /path`` compiles from the source file, atomically.
+- ``cidr:/path``, ``regexp:/path`` (and ``pcre:``) — see ``trimail.maps.patterns``.
 - ``static:value`` — every key maps to *value*.
+- ``unix:passwd.byname`` — the system's user database (NSS).
 
 Source syntax (postmap(1)): ``key whitespace value``; lines starting with white
 space continue the previous entry; ``#`` starts a comment line; the first of
 duplicate keys wins (with a warning).  Keys are folded to lower case, as Postfix
 does for these table types.  File tables notice a changed file (checked at most
-once a second) and reload without a restart.
+once a second, by inode, size and mtime) and reload without a restart.
+
+Concurrency: ``lookup`` is safe from any thread.  A file table answers from an
+in-memory snapshot (or, for ``hash:``, one read-only SQLite connection behind a
+lock) that a reload replaces whole; one thread reloads at a time and the others
+keep answering from the old snapshot meanwhile, so a rebuild by ``postmap`` or
+``newaliases`` never shows a half-read table or closes a connection in use.  A
+thread waits at most ``LOCK_WAIT`` seconds for another thread's first load or
+query of the same table (then ``TableError``), so a read stuck for good holds one
+thread, not all of them.
+
+Blocking: ``Table.may_block()`` says whether the next lookup may wait on a disk
+or a name service (a reload is due, a ``hash:`` query, ``unix:passwd``).  Code on
+the event loop calls ``await off_loop(tables, fn, ...)``, which runs *fn* (the
+lookups) right there when no table may block, and otherwise on a worker thread
+(at most ``LOOKUP_THREADS`` at once) with a time limit (``table_lookup_timeout``):
+one slow NSS or disk stalls the session that asked, never the others, and a
+lookup that does not return in time is a ``TableError`` (``451 4.3.0``).  Tables
+opened with ``lazy=True`` read nothing until their first lookup, so opening one
+on the event loop never blocks either.
 
 Security notes: table files are read as text and never executed; the compiled
-database is opened read-only.
+database is opened read-only; every apsw and OS error is mapped to
+``TableError`` (a temporary ``LookupFailure``): mail waits, it never bounces and
+nothing ends the daemon.
 """
 
 from __future__ import annotations
 
-import ipaddress
+import functools
+import math
 import os
-import re
-import tempfile
+import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import apsw
+import trio
 
 from trimail.config import split_list
-from trimail.errors import LookupFailure
+from trimail.maps.patterns import CidrRules, RegexpRules, match_cidr, match_regexp, parse_cidr, parse_regexp
+from trimail.maps.source import (
+    TableError,
+    compile_table,
+    compiled_path,
+    fsync_path,
+    logical_lines,
+    parse_source,
+    postmap,
+)
+
+__all__ = ["RECHECK_SECONDS", "Table", "TableError", "compile_table", "compiled_path", "fsync_path",
+           "logical_lines", "lookup_first", "off_loop", "open_table", "parse_source", "postmap"]
 
 RECHECK_SECONDS = 1.0
+LOOKUP_THREADS = 10  # worker threads for lookups that may block, per serve
+DEFAULT_LOOKUP_TIMEOUT = 20.0
+LOCK_WAIT = 5.0  # longest wait for another thread's reload or query of the same table
 
-
-class TableError(LookupFailure):
-    """A table that cannot be opened, parsed or read; names the file and line.
-    A lookup that meets one fails temporarily (4.3.0): the mail waits, never bounces."""
+T = TypeVar("T")
+D = TypeVar("D")
 
 
 class Table:
@@ -47,6 +85,10 @@ class Table:
 
     def lookup(self, key: str) -> str | None:
         raise NotImplementedError
+
+    def may_block(self) -> bool:
+        """Whether the next lookup may wait on a disk or a name service."""
+        return False
 
 
 class InlineTable(Table):
@@ -75,288 +117,171 @@ class StaticTable(Table):
         return self.value
 
 
-class _FileTable(Table):
-    """Base for tables backed by a file that may change under us."""
+class _FileTable(Table, Generic[D]):
+    """A table backed by a file that may change under us: answers from a snapshot
+    of type D, replaced whole when the file's identity (inode, size, mtime) changes."""
 
-    def __init__(self, ref: str, path: Path) -> None:
+    def __init__(self, ref: str, path: Path, *, lazy: bool = False) -> None:
         self.ref = ref
         self.path = path
-        self._mtime: float | None = None
-        self._checked = 0.0
-        self._refresh(force=True)
+        self._reload = threading.Lock()  # one reload at a time
+        self._data: D | None = None
+        self._stamp: tuple[int, ...] | None = None
+        self._failure: TableError | None = None
+        self._checked = -math.inf
+        if not lazy:
+            self._refresh()
+            if self._failure is not None:
+                raise self._failure
 
     def _watched(self) -> Path:
         return self.path
 
-    def _refresh(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._checked < RECHECK_SECONDS:
+    def may_block(self) -> bool:
+        return self._data is None or time.monotonic() - self._checked >= RECHECK_SECONDS
+
+    def _refresh(self) -> None:
+        # with a snapshot in hand, never wait for another thread's reload: answer from it;
+        # without one, wait a bounded time, so a read stuck for good (a hung disk) holds
+        # one lookup thread, not every thread that asks after it
+        if self._data is None:
+            if not self._reload.acquire(timeout=LOCK_WAIT):
+                raise TableError(f"{self.ref}: still loading {self._watched()}")
+        elif not self._reload.acquire(blocking=False):
             return
-        self._checked = now
         try:
-            mtime = self._watched().stat().st_mtime_ns
+            if (self._data is not None or self._failure is not None) and \
+                    time.monotonic() - self._checked < RECHECK_SECONDS:
+                return  # another thread reloaded while we waited for the lock
+            self._checked = time.monotonic()
+            try:
+                stamp = self._stat()
+                if stamp != self._stamp or self._data is None:
+                    self._install(self._load())
+                    self._stamp = stamp
+                self._failure = None
+            except TableError as exc:
+                self._failure = exc
+            self._checked = time.monotonic()
+        finally:
+            self._reload.release()
+
+    def _stat(self) -> tuple[int, ...]:
+        try:
+            st = os.stat(self._watched())
         except OSError as exc:
             raise TableError(f"{self.ref}: cannot open {self._watched()}: {exc.strerror}") from None
-        if mtime != self._mtime:
-            self._load()
-            self._mtime = mtime
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
-    def _load(self) -> None:
+    def _install(self, data: D) -> None:
+        self._data = data
+
+    def _current(self) -> D:
+        """The snapshot to answer from, after a reload when one is due."""
+        if self.may_block():
+            self._refresh()
+        failure, data = self._failure, self._data
+        if failure is not None:
+            raise failure
+        if data is None:
+            raise TableError(f"{self.ref}: not loaded yet")
+        return data
+
+    def _load(self) -> D:
         raise NotImplementedError
 
     def lookup(self, key: str) -> str | None:
-        self._refresh()
-        return self._get(key.lower())
+        return self._get(self._current(), key.lower())
 
-    def _get(self, key: str) -> str | None:
+    def _get(self, data: D, key: str) -> str | None:
         raise NotImplementedError
 
 
-class TextHashTable(_FileTable):
-    entries: dict[str, str]
-
-    def _load(self) -> None:
-        self.entries = {}
+class TextHashTable(_FileTable[dict[str, str]]):
+    def _load(self) -> dict[str, str]:
+        entries: dict[str, str] = {}
         for key, value, _ in parse_source(self.path):
-            self.entries.setdefault(key, value)
+            entries.setdefault(key, value)
+        return entries
 
-    def _get(self, key: str) -> str | None:
-        return self.entries.get(key)
+    def _get(self, data: dict[str, str], key: str) -> str | None:
+        return data.get(key)
 
 
-class HashTable(_FileTable):
-    """A compiled table: ``path.db`` (SQLite, one indexed key column)."""
+class HashTable(_FileTable[apsw.Connection]):
+    """A compiled table: ``path.db`` (SQLite, one indexed key column), read through
+    one read-only connection that a lock keeps to one thread at a time."""
 
-    _db: apsw.Connection | None = None
+    def __init__(self, ref: str, path: Path, *, lazy: bool = False) -> None:
+        self._query = threading.Lock()
+        super().__init__(ref, path, lazy=lazy)
 
     def _watched(self) -> Path:
         return compiled_path(self.path)
 
-    def _load(self) -> None:
-        if self._db is not None:
-            self._db.close()
+    def _load(self) -> apsw.Connection:
         db_path = compiled_path(self.path)
         try:
-            self._db = apsw.Connection(f"file:{db_path}?mode=ro&immutable=1",
-                                       flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
-            self._db.execute("SELECT count(*) FROM map").fetchone()
+            db = apsw.Connection(f"file:{db_path}?mode=ro&immutable=1",
+                                 flags=apsw.SQLITE_OPEN_READONLY | apsw.SQLITE_OPEN_URI)
         except apsw.Error as exc:
+            raise TableError(f"{self.ref}: cannot open {db_path}: {exc}; run trimail postmap") from None
+        try:
+            db.execute("SELECT value FROM map WHERE key = ''").fetchall()
+        except apsw.Error as exc:
+            db.close()
             raise TableError(f"{self.ref}: {db_path} is not a trimail table ({exc}); run trimail postmap") from None
+        return db
 
-    def _get(self, key: str) -> str | None:
-        assert self._db is not None
-        row = self._db.execute("SELECT value FROM map WHERE key = ?", (key,)).fetchone()
-        return None if row is None else row[0]
+    def _install(self, data: apsw.Connection) -> None:
+        with self._query:  # nobody is inside a query on the old connection
+            old, self._data = self._data, data
+            if old is not None:
+                old.close()
 
-
-def compiled_path(source: Path) -> Path:
-    return source.with_name(source.name + ".db")
-
-
-def logical_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """A table source file's entries as (first line number, text): comment and blank
-    lines dropped, lines starting with white space joined to the entry before."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TableError(f"{path}: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise TableError(f"{path}: not UTF-8 text: {exc.reason}") from None
-    entry: tuple[int, str] | None = None
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if line[0].isspace():
-            if entry is None:
-                raise TableError(f"{path}:{number}: continuation line without an entry before it")
-            entry = (entry[0], entry[1] + " " + stripped)
-            continue
-        if entry is not None:
-            yield entry
-        entry = (number, stripped)
-    if entry is not None:
-        yield entry
+    def _get(self, data: apsw.Connection, key: str) -> str | None:
+        if not self._query.acquire(timeout=LOCK_WAIT):
+            raise TableError(f"{self.ref}: {compiled_path(self.path)} does not answer")
+        try:
+            db = self._data
+            assert db is not None
+            row = db.execute("SELECT value FROM map WHERE key = ?", (key,)).fetchone()
+        except apsw.Error as exc:
+            raise TableError(f"{self.ref}: cannot read {compiled_path(self.path)}: {exc}") from None
+        finally:
+            self._query.release()
+        return None if row is None else str(row[0])
 
 
-def parse_source(path: Path) -> Iterator[tuple[str, str, int]]:
-    """Entries of a postmap(1) source file as (folded key, value, line number)."""
-    for number, text in logical_lines(path):
-        yield _split_entry(path, number, text)
-
-
-def _split_entry(path: Path, number: int, text: str) -> tuple[str, str, int]:
-    parts = text.split(None, 1)
-    if len(parts) != 2:
-        raise TableError(f"{path}:{number}: expected format: key whitespace value")
-    return parts[0].lower(), parts[1].strip(), number
-
-
-def postmap(source: Path) -> tuple[int, list[str]]:
-    """Compile a postmap(1) source into ``source.db`` atomically; (entries, warnings)."""
-    return compile_table(source, parse_source(source))
-
-
-def compile_table(source: Path, entries: Iterable[tuple[str, str, int]]) -> tuple[int, list[str]]:
-    """Write (key, value, line) entries as ``source.db`` (an indexed SQLite table):
-    to a temporary file, fsynced, renamed over the old one.  The first of duplicate
-    keys wins, with a warning naming both lines."""
-    target = compiled_path(source)
-    warnings: list[str] = []
-    seen: dict[str, int] = {}
-    rows = []
-    for key, value, number in entries:
-        if key in seen:
-            warnings.append(f"{source}:{number}: duplicate entry: {key!r} (first at line {seen[key]})")
-            continue
-        seen[key] = number
-        rows.append((key, value))
-    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        db = apsw.Connection(tmp)
-        db.execute("PRAGMA journal_mode = DELETE")
-        with db:
-            db.execute("CREATE TABLE map (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
-            db.executemany("INSERT INTO map (key, value) VALUES (?, ?)", rows)
-        db.close()
-        os.chmod(tmp, source.stat().st_mode & 0o666)
-        fsync_path(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return len(rows), warnings
-
-
-def fsync_path(path: str | os.PathLike[str]) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class CidrTable(_FileTable):
+class CidrTable(_FileTable[CidrRules]):
     """``cidr:/path`` (cidr_table(5)): ``network/prefix result`` lines, first match wins."""
 
-    rules: list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str]]
+    def _load(self) -> CidrRules:
+        return parse_cidr(self.path)
 
-    def _load(self) -> None:
-        self.rules = []
-        for number, line in logical_lines(self.path):
-            spec, _, result = line.partition(" ")
-            spec = spec.strip()
-            if spec.startswith("!"):
-                raise TableError(f"{self.path}:{number}: negated cidr patterns are not supported")
-            try:
-                network = ipaddress.ip_network(spec.strip("[]") if "/" not in spec else
-                                               spec.replace("[", "").replace("]", ""), strict=False)
-            except ValueError:
-                raise TableError(f"{self.path}:{number}: bad network {spec!r}") from None
-            if not result.strip():
-                raise TableError(f"{self.path}:{number}: no result for {spec}")
-            self.rules.append((network, result.strip()))
-
-    def _get(self, key: str) -> str | None:
-        try:
-            address = ipaddress.ip_address(key.strip("[]"))
-        except ValueError:
-            return None
-        for network, result in self.rules:
-            if address.version == network.version and address in network:
-                return result
-        return None
+    def _get(self, data: CidrRules, key: str) -> str | None:
+        return match_cidr(data, key)
 
 
-class RegexpTable(_FileTable):
-    """``regexp:/path`` (regexp_table(5)): ``/pattern/flags result``, ``!/pattern/``,
-    ``if /pattern/`` ... ``endif``; case-insensitive unless the ``i`` flag is given."""
+class RegexpTable(_FileTable[RegexpRules]):
+    """``regexp:/path`` (regexp_table(5)); case-insensitive unless the ``i`` flag is given."""
 
-    rules: list[tuple[list[tuple[re.Pattern[str], bool]], str]]
-
-    def _load(self) -> None:
-        self.rules = []
-        conditions: list[tuple[re.Pattern[str], bool]] = []
-        stack: list[int] = []
-        for number, line in logical_lines(self.path):
-            if line.lower() == "endif":
-                if not stack:
-                    raise TableError(f"{self.path}:{number}: endif without if")
-                del conditions[stack.pop():]
-                continue
-            is_if = line.lower().startswith("if ") or line.lower().startswith("if\t")
-            body = line[3:].strip() if is_if else line
-            pattern, negated, rest = _parse_regexp(self.path, number, body)
-            if is_if:
-                stack.append(len(conditions))
-                conditions.append((pattern, negated))
-                continue
-            if not rest:
-                raise TableError(f"{self.path}:{number}: no result after the pattern")
-            self.rules.append(([*conditions, (pattern, negated)], rest))
-        if stack:
-            raise TableError(f"{self.path}: if without endif")
+    def _load(self) -> RegexpRules:
+        return parse_regexp(self.path)
 
     def lookup(self, key: str) -> str | None:  # no case folding: the pattern flags decide
-        self._refresh()
-        for conditions, result in self.rules:
-            matches = []
-            ok = True
-            for pattern, negated in conditions:
-                m = pattern.search(key)
-                if bool(m) == negated:
-                    ok = False
-                    break
-                matches.append(m)
-            if ok:
-                last = matches[-1] if matches else None
-                if last is not None:
-                    return re.sub(r"\$(\d)|\$\{(\d)\}",
-                                  lambda g: last.group(int(g.group(1) or g.group(2))) or "", result)
-                return result
-        return None
-
-
-def _parse_regexp(path: Path, number: int, text: str) -> tuple[re.Pattern[str], bool, str]:
-    negated = text.startswith("!")
-    if negated:
-        text = text[1:]
-    if not text or text[0] not in "/":
-        raise TableError(f"{path}:{number}: expected /pattern/flags")
-    end = 1
-    while end < len(text):
-        if text[end] == "\\":
-            end += 2
-            continue
-        if text[end] == "/":
-            break
-        end += 1
-    if end >= len(text):
-        raise TableError(f"{path}:{number}: unterminated pattern")
-    pattern, rest = text[1:end], text[end + 1:]
-    flags_text, _, result = rest.partition(" ")
-    if not re.fullmatch(r"[imx]*", flags_text):
-        result, flags_text = rest, ""
-    flags = re.IGNORECASE
-    if "i" in flags_text:
-        flags = 0  # Postfix: the i flag toggles case sensitivity on
-    if "m" in flags_text:
-        flags |= re.MULTILINE
-    if "x" in flags_text:
-        flags |= re.VERBOSE
-    try:
-        return re.compile(pattern, flags), negated, result.strip()
-    except re.error as exc:
-        raise TableError(f"{path}:{number}: bad regular expression: {exc}") from None
+        return match_regexp(self._current(), key)
 
 
 class PasswdTable(Table):
-    """``unix:passwd.byname``: the system's user database (value: the home directory)."""
+    """``unix:passwd.byname``: the system's user database (value: the home directory).
+    Every lookup may ask NSS (files, LDAP, sssd, ...), so it may block."""
 
     def __init__(self, ref: str) -> None:
         self.ref = ref
+
+    def may_block(self) -> bool:
+        return True
 
     def lookup(self, key: str) -> str | None:
         import pwd
@@ -365,14 +290,18 @@ class PasswdTable(Table):
             return pwd.getpwnam(key.lower()).pw_dir
         except (KeyError, ValueError):
             return None
+        except OSError as exc:
+            raise TableError(f"{self.ref}: {exc.strerror or exc}") from None
 
 
-def open_table(ref: str) -> Table:
+def open_table(ref: str, *, lazy: bool = False) -> Table:
+    """The table *ref* names.  File tables are read at once (a TableError names the
+    problem) unless *lazy*, when nothing is read until the first lookup."""
     kind, sep, name = ref.partition(":")
     if not sep or not name:
         raise TableError(f"bad lookup table reference {ref!r} (use type:name)")
     if kind == "proxy":  # Postfix's proxymap: the same table, read directly here
-        return open_table(name)
+        return open_table(name, lazy=lazy)
     if kind == "unix":
         if name != "passwd.byname":
             raise TableError(f"{ref}: only unix:passwd.byname is supported")
@@ -381,23 +310,46 @@ def open_table(ref: str) -> Table:
         return InlineTable(ref, name)
     if kind == "static":
         return StaticTable(ref, name)
-    if kind == "texthash":
-        return TextHashTable(ref, Path(name))
-    if kind in ("hash", "btree"):
-        return HashTable(ref, Path(name))
-    if kind == "cidr":
-        return CidrTable(ref, Path(name))
-    if kind in ("regexp", "pcre"):
-        return RegexpTable(ref, Path(name))
+    files: dict[str, type[_FileTable[Any]]] = {"texthash": TextHashTable, "hash": HashTable, "btree": HashTable,
+                                                "cidr": CidrTable, "regexp": RegexpTable, "pcre": RegexpTable}
+    if kind in files:
+        return files[kind](ref, Path(name), lazy=lazy)
     raise TableError(f"{ref}: unsupported lookup table type {kind!r}")
 
 
-def lookup_first(tables: list[Table], key: str) -> str | None:
+def lookup_first(tables: Sequence[Table], key: str) -> str | None:
     for table in tables:
         value = table.lookup(key)
         if value is not None:
             return value
     return None
+
+
+_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("trimail_table_lookups")
+
+
+def _lookup_limiter() -> trio.CapacityLimiter:
+    try:
+        return _limiter.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(LOOKUP_THREADS)
+        _limiter.set(limiter)
+        return limiter
+
+
+async def off_loop(tables: Sequence[Table], fn: Callable[..., T], *args: Any,
+                   timeout: float = DEFAULT_LOOKUP_TIMEOUT) -> T:
+    """``fn(*args)``, which looks things up in *tables*: called right here when no
+    table may block, else on a lookup thread; a ``TableError`` when the answer does
+    not come within *timeout* seconds (the thread is abandoned, still counted
+    against ``LOOKUP_THREADS`` until it returns)."""
+    if not any(table.may_block() for table in tables):
+        return fn(*args)
+    with trio.move_on_after(timeout):
+        return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=_lookup_limiter(),
+                                             abandon_on_cancel=True)
+    names = ", ".join(table.ref for table in tables)
+    raise TableError(f"{names}: no answer within {timeout:g}s (table_lookup_timeout)")
 
 
 def _unbrace(text: str) -> str:

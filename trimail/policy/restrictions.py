@@ -26,11 +26,11 @@ import dataclasses
 import ipaddress
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from trimail.config import Config, ConfigError
 from trimail.delivery.dns import DnsError, DnsTemporary, Resolver
-from trimail.maps import Table, TableError, lookup_first, open_table
+from trimail.maps import Table, TableError, off_loop, open_table
 from trimail.policy.access import AccessResult, address_keys, client_keys, parse_result
 from trimail.policy.delegation import PolicyServiceError, ask_policy_service
 from trimail.smtp.replies import Reply
@@ -161,12 +161,19 @@ class Policy:
         self.policy_timeout: float = config.smtpd_policy_service_timeout
         self.policy_default: str = config.smtpd_policy_service_default_action
         self._tables: dict[str, Table] = {}
-        self.unlisted: Callable[[str], bool] = lambda address: False
+        self.lookup_timeout: float = config.table_lookup_timeout
+        self.unlisted: Callable[[str], Awaitable[bool]] = _never_unlisted
 
     def table(self, ref: str) -> Table:
+        """The table *ref*, opened once; lazily, so opening it here reads nothing."""
         if ref not in self._tables:
-            self._tables[ref] = open_table(ref)
+            self._tables[ref] = open_table(ref, lazy=True)
         return self._tables[ref]
+
+    async def _lookup(self, table: Table, keys: list[str]) -> str | None:
+        """The value of the first of *keys* in *table*, off the event loop when the
+        table may block (TableError when it fails or table_lookup_timeout passes)."""
+        return await off_loop([table], _first_key, table, keys, timeout=self.lookup_timeout)
 
     # -- entry points ---------------------------------------------------------
 
@@ -474,13 +481,21 @@ class Policy:
 
     # local recipients
     async def _r_reject_unlisted_recipient(self, req, kind, arg, verdict):
-        if req.recipient and self.unlisted(req.recipient):
-            return self._reply(550, "5.1.1", "recipient", req, "User unknown in local recipient table")
-        return DUNNO
+        return await self._unlisted(req, "recipient", req.recipient, "5.1.1")
 
     async def _r_reject_unlisted_sender(self, req, kind, arg, verdict):
-        if req.sender and self.unlisted(req.sender):
-            return self._reply(550, "5.1.0", "sender", req, "User unknown in local recipient table")
+        return await self._unlisted(req, "sender", req.sender, "5.1.0")
+
+    async def _unlisted(self, req: Request, kind: str, address: str | None, dsn: str) -> Reply | None:
+        if not address:
+            return DUNNO
+        try:
+            unknown = await self.unlisted(address)
+        except (TableError, ValueError) as exc:
+            log.warning("%s: %s lookup failed: %s", req.queue_id or "NOQUEUE", kind, exc)
+            return self._reply(451, "4.3.0", kind, req, "Temporary lookup failure")
+        if unknown:
+            return self._reply(550, dsn, kind, req, "User unknown in local recipient table")
         return DUNNO
 
     # SASL
@@ -489,10 +504,10 @@ class Policy:
         if not req.sender:
             return DUNNO
         owners: list[str] = []
+        keys = [req.sender.lower(), "@" + req.sender.rpartition("@")[2].lower()]
         try:
             for ref in self.config.smtpd_sender_login_maps:
-                value = lookup_first([self.table(ref)], req.sender.lower()) or lookup_first(
-                    [self.table(ref)], "@" + req.sender.rpartition("@")[2].lower())
+                value = await self._lookup(self.table(ref), keys)
                 if value:
                     owners = [o.strip().lower() for o in re.split(r"[,\s]+", value) if o.strip()]
                     break
@@ -510,12 +525,7 @@ class Policy:
     async def _access(self, req: Request, kind: str, ref: str, keys: list[str],
                       verdict: Verdict, depth: int = 0) -> Permit | Reply | None:
         try:
-            table = self.table(ref)
-            value = None
-            for key in keys:
-                value = table.lookup(key)
-                if value is not None:
-                    break
+            value = await self._lookup(self.table(ref), keys)
         except TableError as exc:
             log.warning("access table %s: %s", ref, exc)
             return self._reply(451, "4.3.0", kind, req, "Temporary lookup failure")
@@ -608,6 +618,18 @@ class Policy:
             log.warning("policy service %s: %s; using smtpd_policy_service_default_action", arg, exc)
             action = self.policy_default
         return await self.access_result(parse_result(action), req, kind, verdict)
+
+
+def _first_key(table: Table, keys: list[str]) -> str | None:
+    for key in keys:
+        value = table.lookup(key)
+        if value is not None:
+            return value
+    return None
+
+
+async def _never_unlisted(address: str) -> bool:
+    return False
 
 
 def _fqdn(domain: str) -> bool:

@@ -1,0 +1,132 @@
+"""Pattern tables: cidr_table(5) and regexp_table(5) rules, parsed and matched.
+
+Pure functions over a source file's text: ``parse_cidr``/``parse_regexp`` turn
+it into rules (raising ``TableError`` with file and line), ``match_cidr`` and
+``match_regexp`` find the first rule that applies.  The table classes that
+reload them live in ``trimail.maps``.
+
+Security notes: regular expressions come from the operator's file, not from
+clients; a client's text is only ever the subject of ``search``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+
+from trimail.maps.source import TableError, logical_lines
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+CidrRules = list[tuple[Network, str]]
+RegexpRules = list[tuple[list[tuple[re.Pattern[str], bool]], str]]
+
+
+def parse_cidr(path: Path) -> CidrRules:
+    """``network/prefix result`` lines, in file order."""
+    rules: CidrRules = []
+    for number, line in logical_lines(path):
+        spec, _, result = line.partition(" ")
+        spec = spec.strip()
+        if spec.startswith("!"):
+            raise TableError(f"{path}:{number}: negated cidr patterns are not supported")
+        try:
+            network = ipaddress.ip_network(spec.strip("[]") if "/" not in spec else
+                                           spec.replace("[", "").replace("]", ""), strict=False)
+        except ValueError:
+            raise TableError(f"{path}:{number}: bad network {spec!r}") from None
+        if not result.strip():
+            raise TableError(f"{path}:{number}: no result for {spec}")
+        rules.append((network, result.strip()))
+    return rules
+
+
+def match_cidr(rules: CidrRules, key: str) -> str | None:
+    try:
+        address = ipaddress.ip_address(key.strip("[]"))
+    except ValueError:
+        return None
+    for network, result in rules:
+        if address.version == network.version and address in network:
+            return result
+    return None
+
+
+def parse_regexp(path: Path) -> RegexpRules:
+    """``/pattern/flags result``, ``!/pattern/``, ``if /pattern/`` ... ``endif``."""
+    rules: RegexpRules = []
+    conditions: list[tuple[re.Pattern[str], bool]] = []
+    stack: list[int] = []
+    for number, line in logical_lines(path):
+        if line.lower() == "endif":
+            if not stack:
+                raise TableError(f"{path}:{number}: endif without if")
+            del conditions[stack.pop():]
+            continue
+        is_if = line.lower().startswith("if ") or line.lower().startswith("if\t")
+        body = line[3:].strip() if is_if else line
+        pattern, negated, rest = _parse_pattern(path, number, body)
+        if is_if:
+            stack.append(len(conditions))
+            conditions.append((pattern, negated))
+            continue
+        if not rest:
+            raise TableError(f"{path}:{number}: no result after the pattern")
+        rules.append(([*conditions, (pattern, negated)], rest))
+    if stack:
+        raise TableError(f"{path}: if without endif")
+    return rules
+
+
+def match_regexp(rules: RegexpRules, key: str) -> str | None:
+    """The first matching rule's result with ``$n`` replaced (no case folding of the
+    key: the pattern flags decide)."""
+    for conditions, result in rules:
+        matches = []
+        ok = True
+        for pattern, negated in conditions:
+            m = pattern.search(key)
+            if bool(m) == negated:
+                ok = False
+                break
+            matches.append(m)
+        if ok:
+            last = matches[-1] if matches else None
+            if last is not None:
+                return re.sub(r"\$(\d)|\$\{(\d)\}",
+                              lambda g: last.group(int(g.group(1) or g.group(2))) or "", result)
+            return result
+    return None
+
+
+def _parse_pattern(path: Path, number: int, text: str) -> tuple[re.Pattern[str], bool, str]:
+    negated = text.startswith("!")
+    if negated:
+        text = text[1:]
+    if not text or text[0] not in "/":
+        raise TableError(f"{path}:{number}: expected /pattern/flags")
+    end = 1
+    while end < len(text):
+        if text[end] == "\\":
+            end += 2
+            continue
+        if text[end] == "/":
+            break
+        end += 1
+    if end >= len(text):
+        raise TableError(f"{path}:{number}: unterminated pattern")
+    pattern, rest = text[1:end], text[end + 1:]
+    flags_text, _, result = rest.partition(" ")
+    if not re.fullmatch(r"[imx]*", flags_text):
+        result, flags_text = rest, ""
+    flags = re.IGNORECASE
+    if "i" in flags_text:
+        flags = 0  # Postfix: the i flag toggles case sensitivity on
+    if "m" in flags_text:
+        flags |= re.MULTILINE
+    if "x" in flags_text:
+        flags |= re.VERBOSE
+    try:
+        return re.compile(pattern, flags), negated, result.strip()
+    except re.error as exc:
+        raise TableError(f"{path}:{number}: bad regular expression: {exc}") from None

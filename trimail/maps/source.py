@@ -1,0 +1,131 @@
+"""Table source files (postmap(1) and aliases(5) syntax) and their compiled form.
+
+``logical_lines`` reads a source file as entries (comment and blank lines
+dropped, continuation lines joined); ``parse_source`` splits postmap(1) entries
+into ``key whitespace value``; ``compile_table`` writes entries as ``FILE.db``, an
+indexed SQLite table, through a temporary file that is fsynced and renamed over
+the old one, so a reader sees the old table or the new one, never a mixture.
+
+Security notes: source files are read as text (at most what the file holds, as
+UTF-8) and never executed; the compiled file gets the source file's permission
+bits (without execute) and is written next to it, never through a symlink
+(``mkstemp`` creates it).  Every library error (apsw, OS) becomes a
+``TableError`` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import apsw
+
+from trimail.errors import LookupFailure
+
+
+class TableError(LookupFailure):
+    """A table that cannot be opened, parsed or read; names the file and line.
+    A lookup that meets one fails temporarily (4.3.0): the mail waits, never bounces."""
+
+
+def compiled_path(source: Path) -> Path:
+    return source.with_name(source.name + ".db")
+
+
+def logical_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """A table source file's entries as (first line number, text): comment and blank
+    lines dropped, lines starting with white space joined to the entry before."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TableError(f"{path}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise TableError(f"{path}: not UTF-8 text: {exc.reason}") from None
+    entry: tuple[int, str] | None = None
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0].isspace():
+            if entry is None:
+                raise TableError(f"{path}:{number}: continuation line without an entry before it")
+            entry = (entry[0], entry[1] + " " + stripped)
+            continue
+        if entry is not None:
+            yield entry
+        entry = (number, stripped)
+    if entry is not None:
+        yield entry
+
+
+def parse_source(path: Path) -> Iterator[tuple[str, str, int]]:
+    """Entries of a postmap(1) source file as (folded key, value, line number)."""
+    for number, text in logical_lines(path):
+        yield _split_entry(path, number, text)
+
+
+def _split_entry(path: Path, number: int, text: str) -> tuple[str, str, int]:
+    parts = text.split(None, 1)
+    if len(parts) != 2:
+        raise TableError(f"{path}:{number}: expected format: key whitespace value")
+    return parts[0].lower(), parts[1].strip(), number
+
+
+def postmap(source: Path) -> tuple[int, list[str]]:
+    """Compile a postmap(1) source into ``source.db`` atomically; (entries, warnings)."""
+    return compile_table(source, parse_source(source))
+
+
+def compile_table(source: Path, entries: Iterable[tuple[str, str, int]]) -> tuple[int, list[str]]:
+    """Write (key, value, line) entries as ``source.db`` (an indexed SQLite table):
+    to a temporary file, fsynced, renamed over the old one.  The first of duplicate
+    keys wins, with a warning naming both lines."""
+    target = compiled_path(source)
+    warnings: list[str] = []
+    seen: dict[str, int] = {}
+    rows = []
+    for key, value, number in entries:
+        if key in seen:
+            warnings.append(f"{source}:{number}: duplicate entry: {key!r} (first at line {seen[key]})")
+            continue
+        seen[key] = number
+        rows.append((key, value))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise TableError(f"{target}: cannot create a temporary file: {exc.strerror}") from None
+    os.close(fd)
+    try:
+        db = apsw.Connection(tmp)
+        db.execute("PRAGMA journal_mode = DELETE")
+        with db:
+            db.execute("CREATE TABLE map (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
+            db.executemany("INSERT INTO map (key, value) VALUES (?, ?)", rows)
+        db.close()
+        os.chmod(tmp, source.stat().st_mode & 0o666)
+        fsync_path(tmp)
+        os.replace(tmp, target)
+    except (OSError, apsw.Error) as exc:
+        _discard(tmp)
+        raise TableError(f"{target}: cannot write: {getattr(exc, 'strerror', None) or exc}") from None
+    except BaseException:
+        _discard(tmp)
+        raise
+    return len(rows), warnings
+
+
+def _discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
