@@ -10,7 +10,8 @@ will hook in here, per event.
 Parameters: myhostname, mail_name, smtpd_banner, message_size_limit,
 line_length_limit, smtpd_recipient_limit, smtpd_hard_error_limit,
 smtpd_forbid_bare_newline, smtpd_forbidden_commands, hopcount_limit,
-disable_vrfy_command, smtputf8_enable, queue_directory, queue_minfree.
+disable_vrfy_command, smtputf8_enable, queue_directory, queue_minfree, local_recipient_maps,
+virtual_alias_maps, table_lookup_timeout.
 
 Storage: MAIL FROM is answered ``452 4.3.1 Insufficient system storage`` when the
 queue file system has no more than max(queue_minfree, 1.5 * message_size_limit)
@@ -536,7 +537,7 @@ class SmtpdSession:
                 return replies.queued(txn.queue_id)
             try:
                 recipients = [verdict.redirect] if verdict.redirect else txn.recipients
-                recipients = virtual_expand(recipients, self.ctx.virtual_tables())
+                recipients = await self.ctx.expand_virtual(recipients)
             except (TableError, ValueError) as exc:
                 log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
                 return replies.LOCAL_ERROR
