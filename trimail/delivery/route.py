@@ -73,7 +73,7 @@ def domain_of(address: str) -> str:
 class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.tables: list[Table] = [open_table(ref) for ref in config.transport_maps]
+        self.tables: list[Table] = [open_table(ref, lazy=True) for ref in config.transport_maps]
         self.local_domains = {d.lower() for d in config.mydestination}
         self.default_transport: str = config.default_transport
 

@@ -50,7 +50,7 @@ from trimail.delivery.local import Forward, LocalAgent
 from trimail.delivery.route import Route, RouteError, Router
 from trimail.delivery.smtp import ConnectionFailed, Connection, Connector, Envelope
 from trimail.errors import StorageError
-from trimail.maps import TableError
+from trimail.maps import TableError, off_loop
 from trimail.metrics import Metrics
 from trimail.queue import scheduling
 from trimail.queue.ids import new_queue_id
@@ -226,10 +226,18 @@ class Scheduler:
 
     # -- fan-out -----------------------------------------------------------------
 
-    def _dispatch_safely(self, message: ClaimedMessage) -> None:
-        """A message that cannot even be split into jobs is deferred whole (4.3.0)."""
+    def _dispatch_safely(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None) -> None:
+        """Split a message into jobs; one that cannot even be split is deferred whole
+        (4.3.0).  When a transport table may block (a file being re-read, ``hash:``),
+        the routes are looked up on a lookup thread first, so no session waits."""
+        if routes is None and any(table.may_block() for table in self.router.tables):
+            self.active[message.id] = ActiveMessage(message, 1)  # counted while its routes are looked up
+            self.idle = trio.Event() if self.idle.is_set() else self.idle
+            assert self._nursery is not None
+            self._nursery.start_soon(self._supervised, f"{message.id}: routing", self._route_off_loop, message)
+            return
         try:
-            self._dispatch(message)
+            self._dispatch(message, routes)
         except Exception as exc:
             report(f"{message.id}: scheduling", exc, self.metrics, logger=log)
             self.active.pop(message.id, None)
@@ -239,16 +247,35 @@ class Scheduler:
             self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
                                      message, [(recipient, outcome) for recipient in message.recipients])
 
-    def _dispatch(self, message: ClaimedMessage) -> None:
+    async def _route_off_loop(self, message: ClaimedMessage) -> None:
+        router = self.router
+        try:
+            routes = await off_loop(router.tables, self._route_all, router, message,
+                                    timeout=self.config.table_lookup_timeout)
+        except TableError as exc:
+            routes = [exc] * len(message.recipients)
+        self._dispatch_safely(message, routes)
+
+    @staticmethod
+    def _route_all(router: Router, message: ClaimedMessage) -> list[Route | Exception]:
+        routes: list[Route | Exception] = []
+        for recipient in message.recipients:
+            try:
+                routes.append(router.route(recipient.address))
+            except (RouteError, TableError) as exc:
+                routes.append(exc)
+        return routes
+
+    def _dispatch(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None) -> None:
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         groups: dict[tuple[str, str, int, bool], tuple[Route, list[QueuedRecipient]]] = {}
         immediate: list[tuple[QueuedRecipient, Outcome]] = []
-        for recipient in message.recipients:
-            try:
-                route = self.router.route(recipient.address)
-            except (RouteError, TableError) as exc:
-                log.warning("%s: transport table problem: %s", message.id, exc)
-                immediate.append((recipient, deferred("4.3.0", f"mail transport unavailable: {exc}")))
+        if routes is None:
+            routes = self._route_all(self.router, message)
+        for recipient, route in zip(message.recipients, routes, strict=True):
+            if isinstance(route, Exception):
+                log.warning("%s: transport table problem: %s", message.id, route)
+                immediate.append((recipient, deferred("4.3.0", f"mail transport unavailable: {route}")))
                 continue
             if route.transport == "error":
                 text = route.nexthop or "5.0.0 mail delivery is not allowed"
