@@ -323,10 +323,12 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                     async with trio.open_nursery() as accepting:
                         server._accepting, server._sessions = accepting, sessions
                         server.start_listening(listeners)
-                        accepting.start_soon(serve_control, control, server.control_commands())
+                        accepting.start_soon(serve_control, control, server.control_commands(), server.metrics)
                         for listener in metrics_listeners:
                             accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
                             server.metrics_addresses.append(bound_address(listener))
+                        if server.metrics_addresses:
+                            log.info("metrics endpoint listening on %s", ", ".join(map(str, server.metrics_addresses)))
                         log.info("daemon started -- version %s, configuration %s, listening on %s",
                                  __version__, config.source, ", ".join(map(str, server.addresses)))
                         task_status.started(server)
