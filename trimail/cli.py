@@ -2,18 +2,21 @@
 
 Every command takes ``-c/--config PATH`` and ``-o NAME=VALUE`` (repeatable), after
 the command words.  Exit status: 0 ok, 1 operational failure, 2 usage or
-configuration error; every error is one line on stderr.
+configuration error; every error is one line on stderr.  A command whose reader
+goes away (``trimail queue list | head``) ends quietly with status 141, as
+coreutils and Postfix's mailq do under SIGPIPE.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import trio
 from cyclopts import App, CycloptsError, Parameter
@@ -241,8 +244,9 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
             raise
         print("[]")
         return
+    source = store.iter_messages()
     try:
-        messages = _filtered(store.iter_messages(), state, sender, recipient, domain)
+        messages = _filtered(source, state, sender, recipient, domain)
         if json_output:  # one JSON array, written element by element
             out = sys.stdout
             out.write("[")
@@ -256,6 +260,7 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
         for line in mailq_lines(messages):  # plain when piped, streamed for long queues
             print(line)
     finally:
+        source.close()  # end its read snapshot while the connection is still open
         store.close()
 
 
@@ -593,6 +598,21 @@ def _first_known(group: BaseExceptionGroup) -> BaseException:
     return leaf
 
 
+def _reader_gone() -> NoReturn:
+    """Standard output's reader went away (``trimail queue list | head``): end
+    quietly, as coreutils and Postfix's mailq do when SIGPIPE ends them; a shell
+    reports them with status 141 (128 + SIGPIPE), and so do we.  The standard
+    output becomes /dev/null so that the interpreter's last flush fails no more
+    (the recipe in Python's signal module documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no usable stdout at all: nothing left to protect
+        pass
+    raise SystemExit(128 + signal.SIGPIPE)
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None:
         name = Path(sys.argv[0]).name
@@ -604,8 +624,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         try:
             app(argv)
+            sys.stdout.flush()  # a reader that left shows here, not at interpreter exit
         except BaseExceptionGroup as group:  # errors from inside serve's nurseries
             raise _first_known(group) from None
+    except BrokenPipeError:
+        _reader_gone()
     except CycloptsError:
         raise SystemExit(2) from None
     except ConfigError as exc:
