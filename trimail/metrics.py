@@ -14,17 +14,30 @@ counts the unexpected ones).
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
+from trimail import log as maillog
 from trimail.net.reading import receive_until, serve_requests
 from trimail.supervise import report
 
 MAX_REQUEST = 8192
 REQUEST_TIMEOUT = 10.0  # seconds for one request, reading and answering
+
+
+class _LogDrops(Collector):
+    """trimail_log_lines_dropped_total: mail log lines dropped because the log
+    destination did not keep up (trimail.log bounds its queue)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("trimail_log_lines_dropped",
+                                  "Mail log lines dropped because the log destination did not keep up",
+                                  value=maillog.dropped_lines())
 
 
 class Metrics:
@@ -53,6 +66,7 @@ class Metrics:
                                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 512), registry=r)
         self.failures = Counter("trimail_task_failures", "Failures contained by an error boundary", ["task"],
                                 registry=r)
+        r.register(_LogDrops())
 
     def task_failed(self, task: str) -> None:
         self.failures.labels(task).inc()
