@@ -72,7 +72,10 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
         maillog.setup(cfg.myhostname, maillog_file=cfg.maillog_file, syslog_facility=cfg.syslog_facility)
     except OSError as exc:
         raise Failure(f"maillog_file {cfg.maillog_file}: {exc.strerror or exc}") from None
-    trio.run(_serve_until_signal, cfg)
+    try:
+        trio.run(_serve_until_signal, cfg)
+    finally:
+        maillog.shutdown()  # every line written before a fatal error is printed (or within 5 s)
 
 
 async def _serve_until_signal(cfg: Config) -> None:

@@ -20,6 +20,7 @@ graceful_timeout (plus everything trimail.smtpd reads).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from pathlib import Path
 import trio
 
 from trimail import __version__
+from trimail import log as maillog
 from trimail.check import warnings as check_warnings
 from trimail import config as configuration
 from trimail.config import Config, ConfigError, ListenAddress
@@ -44,12 +46,13 @@ from trimail.net.control import open_control_listener, serve_control
 from trimail.net.listener import ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session
 from trimail.queue.lock import QueueLock
-from trimail.queue.store import Store, prepare_directory
+from trimail.queue.store import QueueError, Store, prepare_directory
 from trimail.privileges import drop_privileges
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.smtp import replies
 from trimail.smtpd import ReceiveContext, SmtpdSession
+from trimail.supervise import describe
 
 log = logging.getLogger("trimail.master")
 
@@ -287,32 +290,96 @@ def raise_descriptor_limit() -> None:
             log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
 
 
+Endpoint = tuple[trio.SocketListener, str, ListenAddress]
+
+
+async def open_endpoints(config: Config, queue_directory: Path
+                         ) -> tuple[list[Endpoint], trio.SocketListener, list[trio.SocketListener]]:
+    """Bind every SMTP listener, the control socket and the metrics endpoint; when
+    one cannot be opened, those already open are closed and ListenError raised."""
+    opened: list[trio.SocketListener] = []
+    try:
+        listeners: list[Endpoint] = []
+        for kind, parameter in LISTENERS:
+            for address in config.get(parameter):
+                for listener in await open_listeners([address]):
+                    opened.append(listener)
+                    listeners.append((listener, kind, address))
+        control = await open_control_listener(queue_directory)
+        opened.append(control)
+        metrics_listeners = await open_listeners(config.metrics_listen)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for listener in opened:
+                await listener.aclose()
+        raise
+    return listeners, control, metrics_listeners
+
+
+def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Path]:
+    """Started as root: become mail_owner (entering the chroot jail first when
+    ``chroot = yes``), unless ``allow_root``.  Returns the configuration and the
+    queue directory as serve sees them from now on (``/`` inside the jail).  The
+    mail log file stays open across the switch (trimail.log)."""
+    if os.geteuid() != 0:
+        return config, queue_directory
+    if config.allow_root:
+        log.warning("running as root: allow_root = yes (development and test suites only)")
+        return config, queue_directory
+    needed = {str(config.path or ""): "main.cf", config.smtpd_tls_key_file: "smtpd_tls_key_file",
+              config.smtpd_tls_cert_file: "smtpd_tls_cert_file"}  # read again by reload
+    outside = [f"{name} {path}" for path, name in needed.items() if path and not _inside(Path(path), queue_directory)]
+    with maillog.entering_jail(queue_directory) if config.chroot else contextlib.nullcontext():
+        drop_privileges(config.mail_owner, queue_directory, config.chroot)
+    if config.chroot:
+        if outside:
+            log.warning("chroot = yes: %s lie(s) outside the chroot jail %s: reload cannot re-read them "
+                        "(restart serve to apply changes)", ", ".join(outside), queue_directory)
+        config = config.with_overrides({"queue_directory": "/"})
+        queue_directory = Path("/")
+    log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
+    return config, queue_directory
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    return path.resolve().is_relative_to(directory.resolve())
+
+
+async def recover(writer: QueueWriter, queue_directory: Path) -> None:
+    """Messages an earlier run left ``active`` go back to ``incoming``; a queue that
+    cannot even do that is a QueueError (one fatal line at start)."""
+    try:
+        recovered = await writer.run(Store.recover_active)
+    except QueueError:
+        raise
+    except Exception as exc:  # the database opened but cannot be written
+        raise QueueError(f"{queue_directory / 'queue.db'}: {describe(exc)}") from None
+    if recovered:
+        log.info("recovered %d message(s) left active by an earlier run", recovered)
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the MTA until ``Server.stop()``; readiness is reported with the Server."""
+    """Run the MTA until ``Server.stop()``; readiness is reported with the Server.
+
+    Start-up order: the queue lock, the queue database (opened and recovered: a
+    queue that cannot be opened ends serve with one line before any port is open),
+    then the listeners, then mail_owner and the jail, then the tasks."""
     raise_descriptor_limit()
     queue_directory = Path(config.queue_directory)
     prepare_directory(queue_directory)
     lock = QueueLock(queue_directory)
     lock.acquire()
-    for warning in check_warnings(config):
-        log.warning("%s", warning)
     try:
-        listeners = [(listener, kind, address) for kind, parameter in LISTENERS for address in config.get(parameter)
-                     for listener in await open_listeners([address])]
-        control = await open_control_listener(queue_directory)
-        metrics_listeners = await open_listeners(config.metrics_listen)
-        if os.geteuid() == 0 and config.allow_root:
-            log.warning("running as root: allow_root = yes (development and test suites only)")
-        elif os.geteuid() == 0:
-            drop_privileges(config.mail_owner, queue_directory, config.chroot)
-            if config.chroot:
-                config = config.with_overrides({"queue_directory": "/"})
-                queue_directory = Path("/")
-            log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
-        async with QueueWriter(lambda: Store.open(queue_directory)) as writer:
-            recovered = await writer.run(Store.recover_active)
-            if recovered:
-                log.info("recovered %d message(s) left active by an earlier run", recovered)
+        for warning in check_warnings(config):
+            log.warning("%s", warning)
+
+        def open_store() -> Store:  # reads queue_directory when called: "/" once inside the jail
+            return Store.open(queue_directory)
+
+        async with QueueWriter(open_store) as writer:
+            await recover(writer, queue_directory)
+            listeners, control, metrics_listeners = await open_endpoints(config, queue_directory)
+            config, queue_directory = become_mail_owner(config, queue_directory)
             server = Server(config, writer, listeners)
             async with trio.open_nursery() as top:
                 if "qmgr" not in config.master_service_disable:
@@ -328,7 +395,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                             accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
                             server.metrics_addresses.append(bound_address(listener))
                         if server.metrics_addresses:
-                            log.info("metrics endpoint listening on %s", ", ".join(map(str, server.metrics_addresses)))
+                            log.info("metrics endpoint listening on %s",
+                                     ", ".join(map(str, server.metrics_addresses)))
                         log.info("daemon started -- version %s, configuration %s, listening on %s",
                                  __version__, config.source, ", ".join(map(str, server.addresses)))
                         task_status.started(server)
