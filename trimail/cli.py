@@ -10,6 +10,7 @@ coreutils and Postfix's mailq do under SIGPIPE.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -74,6 +75,12 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
         raise Failure(f"maillog_file {cfg.maillog_file}: {exc.strerror or exc}") from None
     try:
         trio.run(_serve_until_signal, cfg)
+    except BaseException as exc:
+        if cfg.maillog_file:  # the reason belongs in the mail log too, not only on stderr
+            known = _first_known(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            if isinstance(known, _OPERATOR_ERRORS):
+                logging.getLogger("trimail.master").critical("%s", known)
+        raise
     finally:
         maillog.shutdown()  # every line written before a fatal error is printed (or within 5 s)
 
@@ -589,10 +596,12 @@ def _sendmail(argv: list[str]) -> None:
 PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list"], "newaliases": ["newaliases"]}
 
 
+_OPERATOR_ERRORS = (ConfigError, Failure, QueueError, ListenError, AlreadyRunning, PrivilegeError)
+
+
 def _first_known(group: BaseExceptionGroup) -> BaseException:
     """The error an operator should see from a group raised by trio nurseries."""
-    known = (ConfigError, Failure, QueueError, ListenError, AlreadyRunning, PrivilegeError, KeyboardInterrupt)
-    matched, _ = group.split(known)
+    matched, _ = group.split((*_OPERATOR_ERRORS, KeyboardInterrupt))
     if matched is None:
         return group
     leaf: BaseException = matched
