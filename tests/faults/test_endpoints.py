@@ -7,6 +7,7 @@ goes on answering ``200`` and ``trimail status`` goes on working.
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import struct
@@ -100,3 +101,32 @@ def test_a_silent_control_client_does_not_block_the_next_one(daemon):
         for sock in silent:
             sock.close()
     assert_serving(d)
+
+
+def test_descriptor_exhaustion_delays_the_endpoints_but_does_not_end_them(daemon):
+    import resource
+
+    d = daemon(metrics_listen="127.0.0.1:0", master_service_disable="qmgr")
+    port = metrics_port(d)
+    assert scrape(port)[0] == 200  # the reading connection the scrape needs is open now
+    pid = d.proc.proc.pid
+    limits = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    try:  # not one descriptor left: every accept fails with EMFILE
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{pid}/fd")), limits[1]))
+        waiting_control = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        waiting_control.settimeout(30)
+        waiting_control.connect(str(Path(d.queue_directory) / "control"))
+        waiting_control.sendall(b"ping\n")
+        waiting_metrics = connect(d, port)
+        waiting_metrics.settimeout(30)
+        waiting_metrics.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        d.proc.wait_log(r"accept: Too many open files")
+    finally:
+        if d.alive:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, limits)
+    assert waiting_control.recv(64) == b"ok\n", "\n".join(d.proc.log[-20:])
+    assert waiting_metrics.recv(64).startswith(b"HTTP/1.0 200")
+    waiting_control.close()
+    waiting_metrics.close()
+    assert_serving(d)
+    assert trimail_cmd("status", "-c", str(d.config_path)).returncode == 0
