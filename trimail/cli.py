@@ -26,6 +26,7 @@ from trimail import __version__
 from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import PARAMETERS, Config, ConfigError
+from trimail.errors import ConfigurationError, TrimailError
 from trimail.net.listener import ListenError
 from trimail.privileges import PrivilegeError
 from trimail.queue.lock import AlreadyRunning
@@ -596,7 +597,8 @@ def _sendmail(argv: list[str]) -> None:
 PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list"], "newaliases": ["newaliases"]}
 
 
-_OPERATOR_ERRORS = (ConfigError, Failure, QueueError, ListenError, AlreadyRunning, PrivilegeError)
+# Errors an operator fixes, reported on one line; anything else is a bug and keeps its traceback.
+_OPERATOR_ERRORS = (TrimailError, Failure, ListenError, AlreadyRunning, PrivilegeError)
 
 
 def _first_known(group: BaseExceptionGroup) -> BaseException:
@@ -643,10 +645,10 @@ def main(argv: list[str] | None = None) -> None:
         _reader_gone()
     except CycloptsError:
         raise SystemExit(2) from None
-    except ConfigError as exc:
+    except ConfigurationError as exc:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (Failure, QueueError, ListenError, AlreadyRunning, PrivilegeError) as exc:
+    except _OPERATOR_ERRORS as exc:  # e.g. a table serve cannot open at start: one line, as Postfix's fatal:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

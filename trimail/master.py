@@ -326,23 +326,13 @@ def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Pa
     if config.allow_root:
         log.warning("running as root: allow_root = yes (development and test suites only)")
         return config, queue_directory
-    needed = {str(config.path or ""): "main.cf", config.smtpd_tls_key_file: "smtpd_tls_key_file",
-              config.smtpd_tls_cert_file: "smtpd_tls_cert_file"}  # read again by reload
-    outside = [f"{name} {path}" for path, name in needed.items() if path and not _inside(Path(path), queue_directory)]
     with maillog.entering_jail(queue_directory) if config.chroot else contextlib.nullcontext():
         drop_privileges(config.mail_owner, queue_directory, config.chroot)
-    if config.chroot:
-        if outside:
-            log.warning("chroot = yes: %s lie(s) outside the chroot jail %s: reload cannot re-read them "
-                        "(restart serve to apply changes)", ", ".join(outside), queue_directory)
+    if config.chroot:  # trimail.check warned at start about files the jail hides
         config = config.with_overrides({"queue_directory": "/"})
         queue_directory = Path("/")
     log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
     return config, queue_directory
-
-
-def _inside(path: Path, directory: Path) -> bool:
-    return path.resolve().is_relative_to(directory.resolve())
 
 
 async def recover(writer: QueueWriter, queue_directory: Path) -> None:
@@ -370,7 +360,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
     lock = QueueLock(queue_directory)
     lock.acquire()
     try:
-        for warning in check_warnings(config):
+        for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
             log.warning("%s", warning)
 
         def open_store() -> Store:  # reads queue_directory when called: "/" once inside the jail

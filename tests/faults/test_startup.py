@@ -200,7 +200,7 @@ def test_chroot_with_the_maillog_outside_the_jail_logs_and_serves(tmp_path, back
     assert answers_220(port)
     # main.cf lies outside the jail: reload cannot re-read it (as Postfix documents for
     # files a chrooted daemon needs later); it is refused with one line, serve stays up
-    assert "main.cf" in maillog.read_text() and "outside the chroot jail" in maillog.read_text()
+    assert re.search(r"main.cf \S+ lies outside the jail", maillog.read_text())
     reload = trimail_cmd("reload", "-c", str(config_path))
     assert reload.returncode == 1 and len(reload.stderr.splitlines()) == 1, reload.stderr
     wait_until(lambda: "reload refused" in maillog.read_text())
