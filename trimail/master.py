@@ -5,7 +5,8 @@ Structure (nurseries are the architecture)::
     serve
     ├── QueueWriter thread            (group commit; the one writing connection)
     └── session nursery               (one task per SMTP connection)
-        └── listener nursery          (one accept loop per smtpd_listen socket)
+        └── listener nursery          (one accept loop per smtpd_listen socket,
+                                       the control socket, the metrics endpoint)
 
 Start it with ``await nursery.start(serve, config)``; it reports readiness with the
 ``Server`` handle once every listener is bound.  ``Server.stop()`` begins a
@@ -13,11 +14,21 @@ graceful stop: the listeners close first (no new connections), idle sessions get
 ``421`` at once, sessions inside a transaction get ``graceful_timeout`` to finish,
 then the rest get ``421`` too; the database is closed last.
 
-Parameters: queue_directory, smtpd_listen, smtpd_timeout, smtpd_soft_error_limit,
-smtpd_error_sleep_time, smtpd_client_connection_count_limit, smtpd_process_limit,
-graceful_timeout (plus everything trimail.smtpd reads).
-"""
+Start-up order (``serve``): the queue lock; the queue database, opened and
+recovered, so a queue that cannot be opened ends serve with one fatal line before
+any port is open (no client is accepted and then reset); the SMTP listeners, the
+control socket and the metrics endpoint; then, started as root, ``mail_owner``
+and with ``chroot = yes`` the jail (``become_mail_owner``: the mail log stays
+open across it, see trimail.log); then the tasks.  Only errors at start (exit 1,
+or 2 for configuration) and an explicit stop end serve; the control socket and
+the metrics endpoint serve each request inside its own error boundary.
 
+Parameters: queue_directory, smtpd_listen, submission_listen, smtps_listen,
+metrics_listen, mail_owner, allow_root, chroot, master_service_disable,
+smtpd_timeout, smtpd_soft_error_limit, smtpd_error_sleep_time,
+smtpd_client_connection_count_limit, smtpd_client_connection_rate_limit,
+smtpd_process_limit, graceful_timeout (plus everything trimail.smtpd reads).
+"""
 from __future__ import annotations
 
 import contextlib
