@@ -627,6 +627,15 @@ def _reader_gone() -> NoReturn:
     raise SystemExit(128 + signal.SIGPIPE)
 
 
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
+    except (OSError, ValueError):  # stdout closed or unusable: nothing more can reach it
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     if argv is None:
         name = Path(sys.argv[0]).name
@@ -637,8 +646,10 @@ def main(argv: list[str] | None = None) -> None:
         _sendmail(argv[1:])
     try:
         try:
-            app(argv)
-            sys.stdout.flush()  # a reader that left shows here, not at interpreter exit
+            try:
+                app(argv)  # cyclopts ends even a successful command with SystemExit
+            finally:
+                _flush_stdout()  # a reader that left shows here, not at interpreter exit
         except BaseExceptionGroup as group:  # errors from inside serve's nurseries
             raise _first_known(group) from None
     except BrokenPipeError:
