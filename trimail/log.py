@@ -217,10 +217,11 @@ class _Writer(logging.handlers.QueueListener):
 
 
 def setup(hostname: str, stream: TextIO | None = None, level: int = logging.INFO, maillog_file: str = "",
-          syslog_facility: str = "mail") -> None:
+          syslog_facility: str = "mail", bound: int = MAX_QUEUED_LINES) -> None:
     """Send the mail log to *maillog_file* (reopened when logrotate moves it), to
-    syslog when it is ``syslog``, else to stderr, through the writer thread.
-    Raises OSError when *maillog_file* cannot be opened."""
+    syslog when it is ``syslog``, else to stderr, through the writer thread, with
+    at most *bound* lines waiting.  Raises OSError when *maillog_file* cannot be
+    opened."""
     global _listener
     # The logging HOWTO's "Optimization" settings: we never print caller, thread or
     # process fields, and collecting them costs a measurable share of each message.
@@ -243,7 +244,7 @@ def setup(hostname: str, stream: TextIO | None = None, level: int = logging.INFO
     else:
         target = StreamLog(stream or sys.stderr)
         target.setFormatter(PostfixFormatter(hostname))
-    source = _BoundedQueueHandler(MAX_QUEUED_LINES)
+    source = _BoundedQueueHandler(bound)
     _listener = _Writer(source, target)
     _listener.start()
     root.addHandler(source)

@@ -238,3 +238,46 @@ def test_chroot_with_the_certificate_outside_the_jail_offers_starttls(tmp_path, 
     assert serve.alive and answers_220(port), reload.stderr
     status, err = serve.stop()
     assert status == 0 and "Traceback" not in err, err
+
+
+def test_a_blocked_log_destination_drops_and_counts_lines_instead_of_blocking(tmp_path):
+    """In-process: the logging call never waits for the destination; past the bound
+    lines are dropped, counted, and reported once the destination moves again."""
+    import logging
+
+    from trimail import log as maillog
+
+    fifo = tmp_path / "maillog"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    root = logging.getLogger("trimail")
+    saved = list(root.handlers), root.level, root.propagate
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)
+        maillog.setup("mx.test.example", maillog_file=str(fifo), bound=50)
+        started = time.monotonic()
+        for number in range(2000):
+            logging.getLogger("trimail.smtpd").info("line %d %s", number, "x" * 100)
+        assert time.monotonic() - started < 5  # 2000 lines into a full pipe, without waiting on it
+        assert maillog.dropped_lines() > 1000
+        read = b""
+
+        def drained() -> bool:
+            nonlocal read
+            try:
+                read += os.read(reader, 65536)
+            except BlockingIOError:
+                pass
+            return b"mail log line(s) dropped" in read
+
+        wait_until(drained)
+        assert b"trimail/smtpd[" in read and b"line 0 " in read
+    finally:
+        maillog.shutdown(timeout=1)
+        os.close(reader)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        root.propagate = saved[2]
