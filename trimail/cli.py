@@ -27,6 +27,7 @@ from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import PARAMETERS, Config, ConfigError
 from trimail.errors import ConfigurationError, TrimailError
+from trimail.supervise import contained
 from trimail.net.listener import ListenError
 from trimail.privileges import PrivilegeError
 from trimail.queue.lock import AlreadyRunning
@@ -100,7 +101,8 @@ async def _serve_until_signal(cfg: Config) -> None:
             with watching:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        await server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
+                        with contained("reload on SIGHUP", server.metrics):  # a failed reload never ends serve
+                            await server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
                     else:
                         server.stop()  # serve drains its sessions and returns
 
@@ -145,7 +147,10 @@ def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
     if answer is None:
         print("trimail: not running")
         raise SystemExit(1)
-    facts = json.loads(answer)
+    try:
+        facts = json.loads(answer)
+    except ValueError:
+        raise Failure(f"unexpected answer from serve's control socket: {answer[:80]!r}") from None
     counts: dict[str, int] = {}
     try:
         store = Store.open(cfg.queue_directory, readonly=True)
