@@ -25,7 +25,7 @@ from cyclopts import App, CycloptsError, Parameter
 from trimail import __version__
 from trimail import config as configuration
 from trimail import log as maillog
-from trimail.config import PARAMETERS, Config, ConfigError
+from trimail.config import PARAMETERS, Config
 from trimail.errors import ConfigurationError, TrimailError
 from trimail.supervise import contained
 from trimail.net.listener import ListenError
