@@ -62,7 +62,7 @@ from trimail.privileges import drop_privileges
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.smtp import replies
-from trimail.smtpd import ReceiveContext, SmtpdSession
+from trimail.smtpd import ReceiveContext, SmtpdSession, server_tls_context
 from trimail.supervise import describe
 
 log = logging.getLogger("trimail.master")
@@ -346,6 +346,14 @@ def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Pa
     return config, queue_directory
 
 
+def preflight(config: Config) -> None:
+    """What would make the Server fail at start is found before any port is open:
+    the TLS certificate is loaded once here (ConfigError: exit 2, one line).  This
+    is also the last moment it can be read as root and outside the jail."""
+    if config.smtpd_tls_cert_file:
+        server_tls_context(config)
+
+
 async def recover(writer: QueueWriter, queue_directory: Path) -> None:
     """Messages an earlier run left ``active`` go back to ``incoming``; a queue that
     cannot even do that is a QueueError (one fatal line at start)."""
@@ -379,6 +387,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
 
         async with QueueWriter(open_store) as writer:
             await recover(writer, queue_directory)
+            preflight(config)
             listeners, control, metrics_listeners = await open_endpoints(config, queue_directory)
             config, queue_directory = become_mail_owner(config, queue_directory)
             server = Server(config, writer, listeners)

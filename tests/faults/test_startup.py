@@ -80,19 +80,13 @@ def answers_220(port: int) -> bool:
 # -- defect 13: the queue is opened before any port is -------------------------------
 
 
-@pytest.mark.parametrize("to_file", [False, True], ids=["stderr", "maillog_file"])
-def test_a_queue_that_cannot_be_opened_is_one_fatal_line_before_any_port_opens(tmp_path, to_file):
-    port = free_port()
-    queue = tmp_path / "queue"
-    queue.mkdir(mode=0o700)
-    (queue / "queue.db").write_bytes(b"this is not an SQLite database\n" * 200)
-    maillog = tmp_path / "maillog"
-    config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", master_service_disable="",
-                                **({"maillog_file": str(maillog)} if to_file else {}))
+def run_and_knock(config_path: Path, port: int) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run serve to its end while connecting to *port* as fast as possible; returns
+    its result and the connections that were accepted meanwhile."""
     accepted: list[str] = []
     done = threading.Event()
 
-    def knock() -> None:  # connect as fast as possible for as long as serve runs
+    def knock() -> None:
         while not done.is_set():
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -107,6 +101,19 @@ def test_a_queue_that_cannot_be_opened_is_one_fatal_line_before_any_port_opens(t
     finally:
         done.set()
         knocker.join(10)
+    return result, accepted
+
+
+@pytest.mark.parametrize("to_file", [False, True], ids=["stderr", "maillog_file"])
+def test_a_queue_that_cannot_be_opened_is_one_fatal_line_before_any_port_opens(tmp_path, to_file):
+    port = free_port()
+    queue = tmp_path / "queue"
+    queue.mkdir(mode=0o700)
+    (queue / "queue.db").write_bytes(b"this is not an SQLite database\n" * 200)
+    maillog = tmp_path / "maillog"
+    config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", master_service_disable="",
+                                **({"maillog_file": str(maillog)} if to_file else {}))
+    result, accepted = run_and_knock(config_path, port)
     assert result.returncode != 0
     fatal = [line for line in result.stderr.splitlines() if "fatal" in line or "error" in line]
     assert len(fatal) == 1 and "queue.db" in fatal[0], result.stderr
@@ -117,6 +124,17 @@ def test_a_queue_that_cannot_be_opened_is_one_fatal_line_before_any_port_opens(t
     if to_file:  # the reason is in the mail log too
         assert [line for line in maillog.read_text().splitlines() if "fatal:" in line][0].endswith(
             fatal[0].split("fatal: ", 1)[1])
+
+
+def test_a_certificate_that_cannot_be_loaded_is_fatal_before_any_port_opens(tmp_path):
+    port = free_port()
+    config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}",
+                                smtpd_tls_cert_file=str(tmp_path / "missing.pem"))
+    result, accepted = run_and_knock(config_path, port)
+    assert result.returncode == 2, result.stderr
+    fatal = [line for line in result.stderr.splitlines() if "fatal" in line]
+    assert len(fatal) == 1 and "cannot load certificate" in fatal[0] and "Traceback" not in result.stderr
+    assert not accepted, f"serve accepted {len(accepted)} connection(s) before it failed"
 
 
 # -- defect 16: a mail log that blocks never stalls the event loop --------------------
