@@ -16,7 +16,8 @@ then the rest get ``421`` too; the database is closed last.
 
 Start-up order (``serve``): the queue lock; the queue database, opened and
 recovered, so a queue that cannot be opened ends serve with one fatal line before
-any port is open (no client is accepted and then reset); the SMTP listeners, the
+any port is open (no client is accepted and then reset); the TLS certificate,
+loaded once as root and outside any jail (same rule); the SMTP listeners, the
 control socket and the metrics endpoint; then, started as root, ``mail_owner``
 and with ``chroot = yes`` the jail (``become_mail_owner``: the mail log stays
 open across it, see trimail.log); then the tasks.  Only errors at start (exit 1,
@@ -372,7 +373,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
 
     Start-up order: the queue lock, the queue database (opened and recovered: a
     queue that cannot be opened ends serve with one line before any port is open),
-    then the listeners, then mail_owner and the jail, then the tasks."""
+    the TLS certificate (``preflight``), then the listeners, then mail_owner and
+    the jail, then the tasks."""
     raise_descriptor_limit()
     queue_directory = Path(config.queue_directory)
     prepare_directory(queue_directory)

@@ -24,6 +24,7 @@ from pathlib import Path
 import trio
 
 from trimail.log import printable
+from trimail.net.listener import ListenError
 from trimail.net.reading import receive_until, serve_requests
 from trimail.supervise import FailureCounter
 
@@ -40,9 +41,12 @@ async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
     old = os.umask(0o177)
     try:
         await sock.bind(str(path))
+        sock.listen(16)
+    except OSError as exc:  # e.g. a path longer than a UNIX socket address allows (108 bytes)
+        sock.close()
+        raise ListenError(f"control socket {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
-    sock.listen(16)
     return trio.SocketListener(sock)
 
 
