@@ -296,12 +296,14 @@ def entering_jail(root: Path) -> Iterator[None]:
         yield
         return
     warning = None
-    target.acquire()
+    # a writer stuck in a write holds the lock: then go on without it (the flip is atomic)
+    locked = target.lock is not None and target.lock.acquire(timeout=FLUSH_TIMEOUT)
     try:
         yield
         warning = target.enter_jail(root)
     finally:
-        target.release()
+        if locked:
+            target.lock.release()  # type: ignore[union-attr]
     if warning:
         logging.getLogger("trimail.master").warning("%s", warning)
 
