@@ -299,3 +299,23 @@ def test_a_blocked_log_destination_drops_and_counts_lines_instead_of_blocking(tm
             root.addHandler(handler)
         root.setLevel(saved[1])
         root.propagate = saved[2]
+
+
+@needs_root
+def test_chroot_with_the_maillog_inside_the_jail_follows_logrotate(tmp_path, background, jail):
+    port = free_port()
+    maillog = jail / "maillog"
+    config_path = chroot_config(tmp_path, jail, port)
+    config_path.write_text(config_path.read_text().replace(str(tmp_path / "maillog"), str(maillog)))
+    serve = background(config_path)
+    wait_until(lambda: (maillog.exists() and "daemon started" in maillog.read_text()) or not serve.alive,
+               timeout=30)
+    assert serve.alive, serve.stop()[1]
+    first = send(port, ["a@far.example"])
+    wait_until(lambda: first in maillog.read_text())
+    maillog.rename(jail / "maillog.1")
+    second = send(port, ["b@far.example"])
+    wait_until(lambda: maillog.exists() and second in maillog.read_text())
+    assert second not in (jail / "maillog.1").read_text()
+    status, err = serve.stop()
+    assert status == 0 and "Traceback" not in err, err
