@@ -479,6 +479,17 @@ def queue_requeue(ids: list[str] | None = None, *, all_: AllFlag = False, config
     _report("requeued", _queue_change(cfg, change), wanted)
 
 
+@queue_app.command(name="backup")
+def queue_backup(file: str, *, config: ConfigOption = None, o: Overrides = None) -> None:
+    """Copy the queue to FILE while serve runs (SQLite's online backup API); restore
+    by stopping serve and putting FILE in place of queue.db (docs/operations.md)."""
+    from trimail.queue.backup import backup
+
+    cfg = load_config(config, o)
+    result = backup(cfg.queue_directory, file)
+    print(f"backup: {result.messages} message(s), {result.pages} pages written to {result.path}")
+
+
 # -- tables ----------------------------------------------------------------------
 
 

@@ -10,7 +10,11 @@ Syntax (postconf(5)): ``name = value`` logical lines; a line that starts with
 white space continues the previous logical line; blank lines and lines whose first
 non-blank character is ``#`` are comments.  ``$name``, ``${name}`` and
 ``$(name)`` expand recursively with loop detection; ``${name?text}`` is *text*
-when *name* is non-empty and ``${name:text}`` when it is empty.
+when *name* is non-empty and ``${name:text}`` when it is empty; Postfix 3.0's
+``${name?{text1}:{text2}}`` is *text1* when *name* is non-empty, else *text2*.
+That form makes values depend on ``stress``, which serve sets for sessions that
+run while the SMTP service is under stress (``smtpd_timeout =
+${stress?{10}:{300}}s``, Postfix's STRESS_README).
 
 Errors name the file and line (``main.cf:12: ...``); a parameter that is not in
 the registry and not referenced by another value only warns, as Postfix does.
@@ -266,6 +270,11 @@ PARAMETERS: dict[str, Param] = {
            "which addresses masquerading rewrites"),
         # queue
         _P("queue_directory", "/var/spool/trimail", _str, "directory of the queue database"),
+        _P("queue_busy_timeout", "30s", _time(), "how long a queue write waits while another process (an "
+           "operator's tool) holds the database's write lock; past it the write fails temporarily (451, deferral)"),
+        _P("queue_minfree", "0", parse_size,
+           "free bytes the queue file system needs for smtpd to accept MAIL FROM; it also needs "
+           "more than 1.5 * message_size_limit"),
         _P("mail_owner", "trimail", _str, "unprivileged account serve runs as"),
         _P("allow_root", "no", parse_bool,
            "(trimail) stay root instead of becoming mail_owner: development and test suites only"),
@@ -293,8 +302,18 @@ PARAMETERS: dict[str, Param] = {
         _P("message_size_limit", "10240000", parse_size, "largest message accepted, in bytes"),
         _P("line_length_limit", "2048", parse_int, "longest SMTP command line, in bytes"),
         _P("smtpd_recipient_limit", "1000", parse_int, "most recipients per message"),
-        _P("smtpd_timeout", "300s", _time(), "time limit for each read from an SMTP client"),
-        _P("smtpd_hard_error_limit", "20", parse_int, "errors after which the session is closed"),
+        _P("smtpd_timeout", "${stress?{10}:{300}}s", _time(),
+           "time limit for each read from an SMTP client (10s under stress)"),
+        _P("smtpd_hard_error_limit", "${stress?{1}:{20}}", parse_int,
+           "errors after which the session is closed (1 under stress)"),
+        _P("smtpd_junk_command_limit", "${stress?{1}:{100}}", parse_int,
+           "HELO, EHLO, NOOP, VRFY and RSET commands after which each one counts as an error (1 under stress)"),
+        _P("stress", "", _str,
+           "set to yes by serve while the SMTP service is under stress; use as ${stress?{value}:{value}}"
+           " (setting it in main.cf forces stress values everywhere)"),
+        _P("smtpd_stress_threshold", "80", parse_int,
+           "(trimail) stress mode starts when this percentage of smtpd_process_limit sessions are open"
+           " and ends below half of that; open sessions then get the stress limits too (0: never)"),
         _P("smtpd_soft_error_limit", "10", parse_int, "errors after which replies are delayed"),
         _P("smtpd_error_sleep_time", "1s", _time(), "delay per reply once the soft limit is passed"),
         _P("smtpd_forbid_bare_newline", "normalize", choice("normalize", "yes", "no"),
@@ -311,7 +330,8 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_client_connection_rate_limit", "0", parse_int,
            "most connections per client address per minute (0: no limit)"),
         _P("smtpd_greet_pause", "0s", _time(),
-           "(trimail) wait this long before the banner; a client that talks first is refused"),
+           "(trimail) wait this long before the banner; a client that talks first is refused"
+           " (no pause under stress)"),
         _P("header_size_limit", "102400", parse_size, "largest header section of a message"),
         _P("maillog_file", "", _str, "mail log file (reopened after logrotate); syslog: to syslog; empty: stderr"),
         _P("syslog_facility", "mail", _str, "syslog facility when maillog_file = syslog"),
@@ -364,7 +384,8 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_auth_failure_limit", "5", parse_int,
            "(trimail) failed AUTH attempts per client address in 10 minutes before AUTH is refused"),
         _P("smtpd_sender_login_maps", "", parse_maps, "tables: sender address -> logins that may use it"),
-        _P("smtpd_tls_handshake_timeout", "60s", _time(), "(trimail) time limit for the TLS handshake"),
+        _P("smtpd_tls_handshake_timeout", "${stress?{10}:{60}}s", _time(),
+           "(trimail) time limit for the TLS handshake (10s under stress)"),
         _P("smtpd_tls_key_file", "$smtpd_tls_cert_file", _str, "server private key (PEM)"),
         _P("smtpd_tls_security_level", "", choice("", "none", "may", "encrypt"),
            "SMTP server TLS: may or encrypt"),
@@ -505,7 +526,8 @@ class Config:
             name = m.group(1) or m.group(4) or m.group(5)
             value = self._expand_name(name, stack)
             if m.group(2) == "?":
-                return self._expand_text(_unbrace(m.group(3)), stack) if value else ""
+                present, absent = _alternatives(m.group(3))
+                return self._expand_text(present if value else absent, stack)
             if m.group(2) == ":":
                 return "" if value else self._expand_text(_unbrace(m.group(3)), stack)
             return value
@@ -555,6 +577,15 @@ class Config:
         config.path = self.path
         config.overrides = self.overrides
         return config
+
+
+_ALTERNATIVES = re.compile(r"\{([^{}]*)\}\s*:\s*\{([^{}]*)\}")
+
+
+def _alternatives(text: str) -> tuple[str, str]:
+    """The two texts of ``${name?{text1}:{text2}}``; ``${name?text}`` has no second."""
+    m = _ALTERNATIVES.fullmatch(text)
+    return (m.group(1), m.group(2)) if m else (_unbrace(text), "")
 
 
 def _unbrace(text: str) -> str:

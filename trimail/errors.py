@@ -40,9 +40,10 @@ class StorageError(OperationalError):
     """The queue cannot be written or read right now (disk full, locked, I/O
     error); ``temporary`` is false for damage that retrying will not cure."""
 
-    def __init__(self, text: str, *, temporary: bool = True) -> None:
+    def __init__(self, text: str, *, temporary: bool = True, no_space: bool = False) -> None:
         super().__init__(text)
         self.temporary = temporary
+        self.no_space = no_space  # the file system is full: a client gets 452 4.3.1
 
 
 class LookupFailure(OperationalError):

@@ -28,8 +28,11 @@ Parameters: queue_directory, smtpd_listen, submission_listen, smtps_listen,
 metrics_listen, mail_owner, allow_root, chroot, master_service_disable,
 smtpd_timeout, smtpd_soft_error_limit, smtpd_error_sleep_time,
 smtpd_client_connection_count_limit, smtpd_client_connection_rate_limit,
-smtpd_process_limit, graceful_timeout (plus everything trimail.smtpd reads).
+smtpd_process_limit, graceful_timeout, smtpd_stress_threshold, smtpd_junk_command_limit,
+smtpd_hard_error_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause, queue_busy_timeout
+(plus everything trimail.smtpd reads).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,13 +41,14 @@ import logging
 import os
 import time
 from typing import Any
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
 import trio
+from prometheus_client import Gauge
 
-from trimail import __version__
+from trimail import __version__, anvil
 from trimail import log as maillog
 from trimail.check import warnings as check_warnings
 from trimail import config as configuration
@@ -56,7 +60,7 @@ from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
 from trimail.net.control import open_control_listener, serve_control
 from trimail.net.listener import ListenError, accept, bound_address, open_listeners
-from trimail.net.session import Session
+from trimail.net.session import Session, SessionLimits
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import QueueError, Store, prepare_directory
 from trimail.privileges import drop_privileges
@@ -64,7 +68,7 @@ from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.smtp import replies
 from trimail.smtpd import ReceiveContext, SmtpdSession, server_tls_context
-from trimail.supervise import describe
+from trimail.supervise import contained, describe
 
 log = logging.getLogger("trimail.master")
 
@@ -73,7 +77,18 @@ LISTENERS = (("smtp", "smtpd_listen"), ("submission", "submission_listen"), ("sm
 
 
 class Server:
-    """Handle on a running serve: where it listens, and how to stop it."""
+    """Handle on a running serve: where it listens, and how to stop it.
+
+    Each accepted connection runs in ``_handle`` inside its own boundary
+    (``supervise.contained``): a reset before ``getpeername()``, or any error the
+    session did not expect, costs that connection only, and its accounting in
+    ``anvil`` is undone in ``finally``.  The accept loops never end on an accept
+    error (``net.listener.accept``).  Admission (process, per-client count and
+    rate limits) and the stress level live in ``trimail.anvil``; when stress mode
+    turns on, every open session gets ``stress_limits`` at once (idle ones are cut
+    after the stress ``smtpd_timeout``), and ``status()`` and the
+    ``trimail_smtpd_stress`` gauge show it.
+    """
 
     def __init__(self, config: Config, writer: QueueWriter,
                  listeners: list[tuple[trio.SocketListener, str, ListenAddress]]) -> None:
@@ -103,8 +118,11 @@ class Server:
         self.scheduler.metrics = self.metrics
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
-        self.per_client: Counter[str] = Counter()
-        self.recent_connects: dict[str, deque[float]] = {}
+        self.anvil = anvil.Anvil(config)
+        self.limits = SessionLimits.from_config(config)
+        self.stress_limits = SessionLimits.from_config(config, stress=True)
+        self.stress_gauge = Gauge("trimail_smtpd_stress", "1 while the SMTP service is under stress (STRESS_README)",
+                                  registry=self.metrics.registry)
         self.started = time.monotonic()
         self.reloads = 0
         self.metrics_addresses: list[ListenAddress] = []
@@ -173,6 +191,10 @@ class Server:
             context.hooks = hooks
             context.metrics = self.metrics
         self.config = fresh
+        if self.anvil.configure(fresh) is False:
+            self._stress_changed()
+        self.limits = SessionLimits.from_config(fresh)
+        self.stress_limits = SessionLimits.from_config(fresh, stress=True)
         self.contexts = contexts
         self.context = contexts["smtp"]
         self.reloads += 1
@@ -192,6 +214,7 @@ class Server:
             "uptime": round(time.monotonic() - self.started, 3),
             "listeners": [str(a) for a in self.addresses],
             "sessions": len(self.sessions),
+            "stress": self.anvil.stress,
             "reloads": self.reloads,
             "configuration": self.config.source,
         })
@@ -206,64 +229,81 @@ class Server:
 
     async def _accept_loop(self, listener: trio.SocketListener, kind: str, sessions: trio.Nursery,
                            scope: trio.CancelScope) -> None:
+        """Accept until cancelled: every connection gets its own task (and boundary);
+        a failing accept() is logged and retried with back-off, never fatal."""
         with scope:
             async with listener:
                 while True:
-                    stream = await accept(listener)
+                    try:
+                        stream = await accept(listener)
+                    except trio.ClosedResourceError:
+                        return  # closed under us (a reload removed it): nothing more to accept
                     sessions.start_soon(self._handle, stream, kind)
 
-    def _rate_exceeded(self, address: str) -> bool:
-        """smtpd_client_connection_rate_limit: connections per client per minute."""
-        limit = self.config.smtpd_client_connection_rate_limit
-        if not limit:
-            return False
-        now = trio.current_time()
-        recent = self.recent_connects.setdefault(address, deque())
-        while recent and now - recent[0] > 60:
-            recent.popleft()
-        recent.append(now)
-        if len(self.recent_connects) > 100_000:  # bounded memory: forget the oldest client
-            self.recent_connects.pop(next(iter(self.recent_connects)))
-        return len(recent) > limit
-
     async def _handle(self, stream: trio.SocketStream, kind: str = "smtp") -> None:
+        """One connection from accept onward, inside its own boundary: whatever goes
+        wrong costs this connection only, and its accounting is always undone."""
+        with contained("smtpd session", self.metrics):
+            try:
+                try:
+                    address = str(stream.socket.getpeername()[0])
+                except OSError:  # reset before we looked at it: nobody left to talk to
+                    log.info("lost connection after CONNECT from unknown[unknown]")
+                    return
+                await self._session(stream, kind, address)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+
+    async def _session(self, stream: trio.SocketStream, kind: str, address: str) -> None:
         config = self.config
-        peer = stream.socket.getpeername()
-        address = peer[0]
         context = self.contexts[kind]
         decisions = SmtpdSession(context, address)
         session = Session(
             stream,
             decisions,
-            timeout=config.smtpd_timeout,
+            limits=self.limits,
             error_sleep=config.smtpd_error_sleep_time,
             soft_error_limit=config.smtpd_soft_error_limit,
             session_deadline=config.smtpd_session_deadline,
-            greet_pause=config.smtpd_greet_pause,
             implicit_tls=kind == "smtps",
         )
         greeting = None
-        limit = config.smtpd_client_connection_count_limit
-        if len(self.sessions) >= config.smtpd_process_limit or (limit and self.per_client[address] >= limit):
+        refused = self.anvil.admit(address, trio.current_time())
+        if refused == anvil.TOO_MANY:
             log.warning("too many connections from %s", decisions.client)
-            greeting = replies.too_many_connections(self.context.hostname)
-        elif self._rate_exceeded(address):
+            greeting = replies.too_many_connections(context.hostname)
+        elif refused == anvil.TOO_FAST:
             log.warning("too many connections per minute from %s", decisions.client)
             greeting = replies.Reply(421, "4.7.0", f"{context.hostname} Error: too many connections from {address}")
         self.sessions.add(session)
-        self.per_client[address] += 1
+        stress = self.anvil.opened(address)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:
+            if stress:
+                self._stress_changed()
+            elif self.anvil.stress:
+                session.tighten(self.stress_limits)
             if self.stopping:
                 session.request_stop()
             await session.run(greeting)
         finally:
             self.sessions.discard(session)
-            self.per_client[address] -= 1
-            if not self.per_client[address]:
-                del self.per_client[address]
+            if self.anvil.closed(address) is False:
+                self._stress_changed()
             if not self.sessions:
                 self._idle.set()
+
+    def _stress_changed(self) -> None:
+        """Stress mode turned on (every open session gets the stress limits now) or off
+        (new sessions get the normal ones; open sessions keep what they have)."""
+        on = self.anvil.stress
+        self.stress_gauge.set(1 if on else 0)
+        (log.warning if on else log.info)("stress mode %s: %d of %d sessions", "on" if on else "off",
+                                          self.anvil.sessions, self.anvil.process_limit)
+        if on:
+            for session in self.sessions:
+                session.tighten(self.stress_limits)
 
     async def _drain(self) -> None:
         """After the listeners closed: idle sessions now, busy ones after the grace period."""
@@ -384,8 +424,10 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
         for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
             log.warning("%s", warning)
 
+        busy_timeout = config.queue_busy_timeout
+
         def open_store() -> Store:  # reads queue_directory when called: "/" once inside the jail
-            return Store.open(queue_directory)
+            return Store.open(queue_directory, busy_timeout=busy_timeout)
 
         async with QueueWriter(open_store) as writer:
             await recover(writer, queue_directory)

@@ -12,6 +12,12 @@ the ``maildrop`` state of the queue database; the exit status is 0 only after th
 commit (fsync).  serve picks it up (maildrop -> incoming) when it runs, at once if
 it is running (the control socket wakes it), else at its next start.
 
+Addresses: a recipient or ``-f`` sender whose domain is not a usable mail domain
+(RFC 5321 syntax, and a name DNS can express: labels up to 63 octets, 255
+octets in wire form after IDNA, no empty label) is refused before anything is
+queued, with ``bad address syntax`` and exit status 65 (EX_DATAERR), so such a
+name never sits in the queue.
+
 Unprivileged users: the queue database is 0600 and owned by ``mail_owner``, so a
 user who cannot open it for writing submits over SMTP to serve's first loopback
 ``smtpd_listen`` address instead (a submission socket in all but name): users
@@ -36,7 +42,9 @@ from trimail.net.control import send_command
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, QueueError, Store
+from trimail.smtp.address import is_domain
 
+EX_DATAERR = 65  # sysexits.h: the input data was incorrect
 IGNORED_FLAGS = {"-bm", "-odi", "-odb", "-oem", "-oep", "-oeq", "-om", "-U", "-v", "-n"}
 
 
@@ -120,11 +128,21 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list
     rcpts = [qualify(r.strip().strip("<>")) for r in rcpts]
     tables = [open_table(ref) for ref in cfg.virtual_alias_maps]
     rcpts = cleanup.virtual_expand(rcpts, tables)
+    for address in ([sender] if sender else []) + rcpts:
+        check_domain(address)
     content = cleanup.complete_headers(header + rest, sender=sender, full_name=opts["F"],
                                        hostname=cfg.myhostname, queue_id=queue_id)
     received = (f"Received: by {cfg.myhostname} ({cfg.mail_name}, from userid {os.getuid()})\r\n"
                 f"\tid {queue_id}; {email.utils.formatdate(localtime=True)}\r\n").encode()
     return sender, rcpts, received + content
+
+
+def check_domain(address: str) -> None:
+    """SendmailError (EX_DATAERR) when *address* has a domain mail cannot be routed to."""
+    local, at, domain = address.rpartition("@")
+    if at and not is_domain(domain):
+        shown = address.encode("ascii", "backslashreplace").decode("ascii")[:600]
+        raise SendmailError(f"<{shown}>: bad address syntax", EX_DATAERR)
 
 
 def submit(argv: list[str], stdin=None) -> int:
@@ -143,7 +161,7 @@ def submit(argv: list[str], stdin=None) -> int:
         if "Permission denied" not in str(exc) and "permission" not in str(exc).lower():
             raise SendmailError(str(exc)) from None
         return _submit_smtp(cfg, sender, rcpts, content)
-    spool = Spool()
+    spool = Spool(memory_limit=len(content))  # read into memory already: no temporary file
     spool.write(content)
     try:
         with store.transaction():
@@ -151,6 +169,7 @@ def submit(argv: list[str], stdin=None) -> int:
                                             arrival_time=time.time(), protocol="sendmail",
                                             client_name="localhost", client_address="127.0.0.1"))
     finally:
+        spool.close()
         store.close()
     send_command(queue_directory, "flush", timeout=2)
     return 0

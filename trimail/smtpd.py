@@ -10,7 +10,16 @@ will hook in here, per event.
 Parameters: myhostname, mail_name, smtpd_banner, message_size_limit,
 line_length_limit, smtpd_recipient_limit, smtpd_hard_error_limit,
 smtpd_forbid_bare_newline, smtpd_forbidden_commands, hopcount_limit,
-disable_vrfy_command, smtputf8_enable, queue_directory.
+disable_vrfy_command, smtputf8_enable, queue_directory, queue_minfree.
+
+Storage: MAIL FROM is answered ``452 4.3.1 Insufficient system storage`` when the
+queue file system has no more than max(queue_minfree, 1.5 * message_size_limit)
+bytes free (Postfix's rule; ``spool.QueueSpace``).  When the spool file of a big
+message cannot be written (disk full, I/O error), the content is dropped at once,
+the rest of DATA is still read to its real end so the session stays in step, and
+the end of DATA is answered ``452 4.3.1`` (no space) or ``451 4.3.0``; a failed
+queue commit answers ``451 4.3.0``.  Either costs that one message, never the
+session or the daemon.
 
 Security notes: client-supplied text (HELO name) is made printable before it goes
 into a header or a log line; our own failures answer 451 4.3.0 with the details in
@@ -33,6 +42,7 @@ import trio
 
 from trimail.cleanup import virtual_expand
 from trimail.config import Config, ConfigError
+from trimail.errors import StorageError
 from trimail.passwords import authenticate
 from trimail.delivery.dns import Resolver
 from trimail.policy.restrictions import Policy, Request, Verdict
@@ -40,7 +50,7 @@ from trimail.maps import Table, TableError, lookup_first, open_table
 from trimail.log import printable
 from trimail.metrics import Metrics
 from trimail.queue.ids import new_queue_id
-from trimail.queue.spool import Spool
+from trimail.queue.spool import QueueSpace, Spool, SpoolError
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 from trimail.smtp import replies
@@ -124,6 +134,7 @@ class ReceiveContext:
         self.hopcount_limit: int = config.hopcount_limit
         self.header_size_limit: int = config.header_size_limit
         self.spool_directory = Path(config.queue_directory)
+        self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit)
         self.local_domains = {d.lower() for d in config.mydestination}
         self.delimiter: str = config.recipient_delimiter
         self._local_tables: list[Table] | None = None
@@ -212,6 +223,7 @@ class Transaction:
         self.params = params
         self.recipients: list[str] = []
         self.spool: Spool | None = None
+        self.spool_error: SpoolError | None = None  # the content could not be stored: refuse at the end
         self.protocol = "SMTP"
         self.header = bytearray()  # start of the content, until the blank line
         self.header_done = False
@@ -264,6 +276,10 @@ class SmtpdSession:
             if (hooked := await self._hook("mail", event.sender)) is not None:
                 self.txn = None
                 return hooked
+            if await self.ctx.queue_space.short() is not None:
+                self._log_reject("MAIL", replies.INSUFFICIENT_STORAGE, None)
+                self.txn = None
+                return replies.INSUFFICIENT_STORAGE
             reply = await self._restrict("sender", "MAIL", conn, sender=event.sender)
             if reply is None:
                 sasl = f", sasl_method={self.sasl_method}, sasl_username={self.sasl_username}" \
@@ -299,17 +315,19 @@ class SmtpdSession:
                 return reply
             self.txn.protocol = self._protocol(conn)
             self.txn.spool = Spool(self.ctx.spool_directory)
-            self.txn.spool.write(self._received_header(conn))
+            await self._spool(self._received_header(conn))
             for header in self.txn.verdict.prepend:
-                self.txn.spool.write(printable(header, 998).encode("utf-8") + b"\r\n")
+                await self._spool(printable(header, 998).encode("utf-8") + b"\r\n")
             return None
         if isinstance(event, DataChunk):
             if self.txn is not None and self.txn.spool is not None:
                 self._scan_header(event.data)
-                self.txn.spool.write(event.data)
+                await self._spool(event.data)
             return None
         if isinstance(event, DataEnd):
             assert self.txn is not None
+            if (failed := await self._spool_end()) is not None:
+                return failed
             if (hooked := await self._hook("end", None)) is not None:
                 self._discard()
                 return hooked
@@ -322,6 +340,37 @@ class SmtpdSession:
         if isinstance(event, (DataAborted, Reset)):
             self._discard()
         return None
+
+    async def _spool(self, data: bytes) -> None:
+        """Store DATA content; after a storage failure the rest is read and dropped."""
+        txn = self.txn
+        assert txn is not None and txn.spool is not None
+        if txn.spool_error is not None:
+            return
+        try:
+            await txn.spool.write_async(data)
+        except SpoolError as exc:
+            txn.spool_error = exc
+            txn.spool.close()  # give the space back now, not at the end of DATA
+            log.warning("%s: queue file write error from %s: %s", txn.queue_id, self.client, exc)
+
+    async def _spool_end(self) -> Reply | None:
+        """At the end of DATA: the rest of the content goes to the spool file, and
+        a storage failure is answered 452 4.3.1 (no space) or 451 4.3.0."""
+        txn = self.txn
+        assert txn is not None and txn.spool is not None
+        if txn.spool_error is None:
+            try:
+                await txn.spool.finish()
+            except SpoolError as exc:
+                txn.spool_error = exc
+                log.warning("%s: queue file write error from %s: %s", txn.queue_id, self.client, exc)
+        if txn.spool_error is None:
+            return None
+        reply = replies.INSUFFICIENT_STORAGE if txn.spool_error.no_space else replies.LOCAL_ERROR
+        self._log_reject("END-OF-MESSAGE", reply, None)
+        self._discard()
+        return reply
 
     async def _restrict(self, stage: str, command: str, conn: ServerConnection, *, sender: str | None = None,
                         recipient: str | None = None, size: int = 0) -> Reply | None:
@@ -503,7 +552,8 @@ class SmtpdSession:
                     if hand_over:
                         scheduler.release()  # type: ignore[union-attr]
                     log.error("%s: cannot queue message from %s: %s", txn.queue_id, self.client, exc)
-                    return replies.LOCAL_ERROR
+                    full = isinstance(exc, StorageError) and exc.no_space
+                    return replies.INSUFFICIENT_STORAGE if full else replies.LOCAL_ERROR
             if scheduler is not None:
                 if hand_over:
                     scheduler.hand_over(message, message.content.getvalue())

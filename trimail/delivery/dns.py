@@ -7,6 +7,14 @@ records is its own mail host (implicit MX).  Permanent answers raise
 SERVFAIL, refusal and timeouts raise ``DnsTemporary`` (4.4.3), so the mail is
 deferred, never bounced, when DNS is sick.
 
+This is the edge of dnspython: no dnspython exception leaves this module.  A
+name dnspython cannot express (a label over 63 octets, a name over 255 octets
+in wire form, an empty label, a U-label IDNA cannot encode) is ``DnsPermanent``
+5.1.2 ("bad destination host name") before any query is sent; any other
+``DNSException``, ``ValueError`` or ``UnicodeError`` from a lookup is
+``DnsTemporary`` 4.4.3, so a surprise costs one delivery attempt or one
+restriction, never the daemon.  ``DnsError`` is an ``errors.LookupFailure``.
+
 Parameters: dns_nameservers (resolvers to ask instead of /etc/resolv.conf).
 """
 
@@ -19,29 +27,46 @@ import random
 import dns.asyncbackend
 import dns.asyncresolver
 import dns.exception
+import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
 from trimail.config import ListenAddress
+from trimail.errors import LookupFailure
+from trimail.log import printable
 
 DEFAULT_LIFETIME = 10.0
 
 
-class DnsError(Exception):
+class DnsError(LookupFailure):
+    """A DNS answer that is not records: ``dsn`` is the RFC 3463 status and
+    ``text`` the reason (Postfix's wording) for the log, the DSN or the reply."""
+
+    permanent = False
+
     def __init__(self, dsn: str, text: str) -> None:
-        super().__init__(text)
-        self.dsn = dsn
+        super().__init__(text, temporary=not self.permanent, dsn=dsn)
         self.text = text
 
 
 class DnsPermanent(DnsError):
-    pass
+    permanent = True
 
 
 class DnsTemporary(DnsError):
     pass
+
+
+def to_name(name: str) -> dns.name.Name:
+    """*name* as a dnspython name; DnsPermanent 5.1.2 when it cannot be one."""
+    try:
+        return dns.name.from_text(name)
+    except (dns.exception.DNSException, ValueError, UnicodeError) as exc:
+        raise DnsPermanent("5.1.2", f"bad destination host name: Name service error for "
+                           f"name={printable(name, 300)}: invalid host or domain name "
+                           f"({type(exc).__name__})") from None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -58,7 +83,7 @@ class Resolver:
         else:
             try:
                 self._resolver = dns.asyncresolver.Resolver()
-            except (dns.resolver.NoResolverConfiguration, OSError):  # e.g. inside a chroot
+            except (dns.exception.DNSException, OSError, ValueError):  # no or bad resolv.conf, e.g. in a chroot
                 self._resolver = dns.asyncresolver.Resolver(configure=False)
                 self._resolver.nameservers = ["127.0.0.1"]
         self._resolver.lifetime = lifetime
@@ -67,15 +92,19 @@ class Resolver:
         self._backend = dns.asyncbackend.get_backend("trio")
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
-        """The answer, or None for "no records of this type"; raises DnsError."""
+        """The answer, or None for "no records of this type"; raises DnsError and
+        nothing else (cancellation aside)."""
+        qname = to_name(name)
         try:
-            return await self._resolver.resolve(name, rdtype, backend=self._backend, search=False)
+            return await self._resolver.resolve(qname, rdtype, backend=self._backend, search=False)
         except dns.resolver.NXDOMAIN:
             raise DnsPermanent("5.1.2", f"Host or domain name not found. Name service error for "
                                f"name={name} type={rdtype}: Host not found") from None
         except dns.resolver.NoAnswer:
             return None
-        except (dns.resolver.NoNameservers, dns.exception.Timeout, dns.resolver.YXDOMAIN, OSError) as exc:
+        except (dns.exception.DNSException, OSError, ValueError, UnicodeError) as exc:
+            # SERVFAIL, refusal, timeouts, YXDOMAIN, a malformed answer, a name made
+            # too long by a CNAME: all of them worth another try later, none fatal
             raise DnsTemporary("4.4.3", f"Host or domain name not found. Name service error for "
                                f"name={name} type={rdtype}: Host not found, try again") from exc
 
@@ -83,7 +112,11 @@ class Resolver:
         answer = await self._query(domain, "MX")
         if answer is None:
             return [MailHost(domain, 0)]
-        records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+        try:
+            records = [(r.preference, r.exchange.to_text(omit_final_dot=True)) for r in answer]
+        except (dns.exception.DNSException, ValueError, UnicodeError, AttributeError) as exc:
+            raise DnsTemporary("4.4.3", f"Malformed or unexpected name server reply for name={domain} "
+                               "type=MX") from exc
         if any(name in ("", ".") for _, name in records) or any(str(r.exchange) == "." for r in answer):
             raise DnsPermanent("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
         random.shuffle(records)
@@ -99,13 +132,20 @@ class Resolver:
             return None
         if answer is None:
             return []
-        if rdtype == "TXT":
-            return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
-        return [r.to_text() for r in answer]
+        try:
+            if rdtype == "TXT":
+                return [b"".join(r.strings).decode("utf-8", "replace") for r in answer]
+            return [r.to_text() for r in answer]
+        except (dns.exception.DNSException, ValueError, UnicodeError, AttributeError) as exc:
+            raise DnsTemporary("4.4.3", f"Malformed or unexpected name server reply for name={name} "
+                               f"type={rdtype}") from exc
 
     async def reverse(self, address: str) -> list[str] | None:
-        """PTR names of an IP address (None: no PTR record at all)."""
-        name = dns.reversename.from_address(address).to_text(omit_final_dot=True)
+        """PTR names of an IP address (None: no PTR record at all, or not an IP address)."""
+        try:
+            name = dns.reversename.from_address(address).to_text(omit_final_dot=True)
+        except (dns.exception.DNSException, ValueError, UnicodeError):
+            return None
         names = await self.lookup(name, "PTR")
         if not names:
             return None
@@ -117,6 +157,7 @@ class Resolver:
             return [str(ipaddress.ip_address(host))]
         except ValueError:
             pass
+        to_name(host)  # a name DNS cannot express says so (5.1.2), not "host not found"
         found: list[str] = []
         temporary: DnsError | None = None
         for rdtype in ("A", "AAAA"):
@@ -128,7 +169,7 @@ class Resolver:
                 temporary = exc
                 continue
             if answer is not None:
-                found += [r.address for r in answer]
+                found += [str(r.address) for r in answer]
         if found:
             return found
         if temporary is not None:

@@ -10,6 +10,13 @@ then each parent domain as ``.parent`` and finally ``*``.  An empty transport in
 the result means ``default_transport``; an empty nexthop means the recipient's
 domain.
 
+A recipient whose domain cannot be a DNS name (a label over 63 octets, over 255
+octets in wire form, an empty label, a U-label IDNA cannot encode) goes to the
+``error`` transport with ``5.1.3 bad address syntax`` before any table is
+consulted, as Postfix's trivial-rewrite and qmgr do: it bounces, and no
+lookup ever sees the name.  smtpd refuses such names at RCPT; this catches mail
+queued before that rule, or by other means.
+
 Parameters: transport_maps, mydestination, relayhost, default_transport.
 """
 
@@ -20,9 +27,11 @@ import re
 
 from trimail.config import Config
 from trimail.maps import Table, lookup_first, open_table
+from trimail.smtp.address import dns_name
 
 DEFAULT_PORT = 25
 SMTP_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
+BAD_ADDRESS_SYNTAX = "5.1.3 bad address syntax"  # Postfix qmgr's words for the error transport
 
 
 class RouteError(Exception):
@@ -70,6 +79,8 @@ class Router:
 
     def route(self, recipient: str) -> Route:
         domain = domain_of(recipient)
+        if "@" in recipient and not domain.startswith("[") and dns_name(domain) is None:
+            return Route("error", BAD_ADDRESS_SYNTAX, mx=False)
         entry = self._transport_entry(recipient, domain)
         if entry is not None:
             return self._from_entry(entry, domain)

@@ -1,4 +1,15 @@
-"""Opening the listening sockets named by ``smtpd_listen`` (IPv4 and IPv6)."""
+"""Opening the listening sockets named by ``smtpd_listen`` (IPv4 and IPv6), and
+accepting from them without ever letting an accept error end serve.
+
+trio's ``SocketListener.accept`` already skips the errors a connection that died
+in the backlog produces (ECONNABORTED, EPROTO, ...).  ``accept()`` here also
+survives the rest: descriptor or memory exhaustion (EMFILE, ENFILE, ENOBUFS,
+ENOMEM) and any other ``OSError`` are logged once per episode and retried after a
+delay that doubles from 0.05 s up to 1 s, so a full descriptor table is polled
+gently and accepting resumes by itself when descriptors are free again.
+
+Parameters: smtpd_listen, submission_listen, smtps_listen (through master.py).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +19,7 @@ import logging
 import trio
 
 from trimail.config import ListenAddress
+from trimail.supervise import Backoff
 
 log = logging.getLogger("trimail.master")
 
@@ -41,12 +53,15 @@ def bound_address(listener: trio.SocketListener) -> ListenAddress:
 
 
 async def accept(listener: trio.SocketListener) -> trio.SocketStream:
-    """Accept one connection; on descriptor exhaustion wait briefly instead of dying."""
+    """Accept one connection; an accept error is logged and retried (with back-off),
+    never raised.  ``trio.ClosedResourceError`` (the listener was closed) passes."""
+    backoff = Backoff(0.05, 1.0)
     while True:
         try:
             return await listener.accept()
         except OSError as exc:
-            if exc.errno not in _RESOURCE_ERRORS:
-                raise
-            log.warning("accept: %s; waiting before accepting more", exc.strerror)
-            await trio.sleep(0.1)
+            delay = backoff.next()
+            if delay == backoff.initial:  # one line per episode, not per retry
+                what = "out of resources" if exc.errno in _RESOURCE_ERRORS else "error"
+                log.warning("accept: %s: %s; waiting before accepting more", what, exc.strerror or exc)
+            await trio.sleep(delay)

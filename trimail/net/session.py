@@ -6,18 +6,35 @@ past ``FLUSH_THRESHOLD``), which batches the replies to pipelined commands
 has its own deadline (``smtpd_timeout``).  This loop is the single catch-all
 boundary for a session: an unexpected error is logged, the client gets ``421``
 if the connection still works, and the connection is closed.
+
+Stress (Postfix's STRESS_README): ``tighten()`` gives a session the limits of a
+service under stress (``SessionLimits`` read with ``stress = yes``): a shorter
+``smtpd_timeout``, ``smtpd_hard_error_limit``, ``smtpd_junk_command_limit`` and
+TLS handshake deadline, and no greeting pause.  It works on a session that is already running: a read, a
+greeting pause or a handshake in progress gets the shorter deadline at once, so
+idle connections cannot keep every session slot.  A session busy with its own
+decision (a commit, a lookup) keeps its deadline until its next read.
+
+Security notes: every read and write has a deadline, and the whole session has
+``smtpd_session_deadline``; reads are at most ``RECEIVE_SIZE`` bytes.
+
+Parameters (through ``SessionLimits``): smtpd_timeout, smtpd_hard_error_limit,
+smtpd_junk_command_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 
 import trio
 
+from trimail.config import Config
 from trimail.smtp import replies
 from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, StartTls, State
 from trimail.smtpd import DropConnection, SmtpdSession
+from trimail.supervise import report
 
 log = logging.getLogger("trimail.smtpd")
 
@@ -26,25 +43,70 @@ FLUSH_THRESHOLD = 64 * 1024
 _IDLE_STATES = (State.INIT, State.READY)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """The deadlines and error limits of a session: the ones stress mode changes."""
+
+    timeout: float
+    hard_error_limit: int
+    junk_command_limit: int
+    tls_handshake_timeout: float
+    greet_pause: float
+
+    @classmethod
+    def from_config(cls, config: Config, *, stress: bool = False) -> SessionLimits:
+        """The limits of *config*; with *stress*, as if ``stress = yes`` (and no greeting pause)."""
+        if stress:
+            config = config.with_overrides({"stress": "yes"})
+        return cls(timeout=config.smtpd_timeout, hard_error_limit=config.smtpd_hard_error_limit,
+                   junk_command_limit=config.smtpd_junk_command_limit,
+                   tls_handshake_timeout=config.smtpd_tls_handshake_timeout,
+                   greet_pause=0.0 if stress else config.smtpd_greet_pause)
+
+
 class Session:
     """One connection.  ``request_stop()`` closes it at the next idle moment;
     ``abort()`` closes it now (after the grace period), both with 421."""
 
-    def __init__(self, stream: trio.SocketStream, decisions: SmtpdSession, *, timeout: float,
+    def __init__(self, stream: trio.SocketStream, decisions: SmtpdSession, *, limits: SessionLimits,
                  error_sleep: float, soft_error_limit: int, session_deadline: float = math.inf,
-                 greet_pause: float = 0.0, implicit_tls: bool = False) -> None:
+                 implicit_tls: bool = False) -> None:
         self.stream: trio.abc.Stream = stream
         self.session_deadline = trio.current_time() + session_deadline
-        self.greet_pause = greet_pause
         self.implicit_tls = implicit_tls
         self.decisions = decisions
         self.conn = decisions.connection()
-        self.timeout = timeout
+        self.conn.settings = dataclasses.replace(self.conn.settings, hard_error_limit=limits.hard_error_limit,
+                                                 junk_command_limit=limits.junk_command_limit)
+        self.timeout = limits.timeout
+        self.greet_pause = limits.greet_pause
+        self.tls_handshake_timeout = limits.tls_handshake_timeout
         self.error_sleep = error_sleep
         self.soft_error_limit = soft_error_limit
         self.stopping = False
         self._scope: trio.CancelScope | None = None
         self._reading = False
+        self._waiting: trio.CancelScope | None = None  # the greeting pause or TLS handshake in progress
+        self._handshake: trio.CancelScope | None = None
+
+    def tighten(self, limits: SessionLimits) -> None:
+        """Stress: take the smaller of each limit, effective now for a read, pause or
+        handshake in progress (see the module docstring)."""
+        self.timeout = min(self.timeout, limits.timeout)
+        self.tls_handshake_timeout = min(self.tls_handshake_timeout, limits.tls_handshake_timeout)
+        self.greet_pause = min(self.greet_pause, limits.greet_pause)
+        settings = self.conn.settings
+        self.conn.settings = dataclasses.replace(
+            settings, hard_error_limit=min(settings.hard_error_limit, limits.hard_error_limit),
+            junk_command_limit=min(settings.junk_command_limit, limits.junk_command_limit))
+        now = trio.current_time()
+        if self._waiting is not None and self._waiting is self._handshake:
+            # the handshake's own deadline ends it (logged as a TLS failure, no plaintext 421)
+            self._waiting.deadline = min(self._waiting.deadline, now + self.tls_handshake_timeout)
+        elif self._waiting is not None:
+            self._waiting.deadline = min(self._waiting.deadline, now + self.greet_pause)
+        elif self._scope is not None and self._reading:
+            self._scope.deadline = min(self._scope.deadline, now + self.timeout)
 
     def request_stop(self) -> None:
         self.stopping = True
@@ -63,10 +125,10 @@ class Session:
             # One scope for the whole session: its deadline is smtpd_timeout from the
             # start of the current read or write; stop requests cancel it too.
             with trio.CancelScope() as self._scope:
-                self._extend_deadline()
-                if self.implicit_tls:
+                if self.implicit_tls:  # bounded by its own deadline, smtpd_tls_handshake_timeout
                     await self._start_tls()
                     self.conn.tls_active = True
+                self._extend_deadline()
                 if greeting is None and self.greet_pause > 0 and await self._talks_first():
                     log.info("reject: pipelining before the greeting from %s", client)
                     greeting = replies.Reply(554, "5.5.1", "Error: SMTP protocol synchronization")
@@ -90,8 +152,10 @@ class Session:
             log.info("SSL_accept error from %s: %s", client, exc)
         except DropConnection:
             log.info("dropped connection after %s from %s (fault injection)", self.conn.state.value.upper(), client)
-        except Exception:
-            log.exception("session with %s failed", client)
+        except Exception as exc:  # the session's boundary: one line, traceback at debug, counted
+            report(f"session with {client}", exc, logger=log)
+            if self.decisions.ctx.metrics is not None:
+                self.decisions.ctx.metrics.task_failed("smtpd session")
             if not self.conn.closed:
                 self.conn.close(replies.TEMPORARY_FAILURE, "internal error")
             await self._final_flush()
@@ -147,10 +211,15 @@ class Session:
         assert ctx is not None
         stream = trio.SSLStream(self.stream, ctx, server_side=True, https_compatible=False)
         try:
-            with trio.fail_after(self.decisions.ctx.tls_handshake_timeout):
+            with trio.CancelScope(deadline=trio.current_time() + self.tls_handshake_timeout) as scope:
+                self._waiting = self._handshake = scope
                 await stream.do_handshake()
-        except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+        except trio.BrokenResourceError as exc:
             raise _TlsFailed(str(exc) or type(exc).__name__) from None
+        finally:
+            self._waiting = None
+        if scope.cancelled_caught:
+            raise _TlsFailed("handshake timeout")
         self.stream = stream
         cipher = stream.cipher()
         self.decisions.tls = f"{stream.version()} with cipher {cipher[0]} ({cipher[2]}/{cipher[2]} bits)"
@@ -158,9 +227,12 @@ class Session:
 
     async def _talks_first(self) -> bool:
         """smtpd_greet_pause: does the client send before our banner?"""
-        with trio.move_on_after(self.greet_pause):
-            data = await self.stream.receive_some(RECEIVE_SIZE)
-            return bool(data)
+        try:
+            with trio.move_on_after(self.greet_pause) as self._waiting:
+                data = await self.stream.receive_some(RECEIVE_SIZE)
+                return bool(data)
+        finally:
+            self._waiting = None
         return False
 
     async def _error_delay(self) -> None:

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from collections.abc import Callable
 
 from trimail.queue.store import Store, TransitionError
 
 HEADER_BYTES = 64 * 1024
+
+log = logging.getLogger("trimail.qmgr")
 
 
 @dataclasses.dataclass(slots=True)
@@ -77,16 +80,28 @@ def claim(store: Store, limit: int, now: float) -> list[ClaimedMessage]:
     if limit <= 0:
         return []
     rows = store.db.execute(
-        "SELECT id, sender, arrival_time, size, params FROM message WHERE state = 'incoming'"
-        " ORDER BY id LIMIT ?", (limit,)).fetchall()
+        "SELECT id, sender, arrival_time, size, params,"
+        " (SELECT length(content) FROM body WHERE message_id = message.id)"
+        " FROM message WHERE state = 'incoming' ORDER BY id LIMIT ?", (limit,)).fetchall()
     claimed = []
-    for message_id, sender, arrival, size, params in rows:
+    for message_id, sender, arrival, size, params, stored in rows:
+        if stored != size:  # a missing or short body is never sent: Postfix's corrupt queue
+            quarantine(store, message_id, "incoming")
+            log.warning("%s: corrupt queue file (content %s of %d bytes): moved to the corrupt queue",
+                        message_id, "missing" if stored is None else f"{stored}", size)
+            continue
         store.transition(message_id, "incoming", "active")
         recipients = [QueuedRecipient(*r) for r in store.db.execute(
             "SELECT seq, address, attempts, last_reply FROM recipient WHERE message_id = ?"
             " AND status IN ('pending', 'deferred') ORDER BY seq", (message_id,))]
         claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, json.loads(params), recipients))
     return claimed
+
+
+def quarantine(store: Store, message_id: str, expected: str = "active") -> None:
+    """Move a message whose queue file cannot be read whole to the ``corrupt`` state:
+    kept for the operator (``trimail queue list``), never delivered or deleted."""
+    store.transition(message_id, expected, "corrupt")
 
 
 def record(store: Store, message_id: str, results: list[RecipientResult]) -> None:

@@ -4,16 +4,50 @@ The SMTP session writes DATA chunks here as they arrive; the queue writer copies
 the content into the database inside the commit.  Up to ``memory_limit`` bytes stay
 in memory; past that the content moves to an unlinked temporary file in the queue
 directory, so a session's memory does not grow with the size of its message.
+
+File writes never run on the event loop: ``write_async`` (the SMTP session) gathers
+what goes to the file into batches of ``FLUSH_SIZE`` bytes and writes each batch in
+a worker thread; a message that stays in memory (nearly all of them) never leaves
+the loop and costs no thread.  ``write`` is the same for callers without an event
+loop (sendmail).  Any ``OSError`` of the file (ENOSPC, EDQUOT, EIO) becomes
+``SpoolError``, an ``errors.StorageError`` whose ``no_space`` says the file system
+is full; the caller discards the spool, which gives the space back at once.
+
+``QueueSpace`` is Postfix's queue_minfree check for MAIL FROM: there must be more
+than max(queue_minfree, 1.5 * message_size_limit) bytes free in the queue file
+system.  ``statvfs`` runs in a worker thread and its answer is kept for a second,
+so a burst of MAIL commands costs one system call.
+
+Parameters (through the caller): queue_directory, queue_minfree, message_size_limit.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import BinaryIO
+from typing import Any
+
+import trio
+
+from trimail.errors import StorageError
 
 DEFAULT_MEMORY_LIMIT = 256 * 1024
+FLUSH_SIZE = 256 * 1024  # bytes per file write (and per thread hop) past the memory limit
+SPACE_MULTIPLIER = 1.5  # Postfix's smtpd_space_multf
+SPACE_CACHE_SECONDS = 1.0
+
+log = logging.getLogger("trimail.smtpd")
+
+
+class SpoolError(StorageError):
+    """The spool file could not be written; ``no_space`` for ENOSPC/EDQUOT."""
+
+    def __init__(self, text: str, *, no_space: bool) -> None:
+        super().__init__(text, temporary=True)
+        self.no_space = no_space
 
 
 class Spool:
@@ -21,22 +55,54 @@ class Spool:
                  memory_limit: int = DEFAULT_MEMORY_LIMIT) -> None:
         self._directory = directory
         self._memory_limit = memory_limit
-        self._buffer: bytearray | None = bytearray()
-        self._file: BinaryIO | None = None
+        self._buffer: bytearray | None = bytearray()  # the content while it is in memory
+        self._pending = bytearray()  # past the memory limit: bytes not yet in the file
+        self._file: Any = None  # an unbuffered, unlinked file (io.FileIO on Linux)
         self.size = 0
 
-    def write(self, data: bytes) -> None:
+    def _append(self, data: bytes) -> bool:
+        """Take *data*; True when a batch is due for the file."""
         self.size += len(data)
         if self._buffer is not None:
             self._buffer += data
             if len(self._buffer) <= self._memory_limit:
-                return
-            self._file = tempfile.TemporaryFile(dir=self._directory, prefix="spool.")
-            self._file.write(self._buffer)
-            self._buffer = None
-            return
-        assert self._file is not None
-        self._file.write(data)
+                return False
+            self._pending, self._buffer = self._buffer, None  # from now on the content goes to a file
+            return True
+        self._pending += data
+        return len(self._pending) >= FLUSH_SIZE
+
+    def _take(self) -> bytearray:
+        batch, self._pending = self._pending, bytearray()
+        return batch
+
+    def write(self, data: bytes) -> None:
+        """Add *data*, writing any due batch here (no event loop); SpoolError."""
+        if self._append(data):
+            self._write_file(self._take())
+
+    async def write_async(self, data: bytes) -> None:
+        """Add *data*; a due batch is written in a worker thread.  SpoolError."""
+        if self._append(data):
+            await trio.to_thread.run_sync(self._write_file, self._take())
+
+    async def finish(self) -> None:
+        """Write what is still pending to the file (a worker thread); SpoolError."""
+        if self._pending:
+            await trio.to_thread.run_sync(self._write_file, self._take())
+
+    def _write_file(self, batch: bytearray) -> None:
+        try:
+            if self._file is None:
+                self._file = tempfile.TemporaryFile(dir=self._directory, prefix="spool.", buffering=0)
+            view = memoryview(batch)
+            while view:  # an unbuffered write may be short
+                written = self._file.write(view)
+                view = view[written or 0:]
+        except OSError as exc:
+            no_space = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise SpoolError(f"cannot write spool file in {self._directory}: {exc.strerror or exc}",
+                             no_space=no_space) from exc
 
     def getvalue(self) -> bytes | None:
         """The whole content if it is still in memory, else None (use chunks())."""
@@ -47,15 +113,60 @@ class Spool:
             for start in range(0, len(self._buffer), size):
                 yield bytes(self._buffer[start:start + size])
             return
+        if self._pending:
+            self._write_file(self._take())
         assert self._file is not None
-        self._file.flush()
         self._file.seek(0)
         while chunk := self._file.read(size):
             yield chunk
 
     def close(self) -> None:
         self._buffer = bytearray()
+        self._pending = bytearray()
         if self._file is not None:
-            self._file.close()
+            self._file.close()  # unlinked already: the space comes back now
             self._file = None
         self.size = 0
+
+
+class QueueSpace:
+    """Is there room in the queue file system for one more message (Postfix's
+    ``smtpd_check_queue``)?  Shared by the sessions of one serve."""
+
+    def __init__(self, directory: str | os.PathLike[str], minfree: int, message_size_limit: int) -> None:
+        self.directory = directory
+        self.minfree = minfree
+        self.message_size_limit = message_size_limit
+        self._free: int | None = None
+        self._checked_at = -1e9
+        self._warned_at = -1e9
+
+    def _statvfs(self) -> int | None:
+        try:
+            stat = os.statvfs(self.directory)
+        except OSError as exc:  # unknown: do not refuse mail because of the check itself
+            log.warning("cannot find the free space of queue_directory %s: %s", self.directory,
+                        exc.strerror or exc)
+            return None
+        return stat.f_bavail * stat.f_frsize
+
+    async def free(self) -> int | None:
+        """Free bytes for unprivileged writers (None when unknown), at most a second old."""
+        now = trio.current_time()
+        if now - self._checked_at >= SPACE_CACHE_SECONDS:
+            self._checked_at = now
+            self._free = await trio.to_thread.run_sync(self._statvfs)
+        return self._free
+
+    async def short(self) -> int | None:
+        """The free bytes when they are too few for a new message, else None."""
+        free = await self.free()
+        if free is None or (free > self.minfree and free > SPACE_MULTIPLIER * self.message_size_limit):
+            return None
+        now = trio.current_time()
+        if now - self._warned_at < SPACE_CACHE_SECONDS:
+            return free  # one warning a second is enough, whatever the rate of MAIL commands
+        self._warned_at = now
+        log.warning("not enough free space in mail queue: %d bytes < %g*message size limit (%d) "
+                    "or queue_minfree (%d)", free, SPACE_MULTIPLIER, self.message_size_limit, self.minfree)
+        return free

@@ -16,6 +16,7 @@ gives its -wal and -shm files the same mode); nothing here takes a path from mai
 from __future__ import annotations
 
 import dataclasses
+import errno
 import datetime
 import json
 import os
@@ -27,13 +28,14 @@ from pathlib import Path
 
 import apsw
 
-from trimail.errors import TrimailError
+from trimail.errors import StorageError, TrimailError
 from trimail.queue.schema import MIGRATIONS, SCHEMA_VERSION
 from trimail.queue.spool import Spool
 
 DATABASE_NAME = "queue.db"
 BUSY_TIMEOUT_MS = 30_000
 BLOB_CHUNK = 1 << 20
+JOURNAL_SIZE_LIMIT = 64 << 20  # the WAL is truncated to this after a checkpoint
 
 
 class QueueError(TrimailError):
@@ -110,8 +112,15 @@ def rfc3339(timestamp: float | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+STAMP_NAME = "queue.stamp"
+
+
 def prepare_directory(queue_directory: Path) -> Path:
-    """Create the queue directory 0700 (or tighten it) and return the database path."""
+    """Create the queue directory 0700 (or tighten it) and return the database path.
+
+    The database file itself is never opened here: only SQLite opens it (see
+    ``Store.open``), because closing any descriptor of the file would drop the
+    POSIX locks that serve's connections hold on it."""
     try:
         queue_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         mode = stat.S_IMODE(queue_directory.stat().st_mode)
@@ -119,13 +128,65 @@ def prepare_directory(queue_directory: Path) -> Path:
             os.chmod(queue_directory, 0o700)
     except OSError as exc:
         raise QueueError(f"queue_directory {queue_directory}: {exc.strerror}") from None
-    path = queue_directory / DATABASE_NAME
+    return queue_directory / DATABASE_NAME
+
+
+def _check_not_lost(path: Path) -> bool:
+    """Whether the database must be created; refuse when it should exist and does not.
+
+    ``queue.stamp`` is written once the database exists.  A missing or zero-length
+    ``queue.db`` beside a stamp means the queue was deleted or truncated: SQLite
+    would silently start an empty queue, and every queued message would be gone
+    without a word, so we refuse instead."""
+    stamp = path.parent / STAMP_NAME
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
+        size: int | None = path.stat().st_size
+    except FileNotFoundError:
+        size = None
     except OSError as exc:
         raise QueueError(f"{path}: {exc.strerror}") from None
-    return path
+    if size:
+        return False
+    if stamp.exists():
+        what = "missing" if size is None else "empty (zero length)"
+        raise QueueError(f"{path}: {what}, but this queue directory held a queue ({stamp} exists): restore "
+                         f"{DATABASE_NAME} from a backup (trimail queue backup), or remove {stamp} to start "
+                         "with an empty queue")
+    return True
+
+
+def _write_stamp(path: Path) -> None:
+    stamp = path.parent / STAMP_NAME
+    if not stamp.exists():
+        try:
+            stamp.write_text(f"queue database created {rfc3339(time.time())}\n")
+            os.chmod(stamp, 0o600)
+        except OSError as exc:
+            raise QueueError(f"{stamp}: {exc.strerror}") from None
+
+
+def _storage_error(path: Path, exc: apsw.Error) -> QueueError:
+    return QueueError(f"{path}: {exc}")
+
+
+def storage_error(exc: BaseException) -> StorageError:
+    """An apsw (or OS) failure of a queue operation as trimail's StorageError: the
+    mapping at the SQLite edge, so nothing above it knows apsw's classes."""
+    if isinstance(exc, StorageError):
+        return exc
+    error = _classify(exc)
+    error.__cause__ = exc
+    return error
+
+
+def _classify(exc: BaseException) -> StorageError:
+    if isinstance(exc, apsw.FullError) or (isinstance(exc, OSError) and exc.errno == errno.ENOSPC):
+        return StorageError(f"queue file system full: {exc}", no_space=True)
+    if isinstance(exc, (apsw.BusyError, apsw.LockedError)):
+        return StorageError(f"queue database locked by another process past the busy timeout: {exc}")
+    if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
+        return StorageError(f"queue database damaged: {exc}", temporary=False)
+    return StorageError(f"queue database error: {type(exc).__name__}: {exc}")
 
 
 class Store:
@@ -137,26 +198,47 @@ class Store:
         self.durable = True  # PRAGMA synchronous = FULL (set in open)
 
     @classmethod
-    def open(cls, queue_directory: str | os.PathLike[str], *, readonly: bool = False) -> Store:
+    def open(cls, queue_directory: str | os.PathLike[str], *, readonly: bool = False,
+             create: bool = True, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> Store:
+        """Connect to the queue database.
+
+        *create* (the first connection of serve, sendmail and the queue tools) makes
+        the directory and, when there is none yet, the database; later connections
+        of a running serve pass ``create=False`` and only connect.  Either way the
+        file is opened by SQLite alone."""
         directory = Path(queue_directory)
+        path = directory / DATABASE_NAME
         if readonly:
-            path = directory / DATABASE_NAME
             if not path.exists():
                 raise QueueError(f"{path}: no queue database (has trimail serve run with this queue_directory?)")
+            flags = apsw.SQLITE_OPEN_READWRITE  # a reader still writes the -shm index (WAL)
+            new = False
+        elif create:
+            prepare_directory(directory)
+            new = _check_not_lost(path)
+            flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
         else:
-            path = prepare_directory(directory)
+            flags = apsw.SQLITE_OPEN_READWRITE
+            new = False
         try:
-            db = apsw.Connection(str(path))
-            db.set_busy_timeout(BUSY_TIMEOUT_MS)
+            db = apsw.Connection(str(path), flags=flags)
+            db.set_busy_timeout(int(busy_timeout * 1000))
+            if new:
+                os.chmod(path, 0o600)  # by path: never a descriptor of our own (SQLite gives -wal/-shm this mode)
             cursor = db.cursor()
             if not readonly:
                 cursor.execute("PRAGMA journal_mode = WAL")
+                cursor.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT:d}")
             cursor.execute("PRAGMA synchronous = FULL")
             cursor.execute("PRAGMA foreign_keys = ON")
             store = cls(db, path)
             store._migrate(readonly)
         except apsw.Error as exc:
-            raise QueueError(f"{path}: {exc}") from None
+            raise _storage_error(path, exc) from None
+        except OSError as exc:
+            raise QueueError(f"{path}: {exc.strerror}") from None
+        if create and not readonly:
+            _write_stamp(path)
         return store
 
     def close(self) -> None:
@@ -189,10 +271,28 @@ class Store:
         self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            # also when COMMIT itself failed (disk full, I/O error, busy): a failed
+            # COMMIT may leave the transaction open, and the next BEGIN would fail
+            self.rollback()
             raise
-        self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        """End the open transaction, if any; never raises (the connection may be
+        the thing that failed, and the caller is already handling an error)."""
+        try:
+            if not self.db.getautocommit():
+                self.db.execute("ROLLBACK")
+        except apsw.Error:
+            pass
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Copy the WAL into the database and truncate it (when no reader needs
+        it); returns (WAL frames, frames checkpointed).  Busy readers make it
+        partial, never wrong."""
+        row = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        return int(row[1]), int(row[2])
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:

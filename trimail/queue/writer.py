@@ -41,13 +41,17 @@ from typing import Any, TypeVar
 
 import trio
 
-from trimail.queue.store import Store
+import apsw
+
+from trimail.errors import StorageError
+from trimail.queue.store import Store, storage_error
 
 log = logging.getLogger("trimail.queue")
 
 T = TypeVar("T")
 
 _STOP = object()
+CHECKPOINT_IDLE = 10.0  # seconds without requests after which the WAL is checkpointed and truncated
 
 
 class _Request:
@@ -84,6 +88,9 @@ class QueueWriter:
         self._max_batch = max_batch
         self._readers: list[Store] = []  # idle reading connections, opened on first need
         self._read_limiter = trio.CapacityLimiter(readers)
+        self._reader_count = readers
+        self._dead: StorageError | None = None  # set if the writer thread ever ends unexpectedly
+        self._checkpoint_idle = CHECKPOINT_IDLE
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
@@ -107,6 +114,10 @@ class QueueWriter:
         if failure:
             await trio.to_thread.run_sync(self._thread.join)
             raise failure[0]
+        # Every connection is opened now, before anything else could touch the file;
+        # a later open (a reader needed under load) goes through SQLite alone too.
+        for _ in range(self._reader_count):
+            self._readers.append(await trio.to_thread.run_sync(self._open_store))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -125,12 +136,16 @@ class QueueWriter:
             store = self._readers.pop() if self._readers else await trio.to_thread.run_sync(self._open_store)
             try:
                 return await trio.to_thread.run_sync(_in_snapshot, store, fn, args)
+            except (apsw.Error, OSError) as exc:
+                raise storage_error(exc) from exc
             finally:
                 self._readers.append(store)
 
     async def run(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> T:
         """Run ``fn(store, *args)`` in the next group commit; return after COMMIT
         (fsynced unless *durable* is false: see the module's docstring)."""
+        if self._dead is not None:
+            raise self._dead
         request = _Request(fn, args, durable)
         self._requests.put(request)
         await request.done.wait()
@@ -149,29 +164,77 @@ class QueueWriter:
             token.run_sync_soon(report, exc)
             return
         token.run_sync_soon(report, None)
+        batch: list[_Request] = []
         try:
-            while True:
-                first = self._requests.get()
-                if first is _STOP:
-                    return
-                batch = [first]
-                stop = False
-                while len(batch) < self._max_batch:
-                    try:
-                        item = self._requests.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is _STOP:
-                        stop = True
-                        break
-                    batch.append(item)
-                self._run_batch(store, batch)
-                for request in batch:
-                    token.run_sync_soon(request.done.set)
-                if stop:
-                    return
+            self._serve(store, token, batch)
+        except BaseException as exc:  # the thread must not die silently: waiters would hang
+            log.critical("queue writer stopped: %s", exc, exc_info=exc)
+            self._dead = StorageError(f"queue writer stopped: {exc}", temporary=False)
+            self._fail_pending(token, batch)
         finally:
-            store.close()
+            try:
+                store.close()
+            except apsw.Error as exc:
+                log.warning("closing the queue database: %s", exc)
+
+    def _serve(self, store: Store, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
+        dirty = False  # commits since the last checkpoint
+        while True:
+            try:
+                first = self._requests.get(timeout=self._checkpoint_idle if dirty else None)
+            except queue.Empty:
+                self._checkpoint(store)
+                dirty = False
+                continue
+            if first is _STOP:
+                self._checkpoint(store)
+                return
+            batch[:] = [first]
+            stop = False
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    break
+                batch.append(item)
+            self._run_batch(store, batch)
+            dirty = True
+            for request in batch:
+                token.run_sync_soon(request.done.set)
+            batch.clear()
+            if stop:
+                self._checkpoint(store)
+                return
+
+    def _fail_pending(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
+        """After the thread failed: every request it took or that waits gets the error."""
+        assert self._dead is not None
+        pending = list(batch)
+        while True:
+            try:
+                item = self._requests.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                pending.append(item)
+        for request in pending:
+            request.error = request.error or self._dead
+            try:
+                token.run_sync_soon(request.done.set)
+            except trio.RunFinishedError:
+                pass
+
+    def _checkpoint(self, store: Store) -> None:
+        """When idle: move the WAL into the database and truncate it (WAL hygiene:
+        the WAL does not grow without bound and a backup copies less)."""
+        try:
+            frames, done = store.checkpoint()
+            log.debug("queue checkpoint: %d of %d WAL frames", done, frames)
+        except apsw.Error as exc:
+            log.warning("queue checkpoint failed: %s", exc)
 
     def _run_batch(self, store: Store, batch: list[_Request]) -> None:
         started = time.monotonic()
@@ -183,12 +246,16 @@ class QueueWriter:
                     try:
                         with store.savepoint():
                             request.result = request.fn(store, *request.args)
+                    except (apsw.Error, OSError) as exc:
+                        request.error = storage_error(exc)
                     except Exception as exc:
                         request.error = exc
-        except Exception as exc:  # the COMMIT itself failed: nothing in the batch is durable
-            log.error("queue commit failed: %s", exc)
+        except Exception as exc:  # BEGIN or COMMIT failed (rolled back): nothing in the batch is durable
+            error = storage_error(exc)
+            log.error("queue commit failed: %s", error)
             for request in batch:
-                request.error = request.error or exc
+                request.result = None
+                request.error = request.error or error
         stats = self.stats
         stats.batches += 1
         stats.durable_batches += durable

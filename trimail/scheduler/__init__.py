@@ -38,7 +38,8 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -48,6 +49,7 @@ from trimail.delivery.bounce import Failure, build_dsn, status_of
 from trimail.delivery.local import Forward, LocalAgent
 from trimail.delivery.route import Route, RouteError, Router
 from trimail.delivery.smtp import ConnectionFailed, Connection, Connector, Envelope
+from trimail.errors import StorageError
 from trimail.maps import TableError
 from trimail.metrics import Metrics
 from trimail.queue import scheduling
@@ -58,6 +60,7 @@ from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.backoff import retry_delay
 from trimail.smtp.client import Outcome, bounced, deferred, sent
+from trimail.supervise import Backoff, contained, report
 
 log = logging.getLogger("trimail.qmgr")
 smtp_log = logging.getLogger("trimail.smtp")
@@ -80,6 +83,11 @@ class Job:
 class ActiveMessage:
     message: ClaimedMessage
     outstanding: int
+    corrupt: bool = False  # its content could not be read whole: quarantined when its jobs are done
+
+
+class ContentError(Exception):
+    """The queued content is not what was accepted (short, missing, unreadable)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -168,11 +176,18 @@ class Scheduler:
             self._nursery = None  # no more hand-overs: new mail stays in incoming
 
     async def _rounds(self) -> None:
+        backoff = Backoff(initial=1.0, maximum=60.0)
         while True:
             room = self.active_limit - len(self.active) - self._reserved
-            claimed, due = await self.writer.run(schedule_round, time.time(), room, durable=False)
+            try:
+                claimed, due = await self.writer.run(schedule_round, time.time(), room, durable=False)
+            except Exception as exc:  # the round's boundary: disk full, queue locked, I/O error
+                report("qmgr round", exc, self.metrics, logger=log)
+                await trio.sleep(backoff.next())  # mail waits in incoming; sessions go on
+                continue
+            backoff.reset()
             for message in claimed:
-                self._dispatch(message)
+                self._dispatch_safely(message)
             if not self.active:
                 self.idle.set()
             self._starved = len(claimed) >= room
@@ -204,12 +219,25 @@ class Scheduler:
         if content is not None and (len(content) > HELD_MESSAGE_LIMIT or self._held + len(content) > HELD_TOTAL_LIMIT):
             content = None  # read from the queue when delivered
         self._held += len(content) if content is not None else 0
-        self._dispatch(ClaimedMessage(
+        self._dispatch_safely(ClaimedMessage(
             message.id, message.sender, message.arrival_time, time.time(), message.content.size, message.params,
             [QueuedRecipient(seq, address, 0, None) for seq, address in enumerate(message.recipients)],
             content))
 
     # -- fan-out -----------------------------------------------------------------
+
+    def _dispatch_safely(self, message: ClaimedMessage) -> None:
+        """A message that cannot even be split into jobs is deferred whole (4.3.0)."""
+        try:
+            self._dispatch(message)
+        except Exception as exc:
+            report(f"{message.id}: scheduling", exc, self.metrics, logger=log)
+            self.active.pop(message.id, None)
+            outcome = deferred("4.3.0", "mail system temporarily unable to schedule this message")
+            assert self._nursery is not None
+            self.active[message.id] = ActiveMessage(message, 1)
+            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
+                                     message, [(recipient, outcome) for recipient in message.recipients])
 
     def _dispatch(self, message: ClaimedMessage) -> None:
         self.idle = trio.Event() if self.idle.is_set() else self.idle
@@ -237,11 +265,12 @@ class Scheduler:
         self.active[message.id] = active
         assert self._nursery is not None
         if immediate:
-            self._nursery.start_soon(self._complete_immediate, message, immediate)
+            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
+                                     message, immediate)
         for job in jobs:
             self._enqueue(job)
         if active.outstanding == 0:  # no recipients left at all (all done before a crash)
-            self._nursery.start_soon(self._finish_only, message)
+            self._nursery.start_soon(self._supervised, "qmgr: finishing a message", self._finish_only, message)
 
     def _enqueue(self, job: Job) -> None:
         key = job.route.key
@@ -260,7 +289,14 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.destinations.labels(str(job.route)).inc()
             assert self._nursery is not None
-            self._nursery.start_soon(self._worker, dest)
+            self._nursery.start_soon(self._supervised, f"qmgr: delivery worker for {dest.route}", self._worker, dest)
+
+    async def _supervised(self, task: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """The last boundary of a task in the delivery nursery: a bug in one worker is
+        logged and counted, never the end of the queue manager (its messages stay
+        active in the queue and are delivered again after the next start)."""
+        with contained(task, self.metrics, logger=log):
+            await fn(*args)
 
     async def _local_worker(self, dest: Destination) -> None:
         dest.busy += 1  # a local worker takes jobs only while there are some
@@ -268,18 +304,11 @@ class Scheduler:
             while dest.jobs:
                 job = dest.jobs.popleft()
                 started = time.time()
-                content = job.message.content
-                if content is None:
-                    content = await self.writer.read(scheduling.read_content, job.message.id) or b""
-                result = await trio.to_thread.run_sync(
-                    self.local.deliver, job.message.sender, [r.address for r in job.recipients], content)
-                for forward in result.forwards:
-                    with trio.CancelScope(shield=True):
-                        new_id = await self.writer.run(self._queue_forward, forward, content, durable=False)
-                    self.wake()  # the forwarded copy waits in incoming for a round
-                    log.info("%s: forwarded as %s to %s", job.message.id, new_id,
-                             ", ".join(f"<{r}>" for r in forward.recipients))
-                await self._complete(job, result.outcomes, "local", started)
+                try:
+                    outcomes = await self._deliver_local(job)
+                except Exception as exc:  # the job's boundary: defer its recipients, keep the message
+                    outcomes = self._job_failed(job, exc)
+                await self._complete(job, outcomes, "local", started)
         finally:
             dest.busy -= 1
             dest.workers -= 1
@@ -287,6 +316,36 @@ class Scheduler:
                 self.metrics.destinations.labels(str(dest.route)).dec()
             if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.route.key) is dest:
                 del self.destinations[dest.route.key]
+
+    async def _deliver_local(self, job: Job) -> list[Outcome]:
+        content = job.message.content
+        if content is None:
+            content = await self.writer.read(scheduling.read_content, job.message.id)
+            if content is None or len(content) != job.message.size:
+                raise ContentError(f"content {'missing' if content is None else len(content)} "
+                                   f"of {job.message.size} bytes")
+        result = await trio.to_thread.run_sync(
+            self.local.deliver, job.message.sender, [r.address for r in job.recipients], content)
+        for forward in result.forwards:
+            with trio.CancelScope(shield=True):
+                new_id = await self.writer.run(self._queue_forward, forward, content, durable=False)
+            self.wake()  # the forwarded copy waits in incoming for a round
+            log.info("%s: forwarded as %s to %s", job.message.id, new_id,
+                     ", ".join(f"<{r}>" for r in forward.recipients))
+        return result.outcomes
+
+    def _job_failed(self, job: Job, exc: Exception) -> list[Outcome]:
+        """An unexpected failure of one delivery job: its recipients are deferred
+        (4.3.0) and the message stays queued; content that cannot be read whole
+        also sends the message to the corrupt queue once its jobs are done."""
+        if isinstance(exc, ContentError) or (isinstance(exc, StorageError) and not exc.temporary):
+            log.warning("%s: corrupt queue file: %s", job.message.id, exc)
+            active = self.active.get(job.message.id)
+            if active is not None:
+                active.corrupt = True
+            return [deferred("4.3.0", "queue file is damaged: moved to the corrupt queue")] * len(job.recipients)
+        report(f"{job.message.id}: delivery to {job.route}", exc, self.metrics, logger=log)
+        return [deferred("4.3.0", "mail system temporarily unable to deliver: internal error")] * len(job.recipients)
 
     def _queue_forward(self, store: Store, forward: Forward, content: bytes) -> str:
         spool = Spool()
@@ -330,6 +389,9 @@ class Scheduler:
                         for each in failed:
                             await self._complete(each, [exc.outcome] * len(each.recipients), "none", started)
                         break
+                    except Exception as exc:  # the job's boundary (the others may find a way)
+                        await self._complete(job, self._job_failed(job, exc), "none", started)
+                        continue
                 started = time.time()
                 envelope = Envelope(
                     sender=self._masquerade(job.message.sender, "envelope_sender"),
@@ -338,24 +400,32 @@ class Scheduler:
                     eight_bit=str(job.message.params.get("BODY", "")).upper() == "8BITMIME",
                     smtputf8="SMTPUTF8" in job.message.params,
                 )
-                message_id, held = job.message.id, job.message.content
+                message_id, held, size = job.message.id, job.message.content, job.message.size
 
                 async def content() -> AsyncIterator[bytes]:
                     if held is not None:
                         yield masquerade_headers(held, self.masq_domains, self.masq_exceptions, self.masq_classes)
                         return
                     offset = 0
-                    while chunk := await self.writer.read(scheduling.read_chunk, message_id, offset, CONTENT_CHUNK):
-                        first, last = offset == 0, len(chunk) < CONTENT_CHUNK
+                    while offset < size:
+                        chunk = await self.writer.read(scheduling.read_chunk, message_id, offset,
+                                                       min(CONTENT_CHUNK, size - offset))
+                        if not chunk:
+                            # raised before the end of data is sent: the peer never gets a
+                            # truncated message, and the connection is dropped
+                            raise ContentError(f"content ends at {offset} of {size} bytes")
+                        first = offset == 0
                         offset += len(chunk)
                         if first:  # the header section is in the first chunk (header_size_limit)
                             chunk = masquerade_headers(chunk, self.masq_domains, self.masq_exceptions,
                                                        self.masq_classes)
                         yield chunk
-                        if last:  # a short read is the end: no read to learn that
-                            return
 
-                outcomes = await conn.deliver(envelope, content)
+                try:
+                    outcomes = await conn.deliver(envelope, content)
+                except Exception as exc:  # the job's boundary: this job is deferred, the worker goes on
+                    conn.usable = False  # possibly inside DATA: never reuse, never end the message
+                    outcomes = self._job_failed(job, exc)
                 await self._complete(job, outcomes, conn.relay, started)
         finally:
             if busy:
@@ -413,8 +483,10 @@ class Scheduler:
         active.outstanding -= 1
         last = active.outstanding == 0
         queued_before = self._queued_here
-        with trio.CancelScope(shield=True):
-            finished = await self.writer.run(self._record, message, results, last, durable=False)
+        corrupt = last and active.corrupt
+        finished = await self._record_outcomes(message, results, last, corrupt)
+        if corrupt:
+            log.warning("%s: moved to the corrupt queue", message.id)
         if last:
             del self.active[message.id]
             if message.content is not None:
@@ -428,13 +500,36 @@ class Scheduler:
             if self._starved or not finished.removed or self._queued_here != queued_before:
                 self.wake()
 
+    async def _record_outcomes(self, message: ClaimedMessage, results: list[RecipientResult], last: bool,
+                               corrupt: bool) -> scheduling.Finished:
+        """Commit a job's outcomes; when the queue cannot be written (disk full, locked
+        by another process, I/O error) keep them and try again with back-off.  The
+        message stays ``active`` meanwhile, so a crash is still covered: the next
+        start returns it to ``incoming`` and it is delivered again, never lost."""
+        backoff = Backoff(initial=0.5, maximum=30.0)
+        while True:
+            try:
+                with trio.CancelScope(shield=True):  # a commit that has begun is waited for
+                    return await self.writer.run(self._record, message, results, last, corrupt, durable=False)
+            except Exception as exc:
+                report(f"{message.id}: recording delivery status", exc, self.metrics, logger=log)
+            try:
+                await trio.sleep(backoff.next())
+            except trio.Cancelled:
+                log.warning("%s: delivery status not recorded before stop: the message stays queued", message.id)
+                raise
+
     def _record(self, store: Store, message: ClaimedMessage, results: list[RecipientResult],
-                last: bool) -> scheduling.Finished:
+                last: bool, corrupt: bool = False) -> scheduling.Finished:
         """Writer-thread work: record outcomes; after the last job, finish the message
-        and queue a bounce for the recipients that failed this round."""
+        and queue a bounce for the recipients that failed this round (or, when its
+        content could not be read whole, move it to the corrupt queue)."""
         if results:
             scheduling.record(store, message.id, results)
         if not last:
+            return scheduling.Finished(False, None, [])
+        if corrupt:
+            scheduling.quarantine(store, message.id)
             return scheduling.Finished(False, None, [])
         return scheduling.finish(store, message.id,
                                  notify=lambda bounced: self._queue_bounce(store, message, bounced),

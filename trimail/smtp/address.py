@@ -4,10 +4,19 @@ RFC 5321 section 4.1.2 grammar, with Postfix's tolerance for a space after the c
 and for a missing pair of angle brackets around a plain address.  Source routes
 (``<@a,@b:user@c>``) are accepted and dropped (RFC 5321 appendix C).
 
+A domain must also be usable as a DNS name (``dns_name``): every label at most
+63 octets and the whole name at most 255 octets in wire form (RFC 1035 2.3.4),
+both counted after IDNA (UTS #46 non-transitional mapping, then the A-label of
+IDNA 2008, as dnspython converts it), with no empty label.  A name a resolver
+cannot even express is refused here (``501 5.1.7``/``501 5.1.3``), so it never
+reaches the queue and the DNS code; the router and the DNS edge check again for
+mail queued before this rule existed.
+
 Security notes: an address never contains control characters, NUL, CR or LF, and
 never exceeds the RFC length limits, so nothing downstream (logs, headers, file
 names) can be injected through it.  Non-ASCII is accepted only when the caller
-says SMTPUTF8 was declared.
+says SMTPUTF8 was declared.  IDNA work is bounded by the 255-character domain
+limit checked first.
 """
 
 from __future__ import annotations
@@ -15,9 +24,16 @@ from __future__ import annotations
 import dataclasses
 import re
 
+try:  # the IDNA 2008 codec dnspython uses when it is installed (trio requires it)
+    import idna as _idna
+except ImportError:  # pragma: no cover - dnspython then falls back to IDNA 2003 too
+    _idna = None
+
 MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 MAX_PATH = 256
+MAX_LABEL = 63  # octets of one DNS label (RFC 1035 2.3.4)
+MAX_WIRE_NAME = 255  # octets of a whole DNS name in wire form, length bytes and root included
 
 
 class AddressError(ValueError):
@@ -43,7 +59,12 @@ _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+_DOTS = re.compile("[.\u3002\uff0e\uff61]")  # the full stops IDNA and dnspython split on
+
+
 def is_domain(text: str) -> bool:
+    """A domain (final dots aside) or an address literal that mail can be
+    routed to: RFC 5321 syntax, and a name DNS can express (``dns_name``)."""
     if len(text) > MAX_DOMAIN or not text:
         return False
     if text.startswith("[") and text.endswith("]"):
@@ -51,7 +72,44 @@ def is_domain(text: str) -> bool:
         if _IPV4.fullmatch(literal):
             return all(int(part) < 256 for part in literal.split("."))
         return literal.lower().startswith("ipv6:") and re.fullmatch(r"[0-9A-Fa-f:.]+", literal[5:]) is not None
-    return all(_LABEL.fullmatch(label) for label in text.rstrip(".").split("."))
+    name = text.rstrip(".")  # final dots are dropped before routing (smtpd, route)
+    if not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return False
+    return dns_name(name) is not None
+
+
+def dns_name(domain: str) -> bytes | None:
+    """*domain* as the ASCII name a resolver sends (A-labels, dot-separated, no
+    final dot), or None when it cannot be a DNS name: an empty label, a label
+    over 63 octets or a name over 255 octets in wire form after IDNA, or a
+    U-label IDNA cannot encode.  Pure; never raises for any ``str``."""
+    if not domain or len(domain) > MAX_DOMAIN:
+        return None
+    ascii_only = domain.isascii()
+    labels = domain.split(".") if ascii_only else _DOTS.split(domain)
+    if len(labels) > 1 and labels[-1] == "":
+        labels.pop()  # one final dot: the name is absolute
+    encoded: list[bytes] = []
+    for label in labels:
+        alabel = _alabel(label)
+        if alabel is None or not 0 < len(alabel) <= MAX_LABEL:
+            return None
+        encoded.append(alabel)
+    if sum(len(label) + 1 for label in encoded) + 1 > MAX_WIRE_NAME:
+        return None
+    return b".".join(encoded)
+
+
+def _alabel(label: str) -> bytes | None:
+    """The ASCII form of one label (IDNA for non-ASCII), or None when it has none."""
+    if label.isascii():
+        return label.encode("ascii")
+    try:
+        if _idna is not None:
+            return bytes(_idna.alabel(_idna.uts46_remap(label, std3_rules=False, transitional=False)))
+        return label.encode("idna")  # pragma: no cover - IDNA 2003, as dnspython without idna
+    except (ValueError, UnicodeError):  # idna.IDNAError is a UnicodeError
+        return None
 
 
 def check_mailbox(address: str, *, utf8: bool) -> str:

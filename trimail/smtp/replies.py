@@ -104,6 +104,7 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
+INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")  # queue file system short or full
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Error: internal error, try again later")
 BARE_LF = Reply(521, "5.5.2", "Error: bare <LF> received")
 FORBIDDEN_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")

@@ -25,6 +25,12 @@ size limit is enforced while reading, but reading goes on to the real end of dat
 so the session stays in sync.  Content comes out as ``DataChunk`` events in wire
 format (``<CR><LF>`` line ends, dots un-stuffed), never as a list of lines.
 
+Error limits (Postfix's smtpd): every error reply counts; at ``hard_error_limit``
+errors the next command gets ``421`` and the session ends.  HELO, EHLO, NOOP, VRFY
+and RSET are "junk" commands: past ``junk_command_limit`` of them each one counts
+as an error too (``smtpd_junk_command_limit``), so a client cannot hold a session
+with NOOPs; the junk count starts again after a message is accepted.
+
 Security notes: every buffer is bounded: command lines by ``line_length_limit``,
 partial data lines by ``_DATA_FLUSH`` bytes; the caller reads only on NEED_DATA.
 """
@@ -174,6 +180,7 @@ _SEQUENCE_ERRORS: dict[str, dict[State, Reply]] = {
              State.MAIL: replies.NO_VALID_RECIPIENTS},
 }
 
+_JUNK_COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "VRFY", "RSET"})  # Postfix's SMTPD_CMD_FLAG_LIMIT
 _KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "ATRN", "SEND",
                                     "SOML", "SAML"})
 
@@ -188,6 +195,7 @@ class Settings:
     line_length_limit: int = 2048
     recipient_limit: int = 1000
     hard_error_limit: int = 20
+    junk_command_limit: int = 100  # HELO/EHLO/NOOP/VRFY/RSET before each counts as an error
     bare_newline: str = "normalize"  # or "yes" (reject); data never ends on bare LF
     forbidden_commands: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})
     smtputf8: bool = True
@@ -209,6 +217,7 @@ class ServerConnection:
         self.extended = False  # EHLO (True) or HELO
         self.helo_name: str | None = None
         self.error_count = 0
+        self.junk_commands = 0
         self.recipient_count = 0
         self.smtputf8 = False  # SMTPUTF8 declared on the current MAIL
         self.tls_active = False
@@ -316,6 +325,8 @@ class ServerConnection:
         self._pending = None
         verb = self._pending_verb
         if reply.is_positive:
+            if isinstance(event, DataEnd):
+                self.junk_commands = 0
             if not isinstance(event, DataStart):  # DATA counts as done at its end
                 self.command_stats[verb + "/ok"] += 1
             self._proceed(event)
@@ -479,6 +490,10 @@ class ServerConnection:
             return
         name = verb.lower()
         self.command_stats[name] += 1
+        if verb in _JUNK_COMMANDS:
+            if self.junk_commands > self.settings.junk_command_limit:
+                self.error_count += 1
+            self.junk_commands += 1
         if verb in ("MAIL", "RCPT", "DATA", "AUTH") and self.settings.tls_required and not self.tls_active:
             self._error(name, Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
             return

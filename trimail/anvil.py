@@ -1,0 +1,103 @@
+"""Admission of SMTP connections: per-client counts and rates, and the stress level.
+
+This is trimail's anvil(8) plus the part of Postfix's master(8) that decides when
+the SMTP service is under stress.  It is pure bookkeeping (no I/O, no clock of
+its own: callers pass the time), so the accept path cannot fail in here.
+
+* ``admit()`` says whether one more connection from a client address may have a
+  session: ``smtpd_process_limit`` sessions in total, at most
+  ``smtpd_client_connection_count_limit`` at once and
+  ``smtpd_client_connection_rate_limit`` per minute from one address.  A refused
+  connection is still counted while it is being told ``421``.
+* ``opened()``/``closed()`` keep the counts; every ``opened()`` must be paired
+  with one ``closed()`` (the caller does it in ``finally``).
+* Stress (Postfix's STRESS_README): when the open sessions reach
+  ``smtpd_stress_threshold`` percent of ``smtpd_process_limit``, the service is
+  under stress until they drop below half of that number (hysteresis, so the
+  mode does not flap with every connection).  ``opened()``/``closed()`` return
+  ``True``/``False`` when the mode changes and ``None`` otherwise; what stress
+  means for a session (shorter deadlines, one error) is the ``stress``
+  parameter's business (``smtpd_timeout = ${stress?{10}:{300}}s``).
+
+Security notes: memory is bounded; at most ``MAX_CLIENTS`` rate windows are
+kept (the oldest client is forgotten first) and a window holds at most
+``limit + 1`` timestamps.
+
+Parameters: smtpd_process_limit, smtpd_client_connection_count_limit,
+smtpd_client_connection_rate_limit, smtpd_stress_threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, deque
+
+from trimail.config import Config
+
+MAX_CLIENTS = 100_000
+RATE_WINDOW = 60.0
+
+TOO_MANY = "too many connections"
+TOO_FAST = "too many connections per minute"
+
+
+class Anvil:
+    def __init__(self, config: Config) -> None:
+        self.per_client: Counter[str] = Counter()
+        self.recent: dict[str, deque[float]] = {}
+        self.sessions = 0
+        self.stress = False
+        self.configure(config)
+
+    def configure(self, config: Config) -> bool | None:
+        """Take the limits of a (re)loaded configuration; counts are kept.  ``False``
+        when stress mode ended because the new configuration disables it."""
+        self.process_limit: int = config.smtpd_process_limit
+        self.count_limit: int = config.smtpd_client_connection_count_limit
+        self.rate_limit: int = config.smtpd_client_connection_rate_limit
+        percent: int = config.smtpd_stress_threshold
+        self.stress_on = math.ceil(self.process_limit * percent / 100) if percent > 0 else 0
+        self.stress_off = self.stress_on // 2
+        if self.stress and not self.stress_on:
+            self.stress = False
+            return False
+        return None
+
+    def admit(self, address: str, now: float) -> str | None:
+        """``None`` when the connection may have a session, else the reason to log
+        (``TOO_MANY`` or ``TOO_FAST``).  Counts the connection in the rate window."""
+        if self.sessions >= self.process_limit or (self.count_limit and self.per_client[address] >= self.count_limit):
+            return TOO_MANY
+        if self._rate_exceeded(address, now):
+            return TOO_FAST
+        return None
+
+    def _rate_exceeded(self, address: str, now: float) -> bool:
+        if not self.rate_limit:
+            return False
+        recent = self.recent.pop(address, None) or deque(maxlen=self.rate_limit + 1)
+        self.recent[address] = recent  # most recently seen last: the oldest is forgotten first
+        while recent and now - recent[0] > RATE_WINDOW:
+            recent.popleft()
+        recent.append(now)
+        if len(self.recent) > MAX_CLIENTS:
+            self.recent.pop(next(iter(self.recent)))
+        return len(recent) > self.rate_limit
+
+    def opened(self, address: str) -> bool | None:
+        self.sessions += 1
+        self.per_client[address] += 1
+        if not self.stress and self.stress_on and self.sessions >= self.stress_on:
+            self.stress = True
+            return True
+        return None
+
+    def closed(self, address: str) -> bool | None:
+        self.sessions -= 1
+        self.per_client[address] -= 1
+        if self.per_client[address] <= 0:
+            del self.per_client[address]
+        if self.stress and self.sessions < max(1, self.stress_off):
+            self.stress = False
+            return False
+        return None

@@ -1,0 +1,77 @@
+"""An online backup of the queue: ``trimail queue backup FILE``.
+
+SQLite's backup API (through apsw) copies the database page by page inside one
+read transaction of our own connection, WAL content included, while serve goes on
+accepting and delivering: the copy is the queue as it was at one instant.  It
+never opens or closes ``queue.db`` outside SQLite (closing any descriptor of the
+file would drop serve's POSIX locks: SQLite's "How To Corrupt", 2.2), which is why
+operators should use this and not copy the file or run the system ``sqlite3``
+tool against a live queue.
+
+The copy is written to a temporary file beside *destination*, checked with
+``PRAGMA quick_check``, fsynced and renamed into place (0600), so a failed or
+interrupted backup never leaves a half-written file under the final name.
+
+Restore: stop serve, copy the backup over ``queue_directory/queue.db``, remove
+``queue.db-wal`` and ``queue.db-shm``, start serve (docs/operations.md).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import apsw
+
+from trimail.queue.store import QueueError, Store
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BackupResult:
+    path: Path
+    pages: int
+    messages: int
+
+
+def backup(queue_directory: str | os.PathLike[str], destination: str | os.PathLike[str]) -> BackupResult:
+    """Copy the live queue database to *destination* (see the module docstring)."""
+    target = Path(destination)
+    if target.is_dir():
+        raise QueueError(f"{target}: is a directory; name the backup file")
+    temporary = target.with_name(f".{target.name}.partial")
+    source = Store.open(queue_directory, readonly=True)
+    try:
+        temporary.unlink(missing_ok=True)
+        copy = apsw.Connection(str(temporary))
+        try:
+            with copy.backup("main", source.db, "main") as step:
+                step.step(-1)  # all pages in one read transaction: one consistent instant
+                pages = step.pagecount
+            copy.execute("PRAGMA journal_mode = DELETE")  # a self-contained file, no -wal beside it
+            check = copy.execute("PRAGMA quick_check").fetchone()[0]
+            if check != "ok":
+                raise QueueError(f"{target}: the copy fails quick_check: {check}")
+            messages = copy.execute("SELECT count(*) FROM message").fetchone()[0]
+        finally:
+            copy.close()
+        os.chmod(temporary, 0o600)
+        with open(temporary, "rb") as f:  # our own copy, never the live queue.db
+            os.fsync(f.fileno())
+        os.replace(temporary, target)
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except apsw.Error as exc:
+        raise QueueError(f"backup to {target}: {exc}") from None
+    except OSError as exc:
+        raise QueueError(f"backup to {target}: {exc.strerror or exc}") from None
+    finally:
+        source.close()
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return BackupResult(target, pages, messages)
