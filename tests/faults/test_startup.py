@@ -231,8 +231,6 @@ def test_chroot_with_the_maillog_outside_the_jail_logs_and_serves(tmp_path, back
 
 
 @needs_root
-@pytest.mark.xfail(strict=True, reason="needs smtpd.py to keep the certificate loaded before the jail "
-                                       "(engineer C's report, defect 12): the lead's change")
 def test_chroot_with_the_certificate_outside_the_jail_offers_starttls(tmp_path, background, jail, ca, cert):
     port = free_port()
     maillog = tmp_path / "maillog"
