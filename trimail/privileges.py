@@ -14,10 +14,11 @@ and paths in the configuration are taken relative to the jail: the queue's
 reading connections, mailboxes, lookup tables and alias databases, the password
 file, CA files, and DNS (set ``dns_nameservers``: ``/etc/resolv.conf`` is not
 there).  As in Postfix, what is read again later must be inside the jail too:
-``trimail reload`` re-reads ``main.cf`` and the TLS certificate, so with those
-outside the jail a reload is refused (one error line, serve keeps running with
-what it has) and a restart applies changes; a ``maillog_file`` outside the jail
-is written on but not reopened after logrotate moves it.  ``trimail check`` (and
+``trimail reload`` re-reads ``main.cf``, so with it outside the jail a reload is
+refused (one error line, serve keeps running with what it has) and a restart
+applies changes; a TLS certificate that cannot be re-read is the one loaded at
+start (one warning); a ``maillog_file`` outside the jail is written on but not
+reopened after logrotate moves it.  ``trimail check`` (and
 serve at start) warns about each such file.
 """
 from __future__ import annotations
