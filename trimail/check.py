@@ -4,7 +4,7 @@ Returns warnings, one line each: compiled tables (``hash:``/``btree:``) that are
 missing or older than their source file (run ``trimail postmap`` or
 ``trimail newaliases``), a queue directory others can read, and with
 ``chroot = yes`` the files serve would need from inside the jail but cannot reach
-there (main.cf and the certificate for reload, lookup tables).  serve logs the
+there (main.cf and the certificate for reload, lookup tables, resolv.conf).  serve logs the
 same warnings when it starts.
 """
 
@@ -103,6 +103,12 @@ def _jail(config: Config) -> list[str]:
         if path and not Path(path).resolve().is_relative_to(jail):
             found.append(f"chroot = yes: {name} {path} lies outside the jail {jail}: reload cannot re-read it "
                          "(restart serve to apply a change)")
+    if not config.dns_nameservers and not (jail / "etc" / "resolv.conf").exists():
+        found.append(f"chroot = yes: dns_nameservers is empty and {jail}/etc/resolv.conf does not exist: "
+                     "inside the jail DNS asks 127.0.0.1 (set dns_nameservers)")
+    if not config.dns_nameservers and not (jail / "etc" / "resolv.conf").exists():
+        found.append(f"chroot = yes: dns_nameservers is empty and {jail}/etc/resolv.conf does not exist: "
+                     "inside the jail DNS asks 127.0.0.1 (set dns_nameservers)")
     seen: set[str] = set()
     for parameter, ref in table_refs(config):
         kind, _, name = ref.partition(":")
