@@ -2,7 +2,9 @@
 
 Returns warnings, one line each: compiled tables (``hash:``/``btree:``) that are
 missing or older than their source file (run ``trimail postmap`` or
-``trimail newaliases``), and a queue directory others can read.  serve logs the
+``trimail newaliases``), a queue directory others can read, and with
+``chroot = yes`` the files serve would need from inside the jail but cannot reach
+there (main.cf and the certificate for reload, lookup tables, resolv.conf).  serve logs the
 same warnings when it starts.
 """
 
@@ -29,7 +31,9 @@ def table_refs(config: Config) -> list[tuple[str, str]]:
     return refs
 
 
-def warnings(config: Config) -> list[str]:
+def warnings(config: Config, *, handing_over: bool = False) -> list[str]:
+    """Every warning, one line each; *handing_over* (serve started as root, about
+    to give the queue to mail_owner) leaves out the ownership warnings it will fix."""
     found: list[str] = []
     seen: set[str] = set()
     for parameter, ref in table_refs(config):
@@ -53,8 +57,9 @@ def warnings(config: Config) -> list[str]:
     except ConfigError as exc:
         found.append(f"error: {exc}")
     found += _certificate(config)
+    found += _jail(config)
     queue = Path(config.queue_directory)
-    if queue.exists():
+    if queue.exists() and not handing_over:
         found += _ownership(queue, config.mail_owner, config.allow_root)
     return found
 
@@ -79,6 +84,43 @@ def _certificate(config: Config) -> list[str]:
     if days < 21:
         return [f"smtpd_tls_cert_file {config.smtpd_tls_cert_file} expires in {days:.0f} days ({info['notAfter']})"]
     return []
+
+
+FILE_TABLES = ("hash", "btree", "texthash", "cidr", "regexp", "pcre")
+
+
+def _jail(config: Config) -> list[str]:
+    """``chroot = yes``: what serve reads after entering the jail must be inside it.
+    main.cf and the TLS certificate are read at start, before the jail, but reload
+    reads them again; lookup tables are opened inside it, by their path there."""
+    if not config.chroot:
+        return []
+    jail = Path(config.queue_directory).resolve()
+    found = []
+    needed = {str(config.path or ""): "main.cf", config.smtpd_tls_key_file: "smtpd_tls_key_file",
+              config.smtpd_tls_cert_file: "smtpd_tls_cert_file"}
+    for path, name in needed.items():
+        if path and not Path(path).resolve().is_relative_to(jail):
+            found.append(f"chroot = yes: {name} {path} lies outside the jail {jail}: reload cannot re-read it "
+                         "(restart serve to apply a change)")
+    if not config.dns_nameservers and not (jail / "etc" / "resolv.conf").exists():
+        found.append(f"chroot = yes: dns_nameservers is empty and {jail}/etc/resolv.conf does not exist: "
+                     "inside the jail DNS asks 127.0.0.1 (set dns_nameservers)")
+    if not config.dns_nameservers and not (jail / "etc" / "resolv.conf").exists():
+        found.append(f"chroot = yes: dns_nameservers is empty and {jail}/etc/resolv.conf does not exist: "
+                     "inside the jail DNS asks 127.0.0.1 (set dns_nameservers)")
+    seen: set[str] = set()
+    for parameter, ref in table_refs(config):
+        kind, _, name = ref.partition(":")
+        if kind not in FILE_TABLES or not name.startswith("/") or name in seen:
+            continue
+        seen.add(name)
+        inside = jail / name.lstrip("/")
+        wanted = compiled_path(inside) if kind in ("hash", "btree") else inside
+        if not wanted.exists():
+            found.append(f"chroot = yes: {parameter} {ref} is opened inside the jail, where {wanted} does not "
+                         f"exist (name tables by their path inside {jail})")
+    return found
 
 
 def resolver_reachable(config: Config) -> list[str]:

@@ -2,18 +2,22 @@
 
 Every command takes ``-c/--config PATH`` and ``-o NAME=VALUE`` (repeatable), after
 the command words.  Exit status: 0 ok, 1 operational failure, 2 usage or
-configuration error; every error is one line on stderr.
+configuration error; every error is one line on stderr.  A command whose reader
+goes away (``trimail queue list | head``) ends quietly with status 141, as
+coreutils and Postfix's mailq do under SIGPIPE.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import trio
 from cyclopts import App, CycloptsError, Parameter
@@ -21,7 +25,9 @@ from cyclopts import App, CycloptsError, Parameter
 from trimail import __version__
 from trimail import config as configuration
 from trimail import log as maillog
-from trimail.config import PARAMETERS, Config, ConfigError
+from trimail.config import PARAMETERS, Config
+from trimail.errors import ConfigurationError, TrimailError
+from trimail.supervise import contained
 from trimail.net.listener import ListenError
 from trimail.privileges import PrivilegeError
 from trimail.queue.lock import AlreadyRunning
@@ -69,7 +75,16 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
         maillog.setup(cfg.myhostname, maillog_file=cfg.maillog_file, syslog_facility=cfg.syslog_facility)
     except OSError as exc:
         raise Failure(f"maillog_file {cfg.maillog_file}: {exc.strerror or exc}") from None
-    trio.run(_serve_until_signal, cfg)
+    try:
+        trio.run(_serve_until_signal, cfg)
+    except BaseException as exc:
+        if cfg.maillog_file:  # the reason belongs in the mail log too, not only on stderr
+            known = _first_known(exc) if isinstance(exc, BaseExceptionGroup) else exc
+            if isinstance(known, _OPERATOR_ERRORS):
+                logging.getLogger("trimail.master").critical("%s", known)
+        raise
+    finally:
+        maillog.shutdown()  # every line written before a fatal error is printed (or within 5 s)
 
 
 async def _serve_until_signal(cfg: Config) -> None:
@@ -86,7 +101,8 @@ async def _serve_until_signal(cfg: Config) -> None:
             with watching:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        await server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
+                        with contained("reload on SIGHUP", server.metrics):  # a failed reload never ends serve
+                            await server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
                     else:
                         server.stop()  # serve drains its sessions and returns
 
@@ -131,7 +147,10 @@ def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
     if answer is None:
         print("trimail: not running")
         raise SystemExit(1)
-    facts = json.loads(answer)
+    try:
+        facts = json.loads(answer)
+    except ValueError:
+        raise Failure(f"unexpected answer from serve's control socket: {answer[:80]!r}") from None
     counts: dict[str, int] = {}
     try:
         store = Store.open(cfg.queue_directory, readonly=True)
@@ -241,8 +260,9 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
             raise
         print("[]")
         return
+    source = store.iter_messages()
     try:
-        messages = _filtered(store.iter_messages(), state, sender, recipient, domain)
+        messages = _filtered(source, state, sender, recipient, domain)
         if json_output:  # one JSON array, written element by element
             out = sys.stdout
             out.write("[")
@@ -256,6 +276,7 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
         for line in mailq_lines(messages):  # plain when piped, streamed for long queues
             print(line)
     finally:
+        source.close()  # end its read snapshot while the connection is still open
         store.close()
 
 
@@ -592,16 +613,43 @@ def _sendmail(argv: list[str]) -> None:
 PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list"], "newaliases": ["newaliases"]}
 
 
+# Errors an operator fixes, reported on one line; anything else is a bug and keeps its traceback.
+_OPERATOR_ERRORS = (TrimailError, Failure, ListenError, AlreadyRunning, PrivilegeError)
+
+
 def _first_known(group: BaseExceptionGroup) -> BaseException:
     """The error an operator should see from a group raised by trio nurseries."""
-    known = (ConfigError, Failure, QueueError, ListenError, AlreadyRunning, PrivilegeError, KeyboardInterrupt)
-    matched, _ = group.split(known)
+    matched, _ = group.split((*_OPERATOR_ERRORS, KeyboardInterrupt))
     if matched is None:
         return group
     leaf: BaseException = matched
     while isinstance(leaf, BaseExceptionGroup):
         leaf = leaf.exceptions[0]
     return leaf
+
+
+def _reader_gone() -> NoReturn:
+    """Standard output's reader went away (``trimail queue list | head``): end
+    quietly, as coreutils and Postfix's mailq do when SIGPIPE ends them; a shell
+    reports them with status 141 (128 + SIGPIPE), and so do we.  The standard
+    output becomes /dev/null so that the interpreter's last flush fails no more
+    (the recipe in Python's signal module documentation)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # no usable stdout at all: nothing left to protect
+        pass
+    raise SystemExit(128 + signal.SIGPIPE)
+
+
+def _flush_stdout() -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _reader_gone()
+    except (OSError, ValueError):  # stdout closed or unusable: nothing more can reach it
+        pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -614,15 +662,20 @@ def main(argv: list[str] | None = None) -> None:
         _sendmail(argv[1:])
     try:
         try:
-            app(argv)
+            try:
+                app(argv)  # cyclopts ends even a successful command with SystemExit
+            finally:
+                _flush_stdout()  # a reader that left shows here, not at interpreter exit
         except BaseExceptionGroup as group:  # errors from inside serve's nurseries
             raise _first_known(group) from None
+    except BrokenPipeError:
+        _reader_gone()
     except CycloptsError:
         raise SystemExit(2) from None
-    except ConfigError as exc:
+    except ConfigurationError as exc:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (Failure, QueueError, ListenError, AlreadyRunning, PrivilegeError) as exc:
+    except _OPERATOR_ERRORS as exc:  # e.g. a table serve cannot open at start: one line, as Postfix's fatal:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

@@ -2,17 +2,53 @@
 
 ``Mon DD HH:MM:SS host trimail/<part>[pid]: text``; *part* is the last component
 of the logger name (``trimail.smtpd`` logs as ``trimail/smtpd``).  Messages are
-written to stderr by default.
+written to stderr by default, to ``maillog_file`` when set, or to syslog when it
+is ``syslog`` (with ``syslog_facility``).
+
+Nothing on the event loop waits for the log destination.  ``setup`` puts a
+``QueueHandler`` on the ``trimail`` logger: the thread that logs only merges the
+message with its arguments and puts the record on a bounded queue; one writer
+thread (a ``QueueListener``) formats the line and writes it, and only that thread
+can block on a slow disk, a full pipe or a stopped journald.  Past
+``MAX_QUEUED_LINES`` waiting lines, new lines are dropped and counted (the
+``trimail_log_lines_dropped_total`` metric, and one warning line once the writer
+catches up), so a stuck destination costs log lines, never the daemon's memory or
+its sessions.  ``shutdown()`` (called when serve ends, and at exit) writes what
+is queued, waiting at most ``FLUSH_TIMEOUT`` seconds for a destination that
+does not move.
+
+``maillog_file`` is opened at start (before serve drops root or enters its jail)
+and reopened when logrotate moves it (no signal needed): the writer thread
+compares the path's inode with the open file's before each line.  Inside a
+``chroot = yes`` jail the path is followed when the file lies inside
+``queue_directory``; a file outside the jail stays open and is written, but it
+cannot be reopened (serve logs this once at start): rotate it with logrotate's
+``copytruncate``, or use syslog or stderr.  Likewise, after serve became
+``mail_owner``, a rotated file it may not open is not reopened (one warning; the
+old file goes on receiving the lines): let logrotate ``create`` it for
+``mail_owner``.  Errors of the destination itself are written to stderr once per
+kind, never as a traceback.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import logging.handlers
 import os
+import queue
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import TextIO
+
+MAX_QUEUED_LINES = 10_000
+FLUSH_TIMEOUT = 5.0
+
+_listener: _Writer | None = None
 
 
 class PostfixFormatter(logging.Formatter):
@@ -43,41 +79,233 @@ class PostfixFormatter(logging.Formatter):
         return f"{self._prefix}{part}[{self._pid}]: {text}"
 
 
-def setup(hostname: str, stream: TextIO | None = None, level: int = logging.INFO, maillog_file: str = "",
-          syslog_facility: str = "mail") -> None:
-    """Send the mail log to *maillog_file* (reopened when logrotate moves it), to
-    syslog when it is ``syslog``, else to stderr."""
-    # The logging HOWTO's "Optimization" settings: we never print caller, thread or
-    # process fields, and collecting them costs a measurable share of each message.
-    logging._srcfile = None  # type: ignore[attr-defined]
-    logging.logThreads = False
-    logging.logProcesses = False
-    logging.logMultiprocessing = False
-    root = logging.getLogger("trimail")
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler: logging.Handler
-    if maillog_file == "syslog":
-        facility = logging.handlers.SysLogHandler.facility_names.get(syslog_facility, "mail")
-        handler = logging.handlers.SysLogHandler("/dev/log", facility=facility)
-        handler.setFormatter(SyslogFormatter())
-    elif maillog_file:
-        handler = logging.handlers.WatchedFileHandler(maillog_file, encoding="utf-8")
-        handler.setFormatter(PostfixFormatter(hostname))
-    else:
-        handler = logging.StreamHandler(stream or sys.stderr)
-        handler.setFormatter(PostfixFormatter(hostname))
-    root.addHandler(handler)
-    root.setLevel(level)
-    root.propagate = False
-
-
 class SyslogFormatter(logging.Formatter):
     """syslog adds time and host itself: ``trimail/part[pid]: text``."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = PostfixFormatter("x").format(record)
         return line.split(" ", 4)[4]
+
+
+class _QuietErrors:
+    """A destination that fails (EPIPE, ENOSPC, EIO) says so on stderr once per
+    kind of error, in one line, instead of logging's traceback per record."""
+
+    _reported: set[str]
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        kind = type(error).__name__
+        if kind in self._reported:
+            return
+        self._reported.add(kind)
+        try:
+            sys.stderr.write(f"trimail: warning: cannot write the mail log: {kind}: {error}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class StreamLog(_QuietErrors, logging.StreamHandler):  # type: ignore[type-arg]
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._reported = set()
+
+
+class SyslogLog(_QuietErrors, logging.handlers.SysLogHandler):
+    def __init__(self, facility: int) -> None:
+        super().__init__("/dev/log", facility=facility)
+        self._reported = set()
+
+
+class MailLogFile(_QuietErrors, logging.handlers.WatchedFileHandler):
+    """``maillog_file``: reopened when logrotate moves it, while its path can be
+    seen and opened; otherwise the open file goes on receiving the lines."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__(filename, encoding="utf-8")
+        self._reported = set()
+        self.follow = True  # compare the path with the open file before each line
+
+    def reopenIfNeeded(self) -> None:  # noqa: N802 (logging's name)
+        if not self.follow:
+            return
+        try:
+            sres = os.stat(self.baseFilename)
+        except FileNotFoundError:
+            sres = None
+        if sres is not None and sres.st_dev == self.dev and sres.st_ino == self.ino:
+            return
+        try:
+            fresh = self._open()
+        except OSError as exc:  # e.g. the new file belongs to root now that we are mail_owner
+            self.follow = False
+            logging.getLogger("trimail.master").warning(
+                "maillog_file %s: cannot reopen after it was moved (%s); writing on to the moved file",
+                self.baseFilename, exc.strerror or exc)
+            return
+        old, self.stream = self.stream, fresh
+        if old is not None:
+            try:
+                old.close()
+            except OSError:
+                pass
+        self._statstream()
+
+    def enter_jail(self, root: Path) -> str | None:
+        """Follow the path as seen from inside a jail rooted at *root*; a warning
+        when the file lies outside it (then it is written, never reopened)."""
+        path = Path(self.baseFilename)
+        try:
+            inside = path.resolve().relative_to(root.resolve())
+        except ValueError:
+            self.follow = False
+            return (f"maillog_file {path} lies outside the chroot jail {root}: it stays open, but is not "
+                    "reopened when logrotate moves it (use copytruncate, syslog, or a file in the jail)")
+        self.baseFilename = str(Path("/") / inside)
+        return None
+
+
+class _BoundedQueueHandler(logging.handlers.QueueHandler):
+    """Never blocks the logging thread: past the bound, a line is dropped and counted."""
+
+    def __init__(self, bound: int) -> None:
+        super().__init__(queue.Queue(bound))
+        self.dropped = 0
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+
+class _Writer(logging.handlers.QueueListener):
+    """The thread that formats and writes; says how many lines were dropped once
+    it has caught up, and stops within a deadline."""
+
+    def __init__(self, source: _BoundedQueueHandler, target: logging.Handler) -> None:
+        super().__init__(source.queue, target)
+        self.source = source
+        self.target = target
+        self._told = 0
+
+    def handle(self, record: logging.LogRecord) -> None:
+        super().handle(record)
+        dropped = self.source.dropped
+        if dropped > self._told and self.queue.empty():
+            record = logging.LogRecord("trimail.master", logging.WARNING, __file__, 0,
+                                       "%d mail log line(s) dropped: the log destination did not keep up",
+                                       (dropped - self._told,), None)
+            self._told = dropped
+            super().handle(record)
+
+    def stop(self, timeout: float = FLUSH_TIMEOUT) -> bool:  # type: ignore[override]
+        """Write what is queued and end the thread; False when the destination
+        did not move within *timeout* (the thread is then left behind, blocked)."""
+        thread = self._thread
+        if thread is None:
+            return True
+        deadline = time.monotonic() + timeout
+        try:
+            self.queue.put(self._sentinel, timeout=timeout)
+        except queue.Full:  # the destination has not moved for the whole deadline
+            pass
+        thread.join(max(0.0, deadline - time.monotonic()))
+        self._thread = None
+        return not thread.is_alive()
+
+
+def setup(hostname: str, stream: TextIO | None = None, level: int = logging.INFO, maillog_file: str = "",
+          syslog_facility: str = "mail", bound: int = MAX_QUEUED_LINES) -> None:
+    """Send the mail log to *maillog_file* (reopened when logrotate moves it), to
+    syslog when it is ``syslog``, else to stderr, through the writer thread, with
+    at most *bound* lines waiting.  Raises OSError when *maillog_file* cannot be
+    opened."""
+    global _listener
+    # The logging HOWTO's "Optimization" settings: we never print caller, thread or
+    # process fields, and collecting them costs a measurable share of each message.
+    logging._srcfile = None  # type: ignore[attr-defined]
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    shutdown()
+    root = logging.getLogger("trimail")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    target: logging.Handler
+    if maillog_file == "syslog":
+        facility = logging.handlers.SysLogHandler.facility_names.get(syslog_facility, "mail")
+        target = SyslogLog(facility)
+        target.setFormatter(SyslogFormatter())
+    elif maillog_file:
+        target = MailLogFile(maillog_file)
+        target.setFormatter(PostfixFormatter(hostname))
+    else:
+        target = StreamLog(stream or sys.stderr)
+        target.setFormatter(PostfixFormatter(hostname))
+    source = _BoundedQueueHandler(bound)
+    _listener = _Writer(source, target)
+    _listener.start()
+    root.addHandler(source)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def shutdown(timeout: float = FLUSH_TIMEOUT) -> None:
+    """Write every queued line and stop the writer thread (at most *timeout* s);
+    later lines go straight to the destination, in the caller's thread."""
+    global _listener
+    listener, _listener = _listener, None
+    if listener is None:
+        return
+    root = logging.getLogger("trimail")
+    target = listener.target
+    if listener.source in root.handlers:
+        root.removeHandler(listener.source)
+    if not listener.stop(timeout):
+        # The writer is stuck inside a write, holding the handler's lock: give the
+        # handler a new lock and no stream, so logging's own shutdown at exit
+        # neither waits for it nor flushes into it.  The queued lines are lost.
+        target.lock = threading.RLock()
+        if isinstance(target, logging.StreamHandler):
+            target.stream = None  # type: ignore[assignment]
+        return
+    root.addHandler(target)  # late lines (exit) go straight to the destination
+    try:
+        target.flush()
+    except (OSError, ValueError):
+        pass
+
+
+atexit.register(shutdown)
+
+
+def dropped_lines() -> int:
+    """Lines dropped so far because the destination did not keep up."""
+    return _listener.source.dropped if _listener is not None else 0
+
+
+@contextmanager
+def entering_jail(root: Path) -> Iterator[None]:
+    """Around ``chroot(root)``: no line is written meanwhile, and afterwards the
+    mail log file is followed by its path inside the jail (or only written, when
+    it lies outside: one warning)."""
+    target = _listener.target if _listener is not None else None
+    if not isinstance(target, MailLogFile):
+        yield
+        return
+    warning = None
+    # a writer stuck in a write holds the lock: then go on without it (the flip is atomic)
+    locked = target.lock is not None and target.lock.acquire(timeout=FLUSH_TIMEOUT)
+    try:
+        yield
+        warning = target.enter_jail(root)
+    finally:
+        if locked:
+            target.lock.release()  # type: ignore[union-attr]
+    if warning:
+        logging.getLogger("trimail.master").warning("%s", warning)
 
 
 def printable(text: str, limit: int = 256) -> str:

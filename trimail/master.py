@@ -5,7 +5,8 @@ Structure (nurseries are the architecture)::
     serve
     ├── QueueWriter thread            (group commit; the one writing connection)
     └── session nursery               (one task per SMTP connection)
-        └── listener nursery          (one accept loop per smtpd_listen socket)
+        └── listener nursery          (one accept loop per smtpd_listen socket,
+                                       the control socket, the metrics endpoint)
 
 Start it with ``await nursery.start(serve, config)``; it reports readiness with the
 ``Server`` handle once every listener is bound.  ``Server.stop()`` begins a
@@ -13,14 +14,28 @@ graceful stop: the listeners close first (no new connections), idle sessions get
 ``421`` at once, sessions inside a transaction get ``graceful_timeout`` to finish,
 then the rest get ``421`` too; the database is closed last.
 
-Parameters: queue_directory, smtpd_listen, smtpd_timeout, smtpd_soft_error_limit,
-smtpd_error_sleep_time, smtpd_client_connection_count_limit, smtpd_process_limit,
-graceful_timeout, smtpd_stress_threshold, smtpd_junk_command_limit, smtpd_hard_error_limit,
-smtpd_tls_handshake_timeout, smtpd_greet_pause (plus everything trimail.smtpd reads).
+Start-up order (``serve``): the queue lock; the queue database, opened and
+recovered, so a queue that cannot be opened ends serve with one fatal line before
+any port is open (no client is accepted and then reset); the TLS certificate,
+loaded once as root and outside any jail (same rule); the SMTP listeners, the
+control socket and the metrics endpoint; then, started as root, ``mail_owner``
+and with ``chroot = yes`` the jail (``become_mail_owner``: the mail log stays
+open across it, see trimail.log); then the tasks.  Only errors at start (exit 1,
+or 2 for configuration) and an explicit stop end serve; the control socket and
+the metrics endpoint serve each request inside its own error boundary.
+
+Parameters: queue_directory, smtpd_listen, submission_listen, smtps_listen,
+metrics_listen, mail_owner, allow_root, chroot, master_service_disable,
+smtpd_timeout, smtpd_soft_error_limit, smtpd_error_sleep_time,
+smtpd_client_connection_count_limit, smtpd_client_connection_rate_limit,
+smtpd_process_limit, graceful_timeout, smtpd_stress_threshold, smtpd_junk_command_limit,
+smtpd_hard_error_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause, queue_busy_timeout
+(plus everything trimail.smtpd reads).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,6 +49,7 @@ import trio
 from prometheus_client import Gauge
 
 from trimail import __version__, anvil
+from trimail import log as maillog
 from trimail.check import warnings as check_warnings
 from trimail import config as configuration
 from trimail.config import Config, ConfigError, ListenAddress
@@ -46,13 +62,13 @@ from trimail.net.control import open_control_listener, serve_control
 from trimail.net.listener import ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session, SessionLimits
 from trimail.queue.lock import QueueLock
-from trimail.queue.store import Store, prepare_directory
+from trimail.queue.store import QueueError, Store, prepare_directory
 from trimail.privileges import drop_privileges
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.smtp import replies
-from trimail.smtpd import ReceiveContext, SmtpdSession
-from trimail.supervise import contained
+from trimail.smtpd import ReceiveContext, SmtpdSession, server_tls_context
+from trimail.supervise import contained, describe
 
 log = logging.getLogger("trimail.master")
 
@@ -326,33 +342,98 @@ def raise_descriptor_limit() -> None:
             log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
 
 
+Endpoint = tuple[trio.SocketListener, str, ListenAddress]
+
+
+async def open_endpoints(config: Config, queue_directory: Path
+                         ) -> tuple[list[Endpoint], trio.SocketListener, list[trio.SocketListener]]:
+    """Bind every SMTP listener, the control socket and the metrics endpoint; when
+    one cannot be opened, those already open are closed and ListenError raised."""
+    opened: list[trio.SocketListener] = []
+    try:
+        listeners: list[Endpoint] = []
+        for kind, parameter in LISTENERS:
+            for address in config.get(parameter):
+                for listener in await open_listeners([address]):
+                    opened.append(listener)
+                    listeners.append((listener, kind, address))
+        control = await open_control_listener(queue_directory)
+        opened.append(control)
+        metrics_listeners = await open_listeners(config.metrics_listen)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for listener in opened:
+                await listener.aclose()
+        raise
+    return listeners, control, metrics_listeners
+
+
+def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Path]:
+    """Started as root: become mail_owner (entering the chroot jail first when
+    ``chroot = yes``), unless ``allow_root``.  Returns the configuration and the
+    queue directory as serve sees them from now on (``/`` inside the jail).  The
+    mail log file stays open across the switch (trimail.log)."""
+    if os.geteuid() != 0:
+        return config, queue_directory
+    if config.allow_root:
+        log.warning("running as root: allow_root = yes (development and test suites only)")
+        return config, queue_directory
+    with maillog.entering_jail(queue_directory) if config.chroot else contextlib.nullcontext():
+        drop_privileges(config.mail_owner, queue_directory, config.chroot)
+    if config.chroot:  # trimail.check warned at start about files the jail hides
+        config = config.with_overrides({"queue_directory": "/"})
+        queue_directory = Path("/")
+    log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
+    return config, queue_directory
+
+
+def preflight(config: Config) -> None:
+    """What would make the Server fail at start is found before any port is open:
+    the TLS certificate is loaded once here (ConfigError: exit 2, one line).  This
+    is also the last moment it can be read as root and outside the jail."""
+    if config.smtpd_tls_cert_file:
+        server_tls_context(config)
+
+
+async def recover(writer: QueueWriter, queue_directory: Path) -> None:
+    """Messages an earlier run left ``active`` go back to ``incoming``; a queue that
+    cannot even do that is a QueueError (one fatal line at start)."""
+    try:
+        recovered = await writer.run(Store.recover_active)
+    except QueueError:
+        raise
+    except Exception as exc:  # the database opened but cannot be written
+        raise QueueError(f"{queue_directory / 'queue.db'}: {describe(exc)}") from None
+    if recovered:
+        log.info("recovered %d message(s) left active by an earlier run", recovered)
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the MTA until ``Server.stop()``; readiness is reported with the Server."""
+    """Run the MTA until ``Server.stop()``; readiness is reported with the Server.
+
+    Start-up order: the queue lock, the queue database (opened and recovered: a
+    queue that cannot be opened ends serve with one line before any port is open),
+    the TLS certificate (``preflight``), then the listeners, then mail_owner and
+    the jail, then the tasks."""
     raise_descriptor_limit()
     queue_directory = Path(config.queue_directory)
     prepare_directory(queue_directory)
     lock = QueueLock(queue_directory)
     lock.acquire()
-    for warning in check_warnings(config):
-        log.warning("%s", warning)
     try:
-        listeners = [(listener, kind, address) for kind, parameter in LISTENERS for address in config.get(parameter)
-                     for listener in await open_listeners([address])]
-        control = await open_control_listener(queue_directory)
-        metrics_listeners = await open_listeners(config.metrics_listen)
-        if os.geteuid() == 0 and config.allow_root:
-            log.warning("running as root: allow_root = yes (development and test suites only)")
-        elif os.geteuid() == 0:
-            drop_privileges(config.mail_owner, queue_directory, config.chroot)
-            if config.chroot:
-                config = config.with_overrides({"queue_directory": "/"})
-                queue_directory = Path("/")
-            log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
+        for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
+            log.warning("%s", warning)
+
         busy_timeout = config.queue_busy_timeout
-        async with QueueWriter(lambda: Store.open(queue_directory, busy_timeout=busy_timeout)) as writer:
-            recovered = await writer.run(Store.recover_active)
-            if recovered:
-                log.info("recovered %d message(s) left active by an earlier run", recovered)
+
+        def open_store() -> Store:  # reads queue_directory when called: "/" once inside the jail
+            return Store.open(queue_directory, busy_timeout=busy_timeout)
+
+        async with QueueWriter(open_store) as writer:
+            await recover(writer, queue_directory)
+            preflight(config)
+            listeners, control, metrics_listeners = await open_endpoints(config, queue_directory)
+            config, queue_directory = become_mail_owner(config, queue_directory)
             server = Server(config, writer, listeners)
             async with trio.open_nursery() as top:
                 if "qmgr" not in config.master_service_disable:
@@ -363,10 +444,13 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                     async with trio.open_nursery() as accepting:
                         server._accepting, server._sessions = accepting, sessions
                         server.start_listening(listeners)
-                        accepting.start_soon(serve_control, control, server.control_commands())
+                        accepting.start_soon(serve_control, control, server.control_commands(), server.metrics)
                         for listener in metrics_listeners:
                             accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
                             server.metrics_addresses.append(bound_address(listener))
+                        if server.metrics_addresses:
+                            log.info("metrics endpoint listening on %s",
+                                     ", ".join(map(str, server.metrics_addresses)))
                         log.info("daemon started -- version %s, configuration %s, listening on %s",
                                  __version__, config.source, ", ".join(map(str, server.addresses)))
                         task_status.started(server)

@@ -5,21 +5,39 @@ mix their numbers).  Counters move where the events happen (smtpd, scheduler,
 queue writer); queue sizes and the oldest message's age are read from the
 database, through the writer, when the endpoint is scraped.  The endpoint is a
 minimal HTTP/1.0 responder on trio: ``GET /metrics`` (any path) answers the text
-exposition format; requests are bounded in size and time.
+exposition format; requests are bounded in size (8 KiB) and time (10 s), and each
+one runs in its own error boundary, so a client that resets mid-request or sends
+garbage costs that request only (``trimail_task_failures{task="metrics request"}``
+counts the unexpected ones).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
-from trimail.net.reading import receive_until
+from trimail import log as maillog
+from trimail.net.reading import receive_until, serve_requests
+from trimail.supervise import report
 
 MAX_REQUEST = 8192
+REQUEST_TIMEOUT = 10.0  # seconds for one request, reading and answering
+
+
+class _LogDrops(Collector):
+    """trimail_log_lines_dropped_total: mail log lines dropped because the log
+    destination did not keep up (trimail.log bounds its queue)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily("trimail_log_lines_dropped",
+                                  "Mail log lines dropped because the log destination did not keep up",
+                                  value=maillog.dropped_lines())
 
 
 class Metrics:
@@ -48,6 +66,7 @@ class Metrics:
                                       buckets=(1, 2, 5, 10, 20, 50, 100, 200, 512), registry=r)
         self.failures = Counter("trimail_task_failures", "Failures contained by an error boundary", ["task"],
                                 registry=r)
+        r.register(_LogDrops())
 
     def task_failed(self, task: str) -> None:
         self.failures.labels(task).inc()
@@ -71,22 +90,26 @@ class Metrics:
 
 async def serve_metrics(listener: trio.SocketListener, metrics: Metrics,
                         refresh: Callable[[], Awaitable[None]]) -> None:
-    """Answer each connection with the current metrics."""
+    """Answer each connection with the current metrics, each request in its own
+    error boundary (``net.reading.serve_requests``): a client that resets or sends
+    garbage costs its own request only.  When the queue cannot be read the answer
+    is ``503`` and the reason goes to the log, never to the client."""
 
     async def handle(stream: trio.SocketStream) -> None:
-        async with stream:
-            with trio.move_on_after(10):
-                request = await receive_until(stream, b"\r\n\r\n", MAX_REQUEST)
-                if not request.startswith(b"GET "):
-                    await stream.send_all(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-                    return
+        with trio.move_on_after(REQUEST_TIMEOUT):
+            request = await receive_until(stream, b"\r\n\r\n", MAX_REQUEST)
+            if not request.startswith(b"GET "):
+                await stream.send_all(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
+                return
+            try:
                 await refresh()
-                body = metrics.exposition()
-                head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
-                        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-                try:
-                    await stream.send_all(head + body)
-                except trio.BrokenResourceError:
-                    pass
+            except Exception as exc:  # the queue is unreadable now: say so without details
+                report("metrics refresh", exc, metrics)
+                await stream.send_all(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+                return
+            body = metrics.exposition()
+            head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
+                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+            await stream.send_all(head + body)
 
-    await trio.serve_listeners(handle, [listener])
+    await serve_requests(listener, handle, task="metrics request", metrics=metrics)

@@ -3,13 +3,24 @@
 ``drop_privileges()`` refuses a missing or root ``mail_owner``, hands the queue
 directory (0700) and its files (0600) to that user, clears supplementary groups,
 and sets gid then uid; the change is permanent (real, effective and saved ids),
-and a check afterwards makes sure root cannot be regained.  Optional
-``chroot = yes`` first confines the process to ``queue_directory``: everything
-serve opens later (queue database, mailboxes, tables, password file, DNS server
-list via ``dns_nameservers``) must then live inside it, and paths in the
-configuration are taken relative to the jail (``queue_directory`` becomes ``/``).
-"""
+and a check afterwards makes sure root cannot be regained.
 
+Optional ``chroot = yes`` first confines the process to ``queue_directory``.
+Opened before the jail, and kept open across it: the listening sockets, the
+control socket, the queue lock and database, the mail log (``maillog_file``,
+``/dev/log``; trimail.log), and everything imported (``preload``).  Everything
+serve opens later must live inside the jail, where ``queue_directory`` is ``/``
+and paths in the configuration are taken relative to the jail: the queue's
+reading connections, mailboxes, lookup tables and alias databases, the password
+file, CA files, and DNS (set ``dns_nameservers``: ``/etc/resolv.conf`` is not
+there).  As in Postfix, what is read again later must be inside the jail too:
+``trimail reload`` re-reads ``main.cf``, so with it outside the jail a reload is
+refused (one error line, serve keeps running with what it has) and a restart
+applies changes; a TLS certificate that cannot be re-read is the one loaded at
+start (one warning); a ``maillog_file`` outside the jail is written on but not
+reopened after logrotate moves it.  ``trimail check`` (and
+serve at start) warns about each such file.
+"""
 from __future__ import annotations
 
 import os

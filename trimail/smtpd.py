@@ -183,15 +183,32 @@ class ReceiveContext:
         return await off_loop(tables, virtual_expand, recipients, tables, timeout=self.lookup_timeout)
 
 
+# The last certificate loaded from each (cert, key) path.  serve loads it at start, as root and
+# outside any chroot jail (master.preflight); when the path cannot be opened later (the jail, or a
+# root-only key after the switch to mail_owner), reload keeps that one instead of failing.
+_loaded: dict[tuple[str, str], ssl.SSLContext] = {}
+_kept_warned: set[tuple[str, str]] = set()
+
+
 def server_tls_context(config: Config) -> ssl.SSLContext:
-    """TLS 1.2 or newer with the configured certificate (ConfigError when unusable)."""
+    """TLS 1.2 or newer with the configured certificate (ConfigError when unusable).
+    A certificate that cannot be opened any more but was loaded before is kept,
+    with one warning (restart serve to load a new one)."""
+    key = (config.smtpd_tls_cert_file, config.smtpd_tls_key_file)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         ctx.load_cert_chain(config.smtpd_tls_cert_file, config.smtpd_tls_key_file or None)
     except (OSError, ssl.SSLError) as exc:
+        if not isinstance(exc, ssl.SSLError) and key in _loaded:
+            if key not in _kept_warned:
+                _kept_warned.add(key)
+                log.warning("cannot read %s now (%s): keeping the certificate loaded at start; restart serve "
+                            "to load a new one", config.smtpd_tls_cert_file, exc.strerror or exc)
+            return _loaded[key]
         raise ConfigError(f"{config.where('smtpd_tls_cert_file')}: cannot load certificate "
                           f"{config.smtpd_tls_cert_file} / key {config.smtpd_tls_key_file}: {exc}") from None
+    _loaded[key] = ctx
     return ctx
 
 

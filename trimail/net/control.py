@@ -3,7 +3,14 @@
 One line per connection, one line back.  Commands: ``flush`` (wake the scheduler:
 the database already says what is due) and ``ping``.  The operator's tools use it
 to make serve act now; the database stays the source of truth, so a tool works
-the same when serve is not running.
+the same when serve is not running.  ``reload``, ``stop`` and ``status`` come from
+master.Server.
+
+Security: the socket is 0600 (only root and mail_owner reach it).  A command line
+is at most 256 bytes and must arrive within 5 s; clients are served concurrently
+(at most 32 at once) and each request has its own error boundary, so a client that
+resets, stays silent or sends garbage costs its own request only.  Commands run
+one at a time.
 """
 
 from __future__ import annotations
@@ -16,10 +23,14 @@ from pathlib import Path
 
 import trio
 
-from trimail.net.reading import receive_until
+from trimail.log import printable
+from trimail.net.listener import ListenError
+from trimail.net.reading import receive_until, serve_requests
+from trimail.supervise import FailureCounter
 
 CONTROL_NAME = "control"
 MAX_LINE = 256
+READ_TIMEOUT = 5.0  # seconds to send a command line, and to take the answer
 
 
 async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
@@ -30,29 +41,38 @@ async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
     old = os.umask(0o177)
     try:
         await sock.bind(str(path))
+        sock.listen(16)
+    except OSError as exc:  # e.g. a path longer than a UNIX socket address allows (108 bytes)
+        sock.close()
+        raise ListenError(f"control socket {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
-    sock.listen(16)
     return trio.SocketListener(sock)
 
 
 async def serve_control(listener: trio.SocketListener,
-                        commands: dict[str, Callable[[], str | Awaitable[str]]]) -> None:
-    async with listener:
-        while True:
-            stream = await listener.accept()
-            async with stream:
-                with trio.move_on_after(5):
-                    line = await receive_until(stream, b"\n", MAX_LINE)
-                    command = line.split(b"\n")[0].decode("ascii", "replace").strip()
-                    handler = commands.get(command)
-                    answer = handler() if handler else f"error: unknown command {command!r}"
-                    if inspect.isawaitable(answer):
-                        answer = await answer
-                    try:
-                        await stream.send_all(answer.encode() + b"\n")
-                    except trio.BrokenResourceError:
-                        pass
+                        commands: dict[str, Callable[[], str | Awaitable[str]]],
+                        metrics: FailureCounter | None = None) -> None:
+    """Answer one command per connection.  Clients are read concurrently (a silent
+    one cannot hold the socket), each request in its own error boundary; commands
+    run one at a time, so two reloads never interleave."""
+    one_at_a_time = trio.Lock()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(READ_TIMEOUT) as reading:
+            line = await receive_until(stream, b"\n", MAX_LINE)
+        if reading.cancelled_caught or not line or (b"\n" not in line and len(line) >= MAX_LINE):
+            return  # silent, too slow or over-long: nothing was asked
+        command = line.split(b"\n")[0].decode("ascii", "replace").strip()
+        handler = commands.get(command)
+        async with one_at_a_time:
+            answer = handler() if handler else f"error: unknown command {printable(command, 64)!r}"
+            if inspect.isawaitable(answer):
+                answer = await answer
+        with trio.move_on_after(READ_TIMEOUT):
+            await stream.send_all(answer.encode() + b"\n")
+
+    await serve_requests(listener, handle, task="control request", metrics=metrics)
 
 
 def send_command(queue_directory: Path, command: str, timeout: float = 5.0) -> str | None:

@@ -1,0 +1,319 @@
+"""Start-up and the mail log under faults: a queue that cannot be opened, a mail
+log nobody reads, logrotate, and ``chroot = yes`` with files outside the jail."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pwd
+import re
+import shutil
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import write_main_cf
+from tests.faults.conftest import banner, integrity_ok, send, trimail_cmd, wait_until
+
+F_SETPIPE_SZ = 1031
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Background:
+    """``trimail serve`` whose mail log is not stderr: a child process, killed at the end."""
+
+    def __init__(self, config_path: Path) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "trimail", "serve", "-c", str(config_path)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> tuple[int, str]:
+        if self.alive:
+            self.proc.terminate()
+        try:
+            _, err = self.proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=30)
+        return self.proc.returncode, err.decode("utf-8", "replace")
+
+
+@pytest.fixture
+def background() -> Iterator:
+    started: list[Background] = []
+
+    def start(config_path: Path) -> Background:
+        started.append(Background(config_path))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.alive:
+            proc.proc.kill()
+            proc.proc.wait(30)
+
+
+def answers_220(port: int) -> bool:
+    try:
+        return banner(port, timeout=5).startswith("220 ")
+    except OSError:
+        return False
+
+
+# -- defect 13: the queue is opened before any port is -------------------------------
+
+
+def run_and_knock(config_path: Path, port: int) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """Run serve to its end while connecting to *port* as fast as possible; returns
+    its result and the connections that were accepted meanwhile."""
+    accepted: list[str] = []
+    done = threading.Event()
+
+    def knock() -> None:
+        while not done.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    accepted.append("accepted")
+            except OSError:
+                pass
+
+    knocker = threading.Thread(target=knock, daemon=True)
+    knocker.start()
+    try:
+        result = trimail_cmd("serve", "-c", str(config_path))
+    finally:
+        done.set()
+        knocker.join(10)
+    return result, accepted
+
+
+@pytest.mark.parametrize("to_file", [False, True], ids=["stderr", "maillog_file"])
+def test_a_queue_that_cannot_be_opened_is_one_fatal_line_before_any_port_opens(tmp_path, to_file):
+    port = free_port()
+    queue = tmp_path / "queue"
+    queue.mkdir(mode=0o700)
+    (queue / "queue.db").write_bytes(b"this is not an SQLite database\n" * 200)
+    maillog = tmp_path / "maillog"
+    config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", master_service_disable="",
+                                **({"maillog_file": str(maillog)} if to_file else {}))
+    result, accepted = run_and_knock(config_path, port)
+    assert result.returncode != 0
+    fatal = [line for line in result.stderr.splitlines() if "fatal" in line or "error" in line]
+    assert len(fatal) == 1 and "queue.db" in fatal[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not accepted, f"serve accepted {len(accepted)} connection(s) before it failed"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    if to_file:  # the reason is in the mail log too
+        assert [line for line in maillog.read_text().splitlines() if "fatal:" in line][0].endswith(
+            fatal[0].split("fatal: ", 1)[1])
+
+
+def test_a_certificate_that_cannot_be_loaded_is_fatal_before_any_port_opens(tmp_path):
+    port = free_port()
+    config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}",
+                                smtpd_tls_cert_file=str(tmp_path / "missing.pem"))
+    result, accepted = run_and_knock(config_path, port)
+    assert result.returncode == 2, result.stderr
+    fatal = [line for line in result.stderr.splitlines() if "fatal" in line]
+    assert len(fatal) == 1 and "cannot load certificate" in fatal[0] and "Traceback" not in result.stderr
+    assert not accepted, f"serve accepted {len(accepted)} connection(s) before it failed"
+
+
+# -- defect 16: a mail log that blocks never stalls the event loop --------------------
+
+
+def test_a_maillog_fifo_nobody_reads_does_not_stop_mail(tmp_path, background):
+    fifo = tmp_path / "maillog"
+    os.mkfifo(fifo)
+    # a reader that exists (so serve can open the FIFO) but never reads: once the
+    # one-page pipe is full, every write blocks, as a stopped journald or a hung disk would
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)
+        port = free_port()
+        config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(fifo))
+        serve = background(config_path)
+        wait_until(lambda: answers_220(port) or not serve.alive, timeout=30)
+        queued = [send(port, [f"r{n}@far.example"]) for n in range(40)]  # far more log than one page
+        assert serve.alive and answers_220(port)
+        assert len(set(queued)) == 40
+        result = trimail_cmd("queue", "list", "--json", "-c", str(config_path))
+        assert all(queue_id in result.stdout for queue_id in queued)
+    finally:
+        os.close(reader)
+    status, err = serve.stop()
+    assert status == 0 and "Traceback" not in err, err
+
+
+def test_maillog_is_reopened_after_logrotate_moves_it(tmp_path, background):
+    maillog = tmp_path / "maillog"
+    port = free_port()
+    config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(maillog))
+    serve = background(config_path)
+    wait_until(lambda: maillog.exists() and "daemon started" in maillog.read_text(), timeout=30)
+    first = send(port, ["a@far.example"])
+    wait_until(lambda: first in maillog.read_text())
+    maillog.rename(tmp_path / "maillog.1")  # what logrotate does (no signal)
+    second = send(port, ["b@far.example"])
+    wait_until(lambda: maillog.exists() and second in maillog.read_text())
+    assert second not in (tmp_path / "maillog.1").read_text()
+    status, _ = serve.stop()
+    assert status == 0
+    assert "terminating on stop request" in maillog.read_text()  # the last line is not lost at stop
+
+
+# -- defect 12: chroot with files that live outside the jail ----------------------------
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to chroot and change users")
+
+
+@pytest.fixture
+def jail() -> Iterator[Path]:
+    """A queue directory outside pytest's root-only tmp tree (the jail)."""
+    queue = Path(tempfile.mkdtemp(prefix="trimail-jail-", dir="/tmp"))
+    try:
+        yield queue
+    finally:
+        shutil.rmtree(queue, ignore_errors=True)
+
+
+def chroot_config(tmp_path: Path, queue: Path, port: int, **extra: object) -> Path:
+    pwd.getpwnam("nobody")
+    return write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", queue_directory=str(queue),
+                         mail_owner="nobody", allow_root="no", chroot="yes", master_service_disable="qmgr",
+                         dns_nameservers="127.0.0.1:53", alias_maps="", alias_database="",
+                         local_recipient_maps="", maillog_file=str(tmp_path / "maillog"), **extra)
+
+
+@needs_root
+def test_chroot_with_the_maillog_outside_the_jail_logs_and_serves(tmp_path, background, jail):
+    port = free_port()
+    maillog = tmp_path / "maillog"
+    config_path = chroot_config(tmp_path, jail, port)
+    serve = background(config_path)
+    wait_until(lambda: (maillog.exists() and "daemon started" in maillog.read_text()) or not serve.alive,
+               timeout=30)
+    assert serve.alive, serve.stop()[1] + (maillog.read_text() if maillog.exists() else "")
+    assert os.readlink(f"/proc/{serve.proc.pid}/root") == str(jail)
+    queue_id = send(port, ["someone@far.example"])
+    wait_until(lambda: f"{queue_id}: from=<alice@client.example>" in maillog.read_text())
+    assert answers_220(port)
+    # main.cf lies outside the jail: reload cannot re-read it (as Postfix documents for
+    # files a chrooted daemon needs later); it is refused with one line, serve stays up
+    assert re.search(r"main.cf \S+ lies outside the jail", maillog.read_text())
+    reload = trimail_cmd("reload", "-c", str(config_path))
+    assert reload.returncode == 1 and len(reload.stderr.splitlines()) == 1, reload.stderr
+    wait_until(lambda: "reload refused" in maillog.read_text())
+    assert len([line for line in maillog.read_text().splitlines() if "reload refused" in line]) == 1
+    assert answers_220(port) and serve.alive
+    status, err = serve.stop()
+    assert status == 0 and "Traceback" not in err, err
+    assert "Traceback" not in maillog.read_text()
+    assert integrity_ok(jail) == "ok"
+
+
+@needs_root
+def test_chroot_with_the_certificate_outside_the_jail_offers_starttls(tmp_path, background, jail, ca, cert):
+    port = free_port()
+    maillog = tmp_path / "maillog"
+    config_path = chroot_config(tmp_path, jail, port, smtpd_tls_cert_file=str(cert))
+    serve = background(config_path)
+    wait_until(lambda: (maillog.exists() and "daemon started" in maillog.read_text()) or not serve.alive,
+               timeout=30)
+    assert serve.alive, serve.stop()[1] + (maillog.read_text() if maillog.exists() else "")
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example")
+        client.starttls(context=context)
+        client.ehlo("client.example")
+        client.sendmail("alice@client.example", ["b@far.example"], "Subject: tls\r\n\r\nx\r\n")
+    wait_until(lambda: re.search(r"from=<alice@client.example>", maillog.read_text()) is not None)
+    reload = trimail_cmd("reload", "-c", str(config_path))
+    # main.cf and the certificate lie outside the jail: reload is refused with one line
+    # (or, with main.cf inside it, keeps the certificate loaded at start); never a crash
+    wait_until(lambda: re.search(r"reload refused|reload -- version", maillog.read_text()) is not None)
+    assert serve.alive and answers_220(port), reload.stderr
+    status, err = serve.stop()
+    assert status == 0 and "Traceback" not in err, err
+
+
+def test_a_blocked_log_destination_drops_and_counts_lines_instead_of_blocking(tmp_path):
+    """In-process: the logging call never waits for the destination; past the bound
+    lines are dropped, counted, and reported once the destination moves again."""
+    import logging
+
+    from trimail import log as maillog
+
+    fifo = tmp_path / "maillog"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    root = logging.getLogger("trimail")
+    saved = list(root.handlers), root.level, root.propagate
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)
+        maillog.setup("mx.test.example", maillog_file=str(fifo), bound=50)
+        started = time.monotonic()
+        for number in range(2000):
+            logging.getLogger("trimail.smtpd").info("line %d %s", number, "x" * 100)
+        assert time.monotonic() - started < 5  # 2000 lines into a full pipe, without waiting on it
+        assert maillog.dropped_lines() > 1000
+        read = b""
+
+        def drained() -> bool:
+            nonlocal read
+            try:
+                read += os.read(reader, 65536)
+            except BlockingIOError:
+                pass
+            return b"mail log line(s) dropped" in read
+
+        wait_until(drained)
+        assert b"trimail/smtpd[" in read and b"line 0 " in read
+    finally:
+        maillog.shutdown(timeout=1)
+        os.close(reader)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        root.propagate = saved[2]
+
+
+@needs_root
+def test_chroot_with_the_maillog_inside_the_jail_follows_logrotate(tmp_path, background, jail):
+    port = free_port()
+    maillog = jail / "maillog"
+    config_path = chroot_config(tmp_path, jail, port)
+    config_path.write_text(config_path.read_text().replace(str(tmp_path / "maillog"), str(maillog)))
+    serve = background(config_path)
+    wait_until(lambda: (maillog.exists() and "daemon started" in maillog.read_text()) or not serve.alive,
+               timeout=30)
+    assert serve.alive, serve.stop()[1]
+    first = send(port, ["a@far.example"])
+    wait_until(lambda: first in maillog.read_text())
+    maillog.rename(jail / "maillog.1")
+    second = send(port, ["b@far.example"])
+    wait_until(lambda: maillog.exists() and second in maillog.read_text())
+    assert second not in (jail / "maillog.1").read_text()
+    status, err = serve.stop()
+    assert status == 0 and "Traceback" not in err, err
