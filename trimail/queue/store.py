@@ -196,6 +196,7 @@ class Store:
         self.db = connection
         self.path = path
         self.durable = True  # PRAGMA synchronous = FULL (set in open)
+        self.busy_timeout = BUSY_TIMEOUT_MS / 1000
 
     @classmethod
     def open(cls, queue_directory: str | os.PathLike[str], *, readonly: bool = False,
@@ -232,6 +233,7 @@ class Store:
             cursor.execute("PRAGMA synchronous = FULL")
             cursor.execute("PRAGMA foreign_keys = ON")
             store = cls(db, path)
+            store.busy_timeout = busy_timeout
             store._migrate(readonly)
         except apsw.Error as exc:
             raise _storage_error(path, exc) from None
@@ -291,7 +293,13 @@ class Store:
         """Copy the WAL into the database and truncate it (when no reader needs
         it); returns (WAL frames, frames checkpointed).  Busy readers make it
         partial, never wrong."""
-        row = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        # Never wait for readers: a long read (a backup, a listing of a big queue)
+        # would otherwise hold the writer, and every pending 250, for the busy timeout.
+        self.db.set_busy_timeout(0)
+        try:
+            row = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        finally:
+            self.db.set_busy_timeout(int(self.busy_timeout * 1000))
         return int(row[1]), int(row[2])
 
     @contextmanager
