@@ -183,3 +183,29 @@ def _rows(path, query: str) -> list[tuple]:
 
 def integrity_ok_file(path) -> str:
     return str(_rows(path, "PRAGMA integrity_check")[0][0])
+
+
+def test_backup_and_postmap_refuse_to_replace_the_live_queue(daemon, tmp_path):
+    """Operator slips: a backup or a table named after the queue must not rename a
+    file over the live queue.db (serve would go on writing into the unlinked file)."""
+    import os
+
+    from tests.conftest import trimail
+    from trimail.queue.store import Store
+
+    served = daemon(master_service_disable="qmgr")
+    first = send(served.port, ["bob@example.com"])
+    queue_db = served.queue_directory / "queue.db"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for target, reason in ((queue_db, "queue directory"), (served.queue_directory / "copy.db", "queue directory"),
+                           (fifo, "not a regular file"), (tmp_path, "not a regular file")):
+        result = trimail("queue", "backup", str(target), "-c", str(served.config_path))
+        assert result.returncode != 0 and reason in result.stderr, (target, result.stderr)
+    (served.queue_directory / "queue").write_text("key value\n")
+    result = trimail("postmap", f"hash:{served.queue_directory / 'queue'}", "-c", str(served.config_path))
+    assert result.returncode != 0 and "not a trimail table" in result.stderr, result.stderr
+    second = send(served.port, ["carol@example.com"])
+    assert served.proc.stop() == 0
+    assert {m.id for m in Store.open(served.queue_directory, readonly=True).list_messages()} == {first, second}
+    assert integrity_ok(served.queue_directory) == "ok"

@@ -16,6 +16,7 @@ bits (without execute) and is written next to it, never through a symlink
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -83,6 +84,7 @@ def compile_table(source: Path, entries: Iterable[tuple[str, str, int]]) -> tupl
     to a temporary file, fsynced, renamed over the old one.  The first of duplicate
     keys wins, with a warning naming both lines."""
     target = compiled_path(source)
+    _check_replaceable(target)
     warnings: list[str] = []
     seen: dict[str, int] = {}
     rows = []
@@ -114,6 +116,32 @@ def compile_table(source: Path, entries: Iterable[tuple[str, str, int]]) -> tupl
         _discard(tmp)
         raise
     return len(rows), warnings
+
+
+def _check_replaceable(target: Path) -> None:
+    """Refuse to rename a table over anything that is not an older table: a device,
+    a directory, or an SQLite database with other tables (``postmap
+    hash:/var/spool/trimail/queue`` would otherwise replace the live queue).  A
+    regular file that is not SQLite (Postfix's Berkeley DB) may be replaced."""
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise TableError(f"{target}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise TableError(f"{target}: exists and is not a regular file; refusing to replace it")
+    try:
+        db = apsw.Connection(str(target), flags=apsw.SQLITE_OPEN_READONLY)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except apsw.Error:
+        return  # not SQLite: an old Berkeley DB file, say
+    if tables - {"map"}:
+        raise TableError(f"{target}: is an SQLite database but not a trimail table "
+                         f"(it has {', '.join(sorted(tables))}); refusing to replace it")
 
 
 def _discard(tmp: str) -> None:

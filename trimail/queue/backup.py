@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import stat
 from pathlib import Path
 
 import apsw
@@ -34,11 +35,32 @@ class BackupResult:
     messages: int
 
 
+def _check_destination(queue_directory: Path, target: Path) -> None:
+    """The copy is renamed over *target*: never over the queue itself, anything in
+    the queue directory, a device or a directory."""
+    try:
+        inside = target.resolve().parent == queue_directory.resolve()
+    except OSError as exc:
+        raise QueueError(f"{target}: {exc.strerror}") from None
+    if inside:
+        raise QueueError(f"{target}: is in the queue directory {queue_directory}; put the backup elsewhere")
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise QueueError(f"{target}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise QueueError(f"{target}: exists and is not a regular file; refusing to replace it")
+    live = queue_directory / "queue.db"
+    if live.exists() and os.path.samefile(target, live):
+        raise QueueError(f"{target}: is the live queue database; put the backup elsewhere")
+
+
 def backup(queue_directory: str | os.PathLike[str], destination: str | os.PathLike[str]) -> BackupResult:
     """Copy the live queue database to *destination* (see the module docstring)."""
     target = Path(destination)
-    if target.is_dir():
-        raise QueueError(f"{target}: is a directory; name the backup file")
+    _check_destination(Path(queue_directory), target)
     temporary = target.with_name(f".{target.name}.partial")
     source = Store.open(queue_directory, readonly=True)
     try:
