@@ -445,7 +445,8 @@ class SmtpdSession:
             log.warning("%s: too many failed AUTH attempts (%d)", self.client, len(failures))
             return Reply(454, "4.7.0", "Too many failed authentication attempts, try again later")
         user = event.credentials.username
-        ok = await trio.to_thread.run_sync(authenticate, ctx.password_file, user, event.credentials.password)
+        ok = await trio.to_thread.run_sync(authenticate, ctx.password_file, user, event.credentials.password,
+                                           limiter=_auth_limiter())
         if not ok:
             failures.append(now)
             if len(ctx.auth_failures) > 100_000:  # bounded memory under a distributed attack
@@ -610,6 +611,22 @@ class SmtpdSession:
             return replies.queued(txn.queue_id)
         finally:
             txn.discard()
+
+
+AUTH_THREADS = 2  # scrypt checks at once: an AUTH flood waits for these, never for the threads others need
+_auth_limiter_var: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("trimail_auth_limiter")
+
+
+def _auth_limiter() -> trio.CapacityLimiter:
+    """The AUTH checks' own threads (per trio run).  Each check costs a 16 MiB scrypt;
+    on trio's shared pool a flood of bad passwords from many addresses crowded out
+    the spool writes and free-space checks of every session receiving mail."""
+    try:
+        return _auth_limiter_var.get()
+    except LookupError:
+        limiter = trio.CapacityLimiter(AUTH_THREADS)
+        _auth_limiter_var.set(limiter)
+        return limiter
 
 
 _date_cache: tuple[int, str] = (-1, "")
