@@ -322,6 +322,9 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_recipient_limit", "1000", parse_int, "most recipients per message"),
         _P("smtpd_timeout", "${stress?{10}:{300}}s", _time(),
            "time limit for each read from an SMTP client (10s under stress)"),
+        _P("smtpd_per_record_deadline", "${stress?{yes}:{no}}", parse_bool,
+           "smtpd_timeout limits the time to receive a whole command or content line, not each read "
+           "(yes under stress: a client trickling a byte at a time is cut off)"),
         _P("smtpd_hard_error_limit", "${stress?{1}:{20}}", parse_int,
            "errors after which the session is closed (1 under stress)"),
         _P("smtpd_junk_command_limit", "${stress?{1}:{100}}", parse_int,

@@ -155,6 +155,38 @@ def test_stress_values_use_postfix_syntax(tmp_path) -> None:
                     "x = ${stress?{under}:{normal}} ${stress?stressed} ${stress:{calm}}\n")
     normal = config.load(path)
     assert SessionLimits.from_config(normal) == SessionLimits(300.0, 20, 100, 30.0, 3.0)
-    assert SessionLimits.from_config(normal, stress=True) == SessionLimits(10.0, 1, 1, 5.0, 0.0)
+    assert SessionLimits.from_config(normal, stress=True) == SessionLimits(10.0, 1, 1, 5.0, 0.0, per_record_deadline=True)
     assert normal.get("x") == "normal  calm"
     assert normal.with_overrides({"stress": "yes"}).get("x") == "under stressed "
+
+
+def test_clients_trickling_bytes_are_cut_under_stress(daemon) -> None:
+    """Slowloris: a byte every second and a half, never a whole line.  Each read
+    used to buy a new smtpd_timeout; under stress the deadline is per record
+    (smtpd_per_record_deadline), so the tricklers are cut and a real client gets in."""
+    import threading
+
+    # a read buys time only when it gains a second: trickle slower than that
+    d = stressed_daemon(daemon, smtpd_timeout="${stress?{3}:{300}}s")
+    tricklers = silent_connections(d.port, count=60)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        while not stop.is_set():
+            for sock in tricklers:
+                try:
+                    sock.send(b"N")
+                except OSError:
+                    pass  # cut off: what we want
+            stop.wait(1.5)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        assert served_within(d.port, 10) < 10
+        send(d.port, ["bob@example.com"])
+    finally:
+        stop.set()
+        thread.join(10)
+        close_all(tricklers)
+    assert_serving(d)

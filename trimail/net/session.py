@@ -19,7 +19,9 @@ Security notes: every read and write has a deadline, and the whole session has
 ``smtpd_session_deadline``; reads are at most ``RECEIVE_SIZE`` bytes.
 
 Parameters (through ``SessionLimits``): smtpd_timeout, smtpd_hard_error_limit,
-smtpd_junk_command_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause.
+smtpd_junk_command_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause,
+smtpd_per_record_deadline (a read that completes no command or content line buys no
+time: Postfix's per-record deadline, on under stress).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class SessionLimits:
     junk_command_limit: int
     tls_handshake_timeout: float
     greet_pause: float
+    per_record_deadline: bool = False
 
     @classmethod
     def from_config(cls, config: Config, *, stress: bool = False) -> SessionLimits:
@@ -61,7 +64,8 @@ class SessionLimits:
         return cls(timeout=config.smtpd_timeout, hard_error_limit=config.smtpd_hard_error_limit,
                    junk_command_limit=config.smtpd_junk_command_limit,
                    tls_handshake_timeout=config.smtpd_tls_handshake_timeout,
-                   greet_pause=0.0 if stress else config.smtpd_greet_pause)
+                   greet_pause=0.0 if stress else config.smtpd_greet_pause,
+                   per_record_deadline=config.smtpd_per_record_deadline)
 
 
 class Session:
@@ -81,6 +85,7 @@ class Session:
         self.timeout = limits.timeout
         self.greet_pause = limits.greet_pause
         self.tls_handshake_timeout = limits.tls_handshake_timeout
+        self.per_record_deadline = limits.per_record_deadline
         self.error_sleep = error_sleep
         self.soft_error_limit = soft_error_limit
         self.stopping = False
@@ -95,6 +100,7 @@ class Session:
         self.timeout = min(self.timeout, limits.timeout)
         self.tls_handshake_timeout = min(self.tls_handshake_timeout, limits.tls_handshake_timeout)
         self.greet_pause = min(self.greet_pause, limits.greet_pause)
+        self.per_record_deadline = self.per_record_deadline or limits.per_record_deadline
         settings = self.conn.settings
         self.conn.settings = dataclasses.replace(
             settings, hard_error_limit=min(settings.hard_error_limit, limits.hard_error_limit),
@@ -168,6 +174,7 @@ class Session:
     async def _loop(self) -> None:
         conn = self.conn
         hostname = self.decisions.ctx.hostname
+        progress = True  # a whole record (command or content line) since the deadline was last set
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -175,12 +182,16 @@ class Session:
                     conn.close(replies.shutting_down(hostname), "shutting down")
                     continue
                 await self._flush()
-                self._extend_deadline()
+                if progress or not self.per_record_deadline:
+                    # smtpd_per_record_deadline: a read that completed no line buys no time
+                    self._extend_deadline()
+                progress = False
                 self._reading = True
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 self._reading = False
                 conn.receive_data(data)
                 continue
+            progress = True
             assert isinstance(event, Event)
             if isinstance(event, Closed):
                 return
