@@ -23,6 +23,8 @@ ZONE = {
     "liar.example": {"A": ["10.9.9.9"]},
     "2.0.0.127.zen.example": {"A": ["127.0.0.2"], "TXT": ['"listed, see https://zen.example/q?127.0.0.2"']},
     "2.0.0.127.filtered.example": {"A": ["127.0.0.10"]},
+    # a hostile list: its TXT record tries to end our reply line and add one of its own
+    "2.0.0.127.evil.example": {"A": ["127.0.0.2"], "TXT": ['"listed\\013\\010250 2.0.0 injected"']},
     "bad.example.rhsbl.example": {"A": ["127.0.0.2"]},
     "badhelo.example.rhsbl.example": {"A": ["127.0.0.2"]},
 }
@@ -100,6 +102,9 @@ CASES = [
      {"source": "127.0.0.4"}, 450, "4.7.1 Client host rejected: cannot find your reverse hostname, [127.0.0.4]"),
     ("rbl-listed", {"smtpd_client_restrictions": "reject_rbl_client zen.example"}, {"source": "127.0.0.2"},
      554, "5.7.1 Service unavailable; Client host [127.0.0.2] blocked using zen.example; listed, see "),
+    ("rbl-txt-with-crlf-stays-one-line", {"smtpd_client_restrictions": "reject_rbl_client evil.example"},
+     {"source": "127.0.0.2"}, 554, "5.7.1 Service unavailable; Client host [127.0.0.2] blocked using evil.example; "
+                                   "listed??250 2.0.0 injected"),
     ("rbl-clean", {"smtpd_client_restrictions": "reject_rbl_client zen.example"}, {"source": "127.0.0.3"},
      250, ""),
     ("rbl-filter-miss", {"smtpd_client_restrictions": "reject_rbl_client filtered.example=127.0.0.[2..9]"},

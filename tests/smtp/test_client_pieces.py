@@ -22,7 +22,8 @@ def test_multiline_reply_with_enhanced_codes():
     assert (reply.code, reply.enhanced, reply.text) == (550, "5.1.1", "no such user")
 
 
-@pytest.mark.parametrize("bad", [b"hello\r\n", b"250-a\r\n251 b\r\n", b"25\r\n", b"250x\r\n", b"x" * 5000])
+@pytest.mark.parametrize("bad", [b"hello\r\n", b"250-a\r\n251 b\r\n", b"25\r\n", b"250x\r\n", b"x" * 5000,
+                                 "2\u00b2\u00b3 ok\r\n".encode()])
 def test_malformed_replies_are_peer_errors(bad):
     parser = ReplyParser()
     parser.feed(bad)
@@ -39,6 +40,12 @@ def test_reply_parser_only_raises_peer_errors(data):
             pass
     except PeerProtocolError:
         pass
+
+
+def test_a_size_keyword_with_non_ascii_digits_is_no_limit():
+    parser = ReplyParser()
+    parser.feed("250-mx.example\r\n250 SIZE \u00b2\r\n".encode())
+    assert Extensions.from_ehlo(parser.next_reply()).size_limit is None
 
 
 def test_classify_uses_reply_class_and_enhanced_code():

@@ -134,6 +134,7 @@ def test_rset_reports_reset_only_with_a_transaction():
         (b"MAIL FROM:<s\x01ender@example.org>\r\n", 501, "5.1.7"),
         (b"MAIL FROM:<sender@example.org> SIZE=99999999999\r\n", 552, "5.3.4"),
         (b"MAIL FROM:<sender@example.org> SIZE=abc\r\n", 501, "5.5.4"),
+        (b"MAIL FROM:<sender@example.org> SIZE=\xc2\xb2\r\n", 501, "5.5.4"),  # "2" superscript: isdigit, not int
         (b"MAIL FROM:<sender@example.org> BODY=BINARYMIME\r\n", 501, "5.5.4"),
         (b"MAIL FROM:<sender@example.org> FROB=1\r\n", 555, "5.5.4"),
         (b"MAIL FROM:<j\xc3\xb6rg@example.org>\r\n", 553, "5.6.7"),  # RFC 6531 3.4, Postfix's reply

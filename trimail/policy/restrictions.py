@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable
 
 from trimail.config import Config, ConfigError
 from trimail.delivery.dns import DnsError, DnsTemporary, Resolver
+from trimail.log import printable
 from trimail.maps import Table, TableError, off_loop, open_table
 from trimail.policy.access import AccessResult, address_keys, client_keys, parse_result
 from trimail.policy.delegation import PolicyServiceError, ask_policy_service
@@ -438,7 +439,8 @@ class Policy:
             text = ""
             if hits:
                 try:
-                    text = " ".join(await self.resolver.lookup(f"{name}.{zone}", "TXT") or [])
+                    # the list's own words go into our reply and the log: printable, bounded
+                    text = printable(" ".join(await self.resolver.lookup(f"{name}.{zone}", "TXT") or []), 200)
                 except DnsError:
                     pass
             req.cache[key] = (bool(hits), text)

@@ -47,7 +47,7 @@ def read_pid(path: Path) -> int | None:
         text = path.read_text().strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    return int(text) if text.isascii() and text.isdigit() else None
 
 
 def running_pid(queue_directory: Path) -> int | None:

@@ -51,7 +51,7 @@ class ReplyParser:
             if len(raw) > MAX_LINE:
                 raise PeerProtocolError("reply line too long")
             line = raw.decode("utf-8", "replace")
-            if len(line) < 3 or not line[:3].isdigit() or line[0] not in "12345" or (
+            if len(line) < 3 or not _ascii_digits(line[:3]) or line[0] not in "12345" or (
                     len(line) > 3 and line[3] not in " -"):
                 raise PeerProtocolError(f"malformed reply line {line[:80]!r}")
             code = int(line[:3])
@@ -101,7 +101,7 @@ class Extensions:
     @property
     def size_limit(self) -> int | None:
         value = self.keywords.get("SIZE")
-        return int(value) if value and value.isdigit() and int(value) > 0 else None
+        return int(value) if value and _ascii_digits(value) and int(value) > 0 else None
 
 
 def mail_command(sender: str, size: int, ext: Extensions, *, eight_bit: bool, smtputf8: bool) -> bytes:
@@ -177,3 +177,8 @@ def classify(reply: Reply, host: str, stage: str) -> Outcome:
     klass = "4" if reply.code < 500 else "5"
     dsn = reply.enhanced if reply.enhanced.startswith(klass) else f"{klass}.0.0"
     return deferred(dsn, text) if klass == "4" else bounced(dsn, text)
+
+
+def _ascii_digits(text: str) -> bool:
+    """0-9 only: ``str.isdigit`` also accepts "²" and other digits ``int`` refuses."""
+    return text.isascii() and text.isdigit()

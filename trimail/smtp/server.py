@@ -542,7 +542,7 @@ class ServerConnection:
             return replies.unsupported_option(next(iter(params)))
         for key, value in params.items():
             if key == "SIZE":
-                if value is None or not value.isdigit():
+                if value is None or not (value.isascii() and value.isdigit()):  # not "²": int() refuses it
                     return replies.bad_parameter("Bad message size syntax")
                 limit = self.settings.message_size_limit
                 if limit and int(value) > limit:
