@@ -56,6 +56,7 @@ from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
+from trimail.supervise import thread_pool
 from trimail.smtp.server import (
     Auth,
     DataAborted,
@@ -614,19 +615,10 @@ class SmtpdSession:
 
 
 AUTH_THREADS = 2  # scrypt checks at once: an AUTH flood waits for these, never for the threads others need
-_auth_limiter_var: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("trimail_auth_limiter")
-
-
-def _auth_limiter() -> trio.CapacityLimiter:
-    """The AUTH checks' own threads (per trio run).  Each check costs a 16 MiB scrypt;
-    on trio's shared pool a flood of bad passwords from many addresses crowded out
-    the spool writes and free-space checks of every session receiving mail."""
-    try:
-        return _auth_limiter_var.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(AUTH_THREADS)
-        _auth_limiter_var.set(limiter)
-        return limiter
+# Each AUTH check costs a 16 MiB scrypt; on trio's shared pool a flood of bad
+# passwords from many addresses crowded out the spool writes and free-space checks
+# of every session receiving mail.
+_auth_limiter = thread_pool("trimail_auth_checks", AUTH_THREADS)
 
 
 _date_cache: tuple[int, str] = (-1, "")

@@ -94,3 +94,20 @@ async def retry_with_backoff(task: str, fn: Callable[..., Awaitable[T]], *args: 
         except retry_on as exc:
             report(task, exc, metrics, logger=logger)
             await trio.sleep(backoff.next())
+
+
+def thread_pool(name: str, threads: int) -> Callable[[], trio.CapacityLimiter]:
+    """A pool of worker threads of one kind, one limiter per trio run: work of that
+    kind (table lookups, AUTH's scrypt) waits for its own threads and never fills
+    trio's shared pool ahead of everybody else's.  Returns the limiter's getter."""
+    var: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(name)
+
+    def limiter() -> trio.CapacityLimiter:
+        try:
+            return var.get()
+        except LookupError:
+            made = trio.CapacityLimiter(threads)
+            var.set(made)
+            return made
+
+    return limiter

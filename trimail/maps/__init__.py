@@ -67,6 +67,7 @@ from trimail.maps.source import (
     parse_source,
     postmap,
 )
+from trimail.supervise import thread_pool
 
 __all__ = ["RECHECK_SECONDS", "Table", "TableError", "compile_table", "compiled_path", "fsync_path",
            "logical_lines", "lookup_first", "off_loop", "open_table", "parse_source", "postmap"]
@@ -325,16 +326,7 @@ def lookup_first(tables: Sequence[Table], key: str) -> str | None:
     return None
 
 
-_limiter: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("trimail_table_lookups")
-
-
-def _lookup_limiter() -> trio.CapacityLimiter:
-    try:
-        return _limiter.get()
-    except LookupError:
-        limiter = trio.CapacityLimiter(LOOKUP_THREADS)
-        _limiter.set(limiter)
-        return limiter
+_lookup_limiter = thread_pool("trimail_table_lookups", LOOKUP_THREADS)
 
 
 async def off_loop(tables: Sequence[Table], fn: Callable[..., T], *args: Any,
