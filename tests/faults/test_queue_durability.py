@@ -81,16 +81,21 @@ def test_kill_9_under_load_loses_no_acknowledged_message(daemon, tmp_path, outsi
         scrape_errors: list[OSError] = []
         deadline = time.monotonic() + 3
         try:
-            while time.monotonic() < deadline:
+            while time.monotonic() < deadline or (outsider is not None and backups < 3):
                 # a monitoring scrape opens a reading connection inside serve
                 try:
                     urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read()
                 except OSError as exc:
                     scrape_errors.append(exc)
                 if outsider == "sqlite3-backup":
-                    subprocess.run(["sqlite3", str(first.queue_directory / "queue.db"),
-                                    f".backup {tmp_path / 'backup.db'}"], check=True, timeout=30,
-                                   capture_output=True)
+                    # What matters is that an outside SQLite client opens and closes the
+                    # file.  The tool's .backup restarts whenever serve writes, so under
+                    # this load it may never finish: it is stopped after a while.
+                    try:
+                        subprocess.run(["sqlite3", str(first.queue_directory / "queue.db"),
+                                        f".backup {tmp_path / 'backup.db'}"], timeout=5, capture_output=True)
+                    except subprocess.TimeoutExpired:
+                        pass
                     backups += 1
                 elif outsider == "sendmail":  # a local submission: another SQLite client that closes the file
                     token = f"sendmail-{backups}"
