@@ -323,6 +323,11 @@ class SmtpdSession:
             assert self.txn is not None
             if (hooked := await self._hook("rcpt", event.recipient)) is not None:
                 return hooked
+            if self.ctx.policy.resolve(event.recipient).klass == "invalid":
+                # trivial-rewrite cannot resolve it: refused, never taken for local
+                reply = replies.Reply(501, "5.1.3", "Bad recipient address syntax")
+                self._log_reject("RCPT", reply, event.recipient)
+                return reply
             reply = await self._restrict("recipient", "RCPT", conn, sender=self.txn.sender,
                                          recipient=event.recipient)
             if reply is not None:
@@ -471,12 +476,13 @@ class SmtpdSession:
                  self.helo_name)
 
     def _resolved(self, recipient: str) -> str:
-        """The recipient as the router must see it (relay control resolved it the same way)."""
-        local, domain = self.ctx.policy.resolve(recipient)
-        original = recipient.rpartition("@")[2].lower().rstrip(".")
-        if domain == original:
-            return recipient if not recipient.endswith(".") else recipient.rstrip(".")
-        return f"{local}@{domain}" if domain else local
+        """The recipient as the router must see it: the resolution the relay decision
+        was made on (``trimail/rewrite.py``); an address that needed no rewriting is
+        stored as the client wrote it, less trailing dots."""
+        resolved = self.ctx.policy.resolve(recipient)
+        if "@" in recipient and resolved.domain == recipient.rpartition("@")[2].lower().rstrip("."):
+            return recipient.rstrip(".")
+        return resolved.address
 
     def close(self) -> None:
         self._discard()

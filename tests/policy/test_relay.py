@@ -39,6 +39,13 @@ FORMS = [
     "user@[192.0.2.1]@gw.example",
     "\"user\"@outside.example",
     "user+tag@outside.example",
+    # issue 14: a resolver that gave up after ten rounds took these for local
+    '"victim@outside.example@@@@@@@@@"@gw.example',
+    "!!!!!!!!!outside.example!victim@gw.example",
+    '"victim@outside.example@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@"@gw.example',
+    "a!b!c!d!e!f!g!h!i!j!k!outside.example!victim@gw.example",
+    '"@"@gw.example',
+    "user@",
 ]
 
 
@@ -99,3 +106,47 @@ async def test_relay_domains_and_their_subdomains_are_authorized(start_mta):
     for rcpt in ["a@internal.example", "a@sub.internal.example"]:
         code, _ = await trio.to_thread.run_sync(attempt, srv.addresses[0].port, "a@client.example", rcpt, OUTSIDE)
         assert code == 250, rcpt
+
+
+LOCAL_RECIPIENTS = {
+    "default": {},  # proxy:unix:passwd.byname $alias_maps
+    "empty": {"local_recipient_maps": ""},  # every local name accepted (Postfix's documented setting)
+    "catch-all": {"local_recipient_maps": "", "virtual_alias_maps": "inline:{ @gw.example=postmaster@gw.example }"},
+}
+
+
+def transaction(port: int, recipient: str, source: str) -> tuple[int, str | None]:
+    """RCPT's code, and the queue ID when the whole message was accepted."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30, source_address=(source, 0)) as client:
+        client.ehlo("client.example")
+        client.docmd("MAIL", "FROM:<someone@client.example>")
+        rcpt = recipient if recipient.startswith("<") else f"<{recipient}>"
+        code, _ = client.docmd("RCPT", f"TO:{rcpt}")
+        if code >= 400:
+            return code, None
+        code, text = client.data(b"Subject: relay test\r\n\r\nx\r\n")
+        return 250, text.decode().rsplit(" ", 1)[1] if code == 250 else None
+
+
+@pytest.mark.parametrize("recipients", list(LOCAL_RECIPIENTS), ids=list(LOCAL_RECIPIENTS))
+async def test_an_outside_client_250_is_always_a_local_or_relay_route(start_mta, recipients):
+    """The invariant: whatever an outside client gets 250 for is stored as an address
+    whose route is local (or a domain we relay for), never the outside world."""
+    from trimail.delivery.route import Router
+
+    srv = await start_mta(mynetworks="127.0.0.1/32", myhostname="gw.example", mydestination="gw.example",
+                          master_service_disable="qmgr", **LOCAL_RECIPIENTS[recipients])
+    router = Router(srv.config)
+    accepted = 0
+    for form in FORMS:
+        code, queue_id = await trio.to_thread.run_sync(transaction, srv.addresses[0].port, form, OUTSIDE)
+        if queue_id is None:
+            continue
+        accepted += 1
+        store = Store.open(srv.config.queue_directory, readonly=True)
+        [info] = store.list_messages_by_id([queue_id])
+        for recipient in info.recipients:
+            route = router.route(recipient.address)
+            assert route.transport == "local", (form, recipient.address, route)
+    if recipients != "default":
+        assert accepted > 0  # the invariant was tested on accepted mail, not only on refusals

@@ -14,10 +14,10 @@ Reply texts and codes are Postfix's: ``554 5.7.1 <x@y>: Relay access denied``,
 are cached per session; a temporary DNS failure always gives a 4xx.
 
 Closed relay: ``reject_unauth_destination``/``defer_unauth_destination`` decide on
-the address as the router will see it: source routes stripped, trailing dots
-removed, case folded, a quoted local part containing ``@`` resolved again
-(``resolve_dequoted_address``), bang paths swapped (``swap_bangpath``), and the
-percent hack only when ``allow_percent_hack`` is set.
+the one resolution of the address (``trimail/rewrite.py``, Postfix's
+trivial-rewrite), the same one smtpd stores and the router routes: only a local
+or relay class is authorized, and an invalid address never is (smtpd refuses it
+with ``501 5.1.3`` before the restrictions run).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 
+from trimail import rewrite
 from trimail.config import Config, ConfigError
 from trimail.delivery.dns import DnsError, DnsTemporary, Resolver
 from trimail.log import printable
@@ -153,11 +154,9 @@ class Policy:
         self.delay_reject: bool = config.smtpd_delay_reject
         self.mynetworks = config.mynetworks
         self._mynetworks_cache: dict[str, bool] = {}
-        self.local_domains = {d.lower() for d in config.mydestination}
         self.relay_domains = {d.lower() for d in config.relay_domains}
         self.parent_matches = set(config.parent_domain_matches_subdomains)
-        self.percent_hack: bool = config.allow_percent_hack
-        self.swap_bangpath: bool = config.swap_bangpath
+        self.rewrite = rewrite.Settings.from_config(config)
         self.myorigin: str = config.myorigin
         self.policy_timeout: float = config.smtpd_policy_service_timeout
         self.policy_default: str = config.smtpd_policy_service_default_action
@@ -268,42 +267,13 @@ class Policy:
         return PERMIT if req.sasl_username else DUNNO
 
     # relay control
-    def resolve(self, address: str) -> tuple[str, str]:
-        """(local part, domain) of *address* as the router will treat it."""
-        for _ in range(10):
-            local, at, domain = address.rpartition("@")
-            if not at:
-                local, domain = address, ""
-            if local.startswith('"') and local.endswith('"') and len(local) >= 2:
-                local = local[1:-1].replace('\\"', '"')
-            domain = domain.lower().rstrip(".")
-            local_domain = not domain or self._is_local_domain(domain)
-            if local_domain and "@" in local:
-                address = local
-                continue
-            if local_domain and self.swap_bangpath and "!" in local:
-                host, _, user = local.partition("!")
-                address = f"{user}@{host}"
-                continue
-            if local_domain and self.percent_hack and "%" in local:
-                user, _, host = local.rpartition("%")
-                address = f"{user}@{host}"
-                continue
-            return local, domain
-        return address, ""
-
-    def _is_local_domain(self, domain: str) -> bool:
-        return domain in self.local_domains
+    def resolve(self, address: str) -> rewrite.Resolved:
+        """Where mail for *address* goes: the one resolver (``trimail/rewrite.py``)."""
+        return rewrite.resolve(address, self.rewrite)
 
     def authorized_destination(self, address: str) -> bool:
-        local, domain = self.resolve(address)
-        if not domain:
-            return True
-        if domain in self.local_domains or domain in self.relay_domains:
-            return True
-        if "relay_domains" in self.parent_matches:
-            return any(domain.endswith("." + d) for d in self.relay_domains)
-        return any(d.startswith(".") and domain.endswith(d) for d in self.relay_domains)
+        """Local or a domain we relay for; an invalid address never is."""
+        return self.resolve(address).klass in ("local", "relay")
 
     async def _r_reject_unauth_destination(self, req, kind, arg, verdict):
         if req.recipient is None or self.authorized_destination(req.recipient):
@@ -367,7 +337,7 @@ class Policy:
 
     async def _r_reject_unknown_sender_domain(self, req, kind, arg, verdict):
         domain = (req.sender or "").rpartition("@")[2].lower().rstrip(".")
-        if not req.sender or not domain or self._is_local_domain(domain) or domain.startswith("["):
+        if not req.sender or not domain or domain in self.rewrite.local_domains or domain.startswith("["):
             return DUNNO
         state = await self._domain_state(req, domain)
         if state == "missing":
@@ -378,7 +348,7 @@ class Policy:
 
     async def _r_reject_unknown_recipient_domain(self, req, kind, arg, verdict):
         domain = (req.recipient or "").rpartition("@")[2].lower().rstrip(".")
-        if not domain or self._is_local_domain(domain) or domain.startswith("["):
+        if not domain or domain in self.rewrite.local_domains or domain.startswith("["):
             return DUNNO
         state = await self._domain_state(req, domain)
         if state == "missing":

@@ -1,0 +1,114 @@
+"""The one resolver (trimail/rewrite.py): Postfix's forms, and the invariant that
+matters for relay control, over generated address forms nested 0 to 30 deep."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from trimail.delivery.route import domain_of
+from trimail.rewrite import Resolved, Settings, resolve
+
+LOCAL = frozenset({"gw.example", "localhost"})
+RELAY = frozenset({"internal.example"})
+VARIANTS = {
+    "postfix-defaults": Settings(LOCAL, RELAY),
+    "percent-hack": Settings(LOCAL, RELAY, percent_hack=True),
+    "no-bangpath": Settings(LOCAL, RELAY, swap_bangpath=False),
+    "no-dequote": Settings(LOCAL, RELAY, dequote=False),
+}
+
+
+@pytest.mark.parametrize("address, klass, stored", [
+    ("user@gw.example", "local", "user@gw.example"),
+    ("USER@GW.EXAMPLE.", "local", "USER@gw.example"),
+    ("user", "local", "user"),
+    ("user@outside.example", "remote", "user@outside.example"),
+    ("user@sub.internal.example", "relay", "user@sub.internal.example"),
+    ('"user@outside.example"@gw.example', "remote", "user@outside.example"),
+    ("user@outside.example@gw.example", "remote", "user@outside.example"),
+    ("outside.example!user@gw.example", "remote", "user@outside.example"),
+    ("user%outside.example@gw.example", "local", '"user%outside.example"@gw.example'),
+    ("@gw.example,@x.example:user@outside.example", "remote", "user@outside.example"),
+    ('"john smith"@outside.example', "remote", '"john smith"@outside.example'),
+    ('"victim@x.io@@@@@@@@@"@localhost', "invalid", ""),
+    ("!!!!!!!!!outside.example!victim@gw.example", "invalid", ""),
+    ("user@", "invalid", ""),
+    ("@gw.example", "invalid", ""),
+    ("user@exa_mple..org", "invalid", ""),
+    ("user@" + "a" * 64 + ".example", "invalid", ""),
+])
+def test_postfix_forms(address, klass, stored):
+    resolved = resolve(address, VARIANTS["postfix-defaults"])
+    assert resolved.klass == klass
+    if klass != "invalid":
+        assert resolved.address == stored.replace('"user%outside.example"', "user%outside.example")
+
+
+def test_percent_hack_only_when_allowed():
+    assert resolve("user%outside.example@gw.example", VARIANTS["percent-hack"]).klass == "remote"
+    assert resolve("user%outside.example@gw.example", VARIANTS["postfix-defaults"]).klass == "local"
+
+
+DOMAINS = ["gw.example", "GW.EXAMPLE.", "localhost", "internal.example", "sub.internal.example",
+           "outside.example", "[192.0.2.1]", "", "x..y", "outside.example."]
+LOCALS = ["user", "victim", "", "a.b", "post master", "x!y", "p%q", "@", "!", "%", ":", "\"", "."]
+
+
+def _wrap(inner: str, how: str, domain: str) -> str:
+    if how == "at":
+        return f"{inner}@{domain}"
+    if how == "quoted":
+        return '"' + inner.replace("\\", "\\\\").replace('"', '\\"') + f'"@{domain}'
+    if how == "bang":
+        return f"{domain}!{inner}"
+    if how == "percent":
+        return f"{inner}%{domain}"
+    if how == "route":
+        return f"@{domain}:{inner}"
+    return inner + "."
+
+
+forms = st.builds(
+    lambda base, steps: _apply(base, steps),
+    st.sampled_from(LOCALS),
+    st.lists(st.tuples(st.sampled_from(["at", "quoted", "bang", "percent", "route", "dot"]),
+                       st.sampled_from(DOMAINS)), min_size=0, max_size=30),
+)
+
+
+def _apply(base: str, steps: list[tuple[str, str]]) -> str:
+    for how, domain in steps:
+        base = _wrap(base, how, domain)
+    return base
+
+
+def _route_is(resolved: Resolved, config: Settings) -> None:
+    """The stored address routes where the relay decision said it goes."""
+    stored = resolved.address
+    domain = domain_of(stored) if "@" in stored else ""
+    assert domain == resolved.domain, (stored, resolved)
+    if resolved.klass == "local":
+        assert domain == "" or domain in config.local_domains
+    elif resolved.klass == "relay":
+        assert domain in config.relay_domains or any(domain.endswith("." + d) for d in config.relay_domains)
+    # and the stored address, resolved again, goes to the same place (nothing left to rewrite)
+    again = resolve(stored, config)
+    assert (again.klass, again.domain) == (resolved.klass, resolved.domain), (stored, resolved, again)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@settings(max_examples=3000, deadline=None)
+@given(address=forms)
+def test_an_authorized_address_is_stored_with_a_local_or_relay_route(variant, address):
+    config = VARIANTS[variant]
+    resolved = resolve(address, config)
+    assert resolved.klass in ("local", "relay", "remote", "invalid")
+    if resolved.klass in ("local", "relay"):
+        _route_is(resolved, config)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(max_size=300))
+def test_resolve_never_raises(text):
+    resolve(text, VARIANTS["postfix-defaults"])
