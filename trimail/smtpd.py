@@ -137,7 +137,6 @@ class ReceiveContext:
         self.header_size_limit: int = config.header_size_limit
         self.spool_directory = Path(config.queue_directory)
         self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit)
-        self.local_domains = {d.lower() for d in config.mydestination}
         self.delimiter: str = config.recipient_delimiter
         self._local_tables: list[Table] | None = None
         self._virtual_tables: list[Table] | None = None
@@ -157,11 +156,10 @@ class ReceiveContext:
         """local_recipient_maps (Postfix): a local domain's unknown user is refused at RCPT.
         Tables that may block (a reload, hash:, unix:passwd.byname) are read on a lookup
         thread within table_lookup_timeout; TableError when they cannot answer."""
-        local, at, domain = recipient.rpartition("@")
-        if not at:
-            local, domain = recipient, ""
-        if domain and domain.lower() not in self.local_domains:
+        resolved = self.policy.resolve(recipient)
+        if resolved.klass != "local":
             return False
+        local = resolved.local
         tables = self.local_tables()
         if not tables or local.lower() == "postmaster":
             return False

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from trimail import rewrite
 from trimail.cleanup import masquerade, masquerade_headers, virtual_expand
 from trimail.local.aliases import AliasError, Expander, parse_alias_source
 from trimail.local.mailbox import MailboxError, deliver_mbox, mailbox_path
@@ -250,7 +251,7 @@ def test_alias_source_syntax(tmp_path):
     source = tmp_path / "aliases"
     source.write_text('# c\n"quoted name": a,\n  b\nPlain: |"/usr/bin/x y"\n')
     assert parse_alias_source(source) == [("quoted name", "a, b", 2), ("plain", '|"/usr/bin/x y"', 4)]
-    expander = Expander([open_table("inline:{ list=a, { x = |/bin/cat } }")], {"here.example"})
+    expander = Expander([open_table("inline:{ list=a, { x = |/bin/cat } }")], rewrite.Settings(frozenset({"here.example"})))
     with pytest.raises(AliasError, match="allow_mail_to_commands"):
         expander.expand("x")
 

@@ -40,6 +40,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from trimail import rewrite
 from trimail.config import Config
 from trimail.local.aliases import AliasError, Expander, Target
 from trimail.local.mailbox import (
@@ -83,7 +84,7 @@ class LocalAgent:
         self.myorigin: str = config.myorigin
         self.time_limit: float = config.command_time_limit
         self.allow_files = frozenset(config.allow_mail_to_files)
-        self.local_domains = {d.lower() for d in config.mydestination}
+        self.rewrite = rewrite.Settings.from_config(config)
         self.mail_owner: str = config.mail_owner
         self.lock = LockPolicy(tuple(config.mailbox_delivery_lock), config.deliver_lock_attempts,
                                config.deliver_lock_delay, config.stale_lock_time)
@@ -94,7 +95,7 @@ class LocalAgent:
         with self._tables_lock:
             if self._tables is None:
                 self._tables = [open_table(ref, lazy=True) for ref in self.config.alias_maps]
-        return Expander(self._tables, self.local_domains, self.delimiter,
+        return Expander(self._tables, self.rewrite, self.delimiter,
                         frozenset(self.config.allow_mail_to_commands))
 
     def deliver(self, sender: str, recipients: list[str], content: bytes) -> LocalResult:

@@ -25,9 +25,9 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from trimail import rewrite
 from trimail.config import Config
 from trimail.maps import Table, lookup_first, open_table
-from trimail.smtp.address import dns_name
 
 DEFAULT_PORT = 25
 SMTP_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
@@ -66,27 +66,24 @@ def parse_nexthop(text: str) -> tuple[str, int, bool]:
     return m.group(3).lower(), int(m.group(4) or DEFAULT_PORT), True
 
 
-def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".")
-
-
 class Router:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.tables: list[Table] = [open_table(ref, lazy=True) for ref in config.transport_maps]
-        self.local_domains = {d.lower() for d in config.mydestination}
+        self.rewrite = rewrite.Settings.from_config(config)
         self.default_transport: str = config.default_transport
 
     def route(self, recipient: str) -> Route:
-        domain = domain_of(recipient)
-        if "@" in recipient and not domain.startswith("[") and dns_name(domain) is None:
+        resolved = rewrite.resolve(recipient, self.rewrite)  # the one resolver (relay control used it too)
+        if resolved.klass == "invalid":
             return Route("error", BAD_ADDRESS_SYNTAX, mx=False)
-        entry = self._transport_entry(recipient, domain)
+        domain = resolved.domain
+        entry = self._transport_entry(resolved.address, domain)
         if entry is not None:
             return self._from_entry(entry, domain)
-        if "@" not in recipient:
+        if not domain:
             return Route("local", self.config.myhostname, mx=False)
-        if domain in self.local_domains:
+        if resolved.klass == "local":
             return Route("local", domain, mx=False)
         relayhost = self.config.relayhost
         if relayhost:

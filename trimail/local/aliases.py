@@ -26,6 +26,7 @@ import dataclasses
 import re
 from pathlib import Path
 
+from trimail import rewrite
 from trimail.maps import Table, TableError, compile_table, logical_lines, lookup_first
 
 MAX_DEPTH = 20
@@ -95,10 +96,10 @@ def _safe_path(path: str, what: str) -> str:
 
 
 class Expander:
-    def __init__(self, tables: list[Table], local_domains: set[str], delimiter: str = "",
+    def __init__(self, tables: list[Table], settings: rewrite.Settings, delimiter: str = "",
                  commands_from: frozenset[str] = frozenset()) -> None:
         self.tables = tables
-        self.local_domains = local_domains
+        self.rewrite = settings
         self.delimiter = delimiter
         self.commands_from = commands_from
 
@@ -164,13 +165,13 @@ class Expander:
     def _expand_address(self, value: str, path: tuple[str, ...], targets: list[Target],
                         seen: set[tuple[str, str]], owner: str | None, self_name: str | None) -> None:
         address = value.strip().strip("<>")
-        local, at, domain = address.rpartition("@")
-        if not at:
-            local, domain = address, ""
-        if domain and domain.lower() not in self.local_domains:
-            self._add(Target("remote", address, owner), targets, seen)
+        resolved = rewrite.resolve(address, self.rewrite)  # the one resolver, as for mail from outside
+        if resolved.klass == "invalid":
+            raise AliasError("5.1.3", f"bad alias target {value!r}")
+        if resolved.klass != "local":
+            self._add(Target("remote", resolved.address, owner), targets, seen)
             return
-        name = local.lower()
+        name = resolved.local.lower()
         if not re.fullmatch(r"[^\s@\x00-\x1f]+", name):
             raise AliasError("5.1.3", f"bad alias target {value!r}")
         if name == self_name:  # "user: user, ..." delivers to user's own mailbox
