@@ -6,7 +6,7 @@ part and domain, and its class:
 - ``local``: a domain in ``mydestination``, or no domain at all;
 - ``relay``: a domain this gateway relays for (``relay_domains``);
 - ``remote``: any other domain (the default transport);
-- ``invalid``: an address that cannot be resolved: an empty local part, a domain
+- ``invalid``: an address that cannot be resolved: a control character, an empty local part, a domain
   that is empty after ``@`` (``resolve_null_domain = no``, Postfix's default) or
   that is not a domain DNS can express, or an address whose rewriting does not end.
 
@@ -87,6 +87,8 @@ def _dequoted(local: str) -> str:
 
 def resolve(address: str, settings: Settings) -> Resolved:
     """Resolve *address* (a path as the SMTP parser returns it) as described above."""
+    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in address):  # CR, LF, NUL ...: never on the wire
+        return INVALID
     if address.startswith("@") and ":" in address:  # a source route: RFC 5321 says ignore it
         address = address.rpartition(":")[2]
     for _ in range(len(address) + 2):

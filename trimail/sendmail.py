@@ -42,7 +42,7 @@ from trimail.net.control import send_command
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, QueueError, Store
-from trimail.smtp.address import is_domain
+from trimail.smtp.address import AddressError, check_mailbox
 
 EX_DATAERR = 65  # sysexits.h: the input data was incorrect
 IGNORED_FLAGS = {"-bm", "-odi", "-odb", "-oem", "-oep", "-oeq", "-om", "-U", "-v", "-n"}
@@ -138,11 +138,15 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list
 
 
 def check_domain(address: str) -> None:
-    """SendmailError (EX_DATAERR) when *address* has a domain mail cannot be routed to."""
-    local, at, domain = address.rpartition("@")
-    if at and not is_domain(domain):
+    """SendmailError (EX_DATAERR) unless *address* is a mailbox SMTP can carry: RFC 5321
+    syntax (no CR, LF or other control character, no stray ``<>``; a sender such as
+    ``a@x>\r\nRCPT TO:<injected@evil.example>`` would otherwise add a recipient
+    downstream) and a domain mail can be routed to."""
+    try:
+        check_mailbox(address, utf8=True)
+    except AddressError:
         shown = address.encode("ascii", "backslashreplace").decode("ascii")[:600]
-        raise SendmailError(f"<{shown}>: bad address syntax", EX_DATAERR)
+        raise SendmailError(f"<{shown}>: bad address syntax", EX_DATAERR) from None
 
 
 def submit(argv: list[str], stdin=None) -> int:

@@ -148,6 +148,21 @@ async def test_mixed_recipient_results_in_one_transaction(start_mta):
         assert recipients == [("rfc822; bad@dest.example", "failed", "5.1.1")]
 
 
+async def test_a_252_to_rcpt_is_not_a_delivery(start_mta):
+    """Only 250/251 to RCPT and 2xx after the final dot deliver: a 252 (or any other
+    success-looking reply where none belongs) defers the recipient; it is never
+    marked sent without its message being transferred."""
+    rules = {"odd": "252 2.1.5 Cannot VRFY user, but will accept message"}
+    with Sink(rules=rules) as sink, Sink() as senders:
+        srv = await start_mta(transport_maps=f"inline:{{ dest.example=smtp:[127.0.0.1]:{sink.port}, "
+                                             f"client.example=smtp:[127.0.0.1]:{senders.port} }}")
+        queue_id = await send(srv, "alice@client.example", ["good@dest.example", "odd@dest.example"])
+        await wait_for(lambda: recipient_status(srv, queue_id).get("odd@dest.example", ("",))[0] == "deferred")
+        assert sink.recorder.recipients() == ["good@dest.example"]
+        status, reply = recipient_status(srv, queue_id)["odd@dest.example"]
+        assert reply.startswith("4.5.0 ") and "252" in reply
+
+
 async def test_421_greeting_defers(start_mta, nursery):
     port = await nursery.start(greeting_only_server, b"421 4.3.2 busy, come back later\r\n")
     srv = await start_mta(relayhost=f"[127.0.0.1]:{port}")

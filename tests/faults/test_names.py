@@ -150,3 +150,17 @@ def test_sendmail_refuses_a_bad_dns_name_with_a_data_error(daemon, domain: str) 
         assert b"Traceback" not in result.stderr
     assert _queue_empty(d.queue_directory)
     assert_serving(d)
+
+
+def test_sendmail_refuses_a_sender_that_would_inject_a_command(daemon, tmp_path):
+    """``-f 'a@x>\\r\\nRCPT TO:<injected@evil.example'`` must not reach the queue, where
+    the SMTP client would write it into MAIL FROM and add a recipient downstream."""
+    from tests.conftest import trimail
+
+    served = daemon(master_service_disable="qmgr")
+    for sender in ("a@x.example>\r\nRCPT TO:<injected@evil.example", "a\nb@x.example", "a b@x.example"):
+        result = trimail("sendmail", "-c", str(served.config_path), "-f", sender, "bob@example.com")
+        assert result.returncode == 65, (sender, result.returncode, result.stderr)
+        assert "bad address syntax" in result.stderr
+    listing = trimail("queue", "list", "--json", "-c", str(served.config_path))
+    assert listing.stdout.strip() == "[]"

@@ -36,6 +36,7 @@ VARIANTS = {
     ("@gw.example", "invalid", ""),
     ("user@exa_mple..org", "invalid", ""),
     ("user@" + "a" * 64 + ".example", "invalid", ""),
+    ("a\r\nRCPT TO:<x@evil.example>@gw.example", "invalid", ""),
 ])
 def test_postfix_forms(address, klass, stored):
     resolved = resolve(address, VARIANTS["postfix-defaults"])

@@ -48,6 +48,22 @@ def test_a_size_keyword_with_non_ascii_digits_is_no_limit():
     assert Extensions.from_ehlo(parser.next_reply()).size_limit is None
 
 
+@pytest.mark.parametrize("address", ["a@x.example>\r\nRCPT TO:<injected@evil.example", "a\n@x.example", "a\x00@x"])
+def test_the_client_never_formats_an_address_with_a_control_character(address):
+    from trimail.smtp.client import mail_command, rcpt_command
+
+    with pytest.raises(ValueError):
+        rcpt_command(address)
+    with pytest.raises(ValueError):
+        mail_command(address, 10, Extensions.from_ehlo(_ehlo()), eight_bit=False, smtputf8=False)
+
+
+def _ehlo():
+    parser = ReplyParser()
+    parser.feed(b"250 mx.example\r\n")
+    return parser.next_reply()
+
+
 def test_classify_uses_reply_class_and_enhanced_code():
     parser = ReplyParser()
     parser.feed(b"452 4.2.2 full\r\n554 no way\r\n")

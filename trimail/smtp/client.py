@@ -112,11 +112,19 @@ def mail_command(sender: str, size: int, ext: Extensions, *, eight_bit: bool, sm
         params.append("BODY=8BITMIME")
     if smtputf8 and ext.has("SMTPUTF8"):
         params.append("SMTPUTF8")
-    return (" ".join([f"MAIL FROM:<{sender}>", *params]) + "\r\n").encode("utf-8")
+    return (" ".join([f"MAIL FROM:<{_path(sender)}>", *params]) + "\r\n").encode("utf-8")
 
 
 def rcpt_command(recipient: str) -> bytes:
-    return f"RCPT TO:<{recipient}>\r\n".encode()
+    return f"RCPT TO:<{_path(recipient)}>\r\n".encode()
+
+
+def _path(address: str) -> str:
+    """An address for MAIL FROM or RCPT TO; one with a control character would write a
+    command of its own on the wire (CR LF), so it is never formatted: ValueError."""
+    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in address):
+        raise ValueError(f"control character in address {address!r}")
+    return address
 
 
 class DotStuffer:
@@ -173,7 +181,12 @@ def classify(reply: Reply, host: str, stage: str) -> Outcome:
     text = f"host {host} said: {reply.code}{' ' + reply.enhanced if reply.enhanced else ''} " \
            f"{' '.join(reply.lines())} (in reply to {stage} command)"
     if reply.code < 400:
-        return sent(f"{reply.code} {reply.enhanced} {' '.join(reply.lines())}".replace("  ", " "))
+        if stage == "end of DATA" and reply.code < 300:
+            return sent(f"{reply.code} {reply.enhanced} {' '.join(reply.lines())}".replace("  ", " "))
+        # only 250/251 to RCPT (handled by the caller) and 2xx after the final dot
+        # deliver; anything else below 400 where a refusal was expected (a 252 to
+        # RCPT, a 251 to MAIL, a 250 to DATA) is a broken peer: try again later
+        return deferred("4.5.0", f"{text}: unexpected reply")
     klass = "4" if reply.code < 500 else "5"
     dsn = reply.enhanced if reply.enhanced.startswith(klass) else f"{klass}.0.0"
     return deferred(dsn, text) if klass == "4" else bounced(dsn, text)
