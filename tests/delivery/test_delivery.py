@@ -163,6 +163,22 @@ async def test_a_252_to_rcpt_is_not_a_delivery(start_mta):
         assert reply.startswith("4.5.0 ") and "252" in reply
 
 
+async def test_a_peer_reply_with_terminal_escapes_is_stored_and_logged_printable(start_mta, nursery, caplog):
+    """A downstream's words reach `queue list`, the log and bounces: never raw (an
+    escape sequence retitles the operator's terminal, a CR forges a log line)."""
+    caplog.set_level(logging.INFO, logger="trimail")
+    port = await nursery.start(greeting_only_server,
+                               b"421 4.3.2 busy \x1b]0;pwned\x07\x1b[2K\rFAKE OK status=sent\r\n")
+    srv = await start_mta(relayhost=f"[127.0.0.1]:{port}")
+    queue_id = await send(srv, "a@client.example", ["r@far.example"])
+    await wait_for(lambda: recipient_status(srv, queue_id).get("r@far.example", ("",))[0] == "deferred")
+    reply = recipient_status(srv, queue_id)["r@far.example"][1]
+    assert "busy" in reply and "FAKE OK" in reply
+    assert not any(ch in reply for ch in "\x1b\x07\r\n")
+    logged = [r.getMessage() for r in caplog.records if "r@far.example" in r.getMessage()]
+    assert logged and not any(ch in line for line in logged for ch in "\x1b\x07\r")
+
+
 async def test_421_greeting_defers(start_mta, nursery):
     port = await nursery.start(greeting_only_server, b"421 4.3.2 busy, come back later\r\n")
     srv = await start_mta(relayhost=f"[127.0.0.1]:{port}")

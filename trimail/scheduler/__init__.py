@@ -50,6 +50,7 @@ from trimail.delivery.local import Forward, LocalAgent
 from trimail.delivery.route import Route, RouteError, Router
 from trimail.delivery.smtp import ConnectionFailed, Connection, Connector, Envelope
 from trimail.errors import StorageError
+from trimail.log import printable
 from trimail.maps import TableError, off_loop
 from trimail.metrics import Metrics
 from trimail.queue import scheduling
@@ -67,6 +68,7 @@ smtp_log = logging.getLogger("trimail.smtp")
 bounce_log = logging.getLogger("trimail.bounce")
 
 RECIPIENT_LIMIT = 50
+REPLY_TEXT_LIMIT = 1000  # characters of a peer's reply kept with a recipient
 CONTENT_CHUNK = 1 << 20  # bytes read from the queue per step while sending a message
 HELD_MESSAGE_LIMIT = 256 * 1024  # content handed over in memory up to this size (the spool's own limit) ...
 HELD_TOTAL_LIMIT = 16 << 20  # ... while all held content together stays under this
@@ -489,11 +491,13 @@ class Scheduler:
         results = []
         for recipient, outcome in zip(job.recipients, outcomes, strict=True):
             status = outcome.status
-            text = outcome.text
+            # a peer's words reach the queue, the log, `queue list` and the bounce only
+            # printable and bounded: no terminal escapes, no CR forging a log line
+            text = reply_text = printable(outcome.text, REPLY_TEXT_LIMIT)
             next_attempt = None
             if status == "deferred":
                 if expired:
-                    status, text = "bounced", f"message expired: {outcome.text}"
+                    status, text = "bounced", f"message expired: {reply_text}"
                 else:
                     next_attempt = now + retry_delay(recipient.attempts + 1, self.min_backoff, self.max_backoff)
             results.append(RecipientResult(recipient.seq, status, f"{outcome.dsn} {text}", next_attempt))
@@ -505,7 +509,7 @@ class Scheduler:
             if self.metrics is not None:
                 self.metrics.outcome(status, outcome.dsn, job.route.transport, message.arrival_time)
             smtp_log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
-                          message.id, recipient.address, relay, delay, delays, outcome.dsn, shown, outcome.text)
+                          message.id, recipient.address, relay, delay, delays, outcome.dsn, shown, reply_text)
         active = self.active[message.id]
         active.outstanding -= 1
         last = active.outstanding == 0
