@@ -46,8 +46,7 @@ class SpoolError(StorageError):
     """The spool file could not be written; ``no_space`` for ENOSPC/EDQUOT."""
 
     def __init__(self, text: str, *, no_space: bool) -> None:
-        super().__init__(text, temporary=True)
-        self.no_space = no_space
+        super().__init__(text, temporary=True, no_space=no_space)
 
 
 class Spool:

@@ -165,10 +165,6 @@ def _write_stamp(path: Path) -> None:
             raise QueueError(f"{stamp}: {exc.strerror}") from None
 
 
-def _storage_error(path: Path, exc: apsw.Error) -> QueueError:
-    return QueueError(f"{path}: {exc}")
-
-
 def storage_error(exc: BaseException) -> StorageError:
     """An apsw (or OS) failure of a queue operation as trimail's StorageError: the
     mapping at the SQLite edge, so nothing above it knows apsw's classes."""
@@ -200,13 +196,12 @@ class Store:
 
     @classmethod
     def open(cls, queue_directory: str | os.PathLike[str], *, readonly: bool = False,
-             create: bool = True, busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> Store:
+                 busy_timeout: float = BUSY_TIMEOUT_MS / 1000) -> Store:
         """Connect to the queue database.
 
-        *create* (the first connection of serve, sendmail and the queue tools) makes
-        the directory and, when there is none yet, the database; later connections
-        of a running serve pass ``create=False`` and only connect.  Either way the
-        file is opened by SQLite alone."""
+        A writing connection makes the directory and, when there is none yet (and
+        ``queue.stamp`` does not say there was one), the database.  The file is only
+        ever opened by SQLite: see ``prepare_directory``."""
         directory = Path(queue_directory)
         path = directory / DATABASE_NAME
         if readonly:
@@ -214,13 +209,10 @@ class Store:
                 raise QueueError(f"{path}: no queue database (has trimail serve run with this queue_directory?)")
             flags = apsw.SQLITE_OPEN_READWRITE  # a reader still writes the -shm index (WAL)
             new = False
-        elif create:
+        else:
             prepare_directory(directory)
             new = _check_not_lost(path)
             flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
-        else:
-            flags = apsw.SQLITE_OPEN_READWRITE
-            new = False
         try:
             db = apsw.Connection(str(path), flags=flags)
             db.set_busy_timeout(int(busy_timeout * 1000))
@@ -236,10 +228,10 @@ class Store:
             store.busy_timeout = busy_timeout
             store._migrate(readonly)
         except apsw.Error as exc:
-            raise _storage_error(path, exc) from None
+            raise QueueError(f"{path}: {exc}") from None
         except OSError as exc:
             raise QueueError(f"{path}: {exc.strerror}") from None
-        if create and not readonly:
+        if not readonly:
             _write_stamp(path)
         return store
 

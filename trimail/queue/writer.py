@@ -86,7 +86,7 @@ class QueueWriter:
     def __init__(self, open_store: Callable[[], Store], max_batch: int = 512, readers: int = 4) -> None:
         self._open_store = open_store
         self._max_batch = max_batch
-        self._readers: list[Store] = []  # idle reading connections, opened on first need
+        self._readers: list[Store] = []  # idle reading connections, all opened at start (__aenter__)
         self._read_limiter = trio.CapacityLimiter(readers)
         self._reader_count = readers
         self._dead: StorageError | None = None  # set if the writer thread ever ends unexpectedly

@@ -61,7 +61,7 @@ from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.backoff import retry_delay
 from trimail.smtp.client import Outcome, bounced, deferred, sent
-from trimail.supervise import Backoff, contained, report
+from trimail.supervise import Backoff, contained, report, retry_with_backoff
 
 log = logging.getLogger("trimail.qmgr")
 smtp_log = logging.getLogger("trimail.smtp")
@@ -242,7 +242,6 @@ class Scheduler:
             self._dispatch(message, routes)
         except Exception as exc:
             report(f"{message.id}: scheduling", exc, self.metrics, logger=log)
-            self.active.pop(message.id, None)
             outcome = deferred("4.3.0", "mail system temporarily unable to schedule this message")
             assert self._nursery is not None
             self.active[message.id] = ActiveMessage(message, 1)
@@ -537,18 +536,16 @@ class Scheduler:
         by another process, I/O error) keep them and try again with back-off.  The
         message stays ``active`` meanwhile, so a crash is still covered: the next
         start returns it to ``incoming`` and it is delivered again, never lost."""
-        backoff = Backoff(initial=0.5, maximum=30.0)
-        while True:
-            try:
-                with trio.CancelScope(shield=True):  # a commit that has begun is waited for
-                    return await self.writer.run(self._record, message, results, last, corrupt, durable=False)
-            except Exception as exc:
-                report(f"{message.id}: recording delivery status", exc, self.metrics, logger=log)
-            try:
-                await trio.sleep(backoff.next())
-            except trio.Cancelled:
-                log.warning("%s: delivery status not recorded before stop: the message stays queued", message.id)
-                raise
+        async def record_once() -> scheduling.Finished:
+            with trio.CancelScope(shield=True):  # a commit that has begun is waited for
+                return await self.writer.run(self._record, message, results, last, corrupt, durable=False)
+
+        try:
+            return await retry_with_backoff(f"{message.id}: recording delivery status", record_once,
+                                            metrics=self.metrics, initial=0.5, maximum=30.0, logger=log)
+        except trio.Cancelled:
+            log.warning("%s: delivery status not recorded before stop: the message stays queued", message.id)
+            raise
 
     def _record(self, store: Store, message: ClaimedMessage, results: list[RecipientResult],
                 last: bool, corrupt: bool = False) -> scheduling.Finished:
