@@ -54,6 +54,7 @@ from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import QueueSpace, Spool, SpoolError
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
+from trimail.rewrite import Resolved
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
 from trimail.supervise import thread_pool
@@ -152,11 +153,11 @@ class ReceiveContext:
             self._virtual_tables = [open_table(ref, lazy=True) for ref in self.config.virtual_alias_maps]
         return self._virtual_tables
 
-    async def is_unknown_local(self, recipient: str) -> bool:
+    async def is_unknown_local(self, recipient: str, resolved: Resolved | None = None) -> bool:
         """local_recipient_maps (Postfix): a local domain's unknown user is refused at RCPT.
         Tables that may block (a reload, hash:, unix:passwd.byname) are read on a lookup
         thread within table_lookup_timeout; TableError when they cannot answer."""
-        resolved = self.policy.resolve(recipient)
+        resolved = resolved or self.policy.resolve(recipient)
         if resolved.klass != "local":
             return False
         local = resolved.local
@@ -321,7 +322,8 @@ class SmtpdSession:
             assert self.txn is not None
             if (hooked := await self._hook("rcpt", event.recipient)) is not None:
                 return hooked
-            if self.ctx.policy.resolve(event.recipient).klass == "invalid":
+            resolved = self.ctx.policy.resolve(event.recipient)  # once: checked, looked up and stored
+            if resolved.klass == "invalid":
                 # trivial-rewrite cannot resolve it: refused, never taken for local
                 reply = replies.Reply(501, "5.1.3", "Bad recipient address syntax")
                 self._log_reject("RCPT", reply, event.recipient)
@@ -331,7 +333,7 @@ class SmtpdSession:
             if reply is not None:
                 return reply
             try:
-                unknown = await self.ctx.is_unknown_local(event.recipient)
+                unknown = await self.ctx.is_unknown_local(event.recipient, resolved)
             except (TableError, ValueError) as exc:
                 log.warning("%s: local recipient lookup failed: %s", self.txn.queue_id, exc)
                 return Reply(451, "4.3.0", f"<{event.recipient}>: Temporary lookup failure")
@@ -340,7 +342,7 @@ class SmtpdSession:
                                             "User unknown in local recipient table")
                 self._log_reject("RCPT", reply, event.recipient)
                 return reply
-            self.txn.recipients.append(self._resolved(event.recipient))
+            self.txn.recipients.append(self._resolved(event.recipient, resolved))
             return None
         if isinstance(event, DataStart):
             assert self.txn is not None
@@ -473,11 +475,10 @@ class SmtpdSession:
                  reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
                  self.helo_name)
 
-    def _resolved(self, recipient: str) -> str:
+    def _resolved(self, recipient: str, resolved: Resolved) -> str:
         """The recipient as the router must see it: the resolution the relay decision
         was made on (``trimail/rewrite.py``); an address that needed no rewriting is
         stored as the client wrote it, less trailing dots."""
-        resolved = self.ctx.policy.resolve(recipient)
         if "@" in recipient and resolved.domain == recipient.rpartition("@")[2].lower().rstrip("."):
             return recipient.rstrip(".")
         return resolved.address
