@@ -194,6 +194,14 @@ def parse_lock_methods(text: str) -> list[str]:
     return methods
 
 
+def parse_5xx(text: str) -> int:
+    """A permanent-error reply code (500-599), for the ``*_reject_code`` parameters."""
+    code = parse_int(text)
+    if not 500 <= code <= 599:
+        raise ValueError(f"bad reply code {text!r} (use a 5XX code such as 550)")
+    return code
+
+
 def choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -337,8 +345,17 @@ PARAMETERS: dict[str, Param] = {
            " and ends below half of that; open sessions then get the stress limits too (0: never)"),
         _P("smtpd_soft_error_limit", "10", parse_int, "errors after which replies are delayed"),
         _P("smtpd_error_sleep_time", "1s", _time(), "delay per reply once the soft limit is passed"),
-        _P("smtpd_forbid_bare_newline", "normalize", choice("normalize", "yes", "no"),
-           "bare <LF> handling: normalize to <CR><LF>, or yes to reject; data never ends on bare <LF>"),
+        _P("smtpd_forbid_bare_newline", "normalize", choice("normalize", "note", "yes", "reject", "no"),
+           "bare <LF> from a client: normalize (yes, note and no are accepted as the same) stores it as"
+           " <CR><LF>; reject refuses a command line with one (ending the session) or a message with one"
+           " (after its real end). DATA ends only at <CR><LF>.<CR><LF>, even with no (unlike Postfix)"),
+        _P("smtpd_forbid_bare_newline_reject_code", "550", parse_5xx,
+           "reply code for smtpd_forbid_bare_newline = reject (5XX; 521 also disconnects)"),
+        _P("smtpd_forbid_bare_newline_exclusions", "$mynetworks", parse_networks,
+           "clients for which smtpd_forbid_bare_newline = reject acts as normalize"),
+        _P("cleanup_replace_stray_cr_lf", "yes", parse_bool,
+           "replace each <CR> or <LF> in received message content that is not part of a <CR><LF> pair"
+           " with a space, so no stray one is ever relayed (outbound SMTP smuggling)"),
         _P("smtpd_forbidden_commands", "CONNECT GET POST", split_list,
            "commands that end the session at once (HTTP proxies and browsers)"),
         _P("smtpd_client_connection_count_limit", "50", parse_int,

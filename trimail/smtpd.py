@@ -9,7 +9,8 @@ will hook in here, per event.
 
 Parameters: myhostname, mail_name, smtpd_banner, message_size_limit,
 line_length_limit, smtpd_recipient_limit, smtpd_hard_error_limit,
-smtpd_forbid_bare_newline, smtpd_forbidden_commands, hopcount_limit,
+smtpd_forbid_bare_newline, smtpd_forbid_bare_newline_reject_code,
+smtpd_forbid_bare_newline_exclusions, cleanup_replace_stray_cr_lf, smtpd_forbidden_commands, hopcount_limit,
 disable_vrfy_command, smtputf8_enable, queue_directory, queue_minfree, local_recipient_maps,
 virtual_alias_maps, table_lookup_timeout.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import ipaddress
 import logging
 import re
 import ssl
@@ -97,7 +99,10 @@ def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
         line_length_limit=config.line_length_limit,
         recipient_limit=config.smtpd_recipient_limit,
         hard_error_limit=config.smtpd_hard_error_limit,
-        bare_newline="yes" if config.smtpd_forbid_bare_newline == "yes" else "normalize",
+        # Postfix: yes and note are normalize; trimail never ends DATA at a bare LF, so no is too
+        bare_newline="reject" if config.smtpd_forbid_bare_newline == "reject" else "normalize",
+        bare_newline_code=config.smtpd_forbid_bare_newline_reject_code,
+        replace_stray_cr_lf=config.cleanup_replace_stray_cr_lf,
         forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands),
         smtputf8=config.smtputf8_enable,
         vrfy=not config.disable_vrfy_command,
@@ -287,7 +292,11 @@ class SmtpdSession:
         self.sasl_method = ""
 
     def connection(self) -> ServerConnection:
-        return ServerConnection(self.ctx.settings)
+        settings = self.ctx.settings
+        if settings.bare_newline == "reject" and _in_networks(
+                self.client_address, self.ctx.config.smtpd_forbid_bare_newline_exclusions):
+            settings = dataclasses.replace(settings, bare_newline="normalize")
+        return ServerConnection(settings)
 
     async def handle(self, conn: ServerConnection, event: Event) -> Reply | None:
         """Decide on *event*; a Reply for decision events (None accepts), else None."""
@@ -636,6 +645,17 @@ def rfc5322_date() -> str:
     if _date_cache[0] != now:
         _date_cache = (now, email.utils.formatdate(now, localtime=True))
     return _date_cache[1]
+
+
+def _in_networks(address: str, networks: list) -> bool:
+    """smtpd_forbid_bare_newline_exclusions: is the client *address* in one of *networks*?"""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in networks)
 
 
 def hop_count(header: bytes | bytearray) -> int:

@@ -264,21 +264,29 @@ def test_bare_lf_is_normalized_to_crlf():
     assert d.content() == b"one\r\ntwo\r\nthree\r\n\r\n"
 
 
-def test_bare_cr_is_kept_as_text():
+def test_bare_cr_becomes_a_space():
     d = data_session(b"a\rb\r\n.\r\n")
-    assert d.content() == b"a\rb\r\n"
+    assert d.content() == b"a b\r\n"  # cleanup_replace_stray_cr_lf (Postfix)
 
 
-def test_bare_lf_rejected_when_forbidden():
-    d = data_session(b"one\ntwo\r\n.\r\n", Settings(bare_newline="yes"))
-    assert d.replies()[-1] == "521 5.5.2 Error: bare <LF> received"
+def test_bare_lf_rejected_after_the_real_end_when_forbidden():
+    d = data_session(b"one\ntwo\r\n.\r\nNOOP\r\n", Settings(bare_newline="reject"))
+    assert d.replies()[-2] == "550 5.5.2 localhost Error: bare <LF> received"
+    assert d.codes()[-1] == 250  # in step: the NOOP after the real end is answered
     assert d.of_type(DataAborted) and not d.of_type(DataEnd)
+    assert not d.conn.closed
+
+
+def test_bare_lf_rejected_with_521_ends_the_session():
+    d = data_session(b"one\ntwo\r\n.\r\n", Settings(bare_newline="reject", bare_newline_code=521))
+    assert d.replies()[-1] == "521 5.5.2 localhost Error: bare <LF> received"
     assert d.conn.closed
 
 
 def test_bare_lf_command_rejected_when_forbidden():
-    d = Driver(Settings(bare_newline="yes")).feed(b"EHLO x\n")
-    assert d.codes() == [220, 521]
+    d = Driver(Settings(bare_newline="reject")).feed(b"EHLO x\n")
+    assert d.codes() == [220, 550]
+    assert d.conn.closed
 
 
 def test_message_too_big_is_refused_after_the_real_end():

@@ -18,12 +18,20 @@ the machine wrongly raises ``LocalProtocolError`` (a bug in the caller).
 
 DATA (chasquid's dotreader, Postfix's bare-newline rules): the message ends only
 at ``<CR><LF>.<CR><LF>``; a line starting with ``.`` is un-stuffed; a line ending in
-a bare ``<LF>`` never ends the message.  With ``smtpd_forbid_bare_newline =
-normalize`` (the default) it is stored as if it ended in ``<CR><LF>``; with ``yes``
-the session is ended with ``521 5.5.2``.  A bare ``<CR>`` is ordinary text.  The
-size limit is enforced while reading, but reading goes on to the real end of data
-so the session stays in sync.  Content comes out as ``DataChunk`` events in wire
-format (``<CR><LF>`` line ends, dots un-stuffed), never as a list of lines.
+a bare ``<LF>`` never ends the message.  With ``bare_newline = "normalize"`` (the
+default; ``smtpd_forbid_bare_newline``) it is stored as if it ended in
+``<CR><LF>``; with ``"reject"`` a command line ending in a bare ``<LF>`` ends the
+session with ``<code> 5.5.2 <hostname> Error: bare <LF> received`` (Postfix's
+text, ``smtpd_forbid_bare_newline_reject_code``), and message content with one is
+read to its real end and then refused with that reply (``521`` also ends the
+session).  Every other stray ``<CR>`` or ``<LF>`` in the content becomes a space
+(``replace_stray_cr_lf``, Postfix's ``cleanup_replace_stray_cr_lf``;
+``trimail.smtp.content``), so what is stored and later relayed has ``<CR><LF>``
+line ends only: a ``<CR>.<CR>`` inside a message can never end it at a lax
+downstream.  The size limit is enforced while reading, but reading goes on to the
+real end of data so the session stays in sync.  Content comes out as
+``DataChunk`` events in wire format (``<CR><LF>`` line ends, dots un-stuffed),
+never as a list of lines.
 
 Error limits (Postfix's smtpd): every error reply counts; at ``hard_error_limit``
 errors the next command gets ``421`` and the session ends.  HELO, EHLO, NOOP, VRFY
@@ -43,6 +51,7 @@ from collections import Counter, deque
 
 from trimail.smtp import replies
 from trimail.smtp.address import AddressError, Utf8NotDeclared, parse_path
+from trimail.smtp.content import replace_stray_cr_lf
 from trimail.smtp.replies import Reply
 from trimail.smtp.sasl import MECHANISMS, Credentials, SaslError, SaslExchange
 
@@ -196,7 +205,9 @@ class Settings:
     recipient_limit: int = 1000
     hard_error_limit: int = 20
     junk_command_limit: int = 100  # HELO/EHLO/NOOP/VRFY/RSET before each counts as an error
-    bare_newline: str = "normalize"  # or "yes" (reject); data never ends on bare LF
+    bare_newline: str = "normalize"  # or "reject" ("yes": the same, older name); data never ends on bare LF
+    bare_newline_code: int = 550  # smtpd_forbid_bare_newline_reject_code (521 also disconnects)
+    replace_stray_cr_lf: bool = True  # cleanup_replace_stray_cr_lf: stray CR/LF in content -> space
     forbidden_commands: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})
     smtputf8: bool = True
     vrfy: bool = True
@@ -237,6 +248,7 @@ class ServerConnection:
         self._prev_crlf = True
         self._data_size = 0
         self._too_big = False
+        self._bare_lf = False  # bare_newline = reject: this message had a bare LF
 
     # -- I/O side ----------------------------------------------------------
 
@@ -391,6 +403,7 @@ class ServerConnection:
             self._prev_crlf = self._last_command_crlf
             self._data_size = 0
             self._too_big = False
+            self._bare_lf = False
         elif isinstance(event, DataEnd):
             self._end_transaction(State.READY)
         elif isinstance(event, StartTls):
@@ -449,8 +462,8 @@ class ServerConnection:
         self._last_command_crlf = raw.endswith(b"\r")
         if self._last_command_crlf:
             raw = raw[:-1]
-        elif self.settings.bare_newline == "yes":
-            self._send(replies.BARE_LF)
+        elif self._rejecting_bare_lf:
+            self._send(self._bare_lf_reply())  # Postfix: reply, then end the session
             self._close("bare <LF> received")
             return True
         if self.state is State.AUTH:
@@ -507,6 +520,14 @@ class ServerConnection:
 
     def _decide(self, event: Event) -> None:
         self._events.append(event)
+
+    @property
+    def _rejecting_bare_lf(self) -> bool:
+        return self.settings.bare_newline in ("reject", "yes")
+
+    def _bare_lf_reply(self) -> Reply:
+        return Reply(self.settings.bare_newline_code, "5.5.2",
+                     f"{self.settings.hostname} Error: bare <LF> received")
 
     # one method per verb: check syntax here; policy belongs to the caller
     def _helo(self, arg: str, extended: bool) -> None:
@@ -705,7 +726,7 @@ class ServerConnection:
         out = bytearray()
         pos = 0
         ended = False
-        bare_lf = False
+        reject_bare_lf = self._rejecting_bare_lf
         if self._line_start:
             pos = self._fast_lines(buf, out)
         while pos < n:
@@ -720,10 +741,8 @@ class ServerConnection:
                 pos = n - 1
                 break
             crlf = lf > pos and buf[lf - 1] == 0x0D
-            if not crlf and self.settings.bare_newline == "yes":
-                bare_lf = True
-                pos = lf + 1
-                break
+            if not crlf and reject_bare_lf:
+                self._bare_lf = True  # void: read on to the real end, then refuse
             start = pos
             if self._line_start and buf[pos] == 0x2E:
                 if crlf and lf == pos + 2 and self._prev_crlf:
@@ -745,17 +764,21 @@ class ServerConnection:
             limit = self.settings.message_size_limit
             if limit and self._data_size > limit:
                 self._too_big = True
-            if not self._too_big:
-                self._events.append(DataChunk(bytes(out)))
-        if bare_lf:
-            self._events.append(DataAborted("bare <LF> received"))
-            self._send(replies.BARE_LF)
-            self._close("bare <LF> received")
-            return True
+            if not self._too_big and not self._bare_lf:
+                data = bytes(out)
+                self._events.append(DataChunk(replace_stray_cr_lf(data) if self.settings.replace_stray_cr_lf
+                                              else data))
         if ended:
             self._prev_crlf = True
             self._pending_verb = "data"
-            if self._too_big:
+            if self._bare_lf:
+                self._events.append(DataAborted("bare <LF> received"))
+                self._end_transaction(State.READY)
+                reply = self._bare_lf_reply()
+                self._error("data", reply)
+                if reply.code == 521:
+                    self._close("bare <LF> received")
+            elif self._too_big:
                 self._events.append(DataAborted("message too big"))
                 self._end_transaction(State.READY)
                 self._error("data", replies.MESSAGE_TOO_BIG)

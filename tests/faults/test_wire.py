@@ -1,0 +1,163 @@
+"""What trimail relays on the wire: only CRLF line ends, whatever a client sent.
+
+A real ``trimail serve`` relays (``relayhost``) to ``RawPeer``, an SMTP server that
+keeps the exact bytes of each DATA section.  A raw-socket client sends content with
+a bare CR before a dot (``\\r.\\r\\n``: a lax downstream that ends DATA at
+``<CR>.<CR>`` would see two messages) and bare LFs.  The peer must get exactly one
+message whose content has no CR or LF outside a CRLF pair.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+from collections.abc import Iterator
+from typing import Self
+
+import pytest
+
+from tests.faults.conftest import assert_serving, wait_until
+
+STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+class RawPeer:
+    """A minimal, strict SMTP server on 127.0.0.1:0 in a thread; ``messages`` holds
+    the raw bytes between ``DATA`` and ``CRLF.CRLF`` (still dot-stuffed)."""
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.messages: list[bytes] = []
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop = True
+        self.sock.close()
+        self._thread.join(5)
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop:
+            try:
+                conn, _ = self.sock.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                conn.settimeout(10)
+                try:
+                    self._session(conn)
+                except OSError:
+                    pass
+
+    def _session(self, conn: socket.socket) -> None:
+        buf = bytearray()
+
+        def line() -> bytes:
+            while b"\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    raise OSError("closed")
+                buf.extend(chunk)
+            end = buf.index(b"\r\n") + 2
+            out = bytes(buf[:end])
+            del buf[:end]
+            return out
+
+        conn.sendall(b"220 raw.peer ESMTP\r\n")
+        while True:
+            verb = line()[:4].upper()
+            if verb == b"EHLO":
+                conn.sendall(b"250-raw.peer\r\n250 8BITMIME\r\n")
+            elif verb == b"DATA":
+                conn.sendall(b"354 go ahead\r\n")
+                while b"\r\n.\r\n" not in b"\r\n" + buf:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        raise OSError("closed")
+                    buf.extend(chunk)
+                whole = b"\r\n" + bytes(buf)
+                end = whole.index(b"\r\n.\r\n")
+                self.messages.append(whole[2:end + 2])
+                del buf[:end + 3]
+                conn.sendall(b"250 2.0.0 Ok: queued\r\n")
+            elif verb == b"QUIT":
+                conn.sendall(b"221 2.0.0 Bye\r\n")
+                return
+            else:
+                conn.sendall(b"250 2.0.0 Ok\r\n")
+
+
+@pytest.fixture
+def raw_peer() -> Iterator[RawPeer]:
+    with RawPeer() as peer:
+        yield peer
+
+
+def _raw_session(port: int, content: bytes) -> list[bytes]:
+    """EHLO, MAIL, RCPT, DATA with *content* as it is, then QUIT; the reply lines."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"EHLO client.example\r\nMAIL FROM:<a@client.example>\r\n"
+                     b"RCPT TO:<b@remote.example>\r\nDATA\r\n")
+        buf = b""
+        while b"354 " not in buf:
+            chunk = sock.recv(4096)
+            assert chunk, buf
+            buf += chunk
+        sock.sendall(content + b"QUIT\r\n")
+        while b"\r\n221 " not in buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    return buf.split(b"\r\n")
+
+
+@pytest.mark.parametrize(("content", "kept"), [
+    (b"Subject: cr\r\n\r\nfirst\r.\r\nMAIL FROM:<evil@x.example>\r\nsecond\r\n.\r\n",
+     b"first .\r\nMAIL FROM:<evil@x.example>\r\nsecond\r\n"),
+    (b"Subject: lf\n\nfirst\n.\nMAIL FROM:<evil@x.example>\nsecond\r\n.\r\n",
+     b"MAIL FROM:<evil@x.example>\r\nsecond\r\n"),
+    (b"Subject: mixed\r\n\r\na\rb\nc\r\r\n\r.\r\r\nMAIL FROM:<evil@x.example>\r\n.\r\n",
+     b"a b\r\nc \r\n . \r\nMAIL FROM:<evil@x.example>\r\n"),
+], ids=["bare-cr-dot", "bare-lf-dot", "mixed"])
+def test_relayed_content_has_only_crlf_line_ends(daemon, raw_peer, content, kept):
+    d = daemon(relayhost=f"[127.0.0.1]:{raw_peer.port}", mynetworks="127.0.0.0/8")
+    lines = _raw_session(d.port, content)
+    assert sum(1 for line in lines if line.startswith(b"250 2.0.0 Ok: queued as")) == 1, lines
+    wait_until(lambda: raw_peer.messages, 15)
+    assert len(raw_peer.messages) == 1
+    relayed = raw_peer.messages[0]
+    assert not STRAY.search(relayed), relayed
+    assert relayed.endswith(kept)  # content, not a second message
+    assert_serving(d)
+
+
+def _send_raw(port: int, content: bytes) -> list[bytes]:
+    """Like _raw_session, but returns every reply line up to the closing 221 or EOF."""
+    return [line for line in _raw_session(port, content) if line[:1].isdigit()]
+
+
+def test_bare_lf_is_refused_with_postfix_reply_when_forbidden(daemon):
+    d = daemon(smtpd_forbid_bare_newline="reject", mynetworks="127.0.0.0/8",
+               smtpd_forbid_bare_newline_exclusions="")
+    lines = _send_raw(d.port, b"Subject: lf\nbody\r\n.\r\n")
+    assert b"550 5.5.2 mx.test.example Error: bare <LF> received" in lines, lines
+    assert not any(line.startswith(b"250 2.0.0 Ok: queued") for line in lines)
+    assert lines[-1].startswith(b"221")  # the session goes on after the real end
+    assert_serving(d)
+
+
+def test_bare_lf_exclusions_normalize_for_listed_clients(daemon, raw_peer):
+    d = daemon(smtpd_forbid_bare_newline="reject", mynetworks="127.0.0.0/8",
+               relayhost=f"[127.0.0.1]:{raw_peer.port}")
+    lines = _send_raw(d.port, b"Subject: lf\nbody\r\n.\r\n")  # exclusions default to $mynetworks
+    assert any(line.startswith(b"250 2.0.0 Ok: queued") for line in lines), lines
+    wait_until(lambda: raw_peer.messages, 15)
+    assert raw_peer.messages[0].endswith(b"Subject: lf\r\nbody\r\n")

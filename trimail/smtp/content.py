@@ -1,0 +1,37 @@
+"""Message content normalisation: only CRLF line ends are stored (Postfix's cleanup).
+
+``replace_stray_cr_lf`` is Postfix's ``cleanup_replace_stray_cr_lf``: every CR that
+is not followed by LF, and every LF that does not follow a CR, becomes one space.
+SMTP allows these characters only as a CRLF pair; a stray one that is stored is
+relayed as it is, and a lax downstream that ends DATA at ``<CR>.<CR>`` or
+``<LF>.<LF>`` would then take the rest of the message for new commands (outbound
+SMTP smuggling).  Replacing them once, on the way in, also makes any signature
+made later independent of how other mail systems treat them.  The length never
+changes, so size accounting is unaffected.
+
+The DATA reader (``trimail.smtp.server``) applies it to each chunk it emits; its
+chunks hold complete lines, except that a very long line is passed on in pieces
+whose last byte is never an LF and whose next byte is never an LF either, so a CR
+at the very end of a chunk is stray too and the function needs no state.
+
+Performance: the common case (no stray character) costs three ``bytes.count``
+calls, all in C; otherwise one regular-expression substitution.  Never a
+per-byte Python loop: this is on the path of every message.
+
+Pure: bytes in, bytes out; no I/O.  Parameter (through the caller):
+cleanup_replace_stray_cr_lf.
+"""
+
+from __future__ import annotations
+
+import re
+
+_STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+
+def replace_stray_cr_lf(data: bytes) -> bytes:
+    """*data* with each CR or LF that is not part of a CRLF pair replaced by a space."""
+    pairs = data.count(b"\r\n")
+    if data.count(b"\r") == pairs and data.count(b"\n") == pairs:
+        return data
+    return _STRAY.sub(b" ", data)
