@@ -25,7 +25,9 @@ session or the daemon.
 
 Security notes: client-supplied text (HELO name) is made printable before it goes
 into a header or a log line; our own failures answer 451 4.3.0 with the details in
-the log only.
+the log only.  After STARTTLS the HELO name and any transaction from before the
+handshake are forgotten (RFC 3207 4.2), so a name given in plaintext never reaches
+``Received:``, the restrictions or the policy service.
 """
 
 from __future__ import annotations
@@ -303,6 +305,11 @@ class SmtpdSession:
         if isinstance(event, StartTls):
             if self.ctx.tls_context is None:
                 return Reply(454, "4.7.0", "TLS not available due to local problem")
+            # RFC 3207 4.2: forget what the client said in plaintext, the HELO name
+            # included, so it reaches no Received: header, restriction or log line
+            self.helo_name = ""
+            self.extended = False
+            self._discard()
             return None
         if isinstance(event, Auth):
             return await self._authenticate(event)

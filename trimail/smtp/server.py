@@ -126,8 +126,10 @@ class DataAborted(Event):
 @dataclasses.dataclass(slots=True)
 class StartTls(Event):
     """The client asked for TLS.  Answer 220 to proceed: the machine then forgets
-    every byte received so far and returns to the state before EHLO; the caller
-    does the handshake after sending the reply."""
+    every byte received so far and the HELO name, and returns to the state before
+    EHLO (RFC 3207 4.2): MAIL is refused ``503 5.5.1`` until the client says EHLO
+    again; the caller does the handshake after sending the reply and forgets its
+    own copy of the session's HELO state too."""
 
     needs_reply = True
 
@@ -232,6 +234,7 @@ class ServerConnection:
         self.recipient_count = 0
         self.smtputf8 = False  # SMTPUTF8 declared on the current MAIL
         self.tls_active = False
+        self.tls_restarted = False  # STARTTLS done: a new HELO/EHLO is required before MAIL
         self.authenticated: str | None = None  # the SASL login once AUTH succeeded
         self._sasl: SaslExchange | None = None
         self.command_stats: Counter[str] = Counter()  # "ehlo" -> total, "ehlo/ok" -> accepted
@@ -411,7 +414,10 @@ class ServerConnection:
             # executed as if it had come encrypted; start over from before EHLO.
             self._in.clear()
             self._eof = False
+            # RFC 3207 4.2: the HELO name is forgotten too, and MAIL needs a new EHLO
+            # (whatever smtpd_helo_required says), so nothing said in plaintext is used.
             self.tls_active = True
+            self.tls_restarted = True
             self.helo_name = None
             self.extended = False
             self._end_transaction(State.INIT)
@@ -511,7 +517,8 @@ class ServerConnection:
             self._error(name, Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
             return
         allowed = TRANSITIONS.get(verb)
-        mail_without_helo = verb == "MAIL" and self.state is State.INIT and not self.settings.helo_required
+        mail_without_helo = (verb == "MAIL" and self.state is State.INIT and not self.settings.helo_required
+                             and not self.tls_restarted)
         if allowed is not None and self.state not in allowed and not mail_without_helo:
             self._error(name, _SEQUENCE_ERRORS[verb][self.state])
             return
