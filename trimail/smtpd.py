@@ -48,7 +48,7 @@ import trio
 from trimail.cleanup import virtual_expand
 from trimail.config import Config, ConfigError
 from trimail.errors import StorageError
-from trimail.passwords import authenticate
+from trimail.passwords import PasswordError, authenticate, prepare
 from trimail.delivery.dns import Resolver
 from trimail.policy.restrictions import Policy, Request, Verdict
 from trimail.maps import Table, TableError, lookup_first, off_loop, open_table
@@ -139,6 +139,11 @@ class ReceiveContext:
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
         self.policy.unlisted = self.is_unknown_local
         self.settings = protocol_settings(config, kind)
+        if self.settings.auth:
+            try:  # the dummy hash for unknown users, made now rather than at the first one
+                prepare(self.password_file)
+            except PasswordError:
+                pass  # each AUTH attempt reports it
         self.hostname: str = config.myhostname
         self.mail_name: str = config.mail_name
         self.hopcount_limit: int = config.hopcount_limit
@@ -467,8 +472,13 @@ class SmtpdSession:
             log.warning("%s: too many failed AUTH attempts (%d)", self.client, len(failures))
             return Reply(454, "4.7.0", "Too many failed authentication attempts, try again later")
         user = event.credentials.username
-        ok = await trio.to_thread.run_sync(authenticate, ctx.password_file, user, event.credentials.password,
-                                           limiter=_auth_limiter())
+        try:
+            ok = await trio.to_thread.run_sync(authenticate, ctx.password_file, user, event.credentials.password,
+                                               limiter=_auth_limiter())
+        except PasswordError as exc:  # Postfix: 454 when the password backend cannot answer
+            log.warning("%s: SASL %s authentication failed: cannot read the password table: %s",
+                        self.client, event.mechanism, exc)
+            return Reply(454, "4.7.0", "Temporary authentication failure")
         if not ok:
             failures.append(now)
             if len(ctx.auth_failures) > 100_000:  # bounded memory under a distributed attack
