@@ -161,3 +161,36 @@ def test_bare_lf_exclusions_normalize_for_listed_clients(daemon, raw_peer):
     assert any(line.startswith(b"250 2.0.0 Ok: queued") for line in lines), lines
     wait_until(lambda: raw_peer.messages, 15)
     assert raw_peer.messages[0].endswith(b"Subject: lf\r\nbody\r\n")
+
+
+def test_serve_refuses_a_line_separator_in_rcpt(daemon):
+    d = daemon()
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        sock.sendall("EHLO c.example\r\nMAIL FROM:<a@c.example> SMTPUTF8\r\n"
+                     "RCPT TO:<victim\u2028@mx.test.example>\r\nQUIT\r\n".encode())
+        buf = b""
+        while b"\r\n221 " not in buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    assert b"\r\n501 5.1.3 Bad recipient address syntax\r\n" in buf, buf
+    assert_serving(d)
+
+
+def test_helo_name_is_stored_printable(daemon, raw_peer):
+    d = daemon(relayhost=f"[127.0.0.1]:{raw_peer.port}", mynetworks="127.0.0.0/8")
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+        sock.sendall("EHLO evil\x1b[2J\u2028\x85.example\r\nMAIL FROM:<a@c.example>\r\n"
+                     "RCPT TO:<b@remote.example>\r\nDATA\r\nSubject: h\r\n\r\nx\r\n.\r\nQUIT\r\n".encode())
+        buf = b""
+        while b"\r\n221 " not in buf:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            buf += chunk
+    assert b"250 2.0.0 Ok: queued as" in buf, buf
+    wait_until(lambda: raw_peer.messages, 15)
+    received = raw_peer.messages[0].split(b"\r\n", 1)[0].decode("utf-8")
+    assert received.startswith("Received: from evil?[2J??.example ("), received
+    assert all(ch.isprintable() for ch in received)

@@ -12,9 +12,12 @@ cannot even express is refused here (``501 5.1.7``/``501 5.1.3``), so it never
 reaches the queue and the DNS code; the router and the DNS edge check again for
 mail queued before this rule existed.
 
-Security notes: an address never contains control characters, NUL, CR or LF, and
-never exceeds the RFC length limits, so nothing downstream (logs, headers, file
-names) can be injected through it.  Non-ASCII is accepted only when the caller
+Security notes: an address never contains control characters (C0, C1, DEL: NUL,
+CR and LF among them), Unicode line or paragraph separators (U+2028, U+2029) or
+bidirectional formatting marks (U+061C, U+200E/F, U+202A-E, U+2066-9), even with
+SMTPUTF8 (``501 5.1.3``/``501 5.1.7``), and never exceeds the RFC length limits, so
+nothing downstream (logs, headers, terminals, file names) can be split, reordered
+or injected through it.  Non-ASCII is accepted only when the caller
 says SMTPUTF8 was declared.  IDNA work is bounded by the 255-character domain
 limit checked first.
 """
@@ -56,7 +59,10 @@ _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e\x80-\U0010ffff]|\\[\x20-\
 _LABEL = re.compile(r"(?:[A-Za-z0-9\x80-\U0010ffff](?:[A-Za-z0-9\-\x80-\U0010ffff]{0,61}[A-Za-z0-9\x80-\U0010ffff])?)")
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
 _KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-]*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls and DEL; U+2028/U+2029 (line and paragraph separators: a line
+# break to many log readers and editors); the bidi marks, embeddings, overrides and
+# isolates (U+061C, U+200E/F, U+202A-E, U+2066-9) that reorder what a terminal shows
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 _DOTS = re.compile("[.\u3002\uff0e\uff61]")  # the full stops IDNA and dnspython split on
@@ -157,7 +163,7 @@ def parse_path(argument: str, prefix: str, *, utf8_allowed: bool) -> Path:
     if len(path) > MAX_PATH:
         raise AddressError("path too long")
     if path.startswith("@"):  # source route: <@relay1,@relay2:user@domain>
-        route, colon, path = path.partition(":")
+        _route, colon, path = path.partition(":")
         if not colon:
             raise AddressError("bad source route")
     if path == "":
