@@ -10,7 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from tests.smtp.driver import Driver
-from trimail.smtp.content import replace_stray_cr_lf
+from trimail.smtp.content import replace_stray_cr, replace_stray_cr_lf
 from trimail.smtp.server import DataAborted, DataEnd, Settings
 
 HEAD = b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nRCPT TO:<b@d.example>\r\nDATA\r\n"
@@ -69,3 +69,11 @@ def test_data_ends_only_at_crlf_dot_crlf(body):
     d = Driver().feed(HEAD + body + b"\r\n.\r\nNOOP\r\n")
     assert len(d.of_type(DataEnd)) == 1
     assert d.replies()[-1] == "250 2.0.0 Ok"  # the NOOP after it: in step
+
+
+@given(_bytes)
+def test_replace_stray_cr_agrees_on_the_readers_output(data):
+    lf_free = data.replace(b"\n", b"\r\n")  # every LF follows a CR, as the DATA reader makes it
+    out = replace_stray_cr(lf_free)
+    assert out == replace_stray_cr_lf(lf_free)
+    assert not STRAY.search(out)

@@ -9,14 +9,16 @@ SMTP smuggling).  Replacing them once, on the way in, also makes any signature
 made later independent of how other mail systems treat them.  The length never
 changes, so size accounting is unaffected.
 
-The DATA reader (``trimail.smtp.server``) applies it to each chunk it emits; its
+The DATA reader (``trimail.smtp.dotreader``) applies it to each chunk it emits; its
 chunks hold complete lines, except that a very long line is passed on in pieces
 whose last byte is never an LF and whose next byte is never an LF either, so a CR
 at the very end of a chunk is stray too and the function needs no state.
 
-Performance: the common case (no stray character) costs three ``bytes.count``
-calls, all in C; otherwise one regular-expression substitution.  Never a
-per-byte Python loop: this is on the path of every message.
+Performance: the common case (no stray character) costs two ``bytes.count``
+calls in the DATA reader (``replace_stray_cr``: its output has no bare LF left)
+and three in general, all in C; a stray character costs a regular-expression
+substitution for its kind.  Never a per-byte Python loop: this is on the path of
+every message.
 
 Pure: bytes in, bytes out; no I/O.  Parameter (through the caller):
 cleanup_replace_stray_cr_lf.
@@ -26,12 +28,23 @@ from __future__ import annotations
 
 import re
 
-_STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_STRAY_CR = re.compile(rb"\r(?!\n)")
+_STRAY_LF = re.compile(rb"(?<!\r)\n")
 
 
 def replace_stray_cr_lf(data: bytes) -> bytes:
     """*data* with each CR or LF that is not part of a CRLF pair replaced by a space."""
     pairs = data.count(b"\r\n")
-    if data.count(b"\r") == pairs and data.count(b"\n") == pairs:
+    if data.count(b"\n") != pairs:
+        data = _STRAY_LF.sub(b" ", data)
+    if data.count(b"\r") != pairs:
+        data = _STRAY_CR.sub(b" ", data)
+    return data
+
+
+def replace_stray_cr(data: bytes) -> bytes:
+    """The same for content in which every LF already follows a CR (the DATA
+    reader's output): a stray CR is one too many CRs for the LFs."""
+    if data.count(b"\r") == data.count(b"\n"):
         return data
-    return _STRAY.sub(b" ", data)
+    return _STRAY_CR.sub(b" ", data)

@@ -16,22 +16,21 @@ exactly one reply.  Syntax, sequence and limit errors are answered by the machin
 itself.  The peer breaking the protocol never raises: it becomes a reply.  Calling
 the machine wrongly raises ``LocalProtocolError`` (a bug in the caller).
 
-DATA (chasquid's dotreader, Postfix's bare-newline rules): the message ends only
-at ``<CR><LF>.<CR><LF>``; a line starting with ``.`` is un-stuffed; a line ending in
-a bare ``<LF>`` never ends the message.  With ``bare_newline = "normalize"`` (the
-default; ``smtpd_forbid_bare_newline``) it is stored as if it ended in
+DATA (``trimail.smtp.dotreader``: chasquid's dotreader, Postfix's bare-newline
+rules): the message ends only at ``<CR><LF>.<CR><LF>``; a line ending in a bare
+``<LF>`` never ends it.  With ``bare_newline = "normalize"`` (the default;
+``smtpd_forbid_bare_newline``) such a line is stored as if it ended in
 ``<CR><LF>``; with ``"reject"`` a command line ending in a bare ``<LF>`` ends the
 session with ``<code> 5.5.2 <hostname> Error: bare <LF> received`` (Postfix's
 text, ``smtpd_forbid_bare_newline_reject_code``), and message content with one is
 read to its real end and then refused with that reply (``521`` also ends the
 session).  Every other stray ``<CR>`` or ``<LF>`` in the content becomes a space
-(``replace_stray_cr_lf``, Postfix's ``cleanup_replace_stray_cr_lf``;
-``trimail.smtp.content``), so what is stored and later relayed has ``<CR><LF>``
-line ends only: a ``<CR>.<CR>`` inside a message can never end it at a lax
-downstream.  The size limit is enforced while reading, but reading goes on to the
-real end of data so the session stays in sync.  Content comes out as
-``DataChunk`` events in wire format (``<CR><LF>`` line ends, dots un-stuffed),
-never as a list of lines.
+(``replace_stray_cr_lf``, Postfix's ``cleanup_replace_stray_cr_lf``), so what is
+stored and later relayed has ``<CR><LF>`` line ends only: a ``<CR>.<CR>`` inside a
+message can never end it at a lax downstream.  The size limit is enforced while
+reading, but reading goes on to the real end of data so the session stays in
+sync.  Content comes out as ``DataChunk`` events in wire format (``<CR><LF>`` line
+ends, dots un-stuffed), never as a list of lines.
 
 Error limits (Postfix's smtpd): every error reply counts; at ``hard_error_limit``
 errors the next command gets ``421`` and the session ends.  HELO, EHLO, NOOP, VRFY
@@ -40,7 +39,7 @@ as an error too (``smtpd_junk_command_limit``), so a client cannot hold a sessio
 with NOOPs; the junk count starts again after a message is accepted.
 
 Security notes: every buffer is bounded: command lines by ``line_length_limit``,
-partial data lines by ``_DATA_FLUSH`` bytes; the caller reads only on NEED_DATA.
+partial data lines by ``dotreader.FLUSH`` bytes; the caller reads only on NEED_DATA.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ from collections import Counter, deque
 
 from trimail.smtp import replies
 from trimail.smtp.address import AddressError, Utf8NotDeclared, parse_path
-from trimail.smtp.content import replace_stray_cr_lf
+from trimail.smtp.dotreader import DotReader
 from trimail.smtp.replies import Reply
 from trimail.smtp.sasl import MECHANISMS, Credentials, SaslError, SaslExchange
 
@@ -195,7 +194,6 @@ _JUNK_COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "VRFY", "RSET"})  # Postfix'
 _KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "ATRN", "SEND",
                                     "SOML", "SAML"})
 
-_DATA_FLUSH = 4096  # longest partial data line kept before it is passed on
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -246,12 +244,7 @@ class ServerConnection:
         self._pending_verb = ""
         self._skipping_long_line = False
         self._last_command_crlf = True
-        # DATA reader state
-        self._line_start = True
-        self._prev_crlf = True
-        self._data_size = 0
-        self._too_big = False
-        self._bare_lf = False  # bare_newline = reject: this message had a bare LF
+        self._reader = DotReader()  # the DATA reader of the current message
 
     # -- I/O side ----------------------------------------------------------
 
@@ -402,11 +395,8 @@ class ServerConnection:
             self.state = State.RCPT
         elif isinstance(event, DataStart):
             self.state = State.DATA
-            self._line_start = True
-            self._prev_crlf = self._last_command_crlf
-            self._data_size = 0
-            self._too_big = False
-            self._bare_lf = False
+            self._reader = DotReader(self.settings.message_size_limit, self._rejecting_bare_lf,
+                                     self.settings.replace_stray_cr_lf, prev_crlf=self._last_command_crlf)
         elif isinstance(event, DataEnd):
             self._end_transaction(State.READY)
         elif isinstance(event, StartTls):
@@ -707,92 +697,29 @@ class ServerConnection:
 
     # -- DATA ------------------------------------------------------------------
 
-    def _fast_lines(self, buf: bytearray, out: bytearray) -> int:
-        """The common case in bulk: complete CRLF lines up to the end marker (or the
-        last complete line) are un-stuffed with one replace instead of line by line.
-        Returns how far it got; the line-by-line reader takes the rest (the end
-        marker itself, a partial line) and everything when there is a bare LF."""
-        last = buf.rfind(b"\n")
-        if last < 0 or (self._prev_crlf and buf.startswith(b".\r\n")):
-            return 0
-        marker = buf.find(b"\r\n.\r\n", 0, last + 1)
-        stop = marker + 2 if marker >= 0 else last + 1  # the lines before the end marker
-        region = bytes(buf[:stop])
-        if region.count(b"\n") != region.count(b"\r\n"):  # a bare LF somewhere
-            return 0
-        unstuffed = region.replace(b"\n.", b"\n")
-        out += unstuffed[1:] if region.startswith(b".") else unstuffed
-        self._line_start = True
-        self._prev_crlf = True
-        return stop
-
     def _read_data(self) -> bool:
         """Move complete lines from the input to DataChunk events; True on progress."""
-        buf = self._in
-        n = len(buf)
-        out = bytearray()
-        pos = 0
-        ended = False
-        reject_bare_lf = self._rejecting_bare_lf
-        if self._line_start:
-            pos = self._fast_lines(buf, out)
-        while pos < n:
-            lf = buf.find(b"\n", pos)
-            if lf < 0:
-                if n - pos <= _DATA_FLUSH:
-                    break
-                # a very long line: pass it on, keeping its last byte (maybe the CR of CRLF)
-                start = pos + 1 if self._line_start and buf[pos] == 0x2E else pos
-                out += buf[start : n - 1]
-                self._line_start = False
-                pos = n - 1
-                break
-            crlf = lf > pos and buf[lf - 1] == 0x0D
-            if not crlf and reject_bare_lf:
-                self._bare_lf = True  # void: read on to the real end, then refuse
-            start = pos
-            if self._line_start and buf[pos] == 0x2E:
-                if crlf and lf == pos + 2 and self._prev_crlf:
-                    ended = True
-                    pos = lf + 1
-                    break
-                start += 1
-            if crlf:
-                out += buf[start : lf + 1]
-            else:
-                out += buf[start:lf]
-                out += b"\r\n"
-            self._line_start = True
-            self._prev_crlf = crlf
-            pos = lf + 1
-        del buf[:pos]
-        if out:
-            self._data_size += len(out)
-            limit = self.settings.message_size_limit
-            if limit and self._data_size > limit:
-                self._too_big = True
-            if not self._too_big and not self._bare_lf:
-                data = bytes(out)
-                self._events.append(DataChunk(replace_stray_cr_lf(data) if self.settings.replace_stray_cr_lf
-                                              else data))
+        reader = self._reader
+        content, ended, progressed = reader.read(self._in)
+        if content:
+            self._events.append(DataChunk(content))
         if ended:
-            self._prev_crlf = True
             self._pending_verb = "data"
-            if self._bare_lf:
+            if reader.bare_lf:
                 self._events.append(DataAborted("bare <LF> received"))
                 self._end_transaction(State.READY)
                 reply = self._bare_lf_reply()
                 self._error("data", reply)
                 if reply.code == 521:
                     self._close("bare <LF> received")
-            elif self._too_big:
+            elif reader.too_big:
                 self._events.append(DataAborted("message too big"))
                 self._end_transaction(State.READY)
                 self._error("data", replies.MESSAGE_TOO_BIG)
             else:
-                self._decide(DataEnd(self._data_size))
+                self._decide(DataEnd(reader.size))
             return True
-        return pos > 0
+        return progressed
 
 
 _HANDLERS = {
