@@ -422,10 +422,12 @@ class SmtpdSession:
             protocol="ESMTP" if self.extended else "SMTP", sender=sender, recipient=recipient,
             queue_id=txn.queue_id if txn else "", recipient_count=len(txn.recipients) if txn else 0,
             size=size, pipelined=conn.pending_input and (stage == "data" or not self.extended),
-            sasl_username=self.sasl_username, cache=self.dns_cache)
+            sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache)
         verdict = await policy.check(stage, request)
         for warning in verdict.warnings:
             log.info("%s: warn: %s from %s: %s", txn.queue_id if txn else "NOQUEUE", command, self.client, warning)
+        for warned in verdict.reject_warnings:  # warn_if_reject: what would have been refused
+            self._log_reject(command, warned, recipient, what="reject_warning")
         if verdict.reply is not None:
             self._log_reject(command, verdict.reply, recipient)
             return verdict.reply
@@ -434,6 +436,8 @@ class SmtpdSession:
             mine.hold = mine.hold or verdict.hold
             mine.discard = mine.discard or verdict.discard
             mine.redirect = verdict.redirect or mine.redirect
+            mine.filter = verdict.filter or mine.filter  # FILTER and BCC: the last one wins (Postfix)
+            mine.bcc = verdict.bcc or mine.bcc
             mine.prepend += verdict.prepend
         return None
 
@@ -464,14 +468,14 @@ class SmtpdSession:
         self.sasl_method = event.mechanism
         return Reply(235, "2.7.0", "Authentication successful")
 
-    def _log_reject(self, command: str, reply: Reply, recipient: str | None) -> None:
-        if self.ctx.metrics is not None:
+    def _log_reject(self, command: str, reply: Reply, recipient: str | None, what: str = "reject") -> None:
+        if self.ctx.metrics is not None and what == "reject":
             self.ctx.metrics.rejected.labels(command, str(reply.code)).inc()
         txn = self.txn
         details = f"from=<{txn.sender if txn else ''}>"
         if recipient is not None:
             details += f" to=<{recipient}>"
-        log.info("NOQUEUE: reject: %s from %s: %s %s %s; %s proto=%s helo=<%s>", command, self.client, reply.code,
+        log.info("NOQUEUE: %s: %s from %s: %s %s %s; %s proto=%s helo=<%s>", what, command, self.client, reply.code,
                  reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
                  self.helo_name)
 
