@@ -46,6 +46,7 @@ from trimail.config import Config, ConfigError
 from trimail.errors import StorageError
 from trimail.passwords import authenticate
 from trimail.delivery.dns import Resolver
+from trimail.delivery.route import FILTER_PARAM
 from trimail.policy.restrictions import Policy, Request, Verdict
 from trimail.maps import Table, TableError, lookup_first, off_loop, open_table
 from trimail.log import printable
@@ -564,11 +565,16 @@ class SmtpdSession:
                 log.info("%s: discard: %s from %s", txn.queue_id, verdict.discard, self.client)
                 return replies.queued(txn.queue_id)
             try:
-                recipients = [verdict.redirect] if verdict.redirect else txn.recipients
+                recipients = [verdict.redirect] if verdict.redirect else list(txn.recipients)
+                if verdict.bcc and verdict.bcc not in recipients:  # access action BCC: one more copy
+                    recipients.append(verdict.bcc)
                 recipients = await self.ctx.expand_virtual(recipients)
             except (TableError, ValueError) as exc:
                 log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
                 return replies.LOCAL_ERROR
+            params = dict(txn.params)
+            if verdict.filter and not verdict.redirect:  # FILTER: the router sends every recipient there
+                params[FILTER_PARAM] = verdict.filter  # (REDIRECT overrides FILTER, as in Postfix)
             message = NewMessage(
                 id=txn.queue_id,
                 state="hold" if verdict.hold else "incoming",
@@ -579,7 +585,7 @@ class SmtpdSession:
                 client_name=self.client_name,
                 helo_name=self.helo_name,
                 protocol=txn.protocol,
-                params=txn.params,
+                params=params,
             )
             message_id = header_message_id(txn.header)
             scheduler = self.ctx.scheduler
@@ -616,6 +622,8 @@ class SmtpdSession:
                 cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
             if verdict.hold:
                 cleanup_log.info("%s: hold: %s from %s", txn.queue_id, verdict.hold, self.client)
+            if FILTER_PARAM in params:
+                cleanup_log.info("%s: filter: %s from %s", txn.queue_id, params[FILTER_PARAM], self.client)
             qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue %s)", txn.queue_id, txn.sender,
                           message.content.size, len(recipients), message.state)
             return replies.queued(txn.queue_id)
