@@ -285,6 +285,9 @@ def null_sender_to(port: int, rcpts: list[str], data: bool) -> list[tuple[int, s
             replies.append(client.docmd("RCPT", f"TO:<{rcpt}>"))
         if data:
             replies.append(client.docmd("DATA"))
+            if replies[-1][0] == 354:
+                client.send(b"Subject: bounce\r\n\r\nx\r\n.\r\n")
+                client.getreply()
     return [(code, text.decode()) for code, text in replies]
 
 
