@@ -194,6 +194,17 @@ CASES = [
     ("inet_interfaces-own-address", {"smtpd_client_restrictions": "permit_inet_interfaces, reject"}, {}, 250, ""),
     ("inet_interfaces-other-address", {"smtpd_client_restrictions": "permit_inet_interfaces, reject"},
      {"source": "127.0.0.2"}, 554, "5.7.1 <unknown[127.0.0.2]>: Client host rejected: Access denied"),
+    ("access-defer_if_permit-defers-a-permit", {"smtpd_client_restrictions":
+                                               "check_client_access inline:{ { 127.0.0.1=DEFER_IF_PERMIT later } }, "
+                                               "permit"}, {}, 450,
+     "4.7.1 <unknown[127.0.0.1]>: Client host rejected: later"),
+    ("access-defer_if_permit-loses-to-a-reject", {"smtpd_client_restrictions":
+                                                  "check_client_access inline:{127.0.0.2=DEFER_IF_PERMIT}, "
+                                                  "reject_rbl_client zen.example"}, {"source": "127.0.0.2"}, 554,
+     "5.7.1 Service unavailable; Client host [127.0.0.2] blocked using zen.example"),
+    ("access-defer_if_reject-softens-a-reject", {"smtpd_client_restrictions":
+                                                 "check_client_access inline:{127.0.0.1=DEFER_IF_REJECT}, reject"},
+     {}, 450, "4.7.1 <unknown[127.0.0.1]>: Client host rejected: Service unavailable"),
     ("tls_clientcerts-plaintext-no-match", {"smtpd_client_restrictions": "permit_tls_clientcerts, reject"}, {},
      554, "5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied"),
 ]

@@ -239,6 +239,11 @@ class Policy(DnsChecks):
             return self.reply(554, "5.7.1", kind, req, result.text or "Access denied")
         if action == "defer":
             return self.reply(450, "4.7.1", kind, req, result.text or "Access denied")
+        if action in ("defer_if_permit", "defer_if_reject"):
+            maybe = self.reply(450, "4.7.1", kind, req, result.text or "Service unavailable")
+            if action == "defer_if_permit":
+                return self.defer_if_permit(verdict, maybe)
+            return self.defer_if_reject(verdict, maybe)
         if action == "code":
             return self.reply(result.code, result.enhanced, kind, req, result.text or "Access denied")
         if action == "hold":
