@@ -20,6 +20,7 @@ class InternalServer:
         self.rcpts: list[str] = []
         self.delivered: list[str] = []
         self.port = 0
+        self.gate: trio.Event | None = None  # when set: RCPT replies wait for it
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -56,6 +57,8 @@ class InternalServer:
                 elif verb == b"RCPT":
                     address = line.decode().partition("<")[2].partition(">")[0]
                     self.rcpts.append(address)
+                    if self.gate is not None:
+                        await self.gate.wait()
                     if address.startswith("known@"):
                         recipients.append(address)
                         await stream.send_all(b"250 2.1.5 Ok\r\n")
@@ -142,3 +145,25 @@ async def test_internal_server_down_gives_450(start_mta):
     got = await trio.to_thread.run_sync(rcpt_replies, srv.addresses[0].port, ["someone@remote.example"])
     assert got[0][0] == 450
     assert got[0][1].startswith("4.1.1 <someone@remote.example>: Recipient address rejected: unverified address: ")
+
+
+async def test_slow_probe_answers_in_progress_then_the_cache_answers(start_mta, nursery):
+    peer = InternalServer()
+    peer.gate = trio.Event()
+    await nursery.start(peer.run)
+    srv = await start_mta(master_service_disable="qmgr", relayhost=f"[127.0.0.1]:{peer.port}",
+                          **{**SETTINGS, "address_verify_poll_count": "1"})
+    port = srv.addresses[0].port
+    got = await trio.to_thread.run_sync(rcpt_replies, port, ["slow@remote.example"])
+    assert got == [(450, ("4.1.1 <slow@remote.example>: Recipient address rejected: unverified address: "
+                          "Address verification in progress"))]
+    peer.gate.set()  # the probe, still running, gets its answer and fills the cache
+
+    async def from_cache() -> bool:
+        replies = await trio.to_thread.run_sync(rcpt_replies, port, ["slow@remote.example"])
+        return "said: 550 5.1.1" in replies[0][1]
+
+    with trio.fail_after(10):  # queries meanwhile share the running probe: still one connection
+        while not await from_cache():
+            await trio.sleep(0.05)
+    assert peer.connections == 1 and peer.rcpts == ["slow@remote.example"]

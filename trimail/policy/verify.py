@@ -178,7 +178,8 @@ class Verifier:
         relay = f"{conn.host}[{conn.address}]"
         try:
             t = conn.timeouts
-            reply = await _command(conn, mail_command(self.sender, 0, conn.ext, eight_bit=False, smtputf8=False), t.mail)
+            mail = mail_command(self.sender, 0, conn.ext, eight_bit=False, smtputf8=False)
+            reply = await _command(conn, mail, t.mail)
             stage = "MAIL FROM"
             if reply.code == 250:
                 reply = await _command(conn, rcpt_command(address), t.rcpt)
