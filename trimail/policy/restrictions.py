@@ -44,6 +44,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from trimail import rewrite
 from trimail.config import Config
@@ -69,6 +70,9 @@ from trimail.policy.registry import (  # noqa: F401 (re-exported: smtpd and test
     restriction_lists,
 )
 from trimail.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from trimail.policy.verify import Verifier
 
 log = logging.getLogger("trimail.smtpd")
 
@@ -100,7 +104,7 @@ class Policy(DnsChecks):
         self._tables: dict[str, Table] = {}
         self.lookup_timeout: float = config.table_lookup_timeout
         self.unlisted: Callable[[str], Awaitable[bool]] = _never_unlisted
-        self.verifier = None  # trimail.policy.verify.Verifier, made on first use
+        self.verifier: Verifier | None = None  # made on first use of reject_unverified_recipient
         self.own_addresses = _listen_addresses(config)
         if any(name == "permit_tls_clientcerts" for items in self.lists.values() for name, _ in items):
             log.warning("permit_tls_clientcerts is requested, but trimail does not ask clients for certificates "

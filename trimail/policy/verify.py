@@ -3,7 +3,8 @@
 A recipient is verified by a probe over the route its mail would take (the
 router: transport_maps, relayhost, MX): connect, EHLO, ``MAIL
 FROM:<address_verify_sender>``, ``RCPT TO:<recipient>``, then RSET and QUIT --
-never DATA.  250/251 is deliverable; a 5xx (to MAIL or RCPT) undeliverable; a
+never DATA -- through the delivery SMTP client's Connector (MX order, loop
+detection, smtp_tls_security_level as for deliveries).  250/251 is deliverable; a 5xx (to MAIL or RCPT) undeliverable; a
 4xx, a connection or DNS failure is "not verified yet".  Recipients routed to
 the local, error or discard transports are not probed (local users are
 local_recipient_maps' job; an error route is undeliverable with its text).
