@@ -2,7 +2,9 @@
 
 Returns warnings, one line each: compiled tables (``hash:``/``btree:``) that are
 missing or older than their source file (run ``trimail postmap`` or
-``trimail newaliases``), a queue directory others can read, and with
+``trimail newaliases``), restriction lists that name an unknown restriction or
+use one where it cannot work (``trimail/policy/registry.py``; serve refuses to
+start with the same error), a queue directory others can read, and with
 ``chroot = yes`` the files serve would need from inside the jail but cannot reach
 there (main.cf and the certificate for reload, lookup tables, resolv.conf).  serve logs the
 same warnings when it starts.
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from trimail.config import Config, ConfigError
 from trimail.maps import compiled_path
-from trimail.policy.restrictions import restriction_lists
+from trimail.policy.registry import restriction_lists
 
 TABLE_PARAMETERS = ("alias_maps", "alias_database", "transport_maps", "virtual_alias_maps")
 

@@ -228,6 +228,16 @@ def _str(text: str) -> str:
     return text.strip()
 
 
+def _reply_code(first: str) -> Callable[[str], int]:
+    """An SMTP reply code whose first digit is in *first* (e.g. "45")."""
+    def parse(text: str) -> int:
+        value = parse_int(text)
+        if not (200 <= value <= 599 and str(value)[0] in first):
+            raise ValueError(f"bad SMTP reply code {text!r} (use {' or '.join(d + 'xx' for d in first)})")
+        return value
+    return parse
+
+
 def _time(default_unit: str = "s") -> Callable[[str], float]:
     return lambda text: parse_time(text, default_unit)
 
@@ -404,6 +414,35 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_policy_service_timeout", "100s", _time(), "time limit for a policy service answer"),
         _P("smtpd_policy_service_default_action", "451 4.3.5 Server configuration problem", _str,
            "action when a policy service cannot be reached"),
+        _P("plaintext_reject_code", "450", _reply_code("45"), "reply code of reject_plaintext_session"),
+        _P("unknown_hostname_reject_code", "450", _reply_code("45"),
+           "reply code of reject_unknown_helo_hostname when the name has no A, AAAA or MX record"),
+        _P("multi_recipient_bounce_reject_code", "550", _reply_code("45"),
+           "reply code of reject_multi_recipient_bounce"),
+        _P("relay_clientcerts", "", parse_maps,
+           "tables of client certificate fingerprints permit_tls_clientcerts accepts (client certificates "
+           "are not requested yet, so nothing matches)"),
+        _P("address_verify_sender", "double-bounce", _str,
+           "MAIL FROM of address verification probes (reject_unverified_recipient); unqualified gets "
+           "@$myorigin, empty means the null sender"),
+        _P("address_verify_positive_expire_time", "31d", _time("d"),
+           "how long a verified (deliverable) address stays in the verification cache"),
+        _P("address_verify_negative_expire_time", "3d", _time("d"),
+           "how long an undeliverable address stays in the verification cache"),
+        _P("address_verify_negative_cache", "yes", parse_bool, "cache undeliverable addresses too"),
+        _P("address_verify_poll_count", "${stress?{1}:{3}}", parse_int,
+           "how many times smtpd looks for a probe's answer before it replies 'verification in progress'"),
+        _P("address_verify_poll_delay", "3s", _time(), "the wait between two such looks"),
+        _P("address_verify_cache_size", "10000", parse_int,
+           "(trimail) addresses the in-memory verification cache holds (the oldest go first)"),
+        _P("unverified_recipient_reject_code", "450", _reply_code("45"),
+           "reply code when a verification probe says the recipient is undeliverable"),
+        _P("unverified_recipient_defer_code", "450", _reply_code("45"),
+           "reply code when a recipient could not be verified yet (probe deferred or still running)"),
+        _P("unverified_recipient_tempfail_action", "defer_if_permit", choice("defer_if_permit", "defer"),
+           "what a temporary verification failure does: defer only if the rest would permit, or defer"),
+        _P("unverified_recipient_reject_reason", "", _str,
+           "reply text instead of the probe's own reason (empty: the probe's reason)"),
         # SMTP client
         _P("smtp_connect_timeout", "30s", _time(), "time limit for a TCP connection to a mail host"),
         _P("smtp_helo_timeout", "300s", _time(), "time limit for the greeting and the EHLO reply"),

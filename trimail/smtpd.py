@@ -50,6 +50,7 @@ from trimail.config import Config, ConfigError
 from trimail.errors import StorageError
 from trimail.passwords import PasswordError, authenticate, prepare
 from trimail.delivery.dns import Resolver
+from trimail.delivery.route import FILTER_PARAM
 from trimail.policy.restrictions import Policy, Request, Verdict
 from trimail.maps import Table, TableError, lookup_first, off_loop, open_table
 from trimail.log import printable
@@ -443,10 +444,12 @@ class SmtpdSession:
             protocol="ESMTP" if self.extended else "SMTP", sender=sender, recipient=recipient,
             queue_id=txn.queue_id if txn else "", recipient_count=len(txn.recipients) if txn else 0,
             size=size, pipelined=conn.pending_input and (stage == "data" or not self.extended),
-            sasl_username=self.sasl_username, cache=self.dns_cache)
+            sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache)
         verdict = await policy.check(stage, request)
         for warning in verdict.warnings:
             log.info("%s: warn: %s from %s: %s", txn.queue_id if txn else "NOQUEUE", command, self.client, warning)
+        for warned in verdict.reject_warnings:  # warn_if_reject: what would have been refused
+            self._log_reject(command, warned, recipient, what="reject_warning")
         if verdict.reply is not None:
             self._log_reject(command, verdict.reply, recipient)
             return verdict.reply
@@ -455,6 +458,8 @@ class SmtpdSession:
             mine.hold = mine.hold or verdict.hold
             mine.discard = mine.discard or verdict.discard
             mine.redirect = verdict.redirect or mine.redirect
+            mine.filter = verdict.filter or mine.filter  # FILTER and BCC: the last one wins (Postfix)
+            mine.bcc = verdict.bcc or mine.bcc
             mine.prepend += verdict.prepend
         return None
 
@@ -490,14 +495,14 @@ class SmtpdSession:
         self.sasl_method = event.mechanism
         return Reply(235, "2.7.0", "Authentication successful")
 
-    def _log_reject(self, command: str, reply: Reply, recipient: str | None) -> None:
-        if self.ctx.metrics is not None:
+    def _log_reject(self, command: str, reply: Reply, recipient: str | None, what: str = "reject") -> None:
+        if self.ctx.metrics is not None and what == "reject":
             self.ctx.metrics.rejected.labels(command, str(reply.code)).inc()
         txn = self.txn
         details = f"from=<{txn.sender if txn else ''}>"
         if recipient is not None:
             details += f" to=<{recipient}>"
-        log.info("NOQUEUE: reject: %s from %s: %s %s %s; %s proto=%s helo=<%s>", command, self.client, reply.code,
+        log.info("NOQUEUE: %s: %s from %s: %s %s %s; %s proto=%s helo=<%s>", what, command, self.client, reply.code,
                  reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
                  self.helo_name)
 
@@ -586,11 +591,16 @@ class SmtpdSession:
                 log.info("%s: discard: %s from %s", txn.queue_id, verdict.discard, self.client)
                 return replies.queued(txn.queue_id)
             try:
-                recipients = [verdict.redirect] if verdict.redirect else txn.recipients
+                recipients = [verdict.redirect] if verdict.redirect else list(txn.recipients)
+                if verdict.bcc and verdict.bcc not in recipients:  # access action BCC: one more copy
+                    recipients.append(verdict.bcc)
                 recipients = await self.ctx.expand_virtual(recipients)
             except (TableError, ValueError) as exc:
                 log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
                 return replies.LOCAL_ERROR
+            params = dict(txn.params)
+            if verdict.filter and not verdict.redirect:  # FILTER: the router sends every recipient there
+                params[FILTER_PARAM] = verdict.filter  # (REDIRECT overrides FILTER, as in Postfix)
             message = NewMessage(
                 id=txn.queue_id,
                 state="hold" if verdict.hold else "incoming",
@@ -601,7 +611,7 @@ class SmtpdSession:
                 client_name=self.client_name,
                 helo_name=self.helo_name,
                 protocol=txn.protocol,
-                params=txn.params,
+                params=params,
             )
             message_id = header_message_id(txn.header)
             scheduler = self.ctx.scheduler
@@ -638,6 +648,8 @@ class SmtpdSession:
                 cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
             if verdict.hold:
                 cleanup_log.info("%s: hold: %s from %s", txn.queue_id, verdict.hold, self.client)
+            if FILTER_PARAM in params:
+                cleanup_log.info("%s: filter: %s from %s", txn.queue_id, params[FILTER_PARAM], self.client)
             qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue %s)", txn.queue_id, txn.sender,
                           message.content.size, len(recipients), message.state)
             return replies.queued(txn.queue_id)

@@ -3,14 +3,15 @@ against a real DNS server on loopback."""
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import socket
 
 import pytest
 import trio
 
-from trimail.queue.store import Store
 from tests.conftest import trimail
+from trimail.queue.store import Store
 
 ZONE = {
     "good.example": {"MX": ["10 mx.good.example."]},
@@ -27,6 +28,8 @@ ZONE = {
     "2.0.0.127.evil.example": {"A": ["127.0.0.2"], "TXT": ['"listed\\013\\010250 2.0.0 injected"']},
     "bad.example.rhsbl.example": {"A": ["127.0.0.2"]},
     "badhelo.example.rhsbl.example": {"A": ["127.0.0.2"]},
+    "2.0.0.127.wl.example": {"A": ["127.0.0.2"]},
+    "4.0.0.127.in-addr.arpa": "NXDOMAIN",
 }
 
 
@@ -148,6 +151,62 @@ CASES = [
     ("helo_access-regexp", {"smtpd_helo_restrictions": "check_helo_access regexp:{regexp}"},
      {"helo": "dyn-1-2-3-4.isp.example"}, 550, "5.7.1 <dyn-1-2-3-4.isp.example>: Helo command rejected: "
                                                "dynamic host dyn-1-2-3-4"),
+    # issue 14: names that were accepted and did nothing
+    ("plaintext_session-no", {"smtpd_recipient_restrictions": "reject_plaintext_session"}, {}, 450,
+     "4.7.1 Session encryption is required"),
+    ("unknown_helo-a", {"smtpd_helo_restrictions": "reject_unknown_helo_hostname"}, {"helo": "aonly.example"},
+     250, ""),
+    ("unknown_helo-mx", {"smtpd_helo_restrictions": "reject_unknown_helo_hostname"}, {"helo": "good.example"},
+     250, ""),
+    ("unknown_helo-nx", {"smtpd_helo_restrictions": "reject_unknown_helo_hostname"}, {"helo": "nohost.example"},
+     450, "4.7.1 <nohost.example>: Helo command rejected: Host not found"),
+    ("unknown_helo-servfail-defers-if-permit", {"smtpd_helo_restrictions": "reject_unknown_helo_hostname"},
+     {"helo": "sick.example"}, 450, "4.7.1 <sick.example>: Helo command rejected: Host not found"),
+    ("reverse_client_access-unverified-ptr", {"smtpd_client_restrictions":
+                                              "check_reverse_client_hostname_access inline:{liar.example=REJECT}"},
+     {"source": "127.0.0.3"}, 554, "5.7.1 <liar.example>: Client host rejected: Access denied"),
+    ("reverse_client_access-miss", {"smtpd_client_restrictions":
+                                    "check_reverse_client_hostname_access inline:{liar.example=REJECT}"},
+     {"source": "127.0.0.2"}, 250, ""),
+    ("warn_if_reject-turns-reject-into-warning", {"smtpd_client_restrictions": "warn_if_reject, reject"}, {},
+     250, ""),
+    ("warn_if_reject-only-the-next", {"smtpd_client_restrictions": "warn_if_reject, reject_unknown_client_hostname, "
+                                                                   "reject"}, {}, 554,
+     "5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied"),
+    ("defer_if_reject-reject-becomes-defer", {"smtpd_client_restrictions": "defer_if_reject, reject"}, {}, 450,
+     "4.7.0 <unknown[127.0.0.1]>: Client host rejected: defer_if_reject requested"),
+    ("defer_if_reject-permit-stays", {"smtpd_client_restrictions": "defer_if_reject, permit"}, {}, 250, ""),
+    ("defer_if_permit-permit-becomes-defer", {"smtpd_client_restrictions": "defer_if_permit, permit"}, {}, 450,
+     "4.7.0 <unknown[127.0.0.1]>: Client host rejected: defer_if_permit requested"),
+    ("defer_if_permit-later-rbl-reject-wins", {"smtpd_client_restrictions":
+                                               "defer_if_permit, reject_rbl_client zen.example"},
+     {"source": "127.0.0.2"}, 554, "5.7.1 Service unavailable; Client host [127.0.0.2] blocked using zen.example"),
+    ("defer_if_permit-applies-after-all-lists", {"smtpd_client_restrictions": "defer_if_permit",
+                                                 "smtpd_recipient_restrictions": "reject_non_fqdn_recipient"},
+     {"rcpt": "r@host"}, 504, "5.5.2 <r@host>: Recipient address rejected: need fully-qualified address"),
+    ("dnswl-listed-permits", {"smtpd_client_restrictions": "permit_dnswl_client wl.example, reject"},
+     {"source": "127.0.0.2"}, 250, ""),
+    ("dnswl-unlisted", {"smtpd_client_restrictions": "permit_dnswl_client wl.example, reject"},
+     {"source": "127.0.0.3"}, 554, "5.7.1 <unknown[127.0.0.3]>: Client host rejected: Access denied"),
+    ("dnswl-never-opens-the-relay", {"smtpd_relay_restrictions": "", "smtpd_recipient_restrictions":
+                                     "permit_dnswl_client wl.example, reject_unauth_destination"},
+     {"source": "127.0.0.2", "rcpt": "r@else.example"}, 554, "5.7.1 <r@else.example>: Relay access denied"),
+    ("inet_interfaces-own-address", {"smtpd_client_restrictions": "permit_inet_interfaces, reject"}, {}, 250, ""),
+    ("inet_interfaces-other-address", {"smtpd_client_restrictions": "permit_inet_interfaces, reject"},
+     {"source": "127.0.0.2"}, 554, "5.7.1 <unknown[127.0.0.2]>: Client host rejected: Access denied"),
+    ("access-defer_if_permit-defers-a-permit", {"smtpd_client_restrictions":
+                                               "check_client_access inline:{ { 127.0.0.1=DEFER_IF_PERMIT later } }, "
+                                               "permit"}, {}, 450,
+     "4.7.1 <unknown[127.0.0.1]>: Client host rejected: later"),
+    ("access-defer_if_permit-loses-to-a-reject", {"smtpd_client_restrictions":
+                                                  "check_client_access inline:{127.0.0.2=DEFER_IF_PERMIT}, "
+                                                  "reject_rbl_client zen.example"}, {"source": "127.0.0.2"}, 554,
+     "5.7.1 Service unavailable; Client host [127.0.0.2] blocked using zen.example"),
+    ("access-defer_if_reject-softens-a-reject", {"smtpd_client_restrictions":
+                                                 "check_client_access inline:{127.0.0.1=DEFER_IF_REJECT}, reject"},
+     {}, 450, "4.7.1 <unknown[127.0.0.1]>: Client host rejected: Service unavailable"),
+    ("tls_clientcerts-plaintext-no-match", {"smtpd_client_restrictions": "permit_tls_clientcerts, reject"}, {},
+     554, "5.7.1 <unknown[127.0.0.1]>: Client host rejected: Access denied"),
 ]
 
 
@@ -225,3 +284,94 @@ def test_unknown_restriction_is_reported_by_check_and_stops_serve(tmp_path):
     assert f"{config_path}:" in checked.stderr and "unknown restriction 'reject_evil_clients'" in checked.stderr
     served = trimail("serve", "-c", str(config_path))
     assert served.returncode == 2 and "unknown restriction 'reject_evil_clients'" in served.stderr
+
+
+def null_sender_to(port: int, rcpts: list[str], data: bool) -> list[tuple[int, str]]:
+    """Every reply of a bounce (MAIL FROM:<>) to *rcpts*, then DATA when *data*."""
+    replies = []
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.good.example")
+        replies.append(client.docmd("MAIL", "FROM:<>"))
+        for rcpt in rcpts:
+            replies.append(client.docmd("RCPT", f"TO:<{rcpt}>"))
+        if data:
+            replies.append(client.docmd("DATA"))
+            if replies[-1][0] == 354:
+                client.send(b"Subject: bounce\r\n\r\nx\r\n.\r\n")
+                client.getreply()
+    return [(code, text.decode()) for code, text in replies]
+
+
+async def test_multi_recipient_bounce_is_refused_at_the_second_rcpt(start_mta):
+    srv = await start_mta(ZONE, master_service_disable="qmgr", mynetworks="127.0.0.1/32",
+                          smtpd_recipient_restrictions="reject_multi_recipient_bounce, permit_mynetworks")
+    got = await trio.to_thread.run_sync(null_sender_to, srv.addresses[0].port,
+                                        ["a@good.example", "b@good.example"], False)
+    assert got[1][0] == 250
+    assert got[2] == (550, "5.5.3 <b@good.example>: Recipient address rejected: Multi-recipient bounce")
+
+
+async def test_multi_recipient_bounce_is_refused_at_data(start_mta):
+    srv = await start_mta(ZONE, master_service_disable="qmgr", mynetworks="127.0.0.1/32",
+                          multi_recipient_bounce_reject_code="554",
+                          smtpd_data_restrictions="reject_multi_recipient_bounce")
+    got = await trio.to_thread.run_sync(null_sender_to, srv.addresses[0].port,
+                                        ["a@good.example", "b@good.example"], True)
+    assert [code for code, _ in got[:3]] == [250, 250, 250]
+    assert got[3] == (554, "5.5.3 <DATA>: Data command rejected: Multi-recipient bounce")
+    one = await trio.to_thread.run_sync(null_sender_to, srv.addresses[0].port, ["a@good.example"], True)
+    assert one[2][0] == 354
+
+
+async def test_plaintext_session_passes_after_starttls(start_mta, cert, ca):
+    srv = await start_mta(ZONE, master_service_disable="qmgr", smtpd_tls_cert_file=str(cert),
+                          smtpd_recipient_restrictions="reject_plaintext_session, permit")
+
+    def over_tls() -> tuple[int, bytes]:
+        import ssl
+
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with smtplib.SMTP("127.0.0.1", srv.addresses[0].port, timeout=30) as client:
+            client.starttls(context=context)
+            client.ehlo("client.good.example")
+            client.docmd("MAIL", "FROM:<a@good.example>")
+            return client.docmd("RCPT", "TO:<r@good.example>")
+
+    code, _ = await trio.to_thread.run_sync(over_tls)
+    assert code == 250
+
+
+async def test_warn_if_reject_logs_the_reject_it_turns_into_a_warning(start_mta, caplog):
+    caplog.set_level(logging.INFO, logger="trimail.smtpd")
+    srv = await start_mta(ZONE, master_service_disable="qmgr",
+                          smtpd_client_restrictions="warn_if_reject, reject_unknown_reverse_client_hostname")
+    got = await trio.to_thread.run_sync(lambda: converse(srv.addresses[0].port, **{**D, "source": "127.0.0.4"}))
+    assert got == (250, "")
+    assert any("reject_warning: RCPT from unknown[127.0.0.4]: 450 4.7.1 Client host rejected: cannot find your "
+               "reverse hostname, [127.0.0.4]" in r.getMessage() for r in caplog.records), caplog.text
+
+
+async def test_sleep_pauses_before_the_next_restriction(start_mta):
+    srv = await start_mta(ZONE, master_service_disable="qmgr", smtpd_client_restrictions="sleep 1, permit")
+    started = trio.current_time()
+    assert await trio.to_thread.run_sync(lambda: converse(srv.addresses[0].port, **D)) == (250, "")
+    assert trio.current_time() - started >= 1.0
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"smtpd_recipient_restrictions": "permit_mynetworks, reject_evil_clients"},
+     "smtpd_recipient_restrictions: unknown restriction 'reject_evil_clients'"),
+    ({"smtpd_delay_reject": "no", "smtpd_client_restrictions": "check_recipient_access inline:{a=OK}"},
+     "smtpd_client_restrictions: check_recipient_access cannot be used here"),
+    ({"smtpd_data_restrictions": "sleep 1"}, "smtpd_data_restrictions: sleep cannot be used here"),
+    ({"smtpd_client_restrictions": "sleep soon"}, "smtpd_client_restrictions: sleep needs a number of seconds"),
+])
+def test_misplaced_or_unknown_restriction_is_refused_by_check_and_serve(tmp_path, params, message):
+    from tests.conftest import write_main_cf
+
+    config_path = write_main_cf(tmp_path, **params)
+    checked = trimail("check", "-c", str(config_path))
+    assert checked.returncode != 0 and message in checked.stderr, checked.stderr
+    served = trimail("serve", "-c", str(config_path))
+    assert served.returncode == 2 and message in served.stderr, served.stderr

@@ -17,6 +17,12 @@ consulted, as Postfix's trivial-rewrite and qmgr do: it bounces, and no
 lookup ever sees the name.  smtpd refuses such names at RCPT; this catches mail
 queued before that rule, or by other means.
 
+A message's FILTER (the access-table action, stored by smtpd in the message's
+params under ``FILTER_PARAM``, a key no SMTP client can send) overrides the route
+of every recipient of that message: ``transport:nexthop``, or ``transport:`` to
+keep each recipient's own nexthop (Postfix's FILTER; the last one wins at smtpd).
+Only an address the resolver cannot resolve still goes to the error transport.
+
 Parameters: transport_maps, mydestination, relayhost, default_transport.
 """
 
@@ -32,6 +38,7 @@ from trimail.maps import Table, lookup_first, open_table
 DEFAULT_PORT = 25
 SMTP_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
 BAD_ADDRESS_SYNTAX = "5.1.3 bad address syntax"  # Postfix qmgr's words for the error transport
+FILTER_PARAM = "_FILTER"  # message params key of an access-table FILTER ("_" is not in an esmtp-keyword)
 
 
 class RouteError(Exception):
@@ -73,10 +80,13 @@ class Router:
         self.rewrite = rewrite.Settings.from_config(config)
         self.default_transport: str = config.default_transport
 
-    def route(self, recipient: str) -> Route:
+    def route(self, recipient: str, content_filter: str | None = None) -> Route:
+        """Where *recipient* goes; *content_filter* (a message's FILTER) overrides it."""
         resolved = rewrite.resolve(recipient, self.rewrite)  # the one resolver (relay control used it too)
         if resolved.klass == "invalid":
             return Route("error", BAD_ADDRESS_SYNTAX, mx=False)
+        if content_filter:
+            return self._filtered(content_filter, recipient)
         domain = resolved.domain
         entry = self._transport_entry(resolved.address, domain)
         if entry is not None:
@@ -118,5 +128,17 @@ class Router:
             raise RouteError(f"unknown transport {transport!r} in {entry!r}")
         if not nexthop:
             return Route(transport, domain)
+        host, port, mx = parse_nexthop(nexthop)
+        return Route(transport, host, port, mx)
+
+    def _filtered(self, content_filter: str, recipient: str) -> Route:
+        transport, _, nexthop = content_filter.strip().partition(":")
+        if transport not in SMTP_TRANSPORTS:
+            raise RouteError(f"unknown transport {transport!r} in FILTER {content_filter!r}")
+        if not nexthop:  # "transport:": this transport to the recipient's own nexthop
+            own = self.route(recipient)
+            if own.transport in SMTP_TRANSPORTS:
+                return Route(transport, own.nexthop, own.port, own.mx)
+            return own
         host, port, mx = parse_nexthop(nexthop)
         return Route(transport, host, port, mx)

@@ -7,9 +7,11 @@ host name and its parents, then the IP address and its shorter prefixes
 (``1.2.3.4``, ``1.2.3``, ``1.2``, ``1``; IPv6 by nibble-free colon groups).
 
 Results: ``OK`` (permit), ``DUNNO`` (go on), ``REJECT [text]``, ``DEFER [text]``,
-``DEFER_IF_PERMIT``/``DEFER_IF_REJECT``, ``4NN text``/``5NN text``, ``DISCARD``,
-``HOLD``, ``REDIRECT addr``, ``PREPEND header``, ``WARN text``, or the name of a
-restriction (evaluated by the caller).
+``DEFER_IF_PERMIT``/``DEFER_IF_REJECT`` (a 450 remembered by the engine: answered
+if the rest permits / instead of a later reject), ``4NN text``/``5NN text``,
+``DISCARD``, ``HOLD``, ``REDIRECT addr``, ``FILTER transport:nexthop``, ``BCC addr``,
+``PREPEND header``, ``WARN text``, or the name of a restriction (evaluated by the
+caller).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import re
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class AccessResult:
-    action: str  # ok, dunno, reject, defer, code, discard, hold, redirect, prepend, warn, restriction
+    action: str  # ok, dunno, reject, defer, defer_if_permit, defer_if_reject, code, discard, hold, redirect,
+    #              filter, bcc, prepend, warn, info, restriction
     text: str = ""
     code: int = 0
     enhanced: str = ""
 
 
-_CODE = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?\s*(.*)", re.S)
+_CODE = re.compile(r"([45]\d\d)(?:\s+([45]\.\d{1,3}\.\d{1,3}))?\s*(.*)", re.DOTALL)
 
 
 def parse_result(value: str) -> AccessResult:
@@ -48,8 +51,10 @@ def parse_result(value: str) -> AccessResult:
         return AccessResult("dunno")
     if upper == "REJECT":
         return AccessResult("reject", rest)
-    if upper in ("DEFER", "DEFER_IF_PERMIT", "DEFER_IF_REJECT"):
+    if upper == "DEFER":
         return AccessResult("defer", rest)
+    if upper in ("DEFER_IF_PERMIT", "DEFER_IF_REJECT"):
+        return AccessResult(upper.lower(), rest)
     if upper in ("DISCARD", "HOLD", "REDIRECT", "PREPEND", "WARN", "INFO", "FILTER", "BCC"):
         return AccessResult(upper.lower(), rest)
     return AccessResult("restriction", value)

@@ -47,7 +47,7 @@ from trimail.cleanup import masquerade, masquerade_headers
 from trimail.config import Config
 from trimail.delivery.bounce import Failure, build_dsn, status_of
 from trimail.delivery.local import Forward, LocalAgent
-from trimail.delivery.route import Route, RouteError, Router
+from trimail.delivery.route import FILTER_PARAM, Route, RouteError, Router
 from trimail.delivery.smtp import ConnectionFailed, Connection, Connector, Envelope
 from trimail.errors import StorageError
 from trimail.log import printable
@@ -262,7 +262,7 @@ class Scheduler:
         routes: list[Route | Exception] = []
         for recipient in message.recipients:
             try:
-                routes.append(router.route(recipient.address))
+                routes.append(router.route(recipient.address, message.params.get(FILTER_PARAM)))
             except (RouteError, TableError) as exc:
                 routes.append(exc)
         return routes
