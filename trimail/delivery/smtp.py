@@ -21,14 +21,16 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import ssl
 from collections.abc import AsyncIterator, Callable
 
 import trio
 
 from trimail.config import Config, ListenAddress
-from trimail.delivery.dns import DnsError, DnsPermanent, MailHost, Resolver
-from trimail.delivery.route import Route
+from trimail.delivery.dns import DnsError, MailHost, Resolver
+from trimail.delivery.interfaces import OwnAddresses
+from trimail.delivery.mx import Targets, dns_outcome
+from trimail.delivery.route import DEFAULT_PORT, Route
+from trimail.delivery.tls import TlsPolicy
 from trimail.smtp.client import (
     DotStuffer,
     Extensions,
@@ -89,38 +91,6 @@ class TlsFailed(_Lost):
 
 
 @dataclasses.dataclass(slots=True)
-class TlsPolicy:
-    """smtp_tls_security_level: may (opportunistic), encrypt (no clear text, no
-    certificate check), verify/secure (certificate checked against smtp_tls_CAfile
-    and the host name)."""
-
-    level: str
-    ca_file: str = ""
-    _context: ssl.SSLContext | None = None
-
-    @property
-    def required(self) -> bool:
-        return self.level in ("encrypt", "verify", "secure")
-
-    def context(self) -> ssl.SSLContext:
-        if self._context is None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            if self.level in ("verify", "secure"):
-                ctx.check_hostname = True
-                ctx.verify_mode = ssl.CERT_REQUIRED
-                if self.ca_file:
-                    ctx.load_verify_locations(cafile=self.ca_file)
-                else:
-                    ctx.load_default_certs()
-            else:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            self._context = ctx
-        return self._context
-
-
-@dataclasses.dataclass(slots=True)
 class Envelope:
     sender: str
     recipients: list[str]
@@ -138,6 +108,8 @@ class Connection:
         self.timeouts = timeouts
         self.parser = ReplyParser()
         self.ext = Extensions({})
+        self.greeting_name = ""  # the first word of the 220 greeting
+        self.ehlo_name = ""  # the first word of the EHLO reply: the server's name for itself
         self.usable = True
         self.tls: str | None = None  # "TLSv1.3 with cipher ..." once encrypted
 
@@ -172,6 +144,7 @@ class Connection:
 
     async def hello(self, helo_name: str, tls: TlsPolicy | None = None) -> Reply:
         greeting = await self._read(self.timeouts.helo, "receiving the initial server greeting")
+        self.greeting_name = _first_word(greeting)
         if greeting.code != 220:
             return greeting
         reply = await self._ehlo(helo_name)
@@ -192,6 +165,7 @@ class Connection:
         await self._send(f"EHLO {helo_name}\r\n".encode(), self.timeouts.helo, "sending EHLO")
         reply = await self._read(self.timeouts.helo, "receiving the EHLO reply")
         self.ext = Extensions.from_ehlo(reply) if reply.code == 250 else Extensions({})
+        self.ehlo_name = _first_word(reply) if reply.code == 250 else ""
         return reply
 
     async def _starttls(self, helo_name: str, tls: TlsPolicy) -> None:
@@ -303,24 +277,33 @@ class Connection:
 
 
 class Connector:
-    """Opens connections for routes: DNS, loop detection, greeting and EHLO."""
+    """Opens connections for routes: DNS, MX selection and loop detection (mx.Targets),
+    greeting and EHLO (with the EHLO name loop check)."""
 
-    def __init__(self, config: Config, resolver: Resolver, own_addresses: list[ListenAddress]) -> None:
+    def __init__(self, config: Config, resolver: Resolver, own_addresses: list[ListenAddress],
+                 interfaces: OwnAddresses | None = None) -> None:
         self.helo_name: str = config.myhostname
         self.timeouts = Timeouts.from_config(config)
         self.resolver = resolver
         self.own = own_addresses
+        self.proxies = frozenset(ipaddress.ip_address(a) for a in config.proxy_interfaces)
+        self.interfaces = interfaces or OwnAddresses()
+        self.address_limit: int = config.smtp_mx_address_limit
         level = config.smtp_tls_security_level or "none"
         self.tls = TlsPolicy(level, config.smtp_tls_CAfile)
 
     def _is_self(self, address: str, port: int) -> bool:
+        """Would a connection to *address*:*port* reach this MTA?  Yes if it is one of our
+        listeners (a wildcard listener counts for every address of the host), or a
+        proxy_interfaces address on port 25 (Postfix's smtp_find_self)."""
         ip = ipaddress.ip_address(address)
+        if port == DEFAULT_PORT and ip in self.proxies:
+            return True
         for own in self.own:
             if own.port != port:
                 continue
             own_ip = ipaddress.ip_address(own.host)
-            if own_ip == ip or (own_ip.is_unspecified and (ip.is_loopback or ip.version == own_ip.version
-                                                           and ip.is_loopback)):
+            if own_ip == ip or (own_ip.is_unspecified and self.interfaces.is_mine(ip)):
                 return True
         return False
 
@@ -328,22 +311,30 @@ class Connector:
         try:
             hosts = await self.resolver.mx_hosts(route.nexthop) if route.mx else [MailHost(route.nexthop, 0)]
         except DnsError as exc:
-            raise ConnectionFailed(_dns_outcome(exc)) from None
+            raise ConnectionFailed(dns_outcome(exc)) from None
+        # Postfix looks for loops only towards port 25: a content filter on another port
+        # of this host is no loop.  Our own listeners are known exactly and always count.
+        loop_detect = route.port == DEFAULT_PORT
+        targets = Targets(self.resolver, route.nexthop, hosts, address_limit=self.address_limit,
+                          is_self=lambda address: self._is_self(address, route.port))
         last: Outcome | None = None
-        for host in hosts:
-            try:
-                addresses = await self.resolver.addresses(host.name)
-            except DnsError as exc:
-                last = _dns_outcome(exc)
-                continue
-            for address in addresses:
-                if self._is_self(address, route.port):
-                    raise ConnectionFailed(bounced("5.4.6", f"mail for {route.nexthop} loops back to myself"))
-                conn, outcome = await self._try(host.name, address, route.port)
-                if conn is not None:
-                    return conn
-                last = outcome
-        raise ConnectionFailed(last or deferred("4.4.1", f"no mail host for {route.nexthop}"))
+        async for target in targets:
+            conn, outcome = await self._try(target.host, target.address, route.port)
+            if conn is not None and loop_detect and conn.ehlo_name.lower() == self.helo_name.lower():
+                log.warning("host %s replied to HELO/EHLO with my own hostname %s", conn.relay, self.helo_name)
+                conn.usable = False
+                await conn.close()
+                text = f"mail for {route.nexthop} loops back to myself"
+                if target.best:
+                    raise ConnectionFailed(bounced("5.4.6", text))
+                conn, outcome = None, deferred("4.4.6", text)
+            if conn is not None:
+                if loop_detect and conn.greeting_name.lower() == self.helo_name.lower():
+                    log.warning("host %s greeted me with my own hostname %s", conn.relay, self.helo_name)
+                return conn
+            last = outcome
+        failure = targets.failure if targets.loop or last is None else last
+        raise ConnectionFailed(failure or deferred("4.4.1", f"no mail host for {route.nexthop}"))
 
     async def _try(self, host: str, address: str, port: int,
                    tls: bool = True) -> tuple[Connection | None, Outcome | None]:
@@ -383,5 +374,6 @@ class Connector:
         return conn, None
 
 
-def _dns_outcome(exc: DnsError) -> Outcome:
-    return bounced(exc.dsn, exc.text) if isinstance(exc, DnsPermanent) else deferred(exc.dsn, exc.text)
+def _first_word(reply: Reply) -> str:
+    words = reply.lines()[0].split(None, 1)
+    return words[0] if words else ""
