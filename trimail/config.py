@@ -425,6 +425,9 @@ PARAMETERS: dict[str, Param] = {
         _P("smtp_mx_session_limit", "2", parse_count,
            "most SMTP sessions (connections that got past greeting and EHLO) in one delivery attempt "
            "(0: no limit); trimail delivers over the first such session, so any limit of 1 or more holds"),
+        _P("disable_mime_output_conversion", "no", parse_bool,
+           "send 8-bit MIME entities as they are to a server that does not offer 8BITMIME, instead of "
+           "converting them to quoted-printable"),
         _P("proxy_interfaces", "", parse_addresses,
            "IP addresses of proxies or NAT devices that forward port 25 to this host: an MX or relay "
            "host at one of them, port 25, is this host (mail for it loops back to myself)"),

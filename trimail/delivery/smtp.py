@@ -1,19 +1,23 @@
 """The SMTP delivery agent: trio I/O around the client pieces in trimail.smtp.client.
 
-``open_connection()`` finds the mail hosts of a route (MX lookup, or the literal
-host of ``[host]:port``), tries each address in order until one greets with
-``220`` and accepts EHLO (HELO as fallback), and returns a ``Connection``.
-``Connection.deliver()`` runs one mail transaction (pipelined when offered) and
-returns one ``Outcome`` per recipient; connection-level trouble at any point
-defers every recipient not yet decided.  Connections are reused for several
-messages to the same destination.
+``Connector.open()`` tries the addresses ``mx.Targets`` gives (MX or ``[host]``, at
+most smtp_mx_address_limit, cut at our own preference) until one greets with ``220``
+and accepts EHLO (HELO as fallback): that one session carries the attempt.  Towards
+port 25, an EHLO reply naming $myhostname is a loop: ``5.4.6 mail for X loops back
+to myself`` (``4.4.6`` below the best MX).  ``Connection.deliver()`` runs one
+transaction (pipelined when offered), one ``Outcome`` per recipient; connection
+trouble defers every recipient not yet decided.  Mail that needs SMTPUTF8 bounces
+``5.6.7`` at a server without it; 8-bit MIME entities to a server without 8BITMIME
+become quoted-printable (``mime``).  Connections are reused for several messages.
 
-Timeouts (Postfix names): smtp_connect_timeout, smtp_helo_timeout,
-smtp_mail_timeout, smtp_rcpt_timeout, smtp_data_init_timeout,
-smtp_data_xfer_timeout, smtp_data_done_timeout, smtp_quit_timeout.
+Parameters: smtp_{connect,helo,mail,rcpt,data_init,data_xfer,data_done,quit}_timeout,
+myhostname, smtp_mx_address_limit, smtp_mx_session_limit (always met: one session per
+attempt), proxy_interfaces, disable_mime_output_conversion, smtp_tls_security_level,
+smtp_tls_CAfile.
 
-Security notes: replies are parsed with bounded line length and count; nothing
-from the server is trusted beyond its reply codes.
+Security notes: replies are parsed with bounded line length and count; nothing from
+the server is trusted beyond reply codes and EHLO keywords; one attempt's fan-out
+(connections, MX host lookups) is bounded.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import trio
 from trimail.config import Config, ListenAddress
 from trimail.delivery.dns import DnsError, MailHost, Resolver
 from trimail.delivery.interfaces import OwnAddresses
+from trimail.delivery.mime import downgraded, needs_smtputf8, peek
 from trimail.delivery.mx import Targets, dns_outcome
 from trimail.delivery.route import DEFAULT_PORT, Route
 from trimail.delivery.tls import TlsPolicy
@@ -111,6 +116,7 @@ class Connection:
         self.greeting_name = ""  # the first word of the 220 greeting
         self.ehlo_name = ""  # the first word of the EHLO reply: the server's name for itself
         self.usable = True
+        self.mime_conversion = True  # not disable_mime_output_conversion
         self.tls: str | None = None  # "TLSv1.3 with cipher ..." once encrypted
 
     @property
@@ -203,15 +209,29 @@ class Connection:
             outcome = bounced("5.3.4", f"message size {envelope.size} exceeds size limit {limit} of server "
                               f"{self.relay}")
             return [outcome] * count
+        utf8_needed = False
+        if envelope.smtputf8 and not (self.ext.has("SMTPUTF8") and self.ext.has("8BITMIME")):
+            first, content = await peek(content)
+            utf8_needed = needs_smtputf8(envelope.sender, envelope.recipients, first)
+        if utf8_needed and not self.ext.has("SMTPUTF8"):
+            # RFC 6531 section 3.2: no downgrade; Postfix's words and status
+            outcome = bounced("5.6.7", "message requires SMTPUTF8, but no server was found that supports "
+                              f"SMTPUTF8. The last attempted server was {self.relay}")
+            return [outcome] * count
+        # 8-bit entities to a server without 8BITMIME become quoted-printable (never for
+        # mail that needs SMTPUTF8); SIZE is not announced then, the size changes
+        convert = self.mime_conversion and not self.ext.has("8BITMIME") and not utf8_needed
         try:
-            return await self._transaction(envelope, content)
+            return await self._transaction(envelope, downgraded(content) if convert else content,
+                                           None if convert else envelope.size)
         except _Lost as exc:
             self.usable = False
             return [deferred("4.4.2", exc.text)] * count
 
-    async def _transaction(self, envelope: Envelope, content: Callable[[], AsyncIterator[bytes]]) -> list[Outcome]:
+    async def _transaction(self, envelope: Envelope, content: Callable[[], AsyncIterator[bytes]],
+                           size: int | None) -> list[Outcome]:
         t = self.timeouts
-        mail = mail_command(envelope.sender, envelope.size, self.ext, eight_bit=envelope.eight_bit,
+        mail = mail_command(envelope.sender, size, self.ext, eight_bit=envelope.eight_bit,
                             smtputf8=envelope.smtputf8)
         rcpts = [rcpt_command(r) for r in envelope.recipients]
         if self.ext.has("PIPELINING"):
@@ -289,6 +309,7 @@ class Connector:
         self.proxies = frozenset(ipaddress.ip_address(a) for a in config.proxy_interfaces)
         self.interfaces = interfaces or OwnAddresses()
         self.address_limit: int = config.smtp_mx_address_limit
+        self.mime_conversion = not config.disable_mime_output_conversion
         level = config.smtp_tls_security_level or "none"
         self.tls = TlsPolicy(level, config.smtp_tls_CAfile)
 
@@ -347,6 +368,7 @@ class Connector:
         except OSError as exc:
             return None, deferred("4.4.1", f"connect to {relay}: {exc.strerror or exc}")
         conn = Connection(stream, host, address, port, self.timeouts)
+        conn.mime_conversion = self.mime_conversion
         try:
             reply = await conn.hello(self.helo_name, self.tls if tls else None)
         except TlsRequired as exc:

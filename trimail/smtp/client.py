@@ -104,9 +104,11 @@ class Extensions:
         return int(value) if value and _ascii_digits(value) and int(value) > 0 else None
 
 
-def mail_command(sender: str, size: int, ext: Extensions, *, eight_bit: bool, smtputf8: bool) -> bytes:
+def mail_command(sender: str, size: int | None, ext: Extensions, *, eight_bit: bool, smtputf8: bool) -> bytes:
+    """MAIL FROM with SIZE (unless *size* is None: the content is converted on the way),
+    BODY=8BITMIME and SMTPUTF8 where the server offers them."""
     params = []
-    if ext.has("SIZE"):
+    if size is not None and ext.has("SIZE"):
         params.append(f"SIZE={size}")
     if eight_bit and ext.has("8BITMIME"):
         params.append("BODY=8BITMIME")
