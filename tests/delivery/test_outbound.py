@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -106,6 +107,20 @@ async def test_a_peer_answering_ehlo_with_my_hostname_is_a_loop_and_bounces(star
     message, recipients, _ = parse_dsn(dsn.data)
     assert recipients == [("rfc822; r@far.example", "failed", "5.4.6")]
     assert f"mail for {host} loops back to myself" in message.as_string()
+
+
+async def test_a_220_greeting_with_my_hostname_is_only_logged_as_postfix_does(start_mta, nursery, caplog):
+    """Postfix bounces on the EHLO reply's name only; a banner is free text (a load
+    balancer, a copied configuration) and earns a warning."""
+    needs_root()
+    caplog.set_level(logging.WARNING, logger="trimail.smtp")
+    peer = ScriptedPeer(greeting=b"220 mx.test.example ESMTP", ehlo_name="peer.test")
+    host = await start_on_port_25(nursery, peer)
+    srv = await start_mta(relayhost=f"[{host}]")
+    await send(srv, "alice@client.example", ["r@far.example"])
+    await wait_empty(srv)
+    assert len(peer.received) == 1
+    assert any("greeted me with my own hostname mx.test.example" in r.getMessage() for r in caplog.records)
 
 
 async def test_the_same_name_on_another_port_is_a_content_filter_not_a_loop(start_mta, nursery):

@@ -11,13 +11,11 @@ trouble defers every recipient not yet decided.  Mail that needs SMTPUTF8 bounce
 become quoted-printable (``mime``).  Connections are reused for several messages.
 
 Parameters: smtp_{connect,helo,mail,rcpt,data_init,data_xfer,data_done,quit}_timeout,
-myhostname, smtp_mx_address_limit, smtp_mx_session_limit (always met: one session per
-attempt), proxy_interfaces, disable_mime_output_conversion, smtp_tls_security_level,
-smtp_tls_CAfile.
+myhostname, smtp_mx_address_limit, smtp_mx_session_limit (met: one session per attempt),
+proxy_interfaces, disable_mime_output_conversion, smtp_tls_security_level, smtp_tls_CAfile.
 
-Security notes: replies are parsed with bounded line length and count; nothing from
-the server is trusted beyond reply codes and EHLO keywords; one attempt's fan-out
-(connections, MX host lookups) is bounded.
+Security notes: replies are parsed bounded; nothing from the server is trusted beyond
+reply codes and EHLO keywords; one attempt's fan-out (connections, lookups) is bounded.
 """
 
 from __future__ import annotations
@@ -300,7 +298,8 @@ class Connector:
     """Opens connections for routes: DNS, MX selection and loop detection (mx.Targets),
     greeting and EHLO (with the EHLO name loop check)."""
 
-    def __init__(self, config: Config, resolver: Resolver, own_addresses: list[ListenAddress],
+    def __init__(self, config: Config, resolver: Resolver,
+                 own_addresses: list[ListenAddress] | Callable[[], list[ListenAddress]],
                  interfaces: OwnAddresses | None = None) -> None:
         self.helo_name: str = config.myhostname
         self.timeouts = Timeouts.from_config(config)
@@ -320,7 +319,7 @@ class Connector:
         ip = ipaddress.ip_address(address)
         if port == DEFAULT_PORT and ip in self.proxies:
             return True
-        for own in self.own:
+        for own in self.own() if callable(self.own) else self.own:  # a callable follows reloads
             if own.port != port:
                 continue
             own_ip = ipaddress.ip_address(own.host)
