@@ -198,3 +198,39 @@ async def test_a_relay_sink_on_loopback_is_not_mistaken_for_me(start_mta, nurser
     await send(srv, "alice@client.example", ["r@far.example"])
     await wait_empty(srv)
     assert len(peer.received) == 1
+
+
+# -- reload ----------------------------------------------------------------------------
+
+
+async def test_a_reload_changes_the_fan_out_bound(start_mta, nursery):
+    peer = ScriptedPeer(greeting=b"421 4.3.2 busy, come back later")
+    port = await nursery.start(peer.run)
+    zone: dict = {"fan.example": {"MX": [f"10 mx{i}.fan.example." for i in range(30)]}}
+    zone.update({f"mx{i}.fan.example": {"A": ["127.0.0.1"]} for i in range(30)})
+    srv = await start_mta(zone, transport_maps=f"inline:{{ fan.example=smtp:fan.example:{port} }}")
+    with open(srv.config.path, "a") as main_cf:
+        main_cf.write("smtp_mx_address_limit = 3\n")
+    assert await srv.reload() == "ok"
+    queue_id = await send(srv, "a@client.example", ["r@fan.example"])
+    await deferred_once(srv, queue_id, "r@fan.example")
+    assert peer.connections == 3
+
+
+async def test_a_listener_added_by_reload_counts_as_myself(start_mta, nursery):
+    senders = ScriptedPeer()
+    senders_port = await nursery.start(senders.run)
+    first, added = free_port(), free_port()
+    zone = {"loop.example": {"MX": ["10 me.loop.example."]}, "me.loop.example": {"A": ["127.0.0.1"]}}
+    srv = await start_mta(zone, smtpd_listen=f"127.0.0.1:{first}",
+                          transport_maps=f"inline:{{ client.example=smtp:[127.0.0.1]:{senders_port}, "
+                                         f"loop.example=smtp:loop.example:{added} }}")
+    text = srv.config.path.read_text().replace(f"smtpd_listen = 127.0.0.1:{first}",
+                                               f"smtpd_listen = 127.0.0.1:{first}, 127.0.0.1:{added}")
+    srv.config.path.write_text(text)
+    assert await srv.reload() == "ok"
+    await send(srv, "alice@client.example", ["r@loop.example"])
+    await wait_for(lambda: len(senders.received) == 1, timeout=10)
+    message, recipients, _ = parse_dsn(senders.received[0].data)
+    assert recipients == [("rfc822; r@loop.example", "failed", "5.4.6")]
+    assert "mail for loop.example loops back to myself" in message.as_string()

@@ -43,6 +43,7 @@ from trimail.smtp.client import (
     bounced,
     classify,
     deferred,
+    first_word,
     mail_command,
     rcpt_command,
 )
@@ -148,7 +149,7 @@ class Connection:
 
     async def hello(self, helo_name: str, tls: TlsPolicy | None = None) -> Reply:
         greeting = await self._read(self.timeouts.helo, "receiving the initial server greeting")
-        self.greeting_name = _first_word(greeting)
+        self.greeting_name = first_word(greeting)
         if greeting.code != 220:
             return greeting
         reply = await self._ehlo(helo_name)
@@ -169,7 +170,7 @@ class Connection:
         await self._send(f"EHLO {helo_name}\r\n".encode(), self.timeouts.helo, "sending EHLO")
         reply = await self._read(self.timeouts.helo, "receiving the EHLO reply")
         self.ext = Extensions.from_ehlo(reply) if reply.code == 250 else Extensions({})
-        self.ehlo_name = _first_word(reply) if reply.code == 250 else ""
+        self.ehlo_name = first_word(reply) if reply.code == 250 else ""
         return reply
 
     async def _starttls(self, helo_name: str, tls: TlsPolicy) -> None:
@@ -301,16 +302,19 @@ class Connector:
     def __init__(self, config: Config, resolver: Resolver,
                  own_addresses: list[ListenAddress] | Callable[[], list[ListenAddress]],
                  interfaces: OwnAddresses | None = None) -> None:
-        self.helo_name: str = config.myhostname
-        self.timeouts = Timeouts.from_config(config)
         self.resolver = resolver
         self.own = own_addresses
-        self.proxies = frozenset(ipaddress.ip_address(a) for a in config.proxy_interfaces)
         self.interfaces = interfaces or OwnAddresses()
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Settings for connections opened from now on (a reload)."""
+        self.helo_name: str = config.myhostname
+        self.timeouts = Timeouts.from_config(config)
+        self.proxies = frozenset(ipaddress.ip_address(a) for a in config.proxy_interfaces)
         self.address_limit: int = config.smtp_mx_address_limit
         self.mime_conversion = not config.disable_mime_output_conversion
-        level = config.smtp_tls_security_level or "none"
-        self.tls = TlsPolicy(level, config.smtp_tls_CAfile)
+        self.tls = TlsPolicy(config.smtp_tls_security_level or "none", config.smtp_tls_CAfile)
 
     def _is_self(self, address: str, port: int) -> bool:
         """Would a connection to *address*:*port* reach this MTA?  Yes if it is one of our
@@ -393,8 +397,3 @@ class Connector:
         if conn.tls:
             log.info("Anonymous TLS connection established to %s: %s", relay, conn.tls)
         return conn, None
-
-
-def _first_word(reply: Reply) -> str:
-    words = reply.lines()[0].split(None, 1)
-    return words[0] if words else ""

@@ -152,6 +152,7 @@ class Scheduler:
         """Take a reloaded configuration: new routes, tables and limits for the
         messages claimed from now on (deliveries in progress finish as they began)."""
         self._apply(config)
+        self.connector.reconfigure(config)
         self.wake()
 
     def _apply(self, config: Config) -> None:

@@ -3,7 +3,8 @@
 - ``ReplyParser``: bytes from the server in, complete (multi-line) replies out,
   with bounded line length and reply size; a malformed reply raises
   ``PeerProtocolError`` (the server broke the protocol: the delivery defers).
-- ``Extensions``: what an EHLO reply offers (PIPELINING, SIZE n, 8BITMIME, ...).
+- ``Extensions``: what an EHLO reply offers (PIPELINING, SIZE n, 8BITMIME, ...);
+  ``first_word``: the server's name for itself in a greeting or EHLO reply.
 - ``mail_command`` / ``rcpt_command``: the envelope commands with the parameters
   the server offered.
 - ``DotStuffer``: message content (CRLF lines) to the DATA wire format: leading
@@ -102,6 +103,13 @@ class Extensions:
     def size_limit(self) -> int | None:
         value = self.keywords.get("SIZE")
         return int(value) if value and _ascii_digits(value) and int(value) > 0 else None
+
+
+def first_word(reply: Reply) -> str:
+    """The first word of a reply's first line: the name a server gives itself in its
+    greeting and EHLO reply ("" when there is none)."""
+    words = reply.lines()[0].split(None, 1)
+    return words[0] if words else ""
 
 
 def mail_command(sender: str, size: int | None, ext: Extensions, *, eight_bit: bool, smtputf8: bool) -> bytes:
