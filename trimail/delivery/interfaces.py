@@ -34,7 +34,7 @@ import time
 log = logging.getLogger("trimail.smtp")
 
 SIOCGIFCONF = 0x8912
-IFREQ_SIZE = 40  # struct ifreq on 64-bit Linux: 16 bytes of name, 24 of union
+IFREQ_SIZE = 40 if struct.calcsize("P") == 8 else 32  # struct ifreq: 16 bytes of name, then a union
 MAX_INTERFACES = 1024
 REFRESH = 300.0
 LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")

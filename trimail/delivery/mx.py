@@ -31,12 +31,15 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 from collections.abc import AsyncIterator, Callable
 
 from trimail.delivery.dns import DnsError, DnsPermanent, MailHost, Resolver
 from trimail.smtp.client import Outcome, bounced, deferred
 
 MX_HOST_LIMIT = 100
+
+log = logging.getLogger("trimail.smtp")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -55,6 +58,8 @@ class Targets:
                  is_self: Callable[[str], bool], address_limit: int) -> None:
         self.resolver = resolver
         self.nexthop = nexthop
+        if len(hosts) > MX_HOST_LIMIT:
+            log.warning("%s: %d MX records, using the best %d", nexthop, len(hosts), MX_HOST_LIMIT)
         self.hosts = hosts[:MX_HOST_LIMIT]
         self.is_self = is_self
         self.address_limit = address_limit
