@@ -78,3 +78,27 @@ def test_smtputf8_is_needed_for_utf8_addresses_or_headers_only():
     assert needs_smtputf8("a@x", ["rené@y"], b"Subject: x\r\n\r\n")
     assert needs_smtputf8("a@x", ["b@y"], "Subject: café\r\n\r\nbody".encode())
     assert not needs_smtputf8("a@x", ["b@y"], "Subject: x\r\n\r\ncafé in the body".encode())
+
+
+mime_lines = st.lists(st.sampled_from([
+    b"Content-Type: multipart/mixed; boundary=b", b"Content-Type: multipart/alternative; boundary=\"c d\"",
+    b"Content-Type: message/rfc822", b"Content-Type: text/plain", b"Content-Transfer-Encoding: 7bit",
+    b"Content-Transfer-Encoding: quoted-printable", b"Content-Transfer-Encoding: base64", b"  folded",
+    b"--b", b"--b--", b"--c d", b"--c d--", b"", b"Subject: s", b"caf\xc3\xa9", b".", b"=", b"x" * 100,
+    b"no header here", b"\xff\xfe",
+]), max_size=40)
+
+
+@settings(max_examples=500, deadline=None)
+@given(mime_lines, st.sampled_from([b"\r\n", b"\n"]), st.booleans(), st.lists(st.integers(0, 2000), max_size=4))
+def test_content_without_an_8bit_label_passes_byte_for_byte(body_lines, eol, last_newline, cuts):
+    content = eol.join(body_lines) + (eol if last_newline else b"")
+    assert convert(content, cuts) == content
+
+
+@settings(max_examples=500, deadline=None)
+@given(mime_lines, st.lists(st.integers(0, 2000), max_size=4))
+def test_labelled_8bit_mime_of_any_shape_converts_the_same_in_any_split(body_lines, cuts):
+    content = b"Content-Transfer-Encoding: 8bit\r\n" + b"\r\n".join(
+        line.replace(b"7bit", b"8bit") for line in body_lines) + b"\r\n"
+    assert convert(content, cuts) == convert(content)
