@@ -172,6 +172,26 @@ def parse_nameservers(text: str) -> list[ListenAddress]:
     return servers
 
 
+def parse_count(text: str) -> int:
+    """A limit where 0 means no limit: a whole number, 0 or more."""
+    value = parse_int(text)
+    if value < 0:
+        raise ValueError(f"{value} is negative (use 0 for no limit)")
+    return value
+
+
+def parse_addresses(text: str) -> list[str]:
+    """A list of IP addresses (IPv6 with or without brackets), normalised."""
+    out = []
+    for item in split_list(text):
+        try:
+            out.append(str(ipaddress.ip_address(item[1:-1] if item.startswith("[") and item.endswith("]")
+                                                else item)))
+        except ValueError:
+            raise ValueError(f"bad IP address {item!r} (host names are not looked up here)") from None
+    return out
+
+
 def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
     """``mynetworks``: CIDR blocks, IPv6 in brackets as Postfix writes them."""
     nets = []
@@ -456,6 +476,17 @@ PARAMETERS: dict[str, Param] = {
            "how long a delivery connection with nothing to send is kept open for the next message"),
         _P("smtp_connection_reuse_time_limit", "300s", _time(),
            "how long one delivery connection may be used for message after message"),
+        _P("smtp_mx_address_limit", "5", parse_count,
+           "most MX IP addresses tried in one delivery attempt, in MX preference order (0: no limit)"),
+        _P("smtp_mx_session_limit", "2", parse_count,
+           "most SMTP sessions (connections that got past greeting and EHLO) in one delivery attempt "
+           "(0: no limit); trimail delivers over the first such session, so any limit of 1 or more holds"),
+        _P("disable_mime_output_conversion", "no", parse_bool,
+           "send 8-bit MIME entities as they are to a server that does not offer 8BITMIME, instead of "
+           "converting them to quoted-printable"),
+        _P("proxy_interfaces", "", parse_addresses,
+           "IP addresses of proxies or NAT devices that forward port 25 to this host: an MX or relay "
+           "host at one of them, port 25, is this host (mail for it loops back to myself)"),
         # TLS and AUTH
         _P("smtpd_tls_cert_file", "", _str, "server certificate (PEM)"),
         _P("smtpd_sasl_auth_enable", "no", parse_bool, "offer AUTH on smtpd_listen (always on submission)"),

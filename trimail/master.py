@@ -105,7 +105,7 @@ class Server:
             self.addresses.append(address)
             self.addresses_by_kind.setdefault(kind, []).append(address)
         resolver = Resolver(config.dns_nameservers)
-        self.scheduler = Scheduler(config, writer, Connector(config, resolver, self.addresses))
+        self.scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: self.addresses))
         auth_failures: dict[str, deque[float]] = {}
         self.contexts = {kind: ReceiveContext(config, writer, scheduler=self.scheduler, resolver=resolver,
                                               kind=kind, auth_failures=auth_failures)

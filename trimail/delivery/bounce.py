@@ -7,6 +7,13 @@ Reporting-MTA, Arrival-Date; per-recipient fields: Final-Recipient, Action,
 Status, Diagnostic-Code) and the original headers as ``text/rfc822-headers``.
 It is queued like any other mail.  Mail from the null sender is never bounced
 (no bounce loops): the caller drops it and logs why.
+
+For mail that was sent with SMTPUTF8 (``smtputf8=True``) the notification follows
+RFC 6533 as Postfix writes it: the report is ``message/global-delivery-status``, the
+returned headers ``message/global-headers``, and an address that is not ASCII is
+given with the ``utf-8`` address type (``Final-Recipient: utf-8; rené@example``)
+instead of ``rfc822``; the caller queues such a notification with SMTPUTF8, so it
+is itself delivered only where SMTPUTF8 is offered.
 """
 
 from __future__ import annotations
@@ -34,9 +41,14 @@ def status_of(reply: str) -> str:
 
 
 def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float, failures: list[Failure],
-              original_headers: bytes, reason: str = "", delayed: bool = False) -> bytes:
+              original_headers: bytes, reason: str = "", delayed: bool = False, smtputf8: bool = False) -> bytes:
     """The whole notification (wire format).  ``delayed=True`` makes the delay
-    warning of delay_warning_time (Action: delayed) instead of a bounce."""
+    warning of delay_warning_time (Action: delayed) instead of a bounce;
+    ``smtputf8=True`` the RFC 6533 form for mail sent with SMTPUTF8."""
+
+    def typed(address: str) -> str:
+        return f"{'utf-8' if smtputf8 and not address.isascii() else 'rfc822'}; {address}"
+
     boundary = f"{queue_id}.{int(time.time())}/{hostname}"
     now = email.utils.formatdate(time.time(), localtime=True)
     human = [
@@ -63,14 +75,14 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
     status = [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Trimail-Queue-ID: {queue_id}",
-        f"X-Trimail-Sender: rfc822; {sender}",
+        f"X-Trimail-Sender: {typed(sender)}",
         f"Arrival-Date: {email.utils.formatdate(arrival_time, localtime=True)}",
     ]
     for failure in failures:
         status += [
             "",
-            f"Final-Recipient: rfc822; {failure.recipient}",
-            f"Original-Recipient: rfc822; {failure.recipient}",
+            f"Final-Recipient: {typed(failure.recipient)}",
+            f"Original-Recipient: {typed(failure.recipient)}",
             f"Action: {'delayed' if delayed else 'failed'}",
             f"Status: {failure.status}",
         ]
@@ -101,13 +113,14 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         "",
         f"--{boundary}",
         "Content-Description: Delivery report",
-        "Content-Type: message/delivery-status",
+        f"Content-Type: message/{'global-' if smtputf8 else ''}delivery-status",
+        *(["Content-Transfer-Encoding: 8bit"] if smtputf8 else []),
         "",
         "\r\n".join(status),
         "",
         f"--{boundary}",
         "Content-Description: Undelivered Message Headers",
-        "Content-Type: text/rfc822-headers",
+        "Content-Type: " + ("message/global-headers" if smtputf8 else "text/rfc822-headers"),
         "Content-Transfer-Encoding: 8bit",
         "",
         "",

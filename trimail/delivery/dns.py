@@ -5,7 +5,9 @@ order among equal preferences (RFC 5321 section 5.1).  A domain without MX
 records is its own mail host (implicit MX).  Permanent answers raise
 ``DnsPermanent`` (NXDOMAIN: 5.1.2; null MX ``0 .``, RFC 7505: 5.1.10);
 SERVFAIL, refusal and timeouts raise ``DnsTemporary`` (4.4.3), so the mail is
-deferred, never bounced, when DNS is sick.
+deferred, never bounced, when DNS is sick.  An MX record whose exchange is an IP
+address or no host name at all is skipped with a warning (never connected to); a
+domain whose MX records are all like that is deferred, 4.4.4 "malformed MX record".
 
 This is the edge of dnspython: no dnspython exception leaves this module.  A
 name dnspython cannot express (a label over 63 octets, a name over 255 octets
@@ -22,7 +24,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import random
+import re
 
 import dns.asyncbackend
 import dns.asyncresolver
@@ -38,6 +42,8 @@ from trimail.errors import LookupFailure
 from trimail.log import printable
 
 DEFAULT_LIFETIME = 10.0
+
+log = logging.getLogger("trimail.smtp")
 
 
 class DnsError(LookupFailure):
@@ -67,6 +73,28 @@ def to_name(name: str) -> dns.name.Name:
         raise DnsPermanent("5.1.2", f"bad destination host name: Name service error for "
                            f"name={printable(name, 300)}: invalid host or domain name "
                            f"({type(exc).__name__})") from None
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def _bad_exchange(domain: str, name: str) -> bool:
+    """An MX exchange that is no host name: an IP address (``10 192.0.2.1.``, which
+    Postfix uses with a "numeric domain name" warning but RFC 5321 section 5.1
+    forbids) or anything else a host name cannot be (Postfix's valid_hostname: the
+    record is dropped).  Such a record is skipped, with a warning, and never
+    connected to; a domain with nothing else is deferred."""
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+        gripe = "numeric domain name"
+    except ValueError:
+        labels = name.split(".")
+        if len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels):
+            return False
+        gripe = "malformed domain name"
+    log.warning("%s in resource data of MX record for %s: %s", gripe, printable(domain, 300),
+                printable(name, 100))
+    return True
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -119,6 +147,12 @@ class Resolver:
                                "type=MX") from exc
         if any(name in ("", ".") for _, name in records) or any(str(r.exchange) == "." for r in answer):
             raise DnsPermanent("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
+        usable = [(pref, name) for pref, name in records if not _bad_exchange(domain, name)]
+        if not usable:
+            name = records[0][1]
+            raise DnsTemporary("4.4.4", f"malformed MX record for {printable(domain, 300)}: "
+                               f"{printable(name, 100)} is not a host name (RFC 5321 section 5.1)")
+        records = usable
         random.shuffle(records)
         records.sort(key=lambda record: record[0])  # stable: random order among equals
         return [MailHost(name.lower(), pref) for pref, name in records]

@@ -1,19 +1,21 @@
 """The SMTP delivery agent: trio I/O around the client pieces in trimail.smtp.client.
 
-``open_connection()`` finds the mail hosts of a route (MX lookup, or the literal
-host of ``[host]:port``), tries each address in order until one greets with
-``220`` and accepts EHLO (HELO as fallback), and returns a ``Connection``.
-``Connection.deliver()`` runs one mail transaction (pipelined when offered) and
-returns one ``Outcome`` per recipient; connection-level trouble at any point
-defers every recipient not yet decided.  Connections are reused for several
-messages to the same destination.
+``Connector.open()`` tries the addresses ``mx.Targets`` gives (MX or ``[host]``, at
+most smtp_mx_address_limit, cut at our own preference) until one greets with ``220``
+and accepts EHLO (HELO as fallback): that one session carries the attempt.  Towards
+port 25, an EHLO reply naming $myhostname is a loop: ``5.4.6 mail for X loops back
+to myself`` (``4.4.6`` below the best MX).  ``Connection.deliver()`` runs one
+transaction (pipelined when offered), one ``Outcome`` per recipient; connection
+trouble defers every recipient not yet decided.  Mail that needs SMTPUTF8 bounces
+``5.6.7`` at a server without it; 8-bit MIME entities to a server without 8BITMIME
+become quoted-printable (``mime``).  Connections are reused for several messages.
 
-Timeouts (Postfix names): smtp_connect_timeout, smtp_helo_timeout,
-smtp_mail_timeout, smtp_rcpt_timeout, smtp_data_init_timeout,
-smtp_data_xfer_timeout, smtp_data_done_timeout, smtp_quit_timeout.
+Parameters: smtp_{connect,helo,mail,rcpt,data_init,data_xfer,data_done,quit}_timeout,
+myhostname, smtp_mx_address_limit, smtp_mx_session_limit (met: one session per attempt),
+proxy_interfaces, disable_mime_output_conversion, smtp_tls_security_level, smtp_tls_CAfile.
 
-Security notes: replies are parsed with bounded line length and count; nothing
-from the server is trusted beyond its reply codes.
+Security notes: replies are parsed bounded; nothing from the server is trusted beyond
+reply codes and EHLO keywords; one attempt's fan-out (connections, lookups) is bounded.
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import ssl
 from collections.abc import AsyncIterator, Callable
 
 import trio
 
 from trimail.config import Config, ListenAddress
-from trimail.delivery.dns import DnsError, DnsPermanent, MailHost, Resolver
-from trimail.delivery.route import Route
+from trimail.delivery.dns import DnsError, MailHost, Resolver
+from trimail.delivery.interfaces import OwnAddresses
+from trimail.delivery.mime import downgraded, needs_smtputf8, peek
+from trimail.delivery.mx import Targets, dns_outcome
+from trimail.delivery.route import DEFAULT_PORT, Route
+from trimail.delivery.tls import TlsPolicy
 from trimail.smtp.client import (
     DotStuffer,
     Extensions,
@@ -38,6 +43,7 @@ from trimail.smtp.client import (
     bounced,
     classify,
     deferred,
+    first_word,
     mail_command,
     rcpt_command,
 )
@@ -89,38 +95,6 @@ class TlsFailed(_Lost):
 
 
 @dataclasses.dataclass(slots=True)
-class TlsPolicy:
-    """smtp_tls_security_level: may (opportunistic), encrypt (no clear text, no
-    certificate check), verify/secure (certificate checked against smtp_tls_CAfile
-    and the host name)."""
-
-    level: str
-    ca_file: str = ""
-    _context: ssl.SSLContext | None = None
-
-    @property
-    def required(self) -> bool:
-        return self.level in ("encrypt", "verify", "secure")
-
-    def context(self) -> ssl.SSLContext:
-        if self._context is None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            if self.level in ("verify", "secure"):
-                ctx.check_hostname = True
-                ctx.verify_mode = ssl.CERT_REQUIRED
-                if self.ca_file:
-                    ctx.load_verify_locations(cafile=self.ca_file)
-                else:
-                    ctx.load_default_certs()
-            else:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            self._context = ctx
-        return self._context
-
-
-@dataclasses.dataclass(slots=True)
 class Envelope:
     sender: str
     recipients: list[str]
@@ -138,7 +112,10 @@ class Connection:
         self.timeouts = timeouts
         self.parser = ReplyParser()
         self.ext = Extensions({})
+        self.greeting_name = ""  # the first word of the 220 greeting
+        self.ehlo_name = ""  # the first word of the EHLO reply: the server's name for itself
         self.usable = True
+        self.mime_conversion = True  # not disable_mime_output_conversion
         self.tls: str | None = None  # "TLSv1.3 with cipher ..." once encrypted
 
     @property
@@ -172,6 +149,7 @@ class Connection:
 
     async def hello(self, helo_name: str, tls: TlsPolicy | None = None) -> Reply:
         greeting = await self._read(self.timeouts.helo, "receiving the initial server greeting")
+        self.greeting_name = first_word(greeting)
         if greeting.code != 220:
             return greeting
         reply = await self._ehlo(helo_name)
@@ -192,6 +170,7 @@ class Connection:
         await self._send(f"EHLO {helo_name}\r\n".encode(), self.timeouts.helo, "sending EHLO")
         reply = await self._read(self.timeouts.helo, "receiving the EHLO reply")
         self.ext = Extensions.from_ehlo(reply) if reply.code == 250 else Extensions({})
+        self.ehlo_name = first_word(reply) if reply.code == 250 else ""
         return reply
 
     async def _starttls(self, helo_name: str, tls: TlsPolicy) -> None:
@@ -229,15 +208,29 @@ class Connection:
             outcome = bounced("5.3.4", f"message size {envelope.size} exceeds size limit {limit} of server "
                               f"{self.relay}")
             return [outcome] * count
+        utf8_needed = False
+        if envelope.smtputf8 and not (self.ext.has("SMTPUTF8") and self.ext.has("8BITMIME")):
+            first, content = await peek(content)
+            utf8_needed = needs_smtputf8(envelope.sender, envelope.recipients, first)
+        if utf8_needed and not self.ext.has("SMTPUTF8"):
+            # RFC 6531 section 3.2: no downgrade; Postfix's words and status
+            outcome = bounced("5.6.7", "message requires SMTPUTF8, but no server was found that supports "
+                              f"SMTPUTF8. The last attempted server was {self.relay}")
+            return [outcome] * count
+        # 8-bit entities to a server without 8BITMIME become quoted-printable (never for
+        # mail that needs SMTPUTF8); SIZE is not announced then, the size changes
+        convert = self.mime_conversion and not self.ext.has("8BITMIME") and not utf8_needed
         try:
-            return await self._transaction(envelope, content)
+            return await self._transaction(envelope, downgraded(content) if convert else content,
+                                           None if convert else envelope.size)
         except _Lost as exc:
             self.usable = False
             return [deferred("4.4.2", exc.text)] * count
 
-    async def _transaction(self, envelope: Envelope, content: Callable[[], AsyncIterator[bytes]]) -> list[Outcome]:
+    async def _transaction(self, envelope: Envelope, content: Callable[[], AsyncIterator[bytes]],
+                           size: int | None) -> list[Outcome]:
         t = self.timeouts
-        mail = mail_command(envelope.sender, envelope.size, self.ext, eight_bit=envelope.eight_bit,
+        mail = mail_command(envelope.sender, size, self.ext, eight_bit=envelope.eight_bit,
                             smtputf8=envelope.smtputf8)
         rcpts = [rcpt_command(r) for r in envelope.recipients]
         if self.ext.has("PIPELINING"):
@@ -303,24 +296,38 @@ class Connection:
 
 
 class Connector:
-    """Opens connections for routes: DNS, loop detection, greeting and EHLO."""
+    """Opens connections for routes: DNS, MX selection and loop detection (mx.Targets),
+    greeting and EHLO (with the EHLO name loop check)."""
 
-    def __init__(self, config: Config, resolver: Resolver, own_addresses: list[ListenAddress]) -> None:
-        self.helo_name: str = config.myhostname
-        self.timeouts = Timeouts.from_config(config)
+    def __init__(self, config: Config, resolver: Resolver,
+                 own_addresses: list[ListenAddress] | Callable[[], list[ListenAddress]],
+                 interfaces: OwnAddresses | None = None) -> None:
         self.resolver = resolver
         self.own = own_addresses
-        level = config.smtp_tls_security_level or "none"
-        self.tls = TlsPolicy(level, config.smtp_tls_CAfile)
+        self.interfaces = interfaces or OwnAddresses()
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Settings for connections opened from now on (a reload)."""
+        self.helo_name: str = config.myhostname
+        self.timeouts = Timeouts.from_config(config)
+        self.proxies = frozenset(ipaddress.ip_address(a) for a in config.proxy_interfaces)
+        self.address_limit: int = config.smtp_mx_address_limit
+        self.mime_conversion = not config.disable_mime_output_conversion
+        self.tls = TlsPolicy(config.smtp_tls_security_level or "none", config.smtp_tls_CAfile)
 
     def _is_self(self, address: str, port: int) -> bool:
+        """Would a connection to *address*:*port* reach this MTA?  Yes if it is one of our
+        listeners (a wildcard listener counts for every address of the host), or a
+        proxy_interfaces address on port 25 (Postfix's smtp_find_self)."""
         ip = ipaddress.ip_address(address)
-        for own in self.own:
+        if port == DEFAULT_PORT and ip in self.proxies:
+            return True
+        for own in self.own() if callable(self.own) else self.own:  # a callable follows reloads
             if own.port != port:
                 continue
             own_ip = ipaddress.ip_address(own.host)
-            if own_ip == ip or (own_ip.is_unspecified and (ip.is_loopback or ip.version == own_ip.version
-                                                           and ip.is_loopback)):
+            if own_ip == ip or (own_ip.is_unspecified and self.interfaces.is_mine(ip)):
                 return True
         return False
 
@@ -328,22 +335,30 @@ class Connector:
         try:
             hosts = await self.resolver.mx_hosts(route.nexthop) if route.mx else [MailHost(route.nexthop, 0)]
         except DnsError as exc:
-            raise ConnectionFailed(_dns_outcome(exc)) from None
+            raise ConnectionFailed(dns_outcome(exc)) from None
+        # Postfix looks for loops only towards port 25: a content filter on another port
+        # of this host is no loop.  Our own listeners are known exactly and always count.
+        loop_detect = route.port == DEFAULT_PORT
+        targets = Targets(self.resolver, route.nexthop, hosts, address_limit=self.address_limit,
+                          is_self=lambda address: self._is_self(address, route.port))
         last: Outcome | None = None
-        for host in hosts:
-            try:
-                addresses = await self.resolver.addresses(host.name)
-            except DnsError as exc:
-                last = _dns_outcome(exc)
-                continue
-            for address in addresses:
-                if self._is_self(address, route.port):
-                    raise ConnectionFailed(bounced("5.4.6", f"mail for {route.nexthop} loops back to myself"))
-                conn, outcome = await self._try(host.name, address, route.port)
-                if conn is not None:
-                    return conn
-                last = outcome
-        raise ConnectionFailed(last or deferred("4.4.1", f"no mail host for {route.nexthop}"))
+        async for target in targets:
+            conn, outcome = await self._try(target.host, target.address, route.port)
+            if conn is not None and loop_detect and conn.ehlo_name.lower() == self.helo_name.lower():
+                log.warning("host %s replied to HELO/EHLO with my own hostname %s", conn.relay, self.helo_name)
+                conn.usable = False
+                await conn.close()
+                text = f"mail for {route.nexthop} loops back to myself"
+                if target.best:
+                    raise ConnectionFailed(bounced("5.4.6", text))
+                conn, outcome = None, deferred("4.4.6", text)
+            if conn is not None:
+                if loop_detect and conn.greeting_name.lower() == self.helo_name.lower():
+                    log.warning("host %s greeted me with my own hostname %s", conn.relay, self.helo_name)
+                return conn
+            last = outcome
+        failure = targets.failure if targets.loop or last is None else last
+        raise ConnectionFailed(failure or deferred("4.4.1", f"no mail host for {route.nexthop}"))
 
     async def _try(self, host: str, address: str, port: int,
                    tls: bool = True) -> tuple[Connection | None, Outcome | None]:
@@ -356,6 +371,7 @@ class Connector:
         except OSError as exc:
             return None, deferred("4.4.1", f"connect to {relay}: {exc.strerror or exc}")
         conn = Connection(stream, host, address, port, self.timeouts)
+        conn.mime_conversion = self.mime_conversion
         try:
             reply = await conn.hello(self.helo_name, self.tls if tls else None)
         except TlsRequired as exc:
@@ -381,7 +397,3 @@ class Connector:
         if conn.tls:
             log.info("Anonymous TLS connection established to %s: %s", relay, conn.tls)
         return conn, None
-
-
-def _dns_outcome(exc: DnsError) -> Outcome:
-    return bounced(exc.dsn, exc.text) if isinstance(exc, DnsPermanent) else deferred(exc.dsn, exc.text)

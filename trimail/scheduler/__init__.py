@@ -152,6 +152,7 @@ class Scheduler:
         """Take a reloaded configuration: new routes, tables and limits for the
         messages claimed from now on (deliveries in progress finish as they began)."""
         self._apply(config)
+        self.connector.reconfigure(config)
         self.wake()
 
     def _apply(self, config: Config) -> None:
@@ -582,12 +583,15 @@ class Scheduler:
                    delayed: bool) -> str:
         failures = [Failure(address, status_of(reply), f"smtp; {reply.split(' ', 1)[-1]}")
                     for address, reply in rcpts]
+        smtputf8 = "SMTPUTF8" in message.params  # RFC 6533: a utf-8 DSN, itself sent with SMTPUTF8
         content = build_dsn(hostname=self.hostname, queue_id=message.id, sender=message.sender,
                             arrival_time=message.arrival_time, failures=failures,
-                            original_headers=scheduling.read_headers(store, message.id), delayed=delayed)
+                            original_headers=scheduling.read_headers(store, message.id), delayed=delayed,
+                            smtputf8=smtputf8)
         spool = Spool()
         spool.write(content)
         dsn_id = new_queue_id()
-        store.insert_message(NewMessage(dsn_id, "", [message.sender], spool, protocol="bounce"))
+        store.insert_message(NewMessage(dsn_id, "", [message.sender], spool, protocol="bounce",
+                                        params={"SMTPUTF8": None, "BODY": "8BITMIME"} if smtputf8 else {}))
         self._queued_here += 1  # (on the writer thread; read after the request's commit)
         return dsn_id

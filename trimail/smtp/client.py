@@ -3,7 +3,8 @@
 - ``ReplyParser``: bytes from the server in, complete (multi-line) replies out,
   with bounded line length and reply size; a malformed reply raises
   ``PeerProtocolError`` (the server broke the protocol: the delivery defers).
-- ``Extensions``: what an EHLO reply offers (PIPELINING, SIZE n, 8BITMIME, ...).
+- ``Extensions``: what an EHLO reply offers (PIPELINING, SIZE n, 8BITMIME, ...);
+  ``first_word``: the server's name for itself in a greeting or EHLO reply.
 - ``mail_command`` / ``rcpt_command``: the envelope commands with the parameters
   the server offered.
 - ``DotStuffer``: message content (CRLF lines) to the DATA wire format: leading
@@ -104,9 +105,18 @@ class Extensions:
         return int(value) if value and _ascii_digits(value) and int(value) > 0 else None
 
 
-def mail_command(sender: str, size: int, ext: Extensions, *, eight_bit: bool, smtputf8: bool) -> bytes:
+def first_word(reply: Reply) -> str:
+    """The first word of a reply's first line: the name a server gives itself in its
+    greeting and EHLO reply ("" when there is none)."""
+    words = reply.lines()[0].split(None, 1)
+    return words[0] if words else ""
+
+
+def mail_command(sender: str, size: int | None, ext: Extensions, *, eight_bit: bool, smtputf8: bool) -> bytes:
+    """MAIL FROM with SIZE (unless *size* is None: the content is converted on the way),
+    BODY=8BITMIME and SMTPUTF8 where the server offers them."""
     params = []
-    if ext.has("SIZE"):
+    if size is not None and ext.has("SIZE"):
         params.append(f"SIZE={size}")
     if eight_bit and ext.has("8BITMIME"):
         params.append("BODY=8BITMIME")

@@ -1,0 +1,84 @@
+"""A scriptable SMTP peer (trio) for outbound tests: it says what a test tells it to
+(greeting, EHLO name, extensions), counts connections and records every command and
+the raw DATA bytes it received, so a test asserts what went out on the wire."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import trio
+
+
+@dataclasses.dataclass
+class Received:
+    mail: bytes  # the MAIL FROM command line as sent
+    rcpts: list[bytes]
+    data: bytes  # the DATA bytes as sent, dot-stuffed, without the final ".\r\n"
+
+
+class ScriptedPeer:
+    def __init__(self, *, greeting: bytes = b"220 peer.test ESMTP", ehlo_name: str = "peer.test",
+                 extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SMTPUTF8")) -> None:
+        self.greeting = greeting
+        self.ehlo_name = ehlo_name
+        self.extensions = extensions
+        self.connections = 0
+        self.received: list[Received] = []
+        self.commands: list[bytes] = []
+
+    async def run(self, host: str = "127.0.0.1", port: int = 0, *,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buf = bytearray()
+
+        async def line() -> bytes:
+            while b"\r\n" not in buf:
+                data = await stream.receive_some(65536)
+                if not data or len(buf) > 1 << 22:
+                    raise trio.BrokenResourceError
+                buf.extend(data)
+            end = buf.index(b"\r\n")
+            out = bytes(buf[:end])
+            del buf[:end + 2]
+            return out
+
+        async with stream:
+            try:
+                await stream.send_all(self.greeting + b"\r\n")
+                if not self.greeting.startswith(b"220"):
+                    return
+                mail, rcpts = b"", []
+                while True:
+                    cmd = await line()
+                    self.commands.append(cmd)
+                    verb = cmd[:4].upper()
+                    if verb == b"EHLO":
+                        lines = [self.ehlo_name, *self.extensions]
+                        reply = b"".join(f"250{'-' if i < len(lines) - 1 else ' '}{text}\r\n".encode()
+                                         for i, text in enumerate(lines))
+                        await stream.send_all(reply)
+                    elif verb == b"MAIL":
+                        mail, rcpts = cmd, []
+                        await stream.send_all(b"250 2.1.0 Ok\r\n")
+                    elif verb == b"RCPT":
+                        rcpts.append(cmd)
+                        await stream.send_all(b"250 2.1.5 Ok\r\n")
+                    elif verb == b"DATA":
+                        await stream.send_all(b"354 go ahead\r\n")
+                        data = bytearray()
+                        while (text := await line()) != b".":
+                            data += text + b"\r\n"
+                        self.received.append(Received(mail, rcpts, bytes(data)))
+                        await stream.send_all(b"250 2.0.0 Ok: queued\r\n")
+                    elif verb == b"QUIT":
+                        await stream.send_all(b"221 2.0.0 Bye\r\n")
+                        return
+                    else:
+                        await stream.send_all(b"250 2.0.0 Ok\r\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return

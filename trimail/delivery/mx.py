@@ -1,0 +1,108 @@
+"""Which addresses one delivery attempt may try, in which order (Postfix's smtp_addr.c
+and the address loop of smtp_connect.c).
+
+``Targets`` walks the mail hosts of a destination (its MX hosts by preference, or the
+one host of ``[host]``) one preference group at a time, looks up the addresses of a
+group only when the better groups gave no session, and yields ``Target``s:
+
+- **Fan-out bound** (``smtp_mx_address_limit``, default 5, 0 = no limit): at most
+  that many addresses are tried per delivery attempt, counted as Postfix counts them
+  (an address whose connection or greeting failed counts; the same address again in
+  clear after a failed TLS handshake does not).  Host lookups stop as soon as the
+  addresses found fill what is left of the limit, and at most ``MX_HOST_LIMIT``
+  MX hosts are considered (Postfix's dns_rr_list_limit), so a zone with 300 MX
+  records costs at most 5 connections and a bounded number of lookups.
+- **Loops** (only when the port is 25, as in Postfix, or the address and port are one
+  of our own listeners): when an address of a group is this host, the list is cut at
+  that preference (we are an MX of the destination: only better MX hosts may be
+  tried).  If nothing is left, the attempt fails with ``5.4.6 mail for X loops back to
+  myself`` when we are the best MX, else ``4.4.4 unable to find primary relay for X``
+  (Postfix's texts and codes).
+- ``failure`` says why nothing (more) could be tried: the last lookup failure, or
+  the loop; the caller combines it with connection failures.
+
+"This host" is decided by the caller's ``is_self(address)``; see
+``trimail.delivery.interfaces`` and ``Connector``.
+
+Parameters: smtp_mx_address_limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from trimail.delivery.dns import DnsError, DnsPermanent, MailHost, Resolver
+from trimail.smtp.client import Outcome, bounced, deferred
+
+MX_HOST_LIMIT = 100
+
+log = logging.getLogger("trimail.smtp")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Target:
+    host: str
+    address: str
+    best: bool  # in the destination's best preference group (a loop found there bounces)
+
+
+def dns_outcome(exc: DnsError) -> Outcome:
+    return bounced(exc.dsn, exc.text) if isinstance(exc, DnsPermanent) else deferred(exc.dsn, exc.text)
+
+
+class Targets:
+    def __init__(self, resolver: Resolver, nexthop: str, hosts: list[MailHost], *,
+                 is_self: Callable[[str], bool], address_limit: int) -> None:
+        self.resolver = resolver
+        self.nexthop = nexthop
+        if len(hosts) > MX_HOST_LIMIT:
+            log.warning("%s: %d MX records, using the best %d", nexthop, len(hosts), MX_HOST_LIMIT)
+        self.hosts = hosts[:MX_HOST_LIMIT]
+        self.is_self = is_self
+        self.address_limit = address_limit
+        self.failure: Outcome | None = None
+        self.loop = False  # the attempt ends in a loop verdict: try no fall-back either
+        self.tried = 0  # addresses yielded (the caller un-counts a retry in clear)
+
+    def _room(self) -> int | None:
+        return None if self.address_limit <= 0 else self.address_limit - self.tried
+
+    async def __aiter__(self) -> AsyncIterator[Target]:
+        best_pref = self.hosts[0].preference if self.hosts else 0
+        found_any = False
+        for pref, group in itertools.groupby(self.hosts, key=lambda host: host.preference):
+            room = self._room()
+            if room is not None and room <= 0:
+                return
+            resolved: list[tuple[str, str]] = []
+            for host in group:
+                if room is not None and len(resolved) >= room:
+                    break
+                try:
+                    addresses = await self.resolver.addresses(host.name)
+                except DnsError as exc:
+                    self.failure = dns_outcome(exc)
+                    continue
+                resolved += [(host.name, address) for address in addresses]
+            if not resolved:
+                continue
+            if any(self.is_self(address) for _, address in resolved):
+                # we are an MX host of this destination at this preference: never hand
+                # the mail to an equal or worse one (smtp_truncate_self)
+                if not found_any:
+                    self.loop = True
+                    if pref == best_pref:
+                        self.failure = bounced("5.4.6", f"mail for {self.nexthop} loops back to myself")
+                    else:
+                        self.failure = deferred("4.4.4", f"unable to find primary relay for {self.nexthop}")
+                return
+            found_any = True
+            for name, address in resolved:
+                room = self._room()
+                if room is not None and room <= 0:
+                    return
+                self.tried += 1
+                yield Target(name, address, pref == best_pref)
