@@ -89,3 +89,21 @@ def test_dot_stuffed_content_round_trips_through_our_server(lines, cuts):
 def test_dot_stuffer_adds_missing_final_line_end():
     stuffer = DotStuffer()
     assert stuffer.stuff(b".x") + stuffer.finish() == b"..x\r\n.\r\n"
+
+
+@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=8))
+def test_dot_stuffer_never_emits_a_stray_cr_or_lf(content, cuts):
+    """Content queued before receipt normalised it (or made by any other path) may
+    hold a bare CR or LF; what goes on the wire has CRLF line ends only, whatever
+    the chunking, and the length of each line is kept (a stray end becomes a space)."""
+    stuffer = DotStuffer()
+    positions = sorted({min(c, len(content)) for c in cuts} | {0, len(content)})
+    wire = b"".join(stuffer.stuff(content[a:b]) for a, b in zip(positions, positions[1:])) + stuffer.finish()
+    assert wire.count(b"\r") == wire.count(b"\r\n") == wire.count(b"\n")
+    assert wire == b".\r\n" if not content else wire.endswith(b"\r\n.\r\n")
+
+
+def test_dot_stuffer_turns_a_bare_cr_dot_into_text():
+    stuffer = DotStuffer()
+    wire = stuffer.stuff(b"first\r.\r") + stuffer.stuff(b"\nMAIL FROM:<x@y>\r\n") + stuffer.finish()
+    assert wire == b"first .\r\nMAIL FROM:<x@y>\r\n.\r\n"

@@ -8,7 +8,9 @@
 - ``mail_command`` / ``rcpt_command``: the envelope commands with the parameters
   the server offered.
 - ``DotStuffer``: message content (CRLF lines) to the DATA wire format: leading
-  dots doubled, a final CRLF guaranteed, ``.CRLF`` at the end.
+  dots doubled, a final CRLF guaranteed, ``.CRLF`` at the end, and a stray CR or
+  LF (content queued before receipt normalised it) sent as a space, so nothing
+  trimail emits can end DATA early at a lax downstream.
 - ``classify``: a server reply to a delivery outcome with its RFC 3463 status.
 """
 
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from trimail.smtp.content import replace_stray_cr_lf
 from trimail.smtp.replies import Reply
 
 MAX_LINE = 4096
@@ -138,15 +141,25 @@ def _path(address: str) -> str:
 
 
 class DotStuffer:
-    """Content chunks (CRLF lines) to DATA wire format; call finish() for the end."""
+    """Content chunks (CRLF lines) to DATA wire format; call finish() for the end.
+
+    A CR at the end of a chunk is held back until the next one shows whether an LF
+    follows, so a CRLF split between two chunks is not taken for two stray ends.
+    """
 
     def __init__(self) -> None:
         self._at_line_start = True
         self._last = b"\n"
+        self._held_cr = False
 
     def stuff(self, chunk: bytes) -> bytes:
+        if self._held_cr:
+            chunk, self._held_cr = b"\r" + chunk, False
+        if chunk.endswith(b"\r"):
+            chunk, self._held_cr = chunk[:-1], True
         if not chunk:
             return b""
+        chunk = replace_stray_cr_lf(chunk)
         out = chunk.replace(b"\n.", b"\n..")
         if self._at_line_start and chunk.startswith(b"."):
             out = b"." + out
@@ -155,7 +168,11 @@ class DotStuffer:
         return out
 
     def finish(self) -> bytes:
-        return (b"" if self._last == b"\n" else b"\r\n") + b".\r\n"
+        tail = b""
+        if self._held_cr:  # a CR at the very end of the content is stray too
+            self._held_cr = False
+            tail, self._last = b" ", b" "
+        return tail + (b"" if self._last == b"\n" else b"\r\n") + b".\r\n"
 
 
 # -- outcomes --------------------------------------------------------------------
