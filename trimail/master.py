@@ -14,7 +14,9 @@ graceful stop: the listeners close first (no new connections), idle sessions get
 ``421`` at once, sessions inside a transaction get ``graceful_timeout`` to finish,
 then the rest get ``421`` too; the database is closed last.
 
-Start-up order (``serve``): the queue lock; the queue database, opened and
+Start-up order (``serve``): the queue lock (``$queue_directory/pid/master.pid``,
+in a directory only root writes, opened without following links: trimail.queue.lock);
+the queue database, opened and
 recovered, so a queue that cannot be opened ends serve with one fatal line before
 any port is open (no client is accepted and then reset); the TLS certificate,
 loaded once as root and outside any jail (same rule); the SMTP listeners, the
