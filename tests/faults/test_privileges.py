@@ -158,3 +158,20 @@ def test_unprivileged_user_gets_permission_denied_not_a_traceback(daemon, queue,
         assert_serving(d)
     finally:
         shutil.rmtree(where, ignore_errors=True)
+
+
+def test_dangling_symlinks_planted_as_the_queue_files_create_nothing_as_root(queue, victim, tmp_path):
+    """mail_owner removed the queue and planted queue.db and queue.stamp as links to
+    files that do not exist yet: root must not create (or chmod) them at start."""
+    from tests.conftest import write_main_cf
+
+    os.symlink(victim / "new-db", queue / "queue.db")
+    os.symlink(victim / "nologin", queue / "queue.stamp")
+    config_path = write_main_cf(tmp_path, **unprivileged(queue))
+    result = trimail_cmd("serve", "-c", str(config_path), timeout=15)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result
+    assert sorted(p.name for p in victim.iterdir()) == ["inner", "shadow"]
+    os.unlink(queue / "queue.db")
+    result = trimail_cmd("serve", "-c", str(config_path), timeout=15)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result
+    assert sorted(p.name for p in victim.iterdir()) == ["inner", "shadow"]
