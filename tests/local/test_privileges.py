@@ -195,3 +195,12 @@ async def test_command_is_deferred_rather_than_run_as_mail_owner(tmp_path, start
     await wait_for(deferred, 20)
     assert "the mail_owner" in recipient_status(srv, queue_id)["pipe@mx.test.example"][1]
     assert not (out / "id").exists() and queue(srv)
+
+
+async def test_alias_table_owned_by_a_user_runs_its_commands_as_that_user(tmp_path, start_mta, public, owner):
+    out = owned_dir(public, "out", owner)
+    script = id_script(public)
+    alias_maps = aliases_file(tmp_path, f'pipe: "|{script} {out / "id"}"\n')
+    os.chown(tmp_path / "aliases.db", owner.pw_uid, owner.pw_gid)  # Postfix: the alias database's owner
+    assert await deliver(start_mta, alias_maps, "pipe") == []
+    assert (out / "id").read_text().split() == [str(owner.pw_uid), str(owner.pw_gid), str(owner.pw_gid)]

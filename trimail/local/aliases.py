@@ -19,9 +19,10 @@ Security notes: ``:include:`` and ``/file`` targets must be absolute paths witho
 ``..``; ``|command`` targets are only produced when ``allow_mail_to_commands``
 names ``alias`` (or ``include`` for include files).  Nothing here runs anything.
 Each target records where it came from (``source``: alias or include) and whose
-rights it is delivered with (``uid``: None for the alias table, i.e.
-``default_privs``; the owner of the ``:include:`` file otherwise - Postfix
-local(8), see trimail.local.identity).  An include file is opened without
+rights it is delivered with (``uid``: None for a root-owned alias table, i.e.
+``default_privs``; the owner of an alias table file that root does not own;
+the owner of the ``:include:`` file - Postfix local(8), see
+trimail.local.identity).  An include file is opened without
 blocking and checked on its descriptor (Postfix's include.c): not a regular
 file, or world writable, and the recipient bounces (5.3.5, "mail system
 configuration error", the reason in the log); group writable (a group member
@@ -41,7 +42,7 @@ import stat
 from pathlib import Path
 
 from trimail import rewrite
-from trimail.maps import Table, TableError, compile_table, logical_lines, lookup_first
+from trimail.maps import Table, TableError, compile_table, logical_lines
 
 MAX_DEPTH = 20
 MAX_TARGETS = 1000
@@ -114,6 +115,22 @@ def _safe_path(path: str, what: str) -> str:
     return path
 
 
+def table_owner(table: Table | None) -> int | None:
+    """Whose rights an alias table's /file and |command targets get (Postfix's
+    alias.c): None (default_privs) for a table root owns or one written in
+    main.cf itself (inline:, static:); the owner of the file otherwise.  An
+    owner that cannot be found defers (4.3.0), as in Postfix."""
+    watched = getattr(table, "_watched", None)
+    if watched is None:
+        return None
+    try:
+        uid = os.stat(watched()).st_uid
+    except OSError as exc:
+        raise AliasError("4.3.0", f"mail system configuration error: no owner for alias table "
+                                  f"{getattr(table, 'ref', '?')}: {exc.strerror}") from None
+    return uid or None
+
+
 class Expander:
     def __init__(self, tables: list[Table], settings: rewrite.Settings, delimiter: str = "",
                  commands_from: frozenset[str] = frozenset()) -> None:
@@ -123,12 +140,19 @@ class Expander:
         self.commands_from = commands_from
 
     def lookup(self, name: str) -> str | None:
-        if not self.tables:
-            return None
-        value = lookup_first(self.tables, name.lower())
-        if value is None and self.delimiter and self.delimiter in name:
-            value = lookup_first(self.tables, name.split(self.delimiter, 1)[0].lower())
-        return value
+        return self._lookup(name)[0]
+
+    def _lookup(self, name: str) -> tuple[str | None, Table | None]:
+        """The alias value of *name* and the table that has it."""
+        keys = [name.lower()]
+        if self.delimiter and self.delimiter in name:
+            keys.append(name.split(self.delimiter, 1)[0].lower())
+        for key in keys:
+            for table in self.tables:
+                value = table.lookup(key)
+                if value is not None:
+                    return value, table
+        return None, None
 
     def expand(self, user: str) -> list[Target]:
         """Where mail for local name *user* goes; raises AliasError when it bounces."""
@@ -152,13 +176,15 @@ class Expander:
             raise AliasError("5.4.6", f"alias loop: {' -> '.join((*path, name))}")
         if len(path) >= MAX_DEPTH:
             raise AliasError("5.4.6", f"alias expansion deeper than {MAX_DEPTH}: {' -> '.join(path)}")
-        value = self.lookup(name)
+        value, table = self._lookup(name)
         if value is None:
             self._add(Target("mailbox", name, owner), targets, seen)
             return
         list_owner = owner
         if self.lookup(f"owner-{name}") is not None:
             list_owner = f"owner-{name}"
+        if uid is None:
+            uid = table_owner(table)
         self._expand_values(split_values(value), (*path, name), targets, seen, list_owner, "alias", name, uid, "")
 
     def _expand_values(self, values: list[str], path: tuple[str, ...], targets: list[Target],
