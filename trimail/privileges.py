@@ -56,7 +56,8 @@ def hand_over(queue_directory: Path, uid: int, gid: int) -> None:
     following links, so a directory swapped for a symlink mid-walk is not
     entered), ownership changes with ``lchown`` relative to the directory's
     descriptor, and a mode is changed only on a descriptor opened with
-    ``O_NOFOLLOW`` that fstat shows to be a regular file or directory."""
+    ``O_NOFOLLOW`` that fstat shows to be a regular file (with one link: not a
+    hard link to a file elsewhere) or a directory."""
     top = os.open(queue_directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fchown(top, uid, gid)
@@ -93,6 +94,8 @@ def _hand_over_one(directory_fd: int, name: str, uid: int, gid: int, mode: int |
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             return
+        if stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+            return  # a hard link to someone else's file (Postfix's safe_open: one link)
         os.fchown(fd, uid, gid)
         if mode is not None and stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
             os.fchmod(fd, mode)

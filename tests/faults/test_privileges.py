@@ -84,6 +84,16 @@ def test_symlinks_planted_in_the_queue_tree_are_not_followed_by_the_chown_walk(d
     assert (queue / "sub").stat().st_uid == pwd.getpwnam("nobody").pw_uid
 
 
+def test_hard_link_planted_in_the_queue_is_not_given_to_mail_owner(daemon, queue, victim):
+    """Where fs.protected_hardlinks is off, mail_owner can link a root file into
+    its queue directory: the chown walk must not hand that file over."""
+    os.link(victim / "shadow", queue / "linked")
+    d = daemon(**unprivileged(queue))
+    assert_serving(d)
+    st = (victim / "shadow").stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (0, 0, 0o640)
+
+
 def test_pid_directory_owned_by_mail_owner_is_refused_with_one_line(queue, tmp_path):
     from tests.conftest import write_main_cf
 
@@ -175,3 +185,25 @@ def test_dangling_symlinks_planted_as_the_queue_files_create_nothing_as_root(que
     result = trimail_cmd("serve", "-c", str(config_path), timeout=15)
     assert result.returncode != 0 and "Traceback" not in result.stderr, result
     assert sorted(p.name for p in victim.iterdir()) == ["inner", "shadow"]
+
+
+def test_a_serve_of_the_previous_release_holding_master_lock_is_seen_and_not_written(tmp_path):
+    """Upgrade: the old lock is only read - status/stop still find the old serve,
+    and a new serve refuses to start beside it."""
+    import fcntl
+
+    from tests.conftest import write_main_cf
+    from trimail.queue.lock import running_pid
+
+    queue = tmp_path / "queue"
+    queue.mkdir(mode=0o700)
+    old = queue / "master.lock"
+    old.write_text("4242\n")
+    with open(old) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert running_pid(queue) == 4242
+        result = trimail_cmd("serve", "-c", str(write_main_cf(tmp_path)), timeout=15)
+        assert result.returncode == 1, result
+        assert "an earlier trimail serve (pid 4242)" in result.stderr and "Traceback" not in result.stderr
+    assert running_pid(queue) is None
+    assert old.read_text() == "4242\n"
