@@ -274,8 +274,7 @@ PARAMETERS: dict[str, Param] = {
         _P("command_time_limit", "1000s", _time(), "time limit for delivery to a command"),
         _P("default_privs", "nobody", _str, "the unprivileged account local delivery uses for |command and "
            "/file targets from the alias table (never root, never mail_owner); those from an :include: file "
-           "run as the file's owner. Needs serve to be root (allow_root = yes) to take effect: a serve that "
-           "runs as mail_owner defers such targets"),
+           "run as the file's owner (a serve running as mail_owner has them run by its root helper)"),
         _P("local_destination_concurrency_limit", "2", parse_int, "parallel local deliveries"),
         _P("mailbox_delivery_lock", "fcntl, dotlock", parse_lock_methods,
            "how an mbox file is locked for delivery: fcntl, flock and/or dotlock (FILE.lock)"),

@@ -204,3 +204,64 @@ async def test_alias_table_owned_by_a_user_runs_its_commands_as_that_user(tmp_pa
     os.chown(tmp_path / "aliases.db", owner.pw_uid, owner.pw_gid)  # Postfix: the alias database's owner
     assert await deliver(start_mta, alias_maps, "pipe") == []
     assert (out / "id").read_text().split() == [str(owner.pw_uid), str(owner.pw_gid), str(owner.pw_gid)]
+
+
+def test_serve_running_as_mail_owner_runs_commands_as_default_privs_through_its_root_helper(
+        tmp_path, serve_process, public, owner):
+    """Production: serve drops root for mail_owner, and a |command alias still runs
+    as default_privs (nobody) - through the root helper it started before the
+    drop - never as mail_owner and never with root's groups."""
+    import time
+
+    from tests.conftest import write_main_cf
+    from tests.faults.conftest import send as smtp_send
+
+    out = owned_dir(public, "out", None, 0o777)
+    script = id_script(public)
+    aliases = public / "aliases"
+    aliases.write_text(f'pipe: "|{script} {out / "id"}"\nfile: {out / "mbox"}\n')
+    assert trimail("postalias", str(aliases)).returncode == 0
+    for path in (aliases, public / "aliases.db"):
+        path.chmod(0o644)
+    queue = owned_dir(public, "queue", None, 0o700)
+    config_path = write_main_cf(tmp_path, queue_directory=str(queue), mail_owner=OWNER, allow_root="no",
+                                master_service_disable="", alias_maps=f"hash:{aliases}", alias_database="",
+                                local_recipient_maps="", allow_mail_to_commands="alias")
+    proc = serve_process(config_path)
+    smtp_send(proc.port, ["pipe@mx.test.example", "file@mx.test.example"])
+    deadline = time.monotonic() + 20
+    while not ((out / "id").exists() and (out / "mbox").exists()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    nobody = pwd.getpwnam("nobody")
+    assert (out / "id").read_text().split() == [str(nobody.pw_uid), str(nobody.pw_gid), str(nobody.pw_gid)], \
+        "\n".join(proc.log)
+    assert (out / "mbox").stat().st_uid == nobody.pw_uid
+    proc.wait_log(r"to=<pipe@mx\.test\.example>.*status=sent")
+    assert proc.stop() == 0
+
+
+def test_root_helper_delivers_only_what_its_own_alias_expansion_yields(tmp_path, public):
+    from trimail import config as configuration
+    from trimail.delivery.local import LocalAgent
+
+    out = owned_dir(public, "out", None, 0o777)
+    aliases = tmp_path / "aliases"
+    aliases.write_text(f"file: {out / 'mbox'}\n")
+    assert trimail("postalias", str(aliases)).returncode == 0
+    from tests.conftest import write_main_cf
+
+    agent = LocalAgent(configuration.load(write_main_cf(tmp_path, alias_maps=f"hash:{aliases}",
+                                                        allow_mail_to_commands="alias")))
+    forged = [{"kind": "command", "value": "/usr/bin/touch /tmp/owned", "sender": "", "recipient": "file@x",
+               "domain": "x"},
+              {"kind": "file", "value": str(out / "elsewhere"), "sender": "", "recipient": "file@x", "domain": "x"},
+              {"kind": "file", "value": str(out / "mbox"), "sender": "", "recipient": "other@x", "domain": "x"},
+              {"kind": "mailbox", "value": "root", "sender": "", "recipient": "file@x", "domain": "x"},
+              {"kind": "file", "value": 7}]
+    for request in forged:
+        status, _, _ = agent.privileged(request, b"Subject: x\r\n\r\nx\r\n")
+        assert status in ("deferred", "bounced"), request
+    assert list(out.iterdir()) == []
+    assert agent.privileged({"kind": "file", "value": str(out / "mbox"), "sender": "a@b", "recipient": "file@x",
+                             "domain": "x"}, b"Subject: x\r\n\r\nx\r\n")[0] == "sent"
+    assert (out / "mbox").stat().st_uid == pwd.getpwnam("nobody").pw_uid

@@ -15,8 +15,11 @@ serve itself; ``/file`` and ``|command`` targets from the alias table run as
 ``default_privs``, those from an ``:include:`` file as its owner, with that
 user's primary group as the only group - never as root, never as
 ``mail_owner``, never with root's supplementary groups.  That needs serve to be
-root (``allow_root = yes``); a serve running as ``mail_owner`` defers such
-targets (4.3.0) rather than run them as itself.  ``allow_mail_to_files`` is
+root: a serve running as root (``allow_root = yes``) runs them itself; one that
+runs as ``mail_owner`` hands them to the root helper it started before the
+drop (trimail.local.privileged), which expands the recipient again and runs
+only targets its own expansion yields; without the helper they are deferred
+(4.3.0), never run as ``mail_owner``.  ``allow_mail_to_files`` is
 checked against the target's source (alias or include).  A target an unsafe
 include file produced (``Target.refused``: group writable) is not delivered:
 the other targets are, then the recipient bounces 5.3.5 with the reason.  A
@@ -52,6 +55,7 @@ from pathlib import Path
 
 from trimail import rewrite
 from trimail.config import Config
+from trimail.local import privileged
 from trimail.local.aliases import AliasError, Expander, Target
 from trimail.local.identity import Identity, IdentityError, append_file, identity
 from trimail.local.mailbox import (
@@ -140,25 +144,74 @@ class LocalAgent:
         for target in targets:
             if target.refused:
                 continue
-            try:
-                done.append(self._target(target, sender, recipient, domain, copy, forwards))
-            except IdentityError as exc:
-                return (deferred if exc.dsn.startswith("4") else bounced)(exc.dsn, exc.text)
-            except MailboxError as exc:
-                return bounced("5.2.0" if target.kind == "file" else "5.3.5", str(exc))
-            except MailboxLocked as exc:
-                return deferred("4.2.0", str(exc))
-            except OSError as exc:
-                return deferred("4.3.0", f"cannot deliver to {target.kind} {target.value}: {exc.strerror or exc}")
-            except _CommandFailed as exc:
-                return (deferred if exc.temporary else bounced)(exc.dsn, exc.text)
+            result = self._attempt(target, sender, recipient, domain, copy, forwards)
+            if isinstance(result, Outcome):
+                return result
+            done.append(result)
         if refused:
             log.warning("%s: %s", recipient, refused[0])
             return bounced("5.3.5", "; ".join([*done, f"mail system configuration error: {refused[0]}"]))
         return sent("; ".join(done) or "delivered")
 
+    def _attempt(self, target: Target, sender: str, recipient: str, domain: str, copy: bytes,
+                 forwards: dict[str, Forward]) -> str | Outcome:
+        """Deliver to one target: what to log, or the Outcome of its failure."""
+        try:
+            return self._target(target, sender, recipient, domain, copy, forwards)
+        except IdentityError as exc:
+            return (deferred if exc.dsn.startswith("4") else bounced)(exc.dsn, exc.text)
+        except MailboxError as exc:
+            return bounced("5.2.0" if target.kind == "file" else "5.3.5", str(exc))
+        except MailboxLocked as exc:
+            return deferred("4.2.0", str(exc))
+        except OSError as exc:
+            return deferred("4.3.0", f"cannot deliver to {target.kind} {target.value}: {exc.strerror or exc}")
+        except _CommandFailed as exc:
+            return (deferred if exc.temporary else bounced)(exc.dsn, exc.text)
+
     def _identity(self, target: Target) -> Identity:
         return identity(target.uid, self.default_privs, self.mail_owner)
+
+    def _via_helper(self, target: Target, who: Identity, sender: str, recipient: str, domain: str,
+                    copy: bytes) -> str:
+        """serve runs as mail_owner: the root helper (trimail.local.privileged)
+        delivers to this /file or |command target, after expanding the
+        recipient itself; without a helper, IdentityError (deferred)."""
+        helper = privileged.helper()
+        if helper is None:
+            who.spawn()  # raises the IdentityError that says why
+        assert helper is not None
+        request = {"kind": target.kind, "value": target.value, "sender": sender, "recipient": recipient,
+                   "domain": domain}
+        try:
+            answer = helper.run(request, copy)
+        except privileged.HelperGone as exc:
+            raise IdentityError("4.3.0", str(exc)) from None
+        status, dsn, text = (str(answer.get(key, "")) for key in ("status", "dsn", "text"))
+        if status == "sent":
+            return text
+        raise _CommandFailed(status != "bounced", dsn if dsn[:1] in ("4", "5") else "4.3.0", text)
+
+    def privileged(self, request: dict[str, object], copy: bytes) -> tuple[str, str, str]:
+        """The root helper's side of ``_via_helper``: deliver to the target only if
+        this recipient's own expansion here yields it; (status, dsn, text)."""
+        fields = [request.get(key) for key in ("kind", "value", "sender", "recipient", "domain")]
+        if not all(isinstance(field, str) for field in fields) or fields[0] not in ("file", "command"):
+            return "bounced", "5.3.0", "malformed local delivery request"
+        kind, value, sender, recipient, domain = (str(field) for field in fields)
+        try:
+            targets = self._expander().expand(recipient.rpartition("@")[0] or recipient)
+        except TableError as exc:
+            return "deferred", "4.3.0", f"alias database unavailable: {exc}"
+        except AliasError as exc:
+            return ("deferred" if exc.dsn.startswith("4") else "bounced"), exc.dsn, exc.text
+        target = next((t for t in targets if (t.kind, t.value) == (kind, value) and not t.refused), None)
+        if target is None:  # the tables changed since serve looked, or a forged request
+            return "deferred", "4.3.0", f"{kind} {value} is not a target of {recipient} now"
+        result = self._attempt(target, sender, recipient, domain, copy, {})
+        if isinstance(result, Outcome):
+            return result.status, result.dsn, result.text
+        return "sent", "2.0.0", result
 
     def _target(self, target: Target, sender: str, recipient: str, domain: str, copy: bytes,
                 forwards: dict[str, Forward]) -> str:
@@ -179,6 +232,8 @@ class LocalAgent:
             if target.source not in self.allow_files:
                 raise MailboxError(f"mail to file is restricted by allow_mail_to_files: {target.value}")
             who = self._identity(target)
+            if not who.can_become():
+                return self._via_helper(target, who, sender, recipient, domain, copy)
             limit = max(60.0, self.lock.attempts * self.lock.delay * 1.5 + 30)
             try:
                 append_file(who, Path(target.value), copy, sender, self.lock, limit)
@@ -186,7 +241,10 @@ class LocalAgent:
                 raise MailboxLocked(f"cannot append message to file {target.value}: {exc}") from None
             return f"delivered to file {target.value}"
         if target.kind == "command":
-            self._run(target.value, sender, recipient, domain, copy, self._identity(target))
+            who = self._identity(target)
+            if not who.can_become():
+                return self._via_helper(target, who, sender, recipient, domain, copy)
+            self._run(target.value, sender, recipient, domain, copy, who)
             return f"delivered to command {target.value}"
         owner = f"{target.owner}@{self.myorigin}" if target.owner else sender
         forward = forwards.setdefault(owner, Forward(owner, [], []))

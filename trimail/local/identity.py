@@ -13,10 +13,10 @@ Switching identity needs root: when serve runs as root (``allow_root = yes``)
 each command is a child process started with ``subprocess``'s ``user``,
 ``group`` and ``extra_groups``, and each file append a small child program
 (``trimail.local.filewriter``) that becomes the user itself before it opens
-anything.  A serve that runs
-as ``mail_owner`` cannot become anyone else, so a target that needs another
-identity is deferred (4.3.0, "serve runs as ..., not root"); it never runs as
-``mail_owner`` instead.
+anything.  A serve that runs as ``mail_owner`` cannot become anyone else: it
+hands such targets to its root helper (trimail.local.privileged), and without
+one they are deferred (4.3.0, "serve runs as ..., not root"); they never run
+as ``mail_owner`` instead.
 
 Parameters: default_privs, mail_owner.
 """
@@ -53,6 +53,10 @@ class Identity:
     uid: int
     gid: int
     home: str
+
+    def can_become(self) -> bool:
+        """Whether this process can start a child as this identity."""
+        return os.geteuid() in (0, self.uid)
 
     def spawn(self) -> dict[str, object]:
         """``subprocess`` arguments that start a child as this identity, and only it."""
