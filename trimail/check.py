@@ -176,6 +176,8 @@ def _ownership(queue: Path, owner: str, allow_root: bool) -> list[str]:
         st = path.lstat()
         if stat.S_ISSOCK(st.st_mode) or stat.S_ISLNK(st.st_mode):
             continue
+        if path.name == "pid" and path.parent == queue:  # root's (trimail.queue.lock), checked at start
+            continue
         mode = stat.S_IMODE(st.st_mode)
         if mode & 0o077:
             found.append(f"{path} is accessible to other users (mode {mode:o}); expected "

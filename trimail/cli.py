@@ -107,8 +107,28 @@ async def _serve_until_signal(cfg: Config) -> None:
                         server.stop()  # serve drains its sessions and returns
 
 
+PERMISSION_DENIED = "permission denied: run as root or mail_owner"
+
+
+def _require_access(cfg: Config) -> Path:
+    """The queue directory, when this user may look into it (a missing one is
+    left to the caller: "not running"); otherwise one clear line, never a
+    traceback or a wrong "not running" (the control socket and the database
+    are in a 0700 directory that belongs to mail_owner)."""
+    queue = Path(cfg.queue_directory)
+    try:
+        os.stat(queue)
+    except FileNotFoundError:
+        return queue
+    except PermissionError:
+        raise Failure(f"{PERMISSION_DENIED} (cannot reach {queue})") from None
+    if not os.access(queue, os.R_OK | os.X_OK):
+        raise Failure(f"{PERMISSION_DENIED} (cannot read {queue})")
+    return queue
+
+
 def _control(cfg: Config, command: str) -> str:
-    answer = send_command(Path(cfg.queue_directory), command, timeout=30)
+    answer = send_command(_require_access(cfg), command, timeout=30)
     if answer is None:
         raise Failure(f"trimail serve is not running (no control socket in {cfg.queue_directory})")
     if answer.startswith("error:"):
@@ -143,7 +163,7 @@ def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: f
 def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
     """Is serve running: pid, uptime, listeners, queue counts; exit 0 running, 1 not (postfix status)."""
     cfg = load_config(config, o)
-    answer = send_command(Path(cfg.queue_directory), "status", timeout=10)
+    answer = send_command(_require_access(cfg), "status", timeout=10)
     if answer is None:
         print("trimail: not running")
         raise SystemExit(1)
@@ -203,7 +223,12 @@ def check_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
 
     cfg = load_config(config, o)
     problems = warnings(cfg) + resolver_reachable(cfg)
-    if running_pid(Path(cfg.queue_directory)) is None:
+    try:
+        running = running_pid(Path(cfg.queue_directory)) is not None
+    except PermissionError:
+        running = True  # cannot tell: do not report serve's own listeners as taken
+        problems.append(f"{cfg.queue_directory}: {PERMISSION_DENIED}; the queue was not checked")
+    if not running:
         problems += listeners_in_use(cfg)
     errors = 0
     for problem in problems:
@@ -220,6 +245,7 @@ def check_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
 
 
 def _open_queue(cfg: Config) -> Store:
+    _require_access(cfg)
     try:
         return Store.open(cfg.queue_directory, readonly=True)
     except QueueError as exc:
@@ -253,6 +279,7 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
                domain: DomainFilter = None, config: ConfigOption = None, o: Overrides = None) -> None:
     """List queued messages (mailq, postqueue -p / -j)."""
     cfg = load_config(config, o)
+    _require_access(cfg)
     try:
         store = _open_queue(cfg)
     except Failure:
@@ -675,6 +702,9 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigurationError as exc:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except PermissionError as exc:  # a file of the queue this user may not touch: not a bug, not a traceback
+        print(f"trimail: fatal: {PERMISSION_DENIED} ({exc.filename or exc.strerror})", file=sys.stderr)
+        raise SystemExit(1) from None
     except _OPERATOR_ERRORS as exc:  # e.g. a table serve cannot open at start: one line, as Postfix's fatal:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -310,6 +310,9 @@ PARAMETERS: dict[str, Param] = {
            "where |command targets may come from: alias, include (empty: nowhere)"),
         _P("allow_mail_to_files", "alias, include", split_list, "where /file targets may come from"),
         _P("command_time_limit", "1000s", _time(), "time limit for delivery to a command"),
+        _P("default_privs", "nobody", _str, "the unprivileged account local delivery uses for |command and "
+           "/file targets from the alias table (never root, never mail_owner); those from an :include: file "
+           "run as the file's owner (a serve running as mail_owner has them run by its root helper)"),
         _P("local_destination_concurrency_limit", "2", parse_int, "parallel local deliveries"),
         _P("mailbox_delivery_lock", "fcntl, dotlock", parse_lock_methods,
            "how an mbox file is locked for delivery: fcntl, flock and/or dotlock (FILE.lock)"),

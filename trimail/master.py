@@ -14,11 +14,14 @@ graceful stop: the listeners close first (no new connections), idle sessions get
 ``421`` at once, sessions inside a transaction get ``graceful_timeout`` to finish,
 then the rest get ``421`` too; the database is closed last.
 
-Start-up order (``serve``): the queue lock; the queue database, opened and
+Start-up order (``serve``): the queue lock (``$queue_directory/pid/master.pid``,
+in a directory only root writes, opened without following links: trimail.queue.lock);
+the queue database, opened and
 recovered, so a queue that cannot be opened ends serve with one fatal line before
 any port is open (no client is accepted and then reset); the TLS certificate,
 loaded once as root and outside any jail (same rule); the SMTP listeners, the
-control socket and the metrics endpoint; then, started as root, ``mail_owner``
+control socket and the metrics endpoint; then, started as root, the root local
+delivery helper (trimail.local.privileged) and ``mail_owner``
 and with ``chroot = yes`` the jail (``become_mail_owner``: the mail log stays
 open across it, see trimail.log); then the tasks.  Only errors at start (exit 1,
 or 2 for configuration) and an explicit stop end serve; the control socket and
@@ -63,6 +66,7 @@ from trimail.net.listener import ListenError, accept, bound_address, open_listen
 from trimail.net.session import Session, SessionLimits
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import QueueError, Store, prepare_directory
+from trimail.local import privileged
 from trimail.privileges import drop_privileges
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
@@ -369,8 +373,10 @@ async def open_endpoints(config: Config, queue_directory: Path
 
 
 def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Path]:
-    """Started as root: become mail_owner (entering the chroot jail first when
-    ``chroot = yes``), unless ``allow_root``.  Returns the configuration and the
+    """Started as root: start the root local delivery helper (when file or
+    command targets are allowed: trimail.local.privileged), then become
+    mail_owner (entering the chroot jail first when ``chroot = yes``), unless
+    ``allow_root``.  Returns the configuration and the
     queue directory as serve sees them from now on (``/`` inside the jail).  The
     mail log file stays open across the switch (trimail.log)."""
     if os.geteuid() != 0:
@@ -378,6 +384,12 @@ def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Pa
     if config.allow_root:
         log.warning("running as root: allow_root = yes (development and test suites only)")
         return config, queue_directory
+    if config.allow_mail_to_commands or config.allow_mail_to_files:
+        try:  # the root part of local delivery: /file and |command targets as their users
+            privileged.start(config)
+        except OSError as exc:
+            log.warning("cannot start the root local delivery helper (file and command targets will be "
+                        "deferred): %s", exc)
     with maillog.entering_jail(queue_directory) if config.chroot else contextlib.nullcontext():
         drop_privileges(config.mail_owner, queue_directory, config.chroot)
     if config.chroot:  # trimail.check warned at start about files the jail hides

@@ -1,7 +1,9 @@
 """Least privilege: serve started as root binds its ports, then becomes ``mail_owner``.
 
 ``drop_privileges()`` refuses a missing or root ``mail_owner``, hands the queue
-directory (0700) and its files (0600) to that user, clears supplementary groups,
+directory (0700) and its files (0600) to that user - except ``pid/``, which stays
+root's - without following any symlink found there (mail_owner could have
+planted it), clears supplementary groups,
 and sets gid then uid; the change is permanent (real, effective and saved ids),
 and a check afterwards makes sure root cannot be regained.
 
@@ -25,7 +27,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import stat
 from pathlib import Path
+
+from trimail.queue.lock import PID_DIRECTORY
 
 
 class PrivilegeError(Exception):
@@ -43,21 +48,59 @@ def owner_ids(user: str) -> tuple[int, int]:
 
 
 def hand_over(queue_directory: Path, uid: int, gid: int) -> None:
-    """The queue directory and everything in it belongs to mail_owner, 0700/0600."""
-    os.chown(queue_directory, uid, gid)
-    os.chmod(queue_directory, 0o700)
-    for root, dirs, files in os.walk(queue_directory):
+    """The queue directory and everything in it belongs to mail_owner, 0700/0600,
+    except ``pid/`` (root's: the lock, trimail.queue.lock).
+
+    This runs as root inside a directory mail_owner owns, so it never follows a
+    symlink: the walk goes by directory descriptors (``os.fwalk`` without
+    following links, so a directory swapped for a symlink mid-walk is not
+    entered), ownership changes with ``lchown`` relative to the directory's
+    descriptor, and a mode is changed only on a descriptor opened with
+    ``O_NOFOLLOW`` that fstat shows to be a regular file (with one link: not a
+    hard link to a file elsewhere) or a directory."""
+    top = os.open(queue_directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fchown(top, uid, gid)
+        os.fchmod(top, 0o700)
+    finally:
+        os.close(top)
+    for root, dirs, files, root_fd in os.fwalk(queue_directory, follow_symlinks=False):
+        if Path(root) == queue_directory and PID_DIRECTORY in dirs:
+            dirs.remove(PID_DIRECTORY)
         for name in dirs:
-            path = os.path.join(root, name)
-            if not os.path.islink(path):
-                os.chown(path, uid, gid)
+            _hand_over_one(root_fd, name, uid, gid, None)
         for name in files:
-            path = os.path.join(root, name)
-            if os.path.islink(path):
-                continue
-            os.chown(path, uid, gid)
-            if os.stat(path).st_mode & 0o077 and not name.endswith(".sock") and name != "control":
-                os.chmod(path, 0o600)
+            wanted = None if name.endswith(".sock") or name == "control" else 0o600
+            _hand_over_one(root_fd, name, uid, gid, wanted)
+
+
+def _hand_over_one(directory_fd: int, name: str, uid: int, gid: int, mode: int | None) -> None:
+    """chown one entry of *directory_fd* (never through a symlink); tighten a
+    regular file's mode to *mode* when it is looser."""
+    try:
+        st = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        return  # a link is nobody's business here, and its target is not ours to give away
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+        os.chown(name, uid, gid, dir_fd=directory_fd, follow_symlinks=False)  # sockets: lchown
+        return
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
+    except (FileNotFoundError, OSError):
+        return  # gone, or replaced by a link or something else since the stat: not ours
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            return
+        if stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+            return  # a hard link to someone else's file (Postfix's safe_open: one link)
+        os.fchown(fd, uid, gid)
+        if mode is not None and stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+            os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def preload() -> None:

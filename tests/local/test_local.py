@@ -6,6 +6,7 @@ from __future__ import annotations
 import email
 import email.policy
 import os
+import pwd
 import subprocess
 import sys
 from pathlib import Path
@@ -64,13 +65,21 @@ spam-reports:   {spambucket}
 
 @pytest.fixture
 async def seed_gateway(tmp_path, start_mta):
+    import shutil
+    import tempfile
+
     clientlist = tmp_path / "clientlist.txt"
     clientlist.write_text("# our clients\nclient1@customer.example, client2@customer.example\nbdewinter\n")
-    spambucket = tmp_path / "spambucket.txt"
+    # /file targets of the alias table are written as default_privs (nobody), as in Postfix
+    spam = Path(tempfile.mkdtemp(prefix="trimail-spam-", dir="/tmp"))
+    if os.geteuid() == 0:
+        os.chown(spam, pwd.getpwnam("nobody").pw_uid, -1)
+    spambucket = spam / "spambucket.txt"
     aliases = tmp_path / "aliases"
     aliases.write_text(SEED_ALIASES.format(clientlist=clientlist, spambucket=spambucket))
     assert trimail("postalias", str(aliases)).returncode == 0
-    return aliases, spambucket
+    yield aliases, spambucket
+    shutil.rmtree(spam, ignore_errors=True)
 
 
 async def test_seed_alias_file_delivers_every_alias_where_it_points(tmp_path, start_mta, seed_gateway):
@@ -94,6 +103,8 @@ async def test_seed_alias_file_delivers_every_alias_where_it_points(tmp_path, st
         assert b"Subject: to spam-reports" in spambucket.read_bytes()
         assert spambucket.read_bytes().startswith(b"From alice@client.example ")
         assert os.stat(spambucket).st_mode & 0o777 == 0o600
+        if os.geteuid() == 0:
+            assert os.stat(spambucket).st_uid == pwd.getpwnam("nobody").pw_uid
 
 
 async def test_unknown_local_user_is_refused_at_rcpt(tmp_path, start_mta, seed_gateway):

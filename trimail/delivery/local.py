@@ -5,10 +5,25 @@ and runs on a worker thread.  For each local recipient it checks for a mail loop
 (a ``Delivered-To:`` header naming this recipient), expands aliases, and delivers
 to every target: a local name's mailbox (Maildir or mbox under
 ``mail_spool_directory``, per ``home_mailbox``), an mbox ``/file``, a ``|command``
-(no shell, a time limit, an unprivileged user) or a remote address, which is
+(no shell, a time limit, a minimal environment) or a remote address, which is
 collected and queued by the caller as a new message (Postfix logs it as
 "forwarded as ID").  Each delivered copy starts with ``Return-Path:`` and
 ``Delivered-To:``.
+
+Identities (Postfix local(8), trimail.local.identity): mailboxes are written by
+serve itself; ``/file`` and ``|command`` targets from the alias table run as
+``default_privs``, those from an ``:include:`` file as its owner, with that
+user's primary group as the only group - never as root, never as
+``mail_owner``, never with root's supplementary groups.  That needs serve to be
+root: a serve running as root (``allow_root = yes``) runs them itself; one that
+runs as ``mail_owner`` hands them to the root helper it started before the
+drop (trimail.local.privileged), which expands the recipient again and runs
+only targets its own expansion yields; without the helper they are deferred
+(4.3.0), never run as ``mail_owner``.  ``allow_mail_to_files`` is
+checked against the target's source (alias or include).  A target an unsafe
+include file produced (``Target.refused``: group writable) is not delivered:
+the other targets are, then the recipient bounces 5.3.5 with the reason.  A
+file that the delivery's user may not write bounces 5.2.0 (Postfix's mbox_dsn).
 
 Outcomes: temporary trouble (disk full, permissions, an unreadable include file,
 an alias table that cannot be read, an mbox locked by a mail client for every
@@ -24,7 +39,7 @@ a cancelled delivery (``trimail stop``) within a tenth of a second.
 
 Parameters: alias_maps, mydestination, recipient_delimiter, mail_spool_directory,
 home_mailbox, allow_mail_to_commands, allow_mail_to_files, command_time_limit,
-mail_owner, mailbox_delivery_lock, deliver_lock_attempts, deliver_lock_delay,
+default_privs, mail_owner, mailbox_delivery_lock, deliver_lock_attempts, deliver_lock_delay,
 stale_lock_time.
 """
 
@@ -32,8 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import pwd
 import re
 import shlex
 import subprocess
@@ -42,7 +55,9 @@ from pathlib import Path
 
 from trimail import rewrite
 from trimail.config import Config
+from trimail.local import privileged
 from trimail.local.aliases import AliasError, Expander, Target
+from trimail.local.identity import Identity, IdentityError, append_file, identity
 from trimail.local.mailbox import (
     LockPolicy,
     MailboxError,
@@ -86,6 +101,7 @@ class LocalAgent:
         self.allow_files = frozenset(config.allow_mail_to_files)
         self.rewrite = rewrite.Settings.from_config(config)
         self.mail_owner: str = config.mail_owner
+        self.default_privs: str = config.default_privs
         self.lock = LockPolicy(tuple(config.mailbox_delivery_lock), config.deliver_lock_attempts,
                                config.deliver_lock_delay, config.stale_lock_time)
         self._tables: list[Table] | None = None
@@ -124,18 +140,78 @@ class LocalAgent:
         headers = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient.lower()}\r\n".encode()
         copy = headers + content
         done = []
+        refused = [target.refused for target in targets if target.refused]
         for target in targets:
-            try:
-                done.append(self._target(target, sender, recipient, domain, copy, forwards))
-            except MailboxError as exc:
-                return bounced("5.3.5", str(exc))
-            except MailboxLocked as exc:
-                return deferred("4.2.0", str(exc))
-            except OSError as exc:
-                return deferred("4.3.0", f"cannot deliver to {target.kind} {target.value}: {exc.strerror or exc}")
-            except _CommandFailed as exc:
-                return (deferred if exc.temporary else bounced)(exc.dsn, exc.text)
+            if target.refused:
+                continue
+            result = self._attempt(target, sender, recipient, domain, copy, forwards)
+            if isinstance(result, Outcome):
+                return result
+            done.append(result)
+        if refused:
+            log.warning("%s: %s", recipient, refused[0])
+            return bounced("5.3.5", "; ".join([*done, f"mail system configuration error: {refused[0]}"]))
         return sent("; ".join(done) or "delivered")
+
+    def _attempt(self, target: Target, sender: str, recipient: str, domain: str, copy: bytes,
+                 forwards: dict[str, Forward]) -> str | Outcome:
+        """Deliver to one target: what to log, or the Outcome of its failure."""
+        try:
+            return self._target(target, sender, recipient, domain, copy, forwards)
+        except IdentityError as exc:
+            return (deferred if exc.dsn.startswith("4") else bounced)(exc.dsn, exc.text)
+        except MailboxError as exc:
+            return bounced("5.2.0" if target.kind == "file" else "5.3.5", str(exc))
+        except MailboxLocked as exc:
+            return deferred("4.2.0", str(exc))
+        except OSError as exc:
+            return deferred("4.3.0", f"cannot deliver to {target.kind} {target.value}: {exc.strerror or exc}")
+        except _CommandFailed as exc:
+            return (deferred if exc.temporary else bounced)(exc.dsn, exc.text)
+
+    def _identity(self, target: Target) -> Identity:
+        return identity(target.uid, self.default_privs, self.mail_owner)
+
+    def _via_helper(self, target: Target, who: Identity, sender: str, recipient: str, domain: str,
+                    copy: bytes) -> str:
+        """serve runs as mail_owner: the root helper (trimail.local.privileged)
+        delivers to this /file or |command target, after expanding the
+        recipient itself; without a helper, IdentityError (deferred)."""
+        helper = privileged.helper()
+        if helper is None:
+            who.spawn()  # raises the IdentityError that says why
+        assert helper is not None
+        request = {"kind": target.kind, "value": target.value, "sender": sender, "recipient": recipient,
+                   "domain": domain}
+        try:
+            answer = helper.run(request, copy)
+        except privileged.HelperGone as exc:
+            raise IdentityError("4.3.0", str(exc)) from None
+        status, dsn, text = (str(answer.get(key, "")) for key in ("status", "dsn", "text"))
+        if status == "sent":
+            return text
+        raise _CommandFailed(status != "bounced", dsn if dsn[:1] in ("4", "5") else "4.3.0", text)
+
+    def privileged(self, request: dict[str, object], copy: bytes) -> tuple[str, str, str]:
+        """The root helper's side of ``_via_helper``: deliver to the target only if
+        this recipient's own expansion here yields it; (status, dsn, text)."""
+        fields = [request.get(key) for key in ("kind", "value", "sender", "recipient", "domain")]
+        if not all(isinstance(field, str) for field in fields) or fields[0] not in ("file", "command"):
+            return "bounced", "5.3.0", "malformed local delivery request"
+        kind, value, sender, recipient, domain = (str(field) for field in fields)
+        try:
+            targets = self._expander().expand(recipient.rpartition("@")[0] or recipient)
+        except TableError as exc:
+            return "deferred", "4.3.0", f"alias database unavailable: {exc}"
+        except AliasError as exc:
+            return ("deferred" if exc.dsn.startswith("4") else "bounced"), exc.dsn, exc.text
+        target = next((t for t in targets if (t.kind, t.value) == (kind, value) and not t.refused), None)
+        if target is None:  # the tables changed since serve looked, or a forged request
+            return "deferred", "4.3.0", f"{kind} {value} is not a target of {recipient} now"
+        result = self._attempt(target, sender, recipient, domain, copy, {})
+        if isinstance(result, Outcome):
+            return result.status, result.dsn, result.text
+        return "sent", "2.0.0", result
 
     def _target(self, target: Target, sender: str, recipient: str, domain: str, copy: bytes,
                 forwards: dict[str, Forward]) -> str:
@@ -153,15 +229,22 @@ class LocalAgent:
                 raise MailboxLocked(f"cannot update mailbox {path} for user {user}. {exc}") from None
             return f"delivered to mailbox {user}"
         if target.kind == "file":
-            if "alias" not in self.allow_files:
+            if target.source not in self.allow_files:
                 raise MailboxError(f"mail to file is restricted by allow_mail_to_files: {target.value}")
+            who = self._identity(target)
+            if not who.can_become():
+                return self._via_helper(target, who, sender, recipient, domain, copy)
+            limit = max(60.0, self.lock.attempts * self.lock.delay * 1.5 + 30)
             try:
-                deliver_mbox(Path(target.value), copy, sender, self.lock, dotlock_may_fail=True)
+                append_file(who, Path(target.value), copy, sender, self.lock, limit)
             except MailboxLocked as exc:
                 raise MailboxLocked(f"cannot append message to file {target.value}: {exc}") from None
             return f"delivered to file {target.value}"
         if target.kind == "command":
-            self._run(target.value, sender, recipient, domain, copy)
+            who = self._identity(target)
+            if not who.can_become():
+                return self._via_helper(target, who, sender, recipient, domain, copy)
+            self._run(target.value, sender, recipient, domain, copy, who)
             return f"delivered to command {target.value}"
         owner = f"{target.owner}@{self.myorigin}" if target.owner else sender
         forward = forwards.setdefault(owner, Forward(owner, [], []))
@@ -170,22 +253,20 @@ class LocalAgent:
             forward.delivered_to.append(recipient.lower())
         return f"forwarded to {target.value}"
 
-    def _run(self, command: str, sender: str, recipient: str, domain: str, copy: bytes) -> None:
+    def _run(self, command: str, sender: str, recipient: str, domain: str, copy: bytes, who: Identity) -> None:
+        """Run *command* as *who*: uid, primary gid and no other group (Postfix's
+        set_ugid), no shell, a minimal environment, ``command_time_limit``."""
         argv = shlex.split(command)
         if not argv:
             raise _CommandFailed(False, "5.3.0", "empty command")
         env = {"PATH": "/usr/bin:/bin", "SENDER": sender, "RECIPIENT": recipient,
-               "LOCAL": recipient.rpartition("@")[0], "DOMAIN": domain, "SHELL": "/bin/sh"}
-        user = None
-        if os.geteuid() == 0:
-            try:
-                pwd.getpwnam(self.mail_owner)
-                user = self.mail_owner
-            except KeyError:
-                user = "nobody"
+               "LOCAL": recipient.rpartition("@")[0], "DOMAIN": domain, "SHELL": "/bin/sh",
+               "USER": who.user, "LOGNAME": who.user, "HOME": who.home}
+        spawn = who.spawn()  # IdentityError when serve cannot become *who*
         try:
-            result = subprocess.run(argv, input=copy.replace(b"\r\n", b"\n"), env=env, user=user,
-                                    capture_output=True, timeout=self.time_limit, cwd="/", check=False)
+            result = subprocess.run(argv, input=copy.replace(b"\r\n", b"\n"), env=env, capture_output=True,
+                                    timeout=self.time_limit, cwd="/", check=False,
+                                    **spawn)  # type: ignore[call-overload]
         except subprocess.TimeoutExpired:
             raise _CommandFailed(True, "4.3.0", f"command time limit exceeded: {command}") from None
         except OSError as exc:

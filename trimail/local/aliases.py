@@ -18,20 +18,37 @@ alias list fans out, when that alias exists.
 Security notes: ``:include:`` and ``/file`` targets must be absolute paths without
 ``..``; ``|command`` targets are only produced when ``allow_mail_to_commands``
 names ``alias`` (or ``include`` for include files).  Nothing here runs anything.
+Each target records where it came from (``source``: alias or include) and whose
+rights it is delivered with (``uid``: None for a root-owned alias table, i.e.
+``default_privs``; the owner of an alias table file that root does not own;
+the owner of the ``:include:`` file - Postfix local(8), see
+trimail.local.identity).  An include file is opened without
+blocking and checked on its descriptor (Postfix's include.c): not a regular
+file, or world writable, and the recipient bounces (5.3.5, "mail system
+configuration error", the reason in the log); group writable (a group member
+could add targets that run with the owner's rights), and its ``/file`` and
+``|command`` targets are refused (``Target.refused``) while its addresses still
+get the mail; inside another user's include file, a nested include must belong
+to that user or be world readable (Postfix opens it with that user's rights).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import os
 import re
+import stat
 from pathlib import Path
 
 from trimail import rewrite
-from trimail.maps import Table, TableError, compile_table, logical_lines, lookup_first
+from trimail.maps import Table, TableError, compile_table, logical_lines
 
 MAX_DEPTH = 20
 MAX_TARGETS = 1000
 MAX_INCLUDE_BYTES = 1 << 20
+
+log = logging.getLogger("trimail.local")
 
 
 class AliasError(Exception):
@@ -48,6 +65,9 @@ class Target:
     kind: str  # "mailbox" (local user), "remote" (address), "file", "command"
     value: str  # user name, address, path or command line
     owner: str | None = None  # owner-<alias> sender for list mail
+    source: str = "alias"  # "alias" (the alias table) or "include" (an :include: file)
+    uid: int | None = None  # whose rights /file and |command use: None = default_privs
+    refused: str = ""  # why this /file or |command target must not be delivered (unsafe include file)
 
 
 def parse_alias_source(path: Path) -> list[tuple[str, str, int]]:
@@ -95,6 +115,22 @@ def _safe_path(path: str, what: str) -> str:
     return path
 
 
+def table_owner(table: Table | None) -> int | None:
+    """Whose rights an alias table's /file and |command targets get (Postfix's
+    alias.c): None (default_privs) for a table root owns or one written in
+    main.cf itself (inline:, static:); the owner of the file otherwise.  An
+    owner that cannot be found defers (4.3.0), as in Postfix."""
+    watched = getattr(table, "_watched", None)
+    if watched is None:
+        return None
+    try:
+        uid = os.stat(watched()).st_uid
+    except OSError as exc:
+        raise AliasError("4.3.0", f"mail system configuration error: no owner for alias table "
+                                  f"{getattr(table, 'ref', '?')}: {exc.strerror}") from None
+    return uid or None
+
+
 class Expander:
     def __init__(self, tables: list[Table], settings: rewrite.Settings, delimiter: str = "",
                  commands_from: frozenset[str] = frozenset()) -> None:
@@ -104,18 +140,25 @@ class Expander:
         self.commands_from = commands_from
 
     def lookup(self, name: str) -> str | None:
-        if not self.tables:
-            return None
-        value = lookup_first(self.tables, name.lower())
-        if value is None and self.delimiter and self.delimiter in name:
-            value = lookup_first(self.tables, name.split(self.delimiter, 1)[0].lower())
-        return value
+        return self._lookup(name)[0]
+
+    def _lookup(self, name: str) -> tuple[str | None, Table | None]:
+        """The alias value of *name* and the table that has it."""
+        keys = [name.lower()]
+        if self.delimiter and self.delimiter in name:
+            keys.append(name.split(self.delimiter, 1)[0].lower())
+        for key in keys:
+            for table in self.tables:
+                value = table.lookup(key)
+                if value is not None:
+                    return value, table
+        return None, None
 
     def expand(self, user: str) -> list[Target]:
         """Where mail for local name *user* goes; raises AliasError when it bounces."""
         targets: list[Target] = []
         seen: set[tuple[str, str]] = set()
-        self._expand_name(user.lower(), (), targets, seen, None)
+        self._expand_name(user.lower(), (), targets, seen, None, None)
         return targets
 
     def _add(self, target: Target, targets: list[Target], seen: set[tuple[str, str]]) -> None:
@@ -128,22 +171,27 @@ class Expander:
             raise AliasError("5.3.0", f"alias expansion has more than {MAX_TARGETS} targets")
 
     def _expand_name(self, name: str, path: tuple[str, ...], targets: list[Target],
-                     seen: set[tuple[str, str]], owner: str | None) -> None:
+                     seen: set[tuple[str, str]], owner: str | None, uid: int | None) -> None:
         if name in path:
             raise AliasError("5.4.6", f"alias loop: {' -> '.join((*path, name))}")
         if len(path) >= MAX_DEPTH:
             raise AliasError("5.4.6", f"alias expansion deeper than {MAX_DEPTH}: {' -> '.join(path)}")
-        value = self.lookup(name)
+        value, table = self._lookup(name)
         if value is None:
             self._add(Target("mailbox", name, owner), targets, seen)
             return
         list_owner = owner
         if self.lookup(f"owner-{name}") is not None:
             list_owner = f"owner-{name}"
-        self._expand_values(split_values(value), (*path, name), targets, seen, list_owner, "alias", name)
+        if uid is None:
+            uid = table_owner(table)
+        self._expand_values(split_values(value), (*path, name), targets, seen, list_owner, "alias", name, uid, "")
 
     def _expand_values(self, values: list[str], path: tuple[str, ...], targets: list[Target],
-                       seen: set[tuple[str, str]], owner: str | None, source: str, self_name: str | None) -> None:
+                       seen: set[tuple[str, str]], owner: str | None, source: str, self_name: str | None,
+                       uid: int | None, refused: str) -> None:
+        """*uid*: whose rights this list's /file and |command targets get (None:
+        default_privs); *refused*: why they must not be delivered at all."""
         for value in values:
             if value.lower().startswith(":include:"):
                 include = _safe_path(value[9:].strip(), ":include:")
@@ -151,14 +199,15 @@ class Expander:
                     raise AliasError("5.4.6", f"alias loop: {include} includes itself")
                 if len(path) >= MAX_DEPTH:
                     raise AliasError("5.4.6", f"alias expansion deeper than {MAX_DEPTH}")
-                self._expand_values(self._read_include(include), (*path, f":include:{include}"), targets,
-                                    seen, owner, "include", None)
+                lines, file_uid, unsafe = self._read_include(include, uid)
+                self._expand_values(lines, (*path, f":include:{include}"), targets, seen, owner, "include", None,
+                                    uid if uid is not None else file_uid or None, refused or unsafe)
             elif value.startswith("|"):
                 if source not in self.commands_from:
                     raise AliasError("5.7.1", f"mail to command is restricted by allow_mail_to_commands: {value}")
-                self._add(Target("command", value[1:].strip(), owner), targets, seen)
+                self._add(Target("command", value[1:].strip(), owner, source, uid, refused), targets, seen)
             elif value.startswith("/"):
-                self._add(Target("file", _safe_path(value, "file"), owner), targets, seen)
+                self._add(Target("file", _safe_path(value, "file"), owner, source, uid, refused), targets, seen)
             else:
                 self._expand_address(value, path, targets, seen, owner, self_name)
 
@@ -177,14 +226,33 @@ class Expander:
         if name == self_name:  # "user: user, ..." delivers to user's own mailbox
             self._add(Target("mailbox", name, owner), targets, seen)
         else:
-            self._expand_name(name, path, targets, seen, owner)
+            self._expand_name(name, path, targets, seen, owner, None)  # alias entries: the table's rights
 
-    def _read_include(self, path: str) -> list[str]:
+    def _read_include(self, path: str, uid: int | None) -> tuple[list[str], int, str]:
+        """The values of an include file, its owner, and why its /file and
+        |command targets are refused ("" when they are not); AliasError when the
+        file must not be used at all (Postfix's include.c checks, on the open
+        descriptor so that the file checked is the file read)."""
         try:
-            with open(path, "rb") as handle:
-                data = handle.read(MAX_INCLUDE_BYTES + 1)
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
         except OSError as exc:
             raise AliasError("4.3.0", f"cannot open include file {path}: {exc.strerror}") from None
+        with open(fd, "rb") as handle:
+            st = os.fstat(fd)
+            problem = ""
+            if not stat.S_ISREG(st.st_mode):
+                problem = "is not a regular file"
+            elif st.st_mode & stat.S_IWOTH:
+                problem = "is world writable"
+            elif uid is not None and st.st_uid != uid and not st.st_mode & stat.S_IROTH:
+                problem = f"is not readable by uid {uid}, whose include file names it"
+            if problem:
+                log.warning(":include: file %s %s", path, problem)
+                raise AliasError("5.3.5", f"mail system configuration error: :include: file {problem}")
+            data = handle.read(MAX_INCLUDE_BYTES + 1)
+        unsafe = ""
+        if st.st_mode & stat.S_IWGRP:
+            unsafe = f"mail to file or command from group-writable :include: file {path} is refused"
         if len(data) > MAX_INCLUDE_BYTES:
             raise AliasError("5.3.0", f"include file {path} is larger than {MAX_INCLUDE_BYTES} bytes")
         values = []
@@ -192,4 +260,4 @@ class Expander:
             line = line.strip()
             if line and not line.startswith("#"):
                 values += split_values(line)
-        return values
+        return values, st.st_uid, unsafe

@@ -221,7 +221,7 @@ def _dotlock(path: Path, lock: LockPolicy, may_fail: bool) -> Iterator[None]:
             if attempt >= lock.attempts:
                 raise MailboxLocked(f"unable to create lock file {lock_file}: "
                                     f"{os.strerror(errno.EEXIST)}") from None
-        except OSError as exc:
+        except OSError:
             if not may_fail:
                 raise
             break  # e.g. a directory we may not write: deliver with the kernel lock only

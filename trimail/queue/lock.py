@@ -1,30 +1,112 @@
-"""One serve per queue: an exclusive lock and the pid file in ``queue_directory``.
+"""One serve per queue: an exclusive lock on the pid file, in a directory only root writes.
 
-The lock is ``flock(2)`` on ``master.lock``, held for the life of serve and
-released by the kernel when the process dies (even on ``kill -9``), so a stale
-pid file never blocks a restart.  The file holds the pid for ``trimail status``.
+The lock is ``flock(2)`` on ``$queue_directory/pid/master.pid`` (Postfix's
+master.pid), held for the life of serve and released by the kernel when the
+process dies (even on ``kill -9``), so a stale pid file never blocks a restart.
+The file holds the pid for ``trimail status``, ``stop`` and ``reload``.
+
+Security notes: serve opens this file as root, before it becomes mail_owner,
+and mail_owner owns the queue directory, so the pid file must not be anything
+mail_owner can plant or redirect (``ln -s /etc/shadow $queue/master.lock`` made
+root truncate the target in earlier versions).  As in Postfix: the ``pid/``
+directory is created 0755 and owned by the user serve starts as (root), and is
+refused (ConfigurationError, one line) when it is a symlink, owned by anyone
+else, or group/world writable; the file is opened relative to a descriptor of
+that directory (a rename of ``pid/`` by mail_owner after the check changes
+nothing) with ``O_NOFOLLOW``, and the opened descriptor must be a regular file
+with one link owned by that user (Postfix's ``safe_open``).  The privilege drop
+(``trimail.privileges.hand_over``) leaves ``pid/`` to root.
+
+Upgrade: a serve of an earlier version holds ``$queue_directory/master.lock``;
+serve refuses to start while that lock is held, and ``running_pid`` reads it
+when no ``pid/master.pid`` exists, without ever writing or following it.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 
-LOCK_NAME = "master.lock"
+from trimail.errors import ConfigurationError
+
+PID_DIRECTORY = "pid"
+PID_NAME = "master.pid"
+OLD_LOCK_NAME = "master.lock"  # before issue 14: in the mail_owner-owned queue directory; read only
+_OPEN = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
 class AlreadyRunning(Exception):
     pass
 
 
+def pid_path(queue_directory: Path) -> Path:
+    return queue_directory / PID_DIRECTORY / PID_NAME
+
+
+def open_pid_directory(queue_directory: Path) -> int:
+    """A descriptor of ``pid/``, created 0755 if missing; ConfigurationError when
+    it is not a directory owned by us (root) and writable by us alone."""
+    path = queue_directory / PID_DIRECTORY
+    try:
+        os.mkdir(path, 0o755)  # never follows a planted symlink: EEXIST
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: cannot create the pid directory: {exc.strerror}") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _OPEN)
+    except OSError as exc:
+        raise ConfigurationError(f"{path}: the pid directory must be a real directory owned by uid "
+                                 f"{os.geteuid()} (not a symlink): {exc.strerror}; remove it") from None
+    st = os.fstat(fd)
+    problem = ""
+    if st.st_uid != os.geteuid():
+        problem = f"is owned by uid {st.st_uid}, not uid {os.geteuid()}"
+    elif st.st_mode & 0o022:
+        problem = f"is group or world writable (mode {stat.S_IMODE(st.st_mode):o})"
+    if problem:
+        os.close(fd)
+        raise ConfigurationError(f"{path}: pid directory {problem}; remove it (serve creates it 0755) "
+                                 "or fix its owner and mode")
+    return fd
+
+
+def safe_open(directory_fd: int, name: str, flags: int, where: Path) -> int:
+    """Postfix's safe_open: open *name* in *directory_fd* without following a
+    symlink; the result must be a regular file with one link owned by us."""
+    try:
+        fd = os.open(name, flags | _OPEN, 0o644, dir_fd=directory_fd)
+    except OSError as exc:
+        raise ConfigurationError(f"{where}: cannot open safely: {exc.strerror}; remove it") from None
+    st = os.fstat(fd)
+    problem = ""
+    if not stat.S_ISREG(st.st_mode):
+        problem = "is not a regular file"
+    elif st.st_nlink != 1:
+        problem = f"has {st.st_nlink} hard links"
+    elif st.st_uid != os.geteuid():
+        problem = f"is owned by uid {st.st_uid}, not uid {os.geteuid()}"
+    if problem:
+        os.close(fd)
+        raise ConfigurationError(f"{where}: {problem}; remove it")
+    return fd
+
+
 class QueueLock:
     def __init__(self, queue_directory: Path) -> None:
-        self.path = queue_directory / LOCK_NAME
+        self.queue_directory = queue_directory
+        self.path = pid_path(queue_directory)
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        _refuse_old_serve(self.queue_directory)
+        directory = open_pid_directory(self.queue_directory)
+        try:
+            fd = safe_open(directory, PID_NAME, os.O_RDWR | os.O_CREAT, self.path)
+        finally:
+            os.close(directory)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -42,25 +124,74 @@ class QueueLock:
             self._fd = None
 
 
-def read_pid(path: Path) -> int | None:
+def _open_for_reading(path: Path) -> int | None:
+    """A read-only descriptor of a regular file at *path*, never through a symlink
+    and never opening a device or FIFO; None when there is no such file."""
     try:
-        text = path.read_text().strip()
-    except OSError:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        fd = os.open(path, os.O_RDONLY | _OPEN)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if isinstance(exc, PermissionError):
+            raise
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None
+    return fd
+
+
+def _read_fd(fd: int) -> int | None:
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-def running_pid(queue_directory: Path) -> int | None:
-    """The pid of the serve holding the lock, or None when none runs."""
-    path = queue_directory / LOCK_NAME
+def read_pid(path: Path) -> int | None:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_for_reading(path)
     except OSError:
         return None
+    if fd is None:
+        return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return read_pid(path)
+        return _read_fd(fd)
     finally:
         os.close(fd)
-    return None
+
+
+def _locked_pid(path: Path) -> int | None:
+    """The pid in *path* when some process holds its lock; None when unlocked or
+    missing.  PermissionError goes up: the caller may not look (not "not running")."""
+    fd = _open_for_reading(path)
+    if fd is None:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_fd(fd) or 0
+        return None
+    finally:
+        os.close(fd)
+
+
+def _refuse_old_serve(queue_directory: Path) -> None:
+    try:
+        pid = _locked_pid(queue_directory / OLD_LOCK_NAME)
+    except OSError:
+        return
+    if pid is not None:
+        raise AlreadyRunning(f"{queue_directory / OLD_LOCK_NAME}: an earlier trimail serve (pid {pid}) "
+                             "uses this queue_directory; stop it first")
+
+
+def running_pid(queue_directory: Path) -> int | None:
+    """The pid of the serve holding the lock, or None when none runs; raises
+    PermissionError when the caller may not look into the queue directory."""
+    new = pid_path(queue_directory)
+    pid = _locked_pid(new)
+    if pid is None and not new.exists():
+        pid = _locked_pid(queue_directory / OLD_LOCK_NAME)  # a serve of the previous release
+    return pid

@@ -159,8 +159,9 @@ def _write_stamp(path: Path) -> None:
     stamp = path.parent / STAMP_NAME
     if not stamp.exists():
         try:
-            stamp.write_text(f"queue database created {rfc3339(time.time())}\n")
-            os.chmod(stamp, 0o600)
+            fd = os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with open(fd, "w") as out:  # O_EXCL: never through a planted (dangling) link
+                out.write(f"queue database created {rfc3339(time.time())}\n")
         except OSError as exc:
             raise QueueError(f"{stamp}: {exc.strerror}") from None
 
@@ -213,8 +214,11 @@ class Store:
             prepare_directory(directory)
             new = _check_not_lost(path)
             flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
+        # root opens this before the privilege drop in a directory mail_owner owns:
+        # never through a planted link (the directory's own path is the operator's)
+        real = Path(os.path.realpath(directory)) / DATABASE_NAME
         try:
-            db = apsw.Connection(str(path), flags=flags)
+            db = apsw.Connection(str(real), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
             db.set_busy_timeout(int(busy_timeout * 1000))
             if new:
                 os.chmod(path, 0o600)  # by path: never a descriptor of our own (SQLite gives -wal/-shm this mode)
