@@ -162,7 +162,7 @@ class Policy:
         self.policy_default: str = config.smtpd_policy_service_default_action
         self._tables: dict[str, Table] = {}
         self.lookup_timeout: float = config.table_lookup_timeout
-        self.unlisted: Callable[[str], Awaitable[bool]] = _never_unlisted
+        self.unlisted: Callable[[str], Awaitable[object]] = _never_unlisted  # an Unlisted or None
 
     def table(self, ref: str) -> Table:
         """The table *ref*, opened once; lazily, so opening it here reads nothing."""
@@ -273,7 +273,7 @@ class Policy:
 
     def authorized_destination(self, address: str) -> bool:
         """Local or a domain we relay for; an invalid address never is."""
-        return self.resolve(address).klass in ("local", "relay")
+        return self.resolve(address).klass in rewrite.AUTHORIZED
 
     async def _r_reject_unauth_destination(self, req, kind, arg, verdict):
         if req.recipient is None or self.authorized_destination(req.recipient):
@@ -466,8 +466,9 @@ class Policy:
         except (TableError, ValueError) as exc:
             log.warning("%s: %s lookup failed: %s", req.queue_id or "NOQUEUE", kind, exc)
             return self._reply(451, "4.3.0", kind, req, "Temporary lookup failure")
-        if unknown:
-            return self._reply(550, dsn, kind, req, "User unknown in local recipient table")
+        if unknown:  # an Unlisted (trimail/unlisted.py): its class's table and reject code
+            return self._reply(unknown.code, f"{unknown.code // 100}{dsn[1:]}", kind, req,
+                               f"User unknown in {unknown.table} table")
         return DUNNO
 
     # SASL
