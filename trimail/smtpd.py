@@ -458,7 +458,8 @@ class SmtpdSession:
                  reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
                  self.helo_name)
 
-    def _resolved(self, recipient: str, resolved: Resolved) -> str:
+    @staticmethod
+    def _resolved(recipient: str, resolved: Resolved) -> str:
         """The recipient as the router must see it: the resolution the relay decision
         was made on (``trimail/rewrite.py``); an address that needed no rewriting is
         stored as the client wrote it, less trailing dots."""

@@ -111,8 +111,15 @@ async def test_relay_domains_and_their_subdomains_are_authorized(start_mta):
 LOCAL_RECIPIENTS = {
     "default": {},  # proxy:unix:passwd.byname $alias_maps
     "empty": {"local_recipient_maps": ""},  # every local name accepted (Postfix's documented setting)
-    "catch-all": {"local_recipient_maps": "", "virtual_alias_maps": "inline:{ @gw.example=postmaster@gw.example }"},
+    # a catch-all virtual alias for the local domain, and a virtual alias domain whose every user it maps
+    "catch-all": {"local_recipient_maps": "", "virtual_alias_domains": "virt.example",
+                  "virtual_alias_maps": "inline:{ @gw.example=postmaster@gw.example, "
+                                        "@virt.example=postmaster@gw.example }"},
 }
+# every form again with the virtual alias domain in place of the local one, and at a relay domain
+ALL_FORMS = FORMS + [f.replace("gw.example", "virt.example") for f in FORMS if "gw.example" in f] + [
+    "user@internal.example", "outside.example!user@internal.example", '"user@outside.example"@internal.example',
+    "user@outside.example@internal.example", "internal.example!user@gw.example"]
 
 
 def transaction(port: int, recipient: str, source: str) -> tuple[int, str | None]:
@@ -131,25 +138,36 @@ def transaction(port: int, recipient: str, source: str) -> tuple[int, str | None
 @pytest.mark.parametrize("recipients", list(LOCAL_RECIPIENTS), ids=list(LOCAL_RECIPIENTS))
 async def test_an_outside_client_250_is_always_a_local_or_relay_route(start_mta, recipients):
     """The invariant: whatever an outside client gets 250 for is stored as an address
-    whose route is local (or a domain we relay for), never the outside world."""
+    whose route is local or a domain we relay for, never the outside world; every
+    form, three ways (issue 14)."""
+    from trimail import rewrite
     from trimail.delivery.route import Router
 
     srv = await start_mta(mynetworks="127.0.0.1/32", myhostname="gw.example", mydestination="gw.example",
-                          master_service_disable="qmgr", **LOCAL_RECIPIENTS[recipients])
+                          relay_domains="internal.example", master_service_disable="qmgr",
+                          **LOCAL_RECIPIENTS[recipients])
     router = Router(srv.config)
-    accepted = 0
-    for form in FORMS:
-        code, queue_id = await trio.to_thread.run_sync(transaction, srv.addresses[0].port, form, OUTSIDE)
+    settings = rewrite.Settings.from_config(srv.config)
+    accepted = {"local": 0, "relay": 0}
+    virtual_accepted = 0
+    for form in ALL_FORMS:
+        _code, queue_id = await trio.to_thread.run_sync(transaction, srv.addresses[0].port, form, OUTSIDE)
         if queue_id is None:
             continue
-        accepted += 1
         store = Store.open(srv.config.queue_directory, readonly=True)
         [info] = store.list_messages_by_id([queue_id])
+        virtual_accepted += "virt.example" in form
         for recipient in info.recipients:
             route = router.route(recipient.address)
-            assert route.transport == "local", (form, recipient.address, route)
+            final = rewrite.resolve(recipient.address, settings)
+            assert route.transport == "local" or (route.transport == "relay" and final.klass == "relay"
+                                                  and final.domain == "internal.example"), (form, recipient, route)
+            accepted[route.transport] += 1
+    assert accepted["relay"] >= 4  # the relay domain's forms, in every configuration
     if recipients != "default":
-        assert accepted > 0  # the invariant was tested on accepted mail, not only on refusals
+        assert accepted["local"] > 0  # the invariant was tested on accepted local mail, not only on refusals
+    # the virtual alias domain's forms: accepted (and stored rewritten to local) only where it is one
+    assert (virtual_accepted > 0) == (recipients == "catch-all")
 
 
 def rcpt(port: int, recipient: str, source: str = OUTSIDE) -> tuple[int, str]:
