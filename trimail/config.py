@@ -125,6 +125,16 @@ _MAP_TYPES = frozenset(
 )
 
 
+def parse_domain_names(text: str) -> list[str]:
+    """A domain list of names only (virtual_alias_domains, virtual_mailbox_domains):
+    Postfix's ``type:table`` and ``/file`` entries are refused, not silently unmatched."""
+    names = split_list(text)
+    for name in names:
+        if ":" in name or "/" in name or "{" in name:
+            raise ValueError(f"{name!r}: only domain names are supported here, not lookup tables or files")
+    return names
+
+
 def parse_maps(text: str) -> list[str]:
     """A list of lookup-table references ``type:name``."""
     maps = split_list(text)
@@ -275,10 +285,10 @@ PARAMETERS: dict[str, Param] = {
         _P("alias_maps", "hash:/etc/aliases", parse_maps, "alias tables for local delivery"),
         _P("alias_database", "hash:/etc/aliases", parse_maps, "alias tables newaliases rebuilds"),
         _P("virtual_alias_maps", "", parse_maps, "address rewriting for any domain"),
-        _P("virtual_alias_domains", "", split_list,
+        _P("virtual_alias_domains", "", parse_domain_names,
            "domains whose users exist only in virtual_alias_maps (names; Postfix's default "
            "$virtual_alias_maps, tables in the list, is not supported)"),
-        _P("virtual_mailbox_domains", "", split_list,
+        _P("virtual_mailbox_domains", "", parse_domain_names,
            "domains delivered by virtual_transport to the mailboxes of virtual_mailbox_maps (names)"),
         _P("virtual_mailbox_maps", "", parse_maps,
            "user@domain -> mailbox path under virtual_mailbox_base (ends in / for Maildir)"),

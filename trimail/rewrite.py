@@ -31,9 +31,10 @@ virtual_alias_domains"), and ``Settings.overlaps`` gives those lines for serve a
 ``trimail check`` to report.  The virtual domain lists match whole names (no
 subdomains); relay_domains follows ``parent_domain_matches_subdomains``.  Domain
 lists here are names: Postfix's ``type:table`` entries in a domain list are not
-supported (Postfix's default ``virtual_alias_domains = $virtual_alias_maps`` makes
-every domain that is a key of the table a virtual alias domain; trimail's default
-is empty, list the domains by name).
+supported, and refused at load for the two virtual lists (Postfix's default
+``virtual_alias_domains = $virtual_alias_maps`` makes every domain that is a key of
+the table a virtual alias domain; trimail's default is empty, list the domains by
+name).
 
 Whether a user of a class exists (local_recipient_maps, virtual_alias_maps,
 virtual_mailbox_maps, relay_recipient_maps) is a table lookup, made by the

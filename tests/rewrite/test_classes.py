@@ -86,3 +86,13 @@ def test_transport_maps_override_every_class_but_virtual_alias(tmp_path):
     for address in ["u@gw.example", "u@mbox.example", "u@corp.example", "u@outside.example"]:
         assert router.route(address) == Route("smtp", "192.0.2.7", mx=False), address
     assert router.route("u@alias.example").transport == "error"
+
+
+@pytest.mark.parametrize("value", ["$virtual_alias_maps", "hash:/etc/postfix/virtual", "/etc/domains"])
+def test_a_virtual_domain_list_of_tables_is_refused_not_silently_empty(tmp_path, value):
+    params = {"virtual_alias_maps": "inline:{ a@b.example=c }"}
+    with pytest.raises(configuration.ConfigError, match="only domain names"):
+        configuration.load(write_main_cf(tmp_path, virtual_alias_domains=value, **params))
+    with pytest.raises(configuration.ConfigError, match="only domain names"):
+        configuration.load(write_main_cf(tmp_path, virtual_mailbox_domains=value.replace("alias", "mailbox"),
+                                         virtual_mailbox_maps="inline:{ a@b.example=c }"))
