@@ -96,3 +96,9 @@ def test_a_virtual_domain_list_of_tables_is_refused_not_silently_empty(tmp_path,
     with pytest.raises(configuration.ConfigError, match="only domain names"):
         configuration.load(write_main_cf(tmp_path, virtual_mailbox_domains=value.replace("alias", "mailbox"),
                                          virtual_mailbox_maps="inline:{ a@b.example=c }"))
+
+
+def test_serve_logs_postfixs_warning_for_a_domain_in_two_lists(tmp_path, serve_process):
+    proc = serve_process(write_main_cf(tmp_path, master_service_disable="", mydestination="gw.example",
+                                       virtual_alias_domains="gw.example"))
+    proc.wait_log(r"warning: do not list domain gw\.example in BOTH mydestination and virtual_alias_domains")
