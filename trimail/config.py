@@ -88,6 +88,14 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
 
 
+def parse_reject_code(text: str) -> int:
+    """An SMTP reply code for a refusal: 4xx or 5xx (Postfix's unknown_*_reject_code)."""
+    value = parse_int(text)
+    if not 400 <= value <= 599:
+        raise ValueError(f"bad reject code {text!r} (use 4xx or 5xx)")
+    return value
+
+
 def split_list(text: str) -> list[str]:
     """Postfix list: elements separated by commas and/or white space; ``{ ... }``
     groups (as in ``inline:{ a=b, c=d }``) stay one element."""
@@ -115,6 +123,16 @@ def split_list(text: str) -> list[str]:
 _MAP_TYPES = frozenset(
     {"hash", "btree", "texthash", "inline", "static", "cidr", "regexp", "pcre", "unix", "fail"}
 )
+
+
+def parse_domain_names(text: str) -> list[str]:
+    """A domain list of names only (virtual_alias_domains, virtual_mailbox_domains):
+    Postfix's ``type:table`` and ``/file`` entries are refused, not silently unmatched."""
+    names = split_list(text)
+    for name in names:
+        if ":" in name or "/" in name or "{" in name:
+            raise ValueError(f"{name!r}: only domain names are supported here, not lookup tables or files")
+    return names
 
 
 def parse_maps(text: str) -> list[str]:
@@ -290,6 +308,12 @@ PARAMETERS: dict[str, Param] = {
         # networks and relaying
         _P("mynetworks", "127.0.0.0/8 [::1]/128", parse_networks, "trusted client networks"),
         _P("relay_domains", "", split_list, "domains this gateway relays mail to"),
+        _P("relay_recipient_maps", "", parse_maps,
+           "tables of the known users of relay_domains (user@domain or @domain keys); when set, other "
+           "recipients there are refused at RCPT (550 ... User unknown in relay recipient table); "
+           "empty: any user"),
+        _P("relay_transport", "relay", _str, "transport for relay_domains (Postfix's default: relay)"),
+        _P("local_transport", "local:$myhostname", _str, "transport for mydestination"),
         _P("relayhost", "", _str, "default nexthop for non-local mail, e.g. [mail.example.com]:25"),
         _P("default_transport", "smtp", _str, "transport for non-local mail"),
         _P("transport_maps", "", parse_maps, "lookup tables mapping recipients to transport:nexthop"),
@@ -299,6 +323,29 @@ PARAMETERS: dict[str, Param] = {
         _P("alias_maps", "hash:/etc/aliases", parse_maps, "alias tables for local delivery"),
         _P("alias_database", "hash:/etc/aliases", parse_maps, "alias tables newaliases rebuilds"),
         _P("virtual_alias_maps", "", parse_maps, "address rewriting for any domain"),
+        _P("virtual_alias_domains", "", parse_domain_names,
+           "domains whose users exist only in virtual_alias_maps (names; Postfix's default "
+           "$virtual_alias_maps, tables in the list, is not supported)"),
+        _P("virtual_mailbox_domains", "", parse_domain_names,
+           "domains delivered by virtual_transport to the mailboxes of virtual_mailbox_maps (names)"),
+        _P("virtual_mailbox_maps", "", parse_maps,
+           "user@domain -> mailbox path under virtual_mailbox_base (ends in / for Maildir)"),
+        _P("virtual_transport", "virtual", _str, "transport for virtual_mailbox_domains"),
+        _P("virtual_mailbox_base", "", _str, "directory every virtual mailbox path is relative to"),
+        _P("virtual_uid_maps", "", parse_maps, "user@domain -> uid that owns the virtual mailbox (static:N)"),
+        _P("virtual_gid_maps", "", parse_maps, "user@domain -> gid of the virtual mailbox (static:N)"),
+        _P("virtual_minimum_uid", "100", parse_int, "lowest uid virtual delivery accepts from virtual_uid_maps"),
+        _P("smtpd_reject_unlisted_recipient", "yes", parse_bool,
+           "refuse at RCPT a recipient of a local, virtual or relay domain that its class's table does "
+           "not list, after the recipient restrictions (as reject_unlisted_recipient)"),
+        _P("unknown_local_recipient_reject_code", "550", parse_reject_code,
+           "reply code for a user local_recipient_maps does not list"),
+        _P("unknown_virtual_alias_reject_code", "550", parse_reject_code,
+           "reply code for a user of a virtual alias domain virtual_alias_maps does not list"),
+        _P("unknown_virtual_mailbox_reject_code", "550", parse_reject_code,
+           "reply code for a user of a virtual mailbox domain virtual_mailbox_maps does not list"),
+        _P("unknown_relay_recipient_reject_code", "550", parse_reject_code,
+           "reply code for a user of a relay domain relay_recipient_maps does not list"),
         _P("local_recipient_maps", "proxy:unix:passwd.byname $alias_maps", split_list,
            "tables of known local recipients (empty: accept any)"),
         _P("recipient_delimiter", "", _str, "separator of address extensions, e.g. + for user+tag"),

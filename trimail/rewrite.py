@@ -3,9 +3,13 @@
 ``resolve(address, settings)`` says where mail for *address* goes: its final local
 part and domain, and its class:
 
-- ``local``: a domain in ``mydestination``, or no domain at all;
-- ``relay``: a domain this gateway relays for (``relay_domains``);
-- ``remote``: any other domain (the default transport);
+- ``local``: a domain in ``mydestination``, or no domain at all (``local_transport``);
+- ``virtual_alias``: a domain in ``virtual_alias_domains``: its users exist only as
+  keys of ``virtual_alias_maps``, whatever the table does not rewrite is unknown;
+- ``virtual_mailbox``: a domain in ``virtual_mailbox_domains``, delivered by the
+  virtual(8) agent to the mailboxes of ``virtual_mailbox_maps`` (``virtual_transport``);
+- ``relay``: a domain this gateway relays for (``relay_domains``, ``relay_transport``);
+- ``remote``: any other domain (Postfix's default class, ``default_transport``);
 - ``invalid``: an address that cannot be resolved: a control character, an empty local part, a domain
   that is empty after ``@`` (``resolve_null_domain = no``, Postfix's default) or
   that is not a domain DNS can express, or an address whose rewriting does not end.
@@ -20,10 +24,27 @@ resolves again (``user@remote@local``); ``host!user`` becomes ``user@host``
 removes a domain, so a valid address resolves in fewer rounds than it has
 characters; anything that does not is ``invalid``, never local.
 
+The classes are tried in Postfix's order (local, virtual alias, virtual mailbox,
+relay, remote), so a domain listed twice takes the first; Postfix calls that a
+configuration error ("do not list domain X in BOTH mydestination and
+virtual_alias_domains"), and ``Settings.overlaps`` gives those lines for serve and
+``trimail check`` to report.  The virtual domain lists match whole names (no
+subdomains); relay_domains follows ``parent_domain_matches_subdomains``.  Domain
+lists here are names: Postfix's ``type:table`` entries in a domain list are not
+supported, and refused at load for the two virtual lists (Postfix's default
+``virtual_alias_domains = $virtual_alias_maps`` makes every domain that is a key of
+the table a virtual alias domain; trimail's default is empty, list the domains by
+name).
+
+Whether a user of a class exists (local_recipient_maps, virtual_alias_maps,
+virtual_mailbox_maps, relay_recipient_maps) is a table lookup, made by the
+callers (smtpd at RCPT, cleanup), never here.
+
 Security notes: ``invalid`` is refused at RCPT (``501 5.1.3 Bad recipient address
 syntax``); nothing here does I/O.
 
-Parameters: mydestination, relay_domains, parent_domain_matches_subdomains,
+Parameters: mydestination, virtual_alias_domains, virtual_mailbox_domains,
+relay_domains, parent_domain_matches_subdomains,
 swap_bangpath, allow_percent_hack, resolve_dequoted_address, resolve_null_domain.
 """
 
@@ -34,7 +55,9 @@ from typing import Literal
 
 from trimail.smtp.address import _DOT_STRING, _QUOTED, dns_name, is_domain
 
-AddressClass = Literal["local", "relay", "remote", "invalid"]
+AddressClass = Literal["local", "virtual_alias", "virtual_mailbox", "relay", "remote", "invalid"]
+# the classes whose mail this host accepts from anyone (Postfix's permit_auth_destination)
+AUTHORIZED: frozenset[str] = frozenset({"local", "virtual_alias", "virtual_mailbox", "relay"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -46,15 +69,37 @@ class Settings:
     percent_hack: bool = False
     dequote: bool = True
     null_domain: bool = False
+    virtual_alias_domains: frozenset[str] = frozenset()
+    virtual_mailbox_domains: frozenset[str] = frozenset()
 
     @classmethod
     def from_config(cls, config: object) -> Settings:
         get = config.get  # type: ignore[attr-defined]
-        return cls(local_domains=frozenset(d.lower().rstrip(".") for d in get("mydestination")),
-                   relay_domains=frozenset(d.lower().rstrip(".") for d in get("relay_domains")),
+
+        def names(param: str) -> frozenset[str]:
+            return frozenset(d.lower().rstrip(".") for d in get(param))
+
+        return cls(local_domains=names("mydestination"), relay_domains=names("relay_domains"),
+                   virtual_alias_domains=names("virtual_alias_domains"),
+                   virtual_mailbox_domains=names("virtual_mailbox_domains"),
                    relay_subdomains="relay_domains" in get("parent_domain_matches_subdomains"),
                    swap_bangpath=get("swap_bangpath"), percent_hack=get("allow_percent_hack"),
                    dequote=get("resolve_dequoted_address"), null_domain=get("resolve_null_domain"))
+
+
+    def overlaps(self) -> list[str]:
+        """Postfix's warnings for a domain listed in two class lists (each list should
+        be disjoint from the others; the first class in resolve's order wins)."""
+        lists = [("mydestination", self.local_domains), ("virtual_alias_domains", self.virtual_alias_domains),
+                 ("virtual_mailbox_domains", self.virtual_mailbox_domains), ("relay_domains", self.relay_domains)]
+        found = []
+        for i, (first, domains) in enumerate(lists):
+            for second, others in lists[i + 1:]:
+                if first == "mydestination" and second == "relay_domains":
+                    continue  # Postfix: local wins silently (relay_domains often lists $mydestination)
+                for domain in sorted(domains & others):
+                    found.append(f"do not list domain {domain} in BOTH {first} and {second}")
+        return found
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,7 +150,7 @@ def resolve(address: str, settings: Settings) -> Resolved:
         if domain and domain not in settings.local_domains:
             if not is_domain(domain) or (not domain.startswith("[") and dns_name(domain) is None):
                 return INVALID
-            return Resolved(local, domain, "relay" if _relays_for(domain, settings) else "remote")
+            return Resolved(local, domain, _class_of(domain, settings))
         # a local domain (or none): the local part may route further
         if "@" in local:
             address = local
@@ -120,6 +165,15 @@ def resolve(address: str, settings: Settings) -> Resolved:
             continue
         return Resolved(local, domain, "local")
     return INVALID  # rewriting that does not end is never local
+
+
+def _class_of(domain: str, settings: Settings) -> AddressClass:
+    """The class of a valid domain that is not in mydestination (resolve.c's order)."""
+    if domain in settings.virtual_alias_domains:
+        return "virtual_alias"
+    if domain in settings.virtual_mailbox_domains:
+        return "virtual_mailbox"
+    return "relay" if _relays_for(domain, settings) else "remote"
 
 
 def _relays_for(domain: str, settings: Settings) -> bool:

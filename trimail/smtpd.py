@@ -11,7 +11,8 @@ Parameters: myhostname, mail_name, smtpd_banner, message_size_limit,
 line_length_limit, smtpd_recipient_limit, smtpd_hard_error_limit,
 smtpd_forbid_bare_newline, smtpd_forbid_bare_newline_reject_code,
 smtpd_forbid_bare_newline_exclusions, cleanup_replace_stray_cr_lf, smtpd_forbidden_commands, hopcount_limit,
-disable_vrfy_command, smtputf8_enable, queue_directory, queue_minfree, local_recipient_maps,
+disable_vrfy_command, smtputf8_enable, queue_directory, queue_minfree,
+smtpd_reject_unlisted_recipient (and the tables of ``trimail/unlisted.py``),
 virtual_alias_maps, table_lookup_timeout.
 
 Storage: MAIL FROM is answered ``452 4.3.1 Insufficient system storage`` when the
@@ -52,7 +53,7 @@ from trimail.passwords import PasswordError, authenticate, prepare
 from trimail.delivery.dns import Resolver
 from trimail.delivery.route import FILTER_PARAM
 from trimail.policy.restrictions import Policy, Request, Verdict
-from trimail.maps import Table, TableError, lookup_first, off_loop, open_table
+from trimail.maps import Table, TableError, off_loop
 from trimail.log import printable
 from trimail.metrics import Metrics
 from trimail.queue.ids import new_queue_id
@@ -60,6 +61,7 @@ from trimail.queue.spool import QueueSpace, Spool, SpoolError
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 from trimail.rewrite import Resolved
+from trimail.unlisted import TABLE_OF_CLASS, RecipientTables, Unlisted
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
 from trimail.supervise import thread_pool
@@ -138,7 +140,9 @@ class ReceiveContext:
         self.metrics: Metrics | None = None
         self.auth_failures = auth_failures if auth_failures is not None else {}
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
-        self.policy.unlisted = self.is_unknown_local
+        self.recipients = RecipientTables(config)
+        self.policy.unlisted = self.unlisted
+        self.reject_unlisted_recipient: bool = config.smtpd_reject_unlisted_recipient
         self.settings = protocol_settings(config, kind)
         if self.settings.auth:
             try:  # the dummy hash for unknown users, made now rather than at the first one
@@ -151,43 +155,19 @@ class ReceiveContext:
         self.header_size_limit: int = config.header_size_limit
         self.spool_directory = Path(config.queue_directory)
         self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit)
-        self.delimiter: str = config.recipient_delimiter
-        self._local_tables: list[Table] | None = None
-        self._virtual_tables: list[Table] | None = None
         self.lookup_timeout: float = config.table_lookup_timeout
 
-    def local_tables(self) -> list[Table]:
-        if self._local_tables is None:  # lazy: opening reads nothing, the first lookup does
-            self._local_tables = [open_table(ref, lazy=True) for ref in self.config.local_recipient_maps]
-        return self._local_tables
-
     def virtual_tables(self) -> list[Table]:
-        if self._virtual_tables is None:
-            self._virtual_tables = [open_table(ref, lazy=True) for ref in self.config.virtual_alias_maps]
-        return self._virtual_tables
+        return self.recipients.tables("virtual_alias_maps")
 
-    async def is_unknown_local(self, recipient: str, resolved: Resolved | None = None) -> bool:
-        """local_recipient_maps (Postfix): a local domain's unknown user is refused at RCPT.
-        Tables that may block (a reload, hash:, unix:passwd.byname) are read on a lookup
-        thread within table_lookup_timeout; TableError when they cannot answer."""
+    async def unlisted(self, recipient: str, resolved: Resolved | None = None) -> Unlisted | None:
+        """Whether the table of *recipient*'s address class lacks it (``trimail/unlisted.py``:
+        local_recipient_maps, virtual_alias_maps, virtual_mailbox_maps, relay_recipient_maps),
+        read off the event loop within table_lookup_timeout; TableError when a table cannot answer."""
         resolved = resolved or self.policy.resolve(recipient)
-        if resolved.klass != "local":
-            return False
-        local = resolved.local
-        tables = self.local_tables()
-        if not tables or local.lower() == "postmaster":
-            return False
-        virtual = self.virtual_tables()
-        return await off_loop([*tables, *virtual], self._unknown_local, recipient, local, tables, virtual,
-                              timeout=self.lookup_timeout)
-
-    def _unknown_local(self, recipient: str, local: str, tables: list[Table], virtual: list[Table]) -> bool:
-        if virtual_expand([recipient], virtual) != [recipient]:
-            return False  # a virtual alias: rewritten before delivery
-        keys = [recipient.lower(), local.lower()]
-        if self.delimiter and self.delimiter in local:
-            keys.append(local.split(self.delimiter, 1)[0].lower())
-        return all(lookup_first(tables, key) is None for key in keys)
+        if resolved.klass == "invalid":
+            return None
+        return await self.recipients.unlisted(resolved)
 
     async def expand_virtual(self, recipients: list[str]) -> list[str]:
         """virtual_alias_maps applied to *recipients*, off the event loop when a table
@@ -354,14 +334,17 @@ class SmtpdSession:
                                          recipient=event.recipient)
             if reply is not None:
                 return reply
-            try:
-                unknown = await self.ctx.is_unknown_local(event.recipient, resolved)
+            try:  # smtpd_reject_unlisted_recipient: no user of ours we would only bounce (backscatter)
+                unknown = await self.ctx.unlisted(event.recipient, resolved) \
+                    if self.ctx.reject_unlisted_recipient else None
             except (TableError, ValueError) as exc:
-                log.warning("%s: local recipient lookup failed: %s", self.txn.queue_id, exc)
-                return Reply(451, "4.3.0", f"<{event.recipient}>: Temporary lookup failure")
-            if unknown:
-                reply = Reply(550, "5.1.1", f"<{event.recipient}>: Recipient address rejected: "
-                                            "User unknown in local recipient table")
+                log.warning("%s: %s lookup failed: %s", self.txn.queue_id,
+                            TABLE_OF_CLASS.get(resolved.klass, "recipient"), exc)
+                reply = Reply(451, "4.3.0", f"<{event.recipient}>: Temporary lookup failure")
+                self._log_reject("RCPT", reply, event.recipient)
+                return reply
+            if unknown is not None:
+                reply = Reply(*unknown.text(event.recipient))
                 self._log_reject("RCPT", reply, event.recipient)
                 return reply
             self.txn.recipients.append(self._resolved(event.recipient, resolved))
@@ -506,7 +489,8 @@ class SmtpdSession:
                  reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
                  self.helo_name)
 
-    def _resolved(self, recipient: str, resolved: Resolved) -> str:
+    @staticmethod
+    def _resolved(recipient: str, resolved: Resolved) -> str:
         """The recipient as the router must see it: the resolution the relay decision
         was made on (``trimail/rewrite.py``); an address that needed no rewriting is
         stored as the client wrote it, less trailing dots."""

@@ -21,6 +21,7 @@ from trimail import config as configuration
 from trimail.delivery.dns import Resolver
 from trimail.policy import registry
 from trimail.policy.restrictions import Policy, Request, Verdict, parse_list
+from trimail.unlisted import Unlisted
 
 ZONE = {
     "good.example": {"MX": ["10 mx.good.example."]},
@@ -159,8 +160,8 @@ async def test_no_registered_name_is_a_silent_no_op(tmp_path, nursery):
     assert failures == []
 
 
-async def _always_unlisted(address: str) -> bool:
-    return True
+async def _always_unlisted(address: str) -> Unlisted:
+    return Unlisted(550, "local recipient")
 
 
 def test_restriction_classes_of_arguments_are_checked():

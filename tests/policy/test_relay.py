@@ -111,8 +111,15 @@ async def test_relay_domains_and_their_subdomains_are_authorized(start_mta):
 LOCAL_RECIPIENTS = {
     "default": {},  # proxy:unix:passwd.byname $alias_maps
     "empty": {"local_recipient_maps": ""},  # every local name accepted (Postfix's documented setting)
-    "catch-all": {"local_recipient_maps": "", "virtual_alias_maps": "inline:{ @gw.example=postmaster@gw.example }"},
+    # a catch-all virtual alias for the local domain, and a virtual alias domain whose every user it maps
+    "catch-all": {"local_recipient_maps": "", "virtual_alias_domains": "virt.example",
+                  "virtual_alias_maps": "inline:{ @gw.example=postmaster@gw.example, "
+                                        "@virt.example=postmaster@gw.example }"},
 }
+# every form again with the virtual alias domain in place of the local one, and at a relay domain
+ALL_FORMS = FORMS + [f.replace("gw.example", "virt.example") for f in FORMS if "gw.example" in f] + [
+    "user@internal.example", "outside.example!user@internal.example", '"user@outside.example"@internal.example',
+    "user@outside.example@internal.example", "internal.example!user@gw.example"]
 
 
 def transaction(port: int, recipient: str, source: str) -> tuple[int, str | None]:
@@ -131,22 +138,84 @@ def transaction(port: int, recipient: str, source: str) -> tuple[int, str | None
 @pytest.mark.parametrize("recipients", list(LOCAL_RECIPIENTS), ids=list(LOCAL_RECIPIENTS))
 async def test_an_outside_client_250_is_always_a_local_or_relay_route(start_mta, recipients):
     """The invariant: whatever an outside client gets 250 for is stored as an address
-    whose route is local (or a domain we relay for), never the outside world."""
+    whose route is local or a domain we relay for, never the outside world; every
+    form, three ways (issue 14)."""
+    from trimail import rewrite
     from trimail.delivery.route import Router
 
     srv = await start_mta(mynetworks="127.0.0.1/32", myhostname="gw.example", mydestination="gw.example",
-                          master_service_disable="qmgr", **LOCAL_RECIPIENTS[recipients])
+                          relay_domains="internal.example", master_service_disable="qmgr",
+                          **LOCAL_RECIPIENTS[recipients])
     router = Router(srv.config)
-    accepted = 0
-    for form in FORMS:
-        code, queue_id = await trio.to_thread.run_sync(transaction, srv.addresses[0].port, form, OUTSIDE)
+    settings = rewrite.Settings.from_config(srv.config)
+    accepted = {"local": 0, "relay": 0}
+    virtual_accepted = 0
+    for form in ALL_FORMS:
+        _code, queue_id = await trio.to_thread.run_sync(transaction, srv.addresses[0].port, form, OUTSIDE)
         if queue_id is None:
             continue
-        accepted += 1
         store = Store.open(srv.config.queue_directory, readonly=True)
         [info] = store.list_messages_by_id([queue_id])
+        virtual_accepted += "virt.example" in form
         for recipient in info.recipients:
             route = router.route(recipient.address)
-            assert route.transport == "local", (form, recipient.address, route)
+            final = rewrite.resolve(recipient.address, settings)
+            assert route.transport == "local" or (route.transport == "relay" and final.klass == "relay"
+                                                  and final.domain == "internal.example"), (form, recipient, route)
+            accepted[route.transport] += 1
+    assert accepted["relay"] >= 4  # the relay domain's forms, in every configuration
     if recipients != "default":
-        assert accepted > 0  # the invariant was tested on accepted mail, not only on refusals
+        assert accepted["local"] > 0  # the invariant was tested on accepted local mail, not only on refusals
+    # the virtual alias domain's forms: accepted (and stored rewritten to local) only where it is one
+    assert (virtual_accepted > 0) == (recipients == "catch-all")
+
+
+def rcpt(port: int, recipient: str, source: str = OUTSIDE) -> tuple[int, str]:
+    code, text = attempt(port, "someone@client.example", recipient, source)
+    return code, text.decode()
+
+
+async def test_each_address_class_refuses_its_unknown_users_with_postfixs_words(start_mta):
+    """reject_unlisted_recipient per class (Postfix's check_rcpt_maps), each with its reject code."""
+    srv = await start_mta(mynetworks="127.0.0.1/32", myhostname="gw.example", mydestination="gw.example",
+                          master_service_disable="qmgr", local_recipient_maps="inline:{ known=x }",
+                          virtual_alias_domains="alias.example", virtual_mailbox_domains="mbox.example",
+                          relay_domains="corp.example",
+                          virtual_alias_maps="inline:{ known@alias.example=known@gw.example, "
+                                             "alias@gw.example=known@gw.example }",
+                          virtual_mailbox_maps="inline:{ known@mbox.example=mbox.example/known/ }",
+                          relay_recipient_maps="inline:{ known@corp.example=x, @sub.corp.example=x }",
+                          unknown_virtual_mailbox_reject_code="450", recipient_delimiter="+")
+    port = srv.addresses[0].port
+    for known in ["known@gw.example", "known+tag@gw.example", "alias@gw.example", "postmaster@gw.example",
+                  "known@alias.example", "known@mbox.example", "known@corp.example", "KNOWN+x@corp.example",
+                  "anyone@sub.corp.example"]:
+        assert (await trio.to_thread.run_sync(rcpt, port, known))[0] == 250, known
+    for unknown, table, code in [("who@gw.example", "local recipient", 550),
+                                 ("who@alias.example", "virtual alias", 550),
+                                 ("who@mbox.example", "virtual mailbox", 450),
+                                 ("who@corp.example", "relay recipient", 550)]:
+        dsn = f"{code // 100}.1.1"
+        assert await trio.to_thread.run_sync(rcpt, port, unknown) == (
+            code, f"{dsn} <{unknown}>: Recipient address rejected: User unknown in {table} table"), unknown
+
+
+async def test_smtpd_reject_unlisted_recipient_no_leaves_it_to_the_restriction(start_mta, tmp_path):
+    params = {"mynetworks": "127.0.0.1/32", "relay_domains": "corp.example", "master_service_disable": "qmgr",
+              "relay_recipient_maps": "inline:{ known@corp.example=x }", "smtpd_reject_unlisted_recipient": "no"}
+    srv = await start_mta(**params)
+    assert (await trio.to_thread.run_sync(rcpt, srv.addresses[0].port, "who@corp.example"))[0] == 250
+    srv = await start_mta(**params, smtpd_recipient_restrictions="reject_unlisted_recipient",
+                          queue_directory=tmp_path / "queue2")
+    assert await trio.to_thread.run_sync(rcpt, srv.addresses[0].port, "who@corp.example") == (
+        550, "5.1.1 <who@corp.example>: Recipient address rejected: User unknown in relay recipient table")
+
+
+async def test_virtual_domains_are_authorized_destinations(start_mta):
+    srv = await start_mta(mynetworks="127.0.0.1/32", master_service_disable="qmgr",
+                          virtual_alias_domains="alias.example", virtual_mailbox_domains="mbox.example",
+                          virtual_alias_maps="inline:{ @alias.example=postmaster }")
+    port = srv.addresses[0].port
+    assert (await trio.to_thread.run_sync(rcpt, port, "anyone@alias.example"))[0] == 250
+    assert (await trio.to_thread.run_sync(rcpt, port, "anyone@mbox.example"))[0] == 250  # no maps: anyone
+    assert (await trio.to_thread.run_sync(rcpt, port, "anyone@sub.mbox.example"))[0] == 450  # not a subdomain

@@ -1,6 +1,16 @@
-"""Where a recipient goes: transport_maps, then local domains, then relayhost, then MX.
+"""Where a recipient goes: transport_maps, then the transport of its address class.
 
-The result is a ``Route``: a transport (smtp, relay, local, error, discard), a
+The class comes from the one resolver (``trimail/rewrite.py``), as in Postfix's
+trivial-rewrite: local -> ``local_transport``; virtual mailbox ->
+``virtual_transport``; relay -> ``relay_transport``; remote -> ``default_transport``;
+relay and remote go to ``relayhost`` when it is set, unless their transport names
+a nexthop of its own.  A recipient of a virtual alias domain that is still there
+(virtual_alias_maps did not rewrite it at receipt) goes to the ``error``
+transport, ``5.1.1 User unknown in virtual alias table``, and transport_maps do
+not apply to it (Postfix).
+
+The result is a ``Route``: a transport (smtp, relay, lmtp, local, virtual, error,
+discard, retry), a
 nexthop and whether the nexthop is a domain to look up MX records for.  Nexthop
 syntax is Postfix's (transport(5)): ``[host]:port`` or ``[host]`` means that host
 without MX lookup, ``host:port`` or ``host`` means MX lookup for host.
@@ -23,22 +33,28 @@ of every recipient of that message: ``transport:nexthop``, or ``transport:`` to
 keep each recipient's own nexthop (Postfix's FILTER; the last one wins at smtpd).
 Only an address the resolver cannot resolve still goes to the error transport.
 
-Parameters: transport_maps, mydestination, relayhost, default_transport.
+Parameters: transport_maps, mydestination, virtual_alias_domains,
+virtual_mailbox_domains, relay_domains, relayhost, local_transport,
+virtual_transport, relay_transport, default_transport.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 from trimail import rewrite
 from trimail.config import Config
 from trimail.maps import Table, lookup_first, open_table
 
+log = logging.getLogger("trimail.route")
+
 DEFAULT_PORT = 25
 SMTP_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
 BAD_ADDRESS_SYNTAX = "5.1.3 bad address syntax"  # Postfix qmgr's words for the error transport
 FILTER_PARAM = "_FILTER"  # message params key of an access-table FILTER ("_" is not in an esmtp-keyword)
+UNKNOWN_VIRTUAL_ALIAS = "5.1.1 User unknown in virtual alias table"  # Postfix trivial-rewrite's
 
 
 class RouteError(Exception):
@@ -78,7 +94,11 @@ class Router:
         self.config = config
         self.tables: list[Table] = [open_table(ref, lazy=True) for ref in config.transport_maps]
         self.rewrite = rewrite.Settings.from_config(config)
+        for warning in self.rewrite.overlaps():
+            log.warning("%s", warning)
         self.default_transport: str = config.default_transport
+        self.transports: dict[str, str] = {"local": config.local_transport, "virtual_mailbox": config.virtual_transport,
+                                           "relay": config.relay_transport, "remote": config.default_transport}
 
     def route(self, recipient: str, content_filter: str | None = None) -> Route:
         """Where *recipient* goes; *content_filter* (a message's FILTER) overrides it."""
@@ -87,19 +107,18 @@ class Router:
             return Route("error", BAD_ADDRESS_SYNTAX, mx=False)
         if content_filter:
             return self._filtered(content_filter, recipient)
-        domain = resolved.domain
-        entry = self._transport_entry(resolved.address, domain)
+        if resolved.klass == "virtual_alias":
+            return Route("error", UNKNOWN_VIRTUAL_ALIAS, mx=False)
+        domain = resolved.domain or self.config.myhostname
+        entry = self._transport_entry(resolved.address, resolved.domain)
         if entry is not None:
             return self._from_entry(entry, domain)
-        if not domain:
-            return Route("local", self.config.myhostname, mx=False)
-        if resolved.klass == "local":
-            return Route("local", domain, mx=False)
+        entry = self.transports[resolved.klass]
         relayhost = self.config.relayhost
-        if relayhost:
+        if resolved.klass in ("relay", "remote") and relayhost and not entry.partition(":")[2].strip():
             host, port, mx = parse_nexthop(relayhost)
-            return Route(self.default_transport_name(), host, port, mx)
-        return self._from_entry(self.default_transport, domain)
+            return Route(entry.partition(":")[0] or self.default_transport_name(), host, port, mx)
+        return self._from_entry(entry, domain)
 
     def default_transport_name(self) -> str:
         return self.default_transport.partition(":")[0] or "smtp"
@@ -122,8 +141,8 @@ class Router:
         transport = transport or self.default_transport_name()
         if transport in ("error", "discard", "retry"):
             return Route(transport, nexthop.strip(), mx=False)
-        if transport == "local":
-            return Route("local", nexthop or domain, mx=False)
+        if transport in ("local", "virtual"):
+            return Route(transport, nexthop.strip() or domain, mx=False)
         if transport not in SMTP_TRANSPORTS:
             raise RouteError(f"unknown transport {transport!r} in {entry!r}")
         if not nexthop:

@@ -140,8 +140,9 @@ async def _unlisted(policy: Policy, req: Request, kind: str, address: str | None
     except (TableError, ValueError) as exc:
         log.warning("%s: %s lookup failed: %s", req.queue_id or "NOQUEUE", kind, exc)
         return policy.reply(451, "4.3.0", kind, req, "Temporary lookup failure")
-    if unknown:
-        return policy.reply(550, dsn, kind, req, "User unknown in local recipient table")
+    if unknown:  # an Unlisted (trimail/unlisted.py): its class's table and reject code
+        return policy.reply(unknown.code, f"{unknown.code // 100}{dsn[1:]}", kind, req,
+                            f"User unknown in {unknown.table} table")
     return DUNNO
 
 

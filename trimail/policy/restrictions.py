@@ -103,7 +103,7 @@ class Policy(DnsChecks):
         self.policy_default: str = config.smtpd_policy_service_default_action
         self._tables: dict[str, Table] = {}
         self.lookup_timeout: float = config.table_lookup_timeout
-        self.unlisted: Callable[[str], Awaitable[bool]] = _never_unlisted
+        self.unlisted: Callable[[str], Awaitable[object]] = _never_unlisted  # an Unlisted or None
         self.verifier: Verifier | None = None  # made on first use of reject_unverified_recipient
         self.own_addresses = _listen_addresses(config)
         if any(name == "permit_tls_clientcerts" for items in self.lists.values() for name, _ in items):
@@ -218,7 +218,7 @@ class Policy(DnsChecks):
 
     def authorized_destination(self, address: str) -> bool:
         """Local or a domain we relay for; an invalid address never is."""
-        return self.resolve(address).klass in ("local", "relay")
+        return self.resolve(address).klass in rewrite.AUTHORIZED
 
     # -- access tables ------------------------------------------------------------
 
@@ -340,5 +340,5 @@ def _first_key(table: Table, keys: list[str]) -> str | None:
     return None
 
 
-async def _never_unlisted(address: str) -> bool:
-    return False
+async def _never_unlisted(address: str) -> None:
+    return None

@@ -48,6 +48,7 @@ from trimail.config import Config
 from trimail.delivery.bounce import Failure, build_dsn, status_of
 from trimail.delivery.local import Forward, LocalAgent
 from trimail.delivery.route import FILTER_PARAM, Route, RouteError, Router
+from trimail.delivery.virtual import VirtualAgent
 from trimail.delivery.smtp import ConnectionFailed, Connection, Connector, Envelope
 from trimail.errors import StorageError
 from trimail.log import printable
@@ -159,6 +160,7 @@ class Scheduler:
         router, local = Router(config), LocalAgent(config)  # both built before anything changes
         self.config = config
         self.router, self.local = router, local
+        self.virtual = VirtualAgent(config)  # virtual_transport = virtual: virtual(8) mailboxes
         self.active_limit: int = config.qmgr_message_active_limit
         self.min_backoff: float = config.minimal_backoff_time
         self.max_backoff: float = config.maximal_backoff_time
@@ -337,7 +339,7 @@ class Scheduler:
                     outcomes = await self._deliver_local(job)
                 except Exception as exc:  # the job's boundary: defer its recipients, keep the message
                     outcomes = self._job_failed(job, exc)
-                await self._complete(job, outcomes, "local", started)
+                await self._complete(job, outcomes, job.route.transport, started)
         finally:
             dest.busy -= 1
             dest.workers -= 1
@@ -353,6 +355,9 @@ class Scheduler:
             if content is None or len(content) != job.message.size:
                 raise ContentError(f"content {'missing' if content is None else len(content)} "
                                    f"of {job.message.size} bytes")
+        if job.route.transport == "virtual":  # virtual(8): mailboxes only, nothing to forward
+            return await trio.to_thread.run_sync(
+                self.virtual.deliver, job.message.sender, [r.address for r in job.recipients], content)
         result = await trio.to_thread.run_sync(
             self.local.deliver, job.message.sender, [r.address for r in job.recipients], content)
         for forward in result.forwards:
@@ -386,7 +391,7 @@ class Scheduler:
         return new_id
 
     async def _worker(self, dest: Destination) -> None:
-        if dest.route.transport == "local":
+        if dest.route.transport in ("local", "virtual"):  # agents on worker threads, no connection
             await self._local_worker(dest)
             return
         conn: Connection | None = None
