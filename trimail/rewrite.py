@@ -116,6 +116,15 @@ class Resolved:
         local = self.local if plain else _quoted(self.local)
         return f"{local}@{self.domain}" if self.domain else local
 
+    def stored(self, written: str) -> str:
+        """The recipient the queue stores for *written* (the address as the client
+        wrote it, which resolved to this): the resolution the relay decision was made
+        on; an address that needed no rewriting keeps the client's spelling, less
+        trailing dots."""
+        if "@" in written and self.domain == written.rpartition("@")[2].lower().rstrip("."):
+            return written.rstrip(".")
+        return self.address
+
 
 INVALID = Resolved("", "", "invalid")
 

@@ -60,6 +60,7 @@ from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import QueueSpace, Spool, SpoolError
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
+from trimail import rewrite
 from trimail.rewrite import Resolved
 from trimail.unlisted import TABLE_OF_CLASS, RecipientTables, Unlisted
 from trimail.smtp import replies
@@ -164,7 +165,7 @@ class ReceiveContext:
         """Whether the table of *recipient*'s address class lacks it (``trimail/unlisted.py``:
         local_recipient_maps, virtual_alias_maps, virtual_mailbox_maps, relay_recipient_maps),
         read off the event loop within table_lookup_timeout; TableError when a table cannot answer."""
-        resolved = resolved or self.policy.resolve(recipient)
+        resolved = resolved or rewrite.resolve(recipient, self.policy.rewrite)
         if resolved.klass == "invalid":
             return None
         return await self.recipients.unlisted(resolved)
@@ -324,7 +325,7 @@ class SmtpdSession:
             assert self.txn is not None
             if (hooked := await self._hook("rcpt", event.recipient)) is not None:
                 return hooked
-            resolved = self.ctx.policy.resolve(event.recipient)  # once: checked, looked up and stored
+            resolved = rewrite.resolve(event.recipient, self.ctx.policy.rewrite)  # once: checked, looked up and stored
             if resolved.klass == "invalid":
                 # trivial-rewrite cannot resolve it: refused, never taken for local
                 reply = replies.Reply(501, "5.1.3", "Bad recipient address syntax")
@@ -347,7 +348,7 @@ class SmtpdSession:
                 reply = Reply(*unknown.text(event.recipient))
                 self._log_reject("RCPT", reply, event.recipient)
                 return reply
-            self.txn.recipients.append(self._resolved(event.recipient, resolved))
+            self.txn.recipients.append(resolved.stored(event.recipient))
             return None
         if isinstance(event, DataStart):
             assert self.txn is not None
@@ -488,15 +489,6 @@ class SmtpdSession:
         log.info("NOQUEUE: %s: %s from %s: %s %s %s; %s proto=%s helo=<%s>", what, command, self.client, reply.code,
                  reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
                  self.helo_name)
-
-    @staticmethod
-    def _resolved(recipient: str, resolved: Resolved) -> str:
-        """The recipient as the router must see it: the resolution the relay decision
-        was made on (``trimail/rewrite.py``); an address that needed no rewriting is
-        stored as the client wrote it, less trailing dots."""
-        if "@" in recipient and resolved.domain == recipient.rpartition("@")[2].lower().rstrip("."):
-            return recipient.rstrip(".")
-        return resolved.address
 
     def close(self) -> None:
         self._discard()

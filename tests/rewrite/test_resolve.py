@@ -116,7 +116,7 @@ def test_resolve_never_raises(text):
 
 # The outside client's whole path, in three configurations: the relay decision
 # (Policy.authorized_destination), the unknown-user check (trimail/unlisted.py), the
-# stored form (SmtpdSession._resolved), virtual_alias_maps (cleanup) and the real
+# stored form (rewrite.Resolved.stored), virtual_alias_maps (cleanup) and the real
 # router.  Invariant: whatever would get 250 is stored with a local route or a route
 # to a domain we relay for.  31 depths x 3 configurations x 40 examples = 3,720
 # addresses per CI run (a few seconds).
@@ -151,7 +151,6 @@ def _outside_client_250(address: str, pipeline) -> list[str]:
     from trimail import rewrite
     from trimail.cleanup import virtual_expand
     from trimail.maps import TableError
-    from trimail.smtpd import SmtpdSession
 
     _config, settings, tables, _router = pipeline
     resolved = resolve(address, settings)
@@ -163,7 +162,7 @@ def _outside_client_250(address: str, pipeline) -> list[str]:
             return []  # 550 User unknown
     except (TableError, ValueError):
         return []  # 451 Temporary lookup failure
-    return virtual_expand([SmtpdSession._resolved(address, resolved)], tables.tables("virtual_alias_maps"))
+    return virtual_expand([resolved.stored(address)], tables.tables("virtual_alias_maps"))
 
 
 @pytest.mark.parametrize("configuration", list(CONFIGURATIONS))

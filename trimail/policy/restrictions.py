@@ -212,13 +212,9 @@ class Policy(DnsChecks):
             self._mynetworks_cache[address] = known
         return known
 
-    def resolve(self, address: str) -> rewrite.Resolved:
-        """Where mail for *address* goes: the one resolver (``trimail/rewrite.py``)."""
-        return rewrite.resolve(address, self.rewrite)
-
     def authorized_destination(self, address: str) -> bool:
         """Local or a domain we relay for; an invalid address never is."""
-        return self.resolve(address).klass in rewrite.AUTHORIZED
+        return rewrite.resolve(address, self.rewrite).klass in rewrite.AUTHORIZED
 
     # -- access tables ------------------------------------------------------------
 
@@ -265,7 +261,7 @@ class Policy(DnsChecks):
             verdict.filter = result.text.strip()  # the last FILTER wins (Postfix)
         elif action == "bcc":
             address = result.text.strip()
-            if not address or self.resolve(address).klass == "invalid":
+            if not address or rewrite.resolve(address, self.rewrite).klass == "invalid":
                 log.warning("%s: access table %s: BCC %r is not a valid address; ignored",
                             req.queue_id or "NOQUEUE", source or "(policy)", address)
             else:
