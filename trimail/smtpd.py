@@ -46,26 +46,24 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trimail import rewrite
 from trimail.cleanup import virtual_expand
 from trimail.config import Config, ConfigError
-from trimail.errors import StorageError
-from trimail.passwords import PasswordError, authenticate, prepare
 from trimail.delivery.dns import Resolver
 from trimail.delivery.route import FILTER_PARAM
-from trimail.policy.restrictions import Policy, Request, Verdict
-from trimail.maps import Table, TableError, off_loop
+from trimail.errors import StorageError
 from trimail.log import printable
+from trimail.maps import Table, TableError, off_loop
 from trimail.metrics import Metrics
+from trimail.passwords import PasswordError, authenticate, prepare
+from trimail.policy.restrictions import Policy, Request, Verdict
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import QueueSpace, Spool, SpoolError
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
-from trimail import rewrite
 from trimail.rewrite import Resolved
-from trimail.unlisted import TABLE_OF_CLASS, RecipientTables, Unlisted
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
-from trimail.supervise import thread_pool
 from trimail.smtp.server import (
     Auth,
     DataAborted,
@@ -81,6 +79,8 @@ from trimail.smtp.server import (
     Settings,
     StartTls,
 )
+from trimail.supervise import thread_pool
+from trimail.unlisted import TABLE_OF_CLASS, RecipientTables, Unlisted
 
 if TYPE_CHECKING:
     from trimail.scheduler import Scheduler
@@ -599,7 +599,7 @@ class SmtpdSession:
             with trio.CancelScope(shield=True):
                 try:
                     await self.ctx.writer.run(Store.insert_message, message)
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the commit's boundary: any failure costs this message a 4xx
                     if hand_over:
                         scheduler.release()  # type: ignore[union-attr]
                     log.error("%s: cannot queue message from %s: %s", txn.queue_id, self.client, exc)

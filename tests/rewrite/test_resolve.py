@@ -4,7 +4,8 @@ matters for relay control, over generated address forms nested 0 to 30 deep."""
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trimail.rewrite import Resolved, Settings, resolve
 
