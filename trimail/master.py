@@ -221,6 +221,7 @@ class Server:
             "stress": self.anvil.stress,
             "reloads": self.reloads,
             "configuration": self.config.source,
+            "delivery_helper": privileged.state(),
         })
 
     def stop(self) -> None:

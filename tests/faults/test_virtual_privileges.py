@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import assert_serving, send, wait_until
+from tests.faults.conftest import assert_serving, send, trimail_cmd, wait_until
 from tests.peers import Sink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start serve as root and change users")
@@ -126,5 +126,9 @@ def test_killing_the_root_helper_costs_only_deferrals(daemon, public):
         d.proc.wait_log(r"to=<bob@relay\.example>.*status=sent")
         wait_until(lambda: len(sink.messages) == 1)
         assert any("restart serve" in line for line in d.proc.log), "\n".join(d.proc.log[-20:])
+        assert len([line for line in d.proc.log if "root delivery helper is gone:" in line]) == 1
+        status = trimail_cmd("status", "-c", str(d.config_path))
+        assert status.returncode == 0 and "warning: the root delivery helper" in status.stdout, status
+        assert "restart serve" in status.stdout, status
         assert_serving(d)
         assert not (public / "vmail" / "mbox.example").exists()

@@ -21,20 +21,31 @@ unsafe bounces ``5.3.5``.  Each copy starts with ``Return-Path:`` and
 
 Security notes: the mailbox path from the table is checked before it is joined to
 the base: relative, no ``..`` or empty component, no control character, bounded
-length.  The write happens with the mailbox owner's privileges, never root's: when
-serve runs as root, a forked child (one thread: the worker's) drops to the mapped
-gid and uid with no supplementary groups before it creates or opens anything, and
-reports through a pipe; so a link planted in a mailbox can only point where that
-owner could write anyway.  When serve runs as mail_owner (after its privilege
-drop) only mailboxes mapped to serve's own uid can be written; any other uid is
-deferred as a configuration error (4.3.5).  The child has ``command_time_limit``.
-Directories are created 0700 and checked not to be symlinks, files are opened
-with ``O_NOFOLLOW`` (``trimail.local.mailbox``).  ``virtual_mailbox_base`` itself
-must exist and be searchable by the owners.
+length.  The write happens with the mailbox owner's privileges, never root's: a
+uid or gid 0 is always refused (4.3.5), whatever ``virtual_minimum_uid`` says,
+and so is a uid below it (as Postfix's virtual(8)).  When serve runs as root
+(``allow_root = yes``) each write is a fresh child program
+(``trimail.local.filewriter --virtual``, started by ``subprocess``: never a
+``fork()`` of this multi-threaded process, whose child would inherit locks other
+threads held) that becomes the mapped uid and gid, with that gid as its only
+group, before it reads the message or opens anything; so a link planted in a
+mailbox can only point where that owner could write anyway.  When serve runs as
+``mail_owner`` (production) a mailbox mapped to serve's own uid and gid is
+written here; any other goes to the root helper started before the drop
+(trimail.local.privileged), which is sent only the sender, the recipient and the
+message: it looks the recipient up again in its own tables (``privileged()``,
+refusing a domain that is not a virtual mailbox domain), checks the path and the
+owner itself and writes through the same child.  Without a helper such
+deliveries are deferred (4.3.5), with a helper that is gone or does not answer
+in time 4.3.0.  The child has ``command_time_limit``.  Directories are created
+0700 and checked not to be symlinks, files are opened with ``O_NOFOLLOW``
+(``trimail.local.mailbox``).  ``virtual_mailbox_base`` itself must exist and be
+searchable by the owners.
 
 Parameters: virtual_mailbox_base, virtual_mailbox_maps, virtual_uid_maps,
-virtual_gid_maps, virtual_minimum_uid, recipient_delimiter, mailbox_delivery_lock,
-deliver_lock_attempts, deliver_lock_delay, stale_lock_time, command_time_limit.
+virtual_gid_maps, virtual_minimum_uid, virtual_mailbox_domains, recipient_delimiter,
+mailbox_delivery_lock, deliver_lock_attempts, deliver_lock_delay, stale_lock_time,
+command_time_limit.
 """
 
 from __future__ import annotations

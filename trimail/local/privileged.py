@@ -1,29 +1,52 @@
-"""The root side of local delivery: ``/file`` and ``|command`` targets for a serve
-that runs as ``mail_owner`` (the part of Postfix's local(8) that needs root).
+"""The root side of delivery for a serve that runs as ``mail_owner``: local(8)'s
+``/file`` and ``|command`` targets and virtual(8) mailboxes owned by other uids
+(the parts of Postfix's local(8) and virtual(8) that need root).
 
-serve started as root cannot become ``default_privs`` or an include file's
-owner once it is ``mail_owner``, and must never run those targets as itself.
-So, just before the privilege drop, ``start()`` launches this module as a small
-root child (``python -m trimail.local.privileged``) that lives as long as serve:
-it gets serve's configuration once through a pipe that is closed before the
+serve started as root cannot become ``default_privs``, an include file's owner
+or a virtual mailbox's owner once it is ``mail_owner``, and must never run those
+deliveries as itself.  So, just before the privilege drop, ``start()`` launches
+this module as a small root child (``python -m trimail.local.privileged``) that
+lives as long as serve, when ``needed()``: file or command targets allowed
+(``allow_mail_to_files``, ``allow_mail_to_commands``) or virtual mailboxes
+configured (``virtual_mailbox_domains`` with ``virtual_transport = virtual``).
+It gets serve's configuration once through a pipe that is closed before the
 drop, then answers one request at a time on its standard input and output.
 
 Security notes: the requests come from a ``mail_owner`` process, which an
 attacker may control, so the helper trusts nothing in them but the recipient,
-the envelope and the message: it expands the recipient's aliases itself, with
-its own tables and include files (the same rules: trimail.local.aliases), and
-runs a target only when that expansion yields the same kind and value; the
-identity (trimail.local.identity: never root, never mail_owner, the user's
-primary group only) and ``allow_mail_to_files`` are decided here too.  So a
-compromised ``mail_owner`` can make it do what mail to that recipient would
-do anyway, nothing else (the same bound as Postfix's local(8), which trusts
-only the alias configuration).  Requests are bounded (header line, message
-size), a malformed one ends the helper (serve defers what it then cannot
-deliver: 4.3.0), and every answer is one JSON line.  The helper uses the
-configuration serve started with: a reload changes the tables it reads (they
-are re-read when their files change), not its parameters.
+the envelope and the message.  For a file or command it expands the
+recipient's aliases itself, with its own tables and include files (the same
+rules: trimail.local.aliases), and runs a target only when that expansion
+yields the same kind and value; the identity (trimail.local.identity: never
+root, never mail_owner, the user's primary group only) and
+``allow_mail_to_files`` are decided here too.  For a virtual mailbox it looks
+the recipient up in its own virtual_mailbox_maps, virtual_uid_maps and
+virtual_gid_maps, checks the path and refuses uid/gid 0 and uids below
+virtual_minimum_uid (trimail.delivery.virtual), and writes through a child that
+becomes the owner first (trimail.local.filewriter).  So a compromised
+``mail_owner`` can make it do what mail to that recipient would do anyway,
+nothing else (the bound of Postfix's local(8) and virtual(8), which trust only
+their configuration).  A request is bounded: a header line of 64 KiB and a
+message of ``message_size_limit`` plus 1 MiB (the headers queued copies and
+delivery add); serve bounces a larger one (5.3.4) without sending it, and a
+request that breaks these bounds ends the helper.  Every answer is one JSON
+line.  The helper uses the configuration serve started with: a reload changes
+the tables it reads (they are re-read when their files change), not its
+parameters.
 
-Parameters: the local delivery parameters (trimail.delivery.local), read at start.
+serve's side (``Helper``) never waits without a deadline: a delivery waits at
+most ``round_trip_limit()`` (the longest a request may take in the helper,
+``command_time_limit`` or the mbox lock wait, plus 30 s) for its turn, then as
+long again for its answer; past either it is deferred (4.3.0) and a late answer
+is read and dropped by the next request.  A helper that exits (or is killed),
+or stops reading a request half-way, cannot be started again: it must be
+started as root, which serve no longer is.  serve logs that once, defers every
+delivery that needs it (4.3.0, "restart serve") and ``trimail status`` prints a
+warning until serve is restarted; everything else keeps working.
+
+Parameters: the local and virtual delivery parameters (trimail.delivery.local,
+trimail.delivery.virtual), message_size_limit, command_time_limit,
+deliver_lock_attempts, deliver_lock_delay; read at start.
 """
 
 from __future__ import annotations
@@ -104,9 +127,9 @@ class Helper:
             return {"status": "bounced", "dsn": "5.3.4",
                     "text": f"message too large for delivery as another user ({len(content)} bytes)"}
         header = json.dumps({**request, "size": len(content)}).encode() + b"\n"
-        deadline = time.monotonic() + self.timeout
         if not self._lock.acquire(timeout=self.timeout):
             raise HelperGone(f"the root delivery helper is busy (no turn within {self.timeout:g}s)")
+        deadline = time.monotonic() + self.timeout  # the helper bounds each request itself: this is a backstop
         try:
             self._alive()
             while self._owed:  # the late answers of callers who gave up
@@ -191,6 +214,16 @@ _helper: Helper | None = None
 
 def helper() -> Helper | None:
     return _helper
+
+
+def state() -> str:
+    """For ``trimail status``: "" without a helper, "running", or why it is gone."""
+    if _helper is None:
+        return ""
+    if _helper.broken is None and _helper.proc.poll() is None:
+        return "running"
+    return _helper.broken or f"the root delivery helper is gone: exited with status {_helper.proc.returncode} " \
+                             "(restart serve)"
 
 
 def start(config: Config) -> Helper:
