@@ -132,3 +132,29 @@ def test_killing_the_root_helper_costs_only_deferrals(daemon, public):
         assert "restart serve" in status.stdout, status
         assert_serving(d)
         assert not (public / "vmail" / "mbox.example").exists()
+
+
+def test_a_stuck_helper_does_not_starve_receiving_or_other_deliveries(daemon, public):
+    """Deliveries waiting for a helper that does not answer (stopped here) hold
+    worker threads; they must not be trio's shared ones, which the queue and the
+    spool need: a large message to the relay is still received and delivered."""
+    domains = [f"d{n}.example" for n in range(3)]
+    with Sink() as sink:
+        params = production(public, ", ".join(f"@{d}={d}/box/" for d in domains),
+                            virtual_mailbox_domains=", ".join(domains), relayhost=f"[127.0.0.1]:{sink.port}")
+        d = daemon(**params)
+        assert_serving(d)
+        helper = helper_pid(d.proc.proc.pid)
+        os.kill(helper, signal.SIGSTOP)
+        try:
+            for n in range(45):  # more waiting deliveries than trio has shared threads (40)
+                send(d.port, [f"u{n}@{domains[n % 3]}"])
+            wait_until(lambda: sum("(queue active)" in line for line in d.proc.log) >= 45)
+            large = b"Subject: large\r\n\r\n" + (b"x" * 998 + b"\r\n") * 600  # spooled to a file, read back
+            send(d.port, ["bob@relay.example"], body=large)
+            d.proc.wait_log(r"to=<bob@relay\.example>.*status=sent", timeout=15)
+            wait_until(lambda: len(sink.messages) == 1)
+        finally:
+            os.kill(helper, signal.SIGKILL)
+        d.proc.wait_log(r"to=<u44@d2\.example>.*dsn=4\.3\.0, status=deferred")
+        assert_serving(d)
