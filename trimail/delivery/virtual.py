@@ -60,14 +60,13 @@ from pathlib import Path
 from trimail.config import Config
 from trimail.delivery.local import _delivered_to
 from trimail.local import privileged
-from trimail.local.filewriter import EX_DATAERR, EX_LOCKED, EX_TEMPFAIL, attempt, write_mailbox
+from trimail.local.filewriter import EX_DATAERR, EX_LOCKED, EX_TEMPFAIL, attempt
 from trimail.local.mailbox import LockPolicy
 from trimail.maps import Table, TableError, lookup_first, open_table
 from trimail.smtp.client import Outcome, bounced, deferred, sent
 from trimail.supervise import report
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where this trimail is imported from
-__all__ = ["VirtualAgent", "mailbox_relative", "write_mailbox"]
 MAX_PATH = 1024
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
