@@ -183,6 +183,8 @@ def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
           f"{facts['sessions']} session(s)")
     print("queue: " + ", ".join(f"{state} {counts.get(state, 0)}"
                                 for state in ("maildrop", "incoming", "active", "deferred", "hold")))
+    if facts.get("delivery_helper") not in (None, "", "running"):
+        print(f"warning: {facts['delivery_helper']}")
 
 
 # -- config ----------------------------------------------------------------------

@@ -221,6 +221,7 @@ class Server:
             "stress": self.anvil.stress,
             "reloads": self.reloads,
             "configuration": self.config.source,
+            "delivery_helper": privileged.state(),
         })
 
     def stop(self) -> None:
@@ -373,8 +374,9 @@ async def open_endpoints(config: Config, queue_directory: Path
 
 
 def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Path]:
-    """Started as root: start the root local delivery helper (when file or
-    command targets are allowed: trimail.local.privileged), then become
+    """Started as root: start the root delivery helper (when file or command
+    targets are allowed or virtual(8) mailboxes are configured:
+    trimail.local.privileged), then become
     mail_owner (entering the chroot jail first when ``chroot = yes``), unless
     ``allow_root``.  Returns the configuration and the
     queue directory as serve sees them from now on (``/`` inside the jail).  The
@@ -384,12 +386,12 @@ def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Pa
     if config.allow_root:
         log.warning("running as root: allow_root = yes (development and test suites only)")
         return config, queue_directory
-    if config.allow_mail_to_commands or config.allow_mail_to_files:
-        try:  # the root part of local delivery: /file and |command targets as their users
+    if privileged.needed(config):
+        try:  # the root part of delivery: /file, |command targets and virtual mailboxes as their owners
             privileged.start(config)
         except OSError as exc:
-            log.warning("cannot start the root local delivery helper (file and command targets will be "
-                        "deferred): %s", exc)
+            log.warning("cannot start the root delivery helper (file and command targets and virtual mailboxes "
+                        "of other uids will be deferred): %s", exc)
     with maillog.entering_jail(queue_directory) if config.chroot else contextlib.nullcontext():
         drop_privileges(config.mail_owner, queue_directory, config.chroot)
     if config.chroot:  # trimail.check warned at start about files the jail hides

@@ -108,3 +108,64 @@ def test_unsafe_mailbox_paths_are_refused(value):
                                              ("u.mbox", ("u.mbox", False))])
 def test_safe_mailbox_paths(value, expected):
     assert mailbox_relative(value) == expected
+
+
+def _agent(tmp_path: Path, base: Path, **params: object):
+    from trimail import config as configuration
+    from trimail.delivery.virtual import VirtualAgent
+
+    settings = {"virtual_mailbox_domains": "mbox.example", "virtual_mailbox_base": str(base),
+                "virtual_mailbox_maps": "inline:{ joe@mbox.example=mbox.example/joe/, ann@mbox.example=mbox.example/ann }",
+                "virtual_uid_maps": f"static:{OWNER}", "virtual_gid_maps": f"static:{OWNER}", **params}
+    return VirtualAgent(configuration.load(write_main_cf(tmp_path, **settings)))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="delivery as another uid needs root")
+def test_the_owner_write_is_a_fresh_process_not_a_fork_of_the_threaded_serve(tmp_path, vmail, monkeypatch):
+    """A fork of a multi-threaded process keeps the locks other threads held; the
+    write must be a new program (trimail.local.filewriter --virtual)."""
+    def no_fork() -> int:
+        raise AssertionError("os.fork() in a multi-threaded serve")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    agent = _agent(tmp_path, vmail)
+    [joe, ann] = agent.deliver("alice@client.example", ["joe@mbox.example", "ann@mbox.example"],
+                               b"Subject: x\r\n\r\nfresh\r\n")
+    assert (joe.status, ann.status) == ("sent", "sent"), (joe, ann)
+    [message] = list((vmail / "mbox.example" / "joe" / "new").iterdir())
+    assert (message.stat().st_uid, message.stat().st_gid, message.stat().st_mode & 0o777) == (OWNER, OWNER, 0o600)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="delivery as another uid needs root")
+def test_a_locked_mbox_is_bounded_by_command_time_limit(tmp_path, vmail):
+    import fcntl
+    import time
+
+    agent = _agent(tmp_path, vmail, command_time_limit="1s", mailbox_delivery_lock="fcntl",
+                   deliver_lock_attempts="1000", deliver_lock_delay="1s")
+    (vmail / "mbox.example").mkdir()
+    mbox = vmail / "mbox.example" / "ann"
+    mbox.touch()
+    for path in (vmail / "mbox.example", mbox):
+        os.chown(path, OWNER, OWNER)
+    with open(mbox, "rb+") as held:
+        fcntl.lockf(held, fcntl.LOCK_EX)
+        started = time.monotonic()
+        [outcome] = agent.deliver("alice@client.example", ["ann@mbox.example"], b"Subject: x\r\n\r\nx\r\n")
+    assert time.monotonic() - started < 5
+    assert (outcome.status, outcome.dsn) == ("deferred", "4.3.0") and "time limit" in outcome.text, outcome
+    assert mbox.read_bytes() == b""
+
+
+def test_the_helper_side_trusts_only_the_recipient(tmp_path, vmail):
+    """A forged request (another domain, a malformed field) writes nothing; the
+    mailbox and its owner always come from the helper's own tables."""
+    agent = _agent(tmp_path, vmail, virtual_uid_maps="static:0", virtual_minimum_uid="0")
+    for request in ({"sender": "a@b", "recipient": "joe@elsewhere.example"}, {"sender": 7, "recipient": "joe@x"},
+                    {"sender": "a@b"}, {"sender": "a@b", "recipient": "joe@mbox.example", "uid": OWNER,
+                                         "mailbox": "mbox.example/joe/"}):
+        status, _dsn, text = agent.privileged(request, b"Subject: x\r\n\r\nx\r\n")
+        assert status in ("deferred", "bounced"), (request, text)
+    assert "refusing to deliver as uid 0" in agent.privileged({"sender": "", "recipient": "joe@mbox.example"},
+                                                              b"x")[2]
+    assert list(vmail.iterdir()) == []

@@ -265,3 +265,87 @@ def test_root_helper_delivers_only_what_its_own_alias_expansion_yields(tmp_path,
     assert agent.privileged({"kind": "file", "value": str(out / "mbox"), "sender": "a@b", "recipient": "file@x",
                              "domain": "x"}, b"Subject: x\r\n\r\nx\r\n")[0] == "sent"
     assert (out / "mbox").stat().st_uid == pwd.getpwnam("nobody").pw_uid
+
+
+# The root helper's channel (trimail.local.privileged): bounded messages, and a
+# deadline on every wait so a slow or stuck helper cannot hold serve's threads.
+
+def _fake_helper(script: str) -> subprocess.Popen[bytes]:
+    """A stand-in for the root helper that reads requests and answers as *script* says."""
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+
+
+_READ_REQUEST = ("import json, sys, time\n"
+                 "def request():\n"
+                 "    size = json.loads(sys.stdin.buffer.readline())['size']\n"
+                 "    sys.stdin.buffer.read(size)\n")
+
+
+def test_the_helper_refuses_a_message_beyond_message_size_limit(tmp_path):
+    import io
+    import json
+
+    from tests.conftest import write_main_cf
+    from trimail import config as configuration
+    from trimail.local.privileged import MARGIN, serve_requests
+
+    config = configuration.load(write_main_cf(tmp_path, message_size_limit="10000"))
+    small = {"kind": "virtual", "sender": "a@b", "recipient": "x@nowhere.example"}
+    for size, answered in ((100, True), (10000 + MARGIN + 1, False)):
+        inp, out = io.BytesIO(json.dumps({**small, "size": size}).encode() + b"\n" + b"x" * size), io.BytesIO()
+        serve_requests(config, inp, out)
+        assert bool(out.getvalue()) is answered, size
+        if not answered:
+            assert inp.tell() < 1000  # it did not read the message either
+
+
+def test_serve_does_not_send_the_helper_a_message_it_would_refuse():
+    from trimail.local.privileged import Helper
+
+    proc = _fake_helper(_READ_REQUEST + "request()\nprint(json.dumps({'status': 'sent'}), flush=True)\n")
+    try:
+        helper = Helper(proc, limit=1000, timeout=5)
+        answer = helper.run({"kind": "virtual"}, b"x" * 1001)
+        assert (answer["status"], answer["dsn"]) == ("bounced", "5.3.4")
+        assert helper.run({"kind": "virtual"}, b"x" * 1000)["status"] == "sent"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_helper_that_does_not_answer_costs_a_deferral_within_the_deadline_not_a_stuck_thread():
+    import time
+
+    from trimail.local.privileged import Helper, HelperGone
+
+    # answers the first request after 1.5 s, the second at once
+    proc = _fake_helper(_READ_REQUEST + "request()\ntime.sleep(1.5)\n"
+                        "print(json.dumps({'status': 'sent', 'text': 'first'}), flush=True)\n"
+                        "request()\nprint(json.dumps({'status': 'sent', 'text': 'second'}), flush=True)\n")
+    try:
+        helper = Helper(proc, limit=1000, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(HelperGone, match="did not answer within"):
+            helper.run({"kind": "virtual"}, b"one")
+        assert time.monotonic() - started < 2
+        helper.timeout = 5
+        assert helper.run({"kind": "virtual"}, b"two")["text"] == "second"  # the late answer is not taken for it
+        assert helper.broken is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_dead_helper_is_logged_once_and_every_later_request_is_deferred(caplog):
+    from trimail.local.privileged import Helper, HelperGone
+
+    proc = _fake_helper("import sys\nsys.exit(0)\n")
+    proc.wait()
+    helper = Helper(proc, limit=1000, timeout=5)
+    for _ in range(3):
+        with pytest.raises(HelperGone, match="restart serve"):
+            helper.run({"kind": "file"}, b"x")
+    gone = [r for r in caplog.records if "root delivery helper is gone" in r.getMessage()]
+    assert len(gone) == 1 and "restart" in gone[0].getMessage()

@@ -21,48 +21,52 @@ unsafe bounces ``5.3.5``.  Each copy starts with ``Return-Path:`` and
 
 Security notes: the mailbox path from the table is checked before it is joined to
 the base: relative, no ``..`` or empty component, no control character, bounded
-length.  The write happens with the mailbox owner's privileges, never root's: when
-serve runs as root, a forked child (one thread: the worker's) drops to the mapped
-gid and uid with no supplementary groups before it creates or opens anything, and
-reports through a pipe; so a link planted in a mailbox can only point where that
-owner could write anyway.  When serve runs as mail_owner (after its privilege
-drop) only mailboxes mapped to serve's own uid can be written; any other uid is
-deferred as a configuration error (4.3.5).  The child has ``command_time_limit``.
-Directories are created 0700 and checked not to be symlinks, files are opened
-with ``O_NOFOLLOW`` (``trimail.local.mailbox``).  ``virtual_mailbox_base`` itself
-must exist and be searchable by the owners.
+length.  The write happens with the mailbox owner's privileges, never root's: a
+uid or gid 0 is always refused (4.3.5), whatever ``virtual_minimum_uid`` says,
+and so is a uid below it (as Postfix's virtual(8)).  When serve runs as root
+(``allow_root = yes``) each write is a fresh child program
+(``trimail.local.filewriter --virtual``, started by ``subprocess``: never a
+``fork()`` of this multi-threaded process, whose child would inherit locks other
+threads held) that becomes the mapped uid and gid, with that gid as its only
+group, before it reads the message or opens anything; so a link planted in a
+mailbox can only point where that owner could write anyway.  When serve runs as
+``mail_owner`` (production) a mailbox mapped to serve's own uid and gid is
+written here; any other goes to the root helper started before the drop
+(trimail.local.privileged), which is sent only the sender, the recipient and the
+message: it looks the recipient up again in its own tables (``privileged()``,
+refusing a domain that is not a virtual mailbox domain), checks the path and the
+owner itself and writes through the same child.  Without a helper such
+deliveries are deferred (4.3.5), with a helper that is gone or does not answer
+in time 4.3.0.  The child has ``command_time_limit``.  Directories are created
+0700 and checked not to be symlinks, files are opened with ``O_NOFOLLOW``
+(``trimail.local.mailbox``).  ``virtual_mailbox_base`` itself must exist and be
+searchable by the owners.
 
 Parameters: virtual_mailbox_base, virtual_mailbox_maps, virtual_uid_maps,
-virtual_gid_maps, virtual_minimum_uid, recipient_delimiter, mailbox_delivery_lock,
-deliver_lock_attempts, deliver_lock_delay, stale_lock_time, command_time_limit.
+virtual_gid_maps, virtual_minimum_uid, virtual_mailbox_domains, recipient_delimiter,
+mailbox_delivery_lock, deliver_lock_attempts, deliver_lock_delay, stale_lock_time,
+command_time_limit.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import signal
+import subprocess
+import sys
 import threading
-import time
 from pathlib import Path
 
 from trimail.config import Config
 from trimail.delivery.local import _delivered_to
-from trimail.local.mailbox import (
-    LockPolicy,
-    MailboxError,
-    MailboxLocked,
-    _ensure_dir,
-    deliver_maildir,
-    deliver_mbox,
-)
+from trimail.local import privileged
+from trimail.local.filewriter import EX_DATAERR, EX_LOCKED, EX_TEMPFAIL, attempt
+from trimail.local.mailbox import LockPolicy
 from trimail.maps import Table, TableError, lookup_first, open_table
 from trimail.smtp.client import Outcome, bounced, deferred, sent
 from trimail.supervise import report
 
-EX_TEMPFAIL = 75  # the child's answers: deferred
-EX_DATAERR = 65  # an unsafe mailbox: bounced
-EX_LOCKED = 73  # an mbox locked for every attempt: deferred 4.2.0
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where this trimail is imported from
 MAX_PATH = 1024
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -83,21 +87,6 @@ def mailbox_relative(value: str) -> tuple[str, bool]:
     return path, maildir
 
 
-def write_mailbox(base: Path, relative: str, maildir: bool, content: bytes, sender: str,
-                  lock: LockPolicy) -> None:
-    """Create the directories under *base* one by one (0700, never through a
-    symlink) and deliver; runs with the mailbox owner's privileges."""
-    parts = relative.split("/")
-    where = base
-    for part in parts[:-1] if not maildir else parts:
-        where = where / part
-        _ensure_dir(where)
-    if maildir:
-        deliver_maildir(where, content)
-    else:
-        deliver_mbox(where / parts[-1], content, sender, lock)
-
-
 class VirtualAgent:
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -107,6 +96,7 @@ class VirtualAgent:
         self.time_limit: float = config.command_time_limit
         self.lock = LockPolicy(tuple(config.mailbox_delivery_lock), config.deliver_lock_attempts,
                                config.deliver_lock_delay, config.stale_lock_time)
+        self.domains = frozenset(d.lower() for d in config.virtual_mailbox_domains)
         self._tables: dict[str, list[Table]] = {}
         self._tables_lock = threading.Lock()  # deliveries run on several threads at once
 
@@ -134,7 +124,7 @@ class VirtualAgent:
         for recipient in recipients:
             try:
                 outcomes.append(self._one(sender, recipient, content))
-            except Exception as exc:  # the boundary of one recipient's delivery
+            except Exception as exc:  # noqa: BLE001 - the boundary of one recipient's delivery
                 report("virtual delivery", exc)
                 outcomes.append(deferred("4.3.0", "virtual delivery failed: internal error"))
         return outcomes
@@ -158,6 +148,11 @@ class VirtualAgent:
         if uid < self.minimum_uid:
             return deferred("4.3.5", f"mail system configuration error: uid {uid} for {recipient} is below "
                                      f"virtual_minimum_uid ({self.minimum_uid})")
+        if uid == 0 or gid == 0:
+            return deferred("4.3.5", f"mail system configuration error: refusing to deliver as uid {uid} gid {gid} "
+                                     f"for {recipient} (root)")
+        if os.geteuid() != 0 and (uid, gid) != (os.geteuid(), os.getegid()):
+            return self._via_helper(sender, recipient, content)
         try:
             relative, maildir = mailbox_relative(mailbox)
         except _Unsafe as exc:
@@ -175,12 +170,10 @@ class VirtualAgent:
     def _write(self, relative: str, maildir: bool, copy: bytes, sender: str, uid: int, gid: int,
                what: str) -> Outcome:
         """Deliver with the owner's privileges: here when serve already runs as *uid*,
-        else (as root) in a forked child that drops to uid/gid first."""
+        else (as root) in a fresh child that drops to uid/gid first."""
         base = Path(self.base)
-        if os.geteuid() != 0:
-            if uid != os.geteuid():
-                return deferred("4.3.5", f"mail system configuration error: cannot deliver as uid {uid}")
-            code, reason = _attempt(base, relative, maildir, copy, sender, self.lock)
+        if os.geteuid() == uid and os.getegid() == gid:
+            code, reason = attempt(base, relative, maildir, copy, sender, self.lock)
         else:
             code, reason = self._as_owner(base, relative, maildir, copy, sender, uid, gid)
         if code == 0:
@@ -191,47 +184,46 @@ class VirtualAgent:
 
     def _as_owner(self, base: Path, relative: str, maildir: bool, copy: bytes, sender: str, uid: int,
                   gid: int) -> tuple[int, str]:
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: one thread, drops root for good, writes, reports, exits
-            code = EX_TEMPFAIL
-            try:
-                os.close(read_end)
-                os.setgroups([])
-                os.setgid(gid)
-                os.setuid(uid)
-                code, reason = _attempt(base, relative, maildir, copy, sender, self.lock)
-                os.write(write_end, reason.encode("utf-8", "replace")[:400])
-            finally:
-                os._exit(code)
-        os.close(write_end)
+        """Run trimail.local.filewriter --virtual: a new process (no fork of this
+        multi-threaded one) that becomes uid/gid before it opens anything."""
+        argv = [sys.executable, "-m", "trimail.local.filewriter", "--virtual", str(uid), str(gid), str(base),
+                relative, "1" if maildir else "0", sender, ",".join(self.lock.methods), str(self.lock.attempts),
+                str(self.lock.delay), str(self.lock.stale)]
         try:
-            deadline = time.monotonic() + self.time_limit
-            while True:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if done:
-                    break
-                if time.monotonic() > deadline:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    return EX_TEMPFAIL, "time limit exceeded"
-                time.sleep(0.005)
-            reason = os.read(read_end, 400).decode("utf-8", "replace")
-        finally:
-            os.close(read_end)
-        code = os.waitstatus_to_exitcode(status)
-        return (code, reason) if code in (0, EX_DATAERR, EX_LOCKED) else (EX_TEMPFAIL, reason or f"status {code}")
+            result = subprocess.run(argv, input=copy, capture_output=True, timeout=self.time_limit, cwd="/",
+                                    check=False, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": _PACKAGE_ROOT})
+        except subprocess.TimeoutExpired:
+            return EX_TEMPFAIL, "time limit exceeded"
+        lines = result.stderr.decode("utf-8", "replace").strip().splitlines()
+        reason = lines[-1][-400:] if lines else f"exit status {result.returncode}"
+        code = result.returncode
+        return (code, reason) if code in (0, EX_DATAERR, EX_LOCKED) else (EX_TEMPFAIL, reason)
 
+    def _via_helper(self, sender: str, recipient: str, content: bytes) -> Outcome:
+        """serve runs as mail_owner: the root helper looks the recipient up again
+        in its own tables and writes as the owner it finds there."""
+        helper = privileged.helper()
+        if helper is None:
+            return deferred("4.3.5", f"mail system configuration error: cannot deliver as another uid: serve runs "
+                                     f"as uid {os.geteuid()}, not root, and has no root delivery helper")
+        try:
+            answer = helper.run({"kind": "virtual", "sender": sender, "recipient": recipient}, content)
+        except privileged.HelperGone as exc:
+            return deferred("4.3.0", str(exc))
+        status, dsn, text = (str(answer.get(key, "")) for key in ("status", "dsn", "text"))
+        if status == "sent":
+            return sent(text)
+        if status == "bounced" and dsn.startswith("5."):
+            return bounced(dsn, text)
+        return deferred(dsn if dsn.startswith("4.") else "4.3.0", text)
 
-def _attempt(base: Path, relative: str, maildir: bool, copy: bytes, sender: str,
-             lock: LockPolicy) -> tuple[int, str]:
-    """(exit code, reason) of one write: 0, EX_DATAERR (bounce), EX_LOCKED or EX_TEMPFAIL."""
-    try:
-        write_mailbox(base, relative, maildir, copy, sender, lock)
-    except MailboxError as exc:
-        return EX_DATAERR, str(exc)
-    except MailboxLocked as exc:
-        return EX_LOCKED, f"mailbox locked: {exc}"
-    except OSError as exc:
-        return EX_TEMPFAIL, str(exc.strerror or exc)
-    return 0, ""
+    def privileged(self, request: dict[str, object], content: bytes) -> tuple[str, str, str]:
+        """The root helper's side of ``_via_helper``: only the sender, the recipient
+        and the message come from serve; the rest is looked up here.  (status, dsn, text)"""
+        sender, recipient = request.get("sender"), request.get("recipient")
+        if not isinstance(sender, str) or not isinstance(recipient, str) or len(sender) + len(recipient) > 2048:
+            return "bounced", "5.3.0", "malformed virtual delivery request"
+        if recipient.rpartition("@")[2].lower() not in self.domains:
+            return "deferred", "4.3.0", f"{recipient} is not in a virtual mailbox domain"
+        result = self._one(sender, recipient, content)
+        return result.status, result.dsn, result.text

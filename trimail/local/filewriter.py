@@ -1,8 +1,18 @@
-"""The child that appends one message to an mbox ``/file`` target as the delivery's user.
+"""The child that writes one message as the delivery's user: an mbox ``/file``
+target of local delivery, or a virtual(8) mailbox.
 
 ``python -m trimail.local.filewriter UID GID PATH SENDER LOCKS ATTEMPTS DELAY STALE``
 with the message on standard input; started as root by
-``trimail.local.identity.append_file``.  Once its modules are imported (the
+``trimail.local.identity.append_file``.
+
+``python -m trimail.local.filewriter --virtual UID GID BASE RELATIVE MAILDIR SENDER
+LOCKS ATTEMPTS DELAY STALE``: the virtual(8) mailbox RELATIVE (validated by
+trimail.delivery.virtual) under BASE, a Maildir when MAILDIR is 1; started as
+root by ``trimail.delivery.virtual`` (in serve run as root, or in the root
+helper trimail.local.privileged).  A fresh process, never a fork of serve's
+threads: a fork keeps locks other threads held, this child starts clean.
+
+Once its modules are imported (the
 interpreter may live where the user cannot read) it becomes UID/GID for good,
 with GID as its only group (Postfix's set_ugid; refusing uid or gid 0 and
 checking that root cannot be regained), before it reads the message or touches
@@ -14,7 +24,9 @@ Exit status (sysexits.h) and one line on standard error: 0 delivered; 75 the
 mbox stayed locked or the disk is full (temporary); 77 permission denied, 73 a
 path that cannot be created, 65 a target that must never be written (symlink,
 not a regular file) - permanent, as Postfix's local(8) bounces them (5.2.0);
-1 anything else (temporary).
+1 anything else (temporary).  ``--virtual``: 0 delivered; 65 an unsafe mailbox
+(a symlink or non-directory in the path, not a regular file: bounced 5.3.5); 73
+the mbox stayed locked (4.2.0); 75 anything else (4.3.0).
 """
 
 from __future__ import annotations
@@ -24,9 +36,57 @@ import os
 import sys
 from pathlib import Path
 
-from trimail.local.mailbox import LockPolicy, MailboxError, MailboxLocked, deliver_mbox
+from trimail.local.mailbox import (
+    LockPolicy,
+    MailboxError,
+    MailboxLocked,
+    _ensure_dir,
+    deliver_maildir,
+    deliver_mbox,
+)
 
 MAX_MESSAGE = 1 << 30
+EX_DATAERR, EX_LOCKED, EX_TEMPFAIL = 65, 73, 75  # --virtual: bounced 5.3.5, deferred 4.2.0, deferred 4.3.0
+
+
+def write_mailbox(base: Path, relative: str, maildir: bool, content: bytes, sender: str,
+                  lock: LockPolicy) -> None:
+    """Create the directories of a virtual mailbox under *base* one by one (0700,
+    never through a symlink) and deliver; runs with the mailbox owner's privileges."""
+    parts = relative.split("/")
+    where = base
+    for part in parts[:-1] if not maildir else parts:
+        where = where / part
+        _ensure_dir(where)
+    if maildir:
+        deliver_maildir(where, content)
+    else:
+        deliver_mbox(where / parts[-1], content, sender, lock)
+
+
+def attempt(base: Path, relative: str, maildir: bool, content: bytes, sender: str,
+            lock: LockPolicy) -> tuple[int, str]:
+    """(exit code, reason) of one virtual mailbox write: 0, EX_DATAERR, EX_LOCKED or EX_TEMPFAIL."""
+    try:
+        write_mailbox(base, relative, maildir, content, sender, lock)
+    except MailboxError as exc:
+        return EX_DATAERR, str(exc)
+    except MailboxLocked as exc:
+        return EX_LOCKED, f"mailbox locked: {exc}"
+    except OSError as exc:
+        return EX_TEMPFAIL, str(exc.strerror or exc)
+    return 0, ""
+
+
+def main_virtual(argv: list[str]) -> int:
+    uid, gid, base, relative, maildir, sender, methods, attempts, delay, stale = argv
+    become(int(uid), int(gid))
+    lock = LockPolicy(tuple(m for m in methods.split(",") if m), int(attempts), float(delay), float(stale))
+    content = sys.stdin.buffer.read(MAX_MESSAGE)
+    code, reason = attempt(Path(base), relative, maildir == "1", content, sender, lock)
+    if reason:
+        print(reason, file=sys.stderr)
+    return code
 
 
 def become(uid: int, gid: int) -> None:
@@ -46,6 +106,8 @@ def become(uid: int, gid: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--virtual"]:
+        return main_virtual(argv[1:])
     uid, gid, path, sender, methods, attempts, delay, stale = argv
     become(int(uid), int(gid))
     lock = LockPolicy(tuple(m for m in methods.split(",") if m), int(attempts), float(delay), float(stale))

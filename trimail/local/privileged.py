@@ -1,79 +1,212 @@
-"""The root side of local delivery: ``/file`` and ``|command`` targets for a serve
-that runs as ``mail_owner`` (the part of Postfix's local(8) that needs root).
+"""The root side of delivery for a serve that runs as ``mail_owner``: local(8)'s
+``/file`` and ``|command`` targets and virtual(8) mailboxes owned by other uids
+(the parts of Postfix's local(8) and virtual(8) that need root).
 
-serve started as root cannot become ``default_privs`` or an include file's
-owner once it is ``mail_owner``, and must never run those targets as itself.
-So, just before the privilege drop, ``start()`` launches this module as a small
-root child (``python -m trimail.local.privileged``) that lives as long as serve:
-it gets serve's configuration once through a pipe that is closed before the
+serve started as root cannot become ``default_privs``, an include file's owner
+or a virtual mailbox's owner once it is ``mail_owner``, and must never run those
+deliveries as itself.  So, just before the privilege drop, ``start()`` launches
+this module as a small root child (``python -m trimail.local.privileged``) that
+lives as long as serve, when ``needed()``: file or command targets allowed
+(``allow_mail_to_files``, ``allow_mail_to_commands``) or virtual mailboxes
+configured (``virtual_mailbox_domains`` with ``virtual_transport = virtual``).
+It gets serve's configuration once through a pipe that is closed before the
 drop, then answers one request at a time on its standard input and output.
 
 Security notes: the requests come from a ``mail_owner`` process, which an
 attacker may control, so the helper trusts nothing in them but the recipient,
-the envelope and the message: it expands the recipient's aliases itself, with
-its own tables and include files (the same rules: trimail.local.aliases), and
-runs a target only when that expansion yields the same kind and value; the
-identity (trimail.local.identity: never root, never mail_owner, the user's
-primary group only) and ``allow_mail_to_files`` are decided here too.  So a
-compromised ``mail_owner`` can make it do what mail to that recipient would
-do anyway, nothing else (the same bound as Postfix's local(8), which trusts
-only the alias configuration).  Requests are bounded (header line, message
-size), a malformed one ends the helper (serve defers what it then cannot
-deliver: 4.3.0), and every answer is one JSON line.  The helper uses the
-configuration serve started with: a reload changes the tables it reads (they
-are re-read when their files change), not its parameters.
+the envelope and the message.  For a file or command it expands the
+recipient's aliases itself, with its own tables and include files (the same
+rules: trimail.local.aliases), and runs a target only when that expansion
+yields the same kind and value; the identity (trimail.local.identity: never
+root, never mail_owner, the user's primary group only) and
+``allow_mail_to_files`` are decided here too.  For a virtual mailbox it looks
+the recipient up in its own virtual_mailbox_maps, virtual_uid_maps and
+virtual_gid_maps, checks the path and refuses uid/gid 0 and uids below
+virtual_minimum_uid (trimail.delivery.virtual), and writes through a child that
+becomes the owner first (trimail.local.filewriter).  So a compromised
+``mail_owner`` can make it do what mail to that recipient would do anyway,
+nothing else (the bound of Postfix's local(8) and virtual(8), which trust only
+their configuration).  A request is bounded: a header line of 64 KiB and a
+message of ``message_size_limit`` plus 1 MiB (the headers queued copies and
+delivery add); serve bounces a larger one (5.3.4) without sending it, and a
+request that breaks these bounds ends the helper.  Every answer is one JSON
+line.  The helper uses the configuration serve started with: a reload changes
+the tables it reads (they are re-read when their files change), not its
+parameters.
 
-Parameters: the local delivery parameters (trimail.delivery.local), read at start.
+serve's side (``Helper``) never waits without a deadline: a delivery waits at
+most ``round_trip_limit()`` (the longest a request may take in the helper,
+``command_time_limit`` or the mbox lock wait, plus 30 s) for its turn, then as
+long again for its answer; past either it is deferred (4.3.0) and a late answer
+is read and dropped by the next request.  A helper that exits (or is killed),
+or stops reading a request half-way, cannot be started again: it must be
+started as root, which serve no longer is.  serve logs that once, defers every
+delivery that needs it (4.3.0, "restart serve") and ``trimail status`` prints a
+warning until serve is restarted; everything else keeps working.
+
+Parameters: the local and virtual delivery parameters (trimail.delivery.local,
+trimail.delivery.virtual), message_size_limit, command_time_limit,
+deliver_lock_attempts, deliver_lock_delay; read at start.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import pickle
+import select
 import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from trimail.config import Config
 
 MAX_HEADER = 64 * 1024
-MAX_MESSAGE = 1 << 31
+MAX_MESSAGE = 1 << 30  # message_size_limit = 0 (no limit)
+MARGIN = 1 << 20  # the headers queued copies and local delivery add to a message within message_size_limit
+log = logging.getLogger("trimail.master")
 
 
 class HelperGone(Exception):
-    """The helper is not running or broke the protocol: the delivery is deferred."""
+    """The helper is not running, busy past its deadline or broke the protocol:
+    the delivery is deferred (4.3.0)."""
+
+
+def message_limit(config: Config) -> int:
+    """The largest message the helper accepts: message_size_limit plus MARGIN."""
+    limit = int(config.message_size_limit)
+    return limit + MARGIN if limit > 0 else MAX_MESSAGE
+
+
+def round_trip_limit(config: Config) -> float:
+    """How long serve waits for the helper (for its turn, then for the answer):
+    the longest a request may take there (command_time_limit for commands and
+    virtual mailboxes, the mbox lock wait of a /file target) plus a margin."""
+    lock_wait = max(60.0, config.deliver_lock_attempts * config.deliver_lock_delay * 1.5 + 30)
+    return max(float(config.command_time_limit), lock_wait) + 30.0
+
+
+def needed(config: Config) -> bool:
+    """Whether a serve about to drop root needs the helper: file or command
+    targets of local delivery, or virtual(8) mailboxes (owned by other uids)."""
+    virtual = bool(config.virtual_mailbox_domains) and config.virtual_transport == "virtual"
+    return bool(config.allow_mail_to_commands or config.allow_mail_to_files or virtual)
 
 
 class Helper:
-    """serve's handle on the root child: ``run(request, content)`` -> answer."""
+    """serve's handle on the root child: ``run(request, content)`` -> answer.
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    One request at a time (the helper answers in order).  Every wait has a
+    deadline (``timeout``): a caller that cannot get its turn, or gets no answer
+    in time, is told HelperGone (deferred) and the answer it was owed is read
+    and dropped by the next caller.  A helper that exited, or stopped reading a
+    request half-way, is gone for good: it was started as root and serve no
+    longer is, so it cannot be started again; that is logged once, and every
+    delivery that needs it is deferred until serve is restarted."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], limit: int = MAX_MESSAGE, timeout: float = 1030.0) -> None:
         self.proc = proc
+        self.limit = limit
+        self.timeout = timeout
         self._lock = threading.Lock()  # one request at a time; deliveries run on several threads
+        self._owed = 0  # answers to requests whose caller stopped waiting
+        self._buffer = b""
+        self.broken: str | None = None
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                os.set_blocking(stream.fileno(), False)
 
     def run(self, request: dict[str, Any], content: bytes) -> dict[str, Any]:
+        if len(content) > self.limit:
+            return {"status": "bounced", "dsn": "5.3.4",
+                    "text": f"message too large for delivery as another user ({len(content)} bytes)"}
         header = json.dumps({**request, "size": len(content)}).encode() + b"\n"
-        with self._lock:
-            stdin, stdout = self.proc.stdin, self.proc.stdout
-            if stdin is None or stdout is None or self.proc.poll() is not None:
-                raise HelperGone("the root local delivery helper is not running (restart serve)")
+        if not self._lock.acquire(timeout=self.timeout):
+            raise HelperGone(f"the root delivery helper is busy (no turn within {self.timeout:g}s)")
+        deadline = time.monotonic() + self.timeout  # the helper bounds each request itself: this is a backstop
+        try:
+            self._alive()
+            while self._owed:  # the late answers of callers who gave up
+                self._readline(deadline)
+                self._owed -= 1
+            self._write(header + content, deadline)
             try:
-                stdin.write(header + content)
-                stdin.flush()
-                line = stdout.readline(MAX_HEADER)
-            except OSError as exc:
-                raise HelperGone(f"the root local delivery helper is gone: {exc.strerror or exc}") from None
+                line = self._readline(deadline)
+            except TimeoutError:
+                self._owed += 1
+                raise HelperGone(f"the root delivery helper did not answer within {self.timeout:g}s") from None
+        except TimeoutError:
+            raise HelperGone(f"the root delivery helper is busy (no answer within {self.timeout:g}s)") from None
+        except OSError as exc:
+            self._gone(f"its pipe failed: {exc.strerror or exc}")
+        finally:
+            self._lock.release()
         try:
             answer = json.loads(line)
         except ValueError:
-            raise HelperGone("the root local delivery helper is gone (no answer)") from None
+            answer = None
         if not isinstance(answer, dict):
-            raise HelperGone("unexpected answer from the root local delivery helper")
+            self._gone("it broke the protocol")
         return answer
+
+    def _alive(self) -> None:
+        if self.broken is None and self.proc.poll() is not None:
+            self._gone(f"it exited with status {self.proc.returncode}")
+        if self.broken is not None:
+            raise HelperGone(self.broken)
+
+    def _gone(self, why: str) -> NoReturn:
+        if self.broken is None:
+            self.broken = "the root delivery helper is gone (restart serve)"
+            log.error("the root delivery helper is gone: %s; file, command and virtual mailbox deliveries as other "
+                      "users are deferred until serve is restarted (it cannot start the helper without root)", why)
+            for stream in (self.proc.stdin, self.proc.stdout):
+                with contextlib.suppress(OSError):
+                    if stream is not None:
+                        stream.close()
+        raise HelperGone(self.broken)
+
+    def _write(self, data: bytes, deadline: float) -> None:
+        assert self.proc.stdin is not None
+        fd, view = self.proc.stdin.fileno(), memoryview(data)
+        while view:
+            if not _ready(fd, select.POLLOUT, deadline):
+                self._gone("it stopped reading a request")  # the stream is out of step for good
+            try:
+                view = view[os.write(fd, view):]
+            except BlockingIOError:
+                continue
+
+    def _readline(self, deadline: float) -> bytes:
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > MAX_HEADER:
+                self._gone("its answer is too long")
+            if not _ready(fd, select.POLLIN, deadline):
+                raise TimeoutError
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                self._gone("it closed its answers")
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+
+def _ready(fd: int, event: int, deadline: float) -> bool:
+    """Whether *fd* is ready (or failed: the next call says how) before *deadline*."""
+    poller = select.poll()  # not select(): serve may hold more than FD_SETSIZE descriptors
+    poller.register(fd, event)
+    return bool(poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
 
 
 _helper: Helper | None = None
@@ -81,6 +214,16 @@ _helper: Helper | None = None
 
 def helper() -> Helper | None:
     return _helper
+
+
+def state() -> str:
+    """For ``trimail status``: "" without a helper, "running", or why it is gone."""
+    if _helper is None:
+        return ""
+    if _helper.broken is None and _helper.proc.poll() is None:
+        return "running"
+    return _helper.broken or f"the root delivery helper is gone: exited with status {_helper.proc.returncode} " \
+                             "(restart serve)"
 
 
 def start(config: Config) -> Helper:
@@ -96,7 +239,8 @@ def start(config: Config) -> Helper:
         os.close(read_end)
     with open(write_end, "wb") as pipe:
         pipe.write(pickle.dumps(config))
-    _helper = Helper(proc)
+    _helper = Helper(proc, message_limit(config), round_trip_limit(config))
+    log.info("root delivery helper started (pid %d)", proc.pid)
     return _helper
 
 
@@ -108,8 +252,9 @@ def _answer(out: IO[bytes], status: str, dsn: str = "", text: str = "") -> None:
 def serve_requests(config: Config, inp: IO[bytes], out: IO[bytes]) -> None:
     """The helper's loop: one request, one answer, until serve closes the pipe."""
     from trimail.delivery.local import LocalAgent
+    from trimail.delivery.virtual import VirtualAgent
 
-    agent = LocalAgent(config)
+    agent, virtual, limit = LocalAgent(config), VirtualAgent(config), message_limit(config)
     while True:
         line = inp.readline(MAX_HEADER + 1)
         if not line:
@@ -117,7 +262,7 @@ def serve_requests(config: Config, inp: IO[bytes], out: IO[bytes]) -> None:
         try:
             request = json.loads(line)
             size = int(request["size"])
-            if not 0 <= size <= MAX_MESSAGE or len(line) > MAX_HEADER:
+            if not 0 <= size <= limit or len(line) > MAX_HEADER:
                 raise ValueError("bad size")
         except (ValueError, KeyError, TypeError):
             return  # a peer that breaks the protocol gets no more answers
@@ -125,9 +270,14 @@ def serve_requests(config: Config, inp: IO[bytes], out: IO[bytes]) -> None:
         if len(content) != size:
             return
         try:
-            _answer(out, *agent.privileged(request, content))
+            handler = virtual if request.get("kind") == "virtual" else agent
+            result = handler.privileged(request, content)
         except Exception as exc:  # noqa: BLE001 - the boundary of one request: answer, go on
-            _answer(out, "temporary", "4.3.0", f"local delivery helper: internal error: {type(exc).__name__}")
+            result = ("deferred", "4.3.0", f"delivery helper: internal error: {type(exc).__name__}")
+        try:
+            _answer(out, *result)
+        except OSError:
+            return  # serve closed its end
 
 
 def main(argv: list[str]) -> int:

@@ -11,7 +11,9 @@ Claimed messages are split per recipient by route into jobs (at most
 ``default_destination_recipient_limit`` recipients each) and queued on their
 destination (transport, nexthop).  Each destination has up to
 ``<transport>_destination_concurrency_limit`` worker tasks in the delivery nursery;
-a worker keeps its connection for as many jobs as the destination has.  When a
+a worker keeps its connection for as many jobs as the destination has; local and
+virtual deliveries run on a pool of 20 threads of their own (a slow command, a
+locked mbox or a busy root helper never takes the threads the queue needs).  When a
 destination cannot be reached at all, every job queued for it is deferred with
 the same reason without a connection each (a dead destination), so a dead
 destination costs one connection attempt, not one per message, and never holds up
@@ -62,7 +64,7 @@ from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.backoff import retry_delay
 from trimail.smtp.client import Outcome, bounced, deferred, sent
-from trimail.supervise import Backoff, contained, report, retry_with_backoff
+from trimail.supervise import Backoff, contained, report, retry_with_backoff, thread_pool
 
 log = logging.getLogger("trimail.qmgr")
 smtp_log = logging.getLogger("trimail.smtp")
@@ -73,6 +75,9 @@ REPLY_TEXT_LIMIT = 1000  # characters of a peer's reply kept with a recipient
 CONTENT_CHUNK = 1 << 20  # bytes read from the queue per step while sending a message
 HELD_MESSAGE_LIMIT = 256 * 1024  # content handed over in memory up to this size (the spool's own limit) ...
 HELD_TOTAL_LIMIT = 16 << 20  # ... while all held content together stays under this
+# local(8) and virtual(8) run on threads of their own: one may wait long (a command,
+# an mbox lock, the root helper), and must not take the threads the queue and the spool need
+agent_threads = thread_pool("local and virtual delivery", 20)
 
 
 @dataclasses.dataclass(slots=True)
@@ -357,9 +362,11 @@ class Scheduler:
                                    f"of {job.message.size} bytes")
         if job.route.transport == "virtual":  # virtual(8): mailboxes only, nothing to forward
             return await trio.to_thread.run_sync(
-                self.virtual.deliver, job.message.sender, [r.address for r in job.recipients], content)
+                self.virtual.deliver, job.message.sender, [r.address for r in job.recipients], content,
+                limiter=agent_threads())
         result = await trio.to_thread.run_sync(
-            self.local.deliver, job.message.sender, [r.address for r in job.recipients], content)
+            self.local.deliver, job.message.sender, [r.address for r in job.recipients], content,
+            limiter=agent_threads())
         for forward in result.forwards:
             with trio.CancelScope(shield=True):
                 new_id = await self.writer.run(self._queue_forward, forward, content, durable=False)
