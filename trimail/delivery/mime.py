@@ -36,6 +36,8 @@ MAX_DEPTH = 32
 
 _HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
 _BOUNDARY = re.compile(rb'(?i);\s*boundary\s*=\s*(?:"([^"]{1,200})"|([^;\s"]{1,200}))')
+# an innermost RFC 822 comment: linear (``[^)]*`` backtracked over every unclosed "(")
+_COMMENT = re.compile(rb"\([^()]*\)")
 _PLAIN = re.compile(rb"[\t\x20-\x3c\x3e-\x7e]*")  # bytes quoted-printable leaves alone
 
 Content = Callable[[], AsyncIterator[bytes]]
@@ -254,7 +256,7 @@ def _entity(headers: list[bytes]) -> tuple[bytes, bytes, bytes]:
             m = _BOUNDARY.search(value)
             boundary = (m.group(1) or m.group(2)) if m else b""
         elif name == b"content-transfer-encoding" and not cte:
-            cte = re.sub(rb"\([^)]*\)", b"", value).strip().lower()
+            cte = _COMMENT.sub(b"", value).strip().lower()
     return ctype or b"text/plain", boundary, cte or b"7bit"
 
 

@@ -1,0 +1,108 @@
+"""Red team of issue 14's new code against a real ``trimail serve``: what an outsider
+(or a message from one) can do to the MIME downgrade, address verification, the
+access-table FILTER and the DATA reader.  Each test failed on the commit it was
+written against (or is a guard, said so), and asserts what matters: serve keeps
+answering, nothing acknowledged is lost, the fan-out stays bounded."""
+
+from __future__ import annotations
+
+import smtplib
+
+import trio
+
+from tests.delivery.outbound_peer import ScriptedPeer
+from tests.faults.conftest import assert_serving, integrity_ok, send, wait_until
+from tests.faults.test_outbound import trio_thread
+
+
+class CountingPeer:
+    """A downstream that counts connections and answers every RCPT with *rcpt_reply*
+    (the internal server of a gateway that uses reject_unverified_recipient)."""
+
+    def __init__(self, rcpt_reply: bytes) -> None:
+        self.rcpt_reply = rcpt_reply
+        self.connections = 0
+        self.rcpts: list[bytes] = []
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        buf = bytearray()
+        async with stream:
+            try:
+                await stream.send_all(b"220 internal.test ESMTP\r\n")
+                while True:
+                    while b"\r\n" not in buf:
+                        data = await stream.receive_some(4096)
+                        if not data or len(buf) > 1 << 16:
+                            return
+                        buf += data
+                    end = buf.index(b"\r\n")
+                    cmd, buf[:] = bytes(buf[:end]), buf[end + 2:]
+                    verb = cmd[:4].upper()
+                    if verb == b"EHLO":
+                        await stream.send_all(b"250-internal.test\r\n250 PIPELINING\r\n")
+                    elif verb == b"RCPT":
+                        self.rcpts.append(cmd)
+                        await stream.send_all(self.rcpt_reply + b"\r\n")
+                    elif verb == b"QUIT":
+                        await stream.send_all(b"221 2.0.0 Bye\r\n")
+                        return
+                    else:
+                        await stream.send_all(b"250 2.0.0 Ok\r\n")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return
+
+
+# -- 1. the MIME downgrade must not stall serve ------------------------------------
+
+
+def test_a_content_transfer_encoding_full_of_parentheses_does_not_stall_serve(daemon):
+    """The downgrader stripped RFC 822 comments from Content-Transfer-Encoding with
+    ``\\([^)]*\\)``: quadratic in a value of unclosed ``(``.  A part header of ~1 MiB of
+    them (folded: each line under the converter's line bound, the block under its
+    header bound; the message well under message_size_limit) held the event loop for
+    minutes, so serve answered no one while it 'converted'.  Now: delivered at once."""
+    plain = ScriptedPeer(extensions=("PIPELINING",))  # no 8BITMIME: the converter runs
+    folded = b"".join(b" " + b"(" * 60_000 + b"\r\n" for _ in range(16))
+    body = (b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding:\r\n" + folded +
+            b"\r\n caf\xc3\xa9\r\n--b--\r\n")
+    with trio_thread((plain.run,)) as (port,):
+        d = daemon(transport_maps=f"inline:{{ far.example=smtp:[127.0.0.1]:{port} }}")
+        send(d.port, ["r@far.example"], body=body)
+        wait_until(lambda: len(plain.received) == 1, timeout=20)
+        assert_serving(d)
+        assert b"caf\xc3\xa9" in plain.received[0].data  # not labelled 8bit: passed as it came
+        assert integrity_ok(d.queue_directory) == "ok"
+
+
+# -- 2. address verification must not multiply an outsider's RCPTs -----------------
+
+
+def test_a_tempfailing_verification_is_not_reprobed_for_every_rcpt(daemon):
+    """reject_unverified_recipient never remembered a temporary answer ("not verified
+    yet" was never cached), so every RCPT an outsider sent for an address whose probe
+    got a 4xx (an internal server greylisting, rate limiting or down) opened one more
+    connection to the internal server: 8 RCPTs, 8 probes.  Postfix's verify(8)
+    stores the temporary result like a negative one and probes again only at
+    address_verify_negative_refresh_time."""
+    internal = CountingPeer(b"450 4.2.1 try again later")
+    with trio_thread((internal.run,)) as (port,):
+        d = daemon(relay_domains="corp.example", mynetworks="127.0.0.2/32",
+                   smtpd_recipient_restrictions="reject_unauth_destination, reject_unverified_recipient",
+                   address_verify_poll_delay="1s",
+                   transport_maps=f"inline:{{ corp.example=smtp:[127.0.0.1]:{port} }}")
+        codes = []
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as client:
+            client.ehlo("outside.example")
+            assert client.mail("forged@outside.example")[0] == 250
+            for _ in range(8):  # under smtpd_soft_error_limit
+                codes.append(client.rcpt("someone@corp.example")[0])
+        assert codes == [450] * 8
+        assert internal.connections == 1, f"{internal.connections} probes for one address"
+        assert_serving(d)
