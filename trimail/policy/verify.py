@@ -21,9 +21,14 @@ Answers (Postfix's texts):
 The cache is in memory, shared by the sessions of one serve and bounded
 (address_verify_cache_size, oldest first out): deliverable answers for
 address_verify_positive_expire_time, undeliverable ones for
-address_verify_negative_expire_time when address_verify_negative_cache is on;
-"not verified yet" is never cached, so the next RCPT probes again.  Concurrent
-queries for one address share one probe.  smtpd waits for a probe at most
+address_verify_negative_expire_time when address_verify_negative_cache is on, and
+so are temporary failures (a probe that got a 4xx, no connection or no answer), for
+address_verify_negative_refresh_time: Postfix's verify(8) stores them too and probes
+such an address again only at its refresh time, so an outsider repeating RCPT for an
+address whose probe tempfails (an internal server greylisting, rate limiting or
+down) cannot turn each RCPT into a connection to that server.  Only a probe that is
+still running is "in progress" and not cached.  Concurrent queries for one address
+share one probe.  smtpd waits for a probe at most
 (address_verify_poll_count - 1) x address_verify_poll_delay; after that it answers
 "Address verification in progress" and the probe goes on in the background, so
 the client's retry finds the answer in the cache (Postfix's behaviour).
@@ -37,6 +42,7 @@ failure becomes "not verified" and one log line.  A probe never sends content.
 
 Parameters: address_verify_sender, address_verify_positive_expire_time,
 address_verify_negative_expire_time, address_verify_negative_cache,
+address_verify_negative_refresh_time,
 address_verify_poll_count, address_verify_poll_delay, address_verify_cache_size,
 unverified_recipient_reject_code, unverified_recipient_defer_code,
 unverified_recipient_tempfail_action, unverified_recipient_reject_reason,
@@ -99,6 +105,7 @@ class Verifier:
         self.positive: float = config.address_verify_positive_expire_time
         self.negative: float = config.address_verify_negative_expire_time
         self.negative_cache: bool = config.address_verify_negative_cache
+        self.tempfail: float = config.address_verify_negative_refresh_time
         self.wait: float = max(config.address_verify_poll_count - 1, 0) * config.address_verify_poll_delay
         self.size: int = max(config.address_verify_cache_size, 1)
         self.cache: collections.OrderedDict[str, tuple[Answer, float]] = collections.OrderedDict()
@@ -150,7 +157,8 @@ class Verifier:
 
     def _remember(self, key: str, answer: Answer) -> None:
         log.info("address verification: <%s> status=%s: %s", key, answer.status, answer.why)
-        lifetime = {"ok": self.positive, "bounce": self.negative if self.negative_cache else 0}.get(answer.status, 0)
+        lifetime = {"ok": self.positive, "bounce": self.negative if self.negative_cache else 0,
+                    "defer": self.tempfail if self.negative_cache else 0}.get(answer.status, 0)
         if lifetime <= 0:
             self.cache.pop(key, None)
             return
