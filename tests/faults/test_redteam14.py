@@ -106,3 +106,41 @@ def test_a_tempfailing_verification_is_not_reprobed_for_every_rcpt(daemon):
         assert codes == [450] * 8
         assert internal.connections == 1, f"{internal.connections} probes for one address"
         assert_serving(d)
+
+
+# -- 3. SMTPUTF8 mail never goes raw to a server that did not offer SMTPUTF8 -------
+
+
+def _send_utf8(port: int, body: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example")
+        assert client.mail("alice@client.example", ["SMTPUTF8", "BODY=8BITMIME"])[0] == 250
+        assert client.rcpt("bob@far.example")[0] == 250
+        assert client.data(body)[0] == 250
+
+
+def test_a_utf8_mime_part_header_needs_smtputf8_downstream(daemon):
+    """Only the message's own header section (in the first content chunk) was looked
+    at, so SMTPUTF8 mail whose UTF-8 header is in a MIME part (an attachment's
+    file name) -- or past the first 1 MiB chunk when header_size_limit allows that --
+    went raw to a server that offers 8BITMIME but not SMTPUTF8.  Postfix flags a
+    UTF-8 header of any entity (cleanup_out_header) and bounces 5.6.7."""
+    dest = ScriptedPeer(extensions=("PIPELINING", "8BITMIME"))  # no SMTPUTF8
+    senders = ScriptedPeer()  # takes the DSN (sent with SMTPUTF8)
+    part = (b"MIME-Version: 1.0\r\nSubject: plain\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n"
+            b"--b\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+            b"--b\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Disposition: attachment; filename=\"r\xc3\xa9sum\xc3\xa9.pdf\"\r\n"
+            b"Content-Transfer-Encoding: base64\r\n\r\nAAAA\r\n--b--\r\n")
+    late = (b"Subject: plain\r\n" + b"X-Filler: " + b"x" * 900 + b"\r\n" + b"".join(
+        b" " + b"y" * 1000 + b"\r\n" for _ in range(1200)) + b"X-Late: caf\xc3\xa9\r\n\r\nbody\r\n")
+    with trio_thread((dest.run,), (senders.run,)) as (dest_port, senders_port):
+        d = daemon(header_size_limit="2m", transport_maps=f"inline:{{ far.example=smtp:[127.0.0.1]:{dest_port}, "
+                                                          f"client.example=smtp:[127.0.0.1]:{senders_port} }}")
+        _send_utf8(d.port, part)
+        _send_utf8(d.port, late)
+        wait_until(lambda: len(senders.received) + len(dest.received) >= 2, timeout=20)
+        assert [r.data[:60] for r in dest.received] == []  # never sent without SMTPUTF8
+        for dsn in senders.received:
+            assert "Status: 5.6.7" in dsn.data.decode("utf-8")
+        assert_serving(d)

@@ -1,9 +1,12 @@
 """What the content needs from the next hop, and the 8-bit to 7-bit conversion for a
 server that does not offer 8BITMIME (Postfix's mime_state with MIME_OPT_DOWNGRADE).
 
-- ``needs_smtputf8``: RFC 6531 mail needs SMTPUTF8 downstream when the sender asked for
-  it (``SMTPUTF8`` at MAIL) and an envelope address or the header section really holds
-  non-ASCII (Postfix: SMTPUTF8_FLAG_REQUESTED and _DERIVED).  Such mail is never
+- ``content_needs_smtputf8``: RFC 6531 mail needs SMTPUTF8 downstream when the sender
+  asked for it (``SMTPUTF8`` at MAIL) and an envelope address or a header line of any
+  MIME entity really holds non-ASCII (Postfix: SMTPUTF8_FLAG_REQUESTED and the derived
+  SENDER/RECIPIENT/HEADER flags; cleanup_out_header looks at every entity's headers,
+  so an attachment's UTF-8 file name counts).  ``needs_smtputf8`` is the same for
+  the envelope and one chunk's header section.  Such mail is never
   downgraded: without SMTPUTF8 at the next hop it bounces ``5.6.7``.
 - ``Downgrader``: the content line by line; every MIME entity whose
   Content-Transfer-Encoding says ``8bit`` or ``binary`` is rewritten as Postfix
@@ -13,14 +16,16 @@ server that does not offer 8BITMIME (Postfix's mime_state with MIME_OPT_DOWNGRAD
   aside) is relabelled ``7bit`` and its parts are converted one by one, boundaries and
   nested message/rfc822 headers understood.  Entities without an 8-bit label are
   passed as they are (Postfix does not guess either), and so is every header.
-- ``peek``: the first chunk of a content stream, to look at before MAIL, and the
-  stream again, whole.
 
 Security notes: memory is bounded whatever the content: a header block over
 ``MAX_HEADER_BLOCK`` or a header line over ``MAX_LINE`` ends conversion (the rest is
 passed through unchanged), a body line over ``MAX_LINE`` is converted in pieces, and the
 boundary stack holds at most ``MAX_DEPTH`` entries (deeper nesting is passed through).
-Nothing here raises on malformed MIME: bad input is passed through.
+Nothing here raises on malformed MIME: bad input is passed through.  Every pattern
+applied to header text is linear (a value of 1 MiB of unclosed ``(`` once held the
+event loop for minutes).  ``content_needs_smtputf8`` reads the content one more time
+(only for SMTPUTF8 mail to a server without SMTPUTF8 or 8BITMIME), with the same
+bounds and no conversion work.
 
 Parameters: disable_mime_output_conversion (read by the delivery agent).
 """
@@ -57,22 +62,22 @@ def needs_smtputf8(sender: str, recipients: list[str], first_chunk: bytes) -> bo
     return not header_section(first_chunk).isascii()
 
 
-async def peek(content: Content) -> tuple[bytes, Content]:
-    """The first chunk of *content* and a content function giving all of it again
-    (once: the underlying stream is read only once)."""
-    stream = content().__aiter__()
-    try:
-        first = await stream.__anext__()
-    except StopAsyncIteration:
-        first = b""
-
-    async def again() -> AsyncIterator[bytes]:
-        if first:
-            yield first
-        async for chunk in stream:
-            yield chunk
-
-    return first, again
+async def content_needs_smtputf8(sender: str, recipients: list[str], content: Content) -> bool:
+    """Whether mail sent with SMTPUTF8 at MAIL cannot be delivered without it, looking
+    at the envelope and at the header lines of every MIME entity (Postfix raises
+    SMTPUTF8_FLAG_HEADER for any of them: an attachment's UTF-8 file name counts).
+    Reads *content* once, up to the first UTF-8 header; bodies are skipped, not
+    converted.  Where the structure is past the converter's bounds, any non-ASCII
+    byte counts (it cannot be told from a header)."""
+    if not all(address.isascii() for address in (sender, *recipients)):
+        return True
+    scan = _HeaderScan()
+    async for chunk in content():
+        scan.feed(chunk)
+        if scan.found:
+            return True
+    scan.finish()
+    return scan.found
 
 
 def downgraded(content: Content) -> Content:
@@ -232,6 +237,40 @@ class Downgrader:
         elif qp:
             self._out += qp + b"=\r\n"  # more of this line may follow in another record
         qp.clear()
+
+
+class _HeaderScan(Downgrader):
+    """The converter's MIME structure, looking only for a non-ASCII header line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._passthrough:
+            self.found = self.found or not chunk.isascii()
+            return b""
+        self._check(super().feed(chunk))
+        return b""
+
+    def finish(self) -> bytes:
+        self._check(super().finish())
+        return b""
+
+    def _check(self, out: bytes) -> None:
+        """Past the bounds everything held and the rest are passed on as they came
+        (otherwise the output holds only ASCII-checked header lines and boundaries)."""
+        if self._passthrough:
+            self.found = self.found or not out.isascii()
+
+    def _line(self, line: bytes, hard: bool) -> None:
+        if self._in_headers and not line.isascii() and (
+                line[:1] in (b" ", b"\t") and self._headers or _HEADER_NAME.match(line)):
+            self.found = True
+        super()._line(line, hard)
+
+    def _body(self, line: bytes, hard: bool) -> None:
+        pass  # bodies do not count (and are not converted)
 
 
 def _unfolded(headers: list[bytes]) -> list[bytes]:
