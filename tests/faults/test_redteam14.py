@@ -144,3 +144,97 @@ def test_a_utf8_mime_part_header_needs_smtputf8_downstream(daemon):
         for dsn in senders.received:
             assert "Status: 5.6.7" in dsn.data.decode("utf-8")
         assert_serving(d)
+
+
+# -- 4. the wire after conversion ----------------------------------------------------
+
+
+def test_converted_content_is_dot_stuffed_and_decodes_to_what_was_sent(daemon):
+    """Guard (passed before): quoted-printable made for a server without 8BITMIME puts
+    a '.' at the start of a line after a soft break (73 columns then '.x'), and 8-bit
+    lines past the converter's 64 KiB pieces; the wire stays dot-stuffed, no line is a
+    lone '.', and the decoded body is byte for byte what the client sent."""
+    import quopri
+
+    plain = ScriptedPeer(extensions=("PIPELINING",))
+    lines = [b"a" * 73 + b".x", b".\xff leading dot", b".", b"..", b"\xff" * 70_000 + b".end", b"tail. "]
+    body = b"\r\n".join(lines) + b"\r\n"
+    stuffed = b"".join(b"." + line + b"\r\n" if line.startswith(b".") else line + b"\r\n" for line in lines)
+    message = (b"Subject: dots\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=latin1\r\n"
+               b"Content-Transfer-Encoding: 8bit\r\n\r\n" + stuffed)
+    with trio_thread((plain.run,)) as (port,):
+        d = daemon(transport_maps=f"inline:{{ far.example=smtp:[127.0.0.1]:{port} }}")
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as client:
+            client.ehlo("client.example")
+            assert client.mail("alice@client.example", ["BODY=8BITMIME"])[0] == 250
+            assert client.rcpt("r@far.example")[0] == 250
+            client.putcmd("DATA")
+            assert client.getreply()[0] == 354
+            client.send(message + b".\r\n")  # already stuffed: smtplib's data() would stuff again
+            assert client.getreply()[0] == 250
+        wait_until(lambda: plain.received, timeout=20)
+        wire = plain.received[0].data
+        assert wire.isascii()
+        wire_lines = wire.split(b"\r\n")[:-1]
+        assert all(len(line) <= 77 for line in wire_lines)  # 76 + a stuffing dot
+        unstuffed = b"".join((line[1:] if line.startswith(b".") else line) + b"\r\n" for line in wire_lines)
+        assert all(line.startswith(b"..") or not line.startswith(b".") for line in wire_lines)
+        encoded = unstuffed.split(b"\r\n\r\n", 1)[1]
+        assert quopri.decodestring(encoded.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n") == body
+        assert_serving(d)
+
+
+# -- 5. guards: what an outsider cannot do --------------------------------------------
+
+
+def _replies(port: int, commands: list[bytes]) -> list[bytes]:
+    """Each command on one connection, and the first line of each reply."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        stream = sock.makefile("rb")
+        out = [stream.readline()]
+        for command in commands:
+            sock.sendall(command + b"\r\n")
+            lines = [stream.readline()]
+            while lines[-1][3:4] == b"-":
+                lines.append(stream.readline())
+            out.append(lines[0])
+    return out
+
+
+def test_a_client_cannot_set_the_filter_or_forward_attributes(daemon):
+    """Guard (passed before): the access-table FILTER is stored as the message
+    parameter ``_FILTER``, which no ESMTP keyword can spell; FILTER= itself is an
+    unknown parameter, and XCLIENT/XFORWARD do not exist."""
+    d = daemon()
+    got = _replies(d.port, [b"EHLO client.example",
+                            b"MAIL FROM:<a@client.example> _FILTER=smtp:[127.0.0.1]:9",
+                            b"MAIL FROM:<a@client.example> FILTER=smtp:[127.0.0.1]:9",
+                            b"XCLIENT ADDR=127.0.0.2", b"XFORWARD ADDR=127.0.0.2",
+                            b"MAIL FROM:<a@client.example>",
+                            b"RCPT TO:<b@remote.example> _FILTER=smtp:[127.0.0.1]:9", b"QUIT"])
+    assert [line[:3] for line in got] == [b"220", b"250", b"501", b"555", b"500", b"500", b"250", b"501", b"221"]
+    assert_serving(d)
+
+
+def test_an_outsider_cannot_make_verification_probes_to_outside_hosts(daemon):
+    """Guard (passed before): smtpd_relay_restrictions run before
+    smtpd_recipient_restrictions (Postfix), so with reject_unverified_recipient an
+    outsider's RCPT for someone else's domain is refused without a probe, and no
+    address form (%, !, quoted @, trailing dot) routes a probe outside."""
+    internal = CountingPeer(b"250 2.1.5 Ok")
+    with trio_thread((internal.run,)) as (port,):
+        d = daemon(relay_domains="corp.example", mynetworks="127.0.0.2/32", alias_maps="",
+                   smtpd_recipient_restrictions="reject_unverified_recipient",
+                   transport_maps=f"inline:{{ corp.example=smtp:[127.0.0.1]:{port} }}")
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as client:
+            client.ehlo("outside.example")
+            assert client.mail("forged@outside.example")[0] == 250
+            for address in ["victim@outside.example", "victim%outside.example@localhost",
+                            "outside.example!victim@localhost", "\"victim@outside.example\"@localhost",
+                            "victim@outside.example.", "victim@[127.0.0.1]"]:
+                assert client.rcpt(address)[0] in (450, 501, 550, 554), address
+            assert client.rcpt("known@corp.example")[0] == 250
+        assert internal.rcpts == [b"RCPT TO:<known@corp.example>"]
+        assert_serving(d)
