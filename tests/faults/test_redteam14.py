@@ -238,3 +238,25 @@ def test_an_outsider_cannot_make_verification_probes_to_outside_hosts(daemon):
             assert client.rcpt("known@corp.example")[0] == 250
         assert internal.rcpts == [b"RCPT TO:<known@corp.example>"]
         assert_serving(d)
+
+
+def test_verification_probes_the_address_that_would_be_delivered(daemon):
+    """reject_unverified_recipient probed the RCPT argument as the client spelled it
+    (cache key and probe RCPT), while the message goes to the resolver's address:
+    ``v3@CORP.example.``, ``"v3"@corp.example`` and ``v3@corp.example`` are one
+    mailbox, but made three probes, two of them for strings that are never delivered
+    (a strict internal server may refuse the trailing dot and so 'verify' a real
+    user as undeliverable).  Postfix's probe goes through cleanup, which
+    canonicalises it: one probe, for the address that is delivered."""
+    internal = CountingPeer(b"250 2.1.5 Ok")
+    with trio_thread((internal.run,)) as (port,):
+        d = daemon(relay_domains="corp.example", mynetworks="127.0.0.2/32",
+                   smtpd_recipient_restrictions="reject_unverified_recipient",
+                   transport_maps=f"inline:{{ corp.example=smtp:[127.0.0.1]:{port} }}")
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as client:
+            client.ehlo("outside.example")
+            assert client.mail("someone@outside.example")[0] == 250
+            for address in ["v3@CORP.example.", "\"v3\"@corp.example", "v3@corp.example"]:
+                assert client.rcpt(address)[0] == 250, address
+        assert internal.rcpts == [b"RCPT TO:<v3@corp.example>"]
+        assert_serving(d)

@@ -9,6 +9,9 @@ detection, smtp_tls_security_level as for deliveries).  250/251 is deliverable; 
 the local, error or discard transports are not probed (local users are
 local_recipient_maps' job; an error route is undeliverable with its text).
 
+The address probed (and the cache key) is the resolver's form of the recipient, the
+one its mail would be delivered to, not the client's spelling of it.
+
 Answers (Postfix's texts):
   deliverable            -> go on (dunno)
   undeliverable          -> unverified_recipient_reject_code: 5xx ``<a>: Recipient
@@ -226,7 +229,10 @@ async def reject_unverified_recipient(policy: Policy, req: Request, kind: str, a
         return DUNNO
     if policy.verifier is None:
         policy.verifier = Verifier(policy.config, policy.resolver)
-    answer = await policy.verifier.query(req.recipient)
+    # the address the message would go to (as Postfix's probe, canonicalised by
+    # cleanup): one probe and one cache entry however the client spells it
+    resolved = policy.resolve(req.recipient)
+    answer = await policy.verifier.query(req.recipient if resolved.klass == "invalid" else resolved.address)
     config = policy.config
     if answer.status == "ok":
         return DUNNO
