@@ -260,3 +260,26 @@ def test_verification_probes_the_address_that_would_be_delivered(daemon):
                 assert client.rcpt(address)[0] == 250, address
         assert internal.rcpts == [b"RCPT TO:<v3@corp.example>"]
         assert_serving(d)
+
+
+# -- 6. the AUTH dummy hash -----------------------------------------------------------
+
+
+def test_a_password_entry_with_an_absurd_cost_does_not_stop_serve(daemon, tmp_path):
+    """The unknown-user dummy hash copies the scrypt cost of the table's first entry;
+    a cost hashlib refuses with TypeError (an N past 2**64, a typo in the table)
+    escaped passwords.dummy_hash (it caught ValueError only), so serve died at start
+    with a traceback (the same from reload).  Now the dummy falls back to the default
+    cost: serve runs, bob's broken entry never matches, an unknown user gets 535."""
+    import base64
+
+    table = tmp_path / "sasl_passwd"
+    table.write_text("bob:scrypt$100000000000000000000$8$1$c2FsdA==$aGFzaA==\n")
+    d = daemon(smtpd_sasl_auth_enable="yes", smtpd_sasl_password_file=str(table),
+               smtpd_tls_security_level="none", smtpd_tls_auth_only="no")
+    for user in (b"alice", b"bob"):
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as client:
+            client.ehlo("client.example")
+            code, _ = client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0" + user + b"\0pw").decode())
+            assert code == 535, user
+    assert_serving(d)
