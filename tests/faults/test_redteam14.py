@@ -283,3 +283,20 @@ def test_a_password_entry_with_an_absurd_cost_does_not_stop_serve(daemon, tmp_pa
             code, _ = client.docmd("AUTH", "PLAIN " + base64.b64encode(b"\0" + user + b"\0pw").decode())
             assert code == 535, user
     assert_serving(d)
+
+
+# -- 7. FILTER where no message exists yet ----------------------------------------------
+
+
+def test_filter_from_client_restrictions_without_delay_reject_is_not_dropped_silently(daemon):
+    """With smtpd_delay_reject = no the client and HELO lists run before any mail
+    transaction, so their FILTER, HOLD, DISCARD, REDIRECT and BCC results have no
+    message to act on: Postfix skips them and logs a warning (not_in_client_helo).
+    trimail dropped them without a word -- an operator's content filter bypassed
+    for exactly the clients the table named, and nothing in the log."""
+    d = daemon(smtpd_delay_reject="no", mynetworks="127.0.0.2/32", alias_maps="", local_recipient_maps="",
+               smtpd_client_restrictions="check_client_access inline:{ {127.0.0.1=FILTER smtp:[127.0.0.1]:9} }")
+    send(d.port, ["someone@localhost"])  # still accepted: the rest permits
+    d.proc.wait_log(r"warning: access table inline:.*action FILTER is always skipped in client or helo "
+                    r"restrictions", timeout=5)
+    assert_serving(d)
