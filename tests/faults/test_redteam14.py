@@ -300,3 +300,42 @@ def test_filter_from_client_restrictions_without_delay_reject_is_not_dropped_sil
     d.proc.wait_log(r"warning: access table inline:.*action FILTER is always skipped in client or helo "
                     r"restrictions", timeout=5)
     assert_serving(d)
+
+
+# -- 8. the DATA reader past its chunk size ---------------------------------------------
+
+
+def test_stray_ends_inside_lines_longer_than_the_readers_chunk_never_reach_the_wire(daemon):
+    """Guard (passed before): a bare LF and a bare CR in the middle of lines longer
+    than the DATA reader's FLUSH size (passed on in pieces), sent in TCP segments that
+    end right on them, and a long line that starts with a dot: relayed with CRLF only,
+    the LF a line end, the CR a space, the dot line stuffed once."""
+    import socket
+    import time
+
+    from tests.faults.test_wire import STRAY, RawPeer
+
+    content = (b"Subject: long\r\n\r\n" + b"a" * 5000 + b"\n" + b"b" * 5000 + b"\r" + b"c" * 6000 + b"\r\n"
+               + b".." + b"d" * 9000 + b"\r\n" + b"e" * 4095 + b"\r")
+    segments = [content[:5017 + 17], content[5034:5034 + 5001], content[10035:]]  # end on \n, on \r
+    assert b"".join(segments) == content
+    with RawPeer() as peer:
+        d = daemon(relayhost=f"[127.0.0.1]:{peer.port}", mynetworks="127.0.0.0/8")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
+            stream = sock.makefile("rb")
+            assert stream.readline().startswith(b"220")
+            sock.sendall(b"EHLO client.example\r\nMAIL FROM:<a@client.example>\r\nRCPT TO:<b@remote.example>\r\n"
+                         b"DATA\r\n")
+            while not stream.readline().startswith(b"354"):
+                pass
+            for segment in segments:
+                sock.sendall(segment)
+                time.sleep(0.05)  # not synchronisation: only makes separate reads likely
+            sock.sendall(b"\n.\r\n")
+            assert stream.readline().startswith(b"250 ")
+        wait_until(lambda: peer.messages, 15)
+        relayed = peer.messages[0]
+        assert not STRAY.search(relayed)
+        assert relayed.endswith(b"\r\n\r\n" + b"a" * 5000 + b"\r\n" + b"b" * 5000 + b" " + b"c" * 6000 + b"\r\n"
+                                + b".." + b"d" * 9000 + b"\r\n" + b"e" * 4095 + b"\r\n")
+        assert_serving(d)
