@@ -39,3 +39,15 @@ def test_bodies_do_not_count_headers_of_every_entity_do():
 def test_any_chunking_gives_the_same_answer(cuts, utf8):
     content = MULTIPART % (b" caf\xc3\xa9" if utf8 else b"")
     assert needs(content, cuts) is utf8
+
+
+PIECES = st.sampled_from([b"\r\n", b"--b\r\n", b"--b--\r\n", b"Content-Type: multipart/mixed; boundary=b\r\n",
+                          b"Content-Type: message/rfc822\r\n", b"X: \xc3\xa9\r\n", b" fold\r\n", b"\xff",
+                          b"Content-Transfer-Encoding: 8bit\r\n", b"body line\r\n", b"(((", b"\r", b"\n"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(PIECES, max_size=40), st.lists(st.integers(min_value=0), max_size=5))
+def test_any_content_is_scanned_without_error_and_chunking_does_not_matter(pieces, cuts):
+    content = b"".join(pieces)
+    assert needs(content, cuts) is needs(content)

@@ -339,3 +339,31 @@ def test_stray_ends_inside_lines_longer_than_the_readers_chunk_never_reach_the_w
         assert relayed.endswith(b"\r\n\r\n" + b"a" * 5000 + b"\r\n" + b"b" * 5000 + b" " + b"c" * 6000 + b"\r\n"
                                 + b".." + b"d" * 9000 + b"\r\n" + b"e" * 4095 + b"\r\n")
         assert_serving(d)
+
+
+# -- 9. operator mistakes in restriction lists --------------------------------------------
+
+
+def test_a_misplaced_restriction_stops_serve_at_start_with_one_line(tmp_path):
+    """Guard (passed before): a restriction in a list that cannot see what it needs
+    (reject_unverified_recipient in smtpd_data_restrictions; check_sender_access in
+    the client list with smtpd_delay_reject = no) or without its argument ends serve
+    at start with exit status 2 and one line naming file:line, not a traceback."""
+    import subprocess
+    import sys
+
+    from tests.conftest import write_main_cf
+
+    cases = [({"smtpd_data_restrictions": "reject_unverified_recipient"}, "cannot be used here"),
+             ({"smtpd_client_restrictions": "check_sender_access inline:{a=OK}", "smtpd_delay_reject": "no"},
+              "cannot be used here"),
+             ({"smtpd_recipient_restrictions": "permit_dnswl_client"}, "needs an argument")]
+    for number, (params, words) in enumerate(cases):
+        directory = tmp_path / str(number)
+        directory.mkdir()
+        config = write_main_cf(directory, master_service_disable="", **params)
+        done = subprocess.run([sys.executable, "-m", "trimail", "serve", "-c", str(config)], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 2, done.stderr
+        lines = [line for line in done.stderr.splitlines() if "fatal" in line or "Traceback" in line]
+        assert len(lines) == 1 and words in lines[0] and f"{config}:" in lines[0], done.stderr
