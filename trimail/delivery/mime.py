@@ -309,7 +309,11 @@ def _entity(headers: list[bytes]) -> tuple[bytes, bytes, bytes]:
             m = _BOUNDARY.search(value)
             boundary = (m.group(1) or m.group(2)) if m else b""
         elif name == b"content-transfer-encoding" and not cte:
-            cte = _COMMENT.sub(b"", value).strip().lower()
+            for _ in range(8):  # nested comments, innermost first; each pass is linear
+                value, found = _COMMENT.subn(b"", value)
+                if not found:
+                    break
+            cte = value.strip().lower()
     return ctype or b"text/plain", boundary, cte or b"7bit"
 
 
