@@ -368,3 +368,30 @@ def test_a_misplaced_restriction_stops_serve_at_start_with_one_line(tmp_path):
         assert done.returncode == 2, done.stderr
         lines = [line for line in done.stderr.splitlines() if "fatal" in line or "Traceback" in line]
         assert len(lines) == 1 and words in lines[0] and f"{config}:" in lines[0], done.stderr
+
+
+# -- 10. an unverified PTR name cannot open the relay ------------------------------------
+
+
+def test_ok_from_check_reverse_client_hostname_access_does_not_open_the_relay(daemon):
+    """check_reverse_client_hostname_access looks up the PTR name whether or not it
+    verifies, so the name is whatever the owner of the client's address puts in its
+    reverse zone.  An OK there (a table entry meant as an exception for a partner)
+    permitted relaying for anyone who names their PTR after the partner: an open
+    relay.  Postfix forbids it (forbid_allowlist: 'restriction ... returns OK ... not
+    allowed for security reasons', 451 4.3.5 Server configuration error)."""
+    from tests.dnsserver import run_dns_server
+
+    zone = {"1.0.0.127.in-addr.arpa": {"PTR": ["mail.partner.example."]}}  # the client's own claim
+    with trio_thread((run_dns_server, zone)) as (dns_port,):
+        d = daemon(dns_nameservers=f"127.0.0.1:{dns_port}", mynetworks="127.0.0.2/32",
+                   smtpd_relay_restrictions="check_reverse_client_hostname_access "
+                                            "inline:{ mail.partner.example=OK }, reject_unauth_destination")
+        with smtplib.SMTP("127.0.0.1", d.port, timeout=30) as client:
+            client.ehlo("mail.partner.example")
+            assert client.mail("someone@partner.example")[0] == 250
+            code, text = client.rcpt("victim@outside.example")
+        assert (code, text) == (451, b"4.3.5 Server configuration error")
+        d.proc.wait_log(r"warning: restriction check_reverse_client_hostname_access returns OK for "
+                        r"mail\.partner\.example", timeout=5)
+        assert_serving(d)
