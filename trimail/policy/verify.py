@@ -29,8 +29,11 @@ so are temporary failures (a probe that got a 4xx, no connection or no answer), 
 address_verify_negative_refresh_time: Postfix's verify(8) stores them too and probes
 such an address again only at its refresh time, so an outsider repeating RCPT for an
 address whose probe tempfails (an internal server greylisting, rate limiting or
-down) cannot turn each RCPT into a connection to that server.  Only a probe that is
-still running is "in progress" and not cached.  Concurrent queries for one address
+down) cannot turn each RCPT into a connection to that server.  A probe still
+running ("in progress") and a failure of our own (the probe's time limit, which
+includes waiting for a free slot; an internal error; a table that cannot be read)
+are never cached, so a flood that makes probes wait cannot poison the cache for
+real users.  Concurrent queries for one address
 share one probe.  smtpd waits for a probe at most
 (address_verify_poll_count - 1) x address_verify_poll_delay; after that it answers
 "Address verification in progress" and the probe goes on in the background, so
@@ -86,6 +89,7 @@ IN_PROGRESS = "Address verification in progress"
 class Answer:
     status: str  # "ok", "bounce" or "defer"
     why: str = ""
+    local: bool = False  # a failure here (time limit, error, table), not the server's word: never cached
 
 
 class _Probe:
@@ -143,13 +147,13 @@ class Verifier:
     async def _probe_task(self, key: str, address: str, probe: _Probe) -> None:
         """A system task, outside any session: the boundary that turns every failure
         into "not verified" (a probe must never end serve)."""
-        answer = Answer("defer", "address verification failed")
+        answer = Answer("defer", "address verification failed", local=True)
         try:
             with trio.fail_after(PROBE_TIME_LIMIT):
                 async with self.limiter:
                     answer = await self.probe(address)
         except trio.TooSlowError:
-            answer = Answer("defer", f"address verification timed out after {PROBE_TIME_LIMIT:.0f}s")
+            answer = Answer("defer", f"address verification timed out after {PROBE_TIME_LIMIT:.0f}s", local=True)
         except Exception as exc:  # noqa: BLE001 (the boundary)
             log.warning("address verification of %s failed: %s", address, describe(exc))
         finally:
@@ -162,7 +166,7 @@ class Verifier:
         log.info("address verification: <%s> status=%s: %s", key, answer.status, answer.why)
         lifetime = {"ok": self.positive, "bounce": self.negative if self.negative_cache else 0,
                     "defer": self.tempfail if self.negative_cache else 0}.get(answer.status, 0)
-        if lifetime <= 0:
+        if lifetime <= 0 or answer.local:
             self.cache.pop(key, None)
             return
         self.cache[key] = (answer, time.time() + lifetime)
@@ -176,7 +180,7 @@ class Verifier:
             route: Route = await off_loop(self.router.tables, self.router.route, address,
                                           timeout=self.config.table_lookup_timeout)
         except (TableError, RouteError) as exc:
-            return Answer("defer", f"mail transport unavailable: {exc}")
+            return Answer("defer", f"mail transport unavailable: {exc}", local=True)
         if route.transport == "error":
             text = route.nexthop or "mail delivery is not allowed"
             return Answer("bounce" if not text.startswith("4") else "defer", text)
