@@ -47,3 +47,14 @@ async def test_the_servers_temporary_answer_is_remembered(make_config):
     assert (await v.query("a@corp.example")).why == "450 try later"
     assert v.probes == 1
     await trio.lowlevel.checkpoint()
+
+
+async def test_an_outsider_cannot_grow_the_cache_or_the_probe_table(make_config):
+    """Guard (passed before): distinct addresses fill at most address_verify_cache_size
+    entries (the oldest go first) and no finished probe stays in the running table."""
+    v = verifier(make_config, [Answer("bounce", "550 unknown")] * 50)
+    v.size = 10
+    for n in range(50):
+        assert (await v.query(f"u{n}@corp.example")).status == "bounce"
+    assert len(v.cache) == 10 and not v.running
+    assert "u49@corp.example" in v.cache and "u0@corp.example" not in v.cache
