@@ -65,6 +65,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trimail import rewrite
 from trimail.config import Config
 from trimail.delivery.dns import Resolver
 from trimail.delivery.route import SMTP_TRANSPORTS, Route, RouteError, Router
@@ -129,10 +130,11 @@ class Verifier:
             return None
         return entry[0]
 
-    async def query(self, address: str) -> Answer:
-        """The verification status of *address*: cached, or from a probe that ends
-        within the poll bound, else "defer" (in progress, the probe goes on)."""
-        key = address.lower()
+    async def query(self, address: str, key: str | None = None) -> Answer:
+        """The verification status of *address* (cached under *key*, default the
+        address): cached, or from a probe that ends within the poll bound, else
+        "defer" (in progress, the probe goes on)."""
+        key = (key or address).lower()
         if (answer := self.cached(key)) is not None:
             return answer
         probe = self.running.get(key)
@@ -233,10 +235,12 @@ async def reject_unverified_recipient(policy: Policy, req: Request, kind: str, a
         return DUNNO
     if policy.verifier is None:
         policy.verifier = Verifier(policy.config, policy.resolver)
-    # the address the message would go to (as Postfix's probe, canonicalised by
-    # cleanup): one probe and one cache entry however the client spells it
-    resolved = policy.resolve(req.recipient)
-    answer = await policy.verifier.query(req.recipient if resolved.klass == "invalid" else resolved.address)
+    # one probe and one cache entry per mailbox however the client spells it (the
+    # resolver's form is the key), for the address its mail would go to (as Postfix's
+    # probe, canonicalised by cleanup)
+    resolved = rewrite.resolve(req.recipient, policy.rewrite)
+    mailbox = req.recipient if resolved.klass == "invalid" else resolved.address
+    answer = await policy.verifier.query(mailbox, key=mailbox)
     config = policy.config
     if answer.status == "ok":
         return DUNNO
