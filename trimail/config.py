@@ -500,6 +500,9 @@ PARAMETERS: dict[str, Param] = {
         _P("address_verify_negative_expire_time", "3d", _time("d"),
            "how long an undeliverable address stays in the verification cache"),
         _P("address_verify_negative_cache", "yes", parse_bool, "cache undeliverable addresses too"),
+        _P("address_verify_negative_refresh_time", "3h", _time("h"),
+           "how long a temporary verification failure (the probe got a 4xx or no answer) is remembered "
+           "before the address is probed again (with address_verify_negative_cache)"),
         _P("address_verify_poll_count", "${stress?{1}:{3}}", parse_int,
            "how many times smtpd looks for a probe's answer before it replies 'verification in progress'"),
         _P("address_verify_poll_delay", "3s", _time(), "the wait between two such looks"),

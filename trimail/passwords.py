@@ -57,7 +57,7 @@ def verify_password(password: str, stored: str) -> bool:
             return False
         expected = base64.b64decode(digest)
         actual = _scrypt(password.encode("utf-8"), base64.b64decode(salt), int(n), int(r), int(p), len(expected))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # malformed, or a cost scrypt refuses
         return False
     return hmac.compare_digest(actual, expected)
 
@@ -125,7 +125,8 @@ def dummy_hash(table: dict[str, str]) -> str:
             _dummies.clear()
         try:
             dummy = hash_password(secrets.token_urlsafe(16), int(cost[0]), int(cost[1]), int(cost[2]))
-        except ValueError:  # a cost scrypt refuses: so does verify_password for the real entry
+        except (ValueError, TypeError, OverflowError):  # a cost scrypt refuses (TypeError: N past
+            # an unsigned long): so does verify_password for the real entry
             dummy = hash_password(secrets.token_urlsafe(16))
         _dummies[cost] = dummy
     return dummy

@@ -1,9 +1,12 @@
 """What the content needs from the next hop, and the 8-bit to 7-bit conversion for a
 server that does not offer 8BITMIME (Postfix's mime_state with MIME_OPT_DOWNGRADE).
 
-- ``needs_smtputf8``: RFC 6531 mail needs SMTPUTF8 downstream when the sender asked for
-  it (``SMTPUTF8`` at MAIL) and an envelope address or the header section really holds
-  non-ASCII (Postfix: SMTPUTF8_FLAG_REQUESTED and _DERIVED).  Such mail is never
+- ``content_needs_smtputf8``: RFC 6531 mail needs SMTPUTF8 downstream when the sender
+  asked for it (``SMTPUTF8`` at MAIL) and an envelope address or a header line of any
+  MIME entity really holds non-ASCII (Postfix: SMTPUTF8_FLAG_REQUESTED and the derived
+  SENDER/RECIPIENT/HEADER flags; cleanup_out_header looks at every entity's headers,
+  so an attachment's UTF-8 file name counts).  ``needs_smtputf8`` is the same for
+  the envelope and one chunk's header section.  Such mail is never
   downgraded: without SMTPUTF8 at the next hop it bounces ``5.6.7``.
 - ``Downgrader``: the content line by line; every MIME entity whose
   Content-Transfer-Encoding says ``8bit`` or ``binary`` is rewritten as Postfix
@@ -13,14 +16,17 @@ server that does not offer 8BITMIME (Postfix's mime_state with MIME_OPT_DOWNGRAD
   aside) is relabelled ``7bit`` and its parts are converted one by one, boundaries and
   nested message/rfc822 headers understood.  Entities without an 8-bit label are
   passed as they are (Postfix does not guess either), and so is every header.
-- ``peek``: the first chunk of a content stream, to look at before MAIL, and the
-  stream again, whole.
 
 Security notes: memory is bounded whatever the content: a header block over
 ``MAX_HEADER_BLOCK`` or a header line over ``MAX_LINE`` ends conversion (the rest is
 passed through unchanged), a body line over ``MAX_LINE`` is converted in pieces, and the
 boundary stack holds at most ``MAX_DEPTH`` entries (deeper nesting is passed through).
-Nothing here raises on malformed MIME: bad input is passed through.
+Nothing here raises on malformed MIME: bad input is passed through.  Every pattern
+applied to header text is linear (a value of 1 MiB of unclosed ``(`` once held the
+event loop for minutes).  ``content_needs_smtputf8`` reads the content one more time
+(only for SMTPUTF8 mail to a server without SMTPUTF8 or 8BITMIME), with the same
+bounds and no conversion work.  Both work on at most ``SLICE`` bytes of input
+between two checkpoints, so a large message does not stall the event loop.
 
 Parameters: disable_mime_output_conversion (read by the delivery agent).
 """
@@ -30,12 +36,17 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable
 
+import trio
+
 MAX_LINE = 64 * 1024
 MAX_HEADER_BLOCK = 1 << 20
 MAX_DEPTH = 32
+SLICE = 64 * 1024  # input worked on between two checkpoints
 
 _HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")
 _BOUNDARY = re.compile(rb'(?i);\s*boundary\s*=\s*(?:"([^"]{1,200})"|([^;\s"]{1,200}))')
+# an innermost RFC 822 comment: linear (``[^)]*`` backtracked over every unclosed "(")
+_COMMENT = re.compile(rb"\([^()]*\)")
 _PLAIN = re.compile(rb"[\t\x20-\x3c\x3e-\x7e]*")  # bytes quoted-printable leaves alone
 
 Content = Callable[[], AsyncIterator[bytes]]
@@ -55,28 +66,38 @@ def needs_smtputf8(sender: str, recipients: list[str], first_chunk: bytes) -> bo
     return not header_section(first_chunk).isascii()
 
 
-async def peek(content: Content) -> tuple[bytes, Content]:
-    """The first chunk of *content* and a content function giving all of it again
-    (once: the underlying stream is read only once)."""
-    stream = content().__aiter__()
-    try:
-        first = await stream.__anext__()
-    except StopAsyncIteration:
-        first = b""
+async def content_needs_smtputf8(sender: str, recipients: list[str], content: Content) -> bool:
+    """Whether mail sent with SMTPUTF8 at MAIL cannot be delivered without it, looking
+    at the envelope and at the header lines of every MIME entity (Postfix raises
+    SMTPUTF8_FLAG_HEADER for any of them: an attachment's UTF-8 file name counts).
+    Reads *content* once, up to the first UTF-8 header; bodies are skipped, not
+    converted.  Where the structure is past the converter's bounds, any non-ASCII
+    byte counts (it cannot be told from a header)."""
+    if not all(address.isascii() for address in (sender, *recipients)):
+        return True
+    scan = _HeaderScan()
+    async for chunk in _slices(content):
+        scan.feed(chunk)
+        if scan.found:
+            return True
+    scan.finish()
+    return scan.found
 
-    async def again() -> AsyncIterator[bytes]:
-        if first:
-            yield first
-        async for chunk in stream:
-            yield chunk
 
-    return first, again
+async def _slices(content: Content) -> AsyncIterator[bytes]:
+    """*content* in pieces of at most SLICE bytes, with a checkpoint before each: the
+    line-by-line work on one 1 MiB queue chunk would otherwise hold the event loop
+    (and every session of serve) for up to half a second."""
+    async for chunk in content():
+        for start in range(0, len(chunk), SLICE):
+            await trio.lowlevel.checkpoint()
+            yield chunk[start:start + SLICE]
 
 
 def downgraded(content: Content) -> Content:
     async def converted() -> AsyncIterator[bytes]:
         downgrader = Downgrader()
-        async for chunk in content():
+        async for chunk in _slices(content):
             out = downgrader.feed(chunk)
             if out:
                 yield out
@@ -232,6 +253,40 @@ class Downgrader:
         qp.clear()
 
 
+class _HeaderScan(Downgrader):
+    """The converter's MIME structure, looking only for a non-ASCII header line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._passthrough:
+            self.found = self.found or not chunk.isascii()
+            return b""
+        self._check(super().feed(chunk))
+        return b""
+
+    def finish(self) -> bytes:
+        self._check(super().finish())
+        return b""
+
+    def _check(self, out: bytes) -> None:
+        """Past the bounds everything held and the rest are passed on as they came
+        (otherwise the output holds only ASCII-checked header lines and boundaries)."""
+        if self._passthrough:
+            self.found = self.found or not out.isascii()
+
+    def _line(self, line: bytes, hard: bool) -> None:
+        if self._in_headers and not line.isascii() and (
+                line[:1] in (b" ", b"\t") and self._headers or _HEADER_NAME.match(line)):
+            self.found = True
+        super()._line(line, hard)
+
+    def _body(self, line: bytes, hard: bool) -> None:
+        pass  # bodies do not count (and are not converted)
+
+
 def _unfolded(headers: list[bytes]) -> list[bytes]:
     out: list[bytes] = []
     for line in headers:
@@ -254,7 +309,11 @@ def _entity(headers: list[bytes]) -> tuple[bytes, bytes, bytes]:
             m = _BOUNDARY.search(value)
             boundary = (m.group(1) or m.group(2)) if m else b""
         elif name == b"content-transfer-encoding" and not cte:
-            cte = re.sub(rb"\([^)]*\)", b"", value).strip().lower()
+            for _ in range(8):  # nested comments, innermost first; each pass is linear
+                value, found = _COMMENT.subn(b"", value)
+                if not found:
+                    break
+            cte = value.strip().lower()
     return ctype or b"text/plain", boundary, cte or b"7bit"
 
 

@@ -30,7 +30,7 @@ import trio
 from trimail.config import Config, ListenAddress
 from trimail.delivery.dns import DnsError, MailHost, Resolver
 from trimail.delivery.interfaces import OwnAddresses
-from trimail.delivery.mime import downgraded, needs_smtputf8, peek
+from trimail.delivery.mime import content_needs_smtputf8, downgraded
 from trimail.delivery.mx import Targets, dns_outcome
 from trimail.delivery.route import DEFAULT_PORT, Route
 from trimail.delivery.tls import TlsPolicy
@@ -210,8 +210,7 @@ class Connection:
             return [outcome] * count
         utf8_needed = False
         if envelope.smtputf8 and not (self.ext.has("SMTPUTF8") and self.ext.has("8BITMIME")):
-            first, content = await peek(content)
-            utf8_needed = needs_smtputf8(envelope.sender, envelope.recipients, first)
+            utf8_needed = await content_needs_smtputf8(envelope.sender, envelope.recipients, content)
         if utf8_needed and not self.ext.has("SMTPUTF8"):
             # RFC 6531 section 3.2: no downgrade; Postfix's words and status
             outcome = bounced("5.6.7", "message requires SMTPUTF8, but no server was found that supports "

@@ -3,7 +3,11 @@
 ``check_client_access`` sees the forward-confirmed client name and the address;
 ``check_reverse_client_hostname_access`` sees the PTR name even when it does not
 verify (Postfix's reverse_client_name), which is what catches dynamic-pool names
-that forge nothing.  ``permit_dnswl_client`` never permits a recipient we are not
+that forge nothing; because that name is the client's own claim, an OK (any permit)
+from that table is refused as Postfix refuses it (``forbid_allowlist``: three
+warnings, ``451 4.3.5 Server configuration error``): a table entry meant as an
+exception must say DUNNO, or anyone could relay by naming their PTR after it.
+``permit_dnswl_client`` never permits a recipient we are not
 authorized to accept (Postfix's safety rule: an allow-list cannot open the
 relay); its temporary failure is a defer_if_reject.  ``permit_tls_clientcerts``
 permits a client whose certificate fingerprint is in ``relay_clientcerts``;
@@ -113,7 +117,20 @@ async def check_reverse_client_hostname_access(policy: Policy, req: Request, kin
     if isinstance(result, Reply) and result.text.startswith(f"<{shown.client_name}[{req.client_address}]>"):
         result = Reply(result.code, result.enhanced,
                        f"<{shown.client_name}>" + result.text[len(f"<{shown.client_name}[{req.client_address}]>"):])
+    if result is PERMIT and verdict.discard is None:
+        # the PTR name is the client's own claim: an OK would let anyone permit
+        # themselves (open the relay) by naming their PTR after a listed host
+        return forbid_allowlist("check_reverse_client_hostname_access", name or req.client_address)
     return result
+
+
+def forbid_allowlist(restriction: str, target: str) -> Reply:
+    """Postfix's forbid_allowlist: OK from a table keyed by a name the client controls
+    is refused as a configuration error, with the three warnings Postfix logs."""
+    log.warning("restriction %s returns OK for %s", restriction, target)
+    log.warning("this is not allowed for security reasons")
+    log.warning("use DUNNO instead of OK if you want to make an exception")
+    return Reply(451, "4.3.5", "Server configuration error")
 
 
 @register("reject_rbl_client", argument="domain")

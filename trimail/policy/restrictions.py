@@ -30,7 +30,10 @@ with ``501 5.1.3`` before the restrictions run).
 
 FILTER ``transport:nexthop`` is validated when the table answers (an unknown
 transport or bad nexthop is ``451 4.3.5 Server configuration error``, logged);
-BCC's address must resolve (an invalid one is logged and ignored).
+BCC's address must resolve (an invalid one is logged and ignored).  With
+``smtpd_delay_reject = no`` the client and HELO lists run before any transaction, so
+HOLD, DISCARD, REDIRECT, FILTER and BCC found there have no message to act on: they
+are skipped with a warning in the log, as Postfix does, never silently.
 
 Parameters: smtpd_*_restrictions, smtpd_delay_reject, mynetworks, relay_domains,
 parent_domain_matches_subdomains, smtpd_policy_service_timeout,
@@ -85,6 +88,7 @@ SUBJECT_TEXT = {
     "end_of_data": "End-of-data rejected",
 }
 FILTER_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
+MESSAGE_ACTIONS = frozenset({"hold", "discard", "redirect", "filter", "bcc"})  # act on the message
 
 
 class Policy(DnsChecks):
@@ -246,6 +250,12 @@ class Policy(DnsChecks):
             return self.defer_if_reject(verdict, maybe)
         if action == "code":
             return self.reply(result.code, result.enhanced, kind, req, result.text or "Access denied")
+        if action in MESSAGE_ACTIONS and req.stage in ("client", "helo"):
+            # smtpd_delay_reject = no: no mail transaction yet, nothing to act on (Postfix's
+            # not_in_client_helo); said in the log, never dropped without a word
+            log.warning("access table %s: with smtpd_delay_reject=no, action %s is always skipped in client or "
+                        "helo restrictions", source or "(policy)", action.upper())
+            return DUNNO
         if action == "hold":
             verdict.hold = verdict.hold or f"{self.subject(kind, req)}: {result.text or 'held'}"
         elif action == "discard":

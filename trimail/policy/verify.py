@@ -9,6 +9,9 @@ detection, smtp_tls_security_level as for deliveries).  250/251 is deliverable; 
 the local, error or discard transports are not probed (local users are
 local_recipient_maps' job; an error route is undeliverable with its text).
 
+The address probed (and the cache key) is the resolver's form of the recipient, the
+one its mail would be delivered to, not the client's spelling of it.
+
 Answers (Postfix's texts):
   deliverable            -> go on (dunno)
   undeliverable          -> unverified_recipient_reject_code: 5xx ``<a>: Recipient
@@ -21,9 +24,17 @@ Answers (Postfix's texts):
 The cache is in memory, shared by the sessions of one serve and bounded
 (address_verify_cache_size, oldest first out): deliverable answers for
 address_verify_positive_expire_time, undeliverable ones for
-address_verify_negative_expire_time when address_verify_negative_cache is on;
-"not verified yet" is never cached, so the next RCPT probes again.  Concurrent
-queries for one address share one probe.  smtpd waits for a probe at most
+address_verify_negative_expire_time when address_verify_negative_cache is on, and
+so are temporary failures (a probe that got a 4xx, no connection or no answer), for
+address_verify_negative_refresh_time: Postfix's verify(8) stores them too and probes
+such an address again only at its refresh time, so an outsider repeating RCPT for an
+address whose probe tempfails (an internal server greylisting, rate limiting or
+down) cannot turn each RCPT into a connection to that server.  A probe still
+running ("in progress") and a failure of our own (the probe's time limit, which
+includes waiting for a free slot; an internal error; a table that cannot be read)
+are never cached, so a flood that makes probes wait cannot poison the cache for
+real users.  Concurrent queries for one address
+share one probe.  smtpd waits for a probe at most
 (address_verify_poll_count - 1) x address_verify_poll_delay; after that it answers
 "Address verification in progress" and the probe goes on in the background, so
 the client's retry finds the answer in the cache (Postfix's behaviour).
@@ -37,6 +48,7 @@ failure becomes "not verified" and one log line.  A probe never sends content.
 
 Parameters: address_verify_sender, address_verify_positive_expire_time,
 address_verify_negative_expire_time, address_verify_negative_cache,
+address_verify_negative_refresh_time,
 address_verify_poll_count, address_verify_poll_delay, address_verify_cache_size,
 unverified_recipient_reject_code, unverified_recipient_defer_code,
 unverified_recipient_tempfail_action, unverified_recipient_reject_reason,
@@ -53,6 +65,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trimail import rewrite
 from trimail.config import Config
 from trimail.delivery.dns import Resolver
 from trimail.delivery.route import SMTP_TRANSPORTS, Route, RouteError, Router
@@ -77,6 +90,7 @@ IN_PROGRESS = "Address verification in progress"
 class Answer:
     status: str  # "ok", "bounce" or "defer"
     why: str = ""
+    local: bool = False  # a failure here (time limit, error, table), not the server's word: never cached
 
 
 class _Probe:
@@ -99,6 +113,7 @@ class Verifier:
         self.positive: float = config.address_verify_positive_expire_time
         self.negative: float = config.address_verify_negative_expire_time
         self.negative_cache: bool = config.address_verify_negative_cache
+        self.tempfail: float = config.address_verify_negative_refresh_time
         self.wait: float = max(config.address_verify_poll_count - 1, 0) * config.address_verify_poll_delay
         self.size: int = max(config.address_verify_cache_size, 1)
         self.cache: collections.OrderedDict[str, tuple[Answer, float]] = collections.OrderedDict()
@@ -115,10 +130,11 @@ class Verifier:
             return None
         return entry[0]
 
-    async def query(self, address: str) -> Answer:
-        """The verification status of *address*: cached, or from a probe that ends
-        within the poll bound, else "defer" (in progress, the probe goes on)."""
-        key = address.lower()
+    async def query(self, address: str, key: str | None = None) -> Answer:
+        """The verification status of *address* (cached under *key*, default the
+        address): cached, or from a probe that ends within the poll bound, else
+        "defer" (in progress, the probe goes on)."""
+        key = (key or address).lower()
         if (answer := self.cached(key)) is not None:
             return answer
         probe = self.running.get(key)
@@ -133,13 +149,13 @@ class Verifier:
     async def _probe_task(self, key: str, address: str, probe: _Probe) -> None:
         """A system task, outside any session: the boundary that turns every failure
         into "not verified" (a probe must never end serve)."""
-        answer = Answer("defer", "address verification failed")
+        answer = Answer("defer", "address verification failed", local=True)
         try:
             with trio.fail_after(PROBE_TIME_LIMIT):
                 async with self.limiter:
                     answer = await self.probe(address)
         except trio.TooSlowError:
-            answer = Answer("defer", f"address verification timed out after {PROBE_TIME_LIMIT:.0f}s")
+            answer = Answer("defer", f"address verification timed out after {PROBE_TIME_LIMIT:.0f}s", local=True)
         except Exception as exc:  # noqa: BLE001 (the boundary)
             log.warning("address verification of %s failed: %s", address, describe(exc))
         finally:
@@ -150,8 +166,9 @@ class Verifier:
 
     def _remember(self, key: str, answer: Answer) -> None:
         log.info("address verification: <%s> status=%s: %s", key, answer.status, answer.why)
-        lifetime = {"ok": self.positive, "bounce": self.negative if self.negative_cache else 0}.get(answer.status, 0)
-        if lifetime <= 0:
+        lifetime = {"ok": self.positive, "bounce": self.negative if self.negative_cache else 0,
+                    "defer": self.tempfail if self.negative_cache else 0}.get(answer.status, 0)
+        if lifetime <= 0 or answer.local:
             self.cache.pop(key, None)
             return
         self.cache[key] = (answer, time.time() + lifetime)
@@ -165,7 +182,7 @@ class Verifier:
             route: Route = await off_loop(self.router.tables, self.router.route, address,
                                           timeout=self.config.table_lookup_timeout)
         except (TableError, RouteError) as exc:
-            return Answer("defer", f"mail transport unavailable: {exc}")
+            return Answer("defer", f"mail transport unavailable: {exc}", local=True)
         if route.transport == "error":
             text = route.nexthop or "mail delivery is not allowed"
             return Answer("bounce" if not text.startswith("4") else "defer", text)
@@ -218,7 +235,12 @@ async def reject_unverified_recipient(policy: Policy, req: Request, kind: str, a
         return DUNNO
     if policy.verifier is None:
         policy.verifier = Verifier(policy.config, policy.resolver)
-    answer = await policy.verifier.query(req.recipient)
+    # one probe and one cache entry per mailbox however the client spells it (the
+    # resolver's form is the key), for the address its mail would go to (as Postfix's
+    # probe, canonicalised by cleanup)
+    resolved = rewrite.resolve(req.recipient, policy.rewrite)
+    mailbox = req.recipient if resolved.klass == "invalid" else resolved.address
+    answer = await policy.verifier.query(mailbox, key=mailbox)
     config = policy.config
     if answer.status == "ok":
         return DUNNO
