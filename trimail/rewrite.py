@@ -16,7 +16,8 @@ part and domain, and its class:
 
 The relay decision, the recipient that is stored and the route all come from this
 one function, so they cannot disagree.  Rules, in Postfix's order, applied again
-to the result while the domain is local: the local part is dequoted
+to the result while the domain is local: a source route (``@a,@b:``, up to the first
+colon outside brackets and quotes) is dropped; the local part is dequoted
 (``resolve_dequoted_address``); an ``@`` left in the local part of a local domain
 resolves again (``user@remote@local``); ``host!user`` becomes ``user@host``
 (``swap_bangpath``); ``user%host`` becomes ``user@host`` only with
@@ -53,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from trimail.smtp.address import _DOT_STRING, _QUOTED, dns_name, is_domain
+from trimail.smtp.address import _DOT_STRING, _QUOTED, dns_name, is_domain, source_route_end
 
 AddressClass = Literal["local", "virtual_alias", "virtual_mailbox", "relay", "remote", "invalid"]
 # the classes whose mail this host accepts from anyone (Postfix's permit_auth_destination)
@@ -143,9 +144,9 @@ def resolve(address: str, settings: Settings) -> Resolved:
     """Resolve *address* (a path as the SMTP parser returns it) as described above."""
     if any(ord(ch) < 0x20 or ch == "\x7f" for ch in address):  # CR, LF, NUL ...: never on the wire
         return INVALID
-    if address.startswith("@") and ":" in address:  # a source route: RFC 5321 says ignore it
-        address = address.rpartition(":")[2]
     for _ in range(len(address) + 2):
+        while 0 <= (route_end := source_route_end(address)) < len(address) - 1:
+            address = address[route_end + 1:]  # a source route: RFC 5321 says ignore it (resolve.c)
         local, at, domain = address.rpartition("@")
         if not at:
             local, domain = address, ""

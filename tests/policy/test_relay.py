@@ -21,6 +21,12 @@ FORMS = [
     '"user@outside.example."@gw.example',
     "<@gw.example:user@outside.example>",
     "<@gw.example,@other.example:user@outside.example>",
+    # source routes are ignored (RFC 5321 appendix C), the relay decision is on what follows
+    "<@gw.example:victim@outside.example>",
+    "<@[IPv6:::1]:victim@outside.example>",
+    "<@[127.0.0.1],@gw.example:victim@outside.example>",
+    '<@gw.example:"victim@outside.example"@gw.example>',
+    '<@gw.example:"@gw.example:victim@outside.example"@gw.example>',
     "outside.example!user@gw.example",
     "outside.example!user",
     "outside.example!user%other.example@gw.example",
@@ -81,7 +87,7 @@ async def test_outside_client_cannot_relay_with_any_address_form(gateway, sender
 
 
 async def test_inside_client_may_relay(gateway):
-    code, text = await trio.to_thread.run_sync(attempt, gateway.addresses[0].port, "a@client.example",
+    code, _text = await trio.to_thread.run_sync(attempt, gateway.addresses[0].port, "a@client.example",
                                                "user@outside.example", "127.0.0.1")
     assert code == 250
 

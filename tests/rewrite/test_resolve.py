@@ -67,13 +67,15 @@ def _wrap(inner: str, how: str, domain: str) -> str:
         return f"{inner}%{domain}"
     if how == "route":
         return f"@{domain}:{inner}"
+    if how == "routes":  # an A-d-l of two hops (RFC 5321 4.1.2)
+        return f"@{domain},@[IPv6:::1]:{inner}"
     return inner + "."
 
 
 forms = st.builds(
     lambda base, steps: _apply(base, steps),
     st.sampled_from(LOCALS),
-    st.lists(st.tuples(st.sampled_from(["at", "quoted", "bang", "percent", "route", "dot"]),
+    st.lists(st.tuples(st.sampled_from(["at", "quoted", "bang", "percent", "route", "routes", "dot"]),
                        st.sampled_from(DOMAINS)), min_size=0, max_size=30),
 )
 
@@ -128,7 +130,7 @@ CONFIGURATIONS = {
                   "virtual_alias_maps": "inline:{ @gw.example=postmaster@gw.example, "
                                         "@virt.example=postmaster@gw.example }"},
 }
-STEP = st.tuples(st.sampled_from(["at", "quoted", "bang", "percent", "route", "dot"]), st.sampled_from(DOMAINS))
+STEP = st.tuples(st.sampled_from(["at", "quoted", "bang", "percent", "route", "routes", "dot"]), st.sampled_from(DOMAINS))
 
 
 @pytest.fixture(scope="module")
