@@ -30,9 +30,14 @@ FORMS = [
     "outside.example!user@gw.example",
     "outside.example!user",
     "outside.example!user%other.example@gw.example",
+    # address literals that are not one of our listener addresses (127.0.0.1 is:
+    # mail to it is local, see ALL_FORMS and tests/policy/test_own_literals.py)
     "user@[192.0.2.1]",
-    "user@[127.0.0.1]",
+    "user@[127.0.0.3]",
     "user@[IPv6:::1]",
+    "user@[IPv6:2001:db8::1]",
+    "user@[IPv6:::ffff:127.0.0.1]",
+    "user@[127.0.0.1]@outside.example",
     "user@sub.gw.example",
     "user@gw.example.outside.example",
     "user@localhost.outside.example",
@@ -125,7 +130,10 @@ LOCAL_RECIPIENTS = {
 # every form again with the virtual alias domain in place of the local one, and at a relay domain
 ALL_FORMS = FORMS + [f.replace("gw.example", "virt.example") for f in FORMS if "gw.example" in f] + [
     "user@internal.example", "outside.example!user@internal.example", '"user@outside.example"@internal.example',
-    "user@outside.example@internal.example", "internal.example!user@gw.example"]
+    "user@outside.example@internal.example", "internal.example!user@gw.example",
+    # our own address literal is local (Postfix's resolve_local), and resolves further like gw.example
+    "user@[127.0.0.1]", '"user@outside.example"@[127.0.0.1]', "outside.example!user@[127.0.0.1]",
+    "user@outside.example@[127.0.0.1]", "<@[127.0.0.1]:user@outside.example>"]
 
 
 def transaction(port: int, recipient: str, source: str) -> tuple[int, str | None]:

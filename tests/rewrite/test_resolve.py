@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trimail.rewrite import Resolved, Settings, resolve
+from trimail.rewrite import Resolved, Settings, _own_literal, resolve
 
 LOCAL = frozenset({"gw.example", "localhost"})
 RELAY = frozenset({"internal.example"})
@@ -16,6 +16,7 @@ VARIANTS = {
     "percent-hack": Settings(LOCAL, RELAY, percent_hack=True),
     "no-bangpath": Settings(LOCAL, RELAY, swap_bangpath=False),
     "no-dequote": Settings(LOCAL, RELAY, dequote=False),
+    "own-literals": Settings(LOCAL, RELAY, own_addresses=frozenset({"127.0.0.1", "::1"})),
 }
 
 
@@ -52,7 +53,7 @@ def test_percent_hack_only_when_allowed():
 
 
 DOMAINS = ["gw.example", "GW.EXAMPLE.", "localhost", "internal.example", "sub.internal.example",
-           "outside.example", "[192.0.2.1]", "", "x..y", "outside.example.", "virt.example", "VIRT.example."]
+           "outside.example", "[192.0.2.1]", "[127.0.0.1]", "[IPv6:::1]", "[IPv6:2001:db8::1]", "", "x..y", "outside.example.", "virt.example", "VIRT.example."]
 LOCALS = ["user", "victim", "", "a.b", "post master", "x!y", "p%q", "@", "!", "%", ":", "\"", "."]
 
 
@@ -92,7 +93,7 @@ def _route_is(resolved: Resolved, config: Settings) -> None:
     domain = stored.rpartition("@")[2].lower().rstrip(".") if "@" in stored else ""
     assert domain == resolved.domain, (stored, resolved)
     if resolved.klass == "local":
-        assert domain == "" or domain in config.local_domains
+        assert domain == "" or domain in config.local_domains or _own_literal(domain, config)
     elif resolved.klass == "relay":
         assert domain in config.relay_domains or any(domain.endswith("." + d) for d in config.relay_domains)
     # and the stored address, resolved again, goes to the same place (nothing left to rewrite)
