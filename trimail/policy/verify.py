@@ -45,7 +45,8 @@ the client's retry finds the answer in the cache (Postfix's behaviour).
 Security: a probe is one bounded SMTP dialogue (the smtp_*_timeouts, at most
 PROBE_TIME_LIMIT in all; reply lines bounded by the SMTP client's parser); the
 peer's words reach our reply and the log only through ``classify`` (printable,
-bounded).  At most PROBES_AT_ONCE probes run at a time; more queries wait their
+bounded).  The probe's connection is closed on every path after connect (an
+answer, a peer error, an exception, a cancellation such as the time limit).  At most PROBES_AT_ONCE probes run at a time; more queries wait their
 turn within the same poll bound.  Background probes are error boundaries: any
 failure becomes "not verified" and one log line.  A probe never sends content.
 
@@ -206,22 +207,26 @@ class Verifier:
             status = "bounce" if exc.outcome.status == "bounced" else "defer"
             return Answer(status, exc.outcome.text)
         relay = f"{conn.host}[{conn.address}]"
-        try:
-            t = conn.timeouts
-            mail = mail_command(self.sender, 0, conn.ext, eight_bit=False, smtputf8=False)
-            reply = await _command(conn, mail, t.mail)
-            stage = "MAIL FROM"
-            if reply.code == 250:
-                reply = await _command(conn, rcpt_command(address), t.rcpt)
-                stage = "RCPT TO"
-            with trio.move_on_after(5):
-                await _command(conn, b"RSET\r\n", t.mail)
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                PeerProtocolError, EOFError) as exc:
-            conn.usable = False
-            await conn.close()
-            return Answer("defer", f"conversation with {relay} failed: {describe(exc)}")
-        await conn.close()
+        try:  # whatever happens after connect (a reply, an error, a cancellation), the connection is closed
+            try:
+                t = conn.timeouts
+                mail = mail_command(self.sender, 0, conn.ext, eight_bit=False, smtputf8=False)
+                reply = await _command(conn, mail, t.mail)
+                stage = "MAIL FROM"
+                if reply.code == 250:
+                    reply = await _command(conn, rcpt_command(address), t.rcpt)
+                    stage = "RCPT TO"
+                with trio.move_on_after(5):
+                    await _command(conn, b"RSET\r\n", t.mail)
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                    PeerProtocolError, EOFError) as exc:
+                conn.usable = False
+                return Answer("defer", f"conversation with {relay} failed: {describe(exc)}")
+            except BaseException:
+                conn.usable = False  # mid-dialogue: no QUIT, just close
+                raise
+        finally:
+            await conn.close()  # its stream.aclose() is shielded: it runs under cancellation too
         if reply.code in (250, 251):
             return Answer("ok", f"host {relay} said: {reply.code} {' '.join(reply.lines())}")
         outcome = classify(reply, relay, stage)
