@@ -2,8 +2,13 @@
 
 ``Policy.check(stage, request)`` evaluates, for a stage, the lists Postfix would:
 with ``smtpd_delay_reject = yes`` (default) the client, HELO and sender lists run
-at RCPT time together with the relay and recipient lists; ``data`` and
-``end_of_data`` run at DATA and at the final dot.  Within a list the first
+at RCPT time together with the relay and recipient lists -- again, whole, at every
+RCPT, as Postfix's smtpd_check_rcpt() calls smtpd_check_client/helo/mail each time
+(nothing but a defer_if_permit is kept between stages), so a ``sleep`` there pauses
+once per RCPT, never at HELO or MAIL (the session's smtpd_session_deadline bounds
+the sum); with ``smtpd_delay_reject = no`` the client and HELO lists run at HELO and
+the sender list at MAIL, once each; ``data`` and ``end_of_data`` run at DATA and at
+the final dot.  Within a list the first
 ``permit``-like result ends that list and evaluation goes on with the next list;
 the first reject or defer ends everything and becomes the reply; the end of a
 list is "dunno".  Access-table actions (HOLD, DISCARD, REDIRECT, FILTER, BCC,
