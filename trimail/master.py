@@ -59,6 +59,7 @@ from trimail.config import Config, ConfigError, ListenAddress
 from trimail.maps import TableError
 from trimail.metrics import Metrics, serve_metrics
 from trimail.policy.restrictions import restriction_lists
+from trimail.policy.verify import Verifier
 from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
 from trimail.net.control import open_control_listener, serve_control
@@ -115,6 +116,10 @@ class Server:
                                               kind=kind, auth_failures=auth_failures)
                          for kind in {kind for _, kind, _ in listeners} | {"smtp"}}
         self.context = self.contexts["smtp"]
+        # one address-verification cache and probe limit for every listener, kept across reloads
+        self.verifier = Verifier(config, resolver)
+        for context in self.contexts.values():
+            context.policy.verifier = self.verifier
         self.metrics = Metrics()
         self.metrics.sessions.set_function(lambda: len(self.sessions))
         for context in self.contexts.values():
@@ -170,9 +175,9 @@ class Server:
         try:
             fresh = configuration.load(self.config.path, self.config.overrides)
             restriction_lists(fresh)
-            contexts = {kind: ReceiveContext(fresh, self.writer, scheduler=self.scheduler,
-                                             resolver=Resolver(fresh.dns_nameservers), kind=kind,
-                                             auth_failures=self.context.auth_failures)
+            resolver = Resolver(fresh.dns_nameservers)
+            contexts = {kind: ReceiveContext(fresh, self.writer, scheduler=self.scheduler, resolver=resolver,
+                                             kind=kind, auth_failures=self.context.auth_failures)
                         for kind in {kind for kind, _ in LISTENERS}}
             wanted = {(kind, str(address)): address for kind, parameter in LISTENERS
                       for address in fresh.get(parameter)}
@@ -180,6 +185,7 @@ class Server:
                 if key not in self.listening:
                     opened += [(listener, key[0], address) for listener in await open_listeners([address])]
             self.scheduler.reconfigure(fresh)
+            self.verifier.reconfigure(fresh, resolver)
         except (ConfigError, TableError, OSError, ListenError) as exc:
             for listener, _, _ in opened:
                 await listener.aclose()
@@ -194,6 +200,7 @@ class Server:
         for context in contexts.values():
             context.hooks = hooks
             context.metrics = self.metrics
+            context.policy.verifier = self.verifier
         self.config = fresh
         if self.anvil.configure(fresh) is False:
             self._stress_changed()

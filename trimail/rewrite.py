@@ -3,7 +3,10 @@
 ``resolve(address, settings)`` says where mail for *address* goes: its final local
 part and domain, and its class:
 
-- ``local``: a domain in ``mydestination``, or no domain at all (``local_transport``);
+- ``local``: a domain in ``mydestination``, an address literal naming this host
+  (``[ip]`` or ``[IPv6:ip]`` where ip is one of ``own_addresses``: Postfix's
+  resolve_local() takes the literals of $inet_interfaces and $proxy_interfaces), or
+  no domain at all (``local_transport``);
 - ``virtual_alias``: a domain in ``virtual_alias_domains``: its users exist only as
   keys of ``virtual_alias_maps``, whatever the table does not rewrite is unknown;
 - ``virtual_mailbox``: a domain in ``virtual_mailbox_domains``, delivered by the
@@ -16,7 +19,8 @@ part and domain, and its class:
 
 The relay decision, the recipient that is stored and the route all come from this
 one function, so they cannot disagree.  Rules, in Postfix's order, applied again
-to the result while the domain is local: the local part is dequoted
+to the result while the domain is local: a source route (``@a,@b:``, up to the first
+colon outside brackets and quotes) is dropped; the local part is dequoted
 (``resolve_dequoted_address``); an ``@`` left in the local part of a local domain
 resolves again (``user@remote@local``); ``host!user`` becomes ``user@host``
 (``swap_bangpath``); ``user%host`` becomes ``user@host`` only with
@@ -40,20 +44,30 @@ Whether a user of a class exists (local_recipient_maps, virtual_alias_maps,
 virtual_mailbox_maps, relay_recipient_maps) is a table lookup, made by the
 callers (smtpd at RCPT, cleanup), never here.
 
+Our own addresses: trimail's inet_interfaces are the addresses serve listens on
+(smtpd_listen, submission_listen, smtps_listen); a wildcard listener (``0.0.0.0``,
+``[::]``) means every address of the host's interfaces (``trimail/delivery/interfaces.py``,
+as Postfix's ``inet_interfaces = all``), plus ``proxy_interfaces``.  A literal is
+compared exactly (no IPv4-mapped IPv6, no other 127/8 address): anything else keeps
+its class, so ``user@[192.0.2.1]`` is still remote and relaying.
+
 Security notes: ``invalid`` is refused at RCPT (``501 5.1.3 Bad recipient address
-syntax``); nothing here does I/O.
+syntax``); ``resolve`` does no I/O (``Settings.from_config`` reads the interface
+list once, only when a listener is a wildcard).
 
 Parameters: mydestination, virtual_alias_domains, virtual_mailbox_domains,
-relay_domains, parent_domain_matches_subdomains,
+relay_domains, parent_domain_matches_subdomains, smtpd_listen, submission_listen,
+smtps_listen, proxy_interfaces,
 swap_bangpath, allow_percent_hack, resolve_dequoted_address, resolve_null_domain.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from typing import Literal
 
-from trimail.smtp.address import _DOT_STRING, _QUOTED, dns_name, is_domain
+from trimail.smtp.address import _DOT_STRING, _QUOTED, dns_name, is_domain, source_route_end
 
 AddressClass = Literal["local", "virtual_alias", "virtual_mailbox", "relay", "remote", "invalid"]
 # the classes whose mail this host accepts from anyone (Postfix's permit_auth_destination)
@@ -71,6 +85,7 @@ class Settings:
     null_domain: bool = False
     virtual_alias_domains: frozenset[str] = frozenset()
     virtual_mailbox_domains: frozenset[str] = frozenset()
+    own_addresses: frozenset[str] = frozenset()  # IP addresses (ipaddress's str) whose literals are local
 
     @classmethod
     def from_config(cls, config: object) -> Settings:
@@ -84,8 +99,8 @@ class Settings:
                    virtual_mailbox_domains=names("virtual_mailbox_domains"),
                    relay_subdomains="relay_domains" in get("parent_domain_matches_subdomains"),
                    swap_bangpath=get("swap_bangpath"), percent_hack=get("allow_percent_hack"),
-                   dequote=get("resolve_dequoted_address"), null_domain=get("resolve_null_domain"))
-
+                   dequote=get("resolve_dequoted_address"), null_domain=get("resolve_null_domain"),
+                   own_addresses=own_addresses(config))
 
     def overlaps(self) -> list[str]:
         """Postfix's warnings for a domain listed in two class lists (each list should
@@ -143,9 +158,9 @@ def resolve(address: str, settings: Settings) -> Resolved:
     """Resolve *address* (a path as the SMTP parser returns it) as described above."""
     if any(ord(ch) < 0x20 or ch == "\x7f" for ch in address):  # CR, LF, NUL ...: never on the wire
         return INVALID
-    if address.startswith("@") and ":" in address:  # a source route: RFC 5321 says ignore it
-        address = address.rpartition(":")[2]
     for _ in range(len(address) + 2):
+        while 0 <= (route_end := source_route_end(address)) < len(address) - 1:
+            address = address[route_end + 1:]  # a source route: RFC 5321 says ignore it (resolve.c)
         local, at, domain = address.rpartition("@")
         if not at:
             local, domain = address, ""
@@ -156,7 +171,7 @@ def resolve(address: str, settings: Settings) -> Resolved:
             return INVALID
         if not local:
             return INVALID
-        if domain and domain not in settings.local_domains:
+        if domain and domain not in settings.local_domains and not _own_literal(domain, settings):
             if not is_domain(domain) or (not domain.startswith("[") and dns_name(domain) is None):
                 return INVALID
             return Resolved(local, domain, _class_of(domain, settings))
@@ -174,6 +189,45 @@ def resolve(address: str, settings: Settings) -> Resolved:
             continue
         return Resolved(local, domain, "local")
     return INVALID  # rewriting that does not end is never local
+
+
+def own_addresses(config: object) -> frozenset[str]:
+    """The addresses whose literals are this host: the listeners' addresses (every
+    interface address when one is a wildcard) and proxy_interfaces."""
+    get = config.get  # type: ignore[attr-defined]
+    found: set[str] = set(get("proxy_interfaces"))
+    wildcard = False
+    for parameter in ("smtpd_listen", "submission_listen", "smtps_listen"):
+        for listen in get(parameter):
+            ip = _ip(listen.host.strip("[]"))
+            if ip is None:
+                continue
+            wildcard = wildcard or ip.is_unspecified
+            found.add(str(ip))
+    if wildcard:
+        from trimail.delivery.interfaces import interface_addresses
+
+        found |= {str(ip) for ip in interface_addresses()}
+    return frozenset(found - {"0.0.0.0", "::"})
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _own_literal(domain: str, settings: Settings) -> bool:
+    """*domain* (lower case) is ``[ipv4]`` or ``[ipv6:ip]`` naming one of our addresses."""
+    if not settings.own_addresses or not (domain.startswith("[") and domain.endswith("]")):
+        return False
+    literal = domain[1:-1]
+    if literal.startswith("ipv6:"):
+        ip = _ip(literal[5:])
+        return ip is not None and ip.version == 6 and str(ip) in settings.own_addresses
+    ip = _ip(literal)
+    return ip is not None and ip.version == 4 and str(ip) in settings.own_addresses
 
 
 def _class_of(domain: str, settings: Settings) -> AddressClass:

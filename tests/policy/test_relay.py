@@ -21,12 +21,23 @@ FORMS = [
     '"user@outside.example."@gw.example',
     "<@gw.example:user@outside.example>",
     "<@gw.example,@other.example:user@outside.example>",
+    # source routes are ignored (RFC 5321 appendix C), the relay decision is on what follows
+    "<@gw.example:victim@outside.example>",
+    "<@[IPv6:::1]:victim@outside.example>",
+    "<@[127.0.0.1],@gw.example:victim@outside.example>",
+    '<@gw.example:"victim@outside.example"@gw.example>',
+    '<@gw.example:"@gw.example:victim@outside.example"@gw.example>',
     "outside.example!user@gw.example",
     "outside.example!user",
     "outside.example!user%other.example@gw.example",
+    # address literals that are not one of our listener addresses (127.0.0.1 is:
+    # mail to it is local, see ALL_FORMS and tests/policy/test_own_literals.py)
     "user@[192.0.2.1]",
-    "user@[127.0.0.1]",
+    "user@[127.0.0.3]",
     "user@[IPv6:::1]",
+    "user@[IPv6:2001:db8::1]",
+    "user@[IPv6:::ffff:127.0.0.1]",
+    "user@[127.0.0.1]@outside.example",
     "user@sub.gw.example",
     "user@gw.example.outside.example",
     "user@localhost.outside.example",
@@ -81,7 +92,7 @@ async def test_outside_client_cannot_relay_with_any_address_form(gateway, sender
 
 
 async def test_inside_client_may_relay(gateway):
-    code, text = await trio.to_thread.run_sync(attempt, gateway.addresses[0].port, "a@client.example",
+    code, _text = await trio.to_thread.run_sync(attempt, gateway.addresses[0].port, "a@client.example",
                                                "user@outside.example", "127.0.0.1")
     assert code == 250
 
@@ -119,7 +130,10 @@ LOCAL_RECIPIENTS = {
 # every form again with the virtual alias domain in place of the local one, and at a relay domain
 ALL_FORMS = FORMS + [f.replace("gw.example", "virt.example") for f in FORMS if "gw.example" in f] + [
     "user@internal.example", "outside.example!user@internal.example", '"user@outside.example"@internal.example',
-    "user@outside.example@internal.example", "internal.example!user@gw.example"]
+    "user@outside.example@internal.example", "internal.example!user@gw.example",
+    # our own address literal is local (Postfix's resolve_local), and resolves further like gw.example
+    "user@[127.0.0.1]", '"user@outside.example"@[127.0.0.1]', "outside.example!user@[127.0.0.1]",
+    "user@outside.example@[127.0.0.1]", "<@[127.0.0.1]:user@outside.example>"]
 
 
 def transaction(port: int, recipient: str, source: str) -> tuple[int, str | None]:

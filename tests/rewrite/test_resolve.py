@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trimail.rewrite import Resolved, Settings, resolve
+from trimail.rewrite import Resolved, Settings, _own_literal, resolve
 
 LOCAL = frozenset({"gw.example", "localhost"})
 RELAY = frozenset({"internal.example"})
@@ -16,6 +16,7 @@ VARIANTS = {
     "percent-hack": Settings(LOCAL, RELAY, percent_hack=True),
     "no-bangpath": Settings(LOCAL, RELAY, swap_bangpath=False),
     "no-dequote": Settings(LOCAL, RELAY, dequote=False),
+    "own-literals": Settings(LOCAL, RELAY, own_addresses=frozenset({"127.0.0.1", "::1"})),
 }
 
 
@@ -52,7 +53,7 @@ def test_percent_hack_only_when_allowed():
 
 
 DOMAINS = ["gw.example", "GW.EXAMPLE.", "localhost", "internal.example", "sub.internal.example",
-           "outside.example", "[192.0.2.1]", "", "x..y", "outside.example.", "virt.example", "VIRT.example."]
+           "outside.example", "[192.0.2.1]", "[127.0.0.1]", "[IPv6:::1]", "[IPv6:2001:db8::1]", "", "x..y", "outside.example.", "virt.example", "VIRT.example."]
 LOCALS = ["user", "victim", "", "a.b", "post master", "x!y", "p%q", "@", "!", "%", ":", "\"", "."]
 
 
@@ -67,13 +68,15 @@ def _wrap(inner: str, how: str, domain: str) -> str:
         return f"{inner}%{domain}"
     if how == "route":
         return f"@{domain}:{inner}"
+    if how == "routes":  # an A-d-l of two hops (RFC 5321 4.1.2)
+        return f"@{domain},@[IPv6:::1]:{inner}"
     return inner + "."
 
 
 forms = st.builds(
     lambda base, steps: _apply(base, steps),
     st.sampled_from(LOCALS),
-    st.lists(st.tuples(st.sampled_from(["at", "quoted", "bang", "percent", "route", "dot"]),
+    st.lists(st.tuples(st.sampled_from(["at", "quoted", "bang", "percent", "route", "routes", "dot"]),
                        st.sampled_from(DOMAINS)), min_size=0, max_size=30),
 )
 
@@ -90,7 +93,7 @@ def _route_is(resolved: Resolved, config: Settings) -> None:
     domain = stored.rpartition("@")[2].lower().rstrip(".") if "@" in stored else ""
     assert domain == resolved.domain, (stored, resolved)
     if resolved.klass == "local":
-        assert domain == "" or domain in config.local_domains
+        assert domain == "" or domain in config.local_domains or _own_literal(domain, config)
     elif resolved.klass == "relay":
         assert domain in config.relay_domains or any(domain.endswith("." + d) for d in config.relay_domains)
     # and the stored address, resolved again, goes to the same place (nothing left to rewrite)
@@ -128,7 +131,7 @@ CONFIGURATIONS = {
                   "virtual_alias_maps": "inline:{ @gw.example=postmaster@gw.example, "
                                         "@virt.example=postmaster@gw.example }"},
 }
-STEP = st.tuples(st.sampled_from(["at", "quoted", "bang", "percent", "route", "dot"]), st.sampled_from(DOMAINS))
+STEP = st.tuples(st.sampled_from(["at", "quoted", "bang", "percent", "route", "routes", "dot"]), st.sampled_from(DOMAINS))
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,9 @@ async def warn_if_reject(policy: Policy, req: Request, kind: str, arg: str | Non
 
 @register("sleep", argument="seconds", kinds=ENVELOPE_KINDS)
 async def sleep(policy: Policy, req: Request, kind: str, arg: str | None, verdict: Verdict) -> Result:
-    """Pause, then go on with the next restriction (stops zombies that talk first)."""
+    """Pause, then go on with the next restriction (stops zombies that talk first).
+    Each time its list runs: with smtpd_delay_reject, a client/HELO/sender list runs
+    at every RCPT, so the pause repeats per RCPT, as in Postfix."""
     await trio.sleep(int(arg or 0))
     return DUNNO
 

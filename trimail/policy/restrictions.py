@@ -2,8 +2,13 @@
 
 ``Policy.check(stage, request)`` evaluates, for a stage, the lists Postfix would:
 with ``smtpd_delay_reject = yes`` (default) the client, HELO and sender lists run
-at RCPT time together with the relay and recipient lists; ``data`` and
-``end_of_data`` run at DATA and at the final dot.  Within a list the first
+at RCPT time together with the relay and recipient lists -- again, whole, at every
+RCPT, as Postfix's smtpd_check_rcpt() calls smtpd_check_client/helo/mail each time
+(nothing but a defer_if_permit is kept between stages), so a ``sleep`` there pauses
+once per RCPT, never at HELO or MAIL (the session's smtpd_session_deadline bounds
+the sum); with ``smtpd_delay_reject = no`` the client and HELO lists run at HELO and
+the sender list at MAIL, once each; ``data`` and ``end_of_data`` run at DATA and at
+the final dot.  Within a list the first
 ``permit``-like result ends that list and evaluation goes on with the next list;
 the first reject or defer ends everything and becomes the reply; the end of a
 list is "dunno".  Access-table actions (HOLD, DISCARD, REDIRECT, FILTER, BCC,
@@ -30,7 +35,10 @@ with ``501 5.1.3`` before the restrictions run).
 
 FILTER ``transport:nexthop`` is validated when the table answers (an unknown
 transport or bad nexthop is ``451 4.3.5 Server configuration error``, logged);
-BCC's address must resolve (an invalid one is logged and ignored).  With
+REDIRECT's and BCC's address must be user@domain without control or bidi characters
+and must resolve; any other target is logged and ignored, as Postfix ignores a
+target without ``@`` (its smtpd_check.c returns DUNNO), and the mail goes to its
+own recipients.  With
 ``smtpd_delay_reject = no`` the client and HELO lists run before any transaction, so
 HOLD, DISCARD, REDIRECT, FILTER and BCC found there have no message to act on: they
 are skipped with a warning in the log, as Postfix does, never silently.
@@ -53,6 +61,7 @@ from trimail import rewrite
 from trimail.config import Config
 from trimail.delivery.dns import Resolver
 from trimail.delivery.route import RouteError, parse_nexthop
+from trimail.log import printable
 from trimail.maps import Table, TableError, off_loop, open_table
 from trimail.policy.access import AccessResult, parse_result
 from trimail.policy.dnschecks import DnsChecks
@@ -72,6 +81,7 @@ from trimail.policy.registry import (  # noqa: F401 (re-exported: smtpd and test
     parse_list,
     restriction_lists,
 )
+from trimail.smtp.address import _CONTROL
 from trimail.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -261,7 +271,10 @@ class Policy(DnsChecks):
         elif action == "discard":
             verdict.discard = verdict.discard or f"{self.subject(kind, req)}: {result.text or 'discarded'}"
         elif action == "redirect":
-            verdict.redirect = result.text
+            address = result.text.strip()
+            if self._bad_target(req, "REDIRECT", address, source):
+                return DUNNO
+            verdict.redirect = address  # the last REDIRECT wins (Postfix)
         elif action == "filter":
             problem = filter_problem(result.text)
             if problem:
@@ -271,10 +284,7 @@ class Policy(DnsChecks):
             verdict.filter = result.text.strip()  # the last FILTER wins (Postfix)
         elif action == "bcc":
             address = result.text.strip()
-            if not address or rewrite.resolve(address, self.rewrite).klass == "invalid":
-                log.warning("%s: access table %s: BCC %r is not a valid address; ignored",
-                            req.queue_id or "NOQUEUE", source or "(policy)", address)
-            else:
+            if not self._bad_target(req, "BCC", address, source):
                 verdict.bcc = address  # the last BCC wins (Postfix 3.0)
         elif action == "prepend":
             verdict.prepend.append(result.text)
@@ -290,6 +300,17 @@ class Policy(DnsChecks):
                 return self.reply(451, "4.3.5", kind, req, "Server configuration error")
             return await self.run(items, req, kind, verdict)
         return DUNNO
+
+    def _bad_target(self, req: Request, action: str, address: str, source: str) -> bool:
+        """A REDIRECT or BCC target that cannot be used, logged: not user@domain (Postfix
+        "requires user@domain target", and then ignores the action), a control or
+        bidi character, or an address the resolver cannot resolve."""
+        if "@" in address and not _CONTROL.search(address) \
+                and rewrite.resolve(address, self.rewrite).klass != "invalid":
+            return False
+        log.warning("%s: access table %s: %s %s is not a valid address; ignored",
+                    req.queue_id or "NOQUEUE", source or "(policy)", action, printable(repr(address)))
+        return True
 
 
 def filter_problem(text: str) -> str:

@@ -21,7 +21,10 @@ Answers (Postfix's texts):
                             address rejected: unverified address: <why>``, as a
                             defer_if_permit (unverified_recipient_tempfail_action)
 
-The cache is in memory, shared by the sessions of one serve and bounded
+The cache is in memory, shared by every session of one serve process whatever its
+listener (serve makes one Verifier and hands it to the Policy of every listener kind;
+a reload reconfigures it and keeps its cache, its running probes and its probe
+limit), and bounded
 (address_verify_cache_size, oldest first out): deliverable answers for
 address_verify_positive_expire_time, undeliverable ones for
 address_verify_negative_expire_time when address_verify_negative_cache is on, and
@@ -42,7 +45,8 @@ the client's retry finds the answer in the cache (Postfix's behaviour).
 Security: a probe is one bounded SMTP dialogue (the smtp_*_timeouts, at most
 PROBE_TIME_LIMIT in all; reply lines bounded by the SMTP client's parser); the
 peer's words reach our reply and the log only through ``classify`` (printable,
-bounded).  At most PROBES_AT_ONCE probes run at a time; more queries wait their
+bounded).  The probe's connection is closed on every path after connect (an
+answer, a peer error, an exception, a cancellation such as the time limit).  At most PROBES_AT_ONCE probes run at a time; more queries wait their
 turn within the same poll bound.  Background probes are error boundaries: any
 failure becomes "not verified" and one log line.  A probe never sends content.
 
@@ -105,9 +109,20 @@ class Verifier:
     """Probes and their cache; one per serve (shared by its sessions)."""
 
     def __init__(self, config: Config, resolver: Resolver) -> None:
-        self.config = config
-        self.router = Router(config)
-        self.connector = Connector(config, resolver, list(config.smtpd_listen))
+        self.cache: collections.OrderedDict[str, tuple[Answer, float]] = collections.OrderedDict()
+        self.running: dict[str, _Probe] = {}
+        self.limiter = trio.CapacityLimiter(PROBES_AT_ONCE)
+        self.probes = 0  # started, for the log and tests
+        self.reconfigure(config, resolver)
+
+    def reconfigure(self, config: Config, resolver: Resolver) -> None:
+        """Take a reloaded configuration: new probes use its route, timeouts and
+        expiry times; the cache, the running probes and the probe limit stay (an
+        answer is as good as it was before the reload; a cache made smaller loses
+        its oldest entries)."""
+        router = Router(config)  # first: whatever raises leaves the running configuration
+        connector = Connector(config, resolver, list(config.smtpd_listen))
+        self.config, self.router, self.connector = config, router, connector
         sender = config.address_verify_sender.strip().strip("<>")
         self.sender = sender if not sender or "@" in sender else f"{sender}@{config.myorigin}"
         self.positive: float = config.address_verify_positive_expire_time
@@ -116,10 +131,8 @@ class Verifier:
         self.tempfail: float = config.address_verify_negative_refresh_time
         self.wait: float = max(config.address_verify_poll_count - 1, 0) * config.address_verify_poll_delay
         self.size: int = max(config.address_verify_cache_size, 1)
-        self.cache: collections.OrderedDict[str, tuple[Answer, float]] = collections.OrderedDict()
-        self.running: dict[str, _Probe] = {}
-        self.limiter = trio.CapacityLimiter(PROBES_AT_ONCE)
-        self.probes = 0  # started, for the log and tests
+        while len(self.cache) > self.size:
+            self.cache.popitem(last=False)
 
     def cached(self, address: str) -> Answer | None:
         entry = self.cache.get(address)
@@ -194,22 +207,26 @@ class Verifier:
             status = "bounce" if exc.outcome.status == "bounced" else "defer"
             return Answer(status, exc.outcome.text)
         relay = f"{conn.host}[{conn.address}]"
-        try:
-            t = conn.timeouts
-            mail = mail_command(self.sender, 0, conn.ext, eight_bit=False, smtputf8=False)
-            reply = await _command(conn, mail, t.mail)
-            stage = "MAIL FROM"
-            if reply.code == 250:
-                reply = await _command(conn, rcpt_command(address), t.rcpt)
-                stage = "RCPT TO"
-            with trio.move_on_after(5):
-                await _command(conn, b"RSET\r\n", t.mail)
-        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                PeerProtocolError, EOFError) as exc:
-            conn.usable = False
-            await conn.close()
-            return Answer("defer", f"conversation with {relay} failed: {describe(exc)}")
-        await conn.close()
+        try:  # whatever happens after connect (a reply, an error, a cancellation), the connection is closed
+            try:
+                t = conn.timeouts
+                mail = mail_command(self.sender, 0, conn.ext, eight_bit=False, smtputf8=False)
+                reply = await _command(conn, mail, t.mail)
+                stage = "MAIL FROM"
+                if reply.code == 250:
+                    reply = await _command(conn, rcpt_command(address), t.rcpt)
+                    stage = "RCPT TO"
+                with trio.move_on_after(5):
+                    await _command(conn, b"RSET\r\n", t.mail)
+            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
+                    PeerProtocolError, EOFError) as exc:
+                conn.usable = False
+                return Answer("defer", f"conversation with {relay} failed: {describe(exc)}")
+            except BaseException:
+                conn.usable = False  # mid-dialogue: no QUIT, just close
+                raise
+        finally:
+            await conn.close()  # its stream.aclose() is shielded: it runs under cancellation too
         if reply.code in (250, 251):
             return Answer("ok", f"host {relay} said: {reply.code} {' '.join(reply.lines())}")
         outcome = classify(reply, relay, stage)
@@ -233,7 +250,7 @@ async def reject_unverified_recipient(policy: Policy, req: Request, kind: str, a
                                       verdict: Verdict) -> Result:
     if not req.recipient:
         return DUNNO
-    if policy.verifier is None:
+    if policy.verifier is None:  # a Policy outside serve (serve hands every Policy its one Verifier)
         policy.verifier = Verifier(policy.config, policy.resolver)
     # one probe and one cache entry per mailbox however the client spells it (the
     # resolver's form is the key), for the address its mail would go to (as Postfix's

@@ -2,7 +2,11 @@
 
 RFC 5321 section 4.1.2 grammar, with Postfix's tolerance for a space after the colon
 and for a missing pair of angle brackets around a plain address.  Source routes
-(``<@a,@b:user@c>``) are accepted and dropped (RFC 5321 appendix C).
+(``<@a,@b:user@c>``, the A-d-l) are accepted and dropped (RFC 5321 appendix C: a
+server SHOULD accept and ignore them; Postfix's resolver strips them), in MAIL and
+RCPT alike.  The route ends at the first colon outside an address literal or a
+quoted string (``<@[IPv6:::1]:u@d>``, RFC 821 allowed ``@[dotnum]``); each of its
+at-domains must be a domain or an address literal, or the path is refused.
 
 A domain must also be usable as a DNS name (``dns_name``): every label at most
 63 octets and the whole name at most 255 octets in wire form (RFC 1035 2.3.4),
@@ -163,13 +167,40 @@ def parse_path(argument: str, prefix: str, *, utf8_allowed: bool) -> Path:
     if len(path) > MAX_PATH:
         raise AddressError("path too long")
     if path.startswith("@"):  # source route: <@relay1,@relay2:user@domain>
-        _route, colon, path = path.partition(":")
-        if not colon:
+        end = source_route_end(path)
+        if end < 0 or not all(hop.strip().startswith("@") and is_domain(hop.strip()[1:])
+                              for hop in path[:end].split(",")):
             raise AddressError("bad source route")
+        path = path[end + 1:]
     if path == "":
         return Path("", params)
     utf8 = utf8_allowed or "SMTPUTF8" in params
     return Path(check_mailbox(path, utf8=utf8), params)
+
+
+def source_route_end(text: str) -> int:
+    """Index of the colon that ends the source route *text* starts with (the first
+    colon outside an address literal or a quoted string, as Postfix's tokenizer
+    sees it); -1 when *text* does not start with a route."""
+    if not text.startswith("@"):
+        return -1
+    quoted = bracket = escaped = False
+    for i, ch in enumerate(text):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"' and not bracket:
+            quoted = not quoted
+        elif quoted:
+            continue
+        elif ch == "[":
+            bracket = True
+        elif ch == "]":
+            bracket = False
+        elif ch == ":" and not bracket:
+            return i
+    return -1
 
 
 def _closing_bracket(text: str) -> int:
