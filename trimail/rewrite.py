@@ -191,11 +191,11 @@ def resolve(address: str, settings: Settings) -> Resolved:
     return INVALID  # rewriting that does not end is never local
 
 
-def own_addresses(config: object) -> frozenset[str]:
+def own_addresses(config: object, proxies: bool = True) -> frozenset[str]:
     """The addresses whose literals are this host: the listeners' addresses (every
-    interface address when one is a wildcard) and proxy_interfaces."""
+    interface address when one is a wildcard) and, with *proxies*, proxy_interfaces."""
     get = config.get  # type: ignore[attr-defined]
-    found: set[str] = set(get("proxy_interfaces"))
+    found: set[str] = set(get("proxy_interfaces")) if proxies else set()
     wildcard = False
     for parameter in ("smtpd_listen", "submission_listen", "smtps_listen"):
         for listen in get(parameter):

@@ -147,7 +147,7 @@ async def test_no_registered_name_is_a_silent_no_op(tmp_path, nursery):
                              "protocol": "ESMTP", "sender": "a@good.example", "recipient": "r@good.example",
                              **scenario.request})
         if name == "permit_inet_interfaces":
-            policy.own_addresses = {"127.0.0.1"}
+            policy.own_addresses = (frozenset({"127.0.0.1"}), False)
         if name == "permit_mynetworks":
             request.client_address = "127.0.0.1"
         started = trio.current_time()
@@ -169,3 +169,23 @@ def test_restriction_classes_of_arguments_are_checked():
         parse_list(["check_client_access", "nocolon"], "smtpd_client_restrictions")
     with pytest.raises(registry.RestrictionError, match="needs a number of seconds"):
         parse_list(["sleep", "3600"], "smtpd_client_restrictions")
+
+
+async def test_permit_inet_interfaces_with_a_wildcard_listener_knows_every_interface_address(tmp_path):
+    """Postfix's inet_interfaces = all: every address of this host is ours, not only
+    loopback; an address that is not the host's is not."""
+    from trimail.delivery.interfaces import interface_addresses
+
+    outside = [str(ip) for ip in interface_addresses() if ip.version == 4 and not ip.is_loopback]
+    if not outside:
+        pytest.skip("this host has no IPv4 address besides loopback")
+    path = write_main_cf(tmp_path, smtpd_listen="0.0.0.0:2525", mynetworks="127.0.0.1/32")
+    config = configuration.load(path)
+    policy = Policy(config, Resolver(config.dns_nameservers))
+    policy.lists = {list_name: [] for list_name in policy.lists}
+    policy.lists["smtpd_recipient_restrictions"] = parse_list(["permit_inet_interfaces", "reject"], "test")
+    for client, allowed in [(outside[0], True), ("127.0.0.5", True), ("203.0.113.9", False)]:
+        request = Request(client_address=client, client_name="unknown", helo="h.example", protocol="ESMTP",
+                          sender="a@good.example", recipient="r@good.example")
+        verdict = await policy.check("recipient", request)
+        assert permitted(verdict) is allowed, (client, verdict.reply)

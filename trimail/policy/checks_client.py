@@ -50,15 +50,15 @@ async def permit_sasl_authenticated(policy: Policy, req: Request, kind: str, arg
 @register("permit_inet_interfaces")
 async def permit_inet_interfaces(policy: Policy, req: Request, kind: str, arg: str | None,
                                  verdict: Verdict) -> Result:
-    """The client is this host: an address serve listens on (any loopback address
-    when a listener is a wildcard, which is all this host is sure to own)."""
+    """The client is this host: an address serve listens on; with a wildcard
+    listener, any interface address of this host or any loopback address."""
     from trimail.policy.restrictions import _ip
 
     ip = _ip(req.client_address)
     if ip is None:
         return DUNNO
-    own = policy.own_addresses
-    return PERMIT if (ip.is_loopback if own is None else str(ip) in own) else DUNNO
+    own, wildcard = policy.own_addresses
+    return PERMIT if str(ip) in own or (wildcard and ip.is_loopback) else DUNNO
 
 
 @register("permit_tls_clientcerts")

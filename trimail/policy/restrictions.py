@@ -344,19 +344,14 @@ def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     return ip
 
 
-def _listen_addresses(config: Config) -> set[str] | None:
-    """The addresses serve listens on (permit_inet_interfaces); None when one
-    listener is a wildcard, meaning every address of this host."""
-    found: set[str] = set()
-    for parameter in ("smtpd_listen", "submission_listen", "smtps_listen"):
-        for address in config.get(parameter):
-            ip = _ip(address.host.strip("[]"))
-            if ip is None:
-                continue
-            if ip.is_unspecified:
-                return None
-            found.add(str(ip))
-    return found
+def _listen_addresses(config: Config) -> tuple[frozenset[str], bool]:
+    """The addresses serve listens on (permit_inet_interfaces: Postfix's
+    $inet_interfaces), every interface address when a listener is a wildcard; and
+    whether one is (then all of 127/8 is this host too)."""
+    wildcard = any((ip := _ip(address.host.strip("[]"))) is not None and ip.is_unspecified
+                   for parameter in ("smtpd_listen", "submission_listen", "smtps_listen")
+                   for address in config.get(parameter))
+    return rewrite.own_addresses(config, proxies=False), wildcard
 
 
 def _first_key(table: Table, keys: list[str]) -> str | None:
