@@ -112,7 +112,7 @@ class LocalAgent:
             if self._tables is None:
                 self._tables = [open_table(ref, lazy=True) for ref in self.config.alias_maps]
         return Expander(self._tables, self.rewrite, self.delimiter,
-                        frozenset(self.config.allow_mail_to_commands))
+                        frozenset(self.config.allow_mail_to_commands), self.default_privs)
 
     def deliver(self, sender: str, recipients: list[str], content: bytes) -> LocalResult:
         outcomes: list[Outcome] = []
@@ -120,7 +120,7 @@ class LocalAgent:
         for recipient in recipients:
             try:
                 outcomes.append(self._one(sender, recipient, content, forwards))
-            except Exception as exc:  # the boundary of one recipient's delivery
+            except Exception as exc:  # noqa: BLE001 - the boundary of one recipient's delivery
                 report("local delivery", exc, logger=log)
                 outcomes.append(deferred("4.3.0", "local delivery failed: internal error"))
         return LocalResult(outcomes, list(forwards.values()))

@@ -1,0 +1,125 @@
+"""Red team, round 2 of issue 14, against a real ``trimail serve`` started as root
+that drops to ``mail_owner`` (production): what a local user who owns an
+``:include:`` file, a compromised ``mail_owner`` and an outsider can make it do.
+
+Roles: ``mail_owner`` is MO (a test account); BOB is a local user whose
+``:include:`` file root's alias table names (``list: :include:/.../bob/list``).
+A compromised ``mail_owner`` holds serve's ends of the root helper's pipes; the
+tests act as it by opening the helper's standard input and output through
+``/proc/PID/fd`` (the same pipes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import trimail
+from tests.faults.conftest import assert_serving, send
+from tests.faults.test_virtual_privileges import helper_pid
+from tests.local.test_privileges import owned_dir
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start serve as root and change users")
+
+MAIL_OWNER = "trimail-rt-mo"
+BOB = "trimail-rt-bob"
+SECRET = "top secret line of a file bob may not read"
+
+
+def account(name: str) -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name], check=True)
+        return pwd.getpwnam(name)
+
+
+@pytest.fixture
+def public() -> Iterator[Path]:
+    """A directory every user can traverse (pytest's tmp_path is 0700 root's)."""
+    path = Path(tempfile.mkdtemp(prefix="trimail-rt14b-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def production(public: Path, aliases: str, **params: object) -> dict[str, object]:
+    """serve as root, dropping to MAIL_OWNER; root's alias table *aliases*."""
+    mo = account(MAIL_OWNER)
+    queue = owned_dir(public, "queue", None, 0o700)
+    table = public / "aliases"
+    table.write_text(aliases)
+    assert trimail("postalias", str(table)).returncode == 0
+    for path in (table, public / "aliases.db"):
+        path.chmod(0o644)
+    assert mo.pw_uid != 0
+    return {"queue_directory": str(queue), "mail_owner": MAIL_OWNER, "allow_root": "no",
+            "master_service_disable": "", "alias_maps": f"hash:{table}", "alias_database": "",
+            "local_recipient_maps": "", "allow_mail_to_files": "alias, include", **params}
+
+
+def secret_file(where: Path, owner: pwd.struct_passwd | None) -> Path:
+    """A 0600 file only *owner* (root when None) may read."""
+    path = where / "secret"
+    path.write_text(SECRET + "\n")
+    path.chmod(0o600)
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+    return path
+
+
+def bob_dir(public: Path) -> Path:
+    bob = account(BOB)
+    return owned_dir(public, "bob", bob, 0o755)
+
+
+def ask_helper(serve_pid: int, request: dict[str, object], content: bytes) -> dict[str, object]:
+    """What a compromised mail_owner can do: write a request of its own on the
+    helper's pipe and read the answer."""
+    pid = helper_pid(serve_pid)
+    header = json.dumps({**request, "size": len(content)}).encode() + b"\n"
+    with open(f"/proc/{pid}/fd/0", "wb", buffering=0) as inp, open(f"/proc/{pid}/fd/1", "rb") as out:
+        inp.write(header + content)
+        return json.loads(out.readline())
+
+
+# 1. An :include: file is read with the rights of the delivery it belongs to
+#    (Postfix's include.c opens it with open_as(): default_privs for root's alias
+#    table, the owner of a user's table or include file), never with serve's
+#    (mail_owner) or the root helper's.  Before: a symlink from BOB's include file
+#    to a file only mail_owner or root may read was read, and its lines came back
+#    in the bounce ("bad alias target '...'") to a sender of BOB's choosing.
+
+def test_an_include_file_linked_to_a_mail_owner_file_is_not_read_for_bob(daemon, public):
+    mo = account(MAIL_OWNER)
+    d = daemon(**production(public, f"list: :include:{public / 'bob' / 'list'}\n"))
+    assert_serving(d)
+    hidden = owned_dir(public, "mo", mo, 0o700)
+    os.symlink(secret_file(hidden, mo), bob_dir(public) / "list")  # planted by bob
+    send(d.port, ["list@localhost"], sender="bob@localhost")
+    line = d.proc.wait_log(r"to=<list@localhost>.*status=(deferred|bounced)")
+    assert SECRET not in "\n".join(d.proc.log), line
+    assert_serving(d)
+
+
+def test_a_compromised_mail_owner_cannot_make_the_root_helper_read_a_root_only_file(daemon, public):
+    d = daemon(**production(public, f"list: :include:{public / 'bob' / 'list'}\n"))
+    assert_serving(d)
+    hidden = owned_dir(public, "root-only", None, 0o700)
+    os.symlink(secret_file(hidden, None), bob_dir(public) / "list")
+    answer = ask_helper(d.proc.proc.pid, {"kind": "file", "value": "/nonexistent", "sender": "bob@localhost",
+                                          "recipient": "list@localhost", "domain": "localhost"},
+                        b"Subject: x\r\n\r\nx\r\n")
+    assert answer["status"] in ("deferred", "bounced")
+    assert SECRET not in json.dumps(answer), answer
+    assert_serving(d)
