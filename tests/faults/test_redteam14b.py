@@ -123,3 +123,29 @@ def test_a_compromised_mail_owner_cannot_make_the_root_helper_read_a_root_only_f
     assert answer["status"] in ("deferred", "bounced")
     assert SECRET not in json.dumps(answer), answer
     assert_serving(d)
+
+
+# 2. The hand-over of the queue to mail_owner (trimail.privileges.hand_over, as
+#    root at every start) never gives away a file of someone else: a regular file
+#    with a second link was skipped, but a socket (or FIFO) was lchown'ed whatever
+#    its link count, so a hard link to root's socket planted in the queue (where
+#    fs.protected_hardlinks = 0, or left from before) gave mail_owner that socket.
+
+def test_a_hard_link_to_a_root_socket_in_the_queue_is_not_given_to_mail_owner(daemon, public):
+    import socket
+
+    params = production(public, "")
+    root_sock = public / "root.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(root_sock))
+        root_sock.chmod(0o600)
+        os.link(root_sock, Path(str(params["queue_directory"])) / "planted.sock")
+        d = daemon(**params)
+        assert_serving(d)
+        st = os.stat(root_sock)
+        assert (st.st_uid, st.st_gid) == (0, 0)
+        sockets = [p for p in d.queue_directory.iterdir() if p.is_socket() and p.name != "planted.sock"]
+        assert sockets and all(p.stat().st_uid == account(MAIL_OWNER).pw_uid for p in sockets)  # serve's own
+    finally:
+        listener.close()
