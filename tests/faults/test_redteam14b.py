@@ -149,3 +149,22 @@ def test_a_hard_link_to_a_root_socket_in_the_queue_is_not_given_to_mail_owner(da
         assert sockets and all(p.stat().st_uid == account(MAIL_OWNER).pw_uid for p in sockets)  # serve's own
     finally:
         listener.close()
+
+
+# 3. A trailing dot in a class list: the resolver drops it (mbox.example. is the
+#    domain mbox.example, class virtual mailbox), and so must the virtual agent's
+#    own check in the root helper; it compared the raw list, so every delivery to
+#    a mailbox owned by another uid was deferred until the mail bounced.
+
+def test_a_trailing_dot_in_virtual_mailbox_domains_does_not_defer_every_delivery(daemon, public):
+    from tests.faults.test_virtual_privileges import OWNER
+    from tests.faults.test_virtual_privileges import production as virtual_production
+
+    d = daemon(**virtual_production(public, "joe@mbox.example=mbox.example/joe/",
+                                    virtual_mailbox_domains="mbox.example."))
+    assert_serving(d)
+    send(d.port, ["joe@mbox.example"])
+    line = d.proc.wait_log(r"to=<joe@mbox\.example>.*status=(sent|deferred|bounced)")
+    assert "status=sent" in line, line
+    [message] = (public / "vmail" / "mbox.example" / "joe" / "new").iterdir()
+    assert message.stat().st_uid == OWNER
