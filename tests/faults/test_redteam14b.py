@@ -168,3 +168,21 @@ def test_a_trailing_dot_in_virtual_mailbox_domains_does_not_defer_every_delivery
     assert "status=sent" in line, line
     [message] = (public / "vmail" / "mbox.example" / "joe" / "new").iterdir()
     assert message.stat().st_uid == OWNER
+
+
+# 4. A request the helper cannot parse ends it quietly (the documented bound):
+#    a size that is not a finite number ("size": 1e999, NaN) raised
+#    OverflowError out of the helper's loop, a traceback into serve's log.
+
+@pytest.mark.parametrize("size", ["1e999", "-1e999", "NaN", '"12x"', "[1]", "null"])
+def test_the_helper_ends_quietly_on_a_size_that_is_no_number(tmp_path, size):
+    import io
+
+    from tests.conftest import write_main_cf
+    from trimail import config as configuration
+    from trimail.local.privileged import serve_requests
+
+    config = configuration.load(write_main_cf(tmp_path))
+    out = io.BytesIO()
+    serve_requests(config, io.BytesIO(b'{"kind": "virtual", "size": %s}\nxx' % size.encode()), out)
+    assert out.getvalue() == b""

@@ -261,9 +261,9 @@ def serve_requests(config: Config, inp: IO[bytes], out: IO[bytes]) -> None:
             return
         try:
             request = json.loads(line)
-            size = int(request["size"])
-            if not 0 <= size <= limit or len(line) > MAX_HEADER:
-                raise ValueError("bad size")
+            size = request["size"]
+            if type(size) is not int or not 0 <= size <= limit or len(line) > MAX_HEADER:
+                raise ValueError("bad size")  # serve sends an integer; 1e999, NaN, "12" or true are forged
         except (ValueError, KeyError, TypeError):
             return  # a peer that breaks the protocol gets no more answers
         content = inp.read(size)
