@@ -11,10 +11,12 @@ tests act as it by opening the helper's standard input and output through
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -186,3 +188,54 @@ def test_the_helper_ends_quietly_on_a_size_that_is_no_number(tmp_path, size):
     out = io.BytesIO()
     serve_requests(config, io.BytesIO(b'{"kind": "virtual", "size": %s}\nxx' % size.encode()), out)
     assert out.getvalue() == b""
+
+
+# 5. One slow |command of a local user's include file (bounded only by
+#    command_time_limit, 1000 s by default) held the one root helper, and every
+#    other delivery that needs it - virtual mailboxes of other uids, other
+#    users' files and commands - waited behind it (Postfix runs local(8) and
+#    virtual(8) deliveries in parallel processes).
+
+def sleeping_as(uid: int) -> list[int]:
+    """The pids of this test's ``/bin/sleep 30`` commands running as *uid*."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        if cmdline == b"/bin/sleep\x0030\x00" and int(fields["Uid"].split()[0]) == uid:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_slow_command_of_a_local_user_does_not_hold_up_other_users_deliveries(daemon, public):
+    from tests.faults.conftest import wait_until
+    from tests.faults.test_virtual_privileges import OWNER
+
+    bob = account(BOB)
+    include = bob_dir(public) / "list"
+    include.write_text('"|/bin/sleep 30"\n')
+    os.chown(include, bob.pw_uid, bob.pw_gid)
+    base = owned_dir(public, "vmail", None, 0o755)
+    os.chown(base, OWNER, OWNER)
+    d = daemon(**production(public, f"slow: :include:{include}\n", allow_mail_to_commands="include",
+                            command_time_limit="20s", virtual_mailbox_domains="mbox.example",
+                            virtual_mailbox_base=str(base), virtual_mailbox_maps="inline:{ joe@mbox.example=joe/ }",
+                            virtual_uid_maps=f"static:{OWNER}", virtual_gid_maps=f"static:{OWNER}"))
+    assert_serving(d)
+    try:
+        send(d.port, ["slow@localhost"])
+        wait_until(lambda: sleeping_as(bob.pw_uid), timeout=10)
+        send(d.port, ["joe@mbox.example"])
+        line = d.proc.wait_log(r"to=<joe@mbox\.example>.*status=", timeout=8)
+        assert "status=sent" in line, line
+    finally:
+        for pid in sleeping_as(bob.pw_uid):  # the command this test started, by its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert_serving(d)
