@@ -276,3 +276,45 @@ def test_slow_commands_of_one_local_user_do_not_hold_up_other_local_mailboxes(da
         for pid in sleeping_as(bob.pw_uid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+# 7. `trimail status` run by root prints what the control socket answers, and
+#    the socket lives in the queue directory mail_owner owns: a compromised
+#    mail_owner answering in serve's place wrote terminal escape sequences to
+#    root's terminal (a retitled window, a forged line).  Printed now as '?'.
+
+def test_status_prints_a_forged_control_answer_without_terminal_escapes(tmp_path):
+    import socket
+    import threading
+
+    from tests.conftest import write_main_cf
+    from tests.faults.conftest import trimail_cmd
+
+    queue = tmp_path / "queue"
+    queue.mkdir(mode=0o700)
+    evil = "\x1b]0;owned\x07\x1b[2J"
+    facts = {"pid": f"1{evil}", "uptime": 5, "listeners": [f"127.0.0.1:25{evil}"], "sessions": f"0{evil}",
+             "delivery_helper": f"gone{evil}"}
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(str(queue / "control"))
+    server.listen()
+
+    def answer() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                with conn:
+                    command = conn.recv(100)
+                    reply = json.dumps(facts) if command.startswith(b"status") else f"error: no{evil}"
+                    conn.sendall(reply.encode() + b"\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        config = write_main_cf(tmp_path, queue_directory=str(queue))
+        status = trimail_cmd("status", "-c", str(config))
+        reload = trimail_cmd("reload", "-c", str(config))
+    finally:
+        server.close()
+    assert "running" in status.stdout and reload.returncode == 1, (status, reload)
+    for result in (status, reload):
+        assert "\x1b" not in result.stdout + result.stderr and "\x07" not in result.stdout + result.stderr, result
