@@ -26,7 +26,6 @@ import pytest
 
 from tests.conftest import trimail
 from tests.faults.conftest import assert_serving, send
-from tests.faults.test_virtual_privileges import helper_pid
 from tests.local.test_privileges import owned_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start serve as root and change users")
@@ -85,14 +84,34 @@ def bob_dir(public: Path) -> Path:
     return owned_dir(public, "bob", bob, 0o755)
 
 
-def ask_helper(serve_pid: int, request: dict[str, object], content: bytes) -> dict[str, object]:
-    """What a compromised mail_owner can do: write a request of its own on the
-    helper's pipe and read the answer."""
-    pid = helper_pid(serve_pid)
-    header = json.dumps({**request, "size": len(content)}).encode() + b"\n"
-    with open(f"/proc/{pid}/fd/0", "wb", buffering=0) as inp, open(f"/proc/{pid}/fd/1", "rb") as out:
-        inp.write(header + content)
-        return json.loads(out.readline())
+def ask_helper(config_path: Path, request: dict[str, object], content: bytes) -> dict[str, object]:
+    """What a compromised mail_owner can do: write a request of its own to the
+    root helper and read the answer.  The helper is started as serve starts it
+    (as root, the configuration through a pipe), so that this test, not serve's
+    answer reader, holds its pipes."""
+    import pickle
+    import select
+    import sys
+
+    from trimail import config as configuration
+    from trimail.local.privileged import PACKAGE_ROOT
+
+    read_end, write_end = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "trimail.local.privileged", str(read_end)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(read_end,), cwd="/",
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": PACKAGE_ROOT})
+    os.close(read_end)
+    with open(write_end, "wb") as pipe:
+        pipe.write(pickle.dumps(configuration.load(config_path)))
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps({**request, "id": 1, "size": len(content)}).encode() + b"\n" + content)
+        proc.stdin.flush()
+        assert select.select([proc.stdout], [], [], 20)[0], "the helper did not answer"
+        return json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # 1. An :include: file is read with the rights of the delivery it belongs to
@@ -119,7 +138,7 @@ def test_a_compromised_mail_owner_cannot_make_the_root_helper_read_a_root_only_f
     assert_serving(d)
     hidden = owned_dir(public, "root-only", None, 0o700)
     os.symlink(secret_file(hidden, None), bob_dir(public) / "list")
-    answer = ask_helper(d.proc.proc.pid, {"kind": "file", "value": "/nonexistent", "sender": "bob@localhost",
+    answer = ask_helper(d.config_path, {"kind": "file", "value": "/nonexistent", "sender": "bob@localhost",
                                           "recipient": "list@localhost", "domain": "localhost"},
                         b"Subject: x\r\n\r\nx\r\n")
     assert answer["status"] in ("deferred", "bounced")
@@ -318,3 +337,33 @@ def test_status_prints_a_forged_control_answer_without_terminal_escapes(tmp_path
     assert "running" in status.stdout and reload.returncode == 1, (status, reload)
     for result in (status, reload):
         assert "\x1b" not in result.stdout + result.stderr and "\x07" not in result.stdout + result.stderr, result
+
+
+# 8. A |command's output was collected whole in memory (subprocess.run with
+#    capture_output) for command_time_limit, by serve (as root) or by the root
+#    helper, though only its last 200 characters are used: a local user's include
+#    file running a chatty command grew a root process by gigabytes.  Only the
+#    tail is kept now.
+
+def peak_rss_kib(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1])
+
+
+def test_a_command_writing_100_mb_does_not_grow_the_process_that_runs_it(daemon, public):
+    bob = account(BOB)
+    include = bob_dir(public) / "list"
+    include.write_text('"|/usr/bin/head -c 100000000 /dev/zero"\n')
+    os.chown(include, bob.pw_uid, bob.pw_gid)
+    table = public / "aliases"
+    table.write_text(f"chatty: :include:{include}\n")
+    assert trimail("postalias", str(table)).returncode == 0
+    d = daemon(alias_maps=f"hash:{table}", alias_database="", local_recipient_maps="",
+               allow_mail_to_commands="include")
+    assert_serving(d)
+    before = peak_rss_kib(d.proc.proc.pid)
+    send(d.port, ["chatty@localhost"])
+    line = d.proc.wait_log(r"to=<chatty@localhost>.*status=")
+    assert "status=sent" in line, line
+    assert peak_rss_kib(d.proc.proc.pid) - before < 40_000, "serve grew by the command's output"
+    assert_serving(d)

@@ -76,6 +76,7 @@ from typing import IO, Any, NoReturn
 from trimail.config import Config
 
 MAX_HEADER = 64 * 1024
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where this trimail is imported from
 CONCURRENCY = 8  # requests serve has in the helper at once (each a thread there)
 MAX_MESSAGE = 1 << 30  # message_size_limit = 0 (no limit)
 MARGIN = 1 << 20  # the headers queued copies and local delivery add to a message within message_size_limit
@@ -298,7 +299,7 @@ def start(config: Config) -> Helper:
     try:
         proc = subprocess.Popen([sys.executable, "-m", "trimail.local.privileged", str(read_end)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(read_end,), cwd="/",
-                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": PACKAGE_ROOT})
     finally:
         os.close(read_end)
     with open(write_end, "wb") as pipe:
