@@ -132,7 +132,7 @@ def _control(cfg: Config, command: str) -> str:
     if answer is None:
         raise Failure(f"trimail serve is not running (no control socket in {cfg.queue_directory})")
     if answer.startswith("error:"):
-        raise Failure(answer[6:].strip())
+        raise Failure(maillog.printable(answer[6:].strip(), 1000))  # the socket is in mail_owner's directory
     return answer
 
 
@@ -178,13 +178,21 @@ def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
         store.close()
     except QueueError:
         pass
-    listening = f"listening on {', '.join(facts['listeners'])}" if facts["listeners"] else "not listening (drained)"
-    print(f"trimail: running, pid {facts['pid']}, up {facts['uptime']:.0f}s, {listening}, "
-          f"{facts['sessions']} session(s)")
+    # serve's answer comes through a socket in mail_owner's directory: printed
+    # printable only, so a process posing as serve cannot write to root's terminal
+    try:
+        listeners = [maillog.printable(str(name)) for name in facts["listeners"]]
+        pid, sessions, uptime = (maillog.printable(str(facts[key])) for key in ("pid", "sessions", "uptime"))
+        helper_state = maillog.printable(str(facts.get("delivery_helper") or ""), 1000)
+    except (KeyError, TypeError):
+        raise Failure(f"unexpected answer from serve's control socket: {maillog.printable(answer, 80)!r}") from None
+    listening = f"listening on {', '.join(listeners)}" if listeners else "not listening (drained)"
+    with_uptime = f"up {float(uptime):.0f}s" if uptime.replace(".", "", 1).isdigit() else f"up {uptime}"
+    print(f"trimail: running, pid {pid}, {with_uptime}, {listening}, {sessions} session(s)")
     print("queue: " + ", ".join(f"{state} {counts.get(state, 0)}"
                                 for state in ("maildrop", "incoming", "active", "deferred", "hold")))
-    if facts.get("delivery_helper") not in (None, "", "running"):
-        print(f"warning: {facts['delivery_helper']}")
+    if helper_state not in ("", "running"):
+        print(f"warning: {helper_state}")
 
 
 # -- config ----------------------------------------------------------------------

@@ -57,7 +57,8 @@ def hand_over(queue_directory: Path, uid: int, gid: int) -> None:
     entered), ownership changes with ``lchown`` relative to the directory's
     descriptor, and a mode is changed only on a descriptor opened with
     ``O_NOFOLLOW`` that fstat shows to be a regular file (with one link: not a
-    hard link to a file elsewhere) or a directory."""
+    hard link to a file elsewhere) or a directory; a socket or FIFO is changed
+    only when it has one link, through an ``O_PATH`` descriptor."""
     top = os.open(queue_directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fchown(top, uid, gid)
@@ -84,7 +85,7 @@ def _hand_over_one(directory_fd: int, name: str, uid: int, gid: int, mode: int |
     if stat.S_ISLNK(st.st_mode):
         return  # a link is nobody's business here, and its target is not ours to give away
     if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-        os.chown(name, uid, gid, dir_fd=directory_fd, follow_symlinks=False)  # sockets: lchown
+        _hand_over_special(directory_fd, name, uid, gid)  # sockets (the control socket), FIFOs
         return
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=directory_fd)
@@ -99,6 +100,29 @@ def _hand_over_one(directory_fd: int, name: str, uid: int, gid: int, mode: int |
         os.fchown(fd, uid, gid)
         if mode is not None and stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
             os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
+def _hand_over_special(directory_fd: int, name: str, uid: int, gid: int) -> None:
+    """chown a socket or FIFO with one link: checked and changed through one
+    ``O_PATH|O_NOFOLLOW`` descriptor (the inode checked is the inode changed),
+    so a hard link to root's socket elsewhere planted in the queue is never
+    given to mail_owner."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory_fd)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISLNK(st.st_mode) or stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode) or st.st_nlink != 1:
+            return  # replaced since the stat, or a second name of someone else's socket
+        try:
+            os.chown(f"/proc/self/fd/{fd}", uid, gid)  # the magic link: this inode, whatever the name is now
+        except FileNotFoundError:  # no /proc: by name, after the same check (a narrow race remains)
+            again = os.stat(name, dir_fd=directory_fd, follow_symlinks=False)
+            if (again.st_ino, again.st_dev, again.st_nlink) == (st.st_ino, st.st_dev, 1):
+                os.chown(name, uid, gid, dir_fd=directory_fd, follow_symlinks=False)
     finally:
         os.close(fd)
 

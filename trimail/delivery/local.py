@@ -5,7 +5,8 @@ and runs on a worker thread.  For each local recipient it checks for a mail loop
 (a ``Delivered-To:`` header naming this recipient), expands aliases, and delivers
 to every target: a local name's mailbox (Maildir or mbox under
 ``mail_spool_directory``, per ``home_mailbox``), an mbox ``/file``, a ``|command``
-(no shell, a time limit, a minimal environment) or a remote address, which is
+(no shell, a time limit, a minimal environment; of its output only the last
+4 KiB is kept, for the bounce text) or a remote address, which is
 collected and queued by the caller as a new message (Postfix logs it as
 "forwarded as ID").  Each delivered copy starts with ``Return-Path:`` and
 ``Delivered-To:``.
@@ -45,12 +46,16 @@ stale_lock_time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import re
+import select
 import shlex
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 from trimail import rewrite
@@ -73,6 +78,7 @@ from trimail.supervise import report
 log = logging.getLogger("trimail.local")
 
 EX_TEMPFAIL = 75
+OUTPUT_KEPT = 4096  # the end of a command's output kept for the bounce text (of which 200 characters are used)
 
 
 @dataclasses.dataclass(slots=True)
@@ -112,7 +118,7 @@ class LocalAgent:
             if self._tables is None:
                 self._tables = [open_table(ref, lazy=True) for ref in self.config.alias_maps]
         return Expander(self._tables, self.rewrite, self.delimiter,
-                        frozenset(self.config.allow_mail_to_commands))
+                        frozenset(self.config.allow_mail_to_commands), self.default_privs)
 
     def deliver(self, sender: str, recipients: list[str], content: bytes) -> LocalResult:
         outcomes: list[Outcome] = []
@@ -120,7 +126,7 @@ class LocalAgent:
         for recipient in recipients:
             try:
                 outcomes.append(self._one(sender, recipient, content, forwards))
-            except Exception as exc:  # the boundary of one recipient's delivery
+            except Exception as exc:  # noqa: BLE001 - the boundary of one recipient's delivery
                 report("local delivery", exc, logger=log)
                 outcomes.append(deferred("4.3.0", "local delivery failed: internal error"))
         return LocalResult(outcomes, list(forwards.values()))
@@ -264,18 +270,61 @@ class LocalAgent:
                "USER": who.user, "LOGNAME": who.user, "HOME": who.home}
         spawn = who.spawn()  # IdentityError when serve cannot become *who*
         try:
-            result = subprocess.run(argv, input=copy.replace(b"\r\n", b"\n"), env=env, capture_output=True,
-                                    timeout=self.time_limit, cwd="/", check=False,
-                                    **spawn)  # type: ignore[call-overload]
-        except subprocess.TimeoutExpired:
-            raise _CommandFailed(True, "4.3.0", f"command time limit exceeded: {command}") from None
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    env=env, cwd="/", **spawn)  # type: ignore[call-overload]
         except OSError as exc:
             raise _CommandFailed(False, "5.3.0", f"cannot run {command}: {exc.strerror}") from None
-        if result.returncode == EX_TEMPFAIL:
-            raise _CommandFailed(True, "4.3.0", f"temporary failure. Command output: {_tail(result)}")
-        if result.returncode != 0:
-            raise _CommandFailed(False, "5.3.0",
-                                 f"Command died with status {result.returncode}: {command}. {_tail(result)}")
+        try:
+            returncode, output = _communicate(proc, copy.replace(b"\r\n", b"\n"), self.time_limit)
+        except subprocess.TimeoutExpired:
+            raise _CommandFailed(True, "4.3.0", f"command time limit exceeded: {command}") from None
+        if returncode == EX_TEMPFAIL:
+            raise _CommandFailed(True, "4.3.0", f"temporary failure. Command output: {_tail(output)}")
+        if returncode != 0:
+            raise _CommandFailed(False, "5.3.0", f"Command died with status {returncode}: {command}. {_tail(output)}")
+
+
+def _communicate(proc: subprocess.Popen[bytes], data: bytes, time_limit: float) -> tuple[int, bytes]:
+    """Feed *data* to the command and read its output (standard output and error)
+    until it exits, keeping only the last OUTPUT_KEPT bytes: a command that
+    writes without end costs no memory.  TimeoutExpired (the command killed)
+    past *time_limit*."""
+    assert proc.stdin is not None and proc.stdout is not None
+    stdin, stdout = proc.stdin, proc.stdout
+
+    def feed() -> None:
+        with contextlib.suppress(OSError, ValueError):  # a command that does not read its input
+            stdin.write(data)
+        with contextlib.suppress(OSError, ValueError):
+            stdin.close()
+
+    writer = threading.Thread(target=feed, name="command input", daemon=True)
+    writer.start()
+    deadline = time.monotonic() + time_limit
+    kept = b""
+    try:
+        fd = stdout.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not poller.poll(int(left * 1000) + 1):
+                if time.monotonic() >= deadline:
+                    raise subprocess.TimeoutExpired(proc.args, time_limit)
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            kept = (kept + chunk)[-OUTPUT_KEPT:]
+        returncode = proc.wait(max(0.0, deadline - time.monotonic()))
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    finally:
+        writer.join(5)
+        stdout.close()
+    return returncode, kept
 
 
 class _CommandFailed(Exception):
@@ -286,8 +335,8 @@ class _CommandFailed(Exception):
         self.text = text
 
 
-def _tail(result: subprocess.CompletedProcess[bytes]) -> str:
-    text = (result.stdout + result.stderr).decode("utf-8", "replace").strip()
+def _tail(output: bytes) -> str:
+    text = output.decode("utf-8", "replace").strip()
     return " ".join(text.split())[-200:]
 
 

@@ -96,7 +96,8 @@ class VirtualAgent:
         self.time_limit: float = config.command_time_limit
         self.lock = LockPolicy(tuple(config.mailbox_delivery_lock), config.deliver_lock_attempts,
                                config.deliver_lock_delay, config.stale_lock_time)
-        self.domains = frozenset(d.lower() for d in config.virtual_mailbox_domains)
+        # the resolver's form of the list (trimail.rewrite: lower case, no trailing dot)
+        self.domains = frozenset(d.lower().rstrip(".") for d in config.virtual_mailbox_domains)
         self._tables: dict[str, list[Table]] = {}
         self._tables_lock = threading.Lock()  # deliveries run on several threads at once
 
@@ -223,7 +224,7 @@ class VirtualAgent:
         sender, recipient = request.get("sender"), request.get("recipient")
         if not isinstance(sender, str) or not isinstance(recipient, str) or len(sender) + len(recipient) > 2048:
             return "bounced", "5.3.0", "malformed virtual delivery request"
-        if recipient.rpartition("@")[2].lower() not in self.domains:
+        if recipient.rpartition("@")[2].lower().rstrip(".") not in self.domains:
             return "deferred", "4.3.0", f"{recipient} is not in a virtual mailbox domain"
         result = self._one(sender, recipient, content)
         return result.status, result.dsn, result.text

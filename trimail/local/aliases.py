@@ -28,8 +28,18 @@ file, or world writable, and the recipient bounces (5.3.5, "mail system
 configuration error", the reason in the log); group writable (a group member
 could add targets that run with the owner's rights), and its ``/file`` and
 ``|command`` targets are refused (``Target.refused``) while its addresses still
-get the mail; inside another user's include file, a nested include must belong
-to that user or be world readable (Postfix opens it with that user's rights).
+get the mail.  An include file is read with the rights of the delivery it
+belongs to, as Postfix's include.c opens it with ``open_as()``: ``default_privs``
+for root's alias table, the owner of a user's alias table, the first include
+file's owner below it.  serve (``mail_owner``) and the root helper cannot switch
+rights for one read in a threaded process, so they open the file and then check
+on the descriptor that the file's mode lets that user read it (owner, primary
+group, other), deferring 4.3.0 "Permission denied" otherwise; so a user who
+replaces their include file by a link to a file only ``mail_owner`` or root may
+read (the queue, /etc/shadow) learns nothing from the bounce.  Directories on
+the way are not checked (a world-readable file in a directory the user cannot
+search is still read).  Error texts name the include file, never its content's
+lines beyond the one bad target.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pwd
 import re
 import stat
 from pathlib import Path
@@ -133,8 +144,9 @@ def table_owner(table: Table | None) -> int | None:
 
 class Expander:
     def __init__(self, tables: list[Table], settings: rewrite.Settings, delimiter: str = "",
-                 commands_from: frozenset[str] = frozenset()) -> None:
+                 commands_from: frozenset[str] = frozenset(), default_privs: str = "nobody") -> None:
         self.tables = tables
+        self.default_privs = default_privs
         self.rewrite = settings
         self.delimiter = delimiter
         self.commands_from = commands_from
@@ -244,11 +256,14 @@ class Expander:
                 problem = "is not a regular file"
             elif st.st_mode & stat.S_IWOTH:
                 problem = "is world writable"
-            elif uid is not None and st.st_uid != uid and not st.st_mode & stat.S_IROTH:
-                problem = f"is not readable by uid {uid}, whose include file names it"
             if problem:
                 log.warning(":include: file %s %s", path, problem)
                 raise AliasError("5.3.5", f"mail system configuration error: :include: file {problem}")
+            reader = self._reader(uid)
+            if not _readable(st, *reader):
+                log.warning("cannot open include file %s: not readable by uid %d gid %d, whose rights read it",
+                            path, *reader)
+                raise AliasError("4.3.0", f"cannot open include file {path}: Permission denied")
             data = handle.read(MAX_INCLUDE_BYTES + 1)
         unsafe = ""
         if st.st_mode & stat.S_IWGRP:
@@ -261,3 +276,24 @@ class Expander:
             if line and not line.startswith("#"):
                 values += split_values(line)
         return values, st.st_uid, unsafe
+
+    def _reader(self, uid: int | None) -> tuple[int, int]:
+        """(uid, gid) whose rights read an include file: *uid*'s, or default_privs'."""
+        try:
+            entry = pwd.getpwnam(self.default_privs) if uid is None else pwd.getpwuid(uid)
+        except KeyError:
+            who = f"default_privs {self.default_privs!r}" if uid is None else f"uid {uid}"
+            raise AliasError("4.3.5", f"mail system configuration error: {who} has no account") from None
+        return entry.pw_uid, entry.pw_gid
+
+
+def _readable(st: os.stat_result, uid: int, gid: int) -> bool:
+    """Whether uid/gid (gid its only group, as Postfix's set_eugid) may read a file
+    with *st*'s owner and mode: the kernel's check, owner bits first."""
+    if uid == 0:
+        return True
+    if st.st_uid == uid:
+        return bool(st.st_mode & stat.S_IRUSR)
+    if st.st_gid == gid:
+        return bool(st.st_mode & stat.S_IRGRP)
+    return bool(st.st_mode & stat.S_IROTH)

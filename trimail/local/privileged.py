@@ -10,7 +10,13 @@ lives as long as serve, when ``needed()``: file or command targets allowed
 (``allow_mail_to_files``, ``allow_mail_to_commands``) or virtual mailboxes
 configured (``virtual_mailbox_domains`` with ``virtual_transport = virtual``).
 It gets serve's configuration once through a pipe that is closed before the
-drop, then answers one request at a time on its standard input and output.
+drop, then reads requests on its standard input and answers on its standard
+output.  Requests run in parallel, each on a thread of its own (up to
+``CONCURRENCY`` from serve, one at a time per recipient), and each answer
+carries its request's ``id``: a local user's slow ``|command`` (bounded only by
+``command_time_limit``) or a locked mbox holds up that recipient's deliveries,
+not every other user's file, command and virtual mailbox deliveries, as it did
+when the helper took one request at a time.
 
 Security notes: the requests come from a ``mail_owner`` process, which an
 attacker may control, so the helper trusts nothing in them but the recipient,
@@ -29,16 +35,17 @@ nothing else (the bound of Postfix's local(8) and virtual(8), which trust only
 their configuration).  A request is bounded: a header line of 64 KiB and a
 message of ``message_size_limit`` plus 1 MiB (the headers queued copies and
 delivery add); serve bounces a larger one (5.3.4) without sending it, and a
-request that breaks these bounds ends the helper.  Every answer is one JSON
-line.  The helper uses the configuration serve started with: a reload changes
+request that breaks these bounds (or is not JSON with an integer ``size``) ends
+the helper, after the requests already running.  Every answer is one JSON line.  The helper uses the configuration serve started with: a reload changes
 the tables it reads (they are re-read when their files change), not its
 parameters.
 
 serve's side (``Helper``) never waits without a deadline: a delivery waits at
 most ``round_trip_limit()`` (the longest a request may take in the helper,
-``command_time_limit`` or the mbox lock wait, plus 30 s) for its turn, then as
-long again for its answer; past either it is deferred (4.3.0) and a late answer
-is read and dropped by the next request.  A helper that exits (or is killed),
+``command_time_limit`` or the mbox lock wait, plus 30 s) for one of the
+``CONCURRENCY`` slots and its turn to write, then as long again for its answer;
+past either it is deferred (4.3.0).  One reader thread gives each answer to the
+request its ``id`` names and drops late ones.  A helper that exits (or is killed),
 or stops reading a request half-way, cannot be started again: it must be
 started as root, which serve no longer is.  serve logs that once, defers every
 delivery that needs it (4.3.0, "restart serve") and ``trimail status`` prints a
@@ -62,12 +69,15 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any, NoReturn
 
 from trimail.config import Config
 
 MAX_HEADER = 64 * 1024
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where this trimail is imported from
+CONCURRENCY = 8  # requests serve has in the helper at once (each a thread there)
 MAX_MESSAGE = 1 << 30  # message_size_limit = 0 (no limit)
 MARGIN = 1 << 20  # the headers queued copies and local delivery add to a message within message_size_limit
 log = logging.getLogger("trimail.master")
@@ -102,74 +112,146 @@ def needed(config: Config) -> bool:
 class Helper:
     """serve's handle on the root child: ``run(request, content)`` -> answer.
 
-    One request at a time (the helper answers in order).  Every wait has a
-    deadline (``timeout``): a caller that cannot get its turn, or gets no answer
-    in time, is told HelperGone (deferred) and the answer it was owed is read
-    and dropped by the next caller.  A helper that exited, or stopped reading a
-    request half-way, is gone for good: it was started as root and serve no
-    longer is, so it cannot be started again; that is logged once, and every
-    delivery that needs it is deferred until serve is restarted."""
+    Up to CONCURRENCY requests are in the helper at once, each with an ``id``
+    its answer carries (the helper runs them in parallel: one slow command does
+    not hold up other users' deliveries).  Every wait has a deadline
+    (``timeout``): a caller that cannot get a slot or its turn to write, or gets
+    no answer in time, is told HelperGone (deferred); its late answer is
+    dropped.  A helper that exited, or stopped reading a request half-way, is
+    gone for good: it was started as root and serve no longer is, so it cannot
+    be started again; that is logged once, and every delivery that needs it is
+    deferred until serve is restarted."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], limit: int = MAX_MESSAGE, timeout: float = 1030.0) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], limit: int = MAX_MESSAGE, timeout: float = 1030.0,
+                 concurrency: int = CONCURRENCY) -> None:
         self.proc = proc
         self.limit = limit
         self.timeout = timeout
-        self._lock = threading.Lock()  # one request at a time; deliveries run on several threads
-        self._owed = 0  # answers to requests whose caller stopped waiting
-        self._buffer = b""
+        self._slots = threading.BoundedSemaphore(concurrency)  # requests in the helper at once
+        self._write_lock = threading.Lock()  # one request on the pipe at a time
+        self._state = threading.Condition()  # guards everything below
+        self._next_id = 0
+        self._sent: dict[int, dict[str, Any] | None] = {}  # id -> answer, in the order sent
+        self._abandoned: set[int] = set()  # ids whose caller stopped waiting
         self.broken: str | None = None
+        self._ended: str | None = None  # why the reader stopped (logged by the next caller, in _gone)
         for stream in (proc.stdin, proc.stdout):
             if stream is not None:
                 os.set_blocking(stream.fileno(), False)
+        threading.Thread(target=self._read_answers, name="root delivery helper answers", daemon=True).start()
 
     def run(self, request: dict[str, Any], content: bytes) -> dict[str, Any]:
         if len(content) > self.limit:
             return {"status": "bounced", "dsn": "5.3.4",
                     "text": f"message too large for delivery as another user ({len(content)} bytes)"}
-        header = json.dumps({**request, "size": len(content)}).encode() + b"\n"
-        if not self._lock.acquire(timeout=self.timeout):
-            raise HelperGone(f"the root delivery helper is busy (no turn within {self.timeout:g}s)")
         deadline = time.monotonic() + self.timeout  # the helper bounds each request itself: this is a backstop
+        if not self._slots.acquire(timeout=self.timeout):
+            raise HelperGone(f"the root delivery helper is busy (no turn within {self.timeout:g}s)")
+        try:
+            return self._round_trip(request, content, deadline)
+        finally:
+            self._slots.release()
+
+    def _round_trip(self, request: dict[str, Any], content: bytes, deadline: float) -> dict[str, Any]:
+        if not self._write_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise HelperGone(f"the root delivery helper is busy (no turn within {self.timeout:g}s)")
         try:
             self._alive()
-            while self._owed:  # the late answers of callers who gave up
-                self._readline(deadline)
-                self._owed -= 1
-            self._write(header + content, deadline)
+            with self._state:
+                ident = self._next_id = self._next_id + 1
+                self._sent[ident] = None
+            header = json.dumps({**request, "id": ident, "size": len(content)}).encode() + b"\n"
             try:
-                line = self._readline(deadline)
-            except TimeoutError:
-                self._owed += 1
-                raise HelperGone(f"the root delivery helper did not answer within {self.timeout:g}s") from None
-        except TimeoutError:
-            raise HelperGone(f"the root delivery helper is busy (no answer within {self.timeout:g}s)") from None
-        except OSError as exc:
-            self._gone(f"its pipe failed: {exc.strerror or exc}")
+                self._write(header + content, deadline)
+            except OSError as exc:
+                self._gone(f"its pipe failed: {exc.strerror or exc}")
         finally:
-            self._lock.release()
-        try:
-            answer = json.loads(line)
-        except ValueError:
-            answer = None
-        if not isinstance(answer, dict):
-            self._gone("it broke the protocol")
+            self._write_lock.release()
+        deadline = time.monotonic() + self.timeout  # the answer's own deadline, after the turn's
+        with self._state:
+            while self._sent.get(ident) is None and self.broken is None and self._ended is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._abandoned.add(ident)
+                    raise HelperGone(f"the root delivery helper did not answer within {self.timeout:g}s")
+                self._state.wait(left)
+            answer = self._sent.pop(ident, None)
+        if answer is None:
+            self._gone(self._ended or "it stopped answering")
         return answer
+
+    def _read_answers(self) -> None:
+        """The reader: one JSON line per answer, given to the request its ``id``
+        names (an answer without one to the oldest request still owed one)."""
+        assert self.proc.stdout is not None
+        fd, buffer = self.proc.stdout.fileno(), b""
+        try:
+            while True:
+                while b"\n" not in buffer:
+                    if len(buffer) > MAX_HEADER:
+                        return self._end("its answer is too long")
+                    poller = select.poll()  # not select(): serve may hold more than FD_SETSIZE descriptors
+                    poller.register(fd, select.POLLIN)
+                    poller.poll()
+                    try:
+                        chunk = os.read(fd, 65536)
+                    except BlockingIOError:
+                        continue
+                    if not chunk:
+                        return self._end("it closed its answers")
+                    buffer += chunk
+                line, _, buffer = buffer.partition(b"\n")
+                try:
+                    answer = json.loads(line)
+                except ValueError:
+                    answer = None
+                if not isinstance(answer, dict):
+                    return self._end("it broke the protocol")
+                self._deliver(answer)
+        except (OSError, ValueError) as exc:  # the pipe was closed under us
+            self._end(f"its pipe failed: {exc}")
+
+    def _end(self, why: str) -> None:
+        with self._state:
+            self._ended = why
+            self._state.notify_all()
+
+    def _deliver(self, answer: dict[str, Any]) -> None:
+        with self._state:
+            ident = answer.get("id")
+            if not isinstance(ident, int) or ident not in self._sent:
+                ident = next((i for i, got in self._sent.items() if got is None), None)
+            if ident is None or self._sent.get(ident) is not None:
+                return  # an answer nobody is owed: dropped
+            if ident in self._abandoned:  # its caller gave up: a late answer is dropped
+                self._abandoned.discard(ident)
+                del self._sent[ident]
+                return
+            self._sent[ident] = answer
+            self._state.notify_all()
 
     def _alive(self) -> None:
         if self.broken is None and self.proc.poll() is not None:
-            self._gone(f"it exited with status {self.proc.returncode}")
+            self._mark_gone(f"it exited with status {self.proc.returncode}")
+        if self.broken is None and self._ended is not None:
+            self._mark_gone(self._ended)
         if self.broken is not None:
             raise HelperGone(self.broken)
 
-    def _gone(self, why: str) -> NoReturn:
-        if self.broken is None:
+    def _mark_gone(self, why: str) -> None:
+        with self._state:
+            if self.broken is not None:
+                return
             self.broken = "the root delivery helper is gone (restart serve)"
-            log.error("the root delivery helper is gone: %s; file, command and virtual mailbox deliveries as other "
-                      "users are deferred until serve is restarted (it cannot start the helper without root)", why)
-            for stream in (self.proc.stdin, self.proc.stdout):
-                with contextlib.suppress(OSError):
-                    if stream is not None:
-                        stream.close()
+            self._state.notify_all()
+        log.error("the root delivery helper is gone: %s; file, command and virtual mailbox deliveries as other "
+                  "users are deferred until serve is restarted (it cannot start the helper without root)", why)
+        with contextlib.suppress(OSError):
+            if self.proc.stdin is not None:
+                self.proc.stdin.close()
+
+    def _gone(self, why: str) -> NoReturn:
+        self._mark_gone(why)
         raise HelperGone(self.broken)
 
     def _write(self, data: bytes, deadline: float) -> None:
@@ -183,23 +265,6 @@ class Helper:
             except BlockingIOError:
                 continue
 
-    def _readline(self, deadline: float) -> bytes:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        while b"\n" not in self._buffer:
-            if len(self._buffer) > MAX_HEADER:
-                self._gone("its answer is too long")
-            if not _ready(fd, select.POLLIN, deadline):
-                raise TimeoutError
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                continue
-            if not chunk:
-                self._gone("it closed its answers")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
 
 
 def _ready(fd: int, event: int, deadline: float) -> bool:
@@ -234,7 +299,7 @@ def start(config: Config) -> Helper:
     try:
         proc = subprocess.Popen([sys.executable, "-m", "trimail.local.privileged", str(read_end)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(read_end,), cwd="/",
-                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+                                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": PACKAGE_ROOT})
     finally:
         os.close(read_end)
     with open(write_end, "wb") as pipe:
@@ -244,40 +309,83 @@ def start(config: Config) -> Helper:
     return _helper
 
 
-def _answer(out: IO[bytes], status: str, dsn: str = "", text: str = "") -> None:
-    out.write(json.dumps({"status": status, "dsn": dsn, "text": text}).encode() + b"\n")
+def _answer(out: IO[bytes], ident: object, status: str, dsn: str = "", text: str = "") -> None:
+    out.write(json.dumps({"id": ident, "status": status, "dsn": dsn, "text": text}).encode() + b"\n")
     out.flush()
 
 
+class _Turns:
+    """One request per recipient at a time (Postfix delivers to one recipient
+    with a bounded concurrency; here a recipient's slow command or locked mbox
+    holds only that recipient's later requests)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[str, list[Any]] = {}  # key -> [lock, users]
+
+    @contextlib.contextmanager
+    def turn(self, key: str) -> Iterator[None]:
+        with self._lock:
+            entry = self._held.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._held[key]
+
+
 def serve_requests(config: Config, inp: IO[bytes], out: IO[bytes]) -> None:
-    """The helper's loop: one request, one answer, until serve closes the pipe."""
+    """The helper's loop: read requests one after the other and run each on a
+    thread of its own (at most 2 x CONCURRENCY at once; one at a time per
+    recipient), answering with its ``id`` as it finishes, until serve closes
+    the pipe; then wait for the requests still running."""
     from trimail.delivery.local import LocalAgent
     from trimail.delivery.virtual import VirtualAgent
 
     agent, virtual, limit = LocalAgent(config), VirtualAgent(config), message_limit(config)
-    while True:
-        line = inp.readline(MAX_HEADER + 1)
-        if not line:
-            return
-        try:
-            request = json.loads(line)
-            size = int(request["size"])
-            if not 0 <= size <= limit or len(line) > MAX_HEADER:
-                raise ValueError("bad size")
-        except (ValueError, KeyError, TypeError):
-            return  # a peer that breaks the protocol gets no more answers
-        content = inp.read(size)
-        if len(content) != size:
-            return
+    slots, turns, out_lock = threading.BoundedSemaphore(2 * CONCURRENCY), _Turns(), threading.Lock()
+    workers: list[threading.Thread] = []
+
+    def one(request: dict[str, Any], content: bytes) -> None:
         try:
             handler = virtual if request.get("kind") == "virtual" else agent
-            result = handler.privileged(request, content)
+            with turns.turn(f"{request.get('kind')}:{str(request.get('recipient')).lower()}"):
+                result = handler.privileged(request, content)
         except Exception as exc:  # noqa: BLE001 - the boundary of one request: answer, go on
             result = ("deferred", "4.3.0", f"delivery helper: internal error: {type(exc).__name__}")
+        slots.release()  # before the answer: serve may send the next request as soon as it has it
         try:
-            _answer(out, *result)
-        except OSError:
-            return  # serve closed its end
+            with out_lock:
+                _answer(out, request.get("id"), *result)
+        except (OSError, ValueError):
+            pass  # serve closed its end
+
+    try:
+        while True:
+            line = inp.readline(MAX_HEADER + 1)
+            if not line:
+                return
+            try:
+                request = json.loads(line)
+                size = request["size"]
+                if type(size) is not int or not 0 <= size <= limit or len(line) > MAX_HEADER:
+                    raise ValueError("bad size")  # serve sends an integer; 1e999, NaN, "12" or true are forged
+            except (ValueError, KeyError, TypeError):
+                return  # a peer that breaks the protocol gets no more answers
+            content = inp.read(size)
+            if len(content) != size:
+                return
+            slots.acquire()  # serve sends at most CONCURRENCY at once (more only after giving up on some)
+            worker = threading.Thread(target=one, args=(request, content), name="delivery request")
+            worker.start()
+            workers = [w for w in workers if w.is_alive()] + [worker]
+    finally:
+        for worker in workers:
+            worker.join()
 
 
 def main(argv: list[str]) -> int:
