@@ -265,10 +265,9 @@ def test_a_slow_command_of_a_local_user_does_not_hold_up_other_users_deliveries(
 #    local user's include file held every local delivery of that domain - other
 #    users' plain mailboxes too - for up to command_time_limit.  Postfix's local
 #    transport has local_destination_recipient_limit = 1: the destination is the
-#    recipient, and the concurrency limit applies per recipient.  The fix is in
-#    the scheduler (not this engineer's module): see the report.
+#    recipient, and the concurrency limit applies per recipient; so does trimail's
+#    scheduler now (_destination_key).
 
-@pytest.mark.xfail(strict=True, reason="scheduler: the local destination is the domain, not the recipient")
 def test_slow_commands_of_one_local_user_do_not_hold_up_other_local_mailboxes(daemon, public):
     from tests.faults.conftest import wait_until
 

@@ -85,6 +85,7 @@ class Job:
     message: ClaimedMessage
     recipients: list[QueuedRecipient]
     route: Route
+    key: tuple = ()  # its destination's key: the route's, and for local delivery the recipient's too
 
 
 @dataclasses.dataclass(slots=True)
@@ -92,6 +93,16 @@ class ActiveMessage:
     message: ClaimedMessage
     outstanding: int
     corrupt: bool = False  # its content could not be read whole: quarantined when its jobs are done
+
+
+def _destination_key(route: Route, recipient: QueuedRecipient) -> tuple:
+    """The destination a recipient's job belongs to.  For local delivery it is the
+    recipient (Postfix's local_destination_recipient_limit = 1, which makes
+    local_destination_concurrency_limit a limit per recipient): one user's slow
+    command or locked mailbox holds up that user's mail only."""
+    if route.transport == "local":
+        return (*route.key, recipient.address.lower())
+    return route.key
 
 
 class ContentError(Exception):
@@ -102,6 +113,7 @@ class ContentError(Exception):
 class Destination:
     route: Route
     limit: int
+    key: tuple = ()
     jobs: deque[Job] = dataclasses.field(default_factory=deque)
     workers: int = 0
     busy: int = 0  # workers with a job in hand (the others can take the next one)
@@ -293,9 +305,9 @@ class Scheduler:
             elif route.transport == "discard":
                 immediate.append((recipient, sent(f"discarded{': ' + route.nexthop if route.nexthop else ''}")))
             else:
-                groups.setdefault(route.key, (route, []))[1].append(recipient)
-        jobs = [Job(message, recipients[i:i + RECIPIENT_LIMIT], route)
-                for route, recipients in groups.values()
+                groups.setdefault(_destination_key(route, recipient), (route, []))[1].append(recipient)
+        jobs = [Job(message, recipients[i:i + RECIPIENT_LIMIT], route, key)
+                for key, (route, recipients) in groups.items()
                 for i in range(0, len(recipients), RECIPIENT_LIMIT)]
         active = ActiveMessage(message, len(jobs) + (1 if immediate else 0))
         self.active[message.id] = active
@@ -309,13 +321,13 @@ class Scheduler:
             self._nursery.start_soon(self._supervised, "qmgr: finishing a message", self._finish_only, message)
 
     def _enqueue(self, job: Job) -> None:
-        key = job.route.key
+        key = job.key or job.route.key
         dest = self.destinations.get(key)
         if dest is None:
             limit = self.config.get(f"{job.route.transport}_destination_concurrency_limit") \
                 if job.route.transport in ("smtp", "relay", "local") \
                 else self.config.default_destination_concurrency_limit
-            dest = self.destinations[key] = Destination(job.route, max(1, int(limit)))
+            dest = self.destinations[key] = Destination(job.route, max(1, int(limit)), key)
         dest.jobs.append(job)
         dest.announce()
         # a new worker when the jobs outnumber the workers free to take them (busy
@@ -350,8 +362,8 @@ class Scheduler:
             dest.workers -= 1
             if self.metrics is not None:
                 self.metrics.destinations.labels(str(dest.route)).dec()
-            if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.route.key) is dest:
-                del self.destinations[dest.route.key]
+            if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.key) is dest:
+                del self.destinations[dest.key]
 
     async def _deliver_local(self, job: Job) -> list[Outcome]:
         content = job.message.content
@@ -476,8 +488,8 @@ class Scheduler:
                 self.metrics.destinations.labels(str(dest.route)).dec()
             if conn is not None:
                 await conn.close()
-            if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.route.key) is dest:
-                del self.destinations[dest.route.key]
+            if not dest.jobs and dest.workers == 0 and self.destinations.get(dest.key) is dest:
+                del self.destinations[dest.key]
 
     def _masquerade(self, address: str, kind: str) -> str:
         """Masquerading applies to mail leaving the host, for the configured classes."""
