@@ -18,6 +18,7 @@ from __future__ import annotations
 import inspect
 import os
 import socket
+import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from trimail.supervise import FailureCounter
 
 CONTROL_NAME = "control"
 MAX_LINE = 256
+MAX_ANSWER = 1 << 20  # what the CLI reads of serve's answer (a status is a few KiB)
 READ_TIMEOUT = 5.0  # seconds to send a command line, and to take the answer
 
 
@@ -79,16 +81,21 @@ def send_command(queue_directory: Path, command: str, timeout: float = 5.0) -> s
     """Blocking client for the CLI; None when no serve listens."""
     path = queue_directory / CONTROL_NAME
     try:
+        # the socket lives in mail_owner's directory: a symlink planted there is
+        # not followed by a root CLI, and the answer is bounded (a process posing as
+        # serve cannot grow the CLI without end); the caller prints it printable
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
             sock.connect(str(path))
             sock.sendall(command.encode() + b"\n")
             data = b""
-            while b"\n" not in data:
-                chunk = sock.recv(MAX_LINE)
+            while b"\n" not in data and len(data) < MAX_ANSWER:
+                chunk = sock.recv(65536)
                 if not chunk:
                     break
                 data += chunk
-            return data.decode("ascii", "replace").strip()
+            return data[:MAX_ANSWER].decode("ascii", "replace").strip()
     except OSError:
         return None
