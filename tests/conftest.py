@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,10 +17,10 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.dnsserver import run_dns_server
 from trimail import config as configuration
 from trimail.config import Config
 from trimail.master import Server, serve
-from tests.dnsserver import run_dns_server
 
 
 def write_main_cf(directory: Path, **params: object) -> Path:
@@ -168,3 +171,24 @@ def submission(start_mta, cert, tmp_path):
         return srv
 
     return start
+
+
+def system_account(name: str) -> pwd.struct_passwd:
+    """An unprivileged local account for privilege tests (created without a home
+    and a login shell if this machine lacks it; the tests run as root)."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name], check=True)
+        return pwd.getpwnam(name)
+
+
+@pytest.fixture
+def public() -> Iterator[Path]:
+    """A directory in /tmp every user can traverse (pytest's tmp_path is root's, 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="trimail-public-", dir="/tmp"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import system_account
 from tests.faults.conftest import assert_serving, trimail_cmd
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start serve as root and change users")
@@ -126,10 +127,7 @@ OUTSIDER = "trimail-test-x"
 @pytest.fixture(scope="module")
 def outsider() -> str:
     """An unprivileged local user who is neither root nor mail_owner."""
-    try:
-        pwd.getpwnam(OUTSIDER)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", OUTSIDER], check=True)
+    system_account(OUTSIDER)
     return OUTSIDER
 
 

@@ -15,16 +15,13 @@ import contextlib
 import json
 import os
 import pwd
-import shutil
 import signal
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import trimail
+from tests.conftest import system_account, trimail
 from tests.faults.conftest import assert_serving, send
 from tests.local.test_privileges import owned_dir
 
@@ -35,23 +32,7 @@ BOB = "trimail-rt-bob"
 SECRET = "top secret line of a file bob may not read"
 
 
-def account(name: str) -> pwd.struct_passwd:
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", name], check=True)
-        return pwd.getpwnam(name)
-
-
-@pytest.fixture
-def public() -> Iterator[Path]:
-    """A directory every user can traverse (pytest's tmp_path is 0700 root's)."""
-    path = Path(tempfile.mkdtemp(prefix="trimail-rt14b-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+account = system_account
 
 
 def production(public: Path, aliases: str, **params: object) -> dict[str, object]:

@@ -10,10 +10,7 @@ stops answering costs deferrals, never serve.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,17 +21,6 @@ from tests.peers import Sink
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start serve as root and change users")
 
 OWNER = 5000  # virtual_uid_maps = static:5000, the usual virtual(8) setup
-
-
-@pytest.fixture
-def public() -> Iterator[Path]:
-    """A directory every user can traverse (pytest's tmp_path is 0700 root's)."""
-    path = Path(tempfile.mkdtemp(prefix="trimail-vpriv-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def production(public: Path, mailboxes: str, **params: object) -> dict[str, object]:

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import trimail
+from tests.conftest import system_account, trimail
 from tests.delivery.test_delivery import parse_dsn, send, wait_empty
 from tests.local.test_local import maildir_messages
 from tests.peers import Sink
@@ -33,22 +30,7 @@ OWNER = "trimail-test-x"
 @pytest.fixture(scope="module")
 def owner() -> pwd.struct_passwd:
     """An unprivileged user who owns include files and their target directories."""
-    try:
-        return pwd.getpwnam(OWNER)
-    except KeyError:
-        subprocess.run(["useradd", "-M", "-r", "-s", "/usr/sbin/nologin", OWNER], check=True)
-        return pwd.getpwnam(OWNER)
-
-
-@pytest.fixture
-def public() -> Iterator[Path]:
-    """A directory in /tmp every user can traverse (pytest's tmp_path is 0700 root)."""
-    path = Path(tempfile.mkdtemp(prefix="trimail-local-", dir="/tmp"))
-    path.chmod(0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    return system_account(OWNER)
 
 
 def owned_dir(parent: Path, name: str, user: pwd.struct_passwd | None, mode: int = 0o700) -> Path:
