@@ -37,6 +37,7 @@ from trimail.maps import TableError, open_table
 from trimail.net.control import send_command
 from trimail.queue import scheduling
 from trimail.queue.store import MessageInfo, QueueError, Store
+from trimail.smtp.address import is_domain
 
 app = App(name="trimail", help="A secure SMTP gateway MTA.", version=__version__,
           exit_on_error=False, print_error=True)
@@ -442,17 +443,33 @@ def _ids_or_all(ids: list[str] | None, all_: bool) -> list[str] | None:
 AllFlag = Annotated[bool, Parameter(name=["--all"], help="every message in the queue")]
 
 
+SiteOption = Annotated[str | None, Parameter(name=["--domain", "-d"],
+                                              help="only the mail queued for this site: a domain or [address]")]
+
+
 @queue_app.command(name="flush")
-def queue_flush(ids: list[str] | None = None, *, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Deliver deferred mail now: all, or the given IDs (postqueue -f / -i)."""
+def queue_flush(ids: list[str] | None = None, *, domain: SiteOption = None, config: ConfigOption = None,
+                o: Overrides = None) -> None:
+    """Deliver deferred mail now: all, the given IDs, or the mail for one site
+    (postqueue -f / -i / -s)."""
     cfg = load_config(config, o)
+    if domain is not None:
+        if ids:
+            raise Failure("name queue IDs or a --domain, not both")
+        site = domain.strip()
+        if not (is_domain(site.rstrip(".")) or (site.startswith("[") and site.endswith("]"))):
+            raise Failure(f"not a domain or an address literal: {maillog.printable(site, 300)}")
+        count = _queue_change(cfg, lambda store: scheduling.flush_site(store, site))
+        print(f"trimail: flushed {count} message(s) for {site.lower().rstrip('.')}", file=sys.stderr)
+        return
     _queue_change(cfg, lambda store: scheduling.flush(store, ids or None))
 
 
 @app.command(name="flush")
-def flush_alias(ids: list[str] | None = None, *, config: ConfigOption = None, o: Overrides = None) -> None:
+def flush_alias(ids: list[str] | None = None, *, domain: SiteOption = None, config: ConfigOption = None,
+                o: Overrides = None) -> None:
     """Alias of `trimail queue flush`."""
-    queue_flush(ids, config=config, o=o)
+    queue_flush(ids, domain=domain, config=config, o=o)
 
 
 def _report(verb: str, changed: list[str] | int, asked: list[str] | None) -> None:

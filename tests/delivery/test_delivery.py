@@ -487,3 +487,27 @@ def _peak_rss_kib(pid: int) -> int:
         if entry.startswith("VmHWM:"):
             return int(entry.split()[1])
     raise AssertionError("no VmHWM")
+
+
+async def test_flush_by_domain_delivers_that_sites_mail_and_leaves_the_rest_waiting(start_mta, nursery):
+    """`trimail queue flush -d SITE` (Postfix's postqueue -s): when a site comes back,
+    its deferred mail goes out at once; other sites' mail keeps its retry time."""
+    peer = DroppingServer()
+    port = await nursery.start(peer.run)
+    srv = await start_mta(transport_maps=f"inline:{{ back.example=smtp:[127.0.0.1]:{port}, "
+                                         f"other.example=smtp:[127.0.0.1]:{port} }}",
+                          minimal_backoff_time="1000s", maximal_backoff_time="4000s")
+    back = await send(srv, "a@client.example", ["r@BACK.example"])
+    other = await send(srv, "a@client.example", ["r@other.example"])
+    for queue_id, rcpt in ((back, "r@BACK.example"), (other, "r@other.example")):
+        await wait_for(lambda q=queue_id, r=rcpt: recipient_status(srv, q).get(r, ("",))[0] == "deferred")
+    peer.drop = False
+    bad = await trio.to_thread.run_sync(lambda: trimail("queue", "flush", "-d", "a..b", "-c", srv.config.source))
+    assert bad.returncode != 0 and "not a domain" in bad.stderr
+    result = await trio.to_thread.run_sync(lambda: trimail("queue", "flush", "-d", "back.example.",
+                                                           "-c", srv.config.source))
+    assert result.returncode == 0 and "flushed 1 message(s) for back.example" in result.stderr, result.stderr
+    await wait_for(lambda: [m.id for m in queue(srv)] == [other])
+    assert peer.delivered == [["r@BACK.example"]]
+    [waiting] = queue(srv)
+    assert waiting.recipients[0].next_attempt > time.time() + 500  # untouched

@@ -197,6 +197,27 @@ def flush(store: Store, ids: list[str] | None, now: float | None = None) -> int:
     return count
 
 
+def flush_site(store: Store, site: str, now: float | None = None) -> int:
+    """Make the deferred mail queued for *site* due now (Postfix's ``postqueue -s``):
+    the deferred recipients whose domain is *site* (case and a trailing dot aside)
+    and their messages; the other recipients of those messages keep their times.
+    Returns how many messages were made due."""
+    now = time.time() if now is None else now
+    site = site.lower().rstrip(".")
+    due: dict[str, list[str]] = {}
+    for message_id, address in store.db.execute(
+            "SELECT r.message_id, r.address FROM recipient r JOIN message m ON m.id = r.message_id "
+            "WHERE m.state = 'deferred' AND r.status = 'deferred'"):
+        if address.rpartition("@")[2].lower().rstrip(".") == site:
+            due.setdefault(message_id, []).append(address)
+    for message_id, addresses in due.items():
+        store.db.execute("UPDATE message SET next_attempt = ? WHERE id = ? AND state = 'deferred'", (now, message_id))
+        for address in addresses:
+            store.db.execute("UPDATE recipient SET next_attempt = ? WHERE message_id = ? AND address = ? "
+                             "AND status = 'deferred'", (now, message_id, address))
+    return len(due)
+
+
 def existing_ids(store: Store, ids: list[str] | None, states: tuple[str, ...]) -> list[str]:
     """IDs (all when None) of messages in one of *states*."""
     if ids is None:
