@@ -308,6 +308,9 @@ PARAMETERS: dict[str, Param] = {
         # networks and relaying
         _P("mynetworks", "127.0.0.0/8 [::1]/128", parse_networks, "trusted client networks"),
         _P("relay_domains", "", split_list, "domains this gateway relays mail to"),
+        _P("fast_flush_domains", "$relay_domains", split_list,
+           "sites whose deferred mail a client may have sent at once with ETRN (Postfix's flush(8)); "
+           "ETRN is offered only when this names a site"),
         _P("relay_recipient_maps", "", parse_maps,
            "tables of the known users of relay_domains (user@domain or @domain keys); when set, other "
            "recipients there are refused at RCPT (550 ... User unknown in relay recipient table); "

@@ -57,6 +57,7 @@ from trimail.maps import Table, TableError, off_loop
 from trimail.metrics import Metrics
 from trimail.passwords import PasswordError, authenticate, prepare
 from trimail.policy.restrictions import Policy, Request, Verdict
+from trimail.queue import scheduling
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import QueueSpace, Spool, SpoolError
 from trimail.queue.store import NewMessage, Store
@@ -70,6 +71,7 @@ from trimail.smtp.server import (
     DataChunk,
     DataEnd,
     DataStart,
+    Etrn,
     Event,
     Hello,
     MailFrom,
@@ -112,6 +114,7 @@ def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
         forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands),
         smtputf8=config.smtputf8_enable,
         vrfy=not config.disable_vrfy_command,
+        etrn=bool(config.fast_flush_domains),
         helo_required=config.smtpd_helo_required,
     )
 
@@ -144,6 +147,8 @@ class ReceiveContext:
         self.recipients = RecipientTables(config)
         self.policy.unlisted = self.unlisted
         self.reject_unlisted_recipient: bool = config.smtpd_reject_unlisted_recipient
+        self.fast_flush_domains = frozenset(d.lower().rstrip(".") for d in config.fast_flush_domains)
+        self.fast_flush_subdomains = "fast_flush_domains" in config.parent_domain_matches_subdomains
         self.settings = protocol_settings(config, kind)
         if self.settings.auth:
             try:  # the dummy hash for unknown users, made now rather than at the first one
@@ -300,6 +305,8 @@ class SmtpdSession:
             return None
         if isinstance(event, Auth):
             return await self._authenticate(event)
+        if isinstance(event, Etrn):
+            return await self._etrn(event.site)
         if isinstance(event, Hello):
             self.helo_name = printable(event.name, 255)
             self.extended = event.extended
@@ -489,6 +496,26 @@ class SmtpdSession:
         log.info("NOQUEUE: %s: %s from %s: %s %s %s; %s proto=%s helo=<%s>", what, command, self.client, reply.code,
                  reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
                  self.helo_name)
+
+    async def _etrn(self, site: str) -> Reply | None:
+        """ETRN (RFC 1985, Postfix's flush(8)): the deferred mail for an eligible
+        site is made due now and the queue manager woken."""
+        ctx = self.ctx
+        eligible = any(site.endswith(domain) if domain.startswith(".") else
+                       site == domain or (ctx.fast_flush_subdomains and site.endswith("." + domain))
+                       for domain in ctx.fast_flush_domains)
+        if not eligible:
+            log.warning("reject: ETRN %s... from %s", site, self.client)
+            return Reply(459, "4.7.1", f"<{site}>: service unavailable")
+        try:
+            count = await ctx.writer.run(scheduling.flush_site, site)
+        except Exception as exc:  # noqa: BLE001 - this request's boundary: 458, the session goes on
+            log.warning("ETRN %s from %s: %s", site, self.client, exc)
+            return Reply(458, "4.3.0", "Unable to queue messages")
+        if ctx.scheduler is not None:
+            ctx.scheduler.wake()
+        log.info("ETRN %s from %s: %d message(s) made due", site, self.client, count)
+        return None
 
     def close(self) -> None:
         self._discard()

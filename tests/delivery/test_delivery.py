@@ -511,3 +511,36 @@ async def test_flush_by_domain_delivers_that_sites_mail_and_leaves_the_rest_wait
     assert peer.delivered == [["r@BACK.example"]]
     [waiting] = queue(srv)
     assert waiting.recipients[0].next_attempt > time.time() + 500  # untouched
+
+
+def etrn_dialogue(port: int, commands: list[str]) -> tuple[str, list[tuple[int, str]]]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        _code, text = client.ehlo("client.example")
+        answers = [client.docmd(command) for command in commands]
+        return text.decode(), [(c, t.decode()) for c, t in answers]
+
+
+async def test_etrn_flushes_an_eligible_site_and_refuses_others(start_mta, nursery):
+    """ETRN (RFC 1985, Postfix's flush(8)): a client may have the deferred mail for a
+    site in fast_flush_domains sent at once; other sites get 459; the syntax and the
+    sequence rules are Postfix's."""
+    peer = DroppingServer()
+    port = await nursery.start(peer.run)
+    srv = await start_mta(transport_maps=f"inline:{{ back.example=smtp:[127.0.0.1]:{port}, "
+                                         f"other.example=smtp:[127.0.0.1]:{port} }}",
+                          fast_flush_domains="back.example",
+                          minimal_backoff_time="1000s", maximal_backoff_time="4000s")
+    back = await send(srv, "a@client.example", ["r@back.example"])
+    other = await send(srv, "a@client.example", ["r@other.example"])
+    for queue_id, rcpt in ((back, "r@back.example"), (other, "r@other.example")):
+        await wait_for(lambda q=queue_id, r=rcpt: recipient_status(srv, q).get(r, ("",))[0] == "deferred")
+    peer.drop = False
+    ehlo, answers = await trio.to_thread.run_sync(etrn_dialogue, srv.addresses[0].port, [
+        "ETRN", "ETRN a..b", "ETRN other.example", "MAIL FROM:<a@client.example>", "ETRN back.example", "RSET",
+        "ETRN @BACK.example"])
+    assert "ETRN" in ehlo.split("\n")
+    assert [code for code, _ in answers] == [500, 501, 459, 250, 503, 250, 250], answers
+    assert answers[2][1] == "4.7.1 <other.example>: service unavailable"
+    assert answers[6][1] == "2.0.0 Queuing started"
+    await wait_for(lambda: [m.id for m in queue(srv)] == [other])
+    assert peer.delivered == [["r@back.example"]]

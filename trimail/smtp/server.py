@@ -49,7 +49,7 @@ import enum
 from collections import Counter, deque
 
 from trimail.smtp import replies
-from trimail.smtp.address import AddressError, Utf8NotDeclared, parse_path
+from trimail.smtp.address import AddressError, Utf8NotDeclared, is_domain, parse_path
 from trimail.smtp.dotreader import DotReader
 from trimail.smtp.replies import Reply
 from trimail.smtp.sasl import MECHANISMS, Credentials, SaslError, SaslExchange
@@ -143,6 +143,15 @@ class Auth(Event):
 
 
 @dataclasses.dataclass(slots=True)
+class Etrn(Event):
+    """ETRN site (RFC 1985): the caller decides whether the site's mail may be
+    flushed; None answers ``250 Queuing started``."""
+
+    site: str
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
 class Reset(Event):
     """The mail transaction was cleared (RSET, EHLO/HELO, or a failed DATA)."""
 
@@ -190,8 +199,8 @@ _SEQUENCE_ERRORS: dict[str, dict[State, Reply]] = {
              State.MAIL: replies.NO_VALID_RECIPIENTS},
 }
 
-_JUNK_COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "VRFY", "RSET"})  # Postfix's SMTPD_CMD_FLAG_LIMIT
-_KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ETRN", "BDAT", "ATRN", "SEND",
+_JUNK_COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "VRFY", "RSET", "ETRN"})  # Postfix's SMTPD_CMD_FLAG_LIMIT
+_KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "BDAT", "ATRN", "SEND",
                                     "SOML", "SAML"})
 
 
@@ -211,6 +220,7 @@ class Settings:
     forbidden_commands: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})
     smtputf8: bool = True
     vrfy: bool = True
+    etrn: bool = False  # offer ETRN (fast_flush_domains names at least one site)
     helo_required: bool = False  # smtpd_helo_required: MAIL before HELO/EHLO is refused
     starttls: bool = False  # offer STARTTLS (a certificate is configured)
     tls_required: bool = False  # smtpd_tls_security_level = encrypt: no mail before STARTTLS
@@ -365,6 +375,8 @@ class ServerConnection:
             return Reply(220, "2.0.0", "Ready to start TLS")
         if isinstance(event, Auth):
             return Reply(235, "2.7.0", "Authentication successful")
+        if isinstance(event, Etrn):
+            return Reply(250, "2.0.0", "Queuing started")
         raise LocalProtocolError(f"no default reply for {event!r}")
 
     def extensions(self) -> list[str]:
@@ -372,6 +384,8 @@ class ServerConnection:
         keywords = ["PIPELINING", f"SIZE {size}" if size else "SIZE"]
         if self.settings.vrfy:
             keywords.append("VRFY")
+        if self.settings.etrn:
+            keywords.append("ETRN")
         keywords += ["ENHANCEDSTATUSCODES", "8BITMIME"]
         if self.settings.smtputf8:
             keywords.append("SMTPUTF8")
@@ -634,6 +648,26 @@ class ServerConnection:
             self.command_stats["vrfy/ok"] += 1
             self._send(replies.VRFY_CANNOT)
 
+    def _do_etrn(self, arg: str) -> None:
+        """Postfix's etrn_cmd: the checks of syntax and sequence; the site's
+        eligibility (fast_flush_domains) is the caller's decision."""
+        site = arg.strip()
+        if not self.settings.etrn:
+            self._error("etrn", replies.NOT_IMPLEMENTED)
+        elif self.settings.helo_required and self.state is State.INIT:
+            self._error("etrn", replies.NEED_HELO)
+        elif self.state in (State.MAIL, State.RCPT):
+            self._error("etrn", Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+        elif not site or " " in site:
+            self._error("etrn", Reply(500, "5.5.2", "Syntax: ETRN domain"))
+        else:
+            if not site[0].isalnum():  # "@domain" and "#queue" forms name the domain
+                site = site[1:]
+            if not (is_domain(site.rstrip(".")) and site.isascii()):
+                self._error("etrn", Reply(501, "5.5.4", "Error: invalid parameter syntax"))
+            else:
+                self._decide(Etrn(site.lower().rstrip(".")))
+
     def _do_starttls(self, arg: str) -> None:
         if not self.settings.starttls:
             self._error("starttls", replies.NOT_IMPLEMENTED)
@@ -732,6 +766,7 @@ _HANDLERS = {
     "NOOP": ServerConnection._do_noop,
     "QUIT": ServerConnection._do_quit,
     "VRFY": ServerConnection._do_vrfy,
+    "ETRN": ServerConnection._do_etrn,
     "HELP": ServerConnection._do_help,
     "STARTTLS": ServerConnection._do_starttls,
     "AUTH": ServerConnection._do_auth,
