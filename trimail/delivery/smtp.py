@@ -78,7 +78,7 @@ class ConnectionFailed(Exception):
         self.outcome = outcome
 
 
-class _Lost(Exception):
+class ConnectionLost(Exception):
     """The connection broke or timed out during *stage*."""
 
     def __init__(self, text: str) -> None:
@@ -86,11 +86,11 @@ class _Lost(Exception):
         self.text = text
 
 
-class TlsRequired(_Lost):
+class TlsRequired(ConnectionLost):
     """The policy demands TLS and this host cannot give it: never send in clear."""
 
 
-class TlsFailed(_Lost):
+class TlsFailed(ConnectionLost):
     """The TLS handshake failed (with level may, the host is retried in clear)."""
 
 
@@ -128,14 +128,14 @@ class Connection:
                 while (reply := self.parser.next_reply()) is None:
                     data = await self.stream.receive_some(CHUNK)
                     if not data:
-                        raise _Lost(f"lost connection with {self.relay} while {stage}")
+                        raise ConnectionLost(f"lost connection with {self.relay} while {stage}")
                     self.parser.feed(data)
         except trio.TooSlowError:
-            raise _Lost(f"conversation with {self.relay} timed out while {stage}") from None
+            raise ConnectionLost(f"conversation with {self.relay} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise _Lost(f"lost connection with {self.relay} while {stage}") from None
+            raise ConnectionLost(f"lost connection with {self.relay} while {stage}") from None
         except PeerProtocolError as exc:
-            raise _Lost(f"bad reply from {self.relay} while {stage}: {exc}") from None
+            raise ConnectionLost(f"bad reply from {self.relay} while {stage}: {exc}") from None
         return reply
 
     async def _send(self, data: bytes, timeout: float, stage: str) -> None:
@@ -143,9 +143,9 @@ class Connection:
             with trio.fail_after(timeout):
                 await self.stream.send_all(data)
         except trio.TooSlowError:
-            raise _Lost(f"conversation with {self.relay} timed out while {stage}") from None
+            raise ConnectionLost(f"conversation with {self.relay} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise _Lost(f"lost connection with {self.relay} while {stage}") from None
+            raise ConnectionLost(f"lost connection with {self.relay} while {stage}") from None
 
     async def hello(self, helo_name: str, tls: TlsPolicy | None = None) -> Reply:
         greeting = await self._read(self.timeouts.helo, "receiving the initial server greeting")
@@ -159,7 +159,7 @@ class Connection:
                 if self.tls:
                     reply = await self._ehlo(helo_name)
                     if reply.code != 250:
-                        raise _Lost(f"{self.relay} refused EHLO after STARTTLS: {reply}")
+                        raise ConnectionLost(f"{self.relay} refused EHLO after STARTTLS: {reply}")
             return reply
         if tls is not None and tls.required:
             raise TlsRequired(f"TLS is required, but host {self.relay} refused EHLO")
@@ -188,7 +188,7 @@ class Connection:
             # bytes after the 220 were sent before the handshake: an injection attempt
             # (the CVE-2011-0411 class, seen from the client side); never use them
             self.usable = False
-            raise _Lost(f"host {self.relay} sent unexpected data after the STARTTLS reply")
+            raise ConnectionLost(f"host {self.relay} sent unexpected data after the STARTTLS reply")
         stream = trio.SSLStream(self.stream, tls.context(), server_hostname=self.host,
                                 https_compatible=False)
         try:
@@ -222,7 +222,7 @@ class Connection:
         try:
             return await self._transaction(envelope, downgraded(content) if convert else content,
                                            None if convert else envelope.size)
-        except _Lost as exc:
+        except ConnectionLost as exc:
             self.usable = False
             return [deferred("4.4.2", exc.text)] * count
 
@@ -276,6 +276,12 @@ class Connection:
         final = classify(final_reply, self.relay, "end of DATA")
         return [o if o is not None else final for o in outcomes]
 
+    async def command(self, line: bytes, timeout: float, what: str) -> Reply:
+        """Send one command line and read its reply, each within *timeout*
+        (ConnectionLost when the connection breaks, times out or talks nonsense)."""
+        await self._send(line, timeout, f"sending {what}")
+        return await self._read(timeout, f"receiving the {what} reply")
+
     async def _reset(self) -> None:
         await self._send(b"RSET\r\n", self.timeouts.mail, "sending RSET")
         reply = await self._read(self.timeouts.mail, "receiving the RSET reply")
@@ -288,7 +294,7 @@ class Connection:
                 try:
                     await self._send(b"QUIT\r\n", self.timeouts.quit, "sending QUIT")
                     await self._read(self.timeouts.quit, "receiving the QUIT reply")
-                except _Lost:
+                except ConnectionLost:
                     pass
         with trio.CancelScope(shield=True):
             await self.stream.aclose()
@@ -382,7 +388,7 @@ class Connector:
                 return None, deferred("4.7.5", exc.text)
             log.info("%s; trying again in clear (smtp_tls_security_level = may)", exc.text)
             return await self._try(host, address, port, tls=False)
-        except _Lost as exc:
+        except ConnectionLost as exc:
             await conn.close()
             return None, deferred("4.4.2", exc.text)
         if reply.code != 250:

@@ -73,11 +73,10 @@ from trimail import rewrite
 from trimail.config import Config
 from trimail.delivery.dns import Resolver
 from trimail.delivery.route import SMTP_TRANSPORTS, Route, RouteError, Router
-from trimail.delivery.smtp import ConnectionFailed, Connector
+from trimail.delivery.smtp import ConnectionFailed, ConnectionLost, Connector
 from trimail.maps import TableError, off_loop
 from trimail.policy.registry import DUNNO, Request, Result, Verdict, register
-from trimail.smtp.client import PeerProtocolError, classify, mail_command, rcpt_command
-from trimail.smtp.replies import Reply
+from trimail.smtp.client import classify, mail_command, rcpt_command
 from trimail.supervise import describe
 
 if TYPE_CHECKING:
@@ -211,17 +210,16 @@ class Verifier:
             try:
                 t = conn.timeouts
                 mail = mail_command(self.sender, 0, conn.ext, eight_bit=False, smtputf8=False)
-                reply = await _command(conn, mail, t.mail)
+                reply = await conn.command(mail, t.mail, "MAIL FROM")
                 stage = "MAIL FROM"
                 if reply.code == 250:
-                    reply = await _command(conn, rcpt_command(address), t.rcpt)
+                    reply = await conn.command(rcpt_command(address), t.rcpt, "RCPT TO")
                     stage = "RCPT TO"
                 with trio.move_on_after(5):
-                    await _command(conn, b"RSET\r\n", t.mail)
-            except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
-                    PeerProtocolError, EOFError) as exc:
+                    await conn.command(b"RSET\r\n", t.mail, "RSET")
+            except ConnectionLost as exc:
                 conn.usable = False
-                return Answer("defer", f"conversation with {relay} failed: {describe(exc)}")
+                return Answer("defer", f"conversation with {relay} failed: {exc.text}")
             except BaseException:
                 conn.usable = False  # mid-dialogue: no QUIT, just close
                 raise
@@ -231,18 +229,6 @@ class Verifier:
             return Answer("ok", f"host {relay} said: {reply.code} {' '.join(reply.lines())}")
         outcome = classify(reply, relay, stage)
         return Answer("bounce" if outcome.status == "bounced" else "defer", outcome.text)
-
-
-async def _command(conn, line: bytes, timeout: float) -> Reply:
-    """Send one command and read its reply within *timeout* (TooSlowError, EOFError)."""
-    with trio.fail_after(timeout):
-        await conn.stream.send_all(line)
-        while (reply := conn.parser.next_reply()) is None:
-            data = await conn.stream.receive_some(4096)
-            if not data:
-                raise EOFError("connection closed by the server")
-            conn.parser.feed(data)
-    return reply
 
 
 @register("reject_unverified_recipient", needs="recipient")
