@@ -163,12 +163,10 @@ class Connection:
             return reply
         if tls is not None and tls.required:
             raise TlsRequired(f"TLS is required, but host {self.relay} refused EHLO")
-        await self._send(f"HELO {helo_name}\r\n".encode(), self.timeouts.helo, "sending HELO")
-        return await self._read(self.timeouts.helo, "receiving the HELO reply")
+        return await self.command(f"HELO {helo_name}\r\n".encode(), self.timeouts.helo, "HELO")
 
     async def _ehlo(self, helo_name: str) -> Reply:
-        await self._send(f"EHLO {helo_name}\r\n".encode(), self.timeouts.helo, "sending EHLO")
-        reply = await self._read(self.timeouts.helo, "receiving the EHLO reply")
+        reply = await self.command(f"EHLO {helo_name}\r\n".encode(), self.timeouts.helo, "EHLO")
         self.ext = Extensions.from_ehlo(reply) if reply.code == 250 else Extensions({})
         self.ehlo_name = first_word(reply) if reply.code == 250 else ""
         return reply
@@ -178,8 +176,7 @@ class Connection:
             if tls.required:
                 raise TlsRequired(f"TLS is required, but was not offered by host {self.relay}")
             return
-        await self._send(b"STARTTLS\r\n", self.timeouts.helo, "sending STARTTLS")
-        reply = await self._read(self.timeouts.helo, "receiving the STARTTLS reply")
+        reply = await self.command(b"STARTTLS\r\n", self.timeouts.helo, "STARTTLS")
         if reply.code != 220:
             if tls.required:
                 raise TlsRequired(f"TLS is required, but host {self.relay} refused STARTTLS: {reply}")
@@ -283,8 +280,7 @@ class Connection:
         return await self._read(timeout, f"receiving the {what} reply")
 
     async def _reset(self) -> None:
-        await self._send(b"RSET\r\n", self.timeouts.mail, "sending RSET")
-        reply = await self._read(self.timeouts.mail, "receiving the RSET reply")
+        reply = await self.command(b"RSET\r\n", self.timeouts.mail, "RSET")
         if reply.code != 250:
             self.usable = False
 
@@ -292,8 +288,7 @@ class Connection:
         if self.usable:
             with trio.move_on_after(min(self.timeouts.quit, 5)):
                 try:
-                    await self._send(b"QUIT\r\n", self.timeouts.quit, "sending QUIT")
-                    await self._read(self.timeouts.quit, "receiving the QUIT reply")
+                    await self.command(b"QUIT\r\n", self.timeouts.quit, "QUIT")
                 except ConnectionLost:
                     pass
         with trio.CancelScope(shield=True):
