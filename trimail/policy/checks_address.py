@@ -132,7 +132,7 @@ async def reject_rhsbl_sender(policy: Policy, req: Request, kind: str, arg: str 
     return await policy.rbl_reply(req, "Sender address", req.sender or "", domain, arg) if domain else DUNNO
 
 
-async def _unlisted(policy: Policy, req: Request, kind: str, address: str | None, dsn: str) -> Result:
+async def _unlisted(policy: Policy, req: Request, kind: str, address: str | None) -> Result:
     if not address:
         return DUNNO
     try:
@@ -140,16 +140,15 @@ async def _unlisted(policy: Policy, req: Request, kind: str, address: str | None
     except (TableError, ValueError) as exc:
         log.warning("%s: %s lookup failed: %s", req.queue_id or "NOQUEUE", kind, exc)
         return policy.reply(451, "4.3.0", kind, req, "Temporary lookup failure")
-    if unknown:  # an Unlisted (trimail/unlisted.py): its class's table and reject code
-        return policy.reply(unknown.code, f"{unknown.code // 100}{dsn[1:]}", kind, req,
-                            f"User unknown in {unknown.table} table")
+    if unknown:  # an Unlisted (trimail/unlisted.py): its class's table, code and Postfix's words
+        return Reply(*unknown.text(address, kind.capitalize()))
     return DUNNO
 
 
 @register("reject_unlisted_sender", needs="sender")
 async def reject_unlisted_sender(policy: Policy, req: Request, kind: str, arg: str | None,
                                  verdict: Verdict) -> Result:
-    return await _unlisted(policy, req, "sender", req.sender, "5.1.0")
+    return await _unlisted(policy, req, "sender", req.sender)
 
 
 @register("reject_sender_login_mismatch", needs="sender")
@@ -238,4 +237,4 @@ async def reject_rhsbl_recipient(policy: Policy, req: Request, kind: str, arg: s
 @register("reject_unlisted_recipient", needs="recipient")
 async def reject_unlisted_recipient(policy: Policy, req: Request, kind: str, arg: str | None,
                                     verdict: Verdict) -> Result:
-    return await _unlisted(policy, req, "recipient", req.recipient, "5.1.1")
+    return await _unlisted(policy, req, "recipient", req.recipient)
