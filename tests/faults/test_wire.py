@@ -100,6 +100,16 @@ def raw_peer() -> Iterator[RawPeer]:
         yield peer
 
 
+def _until_bye(sock: socket.socket, buf: bytes = b"") -> bytes:
+    """*buf* and what the server sends until its 221 (or the end of the connection)."""
+    while b"\r\n221 " not in buf:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
+
+
 def _raw_session(port: int, content: bytes) -> list[bytes]:
     """EHLO, MAIL, RCPT, DATA with *content* as it is, then QUIT; the reply lines."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -111,11 +121,7 @@ def _raw_session(port: int, content: bytes) -> list[bytes]:
             assert chunk, buf
             buf += chunk
         sock.sendall(content + b"QUIT\r\n")
-        while b"\r\n221 " not in buf:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
+        buf = _until_bye(sock, buf)
     return buf.split(b"\r\n")
 
 
@@ -168,12 +174,7 @@ def test_serve_refuses_a_line_separator_in_rcpt(daemon):
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         sock.sendall("EHLO c.example\r\nMAIL FROM:<a@c.example> SMTPUTF8\r\n"
                      "RCPT TO:<victim\u2028@mx.test.example>\r\nQUIT\r\n".encode())
-        buf = b""
-        while b"\r\n221 " not in buf:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
+        buf = _until_bye(sock)
     assert b"\r\n501 5.1.3 Bad recipient address syntax\r\n" in buf, buf
     assert_serving(d)
 
@@ -183,12 +184,7 @@ def test_helo_name_is_stored_printable(daemon, raw_peer):
     with socket.create_connection(("127.0.0.1", d.port), timeout=10) as sock:
         sock.sendall("EHLO evil\x1b[2J\u2028\x85.example\r\nMAIL FROM:<a@c.example>\r\n"
                      "RCPT TO:<b@remote.example>\r\nDATA\r\nSubject: h\r\n\r\nx\r\n.\r\nQUIT\r\n".encode())
-        buf = b""
-        while b"\r\n221 " not in buf:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            buf += chunk
+        buf = _until_bye(sock)
     assert b"250 2.0.0 Ok: queued as" in buf, buf
     wait_until(lambda: raw_peer.messages, 15)
     received = raw_peer.messages[0].split(b"\r\n", 1)[0].decode("utf-8")
