@@ -240,8 +240,15 @@ def _class_of(domain: str, settings: Settings) -> AddressClass:
 
 
 def _relays_for(domain: str, settings: Settings) -> bool:
-    if domain in settings.relay_domains:
+    return domain_listed(domain, settings.relay_domains, settings.relay_subdomains)
+
+
+def domain_listed(domain: str, entries: frozenset[str], subdomains: bool) -> bool:
+    """Postfix's domain list match for *domain* (lower case, no trailing dot): an
+    entry matches itself; ``.parent`` matches every name below parent; ``parent``
+    matches the names below it too when *subdomains* (parent_domain_matches_subdomains
+    names the list)."""
+    if domain in entries:
         return True
-    if settings.relay_subdomains:
-        return any(domain.endswith("." + d) for d in settings.relay_domains if not d.startswith("."))
-    return any(d.startswith(".") and domain.endswith(d) for d in settings.relay_domains)
+    return any(domain.endswith(entry) if entry.startswith(".") else subdomains and domain.endswith("." + entry)
+               for entry in entries)

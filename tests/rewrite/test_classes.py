@@ -102,3 +102,18 @@ def test_serve_logs_postfixs_warning_for_a_domain_in_two_lists(tmp_path, serve_p
     proc = serve_process(write_main_cf(tmp_path, master_service_disable="", mydestination="gw.example",
                                        virtual_alias_domains="gw.example"))
     proc.wait_log(r"warning: do not list domain gw\.example in BOTH mydestination and virtual_alias_domains")
+
+
+@pytest.mark.parametrize(("subdomains", "expected"), [
+    (True, {"a.example.com": "relay", "b.a.example.com": "relay", "example.com": "remote",
+            "corp.example": "relay", "x.corp.example": "relay", "xcorp.example": "remote"}),
+    (False, {"a.example.com": "relay", "b.a.example.com": "relay", "example.com": "remote",
+             "corp.example": "relay", "x.corp.example": "remote", "xcorp.example": "remote"}),
+])
+def test_relay_domains_match_as_postfixs_domain_lists(subdomains, expected):
+    """`.parent` always matches the names below parent (and not parent itself);
+    `parent` matches them only when parent_domain_matches_subdomains names
+    relay_domains (Postfix's default)."""
+    settings = Settings(local_domains=frozenset(), relay_domains=frozenset({".example.com", "corp.example"}),
+                        relay_subdomains=subdomains)
+    assert {domain: resolve(f"u@{domain}", settings).klass for domain in expected} == expected
