@@ -501,10 +501,7 @@ class SmtpdSession:
         """ETRN (RFC 1985, Postfix's flush(8)): the deferred mail for an eligible
         site is made due now and the queue manager woken."""
         ctx = self.ctx
-        eligible = any(site.endswith(domain) if domain.startswith(".") else
-                       site == domain or (ctx.fast_flush_subdomains and site.endswith("." + domain))
-                       for domain in ctx.fast_flush_domains)
-        if not eligible:
+        if not rewrite.domain_listed(site, ctx.fast_flush_domains, ctx.fast_flush_subdomains):
             log.warning("reject: ETRN %s... from %s", site, self.client)
             return Reply(459, "4.7.1", f"<{site}>: service unavailable")
         try:
