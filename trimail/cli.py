@@ -35,7 +35,7 @@ from trimail import maps
 from trimail.local.aliases import postalias
 from trimail.maps import TableError, open_table
 from trimail.net.control import send_command
-from trimail.queue import scheduling
+from trimail.queue import admin, transitions
 from trimail.queue.store import MessageInfo, QueueError, Store
 from trimail.smtp.address import is_domain
 
@@ -459,10 +459,10 @@ def queue_flush(ids: list[str] | None = None, *, domain: SiteOption = None, conf
         site = domain.strip()
         if not (is_domain(site.rstrip(".")) or (site.startswith("[") and site.endswith("]"))):
             raise Failure(f"not a domain or an address literal: {maillog.printable(site, 300)}")
-        count = _queue_change(cfg, lambda store: scheduling.flush_site(store, site))
+        count = _queue_change(cfg, lambda store: admin.flush_site(store, site))
         print(f"trimail: flushed {count} message(s) for {site.lower().rstrip('.')}", file=sys.stderr)
         return
-    _queue_change(cfg, lambda store: scheduling.flush(store, ids or None))
+    _queue_change(cfg, lambda store: admin.flush(store, ids or None))
 
 
 @app.command(name="flush")
@@ -489,8 +489,8 @@ def queue_delete(ids: list[str] | None = None, *, all_: AllFlag = False, config:
     wanted = _ids_or_all(ids, all_)
 
     def change(store: Store) -> list[str]:
-        targets = scheduling.existing_ids(store, wanted, STATES_NOT_ACTIVE)
-        return [t for t in targets if scheduling.remove(store, t)]
+        targets = admin.existing_ids(store, wanted, STATES_NOT_ACTIVE)
+        return [t for t in targets if transitions.remove(store, t)]
 
     _report("deleted", _queue_change(cfg, change), wanted)
 
@@ -504,7 +504,7 @@ def queue_hold(ids: list[str] | None = None, *, all_: AllFlag = False, config: C
     """Put messages on hold: kept, but not delivered (postsuper -h)."""
     cfg = load_config(config, o)
     wanted = _ids_or_all(ids, all_)
-    _report("placed on hold", _queue_change(cfg, lambda store: scheduling.set_state(
+    _report("placed on hold", _queue_change(cfg, lambda store: admin.set_state(
         store, wanted, "hold", ("maildrop", "incoming", "deferred"), time.time())), wanted)
 
 
@@ -514,7 +514,7 @@ def queue_release(ids: list[str] | None = None, *, all_: AllFlag = False, config
     """Release messages from hold (postsuper -H)."""
     cfg = load_config(config, o)
     wanted = _ids_or_all(ids, all_)
-    _report("released from hold", _queue_change(cfg, lambda store: scheduling.set_state(
+    _report("released from hold", _queue_change(cfg, lambda store: admin.set_state(
         store, wanted, "incoming", ("hold",), time.time())), wanted)
 
 
@@ -526,9 +526,9 @@ def queue_requeue(ids: list[str] | None = None, *, all_: AllFlag = False, config
     wanted = _ids_or_all(ids, all_)
 
     def change(store: Store) -> list[str]:
-        targets = scheduling.existing_ids(store, wanted, ("incoming", "deferred"))
-        scheduling.flush(store, targets)
-        return scheduling.set_state(store, targets, "incoming", ("incoming", "deferred"), time.time())
+        targets = admin.existing_ids(store, wanted, ("incoming", "deferred"))
+        admin.flush(store, targets)
+        return admin.set_state(store, targets, "incoming", ("incoming", "deferred"), time.time())
 
     _report("requeued", _queue_change(cfg, change), wanted)
 

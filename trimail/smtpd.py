@@ -57,7 +57,7 @@ from trimail.maps import Table, TableError, off_loop
 from trimail.metrics import Metrics
 from trimail.passwords import PasswordError, authenticate, prepare
 from trimail.policy.restrictions import Policy, Request, Verdict
-from trimail.queue import scheduling
+from trimail.queue import admin
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import QueueSpace, Spool, SpoolError
 from trimail.queue.store import NewMessage, Store
@@ -505,7 +505,7 @@ class SmtpdSession:
             log.warning("reject: ETRN %s... from %s", site, self.client)
             return Reply(459, "4.7.1", f"<{site}>: service unavailable")
         try:
-            count = await ctx.writer.run(scheduling.flush_site, site)
+            count = await ctx.writer.run(admin.flush_site, site)
         except Exception as exc:  # noqa: BLE001 - this request's boundary: 458, the session goes on
             log.warning("ETRN %s from %s: %s", site, self.client, exc)
             return Reply(458, "4.3.0", "Unable to queue messages")

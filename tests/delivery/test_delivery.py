@@ -348,9 +348,9 @@ async def test_content_held_in_memory_is_bounded_and_given_back(start_mta, monke
     """Handed-over content is held only within HELD_TOTAL_LIMIT; past it the content
     is read from the queue.  Either way the peer gets the same bytes, and when the
     queue is empty nothing is held any more."""
-    import trimail.scheduler
+    import trimail.scheduler.qmgr
 
-    monkeypatch.setattr(trimail.scheduler, "HELD_TOTAL_LIMIT", 3000)
+    monkeypatch.setattr(trimail.scheduler.qmgr, "HELD_TOTAL_LIMIT", 3000)
     with Sink(delay=1.5) as sink:  # every message is still in delivery when the last is sent
         srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}")
         bodies = [f"Subject: held {i}\r\n\r\n".encode() + (bytes([65 + i]) * 98 + b"\r\n") * 10 for i in range(4)]

@@ -1,0 +1,321 @@
+"""The queue manager (Postfix's qmgr): from incoming to delivered, deferred or bounced.
+
+One task in serve's nursery.  Each round, in one group commit, it promotes the
+deferred messages that are due (through the (state, next_attempt) index), claims
+incoming messages into ``active`` while fewer than ``qmgr_message_active_limit``
+are active, and learns when the next deferred message is due.  Then it sleeps
+until a new message is committed, an operator flushes, a delivery frees a slot, or
+that due time comes: no polling, no table scans.
+
+Claimed messages are split per recipient by route into jobs (at most
+``default_destination_recipient_limit`` recipients each) and queued on their
+destination (transport, nexthop): ``scheduler/destination.py`` has the
+destinations, their workers and connections; ``scheduler/results.py`` turns
+outcomes into records, retries, bounces and delay warnings.
+
+New mail takes a shortcut.  When the scheduler has room, a session commits the
+message straight into ``active`` and hands it over in memory (with its content,
+when small), so accepting and scheduling one message costs one commit, not a
+commit plus a claim plus a read; a crash before delivery returns it to
+``incoming`` at the next start like any active message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+from trimail.config import Config
+from trimail.delivery.bounce import status_of
+from trimail.delivery.local import LocalAgent
+from trimail.delivery.route import FILTER_PARAM, Route, RouteError, Router
+from trimail.delivery.smtp import Connector
+from trimail.delivery.virtual import VirtualAgent
+from trimail.errors import StorageError
+from trimail.maps import TableError, off_loop
+from trimail.metrics import Metrics
+from trimail.queue import transitions
+from trimail.queue.store import NewMessage, Store
+from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
+from trimail.queue.writer import QueueWriter
+from trimail.scheduler.destination import (
+    ContentError,
+    Destination,
+    Job,
+    destination_key,
+    run_worker,
+)
+from trimail.scheduler.results import Results
+from trimail.smtp.client import Outcome, bounced, deferred, sent
+from trimail.supervise import Backoff, contained, report
+
+log = logging.getLogger("trimail.qmgr")
+
+RECIPIENT_LIMIT = 50
+HELD_MESSAGE_LIMIT = 256 * 1024  # content handed over in memory up to this size (the spool's own limit) ...
+HELD_TOTAL_LIMIT = 16 << 20  # ... while all held content together stays under this
+
+
+@dataclasses.dataclass(slots=True)
+class ActiveMessage:
+    message: ClaimedMessage
+    outstanding: int
+    corrupt: bool = False  # its content could not be read whole: quarantined when its jobs are done
+
+
+def schedule_round(store: Store, now: float, room: int) -> tuple[list[ClaimedMessage], float | None]:
+    transitions.promote_due(store, now)
+    claimed = transitions.claim(store, room, now)
+    return claimed, transitions.next_due(store)
+
+
+class Scheduler:
+    def __init__(self, config: Config, writer: QueueWriter, connector: Connector) -> None:
+        self.writer = writer
+        self.connector = connector
+        self.results = Results(config, writer)
+        self._apply(config)
+        self.active: dict[str, ActiveMessage] = {}
+        self.destinations: dict[tuple[str, str, int, bool], Destination] = {}
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._reserved = 0  # slots promised to sessions committing a message for hand-over
+        self._held = 0  # bytes of content held in memory by active messages
+        self._starved = False  # the last round filled every slot: a finished message must wake us
+        self.idle = trio.Event()  # set whenever nothing is active (tests and stop wait on it)
+        self._metrics: Metrics | None = None
+
+    @property
+    def metrics(self) -> Metrics | None:
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, metrics: Metrics | None) -> None:
+        self._metrics = self.results.metrics = metrics
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded configuration: new routes, tables and limits for the
+        messages claimed from now on (deliveries in progress finish as they began)."""
+        self._apply(config)
+        self.connector.reconfigure(config)
+        self.wake()
+
+    def _apply(self, config: Config) -> None:
+        router, local = Router(config), LocalAgent(config)  # both built before anything changes
+        self.config = config
+        self.router, self.local = router, local
+        self.virtual = VirtualAgent(config)  # virtual_transport = virtual: virtual(8) mailboxes
+        self.active_limit: int = config.qmgr_message_active_limit
+        self.results.apply(config)
+        self.masq_domains: list[str] = config.masquerade_domains
+        self.masq_exceptions: list[str] = config.masquerade_exceptions
+        self.masq_classes: list[str] = config.masquerade_classes
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as deliveries:
+                self._nursery = deliveries
+                task_status.started()
+                await self._rounds()
+        finally:
+            self._nursery = None  # no more hand-overs: new mail stays in incoming
+
+    async def _rounds(self) -> None:
+        backoff = Backoff(initial=1.0, maximum=60.0)
+        while True:
+            room = self.active_limit - len(self.active) - self._reserved
+            try:
+                claimed, due = await self.writer.run(schedule_round, time.time(), room, durable=False)
+            except Exception as exc:  # the round's boundary: disk full, queue locked, I/O error
+                report("qmgr round", exc, self.metrics, logger=log)
+                await trio.sleep(backoff.next())  # mail waits in incoming; sessions go on
+                continue
+            backoff.reset()
+            for message in claimed:
+                self._dispatch_safely(message)
+            if not self.active:
+                self.idle.set()
+            self._starved = len(claimed) >= room
+            if len(claimed) == room and room > 0:
+                continue  # more may be waiting; a finishing message wakes us otherwise
+            deadline = math.inf if due is None else trio.current_time() + max(0.0, due - time.time())
+            with trio.move_on_at(deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    def reserve(self) -> bool:
+        """A slot for a message about to be committed straight into ``active``;
+        False when the scheduler is not running or has no room (the message then
+        goes to ``incoming`` and waits for a round)."""
+        if self._nursery is None or len(self.active) + self._reserved >= self.active_limit:
+            return False
+        self._reserved += 1
+        return True
+
+    def release(self) -> None:
+        """The reserved message was not committed after all."""
+        self._reserved -= 1
+
+    def hand_over(self, message: NewMessage, content: bytes | None) -> None:
+        """Take a message just committed as ``active`` under a reservation."""
+        self._reserved -= 1
+        if content is not None and (len(content) > HELD_MESSAGE_LIMIT or self._held + len(content) > HELD_TOTAL_LIMIT):
+            content = None  # read from the queue when delivered
+        self._held += len(content) if content is not None else 0
+        self._dispatch_safely(ClaimedMessage(
+            message.id, message.sender, message.arrival_time, time.time(), message.content.size, message.params,
+            [QueuedRecipient(seq, address, 0, None) for seq, address in enumerate(message.recipients)],
+            content))
+
+    def _dispatch_safely(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None) -> None:
+        """Split a message into jobs; one that cannot even be split is deferred whole
+        (4.3.0).  When a transport table may block (a file being re-read, ``hash:``),
+        the routes are looked up on a lookup thread first, so no session waits."""
+        if routes is None and any(table.may_block() for table in self.router.tables):
+            self.active[message.id] = ActiveMessage(message, 1)  # counted while its routes are looked up
+            self.idle = trio.Event() if self.idle.is_set() else self.idle
+            assert self._nursery is not None
+            self._nursery.start_soon(self._supervised, f"{message.id}: routing", self._route_off_loop, message)
+            return
+        try:
+            self._dispatch(message, routes)
+        except Exception as exc:
+            report(f"{message.id}: scheduling", exc, self.metrics, logger=log)
+            outcome = deferred("4.3.0", "mail system temporarily unable to schedule this message")
+            assert self._nursery is not None
+            self.active[message.id] = ActiveMessage(message, 1)
+            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
+                                     message, [(recipient, outcome) for recipient in message.recipients])
+
+    async def _route_off_loop(self, message: ClaimedMessage) -> None:
+        router = self.router
+        try:
+            routes = await off_loop(router.tables, self._route_all, router, message,
+                                    timeout=self.config.table_lookup_timeout)
+        except TableError as exc:
+            routes = [exc] * len(message.recipients)
+        self._dispatch_safely(message, routes)
+
+    @staticmethod
+    def _route_all(router: Router, message: ClaimedMessage) -> list[Route | Exception]:
+        routes: list[Route | Exception] = []
+        for recipient in message.recipients:
+            try:
+                routes.append(router.route(recipient.address, message.params.get(FILTER_PARAM)))
+            except (RouteError, TableError) as exc:
+                routes.append(exc)
+        return routes
+
+    def _dispatch(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None) -> None:
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        groups: dict[tuple[str, str, int, bool], tuple[Route, list[QueuedRecipient]]] = {}
+        immediate: list[tuple[QueuedRecipient, Outcome]] = []
+        if routes is None:
+            routes = self._route_all(self.router, message)
+        for recipient, route in zip(message.recipients, routes, strict=True):
+            if isinstance(route, Exception):
+                log.warning("%s: transport table problem: %s", message.id, route)
+                immediate.append((recipient, deferred("4.3.0", f"mail transport unavailable: {route}")))
+                continue
+            if route.transport == "error":
+                text = route.nexthop or "5.0.0 mail delivery is not allowed"
+                dsn = status_of(text)
+                immediate.append((recipient, bounced(dsn, text) if dsn[0] == "5" else deferred(dsn, text)))
+            elif route.transport == "discard":
+                immediate.append((recipient, sent(f"discarded{': ' + route.nexthop if route.nexthop else ''}")))
+            else:
+                groups.setdefault(destination_key(route, recipient), (route, []))[1].append(recipient)
+        jobs = [Job(message, recipients[i:i + RECIPIENT_LIMIT], route, key)
+                for key, (route, recipients) in groups.items()
+                for i in range(0, len(recipients), RECIPIENT_LIMIT)]
+        active = ActiveMessage(message, len(jobs) + (1 if immediate else 0))
+        self.active[message.id] = active
+        assert self._nursery is not None
+        if immediate:
+            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
+                                     message, immediate)
+        for job in jobs:
+            self._enqueue(job)
+        if active.outstanding == 0:  # no recipients left at all (all done before a crash)
+            self._nursery.start_soon(self._supervised, "qmgr: finishing a message", self._finish_only, message)
+
+    def _enqueue(self, job: Job) -> None:
+        key = job.key or job.route.key
+        dest = self.destinations.get(key)
+        if dest is None:
+            limit = self.config.get(f"{job.route.transport}_destination_concurrency_limit") \
+                if job.route.transport in ("smtp", "relay", "local") \
+                else self.config.default_destination_concurrency_limit
+            dest = self.destinations[key] = Destination(job.route, max(1, int(limit)), key)
+        dest.jobs.append(job)
+        dest.announce()
+        # a new worker when the jobs outnumber the workers free to take them (busy
+        # workers are not), up to the destination's concurrency limit
+        if dest.workers < dest.limit and len(dest.jobs) > dest.workers - dest.busy:
+            dest.workers += 1
+            if self.metrics is not None:
+                self.metrics.destinations.labels(str(job.route)).inc()
+            assert self._nursery is not None
+            self._nursery.start_soon(self._supervised, f"qmgr: delivery worker for {dest.route}", run_worker, self, dest)
+
+    async def _supervised(self, task: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+        """The last boundary of a task in the delivery nursery: a bug in one worker is
+        logged and counted, never the end of the queue manager (its messages stay
+        active in the queue and are delivered again after the next start)."""
+        with contained(task, self.metrics, logger=log):
+            await fn(*args)
+
+    def job_failed(self, job: Job, exc: Exception) -> list[Outcome]:
+        """An unexpected failure of one delivery job: its recipients are deferred
+        (4.3.0) and the message stays queued; content that cannot be read whole
+        also sends the message to the corrupt queue once its jobs are done."""
+        if isinstance(exc, ContentError) or (isinstance(exc, StorageError) and not exc.temporary):
+            log.warning("%s: corrupt queue file: %s", job.message.id, exc)
+            active = self.active.get(job.message.id)
+            if active is not None:
+                active.corrupt = True
+            return [deferred("4.3.0", "queue file is damaged: moved to the corrupt queue")] * len(job.recipients)
+        report(f"{job.message.id}: delivery to {job.route}", exc, self.metrics, logger=log)
+        return [deferred("4.3.0", "mail system temporarily unable to deliver: internal error")] * len(job.recipients)
+
+    async def _complete_immediate(self, message: ClaimedMessage, results: list[tuple[QueuedRecipient, Outcome]]) -> None:
+        job = Job(message, [r for r, _ in results], Route("none", "none"))
+        await self.complete(job, [o for _, o in results], "none", time.time())
+
+    async def _finish_only(self, message: ClaimedMessage) -> None:
+        self.active[message.id].outstanding = 1
+        await self.complete(Job(message, [], Route("none", "none")), [], "none", time.time())
+
+    async def complete(self, job: Job, outcomes: list[Outcome], relay: str, started: float) -> None:
+        """Record one job's outcomes; after the message's last job, finish it."""
+        message = job.message
+        results = self.results.judge(job, outcomes, relay, started)
+        active = self.active[message.id]
+        active.outstanding -= 1
+        last = active.outstanding == 0
+        queued_before = self.results.queued
+        corrupt = last and active.corrupt
+        finished = await self.results.commit(message, results, last, corrupt)
+        if corrupt:
+            log.warning("%s: moved to the corrupt queue", message.id)
+        if last:
+            del self.active[message.id]
+            if message.content is not None:
+                self._held -= len(message.content)
+            if finished.removed:
+                log.info("%s: removed", message.id)
+            if not self.active:
+                self.idle.set()
+            # a new round only when it can find something: a slot freed for waiting
+            # mail, a new due time, or a notification this message queued
+            if self._starved or not finished.removed or self.results.queued != queued_before:
+                self.wake()

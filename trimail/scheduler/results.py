@@ -1,0 +1,161 @@
+"""Delivery results (Postfix's qmgr_defer, qmgr_bounce, bounce(8)): outcome ->
+recipient record, retry time, expiry, logging, DSNs and delay warnings.
+
+Every outcome is committed as soon as it is known (so a crash repeats at most the
+deliveries in flight: at least once, never lost).  When all jobs of a message are
+done the message is deferred (next attempt: the earliest of its recipients') or
+removed, and recipients that bounced this round get one RFC 3464 notification,
+queued in the same transaction.  Temporary failures past
+``maximal_queue_lifetime`` (``bounce_queue_lifetime`` for bounces) bounce; a
+message deferred longer than ``delay_warning_time`` gets one delay notification.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+
+from trimail.config import Config
+from trimail.delivery.bounce import Failure, build_dsn, status_of
+from trimail.log import printable
+from trimail.metrics import Metrics
+from trimail.queue import transitions
+from trimail.queue.ids import new_queue_id
+from trimail.queue.spool import Spool
+from trimail.queue.store import NewMessage, Store
+from trimail.queue.transitions import ClaimedMessage, RecipientResult
+from trimail.queue.writer import QueueWriter
+from trimail.scheduler.backoff import retry_delay
+from trimail.scheduler.destination import Job
+from trimail.smtp.client import Outcome
+from trimail.supervise import retry_with_backoff
+
+log = logging.getLogger("trimail.qmgr")
+smtp_log = logging.getLogger("trimail.smtp")
+bounce_log = logging.getLogger("trimail.bounce")
+
+REPLY_TEXT_LIMIT = 1000  # characters of a peer's reply kept with a recipient
+
+
+def log_seconds(seconds: float) -> str:
+    """Postfix's delay notation: 0.01 resolution below 10 s, no exponent, no trailing zeros."""
+    seconds = max(0.0, seconds)
+    text = f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.1f}" if seconds >= 10 else f"{seconds:.2f}"
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+class Results:
+    """Judges and records the outcomes of the queue manager's jobs."""
+
+    def __init__(self, config: Config, writer: QueueWriter) -> None:
+        self.writer = writer
+        self.metrics: Metrics | None = None
+        self.queued = 0  # notifications queued (bounces, delay warnings): each needs a round
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        self.hostname: str = config.myhostname
+        self.min_backoff: float = config.minimal_backoff_time
+        self.max_backoff: float = config.maximal_backoff_time
+        self.lifetime: float = config.maximal_queue_lifetime
+        self.bounce_lifetime: float = config.bounce_queue_lifetime
+        self.delay_warning: float = config.delay_warning_time
+
+    def judge(self, job: Job, outcomes: list[Outcome], relay: str, started: float) -> list[RecipientResult]:
+        """The recipients' results of one job: a temporary failure past the queue
+        lifetime bounces, the others get their next attempt (exponential backoff); each
+        is logged as Postfix logs it and counted."""
+        message = job.message
+        now = time.time()
+        lifetime = self.bounce_lifetime if message.sender == "" else self.lifetime
+        expired = now - message.arrival_time >= lifetime
+        results = []
+        for recipient, outcome in zip(job.recipients, outcomes, strict=True):
+            status = outcome.status
+            # a peer's words reach the queue, the log, `queue list` and the bounce only
+            # printable and bounded: no terminal escapes, no CR forging a log line
+            text = reply_text = printable(outcome.text, REPLY_TEXT_LIMIT)
+            next_attempt = None
+            if status == "deferred":
+                if expired:
+                    status, text = "bounced", f"message expired: {reply_text}"
+                else:
+                    next_attempt = now + retry_delay(recipient.attempts + 1, self.min_backoff, self.max_backoff)
+            results.append(RecipientResult(recipient.seq, status, f"{outcome.dsn} {text}", next_attempt))
+            delay = log_seconds(now - message.arrival_time)
+            delays = "/".join(map(log_seconds, (message.active_time - message.arrival_time,
+                                                started - message.active_time, 0.0, now - started)))
+            shown = "expired, returned to sender" if status == "bounced" and expired and outcome.status == "deferred" \
+                else status
+            if self.metrics is not None:
+                self.metrics.outcome(status, outcome.dsn, job.route.transport, message.arrival_time)
+            smtp_log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
+                          message.id, recipient.address, relay, delay, delays, outcome.dsn, shown, reply_text)
+        return results
+
+    async def commit(self, message: ClaimedMessage, results: list[RecipientResult], last: bool,
+                     corrupt: bool) -> transitions.Finished:
+        """Commit a job's outcomes; when the queue cannot be written (disk full, locked
+        by another process, I/O error) keep them and try again with back-off.  The
+        message stays ``active`` meanwhile, so a crash is still covered: the next
+        start returns it to ``incoming`` and it is delivered again, never lost."""
+        async def record_once() -> transitions.Finished:
+            with trio.CancelScope(shield=True):  # a commit that has begun is waited for
+                return await self.writer.run(self._record, message, results, last, corrupt, durable=False)
+
+        try:
+            return await retry_with_backoff(f"{message.id}: recording delivery status", record_once,
+                                            metrics=self.metrics, initial=0.5, maximum=30.0, logger=log)
+        except trio.Cancelled:
+            log.warning("%s: delivery status not recorded before stop: the message stays queued", message.id)
+            raise
+
+    def _record(self, store: Store, message: ClaimedMessage, results: list[RecipientResult],
+                last: bool, corrupt: bool = False) -> transitions.Finished:
+        """Writer-thread work: record outcomes; after the last job, finish the message
+        and queue a bounce for the recipients that failed this round (or, when its
+        content could not be read whole, move it to the corrupt queue)."""
+        if results:
+            transitions.record(store, message.id, results)
+        if not last:
+            return transitions.Finished(False, None, [])
+        if corrupt:
+            transitions.quarantine(store, message.id)
+            return transitions.Finished(False, None, [])
+        return transitions.finish(store, message.id,
+                                 notify=lambda bounced: self._queue_bounce(store, message, bounced),
+                                 warn=lambda waiting: self._queue_delay_warning(store, message, waiting))
+
+    def _queue_bounce(self, store: Store, message: ClaimedMessage, bounced_rcpts: list[tuple[str, str]]) -> None:
+        if message.sender == "":
+            bounce_log.info("%s: not sending a notification about a bounce (null sender): %s", message.id,
+                            ", ".join(f"<{a}>" for a, _ in bounced_rcpts))
+            return
+        bounce_id = self._queue_dsn(store, message, bounced_rcpts, delayed=False)
+        bounce_log.info("%s: sender non-delivery notification: %s", message.id, bounce_id)
+
+    def _queue_delay_warning(self, store: Store, message: ClaimedMessage, waiting: list[tuple[str, str]]) -> bool:
+        if not self.delay_warning or message.sender == "" or time.time() - message.arrival_time < self.delay_warning:
+            return False
+        warning_id = self._queue_dsn(store, message, waiting, delayed=True)
+        bounce_log.info("%s: sender delay notification: %s", message.id, warning_id)
+        return True
+
+    def _queue_dsn(self, store: Store, message: ClaimedMessage, rcpts: list[tuple[str, str]], *,
+                   delayed: bool) -> str:
+        failures = [Failure(address, status_of(reply), f"smtp; {reply.split(' ', 1)[-1]}")
+                    for address, reply in rcpts]
+        smtputf8 = "SMTPUTF8" in message.params  # RFC 6533: a utf-8 DSN, itself sent with SMTPUTF8
+        content = build_dsn(hostname=self.hostname, queue_id=message.id, sender=message.sender,
+                            arrival_time=message.arrival_time, failures=failures,
+                            original_headers=transitions.read_headers(store, message.id), delayed=delayed,
+                            smtputf8=smtputf8)
+        spool = Spool()
+        spool.write(content)
+        dsn_id = new_queue_id()
+        store.insert_message(NewMessage(dsn_id, "", [message.sender], spool, protocol="bounce",
+                                        params={"SMTPUTF8": None, "BODY": "8BITMIME"} if smtputf8 else {}))
+        self.queued += 1  # (on the writer thread; read after the request's commit)
+        return dsn_id
