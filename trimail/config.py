@@ -394,6 +394,8 @@ PARAMETERS: dict[str, Param] = {
         _P("bounce_queue_lifetime", "5d", _time("d"), "how long deferred bounces are retried"),
         _P("queue_run_delay", "300s", _time(), "how often the deferred queue is scanned"),
         _P("qmgr_message_active_limit", "20000", parse_int, "most messages in the active queue"),
+        _P("default_process_limit", "100", parse_int,
+           "most delivery agents at once (trimail: delivery worker tasks holding a slot)"),
         _P("default_destination_concurrency_limit", "20", parse_int,
            "most parallel deliveries to one destination"),
         _P("smtp_destination_concurrency_limit", "$default_destination_concurrency_limit", parse_int,

@@ -78,6 +78,15 @@ class Destination:
     busy: int = 0  # workers with a job in hand (the others can take the next one)
     arrived: trio.Event = dataclasses.field(default_factory=trio.Event)  # set (and replaced) per new job
 
+    def add(self, job: Job) -> None:
+        self.jobs.append(job)
+        self.announce()
+
+    def wants_worker(self) -> bool:
+        """A new worker when the jobs outnumber the workers free to take them (busy
+        workers are not), up to the destination's concurrency limit."""
+        return self.workers < self.limit and len(self.jobs) > self.workers - self.busy
+
     def announce(self) -> None:
         self.arrived.set()
         self.arrived = trio.Event()
@@ -92,6 +101,36 @@ class Destination:
         return self.jobs.popleft() if self.jobs else None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadSite:
+    destination: str  # as logged: transport:nexthop
+    since: float  # wall-clock time it was declared dead
+    until: float  # wall-clock time new jobs are tried again
+    reason: str  # the failure that killed it (dsn and text)
+
+
+class DeadSites:
+    """Destinations declared dead, remembered after their last worker is gone, so
+    new jobs for them are deferred at once without a connection each."""
+
+    def __init__(self) -> None:
+        self._dead: dict[tuple, tuple[DeadSite, Outcome]] = {}
+
+    def refusal(self, key: tuple, now: float) -> Outcome | None:
+        """The outcome for a new job to *key* while it is dead, else None."""
+        entry = self._dead.get(key)
+        if entry is None:
+            return None
+        if now >= entry[0].until:
+            del self._dead[key]
+            return None
+        return entry[1]
+
+    def snapshot(self, now: float) -> list[DeadSite]:
+        """The destinations dead at *now* (for `trimail queue summary` and /metrics)."""
+        return [site for site, _ in self._dead.values() if now < site.until]
+
+
 class Qmgr(Protocol):
     """What the workers need of the queue manager (``qmgr.Scheduler``)."""
 
@@ -102,6 +141,8 @@ class Qmgr(Protocol):
     virtual: VirtualAgent
     metrics: Metrics | None
     destinations: dict[tuple, Destination]
+    dead: DeadSites
+    agents: trio.CapacityLimiter  # default_process_limit: delivery agents at once, all destinations
     masq_domains: list[str]
     masq_exceptions: list[str]
     masq_classes: list[str]
@@ -115,10 +156,11 @@ class Qmgr(Protocol):
 async def run_worker(q: Qmgr, dest: Destination) -> None:
     """One worker of *dest*: takes its jobs until none is left (and, for SMTP, none
     comes within the connection cache time)."""
-    if dest.route.transport in ("local", "virtual"):  # agents on worker threads, no connection
-        await local_worker(q, dest)
-    else:
-        await smtp_worker(q, dest)
+    async with q.agents:  # a delivery agent's slot (default_process_limit), held while it works
+        if dest.route.transport in ("local", "virtual"):  # agents on worker threads, no connection
+            await local_worker(q, dest)
+        else:
+            await smtp_worker(q, dest)
 
 
 async def smtp_worker(q: Qmgr, dest: Destination) -> None:

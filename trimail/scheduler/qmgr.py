@@ -46,6 +46,7 @@ from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.destination import (
     ContentError,
+    DeadSites,
     Destination,
     Job,
     destination_key,
@@ -82,7 +83,9 @@ class Scheduler:
         self.results = Results(config, writer)
         self._apply(config)
         self.active: dict[str, ActiveMessage] = {}
-        self.destinations: dict[tuple[str, str, int, bool], Destination] = {}
+        self.destinations: dict[tuple, Destination] = {}
+        self.dead = DeadSites()
+        self.agents = trio.CapacityLimiter(max(1, config.default_process_limit))
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._reserved = 0  # slots promised to sessions committing a message for hand-over
@@ -115,6 +118,8 @@ class Scheduler:
         self.router, self.local = router, local
         self.virtual = VirtualAgent(config)  # virtual_transport = virtual: virtual(8) mailboxes
         self.active_limit: int = config.qmgr_message_active_limit
+        if hasattr(self, "agents"):
+            self.agents.total_tokens = max(1, config.default_process_limit)
         self.results.apply(config)
         self.masq_domains: list[str] = config.masquerade_domains
         self.masq_exceptions: list[str] = config.masquerade_exceptions
@@ -250,21 +255,23 @@ class Scheduler:
 
     def _enqueue(self, job: Job) -> None:
         key = job.key or job.route.key
+        assert self._nursery is not None
+        refusal = self.dead.refusal(key, time.time())
+        if refusal is not None:  # a dead destination: deferred at once, without a connection
+            self._nursery.start_soon(self._supervised, f"qmgr: deferring a job for {job.route}", self.complete,
+                                     job, [refusal] * len(job.recipients), "none", time.time())
+            return
         dest = self.destinations.get(key)
         if dest is None:
             limit = self.config.get(f"{job.route.transport}_destination_concurrency_limit") \
                 if job.route.transport in ("smtp", "relay", "local") \
                 else self.config.default_destination_concurrency_limit
             dest = self.destinations[key] = Destination(job.route, max(1, int(limit)), key)
-        dest.jobs.append(job)
-        dest.announce()
-        # a new worker when the jobs outnumber the workers free to take them (busy
-        # workers are not), up to the destination's concurrency limit
-        if dest.workers < dest.limit and len(dest.jobs) > dest.workers - dest.busy:
+        dest.add(job)
+        if dest.wants_worker():
             dest.workers += 1
             if self.metrics is not None:
                 self.metrics.destinations.labels(str(job.route)).inc()
-            assert self._nursery is not None
             self._nursery.start_soon(self._supervised, f"qmgr: delivery worker for {dest.route}", run_worker, self, dest)
 
     async def _supervised(self, task: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
