@@ -472,6 +472,7 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_recipient_restrictions", "", split_list, "spam restrictions on RCPT TO"),
         _P("smtpd_data_restrictions", "", split_list, "restrictions on DATA"),
         _P("smtpd_end_of_data_restrictions", "", split_list, "restrictions after the end of DATA"),
+        _P("smtpd_etrn_restrictions", "", split_list, "restrictions on the ETRN command (and its site)"),
         _P("smtpd_delay_reject", "yes", parse_bool, "apply client, HELO and sender restrictions at RCPT"),
         _P("smtpd_helo_required", "no", parse_bool, "require HELO/EHLO before MAIL"),
         _P("smtpd_recipient_overshoot_limit", "1000", parse_int,

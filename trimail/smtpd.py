@@ -306,7 +306,7 @@ class SmtpdSession:
         if isinstance(event, Auth):
             return await self._authenticate(event)
         if isinstance(event, Etrn):
-            return await self._etrn(event.site)
+            return await self._etrn(event.site, conn)
         if isinstance(event, Hello):
             self.helo_name = printable(event.name, 255)
             self.extended = event.extended
@@ -424,7 +424,7 @@ class SmtpdSession:
         return reply
 
     async def _restrict(self, stage: str, command: str, conn: ServerConnection, *, sender: str | None = None,
-                        recipient: str | None = None, size: int = 0) -> Reply | None:
+                        recipient: str | None = None, size: int = 0, etrn: str = "") -> Reply | None:
         """Run the restriction lists for *stage*; a Reply when the command is refused."""
         policy = self.ctx.policy
         if not policy.lists_for(stage):
@@ -435,7 +435,7 @@ class SmtpdSession:
             protocol="ESMTP" if self.extended else "SMTP", sender=sender, recipient=recipient,
             queue_id=txn.queue_id if txn else "", recipient_count=len(txn.recipients) if txn else 0,
             size=size, pipelined=conn.pending_input and (stage == "data" or not self.extended),
-            sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache)
+            sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache, etrn=etrn)
         verdict = await policy.check(stage, request)
         for warning in verdict.warnings:
             log.info("%s: warn: %s from %s: %s", txn.queue_id if txn else "NOQUEUE", command, self.client, warning)
@@ -497,10 +497,13 @@ class SmtpdSession:
                  reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
                  self.helo_name)
 
-    async def _etrn(self, site: str) -> Reply | None:
+    async def _etrn(self, site: str, conn: ServerConnection) -> Reply | None:
         """ETRN (RFC 1985, Postfix's flush(8)): the deferred mail for an eligible
         site is made due now and the queue manager woken."""
         ctx = self.ctx
+        refused = await self._restrict("etrn", "ETRN", conn, etrn=site)
+        if refused is not None:
+            return refused
         if not rewrite.domain_listed(site, ctx.fast_flush_domains, ctx.fast_flush_subdomains):
             log.warning("reject: ETRN %s... from %s", site, self.client)
             return Reply(459, "4.7.1", f"<{site}>: service unavailable")

@@ -544,3 +544,39 @@ async def test_etrn_flushes_an_eligible_site_and_refuses_others(start_mta, nurse
     assert answers[6][1] == "2.0.0 Queuing started"
     await wait_for(lambda: [m.id for m in queue(srv)] == [other])
     assert peer.delivered == [["r@back.example"]]
+
+
+async def test_etrn_restrictions_refuse_before_the_site_is_looked_at(start_mta, nursery):
+    """smtpd_etrn_restrictions (Postfix's smtpd_check_etrn): check_etrn_access sees
+    the site and its parents; a refused ETRN flushes nothing; the client list runs
+    too when it applies (permit_mynetworks lets the loopback client through)."""
+    peer = DroppingServer()
+    port = await nursery.start(peer.run)
+    srv = await start_mta(transport_maps=f"inline:{{ .example=smtp:[127.0.0.1]:{port} }}",
+                          fast_flush_domains="back.example, far.example",
+                          smtpd_etrn_restrictions="check_etrn_access inline:{ far.example=REJECT }, "
+                                                  "check_etrn_access inline:{ .sub.back.example=OK }, permit",
+                          minimal_backoff_time="1000s", maximal_backoff_time="4000s")
+    far = await send(srv, "a@client.example", ["r@far.example"])
+    await wait_for(lambda: recipient_status(srv, far).get("r@far.example", ("",))[0] == "deferred")
+    peer.drop = False
+    _ehlo, answers = await trio.to_thread.run_sync(etrn_dialogue, srv.addresses[0].port, [
+        "ETRN far.example", "ETRN back.example"])
+    assert answers[0] == (554, "5.7.1 <far.example>: Etrn command rejected: Access denied"), answers
+    assert answers[1] == (250, "2.0.0 Queuing started"), answers
+    assert [m.id for m in queue(srv)] == [far] and peer.delivered == []
+
+
+def test_etrn_restrictions_take_only_restrictions_that_fit(tmp_path):
+    """check_etrn_access belongs in smtpd_etrn_restrictions only, and that list cannot
+    look at a sender or recipient (there is no transaction at ETRN)."""
+    from trimail.config import ConfigError, load
+    from trimail.delivery.dns import Resolver
+    from trimail.policy.restrictions import Policy
+
+    for params, needle in (({"smtpd_recipient_restrictions": "check_etrn_access inline:{ a=OK }"},
+                            "check_etrn_access"),
+                           ({"smtpd_etrn_restrictions": "reject_unknown_sender_domain"},
+                            "reject_unknown_sender_domain")):
+        with pytest.raises(ConfigError, match=needle):
+            Policy(load(write_main_cf(tmp_path, **params)), Resolver())

@@ -57,6 +57,9 @@ class Scenario:
 SCENARIOS = {
     "permit": Scenario("permit, reject", permitted),
     "reject": Scenario("reject", rejected(554, "Access denied")),
+    "check_etrn_access": Scenario("check_etrn_access inline:{back.example=REJECT}, permit",
+                                  rejected(554, "<a.back.example>: Etrn command rejected"),
+                                  {"etrn": "a.back.example"}),
     "defer": Scenario("defer", rejected(450, "Access denied")),
     "defer_if_permit": Scenario("defer_if_permit, permit", rejected(450, "defer_if_permit requested")),
     "defer_if_reject": Scenario("defer_if_reject, reject", rejected(450, "defer_if_reject requested")),

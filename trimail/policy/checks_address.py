@@ -44,6 +44,17 @@ async def check_helo_access(policy: Policy, req: Request, kind: str, arg: str | 
     return await policy.access(req, "helo", arg, keys, verdict)
 
 
+@register("check_etrn_access", argument="table", kinds=frozenset({"etrn"}))
+async def check_etrn_access(policy: Policy, req: Request, kind: str, arg: str | None, verdict: Verdict) -> Result:
+    """The ETRN site and its parent domains in an access(5) table (smtpd_etrn_restrictions only)."""
+    assert arg is not None
+    labels = req.etrn.lower().rstrip(".").split(".")
+    parent = "smtpd_access_maps" in policy.parent_matches
+    keys = [".".join(labels)] + [(".".join(labels[i:]) if parent else "." + ".".join(labels[i:]))
+                                 for i in range(1, len(labels))]
+    return await policy.access(req, "etrn", arg, keys, verdict)
+
+
 @register("reject_non_fqdn_helo_hostname", needs="helo")
 async def reject_non_fqdn_helo_hostname(policy: Policy, req: Request, kind: str, arg: str | None,
                                         verdict: Verdict) -> Result:

@@ -44,6 +44,7 @@ STAGE_LISTS = {
     "recipient": ["smtpd_relay_restrictions", "smtpd_recipient_restrictions"],
     "data": ["smtpd_data_restrictions"],
     "end_of_data": ["smtpd_end_of_data_restrictions"],
+    "etrn": ["smtpd_etrn_restrictions"],
 }
 DELAYED = ["smtpd_client_restrictions", "smtpd_helo_restrictions", "smtpd_sender_restrictions"]
 ALL_KINDS = frozenset(STAGE_LISTS)
@@ -79,6 +80,7 @@ class Request:
     tls: bool = False  # the session is encrypted (STARTTLS or smtps)
     client_cert_fingerprint: str = ""  # smtpd_tls_fingerprint_digest of the client certificate, if any
     stage: str = ""  # the protocol stage being checked: recipient, data, end_of_data, ...
+    etrn: str = ""  # the site of an ETRN command
     cache: dict = dataclasses.field(default_factory=dict)
 
 
@@ -172,7 +174,7 @@ def sees(kind: str, delay_reject: bool) -> set[str]:
     """What a list of *kind* can look at, given smtpd_delay_reject."""
     if kind in ("recipient",) or (delay_reject and kind in ENVELOPE_KINDS):
         return {"", "helo", "sender", "recipient"}
-    if kind in ("client", "helo"):
+    if kind in ("client", "helo", "etrn"):  # ETRN is outside any mail transaction
         return {"", "helo"}
     return {"", "helo", "sender"}  # sender (at MAIL), data, end_of_data
 

@@ -96,6 +96,7 @@ SUBJECT_TEXT = {
     "recipient": "Recipient address rejected",
     "data": "Data command rejected",
     "end_of_data": "End-of-data rejected",
+    "etrn": "Etrn command rejected",
 }
 FILTER_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
 MESSAGE_ACTIONS = frozenset({"hold", "discard", "redirect", "filter", "bcc"})  # act on the message
@@ -143,6 +144,8 @@ class Policy(DnsChecks):
         if self.delay_reject:
             if stage == "recipient":
                 return [*DELAYED, *STAGE_LISTS["recipient"]]
+            if stage == "etrn":  # Postfix's smtpd_check_etrn: the delayed client and HELO lists first
+                return [*STAGE_LISTS["client"], *STAGE_LISTS["helo"], *STAGE_LISTS["etrn"]]
             if stage in ("client", "helo", "sender"):
                 return []
         elif stage == "helo":
@@ -196,6 +199,8 @@ class Policy(DnsChecks):
             return f"<{req.sender or ''}>"
         if kind == "recipient":
             return f"<{req.recipient or ''}>"
+        if kind == "etrn":
+            return f"<{req.etrn}>"
         return "<DATA>" if kind == "data" else "<END-OF-MESSAGE>"
 
     @staticmethod
