@@ -42,7 +42,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import apsw
 import trio
@@ -108,9 +108,11 @@ class Peer(Counter):
         self.up = up
         self.received: list[Received] = []
         self.attempt_times: list[float] = []  # time.monotonic() of each accepted connection
+        self.durations: list[float] = []  # seconds each connection lasted, accept to close
         self.turned_away = 0  # connections answered with 421 (session_limit)
         self.rcpt_refused = 0
         self._scope: trio.CancelScope | None = None
+        self._closed = trio.Event()
 
     def __repr__(self) -> str:
         return f"<Peer {self.name} {self.host}:{self.port}>"
@@ -122,21 +124,28 @@ class Peer(Counter):
     # -- listening ------------------------------------------------------------------
 
     async def listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with trio.CancelScope() as scope:
-            self._scope = scope
-            listeners = await trio.open_tcp_listeners(self.port, host=self.host, backlog=4096)
-            task_status.started()
-            try:
-                await trio.serve_listeners(self.session, listeners, handler_nursery=self.fleet.nursery)
-            finally:
-                for listener in listeners:
-                    with trio.CancelScope(shield=True):
-                        await listener.aclose()
+        closed = self._closed = trio.Event()
+        try:
+            with trio.CancelScope() as scope:
+                self._scope = scope
+                listeners = await trio.open_tcp_listeners(self.port, host=self.host, backlog=4096)
+                task_status.started()
+                try:
+                    await trio.serve_listeners(self.session, listeners, handler_nursery=self.fleet.nursery)
+                finally:
+                    for listener in listeners:
+                        with trio.CancelScope(shield=True):
+                            await listener.aclose()
+        finally:
+            closed.set()
 
-    def stop_listening(self) -> None:
+    async def stop_listening(self) -> None:
+        """Close the listening socket (sessions in progress go on); returns once new
+        connections are refused."""
         if self._scope is not None:
             self._scope.cancel()
             self._scope = None
+            await self._closed.wait()
 
     # -- one connection ---------------------------------------------------------------
 
@@ -145,7 +154,7 @@ class Peer(Counter):
         self.attempt_times.append(now)
         for counter in (self, self.fleet):
             counter.opened()
-        greeted = False
+        greeted, still_open = False, [True]  # still_open[0]: not yet counted as closed
         try:
             if not self.greet:  # dead: hold the connection until the client gives up
                 while await stream.receive_some(4096):
@@ -158,7 +167,7 @@ class Peer(Counter):
             greeted = True
             for counter in (self, self.fleet):
                 counter.greeted()
-            await self.dialogue(stream)
+            await self.dialogue(stream, still_open)
             greeted = False  # the dialogue ended the session at QUIT
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, LineTooLong):
             pass
@@ -166,8 +175,10 @@ class Peer(Counter):
             if greeted:
                 for counter in (self, self.fleet):
                     counter.ended()
-            for counter in (self, self.fleet):
-                counter.closed()
+            if still_open[0]:
+                for counter in (self, self.fleet):
+                    counter.closed()
+            self.durations.append(time.monotonic() - now)
             with trio.move_on_after(1) as cleanup:
                 cleanup.shield = True
                 await stream.aclose()
@@ -181,7 +192,7 @@ class Peer(Counter):
             await stream.send_all(data[i:i + step])
             await trio.sleep(step / self.drip)
 
-    async def dialogue(self, stream: trio.SocketStream) -> None:
+    async def dialogue(self, stream: trio.SocketStream, open_: list[bool]) -> None:
         reader = LineReader(stream)
         await self.send(stream, f"220 {self.name}.{BED} ESMTP bed peer\r\n".encode())
         sender: str | None = None
@@ -232,8 +243,12 @@ class Peer(Counter):
             elif verb == b"NOOP":
                 out += b"250 2.0.0 Ok\r\n"
             elif verb == b"QUIT":
+                # counted as ended and closed before the 221 the client waits for: a client
+                # that opens its next connection after the 221 never looks like one too many
                 for counter in (self, self.fleet):
-                    counter.ended()  # before the 221 the client waits for
+                    counter.ended()
+                    counter.closed()
+                open_[0] = False
                 await self.send(stream, bytes(out) + b"221 2.0.0 Bye\r\n")
                 return
             else:
@@ -359,7 +374,7 @@ class Fleet(Counter):
     def nameserver(self) -> str:
         return f"{DNS_HOST}:{self.dns_port}"
 
-    def __enter__(self) -> Fleet:
+    def __enter__(self) -> Self:
         self._thread.start()
         self._ready.wait(10)
         if self._error is not None or self._token is None:
@@ -372,7 +387,7 @@ class Fleet(Counter):
     def _run(self) -> None:
         try:
             trio.run(self._main)
-        except BaseException as exc:  # reported by __enter__ or close
+        except BaseException as exc:  # noqa: BLE001 - reported by __enter__
             self._error = exc
             self._ready.set()
 
@@ -426,7 +441,7 @@ class Fleet(Counter):
 
     def down(self, peer: Peer) -> None:
         peer.up = False
-        self.call(peer.stop_listening)
+        trio.from_thread.run(peer.stop_listening, trio_token=self._token)
 
     def snapshot(self) -> list[Received]:
         return self.call(lambda: list(self.received))
@@ -518,7 +533,7 @@ def submit(port: int, messages: list[tuple[str, list[str]]], *, sessions: int = 
                         time.sleep(pace)  # the arrival rate of the scenario, not synchronisation
             finally:
                 client.close()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - raised in the caller's thread
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(min(sessions, len(messages)))]
