@@ -114,6 +114,7 @@ def test_every_message_is_delivered_exactly_once_or_bounced_with_one_dsn(fleet: 
         tags = set(re.findall(r"X-Bed-Tag: (\S+)", text))
         assert len(tags) == 1, f"a DSN names {tags or 'no'} original message(s):\n{text[:2000]}"
         [tag] = tags
+        assert text.count("Action: failed") == len(re.findall(r"Final-Recipient:", text)), text[:2000]
         for address in re.findall(r"Final-Recipient: rfc822; ?(\S+)", text):
             bounced_reported[(tag, address)] += 1
     duplicates = {k: n for k, n in got.items() if n > 1}
@@ -162,8 +163,11 @@ def test_concurrent_connections_stay_within_default_process_limit_and_the_destin
           f"dedicated destinations {per_destination} (limit {destination_limit})")
     assert fleet.connections_max <= process_limit
     assert max(per_destination.values()) <= destination_limit
-    assert finished and all(n == 1 for n in got.values()), \
-        f"{len(got)} of {len(messages)} delivered, duplicates {[k for k, n in got.items() if n > 1][:5]}"
+    assert all(n == 1 for n in got.values()), f"duplicates {[k for k, n in got.items() if n > 1][:5]}"
+    # 420 messages of 50 ms each through 20 agents take a few seconds; one destination
+    # per agent slot for smtp_connection_cache_time_limit (2 s) each would take 40 s
+    assert finished, (f"only {len(got)} of {len(messages)} delivered within 15 s: do idle cached "
+                      f"connections hold default_process_limit slots other destinations wait for?")
     assert bed.alive
 
 
@@ -239,16 +243,18 @@ def test_a_dead_site_costs_one_cohort_of_attempts_per_backoff_period_not_one_per
     wait_for(lambda: len(fast.received) >= len(sent), timeout=5)
     observed = time.monotonic() - started
     periods = int(observed // backoff) + 1
+    attempts = dead.connections  # within the observed periods
+    wait_for(lambda: len(deferred_recipients(bed.queue_directory, "dead.bed.test")) >= 40, timeout=8)
     waiting = deferred_recipients(bed.queue_directory, "dead.bed.test")
     gaps = [round(t - started, 2) for t in dead.attempt_times]
     took = latencies(sent, fast.received)
     print(f"\ndead site: 40 messages over {observed:.1f} s (backoff {backoff:g} s, {periods} periods, "
-          f"cohort {cohort}): {dead.connections} connection attempts at {gaps[:30]}; "
+          f"cohort {cohort}): {attempts} connection attempts at {gaps[:30]}; "
           f"{len(waiting)} deferred; healthy mail {len(fast.received)}/{len(sent)} arrived, {figures(took)}")
     held = max(dead.durations, default=0.0)
     print(f"longest connection to the dead site: {held:.2f} s (smtp_helo_timeout 1 s)")
-    assert dead.connections <= cohort * periods, \
-        f"{dead.connections} attempts in {periods} backoff periods (at most {cohort * periods})"
+    assert attempts <= cohort * periods, \
+        f"{attempts} attempts in {periods} backoff periods (at most {cohort * periods})"
     assert len(waiting) == 40 and not dead.received
     assert held < 2.0, f"a connection that never got a greeting was held {held:.2f} s"
     assert len(fast.received) == len(sent) and percentile(took, 0.99) < 2.0
