@@ -23,6 +23,8 @@ import sys
 import time
 from collections import Counter as Tally
 
+import pytest
+
 from tests.scheduler.conftest import bed_scale
 from tests.scheduler.fleet import (
     Client,
@@ -174,10 +176,15 @@ def test_concurrent_connections_stay_within_default_process_limit_and_the_destin
 # -- 3. a tarpit with a backlog does not starve healthy destinations ------------------------
 
 
-def test_healthy_mail_is_fast_while_a_tarpit_holds_a_backlog_larger_than_the_active_queue(
-        fleet: Fleet, bed_serve):
+@pytest.mark.parametrize("active_share", [2.0, 0.25], ids=["backlog-within-active-limit",
+                                                         "backlog-4x-the-active-limit"])
+def test_healthy_mail_is_fast_while_a_tarpit_holds_a_backlog(fleet: Fleet, bed_serve, active_share):
+    """The issue's case is 10,000 tarpit messages under the default active limit of
+    20,000 (Postfix: healthy p99 0.13 s in this bed at 2,000/4,000).  A backlog 4
+    times the active limit starves healthy mail in Postfix too (0 of 100 in 15 s):
+    trimail's share limit is meant to do better."""
     backlog = int(2000 * bed_scale())
-    active_limit = max(50, backlog // 4)  # the backlog alone would fill the active queue 4 times
+    active_limit = max(50, int(backlog * active_share))
     tarpit = fleet.peer("tarpit", drip=20)  # 20 bytes per second, every reply
     fleet.zone.domain("tarpit.bed.test", tarpit)
     fast = fleet.peer("fast")
