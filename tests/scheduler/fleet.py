@@ -19,7 +19,8 @@ their behaviours, each changeable while running with ``fleet.set(peer, ...)``:
 - dead: ``greet=False`` accepts, counts and never greets (the client's timeout ends it);
 - flapping: ``up=False`` has nothing listening; ``fleet.up(peer)`` / ``fleet.down(peer)``;
 - 4xx for a while: ``rcpt_reply=b"451 4.3.0 ..."`` until set back to None;
-- ``rcpt_reply`` may also be a callable (recipient -> reply or None) for per-address answers.
+- ``rcpt_reply`` may also be a callable (recipient -> reply or None) for per-address answers;
+- ``drop_at_data=True`` closes the connection at DATA without a reply (lost mid-transaction).
 
 Every peer records what it received (sender, recipients, the ``X-Bed-Tag`` header,
 arrival time on ``time.monotonic()``, the whole content for null-sender mail, i.e.
@@ -100,12 +101,15 @@ class Counter:
 class Peer(Counter):
     def __init__(self, fleet: Fleet, name: str, host: str, port: int = 25, *, delay: float = 0.0,
                  drip: float = 0.0, session_limit: int = 0, greet: bool = True,
-                 rcpt_reply: bytes | Callable[[str], bytes | None] | None = None, up: bool = True) -> None:
+                 rcpt_reply: bytes | Callable[[str], bytes | None] | None = None, up: bool = True,
+                 drop_at_data: bool = False) -> None:
         super().__init__()
         self.fleet, self.name, self.host, self.port = fleet, name, host, port
         self.delay, self.drip, self.session_limit, self.greet = delay, drip, session_limit, greet
         self.rcpt_reply = rcpt_reply
         self.up = up
+        self.drop_at_data = drop_at_data
+        self.dropped = 0  # connections dropped at DATA
         self.received: list[Received] = []
         self.attempt_times: list[float] = []  # time.monotonic() of each accepted connection
         self.durations: list[float] = []  # seconds each connection lasted, accept to close
@@ -229,6 +233,9 @@ class Peer(Counter):
                 if sender is None or not recipients:
                     out += b"554 5.5.1 Error: no valid recipients\r\n"
                     continue
+                if self.drop_at_data:  # vanish mid-transaction: nothing is received
+                    self.dropped += 1
+                    return
                 await self.send(stream, bytes(out) + b"354 End data with <CR><LF>.<CR><LF>\r\n")
                 out.clear()
                 data = await reader.data()

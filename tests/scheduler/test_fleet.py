@@ -82,6 +82,13 @@ def test_a_peer_answers_4xx_to_rcpt_until_told_otherwise(fleet: Fleet):
     assert peer.tags == ["b"] and peer.rcpt_refused == 1
 
 
+def test_a_peer_can_drop_the_connection_at_data(fleet: Fleet):
+    peer = fleet.peer("dropper", drop_at_data=True)
+    with smtplib.SMTP(peer.host, 25, timeout=10) as client, pytest.raises(smtplib.SMTPServerDisconnected):
+        client.sendmail("a@client.example", ["r@x.bed.test"], b"X-Bed-Tag: a\r\n\r\nbody\r\n")
+    assert peer.dropped == 1 and not peer.received and wait_closed(peer)
+
+
 def test_the_zone_maps_generated_domains_onto_the_peers_by_mx(fleet: Fleet):
     peer = fleet.peer("fast")
     domains = fleet.zone.domains(2000, peer)
