@@ -13,11 +13,6 @@ from tests.conftest import ServeProcess, write_main_cf
 from tests.scheduler.fleet import Fleet
 
 
-def bed_scale() -> float:
-    """TRIMAIL_BED_SCALE (default 1) multiplies the backlogs and storms of the bed."""
-    return float(os.environ.get("TRIMAIL_BED_SCALE", "1"))
-
-
 @pytest.fixture
 def fleet() -> Iterator[Fleet]:
     if os.geteuid() != 0:

@@ -38,6 +38,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import socket
 import threading
 import time
@@ -613,6 +614,11 @@ def deferred_recipients(queue_directory: Path, domain: str) -> list[tuple[str, i
             " AND address LIKE ?", (f"%@{domain}",))]
     finally:
         db.close()
+
+
+def bed_scale() -> float:
+    """TRIMAIL_BED_SCALE (default 1) multiplies the backlogs and storms of the bed."""
+    return float(os.environ.get("TRIMAIL_BED_SCALE", "1"))
 
 
 # -- figures -------------------------------------------------------------------------------

@@ -26,12 +26,12 @@ from collections import Counter as Tally
 
 import pytest
 
-from tests.scheduler.conftest import bed_scale
 from tests.scheduler.fleet import (
     Client,
     Fleet,
     Received,
     Sent,
+    bed_scale,
     deferred_recipients,
     figures,
     insert_queued,
