@@ -73,12 +73,13 @@ def flush_site(store: Store, site: str, now: float | None = None) -> int:
     now = time.time() if now is None else now
     site = site.rstrip(".")
     db = store.db
-    db.execute("UPDATE message SET next_attempt = ?1 WHERE state = 'deferred' AND id IN"
-               " (SELECT message_id FROM recipient WHERE " + SITE + " = lower(?2) AND status = 'deferred')",
-               (now, site))
+    # driven from the site's recipients: "+state" keeps SQLite from walking every
+    # deferred message through message_state_next_attempt instead
+    db.execute("UPDATE message SET next_attempt = ?1 WHERE id IN (SELECT message_id FROM recipient WHERE "
+               + SITE + " = lower(?2) AND status = 'deferred') AND +state = 'deferred'", (now, site))
     count = db.changes()
     db.execute("UPDATE recipient SET next_attempt = ?1 WHERE " + SITE + " = lower(?2) AND status = 'deferred'"
-               " AND message_id IN (SELECT id FROM message WHERE state = 'deferred')", (now, site))
+               " AND (SELECT state FROM message WHERE id = message_id) = 'deferred'", (now, site))
     return count
 
 
