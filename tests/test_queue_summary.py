@@ -145,3 +145,49 @@ def test_summary_memory_does_not_grow_with_the_queue(tmp_path):
     took = time.monotonic() - started
     print(f"summary peak RSS: empty queue {empty // 1024} MiB, 10^5 messages {full // 1024} MiB, {took:.2f} s")
     assert full - empty < 20 * 1024, (empty, full)
+
+
+async def test_dead_destinations_show_in_summary_status_and_metrics(start_mta):
+    """The destinations serve holds dead (new mail deferred without a connection
+    until their time) are shown by `queue summary` (text and JSON), `status` and
+    the trimail_dead_destinations gauge; one whose time has passed is not."""
+    import urllib.request
+
+    import trio
+
+    from trimail.scheduler.destination import DeadSite
+    from trimail.smtp.client import Outcome
+
+    srv = await start_mta(metrics_listen="127.0.0.1:0")
+    now = time.time()
+    reason = "4.4.1 connect to dead.example[127.0.90.9]:25: Connection refused\x1b[2J"
+    for key, until in ((("smtp", "dead.example"), now + 600), (("smtp", "back.example"), now - 1)):
+        site = DeadSite(f"{key[0]}:{key[1]}", now - 30, until, reason)
+        srv.scheduler.dead._dead[key] = (site, Outcome("deferred", "4.4.1", reason))
+    config = srv.config.source
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return trimail(*args, "-c", config)
+
+    text = await trio.to_thread.run_sync(cli, "queue", "summary")
+    assert text.returncode == 0, text.stderr
+    lines = text.stdout.splitlines()
+    assert lines[-2] == "dead destinations (deferred without a connection until the time shown): 1"
+    assert lines[-1].split()[:3] == ["smtp:dead.example", "until", time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                   time.gmtime(now + 600))]
+    assert "Connection refused?[2J)" in lines[-1] and "\x1b" not in text.stdout  # printable only
+    shape = json.loads((await trio.to_thread.run_sync(cli, "queue", "summary", "--json")).stdout)
+    assert shape["dead_destinations_total"] == 1
+    [dead] = shape["dead_destinations"]
+    assert dead == {"destination": "smtp:dead.example", "reason": reason,
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now - 30)),
+                    "until": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + 600))}
+    status = await trio.to_thread.run_sync(cli, "status", "--json")
+    facts = json.loads(status.stdout)
+    assert facts["running"] is True and facts["dead_destinations"] == [dead]
+    assert facts["dead_destinations_total"] == 1 and facts["queue"]["deferred"] == 0
+    plain = await trio.to_thread.run_sync(cli, "status")
+    assert "dead destinations: 1 (trimail queue summary lists them)" in plain.stdout
+    url = f"http://127.0.0.1:{srv.metrics_addresses[0].port}/metrics"
+    scraped = await trio.to_thread.run_sync(lambda: urllib.request.urlopen(url, timeout=30).read().decode())
+    assert "\ntrimail_dead_destinations 1.0\n" in scraped

@@ -160,24 +160,32 @@ def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: f
 
 
 @app.command(name="status")
-def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Is serve running: pid, uptime, listeners, queue counts; exit 0 running, 1 not (postfix status)."""
+def status_command(*, json_output: Annotated[bool, Parameter(name=["--json"], help="one JSON object")] = False,
+                   config: ConfigOption = None, o: Overrides = None) -> None:
+    """Is serve running: pid, uptime, listeners, queue counts, dead destinations;
+    exit 0 running, 1 not (postfix status)."""
     cfg = load_config(config, o)
     answer = send_command(_require_access(cfg), "status", timeout=10)
     if answer is None:
-        print("trimail: not running")
+        print('{"running": false}' if json_output else "trimail: not running")
         raise SystemExit(1)
     try:
         facts = json.loads(answer)
+        if not isinstance(facts, dict):
+            raise ValueError(answer)
     except ValueError:
-        raise Failure(f"unexpected answer from serve's control socket: {answer[:80]!r}") from None
+        raise Failure(f"unexpected answer from serve's control socket: {maillog.printable(answer, 80)!r}") from None
     counts: dict[str, int] = {}
     try:
         store = Store.open(cfg.queue_directory, readonly=True)
-        counts = store.counts()
+        counts = store.counts()  # a few rows, however long the queue (queue_count)
         store.close()
     except QueueError:
         pass
+    queue = {state: counts.get(state, 0) for state in ("maildrop", "incoming", "active", "deferred", "hold")}
+    if json_output:  # serve's facts as it sent them (JSON escapes what a terminal must not see), and the queue
+        print(json.dumps({"running": True, **facts, "queue": queue}))
+        return
     # serve's answer comes through a socket in mail_owner's directory: printed
     # printable only, so a process posing as serve cannot write to root's terminal
     try:
@@ -189,8 +197,10 @@ def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
     listening = f"listening on {', '.join(listeners)}" if listeners else "not listening (drained)"
     with_uptime = f"up {float(uptime):.0f}s" if uptime.replace(".", "", 1).isdigit() else f"up {uptime}"
     print(f"trimail: running, pid {pid}, {with_uptime}, {listening}, {sessions} session(s)")
-    print("queue: " + ", ".join(f"{state} {counts.get(state, 0)}"
-                                for state in ("maildrop", "incoming", "active", "deferred", "hold")))
+    print("queue: " + ", ".join(f"{state} {count}" for state, count in queue.items()))
+    dead = facts.get("dead_destinations_total")
+    if dead:
+        print(f"dead destinations: {maillog.printable(str(dead))} (trimail queue summary lists them)")
     if helper_state not in ("", "running"):
         print(f"warning: {helper_state}")
 

@@ -37,18 +37,28 @@ from trimail.queue.admin import AGE_BUCKETS
 from trimail.queue.store import rfc3339
 
 DEAD_LIST_LIMIT = 1000  # dead destinations serve lists in one answer (all are counted)
-REASON_LIMIT = 300  # characters of each reason
+DEAD_LIST_BYTES = 256 << 10  # and at most this much JSON of them
+REASON_LIMIT = 300  # characters of each reason (and destination)
 
 Row = tuple[str, str, int, list[int]]
 
 
 def dead_destinations(snapshot: Iterable[Any]) -> dict[str, Any]:
     """serve's answer to the control command ``dead`` (and part of ``status``): the
-    destinations held dead (``scheduler.destination.DeadSite``), soonest retried first."""
+    destinations held dead (``scheduler.destination.DeadSite``), soonest retried
+    first, at most DEAD_LIST_LIMIT of them and DEAD_LIST_BYTES of JSON (the answer
+    must fit the control socket's, net.control.MAX_ANSWER), all of them counted."""
     sites = sorted(snapshot, key=lambda site: (site.until, site.destination))
-    return {"total": len(sites), "dead": [
-        {"destination": site.destination, "since": rfc3339(site.since), "until": rfc3339(site.until),
-         "reason": site.reason[:REASON_LIMIT]} for site in sites[:DEAD_LIST_LIMIT]]}
+    listed: list[dict[str, Any]] = []
+    size = 0
+    for site in sites[:DEAD_LIST_LIMIT]:
+        entry = {"destination": site.destination[:REASON_LIMIT], "since": rfc3339(site.since),
+                 "until": rfc3339(site.until), "reason": site.reason[:REASON_LIMIT]}
+        size += len(json.dumps(entry)) + 2
+        if size > DEAD_LIST_BYTES:
+            break
+        listed.append(entry)
+    return {"total": len(sites), "dead": listed}
 
 
 def ask_serve(queue_directory: Path) -> dict[str, Any] | None:
