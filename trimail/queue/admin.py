@@ -4,8 +4,9 @@ the CLI, the writer's group commit in serve), and the queue's shape (``trimail
 queue summary``, Postfix's qshape), aggregated by SQLite and streamed.
 
 A recipient's *site* is the text after the last ``@`` of its address, in lower
-case and without trailing dots (``SITE``); ``flush -d``/ETRN select by it through
-the ``recipient_site`` index, so making one site's mail due costs the rows of
+case and without trailing dots (``SITE``); ``flush -d``/ETRN select the deferred
+recipients by it through the ``recipient_site`` index (partial: deferred rows
+only), so making one site's mail due costs the rows of
 that site, not a scan of the queue (ETRN runs inside the group commit every
 ``250`` waits on).  Case is folded for ASCII only, as DNS compares names.
 """

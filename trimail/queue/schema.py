@@ -20,11 +20,13 @@ Tables (all STRICT):
   metrics and ``trimail status`` read five rows instead of counting the queue.
 
 Operator reads have indexes of their own: ``message_arrival`` (the oldest
-message, for metrics) and ``recipient_site`` on the recipient's site, the text
-after its last ``@``, lower case (ASCII, as DNS compares names) and without
-trailing dots: ``trimail queue flush -d`` and ``ETRN`` find a site's mail through
-it, and ``trimail queue summary`` groups by the same expression
-(``queue.admin.SITE``, which must stay the same text as the index's).
+message, for metrics) and ``recipient_site`` on the deferred recipients' site, the
+text after the last ``@``, lower case (ASCII, as DNS compares names) and without
+trailing dots: ``trimail queue flush -d`` and ``ETRN`` find a site's deferred mail
+through it, and ``trimail queue summary`` groups by the same expression
+(``queue.admin.SITE``, which must stay the same text as the index's).  The index
+is partial: a recipient enters it when it is deferred, so receiving mail (all
+recipients ``pending``) does not pay for it.
 """
 
 from __future__ import annotations
@@ -96,7 +98,8 @@ MIGRATIONS: list[str] = [
     CREATE INDEX message_arrival ON message (arrival_time);
     CREATE INDEX recipient_site ON recipient (lower(rtrim(CASE WHEN instr(substr(address, instr(address, '@') + 1), '@') = 0
         THEN substr(address, instr(address, '@') + 1)
-        ELSE substr(address, length(rtrim(address, replace(address, '@', ''))) + 1) END, '.')));
+        ELSE substr(address, length(rtrim(address, replace(address, '@', ''))) + 1) END, '.')))
+        WHERE status = 'deferred';
     """,
 ]
 
