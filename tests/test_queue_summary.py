@@ -159,16 +159,19 @@ async def test_dead_destinations_show_in_summary_status_and_metrics(start_mta):
     from trimail.smtp.client import Outcome
 
     srv = await start_mta(metrics_listen="127.0.0.1:0")
-    now = time.time()
-    reason = "4.4.1 connect to dead.example[127.0.90.9]:25: Connection refused\x1b[2J"
-    for key, until in ((("smtp", "dead.example"), now + 600), (("smtp", "back.example"), now - 1)):
-        site = DeadSite(f"{key[0]}:{key[1]}", now - 30, until, reason)
-        srv.scheduler.dead._dead[key] = (site, Outcome("deferred", "4.4.1", reason))
     config = srv.config.source
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return trimail(*args, "-c", config)
 
+    none = json.loads((await trio.to_thread.run_sync(cli, "queue", "summary", "--json")).stdout)
+    assert none["dead_destinations"] == [] and none["dead_destinations_total"] == 0  # running: none dead
+    assert "dead" not in (await trio.to_thread.run_sync(cli, "queue", "summary")).stdout
+    now = time.time()
+    reason = "4.4.1 connect to dead.example[127.0.90.9]:25: Connection refused\x1b[2J"
+    for key, until in ((("smtp", "dead.example"), now + 600), (("smtp", "back.example"), now - 1)):
+        site = DeadSite(f"{key[0]}:{key[1]}", now - 30, until, reason)
+        srv.scheduler.dead._dead[key] = (site, Outcome("deferred", "4.4.1", reason))
     text = await trio.to_thread.run_sync(cli, "queue", "summary")
     assert text.returncode == 0, text.stderr
     lines = text.stdout.splitlines()

@@ -17,7 +17,9 @@ import json
 import time
 from collections.abc import Iterator
 
-from trimail.queue.store import Store
+import apsw
+
+from trimail.queue.store import Store, storage_error
 
 # The recipient's site; the same text as the recipient_site index of schema.py (3 -> 4)
 # so that SQLite uses the index.  The CASE takes the common address with one "@"
@@ -46,9 +48,12 @@ def summary(store: Store, now: float | None = None) -> Iterator[tuple[str, str, 
     groups and sorts (spilling to temporary files when it must), so memory does not
     grow with the queue; only the rows are handed out, one at a time."""
     now = time.time() if now is None else now
-    with store.read_snapshot():
-        for state, site, total, *ages in store.db.execute(_SUMMARY, (now,)):
-            yield state, site, total, ages
+    try:
+        with store.read_snapshot():
+            for state, site, total, *ages in store.db.execute(_SUMMARY, (now,)):
+                yield state, site, total, ages
+    except apsw.Error as exc:  # busy past the timeout, damaged, temporary files full: one line for the operator
+        raise storage_error(exc) from None
 
 def flush(store: Store, ids: list[str] | None, now: float | None = None) -> int:
     """Make deferred mail due now (all, or the given IDs)."""
