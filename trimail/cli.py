@@ -22,22 +22,21 @@ from typing import Annotated, NoReturn
 import trio
 from cyclopts import App, CycloptsError, Parameter
 
-from trimail import __version__
+from trimail import __version__, maps
 from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import PARAMETERS, Config
 from trimail.errors import ConfigurationError, TrimailError
-from trimail.supervise import contained
-from trimail.net.listener import ListenError
-from trimail.privileges import PrivilegeError
-from trimail.queue.lock import AlreadyRunning
-from trimail import maps
 from trimail.local.aliases import postalias
 from trimail.maps import TableError, open_table
 from trimail.net.control import send_command
+from trimail.net.listener import ListenError
+from trimail.privileges import PrivilegeError
 from trimail.queue import admin, transitions
+from trimail.queue.lock import AlreadyRunning
 from trimail.queue.store import MessageInfo, QueueError, Store
 from trimail.smtp.address import is_domain
+from trimail.supervise import contained
 
 app = App(name="trimail", help="A secure SMTP gateway MTA.", version=__version__,
           exit_on_error=False, print_error=True)
@@ -161,24 +160,32 @@ def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: f
 
 
 @app.command(name="status")
-def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Is serve running: pid, uptime, listeners, queue counts; exit 0 running, 1 not (postfix status)."""
+def status_command(*, json_output: Annotated[bool, Parameter(name=["--json"], help="one JSON object")] = False,
+                   config: ConfigOption = None, o: Overrides = None) -> None:
+    """Is serve running: pid, uptime, listeners, queue counts, dead destinations;
+    exit 0 running, 1 not (postfix status)."""
     cfg = load_config(config, o)
     answer = send_command(_require_access(cfg), "status", timeout=10)
     if answer is None:
-        print("trimail: not running")
+        print('{"running": false}' if json_output else "trimail: not running")
         raise SystemExit(1)
     try:
         facts = json.loads(answer)
+        if not isinstance(facts, dict):
+            raise ValueError(answer)
     except ValueError:
-        raise Failure(f"unexpected answer from serve's control socket: {answer[:80]!r}") from None
+        raise Failure(f"unexpected answer from serve's control socket: {maillog.printable(answer, 80)!r}") from None
     counts: dict[str, int] = {}
     try:
         store = Store.open(cfg.queue_directory, readonly=True)
-        counts = store.counts()
+        counts = store.counts()  # a few rows, however long the queue (queue_count)
         store.close()
     except QueueError:
         pass
+    queue = {state: counts.get(state, 0) for state in ("maildrop", "incoming", "active", "deferred", "hold")}
+    if json_output:  # serve's facts as it sent them (JSON escapes what a terminal must not see), and the queue
+        print(json.dumps({"running": True, **facts, "queue": queue}))
+        return
     # serve's answer comes through a socket in mail_owner's directory: printed
     # printable only, so a process posing as serve cannot write to root's terminal
     try:
@@ -190,8 +197,10 @@ def status_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
     listening = f"listening on {', '.join(listeners)}" if listeners else "not listening (drained)"
     with_uptime = f"up {float(uptime):.0f}s" if uptime.replace(".", "", 1).isdigit() else f"up {uptime}"
     print(f"trimail: running, pid {pid}, {with_uptime}, {listening}, {sessions} session(s)")
-    print("queue: " + ", ".join(f"{state} {counts.get(state, 0)}"
-                                for state in ("maildrop", "incoming", "active", "deferred", "hold")))
+    print("queue: " + ", ".join(f"{state} {count}" for state, count in queue.items()))
+    dead = facts.get("dead_destinations_total")
+    if dead:
+        print(f"dead destinations: {maillog.printable(str(dead))} (trimail queue summary lists them)")
     if helper_state not in ("", "running"):
         print(f"warning: {helper_state}")
 
@@ -347,29 +356,26 @@ def _rich_queue(messages: Iterable[MessageInfo]) -> None:
 
 
 @queue_app.command(name="summary")
-def queue_summary(*, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Recipients per destination domain and age, per queue (like Postfix's qshape)."""
+def queue_summary(*, json_output: Annotated[bool, Parameter(name=["--json"], help="one JSON object")] = False,
+                  top: Annotated[int, Parameter(name=["--top", "-n"],
+                                                help="per queue, only the N sites with most recipients "
+                                                     "and one row for the others (0: all)")] = 0,
+                  config: ConfigOption = None, o: Overrides = None) -> None:
+    """Recipients per destination site and age, per queue (like Postfix's qshape),
+    and the destinations a running serve holds dead."""
+    from trimail import qshape
+
     cfg = load_config(config, o)
+    if top < 0:
+        raise Failure("--top takes a count, 0 for all")
     store = _open_queue(cfg)
+    dead = qshape.ask_serve(Path(cfg.queue_directory))
+    rows = admin.summary(store)
     try:
-        messages = store.list_messages()
+        (qshape.write_json if json_output else qshape.write_text)(sys.stdout, qshape.folded(rows, top), dead)
     finally:
+        rows.close()  # end its read snapshot while the connection is still open
         store.close()
-    buckets = (("5m", 300), ("1h", 3600), ("1d", 86400), ("older", float("inf")))
-    table: dict[tuple[str, str], list[int]] = {}
-    now = time.time()
-    for m in messages:
-        age = now - m.arrival_time
-        column = next(i for i, (_, limit) in enumerate(buckets) if age <= limit)
-        for r in m.recipients:
-            if r.status in ("pending", "deferred"):
-                row = table.setdefault((m.state, r.address.rpartition("@")[2].lower()), [0] * len(buckets))
-                row[column] += 1
-    print(f"{'queue':<10} {'domain':<32} {'total':>6} " + " ".join(f"{name:>6}" for name, _ in buckets))
-    for (state, dom), row in sorted(table.items(), key=lambda item: (item[0][0], -sum(item[1]), item[0][1])):
-        print(f"{state:<10} {dom:<32} {sum(row):>6} " + " ".join(f"{n:>6}" for n in row))
-    total = sum(sum(row) for row in table.values())
-    print(f"{'':<10} {'TOTAL':<32} {total:>6}")
 
 
 _STATE_MARK = {"active": "*", "hold": "!"}
@@ -563,7 +569,7 @@ def postmap_command(table: str, *, q: Annotated[str | None, Parameter(name=["-q"
         kind, _, name = ref.partition(":")
         if kind not in ("hash", "btree"):
             raise Failure(f"{ref}: only hash: and btree: tables are compiled")
-        count, warnings = maps.postmap(Path(name))
+        _count, warnings = maps.postmap(Path(name))
     except TableError as exc:
         raise Failure(str(exc)) from None
     for warning in warnings:
@@ -620,7 +626,7 @@ def passwd_delete(user: str, *, config: ConfigOption = None, o: Overrides = None
 
 def _postalias(path: Path) -> None:
     try:
-        count, warnings = postalias(path)
+        _count, warnings = postalias(path)
     except TableError as exc:
         raise Failure(str(exc)) from None
     for warning in warnings:

@@ -69,6 +69,7 @@ from trimail.queue.lock import QueueLock
 from trimail.queue.store import QueueError, Store, prepare_directory
 from trimail.local import privileged
 from trimail.privileges import drop_privileges
+from trimail.qshape import dead_destinations
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.smtp import replies
@@ -125,6 +126,7 @@ class Server:
         for context in self.contexts.values():
             context.metrics = self.metrics
         self.scheduler.metrics = self.metrics
+        self.metrics.dead.set_function(lambda: len(self.scheduler.dead.snapshot(time.time())))
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
         self.anvil = anvil.Anvil(config)
@@ -149,7 +151,12 @@ class Server:
             return "ok"
 
         return {"flush": flush, "ping": lambda: "ok", "reload": self.reload, "stop": stop,
-                "status": self.status}
+                "status": self.status, "dead": lambda: json.dumps(self.dead_destinations())}
+
+    def dead_destinations(self) -> dict[str, Any]:
+        """The destinations the queue manager holds dead now (``trimail queue summary``,
+        ``trimail status``): ``{"total": N, "dead": [...]}``, bounded (trimail.qshape)."""
+        return dead_destinations(self.scheduler.dead.snapshot(time.time()))
 
     def start_listening(self, listeners: list[tuple[trio.SocketListener, str, ListenAddress]]) -> None:
         assert self._accepting is not None and self._sessions is not None
@@ -220,6 +227,7 @@ class Server:
         self.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
 
     def status(self) -> str:
+        dead = self.dead_destinations()
         return json.dumps({
             "pid": os.getpid(),
             "uptime": round(time.monotonic() - self.started, 3),
@@ -229,6 +237,8 @@ class Server:
             "reloads": self.reloads,
             "configuration": self.config.source,
             "delivery_helper": privileged.state(),
+            "dead_destinations": dead["dead"],
+            "dead_destinations_total": dead["total"],
         })
 
     def stop(self) -> None:

@@ -3,7 +3,11 @@
 Each serve has its own registry (several embedded servers in one process never
 mix their numbers).  Counters move where the events happen (smtpd, scheduler,
 queue writer); queue sizes and the oldest message's age are read from the
-database, through the writer, when the endpoint is scraped.  The endpoint is a
+database when the endpoint is scraped, on one of the writer's reading
+connections (a worker thread, never the event loop nor the group commit), from
+rows the queue keeps for it (``queue_count``, the ``message_arrival`` index): a
+few rows whatever the queue's length.  ``trimail_dead_destinations`` is read from
+the queue manager's memory of dead destinations (serve sets its function).  The endpoint is a
 minimal HTTP/1.0 responder on trio: ``GET /metrics`` (any path) answers the text
 exposition format; requests are bounded in size (8 KiB) and time (10 s), and each
 one runs in its own error boundary, so a client that resets mid-request or sends
@@ -55,6 +59,8 @@ class Metrics:
         self.queue = Gauge("trimail_queue_messages", "Messages in the queue", ["state"], registry=r)
         self.oldest = Gauge("trimail_queue_oldest_message_age_seconds", "Age of the oldest queued message",
                             registry=r)
+        self.dead = Gauge("trimail_dead_destinations", "Destinations held dead: new mail for them is deferred "
+                          "without a connection until their retry time", registry=r)
         self.destinations = Gauge("trimail_destination_connections", "Delivery connections in use",
                                   ["destination"], registry=r)
         self.delivery_seconds = Histogram("trimail_delivery_duration_seconds", "Time from arrival to delivery",

@@ -3,8 +3,9 @@
 One line per connection, one line back.  Commands: ``flush`` (wake the scheduler:
 the database already says what is due) and ``ping``.  The operator's tools use it
 to make serve act now; the database stays the source of truth, so a tool works
-the same when serve is not running.  ``reload``, ``stop`` and ``status`` come from
-master.Server.
+the same when serve is not running.  ``reload``, ``stop``, ``status`` and ``dead``
+(the destinations the queue manager holds dead, as JSON: trimail.qshape) come
+from master.Server.
 
 Security: the socket is 0600 (only root and mail_owner reach it).  A command line
 is at most 256 bytes and must arrive within 5 s; clients are served concurrently
@@ -31,7 +32,7 @@ from trimail.supervise import FailureCounter
 
 CONTROL_NAME = "control"
 MAX_LINE = 256
-MAX_ANSWER = 1 << 20  # what the CLI reads of serve's answer (a status is a few KiB)
+MAX_ANSWER = 1 << 20  # what the CLI reads of serve's answer (a status is a few KiB; dead lists are bounded)
 READ_TIMEOUT = 5.0  # seconds to send a command line, and to take the answer
 
 
