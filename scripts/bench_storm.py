@@ -49,7 +49,7 @@ from typing import Any
 import storm_peers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.postfix_peer import _postfix_master_cf  # noqa: E402  (Debian's master.cf, no chroot)
+from tests.postfix_peer import _postfix_master_cf  # Debian's master.cf, no chroot
 
 TRIMAIL_ADDRESS = "127.0.100.1"
 SINK_ADDRESS = "127.0.100.2"
