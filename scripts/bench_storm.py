@@ -259,6 +259,7 @@ FIGURES = {  # key: (label, format); the medians of these go into the table
     "txn_p99_ms": ("MAIL → 250 p99 ms", "{:.1f}"),
     "drain_s": ("flush → everything delivered s", "{:.1f}"),
     "last_new_s": ("flush → last new mail delivered s", "{:.1f}"),
+    "flush_cmd_s": ("flush command s", "{:.2f}"),
     "defer_s": ("inject + all deferred s", "{:.1f}"),
 }
 
