@@ -33,6 +33,7 @@ long the injection takes.  Addresses: the MTA under test listens on 127.0.100.1
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import shutil
@@ -234,8 +235,7 @@ def one_storm(kind: type, storm: int, new: int, sessions: int, rate: float, time
         eods.append(accepted - eod_sent)
         whole.append(accepted - mail_sent)
         arrived = arrivals.get(f"new-{number:06d}@storm.example")
-        if arrived is not None:
-            latencies.append(arrived - accepted)
+        latencies.append(arrived - accepted if arrived is not None else math.inf)  # never arrived: infinitely late
     last_new = max(arrivals.values()) - t0 if arrivals else float("nan")
     return {
         "new_p50_s": percentile(latencies, 0.5), "new_p99_s": percentile(latencies, 0.99),
@@ -278,7 +278,8 @@ def bench_storm(kinds: list[type], storm: int, new: int, sessions: int, rate: fl
             print(f"  run {number}, {kind.name}: " + ", ".join(
                 f"{label} {fmt.format(result[key])}" for key, (label, fmt) in FIGURES.items())
                 + f"; delivered {result['delivered']:,}, missing {result['missing']}, duplicates "
-                  f"{result['duplicates']}, client errors {result['client_errors']} {result['first_error']}",
+                  f"{result['duplicates']}, client errors {result['client_errors']} {result['first_error']}"
+                + (" TIMED OUT" if result["timed_out"] else ""),
                 flush=True)
     summary: dict[str, Any] = {"storm": storm, "new": new, "sessions": sessions, "rate": rate, "runs": results}
     for name, found in results.items():
