@@ -201,13 +201,13 @@ def one_storm(kind: type, storm: int, new: int, sessions: int, rate: float, time
             client = ctx.Process(target=storm_peers.client_main,
                                  args=(mta.address, mta.port, new, sessions, rate, SIZE, child))
             client.start()
-            if client_pipe.recv() != "ready":
+            if not client_pipe.poll(30) or client_pipe.recv() != "ready":
                 raise SystemExit("bench: the storm client did not start")
             counter = ctx.Value("q", 0, lock=False)
             sink_pipe, child = ctx.Pipe()
             sink = ctx.Process(target=storm_peers.sink_main, args=(relay[0], relay[1], child, counter))
             sink.start()
-            if sink_pipe.recv() != "ready":
+            if not sink_pipe.poll(30) or sink_pipe.recv() != "ready":
                 raise SystemExit("bench: the storm sink did not start")
             t0 = time.monotonic()
             mta.flush()
@@ -220,6 +220,8 @@ def one_storm(kind: type, storm: int, new: int, sessions: int, rate: float, time
             sent = client_pipe.recv() if client_pipe.poll(max(1.0, deadline - time.monotonic())) else \
                 {"records": [], "errors": ["client did not finish"], "start": t0, "end": t0}
             sink_pipe.send("stop")
+            if not sink_pipe.poll(60):
+                raise SystemExit("bench: the storm sink did not report")
             got = sink_pipe.recv()
             left = mta.counts()
         finally:
