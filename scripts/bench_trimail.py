@@ -1,0 +1,105 @@
+"""trimail-only figures of ``scripts/bench``: ``--mode testmta`` (TestMTA start-up and
+tear-down, in process), ``--mode queuelist`` (``trimail queue list`` on a long
+queue) and ``--mode idle`` (serve's memory with many idle SMTP sessions).
+"""
+
+from __future__ import annotations
+
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def bench_test_mta(runs: int) -> dict:
+    """Start-up and tear-down of trimail.testing.TestMTA, in this process."""
+    from trimail.testing import TestMTA
+
+    TestMTA().start().stop()  # imports and first-use costs are not per-test costs
+    starts, stops = [], []
+    for _ in range(runs):
+        began = time.perf_counter()
+        mta = TestMTA().start()
+        started = time.perf_counter()
+        mta.stop()
+        stops.append(time.perf_counter() - started)
+        starts.append(started - began)
+    figures = {"start_ms": statistics.median(starts) * 1000, "stop_ms": statistics.median(stops) * 1000,
+               "start_max_ms": max(starts) * 1000, "stop_max_ms": max(stops) * 1000, "runs": runs}
+    print(f"TestMTA start-up median {figures['start_ms']:.1f} ms (max {figures['start_max_ms']:.1f}), "
+          f"tear-down median {figures['stop_ms']:.1f} ms (max {figures['stop_max_ms']:.1f}), {runs} runs")
+    return figures
+
+
+def bench_queue_list(count: int) -> dict:
+    """`trimail queue list` on a queue of *count* messages: time to the first line and to the end."""
+    from trimail.queue.ids import new_queue_id
+    from trimail.queue.spool import Spool
+    from trimail.queue.store import NewMessage, Store
+
+    with tempfile.TemporaryDirectory(prefix="trimail-bench-") as tmp:
+        store = Store.open(Path(tmp) / "queue")
+        with store.transaction():
+            for i in range(count):
+                spool = Spool()
+                spool.write(b"Subject: x\r\n\r\nbody\r\n")
+                store.insert_message(NewMessage(new_queue_id(), "a@client.example", [f"r{i}@far.example"], spool))
+        store.close()
+        config = Path(tmp) / "main.cf"
+        config.write_text(f"queue_directory = {Path(tmp) / 'queue'}\n")
+        results = []
+        for json_flag in ([], ["--json"]):
+            started = time.perf_counter()
+            proc = subprocess.Popen([sys.executable, "-m", "trimail", "queue", "list", *json_flag, "-c", str(config)],
+                                    stdout=subprocess.PIPE)
+            assert proc.stdout is not None
+            proc.stdout.read(1)
+            first = time.perf_counter() - started
+            size = 1 + len(proc.stdout.read())
+            proc.wait()
+            results.append({"format": "json" if json_flag else "mailq", "first_byte_s": first,
+                            "total_s": time.perf_counter() - started, "bytes": size})
+    for r in results:
+        print(f"queue list ({r['format']}) of {count} messages: first output after {r['first_byte_s']:.3f} s, "
+              f"all {r['bytes']} bytes after {r['total_s']:.2f} s")
+    return {"messages": count, "results": results}
+
+
+def bench_idle_sessions(count: int, start: Callable[[Path], Any]) -> dict:
+    """Hold *count* idle SMTP sessions open against a serve that *start* runs in a
+    directory (scripts/bench's ``Trimail``) and report its memory per session."""
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    with tempfile.TemporaryDirectory(prefix="trimail-bench-") as tmp:
+        mta = start(Path(tmp))
+        try:
+            def rss_kib() -> int:
+                for line in Path(f"/proc/{mta.proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        return int(line.split()[1])
+                return 0
+
+            before = rss_kib()
+            sockets = []
+            for _ in range(count):
+                sock = socket.create_connection(("127.0.0.1", mta.port), timeout=30)
+                sockets.append(sock)
+            for sock in sockets:  # every session greeted: they are all really open
+                if not sock.recv(64).startswith(b"220"):
+                    raise SystemExit("bench: a session was not greeted with 220")
+            after = rss_kib()
+            for sock in sockets:
+                sock.close()
+        finally:
+            mta.stop()
+    per_session = (after - before) * 1024 / count
+    print(f"{count} idle sessions: serve RSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB, "
+          f"{per_session / 1024:.1f} KiB per session")
+    return {"sessions": count, "rss_before_kib": before, "rss_after_kib": after, "bytes_per_session": per_session}
