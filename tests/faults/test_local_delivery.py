@@ -53,7 +53,8 @@ def test_mbox_locked_by_a_mail_client_is_deferred_with_a_clear_reason(tmp_path, 
         assert_serving(d)
     assert trimail_cmd("flush", "-c", str(d.config_path)).returncode == 0  # the client let go
     wait_until(lambda: _mbox_tags(mbox) == ["first"])
-    assert not (spool / "ann.lock").exists()
+    d.proc.wait_log(rf"{queue_id}: to=<ann@mx.test.example>.*status=sent")  # the attempt is over ...
+    assert not (spool / "ann.lock").exists()  # ... and its dotlock is gone (not merely the mail written)
 
 
 def test_a_live_dotlock_defers_and_a_stale_one_is_broken(tmp_path, daemon):
