@@ -123,19 +123,21 @@ class Connection:
         return f"{self.host}[{self.address}]:{self.port}"
 
     async def _read(self, timeout: float, stage: str) -> Reply:
+        """The next reply.  A connection that broke, timed out or talked nonsense is
+        never used again, not even for QUIT (``ConnectionLost``)."""
         try:
             with trio.fail_after(timeout):
                 while (reply := self.parser.next_reply()) is None:
                     data = await self.stream.receive_some(CHUNK)
                     if not data:
-                        raise ConnectionLost(f"lost connection with {self.relay} while {stage}")
+                        raise self._lost(f"lost connection with {self.relay} while {stage}")
                     self.parser.feed(data)
         except trio.TooSlowError:
-            raise ConnectionLost(f"conversation with {self.relay} timed out while {stage}") from None
+            raise self._lost(f"conversation with {self.relay} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise ConnectionLost(f"lost connection with {self.relay} while {stage}") from None
+            raise self._lost(f"lost connection with {self.relay} while {stage}") from None
         except PeerProtocolError as exc:
-            raise ConnectionLost(f"bad reply from {self.relay} while {stage}: {exc}") from None
+            raise self._lost(f"bad reply from {self.relay} while {stage}: {exc}") from None
         return reply
 
     async def _send(self, data: bytes, timeout: float, stage: str) -> None:
@@ -143,9 +145,13 @@ class Connection:
             with trio.fail_after(timeout):
                 await self.stream.send_all(data)
         except trio.TooSlowError:
-            raise ConnectionLost(f"conversation with {self.relay} timed out while {stage}") from None
+            raise self._lost(f"conversation with {self.relay} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise ConnectionLost(f"lost connection with {self.relay} while {stage}") from None
+            raise self._lost(f"lost connection with {self.relay} while {stage}") from None
+
+    def _lost(self, text: str) -> ConnectionLost:
+        self.usable = False
+        return ConnectionLost(text)
 
     async def hello(self, helo_name: str, tls: TlsPolicy | None = None) -> Reply:
         greeting = await self._read(self.timeouts.helo, "receiving the initial server greeting")

@@ -1,0 +1,86 @@
+"""Dead destinations (Postfix's throttled queues), remembered past their last worker.
+
+A destination is declared dead by its last worker when a whole failed cohort of
+connection attempts went by with no connection to it up (``feedback.Window``).
+Then its queued jobs are deferred with the failure, and until ``now +
+minimal_backoff_time`` (Postfix unthrottles a dead queue after
+``minimal_backoff_time``) every new job for it — new mail and retries alike — is
+deferred at once without a connection, with Postfix's text ``delivery temporarily
+suspended: <reason>``.  So a dead site costs one cohort of connection attempts,
+then one attempt (a window of 1, ``probing``) per backoff period, never one per
+message.
+
+Memory is bounded by the destinations that died recently: an entry is dropped
+when it is looked up after its time, and a sweep drops the stale ones whenever
+the registry has doubled since the last sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from trimail.smtp.client import Outcome, deferred
+
+SUSPENDED = "delivery temporarily suspended: "
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DeadSite:
+    destination: str  # as logged: transport:nexthop
+    since: float  # wall-clock time it was declared dead
+    until: float  # wall-clock time new jobs are tried again
+    reason: str  # the failure that killed it (dsn and text)
+
+
+def suspended(outcome: Outcome) -> Outcome:
+    """The outcome of a job deferred because its destination is dead."""
+    text = outcome.text if outcome.text.startswith(SUSPENDED) else SUSPENDED + outcome.text
+    return deferred(outcome.dsn if outcome.dsn.startswith("4") else "4.4.1", text)
+
+
+class DeadSites:
+    """Destinations declared dead, remembered after their last worker is gone, so
+    new jobs for them are deferred at once without a connection each."""
+
+    def __init__(self) -> None:
+        self._dead: dict[tuple, tuple[DeadSite, Outcome]] = {}
+        self._swept_at = 16  # sweep when the registry is twice as big as after the last sweep
+
+    def mark(self, key: tuple, destination: str, outcome: Outcome, now: float, duration: float) -> DeadSite:
+        """Declare *key* dead for *duration* seconds from *now* because of *outcome*."""
+        site = DeadSite(destination, now, now + duration, f"{outcome.dsn} {outcome.text}")
+        self._dead[key] = (site, suspended(outcome))
+        if len(self._dead) >= 2 * self._swept_at:
+            self._sweep(now)
+        return site
+
+    def refusal(self, key: tuple, now: float) -> Outcome | None:
+        """The outcome for a new job to *key* while it is dead, else None.  After
+        its time the entry stays (as ``revived``) until its destination is made again."""
+        entry = self._dead.get(key)
+        if entry is None or now >= entry[0].until:
+            return None
+        return entry[1]
+
+    def revived(self, key: tuple, now: float) -> bool:
+        """Was *key* dead until a moment ago?  (A new destination for it then starts
+        with a window of 1.)  Forgets the entry once its time is over."""
+        entry = self._dead.get(key)
+        if entry is None or now < entry[0].until:
+            return False
+        del self._dead[key]
+        return True
+
+    def snapshot(self, now: float) -> list[DeadSite]:
+        """The destinations dead at *now* (for `trimail queue summary` and /metrics)."""
+        return [site for site, _ in self._dead.values() if now < site.until]
+
+    def _sweep(self, now: float) -> None:
+        """Forget entries whose dead time ended a whole dead period ago."""
+        for key, (site, _) in list(self._dead.items()):
+            if now >= site.until + (site.until - site.since):
+                del self._dead[key]
+        self._swept_at = max(16, len(self._dead))
+
+    def __len__(self) -> int:
+        return len(self._dead)
