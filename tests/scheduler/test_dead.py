@@ -8,7 +8,7 @@ import trio
 
 from tests.conftest import wait_for
 from tests.delivery.test_delivery import queue, send
-from tests.scheduler.fleet import DeadPeer, SmtpPeer
+from tests.scheduler.fleet import DeadPeer, LimitedPeer, SmtpPeer
 
 DEAD_HOST, LIVE_HOST = "127.0.70.3", "127.0.70.4"
 SUSPENDED = "delivery temporarily suspended: "
@@ -75,3 +75,21 @@ async def test_an_attempt_on_a_silent_site_costs_smtp_helo_timeout_and_no_quit(s
     print(f"\nsilent site: {dead.connections} attempts, held {', '.join(f'{h:.2f}' for h in held)} s")
     assert bytes(dead.received) == b""
     assert all(0.4 < h < 2 for h in held)
+
+
+async def test_a_site_refusing_every_connection_dies_after_one_cohort_even_one_message_at_a_time(
+        start_mta, nursery):
+    """Each attempt on a site that answers every connection with 421 is over before
+    the next message comes, so the destination goes idle in between: its failure
+    count must survive that, or every message would pay an attempt."""
+    peer = LimitedPeer(max_sessions=0)
+    port = await nursery.start(peer.run, DEAD_HOST)
+    srv = await start_mta(relayhost=f"[{DEAD_HOST}]:{port}")
+    for i in range(20):
+        await send(srv, "a@client.example", [f"r{i}@far.example"])
+        await wait_for(lambda n=i + 1: len(replies(srv, "far.example")) == n
+                       and all(a == 1 for a, _ in replies(srv, "far.example").values()), timeout=10)
+    print(f"\n20 messages one at a time to a site refusing every connection: {peer.connections} attempts")
+    assert peer.connections == 3  # windows 5, 3, 2: 1/5 + 1/3 + 1/2 >= one cohort
+    texts = [text.split(" ", 1)[1] for _, text in replies(srv, "far.example").values()]
+    assert sum(t.startswith(SUSPENDED) for t in texts) == 17

@@ -10,18 +10,28 @@ suspended: <reason>``.  So a dead site costs one cohort of connection attempts,
 then one attempt (a window of 1, ``probing``) per backoff period, never one per
 message.
 
-Memory is bounded by the destinations that died recently: an entry is dropped
-when it is looked up after its time, and a sweep drops the stale ones whenever
-the registry has doubled since the last sweep.
+A destination that goes idle (no job, no worker) while its failures are not yet
+forgiven (a failed cohort under way) leaves its window here too (``keep``), for
+``minimal_backoff_time``: the next job for it continues the count, so messages
+that come one at a time to a site that refuses connections make it dead after
+one cohort as a burst does (Postfix forgets an idle queue's window; then every
+such message would pay an attempt).
+
+Memory is bounded: a dead entry is dropped when it is looked up after its time,
+and a sweep drops the stale ones whenever the registry has doubled since the last
+sweep; at most ``WINDOWS_KEPT`` windows are kept (the oldest go first).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 
+from trimail.scheduler.feedback import Window
 from trimail.smtp.client import Outcome, deferred
 
 SUSPENDED = "delivery temporarily suspended: "
+WINDOWS_KEPT = 10_000
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -45,11 +55,13 @@ class DeadSites:
     def __init__(self) -> None:
         self._dead: dict[tuple, tuple[DeadSite, Outcome]] = {}
         self._swept_at = 16  # sweep when the registry is twice as big as after the last sweep
+        self._windows: OrderedDict[tuple, tuple[Window, float]] = OrderedDict()
 
     def mark(self, key: tuple, destination: str, outcome: Outcome, now: float, duration: float) -> DeadSite:
         """Declare *key* dead for *duration* seconds from *now* because of *outcome*."""
         site = DeadSite(destination, now, now + duration, f"{outcome.dsn} {outcome.text}")
         self._dead[key] = (site, suspended(outcome))
+        self._windows.pop(key, None)
         if len(self._dead) >= 2 * self._swept_at:
             self._sweep(now)
         return site
@@ -70,6 +82,18 @@ class DeadSites:
             return False
         del self._dead[key]
         return True
+
+    def keep(self, key: tuple, window: Window, until: float) -> None:
+        """Remember the window of an idle destination with failures not yet forgiven."""
+        self._windows[key] = (window, until)
+        self._windows.move_to_end(key)
+        while len(self._windows) > WINDOWS_KEPT:
+            self._windows.popitem(last=False)
+
+    def window(self, key: tuple, now: float) -> Window | None:
+        """The window kept for *key* (and forget it), if its time is not over."""
+        entry = self._windows.pop(key, None)
+        return entry[0] if entry is not None and now < entry[1] else None
 
     def snapshot(self, now: float) -> list[DeadSite]:
         """The destinations dead at *now* (for `trimail queue summary` and /metrics)."""

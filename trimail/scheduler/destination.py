@@ -38,16 +38,14 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 import trio
 
-from trimail.cleanup import masquerade, masquerade_headers
 from trimail.config import Config
 from trimail.delivery.local import Forward, LocalAgent
 from trimail.delivery.route import Route
-from trimail.delivery.smtp import Connection, ConnectionFailed, Connector, Envelope
+from trimail.delivery.smtp import Connection, ConnectionFailed, Connector
 from trimail.delivery.virtual import VirtualAgent
 from trimail.metrics import Metrics
 from trimail.queue import transitions
@@ -58,12 +56,12 @@ from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.dead import DeadSite, DeadSites, suspended  # noqa: F401 (DeadSite: re-exported)
 from trimail.scheduler.feedback import Window, WindowSettings
+from trimail.scheduler.transfer import ContentError, content_of, envelope_of
 from trimail.smtp.client import Outcome
 from trimail.supervise import contained, thread_pool
 
 log = logging.getLogger("trimail.qmgr")
 
-CONTENT_CHUNK = 1 << 20  # bytes read from the queue per step while sending a message
 # local(8) and virtual(8) run on threads of their own: one may wait long (a command,
 # an mbox lock, the root helper), and must not take the threads the queue and the spool need
 agent_threads = thread_pool("local and virtual delivery", 20)
@@ -85,10 +83,6 @@ def destination_key(route: Route, recipient: QueuedRecipient) -> tuple:
     if route.transport == "local":
         return (*route.key, recipient.address.lower())
     return route.key
-
-
-class ContentError(Exception):
-    """The queued content is not what was accepted (short, missing, unreadable)."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -163,7 +157,10 @@ def start_workers(q: Qmgr, dest: Destination, nursery: trio.Nursery) -> None:
         dest.nursery = nursery
         if dest.route.transport not in ("local", "virtual"):
             settings = WindowSettings.from_config(q.config, dest.route.transport, dest.limit)
-            dest.window = Window(settings, probing=q.dead.revived(dest.key or dest.route.key, time.time()))
+            key, now = dest.key or dest.route.key, time.time()
+            dest.window = q.dead.window(key, now) or Window(settings, probing=q.dead.revived(key, now))
+            dest.window.settings = settings  # (a reload may have changed them)
+            dest.window.size = min(dest.window.size, settings.limit)
     while dest.wants_worker():
         dest.workers += 1
         if q.metrics is not None:
@@ -234,6 +231,10 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
             start_workers(q, dest, dest.nursery)  # jobs that came while the last worker was leaving
         if not dest.jobs and dest.workers == 0 and q.destinations.get(dest.key) is dest:
             del q.destinations[dest.key]
+            now = time.time()
+            if dest.window is not None and dest.window.fail_cohorts > 0 and q.dead.refusal(dest.key, now) is None:
+                # failures not yet forgiven: the next job for it goes on counting
+                q.dead.keep(dest.key, dest.window, now + q.config.minimal_backoff_time)
 
 
 async def connect(q: Qmgr, dest: Destination) -> tuple[Connection | None, bool]:
@@ -301,35 +302,8 @@ async def fail_queued(q: Qmgr, dest: Destination, first: Outcome, rest: Outcome,
 async def deliver_job(q: Qmgr, dest: Destination, conn: Connection, job: Job) -> None:
     """One job over an established connection; its outcomes are recorded."""
     started = time.time()
-    envelope = Envelope(
-        sender=masquerade_address(q, job.message.sender, "envelope_sender"),
-        recipients=[masquerade_address(q, r.address, "envelope_recipient") for r in job.recipients],
-        size=job.message.size,
-        eight_bit=str(job.message.params.get("BODY", "")).upper() == "8BITMIME",
-        smtputf8="SMTPUTF8" in job.message.params,
-    )
-    message_id, held, size = job.message.id, job.message.content, job.message.size
-
-    async def content() -> AsyncIterator[bytes]:
-        if held is not None:
-            yield masquerade_headers(held, q.masq_domains, q.masq_exceptions, q.masq_classes)
-            return
-        offset = 0
-        while offset < size:
-            chunk = await q.writer.read(transitions.read_chunk, message_id, offset,
-                                        min(CONTENT_CHUNK, size - offset))
-            if not chunk:
-                # raised before the end of data is sent: the peer never gets a
-                # truncated message, and the connection is dropped
-                raise ContentError(f"content ends at {offset} of {size} bytes")
-            first = offset == 0
-            offset += len(chunk)
-            if first:  # the header section is in the first chunk (header_size_limit)
-                chunk = masquerade_headers(chunk, q.masq_domains, q.masq_exceptions, q.masq_classes)
-            yield chunk
-
     try:
-        outcomes = await conn.deliver(envelope, content)
+        outcomes = await conn.deliver(envelope_of(q, job), content_of(q, job))
     except Exception as exc:  # the job's boundary: this job is deferred, the worker goes on
         conn.usable = False  # possibly inside DATA: never reuse, never end the message
         outcomes = q.job_failed(job, exc)
@@ -389,10 +363,3 @@ def queue_forward(store: Store, forward: Forward, content: bytes) -> str:
     new_id = new_queue_id()
     store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local"))
     return new_id
-
-
-def masquerade_address(q: Qmgr, address: str, kind: str) -> str:
-    """Masquerading applies to mail leaving the host, for the configured classes."""
-    if kind not in q.masq_classes:
-        return address
-    return masquerade(address, q.masq_domains, q.masq_exceptions)

@@ -91,7 +91,7 @@ class Window:
         connection to it is still up."""
         s = self.settings
         self.fail_cohorts += 1.0 / self.size
-        dead = s.cohort_limit > 0 and self.fail_cohorts >= s.cohort_limit
+        dead = s.cohort_limit > 0 and self.fail_cohorts >= s.cohort_limit - 1e-9  # (float sums of 1/N)
         feedback = s.negative.at(self.size)
         self.failure -= feedback
         while self.failure - feedback / 2 < 0:  # the decrease comes first in a sequence
