@@ -592,7 +592,8 @@ PARAMETERS: dict[str, Param] = {
            "most MX IP addresses tried in one delivery attempt, in MX preference order (0: no limit)"),
         _P("smtp_mx_session_limit", "2", parse_count,
            "most SMTP sessions (connections that got past greeting and EHLO) in one delivery attempt "
-           "(0: no limit); trimail delivers over the first such session, so any limit of 1 or more holds"),
+           "(0: no limit, trimail stops at 10): recipients soft-failed in one session (4xx, lost "
+           "connection) go to the next mail host while sessions are left"),
         _P("disable_mime_output_conversion", "no", parse_bool,
            "send 8-bit MIME entities as they are to a server that does not offer 8BITMIME, instead of "
            "converting them to quoted-printable"),

@@ -24,6 +24,7 @@ class FakeConnection:
     def __init__(self, site: FakeSite) -> None:
         self.site = site
         self.usable = True
+        self.address = "127.0.70.9"
         self.relay = "peer[127.0.70.9]:25"
 
     async def deliver(self, envelope: Envelope, content: Callable[[], AsyncIterator[bytes]]) -> list[Outcome]:
@@ -62,10 +63,12 @@ class FakeSite:
 
 
 class FakeConnector:
+    session_limit = 1  # one host: no backup sessions
+
     def __init__(self, site: FakeSite) -> None:
         self.site = site
 
-    async def open(self, route: Route) -> FakeConnection:
+    async def open(self, route: Route, *, skip: frozenset[str] = frozenset()) -> FakeConnection:
         return await self.site.open_connection(route)
 
 

@@ -43,6 +43,7 @@ from typing import Protocol
 import trio
 
 from trimail.config import Config
+from trimail.delivery import attempt
 from trimail.delivery.local import Forward, LocalAgent
 from trimail.delivery.route import Route
 from trimail.delivery.smtp import Connection, ConnectionFailed, Connector
@@ -302,14 +303,15 @@ async def fail_queued(q: Qmgr, dest: Destination, first: Outcome, rest: Outcome,
 async def deliver_job(q: Qmgr, dest: Destination, conn: Connection, job: Job) -> None:
     """One job over an established connection; its outcomes are recorded."""
     started = time.time()
-    try:
-        outcomes = await conn.deliver(envelope_of(q, job), content_of(q, job))
+    try:  # soft failures go on to the next mail host within the attempt (smtp_mx_session_limit)
+        outcomes, relay = await attempt.deliver(q.connector, conn, dest.route, envelope_of(q, job),
+                                                content_of(q, job))
     except Exception as exc:  # the job's boundary: this job is deferred, the worker goes on
         conn.usable = False  # possibly inside DATA: never reuse, never end the message
-        outcomes = q.job_failed(job, exc)
+        outcomes, relay = q.job_failed(job, exc), conn.relay
     if conn.usable and dest.window is not None:
         dest.window.delivered()
-    await q.complete(job, outcomes, conn.relay, started)
+    await q.complete(job, outcomes, relay, started)
 
 
 async def local_worker(q: Qmgr, dest: Destination) -> None:
