@@ -4,9 +4,11 @@ minimal_backoff_time, new jobs deferred at once without connecting."""
 
 from __future__ import annotations
 
+import time
+
 import trio
 
-from tests.conftest import wait_for
+from tests.conftest import trimail, wait_for
 from tests.delivery.test_delivery import queue, send
 from tests.scheduler.fleet import DeadPeer, LimitedPeer, SmtpPeer
 
@@ -93,3 +95,22 @@ async def test_a_site_refusing_every_connection_dies_after_one_cohort_even_one_m
     assert peer.connections == 3  # windows 5, 3, 2: 1/5 + 1/3 + 1/2 >= one cohort
     texts = [text.split(" ", 1)[1] for _, text in replies(srv, "far.example").values()]
     assert sum(t.startswith(SUSPENDED) for t in texts) == 17
+
+
+async def test_a_flush_forgets_dead_sites_so_a_site_that_came_back_gets_its_mail_at_once(start_mta, nursery):
+    """Postfix's flush (postqueue -f / -s, ETRN) purges the dead-site information
+    (QMGR_REQ_FLUSH_DEAD): when a site is back, `trimail queue flush` delivers its
+    backlog now, not after the rest of the dead time."""
+    peer = LimitedPeer(max_sessions=0)  # down: 421 to everyone
+    port = await nursery.start(peer.run, DEAD_HOST)
+    srv = await start_mta(relayhost=f"[{DEAD_HOST}]:{port}")  # minimal_backoff_time 300s
+    for i in range(10):
+        await send(srv, "a@client.example", [f"r{i}@far.example"])
+    await wait_for(lambda: len(replies(srv, "far.example")) == 10
+                   and all(n == 1 for n, _ in replies(srv, "far.example").values()), timeout=10)
+    assert srv.scheduler.dead.snapshot(time.time())
+    peer.max_sessions = 10  # back
+    await trio.to_thread.run_sync(lambda: trimail("queue", "flush", "-c", srv.config.source))
+    await wait_for(lambda: len(peer.recipients()) == 10, timeout=10)
+    await wait_for(lambda: not queue(srv), timeout=10)
+    assert not srv.scheduler.dead.snapshot(time.time())

@@ -269,3 +269,5 @@ def test_dead_sites_are_remembered_for_their_time_and_memory_stays_bounded():
     for i in range(10_000):  # many sites die over the hours: old entries are swept
         dead.mark(("smtp", str(i)), f"smtp:{i}", outcome, now=1000.0 + i, duration=300.0)
     assert len(dead) <= 2 * 600 + 16  # those of the last two dead periods, twice over at most
+    dead.flush()  # `trimail queue flush`, ETRN: everyone is tried again now
+    assert len(dead) == 0 and dead.refusal(("smtp", "9999"), 10_999.0) is None

@@ -95,6 +95,12 @@ class DeadSites:
         entry = self._windows.pop(key, None)
         return entry[0] if entry is not None and now < entry[1] else None
 
+    def flush(self) -> None:
+        """Forget every dead site and kept window: an operator's flush or a client's
+        ETRN tries them all again now (Postfix's QMGR_REQ_FLUSH_DEAD)."""
+        self._dead.clear()
+        self._windows.clear()
+
     def snapshot(self, now: float) -> list[DeadSite]:
         """The destinations dead at *now* (for `trimail queue summary` and /metrics)."""
         return [site for site, _ in self._dead.values() if now < site.until]
