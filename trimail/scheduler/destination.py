@@ -6,8 +6,9 @@ A destination has up to its window of worker tasks in the delivery nursery
 (``start_workers``).  The window (``feedback.Window``) starts at
 ``<transport>_initial_destination_concurrency`` and moves by feedback between 1
 and ``<transport>_destination_concurrency_limit``: up when a connection gets its
-greeting and EHLO reply, down when a connection attempt fails.  A worker connects
-first and then takes jobs (so a failed attempt never holds one); it keeps its
+greeting and EHLO reply, down when a connection attempt fails; it bounds new
+connections (a connection that is up keeps delivering).  A worker connects first
+and then takes jobs (so a failed attempt never holds one); it keeps its
 connection for as many jobs as the destination has, and lingers
 ``smtp_connection_cache_time_limit`` for the next one.
 
@@ -201,8 +202,10 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
                 dest.connected -= 1
                 await conn.close()
                 conn = None
-            if dest.workers > dest.concurrency or (conn is None and not dest.jobs):
-                break  # the window shrank below its workers, or nothing to connect for
+            if conn is None and (not dest.jobs or dest.workers > dest.concurrency):
+                # nothing to connect for, or the window shrank below its workers: the
+                # window bounds new connections (one that is up keeps delivering)
+                break
             if conn is None:
                 conn, go_on = await connect(q, dest)
                 if conn is None:
