@@ -30,6 +30,7 @@ class FakeConnection:
     async def deliver(self, envelope: Envelope, content: Callable[[], AsyncIterator[bytes]]) -> list[Outcome]:
         await trio.sleep(self.site.delivery_time)
         self.site.delivered += envelope.recipients
+        self.site.last_delivery = trio.current_time()
         return [sent("250 2.0.0 Ok")] * len(envelope.recipients)
 
     async def close(self) -> None:
@@ -50,6 +51,7 @@ class FakeSite:
         self.attempts = 0
         self.refused = 0
         self.delivered: list[str] = []
+        self.last_delivery = 0.0  # trio.current_time() of the last delivery
 
     async def open_connection(self, route: Route) -> FakeConnection:
         self.attempts += 1

@@ -271,3 +271,17 @@ def test_dead_sites_are_remembered_for_their_time_and_memory_stays_bounded():
     assert len(dead) <= 2 * 600 + 16  # those of the last two dead periods, twice over at most
     dead.flush()  # `trimail queue flush`, ETRN: everyone is tried again now
     assert len(dead) == 0 and dead.refusal(("smtp", "9999"), 10_999.0) is None
+
+
+async def test_connections_that_are_up_keep_delivering_when_the_window_shrinks(make_config, autojump_clock):
+    """Ten workers to a site that allows two: eight 421s take the window from 10 to
+    1, but the two sessions that are up keep delivering (the window bounds new
+    connections), so 20 one-second deliveries take 10 s, not 19."""
+    site = FakeSite(max_sessions=2)
+    started = trio.current_time()
+    q = await run_site(make_config, site, 20, initial_destination_concurrency="10",
+                       default_destination_concurrency_positive_feedback="0")
+    took = site.last_delivery - started
+    assert sorted(site.delivered) == sorted(f"r{i}@far.example" for i in range(20))
+    assert q.destinations == {} and site.refused == 8 and site.most_open == 2
+    assert took < 11, took
