@@ -83,7 +83,7 @@ class Targets:
                 return
             resolved: list[tuple[str, str]] = []
             for host in group:
-                if room is not None and len(resolved) >= room:
+                if room is not None and sum(a not in self.skip for _, a in resolved) >= room:
                     break
                 try:
                     addresses = await self.resolver.addresses(host.name)
