@@ -69,3 +69,19 @@ async def test_a_hard_failure_on_the_first_mx_is_final(start_mta, nursery, needs
     await send(srv, "<>", RCPTS)  # (a null sender: no bounce to deliver)
     await wait_for(lambda: not queue(srv), timeout=10)
     assert backup.connections == 0 and primary.refused_rcpts == 2
+
+
+async def test_a_backup_session_looks_past_the_host_it_already_had_within_the_address_limit():
+    """mx.Targets with skip: the address already used is neither yielded nor counted,
+    and it does not fill the lookups of its preference group (smtp_mx_address_limit 1)."""
+    from trimail.delivery.dns import MailHost
+    from trimail.delivery.mx import Targets
+
+    class Resolver:
+        async def addresses(self, name: str) -> list[str]:
+            return {"mx1.far.example": [MX1], "mx2.far.example": [MX2]}[name]
+
+    hosts = [MailHost("mx1.far.example", 10), MailHost("mx2.far.example", 10)]
+    targets = Targets(Resolver(), "far.example", hosts, is_self=lambda a: False, address_limit=1,  # type: ignore[arg-type]
+                      skip=frozenset({MX1}))
+    assert [t.address async for t in targets] == [MX2]
