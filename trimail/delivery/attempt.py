@@ -27,7 +27,7 @@ MX_SESSIONS_CAP = 10  # sessions of one attempt when smtp_mx_session_limit is 0 
 
 
 async def deliver(connector: Connector, conn: Connection, route: Route, envelope: Envelope,
-                  content: Callable[[], AsyncIterator[bytes]]) -> tuple[list[Outcome], str]:
+                  content: Callable[[], AsyncIterator[bytes]], queue_id: str = "") -> tuple[list[Outcome], str]:
     """One attempt over *conn*, then backup sessions for the soft-failed recipients.
     Returns one Outcome per recipient and the relay of the session that decided
     last.  *conn* stays open (the caller's connection cache); a backup session is
@@ -44,8 +44,8 @@ async def deliver(connector: Connector, conn: Connection, route: Route, envelope
         except ConnectionFailed:
             break  # no other host: the soft failures stand
         used.add(backup.address)
-        log.info("%s: %s; trying the next mail host %s for %d recipient(s)", route.nexthop,
-                 outcomes[moving[0]].text, backup.relay, len(moving))
+        # Postfix logs the soft failure that sends recipients to a backup host at info
+        log.info("%s: %s", queue_id or route.nexthop, outcomes[moving[0]].text)
         try:
             more = await backup.deliver(
                 dataclasses.replace(envelope, recipients=[envelope.recipients[i] for i in moving]), content)

@@ -308,7 +308,7 @@ async def deliver_job(q: Qmgr, dest: Destination, conn: Connection, job: Job) ->
     started = time.time()
     try:  # soft failures go on to the next mail host within the attempt (smtp_mx_session_limit)
         outcomes, relay = await attempt.deliver(q.connector, conn, dest.route, envelope_of(q, job),
-                                                content_of(q, job))
+                                                content_of(q, job), job.message.id)
     except Exception as exc:  # the job's boundary: this job is deferred, the worker goes on
         conn.usable = False  # possibly inside DATA: never reuse, never end the message
         outcomes, relay = q.job_failed(job, exc), conn.relay
