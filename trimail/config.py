@@ -198,6 +198,35 @@ def parse_count(text: str) -> int:
     return value
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Feedback:
+    """Concurrency feedback (Postfix's qmgr_feedback.c): *base*, divided by the
+    destination's concurrency window when *per_concurrency* (``1/concurrency``)."""
+
+    base: float
+    per_concurrency: bool = False
+
+    def at(self, window: int) -> float:
+        return self.base / max(1, window) if self.per_concurrency else self.base
+
+
+def parse_feedback(text: str) -> Feedback:
+    """``number``, ``number/number`` or ``number/concurrency``, in 0..1 (0: none)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*(concurrency|\d+(?:\.\d*)?|\.\d+))?\s*", text)
+    if m is None:
+        raise ValueError(f"bad feedback value {text!r} (use a number, number/number or number/concurrency)")
+    base = float(m.group(1))
+    per = m.group(2) == "concurrency"
+    if m.group(2) and not per:
+        denominator = float(m.group(2))
+        if denominator <= 0:
+            raise ValueError(f"bad feedback value {text!r}: division by zero")
+        base /= denominator
+    if not 0 <= base <= 1:
+        raise ValueError(f"feedback value {text!r} is outside the range 0..1")
+    return Feedback(base, per)
+
+
 def parse_addresses(text: str) -> list[str]:
     """A list of IP addresses (IPv6 with or without brackets), normalised."""
     out = []
@@ -402,6 +431,31 @@ PARAMETERS: dict[str, Param] = {
            "most parallel deliveries to one destination with the smtp transport"),
         _P("relay_destination_concurrency_limit", "$default_destination_concurrency_limit", parse_int,
            "most parallel deliveries to one destination with the relay transport"),
+        _P("initial_destination_concurrency", "5", parse_int,
+           "initial number of parallel deliveries to a new destination (its concurrency window starts "
+           "there and moves with feedback between 1 and <transport>_destination_concurrency_limit)"),
+        _P("default_destination_concurrency_positive_feedback", "1", parse_feedback,
+           "window increase per connection that gets its greeting and EHLO reply: a number, "
+           "number/number or number/concurrency in 0..1 (0: none); the window grows by 1 each time "
+           "this adds up to 1"),
+        _P("default_destination_concurrency_negative_feedback", "1", parse_feedback,
+           "window decrease per failed connection attempt (connect, greeting or EHLO failure), in "
+           "the same forms; never below 1"),
+        _P("default_destination_concurrency_failed_cohort_limit", "1", parse_count,
+           "failed pseudo-cohorts (a window's worth of failed connection attempts, no success in "
+           "between) after which a destination with no connection up is dead: its queued mail is "
+           "deferred and new mail for it is deferred at once for minimal_backoff_time (0: never)"),
+        *(_P(f"{transport}_{name}", f"${default}", parser,
+             f"{default} for the {transport} transport")
+          for transport in ("smtp", "relay")
+          for name, default, parser in (
+              ("initial_destination_concurrency", "initial_destination_concurrency", parse_int),
+              ("destination_concurrency_positive_feedback",
+               "default_destination_concurrency_positive_feedback", parse_feedback),
+              ("destination_concurrency_negative_feedback",
+               "default_destination_concurrency_negative_feedback", parse_feedback),
+              ("destination_concurrency_failed_cohort_limit",
+               "default_destination_concurrency_failed_cohort_limit", parse_count))),
         _P("delay_warning_time", "0h", _time("h"), "when to tell the sender mail is delayed (0: never)"),
         _P("hopcount_limit", "50", parse_int, "most Received: headers before a mail loop bounce"),
         # SMTP server
@@ -539,7 +593,8 @@ PARAMETERS: dict[str, Param] = {
            "most MX IP addresses tried in one delivery attempt, in MX preference order (0: no limit)"),
         _P("smtp_mx_session_limit", "2", parse_count,
            "most SMTP sessions (connections that got past greeting and EHLO) in one delivery attempt "
-           "(0: no limit); trimail delivers over the first such session, so any limit of 1 or more holds"),
+           "(0: no limit, trimail stops at 10): recipients soft-failed in one session (4xx, lost "
+           "connection) go to the next mail host while sessions are left"),
         _P("disable_mime_output_conversion", "no", parse_bool,
            "send 8-bit MIME entities as they are to a server that does not offer 8BITMIME, instead of "
            "converting them to quoted-printable"),

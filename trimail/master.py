@@ -143,6 +143,7 @@ class Server:
 
     def control_commands(self) -> dict[str, Callable[[], Any]]:
         def flush() -> str:
+            self.scheduler.dead.flush()  # a flush tries dead sites again (Postfix's QMGR_REQ_FLUSH_DEAD)
             self.scheduler.wake()
             return "ok"
 

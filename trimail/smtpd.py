@@ -513,6 +513,7 @@ class SmtpdSession:
             log.warning("ETRN %s from %s: %s", site, self.client, exc)
             return Reply(458, "4.3.0", "Unable to queue messages")
         if ctx.scheduler is not None:
+            ctx.scheduler.dead.flush()  # flush(8) tells qmgr to forget dead sites (QMGR_REQ_FLUSH_DEAD)
             ctx.scheduler.wake()
         log.info("ETRN %s from %s: %d message(s) made due", site, self.client, count)
         return None

@@ -20,6 +20,8 @@ group only when the better groups gave no session, and yields ``Target``s:
   (Postfix's texts and codes).
 - ``failure`` says why nothing (more) could be tried: the last lookup failure, or
   the loop; the caller combines it with connection failures.
+- ``skip``: addresses to pass over (a backup session of the same attempt never goes
+  back to a host it already had a session with).
 
 "This host" is decided by the caller's ``is_self(address)``; see
 ``trimail.delivery.interfaces`` and ``Connector``.
@@ -55,7 +57,8 @@ def dns_outcome(exc: DnsError) -> Outcome:
 
 class Targets:
     def __init__(self, resolver: Resolver, nexthop: str, hosts: list[MailHost], *,
-                 is_self: Callable[[str], bool], address_limit: int) -> None:
+                 is_self: Callable[[str], bool], address_limit: int,
+                 skip: frozenset[str] = frozenset()) -> None:
         self.resolver = resolver
         self.nexthop = nexthop
         if len(hosts) > MX_HOST_LIMIT:
@@ -63,6 +66,7 @@ class Targets:
         self.hosts = hosts[:MX_HOST_LIMIT]
         self.is_self = is_self
         self.address_limit = address_limit
+        self.skip = skip  # addresses this attempt already had a session with (never yielded, not counted)
         self.failure: Outcome | None = None
         self.loop = False  # the attempt ends in a loop verdict: try no fall-back either
         self.tried = 0  # addresses yielded (the caller un-counts a retry in clear)
@@ -79,7 +83,7 @@ class Targets:
                 return
             resolved: list[tuple[str, str]] = []
             for host in group:
-                if room is not None and len(resolved) >= room:
+                if room is not None and sum(a not in self.skip for _, a in resolved) >= room:
                     break
                 try:
                     addresses = await self.resolver.addresses(host.name)
@@ -101,6 +105,8 @@ class Targets:
                 return
             found_any = True
             for name, address in resolved:
+                if address in self.skip:
+                    continue
                 room = self._room()
                 if room is not None and room <= 0:
                     return

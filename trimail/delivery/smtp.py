@@ -2,16 +2,17 @@
 
 ``Connector.open()`` tries the addresses ``mx.Targets`` gives (MX or ``[host]``, at
 most smtp_mx_address_limit, cut at our own preference) until one greets with ``220``
-and accepts EHLO (HELO as fallback): that one session carries the attempt.  Towards
+and accepts EHLO (HELO as fallback): that session carries the attempt.  Towards
 port 25, an EHLO reply naming $myhostname is a loop: ``5.4.6 mail for X loops back
 to myself`` (``4.4.6`` below the best MX).  ``Connection.deliver()`` runs one
 transaction (pipelined when offered), one ``Outcome`` per recipient; connection
-trouble defers every recipient not yet decided.  Mail that needs SMTPUTF8 bounces
+trouble defers every recipient not yet decided.  ``attempt.deliver()`` moves the
+recipients a session leaves soft-failed on to the next mail host (``open(skip=)``).  Mail that needs SMTPUTF8 bounces
 ``5.6.7`` at a server without it; 8-bit MIME entities to a server without 8BITMIME
 become quoted-printable (``mime``).  Connections are reused for several messages.
 
 Parameters: smtp_{connect,helo,mail,rcpt,data_init,data_xfer,data_done,quit}_timeout,
-myhostname, smtp_mx_address_limit, smtp_mx_session_limit (met: one session per attempt),
+myhostname, smtp_mx_address_limit, smtp_mx_session_limit,
 proxy_interfaces, disable_mime_output_conversion, smtp_tls_security_level, smtp_tls_CAfile.
 
 Security notes: replies are parsed bounded; nothing from the server is trusted beyond
@@ -123,19 +124,21 @@ class Connection:
         return f"{self.host}[{self.address}]:{self.port}"
 
     async def _read(self, timeout: float, stage: str) -> Reply:
+        """The next reply.  A connection that broke, timed out or talked nonsense is
+        never used again, not even for QUIT (``ConnectionLost``)."""
         try:
             with trio.fail_after(timeout):
                 while (reply := self.parser.next_reply()) is None:
                     data = await self.stream.receive_some(CHUNK)
                     if not data:
-                        raise ConnectionLost(f"lost connection with {self.relay} while {stage}")
+                        raise self._lost(f"lost connection with {self.relay} while {stage}")
                     self.parser.feed(data)
         except trio.TooSlowError:
-            raise ConnectionLost(f"conversation with {self.relay} timed out while {stage}") from None
+            raise self._lost(f"conversation with {self.relay} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise ConnectionLost(f"lost connection with {self.relay} while {stage}") from None
+            raise self._lost(f"lost connection with {self.relay} while {stage}") from None
         except PeerProtocolError as exc:
-            raise ConnectionLost(f"bad reply from {self.relay} while {stage}: {exc}") from None
+            raise self._lost(f"bad reply from {self.relay} while {stage}: {exc}") from None
         return reply
 
     async def _send(self, data: bytes, timeout: float, stage: str) -> None:
@@ -143,9 +146,13 @@ class Connection:
             with trio.fail_after(timeout):
                 await self.stream.send_all(data)
         except trio.TooSlowError:
-            raise ConnectionLost(f"conversation with {self.relay} timed out while {stage}") from None
+            raise self._lost(f"conversation with {self.relay} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise ConnectionLost(f"lost connection with {self.relay} while {stage}") from None
+            raise self._lost(f"lost connection with {self.relay} while {stage}") from None
+
+    def _lost(self, text: str) -> ConnectionLost:
+        self.usable = False
+        return ConnectionLost(text)
 
     async def hello(self, helo_name: str, tls: TlsPolicy | None = None) -> Reply:
         greeting = await self._read(self.timeouts.helo, "receiving the initial server greeting")
@@ -313,6 +320,7 @@ class Connector:
         self.timeouts = Timeouts.from_config(config)
         self.proxies = frozenset(ipaddress.ip_address(a) for a in config.proxy_interfaces)
         self.address_limit: int = config.smtp_mx_address_limit
+        self.session_limit: int = config.smtp_mx_session_limit
         self.mime_conversion = not config.disable_mime_output_conversion
         self.tls = TlsPolicy(config.smtp_tls_security_level or "none", config.smtp_tls_CAfile)
 
@@ -331,7 +339,10 @@ class Connector:
                 return True
         return False
 
-    async def open(self, route: Route) -> Connection:
+    async def open(self, route: Route, *, skip: frozenset[str] = frozenset()) -> Connection:
+        """A session with the first mail host of *route* that greets and accepts EHLO
+        (never one of the addresses in *skip*); ConnectionFailed with the reason
+        when there is none."""
         try:
             hosts = await self.resolver.mx_hosts(route.nexthop) if route.mx else [MailHost(route.nexthop, 0)]
         except DnsError as exc:
@@ -340,7 +351,7 @@ class Connector:
         # of this host is no loop.  Our own listeners are known exactly and always count.
         loop_detect = route.port == DEFAULT_PORT
         targets = Targets(self.resolver, route.nexthop, hosts, address_limit=self.address_limit,
-                          is_self=lambda address: self._is_self(address, route.port))
+                          is_self=lambda address: self._is_self(address, route.port), skip=skip)
         last: Outcome | None = None
         async for target in targets:
             conn, outcome = await self._try(target.host, target.address, route.port)

@@ -1,14 +1,36 @@
 """Destinations (Postfix's qmgr queues): the jobs waiting for one (transport,
-nexthop), the worker tasks that deliver them, and the connection cache.
+nexthop), the worker tasks that deliver them, their concurrency window, and the
+connection cache.
 
-A destination has up to ``<transport>_destination_concurrency_limit`` worker
-tasks in the delivery nursery; a worker keeps its connection for as many jobs as
-the destination has, and lingers ``smtp_connection_cache_time_limit`` for the
-next one.  Local and virtual deliveries run on a pool of 20 threads of their own
-(a slow command, a locked mbox or a busy root helper never takes the threads the
-queue needs).  When a destination cannot be reached at all, every job queued for
-it is deferred with the same reason without a connection each, so a dead
-destination costs one connection attempt, not one per message.
+A destination has up to its window of worker tasks in the delivery nursery
+(``start_workers``).  The window (``feedback.Window``) starts at
+``<transport>_initial_destination_concurrency`` and moves by feedback between 1
+and ``<transport>_destination_concurrency_limit``: up when a connection gets its
+greeting and EHLO reply, down when a connection attempt fails; it bounds new
+connections (a connection that is up keeps delivering).  A worker connects first
+and then takes jobs (so a failed attempt never holds one); it keeps its
+connection for as many jobs as the destination has, and lingers
+``smtp_connection_cache_time_limit`` for the next one.
+
+A failed connection attempt while another connection to the destination is up or
+being made lowers the window and ends that worker: the queued jobs stay for the
+connections that work (a site answering ``421`` beyond N sessions gets its mail
+over N sessions, none of it deferred).  With nothing up, the attempt's job is
+deferred (Postfix defers the delivery the attempt was for) and the worker tries
+again for the next one, until a whole failed cohort
+(``<transport>_destination_concurrency_failed_cohort_limit``) makes the
+destination dead: every job queued for it is deferred with ``delivery temporarily
+suspended: <reason>``, and ``dead.DeadSites`` defers new jobs for it at once for
+``minimal_backoff_time`` (then one probing connection, a window of 1).
+
+Local and virtual deliveries run on a pool of 20 threads of their own (a slow
+command, a locked mbox or a busy root helper never takes the threads the queue
+needs); they have no window feedback (their limit is the window).
+
+Parameters: <transport>_destination_concurrency_limit,
+initial_destination_concurrency, default_destination_concurrency_{positive,negative}_feedback,
+default_destination_concurrency_failed_cohort_limit (and their smtp_/relay_ forms),
+minimal_backoff_time, smtp_connection_cache_time_limit, smtp_connection_reuse_time_limit.
 """
 
 from __future__ import annotations
@@ -17,16 +39,15 @@ import dataclasses
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
 from typing import Protocol
 
 import trio
 
-from trimail.cleanup import masquerade, masquerade_headers
 from trimail.config import Config
+from trimail.delivery import attempt
 from trimail.delivery.local import Forward, LocalAgent
 from trimail.delivery.route import Route
-from trimail.delivery.smtp import Connection, ConnectionFailed, Connector, Envelope
+from trimail.delivery.smtp import Connection, ConnectionFailed, Connector
 from trimail.delivery.virtual import VirtualAgent
 from trimail.metrics import Metrics
 from trimail.queue import transitions
@@ -35,12 +56,14 @@ from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.queue.writer import QueueWriter
+from trimail.scheduler.dead import DeadSite, DeadSites, suspended  # noqa: F401 (DeadSite: re-exported)
+from trimail.scheduler.feedback import Window, WindowSettings
+from trimail.scheduler.transfer import ContentError, content_of, envelope_of
 from trimail.smtp.client import Outcome
-from trimail.supervise import thread_pool
+from trimail.supervise import contained, thread_pool
 
 log = logging.getLogger("trimail.qmgr")
 
-CONTENT_CHUNK = 1 << 20  # bytes read from the queue per step while sending a message
 # local(8) and virtual(8) run on threads of their own: one may wait long (a command,
 # an mbox lock, the root helper), and must not take the threads the queue and the spool need
 agent_threads = thread_pool("local and virtual delivery", 20)
@@ -64,28 +87,33 @@ def destination_key(route: Route, recipient: QueuedRecipient) -> tuple:
     return route.key
 
 
-class ContentError(Exception):
-    """The queued content is not what was accepted (short, missing, unreadable)."""
-
-
 @dataclasses.dataclass(slots=True)
 class Destination:
     route: Route
-    limit: int
+    limit: int  # <transport>_destination_concurrency_limit: the window's ceiling
     key: tuple = ()
     jobs: deque[Job] = dataclasses.field(default_factory=deque)
     workers: int = 0
     busy: int = 0  # workers with a job in hand (the others can take the next one)
     arrived: trio.Event = dataclasses.field(default_factory=trio.Event)  # set (and replaced) per new job
+    window: Window | None = None  # concurrency feedback (set by start_workers; None: the limit)
+    connecting: int = 0  # connection attempts in progress
+    connected: int = 0  # connections up
+    nursery: trio.Nursery | None = None  # where its workers run (the queue manager's delivery nursery)
 
     def add(self, job: Job) -> None:
         self.jobs.append(job)
         self.announce()
 
+    @property
+    def concurrency(self) -> int:
+        """How many workers it may have now: its window (its limit without feedback)."""
+        return self.window.size if self.window is not None else self.limit
+
     def wants_worker(self) -> bool:
         """A new worker when the jobs outnumber the workers free to take them (busy
-        workers are not), up to the destination's concurrency limit."""
-        return self.workers < self.limit and len(self.jobs) > self.workers - self.busy
+        workers are not), up to the destination's concurrency window."""
+        return self.workers < self.concurrency and len(self.jobs) > self.workers - self.busy
 
     def announce(self) -> None:
         self.arrived.set()
@@ -99,36 +127,6 @@ class Destination:
             with trio.move_on_at(deadline):
                 await self.arrived.wait()
         return self.jobs.popleft() if self.jobs else None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class DeadSite:
-    destination: str  # as logged: transport:nexthop
-    since: float  # wall-clock time it was declared dead
-    until: float  # wall-clock time new jobs are tried again
-    reason: str  # the failure that killed it (dsn and text)
-
-
-class DeadSites:
-    """Destinations declared dead, remembered after their last worker is gone, so
-    new jobs for them are deferred at once without a connection each."""
-
-    def __init__(self) -> None:
-        self._dead: dict[tuple, tuple[DeadSite, Outcome]] = {}
-
-    def refusal(self, key: tuple, now: float) -> Outcome | None:
-        """The outcome for a new job to *key* while it is dead, else None."""
-        entry = self._dead.get(key)
-        if entry is None:
-            return None
-        if now >= entry[0].until:
-            del self._dead[key]
-            return None
-        return entry[1]
-
-    def snapshot(self, now: float) -> list[DeadSite]:
-        """The destinations dead at *now* (for `trimail queue summary` and /metrics)."""
-        return [site for site, _ in self._dead.values() if now < site.until]
 
 
 class Qmgr(Protocol):
@@ -153,6 +151,33 @@ class Qmgr(Protocol):
 
     def job_failed(self, job: Job, exc: Exception) -> list[Outcome]: ...
 
+def start_workers(q: Qmgr, dest: Destination, nursery: trio.Nursery) -> None:
+    """Start the workers *dest* wants (``Destination.wants_worker``) in *nursery*.
+    The first call sets up its window: a destination that was dead until a
+    moment ago starts with a window of 1 (one probing connection)."""
+    if dest.nursery is None:
+        dest.nursery = nursery
+        if dest.route.transport not in ("local", "virtual"):
+            settings = WindowSettings.from_config(q.config, dest.route.transport, dest.limit)
+            key, now = dest.key or dest.route.key, time.time()
+            dest.window = q.dead.window(key, now) or Window(settings, probing=q.dead.revived(key, now))
+            dest.window.settings = settings  # (a reload may have changed them)
+            dest.window.size = min(dest.window.size, settings.limit)
+    while dest.wants_worker():
+        dest.workers += 1
+        if q.metrics is not None:
+            q.metrics.destinations.labels(str(dest.route)).inc()
+        nursery.start_soon(_supervised_worker, q, dest)
+
+
+async def _supervised_worker(q: Qmgr, dest: Destination) -> None:
+    """The last boundary of a worker: a bug in one is logged and counted, never the
+    end of the queue manager (its messages stay active and are delivered again
+    after the next start)."""
+    with contained(f"qmgr: delivery worker for {dest.route}", q.metrics, logger=log):
+        await run_worker(q, dest)
+
+
 async def run_worker(q: Qmgr, dest: Destination) -> None:
     """One worker of *dest*: takes its jobs until none is left (and, for SMTP, none
     comes within the connection cache time)."""
@@ -167,70 +192,36 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
     conn: Connection | None = None
     opened = 0.0
     busy = False
+    finished = False  # left the loop normally (not cancelled, not by a bug)
     try:
         while True:
             if busy:
                 dest.busy, busy = dest.busy - 1, False
+            if conn is not None and (not conn.usable or trio.current_time() - opened
+                                     > q.config.smtp_connection_reuse_time_limit):
+                dest.connected -= 1
+                await conn.close()
+                conn = None
+            if conn is None and (not dest.jobs or dest.workers > dest.concurrency):
+                # nothing to connect for, or the window shrank below its workers: the
+                # window bounds new connections (one that is up keeps delivering)
+                break
+            if conn is None:
+                conn, go_on = await connect(q, dest)
+                if conn is None:
+                    if not go_on:
+                        break
+                    continue
+                opened = trio.current_time()
             # Postfix's connection cache: an open connection waits a little for the
             # next message to the same destination instead of hanging up at once
-            linger = q.config.smtp_connection_cache_time_limit if conn is not None and conn.usable else 0
+            linger = q.config.smtp_connection_cache_time_limit if conn.usable else 0
             job = await dest.next_job(linger)
             if job is None:
                 break
             dest.busy, busy = dest.busy + 1, True
-            if conn is not None and (not conn.usable or trio.current_time() - opened
-                                     > q.config.smtp_connection_reuse_time_limit):
-                await conn.close()
-                conn = None
-            if conn is None:
-                started = time.time()
-                opened = trio.current_time()
-                try:
-                    conn = await q.connector.open(dest.route)
-                except ConnectionFailed as exc:
-                    failed = [job, *dest.jobs]
-                    dest.jobs.clear()
-                    for each in failed:
-                        await q.complete(each, [exc.outcome] * len(each.recipients), "none", started)
-                    break
-                except Exception as exc:  # the job's boundary (the others may find a way)
-                    await q.complete(job, q.job_failed(job, exc), "none", started)
-                    continue
-            started = time.time()
-            envelope = Envelope(
-                sender=masquerade_address(q, job.message.sender, "envelope_sender"),
-                recipients=[masquerade_address(q, r.address, "envelope_recipient") for r in job.recipients],
-                size=job.message.size,
-                eight_bit=str(job.message.params.get("BODY", "")).upper() == "8BITMIME",
-                smtputf8="SMTPUTF8" in job.message.params,
-            )
-            message_id, held, size = job.message.id, job.message.content, job.message.size
-
-            async def content() -> AsyncIterator[bytes]:
-                if held is not None:
-                    yield masquerade_headers(held, q.masq_domains, q.masq_exceptions, q.masq_classes)
-                    return
-                offset = 0
-                while offset < size:
-                    chunk = await q.writer.read(transitions.read_chunk, message_id, offset,
-                                                   min(CONTENT_CHUNK, size - offset))
-                    if not chunk:
-                        # raised before the end of data is sent: the peer never gets a
-                        # truncated message, and the connection is dropped
-                        raise ContentError(f"content ends at {offset} of {size} bytes")
-                    first = offset == 0
-                    offset += len(chunk)
-                    if first:  # the header section is in the first chunk (header_size_limit)
-                        chunk = masquerade_headers(chunk, q.masq_domains, q.masq_exceptions,
-                                                   q.masq_classes)
-                    yield chunk
-
-            try:
-                outcomes = await conn.deliver(envelope, content)
-            except Exception as exc:  # the job's boundary: this job is deferred, the worker goes on
-                conn.usable = False  # possibly inside DATA: never reuse, never end the message
-                outcomes = q.job_failed(job, exc)
-            await q.complete(job, outcomes, conn.relay, started)
+            await deliver_job(q, dest, conn, job)
+        finished = True
     finally:
         if busy:
             dest.busy -= 1
@@ -238,9 +229,92 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
         if q.metrics is not None:
             q.metrics.destinations.labels(str(dest.route)).dec()
         if conn is not None:
+            dest.connected -= 1
             await conn.close()
+        if finished and dest.jobs and dest.workers == 0 and dest.nursery is not None:
+            start_workers(q, dest, dest.nursery)  # jobs that came while the last worker was leaving
         if not dest.jobs and dest.workers == 0 and q.destinations.get(dest.key) is dest:
             del q.destinations[dest.key]
+            now = time.time()
+            if dest.window is not None and dest.window.fail_cohorts > 0 and q.dead.refusal(dest.key, now) is None:
+                # failures not yet forgiven: the next job for it goes on counting
+                q.dead.keep(dest.key, dest.window, now + q.config.minimal_backoff_time)
+
+
+async def connect(q: Qmgr, dest: Destination) -> tuple[Connection | None, bool]:
+    """A connection for *dest*, with the window's feedback; without one, whether
+    the worker should go on (try again for the next job) or end."""
+    started = time.time()
+    failure: Outcome | None = None
+    error: Exception | None = None
+    dest.connecting += 1
+    try:
+        conn = await q.connector.open(dest.route)
+    except ConnectionFailed as exc:
+        conn, failure = None, exc.outcome
+    except Exception as exc:  # a bug: one job takes the blame (so this cannot loop)
+        conn, error = None, exc
+    finally:
+        dest.connecting -= 1
+    if conn is not None:
+        dest.connected += 1
+        if dest.window is not None:
+            dest.window.succeeded(dest.workers)
+            if dest.nursery is not None:
+                start_workers(q, dest, dest.nursery)  # a larger window: more workers for the backlog
+        return conn, True
+    if failure is not None:
+        return None, await connection_failed(q, dest, failure, started)
+    if dest.jobs:
+        job = dest.jobs.popleft()
+        await q.complete(job, q.job_failed(job, error or Exception("no connection")), "none", started)
+    return None, True
+
+
+async def connection_failed(q: Qmgr, dest: Destination, outcome: Outcome, started: float) -> bool:
+    """A connection attempt failed: feedback, and what becomes of the queued jobs.
+    Returns whether the worker goes on."""
+    up = dest.connected > 0 or dest.connecting > 0  # connections that work (or may) carry the jobs
+    if outcome.status != "deferred" or dest.window is None:
+        # no such domain, a mail loop (the same for every job queued), or no feedback
+        if not up:
+            await fail_queued(q, dest, outcome, outcome, started)
+        return False
+    cohort_failed = dest.window.failed()
+    if up:
+        return False
+    if cohort_failed:  # Postfix's throttled queue: dead for minimal_backoff_time
+        q.dead.mark(dest.key or dest.route.key, str(dest.route), outcome, time.time(),
+                    q.config.minimal_backoff_time)
+        await fail_queued(q, dest, outcome, suspended(outcome), started)
+        return False
+    if dest.jobs:  # the delivery this attempt was for is deferred; the next job gets an attempt of its own
+        job = dest.jobs.popleft()
+        await q.complete(job, [outcome] * len(job.recipients), "none", started)
+    return True
+
+
+async def fail_queued(q: Qmgr, dest: Destination, first: Outcome, rest: Outcome, started: float) -> None:
+    """Complete every job queued for *dest*: the first with *first* (the attempt's
+    own failure), the others with *rest*, without a connection each."""
+    failed = list(dest.jobs)
+    dest.jobs.clear()
+    for i, job in enumerate(failed):
+        await q.complete(job, [first if i == 0 else rest] * len(job.recipients), "none", started)
+
+
+async def deliver_job(q: Qmgr, dest: Destination, conn: Connection, job: Job) -> None:
+    """One job over an established connection; its outcomes are recorded."""
+    started = time.time()
+    try:  # soft failures go on to the next mail host within the attempt (smtp_mx_session_limit)
+        outcomes, relay = await attempt.deliver(q.connector, conn, dest.route, envelope_of(q, job),
+                                                content_of(q, job), job.message.id)
+    except Exception as exc:  # the job's boundary: this job is deferred, the worker goes on
+        conn.usable = False  # possibly inside DATA: never reuse, never end the message
+        outcomes, relay = q.job_failed(job, exc), conn.relay
+    if conn.usable and dest.window is not None:
+        dest.window.delivered()
+    await q.complete(job, outcomes, relay, started)
 
 
 async def local_worker(q: Qmgr, dest: Destination) -> None:
@@ -294,10 +368,3 @@ def queue_forward(store: Store, forward: Forward, content: bytes) -> str:
     new_id = new_queue_id()
     store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local"))
     return new_id
-
-
-def masquerade_address(q: Qmgr, address: str, kind: str) -> str:
-    """Masquerading applies to mail leaving the host, for the configured classes."""
-    if kind not in q.masq_classes:
-        return address
-    return masquerade(address, q.masq_domains, q.masq_exceptions)

@@ -50,7 +50,7 @@ from trimail.scheduler.destination import (
     Destination,
     Job,
     destination_key,
-    run_worker,
+    start_workers,
 )
 from trimail.scheduler.results import Results
 from trimail.smtp.client import Outcome, bounced, deferred, sent
@@ -268,11 +268,7 @@ class Scheduler:
                 else self.config.default_destination_concurrency_limit
             dest = self.destinations[key] = Destination(job.route, max(1, int(limit)), key)
         dest.add(job)
-        if dest.wants_worker():
-            dest.workers += 1
-            if self.metrics is not None:
-                self.metrics.destinations.labels(str(job.route)).inc()
-            self._nursery.start_soon(self._supervised, f"qmgr: delivery worker for {dest.route}", run_worker, self, dest)
+        start_workers(self, dest, self._nursery)  # up to its concurrency window (destination.py)
 
     async def _supervised(self, task: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         """The last boundary of a task in the delivery nursery: a bug in one worker is

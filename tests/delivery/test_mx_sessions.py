@@ -1,0 +1,87 @@
+"""Backup MX hosts within one delivery attempt (Postfix's smtp_connect.c and
+smtp_mx_session_limit): recipients soft-failed on one mail host go on to the next
+in the same attempt.  Two MX hosts on port 25 of loopback addresses of our own, a
+real DNS server, a real serve."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.delivery.test_delivery import queue, recipient_status, send, wait_empty
+from tests.scheduler.stand_in_peers import SmtpPeer
+
+MX1, MX2 = "127.0.70.21", "127.0.70.22"
+ZONE = {"far.example": {"MX": ["10 mx1.far.example.", "20 mx2.far.example."]},
+        "mx1.far.example": {"A": [MX1]}, "mx2.far.example": {"A": [MX2]}}
+RCPTS = ["r1@far.example", "r2@far.example"]
+
+
+@pytest.fixture
+def needs_root():
+    if os.geteuid() != 0:
+        pytest.skip("binding port 25 needs root")
+
+
+async def two_mx(nursery, primary: SmtpPeer) -> SmtpPeer:
+    backup = SmtpPeer()
+    await nursery.start(primary.run, MX1, 25)
+    await nursery.start(backup.run, MX2, 25)
+    return backup
+
+
+@pytest.mark.parametrize("trouble", ["450 at RCPT", "lost at DATA"])
+async def test_recipients_soft_failed_on_the_first_mx_go_to_the_next_in_the_same_attempt(
+        start_mta, nursery, needs_root, trouble):
+    primary = SmtpPeer()
+    if trouble == "450 at RCPT":
+        primary.rcpt_reply = b"450 4.2.1 mailbox busy, try later\r\n"
+    else:
+        primary.drop_at_data = True
+    backup = await two_mx(nursery, primary)
+    srv = await start_mta(ZONE)
+    await send(srv, "a@client.example", RCPTS)
+    await wait_empty(srv, timeout=10)  # delivered now, not deferred for minimal_backoff_time
+    assert sorted(backup.recipients()) == RCPTS
+    assert primary.recipients() == [] and primary.sessions == 1 and backup.sessions == 1
+
+
+async def test_smtp_mx_session_limit_1_leaves_them_for_the_retry(start_mta, nursery, needs_root):
+    primary = SmtpPeer()
+    primary.rcpt_reply = b"450 4.2.1 mailbox busy, try later\r\n"
+    backup = await two_mx(nursery, primary)
+    srv = await start_mta(ZONE, smtp_mx_session_limit="1")
+    queue_id = await send(srv, "a@client.example", RCPTS)
+    await wait_for(lambda: all(s == "deferred" for s, _ in recipient_status(srv, queue_id).values())
+                   and len(recipient_status(srv, queue_id)) == 2, timeout=10)
+    assert backup.connections == 0
+    assert "450 4.2.1 mailbox busy" in recipient_status(srv, queue_id)["r1@far.example"][1]
+
+
+async def test_a_hard_failure_on_the_first_mx_is_final(start_mta, nursery, needs_root):
+    """Only soft failures move on: a 550 from the first host is the answer."""
+    primary = SmtpPeer()
+    primary.rcpt_reply = b"550 5.1.1 no such user\r\n"
+    backup = await two_mx(nursery, primary)
+    srv = await start_mta(ZONE, mydestination="mx.test.example")
+    await send(srv, "<>", RCPTS)  # (a null sender: no bounce to deliver)
+    await wait_for(lambda: not queue(srv), timeout=10)
+    assert backup.connections == 0 and primary.refused_rcpts == 2
+
+
+async def test_a_backup_session_looks_past_the_host_it_already_had_within_the_address_limit():
+    """mx.Targets with skip: the address already used is neither yielded nor counted,
+    and it does not fill the lookups of its preference group (smtp_mx_address_limit 1)."""
+    from trimail.delivery.dns import MailHost
+    from trimail.delivery.mx import Targets
+
+    class Resolver:
+        async def addresses(self, name: str) -> list[str]:
+            return {"mx1.far.example": [MX1], "mx2.far.example": [MX2]}[name]
+
+    hosts = [MailHost("mx1.far.example", 10), MailHost("mx2.far.example", 10)]
+    targets = Targets(Resolver(), "far.example", hosts, is_self=lambda a: False, address_limit=1,  # type: ignore[arg-type]
+                      skip=frozenset({MX1}))
+    assert [t.address async for t in targets] == [MX2]

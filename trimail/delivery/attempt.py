@@ -1,0 +1,57 @@
+"""One delivery attempt as Postfix's smtp(8) makes it (smtp_connect.c): the
+recipients a session leaves soft-failed — a 4xx reply to MAIL, RCPT, DATA or the
+end of data, or a connection lost or timed out in the transaction — are not
+deferred at once while the attempt may still use another mail host: they go to
+the next MX host (or the next address of the host), a session of its own, up to
+``smtp_mx_session_limit`` sessions in all (default 2; 0: no limit but
+``MX_SESSIONS_CAP``), never back to an address the attempt already had a session
+with.  A session that greets with 4xx or cannot be reached does not count
+(``Connector.open`` goes on to the next address, within smtp_mx_address_limit).
+
+Parameters: smtp_mx_session_limit (through ``Connector.session_limit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from trimail.delivery.route import Route
+from trimail.delivery.smtp import Connection, ConnectionFailed, Connector, Envelope
+from trimail.smtp.client import Outcome
+
+log = logging.getLogger("trimail.smtp")
+
+MX_SESSIONS_CAP = 10  # sessions of one attempt when smtp_mx_session_limit is 0 (no limit)
+
+
+async def deliver(connector: Connector, conn: Connection, route: Route, envelope: Envelope,
+                  content: Callable[[], AsyncIterator[bytes]], queue_id: str = "") -> tuple[list[Outcome], str]:
+    """One attempt over *conn*, then backup sessions for the soft-failed recipients.
+    Returns one Outcome per recipient and the relay of the session that decided
+    last.  *conn* stays open (the caller's connection cache); a backup session is
+    closed after its transaction."""
+    outcomes = await conn.deliver(envelope, content)
+    relay, used = conn.relay, {conn.address}
+    most = connector.session_limit or MX_SESSIONS_CAP
+    while len(used) < most:
+        moving = [i for i, outcome in enumerate(outcomes) if outcome.status == "deferred"]
+        if not moving:
+            break
+        try:
+            backup = await connector.open(route, skip=frozenset(used))
+        except ConnectionFailed:
+            break  # no other host: the soft failures stand
+        used.add(backup.address)
+        # Postfix logs the soft failure that sends recipients to a backup host at info
+        log.info("%s: %s", queue_id or route.nexthop, outcomes[moving[0]].text)
+        try:
+            more = await backup.deliver(
+                dataclasses.replace(envelope, recipients=[envelope.recipients[i] for i in moving]), content)
+        finally:
+            await backup.close()
+        for i, outcome in zip(moving, more, strict=True):
+            outcomes[i] = outcome
+        relay = backup.relay
+    return outcomes, relay

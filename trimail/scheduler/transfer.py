@@ -1,0 +1,71 @@
+"""What an SMTP worker sends for a job: the envelope and the content stream.
+
+Masquerading (``masquerade_domains``, ``masquerade_exceptions``,
+``masquerade_classes``) applies to mail leaving the host: the envelope sender and
+recipients and, in the header section, the sender and recipient headers.  The
+content comes from memory when it was handed over at acceptance, else it is read
+from the queue in pieces of ``CONTENT_CHUNK`` bytes (memory does not grow with the
+message); a piece that is missing raises ``ContentError`` before the end of data is
+sent, so a peer never gets a truncated message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING
+
+from trimail.cleanup import masquerade, masquerade_headers
+from trimail.delivery.smtp import Envelope
+from trimail.queue import transitions
+
+if TYPE_CHECKING:
+    from trimail.scheduler.destination import Job, Qmgr
+
+CONTENT_CHUNK = 1 << 20  # bytes read from the queue per step while sending a message
+
+
+class ContentError(Exception):
+    """The queued content is not what was accepted (short, missing, unreadable)."""
+
+
+def envelope_of(q: Qmgr, job: Job) -> Envelope:
+    message = job.message
+    return Envelope(
+        sender=masquerade_address(q, message.sender, "envelope_sender"),
+        recipients=[masquerade_address(q, r.address, "envelope_recipient") for r in job.recipients],
+        size=message.size,
+        eight_bit=str(message.params.get("BODY", "")).upper() == "8BITMIME",
+        smtputf8="SMTPUTF8" in message.params,
+    )
+
+
+def content_of(q: Qmgr, job: Job) -> Callable[[], AsyncIterator[bytes]]:
+    """The job's content as a stream that can be started again (a retry in clear)."""
+    message_id, held, size = job.message.id, job.message.content, job.message.size
+
+    async def content() -> AsyncIterator[bytes]:
+        if held is not None:
+            yield masquerade_headers(held, q.masq_domains, q.masq_exceptions, q.masq_classes)
+            return
+        offset = 0
+        while offset < size:
+            chunk = await q.writer.read(transitions.read_chunk, message_id, offset,
+                                        min(CONTENT_CHUNK, size - offset))
+            if not chunk:
+                # raised before the end of data is sent: the peer never gets a
+                # truncated message, and the connection is dropped
+                raise ContentError(f"content ends at {offset} of {size} bytes")
+            first = offset == 0
+            offset += len(chunk)
+            if first:  # the header section is in the first chunk (header_size_limit)
+                chunk = masquerade_headers(chunk, q.masq_domains, q.masq_exceptions, q.masq_classes)
+            yield chunk
+
+    return content
+
+
+def masquerade_address(q: Qmgr, address: str, kind: str) -> str:
+    """Masquerading applies to mail leaving the host, for the configured classes."""
+    if kind not in q.masq_classes:
+        return address
+    return masquerade(address, q.masq_domains, q.masq_exceptions)
