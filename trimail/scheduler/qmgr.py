@@ -71,8 +71,12 @@ class ActiveMessage:
 
 
 def schedule_round(store: Store, now: float, room: int) -> tuple[list[ClaimedMessage], float | None]:
-    transitions.promote_due(store, now)
-    claimed = transitions.claim(store, room, now)
+    """One step of a round, in one (non-durable) writer request: a bounded batch of
+    maildrop to incoming, then up to min(*room*, ``CLAIM_BATCH``) messages claimed,
+    new mail and due retries in turn; and when the next deferred message is due
+    (in the past while due retries wait for room)."""
+    transitions.promote_maildrop(store)
+    claimed = transitions.claim(store, min(room, transitions.CLAIM_BATCH), now)
     return claimed, transitions.next_due(store)
 
 
@@ -138,8 +142,9 @@ class Scheduler:
         backoff = Backoff(initial=1.0, maximum=60.0)
         while True:
             room = self.active_limit - len(self.active) - self._reserved
+            batch = min(room, transitions.CLAIM_BATCH)
             try:
-                claimed, due = await self.writer.run(schedule_round, time.time(), room, durable=False)
+                claimed, due = await self.writer.run(schedule_round, time.time(), batch, durable=False)
             except Exception as exc:  # the round's boundary: disk full, queue locked, I/O error
                 report("qmgr round", exc, self.metrics, logger=log)
                 await trio.sleep(backoff.next())  # mail waits in incoming; sessions go on
@@ -150,8 +155,13 @@ class Scheduler:
             if not self.active:
                 self.idle.set()
             self._starved = len(claimed) >= room
-            if len(claimed) == room and room > 0:
-                continue  # more may be waiting; a finishing message wakes us otherwise
+            if batch > 0 and len(claimed) >= batch:
+                # more may be waiting: the next small batch, after the sessions and
+                # workers had their turn (each batch is its own short writer request)
+                await trio.lowlevel.checkpoint()
+                continue
+            if room <= len(claimed):
+                due = None  # no room for what is due: a finishing message wakes us (_starved)
             deadline = math.inf if due is None else trio.current_time() + max(0.0, due - time.time())
             with trio.move_on_at(deadline):
                 await self._wake.wait()
