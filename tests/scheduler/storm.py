@@ -46,8 +46,12 @@ def _body(kind: str, n: int) -> bytes:
 
 
 def subject_of(content: bytes) -> str:
-    first = content.split(b"\r\n", 1)[0] if b"\r\n" in content else content.split(b"\n", 1)[0]
-    return first.decode().removeprefix("Subject: ")
+    for line in content.replace(b"\r\n", b"\n").split(b"\n"):
+        if line.startswith(b"Subject: "):
+            return line.decode().removeprefix("Subject: ")
+        if not line:
+            break
+    return ""
 
 
 class Sessions:

@@ -1,6 +1,9 @@
 """Destinations (Postfix's qmgr queues): the jobs waiting for one (transport,
 nexthop), the worker tasks that deliver them, and the connection cache.
 
+A destination's jobs wait in a ``JobQueue``: new mail and retries in turn, so a
+retry storm never queues new mail behind thousands of retries.
+
 A destination has up to ``<transport>_destination_concurrency_limit`` worker
 tasks in the delivery nursery; a worker keeps its connection for as many jobs as
 the destination has, and lingers ``smtp_connection_cache_time_limit`` for the
@@ -16,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -35,6 +37,7 @@ from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.queue.writer import QueueWriter
+from trimail.scheduler.jobqueue import JobQueue
 from trimail.smtp.client import Outcome
 from trimail.supervise import thread_pool
 
@@ -73,7 +76,7 @@ class Destination:
     route: Route
     limit: int
     key: tuple = ()
-    jobs: deque[Job] = dataclasses.field(default_factory=deque)
+    jobs: JobQueue = dataclasses.field(default_factory=JobQueue)
     workers: int = 0
     busy: int = 0  # workers with a job in hand (the others can take the next one)
     arrived: trio.Event = dataclasses.field(default_factory=trio.Event)  # set (and replaced) per new job
