@@ -322,6 +322,9 @@ PARAMETERS: dict[str, Param] = {
         _P("transport_maps", "", parse_maps, "lookup tables mapping recipients to transport:nexthop"),
         _P("dns_nameservers", "", parse_nameservers,
            "(trimail) resolvers to use instead of /etc/resolv.conf, ip or ip:port"),
+        _P("dns_concurrency_limit", "100", parse_int,
+           "(trimail) most DNS queries in flight at once (delivery's MX and address lookups, smtpd's "
+           "restrictions); more wait for a turn"),
         # local delivery and aliases
         _P("alias_maps", "hash:/etc/aliases", parse_maps, "alias tables for local delivery"),
         _P("alias_database", "hash:/etc/aliases", parse_maps, "alias tables newaliases rebuilds"),

@@ -21,22 +21,34 @@ def queue_due_retries(queue_directory: Path, count: int, domain: str = "retry.ex
                       now: float | None = None, prefix: str = "R") -> None:
     """*count* deferred messages, all due, one recipient each (``rN@domain``), each
     with a Subject naming it (``retry N``), tried once before."""
+    queue_messages(queue_directory, [f"r{i}@{domain}" for i in range(count)], retry=True, now=now, prefix=prefix)
+
+
+def queue_messages(queue_directory: Path, recipients: list[str], *, retry: bool = False,
+                   now: float | None = None, prefix: str = "M") -> None:
+    """One message per recipient written straight into the queue: due retries
+    (deferred, tried once) or new mail (incoming), each with a Subject naming it
+    (``retry N`` / ``new N``)."""
     now = time.time() if now is None else now
+    kind = "retry" if retry else "new"
+    state, status, attempts = ("deferred", "deferred", 1) if retry else ("incoming", "pending", 0)
+    ids = [f"{prefix}{i:09d}" for i in range(len(recipients))]
     store = Store.open(queue_directory)
     try:
         with store.transaction():
             db = store.db
             db.executemany(
                 "INSERT INTO message (id, state, sender, arrival_time, next_attempt, size, params)"
-                " VALUES (?, 'deferred', 'storm@client.example', ?, ?, ?, '{}')",
-                ((f"{prefix}{i:09d}", now - 600, now - 1 - (i % 7), len(_body("retry", i)))
-                 for i in range(count)))
+                " VALUES (?, ?, 'storm@client.example', ?, ?, ?, '{}')",
+                ((ids[i], state, now - 600, now - 1 - (i % 7) if retry else None, len(_body(kind, i)))
+                 for i in range(len(ids))))
             db.executemany(
                 "INSERT INTO recipient (message_id, seq, address, status, attempts, next_attempt, last_reply)"
-                " VALUES (?, 0, ?, 'deferred', 1, ?, '451 4.3.0 try again')",
-                ((f"{prefix}{i:09d}", f"r{i}@{domain}", now - 1) for i in range(count)))
+                " VALUES (?, 0, ?, ?, ?, ?, ?)",
+                ((ids[i], address, status, attempts, now - 1 if retry else None,
+                  "451 4.3.0 try again" if retry else None) for i, address in enumerate(recipients)))
             db.executemany("INSERT INTO body (message_id, content) VALUES (?, ?)",
-                           ((f"{prefix}{i:09d}", _body("retry", i)) for i in range(count)))
+                           ((ids[i], _body(kind, i)) for i in range(len(ids))))
     finally:
         store.close()
 

@@ -5,10 +5,19 @@ from __future__ import annotations
 
 import time
 
-from tests.faults.conftest import daemon  # noqa: F401  (the fixture)
-from tests.scheduler.storm import Sessions, TimedSink, describe, percentile, queue_due_retries
+from tests.faults.conftest import daemon, wait_until  # noqa: F401  (the fixture)
+from tests.scheduler.fleet import CountingPeer, InThread, dns_server
+from tests.scheduler.storm import (
+    Sessions,
+    TimedSink,
+    describe,
+    percentile,
+    queue_due_retries,
+    queue_messages,
+)
 
 SINK_HOST = "127.0.80.1"
+DOMAINS = 1000
 
 
 def test_acknowledgements_stay_fast_while_a_retry_storm_is_claimed(daemon, tmp_path):  # noqa: F811
@@ -25,3 +34,28 @@ def test_acknowledgements_stay_fast_while_a_retry_storm_is_claimed(daemon, tmp_p
         print("end-of-data -> 250 during the storm:", describe(sessions.latencies),
               f"; {len(sink.arrivals())} retries delivered meanwhile")
         assert percentile(sessions.latencies, 99) < 0.5
+
+
+PEER_HOST = "127.0.80.3"
+DNS_HOST = "127.0.80.4"
+
+
+def test_delivery_agents_never_exceed_default_process_limit_with_thousands_of_destinations(daemon, tmp_path):  # noqa: F811
+    """One message to each of DOMAINS destinations, all served by one peer: the
+    connections open at once, counted at the peer, never exceed default_process_limit
+    (the issue measured 626 with 5,000 destinations), and a destination's idle cached
+    connection does not keep the next destination waiting for a slot."""
+    domains, limit = DOMAINS, 20
+    queue_messages(tmp_path / "queue", [f"u{i}@d{i}.example" for i in range(domains)])
+    peer = CountingPeer(PEER_HOST)
+    zone = {f"d{i}.example": {"A": [PEER_HOST]} for i in range(domains)}
+    with dns_server(zone, DNS_HOST) as dns, InThread(peer.run):
+        began = time.monotonic()
+        daemon(dns_nameservers=f"{DNS_HOST}:{dns.started}", default_process_limit=limit)
+        wait_until(lambda: peer.delivered >= domains, timeout=60)
+        took = time.monotonic() - began
+        print(f"\n{domains} destinations delivered in {took:.1f} s over {peer.connections} connections, "
+              f"at most {peer.most_open} open at once (default_process_limit = {limit})")
+        assert peer.delivered == domains
+        assert limit // 2 <= peer.most_open <= limit
+        assert took < domains / limit * 0.5  # a slot never idles for smtp_connection_cache_time_limit (2 s)

@@ -176,7 +176,10 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
                 dest.busy, busy = dest.busy - 1, False
             # Postfix's connection cache: an open connection waits a little for the
             # next message to the same destination instead of hanging up at once
-            linger = q.config.smtp_connection_cache_time_limit if conn is not None and conn.usable else 0
+            # (not while other destinations wait for a delivery agent's slot: an idle
+            # cached connection must not hold one of default_process_limit's slots)
+            linger = q.config.smtp_connection_cache_time_limit \
+                if conn is not None and conn.usable and not q.agents.statistics().tasks_waiting else 0
             job = await dest.next_job(linger)
             if job is None:
                 break
