@@ -4,6 +4,7 @@ server and SMTP peers, each on its own trio loop in a thread of the test process
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Self
 
@@ -58,6 +59,7 @@ class CountingPeer:
         self.connections = 0
         self.delivered = 0
         self.recipients: list[str] = []
+        self.arrivals: list[tuple[float, str]] = []  # (time, recipient) of each delivered recipient
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(self.port, host=self.host, backlog=1024)
@@ -104,6 +106,7 @@ class CountingPeer:
                     pass
                 self.delivered += 1
                 self.recipients += envelope
+                self.arrivals += [(time.time(), address) for address in envelope]
                 envelope = []
                 await stream.send_all(b"250 2.0.0 Ok\r\n")
             elif command.startswith(b"QUIT"):
@@ -112,3 +115,30 @@ class CountingPeer:
             else:  # MAIL, RSET, NOOP
                 envelope = [] if command.startswith((b"MAIL", b"RSET")) else envelope
                 await stream.send_all(b"250 2.0.0 Ok\r\n")
+
+
+class Tarpit:
+    """Accepts connections on (host, port) and never says a word: every delivery to
+    it hangs until the client's own timeout.  ``open_now`` counts the connections."""
+
+    def __init__(self, host: str, port: int = 25) -> None:
+        self.host, self.port = host, port
+        self.open_now = 0
+        self.connections = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(self.port, host=self.host, backlog=1024)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        self.connections += 1
+        self.open_now += 1
+        try:
+            async with stream:
+                while await stream.receive_some(4096):
+                    pass
+        except trio.BrokenResourceError:
+            pass
+        finally:
+            self.open_now -= 1

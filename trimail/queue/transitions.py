@@ -97,13 +97,15 @@ def next_due(store: Store) -> float | None:
     return row[0]
 
 
-def claim(store: Store, limit: int, now: float) -> list[ClaimedMessage]:
+def claim(store: Store, limit: int, now: float, recipients: int | None = None) -> list[ClaimedMessage]:
     """Move up to *limit* messages to active and load them, taking new mail
     (incoming, oldest first, through the (state, id) index) and due retries
     (deferred, earliest due first, through the (state, next_attempt) index) in
     turn, as Postfix's qmgr alternates its incoming and deferred scans: a retry
     storm never keeps new mail waiting, nor new mail a retry.  No sort, no
-    statement touching more than *limit* rows of each queue."""
+    statement touching more than *limit* rows of each queue.  With *recipients*,
+    claiming stops once the claimed messages have that many recipients
+    (qmgr_message_recipient_limit; the first message is always taken)."""
     if limit <= 0:
         return []
     db = store.db
@@ -114,20 +116,35 @@ def claim(store: Store, limit: int, now: float) -> list[ClaimedMessage]:
     for i in range(max(len(new), len(due))):
         taken += [("incoming", new[i])] if i < len(new) else []
         taken += [("deferred", due[i])] if i < len(due) else []
-    claimed = []
+    claimed: list[ClaimedMessage] = []
+    loaded = 0
     for state, (message_id, sender, arrival, size, params, stored) in taken[:limit]:
+        if recipients is not None and claimed and loaded >= recipients:
+            break
         if stored != size:  # a missing or short body is never sent: Postfix's corrupt queue
             quarantine(store, message_id, state)
             log.warning("%s: corrupt queue file (content %s of %d bytes): moved to the corrupt queue",
                         message_id, "missing" if stored is None else f"{stored}", size)
             continue
         store.transition(message_id, state, "active")
-        recipients = [QueuedRecipient(*r) for r in db.execute(
+        pending = [QueuedRecipient(*r) for r in db.execute(
             "SELECT seq, address, attempts, last_reply FROM recipient WHERE message_id = ?"
             " AND status IN ('pending', 'deferred') ORDER BY seq", (message_id,))]
-        claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, json.loads(params), recipients,
+        loaded += len(pending)
+        claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, json.loads(params), pending,
                                       retry=state == "deferred"))
     return claimed
+
+
+def park(store: Store, parked: list[tuple[str, float]]) -> None:
+    """Active messages go back to the deferred queue, each due at its time, without
+    a delivery attempt: their recipients keep their status, attempts and replies
+    (their destinations hold their share of the active queue)."""
+    for message_id, until in parked:
+        store.db.execute("UPDATE message SET state = 'deferred', next_attempt = ? WHERE id = ? AND state = 'active'",
+                         (until, message_id))
+        if store.db.changes() != 1:
+            raise TransitionError(f"{message_id}: not active")
 
 
 def quarantine(store: Store, message_id: str, expected: str = "active") -> None:

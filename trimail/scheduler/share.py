@@ -1,0 +1,98 @@
+"""A destination's share of the active queue: one congested site must not fill it.
+
+Postfix's qmgr bounds the active queue as a whole (``qmgr_message_active_limit``
+messages, ``qmgr_message_recipient_limit`` recipients in memory) and serves the
+destinations in it round-robin, but nothing stops one destination's backlog from
+taking every active slot: with a tarpit holding 20,000 messages, new mail for
+every other site waits in the incoming queue until the tarpit drains.  trimail
+adds one bound (``qmgr_destination_active_share``, percent of the active limit,
+but never less than the destination's concurrency limit): a destination whose
+jobs (waiting plus in delivery) reach its share takes no more.  A message whose jobs would all go to such destinations is *parked*: put
+back in the deferred queue, without a delivery attempt, its recipients untouched.
+
+When it comes back is paced by the destination's own delivery rate (completed
+jobs per second, a moving average): the first message parked in a congested
+spell returns when about half the share should have drained, each next one one
+delivery interval later, so parked mail flows back about as fast as the
+destination takes it, instead of every parked message being claimed and parked
+again each round.  A destination that completes nothing (a tarpit) is assumed to
+take one job a second; no message is parked longer than ``queue_run_delay``.  A
+message with a job for a destination that has room is delivered as usual (its
+congested jobs wait in line: a bounded exception, as its other recipients must
+not wait).
+
+Parameters: qmgr_destination_active_share, qmgr_message_active_limit, queue_run_delay.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+from trimail.config import Config
+from trimail.scheduler.destination import Destination
+
+FIRST_PARK = 1.0  # the shortest park, seconds
+ASSUMED_RATE = 1.0  # jobs per second of a destination that has completed none yet
+REMEMBERED = 4096  # destinations whose pace is remembered (the least recent forgotten first)
+
+
+@dataclasses.dataclass(slots=True)
+class _Pace:
+    interval: float = 1.0 / ASSUMED_RATE  # moving average of the time between completed jobs
+    last: float | None = None  # when the last job completed
+    next_slot: float = 0.0  # when the next message parked in this congested spell returns
+
+
+class Shares:
+    """Which destinations hold their share of the active queue, and until when a
+    message for them is parked."""
+
+    def __init__(self, config: Config) -> None:
+        self._paces: dict[tuple, _Pace] = {}
+        self.apply(config)
+
+    def apply(self, config: Config) -> None:
+        percent = min(100, max(1, config.qmgr_destination_active_share))
+        self.limit = max(1, config.qmgr_message_active_limit * percent // 100)
+        self.longest = max(FIRST_PARK, config.queue_run_delay)
+
+    def _pace(self, key: tuple) -> _Pace:
+        pace = self._paces.pop(key, None) or _Pace()
+        self._paces[key] = pace  # re-inserted: the most recent
+        while len(self._paces) > REMEMBERED:
+            del self._paces[next(iter(self._paces))]
+        return pace
+
+    def congested(self, dest: Destination | None) -> bool:
+        """Whether *dest* holds its share: its waiting jobs and those in delivery
+        (never fewer than its concurrency limit: a share that could not keep its
+        connections busy would only slow it down)."""
+        return dest is not None and len(dest.jobs) + dest.busy >= max(self.limit, dest.limit)
+
+    def completed(self, key: tuple, now: float) -> None:
+        """A job of *key* is done: its delivery rate is learned from these."""
+        pace = self._paces.get(key)
+        if pace is None:
+            if len(self._paces) >= REMEMBERED:
+                return
+            pace = self._pace(key)
+        if pace.last is not None:
+            pace.interval = 0.9 * pace.interval + 0.1 * max(0.0, now - pace.last)
+        pace.last = now
+
+    def park_until(self, keys: Iterable[tuple], now: float) -> float:
+        """When a message whose jobs all go to the congested *keys* is due again."""
+        until = now + FIRST_PARK
+        for key in keys:
+            pace = self._pace(key)
+            first = now + max(FIRST_PARK, self.limit / 2 * pace.interval)
+            pace.next_slot = max(first, pace.next_slot + pace.interval)
+            until = max(until, pace.next_slot)
+        return min(until, now + self.longest)
+
+    def relieved(self, key: tuple) -> None:
+        """*key* has room again: its next congested spell is paced from scratch."""
+        pace = self._paces.get(key)
+        if pace is not None:
+            pace.next_slot = 0.0
