@@ -30,6 +30,7 @@ commit plus a claim plus a read; a crash before delivery returns it to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -60,13 +61,12 @@ from trimail.scheduler.destination import (
     run_worker,
 )
 from trimail.scheduler.results import Results
-from trimail.scheduler.share import Shares
+from trimail.scheduler.share import ParkingLot, Shares
 from trimail.smtp.client import Outcome, bounced, deferred, sent
 from trimail.supervise import Backoff, contained, report
 
 log = logging.getLogger("trimail.qmgr")
 
-PARK_BATCH = 256  # messages parked per writer request
 HELD_MESSAGE_LIMIT = 256 * 1024  # content handed over in memory up to this size (the spool's own limit) ...
 HELD_TOTAL_LIMIT = 16 << 20  # ... while all held content together stays under this
 
@@ -99,8 +99,7 @@ class Scheduler:
         self._apply(config)
         self.active: dict[str, ActiveMessage] = {}
         self._recipients = 0  # recipients of the active messages (qmgr_message_recipient_limit)
-        self._parking: list[tuple[ClaimedMessage, list[Route | Exception] | None, float]] = []
-        self._parker = False  # a task is writing the messages in _parking back to the deferred queue
+        self.parking = ParkingLot()
         self.destinations: dict[tuple, Destination] = {}
         self.dead = DeadSites()
         self.agents = trio.CapacityLimiter(max(1, config.default_process_limit))
@@ -292,10 +291,10 @@ class Scheduler:
         if park and groups and not immediate and all(self.shares.congested(self.destinations.get(key))
                                                      for key in groups):
             self._track(message, 1)  # counted until it is back in the deferred queue
-            self._parking.append((message, routes, self.shares.park_until(groups, self.wall_clock())))
-            if not self._parker:
-                self._parker = True
-                self._nursery.start_soon(self._supervised, "qmgr: parking", self._park_waiting)
+            if self.parking.add(message, routes, self.shares.park_until(groups, self.wall_clock())):
+                self._nursery.start_soon(self._supervised, "qmgr: parking", self.parking.drain, self.writer,
+                                         self._parked, functools.partial(self._dispatch_safely, park=False),
+                                         self.metrics)
             return
         jobs = [Job(message, recipients[i:i + limit], route, key)
                 for key, (route, recipients) in groups.items()
@@ -316,30 +315,11 @@ class Scheduler:
         return max(1, int(self.config.get(name) if route.transport in ("smtp", "relay")
                           else self.config.default_destination_recipient_limit))
 
-    async def _park_waiting(self) -> None:
-        """Put the messages waiting to be parked (their destinations hold their share
-        of the active queue) back in the deferred queue, each due at its time,
-        without a delivery attempt: ``PARK_BATCH`` per writer request.  When the
-        queue cannot be written, they are delivered after all (they are active)."""
-        try:
-            while self._parking:
-                batch, self._parking = self._parking[:PARK_BATCH], self._parking[PARK_BATCH:]
-                try:
-                    with trio.CancelScope(shield=True):  # a commit that has begun is waited for
-                        await self.writer.run(transitions.park, [(m.id, until) for m, _, until in batch],
-                                              durable=False)
-                except Exception as exc:  # the queue cannot be written now: no parking
-                    report("qmgr: parking", exc, self.metrics, logger=log)
-                    for message, routes, _ in batch:
-                        self._dispatch_safely(message, routes, park=False)
-                    continue
-                for message, _, until in batch:
-                    log.debug("%s: its destinations hold their share of the active queue: due again in %.0f s",
-                              message.id, until - self.wall_clock())
-                    self._untrack(message)
-                self.wake()  # slots are free for the next messages, and a new due time is set
-        finally:
-            self._parker = False
+    def _parked(self, message: ClaimedMessage, until: float) -> None:
+        log.debug("%s: its destinations hold their share of the active queue: due again in %.0f s",
+                  message.id, until - self.wall_clock())
+        self._untrack(message)
+        self.wake()  # a slot is free for the next message, and a new due time is set
 
     def _enqueue(self, job: Job) -> None:
         key = job.key or job.route.key

@@ -21,20 +21,36 @@ message with a job for a destination that has room is delivered as usual (its
 congested jobs wait in line: a bounded exception, as its other recipients must
 not wait).
 
+``ParkingLot`` writes parked messages back to the deferred queue in batches (one
+writer request per ``PARK_BATCH``), so a backlog of thousands costs tens of
+requests, not thousands.
+
 Parameters: qmgr_destination_active_share, qmgr_message_active_limit, queue_run_delay.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+import logging
+from collections.abc import Callable, Iterable
+
+import trio
 
 from trimail.config import Config
+from trimail.delivery.route import Route
+from trimail.metrics import Metrics
+from trimail.queue import transitions
+from trimail.queue.transitions import ClaimedMessage
+from trimail.queue.writer import QueueWriter
 from trimail.scheduler.destination import Destination
+from trimail.supervise import report
+
+log = logging.getLogger("trimail.qmgr")
 
 FIRST_PARK = 1.0  # the shortest park, seconds
 ASSUMED_RATE = 1.0  # jobs per second of a destination that has completed none yet
 REMEMBERED = 4096  # destinations whose pace is remembered (the least recent forgotten first)
+PARK_BATCH = 256  # messages parked per writer request
 
 
 @dataclasses.dataclass(slots=True)
@@ -96,3 +112,45 @@ class Shares:
         pace = self._paces.get(key)
         if pace is not None:
             pace.next_slot = 0.0
+
+
+Routes = list[Route | Exception] | None
+
+
+class ParkingLot:
+    """Messages waiting to be parked, written back to the deferred queue by one
+    task, ``PARK_BATCH`` per writer request."""
+
+    def __init__(self) -> None:
+        self.waiting: list[tuple[ClaimedMessage, Routes, float]] = []
+        self.draining = False  # a task is writing them
+
+    def add(self, message: ClaimedMessage, routes: Routes, until: float) -> bool:
+        """Queue *message* to be parked until *until*; True when the caller must start
+        ``drain`` (no task is writing the lot)."""
+        self.waiting.append((message, routes, until))
+        if self.draining:
+            return False
+        self.draining = True
+        return True
+
+    async def drain(self, writer: QueueWriter, parked: Callable[[ClaimedMessage, float], None],
+                    not_parked: Callable[[ClaimedMessage, Routes], None], metrics: Metrics | None) -> None:
+        """Park the waiting messages (each due again at its time, no delivery attempt),
+        telling *parked* about each; when the queue cannot be written they are handed
+        to *not_parked* (delivered after all: they are active)."""
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting[:PARK_BATCH], self.waiting[PARK_BATCH:]
+                try:
+                    with trio.CancelScope(shield=True):  # a commit that has begun is waited for
+                        await writer.run(transitions.park, [(m.id, until) for m, _, until in batch], durable=False)
+                except Exception as exc:  # noqa: BLE001  (the queue cannot be written now: no parking)
+                    report("qmgr: parking", exc, metrics, logger=log)
+                    for message, routes, _ in batch:
+                        not_parked(message, routes)
+                    continue
+                for message, _, until in batch:
+                    parked(message, until)
+        finally:
+            self.draining = False
