@@ -400,9 +400,10 @@ PARAMETERS: dict[str, Param] = {
         _P("qmgr_message_recipient_limit", "20000", parse_int,
            "most recipients of active messages held in memory by the queue manager; claims stop there"),
         _P("qmgr_destination_active_share", "25", parse_int,
-           "(trimail) percent of qmgr_message_active_limit one destination's jobs (waiting and in delivery) "
-           "may hold; a message whose jobs all go to destinations at their share waits in the deferred queue "
-           "without a delivery attempt, paced back at the destination's delivery rate (at most queue_run_delay)"),
+           "(trimail) percent of qmgr_message_active_limit one destination's jobs of new mail (waiting and in "
+           "delivery) may hold, and its retries as much again (never less than its concurrency limit); a "
+           "message whose jobs all go to destinations at their share waits in the deferred queue without a "
+           "delivery attempt, paced back at the destination's delivery rate (at most queue_run_delay)"),
         _P("default_destination_recipient_limit", "50", parse_int,
            "most recipients per message delivery"),
         _P("smtp_destination_recipient_limit", "$default_destination_recipient_limit", parse_int,

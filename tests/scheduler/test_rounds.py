@@ -204,17 +204,18 @@ def test_parked_messages_return_paced_at_the_destinations_delivery_rate(make_con
     key = ("smtp", "far.example")
     for n in range(200):  # ten jobs a second
         shares.completed(key, 1000 + n * 0.1)
-    returns = [shares.park_until([key], 1020.0) - 1020.0 for _ in range(100)]
+    returns = [shares.park_until([key], 1020.0, retry=True) - 1020.0 for _ in range(100)]
     assert 4 < returns[0] < 6  # half the share (50 jobs) at ten a second
     assert all(0.09 < later - earlier < 0.11 for earlier, later in itertools.pairwise(returns))
-    shares.relieved(key)
-    assert shares.park_until([key], 1030.0) - 1030.0 < 6  # a new spell is paced from scratch
+    assert shares.park_until([key], 1020.0, retry=False) - 1020.0 < 6  # new mail is not paced behind retries
+    shares.relieved(key, retry=True)
+    assert shares.park_until([key], 1030.0, retry=True) - 1030.0 < 6  # a new spell is paced from scratch
 
 
 def test_a_destination_that_completes_nothing_parks_up_to_queue_run_delay(make_config):
     shares = Shares(make_config(qmgr_message_active_limit=100, queue_run_delay="60s"))
     key = ("smtp", "tarpit.example")
-    returns = [shares.park_until([key], 0.0) for _ in range(200)]
+    returns = [shares.park_until([key], 0.0, retry=False) for _ in range(200)]
     assert returns[0] == shares.limit / 2  # one job a second assumed
     assert max(returns) == 60
 
@@ -242,3 +243,29 @@ async def test_parked_messages_are_claimed_again_when_due_while_the_destination_
     assert {m for m, _ in first} == {m for m, _ in second}
     assert min(u for _, u in second) > max(u for _, u in first) - 1  # parked again, later
     assert len(scheduler.active) == 25
+
+
+async def test_new_mail_for_a_destination_congested_with_retries_is_not_parked_behind_them(tmp_path, nursery,
+                                                                                         autojump_clock):
+    """60 due retries hold one destination's share (10 of an active queue of 40);
+    new mail that arrives meanwhile is delivered within a few deliveries, not
+    after the parked retries."""
+    queue_due_retries(tmp_path / "queue", 60)
+    peer = Peer(hold=True)
+    scheduler, writer = await start(nursery, tmp_path, peer, qmgr_message_active_limit=40,
+                                    default_destination_concurrency_limit=2, relay_destination_concurrency_limit=2)
+
+    async def one_per_second() -> None:
+        while True:
+            await trio.sleep(1)  # the peer's pace (MockClock time), not synchronisation
+            peer.released.release()
+
+    nursery.start_soon(one_per_second)
+    await peer.until(lambda: len(peer.delivered) >= 5, timeout=100)
+    assert writer.parked  # the retries hold the destination's share
+    queue_messages(tmp_path / "queue", [f"n{i}@far.example" for i in range(5)], prefix="N")
+    scheduler.wake()  # as a session does after committing new mail to incoming
+    arrived = len(peer.delivered)
+    await peer.until(lambda: sum(a.startswith("n") for _, a in peer.delivered) == 5, timeout=1000)
+    print(f"\nnew mail delivered after {len(peer.delivered) - arrived} more deliveries")
+    assert len(peer.delivered) - arrived <= 15

@@ -43,7 +43,7 @@ class ClaimedMessage:
     params: dict[str, str | None]
     recipients: list[QueuedRecipient]
     content: bytes | None = None  # held in memory when handed over at acceptance (small messages)
-    retry: bool = False  # claimed from the deferred queue (a retry), not new mail
+    retry: bool = False  # tried before (a recipient has attempts): a retry, not new mail
 
 
 @dataclasses.dataclass(slots=True)
@@ -132,7 +132,7 @@ def claim(store: Store, limit: int, now: float, recipients: int | None = None) -
             " AND status IN ('pending', 'deferred') ORDER BY seq", (message_id,))]
         loaded += len(pending)
         claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, json.loads(params), pending,
-                                      retry=state == "deferred"))
+                                      retry=any(r.attempts for r in pending)))
     return claimed
 
 

@@ -19,7 +19,7 @@ delivered mail, queueing bounces) passes ``durable=False`` and commits in
 transactions of its own with ``synchronous = NORMAL``, which is just as atomic but
 leaves the fsync to the next durable commit or checkpoint.  Durable requests never
 share a transaction with bookkeeping: the thread runs the durable requests waiting
-first, then one slice of bookkeeping (at most ``BOOKKEEPING_SLICE`` seconds of
+first, then one slice of bookkeeping (at most ``BOOKKEEPING_SLICE`` = 10 ms of
 requests, or ``max_batch``), then durable again, so a ``250`` waits for at most
 one short slice of the scheduler's work, and a stream of accepted mail never
 starves the scheduler either.  The WAL is one
@@ -58,7 +58,7 @@ T = TypeVar("T")
 
 _STOP = object()
 CHECKPOINT_IDLE = 10.0  # seconds without requests after which the WAL is checkpointed and truncated
-BOOKKEEPING_SLICE = 0.02  # seconds of non-durable requests per transaction, between turns of accepted mail
+BOOKKEEPING_SLICE = 0.01  # seconds of non-durable requests per transaction, between turns of accepted mail
 
 
 class _Request:

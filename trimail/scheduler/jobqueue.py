@@ -52,6 +52,10 @@ class JobQueue:
         self._retry_turn = False
         return self._retry.popleft()
 
+    def count(self, retry: bool) -> int:
+        """How many retries (new mail, when *retry* is false) wait."""
+        return len(self._retry if retry else self._new)
+
     def clear(self) -> None:
         self._new.clear()
         self._retry.clear()

@@ -288,10 +288,11 @@ class Scheduler:
             else:
                 groups.setdefault(destination_key(route, recipient), (route, []))[1].append(recipient)
         assert self._nursery is not None
-        if park and groups and not immediate and all(self.shares.congested(self.destinations.get(key))
-                                                     for key in groups):
+        if park and groups and not immediate and all(
+                self.shares.congested(self.destinations.get(key), message.retry) for key in groups):
             self._track(message, 1)  # counted until it is back in the deferred queue
-            if self.parking.add(message, routes, self.shares.park_until(groups, self.wall_clock())):
+            until = self.shares.park_until(groups, self.wall_clock(), message.retry)
+            if self.parking.add(message, routes, until):
                 self._nursery.start_soon(self._supervised, "qmgr: parking", self.parking.drain, self.writer,
                                          self._parked, functools.partial(self._dispatch_safely, park=False),
                                          self.metrics)
@@ -336,8 +337,8 @@ class Scheduler:
                 else self.config.default_destination_concurrency_limit
             dest = self.destinations[key] = Destination(job.route, max(1, int(limit)), key)
         dest.add(job)
-        if not self.shares.congested(dest):
-            self.shares.relieved(key)
+        if not self.shares.congested(dest, job.message.retry):
+            self.shares.relieved(key, job.message.retry)
         if dest.wants_worker():
             dest.workers += 1
             if self.metrics is not None:

@@ -5,15 +5,18 @@ messages, ``qmgr_message_recipient_limit`` recipients in memory) and serves the
 destinations in it round-robin, but nothing stops one destination's backlog from
 taking every active slot: with a tarpit holding 20,000 messages, new mail for
 every other site waits in the incoming queue until the tarpit drains.  trimail
-adds one bound (``qmgr_destination_active_share``, percent of the active limit,
-but never less than the destination's concurrency limit): a destination whose
-jobs (waiting plus in delivery) reach its share takes no more.  A message whose jobs would all go to such destinations is *parked*: put
+adds one bound (``qmgr_destination_active_share``, percent of the active limit):
+a destination's waiting jobs of new mail may take that share of the active queue
+(counting the jobs in delivery, and never less than its concurrency limit), and
+its retries as much again; past that it takes no more of that kind.  Two shares,
+so a storm of retries never takes the room new mail for the same destination
+needs, and one destination holds at most twice the share.  A message whose jobs would all go to such destinations is *parked*: put
 back in the deferred queue, without a delivery attempt, its recipients untouched.
 
 When it comes back is paced by the destination's own delivery rate (completed
-jobs per second, a moving average): the first message parked in a congested
-spell returns when about half the share should have drained, each next one one
-delivery interval later, so parked mail flows back about as fast as the
+jobs per second, a moving average), new mail and retries apart: the first
+message of a kind parked in a congested spell returns when about half its share
+should have drained, each next one one delivery interval later, so parked mail flows back about as fast as the
 destination takes it, instead of every parked message being claimed and parked
 again each round.  A destination that completes nothing (a tarpit) is assumed to
 take one job a second; no message is parked longer than ``queue_run_delay``.  A
@@ -57,7 +60,8 @@ PARK_BATCH = 256  # messages parked per writer request
 class _Pace:
     interval: float = 1.0 / ASSUMED_RATE  # moving average of the time between completed jobs
     last: float | None = None  # when the last job completed
-    next_slot: float = 0.0  # when the next message parked in this congested spell returns
+    next_new: float = 0.0  # when the next new message parked in this congested spell returns
+    next_retry: float = 0.0  # ... and the next retry
 
 
 class Shares:
@@ -70,7 +74,7 @@ class Shares:
 
     def apply(self, config: Config) -> None:
         percent = min(100, max(1, config.qmgr_destination_active_share))
-        self.limit = max(1, config.qmgr_message_active_limit * percent // 100)
+        self.limit = max(1, config.qmgr_message_active_limit * percent // 100)  # for new mail, and for retries
         self.longest = max(FIRST_PARK, config.queue_run_delay)
 
     def _pace(self, key: tuple) -> _Pace:
@@ -80,11 +84,12 @@ class Shares:
             del self._paces[next(iter(self._paces))]
         return pace
 
-    def congested(self, dest: Destination | None) -> bool:
-        """Whether *dest* holds its share: its waiting jobs and those in delivery
-        (never fewer than its concurrency limit: a share that could not keep its
-        connections busy would only slow it down)."""
-        return dest is not None and len(dest.jobs) + dest.busy >= max(self.limit, dest.limit)
+    def congested(self, dest: Destination | None, retry: bool) -> bool:
+        """Whether *dest* holds its share for new mail (or for retries, *retry*): its
+        waiting jobs of that kind and those in delivery reach the share (never fewer
+        than its concurrency limit: a share that could not keep its connections busy
+        would only slow it down)."""
+        return dest is not None and dest.jobs.count(retry) + dest.busy >= max(self.limit, dest.limit)
 
     def completed(self, key: tuple, now: float) -> None:
         """A job of *key* is done: its delivery rate is learned from these."""
@@ -97,21 +102,30 @@ class Shares:
             pace.interval = 0.9 * pace.interval + 0.1 * max(0.0, now - pace.last)
         pace.last = now
 
-    def park_until(self, keys: Iterable[tuple], now: float) -> float:
-        """When a message whose jobs all go to the congested *keys* is due again."""
+    def park_until(self, keys: Iterable[tuple], now: float, retry: bool) -> float:
+        """When a new message (a retry, *retry*) whose jobs all go to the congested
+        *keys* is due again: new mail and retries are paced apart, so parked new mail
+        never waits behind a storm of parked retries."""
         until = now + FIRST_PARK
         for key in keys:
             pace = self._pace(key)
             first = now + max(FIRST_PARK, self.limit / 2 * pace.interval)
-            pace.next_slot = max(first, pace.next_slot + pace.interval)
-            until = max(until, pace.next_slot)
+            if retry:
+                slot = pace.next_retry = max(first, pace.next_retry + pace.interval)
+            else:
+                slot = pace.next_new = max(first, pace.next_new + pace.interval)
+            until = max(until, slot)
         return min(until, now + self.longest)
 
-    def relieved(self, key: tuple) -> None:
-        """*key* has room again: its next congested spell is paced from scratch."""
+    def relieved(self, key: tuple, retry: bool) -> None:
+        """*key* has room again for new mail (retries): that kind's next congested
+        spell is paced from scratch."""
         pace = self._paces.get(key)
         if pace is not None:
-            pace.next_slot = 0.0
+            if retry:
+                pace.next_retry = 0.0
+            else:
+                pace.next_new = 0.0
 
 
 Routes = list[Route | Exception] | None
