@@ -18,8 +18,9 @@ if TYPE_CHECKING:
 
 
 class JobQueue:
-    """A destination's waiting jobs, deque-like (``append``, ``appendleft``,
-    ``popleft``, ``clear``, ``len``, iteration in the order they will be taken).
+    """A destination's waiting jobs, deque-like (``append``, ``extend``,
+    ``appendleft``, ``popleft``, ``clear``, ``len``, iteration in the order they
+    will be taken).
 
     New mail and retries wait in two FIFO queues taken in turn (Postfix's qmgr
     alternates its incoming and deferred queues): the thousands of retry jobs a
@@ -32,14 +33,17 @@ class JobQueue:
         self._new: deque[Job] = deque()
         self._retry: deque[Job] = deque()
         self._retry_turn = False
-        for job in jobs:
-            self.append(job)
+        self.extend(jobs)
 
     def _side(self, job: Job) -> deque[Job]:
         return self._retry if job.message.retry else self._new
 
     def append(self, job: Job) -> None:
         self._side(job).append(job)
+
+    def extend(self, jobs: Iterable[Job]) -> None:
+        for job in jobs:
+            self.append(job)
 
     def appendleft(self, job: Job) -> None:
         self._side(job).appendleft(job)
