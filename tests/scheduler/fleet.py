@@ -6,8 +6,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, Self
 
+import apsw
 import trio
 
 from tests.dnsserver import run_dns_server
@@ -142,3 +144,12 @@ class Tarpit:
             pass
         finally:
             self.open_now -= 1
+
+
+def queue_states(queue_directory: Path) -> dict[str, int]:
+    """Messages per state, read beside a running serve (a read-only connection)."""
+    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return dict(db.execute("SELECT state, count(*) FROM message GROUP BY state").fetchall())
+    finally:
+        db.close()

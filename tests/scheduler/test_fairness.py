@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import statistics
 
-import apsw
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.faults.conftest import daemon, wait_until  # noqa: F401  (the fixture)
-from tests.scheduler.fleet import CountingPeer, InThread, Tarpit, dns_server
+from tests.scheduler.fleet import CountingPeer, InThread, Tarpit, dns_server, queue_states
 from tests.scheduler.storm import Sessions, TimedSink, percentile, queue_due_retries, queue_messages
 from trimail.delivery.route import Route
 from trimail.queue.transitions import ClaimedMessage
@@ -103,10 +102,3 @@ def test_a_tarpit_with_a_backlog_larger_than_the_active_queue_does_not_starve_ot
         assert states.get("active", 0) <= active_limit * 25 // 100
         assert states.get("deferred", 0) + states.get("incoming", 0) >= backlog - active_limit * 25 // 100
 
-
-def queue_states(queue_directory) -> dict[str, int]:
-    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return dict(db.execute("SELECT state, count(*) FROM message GROUP BY state").fetchall())
-    finally:
-        db.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from tests.faults.conftest import daemon, wait_until  # noqa: F401  (the fixture)
-from tests.scheduler.fleet import CountingPeer, InThread, dns_server
+from tests.scheduler.fleet import CountingPeer, InThread, Tarpit, dns_server, queue_states
 from tests.scheduler.storm import (
     Sessions,
     TimedSink,
@@ -59,3 +59,34 @@ def test_delivery_agents_never_exceed_default_process_limit_with_thousands_of_de
         assert peer.delivered == domains
         assert limit // 2 <= peer.most_open <= limit
         assert took < domains / limit * 0.5  # a slot never idles for smtp_connection_cache_time_limit (2 s)
+
+
+CRASH_HOST, CRASH_DNS = "127.0.80.10", "127.0.80.11"
+
+
+def test_parked_messages_survive_a_crash_and_are_delivered_once(daemon, tmp_path):  # noqa: F811
+    """300 messages for a tarpit with an active queue of 100: most are parked (back
+    in the deferred queue without an attempt).  serve is killed (-9); the site then
+    answers: the next serve delivers every message exactly once, none lost."""
+    backlog = 300
+    queue_messages(tmp_path / "queue", [f"t{i}@site.example" for i in range(backlog)], prefix="T")
+    zone = {"site.example": {"A": [CRASH_HOST]}}
+    settings = {"qmgr_message_active_limit": 100, "smtp_destination_concurrency_limit": 10,
+                "queue_run_delay": "3s"}
+    with dns_server(zone, CRASH_DNS) as dns:
+        settings["dns_nameservers"] = f"{CRASH_DNS}:{dns.started}"
+        tarpit = Tarpit(CRASH_HOST)
+        with InThread(tarpit.run):
+            first = daemon(**settings)
+            wait_until(lambda: tarpit.open_now >= 10 and queue_states(first.queue_directory).get("deferred", 0)
+                       >= backlog - 25, timeout=20)
+            parked = queue_states(first.queue_directory)
+            first.proc.stop(9)
+        peer = CountingPeer(CRASH_HOST)
+        with InThread(peer.run):
+            second = daemon(**settings)
+            wait_until(lambda: peer.delivered >= backlog, timeout=60)
+            wait_until(lambda: not queue_states(second.queue_directory), timeout=20)
+    print(f"\nqueue when killed: {parked}; delivered after restart: {peer.delivered} messages, "
+          f"{len(set(peer.recipients))} distinct recipients")
+    assert sorted(peer.recipients) == sorted(f"t{i}@site.example" for i in range(backlog))
