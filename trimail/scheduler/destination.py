@@ -7,7 +7,8 @@ retry storm never queues new mail behind thousands of retries.
 A destination has up to ``<transport>_destination_concurrency_limit`` worker
 tasks in the delivery nursery; a worker keeps its connection for as many jobs as
 the destination has, and lingers ``smtp_connection_cache_time_limit`` for the
-next one.  Local and virtual deliveries run on a pool of 20 threads of their own
+next one (not while other destinations wait for one of ``default_process_limit``'s
+slots: an idle cached connection must not hold one).  Local and virtual deliveries run on a pool of 20 threads of their own
 (a slow command, a locked mbox or a busy root helper never takes the threads the
 queue needs).  When a destination cannot be reached at all, every job queued for
 it is deferred with the same reason without a connection each, so a dead
