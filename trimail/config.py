@@ -351,6 +351,9 @@ PARAMETERS: dict[str, Param] = {
         _P("transport_maps", "", parse_maps, "lookup tables mapping recipients to transport:nexthop"),
         _P("dns_nameservers", "", parse_nameservers,
            "(trimail) resolvers to use instead of /etc/resolv.conf, ip or ip:port"),
+        _P("dns_concurrency_limit", "100", parse_int,
+           "(trimail) most DNS queries in flight at once (delivery's MX and address lookups, smtpd's "
+           "restrictions); more wait for a turn"),
         # local delivery and aliases
         _P("alias_maps", "hash:/etc/aliases", parse_maps, "alias tables for local delivery"),
         _P("alias_database", "hash:/etc/aliases", parse_maps, "alias tables newaliases rebuilds"),
@@ -423,6 +426,19 @@ PARAMETERS: dict[str, Param] = {
         _P("bounce_queue_lifetime", "5d", _time("d"), "how long deferred bounces are retried"),
         _P("queue_run_delay", "300s", _time(), "how often the deferred queue is scanned"),
         _P("qmgr_message_active_limit", "20000", parse_int, "most messages in the active queue"),
+        _P("qmgr_message_recipient_limit", "20000", parse_int,
+           "most recipients of active messages held in memory by the queue manager; claims stop there"),
+        _P("qmgr_destination_active_share", "25", parse_int,
+           "(trimail) percent of qmgr_message_active_limit one destination's jobs of new mail (waiting and in "
+           "delivery) may hold, and its retries as much again (never less than its concurrency limit); a "
+           "message whose jobs all go to destinations at their share waits in the deferred queue without a "
+           "delivery attempt, paced back at the destination's delivery rate (at most queue_run_delay)"),
+        _P("default_destination_recipient_limit", "50", parse_int,
+           "most recipients per message delivery"),
+        _P("smtp_destination_recipient_limit", "$default_destination_recipient_limit", parse_int,
+           "most recipients per message delivery with the smtp transport"),
+        _P("relay_destination_recipient_limit", "$default_destination_recipient_limit", parse_int,
+           "most recipients per message delivery with the relay transport"),
         _P("default_process_limit", "100", parse_int,
            "most delivery agents at once (trimail: delivery worker tasks holding a slot)"),
         _P("default_destination_concurrency_limit", "20", parse_int,

@@ -110,7 +110,7 @@ class Server:
             address = bound_address(listener)
             self.addresses.append(address)
             self.addresses_by_kind.setdefault(kind, []).append(address)
-        resolver = Resolver(config.dns_nameservers)
+        resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
         self.scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: self.addresses))
         auth_failures: dict[str, deque[float]] = {}
         self.contexts = {kind: ReceiveContext(config, writer, scheduler=self.scheduler, resolver=resolver,
@@ -183,7 +183,7 @@ class Server:
         try:
             fresh = configuration.load(self.config.path, self.config.overrides)
             restriction_lists(fresh)
-            resolver = Resolver(fresh.dns_nameservers)
+            resolver = Resolver(fresh.dns_nameservers, concurrency=fresh.dns_concurrency_limit)
             contexts = {kind: ReceiveContext(fresh, self.writer, scheduler=self.scheduler, resolver=resolver,
                                              kind=kind, auth_failures=self.context.auth_failures)
                         for kind in {kind for kind, _ in LISTENERS}}

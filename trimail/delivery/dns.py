@@ -17,7 +17,9 @@ in wire form, an empty label, a U-label IDNA cannot encode) is ``DnsPermanent``
 ``DnsTemporary`` 4.4.3, so a surprise costs one delivery attempt or one
 restriction, never the daemon.  ``DnsError`` is an ``errors.LookupFailure``.
 
-Parameters: dns_nameservers (resolvers to ask instead of /etc/resolv.conf).
+Parameters: dns_nameservers (resolvers to ask instead of /etc/resolv.conf),
+dns_concurrency_limit (most queries in flight at once, per resolver; the others
+wait for a turn).
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 import dns.reversename
+import trio
 
 from trimail.config import ListenAddress
 from trimail.errors import LookupFailure
 from trimail.log import printable
 
 DEFAULT_LIFETIME = 10.0
+DEFAULT_CONCURRENCY = 100  # dns_concurrency_limit's default
 
 log = logging.getLogger("trimail.smtp")
 
@@ -104,7 +108,14 @@ class MailHost:
 
 
 class Resolver:
-    def __init__(self, nameservers: list[ListenAddress] | None = None, lifetime: float = DEFAULT_LIFETIME) -> None:
+    """dnspython's async resolver on trio, at most *concurrency* queries in flight
+    (``dns_concurrency_limit``): a queue run to thousands of destinations, or a
+    flood of clients checked against RBLs, waits for a turn instead of sending
+    thousands of queries (and opening as many sockets) at once."""
+
+    def __init__(self, nameservers: list[ListenAddress] | None = None, lifetime: float = DEFAULT_LIFETIME,
+                 concurrency: int = DEFAULT_CONCURRENCY) -> None:
+        self._limiter = trio.CapacityLimiter(max(1, concurrency))
         if nameservers:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
             self._resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers]
@@ -124,7 +135,8 @@ class Resolver:
         nothing else (cancellation aside)."""
         qname = to_name(name)
         try:
-            return await self._resolver.resolve(qname, rdtype, backend=self._backend, search=False)
+            async with self._limiter:  # the time waiting for a turn counts against the caller's deadline
+                return await self._resolver.resolve(qname, rdtype, backend=self._backend, search=False)
         except dns.resolver.NXDOMAIN:
             raise DnsPermanent("5.1.2", f"Host or domain name not found. Name service error for "
                                f"name={name} type={rdtype}: Host not found") from None

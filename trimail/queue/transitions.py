@@ -4,9 +4,10 @@ Functions take a ``Store`` and run inside the caller's transaction (the writer
 thread's group commit in serve).  The operator's changes (flush, hold, release,
 delete, requeue) are in ``queue/admin.py``.
 
-Message states move ``incoming -> active`` (claim), ``active -> deferred`` or
-removal (finish), ``deferred -> incoming`` when due (promote, through the
-(state, next_attempt) index), and ``* <-> hold`` by the operator.  Recipients
+Message states move ``incoming -> active`` and, when due, ``deferred -> active``
+(claim: new mail and retries in turn, at most ``CLAIM_BATCH`` per request, each
+through its index), ``maildrop -> incoming`` (promote, in bounded batches),
+``active -> deferred`` or removal (finish), and ``* <-> hold`` by the operator.  Recipients
 move ``pending/deferred -> sent | deferred | bounced`` per delivery attempt.
 """
 
@@ -42,6 +43,7 @@ class ClaimedMessage:
     params: dict[str, str | None]
     recipients: list[QueuedRecipient]
     content: bytes | None = None  # held in memory when handed over at acceptance (small messages)
+    retry: bool = False  # tried before (a recipient has attempts): a retry, not new mail
 
 
 @dataclasses.dataclass(slots=True)
@@ -61,12 +63,32 @@ class Finished:
     bounced: list[tuple[str, str]]  # (recipient address, last reply)
 
 
-def promote_due(store: Store, now: float) -> int:
-    """Deferred messages whose time has come go back to incoming; so does the
-    maildrop queue (local submissions: Postfix's pickup)."""
-    store.db.execute("UPDATE message SET state = 'incoming' WHERE state = 'maildrop'")
-    store.db.execute(
-        "UPDATE message SET state = 'incoming' WHERE state = 'deferred' AND next_attempt <= ?", (now,))
+CLAIM_BATCH = 256  # most messages one claim (one writer request) moves to active
+PROMOTE_BATCH = 256  # most maildrop rows one round moves to incoming
+
+_CLAIM_COLUMNS = ("SELECT id, sender, arrival_time, size, params,"
+                  " (SELECT length(content) FROM body WHERE message_id = message.id) FROM message")
+
+
+def promote_due(store: Store, now: float, limit: int = PROMOTE_BATCH) -> int:
+    """Up to *limit* messages of the maildrop queue (local submissions: Postfix's
+    pickup) go to incoming, and up to *limit* due deferred messages too (the
+    operator's view of a queue run; the rounds themselves claim due deferred
+    messages straight from the deferred queue, see claim()).  Bounded, so no
+    statement rewrites a whole storm of rows inside one commit."""
+    db = store.db
+    db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN"
+               " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT ?)", (limit,))
+    changed = db.changes()
+    db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN (SELECT rowid FROM message"
+               " WHERE state = 'deferred' AND next_attempt <= ? ORDER BY next_attempt LIMIT ?)", (now, limit))
+    return changed + db.changes()
+
+
+def promote_maildrop(store: Store, limit: int = PROMOTE_BATCH) -> int:
+    """Up to *limit* maildrop messages go to incoming (through the state index)."""
+    store.db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN"
+                     " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT ?)", (limit,))
     return store.db.changes()
 
 
@@ -75,27 +97,54 @@ def next_due(store: Store) -> float | None:
     return row[0]
 
 
-def claim(store: Store, limit: int, now: float) -> list[ClaimedMessage]:
-    """Move up to *limit* incoming messages (oldest first) to active and load them."""
+def claim(store: Store, limit: int, now: float, recipients: int | None = None) -> list[ClaimedMessage]:
+    """Move up to *limit* messages to active and load them, taking new mail
+    (incoming, oldest first, through the (state, id) index) and due retries
+    (deferred, earliest due first, through the (state, next_attempt) index) in
+    turn, as Postfix's qmgr alternates its incoming and deferred scans: a retry
+    storm never keeps new mail waiting, nor new mail a retry.  No sort, no
+    statement touching more than *limit* rows of each queue.  With *recipients*,
+    claiming stops once the claimed messages have that many recipients
+    (qmgr_message_recipient_limit; the first message is always taken)."""
     if limit <= 0:
         return []
-    rows = store.db.execute(
-        "SELECT id, sender, arrival_time, size, params,"
-        " (SELECT length(content) FROM body WHERE message_id = message.id)"
-        " FROM message WHERE state = 'incoming' ORDER BY id LIMIT ?", (limit,)).fetchall()
-    claimed = []
-    for message_id, sender, arrival, size, params, stored in rows:
+    db = store.db
+    new = db.execute(f"{_CLAIM_COLUMNS} WHERE state = 'incoming' ORDER BY id LIMIT ?", (limit,)).fetchall()
+    due = db.execute(f"{_CLAIM_COLUMNS} WHERE state = 'deferred' AND next_attempt <= ?"
+                     " ORDER BY next_attempt LIMIT ?", (now, limit)).fetchall()
+    taken: list[tuple[str, tuple]] = []
+    for i in range(max(len(new), len(due))):
+        taken += [("incoming", new[i])] if i < len(new) else []
+        taken += [("deferred", due[i])] if i < len(due) else []
+    claimed: list[ClaimedMessage] = []
+    loaded = 0
+    for state, (message_id, sender, arrival, size, params, stored) in taken[:limit]:
+        if recipients is not None and claimed and loaded >= recipients:
+            break
         if stored != size:  # a missing or short body is never sent: Postfix's corrupt queue
-            quarantine(store, message_id, "incoming")
+            quarantine(store, message_id, state)
             log.warning("%s: corrupt queue file (content %s of %d bytes): moved to the corrupt queue",
                         message_id, "missing" if stored is None else f"{stored}", size)
             continue
-        store.transition(message_id, "incoming", "active")
-        recipients = [QueuedRecipient(*r) for r in store.db.execute(
+        store.transition(message_id, state, "active")
+        pending = [QueuedRecipient(*r) for r in db.execute(
             "SELECT seq, address, attempts, last_reply FROM recipient WHERE message_id = ?"
             " AND status IN ('pending', 'deferred') ORDER BY seq", (message_id,))]
-        claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, json.loads(params), recipients))
+        loaded += len(pending)
+        claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, json.loads(params), pending,
+                                      retry=any(r.attempts for r in pending)))
     return claimed
+
+
+def park(store: Store, parked: list[tuple[str, float]]) -> None:
+    """Active messages go back to the deferred queue, each due at its time, without
+    a delivery attempt: their recipients keep their status, attempts and replies
+    (their destinations hold their share of the active queue)."""
+    for message_id, until in parked:
+        store.db.execute("UPDATE message SET state = 'deferred', next_attempt = ? WHERE id = ? AND state = 'active'",
+                         (until, message_id))
+        if store.db.changes() != 1:
+            raise TransitionError(f"{message_id}: not active")
 
 
 def quarantine(store: Store, message_id: str, expected: str = "active") -> None:

@@ -3,7 +3,7 @@
 SQLite work must never block the trio event loop, and one fsync per message would
 cap throughput at the disk's sync rate.  So serve owns exactly one writing
 connection, on a thread of its own.  Tasks ``await writer.run(fn, *args)``; the
-thread takes every request waiting (up to ``max_batch``), runs them in one
+thread takes the requests waiting (up to ``max_batch`` of a kind), runs them in one
 ``BEGIN IMMEDIATE`` transaction, each in its own SAVEPOINT (so one failing request
 does not spoil the others), then COMMITs once (one WAL fsync) and only then wakes
 the waiting tasks.  While one batch is being fsynced the next one fills up, so the
@@ -15,9 +15,14 @@ must answer a client after the commit (the SMTP session's ``250``) shield the wa
 Durability is per request.  A message accepted from a client (``durable=True``,
 the default) is answered only after its batch is fsynced (``synchronous =
 FULL``).  The scheduler's bookkeeping (claiming rows, recording outcomes, removing
-delivered mail, queueing bounces) passes ``durable=False``: a batch made only of
-such requests commits with ``synchronous = NORMAL``, which is just as atomic but
-leaves the fsync to the next durable commit or checkpoint.  The WAL is one
+delivered mail, queueing bounces) passes ``durable=False`` and commits in
+transactions of its own with ``synchronous = NORMAL``, which is just as atomic but
+leaves the fsync to the next durable commit or checkpoint.  Durable requests never
+share a transaction with bookkeeping: the thread runs the durable requests waiting
+first, then one slice of bookkeeping (at most ``BOOKKEEPING_SLICE`` = 10 ms of
+requests, or ``max_batch``), then durable again, so a ``250`` waits for at most
+one short slice of the scheduler's work, and a stream of accepted mail never
+starves the scheduler either.  The WAL is one
 sequence, so a later fsync makes every earlier commit durable too, and a crash can
 only roll the bookkeeping back to a state that was true before: a message
 delivered again (as Postfix may after a crash between delivery and unlink), never
@@ -36,6 +41,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -52,6 +58,7 @@ T = TypeVar("T")
 
 _STOP = object()
 CHECKPOINT_IDLE = 10.0  # seconds without requests after which the WAL is checkpointed and truncated
+BOOKKEEPING_SLICE = 0.01  # seconds of non-durable requests per transaction, between turns of accepted mail
 
 
 class _Request:
@@ -92,6 +99,7 @@ class QueueWriter:
         self._dead: StorageError | None = None  # set if the writer thread ever ends unexpectedly
         self._checkpoint_idle = CHECKPOINT_IDLE
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._pending: tuple[deque[_Request], ...] = ()  # taken off the queue by the thread, not yet run
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self.stats = WriterStats()
@@ -179,40 +187,57 @@ class QueueWriter:
 
     def _serve(self, store: Store, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
         dirty = False  # commits since the last checkpoint
+        durable: deque[_Request] = deque()  # taken from the queue, not yet run
+        bookkeeping: deque[_Request] = deque()
+        self._pending = (durable, bookkeeping)
+        stop = False
         while True:
-            try:
-                first = self._requests.get(timeout=self._checkpoint_idle if dirty else None)
-            except queue.Empty:
-                self._checkpoint(store)
-                dirty = False
-                continue
-            if first is _STOP:
-                self._checkpoint(store)
-                return
-            batch[:] = [first]
-            stop = False
-            while len(batch) < self._max_batch:
+            if not durable and not bookkeeping:
+                if stop:
+                    self._checkpoint(store)
+                    return
+                try:
+                    first = self._requests.get(timeout=self._checkpoint_idle if dirty else None)
+                except queue.Empty:
+                    self._checkpoint(store)
+                    dirty = False
+                    continue
+                if first is _STOP:
+                    self._checkpoint(store)
+                    return
+                (durable if first.durable else bookkeeping).append(first)
+            while not stop and len(durable) + len(bookkeeping) < 4 * self._max_batch:
                 try:
                     item = self._requests.get_nowait()
                 except queue.Empty:
                     break
                 if item is _STOP:
                     stop = True
-                    break
-                batch.append(item)
-            self._run_batch(store, batch)
-            dirty = True
-            for request in batch:
-                token.run_sync_soon(request.done.set)
-            batch.clear()
-            if stop:
-                self._checkpoint(store)
-                return
+                else:
+                    (durable if item.durable else bookkeeping).append(item)
+            # Accepted mail first, in a transaction of its own: its 250 never waits
+            # for the scheduler's bookkeeping that happened to queue up beside it ...
+            if durable:
+                batch[:] = [durable.popleft() for _ in range(min(len(durable), self._max_batch))]
+                self._run_batch(store, batch)
+                self._wake(token, batch)
+                dirty = True
+            # ... then one slice of bookkeeping (bounded in time), before the next
+            # accepted mail gets its turn; each side always makes progress
+            if bookkeeping:
+                self._run_batch(store, batch, bookkeeping)
+                self._wake(token, batch)
+                dirty = True
+
+    def _wake(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
+        for request in batch:
+            token.run_sync_soon(request.done.set)
+        batch.clear()
 
     def _fail_pending(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
         """After the thread failed: every request it took or that waits gets the error."""
         assert self._dead is not None
-        pending = list(batch)
+        pending = list(batch) + [request for side in self._pending for request in side]
         while True:
             try:
                 item = self._requests.get_nowait()
@@ -236,13 +261,23 @@ class QueueWriter:
         except apsw.Error as exc:
             log.warning("queue checkpoint failed: %s", exc)
 
-    def _run_batch(self, store: Store, batch: list[_Request]) -> None:
+    def _run_batch(self, store: Store, batch: list[_Request], source: deque[_Request] | None = None) -> None:
+        """Run *batch* in one transaction; with *source*, take requests from it into
+        the batch as they run, until ``max_batch`` or ``BOOKKEEPING_SLICE`` seconds."""
         started = time.monotonic()
         durable = any(request.durable for request in batch)
         try:
             store.set_durable(durable)
             with store.transaction():
-                for request in batch:
+                index = 0
+                while True:
+                    if index == len(batch):
+                        if (source is None or not source or len(batch) >= self._max_batch
+                                or time.monotonic() - started > BOOKKEEPING_SLICE):
+                            break
+                        batch.append(source.popleft())
+                    request = batch[index]
+                    index += 1
                     try:
                         with store.savepoint():
                             request.result = request.fn(store, *request.args)

@@ -10,7 +10,11 @@ greeting and EHLO reply, down when a connection attempt fails; it bounds new
 connections (a connection that is up keeps delivering).  A worker connects first
 and then takes jobs (so a failed attempt never holds one); it keeps its
 connection for as many jobs as the destination has, and lingers
-``smtp_connection_cache_time_limit`` for the next one.
+``smtp_connection_cache_time_limit`` for the next one (not while other
+destinations wait for one of ``default_process_limit``'s slots: an idle cached
+connection must not hold one).  A destination's jobs wait in a ``JobQueue``: new
+mail and retries in turn, so a retry storm never queues new mail behind
+thousands of retries.
 
 A failed connection attempt while another connection to the destination is up or
 being made lowers the window and ends that worker: the queued jobs stay for the
@@ -38,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
 from typing import Protocol
 
 import trio
@@ -58,6 +61,7 @@ from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.dead import DeadSite, DeadSites, suspended  # noqa: F401 (DeadSite: re-exported)
 from trimail.scheduler.feedback import Window, WindowSettings
+from trimail.scheduler.jobqueue import JobQueue
 from trimail.scheduler.transfer import ContentError, content_of, envelope_of
 from trimail.smtp.client import Outcome
 from trimail.supervise import contained, thread_pool
@@ -92,7 +96,7 @@ class Destination:
     route: Route
     limit: int  # <transport>_destination_concurrency_limit: the window's ceiling
     key: tuple = ()
-    jobs: deque[Job] = dataclasses.field(default_factory=deque)
+    jobs: JobQueue = dataclasses.field(default_factory=JobQueue)
     workers: int = 0
     busy: int = 0  # workers with a job in hand (the others can take the next one)
     arrived: trio.Event = dataclasses.field(default_factory=trio.Event)  # set (and replaced) per new job
@@ -215,7 +219,10 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
                 opened = trio.current_time()
             # Postfix's connection cache: an open connection waits a little for the
             # next message to the same destination instead of hanging up at once
-            linger = q.config.smtp_connection_cache_time_limit if conn.usable else 0
+            # (not while other destinations wait for a delivery agent's slot: an idle
+            # cached connection must not hold one of default_process_limit's slots)
+            linger = q.config.smtp_connection_cache_time_limit \
+                if conn.usable and not q.agents.statistics().tasks_waiting else 0
             job = await dest.next_job(linger)
             if job is None:
                 break

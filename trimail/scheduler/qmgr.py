@@ -1,17 +1,24 @@
 """The queue manager (Postfix's qmgr): from incoming to delivered, deferred or bounced.
 
-One task in serve's nursery.  Each round, in one group commit, it promotes the
-deferred messages that are due (through the (state, next_attempt) index), claims
-incoming messages into ``active`` while fewer than ``qmgr_message_active_limit``
-are active, and learns when the next deferred message is due.  Then it sleeps
-until a new message is committed, an operator flushes, a delivery frees a slot, or
-that due time comes: no polling, no table scans.
+One task in serve's nursery.  A round claims messages into ``active`` in small
+batches (``schedule_round``: at most ``transitions.CLAIM_BATCH`` per writer
+request, a non-durable one that never shares a transaction with accepted mail),
+new mail and due retries in turn, each through its index, while fewer than
+``qmgr_message_active_limit`` messages and ``qmgr_message_recipient_limit``
+recipients are active; then it sleeps until a new message is committed, an
+operator flushes, a delivery frees a slot, or the next deferred message is due:
+no polling, no table scans, no sort.
 
 Claimed messages are split per recipient by route into jobs (at most
-``default_destination_recipient_limit`` recipients each) and queued on their
-destination (transport, nexthop): ``scheduler/destination.py`` has the
-destinations, their workers and connections; ``scheduler/results.py`` turns
-outcomes into records, retries, bounces and delay warnings.
+``<transport>_destination_recipient_limit`` recipients each, default
+``default_destination_recipient_limit``) and queued on their destination
+(transport, nexthop), new mail and retries in turn (``scheduler/jobqueue.py``).
+A message whose destinations all hold their share of the active queue
+(``qmgr_destination_active_share``) is parked in the deferred queue instead
+(``scheduler/share.py``).  ``scheduler/destination.py`` has the destinations,
+their workers and connections (at most ``default_process_limit`` delivering at
+once); ``scheduler/results.py`` turns outcomes into records, retries, bounces and
+delay warnings.
 
 New mail takes a shortcut.  When the scheduler has room, a session commits the
 message straight into ``active`` and hands it over in memory (with its content,
@@ -23,6 +30,7 @@ commit plus a claim plus a read; a crash before delivery returns it to
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -53,12 +61,12 @@ from trimail.scheduler.destination import (
     start_workers,
 )
 from trimail.scheduler.results import Results
+from trimail.scheduler.share import ParkingLot, Shares
 from trimail.smtp.client import Outcome, bounced, deferred, sent
 from trimail.supervise import Backoff, contained, report
 
 log = logging.getLogger("trimail.qmgr")
 
-RECIPIENT_LIMIT = 50
 HELD_MESSAGE_LIMIT = 256 * 1024  # content handed over in memory up to this size (the spool's own limit) ...
 HELD_TOTAL_LIMIT = 16 << 20  # ... while all held content together stays under this
 
@@ -70,9 +78,15 @@ class ActiveMessage:
     corrupt: bool = False  # its content could not be read whole: quarantined when its jobs are done
 
 
-def schedule_round(store: Store, now: float, room: int) -> tuple[list[ClaimedMessage], float | None]:
-    transitions.promote_due(store, now)
-    claimed = transitions.claim(store, room, now)
+def schedule_round(store: Store, now: float, room: int,
+                   recipients: int | None = None) -> tuple[list[ClaimedMessage], float | None]:
+    """One step of a round, in one (non-durable) writer request: a bounded batch of
+    maildrop to incoming, then up to min(*room*, ``CLAIM_BATCH``) messages claimed,
+    new mail and due retries in turn (stopping once they have *recipients*
+    recipients); and when the next deferred message is due (in the past while due
+    retries wait for room)."""
+    transitions.promote_maildrop(store)
+    claimed = transitions.claim(store, min(room, transitions.CLAIM_BATCH), now, recipients)
     return claimed, transitions.next_due(store)
 
 
@@ -81,8 +95,11 @@ class Scheduler:
         self.writer = writer
         self.connector = connector
         self.results = Results(config, writer)
+        self.shares = Shares(config)
         self._apply(config)
         self.active: dict[str, ActiveMessage] = {}
+        self._recipients = 0  # recipients of the active messages (qmgr_message_recipient_limit)
+        self.parking = ParkingLot()
         self.destinations: dict[tuple, Destination] = {}
         self.dead = DeadSites()
         self.agents = trio.CapacityLimiter(max(1, config.default_process_limit))
@@ -93,6 +110,7 @@ class Scheduler:
         self._starved = False  # the last round filled every slot: a finished message must wake us
         self.idle = trio.Event()  # set whenever nothing is active (tests and stop wait on it)
         self._metrics: Metrics | None = None
+        self.wall_clock: Callable[[], float] = time.time  # due times are wall-clock (tests may substitute one)
 
     @property
     def metrics(self) -> Metrics | None:
@@ -118,6 +136,8 @@ class Scheduler:
         self.router, self.local = router, local
         self.virtual = VirtualAgent(config)  # virtual_transport = virtual: virtual(8) mailboxes
         self.active_limit: int = config.qmgr_message_active_limit
+        self.recipient_limit: int = max(1, config.qmgr_message_recipient_limit)
+        self.shares.apply(config)
         if hasattr(self, "agents"):
             self.agents.total_tokens = max(1, config.default_process_limit)
         self.results.apply(config)
@@ -138,8 +158,12 @@ class Scheduler:
         backoff = Backoff(initial=1.0, maximum=60.0)
         while True:
             room = self.active_limit - len(self.active) - self._reserved
+            if self._recipients >= self.recipient_limit:
+                room = 0  # qmgr_message_recipient_limit: a finishing message wakes us
+            batch = min(room, transitions.CLAIM_BATCH)
             try:
-                claimed, due = await self.writer.run(schedule_round, time.time(), room, durable=False)
+                claimed, due = await self.writer.run(schedule_round, self.wall_clock(), batch,
+                                                     self.recipient_limit - self._recipients, durable=False)
             except Exception as exc:  # the round's boundary: disk full, queue locked, I/O error
                 report("qmgr round", exc, self.metrics, logger=log)
                 await trio.sleep(backoff.next())  # mail waits in incoming; sessions go on
@@ -149,10 +173,15 @@ class Scheduler:
                 self._dispatch_safely(message)
             if not self.active:
                 self.idle.set()
-            self._starved = len(claimed) >= room
-            if len(claimed) == room and room > 0:
-                continue  # more may be waiting; a finishing message wakes us otherwise
-            deadline = math.inf if due is None else trio.current_time() + max(0.0, due - time.time())
+            self._starved = len(claimed) >= room or self._recipients >= self.recipient_limit
+            if batch > 0 and len(claimed) >= batch and not self._starved:
+                # more may be waiting: the next small batch, after the sessions and
+                # workers had their turn (each batch is its own short writer request)
+                await trio.lowlevel.checkpoint()
+                continue
+            if self._starved:
+                due = None  # no room for what is due: a finishing message wakes us
+            deadline = math.inf if due is None else trio.current_time() + max(0.0, due - self.wall_clock())
             with trio.move_on_at(deadline):
                 await self._wake.wait()
             self._wake = trio.Event()
@@ -161,7 +190,8 @@ class Scheduler:
         """A slot for a message about to be committed straight into ``active``;
         False when the scheduler is not running or has no room (the message then
         goes to ``incoming`` and waits for a round)."""
-        if self._nursery is None or len(self.active) + self._reserved >= self.active_limit:
+        if (self._nursery is None or len(self.active) + self._reserved >= self.active_limit
+                or self._recipients >= self.recipient_limit):
             return False
         self._reserved += 1
         return True
@@ -181,23 +211,24 @@ class Scheduler:
             [QueuedRecipient(seq, address, 0, None) for seq, address in enumerate(message.recipients)],
             content))
 
-    def _dispatch_safely(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None) -> None:
+    def _dispatch_safely(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None,
+                         park: bool = True) -> None:
         """Split a message into jobs; one that cannot even be split is deferred whole
         (4.3.0).  When a transport table may block (a file being re-read, ``hash:``),
         the routes are looked up on a lookup thread first, so no session waits."""
         if routes is None and any(table.may_block() for table in self.router.tables):
-            self.active[message.id] = ActiveMessage(message, 1)  # counted while its routes are looked up
+            self._track(message, 1)  # counted while its routes are looked up
             self.idle = trio.Event() if self.idle.is_set() else self.idle
             assert self._nursery is not None
             self._nursery.start_soon(self._supervised, f"{message.id}: routing", self._route_off_loop, message)
             return
         try:
-            self._dispatch(message, routes)
+            self._dispatch(message, routes, park)
         except Exception as exc:
             report(f"{message.id}: scheduling", exc, self.metrics, logger=log)
             outcome = deferred("4.3.0", "mail system temporarily unable to schedule this message")
             assert self._nursery is not None
-            self.active[message.id] = ActiveMessage(message, 1)
+            self._track(message, 1)
             self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
                                      message, [(recipient, outcome) for recipient in message.recipients])
 
@@ -220,7 +251,24 @@ class Scheduler:
                 routes.append(exc)
         return routes
 
-    def _dispatch(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None) -> None:
+    def _track(self, message: ClaimedMessage, outstanding: int) -> ActiveMessage:
+        """Count *message* as active (again) with *outstanding* jobs."""
+        if message.id not in self.active:
+            self._recipients += len(message.recipients)
+        active = self.active[message.id] = ActiveMessage(message, outstanding)
+        return active
+
+    def _untrack(self, message: ClaimedMessage) -> None:
+        """*message* is no longer active: its slot, recipients and held content are free."""
+        del self.active[message.id]
+        self._recipients -= len(message.recipients)
+        if message.content is not None:
+            self._held -= len(message.content)
+        if not self.active:
+            self.idle.set()
+
+    def _dispatch(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None,
+                  park: bool = True) -> None:
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         groups: dict[tuple[str, str, int, bool], tuple[Route, list[QueuedRecipient]]] = {}
         immediate: list[tuple[QueuedRecipient, Outcome]] = []
@@ -239,12 +287,21 @@ class Scheduler:
                 immediate.append((recipient, sent(f"discarded{': ' + route.nexthop if route.nexthop else ''}")))
             else:
                 groups.setdefault(destination_key(route, recipient), (route, []))[1].append(recipient)
-        jobs = [Job(message, recipients[i:i + RECIPIENT_LIMIT], route, key)
-                for key, (route, recipients) in groups.items()
-                for i in range(0, len(recipients), RECIPIENT_LIMIT)]
-        active = ActiveMessage(message, len(jobs) + (1 if immediate else 0))
-        self.active[message.id] = active
         assert self._nursery is not None
+        if park and groups and not immediate and all(
+                self.shares.congested(self.destinations.get(key), message.retry) for key in groups):
+            self._track(message, 1)  # counted until it is back in the deferred queue
+            until = self.shares.park_until(groups, self.wall_clock(), message.retry)
+            if self.parking.add(message, routes, until):
+                self._nursery.start_soon(self._supervised, "qmgr: parking", self.parking.drain, self.writer,
+                                         self._parked, functools.partial(self._dispatch_safely, park=False),
+                                         self.metrics)
+            return
+        jobs = [Job(message, recipients[i:i + limit], route, key)
+                for key, (route, recipients) in groups.items()
+                for limit in [self._recipient_limit(route)]
+                for i in range(0, len(recipients), limit)]
+        active = self._track(message, len(jobs) + (1 if immediate else 0))
         if immediate:
             self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
                                      message, immediate)
@@ -252,6 +309,18 @@ class Scheduler:
             self._enqueue(job)
         if active.outstanding == 0:  # no recipients left at all (all done before a crash)
             self._nursery.start_soon(self._supervised, "qmgr: finishing a message", self._finish_only, message)
+
+    def _recipient_limit(self, route: Route) -> int:
+        """Recipients per delivery: <transport>_destination_recipient_limit."""
+        name = f"{route.transport}_destination_recipient_limit"
+        return max(1, int(self.config.get(name) if route.transport in ("smtp", "relay")
+                          else self.config.default_destination_recipient_limit))
+
+    def _parked(self, message: ClaimedMessage, until: float) -> None:
+        log.debug("%s: its destinations hold their share of the active queue: due again in %.0f s",
+                  message.id, until - self.wall_clock())
+        self._untrack(message)
+        self.wake()  # a slot is free for the next message, and a new due time is set
 
     def _enqueue(self, job: Job) -> None:
         key = job.key or job.route.key
@@ -268,6 +337,8 @@ class Scheduler:
                 else self.config.default_destination_concurrency_limit
             dest = self.destinations[key] = Destination(job.route, max(1, int(limit)), key)
         dest.add(job)
+        if not self.shares.congested(dest, job.message.retry):
+            self.shares.relieved(key, job.message.retry)
         start_workers(self, dest, self._nursery)  # up to its concurrency window (destination.py)
 
     async def _supervised(self, task: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
@@ -301,6 +372,8 @@ class Scheduler:
     async def complete(self, job: Job, outcomes: list[Outcome], relay: str, started: float) -> None:
         """Record one job's outcomes; after the message's last job, finish it."""
         message = job.message
+        if job.route.transport != "none":
+            self.shares.completed(job.key or job.route.key, self.wall_clock())
         results = self.results.judge(job, outcomes, relay, started)
         active = self.active[message.id]
         active.outstanding -= 1
@@ -311,13 +384,9 @@ class Scheduler:
         if corrupt:
             log.warning("%s: moved to the corrupt queue", message.id)
         if last:
-            del self.active[message.id]
-            if message.content is not None:
-                self._held -= len(message.content)
+            self._untrack(message)
             if finished.removed:
                 log.info("%s: removed", message.id)
-            if not self.active:
-                self.idle.set()
             # a new round only when it can find something: a slot freed for waiting
             # mail, a new due time, or a notification this message queued
             if self._starved or not finished.removed or self.results.queued != queued_before:

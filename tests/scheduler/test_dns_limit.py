@@ -1,0 +1,65 @@
+"""dns_concurrency_limit: the resolver never has more queries in flight than the
+limit (5,000 destinations must not mean 5,000 DNS queries at once)."""
+
+from __future__ import annotations
+
+import socket
+
+import dns.message
+import trio
+
+from tests.dnsserver import answer
+from trimail.config import ListenAddress
+from trimail.delivery.dns import Resolver
+
+DNS_HOST = "127.0.80.5"
+
+
+class SlowDns:
+    """A DNS server that answers each query after *delay* seconds, counting the
+    queries it holds at once."""
+
+    def __init__(self, zone: dict, delay: float) -> None:
+        self.zone, self.delay = zone, delay
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.answered = 0
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.bind((DNS_HOST, 0))
+        task_status.started(sock.getsockname()[1])
+        async with trio.open_nursery() as nursery:
+            with sock:
+                while True:
+                    data, peer = await sock.recvfrom(4096)
+                    nursery.start_soon(self._answer, sock, data, peer)
+
+    async def _answer(self, sock, data: bytes, peer) -> None:
+        self.in_flight += 1
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            await trio.sleep(self.delay)  # a slow name server (not synchronisation)
+            await sock.sendto(answer(self.zone, dns.message.from_wire(data)).to_wire(), peer)
+            self.answered += 1
+        finally:
+            self.in_flight -= 1
+
+
+async def test_resolver_keeps_its_queries_in_flight_under_the_limit(nursery):
+    zone = {f"d{i}.example": {"A": ["192.0.2.1"]} for i in range(30)}
+    server = SlowDns(zone, delay=0.05)
+    port = await nursery.start(server.run)
+    resolver = Resolver([ListenAddress(DNS_HOST, port)], concurrency=4)
+    found: dict[str, list[str]] = {}
+
+    async def lookup(name: str) -> None:
+        found[name] = await resolver.addresses(name)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as lookups:
+            for name in zone:
+                lookups.start_soon(lookup, name)
+    assert all(found[name] == ["192.0.2.1"] for name in zone)
+    print(f"\n{len(zone)} names looked up, at most {server.most_in_flight} queries in flight (limit 4)")
+    assert 2 <= server.most_in_flight <= 4
