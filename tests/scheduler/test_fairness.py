@@ -88,7 +88,7 @@ def test_a_tarpit_with_a_backlog_larger_than_the_active_queue_does_not_starve_ot
     zone = {"tarpit.example": {"A": [TARPIT_HOST]}, "healthy.example": {"A": [HEALTHY_HOST]}}
     with dns_server(zone, DNS_HOST) as dns, InThread(tarpit.run), InThread(healthy.run):
         d = daemon(dns_nameservers=f"{DNS_HOST}:{dns.started}", qmgr_message_active_limit=active_limit,
-                   smtp_destination_concurrency_limit=10)
+                   smtp_destination_concurrency_limit=10, initial_destination_concurrency=10)
         wait_until(lambda: tarpit.open_now >= 10, timeout=20)  # the tarpit holds its connections
         sessions = Sessions(d.port, sessions=2, per_session=new // 2, domain="healthy.example").start()
         sessions.join()

@@ -72,6 +72,7 @@ def test_parked_messages_survive_a_crash_and_are_delivered_once(daemon, tmp_path
     queue_messages(tmp_path / "queue", [f"t{i}@site.example" for i in range(backlog)], prefix="T")
     zone = {"site.example": {"A": [CRASH_HOST]}}
     settings = {"qmgr_message_active_limit": 100, "smtp_destination_concurrency_limit": 10,
+                "initial_destination_concurrency": 10,
                 "queue_run_delay": "3s"}
     with dns_server(zone, CRASH_DNS) as dns:
         settings["dns_nameservers"] = f"{CRASH_DNS}:{dns.started}"
