@@ -554,6 +554,19 @@ def submit(port: int, messages: list[tuple[str, list[str]]], *, sessions: int = 
     return [r for r in results if r is not None]
 
 
+def submit_apart(port: int, messages: list[tuple[str, list[str]]], *, sessions: int = 4,
+                 sender: str = "alice@client.example", pace: float = 0.0) -> list[Sent]:
+    """submit() from a process of its own (spawned: this one has threads), so the
+    client's timings are serve's latency, not this process's: the fleet's peers
+    share its GIL and, under a storm, would delay the client's reads.  The times
+    are ``time.monotonic()``, one clock for every process of the machine."""
+    import concurrent.futures
+    import multiprocessing
+
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(submit, port, messages, sessions=sessions, sender=sender, pace=pace).result(timeout=300)
+
+
 # -- the queue, directly -------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from trimail.delivery.smtp import ConnectionFailed, Envelope
 from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.scheduler.dead import DeadSites
 from trimail.scheduler.destination import Destination, Job, start_workers
+from trimail.scheduler.slots import AgentSlots
 from trimail.smtp.client import Outcome, deferred, sent
 
 REFUSED = deferred("4.7.0", "host peer[127.0.70.9]:25 refused to talk to me: 421 4.7.0 Too many connections")
@@ -83,7 +84,7 @@ class FakeQmgr:
         self.metrics = None
         self.destinations: dict[tuple, Destination] = {}
         self.dead = DeadSites()
-        self.agents = trio.CapacityLimiter(100)
+        self.agents = AgentSlots(100)
         self.masq_domains: list[str] = []
         self.masq_exceptions: list[str] = []
         self.masq_classes: list[str] = []

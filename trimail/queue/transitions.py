@@ -63,7 +63,7 @@ class Finished:
     bounced: list[tuple[str, str]]  # (recipient address, last reply)
 
 
-CLAIM_BATCH = 256  # most messages one claim (one writer request) moves to active
+CLAIM_BATCH = 64  # most messages one claim (one writer request) moves to active
 PROMOTE_BATCH = 256  # most maildrop rows one round moves to incoming
 
 _CLAIM_COLUMNS = ("SELECT id, sender, arrival_time, size, params,"

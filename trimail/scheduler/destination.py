@@ -62,6 +62,7 @@ from trimail.queue.writer import QueueWriter
 from trimail.scheduler.dead import DeadSite, DeadSites, suspended  # noqa: F401 (DeadSite: re-exported)
 from trimail.scheduler.feedback import Window, WindowSettings
 from trimail.scheduler.jobqueue import JobQueue
+from trimail.scheduler.slots import AgentSlots
 from trimail.scheduler.transfer import ContentError, content_of, envelope_of
 from trimail.smtp.client import Outcome
 from trimail.supervise import contained, thread_pool
@@ -144,7 +145,7 @@ class Qmgr(Protocol):
     metrics: Metrics | None
     destinations: dict[tuple, Destination]
     dead: DeadSites
-    agents: trio.CapacityLimiter  # default_process_limit: delivery agents at once, all destinations
+    agents: AgentSlots  # default_process_limit: delivery agents at once, round-robin over destinations
     masq_domains: list[str]
     masq_exceptions: list[str]
     masq_classes: list[str]
@@ -185,14 +186,19 @@ async def _supervised_worker(q: Qmgr, dest: Destination) -> None:
 async def run_worker(q: Qmgr, dest: Destination) -> None:
     """One worker of *dest*: takes its jobs until none is left (and, for SMTP, none
     comes within the connection cache time)."""
-    async with q.agents:  # a delivery agent's slot (default_process_limit), held while it works
+    key = dest.key or dest.route.key
+    await q.agents.acquire(key)  # a delivery agent's slot (default_process_limit), held while it works
+    try:
         if dest.route.transport in ("local", "virtual"):  # agents on worker threads, no connection
             await local_worker(q, dest)
         else:
             await smtp_worker(q, dest)
+    finally:
+        q.agents.release(key)
 
 
 async def smtp_worker(q: Qmgr, dest: Destination) -> None:
+    held_since = trio.current_time()  # when this worker got its slot
     conn: Connection | None = None
     opened = 0.0
     busy = False
@@ -222,12 +228,14 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
             # (not while other destinations wait for a delivery agent's slot: an idle
             # cached connection must not hold one of default_process_limit's slots)
             linger = q.config.smtp_connection_cache_time_limit \
-                if conn.usable and not q.agents.statistics().tasks_waiting else 0
+                if conn.usable and not q.agents.starving() else 0
             job = await dest.next_job(linger)
             if job is None:
                 break
             dest.busy, busy = dest.busy + 1, True
             await deliver_job(q, dest, conn, job)
+            if q.agents.should_yield(dest.key or dest.route.key, held_since):
+                break  # its turn is over and a destination without a slot waits (slots.py)
         finished = True
     finally:
         if busy:
