@@ -1,0 +1,158 @@
+"""Red team of issue 15 (concurrency feedback, dead sites, default_process_limit,
+queue summary, status --json, the ``dead`` command, schema 3 -> 4, flush/ETRN)
+against a real ``trimail serve`` child process and real (hostile) peers.
+
+The fleet of tests/scheduler/fleet.py runs here on this file's own loopback range
+(127.0.110.0 - 127.0.119.255).  Each test says whether it found a defect (it failed
+on the commit it was written against: 7e045c0) or is a guard (it held).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+import pytest
+import trio
+
+from tests.conftest import write_main_cf
+from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
+from tests.scheduler import fleet as bed
+from tests.scheduler.fleet import Fleet, Peer, insert_queued, recipient_statuses
+
+DNS_HOST = "127.0.110.1"
+
+
+@pytest.fixture
+def fleet(monkeypatch) -> Iterator[Fleet]:
+    """The bed's fleet, on this file's addresses."""
+    if os.geteuid() != 0:
+        pytest.skip("peers bind port 25 of loopback addresses: needs root")
+    monkeypatch.setattr(bed, "DNS_HOST", DNS_HOST)
+    monkeypatch.setattr(bed, "_addresses", (f"127.0.{a}.{b}" for a, b in itertools.product(range(110, 120),
+                                                                                          range(2, 255))
+                                              if (a, b) != (110, 1)))
+    with Fleet() as running:
+        yield running
+
+
+class Hostile(Peer):
+    """A peer that misbehaves by *script*:
+
+    - ``greet_drop``: ``220`` then closes the connection;
+    - ``ehlo_421``: ``220``, then ``421`` to EHLO and HELO;
+    - ``greet_421``: greets with *text* (a 421 reply, possibly hostile);
+    """
+
+    def __init__(self, fleet: Fleet, name: str, host: str, script: str, text: bytes = b"") -> None:
+        super().__init__(fleet, name, host)
+        self.script = script
+        self.text = text
+
+    async def session(self, stream: trio.SocketStream) -> None:
+        self.attempt_times.append(time.monotonic())
+        self.connections += 1
+        try:
+            async with stream:
+                if self.script == "greet_421":
+                    await stream.send_all(self.text)
+                    return
+                await stream.send_all(b"220 hostile.bed.test ESMTP\r\n")
+                if self.script == "greet_drop":
+                    return
+                reader = bed.LineReader(stream)
+                while (line := await reader.line()) is not None:
+                    await stream.send_all(b"421 4.7.0 go away\r\n")
+                    if line[:4].upper() == b"HELO":
+                        return
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, bed.LineTooLong):
+            pass
+
+
+def hostile(fleet: Fleet, name: str, script: str, text: bytes = b"") -> Hostile:
+    for host in bed._addresses:
+        peer = Hostile(fleet, name, host, script, text)
+        try:
+            trio.from_thread.run(fleet.nursery.start, peer.listen, trio_token=fleet._token)
+        except OSError:
+            continue
+        fleet.peers.append(peer)
+        return peer
+    raise RuntimeError("no address left")
+
+
+def start(daemon, fleet: Fleet, **params: object):
+    settings: dict[str, object] = {"dns_nameservers": fleet.nameserver, "mynetworks": "127.0.0.0/8",
+                                   "smtp_connect_timeout": "2s", "smtp_helo_timeout": "3s"}
+    settings.update(params)
+    return daemon(**settings)
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def control(queue_directory: Path, command: str) -> dict:
+    from trimail.net.control import send_command
+
+    answer = send_command(queue_directory, command, timeout=10)
+    assert answer is not None, f"no answer to {command}"
+    return json.loads(answer)
+
+
+def active_count(queue_directory: Path) -> int:
+    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        db.set_busy_timeout(5000)
+        return db.execute("SELECT count(*) FROM message WHERE state = 'active'").fetchone()[0]
+    finally:
+        db.close()
+
+
+# -- 1. hostile peers and zones: no loop, no stuck mail, nobody else held up ---------------
+
+
+def test_hostile_peers_and_a_zone_of_100_refusing_mx_hosts_cost_one_cohort_and_hold_up_no_one(daemon, fleet):
+    """Guard.  Three hostile destinations (greets then drops; 421 after EHLO; 100 MX
+    hosts that all greet 421) with 30 messages each, then mail for a healthy site:
+    the healthy mail goes at once, each hostile destination costs one failed cohort
+    of connections (not one per message), every hostile message ends deferred (none
+    stuck active), and serve burns little CPU while it happens."""
+    fast = fleet.peer("fast")
+    dropper, ehlo421 = hostile(fleet, "dropper", "greet_drop"), hostile(fleet, "ehlo421", "ehlo_421")
+    refusers = [hostile(fleet, f"r{i}", "greet_421", b"421 4.7.0 too busy\r\n") for i in range(100)]
+    fleet.zone.domain("drop.bed.test", dropper)
+    fleet.zone.domain("ehlo.bed.test", ehlo421)
+    fleet.zone["many.bed.test"] = {"MX": [f"{i} {fleet.zone.mx_host(p)}." for i, p in enumerate(refusers)]}
+    healthy = fleet.zone.domains(10, fast)
+    d = start(daemon, fleet)
+    cpu_before = cpu_seconds(d.proc.proc.pid)
+    hostile_domains = ("drop.bed.test", "ehlo.bed.test", "many.bed.test")
+    ids = bed.submit(d.port, [(f"h{i}", [f"u{i}@{hostile_domains[i % 3]}"]) for i in range(90)], sessions=3)
+    assert len(ids) == 90
+    sent = bed.submit(d.port, [(f"g{i}", [f"g{i}@{healthy[i % 10]}"]) for i in range(20)], sessions=2)
+    wait_until(lambda: len(fast.received) == 20, timeout=10)
+    latency = max(r.at for r in fast.received) - max(s.acked for s in sent)
+    wait_until(lambda: recipient_statuses(d.queue_directory).get("deferred", 0) == 90, timeout=30)
+    assert active_count(d.queue_directory) == 0
+    cpu = cpu_seconds(d.proc.proc.pid) - cpu_before
+    attempts = {"drop": dropper.connections, "ehlo": ehlo421.connections,
+                "many": sum(p.connections for p in refusers)}
+    print(f"healthy mail delivered {latency:.2f} s after the last 250; hostile connections {attempts}; "
+          f"serve CPU {cpu:.2f} s")
+    assert latency < 3
+    # a cohort at the initial window of 5 is at most 5 + 4 + ... attempts (each of up to
+    # smtp_mx_address_limit = 5 addresses for the 100-MX zone), never one per message
+    assert attempts["drop"] <= 15 and attempts["ehlo"] <= 15 and attempts["many"] <= 75, attempts
+    assert cpu < 15
+    dead = control(d.queue_directory, "dead")
+    assert dead["total"] == 3, dead
+    assert_serving(d)
+    assert integrity_ok(d.queue_directory) == "ok"
