@@ -156,3 +156,49 @@ def test_hostile_peers_and_a_zone_of_100_refusing_mx_hosts_cost_one_cohort_and_h
     assert dead["total"] == 3, dead
     assert_serving(d)
     assert integrity_ok(d.queue_directory) == "ok"
+
+
+# -- 2. what serve says about dead destinations ---------------------------------------------
+
+
+EVIL = (b"421-\x1b]0;owned\x07\x1b[2J first line\r\n421 4.7.0 \x1b[31mred\x1b[0m \x00\x7f\x9b[1m "
+        + b"A" * 900 + b"\r\n")
+
+
+def test_thousands_of_dead_destinations_and_hostile_reasons_give_bounded_clean_output(daemon, fleet):
+    """Guard.  2,000 destinations dead at once (each MX host refuses connections) and
+    one whose 421 greeting carries terminal escapes, NUL, DEL and 900 bytes: the
+    ``dead`` command, ``status``/``status --json`` and ``queue summary`` (text and
+    JSON) stay bounded, parse, count all 2,001 and print no control character."""
+    evil = hostile(fleet, "evil", "greet_421", EVIL)
+    fleet.zone.domain("evil.bed.test", evil)
+    nobody = bed.Peer(fleet, "nobody", "127.0.111.250")  # nothing listens there
+    refused = fleet.zone.domains(2000, nobody, prefix="x")
+    d = start(daemon, fleet, default_destination_concurrency_failed_cohort_limit=1,
+              initial_destination_concurrency=1)
+    send(d.port, ["u@evil.bed.test"])
+    client = bed.Client(d.port)
+    try:
+        for chunk in range(0, 2000, 1000):
+            client.message(f"x{chunk}", "alice@client.example", [f"u@{x}" for x in refused[chunk:chunk + 1000]])
+    finally:
+        client.close()
+    wait_until(lambda: control(d.queue_directory, "dead")["total"] == 2001, timeout=60)
+    dead = control(d.queue_directory, "dead")
+    assert len(dead["dead"]) <= 1000
+    cfg = str(d.config_path)
+    outputs = {}
+    for args in (("status",), ("status", "--json"), ("queue", "summary"), ("queue", "summary", "--json")):
+        result = trimail_cmd(*args, "-c", cfg)
+        assert result.returncode == 0, result.stderr
+        outputs[args] = result.stdout
+        assert len(result.stdout) < 2 << 20
+        assert not any(ch in result.stdout for ch in "\x1b\x00\x07\x7f\x9b\r"), (args, result.stdout[:500])
+    status = json.loads(outputs[("status", "--json")])
+    summary = json.loads(outputs[("queue", "summary", "--json")])
+    assert status["dead_destinations_total"] == summary["dead_destinations_total"] == 2001
+    evil_entry = [e for e in summary["dead_destinations"] if "evil" in e["destination"]]
+    if evil_entry:
+        assert len(evil_entry[0]["reason"]) <= 300
+    assert "dead destinations" in outputs[("queue", "summary")]
+    assert_serving(d)
