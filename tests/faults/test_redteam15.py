@@ -12,7 +12,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +20,9 @@ import apsw
 import pytest
 import trio
 
-from tests.conftest import write_main_cf
 from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
 from tests.scheduler import fleet as bed
-from tests.scheduler.fleet import Fleet, Peer, insert_queued, recipient_statuses
+from tests.scheduler.fleet import Fleet, Peer, recipient_statuses
 
 DNS_HOST = "127.0.110.1"
 
@@ -201,4 +199,37 @@ def test_thousands_of_dead_destinations_and_hostile_reasons_give_bounded_clean_o
     if evil_entry:
         assert len(evil_entry[0]["reason"]) <= 300
     assert "dead destinations" in outputs[("queue", "summary")]
+    assert_serving(d)
+
+
+# -- 3. an operator's queue change is no flush ------------------------------------------------
+
+
+@pytest.mark.parametrize("change", ["hold", "delete", "requeue"])
+def test_holding_deleting_or_requeueing_one_message_does_not_revive_every_dead_site(daemon, fleet, change):
+    """Defect (failed on 7e045c0).  ``trimail queue hold/release/delete/requeue`` woke
+    serve with the control command ``flush``, which forgets every dead destination
+    (Postfix's QMGR_REQ_FLUSH_DEAD is sent by flush(8), never by postsuper): an
+    operator deleting one spam message during an outage made every dead site cost a
+    cohort of connection timeouts again.  Now they only wake the queue manager."""
+    nobody = bed.Peer(fleet, "nobody", "127.0.111.251")  # nothing listens there
+    gone = fleet.zone.domains(3, nobody, prefix="gone")
+    d = start(daemon, fleet, default_destination_concurrency_failed_cohort_limit=1,
+              initial_destination_concurrency=1)
+    for site in gone:
+        send(d.port, [f"u@{site}"])
+    queue_id = send(d.port, [f"v@{gone[0]}"])
+    wait_until(lambda: control(d.queue_directory, "dead")["total"] == 3, timeout=20)
+    wait_until(lambda: active_count(d.queue_directory) == 0, timeout=20)
+    result = trimail_cmd("queue", change, queue_id, "-c", str(d.config_path))
+    assert result.returncode == 0, result.stderr
+    assert control(d.queue_directory, "dead")["total"] == 3
+    # an explicit flush still tries them again with a connection (Postfix's postqueue -f)
+    assert trimail_cmd("queue", "flush", "-c", str(d.config_path)).returncode == 0
+
+    def retried() -> bool:
+        [(_, attempts, reply)] = bed.deferred_recipients(d.queue_directory, gone[1])
+        return attempts >= 2 and "connect to" in reply and "suspended" not in reply
+
+    wait_until(retried, timeout=20)
     assert_serving(d)
