@@ -22,7 +22,7 @@ import trio
 
 from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
 from tests.scheduler import fleet as bed
-from tests.scheduler.fleet import Fleet, Peer, recipient_statuses
+from tests.scheduler.fleet import Fleet, Peer, insert_queued, recipient_statuses
 
 DNS_HOST = "127.0.110.1"
 
@@ -233,3 +233,69 @@ def test_holding_deleting_or_requeueing_one_message_does_not_revive_every_dead_s
 
     wait_until(retried, timeout=20)
     assert_serving(d)
+
+
+# -- 4. schema 3 -> 4 with mail in the queue ----------------------------------------------------
+
+
+def downgrade_to_schema_3(queue_directory: Path) -> None:
+    """What a queue of the previous release looks like: migration 3 -> 4 undone."""
+    db = apsw.Connection(str(queue_directory / "queue.db"))
+    try:
+        db.execute("BEGIN IMMEDIATE; DROP TRIGGER queue_count_insert; DROP TRIGGER queue_count_delete;"
+                   " DROP TRIGGER queue_count_state; DROP TABLE queue_count; DROP INDEX message_arrival;"
+                   " DROP INDEX recipient_site; PRAGMA user_version = 3; COMMIT")
+    finally:
+        db.close()
+
+
+def real_counts(queue_directory: Path) -> dict[str, int]:
+    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        db.set_busy_timeout(5000)
+        return dict(db.execute("SELECT state, count(*) FROM message GROUP BY state").fetchall())
+    finally:
+        db.close()
+
+
+def test_a_schema_3_queue_with_mail_in_every_state_upgrades_with_right_counts_and_delivers(daemon, fleet, tmp_path):
+    """Guard.  A queue of schema 3 holding incoming, due and not-yet-due deferred, held
+    and active (crashed) mail: the new serve upgrades it; ``status --json`` counts
+    what is there, the mail is delivered exactly once, held mail stays, and the
+    counts the triggers keep still equal the rows afterwards."""
+    fast = fleet.peer("fast")
+    sites = fleet.zone.domains(4, fast, prefix="up")
+    queue = tmp_path / "queue"
+    insert_queued(queue, [(f"i{i}", [f"i{i}@{sites[i % 4]}", f"j{i}@{sites[(i + 1) % 4]}"]) for i in range(5)])
+    insert_queued(queue, [(f"d{i}", [f"d{i}@{sites[i % 4]}"]) for i in range(4)], state="deferred",
+                  next_attempt=time.time() - 1)
+    later = insert_queued(queue, [("later", [f"later@{sites[0]}"])], state="deferred",
+                          next_attempt=time.time() + 3600)
+    held = insert_queued(queue, [("held", [f"held@{sites[1]}"])])
+    crashed = insert_queued(queue, [("crashed", [f"crashed@{sites[2]}"])])
+    db = apsw.Connection(str(queue / "queue.db"))
+    db.execute("UPDATE message SET state = 'hold' WHERE id = ?", (held[0],))
+    db.execute("UPDATE message SET state = 'active' WHERE id = ?", (crashed[0],))
+    db.close()
+    downgrade_to_schema_3(queue)
+
+    d = start(daemon, fleet, master_service_disable="qmgr")  # receiving only: the queue stands still
+    status = json.loads(trimail_cmd("status", "--json", "-c", str(d.config_path)).stdout)
+    assert status["queue"] == {"maildrop": 0, "incoming": 6, "active": 0, "deferred": 5, "hold": 1}, status
+    assert {k: v for k, v in status["queue"].items() if v} == real_counts(queue)
+    d.proc.stop()
+
+    d = start(daemon, fleet)
+    wait_until(lambda: len(fast.received) >= 15, timeout=20)  # 5 x 2 + 4 + crashed
+    wait_until(lambda: real_counts(queue) == {"deferred": 1, "hold": 1}, timeout=20)
+    got = sorted(r for rec in fleet.snapshot() for r in rec.recipients)
+    assert len(got) == len(set(got)) == 15, got
+    status = json.loads(trimail_cmd("status", "--json", "-c", str(d.config_path)).stdout)
+    assert status["queue"] == {"maildrop": 0, "incoming": 0, "active": 0, "deferred": 1, "hold": 1}, status
+    # the upgraded index finds the not-yet-due message's site
+    result = trimail_cmd("queue", "flush", "-d", sites[0], "-c", str(d.config_path))
+    assert "flushed 1 message" in result.stderr, result.stderr
+    wait_until(lambda: any("later@" in r for rec in fleet.snapshot() for r in rec.recipients), timeout=20)
+    wait_until(lambda: real_counts(queue) == {"hold": 1}, timeout=20)
+    assert later[0] not in trimail_cmd("queue", "list", "-c", str(d.config_path)).stdout
+    assert integrity_ok(queue) == "ok"
