@@ -299,3 +299,28 @@ def test_a_schema_3_queue_with_mail_in_every_state_upgrades_with_right_counts_an
     wait_until(lambda: real_counts(queue) == {"hold": 1}, timeout=20)
     assert later[0] not in trimail_cmd("queue", "list", "-c", str(d.config_path)).stdout
     assert integrity_ok(queue) == "ok"
+
+
+# -- 5. default_process_limit -------------------------------------------------------------------
+
+
+def test_an_idle_cached_connection_does_not_keep_a_delivery_agent_from_other_destinations(daemon, fleet):
+    """Defect (failed on 7e045c0).  A worker keeps its delivery-agent slot
+    (default_process_limit) while its connection waits in the cache
+    (smtp_connection_cache_time_limit) for more mail to its destination, so with
+    the limit reached, mail for other destinations waited the cache time per
+    delivery: 12 messages to 12 sites at a limit of 2 took 6 x 2 s.  Postfix's smtp(8)
+    hands an idle connection to scache and is free for the next destination.
+    Now a worker does not linger while others wait for a slot."""
+    fast = fleet.peer("fast")
+    sites = fleet.zone.domains(12, fast, prefix="agent")
+    d = start(daemon, fleet, default_process_limit=2, smtp_connection_cache_time_limit="2s")
+    sent = bed.submit(d.port, [(f"a{i}", [f"u@{site}"]) for i, site in enumerate(sites)], sessions=4)
+    wait_until(lambda: len(fast.received) == 12, timeout=30)
+    took = max(r.at for r in fast.received) - max(s.acked for s in sent)
+    print(f"12 sites at default_process_limit = 2: the last delivered {took:.2f} s after the last 250;"
+          f" most sessions at once {fast.sessions_max}")
+    assert fast.sessions_max <= 2
+    # at most one cache time (a worker that began lingering before the others came
+    # keeps its slot until then), not one per pair of sites
+    assert took < 2 + 1.5
