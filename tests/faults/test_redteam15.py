@@ -22,7 +22,7 @@ import trio
 
 from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
 from tests.scheduler import fleet as bed
-from tests.scheduler.fleet import Fleet, Peer, insert_queued, recipient_statuses
+from tests.scheduler.fleet import Fleet, Peer, recipient_statuses
 
 DNS_HOST = "127.0.110.1"
 
@@ -238,15 +238,41 @@ def test_holding_deleting_or_requeueing_one_message_does_not_revive_every_dead_s
 # -- 4. schema 3 -> 4 with mail in the queue ----------------------------------------------------
 
 
-def downgrade_to_schema_3(queue_directory: Path) -> None:
-    """What a queue of the previous release looks like: migration 3 -> 4 undone."""
+def schema_3_queue(queue_directory: Path, messages: list[tuple[str, list[str], str, float | None]]) -> list[str]:
+    """A queue database of the previous release (schema 3: the first three
+    migrations, nothing later) holding *messages* (tag, recipients, state, next
+    attempt); a deferred one has one failed attempt.  Returns their queue IDs."""
+    from trimail.queue.ids import new_queue_id
+    from trimail.queue.schema import MIGRATIONS
+
+    queue_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     db = apsw.Connection(str(queue_directory / "queue.db"))
+    ids = []
     try:
-        db.execute("BEGIN IMMEDIATE; DROP TRIGGER queue_count_insert; DROP TRIGGER queue_count_delete;"
-                   " DROP TRIGGER queue_count_state; DROP TABLE queue_count; DROP INDEX message_arrival;"
-                   " DROP INDEX recipient_site; PRAGMA user_version = 3; COMMIT")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("BEGIN IMMEDIATE")
+        for migration in MIGRATIONS[:3]:
+            db.execute(migration)
+        db.execute("PRAGMA user_version = 3")
+        for tag, rcpts, state, next_attempt in messages:
+            queue_id = new_queue_id()
+            content = bed.body(tag, "alice@client.example", rcpts)
+            arrival = time.time() - (600 if state == "deferred" else 0)
+            db.execute("INSERT INTO message (id, state, sender, arrival_time, next_attempt, size, protocol)"
+                       " VALUES (?, ?, ?, ?, ?, ?, 'ESMTP')",
+                       (queue_id, state, "alice@client.example", arrival, next_attempt, len(content)))
+            for seq, rcpt in enumerate(rcpts):
+                db.execute("INSERT INTO recipient (message_id, seq, address, status, attempts, next_attempt,"
+                           " last_reply) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (queue_id, seq, rcpt, "deferred" if state == "deferred" else "pending",
+                            1 if state == "deferred" else 0, next_attempt,
+                            "4.4.1 connection refused" if state == "deferred" else None))
+            db.execute("INSERT INTO body (message_id, content) VALUES (?, ?)", (queue_id, content))
+            ids.append(queue_id)
+        db.execute("COMMIT")
     finally:
         db.close()
+    return ids
 
 
 def real_counts(queue_directory: Path) -> dict[str, int]:
@@ -266,18 +292,14 @@ def test_a_schema_3_queue_with_mail_in_every_state_upgrades_with_right_counts_an
     fast = fleet.peer("fast")
     sites = fleet.zone.domains(4, fast, prefix="up")
     queue = tmp_path / "queue"
-    insert_queued(queue, [(f"i{i}", [f"i{i}@{sites[i % 4]}", f"j{i}@{sites[(i + 1) % 4]}"]) for i in range(5)])
-    insert_queued(queue, [(f"d{i}", [f"d{i}@{sites[i % 4]}"]) for i in range(4)], state="deferred",
-                  next_attempt=time.time() - 1)
-    later = insert_queued(queue, [("later", [f"later@{sites[0]}"])], state="deferred",
-                          next_attempt=time.time() + 3600)
-    held = insert_queued(queue, [("held", [f"held@{sites[1]}"])])
-    crashed = insert_queued(queue, [("crashed", [f"crashed@{sites[2]}"])])
-    db = apsw.Connection(str(queue / "queue.db"))
-    db.execute("UPDATE message SET state = 'hold' WHERE id = ?", (held[0],))
-    db.execute("UPDATE message SET state = 'active' WHERE id = ?", (crashed[0],))
-    db.close()
-    downgrade_to_schema_3(queue)
+    now = time.time()
+    ids = schema_3_queue(queue, [(f"i{i}", [f"i{i}@{sites[i % 4]}", f"j{i}@{sites[(i + 1) % 4]}"], "incoming", None)
+                                 for i in range(5)]
+                         + [(f"d{i}", [f"d{i}@{sites[i % 4]}"], "deferred", now - 1) for i in range(4)]
+                         + [("later", [f"later@{sites[0]}"], "deferred", now + 3600),
+                            ("held", [f"held@{sites[1]}"], "hold", None),
+                            ("crashed", [f"crashed@{sites[2]}"], "active", None)])
+    later = ids[9]
 
     d = start(daemon, fleet, master_service_disable="qmgr")  # receiving only: the queue stands still
     status = json.loads(trimail_cmd("status", "--json", "-c", str(d.config_path)).stdout)
@@ -297,7 +319,7 @@ def test_a_schema_3_queue_with_mail_in_every_state_upgrades_with_right_counts_an
     assert "flushed 1 message" in result.stderr, result.stderr
     wait_until(lambda: any("later@" in r for rec in fleet.snapshot() for r in rec.recipients), timeout=20)
     wait_until(lambda: real_counts(queue) == {"hold": 1}, timeout=20)
-    assert later[0] not in trimail_cmd("queue", "list", "-c", str(d.config_path)).stdout
+    assert later not in trimail_cmd("queue", "list", "-c", str(d.config_path)).stdout
     assert integrity_ok(queue) == "ok"
 
 
