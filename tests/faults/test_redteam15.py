@@ -346,3 +346,59 @@ def test_an_idle_cached_connection_does_not_keep_a_delivery_agent_from_other_des
     # at most one cache time (a worker that began lingering before the others came
     # keeps its slot until then), not one per pair of sites
     assert took < 2 + 1.5
+
+
+# -- 6. the backup session of an attempt -------------------------------------------------------
+
+
+class FakeConnection:
+    """A session whose transaction gives *result* (outcomes, or an exception raised)."""
+
+    def __init__(self, address: str, result: list | Exception) -> None:
+        self.address, self.result = address, result
+        self.relay = f"mx[{address}]:25"
+        self.closed = False
+
+    async def deliver(self, envelope, content) -> list:
+        if isinstance(self.result, Exception):
+            raise self.result
+        return list(self.result)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeConnector:
+    session_limit = 2
+
+    def __init__(self, backup: FakeConnection) -> None:
+        self.backup = backup
+
+    async def open(self, route, *, skip=frozenset()) -> FakeConnection:
+        return self.backup
+
+
+async def test_a_backup_session_that_fails_unexpectedly_keeps_what_the_first_session_delivered():
+    """Defect (failed on 7e045c0).  The first mail host took one recipient (250 at end
+    of data) and soft-failed the other; the backup session for that one then failed
+    with an unexpected error (a bug, a content or storage error while streaming the
+    message again).  ``attempt.deliver`` raised, so the job's boundary deferred
+    *every* recipient (4.3.0), the delivered one included: it was sent again at the
+    next retry (a duplicate).  Now the backup's failure leaves the first session's
+    outcomes standing: delivered stays delivered, the soft failure stays deferred."""
+    from trimail.delivery import attempt
+    from trimail.delivery.route import Route
+    from trimail.delivery.smtp import Envelope
+    from trimail.smtp.client import deferred, sent
+
+    primary = FakeConnection("127.0.110.30", [deferred("4.2.1", "450 mailbox busy"), sent("250 ok")])
+    backup = FakeConnection("127.0.110.31", RuntimeError("a bug in the backup session"))
+
+    async def content():
+        yield b"Subject: x\r\n\r\nbody\r\n"
+
+    outcomes, _ = await attempt.deliver(FakeConnector(backup), primary, Route("smtp", "far.example"),
+                                        Envelope("a@client.example", ["a@far.example", "b@far.example"], 20),
+                                        lambda: content(), "QID")
+    assert [o.status for o in outcomes] == ["deferred", "sent"]
+    assert backup.closed
