@@ -402,3 +402,31 @@ async def test_a_backup_session_that_fails_unexpectedly_keeps_what_the_first_ses
                                         lambda: content(), "QID")
     assert [o.status for o in outcomes] == ["deferred", "sent"]
     assert backup.closed
+
+
+# -- 7. the window after negative feedback ------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="positive feedback comes only from new connections (Postfix: from every "
+                   "delivery, qmgr_deliver.c qmgr_queue_unthrottle); a window shrunk by 421s stays small while "
+                   "its connections are reused (smtp_connection_reuse_time_limit, 300 s)")
+def test_a_window_shrunk_by_421s_grows_again_when_the_site_accepts_more_sessions(daemon, fleet):
+    """Defect, not fixed (xfail).  A site allowed 2 sessions (421 beyond) and then
+    lifted the limit while a backlog of slow messages was being delivered.  Postfix
+    unthrottles the queue on every delivery that went through, so its window climbs
+    back within a few deliveries; trimail's window grows only when a new connection
+    gets its greeting, and it opens none while its workers fill the window, so the
+    backlog went on over 2 sessions until the connections reached
+    smtp_connection_reuse_time_limit."""
+    site = fleet.peer("limited", session_limit=2, delay=0.3)
+    domain = fleet.zone.domain("limited.bed.test", site)
+    d = start(daemon, fleet)
+    first = bed.submit(d.port, [(f"f{i}", [f"u{i}@{domain}"]) for i in range(20)], sessions=4)
+    wait_until(lambda: site.turned_away >= 2 and len(site.received) >= 2, timeout=10)
+    fleet.set(site, session_limit=0, sessions_max=site.sessions_now)
+    sent = bed.submit(d.port, [(f"s{i}", [f"v{i}@{domain}"]) for i in range(60)], sessions=4)
+    wait_until(lambda: len(site.received) == 80, timeout=60)
+    took = max(r.at for r in site.received) - max(s.acked for s in first + sent)
+    print(f"after the limit was lifted: most sessions {site.sessions_max}, backlog done {took:.1f} s "
+          f"after the last 250")
+    assert site.sessions_max >= 5
