@@ -417,7 +417,11 @@ def test_a_window_shrunk_by_421s_grows_again_when_the_site_accepts_more_sessions
     back within a few deliveries; trimail's window grows only when a new connection
     gets its greeting, and it opens none while its workers fill the window, so the
     backlog went on over 2 sessions until the connections reached
-    smtp_connection_reuse_time_limit."""
+    smtp_connection_reuse_time_limit.  (Feedback per delivery, as Postfix does it,
+    passes this test but probes a 1-session site once per delivery: 43 refused
+    connections for 40 messages in test_feedback.py's
+    test_421_beyond_the_limit_costs_few_connections, which allows 8: a design
+    choice for the lead, not a small fix.)"""
     site = fleet.peer("limited", session_limit=2, delay=0.3)
     domain = fleet.zone.domain("limited.bed.test", site)
     d = start(daemon, fleet)
