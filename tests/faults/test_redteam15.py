@@ -12,6 +12,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -205,13 +207,16 @@ def test_thousands_of_dead_destinations_and_hostile_reasons_give_bounded_clean_o
 # -- 3. an operator's queue change is no flush ------------------------------------------------
 
 
-@pytest.mark.parametrize("change", ["hold", "delete", "requeue"])
+@pytest.mark.parametrize("change", ["hold", "delete", "requeue", "sendmail"])
 def test_holding_deleting_or_requeueing_one_message_does_not_revive_every_dead_site(daemon, fleet, change):
-    """Defect (failed on 7e045c0).  ``trimail queue hold/release/delete/requeue`` woke
-    serve with the control command ``flush``, which forgets every dead destination
-    (Postfix's QMGR_REQ_FLUSH_DEAD is sent by flush(8), never by postsuper): an
-    operator deleting one spam message during an outage made every dead site cost a
-    cohort of connection timeouts again.  Now they only wake the queue manager."""
+    """Defect (failed on 7e045c0).  ``trimail queue hold/release/delete/requeue`` and
+    every ``trimail sendmail`` submission woke serve with the control command
+    ``flush``, which forgets every dead destination (Postfix's QMGR_REQ_FLUSH_DEAD is
+    sent by flush(8), never by postsuper or pickup): an operator deleting one spam
+    message during an outage, or any cron job or application that submits through
+    sendmail, made every dead site cost a cohort of connection timeouts again (with
+    mail submitted through sendmail, dead sites were never remembered).  Now they
+    only wake the queue manager."""
     nobody = bed.Peer(fleet, "nobody", "127.0.111.251")  # nothing listens there
     gone = fleet.zone.domains(3, nobody, prefix="gone")
     d = start(daemon, fleet, default_destination_concurrency_failed_cohort_limit=1,
@@ -221,7 +226,13 @@ def test_holding_deleting_or_requeueing_one_message_does_not_revive_every_dead_s
     queue_id = send(d.port, [f"v@{gone[0]}"])
     wait_until(lambda: control(d.queue_directory, "dead")["total"] == 3, timeout=20)
     wait_until(lambda: active_count(d.queue_directory) == 0, timeout=20)
-    result = trimail_cmd("queue", change, queue_id, "-c", str(d.config_path))
+    if change == "sendmail":
+        result = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(d.config_path),
+                                 "-f", "root@client.example", "root@mx.test.example"],
+                                input="Subject: cron\n\nhello\n", capture_output=True, text=True, timeout=60,
+                                check=False)
+    else:
+        result = trimail_cmd("queue", change, queue_id, "-c", str(d.config_path))
     assert result.returncode == 0, result.stderr
     assert control(d.queue_directory, "dead")["total"] == 3
     # an explicit flush still tries them again with a connection (Postfix's postqueue -f)
