@@ -10,9 +10,7 @@ greeting and EHLO reply, down when a connection attempt fails; it bounds new
 connections (a connection that is up keeps delivering).  A worker connects first
 and then takes jobs (so a failed attempt never holds one); it keeps its
 connection for as many jobs as the destination has, and lingers
-``smtp_connection_cache_time_limit`` for the next one (not when workers of other
-destinations wait for a slot of ``default_process_limit``: an idle connection
-must not keep a delivery agent from them).
+``smtp_connection_cache_time_limit`` for the next one.
 
 A failed connection attempt while another connection to the destination is up or
 being made lowers the window and ends that worker: the queued jobs stay for the
@@ -216,9 +214,9 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
                     continue
                 opened = trio.current_time()
             # Postfix's connection cache: an open connection waits a little for the
-            # next message to the same destination instead of hanging up at once,
-            # but not while other destinations wait for a delivery agent's slot
-            # (Postfix's smtp(8) leaves an idle connection to scache and is free)
+            # next message to the same destination instead of hanging up at once
+            # (not while other destinations wait for a delivery agent's slot: an idle
+            # cached connection must not hold one of default_process_limit's slots)
             linger = q.config.smtp_connection_cache_time_limit \
                 if conn.usable and not q.agents.statistics().tasks_waiting else 0
             job = await dest.next_job(linger)
