@@ -141,7 +141,7 @@ def test_hostile_peers_and_a_zone_of_100_refusing_mx_hosts_cost_one_cohort_and_h
     wait_until(lambda: len(fast.received) == 20, timeout=10)
     latency = max(r.at for r in fast.received) - max(s.acked for s in sent)
     wait_until(lambda: recipient_statuses(d.queue_directory).get("deferred", 0) == 90, timeout=30)
-    assert active_count(d.queue_directory) == 0
+    wait_until(lambda: active_count(d.queue_directory) == 0, timeout=10)  # (the last removals, recorded after the 250s)
     cpu = cpu_seconds(d.proc.proc.pid) - cpu_before
     attempts = {"drop": dropper.connections, "ehlo": ehlo421.connections,
                 "many": sum(p.connections for p in refusers)}
