@@ -215,10 +215,7 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
                 opened = trio.current_time()
             # Postfix's connection cache: an open connection waits a little for the
             # next message to the same destination instead of hanging up at once
-            # (not while other destinations wait for a delivery agent's slot: an idle
-            # cached connection must not hold one of default_process_limit's slots)
-            linger = q.config.smtp_connection_cache_time_limit \
-                if conn.usable and not q.agents.statistics().tasks_waiting else 0
+            linger = q.config.smtp_connection_cache_time_limit if conn.usable else 0
             job = await dest.next_job(linger)
             if job is None:
                 break
