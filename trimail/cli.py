@@ -426,15 +426,17 @@ def queue_show(queue_id: str, *, config: ConfigOption = None, o: Overrides = Non
     print("*** END OF MESSAGE ***")
 
 
-def _queue_change(cfg: Config, change: Callable[[Store], list[str] | int]) -> list[str] | int:
-    """Run *change* in one transaction on the queue, then wake serve if it runs."""
+def _queue_change(cfg: Config, change: Callable[[Store], list[str] | int], command: str = "wake") -> list[str] | int:
+    """Run *change* in one transaction on the queue, then tell serve if it runs:
+    ``wake`` (a new round), or ``flush`` (also forget the dead destinations, as
+    Postfix's flush does and postsuper does not)."""
     store = Store.open(cfg.queue_directory)
     try:
         with store.transaction():
             result = change(store)
     finally:
         store.close()
-    send_command(Path(cfg.queue_directory), "flush")
+    send_command(Path(cfg.queue_directory), command)
     return result
 
 
@@ -465,10 +467,10 @@ def queue_flush(ids: list[str] | None = None, *, domain: SiteOption = None, conf
         site = domain.strip()
         if not (is_domain(site.rstrip(".")) or (site.startswith("[") and site.endswith("]"))):
             raise Failure(f"not a domain or an address literal: {maillog.printable(site, 300)}")
-        count = _queue_change(cfg, lambda store: admin.flush_site(store, site))
+        count = _queue_change(cfg, lambda store: admin.flush_site(store, site), "flush")
         print(f"trimail: flushed {count} message(s) for {site.lower().rstrip('.')}", file=sys.stderr)
         return
-    _queue_change(cfg, lambda store: admin.flush(store, ids or None))
+    _queue_change(cfg, lambda store: admin.flush(store, ids or None), "flush")
 
 
 @app.command(name="flush")

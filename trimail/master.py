@@ -147,11 +147,15 @@ class Server:
             self.scheduler.wake()
             return "ok"
 
+        def wake() -> str:  # hold/release/delete/requeue: no flush (postsuper never unthrottles)
+            self.scheduler.wake()
+            return "ok"
+
         def stop() -> str:
             self.stop()
             return "ok"
 
-        return {"flush": flush, "ping": lambda: "ok", "reload": self.reload, "stop": stop,
+        return {"flush": flush, "wake": wake, "ping": lambda: "ok", "reload": self.reload, "stop": stop,
                 "status": self.status, "dead": lambda: json.dumps(self.dead_destinations())}
 
     def dead_destinations(self) -> dict[str, Any]:

@@ -175,7 +175,7 @@ def submit(argv: list[str], stdin=None) -> int:
     finally:
         spool.close()
         store.close()
-    send_command(queue_directory, "flush", timeout=2)
+    send_command(queue_directory, "wake", timeout=2)  # a new round; never "flush" (it forgets dead sites)
     return 0
 
 

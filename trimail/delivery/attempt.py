@@ -7,6 +7,9 @@ the next MX host (or the next address of the host), a session of its own, up to
 ``MX_SESSIONS_CAP``), never back to an address the attempt already had a session
 with.  A session that greets with 4xx or cannot be reached does not count
 (``Connector.open`` goes on to the next address, within smtp_mx_address_limit).
+An unexpected failure of a backup session (a bug, content that cannot be read
+again) is logged and ends the attempt with the outcomes decided so far: it never
+undoes a recipient an earlier session delivered (that would send it twice).
 
 Parameters: smtp_mx_session_limit (through ``Connector.session_limit``).
 """
@@ -20,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from trimail.delivery.route import Route
 from trimail.delivery.smtp import Connection, ConnectionFailed, Connector, Envelope
 from trimail.smtp.client import Outcome
+from trimail.supervise import report
 
 log = logging.getLogger("trimail.smtp")
 
@@ -43,12 +47,18 @@ async def deliver(connector: Connector, conn: Connection, route: Route, envelope
             backup = await connector.open(route, skip=frozenset(used))
         except ConnectionFailed:
             break  # no other host: the soft failures stand
+        except Exception as exc:  # noqa: BLE001 - a bug here must not undo what is decided
+            report(f"{queue_id or route.nexthop}: backup session for {route}", exc, logger=log)
+            break
         used.add(backup.address)
         # Postfix logs the soft failure that sends recipients to a backup host at info
         log.info("%s: %s", queue_id or route.nexthop, outcomes[moving[0]].text)
         try:
             more = await backup.deliver(
                 dataclasses.replace(envelope, recipients=[envelope.recipients[i] for i in moving]), content)
+        except Exception as exc:  # noqa: BLE001 - the recipients delivered so far stay delivered
+            report(f"{queue_id or route.nexthop}: backup session with {backup.relay}", exc, logger=log)
+            break  # (raising would defer them all, the delivered ones too: sent twice)
         finally:
             await backup.close()
         for i, outcome in zip(moving, more, strict=True):

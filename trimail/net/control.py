@@ -1,7 +1,8 @@
 """The control socket: ``$queue_directory/control``, a UNIX stream socket (0600).
 
-One line per connection, one line back.  Commands: ``flush`` (wake the scheduler:
-the database already says what is due) and ``ping``.  The operator's tools use it
+One line per connection, one line back.  Commands: ``flush`` (wake the scheduler
+and forget the destinations it holds dead: the database already says what is
+due), ``wake`` (only wake it: hold, release, delete, requeue) and ``ping``.  The operator's tools use it
 to make serve act now; the database stays the source of truth, so a tool works
 the same when serve is not running.  ``reload``, ``stop``, ``status`` and ``dead``
 (the destinations the queue manager holds dead, as JSON: trimail.qshape) come
