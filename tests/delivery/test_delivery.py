@@ -580,3 +580,19 @@ def test_etrn_restrictions_take_only_restrictions_that_fit(tmp_path):
                             "reject_unknown_sender_domain")):
         with pytest.raises(ConfigError, match=needle):
             Policy(load(write_main_cf(tmp_path, **params)), Resolver())
+
+
+async def test_an_etrn_that_makes_nothing_due_does_not_forget_the_dead_sites(start_mta, nursery):
+    """Postfix's flush(8) unthrottles the queue manager only for a site that has
+    mail waiting: any client may send ETRN for a fast_flush_domains site, and one
+    with nothing queued must not make every dead destination cost another round of
+    connection timeouts."""
+    from trimail.smtp.client import deferred
+
+    srv = await start_mta(fast_flush_domains="back.example")
+    dead = srv.scheduler.dead
+    dead.mark(("smtp", "far.example", 25, True), "smtp:far.example", deferred("4.4.1", "connect: timed out"),
+              time.time(), 300)
+    _ehlo, answers = await trio.to_thread.run_sync(etrn_dialogue, srv.addresses[0].port, ["ETRN back.example"])
+    assert answers == [(250, "2.0.0 Queuing started")]
+    assert [site.destination for site in dead.snapshot(time.time())] == ["smtp:far.example"]
