@@ -418,9 +418,6 @@ async def test_a_backup_session_that_fails_unexpectedly_keeps_what_the_first_ses
 # -- 7. the window after negative feedback ------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="positive feedback comes only from new connections (Postfix: from every "
-                   "delivery, qmgr_deliver.c qmgr_queue_unthrottle); a window shrunk by 421s stays small while "
-                   "its connections are reused (smtp_connection_reuse_time_limit, 300 s)")
 def test_a_window_shrunk_by_421s_grows_again_when_the_site_accepts_more_sessions(daemon, fleet):
     """Defect, not fixed (xfail).  A site allowed 2 sessions (421 beyond) and then
     lifted the limit while a backlog of slow messages was being delivered.  Postfix

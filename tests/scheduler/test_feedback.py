@@ -150,7 +150,7 @@ def test_a_failed_cohort_is_a_windows_worth_of_failures_without_a_success():
     w = window(negative="0")
     for _ in range(4):
         w.failed()
-    w.delivered()  # a delivery that went through starts the count again
+    w.delivered(0, 0.0)  # a delivery that went through starts the count again
     assert [w.failed() for _ in range(5)] == [False] * 4 + [True]
     w = window(negative="0", cohorts=2)
     assert sum(w.failed() for _ in range(10)) == 1
@@ -285,3 +285,20 @@ async def test_connections_that_are_up_keep_delivering_when_the_window_shrinks(m
     assert sorted(site.delivered) == sorted(f"r{i}@far.example" for i in range(20))
     assert q.destinations == {} and site.refused == 8 and site.most_open == 2
     assert took < 11, took
+
+
+def test_deliveries_over_reused_connections_grow_a_window_once_the_site_stops_refusing():
+    """Postfix gives positive feedback per delivery (qmgr_queue_unthrottle): a window
+    shrunk by 421s grows again while its connections are reused, but not while
+    refusals are recent (each growth would be one more refused connection)."""
+    from trimail.scheduler.feedback import QUIET
+
+    w = window(initial=5)
+    for _ in range(2):
+        w.failed(100.0)  # two 421s: the window shrinks to 2 (the first drops it by 2, as in Postfix)
+    assert w.size == 2
+    w.delivered(2, 100.0 + QUIET / 2)
+    assert w.size == 2  # refusals are recent: no growth
+    for i in range(3):
+        w.delivered(2, 100.0 + QUIET + i)
+    assert w.size == 5  # quiet for QUIET seconds: one per delivery, up to workers + initial

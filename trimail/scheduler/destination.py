@@ -295,7 +295,7 @@ async def connection_failed(q: Qmgr, dest: Destination, outcome: Outcome, starte
         if not up:
             await fail_queued(q, dest, outcome, outcome, started)
         return False
-    cohort_failed = dest.window.failed()
+    cohort_failed = dest.window.failed(trio.current_time())
     if up:
         return False
     if cohort_failed:  # Postfix's throttled queue: dead for minimal_backoff_time
@@ -328,7 +328,10 @@ async def deliver_job(q: Qmgr, dest: Destination, conn: Connection, job: Job) ->
         conn.usable = False  # possibly inside DATA: never reuse, never end the message
         outcomes, relay = q.job_failed(job, exc), conn.relay
     if conn.usable and dest.window is not None:
-        dest.window.delivered()
+        before = dest.window.size
+        dest.window.delivered(dest.workers, trio.current_time())
+        if dest.window.size > before and dest.nursery is not None:
+            start_workers(q, dest, dest.nursery)  # a larger window: more workers for the backlog
     await q.complete(job, outcomes, relay, started)
 
 

@@ -5,7 +5,8 @@ The window is how many connections (worker tasks) the queue manager lets a
 destination have.  It starts at ``<transport>_initial_destination_concurrency``
 (at most the transport's ``_destination_concurrency_limit``) and moves by feedback:
 
-- **success** (a connection that got its greeting and EHLO reply): the positive
+- **success** (a connection that got its greeting and EHLO reply, and a delivery
+  over one when no attempt has failed for ``QUIET`` seconds): the positive
   feedback (``..._positive_feedback``: ``1``, ``1/N`` or ``1/concurrency`` of the
   window) accumulates; each time it adds up to 1 the window grows by 1, up to the
   limit, and only while the window is below the workers it has plus the initial
@@ -29,6 +30,7 @@ import dataclasses
 from trimail.config import Config, Feedback
 
 HYSTERESIS = 1  # Postfix's fb->hysteresis (fixed at 1 since 2.5)
+QUIET = 10.0  # seconds without a failed attempt after which deliveries count as positive feedback
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +67,7 @@ class Window:
         self.success = 0.0  # positive feedback accumulated towards the next increase
         self.failure = 0.0  # negative feedback left before the next decrease
         self.fail_cohorts = 0.0
+        self.last_failure = -QUIET  # (trio time) of the last failed connection attempt
 
     def succeeded(self, workers: int) -> None:
         """A connection got its greeting and EHLO reply (qmgr_queue_unthrottle)."""
@@ -80,16 +83,22 @@ class Window:
                 self.failure = 0.0
             self.size = min(self.size, s.limit)
 
-    def delivered(self) -> None:
+    def delivered(self, workers: int, now: float) -> None:
         """A delivery over an established connection went through: the failed
-        cohorts count starts again (no window change: that is per connection)."""
+        cohorts count starts again, and, when no connection attempt has failed
+        for ``QUIET`` seconds, it is positive feedback as a new connection's is
+        (Postfix gives it per delivery: a window shrunk by a site's 421s grows
+        again while its connections are reused, once the site stops refusing)."""
         self.fail_cohorts = 0.0
+        if now - self.last_failure >= QUIET:
+            self.succeeded(workers)
 
-    def failed(self) -> bool:
+    def failed(self, now: float = 0.0) -> bool:
         """A connection attempt failed (qmgr_queue_throttle).  True when the failed
         pseudo-cohorts reached the limit: the destination is dead unless a
         connection to it is still up."""
         s = self.settings
+        self.last_failure = now
         self.fail_cohorts += 1.0 / self.size
         dead = s.cohort_limit > 0 and self.fail_cohorts >= s.cohort_limit - 1e-9  # (float sums of 1/N)
         feedback = s.negative.at(self.size)
