@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import wait_for
 from tests.delivery.test_delivery import queue, send, wait_empty
-from tests.scheduler.stand_in_peers import LimitedPeer
 from tests.scheduler.qmgr_fake import REFUSED, FakeQmgr, FakeSite
+from tests.scheduler.stand_in_peers import LimitedPeer
 from trimail.config import parse_feedback
 from trimail.delivery.route import Route
 from trimail.scheduler.dead import DeadSites
