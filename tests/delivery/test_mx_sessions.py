@@ -1,58 +1,58 @@
 """Backup MX hosts within one delivery attempt (Postfix's smtp_connect.c and
 smtp_mx_session_limit): recipients soft-failed on one mail host go on to the next
 in the same attempt.  Two MX hosts on port 25 of loopback addresses of our own, a
-real DNS server, a real serve."""
+real DNS server, a real serve; the peers are the queue manager's test fleet
+(tests/scheduler/fleet.py)."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
 
 from tests.conftest import wait_for
 from tests.delivery.test_delivery import queue, recipient_status, send, wait_empty
-from tests.scheduler.stand_in_peers import SmtpPeer
+from tests.scheduler.fleet import Fleet, Peer
 
-MX1, MX2 = "127.0.70.21", "127.0.70.22"
-ZONE = {"far.example": {"MX": ["10 mx1.far.example.", "20 mx2.far.example."]},
-        "mx1.far.example": {"A": [MX1]}, "mx2.far.example": {"A": [MX2]}}
 RCPTS = ["r1@far.example", "r2@far.example"]
+MX1, MX2 = "127.0.70.21", "127.0.70.22"  # the mail hosts' addresses for mx.Targets (never bound)
 
 
 @pytest.fixture
-def needs_root():
+def fleet() -> Iterator[Fleet]:
     if os.geteuid() != 0:
         pytest.skip("binding port 25 needs root")
+    with Fleet() as running:
+        yield running
 
 
-async def two_mx(nursery, primary: SmtpPeer) -> SmtpPeer:
-    backup = SmtpPeer()
-    await nursery.start(primary.run, MX1, 25)
-    await nursery.start(backup.run, MX2, 25)
-    return backup
+def two_mx(fleet: Fleet, **primary: object) -> tuple[Peer, Peer, dict]:
+    """The primary (with *primary* behaviour) and the backup MX host of far.example,
+    both on port 25, and the zone naming them."""
+    mx1, mx2 = fleet.peer("mx1", **primary), fleet.peer("mx2")
+    zone = {"far.example": {"MX": ["10 mx1.far.example.", "20 mx2.far.example."]},
+            "mx1.far.example": {"A": [mx1.host]}, "mx2.far.example": {"A": [mx2.host]}}
+    return mx1, mx2, zone
 
 
 @pytest.mark.parametrize("trouble", ["450 at RCPT", "lost at DATA"])
 async def test_recipients_soft_failed_on_the_first_mx_go_to_the_next_in_the_same_attempt(
-        start_mta, nursery, needs_root, trouble):
-    primary = SmtpPeer()
+        start_mta, fleet, trouble):
     if trouble == "450 at RCPT":
-        primary.rcpt_reply = b"450 4.2.1 mailbox busy, try later\r\n"
+        primary, backup, zone = two_mx(fleet, rcpt_reply=b"450 4.2.1 mailbox busy, try later\r\n")
     else:
-        primary.drop_at_data = True
-    backup = await two_mx(nursery, primary)
-    srv = await start_mta(ZONE)
+        primary, backup, zone = two_mx(fleet, drop_at_data=True)
+    srv = await start_mta(zone)
     await send(srv, "a@client.example", RCPTS)
     await wait_empty(srv, timeout=10)  # delivered now, not deferred for minimal_backoff_time
-    assert sorted(backup.recipients()) == RCPTS
-    assert primary.recipients() == [] and primary.sessions == 1 and backup.sessions == 1
+    assert sorted(backup.recipients) == RCPTS
+    assert primary.recipients == [] and primary.sessions == 1 and backup.sessions == 1
 
 
-async def test_smtp_mx_session_limit_1_leaves_them_for_the_retry(start_mta, nursery, needs_root):
-    primary = SmtpPeer()
-    primary.rcpt_reply = b"450 4.2.1 mailbox busy, try later\r\n"
-    backup = await two_mx(nursery, primary)
-    srv = await start_mta(ZONE, smtp_mx_session_limit="1")
+async def test_smtp_mx_session_limit_1_leaves_them_for_the_retry(start_mta, fleet):
+    _, backup, zone = two_mx(fleet, rcpt_reply=b"450 4.2.1 mailbox busy, try later\r\n")
+    srv = await start_mta(zone, smtp_mx_session_limit="1")
     queue_id = await send(srv, "a@client.example", RCPTS)
     await wait_for(lambda: all(s == "deferred" for s, _ in recipient_status(srv, queue_id).values())
                    and len(recipient_status(srv, queue_id)) == 2, timeout=10)
@@ -60,15 +60,13 @@ async def test_smtp_mx_session_limit_1_leaves_them_for_the_retry(start_mta, nurs
     assert "450 4.2.1 mailbox busy" in recipient_status(srv, queue_id)["r1@far.example"][1]
 
 
-async def test_a_hard_failure_on_the_first_mx_is_final(start_mta, nursery, needs_root):
+async def test_a_hard_failure_on_the_first_mx_is_final(start_mta, fleet):
     """Only soft failures move on: a 550 from the first host is the answer."""
-    primary = SmtpPeer()
-    primary.rcpt_reply = b"550 5.1.1 no such user\r\n"
-    backup = await two_mx(nursery, primary)
-    srv = await start_mta(ZONE, mydestination="mx.test.example")
+    primary, backup, zone = two_mx(fleet, rcpt_reply=b"550 5.1.1 no such user\r\n")
+    srv = await start_mta(zone, mydestination="mx.test.example")
     await send(srv, "<>", RCPTS)  # (a null sender: no bounce to deliver)
     await wait_for(lambda: not queue(srv), timeout=10)
-    assert backup.connections == 0 and primary.refused_rcpts == 2
+    assert backup.connections == 0 and primary.rcpt_refused == 2
 
 
 async def test_a_backup_session_looks_past_the_host_it_already_had_within_the_address_limit():

@@ -1,5 +1,6 @@
 """Fixtures of the test bed (tests/scheduler/test_bed.py): a fleet of peers with its DNS
-server, and a real ``trimail serve`` child process resolving through it."""
+server, and a real ``trimail serve`` child process resolving through it.  The other
+queue-manager tests take their peers from the same fleet."""
 
 from __future__ import annotations
 
@@ -18,6 +19,14 @@ def fleet() -> Iterator[Fleet]:
     if os.geteuid() != 0:
         pytest.skip("the bed's peers bind port 25 of loopback addresses: needs root")
     with Fleet() as running:
+        yield running
+
+
+@pytest.fixture
+def ephemeral_fleet() -> Iterator[Fleet]:
+    """A fleet whose peers listen on ephemeral ports (reached as ``[peer.host]:peer.port``,
+    e.g. by relayhost or transport_maps): no root needed."""
+    with Fleet(port=0) as running:
         yield running
 
 

@@ -16,7 +16,9 @@ their behaviours, each changeable while running with ``fleet.set(peer, ...)``:
 - tarpit: ``drip`` bytes per second for every reply, the greeting included;
 - connection-limited: ``session_limit`` concurrent sessions, the others get
   ``421 4.7.0 Too many concurrent SMTP connections`` (Microsoft 365, Gmail, Yahoo);
-- dead: ``greet=False`` accepts, counts and never greets (the client's timeout ends it);
+  ``refusing=True`` gives every connection that 421 (a site turning everyone away);
+- dead: ``greet=False`` accepts, counts and never greets (the client's timeout ends it;
+  whatever the client says meanwhile is kept in ``unanswered``);
 - flapping: ``up=False`` has nothing listening; ``fleet.up(peer)`` / ``fleet.down(peer)``;
 - 4xx for a while: ``rcpt_reply=b"451 4.3.0 ..."`` until set back to None;
 - ``rcpt_reply`` may also be a callable (recipient -> reply or None) for per-address answers;
@@ -25,7 +27,13 @@ their behaviours, each changeable while running with ``fleet.set(peer, ...)``:
 Every peer records what it received (sender, recipients, the ``X-Bed-Tag`` header,
 arrival time on ``time.monotonic()``, the whole content for null-sender mail, i.e.
 DSNs), connection attempts (with times), open connections now and at most, greeted
-sessions now and at most.  The fleet keeps the same counts over all its peers.
+sessions ever, now and at most.  The fleet keeps the same counts over all its peers.
+
+Peers listen on port 25 (root) unless the fleet or the peer says ``port=0``: an
+ephemeral port, then in ``peer.port``, for tests that reach a peer as ``[host]:port``.
+Tests running their own trio loop (serve in process) use the same calls: the fleet's
+loop is another thread's, and those calls then block the caller's loop for the moment
+they take.
 
 ``submit()`` is the sending side: a small SMTP client (several sessions on threads)
 that measures end-of-data -> ``250`` for each message.  ``insert_queued()`` fills a
@@ -34,6 +42,7 @@ queue database directly (before serve starts), for backlogs and retry storms.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import itertools
 import json
@@ -80,6 +89,7 @@ class Counter:
         self.connections = 0  # attempts accepted, ever
         self.connections_now = 0
         self.connections_max = 0
+        self.sessions = 0  # connections greeted with 220, ever
         self.sessions_now = 0
         self.sessions_max = 0
 
@@ -92,6 +102,7 @@ class Counter:
         self.connections_now -= 1
 
     def greeted(self) -> None:
+        self.sessions += 1
         self.sessions_now += 1
         self.sessions_max = max(self.sessions_max, self.sessions_now)
 
@@ -103,18 +114,20 @@ class Peer(Counter):
     def __init__(self, fleet: Fleet, name: str, host: str, port: int = 25, *, delay: float = 0.0,
                  drip: float = 0.0, session_limit: int = 0, greet: bool = True,
                  rcpt_reply: bytes | Callable[[str], bytes | None] | None = None, up: bool = True,
-                 drop_at_data: bool = False) -> None:
+                 drop_at_data: bool = False, refusing: bool = False) -> None:
         super().__init__()
         self.fleet, self.name, self.host, self.port = fleet, name, host, port
         self.delay, self.drip, self.session_limit, self.greet = delay, drip, session_limit, greet
         self.rcpt_reply = rcpt_reply
         self.up = up
         self.drop_at_data = drop_at_data
+        self.refusing = refusing
+        self.unanswered = bytearray()  # what clients said to a peer that never greeted (64 KiB at most)
         self.dropped = 0  # connections dropped at DATA
         self.received: list[Received] = []
         self.attempt_times: list[float] = []  # time.monotonic() of each accepted connection
         self.durations: list[float] = []  # seconds each connection lasted, accept to close
-        self.turned_away = 0  # connections answered with 421 (session_limit)
+        self.turned_away = 0  # connections answered with 421 (session_limit, refusing)
         self.rcpt_refused = 0
         self._scope: trio.CancelScope | None = None
         self._closed = trio.Event()
@@ -126,6 +139,11 @@ class Peer(Counter):
     def tags(self) -> list[str]:
         return [r.tag for r in self.received]
 
+    @property
+    def recipients(self) -> list[str]:
+        """The recipients of every message received, in arrival order."""
+        return [rcpt for r in self.received for rcpt in r.recipients]
+
     # -- listening ------------------------------------------------------------------
 
     async def listen(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -134,6 +152,7 @@ class Peer(Counter):
             with trio.CancelScope() as scope:
                 self._scope = scope
                 listeners = await trio.open_tcp_listeners(self.port, host=self.host, backlog=4096)
+                self.port = listeners[0].socket.getsockname()[1]  # port 0: the one it got
                 task_status.started()
                 try:
                     await trio.serve_listeners(self.session, listeners, handler_nursery=self.fleet.nursery)
@@ -162,10 +181,11 @@ class Peer(Counter):
         greeted, still_open = False, [True]  # still_open[0]: not yet counted as closed
         try:
             if not self.greet:  # dead: hold the connection until the client gives up
-                while await stream.receive_some(4096):
-                    pass
+                while data := await stream.receive_some(4096):
+                    if len(self.unanswered) < 1 << 16:
+                        self.unanswered += data
                 return
-            if self.session_limit and self.sessions_now >= self.session_limit:
+            if self.refusing or (self.session_limit and self.sessions_now >= self.session_limit):
                 self.turned_away += 1
                 await self.send(stream, TOO_MANY)
                 return
@@ -366,8 +386,9 @@ class Zone(dict):
 class Fleet(Counter):
     """Peers and a DNS server on a trio loop in a thread of their own."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 25) -> None:
         super().__init__()
+        self.port = port  # of new peers: 25, or 0 for ephemeral ports
         self.zone = Zone()
         self.peers: list[Peer] = []
         self.received: list[Received] = []
@@ -414,19 +435,32 @@ class Fleet(Counter):
                 pass
         self._thread.join(10)
 
+    def _on_loop(self, run: Callable[..., Any], fn: Callable[..., Any], *args: Any) -> Any:
+        """``run`` (trio.from_thread.run or run_sync) *fn* on the fleet's loop.  From a
+        task of another trio loop (an async test) trio refuses to block that loop, so
+        the call goes through a helper thread while the caller's loop waits."""
+        try:
+            trio.lowlevel.current_task()
+        except RuntimeError:
+            return run(fn, *args, trio_token=self._token)
+        with concurrent.futures.ThreadPoolExecutor(1) as helper:
+            return helper.submit(run, fn, *args, trio_token=self._token).result()
+
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run *fn* on the fleet's loop (changes to peers go through here)."""
-        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+        return self._on_loop(trio.from_thread.run_sync, fn, *args)
 
     def peer(self, name: str, **behaviour: Any) -> Peer:
-        """A new peer on port 25 of a loopback address of its own."""
+        """A new peer on a loopback address of its own, on the fleet's port unless
+        *behaviour* has ``port``."""
+        behaviour.setdefault("port", self.port)
         for host in _addresses:
             peer = Peer(self, name, host, **behaviour)
             if not peer.up:
                 self.peers.append(peer)
                 return peer
             try:
-                trio.from_thread.run(self.nursery.start, peer.listen, trio_token=self._token)
+                self._on_loop(trio.from_thread.run, self.nursery.start, peer.listen)
             except OSError:
                 continue  # the address is taken (an earlier run): the next one
             self.peers.append(peer)
@@ -445,11 +479,11 @@ class Fleet(Counter):
     def up(self, peer: Peer) -> None:
         if not peer.up:
             peer.up = True
-            trio.from_thread.run(self.nursery.start, peer.listen, trio_token=self._token)
+            self._on_loop(trio.from_thread.run, self.nursery.start, peer.listen)
 
     def down(self, peer: Peer) -> None:
         peer.up = False
-        trio.from_thread.run(peer.stop_listening, trio_token=self._token)
+        self._on_loop(trio.from_thread.run, peer.stop_listening)
 
     def snapshot(self) -> list[Received]:
         return self.call(lambda: list(self.received))
@@ -560,7 +594,6 @@ def submit_apart(port: int, messages: list[tuple[str, list[str]]], *, sessions: 
     client's timings are serve's latency, not this process's: the fleet's peers
     share its GIL and, under a storm, would delay the client's reads.  The times
     are ``time.monotonic()``, one clock for every process of the machine."""
-    import concurrent.futures
     import multiprocessing
 
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -613,6 +646,16 @@ def recipient_statuses(queue_directory: Path) -> dict[str, int]:
             "SELECT status, count(*) FROM recipient GROUP BY status")}
         counts["messages"] = db.execute("SELECT count(*) FROM message").fetchone()[0]
         return counts
+    finally:
+        db.close()
+
+
+def message_states(queue_directory: Path) -> dict[str, int]:
+    """Queued messages per state — read through a read-only connection while serve runs."""
+    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        db.set_busy_timeout(5000)
+        return dict(db.execute("SELECT state, count(*) FROM message GROUP BY state").fetchall())
     finally:
         db.close()
 

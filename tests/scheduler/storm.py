@@ -69,7 +69,8 @@ def subject_of(content: bytes) -> str:
 class Sessions:
     """*sessions* SMTP clients in threads, each sending *per_session* messages over
     one connection (``new N`` subjects); ``latencies`` holds end-of-data -> 250 in
-    seconds, ``sent_at`` the time each message was acknowledged."""
+    seconds, ``sent_at`` the time each message was acknowledged (``time.monotonic()``,
+    the clock of the sinks' and the fleet's arrival times)."""
 
     def __init__(self, port: int, sessions: int, per_session: int, domain: str = "new.example") -> None:
         self.port, self.domain = port, domain
@@ -107,7 +108,7 @@ class Sessions:
                     assert code == 250
                     with self._lock:
                         self.latencies.append(took)
-                        self.sent_at[f"new {n}"] = time.time()
+                        self.sent_at[f"new {n}"] = time.monotonic()
         except Exception as exc:  # noqa: BLE001  (reported by join())
             self.errors.append(exc)
 
@@ -124,7 +125,7 @@ def describe(values: list[float]) -> str:
 
 
 class TimedRecorder(Recorder):
-    """Records when each message arrived, by its subject."""
+    """Records when each message arrived (``time.monotonic()``), by its subject."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -133,7 +134,7 @@ class TimedRecorder(Recorder):
     async def handle_DATA(self, server, session, envelope):
         reply = await super().handle_DATA(server, session, envelope)
         with self.lock:
-            self.arrivals.append((time.time(), subject_of(envelope.original_content)))
+            self.arrivals.append((time.monotonic(), subject_of(envelope.original_content)))
         return reply
 
 

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from tests.faults.conftest import daemon, wait_until  # noqa: F401  (the fixture)
-from tests.scheduler.threaded_peers import CountingPeer, InThread, Tarpit, dns_server, queue_states
+from tests.scheduler.fleet import Fleet, message_states
 from tests.scheduler.storm import Sessions, TimedSink, percentile, queue_due_retries, queue_messages
 from trimail.delivery.route import Route
 from trimail.queue.transitions import ClaimedMessage
@@ -73,10 +73,8 @@ def test_job_queue_iterates_in_the_order_it_is_taken(kinds, taken_first):
     assert not jobs and list(jobs) == []
 
 
-TARPIT_HOST, HEALTHY_HOST, DNS_HOST = "127.0.80.6", "127.0.80.7", "127.0.80.8"
-
-
-def test_a_tarpit_with_a_backlog_larger_than_the_active_queue_does_not_starve_other_mail(daemon, tmp_path):  # noqa: F811
+def test_a_tarpit_with_a_backlog_larger_than_the_active_queue_does_not_starve_other_mail(
+        fleet: Fleet, daemon, tmp_path):  # noqa: F811
     """300 messages for a tarpit (connections that never get a greeting), the
     active queue limited to 100: the tarpit keeps its share (25%), the rest of its
     backlog waits in the deferred queue, and mail for a healthy site is delivered
@@ -84,21 +82,21 @@ def test_a_tarpit_with_a_backlog_larger_than_the_active_queue_does_not_starve_ot
     mail waits for the tarpit's timeouts)."""
     backlog, new, active_limit = 300, 20, 100
     queue_messages(tmp_path / "queue", [f"t{i}@tarpit.example" for i in range(backlog)], prefix="T")
-    tarpit, healthy = Tarpit(TARPIT_HOST), CountingPeer(HEALTHY_HOST)
-    zone = {"tarpit.example": {"A": [TARPIT_HOST]}, "healthy.example": {"A": [HEALTHY_HOST]}}
-    with dns_server(zone, DNS_HOST) as dns, InThread(tarpit.run), InThread(healthy.run):
-        d = daemon(dns_nameservers=f"{DNS_HOST}:{dns.started}", qmgr_message_active_limit=active_limit,
-                   smtp_destination_concurrency_limit=10, initial_destination_concurrency=10)
-        wait_until(lambda: tarpit.open_now >= 10, timeout=20)  # the tarpit holds its connections
-        sessions = Sessions(d.port, sessions=2, per_session=new // 2, domain="healthy.example").start()
-        sessions.join()
-        wait_until(lambda: healthy.delivered >= new, timeout=30)
-        latencies = [at - sessions.sent_at["new " + address.split("@")[0][1:]] for at, address in healthy.arrivals]
-        states = queue_states(d.queue_directory)
-        print(f"\n{new} messages to a healthy site delivered {statistics.median(latencies):.2f} s (p50), "
-              f"{percentile(latencies, 99):.2f} s (p99) after their 250 while the tarpit holds "
-              f"{tarpit.open_now} connections; queue: {states}")
-        assert percentile(latencies, 99) < 3.0
-        assert states.get("active", 0) <= active_limit * 25 // 100
-        assert states.get("deferred", 0) + states.get("incoming", 0) >= backlog - active_limit * 25 // 100
+    tarpit, healthy = fleet.peer("tarpit", greet=False), fleet.peer("healthy")  # never greets / accepts all
+    fleet.zone.update({"tarpit.example": {"A": [tarpit.host]}, "healthy.example": {"A": [healthy.host]}})
+    d = daemon(dns_nameservers=fleet.nameserver, qmgr_message_active_limit=active_limit,
+               smtp_destination_concurrency_limit=10, initial_destination_concurrency=10)
+    wait_until(lambda: tarpit.connections_now >= 10, timeout=20)  # the tarpit holds its connections
+    sessions = Sessions(d.port, sessions=2, per_session=new // 2, domain="healthy.example").start()
+    sessions.join()
+    wait_until(lambda: len(healthy.received) >= new, timeout=30)
+    latencies = [r.at - sessions.sent_at["new " + address.split("@")[0][1:]]
+                 for r in list(healthy.received) for address in r.recipients]
+    states = message_states(d.queue_directory)
+    print(f"\n{new} messages to a healthy site delivered {statistics.median(latencies):.2f} s (p50), "
+          f"{percentile(latencies, 99):.2f} s (p99) after their 250 while the tarpit holds "
+          f"{tarpit.connections_now} connections; queue: {states}")
+    assert percentile(latencies, 99) < 3.0
+    assert states.get("active", 0) <= active_limit * 25 // 100
+    assert states.get("deferred", 0) + states.get("incoming", 0) >= backlog - active_limit * 25 // 100
 

@@ -14,15 +14,13 @@ from hypothesis import strategies as st
 
 from tests.conftest import wait_for
 from tests.delivery.test_delivery import queue, send, wait_empty
+from tests.scheduler.fleet import Fleet
 from tests.scheduler.qmgr_fake import REFUSED, FakeQmgr, FakeSite
-from tests.scheduler.stand_in_peers import LimitedPeer
 from trimail.config import parse_feedback
 from trimail.delivery.route import Route
 from trimail.scheduler.dead import DeadSites
 from trimail.scheduler.feedback import Window, WindowSettings
 from trimail.smtp.client import deferred
-
-HOST = "127.0.70.1"
 
 
 class Lines(logging.Handler):
@@ -34,20 +32,20 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-async def test_a_site_allowing_two_sessions_gets_all_30_messages_in_one_run(start_mta, nursery):
+async def test_a_site_allowing_two_sessions_gets_all_30_messages_in_one_run(start_mta,
+                                                                              ephemeral_fleet: Fleet):
     """A peer that allows 2 concurrent sessions and answers 421 beyond that: the
     421s lower the destination's window and leave the mail queued for the sessions
     that are up; all 30 messages are delivered in this run (none waits for
     minimal_backoff_time), and the peer never has more than 2 sessions."""
-    peer = LimitedPeer(max_sessions=2, delay=0.1)
-    port = await nursery.start(peer.run, HOST)
+    peer = ephemeral_fleet.peer("limited", session_limit=2, delay=0.1)
     smtp_log = logging.getLogger("trimail.smtp")
     lines = Lines()
     smtp_log.addHandler(lines)
     level = smtp_log.level
     smtp_log.setLevel(logging.INFO)
     try:
-        srv = await start_mta(relayhost=f"[{HOST}]:{port}")
+        srv = await start_mta(relayhost=f"[{peer.host}]:{peer.port}")
         started = trio.current_time()
         for i in range(30):
             await send(srv, "a@client.example", [f"r{i}@far.example"])
@@ -58,28 +56,27 @@ async def test_a_site_allowing_two_sessions_gets_all_30_messages_in_one_run(star
         smtp_log.setLevel(level)
     deferred = [line for line in lines.lines if "status=deferred" in line]
     print(f"\n30 messages to a 2-session peer: {took:.1f} s, {peer.sessions} sessions, "
-          f"{peer.refused} refused with 421, most at once {peer.most_sessions}, {len(deferred)} deferred")
-    assert sorted(peer.recipients()) == sorted(f"r{i}@far.example" for i in range(30))
-    assert peer.refused >= 1  # the window was tried above 2: the feedback had work to do
-    assert peer.most_sessions <= 2
+          f"{peer.turned_away} refused with 421, most at once {peer.sessions_max}, {len(deferred)} deferred")
+    assert sorted(peer.recipients) == sorted(f"r{i}@far.example" for i in range(30))
+    assert peer.turned_away >= 1  # the window was tried above 2: the feedback had work to do
+    assert peer.sessions_max <= 2
     assert deferred == []
     assert not queue(srv)
 
 
-async def test_421_beyond_the_limit_costs_few_connections(start_mta, nursery):
+async def test_421_beyond_the_limit_costs_few_connections(start_mta, ephemeral_fleet: Fleet):
     """Negative feedback: after the first 421s the window shrinks to what the site
     allows, so a backlog of 40 messages costs a handful of refused connections, not
     one per message."""
-    peer = LimitedPeer(max_sessions=1, delay=0.05)
-    port = await nursery.start(peer.run, HOST)
-    srv = await start_mta(relayhost=f"[{HOST}]:{port}")
+    peer = ephemeral_fleet.peer("limited", session_limit=1, delay=0.05)
+    srv = await start_mta(relayhost=f"[{peer.host}]:{peer.port}")
     for i in range(40):
         await send(srv, "a@client.example", [f"r{i}@far.example"])
-    await wait_for(lambda: len(peer.recipients()) == 40, timeout=30)
+    await wait_for(lambda: len(peer.recipients) == 40, timeout=30)
     await wait_empty(srv)
-    print(f"\n40 messages to a 1-session peer: {peer.sessions} sessions, {peer.refused} refused")
-    assert peer.most_sessions == 1
-    assert peer.refused <= 8
+    print(f"\n40 messages to a 1-session peer: {peer.sessions} sessions, {peer.turned_away} refused")
+    assert peer.sessions_max == 1
+    assert peer.turned_away <= 8
 
 
 # -- the window's arithmetic (Postfix's qmgr_queue_throttle / _unthrottle) ---------------

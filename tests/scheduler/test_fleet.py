@@ -114,3 +114,42 @@ def test_a_peer_takes_thousands_of_messages_per_second(fleet: Fleet):
     print(f"\nfleet peer: {count} messages at {rate:.0f} messages/s (20 sessions, 1 kB each)")
     assert len(peer.received) == count
     assert rate > 1000
+
+
+def test_a_refusing_peer_turns_every_connection_away_until_told_otherwise(fleet: Fleet):
+    peer = fleet.peer("refusing", refusing=True)
+    with pytest.raises(smtplib.SMTPConnectError, match="Too many concurrent SMTP connections"):
+        smtplib.SMTP(peer.host, 25, timeout=10)
+    fleet.set(peer, refusing=False)
+    with smtplib.SMTP(peer.host, 25, timeout=10) as client:
+        assert client.noop()[0] == 250
+    assert (peer.connections, peer.turned_away, peer.sessions) == (2, 1, 1)
+
+
+def test_a_dead_peer_keeps_what_the_client_said_unanswered(fleet: Fleet):
+    peer = fleet.peer("dead", greet=False)
+    with socket.create_connection((peer.host, 25), timeout=5) as sock:
+        sock.sendall(b"EHLO impatient.example\r\n")
+    deadline = time.monotonic() + 5
+    while not peer.durations and time.monotonic() < deadline:  # until the peer saw the hang-up
+        time.sleep(0.01)
+    assert peer.durations and bytes(peer.unanswered) == b"EHLO impatient.example\r\n"
+
+
+async def test_an_async_test_gets_peers_on_ephemeral_ports_without_root(ephemeral_fleet: Fleet):
+    """The fleet's calls work from a trio test (serve in process) too, and port 0 peers
+    are reached as [host]:port."""
+    import trio
+
+    peer = ephemeral_fleet.peer("fast")
+    assert peer.port not in (0, 25)
+
+    def send() -> None:
+        with smtplib.SMTP(peer.host, peer.port, timeout=10) as client:
+            client.sendmail("a@client.example", ["r@x.bed.test"], b"X-Bed-Tag: a\r\n\r\nbody\r\n")
+
+    await trio.to_thread.run_sync(send)
+    ephemeral_fleet.set(peer, rcpt_reply=b"450 4.2.1 busy")
+    with pytest.raises(smtplib.SMTPRecipientsRefused):
+        await trio.to_thread.run_sync(send)
+    assert peer.recipients == ["r@x.bed.test"] and peer.sessions == 2 and peer.rcpt_refused == 1

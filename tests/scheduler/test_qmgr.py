@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from tests.faults.conftest import daemon, wait_until  # noqa: F401  (the fixture)
-from tests.scheduler.threaded_peers import CountingPeer, InThread, Tarpit, dns_server, queue_states
+from tests.scheduler.fleet import Fleet, message_states
 from tests.scheduler.storm import (
     Sessions,
     TimedSink,
@@ -36,58 +36,47 @@ def test_acknowledgements_stay_fast_while_a_retry_storm_is_claimed(daemon, tmp_p
         assert percentile(sessions.latencies, 99) < 0.5
 
 
-PEER_HOST = "127.0.80.3"
-DNS_HOST = "127.0.80.4"
-
-
-def test_delivery_agents_never_exceed_default_process_limit_with_thousands_of_destinations(daemon, tmp_path):  # noqa: F811
+def test_delivery_agents_never_exceed_default_process_limit_with_thousands_of_destinations(
+        fleet: Fleet, daemon, tmp_path):  # noqa: F811
     """One message to each of DOMAINS destinations, all served by one peer: the
     connections open at once, counted at the peer, never exceed default_process_limit
     (the issue measured 626 with 5,000 destinations), and a destination's idle cached
     connection does not keep the next destination waiting for a slot."""
     domains, limit = DOMAINS, 20
     queue_messages(tmp_path / "queue", [f"u{i}@d{i}.example" for i in range(domains)])
-    peer = CountingPeer(PEER_HOST)
-    zone = {f"d{i}.example": {"A": [PEER_HOST]} for i in range(domains)}
-    with dns_server(zone, DNS_HOST) as dns, InThread(peer.run):
-        began = time.monotonic()
-        daemon(dns_nameservers=f"{DNS_HOST}:{dns.started}", default_process_limit=limit)
-        wait_until(lambda: peer.delivered >= domains, timeout=60)
-        took = time.monotonic() - began
-        print(f"\n{domains} destinations delivered in {took:.1f} s over {peer.connections} connections, "
-              f"at most {peer.most_open} open at once (default_process_limit = {limit})")
-        assert peer.delivered == domains
-        assert limit // 2 <= peer.most_open <= limit
-        assert took < domains / limit * 0.5  # a slot never idles for smtp_connection_cache_time_limit (2 s)
+    peer = fleet.peer("peer")
+    fleet.zone.update({f"d{i}.example": {"A": [peer.host]} for i in range(domains)})
+    began = time.monotonic()
+    daemon(dns_nameservers=fleet.nameserver, default_process_limit=limit)
+    wait_until(lambda: len(peer.received) >= domains, timeout=60)
+    took = time.monotonic() - began
+    print(f"\n{domains} destinations delivered in {took:.1f} s over {peer.connections} connections, "
+          f"at most {peer.connections_max} open at once (default_process_limit = {limit})")
+    assert len(peer.received) == domains
+    assert limit // 2 <= peer.connections_max <= limit
+    assert took < domains / limit * 0.5  # a slot never idles for smtp_connection_cache_time_limit (2 s)
 
 
-CRASH_HOST, CRASH_DNS = "127.0.80.10", "127.0.80.11"
-
-
-def test_parked_messages_survive_a_crash_and_are_delivered_once(daemon, tmp_path):  # noqa: F811
+def test_parked_messages_survive_a_crash_and_are_delivered_once(fleet: Fleet, daemon, tmp_path):  # noqa: F811
     """300 messages for a tarpit with an active queue of 100: most are parked (back
     in the deferred queue without an attempt).  serve is killed (-9); the site then
     answers: the next serve delivers every message exactly once, none lost."""
     backlog = 300
     queue_messages(tmp_path / "queue", [f"t{i}@site.example" for i in range(backlog)], prefix="T")
-    zone = {"site.example": {"A": [CRASH_HOST]}}
+    site = fleet.peer("site", greet=False)  # a tarpit for the first serve
+    fleet.zone["site.example"] = {"A": [site.host]}
     settings = {"qmgr_message_active_limit": 100, "smtp_destination_concurrency_limit": 10,
                 "initial_destination_concurrency": 10,
-                "queue_run_delay": "3s"}
-    with dns_server(zone, CRASH_DNS) as dns:
-        settings["dns_nameservers"] = f"{CRASH_DNS}:{dns.started}"
-        tarpit = Tarpit(CRASH_HOST)
-        with InThread(tarpit.run):
-            first = daemon(**settings)
-            wait_until(lambda: tarpit.open_now >= 10 and queue_states(first.queue_directory).get("deferred", 0)
-                       >= backlog - 25, timeout=20)
-            parked = queue_states(first.queue_directory)
-            first.proc.stop(9)
-        peer = CountingPeer(CRASH_HOST)
-        with InThread(peer.run):
-            second = daemon(**settings)
-            wait_until(lambda: peer.delivered >= backlog, timeout=60)
-            wait_until(lambda: not queue_states(second.queue_directory), timeout=20)
-    print(f"\nqueue when killed: {parked}; delivered after restart: {peer.delivered} messages, "
-          f"{len(set(peer.recipients))} distinct recipients")
-    assert sorted(peer.recipients) == sorted(f"t{i}@site.example" for i in range(backlog))
+                "queue_run_delay": "3s", "dns_nameservers": fleet.nameserver}
+    first = daemon(**settings)
+    wait_until(lambda: site.connections_now >= 10 and message_states(first.queue_directory).get("deferred", 0)
+               >= backlog - 25, timeout=20)
+    parked = message_states(first.queue_directory)
+    first.proc.stop(9)
+    fleet.set(site, greet=True)  # the site answers now
+    second = daemon(**settings)
+    wait_until(lambda: len(site.received) >= backlog, timeout=60)
+    wait_until(lambda: not message_states(second.queue_directory), timeout=20)
+    print(f"\nqueue when killed: {parked}; delivered after restart: {len(site.received)} messages, "
+          f"{len(set(site.recipients))} distinct recipients")
+    assert sorted(site.recipients) == sorted(f"t{i}@site.example" for i in range(backlog))
