@@ -6,13 +6,16 @@ A destination has up to its window of worker tasks in the delivery nursery
 (``start_workers``).  The window (``feedback.Window``) starts at
 ``<transport>_initial_destination_concurrency`` and moves by feedback between 1
 and ``<transport>_destination_concurrency_limit``: up when a connection gets its
-greeting and EHLO reply, down when a connection attempt fails; it bounds new
-connections (a connection that is up keeps delivering).  A worker connects first
-and then takes jobs (so a failed attempt never holds one); it keeps its
-connection for as many jobs as the destination has, and lingers
-``smtp_connection_cache_time_limit`` for the next one (not while other
-destinations wait for one of ``default_process_limit``'s slots: an idle cached
-connection must not hold one).  A destination's jobs wait in a ``JobQueue``: new
+greeting and EHLO reply (and per delivery once no attempt has failed for
+``feedback.QUIET``), down when a connection attempt fails; it bounds new
+connections (a connection that is up keeps delivering).  Each worker holds one of
+``default_process_limit``'s slots (``slots.AgentSlots``, round-robin over
+destinations) and gives it up after a job once its turn is over while a
+destination holding none waits.  A worker connects first and then takes jobs (so
+a failed attempt never holds one); it keeps its connection for as many jobs as
+the destination has, and lingers ``smtp_connection_cache_time_limit`` for the
+next one (not while a destination holding no slot waits: an idle cached
+connection must not keep one from it).  A destination's jobs wait in a ``JobQueue``: new
 mail and retries in turn, so a retry storm never queues new mail behind
 thousands of retries.
 

@@ -5,9 +5,10 @@ batches (``schedule_round``: at most ``transitions.CLAIM_BATCH`` per writer
 request, a non-durable one that never shares a transaction with accepted mail),
 new mail and due retries in turn, each through its index, while fewer than
 ``qmgr_message_active_limit`` messages and ``qmgr_message_recipient_limit``
-recipients are active; then it sleeps until a new message is committed, an
-operator flushes, a delivery frees a slot, or the next deferred message is due:
-no polling, no table scans, no sort.
+recipients are active (small messages come with their content, within
+``HELD_TOTAL_LIMIT`` in all, so their delivery reads nothing more); then it
+sleeps until a new message is committed, an operator flushes, a delivery frees a
+slot, or the next deferred message is due: no polling, no table scans, no sort.
 
 Claimed messages are split per recipient by route into jobs (at most
 ``<transport>_destination_recipient_limit`` recipients each, default
@@ -17,7 +18,7 @@ A message whose destinations all hold their share of the active queue
 (``qmgr_destination_active_share``) is parked in the deferred queue instead
 (``scheduler/share.py``).  ``scheduler/destination.py`` has the destinations,
 their workers and connections (at most ``default_process_limit`` delivering at
-once); ``scheduler/results.py`` turns outcomes into records, retries, bounces and
+once, ``scheduler/slots.py``); ``scheduler/results.py`` turns outcomes into records, retries, bounces and
 delay warnings.
 
 New mail takes a shortcut.  When the scheduler has room, a session commits the
