@@ -24,7 +24,7 @@ import trio
 
 from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
 from tests.scheduler import fleet as bed
-from tests.scheduler.fleet import Fleet, Peer, recipient_statuses
+from tests.scheduler.fleet import Fleet, Peer, message_states, recipient_statuses
 
 DNS_HOST = "127.0.110.1"
 
@@ -286,15 +286,6 @@ def schema_3_queue(queue_directory: Path, messages: list[tuple[str, list[str], s
     return ids
 
 
-def real_counts(queue_directory: Path) -> dict[str, int]:
-    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        db.set_busy_timeout(5000)
-        return dict(db.execute("SELECT state, count(*) FROM message GROUP BY state").fetchall())
-    finally:
-        db.close()
-
-
 def test_a_schema_3_queue_with_mail_in_every_state_upgrades_with_right_counts_and_delivers(daemon, fleet, tmp_path):
     """Guard.  A queue of schema 3 holding incoming, due and not-yet-due deferred, held
     and active (crashed) mail: the new serve upgrades it; ``status --json`` counts
@@ -315,12 +306,12 @@ def test_a_schema_3_queue_with_mail_in_every_state_upgrades_with_right_counts_an
     d = start(daemon, fleet, master_service_disable="qmgr")  # receiving only: the queue stands still
     status = json.loads(trimail_cmd("status", "--json", "-c", str(d.config_path)).stdout)
     assert status["queue"] == {"maildrop": 0, "incoming": 6, "active": 0, "deferred": 5, "hold": 1}, status
-    assert {k: v for k, v in status["queue"].items() if v} == real_counts(queue)
+    assert {k: v for k, v in status["queue"].items() if v} == message_states(queue)
     d.proc.stop()
 
     d = start(daemon, fleet)
     wait_until(lambda: len(fast.received) >= 15, timeout=20)  # 5 x 2 + 4 + crashed
-    wait_until(lambda: real_counts(queue) == {"deferred": 1, "hold": 1}, timeout=20)
+    wait_until(lambda: message_states(queue) == {"deferred": 1, "hold": 1}, timeout=20)
     got = sorted(r for rec in fleet.snapshot() for r in rec.recipients)
     assert len(got) == len(set(got)) == 15, got
     status = json.loads(trimail_cmd("status", "--json", "-c", str(d.config_path)).stdout)
@@ -329,7 +320,7 @@ def test_a_schema_3_queue_with_mail_in_every_state_upgrades_with_right_counts_an
     result = trimail_cmd("queue", "flush", "-d", sites[0], "-c", str(d.config_path))
     assert "flushed 1 message" in result.stderr, result.stderr
     wait_until(lambda: any("later@" in r for rec in fleet.snapshot() for r in rec.recipients), timeout=20)
-    wait_until(lambda: real_counts(queue) == {"hold": 1}, timeout=20)
+    wait_until(lambda: message_states(queue) == {"hold": 1}, timeout=20)
     assert later not in trimail_cmd("queue", "list", "-c", str(d.config_path)).stdout
     assert integrity_ok(queue) == "ok"
 
