@@ -17,6 +17,10 @@ in wire form, an empty label, a U-label IDNA cannot encode) is ``DnsPermanent``
 ``DnsTemporary`` 4.4.3, so a surprise costs one delivery attempt or one
 restriction, never the daemon.  ``DnsError`` is an ``errors.LookupFailure``.
 
+Answers are cached for their TTL (at most ``CACHE_SIZE``, least recently used
+first), as a local caching resolver would, so a queue run does not repeat the
+MX and address lookups of every new connection to the same destination.
+
 Parameters: dns_nameservers (resolvers to ask instead of /etc/resolv.conf),
 dns_concurrency_limit (most queries in flight at once, per resolver; the others
 wait for a turn).
@@ -46,6 +50,7 @@ from trimail.log import printable
 
 DEFAULT_LIFETIME = 10.0
 DEFAULT_CONCURRENCY = 100  # dns_concurrency_limit's default
+CACHE_SIZE = 10_000  # answers kept (each for its TTL; the least recently used goes first)
 
 log = logging.getLogger("trimail.smtp")
 
@@ -128,6 +133,9 @@ class Resolver:
         self._resolver.lifetime = lifetime
         self._resolver.timeout = min(lifetime, 3.0)
         self._resolver.retry_servfail = False
+        # answers are kept for their TTL (dnspython's LRU cache, bounded): a queue
+        # run does not ask again for every new connection to the same destination
+        self._resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
         self._backend = dns.asyncbackend.get_backend("trio")
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
