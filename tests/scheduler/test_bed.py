@@ -281,7 +281,7 @@ def test_a_retry_storm_neither_starves_new_mail_nor_slows_acknowledgements(fleet
     (default_process_limit = 100): new mail must not wait behind any destination's
     backlog (the slots go round-robin over destinations).  Its acknowledgements
     share one event loop with 100 delivery agents whose loopback peers answer at
-    once, and this process's peers share the machine's two cores: p99 is 60-170 ms
+    once, and this process's peers share the machine's two cores: p99 is 80-120 ms
     here, so the bound is 250 ms until the smtpd and qmgr processes are split."""
     retries = int(10000 * bed_scale())  # drains for several seconds: longer than new mail may wait
     new = int(200 * bed_scale())
