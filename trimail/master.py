@@ -43,33 +43,33 @@ import json
 import logging
 import os
 import time
-from typing import Any
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import trio
 from prometheus_client import Gauge
 
 from trimail import __version__, anvil
+from trimail import config as configuration
 from trimail import log as maillog
 from trimail.check import warnings as check_warnings
-from trimail import config as configuration
 from trimail.config import Config, ConfigError, ListenAddress
-from trimail.maps import TableError
-from trimail.metrics import Metrics, serve_metrics
-from trimail.policy.restrictions import restriction_lists
-from trimail.policy.verify import Verifier
 from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
+from trimail.local import privileged
+from trimail.maps import TableError
+from trimail.metrics import Metrics, serve_metrics
 from trimail.net.control import open_control_listener, serve_control
 from trimail.net.listener import ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session, SessionLimits
-from trimail.queue.lock import QueueLock
-from trimail.queue.store import QueueError, Store, prepare_directory
-from trimail.local import privileged
+from trimail.policy.restrictions import restriction_lists
+from trimail.policy.verify import Verifier
 from trimail.privileges import drop_privileges
 from trimail.qshape import dead_destinations
+from trimail.queue.lock import QueueLock
+from trimail.queue.store import QueueError, Store, prepare_directory
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.smtp import replies

@@ -12,9 +12,9 @@ import time
 import pytest
 import trio
 
-from trimail.queue.store import Store
 from tests.conftest import trimail, wait_for, write_main_cf
 from tests.peers import DroppingServer, Sink, greeting_only_server, silent_server
+from trimail.queue.store import Store
 
 
 def submit(port: int, sender: str, recipients: list[str], body: str = "Subject: test\r\n\r\nhello\r\n") -> str:

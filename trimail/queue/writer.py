@@ -45,9 +45,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import trio
-
 import apsw
+import trio
 
 from trimail.errors import StorageError
 from trimail.queue.store import Store, storage_error
