@@ -99,7 +99,7 @@ def destination_key(route: Route, recipient: QueuedRecipient) -> tuple:
 class Destination:
     route: Route
     limit: int  # <transport>_destination_concurrency_limit: the window's ceiling
-    key: tuple = ()
+    key: tuple  # its key in the queue manager's destinations (destination_key)
     jobs: JobQueue = dataclasses.field(default_factory=JobQueue)
     workers: int = 0
     busy: int = 0  # workers with a job in hand (the others can take the next one)
@@ -167,7 +167,7 @@ def start_workers(q: Qmgr, dest: Destination, nursery: trio.Nursery) -> None:
         dest.nursery = nursery
         if dest.route.transport not in ("local", "virtual"):
             settings = WindowSettings.from_config(q.config, dest.route.transport, dest.limit)
-            key, now = dest.key or dest.route.key, time.time()
+            key, now = dest.key, time.time()
             dest.window = q.dead.window(key, now) or Window(settings, probing=q.dead.revived(key, now))
             dest.window.settings = settings  # (a reload may have changed them)
             dest.window.size = min(dest.window.size, settings.limit)
@@ -189,7 +189,7 @@ async def _supervised_worker(q: Qmgr, dest: Destination) -> None:
 async def run_worker(q: Qmgr, dest: Destination) -> None:
     """One worker of *dest*: takes its jobs until none is left (and, for SMTP, none
     comes within the connection cache time)."""
-    key = dest.key or dest.route.key
+    key = dest.key
     await q.agents.acquire(key)  # a delivery agent's slot (default_process_limit), held while it works
     try:
         if dest.route.transport in ("local", "virtual"):  # agents on worker threads, no connection
@@ -237,7 +237,7 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
                 break
             dest.busy, busy = dest.busy + 1, True
             await deliver_job(q, dest, conn, job)
-            if q.agents.should_yield(dest.key or dest.route.key, held_since):
+            if q.agents.should_yield(dest.key, held_since):
                 break  # its turn is over and a destination without a slot waits (slots.py)
         finished = True
     finally:
@@ -302,7 +302,7 @@ async def connection_failed(q: Qmgr, dest: Destination, outcome: Outcome, starte
     if up:
         return False
     if cohort_failed:  # Postfix's throttled queue: dead for minimal_backoff_time
-        q.dead.mark(dest.key or dest.route.key, str(dest.route), outcome, time.time(),
+        q.dead.mark(dest.key, str(dest.route), outcome, time.time(),
                     q.config.minimal_backoff_time)
         await fail_queued(q, dest, outcome, suspended(outcome), started)
         return False

@@ -80,6 +80,12 @@ class ActiveMessage:
     corrupt: bool = False  # its content could not be read whole: quarantined when its jobs are done
 
 
+def may_hold(size: int, room: int) -> bool:
+    """Whether a message's content of *size* bytes may be kept in memory while it is
+    active, with *room* bytes left of ``HELD_TOTAL_LIMIT``."""
+    return size <= min(HELD_MESSAGE_LIMIT, room)
+
+
 def schedule_round(store: Store, now: float, room: int, recipients: int | None = None,
                    held: int = 0) -> tuple[list[ClaimedMessage], float | None]:
     """One step of a round, in one (non-durable) writer request: a bounded batch of
@@ -93,7 +99,7 @@ def schedule_round(store: Store, now: float, room: int, recipients: int | None =
     transitions.promote_maildrop(store)
     claimed = transitions.claim(store, min(room, transitions.CLAIM_BATCH), now, recipients)
     for message in claimed:
-        if message.size <= min(HELD_MESSAGE_LIMIT, held):
+        if may_hold(message.size, held):
             message.content = store.read_content(message.id)
             held -= message.size
     return claimed, transitions.next_due(store)
@@ -105,13 +111,13 @@ class Scheduler:
         self.connector = connector
         self.results = Results(config, writer)
         self.shares = Shares(config)
+        self.agents = AgentSlots(config.default_process_limit)
         self._apply(config)
         self.active: dict[str, ActiveMessage] = {}
         self._recipients = 0  # recipients of the active messages (qmgr_message_recipient_limit)
         self.parking = ParkingLot()
         self.destinations: dict[tuple, Destination] = {}
         self.dead = DeadSites()
-        self.agents = AgentSlots(config.default_process_limit)
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._reserved = 0  # slots promised to sessions committing a message for hand-over
@@ -147,8 +153,7 @@ class Scheduler:
         self.active_limit: int = config.qmgr_message_active_limit
         self.recipient_limit: int = max(1, config.qmgr_message_recipient_limit)
         self.shares.apply(config)
-        if hasattr(self, "agents"):
-            self.agents.total_tokens = max(1, config.default_process_limit)
+        self.agents.total_tokens = config.default_process_limit
         self.results.apply(config)
         self.masq_domains: list[str] = config.masquerade_domains
         self.masq_exceptions: list[str] = config.masquerade_exceptions
@@ -214,7 +219,7 @@ class Scheduler:
     def hand_over(self, message: NewMessage, content: bytes | None) -> None:
         """Take a message just committed as ``active`` under a reservation."""
         self._reserved -= 1
-        if content is not None and (len(content) > HELD_MESSAGE_LIMIT or self._held + len(content) > HELD_TOTAL_LIMIT):
+        if content is not None and not may_hold(len(content), HELD_TOTAL_LIMIT - self._held):
             content = None  # read from the queue when delivered
         self._held += len(content) if content is not None else 0
         self._dispatch_safely(ClaimedMessage(
