@@ -55,6 +55,7 @@ def summary(store: Store, now: float | None = None) -> Iterator[tuple[str, str, 
     except apsw.Error as exc:  # busy past the timeout, damaged, temporary files full: one line for the operator
         raise storage_error(exc) from None
 
+
 def flush(store: Store, ids: list[str] | None, now: float | None = None) -> int:
     """Make deferred mail due now (all, or the given IDs).  All is two set-based
     UPDATEs (Postfix's ``postqueue -f`` touches no file either), not two per message."""
