@@ -67,6 +67,16 @@ def parse_int(text: str) -> int:
 _TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
+def parse_workers(text: str) -> int:
+    """``auto`` (one per core) or a count; 0 is the single-process mode."""
+    if text.strip().lower() == "auto":
+        return os.cpu_count() or 1
+    value = parse_int(text)
+    if value < 0:
+        raise ValueError(f"bad worker count {text!r} (auto, 0 or more)")
+    return value
+
+
 def parse_time(text: str, default_unit: str = "s") -> float:
     """Postfix time value: ``300s``, ``5m``, ``1h``, ``5d``, ``2w``, or a bare number
     in the parameter's default unit.  Several terms add up (``1h30m``)."""
@@ -516,6 +526,9 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_client_connection_count_limit", "50", parse_int,
            "most simultaneous sessions from one client address (0: no limit)"),
         _P("smtpd_process_limit", "1000", parse_int, "(trimail) most simultaneous SMTP sessions"),
+        _P("smtpd_workers", "auto", parse_workers,
+           "(trimail) smtpd worker processes under one master, each accepting on every listener"
+           " (auto: one per core; 0: smtpd and qmgr in one process, as trimail.testing runs)"),
         _P("master_service_disable", "", split_list,
            "services not to run: qmgr (keep mail queued, deliver nothing), smtpd"),
         _P("smtpd_session_deadline", "3600s", _time(),

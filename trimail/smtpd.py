@@ -514,7 +514,7 @@ class SmtpdSession:
             return Reply(458, "4.3.0", "Unable to queue messages")
         if ctx.scheduler is not None:
             if count:  # flush(8) tells qmgr to forget dead sites (QMGR_REQ_FLUSH_DEAD) when it has mail
-                ctx.scheduler.dead.flush()  # for the site: an ETRN for nothing revives nothing
+                ctx.scheduler.forget_dead()  # for the site: an ETRN for nothing revives nothing
             ctx.scheduler.wake()
         log.info("ETRN %s from %s: %d message(s) made due", site, self.client, count)
         return None

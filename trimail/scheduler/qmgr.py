@@ -138,6 +138,10 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    def forget_dead(self) -> None:
+        """Try dead destinations again at once (a flush, an ETRN that made mail due)."""
+        self.dead.flush()
+
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration: new routes, tables and limits for the
         messages claimed from now on (deliveries in progress finish as they began)."""
