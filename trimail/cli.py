@@ -88,7 +88,10 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
 
 
 async def _serve_until_signal(cfg: Config) -> None:
-    from trimail.master import serve as run_server
+    if cfg.smtpd_workers > 0:  # a master with worker processes (trimail.processes)
+        from trimail.processes.supervisor import serve_processes as run_server
+    else:  # everything in this process
+        from trimail.master import serve as run_server
 
     async def run_then_stop_watching(scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         await run_server(cfg, task_status=task_status)
@@ -197,12 +200,30 @@ def status_command(*, json_output: Annotated[bool, Parameter(name=["--json"], he
     listening = f"listening on {', '.join(listeners)}" if listeners else "not listening (drained)"
     with_uptime = f"up {float(uptime):.0f}s" if uptime.replace(".", "", 1).isdigit() else f"up {uptime}"
     print(f"trimail: running, pid {pid}, {with_uptime}, {listening}, {sessions} session(s)")
+    _print_workers(facts.get("workers"))
     print("queue: " + ", ".join(f"{state} {count}" for state, count in queue.items()))
     dead = facts.get("dead_destinations_total")
     if dead:
         print(f"dead destinations: {maillog.printable(str(dead))} (trimail queue summary lists them)")
     if helper_state not in ("", "running"):
         print(f"warning: {helper_state}")
+
+
+def _print_workers(workers: object) -> None:
+    """One line per worker process (smtpd_workers > 0), printable only."""
+    if not isinstance(workers, list):
+        return
+    for worker in workers:
+        if not isinstance(worker, dict):
+            continue
+        role, state, pid = (maillog.printable(str(worker.get(key, "?")), 32) for key in ("role", "state", "pid"))
+        uptime = worker.get("uptime")
+        up = f", up {uptime:.0f}s" if isinstance(uptime, (int, float)) else ""
+        load = (f", {maillog.printable(str(worker.get('sessions', 0)), 16)} session(s)" if role == "smtpd"
+                else f", {maillog.printable(str(worker.get('active', 0)), 16)} active")
+        restarts = worker.get("restarts")
+        again = f", restarted {restarts} time(s)" if isinstance(restarts, int) and restarts else ""
+        print(f"  {role} worker pid {pid}{up}, {state}{load}{again}")
 
 
 # -- config ----------------------------------------------------------------------

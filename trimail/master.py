@@ -72,6 +72,7 @@ from trimail.queue.lock import QueueLock
 from trimail.queue.store import QueueError, Store, prepare_directory
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
+from trimail.scheduler.trigger import QmgrTrigger
 from trimail.smtp import replies
 from trimail.smtpd import ReceiveContext, SmtpdSession, server_tls_context
 from trimail.supervise import contained, describe
@@ -97,7 +98,8 @@ class Server:
     """
 
     def __init__(self, config: Config, writer: QueueWriter,
-                 listeners: list[tuple[trio.SocketListener, str, ListenAddress]]) -> None:
+                 listeners: list[tuple[trio.SocketListener, str, ListenAddress]],
+                 trigger: QmgrTrigger | None = None) -> None:
         self.config = config
         self.writer = writer
         # (kind, configured address) -> its open listeners, each with the scope of its accept loop
@@ -111,9 +113,11 @@ class Server:
             self.addresses.append(address)
             self.addresses_by_kind.setdefault(kind, []).append(address)
         resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
+        # the queue manager in this process, or (an smtpd worker) the trigger that wakes the qmgr worker's
         self.scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: self.addresses))
+        self.handing_over: Scheduler | QmgrTrigger = self.scheduler if trigger is None else trigger
         auth_failures: dict[str, deque[float]] = {}
-        self.contexts = {kind: ReceiveContext(config, writer, scheduler=self.scheduler, resolver=resolver,
+        self.contexts = {kind: ReceiveContext(config, writer, scheduler=self.handing_over, resolver=resolver,
                                               kind=kind, auth_failures=auth_failures)
                          for kind in {kind for _, kind, _ in listeners} | {"smtp"}}
         self.context = self.contexts["smtp"]
@@ -138,6 +142,8 @@ class Server:
         self.reloads = 0
         self.metrics_addresses: list[ListenAddress] = []
         self._stop = trio.Event()
+        self._stop_now = trio.Event()
+        self.retiring = False
         self._idle = trio.Event()
         self._idle.set()
 
@@ -188,7 +194,7 @@ class Server:
             fresh = configuration.load(self.config.path, self.config.overrides)
             restriction_lists(fresh)
             resolver = Resolver(fresh.dns_nameservers, concurrency=fresh.dns_concurrency_limit)
-            contexts = {kind: ReceiveContext(fresh, self.writer, scheduler=self.scheduler, resolver=resolver,
+            contexts = {kind: ReceiveContext(fresh, self.writer, scheduler=self.handing_over, resolver=resolver,
                                              kind=kind, auth_failures=self.context.auth_failures)
                         for kind in {kind for kind, _ in LISTENERS}}
             wanted = {(kind, str(address)): address for kind, parameter in LISTENERS
@@ -248,6 +254,14 @@ class Server:
 
     def stop(self) -> None:
         """Begin a graceful stop (idempotent)."""
+        self._stop_now.set()
+        self._stop.set()
+
+    def retire(self) -> None:
+        """Stop accepting and end once every open session has ended by itself, as an
+        old Postfix smtpd does after a reload (an smtpd worker of an older
+        generation); a ``stop()`` meanwhile drains as usual."""
+        self.retiring = True
         self._stop.set()
 
     @property
@@ -333,7 +347,19 @@ class Server:
                 session.tighten(self.stress_limits)
 
     async def _drain(self) -> None:
-        """After the listeners closed: idle sessions now, busy ones after the grace period."""
+        """After the listeners closed: idle sessions now, busy ones after the grace period
+        (retiring: every session runs to its end unless a stop comes first)."""
+        if self.retiring:
+            async with trio.open_nursery() as waiting:
+                async def idle() -> None:
+                    await self._idle.wait()
+                    waiting.cancel_scope.cancel()
+
+                waiting.start_soon(idle)
+                await self._stop_now.wait()
+                waiting.cancel_scope.cancel()
+            if not self.sessions:
+                return
         for session in list(self.sessions):
             session.request_stop()
         with trio.move_on_after(self.config.graceful_timeout):
@@ -395,7 +421,7 @@ async def open_endpoints(config: Config, queue_directory: Path
     return listeners, control, metrics_listeners
 
 
-def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Path]:
+def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = True) -> tuple[Config, Path]:
     """Started as root: start the root delivery helper (when file or command
     targets are allowed or virtual(8) mailboxes are configured:
     trimail.local.privileged), then become
@@ -408,7 +434,7 @@ def become_mail_owner(config: Config, queue_directory: Path) -> tuple[Config, Pa
     if config.allow_root:
         log.warning("running as root: allow_root = yes (development and test suites only)")
         return config, queue_directory
-    if privileged.needed(config):
+    if helper and privileged.needed(config):
         try:  # the root part of delivery: /file, |command targets and virtual mailboxes as their owners
             privileged.start(config)
         except OSError as exc:
@@ -438,10 +464,28 @@ async def recover(writer: QueueWriter, queue_directory: Path) -> None:
         recovered = await writer.run(Store.recover_active)
     except QueueError:
         raise
-    except Exception as exc:  # the database opened but cannot be written
+    except Exception as exc:  # noqa: BLE001 - the database opened but cannot be written
         raise QueueError(f"{queue_directory / 'queue.db'}: {describe(exc)}") from None
     if recovered:
         log.info("recovered %d message(s) left active by an earlier run", recovered)
+
+
+async def serve_sessions(server: Server, listeners: list[Endpoint],
+                         started: Callable[[trio.Nursery], None], stopping: Callable[[], None] = lambda: None,
+                         ) -> None:
+    """Accept on *listeners* until ``server.stop()``, then drain: the listeners
+    close first, idle sessions get ``421`` at once, busy ones after
+    ``graceful_timeout``.  *started* runs once the accept loops are in place (it
+    may start more request loops in the nursery it gets; they end with them)."""
+    async with trio.open_nursery() as sessions:
+        async with trio.open_nursery() as accepting:
+            server._accepting, server._sessions = accepting, sessions
+            server.start_listening(listeners)
+            started(accepting)
+            await server._stop.wait()
+            stopping()
+            accepting.cancel_scope.cancel()
+        await server._drain()
 
 
 async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
@@ -476,25 +520,20 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                     await top.start(server.scheduler.run)
                 else:
                     log.info("qmgr disabled by master_service_disable: mail stays queued")
-                async with trio.open_nursery() as sessions:
-                    async with trio.open_nursery() as accepting:
-                        server._accepting, server._sessions = accepting, sessions
-                        server.start_listening(listeners)
-                        accepting.start_soon(serve_control, control, server.control_commands(), server.metrics)
-                        for listener in metrics_listeners:
-                            accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
-                            server.metrics_addresses.append(bound_address(listener))
-                        if server.metrics_addresses:
-                            log.info("metrics endpoint listening on %s",
-                                     ", ".join(map(str, server.metrics_addresses)))
-                        log.info("daemon started -- version %s, configuration %s, listening on %s",
-                                 __version__, config.source, ", ".join(map(str, server.addresses)))
-                        task_status.started(server)
-                        notify_systemd(b"READY=1")
-                        await server._stop.wait()
-                        notify_systemd(b"STOPPING=1")
-                        accepting.cancel_scope.cancel()
-                    await server._drain()
+
+                def started(accepting: trio.Nursery) -> None:
+                    accepting.start_soon(serve_control, control, server.control_commands(), server.metrics)
+                    for listener in metrics_listeners:
+                        accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
+                        server.metrics_addresses.append(bound_address(listener))
+                    if server.metrics_addresses:
+                        log.info("metrics endpoint listening on %s", ", ".join(map(str, server.metrics_addresses)))
+                    log.info("daemon started -- version %s, configuration %s, listening on %s",
+                             __version__, config.source, ", ".join(map(str, server.addresses)))
+                    task_status.started(server)
+                    notify_systemd(b"READY=1")
+
+                await serve_sessions(server, listeners, started, lambda: notify_systemd(b"STOPPING=1"))
                 top.cancel_scope.cancel()  # deliveries in flight stop; their messages go back below
             returned = await writer.run(Store.recover_active)
             if returned:

@@ -12,7 +12,8 @@ minimal HTTP/1.0 responder on trio: ``GET /metrics`` (any path) answers the text
 exposition format; requests are bounded in size (8 KiB) and time (10 s), and each
 one runs in its own error boundary, so a client that resets mid-request or sends
 garbage costs that request only (``trimail_task_failures{task="metrics request"}``
-counts the unexpected ones).
+counts the unexpected ones).  With worker processes the master answers with the
+sum of every process's registry (trimail.processes.aggregate).
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ class Metrics:
 
 
 async def serve_metrics(listener: trio.SocketListener, metrics: Metrics,
-                        refresh: Callable[[], Awaitable[None]]) -> None:
+                        refresh: Callable[[], Awaitable[None]],
+                        exposition: Callable[[], Awaitable[bytes]] | None = None) -> None:
     """Answer each connection with the current metrics, each request in its own
     error boundary (``net.reading.serve_requests``): a client that resets or sends
     garbage costs its own request only.  When the queue cannot be read the answer
@@ -113,7 +115,7 @@ async def serve_metrics(listener: trio.SocketListener, metrics: Metrics,
                 report("metrics refresh", exc, metrics)
                 await stream.send_all(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
                 return
-            body = metrics.exposition()
+            body = metrics.exposition() if exposition is None else await exposition()
             head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
             await stream.send_all(head + body)

@@ -117,6 +117,12 @@ class QueueLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    def fileno(self) -> int:
+        """The locked descriptor: worker processes inherit it, so the lock is held
+        until the master and every worker are gone (flock belongs to the open file)."""
+        assert self._fd is not None, "not locked"
+        return self._fd
+
     def release(self) -> None:
         if self._fd is not None:
             os.ftruncate(self._fd, 0)

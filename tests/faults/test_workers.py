@@ -1,0 +1,212 @@
+"""The process model under faults: workers killed under load are restarted by the
+master and nothing acknowledged is lost (counted at the downstream); a reload
+under load drops no session; the workers die with the master.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import threading
+import urllib.request
+from typing import Self
+
+import pytest
+
+from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
+from tests.peers import Sink
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def status(daemon) -> dict:
+    result = trimail_cmd("status", "--json", "-c", str(daemon.config_path), timeout=30)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def running(daemon, role: str) -> list[int]:
+    return [w["pid"] for w in status(daemon)["workers"] if w["role"] == role and w.get("state") == "running"]
+
+
+def _tokens(messages) -> set[str]:
+    found = set()
+    for _, _, content in messages:
+        for line in content.split(b"\r\n"):
+            if line.startswith(b"Subject: token "):
+                found.add(line.split(b" ", 2)[2].decode())
+    return found
+
+
+class Load:
+    """Client threads sending numbered messages; ``acknowledged`` holds the tokens of
+    those that got their ``250`` (only those must arrive)."""
+
+    def __init__(self, port: int, clients: int = 8) -> None:
+        self.port = port
+        self.acknowledged: list[str] = []
+        self.failures = 0
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(n,)) for n in range(clients)]
+
+    def _run(self, client: int) -> None:
+        number = 0
+        while not self.stop.is_set():
+            number += 1
+            token = f"c{client}-{number}"
+            try:
+                send(self.port, ["rcpt@example.com"], f"Subject: token {token}\r\n\r\nx\r\n".encode())
+            except (OSError, smtplib.SMTPException, AssertionError):
+                self.failures += 1
+                continue  # refused or cut: not acknowledged
+            self.acknowledged.append(token)
+
+    def __enter__(self) -> Self:
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(60)
+
+
+@pytest.mark.parametrize("role", ["smtpd", "qmgr"])
+def test_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(daemon, role):
+    with Sink(delay=0.05) as sink:  # deliveries are in flight when the qmgr dies
+        d = daemon(smtpd_workers=2, relayhost=f"[127.0.0.1]:{sink.port}")
+        before = running(d, role)
+        assert len(before) == (2 if role == "smtpd" else 1)
+        with Load(d.port) as load:
+            wait_until(lambda: len(load.acknowledged) >= 30, timeout=30)
+            victim = before[0]
+            os.kill(victim, signal.SIGKILL)
+            d.proc.wait_log(rf"warning: process trimail/{role} pid {victim} killed by signal 9")
+            wait_until(lambda: len(running(d, role)) == len(before) and victim not in running(d, role),
+                       timeout=30)
+            count = len(load.acknowledged)
+            wait_until(lambda: len(load.acknowledged) >= count + 20, timeout=30)  # serving again
+        wanted = set(load.acknowledged)
+        wait_until(lambda: wanted <= _tokens(sink.messages), timeout=60)
+        assert_serving(d)
+        restarted = [w for w in status(d)["workers"] if w["role"] == role]
+        assert sum(w["restarts"] for w in restarted) == 1
+    assert integrity_ok(d.queue_directory) == "ok"
+
+
+def test_worker_stopped_with_sigterm_is_restarted(daemon):
+    d = daemon(smtpd_workers=1, master_service_disable="qmgr")
+    [victim] = running(d, "smtpd")
+    os.kill(victim, signal.SIGTERM)
+    d.proc.wait_log(rf"warning: process trimail/smtpd pid {victim} exit status 0")
+    wait_until(lambda: len(running(d, "smtpd")) == 1, timeout=30)
+    assert_serving(d)
+    send(d.port, ["rcpt@example.com"])
+
+
+def test_reload_under_load_drops_no_session(daemon):
+    """Sessions open in the old workers finish there; new ones reach the new
+    generation; the old workers exit once their sessions are done."""
+    with Sink() as sink:
+        d = daemon(smtpd_workers=2, relayhost=f"[127.0.0.1]:{sink.port}", graceful_timeout="60s")
+        old = set(running(d, "smtpd"))
+        held = []
+        for _ in range(6):  # sessions inside a transaction across the reload
+            client = smtplib.SMTP("127.0.0.1", d.port, timeout=30)
+            client.ehlo("client.example")
+            assert client.mail("alice@client.example")[0] == 250
+            held.append(client)
+        with Load(d.port, clients=6) as load:
+            wait_until(lambda: len(load.acknowledged) >= 20, timeout=30)
+            result = trimail_cmd("reload", "-c", str(d.config_path))
+            assert result.returncode == 0, result.stderr
+            wait_until(lambda: not (set(running(d, "smtpd")) & old) and len(running(d, "smtpd")) == 2,
+                       timeout=30)
+            count = len(load.acknowledged)
+            wait_until(lambda: len(load.acknowledged) >= count + 20, timeout=30)
+        assert load.failures == 0, f"{load.failures} transactions failed across the reload"
+        for number, client in enumerate(held):  # the old workers still serve these
+            assert client.rcpt("rcpt@example.com")[0] == 250
+            code, _ = client.data(f"Subject: token held-{number}\r\n\r\nx\r\n".encode())
+            assert code == 250
+            client.quit()
+        for pid in old:  # and leave once they are done
+            wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout=30)
+        wanted = set(load.acknowledged) | {f"held-{n}" for n in range(len(held))}
+        wait_until(lambda: wanted <= _tokens(sink.messages), timeout=60)
+        assert status(d)["reloads"] == 1
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1].startswith("Z")
+    except OSError:
+        return True
+
+
+def test_workers_die_with_the_master_and_a_new_serve_starts(daemon, tmp_path):
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr")
+    workers = running(d, "smtpd")
+    send(d.port, ["rcpt@example.com"])
+    d.proc.proc.send_signal(signal.SIGKILL)
+    d.proc.proc.wait(30)
+    for pid in workers:
+        wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}") or _zombie(pid), timeout=10)
+    second = daemon(smtpd_workers=2, master_service_disable="qmgr")
+    assert_serving(second)
+    assert integrity_ok(second.queue_directory) == "ok"
+
+
+def test_status_and_metrics_cover_every_worker(daemon):
+    metrics_port = _free_port()
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr", metrics_listen=f"127.0.0.1:{metrics_port}")
+    facts = status(d)
+    assert facts["pid"] == d.proc.proc.pid
+    roles = sorted(w["role"] for w in facts["workers"])
+    assert roles == ["smtpd", "smtpd"]
+    assert all(w["pid"] != facts["pid"] and w["uptime"] >= 0 for w in facts["workers"])
+    human = trimail_cmd("status", "-c", str(d.config_path)).stdout
+    assert human.count("smtpd worker") == 2, human
+    for number in range(12):  # new connections are spread over the workers by the kernel
+        send(d.port, ["rcpt@example.com"], f"Subject: n{number}\r\n\r\nx\r\n".encode())
+    body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    received = [line for line in body.splitlines() if line.startswith("trimail_messages_received_total ")]
+    assert received == ["trimail_messages_received_total 12.0"], received
+    assert 'trimail_queue_messages{state="incoming"} 12.0' in body
+    served = {line.split("[")[1].split("]")[0] for line in d.proc.log if "trimail/smtpd[" in line and "client=" in line}
+    assert served <= {str(w["pid"]) for w in facts["workers"]}
+
+
+def test_start_refused_when_a_worker_fails(tmp_path):
+    """An smtpd worker that exits before it is ready fails serve's start (exit 1,
+    one fatal line), and nothing is left listening.  The worker is made to fail by
+    a sitecustomize that only worker processes act on (their argv holds the spec)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import write_main_cf
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "if any('\"role\": \"smtpd\"' in arg for arg in sys.argv):\n"
+        "    os._exit(3)\n")
+    port = _free_port()
+    path = write_main_cf(tmp_path, smtpd_workers=1, master_service_disable="qmgr", smtpd_listen=f"127.0.0.1:{port}")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hooks), *sys.path]))
+    result = subprocess.run([sys.executable, "-m", "trimail", "serve", "-c", str(path)], check=False, capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 1, result.stderr
+    assert "smtpd worker" in result.stderr and "did not start: exit status 3" in result.stderr, result.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

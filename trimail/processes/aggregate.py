@@ -1,0 +1,57 @@
+"""One ``/metrics`` answer for all processes: the master adds up the expositions.
+
+Each process keeps its own registry (trimail.metrics) and sends its text
+exposition over its channel when the endpoint is scraped; the master parses
+them (prometheus_client's parser) and adds samples with the same name and
+labels: counters, histogram buckets, sums and counts add up across processes;
+the gauges are either per-process parts of one total (open sessions) or set in
+one process only (queue sizes in the master, dead destinations in the qmgr),
+so adding is right for them too.  ``*_created`` samples keep the earliest.
+A counter of a worker that was restarted starts again from zero, as a
+restarted Postfix daemon's counters do; Prometheus's ``rate()`` handles resets.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _number(value: float) -> str:
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    if math.isnan(value):
+        return "NaN"
+    return repr(float(value))
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def merge(expositions: Iterable[str]) -> bytes:
+    """The sum of several text expositions, as one exposition (format 0.0.4)."""
+    families: dict[str, tuple[str, str]] = {}  # name -> (type, help), in first-seen order
+    samples: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in expositions:
+        for family in text_string_to_metric_families(text):
+            families.setdefault(family.name, (family.type, family.documentation))
+            into = samples.setdefault(family.name, {})
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if sample.name.endswith("_created"):
+                    into[key] = min(into.get(key, sample.value), sample.value)
+                else:
+                    into[key] = into.get(key, 0.0) + sample.value
+    lines: list[str] = []
+    for name, (kind, documentation) in families.items():
+        exposed = name + "_total" if kind == "counter" else name
+        lines.append(f"# HELP {exposed} {documentation.replace(chr(92), chr(92) * 2).replace(chr(10), '')}")
+        lines.append(f"# TYPE {exposed} {kind}")
+        for (sample_name, labels), value in samples[name].items():
+            label_text = ",".join(f'{key}="{_escape(label)}"' for key, label in labels)
+            lines.append(f"{sample_name}{{{label_text}}} {_number(value)}" if labels
+                         else f"{sample_name} {_number(value)}")
+    return ("\n".join(lines) + "\n").encode()

@@ -1,0 +1,70 @@
+"""One JSON line per message between the master and one worker process.
+
+The master makes a ``socketpair`` per worker and passes one end to it; the
+worker first says ``{"ready": ...}`` once it accepts work, then answers each
+request (``{"cmd": NAME, ...}``) with one line (``{"ok": VALUE}`` or
+``{"error": TEXT}``).  Requests are made one at a time (the master holds a lock
+per worker), so no request ids are needed.  A line is bounded (``MAX_LINE``:
+a metrics exposition of many destinations fits); a longer one, or EOF, ends the
+channel, and the other side treats the process as gone.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import trio
+
+MAX_LINE = 16 << 20
+
+
+class ChannelClosed(Exception):
+    """The other end closed the channel, or broke its framing."""
+
+
+class Channel:
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+        self._buffer = bytearray()
+        self._sending = trio.Lock()
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Channel:
+        return cls(socket.socket(fileno=fd))
+
+    async def send(self, message: dict[str, Any]) -> None:
+        line = json.dumps(message, separators=(",", ":")).encode() + b"\n"
+        async with self._sending:
+            try:
+                await self.stream.send_all(line)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ChannelClosed(str(exc)) from None
+
+    async def receive(self) -> dict[str, Any]:
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[:end + 1]
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    raise ChannelClosed("not a JSON line") from None
+                if not isinstance(message, dict):
+                    raise ChannelClosed("not a JSON object")
+                return message
+            if len(self._buffer) > MAX_LINE:
+                raise ChannelClosed("line too long")
+            try:
+                data = await self.stream.receive_some(1 << 16)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ChannelClosed(str(exc)) from None
+            if not data:
+                raise ChannelClosed("end of file")
+            self._buffer += data
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()

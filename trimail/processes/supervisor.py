@@ -1,0 +1,538 @@
+"""The master process (Postfix's master(8)) when ``smtpd_workers > 0``.
+
+Structure::
+
+    serve_processes
+    ├── QueueWriter thread          (migrations and recovery at start; queue gauges on scrape)
+    ├── one supervising task per worker slot: spawn, wait, restart with back-off
+    │   ├── qmgr worker             (trimail.processes.worker: scheduler, delivery, bounces)
+    │   └── smtpd worker × smtpd_workers   (sessions, policy, its own group commit)
+    └── request loops: the control socket, the metrics endpoint
+
+Start-up order is the single-process serve's (trimail.master.serve): the queue
+lock, the queue database (opened, migrated, recovered), the TLS certificate,
+the listeners, the control socket and the metrics endpoint; then the qmgr
+worker and the smtpd workers, each reporting ready over its channel; only then
+``daemon started``.  A worker that fails to start at start-up ends serve (exit 1).
+
+The master stays as it started (root on a real gateway: it must start
+replacement workers, which open the queue, start the root delivery helper and
+enter the jail before they drop privileges, as Postfix's master does); it
+reads nothing from the network except the metrics endpoint's bounded requests.
+
+A worker that exits while it is not being stopped is logged as Postfix does
+(``warning: process trimail/smtpd pid N exit status 1``) and started again after
+a back-off (0.5 s doubling to 30 s; reset once a worker has run a minute).
+Nothing acknowledged is lost: a ``250`` is sent only after the smtpd worker's
+commit, and a qmgr worker starts by returning its predecessor's ``active`` mail
+to ``incoming``.
+
+``reload``: the new configuration is checked and new listeners opened; a new
+generation of smtpd workers starts, and only when all are ready are the old ones
+told to stop (they close their listeners and finish their sessions: no session is
+dropped); the qmgr worker takes the new configuration in place.  A configuration
+or worker that fails refuses the reload and the old generation goes on.
+``stop``: every worker stops (smtpd workers drain their sessions) and serve ends
+when all are gone (``graceful_timeout`` plus a margin, then SIGKILL).
+
+Parameters: smtpd_workers, master_service_disable, graceful_timeout (plus what
+trimail.master.serve reads).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+from prometheus_client import Counter
+
+from trimail import __version__
+from trimail import config as configuration
+from trimail.check import warnings as check_warnings
+from trimail.config import Config, ConfigError
+from trimail.errors import TrimailError
+from trimail.maps import TableError
+from trimail.master import (
+    LISTENERS,
+    Endpoint,
+    notify_systemd,
+    open_endpoints,
+    preflight,
+    raise_descriptor_limit,
+    recover,
+)
+from trimail.metrics import Metrics, serve_metrics
+from trimail.net.control import serve_control
+from trimail.net.listener import ListenError, bound_address, open_listeners
+from trimail.policy.restrictions import restriction_lists
+from trimail.processes.aggregate import merge
+from trimail.processes.channel import Channel, ChannelClosed
+from trimail.queue.lock import QueueLock
+from trimail.queue.store import Store, prepare_directory
+from trimail.queue.writer import QueueWriter
+from trimail.scheduler.trigger import QmgrTrigger
+from trimail.supervise import Backoff, contained, describe
+
+log = logging.getLogger("trimail.master")
+
+START_TIMEOUT = 60.0  # seconds for a worker to report ready
+REQUEST_TIMEOUT = 10.0  # seconds for a worker to answer the master
+STEADY = 60.0  # a worker that ran this long before it died restarts without back-off history
+STOP_MARGIN = 15.0  # seconds beyond graceful_timeout before a stopping worker is killed
+
+
+class WorkerStartError(TrimailError):
+    """A worker exited, or stayed silent, before it reported ready."""
+
+
+def exit_text(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+class Worker:
+    """One running worker process and the master's end of its channel."""
+
+    def __init__(self, slot: Slot, process: subprocess.Popen[bytes], channel: Channel) -> None:
+        self.slot = slot
+        self.process = process
+        self.channel = channel
+        self.pid = process.pid
+        self.started = time.monotonic()
+        self._asking = trio.Lock()
+
+    async def wait(self) -> int:
+        """Until the process has exited (a pidfd, as trio itself waits); its status."""
+        if self.process.returncode is None:
+            try:
+                pidfd = os.pidfd_open(self.pid)
+            except ProcessLookupError:  # reaped already
+                pidfd = None
+            if pidfd is not None:
+                try:
+                    await trio.lowlevel.wait_readable(pidfd)
+                finally:
+                    os.close(pidfd)
+        return self.process.wait()
+
+    async def request(self, command: str, timeout: float = REQUEST_TIMEOUT, **arguments: Any) -> Any:
+        """One request and its answer; ``WorkerStartError``-free: a worker that is
+        gone or silent raises ``ChannelClosed`` or ``trio.TooSlowError``."""
+        with trio.fail_after(timeout):
+            async with self._asking:
+                await self.channel.send({"cmd": command, **arguments})
+                answer = await self.channel.receive()
+        if "error" in answer:
+            raise RuntimeError(f"{self.slot.role} worker pid {self.pid}: {answer['error']}")
+        return answer.get("ok")
+
+
+class Slot:
+    """A place for one worker: the process in it is replaced when it dies, until
+    the slot is retired (a stop, or an older generation after a reload)."""
+
+    def __init__(self, role: str, generation: int) -> None:
+        self.role = role
+        self.generation = generation
+        self.retired = False
+        self.worker: Worker | None = None
+        self.restarts = 0
+        self.gone = trio.Event()
+
+
+class Master:
+    """Handle on a running multi-process serve: what ``trimail`` commands and
+    signals act on (the same ``stop``/``reload``/``metrics`` as trimail.master.Server)."""
+
+    def __init__(self, config: Config, writer: QueueWriter, lock: QueueLock, listeners: list[Endpoint]) -> None:
+        self.config = config
+        self.writer = writer
+        self.lock = lock
+        self.listening: dict[tuple[str, str], list[Endpoint]] = {}
+        for endpoint in listeners:
+            self.listening.setdefault((endpoint[1], str(endpoint[2])), []).append(endpoint)
+        self._send_trigger, self._receive_trigger = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.trigger = QmgrTrigger(self._send_trigger)
+        self.slots: list[Slot] = []
+        self.retired: list[Slot] = []  # older generations finishing their sessions after a reload
+        self.generation = 0
+        self.metrics = Metrics()
+        self.restarts = Counter("trimail_worker_restarts", "Worker processes started again after an unexpected exit",
+                                ["role"], registry=self.metrics.registry)
+        self.metrics_addresses: list[Any] = []
+        self.started = time.monotonic()
+        self.reloads = 0
+        self._nursery: trio.Nursery | None = None
+        self._stop = trio.Event()
+
+    # -- the listeners as they are now --------------------------------------
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return [endpoint for entries in self.listening.values() for endpoint in entries]
+
+    @property
+    def addresses(self) -> list[Any]:
+        return [bound_address(listener) for listener, _, _ in self.endpoints]
+
+    # -- workers ------------------------------------------------------------
+
+    def _spec(self, slot: Slot, channel_fd: int) -> tuple[dict[str, Any], list[int]]:
+        spec: dict[str, Any] = {"role": slot.role, "config": str(self.config.path) if self.config.path else None,
+                                "overrides": list(self.config.overrides), "master": os.getpid(),
+                                "channel": channel_fd, "lock": self.lock.fileno(), "generation": slot.generation}
+        fds = [channel_fd, self.lock.fileno()]
+        if slot.role == "smtpd":
+            spec["trigger"] = self._send_trigger.fileno()
+            spec["listeners"] = [[listener.socket.fileno(), kind, str(configured)]
+                                 for listener, kind, configured in self.endpoints]
+            fds += [self._send_trigger.fileno(), *(fd for fd, _, _ in spec["listeners"])]
+        else:
+            spec["trigger"] = self._receive_trigger.fileno()
+            spec["addresses"] = [str(address) for address in self.addresses]
+            fds.append(self._receive_trigger.fileno())
+        return spec, fds
+
+    def _spawn(self, slot: Slot) -> Worker:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            spec, fds = self._spec(slot, theirs.fileno())
+            # started from this (the main) thread, not trio's thread pool: the worker's
+            # PR_SET_PDEATHSIG fires when the thread that started it exits
+            process = subprocess.Popen([sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
+                                       pass_fds=fds, stdin=subprocess.DEVNULL)
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return Worker(slot, process, Channel(ours))
+
+    async def _ready(self, worker: Worker) -> bool:
+        try:
+            with trio.fail_after(START_TIMEOUT):
+                said = await worker.channel.receive()
+        except (ChannelClosed, trio.TooSlowError):
+            return False
+        return "ready" in said
+
+    async def _keep(self, slot: Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run a worker in *slot* until the slot is retired; the first start's
+        failure is raised (to start-up or reload), later ones are retried."""
+        backoff = Backoff(initial=0.5, maximum=30.0)
+        first = True
+        try:
+            while True:
+                began = time.monotonic()
+                worker = self._spawn(slot)
+                try:
+                    if await self._ready(worker):
+                        slot.worker = worker
+                        if first:
+                            first = False
+                            task_status.started()
+                    else:
+                        worker.process.kill()
+                    await worker.wait()
+                finally:
+                    slot.worker = None
+                    with trio.CancelScope(shield=True):
+                        if worker.process.poll() is None:
+                            worker.process.kill()
+                            await worker.wait()
+                        await worker.channel.aclose()
+                status = exit_text(worker.process.returncode)
+                if first:
+                    raise WorkerStartError(f"{slot.role} worker pid {worker.pid} did not start: {status}")
+                if slot.retired or self._stop.is_set():
+                    return
+                log.warning("process trimail/%s pid %d %s", slot.role, worker.pid, status)
+                slot.restarts += 1
+                self.restarts.labels(slot.role).inc()
+                if time.monotonic() - began >= STEADY:
+                    backoff.reset()
+                delay = backoff.next()
+                if delay >= 4:
+                    log.warning("trimail/%s: bad command startup -- throttling for %.0fs", slot.role, delay)
+                await trio.sleep(delay)
+        finally:
+            slot.gone.set()
+
+    async def _start_slots(self, role: str, count: int, generation: int) -> list[Slot]:
+        """Start *count* workers of *role*; all ready, or none left running."""
+        assert self._nursery is not None
+        slots = [Slot(role, generation) for _ in range(count)]
+        try:
+            async with trio.open_nursery() as starting:
+                for slot in slots:
+                    starting.start_soon(self._start_one, slot)
+        except BaseException as exc:
+            with trio.CancelScope(shield=True):
+                await self._retire(slots)
+            failed = exc.subgroup(WorkerStartError) if isinstance(exc, BaseExceptionGroup) else None
+            if failed is not None:
+                raise failed.exceptions[0] from None  # one worker's reason, for the log and the exit
+            raise
+        self.slots += slots
+        return slots
+
+    async def _start_one(self, slot: Slot) -> None:
+        assert self._nursery is not None
+        await self._nursery.start(self._keep, slot)
+
+    async def _retire(self, slots: list[Slot], wait: bool = False, command: str = "stop") -> None:
+        """Tell the workers in *slots* to stop (smtpd: drain their sessions) or, after
+        a reload, to retire (smtpd: let every session run to its end)."""
+        for slot in slots:
+            slot.retired = True
+        async with trio.open_nursery() as telling:
+            for slot in slots:
+                if slot.worker is not None:
+                    telling.start_soon(self._tell_stop, slot.worker, command)
+        if wait:
+            with trio.move_on_after(self.config.graceful_timeout + STOP_MARGIN):
+                for slot in slots:
+                    await slot.gone.wait()
+            for slot in slots:
+                if slot.worker is not None and slot.worker.process.poll() is None:
+                    log.warning("process trimail/%s pid %d did not stop: killed", slot.role, slot.worker.pid)
+                    slot.worker.process.kill()
+            for slot in slots:
+                await slot.gone.wait()
+        self.slots = [slot for slot in self.slots if slot not in slots]
+
+    @staticmethod
+    async def _tell_stop(worker: Worker, command: str) -> None:
+        try:
+            await worker.request(command)
+        except (ChannelClosed, trio.TooSlowError, RuntimeError):
+            worker.process.terminate()  # SIGTERM: the same graceful stop
+
+    def _retiring(self) -> list[Slot]:
+        self.retired = [slot for slot in self.retired if not slot.gone.is_set()]
+        return list(self.retired)
+
+    def _live(self, role: str) -> list[Worker]:
+        return [slot.worker for slot in self.slots if slot.role == role and slot.worker is not None]
+
+    async def _ask_all(self, command: str, role: str | None = None) -> list[tuple[Worker, Any]]:
+        answers: list[tuple[Worker, Any]] = []
+
+        async def ask(worker: Worker) -> None:
+            try:
+                answers.append((worker, await worker.request(command)))
+            except (ChannelClosed, trio.TooSlowError, RuntimeError) as exc:
+                answers.append((worker, exc))
+
+        async with trio.open_nursery() as asking:
+            for slot in self.slots + self._retiring():
+                if slot.worker is not None and (role is None or slot.role == role):
+                    asking.start_soon(ask, slot.worker)
+        return answers
+
+    # -- what the operator's commands do -------------------------------------
+
+    def control_commands(self) -> dict[str, Callable[[], Any]]:
+        def flush() -> str:
+            self.trigger.forget_dead()
+            return "ok"
+
+        def wake() -> str:
+            self.trigger.wake()
+            return "ok"
+
+        def stop() -> str:
+            self.stop()
+            return "ok"
+
+        return {"flush": flush, "wake": wake, "ping": lambda: "ok", "reload": self.reload, "stop": stop,
+                "status": self.status, "dead": self.dead}
+
+    async def dead(self) -> str:
+        for worker, answer in await self._ask_all("dead", "qmgr"):
+            if not isinstance(answer, Exception):
+                return json.dumps(answer)
+        return json.dumps({"total": 0, "dead": []})
+
+    async def status(self) -> str:
+        workers: list[dict[str, Any]] = []
+        facts: dict[str, Any] = {"sessions": 0, "stress": False, "delivery_helper": "", "dead_destinations": [],
+                                 "dead_destinations_total": 0}
+        answered = {worker.pid: answer for worker, answer in await self._ask_all("status")}
+        for slot in self.slots + self._retiring():
+            entry: dict[str, Any] = {"role": slot.role, "generation": slot.generation, "restarts": slot.restarts}
+            worker = slot.worker
+            if worker is None:
+                entry["state"] = "starting"
+            elif isinstance(answered.get(worker.pid), dict):
+                answer = answered[worker.pid]
+                entry.update(state="retiring" if slot.retired else "running", pid=worker.pid,
+                             uptime=answer.get("uptime"))
+                if slot.role == "smtpd":
+                    entry["sessions"] = answer.get("sessions", 0)
+                    facts["sessions"] += answer.get("sessions", 0)
+                    facts["stress"] = facts["stress"] or bool(answer.get("stress"))
+                else:
+                    entry["active"] = answer.get("active", 0)
+                    for key in ("delivery_helper", "dead_destinations", "dead_destinations_total"):
+                        facts[key] = answer.get(key, facts[key])
+            else:
+                entry.update(state="not answering", pid=worker.pid,
+                             uptime=round(time.monotonic() - worker.started, 3))
+            workers.append(entry)
+        return json.dumps({"pid": os.getpid(), "uptime": round(time.monotonic() - self.started, 3),
+                           "listeners": [str(a) for a in self.addresses], "reloads": self.reloads,
+                           "configuration": self.config.source, "workers": workers, **facts})
+
+    async def refresh_metrics(self) -> None:
+        counts, oldest = await self.writer.read(lambda store: (store.counts(), store.oldest_arrival()))
+        for state in ("maildrop", "incoming", "active", "deferred", "hold"):
+            self.metrics.queue.labels(state).set(counts.get(state, 0))
+        self.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
+
+    async def exposition(self) -> bytes:
+        texts = [self.metrics.exposition().decode()]
+        texts += [answer for _, answer in await self._ask_all("metrics") if isinstance(answer, str)]
+        return merge(texts)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def reload(self) -> str:
+        opened: list[Endpoint] = []
+        try:
+            fresh = configuration.load(self.config.path, self.config.overrides)
+            restriction_lists(fresh)
+            wanted = {(kind, str(address)): address for kind, parameter in LISTENERS for address in fresh.get(parameter)}
+            for key, address in wanted.items():
+                if key not in self.listening:
+                    opened += [(listener, key[0], address) for listener in await open_listeners([address])]
+        except (ConfigError, TableError, OSError, ListenError) as exc:
+            for listener, _, _ in opened:
+                await listener.aclose()
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return f"error: {exc}"
+        previous, self.config = self.config, fresh
+        removed = {key: entries for key, entries in self.listening.items() if key not in wanted}
+        for key in removed:
+            del self.listening[key]
+        for endpoint in opened:
+            self.listening.setdefault((endpoint[1], str(endpoint[2])), []).append(endpoint)
+        old = [slot for slot in self.slots if slot.role == "smtpd"]
+        try:
+            self.generation += 1
+            await self._start_slots("smtpd", workers_wanted(fresh), self.generation)
+        except WorkerStartError as exc:  # the new workers cannot run: the old ones go on as they were
+            self.config = previous
+            for endpoint in opened:
+                self.listening[(endpoint[1], str(endpoint[2]))].remove(endpoint)
+            self.listening = {key: entries for key, entries in self.listening.items() if entries}
+            self.listening.update(removed)
+            for listener, _, _ in opened:
+                await listener.aclose()
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return f"error: {exc}"
+        self.retired += old
+        await self._retire(old, command="retire")  # they close their listeners and finish their sessions
+        for entries in removed.values():
+            for listener, _, _ in entries:
+                await listener.aclose()
+        await self._reload_qmgr(fresh)
+        self.reloads += 1
+        log.info("reload -- version %s, configuration %s", __version__, fresh.source)
+        return "ok"
+
+    async def _reload_qmgr(self, fresh: Config) -> None:
+        qmgr = [slot for slot in self.slots if slot.role == "qmgr"]
+        if "qmgr" in fresh.master_service_disable:
+            await self._retire(qmgr, wait=True)
+            return
+        if not qmgr:
+            await self._start_slots("qmgr", 1, self.generation)
+            return
+        for worker in self._live("qmgr"):
+            try:
+                await worker.request("reload", addresses=[str(a) for a in self.addresses])
+            except (ChannelClosed, trio.TooSlowError, RuntimeError) as exc:
+                log.warning("qmgr worker pid %d did not take the reload: %s", worker.pid, describe(exc))
+
+    async def run(self, control: trio.SocketListener, metrics_listeners: list[trio.SocketListener], *,
+                  task_status: trio.TaskStatus[Master] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as supervising:
+            self._nursery = supervising
+            if "qmgr" not in self.config.master_service_disable:
+                await self._start_slots("qmgr", 1, self.generation)
+            else:
+                log.info("qmgr disabled by master_service_disable: mail stays queued")
+            await self._start_slots("smtpd", workers_wanted(self.config), self.generation)
+            async with trio.open_nursery() as requests:
+                requests.start_soon(serve_control, control, self.control_commands(), self.metrics)
+                for listener in metrics_listeners:
+                    requests.start_soon(serve_metrics, listener, self.metrics, self.refresh_metrics, self.exposition)
+                    self.metrics_addresses.append(bound_address(listener))
+                if self.metrics_addresses:
+                    log.info("metrics endpoint listening on %s", ", ".join(map(str, self.metrics_addresses)))
+                log.info("daemon started -- version %s, configuration %s, listening on %s, %d smtpd worker(s)",
+                         __version__, self.config.source, ", ".join(map(str, self.addresses)),
+                         len(self._live("smtpd")))
+                task_status.started(self)
+                notify_systemd(b"READY=1")
+                await self._stop.wait()
+                notify_systemd(b"STOPPING=1")
+                requests.cancel_scope.cancel()
+            for listener, _, _ in self.endpoints:  # the workers hold their own copies until they drain
+                with contained("closing a listener"):
+                    await listener.aclose()
+            await self._retire(self.slots + self._retiring(), wait=True)
+            supervising.cancel_scope.cancel()
+
+
+def workers_wanted(config: Config) -> int:
+    if config.smtpd_workers == 0:
+        log.warning("smtpd_workers = 0 takes effect when serve starts again; keeping one smtpd worker")
+    return max(1, config.smtpd_workers)
+
+
+async def serve_processes(config: Config, *,
+                          task_status: trio.TaskStatus[Master] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the master until ``Master.stop()``; readiness is reported with the Master."""
+    raise_descriptor_limit()
+    queue_directory = Path(config.queue_directory)
+    prepare_directory(queue_directory)
+    lock = QueueLock(queue_directory)
+    lock.acquire()
+    try:
+        for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
+            log.warning("%s", warning)
+        busy_timeout = config.queue_busy_timeout
+
+        def open_store() -> Store:
+            return Store.open(queue_directory, busy_timeout=busy_timeout)
+
+        async with QueueWriter(open_store) as writer:
+            await recover(writer, queue_directory)
+            preflight(config)
+            listeners, control, metrics_listeners = await open_endpoints(config, queue_directory)
+            master = Master(config, writer, lock, listeners)
+            try:
+                await master.run(control, metrics_listeners, task_status=task_status)
+            finally:
+                master._send_trigger.close()
+                master._receive_trigger.close()
+            log.info("terminating on stop request")
+    finally:
+        lock.release()

@@ -1,0 +1,269 @@
+"""A worker process: ``python -m trimail.processes.worker SPEC`` (started by the master only).
+
+SPEC is one JSON object: ``role`` (``smtpd`` or ``qmgr``), ``config`` and
+``overrides`` (read again here, as the master read them), ``master`` (its pid),
+``channel``, ``trigger`` and ``lock`` (inherited descriptors), and for smtpd
+``listeners`` (``[fd, kind, configured address]``), for qmgr ``addresses`` (what
+serve listens on: mail for them is mail for us).
+
+- **smtpd worker**: ``trimail.master.Server`` with every listener, its own
+  group-commit writer, its sessions and policy; new mail is committed as
+  ``incoming`` and the qmgr is woken through the trigger.  ``stop`` closes its
+  listeners and drains its sessions, as a single-process serve does.
+- **qmgr worker**: first returns what a predecessor left ``active`` to
+  ``incoming`` (it is the only process that makes mail active), then runs the
+  Scheduler with its delivery agents and bounces until ``stop``; in-flight
+  deliveries then stop and their messages go back to ``incoming``.  ``reload``
+  takes the new configuration in place (deliveries in progress finish as begun).
+
+Either drops privileges (and enters the jail) as a single-process serve does,
+after opening the queue and before it reads a byte from the network; the qmgr
+starts the root delivery helper first when the configuration needs one.  The
+worker dies with the master (``PR_SET_PDEATHSIG``): an orphan never goes on
+serving a queue that a new master may take.  SIGINT and SIGHUP are the master's
+to handle; SIGTERM stops the worker gracefully (the master restarts it).
+Exit status: 0 after a stop, 2 for a configuration error, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from trimail import config as configuration
+from trimail import log as maillog
+from trimail.config import Config, ConfigError, ListenAddress, parse_host_port
+from trimail.delivery.dns import Resolver
+from trimail.delivery.smtp import Connector
+from trimail.local import privileged
+from trimail.master import Server, become_mail_owner, recover, serve_sessions
+from trimail.metrics import Metrics
+from trimail.processes.channel import Channel, ChannelClosed
+from trimail.qshape import dead_destinations
+from trimail.queue.store import Store
+from trimail.queue.writer import QueueWriter
+from trimail.scheduler import Scheduler
+from trimail.scheduler.trigger import QmgrTrigger, receive_triggers
+from trimail.supervise import describe
+
+log = logging.getLogger("trimail.master")
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_master(master: int) -> None:
+    """Linux: SIGKILL when the master goes; if it went already, go now."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the channel's EOF still stops us
+        pass
+    if os.getppid() != master:
+        raise SystemExit(1)
+
+
+def listening_sockets(spec: dict[str, Any]) -> list[tuple[trio.SocketListener, str, ListenAddress]]:
+    endpoints = []
+    for fd, kind, configured in spec["listeners"]:
+        sock = socket.socket(fileno=fd)
+        sock.setblocking(False)
+        endpoints.append((trio.SocketListener(trio.socket.from_stdlib_socket(sock)), kind,
+                          parse_host_port(configured)))
+    return endpoints
+
+
+async def serve_channel(channel: Channel, commands: dict[str, Any], stop: trio.Event) -> None:
+    """Answer the master's requests until it closes the channel (then: stop)."""
+    try:
+        while True:
+            request = await channel.receive()
+            handler = commands.get(str(request.get("cmd")))
+            if handler is None:
+                await channel.send({"error": f"unknown command {request.get('cmd')!r}"})
+                continue
+            try:
+                answer = handler(request)
+                if hasattr(answer, "__await__"):
+                    answer = await answer
+            except Exception as exc:  # noqa: BLE001 - one request's boundary: the answer says it
+                await channel.send({"error": describe(exc)})
+                continue
+            await channel.send({"ok": answer})
+    except ChannelClosed:
+        if not stop.is_set():
+            log.warning("lost the master's channel: stopping")
+        stop.set()
+
+
+def _open_store(config: Config):
+    queue_directory = Path(config.queue_directory)
+    busy_timeout = config.queue_busy_timeout
+    holder = {"directory": queue_directory}
+
+    def open_store() -> Store:  # reads the directory when called: "/" once inside the jail
+        return Store.open(holder["directory"], busy_timeout=busy_timeout)
+
+    return holder, open_store
+
+
+async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event) -> None:
+    started = time.monotonic()
+    channel = Channel.from_fd(spec["channel"])
+    trigger = QmgrTrigger(socket.socket(fileno=spec["trigger"]))
+    listeners = listening_sockets(spec)
+    holder, open_store = _open_store(config)
+    async with QueueWriter(open_store) as writer:
+        config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False)
+        server = Server(config, writer, listeners, trigger)
+        stopped = trio.Event()
+
+        def status(_: dict[str, Any]) -> dict[str, Any]:
+            return {"role": "smtpd", "pid": os.getpid(), "uptime": round(time.monotonic() - started, 3),
+                    "sessions": len(server.sessions), "stress": server.anvil.stress}
+
+        def stop(_: dict[str, Any]) -> str:
+            server.stop()
+            return "ok"
+
+        def retire(_: dict[str, Any]) -> str:
+            server.retire()
+            return "ok"
+
+        commands = {"status": status, "stop": stop, "retire": retire, "ping": lambda _: "ok",
+                    "metrics": lambda _: server.metrics.exposition().decode()}
+
+        async def watch_channel() -> None:
+            await serve_channel(channel, commands, stopped)
+            server.stop()
+
+        async def watch_signal() -> None:
+            await terminated.wait()
+            server.stop()
+
+        async with trio.open_nursery() as top:
+            top.start_soon(watch_channel)
+            top.start_soon(watch_signal)
+
+            def ready(_: trio.Nursery) -> None:
+                top.start_soon(channel.send, {"ready": {"role": "smtpd", "pid": os.getpid()}})
+
+            await serve_sessions(server, listeners, ready)
+            top.cancel_scope.cancel()
+
+
+async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event) -> None:
+    started = time.monotonic()
+    channel = Channel.from_fd(spec["channel"])
+    trigger = socket.socket(fileno=spec["trigger"])
+    holder, open_store = _open_store(config)
+    addresses = [parse_host_port(text) for text in spec.get("addresses", [])]
+    async with QueueWriter(open_store) as writer:
+        await recover(writer, holder["directory"])  # a predecessor's deliveries in flight: back to incoming
+        config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=True)
+        resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
+        scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: addresses))
+        metrics = Metrics()
+        scheduler.metrics = metrics
+        writer.on_commit = metrics.commit
+        metrics.dead.set_function(lambda: len(scheduler.dead.snapshot(time.time())))
+        stop = trio.Event()
+        current = {"config": config}
+
+        def status(_: dict[str, Any]) -> dict[str, Any]:
+            dead = dead_destinations(scheduler.dead.snapshot(time.time()))
+            return {"role": "qmgr", "pid": os.getpid(), "uptime": round(time.monotonic() - started, 3),
+                    "active": len(scheduler.active), "delivery_helper": privileged.state(),
+                    "dead_destinations": dead["dead"], "dead_destinations_total": dead["total"]}
+
+        def reload(request: dict[str, Any]) -> str:
+            fresh = configuration.load(current["config"].path, current["config"].overrides)
+            if current["config"].chroot:
+                fresh = fresh.with_overrides({"queue_directory": "/"})
+            addresses[:] = [parse_host_port(text) for text in request.get("addresses", [])]
+            scheduler.reconfigure(fresh)
+            current["config"] = fresh
+            return "ok"
+
+        def flush(_: dict[str, Any]) -> str:
+            scheduler.forget_dead()
+            scheduler.wake()
+            return "ok"
+
+        def wake(_: dict[str, Any]) -> str:
+            scheduler.wake()
+            return "ok"
+
+        def stopping(_: dict[str, Any]) -> str:
+            stop.set()
+            return "ok"
+
+        commands = {"status": status, "stop": stopping, "ping": lambda _: "ok", "reload": reload,
+                    "flush": flush, "wake": wake, "metrics": lambda _: metrics.exposition().decode(),
+                    "dead": lambda _: dead_destinations(scheduler.dead.snapshot(time.time()))}
+        async with trio.open_nursery() as top:
+            await top.start(scheduler.run)
+            top.start_soon(receive_triggers, trigger, scheduler)
+            top.start_soon(serve_channel, channel, commands, stop)
+            await channel.send({"ready": {"role": "qmgr", "pid": os.getpid()}})
+
+            async def watch_signal() -> None:
+                await terminated.wait()
+                stop.set()
+
+            top.start_soon(watch_signal)
+            await stop.wait()
+            top.cancel_scope.cancel()  # deliveries in flight stop; their messages go back below
+        returned = await writer.run(Store.recover_active)
+        if returned:
+            log.info("%d message(s) in delivery returned to the incoming queue", returned)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    spec = json.loads(args[0])
+    die_with_master(spec["master"])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C goes to the whole group: the master's
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        config = configuration.load(spec["config"], spec["overrides"])
+    except ConfigError as exc:
+        print(f"trimail: fatal: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    maillog.setup(config.myhostname, maillog_file=config.maillog_file, syslog_facility=config.syslog_facility)
+    run = run_smtpd if spec["role"] == "smtpd" else run_qmgr
+
+    async def until_terminated() -> None:
+        terminated = trio.Event()
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                async def work() -> None:
+                    await run(spec, config, terminated)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(work)
+                async for _ in signals:
+                    terminated.set()  # SIGTERM: a graceful stop, as the master's stop request
+
+    try:
+        trio.run(until_terminated)
+    except BaseException as exc:
+        if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            logging.getLogger("trimail.master").critical("%s worker: %s", spec["role"], describe(exc))
+            maillog.shutdown()
+            raise SystemExit(1) from None
+        raise
+    maillog.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""The qmgr trigger: how an smtpd worker (or the master) wakes the queue manager
+in another process, like Postfix's qmgr FIFO.
+
+A ``SOCK_DGRAM`` socketpair made by the master: every sender holds one end, the
+qmgr worker reads the other.  A trigger is one byte: ``W`` (new mail: run a
+round now) or ``F`` (also forget the dead destinations: a flush or an ETRN).
+Sending never blocks: when the qmgr is slow and the socket buffer is full, a
+trigger is already pending and this one adds nothing.  The database stays the
+source of truth (the mail was committed before the trigger), so a lost trigger
+delays delivery by at most a round timer, never loses mail; the master holds the
+reading end while the qmgr restarts, so triggers sent meanwhile wait for it.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Protocol
+
+import trio
+
+WAKE = b"W"
+FLUSH = b"F"
+
+
+class QmgrTrigger:
+    """Stands in for the Scheduler in a process that has none: ``reserve()`` is
+    always False (no in-memory hand-over), ``wake()`` and ``forget_dead()`` send."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+
+    def _send(self, byte: bytes) -> None:
+        try:
+            self.sock.send(byte)
+        except (BlockingIOError, InterruptedError):
+            pass  # the buffer is full of triggers the qmgr has yet to read
+        except OSError:
+            pass  # no reader at all (shutting down): the database says what is due
+
+    def wake(self) -> None:
+        self._send(WAKE)
+
+    def forget_dead(self) -> None:
+        self._send(FLUSH)
+
+    def reserve(self) -> bool:
+        return False
+
+    def release(self) -> None:  # pragma: no cover - reserve() never succeeds
+        raise AssertionError("nothing was reserved")
+
+    def hand_over(self, message: object, content: object) -> None:  # pragma: no cover
+        raise AssertionError("no hand-over between processes")
+
+
+class Wakeable(Protocol):
+    def wake(self) -> None: ...
+    def forget_dead(self) -> None: ...
+
+
+async def receive_triggers(sock: socket.socket, scheduler: Wakeable) -> None:
+    """The qmgr side: act on every trigger until cancelled; a burst of them is
+    one wake-up."""
+    sock.setblocking(False)
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        received = flush = False
+        while True:  # everything already waiting: one wake for the burst
+            try:
+                data = sock.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                break
+            received = True
+            flush = flush or FLUSH in data
+        if flush:
+            scheduler.forget_dead()
+        if received:
+            scheduler.wake()
