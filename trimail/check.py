@@ -93,21 +93,19 @@ FILE_TABLES = ("hash", "btree", "texthash", "cidr", "regexp", "pcre")
 
 def _jail(config: Config) -> list[str]:
     """``chroot = yes``: what serve reads after entering the jail must be inside it.
-    main.cf and the TLS certificate are read at start, before the jail, but reload
-    reads them again; lookup tables are opened inside it, by their path there."""
+    main.cf and the TLS certificate are read at start, before the jail, but a
+    single-process reload reads them again (with workers the master and each new
+    worker read them outside the jail); lookup tables are opened inside it, by their path there."""
     if not config.chroot:
         return []
     jail = Path(config.queue_directory).resolve()
     found = []
     needed = {str(config.path or ""): "main.cf", config.smtpd_tls_key_file: "smtpd_tls_key_file",
               config.smtpd_tls_cert_file: "smtpd_tls_cert_file"}
-    for path, name in needed.items():
-        if path and not Path(path).resolve().is_relative_to(jail):
+    for path, name in needed.items():  # with workers the master re-reads them, outside the jail
+        if path and config.smtpd_workers == 0 and not Path(path).resolve().is_relative_to(jail):
             found.append(f"chroot = yes: {name} {path} lies outside the jail {jail}: reload cannot re-read it "
                          "(restart serve to apply a change)")
-    if not config.dns_nameservers and not (jail / "etc" / "resolv.conf").exists():
-        found.append(f"chroot = yes: dns_nameservers is empty and {jail}/etc/resolv.conf does not exist: "
-                     "inside the jail DNS asks 127.0.0.1 (set dns_nameservers)")
     if not config.dns_nameservers and not (jail / "etc" / "resolv.conf").exists():
         found.append(f"chroot = yes: dns_nameservers is empty and {jail}/etc/resolv.conf does not exist: "
                      "inside the jail DNS asks 127.0.0.1 (set dns_nameservers)")

@@ -421,7 +421,8 @@ async def open_endpoints(config: Config, queue_directory: Path
     return listeners, control, metrics_listeners
 
 
-def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = True) -> tuple[Config, Path]:
+def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = True,
+                      handed_over: bool = False) -> tuple[Config, Path]:
     """Started as root: start the root delivery helper (when file or command
     targets are allowed or virtual(8) mailboxes are configured:
     trimail.local.privileged), then become
@@ -441,7 +442,7 @@ def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = T
             log.warning("cannot start the root delivery helper (file and command targets and virtual mailboxes "
                         "of other uids will be deferred): %s", exc)
     with maillog.entering_jail(queue_directory) if config.chroot else contextlib.nullcontext():
-        drop_privileges(config.mail_owner, queue_directory, config.chroot)
+        drop_privileges(config.mail_owner, queue_directory, config.chroot, handed_over=handed_over)
     if config.chroot:  # trimail.check warned at start about files the jail hides
         config = config.with_overrides({"queue_directory": "/"})
         queue_directory = Path("/")

@@ -146,10 +146,13 @@ def preload() -> None:
         dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype))
 
 
-def drop_privileges(user: str, queue_directory: Path, chroot: bool) -> None:
+def drop_privileges(user: str, queue_directory: Path, chroot: bool, *, handed_over: bool = False) -> None:
+    """Become *user* for good (entering the jail first with *chroot*); the queue
+    directory is given to it first, unless the master did that already (*handed_over*)."""
     uid, gid = owner_ids(user)
     preload()
-    hand_over(queue_directory, uid, gid)
+    if not handed_over:
+        hand_over(queue_directory, uid, gid)
     if chroot:
         os.chroot(queue_directory)
         os.chdir("/")

@@ -51,6 +51,19 @@ def daemon(tmp_path: Path, serve_process) -> Iterator:
     yield start
 
 
+def smtpd_pids(daemon: Daemon) -> list[int]:
+    """The processes that accept SMTP connections: the smtpd workers (from
+    ``trimail status --json``), or serve itself when it runs as one process."""
+    import json
+
+    result = trimail_cmd("status", "--json", "-c", str(daemon.config_path), timeout=30)
+    assert result.returncode == 0, result.stderr
+    workers = json.loads(result.stdout).get("workers")
+    if workers is None:
+        return [daemon.proc.proc.pid]
+    return [worker["pid"] for worker in workers if worker["role"] == "smtpd" and worker.get("state") == "running"]
+
+
 def banner(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> str:
     """The greeting of a fresh connection (serve is up and answering)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:

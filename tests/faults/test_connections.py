@@ -15,7 +15,7 @@ import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
 
-from tests.faults.conftest import Daemon, assert_serving, integrity_ok, send, wait_until
+from tests.faults.conftest import Daemon, assert_serving, integrity_ok, send, smtpd_pids, wait_until
 
 BURST = 300
 
@@ -90,16 +90,18 @@ def test_accept_survives_descriptor_exhaustion_and_resumes(daemon) -> None:
     """EMFILE at accept(): serve waits (one warning), and accepts again by itself
     once descriptors are free."""
     d = daemon(master_service_disable="qmgr")
-    pid = d.proc.proc.pid
-    in_use = len(os.listdir(f"/proc/{pid}/fd"))
-    resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use + 5, in_use + 5))
-    silent = [socket.create_connection(("127.0.0.1", d.port), timeout=10) for _ in range(20)]
+    in_use = {}
+    for pid in smtpd_pids(d):  # every process that accepts (each smtpd worker)
+        in_use[pid] = len(os.listdir(f"/proc/{pid}/fd"))
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (in_use[pid] + 5, in_use[pid] + 5))
+    silent = [socket.create_connection(("127.0.0.1", d.port), timeout=10) for _ in range(20 * len(in_use))]
     try:
         d.proc.wait_log(r"accept: out of resources: Too many open files")
     finally:
         for sock in silent:
             reset(sock)
-    wait_until(lambda: len(os.listdir(f"/proc/{pid}/fd")) <= in_use + 1)
+    for pid, count in in_use.items():
+        wait_until(lambda pid=pid, count=count: len(os.listdir(f"/proc/{pid}/fd")) <= count + 1)
     assert_serving(d)
     send(d.port, ["bob@relay.example"])
     assert not [line for line in d.proc.log if "Traceback" in line]

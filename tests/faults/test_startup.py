@@ -200,7 +200,8 @@ def chroot_config(tmp_path: Path, queue: Path, port: int, **extra: object) -> Pa
     return write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", queue_directory=str(queue),
                          mail_owner="nobody", allow_root="no", chroot="yes", master_service_disable="qmgr",
                          dns_nameservers="127.0.0.1:53", alias_maps="", alias_database="",
-                         local_recipient_maps="", maillog_file=str(tmp_path / "maillog"), **extra)
+                         local_recipient_maps="", maillog_file=str(tmp_path / "maillog"),
+                         **{"smtpd_workers": 0, **extra})  # the single process: serve itself is in the jail
 
 
 @needs_root

@@ -23,8 +23,16 @@ def ids(pid: int) -> tuple[list[int], list[int]]:
     return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()]
 
 
+def children(pid: int) -> list[int]:
+    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers"])
 @pytest.mark.parametrize("chroot", [False, True], ids=["mail_owner", "mail_owner+chroot"])
-def test_serve_drops_root_and_mail_still_flows(tmp_path, serve_process, chroot):
+def test_serve_drops_root_and_mail_still_flows(tmp_path, serve_process, chroot, workers):
+    """One process: serve itself becomes mail_owner.  With workers: the master stays
+    root (it starts workers, as Postfix's master(8)), and every worker, the
+    processes that read from the network and deliver, runs as mail_owner."""
     nobody = pwd.getpwnam("nobody")
     queue = Path(tempfile.mkdtemp(prefix="trimail-priv-", dir="/tmp"))
     try:
@@ -32,13 +40,19 @@ def test_serve_drops_root_and_mail_still_flows(tmp_path, serve_process, chroot):
             config_path = write_main_cf(
                 tmp_path, smtpd_listen="127.0.0.1:25", queue_directory=str(queue), mail_owner="nobody",
                 allow_root="no", chroot="yes" if chroot else "no", master_service_disable="",
-                relayhost=f"[127.0.0.1]:{sink.port}", alias_maps="", alias_database="", local_recipient_maps="")
+                relayhost=f"[127.0.0.1]:{sink.port}", alias_maps="", alias_database="", local_recipient_maps="",
+                smtpd_workers=workers)
             proc = serve_process(config_path)
             assert proc.port == 25
-            uids, gids = ids(proc.proc.pid)
-            assert uids == [nobody.pw_uid] * 4 and gids == [nobody.pw_gid] * 4
-            if chroot:
-                assert os.readlink(f"/proc/{proc.proc.pid}/root") == str(queue)
+            unprivileged = children(proc.proc.pid) if workers else [proc.proc.pid]
+            assert len(unprivileged) == (workers + 1 if workers else 1)
+            if workers:
+                assert ids(proc.proc.pid)[0] == [0] * 4
+            for pid in unprivileged:
+                uids, gids = ids(pid)
+                assert uids == [nobody.pw_uid] * 4 and gids == [nobody.pw_gid] * 4
+                if chroot:
+                    assert os.readlink(f"/proc/{pid}/root") == str(queue)
             assert (queue / "queue.db").stat().st_uid == nobody.pw_uid
             assert (queue.stat().st_mode & 0o777) == 0o700
             with smtplib.SMTP("127.0.0.1", 25, timeout=30) as client:

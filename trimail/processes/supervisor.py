@@ -74,6 +74,7 @@ from trimail.metrics import Metrics, serve_metrics
 from trimail.net.control import serve_control
 from trimail.net.listener import ListenError, bound_address, open_listeners
 from trimail.policy.restrictions import restriction_lists
+from trimail.privileges import hand_over, owner_ids
 from trimail.processes.aggregate import merge
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.queue.lock import QueueLock
@@ -241,8 +242,11 @@ class Master:
                         if first:
                             first = False
                             task_status.started()
-                    else:
-                        worker.process.kill()
+                    else:  # it failed (its own log line says why) or stays silent: let it end, or end it
+                        with trio.move_on_after(5):
+                            await worker.wait()
+                        if worker.process.poll() is None:
+                            worker.process.kill()
                     await worker.wait()
                 finally:
                     slot.worker = None
@@ -461,7 +465,8 @@ class Master:
         if "qmgr" in fresh.master_service_disable:
             await self._retire(qmgr, wait=True)
             return
-        if not qmgr:
+        if fresh.chroot or not qmgr:  # in the jail it could not re-read main.cf and tables: a new one
+            await self._retire(qmgr, wait=True)  # (after the old one is gone: one qmgr makes mail active)
             await self._start_slots("qmgr", 1, self.generation)
             return
         for worker in self._live("qmgr"):
@@ -486,9 +491,10 @@ class Master:
                     self.metrics_addresses.append(bound_address(listener))
                 if self.metrics_addresses:
                     log.info("metrics endpoint listening on %s", ", ".join(map(str, self.metrics_addresses)))
-                log.info("daemon started -- version %s, configuration %s, listening on %s, %d smtpd worker(s)",
-                         __version__, self.config.source, ", ".join(map(str, self.addresses)),
-                         len(self._live("smtpd")))
+                log.info("%d smtpd worker(s)%s running", len(self._live("smtpd")),
+                         " and the qmgr worker" if self._live("qmgr") else "")
+                log.info("daemon started -- version %s, configuration %s, listening on %s",
+                         __version__, self.config.source, ", ".join(map(str, self.addresses)))
                 task_status.started(self)
                 notify_systemd(b"READY=1")
                 await self._stop.wait()
@@ -499,6 +505,16 @@ class Master:
                     await listener.aclose()
             await self._retire(self.slots + self._retiring(), wait=True)
             supervising.cancel_scope.cancel()
+
+
+def hand_queue_over(config: Config, queue_directory: Path) -> None:
+    """Started as root: the queue directory goes to mail_owner once, here, before
+    any worker runs (each worker then only enters the jail and drops root); an
+    unusable mail_owner ends serve now with one line, as in one process."""
+    if os.geteuid() != 0 or config.allow_root:
+        return
+    uid, gid = owner_ids(config.mail_owner)
+    hand_over(queue_directory, uid, gid)
 
 
 def workers_wanted(config: Config) -> int:
@@ -527,6 +543,7 @@ async def serve_processes(config: Config, *,
             await recover(writer, queue_directory)
             preflight(config)
             listeners, control, metrics_listeners = await open_endpoints(config, queue_directory)
+            hand_queue_over(config, queue_directory)
             master = Master(config, writer, lock, listeners)
             try:
                 await master.run(control, metrics_listeners, task_status=task_status)

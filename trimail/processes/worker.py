@@ -46,8 +46,9 @@ from trimail.config import Config, ConfigError, ListenAddress, parse_host_port
 from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
 from trimail.local import privileged
-from trimail.master import Server, become_mail_owner, recover, serve_sessions
+from trimail.master import Server, become_mail_owner, preflight, recover, serve_sessions
 from trimail.metrics import Metrics
+from trimail.policy.restrictions import restriction_lists
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.qshape import dead_destinations
 from trimail.queue.store import Store
@@ -123,7 +124,9 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
     listeners = listening_sockets(spec)
     holder, open_store = _open_store(config)
     async with QueueWriter(open_store) as writer:
-        config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False)
+        preflight(config)  # the certificate, read before the jail may hide it
+        config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False,
+                                                       handed_over=True)
         server = Server(config, writer, listeners, trigger)
         stopped = trio.Event()
 
@@ -169,7 +172,8 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
     addresses = [parse_host_port(text) for text in spec.get("addresses", [])]
     async with QueueWriter(open_store) as writer:
         await recover(writer, holder["directory"])  # a predecessor's deliveries in flight: back to incoming
-        config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=True)
+        config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=True,
+                                                       handed_over=True)
         resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
         scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: addresses))
         metrics = Metrics()
@@ -240,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     maillog.setup(config.myhostname, maillog_file=config.maillog_file, syslog_facility=config.syslog_facility)
+    restriction_lists(config)  # imports every policy module it names now: the jail may hide them later
     run = run_smtpd if spec["role"] == "smtpd" else run_qmgr
 
     async def until_terminated() -> None:
@@ -257,8 +262,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         trio.run(until_terminated)
     except BaseException as exc:
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]  # the one error of a nursery: what the operator must read
         if not isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            logging.getLogger("trimail.master").critical("%s worker: %s", spec["role"], describe(exc))
+            logging.getLogger("trimail.master").critical("%s worker: %s", spec["role"], exc)
+            logging.getLogger("trimail.master").debug("%s worker failed", spec["role"], exc_info=exc)
             maillog.shutdown()
             raise SystemExit(1) from None
         raise
