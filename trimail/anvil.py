@@ -19,6 +19,10 @@ its own: callers pass the time), so the accept path cannot fail in here.
   means for a session (shorter deadlines, one error) is the ``stress``
   parameter's business (``smtpd_timeout = ${stress?{10}:{300}}s``).
 
+With smtpd worker processes, the session total (process limit, stress) is
+the sum over all workers (``shared``: trimail.processes.board); the per-client
+count and rate are each worker's own.
+
 Security notes: memory is bounded; at most ``MAX_CLIENTS`` rate windows are
 kept (the oldest client is forgotten first) and a window holds at most
 ``limit + 1`` timestamps.
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
+from typing import Protocol
 
 from trimail.config import Config
 
@@ -41,13 +46,25 @@ TOO_MANY = "too many connections"
 TOO_FAST = "too many connections per minute"
 
 
+class SharedCount(Protocol):
+    """Open sessions counted across processes (trimail.processes.board)."""
+
+    def add(self, change: int) -> None: ...
+    def total(self) -> int: ...
+
+
 class Anvil:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, shared: SharedCount | None = None) -> None:
         self.per_client: Counter[str] = Counter()
         self.recent: dict[str, deque[float]] = {}
-        self.sessions = 0
+        self._sessions = 0
+        self.shared = shared  # smtpd workers: the process limit and stress count every worker's sessions
         self.stress = False
         self.configure(config)
+
+    @property
+    def sessions(self) -> int:
+        return self._sessions if self.shared is None else self.shared.total()
 
     def configure(self, config: Config) -> bool | None:
         """Take the limits of a (re)loaded configuration; counts are kept.  ``False``
@@ -85,15 +102,20 @@ class Anvil:
         return len(recent) > self.rate_limit
 
     def opened(self, address: str) -> bool | None:
-        self.sessions += 1
+        self._count(1)
         self.per_client[address] += 1
         if not self.stress and self.stress_on and self.sessions >= self.stress_on:
             self.stress = True
             return True
         return None
 
+    def _count(self, change: int) -> None:
+        self._sessions += change
+        if self.shared is not None:
+            self.shared.add(change)
+
     def closed(self, address: str) -> bool | None:
-        self.sessions -= 1
+        self._count(-1)
         self.per_client[address] -= 1
         if self.per_client[address] <= 0:
             del self.per_client[address]

@@ -99,7 +99,7 @@ class Server:
 
     def __init__(self, config: Config, writer: QueueWriter,
                  listeners: list[tuple[trio.SocketListener, str, ListenAddress]],
-                 trigger: QmgrTrigger | None = None) -> None:
+                 trigger: QmgrTrigger | None = None, shared_sessions: anvil.SharedCount | None = None) -> None:
         self.config = config
         self.writer = writer
         # (kind, configured address) -> its open listeners, each with the scope of its accept loop
@@ -133,7 +133,7 @@ class Server:
         self.metrics.dead.set_function(lambda: len(self.scheduler.dead.snapshot(time.time())))
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
-        self.anvil = anvil.Anvil(config)
+        self.anvil = anvil.Anvil(config, shared_sessions)
         self.limits = SessionLimits.from_config(config)
         self.stress_limits = SessionLimits.from_config(config, stress=True)
         self.stress_gauge = Gauge("trimail_smtpd_stress", "1 while the SMTP service is under stress (STRESS_README)",

@@ -76,6 +76,7 @@ from trimail.net.listener import ListenError, bound_address, open_listeners
 from trimail.policy.restrictions import restriction_lists
 from trimail.privileges import hand_over, owner_ids
 from trimail.processes.aggregate import merge
+from trimail.processes.board import SLOTS, SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import Store, prepare_directory
@@ -148,6 +149,7 @@ class Slot:
         self.retired = False
         self.worker: Worker | None = None
         self.restarts = 0
+        self.board_slot: int | None = None  # its place on the session board (smtpd)
         self.gone = trio.Event()
 
 
@@ -163,6 +165,8 @@ class Master:
         for endpoint in listeners:
             self.listening.setdefault((endpoint[1], str(endpoint[2])), []).append(endpoint)
         self._send_trigger, self._receive_trigger = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.board = SessionBoard.create()
+        self._free_slots = list(range(SLOTS))
         self.trigger = QmgrTrigger(self._send_trigger)
         self.slots: list[Slot] = []
         self.retired: list[Slot] = []  # older generations finishing their sessions after a reload
@@ -194,6 +198,8 @@ class Master:
                                 "channel": channel_fd, "lock": self.lock.fileno(), "generation": slot.generation}
         fds = [channel_fd, self.lock.fileno()]
         if slot.role == "smtpd":
+            spec["board"], spec["slot"] = self.board.fd, slot.board_slot
+            fds.append(self.board.fd)
             spec["trigger"] = self._send_trigger.fileno()
             spec["listeners"] = [[listener.socket.fileno(), kind, str(configured)]
                                  for listener, kind, configured in self.endpoints]
@@ -232,6 +238,8 @@ class Master:
         failure is raised (to start-up or reload), later ones are retried."""
         backoff = Backoff(initial=0.5, maximum=30.0)
         first = True
+        if slot.role == "smtpd":
+            slot.board_slot = self._free_slots.pop(0)
         try:
             while True:
                 began = time.monotonic()
@@ -250,6 +258,8 @@ class Master:
                     await worker.wait()
                 finally:
                     slot.worker = None
+                    if slot.board_slot is not None:
+                        self.board.clear(slot.board_slot)  # its sessions died with it
                     with trio.CancelScope(shield=True):
                         if worker.process.poll() is None:
                             worker.process.kill()
@@ -270,6 +280,8 @@ class Master:
                     log.warning("trimail/%s: bad command startup -- throttling for %.0fs", slot.role, delay)
                 await trio.sleep(delay)
         finally:
+            if slot.board_slot is not None:
+                self._free_slots.append(slot.board_slot)
             slot.gone.set()
 
     async def _start_slots(self, role: str, count: int, generation: int) -> list[Slot]:

@@ -49,6 +49,7 @@ from trimail.local import privileged
 from trimail.master import Server, become_mail_owner, preflight, recover, serve_sessions
 from trimail.metrics import Metrics
 from trimail.policy.restrictions import restriction_lists
+from trimail.processes.board import SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.qshape import dead_destinations
 from trimail.queue.store import Store
@@ -127,7 +128,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         preflight(config)  # the certificate, read before the jail may hide it
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False,
                                                        handed_over=True)
-        server = Server(config, writer, listeners, trigger)
+        server = Server(config, writer, listeners, trigger, SessionBoard(spec["board"], spec["slot"]))
         stopped = trio.Event()
 
         def status(_: dict[str, Any]) -> dict[str, Any]:
