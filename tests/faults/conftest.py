@@ -51,6 +51,20 @@ def daemon(tmp_path: Path, serve_process) -> Iterator:
     yield start
 
 
+def process_tree(pid: int) -> list[int]:
+    """*pid* and all its descendants (serve's master, its workers, their helpers)."""
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        try:
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:
+            continue
+        todo += [int(child) for child in children]
+    return found
+
+
 def smtpd_pids(daemon: Daemon) -> list[int]:
     """The processes that accept SMTP connections: the smtpd workers (from
     ``trimail status --json``), or serve itself when it runs as one process."""

@@ -14,7 +14,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
+from tests.faults.conftest import (
+    assert_serving,
+    integrity_ok,
+    process_tree,
+    send,
+    trimail_cmd,
+    wait_until,
+)
 
 
 def _local(spool: Path, **params: object) -> dict[str, object]:
@@ -23,12 +30,15 @@ def _local(spool: Path, **params: object) -> dict[str, object]:
 
 
 def _holds_open(pid: int, path: Path) -> bool:
-    """Whether process *pid* has *path* open (it is waiting to lock it)."""
-    fds = Path(f"/proc/{pid}/fd")
-    try:
-        return any(os.readlink(fd) == str(path) for fd in fds.iterdir())
-    except OSError:
-        return False
+    """Whether serve (process *pid* or one of its workers) has *path* open (it is
+    waiting to lock it)."""
+    for member in process_tree(pid):
+        try:
+            if any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{member}/fd").iterdir()):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def _mbox_tags(path: Path) -> list[str]:
@@ -156,8 +166,8 @@ def test_many_first_deliveries_to_fresh_mailboxes_all_arrive(tmp_path, daemon):
     assert d.proc.stop() == 0
     d = daemon(**params)
     expected = users * each
-    counted = lambda: sum(len(list(p.iterdir())) for p in spool.glob("*/Maildir/new"))  # noqa: E731
-    deferred = lambda: [line for line in d.proc.log if "status=deferred" in line]  # noqa: E731
+    counted = lambda: sum(len(list(p.iterdir())) for p in spool.glob("*/Maildir/new"))
+    deferred = lambda: [line for line in d.proc.log if "status=deferred" in line]
     wait_until(lambda: counted() >= expected or deferred(), timeout=30)
     deferred = deferred()
     assert counted() == expected and not deferred, deferred[:5]

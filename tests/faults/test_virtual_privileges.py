@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import assert_serving, send, trimail_cmd, wait_until
+from tests.faults.conftest import assert_serving, process_tree, send, trimail_cmd, wait_until
 from tests.peers import Sink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start serve as root and change users")
@@ -41,18 +41,17 @@ def every_file(top: Path) -> set[Path]:
 
 
 def helper_pid(serve_pid: int) -> int:
-    """serve's child that still runs as root: the delivery helper."""
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    """The process under serve (a child of serve, or of its qmgr worker) that still
+    runs as root: the delivery helper (the master itself is not under itself)."""
+    for pid in process_tree(serve_pid)[1:]:
         try:
-            status = (entry / "status").read_text()
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-        if int(fields["PPid"]) == serve_pid and fields["Uid"].split()[0] == "0":
-            return int(entry.name)
-    raise AssertionError("serve has no root child")
+        if fields["Uid"].split()[0] == "0":
+            return pid
+    raise AssertionError("serve has no root descendant")
 
 
 def test_serve_as_mail_owner_delivers_to_virtual_mailboxes_as_the_mapped_owner(daemon, public):

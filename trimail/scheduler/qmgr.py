@@ -189,7 +189,9 @@ class Scheduler:
                 continue
             backoff.reset()
             self._held += sum(len(m.content) for m in claimed if m.content is not None)
-            for message in claimed:
+            for message in claimed:  # into active, as Postfix's qmgr logs it (a hand-over was logged by smtpd)
+                log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.id, message.sender,
+                         message.size, len(message.recipients))
                 self._dispatch_safely(message)
             if not self.active:
                 self.idle.set()
