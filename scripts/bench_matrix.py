@@ -188,6 +188,8 @@ def scaling_table(cells: list[dict]) -> list[str]:
         if one and two:
             verdict = (f"{cell_label(cell)}, {REUSE_LABELS[cell['reuse']]}: 2 workers / 1 = "
                        f"{two['rate']['median'] / one['rate']['median']:.2f}× msg/s (goal ≥ 1.5)")
+            if two["rate"]["min"] <= one["rate"]["max"] and one["rate"]["min"] <= two["rate"]["max"]:
+                verdict += " [the min–max ranges overlap: within this machine's noise]"
             if zero:
                 verdict += (f"; CPU per 1,000 at 2 workers / at 0 = "
                             f"{two['cpu_per_1000']['median'] / zero['cpu_per_1000']['median']:.2f} (goal ≤ 1.0)")

@@ -166,6 +166,10 @@ def test_the_scaling_table_compares_two_workers_with_one_and_cpu_with_the_single
     assert "| 176 (176–176) | 1.60 | 1.80 (1.80–1.80) | 0.90 |" in two
     assert lines[-1] == ("accept: 1 KiB, 20 sessions, one per message: 2 workers / 1 = 1.60× msg/s (goal ≥ 1.5); "
                          "CPU per 1,000 at 2 workers / at 0 = 0.90 (goal ≤ 1.0)")
+    noisy = cell("accept", "yes", {"trimail, workers 1": [run(100, 2), run(200, 2), run(150, 2)],
+                                   "trimail, workers 2": [run(190, 2), run(300, 2), run(250, 2)]})
+    assert bench_matrix.scaling_table([noisy])[-1].endswith(
+        "2 workers / 1 = 1.67× msg/s (goal ≥ 1.5) [the min–max ranges overlap: within this machine's noise]")
 
 
 def test_stat_fields_survive_a_command_name_with_parentheses_and_spaces() -> None:
