@@ -80,11 +80,11 @@ def one_run(contestant: Contestant, key: dict, generator: str, relay: tuple[str,
               "processes": after.processes}
     expected = key["messages"] if mode == "accept" else 0
     if left != expected:  # accept: every message queued; e2e: the queue drained
-        result["queue_left"] = left
-        print(f"  warning: {left} messages in the queue at the end, expected {expected}", flush=True)
+        result["warnings"] = [f"{left} messages in the queue at the end, expected {expected}"]
     if complaints:
+        result.setdefault("warnings", []).append(
+            f"the load generator complained {len(complaints)} times, first: {complaints[0]}")
         result["generator_complaints"] = complaints
-        print(f"  warning: the load generator complained {len(complaints)} times, first: {complaints[0]}", flush=True)
     return result
 
 
@@ -98,6 +98,8 @@ def run_cell(contestants: list[Contestant], key: dict, generator: str, relay: tu
             results[contestant.label].append(result)
             print(f"  {cell_label(key)}, {REUSE_LABELS[key['reuse']]}, run {number}, {contestant.label}: "
                   + ", ".join(f"{METRICS[m][1].format(result[m])} {METRICS[m][0]}" for m in metrics), flush=True)
+            for warning in result.get("warnings", []):
+                print(f"    warning: {warning}", flush=True)
     return summarise(key, results, metrics)
 
 

@@ -21,6 +21,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.postfix_peer
@@ -45,9 +46,9 @@ def listening(address: str, port: int) -> bool:
         return sock.connect_ex((address, port)) == 0
 
 
-def wait_for(predicate: object, timeout: float, what: str) -> None:
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
+    while not predicate():
         if time.monotonic() > deadline:
             raise SystemExit(f"bench: timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(0.05)  # polling another process's state, with a deadline
