@@ -25,6 +25,7 @@ before the end of the run is not in either.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,3 +103,19 @@ def usage(pids: list[int]) -> Usage:
 def tree_usage(root: int | None) -> Usage:
     """The usage of the tree under *root* (nothing when there is no root)."""
     return usage(tree_pids(root)) if root is not None else Usage(0.0, 0, 0, 0)
+
+
+def wait_until_idle(root: int | None, window: float = 0.2, busy: float = 0.02, timeout: float = 15.0) -> bool:
+    """Wait until the tree under *root* used less than *busy* CPU seconds in the last
+    *window* seconds (its processes have started: a worker importing Python for 0.3 s
+    after the master said "daemon started" must not count as the load's), or until
+    *timeout*.  True when it went idle."""
+    deadline = time.monotonic() + timeout
+    last = tree_usage(root).cpu_seconds
+    while time.monotonic() < deadline:
+        time.sleep(window)  # sampling CPU time over a window, with a deadline
+        now = tree_usage(root).cpu_seconds
+        if now - last < busy:
+            return True
+        last = now
+    return False

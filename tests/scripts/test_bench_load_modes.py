@@ -251,3 +251,23 @@ def test_a_process_that_outlives_its_parent_is_still_found_by_its_session() -> N
     finally:
         proc.stdin.close()
         proc.stdout.read()  # EOF once the orphan, which holds the pipe too, has exited
+
+
+STARTING = r"""
+import sys, time
+end = time.process_time() + 0.4  # a worker's start-up
+while time.process_time() < end:
+    pass
+sys.stdin.buffer.read()
+"""
+
+
+def test_the_load_is_measured_only_once_the_mta_has_finished_starting() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", STARTING], stdin=subprocess.PIPE, start_new_session=True)
+    assert proc.stdin is not None
+    try:
+        assert bench_procs.wait_until_idle(proc.pid, timeout=10)
+        assert bench_procs.tree_usage(proc.pid).cpu_seconds >= 0.4
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
