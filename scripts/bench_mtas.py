@@ -114,7 +114,7 @@ class Trimail:
 
 
 # Postfix with delivery off, for accept runs: every message is put on hold at DATA,
-# so none reaches the incoming queue and qmgr, running as usual, has nothing to do
+# so cleanup moves it to the hold queue, which qmgr (running as usual) does not read
 # (one static lookup and one log line per message more than trimail's accept run).
 # Not master_service_disable: it names a service as name/type, so a bare "qmgr" (what
 # trimail takes) disables nothing and qmgr, smtp and bounce tried to deliver during
