@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench_procs import tree_pids
+
 
 def bench_test_mta(runs: int) -> dict:
     """Start-up and tear-down of trimail.testing.TestMTA, in this process."""
@@ -72,7 +74,8 @@ def bench_queue_list(count: int) -> dict:
 
 def bench_idle_sessions(count: int, start: Callable[[Path], Any]) -> dict:
     """Hold *count* idle SMTP sessions open against a serve that *start* runs in a
-    directory (scripts/bench's ``Trimail``) and report its memory per session."""
+    directory (bench_mtas's ``Trimail``) and report its memory per session (the
+    resident memory of all its processes)."""
     import resource
 
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -81,15 +84,20 @@ def bench_idle_sessions(count: int, start: Callable[[Path], Any]) -> dict:
         mta = start(Path(tmp))
         try:
             def rss_kib() -> int:
-                for line in Path(f"/proc/{mta.proc.pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1])
-                return 0
+                """Resident memory now, summed over serve's processes (its workers hold the sessions)."""
+                total = 0
+                for pid in tree_pids(mta.root_pid()):
+                    try:
+                        status = Path(f"/proc/{pid}/status").read_text()
+                    except OSError:
+                        continue
+                    total += sum(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+                return total
 
             before = rss_kib()
             sockets = []
             for _ in range(count):
-                sock = socket.create_connection(("127.0.0.1", mta.port), timeout=30)
+                sock = socket.create_connection((mta.address, mta.port), timeout=30)
                 sockets.append(sock)
             for sock in sockets:  # every session greeted: they are all really open
                 if not sock.recv(64).startswith(b"220"):
