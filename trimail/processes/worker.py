@@ -233,6 +233,19 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
             log.info("%d message(s) in delivery returned to the incoming queue", returned)
 
 
+class _NamedAfterRole(logging.Filter):
+    """What the shared start-up and boundary code logs as ``trimail/master`` is, in a
+    worker, that worker's line: ``trimail/smtpd[pid]`` or ``trimail/qmgr[pid]``."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.name_as = f"trimail.{role}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.name = self.name_as
+        return True
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     spec = json.loads(args[0])
@@ -245,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     maillog.setup(config.myhostname, maillog_file=config.maillog_file, syslog_facility=config.syslog_facility)
+    logging.getLogger("trimail.master").addFilter(_NamedAfterRole(spec["role"]))
     restriction_lists(config)  # imports every policy module it names now: the jail may hide them later
     run = run_smtpd if spec["role"] == "smtpd" else run_qmgr
 
