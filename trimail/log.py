@@ -410,5 +410,7 @@ def entering_jail(root: Path) -> Iterator[None]:
 
 def printable(text: str, limit: int = 256) -> str:
     """Client-supplied text made safe for a log line or a header: printable, bounded."""
+    if len(text) <= limit and text.isprintable():  # the usual case (a HELO name), without a loop
+        return text
     cleaned = "".join(ch if ch.isprintable() else "?" for ch in text[:limit])
     return cleaned + ("..." if len(text) > limit else "")
