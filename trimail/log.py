@@ -260,9 +260,10 @@ class _Writer(logging.handlers.QueueListener):
     def _monitor(self) -> None:
         """Wait for a line, then take every line waiting (at most ``BATCH_LINES``)
         and write them together; end at the sentinel, after the lines before it.
-        After each write the thread pauses ``BATCH_WAIT``, so that under load the
-        lines are taken in batches: a put() then wakes nobody, and the writer takes
-        the interpreter lock from the event loop once per batch, not per line."""
+        After each write the thread pauses ``BATCH_WAIT`` (unless the batch was
+        full), so that under load the lines are taken in batches: a put() then
+        wakes nobody, and the writer takes the interpreter lock from the event
+        loop once per batch, not per line."""
         q = self.queue
         while True:
             records = [q.get()]
@@ -281,7 +282,8 @@ class _Writer(logging.handlers.QueueListener):
                 self.write(records)
             if stop:
                 return
-            time.sleep(BATCH_WAIT)
+            if len(records) < BATCH_LINES:  # a full batch: more are waiting, no rest
+                time.sleep(BATCH_WAIT)
 
     def write(self, records: list[logging.LogRecord]) -> None:
         target = self.target
