@@ -9,11 +9,10 @@ Nothing on the event loop waits for the log destination.  ``setup`` puts a
 ``QueueHandler`` on the ``trimail`` logger: the thread that logs only merges the
 message with its arguments and puts the record on a bounded queue; one writer
 thread (a ``QueueListener``) formats the lines and writes them, and only that
-thread can block on a slow disk, a full pipe or a stopped journald.  The writer
-takes the lines waiting together (one ``write()`` for a file or stderr) and rests
-``BATCH_WAIT`` (10 ms) after each write, so under load it wakes and competes for
-the interpreter once per batch instead of once per line (with a line each, the
-two lines of every SMTP connection were a large share of its cost).  Past
+thread can block on a slow disk, a full pipe or a stopped journald.  It writes
+the lines waiting together and rests ``BATCH_WAIT`` (10 ms) after each write:
+under load it takes the interpreter from the event loop once per batch, not once
+per line (two lines per SMTP connection were a large share of its cost).  Past
 ``MAX_QUEUED_LINES`` waiting lines, new lines are dropped and counted (the
 ``trimail_log_lines_dropped_total`` metric, and one warning line once the writer
 catches up), so a stuck destination costs log lines, never the daemon's memory or
@@ -23,7 +22,7 @@ does not move.
 
 ``maillog_file`` is opened at start (before serve drops root or enters its jail)
 and reopened when logrotate moves it (no signal needed): the writer thread
-compares the path's inode with the open file's before each line.  Inside a
+compares the path's inode with the open file's before each write.  Inside a
 ``chroot = yes`` jail the path is followed when the file lies inside
 ``queue_directory``; a file outside the jail stays open and is written, but it
 cannot be reopened (serve logs this once at start): rotate it with logrotate's
@@ -113,16 +112,12 @@ class _QuietErrors:
 
 
 class _Batched:
-    """A stream destination takes the lines waiting in the queue together: one
-    ``write()`` and one flush for all of them (under load one line per record
-    cost a system call each, and the writer thread's turn with the interpreter)."""
+    """Stream destinations write the lines waiting with one ``write()`` and flush."""
 
     stream: TextIO | None
     terminator: str
 
-    def emit_many(self, records: list[logging.LogRecord]) -> None:
-        """Write *records* (the caller holds the handler's lock); a record that
-        cannot be formatted, or a write that fails, goes to ``handleError``."""
+    def emit_many(self, records: list[logging.LogRecord]) -> None:  # the caller holds the lock
         lines = []
         for record in records:
             try:
@@ -163,8 +158,7 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
         self._reported = set()
         self.follow = True  # compare the path with the open file before each write
 
-    def emit_many(self, records: list[logging.LogRecord]) -> None:
-        """As ``WatchedFileHandler.emit``, once for the lines written together."""
+    def emit_many(self, records: list[logging.LogRecord]) -> None:  # WatchedFileHandler.emit, once
         self.reopenIfNeeded()
         if self.stream is None and (self.mode != "w" or not self._closed):  # type: ignore[attr-defined]
             self.stream = self._open()
@@ -220,24 +214,19 @@ class _BoundedQueueHandler(logging.handlers.QueueHandler):
         self.dropped = 0
 
     def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
-        """As ``Handler.handle`` without the handler's lock: ``emit`` only puts on a
-        thread-safe queue (this runs on the event loop for every line)."""
-        if self.filters and not self.filter(record):
-            return False
+        """``Handler.handle`` without the lock: ``emit`` only puts on a thread-safe queue."""
+        if self.filters:
+            return bool(super().handle(record))
         self.emit(record)
         return True
 
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        """Merge the message with its arguments here, in the logging thread (they
-        may change later), as ``QueueHandler.prepare`` does, but in place: this
-        handler is the last one a record of the ``trimail`` logger meets (it does
-        not propagate), so the copy the standard one makes for the handlers after
-        it is not needed.  A record with a traceback takes the standard way."""
+        """``QueueHandler.prepare`` without its copy (made for later handlers: this is
+        the last one, ``trimail`` does not propagate); a traceback takes its way."""
         if record.exc_info or record.stack_info:
             return super().prepare(record)
-        record.message = record.msg = record.getMessage()
-        record.args = None
-        record.exc_text = None
+        record.message = record.msg = record.getMessage()  # merged now: the arguments may change later
+        record.args = record.exc_text = None
         return record
 
     def enqueue(self, record: logging.LogRecord) -> None:
@@ -258,12 +247,8 @@ class _Writer(logging.handlers.QueueListener):
         self._told = 0
 
     def _monitor(self) -> None:
-        """Wait for a line, then take every line waiting (at most ``BATCH_LINES``)
-        and write them together; end at the sentinel, after the lines before it.
-        After each write the thread pauses ``BATCH_WAIT`` (unless the batch was
-        full), so that under load the lines are taken in batches: a put() then
-        wakes nobody, and the writer takes the interpreter lock from the event
-        loop once per batch, not per line."""
+        """Write the lines waiting (up to ``BATCH_LINES``) together, then rest unless the
+        batch was full (a put() meanwhile wakes nobody); stop at the sentinel."""
         q = self.queue
         while True:
             records = [q.get()]
@@ -272,12 +257,9 @@ class _Writer(logging.handlers.QueueListener):
                     records.append(q.get_nowait())
                 except queue.Empty:
                     break
-            stop = False
-            for i, record in enumerate(records):
-                if record is self._sentinel:
-                    del records[i:]
-                    stop = True
-                    break
+            stop = self._sentinel in records  # None: no record compares equal to it
+            if stop:
+                del records[records.index(self._sentinel):]
             if records:
                 self.write(records)
             if stop:
