@@ -293,8 +293,9 @@ class Server:
                     return
                 await self._session(stream, kind, address)
             finally:
-                with trio.CancelScope(shield=True):
-                    await stream.aclose()
+                if stream.socket.fileno() != -1:  # the session closes it; this is for when it never ran
+                    with trio.CancelScope(shield=True):
+                        await stream.aclose()
 
     async def _session(self, stream: trio.SocketStream, kind: str, address: str) -> None:
         config = self.config

@@ -55,11 +55,12 @@ def bound_address(listener: trio.SocketListener) -> ListenAddress:
 async def accept(listener: trio.SocketListener) -> trio.SocketStream:
     """Accept one connection; an accept error is logged and retried (with back-off),
     never raised.  ``trio.ClosedResourceError`` (the listener was closed) passes."""
-    backoff = Backoff(0.05, 1.0)
+    backoff = None  # made at the first error only: accept() runs once per connection
     while True:
         try:
             return await listener.accept()
         except OSError as exc:
+            backoff = backoff or Backoff(0.05, 1.0)
             delay = backoff.next()
             if delay == backoff.initial:  # one line per episode, not per retry
                 what = "out of resources" if exc.errno in _RESOURCE_ERRORS else "error"

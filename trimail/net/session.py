@@ -80,8 +80,12 @@ class Session:
         self.implicit_tls = implicit_tls
         self.decisions = decisions
         self.conn = decisions.connection()
-        self.conn.settings = dataclasses.replace(self.conn.settings, hard_error_limit=limits.hard_error_limit,
-                                                 junk_command_limit=limits.junk_command_limit)
+        settings = self.conn.settings
+        if (settings.hard_error_limit, settings.junk_command_limit) != (limits.hard_error_limit,
+                                                                        limits.junk_command_limit):
+            # usually equal (both come from one configuration), and replace() is not cheap
+            self.conn.settings = dataclasses.replace(settings, hard_error_limit=limits.hard_error_limit,
+                                                     junk_command_limit=limits.junk_command_limit)
         self.timeout = limits.timeout
         self.greet_pause = limits.greet_pause
         self.tls_handshake_timeout = limits.tls_handshake_timeout
@@ -158,7 +162,7 @@ class Session:
             log.info("SSL_accept error from %s: %s", client, exc)
         except DropConnection:
             log.info("dropped connection after %s from %s (fault injection)", self.conn.state.value.upper(), client)
-        except Exception as exc:  # the session's boundary: one line, traceback at debug, counted
+        except Exception as exc:  # noqa: BLE001 - the session's boundary: one line, traceback at debug, counted
             report(f"session with {client}", exc, logger=log)
             if self.decisions.ctx.metrics is not None:
                 self.decisions.ctx.metrics.task_failed("smtpd session")
@@ -259,7 +263,11 @@ class Session:
             await self.stream.send_all(data)
 
     async def _final_flush(self) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(5):
+        # one scope, shielded from stop requests and bounded by its own deadline (a scope costs
+        # about as much as a send: this runs once per session)
+        if not self.conn.output_size:
+            return
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
             try:
                 await self._flush()
             except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -8,6 +8,7 @@ failures answer ``451 4.3.0`` and the details go to the log, never to the peer.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -15,17 +16,24 @@ class Reply:
     code: int
     enhanced: str  # "2.0.0", or "" where RFC 3463 has none (220, 221 greeting lines)
     text: str | tuple[str, ...]
+    # the wire form, made at the first to_bytes(): the constants below and the cached
+    # greeting and EHLO replies are sent by every session
+    _wire: bytes | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def lines(self) -> tuple[str, ...]:
         return (self.text,) if isinstance(self.text, str) else self.text
 
     def to_bytes(self) -> bytes:
+        if self._wire is not None:
+            return self._wire
         lines = self.lines()
         prefix = f"{self.enhanced} " if self.enhanced else ""
         last = len(lines) - 1
         # the enhanced code goes on every line of a multi-line reply (RFC 2034 section 4)
         out = [f"{self.code}{' ' if i == last else '-'}{prefix}{line}\r\n" for i, line in enumerate(lines)]
-        return "".join(out).encode("utf-8", "replace")
+        wire = "".join(out).encode("utf-8", "replace")
+        object.__setattr__(self, "_wire", wire)
+        return wire
 
     @property
     def is_positive(self) -> bool:
@@ -47,11 +55,19 @@ def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
+@functools.lru_cache(maxsize=32)
 def greeting(banner: str) -> Reply:
+    """The 220 banner; one value per banner, so its wire form is made once."""
     return Reply(220, "", banner)
 
 
-def ehlo(hostname: str, keywords: list[str]) -> Reply:
+def ehlo(hostname: str, keywords: list[str] | tuple[str, ...]) -> Reply:
+    return _ehlo(hostname, tuple(keywords))
+
+
+@functools.lru_cache(maxsize=64)
+def _ehlo(hostname: str, keywords: tuple[str, ...]) -> Reply:
+    # a serve offers a few keyword sets (before and after STARTTLS, AUTH): one value each
     return Reply(250, "", (hostname, *keywords))
 
 
