@@ -13,9 +13,11 @@ from __future__ import annotations
 import os
 import smtplib
 import threading
+import time
 from pathlib import Path
 
 from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
+from trimail.maps import RECHECK_SECONDS
 
 TEAMS = 4
 MEMBERS = 3
@@ -167,12 +169,13 @@ def test_a_table_read_that_never_returns_answers_451_after_the_lookup_timeout(tm
         pass
 
 
-def _corrupt(source: Path) -> None:
+def _corrupt(source: Path) -> float:
     """Replace a compiled table with bytes that are not a database (a bad copy, a
-    disk error): the next reload of every reader meets it."""
+    disk error): the next reload of every reader meets it.  Returns when."""
     broken = source.with_name(source.name + ".broken")
     broken.write_bytes(b"this is not an SQLite database\n" * 200)
     os.replace(broken, source.with_name(source.name + ".db"))
+    return time.monotonic()
 
 
 def _rcpt(port: int, recipient: str) -> tuple[int, bytes]:
@@ -200,18 +203,25 @@ def test_a_corrupt_table_costs_one_reply_or_one_deferral_never_the_daemon(tmp_pa
     def answers(recipient: str, code: int) -> bool:
         return _rcpt(d.port, recipient)[0] == code
 
-    _corrupt(access)  # an access table: that RCPT gets 451 4.3.0
-    wait_until(lambda: answers("ann@mx.test.example", 451), timeout=10)
+    def seen_by_all(changed: float, recipient: str, code: int) -> bool:
+        """Every smtpd worker has looked at the table again since *changed* (each
+        re-checks a table at most RECHECK_SECONDS after its last look) and answers *code*."""
+        return time.monotonic() - changed > RECHECK_SECONDS and answers(recipient, code)
+
+    changed = _corrupt(access)  # an access table: that RCPT gets 451 4.3.0
+    wait_until(lambda: seen_by_all(changed, "ann@mx.test.example", 451), timeout=10)
     code, text = _rcpt(d.port, "ann@mx.test.example")
     assert code == 451 and text.startswith(b"4.3.0") and b"Temporary lookup failure" in text, text
     assert trimail_cmd("postmap", str(access)).returncode == 0
-    wait_until(lambda: answers("ann@mx.test.example", 250), timeout=10)
+    changed = time.monotonic()
+    wait_until(lambda: seen_by_all(changed, "ann@mx.test.example", 250), timeout=10)
 
-    _corrupt(local)  # local_recipient_maps, read by reject_unlisted_recipient and by smtpd itself
-    wait_until(lambda: answers("ann@mx.test.example", 451), timeout=10)
+    changed = _corrupt(local)  # local_recipient_maps, read by reject_unlisted_recipient and by smtpd itself
+    wait_until(lambda: seen_by_all(changed, "ann@mx.test.example", 451), timeout=10)
     assert_serving(d)
     assert trimail_cmd("postmap", str(local)).returncode == 0
-    wait_until(lambda: answers("ann@mx.test.example", 250), timeout=10)
+    changed = time.monotonic()
+    wait_until(lambda: seen_by_all(changed, "ann@mx.test.example", 250), timeout=10)
 
     _corrupt(aliases)  # alias_maps at delivery: the recipient is deferred, the message kept
     _corrupt(transport)  # transport_maps at routing: the same
