@@ -88,6 +88,7 @@ log = logging.getLogger("trimail.master")
 
 START_TIMEOUT = 60.0  # seconds for a worker to report ready
 REQUEST_TIMEOUT = 10.0  # seconds for a worker to answer the master
+ASK_TIMEOUT = 3.0  # seconds for status, dead and metrics answers: well within the CLI's and the scrape's 10 s
 STEADY = 60.0  # a worker that ran this long before it died restarts without back-off history
 STOP_MARGIN = 15.0  # seconds beyond graceful_timeout before a stopping worker is killed
 
@@ -112,6 +113,7 @@ class Worker:
         self.pid = process.pid
         self.started = time.monotonic()
         self._asking = trio.Lock()
+        self._requests = 0  # the id of the last request: an answer to an earlier one that timed out is skipped
 
     async def wait(self) -> int:
         """Until the process has exited (a pidfd, as trio itself waits); its status."""
@@ -132,8 +134,11 @@ class Worker:
         gone or silent raises ``ChannelClosed`` or ``trio.TooSlowError``."""
         with trio.fail_after(timeout):
             async with self._asking:
-                await self.channel.send({"cmd": command, **arguments})
+                self._requests += 1
+                await self.channel.send({"cmd": command, "id": self._requests, **arguments})
                 answer = await self.channel.receive()
+                while answer.get("id") != self._requests:  # late: its request gave up waiting
+                    answer = await self.channel.receive()
         if "error" in answer:
             raise RuntimeError(f"{self.slot.role} worker pid {self.pid}: {answer['error']}")
         return answer.get("ok")
@@ -346,7 +351,7 @@ class Master:
 
         async def ask(worker: Worker) -> None:
             try:
-                answers.append((worker, await worker.request(command)))
+                answers.append((worker, await worker.request(command, timeout=ASK_TIMEOUT)))
             except (ChannelClosed, trio.TooSlowError, RuntimeError) as exc:
                 answers.append((worker, exc))
 

@@ -89,18 +89,19 @@ async def serve_channel(channel: Channel, commands: dict[str, Any], stop: trio.E
     try:
         while True:
             request = await channel.receive()
+            said = {"id": request.get("id")}  # the master matches answers to requests by it
             handler = commands.get(str(request.get("cmd")))
             if handler is None:
-                await channel.send({"error": f"unknown command {request.get('cmd')!r}"})
+                await channel.send({**said, "error": f"unknown command {request.get('cmd')!r}"})
                 continue
             try:
                 answer = handler(request)
                 if hasattr(answer, "__await__"):
                     answer = await answer
             except Exception as exc:  # noqa: BLE001 - one request's boundary: the answer says it
-                await channel.send({"error": describe(exc)})
+                await channel.send({**said, "error": describe(exc)})
                 continue
-            await channel.send({"ok": answer})
+            await channel.send({**said, "ok": answer})
     except ChannelClosed:
         if not stop.is_set():
             log.warning("lost the master's channel: stopping")
