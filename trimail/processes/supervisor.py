@@ -152,6 +152,8 @@ class Slot:
         self.role = role
         self.generation = generation
         self.retired = False
+        self.farewell = "stop"  # what a worker that becomes ready in a retired slot is told
+        self.leaving = trio.Event()  # set with retired: ends a restart back-off at once
         self.worker: Worker | None = None
         self.restarts = 0
         self.board_slot: int | None = None  # its place on the session board (smtpd)
@@ -240,7 +242,8 @@ class Master:
 
     async def _keep(self, slot: Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run a worker in *slot* until the slot is retired; the first start's
-        failure is raised (to start-up or reload), later ones are retried."""
+        failure is raised (to start-up or reload), later ones are retried.  A
+        retired slot starts nothing more, even from its back-off wait."""
         backoff = Backoff(initial=0.5, maximum=30.0)
         first = True
         if slot.role == "smtpd":
@@ -248,34 +251,22 @@ class Master:
         try:
             while True:
                 began = time.monotonic()
-                worker = self._spawn(slot)
                 try:
-                    if await self._ready(worker):
-                        slot.worker = worker
-                        if first:
-                            first = False
-                            task_status.started()
-                    else:  # it failed (its own log line says why) or stays silent: let it end, or end it
-                        with trio.move_on_after(5):
-                            await worker.wait()
-                        if worker.process.poll() is None:
-                            worker.process.kill()
-                    await worker.wait()
-                finally:
-                    slot.worker = None
-                    if slot.board_slot is not None:
-                        self.board.clear(slot.board_slot)  # its sessions died with it
-                    with trio.CancelScope(shield=True):
-                        if worker.process.poll() is None:
-                            worker.process.kill()
-                            await worker.wait()
-                        await worker.channel.aclose()
-                status = exit_text(worker.process.returncode)
-                if first:
-                    raise WorkerStartError(f"{slot.role} worker pid {worker.pid} did not start: {status}")
-                if slot.retired or self._stop.is_set():
-                    return
-                log.warning("process trimail/%s pid %d %s", slot.role, worker.pid, status)
+                    worker = self._spawn(slot)
+                except (OSError, ValueError) as exc:  # no process at all: out of memory, processes, descriptors
+                    if first:
+                        raise WorkerStartError(f"{slot.role} worker could not be started: {describe(exc)}") from None
+                    log.warning("process trimail/%s could not be started: %s", slot.role, describe(exc))
+                else:
+                    ready = await self._run_one(slot, worker, task_status if first else None)
+                    if first and not ready:
+                        status = exit_text(worker.process.returncode)
+                        raise WorkerStartError(f"{slot.role} worker pid {worker.pid} did not start: {status}")
+                    first = False
+                    if slot.retired or self._stop.is_set():
+                        return
+                    log.warning("process trimail/%s pid %d %s", slot.role, worker.pid,
+                                exit_text(worker.process.returncode))
                 slot.restarts += 1
                 self.restarts.labels(slot.role).inc()
                 if time.monotonic() - began >= STEADY:
@@ -283,11 +274,43 @@ class Master:
                 delay = backoff.next()
                 if delay >= 4:
                     log.warning("trimail/%s: bad command startup -- throttling for %.0fs", slot.role, delay)
-                await trio.sleep(delay)
+                with trio.move_on_after(delay):
+                    await slot.leaving.wait()  # a stop or a reload ends the wait, and the slot
+                if slot.retired or self._stop.is_set():
+                    return
         finally:
             if slot.board_slot is not None:
                 self._free_slots.append(slot.board_slot)
             slot.gone.set()
+
+    async def _run_one(self, slot: Slot, worker: Worker, task_status: trio.TaskStatus[None] | None) -> bool:
+        """*worker* in *slot* from its start until it has exited; whether it became
+        ready (then *task_status*, when given, is told)."""
+        ready = False
+        try:
+            if await self._ready(worker):
+                ready = True
+                slot.worker = worker
+                if task_status is not None:
+                    task_status.started()
+                if slot.retired or self._stop.is_set():  # retired while it started: nobody else tells it
+                    await self._tell_stop(worker, slot.farewell)
+            else:  # it failed (its own log line says why) or stays silent: let it end, or end it
+                with trio.move_on_after(5):
+                    await worker.wait()
+                if worker.process.poll() is None:
+                    worker.process.kill()
+            await worker.wait()
+        finally:
+            slot.worker = None
+            if slot.board_slot is not None:
+                self.board.clear(slot.board_slot)  # its sessions died with it
+            with trio.CancelScope(shield=True):
+                if worker.process.poll() is None:
+                    worker.process.kill()
+                    await worker.wait()
+                await worker.channel.aclose()
+        return ready
 
     async def _start_slots(self, role: str, count: int, generation: int) -> list[Slot]:
         """Start *count* workers of *role*; all ready, or none left running."""
@@ -315,7 +338,8 @@ class Master:
         """Tell the workers in *slots* to stop (smtpd: drain their sessions) or, after
         a reload, to retire (smtpd: let every session run to its end)."""
         for slot in slots:
-            slot.retired = True
+            slot.retired, slot.farewell = True, command
+            slot.leaving.set()
         async with trio.open_nursery() as telling:
             for slot in slots:
                 if slot.worker is not None:
