@@ -220,7 +220,6 @@ def test_reload_while_a_worker_restarts_retires_it_too(tmp_path, serve_process):
         trimail_cmd("status", "--json", "-c", str(path)).stdout)["workers"]] == [1], timeout=20)
 
 
-@pytest.mark.xfail(strict=True, reason='fixed in the next commit')
 def test_concurrent_reloads_retire_every_older_generation(daemon):
     """SIGHUP and ``trimail reload`` at the same moment (the signal path does not go
     through the control socket's one-at-a-time lock): both reloads took the same
@@ -234,3 +233,4 @@ def test_concurrent_reloads_retire_every_older_generation(daemon):
     wait_until(lambda: len([w for w in _status(d)["workers"]]) == 2, timeout=30)
     facts = _status(d)
     assert [w["generation"] for w in facts["workers"]] == [2, 2], facts["workers"]
+

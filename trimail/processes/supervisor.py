@@ -186,6 +186,7 @@ class Master:
         self.reloads = 0
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
+        self._reloading = trio.Lock()  # SIGHUP does not pass the control socket's one-command-at-a-time lock
 
     # -- the listeners as they are now --------------------------------------
 
@@ -458,6 +459,14 @@ class Master:
         return self._stop.is_set()
 
     async def reload(self) -> str:
+        """One reload at a time (two at once both retired the same old generation
+        and left one new generation running for ever); none once stopping."""
+        async with self._reloading:
+            if self._stop.is_set():
+                return "error: serve is stopping"
+            return await self._reload()
+
+    async def _reload(self) -> str:
         opened: list[Endpoint] = []
         try:
             fresh = configuration.load(self.config.path, self.config.overrides)
@@ -541,6 +550,8 @@ class Master:
                 await self._stop.wait()
                 notify_systemd(b"STOPPING=1")
                 requests.cancel_scope.cancel()
+            async with self._reloading:  # a reload begun (SIGHUP) ends first: its workers are stopped below
+                pass
             for listener, _, _ in self.endpoints:  # the workers hold their own copies until they drain
                 with contained("closing a listener"):
                     await listener.aclose()
