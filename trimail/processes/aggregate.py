@@ -6,7 +6,10 @@ them (prometheus_client's parser) and adds samples with the same name and
 labels: counters, histogram buckets, sums and counts add up across processes;
 the gauges are either per-process parts of one total (open sessions) or set in
 one process only (queue sizes in the master, dead destinations in the qmgr),
-so adding is right for them too.  ``*_created`` samples keep the earliest.
+so adding is right for them too, except for a flag every smtpd worker sets
+(``trimail_smtpd_stress``: 1 while the service is under stress, in each
+worker that saw it), which is the largest, not the sum.  ``*_created`` samples
+keep the earliest.
 A counter of a worker that was restarted starts again from zero, as a
 restarted Postfix daemon's counters do; Prometheus's ``rate()`` handles resets.
 """
@@ -17,6 +20,8 @@ import math
 from collections.abc import Iterable
 
 from prometheus_client.parser import text_string_to_metric_families
+
+FLAGS = frozenset({"trimail_smtpd_stress"})  # 0/1 gauges of one state of the whole service: the largest
 
 
 def _number(value: float) -> str:
@@ -43,6 +48,8 @@ def merge(expositions: Iterable[str]) -> bytes:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
                 if sample.name.endswith("_created"):
                     into[key] = min(into.get(key, sample.value), sample.value)
+                elif sample.name in FLAGS:
+                    into[key] = max(into.get(key, sample.value), sample.value)
                 else:
                     into[key] = into.get(key, 0.0) + sample.value
     lines: list[str] = []
