@@ -355,3 +355,20 @@ def test_reload_with_chroot_delivers_nothing_twice(tmp_path, serve_process):
             assert serve.stop() == 0
     finally:
         shutil.rmtree(queue, ignore_errors=True)
+
+
+def test_status_counts_the_sessions_of_a_worker_that_does_not_answer(daemon, stopped):
+    """``status`` says how many sessions are open: a stuck worker's sessions are
+    still open (and still count against smtpd_process_limit on the session board),
+    so they are not left out of the total."""
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0")
+    held = _open_until_both_workers_hold(d, 1)
+    try:
+        total = sum(len(conns) for conns in held.values())
+        assert _status(d)["sessions"] == total
+        stopped(next(iter(held)))
+        assert _status(d)["sessions"] == total
+    finally:
+        for conns in held.values():
+            for conn in conns:
+                conn.close()

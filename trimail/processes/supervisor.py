@@ -426,7 +426,6 @@ class Master:
                              uptime=answer.get("uptime"))
                 if slot.role == "smtpd":
                     entry["sessions"] = answer.get("sessions", 0)
-                    facts["sessions"] += answer.get("sessions", 0)
                     facts["stress"] = facts["stress"] or bool(answer.get("stress"))
                 else:
                     entry["active"] = answer.get("active", 0)
@@ -436,6 +435,7 @@ class Master:
                 entry.update(state="not answering", pid=worker.pid,
                              uptime=round(time.monotonic() - worker.started, 3))
             workers.append(entry)
+        facts["sessions"] = self.board.total()  # a worker that does not answer still has its sessions open
         return json.dumps({"pid": os.getpid(), "uptime": round(time.monotonic() - self.started, 3),
                            "listeners": [str(a) for a in self.addresses], "reloads": self.reloads,
                            "configuration": self.config.source, "workers": workers, **facts})
