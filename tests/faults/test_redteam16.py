@@ -372,3 +372,30 @@ def test_status_counts_the_sessions_of_a_worker_that_does_not_answer(daemon, sto
         for conns in held.values():
             for conn in conns:
                 conn.close()
+
+
+def test_sighup_during_stop_is_refused(daemon):
+    """SIGHUP while serve drains its sessions for a stop: no new generation of
+    workers (the listeners are closed: spawning one failed with "bad value(s) in
+    fds_to_keep"), serve ends as the stop says, with a clean log."""
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0", graceful_timeout="3s")
+    client = smtplib.SMTP(HOST, d.port, timeout=30)
+    client.ehlo("client.example")
+    assert client.mail("alice@client.example")[0] == 250  # busy: it keeps the stop draining
+    try:
+        d.proc.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: not _accepting(d.port), timeout=10)  # the stop has begun
+        d.proc.proc.send_signal(signal.SIGHUP)
+        assert d.proc.proc.wait(30) == 0, "\n".join(d.proc.log[-30:])
+    finally:
+        client.close()
+    bad = [line for line in d.proc.log if any(word in line for word in ("Traceback", "error", "failed", "reload --"))]
+    assert not bad, "\n".join(d.proc.log[-30:])
+
+
+def _accepting(port: int) -> bool:
+    try:
+        socket.create_connection((HOST, port), timeout=2).close()
+    except OSError:
+        return False
+    return True

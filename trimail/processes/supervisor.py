@@ -463,6 +463,7 @@ class Master:
         and left one new generation running for ever); none once stopping."""
         async with self._reloading:
             if self._stop.is_set():
+                log.info("reload ignored: serve is stopping")
                 return "error: serve is stopping"
             return await self._reload()
 
