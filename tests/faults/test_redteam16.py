@@ -399,3 +399,40 @@ def _accepting(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to become mail_owner")
+def test_workers_that_dropped_root_die_with_the_master(tmp_path, serve_process):
+    """PR_SET_PDEATHSIG is cleared when a process changes its uid: a worker that
+    became mail_owner outlived a master killed with SIGKILL (it drained its
+    sessions for graceful_timeout), kept the queue lock, and a new serve was
+    refused ("another trimail serve (pid N) uses this queue_directory")."""
+    import shutil
+    import tempfile
+
+    queue = Path(tempfile.mkdtemp(prefix="trimail-red16-", dir="/tmp"))
+    try:
+        path = write_main_cf(tmp_path, smtpd_listen=f"{HOST}:0", queue_directory=str(queue), mail_owner="nobody",
+                             allow_root="no", smtpd_workers=2, master_service_disable="", graceful_timeout="60s",
+                             alias_maps="", alias_database="", local_recipient_maps="")
+        serve = serve_process(path)
+        serve.config_path = path
+        workers = _pids_in_log(serve)
+        assert len(workers) == 3
+        clients = []
+        for _ in range(4):  # busy sessions: a draining worker would keep them for graceful_timeout
+            client = smtplib.SMTP(HOST, serve.port, timeout=30)
+            client.ehlo("client.example")
+            assert client.mail("alice@client.example")[0] == 250
+            clients.append(client)
+        serve.proc.kill()
+        serve.proc.wait(10)
+        try:
+            wait_until(lambda: not any(_alive(pid) for pid in workers), timeout=10)
+        finally:
+            for client in clients:
+                client.sock.close()
+        second = serve_process(path)
+        assert second.proc.poll() is None
+    finally:
+        shutil.rmtree(queue, ignore_errors=True)

@@ -64,7 +64,10 @@ PR_SET_PDEATHSIG = 1
 
 
 def die_with_master(master: int) -> None:
-    """Linux: SIGKILL when the master goes; if it went already, go now."""
+    """Linux: SIGKILL when the master goes; if it went already, go now.  Called
+    again after the worker becomes mail_owner: a change of uid or gid clears the
+    setting (prctl(2)), and a worker that outlived a killed master kept the queue
+    lock from the next serve while it drained its sessions."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -129,6 +132,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         preflight(config)  # the certificate, read before the jail may hide it
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False,
                                                        handed_over=True)
+        die_with_master(spec["master"])
         server = Server(config, writer, listeners, trigger, SessionBoard(spec["board"], spec["slot"]))
         stopped = trio.Event()
 
@@ -176,6 +180,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
         await recover(writer, holder["directory"])  # a predecessor's deliveries in flight: back to incoming
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=True,
                                                        handed_over=True)
+        die_with_master(spec["master"])
         resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
         scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: addresses))
         metrics = Metrics()
