@@ -436,3 +436,32 @@ def test_workers_that_dropped_root_die_with_the_master(tmp_path, serve_process):
         assert second.proc.poll() is None
     finally:
         shutil.rmtree(queue, ignore_errors=True)
+
+
+def _value(body: str, name: str) -> float:
+    [line] = _gauge(body, name)
+    return float(line.split()[1])
+
+
+def test_counters_do_not_go_back_when_workers_leave(daemon):
+    """A counter summed over processes must not fall when a worker exits (a reload
+    retires a generation, a crash replaces a worker): Prometheus takes any fall for
+    a reset and counts the surviving workers' totals again.  The counts of workers
+    that are gone stay in the sum, as prometheus_client's multiprocess mode keeps them."""
+    metrics_port = _free_port()
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0",
+               metrics_listen=f"{HOST}:{metrics_port}")
+    for number in range(12):
+        _send(d.port, number)
+    assert _value(_scrape(metrics_port), "trimail_messages_received_total") == 12.0
+    old = set(_running(d))
+    result = trimail_cmd("reload", "-c", str(d.config_path))
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: not any(_alive(pid) for pid in old), timeout=30)
+    for number in range(12, 15):
+        _send(d.port, number)
+    assert _value(_scrape(metrics_port), "trimail_messages_received_total") == 15.0
+    [victim] = _running(d)[:1]
+    os.kill(victim, signal.SIGKILL)
+    d.proc.wait_log(rf"pid {victim} killed by signal 9")
+    assert _value(_scrape(metrics_port), "trimail_messages_received_total") >= 15.0

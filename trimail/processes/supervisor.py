@@ -114,6 +114,18 @@ class Worker:
         self.started = time.monotonic()
         self._asking = trio.Lock()
         self._requests = 0  # the id of the last request: an answer to an earlier one that timed out is skipped
+        self.final: str | None = None  # its metrics exposition as it exited (trimail.processes.aggregate)
+
+    async def last_metrics(self) -> str | None:
+        """After it exited: the exposition it sent as it went, if any."""
+        with trio.move_on_after(1):
+            try:
+                async with self._asking:
+                    while self.final is None:
+                        self.final = (await self.channel.receive()).get("final")
+            except ChannelClosed:
+                pass
+        return self.final
 
     async def wait(self) -> int:
         """Until the process has exited (a pidfd, as trio itself waits); its status."""
@@ -138,6 +150,7 @@ class Worker:
                 await self.channel.send({"cmd": command, "id": self._requests, **arguments})
                 answer = await self.channel.receive()
                 while answer.get("id") != self._requests:  # late: its request gave up waiting
+                    self.final = answer.get("final", self.final)
                     answer = await self.channel.receive()
         if "error" in answer:
             raise RuntimeError(f"{self.slot.role} worker pid {self.pid}: {answer['error']}")
@@ -182,6 +195,8 @@ class Master:
         self.restarts = Counter("trimail_worker_restarts", "Worker processes started again after an unexpected exit",
                                 ["role"], registry=self.metrics.registry)
         self.metrics_addresses: list[Any] = []
+        self._scraped: dict[int, str] = {}  # each worker's exposition at the last scrape
+        self._departed = ""  # the counters and histograms of workers that are gone, summed
         self.started = time.monotonic()
         self.reloads = 0
         self._nursery: trio.Nursery | None = None
@@ -310,8 +325,16 @@ class Master:
                 if worker.process.poll() is None:
                     worker.process.kill()
                     await worker.wait()
+                await self._depart(worker)
                 await worker.channel.aclose()
         return ready
+
+    async def _depart(self, worker: Worker) -> None:
+        """Its counts stay in /metrics' sums: a counter that fell would be a reset."""
+        last = await worker.last_metrics() or self._scraped.get(worker.pid)
+        self._scraped.pop(worker.pid, None)
+        if last:
+            self._departed = merge([self._departed, last], cumulative=True).decode()
 
     async def _start_slots(self, role: str, count: int, generation: int) -> list[Slot]:
         """Start *count* workers of *role*; all ready, or none left running."""
@@ -447,8 +470,12 @@ class Master:
         self.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
 
     async def exposition(self) -> bytes:
-        texts = [self.metrics.exposition().decode()]
-        texts += [answer for _, answer in await self._ask_all("metrics") if isinstance(answer, str)]
+        texts = [self.metrics.exposition().decode(), self._departed]
+        for worker, answer in await self._ask_all("metrics"):
+            if isinstance(answer, str):
+                texts.append(answer)
+                if worker.process.poll() is None:
+                    self._scraped[worker.pid] = answer
         return merge(texts)
 
     def stop(self) -> None:

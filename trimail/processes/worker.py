@@ -111,6 +111,15 @@ async def serve_channel(channel: Channel, commands: dict[str, Any], stop: trio.E
         stop.set()
 
 
+async def say_final(channel: Channel, metrics: Metrics) -> None:
+    """The last exposition, as the worker leaves: the master keeps its counts."""
+    try:
+        with trio.move_on_after(1):
+            await channel.send({"final": metrics.exposition().decode()})
+    except ChannelClosed:
+        pass
+
+
 def _open_store(config: Config):
     queue_directory = Path(config.queue_directory)
     busy_timeout = config.queue_busy_timeout
@@ -167,6 +176,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
                 top.start_soon(channel.send, {"ready": {"role": "smtpd", "pid": os.getpid()}})
 
             await serve_sessions(server, listeners, ready)
+            await say_final(channel, server.metrics)
             top.cancel_scope.cancel()
 
 
@@ -237,6 +247,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
         returned = await writer.run(Store.recover_active)
         if returned:
             log.info("%d message(s) in delivery returned to the incoming queue", returned)
+        await say_final(channel, metrics)
 
 
 class _NamedAfterRole(logging.Filter):
