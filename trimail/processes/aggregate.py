@@ -6,9 +6,16 @@ them (prometheus_client's parser) and adds samples with the same name and
 labels: counters, histogram buckets, sums and counts add up across processes;
 the gauges are either per-process parts of one total (open sessions) or set in
 one process only (queue sizes in the master, dead destinations in the qmgr),
-so adding is right for them too.  ``*_created`` samples keep the earliest.
-A counter of a worker that was restarted starts again from zero, as a
-restarted Postfix daemon's counters do; Prometheus's ``rate()`` handles resets.
+so adding is right for them too, except for a flag every smtpd worker sets
+(``trimail_smtpd_stress``: 1 while the service is under stress, in each
+worker that saw it), which is the largest, not the sum.  ``*_created`` samples
+keep the earliest.
+The sum of a counter must never fall (Prometheus would take the fall for a
+reset and count the other processes' totals again), so the counters and
+histograms of a worker that is gone stay in it: the master keeps them
+(``cumulative=True``: the worker's last exposition, sent as it exits or taken
+at the last scrape), as prometheus_client's multiprocess mode keeps the files
+of dead processes.
 """
 
 from __future__ import annotations
@@ -17,6 +24,9 @@ import math
 from collections.abc import Iterable
 
 from prometheus_client.parser import text_string_to_metric_families
+
+CUMULATIVE = frozenset({"counter", "histogram", "summary"})
+FLAGS = frozenset({"trimail_smtpd_stress"})  # 0/1 gauges of one state of the whole service: the largest
 
 
 def _number(value: float) -> str:
@@ -31,18 +41,25 @@ def _escape(value: str) -> str:
     return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
 
 
-def merge(expositions: Iterable[str]) -> bytes:
-    """The sum of several text expositions, as one exposition (format 0.0.4)."""
+def merge(expositions: Iterable[str], *, cumulative: bool = False) -> bytes:
+    """The sum of several text expositions, as one exposition (format 0.0.4);
+    *cumulative*: only counters and histograms, without their ``_created``."""
     families: dict[str, tuple[str, str]] = {}  # name -> (type, help), in first-seen order
     samples: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
     for text in expositions:
         for family in text_string_to_metric_families(text):
+            if cumulative and family.type not in CUMULATIVE:
+                continue
             families.setdefault(family.name, (family.type, family.documentation))
             into = samples.setdefault(family.name, {})
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
+                if cumulative and sample.name.endswith("_created"):
+                    continue
                 if sample.name.endswith("_created"):
                     into[key] = min(into.get(key, sample.value), sample.value)
+                elif sample.name in FLAGS:
+                    into[key] = max(into.get(key, sample.value), sample.value)
                 else:
                     into[key] = into.get(key, 0.0) + sample.value
     lines: list[str] = []

@@ -2,9 +2,11 @@
 
 The master makes a ``socketpair`` per worker and passes one end to it; the
 worker first says ``{"ready": ...}`` once it accepts work, then answers each
-request (``{"cmd": NAME, ...}``) with one line (``{"ok": VALUE}`` or
-``{"error": TEXT}``).  Requests are made one at a time (the master holds a lock
-per worker), so no request ids are needed.  A line is bounded (``MAX_LINE``:
+request (``{"cmd": NAME, "id": N, ...}``) with one line (``{"id": N, "ok": VALUE}``
+or ``{"id": N, "error": TEXT}``).  Requests are made one at a time (the master
+holds a lock per worker); the id is for a request the master gave up waiting on
+(a stopped or busy worker): its late answer is skipped, never taken as the
+answer to the next request.  A line is bounded (``MAX_LINE``:
 a metrics exposition of many destinations fits); a longer one, or EOF, ends the
 channel, and the other side treats the process as gone.
 """

@@ -88,6 +88,7 @@ log = logging.getLogger("trimail.master")
 
 START_TIMEOUT = 60.0  # seconds for a worker to report ready
 REQUEST_TIMEOUT = 10.0  # seconds for a worker to answer the master
+ASK_TIMEOUT = 3.0  # seconds for status, dead and metrics answers: well within the CLI's and the scrape's 10 s
 STEADY = 60.0  # a worker that ran this long before it died restarts without back-off history
 STOP_MARGIN = 15.0  # seconds beyond graceful_timeout before a stopping worker is killed
 
@@ -112,6 +113,19 @@ class Worker:
         self.pid = process.pid
         self.started = time.monotonic()
         self._asking = trio.Lock()
+        self._requests = 0  # the id of the last request: an answer to an earlier one that timed out is skipped
+        self.final: str | None = None  # its metrics exposition as it exited (trimail.processes.aggregate)
+
+    async def last_metrics(self) -> str | None:
+        """After it exited: the exposition it sent as it went, if any."""
+        with trio.move_on_after(1):
+            try:
+                async with self._asking:
+                    while self.final is None:
+                        self.final = (await self.channel.receive()).get("final")
+            except ChannelClosed:
+                pass
+        return self.final
 
     async def wait(self) -> int:
         """Until the process has exited (a pidfd, as trio itself waits); its status."""
@@ -132,8 +146,12 @@ class Worker:
         gone or silent raises ``ChannelClosed`` or ``trio.TooSlowError``."""
         with trio.fail_after(timeout):
             async with self._asking:
-                await self.channel.send({"cmd": command, **arguments})
+                self._requests += 1
+                await self.channel.send({"cmd": command, "id": self._requests, **arguments})
                 answer = await self.channel.receive()
+                while answer.get("id") != self._requests:  # late: its request gave up waiting
+                    self.final = answer.get("final", self.final)
+                    answer = await self.channel.receive()
         if "error" in answer:
             raise RuntimeError(f"{self.slot.role} worker pid {self.pid}: {answer['error']}")
         return answer.get("ok")
@@ -147,6 +165,8 @@ class Slot:
         self.role = role
         self.generation = generation
         self.retired = False
+        self.farewell = "stop"  # what a worker that becomes ready in a retired slot is told
+        self.leaving = trio.Event()  # set with retired: ends a restart back-off at once
         self.worker: Worker | None = None
         self.restarts = 0
         self.board_slot: int | None = None  # its place on the session board (smtpd)
@@ -175,10 +195,13 @@ class Master:
         self.restarts = Counter("trimail_worker_restarts", "Worker processes started again after an unexpected exit",
                                 ["role"], registry=self.metrics.registry)
         self.metrics_addresses: list[Any] = []
+        self._scraped: dict[int, str] = {}  # each worker's exposition at the last scrape
+        self._departed = ""  # the counters and histograms of workers that are gone, summed
         self.started = time.monotonic()
         self.reloads = 0
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
+        self._reloading = trio.Lock()  # SIGHUP does not pass the control socket's one-command-at-a-time lock
 
     # -- the listeners as they are now --------------------------------------
 
@@ -235,7 +258,8 @@ class Master:
 
     async def _keep(self, slot: Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run a worker in *slot* until the slot is retired; the first start's
-        failure is raised (to start-up or reload), later ones are retried."""
+        failure is raised (to start-up or reload), later ones are retried.  A
+        retired slot starts nothing more, even from its back-off wait."""
         backoff = Backoff(initial=0.5, maximum=30.0)
         first = True
         if slot.role == "smtpd":
@@ -243,34 +267,22 @@ class Master:
         try:
             while True:
                 began = time.monotonic()
-                worker = self._spawn(slot)
                 try:
-                    if await self._ready(worker):
-                        slot.worker = worker
-                        if first:
-                            first = False
-                            task_status.started()
-                    else:  # it failed (its own log line says why) or stays silent: let it end, or end it
-                        with trio.move_on_after(5):
-                            await worker.wait()
-                        if worker.process.poll() is None:
-                            worker.process.kill()
-                    await worker.wait()
-                finally:
-                    slot.worker = None
-                    if slot.board_slot is not None:
-                        self.board.clear(slot.board_slot)  # its sessions died with it
-                    with trio.CancelScope(shield=True):
-                        if worker.process.poll() is None:
-                            worker.process.kill()
-                            await worker.wait()
-                        await worker.channel.aclose()
-                status = exit_text(worker.process.returncode)
-                if first:
-                    raise WorkerStartError(f"{slot.role} worker pid {worker.pid} did not start: {status}")
-                if slot.retired or self._stop.is_set():
-                    return
-                log.warning("process trimail/%s pid %d %s", slot.role, worker.pid, status)
+                    worker = self._spawn(slot)
+                except (OSError, ValueError) as exc:  # no process at all: out of memory, processes, descriptors
+                    if first:
+                        raise WorkerStartError(f"{slot.role} worker could not be started: {describe(exc)}") from None
+                    log.warning("process trimail/%s could not be started: %s", slot.role, describe(exc))
+                else:
+                    ready = await self._run_one(slot, worker, task_status if first else None)
+                    if first and not ready:
+                        status = exit_text(worker.process.returncode)
+                        raise WorkerStartError(f"{slot.role} worker pid {worker.pid} did not start: {status}")
+                    first = False
+                    if slot.retired or self._stop.is_set():
+                        return
+                    log.warning("process trimail/%s pid %d %s", slot.role, worker.pid,
+                                exit_text(worker.process.returncode))
                 slot.restarts += 1
                 self.restarts.labels(slot.role).inc()
                 if time.monotonic() - began >= STEADY:
@@ -278,11 +290,51 @@ class Master:
                 delay = backoff.next()
                 if delay >= 4:
                     log.warning("trimail/%s: bad command startup -- throttling for %.0fs", slot.role, delay)
-                await trio.sleep(delay)
+                with trio.move_on_after(delay):
+                    await slot.leaving.wait()  # a stop or a reload ends the wait, and the slot
+                if slot.retired or self._stop.is_set():
+                    return
         finally:
             if slot.board_slot is not None:
                 self._free_slots.append(slot.board_slot)
             slot.gone.set()
+
+    async def _run_one(self, slot: Slot, worker: Worker, task_status: trio.TaskStatus[None] | None) -> bool:
+        """*worker* in *slot* from its start until it has exited; whether it became
+        ready (then *task_status*, when given, is told)."""
+        ready = False
+        try:
+            if await self._ready(worker):
+                ready = True
+                slot.worker = worker
+                if task_status is not None:
+                    task_status.started()
+                if slot.retired or self._stop.is_set():  # retired while it started: nobody else tells it
+                    await self._tell_stop(worker, slot.farewell)
+            else:  # it failed (its own log line says why) or stays silent: let it end, or end it
+                with trio.move_on_after(5):
+                    await worker.wait()
+                if worker.process.poll() is None:
+                    worker.process.kill()
+            await worker.wait()
+        finally:
+            slot.worker = None
+            if slot.board_slot is not None:
+                self.board.clear(slot.board_slot)  # its sessions died with it
+            with trio.CancelScope(shield=True):
+                if worker.process.poll() is None:
+                    worker.process.kill()
+                    await worker.wait()
+                await self._depart(worker)
+                await worker.channel.aclose()
+        return ready
+
+    async def _depart(self, worker: Worker) -> None:
+        """Its counts stay in /metrics' sums: a counter that fell would be a reset."""
+        last = await worker.last_metrics() or self._scraped.get(worker.pid)
+        self._scraped.pop(worker.pid, None)
+        if last:
+            self._departed = merge([self._departed, last], cumulative=True).decode()
 
     async def _start_slots(self, role: str, count: int, generation: int) -> list[Slot]:
         """Start *count* workers of *role*; all ready, or none left running."""
@@ -310,7 +362,8 @@ class Master:
         """Tell the workers in *slots* to stop (smtpd: drain their sessions) or, after
         a reload, to retire (smtpd: let every session run to its end)."""
         for slot in slots:
-            slot.retired = True
+            slot.retired, slot.farewell = True, command
+            slot.leaving.set()
         async with trio.open_nursery() as telling:
             for slot in slots:
                 if slot.worker is not None:
@@ -346,7 +399,7 @@ class Master:
 
         async def ask(worker: Worker) -> None:
             try:
-                answers.append((worker, await worker.request(command)))
+                answers.append((worker, await worker.request(command, timeout=ASK_TIMEOUT)))
             except (ChannelClosed, trio.TooSlowError, RuntimeError) as exc:
                 answers.append((worker, exc))
 
@@ -396,7 +449,6 @@ class Master:
                              uptime=answer.get("uptime"))
                 if slot.role == "smtpd":
                     entry["sessions"] = answer.get("sessions", 0)
-                    facts["sessions"] += answer.get("sessions", 0)
                     facts["stress"] = facts["stress"] or bool(answer.get("stress"))
                 else:
                     entry["active"] = answer.get("active", 0)
@@ -406,6 +458,7 @@ class Master:
                 entry.update(state="not answering", pid=worker.pid,
                              uptime=round(time.monotonic() - worker.started, 3))
             workers.append(entry)
+        facts["sessions"] = self.board.total()  # a worker that does not answer still has its sessions open
         return json.dumps({"pid": os.getpid(), "uptime": round(time.monotonic() - self.started, 3),
                            "listeners": [str(a) for a in self.addresses], "reloads": self.reloads,
                            "configuration": self.config.source, "workers": workers, **facts})
@@ -417,8 +470,12 @@ class Master:
         self.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
 
     async def exposition(self) -> bytes:
-        texts = [self.metrics.exposition().decode()]
-        texts += [answer for _, answer in await self._ask_all("metrics") if isinstance(answer, str)]
+        texts = [self.metrics.exposition().decode(), self._departed]
+        for worker, answer in await self._ask_all("metrics"):
+            if isinstance(answer, str):
+                texts.append(answer)
+                if worker.process.poll() is None:
+                    self._scraped[worker.pid] = answer
         return merge(texts)
 
     def stop(self) -> None:
@@ -429,6 +486,15 @@ class Master:
         return self._stop.is_set()
 
     async def reload(self) -> str:
+        """One reload at a time (two at once both retired the same old generation
+        and left one new generation running for ever); none once stopping."""
+        async with self._reloading:
+            if self._stop.is_set():
+                log.info("reload ignored: serve is stopping")
+                return "error: serve is stopping"
+            return await self._reload()
+
+    async def _reload(self) -> str:
         opened: list[Endpoint] = []
         try:
             fresh = configuration.load(self.config.path, self.config.overrides)
@@ -512,6 +578,8 @@ class Master:
                 await self._stop.wait()
                 notify_systemd(b"STOPPING=1")
                 requests.cancel_scope.cancel()
+            async with self._reloading:  # a reload begun (SIGHUP) ends first: its workers are stopped below
+                pass
             for listener, _, _ in self.endpoints:  # the workers hold their own copies until they drain
                 with contained("closing a listener"):
                     await listener.aclose()

@@ -64,7 +64,10 @@ PR_SET_PDEATHSIG = 1
 
 
 def die_with_master(master: int) -> None:
-    """Linux: SIGKILL when the master goes; if it went already, go now."""
+    """Linux: SIGKILL when the master goes; if it went already, go now.  Called
+    again after the worker becomes mail_owner: a change of uid or gid clears the
+    setting (prctl(2)), and a worker that outlived a killed master kept the queue
+    lock from the next serve while it drained its sessions."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -89,22 +92,32 @@ async def serve_channel(channel: Channel, commands: dict[str, Any], stop: trio.E
     try:
         while True:
             request = await channel.receive()
+            said = {"id": request.get("id")}  # the master matches answers to requests by it
             handler = commands.get(str(request.get("cmd")))
             if handler is None:
-                await channel.send({"error": f"unknown command {request.get('cmd')!r}"})
+                await channel.send({**said, "error": f"unknown command {request.get('cmd')!r}"})
                 continue
             try:
                 answer = handler(request)
                 if hasattr(answer, "__await__"):
                     answer = await answer
             except Exception as exc:  # noqa: BLE001 - one request's boundary: the answer says it
-                await channel.send({"error": describe(exc)})
+                await channel.send({**said, "error": describe(exc)})
                 continue
-            await channel.send({"ok": answer})
+            await channel.send({**said, "ok": answer})
     except ChannelClosed:
         if not stop.is_set():
             log.warning("lost the master's channel: stopping")
         stop.set()
+
+
+async def say_final(channel: Channel, metrics: Metrics) -> None:
+    """The last exposition, as the worker leaves: the master keeps its counts."""
+    try:
+        with trio.move_on_after(1):
+            await channel.send({"final": metrics.exposition().decode()})
+    except ChannelClosed:
+        pass
 
 
 def _open_store(config: Config):
@@ -128,6 +141,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         preflight(config)  # the certificate, read before the jail may hide it
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False,
                                                        handed_over=True)
+        die_with_master(spec["master"])
         server = Server(config, writer, listeners, trigger, SessionBoard(spec["board"], spec["slot"]))
         stopped = trio.Event()
 
@@ -162,6 +176,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
                 top.start_soon(channel.send, {"ready": {"role": "smtpd", "pid": os.getpid()}})
 
             await serve_sessions(server, listeners, ready)
+            await say_final(channel, server.metrics)
             top.cancel_scope.cancel()
 
 
@@ -175,6 +190,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
         await recover(writer, holder["directory"])  # a predecessor's deliveries in flight: back to incoming
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=True,
                                                        handed_over=True)
+        die_with_master(spec["master"])
         resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
         scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: addresses))
         metrics = Metrics()
@@ -231,6 +247,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
         returned = await writer.run(Store.recover_active)
         if returned:
             log.info("%d message(s) in delivery returned to the incoming queue", returned)
+        await say_final(channel, metrics)
 
 
 class _NamedAfterRole(logging.Filter):
