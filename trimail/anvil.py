@@ -104,9 +104,18 @@ class Anvil:
     def opened(self, address: str) -> bool | None:
         self._count(1)
         self.per_client[address] += 1
-        if not self.stress and self.stress_on and self.sessions >= self.stress_on:
+        return self.restate()
+
+    def restate(self) -> bool | None:
+        """Stress on or off from the session total (with workers the total moves with
+        other processes' sessions too, so either change can show at any open or close)."""
+        total = self.sessions
+        if not self.stress and self.stress_on and total >= self.stress_on:
             self.stress = True
             return True
+        if self.stress and total < max(1, self.stress_off):
+            self.stress = False
+            return False
         return None
 
     def _count(self, change: int) -> None:
@@ -119,7 +128,4 @@ class Anvil:
         self.per_client[address] -= 1
         if self.per_client[address] <= 0:
             del self.per_client[address]
-        if self.stress and self.sessions < max(1, self.stress_off):
-            self.stress = False
-            return False
-        return None
+        return self.restate()

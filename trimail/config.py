@@ -860,10 +860,16 @@ def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
     return None
 
 
-def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> Config:
-    """Load and validate the effective configuration (raises ConfigError)."""
+def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (), *,
+         text: str | None = None) -> Config:
+    """Load and validate the effective configuration (raises ConfigError).  With
+    *text*, that is main.cf's content as read by someone else (a worker in the jail
+    gets it from the master), and *path* only names it."""
     chosen = config_path(path)
-    if chosen is None:
+    if chosen is not None and text is not None:
+        settings, warnings = parse_main_cf(text, str(chosen))
+        source = str(chosen)
+    elif chosen is None:
         settings = {k: Setting(v, "built-in development default") for k, v in development_defaults().items()}
         warnings: list[str] = []
         source = "built-in development default"

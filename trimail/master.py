@@ -322,9 +322,9 @@ class Server:
         stress = self.anvil.opened(address)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         try:
-            if stress:
+            if stress is not None:  # on, or (other workers' sessions ended) off
                 self._stress_changed()
-            elif self.anvil.stress:
+            if self.anvil.stress:
                 session.tighten(self.stress_limits)
             if self.stopping:
                 session.request_stop()
@@ -335,6 +335,12 @@ class Server:
                 self._stress_changed()
             if not self.sessions:
                 self._idle.set()
+
+    def recheck_stress(self) -> None:
+        """With workers the session total also moves with other processes' sessions:
+        stress may have ended while this one opened and closed nothing."""
+        if self.anvil.restate() is not None:
+            self._stress_changed()
 
     def _stress_changed(self) -> None:
         """Stress mode turned on (every open session gets the stress limits now) or off

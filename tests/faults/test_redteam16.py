@@ -278,8 +278,6 @@ def test_stress_gauge_is_one_across_workers(daemon):
                 conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason="trimail/anvil.py (not a processes/ file): a worker's stress flag is only "
-                   "re-evaluated when that worker closes a session, against the shared total")
 def test_stress_ends_in_every_worker_when_the_sessions_end(daemon):
     """Stress mode is one state of the whole service: once every session is gone it
     must be off everywhere.  A worker whose own sessions closed while the other
@@ -316,9 +314,6 @@ class _Remote(Recorder):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chroot needs root")
-@pytest.mark.xfail(strict=True, reason="a chroot reload stops the old qmgr worker with its deliveries in flight; "
-                   "the fix needs a drain in trimail/scheduler/qmgr.py (claim nothing more, let what is in "
-                   "flight finish within graceful_timeout) for the replaced qmgr worker")
 def test_reload_with_chroot_delivers_nothing_twice(tmp_path, serve_process):
     """With ``chroot = yes`` a reload replaces the qmgr worker (it could not re-read
     main.cf in its jail); the old one is stopped with its deliveries in flight, and
@@ -467,8 +462,6 @@ def test_counters_do_not_go_back_when_workers_leave(daemon):
     assert _value(_scrape(metrics_port), "trimail_messages_received_total") >= 15.0
 
 
-@pytest.mark.xfail(strict=True, reason="trimail/net/control.py runs every command under one lock: a status waits "
-                   "for a reload whose new workers are slow to start, and the CLI gives up after 10 s")
 def test_status_answers_while_a_reload_waits_for_slow_workers(tmp_path, serve_process):
     """A reload whose new smtpd workers take long to start (a slow policy import,
     a big table, a loaded machine): ``trimail status`` meanwhile must not say

@@ -12,16 +12,18 @@ Security: the socket is 0600 (only root and mail_owner reach it).  A command lin
 is at most 256 bytes and must arrive within 5 s; clients are served concurrently
 (at most 32 at once) and each request has its own error boundary, so a client that
 resets, stays silent or sends garbage costs its own request only.  Commands run
-one at a time.
+one at a time, except the read-only ``ping``, ``status`` and ``dead``, which are
+answered even while a slow reload or a stop runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -35,6 +37,7 @@ CONTROL_NAME = "control"
 MAX_LINE = 256
 MAX_ANSWER = 1 << 20  # what the CLI reads of serve's answer (a status is a few KiB; dead lists are bounded)
 READ_TIMEOUT = 5.0  # seconds to send a command line, and to take the answer
+READ_ONLY = frozenset({"ping", "status", "dead"})  # answered even while a reload or stop runs
 
 
 async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
@@ -54,6 +57,11 @@ async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
     return trio.SocketListener(sock)
 
 
+@contextlib.asynccontextmanager
+async def _no_lock() -> AsyncIterator[None]:
+    yield
+
+
 async def serve_control(listener: trio.SocketListener,
                         commands: dict[str, Callable[[], str | Awaitable[str]]],
                         metrics: FailureCounter | None = None) -> None:
@@ -69,7 +77,7 @@ async def serve_control(listener: trio.SocketListener,
             return  # silent, too slow or over-long: nothing was asked
         command = line.split(b"\n")[0].decode("ascii", "replace").strip()
         handler = commands.get(command)
-        async with one_at_a_time:
+        async with one_at_a_time if command not in READ_ONLY else _no_lock():
             answer = handler() if handler else f"error: unknown command {printable(command, 64)!r}"
             if inspect.isawaitable(answer):
                 answer = await answer

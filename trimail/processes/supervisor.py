@@ -263,6 +263,10 @@ class Master:
         backoff = Backoff(initial=0.5, maximum=30.0)
         first = True
         if slot.role == "smtpd":
+            if not self._free_slots:  # 256 smtpd workers alive, most of them old generations draining
+                slot.gone.set()
+                raise WorkerStartError("no free session-board slot: too many smtpd workers still finishing "
+                                       "sessions of earlier reloads")
             slot.board_slot = self._free_slots.pop(0)
         try:
             while True:
@@ -497,7 +501,8 @@ class Master:
     async def _reload(self) -> str:
         opened: list[Endpoint] = []
         try:
-            fresh = configuration.load(self.config.path, self.config.overrides)
+            text = read_main_cf(self.config.path)
+            fresh = configuration.load(self.config.path, self.config.overrides, text=text)
             restriction_lists(fresh)
             wanted = {(kind, str(address)): address for kind, parameter in LISTENERS for address in fresh.get(parameter)}
             for key, address in wanted.items():
@@ -533,23 +538,25 @@ class Master:
         for entries in removed.values():
             for listener, _, _ in entries:
                 await listener.aclose()
-        await self._reload_qmgr(fresh)
+        await self._reload_qmgr(fresh, text)
         self.reloads += 1
         log.info("reload -- version %s, configuration %s", __version__, fresh.source)
         return "ok"
 
-    async def _reload_qmgr(self, fresh: Config) -> None:
+    async def _reload_qmgr(self, fresh: Config, text: str | None) -> None:
+        """The qmgr worker takes the new configuration in place (its deliveries in
+        flight finish as they began); main.cf's text comes with the request, so a
+        qmgr in the jail needs no access to the file."""
         qmgr = [slot for slot in self.slots if slot.role == "qmgr"]
         if "qmgr" in fresh.master_service_disable:
             await self._retire(qmgr, wait=True)
             return
-        if fresh.chroot or not qmgr:  # in the jail it could not re-read main.cf and tables: a new one
-            await self._retire(qmgr, wait=True)  # (after the old one is gone: one qmgr makes mail active)
+        if not qmgr:
             await self._start_slots("qmgr", 1, self.generation)
             return
         for worker in self._live("qmgr"):
             try:
-                await worker.request("reload", addresses=[str(a) for a in self.addresses])
+                await worker.request("reload", addresses=[str(a) for a in self.addresses], main_cf=text)
             except (ChannelClosed, trio.TooSlowError, RuntimeError) as exc:
                 log.warning("qmgr worker pid %d did not take the reload: %s", worker.pid, describe(exc))
 
@@ -585,6 +592,18 @@ class Master:
                     await listener.aclose()
             await self._retire(self.slots + self._retiring(), wait=True)
             supervising.cancel_scope.cancel()
+
+
+def read_main_cf(path: Path | None) -> str | None:
+    """main.cf's text, read once by the master for itself and for the qmgr worker."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
 
 
 def hand_queue_over(config: Config, queue_directory: Path) -> None:

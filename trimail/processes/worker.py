@@ -145,7 +145,12 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         server = Server(config, writer, listeners, trigger, SessionBoard(spec["board"], spec["slot"]))
         stopped = trio.Event()
 
+        def metrics(_: dict[str, Any]) -> str:
+            server.recheck_stress()  # the stress gauge as of now
+            return server.metrics.exposition().decode()
+
         def status(_: dict[str, Any]) -> dict[str, Any]:
+            server.recheck_stress()
             return {"role": "smtpd", "pid": os.getpid(), "uptime": round(time.monotonic() - started, 3),
                     "sessions": len(server.sessions), "stress": server.anvil.stress}
 
@@ -158,7 +163,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
             return "ok"
 
         commands = {"status": status, "stop": stop, "retire": retire, "ping": lambda _: "ok",
-                    "metrics": lambda _: server.metrics.exposition().decode()}
+                    "metrics": metrics}
 
         async def watch_channel() -> None:
             await serve_channel(channel, commands, stopped)
@@ -207,7 +212,8 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
                     "dead_destinations": dead["dead"], "dead_destinations_total": dead["total"]}
 
         def reload(request: dict[str, Any]) -> str:
-            fresh = configuration.load(current["config"].path, current["config"].overrides)
+            fresh = configuration.load(current["config"].path, current["config"].overrides,
+                                       text=request.get("main_cf"))  # read by the master: the jail hides it
             if current["config"].chroot:
                 fresh = fresh.with_overrides({"queue_directory": "/"})
             addresses[:] = [parse_host_port(text) for text in request.get("addresses", [])]
