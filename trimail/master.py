@@ -266,7 +266,8 @@ class Server:
 
     @property
     def stopping(self) -> bool:
-        return self._stop.is_set()
+        """A stop (not a retirement: a retiring worker serves every session it accepted)."""
+        return self._stop_now.is_set()
 
     async def _accept_loop(self, listener: trio.SocketListener, kind: str, sessions: trio.Nursery,
                            scope: trio.CancelScope) -> None:

@@ -53,6 +53,7 @@ class Load:
         self.port = port
         self.acknowledged: list[str] = []
         self.failures = 0
+        self.errors: list[str] = []
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._run, args=(n,)) for n in range(clients)]
 
@@ -63,8 +64,9 @@ class Load:
             token = f"c{client}-{number}"
             try:
                 send(self.port, ["rcpt@example.com"], f"Subject: token {token}\r\n\r\nx\r\n".encode())
-            except (OSError, smtplib.SMTPException, AssertionError):
+            except (OSError, smtplib.SMTPException, AssertionError) as exc:
                 self.failures += 1
+                self.errors.append(repr(exc))
                 continue  # refused or cut: not acknowledged
             self.acknowledged.append(token)
 
@@ -132,7 +134,7 @@ def test_reload_under_load_drops_no_session(daemon):
                        timeout=30)
             count = len(load.acknowledged)
             wait_until(lambda: len(load.acknowledged) >= count + 20, timeout=30)
-        assert load.failures == 0, f"{load.failures} transactions failed across the reload"
+        assert load.failures == 0, f"{load.failures} transactions failed across the reload: {load.errors[:3]}"
         for number, client in enumerate(held):  # the old workers still serve these
             assert client.rcpt("rcpt@example.com")[0] == 250
             code, _ = client.data(f"Subject: token held-{number}\r\n\r\nx\r\n".encode())
