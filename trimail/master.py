@@ -44,7 +44,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -504,52 +504,75 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
     queue that cannot be opened ends serve with one line before any port is open),
     the TLS certificate (``preflight``), then the listeners, then mail_owner and
     the jail, then the tasks."""
+    async with opened_queue(config) as queue:
+        listeners, control, metrics_listeners = await open_endpoints(config, queue.directory)
+        config, queue.directory = become_mail_owner(config, queue.directory)
+        writer = queue.writer
+        server = Server(config, writer, listeners)
+        async with trio.open_nursery() as top:
+            if "qmgr" not in config.master_service_disable:
+                await top.start(server.scheduler.run)
+            else:
+                log.info("qmgr disabled by master_service_disable: mail stays queued")
+
+            def started(accepting: trio.Nursery) -> None:
+                accepting.start_soon(serve_control, control, server.control_commands(), server.metrics)
+                for listener in metrics_listeners:
+                    accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
+                    server.metrics_addresses.append(bound_address(listener))
+                if server.metrics_addresses:
+                    log.info("metrics endpoint listening on %s", ", ".join(map(str, server.metrics_addresses)))
+                log.info("daemon started -- version %s, configuration %s, listening on %s",
+                         __version__, config.source, ", ".join(map(str, server.addresses)))
+                task_status.started(server)
+                notify_systemd(b"READY=1")
+
+            await serve_sessions(server, listeners, started, lambda: notify_systemd(b"STOPPING=1"))
+            top.cancel_scope.cancel()  # deliveries in flight stop; their messages go back below
+        returned = await writer.run(Store.recover_active)
+        if returned:
+            log.info("%d message(s) in delivery returned to the incoming queue", returned)
+        stats = writer.stats
+        log.info("queue writer: %d commits for %d requests, largest batch %d, %.3f s committing",
+                 stats.batches, stats.requests, stats.largest_batch, stats.commit_seconds)
+        log.info("terminating on stop request")
+
+
+class OpenedQueue:
+    """The queue as serve holds it: its directory (``/`` once inside the jail: the
+    writer's connections read it when they open), the lock and the writer."""
+
+    def __init__(self, directory: Path, lock: QueueLock) -> None:
+        self.directory = directory
+        self.lock = lock
+        self.writer: QueueWriter
+        self.busy_timeout = 0.0
+
+    def open_store(self) -> Store:
+        return Store.open(self.directory, busy_timeout=self.busy_timeout)
+
+
+@contextlib.asynccontextmanager
+async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
+    """The start-up steps both process models share, in order: the descriptor
+    limit, the queue lock, the start-time warnings, the queue database (opened,
+    migrated, recovered: a queue that cannot be opened ends serve with one line
+    before any port is open) and the TLS certificate (``preflight``).  The lock is
+    released when the block ends."""
     raise_descriptor_limit()
-    queue_directory = Path(config.queue_directory)
-    prepare_directory(queue_directory)
-    lock = QueueLock(queue_directory)
+    directory = Path(config.queue_directory)
+    prepare_directory(directory)
+    lock = QueueLock(directory)
     lock.acquire()
     try:
         for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
             log.warning("%s", warning)
-
-        busy_timeout = config.queue_busy_timeout
-
-        def open_store() -> Store:  # reads queue_directory when called: "/" once inside the jail
-            return Store.open(queue_directory, busy_timeout=busy_timeout)
-
-        async with QueueWriter(open_store) as writer:
-            await recover(writer, queue_directory)
+        queue = OpenedQueue(directory, lock)
+        queue.busy_timeout = config.queue_busy_timeout
+        async with QueueWriter(queue.open_store) as writer:
+            queue.writer = writer
+            await recover(writer, directory)
             preflight(config)
-            listeners, control, metrics_listeners = await open_endpoints(config, queue_directory)
-            config, queue_directory = become_mail_owner(config, queue_directory)
-            server = Server(config, writer, listeners)
-            async with trio.open_nursery() as top:
-                if "qmgr" not in config.master_service_disable:
-                    await top.start(server.scheduler.run)
-                else:
-                    log.info("qmgr disabled by master_service_disable: mail stays queued")
-
-                def started(accepting: trio.Nursery) -> None:
-                    accepting.start_soon(serve_control, control, server.control_commands(), server.metrics)
-                    for listener in metrics_listeners:
-                        accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
-                        server.metrics_addresses.append(bound_address(listener))
-                    if server.metrics_addresses:
-                        log.info("metrics endpoint listening on %s", ", ".join(map(str, server.metrics_addresses)))
-                    log.info("daemon started -- version %s, configuration %s, listening on %s",
-                             __version__, config.source, ", ".join(map(str, server.addresses)))
-                    task_status.started(server)
-                    notify_systemd(b"READY=1")
-
-                await serve_sessions(server, listeners, started, lambda: notify_systemd(b"STOPPING=1"))
-                top.cancel_scope.cancel()  # deliveries in flight stop; their messages go back below
-            returned = await writer.run(Store.recover_active)
-            if returned:
-                log.info("%d message(s) in delivery returned to the incoming queue", returned)
-            stats = writer.stats
-            log.info("queue writer: %d commits for %d requests, largest batch %d, %.3f s committing",
-                     stats.batches, stats.requests, stats.largest_batch, stats.commit_seconds)
-            log.info("terminating on stop request")
+            yield queue
     finally:
         lock.release()

@@ -57,19 +57,10 @@ from prometheus_client import Counter
 
 from trimail import __version__
 from trimail import config as configuration
-from trimail.check import warnings as check_warnings
 from trimail.config import Config, ConfigError
 from trimail.errors import TrimailError
 from trimail.maps import TableError
-from trimail.master import (
-    LISTENERS,
-    Endpoint,
-    notify_systemd,
-    open_endpoints,
-    preflight,
-    raise_descriptor_limit,
-    recover,
-)
+from trimail.master import LISTENERS, Endpoint, notify_systemd, open_endpoints, opened_queue
 from trimail.metrics import Metrics, serve_metrics
 from trimail.net.control import serve_control
 from trimail.net.listener import ListenError, bound_address, open_listeners
@@ -79,7 +70,6 @@ from trimail.processes.aggregate import merge
 from trimail.processes.board import SLOTS, SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.queue.lock import QueueLock
-from trimail.queue.store import Store, prepare_directory
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.trigger import QmgrTrigger
 from trimail.supervise import Backoff, contained, describe
@@ -625,30 +615,13 @@ def workers_wanted(config: Config) -> int:
 async def serve_processes(config: Config, *,
                           task_status: trio.TaskStatus[Master] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the master until ``Master.stop()``; readiness is reported with the Master."""
-    raise_descriptor_limit()
-    queue_directory = Path(config.queue_directory)
-    prepare_directory(queue_directory)
-    lock = QueueLock(queue_directory)
-    lock.acquire()
-    try:
-        for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
-            log.warning("%s", warning)
-        busy_timeout = config.queue_busy_timeout
-
-        def open_store() -> Store:
-            return Store.open(queue_directory, busy_timeout=busy_timeout)
-
-        async with QueueWriter(open_store) as writer:
-            await recover(writer, queue_directory)
-            preflight(config)
-            listeners, control, metrics_listeners = await open_endpoints(config, queue_directory)
-            hand_queue_over(config, queue_directory)
-            master = Master(config, writer, lock, listeners)
-            try:
-                await master.run(control, metrics_listeners, task_status=task_status)
-            finally:
-                master._send_trigger.close()
-                master._receive_trigger.close()
-            log.info("terminating on stop request")
-    finally:
-        lock.release()
+    async with opened_queue(config) as queue:
+        listeners, control, metrics_listeners = await open_endpoints(config, queue.directory)
+        hand_queue_over(config, queue.directory)
+        master = Master(config, queue.writer, queue.lock, listeners)
+        try:
+            await master.run(control, metrics_listeners, task_status=task_status)
+        finally:
+            master._send_trigger.close()
+            master._receive_trigger.close()
+        log.info("terminating on stop request")
