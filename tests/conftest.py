@@ -33,6 +33,8 @@ def write_main_cf(directory: Path, **params: object) -> Path:
         # receiving tests look at the queue before anything is delivered
         "master_service_disable": "qmgr",
     }
+    if os.environ.get("TRIMAIL_TEST_SMTPD_WORKERS"):  # e.g. 0: the whole suite on the single process
+        values["smtpd_workers"] = os.environ["TRIMAIL_TEST_SMTPD_WORKERS"]
     values.update({k: str(v) for k, v in params.items()})
     path = directory / "main.cf"
     path.write_text("".join(f"{k} = {v}\n" for k, v in values.items()))
