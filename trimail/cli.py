@@ -89,7 +89,7 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
 
 async def _serve_until_signal(cfg: Config) -> None:
     if cfg.smtpd_workers > 0:  # a master with worker processes (trimail.processes)
-        from trimail.processes.supervisor import serve_processes as run_server
+        from trimail.processes.serve import serve_processes as run_server
     else:  # everything in this process
         from trimail.master import serve as run_server
 

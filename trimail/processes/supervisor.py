@@ -20,20 +20,8 @@ replacement workers, which open the queue, start the root delivery helper and
 enter the jail before they drop privileges, as Postfix's master does); it
 reads nothing from the network except the metrics endpoint's bounded requests.
 
-A worker that exits while it is not being stopped is logged as Postfix does
-(``warning: process trimail/smtpd pid N exit status 1``) and started again after
-a back-off (0.5 s doubling to 30 s; reset once a worker has run a minute).
-Nothing acknowledged is lost: a ``250`` is sent only after the smtpd worker's
-commit, and a qmgr worker starts by returning its predecessor's ``active`` mail
-to ``incoming``.
-
-``reload``: the new configuration is checked and new listeners opened; a new
-generation of smtpd workers starts, and only when all are ready are the old ones
-told to stop (they close their listeners and finish their sessions: no session is
-dropped); the qmgr worker takes the new configuration in place.  A configuration
-or worker that fails refuses the reload and the old generation goes on.
-``stop``: every worker stops (smtpd workers drain their sessions) and serve ends
-when all are gone (``graceful_timeout`` plus a margin, then SIGKILL).
+Restart with back-off, reload by generations, stop, and what is counted where:
+docs/architecture.md, section "Processes".
 
 Parameters: smtpd_workers, master_service_disable, graceful_timeout (plus what
 trimail.master.serve reads).
@@ -58,17 +46,17 @@ from prometheus_client import Counter
 from trimail import __version__
 from trimail import config as configuration
 from trimail.config import Config, ConfigError
-from trimail.errors import TrimailError
 from trimail.maps import TableError
-from trimail.master import LISTENERS, Endpoint, notify_systemd, open_endpoints, opened_queue
+from trimail.master import LISTENERS, Endpoint, notify_systemd
 from trimail.metrics import Metrics, serve_metrics
 from trimail.net.control import serve_control
 from trimail.net.listener import ListenError, bound_address, open_listeners
 from trimail.policy.restrictions import restriction_lists
-from trimail.privileges import hand_over, owner_ids
+from trimail.processes import reports
 from trimail.processes.aggregate import merge
 from trimail.processes.board import SLOTS, SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
+from trimail.processes.slot import Slot, Worker, WorkerStartError, exit_text
 from trimail.queue.lock import QueueLock
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.trigger import QmgrTrigger
@@ -77,90 +65,9 @@ from trimail.supervise import Backoff, contained, describe
 log = logging.getLogger("trimail.master")
 
 START_TIMEOUT = 60.0  # seconds for a worker to report ready
-REQUEST_TIMEOUT = 10.0  # seconds for a worker to answer the master
 ASK_TIMEOUT = 3.0  # seconds for status, dead and metrics answers: well within the CLI's and the scrape's 10 s
 STEADY = 60.0  # a worker that ran this long before it died restarts without back-off history
 STOP_MARGIN = 15.0  # seconds beyond graceful_timeout before a stopping worker is killed
-
-
-class WorkerStartError(TrimailError):
-    """A worker exited, or stayed silent, before it reported ready."""
-
-
-def exit_text(returncode: int | None) -> str:
-    if returncode is not None and returncode < 0:
-        return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
-
-
-class Worker:
-    """One running worker process and the master's end of its channel."""
-
-    def __init__(self, slot: Slot, process: subprocess.Popen[bytes], channel: Channel) -> None:
-        self.slot = slot
-        self.process = process
-        self.channel = channel
-        self.pid = process.pid
-        self.started = time.monotonic()
-        self._asking = trio.Lock()
-        self._requests = 0  # the id of the last request: an answer to an earlier one that timed out is skipped
-        self.final: str | None = None  # its metrics exposition as it exited (trimail.processes.aggregate)
-
-    async def last_metrics(self) -> str | None:
-        """After it exited: the exposition it sent as it went, if any."""
-        with trio.move_on_after(1):
-            try:
-                async with self._asking:
-                    while self.final is None:
-                        self.final = (await self.channel.receive()).get("final")
-            except ChannelClosed:
-                pass
-        return self.final
-
-    async def wait(self) -> int:
-        """Until the process has exited (a pidfd, as trio itself waits); its status."""
-        if self.process.returncode is None:
-            try:
-                pidfd = os.pidfd_open(self.pid)
-            except ProcessLookupError:  # reaped already
-                pidfd = None
-            if pidfd is not None:
-                try:
-                    await trio.lowlevel.wait_readable(pidfd)
-                finally:
-                    os.close(pidfd)
-        return self.process.wait()
-
-    async def request(self, command: str, timeout: float = REQUEST_TIMEOUT, **arguments: Any) -> Any:
-        """One request and its answer; ``WorkerStartError``-free: a worker that is
-        gone or silent raises ``ChannelClosed`` or ``trio.TooSlowError``."""
-        with trio.fail_after(timeout):
-            async with self._asking:
-                self._requests += 1
-                await self.channel.send({"cmd": command, "id": self._requests, **arguments})
-                answer = await self.channel.receive()
-                while answer.get("id") != self._requests:  # late: its request gave up waiting
-                    self.final = answer.get("final", self.final)
-                    answer = await self.channel.receive()
-        if "error" in answer:
-            raise RuntimeError(f"{self.slot.role} worker pid {self.pid}: {answer['error']}")
-        return answer.get("ok")
-
-
-class Slot:
-    """A place for one worker: the process in it is replaced when it dies, until
-    the slot is retired (a stop, or an older generation after a reload)."""
-
-    def __init__(self, role: str, generation: int) -> None:
-        self.role = role
-        self.generation = generation
-        self.retired = False
-        self.farewell = "stop"  # what a worker that becomes ready in a retired slot is told
-        self.leaving = trio.Event()  # set with retired: ends a restart back-off at once
-        self.worker: Worker | None = None
-        self.restarts = 0
-        self.board_slot: int | None = None  # its place on the session board (smtpd)
-        self.gone = trio.Event()
 
 
 class Master:
@@ -422,55 +329,16 @@ class Master:
                 "status": self.status, "dead": self.dead}
 
     async def dead(self) -> str:
-        for worker, answer in await self._ask_all("dead", "qmgr"):
-            if not isinstance(answer, Exception):
-                return json.dumps(answer)
-        return json.dumps({"total": 0, "dead": []})
+        return await reports.dead(self)
 
     async def status(self) -> str:
-        workers: list[dict[str, Any]] = []
-        facts: dict[str, Any] = {"sessions": 0, "stress": False, "delivery_helper": "", "dead_destinations": [],
-                                 "dead_destinations_total": 0}
-        answered = {worker.pid: answer for worker, answer in await self._ask_all("status")}
-        for slot in self.slots + self._retiring():
-            entry: dict[str, Any] = {"role": slot.role, "generation": slot.generation, "restarts": slot.restarts}
-            worker = slot.worker
-            if worker is None:
-                entry["state"] = "starting"
-            elif isinstance(answered.get(worker.pid), dict):
-                answer = answered[worker.pid]
-                entry.update(state="retiring" if slot.retired else "running", pid=worker.pid,
-                             uptime=answer.get("uptime"))
-                if slot.role == "smtpd":
-                    entry["sessions"] = answer.get("sessions", 0)
-                    facts["stress"] = facts["stress"] or bool(answer.get("stress"))
-                else:
-                    entry["active"] = answer.get("active", 0)
-                    for key in ("delivery_helper", "dead_destinations", "dead_destinations_total"):
-                        facts[key] = answer.get(key, facts[key])
-            else:
-                entry.update(state="not answering", pid=worker.pid,
-                             uptime=round(time.monotonic() - worker.started, 3))
-            workers.append(entry)
-        facts["sessions"] = self.board.total()  # a worker that does not answer still has its sessions open
-        return json.dumps({"pid": os.getpid(), "uptime": round(time.monotonic() - self.started, 3),
-                           "listeners": [str(a) for a in self.addresses], "reloads": self.reloads,
-                           "configuration": self.config.source, "workers": workers, **facts})
+        return await reports.status(self)
 
     async def refresh_metrics(self) -> None:
-        counts, oldest = await self.writer.read(lambda store: (store.counts(), store.oldest_arrival()))
-        for state in ("maildrop", "incoming", "active", "deferred", "hold"):
-            self.metrics.queue.labels(state).set(counts.get(state, 0))
-        self.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
+        await reports.refresh_metrics(self)
 
     async def exposition(self) -> bytes:
-        texts = [self.metrics.exposition().decode(), self._departed]
-        for worker, answer in await self._ask_all("metrics"):
-            if isinstance(answer, str):
-                texts.append(answer)
-                if worker.process.poll() is None:
-                    self._scraped[worker.pid] = answer
-        return merge(texts)
+        return await reports.exposition(self)
 
     def stop(self) -> None:
         self._stop.set()
@@ -596,32 +464,7 @@ def read_main_cf(path: Path | None) -> str | None:
         raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
 
 
-def hand_queue_over(config: Config, queue_directory: Path) -> None:
-    """Started as root: the queue directory goes to mail_owner once, here, before
-    any worker runs (each worker then only enters the jail and drops root); an
-    unusable mail_owner ends serve now with one line, as in one process."""
-    if os.geteuid() != 0 or config.allow_root:
-        return
-    uid, gid = owner_ids(config.mail_owner)
-    hand_over(queue_directory, uid, gid)
-
-
 def workers_wanted(config: Config) -> int:
     if config.smtpd_workers == 0:
         log.warning("smtpd_workers = 0 takes effect when serve starts again; keeping one smtpd worker")
     return max(1, config.smtpd_workers)
-
-
-async def serve_processes(config: Config, *,
-                          task_status: trio.TaskStatus[Master] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the master until ``Master.stop()``; readiness is reported with the Master."""
-    async with opened_queue(config) as queue:
-        listeners, control, metrics_listeners = await open_endpoints(config, queue.directory)
-        hand_queue_over(config, queue.directory)
-        master = Master(config, queue.writer, queue.lock, listeners)
-        try:
-            await master.run(control, metrics_listeners, task_status=task_status)
-        finally:
-            master._send_trigger.close()
-            master._receive_trigger.close()
-        log.info("terminating on stop request")

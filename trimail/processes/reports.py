@@ -1,0 +1,76 @@
+"""What the master tells the operator about its workers: ``trimail status``,
+the dead destinations, and one ``/metrics`` for all processes.
+
+Each asks the live workers over their channels at once (``Master._ask_all``:
+3 s at most each); a worker that does not answer is shown as not answering and
+its sessions are still counted, from the session board.  The metrics are the
+sum of the master's registry, every live worker's and the last counts of the
+workers that are gone (trimail.processes.aggregate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from trimail.processes.aggregate import merge
+
+if TYPE_CHECKING:
+    from trimail.processes.supervisor import Master
+
+
+async def dead(master: Master) -> str:
+    for worker, answer in await master._ask_all("dead", "qmgr"):
+        if not isinstance(answer, Exception):
+            return json.dumps(answer)
+    return json.dumps({"total": 0, "dead": []})
+
+
+async def status(master: Master) -> str:
+    workers: list[dict[str, Any]] = []
+    facts: dict[str, Any] = {"sessions": 0, "stress": False, "delivery_helper": "", "dead_destinations": [],
+                             "dead_destinations_total": 0}
+    answered = {worker.pid: answer for worker, answer in await master._ask_all("status")}
+    for slot in master.slots + master._retiring():
+        entry: dict[str, Any] = {"role": slot.role, "generation": slot.generation, "restarts": slot.restarts}
+        worker = slot.worker
+        if worker is None:
+            entry["state"] = "starting"
+        elif isinstance(answered.get(worker.pid), dict):
+            answer = answered[worker.pid]
+            entry.update(state="retiring" if slot.retired else "running", pid=worker.pid,
+                         uptime=answer.get("uptime"))
+            if slot.role == "smtpd":
+                entry["sessions"] = answer.get("sessions", 0)
+                facts["stress"] = facts["stress"] or bool(answer.get("stress"))
+            else:
+                entry["active"] = answer.get("active", 0)
+                for key in ("delivery_helper", "dead_destinations", "dead_destinations_total"):
+                    facts[key] = answer.get(key, facts[key])
+        else:
+            entry.update(state="not answering", pid=worker.pid,
+                         uptime=round(time.monotonic() - worker.started, 3))
+        workers.append(entry)
+    facts["sessions"] = master.board.total()  # a worker that does not answer still has its sessions open
+    return json.dumps({"pid": os.getpid(), "uptime": round(time.monotonic() - master.started, 3),
+                       "listeners": [str(a) for a in master.addresses], "reloads": master.reloads,
+                       "configuration": master.config.source, "workers": workers, **facts})
+
+
+async def refresh_metrics(master: Master) -> None:
+    counts, oldest = await master.writer.read(lambda store: (store.counts(), store.oldest_arrival()))
+    for state in ("maildrop", "incoming", "active", "deferred", "hold"):
+        master.metrics.queue.labels(state).set(counts.get(state, 0))
+    master.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
+
+
+async def exposition(master: Master) -> bytes:
+    texts = [master.metrics.exposition().decode(), master._departed]
+    for worker, answer in await master._ask_all("metrics"):
+        if isinstance(answer, str):
+            texts.append(answer)
+            if worker.process.poll() is None:
+                master._scraped[worker.pid] = answer
+    return merge(texts)

@@ -1,0 +1,49 @@
+"""``trimail serve`` with worker processes: the master's start-up and run.
+
+The start-up steps are the single process's (trimail.master.opened_queue): the
+descriptor limit, the queue lock, the warnings, the queue database (opened,
+migrated, recovered) and the certificate; then every listener, the control
+socket and the metrics endpoint; then, started as root, the queue directory is
+given to ``mail_owner`` once; then the Master runs its workers
+(trimail.processes.supervisor) until it is stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import trio
+
+from trimail.config import Config
+from trimail.master import open_endpoints, opened_queue
+from trimail.privileges import hand_over, owner_ids
+from trimail.processes.supervisor import Master
+
+log = logging.getLogger("trimail.master")
+
+
+def hand_queue_over(config: Config, queue_directory: Path) -> None:
+    """Started as root: the queue directory goes to mail_owner once, here, before
+    any worker runs (each worker then only enters the jail and drops root); an
+    unusable mail_owner ends serve now with one line, as in one process."""
+    if os.geteuid() != 0 or config.allow_root:
+        return
+    uid, gid = owner_ids(config.mail_owner)
+    hand_over(queue_directory, uid, gid)
+
+
+async def serve_processes(config: Config, *,
+                          task_status: trio.TaskStatus[Master] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the master until ``Master.stop()``; readiness is reported with the Master."""
+    async with opened_queue(config) as queue:
+        listeners, control, metrics_listeners = await open_endpoints(config, queue.directory)
+        hand_queue_over(config, queue.directory)
+        master = Master(config, queue.writer, queue.lock, listeners)
+        try:
+            await master.run(control, metrics_listeners, task_status=task_status)
+        finally:
+            master._send_trigger.close()
+            master._receive_trigger.close()
+        log.info("terminating on stop request")
