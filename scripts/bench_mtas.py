@@ -133,29 +133,9 @@ class Postfix:
 
     def __init__(self, workdir: Path, relay: tuple[str, int] | None, workers: str | None = None) -> None:
         del workers  # Postfix's process model is its own
-        self.dir = workdir / "postfix"
-        for sub in ("conf", "queue", "data"):
-            (self.dir / sub).mkdir(parents=True)
-        shutil.chown(self.dir / "data", "postfix")
-        for path in (workdir, self.dir, self.dir / "conf"):
-            path.chmod(0o755)
-        self.address, self.port = POSTFIX_ADDRESS, free_port(POSTFIX_ADDRESS)
-        self.conf = self.dir / "conf"
-        (self.conf / "main.cf").write_text(
-            "compatibility_level = 3.6\n"
-            f"queue_directory = {self.dir / 'queue'}\n"
-            f"data_directory = {self.dir / 'data'}\n"
-            "mail_owner = postfix\nsetgid_group = postdrop\n"
-            "inet_interfaces = loopback-only\ninet_protocols = ipv4\n"  # master.cf names the address
-            "myhostname = bench-postfix.example\nmydestination =\nmynetworks = 127.0.0.0/8\n"
-            "smtpd_relay_restrictions = permit_mynetworks, reject\n"
-            f"maillog_file_prefixes = {workdir}\nmaillog_file = {self.dir / 'maillog'}\n"
-            + (f"relayhost = [{relay[0]}]:{relay[1]}\n" if relay else ACCEPT_ONLY))
-        (self.conf / "master.cf").write_text(
-            _postfix_master_cf(self.port).replace(f"127.0.0.1:{self.port}", f"{self.address}:{self.port}"))
-        subprocess.run(["postfix", "-c", str(self.conf), "start"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: listening(self.address, self.port), 30, "postfix to start")
+        self.address = POSTFIX_ADDRESS
+        self.dir, self.conf, self.port = start_postfix(
+            workdir, self.address, f"relayhost = [{relay[0]}]:{relay[1]}\n" if relay else ACCEPT_ONLY)
 
     def root_pid(self) -> int | None:
         """master(8)'s pid, which is also its session's id."""
@@ -172,3 +152,32 @@ class Postfix:
         subprocess.run(["postfix", "-c", str(self.conf), "stop"], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(lambda: not listening(self.address, self.port), 30, "postfix to stop")
+
+
+def start_postfix(workdir: Path, address: str, main_cf: str) -> tuple[Path, Path, int]:
+    """Debian's Postfix from a configuration directory of its own under *workdir*
+    (nothing installed), smtpd on *address* and a free port, with *main_cf* added
+    to the common settings; returns its directory, its configuration directory and
+    the port, once it listens (scripts/bench_storm.py starts its Postfix here too)."""
+    directory = workdir / "postfix"
+    for sub in ("conf", "queue", "data"):
+        (directory / sub).mkdir(parents=True)
+    shutil.chown(directory / "data", "postfix")
+    for path in (workdir, directory, directory / "conf"):
+        path.chmod(0o755)
+    port = free_port(address)
+    conf = directory / "conf"
+    (conf / "main.cf").write_text(
+        "compatibility_level = 3.6\n"
+        f"queue_directory = {directory / 'queue'}\n"
+        f"data_directory = {directory / 'data'}\n"
+        "mail_owner = postfix\nsetgid_group = postdrop\n"
+        "inet_interfaces = loopback-only\ninet_protocols = ipv4\n"  # master.cf names the address
+        "myhostname = bench-postfix.example\nmydestination =\nmynetworks = 127.0.0.0/8\n"
+        "smtpd_relay_restrictions = permit_mynetworks, reject\n"
+        f"maillog_file_prefixes = {workdir}\nmaillog_file = {directory / 'maillog'}\n" + main_cf)
+    (conf / "master.cf").write_text(_postfix_master_cf(port).replace(f"127.0.0.1:{port}", f"{address}:{port}"))
+    subprocess.run(["postfix", "-c", str(conf), "start"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: listening(address, port), 30, "postfix to start")
+    return directory, conf, port

@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import shutil
 import socket
 import sqlite3
 import statistics
@@ -50,7 +49,7 @@ from typing import Any
 import storm_peers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.postfix_peer import _postfix_master_cf  # Debian's master.cf, no chroot
+from bench_mtas import start_postfix
 
 TRIMAIL_ADDRESS = "127.0.100.1"
 SINK_ADDRESS = "127.0.100.2"
@@ -134,31 +133,10 @@ class StormPostfix:
     name = "postfix"
 
     def __init__(self, workdir: Path, relay: tuple[str, int]) -> None:
-        self.dir = workdir / "postfix"
-        for sub in ("conf", "queue", "data"):
-            (self.dir / sub).mkdir(parents=True)
-        shutil.chown(self.dir / "data", "postfix")
-        for path in (workdir, self.dir, self.dir / "conf"):
-            path.chmod(0o755)
-        self.address, self.port = POSTFIX_ADDRESS, free_port(POSTFIX_ADDRESS)
-        self.conf = self.dir / "conf"
-        (self.conf / "main.cf").write_text(
-            "compatibility_level = 3.6\n"
-            f"queue_directory = {self.dir / 'queue'}\n"
-            f"data_directory = {self.dir / 'data'}\n"
-            "mail_owner = postfix\nsetgid_group = postdrop\n"
-            "inet_interfaces = loopback-only\ninet_protocols = ipv4\n"  # 127.0.100.3 is on no interface
-
-            "myhostname = bench-postfix.example\nmydestination =\nmynetworks = 127.0.0.0/8\n"
-            "smtpd_relay_restrictions = permit_mynetworks, reject\n"
-            f"maillog_file_prefixes = {workdir}\nmaillog_file = {self.dir / 'maillog'}\n"
-            f"relayhost = [{relay[0]}]:{relay[1]}\n"
+        self.address = POSTFIX_ADDRESS  # 127.0.100.3 is on no interface: master.cf names it
+        self.dir, self.conf, self.port = start_postfix(
+            workdir, self.address, f"relayhost = [{relay[0]}]:{relay[1]}\n"
             + "".join(f"{k} = {v}\n" for k, v in RETRY_TIMES.items()))
-        (self.conf / "master.cf").write_text(
-            _postfix_master_cf(self.port).replace(f"127.0.0.1:{self.port}", f"{self.address}:{self.port}"))
-        subprocess.run(["postfix", "-c", str(self.conf), "start"], check=True,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: listening(self.address, self.port), 30, "postfix to start", 0.05)
 
     def counts(self) -> dict[str, int]:
         found = {}
