@@ -272,8 +272,13 @@ def test_a_dead_site_costs_one_cohort_of_attempts_per_backoff_period_not_one_per
 # -- 6. a retry storm ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route", ["relayhost", "mx"])
-def test_a_retry_storm_neither_starves_new_mail_nor_slows_acknowledgements(fleet: Fleet, bed_serve, route):
+@pytest.mark.parametrize(("route", "workers"), [
+    ("relayhost", 0), ("mx", 0), ("mx", 2),
+    pytest.param("relayhost", 2, marks=pytest.mark.xfail(
+        strict=False, reason="known (issue 16 note): with the relayhost route and worker processes, end of "
+                             "data -> 250 p99 is 0.11-0.15 s on this 2-core machine (one process: 0.09-0.10 s)")),
+], ids=["relayhost-one-process", "mx-one-process", "mx-workers", "relayhost-workers"])
+def test_a_retry_storm_neither_starves_new_mail_nor_slows_acknowledgements(fleet: Fleet, bed_serve, route, workers):
     """The issue's storm: due retries made due at once, new mail arriving meanwhile.
     ``relayhost``: everything through one relay, as the issue measured it (and as
     ``scripts/bench --mode storm`` does beside Postfix): end-of-data -> 250 p99 under
@@ -291,7 +296,7 @@ def test_a_retry_storm_neither_starves_new_mail_nor_slows_acknowledgements(fleet
     settings = {"relayhost": f"[{peers[0].host}]:25"} if route == "relayhost" else {}
     bed = bed_serve(lambda queue: insert_queued(
         queue, [(f"r{i:05d}", [f"u{i}@{domains[i % len(domains)]}"]) for i in range(retries)],
-        state="deferred", next_attempt=due), **settings)
+        state="deferred", next_attempt=due), smtpd_workers=workers, **settings)
     storm_began = time.monotonic()
     # the client in a process of its own: its end-of-data -> 250 times are serve's, not
     # those of this process, whose GIL the fleet's peers hold while they take the storm

@@ -61,6 +61,7 @@ from trimail.supervise import describe
 log = logging.getLogger("trimail.master")
 
 PR_SET_PDEATHSIG = 1
+SHARE_LOCK = 0.002  # seconds the qmgr's writer leaves SQLite's write lock free between bookkeeping slices
 
 
 def die_with_master(master: int) -> None:
@@ -191,7 +192,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
     trigger = socket.socket(fileno=spec["trigger"])
     holder, open_store = _open_store(config)
     addresses = [parse_host_port(text) for text in spec.get("addresses", [])]
-    async with QueueWriter(open_store) as writer:
+    async with QueueWriter(open_store, share_lock=SHARE_LOCK) as writer:
         await recover(writer, holder["directory"])  # a predecessor's deliveries in flight: back to incoming
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=True,
                                                        handed_over=True)

@@ -20,7 +20,9 @@ transactions of its own with ``synchronous = NORMAL``, which is just as atomic b
 leaves the fsync to the next durable commit or checkpoint.  Durable requests never
 share a transaction with bookkeeping: the thread runs the durable requests waiting
 first, then one slice of bookkeeping (at most ``BOOKKEEPING_SLICE`` = 10 ms of
-requests, or ``max_batch``), then durable again, so a ``250`` waits for at most
+requests, or ``max_batch``), then durable again (the qmgr worker also leaves the lock free for
+``share_lock`` seconds between slices, for the smtpd workers' commits), so a
+``250`` waits for at most
 one short slice of the scheduler's work, and a stream of accepted mail never
 starves the scheduler either.  The WAL is one
 sequence, so a later fsync makes every earlier commit durable too, and a crash can
@@ -89,8 +91,13 @@ class WriterStats:
 class QueueWriter:
     """Use as ``async with QueueWriter(open_store) as writer:``."""
 
-    def __init__(self, open_store: Callable[[], Store], max_batch: int = 512, readers: int = 4) -> None:
+    def __init__(self, open_store: Callable[[], Store], max_batch: int = 512, readers: int = 4,
+                 share_lock: float = 0.0) -> None:
         self._open_store = open_store
+        # seconds to leave the database's write lock free after a bookkeeping slice when
+        # more is waiting: other processes (smtpd workers committing accepted mail) get
+        # their turn instead of losing every race for it to the next slice
+        self._share_lock = share_lock
         self._max_batch = max_batch
         self._readers: list[Store] = []  # idle reading connections, all opened at start (__aenter__)
         self._read_limiter = trio.CapacityLimiter(readers)
@@ -227,6 +234,8 @@ class QueueWriter:
                 self._run_batch(store, batch, bookkeeping)
                 self._wake(token, batch)
                 dirty = True
+                if self._share_lock and bookkeeping:
+                    time.sleep(self._share_lock)
 
     def _wake(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
         for request in batch:
