@@ -252,9 +252,16 @@ def _open_until_both_workers_hold(daemon, each: int) -> dict[int, list[socket.so
         before = _sessions_by_worker(daemon)
         conn = socket.create_connection((HOST, daemon.port), timeout=10)
         assert conn.recv(4096).startswith(b"220")
-        after = _sessions_by_worker(daemon)
-        [owner] = [pid for pid in after if after[pid] == before[pid] + 1]
-        held[owner].append(conn)
+        grown: list[int] = []
+
+        def one_grew(before: dict[int, int] = before, grown: list[int] = grown) -> bool:
+            """The worker that took it (a status may be a moment behind)."""
+            after = _sessions_by_worker(daemon)
+            grown[:] = [pid for pid in after if after[pid] > before.get(pid, 0)]
+            return len(grown) == 1
+
+        wait_until(one_grew, timeout=10)
+        held[grown[0]].append(conn)
     pytest.skip("the kernel gave (nearly) every connection to one worker")
 
 
