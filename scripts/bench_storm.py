@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -49,7 +48,7 @@ from typing import Any
 import storm_peers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_mtas import start_postfix
+from bench_mtas import free_port, listening, start_postfix
 
 TRIMAIL_ADDRESS = "127.0.100.1"
 SINK_ADDRESS = "127.0.100.2"
@@ -57,18 +56,6 @@ POSTFIX_ADDRESS = "127.0.100.3"
 RETRY_TIMES = {"minimal_backoff_time": "3600s", "maximal_backoff_time": "4000s", "queue_run_delay": "3600s"}
 INJECT_SESSIONS = 20
 SIZE = 1024
-
-
-def free_port(address: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((address, 0))
-        return sock.getsockname()[1]
-
-
-def listening(address: str, port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.2)
-        return sock.connect_ex((address, port)) == 0
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.2) -> None:

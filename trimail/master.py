@@ -542,11 +542,11 @@ class OpenedQueue:
     """The queue as serve holds it: its directory (``/`` once inside the jail: the
     writer's connections read it when they open), the lock and the writer."""
 
-    def __init__(self, directory: Path, lock: QueueLock) -> None:
+    def __init__(self, directory: Path, lock: QueueLock, busy_timeout: float) -> None:
         self.directory = directory
         self.lock = lock
+        self.busy_timeout = busy_timeout
         self.writer: QueueWriter
-        self.busy_timeout = 0.0
 
     def open_store(self) -> Store:
         return Store.open(self.directory, busy_timeout=self.busy_timeout)
@@ -567,8 +567,7 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
     try:
         for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
             log.warning("%s", warning)
-        queue = OpenedQueue(directory, lock)
-        queue.busy_timeout = config.queue_busy_timeout
+        queue = OpenedQueue(directory, lock, config.queue_busy_timeout)
         async with QueueWriter(queue.open_store) as writer:
             queue.writer = writer
             await recover(writer, directory)
