@@ -274,7 +274,8 @@ def test_stress_gauge_is_one_across_workers(daemon):
     gauge), not the sum of the workers' flags (2.0)."""
     metrics_port = _free_port()
     d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0",
-               metrics_listen=f"{HOST}:{metrics_port}", smtpd_process_limit=40, smtpd_stress_threshold=5)
+               metrics_listen=f"{HOST}:{metrics_port}", smtpd_process_limit=40, smtpd_stress_threshold=5,
+               smtpd_timeout="300s")  # held sessions idle: not the stress default of 10 s
     held = _open_until_both_workers_hold(d, 2)  # each worker's second session opened at >= 2 of 40: stress
     try:
         assert _status(d)["stress"] is True
@@ -292,7 +293,8 @@ def test_stress_ends_in_every_worker_when_the_sessions_end(daemon):
     stress, /metrics says 1, and that worker's next session gets the stress limits)."""
     metrics_port = _free_port()
     d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0",
-               metrics_listen=f"{HOST}:{metrics_port}", smtpd_process_limit=40, smtpd_stress_threshold=5)
+               metrics_listen=f"{HOST}:{metrics_port}", smtpd_process_limit=40, smtpd_stress_threshold=5,
+               smtpd_timeout="300s")  # held sessions idle: not the stress default of 10 s
     held = _open_until_both_workers_hold(d, 2)
     first, second = sorted(held, key=lambda pid: len(held[pid]))
     for pid in (first, second):  # one worker's sessions end while the other still holds >= 2

