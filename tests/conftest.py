@@ -67,11 +67,13 @@ async def wait_for(predicate, timeout: float = 10.0) -> None:
 class ServeProcess:
     """``trimail serve`` as a child process, ready once it logs that it listens."""
 
-    def __init__(self, config_path: Path | None, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config_path: Path | None, env: dict[str, str] | None = None,
+                 new_session: bool = False) -> None:
         args = [sys.executable, "-m", "trimail", "serve"]
         if config_path is not None:
             args += ["-c", str(config_path)]
-        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env,
+                                     start_new_session=new_session)
         self.log: list[str] = []
         self._eof = False
         self._cond = threading.Condition()
@@ -111,8 +113,8 @@ class ServeProcess:
 def serve_process() -> Iterator[type[ServeProcess]]:
     started: list[ServeProcess] = []
 
-    def start(config_path: Path | None, env: dict[str, str] | None = None) -> ServeProcess:
-        proc = ServeProcess(config_path, env)
+    def start(config_path: Path | None, env: dict[str, str] | None = None, new_session: bool = False) -> ServeProcess:
+        proc = ServeProcess(config_path, env, new_session)
         started.append(proc)
         return proc
 

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import trio
 from cyclopts import App, CycloptsError, Parameter
@@ -37,6 +37,9 @@ from trimail.queue.lock import AlreadyRunning
 from trimail.queue.store import MessageInfo, QueueError, Store
 from trimail.smtp.address import is_domain
 from trimail.supervise import contained
+
+if TYPE_CHECKING:
+    from trimail.processes.forkserver import ForkServer
 
 app = App(name="trimail", help="A secure SMTP gateway MTA.", version=__version__,
           exit_on_error=False, print_error=True)
@@ -71,12 +74,17 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
     from trimail.policy.restrictions import restriction_lists
 
     restriction_lists(cfg)  # a bad restriction list stops serve before it listens (exit 2)
+    fork_server = None
+    if cfg.smtpd_workers > 0:  # forked now, while this process has one thread and nothing open
+        from trimail.processes.forkserver import ForkServer
+
+        fork_server = ForkServer.start()
     try:
         maillog.setup(cfg.myhostname, maillog_file=cfg.maillog_file, syslog_facility=cfg.syslog_facility)
     except OSError as exc:
         raise Failure(f"maillog_file {cfg.maillog_file}: {exc.strerror or exc}") from None
     try:
-        trio.run(_serve_until_signal, cfg)
+        trio.run(_serve_until_signal, cfg, fork_server)
     except BaseException as exc:
         if cfg.maillog_file:  # the reason belongs in the mail log too, not only on stderr
             known = _first_known(exc) if isinstance(exc, BaseExceptionGroup) else exc
@@ -87,14 +95,19 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
         maillog.shutdown()  # every line written before a fatal error is printed (or within 5 s)
 
 
-async def _serve_until_signal(cfg: Config) -> None:
-    if cfg.smtpd_workers > 0:  # a master with worker processes (trimail.processes)
-        from trimail.processes.serve import serve_processes as run_server
-    else:  # everything in this process
-        from trimail.master import serve as run_server
+async def _serve_until_signal(cfg: Config, fork_server: ForkServer | None) -> None:
+    async def run_server(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        if cfg.smtpd_workers > 0:  # a master with worker processes (trimail.processes)
+            from trimail.processes.serve import serve_processes
+
+            await serve_processes(cfg, fork_server, task_status=task_status)
+        else:  # everything in this process
+            from trimail.master import serve
+
+            await serve(cfg, task_status=task_status)
 
     async def run_then_stop_watching(scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await run_server(cfg, task_status=task_status)
+        await run_server(task_status=task_status)
         scope.cancel()  # serve ended (signal or `trimail stop`): stop waiting for signals
 
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -201,6 +214,8 @@ def status_command(*, json_output: Annotated[bool, Parameter(name=["--json"], he
     with_uptime = f"up {float(uptime):.0f}s" if uptime.replace(".", "", 1).isdigit() else f"up {uptime}"
     print(f"trimail: running, pid {pid}, {with_uptime}, {listening}, {sessions} session(s)")
     _print_workers(facts.get("workers"))
+    if isinstance(facts.get("fork_server"), int):
+        print(f"  fork server pid {facts['fork_server']}")
     print("queue: " + ", ".join(f"{state} {count}" for state, count in queue.items()))
     dead = facts.get("dead_destinations_total")
     if dead:

@@ -131,19 +131,25 @@ def test_a_worker_that_answers_late_is_not_answered_out_of_turn(daemon, stopped)
 
 def _crash_hook(tmp_path: Path) -> tuple[dict[str, str], Path]:
     """An environment whose smtpd workers exit at once (status 3) while *flag* exists:
-    a crash loop the test can start and end (the hook acts only in worker processes)."""
+    a crash loop the test can start and end (the hook replaces the worker's entry,
+    which the fork server calls in each worker it forks)."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     flag = tmp_path / "crash"
     slow = tmp_path / "slow"
     (hooks / "sitecustomize.py").write_text(
-        "import os, sys, time\n"
-        "if any('\"role\": \"smtpd\"' in arg for arg in sys.argv):\n"
-        f"    if os.path.exists({str(flag)!r}):\n"
-        "        os._exit(3)\n"
-        f"    if os.path.exists({str(slow)!r}):\n"
-        f"        open({str(tmp_path)!r} + '/started', 'w').close()\n"
-        f"        time.sleep(float(open({str(slow)!r}).read() or 3))\n")
+        "import os, time\n"
+        "import trimail.processes.worker as worker\n"
+        "start = worker.run\n"
+        "def run(spec):\n"
+        "    if spec['role'] == 'smtpd':\n"
+        f"        if os.path.exists({str(flag)!r}):\n"
+        "            os._exit(3)\n"
+        f"        if os.path.exists({str(slow)!r}):\n"
+        f"            open({str(tmp_path)!r} + '/started', 'w').close()\n"
+        f"            time.sleep(float(open({str(slow)!r}).read() or 3))\n"
+        "    start(spec)\n"
+        "worker.run = run\n")
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(hooks), *sys.path])), flag
 
 

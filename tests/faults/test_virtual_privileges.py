@@ -41,17 +41,21 @@ def every_file(top: Path) -> set[Path]:
 
 
 def helper_pid(serve_pid: int) -> int:
-    """The process under serve (a child of serve, or of its qmgr worker) that still
-    runs as root: the delivery helper (the master itself is not under itself)."""
+    """The delivery helper: the process under serve (a child of serve, or of its
+    qmgr worker) that runs ``trimail.local.privileged``, as root (the fork server
+    under a master is root too, and is not it)."""
     for pid in process_tree(serve_pid)[1:]:
         try:
             status = Path(f"/proc/{pid}/status").read_text()
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
+            continue
+        if b"trimail.local.privileged" not in command:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         if fields["Uid"].split()[0] == "0":
             return pid
-    raise AssertionError("serve has no root descendant")
+    raise AssertionError("serve has no root delivery helper")
 
 
 def test_serve_as_mail_owner_delivers_to_virtual_mailboxes_as_the_mapped_owner(daemon, public):

@@ -191,7 +191,8 @@ def test_status_and_metrics_cover_every_worker(daemon):
 def test_start_refused_when_a_worker_fails(tmp_path):
     """An smtpd worker that exits before it is ready fails serve's start (exit 1,
     one fatal line), and nothing is left listening.  The worker is made to fail by
-    a sitecustomize that only worker processes act on (their argv holds the spec)."""
+    a sitecustomize that replaces the smtpd worker's entry (whether it is forked by
+    the fork server or started with a new interpreter, it runs that function)."""
     import subprocess
     import sys
 
@@ -200,9 +201,11 @@ def test_start_refused_when_a_worker_fails(tmp_path):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(
-        "import os, sys\n"
-        "if any('\"role\": \"smtpd\"' in arg for arg in sys.argv):\n"
-        "    os._exit(3)\n")
+        "import os\n"
+        "import trimail.processes.worker as worker\n"
+        "async def fail(*args):\n"
+        "    os._exit(3)\n"
+        "worker.run_smtpd = fail\n")
     port = _free_port()
     path = write_main_cf(tmp_path, smtpd_workers=1, master_service_disable="qmgr", smtpd_listen=f"127.0.0.1:{port}")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(hooks), *sys.path]))

@@ -31,8 +31,9 @@ def children(pid: int) -> list[int]:
 @pytest.mark.parametrize("chroot", [False, True], ids=["mail_owner", "mail_owner+chroot"])
 def test_serve_drops_root_and_mail_still_flows(tmp_path, serve_process, chroot, workers):
     """One process: serve itself becomes mail_owner.  With workers: the master stays
-    root (it starts workers, as Postfix's master(8)), and every worker, the
-    processes that read from the network and deliver, runs as mail_owner."""
+    root (it starts workers, as Postfix's master(8)), and so does the fork server
+    that forks them, and every worker, the processes that read from the network
+    and deliver, runs as mail_owner."""
     nobody = pwd.getpwnam("nobody")
     queue = Path(tempfile.mkdtemp(prefix="trimail-priv-", dir="/tmp"))
     try:
@@ -44,10 +45,13 @@ def test_serve_drops_root_and_mail_still_flows(tmp_path, serve_process, chroot, 
                 smtpd_workers=workers)
             proc = serve_process(config_path)
             assert proc.port == 25
-            unprivileged = children(proc.proc.pid) if workers else [proc.proc.pid]
+            if workers:  # the master's one child is the fork server (root, as the master); the workers are its
+                [server] = children(proc.proc.pid)
+                assert ids(proc.proc.pid)[0] == [0] * 4 and ids(server)[0] == [0] * 4
+                unprivileged = children(server)
+            else:
+                unprivileged = [proc.proc.pid]
             assert len(unprivileged) == (workers + 1 if workers else 1)
-            if workers:
-                assert ids(proc.proc.pid)[0] == [0] * 4
             for pid in unprivileged:
                 uids, gids = ids(pid)
                 assert uids == [nobody.pw_uid] * 4 and gids == [nobody.pw_gid] * 4

@@ -54,6 +54,8 @@ async def status(master: Master) -> str:
                          uptime=round(time.monotonic() - worker.started, 3))
         workers.append(entry)
     facts["sessions"] = master.board.total()  # a worker that does not answer still has its sessions open
+    server = master.fork_server
+    facts["fork_server"] = server.pid if server is not None and server.alive else None
     return json.dumps({"pid": os.getpid(), "uptime": round(time.monotonic() - master.started, 3),
                        "listeners": [str(a) for a in master.addresses], "reloads": master.reloads,
                        "configuration": master.config.source, "workers": workers, **facts})

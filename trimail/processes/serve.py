@@ -19,6 +19,7 @@ import trio
 from trimail.config import Config
 from trimail.master import open_endpoints, opened_queue
 from trimail.privileges import hand_over, owner_ids
+from trimail.processes.forkserver import ForkServer
 from trimail.processes.supervisor import Master
 
 log = logging.getLogger("trimail.master")
@@ -34,16 +35,28 @@ def hand_queue_over(config: Config, queue_directory: Path) -> None:
     hand_over(queue_directory, uid, gid)
 
 
-async def serve_processes(config: Config, *,
+async def serve_processes(config: Config, fork_server: ForkServer | None = None, *,
                           task_status: trio.TaskStatus[Master] = trio.TASK_STATUS_IGNORED) -> None:
-    """Run the master until ``Master.stop()``; readiness is reported with the Master."""
-    async with opened_queue(config) as queue:
-        listeners, control, metrics_listeners = await open_endpoints(config, queue.directory)
-        hand_queue_over(config, queue.directory)
-        master = Master(config, queue.writer, queue.lock, listeners)
-        try:
-            await master.run(control, metrics_listeners, task_status=task_status)
-        finally:
-            master._send_trigger.close()
-            master._receive_trigger.close()
-        log.info("terminating on stop request")
+    """Run the master until ``Master.stop()``; readiness is reported with the Master.
+    Workers are forked by *fork_server* when there is one (``trimail serve`` starts
+    it before anything else: trimail.processes.forkserver)."""
+    try:
+        async with opened_queue(config) as queue:
+            listeners, control, metrics_listeners = await open_endpoints(config, queue.directory)
+            hand_queue_over(config, queue.directory)
+            master = Master(config, queue.writer, queue.lock, listeners, fork_server)
+            async with trio.open_nursery() as nursery:
+                if fork_server is not None:
+                    nursery.start_soon(fork_server.run)
+                try:
+                    await master.run(control, metrics_listeners, task_status=task_status)
+                finally:
+                    master._send_trigger.close()
+                    master._receive_trigger.close()
+                    if fork_server is not None:
+                        fork_server.close()  # every worker has exited: it exits too, and run() returns
+            log.info("terminating on stop request")
+    finally:
+        if fork_server is not None:
+            fork_server.close()
+            fork_server.reap()

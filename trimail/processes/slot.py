@@ -19,6 +19,7 @@ import trio
 
 from trimail.errors import TrimailError
 from trimail.processes.channel import Channel, ChannelClosed
+from trimail.processes.forkserver import ForkedProcess
 
 REQUEST_TIMEOUT = 10.0  # seconds for a worker to answer the master
 
@@ -36,7 +37,7 @@ def exit_text(returncode: int | None) -> str:
 class Worker:
     """One running worker process and the master's end of its channel."""
 
-    def __init__(self, slot: Slot, process: subprocess.Popen[bytes], channel: Channel) -> None:
+    def __init__(self, slot: Slot, process: subprocess.Popen[bytes] | ForkedProcess, channel: Channel) -> None:
         self.slot = slot
         self.process = process
         self.channel = channel
@@ -58,7 +59,10 @@ class Worker:
         return self.final
 
     async def wait(self) -> int:
-        """Until the process has exited (a pidfd, as trio itself waits); its status."""
+        """Until the process has exited (a pidfd, as trio itself waits; a forked
+        one's exit comes from the fork server, its parent); its status."""
+        if isinstance(self.process, ForkedProcess):
+            return await self.process.wait()
         if self.process.returncode is None:
             try:
                 pidfd = os.pidfd_open(self.pid)

@@ -56,6 +56,7 @@ from trimail.processes import reports
 from trimail.processes.aggregate import merge
 from trimail.processes.board import SLOTS, SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
+from trimail.processes.forkserver import ForkedProcess, ForkServer
 from trimail.processes.slot import Slot, Worker, WorkerStartError, exit_text
 from trimail.queue.lock import QueueLock
 from trimail.queue.writer import QueueWriter
@@ -74,8 +75,10 @@ class Master:
     """Handle on a running multi-process serve: what ``trimail`` commands and
     signals act on (the same ``stop``/``reload``/``metrics`` as trimail.master.Server)."""
 
-    def __init__(self, config: Config, writer: QueueWriter, lock: QueueLock, listeners: list[Endpoint]) -> None:
+    def __init__(self, config: Config, writer: QueueWriter, lock: QueueLock, listeners: list[Endpoint],
+                 fork_server: ForkServer | None = None) -> None:
         self.config = config
+        self.fork_server = fork_server
         self.writer = writer
         self.lock = lock
         self.listening: dict[tuple[str, str], list[Endpoint]] = {}
@@ -130,14 +133,19 @@ class Master:
             fds.append(self._receive_trigger.fileno())
         return spec, fds
 
-    def _spawn(self, slot: Slot) -> Worker:
+    async def _spawn(self, slot: Slot) -> Worker:
+        """Forked by the fork server, or else with a new interpreter."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             spec, fds = self._spec(slot, theirs.fileno())
-            # started from this (the main) thread, not trio's thread pool: the worker's
-            # PR_SET_PDEATHSIG fires when the thread that started it exits
-            process = subprocess.Popen([sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
-                                       pass_fds=fds, stdin=subprocess.DEVNULL)
+            process: subprocess.Popen[bytes] | ForkedProcess | None = None
+            if self.fork_server is not None:
+                process = await self.fork_server.spawn(spec, fds)
+            if process is None:
+                # started from this (the main) thread, not trio's thread pool: the worker's
+                # PR_SET_PDEATHSIG fires when the thread that started it exits
+                process = subprocess.Popen([sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
+                                           pass_fds=fds, stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
             raise
@@ -169,7 +177,7 @@ class Master:
             while True:
                 began = time.monotonic()
                 try:
-                    worker = self._spawn(slot)
+                    worker = await self._spawn(slot)
                 except (OSError, ValueError) as exc:  # no process at all: out of memory, processes, descriptors
                     if first:
                         raise WorkerStartError(f"{slot.role} worker could not be started: {describe(exc)}") from None

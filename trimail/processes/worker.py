@@ -2,7 +2,8 @@
 
 SPEC is one JSON object: ``role`` (``smtpd`` or ``qmgr``), ``config`` and
 ``overrides`` (read again here, as the master read them), ``master`` (its pid),
-``channel``, ``trigger`` and ``lock`` (inherited descriptors), and for smtpd
+``channel``, ``trigger`` and ``lock`` (inherited descriptors), ``parent`` when a
+fork server started it (trimail.processes.forkserver), and for smtpd
 ``listeners`` (``[fd, kind, configured address]``), for qmgr ``addresses`` (what
 serve listens on: mail for them is mail for us).
 
@@ -78,6 +79,19 @@ def die_with_master(master: int) -> None:
         raise SystemExit(1)
 
 
+def renumbered(spec: dict[str, Any], mapping: dict[int, int], parent: int) -> dict[str, Any]:
+    """*spec* as the master wrote it, with each descriptor number replaced by the
+    one this process received it as (*mapping*), and *parent*: the fork server
+    (trimail.processes.forkserver), whose death this worker dies with."""
+    fresh = dict(spec, parent=parent)
+    for key in ("channel", "lock", "trigger", "board"):
+        if key in spec:
+            fresh[key] = mapping[spec[key]]
+    if "listeners" in spec:
+        fresh["listeners"] = [[mapping[fd], kind, configured] for fd, kind, configured in spec["listeners"]]
+    return fresh
+
+
 def listening_sockets(spec: dict[str, Any]) -> list[tuple[trio.SocketListener, str, ListenAddress]]:
     endpoints = []
     for fd, kind, configured in spec["listeners"]:
@@ -142,7 +156,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         preflight(config)  # the certificate, read before the jail may hide it
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False,
                                                        handed_over=True)
-        die_with_master(spec["master"])
+        die_with_master(spec.get("parent", spec["master"]))
         server = Server(config, writer, listeners, trigger, SessionBoard(spec["board"], spec["slot"]))
         stopped = trio.Event()
 
@@ -196,7 +210,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
         await recover(writer, holder["directory"])  # a predecessor's deliveries in flight: back to incoming
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=True,
                                                        handed_over=True)
-        die_with_master(spec["master"])
+        die_with_master(spec.get("parent", spec["master"]))
         resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
         scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: addresses))
         metrics = Metrics()
@@ -272,8 +286,12 @@ class _NamedAfterRole(logging.Filter):
 
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    spec = json.loads(args[0])
-    die_with_master(spec["master"])
+    run(json.loads(args[0]))
+
+
+def run(spec: dict[str, Any]) -> None:
+    """The worker *spec* describes, until it stops (raises SystemExit on failure)."""
+    die_with_master(spec.get("parent", spec["master"]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C goes to the whole group: the master's
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
@@ -284,14 +302,14 @@ def main(argv: list[str] | None = None) -> None:
     maillog.setup(config.myhostname, maillog_file=config.maillog_file, syslog_facility=config.syslog_facility)
     logging.getLogger("trimail.master").addFilter(_NamedAfterRole(spec["role"]))
     restriction_lists(config)  # imports every policy module it names now: the jail may hide them later
-    run = run_smtpd if spec["role"] == "smtpd" else run_qmgr
+    serve_role = run_smtpd if spec["role"] == "smtpd" else run_qmgr
 
     async def until_terminated() -> None:
         terminated = trio.Event()
         with trio.open_signal_receiver(signal.SIGTERM) as signals:
             async with trio.open_nursery() as nursery:
                 async def work() -> None:
-                    await run(spec, config, terminated)
+                    await serve_role(spec, config, terminated)
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(work)

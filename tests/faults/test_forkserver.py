@@ -1,0 +1,124 @@
+"""The fork server (trimail.processes.forkserver) under faults: workers are forked
+by it, not started with a new interpreter; when it is killed its workers die with
+it and the master starts new ones the old way, losing nothing acknowledged; and a
+SIGTERM to the whole process group (systemd's stop, a terminal's kill) is a
+graceful stop: the fork server must not take its workers down with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+import apsw
+
+from tests.conftest import write_main_cf
+from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
+
+HOST = "127.0.31.1"
+
+
+def _status(config_path: Path) -> dict:
+    result = trimail_cmd("status", "--json", "-c", str(config_path), timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def _running(facts: dict) -> list[int]:
+    return [w["pid"] for w in facts["workers"] if w.get("state") == "running"]
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        return int(stat.read().rsplit(") ", 1)[1].split()[1])
+
+
+def _cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _refused(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _queued(queue_directory: Path) -> int:
+    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return int(db.execute("SELECT count(*) FROM message").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_workers_are_forked_by_the_fork_server(daemon):
+    d = daemon(smtpd_workers=2)
+    facts = _status(d.config_path)
+    server = facts["fork_server"]
+    assert isinstance(server, int) and _parent(server) == d.proc.proc.pid
+    workers = _running(facts)
+    assert len(workers) == 3  # the qmgr and two smtpd workers
+    for pid in workers:
+        assert _parent(pid) == server
+        assert "trimail.processes.worker" not in _cmdline(pid)  # forked: serve's own command line
+    send(d.port, ["rcpt@example.com"])
+    assert_serving(d)
+
+
+def test_a_killed_fork_server_takes_its_workers_and_serve_goes_on(daemon):
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr")
+    send(d.port, ["before@example.com"])
+    facts = _status(d.config_path)
+    server, old = facts["fork_server"], set(_running(facts))
+    os.kill(server, signal.SIGKILL)
+    d.proc.wait_log(rf"fork server pid {server} exited")
+
+    def replaced() -> bool:
+        now = _status(d.config_path)
+        return len(_running(now)) == 2 and not old & set(_running(now))
+
+    wait_until(replaced, timeout=30)
+    facts = _status(d.config_path)
+    assert facts["fork_server"] is None
+    for pid in _running(facts):
+        assert "trimail.processes.worker" in _cmdline(pid)  # started with a new interpreter now
+    send(d.port, ["after@example.com"])
+    assert_serving(d)
+    assert _queued(d.queue_directory) == 2
+    assert integrity_ok(d.queue_directory) == "ok"
+
+
+def test_sigterm_to_the_whole_process_group_drains_sessions(tmp_path, serve_process):
+    """systemd stops a service by sending SIGTERM to every process in it: the fork
+    server must outlive its workers, or they die (PR_SET_PDEATHSIG) with a
+    transaction half done.  A session in DATA finishes its message and gets its
+    250 (then 421); serve exits 0."""
+    path = write_main_cf(tmp_path, smtpd_workers=1, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0")
+    serve = serve_process(path, new_session=True)
+    with socket.create_connection((HOST, serve.port), timeout=30) as sock:
+        sock.sendall(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
+        got = b""
+        while b"354 " not in got:
+            got += sock.recv(4096)
+        os.killpg(serve.proc.pid, signal.SIGTERM)
+        wait_until(lambda: _refused(HOST, serve.port))  # the stop has begun: nothing new is accepted
+        sock.sendall(b"Subject: group stop\r\n\r\nfinished in the grace period\r\n.\r\n")
+        while b"queued as" not in got:
+            chunk = sock.recv(4096)
+            assert chunk, got
+            got += chunk
+        while chunk := sock.recv(4096):
+            got += chunk
+    assert b"421 4.3.2" in got  # closed once the transaction was done
+    try:
+        assert serve.proc.wait(30) == 0, "\n".join(serve.log[-20:])
+    except subprocess.TimeoutExpired:
+        raise AssertionError("serve did not stop:\n" + "\n".join(serve.log[-20:])) from None
+    assert not [line for line in serve.log if "killed by signal" in line], serve.log[-20:]
+    assert _queued(tmp_path / "queue") == 1
