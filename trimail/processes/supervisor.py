@@ -144,8 +144,9 @@ class Master:
             if process is None:
                 # started from this (the main) thread, not trio's thread pool: the worker's
                 # PR_SET_PDEATHSIG fires when the thread that started it exits
-                process = subprocess.Popen([sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
-                                           pass_fds=fds, stdin=subprocess.DEVNULL)
+                process = subprocess.Popen(  # noqa: ASYNC220 - must be this thread (above); it returns at once
+                    [sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
+                    pass_fds=fds, stdin=subprocess.DEVNULL)
         except BaseException:
             ours.close()
             raise
