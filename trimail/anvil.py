@@ -20,8 +20,9 @@ its own: callers pass the time), so the accept path cannot fail in here.
   parameter's business (``smtpd_timeout = ${stress?{10}:{300}}s``).
 
 With smtpd worker processes, the session total (process limit, stress) is
-the sum over all workers (``shared``: trimail.processes.board); the per-client
-count and rate are each worker's own.
+the sum over all workers (``shared``: trimail.processes.board), and so are the
+per-client count and rate (``clients``: trimail.processes.clients, whose rate
+window is Postfix's anvil's: 60 s from a client's first connection in it).
 
 Security notes: memory is bounded; at most ``MAX_CLIENTS`` rate windows are
 kept (the oldest client is forgotten first) and a window holds at most
@@ -41,6 +42,7 @@ from trimail.config import Config
 
 MAX_CLIENTS = 100_000
 RATE_WINDOW = 60.0
+AUTH_WINDOW = 600.0  # seconds in which smtpd_auth_failure_limit failures end AUTH for a client
 
 TOO_MANY = "too many connections"
 TOO_FAST = "too many connections per minute"
@@ -53,12 +55,52 @@ class SharedCount(Protocol):
     def total(self) -> int: ...
 
 
+class SharedClients(Protocol):
+    """Per-client sessions, rates and AUTH failures counted across processes
+    (trimail.processes.clients)."""
+
+    def sessions(self, address: str) -> int: ...
+    def arrived(self, address: str) -> int: ...
+    def add(self, address: str, change: int) -> None: ...
+    def auth_failures(self, address: str, window: float) -> int: ...
+    def auth_failed(self, address: str, window: float) -> None: ...
+
+
+class AuthFailures:
+    """Failed AUTH attempts per client address within ``AUTH_WINDOW`` (Postfix's
+    anvil counts them for ``smtpd_client_auth_rate_limit``-like throttling; here
+    they feed ``smtpd_auth_failure_limit``): this process's own, or, given
+    *shared*, every smtpd worker's.  Bounded: ``MAX_CLIENTS`` addresses."""
+
+    def __init__(self, shared: SharedClients | None = None) -> None:
+        self.shared = shared
+        self._recent: dict[str, deque[float]] = {}
+
+    def count(self, address: str, now: float) -> int:
+        if self.shared is not None:
+            return self.shared.auth_failures(address, AUTH_WINDOW)
+        failures = self._recent.get(address)
+        while failures and now - failures[0] > AUTH_WINDOW:
+            failures.popleft()
+        return len(failures) if failures else 0
+
+    def failed(self, address: str, now: float) -> None:
+        if self.shared is not None:
+            self.shared.auth_failed(address, AUTH_WINDOW)
+            return
+        self._recent.setdefault(address, deque()).append(now)
+        if len(self._recent) > MAX_CLIENTS:  # bounded memory under a distributed attack
+            self._recent.pop(next(iter(self._recent)))
+
+
 class Anvil:
-    def __init__(self, config: Config, shared: SharedCount | None = None) -> None:
+    def __init__(self, config: Config, shared: SharedCount | None = None,
+                 clients: SharedClients | None = None) -> None:
         self.per_client: Counter[str] = Counter()
         self.recent: dict[str, deque[float]] = {}
         self._sessions = 0
         self.shared = shared  # smtpd workers: the process limit and stress count every worker's sessions
+        self.clients = clients  # smtpd workers: and the per-client limits every worker's clients
         self.stress = False
         self.configure(config)
 
@@ -83,15 +125,20 @@ class Anvil:
     def admit(self, address: str, now: float) -> str | None:
         """``None`` when the connection may have a session, else the reason to log
         (``TOO_MANY`` or ``TOO_FAST``).  Counts the connection in the rate window."""
-        if self.sessions >= self.process_limit or (self.count_limit and self.per_client[address] >= self.count_limit):
+        if self.sessions >= self.process_limit or (self.count_limit and self.client_sessions(address) >= self.count_limit):
             return TOO_MANY
         if self._rate_exceeded(address, now):
             return TOO_FAST
         return None
 
+    def client_sessions(self, address: str) -> int:
+        return self.per_client[address] if self.clients is None else self.clients.sessions(address)
+
     def _rate_exceeded(self, address: str, now: float) -> bool:
         if not self.rate_limit:
             return False
+        if self.clients is not None:
+            return self.clients.arrived(address) > self.rate_limit
         recent = self.recent.pop(address, None) or deque(maxlen=self.rate_limit + 1)
         self.recent[address] = recent  # most recently seen last: the oldest is forgotten first
         while recent and now - recent[0] > RATE_WINDOW:
@@ -104,6 +151,8 @@ class Anvil:
     def opened(self, address: str) -> bool | None:
         self._count(1)
         self.per_client[address] += 1
+        if self.clients is not None:
+            self.clients.add(address, 1)
         return self.restate()
 
     def restate(self) -> bool | None:
@@ -125,6 +174,8 @@ class Anvil:
 
     def closed(self, address: str) -> bool | None:
         self._count(-1)
+        if self.clients is not None:
+            self.clients.add(address, -1)
         self.per_client[address] -= 1
         if self.per_client[address] <= 0:
             del self.per_client[address]

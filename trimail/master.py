@@ -43,7 +43,6 @@ import json
 import logging
 import os
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -99,7 +98,8 @@ class Server:
 
     def __init__(self, config: Config, writer: QueueWriter,
                  listeners: list[tuple[trio.SocketListener, str, ListenAddress]],
-                 trigger: QmgrTrigger | None = None, shared_sessions: anvil.SharedCount | None = None) -> None:
+                 trigger: QmgrTrigger | None = None, shared_sessions: anvil.SharedCount | None = None,
+                 shared_clients: anvil.SharedClients | None = None) -> None:
         self.config = config
         self.writer = writer
         # (kind, configured address) -> its open listeners, each with the scope of its accept loop
@@ -116,7 +116,7 @@ class Server:
         # the queue manager in this process, or (an smtpd worker) the trigger that wakes the qmgr worker's
         self.scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: self.addresses))
         self.handing_over: Scheduler | QmgrTrigger = self.scheduler if trigger is None else trigger
-        auth_failures: dict[str, deque[float]] = {}
+        auth_failures = anvil.AuthFailures(shared_clients)  # every worker's, given the client board
         self.contexts = {kind: ReceiveContext(config, writer, scheduler=self.handing_over, resolver=resolver,
                                               kind=kind, auth_failures=auth_failures)
                          for kind in {kind for _, kind, _ in listeners} | {"smtp"}}
@@ -133,7 +133,7 @@ class Server:
         self.metrics.dead.set_function(lambda: len(self.scheduler.dead.snapshot(time.time())))
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
-        self.anvil = anvil.Anvil(config, shared_sessions)
+        self.anvil = anvil.Anvil(config, shared_sessions, shared_clients)
         self.limits = SessionLimits.from_config(config)
         self.stress_limits = SessionLimits.from_config(config, stress=True)
         self.stress_gauge = Gauge("trimail_smtpd_stress", "1 while the SMTP service is under stress (STRESS_README)",

@@ -40,13 +40,13 @@ import logging
 import re
 import ssl
 import time
-from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from trimail import rewrite
+from trimail.anvil import AuthFailures
 from trimail.cleanup import virtual_expand
 from trimail.config import Config, ConfigError
 from trimail.delivery.dns import Resolver
@@ -124,7 +124,7 @@ class ReceiveContext:
 
     def __init__(self, config: Config, writer: QueueWriter, scheduler: Scheduler | None = None,
                  resolver: Resolver | None = None, kind: str = "smtp",
-                 auth_failures: dict[str, deque[float]] | None = None) -> None:
+                 auth_failures: AuthFailures | None = None) -> None:
         if kind in ("submission", "smtps"):
             # Postfix's master.cf submission defaults: TLS first, and only logins may send
             config = config.with_overrides({
@@ -142,7 +142,7 @@ class ReceiveContext:
         self.tls_handshake_timeout: float = config.smtpd_tls_handshake_timeout
         self.hooks: SessionHooks | None = None
         self.metrics: Metrics | None = None
-        self.auth_failures = auth_failures if auth_failures is not None else {}
+        self.auth_failures = auth_failures if auth_failures is not None else AuthFailures()
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
         self.recipients = RecipientTables(config)
         self.policy.unlisted = self.unlisted
@@ -210,8 +210,6 @@ def server_tls_context(config: Config) -> ssl.SSLContext:
     _loaded[key] = ctx
     return ctx
 
-
-AUTH_WINDOW = 600.0
 
 
 class DropConnection(Exception):
@@ -461,11 +459,9 @@ class SmtpdSession:
     async def _authenticate(self, event: Auth) -> Reply:
         ctx = self.ctx
         now = time.monotonic()
-        failures = ctx.auth_failures.setdefault(self.client_address, deque())
-        while failures and now - failures[0] > AUTH_WINDOW:
-            failures.popleft()
-        if len(failures) >= ctx.auth_failure_limit:
-            log.warning("%s: too many failed AUTH attempts (%d)", self.client, len(failures))
+        failures = ctx.auth_failures.count(self.client_address, now)
+        if failures >= ctx.auth_failure_limit:
+            log.warning("%s: too many failed AUTH attempts (%d)", self.client, failures)
             return Reply(454, "4.7.0", "Too many failed authentication attempts, try again later")
         user = event.credentials.username
         try:
@@ -476,9 +472,7 @@ class SmtpdSession:
                         self.client, event.mechanism, exc)
             return Reply(454, "4.7.0", "Temporary authentication failure")
         if not ok:
-            failures.append(now)
-            if len(ctx.auth_failures) > 100_000:  # bounded memory under a distributed attack
-                ctx.auth_failures.pop(next(iter(ctx.auth_failures)))
+            ctx.auth_failures.failed(self.client_address, now)
             log.warning("%s: SASL %s authentication failed: authentication failure, sasl_username=%s",
                         self.client, event.mechanism, printable(user, 64))
             return Reply(535, "5.7.8", "Error: authentication failed: authentication failure")

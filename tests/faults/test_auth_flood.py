@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 
-from tests.faults.conftest import assert_serving, send
+from tests.faults.conftest import assert_serving, process_tree, send
 from tests.faults.test_connections import listening_ports
 
 
@@ -38,8 +38,15 @@ def _bad_logins(port: int, source: str, attempts: int, done: list[int]) -> None:
 
 
 def _threads(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+    """Threads of serve and all its processes (its smtpd workers run the sessions)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status") as status:
+                total += next(int(line.split()[1]) for line in status if line.startswith("Threads:"))
+        except OSError:  # gone meanwhile
+            continue
+    return total
 
 
 def test_an_auth_flood_gets_two_threads_and_mail_goes_on(daemon, cert, tmp_path):

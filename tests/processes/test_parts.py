@@ -130,3 +130,74 @@ def test_trigger_never_blocks_when_nobody_reads() -> None:
     receiving.close()
     trigger.wake()  # the reader gone: still no exception
     assert trigger.reserve() is False
+
+
+# -- the client board: per-client counts and rates of all smtpd workers ----------------------------
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _workers(count: int = 2):
+    from trimail.processes.clients import ClientBoard
+
+    master = ClientBoard.create()
+    clock = _Clock()
+    workers = [ClientBoard(master.fd, slot) for slot in range(count)]
+    for worker in workers:
+        worker.clock = clock
+    return master, workers, clock
+
+
+def test_client_sessions_are_summed_over_workers_and_a_dead_workers_are_cleared() -> None:
+    master, (one, two), _ = _workers()
+    one.add("192.0.2.1", 1)
+    two.add("192.0.2.1", 1)
+    two.add("192.0.2.1", 1)
+    one.add("192.0.2.2", 1)
+    assert one.sessions("192.0.2.1") == two.sessions("192.0.2.1") == 3
+    assert two.sessions("192.0.2.2") == 1 and two.sessions("192.0.2.3") == 0
+    one.add("192.0.2.1", -1)
+    assert two.sessions("192.0.2.1") == 2
+    master.clear(1)  # the second worker died, its sessions with it
+    assert one.sessions("192.0.2.1") == 0 and one.sessions("192.0.2.2") == 1
+
+
+def test_client_rate_counts_every_workers_window_until_it_expires() -> None:
+    _, (one, two), clock = _workers()
+    assert [one.arrived("198.51.100.7") for _ in range(3)] == [1, 2, 3]
+    clock.now += 30
+    assert two.arrived("198.51.100.7") == 4  # the first worker's window is 30 s old: still counts
+    clock.now += 31  # the first window (61 s) has expired, the second's (31 s) has not
+    assert one.arrived("198.51.100.7") == 2
+    assert two.arrived("198.51.100.8") == 1
+
+
+def test_a_full_client_table_stops_counting_per_client_but_stays_bounded() -> None:
+    from trimail.processes.clients import ENTRIES
+
+    _, (one, two), _ = _workers()
+    for n in range(ENTRIES + 100):  # more clients with open sessions than one worker's table holds
+        one.add(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", 1)
+    counted = sum(two.sessions(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}") for n in range(ENTRIES + 100))
+    assert ENTRIES * 0.9 < counted <= ENTRIES  # nearly every entry used, none twice, the rest not counted
+    for n in range(ENTRIES + 100):  # the sessions end: their entries are free again
+        one.add(f"10.{n >> 16 & 255}.{n >> 8 & 255}.{n & 255}", -1)
+    assert one.arrived("203.0.113.9") == 1
+
+
+def test_auth_failures_are_summed_over_workers_within_their_window() -> None:
+    _, (one, two), clock = _workers()
+    one.auth_failed("192.0.2.9", 600)
+    two.auth_failed("192.0.2.9", 600)
+    two.auth_failed("192.0.2.9", 600)
+    assert one.auth_failures("192.0.2.9", 600) == 3 and one.auth_failures("192.0.2.10", 600) == 0
+    clock.now += 601
+    assert two.auth_failures("192.0.2.9", 600) == 0
+    one.auth_failed("192.0.2.9", 600)
+    assert two.auth_failures("192.0.2.9", 600) == 1

@@ -55,6 +55,7 @@ from trimail.policy.restrictions import restriction_lists
 from trimail.processes import reports
 from trimail.processes.aggregate import merge
 from trimail.processes.board import SLOTS, SessionBoard
+from trimail.processes.clients import ClientBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.forkserver import ForkedProcess, ForkServer
 from trimail.processes.slot import Slot, Worker, WorkerStartError, exit_text
@@ -86,6 +87,7 @@ class Master:
             self.listening.setdefault((endpoint[1], str(endpoint[2])), []).append(endpoint)
         self._send_trigger, self._receive_trigger = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.board = SessionBoard.create()
+        self.clients = ClientBoard.create()  # per-client counts and rates of all smtpd workers
         self._free_slots = list(range(SLOTS))
         self.trigger = QmgrTrigger(self._send_trigger)
         self.slots: list[Slot] = []
@@ -121,8 +123,8 @@ class Master:
                                 "channel": channel_fd, "lock": self.lock.fileno(), "generation": slot.generation}
         fds = [channel_fd, self.lock.fileno()]
         if slot.role == "smtpd":
-            spec["board"], spec["slot"] = self.board.fd, slot.board_slot
-            fds.append(self.board.fd)
+            spec["board"], spec["slot"], spec["clients"] = self.board.fd, slot.board_slot, self.clients.fd
+            fds += [self.board.fd, self.clients.fd]
             spec["trigger"] = self._send_trigger.fileno()
             spec["listeners"] = [[listener.socket.fileno(), kind, str(configured)]
                                  for listener, kind, configured in self.endpoints]
@@ -231,6 +233,7 @@ class Master:
             slot.worker = None
             if slot.board_slot is not None:
                 self.board.clear(slot.board_slot)  # its sessions died with it
+                self.clients.clear(slot.board_slot)
             with trio.CancelScope(shield=True):
                 if worker.process.poll() is None:
                     worker.process.kill()

@@ -51,6 +51,7 @@ from trimail.master import Server, become_mail_owner, preflight, recover, serve_
 from trimail.metrics import Metrics
 from trimail.policy.restrictions import restriction_lists
 from trimail.processes.board import SessionBoard
+from trimail.processes.clients import ClientBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.qshape import dead_destinations
 from trimail.queue.store import Store
@@ -84,7 +85,7 @@ def renumbered(spec: dict[str, Any], mapping: dict[int, int], parent: int) -> di
     one this process received it as (*mapping*), and *parent*: the fork server
     (trimail.processes.forkserver), whose death this worker dies with."""
     fresh = dict(spec, parent=parent)
-    for key in ("channel", "lock", "trigger", "board"):
+    for key in ("channel", "lock", "trigger", "board", "clients"):
         if key in spec:
             fresh[key] = mapping[spec[key]]
     if "listeners" in spec:
@@ -157,7 +158,8 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False,
                                                        handed_over=True)
         die_with_master(spec.get("parent", spec["master"]))
-        server = Server(config, writer, listeners, trigger, SessionBoard(spec["board"], spec["slot"]))
+        server = Server(config, writer, listeners, trigger, SessionBoard(spec["board"], spec["slot"]),
+                        ClientBoard(spec["clients"], spec["slot"]))
         stopped = trio.Event()
 
         def metrics(_: dict[str, Any]) -> str:

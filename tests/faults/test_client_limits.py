@@ -1,0 +1,126 @@
+"""Per-client limits hold for the whole service, not per smtpd worker: with two
+workers a client that holds ``smtpd_client_connection_count_limit`` sessions spread
+over both is refused everywhere, ``smtpd_client_connection_rate_limit`` counts its
+connections to every worker, and ``smtpd_auth_failure_limit`` its failed AUTH
+attempts in every worker (Postfix's one anvil(8) for all smtpd processes;
+trimail.processes.clients)."""
+
+from __future__ import annotations
+
+import base64
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.faults.conftest import wait_until
+from tests.faults.test_redteam16 import HOST, _sessions_by_worker
+
+
+def _greeting(port: int) -> bytes:
+    with socket.create_connection((HOST, port), timeout=10) as conn:
+        data = b""
+        while b"\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def test_the_connection_count_limit_counts_the_sessions_of_every_worker(daemon):
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0",
+               smtpd_client_connection_count_limit=2, smtpd_timeout="300s")
+    held, _ = _one_in_each_worker(d)  # the client's limit of 2, one session in each worker
+    try:
+        for _ in range(6):  # whichever worker takes it: refused
+            assert _greeting(d.port).startswith(b"421 4.7.0"), "a third session from one client"
+    finally:
+        for conn in held:
+            conn.close()
+    assert_serving_on(d)
+
+
+def _one_in_each_worker(d) -> tuple[list[socket.socket], int]:
+    """Sessions opened one at a time, a second one in the same worker closed again,
+    until each of the two workers holds one; and how many connections that took."""
+    held: dict[int, socket.socket] = {}
+    for made in range(1, 13):
+        before = _sessions_by_worker(d)
+        conn = socket.create_connection((HOST, d.port), timeout=10)
+        assert conn.recv(4096).startswith(b"220")
+        grown: list[int] = []
+
+        def one_grew(before: dict[int, int] = before, grown: list[int] = grown) -> bool:
+            after = _sessions_by_worker(d)
+            grown[:] = [pid for pid in after if after[pid] > before.get(pid, 0)]
+            return len(grown) == 1
+
+        wait_until(one_grew, timeout=10)
+        if grown[0] in held:
+            conn.close()
+            wait_until(lambda: _sessions_by_worker(d) == before, timeout=10)
+            continue
+        held[grown[0]] = conn
+        if len(held) == 2:
+            return list(held.values()), made
+    for conn in held.values():
+        conn.close()
+    pytest.skip("the kernel gave (nearly) every connection to one worker")
+
+
+def test_the_connection_rate_limit_counts_connections_to_every_worker(daemon):
+    limit = 16
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0",
+               smtpd_client_connection_rate_limit=limit, smtpd_timeout="300s")
+    held, made = _one_in_each_worker(d)  # connections to both workers: *made* of 16 this minute
+    try:
+        answers = [_greeting(d.port)[:9] for _ in range(limit - made + 4)]
+    finally:
+        for conn in held:
+            conn.close()
+    assert answers[:limit - made] == [b"220 mx.te"] * (limit - made), answers
+    assert answers[limit - made:] == [b"421 4.7.0"] * 4, answers
+
+
+def assert_serving_on(d) -> None:
+    """Serve answers again once the client's sessions are gone."""
+    wait_until(lambda: sum(_sessions_by_worker(d).values()) == 0, timeout=10)
+    assert _greeting(d.port).startswith(b"220 ")
+    assert d.alive
+
+
+
+def _command(conn: socket.socket, line: bytes) -> bytes:
+    conn.sendall(line + b"\r\n")
+    data = b""
+    while not data.endswith(b"\r\n") or data.split(b"\r\n")[-2][3:4] == b"-":
+        chunk = conn.recv(4096)
+        assert chunk, data
+        data += chunk
+    return data.split(b"\r\n")[-2]
+
+
+def test_failed_auth_attempts_count_in_every_worker(daemon, tmp_path):
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0", smtpd_timeout="300s",
+               smtpd_sasl_auth_enable="yes", smtpd_tls_auth_only="no", smtpd_auth_failure_limit=2,
+               smtpd_sasl_password_file=tmp_path / "sasl_passwd")
+    added = subprocess.run([sys.executable, "-m", "trimail", "passwd", "add", "alice", "-c", str(d.config_path)],
+                           input=b"correct horse\n", capture_output=True, timeout=60)
+    assert added.returncode == 0, added.stderr
+    wrong = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0wrong")
+    held, _ = _one_in_each_worker(d)
+    try:
+        for conn in held:  # one failure in each worker: the client's limit of 2
+            assert _command(conn, b"EHLO client.example").startswith(b"250 ")
+            assert _command(conn, wrong).startswith(b"535 5.7.8")
+    finally:
+        for conn in held:
+            conn.close()
+    for _ in range(3):  # whichever worker it reaches: no more tries, even with the right password
+        with socket.create_connection((HOST, d.port), timeout=10) as conn:
+            assert conn.recv(4096).startswith(b"220")
+            assert _command(conn, b"EHLO client.example").startswith(b"250 ")
+            right = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0correct horse")
+            assert _command(conn, right).startswith(b"454 4.7.0"), "a third AUTH attempt was tried"
