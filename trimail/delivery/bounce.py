@@ -42,6 +42,7 @@ import time
 from trimail.queue.ids import new_queue_id
 
 _HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # Postfix's is_header()
+_DIAGNOSTIC_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9-]*;")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -50,6 +51,7 @@ class Failure:
     status: str  # RFC 3463, e.g. 5.1.1
     diagnostic: str  # "smtp; 550 5.1.1 ..." or the reason text
     remote_mta: str = ""
+    action: str = ""  # RFC 3464 Action; "" = failed (delayed in a delay warning)
 
 
 def status_of(reply: str) -> str:
@@ -82,11 +84,12 @@ def header_lines(head: bytes) -> bytes:
 
 def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float, failures: list[Failure],
               original: bytes, full: bool = False, reason: str = "", delayed: bool = False,
-              smtputf8: bool = False) -> bytes:
+              smtputf8: bool = False, requested: bool = False) -> bytes:
     """The whole notification (wire format), *original* being the message (``full``)
     or its start, of which the header lines are returned.  See ``dsn_parts``."""
     head, tail = dsn_parts(hostname=hostname, queue_id=queue_id, sender=sender, arrival_time=arrival_time,
-                           failures=failures, full=full, reason=reason, delayed=delayed, smtputf8=smtputf8)
+                           failures=failures, full=full, reason=reason, delayed=delayed, smtputf8=smtputf8,
+                           requested=requested)
     body = original if full else header_lines(original)
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
@@ -94,11 +97,14 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
 
 
 def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float, failures: list[Failure],
-              full: bool, reason: str = "", delayed: bool = False, smtputf8: bool = False) -> tuple[bytes, bytes]:
+              full: bool, reason: str = "", delayed: bool = False, smtputf8: bool = False,
+              requested: bool = False) -> tuple[bytes, bytes]:
     """The notification before and after the returned text: the returned message
     (``full``: every byte of it, ending in CRLF) or its header lines go between the
     two.  ``delayed=True`` makes the delay warning of delay_warning_time (Action:
-    delayed) instead of a bounce; ``smtputf8=True`` the RFC 6533 form for mail sent
+    delayed) instead of a bounce; ``requested=True`` the delivery report the sender
+    asked for (``sendmail -bv``: Postfix's "Mail Delivery Status Report", each
+    recipient with its own Action); ``smtputf8=True`` the RFC 6533 form for mail sent
     with SMTPUTF8."""
 
     def typed(address: str) -> str:
@@ -109,17 +115,20 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
     human = [
         f"This is the mail system at host {hostname}.",
         "",
-        *(["This is just a warning: your message has not yet been delivered",
+        *(["Enclosed is the mail delivery report that you requested."] if requested else
+          ["This is just a warning: your message has not yet been delivered",
            "to one or more recipients. The mail system will keep trying;",
            "you do not need to send it again."] if delayed else
           ["I'm sorry to have to inform you that your message could not",
            "be delivered to one or more recipients. It's attached below."]),
         "",
-        "For further assistance, please send mail to postmaster.",
-        "",
-        "If you do so, please include this problem report. You can",
-        "delete your own text from the attached returned message.",
-        "",
+        *([] if requested else [
+            "For further assistance, please send mail to postmaster.",
+            "",
+            "If you do so, please include this problem report. You can",
+            "delete your own text from the attached returned message.",
+            "",
+        ]),
         "                   The mail system",
         "",
     ]
@@ -138,15 +147,19 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
             "",
             f"Final-Recipient: {typed(failure.recipient)}",
             f"Original-Recipient: {typed(failure.recipient)}",
-            f"Action: {'delayed' if delayed else 'failed'}",
+            f"Action: {failure.action or ('delayed' if delayed else 'failed')}",
             f"Status: {failure.status}",
         ]
         if failure.remote_mta:
             status.append(f"Remote-MTA: dns; {failure.remote_mta}")
-        status.append(f"Diagnostic-Code: {_one_line(failure.diagnostic)}")
+        diagnostic = _one_line(failure.diagnostic)
+        if not _DIAGNOSTIC_TYPE.match(diagnostic):  # RFC 3464: diagnostic-type ";" text
+            diagnostic = f"X-Trimail; {diagnostic}"
+        status.append(f"Diagnostic-Code: {diagnostic}")
     headers = [
         f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
-        "Subject: " + ("Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"),
+        "Subject: " + ("Mail Delivery Status Report" if requested else "Delayed Mail (still being retried)"
+                       if delayed else "Undelivered Mail Returned to Sender"),
         f"To: {sender}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
@@ -155,10 +168,11 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         f"Date: {now}",
         f"Message-Id: <{new_queue_id()}@{hostname}>",
     ]
+    undelivered = "" if requested else "Undelivered "  # Postfix: only a bounce or delay warning says so
     if full:
-        returned = ("Undelivered Message", "message/global" if smtputf8 else "message/rfc822")
+        returned = (f"{undelivered}Message", "message/global" if smtputf8 else "message/rfc822")
     else:
-        returned = ("Undelivered Message Headers", "message/global-headers" if smtputf8 else "text/rfc822-headers")
+        returned = (f"{undelivered}Message Headers", "message/global-headers" if smtputf8 else "text/rfc822-headers")
     parts = [
         "\r\n".join(headers),
         "",
