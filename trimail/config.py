@@ -434,6 +434,9 @@ PARAMETERS: dict[str, Param] = {
         _P("maximal_backoff_time", "4000s", _time(), "longest retry interval for deferred mail"),
         _P("maximal_queue_lifetime", "5d", _time("d"), "how long deferred mail is retried"),
         _P("bounce_queue_lifetime", "5d", _time("d"), "how long deferred bounces are retried"),
+        _P("bounce_size_limit", "50000", parse_size,
+           "largest original message a non-delivery notification returns whole; a larger one is "
+           "returned as its headers only (0: no limit)"),
         _P("queue_run_delay", "300s", _time(), "how often the deferred queue is scanned"),
         _P("qmgr_message_active_limit", "20000", parse_int, "most messages in the active queue"),
         _P("qmgr_message_recipient_limit", "20000", parse_int,

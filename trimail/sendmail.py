@@ -2,9 +2,34 @@
 
 Flags: ``-t`` (recipients from To:/Cc:/Bcc:, added to those on the command line;
 ``Bcc:`` is removed), ``-i``/``-oi`` (a lone ``.`` does not end the input),
-``-f SENDER`` (``-f <>`` for the null sender), ``-F NAME`` (full name for a
-missing ``From:``), ``-c``/``-C PATH`` and ``-o NAME=VALUE``; other legacy
-``-oX``/``-bm``/``-odi`` flags are accepted and ignored, as Postfix does.
+``-f SENDER``/``-r SENDER`` (``-f <>`` for the null sender), ``-F NAME`` (full name for a
+missing ``From:``), ``-R hdrs|full`` (what a bounce returns: RFC 3461 RET),
+``-B 7BIT|8BITMIME`` (the body type), ``-c``/``-C PATH`` and ``-o NAME=VALUE``; other
+legacy flags (``-oX``, ``-bm``, ``-odi``, ``-N dsn``, ``-V envid``, ``-L label``,
+``-h hops``, ``-O option=value``, ``-q`` *interval*, ``-bh``/``-bH``) are accepted and
+ignored, as Postfix does.
+
+Modes, as Postfix's sendmail(1) chooses them (each refuses recipient arguments):
+
+- ``-bp``: the mail queue (``trimail queue list``, what ``mailq`` prints);
+- ``-q``: deliver deferred mail now (``trimail queue flush``); ``-qR`` *site* the mail
+  for one site (``trimail queue flush -d``, Postfix's ``postqueue -s``), ``-qI`` *id* one
+  message; ``-qS`` is refused as "not implemented", as Postfix does;
+- ``-bi``/``-I``: rebuild the alias databases (``trimail newaliases``); ``-oA`` *path* one
+  alias file instead of ``alias_database``;
+- ``-bs``: stand-alone SMTP on standard input and output (``trimail/standalone.py``:
+  the real smtpd state machine; mail goes into the queue as ``-t`` mail does);
+- ``-bv``: verify the recipients instead of delivering: each one is resolved and
+  routed (virtual aliases, the address class, transport_maps, relayhost) and a
+  report is printed and mailed to the sender (Postfix's address verification report;
+  see ``verify_report``).
+
+These call the functions of the CLI's own commands (``trimail.cli.main``), so output,
+errors and exit statuses are theirs.
+
+The full name of a missing ``From:`` is ``-F``, else ``$NAME``, else the user's
+password entry (GECOS) up to the first ``,``, ``;`` or ``%``, with ``&`` replaced by
+the login name capitalised (Postfix's fullname()).
 
 The message goes through cleanup (missing From:/Date:/Message-ID:, CRLF line
 ends, qualified addresses, virtual aliases; masquerading happens when mail leaves) and is committed into
@@ -30,6 +55,8 @@ from __future__ import annotations
 import email.utils
 import getpass
 import os
+import pwd
+import re
 import smtplib
 import sys
 import time
@@ -45,7 +72,12 @@ from trimail.queue.store import NewMessage, QueueError, Store
 from trimail.smtp.address import AddressError, check_mailbox
 
 EX_DATAERR = 65  # sysexits.h: the input data was incorrect
-IGNORED_FLAGS = {"-bm", "-odi", "-odb", "-oem", "-oep", "-oeq", "-om", "-U", "-v", "-n"}
+IGNORED_FLAGS = {"-bm", "-odi", "-odb", "-oem", "-oep", "-oeq", "-om", "-U", "-v", "-n", "-G", "-m", "-x",
+                 "-bh", "-bH", "-Am", "-Ac", "-o7", "-o8"}
+VALUE_FLAGS = {"-f": "f", "-r": "f", "-F": "F", "-c": "config", "-C": "config", "--config": "config",
+               "-R": "ret", "-B": "body", "-N": None, "-V": None, "-L": None, "-h": None, "-O": None, "-A": None,
+               "-e": None, "-p": None}
+MODES = {"-bp": "mailq", "-bi": "newaliases", "-I": "newaliases", "-bs": "smtp", "-bv": "verify", "-q": "flush"}
 
 
 class SendmailError(Exception):
@@ -55,7 +87,8 @@ class SendmailError(Exception):
 
 
 def parse_args(argv: list[str]) -> dict:
-    opts: dict = {"t": False, "i": False, "f": None, "F": None, "config": None, "overrides": [], "rcpts": []}
+    opts: dict = {"t": False, "i": False, "f": None, "F": None, "config": None, "overrides": [], "rcpts": [],
+                  "mode": "enqueue", "site": None, "flush_id": None, "ret": None, "body": None, "alias_db": None}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -68,24 +101,63 @@ def parse_args(argv: list[str]) -> dict:
             opts["t"] = True
         elif arg in ("-i", "-oi"):
             opts["i"] = True
-        elif arg in ("-f", "-F", "-c", "-C", "--config", "-r"):
+        elif arg in MODES:
+            opts["mode"] = MODES[arg]
+        elif arg in ("-bd", "-bl"):
+            raise SendmailError(f"{arg} (daemon mode) is not supported: run trimail serve", 2)
+        elif arg.startswith("-b"):
+            raise SendmailError(f"unsupported: {arg}", 2)
+        elif arg.startswith("-q"):
+            _queue_flag(arg[2:], opts)
+        elif arg == "-o" and args and "=" in args[0]:
+            opts["overrides"].append(args.pop(0))
+        elif arg.startswith("-oA"):
+            if len(arg) == 3:
+                raise SendmailError("-oA requires pathname", 2)
+            opts["alias_db"] = arg[3:]
+        elif arg in VALUE_FLAGS:
             if not args:
                 raise SendmailError(f"option {arg} needs a value", 2)
             value = args.pop(0)
-            opts[{"-f": "f", "-r": "f", "-F": "F"}.get(arg, "config")] = value
-        elif arg.startswith(("-f", "-r")) and len(arg) > 2:
-            opts["f"] = arg[2:]
-        elif arg.startswith("-F") and len(arg) > 2:
-            opts["F"] = arg[2:]
-        elif arg == "-o" and args and "=" in args[0]:
-            opts["overrides"].append(args.pop(0))
-        elif arg in IGNORED_FLAGS or arg.startswith(("-o", "-B", "-N", "-R", "-V", "-X")):
+            if VALUE_FLAGS[arg]:
+                opts[VALUE_FLAGS[arg]] = value
+        elif arg[:2] in VALUE_FLAGS and arg[:2] not in ("-c", "-C"):
+            if VALUE_FLAGS[arg[:2]]:
+                opts[VALUE_FLAGS[arg[:2]]] = arg[2:]
+        elif arg in IGNORED_FLAGS or arg.startswith(("-o", "-X")):
             continue
-        elif arg == "-bs":
-            raise SendmailError("-bs (SMTP on standard input) is not supported; use SMTP to serve", 2)
         else:
             raise SendmailError(f"unknown option {arg}", 2)
+    if opts["ret"] is not None and opts["ret"].lower() not in ("hdrs", "full"):
+        print("sendmail: warning: bad -R option value -- ignored", file=sys.stderr)  # Postfix: a warning
+        opts["ret"] = None
+    if opts["body"] is not None and opts["body"] not in ("7BIT", "8BITMIME"):
+        raise SendmailError("-B option needs 8BITMIME or 7BIT", 2)
+    if opts["t"] and opts["mode"] != "enqueue":
+        raise SendmailError("-t can be used only in delivery mode" if opts["mode"] != "verify"
+                            else "-t option cannot be used with -bv", 2)
+    if opts["mode"] == "verify" and opts["ret"]:
+        raise SendmailError("-R option cannot be used with -bv", 2)
     return opts
+
+
+def _queue_flag(rest: str, opts: dict) -> None:
+    """``-q``, ``-q`` *interval* (ignored), ``-qR`` *site*, ``-qI`` *id*; ``-qS`` and the
+    rest are refused (Postfix: "-qS is not implemented")."""
+    if not rest:
+        opts["mode"] = "flush"
+    elif rest[0].isdigit():
+        opts["mode"] = "ignore"  # a queue run interval: serve's queue_run_delay
+    elif rest[0] == "R":
+        if not rest[1:]:
+            raise SendmailError("specify: -qRsitename", 2)
+        opts["site"] = rest[1:]
+    elif rest[0] == "I":
+        if not rest[1:]:
+            raise SendmailError("specify: -qIqueueid", 2)
+        opts["flush_id"] = rest[1:]
+    else:
+        raise SendmailError(f"-q{rest[0]} is not implemented", 2)
 
 
 def read_message(stream, dot_ends: bool, limit: int) -> bytes:
@@ -130,7 +202,8 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list
     rcpts = cleanup.virtual_expand(rcpts, tables)
     for address in ([sender] if sender else []) + rcpts:
         check_domain(address)
-    content = cleanup.complete_headers(header + rest, sender=sender, full_name=opts["F"],
+    full_name = opts["F"] if opts["F"] is not None else full_name_of_user()
+    content = cleanup.complete_headers(header + rest, sender=sender, full_name=full_name,
                                        hostname=cfg.myhostname, queue_id=queue_id)
     received = (f"Received: by {cfg.myhostname} ({cfg.mail_name}, from userid {os.getuid()})\r\n"
                 f"\tid {queue_id}; {email.utils.formatdate(localtime=True)}\r\n").encode()
@@ -149,15 +222,91 @@ def check_domain(address: str) -> None:
         raise SendmailError(f"<{shown}>: bad address syntax", EX_DATAERR) from None
 
 
-def submit(argv: list[str], stdin=None) -> int:
+def full_name_of_user() -> str | None:
+    """Postfix's fullname(): ``$NAME``, else the name in the password entry (see
+    ``gecos_name``); None without a password entry."""
+    name = os.environ.get("NAME")
+    if name is not None:
+        return name
+    try:
+        entry = pwd.getpwuid(os.getuid())
+    except KeyError:
+        return None
+    return gecos_name(entry.pw_gecos, entry.pw_name)
+
+
+def gecos_name(gecos: str, login: str) -> str:
+    """The full name in a GECOS field: up to the first ``,``, ``;`` or ``%``, each
+    ``&`` replaced by *login* with its first letter in capitals (Postfix's fullname())."""
+    name = re.split(r"[,;%]", gecos, maxsplit=1)[0]
+    return name.replace("&", login[:1].upper() + login[1:])
+
+
+def _tool(opts: dict, *command: str) -> None:
+    """Run one of the CLI's own commands (mailq, flush, newaliases) with this
+    invocation's -c and -o; it ends with SystemExit and its exit status."""
+    from trimail import cli
+
+    args = list(command)
+    if opts["config"]:
+        args += ["-c", opts["config"]]
+    for override in opts["overrides"]:
+        args += ["-o", override]
+    cli.main(args)
+    raise SystemExit(0)
+
+
+def submit(argv: list[str], stdin=None, stdout=None) -> int:
     opts = parse_args(argv)
+    mode = opts["mode"]
+    if mode != "enqueue" and mode != "verify" and opts["rcpts"]:
+        raise SendmailError({"mailq": "display queue mode", "flush": "flush queue mode", "smtp": "stand-alone mode",
+                             "newaliases": "alias initialization mode", "ignore": "this mode"}[mode]
+                            + " requires no recipient", 2)
+    if mode == "ignore":
+        return 0
+    if mode == "mailq":
+        _tool(opts, "queue", "list")
+    if mode == "flush":
+        _tool(opts, "queue", "flush")
+    if opts["site"] is not None or opts["flush_id"] is not None:
+        if opts["rcpts"]:
+            raise SendmailError("flush site requires no recipient" if opts["site"] is not None
+                                else "flush queue_id requires no recipient", 2)
+        if opts["site"] is not None:
+            _tool(opts, "queue", "flush", "-d", opts["site"])
+        _tool(opts, "queue", "flush", opts["flush_id"])
+    if mode == "newaliases":
+        if opts["alias_db"]:
+            _tool(opts, "postalias", opts["alias_db"])
+        _tool(opts, "newaliases")
     try:
         cfg = load(opts["config"], opts["overrides"])
     except ConfigError as exc:
         raise SendmailError(str(exc), 2) from None
+    if mode == "smtp":
+        from trimail.standalone import serve_stdio
+
+        return serve_stdio(cfg, stdin or sys.stdin.buffer, stdout or sys.stdout.buffer)
     raw = read_message(stdin or sys.stdin.buffer, not opts["i"], cfg.message_size_limit)
     queue_id = new_queue_id()
     sender, rcpts, content = build(cfg, opts, raw, queue_id)
+    if mode == "verify":
+        from trimail.verify_report import verify_report
+
+        return verify_report(cfg, sender, rcpts, content, stdout or sys.stdout.buffer)
+    params: dict[str, str | None] = {}
+    if opts["ret"]:
+        params["RET"] = opts["ret"].upper()
+    if opts["body"]:
+        params["BODY"] = opts["body"]
+    return enqueue(cfg, queue_id, sender, rcpts, content, params=params)
+
+
+def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: bytes, *,
+            params: dict[str, str | None] | None = None, protocol: str = "sendmail", helo_name: str = "") -> int:
+    """Commit one message into the maildrop state (or, for a user who cannot write
+    the queue, submit it over SMTP to serve) and wake serve; 0 once it is durable."""
     queue_directory = Path(cfg.queue_directory)
     try:
         store = Store.open(queue_directory)
@@ -170,8 +319,9 @@ def submit(argv: list[str], stdin=None) -> int:
     try:
         with store.transaction():
             store.insert_message(NewMessage(queue_id, sender, rcpts, spool, state="maildrop",
-                                            arrival_time=time.time(), protocol="sendmail",
-                                            client_name="localhost", client_address="127.0.0.1"))
+                                            arrival_time=time.time(), protocol=protocol, helo_name=helo_name,
+                                            client_name="localhost", client_address="127.0.0.1",
+                                            params=params or {}))
     finally:
         spool.close()
         store.close()

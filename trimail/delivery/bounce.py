@@ -4,9 +4,8 @@ A bounce is a ``multipart/report; report-type=delivery-status`` message from
 ``MAILER-DAEMON@$myhostname`` with the null envelope sender, in three parts: a
 human explanation, the ``message/delivery-status`` part (per-message fields:
 Reporting-MTA, Arrival-Date; per-recipient fields: Final-Recipient, Action,
-Status, Diagnostic-Code) and the original headers as ``text/rfc822-headers``.
-It is queued like any other mail.  Mail from the null sender is never bounced
-(no bounce loops): the caller drops it and logs why.
+Status, Diagnostic-Code) and the returned message.  It is queued like any other
+mail.  Mail from the null sender is never bounced (no bounce loops): the caller drops it and logs why.
 
 For mail that was sent with SMTPUTF8 (``smtputf8=True``) the notification follows
 RFC 6533 as Postfix writes it: the report is ``message/global-delivery-status``, the
@@ -14,6 +13,23 @@ returned headers ``message/global-headers``, and an address that is not ASCII is
 given with the ``utf-8`` address type (``Final-Recipient: utf-8; rené@example``)
 instead of ``rfc822``; the caller queues such a notification with SMTPUTF8, so it
 is itself delivered only where SMTPUTF8 is offered.
+
+The returned message (the third part) is what Postfix's bounce_original() returns:
+``Return-Path: <sender>`` and then the complete original message as ``message/rfc822``
+(``message/global`` for SMTPUTF8 mail), or only its header lines as
+``text/rfc822-headers`` (``message/global-headers``) when
+
+- the sender asked for headers only (``RET=HDRS`` at MAIL, RFC 3461),
+- the notification is a delay warning (Postfix's bounce_warn_service returns headers
+  only, whatever RET= says), or
+- the message is larger than ``bounce_size_limit`` (or of unknown size): Postfix does
+  not truncate a large message (that would break its MIME structure), it sends the
+  headers only.  ``bounce_size_limit = 0`` means no limit.
+
+``returns_full`` makes that decision; ``dsn_parts`` gives the notification around the
+returned text, so the caller can copy a large original in chunks between them.
+
+Parameters: bounce_size_limit (read by the caller, scheduler/results.py).
 """
 
 from __future__ import annotations
@@ -25,6 +41,9 @@ import time
 
 from trimail.queue.ids import new_queue_id
 
+_HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # Postfix's is_header()
+_DIAGNOSTIC_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9-]*;")
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Failure:
@@ -32,6 +51,7 @@ class Failure:
     status: str  # RFC 3463, e.g. 5.1.1
     diagnostic: str  # "smtp; 550 5.1.1 ..." or the reason text
     remote_mta: str = ""
+    action: str = ""  # RFC 3464 Action; "" = failed (delayed in a delay warning)
 
 
 def status_of(reply: str) -> str:
@@ -40,11 +60,52 @@ def status_of(reply: str) -> str:
     return m.group(1) if m else "5.0.0"
 
 
+def returns_full(*, size: int, ret: str | None, delayed: bool, limit: int) -> bool:
+    """Whether the notification returns the whole message (else its headers only), as
+    Postfix decides it: a delay warning never does, ``RET=HDRS`` never does, and a
+    message over *limit* bytes (``bounce_size_limit``; 0 = no limit) or of unknown
+    size is returned as headers only rather than truncated."""
+    if delayed or (ret or "").upper() == "HDRS":
+        return False
+    return not (limit > 0 and (size <= 0 or size > limit))
+
+
+def header_lines(head: bytes) -> bytes:
+    """The header lines at the start of *head*, up to the first line that is not one
+    (Postfix's IS_HEADER loop in bounce_original: the empty line ends them, and so
+    does a body line where a header was expected); every line ends in CRLF."""
+    out = bytearray()
+    for line in head.splitlines(keepends=True):
+        if not (line[:1] in (b" ", b"\t") and out or _HEADER_NAME.match(line)):
+            break
+        out += line.rstrip(b"\r\n") + b"\r\n"
+    return bytes(out)
+
+
 def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float, failures: list[Failure],
-              original_headers: bytes, reason: str = "", delayed: bool = False, smtputf8: bool = False) -> bytes:
-    """The whole notification (wire format).  ``delayed=True`` makes the delay
-    warning of delay_warning_time (Action: delayed) instead of a bounce;
-    ``smtputf8=True`` the RFC 6533 form for mail sent with SMTPUTF8."""
+              original: bytes, full: bool = False, reason: str = "", delayed: bool = False,
+              smtputf8: bool = False, requested: bool = False) -> bytes:
+    """The whole notification (wire format), *original* being the message (``full``)
+    or its start, of which the header lines are returned.  See ``dsn_parts``."""
+    head, tail = dsn_parts(hostname=hostname, queue_id=queue_id, sender=sender, arrival_time=arrival_time,
+                           failures=failures, full=full, reason=reason, delayed=delayed, smtputf8=smtputf8,
+                           requested=requested)
+    body = original if full else header_lines(original)
+    if body and not body.endswith(b"\r\n"):
+        body += b"\r\n"
+    return head + body + tail
+
+
+def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float, failures: list[Failure],
+              full: bool, reason: str = "", delayed: bool = False, smtputf8: bool = False,
+              requested: bool = False) -> tuple[bytes, bytes]:
+    """The notification before and after the returned text: the returned message
+    (``full``: every byte of it, ending in CRLF) or its header lines go between the
+    two.  ``delayed=True`` makes the delay warning of delay_warning_time (Action:
+    delayed) instead of a bounce; ``requested=True`` the delivery report the sender
+    asked for (``sendmail -bv``: Postfix's "Mail Delivery Status Report", each
+    recipient with its own Action); ``smtputf8=True`` the RFC 6533 form for mail sent
+    with SMTPUTF8."""
 
     def typed(address: str) -> str:
         return f"{'utf-8' if smtputf8 and not address.isascii() else 'rfc822'}; {address}"
@@ -54,17 +115,20 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
     human = [
         f"This is the mail system at host {hostname}.",
         "",
-        *(["This is just a warning: your message has not yet been delivered",
+        *(["Enclosed is the mail delivery report that you requested."] if requested else
+          ["This is just a warning: your message has not yet been delivered",
            "to one or more recipients. The mail system will keep trying;",
            "you do not need to send it again."] if delayed else
           ["I'm sorry to have to inform you that your message could not",
            "be delivered to one or more recipients. It's attached below."]),
         "",
-        "For further assistance, please send mail to postmaster.",
-        "",
-        "If you do so, please include this problem report. You can",
-        "delete your own text from the attached returned message.",
-        "",
+        *([] if requested else [
+            "For further assistance, please send mail to postmaster.",
+            "",
+            "If you do so, please include this problem report. You can",
+            "delete your own text from the attached returned message.",
+            "",
+        ]),
         "                   The mail system",
         "",
     ]
@@ -83,15 +147,19 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
             "",
             f"Final-Recipient: {typed(failure.recipient)}",
             f"Original-Recipient: {typed(failure.recipient)}",
-            f"Action: {'delayed' if delayed else 'failed'}",
+            f"Action: {failure.action or ('delayed' if delayed else 'failed')}",
             f"Status: {failure.status}",
         ]
         if failure.remote_mta:
             status.append(f"Remote-MTA: dns; {failure.remote_mta}")
-        status.append(f"Diagnostic-Code: {_one_line(failure.diagnostic)}")
+        diagnostic = _one_line(failure.diagnostic)
+        if not _DIAGNOSTIC_TYPE.match(diagnostic):  # RFC 3464: diagnostic-type ";" text
+            diagnostic = f"X-Trimail; {diagnostic}"
+        status.append(f"Diagnostic-Code: {diagnostic}")
     headers = [
         f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
-        "Subject: " + ("Delayed Mail (still being retried)" if delayed else "Undelivered Mail Returned to Sender"),
+        "Subject: " + ("Mail Delivery Status Report" if requested else "Delayed Mail (still being retried)"
+                       if delayed else "Undelivered Mail Returned to Sender"),
         f"To: {sender}",
         "Auto-Submitted: auto-replied",
         "MIME-Version: 1.0",
@@ -100,6 +168,11 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         f"Date: {now}",
         f"Message-Id: <{new_queue_id()}@{hostname}>",
     ]
+    undelivered = "" if requested else "Undelivered "  # Postfix: only a bounce or delay warning says so
+    if full:
+        returned = (f"{undelivered}Message", "message/global" if smtputf8 else "message/rfc822")
+    else:
+        returned = (f"{undelivered}Message Headers", "message/global-headers" if smtputf8 else "text/rfc822-headers")
     parts = [
         "\r\n".join(headers),
         "",
@@ -119,16 +192,14 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         "\r\n".join(status),
         "",
         f"--{boundary}",
-        "Content-Description: Undelivered Message Headers",
-        "Content-Type: " + ("message/global-headers" if smtputf8 else "text/rfc822-headers"),
+        f"Content-Description: {returned[0]}",
+        f"Content-Type: {returned[1]}",
         "Content-Transfer-Encoding: 8bit",
         "",
+        f"Return-Path: <{sender}>",  # Postfix prepends it: cleanup removed the original's
         "",
     ]
-    text = "\r\n".join(parts).encode("utf-8")
-    body = original_headers if original_headers.endswith(b"\r\n") or not original_headers \
-        else original_headers + b"\r\n"
-    return text + body + f"\r\n--{boundary}--\r\n".encode()
+    return "\r\n".join(parts).encode("utf-8"), f"\r\n--{boundary}--\r\n".encode()
 
 
 def _one_line(text: str) -> str:

@@ -18,7 +18,7 @@ import time
 import trio
 
 from trimail.config import Config
-from trimail.delivery.bounce import Failure, build_dsn, status_of
+from trimail.delivery.bounce import Failure, dsn_parts, header_lines, returns_full, status_of
 from trimail.log import printable
 from trimail.metrics import Metrics
 from trimail.queue import transitions
@@ -62,6 +62,7 @@ class Results:
         self.lifetime: float = config.maximal_queue_lifetime
         self.bounce_lifetime: float = config.bounce_queue_lifetime
         self.delay_warning: float = config.delay_warning_time
+        self.bounce_size_limit: int = config.bounce_size_limit
 
     def judge(self, job: Job, outcomes: list[Outcome], relay: str, started: float) -> list[RecipientResult]:
         """The recipients' results of one job: a temporary failure past the queue
@@ -148,14 +149,27 @@ class Results:
         failures = [Failure(address, status_of(reply), f"smtp; {reply.split(' ', 1)[-1]}")
                     for address, reply in rcpts]
         smtputf8 = "SMTPUTF8" in message.params  # RFC 6533: a utf-8 DSN, itself sent with SMTPUTF8
-        content = build_dsn(hostname=self.hostname, queue_id=message.id, sender=message.sender,
-                            arrival_time=message.arrival_time, failures=failures,
-                            original_headers=transitions.read_headers(store, message.id), delayed=delayed,
-                            smtputf8=smtputf8)
+        full = returns_full(size=message.size, ret=message.params.get("RET"), delayed=delayed,
+                            limit=self.bounce_size_limit)
+        head, tail = dsn_parts(hostname=self.hostname, queue_id=message.id, sender=message.sender,
+                               arrival_time=message.arrival_time, failures=failures, full=full, delayed=delayed,
+                               smtputf8=smtputf8)
         spool = Spool()
-        spool.write(content)
+        spool.write(head)
+        if full:  # the whole original, in chunks (bounce_size_limit = 0 returns any size)
+            offset, last = 0, b""
+            while chunk := transitions.read_chunk(store, message.id, offset, 1 << 20):
+                spool.write(chunk)
+                offset, last = offset + len(chunk), chunk
+            if last and not last.endswith(b"\r\n"):
+                spool.write(b"\r\n")
+        else:
+            spool.write(header_lines(transitions.read_headers(store, message.id)))
+        spool.write(tail)
+        eight_bit = str(message.params.get("BODY", "")).upper() == "8BITMIME"
+        params: dict[str, str | None] = {"SMTPUTF8": None, "BODY": "8BITMIME"} if smtputf8 else \
+            {"BODY": "8BITMIME"} if full and eight_bit else {}
         dsn_id = new_queue_id()
-        store.insert_message(NewMessage(dsn_id, "", [message.sender], spool, protocol="bounce",
-                                        params={"SMTPUTF8": None, "BODY": "8BITMIME"} if smtputf8 else {}))
+        store.insert_message(NewMessage(dsn_id, "", [message.sender], spool, protocol="bounce", params=params))
         self.queued += 1  # (on the writer thread; read after the request's commit)
         return dsn_id
