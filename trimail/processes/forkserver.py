@@ -206,16 +206,21 @@ class ForkServer:
             pass
 
 
-async def _until_gone(process: ForkedProcess) -> None:
+async def until_exited(pid: int) -> None:
+    """Until process *pid* has exited (a pidfd, as trio itself waits; it need not be
+    our child)."""
     try:
-        pidfd = os.pidfd_open(process.pid)
-    except ProcessLookupError:
-        pidfd = None
-    if pidfd is not None:
-        try:
-            await trio.lowlevel.wait_readable(pidfd)
-        finally:
-            os.close(pidfd)
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:  # gone (and reaped) already
+        return
+    try:
+        await trio.lowlevel.wait_readable(pidfd)
+    finally:
+        os.close(pidfd)
+
+
+async def _until_gone(process: ForkedProcess) -> None:
+    await until_exited(process.pid)
     process.ended(-signal.SIGKILL)
 
 

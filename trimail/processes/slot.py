@@ -10,7 +10,6 @@ the slot is retired.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from typing import Any
@@ -19,7 +18,7 @@ import trio
 
 from trimail.errors import TrimailError
 from trimail.processes.channel import Channel, ChannelClosed
-from trimail.processes.forkserver import ForkedProcess
+from trimail.processes.forkserver import ForkedProcess, until_exited
 
 REQUEST_TIMEOUT = 10.0  # seconds for a worker to answer the master
 
@@ -64,15 +63,7 @@ class Worker:
         if isinstance(self.process, ForkedProcess):
             return await self.process.wait()
         if self.process.returncode is None:
-            try:
-                pidfd = os.pidfd_open(self.pid)
-            except ProcessLookupError:  # reaped already
-                pidfd = None
-            if pidfd is not None:
-                try:
-                    await trio.lowlevel.wait_readable(pidfd)
-                finally:
-                    os.close(pidfd)
+            await until_exited(self.pid)
         return self.process.wait()
 
     async def request(self, command: str, timeout: float = REQUEST_TIMEOUT, **arguments: Any) -> Any:

@@ -55,8 +55,8 @@ from trimail.policy.restrictions import restriction_lists
 from trimail.processes import reports
 from trimail.processes.aggregate import merge
 from trimail.processes.board import SLOTS, SessionBoard
-from trimail.processes.clients import ClientBoard
 from trimail.processes.channel import Channel, ChannelClosed
+from trimail.processes.clients import ClientBoard
 from trimail.processes.forkserver import ForkedProcess, ForkServer
 from trimail.processes.slot import Slot, Worker, WorkerStartError, exit_text
 from trimail.queue.lock import QueueLock

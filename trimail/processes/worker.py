@@ -51,8 +51,8 @@ from trimail.master import Server, become_mail_owner, preflight, recover, serve_
 from trimail.metrics import Metrics
 from trimail.policy.restrictions import restriction_lists
 from trimail.processes.board import SessionBoard
-from trimail.processes.clients import ClientBoard
 from trimail.processes.channel import Channel, ChannelClosed
+from trimail.processes.clients import ClientBoard
 from trimail.qshape import dead_destinations
 from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
