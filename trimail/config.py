@@ -877,11 +877,11 @@ class Config:
         is_time = param.parse in _TIME_PARSERS
         low, high = param.minimum, param.maximum
         if low is not None and value < low and not (is_time and value > 0):
-            raise ConfigError(f"{where}: invalid {name}: {value:g} (min {low:g})" if is_time
-                              else f"{where}: invalid {name} parameter value {value} < {low:g}")
+            raise ConfigError(f"{where}: invalid {name}: {_num(value)} (min {_num(low)})" if is_time
+                              else f"{where}: invalid {name} parameter value {value} < {_num(low)}")
         if high is not None and value > high:
-            raise ConfigError(f"{where}: invalid {name}: {value:g} (max {high:g})" if is_time
-                              else f"{where}: invalid {name} parameter value {value} > {high:g}")
+            raise ConfigError(f"{where}: invalid {name}: {_num(value)} (max {_num(high)})" if is_time
+                              else f"{where}: invalid {name} parameter value {value} > {_num(high)}")
 
     __getitem__ = get
 
@@ -906,10 +906,9 @@ class Config:
             if name not in PARAMETERS and name not in referenced:
                 self.warnings.append(f"{setting.where}: unused parameter: {name}={setting.value}")
         # Postfix's postconf: a $name in any branch of any value that nothing defines
-        for name, setting in referenced.items():
-            if setting is not None and not self.is_defined(name):
-                self._undefined[name] = None
-        for name in self._undefined:
+        undefined = [name for name, setting in referenced.items()
+                     if setting is not None and not self.is_defined(name)]
+        for name in dict.fromkeys([*undefined, *self._undefined]):  # in file order, each once
             self.warnings.append(f"{self._file_of(referenced.get(name))}: undefined parameter: {name}")
 
     def _references(self, setting: Setting) -> list[str]:
@@ -933,6 +932,10 @@ class Config:
         config.path = self.path
         config.overrides = self.overrides
         return config
+
+
+def _num(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
