@@ -193,11 +193,11 @@ def test_expansion_matches_the_real_postconf(tmp_path):
     """The same main.cf through Postfix's own postconf -x: every result identical."""
     (tmp_path / "master.cf").write_text("")
     names = [f"t{i}" for i in range(len(EXPANSIONS))]
-    lines = DEFINITIONS + "".join(f"{name} = {expression}\n" for name, (expression, _) in zip(names, EXPANSIONS))
+    lines = DEFINITIONS + "".join(f"{name} = {expr}\n" for name, (expr, _) in zip(names, EXPANSIONS))
     lines += "smtpd_banner = " + " ".join(f"${name}" for name in names) + "\n"  # so postconf knows them
     (tmp_path / "main.cf").write_text(lines)
-    shown = subprocess.run(["postconf", "-c", str(tmp_path), "-xh", *names], capture_output=True, text=True, check=False,
-                           timeout=30)
+    shown = subprocess.run(["postconf", "-c", str(tmp_path), "-xh", *names], capture_output=True, text=True,
+                           check=False, timeout=30)
     assert "warning" not in shown.stderr, shown.stderr
     cfg = config.load(tmp_path / "main.cf")
     # postconf prints a value without its trailing white space
@@ -273,10 +273,9 @@ def test_expansion_of_arbitrary_text_gives_a_string_or_a_macro_error(text):
 @settings(max_examples=300, deadline=None)
 @given(text=_TEXT, other=_TEXT)
 def test_a_parameter_with_arbitrary_text_loads_or_is_a_config_error(text, other):
-    settings_ = {name: Setting(value, f"main.cf, line {n}")
-                 for n, (name, value) in enumerate([("a", other), ("n", "5"), ("smtpd_banner", text),
-                                                    ("smtpd_recipient_limit", "${{$n} < {" + text + "} ? {1} : {2}}")],
-                                                   1)}
+    values = [("a", other), ("n", "5"), ("smtpd_banner", text),
+              ("smtpd_recipient_limit", "${{$n} < {" + text + "} ? {1} : {2}}")]
+    settings_ = {name: Setting(value, f"main.cf, line {n}") for n, (name, value) in enumerate(values, 1)}
     cfg = Config(settings_, "main.cf")
     try:
         cfg.validate()
