@@ -11,13 +11,18 @@ white space continues the previous logical line; blank lines and lines whose fir
 non-blank character is ``#`` are comments.  ``$name``, ``${name}`` and
 ``$(name)`` expand recursively with loop detection; ``${name?text}`` is *text*
 when *name* is non-empty and ``${name:text}`` when it is empty; Postfix 3.0's
-``${name?{text1}:{text2}}`` is *text1* when *name* is non-empty, else *text2*.
+``${name?{text1}:{text2}}`` is *text1* when *name* is non-empty, else *text2*,
+and ``${{text} == {text} ? {a} : {b}}`` compares (``trimail/mac_expand.py``).
 That form makes values depend on ``stress``, which serve sets for sessions that
 run while the SMTP service is under stress (``smtpd_timeout =
 ${stress?{10}:{300}}s``, Postfix's STRESS_README).
 
-Errors name the file and line (``main.cf:12: ...``); a parameter that is not in
-the registry and not referenced by another value only warns, as Postfix does.
+Errors name the file and line as Postfix does (``/etc/trimail/main.cf, line 12:
+...``), in Postfix's words for numbers, times and booleans (``bad numerical
+configuration: message_size_limit = 10MB``; ``invalid NAME parameter value -1 <
+0`` below a parameter's minimum).  A parameter that is not in the registry and
+not referenced by another value only warns, and so does a ``$name`` that nothing
+defines (``main.cf: undefined parameter: NAME``), as postconf(1) does.
 
 Security notes: the file is parsed as plain text; no value is ever evaluated or
 passed to a shell.
