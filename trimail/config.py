@@ -685,7 +685,9 @@ del _P
 # Postfix's bounds (the min/max columns of its parameter tables, e.g. smtpd.c),
 # where they are more than "0 or more".  A time with a minimum of 1 second refuses
 # only 0, since trimail takes fractions of a second.  virtual_minimum_uid keeps 0
-# (Postfix: 1): uid 0 is refused by the virtual agent whatever it says.
+# (Postfix: 1): uid 0 is refused by the virtual agent whatever it says; and
+# smtp_connection_cache_time_limit = 0 turns the connection cache off (Postfix has
+# smtp_connection_cache_on_demand for that).
 LIMITS: dict[str, tuple[float, float | None]] = {
     **dict.fromkeys((
         "command_time_limit", "deliver_lock_attempts", "deliver_lock_delay", "stale_lock_time",
@@ -698,7 +700,7 @@ LIMITS: dict[str, tuple[float, float | None]] = {
         "address_verify_negative_expire_time", "address_verify_negative_refresh_time",
         "address_verify_poll_count", "address_verify_poll_delay", "smtp_helo_timeout", "smtp_mail_timeout",
         "smtp_rcpt_timeout", "smtp_data_init_timeout", "smtp_data_xfer_timeout", "smtp_data_done_timeout",
-        "smtp_quit_timeout", "smtp_connection_cache_time_limit", "smtp_connection_reuse_time_limit",
+        "smtp_quit_timeout", "smtp_connection_reuse_time_limit",
     ), (1, None)),
     "line_length_limit": (512, None),
     "maximal_queue_lifetime": (0, 8640000),
