@@ -8,14 +8,17 @@ of its manual.
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
+import sys
+import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import trimail
+from tests.conftest import trimail, write_main_cf
 from trimail import config, mac_expand
 from trimail.config import Config, ConfigError, Setting
 
@@ -281,3 +284,36 @@ def test_a_parameter_with_arbitrary_text_loads_or_is_a_config_error(text, other)
         cfg.validate()
     except ConfigError as exc:
         assert str(exc).startswith(("main.cf, line ", "main.cf: ")), str(exc)
+
+
+# -- serve reports the warnings where its log goes -------------------------------------
+
+
+def _serve_until_logged(config_path, maillog):
+    proc = subprocess.Popen([sys.executable, "-m", "trimail", "serve", "-c", str(config_path)],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (maillog.exists() and "daemon started" in maillog.read_text()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"serve did not start: {proc.communicate()[1]}")
+        time.sleep(0.05)  # polling the file for a condition, with a deadline
+    return proc, maillog.read_text()
+
+
+def test_serve_prints_an_undefined_parameter_at_start(tmp_path, serve_process):
+    path = write_main_cf(tmp_path, smtpd_listen="127.0.41.1:0", relay_domains="$nosuch_relay_domains")
+    serve = serve_process(path)
+    serve.wait_log(rf"warning: {re.escape(str(path))}: undefined parameter: nosuch_relay_domains")
+
+
+def test_serve_logs_an_undefined_parameter_in_its_maillog_file(tmp_path):
+    maillog = tmp_path / "maillog"
+    path = write_main_cf(tmp_path, smtpd_listen="127.0.41.1:0", relay_domains="$nosuch_relay_domains",
+                         maillog_file=str(maillog))
+    proc, log = _serve_until_logged(path, maillog)
+    try:
+        assert f"warning: {path}: undefined parameter: nosuch_relay_domains" in log, log
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
