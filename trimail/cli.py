@@ -83,6 +83,9 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
         maillog.setup(cfg.myhostname, maillog_file=cfg.maillog_file, syslog_facility=cfg.syslog_facility)
     except OSError as exc:
         raise Failure(f"maillog_file {cfg.maillog_file}: {exc.strerror or exc}") from None
+    if cfg.maillog_file:  # stderr has main.cf's warnings (load_config); the mail log gets them too
+        for warning in cfg.warnings:
+            logging.getLogger("trimail.master").warning("%s", warning)
     try:
         trio.run(_serve_until_signal, cfg, fork_server)
     except BaseException as exc:

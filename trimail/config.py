@@ -11,13 +11,18 @@ white space continues the previous logical line; blank lines and lines whose fir
 non-blank character is ``#`` are comments.  ``$name``, ``${name}`` and
 ``$(name)`` expand recursively with loop detection; ``${name?text}`` is *text*
 when *name* is non-empty and ``${name:text}`` when it is empty; Postfix 3.0's
-``${name?{text1}:{text2}}`` is *text1* when *name* is non-empty, else *text2*.
+``${name?{text1}:{text2}}`` is *text1* when *name* is non-empty, else *text2*,
+and ``${{text} == {text} ? {a} : {b}}`` compares (``trimail/mac_expand.py``).
 That form makes values depend on ``stress``, which serve sets for sessions that
 run while the SMTP service is under stress (``smtpd_timeout =
 ${stress?{10}:{300}}s``, Postfix's STRESS_README).
 
-Errors name the file and line (``main.cf:12: ...``); a parameter that is not in
-the registry and not referenced by another value only warns, as Postfix does.
+Errors name the file and line as Postfix does (``/etc/trimail/main.cf, line 12:
+...``), in Postfix's words for numbers, times and booleans (``bad numerical
+configuration: message_size_limit = 10MB``; ``invalid NAME parameter value -1 <
+0`` below a parameter's minimum).  A parameter that is not in the registry and
+not referenced by another value only warns, and so does a ``$name`` that nothing
+defines (``main.cf: undefined parameter: NAME``), as postconf(1) does.
 
 Security notes: the file is parsed as plain text; no value is ever evaluated or
 passed to a shell.
@@ -35,6 +40,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from trimail import mac_expand
 from trimail.errors import ConfigurationError
 
 DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
@@ -42,6 +48,23 @@ DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
 
 class ConfigError(ConfigurationError):
     """A configuration problem; ``str()`` is the one line an operator should see."""
+
+
+class BadValue(ValueError):
+    """A bad number, time or boolean, reported in Postfix's words (mail_conf_int.c,
+    mail_conf_time.c, mail_conf_bool.c): *template* gets the parameter's name and
+    the value as ``{name}`` and ``{value}``."""
+
+    def __init__(self, template: str, value: str):
+        super().__init__(template.format(name="parameter", value=value))
+        self.template = template
+        self.value = value
+
+    def render(self, name: str) -> str:
+        return self.template.format(name=name, value=self.value)
+
+
+_BAD_NUMBER = "bad numerical configuration: {name} = {value}"
 
 
 # ---------------------------------------------------------------------------
@@ -54,13 +77,14 @@ def parse_bool(text: str) -> bool:
         return True
     if value in ("no", "false", "off", "0"):
         return False
-    raise ValueError(f"bad boolean value {text!r} (use yes or no)")
+    raise BadValue("bad boolean configuration: {name} = {value} (use yes or no)", text.strip())
 
 
 def parse_int(text: str) -> int:
+    """A whole number, as strtol() takes it in Postfix: no unit, no fraction."""
     value = text.strip()
-    if not re.fullmatch(r"[+-]?\d+", value):
-        raise ValueError(f"bad numerical value {text!r}")
+    if not re.fullmatch(r"[+-]?[0-9]+", value) or len(value) > 19:
+        raise BadValue(_BAD_NUMBER, value)
     return int(value)
 
 
@@ -81,21 +105,17 @@ def parse_time(text: str, default_unit: str = "s") -> float:
     """Postfix time value: ``300s``, ``5m``, ``1h``, ``5d``, ``2w``, or a bare number
     in the parameter's default unit.  Several terms add up (``1h30m``)."""
     value = text.strip().lower()
-    terms = re.findall(r"(\d+(?:\.\d+)?)([smhdw]?)", value)
+    terms = re.findall(r"([0-9]{1,12}(?:\.[0-9]{1,9})?)([smhdw]?)", value)
     if not value or "".join(n + u for n, u in terms) != value:
-        raise ValueError(f"bad time value {text!r} (use a number with unit s, m, h, d or w)")
+        raise BadValue("parameter {name}: bad time value or unit: {value} (use a number with unit s, m, h, "
+                       "d or w)", text.strip())
     return float(sum(float(n) * _TIME_UNITS[u or default_unit] for n, u in terms))
 
 
-_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
-
-
 def parse_size(text: str) -> int:
-    """Byte count; a plain integer as in Postfix, or with a k/m/g suffix."""
-    m = re.fullmatch(r"(\d+)\s*([kmg]?)b?", text.strip().lower())
-    if not m:
-        raise ValueError(f"bad size value {text!r} (use a number of bytes, e.g. 10240000)")
-    return int(m.group(1)) * _SIZE_UNITS[m.group(2)]
+    """A byte count: a plain whole number, as Postfix takes it (``10MB`` or ``10m``
+    is fatal there, and here)."""
+    return parse_int(text)
 
 
 def parse_reject_code(text: str) -> int:
@@ -201,11 +221,9 @@ def parse_nameservers(text: str) -> list[ListenAddress]:
 
 
 def parse_count(text: str) -> int:
-    """A limit where 0 means no limit: a whole number, 0 or more."""
-    value = parse_int(text)
-    if value < 0:
-        raise ValueError(f"{value} is negative (use 0 for no limit)")
-    return value
+    """A limit where 0 means no limit: a whole number, 0 or more (every whole-number
+    parameter has a minimum of 0 or more, see ``Param.minimum``)."""
+    return parse_int(text)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -295,10 +313,16 @@ def choice(*options: str) -> Callable[[str], str]:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Param:
+    """One parameter.  *minimum* and *maximum* bound a number or a time (seconds):
+    every number has a minimum of at least 0 (a negative limit is fatal), and
+    Postfix's own bounds apply where Postfix has them (``LIMITS``)."""
+
     name: str
     default: str
     parse: Callable[[str], Any]
     doc: str
+    minimum: float | None = None
+    maximum: float | None = None
 
 
 def _str(text: str) -> str:
@@ -315,8 +339,15 @@ def _reply_code(first: str) -> Callable[[str], int]:
     return parse
 
 
+_TIME_PARSERS: set[Callable[[str], float]] = set()
+
+
 def _time(default_unit: str = "s") -> Callable[[str], float]:
-    return lambda text: parse_time(text, default_unit)
+    def parse(text: str) -> float:
+        return parse_time(text, default_unit)
+
+    _TIME_PARSERS.add(parse)
+    return parse
 
 
 def _derived_hostname() -> str:
@@ -654,6 +685,37 @@ PARAMETERS: dict[str, Param] = {
 }
 del _P
 
+# Postfix's bounds (the min/max columns of its parameter tables, e.g. smtpd.c),
+# where they are more than "0 or more".  A time with a minimum of 1 second refuses
+# only 0, since trimail takes fractions of a second.  virtual_minimum_uid keeps 0
+# (Postfix: 1): uid 0 is refused by the virtual agent whatever it says; and
+# smtp_connection_cache_time_limit = 0 turns the connection cache off (Postfix has
+# smtp_connection_cache_on_demand for that).
+LIMITS: dict[str, tuple[float, float | None]] = {
+    **dict.fromkeys((
+        "command_time_limit", "deliver_lock_attempts", "deliver_lock_delay", "stale_lock_time",
+        "minimal_backoff_time", "maximal_backoff_time", "queue_run_delay", "qmgr_message_active_limit",
+        "qmgr_message_recipient_limit", "default_process_limit", "initial_destination_concurrency",
+        "smtp_initial_destination_concurrency", "relay_initial_destination_concurrency", "hopcount_limit",
+        "smtpd_recipient_limit", "smtpd_timeout", "smtpd_hard_error_limit", "smtpd_junk_command_limit",
+        "smtpd_soft_error_limit", "header_size_limit", "smtpd_recipient_overshoot_limit",
+        "smtpd_policy_service_timeout", "address_verify_positive_expire_time",
+        "address_verify_negative_expire_time", "address_verify_negative_refresh_time",
+        "address_verify_poll_count", "address_verify_poll_delay", "smtp_helo_timeout", "smtp_mail_timeout",
+        "smtp_rcpt_timeout", "smtp_data_init_timeout", "smtp_data_xfer_timeout", "smtp_data_done_timeout",
+        "smtp_quit_timeout", "smtp_connection_reuse_time_limit",
+    ), (1, None)),
+    "line_length_limit": (512, None),
+    "maximal_queue_lifetime": (0, 8640000),
+    "bounce_queue_lifetime": (0, 8640000),
+}
+_WHOLE_NUMBERS = {parse_int, parse_count, parse_size}
+for _name, _param in PARAMETERS.items():
+    if _param.parse in _WHOLE_NUMBERS or _param.parse in _TIME_PARSERS:
+        _low, _high = LIMITS.get(_name, (0, None))
+        PARAMETERS[_name] = dataclasses.replace(_param, minimum=_low, maximum=_high)
+del _name, _param, _low, _high
+
 
 def _xdg_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME")
@@ -681,7 +743,7 @@ def development_defaults() -> dict[str, str]:
 @dataclasses.dataclass(frozen=True, slots=True)
 class Setting:
     value: str
-    where: str  # "file:line", "built-in development default" or "-o name=value"
+    where: str  # "FILE, line N" (as Postfix says it), "built-in development default" or "-o NAME"
 
 
 _NAME = re.compile(r"[A-Za-z0-9_]+")
@@ -698,7 +760,7 @@ def parse_main_cf(text: str, filename: str) -> tuple[dict[str, Setting], list[st
             continue
         if line[0].isspace():
             if not logical:
-                raise ConfigError(f"{filename}:{number}: continuation line without a parameter before it")
+                raise ConfigError(f"{filename}, line {number}: continuation line without a parameter before it")
             first, previous = logical[-1]
             logical[-1] = (first, previous + " " + stripped)
         else:
@@ -707,12 +769,12 @@ def parse_main_cf(text: str, filename: str) -> tuple[dict[str, Setting], list[st
         name, sep, value = entry.partition("=")
         name = name.strip()
         if not sep:
-            raise ConfigError(f"{filename}:{number}: missing '=' after parameter name {name.split()[0]!r}")
+            raise ConfigError(f"{filename}, line {number}: missing '=' after parameter name {name.split()[0]!r}")
         if not _NAME.fullmatch(name):
-            raise ConfigError(f"{filename}:{number}: bad parameter name {name!r}")
+            raise ConfigError(f"{filename}, line {number}: bad parameter name {name!r}")
         if name in settings:
-            warnings.append(f"{filename}:{number}: overriding earlier entry: {name}")
-        settings[name] = Setting(value.strip(), f"{filename}:{number}")
+            warnings.append(f"{filename}, line {number}: overriding earlier entry: {name}={value.strip()}")
+        settings[name] = Setting(value.strip(), f"{filename}, line {number}")
     return settings, warnings
 
 
@@ -727,9 +789,6 @@ def parse_override(item: str) -> tuple[str, Setting]:
 # ---------------------------------------------------------------------------
 # the effective configuration
 
-_REF = re.compile(r"\$(?:\{([A-Za-z0-9_]+)(?:([?:])((?:[^{}]|\{[^{}]*\})*))?\}|\(([A-Za-z0-9_]+)\)|([A-Za-z0-9_]+))")
-
-
 class Config:
     """An immutable effective configuration: raw settings over registry defaults."""
 
@@ -741,11 +800,13 @@ class Config:
         self.warnings = list(warnings)
         self._expanded: dict[str, str] = {}
         self._typed: dict[str, Any] = {}
+        self._undefined: dict[str, None] = {}  # $names expanded that nothing defines, in order
         hostname = self._settings.get("myhostname")
         self._derived = {"myhostname": _derived_hostname()}
         self._derived["mydomain"] = _derived_domain(
             self._expand_text(hostname.value, ("myhostname",)) if hostname else self._derived["myhostname"]
         )
+        self._expanded.clear()  # made while mydomain was not derived yet
 
     # -- raw and expanded text
 
@@ -759,6 +820,10 @@ class Config:
         setting = self._settings.get(name)
         return setting.where if setting else "default"
 
+    def is_defined(self, name: str) -> bool:
+        """Set in main.cf or with -o, derived (myhostname, mydomain) or in the registry."""
+        return name in self._settings or name in self._derived or name in PARAMETERS
+
     def raw(self, name: str) -> str:
         """The value as written (or the default), before ``$name`` expansion."""
         if name in self._settings:
@@ -769,28 +834,33 @@ class Config:
         return param.default if param else ""
 
     def expand(self, name: str) -> str:
-        if name not in self._expanded:
-            self._expanded[name] = self._expand_name(name, ())
-        return self._expanded[name]
+        return self._expand_name(name, ())
 
     def _expand_name(self, name: str, stack: tuple[str, ...]) -> str:
+        if name in self._expanded:  # a value does not depend on who refers to it
+            return self._expanded[name]
         if name in stack:
             chain = " -> ".join((*stack, name))
             raise ConfigError(f"{self.where(stack[0])}: parameter {stack[0]}: expansion loop: {chain}")
-        return self._expand_text(self.raw(name), (*stack, name))
+        if len(stack) >= mac_expand.MAX_NESTING:
+            raise ConfigError(f"{self.where(stack[0])}: parameter {stack[0]}: unreasonable macro call nesting: "
+                              f"{' -> '.join(stack[:3])} -> ...")
+        if not self.is_defined(name):
+            self._undefined[name] = None
+            return ""
+        value = self._expand_text(self.raw(name), (*stack, name))
+        self._expanded[name] = value
+        return value
 
     def _expand_text(self, text: str, stack: tuple[str, ...]) -> str:
-        def replace(m: re.Match[str]) -> str:
-            name = m.group(1) or m.group(4) or m.group(5)
-            value = self._expand_name(name, stack)
-            if m.group(2) == "?":
-                present, absent = _alternatives(m.group(3))
-                return self._expand_text(present if value else absent, stack)
-            if m.group(2) == ":":
-                return "" if value else self._expand_text(_unbrace(m.group(3)), stack)
-            return value
-
-        return _REF.sub(replace, text)
+        """*text* (the value of ``stack[-1]``) expanded; a syntax error in it is fatal
+        with that parameter's file and line."""
+        if "$" not in text:
+            return text
+        try:
+            return mac_expand.expand(text, lambda name: self._expand_name(name, stack))
+        except mac_expand.MacroError as exc:
+            raise ConfigError(f"{self.where(stack[-1])}: parameter {stack[-1]}: {exc}") from None
 
     # -- typed values
 
@@ -802,10 +872,26 @@ class Config:
                 self._typed[name] = text
             else:
                 try:
-                    self._typed[name] = param.parse(text)
+                    value = param.parse(text)
+                except BadValue as exc:
+                    raise ConfigError(f"{self.where(name)}: {exc.render(name)}") from None
                 except ValueError as exc:
                     raise ConfigError(f"{self.where(name)}: parameter {name}: {exc}") from None
+                self._check_bounds(param, value)
+                self._typed[name] = value
         return self._typed[name]
+
+    def _check_bounds(self, param: Param, value: Any) -> None:
+        """Postfix's check_mail_conf_int/_long/_time, in its words."""
+        where, name = self.where(param.name), param.name
+        is_time = param.parse in _TIME_PARSERS
+        low, high = param.minimum, param.maximum
+        if low is not None and value < low and not (is_time and value > 0):
+            raise ConfigError(f"{where}: invalid {name}: {_num(value)} (min {_num(low)})" if is_time
+                              else f"{where}: invalid {name} parameter value {value} < {_num(low)}")
+        if high is not None and value > high:
+            raise ConfigError(f"{where}: invalid {name}: {_num(value)} (max {_num(high)})" if is_time
+                              else f"{where}: invalid {name} parameter value {value} > {_num(high)}")
 
     __getitem__ = get
 
@@ -819,13 +905,34 @@ class Config:
         (the settings in file order first, so the first bad line is the one named)."""
         for name in [*self._settings, *PARAMETERS]:
             self.get(name)
-        referenced = {m.group(1) or m.group(4) or m.group(5) for s in self._settings.values()
-                      for m in _REF.finditer(s.value)}
-        referenced |= {m.group(1) or m.group(4) or m.group(5) for p in PARAMETERS.values()
-                       for m in _REF.finditer(p.default)}
+        referenced: dict[str, Setting | None] = {}
+        for setting in self._settings.values():
+            for name in self._references(setting):
+                referenced.setdefault(name, setting)
+        for param in PARAMETERS.values():
+            referenced.update((name, None) for name in mac_expand.references(param.default)
+                              if name not in referenced)
         for name, setting in self._settings.items():
             if name not in PARAMETERS and name not in referenced:
                 self.warnings.append(f"{setting.where}: unused parameter: {name}={setting.value}")
+        # Postfix's postconf: a $name in any branch of any value that nothing defines
+        undefined = [name for name, setting in referenced.items()
+                     if setting is not None and not self.is_defined(name)]
+        for name in dict.fromkeys([*undefined, *self._undefined]):  # in file order, each once
+            self.warnings.append(f"{self._file_of(referenced.get(name))}: undefined parameter: {name}")
+
+    def _references(self, setting: Setting) -> list[str]:
+        try:
+            return mac_expand.references(setting.value)
+        except mac_expand.MacroError:
+            return []  # a value that is used was expanded above and is fine; an unused one stays unused
+
+    def _file_of(self, setting: Setting | None) -> str:
+        """Where an undefined-parameter warning points: the file (Postfix names no
+        line), or the -o option."""
+        if setting is not None and setting.where.startswith("-o "):
+            return setting.where
+        return self.source
 
     def with_overrides(self, overrides: Mapping[str, str]) -> Config:
         settings = dict(self._settings)
@@ -837,18 +944,8 @@ class Config:
         return config
 
 
-_ALTERNATIVES = re.compile(r"\{([^{}]*)\}\s*:\s*\{([^{}]*)\}")
-
-
-def _alternatives(text: str) -> tuple[str, str]:
-    """The two texts of ``${name?{text1}:{text2}}``; ``${name?text}`` has no second."""
-    m = _ALTERNATIVES.fullmatch(text)
-    return (m.group(1), m.group(2)) if m else (_unbrace(text), "")
-
-
-def _unbrace(text: str) -> str:
-    """``${name?{text}}`` (Postfix 3.0 form) is the same as ``${name?text}``."""
-    return text[1:-1] if text.startswith("{") and text.endswith("}") else text
+def _num(value: float) -> str:
+    return str(int(value)) if value == int(value) else str(value)
 
 
 def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:

@@ -67,11 +67,11 @@ def test_user_defined_parameters_expand_without_warning(tmp_path):
 
 def test_unknown_parameter_warns_with_location(tmp_path):
     cfg = load_text(tmp_path, "myhostname = h.example\nmyhostnmae = typo.example\n")
-    assert any("main.cf:2" in w and "myhostnmae" in w for w in cfg.warnings)
+    assert any("main.cf, line 2: unused parameter: myhostnmae=typo.example" in w for w in cfg.warnings)
 
 
 def test_expansion_loop_is_an_error_with_location(tmp_path):
-    with pytest.raises(ConfigError, match=r"main\.cf:2: .*loop: myorigin -> mydomain -> myorigin"):
+    with pytest.raises(ConfigError, match=r"main\.cf, line 2: .*loop: myorigin -> mydomain -> myorigin"):
         load_text(tmp_path, "myhostname = h.example.com\nmyorigin = $mydomain\nmydomain = $myorigin\n")
 
 
@@ -83,20 +83,20 @@ def test_self_reference_is_a_loop(tmp_path):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("smtpd_timeout = 5 minutes", r"main\.cf:1: parameter smtpd_timeout: bad time value"),
-        ("message_size_limit = big", r"main\.cf:1: parameter message_size_limit: bad size value"),
-        ("smtpd_recipient_limit = 1.5", r"main\.cf:1: parameter smtpd_recipient_limit: bad numerical"),
-        ("disable_vrfy_command = maybe", r"main\.cf:1: parameter disable_vrfy_command: bad boolean"),
-        ("smtpd_listen = 127.0.0.1", r"main\.cf:1: parameter smtpd_listen: .*has no port"),
-        ("smtpd_listen = 127.0.0.1:99999", r"main\.cf:1: parameter smtpd_listen: bad port"),
-        ("mynetworks = 10.0.0.0/33", r"main\.cf:1: parameter mynetworks: bad network"),
-        ("transport_maps = /etc/transport", r"main\.cf:1: parameter transport_maps: bad lookup table"),
-        ("alias_maps = dbm:/etc/aliases", r"main\.cf:1: parameter alias_maps: unsupported lookup table type"),
-        ("smtpd_forbid_bare_newline = sometimes", r"main\.cf:1: parameter smtpd_forbid_bare_newline"),
-        ("dns_nameservers = ns.example", r"main\.cf:1: parameter dns_nameservers: .*IP addresses"),
-        ("just some words", r"main\.cf:1: missing '='"),
-        ("  leading = continuation", r"main\.cf:1: continuation line"),
-        ("bad-name = 1", r"main\.cf:1: bad parameter name"),
+        ("smtpd_timeout = 5 minutes", r"main\.cf, line 1: parameter smtpd_timeout: bad time value or unit: 5 minutes"),
+        ("message_size_limit = big", r"main\.cf, line 1: bad numerical configuration: message_size_limit = big$"),
+        ("smtpd_recipient_limit = 1.5", r"main\.cf, line 1: bad numerical configuration: smtpd_recipient_limit = 1\.5$"),
+        ("disable_vrfy_command = maybe", r"main\.cf, line 1: bad boolean configuration: disable_vrfy_command = maybe"),
+        ("smtpd_listen = 127.0.0.1", r"main\.cf, line 1: parameter smtpd_listen: .*has no port"),
+        ("smtpd_listen = 127.0.0.1:99999", r"main\.cf, line 1: parameter smtpd_listen: bad port"),
+        ("mynetworks = 10.0.0.0/33", r"main\.cf, line 1: parameter mynetworks: bad network"),
+        ("transport_maps = /etc/transport", r"main\.cf, line 1: parameter transport_maps: bad lookup table"),
+        ("alias_maps = dbm:/etc/aliases", r"main\.cf, line 1: parameter alias_maps: unsupported lookup table type"),
+        ("smtpd_forbid_bare_newline = sometimes", r"main\.cf, line 1: parameter smtpd_forbid_bare_newline"),
+        ("dns_nameservers = ns.example", r"main\.cf, line 1: parameter dns_nameservers: .*IP addresses"),
+        ("just some words", r"main\.cf, line 1: missing '='"),
+        ("  leading = continuation", r"main\.cf, line 1: continuation line"),
+        ("bad-name = 1", r"main\.cf, line 1: bad parameter name"),
     ],
 )
 def test_bad_values_fail_with_file_and_line(tmp_path, line, message):
@@ -121,7 +121,7 @@ def test_time_default_unit_is_per_parameter(tmp_path):
     assert load_text(tmp_path, "maximal_queue_lifetime = 3\n").maximal_queue_lifetime == 3 * 86400
 
 
-@pytest.mark.parametrize("text, size", [("10240000", 10240000), ("50m", 50 * 1024 * 1024), ("64k", 65536)])
+@pytest.mark.parametrize("text, size", [("10240000", 10240000), ("0", 0), ("+65536", 65536)])
 def test_sizes(tmp_path, text, size):
     assert load_text(tmp_path, f"message_size_limit = {text}\n").message_size_limit == size
 
@@ -143,7 +143,7 @@ def test_lists_listen_addresses_networks_and_maps(tmp_path):
 def test_duplicate_entries_warn_and_last_wins():
     settings, warnings = parse_main_cf("myhostname = a\nmyhostname = b\n", "main.cf")
     assert settings["myhostname"].value == "b"
-    assert warnings == ["main.cf:2: overriding earlier entry: myhostname"]
+    assert warnings == ["main.cf, line 2: overriding earlier entry: myhostname=b"]
 
 
 def test_hostname_defaults_follow_postfix():
@@ -208,7 +208,7 @@ def test_config_command_errors_exit_2_with_location(tmp_path):
     result = trimail("config", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"trimail: fatal: {path}:2: parameter smtpd_timeout: bad time value 'never' "
+        f"trimail: fatal: {path}, line 2: parameter smtpd_timeout: bad time value or unit: never "
         "(use a number with unit s, m, h, d or w)")
 
 

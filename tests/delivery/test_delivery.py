@@ -467,7 +467,7 @@ def test_50_mib_message_is_relayed_with_bounded_memory(tmp_path, serve_process):
     line = b"0123456789" * 7 + b"\r\n"
     body = b"Subject: big\r\n\r\n" + line * (size // len(line))
     with Sink(size_limit=64 * 1024 * 1024) as sink:
-        config_path = write_main_cf(tmp_path, master_service_disable="", message_size_limit="60m",
+        config_path = write_main_cf(tmp_path, master_service_disable="", message_size_limit=str(60 * 1024 * 1024),
                                     relayhost=f"[127.0.0.1]:{sink.port}")
         proc = serve_process(config_path)
         baseline = _peak_rss_kib(proc.proc.pid)

@@ -39,13 +39,13 @@ def test_the_list_is_read_once_and_cached():
 
 @pytest.mark.parametrize("name, value, words", [
     ("proxy_interfaces", "gw.example", "bad IP address 'gw.example'"),
-    ("smtp_mx_address_limit", "-1", "negative"),
-    ("smtp_mx_session_limit", "two", "bad numerical value"),
+    ("smtp_mx_address_limit", "-1", "parameter value -1 < 0"),
+    ("smtp_mx_session_limit", "two", "bad numerical configuration"),
 ])
 def test_bad_sending_side_parameters_are_refused_with_file_and_line(make_config, name, value, words):
     with pytest.raises(ConfigError) as caught:
         make_config(**{name: value})
-    assert name in str(caught.value) and words in str(caught.value) and "main.cf:" in str(caught.value)
+    assert name in str(caught.value) and words in str(caught.value) and "main.cf, line " in str(caught.value)
 
 
 def test_proxy_interfaces_accepts_ipv4_and_bracketed_ipv6(make_config):

@@ -135,7 +135,7 @@ def test_a_utf8_mime_part_header_needs_smtputf8_downstream(daemon):
     late = (b"Subject: plain\r\n" + b"X-Filler: " + b"x" * 900 + b"\r\n" + b"".join(
         b" " + b"y" * 1000 + b"\r\n" for _ in range(1200)) + b"X-Late: caf\xc3\xa9\r\n\r\nbody\r\n")
     with trio_thread((dest.run,), (senders.run,)) as (dest_port, senders_port):
-        d = daemon(header_size_limit="2m", transport_maps=f"inline:{{ far.example=smtp:[127.0.0.1]:{dest_port}, "
+        d = daemon(header_size_limit=str(2 * 1024 * 1024), transport_maps=f"inline:{{ far.example=smtp:[127.0.0.1]:{dest_port}, "
                                                           f"client.example=smtp:[127.0.0.1]:{senders_port} }}")
         _send_utf8(d.port, part)
         _send_utf8(d.port, late)
