@@ -367,7 +367,7 @@ def test_a_misplaced_restriction_stops_serve_at_start_with_one_line(tmp_path):
                               text=True, timeout=60)
         assert done.returncode == 2, done.stderr
         lines = [line for line in done.stderr.splitlines() if "fatal" in line or "Traceback" in line]
-        assert len(lines) == 1 and words in lines[0] and f"{config}:" in lines[0], done.stderr
+        assert len(lines) == 1 and words in lines[0] and f"{config}, line " in lines[0], done.stderr
 
 
 # -- 10. an unverified PTR name cannot open the relay ------------------------------------

@@ -281,7 +281,7 @@ def test_unknown_restriction_is_reported_by_check_and_stops_serve(tmp_path):
 
     config_path = write_main_cf(tmp_path, smtpd_recipient_restrictions="permit_mynetworks, reject_evil_clients")
     checked = trimail("check", "-c", str(config_path))
-    assert f"{config_path}:" in checked.stderr and "unknown restriction 'reject_evil_clients'" in checked.stderr
+    assert f"{config_path}, line " in checked.stderr and "unknown restriction 'reject_evil_clients'" in checked.stderr
     served = trimail("serve", "-c", str(config_path))
     assert served.returncode == 2 and "unknown restriction 'reject_evil_clients'" in served.stderr
 

@@ -149,7 +149,7 @@ class ForkServer:
             if answer is not None and "error" in answer:
                 log.warning("fork server could not start a worker: %s", answer["error"])
             return None
-        return self._children[answer["pid"]]
+        return answer["process"]  # (its exit may have been reported already)
 
     async def run(self) -> None:
         """Until the fork server is gone: its answers to ``spawn`` and the exits of
@@ -170,7 +170,7 @@ class ForkServer:
                         process.ended(message["code"])
                 else:
                     if "pid" in message:  # registered now: its exit may be the very next message
-                        self._children[message["pid"]] = ForkedProcess(message["pid"])
+                        message["process"] = self._children[message["pid"]] = ForkedProcess(message["pid"])
                     self._answer = message
                     self._answered.set()
         finally:
