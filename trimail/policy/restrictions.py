@@ -6,8 +6,8 @@ at RCPT time together with the relay and recipient lists -- again, whole, at eve
 RCPT, as Postfix's smtpd_check_rcpt() calls smtpd_check_client/helo/mail each time
 (nothing but a defer_if_permit is kept between stages), so a ``sleep`` there pauses
 once per RCPT, never at HELO or MAIL (the session's smtpd_session_deadline bounds
-the sum); with ``smtpd_delay_reject = no`` the client and HELO lists run at HELO and
-the sender list at MAIL, once each; ``data`` and ``end_of_data`` run at DATA and at
+the sum); with ``smtpd_delay_reject = no`` the client list runs at connect, the HELO
+list at HELO and the sender list at MAIL, once each; ``data`` and ``end_of_data`` run at DATA and at
 the final dot.  Within a list the first
 ``permit``-like result ends that list and evaluation goes on with the next list;
 the first reject or defer ends everything and becomes the reply; the end of a
@@ -140,7 +140,8 @@ class Policy(DnsChecks):
 
     def lists_for(self, stage: str) -> list[str]:
         """The lists to run at *stage*.  With smtpd_delay_reject the client, HELO and
-        sender lists wait for RCPT; without it the client list runs with HELO."""
+        sender lists wait for RCPT; without it each runs at its own stage, the client
+        list at connect (Postfix's smtpd_proto(): the refusal is the greeting)."""
         if self.delay_reject:
             if stage == "recipient":
                 return [*DELAYED, *STAGE_LISTS["recipient"]]
@@ -148,8 +149,6 @@ class Policy(DnsChecks):
                 return [*STAGE_LISTS["client"], *STAGE_LISTS["helo"], *STAGE_LISTS["etrn"]]
             if stage in ("client", "helo", "sender"):
                 return []
-        elif stage == "helo":
-            return [*STAGE_LISTS["client"], *STAGE_LISTS["helo"]]
         return STAGE_LISTS[stage]
 
     async def check(self, stage: str, request: Request) -> Verdict:
