@@ -57,7 +57,6 @@ from typing import TYPE_CHECKING
 import trio
 
 from trimail import rewrite
-from trimail.maps.patterns import _parse_pattern, match_regexp, parse_regexp
 from trimail.cleanup import virtual_expand
 from trimail.config import Config, ConfigError
 from trimail.delivery.dns import Resolver
@@ -65,6 +64,7 @@ from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
 from trimail.log import printable
 from trimail.maps import Table, TableError, off_loop
+from trimail.maps.patterns import _parse_pattern, match_regexp, parse_regexp
 from trimail.metrics import Metrics
 from trimail.passwords import PasswordError, authenticate, prepare
 from trimail.policy.restrictions import Policy, Request, Verdict
