@@ -183,3 +183,14 @@ async def test_a_bare_name_never_opens_the_relay(start_mta):
     rcpt, queue_id = await run(mail, port, INSIDE, "user", ["alice"])
     assert rcpt == ["250 2.1.5 Ok"]
     assert queued(srv, queue_id) == ("user@origin.test.example", ["alice@origin.test.example"])
+
+
+async def test_defer_if_permit_at_connect_is_answered_at_rcpt_unless_it_rejects(start_mta):
+    srv = await start_mta(**BASE, smtpd_delay_reject="no", smtpd_client_restrictions="defer_if_permit",
+                          smtpd_relay_restrictions="permit_mynetworks, reject_unauth_destination")
+    got = await run(talk, srv.addresses[0].port, OUTSIDE,
+                    ["HELO client.example", "MAIL FROM:<a@client.example>", "RCPT TO:<postmaster@mx.test.example>",
+                     "RCPT TO:<x@far.example>", "QUIT"])
+    assert got[0].startswith("220 ") and got[1:3] == ["250 mx.test.example", "250 2.1.0 Ok"]
+    assert got[3:5] == [f"450 4.7.0 <unknown[{OUTSIDE}]>: Client host rejected: defer_if_permit requested",
+                        "554 5.7.1 <x@far.example>: Relay access denied"]

@@ -102,6 +102,19 @@ FILTER_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
 MESSAGE_ACTIONS = frozenset({"hold", "discard", "redirect", "filter", "bcc"})  # act on the message
 
 
+# the earlier stages whose remembered defer_if_permit each stage starts from, nearest first
+_CARRIED_FROM = {"client": (), "helo": ("client",), "sender": ("helo", "client"),
+                 "recipient": ("sender", "helo", "client")}
+
+
+def _carried(request: Request, stage: str) -> Reply | None:
+    for earlier in _CARRIED_FROM[stage]:
+        key = ("defer_if_permit", earlier)
+        if key in request.cache:
+            return request.cache[key]
+    return None
+
+
 class Policy(DnsChecks):
     def __init__(self, config: Config, resolver: Resolver) -> None:
         self.config = config
@@ -154,11 +167,20 @@ class Policy(DnsChecks):
     async def check(self, stage: str, request: Request) -> Verdict:
         verdict = Verdict()
         request.stage = stage
+        # smtpd_delay_reject = no: a defer_if_permit raised by the client, HELO or sender
+        # list is answered only at RCPT, if nothing rejects there (Postfix's
+        # defer_if_permit_client/_helo/_sender, restored at each later stage)
+        staged = not self.delay_reject and stage in _CARRIED_FROM
+        if staged:
+            verdict.defer_if_permit = _carried(request, stage)
         for name in self.lists_for(stage):
             result = await self.run(self.lists[name], request, kind_of(name), verdict)
             if isinstance(result, Reply):
                 verdict.reply = result
                 return verdict
+        if staged and stage != "recipient":
+            request.cache[("defer_if_permit", stage)] = verdict.defer_if_permit
+            return verdict
         if verdict.defer_if_permit is not None:  # nothing rejected: the remembered deferral answers
             verdict.reply = verdict.defer_if_permit
         return verdict
