@@ -194,3 +194,13 @@ async def test_defer_if_permit_at_connect_is_answered_at_rcpt_unless_it_rejects(
     assert got[0].startswith("220 ") and got[1:3] == ["250 mx.test.example", "250 2.1.0 Ok"]
     assert got[3:5] == [f"450 4.7.0 <unknown[{OUTSIDE}]>: Client host rejected: defer_if_permit requested",
                         "554 5.7.1 <x@far.example>: Relay access denied"]
+
+
+async def test_sender_checks_see_a_bare_name_at_myorigin(start_mta):
+    srv = await start_mta(**BASE, smtpd_sender_restrictions="reject_unknown_sender_domain, "
+                                                            "check_sender_access inline:{user@mx.test.example=REJECT}")
+    port = srv.addresses[0].port
+    rcpt, _ = await run(mail, port, INSIDE, "user", ["postmaster@mx.test.example"])
+    assert rcpt == ["554 5.7.1 <user>: Sender address rejected: Access denied"]
+    rcpt, queue_id = await run(mail, port, INSIDE, "other", ["postmaster@mx.test.example"])
+    assert rcpt == ["250 2.1.5 Ok"] and queued(srv, queue_id)[0] == "other@mx.test.example"
