@@ -555,8 +555,10 @@ PARAMETERS: dict[str, Param] = {
         _P("cleanup_replace_stray_cr_lf", "yes", parse_bool,
            "replace each <CR> or <LF> in received message content that is not part of a <CR><LF> pair"
            " with a space, so no stray one is ever relayed (outbound SMTP smuggling)"),
-        _P("smtpd_forbidden_commands", "CONNECT GET POST", split_list,
-           "commands that end the session at once (HTTP proxies and browsers)"),
+        _P("smtpd_forbidden_commands", "CONNECT GET POST regexp:{{/^[^A-Z]/ Bogus}}", split_list,
+           "commands that end the session at once with 221 (HTTP proxies and browsers; a table entry matches "
+           "the first word of an unknown command: Postfix's default, one not starting with a letter); "
+           "a message header sent as a command always does"),
         _P("smtpd_client_connection_count_limit", "50", parse_int,
            "most simultaneous sessions from one client address (0: no limit)"),
         _P("smtpd_process_limit", "1000", parse_int, "(trimail) most simultaneous SMTP sessions"),
@@ -608,6 +610,9 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_policy_service_default_action", "451 4.3.5 Server configuration problem", _str,
            "action when a policy service cannot be reached"),
         _P("plaintext_reject_code", "450", _reply_code("45"), "reply code of reject_plaintext_session"),
+        _P("unknown_client_reject_code", "450", _reply_code("45"),
+           "reply code of reject_unknown_client_hostname and reject_unknown_reverse_client_hostname when "
+           "the lookup failed for good (a temporary failure is always 450)"),
         _P("unknown_hostname_reject_code", "450", _reply_code("45"),
            "reply code of reject_unknown_helo_hostname when the name has no A, AAAA or MX record"),
         _P("multi_recipient_bounce_reject_code", "550", _reply_code("45"),

@@ -18,7 +18,17 @@ part and domain, and its class:
   that is not a domain DNS can express, or an address whose rewriting does not end.
 
 The relay decision, the recipient that is stored and the route all come from this
-one function, so they cannot disagree.  Rules, in Postfix's order, applied again
+one function, so they cannot disagree.  Each round first rewrites the address in
+Postfix's ``local`` context (``canonical()``, trivial-rewrite's rewrite_tree, which
+Postfix's smtpd applies before it resolves and cleanup applies to every envelope
+address): without a domain, ``host!user`` becomes ``user@host`` (``swap_bangpath``),
+else ``user%host`` becomes ``user@host`` (``allow_percent_hack``), else ``user``
+becomes ``user@$myorigin`` (``append_at_myorigin``); then ``user@host`` becomes
+``user@host.$mydomain`` (``append_dot_mydomain``, a domain without a dot).  So an
+unqualified name is resolved, relay-checked and stored as ``user@$myorigin``: a bare
+name is local only when ``$myorigin`` is, and never opens relaying.  Still unqualified
+(``append_at_myorigin = no``), it takes ``@$myhostname`` as in Postfix's resolve.c.
+Rules, in Postfix's order, applied again
 to the result while the domain is local: a source route (``@a,@b:``, up to the first
 colon outside brackets and quotes) is dropped; the local part is dequoted
 (``resolve_dequoted_address``); an ``@`` left in the local part of a local domain
@@ -57,8 +67,8 @@ list once, only when a listener is a wildcard).
 
 Parameters: mydestination, virtual_alias_domains, virtual_mailbox_domains,
 relay_domains, parent_domain_matches_subdomains, smtpd_listen, submission_listen,
-smtps_listen, proxy_interfaces,
-swap_bangpath, allow_percent_hack, resolve_dequoted_address, resolve_null_domain.
+smtps_listen, proxy_interfaces, myorigin, mydomain, myhostname, append_at_myorigin,
+append_dot_mydomain, swap_bangpath, allow_percent_hack, resolve_dequoted_address, resolve_null_domain.
 """
 
 from __future__ import annotations
@@ -86,6 +96,9 @@ class Settings:
     virtual_alias_domains: frozenset[str] = frozenset()
     virtual_mailbox_domains: frozenset[str] = frozenset()
     own_addresses: frozenset[str] = frozenset()  # IP addresses (ipaddress's str) whose literals are local
+    origin: str = ""  # myorigin, when append_at_myorigin: what a bare name is qualified with
+    mydomain: str = ""  # when append_dot_mydomain: appended to a domain without a dot
+    myhostname: str = ""  # Postfix's resolve: a name still unqualified takes @$myhostname
 
     @classmethod
     def from_config(cls, config: object) -> Settings:
@@ -100,7 +113,10 @@ class Settings:
                    relay_subdomains="relay_domains" in get("parent_domain_matches_subdomains"),
                    swap_bangpath=get("swap_bangpath"), percent_hack=get("allow_percent_hack"),
                    dequote=get("resolve_dequoted_address"), null_domain=get("resolve_null_domain"),
-                   own_addresses=own_addresses(config))
+                   own_addresses=own_addresses(config),
+                   origin=get("myorigin").lower().rstrip(".") if get("append_at_myorigin") else "",
+                   mydomain=get("mydomain").lower().rstrip(".") if get("append_dot_mydomain") else "",
+                   myhostname=get("myhostname").lower().rstrip("."))
 
     def overlaps(self) -> list[str]:
         """Postfix's warnings for a domain listed in two class lists (each list should
@@ -154,6 +170,38 @@ def _dequoted(local: str) -> str:
     return local
 
 
+def _split(address: str) -> tuple[str, str | None]:
+    """(local part, domain or None when there is no domain); a quoted local part
+    alone (``"a@b"``) has none."""
+    local, at, domain = address.rpartition("@")
+    if not at or _QUOTED.fullmatch(address):
+        return address, None
+    return local, domain
+
+
+def canonical(address: str, settings: Settings) -> str:
+    """*address* rewritten in Postfix's ``local`` context (rewrite_tree): bang path,
+    percent hack or ``@$myorigin`` for a name without a domain, then
+    ``append_dot_mydomain``.  The null address and source routes are left alone."""
+    if not address or address.startswith("@"):
+        return address
+    local, domain = _split(address)
+    if domain is None:
+        quoted = local.startswith('"')
+        if settings.swap_bangpath and "!" in local and not quoted:
+            host, _, user = local.partition("!")
+            local, domain = user, host
+        elif settings.percent_hack and "%" in local and not quoted:
+            local, _, domain = local.rpartition("%")
+        elif settings.origin:
+            domain = settings.origin
+        else:
+            return address
+    if (settings.mydomain and domain and "." not in domain and not domain.startswith("[")):
+        domain = f"{domain}.{settings.mydomain}"
+    return f"{local}@{domain}"
+
+
 def resolve(address: str, settings: Settings) -> Resolved:
     """Resolve *address* (a path as the SMTP parser returns it) as described above."""
     if any(ord(ch) < 0x20 or ch == "\x7f" for ch in address):  # CR, LF, NUL ...: never on the wire
@@ -161,9 +209,12 @@ def resolve(address: str, settings: Settings) -> Resolved:
     for _ in range(len(address) + 2):
         while 0 <= (route_end := source_route_end(address)) < len(address) - 1:
             address = address[route_end + 1:]  # a source route: RFC 5321 says ignore it (resolve.c)
-        local, at, domain = address.rpartition("@")
-        if not at:
-            local, domain = address, ""
+        address = canonical(address, settings)
+        local, split_domain = _split(address)
+        if split_domain is None and settings.myhostname:
+            local, split_domain = address, settings.myhostname  # resolve.c: "@$myhostname for compatibility"
+        domain = split_domain or ""
+        at = split_domain is not None
         if settings.dequote:
             local = _dequoted(local)
         domain = domain.lower().rstrip(".")

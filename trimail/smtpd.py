@@ -24,6 +24,16 @@ the end of DATA is answered ``452 4.3.1`` (no space) or ``451 4.3.0``; a failed
 queue commit answers ``451 4.3.0``.  Either costs that one message, never the
 session or the daemon.
 
+Postfix's session details: with ``smtpd_delay_reject = no`` the client restrictions
+run at connect (the machine's ``Connect`` event) and a refusal is the greeting, after
+which every command but QUIT is answered ``503 5.7.0 Error: access denied for
+name[addr]``; a header or forbidden command (``smtpd_forbidden_commands``, inline
+``regexp:{{...}}``/``pcre:`` entries and regexp/pcre files too) is logged ``warning:
+non-SMTP command``; an unqualified MAIL FROM or RCPT TO address is qualified
+(``user@$myorigin``, ``trimail/rewrite.py``'s canonical()) for the relay check, the
+lookups and the queue, and a bare ``postmaster`` recipient is accepted before any
+restriction (Postfix's smtpd_check_rcpt; RFC 5321 4.5.1).
+
 Security notes: client-supplied text (HELO name) is made printable before it goes
 into a header or a log line; our own failures answer 451 4.3.0 with the details in
 the log only.  After STARTTLS the HELO name and any transaction from before the
@@ -54,6 +64,7 @@ from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
 from trimail.log import printable
 from trimail.maps import Table, TableError, off_loop
+from trimail.maps.patterns import _parse_pattern, match_regexp, parse_regexp
 from trimail.metrics import Metrics
 from trimail.passwords import PasswordError, authenticate, prepare
 from trimail.policy.restrictions import Policy, Request, Verdict
@@ -67,6 +78,7 @@ from trimail.smtp import replies
 from trimail.smtp.replies import Reply
 from trimail.smtp.server import (
     Auth,
+    Connect,
     DataAborted,
     DataChunk,
     DataEnd,
@@ -75,6 +87,7 @@ from trimail.smtp.server import (
     Event,
     Hello,
     MailFrom,
+    NonSmtpCommand,
     RcptTo,
     Reset,
     ServerConnection,
@@ -111,12 +124,70 @@ def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
         bare_newline="reject" if config.smtpd_forbid_bare_newline == "reject" else "normalize",
         bare_newline_code=config.smtpd_forbid_bare_newline_reject_code,
         replace_stray_cr_lf=config.cleanup_replace_stray_cr_lf,
-        forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands),
+        forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands if ":" not in c),
+        forbidden_match=forbidden_tables(config),
+        # Postfix: smtpd_delay_reject = no runs smtpd_client_restrictions at connect
+        connect_check=not config.smtpd_delay_reject and bool(config.smtpd_client_restrictions),
         smtputf8=config.smtputf8_enable,
         vrfy=not config.disable_vrfy_command,
         etrn=bool(config.fast_flush_domains),
         helo_required=config.smtpd_helo_required,
     )
+
+
+def forbidden_tables(config: Config):
+    """A matcher for the ``type:table`` entries of smtpd_forbidden_commands (Postfix's
+    default ``regexp:{{/^[^A-Z]/ Bogus}}``): inline ``regexp:{{/re/ result}, ...}`` and
+    ``pcre:`` entries, or regexp/pcre files, read once here; other table types are not
+    consulted (a warning).  None when there are no entries."""
+    rules: list = []
+    for entry in config.smtpd_forbidden_commands:
+        kind, sep, name = entry.partition(":")
+        if not sep:
+            continue
+        if kind not in ("regexp", "pcre"):
+            log.warning("%s: %s: only regexp: and pcre: tables are consulted here; ignored",
+                        config.where("smtpd_forbidden_commands"), entry)
+            continue
+        try:
+            if name.startswith("{"):
+                for number, text in enumerate(_inline_rules(name), 1):
+                    pattern, negated, result = _parse_pattern(Path("smtpd_forbidden_commands"), number, text)
+                    if not result:
+                        raise TableError(f"{entry}: no result after the pattern")
+                    rules.append(([(pattern, negated)], result))
+            else:
+                rules += parse_regexp(Path(name))
+        except (TableError, ValueError) as exc:
+            raise ConfigError(f"{config.where('smtpd_forbidden_commands')}: {exc}") from None
+    if not rules:
+        return None
+    return lambda word: match_regexp(rules, word) is not None
+
+
+def _inline_rules(text: str) -> list[str]:
+    """The rules of an inline table ``{ {rule}, {rule} }`` (or ``{rule}``)."""
+    body = text.strip()
+    if not (body.startswith("{") and body.endswith("}")):
+        raise ValueError(f"bad inline table {text!r}")
+    body = body[1:-1].strip()
+    if not body.startswith("{"):
+        return [body] if body else []
+    rules, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        if ch == "{":
+            depth += 1
+            if depth == 1:
+                start = i + 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                rules.append(body[start:i].strip())
+            elif depth < 0:
+                raise ValueError(f"bad inline table {text!r}")
+    if depth:
+        raise ValueError(f"bad inline table {text!r}")
+    return rules
 
 
 class ReceiveContext:
@@ -131,6 +202,8 @@ class ReceiveContext:
                 "smtpd_tls_security_level": "encrypt" if kind == "submission" else "may",
                 "smtpd_client_restrictions": "permit_sasl_authenticated, reject",
                 "smtpd_relay_restrictions": "permit_sasl_authenticated, reject",
+                # the client list above needs AUTH first: never at connect (smtpd_delay_reject = no)
+                "smtpd_delay_reject": "yes",
             })
         self.kind = kind
         self.config = config
@@ -260,6 +333,7 @@ class Transaction:
         self.header_tail = b""  # the last bytes of the previous chunk, to find CRLFCRLF across chunks
         self.header_too_big = False
         self.verdict = Verdict()  # actions collected from the restrictions (HOLD, PREPEND, ...)
+        self.envelope_sender = sender  # what the queue stores: *sender* qualified (rewrite.canonical)
 
     def discard(self) -> None:
         if self.spool is not None:
@@ -288,10 +362,15 @@ class SmtpdSession:
         if settings.bare_newline == "reject" and _in_networks(
                 self.client_address, self.ctx.config.smtpd_forbid_bare_newline_exclusions):
             settings = dataclasses.replace(settings, bare_newline="normalize")
-        return ServerConnection(settings)
+        return ServerConnection(settings, client=self.client)
 
     async def handle(self, conn: ServerConnection, event: Event) -> Reply | None:
         """Decide on *event*; a Reply for decision events (None accepts), else None."""
+        if isinstance(event, Connect):  # smtpd_delay_reject = no: the client list at connect
+            return await self._restrict("client", "CONNECT", conn)
+        if isinstance(event, NonSmtpCommand):
+            log.warning("non-SMTP command from %s: %s", self.client, printable(event.line, 100))
+            return None
         if isinstance(event, StartTls):
             if self.ctx.tls_context is None:
                 return Reply(454, "4.7.0", "TLS not available due to local problem")
@@ -313,6 +392,8 @@ class SmtpdSession:
         if isinstance(event, MailFrom):
             self._discard()
             self.txn = Transaction(new_queue_id(), event.sender, event.params)
+            # cleanup's envelope rewrite (local context): user -> user@$myorigin
+            self.txn.envelope_sender = rewrite.canonical(event.sender, self.ctx.policy.rewrite)
             if (hooked := await self._hook("mail", event.sender)) is not None:
                 self.txn = None
                 return hooked
@@ -331,6 +412,11 @@ class SmtpdSession:
             if (hooked := await self._hook("rcpt", event.recipient)) is not None:
                 return hooked
             resolved = rewrite.resolve(event.recipient, self.ctx.policy.rewrite)  # once: checked, looked up and stored
+            if event.recipient.lower() == "postmaster" and resolved.klass != "invalid":
+                # Postfix's smtpd_check_rcpt: a bare postmaster is accepted before any
+                # restriction or recipient table (RFC 5321 4.5.1); stored as postmaster@$myorigin
+                self.txn.recipients.append(resolved.stored(event.recipient))
+                return None
             if resolved.klass == "invalid":
                 # trivial-rewrite cannot resolve it: refused, never taken for local
                 reply = replies.Reply(501, "5.1.3", "Bad recipient address syntax")
@@ -484,12 +570,15 @@ class SmtpdSession:
         if self.ctx.metrics is not None and what == "reject":
             self.ctx.metrics.rejected.labels(command, str(reply.code)).inc()
         txn = self.txn
-        details = f"from=<{txn.sender if txn else ''}>"
+        # Postfix's log_whatsup: from=, to= and helo= only when known
+        details = f"from=<{txn.sender}> " if txn else ""
         if recipient is not None:
-            details += f" to=<{recipient}>"
-        log.info("NOQUEUE: %s: %s from %s: %s %s %s; %s proto=%s helo=<%s>", what, command, self.client, reply.code,
-                 reply.enhanced, " ".join(reply.lines()), details, "ESMTP" if self.extended else "SMTP",
-                 self.helo_name)
+            details += f"to=<{recipient}> "
+        details += f"proto={'ESMTP' if self.extended else 'SMTP'}"
+        if self.helo_name:
+            details += f" helo=<{self.helo_name}>"
+        log.info("NOQUEUE: %s: %s from %s: %s %s %s; %s", what, command, self.client, reply.code,
+                 reply.enhanced, " ".join(reply.lines()), details)
 
     async def _etrn(self, site: str, conn: ServerConnection) -> Reply | None:
         """ETRN (RFC 1985, Postfix's flush(8)): the deferred mail for an eligible
@@ -603,7 +692,7 @@ class SmtpdSession:
             message = NewMessage(
                 id=txn.queue_id,
                 state="hold" if verdict.hold else "incoming",
-                sender=txn.sender,
+                sender=txn.envelope_sender,
                 recipients=recipients,
                 content=txn.spool,
                 client_address=self.client_address,
@@ -641,7 +730,7 @@ class SmtpdSession:
                 if raw is None:
                     raw = b"".join(spool.chunks(1 << 20))
                 self.ctx.hooks.accepted(AcceptedMessage(
-                    txn.queue_id, txn.sender, list(recipients), dict(txn.params), self.client_address,
+                    txn.queue_id, txn.envelope_sender, list(recipients), dict(txn.params), self.client_address,
                     self.helo_name, txn.protocol, self.tls, self.sasl_username, raw))
             if message_id is not None:
                 cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
@@ -649,7 +738,7 @@ class SmtpdSession:
                 cleanup_log.info("%s: hold: %s from %s", txn.queue_id, verdict.hold, self.client)
             if FILTER_PARAM in params:
                 cleanup_log.info("%s: filter: %s from %s", txn.queue_id, params[FILTER_PARAM], self.client)
-            qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue %s)", txn.queue_id, txn.sender,
+            qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue %s)", txn.queue_id, txn.envelope_sender,
                           message.content.size, len(recipients), message.state)
             return replies.queued(txn.queue_id)
         finally:

@@ -98,7 +98,7 @@ CASES = [
     ("unknown_client_hostname-ok", {"smtpd_client_restrictions": "reject_unknown_client_hostname"},
      {"source": "127.0.0.2"}, 250, ""),
     ("unknown_client_hostname-no", {"smtpd_client_restrictions": "reject_unknown_client_hostname"},
-     {"source": "127.0.0.3"}, 450, "4.7.1 Client host rejected: cannot find your hostname, [127.0.0.3]"),
+     {"source": "127.0.0.3"}, 450, "4.7.25 Client host rejected: cannot find your hostname, [127.0.0.3]"),
     ("unknown_reverse-ok", {"smtpd_client_restrictions": "reject_unknown_reverse_client_hostname"},
      {"source": "127.0.0.3"}, 250, ""),
     ("unknown_reverse-no", {"smtpd_client_restrictions": "reject_unknown_reverse_client_hostname"},

@@ -130,7 +130,10 @@ def test_rset_reports_reset_only_with_a_transaction():
         (b"MAIL FROM:<sender@example.org\r\n", 501, "5.5.4"),
         (b"MAIL FROM:<sender@@example.org>\r\n", 501, "5.1.7"),
         (b"MAIL FROM:<sender@exa_mple..org>\r\n", 501, "5.1.7"),
-        (b"MAIL FROM:<sender>\r\n", 501, "5.1.7"),
+        (b"MAIL FROM:<sender>\r\n", 250, "2.1.0"),  # Postfix: qualified later, user@$myorigin
+        (b"MAIL FROM:<\"s e\">\r\n", 250, "2.1.0"),
+        (b"MAIL FROM:<sen..der>\r\n", 501, "5.1.7"),
+        (b"MAIL FROM:<sender@>\r\n", 501, "5.1.7"),
         (b"MAIL FROM:<s\x01ender@example.org>\r\n", 501, "5.1.7"),
         (b"MAIL FROM:<sender@example.org> SIZE=99999999999\r\n", 552, "5.3.4"),
         (b"MAIL FROM:<sender@example.org> SIZE=abc\r\n", 501, "5.5.4"),
@@ -159,7 +162,8 @@ def test_esmtp_parameters_need_ehlo():
         (b"RCPT TO:<postmaster>\r\n", 250),
         (b"RCPT TO:<Postmaster>\r\n", 250),
         (b"RCPT TO:<>\r\n", 501),
-        (b"RCPT TO:<user>\r\n", 501),
+        (b"RCPT TO:<user>\r\n", 250),  # the machine takes it; smtpd qualifies it (user@$myorigin)
+        (b"RCPT TO:<user@>\r\n", 501),
         (b"RCPT FROM:<a@example.com>\r\n", 501),
         (b"RCPT TO:<a@example.com> NOTIFY=NEVER\r\n", 555),
         (b"RCPT TO:<\"quoted name\"@example.com>\r\n", 250),
@@ -243,7 +247,9 @@ def data_session(body: bytes, settings: Settings = Settings()) -> Driver:
 def test_dot_stuffing_is_removed():
     d = data_session(b"..leading dot\r\n.\r\n..\r\n...\r\n.\r\n")
     assert d.content() == b".leading dot\r\n"  # ends at the first lone dot
-    assert d.codes()[-1] == 500  # "..\r\n" afterwards is a command again
+    # "..\r\n" afterwards is a command again: not a letter first, Postfix's
+    # smtpd_forbidden_commands regexp:{{/^[^A-Z]/ Bogus}} ends the session
+    assert d.codes()[-1] == 221
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ import logging
 import re
 from typing import TYPE_CHECKING
 
+from trimail import rewrite
 from trimail.maps import TableError
 from trimail.policy.access import address_keys
 from trimail.policy.dnschecks import address_literal, fqdn, hostname
@@ -106,7 +107,9 @@ async def check_sender_access(policy: Policy, req: Request, kind: str, arg: str 
     assert arg is not None
     if req.sender is None:
         return DUNNO
-    keys = address_keys(req.sender, "smtpd_access_maps" in policy.parent_matches) if req.sender else ["<>"]
+    # Postfix looks up the resolved form: a bare name as name@$myorigin
+    keys = address_keys(rewrite.canonical(req.sender, policy.rewrite),
+                        "smtpd_access_maps" in policy.parent_matches) if req.sender else ["<>"]
     return await policy.access(req, "sender", arg, keys, verdict)
 
 
@@ -119,7 +122,8 @@ async def reject_non_fqdn_sender(policy: Policy, req: Request, kind: str, arg: s
 
 
 async def _unknown_domain(policy: Policy, req: Request, address: str | None, kind: str, dsn: str) -> Result:
-    domain = (address or "").rpartition("@")[2].lower().rstrip(".")
+    # Postfix checks the resolved form's domain: a bare name's is $myorigin
+    domain = rewrite.canonical(address or "", policy.rewrite).rpartition("@")[2].lower().rstrip(".")
     if not address or not domain or domain in policy.rewrite.local_domains or domain.startswith("["):
         return DUNNO
     state = await policy.domain_state(req, domain)
@@ -139,8 +143,9 @@ async def reject_unknown_sender_domain(policy: Policy, req: Request, kind: str, 
 @register("reject_rhsbl_sender", argument="domain", needs="sender")
 async def reject_rhsbl_sender(policy: Policy, req: Request, kind: str, arg: str | None, verdict: Verdict) -> Result:
     assert arg is not None
-    domain = (req.sender or "").rpartition("@")[2].lower()
-    return await policy.rbl_reply(req, "Sender address", req.sender or "", domain, arg) if domain else DUNNO
+    _, at, domain = (req.sender or "").rpartition("@")
+    domain = domain.lower()  # a bare name has no domain to look up (Postfix)
+    return await policy.rbl_reply(req, "Sender address", req.sender or "", domain, arg) if at and domain else DUNNO
 
 
 async def _unlisted(policy: Policy, req: Request, kind: str, address: str | None) -> Result:
@@ -195,7 +200,7 @@ async def check_recipient_access(policy: Policy, req: Request, kind: str, arg: s
     assert arg is not None
     if not req.recipient:
         return DUNNO
-    keys = address_keys(req.recipient, "smtpd_access_maps" in policy.parent_matches)
+    keys = address_keys(rewrite.canonical(req.recipient, policy.rewrite), "smtpd_access_maps" in policy.parent_matches)
     return await policy.access(req, "recipient", arg, keys, verdict)
 
 
@@ -241,8 +246,9 @@ async def reject_unknown_recipient_domain(policy: Policy, req: Request, kind: st
 async def reject_rhsbl_recipient(policy: Policy, req: Request, kind: str, arg: str | None,
                                  verdict: Verdict) -> Result:
     assert arg is not None
-    domain = (req.recipient or "").rpartition("@")[2].lower()
-    return await policy.rbl_reply(req, "Recipient address", req.recipient or "", domain, arg) if domain else DUNNO
+    _, at, domain = (req.recipient or "").rpartition("@")
+    domain = domain.lower()
+    return await policy.rbl_reply(req, "Recipient address", req.recipient or "", domain, arg) if at and domain else DUNNO
 
 
 @register("reject_unlisted_recipient", needs="recipient")

@@ -15,7 +15,8 @@ trimail does not ask clients for certificates yet, so in practice nothing
 matches (as Postfix with ``smtpd_tls_ask_ccert = no``, and smtpd logs it once).
 
 Parameters: mynetworks, smtpd_listen/submission_listen/smtps_listen
-(permit_inet_interfaces), relay_clientcerts, parent_domain_matches_subdomains.
+(permit_inet_interfaces), relay_clientcerts, parent_domain_matches_subdomains,
+unknown_client_reject_code (reject_unknown_client_hostname: 4.7.25, RFC 7372).
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ async def permit_tls_clientcerts(policy: Policy, req: Request, kind: str, arg: s
 async def reject_unknown_reverse_client_hostname(policy: Policy, req: Request, kind: str, arg: str | None,
                                                  verdict: Verdict) -> Result:
     names = await policy.reverse_names(req)
-    if names == "temp" or not names:
-        return Reply(450, "4.7.1", f"Client host rejected: cannot find your reverse hostname, "
-                                   f"[{req.client_address}]")
+    if names == "temp" or not names:  # Postfix: 4.7.1 here, unknown_client_reject_code unless temporary
+        code = 450 if names == "temp" else policy.config.unknown_client_reject_code
+        return Reply(code, f"{str(code)[0]}.7.1", f"Client host rejected: cannot find your reverse hostname, "
+                                    f"[{req.client_address}]")
     return DUNNO
 
 
@@ -91,7 +93,11 @@ async def reject_unknown_reverse_client_hostname(policy: Policy, req: Request, k
 async def reject_unknown_client_hostname(policy: Policy, req: Request, kind: str, arg: str | None,
                                          verdict: Verdict) -> Result:
     if await policy.client_hostname(req) is None:
-        return Reply(450, "4.7.1", f"Client host rejected: cannot find your hostname, [{req.client_address}]")
+        # RFC 7372 (Email Authentication Status Codes): 4.7.25/5.7.25, as Postfix 3
+        temporary = await policy.reverse_names(req) == "temp"
+        code = 450 if temporary else policy.config.unknown_client_reject_code
+        return Reply(code, f"{str(code)[0]}.7.25",
+                     f"Client host rejected: cannot find your hostname, [{req.client_address}]")
     return DUNNO
 
 

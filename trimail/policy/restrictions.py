@@ -6,8 +6,8 @@ at RCPT time together with the relay and recipient lists -- again, whole, at eve
 RCPT, as Postfix's smtpd_check_rcpt() calls smtpd_check_client/helo/mail each time
 (nothing but a defer_if_permit is kept between stages), so a ``sleep`` there pauses
 once per RCPT, never at HELO or MAIL (the session's smtpd_session_deadline bounds
-the sum); with ``smtpd_delay_reject = no`` the client and HELO lists run at HELO and
-the sender list at MAIL, once each; ``data`` and ``end_of_data`` run at DATA and at
+the sum); with ``smtpd_delay_reject = no`` the client list runs at connect, the HELO
+list at HELO and the sender list at MAIL, once each; ``data`` and ``end_of_data`` run at DATA and at
 the final dot.  Within a list the first
 ``permit``-like result ends that list and evaluation goes on with the next list;
 the first reject or defer ends everything and becomes the reply; the end of a
@@ -102,6 +102,19 @@ FILTER_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
 MESSAGE_ACTIONS = frozenset({"hold", "discard", "redirect", "filter", "bcc"})  # act on the message
 
 
+# the earlier stages whose remembered defer_if_permit each stage starts from, nearest first
+_CARRIED_FROM = {"client": (), "helo": ("client",), "sender": ("helo", "client"),
+                 "recipient": ("sender", "helo", "client")}
+
+
+def _carried(request: Request, stage: str) -> Reply | None:
+    for earlier in _CARRIED_FROM[stage]:
+        key = ("defer_if_permit", earlier)
+        if key in request.cache:
+            return request.cache[key]
+    return None
+
+
 class Policy(DnsChecks):
     def __init__(self, config: Config, resolver: Resolver) -> None:
         self.config = config
@@ -140,7 +153,8 @@ class Policy(DnsChecks):
 
     def lists_for(self, stage: str) -> list[str]:
         """The lists to run at *stage*.  With smtpd_delay_reject the client, HELO and
-        sender lists wait for RCPT; without it the client list runs with HELO."""
+        sender lists wait for RCPT; without it each runs at its own stage, the client
+        list at connect (Postfix's smtpd_proto(): the refusal is the greeting)."""
         if self.delay_reject:
             if stage == "recipient":
                 return [*DELAYED, *STAGE_LISTS["recipient"]]
@@ -148,18 +162,25 @@ class Policy(DnsChecks):
                 return [*STAGE_LISTS["client"], *STAGE_LISTS["helo"], *STAGE_LISTS["etrn"]]
             if stage in ("client", "helo", "sender"):
                 return []
-        elif stage == "helo":
-            return [*STAGE_LISTS["client"], *STAGE_LISTS["helo"]]
         return STAGE_LISTS[stage]
 
     async def check(self, stage: str, request: Request) -> Verdict:
         verdict = Verdict()
         request.stage = stage
+        # smtpd_delay_reject = no: a defer_if_permit raised by the client, HELO or sender
+        # list is answered only at RCPT, if nothing rejects there (Postfix's
+        # defer_if_permit_client/_helo/_sender, restored at each later stage)
+        staged = not self.delay_reject and stage in _CARRIED_FROM
+        if staged:
+            verdict.defer_if_permit = _carried(request, stage)
         for name in self.lists_for(stage):
             result = await self.run(self.lists[name], request, kind_of(name), verdict)
             if isinstance(result, Reply):
                 verdict.reply = result
                 return verdict
+        if staged and stage != "recipient":
+            request.cache[("defer_if_permit", stage)] = verdict.defer_if_permit
+            return verdict
         if verdict.defer_if_permit is not None:  # nothing rejected: the remembered deferral answers
             verdict.reply = verdict.defer_if_permit
         return verdict

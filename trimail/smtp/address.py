@@ -1,7 +1,9 @@
 """Envelope address syntax: ``MAIL FROM:<path> params`` and ``RCPT TO:<path> params``.
 
 RFC 5321 section 4.1.2 grammar, with Postfix's tolerance for a space after the colon
-and for a missing pair of angle brackets around a plain address.  Source routes
+and for a missing pair of angle brackets around a plain address.  A path without a domain
+(``<user>``, ``<Postmaster>``) is a valid local part alone, as Postfix's smtpd takes
+it; the decision side qualifies it (``user@$myorigin``).  Source routes
 (``<@a,@b:user@c>``, the A-d-l) are accepted and dropped (RFC 5321 appendix C: a
 server SHOULD accept and ignore them; Postfix's resolver strips them), in MAIL and
 RCPT alike.  The route ends at the first colon outside an address literal or a
@@ -129,15 +131,17 @@ def check_mailbox(address: str, *, utf8: bool) -> str:
     if not utf8 and not address.isascii():
         raise Utf8NotDeclared("non-ASCII address without SMTPUTF8")
     local, sep, domain = address.rpartition("@")
-    if not sep:
-        # RFC 5321 4.5.1: <postmaster> without a domain must be accepted for RCPT
-        if address.lower() == "postmaster":
-            return address
-        raise AddressError("address has no domain")
+    bare = not sep or _QUOTED.fullmatch(address) is not None
+    if bare:
+        # no domain: RFC 5321 4.5.1's <postmaster>, and as Postfix any local part
+        # (smtpd qualifies it: user@$myorigin, trimail/rewrite.py canonical())
+        local = address
     if not local or len(local.encode()) > MAX_LOCAL_PART:
         raise AddressError("bad local part")
     if not (_DOT_STRING.fullmatch(local) or _QUOTED.fullmatch(local)):
         raise AddressError("bad local part")
+    if bare:
+        return address
     if not is_domain(domain):
         raise AddressError("bad domain")
     return address

@@ -32,6 +32,24 @@ reading, but reading goes on to the real end of data so the session stays in
 sync.  Content comes out as ``DataChunk`` events in wire format (``<CR><LF>`` line
 ends, dots un-stuffed), never as a list of lines.
 
+Connect-time access control (``smtpd_delay_reject = no``, Postfix's smtpd_proto()):
+with ``Settings.connect_check`` the greeting is a decision too: ``greet()`` queues a
+``Connect`` event instead of the banner, and ``respond(None)`` sends the banner.  An
+error reply is sent as the greeting (``554 5.7.1 <client>: Client host rejected:
+...``) and counts as an error; the session goes on, but every command except QUIT
+is then answered ``503 5.7.0 Error: access denied for <client>`` (each one an error,
+so the hard error limit ends it).  A ``421``/``521`` greeting ends the session.
+
+Non-SMTP commands (Postfix's smtpd: ``is_header()`` and ``smtpd_forbidden_commands``):
+a command that is not an SMTP verb and whose first word looks like a message header
+(``Subject:``, ``From:``, ``Received:``: printable ASCII up to a colon), or that
+``forbidden_commands``/``forbidden_match`` names (``CONNECT GET POST`` and Postfix's
+``regexp:{{/^[^A-Z]/ Bogus}}``: a first word not starting with a letter), gets
+``221 2.7.0 Error: I can break rules, too. Goodbye.`` and the session ends; a
+``NonSmtpCommand`` event carries the line for the log.  This comes before the
+access-denied answer, as in Postfix.  Leading white space before the verb is
+skipped and an empty command line is ``500 5.5.2 Error: bad syntax`` (smtpd_token).
+
 Error limits (Postfix's smtpd): every error reply counts; at ``hard_error_limit``
 errors the next command gets ``421`` and the session ends.  HELO, EHLO, NOOP, VRFY
 and RSET are "junk" commands: past ``junk_command_limit`` of them each one counts
@@ -46,7 +64,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections import Counter, deque
+from collections.abc import Callable
 
 from trimail.smtp import replies
 from trimail.smtp.address import AddressError, Utf8NotDeclared, is_domain, parse_path
@@ -157,6 +177,22 @@ class Reset(Event):
 
 
 @dataclasses.dataclass(slots=True)
+class Connect(Event):
+    """A client connected (only with ``Settings.connect_check``): answer None for the
+    220 banner, or the client restrictions' reply (Postfix's smtpd_delay_reject = no)."""
+
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
+class NonSmtpCommand(Event):
+    """The client sent a header or a forbidden command as a command line; it was
+    answered 221 and the session ends (Postfix logs ``warning: non-SMTP command``)."""
+
+    line: str
+
+
+@dataclasses.dataclass(slots=True)
 class Rejected(Event):
     """The machine itself answered a command with an error reply (for the log)."""
 
@@ -169,6 +205,21 @@ class Closed(Event):
     """The session is over; send what data_to_send() returns, then close."""
 
     reason: str
+
+
+def _not_a_letter_first(word: str) -> bool:
+    """Postfix's default ``regexp:{{/^[^A-Z]/ Bogus}}`` (regexp tables ignore case)."""
+    return not ("A" <= word[:1].upper() <= "Z")
+
+
+# Postfix's is_header(): a field name (printable ASCII but space and colon) and a colon
+_HEADER_LIKE = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
+_ACCESS_DENIED_EXEMPT = frozenset({"QUIT"})
+
+
+def looks_like_header(word: str) -> bool:
+    """The first word of a command line is a message header's start (``Subject:``)."""
+    return _HEADER_LIKE.match(word) is not None
 
 
 class State(enum.Enum):
@@ -217,7 +268,11 @@ class Settings:
     bare_newline: str = "normalize"  # or "reject" ("yes": the same, older name); data never ends on bare LF
     bare_newline_code: int = 550  # smtpd_forbid_bare_newline_reject_code (521 also disconnects)
     replace_stray_cr_lf: bool = True  # cleanup_replace_stray_cr_lf: stray CR/LF in content -> space
-    forbidden_commands: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})
+    forbidden_commands: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})  # upper case
+    # smtpd_forbidden_commands' table entries (Postfix's default regexp:{{/^[^A-Z]/ Bogus}}):
+    # does this first word of an unknown command match one?
+    forbidden_match: Callable[[str], bool] | None = _not_a_letter_first
+    connect_check: bool = False  # smtpd_delay_reject = no with client restrictions: a Connect decision
     smtputf8: bool = True
     vrfy: bool = True
     etrn: bool = False  # offer ETRN (fast_flush_domains names at least one site)
@@ -232,8 +287,10 @@ class Settings:
 class ServerConnection:
     """One SMTP server session, without I/O."""
 
-    def __init__(self, settings: Settings = Settings()) -> None:
+    def __init__(self, settings: Settings = Settings(), client: str = "unknown") -> None:
         self.settings = settings
+        self.client = client  # name[address], as Postfix's 503 access denied text names it
+        self.access_denied: Reply | None = None  # the greeting's refusal (smtpd_delay_reject = no)
         self.state = State.GREETING
         self.extended = False  # EHLO (True) or HELO
         self.helo_name: str | None = None
@@ -288,9 +345,14 @@ class ServerConnection:
         return self.state is State.CLOSED
 
     def greet(self, reply: Reply | None = None) -> None:
-        """Queue the greeting; an error reply (554/421) ends the session."""
+        """Queue the greeting; an error reply (554/421) ends the session.  With
+        ``connect_check`` and no *reply*, a ``Connect`` event decides the greeting."""
         if self.state is not State.GREETING:
             raise LocalProtocolError("greet() twice")
+        if reply is None and self.settings.connect_check:
+            self.state = State.INIT
+            self._events.append(Connect())
+            return
         reply = reply or replies.greeting(self.settings.banner)
         self._send(reply)
         if reply.is_error:
@@ -341,6 +403,15 @@ class ServerConnection:
                 raise LocalProtocolError("DataEnd needs an explicit reply (e.g. queued as ID)")
             reply = self._accept_reply(event)
         self._pending = None
+        if isinstance(event, Connect):
+            self._send(reply)
+            if reply.is_error:
+                self.error_count += 1
+                if reply.code in (421, 521):
+                    self._close("rejected at connect")
+                else:
+                    self.access_denied = reply
+            return
         verb = self._pending_verb
         if reply.is_positive:
             if isinstance(event, DataEnd):
@@ -377,6 +448,8 @@ class ServerConnection:
             return Reply(235, "2.7.0", "Authentication successful")
         if isinstance(event, Etrn):
             return Reply(250, "2.0.0", "Queuing started")
+        if isinstance(event, Connect):
+            return replies.greeting(self.settings.banner)
         raise LocalProtocolError(f"no default reply for {event!r}")
 
     def extensions(self) -> list[str]:
@@ -498,16 +571,29 @@ class ServerConnection:
         except UnicodeDecodeError:
             self._error("", replies.BAD_UTF8)
             return
-        verb, _, arg = line.partition(" ")
-        verb = verb.upper()
-        arg = arg.strip(" ")
-        if verb in self.settings.forbidden_commands:
-            self._send(replies.FORBIDDEN_COMMAND)
-            self._close(f"forbidden command {verb}")
+        # Postfix's smtpd_token(): white space before the verb is skipped, a tab separates too
+        word, _, arg = line.lstrip(" \t").replace("\t", " ", 1).partition(" ")
+        if not word:
+            self._error("", Reply(500, "5.5.2", "Error: bad syntax"))
             return
+        verb = word.upper()
+        arg = arg.strip(" ")
         handler = _HANDLERS.get(verb)
         if handler is None:
             self.command_stats["unknown"] += 1
+            if self._non_smtp(word):
+                self._events.append(NonSmtpCommand(line))
+                self._send(replies.FORBIDDEN_COMMAND)
+                self._close("non-SMTP command")
+                return
+        if self.access_denied is not None and verb not in _ACCESS_DENIED_EXEMPT:
+            # Postfix: everything but QUIT, known or not, junk or not (RFC 5321 3.1)
+            self._error(verb.lower() if handler else "unknown",
+                        Reply(503, "5.7.0", f"Error: access denied for {self.client}"))
+            if handler is not None:
+                self.command_stats[verb.lower()] += 1
+            return
+        if handler is None:
             self._error("unknown", replies.NOT_IMPLEMENTED if verb in _KNOWN_NOT_IMPLEMENTED
                         else replies.NOT_RECOGNIZED)
             return
@@ -528,6 +614,12 @@ class ServerConnection:
             return
         self._pending_verb = name
         handler(self, arg)
+
+    def _non_smtp(self, word: str) -> bool:
+        """A header as a command, or smtpd_forbidden_commands names it (unknown verbs only)."""
+        settings = self.settings
+        return (looks_like_header(word) or word.upper() in settings.forbidden_commands
+                or (settings.forbidden_match is not None and settings.forbidden_match(word)))
 
     def _decide(self, event: Event) -> None:
         self._events.append(event)
