@@ -186,8 +186,10 @@ def test_bv_reports_what_would_happen_and_delivers_nothing(tmp_path):
     aliases.write_text("team: alice, bob@far.example\nbroken: :include:/nonexistent/list\n")
     (tmp_path / "transport").write_text(f"refused.example error:5.7.1 no mail here\n"
                                         f"relay.example smtp:[{SINK}]:2525\n")
+    # a bare alias target is qualified with $myorigin (Postfix's trivial-rewrite): local here
     config_path = config(tmp_path, alias_maps=f"hash:{aliases}", alias_database=f"hash:{aliases}",
-                         local_recipient_maps="$alias_maps", transport_maps=f"texthash:{tmp_path / 'transport'}")
+                         local_recipient_maps="$alias_maps", transport_maps=f"texthash:{tmp_path / 'transport'}",
+                         myorigin="mx.test.example")
     assert trimail("newaliases", "-c", str(config_path)).returncode == 0
     result = sendmail(config_path, "-bv", "-f", "tester@client.example", "team@mx.test.example",
                       "nobody@mx.test.example", "x@refused.example", "y@relay.example",
