@@ -249,24 +249,43 @@ def show_config(
     names: list[str] | None = None,
     *,
     n: Annotated[bool, Parameter(name=["-n"], help="only parameters set explicitly")] = False,
+    d: Annotated[bool, Parameter(name=["-d"], help="the default values, not main.cf's")] = False,
+    h: Annotated[bool, Parameter(name=["-h"], help="values only, without 'name = '")] = False,
+    hide_values: Annotated[bool, Parameter(name=["-H"], help="names only, without ' = value'")] = False,
     x: Annotated[bool, Parameter(name=["-x"], help="expand $name references")] = False,
     sample: Annotated[bool, Parameter(name=["--sample"], help="print an annotated main.cf")] = False,
     config: ConfigOption = None,
     o: Overrides = None,
 ) -> None:
-    """Print effective parameter values (postconf)."""
+    """Print effective parameter values (postconf; -n, -d, -h, -H and -x as postconf's)."""
     if sample:
         print(configuration.sample_main_cf())
         return
-    cfg = load_config(config, o)
-    wanted = names or (cfg.explicit_names() if n else sorted(set(PARAMETERS) | set(cfg.explicit_names())))
+    for first, second in (("-d", "-n"), ("-d", "-o"), ("-h", "-H")):  # postconf's incompatible pairs
+        given = {"-d": d, "-n": n, "-o": bool(o), "-h": h, "-H": hide_values}
+        if given[first] and given[second]:
+            print(f"trimail: fatal: specify one of {first} {second}", file=sys.stderr)
+            raise SystemExit(2)
+    if d:  # postconf -d reads no main.cf: the built-in values, derived ones (myhostname) included
+        cfg = Config({}, "defaults")
+    else:
+        cfg = load_config(config, o)
+    if names:
+        wanted = names
+    elif n:
+        wanted = cfg.explicit_names()
+    else:
+        wanted = sorted(set(PARAMETERS) | set(cfg.explicit_names()))
     unknown = [name for name in wanted if name not in PARAMETERS and not cfg.is_set(name)]
     for name in wanted:
         if name in unknown:
             print(f"trimail: warning: {name}: unknown parameter", file=sys.stderr)
             continue
+        if hide_values:
+            print(name)
+            continue
         value = cfg.expand(name) if x else cfg.raw(name)
-        print(f"{name} = {value}".rstrip())
+        print(value if h else f"{name} = {value}".rstrip())
     if unknown:
         raise SystemExit(2)
 
