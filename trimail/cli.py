@@ -610,18 +610,37 @@ def queue_backup(file: str, *, config: ConfigOption = None, o: Overrides = None)
 # -- tables ----------------------------------------------------------------------
 
 
+def _query_or_dump(ref: str, key: str | None, dump: bool, separator: str) -> bool:
+    """``-q KEY`` (print the value; False when not found) or ``-s`` (print every
+    entry, ``key<separator>value``), as postmap(1)/postalias(1) do; True when done."""
+    if key is not None and dump:
+        raise Failure("specify only one of -q or -s")
+    if key is not None:
+        value = open_table(ref).lookup(key)
+        if value is None:
+            raise SystemExit(1)  # not found: postmap's status 1, nothing printed
+        print(value)
+        return True
+    if dump:
+        for name, value in open_table(ref).entries():
+            print(f"{name}{separator}{value}")
+        return True
+    return False
+
+
+QueryOption = Annotated[str | None, Parameter(name=["-q"], help="look up KEY and print its value")]
+DumpFlag = Annotated[bool, Parameter(name=["-s"], help="print every key and value")]
+
+
 @app.command(name="postmap")
-def postmap_command(table: str, *, q: Annotated[str | None, Parameter(name=["-q"], help="look up KEY")] = None,
+def postmap_command(table: str, *, q: QueryOption = None, s: DumpFlag = False,
                     config: ConfigOption = None, o: Overrides = None) -> None:
-    """Compile a lookup table source into its indexed database, or query it (postmap)."""
+    """Compile a lookup table source into its indexed database, query it (-q) or
+    list it (-s), as postmap does."""
     load_config(config, o)
     ref = table if ":" in table else f"hash:{table}"
     try:
-        if q is not None:
-            value = open_table(ref).lookup(q)
-            if value is None:
-                raise SystemExit(1)
-            print(value)
+        if _query_or_dump(ref, q, s, "\t"):
             return
         kind, _, name = ref.partition(":")
         if kind not in ("hash", "btree"):
@@ -691,10 +710,21 @@ def _postalias(path: Path) -> None:
 
 
 @app.command(name="postalias")
-def postalias_command(file: str, *, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Compile an aliases(5) file into its indexed database (postalias)."""
+def postalias_command(file: str, *, q: QueryOption = None, s: DumpFlag = False,
+                      config: ConfigOption = None, o: Overrides = None) -> None:
+    """Compile an aliases(5) file into its indexed database, query it (-q) or list
+    it (-s, ``name:<TAB>value``), as postalias does."""
     load_config(config, o)
-    _postalias(Path(file.partition(":")[2] if file.startswith(("hash:", "btree:")) else file))
+    ref = file if ":" in file else f"hash:{file}"
+    try:
+        if _query_or_dump(ref, q, s, ":\t"):
+            return
+    except TableError as exc:
+        raise Failure(str(exc)) from None
+    kind, _, name = ref.partition(":")
+    if kind not in ("hash", "btree"):
+        raise Failure(f"{ref}: only hash: and btree: alias databases are compiled")
+    _postalias(Path(name))
 
 
 @app.command(name="newaliases")
