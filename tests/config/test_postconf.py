@@ -74,7 +74,7 @@ def test_same_output_as_postfix_postconf(main_cf, options):
     if options == ["-dh"]:
         names = ["myorigin", "relayhost", "queue_run_delay", "maximal_queue_lifetime"]
     postfix = subprocess.run(["postconf", "-c", str(main_cf.parent), *options, *names], capture_output=True,
-                             text=True, timeout=30)
+                             text=True, timeout=30, check=False)
     ours = trimail("config", *options, *names, "-c", str(main_cf))
     assert postfix.returncode == ours.returncode == 0, (postfix.stderr, ours.stderr)
     assert ours.stdout == postfix.stdout
