@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import trio
 from cyclopts import App, CycloptsError, Parameter
 
-from trimail import __version__, maps
+from trimail import __version__, mailq, maps
 from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import PARAMETERS, Config
@@ -351,8 +351,12 @@ DomainFilter = Annotated[str | None, Parameter(name=["--domain"], help="only mes
 @queue_app.command(name="list")
 def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="one JSON array")] = False,
                state: StateFilter = None, sender: SenderFilter = None, recipient: RecipientFilter = None,
-               domain: DomainFilter = None, config: ConfigOption = None, o: Overrides = None) -> None:
-    """List queued messages (mailq, postqueue -p / -j)."""
+               domain: DomainFilter = None,
+               postfix_layout: Annotated[bool, Parameter(name=["--plain", "-p"],
+                                                         help="Postfix's layout on a terminal too")] = False,
+               config: ConfigOption = None, o: Overrides = None) -> None:
+    """List queued messages (mailq, postqueue -p / -j): Postfix's layout when piped
+    (and always as mailq), a table on a terminal."""
     cfg = load_config(config, o)
     _require_access(cfg)
     try:
@@ -372,10 +376,10 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
                 out.write(("" if number == 0 else ", ") + json.dumps(message.to_json()))
             out.write("]\n")
             return
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and not postfix_layout:
             _rich_queue(messages)
             return
-        for line in mailq_lines(messages):  # plain when piped, streamed for long queues
+        for line in mailq.mailq_lines(messages):  # Postfix's layout, streamed for long queues
             print(line)
     finally:
         source.close()  # end its read snapshot while the connection is still open
@@ -383,8 +387,9 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
 
 
 def _rich_queue(messages: Iterable[MessageInfo]) -> None:
-    """The mailq view as a terminal table (rich), with the same marks and summary."""
+    """The mailq view as a terminal table (rich), with the same marks, reasons and summary."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -395,19 +400,20 @@ def _rich_queue(messages: Iterable[MessageInfo]) -> None:
     for m in messages:
         count += 1
         total += m.size
-        mark = _STATE_MARK.get(m.state, "")
-        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(m.arrival_time))
-        table.add_row(f"[bold]{m.id}{mark}[/bold]", str(m.size), arrival, m.sender or "MAILER-DAEMON")
-        for r in m.recipients:
-            if r.status in ("pending", "deferred"):
-                reply = f"\n  [dim]({r.last_reply})[/dim]" if r.last_reply else ""
-                table.add_row("", "", "", f"{r.address}{reply}")
+        mark = mailq.STATE_MARK.get(m.state, "")
+        table.add_row(f"[bold]{m.id}{mark}[/bold]", str(m.size), mailq.arrival_time(m.arrival_time),
+                      escape(mailq.printable(m.sender or mailq.EMPTY_SENDER)))
+        for reason, addresses in mailq.recipients_by_reason(m.recipients):
+            if reason:
+                table.add_row("", "", "", f"[dim]({escape(reason)})[/dim]")
+            for address in addresses:
+                table.add_row("", "", "", escape(mailq.printable(address)))
     console = Console()
     if not count:
         console.print("Mail queue is empty")
         return
     console.print(table)
-    console.print(f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.")
+    console.print(mailq.summary(total, count))
 
 
 @queue_app.command(name="summary")
@@ -431,31 +437,6 @@ def queue_summary(*, json_output: Annotated[bool, Parameter(name=["--json"], hel
     finally:
         rows.close()  # end its read snapshot while the connection is still open
         store.close()
-
-
-_STATE_MARK = {"active": "*", "hold": "!"}
-
-
-def mailq_lines(messages: Iterable[MessageInfo]) -> Iterator[str]:
-    """Postfix's mailq layout, line by line (streams a long queue)."""
-    total = count = 0
-    for m in messages:
-        if count == 0:
-            yield "-Queue ID-      --Size-- ----Arrival Time---- -Sender/Recipient-------"
-        count += 1
-        total += m.size
-        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(m.arrival_time))
-        yield f"{m.id + _STATE_MARK.get(m.state, ''):<15} {m.size:>8} {arrival}  {m.sender or 'MAILER-DAEMON'}"
-        for r in m.recipients:
-            if r.status in ("pending", "deferred"):
-                if r.last_reply:
-                    yield f"{'':<46}({r.last_reply})"
-                yield f"{'':<46}{r.address}"
-        yield ""
-    if count == 0:
-        yield "Mail queue is empty"
-        return
-    yield f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}."
 
 
 @queue_app.command(name="show")
@@ -757,7 +738,7 @@ def _sendmail(argv: list[str]) -> None:
 
 
 # Invoked through a link with one of these names, the binary acts as that command.
-PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list"], "newaliases": ["newaliases"]}
+PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list", "--plain"], "newaliases": ["newaliases"]}
 
 
 # Errors an operator fixes, reported on one line; anything else is a bug and keeps its traceback.
