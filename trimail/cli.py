@@ -292,19 +292,26 @@ def show_config(
 
 @app.command(name="check")
 def check_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Validate the configuration and the files it names (postfix check)."""
-    from trimail.check import listeners_in_use, resolver_reachable, warnings
+    """Validate the configuration and the files it names (postfix check); report the
+    addresses serve would listen on, without binding them."""
+    from trimail.check import listeners_in_use, planned_listeners, resolver_reachable, warnings
     from trimail.queue.lock import running_pid
 
     cfg = load_config(config, o)
     problems = warnings(cfg) + resolver_reachable(cfg)
     try:
-        running = running_pid(Path(cfg.queue_directory)) is not None
+        pid = running_pid(Path(cfg.queue_directory))
     except PermissionError:
-        running = True  # cannot tell: do not report serve's own listeners as taken
+        pid = -1  # cannot tell: do not report serve's own listeners as taken
         problems.append(f"{cfg.queue_directory}: {PERMISSION_DENIED}; the queue was not checked")
-    if not running:
-        problems += listeners_in_use(cfg)
+    if pid is None:
+        report, taken = listeners_in_use(cfg)
+        problems += taken
+    else:
+        held = f"serve (pid {pid})" if pid > 0 else "serve, if it runs"
+        report = [f"{parameter}: listens on {address} ({held})" for parameter, address in planned_listeners(cfg)]
+    for line in report:
+        print(f"trimail: {line}")
     errors = 0
     for problem in problems:
         if problem.startswith("error: "):
