@@ -70,7 +70,7 @@ def test_list_filters_and_summary(tmp_path, serve_process):
     assert json.loads(trimail("queue", "list", "--json", "--recipient", "A@one.example", "-c",
                               str(config_path)).stdout)[0]["recipients"][0]["address"] == "a@one.example"
     text = trimail("queue", "list", "-c", str(config_path)).stdout
-    assert f"{held}!" in text and "-- 1 Kbytes in 2 Requests." in text
+    assert f"{held}!" in text and "-- 0 Kbytes in 2 Requests." in text
     summary = trimail("queue", "summary", "-c", str(config_path)).stdout.splitlines()
     assert any(line.split()[:3] == ["incoming", "one.example", "1"] for line in summary)
     assert any(line.split()[:3] == ["hold", "two.example", "1"] for line in summary)
@@ -93,7 +93,7 @@ def test_queue_list_is_a_table_on_a_terminal_and_plain_when_piped(tmp_path):
     assert submitted.returncode == 0
     queue_id = next(iter(listed(config_path)))
     piped = trimail("queue", "list", "-c", str(config_path)).stdout
-    assert piped.startswith("-Queue ID-") and "\x1b[" not in piped
+    assert piped.startswith("----Queue ID----- --Size--") and "\x1b[" not in piped
     command = f"{sys.executable} -m trimail queue list -c {config_path}"
     on_tty = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True,
                             timeout=60).stdout

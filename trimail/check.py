@@ -8,16 +8,25 @@ start with the same error), a queue directory others can read, and with
 ``chroot = yes`` the files serve would need from inside the jail but cannot reach
 there (main.cf and the certificate for reload, lookup tables, resolv.conf).  serve logs the
 same warnings when it starts.
+
+The listening addresses are reported (what serve would bind, free or in use),
+never bound: check reads the host's listening sockets from /proc/net/tcp and
+tcp6 (elsewhere it tries to connect), so it can run beside a live serve, or
+beside the MTA it replaces, without taking a port from either, even for a moment.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import stat
 from pathlib import Path
 
-from trimail.config import Config, ConfigError
+from trimail.config import Config, ConfigError, ListenAddress
 from trimail.maps import compiled_path
 from trimail.policy.registry import restriction_lists
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 TABLE_PARAMETERS = ("alias_maps", "alias_database", "transport_maps", "virtual_alias_maps")
 
@@ -140,25 +149,100 @@ def resolver_reachable(config: Config) -> list[str]:
     return trio.run(probe)
 
 
-def listeners_in_use(config: Config) -> list[str]:
-    """Addresses serve would bind that something else holds (for trimail check while serve is down)."""
-    import socket
+LISTEN_PARAMETERS = ("smtpd_listen", "submission_listen", "smtps_listen", "metrics_listen")
 
-    found = []
-    for parameter in ("smtpd_listen", "submission_listen", "smtps_listen", "metrics_listen"):
-        for address in config.get(parameter):
-            if address.port == 0:
+
+def planned_listeners(config: Config) -> list[tuple[str, ListenAddress]]:
+    """(parameter, address) for every listener serve would open."""
+    return [(parameter, address) for parameter in LISTEN_PARAMETERS for address in config.get(parameter)]
+
+
+def listening_sockets(proc: Path = Path("/proc/net")) -> set[tuple[int, IPAddress, int]] | None:
+    """The TCP sockets in LISTEN state on this host (its network namespace), as
+    (family, address, port), read from /proc/net/tcp and tcp6; None when they
+    cannot be read (not Linux, no /proc)."""
+    found: set[tuple[int, IPAddress, int]] = set()
+    read_any = False
+    for name, family in (("tcp", socket.AF_INET), ("tcp6", socket.AF_INET6)):
+        try:
+            lines = (proc / name).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        read_any = True
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 4 or fields[3] != "0A":  # 0A: TCP_LISTEN
                 continue
-            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                try:
-                    sock.bind((address.host, address.port))
-                except PermissionError:
-                    continue  # a privileged port: serve binds it as root
-                except OSError as exc:
-                    found.append(f"error: {parameter}: cannot listen on {address}: {exc.strerror}")
-    return found
+            address, _, port = fields[1].partition(":")
+            try:
+                raw = bytes.fromhex(address)
+                # the kernel prints each 32-bit word in host byte order (little-endian here)
+                packed = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+                ip = ipaddress.ip_address(packed)
+                found.add((family, ip, int(port, 16)))
+            except ValueError:
+                continue
+    return found if read_any else None
+
+
+def _conflicts(family: int, ip: IPAddress, port: int, taken: set[tuple[int, IPAddress, int]]) -> bool:
+    """Whether a listener on (ip, port) would collide with one of *taken*: same family
+    and port, and the same address or a wildcard on either side (serve's IPv6
+    sockets are IPv6-only, so the families do not meet)."""
+    for other_family, other_ip, other_port in taken:
+        if other_family == family and other_port == port and (
+                other_ip == ip or other_ip.is_unspecified or ip.is_unspecified):
+            return True
+    return False
+
+
+def _addresses(address: ListenAddress) -> list[tuple[int, IPAddress]]:
+    try:
+        return [(socket.AF_INET6 if ":" in address.host else socket.AF_INET, ipaddress.ip_address(address.host))]
+    except ValueError:  # a host name: the addresses it has now
+        try:
+            infos = socket.getaddrinfo(address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except OSError:
+            return []
+        return sorted({(int(family), ipaddress.ip_address(sockaddr[0].partition("%")[0]))
+                       for family, _, _, _, sockaddr in infos}, key=str)
+
+
+def _listening_by_connect(ip: IPAddress, port: int) -> bool:
+    """Without /proc: whether something accepts connections on (ip, port); the
+    wildcard is tried through loopback.  Connecting takes no port from anyone."""
+    target = ip if not ip.is_unspecified else ipaddress.ip_address("::1" if ip.version == 6 else "127.0.0.1")
+    family = socket.AF_INET6 if target.version == 6 else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((str(target), port)) == 0
+
+
+def listeners_in_use(config: Config, proc: Path = Path("/proc/net")) -> tuple[list[str], list[str]]:
+    """(report, problems) for the addresses serve would listen on: one report line
+    per address (what serve would bind, and whether it is free), and an error for
+    each address something else listens on already.  Never binds a socket: the
+    listening sockets are read from /proc/net/tcp{,6} (else a connect is tried), so
+    running check beside a live serve or another MTA disturbs neither."""
+    taken = listening_sockets(proc)
+    report, problems = [], []
+    for parameter, address in planned_listeners(config):
+        if address.port == 0:
+            report.append(f"{parameter}: would listen on {address} (a port the system chooses)")
+            continue
+        resolved = _addresses(address)
+        if not resolved:
+            problems.append(f"error: {parameter}: cannot resolve {address.host}")
+            continue
+        busy = [ip for family, ip in resolved
+                if (_conflicts(family, ip, address.port, taken) if taken is not None
+                    else _listening_by_connect(ip, address.port))]
+        if busy:
+            report.append(f"{parameter}: would listen on {address}: in use")
+            problems.append(f"error: {parameter}: cannot listen on {address}: Address already in use")
+        else:
+            report.append(f"{parameter}: would listen on {address}: free")
+    return report, problems
 
 
 def _ownership(queue: Path, owner: str, allow_root: bool) -> list[str]:

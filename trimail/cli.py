@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, NoReturn
 import trio
 from cyclopts import App, CycloptsError, Parameter
 
-from trimail import __version__, maps
+from trimail import __version__, mailq, maps
 from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import PARAMETERS, Config
@@ -252,43 +252,69 @@ def show_config(
     names: list[str] | None = None,
     *,
     n: Annotated[bool, Parameter(name=["-n"], help="only parameters set explicitly")] = False,
+    d: Annotated[bool, Parameter(name=["-d"], help="the default values, not main.cf's")] = False,
+    h: Annotated[bool, Parameter(name=["-h"], help="values only, without 'name = '")] = False,
+    hide_values: Annotated[bool, Parameter(name=["-H"], help="names only, without ' = value'")] = False,
     x: Annotated[bool, Parameter(name=["-x"], help="expand $name references")] = False,
     sample: Annotated[bool, Parameter(name=["--sample"], help="print an annotated main.cf")] = False,
     config: ConfigOption = None,
     o: Overrides = None,
 ) -> None:
-    """Print effective parameter values (postconf)."""
+    """Print effective parameter values (postconf; -n, -d, -h, -H and -x as postconf's)."""
     if sample:
         print(configuration.sample_main_cf())
         return
-    cfg = load_config(config, o)
-    wanted = names or (cfg.explicit_names() if n else sorted(set(PARAMETERS) | set(cfg.explicit_names())))
+    for first, second in (("-d", "-n"), ("-d", "-o"), ("-h", "-H")):  # postconf's incompatible pairs
+        given = {"-d": d, "-n": n, "-o": bool(o), "-h": h, "-H": hide_values}
+        if given[first] and given[second]:
+            print(f"trimail: fatal: specify one of {first} {second}", file=sys.stderr)
+            raise SystemExit(2)
+    if d:  # postconf -d reads no main.cf: the built-in values, derived ones (myhostname) included
+        cfg = Config({}, "defaults")
+    else:
+        cfg = load_config(config, o)
+    if names:
+        wanted = names
+    elif n:
+        wanted = cfg.explicit_names()
+    else:
+        wanted = sorted(set(PARAMETERS) | set(cfg.explicit_names()))
     unknown = [name for name in wanted if name not in PARAMETERS and not cfg.is_set(name)]
     for name in wanted:
         if name in unknown:
             print(f"trimail: warning: {name}: unknown parameter", file=sys.stderr)
             continue
+        if hide_values:
+            print(name)
+            continue
         value = cfg.expand(name) if x else cfg.raw(name)
-        print(f"{name} = {value}".rstrip())
+        print(value if h else f"{name} = {value}".rstrip())
     if unknown:
         raise SystemExit(2)
 
 
 @app.command(name="check")
 def check_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Validate the configuration and the files it names (postfix check)."""
-    from trimail.check import listeners_in_use, resolver_reachable, warnings
+    """Validate the configuration and the files it names (postfix check); report the
+    addresses serve would listen on, without binding them."""
+    from trimail.check import listeners_in_use, planned_listeners, resolver_reachable, warnings
     from trimail.queue.lock import running_pid
 
     cfg = load_config(config, o)
     problems = warnings(cfg) + resolver_reachable(cfg)
     try:
-        running = running_pid(Path(cfg.queue_directory)) is not None
+        pid = running_pid(Path(cfg.queue_directory))
     except PermissionError:
-        running = True  # cannot tell: do not report serve's own listeners as taken
+        pid = -1  # cannot tell: do not report serve's own listeners as taken
         problems.append(f"{cfg.queue_directory}: {PERMISSION_DENIED}; the queue was not checked")
-    if not running:
-        problems += listeners_in_use(cfg)
+    if pid is None:
+        report, taken = listeners_in_use(cfg)
+        problems += taken
+    else:
+        held = f"serve (pid {pid})" if pid > 0 else "serve, if it runs"
+        report = [f"{parameter}: listens on {address} ({held})" for parameter, address in planned_listeners(cfg)]
+    for line in report:
+        print(f"trimail: {line}")
     errors = 0
     for problem in problems:
         if problem.startswith("error: "):
@@ -335,8 +361,12 @@ DomainFilter = Annotated[str | None, Parameter(name=["--domain"], help="only mes
 @queue_app.command(name="list")
 def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="one JSON array")] = False,
                state: StateFilter = None, sender: SenderFilter = None, recipient: RecipientFilter = None,
-               domain: DomainFilter = None, config: ConfigOption = None, o: Overrides = None) -> None:
-    """List queued messages (mailq, postqueue -p / -j)."""
+               domain: DomainFilter = None,
+               postfix_layout: Annotated[bool, Parameter(name=["--plain", "-p"],
+                                                         help="Postfix's layout on a terminal too")] = False,
+               config: ConfigOption = None, o: Overrides = None) -> None:
+    """List queued messages (mailq, postqueue -p / -j): Postfix's layout when piped
+    (and always as mailq), a table on a terminal."""
     cfg = load_config(config, o)
     _require_access(cfg)
     try:
@@ -356,10 +386,10 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
                 out.write(("" if number == 0 else ", ") + json.dumps(message.to_json()))
             out.write("]\n")
             return
-        if sys.stdout.isatty():
+        if sys.stdout.isatty() and not postfix_layout:
             _rich_queue(messages)
             return
-        for line in mailq_lines(messages):  # plain when piped, streamed for long queues
+        for line in mailq.mailq_lines(messages):  # Postfix's layout, streamed for long queues
             print(line)
     finally:
         source.close()  # end its read snapshot while the connection is still open
@@ -367,8 +397,9 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
 
 
 def _rich_queue(messages: Iterable[MessageInfo]) -> None:
-    """The mailq view as a terminal table (rich), with the same marks and summary."""
+    """The mailq view as a terminal table (rich), with the same marks, reasons and summary."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -379,19 +410,20 @@ def _rich_queue(messages: Iterable[MessageInfo]) -> None:
     for m in messages:
         count += 1
         total += m.size
-        mark = _STATE_MARK.get(m.state, "")
-        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(m.arrival_time))
-        table.add_row(f"[bold]{m.id}{mark}[/bold]", str(m.size), arrival, m.sender or "MAILER-DAEMON")
-        for r in m.recipients:
-            if r.status in ("pending", "deferred"):
-                reply = f"\n  [dim]({r.last_reply})[/dim]" if r.last_reply else ""
-                table.add_row("", "", "", f"{r.address}{reply}")
+        mark = mailq.STATE_MARK.get(m.state, "")
+        table.add_row(f"[bold]{m.id}{mark}[/bold]", str(m.size), mailq.arrival_time(m.arrival_time),
+                      escape(mailq.printable(m.sender or mailq.EMPTY_SENDER)))
+        for reason, addresses in mailq.recipients_by_reason(m.recipients):
+            if reason:
+                table.add_row("", "", "", f"[dim]({escape(reason)})[/dim]")
+            for address in addresses:
+                table.add_row("", "", "", escape(mailq.printable(address)))
     console = Console()
     if not count:
         console.print("Mail queue is empty")
         return
     console.print(table)
-    console.print(f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}.")
+    console.print(mailq.summary(total, count))
 
 
 @queue_app.command(name="summary")
@@ -415,31 +447,6 @@ def queue_summary(*, json_output: Annotated[bool, Parameter(name=["--json"], hel
     finally:
         rows.close()  # end its read snapshot while the connection is still open
         store.close()
-
-
-_STATE_MARK = {"active": "*", "hold": "!"}
-
-
-def mailq_lines(messages: Iterable[MessageInfo]) -> Iterator[str]:
-    """Postfix's mailq layout, line by line (streams a long queue)."""
-    total = count = 0
-    for m in messages:
-        if count == 0:
-            yield "-Queue ID-      --Size-- ----Arrival Time---- -Sender/Recipient-------"
-        count += 1
-        total += m.size
-        arrival = time.strftime("%a %b %d %H:%M:%S", time.localtime(m.arrival_time))
-        yield f"{m.id + _STATE_MARK.get(m.state, ''):<15} {m.size:>8} {arrival}  {m.sender or 'MAILER-DAEMON'}"
-        for r in m.recipients:
-            if r.status in ("pending", "deferred"):
-                if r.last_reply:
-                    yield f"{'':<46}({r.last_reply})"
-                yield f"{'':<46}{r.address}"
-        yield ""
-    if count == 0:
-        yield "Mail queue is empty"
-        return
-    yield f"-- {(total + 1023) // 1024} Kbytes in {count} Request{'s' if count != 1 else ''}."
 
 
 @queue_app.command(name="show")
@@ -594,18 +601,37 @@ def queue_backup(file: str, *, config: ConfigOption = None, o: Overrides = None)
 # -- tables ----------------------------------------------------------------------
 
 
+def _query_or_dump(ref: str, key: str | None, dump: bool, separator: str) -> bool:
+    """``-q KEY`` (print the value; False when not found) or ``-s`` (print every
+    entry, ``key<separator>value``), as postmap(1)/postalias(1) do; True when done."""
+    if key is not None and dump:
+        raise Failure("specify only one of -q or -s")
+    if key is not None:
+        value = open_table(ref).lookup(key)
+        if value is None:
+            raise SystemExit(1)  # not found: postmap's status 1, nothing printed
+        print(value)
+        return True
+    if dump:
+        for name, value in open_table(ref).entries():
+            print(f"{name}{separator}{value}")
+        return True
+    return False
+
+
+QueryOption = Annotated[str | None, Parameter(name=["-q"], help="look up KEY and print its value")]
+DumpFlag = Annotated[bool, Parameter(name=["-s"], help="print every key and value")]
+
+
 @app.command(name="postmap")
-def postmap_command(table: str, *, q: Annotated[str | None, Parameter(name=["-q"], help="look up KEY")] = None,
+def postmap_command(table: str, *, q: QueryOption = None, s: DumpFlag = False,
                     config: ConfigOption = None, o: Overrides = None) -> None:
-    """Compile a lookup table source into its indexed database, or query it (postmap)."""
+    """Compile a lookup table source into its indexed database, query it (-q) or
+    list it (-s), as postmap does."""
     load_config(config, o)
     ref = table if ":" in table else f"hash:{table}"
     try:
-        if q is not None:
-            value = open_table(ref).lookup(q)
-            if value is None:
-                raise SystemExit(1)
-            print(value)
+        if _query_or_dump(ref, q, s, "\t"):
             return
         kind, _, name = ref.partition(":")
         if kind not in ("hash", "btree"):
@@ -675,10 +701,21 @@ def _postalias(path: Path) -> None:
 
 
 @app.command(name="postalias")
-def postalias_command(file: str, *, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Compile an aliases(5) file into its indexed database (postalias)."""
+def postalias_command(file: str, *, q: QueryOption = None, s: DumpFlag = False,
+                      config: ConfigOption = None, o: Overrides = None) -> None:
+    """Compile an aliases(5) file into its indexed database, query it (-q) or list
+    it (-s, ``name:<TAB>value``), as postalias does."""
     load_config(config, o)
-    _postalias(Path(file.partition(":")[2] if file.startswith(("hash:", "btree:")) else file))
+    ref = file if ":" in file else f"hash:{file}"
+    try:
+        if _query_or_dump(ref, q, s, ":\t"):
+            return
+    except TableError as exc:
+        raise Failure(str(exc)) from None
+    kind, _, name = ref.partition(":")
+    if kind not in ("hash", "btree"):
+        raise Failure(f"{ref}: only hash: and btree: alias databases are compiled")
+    _postalias(Path(name))
 
 
 @app.command(name="newaliases")
@@ -711,7 +748,7 @@ def _sendmail(argv: list[str]) -> None:
 
 
 # Invoked through a link with one of these names, the binary acts as that command.
-PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list"], "newaliases": ["newaliases"]}
+PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list", "--plain"], "newaliases": ["newaliases"]}
 
 
 # Errors an operator fixes, reported on one line; anything else is a bug and keeps its traceback.

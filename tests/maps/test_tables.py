@@ -28,7 +28,7 @@ def test_texthash_reads_source_and_notices_changes(tmp_path, monkeypatch):
     source.write_text("# comment\nExample.COM  smtp:[mx]:2525\nlong.example relay:\n  [gw]:25\n")
     table = open_table(f"texthash:{source}")
     assert table.lookup("example.com") == "smtp:[mx]:2525"
-    assert table.lookup("long.example") == "relay: [gw]:25"
+    assert table.lookup("long.example") == "relay:  [gw]:25"  # a continuation line is joined verbatim (postmap)
     source.write_text("example.com discard:\n")
     os.utime(source, ns=(1, 10**18))
     assert table.lookup("example.com") == "discard:"

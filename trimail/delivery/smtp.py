@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 
 import trio
@@ -53,6 +54,17 @@ from trimail.smtp.replies import Reply
 log = logging.getLogger("trimail.smtp")
 
 CHUNK = 64 * 1024
+
+
+def connect_error(exc: OSError) -> str:
+    """A failed connect's errno text as Postfix writes it (``Connection refused``):
+    trio's open_tcp_stream raises one OSError ("all attempts to connect ... failed")
+    whose cause holds each attempt's error."""
+    attempts = getattr(exc.__cause__, "exceptions", None) or [exc]
+    for attempt in attempts:
+        if isinstance(attempt, OSError) and attempt.errno:
+            return os.strerror(attempt.errno)
+    return exc.strerror or str(exc)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -380,7 +392,7 @@ class Connector:
         except trio.TooSlowError:
             return None, deferred("4.4.1", f"connect to {relay}: Connection timed out")
         except OSError as exc:
-            return None, deferred("4.4.1", f"connect to {relay}: {exc.strerror or exc}")
+            return None, deferred("4.4.1", f"connect to {relay}: {connect_error(exc)}")
         conn = Connection(stream, host, address, port, self.timeouts)
         conn.mime_conversion = self.mime_conversion
         try:

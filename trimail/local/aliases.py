@@ -93,7 +93,20 @@ def _split_alias(path: Path, number: int, text: str) -> tuple[str, str, int]:
     name = m.group(1)
     if name.startswith('"'):
         name = name[1:-1].replace('\\"', '"')
-    return name.lower(), m.group(2).strip(), number
+    return name.lower(), _normalized(m.group(2)), number
+
+
+_QUOTED = re.compile(r'("(?:[^"\\]|\\.)*"?)')
+
+
+def _normalized(value: str) -> str:
+    """The value as postalias(1) stores it (its RFC 822 tokens written out again):
+    white space outside quotes collapsed to one space, none before a comma and one
+    after it; quoted strings kept as they are (``"|cmd  arg"``)."""
+    parts = _QUOTED.split(value.strip())
+    for i in range(0, len(parts), 2):  # the even parts are outside quotes
+        parts[i] = re.sub(r"\s*,\s*", ", ", re.sub(r"\s+", " ", parts[i]))
+    return "".join(parts).strip()
 
 
 def postalias(source: Path) -> tuple[int, list[str]]:

@@ -49,7 +49,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -91,11 +91,16 @@ class Table:
         """Whether the next lookup may wait on a disk or a name service."""
         return False
 
+    def entries(self) -> Iterator[tuple[str, str]]:
+        """Every (key, value) of the table (``postmap -s``); tables that cannot list
+        their entries (patterns, static:, unix:) say so, in Postfix's words."""
+        raise TableError(f"table {self.ref}: sequence operation is not supported")
+
 
 class InlineTable(Table):
     def __init__(self, ref: str, body: str) -> None:
         self.ref = ref
-        self.entries: dict[str, str] = {}
+        self.pairs: dict[str, str] = {}
         text = body.strip()
         if not (text.startswith("{") and text.endswith("}")):
             raise TableError(f"{ref}: use inline:{{ key=value, ... }}")
@@ -103,10 +108,13 @@ class InlineTable(Table):
             key, sep, value = _unbrace(item).partition("=")
             if not sep or not key.strip():
                 raise TableError(f"{ref}: bad entry {item!r} (use key=value)")
-            self.entries.setdefault(key.strip().lower(), _unbrace(value.strip()))
+            self.pairs.setdefault(key.strip().lower(), _unbrace(value.strip()))
 
     def lookup(self, key: str) -> str | None:
-        return self.entries.get(key.lower())
+        return self.pairs.get(key.lower())
+
+    def entries(self) -> Iterator[tuple[str, str]]:
+        return iter(list(self.pairs.items()))
 
 
 class StaticTable(Table):
@@ -208,6 +216,9 @@ class TextHashTable(_FileTable[dict[str, str]]):
     def _get(self, data: dict[str, str], key: str) -> str | None:
         return data.get(key)
 
+    def entries(self) -> Iterator[tuple[str, str]]:
+        return iter(list(self._current().items()))
+
 
 class HashTable(_FileTable[apsw.Connection]):
     """A compiled table: ``path.db`` (SQLite, one indexed key column), read through
@@ -252,6 +263,21 @@ class HashTable(_FileTable[apsw.Connection]):
         finally:
             self._query.release()
         return None if row is None else str(row[0])
+
+    def entries(self) -> Iterator[tuple[str, str]]:
+        """In key order, streamed (a dump holds the query lock until it ends)."""
+        self._current()
+        if not self._query.acquire(timeout=LOCK_WAIT):
+            raise TableError(f"{self.ref}: {compiled_path(self.path)} does not answer")
+        try:
+            db = self._data
+            assert db is not None
+            for key, value in db.execute("SELECT key, value FROM map ORDER BY key"):
+                yield str(key), str(value)
+        except apsw.Error as exc:
+            raise TableError(f"{self.ref}: cannot read {compiled_path(self.path)}: {exc}") from None
+        finally:
+            self._query.release()
 
 
 class CidrTable(_FileTable[CidrRules]):

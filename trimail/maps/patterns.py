@@ -26,8 +26,7 @@ def parse_cidr(path: Path) -> CidrRules:
     """``network/prefix result`` lines, in file order."""
     rules: CidrRules = []
     for number, line in logical_lines(path):
-        spec, _, result = line.partition(" ")
-        spec = spec.strip()
+        spec, _, result = line.replace("\t", " ").partition(" ")  # "network<TAB>result" too
         if spec.startswith("!"):
             raise TableError(f"{path}:{number}: negated cidr patterns are not supported")
         try:

@@ -37,7 +37,10 @@ def compiled_path(source: Path) -> Path:
 
 def logical_lines(path: Path) -> Iterator[tuple[int, str]]:
     """A table source file's entries as (first line number, text): comment and blank
-    lines dropped, lines starting with white space joined to the entry before."""
+    lines dropped, lines starting with white space appended to the entry before as
+    they are (only the newline goes: ``go away`` and ``  (continued)`` make ``go away
+    (continued)`` with both spaces, as Postfix's readllines joins them), trailing
+    white space removed."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -52,13 +55,13 @@ def logical_lines(path: Path) -> Iterator[tuple[int, str]]:
         if line[0].isspace():
             if entry is None:
                 raise TableError(f"{path}:{number}: continuation line without an entry before it")
-            entry = (entry[0], entry[1] + " " + stripped)
+            entry = (entry[0], entry[1] + line)  # verbatim, white space and all, as Postfix's readllines
             continue
         if entry is not None:
-            yield entry
-        entry = (number, stripped)
+            yield entry[0], entry[1].rstrip()
+        entry = (number, line)
     if entry is not None:
-        yield entry
+        yield entry[0], entry[1].rstrip()
 
 
 def parse_source(path: Path) -> Iterator[tuple[str, str, int]]:
