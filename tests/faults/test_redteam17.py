@@ -1,0 +1,155 @@
+"""Red team of the fork server and the client board (issue 16 follow-up, issue 17):
+a real ``trimail serve`` with smtpd workers, its fork server (trimail.processes.forkserver)
+stopped, killed or slow, and its client board (trimail.processes.clients) across
+worker deaths and reloads.
+
+Every test binds only loopback addresses in 127.0.45.0/24.  A test marked
+``xfail(strict=True)`` shows a bug that is still there: it passes once it is fixed
+(and then strict xfail fails the run, so the mark is removed with the fix).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import trimail_cmd, wait_until
+
+HOST = "127.0.45.1"
+
+
+def _status(config_path: Path) -> dict:
+    result = trimail_cmd("status", "--json", "-c", str(config_path), timeout=30)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout)
+
+
+def _running(facts: dict, role: str | None = None) -> list[int]:
+    return [w["pid"] for w in facts["workers"]
+            if w.get("state") == "running" and (role is None or w["role"] == role)]
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of *pid*, None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(") ", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _live_children(pid: int) -> list[int]:
+    return [child for child in _children(pid) if (_stat(child) or ("Z", 0))[0] != "Z"]
+
+
+def _greeting(port: int, host: str = HOST) -> bytes:
+    with socket.create_connection((host, port), timeout=10) as conn:
+        data = b""
+        while b"\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        return data
+
+
+def _command(conn: socket.socket, line: bytes) -> bytes:
+    conn.sendall(line + b"\r\n")
+    data = b""
+    while not data.endswith(b"\r\n") or data.split(b"\r\n")[-2][3:4] == b"-":
+        chunk = conn.recv(4096)
+        assert chunk, data
+        data += chunk
+    return data.split(b"\r\n")[-2]
+
+
+def _serving(d) -> None:
+    assert d.alive, "serve exited:\n" + "\n".join(d.proc.log[-30:])
+    assert _greeting(d.port).startswith(b"220 ")
+
+
+# -- the fork server -----------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="redteam17: a killed fork server stays a zombie of the master until serve "
+                                       "exits (ForkServer.reap only runs at the end of serve_processes)")
+def test_a_killed_fork_server_is_reaped(daemon):
+    d = daemon(smtpd_workers=1, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0")
+    server = _status(d.config_path)["fork_server"]
+    os.kill(server, signal.SIGKILL)
+    d.proc.wait_log(rf"fork server pid {server} exited")
+    wait_until(lambda: len(_running(_status(d.config_path), "smtpd")) == 1, timeout=30)
+    try:
+        wait_until(lambda: _stat(server) is None, timeout=10)
+    finally:
+        _serving(d)
+
+
+@pytest.mark.xfail(strict=True, reason="redteam17: the exit of a forked worker is known only from the fork "
+                                       "server's report (ForkedProcess.wait, Slot's Worker.wait): while the fork "
+                                       "server is stopped a dead worker is never noticed nor replaced")
+def test_a_dead_worker_is_replaced_while_the_fork_server_is_stopped(daemon):
+    """The fork server is stopped (SIGSTOP: a debugger, a frozen cgroup, heavy swap)
+    and the only smtpd worker dies: the master must notice (the worker's pidfd is
+    readable once it exits, whoever its parent is) and start a new one, with a new
+    interpreter if the fork server does not answer."""
+    d = daemon(smtpd_workers=1, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0")
+    facts = _status(d.config_path)
+    server, (worker,) = facts["fork_server"], _running(facts, "smtpd")
+    os.kill(server, signal.SIGSTOP)
+    try:
+        os.kill(worker, signal.SIGKILL)
+        d.proc.wait_log(rf"pid {worker} killed by signal 9", timeout=15)
+    finally:
+        os.kill(server, signal.SIGCONT)
+    wait_until(lambda: len([p for p in _running(_status(d.config_path), "smtpd") if p != worker]) == 1,
+               timeout=30, interval=0.5)
+    _serving(d)
+
+
+@pytest.mark.xfail(strict=True, reason="redteam17: a request the fork server answers after REPLY_TIMEOUT still "
+                                       "forks a worker; the master has started its own (new interpreter) on the "
+                                       "same channel, slot and listeners, and never stops the extra one")
+def test_a_late_fork_starts_no_second_worker(daemon):
+    """The fork server is stopped while a reload starts the new generation: after
+    REPLY_TIMEOUT the master starts the worker with a new interpreter; when the fork
+    server runs again it must not fork the same worker a second time (an smtpd
+    worker nobody supervises, sharing the first one's channel, session-board slot
+    and client table, accepting on the same listeners)."""
+    d = daemon(smtpd_workers=1, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0")
+    facts = _status(d.config_path)
+    server = facts["fork_server"]
+    os.kill(server, signal.SIGSTOP)
+    try:
+        os.kill(d.proc.proc.pid, signal.SIGHUP)  # the master asks the stopped fork server, waits 10 s
+        d.proc.wait_log(r"reload -- version", timeout=40)
+    finally:
+        os.kill(server, signal.SIGCONT)
+    # once the fork server has read the request nobody waits for any more, it forks (or not) at once
+    deadline = time.monotonic() + 5
+    extra: list[int] = []
+    while time.monotonic() < deadline:
+        supervised = set(_running(_status(d.config_path))) | {w["pid"] for w in _status(d.config_path)["workers"]}
+        extra = [pid for pid in _live_children(server) if pid not in supervised]
+        if extra:
+            break
+        time.sleep(0.2)
+    _serving(d)
+    assert not extra, f"workers forked by the fork server that the master does not supervise: {extra}"
