@@ -59,6 +59,13 @@ def _live_children(pid: int) -> list[int]:
     return [child for child in _children(pid) if (_stat(child) or ("Z", 0))[0] != "Z"]
 
 
+def _sockets(pid: int) -> int:
+    try:
+        return sum(os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:") for fd in os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
 def _greeting(port: int, host: str = HOST) -> bytes:
     with socket.create_connection((host, port), timeout=10) as conn:
         data = b""
@@ -152,7 +159,8 @@ def test_a_late_fork_starts_no_second_worker(daemon):
             break
         time.sleep(0.2)
     _serving(d)
-    assert not extra, f"workers forked by the fork server that the master does not supervise: {extra}"
+    assert not extra, (f"workers forked by the fork server that the master does not supervise: {extra}, "
+                       f"holding {[_sockets(pid) for pid in extra]} sockets; status: {_status(d.config_path)}")
 
 
 @pytest.mark.xfail(strict=True, reason="redteam17: stop waits for the fork server's exit reports "
