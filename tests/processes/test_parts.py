@@ -164,8 +164,10 @@ def test_client_sessions_are_summed_over_workers_and_a_dead_workers_are_cleared(
     assert two.sessions("192.0.2.2") == 1 and two.sessions("192.0.2.3") == 0
     one.add("192.0.2.1", -1)
     assert two.sessions("192.0.2.1") == 2
-    master.clear(1)  # the second worker died, its sessions with it
+    two.auth_failed("192.0.2.1", 600)
+    master.clear(1)  # the second worker died, its sessions with it; its AUTH failures stay
     assert one.sessions("192.0.2.1") == 0 and one.sessions("192.0.2.2") == 1
+    assert one.auth_failures("192.0.2.1", 600) == 1
 
 
 def test_client_rate_counts_every_workers_window_until_it_expires() -> None:

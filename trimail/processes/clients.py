@@ -5,9 +5,10 @@ one anvil(8) server makes them hold for all its smtpd processes.
 
 Shared memory (a memfd the master creates and every smtpd worker inherits), laid
 out like the session board (trimail.processes.board): each worker writes only its
-own table, in the slot the master gave it, and reads everyone's; so no lock is
-needed, and a worker that dies takes nothing with it: the master clears its
-table (its sessions died with it).  A count read while another worker writes may
+own table, in the slot the master gave it, and reads every table ever used; so
+no lock is needed.  When a worker is gone the master sets its sessions to 0
+(they died with it) and keeps its windows, which the next worker in the slot
+takes over.  A count read while another worker writes may
 be one update behind, as good as a count taken a moment earlier.
 
 A table entry is one client address: a keyed hash of it (the key is random per
@@ -73,10 +74,14 @@ class ClientBoard:
         return board
 
     def clear(self, slot: int) -> None:
-        """The worker in *slot* is gone, and its sessions with it (the master)."""
-        self.memory[_KEY + slot] = 0
-        start = _HEADER + slot * _TABLE
-        self.memory[start:start + _TABLE] = bytes(_TABLE)
+        """The worker in *slot* is gone, and its sessions with it (the master).  Its
+        rate and AUTH failure windows stay and go on counting (a reload or a
+        restart must not forgive a password guesser); the next worker in the slot
+        takes the table over."""
+        for start in range(_HEADER + slot * _TABLE, _HEADER + (slot + 1) * _TABLE, _ENTRY.size):
+            key, sessions, *rest = _ENTRY.unpack_from(self.memory, start)
+            if key and sessions:
+                _ENTRY.pack_into(self.memory, start, key, 0, *rest)
 
     # -- a worker's side ---------------------------------------------------------
 

@@ -46,15 +46,25 @@ log = logging.getLogger("trimail.master")
 MESSAGE_LIMIT = 1 << 20  # bytes of one request: a spec names its listeners, at most a few hundred
 DESCRIPTOR_LIMIT = 253  # SCM_RIGHTS' own limit per message (SCM_MAX_FD)
 REPLY_TIMEOUT = 10.0  # seconds for the fork server to answer a request
+REPORT_WAIT = 2.0  # seconds for the fork server to report the status of a worker that has exited
+UNKNOWN_STATUS = 256  # a worker's status that the fork server never reported
 
 
 class ForkedProcess:
-    """A worker forked by the fork server: what the master uses of ``subprocess.Popen``."""
+    """A worker forked by the fork server: what the master uses of ``subprocess.Popen``.
+    Its exit status comes from the fork server (its parent); that it exited, also
+    from a pidfd taken when its pid was reported, so a fork server that stopped
+    answering (SIGSTOP) cannot hide a worker's death."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self.exited = trio.Event()
+        self._orphaned = False
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except OSError:  # exited and reaped already: its report is on its way
+            self._pidfd = None
 
     def poll(self) -> int | None:
         return self.returncode
@@ -62,7 +72,19 @@ class ForkedProcess:
     def ended(self, code: int) -> None:
         if self.returncode is None:
             self.returncode = code
+        if self._pidfd is not None:
+            trio.lowlevel.notify_closing(self._pidfd)  # a task waiting on it wakes up
+            os.close(self._pidfd)
+            self._pidfd = None
         self.exited.set()
+
+    async def until_exited(self) -> None:
+        """Until it has exited, reaped or not."""
+        if self._pidfd is not None:
+            try:
+                await trio.lowlevel.wait_readable(self._pidfd)
+            except trio.ClosedResourceError:  # its report came meanwhile
+                pass
 
     def send_signal(self, signum: int) -> None:
         if self.returncode is None:
@@ -77,7 +99,25 @@ class ForkedProcess:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
+    def orphan(self) -> None:
+        """Its fork server died: it dies too (``PR_SET_PDEATHSIG``), and no status
+        will come."""
+        self._orphaned = True
+        if self._pidfd is None:  # reaped already: gone
+            self.ended(-signal.SIGKILL)
+
     async def wait(self) -> int:
+        """Until it has exited; its status (the one task that waits on its pidfd)."""
+        if self.returncode is None and self._pidfd is not None:
+            await self.until_exited()  # it has exited (a zombie until the fork server reaps it)
+            if not self._orphaned:
+                with trio.move_on_after(REPORT_WAIT):
+                    await self.exited.wait()
+            if self.returncode is None and self._orphaned:
+                self.ended(-signal.SIGKILL)
+            elif self.returncode is None:  # the fork server does not say how it ended (stopped, stuck)
+                log.warning("worker pid %d exited and the fork server did not say how", self.pid)
+                self.ended(UNKNOWN_STATUS)
         await self.exited.wait()
         assert self.returncode is not None
         return self.returncode
@@ -97,6 +137,7 @@ class ForkServer:
         self._answered = trio.Event()
         self._children: dict[int, ForkedProcess] = {}
         self._closing = False
+        self._finished = trio.Event()
 
     @classmethod
     def start(cls) -> ForkServer | None:
@@ -148,6 +189,10 @@ class ForkServer:
         if answer is None or answer.get("id") != self._requests or "pid" not in answer:
             if answer is not None and "error" in answer:
                 log.warning("fork server could not start a worker: %s", answer["error"])
+            elif self.alive:
+                log.warning("fork server pid %d did not answer: workers are started with a new interpreter "
+                            "from now on", self.pid)
+                self.alive = False
             return None
         return answer["process"]  # (its exit may have been reported already)
 
@@ -180,14 +225,13 @@ class ForkServer:
             if not self._closing:
                 log.warning("fork server pid %d exited: workers are started with a new interpreter from now on",
                             self.pid)
+            for process in self._children.values():
+                process.orphan()  # each one's own wait() sees it exit
+            self._children = {}
             with trio.CancelScope(shield=True):
-                await self._orphaned()
-
-    async def _orphaned(self) -> None:
-        children, self._children = self._children, {}
-        async with trio.open_nursery() as waiting:
-            for process in children.values():
-                waiting.start_soon(_until_gone, process)
+                await until_exited(self.pid)
+                self.reap()  # no zombie left behind
+            self._finished.set()
 
     def close(self) -> None:
         """No more workers: the fork server exits once the ones it started have
@@ -198,11 +242,26 @@ class ForkServer:
         except OSError:  # gone already
             pass
 
+    async def shut(self) -> None:
+        """``close``, then until ``run`` has returned; a fork server that does not
+        exit within ``REPLY_TIMEOUT`` (stopped, stuck) is killed: every worker has
+        gone by now."""
+        self.close()
+        with trio.move_on_after(REPLY_TIMEOUT):
+            await self._finished.wait()
+        if not self._finished.is_set():
+            log.warning("fork server pid %d did not exit: killed", self.pid)
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await self._finished.wait()
+
     def reap(self) -> None:
         """Its exit status, once it has gone (it is the master's child)."""
         try:
             os.waitpid(self.pid, 0)
-        except ChildProcessError:
+        except ChildProcessError:  # reaped already
             pass
 
 
@@ -217,11 +276,6 @@ async def until_exited(pid: int) -> None:
         await trio.lowlevel.wait_readable(pidfd)
     finally:
         os.close(pidfd)
-
-
-async def _until_gone(process: ForkedProcess) -> None:
-    await until_exited(process.pid)
-    process.ended(-signal.SIGKILL)
 
 
 # -- the fork server process ---------------------------------------------------------

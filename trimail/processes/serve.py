@@ -53,8 +53,9 @@ async def serve_processes(config: Config, fork_server: ForkServer | None = None,
                 finally:
                     master._send_trigger.close()
                     master._receive_trigger.close()
-                    if fork_server is not None:
-                        fork_server.close()  # every worker has exited: it exits too, and run() returns
+                    if fork_server is not None:  # every worker has exited: it exits too, and run() returns
+                        with trio.CancelScope(shield=True):
+                            await fork_server.shut()
             log.info("terminating on stop request")
     finally:
         if fork_server is not None:

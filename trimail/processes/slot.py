@@ -18,7 +18,7 @@ import trio
 
 from trimail.errors import TrimailError
 from trimail.processes.channel import Channel, ChannelClosed
-from trimail.processes.forkserver import ForkedProcess, until_exited
+from trimail.processes.forkserver import UNKNOWN_STATUS, ForkedProcess, until_exited
 
 REQUEST_TIMEOUT = 10.0  # seconds for a worker to answer the master
 
@@ -30,6 +30,8 @@ class WorkerStartError(TrimailError):
 def exit_text(returncode: int | None) -> str:
     if returncode is not None and returncode < 0:
         return f"killed by signal {-returncode}"
+    if returncode == UNKNOWN_STATUS:
+        return "exit status unknown"
     return f"exit status {returncode}"
 
 

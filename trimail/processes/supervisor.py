@@ -136,25 +136,36 @@ class Master:
         return spec, fds
 
     async def _spawn(self, slot: Slot) -> Worker:
-        """Forked by the fork server, or else with a new interpreter."""
+        """Forked by the fork server, or else with a new interpreter.  Each try has a
+        channel of its own: a fork that comes after its request gave up finds its
+        channel closed and exits, never sharing the next worker's."""
+        if self.fork_server is not None and self.fork_server.alive:
+            worker = await self._start(slot, forked=True)
+            if worker is not None:
+                return worker
+        worker = await self._start(slot, forked=False)
+        assert worker is not None
+        return worker
+
+    async def _start(self, slot: Slot, forked: bool) -> Worker | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        process: subprocess.Popen[bytes] | ForkedProcess | None = None
         try:
             spec, fds = self._spec(slot, theirs.fileno())
-            process: subprocess.Popen[bytes] | ForkedProcess | None = None
-            if self.fork_server is not None:
+            if forked:
+                assert self.fork_server is not None
                 process = await self.fork_server.spawn(spec, fds)
-            if process is None:
+            else:
                 # started from this (the main) thread, not trio's thread pool: the worker's
                 # PR_SET_PDEATHSIG fires when the thread that started it exits
                 process = subprocess.Popen(  # noqa: ASYNC220 - must be this thread (above); it returns at once
                     [sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
                     pass_fds=fds, stdin=subprocess.DEVNULL)
-        except BaseException:
-            ours.close()
-            raise
         finally:
             theirs.close()
-        return Worker(slot, process, Channel(ours))
+            if process is None:
+                ours.close()
+        return None if process is None else Worker(slot, process, Channel(ours))
 
     async def _ready(self, worker: Worker) -> bool:
         try:
