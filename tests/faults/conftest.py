@@ -65,14 +65,23 @@ def process_tree(pid: int) -> list[int]:
     return found
 
 
-def smtpd_pids(daemon: Daemon) -> list[int]:
-    """The processes that accept SMTP connections: the smtpd workers (from
-    ``trimail status --json``), or serve itself when it runs as one process."""
+def serve_status(queue_directory: Path) -> dict:
+    """serve's own facts through its control socket: what ``trimail status --json``
+    prints besides the queue counts, without an interpreter for the CLI each time
+    (for tests that poll it; the CLI's own output is tested where it is the point)."""
     import json
 
-    result = trimail_cmd("status", "--json", "-c", str(daemon.config_path), timeout=30)
-    assert result.returncode == 0, result.stderr
-    workers = json.loads(result.stdout).get("workers")
+    from trimail.net.control import send_command
+
+    answer = send_command(Path(queue_directory), "status", timeout=30)
+    assert answer is not None, f"no serve answers on {queue_directory}"
+    return json.loads(answer)
+
+
+def smtpd_pids(daemon: Daemon) -> list[int]:
+    """The processes that accept SMTP connections: the smtpd workers (from serve's
+    status), or serve itself when it runs as one process."""
+    workers = serve_status(daemon.queue_directory).get("workers")
     if workers is None:
         return [daemon.proc.proc.pid]
     return [worker["pid"] for worker in workers if worker["role"] == "smtpd" and worker.get("state") == "running"]

@@ -7,7 +7,6 @@ graceful stop: the fork server must not take its workers down with it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -17,15 +16,15 @@ from pathlib import Path
 import apsw
 
 from tests.conftest import write_main_cf
-from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
+from tests.faults.conftest import (
+    assert_serving,
+    integrity_ok,
+    send,
+    serve_status,
+    wait_until,
+)
 
 HOST = "127.0.31.1"
-
-
-def _status(config_path: Path) -> dict:
-    result = trimail_cmd("status", "--json", "-c", str(config_path), timeout=30)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)
 
 
 def _running(facts: dict) -> list[int]:
@@ -59,7 +58,7 @@ def _queued(queue_directory: Path) -> int:
 
 def test_workers_are_forked_by_the_fork_server(daemon):
     d = daemon(smtpd_workers=2)
-    facts = _status(d.config_path)
+    facts = serve_status(d.queue_directory)
     server = facts["fork_server"]
     assert isinstance(server, int) and _parent(server) == d.proc.proc.pid
     workers = _running(facts)
@@ -74,17 +73,17 @@ def test_workers_are_forked_by_the_fork_server(daemon):
 def test_a_killed_fork_server_takes_its_workers_and_serve_goes_on(daemon):
     d = daemon(smtpd_workers=2, master_service_disable="qmgr")
     send(d.port, ["before@example.com"])
-    facts = _status(d.config_path)
+    facts = serve_status(d.queue_directory)
     server, old = facts["fork_server"], set(_running(facts))
     os.kill(server, signal.SIGKILL)
     d.proc.wait_log(rf"fork server pid {server} exited")
 
     def replaced() -> bool:
-        now = _status(d.config_path)
+        now = serve_status(d.queue_directory)
         return len(_running(now)) == 2 and not old & set(_running(now))
 
     wait_until(replaced, timeout=30)
-    facts = _status(d.config_path)
+    facts = serve_status(d.queue_directory)
     assert facts["fork_server"] is None
     for pid in _running(facts):
         assert "trimail.processes.worker" in _cmdline(pid)  # started with a new interpreter now

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_main_cf
-from tests.faults.conftest import trimail_cmd, wait_until
+from tests.faults.conftest import serve_status, trimail_cmd, wait_until
 from tests.peers import Recorder, Sink
 
 HOST = "127.0.23.1"
@@ -245,7 +245,8 @@ def test_concurrent_reloads_retire_every_older_generation(daemon):
 
 
 def _sessions_by_worker(daemon) -> dict[int, int]:
-    return {w["pid"]: w.get("sessions", 0) for w in _smtpd(_status(daemon)) if w.get("state") == "running"}
+    facts = serve_status(daemon.queue_directory)  # polled: the control socket, not an interpreter per look
+    return {w["pid"]: w.get("sessions", 0) for w in _smtpd(facts) if w.get("state") == "running"}
 
 
 def _open_until_both_workers_hold(daemon, each: int) -> dict[int, list[socket.socket]]:

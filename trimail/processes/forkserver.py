@@ -4,8 +4,9 @@
 no queue, no listener; only stdio open), once the modules every worker needs are
 imported.  The master then asks it for each worker: one message on a
 ``SOCK_SEQPACKET`` socketpair with the worker's spec (trimail.processes.worker)
-and, as ``SCM_RIGHTS``, the descriptors the spec names.  It forks, the child
-renumbers the spec to the descriptors it received and runs the worker; the fork
+and, as ``SCM_RIGHTS``, the descriptors the spec names.  It forks (unless the
+request's deadline has passed: the master gave up on it), the child renumbers
+the spec to the descriptors it received and runs the worker; the fork
 server answers ``{"id", "pid"}`` and, when a worker exits, ``{"exited", "code"}``
 (it is their parent and reaps them).  A new interpreter for every worker cost
 0.45 s of CPU each, at every start, restart and reload.
@@ -36,6 +37,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -172,7 +174,8 @@ class ForkServer:
             return None
         async with self._asking:
             self._requests += 1
-            request = json.dumps({"id": self._requests, "spec": spec, "fds": fds}).encode()
+            deadline = time.monotonic() + REPLY_TIMEOUT  # CLOCK_MONOTONIC: one clock for both processes
+            request = json.dumps({"id": self._requests, "spec": spec, "fds": fds, "deadline": deadline}).encode()
             if len(request) > MESSAGE_LIMIT:
                 return None
             self._answered = trio.Event()
@@ -345,6 +348,8 @@ def _fork_one(sock: socket.socket, data: bytes, fds: list[int], children: set[in
         spec, sent = request["spec"], request["fds"]
         if len(sent) != len(fds):
             raise ValueError(f"{len(fds)} descriptors received, {len(sent)} named")
+        if time.monotonic() > float(request.get("deadline", "inf")):  # the master has given up on it
+            raise ValueError("the request came after its deadline")
         mapping = dict(zip(sent, fds, strict=True))
         parent = os.getpid()
         pid = os.fork()
