@@ -99,6 +99,17 @@ def banner(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> str:
     return data.decode("ascii", "replace")
 
 
+def smtp_command(conn: socket.socket, line: bytes) -> bytes:
+    """Send one command line on a raw connection; the last line of its reply."""
+    conn.sendall(line + b"\r\n")
+    data = b""
+    while not data.endswith(b"\r\n") or data.split(b"\r\n")[-2][3:4] == b"-":
+        chunk = conn.recv(4096)
+        assert chunk, data
+        data += chunk
+    return data.split(b"\r\n")[-2]
+
+
 def assert_serving(daemon: Daemon) -> None:
     assert daemon.alive, "serve exited:\n" + "\n".join(daemon.proc.log[-30:])
     greeting = banner(daemon.port)

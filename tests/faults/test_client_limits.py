@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.faults.conftest import banner, wait_until
+from tests.faults.conftest import banner, smtp_command, wait_until
 from tests.faults.test_redteam16 import HOST, _sessions_by_worker
 
 
@@ -84,17 +84,6 @@ def assert_serving_on(d) -> None:
     assert d.alive
 
 
-
-def _command(conn: socket.socket, line: bytes) -> bytes:
-    conn.sendall(line + b"\r\n")
-    data = b""
-    while not data.endswith(b"\r\n") or data.split(b"\r\n")[-2][3:4] == b"-":
-        chunk = conn.recv(4096)
-        assert chunk, data
-        data += chunk
-    return data.split(b"\r\n")[-2]
-
-
 def test_failed_auth_attempts_count_in_every_worker(daemon, tmp_path):
     d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_listen=f"{HOST}:0", smtpd_timeout="300s",
                smtpd_sasl_auth_enable="yes", smtpd_tls_auth_only="no", smtpd_auth_failure_limit=2,
@@ -106,14 +95,14 @@ def test_failed_auth_attempts_count_in_every_worker(daemon, tmp_path):
     held, _ = _one_in_each_worker(d)
     try:
         for conn in held:  # one failure in each worker: the client's limit of 2
-            assert _command(conn, b"EHLO client.example").startswith(b"250 ")
-            assert _command(conn, wrong).startswith(b"535 5.7.8")
+            assert smtp_command(conn, b"EHLO client.example").startswith(b"250 ")
+            assert smtp_command(conn, wrong).startswith(b"535 5.7.8")
     finally:
         for conn in held:
             conn.close()
     for _ in range(3):  # whichever worker it reaches: no more tries, even with the right password
         with socket.create_connection((HOST, d.port), timeout=10) as conn:
             assert conn.recv(4096).startswith(b"220")
-            assert _command(conn, b"EHLO client.example").startswith(b"250 ")
+            assert smtp_command(conn, b"EHLO client.example").startswith(b"250 ")
             right = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0correct horse")
-            assert _command(conn, right).startswith(b"454 4.7.0"), "a third AUTH attempt was tried"
+            assert smtp_command(conn, right).startswith(b"454 4.7.0"), "a third AUTH attempt was tried"

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import serve_status, trimail_cmd, wait_until
+from tests.faults.conftest import banner, serve_status, smtp_command, trimail_cmd, wait_until
 
 HOST = "127.0.45.1"
 
@@ -60,24 +60,7 @@ def _sockets(pid: int) -> int:
 
 
 def _greeting(port: int, host: str = HOST) -> bytes:
-    with socket.create_connection((host, port), timeout=10) as conn:
-        data = b""
-        while b"\r\n" not in data:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-        return data
-
-
-def _command(conn: socket.socket, line: bytes) -> bytes:
-    conn.sendall(line + b"\r\n")
-    data = b""
-    while not data.endswith(b"\r\n") or data.split(b"\r\n")[-2][3:4] == b"-":
-        chunk = conn.recv(4096)
-        assert chunk, data
-        data += chunk
-    return data.split(b"\r\n")[-2]
+    return banner(port, host).encode()
 
 
 def _serving(d) -> None:
@@ -182,9 +165,9 @@ def test_auth_failures_survive_a_reload(daemon, tmp_path, workers):
     right = b"AUTH PLAIN " + base64.b64encode(b"\0alice\0correct horse")
     with socket.create_connection((HOST, d.port), timeout=10) as conn:
         assert conn.recv(4096).startswith(b"220")
-        assert _command(conn, b"EHLO client.example").startswith(b"250 ")
+        assert smtp_command(conn, b"EHLO client.example").startswith(b"250 ")
         for _ in range(2):  # the client's limit
-            assert _command(conn, wrong).startswith(b"535 5.7.8")
+            assert smtp_command(conn, wrong).startswith(b"535 5.7.8")
     old = set(_running(serve_status(d.queue_directory), "smtpd")) if workers else set()
     reloaded = trimail_cmd("reload", "-c", str(d.config_path), timeout=60)
     assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
@@ -193,5 +176,5 @@ def test_auth_failures_survive_a_reload(daemon, tmp_path, workers):
                    and all(_stat(pid) is None or _stat(pid)[0] == "Z" for pid in old), timeout=30, interval=0.2)
     with socket.create_connection((HOST, d.port), timeout=10) as conn:
         assert conn.recv(4096).startswith(b"220")
-        assert _command(conn, b"EHLO client.example").startswith(b"250 ")
-        assert _command(conn, right).startswith(b"454 4.7.0"), "a third AUTH attempt was tried after a reload"
+        assert smtp_command(conn, b"EHLO client.example").startswith(b"250 ")
+        assert smtp_command(conn, right).startswith(b"454 4.7.0"), "a third AUTH attempt was tried after a reload"
