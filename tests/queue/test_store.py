@@ -285,3 +285,27 @@ async def test_a_dead_writer_thread_fails_its_waiters_instead_of_hanging(tmp_pat
             with pytest.raises(StorageError, match="queue writer stopped"):
                 await writer.run(Store.counts)
         # leaving the block (serve's stop) returned: nothing waits on the dead thread
+
+
+def test_forked_processes_do_not_share_the_random_part_of_queue_ids() -> None:
+    """The fork server's workers are forks of one process: each must count from a
+    random start of its own, or two of them give one ID to two messages in the same
+    microsecond (the second commit fails)."""
+    import os
+
+    from trimail.queue.ids import new_queue_id
+
+    new_queue_id()  # the parent's counter is in use
+    suffixes = []
+    for _ in range(2):
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read_end)
+            os.write(write_end, new_queue_id()[-4:].encode())
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            suffixes.append(pipe.read())
+        os.waitpid(pid, 0)
+    assert suffixes[0] != suffixes[1]  # equal by chance once in 6.8 million runs

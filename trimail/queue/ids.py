@@ -1,7 +1,7 @@
 """Queue IDs: short, unique and sortable, after Postfix's long queue IDs.
 
 An ID is 10 characters of microseconds since the epoch followed by 4 characters
-that are random within one process start and then count up, all in an alphabet
+that are random within one process start (or fork) and then count up, all in an alphabet
 whose ASCII order is its numeric order, so IDs sort by arrival.  The random part
 keeps IDs from two processes (serve and sendmail) apart; the database's primary
 key is the final guard.
@@ -10,6 +10,7 @@ key is the final guard.
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
 import threading
 import time
@@ -22,6 +23,18 @@ _SEQ_DIGITS = 4
 _lock = threading.Lock()
 _counter = itertools.count(secrets.randbelow(_BASE**_SEQ_DIGITS))
 _last_us = 0
+
+
+def _new_process() -> None:
+    """A forked process (the fork server's workers) starts a random part of its own:
+    two workers forked from one parent counted alike and, in the same microsecond,
+    gave two messages one ID (the second commit failed: 451)."""
+    global _counter, _lock
+    _lock = threading.Lock()
+    _counter = itertools.count(secrets.randbelow(_BASE**_SEQ_DIGITS))
+
+
+os.register_at_fork(after_in_child=_new_process)
 
 
 def _encode(value: int, digits: int) -> str:
