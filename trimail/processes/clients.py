@@ -43,7 +43,7 @@ RATE_WINDOW = 60.0  # seconds: Postfix's anvil_rate_time_unit
 _AUTH_KEPT = AUTH_WINDOW  # seconds an entry with AUTH failures is kept
 
 _KEY = 16  # bytes of the hash key at the start
-_LIVE = struct.Struct(f"={SLOTS}B")  # which slots hold a running worker's table
+_LIVE = struct.Struct(f"={SLOTS}B")  # which slots' tables are in use (a worker has run there: its windows count)
 # address hash (0: never used), open sessions, rate window count and start, AUTH failures and their window's start
 _ENTRY = struct.Struct("=QiIdId")
 _HEADER = _KEY + _LIVE.size
@@ -117,7 +117,7 @@ class ClientBoard:
 
     def _everyone(self, wanted: int) -> list[tuple[int, int, float, int, float]]:
         """(open sessions, rate count and start, AUTH failures and start) of *wanted*
-        in every live table."""
+        in every table in use."""
         found = []
         for slot, live in enumerate(_LIVE.unpack_from(self.memory, _KEY)):
             if live:
@@ -128,17 +128,14 @@ class ClientBoard:
                         break
         return found
 
-    def _update(self, address: str, change: Callable[[float, list], None]) -> int:
-        """Apply *change* (now, the entry's fields after the key) to this worker's
-        entry for *address*; the address's hash."""
-        now = self.clock()
-        wanted = self._hash(address)
+    def _update(self, wanted: int, now: float, change: Callable[[list], None]) -> None:
+        """Apply *change* (to the entry's fields after the key) to this worker's
+        entry for the address hashed *wanted*."""
         offset = self._own(wanted, now)
         if offset is not None:
             key, *values = _ENTRY.unpack_from(self.memory, offset)
-            change(now, values)
+            change(values)
             _ENTRY.pack_into(self.memory, offset, key, *values)
-        return wanted
 
     def sessions(self, address: str) -> int:
         """Open sessions of *address* in all workers."""
@@ -147,21 +144,22 @@ class ClientBoard:
     def arrived(self, address: str) -> int:
         """Count one connection from *address*; the connections from it in all
         workers' windows, this one included."""
-        def count(now: float, values: list) -> None:
+        now, wanted = self.clock(), self._hash(address)
+
+        def count(values: list) -> None:
             if now - values[2] >= RATE_WINDOW:
                 values[1], values[2] = 0, now
             values[1] += 1
 
-        wanted = self._update(address, count)
-        now = self.clock()
+        self._update(wanted, now, count)
         return sum(entry[1] for entry in self._everyone(wanted) if now - entry[2] < RATE_WINDOW)
 
     def add(self, address: str, change: int) -> None:
         """A session of *address* opened (+1) or closed (-1) in this worker."""
-        def count(_: float, values: list) -> None:
+        def count(values: list) -> None:
             values[0] = max(0, values[0] + change)
 
-        self._update(address, count)
+        self._update(self._hash(address), self.clock(), count)
 
     def auth_failures(self, address: str, window: float) -> int:
         """Failed AUTH attempts of *address* in all workers' windows of *window* s."""
@@ -170,9 +168,11 @@ class ClientBoard:
 
     def auth_failed(self, address: str, window: float) -> None:
         """One more failed AUTH attempt of *address* in this worker."""
-        def count(now: float, values: list) -> None:
+        now = self.clock()
+
+        def count(values: list) -> None:
             if now - values[4] >= window:
                 values[3], values[4] = 0, now
             values[3] += 1
 
-        self._update(address, count)
+        self._update(self._hash(address), now, count)

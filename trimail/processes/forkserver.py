@@ -260,6 +260,13 @@ class ForkServer:
                 pass
             await self._finished.wait()
 
+    def abandon(self) -> None:
+        """serve failed before ``run`` ran (no worker was started): let the fork
+        server go and reap it.  After ``shut`` there is nothing left to do."""
+        if not self._finished.is_set():
+            self.close()
+            self.reap()
+
     def reap(self) -> None:
         """Its exit status, once it has gone (it is the master's child)."""
         try:

@@ -59,5 +59,4 @@ async def serve_processes(config: Config, fork_server: ForkServer | None = None,
             log.info("terminating on stop request")
     finally:
         if fork_server is not None:
-            fork_server.close()
-            fork_server.reap()
+            fork_server.abandon()
