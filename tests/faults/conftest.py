@@ -141,6 +141,15 @@ def integrity_ok(queue_directory: Path) -> str:
         db.close()
 
 
+def queued(queue_directory: Path) -> int:
+    """Messages in the queue, every state, through a read-only connection."""
+    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return int(db.execute("SELECT count(*) FROM message").fetchone()[0])
+    finally:
+        db.close()
+
+
 def wait_until(predicate, timeout: float = 20.0, interval: float = 0.02) -> None:
     """Poll *predicate* with a deadline (for tests that are not inside trio)."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ from __future__ import annotations
 import smtplib
 from pathlib import Path
 
-from tests.faults.conftest import assert_serving, integrity_ok, wait_until
+from tests.faults.conftest import assert_serving, integrity_ok, queued, wait_until
 from tests.peers import Sink
 
 OUTSIDE = "127.0.0.2"  # mynetworks is 127.0.0.1/32: this client is a stranger
@@ -27,16 +27,6 @@ def _gateway(tmp_path: Path, daemon, corp: Sink, forged: Sink, table: str):
                   minimal_backoff_time="1s",
                   # Postfix's limits would slow down and then hang up on the attacker first
                   smtpd_hard_error_limit="100", smtpd_error_sleep_time="0")
-
-
-def _queued(queue_directory: Path) -> int:
-    import apsw
-
-    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return int(db.execute("SELECT count(*) FROM message").fetchone()[0])
-    finally:
-        db.close()
 
 
 def test_unknown_relay_recipients_are_refused_at_rcpt_and_nothing_bounces(tmp_path, daemon):
@@ -61,7 +51,7 @@ def test_unknown_relay_recipients_are_refused_at_rcpt_and_nothing_bounces(tmp_pa
             assert client.docmd("DATA")[0] == 554
         wait_until(lambda: len(corp.messages) == 1)
         assert corp.messages[0][1] == ["known@corp.example"]
-        wait_until(lambda: _queued(d.queue_directory) == 0)  # delivered, nothing deferred to bounce later
+        wait_until(lambda: queued(d.queue_directory) == 0)  # delivered, nothing deferred to bounce later
         assert forged.messages == []
         assert_serving(d)
     assert integrity_ok(d.queue_directory) == "ok"
@@ -76,4 +66,4 @@ def test_a_relay_recipient_table_that_cannot_answer_is_a_temporary_failure(tmp_p
             code, text = client.rcpt("known@corp.example")
             assert (code, text.decode()) == (451, "4.3.0 <known@corp.example>: Temporary lookup failure")
         assert_serving(d)
-        assert _queued(d.queue_directory) == 0
+        assert queued(d.queue_directory) == 0

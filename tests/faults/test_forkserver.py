@@ -13,12 +13,11 @@ import socket
 import subprocess
 from pathlib import Path
 
-import apsw
-
 from tests.conftest import write_main_cf
 from tests.faults.conftest import (
     assert_serving,
     integrity_ok,
+    queued,
     send,
     serve_status,
     wait_until,
@@ -46,14 +45,6 @@ def _refused(host: str, port: int) -> bool:
     except ConnectionRefusedError:
         return True
     return False
-
-
-def _queued(queue_directory: Path) -> int:
-    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return int(db.execute("SELECT count(*) FROM message").fetchone()[0])
-    finally:
-        db.close()
 
 
 def test_workers_are_forked_by_the_fork_server(daemon):
@@ -89,7 +80,7 @@ def test_a_killed_fork_server_takes_its_workers_and_serve_goes_on(daemon):
         assert "trimail.processes.worker" in _cmdline(pid)  # started with a new interpreter now
     send(d.port, ["after@example.com"])
     assert_serving(d)
-    assert _queued(d.queue_directory) == 2
+    assert queued(d.queue_directory) == 2
     assert integrity_ok(d.queue_directory) == "ok"
 
 
@@ -120,4 +111,4 @@ def test_sigterm_to_the_whole_process_group_drains_sessions(tmp_path, serve_proc
     except subprocess.TimeoutExpired:
         raise AssertionError("serve did not stop:\n" + "\n".join(serve.log[-20:])) from None
     assert not [line for line in serve.log if "killed by signal" in line], serve.log[-20:]
-    assert _queued(tmp_path / "queue") == 1
+    assert queued(tmp_path / "queue") == 1
