@@ -61,7 +61,7 @@ from trimail.local import privileged
 from trimail.maps import TableError
 from trimail.metrics import Metrics, serve_metrics
 from trimail.net.control import open_control_listener, serve_control
-from trimail.net.listener import ListenError, accept, bound_address, open_listeners
+from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session, SessionLimits
 from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verify import Verifier
@@ -99,9 +99,12 @@ class Server:
     def __init__(self, config: Config, writer: QueueWriter,
                  listeners: list[tuple[trio.SocketListener, str, ListenAddress]],
                  trigger: QmgrTrigger | None = None, shared_sessions: anvil.SharedCount | None = None,
-                 shared_clients: anvil.SharedClients | None = None) -> None:
+                 shared_clients: anvil.SharedClients | None = None,
+                 accept_at_once: Callable[[], bool] | None = None) -> None:
         self.config = config
         self.writer = writer
+        # one of several smtpd workers: whether it is its turn to accept (net.listener.DeferredAccept)
+        self.accept_at_once = accept_at_once
         # (kind, configured address) -> its open listeners, each with the scope of its accept loop
         self.listening: dict[tuple[str, str], list[tuple[trio.SocketListener, trio.CancelScope]]] = {}
         self._accepting: trio.Nursery | None = None
@@ -273,14 +276,19 @@ class Server:
                            scope: trio.CancelScope) -> None:
         """Accept until cancelled: every connection gets its own task (and boundary);
         a failing accept() is logged and retried with back-off, never fatal."""
-        with scope:
-            async with listener:
-                while True:
-                    try:
-                        stream = await accept(listener)
-                    except trio.ClosedResourceError:
-                        return  # closed under us (a reload removed it): nothing more to accept
-                    sessions.start_soon(self._handle, stream, kind)
+        deferred = DeferredAccept(listener, self.accept_at_once) if self.accept_at_once is not None else None
+        try:
+            with scope:
+                async with listener:
+                    while True:
+                        try:
+                            stream = await accept(listener, deferred)
+                        except trio.ClosedResourceError:
+                            return  # closed under us (a reload removed it): nothing more to accept
+                        sessions.start_soon(self._handle, stream, kind)
+        finally:
+            if deferred is not None:
+                deferred.close()
 
     async def _handle(self, stream: trio.SocketStream, kind: str = "smtp") -> None:
         """One connection from accept onward, inside its own boundary: whatever goes

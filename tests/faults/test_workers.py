@@ -5,8 +5,10 @@ under load drops no session; the workers die with the master.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
+import re
 import signal
 import smtplib
 import socket
@@ -16,7 +18,7 @@ from typing import Self
 
 import pytest
 
-from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
+from tests.faults.conftest import assert_serving, banner, integrity_ok, send, trimail_cmd, wait_until
 from tests.peers import Sink
 
 
@@ -178,7 +180,7 @@ def test_status_and_metrics_cover_every_worker(daemon):
     assert all(w["pid"] != facts["pid"] and w["uptime"] >= 0 for w in facts["workers"])
     human = trimail_cmd("status", "-c", str(d.config_path)).stdout
     assert human.count("smtpd worker") == 2, human
-    for number in range(12):  # new connections are spread over the workers by the kernel
+    for number in range(12):  # one at a time: the first worker takes them all (test_one_client_...)
         send(d.port, ["rcpt@example.com"], f"Subject: n{number}\r\n\r\nx\r\n".encode())
     body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
     received = [line for line in body.splitlines() if line.startswith("trimail_messages_received_total ")]
@@ -186,6 +188,60 @@ def test_status_and_metrics_cover_every_worker(daemon):
     assert 'trimail_queue_messages{state="incoming"} 12.0' in body
     served = {line.split("[")[1].split("]")[0] for line in d.proc.log if "trimail/smtpd[" in line and "client=" in line}
     assert served <= {str(w["pid"]) for w in facts["workers"]}
+
+
+def _served_by(d, since: int = 0) -> collections.Counter:
+    """smtpd pid -> connections it logged, in log lines from *since* on."""
+    return collections.Counter(re.findall(r"trimail/smtpd\[(\d+)\]: connect from", "\n".join(d.proc.log[since:])))
+
+
+def _hello(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("one.example")
+
+
+def test_one_client_at_a_time_is_served_by_one_warm_worker(daemon):
+    """Connections one after another all wake every worker; the session board gives
+    the turn to one (net.listener.DeferredAccept), so they do not alternate between
+    workers, each time waking one that was idle (before: exactly every other one)."""
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr")
+    for number in range(40):
+        send(d.port, ["rcpt@example.com"], f"Subject: n{number}\r\n\r\nx\r\n".encode())
+    wait_until(lambda: sum(_served_by(d).values()) == 40)
+    (_, most), *_ = _served_by(d).most_common()
+    assert most >= 32, _served_by(d)
+
+
+def test_a_stopped_worker_whose_turn_it_is_delays_a_connection_but_does_not_lose_it(daemon):
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr")
+    _hello(d.port)
+    wait_until(lambda: sum(_served_by(d).values()) == 1)
+    (turn, _), = _served_by(d).items()
+    mark = len(d.proc.log)
+    os.kill(int(turn), signal.SIGSTOP)  # it keeps the turn (the board still says it is least busy)
+    try:
+        for _ in range(3):
+            assert banner(d.port).startswith("220 ")
+        wait_until(lambda: sum(_served_by(d, mark).values()) == 3)
+        assert turn not in _served_by(d, mark)
+    finally:
+        os.kill(int(turn), signal.SIGCONT)
+    assert_serving(d)
+
+
+def test_concurrent_sessions_are_spread_over_the_workers(daemon):
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr", smtpd_timeout="300s")
+    held = []
+    try:
+        for _ in range(10):  # each held open: the least busy worker takes the next
+            conn = socket.create_connection(("127.0.0.1", d.port), timeout=10)
+            held.append(conn)
+            assert conn.recv(512).startswith(b"220 ")
+        sessions = sorted(w["sessions"] for w in status(d)["workers"])
+        assert sessions[0] >= 4 and sum(sessions) == 10, sessions
+    finally:
+        for conn in held:
+            conn.close()
 
 
 def test_start_refused_when_a_worker_fails(tmp_path):

@@ -203,3 +203,42 @@ def test_auth_failures_are_summed_over_workers_within_their_window() -> None:
     assert two.auth_failures("192.0.2.9", 600) == 0
     one.auth_failed("192.0.2.9", 600)
     assert two.auth_failures("192.0.2.9", 600) == 1
+
+
+# -- the session board: counts of all smtpd workers, and whose turn it is to accept ----------------
+
+
+def _session_boards(count: int):
+    from trimail.processes.board import SessionBoard
+
+    master = SessionBoard.create()
+    return master, [SessionBoard(master.fd, slot) for slot in range(count)]
+
+
+def test_a_lone_client_stays_with_the_first_worker_even_before_its_last_session_ended() -> None:
+    master, (first, second) = _session_boards(2)
+    assert first.my_turn() and not second.my_turn()
+    first.add(1)  # the client's last session, not yet torn down when it connects again
+    assert first.my_turn() and not second.my_turn()
+    assert master.total() == 1
+
+
+def test_under_load_the_turn_goes_to_the_least_busy_worker() -> None:
+    master, workers = _session_boards(3)
+    workers[0].add(5)
+    workers[1].add(3)
+    workers[2].add(4)
+    assert [w.my_turn() for w in workers] == [False, True, False]
+    workers[1].add(2)  # 5, 5, 4: the first with at most one more than the least
+    assert [w.my_turn() for w in workers] == [True, False, False]
+    assert master.total() == 14
+
+
+def test_a_worker_that_stopped_accepting_still_counts_but_never_has_the_turn() -> None:
+    master, (old, new) = _session_boards(2)
+    old.add(2)
+    old.stop_accepting()  # retiring after a reload: its sessions go on
+    assert new.my_turn() and not old.my_turn()
+    assert master.total() == 2
+    master.clear(0)  # it died: its sessions died with it
+    assert master.total() == 0 and new.my_turn()

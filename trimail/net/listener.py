@@ -8,6 +8,17 @@ ENOMEM) and any other ``OSError`` are logged once per episode and retried after 
 delay that doubles from 0.05 s up to 1 s, so a full descriptor table is polled
 gently and accepting resumes by itself when descriptors are free again.
 
+With several smtpd workers on one listening socket, every connection wakes them
+all and whichever is scheduled first takes it: with light load the connections
+alternate between workers, each time waking a process that was idle (on this
+2-core VM that cost a one-message connection about 0.3-0.7 ms against one worker).
+So when a connection is pending only the worker whose turn it is (the session
+board says whose: ``SessionBoard.my_turn``) takes it at once; the others
+(``DeferredAccept``) take it only once it has waited ``ACCEPT_DEFER`` more -- the
+worker whose turn it was is busy, stuck or restarting.  One client at a time is
+served by one warm worker; under load the sessions spread evenly.  Postfix gets
+the first half of this by starting smtpd processes on demand.
+
 Parameters: smtpd_listen, submission_listen, smtps_listen (through master.py).
 """
 
@@ -15,6 +26,9 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
+import socket
+from collections.abc import Callable
 
 import trio
 
@@ -25,6 +39,9 @@ log = logging.getLogger("trimail.master")
 
 BACKLOG = 1024
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+# a connection that died in the backlog (what trio's SocketListener.accept skips too)
+_GONE_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
+ACCEPT_DEFER = 0.001  # seconds a connection waits for the first worker before another takes it
 
 
 class ListenError(Exception):
@@ -52,13 +69,56 @@ def bound_address(listener: trio.SocketListener) -> ListenAddress:
     return ListenAddress(host, port)
 
 
-async def accept(listener: trio.SocketListener) -> trio.SocketStream:
-    """Accept one connection; an accept error is logged and retried (with back-off),
-    never raised.  ``trio.ClosedResourceError`` (the listener was closed) passes."""
+class DeferredAccept:
+    """Accepting for one of several workers on one listening socket: wait until a
+    connection is pending; take it at once when *at_once()* says it is this
+    worker's turn, else give the others ``defer`` seconds to take it and then take
+    it if it is still waiting.  After taking one, the next try does not wait first
+    (more may be waiting)."""
+
+    def __init__(self, listener: trio.SocketListener, at_once: Callable[[], bool],
+                 defer: float = ACCEPT_DEFER) -> None:
+        self.listener = listener
+        self.at_once = at_once
+        self.defer = defer
+        # a second descriptor of the same socket, to try accept() without waiting
+        self._raw = socket.socket(fileno=os.dup(listener.socket.fileno()))
+        self._raw.setblocking(False)
+        self._more = False  # the last try took one: there may be more waiting
+
+    def close(self) -> None:
+        self._raw.close()
+
+    async def __call__(self) -> trio.SocketStream:
+        while True:
+            if self._more:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.lowlevel.wait_readable(self.listener.socket)
+            if not self.at_once():
+                await trio.sleep(self.defer)
+            try:
+                connection, _ = self._raw.accept()
+            except BlockingIOError:
+                self._more = False
+                continue
+            except OSError as exc:
+                self._more = False
+                if exc.errno in _GONE_ERRORS:
+                    continue
+                raise
+            self._more = True
+            return trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+
+
+async def accept(listener: trio.SocketListener, deferred: DeferredAccept | None = None) -> trio.SocketStream:
+    """Accept one connection (through *deferred* when given); an accept error is
+    logged and retried (with back-off), never raised.  ``trio.ClosedResourceError``
+    (the listener was closed) passes."""
     backoff = None  # made at the first error only: accept() runs once per connection
     while True:
         try:
-            return await listener.accept()
+            return await (deferred() if deferred is not None else listener.accept())
         except OSError as exc:
             backoff = backoff or Backoff(0.05, 1.0)
             delay = backoff.next()

@@ -3,8 +3,8 @@ shared memory, so ``smtpd_process_limit`` and stress mode count the sessions of
 all workers together (Postfix counts them in master(8) for all smtpd processes).
 
 The master creates it (a memfd, inherited by every worker) and gives each worker
-its own slot; a worker writes only its slot and reads the sum, so no lock is
-needed (an aligned 8-byte store is atomic, and a sum that is one update behind
+its own slot; a worker writes only its slot and reads the others (the sum, and
+whose turn it is to accept: ``my_turn``), so no lock is needed (an aligned 8-byte store is atomic, and a sum that is one update behind
 is as good as a count taken a moment earlier).  The master clears the slot of a
 worker that died, whose sessions died with it.
 """
@@ -21,11 +21,17 @@ _ONE = struct.Struct("=q")
 
 
 class SessionBoard:
+    """Each slot holds ``sessions + 1`` for a worker that accepts, ``-(sessions + 1)``
+    for one that no longer does (retiring or stopping), 0 for no worker."""
+
     def __init__(self, fd: int, slot: int | None = None) -> None:
         self.fd = fd
         self.memory = mmap.mmap(fd, _ALL.size)
         self.slot = slot
         self.mine = 0
+        self.accepting = True
+        if slot is not None:
+            self._write()
 
     @classmethod
     def create(cls) -> SessionBoard:
@@ -33,13 +39,32 @@ class SessionBoard:
         os.ftruncate(fd, _ALL.size)
         return cls(fd)
 
-    def add(self, change: int) -> None:
+    def _write(self) -> None:
         assert self.slot is not None
+        value = self.mine + 1
+        _ONE.pack_into(self.memory, self.slot * 8, value if self.accepting else -value)
+
+    def add(self, change: int) -> None:
         self.mine += change
-        _ONE.pack_into(self.memory, self.slot * 8, self.mine)
+        self._write()
+
+    def stop_accepting(self) -> None:
+        self.accepting = False
+        self._write()
 
     def total(self) -> int:
-        return sum(_ALL.unpack_from(self.memory))
+        return sum(abs(value) - 1 for value in _ALL.unpack_from(self.memory) if value)
+
+    def my_turn(self) -> bool:
+        """Whether this worker should take the next connection at once: the first
+        (lowest slot) of the accepting workers with at most one session more than
+        the least busy.  So a lone client stays with one warm worker (its last
+        session may not have ended when it connects again) and under load sessions
+        spread evenly.  Used by net.listener.DeferredAccept."""
+        counts = [value - 1 for value in _ALL.unpack_from(self.memory)]
+        least = min((count for count in counts if count >= 0), default=0)
+        turn = next((slot for slot, count in enumerate(counts) if 0 <= count <= least + 1), self.slot)
+        return turn == self.slot
 
     def clear(self, slot: int) -> None:
         _ONE.pack_into(self.memory, slot * 8, 0)

@@ -88,9 +88,10 @@ class Slot:
     """A place for one worker: the process in it is replaced when it dies, until
     the slot is retired (a stop, or an older generation after a reload)."""
 
-    def __init__(self, role: str, generation: int) -> None:
+    def __init__(self, role: str, generation: int, peers: int = 1) -> None:
         self.role = role
         self.generation = generation
+        self.peers = peers  # how many workers of its role its generation has
         self.retired = False
         self.farewell = "stop"  # what a worker that becomes ready in a retired slot is told
         self.leaving = trio.Event()  # set with retired: ends a restart back-off at once

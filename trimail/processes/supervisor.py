@@ -124,6 +124,7 @@ class Master:
         fds = [channel_fd, self.lock.fileno()]
         if slot.role == "smtpd":
             spec["board"], spec["slot"], spec["clients"] = self.board.fd, slot.board_slot, self.clients.fd
+            spec["workers"] = slot.peers  # several: they take turns to accept (SessionBoard.my_turn)
             fds += [self.board.fd, self.clients.fd]
             spec["trigger"] = self._send_trigger.fileno()
             spec["listeners"] = [[listener.socket.fileno(), kind, str(configured)]
@@ -263,7 +264,7 @@ class Master:
     async def _start_slots(self, role: str, count: int, generation: int) -> list[Slot]:
         """Start *count* workers of *role*; all ready, or none left running."""
         assert self._nursery is not None
-        slots = [Slot(role, generation) for _ in range(count)]
+        slots = [Slot(role, generation, count) for _ in range(count)]
         try:
             async with trio.open_nursery() as starting:
                 for slot in slots:

@@ -158,8 +158,9 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False,
                                                        handed_over=True)
         die_with_master(spec.get("parent", spec["master"]))
-        server = Server(config, writer, listeners, trigger, SessionBoard(spec["board"], spec["slot"]),
-                        ClientBoard(spec["clients"], spec["slot"]))
+        board = SessionBoard(spec["board"], spec["slot"])
+        server = Server(config, writer, listeners, trigger, board, ClientBoard(spec["clients"], spec["slot"]),
+                        accept_at_once=board.my_turn if spec.get("workers", 1) > 1 else None)
         stopped = trio.Event()
 
         def metrics(_: dict[str, Any]) -> str:
@@ -172,10 +173,12 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
                     "sessions": len(server.sessions), "stress": server.anvil.stress}
 
         def stop(_: dict[str, Any]) -> str:
+            board.stop_accepting()
             server.stop()
             return "ok"
 
         def retire(_: dict[str, Any]) -> str:
+            board.stop_accepting()  # its sessions still count; it is no longer anyone's turn
             server.retire()
             return "ok"
 
