@@ -284,7 +284,8 @@ def test_a_retry_storm_neither_starves_new_mail_nor_slows_acknowledgements(fleet
     What broke was behaviour, not speed: claims of up to 20,000 rows ran inside the
     group commit every pending ``250`` waits on (end-of-data -> 250 p99 1.4-1.6 s),
     and new mail waited behind every retry (p99 90 s).  The bounds here catch that
-    with room for a busy machine; the issue's 100 ms goal is a speed figure, measured
+    with room for a busy machine (the suite runs three test processes on two cores:
+    0.45 s was seen there); the issue's 100 ms goal is a speed figure, measured
     beside Postfix by ``scripts/bench --mode storm`` (docs/benchmarks.md): in this
     process the bed's peers share the two cores with serve and its client, and p99
     was 0.07-0.10 s (one process) and 0.11-0.15 s (workers) from run to run."""
@@ -324,7 +325,7 @@ def test_a_retry_storm_neither_starves_new_mail_nor_slows_acknowledgements(fleet
     assert not [k for k, n in got.items() if n > 1], "a message delivered twice"
     assert arrived, f"only {new_arrived()} of {new} new messages arrived in time"
     assert percentile(took, 0.99) < 3.0
-    assert percentile(eod, 0.99) < 0.25
+    assert percentile(eod, 0.99) < 0.8
 
 
 # -- 7. a site that comes back ---------------------------------------------------------------------
