@@ -300,7 +300,10 @@ def run_session(host: str, port: int, source: str, commands: list[str], timeout:
         def reply() -> list[str]:
             lines = []
             while True:
-                line = stream.readline()
+                try:
+                    line = stream.readline()
+                except ConnectionResetError:
+                    line = b""
                 if not line:
                     return [*lines, "<EOF>"]
                 text = line.decode("utf-8", "replace").rstrip("\r\n")
@@ -316,12 +319,18 @@ def run_session(host: str, port: int, source: str, commands: list[str], timeout:
             if command.startswith("DATA:"):
                 body = command[5:].replace("\r\n", "\n").replace("\n", "\r\n")
                 sock.sendall(body.encode() + (b"" if body.endswith("\r\n") else b"\r\n") + b".\r\n")
+            elif command.startswith("PIPE:"):
+                group = command[5:].split("|")
+                sock.sendall("".join(f"{c}\r\n" for c in group).encode())
+                for c in group:
+                    out.append(Exchange(c, reply()))
+                continue
             else:
                 sock.sendall(command.encode() + b"\r\n")
             out.append(Exchange(command, reply()))
         last = out[-1].reply[-1]
         if last[:3] in ("221", "421"):
-            out.append(Exchange("<close?>", [stream.readline().decode() or "<EOF>"]))
+            out.append(Exchange("<close?>", reply()))
         return out
 
 
