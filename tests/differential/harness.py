@@ -15,6 +15,7 @@ Addresses (all loopback, this suite's own ranges):
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -210,8 +211,12 @@ class PrivatePostfix:
         return done.stdout.decode()
 
     def queue_empty(self) -> bool:
+        """Nothing left to deliver (held mail stays)."""
         return not any(files for sub in ("maildrop", "incoming", "active", "deferred")
                        for _, _, files in os.walk(self.dir / "queue" / sub))
+
+    def held(self) -> int:
+        return sum(len(files) for _, _, files in os.walk(self.dir / "queue" / "hold"))
 
     def log(self) -> str:
         path = self.dir / "maillog"
@@ -263,10 +268,18 @@ class Trimail:
             + expand(main_cf, workdir / "tables", sink_port))
         self.proc = ServeProcess(self.config)
 
-    def queue_empty(self) -> bool:
+    def queue(self) -> list[dict]:
         done = subprocess.run([sys.executable, "-m", "trimail", "queue", "list", "--json", "-c", str(self.config)],
                               capture_output=True, text=True, timeout=60)
-        return done.returncode == 0 and done.stdout.strip() in ("[]", "")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout or "[]")
+
+    def held(self) -> int:
+        return sum(1 for m in self.queue() if m["state"] == "hold")
+
+    def queue_empty(self) -> bool:
+        """Nothing left to deliver (held mail stays)."""
+        return all(m["state"] == "hold" for m in self.queue())
 
     def log(self) -> str:
         return "\n".join(self.proc.log)
@@ -316,6 +329,8 @@ def run_session(host: str, port: int, source: str, commands: list[str], timeout:
             last = out[-1].reply[-1]
             if last == "<EOF>" or last[:3] in ("221", "421"):
                 break
+            if command.startswith("DATA:") and not last.startswith("354"):
+                continue  # DATA was refused: a client sends no content
             if command.startswith("DATA:"):
                 body = command[5:].replace("\r\n", "\n").replace("\n", "\r\n")
                 sock.sendall(body.encode() + (b"" if body.endswith("\r\n") else b"\r\n") + b".\r\n")

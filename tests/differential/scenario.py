@@ -88,6 +88,7 @@ ZONE: dict = {
     "remote.test": {"MX": ["10 mx.remote.test."]},
     "mx.remote.test": {"A": ["127.0.45.2"]},
     "relay.test": {"MX": ["10 mx.remote.test."]},
+    "far.test": {"MX": ["10 mx.remote.test."]},
     "virtual.test": {"A": ["127.0.45.2"]},
     "badsender.test": {"A": ["127.0.46.1"]},
     "servfail.test": "SERVFAIL",
