@@ -12,6 +12,8 @@ outside this suite's files are strict xfails (sessions.py names the reason).
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -76,7 +78,7 @@ def test_enough_sessions_and_pairs():
 
 # -- what arrived at the sink, and what is on hold ----------------------------------------------
 
-TRACE = re.compile(rb"^(received|x-original-to):", re.I)
+TRACE = re.compile(rb"^(received|x-original-to):", re.IGNORECASE)
 
 
 def without_trace(content: bytes) -> bytes:
@@ -131,3 +133,40 @@ def test_every_deliberate_difference_is_a_row_of_the_one_table():
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     keys = {re.match(r"\| `([^`]+)`", row).group(1) for row in rows}
     assert {d.key for d in DIFFERENCES} <= keys, sorted({d.key for d in DIFFERENCES} - keys)
+
+
+# -- what monitoring reads: pflogsumm on both logs ------------------------------------------------
+
+COUNTED = ("received", "delivered", "forwarded", "deferred", "bounced", "rejected", "reject warnings", "held",
+           "discarded", "senders", "sending hosts/domains", "recipients", "recipient hosts/domains")
+
+
+def pflogsumm(log: Path, syslog_name: str) -> dict[str, int]:
+    """pflogsumm's Grand Totals (the byte counts left out: the two MTAs measure a
+    message differently, Postfix counting its queue file's records)."""
+    done = subprocess.run(["pflogsumm", f"--syslog-name={syslog_name}", str(log)], capture_output=True,
+                          text=True, timeout=60, check=False)
+    totals = done.stdout.split("Grand Totals", 1)[1].split("Per-", 1)[0]
+    found = {m.group(2).strip(): int(m.group(1)) for m in re.finditer(r"^\s+(\d+)\s+([a-z /]+)", totals, re.MULTILINE)}
+    return {name: found.get(name, -1) for name in COUNTED}
+
+
+def _postfix_done(log: str) -> bool:
+    active = set(re.findall(r" ([0-9A-F]+): from=<.*\(queue active\)", log))
+    removed = set(re.findall(r" ([0-9A-F]+): removed", log))
+    return bool(active) and active <= removed
+
+
+@pytest.mark.skipif(shutil.which("pflogsumm") is None, reason="needs pflogsumm")
+@pytest.mark.xfail(strict=True, reason="issue 17 item 1 (log lines: orig_to, forwarded as, client= only with a "
+                                       "queue id, hold:) is the log helper's work in smtpd.py/master.py")
+def test_pflogsumm_counts_the_same_traffic_the_same(pair, tmp_path):
+    if not _all_sessions_ran():
+        pytest.skip("only some sessions ran")
+    harness.wait_until(lambda: pair.postfix.queue_empty() and pair.trimail.queue_empty(), "both queues to drain", 60)
+    harness.wait_until(lambda: _postfix_done(pair.postfix.log()), "Postfix to log every removal", 30)
+    theirs = tmp_path / "postfix.log"
+    theirs.write_text(pair.postfix.log())
+    ours = tmp_path / "trimail.log"
+    ours.write_text(pair.trimail.log() + "\n")
+    assert pflogsumm(ours, "trimail") == pflogsumm(theirs, "postfix")
