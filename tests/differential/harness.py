@@ -199,7 +199,11 @@ class PrivatePostfix:
         compile_tables(tables, workdir / "tables", ["postmap", "-c", str(workdir / "conf")],
                        ["postalias", "-c", str(workdir / "conf")])
         self.postfix("start")
-        wait_until(lambda: _listening(POSTFIX_HOST, self.port), "Postfix to listen")
+        try:
+            wait_until(lambda: _listening(POSTFIX_HOST, self.port), "Postfix to listen")
+        except AssertionError:
+            self.stop()
+            raise
 
     def postfix(self, *args: str, tool: str = "postfix") -> str:
         done = subprocess.run([tool, "-c", str(self.dir / "conf"), *args], capture_output=True, timeout=60,
