@@ -42,14 +42,17 @@ DIFFERENCES = [
     Difference("help", lambda c, p, t: _verb(c) == "HELP" and p == NOT_RECOGNIZED and t[-1].startswith("214 ")),
     Difference("expn-turn-502", lambda c, p, t: _verb(c) in ("EXPN", "TURN") and p == NOT_RECOGNIZED
                and t == ["502 5.5.1 Error: command not implemented"]),
+    # UTF-8 in an address only in an SMTPUTF8 transaction (Postfix with strict_smtputf8 = yes)
+    Difference("strict-smtputf8", lambda c, p, t: _verb(c) in ("MAIL", "RCPT") and not c.isascii()
+               and "SMTPUTF8" not in c.upper() and t == ["553 5.6.7 Must declare SMTPUTF8 to send unicode address"]),
     # a command line over 2048 bytes is refused (bounded buffers), Postfix reads on and ignores the rest
     Difference("command-line-length", lambda c, p, t: len(c) > 2048 and t == ["500 5.5.2 Error: line too long"]),
     # allow_percent_hack = no by default: user%far@local is a local name, unknown here
     Difference("percent-hack", lambda c, p, t: "%" in c and p[0].endswith("Relay access denied")
                and "User unknown in local recipient table" in t[0]),
-    # a path with two '@' or doubled brackets is refused as syntax, not parsed as Postfix does
+    # a path with two '@', doubled brackets or a dot after an address literal is a syntax error
     Difference("strict-path-syntax", lambda c, p, t: _verb(c) in ("MAIL", "RCPT")
-               and (c.count("@") > 1 or "<<" in c) and t[0].startswith("501 5.")),
+               and (c.count("@") > 1 or "<<" in c or "]." in c) and t[0].startswith("501 5.")),
 ]
 
 
