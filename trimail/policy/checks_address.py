@@ -127,10 +127,9 @@ async def _unknown_domain(policy: Policy, req: Request, address: str | None, kin
     if not address or not domain or domain in policy.rewrite.local_domains or domain.startswith("["):
         return DUNNO
     state = await policy.domain_state(req, domain)
-    if state == "missing":
+    if state in ("missing", "temp"):
+        # Postfix 3.7 gives the same text for both (smtpd_check.c, reject_unknown_mailhost)
         return policy.reply(450, dsn, kind, req, "Domain not found")
-    if state == "temp":
-        return policy.reply(450, dsn, kind, req, "Domain not found (temporary DNS failure)")
     return DUNNO
 
 
