@@ -594,6 +594,9 @@ PARAMETERS: dict[str, Param] = {
         _P("smtpd_etrn_restrictions", "", split_list, "restrictions on the ETRN command (and its site)"),
         _P("smtpd_delay_reject", "yes", parse_bool, "apply client, HELO and sender restrictions at RCPT"),
         _P("smtpd_helo_required", "no", parse_bool, "require HELO/EHLO before MAIL"),
+        # trimail/peername.py: the verified client name, looked up at connect (bounded, cached)
+        _P("smtpd_peername_lookup", "yes", parse_bool,
+           "look up the client's verified host name (reverse, then forward) for the log, Received: and replies"),
         _P("smtpd_recipient_overshoot_limit", "1000", parse_int,
            "recipients past smtpd_recipient_limit counted as errors"),
         _P("parent_domain_matches_subdomains",

@@ -63,6 +63,7 @@ from trimail.metrics import Metrics, serve_metrics
 from trimail.net.control import open_control_listener, serve_control
 from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session, SessionLimits
+from trimail.peername import PeerNames
 from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verify import Verifier
 from trimail.privileges import drop_privileges
@@ -137,6 +138,7 @@ class Server:
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
         self.anvil = anvil.Anvil(config, shared_sessions, shared_clients)
+        self.peer_names = PeerNames()  # verified client names, cached across sessions (smtpd_peername_lookup)
         self.limits = SessionLimits.from_config(config)
         self.stress_limits = SessionLimits.from_config(config, stress=True)
         self.stress_gauge = Gauge("trimail_smtpd_stress", "1 while the SMTP service is under stress (STRESS_README)",
@@ -309,7 +311,10 @@ class Server:
     async def _session(self, stream: trio.SocketStream, kind: str, address: str) -> None:
         config = self.config
         context = self.contexts[kind]
-        decisions = SmtpdSession(context, address)
+        name = "unknown"
+        if context.config.smtpd_peername_lookup:  # Postfix looks the client up before its greeting
+            name = await self.peer_names.name(context.policy.resolver, address)
+        decisions = SmtpdSession(context, address, name)
         session = Session(
             stream,
             decisions,

@@ -1,8 +1,9 @@
 """The SMTP server's decision side: what trimail answers to each protocol event.
 
 The sans-IO machine (``trimail.smtp.server``) says *what the client asked*; this
-module decides *what to do about it*: assign the queue ID at MAIL (as Postfix
-does), collect recipients, prepend the ``Received:`` header, spool the content,
+module decides *what to do about it*: assign the queue ID at the first accepted
+RCPT (as Postfix does; a transaction whose every recipient is refused has none and
+logs ``NOQUEUE``), collect recipients, prepend the ``Received:`` header, spool the content,
 count hops, and commit the message to the queue through the group-commit writer
 before answering ``250 2.0.0 Ok: queued as ID``.  Policy (restriction lists)
 will hook in here, per event.
@@ -319,8 +320,9 @@ class SessionHooks:
 class Transaction:
     """One mail transaction: MAIL FROM to the end of DATA."""
 
-    def __init__(self, queue_id: str, sender: str, params: dict[str, str | None]) -> None:
-        self.queue_id = queue_id
+    def __init__(self, sender: str, params: dict[str, str | None]) -> None:
+        self.queue_id = ""  # assigned at the first accepted RCPT, as Postfix's smtpd opens its queue file there
+        self.instance = new_queue_id()  # names the transaction before that (policy delegation's instance)
         self.sender = sender
         self.params = params
         self.recipients: list[str] = []
@@ -391,7 +393,7 @@ class SmtpdSession:
             return await self._restrict("helo", "HELO", conn)
         if isinstance(event, MailFrom):
             self._discard()
-            self.txn = Transaction(new_queue_id(), event.sender, event.params)
+            self.txn = Transaction(event.sender, event.params)
             # cleanup's envelope rewrite (local context): user -> user@$myorigin
             self.txn.envelope_sender = rewrite.canonical(event.sender, self.ctx.policy.rewrite)
             if (hooked := await self._hook("mail", event.sender)) is not None:
@@ -401,12 +403,7 @@ class SmtpdSession:
                 self._log_reject("MAIL", replies.INSUFFICIENT_STORAGE, None)
                 self.txn = None
                 return replies.INSUFFICIENT_STORAGE
-            reply = await self._restrict("sender", "MAIL", conn, sender=event.sender)
-            if reply is None:
-                sasl = f", sasl_method={self.sasl_method}, sasl_username={self.sasl_username}" \
-                    if self.sasl_username else ""
-                log.info("%s: client=%s%s", self.txn.queue_id, self.client, sasl)
-            return reply
+            return await self._restrict("sender", "MAIL", conn, sender=event.sender)
         if isinstance(event, RcptTo):
             assert self.txn is not None
             if (hooked := await self._hook("rcpt", event.recipient)) is not None:
@@ -415,7 +412,7 @@ class SmtpdSession:
             if event.recipient.lower() == "postmaster" and resolved.klass != "invalid":
                 # Postfix's smtpd_check_rcpt: a bare postmaster is accepted before any
                 # restriction or recipient table (RFC 5321 4.5.1); stored as postmaster@$myorigin
-                self.txn.recipients.append(resolved.stored(event.recipient))
+                self._accept_recipient(resolved.stored(event.recipient))
                 return None
             if resolved.klass == "invalid":
                 # trivial-rewrite cannot resolve it: refused, never taken for local
@@ -430,7 +427,7 @@ class SmtpdSession:
                 unknown = await self.ctx.unlisted(event.recipient, resolved) \
                     if self.ctx.reject_unlisted_recipient else None
             except (TableError, ValueError) as exc:
-                log.warning("%s: %s lookup failed: %s", self.txn.queue_id,
+                log.warning("%s: %s lookup failed: %s", self.txn.queue_id or "NOQUEUE",
                             TABLE_OF_CLASS.get(resolved.klass, "recipient"), exc)
                 reply = Reply(451, "4.3.0", f"<{event.recipient}>: Temporary lookup failure")
                 self._log_reject("RCPT", reply, event.recipient)
@@ -439,7 +436,7 @@ class SmtpdSession:
                 reply = Reply(*unknown.text(event.recipient))
                 self._log_reject("RCPT", reply, event.recipient)
                 return reply
-            self.txn.recipients.append(resolved.stored(event.recipient))
+            self._accept_recipient(resolved.stored(event.recipient))
             return None
         if isinstance(event, DataStart):
             assert self.txn is not None
@@ -475,6 +472,21 @@ class SmtpdSession:
         if isinstance(event, (DataAborted, Reset)):
             self._discard()
         return None
+
+    def _accept_recipient(self, recipient: str) -> None:
+        """Add an accepted recipient; the first one gives the transaction its queue ID
+        and logs ``ID: client=...``, as Postfix's smtpd does when it opens the queue
+        file there: a transaction whose every RCPT is refused has no ID and is not
+        counted as received (pflogsumm counts the ``client=`` lines)."""
+        txn = self.txn
+        assert txn is not None
+        txn.recipients.append(recipient)
+        if txn.queue_id:
+            return
+        txn.queue_id = new_queue_id()
+        sasl = f", sasl_method={self.sasl_method}, sasl_username={self.sasl_username}" \
+            if self.sasl_username else ""
+        log.info("%s: client=%s%s", txn.queue_id, self.client, sasl)
 
     async def _spool(self, data: bytes) -> None:
         """Store DATA content; after a storage failure the rest is read and dropped."""
@@ -517,12 +529,16 @@ class SmtpdSession:
         request = Request(
             client_address=self.client_address, client_name=self.client_name, helo=self.helo_name,
             protocol="ESMTP" if self.extended else "SMTP", sender=sender, recipient=recipient,
-            queue_id=txn.queue_id if txn else "", recipient_count=len(txn.recipients) if txn else 0,
+            queue_id=txn.queue_id if txn else "", instance=txn.instance if txn else "",
+            recipient_count=len(txn.recipients) if txn else 0,
             size=size, pipelined=conn.pending_input and (stage == "data" or not self.extended),
             sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache, etrn=etrn)
         verdict = await policy.check(stage, request)
-        for warning in verdict.warnings:
-            log.info("%s: warn: %s from %s: %s", txn.queue_id if txn else "NOQUEUE", command, self.client, warning)
+        for action, text in verdict.logged:  # HOLD, DISCARD, INFO, WARN, ... as Postfix logs them
+            if txn is not None and (action == "hold" and txn.verdict.hold
+                                    or action == "discard" and txn.verdict.discard):
+                continue  # Postfix: once per transaction
+            self._log_whatsup(action, command, text, recipient)
         for warned in verdict.reject_warnings:  # warn_if_reject: what would have been refused
             self._log_reject(command, warned, recipient, what="reject_warning")
         if verdict.reply is not None:
@@ -569,16 +585,23 @@ class SmtpdSession:
     def _log_reject(self, command: str, reply: Reply, recipient: str | None, what: str = "reject") -> None:
         if self.ctx.metrics is not None and what == "reject":
             self.ctx.metrics.rejected.labels(command, str(reply.code)).inc()
+        self._log_whatsup(what, command, f"{reply.code} {reply.enhanced} {' '.join(reply.lines())}", recipient)
+
+    def _log_whatsup(self, what: str, command: str, text: str, recipient: str | None) -> None:
+        """Postfix's log_whatsup: ``ID: what: COMMAND from name[addr]: text; from=<s> to=<r>
+        proto=ESMTP helo=<h>`` (``NOQUEUE`` before the first accepted RCPT; from=, to= and
+        helo= only when known), which pflogsumm counts (reject, hold, discard)."""
         txn = self.txn
-        # Postfix's log_whatsup: from=, to= and helo= only when known
-        details = f"from=<{txn.sender}> " if txn else ""
+        details = f" from=<{txn.sender}>" if txn else ""
         if recipient is not None:
-            details += f"to=<{recipient}> "
-        details += f"proto={'ESMTP' if self.extended else 'SMTP'}"
+            details += f" to=<{recipient}>"
+        details += f" proto={'ESMTP' if self.extended else 'SMTP'}"
         if self.helo_name:
             details += f" helo=<{self.helo_name}>"
-        log.info("NOQUEUE: %s: %s from %s: %s %s %s; %s", what, command, self.client, reply.code,
-                 reply.enhanced, " ".join(reply.lines()), details)
+        if self.sasl_username:
+            details += f" sasl_method={self.sasl_method} sasl_username={self.sasl_username}"
+        log.info("%s: %s: %s from %s: %s;%s", txn.queue_id if txn and txn.queue_id else "NOQUEUE", what,
+                 command, self.client, text, details)
 
     async def _etrn(self, site: str, conn: ServerConnection) -> Reply | None:
         """ETRN (RFC 1985, Postfix's flush(8)): the deferred mail for an eligible
@@ -675,8 +698,7 @@ class SmtpdSession:
                 log.info("%s: reject: too many hops from %s", txn.queue_id, self.client)
                 return replies.TOO_MANY_HOPS
             verdict = txn.verdict
-            if verdict.discard:
-                log.info("%s: discard: %s from %s", txn.queue_id, verdict.discard, self.client)
+            if verdict.discard:  # logged when the action triggered (log_whatsup)
                 return replies.queued(txn.queue_id)
             try:
                 recipients = [verdict.redirect] if verdict.redirect else list(txn.recipients)
@@ -734,10 +756,6 @@ class SmtpdSession:
                     self.helo_name, txn.protocol, self.tls, self.sasl_username, raw))
             if message_id is not None:
                 cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
-            if verdict.hold:
-                cleanup_log.info("%s: hold: %s from %s", txn.queue_id, verdict.hold, self.client)
-            if FILTER_PARAM in params:
-                cleanup_log.info("%s: filter: %s from %s", txn.queue_id, params[FILTER_PARAM], self.client)
             qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue %s)", txn.queue_id, txn.envelope_sender,
                           message.content.size, len(recipients), message.state)
             return replies.queued(txn.queue_id)

@@ -114,7 +114,7 @@ def _reply_in_thread(port: int, recipient: str) -> tuple[threading.Thread, dict[
         try:
             with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
                 client.ehlo("client.example")
-                client.mail("alice@client.example")
+                result["mail"] = client.mail("alice@client.example")
                 ready.set()
                 result["rcpt"] = client.rcpt(recipient)
                 client.rset()
@@ -140,7 +140,10 @@ def test_a_table_read_that_blocks_stalls_only_the_session_that_asked(tmp_path, d
     os.mkfifo(table)  # a table file whose read blocks until someone writes: a hung disk or NSS
     d = daemon(mydestination="mx.test.example", local_recipient_maps=f"texthash:{table}", alias_maps="")
     thread, result = _reply_in_thread(d.port, "known@mx.test.example")
-    d.proc.wait_log(r"client=")  # the stuck session got as far as MAIL
+    deadline = time.monotonic() + 20  # the stuck session got as far as MAIL (its queue ID comes at RCPT)
+    while "mail" not in result:
+        assert time.monotonic() < deadline, result
+        time.sleep(0.01)
     _quick_session(d.port)  # another client is greeted and served while that RCPT waits
     assert "rcpt" not in result  # ... and the RCPT really is still waiting on the table
     with open(table, "w") as feed:  # the disk comes back

@@ -43,7 +43,9 @@ def test_quick_and_dirty_procedure_of_the_seed(tmp_path, serve_process):
     assert newaliases.returncode == 0, newaliases.stderr
     proc = serve_process(config_path)
     queue_id = smtplib_send_reply(proc.port, ["root@dogpeople.org"]).rsplit(" ", 1)[1]
-    proc.wait_log(rf"{queue_id}: to=<root@dogpeople.org>, relay=local, .*status=sent \(delivered to maildir mick\)")
+    # local(8)'s line names the final recipient and the address it was sent to (Postfix)
+    proc.wait_log(rf"{queue_id}: to=<mick@buford.dogpeople.org>, orig_to=<root@dogpeople.org>, relay=local, "
+                  r".*status=sent \(delivered to maildir mick\)")
     [message] = maildir_messages(tmp_path / "queue" / "mailboxes", "mick")
     assert message["Delivered-To"] == "root@dogpeople.org"
     assert message["Return-Path"] == "<alice@client.example>"

@@ -144,10 +144,10 @@ CASES = [
                                  "check_recipient_access inline:{else.example=reject_unauth_destination}"},
      {"source": "127.0.0.2", "rcpt": "r@else.example"}, 554, "5.7.1 <r@else.example>: Relay access denied"),
     ("client_access-cidr", {"smtpd_client_restrictions": "check_client_access cidr:{cidr}"},
-     {"source": "127.0.0.2"}, 554, "5.7.1 <unknown[127.0.0.2]>: Client host rejected: no thanks"),
+     {"source": "127.0.0.2"}, 554, "5.7.1 <client.good.example[127.0.0.2]>: Client host rejected: no thanks"),
     ("client_access-cidr-ok", {"smtpd_client_restrictions": "check_client_access cidr:{cidr}"}, {}, 250, ""),
     ("client_access-hostname", {"smtpd_client_restrictions": "check_client_access inline:{good.example=DEFER}"},
-     {"source": "127.0.0.2"}, 450, "4.7.1 <unknown[127.0.0.2]>: Client host rejected: Access denied"),
+     {"source": "127.0.0.2"}, 450, "4.7.1 <client.good.example[127.0.0.2]>: Client host rejected: Access denied"),
     ("helo_access-regexp", {"smtpd_helo_restrictions": "check_helo_access regexp:{regexp}"},
      {"helo": "dyn-1-2-3-4.isp.example"}, 550, "5.7.1 <dyn-1-2-3-4.isp.example>: Helo command rejected: "
                                                "dynamic host dyn-1-2-3-4"),
@@ -193,7 +193,7 @@ CASES = [
      {"source": "127.0.0.2", "rcpt": "r@else.example"}, 554, "5.7.1 <r@else.example>: Relay access denied"),
     ("inet_interfaces-own-address", {"smtpd_client_restrictions": "permit_inet_interfaces, reject"}, {}, 250, ""),
     ("inet_interfaces-other-address", {"smtpd_client_restrictions": "permit_inet_interfaces, reject"},
-     {"source": "127.0.0.2"}, 554, "5.7.1 <unknown[127.0.0.2]>: Client host rejected: Access denied"),
+     {"source": "127.0.0.2"}, 554, "5.7.1 <client.good.example[127.0.0.2]>: Client host rejected: Access denied"),
     ("access-defer_if_permit-defers-a-permit", {"smtpd_client_restrictions":
                                                "check_client_access inline:{ { 127.0.0.1=DEFER_IF_PERMIT later } }, "
                                                "permit"}, {}, 450,

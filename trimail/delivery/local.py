@@ -11,6 +11,14 @@ collected and queued by the caller as a new message (Postfix logs it as
 "forwarded as ID").  Each delivered copy starts with ``Return-Path:`` and
 ``Delivered-To:``.
 
+The mail log (Postfix's local(8)): one line per final recipient, not one per
+queued recipient: an alias expanded to local names or files logs
+``to=<name@$myorigin>, orig_to=<alias@domain>`` for each (``Expanded.lines``),
+and its remote targets are queued as one new message per queued recipient and
+envelope sender, logged ``to=<alias@domain>, ... status=sent (forwarded as ID)``;
+that message's own delivery lines carry ``orig_to=<alias@domain>``
+(``ORIG_TO_PARAM``), so pflogsumm counts deliveries and forwards as for Postfix.
+
 Identities (Postfix local(8), trimail.local.identity): mailboxes are written by
 serve itself; ``/file`` and ``|command`` targets from the alias table run as
 ``default_privs``, those from an ``:include:`` file as its owner, with that
@@ -81,13 +89,28 @@ EX_TEMPFAIL = 75
 OUTPUT_KEPT = 4096  # the end of a command's output kept for the bounce text (of which 200 characters are used)
 
 
+ORIG_TO_PARAM = "_ORIG_TO"  # message params key: the alias a forwarded copy was sent for (no esmtp-keyword has "_")
+
+
 @dataclasses.dataclass(slots=True)
 class Forward:
-    """Remote targets of an alias: queued by the caller as one new message."""
+    """Remote targets of one recipient's aliases: queued by the caller as one new
+    message (per recipient and envelope sender, as Postfix's forward.c)."""
 
     sender: str
     recipients: list[str]
     delivered_to: list[str]  # the local recipients whose aliases point here (loop detection)
+    index: int = 0  # which of the delivery's recipients it is for
+    orig_to: str = ""  # that recipient's address: the copy's recipients are logged with orig_to=<it>
+    list_mail: bool = False  # sent as owner-<alias>: a new message of the list's, no orig_to (Postfix)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Expanded(Outcome):
+    """A local recipient's outcome, with what the log says about each final recipient
+    its aliases led to: (to, outcome) pairs (the caller adds the forwards')."""
+
+    lines: tuple[tuple[str, Outcome], ...] = ()
 
 
 @dataclasses.dataclass(slots=True)
@@ -122,14 +145,20 @@ class LocalAgent:
 
     def deliver(self, sender: str, recipients: list[str], content: bytes) -> LocalResult:
         outcomes: list[Outcome] = []
-        forwards: dict[str, Forward] = {}
-        for recipient in recipients:
+        all_forwards: list[Forward] = []
+        for index, recipient in enumerate(recipients):
+            forwards: dict[str, Forward] = {}
             try:
-                outcomes.append(self._one(sender, recipient, content, forwards))
+                outcome = self._one(sender, recipient, content, forwards)
             except Exception as exc:  # noqa: BLE001 - the boundary of one recipient's delivery
                 report("local delivery", exc, logger=log)
-                outcomes.append(deferred("4.3.0", "local delivery failed: internal error"))
-        return LocalResult(outcomes, list(forwards.values()))
+                outcome = deferred("4.3.0", "local delivery failed: internal error")
+            outcomes.append(outcome)
+            if outcome.status == "sent":  # Postfix's forward_finish: forwarded only when all else went well
+                for forward in forwards.values():
+                    forward.index, forward.orig_to = index, recipient
+                    all_forwards.append(forward)
+        return LocalResult(outcomes, all_forwards)
 
     def _one(self, sender: str, recipient: str, content: bytes, forwards: dict[str, Forward]) -> Outcome:
         local, _, domain = recipient.rpartition("@")
@@ -146,18 +175,32 @@ class LocalAgent:
         headers = f"Return-Path: <{sender}>\r\nDelivered-To: {recipient.lower()}\r\n".encode()
         copy = headers + content
         done = []
-        refused = [target.refused for target in targets if target.refused]
+        lines: list[tuple[str, Outcome]] = []  # what the log says, per final recipient
+        top = local.lower()
+
+        def final(target: Target) -> str:
+            """The address a target is logged under: the alias or user it belongs to."""
+            name = (target.via or top).lower()
+            return recipient if name == top else f"{name}@{self.myorigin}"
+
+        refused = [target for target in targets if target.refused]
         for target in targets:
             if target.refused:
                 continue
             result = self._attempt(target, sender, recipient, domain, copy, forwards)
             if isinstance(result, Outcome):
-                return result
+                lines.append((final(target), result))
+                return Expanded(result.status, result.dsn, result.text, tuple(lines))
             done.append(result)
+            if target.kind != "remote":  # forwards are logged by the caller, once queued
+                lines.append((final(target), sent(result)))
         if refused:
-            log.warning("%s: %s", recipient, refused[0])
-            return bounced("5.3.5", "; ".join([*done, f"mail system configuration error: {refused[0]}"]))
-        return sent("; ".join(done) or "delivered")
+            log.warning("%s: %s", recipient, refused[0].refused)
+            failure = bounced("5.3.5", "; ".join([*done, f"mail system configuration error: {refused[0].refused}"]))
+            lines.append((final(refused[0]), bounced("5.3.5", f"mail system configuration error: "
+                                                               f"{refused[0].refused}")))
+            return Expanded(failure.status, failure.dsn, failure.text, tuple(lines))
+        return Expanded("sent", "2.0.0", "; ".join(done) or "delivered", tuple(lines))
 
     def _attempt(self, target: Target, sender: str, recipient: str, domain: str, copy: bytes,
                  forwards: dict[str, Forward]) -> str | Outcome:
@@ -245,15 +288,15 @@ class LocalAgent:
                 append_file(who, Path(target.value), copy, sender, self.lock, limit)
             except MailboxLocked as exc:
                 raise MailboxLocked(f"cannot append message to file {target.value}: {exc}") from None
-            return f"delivered to file {target.value}"
+            return f"delivered to file: {target.value}"
         if target.kind == "command":
             who = self._identity(target)
             if not who.can_become():
                 return self._via_helper(target, who, sender, recipient, domain, copy)
             self._run(target.value, sender, recipient, domain, copy, who)
-            return f"delivered to command {target.value}"
+            return f"delivered to command: {target.value}"
         owner = f"{target.owner}@{self.myorigin}" if target.owner else sender
-        forward = forwards.setdefault(owner, Forward(owner, [], []))
+        forward = forwards.setdefault(owner, Forward(owner, [], [], list_mail=bool(target.owner)))
         forward.recipients.append(target.value)
         if recipient.lower() not in forward.delivered_to:
             forward.delivered_to.append(recipient.lower())

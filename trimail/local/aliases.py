@@ -79,6 +79,7 @@ class Target:
     source: str = "alias"  # "alias" (the alias table) or "include" (an :include: file)
     uid: int | None = None  # whose rights /file and |command use: None = default_privs
     refused: str = ""  # why this /file or |command target must not be delivered (unsafe include file)
+    via: str = ""  # the local name whose alias entry (or mailbox) this is: the log's to=<via@$myorigin>
 
 
 def parse_alias_source(path: Path) -> list[tuple[str, str, int]]:
@@ -203,7 +204,7 @@ class Expander:
             raise AliasError("5.4.6", f"alias expansion deeper than {MAX_DEPTH}: {' -> '.join(path)}")
         value, table = self._lookup(name)
         if value is None:
-            self._add(Target("mailbox", name, owner), targets, seen)
+            self._add(Target("mailbox", name, owner, via=name), targets, seen)
             return
         list_owner = owner
         if self.lookup(f"owner-{name}") is not None:
@@ -217,6 +218,7 @@ class Expander:
                        uid: int | None, refused: str) -> None:
         """*uid*: whose rights this list's /file and |command targets get (None:
         default_privs); *refused*: why they must not be delivered at all."""
+        via = next((step for step in reversed(path) if not step.startswith(":include:")), "")
         for value in values:
             if value.lower().startswith(":include:"):
                 include = _safe_path(value[9:].strip(), ":include:")
@@ -230,26 +232,27 @@ class Expander:
             elif value.startswith("|"):
                 if source not in self.commands_from:
                     raise AliasError("5.7.1", f"mail to command is restricted by allow_mail_to_commands: {value}")
-                self._add(Target("command", value[1:].strip(), owner, source, uid, refused), targets, seen)
+                self._add(Target("command", value[1:].strip(), owner, source, uid, refused, via), targets, seen)
             elif value.startswith("/"):
-                self._add(Target("file", _safe_path(value, "file"), owner, source, uid, refused), targets, seen)
+                self._add(Target("file", _safe_path(value, "file"), owner, source, uid, refused, via), targets, seen)
             else:
-                self._expand_address(value, path, targets, seen, owner, self_name)
+                self._expand_address(value, path, targets, seen, owner, self_name, via)
 
     def _expand_address(self, value: str, path: tuple[str, ...], targets: list[Target],
-                        seen: set[tuple[str, str]], owner: str | None, self_name: str | None) -> None:
+                        seen: set[tuple[str, str]], owner: str | None, self_name: str | None,
+                        via: str = "") -> None:
         address = value.strip().strip("<>")
         resolved = rewrite.resolve(address, self.rewrite)  # the one resolver, as for mail from outside
         if resolved.klass == "invalid":
             raise AliasError("5.1.3", f"bad alias target {value!r}")
         if resolved.klass != "local":
-            self._add(Target("remote", resolved.address, owner), targets, seen)
+            self._add(Target("remote", resolved.address, owner, via=via), targets, seen)
             return
         name = resolved.local.lower()
         if not re.fullmatch(r"[^\s@\x00-\x1f]+", name):
             raise AliasError("5.1.3", f"bad alias target {value!r}")
         if name == self_name:  # "user: user, ..." delivers to user's own mailbox
-            self._add(Target("mailbox", name, owner), targets, seen)
+            self._add(Target("mailbox", name, owner, via=name), targets, seen)
         else:
             self._expand_name(name, path, targets, seen, owner, None)  # alias entries: the table's rights
 

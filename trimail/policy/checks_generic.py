@@ -128,7 +128,7 @@ async def check_policy_service(policy: Policy, req: Request, kind: str, arg: str
         "client_address": req.client_address,
         "client_name": req.client_name,
         "reverse_client_name": await policy.reverse_name(req) or "unknown",
-        "instance": req.queue_id,
+        "instance": req.instance or req.queue_id,
         "sasl_username": req.sasl_username,
         "size": str(req.size),
     }

@@ -72,7 +72,8 @@ class Request:
     protocol: str
     sender: str | None = None
     recipient: str | None = None
-    queue_id: str = ""
+    queue_id: str = ""  # "" until the first accepted RCPT (Postfix assigns the queue ID there)
+    instance: str = ""  # one mail transaction, from MAIL on (the policy protocol's instance)
     recipient_count: int = 0  # recipients accepted so far in this transaction
     size: int = 0
     pipelined: bool = False
@@ -94,6 +95,9 @@ class Verdict:
     bcc: str | None = None  # BCC address (the first one wins)
     prepend: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    # access actions for the mail log, as Postfix's log_whatsup: (action, text), e.g.
+    # ("hold", "<x@y>: Recipient address triggers HOLD action"); smtpd writes the lines
+    logged: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     reject_warnings: list[Reply] = dataclasses.field(default_factory=list)  # what warn_if_reject let pass
     # evaluation state of one check (Postfix's defer_if_permit / defer_if_reject / warn_if_reject)
     defer_if_permit: Reply | None = None

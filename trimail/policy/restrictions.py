@@ -292,15 +292,21 @@ class Policy(DnsChecks):
             log.warning("access table %s: with smtpd_delay_reject=no, action %s is always skipped in client or "
                         "helo restrictions", source or "(policy)", action.upper())
             return DUNNO
+        # what Postfix's smtpd_check.c logs for each action (log_whatsup), e.g.
+        # "<x@y>: Recipient address triggers HOLD action"
+        named = f"{self.subject(kind, req)}: {SUBJECT_TEXT[kind].removesuffix(' rejected')}"
         if action == "hold":
             verdict.hold = verdict.hold or f"{self.subject(kind, req)}: {result.text or 'held'}"
+            verdict.logged.append(("hold", f"{named} {result.text or 'triggers HOLD action'}"))
         elif action == "discard":
             verdict.discard = verdict.discard or f"{self.subject(kind, req)}: {result.text or 'discarded'}"
+            verdict.logged.append(("discard", f"{named} {result.text or 'triggers DISCARD action'}"))
         elif action == "redirect":
             address = result.text.strip()
             if self._bad_target(req, "REDIRECT", address, source):
                 return DUNNO
             verdict.redirect = address  # the last REDIRECT wins (Postfix)
+            verdict.logged.append(("redirect", f"{named} triggers REDIRECT {address}"))
         elif action == "filter":
             problem = filter_problem(result.text)
             if problem:
@@ -308,14 +314,16 @@ class Policy(DnsChecks):
                             result.text, problem)
                 return self.reply(451, "4.3.5", kind, req, "Server configuration error")
             verdict.filter = result.text.strip()  # the last FILTER wins (Postfix)
+            verdict.logged.append(("filter", f"{named} triggers FILTER {verdict.filter}"))
         elif action == "bcc":
             address = result.text.strip()
             if not self._bad_target(req, "BCC", address, source):
                 verdict.bcc = address  # the last BCC wins (Postfix 3.0)
+                verdict.logged.append(("bcc", f"{named} triggers BCC {address}"))
         elif action == "prepend":
             verdict.prepend.append(result.text)
-        elif action in ("warn", "info"):
-            verdict.warnings.append(f"{self.subject(kind, req)}: {result.text}")
+        elif action in ("warn", "info"):  # Postfix logs the action's text alone
+            verdict.logged.append((action, result.text))
         elif action == "restriction":
             if depth > 10:
                 return self.reply(451, "4.3.5", kind, req, "Server configuration error")

@@ -51,7 +51,7 @@ import trio
 
 from trimail.config import Config
 from trimail.delivery import attempt
-from trimail.delivery.local import Forward, LocalAgent
+from trimail.delivery.local import ORIG_TO_PARAM, Expanded, Forward, LocalAgent
 from trimail.delivery.route import Route
 from trimail.delivery.smtp import Connection, ConnectionFailed, Connector
 from trimail.delivery.virtual import VirtualAgent
@@ -67,7 +67,7 @@ from trimail.scheduler.feedback import Window, WindowSettings
 from trimail.scheduler.jobqueue import JobQueue
 from trimail.scheduler.slots import AgentSlots
 from trimail.scheduler.transfer import ContentError, content_of, envelope_of
-from trimail.smtp.client import Outcome
+from trimail.smtp.client import Outcome, sent
 from trimail.supervise import contained, thread_pool
 
 log = logging.getLogger("trimail.qmgr")
@@ -372,20 +372,28 @@ async def deliver_local(q: Qmgr, job: Job) -> list[Outcome]:
     result = await trio.to_thread.run_sync(
         q.local.deliver, job.message.sender, [r.address for r in job.recipients], content,
         limiter=agent_threads())
+    outcomes = result.outcomes
     for forward in result.forwards:
+        # the original recipient travels with the copy (Postfix's ORCP record): a copy of a
+        # copy keeps the first one, list mail (owner-<alias>) starts afresh
+        orig_to = "" if forward.list_mail else job.message.params.get(ORIG_TO_PARAM) or forward.orig_to
         with trio.CancelScope(shield=True):
-            new_id = await q.writer.run(queue_forward, forward, content, durable=False)
+            new_id = await q.writer.run(queue_forward, forward, content, orig_to, durable=False)
         q.wake()  # the forwarded copy waits in incoming for a round
-        log.info("%s: forwarded as %s to %s", job.message.id, new_id,
-                 ", ".join(f"<{r}>" for r in forward.recipients))
-    return result.outcomes
+        outcome = outcomes[forward.index]  # Postfix's local(8): "to=<alias>, ... (forwarded as ID)"
+        lines = outcome.lines if isinstance(outcome, Expanded) else ()
+        outcomes[forward.index] = Expanded(outcome.status, outcome.dsn, outcome.text,
+                                           (*lines, (forward.orig_to, sent(f"forwarded as {new_id}"))))
+    return outcomes
 
 
-def queue_forward(store: Store, forward: Forward, content: bytes) -> str:
+def queue_forward(store: Store, forward: Forward, content: bytes, orig_to: str = "") -> str:
     spool = Spool()
     for address in forward.delivered_to:
         spool.write(f"Delivered-To: {address}\r\n".encode())
     spool.write(content)
     new_id = new_queue_id()
-    store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local"))
+    params: dict[str, str | None] = {ORIG_TO_PARAM: orig_to} if orig_to else {}
+    store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local",
+                                    params=params))
     return new_id

@@ -19,6 +19,7 @@ import trio
 
 from trimail.config import Config
 from trimail.delivery.bounce import Failure, dsn_parts, header_lines, returns_full, status_of
+from trimail.delivery.local import ORIG_TO_PARAM, Expanded
 from trimail.log import printable
 from trimail.metrics import Metrics
 from trimail.queue import transitions
@@ -34,6 +35,8 @@ from trimail.supervise import retry_with_backoff
 
 log = logging.getLogger("trimail.qmgr")
 smtp_log = logging.getLogger("trimail.smtp")
+# the delivery agents' names in the log, as Postfix's (postfix/local, postfix/virtual)
+AGENT_LOGS = {"local": logging.getLogger("trimail.local"), "virtual": logging.getLogger("trimail.virtual")}
 bounce_log = logging.getLogger("trimail.bounce")
 
 REPLY_TEXT_LIMIT = 1000  # characters of a peer's reply kept with a recipient
@@ -44,6 +47,14 @@ def log_seconds(seconds: float) -> str:
     seconds = max(0.0, seconds)
     text = f"{seconds:.0f}" if seconds >= 100 else f"{seconds:.1f}" if seconds >= 10 else f"{seconds:.2f}"
     return text.rstrip("0").rstrip(".") if "." in text else text
+
+
+def _log_delivery(logger: logging.Logger, queue_id: str, to: str, orig_to: str, relay: str, delay: str,
+                  delays: str, dsn: str, status: str, text: str) -> None:
+    """Postfix's log_adhoc line; ``orig_to=`` only when it differs from ``to=``."""
+    orig = f", orig_to=<{orig_to}>" if orig_to and orig_to.lower() != to.lower() else ""
+    logger.info("%s: to=<%s>%s, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
+                queue_id, to, orig, relay, delay, delays, dsn, status, text)
 
 
 class Results:
@@ -92,8 +103,16 @@ class Results:
                 else status
             if self.metrics is not None:
                 self.metrics.outcome(status, outcome.dsn, job.route.transport, message.arrival_time)
-            smtp_log.info("%s: to=<%s>, relay=%s, delay=%s, delays=%s, dsn=%s, status=%s (%s)",
-                          message.id, recipient.address, relay, delay, delays, outcome.dsn, shown, reply_text)
+            agent_log = AGENT_LOGS.get(job.route.transport, smtp_log)
+            orig_to = message.params.get(ORIG_TO_PARAM) or ""  # a forwarded copy: the alias it was sent for
+            if isinstance(outcome, Expanded) and outcome.lines and shown == outcome.status:
+                # local(8): one line per final recipient of the aliases, orig_to= the queued one
+                for to, line in outcome.lines:
+                    _log_delivery(agent_log, message.id, to, orig_to or recipient.address, relay, delay, delays,
+                                  line.dsn, line.status, printable(line.text, REPLY_TEXT_LIMIT))
+            else:
+                _log_delivery(agent_log, message.id, recipient.address, orig_to, relay, delay, delays,
+                              outcome.dsn, shown, reply_text)
         return results
 
     async def commit(self, message: ClaimedMessage, results: list[RecipientResult], last: bool,
