@@ -612,12 +612,12 @@ class SmtpdSession:
             return refused
         if not rewrite.domain_listed(site, ctx.fast_flush_domains, ctx.fast_flush_subdomains):
             log.warning("reject: ETRN %s... from %s", site, self.client)
-            return Reply(459, "4.7.1", f"<{site}>: service unavailable")
+            return replies.etrn_refused(site)
         try:
             count = await ctx.writer.run(admin.flush_site, site)
         except Exception as exc:  # noqa: BLE001 - this request's boundary: 458, the session goes on
             log.warning("ETRN %s from %s: %s", site, self.client, exc)
-            return Reply(458, "4.3.0", "Unable to queue messages")
+            return replies.ETRN_UNABLE
         if ctx.scheduler is not None:
             if count:  # flush(8) tells qmgr to forget dead sites (QMGR_REQ_FLUSH_DEAD) when it has mail
                 ctx.scheduler.forget_dead()  # for the site: an ETRN for nothing revives nothing

@@ -543,8 +543,8 @@ async def test_etrn_flushes_an_eligible_site_and_refuses_others(start_mta, nurse
         "ETRN @BACK.example"])
     assert "ETRN" in ehlo.split("\n")
     assert [code for code, _ in answers] == [500, 501, 459, 250, 503, 250, 250], answers
-    assert answers[2][1] == "4.7.1 <other.example>: service unavailable"
-    assert answers[6][1] == "2.0.0 Queuing started"
+    assert answers[2][1] == "<other.example>: service unavailable"  # no enhanced code: Postfix
+    assert answers[6][1] == "Queuing started"
     await wait_for(lambda: [m.id for m in queue(srv)] == [other])
     assert peer.delivered == [["r@back.example"]]
 
@@ -566,7 +566,7 @@ async def test_etrn_restrictions_refuse_before_the_site_is_looked_at(start_mta, 
     _ehlo, answers = await trio.to_thread.run_sync(etrn_dialogue, srv.addresses[0].port, [
         "ETRN far.example", "ETRN back.example"])
     assert answers[0] == (554, "5.7.1 <far.example>: Etrn command rejected: Access denied"), answers
-    assert answers[1] == (250, "2.0.0 Queuing started"), answers
+    assert answers[1] == (250, "Queuing started"), answers
     assert [m.id for m in queue(srv)] == [far] and peer.delivered == []
 
 
@@ -597,5 +597,5 @@ async def test_an_etrn_that_makes_nothing_due_does_not_forget_the_dead_sites(sta
     dead.mark(("smtp", "far.example", 25, True), "smtp:far.example", deferred("4.4.1", "connect: timed out"),
               time.time(), 300)
     _ehlo, answers = await trio.to_thread.run_sync(etrn_dialogue, srv.addresses[0].port, ["ETRN back.example"])
-    assert answers == [(250, "2.0.0 Queuing started")]
+    assert answers == [(250, "Queuing started")]
     assert [site.destination for site in dead.snapshot(time.time())] == ["smtp:far.example"]

@@ -127,7 +127,7 @@ def test_rset_reports_reset_only_with_a_transaction():
         (b"MAIL FROM:<@relay.example:sender@example.org>\r\n", 250, "2.1.0"),
         (b"MAIL FROM:<sender@example.org> SIZE=1000 BODY=8BITMIME\r\n", 250, "2.1.0"),
         (b"MAIL TO:<sender@example.org>\r\n", 501, "5.5.4"),
-        (b"MAIL FROM:<sender@example.org\r\n", 501, "5.5.4"),
+        (b"MAIL FROM:<sender@example.org\r\n", 501, "5.1.7"),  # Postfix: Bad sender address syntax
         (b"MAIL FROM:<sender@@example.org>\r\n", 501, "5.1.7"),
         (b"MAIL FROM:<sender@exa_mple..org>\r\n", 501, "5.1.7"),
         (b"MAIL FROM:<sender>\r\n", 250, "2.1.0"),  # Postfix: qualified later, user@$myorigin
@@ -138,7 +138,7 @@ def test_rset_reports_reset_only_with_a_transaction():
         (b"MAIL FROM:<sender@example.org> SIZE=99999999999\r\n", 552, "5.3.4"),
         (b"MAIL FROM:<sender@example.org> SIZE=abc\r\n", 501, "5.5.4"),
         (b"MAIL FROM:<sender@example.org> SIZE=\xc2\xb2\r\n", 501, "5.5.4"),  # "2" superscript: isdigit, not int
-        (b"MAIL FROM:<sender@example.org> BODY=BINARYMIME\r\n", 501, "5.5.4"),
+        (b"MAIL FROM:<sender@example.org> BODY=BINARYMIME\r\n", 555, "5.5.4"),  # Postfix: Unsupported option
         (b"MAIL FROM:<sender@example.org> FROB=1\r\n", 555, "5.5.4"),
         (b"MAIL FROM:<j\xc3\xb6rg@example.org>\r\n", 553, "5.6.7"),  # RFC 6531 3.4, Postfix's reply
         (b"MAIL FROM:<j\xc3\xb6rg@example.org> SMTPUTF8\r\n", 250, "2.1.0"),
@@ -297,7 +297,7 @@ def test_bare_lf_command_rejected_when_forbidden():
 
 def test_message_too_big_is_refused_after_the_real_end():
     d = data_session(b"x" * 100 + b"\r\n" + b"y" * 100 + b"\r\n.\r\nNOOP\r\n", Settings(message_size_limit=150))
-    assert d.replies()[-2] == "552 5.3.4 Message size exceeds fixed limit"
+    assert d.replies()[-2] == "552 5.3.4 Error: message file too big"
     assert d.codes()[-1] == 250  # in sync: NOOP answered
     assert d.of_type(DataAborted) and not d.of_type(DataEnd)
 

@@ -158,8 +158,8 @@ def parse_path(argument: str, prefix: str, *, utf8_allowed: bool) -> Path:
     rest = argument[len(prefix):].lstrip(" ")
     if rest.startswith("<"):
         end = _closing_bracket(rest)
-        if end < 0:
-            raise AddressError("syntax")
+        if end < 0:  # Postfix: "Bad sender/recipient address syntax", not the command's syntax
+            raise AddressError("unclosed")
         path, params_text = rest[1:end], rest[end + 1:]
         if params_text and not params_text.startswith(" "):
             raise AddressError("syntax")

@@ -121,7 +121,15 @@ NEED_MAIL = Reply(503, "5.5.1", "Error: need MAIL command")
 NEED_RCPT = Reply(503, "5.5.1", "Error: need RCPT command")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
-MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")
+MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")  # SIZE= above the limit
+MESSAGE_FILE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")  # the content itself (Postfix)
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+# Postfix's etrn_cmd answers without enhanced status codes
+ETRN_STARTED = Reply(250, "", "Queuing started")
+ETRN_SYNTAX = Reply(500, "", "Syntax: ETRN domain")
+ETRN_BAD_DOMAIN = Reply(501, "", "Error: invalid parameter syntax")
+ETRN_IN_TRANSACTION = Reply(503, "", "Error: MAIL transaction in progress")
+ETRN_UNABLE = Reply(458, "", "Unable to queue messages")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")  # queue file system short or full
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Error: internal error, try again later")
@@ -130,8 +138,13 @@ FORBIDDEN_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.
 TOO_MANY_HOPS = Reply(554, "5.4.0", "Error: too many hops")
 
 
-def unsupported_option(name: str) -> Reply:
-    return Reply(555, "5.5.4", f"Unsupported option: {name}")
+def unsupported_option(name: str, value: str | None = None) -> Reply:
+    """Postfix names the option as the client gave it: ``FOO=bar``."""
+    return Reply(555, "5.5.4", f"Unsupported option: {name}" + (f"={value}" if value is not None else ""))
+
+
+def etrn_refused(site: str) -> Reply:
+    return Reply(459, "", f"<{site}>: service unavailable")
 
 
 def bad_parameter(text: str) -> Reply:

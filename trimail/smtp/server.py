@@ -447,7 +447,7 @@ class ServerConnection:
         if isinstance(event, Auth):
             return Reply(235, "2.7.0", "Authentication successful")
         if isinstance(event, Etrn):
-            return Reply(250, "2.0.0", "Queuing started")
+            return replies.ETRN_STARTED
         if isinstance(event, Connect):
             return replies.greeting(self.settings.banner)
         raise LocalProtocolError(f"no default reply for {event!r}")
@@ -663,7 +663,7 @@ class ServerConnection:
 
     def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
         if params and not self.extended:
-            return replies.unsupported_option(next(iter(params)))
+            return replies.unsupported_option(*next(iter(params.items())))
         for key, value in params.items():
             if key == "SIZE":
                 if value is None or not (value.isascii() and value.isdigit()):  # not "²": int() refuses it
@@ -673,12 +673,12 @@ class ServerConnection:
                     return replies.MESSAGE_TOO_BIG
             elif key == "BODY":
                 if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.bad_parameter("Unsupported BODY parameter value")
+                    return replies.unsupported_option(key, value)  # Postfix: BODY=BINARY too
             elif key == "SMTPUTF8" and self.settings.smtputf8:
                 if value is not None:
                     return replies.bad_parameter("Bad SMTPUTF8 parameter syntax")
             else:
-                return replies.unsupported_option(key)
+                return replies.unsupported_option(key, value)
         return None
 
     def _do_rcpt(self, arg: str) -> None:
@@ -697,7 +697,7 @@ class ServerConnection:
             self._error("rcpt", replies.BAD_RECIPIENT)
             return
         if path.params:
-            self._error("rcpt", replies.unsupported_option(next(iter(path.params))))
+            self._error("rcpt", replies.unsupported_option(*next(iter(path.params.items()))))
             return
         self._decide(RcptTo(path.address, path.params))
 
@@ -749,14 +749,14 @@ class ServerConnection:
         elif self.settings.helo_required and self.state is State.INIT:
             self._error("etrn", replies.NEED_HELO)
         elif self.state in (State.MAIL, State.RCPT):
-            self._error("etrn", Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+            self._error("etrn", replies.ETRN_IN_TRANSACTION)
         elif not site or " " in site:
-            self._error("etrn", Reply(500, "5.5.2", "Syntax: ETRN domain"))
+            self._error("etrn", replies.ETRN_SYNTAX)
         else:
             if not site[0].isalnum():  # "@domain" and "#queue" forms name the domain
                 site = site[1:]
             if not (is_domain(site.rstrip(".")) and site.isascii()):
-                self._error("etrn", Reply(501, "5.5.4", "Error: invalid parameter syntax"))
+                self._error("etrn", replies.ETRN_BAD_DOMAIN)
             else:
                 self._decide(Etrn(site.lower().rstrip(".")))
 
@@ -774,7 +774,7 @@ class ServerConnection:
 
     def _do_auth(self, arg: str) -> None:
         if not self.settings.auth:
-            self._error("auth", replies.NOT_IMPLEMENTED)
+            self._error("auth", replies.AUTH_NOT_ENABLED)
         elif not self.tls_active and self.settings.auth_tls_only:
             self._error("auth", Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
         elif self.authenticated:
@@ -841,7 +841,7 @@ class ServerConnection:
             elif reader.too_big:
                 self._events.append(DataAborted("message too big"))
                 self._end_transaction(State.READY)
-                self._error("data", replies.MESSAGE_TOO_BIG)
+                self._error("data", replies.MESSAGE_FILE_TOO_BIG)
             else:
                 self._decide(DataEnd(reader.size))
             return True
