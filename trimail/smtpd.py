@@ -90,6 +90,7 @@ from trimail.smtp.server import (
     MailFrom,
     NonSmtpCommand,
     RcptTo,
+    Rejected,
     Reset,
     ServerConnection,
     Settings,
@@ -370,6 +371,10 @@ class SmtpdSession:
         """Decide on *event*; a Reply for decision events (None accepts), else None."""
         if isinstance(event, Connect):  # smtpd_delay_reject = no: the client list at connect
             return await self._restrict("client", "CONNECT", conn)
+        if isinstance(event, Rejected):
+            if event.sender is not None:  # SIZE above message_size_limit: Postfix's smtpd_check_size logs it
+                self._log_reject("MAIL", event.reply, None, sender=event.sender)
+            return None
         if isinstance(event, NonSmtpCommand):
             log.warning("non-SMTP command from %s: %s", self.client, printable(event.line, 100))
             return None
@@ -582,17 +587,22 @@ class SmtpdSession:
         self.sasl_method = event.mechanism
         return Reply(235, "2.7.0", "Authentication successful")
 
-    def _log_reject(self, command: str, reply: Reply, recipient: str | None, what: str = "reject") -> None:
+    def _log_reject(self, command: str, reply: Reply, recipient: str | None, what: str = "reject",
+                    sender: str | None = None) -> None:
         if self.ctx.metrics is not None and what == "reject":
             self.ctx.metrics.rejected.labels(command, str(reply.code)).inc()
-        self._log_whatsup(what, command, f"{reply.code} {reply.enhanced} {' '.join(reply.lines())}", recipient)
+        self._log_whatsup(what, command, f"{reply.code} {reply.enhanced} {' '.join(reply.lines())}", recipient,
+                          sender)
 
-    def _log_whatsup(self, what: str, command: str, text: str, recipient: str | None) -> None:
+    def _log_whatsup(self, what: str, command: str, text: str, recipient: str | None,
+                     sender: str | None = None) -> None:
         """Postfix's log_whatsup: ``ID: what: COMMAND from name[addr]: text; from=<s> to=<r>
         proto=ESMTP helo=<h>`` (``NOQUEUE`` before the first accepted RCPT; from=, to= and
         helo= only when known), which pflogsumm counts (reject, hold, discard)."""
         txn = self.txn
-        details = f" from=<{txn.sender}>" if txn else ""
+        if sender is None and txn is not None:
+            sender = txn.sender
+        details = f" from=<{sender}>" if sender is not None else ""
         if recipient is not None:
             details += f" to=<{recipient}>"
         details += f" proto={'ESMTP' if self.extended else 'SMTP'}"
@@ -756,8 +766,10 @@ class SmtpdSession:
                     self.helo_name, txn.protocol, self.tls, self.sasl_username, raw))
             if message_id is not None:
                 cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
-            qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue %s)", txn.queue_id, txn.envelope_sender,
-                          message.content.size, len(recipients), message.state)
+            if hand_over:  # into active at once: the qmgr's line, as Postfix's qmgr logs it (once); mail
+                # left in incoming gets it when the qmgr claims it, held mail only once released
+                qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", txn.queue_id,
+                              txn.envelope_sender, message.content.size, len(recipients))
             return replies.queued(txn.queue_id)
         finally:
             txn.discard()

@@ -157,9 +157,17 @@ def _postfix_done(log: str) -> bool:
     return bool(active) and active <= removed
 
 
+# What the deliberate differences (docs/postfix.md) do to pflogsumm's counts on this
+# traffic.  Postfix refuses at RCPT, with a logged policy reject, what trimail refuses
+# earlier as syntax: strict-path-syntax (two), strict-smtputf8 (one: a UTF-8 address
+# without SMTPUTF8), and the two VRFY probes of vrfy; percent-hack is a relay refusal in
+# Postfix and an unknown local user in trimail (one each: no count).  In the
+# smtputf8-recipient session Postfix takes the second RCPT, so that transaction gets a
+# queue ID (received).  Everything else must be equal.
+DELIBERATE_COUNT_EFFECTS = {"rejected": 5, "received": 1}
+
+
 @pytest.mark.skipif(shutil.which("pflogsumm") is None, reason="needs pflogsumm")
-@pytest.mark.xfail(strict=True, reason="issue 17 item 1 (log lines: orig_to, forwarded as, client= only with a "
-                                       "queue id, hold:) is the log helper's work in smtpd.py/master.py")
 def test_pflogsumm_counts_the_same_traffic_the_same(pair, tmp_path):
     if not _all_sessions_ran():
         pytest.skip("only some sessions ran")
@@ -169,4 +177,7 @@ def test_pflogsumm_counts_the_same_traffic_the_same(pair, tmp_path):
     theirs.write_text(pair.postfix.log())
     ours = tmp_path / "trimail.log"
     ours.write_text(pair.trimail.log() + "\n")
-    assert pflogsumm(ours, "trimail") == pflogsumm(theirs, "postfix")
+    theirs_counts, ours_counts = pflogsumm(theirs, "postfix"), pflogsumm(ours, "trimail")
+    differences = {key: theirs_counts[key] - ours_counts.get(key, 0) for key in theirs_counts
+                   if theirs_counts[key] != ours_counts.get(key, 0)}
+    assert differences == DELIBERATE_COUNT_EFFECTS, (theirs_counts, ours_counts)

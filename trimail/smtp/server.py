@@ -198,6 +198,7 @@ class Rejected(Event):
 
     command: str
     reply: Reply
+    sender: str | None = None  # MAIL refused for its SIZE: Postfix logs it as a policy reject
 
 
 @dataclasses.dataclass(slots=True)
@@ -517,10 +518,10 @@ class ServerConnection:
         self._events.append(Closed(reason))
         self._in.clear()
 
-    def _error(self, verb: str, reply: Reply) -> None:
+    def _error(self, verb: str, reply: Reply, sender: str | None = None) -> None:
         self.error_count += 1
         self._send(reply)
-        self._events.append(Rejected(verb, reply))
+        self._events.append(Rejected(verb, reply, sender))
 
     def _read_command(self) -> bool:
         buf = self._in
@@ -657,7 +658,7 @@ class ServerConnection:
             return
         problem = self._check_mail_params(path.params)
         if problem is not None:
-            self._error("mail", problem)
+            self._error("mail", problem, sender=path.address if problem is replies.MESSAGE_TOO_BIG else None)
             return
         self._decide(MailFrom(path.address, path.params))
 
