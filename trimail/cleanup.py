@@ -9,17 +9,43 @@
 - Masquerading (``masquerade_domains``, ``masquerade_exceptions``,
   ``masquerade_classes``) strips subdomains: ``joe@host.sub.example.com`` becomes
   ``joe@example.com`` for ``masquerade_domains = example.com``; ``!domain`` stops it
-  for that domain; the classes say which addresses it applies to.
+  for that domain; the first entry that names the domain or a parent of it decides
+  (Postfix's cleanup_masquerade.c); an entry with a leading dot (``.example.com``)
+  never matches anything, as in Postfix; the classes say which addresses it applies to.
+- The header rewriting context (Postfix's smtpd_check_rewrite and cleanup's
+  ``hdr_rewrite_context``): the envelope is masqueraded for all mail, the message
+  headers only for mail in the ``local`` context: local submissions (sendmail,
+  ``sendmail -bs``, bounces) and SMTP clients that ``local_header_rewrite_clients``
+  names (default ``permit_inet_interfaces``: the client connects from an address
+  serve listens on).  Other clients' mail is in the ``remote`` context: its headers
+  are left as they came, unless ``remote_header_rewrite_domain`` is set.  smtpd
+  decides at MAIL FROM (``rewrite_context``) and the queue keeps the answer in the
+  message's params (``RWR_PARAM``); a message forwarded by an alias keeps the
+  context of the message it came from (Postfix's local(8) passes it on), so
+  Internet mail forwarded to a remote target keeps its headers.
 
 All functions here are pure (text in, text out) except the table lookups.
+
+Parameters: masquerade_domains, masquerade_exceptions, masquerade_classes,
+local_header_rewrite_clients, remote_header_rewrite_domain, myorigin, mydomain,
+append_at_myorigin, append_dot_mydomain, virtual_alias_maps.
 """
 
 from __future__ import annotations
 
 import email.utils
+import logging
 import re
+from typing import TYPE_CHECKING
 
-from trimail.maps import Table, lookup_first
+from trimail.maps import Table, TableError, lookup_first
+from trimail.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from trimail.policy.registry import Request
+    from trimail.policy.restrictions import Policy
+
+log = logging.getLogger("trimail.smtpd")
 
 VIRTUAL_DEPTH = 100
 VIRTUAL_MAX = 1000
@@ -30,22 +56,82 @@ _HEADER_CLASSES = {
 }
 
 
+LOCAL = "local"  # Postfix's MAIL_ATTR_RWR_LOCAL
+REMOTE = "remote"  # MAIL_ATTR_RWR_REMOTE
+RWR_PARAM = "_RWR"  # message params key of the rewrite context ("_" is not in an esmtp-keyword); absent: local
+
+# local_header_rewrite_clients: the names Postfix's smtpd_check_rewrite() knows
+_REWRITE_CLIENT_CHECKS = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated",
+                          "permit_tls_clientcerts", "permit_tls_all_clientcerts")
+
+
+async def rewrite_context(policy: Policy, request: Request, clients: list[str]) -> str | Reply:
+    """``local`` when the client matches *clients* (local_header_rewrite_clients),
+    else ``remote``; a Reply (451) when a table cannot answer.  As Postfix's
+    smtpd_check_rewrite(): the first entry that matches decides, a ``type:table``
+    entry (or ``check_address_map type:table``) matches when the table has the client
+    address as a key (``static:all`` matches every client), an unknown name is
+    warned about and skipped."""
+    from trimail.policy.registry import PERMIT, REGISTRY, Verdict
+
+    items = iter(clients)
+    for item in items:
+        name = item.lower()
+        table = item if ":" in item else next(items, None) if name == "check_address_map" else None
+        if name == "check_address_map" and table is None:
+            log.warning("parameter local_header_rewrite_clients: missing table after check_address_map")
+            break
+        if table is not None:
+            try:
+                if await policy.lookup(policy.table(table), [request.client_address]) is not None:
+                    return LOCAL
+            except (TableError, ValueError) as exc:
+                log.warning("local_header_rewrite_clients: %s: lookup of %s failed: %s",
+                            table, request.client_address, exc)
+                return Reply(451, "4.3.0", "Temporary lookup error")
+            continue
+        restriction = REGISTRY.get(name) if name in _REWRITE_CLIENT_CHECKS else None
+        if restriction is None:
+            log.warning("parameter local_header_rewrite_clients: invalid request: %s", item)
+            continue
+        result = await restriction.handler(policy, request, "client", None, Verdict())
+        if isinstance(result, Reply):  # a table behind the check could not answer
+            return Reply(451, "4.3.0", "Temporary lookup error")
+        if result is PERMIT:
+            return LOCAL
+    return REMOTE
+
+
+def header_context(params: dict[str, str | None], remote_header_rewrite_domain: str) -> str | None:
+    """The context a queued message's headers are rewritten in, or None when they are
+    left alone (cleanup's hdr_rewrite_context): remote mail only with
+    remote_header_rewrite_domain; a message without the record is local (what
+    cleanup assumes for pickup, bounces and mail queued before the record existed)."""
+    context = params.get(RWR_PARAM) or LOCAL
+    if context == REMOTE:
+        return REMOTE if remote_header_rewrite_domain else None
+    return LOCAL
+
+
 def masquerade(address: str, domains: list[str], exceptions: list[str]) -> str:
+    """*address* with the subdomains below a masquerade domain stripped (Postfix's
+    cleanup_masquerade_external): the first entry equal to the domain or to a parent
+    of it decides; ``!`` in front turns the stripping off (each ``!`` toggles); an
+    entry with a leading dot never matches."""
     local, at, domain = address.rpartition("@")
     if not at or not domains or local.lower() in {e.lower() for e in exceptions}:
         return address
     lowered = domain.lower()
     for entry in domains:
-        entry = entry.lower().lstrip(".")
-        if entry.startswith("!"):
-            name = entry[1:]
-            if lowered == name or lowered.endswith("." + name):
-                return address
+        name = entry.lstrip("!")
+        truncate = (len(entry) - len(name)) % 2 == 0
+        name = name.lower()
+        if not name:
             continue
-        if lowered.endswith("." + entry):
-            return f"{local}@{entry}"
-        if lowered == entry:
+        if lowered == name:
             return address
+        if lowered.endswith(name) and lowered[-len(name) - 1:-len(name)] == ".":
+            return f"{local}@{name}" if truncate else address
     return address
 
 

@@ -49,6 +49,7 @@ from typing import Protocol
 
 import trio
 
+from trimail.cleanup import RWR_PARAM
 from trimail.config import Config
 from trimail.delivery import attempt
 from trimail.delivery.local import Forward, LocalAgent
@@ -374,18 +375,23 @@ async def deliver_local(q: Qmgr, job: Job) -> list[Outcome]:
         limiter=agent_threads())
     for forward in result.forwards:
         with trio.CancelScope(shield=True):
-            new_id = await q.writer.run(queue_forward, forward, content, durable=False)
+            new_id = await q.writer.run(queue_forward, forward, content, job.message.params.get(RWR_PARAM),
+                                        durable=False)
         q.wake()  # the forwarded copy waits in incoming for a round
         log.info("%s: forwarded as %s to %s", job.message.id, new_id,
                  ", ".join(f"<{r}>" for r in forward.recipients))
     return result.outcomes
 
 
-def queue_forward(store: Store, forward: Forward, content: bytes) -> str:
+def queue_forward(store: Store, forward: Forward, content: bytes, context: str | None = None) -> str:
+    """The new message an alias makes for its remote targets; it keeps the rewrite
+    *context* of the message it came from (Postfix's local(8) forward passes it on)."""
     spool = Spool()
     for address in forward.delivered_to:
         spool.write(f"Delivered-To: {address}\r\n".encode())
     spool.write(content)
     new_id = new_queue_id()
-    store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local"))
+    params: dict[str, str | None] = {RWR_PARAM: context} if context else {}
+    store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local",
+                                    params=params))
     return new_id
