@@ -36,8 +36,10 @@ from __future__ import annotations
 import email.utils
 import logging
 import re
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from trimail import rewrite
 from trimail.maps import Table, TableError, lookup_first
 from trimail.smtp.replies import Reply
 
@@ -50,9 +52,12 @@ log = logging.getLogger("trimail.smtpd")
 VIRTUAL_DEPTH = 100
 VIRTUAL_MAX = 1000
 
+# Postfix's header_opts.c: the headers with HDR_OPT_SENDER and HDR_OPT_RECIP
 _HEADER_CLASSES = {
-    "header_sender": ("from", "sender", "reply-to", "errors-to", "resent-from", "resent-sender"),
-    "header_recipient": ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc"),
+    "header_sender": ("from", "sender", "reply-to", "errors-to", "resent-from", "resent-sender", "return-path",
+                      "return-receipt-to", "disposition-notification-to", "mail-followup-to"),
+    "header_recipient": ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc", "resent-reply-to",
+                         "apparently-to"),
 }
 
 
@@ -135,11 +140,71 @@ def masquerade(address: str, domains: list[str], exceptions: list[str]) -> str:
     return address
 
 
-_ADDR = re.compile(r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([A-Za-z0-9.-]+)")
+def address_spans(value: str) -> list[tuple[int, int]]:
+    """Where the addr-specs of an address-list header *value* are: inside ``<...>``,
+    or a bare mailbox less its comments; phrases, quoted strings, comments and group
+    names are never addresses.  A bare mailbox with a comment or white space inside
+    is left out (nothing is rewritten that is not surely an address)."""
+    spans: list[tuple[int, int]] = []
+    start, angle, depth, quoted, literal, escaped = 0, -1, 0, False, False, False
+    angle_span: tuple[int, int] | None = None
+    for i, ch in enumerate(value + ","):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif depth:
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+        elif literal:
+            literal = ch != "]"
+        elif ch == '"':
+            quoted = True
+        elif ch == "(":
+            depth = 1
+        elif ch == "[":
+            literal = True
+        elif angle >= 0:
+            if ch == ">":
+                angle_span, angle = (angle, i), -1
+        elif ch == "<":
+            angle = i + 1
+        elif ch == ":":  # a group's name ends
+            start, angle_span = i + 1, None
+        elif ch in ",;":
+            if angle_span is not None:
+                spans.append(angle_span)
+            elif (bare := _bare(value, start, i)) is not None:
+                spans.append(bare)
+            start, angle_span = i + 1, None
+    return [(a, b) for a, b in spans if b > a]
+
+
+def _bare(value: str, start: int, end: int) -> tuple[int, int] | None:
+    """The span of a mailbox without angle brackets, its comments around it trimmed."""
+    text = value[start:end]
+    core = re.sub(r"\((?:[^()\\]|\\.)*\)", lambda m: " " * len(m.group(0)), text)
+    if "(" in core:  # nested comments: leave it alone
+        return None
+    stripped = core.strip()
+    if not stripped or any(ch.isspace() for ch in stripped):
+        return None
+    first = core.index(stripped)
+    return start + first, start + first + len(stripped)
+
+
+def rewrite_header_value(value: str, one: Callable[[str], str]) -> str:
+    """*value* with each address (``address_spans``) replaced by ``one(address)``."""
+    out, last = [], 0
+    for begin, end in address_spans(value):
+        out += [value[last:begin], one(value[begin:end])]
+        last = end
+    return "".join(out) + value[last:]
 
 
 def masquerade_header_value(value: str, domains: list[str], exceptions: list[str]) -> str:
-    return _ADDR.sub(lambda m: masquerade(m.group(0), domains, exceptions), value)
+    return rewrite_header_value(value, lambda address: masquerade(address, domains, exceptions))
 
 
 def split_header(content: bytes) -> tuple[bytes, bytes]:
@@ -167,19 +232,59 @@ def field_name(field: bytes) -> str:
     return field.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
 
 
-def masquerade_headers(content: bytes, domains: list[str], exceptions: list[str], classes: list[str]) -> bytes:
-    names = {n for c in classes for n in _HEADER_CLASSES.get(c, ())}
-    if not domains or not names:
+def rewrite_headers(content: bytes, rewrites: dict[str, Callable[[str], str]]) -> bytes:
+    """*content* with the addresses in the headers *rewrites* names (lower case)
+    rewritten by the function given for each; the body is never touched."""
+    if not rewrites:
         return content
     header, rest = split_header(content)
     out = []
     for field in header_fields(header):
-        if field_name(field) in names:
+        one = rewrites.get(field_name(field))
+        if one is not None:
             name, _, value = field.partition(b":")
             text = value.decode("utf-8", "surrogateescape")
-            field = name + b":" + masquerade_header_value(text, domains, exceptions).encode("utf-8", "surrogateescape")
+            field = name + b":" + rewrite_header_value(text, one).encode("utf-8", "surrogateescape")
         out.append(field)
     return b"".join(f + b"\r\n" for f in out) + rest
+
+
+def masquerade_headers(content: bytes, domains: list[str], exceptions: list[str], classes: list[str]) -> bytes:
+    """Masquerading alone, for the header classes among *classes*."""
+    if not domains:
+        return content
+    one = lambda address: masquerade(address, domains, exceptions)  # noqa: E731
+    return rewrite_headers(content, {n: one for c in classes for n in _HEADER_CLASSES.get(c, ())})
+
+
+def header_rewriter(config: object, context: str | None) -> Callable[[bytes], bytes]:
+    """What cleanup does to the headers of a message in *context* (``header_context``):
+    nothing without one; else each sender and recipient address is completed as
+    trivial-rewrite does in that context (``local``: ``@$myorigin`` and
+    ``.$mydomain``; ``remote``: both ``remote_header_rewrite_domain``, with
+    append_at_myorigin / append_dot_mydomain saying whether) and masqueraded for the
+    classes of masquerade_classes."""
+    if context is None:
+        return lambda content: content
+    get = config.get  # type: ignore[attr-defined]
+    origin, domain = (get("myorigin"), get("mydomain")) if context == LOCAL else \
+        (get("remote_header_rewrite_domain"),) * 2
+    settings = rewrite.Settings(local_domains=frozenset(), swap_bangpath=get("swap_bangpath"),
+                                percent_hack=get("allow_percent_hack"),
+                                origin=origin if get("append_at_myorigin") else "",
+                                mydomain=domain if get("append_dot_mydomain") else "")
+    domains, exceptions, classes = get("masquerade_domains"), get("masquerade_exceptions"), get("masquerade_classes")
+
+    def rewriter(masq: bool) -> Callable[[str], str]:
+        def one(address: str) -> str:
+            address = rewrite.canonical(address, settings)
+            return masquerade(address, domains, exceptions) if masq else address
+        return one
+
+    plain, masked = rewriter(False), rewriter(bool(domains))
+    rewrites = {name: masked if klass in classes else plain
+                for klass, names in _HEADER_CLASSES.items() for name in names}
+    return lambda content: rewrite_headers(content, rewrites)
 
 
 def qualify(address: str, myorigin: str, mydomain: str, append_at_myorigin: bool, append_dot_mydomain: bool) -> str:

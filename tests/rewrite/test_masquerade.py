@@ -22,7 +22,7 @@ import trio
 from tests.conftest import trimail, wait_for
 from tests.delivery.test_delivery import wait_empty
 from tests.peers import Sink
-from trimail.cleanup import LOCAL, REMOTE, RWR_PARAM, header_context, masquerade
+from trimail.cleanup import LOCAL, REMOTE, RWR_PARAM, address_spans, header_context, masquerade
 
 SERVER = "127.0.44.1"  # the listening address: a client from here is permit_inet_interfaces
 OUTSIDE = "127.0.44.2"  # another loopback address: not one serve listens on
@@ -30,7 +30,7 @@ NETWORK_CLIENT = "127.0.44.3"
 SINK = "127.0.44.9"
 
 MESSAGE = ("From: Joe <joe@host.client.example>\r\nTo: ann@eng.far.example\r\n"
-           "Cc: bob@host.client.example\r\nSubject: hello\r\n\r\nbody joe@host.client.example\r\n")
+           "Cc: bob@host.client.example\r\nReply-To: joe\r\nSubject: hello\r\n\r\nbody joe@host.client.example\r\n")
 
 
 # -- masquerade_domains: Postfix's cleanup_masquerade_external ------------------
@@ -57,6 +57,21 @@ def test_a_message_without_a_context_record_is_local_and_remote_needs_the_domain
     assert header_context({RWR_PARAM: LOCAL}, "") == LOCAL
     assert header_context({RWR_PARAM: REMOTE}, "") is None
     assert header_context({RWR_PARAM: REMOTE}, "example.com") == REMOTE
+
+
+@pytest.mark.parametrize("value, addresses", [
+    (' Joe <joe@host.example>', ["joe@host.example"]),
+    (' "Joe, <x@y>" <joe@host.example>, ann (Ann, x) ,\r\n\tbob@b', ["joe@host.example", "ann", "bob@b"]),
+    (" team: a@b, c;, d", ["a@b", "c", "d"]),  # a group's name is no address
+    (" undisclosed-recipients:;", []),
+    (" Undisclosed recipients", []),  # words with a space between: not surely an address
+    (" <>, (just a comment)", []),
+    (' "joe@evil.example" (a@b) <joe@host.example>', ["joe@host.example"]),
+    (" =?utf-8?q?J=C3=B6?= <j@x.example>", ["j@x.example"]),
+    (' "a\\"b" <"q"@x>', ['"q"@x']),  # an escaped quote does not end a quoted string
+])
+def test_only_addresses_are_found_in_a_header_value(value, addresses):
+    assert [value[a:b] for a, b in address_spans(value)] == addresses
 
 
 # -- real sessions --------------------------------------------------------------
@@ -107,6 +122,7 @@ async def test_a_client_on_one_of_our_addresses_has_its_headers_masqueraded(star
     header = header_section(content)
     assert b"From: Joe <joe@client.example>\r\n" in header  # header_sender
     assert b"To: ann@far.example\r\n" in header and b"Cc: bob@client.example\r\n" in header  # header_recipient
+    assert b"Reply-To: joe@mx.test.example\r\n" in header  # completed with $myorigin
     assert content.endswith(b"body joe@host.client.example\r\n")  # never the body
 
 
@@ -118,6 +134,7 @@ async def test_an_outside_client_keeps_its_headers_but_not_its_envelope_sender(s
     header = header_section(content)
     assert b"From: Joe <joe@host.client.example>\r\n" in header
     assert b"To: ann@eng.far.example\r\n" in header and b"Cc: bob@host.client.example\r\n" in header
+    assert b"Reply-To: joe\r\n" in header
 
 
 @pytest.mark.parametrize("clients, source, masqueraded", [
@@ -154,11 +171,21 @@ async def test_an_authenticated_client_is_local_with_permit_sasl_authenticated(s
     assert b"From: Joe <joe@client.example>\r\n" in content
 
 
-async def test_remote_header_rewrite_domain_masquerades_other_clients_headers_too(start_mta):
+async def test_remote_header_rewrite_domain_completes_and_masquerades_other_clients_headers(start_mta):
     with Sink(SINK) as sink:
         srv = await relay(start_mta, sink, remote_header_rewrite_domain="domain.invalid")
         _, _, content = await one_message(srv, sink, OUTSIDE)
     assert b"From: Joe <joe@client.example>\r\n" in content and b"To: ann@far.example\r\n" in content
+    assert b"Reply-To: joe@domain.invalid\r\n" in content  # postconf(5): "append the specified domain"
+
+
+async def test_append_dot_mydomain_completes_header_addresses_of_local_mail(start_mta):
+    body = "From: joe@host\r\nTo: ann@eng.far.example, bob\r\nSubject: x\r\n\r\nhi\r\n"
+    with Sink(SINK) as sink:
+        srv = await relay(start_mta, sink, append_dot_mydomain="yes", mydomain="inside.example",
+                          myorigin="origin.example")
+        _, _, content = await one_message(srv, sink, SERVER, body=body)
+    assert b"From: joe@host.inside.example\r\nTo: ann@far.example, bob@origin.example\r\n" in content
 
 
 async def test_a_table_that_cannot_answer_refuses_mail_from_for_now(start_mta, tmp_path):
@@ -179,6 +206,7 @@ async def test_a_local_submission_has_its_headers_masqueraded(start_mta):
         [(sender, _, content)] = sink.messages
     assert sender == "joe@client.example"
     assert b"From: Joe <joe@client.example>\r\n" in content and b"To: ann@far.example\r\n" in content
+    assert b"Reply-To: joe@mx.test.example\r\n" in content
 
 
 @pytest.mark.parametrize("source, masqueraded", [(OUTSIDE, False), (SERVER, True)])

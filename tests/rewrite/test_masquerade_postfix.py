@@ -34,9 +34,10 @@ pytestmark = pytest.mark.skipif(not postfix_peer.available(), reason="needs root
 SERVER, OUTSIDE, SINK = "127.0.44.1", "127.0.44.2", "127.0.44.9"
 # a leading dot never matches (client.example stays); far.example and near.example do
 SETTINGS = {"masquerade_domains": ".client.example far.example near.example", "mynetworks": f"{SERVER}/32",
-            "local_header_rewrite_clients": "permit_mynetworks", "relay_domains": "far.example"}
+            "local_header_rewrite_clients": "permit_mynetworks", "relay_domains": "far.example",
+            "myorigin": "origin.example"}
 MESSAGE = ("From: Joe <joe@host.client.example>\r\nTo: ann@eng.far.example\r\n"
-           "Cc: bob@host.near.example\r\nSubject: from {source}\r\n\r\nbody\r\n")
+           "Cc: bob@host.near.example\r\nReply-To: joe, sales (team)\r\nSubject: from {source}\r\n\r\nbody\r\n")
 
 
 def free_port(host: str) -> int:
@@ -86,12 +87,13 @@ def submit(port: int, source: str) -> None:
         client.sendmail("joe@host.near.example", ["ann@far.example"], MESSAGE.format(source=source))
 
 
-def seen(messages) -> dict[str, tuple[str, str, str, str]]:
+def seen(messages) -> dict[str, tuple[str, ...]]:
     """By client (the Subject: names it): the envelope sender and the address lines."""
     out = {}
     for sender, _, content in messages:
         message = email.message_from_bytes(content, policy=email.policy.compat32)
-        out[message["Subject"].rpartition(" ")[2]] = (sender, message["From"], message["To"], message["Cc"])
+        out[message["Subject"].rpartition(" ")[2]] = (sender, message["From"], message["To"], message["Cc"],
+                                                         message["Reply-To"])
     return out
 
 
@@ -110,9 +112,9 @@ async def test_postfix_and_trimail_masquerade_the_same_addresses(start_mta):
             await trio.to_thread.run_sync(peer.stop)
     postfix, trimail = seen(pf_sink.messages), seen(tm_sink.messages)
     assert trimail == postfix
-    # what Postfix did, spelled out: the envelope of all mail, the headers of the local client only,
-    # and .client.example never matched
+    # what Postfix did, spelled out: the envelope of all mail, the headers of the local client only
+    # (completed with $myorigin and masqueraded), and .client.example never matched
     assert postfix[SERVER] == ("joe@near.example", "Joe <joe@host.client.example>", "ann@far.example",
-                               "bob@near.example")
+                               "bob@near.example", "joe@origin.example, sales@origin.example (team)")
     assert postfix[OUTSIDE] == ("joe@near.example", "Joe <joe@host.client.example>", "ann@eng.far.example",
-                                "bob@host.near.example")
+                                "bob@host.near.example", "joe, sales (team)")
