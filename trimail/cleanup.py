@@ -253,7 +253,9 @@ def masquerade_headers(content: bytes, domains: list[str], exceptions: list[str]
     """Masquerading alone, for the header classes among *classes*."""
     if not domains:
         return content
-    one = lambda address: masquerade(address, domains, exceptions)  # noqa: E731
+    def one(address: str) -> str:
+        return masquerade(address, domains, exceptions)
+
     return rewrite_headers(content, {n: one for c in classes for n in _HEADER_CLASSES.get(c, ())})
 
 
