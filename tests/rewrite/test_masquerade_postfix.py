@@ -2,10 +2,11 @@
 
 Both MTAs listen on 127.0.44.1 and relay to a sink; the same message is sent from
 127.0.44.1 (in mynetworks, and ``local_header_rewrite_clients = permit_mynetworks``:
-the local rewrite context) and from 127.0.44.2 (remote).  The envelope sender and the
-From:, To: and Cc: lines each MTA passes on must be the same.  (The default,
-permit_inet_interfaces, cannot be compared here: Postfix refuses an inet_interfaces
-address that no interface carries, and only 127.0.0.1 is on lo; the sessions in
+the local rewrite context), from 127.0.44.2 (remote), and with each one's sendmail
+(a local submission).  The envelope sender and the From:, To:, Cc: and Reply-To:
+lines each MTA passes on must be the same.  (The default, permit_inet_interfaces,
+cannot be compared here: Postfix refuses an inet_interfaces address that no
+interface carries, and only 127.0.0.1 is on lo; the sessions in
 test_masquerade.py cover it.)
 """
 
@@ -17,6 +18,7 @@ import shutil
 import smtplib
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -88,6 +90,14 @@ def submit(port: int, source: str) -> None:
         client.sendmail("joe@host.near.example", ["ann@far.example"], MESSAGE.format(source=source))
 
 
+def local_submission(command: list[str]) -> None:
+    """The same message handed to a sendmail command (a local submission)."""
+    text = MESSAGE.format(source="sendmail").replace("\r\n", "\n").encode()
+    done = subprocess.run([*command, "-f", "joe@host.near.example", "ann@far.example"], input=text,
+                          capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+
+
 def seen(messages) -> dict[str, tuple[str, ...]]:
     """By client (the Subject: names it): the envelope sender and the address lines."""
     out = {}
@@ -107,7 +117,10 @@ async def test_postfix_and_trimail_masquerade_the_same_addresses(start_mta):
             for source in (SERVER, OUTSIDE):
                 await trio.to_thread.run_sync(submit, peer.port, source)
                 await trio.to_thread.run_sync(submit, srv.addresses[0].port, source)
-            await wait_for(lambda: len(pf_sink.messages) == 2 and len(tm_sink.messages) == 2, 60)
+            await trio.to_thread.run_sync(local_submission, ["sendmail", "-C", str(workdir / "conf")])
+            await trio.to_thread.run_sync(local_submission, [sys.executable, "-m", "trimail", "sendmail", "-c",
+                                                             srv.config.source])
+            await wait_for(lambda: len(pf_sink.messages) == 3 and len(tm_sink.messages) == 3, 60)
             await wait_empty(srv)
         finally:
             await trio.to_thread.run_sync(peer.stop)
@@ -119,3 +132,4 @@ async def test_postfix_and_trimail_masquerade_the_same_addresses(start_mta):
                                "bob@near.example", "joe@origin.example, sales@origin.example (team)")
     assert postfix[OUTSIDE] == ("joe@near.example", "Joe <joe@host.client.example>", "ann@eng.far.example",
                                 "bob@host.near.example", "joe, sales (team)")
+    assert postfix["sendmail"] == postfix[SERVER]  # a local submission is local
