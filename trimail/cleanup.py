@@ -9,51 +9,202 @@
 - Masquerading (``masquerade_domains``, ``masquerade_exceptions``,
   ``masquerade_classes``) strips subdomains: ``joe@host.sub.example.com`` becomes
   ``joe@example.com`` for ``masquerade_domains = example.com``; ``!domain`` stops it
-  for that domain; the classes say which addresses it applies to.
+  for that domain; the first entry that names the domain or a parent of it decides
+  (Postfix's cleanup_masquerade.c); an entry with a leading dot (``.example.com``)
+  never matches anything, as in Postfix; the classes say which addresses it applies to.
+- The header rewriting context (Postfix's smtpd_check_rewrite and cleanup's
+  ``hdr_rewrite_context``): the envelope is masqueraded for all mail, the message
+  headers only for mail in the ``local`` context: local submissions (sendmail,
+  ``sendmail -bs``, bounces) and SMTP clients that ``local_header_rewrite_clients``
+  names (default ``permit_inet_interfaces``: the client connects from an address
+  serve listens on).  Other clients' mail is in the ``remote`` context: its headers
+  are left as they came, unless ``remote_header_rewrite_domain`` is set.  smtpd
+  decides at MAIL FROM (``rewrite_context``) and the queue keeps the answer in the
+  message's params (``RWR_PARAM``); a message forwarded by an alias keeps the
+  context of the message it came from (Postfix's local(8) passes it on), so
+  Internet mail forwarded to a remote target keeps its headers.
 
 All functions here are pure (text in, text out) except the table lookups.
+
+Parameters: masquerade_domains, masquerade_exceptions, masquerade_classes,
+local_header_rewrite_clients, remote_header_rewrite_domain, myorigin, mydomain,
+append_at_myorigin, append_dot_mydomain, virtual_alias_maps.
 """
 
 from __future__ import annotations
 
 import email.utils
+import logging
 import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from trimail.maps import Table, lookup_first
+from trimail import rewrite
+from trimail.maps import Table, TableError, lookup_first
+from trimail.smtp.replies import Reply
+
+if TYPE_CHECKING:
+    from trimail.policy.registry import Request
+    from trimail.policy.restrictions import Policy
+
+log = logging.getLogger("trimail.smtpd")
 
 VIRTUAL_DEPTH = 100
 VIRTUAL_MAX = 1000
 
+# Postfix's header_opts.c: the headers with HDR_OPT_SENDER and HDR_OPT_RECIP
 _HEADER_CLASSES = {
-    "header_sender": ("from", "sender", "reply-to", "errors-to", "resent-from", "resent-sender"),
-    "header_recipient": ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc"),
+    "header_sender": ("from", "sender", "reply-to", "errors-to", "resent-from", "resent-sender", "return-path",
+                      "return-receipt-to", "disposition-notification-to", "mail-followup-to"),
+    "header_recipient": ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc", "resent-reply-to",
+                         "apparently-to"),
 }
 
 
+LOCAL = "local"  # Postfix's MAIL_ATTR_RWR_LOCAL
+REMOTE = "remote"  # MAIL_ATTR_RWR_REMOTE
+RWR_PARAM = "_RWR"  # message params key of the rewrite context ("_" is not in an esmtp-keyword); absent: local
+
+# local_header_rewrite_clients: the names Postfix's smtpd_check_rewrite() knows
+_REWRITE_CLIENT_CHECKS = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated",
+                          "permit_tls_clientcerts", "permit_tls_all_clientcerts")
+
+
+async def rewrite_context(policy: Policy, request: Request, clients: list[str]) -> str | Reply:
+    """``local`` when the client matches *clients* (local_header_rewrite_clients),
+    else ``remote``; a Reply (451) when a table cannot answer.  As Postfix's
+    smtpd_check_rewrite(): the first entry that matches decides, a ``type:table``
+    entry (or ``check_address_map type:table``) matches when the table has the client
+    address as a key (``static:all`` matches every client), an unknown name is
+    warned about and skipped."""
+    from trimail.policy.registry import PERMIT, REGISTRY, Verdict
+
+    items = iter(clients)
+    for item in items:
+        name = item.lower()
+        table = item if ":" in item else next(items, None) if name == "check_address_map" else None
+        if name == "check_address_map" and table is None:
+            log.warning("parameter local_header_rewrite_clients: missing table after check_address_map")
+            break
+        if table is not None:
+            try:
+                if await policy.lookup(policy.table(table), [request.client_address]) is not None:
+                    return LOCAL
+            except (TableError, ValueError) as exc:
+                log.warning("local_header_rewrite_clients: %s: lookup of %s failed: %s",
+                            table, request.client_address, exc)
+                return Reply(451, "4.3.0", "Temporary lookup error")
+            continue
+        restriction = REGISTRY.get(name) if name in _REWRITE_CLIENT_CHECKS else None
+        if restriction is None:
+            log.warning("parameter local_header_rewrite_clients: invalid request: %s", item)
+            continue
+        result = await restriction.handler(policy, request, "client", None, Verdict())
+        if isinstance(result, Reply):  # a table behind the check could not answer
+            return Reply(451, "4.3.0", "Temporary lookup error")
+        if result is PERMIT:
+            return LOCAL
+    return REMOTE
+
+
+def header_context(params: dict[str, str | None], remote_header_rewrite_domain: str) -> str | None:
+    """The context a queued message's headers are rewritten in, or None when they are
+    left alone (cleanup's hdr_rewrite_context): remote mail only with
+    remote_header_rewrite_domain; a message without the record is local (what
+    cleanup assumes for pickup, bounces and mail queued before the record existed)."""
+    context = params.get(RWR_PARAM) or LOCAL
+    if context == REMOTE:
+        return REMOTE if remote_header_rewrite_domain else None
+    return LOCAL
+
+
 def masquerade(address: str, domains: list[str], exceptions: list[str]) -> str:
+    """*address* with the subdomains below a masquerade domain stripped (Postfix's
+    cleanup_masquerade_external): the first entry equal to the domain or to a parent
+    of it decides; ``!`` in front turns the stripping off (each ``!`` toggles); an
+    entry with a leading dot never matches."""
     local, at, domain = address.rpartition("@")
     if not at or not domains or local.lower() in {e.lower() for e in exceptions}:
         return address
     lowered = domain.lower()
     for entry in domains:
-        entry = entry.lower().lstrip(".")
-        if entry.startswith("!"):
-            name = entry[1:]
-            if lowered == name or lowered.endswith("." + name):
-                return address
+        name = entry.lstrip("!")
+        truncate = (len(entry) - len(name)) % 2 == 0
+        name = name.lower()
+        if not name:
             continue
-        if lowered.endswith("." + entry):
-            return f"{local}@{entry}"
-        if lowered == entry:
+        if lowered == name:
             return address
+        if lowered.endswith(name) and lowered[-len(name) - 1:-len(name)] == ".":
+            return f"{local}@{name}" if truncate else address
     return address
 
 
-_ADDR = re.compile(r"([A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+)@([A-Za-z0-9.-]+)")
+def address_spans(value: str) -> list[tuple[int, int]]:
+    """Where the addr-specs of an address-list header *value* are: inside ``<...>``,
+    or a bare mailbox less its comments; phrases, quoted strings, comments and group
+    names are never addresses.  A bare mailbox with a comment or white space inside
+    is left out (nothing is rewritten that is not surely an address)."""
+    spans: list[tuple[int, int]] = []
+    start, angle, depth, quoted, literal, escaped = 0, -1, 0, False, False, False
+    angle_span: tuple[int, int] | None = None
+    for i, ch in enumerate(value + ","):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif depth:
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+        elif literal:
+            literal = ch != "]"
+        elif ch == '"':
+            quoted = True
+        elif ch == "(":
+            depth = 1
+        elif ch == "[":
+            literal = True
+        elif angle >= 0:
+            if ch == ">":
+                angle_span, angle = (angle, i), -1
+        elif ch == "<":
+            angle = i + 1
+        elif ch == ":":  # a group's name ends
+            start, angle_span = i + 1, None
+        elif ch in ",;":
+            if angle_span is not None:
+                spans.append(angle_span)
+            elif (bare := _bare(value, start, i)) is not None:
+                spans.append(bare)
+            start, angle_span = i + 1, None
+    return [(a, b) for a, b in spans if b > a]
+
+
+def _bare(value: str, start: int, end: int) -> tuple[int, int] | None:
+    """The span of a mailbox without angle brackets, its comments around it trimmed."""
+    text = value[start:end]
+    core = re.sub(r"\((?:[^()\\]|\\.)*\)", lambda m: " " * len(m.group(0)), text)
+    if "(" in core:  # nested comments: leave it alone
+        return None
+    stripped = core.strip()
+    if not stripped or any(ch.isspace() for ch in stripped):
+        return None
+    first = core.index(stripped)
+    return start + first, start + first + len(stripped)
+
+
+def rewrite_header_value(value: str, one: Callable[[str], str]) -> str:
+    """*value* with each address (``address_spans``) replaced by ``one(address)``."""
+    out, last = [], 0
+    for begin, end in address_spans(value):
+        out += [value[last:begin], one(value[begin:end])]
+        last = end
+    return "".join(out) + value[last:]
 
 
 def masquerade_header_value(value: str, domains: list[str], exceptions: list[str]) -> str:
-    return _ADDR.sub(lambda m: masquerade(m.group(0), domains, exceptions), value)
+    return rewrite_header_value(value, lambda address: masquerade(address, domains, exceptions))
 
 
 def split_header(content: bytes) -> tuple[bytes, bytes]:
@@ -81,19 +232,61 @@ def field_name(field: bytes) -> str:
     return field.split(b":", 1)[0].strip().decode("ascii", "replace").lower()
 
 
-def masquerade_headers(content: bytes, domains: list[str], exceptions: list[str], classes: list[str]) -> bytes:
-    names = {n for c in classes for n in _HEADER_CLASSES.get(c, ())}
-    if not domains or not names:
+def rewrite_headers(content: bytes, rewrites: dict[str, Callable[[str], str]]) -> bytes:
+    """*content* with the addresses in the headers *rewrites* names (lower case)
+    rewritten by the function given for each; the body is never touched."""
+    if not rewrites:
         return content
     header, rest = split_header(content)
     out = []
     for field in header_fields(header):
-        if field_name(field) in names:
+        one = rewrites.get(field_name(field))
+        if one is not None:
             name, _, value = field.partition(b":")
             text = value.decode("utf-8", "surrogateescape")
-            field = name + b":" + masquerade_header_value(text, domains, exceptions).encode("utf-8", "surrogateescape")
+            field = name + b":" + rewrite_header_value(text, one).encode("utf-8", "surrogateescape")
         out.append(field)
     return b"".join(f + b"\r\n" for f in out) + rest
+
+
+def masquerade_headers(content: bytes, domains: list[str], exceptions: list[str], classes: list[str]) -> bytes:
+    """Masquerading alone, for the header classes among *classes*."""
+    if not domains:
+        return content
+    def one(address: str) -> str:
+        return masquerade(address, domains, exceptions)
+
+    return rewrite_headers(content, {n: one for c in classes for n in _HEADER_CLASSES.get(c, ())})
+
+
+def header_rewriter(config: object, context: str | None) -> Callable[[bytes], bytes]:
+    """What cleanup does to the headers of a message in *context* (``header_context``):
+    nothing without one; else each sender and recipient address is completed as
+    trivial-rewrite does in that context (``local``: ``@$myorigin`` and
+    ``.$mydomain``; ``remote``: both ``remote_header_rewrite_domain``, with
+    append_at_myorigin / append_dot_mydomain saying whether) and masqueraded for the
+    classes of masquerade_classes."""
+    if context is None:
+        return lambda content: content
+    get = config.get  # type: ignore[attr-defined]
+    origin, domain = (get("myorigin"), get("mydomain")) if context == LOCAL else \
+        (get("remote_header_rewrite_domain"),) * 2
+    settings = rewrite.Settings(local_domains=frozenset(), swap_bangpath=get("swap_bangpath"),
+                                percent_hack=get("allow_percent_hack"),
+                                origin=origin if get("append_at_myorigin") else "",
+                                mydomain=domain if get("append_dot_mydomain") else "")
+    domains, exceptions, classes = get("masquerade_domains"), get("masquerade_exceptions"), get("masquerade_classes")
+
+    def rewriter(masq: bool) -> Callable[[str], str]:
+        def one(address: str) -> str:
+            address = rewrite.canonical(address, settings)
+            return masquerade(address, domains, exceptions) if masq else address
+        return one
+
+    plain, masked = rewriter(False), rewriter(bool(domains))
+    rewrites = {name: masked if klass in classes else plain
+                for klass, names in _HEADER_CLASSES.items() for name in names}
+    return lambda content: rewrite_headers(content, rewrites)
 
 
 def qualify(address: str, myorigin: str, mydomain: str, append_at_myorigin: bool, append_dot_mydomain: bool) -> str:

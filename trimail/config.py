@@ -450,6 +450,13 @@ PARAMETERS: dict[str, Param] = {
         _P("masquerade_exceptions", "", split_list, "local parts exempt from masquerading"),
         _P("masquerade_classes", "envelope_sender, header_sender, header_recipient", split_list,
            "which addresses masquerading rewrites"),
+        _P("local_header_rewrite_clients", "permit_inet_interfaces", split_list,
+           "clients whose mail has its header addresses rewritten and masqueraded as local mail: "
+           "permit_inet_interfaces, permit_mynetworks, permit_sasl_authenticated, permit_tls_clientcerts, "
+           "permit_tls_all_clientcerts, check_address_map type:table (or type:table alone)"),
+        _P("remote_header_rewrite_domain", "", _str,
+           "when set, the header addresses of other clients' mail are rewritten too (incomplete ones "
+           "completed with this domain) and masqueraded; empty: left as they came"),
         # queue
         _P("queue_directory", "/var/spool/trimail", _str, "directory of the queue database"),
         _P("queue_busy_timeout", "30s", _time(), "how long a queue write waits while another process (an "

@@ -58,7 +58,7 @@ import trio
 
 from trimail import rewrite
 from trimail.anvil import AuthFailures
-from trimail.cleanup import virtual_expand
+from trimail.cleanup import RWR_PARAM, rewrite_context, virtual_expand
 from trimail.config import Config, ConfigError
 from trimail.delivery.dns import Resolver
 from trimail.delivery.route import FILTER_PARAM
@@ -337,6 +337,7 @@ class Transaction:
         self.header_too_big = False
         self.verdict = Verdict()  # actions collected from the restrictions (HOLD, PREPEND, ...)
         self.envelope_sender = sender  # what the queue stores: *sender* qualified (rewrite.canonical)
+        self.rewrite_context = "remote"  # local_header_rewrite_clients' answer at MAIL (cleanup.rewrite_context)
 
     def discard(self) -> None:
         if self.spool is not None:
@@ -408,7 +409,18 @@ class SmtpdSession:
                 self._log_reject("MAIL", replies.INSUFFICIENT_STORAGE, None)
                 self.txn = None
                 return replies.INSUFFICIENT_STORAGE
-            return await self._restrict("sender", "MAIL", conn, sender=event.sender)
+            reply = await self._restrict("sender", "MAIL", conn, sender=event.sender)
+            if reply is None:  # local_header_rewrite_clients (cleanup.rewrite_context), Postfix's order
+                context = await rewrite_context(self.ctx.policy, Request(
+                    self.client_address, self.client_name, self.helo_name, "ESMTP" if self.extended else "SMTP",
+                    sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache),
+                    self.ctx.config.local_header_rewrite_clients)
+                if isinstance(context, Reply):
+                    self._log_reject("MAIL", context, None)
+                    self.txn = None
+                    return context
+                self.txn.rewrite_context = context
+            return reply
         if isinstance(event, RcptTo):
             assert self.txn is not None
             if (hooked := await self._hook("rcpt", event.recipient)) is not None:
@@ -718,7 +730,7 @@ class SmtpdSession:
             except (TableError, ValueError) as exc:
                 log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
                 return replies.LOCAL_ERROR
-            params = dict(txn.params)
+            params = {**txn.params, RWR_PARAM: txn.rewrite_context}  # cleanup.header_context reads it
             if verdict.filter and not verdict.redirect:  # FILTER: the router sends every recipient there
                 params[FILTER_PARAM] = verdict.filter  # (REDIRECT overrides FILTER, as in Postfix)
             message = NewMessage(

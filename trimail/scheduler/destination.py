@@ -49,6 +49,7 @@ from typing import Protocol
 
 import trio
 
+from trimail.cleanup import RWR_PARAM
 from trimail.config import Config
 from trimail.delivery import attempt
 from trimail.delivery.local import ORIG_TO_PARAM, Expanded, Forward, LocalAgent
@@ -378,7 +379,8 @@ async def deliver_local(q: Qmgr, job: Job) -> list[Outcome]:
         # copy keeps the first one, list mail (owner-<alias>) starts afresh
         orig_to = "" if forward.list_mail else job.message.params.get(ORIG_TO_PARAM) or forward.orig_to
         with trio.CancelScope(shield=True):
-            new_id = await q.writer.run(queue_forward, forward, content, orig_to, durable=False)
+            new_id = await q.writer.run(queue_forward, forward, content, orig_to,
+                                        job.message.params.get(RWR_PARAM), durable=False)
         q.wake()  # the forwarded copy waits in incoming for a round
         outcome = outcomes[forward.index]  # Postfix's local(8): "to=<alias>, ... (forwarded as ID)"
         lines = outcome.lines if isinstance(outcome, Expanded) else ()
@@ -387,13 +389,19 @@ async def deliver_local(q: Qmgr, job: Job) -> list[Outcome]:
     return outcomes
 
 
-def queue_forward(store: Store, forward: Forward, content: bytes, orig_to: str = "") -> str:
+def queue_forward(store: Store, forward: Forward, content: bytes, orig_to: str = "",
+                  context: str | None = None) -> str:
+    """The new message an alias makes for its remote targets: it carries the original
+    recipient (*orig_to*) and keeps the rewrite *context* of the message it came from
+    (Postfix's local(8) forward passes both on)."""
     spool = Spool()
     for address in forward.delivered_to:
         spool.write(f"Delivered-To: {address}\r\n".encode())
     spool.write(content)
     new_id = new_queue_id()
     params: dict[str, str | None] = {ORIG_TO_PARAM: orig_to} if orig_to else {}
+    if context:
+        params[RWR_PARAM] = context
     store.insert_message(NewMessage(new_id, forward.sender, forward.recipients, spool, protocol="local",
                                     params=params))
     return new_id

@@ -2,7 +2,11 @@
 
 Masquerading (``masquerade_domains``, ``masquerade_exceptions``,
 ``masquerade_classes``) applies to mail leaving the host: the envelope sender and
-recipients and, in the header section, the sender and recipient headers.  The
+recipients of all mail.  The sender and recipient headers are rewritten (incomplete
+addresses completed, then masqueraded: ``cleanup.header_rewriter``) only for mail in
+a header rewriting context (``cleanup.header_context``: local submissions and
+``local_header_rewrite_clients``; other clients' mail only with
+``remote_header_rewrite_domain``).  The
 content comes from memory when it was handed over at acceptance, else it is read
 from the queue in pieces of ``CONTENT_CHUNK`` bytes (memory does not grow with the
 message); a piece that is missing raises ``ContentError`` before the end of data is
@@ -14,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from trimail.cleanup import masquerade, masquerade_headers
+from trimail.cleanup import header_context, header_rewriter, masquerade
 from trimail.delivery.smtp import Envelope
 from trimail.queue import transitions
 
@@ -42,10 +46,12 @@ def envelope_of(q: Qmgr, job: Job) -> Envelope:
 def content_of(q: Qmgr, job: Job) -> Callable[[], AsyncIterator[bytes]]:
     """The job's content as a stream that can be started again (a retry in clear)."""
     message_id, held, size = job.message.id, job.message.content, job.message.size
+    # header rewriting only in a rewrite context (cleanup's hdr_rewrite_context)
+    headers = header_rewriter(q.config, header_context(job.message.params, q.config.remote_header_rewrite_domain))
 
     async def content() -> AsyncIterator[bytes]:
         if held is not None:
-            yield masquerade_headers(held, q.masq_domains, q.masq_exceptions, q.masq_classes)
+            yield headers(held)
             return
         offset = 0
         while offset < size:
@@ -58,7 +64,7 @@ def content_of(q: Qmgr, job: Job) -> Callable[[], AsyncIterator[bytes]]:
             first = offset == 0
             offset += len(chunk)
             if first:  # the header section is in the first chunk (header_size_limit)
-                chunk = masquerade_headers(chunk, q.masq_domains, q.masq_exceptions, q.masq_classes)
+                chunk = headers(chunk)
             yield chunk
 
     return content
