@@ -215,7 +215,7 @@ def test_chroot_with_the_maillog_outside_the_jail_logs_and_serves(tmp_path, back
     assert serve.alive, serve.stop()[1] + (maillog.read_text() if maillog.exists() else "")
     assert os.readlink(f"/proc/{serve.proc.pid}/root") == str(jail)
     queue_id = send(port, ["someone@far.example"])
-    wait_until(lambda: f"{queue_id}: from=<alice@client.example>" in maillog.read_text())
+    wait_until(lambda: f"{queue_id}: client=" in maillog.read_text())  # smtpd's line, at the first accepted RCPT
     assert answers_220(port)
     # main.cf lies outside the jail: reload cannot re-read it (as Postfix documents for
     # files a chrooted daemon needs later); it is refused with one line, serve stays up
@@ -247,7 +247,7 @@ def test_chroot_with_the_certificate_outside_the_jail_offers_starttls(tmp_path, 
         client.starttls(context=context)
         client.ehlo("client.example")
         client.sendmail("alice@client.example", ["b@far.example"], "Subject: tls\r\n\r\nx\r\n")
-    wait_until(lambda: re.search(r"from=<alice@client.example>", maillog.read_text()) is not None)
+    wait_until(lambda: re.search(r": client=", maillog.read_text()) is not None)
     reload = trimail_cmd("reload", "-c", str(config_path))
     # main.cf and the certificate lie outside the jail: reload is refused with one line
     # (or, with main.cf inside it, keeps the certificate loaded at start); never a crash

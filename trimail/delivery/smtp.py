@@ -133,7 +133,14 @@ class Connection:
 
     @property
     def relay(self) -> str:
+        """``host[addr]:port``: Postfix's ``relay=`` (its namaddrport)."""
         return f"{self.host}[{self.address}]:{self.port}"
+
+    @property
+    def namaddr(self) -> str:
+        """``host[addr]``: how Postfix names the server in a reason (``host X said:``,
+        ``lost connection with X while ...``), without the port."""
+        return f"{self.host}[{self.address}]"
 
     async def _read(self, timeout: float, stage: str) -> Reply:
         """The next reply.  A connection that broke, timed out or talked nonsense is
@@ -143,14 +150,14 @@ class Connection:
                 while (reply := self.parser.next_reply()) is None:
                     data = await self.stream.receive_some(CHUNK)
                     if not data:
-                        raise self._lost(f"lost connection with {self.relay} while {stage}")
+                        raise self._lost(f"lost connection with {self.namaddr} while {stage}")
                     self.parser.feed(data)
         except trio.TooSlowError:
-            raise self._lost(f"conversation with {self.relay} timed out while {stage}") from None
+            raise self._lost(f"conversation with {self.namaddr} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise self._lost(f"lost connection with {self.relay} while {stage}") from None
+            raise self._lost(f"lost connection with {self.namaddr} while {stage}") from None
         except PeerProtocolError as exc:
-            raise self._lost(f"bad reply from {self.relay} while {stage}: {exc}") from None
+            raise self._lost(f"bad reply from {self.namaddr} while {stage}: {exc}") from None
         return reply
 
     async def _send(self, data: bytes, timeout: float, stage: str) -> None:
@@ -158,9 +165,9 @@ class Connection:
             with trio.fail_after(timeout):
                 await self.stream.send_all(data)
         except trio.TooSlowError:
-            raise self._lost(f"conversation with {self.relay} timed out while {stage}") from None
+            raise self._lost(f"conversation with {self.namaddr} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            raise self._lost(f"lost connection with {self.relay} while {stage}") from None
+            raise self._lost(f"lost connection with {self.namaddr} while {stage}") from None
 
     def _lost(self, text: str) -> ConnectionLost:
         self.usable = False
@@ -178,10 +185,10 @@ class Connection:
                 if self.tls:
                     reply = await self._ehlo(helo_name)
                     if reply.code != 250:
-                        raise ConnectionLost(f"{self.relay} refused EHLO after STARTTLS: {reply}")
+                        raise ConnectionLost(f"{self.namaddr} refused EHLO after STARTTLS: {reply}")
             return reply
         if tls is not None and tls.required:
-            raise TlsRequired(f"TLS is required, but host {self.relay} refused EHLO")
+            raise TlsRequired(f"TLS is required, but host {self.namaddr} refused EHLO")
         return await self.command(f"HELO {helo_name}\r\n".encode(), self.timeouts.helo, "HELO")
 
     async def _ehlo(self, helo_name: str) -> Reply:
@@ -193,18 +200,18 @@ class Connection:
     async def _starttls(self, helo_name: str, tls: TlsPolicy) -> None:
         if not self.ext.has("STARTTLS"):
             if tls.required:
-                raise TlsRequired(f"TLS is required, but was not offered by host {self.relay}")
+                raise TlsRequired(f"TLS is required, but was not offered by host {self.namaddr}")
             return
         reply = await self.command(b"STARTTLS\r\n", self.timeouts.helo, "STARTTLS")
         if reply.code != 220:
             if tls.required:
-                raise TlsRequired(f"TLS is required, but host {self.relay} refused STARTTLS: {reply}")
+                raise TlsRequired(f"TLS is required, but host {self.namaddr} refused STARTTLS: {reply}")
             return
         if self.parser.pending:
             # bytes after the 220 were sent before the handshake: an injection attempt
             # (the CVE-2011-0411 class, seen from the client side); never use them
             self.usable = False
-            raise ConnectionLost(f"host {self.relay} sent unexpected data after the STARTTLS reply")
+            raise ConnectionLost(f"host {self.namaddr} sent unexpected data after the STARTTLS reply")
         stream = trio.SSLStream(self.stream, tls.context(), server_hostname=self.host,
                                 https_compatible=False)
         try:
@@ -212,7 +219,7 @@ class Connection:
                 await stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, OSError) as exc:
             self.usable = False
-            raise TlsFailed(f"TLS handshake with {self.relay} failed: {exc}") from None
+            raise TlsFailed(f"TLS handshake with {self.namaddr} failed: {exc}") from None
         self.stream = stream
         self.tls = f"{stream.version()} with cipher {stream.cipher()[0]}"
 
@@ -222,7 +229,7 @@ class Connection:
         limit = self.ext.size_limit
         if limit is not None and envelope.size > limit:
             outcome = bounced("5.3.4", f"message size {envelope.size} exceeds size limit {limit} of server "
-                              f"{self.relay}")
+                              f"{self.namaddr}")
             return [outcome] * count
         utf8_needed = False
         if envelope.smtputf8 and not (self.ext.has("SMTPUTF8") and self.ext.has("8BITMIME")):
@@ -230,7 +237,7 @@ class Connection:
         if utf8_needed and not self.ext.has("SMTPUTF8"):
             # RFC 6531 section 3.2: no downgrade; Postfix's words and status
             outcome = bounced("5.6.7", "message requires SMTPUTF8, but no server was found that supports "
-                              f"SMTPUTF8. The last attempted server was {self.relay}")
+                              f"SMTPUTF8. The last attempted server was {self.namaddr}")
             return [outcome] * count
         # 8-bit entities to a server without 8BITMIME become quoted-printable (never for
         # mail that needs SMTPUTF8); SIZE is not announced then, the size changes
@@ -267,9 +274,9 @@ class Connection:
                     data_reply = await self._read(t.data_init, "receiving the DATA reply")
         if mail_reply.code != 250:
             await self._reset()
-            return [classify(mail_reply, self.relay, "MAIL FROM")] * len(rcpts)
+            return [classify(mail_reply, self.namaddr, "MAIL FROM")] * len(rcpts)
         outcomes: list[Outcome | None] = [
-            None if r.code in (250, 251) else classify(r, self.relay, "RCPT TO") for r in rcpt_replies]
+            None if r.code in (250, 251) else classify(r, self.namaddr, "RCPT TO") for r in rcpt_replies]
         if all(o is not None for o in outcomes):
             if data_reply is not None and data_reply.code == 354:  # a broken server: end the empty message
                 await self._send(b".\r\n", t.data_done, "sending end of data")
@@ -279,7 +286,7 @@ class Connection:
         assert data_reply is not None
         if data_reply.code != 354:
             await self._reset()
-            final = classify(data_reply, self.relay, "DATA")
+            final = classify(data_reply, self.namaddr, "DATA")
             return [o if o is not None else final for o in outcomes]
         stuffer = DotStuffer()
         pending = b""  # the last piece goes out with the end of data, in one send
@@ -289,7 +296,7 @@ class Connection:
             pending = stuffer.stuff(chunk)
         await self._send(pending + stuffer.finish(), t.data_xfer, "sending message body")
         final_reply = await self._read(t.data_done, "receiving the end of data reply")
-        final = classify(final_reply, self.relay, "end of DATA")
+        final = classify(final_reply, self.namaddr, "end of DATA")
         return [o if o is not None else final for o in outcomes]
 
     async def command(self, line: bytes, timeout: float, what: str) -> Reply:
