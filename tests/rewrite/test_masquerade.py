@@ -222,3 +222,16 @@ async def test_mail_forwarded_by_an_alias_keeps_the_context_it_came_with(start_m
     assert b"Delivered-To: staff@mx.test.example\r\n" in content
     assert (b"From: Joe <joe@client.example>\r\n" in content) is masqueraded
     assert (b"From: Joe <joe@host.client.example>\r\n" in content) is not masqueraded
+
+
+async def test_a_local_mailbox_gets_the_message_as_masqueraded_as_mail_that_leaves(start_mta, tmp_path):
+    """Postfix masquerades in cleanup, before the queue: a local mailbox sees the same
+    rewritten headers and envelope sender as a server the mail is relayed to."""
+    srv = await start_mta(smtpd_listen=f"{SERVER}:0", mynetworks="127.0.44.0/24", alias_maps="",
+                          local_recipient_maps="", home_mailbox="", masquerade_domains="client.example")
+    await trio.to_thread.run_sync(lambda: submit(srv.addresses[0].port, SERVER, recipients=("carol@mx.test.example",)))
+    await wait_empty(srv)
+    mbox = (tmp_path / "queue" / "mailboxes" / "carol").read_bytes()
+    assert mbox.startswith(b"From joe@client.example ")  # the envelope sender
+    assert b"\nFrom: Joe <joe@client.example>\n" in mbox and b"\nReply-To: joe@mx.test.example\n" in mbox
+    assert mbox.rstrip(b"\n").endswith(b"body joe@host.client.example")  # never the body

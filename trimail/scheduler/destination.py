@@ -63,6 +63,7 @@ from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.queue.writer import QueueWriter
+from trimail.scheduler import transfer
 from trimail.scheduler.dead import DeadSite, DeadSites, suspended  # noqa: F401 (DeadSite: re-exported)
 from trimail.scheduler.feedback import Window, WindowSettings
 from trimail.scheduler.jobqueue import JobQueue
@@ -366,12 +367,16 @@ async def deliver_local(q: Qmgr, job: Job) -> list[Outcome]:
         if content is None or len(content) != job.message.size:
             raise ContentError(f"content {'missing' if content is None else len(content)} "
                                f"of {job.message.size} bytes")
+    # what Postfix's cleanup did before queueing (masquerading, header rewriting in the
+    # message's rewrite context) is what local mailboxes see too, as the SMTP agent sends it
+    content = transfer.local_content(q, job, content)
+    sender = transfer.masquerade_address(q, job.message.sender, "envelope_sender")
     if job.route.transport == "virtual":  # virtual(8): mailboxes only, nothing to forward
         return await trio.to_thread.run_sync(
-            q.virtual.deliver, job.message.sender, [r.address for r in job.recipients], content,
+            q.virtual.deliver, sender, [r.address for r in job.recipients], content,
             limiter=agent_threads())
     result = await trio.to_thread.run_sync(
-        q.local.deliver, job.message.sender, [r.address for r in job.recipients], content,
+        q.local.deliver, sender, [r.address for r in job.recipients], content,
         limiter=agent_threads())
     outcomes = result.outcomes
     for forward in result.forwards:

@@ -1,7 +1,8 @@
-"""What an SMTP worker sends for a job: the envelope and the content stream.
+"""What an SMTP worker sends for a job: the envelope and the content stream (and,
+``local_content``, what a local or virtual mailbox gets: the same headers).
 
 Masquerading (``masquerade_domains``, ``masquerade_exceptions``,
-``masquerade_classes``) applies to mail leaving the host: the envelope sender and
+``masquerade_classes``) applies to mail as it is delivered: the envelope sender and
 recipients of all mail.  The sender and recipient headers are rewritten (incomplete
 addresses completed, then masqueraded: ``cleanup.header_rewriter``) only for mail in
 a header rewriting context (``cleanup.header_context``: local submissions and
@@ -70,8 +71,14 @@ def content_of(q: Qmgr, job: Job) -> Callable[[], AsyncIterator[bytes]]:
     return content
 
 
+def local_content(q: Qmgr, job: Job, content: bytes) -> bytes:
+    """The whole content for a local or virtual mailbox, its headers rewritten as for
+    SMTP (the header section is at the start: header_size_limit)."""
+    return header_rewriter(q.config, header_context(job.message.params, q.config.remote_header_rewrite_domain))(content)
+
+
 def masquerade_address(q: Qmgr, address: str, kind: str) -> str:
-    """Masquerading applies to mail leaving the host, for the configured classes."""
+    """Masquerading applies to mail as it is delivered, for the configured classes."""
     if kind not in q.masq_classes:
         return address
     return masquerade(address, q.masq_domains, q.masq_exceptions)
