@@ -83,6 +83,14 @@ log = logging.getLogger("trimail.master")
 LISTENERS = (("smtp", "smtpd_listen"), ("submission", "submission_listen"), ("smtps", "smtps_listen"))
 
 
+def peer_resolver(config: Config) -> Resolver:
+    """The resolver of client-name lookups: one per session at most, so as many at once
+    as sessions (smtpd_process_limit), never waiting for the policy checks' lookups
+    (dns_concurrency_limit) nor making them wait: clients whose reverse zones never
+    answer cost only their own sessions, as with Postfix's one lookup per smtpd."""
+    return Resolver(config.dns_nameservers, concurrency=max(1, config.smtpd_process_limit))
+
+
 class Server:
     """Handle on a running serve: where it listens, and how to stop it.
 
@@ -117,6 +125,7 @@ class Server:
             self.addresses.append(address)
             self.addresses_by_kind.setdefault(kind, []).append(address)
         resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
+        self.peer_resolver = peer_resolver(config)
         # the queue manager in this process, or (an smtpd worker) the trigger that wakes the qmgr worker's
         self.scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: self.addresses))
         self.handing_over: Scheduler | QmgrTrigger = self.scheduler if trigger is None else trigger
@@ -199,6 +208,7 @@ class Server:
             fresh = configuration.load(self.config.path, self.config.overrides)
             restriction_lists(fresh)
             resolver = Resolver(fresh.dns_nameservers, concurrency=fresh.dns_concurrency_limit)
+            fresh_peer_resolver = peer_resolver(fresh)
             contexts = {kind: ReceiveContext(fresh, self.writer, scheduler=self.handing_over, resolver=resolver,
                                              kind=kind, auth_failures=self.context.auth_failures)
                         for kind in {kind for kind, _ in LISTENERS}}
@@ -225,6 +235,7 @@ class Server:
             context.metrics = self.metrics
             context.policy.verifier = self.verifier
         self.config = fresh
+        self.peer_resolver = fresh_peer_resolver
         if self.anvil.configure(fresh) is False:
             self._stress_changed()
         self.limits = SessionLimits.from_config(fresh)
@@ -311,40 +322,45 @@ class Server:
     async def _session(self, stream: trio.SocketStream, kind: str, address: str) -> None:
         config = self.config
         context = self.contexts[kind]
-        name = "unknown"
-        if context.config.smtpd_peername_lookup:  # Postfix looks the client up before its greeting
-            name = await self.peer_names.name(context.policy.resolver, address)
-        decisions = SmtpdSession(context, address, name)
-        session = Session(
-            stream,
-            decisions,
-            limits=self.limits,
-            error_sleep=config.smtpd_error_sleep_time,
-            soft_error_limit=config.smtpd_soft_error_limit,
-            session_deadline=config.smtpd_session_deadline,
-            implicit_tls=kind == "smtps",
-        )
-        greeting = None
+        # Counted from the start (smtpd_process_limit, per-client limits, stress), and a
+        # connection that is refused gets its 421 at once, without the client-name lookup:
+        # a flood whose reverse zones never answer cannot hold descriptors past the limit.
         refused = self.anvil.admit(address, trio.current_time())
-        if refused == anvil.TOO_MANY:
-            log.warning("too many connections from %s", decisions.client)
-            greeting = replies.too_many_connections(context.hostname)
-        elif refused == anvil.TOO_FAST:
-            log.warning("too many connections per minute from %s", decisions.client)
-            greeting = replies.Reply(421, "4.7.0", f"{context.hostname} Error: too many connections from {address}")
-        self.sessions.add(session)
         stress = self.anvil.opened(address)
         self._idle = trio.Event() if self._idle.is_set() else self._idle
+        session: Session | None = None
         try:
             if stress is not None:  # on, or (other workers' sessions ended) off
                 self._stress_changed()
+            name = "unknown"
+            if refused is None and context.config.smtpd_peername_lookup:  # Postfix: before its greeting
+                name = await self.peer_names.name(self.peer_resolver, address)
+            decisions = SmtpdSession(context, address, name)
+            session = Session(
+                stream,
+                decisions,
+                limits=self.limits,
+                error_sleep=config.smtpd_error_sleep_time,
+                soft_error_limit=config.smtpd_soft_error_limit,
+                session_deadline=config.smtpd_session_deadline,
+                implicit_tls=kind == "smtps",
+            )
+            greeting = None
+            if refused == anvil.TOO_MANY:
+                log.warning("too many connections from %s", decisions.client)
+                greeting = replies.too_many_connections(context.hostname)
+            elif refused == anvil.TOO_FAST:
+                log.warning("too many connections per minute from %s", decisions.client)
+                greeting = replies.Reply(421, "4.7.0", f"{context.hostname} Error: too many connections from {address}")
+            self.sessions.add(session)
             if self.anvil.stress:
                 session.tighten(self.stress_limits)
             if self.stopping:
                 session.request_stop()
             await session.run(greeting)
         finally:
-            self.sessions.discard(session)
+            if session is not None:
+                self.sessions.discard(session)
             if self.anvil.closed(address) is False:
                 self._stress_changed()
             if not self.sessions:

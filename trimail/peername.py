@@ -20,12 +20,14 @@ Parameters: smtpd_peername_lookup, dns_nameservers (through the resolver).
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict
 
 import trio
 
 from trimail.delivery.dns import DnsError, Resolver
+from trimail.smtp.address import is_domain
 
 LOOKUP_TIMEOUT = 2.0
 POSITIVE_TTL = 3600.0
@@ -83,6 +85,21 @@ class PeerNames:
             self._cache.popitem(last=False)
 
 
+def host_name(name: str) -> bool:
+    """A name that may stand for a client in the log, ``Received:`` and reply texts:
+    letters, digits and hyphens in dot-separated labels (nothing dnspython had to
+    escape, no brackets or spaces), and not an address (Postfix refuses a numeric
+    PTR name: it could pass for another client)."""
+    name = name.rstrip(".")
+    if not name or name.startswith("[") or not is_domain(name):
+        return False
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return not name.replace(".", "").isdigit()
+    return False
+
+
 async def verified_name(resolver: Resolver, address: str) -> str:
     """The first PTR name of *address* whose A/AAAA records include it, else ``unknown``."""
     try:
@@ -90,6 +107,8 @@ async def verified_name(resolver: Resolver, address: str) -> str:
     except DnsError:
         return UNKNOWN
     for name in names or ():
+        if not host_name(name):  # Postfix's sockaddr_to_hostname: no valid_hostname(), or numeric
+            continue
         try:
             if address in await resolver.addresses(name):
                 return name

@@ -440,9 +440,10 @@ class SmtpdSession:
                                          recipient=event.recipient)
             if reply is not None:
                 return reply
-            try:  # smtpd_reject_unlisted_recipient: no user of ours we would only bounce (backscatter)
+            try:  # smtpd_reject_unlisted_recipient: no user of ours we would only bounce (backscatter);
+                # not once DISCARD is set: the mail goes nowhere (Postfix: state->discard == 0)
                 unknown = await self.ctx.unlisted(event.recipient, resolved) \
-                    if self.ctx.reject_unlisted_recipient else None
+                    if self.ctx.reject_unlisted_recipient and not self.txn.verdict.discard else None
             except (TableError, ValueError) as exc:
                 log.warning("%s: %s lookup failed: %s", self.txn.queue_id or "NOQUEUE",
                             TABLE_OF_CLASS.get(resolved.klass, "recipient"), exc)
