@@ -6,7 +6,7 @@ the queries it gets.  Names are dnspython names, so a label can hold any bytes
 
     dns = HostileDns("127.0.47.53", ptr={"127.0.48.1": [b"evil[6.6.6.6]"]},
                      a={b"evil[6.6.6.6]": ["127.0.48.1"]}, delay=0.0)
-    dns.start(); ...; dns.stop()
+    with dns: ...
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from typing import Self
 
 import dns.flags
 import dns.message
@@ -52,17 +53,17 @@ class HostileDns:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def start(self) -> HostileDns:
+    def start(self) -> None:
         self._thread.start()
-        return self
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
         self.sock.close()
 
-    def __enter__(self) -> HostileDns:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -79,7 +80,7 @@ class HostileDns:
                     pass
             try:
                 data, peer = self.sock.recvfrom(4096)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -88,7 +89,7 @@ class HostileDns:
                 continue
             try:
                 query = dns.message.from_wire(data)
-            except Exception:  # noqa: BLE001 - garbage in: no answer
+            except Exception:  # noqa: BLE001, S112 - garbage in: no answer
                 continue
             if query.question and query.question[0].name in self.silent_for:
                 continue

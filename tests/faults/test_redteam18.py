@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from tests.faults.conftest import assert_serving, serve_status, smtp_command, wait_until
+from tests.faults.conftest import banner, serve_status, smtp_command, wait_until
 from tests.faults.hostile_dns import HostileDns
 
 HOST = "127.0.47.1"
@@ -34,6 +34,11 @@ def _client(port: int, source: str, timeout: float = 10.0) -> socket.socket:
     conn.bind((source, 0))
     conn.connect((HOST, port))
     return conn
+
+
+def _serving(d) -> None:
+    assert d.alive, "serve exited:\n" + "\n".join(d.proc.log[-30:])
+    assert banner(d.port, HOST).startswith("220 ")
 
 
 def _line(conn: socket.socket) -> bytes:
@@ -120,7 +125,7 @@ def test_connections_over_the_process_limit_are_refused_without_waiting_for_dns(
         finally:
             for conn in conns:
                 conn.close()
-        assert_serving(d)
+        _serving(d)
 
 
 @pytest.mark.xfail(strict=True, reason="the client-name lookups share the worker's resolver and its "
@@ -180,3 +185,31 @@ def test_a_stop_during_lookups_ends_within_the_lookup_bound(daemon):
         finally:
             for conn in conns:
                 conn.close()
+
+
+# -- turns to accept --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_stopped_worker_does_not_keep_connections_waiting(daemon, which):
+    """Holds: with one smtpd worker stopped (SIGSTOP: whichever's turn it is), the
+    other greets new connections at once and serves a whole message."""
+    d = daemon(smtpd_listen=f"{HOST}:0", smtpd_workers=2, smtpd_peername_lookup="no")
+    workers = sorted(w["pid"] for w in serve_status(d.queue_directory)["workers"]
+                     if w["role"] == "smtpd" and w.get("state") == "running")
+    assert len(workers) == 2
+    stopped = workers[which]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        for i in range(5):
+            started = time.monotonic()
+            with _client(d.port, f"127.0.48.{i + 1}", timeout=5) as conn:
+                assert _line(conn).startswith(b"220 ")
+                assert time.monotonic() - started < 1.0
+                smtp_command(conn, b"HELO client.example")
+                assert smtp_command(conn, b"MAIL FROM:<a@client.example>").startswith(b"250 ")
+                assert smtp_command(conn, b"RCPT TO:<root@mx.test.example>")[:1] in (b"2", b"4")
+                smtp_command(conn, b"QUIT")
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    _serving(d)
