@@ -59,7 +59,8 @@ def _line(conn: socket.socket) -> bytes:
                    "'connect from evil[6.6.6.6][addr]' (log parsers such as fail2ban's postfix filter "
                    "then see another address, or no match at all), and puts it in Received: and reject texts")
 @pytest.mark.parametrize("ptr", [b"evil[6.6.6.6]", b"mail example.com", b"x\x1b[31m\nfake.example",
-                                 b"(c).@$x", b"127.0.48.7"])
+                                 b"(c).@$x", b"127.0.48.7", b".".join([b"\x01" * 63] * 3 + [b"\x01" * 61])],
+                         ids=["brackets", "space", "escape-newline", "specials", "address", "1000-chars"])
 def test_a_ptr_name_that_is_no_host_name_is_unknown(daemon, ptr):
     client = "127.0.48.7"
     with HostileDns(DNS_HOST, ptr={client: [ptr]}, a={ptr: [client]}) as dns:
