@@ -214,3 +214,61 @@ def test_a_stopped_worker_does_not_keep_connections_waiting(daemon, which):
     finally:
         os.kill(stopped, signal.SIGCONT)
     _serving(d)
+
+
+# -- the policy log lines ------------------------------------------------------------------
+
+
+def _states(queue_directory) -> list[str]:
+    import apsw
+
+    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return [row[0] for row in db.execute("SELECT state FROM message")]
+    finally:
+        db.close()
+
+
+def _policy_daemon(daemon):
+    return daemon(smtpd_listen=f"{HOST}:0", smtpd_peername_lookup="no", master_service_disable="qmgr",
+                  alias_maps="", local_recipient_maps="inline:{root=root}",
+                  smtpd_recipient_restrictions="check_recipient_access inline:{hold@mx.test.example=HOLD,"
+                  "hold2@mx.test.example=HOLD,disc@mx.test.example=DISCARD} permit_mynetworks "
+                  "reject_unauth_destination")
+
+
+def test_a_hold_is_logged_once_and_kept_when_its_recipient_is_refused(daemon):
+    """Holds (as Postfix's smtpd_check.c: saved_flags |= CLEANUP_FLAG_HOLD, logged once per
+    transaction): a HOLD whose recipient is then refused as unlisted still holds the message,
+    and a second one is not logged again (pflogsumm counts one held message)."""
+    d = _policy_daemon(daemon)
+    with _client(d.port, "127.0.48.30") as conn:
+        assert _line(conn).startswith(b"220 ")
+        smtp_command(conn, b"EHLO client.example")
+        assert smtp_command(conn, b"MAIL FROM:<a@client.example>").startswith(b"250 ")
+        assert smtp_command(conn, b"RCPT TO:<hold@mx.test.example>").startswith(b"550 5.1.1 ")
+        assert smtp_command(conn, b"RCPT TO:<hold2@mx.test.example>").startswith(b"550 5.1.1 ")
+        assert smtp_command(conn, b"RCPT TO:<root@mx.test.example>").startswith(b"250 ")
+        assert smtp_command(conn, b"DATA").startswith(b"354 ")
+        assert smtp_command(conn, b"Subject: held\r\n\r\nbody\r\n.").startswith(b"250 ")
+        smtp_command(conn, b"QUIT")
+    d.proc.wait_log(r"disconnect from unknown\[127\.0\.48\.30\]")
+    holds = [line for line in d.proc.log if ": hold: RCPT from " in line]
+    assert len(holds) == 1, holds
+    assert _states(d.queue_directory) == ["hold"]
+
+
+@pytest.mark.xfail(strict=True, reason="(before issue 17, found here) a DISCARD recipient is still checked "
+                   "against the local recipient table and refused 'User unknown'; Postfix skips "
+                   "reject_unlisted_recipient once DISCARD is set (smtpd_check_rcpt: state->discard == 0) "
+                   "and accepts it, the message is then discarded")
+def test_a_discarded_recipient_is_not_checked_against_the_recipient_table(daemon):
+    d = _policy_daemon(daemon)
+    with _client(d.port, "127.0.48.31") as conn:
+        assert _line(conn).startswith(b"220 ")
+        smtp_command(conn, b"EHLO client.example")
+        assert smtp_command(conn, b"MAIL FROM:<a@client.example>").startswith(b"250 ")
+        reply = smtp_command(conn, b"RCPT TO:<disc@mx.test.example>")
+        smtp_command(conn, b"QUIT")
+    assert reply.startswith(b"250 "), reply
+    d.proc.wait_log(r"discard: RCPT from unknown\[127\.0\.48\.31\]")
