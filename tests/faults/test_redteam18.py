@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from tests.faults.conftest import banner, serve_status, smtp_command, wait_until
+from tests.faults.conftest import banner, serve_status, smtp_command, trimail_cmd, wait_until
 from tests.faults.hostile_dns import HostileDns
 
 HOST = "127.0.47.1"
@@ -272,3 +272,28 @@ def test_a_discarded_recipient_is_not_checked_against_the_recipient_table(daemon
         smtp_command(conn, b"QUIT")
     assert reply.startswith(b"250 "), reply
     d.proc.wait_log(r"discard: RCPT from unknown\[127\.0\.48\.31\]")
+
+
+def test_a_reload_during_lookups_serves_the_waiting_sessions(daemon):
+    """Holds: sessions still in their client-name lookup when a reload retires their
+    worker are greeted and served to their end (a retiring worker counts only
+    sessions past the lookup as open; the nursery still waits for the others)."""
+    with HostileDns(DNS_HOST, silent=True) as dns:
+        d = daemon(smtpd_listen=f"{HOST}:0", dns_nameservers=f"{DNS_HOST}:{dns.port}", smtpd_workers=2)
+        conns = [_client(d.port, f"127.0.48.{i + 40}") for i in range(6)]
+        connected = time.monotonic()
+        try:
+            wait_until(lambda: dns.queries >= 6, timeout=10)
+            reloaded = trimail_cmd("reload", "-c", str(d.config_path), timeout=60)
+            assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
+            if time.monotonic() - connected > 1.9:
+                pytest.skip("the reload took longer than the lookups: nothing was in a lookup")
+            for conn in conns:
+                assert _line(conn).startswith(b"220 ")
+                assert smtp_command(conn, b"HELO client.example").startswith(b"250 ")
+                assert smtp_command(conn, b"MAIL FROM:<a@client.example>").startswith(b"250 ")
+                assert smtp_command(conn, b"QUIT").startswith(b"221 ")
+        finally:
+            for conn in conns:
+                conn.close()
+        _serving(d)
