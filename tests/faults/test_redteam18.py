@@ -297,3 +297,26 @@ def test_a_reload_during_lookups_serves_the_waiting_sessions(daemon):
             for conn in conns:
                 conn.close()
         _serving(d)
+
+
+def test_many_connections_at_once_are_all_greeted(daemon):
+    """Holds: 300 connections at once from 250 addresses (several sessions of one address
+    sharing one lookup), over two workers taking turns: each is greeted and served, no
+    error is logged and every session is counted off again."""
+    with HostileDns(DNS_HOST, ptr={"127.0.48.1": [b"one.example"]}, a={b"one.example": ["127.0.48.1"]}) as dns:
+        d = daemon(smtpd_listen=f"{HOST}:0", dns_nameservers=f"{DNS_HOST}:{dns.port}", smtpd_workers=2)
+        conns = [_client(d.port, f"127.0.48.{i % 250 + 1}", timeout=30) for i in range(300)]
+        try:
+            for conn in conns:
+                assert _line(conn).startswith(b"220 ")
+            for conn in conns:
+                assert smtp_command(conn, b"QUIT").startswith(b"221 ")
+        finally:
+            for conn in conns:
+                conn.close()
+        wait_until(lambda: serve_status(d.queue_directory)["sessions"] == 0, timeout=20)
+        named = [line for line in d.proc.log if ": connect from one.example[127.0.48.1]" in line]
+        assert len(named) == 2, named
+        assert not [line for line in d.proc.log if "error:" in line or "Traceback" in line or "fatal:" in line]
+        assert dns.queries <= 250 * 2 + 10  # a lookup per address and worker (PTR; A for the named one)
+        _serving(d)
