@@ -322,3 +322,35 @@ def test_many_connections_at_once_are_all_greeted(daemon):
         assert not [line for line in d.proc.log if "error:" in line or "Traceback" in line or "fatal:" in line]
         assert dns.queries <= 250 * 2 + 10  # a lookup per address and worker (PTR; A for the named one)
         _serving(d)
+
+
+def test_a_killed_worker_leaves_no_connection_waiting(daemon):
+    """Holds: SIGKILL of an smtpd worker while clients keep connecting: a connection it
+    had accepted is lost (reset or closed: it died with it), every other one is greeted
+    by the other worker without waiting for the dead one's turn."""
+    d = daemon(smtpd_listen=f"{HOST}:0", smtpd_workers=2, smtpd_peername_lookup="no")
+    workers = [w["pid"] for w in serve_status(d.queue_directory)["workers"]
+               if w["role"] == "smtpd" and w.get("state") == "running"]
+    waits: list[float] = []
+    lost = 0
+    killed_at = None
+    for i in range(60):
+        if i == 20:
+            os.kill(workers[0], signal.SIGKILL)
+            killed_at = time.monotonic()
+        started = time.monotonic()
+        try:
+            with _client(d.port, f"127.0.48.{i + 60}", timeout=5) as conn:
+                greeting = _line(conn)
+                if not greeting:
+                    lost += 1
+                    continue
+                assert greeting.startswith(b"220 "), greeting
+                waits.append(time.monotonic() - started)
+                smtp_command(conn, b"QUIT")
+        except ConnectionResetError:
+            lost += 1
+    assert killed_at is not None
+    assert lost <= 1, lost
+    assert max(waits) < 1.0, max(waits)
+    _serving(d)
