@@ -354,3 +354,39 @@ def test_a_killed_worker_leaves_no_connection_waiting(daemon):
     assert lost <= 1, lost
     assert max(waits) < 1.0, max(waits)
     _serving(d)
+
+
+def _spread(daemon, lookup: str) -> list[int]:
+    """Per-worker sessions after 20 clients connected one after another while DNS stalls."""
+    with HostileDns(DNS_HOST, silent=True) as dns:
+        d = daemon(smtpd_listen=f"{HOST}:0", dns_nameservers=f"{DNS_HOST}:{dns.port}", smtpd_workers=2,
+                   smtpd_peername_lookup=lookup)
+        conns: list[socket.socket] = []
+        try:
+            for i in range(20):  # each accepted (in its lookup, when there is one) before the next connects
+                conns.append(_client(d.port, f"127.0.48.{i + 1}"))
+                if lookup == "yes":
+                    wait_until(lambda: dns.queries >= len(conns), timeout=10)
+                else:
+                    wait_until(lambda: serve_status(d.queue_directory)["sessions"] >= len(conns), timeout=10)
+            for conn in conns:
+                assert _line(conn).startswith(b"220 ")
+            return [w["sessions"] for w in serve_status(d.queue_directory)["workers"] if w["role"] == "smtpd"]
+        finally:
+            for conn in conns:
+                conn.close()
+
+
+@pytest.mark.xfail(strict=True, reason="a session waiting for its client-name lookup is not on the session "
+                   "board, so SessionBoard.my_turn sees every worker idle and the first takes every "
+                   "connection: while DNS stalls, 20 clients connecting one after another end up 19/1 on "
+                   "two workers (11/9 with smtpd_peername_lookup = no)")
+def test_sessions_spread_over_the_workers_while_dns_stalls(daemon):
+    counts = _spread(daemon, "yes")
+    assert sum(counts) == 20 and max(counts) <= 12, counts
+
+
+def test_sessions_spread_over_the_workers_without_lookups(daemon):
+    """The control of the test above: without the lookup the board spreads them."""
+    counts = _spread(daemon, "no")
+    assert sum(counts) == 20 and max(counts) <= 12, counts
