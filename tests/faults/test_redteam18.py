@@ -6,7 +6,8 @@ masquerading's address scanner.
 A DNS server in a thread (tests/faults/hostile_dns.py) answers what a hostile
 client's own reverse zone can: PTR names that are no host names, or nothing at all.
 Every test binds only loopback addresses in 127.0.47.0/24 (clients from
-127.0.48.0/24).  Defects found are marked ``xfail(strict=True)`` with the reason.
+127.0.48.0/24).  Defects found were marked ``xfail(strict=True)``; each is fixed and
+its reason is kept above its test.
 """
 
 from __future__ import annotations
@@ -54,12 +55,12 @@ def _line(conn: socket.socket) -> bytes:
 # -- the client name: what a hostile reverse zone can put in it -----------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a forward-confirmed PTR name is used whatever it is: Postfix's "
-                   "sockaddr_to_hostname (util/myaddrinfo.c, called by smtpd_peer.c) refuses a name that "
-                   "is no valid_hostname() or is numeric (valid_hostaddr), so the client is 'unknown'; "
-                   "trimail logs 'connect from evil[6.6.6.6][addr]' (a log parser such as fail2ban's "
-                   "postfix filter then sees another address or none) and puts the name, dnspython's "
-                   "\\ddd escapes included (1000 characters), in Received: and reject texts")
+# Defect, fixed (a strict xfail until then): a forward-confirmed PTR name is used whatever
+# it is: Postfix's sockaddr_to_hostname (util/myaddrinfo.c, called by smtpd_peer.c)
+# refuses a name that is no valid_hostname() or is numeric (valid_hostaddr), so the client
+# is 'unknown'; trimail logs 'connect from evil[6.6.6.6][addr]' (a log parser such as
+# fail2ban's postfix filter then sees another address or none) and puts the name,
+# dnspython's \ddd escapes included (1000 characters), in Received: and reject texts
 @pytest.mark.parametrize("ptr", [b"evil[6.6.6.6]", b"mail example.com", b"x\x1b[31m\nfake.example",
                                  b"(c).@$x", b"127.0.48.7", b".".join([b"\x01" * 63] * 3 + [b"\x01" * 61])],
                          ids=["brackets", "space", "escape-newline", "specials", "address", "1000-chars"])
@@ -94,11 +95,11 @@ def test_a_plain_forward_confirmed_name_is_used(daemon):
 # -- the 2 s lookup under load ----------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a session is counted (smtpd_process_limit, status 'sessions', "
-                   "stress) only after its client-name lookup: with DNS that does not answer, every "
-                   "connection over the limit is accepted and holds its descriptor for the whole 2 s "
-                   "before its 421 (before issue 17: at once); Postfix never has more smtpd processes, "
-                   "so lookups, than the limit")
+# Defect, fixed (a strict xfail until then): a session is counted (smtpd_process_limit,
+# status 'sessions', stress) only after its client-name lookup: with DNS that does not
+# answer, every connection over the limit is accepted and holds its descriptor for the
+# whole 2 s before its 421 (before issue 17: at once); Postfix never has more smtpd
+# processes, so lookups, than the limit
 def test_connections_over_the_process_limit_are_refused_without_waiting_for_dns(daemon):
     limit, total = 5, 30
     with HostileDns(DNS_HOST, silent=True) as dns:
@@ -131,11 +132,11 @@ def test_connections_over_the_process_limit_are_refused_without_waiting_for_dns(
         _serving(d)
 
 
-@pytest.mark.xfail(strict=True, reason="the client-name lookups share the worker's resolver and its "
-                   "dns_concurrency_limit with the policy checks: clients whose own reverse zone never "
-                   "answers hold every slot for 2 s each, so a well-behaved client that connects after "
-                   "them is named 'unknown' (its lookup never got a turn); Postfix's lookups are per "
-                   "smtpd process and independent")
+# Defect, fixed (a strict xfail until then): the client-name lookups share the worker's
+# resolver and its dns_concurrency_limit with the policy checks: clients whose own reverse
+# zone never answers hold every slot for 2 s each, so a well-behaved client that connects
+# after them is named 'unknown' (its lookup never got a turn); Postfix's lookups are per
+# smtpd process and independent
 def test_silent_reverse_zones_do_not_cost_other_clients_their_names(daemon):
     attackers = [f"127.0.48.{i + 1}" for i in range(100)]
     good = "127.0.48.200"
@@ -260,10 +261,10 @@ def test_a_hold_is_logged_once_and_kept_when_its_recipient_is_refused(daemon):
     assert _states(d.queue_directory) == ["hold"]
 
 
-@pytest.mark.xfail(strict=True, reason="(before issue 17, found here) a DISCARD recipient is still checked "
-                   "against the local recipient table and refused 'User unknown'; Postfix skips "
-                   "reject_unlisted_recipient once DISCARD is set (smtpd_check_rcpt: state->discard == 0) "
-                   "and accepts it, the message is then discarded")
+# Defect, fixed (a strict xfail until then): (before issue 17, found here) a DISCARD
+# recipient is still checked against the local recipient table and refused 'User unknown';
+# Postfix skips reject_unlisted_recipient once DISCARD is set (smtpd_check_rcpt:
+# state->discard == 0) and accepts it, the message is then discarded
 def test_a_discarded_recipient_is_not_checked_against_the_recipient_table(daemon):
     d = _policy_daemon(daemon)
     with _client(d.port, "127.0.48.31") as conn:
@@ -377,10 +378,10 @@ def _spread(daemon, lookup: str) -> list[int]:
                 conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason="a session waiting for its client-name lookup is not on the session "
-                   "board, so SessionBoard.my_turn sees every worker idle and the first takes every "
-                   "connection: while DNS stalls, 20 clients connecting one after another end up 19/1 on "
-                   "two workers (11/9 with smtpd_peername_lookup = no)")
+# Defect, fixed (a strict xfail until then): a session waiting for its client-name lookup
+# is not on the session board, so SessionBoard.my_turn sees every worker idle and the
+# first takes every connection: while DNS stalls, 20 clients connecting one after another
+# end up 19/1 on two workers (11/9 with smtpd_peername_lookup = no)
 def test_sessions_spread_over_the_workers_while_dns_stalls(daemon):
     counts = _spread(daemon, "yes")
     assert sum(counts) == 20 and max(counts) <= 12, counts
