@@ -338,8 +338,9 @@ def virtual_expand(recipients: list[str], tables: list[Table]) -> list[str]:
 
 
 def complete_headers(content: bytes, *, sender: str, full_name: str | None, hostname: str,
-                     queue_id: str) -> bytes:
-    """Add From:, Date: and Message-ID: when a locally submitted message lacks them."""
+                     queue_id: str, date: float | None = None) -> bytes:
+    """Add From:, Date: (*date*, else now) and Message-ID: when a message that is
+    submitted locally, or comes from a local-context SMTP client, lacks them."""
     header, rest = split_header(content)
     present = {field_name(f) for f in header_fields(header)}
     added = []
@@ -348,7 +349,7 @@ def complete_headers(content: bytes, *, sender: str, full_name: str | None, host
             f"MAILER-DAEMON@{hostname}"
         added.append(f"From: {shown}")
     if "date" not in present:
-        added.append(f"Date: {email.utils.formatdate(localtime=True)}")
+        added.append(f"Date: {email.utils.formatdate(date, localtime=True)}")
     if "message-id" not in present:
         added.append(f"Message-Id: <{queue_id}@{hostname}>")
     extra = "".join(line + "\r\n" for line in added).encode("utf-8")

@@ -354,7 +354,8 @@ async def test_content_held_in_memory_is_bounded_and_given_back(start_mta, monke
 
     monkeypatch.setattr(trimail.scheduler.qmgr, "HELD_TOTAL_LIMIT", 3000)
     with Sink(delay=1.5) as sink:  # every message is still in delivery when the last is sent
-        srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}")
+        srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}",
+                              local_header_rewrite_clients="")  # bytes as sent: nothing added (remote client)
         bodies = [f"Subject: held {i}\r\n\r\n".encode() + (bytes([65 + i]) * 98 + b"\r\n") * 10 for i in range(4)]
         held = []
         for i, body in enumerate(bodies):

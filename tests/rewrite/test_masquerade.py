@@ -12,6 +12,7 @@ The serve listens on 127.0.44.1; a client connecting from 127.0.44.1 is "this ho
 
 from __future__ import annotations
 
+import re
 import smtplib
 import subprocess
 import sys
@@ -235,3 +236,17 @@ async def test_a_local_mailbox_gets_the_message_as_masqueraded_as_mail_that_leav
     assert mbox.startswith(b"From joe@client.example ")  # the envelope sender
     assert b"\nFrom: Joe <joe@client.example>\n" in mbox and b"\nReply-To: joe@mx.test.example\n" in mbox
     assert mbox.rstrip(b"\n").endswith(b"body joe@host.client.example")  # never the body
+
+
+@pytest.mark.parametrize("source, completed", [(SERVER, True), (OUTSIDE, False)])
+async def test_a_local_context_client_gets_missing_from_date_and_message_id_added(start_mta, source, completed):
+    """Postfix's cleanup (2.6 and later) adds a missing From:, Date: and Message-ID: to
+    mail from clients in local_header_rewrite_clients, and leaves other clients' alone."""
+    with Sink(SINK) as sink:
+        srv = await relay(start_mta, sink)
+        sender, _, content = await one_message(srv, sink, source, body="Subject: bare\r\n\r\nbody\r\n")
+    header = header_section(content)
+    assert sender == "joe@client.example"
+    assert (b"\r\nFrom: <joe@client.example>\r\n" in header) is completed  # the (masqueraded) sender
+    assert (b"\r\nDate: " in header) is completed
+    assert (re.search(rb"\r\nMessage-Id: <[0-9A-Za-z]+@mx\.test\.example>\r\n", header) is not None) is completed

@@ -19,7 +19,14 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from trimail.cleanup import header_context, header_rewriter, masquerade
+from trimail.cleanup import (
+    LOCAL,
+    RWR_PARAM,
+    complete_headers,
+    header_context,
+    header_rewriter,
+    masquerade,
+)
 from trimail.delivery.smtp import Envelope
 from trimail.queue import transitions
 
@@ -47,8 +54,7 @@ def envelope_of(q: Qmgr, job: Job) -> Envelope:
 def content_of(q: Qmgr, job: Job) -> Callable[[], AsyncIterator[bytes]]:
     """The job's content as a stream that can be started again (a retry in clear)."""
     message_id, held, size = job.message.id, job.message.content, job.message.size
-    # header rewriting only in a rewrite context (cleanup's hdr_rewrite_context)
-    headers = header_rewriter(q.config, header_context(job.message.params, q.config.remote_header_rewrite_domain))
+    headers = cleanup_headers(q, job)
 
     async def content() -> AsyncIterator[bytes]:
         if held is not None:
@@ -71,10 +77,30 @@ def content_of(q: Qmgr, job: Job) -> Callable[[], AsyncIterator[bytes]]:
     return content
 
 
+def cleanup_headers(q: Qmgr, job: Job) -> Callable[[bytes], bytes]:
+    """What Postfix's cleanup does to the header section (the start of the content:
+    header_size_limit) before queueing, done here as the message is delivered: header
+    rewriting only in a rewrite context (cleanup's hdr_rewrite_context), and for mail
+    from a local-context SMTP client a missing From:, Date: (its arrival) and
+    Message-ID: (from its queue ID) added, the same in every copy."""
+    message = job.message
+    rewrite = header_rewriter(q.config, header_context(message.params, q.config.remote_header_rewrite_domain))
+    if message.params.get(RWR_PARAM) != LOCAL:  # sendmail completed its own; remote clients' mail is theirs
+        return rewrite
+    hostname = q.config.myhostname
+
+    def complete(content: bytes) -> bytes:
+        if b"\r\n\r\n" not in content and not content.startswith(b"\r\n"):
+            return rewrite(content)  # no end of the header section seen: never add inside the body
+        return rewrite(complete_headers(content, sender=message.sender, full_name=None, hostname=hostname,
+                                        queue_id=message.id, date=message.arrival_time))
+
+    return complete
+
+
 def local_content(q: Qmgr, job: Job, content: bytes) -> bytes:
-    """The whole content for a local or virtual mailbox, its headers rewritten as for
-    SMTP (the header section is at the start: header_size_limit)."""
-    return header_rewriter(q.config, header_context(job.message.params, q.config.remote_header_rewrite_domain))(content)
+    """The whole content for a local or virtual mailbox, its headers as for SMTP."""
+    return cleanup_headers(q, job)(content)
 
 
 def masquerade_address(q: Qmgr, address: str, kind: str) -> str:
