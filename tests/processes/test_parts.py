@@ -223,15 +223,22 @@ def test_a_lone_client_stays_with_the_first_worker_even_before_its_last_session_
     assert master.total() == 1
 
 
-def test_under_load_the_turn_goes_to_the_least_busy_worker() -> None:
+def test_under_load_a_worker_ahead_of_the_least_busy_waits_its_turn() -> None:
     master, workers = _session_boards(3)
     workers[0].add(5)
     workers[1].add(3)
     workers[2].add(4)
-    assert [w.my_turn() for w in workers] == [False, True, False]
-    workers[1].add(2)  # 5, 5, 4: the first with at most one more than the least
-    assert [w.my_turn() for w in workers] == [True, False, False]
+    assert [w.my_turn() for w in workers] == [False, True, True]
+    workers[1].add(2)  # 5, 5, 4: all within one of the least busy
+    assert [w.my_turn() for w in workers] == [True, True, True]
     assert master.total() == 14
+
+
+def test_light_load_gives_the_turn_to_the_first_worker_only() -> None:
+    master, workers = _session_boards(3)
+    workers[1].add(1)
+    workers[2].add(1)  # 2 sessions on 3 workers: light
+    assert [w.my_turn() for w in workers] == [True, False, False]
 
 
 def test_a_worker_that_stopped_accepting_still_counts_but_never_has_the_turn() -> None:
@@ -242,3 +249,12 @@ def test_a_worker_that_stopped_accepting_still_counts_but_never_has_the_turn() -
     assert master.total() == 2
     master.clear(0)  # it died: its sessions died with it
     assert master.total() == 0 and new.my_turn()
+
+
+def test_under_load_every_worker_not_ahead_takes_connections_at_once() -> None:
+    master, workers = _session_boards(2)
+    workers[0].add(6)
+    workers[1].add(5)  # 11 sessions on 2 workers: both within one of the least busy
+    assert [w.my_turn() for w in workers] == [True, True]
+    workers[0].add(1)  # 7 against 5: the one ahead waits its turn
+    assert [w.my_turn() for w in workers] == [False, True]

@@ -56,13 +56,19 @@ class SessionBoard:
         return sum(abs(value) - 1 for value in _ALL.unpack_from(self.memory) if value)
 
     def my_turn(self) -> bool:
-        """Whether this worker should take the next connection at once: the first
-        (lowest slot) of the accepting workers with at most one session more than
-        the least busy.  So a lone client stays with one warm worker (its last
-        session may not have ended when it connects again) and under load sessions
-        spread evenly.  Used by net.listener.DeferredAccept."""
+        """Whether this worker should take the next connection at once.  Under light
+        load (no more sessions than accepting workers): only the first (lowest slot)
+        of the accepting workers with at most one session more than the least busy,
+        so a lone client stays with one warm worker (its last session may not have
+        ended when it connects again).  Under load: every accepting worker with at
+        most one session more than the least busy, so a connection never waits for
+        one busy worker while another could take it, and no worker runs ahead of the
+        others.  Used by net.listener.DeferredAccept."""
         counts = [value - 1 for value in _ALL.unpack_from(self.memory)]
-        least = min((count for count in counts if count >= 0), default=0)
+        accepting = [count for count in counts if count >= 0]
+        least = min(accepting, default=0)
+        if sum(accepting) > len(accepting):
+            return self.mine <= least + 1
         turn = next((slot for slot, count in enumerate(counts) if 0 <= count <= least + 1), self.slot)
         return turn == self.slot
 
