@@ -129,6 +129,8 @@ def test_connections_over_the_process_limit_are_refused_without_waiting_for_dns(
         finally:
             for conn in conns:
                 conn.close()
+        # the sessions still in their lookup leave when it ends (2 s): a 421 until then is right
+        wait_until(lambda: serve_status(d.queue_directory)["sessions"] == 0, timeout=15)
         _serving(d)
 
 
