@@ -203,10 +203,6 @@ def rewrite_header_value(value: str, one: Callable[[str], str]) -> str:
     return "".join(out) + value[last:]
 
 
-def masquerade_header_value(value: str, domains: list[str], exceptions: list[str]) -> str:
-    return rewrite_header_value(value, lambda address: masquerade(address, domains, exceptions))
-
-
 def split_header(content: bytes) -> tuple[bytes, bytes]:
     """(header section including its final CRLF, rest starting at the blank line)."""
     if content.startswith(b"\r\n"):
@@ -247,16 +243,6 @@ def rewrite_headers(content: bytes, rewrites: dict[str, Callable[[str], str]]) -
             field = name + b":" + rewrite_header_value(text, one).encode("utf-8", "surrogateescape")
         out.append(field)
     return b"".join(f + b"\r\n" for f in out) + rest
-
-
-def masquerade_headers(content: bytes, domains: list[str], exceptions: list[str], classes: list[str]) -> bytes:
-    """Masquerading alone, for the header classes among *classes*."""
-    if not domains:
-        return content
-    def one(address: str) -> str:
-        return masquerade(address, domains, exceptions)
-
-    return rewrite_headers(content, {n: one for c in classes for n in _HEADER_CLASSES.get(c, ())})
 
 
 def header_rewriter(config: object, context: str | None) -> Callable[[bytes], bytes]:

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from trimail import rewrite
-from trimail.cleanup import masquerade, masquerade_headers, virtual_expand
+from trimail.cleanup import LOCAL, header_rewriter, masquerade, virtual_expand
 from trimail.local.aliases import AliasError, Expander, parse_alias_source
 from trimail.local.mailbox import MailboxError, deliver_mbox, mailbox_path
 from trimail.maps import open_table
@@ -202,13 +202,18 @@ def test_masquerade_domains_and_exceptions(address, expected):
     assert masquerade(address, ["!keep.example.com", "example.com"], ["root"]) == expected
 
 
-def test_masquerade_classes_choose_headers():
+def test_masquerade_classes_choose_headers(make_config):
     content = (b"From: Joe <joe@host.example.com>\r\nTo: ann@x.example.com,\r\n bob@y.example.com\r\n"
                b"Subject: joe@host.example.com\r\n\r\nbody joe@host.example.com\r\n")
-    both = masquerade_headers(content, ["example.com"], [], ["header_sender", "header_recipient"])
+
+    def masquerade_headers(classes: str) -> bytes:  # cleanup's header rewriting, local context
+        config = make_config(masquerade_domains="example.com", masquerade_classes=classes)
+        return header_rewriter(config, LOCAL)(content)
+
+    both = masquerade_headers("header_sender, header_recipient")
     assert both == (b"From: Joe <joe@example.com>\r\nTo: ann@example.com,\r\n bob@example.com\r\n"
                     b"Subject: joe@host.example.com\r\n\r\nbody joe@host.example.com\r\n")
-    senders_only = masquerade_headers(content, ["example.com"], [], ["header_sender"])
+    senders_only = masquerade_headers("header_sender")
     assert b"To: ann@x.example.com" in senders_only and b"From: Joe <joe@example.com>" in senders_only
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
+from trimail.cleanup import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
 from trimail.delivery.route import Route
 from trimail.delivery.smtp import ConnectionFailed, Envelope
@@ -88,6 +89,7 @@ class FakeQmgr:
         self.masq_domains: list[str] = []
         self.masq_exceptions: list[str] = []
         self.masq_classes: list[str] = []
+        self.header_rewriters = {context: header_rewriter(config, context) for context in (LOCAL, REMOTE, None)}
         self.completed: list[tuple[str, Outcome]] = []  # (recipient, outcome) in completion order
         self.nursery: trio.Nursery | None = None
 

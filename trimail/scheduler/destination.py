@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -154,6 +155,7 @@ class Qmgr(Protocol):
     masq_domains: list[str]
     masq_exceptions: list[str]
     masq_classes: list[str]
+    header_rewriters: dict[str | None, Callable[[bytes], bytes]]
 
     def wake(self) -> None: ...
 

@@ -40,6 +40,7 @@ from typing import Any
 
 import trio
 
+from trimail.cleanup import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
 from trimail.delivery.bounce import status_of
 from trimail.delivery.local import LocalAgent
@@ -162,6 +163,8 @@ class Scheduler:
         self.masq_domains: list[str] = config.masquerade_domains
         self.masq_exceptions: list[str] = config.masquerade_exceptions
         self.masq_classes: list[str] = config.masquerade_classes
+        # cleanup's header rewriting per rewrite context (cleanup.header_context), built once
+        self.header_rewriters = {context: header_rewriter(config, context) for context in (LOCAL, REMOTE, None)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:

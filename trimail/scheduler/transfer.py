@@ -19,14 +19,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from trimail.cleanup import (
-    LOCAL,
-    RWR_PARAM,
-    complete_headers,
-    header_context,
-    header_rewriter,
-    masquerade,
-)
+from trimail.cleanup import LOCAL, RWR_PARAM, complete_headers, header_context, masquerade
 from trimail.delivery.smtp import Envelope
 from trimail.queue import transitions
 
@@ -84,7 +77,7 @@ def cleanup_headers(q: Qmgr, job: Job) -> Callable[[bytes], bytes]:
     from a local-context SMTP client a missing From:, Date: (its arrival) and
     Message-ID: (from its queue ID) added, the same in every copy."""
     message = job.message
-    rewrite = header_rewriter(q.config, header_context(message.params, q.config.remote_header_rewrite_domain))
+    rewrite = q.header_rewriters[header_context(message.params, q.config.remote_header_rewrite_domain)]
     if message.params.get(RWR_PARAM) != LOCAL:  # sendmail completed its own; remote clients' mail is theirs
         return rewrite
     hostname = q.config.myhostname
