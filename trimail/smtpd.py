@@ -52,7 +52,7 @@ import re
 import ssl
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -411,10 +411,8 @@ class SmtpdSession:
                 return replies.INSUFFICIENT_STORAGE
             reply = await self._restrict("sender", "MAIL", conn, sender=event.sender)
             if reply is None:  # local_header_rewrite_clients (cleanup.rewrite_context), Postfix's order
-                context = await rewrite_context(self.ctx.policy, Request(
-                    self.client_address, self.client_name, self.helo_name, "ESMTP" if self.extended else "SMTP",
-                    sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache),
-                    self.ctx.config.local_header_rewrite_clients)
+                context = await rewrite_context(self.ctx.policy, self._request(),
+                                                self.ctx.config.local_header_rewrite_clients)
                 if isinstance(context, Reply):
                     self._log_reject("MAIL", context, None)
                     self.txn = None
@@ -544,13 +542,8 @@ class SmtpdSession:
         if not policy.lists_for(stage):
             return None
         txn = self.txn
-        request = Request(
-            client_address=self.client_address, client_name=self.client_name, helo=self.helo_name,
-            protocol="ESMTP" if self.extended else "SMTP", sender=sender, recipient=recipient,
-            queue_id=txn.queue_id if txn else "", instance=txn.instance if txn else "",
-            recipient_count=len(txn.recipients) if txn else 0,
-            size=size, pipelined=conn.pending_input and (stage == "data" or not self.extended),
-            sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache, etrn=etrn)
+        request = self._request(sender=sender, recipient=recipient, size=size, etrn=etrn,
+                                pipelined=conn.pending_input and (stage == "data" or not self.extended))
         verdict = await policy.check(stage, request)
         for action, text in verdict.logged:  # HOLD, DISCARD, INFO, WARN, ... as Postfix logs them
             if txn is not None and (action == "hold" and txn.verdict.hold
@@ -571,6 +564,16 @@ class SmtpdSession:
             mine.bcc = verdict.bcc or mine.bcc
             mine.prepend += verdict.prepend
         return None
+
+    def _request(self, **command: Any) -> Request:
+        """What the policy sees of this session and transaction now; *command*: what
+        the command being decided adds (sender, recipient, size, ...)."""
+        txn = self.txn
+        return Request(
+            client_address=self.client_address, client_name=self.client_name, helo=self.helo_name,
+            protocol="ESMTP" if self.extended else "SMTP", queue_id=txn.queue_id if txn else "",
+            instance=txn.instance if txn else "", recipient_count=len(txn.recipients) if txn else 0,
+            sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache, **command)
 
     async def _hook(self, stage: str, address: str | None) -> Reply | None:
         hooks = self.ctx.hooks
