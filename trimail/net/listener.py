@@ -41,7 +41,7 @@ BACKLOG = 1024
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # a connection that died in the backlog (what trio's SocketListener.accept skips too)
 _GONE_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
-ACCEPT_DEFER = 0.001  # seconds a connection waits for the first worker before another takes it
+ACCEPT_DEFER = 0.001  # seconds a connection waits for the worker whose turn it is before another takes it
 
 
 class ListenError(Exception):
