@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.postfix_peer
 from bench_procs import tree_pids
 
-from tests.postfix_peer import _postfix_master_cf
+from tests.postfix_peer import postfix_master_cf
 
 TRIMAIL_ADDRESS = "127.0.21.1"
 SINK_ADDRESS = "127.0.21.2"
@@ -176,7 +176,7 @@ def start_postfix(workdir: Path, address: str, main_cf: str) -> tuple[Path, Path
         "myhostname = bench-postfix.example\nmydestination =\nmynetworks = 127.0.0.0/8\n"
         "smtpd_relay_restrictions = permit_mynetworks, reject\n"
         f"maillog_file_prefixes = {workdir}\nmaillog_file = {directory / 'maillog'}\n" + main_cf)
-    (conf / "master.cf").write_text(_postfix_master_cf(port).replace(f"127.0.0.1:{port}", f"{address}:{port}"))
+    (conf / "master.cf").write_text(postfix_master_cf(f"{address}:{port}"))
     subprocess.run(["postfix", "-c", str(conf), "start"], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: listening(address, port), 30, "postfix to start")

@@ -45,7 +45,7 @@ class Postfix:
             + (f"relayhost = [127.0.0.1]:{sink_port}\n" if sink_port else "master_service_disable = qmgr\n")
             + extra
         )
-        (self.dir / "conf" / "master.cf").write_text(_postfix_master_cf(port))
+        (self.dir / "conf" / "master.cf").write_text(postfix_master_cf(f"127.0.0.1:{port}"))
         subprocess.run(["postfix", "-c", str(self.dir / "conf"), "start"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
@@ -69,18 +69,21 @@ class Postfix:
             time.sleep(0.05)
 
 
-def _postfix_master_cf(port: int) -> str:
-    """Debian's master.cf with smtpd on our loopback port and no chroot."""
+def postfix_master_cf(listen: str, chroot_smtpd: bool = False) -> str:
+    """Debian's master.cf with smtpd on *listen* (``address:port``, loopback) and no
+    service chrooted, or only smtpd with *chroot_smtpd* (tests/differential: its
+    resolv.conf in the queue directory points at the test's DNS server)."""
     out = []
     for line in Path("/etc/postfix/master.cf").read_text().splitlines():
         if line.startswith("#") or not line.strip() or line[0].isspace():
             out.append(line)
             continue
         fields = line.split()
-        if fields[:2] == ["smtp", "inet"]:
-            fields[0] = f"127.0.0.1:{port}"
-        if len(fields) >= 8 and fields[4] == "y":
-            fields[4] = "n"
+        smtpd = fields[:2] == ["smtp", "inet"]
+        if smtpd:
+            fields[0] = listen
+        if len(fields) >= 8:
+            fields[4] = "y" if smtpd and chroot_smtpd else "n" if fields[4] == "y" else fields[4]
         out.append("  ".join(fields))
     return "\n".join(out) + "\n"
 

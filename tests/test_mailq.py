@@ -179,17 +179,7 @@ class PrivatePostfix:
         shutil.chown(workdir / "data", "postfix")
         for path in (workdir.parent, workdir, workdir / "conf"):
             path.chmod(0o755)
-        master = []
-        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-            fields = line.split()
-            if fields and not line.startswith("#") and not line[0].isspace():
-                if fields[:2] == ["smtp", "inet"]:
-                    fields[0] = f"127.0.43.20:{free_port('127.0.43.20')}"
-                if len(fields) >= 8 and fields[4] == "y":
-                    fields[4] = "n"  # no chroot
-                line = "  ".join(fields)
-            master.append(line)
-        (workdir / "conf" / "master.cf").write_text("\n".join(master) + "\n")
+        (workdir / "conf" / "master.cf").write_text(postfix_peer.postfix_master_cf(f"127.0.43.20:{free_port('127.0.43.20')}"))
         (workdir / "conf" / "main.cf").write_text(
             "compatibility_level = 3.6\nenable_long_queue_ids = yes\n"
             f"queue_directory = {workdir / 'queue'}\ndata_directory = {workdir / 'data'}\n"

@@ -33,6 +33,7 @@ import dns.rdatatype
 from aiosmtpd.controller import Controller
 
 from tests.dnsserver import answer
+from tests.postfix_peer import postfix_master_cf
 
 DNS_HOST = "127.0.45.53"
 SINK_HOST = "127.0.45.2"
@@ -186,7 +187,7 @@ class PrivatePostfix:
             if Path("/etc", name).exists():
                 shutil.copy(Path("/etc", name), etc / name)
         self.port = free_port(POSTFIX_HOST)
-        (workdir / "conf" / "master.cf").write_text(_master_cf(f"{POSTFIX_HOST}:{self.port}"))
+        (workdir / "conf" / "master.cf").write_text(postfix_master_cf(f"{POSTFIX_HOST}:{self.port}", chroot_smtpd=True))
         (workdir / "conf" / "main.cf").write_text(
             "compatibility_level = 3.6\n"
             f"queue_directory = {workdir / 'queue'}\ndata_directory = {workdir / 'data'}\n"
@@ -229,21 +230,6 @@ class PrivatePostfix:
         wait_until(lambda: not _listening(POSTFIX_HOST, self.port), "Postfix to stop")
 
 
-def _master_cf(listen: str) -> str:
-    """Debian's master.cf: smtpd on *listen* and chrooted, everything else not."""
-    out = []
-    for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-        if line.startswith("#") or not line.strip() or line[0].isspace():
-            out.append(line)
-            continue
-        fields = line.split()
-        smtpd = fields[:2] == ["smtp", "inet"]
-        if smtpd:
-            fields[0] = listen
-        if len(fields) >= 8:
-            fields[4] = "y" if smtpd else "n"
-        out.append("  ".join(fields))
-    return "\n".join(out) + "\n"
 
 
 def _listening(host: str, port: int) -> bool:

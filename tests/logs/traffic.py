@@ -23,6 +23,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.postfix_peer import postfix_master_cf
+
 POSTFIX_HOST = "127.0.43.2"
 TRIMAIL_HOST = "127.0.43.3"
 SINK_HOST = "127.0.43.4"
@@ -174,18 +176,7 @@ class PrivatePostfix:
             "inet_interfaces = loopback-only\ninet_protocols = ipv4\n"
             f"maillog_file_prefixes = {workdir}\nmaillog_file = {self.maillog}\n"
             + common)
-        master = []
-        for line in Path("/etc/postfix/master.cf").read_text().splitlines():
-            fields = line.split()
-            if line.startswith("#") or not line.strip() or line[0].isspace():
-                master.append(line)
-                continue
-            if fields[:2] == ["smtp", "inet"]:
-                fields[0] = f"{POSTFIX_HOST}:{port}"
-            if len(fields) >= 8 and fields[4] == "y":
-                fields[4] = "n"
-            master.append("  ".join(fields))
-        (self.conf / "master.cf").write_text("\n".join(master) + "\n")
+        (self.conf / "master.cf").write_text(postfix_master_cf(f"{POSTFIX_HOST}:{port}"))
         subprocess.run(["postalias", "-c", str(self.conf), str(workdir / "aliases")], check=True)
         subprocess.run(["postfix", "-c", str(self.conf), "start"], check=True,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -70,7 +70,7 @@ class PrivatePostfix:
                  "myhostname": "pf.test.example", "mydestination": "", "relayhost": f"[{SINK}]:{sink_port}",
                  "maillog_file_prefixes": workdir, "maillog_file": workdir / "maillog", **SETTINGS}
         (workdir / "conf" / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in lines.items()))
-        master = postfix_peer._postfix_master_cf(port).replace(f"127.0.0.1:{port}", f"{SERVER}:{port}")
+        master = postfix_peer.postfix_master_cf(f"{SERVER}:{port}")
         (workdir / "conf" / "master.cf").write_text(master)
         started = subprocess.run(["postfix", "-c", str(workdir / "conf"), "start"], capture_output=True, text=True,
                                  check=False)

@@ -6,8 +6,8 @@ The master creates it (a memfd, inherited by every worker) and gives each worker
 its own slot; a worker writes only its slot and reads the others (the sum, and
 whose turn it is to accept: ``my_turn``), so no lock is needed (an aligned 8-byte
 store is atomic, and a sum that is one update behind is as good as a count taken
-a moment earlier).  The master clears the slot of a
-worker that died, whose sessions died with it.
+a moment earlier).  The master clears the slot of a worker that died, whose
+sessions died with it.
 """
 
 from __future__ import annotations
