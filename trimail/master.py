@@ -63,6 +63,7 @@ from trimail.metrics import Metrics, serve_metrics
 from trimail.net.control import open_control_listener, serve_control
 from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session, SessionLimits
+from trimail.net.stream import DirectStream
 from trimail.peername import PeerNames
 from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verify import Verifier
@@ -289,7 +290,7 @@ class Server:
                            scope: trio.CancelScope) -> None:
         """Accept until cancelled: every connection gets its own task (and boundary);
         a failing accept() is logged and retried with back-off, never fatal."""
-        deferred = DeferredAccept(listener, self.accept_at_once) if self.accept_at_once is not None else None
+        deferred = DeferredAccept(listener, self.accept_at_once)
         try:
             with scope:
                 async with listener:
@@ -300,10 +301,9 @@ class Server:
                             return  # closed under us (a reload removed it): nothing more to accept
                         sessions.start_soon(self._handle, stream, kind)
         finally:
-            if deferred is not None:
-                deferred.close()
+            deferred.close()
 
-    async def _handle(self, stream: trio.SocketStream, kind: str = "smtp") -> None:
+    async def _handle(self, stream: DirectStream, kind: str = "smtp") -> None:
         """One connection from accept onward, inside its own boundary: whatever goes
         wrong costs this connection only, and its accounting is always undone."""
         with contained("smtpd session", self.metrics):
@@ -319,7 +319,7 @@ class Server:
                     with trio.CancelScope(shield=True):
                         await stream.aclose()
 
-    async def _session(self, stream: trio.SocketStream, kind: str, address: str) -> None:
+    async def _session(self, stream: DirectStream, kind: str, address: str) -> None:
         config = self.config
         context = self.contexts[kind]
         # Counted from the start (smtpd_process_limit, per-client limits, stress), and a

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import trio
 
 from trimail.config import ListenAddress
+from trimail.net.stream import DirectStream
 from trimail.supervise import Backoff
 
 log = logging.getLogger("trimail.master")
@@ -73,10 +74,11 @@ class DeferredAccept:
     """Accepting for one of several workers on one listening socket: wait until a
     connection is pending; take it at once when *at_once()* says it is this
     worker's turn, else give the others ``defer`` seconds to take it and then take
-    it if it is still waiting.  After taking one, the next try does not wait first
-    (more may be waiting)."""
+    it if it is still waiting (*at_once* None: the only worker, always at once).
+    After taking one, the next try does not wait first (more may be waiting).
+    Each connection comes as a ``net.stream.DirectStream``."""
 
-    def __init__(self, listener: trio.SocketListener, at_once: Callable[[], bool],
+    def __init__(self, listener: trio.SocketListener, at_once: Callable[[], bool] | None = None,
                  defer: float = ACCEPT_DEFER) -> None:
         self.listener = listener
         self.at_once = at_once
@@ -89,13 +91,13 @@ class DeferredAccept:
     def close(self) -> None:
         self._raw.close()
 
-    async def __call__(self) -> trio.SocketStream:
+    async def __call__(self) -> DirectStream:
         while True:
             if self._more:
                 await trio.lowlevel.checkpoint()
             else:
                 await trio.lowlevel.wait_readable(self.listener.socket)
-            if not self.at_once():
+            if self.at_once is not None and not self.at_once():
                 await trio.sleep(self.defer)
             try:
                 connection, _ = self._raw.accept()
@@ -108,10 +110,11 @@ class DeferredAccept:
                     continue
                 raise
             self._more = True
-            return trio.SocketStream(trio.socket.from_stdlib_socket(connection))
+            return DirectStream(connection)
 
 
-async def accept(listener: trio.SocketListener, deferred: DeferredAccept | None = None) -> trio.SocketStream:
+async def accept(listener: trio.SocketListener,
+                 deferred: DeferredAccept | None = None) -> trio.SocketStream | DirectStream:
     """Accept one connection (through *deferred* when given); an accept error is
     logged and retried (with back-off), never raised.  ``trio.ClosedResourceError``
     (the listener was closed) passes."""

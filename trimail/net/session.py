@@ -72,7 +72,7 @@ class Session:
     """One connection.  ``request_stop()`` closes it at the next idle moment;
     ``abort()`` closes it now (after the grace period), both with 421."""
 
-    def __init__(self, stream: trio.SocketStream, decisions: SmtpdSession, *, limits: SessionLimits,
+    def __init__(self, stream: trio.abc.Stream, decisions: SmtpdSession, *, limits: SessionLimits,
                  error_sleep: float, soft_error_limit: int, session_deadline: float = math.inf,
                  implicit_tls: bool = False) -> None:
         self.stream: trio.abc.Stream = stream
