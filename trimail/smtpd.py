@@ -360,6 +360,9 @@ class SmtpdSession:
         self.tls: str | None = None  # "TLSv1.3 with cipher ..." once encrypted
         self.sasl_username = ""
         self.sasl_method = ""
+        # local_header_rewrite_clients' answer: it depends on the client's address, AUTH and
+        # TLS only, so it is found at the first MAIL and again only after AUTH or STARTTLS
+        self._rewrite_context: str | None = None
 
     def connection(self) -> ServerConnection:
         settings = self.ctx.settings
@@ -385,6 +388,7 @@ class SmtpdSession:
             # RFC 3207 4.2: forget what the client said in plaintext, the HELO name
             # included, so it reaches no Received: header, restriction or log line
             self.helo_name = ""
+            self._rewrite_context = None  # a client certificate may change it
             self.extended = False
             self._discard()
             return None
@@ -411,13 +415,13 @@ class SmtpdSession:
                 return replies.INSUFFICIENT_STORAGE
             reply = await self._restrict("sender", "MAIL", conn, sender=event.sender)
             if reply is None:  # local_header_rewrite_clients (cleanup.rewrite_context), Postfix's order
-                context = await rewrite_context(self.ctx.policy, self._request(),
-                                                self.ctx.config.local_header_rewrite_clients)
-                if isinstance(context, Reply):
+                context = self._rewrite_context or await rewrite_context(
+                    self.ctx.policy, self._request(), self.ctx.config.local_header_rewrite_clients)
+                if isinstance(context, Reply):  # a table could not answer: asked again at the next MAIL
                     self._log_reject("MAIL", context, None)
                     self.txn = None
                     return context
-                self.txn.rewrite_context = context
+                self.txn.rewrite_context = self._rewrite_context = context
             return reply
         if isinstance(event, RcptTo):
             assert self.txn is not None
@@ -601,6 +605,7 @@ class SmtpdSession:
             return Reply(535, "5.7.8", "Error: authentication failed: authentication failure")
         self.sasl_username = user
         self.sasl_method = event.mechanism
+        self._rewrite_context = None  # permit_sasl_authenticated may say local now
         return Reply(235, "2.7.0", "Authentication successful")
 
     def _log_reject(self, command: str, reply: Reply, recipient: str | None, what: str = "reject",

@@ -172,6 +172,35 @@ async def test_an_authenticated_client_is_local_with_permit_sasl_authenticated(s
     assert b"From: Joe <joe@client.example>\r\n" in content
 
 
+async def test_authenticating_mid_session_makes_the_next_message_local(start_mta, tmp_path):
+    """The context is found once per session, and found again after AUTH: a message
+    before AUTH keeps its headers, the next one in the same session is masqueraded."""
+    with Sink(SINK) as sink:
+        srv = await relay(start_mta, sink, mynetworks="", smtpd_sasl_auth_enable="yes", smtpd_tls_auth_only="no",
+                          smtpd_sasl_password_file=str(tmp_path / "sasl_passwd"),
+                          local_header_rewrite_clients="permit_sasl_authenticated")
+        added = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "trimail", "passwd", "add", "joe", "-c", srv.config.source],
+            input=b"correct horse\n", capture_output=True, timeout=60, check=False))
+        assert added.returncode == 0, added.stderr
+
+        def two_messages() -> None:
+            with smtplib.SMTP(SERVER, srv.addresses[0].port, timeout=30, source_address=(OUTSIDE, 0)) as client:
+                client.ehlo("client.example")
+                client.sendmail("joe@host.client.example", ["ann@eng.far.example"],
+                                MESSAGE.replace("hello", "before"))
+                client.login("joe", "correct horse")
+                client.sendmail("joe@host.client.example", ["ann@eng.far.example"],
+                                MESSAGE.replace("hello", "after"))
+
+        await trio.to_thread.run_sync(two_messages)
+        await wait_for(lambda: len(sink.messages) == 2, 20)
+        by_subject = {b"before" if b"Subject: before" in content else b"after": content
+                      for _, _, content in sink.messages}
+    assert b"From: Joe <joe@host.client.example>\r\n" in by_subject[b"before"]
+    assert b"From: Joe <joe@client.example>\r\n" in by_subject[b"after"]
+
+
 async def test_remote_header_rewrite_domain_completes_and_masquerades_other_clients_headers(start_mta):
     with Sink(SINK) as sink:
         srv = await relay(start_mta, sink, remote_header_rewrite_domain="domain.invalid")
