@@ -36,6 +36,7 @@ from trimail.delivery.mime import content_needs_smtputf8, downgraded
 from trimail.delivery.mx import Targets, dns_outcome
 from trimail.delivery.route import DEFAULT_PORT, Route
 from trimail.delivery.tls import TlsPolicy
+from trimail.net.stream import DirectStream
 from trimail.smtp.client import (
     DotStuffer,
     Extensions,
@@ -143,15 +144,22 @@ class Connection:
         return f"{self.host}[{self.address}]"
 
     async def _read(self, timeout: float, stage: str) -> Reply:
-        """The next reply.  A connection that broke, timed out or talked nonsense is
-        never used again, not even for QUIT (``ConnectionLost``)."""
+        """The next reply, within *timeout* from the first wait for it.  A connection
+        that broke, timed out or talked nonsense is never used again, not even for QUIT
+        (``ConnectionLost``).  A reply already received (pipelining) costs no wait and
+        no cancel scope."""
+        deadline = None
         try:
-            with trio.fail_after(timeout):
-                while (reply := self.parser.next_reply()) is None:
-                    data = await self.stream.receive_some(CHUNK)
-                    if not data:
-                        raise self._lost(f"lost connection with {self.namaddr} while {stage}")
-                    self.parser.feed(data)
+            while (reply := self.parser.next_reply()) is None:
+                data = self.stream.receive_now(CHUNK) if isinstance(self.stream, DirectStream) else None
+                if data is None:
+                    if deadline is None:
+                        deadline = trio.current_time() + timeout
+                    with trio.fail_at(deadline):
+                        data = await self.stream.receive_some(CHUNK)
+                if not data:
+                    raise self._lost(f"lost connection with {self.namaddr} while {stage}")
+                self.parser.feed(data)
         except trio.TooSlowError:
             raise self._lost(f"conversation with {self.namaddr} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -161,9 +169,12 @@ class Connection:
         return reply
 
     async def _send(self, data: bytes, timeout: float, stage: str) -> None:
+        """Send *data* within *timeout*; what the kernel takes at once costs no cancel scope."""
         try:
-            with trio.fail_after(timeout):
-                await self.stream.send_all(data)
+            sent = self.stream.send_now(data) if isinstance(self.stream, DirectStream) else 0
+            if sent < len(data):
+                with trio.fail_after(timeout):
+                    await self.stream.send_all(memoryview(data)[sent:])
         except trio.TooSlowError:
             raise self._lost(f"conversation with {self.namaddr} timed out while {stage}") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -321,6 +332,14 @@ class Connection:
             await self.stream.aclose()
 
 
+def _is_literal(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
 class Connector:
     """Opens connections for routes: DNS, MX selection and loop detection (mx.Targets),
     greeting and EHLO (with the EHLO name loop check)."""
@@ -395,7 +414,8 @@ class Connector:
         relay = f"{host}[{address}]:{port}"
         try:
             with trio.fail_after(self.timeouts.connect):
-                stream = await trio.open_tcp_stream(address, port)
+                stream: trio.abc.Stream = await DirectStream.connect(address, port) if _is_literal(address) \
+                    else await trio.open_tcp_stream(address, port)
         except trio.TooSlowError:
             return None, deferred("4.4.1", f"connect to {relay}: Connection timed out")
         except OSError as exc:

@@ -17,6 +17,11 @@ itself.  ``DirectStream`` therefore:
   task from yielding), and when nothing is waiting it waits for readability and
   reads, with no extra pass after it.
 
+The SMTP client of the delivery agent uses the same stream for its connections
+(``DirectStream.connect``) and the non-blocking halves directly (``send_now``,
+``receive_now``), so that a reply already received or a command the kernel takes
+at once costs no cancel scope either (``delivery.smtp.Connection``).
+
 Cancellation is honoured where it matters: a cancelled task raises at its next
 wait, and a stream closed by another task wakes a waiting receive with
 ``trio.ClosedResourceError`` (``aclose`` goes through trio's socket, which notifies
@@ -27,6 +32,7 @@ the rest to ``BrokenResourceError``.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 
 import trio
@@ -43,25 +49,46 @@ class DirectStream(trio.abc.HalfCloseableStream):
         self.socket = trio.socket.from_stdlib_socket(sock)
         self._stream = trio.SocketStream(self.socket)  # the slow paths, close, TCP_NODELAY
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+    @classmethod
+    async def connect(cls, address: str, port: int) -> DirectStream:
+        """A TCP connection to *address* (an IP address literal), *port*."""
+        family = socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            sent = self._sock.send(data)
+            stream = cls(sock)
+            await stream.socket.connect((address, port))
+        except BaseException:
+            sock.close()
+            raise
+        return stream
+
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
+        """Send what the kernel takes without waiting; how many bytes that was."""
+        try:
+            return self._sock.send(data)
         except BlockingIOError:
-            sent = 0
+            return 0
         except OSError as exc:
             raise _stream_error(exc) from exc
+
+    def receive_now(self, max_bytes: int = DEFAULT_RECEIVE_SIZE) -> bytes | None:
+        """Bytes already received (``b""``: the peer closed), or None when none are waiting."""
+        try:
+            return self._sock.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise _stream_error(exc) from exc
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        sent = self.send_now(data)
         if sent < len(data):
             await self._stream.send_all(memoryview(data)[sent:])
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         size = max_bytes or DEFAULT_RECEIVE_SIZE
-        try:
-            data = self._sock.recv(size)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            raise _stream_error(exc) from exc
-        else:
+        data = self.receive_now(size)
+        if data is not None:
             await trio.lowlevel.checkpoint()
             return data
         while True:
