@@ -329,8 +329,11 @@ async def clean_cache(current: Callable[[], Config]) -> None:
             config = current()
             interval: float = config.address_verify_cache_cleanup_interval
             path = cache_file(config.address_verify_map)
-            if interval <= 0 or path is None or not path.exists():
+            if interval <= 0 or path is None:
                 await trio.sleep(CLEANUP_LOOK_AGAIN)
+                continue
+            if not path.exists():
+                await trio.sleep(min(interval, CLEANUP_LOOK_AGAIN))
                 continue
             if cache is None or cache.path != path:
                 if cache is not None:
