@@ -42,6 +42,7 @@ from typing import Any
 
 from trimail import mac_expand
 from trimail.errors import ConfigurationError
+from trimail.queue.verifycache import parse_map as parse_verify_map
 
 DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
 
@@ -633,19 +634,27 @@ PARAMETERS: dict[str, Param] = {
         _P("address_verify_sender", "double-bounce", _str,
            "MAIL FROM of address verification probes (reject_unverified_recipient); unqualified gets "
            "@$myorigin, empty means the null sender"),
+        _P("address_verify_map", "btree:$queue_directory/verify_cache", parse_verify_map,
+           "the address verification cache every smtpd worker shares, kept across restarts: a SQLite file "
+           "(btree:/path/name is /path/name.db; or an absolute file name); empty: each process's memory"),
         _P("address_verify_positive_expire_time", "31d", _time("d"),
            "how long a verified (deliverable) address stays in the verification cache"),
+        _P("address_verify_positive_refresh_time", "7d", _time("d"),
+           "after this a deliverable answer is still used, but probed again in the background (a failed "
+           "probe does not replace it)"),
         _P("address_verify_negative_expire_time", "3d", _time("d"),
-           "how long an undeliverable address stays in the verification cache"),
+           "how long an undeliverable or temporarily failing address stays in the verification cache"),
         _P("address_verify_negative_cache", "yes", parse_bool, "cache undeliverable addresses too"),
         _P("address_verify_negative_refresh_time", "3h", _time("h"),
-           "how long a temporary verification failure (the probe got a 4xx or no answer) is remembered "
-           "before the address is probed again (with address_verify_negative_cache)"),
+           "after this a failed answer (undeliverable, or the probe got a 4xx or no answer) is still used, "
+           "but probed again in the background"),
+        _P("address_verify_cache_cleanup_interval", "12h", _time(),
+           "time between runs that remove expired entries from the verification cache (0: never)"),
         _P("address_verify_poll_count", "${stress?{1}:{3}}", parse_int,
            "how many times smtpd looks for a probe's answer before it replies 'verification in progress'"),
         _P("address_verify_poll_delay", "3s", _time(), "the wait between two such looks"),
-        _P("address_verify_cache_size", "10000", parse_int,
-           "(trimail) addresses the in-memory verification cache holds (the oldest go first)"),
+        _P("address_verify_cache_size", "100000", parse_int,
+           "(trimail) addresses the verification cache holds (the oldest answers go first)"),
         _P("unverified_recipient_reject_code", "450", _reply_code("45"),
            "reply code when a verification probe says the recipient is undeliverable"),
         _P("unverified_recipient_defer_code", "450", _reply_code("45"),

@@ -66,7 +66,7 @@ from trimail.net.session import Session, SessionLimits
 from trimail.net.stream import DirectStream
 from trimail.peername import PeerNames
 from trimail.policy.restrictions import restriction_lists
-from trimail.policy.verify import Verifier
+from trimail.policy.verify import Verifier, clean_cache
 from trimail.privileges import drop_privileges
 from trimail.qshape import dead_destinations
 from trimail.queue.lock import QueueLock
@@ -543,6 +543,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                 await top.start(server.scheduler.run)
             else:
                 log.info("qmgr disabled by master_service_disable: mail stays queued")
+            top.start_soon(clean_cache, lambda: server.config)  # the verification cache's expiry
 
             def started(accepting: trio.Nursery) -> None:
                 accepting.start_soon(serve_control, control, server.control_commands(), server.metrics)

@@ -15,7 +15,8 @@ from tests.delivery.test_delivery import wait_empty
 class InternalServer:
     """A mail server that accepts RCPT for known@ only (550 5.1.1 for anyone else)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.connections = 0
         self.rcpts: list[str] = []
         self.delivered: list[str] = []
@@ -23,7 +24,7 @@ class InternalServer:
         self.gate: trio.Event | None = None  # when set: RCPT replies wait for it
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        listeners = await trio.open_tcp_listeners(0, host=self.host)
         self.port = listeners[0].socket.getsockname()[1]
         task_status.started(self.port)
         await trio.serve_listeners(self.session, listeners)

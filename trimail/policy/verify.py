@@ -21,26 +21,41 @@ Answers (Postfix's texts):
                             address rejected: unverified address: <why>``, as a
                             defer_if_permit (unverified_recipient_tempfail_action)
 
-The cache is in memory, shared by every session of one serve process whatever its
-listener (serve makes one Verifier and hands it to the Policy of every listener kind;
-a reload reconfigures it and keeps its cache, its running probes and its probe
-limit), and bounded
-(address_verify_cache_size, oldest first out): deliverable answers for
-address_verify_positive_expire_time, undeliverable ones for
-address_verify_negative_expire_time when address_verify_negative_cache is on, and
-so are temporary failures (a probe that got a 4xx, no connection or no answer), for
-address_verify_negative_refresh_time: Postfix's verify(8) stores them too and probes
-such an address again only at its refresh time, so an outsider repeating RCPT for an
-address whose probe tempfails (an internal server greylisting, rate limiting or
-down) cannot turn each RCPT into a connection to that server.  A probe still
-running ("in progress") and a failure of our own (the probe's time limit, which
-includes waiting for a free slot; an internal error; a table that cannot be read)
-are never cached, so a flood that makes probes wait cannot poison the cache for
-real users.  Concurrent queries for one address
-share one probe.  smtpd waits for a probe at most
-(address_verify_poll_count - 1) x address_verify_poll_delay; after that it answers
-"Address verification in progress" and the probe goes on in the background, so
-the client's retry finds the answer in the cache (Postfix's behaviour).
+The cache (trimail/queue/verifycache.py, the file address_verify_map names, by
+default ``$queue_directory/verify_cache.db``) is shared by every process of a serve
+-- each smtpd worker's Verifier opens it -- and survives reloads, stops and
+restarts; every session of one process shares its Verifier whatever its listener
+(serve makes one and hands it to the Policy of every listener kind; a reload
+reconfigures it and keeps its running probes and its probe limit).  Postfix's
+verify(8) rules: a deliverable answer is used for
+address_verify_positive_expire_time, an undeliverable one, and a temporary
+failure the server gave (a 4xx, no connection or no answer), for
+address_verify_negative_expire_time (with address_verify_negative_cache; without
+it failures are not kept).  Past address_verify_positive_refresh_time /
+address_verify_negative_refresh_time an answer is still used but the address is
+probed again in the background, and a failed probe never replaces a deliverable
+answer that has not expired (optimistic caching).  So an outsider repeating RCPT
+for an address whose probe tempfails (an internal server greylisting, rate
+limiting or down) cannot turn each RCPT into a connection to that server.  A
+failure of our own (the probe's time limit, which includes waiting for a free
+slot; an internal error; a table that cannot be read) is never cached, so a
+flood that makes probes wait cannot poison the cache for real users.  The cache
+holds at most address_verify_cache_size addresses (the oldest answers go first);
+expired entries are removed every address_verify_cache_cleanup_interval by
+``clean_cache``, which one process runs (the qmgr worker, or a single-process
+serve).
+
+At most one probe runs for an address across all processes: the process that
+starts it leaves a mark with a deadline (PROBE_MARK) in the cache; another finds
+the mark and does not probe.  smtpd waits for an answer at most
+(address_verify_poll_count - 1) x address_verify_poll_delay -- on its own probe
+directly, on another process's by looking at the cache every poll delay, as
+Postfix's smtpd polls verify(8) -- and then answers "Address verification in
+progress"; the probe goes on, so the client's retry finds the answer in the cache.
+A cache that cannot be read or written (a file that cannot be created, a corrupt
+file, a lock held too long) answers "Address verification status unavailable" as
+a temporary failure (unverified_recipient_defer_code), with one warning a minute
+in the log; the session and the worker go on.
 
 Security: a probe is one bounded SMTP dialogue (the smtp_*_timeouts, at most
 PROBE_TIME_LIMIT in all; reply lines bounded by the SMTP client's parser); the
@@ -50,10 +65,12 @@ answer, a peer error, an exception, a cancellation such as the time limit).  At 
 turn within the same poll bound.  Background probes are error boundaries: any
 failure becomes "not verified" and one log line.  A probe never sends content.
 
-Parameters: address_verify_sender, address_verify_positive_expire_time,
+Parameters: address_verify_sender, address_verify_map,
+address_verify_positive_expire_time, address_verify_positive_refresh_time,
 address_verify_negative_expire_time, address_verify_negative_cache,
-address_verify_negative_refresh_time,
+address_verify_negative_refresh_time, address_verify_cache_cleanup_interval,
 address_verify_poll_count, address_verify_poll_delay, address_verify_cache_size,
+queue_busy_timeout,
 unverified_recipient_reject_code, unverified_recipient_defer_code,
 unverified_recipient_tempfail_action, unverified_recipient_reject_reason,
 smtp_*_timeout, relayhost, transport_maps, default_transport.
@@ -61,11 +78,11 @@ smtp_*_timeout, relayhost, transport_maps, default_transport.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
@@ -76,6 +93,7 @@ from trimail.delivery.route import SMTP_TRANSPORTS, Route, RouteError, Router
 from trimail.delivery.smtp import ConnectionFailed, ConnectionLost, Connector
 from trimail.maps import TableError, off_loop
 from trimail.policy.registry import DUNNO, Request, Result, Verdict, register
+from trimail.queue.verifycache import Entry, VerifyCache, VerifyCacheError, cache_file
 from trimail.smtp.client import classify, mail_command, rcpt_command
 from trimail.supervise import describe
 
@@ -83,10 +101,15 @@ if TYPE_CHECKING:
     from trimail.policy.restrictions import Policy
 
 log = logging.getLogger("trimail.verify")
+T = TypeVar("T")
 
 PROBE_TIME_LIMIT = 120.0  # seconds for one whole probe, whatever the smtp_*_timeouts say
 PROBES_AT_ONCE = 20
+# how long a probe's mark in the shared cache stands: a process that died mid-probe
+# holds the address no longer than this (Postfix: PROBE_TTL, for probes through its queue)
+PROBE_MARK = PROBE_TIME_LIMIT + 30.0
 IN_PROGRESS = "Address verification in progress"
+UNAVAILABLE = "Address verification status unavailable"  # Postfix's verify(8), for a cache that fails
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -105,58 +128,112 @@ class _Probe:
 
 
 class Verifier:
-    """Probes and their cache; one per serve (shared by its sessions)."""
+    """Probes and the shared cache; one per serve process (shared by its sessions)."""
 
     def __init__(self, config: Config, resolver: Resolver) -> None:
-        self.cache: collections.OrderedDict[str, tuple[Answer, float]] = collections.OrderedDict()
-        self.running: dict[str, _Probe] = {}
+        self.running: dict[str, _Probe] = {}  # probes this process runs
         self.limiter = trio.CapacityLimiter(PROBES_AT_ONCE)
         self.probes = 0  # started, for the log and tests
+        self.store: VerifyCache | None = None
+        self.store_turn = trio.CapacityLimiter(1)  # one connection: one call at a time, in a thread
+        self._complained: tuple[str, float] = ("", 0.0)
         self.reconfigure(config, resolver)
 
     def reconfigure(self, config: Config, resolver: Resolver) -> None:
         """Take a reloaded configuration: new probes use its route, timeouts and
-        expiry times; the cache, the running probes and the probe limit stay (an
-        answer is as good as it was before the reload; a cache made smaller loses
-        its oldest entries)."""
+        expiry times; the cache (unless address_verify_map names another), the
+        running probes and the probe limit stay."""
         router = Router(config)  # first: whatever raises leaves the running configuration
         connector = Connector(config, resolver, list(config.smtpd_listen))
+        path = cache_file(config.address_verify_map)
         self.config, self.router, self.connector = config, router, connector
         sender = config.address_verify_sender.strip().strip("<>")
         self.sender = sender if not sender or "@" in sender else f"{sender}@{config.myorigin}"
         self.positive: float = config.address_verify_positive_expire_time
+        self.positive_refresh: float = config.address_verify_positive_refresh_time
         self.negative: float = config.address_verify_negative_expire_time
+        self.negative_refresh: float = config.address_verify_negative_refresh_time
         self.negative_cache: bool = config.address_verify_negative_cache
-        self.tempfail: float = config.address_verify_negative_refresh_time
-        self.wait: float = max(config.address_verify_poll_count - 1, 0) * config.address_verify_poll_delay
+        self.poll_delay: float = config.address_verify_poll_delay
+        self.wait: float = max(config.address_verify_poll_count - 1, 0) * self.poll_delay
         self.size: int = max(config.address_verify_cache_size, 1)
-        while len(self.cache) > self.size:
-            self.cache.popitem(last=False)
+        if self.store is None or self.store.path != path:
+            self.store = VerifyCache(path, busy_timeout=config.queue_busy_timeout)  # the old one closes unused
 
-    def cached(self, address: str) -> Answer | None:
-        entry = self.cache.get(address)
-        if entry is None:
+    async def _db(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A VerifyCache call in a thread: SQLite may wait for another process's lock."""
+        async with self.store_turn:
+            return await trio.to_thread.run_sync(lambda: method(*args, **kwargs))
+
+    def _unavailable(self, exc: VerifyCacheError) -> None:
+        """One warning per kind of failure a minute (a client repeating RCPT must not flood the log)."""
+        text, last = self._complained
+        now = time.monotonic()
+        if str(exc) != text or now - last >= 60:
+            log.warning("address verification cache unavailable: %s", exc)
+            self._complained = (str(exc), now)
+
+    def usable(self, entry: Entry | None, now: float) -> Answer | None:
+        """The answer an entry gives now: None when there is none, or it expired."""
+        if entry is None or entry.status is None:
             return None
-        if entry[1] < time.time():
-            del self.cache[address]
+        if entry.status == "ok":
+            return Answer("ok", entry.text) if entry.updated + self.positive >= now else None
+        if not self.negative_cache or entry.updated + self.negative < now:
             return None
-        return entry[0]
+        return Answer(entry.status, entry.text)
+
+    def _stale(self, entry: Entry | None, answer: Answer | None, now: float) -> bool:
+        """No answer, or one past its refresh time (still used, probed again)."""
+        if entry is None or answer is None:
+            return True
+        refresh = self.positive_refresh if answer.status == "ok" else self.negative_refresh
+        return entry.updated + refresh < now
+
+    async def cached(self, address: str) -> Answer | None:
+        """What the cache says of *address* now (tests and tools)."""
+        return self.usable(await self._db(self.store.lookup, address.lower()), time.time())
 
     async def query(self, address: str, key: str | None = None) -> Answer:
         """The verification status of *address* (cached under *key*, default the
-        address): cached, or from a probe that ends within the poll bound, else
-        "defer" (in progress, the probe goes on)."""
+        address): cached (a stale answer is used while a probe refreshes it), or
+        from a probe that ends within the poll bound, else "defer" (in progress,
+        the probe goes on).  A probe running in another process is not repeated:
+        the cache is looked at again every address_verify_poll_delay, as Postfix's
+        smtpd polls verify(8)."""
         key = (key or address).lower()
-        if (answer := self.cached(key)) is not None:
-            return answer
-        probe = self.running.get(key)
-        if probe is None:  # the first query starts the probe; the others share it
-            probe = self.running[key] = _Probe()
-            trio.lowlevel.spawn_system_task(self._probe_task, key, address, probe,
-                                            name=f"trimail address verification of {address}")
-        with trio.move_on_after(self.wait):
-            await probe.done.wait()
-        return probe.answer or Answer("defer", IN_PROGRESS)
+        deadline = trio.current_time() + self.wait
+        while True:
+            now = time.time()
+            try:
+                entry = await self._db(self.store.lookup, key)
+            except VerifyCacheError as exc:
+                self._unavailable(exc)
+                return Answer("defer", UNAVAILABLE, local=True)
+            answer = self.usable(entry, now)
+            if self._stale(entry, answer, now) and key not in self.running \
+                    and (entry is None or entry.probing_until < now):
+                try:  # one probe for all processes: whoever sets the mark probes
+                    mine = await self._db(self.store.claim, key, entry.updated if entry else 0.0, now,
+                                          now + PROBE_MARK)
+                except VerifyCacheError as exc:
+                    self._unavailable(exc)
+                    return answer or Answer("defer", UNAVAILABLE, local=True)
+                if mine:
+                    self.running[key] = _Probe()
+                    trio.lowlevel.spawn_system_task(self._probe_task, key, address, self.running[key],
+                                                    name=f"trimail address verification of {address}")
+            if answer is not None:
+                return answer
+            probe = self.running.get(key)
+            if probe is not None:  # ours: its answer as soon as it comes (not cached if it is our own failure)
+                with trio.move_on_at(deadline):
+                    await probe.done.wait()
+                return probe.answer or Answer("defer", IN_PROGRESS)
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                return Answer("defer", IN_PROGRESS)
+            await trio.sleep(min(self.poll_delay, remaining))  # another process probes: look again
 
     async def _probe_task(self, key: str, address: str, probe: _Probe) -> None:
         """A system task, outside any session: the boundary that turns every failure
@@ -171,22 +248,25 @@ class Verifier:
         except Exception as exc:  # noqa: BLE001 (the boundary)
             log.warning("address verification of %s failed: %s", address, describe(exc))
         finally:
-            self._remember(key, answer)
-            probe.answer = answer
-            del self.running[key]
-            probe.done.set()
+            try:
+                await self._remember(key, answer)
+            finally:
+                probe.answer = answer
+                del self.running[key]
+                probe.done.set()
 
-    def _remember(self, key: str, answer: Answer) -> None:
+    async def _remember(self, key: str, answer: Answer) -> None:
         log.info("address verification: <%s> status=%s: %s", key, answer.status, answer.why)
-        lifetime = {"ok": self.positive, "bounce": self.negative if self.negative_cache else 0,
-                    "defer": self.tempfail if self.negative_cache else 0}.get(answer.status, 0)
-        if lifetime <= 0 or answer.local:
-            self.cache.pop(key, None)
-            return
-        self.cache[key] = (answer, time.time() + lifetime)
-        self.cache.move_to_end(key)
-        while len(self.cache) > self.size:
-            self.cache.popitem(last=False)
+        try:
+            if answer.local:  # our own trouble is never cached
+                await self._db(self.store.release, key)
+            else:
+                now = time.time()
+                await self._db(self.store.record, key, answer.status, answer.why, now,
+                               keep_ok_until=now - self.positive, keep_failures=self.negative_cache,
+                               size=self.size)
+        except VerifyCacheError as exc:
+            self._unavailable(exc)
 
     async def probe(self, address: str) -> Answer:
         self.probes += 1
@@ -229,6 +309,52 @@ class Verifier:
             return Answer("ok", f"host {relay} said: {reply.code} {' '.join(reply.lines())}")
         outcome = classify(reply, relay, stage)
         return Answer("bounce" if outcome.status == "bounced" else "defer", outcome.text)
+
+
+CLEANUP_LOOK_AGAIN = 600.0  # seconds: how often the cleanup task re-reads a reloaded configuration
+
+
+async def clean_cache(current: Callable[[], Config]) -> None:
+    """address_verify_cache_cleanup_interval: remove expired entries and lapsed
+    probe marks from the shared cache, in one process of a serve (the qmgr worker,
+    or a single-process serve); *current* gives the configuration in force.  A run
+    is due that interval after the last one completed, which the cache itself
+    records (Postfix's dict_cache), so a restart neither repeats nor postpones it.
+    Nothing is done while the cache file does not exist (no worker verified
+    anything yet) or when it is in memory.  The error boundary of the task: a
+    failure is one warning, tried again later."""
+    cache: VerifyCache | None = None
+    try:
+        while True:
+            config = current()
+            interval: float = config.address_verify_cache_cleanup_interval
+            path = cache_file(config.address_verify_map)
+            if interval <= 0 or path is None:
+                await trio.sleep(CLEANUP_LOOK_AGAIN)
+                continue
+            if not path.exists():
+                await trio.sleep(min(interval, CLEANUP_LOOK_AGAIN))
+                continue
+            if cache is None or cache.path != path:
+                if cache is not None:
+                    cache.close()
+                cache = VerifyCache(path, busy_timeout=config.queue_busy_timeout)
+            try:
+                wait = await trio.to_thread.run_sync(cache.cleanup_due, time.time(), interval)
+                if wait > 0:
+                    await trio.sleep(min(wait, CLEANUP_LOOK_AGAIN))
+                    continue
+                retained, dropped = await trio.to_thread.run_sync(
+                    cache.cleanup, time.time(), config.address_verify_positive_expire_time,
+                    config.address_verify_negative_expire_time)
+                log.info("cache %s full cleanup: retained=%d dropped=%d entries", config.address_verify_map,
+                         retained, dropped)
+            except Exception as exc:  # noqa: BLE001 (the boundary: VerifyCacheError, or a bug)
+                log.warning("address verification cache cleanup failed: %s", describe(exc))
+                await trio.sleep(min(interval, CLEANUP_LOOK_AGAIN))
+    finally:
+        if cache is not None:
+            cache.close()
 
 
 @register("reject_unverified_recipient", needs="recipient")

@@ -50,6 +50,7 @@ from trimail.local import privileged
 from trimail.master import Server, become_mail_owner, preflight, recover, serve_sessions
 from trimail.metrics import Metrics
 from trimail.policy.restrictions import restriction_lists
+from trimail.policy.verify import clean_cache
 from trimail.processes.board import SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.clients import ClientBoard
@@ -260,6 +261,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
         async with trio.open_nursery() as top:
             await top.start(scheduler.run)
             top.start_soon(receive_triggers, trigger, scheduler)
+            top.start_soon(clean_cache, lambda: current["config"])  # the verification cache's expiry
             top.start_soon(serve_channel, channel, commands, stop)
             await channel.send({"ready": {"role": "qmgr", "pid": os.getpid()}})
 
