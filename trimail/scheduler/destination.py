@@ -53,7 +53,7 @@ import trio
 from trimail.cleanup import RWR_PARAM
 from trimail.config import Config
 from trimail.delivery import attempt
-from trimail.delivery.local import ORIG_TO_PARAM, Expanded, Forward, LocalAgent
+from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded, Forward, LocalAgent
 from trimail.delivery.route import Route
 from trimail.delivery.smtp import Connection, ConnectionFailed, Connector
 from trimail.delivery.virtual import VirtualAgent

@@ -43,7 +43,7 @@ import trio
 from trimail.cleanup import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
 from trimail.delivery.bounce import status_of
-from trimail.delivery.local import LocalAgent
+from trimail.delivery.local.agent import LocalAgent
 from trimail.delivery.route import FILTER_PARAM, Route, RouteError, Router
 from trimail.delivery.smtp import Connector
 from trimail.delivery.virtual import VirtualAgent

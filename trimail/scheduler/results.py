@@ -19,7 +19,7 @@ import trio
 
 from trimail.config import Config
 from trimail.delivery.bounce import Failure, dsn_parts, header_lines, returns_full, status_of
-from trimail.delivery.local import ORIG_TO_PARAM, Expanded
+from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded
 from trimail.log import printable
 from trimail.metrics import Metrics
 from trimail.queue import transitions

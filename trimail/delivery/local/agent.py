@@ -19,14 +19,14 @@ envelope sender, logged ``to=<alias@domain>, ... status=sent (forwarded as ID)``
 that message's own delivery lines carry ``orig_to=<alias@domain>``
 (``ORIG_TO_PARAM``), so pflogsumm counts deliveries and forwards as for Postfix.
 
-Identities (Postfix local(8), trimail.local.identity): mailboxes are written by
+Identities (Postfix local(8), trimail.delivery.local.identity): mailboxes are written by
 serve itself; ``/file`` and ``|command`` targets from the alias table run as
 ``default_privs``, those from an ``:include:`` file as its owner, with that
 user's primary group as the only group - never as root, never as
 ``mail_owner``, never with root's supplementary groups.  That needs serve to be
 root: a serve running as root (``allow_root = yes``) runs them itself; one that
 runs as ``mail_owner`` hands them to the root helper it started before the
-drop (trimail.local.privileged), which expands the recipient again and runs
+drop (trimail.delivery.local.privileged), which expands the recipient again and runs
 only targets its own expansion yields; without the helper they are deferred
 (4.3.0), never run as ``mail_owner``.  ``allow_mail_to_files`` is
 checked against the target's source (alias or include).  A target an unsafe
@@ -68,10 +68,10 @@ from pathlib import Path
 
 from trimail import rewrite
 from trimail.config import Config
-from trimail.local import privileged
-from trimail.local.aliases import AliasError, Expander, Target
-from trimail.local.identity import Identity, IdentityError, append_file, identity
-from trimail.local.mailbox import (
+from trimail.delivery.local import privileged
+from trimail.delivery.local.aliases import AliasError, Expander, Target
+from trimail.delivery.local.identity import Identity, IdentityError, append_file, identity
+from trimail.delivery.local.mailbox import (
     LockPolicy,
     MailboxError,
     MailboxLocked,
@@ -223,7 +223,7 @@ class LocalAgent:
 
     def _via_helper(self, target: Target, who: Identity, sender: str, recipient: str, domain: str,
                     copy: bytes) -> str:
-        """serve runs as mail_owner: the root helper (trimail.local.privileged)
+        """serve runs as mail_owner: the root helper (trimail.delivery.local.privileged)
         delivers to this /file or |command target, after expanding the
         recipient itself; without a helper, IdentityError (deferred)."""
         helper = privileged.helper()
