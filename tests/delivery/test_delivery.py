@@ -590,7 +590,7 @@ async def test_an_etrn_that_makes_nothing_due_does_not_forget_the_dead_sites(sta
     mail waiting: any client may send ETRN for a fast_flush_domains site, and one
     with nothing queued must not make every dead destination cost another round of
     connection timeouts."""
-    from trimail.smtp.client import deferred
+    from trimail.delivery.outcome import deferred
 
     srv = await start_mta(fast_flush_domains="back.example")
     dead = srv.scheduler.dead

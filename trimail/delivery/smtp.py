@@ -34,17 +34,14 @@ from trimail.delivery.dns import DnsError, MailHost, Resolver
 from trimail.delivery.interfaces import OwnAddresses
 from trimail.delivery.mime import content_needs_smtputf8, downgraded
 from trimail.delivery.mx import Targets, dns_outcome
+from trimail.delivery.outcome import Outcome, bounced, classify, deferred
 from trimail.delivery.route import DEFAULT_PORT, Route
 from trimail.delivery.tls import TlsPolicy
 from trimail.smtp.client import (
     DotStuffer,
     Extensions,
-    Outcome,
     PeerProtocolError,
     ReplyParser,
-    bounced,
-    classify,
-    deferred,
     first_word,
     mail_command,
     rcpt_command,

@@ -62,8 +62,8 @@ from trimail.delivery.local import privileged
 from trimail.delivery.local.agent import _delivered_to
 from trimail.delivery.local.filewriter import EX_DATAERR, EX_LOCKED, EX_TEMPFAIL, attempt
 from trimail.delivery.local.mailbox import LockPolicy
+from trimail.delivery.outcome import Outcome, bounced, deferred, sent
 from trimail.maps import Table, TableError, lookup_first, open_table
-from trimail.smtp.client import Outcome, bounced, deferred, sent
 from trimail.supervise import report
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where this trimail is imported from

@@ -74,8 +74,8 @@ from trimail.delivery.local.mailbox import (
     deliver_mbox,
     mailbox_path,
 )
+from trimail.delivery.outcome import Outcome, bounced, deferred, sent
 from trimail.maps import Table, TableError, open_table
-from trimail.smtp.client import Outcome, bounced, deferred, sent
 from trimail.supervise import report
 
 log = logging.getLogger("trimail.local")
