@@ -574,7 +574,7 @@ def test_etrn_restrictions_take_only_restrictions_that_fit(tmp_path):
     """check_etrn_access belongs in smtpd_etrn_restrictions only, and that list cannot
     look at a sender or recipient (there is no transaction at ETRN)."""
     from trimail.config import ConfigError, load
-    from trimail.delivery.dns import Resolver
+    from trimail.net.dns import Resolver
     from trimail.policy.restrictions import Policy
 
     for params, needle in (({"smtpd_recipient_restrictions": "check_etrn_access inline:{ a=OK }"},
