@@ -35,8 +35,8 @@ from trimail.delivery.mime import content_needs_smtputf8, downgraded
 from trimail.delivery.mx import Targets, dns_outcome
 from trimail.delivery.outcome import Outcome, bounced, classify, deferred
 from trimail.delivery.route import DEFAULT_PORT, Route
-from trimail.delivery.tls import TlsPolicy
 from trimail.net.dns import DnsError, MailHost, Resolver
+from trimail.net.tls import TlsPolicy
 from trimail.smtp.client import (
     DotStuffer,
     Extensions,
