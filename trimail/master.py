@@ -58,9 +58,10 @@ from trimail.config import Config, ConfigError, ListenAddress
 from trimail.delivery.local import privileged
 from trimail.delivery.smtp import Connector
 from trimail.maps import TableError
-from trimail.metrics import Metrics, serve_metrics
+from trimail.metrics import Metrics
 from trimail.net.control import open_control_listener, serve_control
 from trimail.net.dns import Resolver
+from trimail.net.http import serve_metrics
 from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session, SessionLimits
 from trimail.peername import PeerNames
