@@ -41,7 +41,7 @@ async def serve_metrics(listener: trio.SocketListener, metrics: Metrics,
                 return
             try:
                 await refresh()
-            except Exception as exc:  # the queue is unreadable now: say so without details
+            except Exception as exc:  # noqa: BLE001 - the queue is unreadable now: say so without details
                 report("metrics refresh", exc, metrics)
                 await stream.send_all(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
                 return
