@@ -155,8 +155,8 @@ async def test_dead_destinations_show_in_summary_status_and_metrics(start_mta):
 
     import trio
 
+    from trimail.delivery.outcome import Outcome
     from trimail.scheduler.destination import DeadSite
-    from trimail.smtp.client import Outcome
 
     srv = await start_mta(metrics_listen="127.0.0.1:0")
     config = srv.config.source

@@ -136,7 +136,7 @@ def resolver_reachable(config: Config) -> list[str]:
     """The DNS resolvers answer (a query for the root's NS records, 3 s at most)."""
     import trio
 
-    from trimail.delivery.dns import DnsError, Resolver
+    from trimail.net.dns import DnsError, Resolver
 
     async def probe() -> list[str]:
         try:

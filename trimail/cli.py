@@ -26,8 +26,8 @@ from trimail import __version__, mailq, maps
 from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import PARAMETERS, Config
+from trimail.delivery.local.aliases import postalias
 from trimail.errors import ConfigurationError, TrimailError
-from trimail.local.aliases import postalias
 from trimail.maps import TableError, open_table
 from trimail.net.control import send_command
 from trimail.net.listener import ListenError

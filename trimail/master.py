@@ -21,7 +21,7 @@ recovered, so a queue that cannot be opened ends serve with one fatal line befor
 any port is open (no client is accepted and then reset); the TLS certificate,
 loaded once as root and outside any jail (same rule); the SMTP listeners, the
 control socket and the metrics endpoint; then, started as root, the root local
-delivery helper (trimail.local.privileged) and ``mail_owner``
+delivery helper (trimail.delivery.local.privileged) and ``mail_owner``
 and with ``chroot = yes`` the jail (``become_mail_owner``: the mail log stays
 open across it, see trimail.log); then the tasks.  Only errors at start (exit 1,
 or 2 for configuration) and an explicit stop end serve; the control socket and
@@ -55,12 +55,13 @@ from trimail import config as configuration
 from trimail import log as maillog
 from trimail.check import warnings as check_warnings
 from trimail.config import Config, ConfigError, ListenAddress
-from trimail.delivery.dns import Resolver
+from trimail.delivery.local import privileged
 from trimail.delivery.smtp import Connector
-from trimail.local import privileged
 from trimail.maps import TableError
-from trimail.metrics import Metrics, serve_metrics
+from trimail.metrics import Metrics
 from trimail.net.control import open_control_listener, serve_control
+from trimail.net.dns import Resolver
+from trimail.net.http import serve_metrics
 from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session, SessionLimits
 from trimail.net.stream import DirectStream
@@ -462,7 +463,7 @@ def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = T
                       handed_over: bool = False) -> tuple[Config, Path]:
     """Started as root: start the root delivery helper (when file or command
     targets are allowed or virtual(8) mailboxes are configured:
-    trimail.local.privileged), then become
+    trimail.delivery.local.privileged), then become
     mail_owner (entering the chroot jail first when ``chroot = yes``), unless
     ``allow_root``.  Returns the configuration and the
     queue directory as serve sees them from now on (``/`` inside the jail).  The

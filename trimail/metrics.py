@@ -1,4 +1,4 @@
-"""Prometheus metrics (prometheus_client) and the ``metrics_listen`` endpoint.
+"""Prometheus metrics (prometheus_client): what serve counts and measures.
 
 Each serve has its own registry (several embedded servers in one process never
 mix their numbers).  Counters move where the events happen (smtpd, scheduler,
@@ -7,32 +7,22 @@ database when the endpoint is scraped, on one of the writer's reading
 connections (a worker thread, never the event loop nor the group commit), from
 rows the queue keeps for it (``queue_count``, the ``message_arrival`` index): a
 few rows whatever the queue's length.  ``trimail_dead_destinations`` is read from
-the queue manager's memory of dead destinations (serve sets its function).  The endpoint is a
-minimal HTTP/1.0 responder on trio: ``GET /metrics`` (any path) answers the text
-exposition format; requests are bounded in size (8 KiB) and time (10 s), and each
-one runs in its own error boundary, so a client that resets mid-request or sends
-garbage costs that request only (``trimail_task_failures{task="metrics request"}``
-counts the unexpected ones).  With worker processes the master answers with the
-sum of every process's registry (trimail.processes.aggregate).
+the queue manager's memory of dead destinations (serve sets its function).  The
+``metrics_listen`` endpoint that answers with them is trimail.net.http.  With worker
+processes the master answers with the sum of every process's registry
+(trimail.processes.aggregate).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
-import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from trimail import log as maillog
-from trimail.net.reading import receive_until, serve_requests
-from trimail.supervise import report
-
-MAX_REQUEST = 8192
-REQUEST_TIMEOUT = 10.0  # seconds for one request, reading and answering
 
 
 class _LogDrops(Collector):
@@ -93,31 +83,3 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-async def serve_metrics(listener: trio.SocketListener, metrics: Metrics,
-                        refresh: Callable[[], Awaitable[None]],
-                        exposition: Callable[[], Awaitable[bytes]] | None = None) -> None:
-    """Answer each connection with the current metrics, each request in its own
-    error boundary (``net.reading.serve_requests``): a client that resets or sends
-    garbage costs its own request only.  When the queue cannot be read the answer
-    is ``503`` and the reason goes to the log, never to the client."""
-
-    async def handle(stream: trio.SocketStream) -> None:
-        with trio.move_on_after(REQUEST_TIMEOUT):
-            request = await receive_until(stream, b"\r\n\r\n", MAX_REQUEST)
-            if not request.startswith(b"GET "):
-                await stream.send_all(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
-                return
-            try:
-                await refresh()
-            except Exception as exc:  # the queue is unreadable now: say so without details
-                report("metrics refresh", exc, metrics)
-                await stream.send_all(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
-                return
-            body = metrics.exposition() if exposition is None else await exposition()
-            head = (f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\n"
-                    f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-            await stream.send_all(head + body)
-
-    await serve_requests(listener, handle, task="metrics request", metrics=metrics)

@@ -26,7 +26,7 @@ from collections import OrderedDict
 
 import trio
 
-from trimail.delivery.dns import DnsError, Resolver
+from trimail.net.dns import DnsError, Resolver
 from trimail.smtp.address import is_domain
 
 LOOKUP_TIMEOUT = 2.0

@@ -139,7 +139,7 @@ def preload() -> None:
 
     for module in ("dns._trio_backend", "dns.asyncbackend", "dns.asyncquery", "dns.edns", "dns.flags",
                    "dns.message", "dns.nameserver", "dns.query", "dns.rcode", "dns.resolver", "dns.reversename",
-                   "trimail.passwords", "trimail.local.aliases", "trimail.local.mailbox", "ssl", "subprocess",
+                   "trimail.passwords", "trimail.delivery.local.aliases", "trimail.delivery.local.mailbox", "ssl", "subprocess",
                    "shlex", "email.utils", "email.policy"):
         importlib.import_module(module)
     for rdtype in ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "NS", "SOA", "OPT"):

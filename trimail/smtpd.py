@@ -60,13 +60,13 @@ from trimail import rewrite
 from trimail.anvil import AuthFailures
 from trimail.cleanup import RWR_PARAM, rewrite_context, virtual_expand
 from trimail.config import Config, ConfigError
-from trimail.delivery.dns import Resolver
 from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
 from trimail.log import printable
 from trimail.maps import Table, TableError, off_loop
 from trimail.maps.patterns import _parse_pattern, match_regexp, parse_regexp
 from trimail.metrics import Metrics
+from trimail.net.dns import Resolver
 from trimail.passwords import PasswordError, authenticate, prepare
 from trimail.policy.restrictions import Policy, Request, Verdict
 from trimail.queue import admin

@@ -576,7 +576,7 @@ def test_etrn_restrictions_take_only_restrictions_that_fit(tmp_path):
     """check_etrn_access belongs in smtpd_etrn_restrictions only, and that list cannot
     look at a sender or recipient (there is no transaction at ETRN)."""
     from trimail.config import ConfigError, load
-    from trimail.delivery.dns import Resolver
+    from trimail.net.dns import Resolver
     from trimail.policy.restrictions import Policy
 
     for params, needle in (({"smtpd_recipient_restrictions": "check_etrn_access inline:{ a=OK }"},
@@ -592,7 +592,7 @@ async def test_an_etrn_that_makes_nothing_due_does_not_forget_the_dead_sites(sta
     mail waiting: any client may send ETRN for a fast_flush_domains site, and one
     with nothing queued must not make every dead destination cost another round of
     connection timeouts."""
-    from trimail.smtp.client import deferred
+    from trimail.delivery.outcome import deferred
 
     srv = await start_mta(fast_flush_domains="back.example")
     dead = srv.scheduler.dead

@@ -72,8 +72,8 @@ async def test_a_hard_failure_on_the_first_mx_is_final(start_mta, fleet):
 async def test_a_backup_session_looks_past_the_host_it_already_had_within_the_address_limit():
     """mx.Targets with skip: the address already used is neither yielded nor counted,
     and it does not fill the lookups of its preference group (smtp_mx_address_limit 1)."""
-    from trimail.delivery.dns import MailHost
     from trimail.delivery.mx import Targets
+    from trimail.net.dns import MailHost
 
     class Resolver:
         async def addresses(self, name: str) -> list[str]:

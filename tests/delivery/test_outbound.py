@@ -15,7 +15,7 @@ from tests.delivery.outbound_peer import ScriptedPeer
 from tests.delivery.test_delivery import parse_dsn, queue, recipient_status, send, wait_empty
 from tests.dnsserver import run_dns_server
 from trimail.config import ListenAddress
-from trimail.delivery.dns import Resolver
+from trimail.net.dns import Resolver
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -123,7 +123,7 @@ def _agent(tmp_path: Path, base: Path, **params: object):
 @pytest.mark.skipif(os.geteuid() != 0, reason="delivery as another uid needs root")
 def test_the_owner_write_is_a_fresh_process_not_a_fork_of_the_threaded_serve(tmp_path, vmail, monkeypatch):
     """A fork of a multi-threaded process keeps the locks other threads held; the
-    write must be a new program (trimail.local.filewriter --virtual)."""
+    write must be a new program (trimail.delivery.local.filewriter --virtual)."""
     def no_fork() -> int:
         raise AssertionError("os.fork() in a multi-threaded serve")
 

@@ -389,9 +389,9 @@ async def test_a_backup_session_that_fails_unexpectedly_keeps_what_the_first_ses
     next retry (a duplicate).  Now the backup's failure leaves the first session's
     outcomes standing: delivered stays delivered, the soft failure stays deferred."""
     from trimail.delivery import attempt
+    from trimail.delivery.outcome import deferred, sent
     from trimail.delivery.route import Route
     from trimail.delivery.smtp import Envelope
-    from trimail.smtp.client import deferred, sent
 
     primary = FakeConnection("127.0.110.30", [deferred("4.2.1", "450 mailbox busy"), sent("250 ok")])
     backup = FakeConnection("127.0.110.31", RuntimeError("a bug in the backup session"))

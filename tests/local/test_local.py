@@ -16,8 +16,8 @@ import trio
 
 from trimail import rewrite
 from trimail.cleanup import LOCAL, header_rewriter, masquerade, virtual_expand
-from trimail.local.aliases import AliasError, Expander, parse_alias_source
-from trimail.local.mailbox import MailboxError, deliver_mbox, mailbox_path
+from trimail.delivery.local.aliases import AliasError, Expander, parse_alias_source
+from trimail.delivery.local.mailbox import MailboxError, deliver_mbox, mailbox_path
 from trimail.maps import open_table
 from tests.conftest import trimail, write_main_cf
 from tests.delivery.test_delivery import parse_dsn, send, wait_empty

@@ -145,7 +145,7 @@ async def test_default_privs_names_the_identity_of_alias_commands(tmp_path, star
 
 
 def test_root_and_mail_owner_are_never_delivery_identities(owner):
-    from trimail.local.identity import IdentityError, identity
+    from trimail.delivery.local.identity import IdentityError, identity
 
     nobody = pwd.getpwnam("nobody")
     assert identity(None, "nobody", "trimail").uid == nobody.pw_uid
@@ -224,7 +224,7 @@ def test_serve_running_as_mail_owner_runs_commands_as_default_privs_through_its_
 
 def test_root_helper_delivers_only_what_its_own_alias_expansion_yields(tmp_path, public):
     from trimail import config as configuration
-    from trimail.delivery.local import LocalAgent
+    from trimail.delivery.local.agent import LocalAgent
 
     out = owned_dir(public, "out", None, 0o777)
     aliases = tmp_path / "aliases"
@@ -249,7 +249,7 @@ def test_root_helper_delivers_only_what_its_own_alias_expansion_yields(tmp_path,
     assert (out / "mbox").stat().st_uid == pwd.getpwnam("nobody").pw_uid
 
 
-# The root helper's channel (trimail.local.privileged): bounded messages, and a
+# The root helper's channel (trimail.delivery.local.privileged): bounded messages, and a
 # deadline on every wait so a slow or stuck helper cannot hold serve's threads.
 
 def _fake_helper(script: str) -> subprocess.Popen[bytes]:
@@ -271,7 +271,7 @@ def test_the_helper_refuses_a_message_beyond_message_size_limit(tmp_path):
 
     from tests.conftest import write_main_cf
     from trimail import config as configuration
-    from trimail.local.privileged import MARGIN, serve_requests
+    from trimail.delivery.local.privileged import MARGIN, serve_requests
 
     config = configuration.load(write_main_cf(tmp_path, message_size_limit="10000"))
     small = {"kind": "virtual", "sender": "a@b", "recipient": "x@nowhere.example"}
@@ -284,7 +284,7 @@ def test_the_helper_refuses_a_message_beyond_message_size_limit(tmp_path):
 
 
 def test_serve_does_not_send_the_helper_a_message_it_would_refuse():
-    from trimail.local.privileged import Helper
+    from trimail.delivery.local.privileged import Helper
 
     proc = _fake_helper(_READ_REQUEST + "request()\nprint(json.dumps({'status': 'sent'}), flush=True)\n")
     try:
@@ -300,7 +300,7 @@ def test_serve_does_not_send_the_helper_a_message_it_would_refuse():
 def test_a_helper_that_does_not_answer_costs_a_deferral_within_the_deadline_not_a_stuck_thread():
     import time
 
-    from trimail.local.privileged import Helper, HelperGone
+    from trimail.delivery.local.privileged import Helper, HelperGone
 
     # answers the first request after 1.5 s, the second at once
     proc = _fake_helper(_READ_REQUEST + "request()\ntime.sleep(1.5)\n"
@@ -321,7 +321,7 @@ def test_a_helper_that_does_not_answer_costs_a_deferral_within_the_deadline_not_
 
 
 def test_a_dead_helper_is_logged_once_and_every_later_request_is_deferred(caplog):
-    from trimail.local.privileged import Helper, HelperGone
+    from trimail.delivery.local.privileged import Helper, HelperGone
 
     proc = _fake_helper("import sys\nsys.exit(0)\n")
     proc.wait()

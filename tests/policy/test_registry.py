@@ -18,7 +18,7 @@ import trio
 from tests.conftest import write_main_cf
 from tests.dnsserver import run_dns_server
 from trimail import config as configuration
-from trimail.delivery.dns import Resolver
+from trimail.net.dns import Resolver
 from trimail.policy import registry
 from trimail.policy.restrictions import Policy, Request, Verdict, parse_list
 from trimail.unlisted import Unlisted

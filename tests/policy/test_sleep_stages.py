@@ -12,7 +12,7 @@ import trio
 
 from tests.conftest import write_main_cf
 from trimail import config as configuration
-from trimail.delivery.dns import Resolver
+from trimail.net.dns import Resolver
 from trimail.policy.restrictions import Policy, Request
 
 LISTS = {"smtpd_client_restrictions": "sleep 1", "smtpd_helo_restrictions": "sleep 2",

@@ -10,7 +10,7 @@ import time
 
 import trio
 
-from trimail.delivery.dns import Resolver
+from trimail.net.dns import Resolver
 from trimail.policy.verify import IN_PROGRESS, UNAVAILABLE, Answer, Verifier, clean_cache
 from trimail.queue.verifycache import VerifyCache, cache_file
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import trio
 
-from trimail.delivery.dns import Resolver
+from trimail.net.dns import Resolver
 from trimail.policy.verify import Verifier
 
 

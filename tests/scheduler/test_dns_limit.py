@@ -10,7 +10,7 @@ import trio
 
 from tests.dnsserver import answer
 from trimail.config import ListenAddress
-from trimail.delivery.dns import Resolver
+from trimail.net.dns import Resolver
 
 DNS_HOST = "127.0.80.5"
 

@@ -17,10 +17,10 @@ from tests.delivery.test_delivery import queue, send, wait_empty
 from tests.scheduler.fleet import Fleet
 from tests.scheduler.qmgr_fake import REFUSED, FakeQmgr, FakeSite
 from trimail.config import parse_feedback
+from trimail.delivery.outcome import deferred
 from trimail.delivery.route import Route
 from trimail.scheduler.dead import DeadSites
 from trimail.scheduler.feedback import Window, WindowSettings
-from trimail.smtp.client import deferred
 
 
 class Lines(logging.Handler):

@@ -17,12 +17,12 @@ import trio
 from tests.conftest import wait_for, write_main_cf
 from tests.scheduler.storm import queue_due_retries, queue_messages
 from trimail import config as configuration
+from trimail.delivery.outcome import Outcome, sent
 from trimail.delivery.route import Route
 from trimail.queue import transitions
 from trimail.queue.store import Store
 from trimail.scheduler.qmgr import Scheduler, schedule_round
 from trimail.scheduler.share import Shares
-from trimail.smtp.client import Outcome, sent
 
 
 class InlineWriter:

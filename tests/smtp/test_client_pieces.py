@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, strategies as st
 
-from trimail.smtp.client import DotStuffer, Extensions, PeerProtocolError, ReplyParser, classify
+from trimail.smtp.client import DotStuffer, Extensions, PeerProtocolError, ReplyParser
 from tests.smtp.driver import Driver
 
 
@@ -62,16 +62,6 @@ def _ehlo():
     parser = ReplyParser()
     parser.feed(b"250 mx.example\r\n")
     return parser.next_reply()
-
-
-def test_classify_uses_reply_class_and_enhanced_code():
-    parser = ReplyParser()
-    parser.feed(b"452 4.2.2 full\r\n554 no way\r\n")
-    temp = classify(parser.next_reply(), "mx[1.2.3.4]", "RCPT TO")
-    perm = classify(parser.next_reply(), "mx[1.2.3.4]", "end of DATA")
-    assert (temp.status, temp.dsn) == ("deferred", "4.2.2")
-    assert (perm.status, perm.dsn) == ("bounced", "5.0.0")
-    assert perm.text == "host mx[1.2.3.4] said: 554 no way (in reply to end of DATA command)"
 
 
 @given(st.lists(st.binary(max_size=60).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=20),

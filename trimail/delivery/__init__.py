@@ -1,1 +1,1 @@
-"""Delivery: routing, DNS, the delivery agents (smtp, bounce) and their results."""
+"""Delivery: routing, the delivery agents (smtp, local, virtual, bounce) and their results."""

@@ -20,9 +20,9 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from trimail.delivery.outcome import Outcome
 from trimail.delivery.route import Route
 from trimail.delivery.smtp import Connection, ConnectionFailed, Connector, Envelope
-from trimail.smtp.client import Outcome
 from trimail.supervise import report
 
 log = logging.getLogger("trimail.smtp")

@@ -36,8 +36,8 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable
 
-from trimail.delivery.dns import DnsError, DnsPermanent, MailHost, Resolver
-from trimail.smtp.client import Outcome, bounced, deferred
+from trimail.delivery.outcome import Outcome, bounced, deferred
+from trimail.net.dns import DnsError, DnsPermanent, MailHost, Resolver
 
 MX_HOST_LIMIT = 100
 

@@ -30,22 +30,19 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from trimail.config import Config, ListenAddress
-from trimail.delivery.dns import DnsError, MailHost, Resolver
 from trimail.delivery.interfaces import OwnAddresses
 from trimail.delivery.mime import content_needs_smtputf8, downgraded
 from trimail.delivery.mx import Targets, dns_outcome
+from trimail.delivery.outcome import Outcome, bounced, classify, deferred
 from trimail.delivery.route import DEFAULT_PORT, Route
-from trimail.delivery.tls import TlsPolicy
+from trimail.net.dns import DnsError, MailHost, Resolver
 from trimail.net.stream import DirectStream
+from trimail.net.tls import TlsPolicy
 from trimail.smtp.client import (
     DotStuffer,
     Extensions,
-    Outcome,
     PeerProtocolError,
     ReplyParser,
-    bounced,
-    classify,
-    deferred,
     first_word,
     mail_command,
     rcpt_command,

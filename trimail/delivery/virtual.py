@@ -25,21 +25,21 @@ length.  The write happens with the mailbox owner's privileges, never root's: a
 uid or gid 0 is always refused (4.3.5), whatever ``virtual_minimum_uid`` says,
 and so is a uid below it (as Postfix's virtual(8)).  When serve runs as root
 (``allow_root = yes``) each write is a fresh child program
-(``trimail.local.filewriter --virtual``, started by ``subprocess``: never a
+(``trimail.delivery.local.filewriter --virtual``, started by ``subprocess``: never a
 ``fork()`` of this multi-threaded process, whose child would inherit locks other
 threads held) that becomes the mapped uid and gid, with that gid as its only
 group, before it reads the message or opens anything; so a link planted in a
 mailbox can only point where that owner could write anyway.  When serve runs as
 ``mail_owner`` (production) a mailbox mapped to serve's own uid and gid is
 written here; any other goes to the root helper started before the drop
-(trimail.local.privileged), which is sent only the sender, the recipient and the
+(trimail.delivery.local.privileged), which is sent only the sender, the recipient and the
 message: it looks the recipient up again in its own tables (``privileged()``,
 refusing a domain that is not a virtual mailbox domain), checks the path and the
 owner itself and writes through the same child.  Without a helper such
 deliveries are deferred (4.3.5), with a helper that is gone or does not answer
 in time 4.3.0.  The child has ``command_time_limit``.  Directories are created
 0700 and checked not to be symlinks, files are opened with ``O_NOFOLLOW``
-(``trimail.local.mailbox``).  ``virtual_mailbox_base`` itself must exist and be
+(``trimail.delivery.local.mailbox``).  ``virtual_mailbox_base`` itself must exist and be
 searchable by the owners.
 
 Parameters: virtual_mailbox_base, virtual_mailbox_maps, virtual_uid_maps,
@@ -58,12 +58,12 @@ import threading
 from pathlib import Path
 
 from trimail.config import Config
-from trimail.delivery.local import _delivered_to
-from trimail.local import privileged
-from trimail.local.filewriter import EX_DATAERR, EX_LOCKED, EX_TEMPFAIL, attempt
-from trimail.local.mailbox import LockPolicy
+from trimail.delivery.local import privileged
+from trimail.delivery.local.agent import _delivered_to
+from trimail.delivery.local.filewriter import EX_DATAERR, EX_LOCKED, EX_TEMPFAIL, attempt
+from trimail.delivery.local.mailbox import LockPolicy
+from trimail.delivery.outcome import Outcome, bounced, deferred, sent
 from trimail.maps import Table, TableError, lookup_first, open_table
-from trimail.smtp.client import Outcome, bounced, deferred, sent
 from trimail.supervise import report
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where this trimail is imported from
@@ -185,9 +185,9 @@ class VirtualAgent:
 
     def _as_owner(self, base: Path, relative: str, maildir: bool, copy: bytes, sender: str, uid: int,
                   gid: int) -> tuple[int, str]:
-        """Run trimail.local.filewriter --virtual: a new process (no fork of this
+        """Run trimail.delivery.local.filewriter --virtual: a new process (no fork of this
         multi-threaded one) that becomes uid/gid before it opens anything."""
-        argv = [sys.executable, "-m", "trimail.local.filewriter", "--virtual", str(uid), str(gid), str(base),
+        argv = [sys.executable, "-m", "trimail.delivery.local.filewriter", "--virtual", str(uid), str(gid), str(base),
                 relative, "1" if maildir else "0", sender, ",".join(self.lock.methods), str(self.lock.attempts),
                 str(self.lock.delay), str(self.lock.stale)]
         try:

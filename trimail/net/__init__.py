@@ -1,1 +1,1 @@
-"""trio adapters only: listeners and the per-connection loop around the sans-IO core."""
+"""trio adapters only: listeners and the per-connection loop around the sans-IO core, DNS lookups."""

@@ -15,12 +15,12 @@ import ipaddress
 import re
 from typing import TYPE_CHECKING
 
-from trimail.delivery.dns import DnsError, DnsTemporary
 from trimail.log import printable
+from trimail.net.dns import DnsError, DnsTemporary
 from trimail.smtp.replies import Reply
 
 if TYPE_CHECKING:
-    from trimail.delivery.dns import Resolver
+    from trimail.net.dns import Resolver
     from trimail.policy.registry import Request
 
 

@@ -59,10 +59,10 @@ from typing import TYPE_CHECKING
 
 from trimail import rewrite
 from trimail.config import Config
-from trimail.delivery.dns import Resolver
 from trimail.delivery.route import RouteError, parse_nexthop
 from trimail.log import printable
 from trimail.maps import Table, TableError, off_loop, open_table
+from trimail.net.dns import Resolver
 from trimail.policy.access import AccessResult, parse_result
 from trimail.policy.dnschecks import DnsChecks
 from trimail.policy.registry import (  # noqa: F401 (re-exported: smtpd and tests import them from here)

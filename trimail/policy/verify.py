@@ -88,13 +88,14 @@ import trio
 
 from trimail import rewrite
 from trimail.config import Config
-from trimail.delivery.dns import Resolver
+from trimail.delivery.outcome import classify
 from trimail.delivery.route import SMTP_TRANSPORTS, Route, RouteError, Router
 from trimail.delivery.smtp import ConnectionFailed, ConnectionLost, Connector
 from trimail.maps import TableError, off_loop
+from trimail.net.dns import Resolver
 from trimail.policy.registry import DUNNO, Request, Result, Verdict, register
 from trimail.queue.verifycache import Entry, VerifyCache, VerifyCacheError, cache_file
-from trimail.smtp.client import classify, mail_command, rcpt_command
+from trimail.smtp.client import mail_command, rcpt_command
 from trimail.supervise import describe
 
 if TYPE_CHECKING:

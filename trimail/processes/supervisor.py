@@ -48,8 +48,9 @@ from trimail import config as configuration
 from trimail.config import Config, ConfigError
 from trimail.maps import TableError
 from trimail.master import LISTENERS, Endpoint, notify_systemd
-from trimail.metrics import Metrics, serve_metrics
+from trimail.metrics import Metrics
 from trimail.net.control import serve_control
+from trimail.net.http import serve_metrics
 from trimail.net.listener import ListenError, bound_address, open_listeners
 from trimail.policy.restrictions import restriction_lists
 from trimail.processes import reports

@@ -44,11 +44,11 @@ import trio
 from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import Config, ConfigError, ListenAddress, parse_host_port
-from trimail.delivery.dns import Resolver
+from trimail.delivery.local import privileged
 from trimail.delivery.smtp import Connector
-from trimail.local import privileged
 from trimail.master import Server, become_mail_owner, preflight, recover, serve_sessions
 from trimail.metrics import Metrics
+from trimail.net.dns import Resolver
 from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verify import clean_cache
 from trimail.processes.board import SessionBoard

@@ -27,8 +27,8 @@ from __future__ import annotations
 import dataclasses
 from collections import OrderedDict
 
+from trimail.delivery.outcome import Outcome, deferred
 from trimail.scheduler.feedback import Window
-from trimail.smtp.client import Outcome, deferred
 
 SUSPENDED = "delivery temporarily suspended: "
 WINDOWS_KEPT = 10_000

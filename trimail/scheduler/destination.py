@@ -53,7 +53,8 @@ import trio
 from trimail.cleanup import RWR_PARAM
 from trimail.config import Config
 from trimail.delivery import attempt
-from trimail.delivery.local import ORIG_TO_PARAM, Expanded, Forward, LocalAgent
+from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded, Forward, LocalAgent
+from trimail.delivery.outcome import Outcome, sent
 from trimail.delivery.route import Route
 from trimail.delivery.smtp import Connection, ConnectionFailed, Connector
 from trimail.delivery.virtual import VirtualAgent
@@ -70,7 +71,6 @@ from trimail.scheduler.feedback import Window, WindowSettings
 from trimail.scheduler.jobqueue import JobQueue
 from trimail.scheduler.slots import AgentSlots
 from trimail.scheduler.transfer import ContentError, content_of, envelope_of
-from trimail.smtp.client import Outcome, sent
 from trimail.supervise import contained, thread_pool
 
 log = logging.getLogger("trimail.qmgr")

@@ -43,7 +43,8 @@ import trio
 from trimail.cleanup import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
 from trimail.delivery.bounce import status_of
-from trimail.delivery.local import LocalAgent
+from trimail.delivery.local.agent import LocalAgent
+from trimail.delivery.outcome import Outcome, bounced, deferred, sent
 from trimail.delivery.route import FILTER_PARAM, Route, RouteError, Router
 from trimail.delivery.smtp import Connector
 from trimail.delivery.virtual import VirtualAgent
@@ -65,7 +66,6 @@ from trimail.scheduler.destination import (
 from trimail.scheduler.results import Results
 from trimail.scheduler.share import ParkingLot, Shares
 from trimail.scheduler.slots import AgentSlots
-from trimail.smtp.client import Outcome, bounced, deferred, sent
 from trimail.supervise import Backoff, contained, report
 
 log = logging.getLogger("trimail.qmgr")

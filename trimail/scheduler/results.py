@@ -19,7 +19,8 @@ import trio
 
 from trimail.config import Config
 from trimail.delivery.bounce import Failure, dsn_parts, header_lines, returns_full, status_of
-from trimail.delivery.local import ORIG_TO_PARAM, Expanded
+from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded
+from trimail.delivery.outcome import Outcome
 from trimail.log import printable
 from trimail.metrics import Metrics
 from trimail.queue import transitions
@@ -30,7 +31,6 @@ from trimail.queue.transitions import ClaimedMessage, RecipientResult
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.backoff import retry_delay
 from trimail.scheduler.destination import Job
-from trimail.smtp.client import Outcome
 from trimail.supervise import retry_with_backoff
 
 log = logging.getLogger("trimail.qmgr")

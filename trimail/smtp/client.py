@@ -11,7 +11,10 @@
   dots doubled, a final CRLF guaranteed, ``.CRLF`` at the end, and a stray CR or
   LF (content queued before receipt normalised it) sent as a space, so nothing
   trimail emits can end DATA early at a lax downstream.
-- ``classify``: a server reply to a delivery outcome with its RFC 3463 status.
+
+Every answer of the server comes out as a ``Reply``; what it means for a
+recipient (sent, deferred, bounced) is decided by the delivery side
+(trimail.delivery.outcome), so this package knows nothing of delivery.
 """
 
 from __future__ import annotations
@@ -173,50 +176,6 @@ class DotStuffer:
             self._held_cr = False
             tail, self._last = b" ", b" "
         return tail + (b"" if self._last == b"\n" else b"\r\n") + b".\r\n"
-
-
-# -- outcomes --------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Outcome:
-    """What happened to one recipient: sent, deferred or bounced, and why."""
-
-    status: str  # "sent" | "deferred" | "bounced"
-    dsn: str  # RFC 3463 status, e.g. "2.0.0", "4.4.1", "5.1.1"
-    text: str  # for the log and the DSN: "host said: 550 5.1.1 ... (in reply to RCPT TO command)"
-
-    @property
-    def done(self) -> bool:
-        return self.status != "deferred"
-
-
-def sent(text: str) -> Outcome:
-    return Outcome("sent", "2.0.0", text)
-
-
-def deferred(dsn: str, text: str) -> Outcome:
-    return Outcome("deferred", dsn, text)
-
-
-def bounced(dsn: str, text: str) -> Outcome:
-    return Outcome("bounced", dsn, text)
-
-
-def classify(reply: Reply, host: str, stage: str) -> Outcome:
-    """A server's reply to a delivery outcome (Postfix's wording in the text)."""
-    text = f"host {host} said: {reply.code}{' ' + reply.enhanced if reply.enhanced else ''} " \
-           f"{' '.join(reply.lines())} (in reply to {stage} command)"
-    if reply.code < 400:
-        if stage == "end of DATA" and reply.code < 300:
-            return sent(f"{reply.code} {reply.enhanced} {' '.join(reply.lines())}".replace("  ", " "))
-        # only 250/251 to RCPT (handled by the caller) and 2xx after the final dot
-        # deliver; anything else below 400 where a refusal was expected (a 252 to
-        # RCPT, a 251 to MAIL, a 250 to DATA) is a broken peer: try again later
-        return deferred("4.5.0", f"{text}: unexpected reply")
-    klass = "4" if reply.code < 500 else "5"
-    dsn = reply.enhanced if reply.enhanced.startswith(klass) else f"{klass}.0.0"
-    return deferred(dsn, text) if klass == "4" else bounced(dsn, text)
 
 
 def _ascii_digits(text: str) -> bool:

@@ -1,15 +1,15 @@
 """The child that writes one message as the delivery's user: an mbox ``/file``
 target of local delivery, or a virtual(8) mailbox.
 
-``python -m trimail.local.filewriter UID GID PATH SENDER LOCKS ATTEMPTS DELAY STALE``
+``python -m trimail.delivery.local.filewriter UID GID PATH SENDER LOCKS ATTEMPTS DELAY STALE``
 with the message on standard input; started as root by
-``trimail.local.identity.append_file``.
+``trimail.delivery.local.identity.append_file``.
 
-``python -m trimail.local.filewriter --virtual UID GID BASE RELATIVE MAILDIR SENDER
+``python -m trimail.delivery.local.filewriter --virtual UID GID BASE RELATIVE MAILDIR SENDER
 LOCKS ATTEMPTS DELAY STALE``: the virtual(8) mailbox RELATIVE (validated by
 trimail.delivery.virtual) under BASE, a Maildir when MAILDIR is 1; started as
 root by ``trimail.delivery.virtual`` (in serve run as root, or in the root
-helper trimail.local.privileged).  A fresh process, never a fork of serve's
+helper trimail.delivery.local.privileged).  A fresh process, never a fork of serve's
 threads: a fork keeps locks other threads held, this child starts clean.
 
 Once its modules are imported (the
@@ -17,7 +17,7 @@ interpreter may live where the user cannot read) it becomes UID/GID for good,
 with GID as its only group (Postfix's set_ugid; refusing uid or gid 0 and
 checking that root cannot be regained), before it reads the message or touches
 PATH: the kernel checks the user's own permissions and a created file belongs
-to that user.  The writing itself is ``trimail.local.mailbox.deliver_mbox``
+to that user.  The writing itself is ``trimail.delivery.local.mailbox.deliver_mbox``
 (O_NOFOLLOW, locks, fsync).
 
 Exit status (sysexits.h) and one line on standard error: 0 delivered; 75 the
@@ -36,7 +36,7 @@ import os
 import sys
 from pathlib import Path
 
-from trimail.local.mailbox import (
+from trimail.delivery.local.mailbox import (
     LockPolicy,
     MailboxError,
     MailboxLocked,

@@ -5,7 +5,7 @@ and runs on a worker thread.  For each local recipient it checks for a mail loop
 (a ``Delivered-To:`` header naming this recipient), expands aliases, and delivers
 to every target: a local name's mailbox (Maildir or mbox under
 ``mail_spool_directory``, per ``home_mailbox``), an mbox ``/file``, a ``|command``
-(no shell, a time limit, a minimal environment; of its output only the last
+(``command``: no shell, a time limit, a minimal environment; of its output only the last
 4 KiB is kept, for the bounce text) or a remote address, which is
 collected and queued by the caller as a new message (Postfix logs it as
 "forwarded as ID").  Each delivered copy starts with ``Return-Path:`` and
@@ -19,14 +19,14 @@ envelope sender, logged ``to=<alias@domain>, ... status=sent (forwarded as ID)``
 that message's own delivery lines carry ``orig_to=<alias@domain>``
 (``ORIG_TO_PARAM``), so pflogsumm counts deliveries and forwards as for Postfix.
 
-Identities (Postfix local(8), trimail.local.identity): mailboxes are written by
+Identities (Postfix local(8), trimail.delivery.local.identity): mailboxes are written by
 serve itself; ``/file`` and ``|command`` targets from the alias table run as
 ``default_privs``, those from an ``:include:`` file as its owner, with that
 user's primary group as the only group - never as root, never as
 ``mail_owner``, never with root's supplementary groups.  That needs serve to be
 root: a serve running as root (``allow_root = yes``) runs them itself; one that
 runs as ``mail_owner`` hands them to the root helper it started before the
-drop (trimail.local.privileged), which expands the recipient again and runs
+drop (trimail.delivery.local.privileged), which expands the recipient again and runs
 only targets its own expansion yields; without the helper they are deferred
 (4.3.0), never run as ``mail_owner``.  ``allow_mail_to_files`` is
 checked against the target's source (alias or include).  A target an unsafe
@@ -54,24 +54,19 @@ stale_lock_time.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-import os
 import re
-import select
-import shlex
-import subprocess
 import threading
-import time
 from pathlib import Path
 
 from trimail import rewrite
 from trimail.config import Config
-from trimail.local import privileged
-from trimail.local.aliases import AliasError, Expander, Target
-from trimail.local.identity import Identity, IdentityError, append_file, identity
-from trimail.local.mailbox import (
+from trimail.delivery.local import command, privileged
+from trimail.delivery.local.aliases import AliasError, Expander, Target
+from trimail.delivery.local.command import CommandFailed
+from trimail.delivery.local.identity import Identity, IdentityError, append_file, identity
+from trimail.delivery.local.mailbox import (
     LockPolicy,
     MailboxError,
     MailboxLocked,
@@ -79,15 +74,11 @@ from trimail.local.mailbox import (
     deliver_mbox,
     mailbox_path,
 )
+from trimail.delivery.outcome import Outcome, bounced, deferred, sent
 from trimail.maps import Table, TableError, open_table
-from trimail.smtp.client import Outcome, bounced, deferred, sent
 from trimail.supervise import report
 
 log = logging.getLogger("trimail.local")
-
-EX_TEMPFAIL = 75
-OUTPUT_KEPT = 4096  # the end of a command's output kept for the bounce text (of which 200 characters are used)
-
 
 ORIG_TO_PARAM = "_ORIG_TO"  # message params key: the alias a forwarded copy was sent for (no esmtp-keyword has "_")
 
@@ -215,7 +206,7 @@ class LocalAgent:
             return deferred("4.2.0", str(exc))
         except OSError as exc:
             return deferred("4.3.0", f"cannot deliver to {target.kind} {target.value}: {exc.strerror or exc}")
-        except _CommandFailed as exc:
+        except CommandFailed as exc:
             return (deferred if exc.temporary else bounced)(exc.dsn, exc.text)
 
     def _identity(self, target: Target) -> Identity:
@@ -223,7 +214,7 @@ class LocalAgent:
 
     def _via_helper(self, target: Target, who: Identity, sender: str, recipient: str, domain: str,
                     copy: bytes) -> str:
-        """serve runs as mail_owner: the root helper (trimail.local.privileged)
+        """serve runs as mail_owner: the root helper (trimail.delivery.local.privileged)
         delivers to this /file or |command target, after expanding the
         recipient itself; without a helper, IdentityError (deferred)."""
         helper = privileged.helper()
@@ -239,7 +230,7 @@ class LocalAgent:
         status, dsn, text = (str(answer.get(key, "")) for key in ("status", "dsn", "text"))
         if status == "sent":
             return text
-        raise _CommandFailed(status != "bounced", dsn if dsn[:1] in ("4", "5") else "4.3.0", text)
+        raise CommandFailed(status != "bounced", dsn if dsn[:1] in ("4", "5") else "4.3.0", text)
 
     def privileged(self, request: dict[str, object], copy: bytes) -> tuple[str, str, str]:
         """The root helper's side of ``_via_helper``: deliver to the target only if
@@ -293,7 +284,7 @@ class LocalAgent:
             who = self._identity(target)
             if not who.can_become():
                 return self._via_helper(target, who, sender, recipient, domain, copy)
-            self._run(target.value, sender, recipient, domain, copy, who)
+            command.run(target.value, sender, recipient, domain, copy, who, self.time_limit)
             return f"delivered to command: {target.value}"
         owner = f"{target.owner}@{self.myorigin}" if target.owner else sender
         forward = forwards.setdefault(owner, Forward(owner, [], [], list_mail=bool(target.owner)))
@@ -301,86 +292,6 @@ class LocalAgent:
         if recipient.lower() not in forward.delivered_to:
             forward.delivered_to.append(recipient.lower())
         return f"forwarded to {target.value}"
-
-    def _run(self, command: str, sender: str, recipient: str, domain: str, copy: bytes, who: Identity) -> None:
-        """Run *command* as *who*: uid, primary gid and no other group (Postfix's
-        set_ugid), no shell, a minimal environment, ``command_time_limit``."""
-        argv = shlex.split(command)
-        if not argv:
-            raise _CommandFailed(False, "5.3.0", "empty command")
-        env = {"PATH": "/usr/bin:/bin", "SENDER": sender, "RECIPIENT": recipient,
-               "LOCAL": recipient.rpartition("@")[0], "DOMAIN": domain, "SHELL": "/bin/sh",
-               "USER": who.user, "LOGNAME": who.user, "HOME": who.home}
-        spawn = who.spawn()  # IdentityError when serve cannot become *who*
-        try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    env=env, cwd="/", **spawn)  # type: ignore[call-overload]
-        except OSError as exc:
-            raise _CommandFailed(False, "5.3.0", f"cannot run {command}: {exc.strerror}") from None
-        try:
-            returncode, output = _communicate(proc, copy.replace(b"\r\n", b"\n"), self.time_limit)
-        except subprocess.TimeoutExpired:
-            raise _CommandFailed(True, "4.3.0", f"command time limit exceeded: {command}") from None
-        if returncode == EX_TEMPFAIL:
-            raise _CommandFailed(True, "4.3.0", f"temporary failure. Command output: {_tail(output)}")
-        if returncode != 0:
-            raise _CommandFailed(False, "5.3.0", f"Command died with status {returncode}: {command}. {_tail(output)}")
-
-
-def _communicate(proc: subprocess.Popen[bytes], data: bytes, time_limit: float) -> tuple[int, bytes]:
-    """Feed *data* to the command and read its output (standard output and error)
-    until it exits, keeping only the last OUTPUT_KEPT bytes: a command that
-    writes without end costs no memory.  TimeoutExpired (the command killed)
-    past *time_limit*."""
-    assert proc.stdin is not None and proc.stdout is not None
-    stdin, stdout = proc.stdin, proc.stdout
-
-    def feed() -> None:
-        with contextlib.suppress(OSError, ValueError):  # a command that does not read its input
-            stdin.write(data)
-        with contextlib.suppress(OSError, ValueError):
-            stdin.close()
-
-    writer = threading.Thread(target=feed, name="command input", daemon=True)
-    writer.start()
-    deadline = time.monotonic() + time_limit
-    kept = b""
-    try:
-        fd = stdout.fileno()
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0 or not poller.poll(int(left * 1000) + 1):
-                if time.monotonic() >= deadline:
-                    raise subprocess.TimeoutExpired(proc.args, time_limit)
-                continue
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            kept = (kept + chunk)[-OUTPUT_KEPT:]
-        returncode = proc.wait(max(0.0, deadline - time.monotonic()))
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        raise
-    finally:
-        writer.join(5)
-        stdout.close()
-    return returncode, kept
-
-
-class _CommandFailed(Exception):
-    def __init__(self, temporary: bool, dsn: str, text: str) -> None:
-        super().__init__(text)
-        self.temporary = temporary
-        self.dsn = dsn
-        self.text = text
-
-
-def _tail(output: bytes) -> str:
-    text = output.decode("utf-8", "replace").strip()
-    return " ".join(text.split())[-200:]
 
 
 def _delivered_to(content: bytes, recipient: str) -> bool:

@@ -1,6 +1,7 @@
-"""The SMTP client's TLS policy (smtp_tls_security_level, smtp_tls_CAfile): one
-``ssl.SSLContext`` per policy, TLS 1.2 or newer; certificates are checked only at the
-levels that say so (verify, secure).
+"""TLS contexts.  The SMTP client's TLS policy (smtp_tls_security_level,
+smtp_tls_CAfile): one ``ssl.SSLContext`` per policy, TLS 1.2 or newer; certificates
+are checked only at the levels that say so (verify, secure).  (The server's context,
+smtpd_tls_cert_file, is still built by ``trimail.smtpd.server_tls_context``.)
 
 Parameters: smtp_tls_security_level, smtp_tls_CAfile.
 """

@@ -12,9 +12,9 @@ refused as identities: the delivery is deferred with a clear reason.
 Switching identity needs root: when serve runs as root (``allow_root = yes``)
 each command is a child process started with ``subprocess``'s ``user``,
 ``group`` and ``extra_groups``, and each file append a small child program
-(``trimail.local.filewriter``) that becomes the user itself before it opens
+(``trimail.delivery.local.filewriter``) that becomes the user itself before it opens
 anything.  A serve that runs as ``mail_owner`` cannot become anyone else: it
-hands such targets to its root helper (trimail.local.privileged), and without
+hands such targets to its root helper (trimail.delivery.local.privileged), and without
 one they are deferred (4.3.0, "serve runs as ..., not root"); they never run
 as ``mail_owner`` instead.
 
@@ -30,9 +30,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trimail.local.mailbox import LockPolicy, MailboxError, MailboxLocked, deliver_mbox
+from trimail.delivery.local.mailbox import LockPolicy, MailboxError, MailboxLocked, deliver_mbox
 
-_PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where this trimail is imported from
+_PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # where this trimail is imported from
 
 # Exit statuses of the file-writer child (sysexits.h).
 EX_OK, EX_DATAERR, EX_NOPERM, EX_CANTCREAT, EX_TEMPFAIL = 0, 65, 77, 73, 75
@@ -98,7 +98,7 @@ def append_file(who: Identity, path: Path, copy: bytes, sender: str, lock: LockP
     if not spawn:
         deliver_mbox(path, copy, sender, lock, dotlock_may_fail=True)
         return
-    argv = [sys.executable, "-m", "trimail.local.filewriter", str(who.uid), str(who.gid), str(path), sender,
+    argv = [sys.executable, "-m", "trimail.delivery.local.filewriter", str(who.uid), str(who.gid), str(path), sender,
             ",".join(lock.methods), str(lock.attempts), str(lock.delay), str(lock.stale)]
     try:  # started as root: the child imports, then becomes *who* itself before it writes
         result = subprocess.run(argv, input=copy, capture_output=True, timeout=timeout, cwd="/", check=False,

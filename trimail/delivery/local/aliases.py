@@ -22,7 +22,7 @@ Each target records where it came from (``source``: alias or include) and whose
 rights it is delivered with (``uid``: None for a root-owned alias table, i.e.
 ``default_privs``; the owner of an alias table file that root does not own;
 the owner of the ``:include:`` file - Postfix local(8), see
-trimail.local.identity).  An include file is opened without
+trimail.delivery.local.identity).  An include file is opened without
 blocking and checked on its descriptor (Postfix's include.c): not a regular
 file, or world writable, and the recipient bounces (5.3.5, "mail system
 configuration error", the reason in the log); group writable (a group member

@@ -5,7 +5,7 @@
 serve started as root cannot become ``default_privs``, an include file's owner
 or a virtual mailbox's owner once it is ``mail_owner``, and must never run those
 deliveries as itself.  So, just before the privilege drop, ``start()`` launches
-this module as a small root child (``python -m trimail.local.privileged``) that
+this module as a small root child (``python -m trimail.delivery.local.privileged``) that
 lives as long as serve, when ``needed()``: file or command targets allowed
 (``allow_mail_to_files``, ``allow_mail_to_commands``) or virtual mailboxes
 configured (``virtual_mailbox_domains`` with ``virtual_transport = virtual``).
@@ -22,14 +22,14 @@ Security notes: the requests come from a ``mail_owner`` process, which an
 attacker may control, so the helper trusts nothing in them but the recipient,
 the envelope and the message.  For a file or command it expands the
 recipient's aliases itself, with its own tables and include files (the same
-rules: trimail.local.aliases), and runs a target only when that expansion
-yields the same kind and value; the identity (trimail.local.identity: never
+rules: trimail.delivery.local.aliases), and runs a target only when that expansion
+yields the same kind and value; the identity (trimail.delivery.local.identity: never
 root, never mail_owner, the user's primary group only) and
 ``allow_mail_to_files`` are decided here too.  For a virtual mailbox it looks
 the recipient up in its own virtual_mailbox_maps, virtual_uid_maps and
 virtual_gid_maps, checks the path and refuses uid/gid 0 and uids below
 virtual_minimum_uid (trimail.delivery.virtual), and writes through a child that
-becomes the owner first (trimail.local.filewriter).  So a compromised
+becomes the owner first (trimail.delivery.local.filewriter).  So a compromised
 ``mail_owner`` can make it do what mail to that recipient would do anyway,
 nothing else (the bound of Postfix's local(8) and virtual(8), which trust only
 their configuration).  A request is bounded: a header line of 64 KiB and a
@@ -76,7 +76,7 @@ from typing import IO, Any, NoReturn
 from trimail.config import Config
 
 MAX_HEADER = 64 * 1024
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # where this trimail is imported from
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # where this trimail is imported from
 CONCURRENCY = 8  # requests serve has in the helper at once (each a thread there)
 MAX_MESSAGE = 1 << 30  # message_size_limit = 0 (no limit)
 MARGIN = 1 << 20  # the headers queued copies and local delivery add to a message within message_size_limit
@@ -297,7 +297,7 @@ def start(config: Config) -> Helper:
     global _helper
     read_end, write_end = os.pipe()
     try:
-        proc = subprocess.Popen([sys.executable, "-m", "trimail.local.privileged", str(read_end)],
+        proc = subprocess.Popen([sys.executable, "-m", "trimail.delivery.local.privileged", str(read_end)],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(read_end,), cwd="/",
                                 env={"PATH": "/usr/bin:/bin", "PYTHONPATH": PACKAGE_ROOT})
     finally:
@@ -343,7 +343,7 @@ def serve_requests(config: Config, inp: IO[bytes], out: IO[bytes]) -> None:
     thread of its own (at most 2 x CONCURRENCY at once; one at a time per
     recipient), answering with its ``id`` as it finishes, until serve closes
     the pipe; then wait for the requests still running."""
-    from trimail.delivery.local import LocalAgent
+    from trimail.delivery.local.agent import LocalAgent
     from trimail.delivery.virtual import VirtualAgent
 
     agent, virtual, limit = LocalAgent(config), VirtualAgent(config), message_limit(config)

@@ -1,1 +1,0 @@
-"""Local mail: aliases(5) and writing to mailboxes (the work of Postfix's local(8))."""
