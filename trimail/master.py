@@ -33,7 +33,7 @@ smtpd_timeout, smtpd_soft_error_limit, smtpd_error_sleep_time,
 smtpd_client_connection_count_limit, smtpd_client_connection_rate_limit,
 smtpd_process_limit, graceful_timeout, smtpd_stress_threshold, smtpd_junk_command_limit,
 smtpd_hard_error_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause, queue_busy_timeout
-(plus everything trimail.smtpd reads).
+(plus everything trimail.receive reads).
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ from trimail.net.http import serve_metrics
 from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session, SessionLimits
 from trimail.net.stream import DirectStream
+from trimail.net.tls import server_tls_context
 from trimail.peername import PeerNames
 from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verify import Verifier, clean_cache
@@ -73,10 +74,11 @@ from trimail.qshape import dead_destinations
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import QueueError, Store, prepare_directory
 from trimail.queue.writer import QueueWriter
+from trimail.receive.context import ReceiveContext
+from trimail.receive.session import SmtpdSession
 from trimail.scheduler import Scheduler
 from trimail.scheduler.trigger import QmgrTrigger
 from trimail.smtp import replies
-from trimail.smtpd import ReceiveContext, SmtpdSession, server_tls_context
 from trimail.supervise import contained, describe
 
 log = logging.getLogger("trimail.master")

@@ -23,7 +23,7 @@ Security notes: the content is held in memory, bounded by ``message_size_limit``
 are bounded by ``line_length_limit``.  The user can submit nothing here that
 ``sendmail`` would not take: the same checks, the same queue path.
 
-Parameters: those of smtpd's protocol settings (``trimail.smtpd.protocol_settings``),
+Parameters: those of smtpd's protocol settings (``trimail.receive.context.protocol_settings``),
 myhostname, mail_name, myorigin, mydomain, append_at_myorigin, append_dot_mydomain,
 virtual_alias_maps, queue_directory.
 """
@@ -42,6 +42,7 @@ from trimail.log import printable
 from trimail.maps import TableError, open_table
 from trimail.queue.ids import new_queue_id
 from trimail.queue.store import QueueError
+from trimail.receive.context import protocol_settings
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
 from trimail.smtp.server import (
@@ -57,7 +58,6 @@ from trimail.smtp.server import (
     Reset,
     ServerConnection,
 )
-from trimail.smtpd import protocol_settings
 
 log = logging.getLogger("trimail.sendmail")
 

@@ -33,9 +33,10 @@ import math
 import trio
 
 from trimail.config import Config
+from trimail.receive.hooks import DropConnection
+from trimail.receive.session import SmtpdSession
 from trimail.smtp import replies
 from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, StartTls, State
-from trimail.smtpd import DropConnection, SmtpdSession
 from trimail.supervise import report
 
 log = logging.getLogger("trimail.smtpd")

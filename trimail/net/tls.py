@@ -1,15 +1,22 @@
-"""TLS contexts.  The SMTP client's TLS policy (smtp_tls_security_level,
-smtp_tls_CAfile): one ``ssl.SSLContext`` per policy, TLS 1.2 or newer; certificates
-are checked only at the levels that say so (verify, secure).  (The server's context,
-smtpd_tls_cert_file, is still built by ``trimail.smtpd.server_tls_context``.)
+"""TLS contexts.  The server's (``server_tls_context``: smtpd_tls_cert_file and
+smtpd_tls_key_file, TLS 1.2 or newer, the certificate loaded at start kept when it
+cannot be read again later) and the SMTP client's TLS policy
+(smtp_tls_security_level, smtp_tls_CAfile): one ``ssl.SSLContext`` per policy, TLS
+1.2 or newer; certificates are checked only at the levels that say so (verify,
+secure).
 
-Parameters: smtp_tls_security_level, smtp_tls_CAfile.
+Parameters: smtpd_tls_cert_file, smtpd_tls_key_file, smtp_tls_security_level, smtp_tls_CAfile.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import ssl
+
+from trimail.config import Config, ConfigError
+
+log = logging.getLogger("trimail.smtpd")
 
 
 @dataclasses.dataclass(slots=True)
@@ -42,3 +49,32 @@ class TlsPolicy:
                 ctx.verify_mode = ssl.CERT_NONE
             self._context = ctx
         return self._context
+
+
+# The last certificate loaded from each (cert, key) path.  serve loads it at start, as root and
+# outside any chroot jail (master.preflight); when the path cannot be opened later (the jail, or a
+# root-only key after the switch to mail_owner), reload keeps that one instead of failing.
+_loaded: dict[tuple[str, str], ssl.SSLContext] = {}
+_kept_warned: set[tuple[str, str]] = set()
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext:
+    """TLS 1.2 or newer with the configured certificate (ConfigError when unusable).
+    A certificate that cannot be opened any more but was loaded before is kept,
+    with one warning (restart serve to load a new one)."""
+    key = (config.smtpd_tls_cert_file, config.smtpd_tls_key_file)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(config.smtpd_tls_cert_file, config.smtpd_tls_key_file or None)
+    except (OSError, ssl.SSLError) as exc:
+        if not isinstance(exc, ssl.SSLError) and key in _loaded:
+            if key not in _kept_warned:
+                _kept_warned.add(key)
+                log.warning("cannot read %s now (%s): keeping the certificate loaded at start; restart serve "
+                            "to load a new one", config.smtpd_tls_cert_file, exc.strerror or exc)
+            return _loaded[key]
+        raise ConfigError(f"{config.where('smtpd_tls_cert_file')}: cannot load certificate "
+                          f"{config.smtpd_tls_cert_file} / key {config.smtpd_tls_key_file}: {exc}") from None
+    _loaded[key] = ctx
+    return ctx

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import email
-import getpass
 import email.message
 import email.policy
 import fnmatch
+import getpass
 import shutil
 import tempfile
 import threading
@@ -29,8 +29,9 @@ import trio
 from trimail import config as configuration
 from trimail.config import Config
 from trimail.passwords import hash_password, write_table
+from trimail.receive.hooks import AcceptedMessage, DropConnection, SessionHooks
+from trimail.receive.session import SmtpdSession
 from trimail.smtp.replies import Reply
-from trimail.smtpd import AcceptedMessage, DropConnection, SessionHooks, SmtpdSession
 
 STAGES = ("mail", "rcpt", "data", "end")
 

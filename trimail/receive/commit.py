@@ -1,0 +1,192 @@
+"""The end of a transaction: the ``Received:`` header, the header scan (Message-ID,
+hop count, header_size_limit), virtual alias expansion, and the commit to the queue
+through the group-commit writer -- shielded, because a commit that has begun cannot
+be taken back and the client gets its ``250`` only after it -- then the hand-over to
+the queue manager (straight into active when it has room) and cleanup's and qmgr's
+log lines.
+
+Parameters: hopcount_limit, header_size_limit, virtual_alias_maps (through ReceiveContext).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import re
+import time
+from typing import TYPE_CHECKING
+
+import trio
+
+from trimail.cleanup import RWR_PARAM
+from trimail.delivery.route import FILTER_PARAM
+from trimail.errors import StorageError
+from trimail.log import printable
+from trimail.maps import TableError
+from trimail.queue.store import NewMessage, Store
+from trimail.receive.hooks import AcceptedMessage
+from trimail.smtp import replies
+from trimail.smtp.replies import Reply
+from trimail.smtp.server import ServerConnection
+
+if TYPE_CHECKING:
+    from trimail.receive.session import SmtpdSession
+
+log = logging.getLogger("trimail.smtpd")
+cleanup_log = logging.getLogger("trimail.cleanup")
+qmgr_log = logging.getLogger("trimail.qmgr")
+
+HEADER_SCAN_LIMIT = 64 * 1024  # header bytes examined for Message-ID and hop count
+
+
+def received_header(session: SmtpdSession, conn: ServerConnection) -> bytes:
+    assert session.txn is not None
+    txn = session.txn
+    stamp = rfc5322_date()
+    lines = [
+        f"Received: from {session.helo_name} ({session.client_name} [{session.client_address}])",
+        *([f"\t(using {session.tls})"] if session.tls else []),
+        f"\tby {session.ctx.hostname} ({session.ctx.mail_name}) with {txn.protocol} id {txn.queue_id}",
+    ]
+    if len(txn.recipients) == 1:
+        lines.append(f"\tfor <{txn.recipients[0]}>; {stamp}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{stamp}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")
+
+
+
+def scan_header(session: SmtpdSession, data: bytes) -> None:
+    """Keep the header section (bounded) for Message-ID and the hop count."""
+    txn = session.txn
+    assert txn is not None
+    if txn.header_done:
+        return
+    room = HEADER_SCAN_LIMIT - len(txn.header)
+    if room > 0:
+        txn.header += data[:room]
+    window = txn.header_tail + data
+    end = 0 if txn.header_seen == 0 and data.startswith(b"\r\n") else window.find(b"\r\n\r\n")
+    if end >= 0:
+        size = txn.header_seen - len(txn.header_tail) + end + 2
+        cut = txn.header.find(b"\r\n\r\n")
+        if txn.header.startswith(b"\r\n"):
+            cut = 0
+        if cut >= 0:
+            del txn.header[cut + 2:]
+        txn.header_done = True
+    else:
+        size = txn.header_seen + len(data)
+        txn.header_tail = window[-3:]
+    txn.header_seen = size
+    if size > session.ctx.header_size_limit:  # header_size_limit: refuse at the end of DATA
+        txn.header_too_big = True
+        txn.header_done = True
+
+
+
+
+async def commit(session: SmtpdSession) -> Reply:
+    txn = session.txn
+    assert txn is not None and txn.spool is not None
+    session.txn = None
+    try:
+        if txn.header_too_big:
+            log.info("%s: reject: header size exceeds header_size_limit from %s", txn.queue_id, session.client)
+            return Reply(552, "5.6.0", "Message header size exceeds fixed limit")
+        if hop_count(txn.header) > session.ctx.hopcount_limit:
+            log.info("%s: reject: too many hops from %s", txn.queue_id, session.client)
+            return replies.TOO_MANY_HOPS
+        verdict = txn.verdict
+        if verdict.discard:  # logged when the action triggered (log_whatsup)
+            return replies.queued(txn.queue_id)
+        try:
+            recipients = [verdict.redirect] if verdict.redirect else list(txn.recipients)
+            if verdict.bcc and verdict.bcc not in recipients:  # access action BCC: one more copy
+                recipients.append(verdict.bcc)
+            recipients = await session.ctx.expand_virtual(recipients)
+        except (TableError, ValueError) as exc:
+            log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
+            return replies.LOCAL_ERROR
+        params = {**txn.params, RWR_PARAM: txn.rewrite_context}  # cleanup.header_context reads it
+        if verdict.filter and not verdict.redirect:  # FILTER: the router sends every recipient there
+            params[FILTER_PARAM] = verdict.filter  # (REDIRECT overrides FILTER, as in Postfix)
+        message = NewMessage(
+            id=txn.queue_id,
+            state="hold" if verdict.hold else "incoming",
+            sender=txn.envelope_sender,
+            recipients=recipients,
+            content=txn.spool,
+            client_address=session.client_address,
+            client_name=session.client_name,
+            helo_name=session.helo_name,
+            protocol=txn.protocol,
+            params=params,
+        )
+        message_id = header_message_id(txn.header)
+        scheduler = session.ctx.scheduler
+        hand_over = message.state == "incoming" and scheduler is not None and scheduler.reserve()
+        if hand_over:
+            message.state = "active"
+        # The client must get its 250 only after the commit, and a commit that
+        # has begun cannot be taken back: so the wait is shielded from shutdown.
+        with trio.CancelScope(shield=True):
+            try:
+                await session.ctx.writer.run(Store.insert_message, message)
+            except Exception as exc:  # noqa: BLE001 - the commit's boundary: any failure costs this message a 4xx
+                if hand_over:
+                    scheduler.release()  # type: ignore[union-attr]
+                log.error("%s: cannot queue message from %s: %s", txn.queue_id, session.client, exc)
+                full = isinstance(exc, StorageError) and exc.no_space
+                return replies.INSUFFICIENT_STORAGE if full else replies.LOCAL_ERROR
+        if scheduler is not None:
+            if hand_over:
+                scheduler.hand_over(message, message.content.getvalue())
+            else:
+                scheduler.wake()
+        if session.ctx.metrics is not None:
+            session.ctx.metrics.received.inc()
+        if session.ctx.hooks is not None:
+            spool = message.content
+            raw = spool.getvalue()
+            if raw is None:
+                raw = b"".join(spool.chunks(1 << 20))
+            session.ctx.hooks.accepted(AcceptedMessage(
+                txn.queue_id, txn.envelope_sender, list(recipients), dict(txn.params), session.client_address,
+                session.helo_name, txn.protocol, session.tls, session.sasl_username, raw))
+        if message_id is not None:
+            cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
+        if hand_over:  # into active at once: the qmgr's line, as Postfix's qmgr logs it (once); mail
+            # left in incoming gets it when the qmgr claims it, held mail only once released
+            qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", txn.queue_id,
+                          txn.envelope_sender, message.content.size, len(recipients))
+        return replies.queued(txn.queue_id)
+    finally:
+        txn.discard()
+
+
+
+
+_date_cache: tuple[int, str] = (-1, "")
+
+
+def rfc5322_date() -> str:
+    """The current time as a Date:-style string, computed once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, email.utils.formatdate(now, localtime=True))
+    return _date_cache[1]
+
+
+def hop_count(header: bytes | bytearray) -> int:
+    """Received: and Delivered-To: headers, plus the one we add (Postfix's hop count)."""
+    return len(re.findall(rb"(?im)^(?:received|delivered-to):", header)) + 1
+
+
+def header_message_id(header: bytes | bytearray) -> str | None:
+    m = re.search(rb"(?im)^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)", header)
+    if not m:
+        return None
+    return printable(m.group(1).decode("utf-8", "replace").replace("\r\n", "").strip(), 200)

@@ -1,0 +1,204 @@
+"""What every SMTP session of one listener shares: the protocol settings made from
+main.cf (and master.cf's submission/smtps defaults), the policy, the recipient
+tables, the queue writer and the scheduler to hand mail to.
+
+Parameters: myhostname, mail_name, smtpd_banner, message_size_limit,
+line_length_limit, smtpd_recipient_limit, smtpd_hard_error_limit,
+smtpd_forbid_bare_newline, smtpd_forbid_bare_newline_reject_code,
+cleanup_replace_stray_cr_lf, smtpd_forbidden_commands, smtpd_delay_reject,
+smtpd_client_restrictions, smtputf8_enable, disable_vrfy_command, fast_flush_domains,
+smtpd_helo_required, smtpd_tls_cert_file, smtpd_tls_security_level, smtpd_tls_auth_only,
+smtpd_sasl_auth_enable, smtpd_sasl_password_file, smtpd_auth_failure_limit,
+smtpd_tls_handshake_timeout, smtpd_reject_unlisted_recipient, hopcount_limit,
+header_size_limit, queue_directory, queue_minfree, table_lookup_timeout,
+parent_domain_matches_subdomains, dns_nameservers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from trimail import rewrite
+from trimail.anvil import AuthFailures
+from trimail.cleanup import virtual_expand
+from trimail.config import Config, ConfigError
+from trimail.maps import Table, TableError, off_loop
+from trimail.maps.patterns import _parse_pattern, match_regexp, parse_regexp
+from trimail.metrics import Metrics
+from trimail.net.dns import Resolver
+from trimail.net.tls import server_tls_context
+from trimail.passwords import PasswordError, prepare
+from trimail.policy.restrictions import Policy
+from trimail.queue.spool import QueueSpace
+from trimail.queue.writer import QueueWriter
+from trimail.rewrite import Resolved
+from trimail.smtp.server import Settings
+from trimail.unlisted import RecipientTables, Unlisted
+
+if TYPE_CHECKING:
+    from trimail.receive.hooks import SessionHooks
+    from trimail.scheduler import Scheduler
+
+log = logging.getLogger("trimail.smtpd")
+
+
+def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
+    tls = bool(config.smtpd_tls_cert_file) and config.smtpd_tls_security_level != "none"
+    return Settings(
+        starttls=tls and kind != "smtps",
+        tls_required=tls and config.smtpd_tls_security_level == "encrypt",
+        auth=kind in ("submission", "smtps") or config.smtpd_sasl_auth_enable,
+        auth_tls_only=config.smtpd_tls_auth_only,
+        hostname=config.myhostname,
+        banner=config.smtpd_banner,
+        message_size_limit=config.message_size_limit,
+        line_length_limit=config.line_length_limit,
+        recipient_limit=config.smtpd_recipient_limit,
+        hard_error_limit=config.smtpd_hard_error_limit,
+        # Postfix: yes and note are normalize; trimail never ends DATA at a bare LF, so no is too
+        bare_newline="reject" if config.smtpd_forbid_bare_newline == "reject" else "normalize",
+        bare_newline_code=config.smtpd_forbid_bare_newline_reject_code,
+        replace_stray_cr_lf=config.cleanup_replace_stray_cr_lf,
+        forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands if ":" not in c),
+        forbidden_match=forbidden_tables(config),
+        # Postfix: smtpd_delay_reject = no runs smtpd_client_restrictions at connect
+        connect_check=not config.smtpd_delay_reject and bool(config.smtpd_client_restrictions),
+        smtputf8=config.smtputf8_enable,
+        vrfy=not config.disable_vrfy_command,
+        etrn=bool(config.fast_flush_domains),
+        helo_required=config.smtpd_helo_required,
+    )
+
+
+def forbidden_tables(config: Config):
+    """A matcher for the ``type:table`` entries of smtpd_forbidden_commands (Postfix's
+    default ``regexp:{{/^[^A-Z]/ Bogus}}``): inline ``regexp:{{/re/ result}, ...}`` and
+    ``pcre:`` entries, or regexp/pcre files, read once here; other table types are not
+    consulted (a warning).  None when there are no entries."""
+    rules: list = []
+    for entry in config.smtpd_forbidden_commands:
+        kind, sep, name = entry.partition(":")
+        if not sep:
+            continue
+        if kind not in ("regexp", "pcre"):
+            log.warning("%s: %s: only regexp: and pcre: tables are consulted here; ignored",
+                        config.where("smtpd_forbidden_commands"), entry)
+            continue
+        try:
+            if name.startswith("{"):
+                for number, text in enumerate(_inline_rules(name), 1):
+                    pattern, negated, result = _parse_pattern(Path("smtpd_forbidden_commands"), number, text)
+                    if not result:
+                        raise TableError(f"{entry}: no result after the pattern")
+                    rules.append(([(pattern, negated)], result))
+            else:
+                rules += parse_regexp(Path(name))
+        except (TableError, ValueError) as exc:
+            raise ConfigError(f"{config.where('smtpd_forbidden_commands')}: {exc}") from None
+    if not rules:
+        return None
+    return lambda word: match_regexp(rules, word) is not None
+
+
+def _inline_rules(text: str) -> list[str]:
+    """The rules of an inline table ``{ {rule}, {rule} }`` (or ``{rule}``)."""
+    body = text.strip()
+    if not (body.startswith("{") and body.endswith("}")):
+        raise ValueError(f"bad inline table {text!r}")
+    body = body[1:-1].strip()
+    if not body.startswith("{"):
+        return [body] if body else []
+    rules, depth, start = [], 0, 0
+    for i, ch in enumerate(body):
+        if ch == "{":
+            depth += 1
+            if depth == 1:
+                start = i + 1
+        elif ch == "}":
+            depth -= 1
+            if depth == 0:
+                rules.append(body[start:i].strip())
+            elif depth < 0:
+                raise ValueError(f"bad inline table {text!r}")
+    if depth:
+        raise ValueError(f"bad inline table {text!r}")
+    return rules
+
+
+class ReceiveContext:
+    """What every session of one serve shares: configuration and the queue writer."""
+
+    def __init__(self, config: Config, writer: QueueWriter, scheduler: Scheduler | None = None,
+                 resolver: Resolver | None = None, kind: str = "smtp",
+                 auth_failures: AuthFailures | None = None) -> None:
+        if kind in ("submission", "smtps"):
+            # Postfix's master.cf submission defaults: TLS first, and only logins may send
+            config = config.with_overrides({
+                "smtpd_tls_security_level": "encrypt" if kind == "submission" else "may",
+                "smtpd_client_restrictions": "permit_sasl_authenticated, reject",
+                "smtpd_relay_restrictions": "permit_sasl_authenticated, reject",
+                # the client list above needs AUTH first: never at connect (smtpd_delay_reject = no)
+                "smtpd_delay_reject": "yes",
+            })
+        self.kind = kind
+        self.config = config
+        self.writer = writer
+        self.scheduler = scheduler  # woken for new mail, or takes it straight into active when it has room
+        self.tls_context = server_tls_context(config) if config.smtpd_tls_cert_file else None
+        self.password_file = Path(config.smtpd_sasl_password_file)
+        self.auth_failure_limit: int = config.smtpd_auth_failure_limit
+        self.tls_handshake_timeout: float = config.smtpd_tls_handshake_timeout
+        self.hooks: SessionHooks | None = None
+        self.metrics: Metrics | None = None
+        self.auth_failures = auth_failures if auth_failures is not None else AuthFailures()
+        self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
+        self.recipients = RecipientTables(config)
+        self.policy.unlisted = self.unlisted
+        self.reject_unlisted_recipient: bool = config.smtpd_reject_unlisted_recipient
+        self.fast_flush_domains = frozenset(d.lower().rstrip(".") for d in config.fast_flush_domains)
+        self.fast_flush_subdomains = "fast_flush_domains" in config.parent_domain_matches_subdomains
+        self.settings = protocol_settings(config, kind)
+        if self.settings.auth:
+            try:  # the dummy hash for unknown users, made now rather than at the first one
+                prepare(self.password_file)
+            except PasswordError:
+                pass  # each AUTH attempt reports it
+        self.hostname: str = config.myhostname
+        self.mail_name: str = config.mail_name
+        self.hopcount_limit: int = config.hopcount_limit
+        self.header_size_limit: int = config.header_size_limit
+        self.spool_directory = Path(config.queue_directory)
+        self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit)
+        self.lookup_timeout: float = config.table_lookup_timeout
+
+    def virtual_tables(self) -> list[Table]:
+        return self.recipients.tables("virtual_alias_maps")
+
+    async def unlisted(self, recipient: str, resolved: Resolved | None = None) -> Unlisted | None:
+        """Whether the table of *recipient*'s address class lacks it (``trimail/unlisted.py``:
+        local_recipient_maps, virtual_alias_maps, virtual_mailbox_maps, relay_recipient_maps),
+        read off the event loop within table_lookup_timeout; TableError when a table cannot answer."""
+        resolved = resolved or rewrite.resolve(recipient, self.policy.rewrite)
+        if resolved.klass == "invalid":
+            return None
+        return await self.recipients.unlisted(resolved)
+
+    async def expand_virtual(self, recipients: list[str]) -> list[str]:
+        """virtual_alias_maps applied to *recipients*, off the event loop when a table
+        may block (TableError, ValueError as virtual_expand)."""
+        tables = self.virtual_tables()
+        return await off_loop(tables, virtual_expand, recipients, tables, timeout=self.lookup_timeout)
+
+
+def in_networks(address: str, networks: list) -> bool:
+    """smtpd_forbid_bare_newline_exclusions: is the client *address* in one of *networks*?"""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return any(ip.version == net.version and ip in net for net in networks)
