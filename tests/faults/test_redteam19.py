@@ -25,7 +25,7 @@ import ssl
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -102,7 +102,7 @@ class Flooder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> Flooder:
+    def __enter__(self) -> Flooder:  # noqa: PYI034
         self._thread.start()
         return self
 
@@ -309,3 +309,177 @@ def test_starttls_then_flood_never_read_and_reset(daemon, ca, tmp_path):
     _reset(stuck)
     _serving(d)
     _no_failures(d)
+
+
+# -- the delivery agent's side: servers that drip, flood, never greet, stop reading, reset ----
+
+
+class HostilePeer:
+    """A listening socket on PEER that runs *script(conn)* in a thread for every
+    connection (a raw, blocking socket with a small receive buffer)."""
+
+    def __init__(self, script: Callable[[socket.socket], None]) -> None:
+        self.script = script
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # accepted sockets inherit it
+        self.sock.bind((PEER, 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.accepted: list[float] = []  # time.monotonic() of each connection
+        self._threads: list[threading.Thread] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> HostilePeer:  # noqa: PYI034
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self.sock.close()
+        for thread in self._threads:
+            thread.join(10)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted.append(time.monotonic())
+            thread = threading.Thread(target=self._run, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.settimeout(30)
+            self.script(conn)
+
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+
+def _read_until(conn: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            raise OSError("closed")
+        data += chunk
+    return data
+
+
+def _greet_and_ehlo(conn: socket.socket) -> None:
+    conn.sendall(b"220 peer.example ESMTP\r\n")
+    _read_until(conn, b"\r\n")
+    conn.sendall(b"250-peer.example\r\n250 PIPELINING\r\n")
+
+
+def _relay(daemon, peer: HostilePeer, **params: object):
+    settings: dict[str, object] = {
+        "smtpd_listen": f"{HOST}:0", "smtpd_workers": 1, "smtpd_peername_lookup": "no",
+        "relayhost": f"[{PEER}]:{peer.port}", "mynetworks": "127.0.0.0/8", "smtp_tls_security_level": "none",
+        **{f"smtp_{stage}_timeout": "2s" for stage in ("helo", "mail", "rcpt", "data_init", "data_xfer",
+                                                        "data_done", "quit")}}
+    settings.update(params)
+    return daemon(**settings)
+
+
+def _submit(port: int, body: bytes = b"Subject: red\r\n\r\nbody\r\n") -> str:
+    with smtplib.SMTP(HOST, port, timeout=60, source_address=("127.0.48.30", 0)) as client:
+        client.ehlo("client.example")
+        client.mail("a@client.example")
+        client.rcpt("b@remote.example")
+        code, reply = client.data(body)
+        assert code == 250, reply
+    return reply.decode().rsplit(" ", 1)[1]
+
+
+def _qmgr_alive(d) -> None:
+    _serving(d)
+    workers = serve_status(d.queue_directory).get("workers") or []
+    assert [w for w in workers if w["role"] == "qmgr" and w.get("state") == "running"], workers
+    _no_failures(d)
+
+
+def _drip(conn: socket.socket) -> None:
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for byte in b"220 peer.example ESMTP " + b"x" * 150 + b"\r\n":  # 8.7 s
+        conn.send(bytes([byte]))
+        time.sleep(0.05)  # the attack: faster than the timeout per byte, slower in total
+
+
+def _silent(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        conn.recv(1)  # until the client gives up
+
+
+def _flood(conn: socket.socket) -> None:
+    conn.sendall(b"220 peer.example ESMTP\r\n")
+    _read_until(conn, b"\r\n")
+    line = b"250-flood flood flood flood flood flood flood flood flood\r\n" * 1000
+    while True:
+        conn.sendall(line)
+
+
+def _reset_mid_data(conn: socket.socket) -> None:
+    _greet_and_ehlo(conn)
+    _read_until(conn, b"DATA\r\n")
+    conn.sendall(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+    got = 0
+    while got < 100_000:
+        got += len(conn.recv(65536))
+    _reset(conn)
+
+
+def _never_read_data(conn: socket.socket) -> None:
+    _greet_and_ehlo(conn)
+    _read_until(conn, b"DATA\r\n")
+    conn.sendall(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+    with contextlib.suppress(OSError):
+        conn.settimeout(60)
+        conn.recv(1, socket.MSG_PEEK)  # never reads the content: waits for the client to go
+        while conn.recv(1, socket.MSG_PEEK):
+            time.sleep(0.1)  # not synchronisation: a slow poll of a peer that does not read
+
+
+def _drip_final_reply(conn: socket.socket) -> None:
+    _greet_and_ehlo(conn)
+    _read_until(conn, b"DATA\r\n")
+    conn.sendall(b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go ahead\r\n")
+    _read_until(conn, b"\r\n.\r\n")
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for byte in b"250 2.0.0 Ok: queued as " + b"x" * 150 + b"\r\n":  # 8.7 s
+        conn.send(bytes([byte]))
+        time.sleep(0.05)
+
+
+CLIENT_ATTACKS = {
+    # script, body size, the reason's end, the longest the attempt may take
+    "drip-greeting": (_drip, 100, r"timed out while receiving the initial server greeting", 6.0),
+    "never-greets": (_silent, 100, r"timed out while receiving the initial server greeting", 6.0),
+    "reply-flood": (_flood, 100, r"while receiving the EHLO reply: reply has too many lines", 6.0),
+    "reset-mid-data": (_reset_mid_data, 4 << 20, r"lost connection with .* while sending message body", 10.0),
+    "never-reads-data": (_never_read_data, 9 << 20, r"timed out while sending message body", 15.0),
+    "drip-final-reply": (_drip_final_reply, 100, r"timed out while receiving the end of data reply", 6.0),
+}
+
+
+@pytest.mark.parametrize("attack", list(CLIENT_ATTACKS))
+def test_hostile_servers_defer_the_delivery_and_the_qmgr_lives(daemon, attack):
+    """Guard.  Each hostile server ends the attempt within its timeout (a reply's
+    runs from the first wait for it, so a server dripping a reply faster than the
+    timeout per byte but slower in total is still cut off), the mail is deferred
+    4.4.2 with Postfix's reason, and serve and its qmgr live."""
+    script, size, reason, bound = CLIENT_ATTACKS[attack]
+    with HostilePeer(script) as peer:
+        d = _relay(daemon, peer)
+        body = b"Subject: red\r\n\r\n" + (b"x" * 76 + b"\r\n") * (size // 78 + 1)
+        queue_id = _submit(d.port, body)
+        line = d.proc.wait_log(rf"{queue_id}: to=<b@remote\.example>.*status=", timeout=bound + 20)
+        ended = time.monotonic()
+        assert peer.accepted, "no connection"
+        assert "dsn=4.4.2, status=deferred" in line, line
+        assert re.search(reason, line), line
+        assert ended - peer.accepted[0] < bound, (ended - peer.accepted[0], line)
+        _qmgr_alive(d)
