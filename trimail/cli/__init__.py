@@ -10,16 +10,14 @@ coreutils and Postfix's mailq do under SIGPIPE.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import Annotated, NoReturn
 
-import trio
 from cyclopts import App, CycloptsError, Parameter
 
 from trimail import __version__, mailq, maps
@@ -36,10 +34,6 @@ from trimail.queue import admin, transitions
 from trimail.queue.lock import AlreadyRunning
 from trimail.queue.store import MessageInfo, QueueError, Store
 from trimail.smtp.address import is_domain
-from trimail.supervise import contained
-
-if TYPE_CHECKING:
-    from trimail.processes.forkserver import ForkServer
 
 app = App(name="trimail", help="A secure SMTP gateway MTA.", version=__version__,
           exit_on_error=False, print_error=True)
@@ -64,72 +58,10 @@ def load_config(path: str | None, overrides: list[str] | None) -> Config:
     return cfg
 
 
-# -- serve ---------------------------------------------------------------------
-
-
-@app.command
-def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Run the MTA in the foreground until SIGTERM or SIGINT (postfix start-fg)."""
-    cfg = load_config(config, o)
-    from trimail.policy.restrictions import restriction_lists
-
-    restriction_lists(cfg)  # a bad restriction list stops serve before it listens (exit 2)
-    fork_server = None
-    if cfg.smtpd_workers > 0:  # forked now, while this process has one thread and nothing open
-        from trimail.processes.forkserver import ForkServer
-
-        fork_server = ForkServer.start()
-    try:
-        maillog.setup(cfg.myhostname, maillog_file=cfg.maillog_file, syslog_facility=cfg.syslog_facility)
-    except OSError as exc:
-        raise Failure(f"maillog_file {cfg.maillog_file}: {exc.strerror or exc}") from None
-    if cfg.maillog_file:  # stderr has main.cf's warnings (load_config); the mail log gets them too
-        for warning in cfg.warnings:
-            logging.getLogger("trimail.master").warning("%s", warning)
-    try:
-        trio.run(_serve_until_signal, cfg, fork_server)
-    except BaseException as exc:
-        if cfg.maillog_file:  # the reason belongs in the mail log too, not only on stderr
-            known = _first_known(exc) if isinstance(exc, BaseExceptionGroup) else exc
-            if isinstance(known, _OPERATOR_ERRORS):
-                logging.getLogger("trimail.master").critical("%s", known)
-        raise
-    finally:
-        maillog.shutdown()  # every line written before a fatal error is printed (or within 5 s)
-
-
-async def _serve_until_signal(cfg: Config, fork_server: ForkServer | None) -> None:
-    async def run_server(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        if cfg.smtpd_workers > 0:  # a master with worker processes (trimail.processes)
-            from trimail.processes.serve import serve_processes
-
-            await serve_processes(cfg, fork_server, task_status=task_status)
-        else:  # everything in this process
-            from trimail.master import serve
-
-            await serve(cfg, task_status=task_status)
-
-    async def run_then_stop_watching(scope: trio.CancelScope, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        await run_server(task_status=task_status)
-        scope.cancel()  # serve ended (signal or `trimail stop`): stop waiting for signals
-
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        async with trio.open_nursery() as nursery:
-            watching = trio.CancelScope()
-            server = await nursery.start(run_then_stop_watching, watching)
-            with watching:
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        with contained("reload on SIGHUP", server.metrics):  # a failed reload never ends serve
-                            await server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
-                    else:
-                        server.stop()  # serve drains its sessions and returns
-
-
 PERMISSION_DENIED = "permission denied: run as root or mail_owner"
 
 
-def _require_access(cfg: Config) -> Path:
+def require_access(cfg: Config) -> Path:
     """The queue directory, when this user may look into it (a missing one is
     left to the caller: "not running"); otherwise one clear line, never a
     traceback or a wrong "not running" (the control socket and the database
@@ -146,103 +78,23 @@ def _require_access(cfg: Config) -> Path:
     return queue
 
 
-def _control(cfg: Config, command: str) -> str:
-    answer = send_command(_require_access(cfg), command, timeout=30)
-    if answer is None:
-        raise Failure(f"trimail serve is not running (no control socket in {cfg.queue_directory})")
-    if answer.startswith("error:"):
-        raise Failure(maillog.printable(answer[6:].strip(), 1000))  # the socket is in mail_owner's directory
-    return answer
+# Errors an operator fixes, reported on one line; anything else is a bug and keeps its traceback.
+OPERATOR_ERRORS = (TrimailError, Failure, ListenError, AlreadyRunning, PrivilegeError)
 
 
-@app.command(name="reload")
-def reload_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
-    """Re-read main.cf, tables, aliases and certificates without dropping sessions (postfix reload)."""
-    cfg = load_config(config, o)
-    _control(cfg, "reload")
-    print("trimail: reload: ok", file=sys.stderr)
+def first_known(group: BaseExceptionGroup) -> BaseException:
+    """The error an operator should see from a group raised by trio nurseries."""
+    matched, _ = group.split((*OPERATOR_ERRORS, KeyboardInterrupt))
+    if matched is None:
+        return group
+    leaf: BaseException = matched
+    while isinstance(leaf, BaseExceptionGroup):
+        leaf = leaf.exceptions[0]
+    return leaf
 
 
-@app.command(name="stop")
-def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: float = 60.0) -> None:
-    """Stop serve gracefully and wait until it is gone (postfix stop)."""
-    from trimail.queue.lock import running_pid
-
-    cfg = load_config(config, o)
-    _control(cfg, "stop")
-    deadline = time.monotonic() + timeout
-    while running_pid(Path(cfg.queue_directory)) is not None:
-        if time.monotonic() > deadline:
-            raise Failure(f"serve did not stop within {timeout:g}s")
-        time.sleep(0.05)
-    print("trimail: stopped", file=sys.stderr)
-
-
-@app.command(name="status")
-def status_command(*, json_output: Annotated[bool, Parameter(name=["--json"], help="one JSON object")] = False,
-                   config: ConfigOption = None, o: Overrides = None) -> None:
-    """Is serve running: pid, uptime, listeners, queue counts, dead destinations;
-    exit 0 running, 1 not (postfix status)."""
-    cfg = load_config(config, o)
-    answer = send_command(_require_access(cfg), "status", timeout=10)
-    if answer is None:
-        print('{"running": false}' if json_output else "trimail: not running")
-        raise SystemExit(1)
-    try:
-        facts = json.loads(answer)
-        if not isinstance(facts, dict):
-            raise ValueError(answer)
-    except ValueError:
-        raise Failure(f"unexpected answer from serve's control socket: {maillog.printable(answer, 80)!r}") from None
-    counts: dict[str, int] = {}
-    try:
-        store = Store.open(cfg.queue_directory, readonly=True)
-        counts = store.counts()  # a few rows, however long the queue (queue_count)
-        store.close()
-    except QueueError:
-        pass
-    queue = {state: counts.get(state, 0) for state in ("maildrop", "incoming", "active", "deferred", "hold")}
-    if json_output:  # serve's facts as it sent them (JSON escapes what a terminal must not see), and the queue
-        print(json.dumps({"running": True, **facts, "queue": queue}))
-        return
-    # serve's answer comes through a socket in mail_owner's directory: printed
-    # printable only, so a process posing as serve cannot write to root's terminal
-    try:
-        listeners = [maillog.printable(str(name)) for name in facts["listeners"]]
-        pid, sessions, uptime = (maillog.printable(str(facts[key])) for key in ("pid", "sessions", "uptime"))
-        helper_state = maillog.printable(str(facts.get("delivery_helper") or ""), 1000)
-    except (KeyError, TypeError):
-        raise Failure(f"unexpected answer from serve's control socket: {maillog.printable(answer, 80)!r}") from None
-    listening = f"listening on {', '.join(listeners)}" if listeners else "not listening (drained)"
-    with_uptime = f"up {float(uptime):.0f}s" if uptime.replace(".", "", 1).isdigit() else f"up {uptime}"
-    print(f"trimail: running, pid {pid}, {with_uptime}, {listening}, {sessions} session(s)")
-    _print_workers(facts.get("workers"))
-    if isinstance(facts.get("fork_server"), int):
-        print(f"  fork server pid {facts['fork_server']}")
-    print("queue: " + ", ".join(f"{state} {count}" for state, count in queue.items()))
-    dead = facts.get("dead_destinations_total")
-    if dead:
-        print(f"dead destinations: {maillog.printable(str(dead))} (trimail queue summary lists them)")
-    if helper_state not in ("", "running"):
-        print(f"warning: {helper_state}")
-
-
-def _print_workers(workers: object) -> None:
-    """One line per worker process (smtpd_workers > 0), printable only."""
-    if not isinstance(workers, list):
-        return
-    for worker in workers:
-        if not isinstance(worker, dict):
-            continue
-        role, state, pid = (maillog.printable(str(worker.get(key, "?")), 32) for key in ("role", "state", "pid"))
-        uptime = worker.get("uptime")
-        up = f", up {uptime:.0f}s" if isinstance(uptime, (int, float)) else ""
-        load = (f", {maillog.printable(str(worker.get('sessions', 0)), 16)} session(s)" if role == "smtpd"
-                else f", {maillog.printable(str(worker.get('active', 0)), 16)} active")
-        restarts = worker.get("restarts")
-        again = f", restarted {restarts} time(s)" if isinstance(restarts, int) and restarts else ""
-        print(f"  {role} worker pid {pid}{up}, {state}{load}{again}")
-
+# The commands, by job; each module registers its own on ``app``.
+from trimail.cli import daemon  # noqa: F401
 
 # -- config ----------------------------------------------------------------------
 
@@ -330,7 +182,7 @@ def check_command(*, config: ConfigOption = None, o: Overrides = None) -> None:
 
 
 def _open_queue(cfg: Config) -> Store:
-    _require_access(cfg)
+    require_access(cfg)
     try:
         return Store.open(cfg.queue_directory, readonly=True)
     except QueueError as exc:
@@ -368,7 +220,7 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
     """List queued messages (mailq, postqueue -p / -j): Postfix's layout when piped
     (and always as mailq), a table on a terminal."""
     cfg = load_config(config, o)
-    _require_access(cfg)
+    require_access(cfg)
     try:
         store = _open_queue(cfg)
     except Failure:
@@ -751,21 +603,6 @@ def _sendmail(argv: list[str]) -> None:
 PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list", "--plain"], "newaliases": ["newaliases"]}
 
 
-# Errors an operator fixes, reported on one line; anything else is a bug and keeps its traceback.
-_OPERATOR_ERRORS = (TrimailError, Failure, ListenError, AlreadyRunning, PrivilegeError)
-
-
-def _first_known(group: BaseExceptionGroup) -> BaseException:
-    """The error an operator should see from a group raised by trio nurseries."""
-    matched, _ = group.split((*_OPERATOR_ERRORS, KeyboardInterrupt))
-    if matched is None:
-        return group
-    leaf: BaseException = matched
-    while isinstance(leaf, BaseExceptionGroup):
-        leaf = leaf.exceptions[0]
-    return leaf
-
-
 def _reader_gone() -> NoReturn:
     """Standard output's reader went away (``trimail queue list | head``): end
     quietly, as coreutils and Postfix's mailq do when SIGPIPE ends them; a shell
@@ -805,7 +642,7 @@ def main(argv: list[str] | None = None) -> None:
             finally:
                 _flush_stdout()  # a reader that left shows here, not at interpreter exit
         except BaseExceptionGroup as group:  # errors from inside serve's nurseries
-            raise _first_known(group) from None
+            raise first_known(group) from None
     except BrokenPipeError:
         _reader_gone()
     except CycloptsError:
@@ -816,7 +653,7 @@ def main(argv: list[str] | None = None) -> None:
     except PermissionError as exc:  # a file of the queue this user may not touch: not a bug, not a traceback
         print(f"trimail: fatal: {PERMISSION_DENIED} ({exc.filename or exc.strerror})", file=sys.stderr)
         raise SystemExit(1) from None
-    except _OPERATOR_ERRORS as exc:  # e.g. a table serve cannot open at start: one line, as Postfix's fatal:
+    except OPERATOR_ERRORS as exc:  # e.g. a table serve cannot open at start: one line, as Postfix's fatal:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
