@@ -26,8 +26,7 @@ from typing import Annotated
 from cyclopts import App, Parameter
 
 from trimail import log as maillog
-from trimail import mailq
-from trimail.cli import ConfigOption, Failure, Overrides, app, load_config, require_access
+from trimail.cli import ConfigOption, Failure, Overrides, app, load_config, mailq, require_access
 from trimail.config import Config
 from trimail.net.control import send_command
 from trimail.queue import admin, transitions
