@@ -101,43 +101,13 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
             out.write("]\n")
             return
         if sys.stdout.isatty() and not postfix_layout:
-            _rich_queue(messages)
+            mailq.print_table(messages)
             return
         for line in mailq.mailq_lines(messages):  # Postfix's layout, streamed for long queues
             print(line)
     finally:
         source.close()  # end its read snapshot while the connection is still open
         store.close()
-
-
-def _rich_queue(messages: Iterable[MessageInfo]) -> None:
-    """The mailq view as a terminal table (rich), with the same marks, reasons and summary."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column, justify in (("Queue ID", "left"), ("Size", "right"), ("Arrival Time", "left"),
-                            ("Sender/Recipient", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
-    total = count = 0
-    for m in messages:
-        count += 1
-        total += m.size
-        mark = mailq.STATE_MARK.get(m.state, "")
-        table.add_row(f"[bold]{m.id}{mark}[/bold]", str(m.size), mailq.arrival_time(m.arrival_time),
-                      escape(mailq.printable(m.sender or mailq.EMPTY_SENDER)))
-        for reason, addresses in mailq.recipients_by_reason(m.recipients):
-            if reason:
-                table.add_row("", "", "", f"[dim]({escape(reason)})[/dim]")
-            for address in addresses:
-                table.add_row("", "", "", escape(mailq.printable(address)))
-    console = Console()
-    if not count:
-        console.print("Mail queue is empty")
-        return
-    console.print(table)
-    console.print(mailq.summary(total, count))
 
 
 @queue_app.command(name="summary")
