@@ -1,10 +1,19 @@
-"""The ``trimail`` command line (cyclopts): serve, queue tools, config.
+"""The ``trimail`` command line (cyclopts): the app, what every command shares,
+the personalities and ``main``; the commands themselves live by job in
+``daemon`` (serve, reload, stop, status), ``queue`` (queue ..., flush; the mailq
+layout in ``mailq``), ``tables`` (postmap, postalias, newaliases) and ``admin``
+(config, check, passwd), each registering its own on ``app`` when imported below.
+
+Invoked through a link named ``mailq``, ``newaliases`` or ``sendmail``, the binary
+acts as that command (``PERSONALITIES``; ``sendmail`` is ``trimail.sendmail``).
 
 Every command takes ``-c/--config PATH`` and ``-o NAME=VALUE`` (repeatable), after
 the command words.  Exit status: 0 ok, 1 operational failure, 2 usage or
 configuration error; every error is one line on stderr.  A command whose reader
 goes away (``trimail queue list | head``) ends quietly with status 141, as
 coreutils and Postfix's mailq do under SIGPIPE.
+
+Parameters: queue_directory (require_access); each command module names its own.
 """
 
 from __future__ import annotations
