@@ -1,5 +1,6 @@
 """mailq's text layout (``trimail queue list``, the ``mailq`` personality), as
-Postfix's postqueue prints it (src/postqueue/showq_compat.c).
+Postfix's postqueue prints it (src/postqueue/showq_compat.c), and the same view
+as a table on a terminal (``print_table``).
 
 trimail's queue IDs are Postfix's *long* queue IDs (``enable_long_queue_ids =
 yes``: time and a counter in a vowel-less base-51 alphabet), so the layout is the
@@ -110,3 +111,34 @@ def mailq_lines(messages: Iterable[MessageInfo]) -> Iterator[str]:
         return
     yield ""
     yield summary(total, count)
+
+
+def print_table(messages: Iterable[MessageInfo]) -> None:
+    """The mailq view as a terminal table (rich, imported only here: a piped
+    listing never loads it), with the same marks, reasons and summary."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column, justify in (("Queue ID", "left"), ("Size", "right"), ("Arrival Time", "left"),
+                            ("Sender/Recipient", "left")):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    total = count = 0
+    for m in messages:
+        count += 1
+        total += m.size
+        mark = STATE_MARK.get(m.state, "")
+        table.add_row(f"[bold]{m.id}{mark}[/bold]", str(m.size), arrival_time(m.arrival_time),
+                      escape(printable(m.sender or EMPTY_SENDER)))
+        for why, addresses in recipients_by_reason(m.recipients):
+            if why:
+                table.add_row("", "", "", f"[dim]({escape(why)})[/dim]")
+            for address in addresses:
+                table.add_row("", "", "", escape(printable(address)))
+    console = Console()
+    if not count:
+        console.print("Mail queue is empty")
+        return
+    console.print(table)
+    console.print(summary(total, count))
