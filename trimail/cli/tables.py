@@ -2,7 +2,7 @@
 and aliases(5) files into their indexed databases, query one key (``-q``) or
 list every entry (``-s``), as Postfix's postmap(1), postalias(1) and
 newaliases(1) do.  The compiling is ``trimail.maps`` and
-``trimail.local.aliases``; this module is their command line.
+``trimail.delivery.local.aliases``; this module is their command line.
 
 Exit status: ``-q`` of a key not found is 1 with nothing printed (postmap's);
 a table that cannot be read or written is one line and status 1.
