@@ -22,7 +22,8 @@ import socket
 import stat
 from pathlib import Path
 
-from trimail.config import Config, ConfigError, ListenAddress
+from trimail.config import Config, ConfigError
+from trimail.config.values import ListenAddress
 from trimail.maps import compiled_path
 from trimail.policy.registry import restriction_lists
 

@@ -54,7 +54,8 @@ from trimail import __version__, anvil
 from trimail import config as configuration
 from trimail import log as maillog
 from trimail.check import warnings as check_warnings
-from trimail.config import Config, ConfigError, ListenAddress
+from trimail.config import Config, ConfigError
+from trimail.config.values import ListenAddress
 from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
 from trimail.local import privileged

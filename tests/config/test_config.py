@@ -8,7 +8,8 @@ import pytest
 
 from trimail import config
 from tests.conftest import trimail
-from trimail.config import Config, ConfigError, ListenAddress, parse_main_cf
+from trimail.config import Config, ConfigError, parse_main_cf
+from trimail.config.values import ListenAddress
 
 
 def load_text(tmp_path, text: str, overrides=()) -> Config:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
-import ipaddress
 import os
 import re
 import socket
@@ -41,6 +40,30 @@ from pathlib import Path
 from typing import Any
 
 from trimail import mac_expand
+from trimail.config.values import (
+    TIME_UNIT,
+    BadValue,
+    choice,
+    parse_5xx,
+    parse_addresses,
+    parse_bool,
+    parse_count,
+    parse_domain_names,
+    parse_feedback,
+    parse_int,
+    parse_listen,
+    parse_lock_methods,
+    parse_maps,
+    parse_nameservers,
+    parse_networks,
+    parse_reject_code,
+    parse_size,
+    parse_text,
+    parse_workers,
+    reply_code_parser,
+    split_list,
+    time_parser,
+)
 from trimail.errors import ConfigurationError
 
 DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
@@ -48,263 +71,6 @@ DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
 
 class ConfigError(ConfigurationError):
     """A configuration problem; ``str()`` is the one line an operator should see."""
-
-
-class BadValue(ValueError):
-    """A bad number, time or boolean, reported in Postfix's words (mail_conf_int.c,
-    mail_conf_time.c, mail_conf_bool.c): *template* gets the parameter's name and
-    the value as ``{name}`` and ``{value}``."""
-
-    def __init__(self, template: str, value: str):
-        super().__init__(template.format(name="parameter", value=value))
-        self.template = template
-        self.value = value
-
-    def render(self, name: str) -> str:
-        return self.template.format(name=name, value=self.value)
-
-
-_BAD_NUMBER = "bad numerical configuration: {name} = {value}"
-
-
-# ---------------------------------------------------------------------------
-# value types
-
-
-def parse_bool(text: str) -> bool:
-    value = text.strip().lower()
-    if value in ("yes", "true", "on", "1"):
-        return True
-    if value in ("no", "false", "off", "0"):
-        return False
-    raise BadValue("bad boolean configuration: {name} = {value} (use yes or no)", text.strip())
-
-
-def parse_int(text: str) -> int:
-    """A whole number, as strtol() takes it in Postfix: no unit, no fraction."""
-    value = text.strip()
-    if not re.fullmatch(r"[+-]?[0-9]+", value) or len(value) > 19:
-        raise BadValue(_BAD_NUMBER, value)
-    return int(value)
-
-
-_TIME_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_workers(text: str) -> int:
-    """``auto`` (one per core) or a count; 0 is the single-process mode."""
-    if text.strip().lower() == "auto":
-        return os.cpu_count() or 1
-    value = parse_int(text)
-    if value < 0:
-        raise ValueError(f"bad worker count {text!r} (auto, 0 or more)")
-    return value
-
-
-def parse_time(text: str, default_unit: str = "s") -> float:
-    """Postfix time value: ``300s``, ``5m``, ``1h``, ``5d``, ``2w``, or a bare number
-    in the parameter's default unit.  Several terms add up (``1h30m``)."""
-    value = text.strip().lower()
-    terms = re.findall(r"([0-9]{1,12}(?:\.[0-9]{1,9})?)([smhdw]?)", value)
-    if not value or "".join(n + u for n, u in terms) != value:
-        raise BadValue("parameter {name}: bad time value or unit: {value} (use a number with unit s, m, h, "
-                       "d or w)", text.strip())
-    return float(sum(float(n) * _TIME_UNITS[u or default_unit] for n, u in terms))
-
-
-def parse_size(text: str) -> int:
-    """A byte count: a plain whole number, as Postfix takes it (``10MB`` or ``10m``
-    is fatal there, and here)."""
-    return parse_int(text)
-
-
-def parse_reject_code(text: str) -> int:
-    """An SMTP reply code for a refusal: 4xx or 5xx (Postfix's unknown_*_reject_code)."""
-    value = parse_int(text)
-    if not 400 <= value <= 599:
-        raise ValueError(f"bad reject code {text!r} (use 4xx or 5xx)")
-    return value
-
-
-def split_list(text: str) -> list[str]:
-    """Postfix list: elements separated by commas and/or white space; ``{ ... }``
-    groups (as in ``inline:{ a=b, c=d }``) stay one element."""
-    items: list[str] = []
-    current: list[str] = []
-    depth = 0
-    for ch in text:
-        if ch == "{":
-            depth += 1
-        elif ch == "}" and depth:
-            depth -= 1
-        if depth == 0 and (ch == "," or ch.isspace()):
-            if current:
-                items.append("".join(current))
-                current = []
-            continue
-        current.append(ch)
-    if depth:
-        raise ValueError(f"unbalanced '{{' in {text!r}")
-    if current:
-        items.append("".join(current))
-    return items
-
-
-_MAP_TYPES = frozenset(
-    {"hash", "btree", "texthash", "inline", "static", "cidr", "regexp", "pcre", "unix", "fail"}
-)
-
-
-def parse_domain_names(text: str) -> list[str]:
-    """A domain list of names only (virtual_alias_domains, virtual_mailbox_domains):
-    Postfix's ``type:table`` and ``/file`` entries are refused, not silently unmatched."""
-    names = split_list(text)
-    for name in names:
-        if ":" in name or "/" in name or "{" in name:
-            raise ValueError(f"{name!r}: only domain names are supported here, not lookup tables or files")
-    return names
-
-
-def parse_maps(text: str) -> list[str]:
-    """A list of lookup-table references ``type:name``."""
-    maps = split_list(text)
-    for ref in maps:
-        kind, sep, name = ref.partition(":")
-        if not sep or not name:
-            raise ValueError(f"bad lookup table reference {ref!r} (use type:name, e.g. hash:/etc/aliases)")
-        if kind not in _MAP_TYPES:
-            raise ValueError(f"unsupported lookup table type {kind!r} in {ref!r}")
-    return maps
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ListenAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_host_port(item: str, default_port: int | None = None) -> ListenAddress:
-    """``host:port`` or ``[v6addr]:port``; a bare host takes *default_port*."""
-    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", item)
-    if not m:
-        raise ValueError(f"bad address {item!r} (use host:port or [ipv6]:port)")
-    host = m.group(1) or m.group(3)
-    port_text = m.group(2) or m.group(4)
-    if port_text is None:
-        if default_port is None:
-            raise ValueError(f"address {item!r} has no port (use host:port)")
-        port = default_port
-    else:
-        port = int(port_text)
-    if not 0 <= port <= 65535:
-        raise ValueError(f"bad port in {item!r}")
-    if host == "*":
-        host = "0.0.0.0"
-    return ListenAddress(host, port)
-
-
-def parse_listen(text: str) -> list[ListenAddress]:
-    return [parse_host_port(item) for item in split_list(text)]
-
-
-def parse_nameservers(text: str) -> list[ListenAddress]:
-    servers = [parse_host_port(item, default_port=53) for item in split_list(text)]
-    for server in servers:
-        try:
-            ipaddress.ip_address(server.host)
-        except ValueError:
-            raise ValueError(f"dns_nameservers wants IP addresses, not {server.host!r}") from None
-    return servers
-
-
-def parse_count(text: str) -> int:
-    """A limit where 0 means no limit: a whole number, 0 or more (every whole-number
-    parameter has a minimum of 0 or more, see ``Param.minimum``)."""
-    return parse_int(text)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Feedback:
-    """Concurrency feedback (Postfix's qmgr_feedback.c): *base*, divided by the
-    destination's concurrency window when *per_concurrency* (``1/concurrency``)."""
-
-    base: float
-    per_concurrency: bool = False
-
-    def at(self, window: int) -> float:
-        return self.base / max(1, window) if self.per_concurrency else self.base
-
-
-def parse_feedback(text: str) -> Feedback:
-    """``number``, ``number/number`` or ``number/concurrency``, in 0..1 (0: none)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(?:/\s*(concurrency|\d+(?:\.\d*)?|\.\d+))?\s*", text)
-    if m is None:
-        raise ValueError(f"bad feedback value {text!r} (use a number, number/number or number/concurrency)")
-    base = float(m.group(1))
-    per = m.group(2) == "concurrency"
-    if m.group(2) and not per:
-        denominator = float(m.group(2))
-        if denominator <= 0:
-            raise ValueError(f"bad feedback value {text!r}: division by zero")
-        base /= denominator
-    if not 0 <= base <= 1:
-        raise ValueError(f"feedback value {text!r} is outside the range 0..1")
-    return Feedback(base, per)
-
-
-def parse_addresses(text: str) -> list[str]:
-    """A list of IP addresses (IPv6 with or without brackets), normalised."""
-    out = []
-    for item in split_list(text):
-        try:
-            out.append(str(ipaddress.ip_address(item[1:-1] if item.startswith("[") and item.endswith("]")
-                                                else item)))
-        except ValueError:
-            raise ValueError(f"bad IP address {item!r} (host names are not looked up here)") from None
-    return out
-
-
-def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
-    """``mynetworks``: CIDR blocks, IPv6 in brackets as Postfix writes them."""
-    nets = []
-    for item in split_list(text):
-        m = re.fullmatch(r"\[([^\]]+)\](/\d+)?", item)
-        spec = (m.group(1) + (m.group(2) or "")) if m else item
-        try:
-            nets.append(ipaddress.ip_network(spec, strict=False))
-        except ValueError:
-            raise ValueError(f"bad network {item!r} (use address/prefix, e.g. 192.0.2.0/24)") from None
-    return nets
-
-
-def parse_lock_methods(text: str) -> list[str]:
-    """``mailbox_delivery_lock``: some of fcntl, flock, dotlock (Postfix's names)."""
-    methods = split_list(text)
-    for method in methods:
-        if method not in ("fcntl", "flock", "dotlock"):
-            raise ValueError(f"unknown locking method {method!r} (use fcntl, flock and/or dotlock)")
-    return methods
-
-
-def parse_5xx(text: str) -> int:
-    """A permanent-error reply code (500-599), for the ``*_reject_code`` parameters."""
-    code = parse_int(text)
-    if not 500 <= code <= 599:
-        raise ValueError(f"bad reply code {text!r} (use a 5XX code such as 550)")
-    return code
-
-
-def choice(*options: str) -> Callable[[str], str]:
-    def parse(text: str) -> str:
-        value = text.strip().lower()
-        if value not in options:
-            raise ValueError(f"bad value {text!r} (use one of: {', '.join(options)})")
-        return value
-
-    return parse
 
 
 # ---------------------------------------------------------------------------
@@ -325,29 +91,6 @@ class Param:
     maximum: float | None = None
 
 
-def _str(text: str) -> str:
-    return text.strip()
-
-
-def _reply_code(first: str) -> Callable[[str], int]:
-    """An SMTP reply code whose first digit is in *first* (e.g. "45")."""
-    def parse(text: str) -> int:
-        value = parse_int(text)
-        if not (200 <= value <= 599 and str(value)[0] in first):
-            raise ValueError(f"bad SMTP reply code {text!r} (use {' or '.join(d + 'xx' for d in first)})")
-        return value
-    return parse
-
-
-_TIME_PARSERS: set[Callable[[str], float]] = set()
-
-
-def _time(default_unit: str = "s") -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        return parse_time(text, default_unit)
-
-    _TIME_PARSERS.add(parse)
-    return parse
 
 
 def _derived_hostname() -> str:
@@ -368,13 +111,13 @@ PARAMETERS: dict[str, Param] = {
     p.name: p
     for p in [
         # identity
-        _P("myhostname", "", _str, "fully qualified name of this host (default: from gethostname())"),
-        _P("mydomain", "", _str, "internet domain of this host (default: myhostname minus first label)"),
-        _P("myorigin", "$myhostname", _str, "domain appended to unqualified sender addresses"),
+        _P("myhostname", "", parse_text, "fully qualified name of this host (default: from gethostname())"),
+        _P("mydomain", "", parse_text, "internet domain of this host (default: myhostname minus first label)"),
+        _P("myorigin", "$myhostname", parse_text, "domain appended to unqualified sender addresses"),
         _P("mydestination", "$myhostname, localhost.$mydomain, localhost", split_list,
            "domains delivered locally"),
-        _P("mail_name", "trimail", _str, "mail system name in the SMTP greeting and Received header"),
-        _P("smtpd_banner", "$myhostname ESMTP $mail_name", _str, "text after 220 in the greeting"),
+        _P("mail_name", "trimail", parse_text, "mail system name in the SMTP greeting and Received header"),
+        _P("smtpd_banner", "$myhostname ESMTP $mail_name", parse_text, "text after 220 in the greeting"),
         # networks and relaying
         _P("mynetworks", "127.0.0.0/8 [::1]/128", parse_networks, "trusted client networks"),
         _P("relay_domains", "", split_list, "domains this gateway relays mail to"),
@@ -385,10 +128,10 @@ PARAMETERS: dict[str, Param] = {
            "tables of the known users of relay_domains (user@domain or @domain keys); when set, other "
            "recipients there are refused at RCPT (550 ... User unknown in relay recipient table); "
            "empty: any user"),
-        _P("relay_transport", "relay", _str, "transport for relay_domains (Postfix's default: relay)"),
-        _P("local_transport", "local:$myhostname", _str, "transport for mydestination"),
-        _P("relayhost", "", _str, "default nexthop for non-local mail, e.g. [mail.example.com]:25"),
-        _P("default_transport", "smtp", _str, "transport for non-local mail"),
+        _P("relay_transport", "relay", parse_text, "transport for relay_domains (Postfix's default: relay)"),
+        _P("local_transport", "local:$myhostname", parse_text, "transport for mydestination"),
+        _P("relayhost", "", parse_text, "default nexthop for non-local mail, e.g. [mail.example.com]:25"),
+        _P("default_transport", "smtp", parse_text, "transport for non-local mail"),
         _P("transport_maps", "", parse_maps, "lookup tables mapping recipients to transport:nexthop"),
         _P("dns_nameservers", "", parse_nameservers,
            "(trimail) resolvers to use instead of /etc/resolv.conf, ip or ip:port"),
@@ -406,8 +149,8 @@ PARAMETERS: dict[str, Param] = {
            "domains delivered by virtual_transport to the mailboxes of virtual_mailbox_maps (names)"),
         _P("virtual_mailbox_maps", "", parse_maps,
            "user@domain -> mailbox path under virtual_mailbox_base (ends in / for Maildir)"),
-        _P("virtual_transport", "virtual", _str, "transport for virtual_mailbox_domains"),
-        _P("virtual_mailbox_base", "", _str, "directory every virtual mailbox path is relative to"),
+        _P("virtual_transport", "virtual", parse_text, "transport for virtual_mailbox_domains"),
+        _P("virtual_mailbox_base", "", parse_text, "directory every virtual mailbox path is relative to"),
         _P("virtual_uid_maps", "", parse_maps, "user@domain -> uid that owns the virtual mailbox (static:N)"),
         _P("virtual_gid_maps", "", parse_maps, "user@domain -> gid of the virtual mailbox (static:N)"),
         _P("virtual_minimum_uid", "100", parse_int, "lowest uid virtual delivery accepts from virtual_uid_maps"),
@@ -424,16 +167,16 @@ PARAMETERS: dict[str, Param] = {
            "reply code for a user of a relay domain relay_recipient_maps does not list"),
         _P("local_recipient_maps", "proxy:unix:passwd.byname $alias_maps", split_list,
            "tables of known local recipients (empty: accept any)"),
-        _P("recipient_delimiter", "", _str, "separator of address extensions, e.g. + for user+tag"),
-        _P("mail_spool_directory", "$queue_directory/mailboxes", _str, "where local mail homes live"),
-        _P("home_mailbox", "Maildir/", _str, "mailbox relative to the mail home; ends in / for Maildir"),
+        _P("recipient_delimiter", "", parse_text, "separator of address extensions, e.g. + for user+tag"),
+        _P("mail_spool_directory", "$queue_directory/mailboxes", parse_text, "where local mail homes live"),
+        _P("home_mailbox", "Maildir/", parse_text, "mailbox relative to the mail home; ends in / for Maildir"),
         _P("append_at_myorigin", "yes", parse_bool, "qualify bare local submissions with @$myorigin"),
         _P("append_dot_mydomain", "no", parse_bool, "qualify user@host as user@host.$mydomain"),
         _P("allow_mail_to_commands", "", split_list,
            "where |command targets may come from: alias, include (empty: nowhere)"),
         _P("allow_mail_to_files", "alias, include", split_list, "where /file targets may come from"),
-        _P("command_time_limit", "1000s", _time(), "time limit for delivery to a command"),
-        _P("default_privs", "nobody", _str, "the unprivileged account local delivery uses for |command and "
+        _P("command_time_limit", "1000s", time_parser(), "time limit for delivery to a command"),
+        _P("default_privs", "nobody", parse_text, "the unprivileged account local delivery uses for |command and "
            "/file targets from the alias table (never root, never mail_owner); those from an :include: file "
            "run as the file's owner (a serve running as mail_owner has them run by its root helper)"),
         _P("local_destination_concurrency_limit", "2", parse_int, "parallel local deliveries"),
@@ -441,9 +184,9 @@ PARAMETERS: dict[str, Param] = {
            "how an mbox file is locked for delivery: fcntl, flock and/or dotlock (FILE.lock)"),
         _P("deliver_lock_attempts", "20", parse_int,
            "attempts to lock an mbox file (and to create its dotlock) before the delivery is deferred"),
-        _P("deliver_lock_delay", "1s", _time(), "time between attempts to lock an mbox file"),
-        _P("stale_lock_time", "500s", _time(), "age after which a dotlock file is removed as stale"),
-        _P("table_lookup_timeout", "20s", _time(),
+        _P("deliver_lock_delay", "1s", time_parser(), "time between attempts to lock an mbox file"),
+        _P("stale_lock_time", "500s", time_parser(), "age after which a dotlock file is removed as stale"),
+        _P("table_lookup_timeout", "20s", time_parser(),
            "(trimail) time limit for a lookup that may block (a file reload, hash:, unix:passwd.byname); "
            "a lookup that takes longer is a temporary failure (451 4.3.0)"),
         _P("masquerade_domains", "", split_list, "domains to strip subdomains from"),
@@ -454,28 +197,28 @@ PARAMETERS: dict[str, Param] = {
            "clients whose mail has its header addresses rewritten and masqueraded as local mail: "
            "permit_inet_interfaces, permit_mynetworks, permit_sasl_authenticated, permit_tls_clientcerts, "
            "permit_tls_all_clientcerts, check_address_map type:table (or type:table alone)"),
-        _P("remote_header_rewrite_domain", "", _str,
+        _P("remote_header_rewrite_domain", "", parse_text,
            "when set, the header addresses of other clients' mail are rewritten too (incomplete ones "
            "completed with this domain) and masqueraded; empty: left as they came"),
         # queue
-        _P("queue_directory", "/var/spool/trimail", _str, "directory of the queue database"),
-        _P("queue_busy_timeout", "30s", _time(), "how long a queue write waits while another process (an "
+        _P("queue_directory", "/var/spool/trimail", parse_text, "directory of the queue database"),
+        _P("queue_busy_timeout", "30s", time_parser(), "how long a queue write waits while another process (an "
            "operator's tool) holds the database's write lock; past it the write fails temporarily (451, deferral)"),
         _P("queue_minfree", "0", parse_size,
            "free bytes the queue file system needs for smtpd to accept MAIL FROM; it also needs "
            "more than 1.5 * message_size_limit"),
-        _P("mail_owner", "trimail", _str, "unprivileged account serve runs as"),
+        _P("mail_owner", "trimail", parse_text, "unprivileged account serve runs as"),
         _P("allow_root", "no", parse_bool,
            "(trimail) stay root instead of becoming mail_owner: development and test suites only"),
         _P("chroot", "no", parse_bool, "(trimail) confine serve to queue_directory after start (see docs/security.md)"),
-        _P("minimal_backoff_time", "300s", _time(), "shortest retry interval for deferred mail"),
-        _P("maximal_backoff_time", "4000s", _time(), "longest retry interval for deferred mail"),
-        _P("maximal_queue_lifetime", "5d", _time("d"), "how long deferred mail is retried"),
-        _P("bounce_queue_lifetime", "5d", _time("d"), "how long deferred bounces are retried"),
+        _P("minimal_backoff_time", "300s", time_parser(), "shortest retry interval for deferred mail"),
+        _P("maximal_backoff_time", "4000s", time_parser(), "longest retry interval for deferred mail"),
+        _P("maximal_queue_lifetime", "5d", time_parser("d"), "how long deferred mail is retried"),
+        _P("bounce_queue_lifetime", "5d", time_parser("d"), "how long deferred bounces are retried"),
         _P("bounce_size_limit", "50000", parse_size,
            "largest original message a non-delivery notification returns whole; a larger one is "
            "returned as its headers only (0: no limit)"),
-        _P("queue_run_delay", "300s", _time(), "how often the deferred queue is scanned"),
+        _P("queue_run_delay", "300s", time_parser(), "how often the deferred queue is scanned"),
         _P("qmgr_message_active_limit", "20000", parse_int, "most messages in the active queue"),
         _P("qmgr_message_recipient_limit", "20000", parse_int,
            "most recipients of active messages held in memory by the queue manager; claims stop there"),
@@ -523,7 +266,7 @@ PARAMETERS: dict[str, Param] = {
                "default_destination_concurrency_negative_feedback", parse_feedback),
               ("destination_concurrency_failed_cohort_limit",
                "default_destination_concurrency_failed_cohort_limit", parse_count))),
-        _P("delay_warning_time", "0h", _time("h"), "when to tell the sender mail is delayed (0: never)"),
+        _P("delay_warning_time", "0h", time_parser("h"), "when to tell the sender mail is delayed (0: never)"),
         _P("hopcount_limit", "50", parse_int, "most Received: headers before a mail loop bounce"),
         # SMTP server
         _P("smtpd_listen", "0.0.0.0:25, [::]:25", parse_listen,
@@ -534,7 +277,7 @@ PARAMETERS: dict[str, Param] = {
         _P("message_size_limit", "10240000", parse_size, "largest message accepted, in bytes"),
         _P("line_length_limit", "2048", parse_int, "longest SMTP command line, in bytes"),
         _P("smtpd_recipient_limit", "1000", parse_int, "most recipients per message"),
-        _P("smtpd_timeout", "${stress?{10}:{300}}s", _time(),
+        _P("smtpd_timeout", "${stress?{10}:{300}}s", time_parser(),
            "time limit for each read from an SMTP client (10s under stress)"),
         _P("smtpd_per_record_deadline", "${stress?{yes}:{no}}", parse_bool,
            "smtpd_timeout limits the time to receive a whole command or content line, not each read "
@@ -543,14 +286,14 @@ PARAMETERS: dict[str, Param] = {
            "errors after which the session is closed (1 under stress)"),
         _P("smtpd_junk_command_limit", "${stress?{1}:{100}}", parse_int,
            "HELO, EHLO, NOOP, VRFY and RSET commands after which each one counts as an error (1 under stress)"),
-        _P("stress", "", _str,
+        _P("stress", "", parse_text,
            "set to yes by serve while the SMTP service is under stress; use as ${stress?{value}:{value}}"
            " (setting it in main.cf forces stress values everywhere)"),
         _P("smtpd_stress_threshold", "80", parse_int,
            "(trimail) stress mode starts when this percentage of smtpd_process_limit sessions are open"
            " and ends below half of that; open sessions then get the stress limits too (0: never)"),
         _P("smtpd_soft_error_limit", "10", parse_int, "errors after which replies are delayed"),
-        _P("smtpd_error_sleep_time", "1s", _time(), "delay per reply once the soft limit is passed"),
+        _P("smtpd_error_sleep_time", "1s", time_parser(), "delay per reply once the soft limit is passed"),
         _P("smtpd_forbid_bare_newline", "normalize", choice("normalize", "note", "yes", "reject", "no"),
            "bare <LF> from a client: normalize (yes, note and no are accepted as the same) stores it as"
            " <CR><LF>; reject refuses a command line with one (ending the session) or a message with one"
@@ -574,17 +317,17 @@ PARAMETERS: dict[str, Param] = {
            " (auto: one per core; 0: smtpd and qmgr in one process, as trimail.testing runs)"),
         _P("master_service_disable", "", split_list,
            "services not to run: qmgr (keep mail queued, deliver nothing), smtpd"),
-        _P("smtpd_session_deadline", "3600s", _time(),
+        _P("smtpd_session_deadline", "3600s", time_parser(),
            "(trimail) hard limit on a whole SMTP session, however busy the client is"),
         _P("smtpd_client_connection_rate_limit", "0", parse_int,
            "most connections per client address per minute (0: no limit)"),
-        _P("smtpd_greet_pause", "0s", _time(),
+        _P("smtpd_greet_pause", "0s", time_parser(),
            "(trimail) wait this long before the banner; a client that talks first is refused"
            " (no pause under stress)"),
         _P("header_size_limit", "102400", parse_size, "largest header section of a message"),
-        _P("maillog_file", "", _str, "mail log file (reopened after logrotate); syslog: to syslog; empty: stderr"),
-        _P("syslog_facility", "mail", _str, "syslog facility when maillog_file = syslog"),
-        _P("graceful_timeout", "10s", _time(),
+        _P("maillog_file", "", parse_text, "mail log file (reopened after logrotate); syslog: to syslog; empty: stderr"),
+        _P("syslog_facility", "mail", parse_text, "syslog facility when maillog_file = syslog"),
+        _P("graceful_timeout", "10s", time_parser(),
            "(trimail) on stop, how long open sessions may finish before 421"),
         _P("disable_vrfy_command", "no", parse_bool, "refuse VRFY (502) instead of answering 252"),
         _P("smtputf8_enable", "yes", parse_bool, "announce and accept SMTPUTF8"),
@@ -616,56 +359,56 @@ PARAMETERS: dict[str, Param] = {
            "resolve \"user@remote\"@local by its dequoted form (user@remote), as Postfix does"),
         _P("resolve_null_domain", "no", parse_bool,
            "resolve user@ (an empty domain) as a local address instead of refusing it as invalid"),
-        _P("smtpd_policy_service_timeout", "100s", _time(), "time limit for a policy service answer"),
-        _P("smtpd_policy_service_default_action", "451 4.3.5 Server configuration problem", _str,
+        _P("smtpd_policy_service_timeout", "100s", time_parser(), "time limit for a policy service answer"),
+        _P("smtpd_policy_service_default_action", "451 4.3.5 Server configuration problem", parse_text,
            "action when a policy service cannot be reached"),
-        _P("plaintext_reject_code", "450", _reply_code("45"), "reply code of reject_plaintext_session"),
-        _P("unknown_client_reject_code", "450", _reply_code("45"),
+        _P("plaintext_reject_code", "450", reply_code_parser("45"), "reply code of reject_plaintext_session"),
+        _P("unknown_client_reject_code", "450", reply_code_parser("45"),
            "reply code of reject_unknown_client_hostname and reject_unknown_reverse_client_hostname when "
            "the lookup failed for good (a temporary failure is always 450)"),
-        _P("unknown_hostname_reject_code", "450", _reply_code("45"),
+        _P("unknown_hostname_reject_code", "450", reply_code_parser("45"),
            "reply code of reject_unknown_helo_hostname when the name has no A, AAAA or MX record"),
-        _P("multi_recipient_bounce_reject_code", "550", _reply_code("45"),
+        _P("multi_recipient_bounce_reject_code", "550", reply_code_parser("45"),
            "reply code of reject_multi_recipient_bounce"),
         _P("relay_clientcerts", "", parse_maps,
            "tables of client certificate fingerprints permit_tls_clientcerts accepts (client certificates "
            "are not requested yet, so nothing matches)"),
-        _P("address_verify_sender", "double-bounce", _str,
+        _P("address_verify_sender", "double-bounce", parse_text,
            "MAIL FROM of address verification probes (reject_unverified_recipient); unqualified gets "
            "@$myorigin, empty means the null sender"),
-        _P("address_verify_positive_expire_time", "31d", _time("d"),
+        _P("address_verify_positive_expire_time", "31d", time_parser("d"),
            "how long a verified (deliverable) address stays in the verification cache"),
-        _P("address_verify_negative_expire_time", "3d", _time("d"),
+        _P("address_verify_negative_expire_time", "3d", time_parser("d"),
            "how long an undeliverable address stays in the verification cache"),
         _P("address_verify_negative_cache", "yes", parse_bool, "cache undeliverable addresses too"),
-        _P("address_verify_negative_refresh_time", "3h", _time("h"),
+        _P("address_verify_negative_refresh_time", "3h", time_parser("h"),
            "how long a temporary verification failure (the probe got a 4xx or no answer) is remembered "
            "before the address is probed again (with address_verify_negative_cache)"),
         _P("address_verify_poll_count", "${stress?{1}:{3}}", parse_int,
            "how many times smtpd looks for a probe's answer before it replies 'verification in progress'"),
-        _P("address_verify_poll_delay", "3s", _time(), "the wait between two such looks"),
+        _P("address_verify_poll_delay", "3s", time_parser(), "the wait between two such looks"),
         _P("address_verify_cache_size", "10000", parse_int,
            "(trimail) addresses the in-memory verification cache holds (the oldest go first)"),
-        _P("unverified_recipient_reject_code", "450", _reply_code("45"),
+        _P("unverified_recipient_reject_code", "450", reply_code_parser("45"),
            "reply code when a verification probe says the recipient is undeliverable"),
-        _P("unverified_recipient_defer_code", "450", _reply_code("45"),
+        _P("unverified_recipient_defer_code", "450", reply_code_parser("45"),
            "reply code when a recipient could not be verified yet (probe deferred or still running)"),
         _P("unverified_recipient_tempfail_action", "defer_if_permit", choice("defer_if_permit", "defer"),
            "what a temporary verification failure does: defer only if the rest would permit, or defer"),
-        _P("unverified_recipient_reject_reason", "", _str,
+        _P("unverified_recipient_reject_reason", "", parse_text,
            "reply text instead of the probe's own reason (empty: the probe's reason)"),
         # SMTP client
-        _P("smtp_connect_timeout", "30s", _time(), "time limit for a TCP connection to a mail host"),
-        _P("smtp_helo_timeout", "300s", _time(), "time limit for the greeting and the EHLO reply"),
-        _P("smtp_mail_timeout", "300s", _time(), "time limit for the MAIL FROM reply"),
-        _P("smtp_rcpt_timeout", "300s", _time(), "time limit for each RCPT TO reply"),
-        _P("smtp_data_init_timeout", "120s", _time(), "time limit for the DATA reply"),
-        _P("smtp_data_xfer_timeout", "180s", _time(), "time limit for sending content (per MiB)"),
-        _P("smtp_data_done_timeout", "600s", _time(), "time limit for the end-of-data reply"),
-        _P("smtp_quit_timeout", "300s", _time(), "time limit for the QUIT reply"),
-        _P("smtp_connection_cache_time_limit", "2s", _time(),
+        _P("smtp_connect_timeout", "30s", time_parser(), "time limit for a TCP connection to a mail host"),
+        _P("smtp_helo_timeout", "300s", time_parser(), "time limit for the greeting and the EHLO reply"),
+        _P("smtp_mail_timeout", "300s", time_parser(), "time limit for the MAIL FROM reply"),
+        _P("smtp_rcpt_timeout", "300s", time_parser(), "time limit for each RCPT TO reply"),
+        _P("smtp_data_init_timeout", "120s", time_parser(), "time limit for the DATA reply"),
+        _P("smtp_data_xfer_timeout", "180s", time_parser(), "time limit for sending content (per MiB)"),
+        _P("smtp_data_done_timeout", "600s", time_parser(), "time limit for the end-of-data reply"),
+        _P("smtp_quit_timeout", "300s", time_parser(), "time limit for the QUIT reply"),
+        _P("smtp_connection_cache_time_limit", "2s", time_parser(),
            "how long a delivery connection with nothing to send is kept open for the next message"),
-        _P("smtp_connection_reuse_time_limit", "300s", _time(),
+        _P("smtp_connection_reuse_time_limit", "300s", time_parser(),
            "how long one delivery connection may be used for message after message"),
         _P("smtp_mx_address_limit", "5", parse_count,
            "most MX IP addresses tried in one delivery attempt, in MX preference order (0: no limit)"),
@@ -680,22 +423,22 @@ PARAMETERS: dict[str, Param] = {
            "IP addresses of proxies or NAT devices that forward port 25 to this host: an MX or relay "
            "host at one of them, port 25, is this host (mail for it loops back to myself)"),
         # TLS and AUTH
-        _P("smtpd_tls_cert_file", "", _str, "server certificate (PEM)"),
+        _P("smtpd_tls_cert_file", "", parse_text, "server certificate (PEM)"),
         _P("smtpd_sasl_auth_enable", "no", parse_bool, "offer AUTH on smtpd_listen (always on submission)"),
         _P("smtpd_tls_auth_only", "yes", parse_bool, "offer AUTH only under TLS (Postfix's default is no)"),
-        _P("smtpd_sasl_password_file", "$queue_directory/sasl_passwd", _str,
+        _P("smtpd_sasl_password_file", "$queue_directory/sasl_passwd", parse_text,
            "(trimail) AUTH logins with salted scrypt hashes, managed by trimail passwd"),
         _P("smtpd_auth_failure_limit", "5", parse_int,
            "(trimail) failed AUTH attempts per client address in 10 minutes before AUTH is refused"),
         _P("smtpd_sender_login_maps", "", parse_maps, "tables: sender address -> logins that may use it"),
-        _P("smtpd_tls_handshake_timeout", "${stress?{10}:{60}}s", _time(),
+        _P("smtpd_tls_handshake_timeout", "${stress?{10}:{60}}s", time_parser(),
            "(trimail) time limit for the TLS handshake (10s under stress)"),
-        _P("smtpd_tls_key_file", "$smtpd_tls_cert_file", _str, "server private key (PEM)"),
+        _P("smtpd_tls_key_file", "$smtpd_tls_cert_file", parse_text, "server private key (PEM)"),
         _P("smtpd_tls_security_level", "", choice("", "none", "may", "encrypt"),
            "SMTP server TLS: may or encrypt"),
         _P("smtp_tls_security_level", "may", choice("", "none", "may", "encrypt", "verify", "secure"),
            "SMTP client TLS: may (opportunistic), encrypt, verify or secure (never in clear)"),
-        _P("smtp_tls_CAfile", "", _str, "CA certificates for verifying servers (PEM)"),
+        _P("smtp_tls_CAfile", "", parse_text, "CA certificates for verifying servers (PEM)"),
     ]
 }
 del _P
@@ -726,7 +469,7 @@ LIMITS: dict[str, tuple[float, float | None]] = {
 }
 _WHOLE_NUMBERS = {parse_int, parse_count, parse_size}
 for _name, _param in PARAMETERS.items():
-    if _param.parse in _WHOLE_NUMBERS or _param.parse in _TIME_PARSERS:
+    if _param.parse in _WHOLE_NUMBERS or _param.parse in TIME_UNIT:
         _low, _high = LIMITS.get(_name, (0, None))
         PARAMETERS[_name] = dataclasses.replace(_param, minimum=_low, maximum=_high)
 del _name, _param, _low, _high
@@ -899,7 +642,7 @@ class Config:
     def _check_bounds(self, param: Param, value: Any) -> None:
         """Postfix's check_mail_conf_int/_long/_time, in its words."""
         where, name = self.where(param.name), param.name
-        is_time = param.parse in _TIME_PARSERS
+        is_time = param.parse in TIME_UNIT
         low, high = param.minimum, param.maximum
         if low is not None and value < low and not (is_time and value > 0):
             raise ConfigError(f"{where}: invalid {name}: {_num(value)} (min {_num(low)})" if is_time

@@ -43,7 +43,8 @@ import trio
 
 from trimail import config as configuration
 from trimail import log as maillog
-from trimail.config import Config, ConfigError, ListenAddress, parse_host_port
+from trimail.config import Config, ConfigError
+from trimail.config.values import ListenAddress, parse_host_port
 from trimail.delivery.dns import Resolver
 from trimail.delivery.smtp import Connector
 from trimail.local import privileged
