@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from trimail import config
 from tests.conftest import trimail
+from trimail import config
 from trimail.config import Config, ConfigError, parse_main_cf
 from trimail.config.values import ListenAddress
 

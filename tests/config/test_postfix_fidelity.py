@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import trimail, write_main_cf
-from trimail import config, mac_expand
-from trimail.config import Config, ConfigError, Setting
+from trimail import config
+from trimail.config import Config, ConfigError, Setting, syntax
 
 
 def write(tmp_path, text: str):
@@ -266,11 +266,11 @@ _TEXT = st.one_of(st.lists(_PIECES, max_size=40).map("".join), st.text(max_size=
 def test_expansion_of_arbitrary_text_gives_a_string_or_a_macro_error(text):
     lookup = {"a": "x", "n": "5", "empty": ""}.get
     try:
-        result = mac_expand.expand(text, lookup)
-    except mac_expand.MacroError:
+        result = syntax.expand(text, lookup)
+    except syntax.MacroError:
         return
     assert isinstance(result, str)
-    mac_expand.references(text)  # what expands also scans
+    syntax.references(text)  # what expands also scans
 
 
 @settings(max_examples=300, deadline=None)

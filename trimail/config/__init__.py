@@ -12,7 +12,7 @@ non-blank character is ``#`` are comments.  ``$name``, ``${name}`` and
 ``$(name)`` expand recursively with loop detection; ``${name?text}`` is *text*
 when *name* is non-empty and ``${name:text}`` when it is empty; Postfix 3.0's
 ``${name?{text1}:{text2}}`` is *text1* when *name* is non-empty, else *text2*,
-and ``${{text} == {text} ? {a} : {b}}`` compares (``trimail/mac_expand.py``).
+and ``${{text} == {text} ? {a} : {b}}`` compares (``trimail/config/syntax.py``).
 That form makes values depend on ``stress``, which serve sets for sessions that
 run while the SMTP service is under stress (``smtpd_timeout =
 ${stress?{10}:{300}}s``, Postfix's STRESS_README).
@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from trimail import mac_expand
+from trimail.config import syntax
 from trimail.config.values import (
     TIME_UNIT,
     BadValue,
@@ -600,7 +600,7 @@ class Config:
         if name in stack:
             chain = " -> ".join((*stack, name))
             raise ConfigError(f"{self.where(stack[0])}: parameter {stack[0]}: expansion loop: {chain}")
-        if len(stack) >= mac_expand.MAX_NESTING:
+        if len(stack) >= syntax.MAX_NESTING:
             raise ConfigError(f"{self.where(stack[0])}: parameter {stack[0]}: unreasonable macro call nesting: "
                               f"{' -> '.join(stack[:3])} -> ...")
         if not self.is_defined(name):
@@ -616,8 +616,8 @@ class Config:
         if "$" not in text:
             return text
         try:
-            return mac_expand.expand(text, lambda name: self._expand_name(name, stack))
-        except mac_expand.MacroError as exc:
+            return syntax.expand(text, lambda name: self._expand_name(name, stack))
+        except syntax.MacroError as exc:
             raise ConfigError(f"{self.where(stack[-1])}: parameter {stack[-1]}: {exc}") from None
 
     # -- typed values
@@ -668,7 +668,7 @@ class Config:
             for name in self._references(setting):
                 referenced.setdefault(name, setting)
         for param in PARAMETERS.values():
-            referenced.update((name, None) for name in mac_expand.references(param.default)
+            referenced.update((name, None) for name in syntax.references(param.default)
                               if name not in referenced)
         for name, setting in self._settings.items():
             if name not in PARAMETERS and name not in referenced:
@@ -681,8 +681,8 @@ class Config:
 
     def _references(self, setting: Setting) -> list[str]:
         try:
-            return mac_expand.references(setting.value)
-        except mac_expand.MacroError:
+            return syntax.references(setting.value)
+        except syntax.MacroError:
             return []  # a value that is used was expanded above and is fine; an unused one stays unused
 
     def _file_of(self, setting: Setting | None) -> str:
