@@ -8,7 +8,8 @@ import pytest
 
 from tests.conftest import trimail
 from trimail import config
-from trimail.config import Config, ConfigError, parse_main_cf
+from trimail.config import Config, ConfigError
+from trimail.config.syntax import parse_main_cf
 from trimail.config.values import ListenAddress
 
 

@@ -33,13 +33,13 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import os
-import re
 import socket
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from trimail.config import syntax
+from trimail.config.syntax import ConfigError, Setting, parse_main_cf, parse_override
 from trimail.config.values import (
     TIME_UNIT,
     BadValue,
@@ -64,13 +64,8 @@ from trimail.config.values import (
     split_list,
     time_parser,
 )
-from trimail.errors import ConfigurationError
 
 DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
-
-
-class ConfigError(ConfigurationError):
-    """A configuration problem; ``str()`` is the one line an operator should see."""
 
 
 # ---------------------------------------------------------------------------
@@ -492,56 +487,6 @@ def development_defaults() -> dict[str, str]:
         "alias_database": "",
         "local_recipient_maps": "",
     }
-
-
-# ---------------------------------------------------------------------------
-# parsing
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Setting:
-    value: str
-    where: str  # "FILE, line N" (as Postfix says it), "built-in development default" or "-o NAME"
-
-
-_NAME = re.compile(r"[A-Za-z0-9_]+")
-
-
-def parse_main_cf(text: str, filename: str) -> tuple[dict[str, Setting], list[str]]:
-    """Parse main.cf text into raw settings plus warnings; raise ConfigError."""
-    settings: dict[str, Setting] = {}
-    warnings: list[str] = []
-    logical: list[tuple[int, str]] = []  # (first line number, text)
-    for number, line in enumerate(text.splitlines(), 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if line[0].isspace():
-            if not logical:
-                raise ConfigError(f"{filename}, line {number}: continuation line without a parameter before it")
-            first, previous = logical[-1]
-            logical[-1] = (first, previous + " " + stripped)
-        else:
-            logical.append((number, line.strip()))
-    for number, entry in logical:
-        name, sep, value = entry.partition("=")
-        name = name.strip()
-        if not sep:
-            raise ConfigError(f"{filename}, line {number}: missing '=' after parameter name {name.split()[0]!r}")
-        if not _NAME.fullmatch(name):
-            raise ConfigError(f"{filename}, line {number}: bad parameter name {name!r}")
-        if name in settings:
-            warnings.append(f"{filename}, line {number}: overriding earlier entry: {name}={value.strip()}")
-        settings[name] = Setting(value.strip(), f"{filename}, line {number}")
-    return settings, warnings
-
-
-def parse_override(item: str) -> tuple[str, Setting]:
-    name, sep, value = item.partition("=")
-    name = name.strip()
-    if not sep or not _NAME.fullmatch(name):
-        raise ConfigError(f"-o {item}: use -o name=value")
-    return name, Setting(value.strip(), f"-o {name}")
 
 
 # ---------------------------------------------------------------------------
