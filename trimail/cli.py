@@ -25,7 +25,8 @@ from cyclopts import App, CycloptsError, Parameter
 from trimail import __version__, mailq, maps
 from trimail import config as configuration
 from trimail import log as maillog
-from trimail.config import PARAMETERS, Config
+from trimail.config import Config
+from trimail.config.registry import PARAMETERS
 from trimail.errors import ConfigurationError, TrimailError
 from trimail.local.aliases import postalias
 from trimail.maps import TableError, open_table

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import trimail
 from trimail import config
-from trimail.config import Config, ConfigError
+from trimail.config import Config, ConfigError, registry
 from trimail.config.syntax import parse_main_cf
 from trimail.config.values import ListenAddress
 
@@ -229,7 +229,7 @@ def test_sample_main_cf_lists_every_parameter_and_is_current():
     from pathlib import Path
 
     sample = config.sample_main_cf()
-    for name, param in config.PARAMETERS.items():
+    for name, param in registry.PARAMETERS.items():
         assert f"#{name} =" in sample and param.doc in sample
     committed = Path(__file__).resolve().parents[2] / "docs" / "main.cf.sample"
     assert committed.read_text().rstrip("\n") == sample.rstrip("\n"), "run: trimail config --sample > docs/main.cf.sample"

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import trimail, write_main_cf
 from trimail import config
-from trimail.config import Config, ConfigError, Setting, syntax
+from trimail.config import Config, ConfigError, registry, syntax
+from trimail.config.syntax import Setting
 
 
 def write(tmp_path, text: str):
@@ -132,7 +133,7 @@ def test_good_numbers_and_trimails_sub_second_times_still_load(tmp_path):
 
 
 def test_every_number_and_time_parameter_refuses_a_negative_value():
-    numeric = [p for p in config.PARAMETERS.values() if p.minimum is not None]
+    numeric = [p for p in registry.PARAMETERS.values() if p.minimum is not None]
     assert {"message_size_limit", "smtpd_timeout", "queue_minfree", "smtp_mx_session_limit"} <= {
         p.name for p in numeric}
     for param in numeric:
