@@ -25,7 +25,7 @@ from cyclopts import App, CycloptsError, Parameter
 from trimail import __version__, mailq, maps
 from trimail import config as configuration
 from trimail import log as maillog
-from trimail.config import Config
+from trimail.config import Config, generate
 from trimail.config.registry import PARAMETERS
 from trimail.errors import ConfigurationError, TrimailError
 from trimail.local.aliases import postalias
@@ -263,7 +263,7 @@ def show_config(
 ) -> None:
     """Print effective parameter values (postconf; -n, -d, -h, -H and -x as postconf's)."""
     if sample:
-        print(configuration.sample_main_cf())
+        print(generate.sample_main_cf())
         return
     for first, second in (("-d", "-n"), ("-d", "-o"), ("-h", "-H")):  # postconf's incompatible pairs
         given = {"-d": d, "-n": n, "-o": bool(o), "-h": h, "-H": hide_values}

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import trimail
 from trimail import config
-from trimail.config import Config, ConfigError, registry
+from trimail.config import Config, ConfigError, generate, registry
 from trimail.config.syntax import parse_main_cf
 from trimail.config.values import ListenAddress
 
@@ -228,7 +228,7 @@ def test_usage_error_exits_2():
 def test_sample_main_cf_lists_every_parameter_and_is_current():
     from pathlib import Path
 
-    sample = config.sample_main_cf()
+    sample = generate.sample_main_cf()
     for name, param in registry.PARAMETERS.items():
         assert f"#{name} =" in sample and param.doc in sample
     committed = Path(__file__).resolve().parents[2] / "docs" / "main.cf.sample"

@@ -20,6 +20,8 @@ from trimail.config.values import (
     split_list,
 )
 
+TITLE = "Whole system: identity, networks, relaying, routing, DNS"
+
 PARAMS: list[Param] = [
     # identity
     P("myhostname", "", parse_text, "fully qualified name of this host (default: from gethostname())"),

@@ -24,6 +24,8 @@ from trimail.config.values import (
     time_parser,
 )
 
+TITLE = "Local delivery, virtual delivery and address rewriting (local(8), virtual(8), cleanup(8))"
+
 PARAMS: list[Param] = [
     # local delivery and aliases
     P("alias_maps", "hash:/etc/aliases", parse_maps, "alias tables for local delivery"),

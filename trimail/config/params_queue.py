@@ -21,6 +21,8 @@ from trimail.config.values import (
     time_parser,
 )
 
+TITLE = "The queue and the queue manager (qmgr(8))"
+
 PARAMS: list[Param] = [
     # queue
     P("queue_directory", "/var/spool/trimail", parse_text, "directory of the queue database"),

@@ -20,6 +20,8 @@ from trimail.config.values import (
     time_parser,
 )
 
+TITLE = "The SMTP client (smtp(8))"
+
 PARAMS: list[Param] = [
     # SMTP client
     P("smtp_connect_timeout", "30s", time_parser(), "time limit for a TCP connection to a mail host"),

@@ -27,6 +27,8 @@ from trimail.config.values import (
     time_parser,
 )
 
+TITLE = "The SMTP server (smtpd(8))"
+
 PARAMS: list[Param] = [
     # SMTP server
     T("smtpd_listen", "0.0.0.0:25, [::]:25", parse_listen,

@@ -60,11 +60,10 @@ def _bounded(param: Param) -> Param:
     return param
 
 
-PARAMETERS: dict[str, Param] = {
-    param.name: _bounded(param)
-    for table in (params_global, params_local, params_queue, params_smtpd, params_smtp)
-    for param in table.PARAMS
-}
+TABLES = (params_global, params_local, params_queue, params_smtpd, params_smtp)
+"""The registry's tables, in the order ``trimail config --sample`` lists them."""
+
+PARAMETERS: dict[str, Param] = {param.name: _bounded(param) for table in TABLES for param in table.PARAMS}
 
 
 def suggest(name: str) -> str:

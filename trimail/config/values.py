@@ -19,6 +19,7 @@ import ipaddress
 import os
 import re
 from collections.abc import Callable
+from typing import Any
 
 
 class BadValue(ValueError):
@@ -265,12 +266,14 @@ def parse_5xx(text: str) -> int:
 
 
 def choice(*options: str) -> Callable[[str], str]:
+    """One of *options* (an empty option allows an empty value)."""
     def parse(text: str) -> str:
         value = text.strip().lower()
         if value not in options:
             raise ValueError(f"bad value {text!r} (use one of: {', '.join(options)})")
         return value
 
+    _KINDS[parse] = "one of: " + ", ".join(option or "(empty)" for option in options)
     return parse
 
 
@@ -287,6 +290,7 @@ def reply_code_parser(first: str) -> Callable[[str], int]:
         if not (200 <= value <= 599 and str(value)[0] in first):
             raise ValueError(f"bad SMTP reply code {text!r} (use {' or '.join(d + 'xx' for d in first)})")
         return value
+    _KINDS[parse] = "reply code " + "/".join(d + "xx" for d in first)
     return parse
 
 
@@ -302,3 +306,37 @@ def time_parser(default_unit: str = "s") -> Callable[[str], float]:
 
     TIME_UNIT[parse] = default_unit
     return parse
+
+
+_KINDS: dict[Callable[[str], Any], str] = {
+    parse_bool: "boolean",
+    parse_int: "integer",
+    parse_count: "integer (0: no limit)",
+    parse_size: "size",
+    parse_workers: "auto or integer",
+    parse_reject_code: "reply code 4xx/5xx",
+    parse_5xx: "reply code 5xx",
+    parse_text: "string",
+    split_list: "list",
+    parse_domain_names: "domain names",
+    parse_maps: "lookup tables",
+    parse_listen: "host:port list",
+    parse_nameservers: "IP[:port] list",
+    parse_feedback: "feedback",
+    parse_addresses: "IP addresses",
+    parse_networks: "networks",
+    parse_lock_methods: "lock methods",
+}
+
+
+def describe(parse: Callable[[str], Any]) -> str:
+    """The type of values *parse* takes, in the words of the parameter table."""
+    if parse in TIME_UNIT:
+        return "time"
+    return _KINDS[parse]
+
+
+def python_type(parse: Callable[[str], Any]) -> str:
+    """The Python type *parse* returns, as written in its annotation."""
+    annotation = parse.__annotations__["return"]
+    return annotation if isinstance(annotation, str) else annotation.__name__
