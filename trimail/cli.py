@@ -5,6 +5,10 @@ the command words.  Exit status: 0 ok, 1 operational failure, 2 usage or
 configuration error; every error is one line on stderr.  A command whose reader
 goes away (``trimail queue list | head``) ends quietly with status 141, as
 coreutils and Postfix's mailq do under SIGPIPE.
+
+Parameters: queue_directory, myhostname, alias_database, maillog_file,
+syslog_facility, smtpd_workers, smtpd_sasl_password_file (and every parameter, for
+``trimail config``).
 """
 
 from __future__ import annotations

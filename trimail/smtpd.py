@@ -14,7 +14,12 @@ smtpd_forbid_bare_newline, smtpd_forbid_bare_newline_reject_code,
 smtpd_forbid_bare_newline_exclusions, cleanup_replace_stray_cr_lf, smtpd_forbidden_commands, hopcount_limit,
 disable_vrfy_command, smtputf8_enable, queue_directory, queue_minfree,
 smtpd_reject_unlisted_recipient (and the tables of ``trimail/unlisted.py``),
-virtual_alias_maps, table_lookup_timeout.
+virtual_alias_maps, table_lookup_timeout, header_size_limit, fast_flush_domains,
+smtpd_helo_required, smtpd_delay_reject, smtpd_client_restrictions (and the other
+smtpd_*_restrictions, through trimail.policy), parent_domain_matches_subdomains,
+local_header_rewrite_clients, dns_nameservers, smtpd_sasl_auth_enable,
+smtpd_sasl_password_file, smtpd_auth_failure_limit, smtpd_tls_security_level,
+smtpd_tls_auth_only, smtpd_tls_cert_file, smtpd_tls_key_file, smtpd_tls_handshake_timeout.
 
 Storage: MAIL FROM is answered ``452 4.3.1 Insufficient system storage`` when the
 queue file system has no more than max(queue_minfree, 1.5 * message_size_limit)

@@ -26,6 +26,9 @@ defines (``main.cf: undefined parameter: NAME``), as postconf(1) does.
 
 Security notes: the file is parsed as plain text; no value is ever evaluated or
 passed to a shell.
+
+Parameters: every one, by name (``Config`` is how the rest of trimail reads them);
+it derives the defaults of myhostname and mydomain itself.
 """
 
 from __future__ import annotations

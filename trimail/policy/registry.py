@@ -23,6 +23,9 @@ Also here: the values restrictions exchange with the engine (``Request``,
 Security: parsing is the only gate between main.cf and the handlers; an argument
 is validated here (a table reference must be ``type:name``, ``sleep`` takes a
 bounded number of seconds) before anything opens or waits on it.
+
+Parameters: smtpd_*_restrictions, smtpd_delay_reject and the restriction classes a
+main.cf defines for itself (read by name).
 """
 
 from __future__ import annotations

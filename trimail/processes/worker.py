@@ -24,6 +24,10 @@ worker dies with the master (``PR_SET_PDEATHSIG``): an orphan never goes on
 serving a queue that a new master may take.  SIGINT and SIGHUP are the master's
 to handle; SIGTERM stops the worker gracefully (the master restarts it).
 Exit status: 0 after a stop, 2 for a configuration error, 1 otherwise.
+
+Parameters: queue_directory, queue_busy_timeout, myhostname, chroot, maillog_file,
+syslog_facility, dns_nameservers, dns_concurrency_limit (plus what the smtpd and qmgr
+roles read: trimail.smtpd, trimail.scheduler.qmgr).
 """
 
 from __future__ import annotations
