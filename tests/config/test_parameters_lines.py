@@ -69,7 +69,7 @@ def reads(tree: ast.AST) -> set[str]:
     return found
 
 
-_PARAGRAPH = re.compile(r"^Parameters(?: \([^)]*\))?:(.*?)(?:\n\s*\n|\Z)", re.S | re.M)
+_PARAGRAPH = re.compile(r"^Parameters(?: \([^)]*\))?:(.*?)(?:\n\s*\n|\Z)", re.DOTALL | re.MULTILINE)
 _WORD = re.compile(r"[A-Za-z0-9_{},*<>]+")
 
 
