@@ -1,10 +1,13 @@
-"""main.cf configuration: the parser, ``$name`` expansion and the parameter registry.
+"""The effective configuration: ``load`` reads main.cf and ``-o``; ``Config`` answers.
 
-The registry (``PARAMETERS``) is the single place where every parameter is named,
-typed, given its default and documented in one line; ``trimail config`` and the
-docs are generated from it.  Values are stored raw, exactly as written, and
-expanded only when used (Postfix's lazy expansion), so ``mydestination =
-$myhostname`` follows a later ``-o myhostname=...``.
+The package: ``registry.py`` names, types, defaults and documents every parameter
+(``trimail config`` and the docs are generated from it, ``generate.py``);
+``syntax.py`` reads main.cf's lines and expands ``$name``; ``values.py`` holds the
+parsers; this module puts them together.  Values are stored raw, exactly as
+written, and expanded only when used (Postfix's lazy expansion), so
+``mydestination = $myhostname`` follows a later ``-o myhostname=...``.  Read a
+parameter as ``config.NAME`` (typed, see ``typed.py``; a misspelt NAME raises
+``UnknownParameter`` with the closest name) or ``config["NAME"]``.
 
 Syntax (postconf(5)): ``name = value`` logical lines; a line that starts with
 white space continues the previous logical line; blank lines and lines whose first
