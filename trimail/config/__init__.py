@@ -264,7 +264,7 @@ def load(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = 
         source = str(chosen)
     elif chosen is None:
         settings = {k: Setting(v, "built-in development default") for k, v in development_defaults().items()}
-        warnings: list[str] = []
+        warnings = []
         source = "built-in development default"
     else:
         try:
