@@ -66,6 +66,15 @@ def test_misspelt_parameter_read_as_attribute_names_it_and_the_closest():
     assert not hasattr(cfg, "smtpd_timout") and getattr(cfg, "smtpd_timout", 7) == 7
 
 
+def test_misspelt_parameter_read_by_name_is_an_error_but_a_name_main_cf_sets_is_text():
+    cfg = config.load(None, ["my_own_list=a, b"])
+    with pytest.raises(KeyError, match=r"^unknown parameter message_size_limt \(did you mean message_size_limit\?\)$"):
+        cfg["message_size_limt"]
+    with pytest.raises(UnknownParameter):
+        cfg.get("message_size_limt")
+    assert cfg["my_own_list"] == "a, b" and cfg["stress"] == ""
+
+
 def test_attribute_reads_are_typed_and_the_same_as_get():
     cfg = config.load(None, ["smtpd_timeout=2m", "message_size_limit=1000"])
     assert cfg.smtpd_timeout == 120.0 == cfg.get("smtpd_timeout")

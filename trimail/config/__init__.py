@@ -60,12 +60,17 @@ DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
 # ---------------------------------------------------------------------------
 # the effective configuration
 
-class UnknownParameter(AttributeError):
-    """An attribute read of a name the registry does not have: a bug where it is
-    read, named with the closest registered name."""
+class UnknownParameter(AttributeError, KeyError):
+    """A read of a name that is no parameter (not in the registry, not in main.cf):
+    a bug where it is read, named with the closest registered name.  An
+    AttributeError for ``config.NAME`` (so ``getattr`` with a default and
+    ``hasattr`` work) and a KeyError for ``config["NAME"]``."""
 
     def __init__(self, name: str):
         super().__init__(f"unknown parameter {name}{suggest(name)}", name=name)
+
+    def __str__(self) -> str:
+        return str(self.args[0])  # not KeyError's quoted repr
 
 
 class Config(TypedParameters):
@@ -73,8 +78,8 @@ class Config(TypedParameters):
 
     Read a parameter as an attribute (``config.smtpd_timeout``, typed by
     ``TypedParameters``) or by name (``config["smtpd_timeout"]``, ``config.get``:
-    these also take the names a main.cf defines for itself, such as restriction
-    classes).  An attribute that is no parameter raises ``UnknownParameter``."""
+    these also take a name main.cf sets that the registry does not know, as text).
+    A name that is neither raises ``UnknownParameter``."""
 
     def __init__(self, settings: Mapping[str, Setting], source: str, warnings: Iterable[str] = ()):
         self._settings = dict(settings)
@@ -151,6 +156,8 @@ class Config(TypedParameters):
     def get(self, name: str) -> Any:
         if name not in self._typed:
             param = PARAMETERS.get(name)
+            if param is None and not self.is_defined(name):
+                raise UnknownParameter(name)
             text = self.expand(name)
             if param is None:
                 self._typed[name] = text

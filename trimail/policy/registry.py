@@ -24,8 +24,7 @@ Security: parsing is the only gate between main.cf and the handlers; an argument
 is validated here (a table reference must be ``type:name``, ``sleep`` takes a
 bounded number of seconds) before anything opens or waits on it.
 
-Parameters: smtpd_*_restrictions, smtpd_delay_reject and the restriction classes a
-main.cf defines for itself (read by name).
+Parameters: smtpd_*_restrictions (read by name), smtpd_delay_reject.
 """
 
 from __future__ import annotations
