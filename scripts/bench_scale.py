@@ -104,7 +104,7 @@ def measure(store: Any, now: float, batch: int, room: int, repeat: int) -> dict:
 
 
 def bench_scale(rows: list[int], incoming: list[int], due: int, batch: int, repeat: int) -> dict:
-    from trimail.config import PARAMETERS
+    from trimail.config.registry import PARAMETERS
     from trimail.queue.store import Store
 
     param = PARAMETERS["qmgr_message_active_limit"]

@@ -13,6 +13,12 @@ The listening addresses are reported (what serve would bind, free or in use),
 never bound: check reads the host's listening sockets from /proc/net/tcp and
 tcp6 (elsewhere it tries to connect), so it can run beside a live serve, or
 beside the MTA it replaces, without taking a port from either, even for a moment.
+
+Parameters: queue_directory, mail_owner, allow_root, chroot, smtpd_workers,
+smtpd_tls_cert_file, smtpd_tls_key_file, dns_nameservers, local_recipient_maps, the
+tables of alias_maps, alias_database, transport_maps and virtual_alias_maps, the
+listeners (smtpd_listen, submission_listen, smtps_listen, metrics_listen) and the
+smtpd_*_restrictions lists (through trimail.policy.registry).
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import socket
 import stat
 from pathlib import Path
 
-from trimail.config import Config, ConfigError, ListenAddress
+from trimail.config import Config, ConfigError
+from trimail.config.values import ListenAddress
 from trimail.maps import compiled_path
 from trimail.policy.registry import restriction_lists
 

@@ -32,8 +32,9 @@ metrics_listen, mail_owner, allow_root, chroot, master_service_disable,
 smtpd_timeout, smtpd_soft_error_limit, smtpd_error_sleep_time,
 smtpd_client_connection_count_limit, smtpd_client_connection_rate_limit,
 smtpd_process_limit, graceful_timeout, smtpd_stress_threshold, smtpd_junk_command_limit,
-smtpd_hard_error_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause, queue_busy_timeout
-(plus everything trimail.receive reads).
+smtpd_hard_error_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause, queue_busy_timeout,
+smtpd_session_deadline, smtpd_peername_lookup, smtpd_tls_cert_file, dns_nameservers,
+dns_concurrency_limit (plus everything trimail.receive reads).
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ from trimail import __version__, anvil
 from trimail import config as configuration
 from trimail import log as maillog
 from trimail.check import warnings as check_warnings
-from trimail.config import Config, ConfigError, ListenAddress
+from trimail.config import Config, ConfigError
+from trimail.config.values import ListenAddress
 from trimail.delivery.local import privileged
 from trimail.delivery.smtp import Connector
 from trimail.maps import TableError

@@ -48,6 +48,10 @@ user who cannot open it for writing submits over SMTP to serve's first loopback
 ``smtpd_listen`` address instead (a submission socket in all but name): users
 never get write access to other people's queued mail.  That path needs serve
 running.
+
+Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
+append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
+smtpd_listen (the fallback over SMTP).
 """
 
 from __future__ import annotations

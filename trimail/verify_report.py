@@ -20,7 +20,7 @@ queues the report to the sender (from the null sender).  Unlike Postfix it does 
 connect to an SMTP nexthop to ask the recipient (Postfix's smtp agent does, up to
 RCPT).  The exit status is 0 once the report is queued, whatever it says (Postfix).
 
-Parameters: alias_maps, recipient_delimiter, allow_mail_to_commands, default_privs and
+Parameters: myhostname, alias_maps, recipient_delimiter, allow_mail_to_commands, default_privs and
 those of the resolver, the router and the recipient tables.
 """
 

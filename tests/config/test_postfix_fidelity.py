@@ -19,8 +19,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import trimail, write_main_cf
-from trimail import config, mac_expand
-from trimail.config import Config, ConfigError, Setting
+from trimail import config
+from trimail.config import Config, ConfigError, registry, syntax
+from trimail.config.syntax import Setting
 
 
 def write(tmp_path, text: str):
@@ -132,7 +133,7 @@ def test_good_numbers_and_trimails_sub_second_times_still_load(tmp_path):
 
 
 def test_every_number_and_time_parameter_refuses_a_negative_value():
-    numeric = [p for p in config.PARAMETERS.values() if p.minimum is not None]
+    numeric = [p for p in registry.PARAMETERS.values() if p.minimum is not None]
     assert {"message_size_limit", "smtpd_timeout", "queue_minfree", "smtp_mx_session_limit"} <= {
         p.name for p in numeric}
     for param in numeric:
@@ -266,11 +267,11 @@ _TEXT = st.one_of(st.lists(_PIECES, max_size=40).map("".join), st.text(max_size=
 def test_expansion_of_arbitrary_text_gives_a_string_or_a_macro_error(text):
     lookup = {"a": "x", "n": "5", "empty": ""}.get
     try:
-        result = mac_expand.expand(text, lookup)
-    except mac_expand.MacroError:
+        result = syntax.expand(text, lookup)
+    except syntax.MacroError:
         return
     assert isinstance(result, str)
-    mac_expand.references(text)  # what expands also scans
+    syntax.references(text)  # what expands also scans
 
 
 @settings(max_examples=300, deadline=None)

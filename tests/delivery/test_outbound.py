@@ -14,7 +14,7 @@ from tests.conftest import wait_for
 from tests.delivery.outbound_peer import ScriptedPeer
 from tests.delivery.test_delivery import parse_dsn, queue, recipient_status, send, wait_empty
 from tests.dnsserver import run_dns_server
-from trimail.config import ListenAddress
+from trimail.config.values import ListenAddress
 from trimail.net.dns import Resolver
 
 

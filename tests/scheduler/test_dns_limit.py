@@ -9,7 +9,7 @@ import dns.message
 import trio
 
 from tests.dnsserver import answer
-from trimail.config import ListenAddress
+from trimail.config.values import ListenAddress
 from trimail.net.dns import Resolver
 
 DNS_HOST = "127.0.80.5"

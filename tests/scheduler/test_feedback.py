@@ -16,7 +16,7 @@ from tests.conftest import wait_for
 from tests.delivery.test_delivery import queue, send, wait_empty
 from tests.scheduler.fleet import Fleet
 from tests.scheduler.qmgr_fake import REFUSED, FakeQmgr, FakeSite
-from trimail.config import parse_feedback
+from trimail.config.values import parse_feedback
 from trimail.delivery.outcome import deferred
 from trimail.delivery.route import Route
 from trimail.scheduler.dead import DeadSites

@@ -13,7 +13,7 @@ configuration error; every error is one line on stderr.  A command whose reader
 goes away (``trimail queue list | head``) ends quietly with status 141, as
 coreutils and Postfix's mailq do under SIGPIPE.
 
-Parameters: queue_directory (require_access); each command module names its own.
+Parameters: queue_directory; each command module names its own.
 """
 
 from __future__ import annotations

@@ -21,9 +21,9 @@ from typing import Annotated
 
 from cyclopts import App, Parameter
 
-from trimail import config as configuration
 from trimail.cli import PERMISSION_DENIED, ConfigOption, Failure, Overrides, app, load_config
-from trimail.config import PARAMETERS, Config
+from trimail.config import Config, generate
+from trimail.config.registry import PARAMETERS
 
 
 @app.command(name="config")
@@ -41,7 +41,7 @@ def show_config(
 ) -> None:
     """Print effective parameter values (postconf; -n, -d, -h, -H and -x as postconf's)."""
     if sample:
-        print(configuration.sample_main_cf())
+        print(generate.sample_main_cf())
         return
     for first, second in (("-d", "-n"), ("-d", "-o"), ("-h", "-H")):  # postconf's incompatible pairs
         given = {"-d": d, "-n": n, "-o": bool(o), "-h": h, "-H": hide_values}

@@ -33,7 +33,7 @@ of every recipient of that message: ``transport:nexthop``, or ``transport:`` to
 keep each recipient's own nexthop (Postfix's FILTER; the last one wins at smtpd).
 Only an address the resolver cannot resolve still goes to the error transport.
 
-Parameters: transport_maps, mydestination, virtual_alias_domains,
+Parameters: myhostname, transport_maps, mydestination, virtual_alias_domains,
 virtual_mailbox_domains, relay_domains, relayhost, local_transport,
 virtual_transport, relay_transport, default_transport.
 """

@@ -29,7 +29,8 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
-from trimail.config import Config, ListenAddress
+from trimail.config import Config
+from trimail.config.values import ListenAddress
 from trimail.delivery.interfaces import OwnAddresses
 from trimail.delivery.mime import content_needs_smtputf8, downgraded
 from trimail.delivery.mx import Targets, dns_outcome

@@ -56,7 +56,7 @@ from typing import Any, Generic, TypeVar
 import apsw
 import trio
 
-from trimail.config import split_list
+from trimail.config.values import split_list
 from trimail.maps.patterns import CidrRules, RegexpRules, match_cidr, match_regexp, parse_cidr, parse_regexp
 from trimail.maps.source import (
     TableError,

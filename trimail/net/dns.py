@@ -44,7 +44,7 @@ import dns.resolver
 import dns.reversename
 import trio
 
-from trimail.config import ListenAddress
+from trimail.config.values import ListenAddress
 from trimail.errors import LookupFailure
 from trimail.log import printable
 

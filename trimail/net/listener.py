@@ -32,7 +32,7 @@ from collections.abc import Callable
 
 import trio
 
-from trimail.config import ListenAddress
+from trimail.config.values import ListenAddress
 from trimail.net.stream import DirectStream
 from trimail.supervise import Backoff
 

@@ -23,6 +23,8 @@ Also here: the values restrictions exchange with the engine (``Request``,
 Security: parsing is the only gate between main.cf and the handlers; an argument
 is validated here (a table reference must be ``type:name``, ``sleep`` takes a
 bounded number of seconds) before anything opens or waits on it.
+
+Parameters: smtpd_*_restrictions (read by name), smtpd_delay_reject.
 """
 
 from __future__ import annotations

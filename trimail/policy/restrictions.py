@@ -43,7 +43,7 @@ own recipients.  With
 HOLD, DISCARD, REDIRECT, FILTER and BCC found there have no message to act on: they
 are skipped with a warning in the log, as Postfix does, never silently.
 
-Parameters: smtpd_*_restrictions, smtpd_delay_reject, mynetworks, relay_domains,
+Parameters: smtpd_*_restrictions, smtpd_delay_reject, mynetworks, relay_domains, myorigin,
 parent_domain_matches_subdomains, smtpd_policy_service_timeout,
 smtpd_policy_service_default_action, table_lookup_timeout, smtpd_sender_login_maps,
 the ``*_reject_code`` parameters, relay_clientcerts, and the address_verify_*

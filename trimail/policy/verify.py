@@ -73,7 +73,8 @@ address_verify_poll_count, address_verify_poll_delay, address_verify_cache_size,
 queue_busy_timeout,
 unverified_recipient_reject_code, unverified_recipient_defer_code,
 unverified_recipient_tempfail_action, unverified_recipient_reject_reason,
-smtp_*_timeout, relayhost, transport_maps, default_transport.
+smtp_*_timeout, relayhost, transport_maps, default_transport, myorigin, smtpd_listen,
+table_lookup_timeout.
 """
 
 from __future__ import annotations

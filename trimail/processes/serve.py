@@ -6,6 +6,9 @@ migrated, recovered) and the certificate; then every listener, the control
 socket and the metrics endpoint; then, started as root, the queue directory is
 given to ``mail_owner`` once; then the Master runs its workers
 (trimail.processes.supervisor) until it is stopped.
+
+Parameters: queue_directory, mail_owner, allow_root (plus what
+trimail.processes.supervisor and the listeners read).
 """
 
 from __future__ import annotations

@@ -24,6 +24,10 @@ worker dies with the master (``PR_SET_PDEATHSIG``): an orphan never goes on
 serving a queue that a new master may take.  SIGINT and SIGHUP are the master's
 to handle; SIGTERM stops the worker gracefully (the master restarts it).
 Exit status: 0 after a stop, 2 for a configuration error, 1 otherwise.
+
+Parameters: queue_directory, queue_busy_timeout, myhostname, chroot, maillog_file,
+syslog_facility, dns_nameservers, dns_concurrency_limit (plus what the smtpd and qmgr
+roles read: trimail.smtpd, trimail.scheduler.qmgr).
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ import trio
 
 from trimail import config as configuration
 from trimail import log as maillog
-from trimail.config import Config, ConfigError, ListenAddress, parse_host_port
+from trimail.config import Config, ConfigError
+from trimail.config.values import ListenAddress, parse_host_port
 from trimail.delivery.local import privileged
 from trimail.delivery.smtp import Connector
 from trimail.master import Server, become_mail_owner, preflight, recover, serve_sessions

@@ -14,7 +14,7 @@ smtpd_forbid_bare_newline, smtpd_forbid_bare_newline_reject_code,
 smtpd_forbid_bare_newline_exclusions, cleanup_replace_stray_cr_lf, smtpd_forbidden_commands, hopcount_limit,
 disable_vrfy_command, smtputf8_enable, queue_directory, queue_minfree,
 smtpd_reject_unlisted_recipient (and the tables of ``trimail/unlisted.py``),
-virtual_alias_maps, table_lookup_timeout.
+virtual_alias_maps, table_lookup_timeout, local_header_rewrite_clients.
 
 Storage: MAIL FROM is answered ``452 4.3.1 Insufficient system storage`` when the
 queue file system has no more than max(queue_minfree, 1.5 * message_size_limit)

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from trimail.config import Config, Feedback
+from trimail.config import Config
+from trimail.config.values import Feedback
 
 HYSTERESIS = 1  # Postfix's fb->hysteresis (fixed at 1 since 2.5)
 QUIET = 10.0  # seconds without a failed attempt after which deliveries count as positive feedback

@@ -26,6 +26,13 @@ message straight into ``active`` and hands it over in memory (with its content,
 when small), so accepting and scheduling one message costs one commit, not a
 commit plus a claim plus a read; a crash before delivery returns it to
 ``incoming`` at the next start like any active message.
+
+Parameters: qmgr_message_active_limit, qmgr_message_recipient_limit,
+default_process_limit, default_destination_concurrency_limit,
+<transport>_destination_concurrency_limit, default_destination_recipient_limit,
+<transport>_destination_recipient_limit, masquerade_domains, masquerade_exceptions,
+masquerade_classes, table_lookup_timeout (plus what share.py, destination.py and
+results.py read).
 """
 
 from __future__ import annotations

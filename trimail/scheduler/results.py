@@ -8,6 +8,9 @@ removed, and recipients that bounced this round get one RFC 3464 notification,
 queued in the same transaction.  Temporary failures past
 ``maximal_queue_lifetime`` (``bounce_queue_lifetime`` for bounces) bounce; a
 message deferred longer than ``delay_warning_time`` gets one delay notification.
+
+Parameters: minimal_backoff_time, maximal_backoff_time, maximal_queue_lifetime,
+bounce_queue_lifetime, delay_warning_time, bounce_size_limit, myhostname.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ content comes from memory when it was handed over at acceptance, else it is read
 from the queue in pieces of ``CONTENT_CHUNK`` bytes (memory does not grow with the
 message); a piece that is missing raises ``ContentError`` before the end of data is
 sent, so a peer never gets a truncated message.
+
+Parameters: myhostname, remote_header_rewrite_domain.
 """
 
 from __future__ import annotations

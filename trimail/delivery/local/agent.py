@@ -46,7 +46,7 @@ shared between them and are thread-safe (``trimail.maps``), so a rebuild by
 ``newaliases`` while they run costs nothing.  Waiting for an mbox lock notices
 a cancelled delivery (``trimail stop``) within a tenth of a second.
 
-Parameters: alias_maps, mydestination, recipient_delimiter, mail_spool_directory,
+Parameters: myhostname, myorigin, alias_maps, mydestination, recipient_delimiter, mail_spool_directory,
 home_mailbox, allow_mail_to_commands, allow_mail_to_files, command_time_limit,
 default_privs, mail_owner, mailbox_delivery_lock, deliver_lock_attempts, deliver_lock_delay,
 stale_lock_time.

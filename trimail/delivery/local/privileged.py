@@ -53,7 +53,8 @@ warning until serve is restarted; everything else keeps working.
 
 Parameters: the local and virtual delivery parameters (trimail.delivery.local,
 trimail.delivery.virtual), message_size_limit, command_time_limit,
-deliver_lock_attempts, deliver_lock_delay; read at start.
+deliver_lock_attempts, deliver_lock_delay, allow_mail_to_commands, allow_mail_to_files,
+virtual_mailbox_domains, virtual_transport; read at start.
 """
 
 from __future__ import annotations

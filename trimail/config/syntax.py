@@ -1,6 +1,13 @@
-"""``$name`` expansion in main.cf values, as Postfix's mac_parse.c and mac_expand.c do it.
+"""main.cf syntax: logical lines, ``-o name=value`` and ``$name`` expansion.
 
-Pure functions over text: no configuration, no I/O.  The caller supplies *lookup*,
+``parse_main_cf`` turns the file's text into raw settings, each with where it was
+written (``FILE, line N``, as Postfix says it): ``name = value`` lines; a line
+that starts with white space continues the previous logical line; blank lines and
+lines whose first non-blank character is ``#`` are comments; a later entry
+overrides an earlier one with a warning.  ``parse_override`` reads one ``-o``.
+
+``expand`` does ``$name`` expansion in values, as Postfix's mac_parse.c and
+mac_expand.c do it.  Pure functions over text: no configuration, no I/O.  The caller supplies *lookup*,
 which returns a parameter's (already expanded) value, or ``None`` when the name
 is not defined; an undefined name expands to the empty string.
 
@@ -25,11 +32,17 @@ conditional (Postfix's MAC_EXP_FLAG_SCAN), for the undefined-parameter warning.
 
 Security notes: the text is only scanned; nothing is evaluated or run, nesting is
 bounded and every loop advances, so any input ends in a result or a MacroError.
+
+Parameters: none (this is the syntax every parameter is written in).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 from collections.abc import Callable
+
+from trimail.errors import ConfigurationError
 
 MAX_NESTING = 100  # Postfix: "unreasonable macro call nesting"
 _NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_")
@@ -40,6 +53,63 @@ _OPERATORS = ("==", "!=", "<", "<=", ">=", ">")
 _TRUE = "true"  # a relational expression's value: non-empty or empty
 
 Lookup = Callable[[str], "str | None"]
+
+
+class ConfigError(ConfigurationError):
+    """A configuration problem; ``str()`` is the one line an operator should see."""
+
+
+# ---------------------------------------------------------------------------
+# main.cf: logical lines and -o overrides
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Setting:
+    value: str
+    where: str  # "FILE, line N" (as Postfix says it), "built-in development default" or "-o NAME"
+
+
+_NAME = re.compile(r"[A-Za-z0-9_]+")
+
+
+def parse_main_cf(text: str, filename: str) -> tuple[dict[str, Setting], list[str]]:
+    """Parse main.cf text into raw settings plus warnings; raise ConfigError."""
+    settings: dict[str, Setting] = {}
+    warnings: list[str] = []
+    logical: list[tuple[int, str]] = []  # (first line number, text)
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        if line[0].isspace():
+            if not logical:
+                raise ConfigError(f"{filename}, line {number}: continuation line without a parameter before it")
+            first, previous = logical[-1]
+            logical[-1] = (first, previous + " " + stripped)
+        else:
+            logical.append((number, line.strip()))
+    for number, entry in logical:
+        name, sep, value = entry.partition("=")
+        name = name.strip()
+        if not sep:
+            raise ConfigError(f"{filename}, line {number}: missing '=' after parameter name {name.split()[0]!r}")
+        if not _NAME.fullmatch(name):
+            raise ConfigError(f"{filename}, line {number}: bad parameter name {name!r}")
+        if name in settings:
+            warnings.append(f"{filename}, line {number}: overriding earlier entry: {name}={value.strip()}")
+        settings[name] = Setting(value.strip(), f"{filename}, line {number}")
+    return settings, warnings
+
+
+def parse_override(item: str) -> tuple[str, Setting]:
+    name, sep, value = item.partition("=")
+    name = name.strip()
+    if not sep or not _NAME.fullmatch(name):
+        raise ConfigError(f"-o {item}: use -o name=value")
+    return name, Setting(value.strip(), f"-o {name}")
+
+
+# ---------------------------------------------------------------------------
+# $name expansion (mac_expand.c)
 
 
 class MacroError(ValueError):
