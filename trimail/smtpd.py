@@ -76,8 +76,7 @@ from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 from trimail.rewrite import Resolved
 from trimail.smtp import replies
-from trimail.smtp.replies import Reply
-from trimail.smtp.server import (
+from trimail.smtp.events import (
     Auth,
     Connect,
     DataAborted,
@@ -92,10 +91,10 @@ from trimail.smtp.server import (
     RcptTo,
     Rejected,
     Reset,
-    ServerConnection,
-    Settings,
     StartTls,
 )
+from trimail.smtp.replies import Reply
+from trimail.smtp.server import ServerConnection, Settings
 from trimail.supervise import thread_pool
 from trimail.unlisted import TABLE_OF_CLASS, RecipientTables, Unlisted
 

@@ -43,8 +43,7 @@ from trimail.maps import TableError, open_table
 from trimail.queue.ids import new_queue_id
 from trimail.queue.store import QueueError
 from trimail.smtp import replies
-from trimail.smtp.replies import Reply
-from trimail.smtp.server import (
+from trimail.smtp.events import (
     NEED_DATA,
     Closed,
     DataAborted,
@@ -55,8 +54,9 @@ from trimail.smtp.server import (
     MailFrom,
     RcptTo,
     Reset,
-    ServerConnection,
 )
+from trimail.smtp.replies import Reply
+from trimail.smtp.server import ServerConnection
 from trimail.smtpd import protocol_settings
 
 log = logging.getLogger("trimail.sendmail")

@@ -34,7 +34,8 @@ import trio
 
 from trimail.config import Config
 from trimail.smtp import replies
-from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, StartTls, State
+from trimail.smtp.events import NEED_DATA, Closed, Event, Rejected, StartTls
+from trimail.smtp.server import State
 from trimail.smtpd import DropConnection, SmtpdSession
 from trimail.supervise import report
 

@@ -71,141 +71,32 @@ from collections.abc import Callable
 from trimail.smtp import replies
 from trimail.smtp.address import AddressError, Utf8NotDeclared, is_domain, parse_path
 from trimail.smtp.dotreader import DotReader
+from trimail.smtp.events import (
+    NEED_DATA,
+    Auth,
+    Closed,
+    Connect,
+    DataAborted,
+    DataChunk,
+    DataEnd,
+    DataStart,
+    Etrn,
+    Event,
+    Hello,
+    MailFrom,
+    NeedData,
+    NonSmtpCommand,
+    RcptTo,
+    Rejected,
+    Reset,
+    StartTls,
+)
 from trimail.smtp.replies import Reply
 from trimail.smtp.sasl import MECHANISMS, Credentials, SaslError, SaslExchange
 
 
 class LocalProtocolError(Exception):
     """The caller used the machine wrongly (a bug), as opposed to a peer error."""
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
-
-
-# -- events --------------------------------------------------------------
-
-
-class Event:
-    """Base of all events; ``needs_reply`` events must be answered by respond()."""
-
-    needs_reply = False
-
-
-@dataclasses.dataclass(slots=True)
-class Hello(Event):
-    name: str
-    extended: bool
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class MailFrom(Event):
-    sender: str
-    params: dict[str, str | None]
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class RcptTo(Event):
-    recipient: str
-    params: dict[str, str | None]
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class DataStart(Event):
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class DataChunk(Event):
-    data: bytes
-
-
-@dataclasses.dataclass(slots=True)
-class DataEnd(Event):
-    """The message is complete; answer with the reply for its fate (e.g. queued)."""
-
-    size: int
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class DataAborted(Event):
-    """The message is void (too big, bare LF, connection lost): discard it."""
-
-    reason: str
-
-
-@dataclasses.dataclass(slots=True)
-class StartTls(Event):
-    """The client asked for TLS.  Answer 220 to proceed: the machine then forgets
-    every byte received so far and the HELO name, and returns to the state before
-    EHLO (RFC 3207 4.2): MAIL is refused ``503 5.5.1`` until the client says EHLO
-    again; the caller does the handshake after sending the reply and forgets its
-    own copy of the session's HELO state too."""
-
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class Auth(Event):
-    """Credentials from AUTH; answer 235 (success) or 535 (failure)."""
-
-    mechanism: str
-    credentials: Credentials
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class Etrn(Event):
-    """ETRN site (RFC 1985): the caller decides whether the site's mail may be
-    flushed; None answers ``250 Queuing started``."""
-
-    site: str
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class Reset(Event):
-    """The mail transaction was cleared (RSET, EHLO/HELO, or a failed DATA)."""
-
-
-@dataclasses.dataclass(slots=True)
-class Connect(Event):
-    """A client connected (only with ``Settings.connect_check``): answer None for the
-    220 banner, or the client restrictions' reply (Postfix's smtpd_delay_reject = no)."""
-
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class NonSmtpCommand(Event):
-    """The client sent a header or a forbidden command as a command line; it was
-    answered 221 and the session ends (Postfix logs ``warning: non-SMTP command``)."""
-
-    line: str
-
-
-@dataclasses.dataclass(slots=True)
-class Rejected(Event):
-    """The machine itself answered a command with an error reply (for the log)."""
-
-    command: str
-    reply: Reply
-    sender: str | None = None  # MAIL refused for its SIZE: Postfix logs it as a policy reject
-
-
-@dataclasses.dataclass(slots=True)
-class Closed(Event):
-    """The session is over; send what data_to_send() returns, then close."""
-
-    reason: str
 
 
 def _not_a_letter_first(word: str) -> bool:
@@ -374,7 +265,7 @@ class ServerConnection:
 
     # -- events ------------------------------------------------------------
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self._pending is not None:
             raise LocalProtocolError(f"respond() to {self._pending!r} first")
         while not self._events:
