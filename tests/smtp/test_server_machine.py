@@ -17,7 +17,8 @@ from trimail.smtp.events import (
     Reset,
 )
 from trimail.smtp.replies import Reply
-from trimail.smtp.server import LocalProtocolError, ServerConnection, Settings, State
+from trimail.smtp.server import ServerConnection, Settings
+from trimail.smtp.states import LocalProtocolError, State
 
 EHLO = b"EHLO client.example\r\n"
 MAIL = b"MAIL FROM:<sender@example.org>\r\n"

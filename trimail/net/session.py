@@ -35,7 +35,7 @@ import trio
 from trimail.config import Config
 from trimail.smtp import replies
 from trimail.smtp.events import NEED_DATA, Closed, Event, Rejected, StartTls
-from trimail.smtp.server import State
+from trimail.smtp.states import State
 from trimail.smtpd import DropConnection, SmtpdSession
 from trimail.supervise import report
 

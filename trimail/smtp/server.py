@@ -63,7 +63,6 @@ partial data lines by ``dotreader.FLUSH`` bytes; the caller reads only on NEED_D
 from __future__ import annotations
 
 import dataclasses
-import enum
 import re
 from collections import Counter, deque
 from collections.abc import Callable
@@ -93,10 +92,17 @@ from trimail.smtp.events import (
 )
 from trimail.smtp.replies import Reply
 from trimail.smtp.sasl import MECHANISMS, Credentials, SaslError, SaslExchange
-
-
-class LocalProtocolError(Exception):
-    """The caller used the machine wrongly (a bug), as opposed to a peer error."""
+from trimail.smtp.states import (
+    AUTH_END,
+    AUTH_START,
+    GREET,
+    RESET_BEFORE_HELO,
+    TRANSITIONS,
+    LocalProtocolError,
+    State,
+    Trigger,
+    advance,
+)
 
 
 def _not_a_letter_first(word: str) -> bool:
@@ -114,29 +120,11 @@ def looks_like_header(word: str) -> bool:
     return _HEADER_LIKE.match(word) is not None
 
 
-class State(enum.Enum):
-    GREETING = "greeting"  # before greet()
-    INIT = "init"  # greeted, no HELO/EHLO yet
-    READY = "ready"  # HELO/EHLO done, no transaction
-    MAIL = "mail"  # MAIL accepted, no recipient yet
-    RCPT = "rcpt"  # at least one recipient accepted
-    DATA = "data"  # reading message content
-    AUTH = "auth"  # reading SASL responses
-    CLOSED = "closed"
-
-
-# Commands allowed in each state (anything else gets the reply in _SEQUENCE_ERRORS).
-TRANSITIONS: dict[str, dict[State, State]] = {
-    "HELO": {s: State.READY for s in (State.INIT, State.READY, State.MAIL, State.RCPT)},
-    "EHLO": {s: State.READY for s in (State.INIT, State.READY, State.MAIL, State.RCPT)},
-    "MAIL": {State.READY: State.MAIL},
-    "RCPT": {State.MAIL: State.RCPT, State.RCPT: State.RCPT},
-    "DATA": {State.RCPT: State.DATA},
-}
-
+# Commands whose move TRANSITIONS decides; one the table lacks gets the reply here.
+_VERB_TRIGGERS: dict[str, Trigger] = {"HELO": Hello, "EHLO": Hello, "MAIL": MailFrom, "RCPT": RcptTo,
+                                      "DATA": DataStart}
 _SEQUENCE_ERRORS: dict[str, dict[State, Reply]] = {
-    "MAIL": {State.INIT: replies.NEED_HELO, State.MAIL: replies.NESTED_MAIL,
-             State.RCPT: replies.NESTED_MAIL},
+    "MAIL": {State.MAIL: replies.NESTED_MAIL, State.RCPT: replies.NESTED_MAIL},
     "RCPT": {State.INIT: replies.NEED_MAIL, State.READY: replies.NEED_MAIL},
     "DATA": {State.INIT: replies.NEED_RCPT, State.READY: replies.NEED_RCPT,
              State.MAIL: replies.NO_VALID_RECIPIENTS},
@@ -242,7 +230,7 @@ class ServerConnection:
         if self.state is not State.GREETING:
             raise LocalProtocolError("greet() twice")
         if reply is None and self.settings.connect_check:
-            self.state = State.INIT
+            self.state = advance(self.state, GREET)
             self._events.append(Connect())
             return
         reply = reply or replies.greeting(self.settings.banner)
@@ -250,7 +238,7 @@ class ServerConnection:
         if reply.is_error:
             self._close("rejected at connect")
         else:
-            self.state = State.INIT
+            self.state = advance(self.state, GREET)
 
     def close(self, reply: Reply | None, reason: str) -> None:
         """End the session now (shutdown, timeout): queue *reply* and go CLOSED."""
@@ -314,9 +302,9 @@ class ServerConnection:
         else:
             self.error_count += 1
             if isinstance(event, DataEnd):
-                self._end_transaction(State.READY)
+                self._end_transaction(DataEnd)
             elif isinstance(event, Auth):
-                self.state = State.READY
+                self.state = advance(self.state, Auth)
         self._send(reply)
         if reply.code == 421:
             if self.state is State.DATA:
@@ -365,19 +353,19 @@ class ServerConnection:
         if isinstance(event, Hello):
             self.extended = event.extended
             self.helo_name = event.name
-            self._end_transaction(State.READY)
+            self._end_transaction(Hello)
         elif isinstance(event, MailFrom):
             self.smtputf8 = "SMTPUTF8" in event.params
-            self.state = State.MAIL
+            self.state = advance(self.state, MailFrom)
         elif isinstance(event, RcptTo):
             self.recipient_count += 1
-            self.state = State.RCPT
+            self.state = advance(self.state, RcptTo)
         elif isinstance(event, DataStart):
-            self.state = State.DATA
+            self.state = advance(self.state, DataStart)
             self._reader = DotReader(self.settings.message_size_limit, self._rejecting_bare_lf,
                                      self.settings.replace_stray_cr_lf, prev_crlf=self._last_command_crlf)
         elif isinstance(event, DataEnd):
-            self._end_transaction(State.READY)
+            self._end_transaction(DataEnd)
         elif isinstance(event, StartTls):
             # CVE-2011-0411 class: nothing received before the handshake may be
             # executed as if it had come encrypted; start over from before EHLO.
@@ -389,15 +377,15 @@ class ServerConnection:
             self.tls_restarted = True
             self.helo_name = None
             self.extended = False
-            self._end_transaction(State.INIT)
+            self._end_transaction(StartTls)
         elif isinstance(event, Auth):
             self.authenticated = event.credentials.username
-            self.state = State.READY
+            self.state = advance(self.state, Auth)
 
-    def _end_transaction(self, state: State) -> None:
+    def _end_transaction(self, trigger: Trigger) -> None:
         self.recipient_count = 0
         self.smtputf8 = False
-        self.state = state
+        self.state = advance(self.state, trigger)
 
     # -- internals ---------------------------------------------------------
 
@@ -405,7 +393,7 @@ class ServerConnection:
         self._out += reply.to_bytes()
 
     def _close(self, reason: str) -> None:
-        self.state = State.CLOSED
+        self.state = advance(self.state, Closed)
         self._events.append(Closed(reason))
         self._in.clear()
 
@@ -498,12 +486,15 @@ class ServerConnection:
         if verb in ("MAIL", "RCPT", "DATA", "AUTH") and self.settings.tls_required and not self.tls_active:
             self._error(name, Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
             return
-        allowed = TRANSITIONS.get(verb)
-        mail_without_helo = (verb == "MAIL" and self.state is State.INIT and not self.settings.helo_required
-                             and not self.tls_restarted)
-        if allowed is not None and self.state not in allowed and not mail_without_helo:
-            self._error(name, _SEQUENCE_ERRORS[verb][self.state])
-            return
+        trigger = _VERB_TRIGGERS.get(verb)
+        if trigger is not None:
+            if trigger not in TRANSITIONS[self.state]:
+                self._error(name, _SEQUENCE_ERRORS[verb][self.state])
+                return
+            if (trigger is MailFrom and self.state is State.INIT
+                    and (self.settings.helo_required or self.tls_restarted)):
+                self._error(name, replies.NEED_HELO)  # after STARTTLS: a new EHLO first (RFC 3207 4.2)
+                return
         self._pending_verb = name
         handler(self, arg)
 
@@ -605,7 +596,7 @@ class ServerConnection:
             return
         if self.state in (State.MAIL, State.RCPT):
             self._events.append(Reset())
-        self._end_transaction(State.READY if self.helo_name is not None else State.INIT)
+        self._end_transaction(Reset if self.helo_name is not None else RESET_BEFORE_HELO)
         self.command_stats["rset/ok"] += 1
         self._send(replies.ok())
 
@@ -681,13 +672,13 @@ class ServerConnection:
                 self._error("auth", Reply(504, "5.5.4", "Unsupported authentication mechanism"))
                 return
             self._sasl = SaslExchange(mechanism)
-            self.state = State.AUTH
+            self.state = advance(self.state, AUTH_START)
             self._sasl_result(lambda: self._sasl.start(initial.strip() or None) if self._sasl else "")
 
     def _sasl_line(self, raw: bytes) -> None:
         line = raw.decode("ascii", "replace")
         if line.strip() == "*":
-            self.state = State.READY
+            self.state = advance(self.state, AUTH_END)
             self._sasl = None
             self._error("auth", Reply(501, "5.7.0", "Authentication aborted"))
             return
@@ -697,7 +688,7 @@ class ServerConnection:
         try:
             result = step()
         except SaslError as exc:
-            self.state = State.READY
+            self.state = advance(self.state, AUTH_END)
             self._sasl = None
             self._error("auth", Reply(501, "5.5.2", str(exc)))
             return
@@ -725,14 +716,14 @@ class ServerConnection:
             self._pending_verb = "data"
             if reader.bare_lf:
                 self._events.append(DataAborted("bare <LF> received"))
-                self._end_transaction(State.READY)
+                self._end_transaction(DataAborted)
                 reply = self._bare_lf_reply()
                 self._error("data", reply)
                 if reply.code == 521:
                     self._close("bare <LF> received")
             elif reader.too_big:
                 self._events.append(DataAborted("message too big"))
-                self._end_transaction(State.READY)
+                self._end_transaction(DataAborted)
                 self._error("data", replies.MESSAGE_FILE_TOO_BIG)
             else:
                 self._decide(DataEnd(reader.size))
