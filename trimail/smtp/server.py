@@ -130,6 +130,11 @@ _SEQUENCE_ERRORS: dict[str, dict[State, Reply]] = {
              State.MAIL: replies.NO_VALID_RECIPIENTS},
 }
 
+# respond(None): the standard reply accepting a decision (Hello and Connect: from the settings)
+_ACCEPT_REPLIES: dict[type[Event], Reply] = {
+    MailFrom: replies.MAIL_OK, RcptTo: replies.RCPT_OK, DataStart: replies.START_DATA,
+    StartTls: replies.TLS_READY, Auth: replies.AUTH_OK, Etrn: replies.ETRN_STARTED,
+}
 _JUNK_COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "VRFY", "RSET", "ETRN"})  # Postfix's SMTPD_CMD_FLAG_LIMIT
 _KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "BDAT", "ATRN", "SEND",
                                     "SOML", "SAML"})
@@ -312,22 +317,13 @@ class ServerConnection:
             self._close("closed by server")
 
     def _accept_reply(self, event: Event) -> Reply:
+        reply = _ACCEPT_REPLIES.get(type(event))
+        if reply is not None:
+            return reply
         if isinstance(event, Hello):
             if not event.extended:
                 return replies.helo(self.settings.hostname)
             return replies.ehlo(self.settings.hostname, self.extensions())
-        if isinstance(event, MailFrom):
-            return Reply(250, "2.1.0", "Ok")
-        if isinstance(event, RcptTo):
-            return Reply(250, "2.1.5", "Ok")
-        if isinstance(event, DataStart):
-            return replies.START_DATA
-        if isinstance(event, StartTls):
-            return Reply(220, "2.0.0", "Ready to start TLS")
-        if isinstance(event, Auth):
-            return Reply(235, "2.7.0", "Authentication successful")
-        if isinstance(event, Etrn):
-            return replies.ETRN_STARTED
         if isinstance(event, Connect):
             return replies.greeting(self.settings.banner)
         raise LocalProtocolError(f"no default reply for {event!r}")
@@ -444,7 +440,7 @@ class ServerConnection:
 
     def _command(self, raw: bytes) -> None:
         if b"\x00" in raw:
-            self._error("", Reply(500, "5.5.2", "Error: NUL character in command"))
+            self._error("", replies.NUL_IN_COMMAND)
             return
         try:
             line = raw.decode("utf-8")
@@ -454,7 +450,7 @@ class ServerConnection:
         # Postfix's smtpd_token(): white space before the verb is skipped, a tab separates too
         word, _, arg = line.lstrip(" \t").replace("\t", " ", 1).partition(" ")
         if not word:
-            self._error("", Reply(500, "5.5.2", "Error: bad syntax"))
+            self._error("", replies.BAD_SYNTAX)
             return
         verb = word.upper()
         arg = arg.strip(" ")
@@ -469,7 +465,7 @@ class ServerConnection:
         if self.access_denied is not None and verb not in _ACCESS_DENIED_EXEMPT:
             # Postfix: everything but QUIT, known or not, junk or not (RFC 5321 3.1)
             self._error(verb.lower() if handler else "unknown",
-                        Reply(503, "5.7.0", f"Error: access denied for {self.client}"))
+                        replies.access_denied(self.client))
             if handler is not None:
                 self.command_stats[verb.lower()] += 1
             return
@@ -484,7 +480,7 @@ class ServerConnection:
                 self.error_count += 1
             self.junk_commands += 1
         if verb in ("MAIL", "RCPT", "DATA", "AUTH") and self.settings.tls_required and not self.tls_active:
-            self._error(name, Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
+            self._error(name, replies.NEED_STARTTLS)
             return
         trigger = _VERB_TRIGGERS.get(verb)
         if trigger is not None:
@@ -512,8 +508,7 @@ class ServerConnection:
         return self.settings.bare_newline in ("reject", "yes")
 
     def _bare_lf_reply(self) -> Reply:
-        return Reply(self.settings.bare_newline_code, "5.5.2",
-                     f"{self.settings.hostname} Error: bare <LF> received")
+        return replies.bare_lf(self.settings.bare_newline_code, self.settings.hostname)
 
     # one method per verb: check syntax here; policy belongs to the caller
     def _helo(self, arg: str, extended: bool) -> None:
@@ -598,11 +593,11 @@ class ServerConnection:
             self._events.append(Reset())
         self._end_transaction(Reset if self.helo_name is not None else RESET_BEFORE_HELO)
         self.command_stats["rset/ok"] += 1
-        self._send(replies.ok())
+        self._send(replies.OK)
 
     def _do_noop(self, arg: str) -> None:
         self.command_stats["noop/ok"] += 1
-        self._send(replies.ok())
+        self._send(replies.OK)
 
     def _do_quit(self, arg: str) -> None:
         if arg:
@@ -647,11 +642,11 @@ class ServerConnection:
         if not self.settings.starttls:
             self._error("starttls", replies.NOT_IMPLEMENTED)
         elif self.tls_active:
-            self._error("starttls", Reply(554, "5.5.1", "Error: TLS already active"))
+            self._error("starttls", replies.TLS_ALREADY_ACTIVE)
         elif arg:
-            self._error("starttls", Reply(501, "5.5.4", "Syntax: STARTTLS"))
+            self._error("starttls", replies.SYNTAX_STARTTLS)
         elif self.state in (State.MAIL, State.RCPT):
-            self._error("starttls", Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+            self._error("starttls", replies.IN_TRANSACTION)
         else:
             self._decide(StartTls())
 
@@ -659,17 +654,17 @@ class ServerConnection:
         if not self.settings.auth:
             self._error("auth", replies.AUTH_NOT_ENABLED)
         elif not self.tls_active and self.settings.auth_tls_only:
-            self._error("auth", Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
+            self._error("auth", replies.AUTH_NEEDS_TLS)
         elif self.authenticated:
-            self._error("auth", Reply(503, "5.5.1", "Error: already authenticated"))
+            self._error("auth", replies.ALREADY_AUTHENTICATED)
         elif self.state in (State.MAIL, State.RCPT):
-            self._error("auth", Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
+            self._error("auth", replies.IN_TRANSACTION)
         elif self.helo_name is None:
             self._error("auth", replies.NEED_HELO)
         else:
             mechanism, _, initial = arg.partition(" ")
             if mechanism.upper() not in MECHANISMS:
-                self._error("auth", Reply(504, "5.5.4", "Unsupported authentication mechanism"))
+                self._error("auth", replies.AUTH_MECHANISM_UNSUPPORTED)
                 return
             self._sasl = SaslExchange(mechanism)
             self.state = advance(self.state, AUTH_START)
@@ -680,7 +675,7 @@ class ServerConnection:
         if line.strip() == "*":
             self.state = advance(self.state, AUTH_END)
             self._sasl = None
-            self._error("auth", Reply(501, "5.7.0", "Authentication aborted"))
+            self._error("auth", replies.AUTH_ABORTED)
             return
         self._sasl_result(lambda: self._sasl.step(line) if self._sasl else "")
 
@@ -690,7 +685,7 @@ class ServerConnection:
         except SaslError as exc:
             self.state = advance(self.state, AUTH_END)
             self._sasl = None
-            self._error("auth", Reply(501, "5.5.2", str(exc)))
+            self._error("auth", replies.sasl_malformed(str(exc)))
             return
         if isinstance(result, Credentials):
             mechanism = self._sasl.mechanism if self._sasl else "PLAIN"
@@ -698,7 +693,7 @@ class ServerConnection:
             self._pending_verb = "auth"
             self._decide(Auth(mechanism, result))
         else:
-            self._send(Reply(334, "", result))
+            self._send(replies.sasl_challenge(result))
 
     def _do_help(self, arg: str) -> None:
         self.command_stats["help/ok"] += 1
