@@ -63,12 +63,22 @@ partial data lines by ``dotreader.FLUSH`` bytes; the caller reads only on NEED_D
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections import Counter, deque
 from collections.abc import Callable
 
 from trimail.smtp import replies
-from trimail.smtp.address import AddressError, Utf8NotDeclared, is_domain, parse_path
+from trimail.smtp.commands import (
+    check_auth,
+    check_data,
+    check_ehlo,
+    check_etrn,
+    check_helo,
+    check_mail,
+    check_rcpt,
+    check_starttls,
+    is_non_smtp,
+    not_a_letter_first,
+)
 from trimail.smtp.dotreader import DotReader
 from trimail.smtp.events import (
     NEED_DATA,
@@ -104,20 +114,7 @@ from trimail.smtp.states import (
     advance,
 )
 
-
-def _not_a_letter_first(word: str) -> bool:
-    """Postfix's default ``regexp:{{/^[^A-Z]/ Bogus}}`` (regexp tables ignore case)."""
-    return not ("A" <= word[:1].upper() <= "Z")
-
-
-# Postfix's is_header(): a field name (printable ASCII but space and colon) and a colon
-_HEADER_LIKE = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
 _ACCESS_DENIED_EXEMPT = frozenset({"QUIT"})
-
-
-def looks_like_header(word: str) -> bool:
-    """The first word of a command line is a message header's start (``Subject:``)."""
-    return _HEADER_LIKE.match(word) is not None
 
 
 # Commands whose move TRANSITIONS decides; one the table lacks gets the reply here.
@@ -156,7 +153,7 @@ class Settings:
     forbidden_commands: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})  # upper case
     # smtpd_forbidden_commands' table entries (Postfix's default regexp:{{/^[^A-Z]/ Bogus}}):
     # does this first word of an unknown command match one?
-    forbidden_match: Callable[[str], bool] | None = _not_a_letter_first
+    forbidden_match: Callable[[str], bool] | None = not_a_letter_first
     connect_check: bool = False  # smtpd_delay_reject = no with client restrictions: a Connect decision
     smtputf8: bool = True
     vrfy: bool = True
@@ -457,7 +454,7 @@ class ServerConnection:
         handler = _HANDLERS.get(verb)
         if handler is None:
             self.command_stats["unknown"] += 1
-            if self._non_smtp(word):
+            if is_non_smtp(word, self.settings):
                 self._events.append(NonSmtpCommand(line))
                 self._send(replies.FORBIDDEN_COMMAND)
                 self._close("non-SMTP command")
@@ -492,13 +489,13 @@ class ServerConnection:
                 self._error(name, replies.NEED_HELO)  # after STARTTLS: a new EHLO first (RFC 3207 4.2)
                 return
         self._pending_verb = name
-        handler(self, arg)
-
-    def _non_smtp(self, word: str) -> bool:
-        """A header as a command, or smtpd_forbidden_commands names it (unknown verbs only)."""
-        settings = self.settings
-        return (looks_like_header(word) or word.upper() in settings.forbidden_commands
-                or (settings.forbidden_match is not None and settings.forbidden_match(word)))
+        event = handler(self, arg)
+        if event is None:  # the machine's own command: answered already
+            return
+        if event.__class__ is Rejected:
+            self.error_count += 1
+            self._send(event.reply)
+        self._events.append(event)
 
     def _decide(self, event: Event) -> None:
         self._events.append(event)
@@ -509,81 +506,6 @@ class ServerConnection:
 
     def _bare_lf_reply(self) -> Reply:
         return replies.bare_lf(self.settings.bare_newline_code, self.settings.hostname)
-
-    # one method per verb: check syntax here; policy belongs to the caller
-    def _helo(self, arg: str, extended: bool) -> None:
-        name = arg.split(" ")[0] if arg else ""
-        if not name:
-            self._error(self._pending_verb, replies.SYNTAX_EHLO if extended else replies.SYNTAX_HELO)
-            return
-        self._decide(Hello(name, extended))
-
-    def _do_helo(self, arg: str) -> None:
-        self._helo(arg, False)
-
-    def _do_ehlo(self, arg: str) -> None:
-        self._helo(arg, True)
-
-    def _do_mail(self, arg: str) -> None:
-        try:
-            path = parse_path(arg, "FROM:", utf8_allowed=False)
-        except Utf8NotDeclared:
-            self._error("mail", replies.NEED_SMTPUTF8)
-            return
-        except AddressError as exc:
-            self._error("mail", replies.SYNTAX_MAIL if str(exc) == "syntax" else replies.BAD_SENDER)
-            return
-        problem = self._check_mail_params(path.params)
-        if problem is not None:
-            self._error("mail", problem, sender=path.address if problem is replies.MESSAGE_TOO_BIG else None)
-            return
-        self._decide(MailFrom(path.address, path.params))
-
-    def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
-        if params and not self.extended:
-            return replies.unsupported_option(*next(iter(params.items())))
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not (value.isascii() and value.isdigit()):  # not "²": int() refuses it
-                    return replies.bad_parameter("Bad message size syntax")
-                limit = self.settings.message_size_limit
-                if limit and int(value) > limit:
-                    return replies.MESSAGE_TOO_BIG
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.unsupported_option(key, value)  # Postfix: BODY=BINARY too
-            elif key == "SMTPUTF8" and self.settings.smtputf8:
-                if value is not None:
-                    return replies.bad_parameter("Bad SMTPUTF8 parameter syntax")
-            else:
-                return replies.unsupported_option(key, value)
-        return None
-
-    def _do_rcpt(self, arg: str) -> None:
-        if self.recipient_count >= self.settings.recipient_limit:
-            self._error("rcpt", replies.TOO_MANY_RECIPIENTS)
-            return
-        try:
-            path = parse_path(arg, "TO:", utf8_allowed=self.smtputf8)
-        except Utf8NotDeclared:
-            self._error("rcpt", replies.NEED_SMTPUTF8)
-            return
-        except AddressError as exc:
-            self._error("rcpt", replies.SYNTAX_RCPT if str(exc) == "syntax" else replies.BAD_RECIPIENT)
-            return
-        if not path.address:
-            self._error("rcpt", replies.BAD_RECIPIENT)
-            return
-        if path.params:
-            self._error("rcpt", replies.unsupported_option(*next(iter(path.params.items()))))
-            return
-        self._decide(RcptTo(path.address, path.params))
-
-    def _do_data(self, arg: str) -> None:
-        if arg:
-            self._error("data", replies.SYNTAX_DATA)
-            return
-        self._decide(DataStart())
 
     def _do_rset(self, arg: str) -> None:
         if arg:
@@ -618,57 +540,15 @@ class ServerConnection:
             self.command_stats["vrfy/ok"] += 1
             self._send(replies.VRFY_CANNOT)
 
-    def _do_etrn(self, arg: str) -> None:
-        """Postfix's etrn_cmd: the checks of syntax and sequence; the site's
-        eligibility (fast_flush_domains) is the caller's decision."""
-        site = arg.strip()
-        if not self.settings.etrn:
-            self._error("etrn", replies.NOT_IMPLEMENTED)
-        elif self.settings.helo_required and self.state is State.INIT:
-            self._error("etrn", replies.NEED_HELO)
-        elif self.state in (State.MAIL, State.RCPT):
-            self._error("etrn", replies.ETRN_IN_TRANSACTION)
-        elif not site or " " in site:
-            self._error("etrn", replies.ETRN_SYNTAX)
-        else:
-            if not site[0].isalnum():  # "@domain" and "#queue" forms name the domain
-                site = site[1:]
-            if not (is_domain(site.rstrip(".")) and site.isascii()):
-                self._error("etrn", replies.ETRN_BAD_DOMAIN)
-            else:
-                self._decide(Etrn(site.lower().rstrip(".")))
-
-    def _do_starttls(self, arg: str) -> None:
-        if not self.settings.starttls:
-            self._error("starttls", replies.NOT_IMPLEMENTED)
-        elif self.tls_active:
-            self._error("starttls", replies.TLS_ALREADY_ACTIVE)
-        elif arg:
-            self._error("starttls", replies.SYNTAX_STARTTLS)
-        elif self.state in (State.MAIL, State.RCPT):
-            self._error("starttls", replies.IN_TRANSACTION)
-        else:
-            self._decide(StartTls())
-
-    def _do_auth(self, arg: str) -> None:
-        if not self.settings.auth:
-            self._error("auth", replies.AUTH_NOT_ENABLED)
-        elif not self.tls_active and self.settings.auth_tls_only:
-            self._error("auth", replies.AUTH_NEEDS_TLS)
-        elif self.authenticated:
-            self._error("auth", replies.ALREADY_AUTHENTICATED)
-        elif self.state in (State.MAIL, State.RCPT):
-            self._error("auth", replies.IN_TRANSACTION)
-        elif self.helo_name is None:
-            self._error("auth", replies.NEED_HELO)
-        else:
-            mechanism, _, initial = arg.partition(" ")
-            if mechanism.upper() not in MECHANISMS:
-                self._error("auth", replies.AUTH_MECHANISM_UNSUPPORTED)
-                return
-            self._sasl = SaslExchange(mechanism)
-            self.state = advance(self.state, AUTH_START)
-            self._sasl_result(lambda: self._sasl.start(initial.strip() or None) if self._sasl else "")
+    def _do_auth(self, arg: str) -> Rejected | None:
+        mechanism, _, initial = arg.partition(" ")
+        refused = check_auth(self, mechanism)
+        if refused is not None:
+            return refused
+        self._sasl = SaslExchange(mechanism)
+        self.state = advance(self.state, AUTH_START)
+        self._sasl_result(lambda: self._sasl.start(initial.strip() or None) if self._sasl else "")
+        return None
 
     def _sasl_line(self, raw: bytes) -> None:
         line = raw.decode("ascii", "replace")
@@ -726,18 +606,20 @@ class ServerConnection:
         return progressed
 
 
-_HANDLERS = {
-    "HELO": ServerConnection._do_helo,
-    "EHLO": ServerConnection._do_ehlo,
-    "MAIL": ServerConnection._do_mail,
-    "RCPT": ServerConnection._do_rcpt,
-    "DATA": ServerConnection._do_data,
+# one function per verb: a check of commands.py returns the event (a decision, or Rejected);
+# the machine's own commands act at once and return None
+_HANDLERS: dict[str, Callable[[ServerConnection, str], Event | None]] = {
+    "HELO": check_helo,
+    "EHLO": check_ehlo,
+    "MAIL": check_mail,
+    "RCPT": check_rcpt,
+    "DATA": check_data,
     "RSET": ServerConnection._do_rset,
     "NOOP": ServerConnection._do_noop,
     "QUIT": ServerConnection._do_quit,
     "VRFY": ServerConnection._do_vrfy,
-    "ETRN": ServerConnection._do_etrn,
+    "ETRN": check_etrn,
     "HELP": ServerConnection._do_help,
-    "STARTTLS": ServerConnection._do_starttls,
+    "STARTTLS": check_starttls,
     "AUTH": ServerConnection._do_auth,
 }
