@@ -13,7 +13,7 @@ from trimail.smtp.events import Closed, DataEnd, DataStart, Hello, MailFrom, Rcp
 from trimail.smtp.server import Settings
 from trimail.smtp.states import GREET, TRANSITIONS, LocalProtocolError, State, advance
 
-SERVER = Path(server.__file__)
+MACHINE = [Path(server.__file__).with_name(name) for name in ("server.py", "reader.py")]
 
 
 def test_a_move_the_table_does_not_list_raises_local_protocol_error():
@@ -44,10 +44,10 @@ def test_every_state_is_reachable_from_the_greeting_and_every_state_can_close():
 
 
 def test_the_machine_changes_state_only_through_advance():
-    """Every assignment to ``self.state`` in server.py but the initial one is ``advance(self.state, ...)``."""
-    tree = ast.parse(SERVER.read_text())
+    """Every assignment to ``self.state`` in the machine's modules but the initial one
+    is ``advance(self.state, ...)``."""
     moves, others = 0, []
-    for node in ast.walk(tree):
+    for node in (node for path in MACHINE for node in ast.walk(ast.parse(path.read_text()))):
         if not isinstance(node, ast.Assign | ast.AugAssign | ast.AnnAssign):
             continue
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
