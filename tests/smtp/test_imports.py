@@ -67,3 +67,12 @@ def test_the_import_rule_sees_what_it_forbids(tmp_path):
     module.write_text("import trio\nimport socket as s\nfrom trimail.queue import store\nfrom .. import master\n"
                       "def late():\n    import apsw\nfrom trimail.smtp.replies import Reply\nimport re\n")
     assert forbidden(module) == ["trio", "socket", "trimail.queue", "trimail", "apsw"]
+
+
+@pytest.mark.parametrize("name", ["server.py", "reader.py", "commands.py"])
+def test_the_server_machine_builds_no_reply_inline(name):
+    """Every reply the machine sends is a named value or function of replies.py (STYLE.md section 2)."""
+    tree = ast.parse((PACKAGE / name).read_text())
+    inline = [ast.unparse(node) for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Reply"]
+    assert inline == []

@@ -111,12 +111,12 @@ class CommandReader:
     _skipping_long_line: bool
     _last_command_crlf: bool
 
+    # -- primitives (ServerConnection's decisions use them too) ------------
+
     def _end_transaction(self, trigger: Trigger) -> None:
         self.recipient_count = 0
         self.smtputf8 = False
         self.state = advance(self.state, trigger)
-
-    # -- internals ---------------------------------------------------------
 
     def _send(self, reply: Reply) -> None:
         self._out += reply.to_bytes()
@@ -130,6 +130,18 @@ class CommandReader:
         self.error_count += 1
         self._send(reply)
         self._events.append(Rejected(verb, reply, sender))
+
+    def _decide(self, event: Event) -> None:
+        self._events.append(event)
+
+    @property
+    def _rejecting_bare_lf(self) -> bool:
+        return self.settings.bare_newline in ("reject", "yes")
+
+    def _bare_lf_reply(self) -> Reply:
+        return replies.bare_lf(self.settings.bare_newline_code, self.settings.hostname)
+
+    # -- commands ----------------------------------------------------------
 
     def _read_command(self) -> bool:
         buf = self._in
@@ -233,16 +245,7 @@ class CommandReader:
             self._send(event.reply)
         self._events.append(event)
 
-    def _decide(self, event: Event) -> None:
-        self._events.append(event)
-
-    @property
-    def _rejecting_bare_lf(self) -> bool:
-        return self.settings.bare_newline in ("reject", "yes")
-
-    def _bare_lf_reply(self) -> Reply:
-        return replies.bare_lf(self.settings.bare_newline_code, self.settings.hostname)
-
+    # the machine's own commands (the others: trimail.smtp.commands)
     def _do_rset(self, arg: str) -> None:
         if arg:
             self._error("rset", replies.SYNTAX_RSET)
