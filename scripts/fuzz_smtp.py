@@ -18,7 +18,8 @@ import atheris
 
 with atheris.instrument_imports():
     from trimail.smtp.address import AddressError, parse_path
-    from trimail.smtp.server import NEED_DATA, Closed, DataEnd, ServerConnection, Settings
+    from trimail.smtp.events import NEED_DATA, Closed, DataEnd
+    from trimail.smtp.server import ServerConnection, Settings
     from trimail.smtp import replies
 
 SETTINGS = Settings(line_length_limit=128, message_size_limit=512, recipient_limit=5, hard_error_limit=10,

@@ -44,8 +44,7 @@ from trimail.queue.ids import new_queue_id
 from trimail.queue.store import QueueError
 from trimail.receive.context import protocol_settings
 from trimail.smtp import replies
-from trimail.smtp.replies import Reply
-from trimail.smtp.server import (
+from trimail.smtp.events import (
     NEED_DATA,
     Closed,
     DataAborted,
@@ -56,8 +55,9 @@ from trimail.smtp.server import (
     MailFrom,
     RcptTo,
     Reset,
-    ServerConnection,
 )
+from trimail.smtp.replies import Reply
+from trimail.smtp.server import ServerConnection
 
 log = logging.getLogger("trimail.sendmail")
 

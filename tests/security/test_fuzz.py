@@ -13,7 +13,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from trimail.smtp import replies
 from trimail.smtp.address import AddressError, parse_path
-from trimail.smtp.server import NEED_DATA, Closed, DataEnd, Event, RcptTo, ServerConnection, Settings, State
+from trimail.smtp.events import NEED_DATA, Closed, DataEnd, Event, RcptTo
+from trimail.smtp.server import ServerConnection, Settings
+from trimail.smtp.states import State
 
 COMMANDS = [b"EHLO a.example", b"HELO a.example", b"MAIL FROM:<s@a.example>", b"MAIL FROM:<>",
             b"RCPT TO:<r@b.example>", b"RCPT TO:<postmaster>", b"DATA", b"RSET", b"NOOP", b"VRFY x", b"QUIT",

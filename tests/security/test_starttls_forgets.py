@@ -7,7 +7,8 @@ from __future__ import annotations
 from tests.security.test_tls_auth import Line, client_context, run
 from tests.smtp.driver import Driver
 from trimail.queue.store import Store
-from trimail.smtp.server import Settings, StartTls
+from trimail.smtp.events import StartTls
+from trimail.smtp.server import Settings
 
 
 async def test_mail_after_starttls_needs_a_new_ehlo_and_received_has_the_new_name(start_mta, cert, ca):

@@ -3,15 +3,8 @@
 from __future__ import annotations
 
 from trimail.smtp import replies
-from trimail.smtp.server import (
-    NEED_DATA,
-    Closed,
-    DataChunk,
-    DataEnd,
-    Event,
-    ServerConnection,
-    Settings,
-)
+from trimail.smtp.events import NEED_DATA, Closed, DataChunk, DataEnd, Event
+from trimail.smtp.server import ServerConnection, Settings
 
 
 class Driver:

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from tests.smtp.driver import Driver
 from trimail.smtp.content import replace_stray_cr, replace_stray_cr_lf
-from trimail.smtp.server import DataAborted, DataEnd, Settings
+from trimail.smtp.events import DataAborted, DataEnd
+from trimail.smtp.server import Settings
 
 HEAD = b"EHLO c.example\r\nMAIL FROM:<a@c.example>\r\nRCPT TO:<b@d.example>\r\nDATA\r\n"
 STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n")

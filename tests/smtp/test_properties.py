@@ -6,15 +6,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.smtp.driver import Driver
-from trimail.smtp.server import (
-    Closed,
-    DataAborted,
-    DataChunk,
-    DataEnd,
-    DataStart,
-    Event,
-    Settings,
-)
+from trimail.smtp.events import Closed, DataAborted, DataChunk, DataEnd, DataStart, Event
+from trimail.smtp.server import Settings
 
 TOKENS = [
     b"EHLO client.example\r\n", b"HELO x\r\n", b"MAIL FROM:<a@example.org>\r\n",

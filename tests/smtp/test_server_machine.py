@@ -6,21 +6,19 @@ import pytest
 
 from tests.smtp.driver import Driver
 from trimail.smtp import replies
-from trimail.smtp.replies import Reply
-from trimail.smtp.server import (
+from trimail.smtp.events import (
     NEED_DATA,
     Closed,
     DataAborted,
     DataEnd,
     Hello,
-    LocalProtocolError,
     MailFrom,
     RcptTo,
     Reset,
-    ServerConnection,
-    Settings,
-    State,
 )
+from trimail.smtp.replies import Reply
+from trimail.smtp.server import ServerConnection, Settings
+from trimail.smtp.states import LocalProtocolError, State
 
 EHLO = b"EHLO client.example\r\n"
 MAIL = b"MAIL FROM:<sender@example.org>\r\n"

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from tests.smtp.driver import Driver
 from trimail import rewrite
+from trimail.smtp.events import Closed, Connect, NonSmtpCommand
 from trimail.smtp.replies import Reply
-from trimail.smtp.server import Closed, Connect, NonSmtpCommand, Settings
+from trimail.smtp.server import Settings
 
 BYE = "221 2.7.0 Error: I can break rules, too. Goodbye."
 KNOWN = ["HELO x", "EHLO x", "MAIL FROM:<a@example.org>", "RCPT TO:<b@example.com>", "DATA", "RSET", "NOOP",

@@ -36,7 +36,8 @@ from trimail.config import Config
 from trimail.receive.hooks import DropConnection
 from trimail.receive.session import SmtpdSession
 from trimail.smtp import replies
-from trimail.smtp.server import NEED_DATA, Closed, Event, Rejected, StartTls, State
+from trimail.smtp.events import NEED_DATA, Closed, Event, Rejected, StartTls
+from trimail.smtp.states import State
 from trimail.supervise import report
 
 log = logging.getLogger("trimail.smtpd")

@@ -15,8 +15,8 @@ import trio
 
 from trimail.log import printable
 from trimail.passwords import PasswordError, authenticate
+from trimail.smtp.events import Auth
 from trimail.smtp.replies import Reply
-from trimail.smtp.server import Auth
 from trimail.supervise import thread_pool
 
 if TYPE_CHECKING:

@@ -60,8 +60,7 @@ from trimail.receive.commit import commit, received_header, scan_header
 from trimail.receive.context import ReceiveContext, in_networks
 from trimail.receive.etrn import etrn
 from trimail.smtp import replies
-from trimail.smtp.replies import Reply
-from trimail.smtp.server import (
+from trimail.smtp.events import (
     Auth,
     Connect,
     DataAborted,
@@ -76,9 +75,10 @@ from trimail.smtp.server import (
     RcptTo,
     Rejected,
     Reset,
-    ServerConnection,
     StartTls,
 )
+from trimail.smtp.replies import Reply
+from trimail.smtp.server import ServerConnection
 from trimail.unlisted import TABLE_OF_CLASS
 
 log = logging.getLogger("trimail.smtpd")

@@ -91,6 +91,9 @@ def too_many_connections(hostname: str) -> Reply:
     return Reply(421, "4.7.0", f"{hostname} Error: too many connections")
 
 
+OK = Reply(250, "2.0.0", "Ok")  # RSET, NOOP: one value, its wire form made once
+MAIL_OK = Reply(250, "2.1.0", "Ok")
+RCPT_OK = Reply(250, "2.1.5", "Ok")
 BYE = Reply(221, "2.0.0", "Bye")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 VRFY_CANNOT = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
@@ -123,7 +126,21 @@ NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "Error: no valid recipients")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed limit")  # SIZE= above the limit
 MESSAGE_FILE_TOO_BIG = Reply(552, "5.3.4", "Error: message file too big")  # the content itself (Postfix)
+NUL_IN_COMMAND = Reply(500, "5.5.2", "Error: NUL character in command")
+BAD_SYNTAX = Reply(500, "5.5.2", "Error: bad syntax")  # an empty command line (Postfix's smtpd_token)
+IN_TRANSACTION = Reply(503, "5.5.1", "Error: MAIL transaction in progress")  # STARTTLS, AUTH
+# STARTTLS (RFC 3207)
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_ALREADY_ACTIVE = Reply(554, "5.5.1", "Error: TLS already active")
+SYNTAX_STARTTLS = Reply(501, "5.5.4", "Syntax: STARTTLS")
+NEED_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")  # smtpd_tls_security_level = encrypt
+# AUTH (RFC 4954)
 AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Error: authentication not enabled")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+AUTH_NEEDS_TLS = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Error: already authenticated")
+AUTH_MECHANISM_UNSUPPORTED = Reply(504, "5.5.4", "Unsupported authentication mechanism")
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
 # Postfix's etrn_cmd answers without enhanced status codes
 ETRN_STARTED = Reply(250, "", "Queuing started")
 ETRN_SYNTAX = Reply(500, "", "Syntax: ETRN domain")
@@ -149,3 +166,23 @@ def etrn_refused(site: str) -> Reply:
 
 def bad_parameter(text: str) -> Reply:
     return Reply(501, "5.5.4", text)
+
+
+def access_denied(client: str) -> Reply:
+    """Every command but QUIT after a refused greeting (smtpd_delay_reject = no)."""
+    return Reply(503, "5.7.0", f"Error: access denied for {client}")
+
+
+def bare_lf(code: int, hostname: str) -> Reply:
+    """smtpd_forbid_bare_newline = reject: *code* is smtpd_forbid_bare_newline_reject_code."""
+    return Reply(code, "5.5.2", f"{hostname} Error: bare <LF> received")
+
+
+def sasl_challenge(text: str) -> Reply:
+    """A server challenge (base64, or empty) in an AUTH exchange."""
+    return Reply(334, "", text)
+
+
+def sasl_malformed(text: str) -> Reply:
+    """A client response the SASL mechanism could not decode; *text* says why (our words)."""
+    return Reply(501, "5.5.2", text)

@@ -16,45 +16,31 @@ exactly one reply.  Syntax, sequence and limit errors are answered by the machin
 itself.  The peer breaking the protocol never raises: it becomes a reply.  Calling
 the machine wrongly raises ``LocalProtocolError`` (a bug in the caller).
 
+The parts, as h11 has them: ``events`` (what next_event() returns), ``states``
+(the one table of legal moves; every change of state goes through
+``states.advance``), ``reader`` (the command reader: framing, limits, sequence
+rules, the machine's own commands), ``commands`` (one check per verb),
+``dotreader`` (DATA), ``replies`` (every reply a named value).  This module holds
+the machine's public side: input and output buffers, the events, the decisions
+(``respond``) and what accepting one changes.
+
 DATA (``trimail.smtp.dotreader``: chasquid's dotreader, Postfix's bare-newline
-rules): the message ends only at ``<CR><LF>.<CR><LF>``; a line ending in a bare
-``<LF>`` never ends it.  With ``bare_newline = "normalize"`` (the default;
-``smtpd_forbid_bare_newline``) such a line is stored as if it ended in
-``<CR><LF>``; with ``"reject"`` a command line ending in a bare ``<LF>`` ends the
-session with ``<code> 5.5.2 <hostname> Error: bare <LF> received`` (Postfix's
-text, ``smtpd_forbid_bare_newline_reject_code``), and message content with one is
-read to its real end and then refused with that reply (``521`` also ends the
-session).  Every other stray ``<CR>`` or ``<LF>`` in the content becomes a space
-(``replace_stray_cr_lf``, Postfix's ``cleanup_replace_stray_cr_lf``), so what is
-stored and later relayed has ``<CR><LF>`` line ends only: a ``<CR>.<CR>`` inside a
-message can never end it at a lax downstream.  The size limit is enforced while
-reading, but reading goes on to the real end of data so the session stays in
-sync.  Content comes out as ``DataChunk`` events in wire format (``<CR><LF>`` line
-ends, dots un-stuffed), never as a list of lines.
+rules): the message ends only at ``<CR><LF>.<CR><LF>``.  With ``bare_newline =
+"reject"`` (``smtpd_forbid_bare_newline``) a command line ending in a bare
+``<LF>`` ends the session with ``<code> 5.5.2 <hostname> Error: bare <LF>
+received`` (``smtpd_forbid_bare_newline_reject_code``), and message content with
+one is read to its real end and then refused with that reply (``521`` also ends
+the session).  The size limit is enforced while reading, but reading goes on to
+the real end of data so the session stays in sync.  Content comes out as
+``DataChunk`` events in wire format, never as a list of lines.
 
 Connect-time access control (``smtpd_delay_reject = no``, Postfix's smtpd_proto()):
 with ``Settings.connect_check`` the greeting is a decision too: ``greet()`` queues a
 ``Connect`` event instead of the banner, and ``respond(None)`` sends the banner.  An
 error reply is sent as the greeting (``554 5.7.1 <client>: Client host rejected:
 ...``) and counts as an error; the session goes on, but every command except QUIT
-is then answered ``503 5.7.0 Error: access denied for <client>`` (each one an error,
-so the hard error limit ends it).  A ``421``/``521`` greeting ends the session.
-
-Non-SMTP commands (Postfix's smtpd: ``is_header()`` and ``smtpd_forbidden_commands``):
-a command that is not an SMTP verb and whose first word looks like a message header
-(``Subject:``, ``From:``, ``Received:``: printable ASCII up to a colon), or that
-``forbidden_commands``/``forbidden_match`` names (``CONNECT GET POST`` and Postfix's
-``regexp:{{/^[^A-Z]/ Bogus}}``: a first word not starting with a letter), gets
-``221 2.7.0 Error: I can break rules, too. Goodbye.`` and the session ends; a
-``NonSmtpCommand`` event carries the line for the log.  This comes before the
-access-denied answer, as in Postfix.  Leading white space before the verb is
-skipped and an empty command line is ``500 5.5.2 Error: bad syntax`` (smtpd_token).
-
-Error limits (Postfix's smtpd): every error reply counts; at ``hard_error_limit``
-errors the next command gets ``421`` and the session ends.  HELO, EHLO, NOOP, VRFY
-and RSET are "junk" commands: past ``junk_command_limit`` of them each one counts
-as an error too (``smtpd_junk_command_limit``), so a client cannot hold a session
-with NOOPs; the junk count starts again after a message is accepted.
+is then refused (``trimail.smtp.reader``).  A ``421``/``521`` greeting ends the
+session.
 
 Security notes: every buffer is bounded: command lines by ``line_length_limit``,
 partial data lines by ``dotreader.FLUSH`` bytes; the caller reads only on NEED_DATA.
@@ -63,198 +49,38 @@ partial data lines by ``dotreader.FLUSH`` bytes; the caller reads only on NEED_D
 from __future__ import annotations
 
 import dataclasses
-import enum
-import re
 from collections import Counter, deque
 from collections.abc import Callable
 
 from trimail.smtp import replies
-from trimail.smtp.address import AddressError, Utf8NotDeclared, is_domain, parse_path
+from trimail.smtp.commands import not_a_letter_first
 from trimail.smtp.dotreader import DotReader
+from trimail.smtp.events import (
+    NEED_DATA,
+    Auth,
+    Connect,
+    DataAborted,
+    DataChunk,
+    DataEnd,
+    DataStart,
+    Etrn,
+    Event,
+    Hello,
+    MailFrom,
+    NeedData,
+    RcptTo,
+    StartTls,
+)
+from trimail.smtp.reader import CommandReader
 from trimail.smtp.replies import Reply
-from trimail.smtp.sasl import MECHANISMS, Credentials, SaslError, SaslExchange
+from trimail.smtp.sasl import MECHANISMS, SaslExchange
+from trimail.smtp.states import GREET, LocalProtocolError, State, advance
 
-
-class LocalProtocolError(Exception):
-    """The caller used the machine wrongly (a bug), as opposed to a peer error."""
-
-
-class _NeedData:
-    def __repr__(self) -> str:
-        return "NEED_DATA"
-
-
-NEED_DATA = _NeedData()
-
-
-# -- events --------------------------------------------------------------
-
-
-class Event:
-    """Base of all events; ``needs_reply`` events must be answered by respond()."""
-
-    needs_reply = False
-
-
-@dataclasses.dataclass(slots=True)
-class Hello(Event):
-    name: str
-    extended: bool
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class MailFrom(Event):
-    sender: str
-    params: dict[str, str | None]
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class RcptTo(Event):
-    recipient: str
-    params: dict[str, str | None]
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class DataStart(Event):
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class DataChunk(Event):
-    data: bytes
-
-
-@dataclasses.dataclass(slots=True)
-class DataEnd(Event):
-    """The message is complete; answer with the reply for its fate (e.g. queued)."""
-
-    size: int
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class DataAborted(Event):
-    """The message is void (too big, bare LF, connection lost): discard it."""
-
-    reason: str
-
-
-@dataclasses.dataclass(slots=True)
-class StartTls(Event):
-    """The client asked for TLS.  Answer 220 to proceed: the machine then forgets
-    every byte received so far and the HELO name, and returns to the state before
-    EHLO (RFC 3207 4.2): MAIL is refused ``503 5.5.1`` until the client says EHLO
-    again; the caller does the handshake after sending the reply and forgets its
-    own copy of the session's HELO state too."""
-
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class Auth(Event):
-    """Credentials from AUTH; answer 235 (success) or 535 (failure)."""
-
-    mechanism: str
-    credentials: Credentials
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class Etrn(Event):
-    """ETRN site (RFC 1985): the caller decides whether the site's mail may be
-    flushed; None answers ``250 Queuing started``."""
-
-    site: str
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class Reset(Event):
-    """The mail transaction was cleared (RSET, EHLO/HELO, or a failed DATA)."""
-
-
-@dataclasses.dataclass(slots=True)
-class Connect(Event):
-    """A client connected (only with ``Settings.connect_check``): answer None for the
-    220 banner, or the client restrictions' reply (Postfix's smtpd_delay_reject = no)."""
-
-    needs_reply = True
-
-
-@dataclasses.dataclass(slots=True)
-class NonSmtpCommand(Event):
-    """The client sent a header or a forbidden command as a command line; it was
-    answered 221 and the session ends (Postfix logs ``warning: non-SMTP command``)."""
-
-    line: str
-
-
-@dataclasses.dataclass(slots=True)
-class Rejected(Event):
-    """The machine itself answered a command with an error reply (for the log)."""
-
-    command: str
-    reply: Reply
-    sender: str | None = None  # MAIL refused for its SIZE: Postfix logs it as a policy reject
-
-
-@dataclasses.dataclass(slots=True)
-class Closed(Event):
-    """The session is over; send what data_to_send() returns, then close."""
-
-    reason: str
-
-
-def _not_a_letter_first(word: str) -> bool:
-    """Postfix's default ``regexp:{{/^[^A-Z]/ Bogus}}`` (regexp tables ignore case)."""
-    return not ("A" <= word[:1].upper() <= "Z")
-
-
-# Postfix's is_header(): a field name (printable ASCII but space and colon) and a colon
-_HEADER_LIKE = re.compile(r"[\x21-\x39\x3b-\x7e]+:")
-_ACCESS_DENIED_EXEMPT = frozenset({"QUIT"})
-
-
-def looks_like_header(word: str) -> bool:
-    """The first word of a command line is a message header's start (``Subject:``)."""
-    return _HEADER_LIKE.match(word) is not None
-
-
-class State(enum.Enum):
-    GREETING = "greeting"  # before greet()
-    INIT = "init"  # greeted, no HELO/EHLO yet
-    READY = "ready"  # HELO/EHLO done, no transaction
-    MAIL = "mail"  # MAIL accepted, no recipient yet
-    RCPT = "rcpt"  # at least one recipient accepted
-    DATA = "data"  # reading message content
-    AUTH = "auth"  # reading SASL responses
-    CLOSED = "closed"
-
-
-# Commands allowed in each state (anything else gets the reply in _SEQUENCE_ERRORS).
-TRANSITIONS: dict[str, dict[State, State]] = {
-    "HELO": {s: State.READY for s in (State.INIT, State.READY, State.MAIL, State.RCPT)},
-    "EHLO": {s: State.READY for s in (State.INIT, State.READY, State.MAIL, State.RCPT)},
-    "MAIL": {State.READY: State.MAIL},
-    "RCPT": {State.MAIL: State.RCPT, State.RCPT: State.RCPT},
-    "DATA": {State.RCPT: State.DATA},
+# respond(None): the standard reply accepting a decision (Hello and Connect: from the settings)
+_ACCEPT_REPLIES: dict[type[Event], Reply] = {
+    MailFrom: replies.MAIL_OK, RcptTo: replies.RCPT_OK, DataStart: replies.START_DATA,
+    StartTls: replies.TLS_READY, Auth: replies.AUTH_OK, Etrn: replies.ETRN_STARTED,
 }
-
-_SEQUENCE_ERRORS: dict[str, dict[State, Reply]] = {
-    "MAIL": {State.INIT: replies.NEED_HELO, State.MAIL: replies.NESTED_MAIL,
-             State.RCPT: replies.NESTED_MAIL},
-    "RCPT": {State.INIT: replies.NEED_MAIL, State.READY: replies.NEED_MAIL},
-    "DATA": {State.INIT: replies.NEED_RCPT, State.READY: replies.NEED_RCPT,
-             State.MAIL: replies.NO_VALID_RECIPIENTS},
-}
-
-_JUNK_COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "VRFY", "RSET", "ETRN"})  # Postfix's SMTPD_CMD_FLAG_LIMIT
-_KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "BDAT", "ATRN", "SEND",
-                                    "SOML", "SAML"})
-
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -272,7 +98,7 @@ class Settings:
     forbidden_commands: frozenset[str] = frozenset({"CONNECT", "GET", "POST"})  # upper case
     # smtpd_forbidden_commands' table entries (Postfix's default regexp:{{/^[^A-Z]/ Bogus}}):
     # does this first word of an unknown command match one?
-    forbidden_match: Callable[[str], bool] | None = _not_a_letter_first
+    forbidden_match: Callable[[str], bool] | None = not_a_letter_first
     connect_check: bool = False  # smtpd_delay_reject = no with client restrictions: a Connect decision
     smtputf8: bool = True
     vrfy: bool = True
@@ -285,8 +111,8 @@ class Settings:
     extra_extensions: tuple[str, ...] = ()
 
 
-class ServerConnection:
-    """One SMTP server session, without I/O."""
+class ServerConnection(CommandReader):
+    """One SMTP server session, without I/O (its command reader: ``trimail.smtp.reader``)."""
 
     def __init__(self, settings: Settings = Settings(), client: str = "unknown") -> None:
         self.settings = settings
@@ -351,7 +177,7 @@ class ServerConnection:
         if self.state is not State.GREETING:
             raise LocalProtocolError("greet() twice")
         if reply is None and self.settings.connect_check:
-            self.state = State.INIT
+            self.state = advance(self.state, GREET)
             self._events.append(Connect())
             return
         reply = reply or replies.greeting(self.settings.banner)
@@ -359,7 +185,7 @@ class ServerConnection:
         if reply.is_error:
             self._close("rejected at connect")
         else:
-            self.state = State.INIT
+            self.state = advance(self.state, GREET)
 
     def close(self, reply: Reply | None, reason: str) -> None:
         """End the session now (shutdown, timeout): queue *reply* and go CLOSED."""
@@ -374,7 +200,7 @@ class ServerConnection:
 
     # -- events ------------------------------------------------------------
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self._pending is not None:
             raise LocalProtocolError(f"respond() to {self._pending!r} first")
         while not self._events:
@@ -423,9 +249,9 @@ class ServerConnection:
         else:
             self.error_count += 1
             if isinstance(event, DataEnd):
-                self._end_transaction(State.READY)
+                self._end_transaction(DataEnd)
             elif isinstance(event, Auth):
-                self.state = State.READY
+                self.state = advance(self.state, Auth)
         self._send(reply)
         if reply.code == 421:
             if self.state is State.DATA:
@@ -433,22 +259,13 @@ class ServerConnection:
             self._close("closed by server")
 
     def _accept_reply(self, event: Event) -> Reply:
+        reply = _ACCEPT_REPLIES.get(type(event))
+        if reply is not None:
+            return reply
         if isinstance(event, Hello):
             if not event.extended:
                 return replies.helo(self.settings.hostname)
             return replies.ehlo(self.settings.hostname, self.extensions())
-        if isinstance(event, MailFrom):
-            return Reply(250, "2.1.0", "Ok")
-        if isinstance(event, RcptTo):
-            return Reply(250, "2.1.5", "Ok")
-        if isinstance(event, DataStart):
-            return replies.START_DATA
-        if isinstance(event, StartTls):
-            return Reply(220, "2.0.0", "Ready to start TLS")
-        if isinstance(event, Auth):
-            return Reply(235, "2.7.0", "Authentication successful")
-        if isinstance(event, Etrn):
-            return replies.ETRN_STARTED
         if isinstance(event, Connect):
             return replies.greeting(self.settings.banner)
         raise LocalProtocolError(f"no default reply for {event!r}")
@@ -474,19 +291,19 @@ class ServerConnection:
         if isinstance(event, Hello):
             self.extended = event.extended
             self.helo_name = event.name
-            self._end_transaction(State.READY)
+            self._end_transaction(Hello)
         elif isinstance(event, MailFrom):
             self.smtputf8 = "SMTPUTF8" in event.params
-            self.state = State.MAIL
+            self.state = advance(self.state, MailFrom)
         elif isinstance(event, RcptTo):
             self.recipient_count += 1
-            self.state = State.RCPT
+            self.state = advance(self.state, RcptTo)
         elif isinstance(event, DataStart):
-            self.state = State.DATA
+            self.state = advance(self.state, DataStart)
             self._reader = DotReader(self.settings.message_size_limit, self._rejecting_bare_lf,
                                      self.settings.replace_stray_cr_lf, prev_crlf=self._last_command_crlf)
         elif isinstance(event, DataEnd):
-            self._end_transaction(State.READY)
+            self._end_transaction(DataEnd)
         elif isinstance(event, StartTls):
             # CVE-2011-0411 class: nothing received before the handshake may be
             # executed as if it had come encrypted; start over from before EHLO.
@@ -498,329 +315,10 @@ class ServerConnection:
             self.tls_restarted = True
             self.helo_name = None
             self.extended = False
-            self._end_transaction(State.INIT)
+            self._end_transaction(StartTls)
         elif isinstance(event, Auth):
             self.authenticated = event.credentials.username
-            self.state = State.READY
-
-    def _end_transaction(self, state: State) -> None:
-        self.recipient_count = 0
-        self.smtputf8 = False
-        self.state = state
-
-    # -- internals ---------------------------------------------------------
-
-    def _send(self, reply: Reply) -> None:
-        self._out += reply.to_bytes()
-
-    def _close(self, reason: str) -> None:
-        self.state = State.CLOSED
-        self._events.append(Closed(reason))
-        self._in.clear()
-
-    def _error(self, verb: str, reply: Reply, sender: str | None = None) -> None:
-        self.error_count += 1
-        self._send(reply)
-        self._events.append(Rejected(verb, reply, sender))
-
-    def _read_command(self) -> bool:
-        buf = self._in
-        limit = self.settings.line_length_limit
-        lf = buf.find(b"\n")
-        if self._skipping_long_line:
-            if lf < 0:
-                buf.clear()
-                return False
-            del buf[: lf + 1]
-            self._skipping_long_line = False
-            return True
-        if lf < 0:
-            if len(buf) > limit:
-                buf.clear()
-                self._skipping_long_line = True
-                self._error("", replies.LINE_TOO_LONG)
-                return True
-            return False
-        raw = bytes(buf[:lf])
-        del buf[: lf + 1]
-        self._last_command_crlf = raw.endswith(b"\r")
-        if self._last_command_crlf:
-            raw = raw[:-1]
-        elif self._rejecting_bare_lf:
-            self._send(self._bare_lf_reply())  # Postfix: reply, then end the session
-            self._close("bare <LF> received")
-            return True
-        if self.state is State.AUTH:
-            self._sasl_line(raw)
-            return True
-        if len(raw) > limit:
-            self._error("", replies.LINE_TOO_LONG)
-            return True
-        if self.error_count >= self.settings.hard_error_limit:
-            self._send(replies.too_many_errors(self.settings.hostname))
-            self._close("too many errors")
-            return True
-        self._command(raw)
-        return True
-
-    def _command(self, raw: bytes) -> None:
-        if b"\x00" in raw:
-            self._error("", Reply(500, "5.5.2", "Error: NUL character in command"))
-            return
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            self._error("", replies.BAD_UTF8)
-            return
-        # Postfix's smtpd_token(): white space before the verb is skipped, a tab separates too
-        word, _, arg = line.lstrip(" \t").replace("\t", " ", 1).partition(" ")
-        if not word:
-            self._error("", Reply(500, "5.5.2", "Error: bad syntax"))
-            return
-        verb = word.upper()
-        arg = arg.strip(" ")
-        handler = _HANDLERS.get(verb)
-        if handler is None:
-            self.command_stats["unknown"] += 1
-            if self._non_smtp(word):
-                self._events.append(NonSmtpCommand(line))
-                self._send(replies.FORBIDDEN_COMMAND)
-                self._close("non-SMTP command")
-                return
-        if self.access_denied is not None and verb not in _ACCESS_DENIED_EXEMPT:
-            # Postfix: everything but QUIT, known or not, junk or not (RFC 5321 3.1)
-            self._error(verb.lower() if handler else "unknown",
-                        Reply(503, "5.7.0", f"Error: access denied for {self.client}"))
-            if handler is not None:
-                self.command_stats[verb.lower()] += 1
-            return
-        if handler is None:
-            self._error("unknown", replies.NOT_IMPLEMENTED if verb in _KNOWN_NOT_IMPLEMENTED
-                        else replies.NOT_RECOGNIZED)
-            return
-        name = verb.lower()
-        self.command_stats[name] += 1
-        if verb in _JUNK_COMMANDS:
-            if self.junk_commands > self.settings.junk_command_limit:
-                self.error_count += 1
-            self.junk_commands += 1
-        if verb in ("MAIL", "RCPT", "DATA", "AUTH") and self.settings.tls_required and not self.tls_active:
-            self._error(name, Reply(530, "5.7.0", "Must issue a STARTTLS command first"))
-            return
-        allowed = TRANSITIONS.get(verb)
-        mail_without_helo = (verb == "MAIL" and self.state is State.INIT and not self.settings.helo_required
-                             and not self.tls_restarted)
-        if allowed is not None and self.state not in allowed and not mail_without_helo:
-            self._error(name, _SEQUENCE_ERRORS[verb][self.state])
-            return
-        self._pending_verb = name
-        handler(self, arg)
-
-    def _non_smtp(self, word: str) -> bool:
-        """A header as a command, or smtpd_forbidden_commands names it (unknown verbs only)."""
-        settings = self.settings
-        return (looks_like_header(word) or word.upper() in settings.forbidden_commands
-                or (settings.forbidden_match is not None and settings.forbidden_match(word)))
-
-    def _decide(self, event: Event) -> None:
-        self._events.append(event)
-
-    @property
-    def _rejecting_bare_lf(self) -> bool:
-        return self.settings.bare_newline in ("reject", "yes")
-
-    def _bare_lf_reply(self) -> Reply:
-        return Reply(self.settings.bare_newline_code, "5.5.2",
-                     f"{self.settings.hostname} Error: bare <LF> received")
-
-    # one method per verb: check syntax here; policy belongs to the caller
-    def _helo(self, arg: str, extended: bool) -> None:
-        name = arg.split(" ")[0] if arg else ""
-        if not name:
-            self._error(self._pending_verb, replies.SYNTAX_EHLO if extended else replies.SYNTAX_HELO)
-            return
-        self._decide(Hello(name, extended))
-
-    def _do_helo(self, arg: str) -> None:
-        self._helo(arg, False)
-
-    def _do_ehlo(self, arg: str) -> None:
-        self._helo(arg, True)
-
-    def _do_mail(self, arg: str) -> None:
-        try:
-            path = parse_path(arg, "FROM:", utf8_allowed=False)
-        except Utf8NotDeclared:
-            self._error("mail", replies.NEED_SMTPUTF8)
-            return
-        except AddressError as exc:
-            self._error("mail", replies.SYNTAX_MAIL if str(exc) == "syntax" else replies.BAD_SENDER)
-            return
-        problem = self._check_mail_params(path.params)
-        if problem is not None:
-            self._error("mail", problem, sender=path.address if problem is replies.MESSAGE_TOO_BIG else None)
-            return
-        self._decide(MailFrom(path.address, path.params))
-
-    def _check_mail_params(self, params: dict[str, str | None]) -> Reply | None:
-        if params and not self.extended:
-            return replies.unsupported_option(*next(iter(params.items())))
-        for key, value in params.items():
-            if key == "SIZE":
-                if value is None or not (value.isascii() and value.isdigit()):  # not "²": int() refuses it
-                    return replies.bad_parameter("Bad message size syntax")
-                limit = self.settings.message_size_limit
-                if limit and int(value) > limit:
-                    return replies.MESSAGE_TOO_BIG
-            elif key == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return replies.unsupported_option(key, value)  # Postfix: BODY=BINARY too
-            elif key == "SMTPUTF8" and self.settings.smtputf8:
-                if value is not None:
-                    return replies.bad_parameter("Bad SMTPUTF8 parameter syntax")
-            else:
-                return replies.unsupported_option(key, value)
-        return None
-
-    def _do_rcpt(self, arg: str) -> None:
-        if self.recipient_count >= self.settings.recipient_limit:
-            self._error("rcpt", replies.TOO_MANY_RECIPIENTS)
-            return
-        try:
-            path = parse_path(arg, "TO:", utf8_allowed=self.smtputf8)
-        except Utf8NotDeclared:
-            self._error("rcpt", replies.NEED_SMTPUTF8)
-            return
-        except AddressError as exc:
-            self._error("rcpt", replies.SYNTAX_RCPT if str(exc) == "syntax" else replies.BAD_RECIPIENT)
-            return
-        if not path.address:
-            self._error("rcpt", replies.BAD_RECIPIENT)
-            return
-        if path.params:
-            self._error("rcpt", replies.unsupported_option(*next(iter(path.params.items()))))
-            return
-        self._decide(RcptTo(path.address, path.params))
-
-    def _do_data(self, arg: str) -> None:
-        if arg:
-            self._error("data", replies.SYNTAX_DATA)
-            return
-        self._decide(DataStart())
-
-    def _do_rset(self, arg: str) -> None:
-        if arg:
-            self._error("rset", replies.SYNTAX_RSET)
-            return
-        if self.state in (State.MAIL, State.RCPT):
-            self._events.append(Reset())
-        self._end_transaction(State.READY if self.helo_name is not None else State.INIT)
-        self.command_stats["rset/ok"] += 1
-        self._send(replies.ok())
-
-    def _do_noop(self, arg: str) -> None:
-        self.command_stats["noop/ok"] += 1
-        self._send(replies.ok())
-
-    def _do_quit(self, arg: str) -> None:
-        if arg:
-            self._error("quit", replies.SYNTAX_QUIT)
-            return
-        self.command_stats["quit/ok"] += 1
-        self._send(replies.BYE)
-        if self.state in (State.MAIL, State.RCPT):
-            self._events.append(Reset())
-        self._close("quit")
-
-    def _do_vrfy(self, arg: str) -> None:
-        if not self.settings.vrfy:
-            self._error("vrfy", replies.VRFY_DISABLED)
-        elif not arg:
-            self._error("vrfy", replies.SYNTAX_VRFY)
-        else:
-            self.command_stats["vrfy/ok"] += 1
-            self._send(replies.VRFY_CANNOT)
-
-    def _do_etrn(self, arg: str) -> None:
-        """Postfix's etrn_cmd: the checks of syntax and sequence; the site's
-        eligibility (fast_flush_domains) is the caller's decision."""
-        site = arg.strip()
-        if not self.settings.etrn:
-            self._error("etrn", replies.NOT_IMPLEMENTED)
-        elif self.settings.helo_required and self.state is State.INIT:
-            self._error("etrn", replies.NEED_HELO)
-        elif self.state in (State.MAIL, State.RCPT):
-            self._error("etrn", replies.ETRN_IN_TRANSACTION)
-        elif not site or " " in site:
-            self._error("etrn", replies.ETRN_SYNTAX)
-        else:
-            if not site[0].isalnum():  # "@domain" and "#queue" forms name the domain
-                site = site[1:]
-            if not (is_domain(site.rstrip(".")) and site.isascii()):
-                self._error("etrn", replies.ETRN_BAD_DOMAIN)
-            else:
-                self._decide(Etrn(site.lower().rstrip(".")))
-
-    def _do_starttls(self, arg: str) -> None:
-        if not self.settings.starttls:
-            self._error("starttls", replies.NOT_IMPLEMENTED)
-        elif self.tls_active:
-            self._error("starttls", Reply(554, "5.5.1", "Error: TLS already active"))
-        elif arg:
-            self._error("starttls", Reply(501, "5.5.4", "Syntax: STARTTLS"))
-        elif self.state in (State.MAIL, State.RCPT):
-            self._error("starttls", Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
-        else:
-            self._decide(StartTls())
-
-    def _do_auth(self, arg: str) -> None:
-        if not self.settings.auth:
-            self._error("auth", replies.AUTH_NOT_ENABLED)
-        elif not self.tls_active and self.settings.auth_tls_only:
-            self._error("auth", Reply(538, "5.7.11", "Encryption required for requested authentication mechanism"))
-        elif self.authenticated:
-            self._error("auth", Reply(503, "5.5.1", "Error: already authenticated"))
-        elif self.state in (State.MAIL, State.RCPT):
-            self._error("auth", Reply(503, "5.5.1", "Error: MAIL transaction in progress"))
-        elif self.helo_name is None:
-            self._error("auth", replies.NEED_HELO)
-        else:
-            mechanism, _, initial = arg.partition(" ")
-            if mechanism.upper() not in MECHANISMS:
-                self._error("auth", Reply(504, "5.5.4", "Unsupported authentication mechanism"))
-                return
-            self._sasl = SaslExchange(mechanism)
-            self.state = State.AUTH
-            self._sasl_result(lambda: self._sasl.start(initial.strip() or None) if self._sasl else "")
-
-    def _sasl_line(self, raw: bytes) -> None:
-        line = raw.decode("ascii", "replace")
-        if line.strip() == "*":
-            self.state = State.READY
-            self._sasl = None
-            self._error("auth", Reply(501, "5.7.0", "Authentication aborted"))
-            return
-        self._sasl_result(lambda: self._sasl.step(line) if self._sasl else "")
-
-    def _sasl_result(self, step) -> None:
-        try:
-            result = step()
-        except SaslError as exc:
-            self.state = State.READY
-            self._sasl = None
-            self._error("auth", Reply(501, "5.5.2", str(exc)))
-            return
-        if isinstance(result, Credentials):
-            mechanism = self._sasl.mechanism if self._sasl else "PLAIN"
-            self._sasl = None
-            self._pending_verb = "auth"
-            self._decide(Auth(mechanism, result))
-        else:
-            self._send(Reply(334, "", result))
-
-    def _do_help(self, arg: str) -> None:
-        self.command_stats["help/ok"] += 1
-        self._send(replies.HELP)
+            self.state = advance(self.state, Auth)
 
     # -- DATA ------------------------------------------------------------------
 
@@ -834,33 +332,17 @@ class ServerConnection:
             self._pending_verb = "data"
             if reader.bare_lf:
                 self._events.append(DataAborted("bare <LF> received"))
-                self._end_transaction(State.READY)
+                self._end_transaction(DataAborted)
                 reply = self._bare_lf_reply()
                 self._error("data", reply)
                 if reply.code == 521:
                     self._close("bare <LF> received")
             elif reader.too_big:
                 self._events.append(DataAborted("message too big"))
-                self._end_transaction(State.READY)
+                self._end_transaction(DataAborted)
                 self._error("data", replies.MESSAGE_FILE_TOO_BIG)
             else:
                 self._decide(DataEnd(reader.size))
             return True
         return progressed
 
-
-_HANDLERS = {
-    "HELO": ServerConnection._do_helo,
-    "EHLO": ServerConnection._do_ehlo,
-    "MAIL": ServerConnection._do_mail,
-    "RCPT": ServerConnection._do_rcpt,
-    "DATA": ServerConnection._do_data,
-    "RSET": ServerConnection._do_rset,
-    "NOOP": ServerConnection._do_noop,
-    "QUIT": ServerConnection._do_quit,
-    "VRFY": ServerConnection._do_vrfy,
-    "ETRN": ServerConnection._do_etrn,
-    "HELP": ServerConnection._do_help,
-    "STARTTLS": ServerConnection._do_starttls,
-    "AUTH": ServerConnection._do_auth,
-}
