@@ -236,6 +236,17 @@ class _BoundedQueueHandler(logging.handlers.QueueHandler):
             self.queue.put_nowait(record)
 
 
+def hurry() -> None:
+    """Have the lines logged so far written now rather than after the writer's rest.
+    Called before a message is committed to the queue: another process (the qmgr
+    worker) may log about it a millisecond later, and its lines must not reach the
+    log before this process's ``client=`` and ``message-id=`` lines (pflogsumm and
+    people read the log in order)."""
+    listener = _listener
+    if listener is not None:
+        listener.hurry.set()
+
+
 class _Writer(logging.handlers.QueueListener):
     """The thread that formats and writes; says how many lines were dropped once
     it has caught up, and stops within a deadline."""
@@ -245,6 +256,7 @@ class _Writer(logging.handlers.QueueListener):
         self.source = source
         self.target = target
         self._told = 0
+        self.hurry = threading.Event()  # ends the rest after a write: see hurry()
 
     def _monitor(self) -> None:
         """Write the lines waiting (up to ``BATCH_LINES``) together, then rest unless the
@@ -265,7 +277,8 @@ class _Writer(logging.handlers.QueueListener):
             if stop:
                 return
             if len(records) < BATCH_LINES:  # a full batch: more are waiting, no rest
-                time.sleep(BATCH_WAIT)
+                self.hurry.wait(BATCH_WAIT)
+                self.hurry.clear()
 
     def write(self, records: list[logging.LogRecord]) -> None:
         target = self.target

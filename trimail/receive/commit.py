@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from trimail import log as maillog
 from trimail.cleanup import RWR_PARAM
 from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
@@ -129,6 +130,9 @@ async def commit(session: SmtpdSession) -> Reply:
         hand_over = message.state == "incoming" and scheduler is not None and scheduler.reserve()
         if hand_over:
             message.state = "active"
+        if message_id is not None:  # cleanup's line, before the queue file is done (as Postfix)
+            cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
+        maillog.hurry()  # this session's lines reach the log before the qmgr's about this message
         # The client must get its 250 only after the commit, and a commit that
         # has begun cannot be taken back: so the wait is shielded from shutdown.
         with trio.CancelScope(shield=True):
@@ -155,8 +159,6 @@ async def commit(session: SmtpdSession) -> Reply:
             session.ctx.hooks.accepted(AcceptedMessage(
                 txn.queue_id, txn.envelope_sender, list(recipients), dict(txn.params), session.client_address,
                 session.helo_name, txn.protocol, session.tls, session.sasl_username, raw))
-        if message_id is not None:
-            cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
         if hand_over:  # into active at once: the qmgr's line, as Postfix's qmgr logs it (once); mail
             # left in incoming gets it when the qmgr claims it, held mail only once released
             qmgr_log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", txn.queue_id,
