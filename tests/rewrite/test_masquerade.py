@@ -159,15 +159,21 @@ async def test_local_header_rewrite_clients_chooses_the_context(start_mta, tmp_p
     assert (b"From: Joe <joe@host.client.example>\r\n" in content) is not masqueraded
 
 
+async def sasl_relay(start_mta, sink: Sink, tmp_path):
+    """A relay where only logins are local (permit_sasl_authenticated), with user joe."""
+    srv = await relay(start_mta, sink, mynetworks="", smtpd_sasl_auth_enable="yes", smtpd_tls_auth_only="no",
+                      smtpd_sasl_password_file=str(tmp_path / "sasl_passwd"),
+                      local_header_rewrite_clients="permit_sasl_authenticated")
+    added = await trio.to_thread.run_sync(lambda: subprocess.run(
+        [sys.executable, "-m", "trimail", "passwd", "add", "joe", "-c", srv.config.source],
+        input=b"correct horse\n", capture_output=True, timeout=60, check=False))
+    assert added.returncode == 0, added.stderr
+    return srv
+
+
 async def test_an_authenticated_client_is_local_with_permit_sasl_authenticated(start_mta, tmp_path):
     with Sink(SINK) as sink:
-        srv = await relay(start_mta, sink, mynetworks="", smtpd_sasl_auth_enable="yes", smtpd_tls_auth_only="no",
-                          smtpd_sasl_password_file=str(tmp_path / "sasl_passwd"),
-                          local_header_rewrite_clients="permit_sasl_authenticated")
-        added = await trio.to_thread.run_sync(lambda: subprocess.run(
-            [sys.executable, "-m", "trimail", "passwd", "add", "joe", "-c", srv.config.source],
-            input=b"correct horse\n", capture_output=True, timeout=60, check=False))
-        assert added.returncode == 0, added.stderr
+        srv = await sasl_relay(start_mta, sink, tmp_path)
         _, _, content = await one_message(srv, sink, OUTSIDE, login=("joe", "correct horse"))
     assert b"From: Joe <joe@client.example>\r\n" in content
 
@@ -176,13 +182,7 @@ async def test_authenticating_mid_session_makes_the_next_message_local(start_mta
     """The context is found once per session, and found again after AUTH: a message
     before AUTH keeps its headers, the next one in the same session is masqueraded."""
     with Sink(SINK) as sink:
-        srv = await relay(start_mta, sink, mynetworks="", smtpd_sasl_auth_enable="yes", smtpd_tls_auth_only="no",
-                          smtpd_sasl_password_file=str(tmp_path / "sasl_passwd"),
-                          local_header_rewrite_clients="permit_sasl_authenticated")
-        added = await trio.to_thread.run_sync(lambda: subprocess.run(
-            [sys.executable, "-m", "trimail", "passwd", "add", "joe", "-c", srv.config.source],
-            input=b"correct horse\n", capture_output=True, timeout=60, check=False))
-        assert added.returncode == 0, added.stderr
+        srv = await sasl_relay(start_mta, sink, tmp_path)
 
         def two_messages() -> None:
             with smtplib.SMTP(SERVER, srv.addresses[0].port, timeout=30, source_address=(OUTSIDE, 0)) as client:
