@@ -12,7 +12,10 @@ thread (a ``QueueListener``) formats the lines and writes them, and only that
 thread can block on a slow disk, a full pipe or a stopped journald.  It writes
 the lines waiting together and rests ``BATCH_WAIT`` (10 ms) after each write:
 under load it takes the interpreter from the event loop once per batch, not once
-per line (two lines per SMTP connection were a large share of its cost).  Past
+per line (two lines per SMTP connection were a large share of its cost).  An
+smtpd worker about to hand a message to the qmgr worker (another process) puts a
+mark in the queue (``mark_written``), which ends the rest and tells it once the
+lines before it are written, so the log reads in the order things happened.  Past
 ``MAX_QUEUED_LINES`` waiting lines, new lines are dropped and counted (the
 ``trimail_log_lines_dropped_total`` metric, and one warning line once the writer
 catches up), so a stuck destination costs log lines, never the daemon's memory or
@@ -43,7 +46,7 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -236,15 +239,30 @@ class _BoundedQueueHandler(logging.handlers.QueueHandler):
             self.queue.put_nowait(record)
 
 
-def hurry() -> None:
-    """Have the lines logged so far written now rather than after the writer's rest.
-    Called before a message is committed to the queue: another process (the qmgr
-    worker) may log about it a millisecond later, and its lines must not reach the
-    log before this process's ``client=`` and ``message-id=`` lines (pflogsumm and
-    people read the log in order)."""
+class Written:
+    """A mark in the writer's queue: ``done`` is called (on the writer thread) once
+    every line logged before it has been written to the destination."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: Callable[[], None]) -> None:
+        self.done = done
+
+
+def mark_written(done: Callable[[], None]) -> bool:
+    """Call *done* (from the writer thread) once the lines logged so far are written,
+    and end the writer's rest so that it is soon; False (and *done* never called)
+    when no writer runs: the lines were written at once.  The smtpd worker waits for
+    this before it wakes the qmgr worker about a new message (``receive.commit``): the
+    qmgr, another process, logs about the message a millisecond later, and its lines
+    must not reach the log before this process's ``client=`` and ``message-id=``
+    lines (pflogsumm and people read the log in order)."""
     listener = _listener
-    if listener is not None:
-        listener.hurry.set()
+    if listener is None:
+        return False
+    listener.queue.put_nowait(Written(done))
+    listener.hurry.set()
+    return True
 
 
 class _Writer(logging.handlers.QueueListener):
@@ -272,8 +290,13 @@ class _Writer(logging.handlers.QueueListener):
             stop = self._sentinel in records  # None: no record compares equal to it
             if stop:
                 del records[records.index(self._sentinel):]
+            marks = [r for r in records if type(r) is Written]
+            if marks:
+                records = [r for r in records if type(r) is not Written]
             if records:
                 self.write(records)
+            for mark in marks:
+                mark.done()
             if stop:
                 return
             if len(records) < BATCH_LINES:  # a full batch: more are waiting, no rest
