@@ -14,38 +14,32 @@ graceful stop: the listeners close first (no new connections), idle sessions get
 ``421`` at once, sessions inside a transaction get ``graceful_timeout`` to finish,
 then the rest get ``421`` too; the database is closed last.
 
-Start-up order (``serve``): the queue lock (``$queue_directory/pid/master.pid``,
-in a directory only root writes, opened without following links: trimail.queue.lock);
-the queue database, opened and
-recovered, so a queue that cannot be opened ends serve with one fatal line before
-any port is open (no client is accepted and then reset); the TLS certificate,
-loaded once as root and outside any jail (same rule); the SMTP listeners, the
-control socket and the metrics endpoint; then, started as root, the root local
-delivery helper (trimail.delivery.local.privileged) and ``mail_owner``
-and with ``chroot = yes`` the jail (``become_mail_owner``: the mail log stays
-open across it, see trimail.log); then the tasks.  Only errors at start (exit 1,
-or 2 for configuration) and an explicit stop end serve; the control socket and
-the metrics endpoint serve each request inside its own error boundary.
+Start-up order (``serve``, its steps in trimail.startup): the queue lock; the
+queue database, opened and recovered, so a queue that cannot be opened ends serve
+with one fatal line before any port is open (no client is accepted and then
+reset); the TLS certificate, loaded once as root and outside any jail (same rule);
+the SMTP listeners, the control socket and the metrics endpoint; then, started as
+root, the root local delivery helper and ``mail_owner`` and with ``chroot = yes``
+the jail; then the tasks.  Only errors at start (exit 1, or 2 for configuration)
+and an explicit stop end serve; the control socket and the metrics endpoint serve
+each request inside its own error boundary.
 
-Parameters: queue_directory, smtpd_listen, submission_listen, smtps_listen,
-metrics_listen, mail_owner, allow_root, chroot, master_service_disable,
+Parameters: master_service_disable,
 smtpd_timeout, smtpd_soft_error_limit, smtpd_error_sleep_time,
 smtpd_client_connection_count_limit, smtpd_client_connection_rate_limit,
 smtpd_process_limit, graceful_timeout, smtpd_stress_threshold, smtpd_junk_command_limit,
 smtpd_hard_error_limit, smtpd_tls_handshake_timeout, smtpd_greet_pause, queue_busy_timeout,
 smtpd_session_deadline, smtpd_peername_lookup, smtpd_tls_cert_file, dns_nameservers,
-dns_concurrency_limit (plus everything trimail.receive reads).
+dns_concurrency_limit (plus everything trimail.receive and trimail.startup read).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -53,40 +47,33 @@ from prometheus_client import Gauge
 
 from trimail import __version__, anvil
 from trimail import config as configuration
-from trimail import log as maillog
-from trimail.check import warnings as check_warnings
 from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress
 from trimail.delivery.local import privileged
 from trimail.delivery.smtp import Connector
 from trimail.maps import TableError
 from trimail.metrics import Metrics
-from trimail.net.control import open_control_listener, serve_control
+from trimail.net.control import serve_control
 from trimail.net.dns import Resolver
 from trimail.net.http import serve_metrics
 from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, open_listeners
 from trimail.net.session import Session, SessionLimits
 from trimail.net.stream import DirectStream
-from trimail.net.tls import server_tls_context
 from trimail.peername import PeerNames
 from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verify import Verifier, clean_cache
-from trimail.privileges import drop_privileges
 from trimail.qshape import dead_destinations
-from trimail.queue.lock import QueueLock
-from trimail.queue.store import QueueError, Store, prepare_directory
+from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 from trimail.receive.context import ReceiveContext
 from trimail.receive.session import SmtpdSession
 from trimail.scheduler import Scheduler
 from trimail.scheduler.trigger import QmgrTrigger
 from trimail.smtp import replies
-from trimail.supervise import contained, describe
+from trimail.startup import LISTENERS, Endpoint, become_mail_owner, open_endpoints, opened_queue
+from trimail.supervise import contained
 
 log = logging.getLogger("trimail.master")
-
-# (session kind, parameter with its addresses): port 25, 587 (STARTTLS, AUTH), 465 (implicit TLS)
-LISTENERS = (("smtp", "smtpd_listen"), ("submission", "submission_listen"), ("smtps", "smtps_listen"))
 
 
 def peer_resolver(config: Config) -> Resolver:
@@ -425,92 +412,9 @@ def notify_systemd(message: bytes) -> None:
         log.warning("cannot notify systemd through %s: %s", path, exc)
 
 
-def raise_descriptor_limit() -> None:
-    """Use the hard limit for open files: each SMTP session holds one descriptor."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError) as exc:
-            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
 
 
-Endpoint = tuple[trio.SocketListener, str, ListenAddress]
 
-
-async def open_endpoints(config: Config, queue_directory: Path
-                         ) -> tuple[list[Endpoint], trio.SocketListener, list[trio.SocketListener]]:
-    """Bind every SMTP listener, the control socket and the metrics endpoint; when
-    one cannot be opened, those already open are closed and ListenError raised."""
-    opened: list[trio.SocketListener] = []
-    try:
-        listeners: list[Endpoint] = []
-        for kind, parameter in LISTENERS:
-            for address in config.get(parameter):
-                for listener in await open_listeners([address]):
-                    opened.append(listener)
-                    listeners.append((listener, kind, address))
-        control = await open_control_listener(queue_directory)
-        opened.append(control)
-        metrics_listeners = await open_listeners(config.metrics_listen)
-    except BaseException:
-        with trio.CancelScope(shield=True):
-            for listener in opened:
-                await listener.aclose()
-        raise
-    return listeners, control, metrics_listeners
-
-
-def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = True,
-                      handed_over: bool = False) -> tuple[Config, Path]:
-    """Started as root: start the root delivery helper (when file or command
-    targets are allowed or virtual(8) mailboxes are configured:
-    trimail.delivery.local.privileged), then become
-    mail_owner (entering the chroot jail first when ``chroot = yes``), unless
-    ``allow_root``.  Returns the configuration and the
-    queue directory as serve sees them from now on (``/`` inside the jail).  The
-    mail log file stays open across the switch (trimail.log)."""
-    if os.geteuid() != 0:
-        return config, queue_directory
-    if config.allow_root:
-        log.warning("running as root: allow_root = yes (development and test suites only)")
-        return config, queue_directory
-    if helper and privileged.needed(config):
-        try:  # the root part of delivery: /file, |command targets and virtual mailboxes as their owners
-            privileged.start(config)
-        except OSError as exc:
-            log.warning("cannot start the root delivery helper (file and command targets and virtual mailboxes "
-                        "of other uids will be deferred): %s", exc)
-    with maillog.entering_jail(queue_directory) if config.chroot else contextlib.nullcontext():
-        drop_privileges(config.mail_owner, queue_directory, config.chroot, handed_over=handed_over)
-    if config.chroot:  # trimail.check warned at start about files the jail hides
-        config = config.with_overrides({"queue_directory": "/"})
-        queue_directory = Path("/")
-    log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
-    return config, queue_directory
-
-
-def preflight(config: Config) -> None:
-    """What would make the Server fail at start is found before any port is open:
-    the TLS certificate is loaded once here (ConfigError: exit 2, one line).  This
-    is also the last moment it can be read as root and outside the jail."""
-    if config.smtpd_tls_cert_file:
-        server_tls_context(config)
-
-
-async def recover(writer: QueueWriter, queue_directory: Path) -> None:
-    """Messages an earlier run left ``active`` go back to ``incoming``; a queue that
-    cannot even do that is a QueueError (one fatal line at start)."""
-    try:
-        recovered = await writer.run(Store.recover_active)
-    except QueueError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - the database opened but cannot be written
-        raise QueueError(f"{queue_directory / 'queue.db'}: {describe(exc)}") from None
-    if recovered:
-        log.info("recovered %d message(s) left active by an earlier run", recovered)
 
 
 async def serve_sessions(server: Server, listeners: list[Endpoint],
@@ -572,41 +476,3 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                  stats.batches, stats.requests, stats.largest_batch, stats.commit_seconds)
         log.info("terminating on stop request")
 
-
-class OpenedQueue:
-    """The queue as serve holds it: its directory (``/`` once inside the jail: the
-    writer's connections read it when they open), the lock and the writer."""
-
-    def __init__(self, directory: Path, lock: QueueLock, busy_timeout: float) -> None:
-        self.directory = directory
-        self.lock = lock
-        self.busy_timeout = busy_timeout
-        self.writer: QueueWriter
-
-    def open_store(self) -> Store:
-        return Store.open(self.directory, busy_timeout=self.busy_timeout)
-
-
-@contextlib.asynccontextmanager
-async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
-    """The start-up steps both process models share, in order: the descriptor
-    limit, the queue lock, the start-time warnings, the queue database (opened,
-    migrated, recovered: a queue that cannot be opened ends serve with one line
-    before any port is open) and the TLS certificate (``preflight``).  The lock is
-    released when the block ends."""
-    raise_descriptor_limit()
-    directory = Path(config.queue_directory)
-    prepare_directory(directory)
-    lock = QueueLock(directory)
-    lock.acquire()
-    try:
-        for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
-            log.warning("%s", warning)
-        queue = OpenedQueue(directory, lock, config.queue_busy_timeout)
-        async with QueueWriter(queue.open_store) as writer:
-            queue.writer = writer
-            await recover(writer, directory)
-            preflight(config)
-            yield queue
-    finally:
-        lock.release()

@@ -51,7 +51,7 @@ from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress, parse_host_port
 from trimail.delivery.local import privileged
 from trimail.delivery.smtp import Connector
-from trimail.master import Server, become_mail_owner, preflight, recover, serve_sessions
+from trimail.master import Server, serve_sessions
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver
 from trimail.policy.restrictions import restriction_lists
@@ -64,6 +64,7 @@ from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.scheduler.trigger import QmgrTrigger, receive_triggers
+from trimail.startup import become_mail_owner, preflight, recover
 from trimail.supervise import describe
 
 log = logging.getLogger("trimail.master")
