@@ -76,7 +76,7 @@ STOP_MARGIN = 15.0  # seconds beyond graceful_timeout before a stopping worker i
 
 class Master:
     """Handle on a running multi-process serve: what ``trimail`` commands and
-    signals act on (the same ``stop``/``reload``/``metrics`` as trimail.master.Server)."""
+    signals act on (the same ``stop``/``reload``/``metrics`` as trimail.service.Server)."""
 
     def __init__(self, config: Config, writer: QueueWriter, lock: QueueLock, listeners: list[Endpoint],
                  fork_server: ForkServer | None = None) -> None:
