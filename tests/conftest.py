@@ -20,7 +20,8 @@ import trio
 from tests.dnsserver import run_dns_server
 from trimail import config as configuration
 from trimail.config import Config
-from trimail.master import Server, serve
+from trimail.master import serve
+from trimail.service import Server
 
 
 def write_main_cf(directory: Path, **params: object) -> Path:

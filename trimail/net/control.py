@@ -6,7 +6,7 @@ due), ``wake`` (only wake it: hold, release, delete, requeue) and ``ping``.  The
 to make serve act now; the database stays the source of truth, so a tool works
 the same when serve is not running.  ``reload``, ``stop``, ``status`` and ``dead``
 (the destinations the queue manager holds dead, as JSON: trimail.qshape) come
-from master.Server.
+from service.Server.
 
 Security: the socket is 0600 (only root and mail_owner reach it).  A command line
 is at most 256 bytes and must arrive within 5 s; clients are served concurrently

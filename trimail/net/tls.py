@@ -52,7 +52,7 @@ class TlsPolicy:
 
 
 # The last certificate loaded from each (cert, key) path.  serve loads it at start, as root and
-# outside any chroot jail (master.preflight); when the path cannot be opened later (the jail, or a
+# outside any chroot jail (startup.preflight); when the path cannot be opened later (the jail, or a
 # root-only key after the switch to mail_owner), reload keeps that one instead of failing.
 _loaded: dict[tuple[str, str], ssl.SSLContext] = {}
 _kept_warned: set[tuple[str, str]] = set()

@@ -1,6 +1,6 @@
 """``trimail serve`` with worker processes: the master's start-up and run.
 
-The start-up steps are the single process's (trimail.master.opened_queue): the
+The start-up steps are the single process's (trimail.startup.opened_queue): the
 descriptor limit, the queue lock, the warnings, the queue database (opened,
 migrated, recovered) and the certificate; then every listener, the control
 socket and the metrics endpoint; then, started as root, the queue directory is
@@ -20,10 +20,10 @@ from pathlib import Path
 import trio
 
 from trimail.config import Config
-from trimail.master import open_endpoints, opened_queue
 from trimail.privileges import hand_over, owner_ids
 from trimail.processes.forkserver import ForkServer
 from trimail.processes.supervisor import Master
+from trimail.startup import open_endpoints, opened_queue
 
 log = logging.getLogger("trimail.master")
 

@@ -47,7 +47,7 @@ from trimail import __version__
 from trimail import config as configuration
 from trimail.config import Config, ConfigError
 from trimail.maps import TableError
-from trimail.master import LISTENERS, Endpoint, notify_systemd
+from trimail.master import notify_systemd
 from trimail.metrics import Metrics
 from trimail.net.control import serve_control
 from trimail.net.http import serve_metrics
@@ -63,6 +63,7 @@ from trimail.processes.slot import Slot, Worker, WorkerStartError, exit_text
 from trimail.queue.lock import QueueLock
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.trigger import QmgrTrigger
+from trimail.startup import LISTENERS, Endpoint
 from trimail.supervise import Backoff, contained, describe
 
 log = logging.getLogger("trimail.master")
@@ -75,7 +76,7 @@ STOP_MARGIN = 15.0  # seconds beyond graceful_timeout before a stopping worker i
 
 class Master:
     """Handle on a running multi-process serve: what ``trimail`` commands and
-    signals act on (the same ``stop``/``reload``/``metrics`` as trimail.master.Server)."""
+    signals act on (the same ``stop``/``reload``/``metrics`` as trimail.service.Server)."""
 
     def __init__(self, config: Config, writer: QueueWriter, lock: QueueLock, listeners: list[Endpoint],
                  fork_server: ForkServer | None = None) -> None:

@@ -7,7 +7,7 @@ fork server started it (trimail.processes.forkserver), and for smtpd
 ``listeners`` (``[fd, kind, configured address]``), for qmgr ``addresses`` (what
 serve listens on: mail for them is mail for us).
 
-- **smtpd worker**: ``trimail.master.Server`` with every listener, its own
+- **smtpd worker**: ``trimail.service.Server`` with every listener, its own
   group-commit writer, its sessions and policy; new mail is committed as
   ``incoming`` and the qmgr is woken through the trigger.  ``stop`` closes its
   listeners and drains its sessions, as a single-process serve does.
@@ -27,7 +27,7 @@ Exit status: 0 after a stop, 2 for a configuration error, 1 otherwise.
 
 Parameters: queue_directory, queue_busy_timeout, myhostname, chroot, maillog_file,
 syslog_facility, dns_nameservers, dns_concurrency_limit (plus what the smtpd and qmgr
-roles read: trimail.smtpd, trimail.scheduler.qmgr).
+roles read: trimail.service, trimail.scheduler.qmgr).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress, parse_host_port
 from trimail.delivery.local import privileged
 from trimail.delivery.smtp import Connector
-from trimail.master import Server, become_mail_owner, preflight, recover, serve_sessions
+from trimail.master import serve_sessions
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver
 from trimail.policy.restrictions import restriction_lists
@@ -64,6 +64,8 @@ from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.scheduler.trigger import QmgrTrigger, receive_triggers
+from trimail.service import Server
+from trimail.startup import become_mail_owner, preflight, recover
 from trimail.supervise import describe
 
 log = logging.getLogger("trimail.master")

@@ -1,0 +1,181 @@
+"""The start-up steps of a serve, which both process models share (master.serve and
+trimail.processes.serve, whose workers take the last ones: trimail.processes.worker).
+
+In order (``opened_queue``): the open-files limit raised to the hard limit (each
+SMTP session holds one descriptor); the queue directory, created 0700; the queue lock (``$queue_directory/pid/master.pid``,
+in a directory only root writes, opened without following links: trimail.queue.lock);
+the start-time warnings (trimail.check); the queue database, opened, migrated and
+recovered (``recover``: messages an earlier run left ``active`` go back to
+``incoming``), so a queue that cannot be opened ends serve with one fatal line
+before any port is open (no client is accepted and then reset); the TLS
+certificate (``preflight``), loaded once as root and outside any jail (same rule).
+Then ``open_endpoints`` binds the SMTP listeners (``LISTENERS``: the services and
+the parameter with their addresses), the control socket and the metrics endpoint,
+closing those already open when one cannot be bound; and ``become_mail_owner``,
+started as root, starts the root local delivery helper
+(trimail.delivery.local.privileged), enters the jail with ``chroot = yes`` (the
+mail log stays open across it, see trimail.log) and drops to ``mail_owner``.
+
+Security: the lock file lives where only root writes and is never followed through
+a link; the certificate and the listeners are opened before privileges are
+dropped, so neither the jail nor ``mail_owner`` needs access to them; ``allow_root
+= yes`` (test suites and development only) keeps root and says so in the log.
+
+Parameters: queue_directory, queue_busy_timeout, smtpd_tls_cert_file, smtpd_listen,
+submission_listen, smtps_listen, metrics_listen, mail_owner, allow_root, chroot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import trio
+
+from trimail import log as maillog
+from trimail.check import warnings as check_warnings
+from trimail.config import Config
+from trimail.config.values import ListenAddress
+from trimail.delivery.local import privileged
+from trimail.net.control import open_control_listener
+from trimail.net.listener import open_listeners
+from trimail.net.tls import server_tls_context
+from trimail.privileges import drop_privileges
+from trimail.queue.lock import QueueLock
+from trimail.queue.store import QueueError, Store, prepare_directory
+from trimail.queue.writer import QueueWriter
+from trimail.supervise import describe
+
+log = logging.getLogger("trimail.master")
+
+# (session kind, parameter with its addresses): port 25, 587 (STARTTLS, AUTH), 465 (implicit TLS)
+LISTENERS = (("smtp", "smtpd_listen"), ("submission", "submission_listen"), ("smtps", "smtps_listen"))
+# an open SMTP listener: (listener, session kind, configured address)
+Endpoint = tuple[trio.SocketListener, str, ListenAddress]
+
+
+def raise_descriptor_limit() -> None:
+    """Use the hard limit for open files: each SMTP session holds one descriptor."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+
+
+class OpenedQueue:
+    """The queue as serve holds it: its directory (``/`` once inside the jail: the
+    writer's connections read it when they open), the lock and the writer."""
+
+    def __init__(self, directory: Path, lock: QueueLock, busy_timeout: float) -> None:
+        self.directory = directory
+        self.lock = lock
+        self.busy_timeout = busy_timeout
+        self.writer: QueueWriter
+
+    def open_store(self) -> Store:
+        return Store.open(self.directory, busy_timeout=self.busy_timeout)
+
+
+@contextlib.asynccontextmanager
+async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
+    """The start-up steps both process models share, in order: the descriptor
+    limit, the queue lock, the start-time warnings, the queue database (opened,
+    migrated, recovered: a queue that cannot be opened ends serve with one line
+    before any port is open) and the TLS certificate (``preflight``).  The lock is
+    released when the block ends."""
+    raise_descriptor_limit()
+    directory = Path(config.queue_directory)
+    prepare_directory(directory)
+    lock = QueueLock(directory)
+    lock.acquire()
+    try:
+        for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
+            log.warning("%s", warning)
+        queue = OpenedQueue(directory, lock, config.queue_busy_timeout)
+        async with QueueWriter(queue.open_store) as writer:
+            queue.writer = writer
+            await recover(writer, directory)
+            preflight(config)
+            yield queue
+    finally:
+        lock.release()
+
+
+async def recover(writer: QueueWriter, queue_directory: Path) -> None:
+    """Messages an earlier run left ``active`` go back to ``incoming``; a queue that
+    cannot even do that is a QueueError (one fatal line at start)."""
+    try:
+        recovered = await writer.run(Store.recover_active)
+    except QueueError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the database opened but cannot be written
+        raise QueueError(f"{queue_directory / 'queue.db'}: {describe(exc)}") from None
+    if recovered:
+        log.info("recovered %d message(s) left active by an earlier run", recovered)
+
+
+def preflight(config: Config) -> None:
+    """What would make the Server fail at start is found before any port is open:
+    the TLS certificate is loaded once here (ConfigError: exit 2, one line).  This
+    is also the last moment it can be read as root and outside the jail."""
+    if config.smtpd_tls_cert_file:
+        server_tls_context(config)
+
+
+async def open_endpoints(config: Config, queue_directory: Path
+                         ) -> tuple[list[Endpoint], trio.SocketListener, list[trio.SocketListener]]:
+    """Bind every SMTP listener, the control socket and the metrics endpoint; when
+    one cannot be opened, those already open are closed and ListenError raised."""
+    opened: list[trio.SocketListener] = []
+    try:
+        listeners: list[Endpoint] = []
+        for kind, parameter in LISTENERS:
+            for address in config.get(parameter):
+                for listener in await open_listeners([address]):
+                    opened.append(listener)
+                    listeners.append((listener, kind, address))
+        control = await open_control_listener(queue_directory)
+        opened.append(control)
+        metrics_listeners = await open_listeners(config.metrics_listen)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            for listener in opened:
+                await listener.aclose()
+        raise
+    return listeners, control, metrics_listeners
+
+
+def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = True,
+                      handed_over: bool = False) -> tuple[Config, Path]:
+    """Started as root: start the root delivery helper (when file or command
+    targets are allowed or virtual(8) mailboxes are configured:
+    trimail.delivery.local.privileged), then become
+    mail_owner (entering the chroot jail first when ``chroot = yes``), unless
+    ``allow_root``.  Returns the configuration and the
+    queue directory as serve sees them from now on (``/`` inside the jail).  The
+    mail log file stays open across the switch (trimail.log)."""
+    if os.geteuid() != 0:
+        return config, queue_directory
+    if config.allow_root:
+        log.warning("running as root: allow_root = yes (development and test suites only)")
+        return config, queue_directory
+    if helper and privileged.needed(config):
+        try:  # the root part of delivery: /file, |command targets and virtual mailboxes as their owners
+            privileged.start(config)
+        except OSError as exc:
+            log.warning("cannot start the root delivery helper (file and command targets and virtual mailboxes "
+                        "of other uids will be deferred): %s", exc)
+    with maillog.entering_jail(queue_directory) if config.chroot else contextlib.nullcontext():
+        drop_privileges(config.mail_owner, queue_directory, config.chroot, handed_over=handed_over)
+    if config.chroot:  # trimail.check warned at start about files the jail hides
+        config = config.with_overrides({"queue_directory": "/"})
+        queue_directory = Path("/")
+    log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
+    return config, queue_directory
