@@ -58,7 +58,8 @@ from trimail.processes.aggregate import merge
 from trimail.processes.board import SLOTS, SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.clients import ClientBoard
-from trimail.processes.forkserver import ForkedProcess, ForkServer
+from trimail.processes.forked import ForkedProcess
+from trimail.processes.forkserver import ForkServer
 from trimail.processes.slot import Slot, Worker, WorkerStartError, exit_text
 from trimail.queue.lock import QueueLock
 from trimail.queue.writer import QueueWriter
