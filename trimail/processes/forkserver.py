@@ -11,6 +11,11 @@ server answers ``{"id", "pid"}`` and, when a worker exits, ``{"exited", "code"}`
 (it is their parent and reaps them).  A new interpreter for every worker cost
 0.45 s of CPU each, at every start, restart and reload.
 
+This module is the master's end (``ForkServer``: start it, ``spawn`` a worker,
+``run`` reading its answers, ``shut`` it); the fork server's own loop is
+trimail.processes.forkloop, and the handle on each forked worker
+trimail.processes.forked (``ForkedProcess``).
+
 Lifetime: it dies with the master (``PR_SET_PDEATHSIG``) and its workers die with
 it, so nothing outlives the master.  It ignores SIGINT, SIGHUP and SIGTERM (a
 terminal's ^C and systemd's stop reach the whole group: the master and its
@@ -23,6 +28,8 @@ its locks held).
 
 A worker started by the fork server runs the code that serve started with, also
 after a reload; a new version of trimail takes effect when serve starts again.
+
+Parameters: none.
 """
 
 from __future__ import annotations
@@ -32,7 +39,6 @@ import gc
 import json
 import logging
 import os
-import selectors
 import signal
 import socket
 import sys
@@ -43,86 +49,13 @@ from typing import Any
 
 import trio
 
+from trimail.processes import forkloop
+from trimail.processes.forked import ForkedProcess, until_exited
+from trimail.processes.forkloop import DESCRIPTOR_LIMIT, MESSAGE_LIMIT
+
 log = logging.getLogger("trimail.master")
 
-MESSAGE_LIMIT = 1 << 20  # bytes of one request: a spec names its listeners, at most a few hundred
-DESCRIPTOR_LIMIT = 253  # SCM_RIGHTS' own limit per message (SCM_MAX_FD)
 REPLY_TIMEOUT = 10.0  # seconds for the fork server to answer a request
-REPORT_WAIT = 2.0  # seconds for the fork server to report the status of a worker that has exited
-UNKNOWN_STATUS = 256  # a worker's status that the fork server never reported
-
-
-class ForkedProcess:
-    """A worker forked by the fork server: what the master uses of ``subprocess.Popen``.
-    Its exit status comes from the fork server (its parent); that it exited, also
-    from a pidfd taken when its pid was reported, so a fork server that stopped
-    answering (SIGSTOP) cannot hide a worker's death."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        self.exited = trio.Event()
-        self._orphaned = False
-        try:
-            self._pidfd: int | None = os.pidfd_open(pid)
-        except OSError:  # exited and reaped already: its report is on its way
-            self._pidfd = None
-
-    def poll(self) -> int | None:
-        return self.returncode
-
-    def ended(self, code: int) -> None:
-        if self.returncode is None:
-            self.returncode = code
-        if self._pidfd is not None:
-            trio.lowlevel.notify_closing(self._pidfd)  # a task waiting on it wakes up
-            os.close(self._pidfd)
-            self._pidfd = None
-        self.exited.set()
-
-    async def until_exited(self) -> None:
-        """Until it has exited, reaped or not."""
-        if self._pidfd is not None:
-            try:
-                await trio.lowlevel.wait_readable(self._pidfd)
-            except trio.ClosedResourceError:  # its report came meanwhile
-                pass
-
-    def send_signal(self, signum: int) -> None:
-        if self.returncode is None:
-            try:
-                os.kill(self.pid, signum)
-            except ProcessLookupError:  # exited; the report is on its way
-                pass
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def orphan(self) -> None:
-        """Its fork server died: it dies too (``PR_SET_PDEATHSIG``), and no status
-        will come."""
-        self._orphaned = True
-        if self._pidfd is None:  # reaped already: gone
-            self.ended(-signal.SIGKILL)
-
-    async def wait(self) -> int:
-        """Until it has exited; its status (the one task that waits on its pidfd)."""
-        if self.returncode is None and self._pidfd is not None:
-            await self.until_exited()  # it has exited (a zombie until the fork server reaps it)
-            if not self._orphaned:
-                with trio.move_on_after(REPORT_WAIT):
-                    await self.exited.wait()
-            if self.returncode is None and self._orphaned:
-                self.ended(-signal.SIGKILL)
-            elif self.returncode is None:  # the fork server does not say how it ended (stopped, stuck)
-                log.warning("worker pid %d exited and the fork server did not say how", self.pid)
-                self.ended(UNKNOWN_STATUS)
-        await self.exited.wait()
-        assert self.returncode is not None
-        return self.returncode
 
 
 class ForkServer:
@@ -158,7 +91,7 @@ class ForkServer:
             code = 1
             try:
                 ours.close()
-                code = _serve(theirs, master)
+                code = forkloop.run(theirs, master)
             except BaseException:  # noqa: BLE001 - the process's last boundary: say why, then go
                 traceback.print_exc()
             finally:
@@ -273,129 +206,3 @@ class ForkServer:
             os.waitpid(self.pid, 0)
         except ChildProcessError:  # reaped already
             pass
-
-
-async def until_exited(pid: int) -> None:
-    """Until process *pid* has exited (a pidfd, as trio itself waits; it need not be
-    our child)."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:  # gone (and reaped) already
-        return
-    try:
-        await trio.lowlevel.wait_readable(pidfd)
-    finally:
-        os.close(pidfd)
-
-
-# -- the fork server process ---------------------------------------------------------
-
-
-def _serve(sock: socket.socket, master: int) -> int:
-    from trimail.processes.worker import die_with_master
-
-    die_with_master(master)
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_IGN)
-    wake_read, wake_write = os.pipe()
-    os.set_blocking(wake_write, False)
-    os.set_blocking(wake_read, False)
-    signal.signal(signal.SIGCHLD, lambda *_: None)
-    signal.set_wakeup_fd(wake_write)
-    children: set[int] = set()
-    selector = selectors.DefaultSelector()
-    selector.register(sock, selectors.EVENT_READ)
-    selector.register(wake_read, selectors.EVENT_READ)
-    accepting = True
-    while accepting or children:
-        for key, _ in selector.select():
-            if key.fileobj is sock:
-                try:
-                    data, fds, _, _ = socket.recv_fds(sock, MESSAGE_LIMIT, DESCRIPTOR_LIMIT)
-                except OSError:
-                    data, fds = b"", []
-                if not data:
-                    accepting = False
-                    selector.unregister(sock)
-                    continue
-                _fork_one(sock, data, fds, children, [wake_read, wake_write, selector.fileno()])
-            else:
-                try:
-                    os.read(wake_read, 512)
-                except BlockingIOError:
-                    pass
-        _reap(sock, children)
-    return 0
-
-
-def _reap(sock: socket.socket, children: set[int]) -> None:
-    while children:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            children.clear()
-            return
-        if pid == 0:
-            return
-        children.discard(pid)
-        _say(sock, {"exited": pid, "code": os.waitstatus_to_exitcode(status)})
-
-
-def _say(sock: socket.socket, message: dict[str, Any]) -> None:
-    try:
-        sock.send(json.dumps(message).encode())
-    except OSError:  # the master is gone or closed its end: nothing to tell
-        pass
-
-
-def _fork_one(sock: socket.socket, data: bytes, fds: list[int], children: set[int], own: list[int]) -> None:
-    request: Any = None
-    try:
-        request = json.loads(data)
-        spec, sent = request["spec"], request["fds"]
-        if len(sent) != len(fds):
-            raise ValueError(f"{len(fds)} descriptors received, {len(sent)} named")
-        if time.monotonic() > float(request.get("deadline", "inf")):  # the master has given up on it
-            raise ValueError("the request came after its deadline")
-        mapping = dict(zip(sent, fds, strict=True))
-        parent = os.getpid()
-        pid = os.fork()
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        for fd in fds:
-            os.close(fd)
-        _say(sock, {"id": request.get("id") if isinstance(request, dict) else None, "error": str(exc)})
-        return
-    if pid == 0:
-        _run_worker(sock, spec, mapping, parent, own)
-    for fd in fds:
-        os.close(fd)
-    children.add(pid)
-    _say(sock, {"id": request["id"], "pid": pid})
-
-
-def _run_worker(sock: socket.socket, spec: dict[str, Any], mapping: dict[int, int], parent: int,
-                own: list[int]) -> None:
-    """In the forked child: the worker, then exit (never back into the loop)."""
-    code = 1
-    try:
-        signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_DFL)
-        sock.close()
-        for fd in own:
-            os.close(fd)
-        gc.unfreeze()
-        from trimail.processes.worker import renumbered, run
-
-        run(renumbered(spec, mapping, parent))
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except BaseException:  # noqa: BLE001 - the process's last boundary
-        traceback.print_exc()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)

@@ -18,7 +18,7 @@ import trio
 
 from trimail.errors import TrimailError
 from trimail.processes.channel import Channel, ChannelClosed
-from trimail.processes.forkserver import UNKNOWN_STATUS, ForkedProcess, until_exited
+from trimail.processes.forked import UNKNOWN_STATUS, ForkedProcess, until_exited
 
 REQUEST_TIMEOUT = 10.0  # seconds for a worker to answer the master
 

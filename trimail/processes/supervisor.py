@@ -20,6 +20,11 @@ replacement workers, which open the queue, start the root delivery helper and
 enter the jail before they drop privileges, as Postfix's master does); it
 reads nothing from the network except the metrics endpoint's bounded requests.
 
+This module keeps the slots: a worker's restart with back-off, retiring slots
+(stop, or an older generation), asking every worker at once, and the stop.  A
+worker process is started by trimail.processes.spawn, a reload applied by
+trimail.processes.reload, the operator's reports made by trimail.processes.reports.
+
 Restart with back-off, reload by generations, stop, and what is counted where:
 docs/architecture.md, section "Processes".
 
@@ -29,46 +34,39 @@ trimail.master.serve reads).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import trio
 from prometheus_client import Counter
 
 from trimail import __version__
-from trimail import config as configuration
-from trimail.config import Config, ConfigError
-from trimail.maps import TableError
+from trimail.config import Config
 from trimail.master import notify_systemd
 from trimail.metrics import Metrics
 from trimail.net.control import serve_control
 from trimail.net.http import serve_metrics
-from trimail.net.listener import ListenError, bound_address, open_listeners
-from trimail.policy.restrictions import restriction_lists
+from trimail.net.listener import bound_address
 from trimail.processes import reports
 from trimail.processes.aggregate import merge
 from trimail.processes.board import SLOTS, SessionBoard
-from trimail.processes.channel import Channel, ChannelClosed
+from trimail.processes.channel import ChannelClosed
 from trimail.processes.clients import ClientBoard
-from trimail.processes.forkserver import ForkedProcess, ForkServer
+from trimail.processes.forkserver import ForkServer
+from trimail.processes.reload import apply_reload, workers_wanted
 from trimail.processes.slot import Slot, Worker, WorkerStartError, exit_text
+from trimail.processes.spawn import became_ready, spawn
 from trimail.queue.lock import QueueLock
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.trigger import QmgrTrigger
-from trimail.startup import LISTENERS, Endpoint
+from trimail.startup import Endpoint
 from trimail.supervise import Backoff, contained, describe
 
 log = logging.getLogger("trimail.master")
 
-START_TIMEOUT = 60.0  # seconds for a worker to report ready
 ASK_TIMEOUT = 3.0  # seconds for status, dead and metrics answers: well within the CLI's and the scrape's 10 s
 STEADY = 60.0  # a worker that ran this long before it died restarts without back-off history
 STOP_MARGIN = 15.0  # seconds beyond graceful_timeout before a stopping worker is killed
@@ -119,65 +117,6 @@ class Master:
 
     # -- workers ------------------------------------------------------------
 
-    def _spec(self, slot: Slot, channel_fd: int) -> tuple[dict[str, Any], list[int]]:
-        spec: dict[str, Any] = {"role": slot.role, "config": str(self.config.path) if self.config.path else None,
-                                "overrides": list(self.config.overrides), "master": os.getpid(),
-                                "channel": channel_fd, "lock": self.lock.fileno(), "generation": slot.generation}
-        fds = [channel_fd, self.lock.fileno()]
-        if slot.role == "smtpd":
-            spec["board"], spec["slot"], spec["clients"] = self.board.fd, slot.board_slot, self.clients.fd
-            spec["workers"] = slot.peers  # several: they take turns to accept (SessionBoard.my_turn)
-            fds += [self.board.fd, self.clients.fd]
-            spec["trigger"] = self._send_trigger.fileno()
-            spec["listeners"] = [[listener.socket.fileno(), kind, str(configured)]
-                                 for listener, kind, configured in self.endpoints]
-            fds += [self._send_trigger.fileno(), *(fd for fd, _, _ in spec["listeners"])]
-        else:
-            spec["trigger"] = self._receive_trigger.fileno()
-            spec["addresses"] = [str(address) for address in self.addresses]
-            fds.append(self._receive_trigger.fileno())
-        return spec, fds
-
-    async def _spawn(self, slot: Slot) -> Worker:
-        """Forked by the fork server, or else with a new interpreter.  Each try has a
-        channel of its own: a fork that comes after its request gave up finds its
-        channel closed and exits, never sharing the next worker's."""
-        if self.fork_server is not None and self.fork_server.alive:
-            worker = await self._start(slot, forked=True)
-            if worker is not None:
-                return worker
-        worker = await self._start(slot, forked=False)
-        assert worker is not None
-        return worker
-
-    async def _start(self, slot: Slot, forked: bool) -> Worker | None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        process: subprocess.Popen[bytes] | ForkedProcess | None = None
-        try:
-            spec, fds = self._spec(slot, theirs.fileno())
-            if forked:
-                assert self.fork_server is not None
-                process = await self.fork_server.spawn(spec, fds)
-            else:
-                # started from this (the main) thread, not trio's thread pool: the worker's
-                # PR_SET_PDEATHSIG fires when the thread that started it exits
-                process = subprocess.Popen(  # noqa: ASYNC220 - must be this thread (above); it returns at once
-                    [sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
-                    pass_fds=fds, stdin=subprocess.DEVNULL)
-        finally:
-            theirs.close()
-            if process is None:
-                ours.close()
-        return None if process is None else Worker(slot, process, Channel(ours))
-
-    async def _ready(self, worker: Worker) -> bool:
-        try:
-            with trio.fail_after(START_TIMEOUT):
-                said = await worker.channel.receive()
-        except (ChannelClosed, trio.TooSlowError):
-            return False
-        return "ready" in said
-
     async def _keep(self, slot: Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Run a worker in *slot* until the slot is retired; the first start's
         failure is raised (to start-up or reload), later ones are retried.  A
@@ -194,7 +133,7 @@ class Master:
             while True:
                 began = time.monotonic()
                 try:
-                    worker = await self._spawn(slot)
+                    worker = await spawn(self, slot)
                 except (OSError, ValueError) as exc:  # no process at all: out of memory, processes, descriptors
                     if first:
                         raise WorkerStartError(f"{slot.role} worker could not be started: {describe(exc)}") from None
@@ -230,7 +169,7 @@ class Master:
         ready (then *task_status*, when given, is told)."""
         ready = False
         try:
-            if await self._ready(worker):
+            if await became_ready(worker):
                 ready = True
                 slot.worker = worker
                 if task_status is not None:
@@ -380,69 +319,7 @@ class Master:
             if self._stop.is_set():
                 log.info("reload ignored: serve is stopping")
                 return "error: serve is stopping"
-            return await self._reload()
-
-    async def _reload(self) -> str:
-        opened: list[Endpoint] = []
-        try:
-            text = read_main_cf(self.config.path)
-            fresh = configuration.load(self.config.path, self.config.overrides, text=text)
-            restriction_lists(fresh)
-            wanted = {(kind, str(address)): address for kind, parameter in LISTENERS for address in fresh.get(parameter)}
-            for key, address in wanted.items():
-                if key not in self.listening:
-                    opened += [(listener, key[0], address) for listener in await open_listeners([address])]
-        except (ConfigError, TableError, OSError, ListenError) as exc:
-            for listener, _, _ in opened:
-                await listener.aclose()
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            return f"error: {exc}"
-        previous, self.config = self.config, fresh
-        removed = {key: entries for key, entries in self.listening.items() if key not in wanted}
-        for key in removed:
-            del self.listening[key]
-        for endpoint in opened:
-            self.listening.setdefault((endpoint[1], str(endpoint[2])), []).append(endpoint)
-        old = [slot for slot in self.slots if slot.role == "smtpd"]
-        try:
-            self.generation += 1
-            await self._start_slots("smtpd", workers_wanted(fresh), self.generation)
-        except WorkerStartError as exc:  # the new workers cannot run: the old ones go on as they were
-            self.config = previous
-            for endpoint in opened:
-                self.listening[(endpoint[1], str(endpoint[2]))].remove(endpoint)
-            self.listening = {key: entries for key, entries in self.listening.items() if entries}
-            self.listening.update(removed)
-            for listener, _, _ in opened:
-                await listener.aclose()
-            log.error("reload refused, keeping the running configuration: %s", exc)
-            return f"error: {exc}"
-        self.retired += old
-        await self._retire(old, command="retire")  # they close their listeners and finish their sessions
-        for entries in removed.values():
-            for listener, _, _ in entries:
-                await listener.aclose()
-        await self._reload_qmgr(fresh, text)
-        self.reloads += 1
-        log.info("reload -- version %s, configuration %s", __version__, fresh.source)
-        return "ok"
-
-    async def _reload_qmgr(self, fresh: Config, text: str | None) -> None:
-        """The qmgr worker takes the new configuration in place (its deliveries in
-        flight finish as they began); main.cf's text comes with the request, so a
-        qmgr in the jail needs no access to the file."""
-        qmgr = [slot for slot in self.slots if slot.role == "qmgr"]
-        if "qmgr" in fresh.master_service_disable:
-            await self._retire(qmgr, wait=True)
-            return
-        if not qmgr:
-            await self._start_slots("qmgr", 1, self.generation)
-            return
-        for worker in self._live("qmgr"):
-            try:
-                await worker.request("reload", addresses=[str(a) for a in self.addresses], main_cf=text)
-            except (ChannelClosed, trio.TooSlowError, RuntimeError) as exc:
-                log.warning("qmgr worker pid %d did not take the reload: %s", worker.pid, describe(exc))
+            return await apply_reload(self)
 
     async def run(self, control: trio.SocketListener, metrics_listeners: list[trio.SocketListener], *,
                   task_status: trio.TaskStatus[Master] = trio.TASK_STATUS_IGNORED) -> None:
@@ -477,20 +354,3 @@ class Master:
             await self._retire(self.slots + self._retiring(), wait=True)
             supervising.cancel_scope.cancel()
 
-
-def read_main_cf(path: Path | None) -> str | None:
-    """main.cf's text, read once by the master for itself and for the qmgr worker."""
-    if path is None:
-        return None
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read configuration: {exc.strerror}") from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text: {exc.reason}") from None
-
-
-def workers_wanted(config: Config) -> int:
-    if config.smtpd_workers == 0:
-        log.warning("smtpd_workers = 0 takes effect when serve starts again; keeping one smtpd worker")
-    return max(1, config.smtpd_workers)

@@ -1,0 +1,105 @@
+"""Starting one worker process for a slot: its spec, the descriptors it inherits,
+forked by the fork server or else a new interpreter, and its first word (ready).
+
+The spec (trimail.processes.worker reads it) names the configuration file and
+the ``-o`` overrides, never the configuration itself: the worker loads it.  An
+smtpd worker gets the listening sockets, the session board, the client board and
+the sending end of the qmgr trigger; the qmgr worker gets the trigger's receiving
+end and the listening addresses (mail for them is mail for us).  Both get the
+queue lock's descriptor and their channel.
+
+Each try has a channel of its own: a fork that comes after its request gave up
+(trimail.processes.forkserver) finds its channel closed and exits, never sharing
+the next worker's.  A worker started with a new interpreter is started from the
+main thread: its ``PR_SET_PDEATHSIG`` fires when the thread that started it exits.
+
+Security: a worker inherits only the descriptors its spec names (``pass_fds``, or
+``SCM_RIGHTS`` to the fork server).
+
+Parameters: none (the worker reads its configuration itself).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from trimail.processes.channel import Channel, ChannelClosed
+from trimail.processes.forked import ForkedProcess
+from trimail.processes.slot import Slot, Worker
+
+if TYPE_CHECKING:
+    from trimail.processes.supervisor import Master
+
+START_TIMEOUT = 60.0  # seconds for a worker to report ready
+
+
+def worker_spec(master: Master, slot: Slot, channel_fd: int) -> tuple[dict[str, Any], list[int]]:
+    """The spec of a worker for *slot* and the descriptors it names."""
+    spec: dict[str, Any] = {"role": slot.role, "config": str(master.config.path) if master.config.path else None,
+                            "overrides": list(master.config.overrides), "master": os.getpid(),
+                            "channel": channel_fd, "lock": master.lock.fileno(), "generation": slot.generation}
+    fds = [channel_fd, master.lock.fileno()]
+    if slot.role == "smtpd":
+        spec["board"], spec["slot"], spec["clients"] = master.board.fd, slot.board_slot, master.clients.fd
+        spec["workers"] = slot.peers  # several: they take turns to accept (SessionBoard.my_turn)
+        fds += [master.board.fd, master.clients.fd]
+        spec["trigger"] = master._send_trigger.fileno()
+        spec["listeners"] = [[listener.socket.fileno(), kind, str(configured)]
+                             for listener, kind, configured in master.endpoints]
+        fds += [master._send_trigger.fileno(), *(fd for fd, _, _ in spec["listeners"])]
+    else:
+        spec["trigger"] = master._receive_trigger.fileno()
+        spec["addresses"] = [str(address) for address in master.addresses]
+        fds.append(master._receive_trigger.fileno())
+    return spec, fds
+
+
+async def spawn(master: Master, slot: Slot) -> Worker:
+    """Forked by the fork server, or else with a new interpreter.  Each try has a
+    channel of its own: a fork that comes after its request gave up finds its
+    channel closed and exits, never sharing the next worker's."""
+    if master.fork_server is not None and master.fork_server.alive:
+        worker = await _start(master, slot, forked=True)
+        if worker is not None:
+            return worker
+    worker = await _start(master, slot, forked=False)
+    assert worker is not None
+    return worker
+
+
+async def _start(master: Master, slot: Slot, forked: bool) -> Worker | None:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    process: subprocess.Popen[bytes] | ForkedProcess | None = None
+    try:
+        spec, fds = worker_spec(master, slot, theirs.fileno())
+        if forked:
+            assert master.fork_server is not None
+            process = await master.fork_server.spawn(spec, fds)
+        else:
+            # started from this (the main) thread, not trio's thread pool: the worker's
+            # PR_SET_PDEATHSIG fires when the thread that started it exits
+            process = subprocess.Popen(  # noqa: ASYNC220 - must be this thread (above); it returns at once
+                [sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
+                pass_fds=fds, stdin=subprocess.DEVNULL)
+    finally:
+        theirs.close()
+        if process is None:
+            ours.close()
+    return None if process is None else Worker(slot, process, Channel(ours))
+
+
+async def became_ready(worker: Worker) -> bool:
+    """Whether *worker* reported ready within ``START_TIMEOUT``."""
+    try:
+        with trio.fail_after(START_TIMEOUT):
+            said = await worker.channel.receive()
+    except (ChannelClosed, trio.TooSlowError):
+        return False
+    return "ready" in said
