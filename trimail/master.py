@@ -57,8 +57,8 @@ from trimail import log as maillog
 from trimail.check import warnings as check_warnings
 from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress
+from trimail.delivery.connector import Connector
 from trimail.delivery.local import privileged
-from trimail.delivery.smtp import Connector
 from trimail.maps import TableError
 from trimail.metrics import Metrics
 from trimail.net.control import open_control_listener, serve_control

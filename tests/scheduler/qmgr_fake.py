@@ -11,9 +11,10 @@ import trio
 
 from trimail.cleanup import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
+from trimail.delivery.connector import ConnectionFailed
 from trimail.delivery.outcome import Outcome, deferred, sent
 from trimail.delivery.route import Route
-from trimail.delivery.smtp import ConnectionFailed, Envelope
+from trimail.delivery.smtp import Envelope
 from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.scheduler.dead import DeadSites
 from trimail.scheduler.destination import Destination, Job, start_workers

@@ -53,10 +53,11 @@ import trio
 from trimail.cleanup import RWR_PARAM
 from trimail.config import Config
 from trimail.delivery import attempt
+from trimail.delivery.connector import ConnectionFailed, Connector
 from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded, Forward, LocalAgent
 from trimail.delivery.outcome import Outcome, sent
 from trimail.delivery.route import Route
-from trimail.delivery.smtp import Connection, ConnectionFailed, Connector
+from trimail.delivery.smtp import Connection
 from trimail.delivery.virtual import VirtualAgent
 from trimail.metrics import Metrics
 from trimail.queue import transitions

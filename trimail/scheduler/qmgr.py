@@ -50,10 +50,10 @@ import trio
 from trimail.cleanup import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
 from trimail.delivery.bounce import status_of
+from trimail.delivery.connector import Connector
 from trimail.delivery.local.agent import LocalAgent
 from trimail.delivery.outcome import Outcome, bounced, deferred, sent
 from trimail.delivery.route import FILTER_PARAM, Route, RouteError, Router
-from trimail.delivery.smtp import Connector
 from trimail.delivery.virtual import VirtualAgent
 from trimail.errors import StorageError
 from trimail.maps import TableError, off_loop
