@@ -17,8 +17,9 @@ from trimail.delivery.route import Route
 from trimail.delivery.smtp import Envelope
 from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.scheduler.dead import DeadSites
-from trimail.scheduler.destination import Destination, Job, start_workers
+from trimail.scheduler.destination import Destination, Job
 from trimail.scheduler.slots import AgentSlots
+from trimail.scheduler.workers import start_workers
 
 REFUSED = deferred("4.7.0", "host peer[127.0.70.9]:25 refused to talk to me: 421 4.7.0 Too many connections")
 

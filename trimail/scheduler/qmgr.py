@@ -17,8 +17,8 @@ Claimed messages are split per recipient by route into jobs (at most
 A message whose destinations all hold their share of the active queue
 (``qmgr_destination_active_share``) is parked in the deferred queue instead
 (``scheduler/share.py``).  ``scheduler/destination.py`` has the destinations,
-their workers and connections (at most ``default_process_limit`` delivering at
-once, ``scheduler/slots.py``); ``scheduler/results.py`` turns outcomes into records, retries, bounces and
+``scheduler/workers.py`` their workers and connections (at most
+``default_process_limit`` delivering at once, ``scheduler/slots.py``); ``scheduler/results.py`` turns outcomes into records, retries, bounces and
 delay warnings.
 
 New mail takes a shortcut.  When the scheduler has room, a session commits the
@@ -31,7 +31,7 @@ Parameters: qmgr_message_active_limit, qmgr_message_recipient_limit,
 default_process_limit, default_destination_concurrency_limit,
 <transport>_destination_concurrency_limit, default_destination_recipient_limit,
 <transport>_destination_recipient_limit, masquerade_domains, masquerade_exceptions,
-masquerade_classes, table_lookup_timeout (plus what share.py, destination.py and
+masquerade_classes, table_lookup_timeout (plus what share.py, workers.py and
 results.py read).
 """
 
@@ -62,17 +62,13 @@ from trimail.queue import transitions
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.queue.writer import QueueWriter
-from trimail.scheduler.destination import (
-    ContentError,
-    DeadSites,
-    Destination,
-    Job,
-    destination_key,
-    start_workers,
-)
+from trimail.scheduler.dead import DeadSites
+from trimail.scheduler.destination import Destination, Job, destination_key
 from trimail.scheduler.results import Results
 from trimail.scheduler.share import ParkingLot, Shares
 from trimail.scheduler.slots import AgentSlots
+from trimail.scheduler.transfer import ContentError
+from trimail.scheduler.workers import start_workers
 from trimail.supervise import Backoff, contained, report
 
 log = logging.getLogger("trimail.qmgr")
