@@ -15,8 +15,7 @@ MAX_LINES = 400
 # shrink: a module not named here that grows past the limit fails, and so does a module
 # named here that is back under it (take it off the list).
 OVER_THE_LIMIT = {
-    "queue/store.py", "delivery/smtp.py", "scheduler/qmgr.py", "scheduler/destination.py", "log.py",
-    "delivery/local/privileged.py",
+    "queue/store.py", "log.py", "delivery/local/privileged.py",
 }
 
 

@@ -43,8 +43,8 @@ from trimail import __version__, anvil
 from trimail import config as configuration
 from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress
+from trimail.delivery.connector import Connector
 from trimail.delivery.local import privileged
-from trimail.delivery.smtp import Connector
 from trimail.maps import TableError
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver

@@ -11,13 +11,15 @@ import trio
 
 from trimail.cleanup import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
+from trimail.delivery.connector import ConnectionFailed
 from trimail.delivery.outcome import Outcome, deferred, sent
 from trimail.delivery.route import Route
-from trimail.delivery.smtp import ConnectionFailed, Envelope
+from trimail.delivery.smtp import Envelope
 from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.scheduler.dead import DeadSites
-from trimail.scheduler.destination import Destination, Job, start_workers
+from trimail.scheduler.destination import Destination, Job
 from trimail.scheduler.slots import AgentSlots
+from trimail.scheduler.workers import start_workers
 
 REFUSED = deferred("4.7.0", "host peer[127.0.70.9]:25 refused to talk to me: 421 4.7.0 Too many connections")
 

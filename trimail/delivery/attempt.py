@@ -20,9 +20,10 @@ import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable
 
+from trimail.delivery.connector import ConnectionFailed, Connector
 from trimail.delivery.outcome import Outcome
 from trimail.delivery.route import Route
-from trimail.delivery.smtp import Connection, ConnectionFailed, Connector, Envelope
+from trimail.delivery.smtp import Connection, Envelope
 from trimail.supervise import report
 
 log = logging.getLogger("trimail.smtp")

@@ -89,9 +89,10 @@ import trio
 
 from trimail import rewrite
 from trimail.config import Config
+from trimail.delivery.connector import ConnectionFailed, Connector
 from trimail.delivery.outcome import classify
 from trimail.delivery.route import SMTP_TRANSPORTS, Route, RouteError, Router
-from trimail.delivery.smtp import ConnectionFailed, ConnectionLost, Connector
+from trimail.delivery.smtp import ConnectionLost
 from trimail.maps import TableError, off_loop
 from trimail.net.dns import Resolver
 from trimail.policy.registry import DUNNO, Request, Result, Verdict, register

@@ -49,8 +49,8 @@ from trimail import config as configuration
 from trimail import log as maillog
 from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress, parse_host_port
+from trimail.delivery.connector import Connector
 from trimail.delivery.local import privileged
-from trimail.delivery.smtp import Connector
 from trimail.master import serve_sessions
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver

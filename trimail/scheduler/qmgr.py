@@ -10,16 +10,14 @@ recipients are active (small messages come with their content, within
 sleeps until a new message is committed, an operator flushes, a delivery frees a
 slot, or the next deferred message is due: no polling, no table scans, no sort.
 
-Claimed messages are split per recipient by route into jobs (at most
-``<transport>_destination_recipient_limit`` recipients each, default
-``default_destination_recipient_limit``) and queued on their destination
-(transport, nexthop), new mail and retries in turn (``scheduler/jobqueue.py``).
-A message whose destinations all hold their share of the active queue
-(``qmgr_destination_active_share``) is parked in the deferred queue instead
-(``scheduler/share.py``).  ``scheduler/destination.py`` has the destinations,
-their workers and connections (at most ``default_process_limit`` delivering at
-once, ``scheduler/slots.py``); ``scheduler/results.py`` turns outcomes into records, retries, bounces and
-delay warnings.
+Claimed messages are split per recipient by route into jobs and queued on their
+destinations, or parked when those hold their share of the active queue
+(``scheduler/dispatch.py``, the ``Dispatcher`` base class of ``Scheduler``).
+``scheduler/destination.py`` has the destinations, ``scheduler/workers.py`` their
+workers and connections (at most ``default_process_limit`` delivering at once,
+``scheduler/slots.py``); ``scheduler/results.py`` turns outcomes into records,
+retries, bounces and delay warnings.  ``complete()`` records a job's outcomes and
+finishes a message after its last job.
 
 New mail takes a shortcut.  When the scheduler has room, a session commits the
 message straight into ``active`` and hands it over in memory (with its content,
@@ -28,17 +26,13 @@ commit plus a claim plus a read; a crash before delivery returns it to
 ``incoming`` at the next start like any active message.
 
 Parameters: qmgr_message_active_limit, qmgr_message_recipient_limit,
-default_process_limit, default_destination_concurrency_limit,
-<transport>_destination_concurrency_limit, default_destination_recipient_limit,
-<transport>_destination_recipient_limit, masquerade_domains, masquerade_exceptions,
-masquerade_classes, table_lookup_timeout (plus what share.py, destination.py and
-results.py read).
+default_process_limit, masquerade_domains, masquerade_exceptions,
+masquerade_classes (plus what dispatch.py, share.py, workers.py and results.py read).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -49,30 +43,24 @@ import trio
 
 from trimail.cleanup import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
-from trimail.delivery.bounce import status_of
+from trimail.delivery.connector import Connector
 from trimail.delivery.local.agent import LocalAgent
-from trimail.delivery.outcome import Outcome, bounced, deferred, sent
-from trimail.delivery.route import FILTER_PARAM, Route, RouteError, Router
-from trimail.delivery.smtp import Connector
+from trimail.delivery.outcome import Outcome, deferred
+from trimail.delivery.route import Router
 from trimail.delivery.virtual import VirtualAgent
 from trimail.errors import StorageError
-from trimail.maps import TableError, off_loop
 from trimail.metrics import Metrics
 from trimail.queue import transitions
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.transitions import ClaimedMessage, QueuedRecipient
 from trimail.queue.writer import QueueWriter
-from trimail.scheduler.destination import (
-    ContentError,
-    DeadSites,
-    Destination,
-    Job,
-    destination_key,
-    start_workers,
-)
+from trimail.scheduler.dead import DeadSites
+from trimail.scheduler.destination import Destination, Job
+from trimail.scheduler.dispatch import Dispatcher
 from trimail.scheduler.results import Results
 from trimail.scheduler.share import ParkingLot, Shares
 from trimail.scheduler.slots import AgentSlots
+from trimail.scheduler.transfer import ContentError
 from trimail.supervise import Backoff, contained, report
 
 log = logging.getLogger("trimail.qmgr")
@@ -113,7 +101,7 @@ def schedule_round(store: Store, now: float, room: int, recipients: int | None =
     return claimed, transitions.next_due(store)
 
 
-class Scheduler:
+class Scheduler(Dispatcher):
     def __init__(self, config: Config, writer: QueueWriter, connector: Connector) -> None:
         self.writer = writer
         self.connector = connector
@@ -243,46 +231,6 @@ class Scheduler:
             [QueuedRecipient(seq, address, 0, None) for seq, address in enumerate(message.recipients)],
             content))
 
-    def _dispatch_safely(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None,
-                         park: bool = True) -> None:
-        """Split a message into jobs; one that cannot even be split is deferred whole
-        (4.3.0).  When a transport table may block (a file being re-read, ``hash:``),
-        the routes are looked up on a lookup thread first, so no session waits."""
-        if routes is None and any(table.may_block() for table in self.router.tables):
-            self._track(message, 1)  # counted while its routes are looked up
-            self.idle = trio.Event() if self.idle.is_set() else self.idle
-            assert self._nursery is not None
-            self._nursery.start_soon(self._supervised, f"{message.id}: routing", self._route_off_loop, message)
-            return
-        try:
-            self._dispatch(message, routes, park)
-        except Exception as exc:
-            report(f"{message.id}: scheduling", exc, self.metrics, logger=log)
-            outcome = deferred("4.3.0", "mail system temporarily unable to schedule this message")
-            assert self._nursery is not None
-            self._track(message, 1)
-            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
-                                     message, [(recipient, outcome) for recipient in message.recipients])
-
-    async def _route_off_loop(self, message: ClaimedMessage) -> None:
-        router = self.router
-        try:
-            routes = await off_loop(router.tables, self._route_all, router, message,
-                                    timeout=self.config.table_lookup_timeout)
-        except TableError as exc:
-            routes = [exc] * len(message.recipients)
-        self._dispatch_safely(message, routes)
-
-    @staticmethod
-    def _route_all(router: Router, message: ClaimedMessage) -> list[Route | Exception]:
-        routes: list[Route | Exception] = []
-        for recipient in message.recipients:
-            try:
-                routes.append(router.route(recipient.address, message.params.get(FILTER_PARAM)))
-            except (RouteError, TableError) as exc:
-                routes.append(exc)
-        return routes
-
     def _track(self, message: ClaimedMessage, outstanding: int) -> ActiveMessage:
         """Count *message* as active (again) with *outstanding* jobs."""
         if message.id not in self.active:
@@ -298,80 +246,6 @@ class Scheduler:
             self._held -= len(message.content)
         if not self.active:
             self.idle.set()
-
-    def _dispatch(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None,
-                  park: bool = True) -> None:
-        self.idle = trio.Event() if self.idle.is_set() else self.idle
-        groups: dict[tuple[str, str, int, bool], tuple[Route, list[QueuedRecipient]]] = {}
-        immediate: list[tuple[QueuedRecipient, Outcome]] = []
-        if routes is None:
-            routes = self._route_all(self.router, message)
-        for recipient, route in zip(message.recipients, routes, strict=True):
-            if isinstance(route, Exception):
-                log.warning("%s: transport table problem: %s", message.id, route)
-                immediate.append((recipient, deferred("4.3.0", f"mail transport unavailable: {route}")))
-                continue
-            if route.transport == "error":
-                text = route.nexthop or "5.0.0 mail delivery is not allowed"
-                dsn = status_of(text)
-                immediate.append((recipient, bounced(dsn, text) if dsn[0] == "5" else deferred(dsn, text)))
-            elif route.transport == "discard":
-                immediate.append((recipient, sent(f"discarded{': ' + route.nexthop if route.nexthop else ''}")))
-            else:
-                groups.setdefault(destination_key(route, recipient), (route, []))[1].append(recipient)
-        assert self._nursery is not None
-        if park and groups and not immediate and all(
-                self.shares.congested(self.destinations.get(key), message.retry) for key in groups):
-            self._track(message, 1)  # counted until it is back in the deferred queue
-            until = self.shares.park_until(groups, self.wall_clock(), message.retry)
-            if self.parking.add(message, routes, until):
-                self._nursery.start_soon(self._supervised, "qmgr: parking", self.parking.drain, self.writer,
-                                         self._parked, functools.partial(self._dispatch_safely, park=False),
-                                         self.metrics)
-            return
-        jobs = [Job(message, recipients[i:i + limit], route, key)
-                for key, (route, recipients) in groups.items()
-                for limit in [self._recipient_limit(route)]
-                for i in range(0, len(recipients), limit)]
-        active = self._track(message, len(jobs) + (1 if immediate else 0))
-        if immediate:
-            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
-                                     message, immediate)
-        for job in jobs:
-            self._enqueue(job)
-        if active.outstanding == 0:  # no recipients left at all (all done before a crash)
-            self._nursery.start_soon(self._supervised, "qmgr: finishing a message", self._finish_only, message)
-
-    def _recipient_limit(self, route: Route) -> int:
-        """Recipients per delivery: <transport>_destination_recipient_limit."""
-        name = f"{route.transport}_destination_recipient_limit"
-        return max(1, int(self.config.get(name) if route.transport in ("smtp", "relay")
-                          else self.config.default_destination_recipient_limit))
-
-    def _parked(self, message: ClaimedMessage, until: float) -> None:
-        log.debug("%s: its destinations hold their share of the active queue: due again in %.0f s",
-                  message.id, until - self.wall_clock())
-        self._untrack(message)
-        self.wake()  # a slot is free for the next message, and a new due time is set
-
-    def _enqueue(self, job: Job) -> None:
-        key = job.key or job.route.key
-        assert self._nursery is not None
-        refusal = self.dead.refusal(key, time.time())
-        if refusal is not None:  # a dead destination: deferred at once, without a connection
-            self._nursery.start_soon(self._supervised, f"qmgr: deferring a job for {job.route}", self.complete,
-                                     job, [refusal] * len(job.recipients), "none", time.time())
-            return
-        dest = self.destinations.get(key)
-        if dest is None:
-            limit = self.config.get(f"{job.route.transport}_destination_concurrency_limit") \
-                if job.route.transport in ("smtp", "relay", "local") \
-                else self.config.default_destination_concurrency_limit
-            dest = self.destinations[key] = Destination(job.route, max(1, int(limit)), key)
-        dest.add(job)
-        if not self.shares.congested(dest, job.message.retry):
-            self.shares.relieved(key, job.message.retry)
-        start_workers(self, dest, self._nursery)  # up to its concurrency window (destination.py)
 
     async def _supervised(self, task: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
         """The last boundary of a task in the delivery nursery: a bug in one worker is
@@ -392,14 +266,6 @@ class Scheduler:
             return [deferred("4.3.0", "queue file is damaged: moved to the corrupt queue")] * len(job.recipients)
         report(f"{job.message.id}: delivery to {job.route}", exc, self.metrics, logger=log)
         return [deferred("4.3.0", "mail system temporarily unable to deliver: internal error")] * len(job.recipients)
-
-    async def _complete_immediate(self, message: ClaimedMessage, results: list[tuple[QueuedRecipient, Outcome]]) -> None:
-        job = Job(message, [r for r, _ in results], Route("none", "none"))
-        await self.complete(job, [o for _, o in results], "none", time.time())
-
-    async def _finish_only(self, message: ClaimedMessage) -> None:
-        self.active[message.id].outstanding = 1
-        await self.complete(Job(message, [], Route("none", "none")), [], "none", time.time())
 
     async def complete(self, job: Job, outcomes: list[Outcome], relay: str, started: float) -> None:
         """Record one job's outcomes; after the message's last job, finish it."""

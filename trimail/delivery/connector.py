@@ -1,0 +1,179 @@
+"""Opening the SMTP delivery agent's connections: from a route to a session that greeted.
+
+``Connector.open()`` tries the addresses ``mx.Targets`` gives (MX or ``[host]``, at
+most smtp_mx_address_limit, cut at our own preference) until one greets with ``220``
+and accepts EHLO (HELO as fallback): that session (``smtp.Connection``) carries the
+attempt; without one, ``ConnectionFailed`` carries the reason for every recipient.
+Towards port 25, an EHLO reply naming $myhostname is a loop: ``5.4.6 mail for X loops
+back to myself`` (``4.4.6`` below the best MX); a greeting naming it is only logged.
+A TLS handshake that fails at smtp_tls_security_level = may is tried again in clear;
+a host that refuses to talk is skipped for the next one and never bounces mail by
+itself.  ``attempt.deliver()`` moves the recipients a session leaves soft-failed on to
+the next mail host (``open(skip=)``, within smtp_mx_session_limit).
+
+Parameters: smtp_connect_timeout (and the other smtp_*_timeout, for the sessions it
+opens: ``smtp.Timeouts``), myhostname, smtp_mx_address_limit, smtp_mx_session_limit,
+proxy_interfaces, disable_mime_output_conversion, smtp_tls_security_level, smtp_tls_CAfile.
+
+Security notes: one attempt's fan-out (connections, lookups) is bounded
+(smtp_mx_address_limit, ``mx.Targets``); an address of our own (a listener, an
+interface of a wildcard listener, proxy_interfaces on port 25) is never connected to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Callable
+
+import trio
+
+from trimail.config import Config
+from trimail.config.values import ListenAddress
+from trimail.delivery.interfaces import OwnAddresses
+from trimail.delivery.mx import Targets, dns_outcome
+from trimail.delivery.outcome import Outcome, bounced, classify, deferred
+from trimail.delivery.route import DEFAULT_PORT, Route
+from trimail.delivery.smtp import Connection, ConnectionLost, Timeouts, TlsFailed, TlsRequired
+from trimail.net.dns import DnsError, MailHost, Resolver
+from trimail.net.stream import DirectStream
+from trimail.net.tls import TlsPolicy
+
+log = logging.getLogger("trimail.smtp")
+
+
+def connect_error(exc: OSError) -> str:
+    """A failed connect's errno text as Postfix writes it (``Connection refused``):
+    trio's open_tcp_stream raises one OSError ("all attempts to connect ... failed")
+    whose cause holds each attempt's error."""
+    attempts = getattr(exc.__cause__, "exceptions", None) or [exc]
+    for attempt in attempts:
+        if isinstance(attempt, OSError) and attempt.errno:
+            return os.strerror(attempt.errno)
+    return exc.strerror or str(exc)
+
+
+class ConnectionFailed(Exception):
+    """No host of the destination could be used; ``outcome`` applies to everyone queued."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.text)
+        self.outcome = outcome
+
+
+def _is_literal(address: str) -> bool:
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return True
+
+
+class Connector:
+    """Opens connections for routes: DNS, MX selection and loop detection (mx.Targets),
+    greeting and EHLO (with the EHLO name loop check)."""
+
+    def __init__(self, config: Config, resolver: Resolver,
+                 own_addresses: list[ListenAddress] | Callable[[], list[ListenAddress]],
+                 interfaces: OwnAddresses | None = None) -> None:
+        self.resolver = resolver
+        self.own = own_addresses
+        self.interfaces = interfaces or OwnAddresses()
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Settings for connections opened from now on (a reload)."""
+        self.helo_name: str = config.myhostname
+        self.timeouts = Timeouts.from_config(config)
+        self.proxies = frozenset(ipaddress.ip_address(a) for a in config.proxy_interfaces)
+        self.address_limit: int = config.smtp_mx_address_limit
+        self.session_limit: int = config.smtp_mx_session_limit
+        self.mime_conversion = not config.disable_mime_output_conversion
+        self.tls = TlsPolicy(config.smtp_tls_security_level or "none", config.smtp_tls_CAfile)
+
+    def _is_self(self, address: str, port: int) -> bool:
+        """Would a connection to *address*:*port* reach this MTA?  Yes if it is one of our
+        listeners (a wildcard listener counts for every address of the host), or a
+        proxy_interfaces address on port 25 (Postfix's smtp_find_self)."""
+        ip = ipaddress.ip_address(address)
+        if port == DEFAULT_PORT and ip in self.proxies:
+            return True
+        for own in self.own() if callable(self.own) else self.own:  # a callable follows reloads
+            if own.port != port:
+                continue
+            own_ip = ipaddress.ip_address(own.host)
+            if own_ip == ip or (own_ip.is_unspecified and self.interfaces.is_mine(ip)):
+                return True
+        return False
+
+    async def open(self, route: Route, *, skip: frozenset[str] = frozenset()) -> Connection:
+        """A session with the first mail host of *route* that greets and accepts EHLO
+        (never one of the addresses in *skip*); ConnectionFailed with the reason
+        when there is none."""
+        try:
+            hosts = await self.resolver.mx_hosts(route.nexthop) if route.mx else [MailHost(route.nexthop, 0)]
+        except DnsError as exc:
+            raise ConnectionFailed(dns_outcome(exc)) from None
+        # Postfix looks for loops only towards port 25: a content filter on another port
+        # of this host is no loop.  Our own listeners are known exactly and always count.
+        loop_detect = route.port == DEFAULT_PORT
+        targets = Targets(self.resolver, route.nexthop, hosts, address_limit=self.address_limit,
+                          is_self=lambda address: self._is_self(address, route.port), skip=skip)
+        last: Outcome | None = None
+        async for target in targets:
+            conn, outcome = await self._try(target.host, target.address, route.port)
+            if conn is not None and loop_detect and conn.ehlo_name.lower() == self.helo_name.lower():
+                log.warning("host %s replied to HELO/EHLO with my own hostname %s", conn.relay, self.helo_name)
+                conn.usable = False
+                await conn.close()
+                text = f"mail for {route.nexthop} loops back to myself"
+                if target.best:
+                    raise ConnectionFailed(bounced("5.4.6", text))
+                conn, outcome = None, deferred("4.4.6", text)
+            if conn is not None:
+                if loop_detect and conn.greeting_name.lower() == self.helo_name.lower():
+                    log.warning("host %s greeted me with my own hostname %s", conn.relay, self.helo_name)
+                return conn
+            last = outcome
+        failure = targets.failure if targets.loop or last is None else last
+        raise ConnectionFailed(failure or deferred("4.4.1", f"no mail host for {route.nexthop}"))
+
+    async def _try(self, host: str, address: str, port: int,
+                   tls: bool = True) -> tuple[Connection | None, Outcome | None]:
+        relay = f"{host}[{address}]:{port}"
+        try:
+            with trio.fail_after(self.timeouts.connect):
+                stream: trio.abc.Stream = await DirectStream.connect(address, port) if _is_literal(address) \
+                    else await trio.open_tcp_stream(address, port)
+        except trio.TooSlowError:
+            return None, deferred("4.4.1", f"connect to {relay}: Connection timed out")
+        except OSError as exc:
+            return None, deferred("4.4.1", f"connect to {relay}: {connect_error(exc)}")
+        conn = Connection(stream, host, address, port, self.timeouts)
+        conn.mime_conversion = self.mime_conversion
+        try:
+            reply = await conn.hello(self.helo_name, self.tls if tls else None)
+        except TlsRequired as exc:
+            await conn.close()
+            return None, deferred("4.7.4", exc.text)
+        except TlsFailed as exc:
+            await conn.close()
+            if self.tls.required:
+                return None, deferred("4.7.5", exc.text)
+            log.info("%s; trying again in clear (smtp_tls_security_level = may)", exc.text)
+            return await self._try(host, address, port, tls=False)
+        except ConnectionLost as exc:
+            await conn.close()
+            return None, deferred("4.4.2", exc.text)
+        if reply.code != 250:
+            conn.usable = reply.code not in (421,)
+            await conn.close()
+            stage = "the initial greeting" if reply.code != 250 else "EHLO"
+            outcome = classify(reply, relay, stage)
+            # a refusing host is skipped in favour of the next one, and never bounces mail by itself
+            return None, deferred("4.4.2" if outcome.status == "bounced" else outcome.dsn,
+                                  f"host {relay} refused to talk to me: {reply.code} {' '.join(reply.lines())}")
+        if conn.tls:
+            log.info("Anonymous TLS connection established to %s: %s", relay, conn.tls)
+        return conn, None
