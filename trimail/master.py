@@ -73,8 +73,9 @@ from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verify import Verifier, clean_cache
 from trimail.privileges import drop_privileges
 from trimail.qshape import dead_destinations
+from trimail.queue.database import QueueError, prepare_directory
 from trimail.queue.lock import QueueLock
-from trimail.queue.store import QueueError, Store, prepare_directory
+from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 from trimail.receive.context import ReceiveContext
 from trimail.receive.session import SmtpdSession
