@@ -34,7 +34,7 @@ from typing import Any, TextIO
 from trimail import log as maillog
 from trimail.net.control import send_command
 from trimail.queue.admin import AGE_BUCKETS
-from trimail.queue.store import rfc3339
+from trimail.queue.reads import rfc3339
 
 DEAD_LIST_LIMIT = 1000  # dead destinations serve lists in one answer (all are counted)
 DEAD_LIST_BYTES = 256 << 10  # and at most this much JSON of them

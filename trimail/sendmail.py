@@ -70,9 +70,10 @@ from trimail import cleanup
 from trimail.config import Config, ConfigError, load
 from trimail.maps import open_table
 from trimail.net.control import send_command
+from trimail.queue.database import QueueError
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
-from trimail.queue.store import NewMessage, QueueError, Store
+from trimail.queue.store import NewMessage, Store
 from trimail.smtp.address import AddressError, check_mailbox
 
 EX_DATAERR = 65  # sysexits.h: the input data was incorrect

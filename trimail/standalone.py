@@ -40,8 +40,8 @@ from trimail import cleanup
 from trimail.config import Config
 from trimail.log import printable
 from trimail.maps import TableError, open_table
+from trimail.queue.database import QueueError
 from trimail.queue.ids import new_queue_id
-from trimail.queue.store import QueueError
 from trimail.receive.context import protocol_settings
 from trimail.smtp import replies
 from trimail.smtp.events import (

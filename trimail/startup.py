@@ -44,8 +44,9 @@ from trimail.net.control import open_control_listener
 from trimail.net.listener import open_listeners
 from trimail.net.tls import server_tls_context
 from trimail.privileges import drop_privileges
+from trimail.queue.database import QueueError, prepare_directory
 from trimail.queue.lock import QueueLock
-from trimail.queue.store import QueueError, Store, prepare_directory
+from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 from trimail.supervise import describe
 

@@ -21,7 +21,7 @@ from tests import postfix_peer
 from tests.conftest import trimail, write_main_cf
 from tests.peers import Sink
 from trimail.cli import mailq
-from trimail.queue.store import MessageInfo, RecipientInfo
+from trimail.queue.reads import MessageInfo, RecipientInfo
 
 HEADER = "----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------"
 DEC_1 = time.mktime((2026, 12, 1, 10, 0, 0, 0, 0, -1))  # a Tuesday, 10:00 local time

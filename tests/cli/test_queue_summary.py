@@ -13,7 +13,8 @@ from pathlib import Path
 from tests.conftest import trimail, write_main_cf
 from tests.queue.bulk import fill_queue
 from trimail.queue.ids import new_queue_id
-from trimail.queue.store import MessageInfo, Store
+from trimail.queue.reads import MessageInfo
+from trimail.queue.store import Store
 
 BUCKETS = (("5m", 300), ("1h", 3600), ("1d", 86400), ("older", float("inf")))
 

@@ -78,7 +78,7 @@ def ask_helper(config_path: Path, request: dict[str, object], content: bytes) ->
     from trimail.delivery.local.privileged import PACKAGE_ROOT
 
     read_end, write_end = os.pipe()
-    proc = subprocess.Popen([sys.executable, "-m", "trimail.delivery.local.privileged", str(read_end)],
+    proc = subprocess.Popen([sys.executable, "-m", "trimail.delivery.local.roothelper", str(read_end)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, pass_fds=(read_end,), cwd="/",
                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": PACKAGE_ROOT})
     os.close(read_end)
@@ -182,7 +182,7 @@ def test_the_helper_ends_quietly_on_a_size_that_is_no_number(tmp_path, size):
 
     from tests.conftest import write_main_cf
     from trimail import config as configuration
-    from trimail.delivery.local.privileged import serve_requests
+    from trimail.delivery.local.roothelper import serve_requests
 
     config = configuration.load(write_main_cf(tmp_path))
     out = io.BytesIO()

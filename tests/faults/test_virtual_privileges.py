@@ -1,5 +1,5 @@
 """virtual(8) delivery in production: serve started as root drops to ``mail_owner``
-(``allow_root = no``) and its root helper (trimail.delivery.local.privileged) writes
+(``allow_root = no``) and its root helper (trimail.delivery.local.roothelper) writes
 virtual mailboxes as their mapped owner (issue 14: deliveries a postmaster can
 trust).  The helper trusts only the recipient and the message: it looks the
 mailbox and the owner up itself, validates the path, refuses root, and never
@@ -42,7 +42,7 @@ def every_file(top: Path) -> set[Path]:
 
 def helper_pid(serve_pid: int) -> int:
     """The delivery helper: the process under serve (a child of serve, or of its
-    qmgr worker) that runs ``trimail.delivery.local.privileged``, as root (the fork server
+    qmgr worker) that runs ``trimail.delivery.local.roothelper``, as root (the fork server
     under a master is root too, and is not it)."""
     for pid in process_tree(serve_pid)[1:]:
         try:
@@ -50,7 +50,7 @@ def helper_pid(serve_pid: int) -> int:
             command = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if b"trimail.delivery.local.privileged" not in command:
+        if b"trimail.delivery.local.roothelper" not in command:
             continue
         fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
         if fields["Uid"].split()[0] == "0":

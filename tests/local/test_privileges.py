@@ -271,7 +271,7 @@ def test_the_helper_refuses_a_message_beyond_message_size_limit(tmp_path):
 
     from tests.conftest import write_main_cf
     from trimail import config as configuration
-    from trimail.delivery.local.privileged import MARGIN, serve_requests
+    from trimail.delivery.local.roothelper import MARGIN, serve_requests
 
     config = configuration.load(write_main_cf(tmp_path, message_size_limit="10000"))
     small = {"kind": "virtual", "sender": "a@b", "recipient": "x@nowhere.example"}

@@ -13,10 +13,11 @@ import pytest
 import trio
 
 from trimail.errors import StorageError
+from trimail.queue.database import QueueError
 from trimail.queue.ids import is_queue_id, new_queue_id
 from trimail.queue.schema import SCHEMA_VERSION
 from trimail.queue.spool import Spool
-from trimail.queue.store import NewMessage, QueueError, Store, TransitionError
+from trimail.queue.store import NewMessage, Store, TransitionError
 from trimail.queue.writer import QueueWriter
 
 

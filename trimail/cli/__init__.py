@@ -33,8 +33,8 @@ from trimail.errors import ConfigurationError, TrimailError
 from trimail.maps import TableError
 from trimail.net.listener import ListenError
 from trimail.privileges import PrivilegeError
+from trimail.queue.database import QueueError
 from trimail.queue.lock import AlreadyRunning
-from trimail.queue.store import QueueError
 
 app = App(name="trimail", help="A secure SMTP gateway MTA.", version=__version__,
           exit_on_error=False, print_error=True)

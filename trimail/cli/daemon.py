@@ -39,7 +39,8 @@ from trimail.cli import (
 )
 from trimail.config import Config
 from trimail.net.control import send_command
-from trimail.queue.store import QueueError, Store
+from trimail.queue.database import QueueError
+from trimail.queue.store import Store
 from trimail.supervise import contained
 
 if TYPE_CHECKING:

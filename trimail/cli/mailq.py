@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Iterable, Iterator
 
-from trimail.queue.store import MessageInfo, RecipientInfo
+from trimail.queue.reads import MessageInfo, RecipientInfo
 
 HEADINGS = ("----Queue ID-----", "--Size--", "---Arrival Time----", "--Sender/Recipient------")
 STATE_MARK = {"active": "*", "hold": "!"}

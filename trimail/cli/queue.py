@@ -30,7 +30,9 @@ from trimail.cli import ConfigOption, Failure, Overrides, app, load_config, mail
 from trimail.config import Config
 from trimail.net.control import send_command
 from trimail.queue import admin, transitions
-from trimail.queue.store import MessageInfo, QueueError, Store
+from trimail.queue.database import QueueError
+from trimail.queue.reads import MessageInfo
+from trimail.queue.store import Store
 from trimail.smtp.address import is_domain
 
 queue_app = App(name="queue", help="Inspect and manage the mail queue (mailq, postqueue, postsuper).")

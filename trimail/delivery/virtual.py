@@ -32,7 +32,7 @@ group, before it reads the message or opens anything; so a link planted in a
 mailbox can only point where that owner could write anyway.  When serve runs as
 ``mail_owner`` (production) a mailbox mapped to serve's own uid and gid is
 written here; any other goes to the root helper started before the drop
-(trimail.delivery.local.privileged), which is sent only the sender, the recipient and the
+(trimail.delivery.local.roothelper), which is sent only the sender, the recipient and the
 message: it looks the recipient up again in its own tables (``privileged()``,
 refusing a domain that is not a virtual mailbox domain), checks the path and the
 owner itself and writes through the same child.  Without a helper such

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 import apsw
 
-from trimail.queue.store import Store, storage_error
+from trimail.queue.database import storage_error
+from trimail.queue.store import Store
 
 # The recipient's site; the same text as the recipient_site index of schema.py (3 -> 4)
 # so that SQLite uses the index.  The CASE takes the common address with one "@"

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import apsw
 
-from trimail.queue.store import QueueError, Store
+from trimail.queue.database import QueueError
+from trimail.queue.store import Store
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -137,7 +137,7 @@ class VerifyCache:
 
     def _open(self) -> apsw.Connection:
         # imported here: trimail.config imports this module (parse_map), and the store is slow to import
-        from trimail.queue.store import patient
+        from trimail.queue.database import patient
 
         name = str(self.path) if self.path is not None else ":memory:"
         db = apsw.Connection(name, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE

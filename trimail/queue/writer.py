@@ -51,7 +51,8 @@ import apsw
 import trio
 
 from trimail.errors import StorageError
-from trimail.queue.store import Store, storage_error
+from trimail.queue.database import storage_error
+from trimail.queue.store import Store
 
 log = logging.getLogger("trimail.queue")
 

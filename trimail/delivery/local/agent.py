@@ -26,7 +26,7 @@ user's primary group as the only group - never as root, never as
 ``mail_owner``, never with root's supplementary groups.  That needs serve to be
 root: a serve running as root (``allow_root = yes``) runs them itself; one that
 runs as ``mail_owner`` hands them to the root helper it started before the
-drop (trimail.delivery.local.privileged), which expands the recipient again and runs
+drop (trimail.delivery.local.roothelper), which expands the recipient again and runs
 only targets its own expansion yields; without the helper they are deferred
 (4.3.0), never run as ``mail_owner``.  ``allow_mail_to_files`` is
 checked against the target's source (alias or include).  A target an unsafe

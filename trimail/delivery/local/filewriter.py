@@ -9,7 +9,7 @@ with the message on standard input; started as root by
 LOCKS ATTEMPTS DELAY STALE``: the virtual(8) mailbox RELATIVE (validated by
 trimail.delivery.virtual) under BASE, a Maildir when MAILDIR is 1; started as
 root by ``trimail.delivery.virtual`` (in serve run as root, or in the root
-helper trimail.delivery.local.privileged).  A fresh process, never a fork of serve's
+helper trimail.delivery.local.roothelper).  A fresh process, never a fork of serve's
 threads: a fork keeps locks other threads held, this child starts clean.
 
 Once its modules are imported (the

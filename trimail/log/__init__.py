@@ -1,9 +1,9 @@
-"""Mail log lines in Postfix's format, so pflogsumm and operators' habits work.
+"""The mail log: its writer thread, and the calls serve makes on it (``setup``,
+``shutdown``, ``hurry``, ``entering_jail``, ``dropped_lines``, ``printable``).
 
-``Mon DD HH:MM:SS host trimail/<part>[pid]: text``; *part* is the last component
-of the logger name (``trimail.smtpd`` logs as ``trimail/smtpd``).  Messages are
-written to stderr by default, to ``maillog_file`` when set, or to syslog when it
-is ``syslog`` (with ``syslog_facility``).
+Lines are in Postfix's format (``format.py``), so pflogsumm and operators' habits
+work.  They are written to stderr by default, to ``maillog_file`` when set, or to
+syslog when it is ``syslog`` (with ``syslog_facility``): ``destinations.py``.
 
 Nothing on the event loop waits for the log destination.  ``setup`` puts a
 ``QueueHandler`` on the ``trimail`` logger: the thread that logs only merges the
@@ -24,16 +24,22 @@ is queued, waiting at most ``FLUSH_TIMEOUT`` seconds for a destination that
 does not move.
 
 ``maillog_file`` is opened at start (before serve drops root or enters its jail)
-and reopened when logrotate moves it (no signal needed): the writer thread
-compares the path's inode with the open file's before each write.  Inside a
-``chroot = yes`` jail the path is followed when the file lies inside
-``queue_directory``; a file outside the jail stays open and is written, but it
+and reopened when logrotate moves it (no signal needed).  Inside a ``chroot =
+yes`` jail the path is followed when the file lies inside ``queue_directory``
+(``entering_jail``); a file outside the jail stays open and is written, but it
 cannot be reopened (serve logs this once at start): rotate it with logrotate's
 ``copytruncate``, or use syslog or stderr.  Likewise, after serve became
 ``mail_owner``, a rotated file it may not open is not reopened (one warning; the
 old file goes on receiving the lines): let logrotate ``create`` it for
 ``mail_owner``.  Errors of the destination itself are written to stderr once per
 kind, never as a traceback.
+
+Security notes: ``printable`` is how client-supplied text is made safe for a line
+or a header (printable, bounded); a stuck destination never blocks a session or
+grows memory (the bound above).
+
+Parameters: maillog_file, syslog_facility (read by the caller and passed to
+``setup``).
 """
 
 from __future__ import annotations
@@ -41,7 +47,6 @@ from __future__ import annotations
 import atexit
 import logging
 import logging.handlers
-import os
 import queue
 import sys
 import threading
@@ -51,159 +56,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+from trimail.log.destinations import MailLogFile, StreamLog, SyslogLog
+from trimail.log.format import PostfixFormatter, SyslogFormatter
+
 MAX_QUEUED_LINES = 10_000
 BATCH_LINES = 512  # lines written together at most (one write() for the lines waiting)
 BATCH_WAIT = 0.01  # seconds the writer rests after a write (so a line may wait this long to be written)
 FLUSH_TIMEOUT = 5.0
 
 _listener: _Writer | None = None
-
-
-class PostfixFormatter(logging.Formatter):
-    """Formats one line per record; the timestamp is computed once per second
-    (the mail log is on the hot path of every message)."""
-
-    def __init__(self, hostname: str) -> None:
-        super().__init__()
-        self.hostname = hostname.split(".")[0] if hostname else "localhost"
-        self._pid = os.getpid()
-        self._second = -1
-        self._prefix = ""
-
-    def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            stamp = time.strftime("%b %e %H:%M:%S", time.localtime(second))
-            self._prefix = f"{stamp} {self.hostname} trimail/"
-        part = record.name.rsplit(".", 1)[-1] if "." in record.name else "master"
-        text = record.getMessage()
-        if record.levelno >= logging.ERROR:
-            text = f"error: {text}" if record.levelno < logging.CRITICAL else f"fatal: {text}"
-        elif record.levelno >= logging.WARNING:
-            text = f"warning: {text}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return f"{self._prefix}{part}[{self._pid}]: {text}"
-
-
-class SyslogFormatter(logging.Formatter):
-    """syslog adds time and host itself: ``trimail/part[pid]: text``."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = PostfixFormatter("x").format(record)
-        return line.split(" ", 4)[4]
-
-
-class _QuietErrors:
-    """A destination that fails (EPIPE, ENOSPC, EIO) says so on stderr once per
-    kind of error, in one line, instead of logging's traceback per record."""
-
-    _reported: set[str]
-
-    def handleError(self, record: logging.LogRecord) -> None:  # logging's name
-        error = sys.exc_info()[1]
-        kind = type(error).__name__
-        if kind in self._reported:
-            return
-        self._reported.add(kind)
-        try:
-            sys.stderr.write(f"trimail: warning: cannot write the mail log: {kind}: {error}\n")
-            sys.stderr.flush()
-        except (OSError, ValueError):
-            pass
-
-
-class _Batched:
-    """Stream destinations write the lines waiting with one ``write()`` and flush."""
-
-    stream: TextIO | None
-    terminator: str
-
-    def emit_many(self, records: list[logging.LogRecord]) -> None:  # the caller holds the lock
-        lines = []
-        for record in records:
-            try:
-                lines.append(self.format(record) + self.terminator)  # type: ignore[attr-defined]
-            except RecursionError:
-                raise
-            except Exception:  # noqa: BLE001 - logging's rule: the destination's trouble never reaches the caller
-                self.handleError(record)  # type: ignore[attr-defined]
-        if not lines or self.stream is None:
-            return
-        try:
-            self.stream.write("".join(lines))
-            self.flush()  # type: ignore[attr-defined]
-        except RecursionError:
-            raise
-        except Exception:  # noqa: BLE001 - as above (EPIPE, ENOSPC, EIO: said once per kind)
-            self.handleError(records[-1])  # type: ignore[attr-defined]
-
-
-class StreamLog(_QuietErrors, _Batched, logging.StreamHandler):  # type: ignore[type-arg]
-    def __init__(self, stream: TextIO) -> None:
-        super().__init__(stream)
-        self._reported = set()
-
-
-class SyslogLog(_QuietErrors, logging.handlers.SysLogHandler):
-    def __init__(self, facility: int) -> None:
-        super().__init__("/dev/log", facility=facility)
-        self._reported = set()
-
-
-class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
-    """``maillog_file``: reopened when logrotate moves it, while its path can be
-    seen and opened; otherwise the open file goes on receiving the lines."""
-
-    def __init__(self, filename: str) -> None:
-        super().__init__(filename, encoding="utf-8")
-        self._reported = set()
-        self.follow = True  # compare the path with the open file before each write
-
-    def emit_many(self, records: list[logging.LogRecord]) -> None:  # WatchedFileHandler.emit, once
-        self.reopenIfNeeded()
-        if self.stream is None and (self.mode != "w" or not self._closed):  # type: ignore[attr-defined]
-            self.stream = self._open()
-        super().emit_many(records)
-
-    def reopenIfNeeded(self) -> None:  # logging's name
-        if not self.follow:
-            return
-        try:
-            sres = os.stat(self.baseFilename)
-        except FileNotFoundError:
-            sres = None
-        if sres is not None and sres.st_dev == self.dev and sres.st_ino == self.ino:
-            return
-        try:
-            fresh = self._open()
-        except OSError as exc:  # e.g. the new file belongs to root now that we are mail_owner
-            self.follow = False
-            logging.getLogger("trimail.master").warning(
-                "maillog_file %s: cannot reopen after it was moved (%s); writing on to the moved file",
-                self.baseFilename, exc.strerror or exc)
-            return
-        old, self.stream = self.stream, fresh
-        if old is not None:
-            try:
-                old.close()
-            except OSError:
-                pass
-        self._statstream()
-
-    def enter_jail(self, root: Path) -> str | None:
-        """Follow the path as seen from inside a jail rooted at *root*; a warning
-        when the file lies outside it (then it is written, never reopened)."""
-        path = Path(self.baseFilename)
-        try:
-            inside = path.resolve().relative_to(root.resolve())
-        except ValueError:
-            self.follow = False
-            return (f"maillog_file {path} lies outside the chroot jail {root}: it stays open, but is not "
-                    "reopened when logrotate moves it (use copytruncate, syslog, or a file in the jail)")
-        self.baseFilename = str(Path("/") / inside)
-        return None
 
 
 class _BoundedQueueHandler(logging.handlers.QueueHandler):

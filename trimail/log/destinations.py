@@ -1,0 +1,140 @@
+"""Where the mail log goes: stderr, ``maillog_file``, or syslog.
+
+Each destination is a ``logging`` handler the writer thread (``trimail.log``)
+drives.  Stream destinations write the lines waiting with one ``write()``
+(``emit_many``); syslog gets one datagram per line.  ``maillog_file`` is opened at
+start (before serve drops root or enters its jail) and reopened when logrotate
+moves it (no signal needed): the path's inode is compared with the open file's
+before each write.  ``MailLogFile.enter_jail`` follows the path as seen from
+inside a ``chroot = yes`` jail when the file lies inside it; a file outside stays
+open and is written, never reopened.  A rotated file serve may no longer open (it
+became ``mail_owner``) is not reopened either: one warning, and the old file goes
+on receiving the lines.
+
+Security notes: a destination's own failure (EPIPE, ENOSPC, EIO) is said on stderr
+once per kind of error, in one line, never as a traceback per record, and never
+reaches the code that logged.
+
+Parameters: maillog_file, syslog_facility (read by the caller, which passes them
+to ``trimail.log.setup``).
+"""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+import sys
+from pathlib import Path
+from typing import TextIO
+
+
+class _QuietErrors:
+    """A destination that fails (EPIPE, ENOSPC, EIO) says so on stderr once per
+    kind of error, in one line, instead of logging's traceback per record."""
+
+    _reported: set[str]
+
+    def handleError(self, record: logging.LogRecord) -> None:  # logging's name
+        error = sys.exc_info()[1]
+        kind = type(error).__name__
+        if kind in self._reported:
+            return
+        self._reported.add(kind)
+        try:
+            sys.stderr.write(f"trimail: warning: cannot write the mail log: {kind}: {error}\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+class _Batched:
+    """Stream destinations write the lines waiting with one ``write()`` and flush."""
+
+    stream: TextIO | None
+    terminator: str
+
+    def emit_many(self, records: list[logging.LogRecord]) -> None:  # the caller holds the lock
+        lines = []
+        for record in records:
+            try:
+                lines.append(self.format(record) + self.terminator)  # type: ignore[attr-defined]
+            except RecursionError:
+                raise
+            except Exception:  # noqa: BLE001 - logging's rule: the destination's trouble never reaches the caller
+                self.handleError(record)  # type: ignore[attr-defined]
+        if not lines or self.stream is None:
+            return
+        try:
+            self.stream.write("".join(lines))
+            self.flush()  # type: ignore[attr-defined]
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 - as above (EPIPE, ENOSPC, EIO: said once per kind)
+            self.handleError(records[-1])  # type: ignore[attr-defined]
+
+
+class StreamLog(_QuietErrors, _Batched, logging.StreamHandler):  # type: ignore[type-arg]
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._reported = set()
+
+
+class SyslogLog(_QuietErrors, logging.handlers.SysLogHandler):
+    def __init__(self, facility: int) -> None:
+        super().__init__("/dev/log", facility=facility)
+        self._reported = set()
+
+
+class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
+    """``maillog_file``: reopened when logrotate moves it, while its path can be
+    seen and opened; otherwise the open file goes on receiving the lines."""
+
+    def __init__(self, filename: str) -> None:
+        super().__init__(filename, encoding="utf-8")
+        self._reported = set()
+        self.follow = True  # compare the path with the open file before each write
+
+    def emit_many(self, records: list[logging.LogRecord]) -> None:  # WatchedFileHandler.emit, once
+        self.reopenIfNeeded()
+        if self.stream is None and (self.mode != "w" or not self._closed):  # type: ignore[attr-defined]
+            self.stream = self._open()
+        super().emit_many(records)
+
+    def reopenIfNeeded(self) -> None:  # logging's name
+        if not self.follow:
+            return
+        try:
+            sres = os.stat(self.baseFilename)
+        except FileNotFoundError:
+            sres = None
+        if sres is not None and sres.st_dev == self.dev and sres.st_ino == self.ino:
+            return
+        try:
+            fresh = self._open()
+        except OSError as exc:  # e.g. the new file belongs to root now that we are mail_owner
+            self.follow = False
+            logging.getLogger("trimail.master").warning(
+                "maillog_file %s: cannot reopen after it was moved (%s); writing on to the moved file",
+                self.baseFilename, exc.strerror or exc)
+            return
+        old, self.stream = self.stream, fresh
+        if old is not None:
+            try:
+                old.close()
+            except OSError:
+                pass
+        self._statstream()
+
+    def enter_jail(self, root: Path) -> str | None:
+        """Follow the path as seen from inside a jail rooted at *root*; a warning
+        when the file lies outside it (then it is written, never reopened)."""
+        path = Path(self.baseFilename)
+        try:
+            inside = path.resolve().relative_to(root.resolve())
+        except ValueError:
+            self.follow = False
+            return (f"maillog_file {path} lies outside the chroot jail {root}: it stays open, but is not "
+                    "reopened when logrotate moves it (use copytruncate, syslog, or a file in the jail)")
+        self.baseFilename = str(Path("/") / inside)
+        return None

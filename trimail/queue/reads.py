@@ -1,0 +1,152 @@
+"""The queue's reads: message counts, the listings behind ``mailq`` and ``trimail
+queue list/show``, and a message's content.
+
+``QueueReads`` is the reading half of ``store.Store`` (a mixin on its connection);
+a listing runs in one read snapshot, so it sees one consistent state of the queue.
+``MessageInfo`` and ``RecipientInfo`` are what the listings return, with the JSON
+the CLI prints (times as RFC 3339, ``rfc3339``).
+
+Security notes: read-only SQL with bound parameters; a message's content comes
+back as bytes for the caller to print or deliver, never interpreted here.
+
+Parameters: none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
+
+import apsw
+
+
+@dataclasses.dataclass(slots=True)
+class RecipientInfo:
+    address: str
+    status: str
+    attempts: int
+    next_attempt: float | None
+    last_reply: str | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "address": self.address,
+            "status": self.status,
+            "attempts": self.attempts,
+            "next_attempt": rfc3339(self.next_attempt),
+            "last_reply": self.last_reply,
+        }
+
+
+@dataclasses.dataclass(slots=True)
+class MessageInfo:
+    id: str
+    state: str
+    sender: str
+    arrival_time: float
+    size: int
+    recipients: list[RecipientInfo]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "state": self.state,
+            "sender": self.sender,
+            "arrival_time": rfc3339(self.arrival_time),
+            "size": self.size,
+            "recipients": [r.to_json() for r in self.recipients],
+        }
+
+
+def _not_done(message: MessageInfo) -> bool:
+    return any(r.status in ("pending", "deferred") for r in message.recipients)
+
+
+def rfc3339(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class QueueReads:
+    """Reads on ``self.db``: ``store.Store`` mixes this into ``database.Database``,
+    whose ``read_snapshot`` they run in."""
+
+    db: apsw.Connection
+
+    if TYPE_CHECKING:
+        def read_snapshot(self) -> AbstractContextManager[None]: ...
+
+    def counts(self) -> dict[str, int]:
+        """Messages per state (states with none left out), from the counts the
+        triggers keep: five rows read, however long the queue."""
+        rows = self.db.execute("SELECT state, messages FROM queue_count WHERE messages != 0")
+        return {state: count for state, count in rows}
+
+    def oldest_arrival(self) -> float | None:
+        """The oldest message's arrival time (one step down the ``message_arrival`` index)."""
+        return self.db.execute("SELECT min(arrival_time) FROM message").fetchone()[0]
+
+    def iter_messages(self) -> Iterator[MessageInfo]:
+        """Like list_messages(), but streamed: one pass over both tables in queue-ID
+        order, so the first message comes out at once however long the queue is."""
+        with self.read_snapshot():
+            rows = self.db.execute(
+                "SELECT m.id, m.state, m.sender, m.arrival_time, m.size, r.address, r.status, r.attempts,"
+                " r.next_attempt, r.last_reply FROM message AS m JOIN recipient AS r ON r.message_id = m.id"
+                " ORDER BY m.id, r.seq")
+            current: MessageInfo | None = None
+            for message_id, state, sender, arrival, size, *recipient in rows:
+                if current is None or current.id != message_id:
+                    if current is not None and _not_done(current):
+                        yield current
+                    current = MessageInfo(message_id, state, sender, arrival, size, recipients=[])
+                current.recipients.append(RecipientInfo(*recipient))
+            if current is not None and _not_done(current):
+                yield current
+
+    def list_messages(self) -> list[MessageInfo]:
+        """Queued messages with at least one recipient not yet done, oldest first."""
+        messages: dict[str, MessageInfo] = {}
+        with self.read_snapshot():
+            for row in self.db.execute(
+                "SELECT id, state, sender, arrival_time, size FROM message ORDER BY id"
+            ):
+                messages[row[0]] = MessageInfo(*row, recipients=[])
+            for message_id, *fields in self.db.execute(
+                "SELECT message_id, address, status, attempts, next_attempt, last_reply"
+                " FROM recipient ORDER BY message_id, seq"
+            ):
+                info = messages.get(message_id)
+                if info is not None:
+                    info.recipients.append(RecipientInfo(*fields))
+        return [m for m in messages.values()
+                if any(r.status in ("pending", "deferred") for r in m.recipients)]
+
+    def get_message(self, queue_id: str) -> MessageInfo | None:
+        for info in self.list_messages_by_id([queue_id]):
+            return info
+        return None
+
+    def list_messages_by_id(self, ids: list[str]) -> list[MessageInfo]:
+        found = []
+        with self.read_snapshot():
+            for queue_id in ids:
+                row = self.db.execute(
+                    "SELECT id, state, sender, arrival_time, size FROM message WHERE id = ?", (queue_id,)
+                ).fetchone()
+                if row is None:
+                    continue
+                recipients = [RecipientInfo(*r) for r in self.db.execute(
+                    "SELECT address, status, attempts, next_attempt, last_reply FROM recipient"
+                    " WHERE message_id = ? ORDER BY seq", (queue_id,))]
+                found.append(MessageInfo(*row, recipients=recipients))
+        return found
+
+    def read_content(self, queue_id: str) -> bytes | None:
+        row = self.db.execute("SELECT content FROM body WHERE message_id = ?", (queue_id,)).fetchone()
+        return None if row is None else bytes(row[0])
