@@ -3,7 +3,7 @@
 Returns warnings, one line each: compiled tables (``hash:``/``btree:``) that are
 missing or older than their source file (run ``trimail postmap`` or
 ``trimail newaliases``), restriction lists that name an unknown restriction or
-use one where it cannot work (``trimail/policy/registry.py``; serve refuses to
+use one where it cannot work (``trimail/policy/engine.py``; serve refuses to
 start with the same error), a queue directory others can read, and with
 ``chroot = yes`` the files serve would need from inside the jail but cannot reach
 there (main.cf and the certificate for reload, lookup tables, resolv.conf).  serve logs the
@@ -18,7 +18,7 @@ Parameters: queue_directory, mail_owner, allow_root, chroot, smtpd_workers,
 smtpd_tls_cert_file, smtpd_tls_key_file, dns_nameservers, local_recipient_maps, the
 tables of alias_maps, alias_database, transport_maps and virtual_alias_maps, the
 listeners (smtpd_listen, submission_listen, smtps_listen, metrics_listen) and the
-smtpd_*_restrictions lists (through trimail.policy.registry).
+smtpd_*_restrictions lists (through trimail.policy.engine).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress
 from trimail.maps import compiled_path
-from trimail.policy.registry import restriction_lists
+from trimail.policy.engine import restriction_lists
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

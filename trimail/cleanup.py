@@ -44,7 +44,7 @@ from trimail.maps import Table, TableError, lookup_first
 from trimail.smtp.replies import Reply
 
 if TYPE_CHECKING:
-    from trimail.policy.registry import Request
+    from trimail.policy.engine import Request
     from trimail.policy.restrictions import Policy
 
 log = logging.getLogger("trimail.smtpd")
@@ -77,7 +77,7 @@ async def rewrite_context(policy: Policy, request: Request, clients: list[str]) 
     entry (or ``check_address_map type:table``) matches when the table has the client
     address as a key (``static:all`` matches every client), an unknown name is
     warned about and skipped."""
-    from trimail.policy.registry import PERMIT, REGISTRY, Verdict
+    from trimail.policy.engine import PERMIT, REGISTRY, Verdict
 
     items = iter(clients)
     for item in items:

@@ -22,7 +22,7 @@ from trimail import rewrite
 from trimail.maps import TableError
 from trimail.policy.access import address_keys
 from trimail.policy.dnschecks import address_literal, fqdn, hostname
-from trimail.policy.registry import DUNNO, PERMIT, Request, Result, Verdict, register
+from trimail.policy.engine import DUNNO, Request, Result, Verdict, register
 from trimail.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -201,30 +201,6 @@ async def check_recipient_access(policy: Policy, req: Request, kind: str, arg: s
         return DUNNO
     keys = address_keys(rewrite.canonical(req.recipient, policy.rewrite), "smtpd_access_maps" in policy.parent_matches)
     return await policy.access(req, "recipient", arg, keys, verdict)
-
-
-@register("reject_unauth_destination", needs="recipient")
-async def reject_unauth_destination(policy: Policy, req: Request, kind: str, arg: str | None,
-                                    verdict: Verdict) -> Result:
-    if req.recipient is None or policy.authorized_destination(req.recipient):
-        return DUNNO
-    return Reply(554, "5.7.1", f"<{req.recipient}>: Relay access denied")
-
-
-@register("defer_unauth_destination", needs="recipient")
-async def defer_unauth_destination(policy: Policy, req: Request, kind: str, arg: str | None,
-                                   verdict: Verdict) -> Result:
-    if req.recipient is None or policy.authorized_destination(req.recipient):
-        return DUNNO
-    return Reply(450, "4.7.1", f"<{req.recipient}>: Relay access denied")
-
-
-@register("permit_auth_destination", needs="recipient")
-async def permit_auth_destination(policy: Policy, req: Request, kind: str, arg: str | None,
-                                  verdict: Verdict) -> Result:
-    if req.recipient is not None and policy.authorized_destination(req.recipient):
-        return PERMIT
-    return DUNNO
 
 
 @register("reject_non_fqdn_recipient", needs="recipient")

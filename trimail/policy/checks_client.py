@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from trimail.maps import TableError
 from trimail.policy.access import client_keys
 from trimail.policy.dnschecks import reversed_ip
-from trimail.policy.registry import DUNNO, PERMIT, Request, Result, Verdict, register
+from trimail.policy.engine import DUNNO, PERMIT, Request, Result, Verdict, register
 from trimail.smtp.replies import Reply
 
 if TYPE_CHECKING:

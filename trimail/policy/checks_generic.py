@@ -2,7 +2,7 @@
 (warn_if_reject, defer_if_reject, defer_if_permit), sleep, pipelining, the
 session's encryption, multi-recipient bounces, and the policy service.
 
-Security: ``sleep`` waits at most registry.SLEEP_LIMIT seconds (checked when the
+Security: ``sleep`` waits at most engine.SLEEP_LIMIT seconds (checked when the
 configuration is read); a policy service answer is parsed as an access-table
 result, never executed.
 
@@ -19,7 +19,7 @@ import trio
 
 from trimail.policy.access import parse_result
 from trimail.policy.delegation import PolicyServiceError, ask_policy_service
-from trimail.policy.registry import (
+from trimail.policy.engine import (
     DUNNO,
     ENVELOPE_KINDS,
     PERMIT,

@@ -21,7 +21,7 @@ from trimail.smtp.replies import Reply
 
 if TYPE_CHECKING:
     from trimail.net.dns import Resolver
-    from trimail.policy.registry import Request
+    from trimail.policy.engine import Request
 
 
 class DnsChecks:

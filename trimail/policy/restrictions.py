@@ -15,8 +15,8 @@ list is "dunno".  Access-table actions (HOLD, DISCARD, REDIRECT, FILTER, BCC,
 PREPEND, WARN) are collected in the verdict and evaluation goes on.
 
 Names, arguments and where each restriction may be used live in one registry
-(``trimail/policy/registry.py``); the handlers in ``checks_generic``,
-``checks_client``, ``checks_address`` and ``verify``.  Postfix's three
+(``trimail/policy/engine.py``); the handlers in ``checks_generic``,
+``checks_client``, ``checks_address``, ``relay`` and ``verify``.  Postfix's three
 pseudo-decisions are kept per check: ``warn_if_reject`` turns the next
 restriction's reject into a logged ``reject_warning``; ``defer_if_reject``
 remembers a 4xx that replaces a later 5xx; ``defer_if_permit`` (also a
@@ -65,7 +65,7 @@ from trimail.maps import Table, TableError, off_loop, open_table
 from trimail.net.dns import Resolver
 from trimail.policy.access import AccessResult, parse_result
 from trimail.policy.dnschecks import DnsChecks
-from trimail.policy.registry import (  # noqa: F401 (re-exported: smtpd and tests import them from here)
+from trimail.policy.engine import (  # noqa: F401 (re-exported: smtpd and tests import them from here)
     DELAYED,
     DUNNO,
     PERMIT,

@@ -95,7 +95,7 @@ from trimail.delivery.route import SMTP_TRANSPORTS, Route, RouteError, Router
 from trimail.delivery.smtp import ConnectionLost
 from trimail.maps import TableError, off_loop
 from trimail.net.dns import Resolver
-from trimail.policy.registry import DUNNO, Request, Result, Verdict, register
+from trimail.policy.engine import DUNNO, Request, Result, Verdict, register
 from trimail.queue.verifycache import Entry, VerifyCache, VerifyCacheError, cache_file
 from trimail.smtp.client import mail_command, rcpt_command
 from trimail.supervise import describe

@@ -19,7 +19,7 @@ from tests.conftest import write_main_cf
 from tests.dnsserver import run_dns_server
 from trimail import config as configuration
 from trimail.net.dns import Resolver
-from trimail.policy import registry
+from trimail.policy import engine
 from trimail.policy.restrictions import Policy, Request, Verdict, parse_list
 from trimail.unlisted import Unlisted
 
@@ -123,7 +123,7 @@ SCENARIOS = {
 
 
 def test_every_name_has_a_scenario():
-    assert set(SCENARIOS) == set(registry.names())
+    assert set(SCENARIOS) == set(engine.names())
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
@@ -168,9 +168,9 @@ async def _always_unlisted(address: str) -> Unlisted:
 
 
 def test_restriction_classes_of_arguments_are_checked():
-    with pytest.raises(registry.RestrictionError, match="needs a type:table argument"):
+    with pytest.raises(engine.RestrictionError, match="needs a type:table argument"):
         parse_list(["check_client_access", "nocolon"], "smtpd_client_restrictions")
-    with pytest.raises(registry.RestrictionError, match="needs a number of seconds"):
+    with pytest.raises(engine.RestrictionError, match="needs a number of seconds"):
         parse_list(["sleep", "3600"], "smtpd_client_restrictions")
 
 

@@ -217,7 +217,7 @@ def restriction_lists(config: Config) -> dict[str, list[tuple[str, str | None]]]
 def _load_handlers() -> None:
     """Import the handler modules (they register themselves; a module imported before,
     say verify, must not make the others look loaded: import is idempotent)."""
-    from trimail.policy import checks_address, checks_client, checks_generic, verify  # noqa: F401
+    from trimail.policy import checks_address, checks_client, checks_generic, relay, verify  # noqa: F401
 
 
 def names() -> dict[str, Restriction]:
