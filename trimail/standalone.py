@@ -6,7 +6,7 @@ local: whatever sendmail would accept, ``-bs`` accepts).  trimail does the same 
 the real sans-IO machine (``trimail.smtp.server``, the settings serve's smtpd uses:
 limits, SIZE, PIPELINING, 8BITMIME, SMTPUTF8, VRFY; never STARTTLS or AUTH, there is
 no network) driven by blocking reads of standard input, and each accepted message
-goes into the queue the way ``sendmail`` puts it there (``trimail.sendmail.enqueue``:
+goes into the queue the way ``sendmail`` puts it there (``trimail.cleanup.submit.enqueue``:
 the maildrop state, or SMTP to serve for a user who cannot write the queue), after
 sendmail's cleanup: qualified addresses, virtual aliases, the address checks of
 ``sendmail`` (a bad address is refused at MAIL/RCPT with smtpd's reply), missing
@@ -36,7 +36,8 @@ import logging
 import os
 from typing import BinaryIO
 
-from trimail import cleanup
+from trimail.cleanup import headers
+from trimail.cleanup import rewrite as cleanup_rewrite
 from trimail.config import Config
 from trimail.log import printable
 from trimail.maps import TableError, open_table
@@ -127,10 +128,10 @@ class _Session:
 
     def qualify(self, address: str) -> str:
         cfg = self.cfg
-        return cleanup.qualify(address, cfg.myorigin, cfg.mydomain, cfg.append_at_myorigin, cfg.append_dot_mydomain)
+        return cleanup_rewrite.qualify(address, cfg.myorigin, cfg.mydomain, cfg.append_at_myorigin, cfg.append_dot_mydomain)
 
     def decide(self, event) -> Reply | None:
-        from trimail.sendmail import SendmailError, check_domain
+        from trimail.cleanup.submit import SendmailError, check_domain
 
         if isinstance(event, Hello):
             self.helo, self.extended = event.name, event.extended
@@ -166,20 +167,20 @@ class _Session:
             self.tx = None
 
     def commit(self) -> Reply:
-        from trimail.sendmail import SendmailError, check_domain, enqueue
+        from trimail.cleanup.submit import SendmailError, check_domain, enqueue
 
         tx, self.tx = self.tx, None
         assert tx is not None
         cfg = self.cfg
         try:
-            recipients = cleanup.virtual_expand(tx.recipients, self.virtual)
+            recipients = cleanup_rewrite.virtual_expand(tx.recipients, self.virtual)
             for address in recipients:
                 check_domain(address)
         except SendmailError:
             return Reply(550, "5.1.3", "Error: bad recipient address syntax after virtual alias expansion")
         except (TableError, ValueError):
             return Reply(451, "4.3.0", "Error: temporary lookup failure")
-        content = cleanup.complete_headers(bytes(tx.content), sender=tx.sender, full_name=None, hostname=cfg.myhostname,
+        content = headers.complete_headers(bytes(tx.content), sender=tx.sender, full_name=None, hostname=cfg.myhostname,
                                            queue_id=tx.queue_id)
         protocol = "ESMTP" if self.extended else "SMTP"
         helo = printable(self.helo, 200)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from trimail.cleanup import virtual_expand
+from trimail.cleanup.rewrite import virtual_expand
 from trimail.config import Config
 from trimail.maps import Table, lookup_first, off_loop, open_table
 from trimail.rewrite import Resolved

@@ -32,13 +32,13 @@ import time
 import trio
 
 from trimail import rewrite
+from trimail.cleanup.submit import enqueue
 from trimail.config import Config
 from trimail.delivery.bounce import Failure, build_dsn
 from trimail.delivery.local.aliases import AliasError, Expander
 from trimail.delivery.route import RouteError, Router
 from trimail.maps import TableError, open_table
 from trimail.queue.ids import new_queue_id
-from trimail.sendmail import enqueue
 from trimail.unlisted import RecipientTables
 
 

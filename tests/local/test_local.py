@@ -14,15 +14,15 @@ from pathlib import Path
 import pytest
 import trio
 
-from trimail import rewrite
-from trimail.cleanup import LOCAL, header_rewriter, masquerade, virtual_expand
-from trimail.delivery.local.aliases import AliasError, Expander, parse_alias_source
-from trimail.delivery.local.mailbox import MailboxError, deliver_mbox, mailbox_path
-from trimail.maps import open_table
 from tests.conftest import trimail, write_main_cf
 from tests.delivery.test_delivery import parse_dsn, send, wait_empty
 from tests.net.test_serve import smtplib_send_reply
 from tests.peers import Sink
+from trimail import rewrite
+from trimail.cleanup.rewrite import LOCAL, header_rewriter, masquerade, virtual_expand
+from trimail.delivery.local.aliases import AliasError, Expander, parse_alias_source
+from trimail.delivery.local.mailbox import MailboxError, deliver_mbox, mailbox_path
+from trimail.maps import open_table
 
 
 def maildir_messages(spool: Path, user: str) -> list[email.message.EmailMessage]:

@@ -17,8 +17,8 @@ import trio
 
 from tests.conftest import trimail, wait_for, write_main_cf
 from tests.peers import Sink
+from trimail.cleanup.submit import gecos_name
 from trimail.queue.store import Store
-from trimail.sendmail import gecos_name
 
 HOST = "127.0.44.1"  # this module's loopback addresses
 SINK = "127.0.44.2"

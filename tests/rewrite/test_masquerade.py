@@ -23,7 +23,8 @@ import trio
 from tests.conftest import trimail, wait_for
 from tests.delivery.test_delivery import wait_empty
 from tests.peers import Sink
-from trimail.cleanup import LOCAL, REMOTE, RWR_PARAM, address_spans, header_context, masquerade
+from trimail.cleanup.headers import address_spans
+from trimail.cleanup.rewrite import LOCAL, REMOTE, RWR_PARAM, header_context, masquerade
 
 SERVER = "127.0.44.1"  # the listening address: a client from here is permit_inet_interfaces
 OUTSIDE = "127.0.44.2"  # another loopback address: not one serve listens on

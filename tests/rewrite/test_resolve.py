@@ -153,7 +153,7 @@ def pipelines(tmp_path_factory):
 def _outside_client_250(address: str, pipeline) -> list[str]:
     """The recipients stored and routed when an outside client gets 250, else []."""
     from trimail import rewrite
-    from trimail.cleanup import virtual_expand
+    from trimail.cleanup.rewrite import virtual_expand
     from trimail.maps import TableError
 
     _config, settings, tables, _router = pipeline

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 
 import trio
 
-from trimail.cleanup import LOCAL, REMOTE, header_rewriter
+from trimail.cleanup.rewrite import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
 from trimail.delivery.connector import ConnectionFailed
 from trimail.delivery.outcome import Outcome, deferred, sent

@@ -5,7 +5,7 @@ layout in ``mailq``), ``tables`` (postmap, postalias, newaliases) and ``admin``
 (config, check, passwd), each registering its own on ``app`` when imported below.
 
 Invoked through a link named ``mailq``, ``newaliases`` or ``sendmail``, the binary
-acts as that command (``PERSONALITIES``; ``sendmail`` is ``trimail.sendmail``).
+acts as that command (``PERSONALITIES``; ``sendmail`` is ``trimail.cleanup.submit``).
 
 Every command takes ``-c/--config PATH`` and ``-o NAME=VALUE`` (repeatable), after
 the command words.  Exit status: 0 ok, 1 operational failure, 2 usage or
@@ -99,7 +99,7 @@ from trimail.cli import admin, daemon, queue, tables  # noqa: F401
 
 
 def _sendmail(argv: list[str]) -> None:
-    from trimail.sendmail import SendmailError, submit
+    from trimail.cleanup.submit import SendmailError, submit
 
     try:
         raise SystemExit(submit(argv))

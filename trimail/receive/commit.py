@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from trimail import log as maillog
-from trimail.cleanup import RWR_PARAM
+from trimail.cleanup.rewrite import RWR_PARAM
 from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
 from trimail.log import printable
@@ -133,7 +133,7 @@ async def commit(session: SmtpdSession) -> Reply:
         except (TableError, ValueError) as exc:
             log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
             return replies.LOCAL_ERROR
-        params = {**txn.params, RWR_PARAM: txn.rewrite_context}  # cleanup.header_context reads it
+        params = {**txn.params, RWR_PARAM: txn.rewrite_context}  # cleanup.rewrite.header_context reads it
         if verdict.filter and not verdict.redirect:  # FILTER: the router sends every recipient there
             params[FILTER_PARAM] = verdict.filter  # (REDIRECT overrides FILTER, as in Postfix)
         message = NewMessage(

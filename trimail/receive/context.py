@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from trimail import rewrite
 from trimail.anvil import AuthFailures
-from trimail.cleanup import virtual_expand
+from trimail.cleanup.rewrite import virtual_expand
 from trimail.config import Config, ConfigError
 from trimail.maps import Table, TableError, off_loop
 from trimail.maps.patterns import _parse_pattern, match_regexp, parse_regexp

@@ -49,7 +49,7 @@ import logging
 from typing import Any
 
 from trimail import rewrite
-from trimail.cleanup import rewrite_context
+from trimail.cleanup.rewrite import rewrite_context
 from trimail.log import printable
 from trimail.maps import TableError
 from trimail.policy.restrictions import Request, Verdict
@@ -103,7 +103,7 @@ class Transaction:
         self.header_too_big = False
         self.verdict = Verdict()  # actions collected from the restrictions (HOLD, PREPEND, ...)
         self.envelope_sender = sender  # what the queue stores: *sender* qualified (rewrite.canonical)
-        self.rewrite_context = "remote"  # local_header_rewrite_clients' answer at MAIL (cleanup.rewrite_context)
+        self.rewrite_context = "remote"  # local_header_rewrite_clients' answer at MAIL (cleanup.rewrite.rewrite_context)
 
     def discard(self) -> None:
         if self.spool is not None:
@@ -180,7 +180,7 @@ class SmtpdSession:
                 self.txn = None
                 return replies.INSUFFICIENT_STORAGE
             reply = await self._restrict("sender", "MAIL", conn, sender=event.sender)
-            if reply is None:  # local_header_rewrite_clients (cleanup.rewrite_context), Postfix's order
+            if reply is None:  # local_header_rewrite_clients (cleanup.rewrite.rewrite_context), Postfix's order
                 context = self._rewrite_context or await rewrite_context(
                     self.ctx.policy, self._request(), self.ctx.config.local_header_rewrite_clients)
                 if isinstance(context, Reply):  # a table could not answer: asked again at the next MAIL

@@ -23,7 +23,7 @@ import time
 
 import trio
 
-from trimail.cleanup import RWR_PARAM
+from trimail.cleanup.rewrite import RWR_PARAM
 from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded, Forward
 from trimail.delivery.outcome import Outcome, sent
 from trimail.queue import transitions

@@ -41,7 +41,7 @@ from typing import Any
 
 import trio
 
-from trimail.cleanup import LOCAL, REMOTE, header_rewriter
+from trimail.cleanup.rewrite import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
 from trimail.delivery.connector import Connector
 from trimail.delivery.local.agent import LocalAgent
@@ -158,7 +158,7 @@ class Scheduler(Dispatcher):
         self.masq_domains: list[str] = config.masquerade_domains
         self.masq_exceptions: list[str] = config.masquerade_exceptions
         self.masq_classes: list[str] = config.masquerade_classes
-        # cleanup's header rewriting per rewrite context (cleanup.header_context), built once
+        # cleanup's header rewriting per rewrite context (cleanup.rewrite.header_context), built once
         self.header_rewriters = {context: header_rewriter(config, context) for context in (LOCAL, REMOTE, None)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -5,7 +5,7 @@ Masquerading (``masquerade_domains``, ``masquerade_exceptions``,
 ``masquerade_classes``) applies to mail as it is delivered: the envelope sender and
 recipients of all mail.  The sender and recipient headers are rewritten (incomplete
 addresses completed, then masqueraded: ``cleanup.header_rewriter``) only for mail in
-a header rewriting context (``cleanup.header_context``: local submissions and
+a header rewriting context (``cleanup.rewrite.header_context``: local submissions and
 ``local_header_rewrite_clients``; other clients' mail only with
 ``remote_header_rewrite_domain``).  The
 content comes from memory when it was handed over at acceptance, else it is read
@@ -21,7 +21,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
-from trimail.cleanup import LOCAL, RWR_PARAM, complete_headers, header_context, masquerade
+from trimail.cleanup.headers import complete_headers
+from trimail.cleanup.rewrite import LOCAL, RWR_PARAM, header_context, masquerade
 from trimail.delivery.smtp import Envelope
 from trimail.queue import transitions
 

@@ -66,7 +66,8 @@ import sys
 import time
 from pathlib import Path
 
-from trimail import cleanup
+from trimail.cleanup import headers
+from trimail.cleanup import rewrite as cleanup_rewrite
 from trimail.config import Config, ConfigError, load
 from trimail.maps import open_table
 from trimail.net.control import send_command
@@ -177,25 +178,25 @@ def read_message(stream, dot_ends: bool, limit: int) -> bytes:
 
 
 def recipients_from_headers(header: bytes) -> list[str]:
-    values = [f.split(b":", 1)[1].decode("utf-8", "replace") for f in cleanup.header_fields(header)
-              if cleanup.field_name(f) in ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc")]
+    values = [f.split(b":", 1)[1].decode("utf-8", "replace") for f in headers.header_fields(header)
+              if headers.field_name(f) in ("to", "cc", "bcc", "resent-to", "resent-cc", "resent-bcc")]
     return [addr for _, addr in email.utils.getaddresses(values) if addr]
 
 
 def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list[str], bytes]:
     """Envelope and cleaned-up content for one submission."""
     def qualify(address: str) -> str:
-        return cleanup.qualify(address, cfg.myorigin, cfg.mydomain, cfg.append_at_myorigin,
+        return cleanup_rewrite.qualify(address, cfg.myorigin, cfg.mydomain, cfg.append_at_myorigin,
                                cfg.append_dot_mydomain)
 
-    content = cleanup.normalize_newlines(raw)
+    content = headers.normalize_newlines(raw)
     if content.startswith(b"From "):  # an mbox From_ line is not a header
         content = content.split(b"\r\n", 1)[1] if b"\r\n" in content else b""
-    header, rest = cleanup.split_header(content)
+    header, rest = headers.split_header(content)
     rcpts = list(opts["rcpts"])
     if opts["t"]:
         rcpts += recipients_from_headers(header)
-        fields = [f for f in cleanup.header_fields(header) if cleanup.field_name(f) != "bcc"]
+        fields = [f for f in headers.header_fields(header) if headers.field_name(f) != "bcc"]
         header = b"".join(f + b"\r\n" for f in fields)
     if not rcpts:
         raise SendmailError("no recipient addresses found in message header" if opts["t"]
@@ -204,11 +205,11 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list
     sender = "" if sender in ("<>", "") else qualify(sender.strip("<>"))
     rcpts = [qualify(r.strip().strip("<>")) for r in rcpts]
     tables = [open_table(ref) for ref in cfg.virtual_alias_maps]
-    rcpts = cleanup.virtual_expand(rcpts, tables)
+    rcpts = cleanup_rewrite.virtual_expand(rcpts, tables)
     for address in ([sender] if sender else []) + rcpts:
         check_domain(address)
     full_name = opts["F"] if opts["F"] is not None else full_name_of_user()
-    content = cleanup.complete_headers(header + rest, sender=sender, full_name=full_name,
+    content = headers.complete_headers(header + rest, sender=sender, full_name=full_name,
                                        hostname=cfg.myhostname, queue_id=queue_id)
     received = (f"Received: by {cfg.myhostname} ({cfg.mail_name}, from userid {os.getuid()})\r\n"
                 f"\tid {queue_id}; {email.utils.formatdate(localtime=True)}\r\n").encode()
