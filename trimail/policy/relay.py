@@ -21,20 +21,22 @@ if TYPE_CHECKING:
     from trimail.policy.restrictions import Policy
 
 
+def _relay_denied(policy: Policy, req: Request, code: int, dsn: str) -> Result:
+    if req.recipient is None or policy.authorized_destination(req.recipient):
+        return DUNNO
+    return Reply(code, dsn, f"<{req.recipient}>: Relay access denied")
+
+
 @register("reject_unauth_destination", needs="recipient")
 async def reject_unauth_destination(policy: Policy, req: Request, kind: str, arg: str | None,
                                     verdict: Verdict) -> Result:
-    if req.recipient is None or policy.authorized_destination(req.recipient):
-        return DUNNO
-    return Reply(554, "5.7.1", f"<{req.recipient}>: Relay access denied")
+    return _relay_denied(policy, req, 554, "5.7.1")
 
 
 @register("defer_unauth_destination", needs="recipient")
 async def defer_unauth_destination(policy: Policy, req: Request, kind: str, arg: str | None,
                                    verdict: Verdict) -> Result:
-    if req.recipient is None or policy.authorized_destination(req.recipient):
-        return DUNNO
-    return Reply(450, "4.7.1", f"<{req.recipient}>: Relay access denied")
+    return _relay_denied(policy, req, 450, "4.7.1")
 
 
 @register("permit_auth_destination", needs="recipient")
