@@ -10,9 +10,6 @@ form is ``open_test_mta``; the synchronous form is ``TestMTA`` (in ``sync.py``).
 from __future__ import annotations
 
 import dataclasses
-import email
-import email.message
-import email.policy
 import fnmatch
 import getpass
 import shutil
@@ -32,14 +29,16 @@ from trimail.passwords import hash_password, write_table
 from trimail.receive.hooks import AcceptedMessage, DropConnection, SessionHooks
 from trimail.receive.session import SmtpdSession
 from trimail.smtp.replies import Reply
+from trimail.testing.content import MessageContent
 
 STAGES = ("mail", "rcpt", "data", "end")
 
 
-class CapturedMessage(AcceptedMessage):
+class CapturedMessage(AcceptedMessage, MessageContent):
     """One accepted message: envelope (``sender``, ``recipients``, ``params``),
     session facts (``client_address``, ``helo``, ``protocol``, ``tls``, ``auth``)
-    and the content (``raw`` bytes, ``message`` parsed)."""
+    and the content (``raw`` bytes; ``message``, ``headers``, ``text``, ``html``,
+    ``attachments``, ``links``, ``extract()``, ``save()``: see content.py)."""
 
     @classmethod
     def of(cls, accepted: AcceptedMessage) -> CapturedMessage:
@@ -48,23 +47,6 @@ class CapturedMessage(AcceptedMessage):
     @property
     def auth(self) -> str | None:
         return self.sasl_username or None
-
-    @property
-    def message(self) -> email.message.EmailMessage:
-        return email.message_from_bytes(self.raw, policy=email.policy.default)  # type: ignore[return-value]
-
-    @property
-    def subject(self) -> str:
-        return str(self.message.get("Subject", ""))
-
-    def text(self) -> str:
-        """The plain-text body (the first text/plain part), for matching."""
-        message = self.message
-        part = message.get_body(preferencelist=("plain", "html")) if message.is_multipart() else message
-        try:
-            return part.get_content() if part is not None else ""
-        except (LookupError, KeyError):
-            return self.raw.decode("utf-8", "replace")
 
     def __str__(self) -> str:
         return f"from=<{self.sender}> to={','.join(f'<{r}>' for r in self.recipients)} subject={self.subject!r}"
@@ -162,8 +144,24 @@ class TestMTABase:
         return [m for m in self.messages if _matches(m, match)]
 
     def _check_wait(self, count: int, match: dict[str, Any]) -> list[CapturedMessage] | None:
-        found = self.matching(**match)
-        return found if len(found) >= count else None
+        """The matching messages once there are *count* of them; ``exactly=n`` in
+        *match* waits for n and fails as soon as more than n match."""
+        criteria = {k: v for k, v in match.items() if k != "exactly"}
+        found = self.matching(**criteria)
+        exactly = match.get("exactly")
+        if exactly is None:
+            return found if len(found) >= count else None
+        if len(found) > exactly:
+            raise MTAAssertionError(self._explain(
+                f"expected exactly {exactly} message(s) matching {criteria or 'anything'}, "
+                f"{len(found)} matched"))
+        return found if len(found) == exactly else None
+
+    @staticmethod
+    def _expected(count: int, timeout: float, match: dict[str, Any]) -> str:
+        criteria = {k: v for k, v in match.items() if k != "exactly"}
+        wanted = f"exactly {match['exactly']}" if match.get("exactly") is not None else str(count)
+        return f"expected {wanted} message(s) matching {criteria or 'anything'} within {timeout:g}s"
 
     def _explain(self, what: str) -> str:
         arrived = self.messages
@@ -180,8 +178,7 @@ class TestMTABase:
                     return found
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MTAAssertionError(self._explain(
-                        f"expected {count} message(s) matching {match or 'anything'} within {timeout:g}s"))
+                    raise MTAAssertionError(self._explain(self._expected(count, timeout, match)))
                 self._lock.wait(remaining)
 
     def assert_sent_to(self, *recipients: str, count: int | None = None) -> list[CapturedMessage]:
@@ -274,8 +271,17 @@ def _matches(message: CapturedMessage, match: dict[str, Any]) -> bool:
             name, value = wanted
             if value not in str(message.message.get(name, "")):
                 return False
-        elif key in ("body", "text"):
-            if wanted not in message.text():
+        elif key == "body":
+            if wanted not in message.text and wanted not in message.html:
+                return False
+        elif key == "text":
+            if wanted not in (message.text or message.html):  # an HTML-only message: its HTML
+                return False
+        elif key == "html":
+            if wanted not in message.html:
+                return False
+        elif key == "attachment":
+            if not any(wanted in (a.filename or "") for a in message.attachments):
                 return False
         elif key == "predicate":
             if not wanted(message):
@@ -340,8 +346,7 @@ class TrioTestMTA(TestMTABase):
                 if found is not None:
                     return found
                 await trio.sleep(0.01)
-        raise MTAAssertionError(self._explain(
-            f"expected {count} message(s) matching {match or 'anything'} within {timeout:g}s"))
+        raise MTAAssertionError(self._explain(self._expected(count, timeout, match)))
 
 
 

@@ -76,6 +76,8 @@ class TestMTA(TestMTABase):
 
     def wait_for(self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[CapturedMessage]:
         """Wait until *count* messages matching *match* arrived; return them.  Match on
-        ``recipient``, ``sender``, ``subject``, ``header=(name, value)``, ``body``,
-        ``predicate``.  On timeout the error lists what did arrive."""
+        ``recipient``, ``sender``, ``subject``, ``header=(name, value)``, ``body`` (text
+        or HTML), ``text``, ``html``, ``attachment`` (a filename, substring),
+        ``predicate``; ``exactly=n`` fails as soon as more than n match.  On timeout
+        the error lists what did arrive."""
         return self.wait_for_sync(count, timeout, **match)
