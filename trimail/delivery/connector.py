@@ -44,14 +44,8 @@ log = logging.getLogger("trimail.smtp")
 
 
 def connect_error(exc: OSError) -> str:
-    """A failed connect's errno text as Postfix writes it (``Connection refused``):
-    trio's open_tcp_stream raises one OSError ("all attempts to connect ... failed")
-    whose cause holds each attempt's error."""
-    attempts = getattr(exc.__cause__, "exceptions", None) or [exc]
-    for attempt in attempts:
-        if isinstance(attempt, OSError) and attempt.errno:
-            return os.strerror(attempt.errno)
-    return exc.strerror or str(exc)
+    """A failed connect's errno text as Postfix writes it (``Connection refused``)."""
+    return os.strerror(exc.errno) if exc.errno else exc.strerror or str(exc)
 
 
 class ConnectionFailed(Exception):
@@ -60,14 +54,6 @@ class ConnectionFailed(Exception):
     def __init__(self, outcome: Outcome) -> None:
         super().__init__(outcome.text)
         self.outcome = outcome
-
-
-def _is_literal(address: str) -> bool:
-    try:
-        ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return True
 
 
 class Connector:
@@ -144,8 +130,7 @@ class Connector:
         relay = f"{host}[{address}]:{port}"
         try:
             with trio.fail_after(self.timeouts.connect):
-                stream: trio.abc.Stream = await DirectStream.connect(address, port) if _is_literal(address) \
-                    else await trio.open_tcp_stream(address, port)
+                stream = await DirectStream.connect(address, port)  # *address*: from Resolver.addresses
         except trio.TooSlowError:
             return None, deferred("4.4.1", f"connect to {relay}: Connection timed out")
         except OSError as exc:

@@ -1,5 +1,5 @@
 """The mail log: its writer thread, and the calls serve makes on it (``setup``,
-``shutdown``, ``hurry``, ``entering_jail``, ``dropped_lines``, ``printable``).
+``shutdown``, ``mark_written``, ``entering_jail``, ``dropped_lines``, ``printable``).
 
 Lines are in Postfix's format (``format.py``), so pflogsumm and operators' habits
 work.  They are written to stderr by default, to ``maillog_file`` when set, or to
@@ -135,7 +135,7 @@ class _Writer(logging.handlers.QueueListener):
         self.source = source
         self.target = target
         self._told = 0
-        self.hurry = threading.Event()  # ends the rest after a write: see hurry()
+        self.hurry = threading.Event()  # ends the rest after a write: see mark_written()
 
     def _monitor(self) -> None:
         """Write the lines waiting (up to ``BATCH_LINES``) together, then rest unless the

@@ -91,14 +91,10 @@ class DirectStream(trio.abc.HalfCloseableStream):
         if data is not None:
             await trio.lowlevel.checkpoint()
             return data
-        while True:
+        while data is None:
             await trio.lowlevel.wait_readable(self._sock)
-            try:
-                return self._sock.recv(size)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise _stream_error(exc) from exc
+            data = self.receive_now(size)
+        return data
 
     async def wait_send_all_might_not_block(self) -> None:
         await self._stream.wait_send_all_might_not_block()
