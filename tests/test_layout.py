@@ -4,9 +4,10 @@ small.  (The smtp/ import rule has its own test: tests/smtp/test_imports.py.)"""
 
 from __future__ import annotations
 
-import ast
 import re
 from pathlib import Path
+
+from tests.smtp.test_imports import imported_modules
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "trimail"
@@ -54,13 +55,7 @@ def test_the_architecture_tree_names_every_package_and_top_level_module_on_disk(
 
 
 def _imports(path: Path) -> set[str]:
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-    return names
+    return set(imported_modules(path))
 
 
 def test_lookup_tables_know_nothing_of_policy_or_the_smtp_server():

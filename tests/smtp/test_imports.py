@@ -21,10 +21,6 @@ IO_MODULES = frozenset({
     "logging", "urllib", "http", "smtplib", "email", "dbm", "shelve", "pickle", "mmap", "fcntl",
 })
 THIRD_PARTY = frozenset({"idna"})  # a pure codec (address.py, IDNA host names)
-# Imports from outside smtp/ that another step of issue 18 brings and removes: the delivery
-# result type moves out of smtp/client.py to trimail/delivery/outcome.py, and smtp/client.py
-# may name it from there until that move is finished.
-PENDING = {"client.py": frozenset({"trimail.delivery.outcome"})}
 
 
 def imported_modules(path: Path) -> list[str]:
@@ -46,8 +42,6 @@ def forbidden(path: Path) -> list[str]:
     for name in imported_modules(path):
         top = name.partition(".")[0]
         if name == "trimail.smtp" or name.startswith("trimail.smtp."):
-            continue
-        if name in PENDING.get(path.name, ()):
             continue
         if top in sys.stdlib_module_names and top not in IO_MODULES:
             continue
