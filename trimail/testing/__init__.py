@@ -7,7 +7,9 @@ See docs/testing.md.  The pytest plugin (fixtures ``trimail_mta`` and
 through the ``pytest11`` entry point.
 """
 
-from trimail.testing.mta import CapturedMessage, MTAAssertionError, TrioTestMTA, open_test_mta
+from trimail.testing.base import MTAAssertionError
+from trimail.testing.content import CapturedMessage
+from trimail.testing.mta import TrioTestMTA, open_test_mta
 from trimail.testing.sync import TestMTA
 
 __all__ = ["CapturedMessage", "MTAAssertionError", "TestMTA", "TrioTestMTA", "open_test_mta"]

@@ -1,5 +1,6 @@
-"""What a test asks of a captured message's content: text, HTML, attachments,
-links, a one-time code, the header fields, an .eml file.
+"""A captured message (``CapturedMessage``) and what a test asks of its
+content: text, HTML, attachments, links, a one-time code, the header fields, an
+.eml file.
 
 ``MessageContent`` is mixed into ``CapturedMessage``: nothing is parsed when a
 message is captured; the first question parses the raw bytes once (the stdlib
@@ -18,6 +19,8 @@ from collections.abc import Iterator, Mapping
 from functools import cached_property
 from html.parser import HTMLParser
 from pathlib import Path
+
+from trimail.receive.hooks import AcceptedMessage
 
 # http(s) URLs in plain text; trailing punctuation of the sentence is not part of the URL
 _URL = re.compile(r"https?://[^\s<>\"'\]\[{}|\\^`]+", re.IGNORECASE)
@@ -192,3 +195,21 @@ class MessageContent:
             target = target / f"{self.queue_id}.eml"
         target.write_bytes(self.raw)
         return target
+
+
+class CapturedMessage(AcceptedMessage, MessageContent):
+    """One accepted message: envelope (``sender``, ``recipients``, ``params``),
+    session facts (``client_address``, ``helo``, ``protocol``, ``tls``, ``auth``)
+    and the content (``raw`` bytes; ``message``, ``headers``, ``text``, ``html``,
+    ``attachments``, ``links``, ``extract()``, ``save()``: see content.py)."""
+
+    @classmethod
+    def of(cls, accepted: AcceptedMessage) -> CapturedMessage:
+        return cls(*(getattr(accepted, field.name) for field in dataclasses.fields(accepted)))
+
+    @property
+    def auth(self) -> str | None:
+        return self.sasl_username or None
+
+    def __str__(self) -> str:
+        return f"from=<{self.sender}> to={','.join(f'<{r}>' for r in self.recipients)} subject={self.subject!r}"

@@ -15,7 +15,9 @@ from typing import Any
 
 import trio
 
-from trimail.testing.mta import CapturedMessage, TestMTABase, running
+from trimail.testing.base import TestMTABase
+from trimail.testing.content import CapturedMessage
+from trimail.testing.mta import running
 
 
 class TestMTA(TestMTABase):
