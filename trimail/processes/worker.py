@@ -72,6 +72,7 @@ log = logging.getLogger("trimail.master")
 
 PR_SET_PDEATHSIG = 1
 SHARE_LOCK = 0.002  # seconds the qmgr's writer leaves SQLite's write lock free between bookkeeping slices
+STRESS_RECHECK = 0.2  # seconds between an smtpd worker's looks at the shared session total (stress mode)
 
 
 def die_with_master(master: int) -> None:
@@ -201,9 +202,18 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
             await terminated.wait()
             server.stop()
 
+        async def watch_stress() -> None:
+            # the session total moves with the other workers' sessions too: a worker
+            # whose own sessions neither open nor close still learns of stress in time
+            while True:
+                await trio.sleep(STRESS_RECHECK)
+                server.recheck_stress()
+
         async with trio.open_nursery() as top:
             top.start_soon(watch_channel)
             top.start_soon(watch_signal)
+            if spec.get("workers", 1) > 1:
+                top.start_soon(watch_stress)
 
             def ready(_: trio.Nursery) -> None:
                 top.start_soon(channel.send, {"ready": {"role": "smtpd", "pid": os.getpid()}})
