@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from trimail.testing.content import CapturedMessage
 from trimail.testing.faults import Fault, FaultInjection
-from trimail.testing.matching import matches
+from trimail.testing.matching import matches, mismatches
+
+T = TypeVar("T")
 
 
 class MTAAssertionError(AssertionError):
@@ -79,10 +82,12 @@ class TestMTABase(FaultInjection):
     def matching(self, **match: Any) -> list[CapturedMessage]:
         return [m for m in self.messages if matches(m, match)]
 
+    # -- checks: None while the wait goes on, a result to end it, MTAAssertionError to fail
+
     def _check_wait(self, count: int, match: dict[str, Any]) -> list[CapturedMessage] | None:
         """The matching messages once there are *count* of them; ``exactly=n`` in
         *match* waits for n and fails as soon as more than n match."""
-        criteria = {k: v for k, v in match.items() if k != "exactly"}
+        criteria = _criteria(match)
         found = self.matching(**criteria)
         exactly = match.get("exactly")
         if exactly is None:
@@ -90,32 +95,65 @@ class TestMTABase(FaultInjection):
         if len(found) > exactly:
             raise MTAAssertionError(self._explain(
                 f"expected exactly {exactly} message(s) matching {criteria or 'anything'}, "
-                f"{len(found)} matched"))
+                f"{len(found)} matched", criteria))
         return found if len(found) == exactly else None
+
+    def _check_one(self, match: dict[str, Any]) -> CapturedMessage | None:
+        """The one message matching *match*; fails as soon as more than one match."""
+        found = self.matching(**match)
+        if len(found) > 1:
+            raise MTAAssertionError(self._explain(
+                f"expected one message matching {match or 'anything'}, {len(found)} matched", match))
+        return found[0] if found else None
+
+    def _check_nothing(self) -> None:
+        if self.messages:
+            raise MTAAssertionError(self._explain("expected no messages"))
 
     @staticmethod
     def _expected(count: int, timeout: float, match: dict[str, Any]) -> str:
-        criteria = {k: v for k, v in match.items() if k != "exactly"}
+        criteria = _criteria(match)
         wanted = f"exactly {match['exactly']}" if match.get("exactly") is not None else str(count)
         return f"expected {wanted} message(s) matching {criteria or 'anything'} within {timeout:g}s"
 
-    def _explain(self, what: str) -> str:
+    def _explain(self, what: str, match: dict[str, Any] | None = None) -> str:
+        """*what* went wrong, then every message that arrived and, with *match*, each
+        criterion it missed (or that it matches)."""
         arrived = self.messages
         lines = [what, f"{len(arrived)} message(s) arrived:"]
-        lines += [f"  {m}" for m in arrived] or ["  (none)"]
+        for message in arrived:
+            if not match:
+                lines.append(f"  {message}")
+                continue
+            missed = mismatches(message, _criteria(match))
+            lines.append(f"  {message}: {'; '.join(missed) if missed else 'matches'}")
+        if not arrived:
+            lines.append("  (none)")
         return "\n".join(lines)
 
-    def wait_for_sync(self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[CapturedMessage]:
+    # -- waiting and asserting (the sync form; mta.py has the trio form's) ---------
+
+    def _until(self, check: Callable[[], T | None], timeout: float, failure: Callable[[], str]) -> T:
+        """Block until *check* returns a result (or raises); after *timeout* seconds
+        fail with *failure()*.  Woken by every capture, never polling."""
         deadline = time.monotonic() + timeout
         with self._lock:
             while True:
-                found = self._check_wait(count, match)
+                found = check()
                 if found is not None:
                     return found
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MTAAssertionError(self._explain(self._expected(count, timeout, match)))
+                    raise MTAAssertionError(failure())
                 self._lock.wait(remaining)
+
+    def wait_for_sync(self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[CapturedMessage]:
+        return self._until(lambda: self._check_wait(count, match), timeout,
+                           lambda: self._explain(self._expected(count, timeout, match), match))
+
+    def wait_for_one_sync(self, timeout: float = 5.0, **match: Any) -> CapturedMessage:
+        return self._until(lambda: self._check_one(match), timeout,
+                           lambda: self._explain(self._expected(1, timeout, match), match))
 
     def assert_sent_to(self, *recipients: str, count: int | None = None) -> list[CapturedMessage]:
         found = [m for m in self.messages if all(r.lower() in (x.lower() for x in m.recipients) for r in recipients)]
@@ -124,6 +162,28 @@ class TestMTABase(FaultInjection):
                 f"expected {count if count is not None else 'some'} message(s) to {', '.join(recipients)}"))
         return found
 
-    def assert_nothing_sent(self) -> None:
-        if self.messages:
-            raise MTAAssertionError(self._explain("expected no messages"))
+    def assert_not_sent_to(self, *recipients: str) -> None:
+        """Fail if any captured message has any of *recipients* (case-insensitive)."""
+        unwanted = {r.lower() for r in recipients}
+        found = [m for m in self.messages if unwanted & {x.lower() for x in m.recipients}]
+        if found:
+            raise MTAAssertionError(self._explain(
+                f"expected no message to {', '.join(recipients)}, {len(found)} sent: "
+                + ", ".join(f"<{m.queue_id}>" for m in found)))
+
+    def assert_nothing_sent(self, within: float = 0.0) -> None:
+        """Fail if a message arrived; with *within*, keep watching that many seconds and
+        fail as soon as one arrives."""
+        deadline = time.monotonic() + within
+        with self._lock:
+            while True:
+                self._check_nothing()
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._lock.wait(remaining)
+
+
+def _criteria(match: dict[str, Any]) -> dict[str, Any]:
+    """*match* without ``exactly``: what each message is matched on."""
+    return {k: v for k, v in match.items() if k != "exactly"}

@@ -83,3 +83,8 @@ class TestMTA(TestMTABase):
         ``predicate``; ``exactly=n`` fails as soon as more than n match.  On timeout
         the error lists what did arrive."""
         return self.wait_for_sync(count, timeout, **match)
+
+    def wait_for_one(self, timeout: float = 5.0, **match: Any) -> CapturedMessage:
+        """Wait until a message matches *match* (``wait_for``'s criteria) and return it;
+        fail as soon as more than one matches, listing them."""
+        return self.wait_for_one_sync(timeout, **match)
