@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 from trimail.testing.content import CapturedMessage
 from trimail.testing.faults import Fault, FaultInjection
 from trimail.testing.matching import matches, mismatches
+from trimail.testing.observe import Attempt, Delivery
 
 T = TypeVar("T")
 
@@ -35,6 +36,8 @@ class TestMTABase(FaultInjection):
         self.ca: Any = None
         self.directory: Path | None = None
         self._messages: list[CapturedMessage] = []
+        self._attempts: list[Attempt] = []
+        self._deliveries: list[Delivery] = []
         self._faults: list[Fault] = []
         self._greylist: set[tuple[str, str, str]] | None = None
         self._lock = threading.Condition()
@@ -73,11 +76,69 @@ class TestMTABase(FaultInjection):
             self._lock.notify_all()
 
     def clear(self) -> None:
-        """Forget captured messages and undo every fault injection."""
+        """Forget captured messages, sessions and deliveries; undo every fault injection."""
         with self._lock:
             self._messages.clear()
+            self._attempts.clear()
+            self._deliveries.clear()
             self._faults.clear()
             self._greylist = None
+
+    # -- observation: sessions (every one, refused too) and delivery outcomes (relay mode)
+
+    @property
+    def attempts(self) -> list[Attempt]:
+        """Every SMTP session so far, in the order they connected (``ended`` is None
+        while one goes on; ``wait_for_attempts`` waits for them to end)."""
+        with self._lock:
+            return list(self._attempts)
+
+    @property
+    def deliveries(self) -> list[Delivery]:
+        """Every delivery outcome so far, one per recipient and attempt (relay mode)."""
+        with self._lock:
+            return list(self._deliveries)
+
+    def _record_attempt(self, attempt: Attempt) -> None:
+        with self._lock:
+            self._attempts.append(attempt)
+
+    def _attempt_ended(self) -> None:
+        with self._lock:
+            self._lock.notify_all()
+
+    def _record_delivery(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._deliveries.append(delivery)
+            self._lock.notify_all()
+
+    def _check_attempts(self, count: int) -> list[Attempt] | None:
+        ended = [a for a in self.attempts if a.ended is not None]
+        return ended if len(ended) >= count else None
+
+    def _attempts_failure(self, count: int, timeout: float) -> str:
+        attempts = self.attempts
+        return "\n".join([(f"expected {count} finished SMTP session(s) within {timeout:g}s, "
+                          f"{sum(a.ended is not None for a in attempts)} finished:"),
+                          *[f"  {a}" for a in attempts]])
+
+    def _check_deliveries(self, count: int, match: dict[str, Any]) -> list[Delivery] | None:
+        found = [d for d in self.deliveries if _delivery_matches(d, match)]
+        return found if len(found) >= count else None
+
+    def _deliveries_failure(self, count: int, timeout: float, match: dict[str, Any]) -> str:
+        deliveries = self.deliveries
+        return "\n".join([(f"expected {count} delivery outcome(s) matching {match or 'anything'} within "
+                          f"{timeout:g}s, {len(deliveries)} recorded:"), *[f"  {d}" for d in deliveries]]
+                         + (["  (none)"] if not deliveries else []))
+
+    def wait_for_attempts_sync(self, count: int = 1, timeout: float = 5.0) -> list[Attempt]:
+        return self._until(lambda: self._check_attempts(count), timeout,
+                           lambda: self._attempts_failure(count, timeout))
+
+    def wait_for_delivery_sync(self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[Delivery]:
+        return self._until(lambda: self._check_deliveries(count, match), timeout,
+                           lambda: self._deliveries_failure(count, timeout, match))
 
     def matching(self, **match: Any) -> list[CapturedMessage]:
         return [m for m in self.messages if matches(m, match)]
@@ -182,6 +243,27 @@ class TestMTABase(FaultInjection):
                 if remaining <= 0:
                     return
                 self._lock.wait(remaining)
+
+
+def _delivery_matches(delivery: Delivery, match: dict[str, Any]) -> bool:
+    """``status`` and ``dsn`` (equal or a prefix: ``"5."``), ``recipient`` (any case),
+    ``reply`` (a substring) and ``queue_id``."""
+    for key, wanted in match.items():
+        if key == "recipient":
+            if delivery.recipient.lower() != wanted.lower():
+                return False
+        elif key in ("status", "queue_id"):
+            if getattr(delivery, key) != wanted:
+                return False
+        elif key == "dsn":
+            if not delivery.dsn.startswith(wanted):
+                return False
+        elif key == "reply":
+            if wanted not in delivery.reply:
+                return False
+        else:
+            raise TypeError(f"unknown delivery keyword {key!r} (status, recipient, dsn, reply, queue_id)")
+    return True
 
 
 def _criteria(match: dict[str, Any]) -> dict[str, Any]:

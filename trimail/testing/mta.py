@@ -24,7 +24,8 @@ from trimail.config import Config
 from trimail.passwords import hash_password, write_table
 from trimail.testing.base import MTAAssertionError, T, TestMTABase
 from trimail.testing.content import CapturedMessage
-from trimail.testing.faults import _Hooks
+from trimail.testing.hooks import _Hooks
+from trimail.testing.observe import Attempt, Delivery
 
 
 def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | None, tls: bool,
@@ -83,6 +84,16 @@ class TrioTestMTA(TestMTABase):
         """The one message matching *match*; fails as soon as more than one match."""
         return await self._until_async(lambda: self._check_one(match), timeout,
                                        lambda: self._explain(self._expected(1, timeout, match), match))
+
+    async def wait_for_attempts(self, count: int = 1, timeout: float = 5.0) -> list[Attempt]:
+        """Wait until *count* SMTP sessions have ended; every ended one."""
+        return await self._until_async(lambda: self._check_attempts(count), timeout,
+                                       lambda: self._attempts_failure(count, timeout))
+
+    async def wait_for_delivery(self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[Delivery]:
+        """Relay mode: wait until *count* delivery outcomes match (see TestMTA.wait_for_delivery)."""
+        return await self._until_async(lambda: self._check_deliveries(count, match), timeout,
+                                       lambda: self._deliveries_failure(count, timeout, match))
 
     def assert_nothing_sent(self, within: float = 0.0) -> Awaitable[None]:  # type: ignore[override]
         """Fail now if a message arrived; with *within*, ``await`` it: it keeps watching
@@ -156,6 +167,7 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
             for context in server.contexts.values():
                 context.hooks = hooks
             mta.server = server  # type: ignore[attr-defined]
+            server.scheduler.results.observer = hooks.delivered  # relay mode: mta.deliveries
             mta.port = server.addresses[0].port
             try:
                 yield server
