@@ -117,8 +117,8 @@ class FaultInjection:
 
     def fail_tls(self, kind: str = "handshake", count: int | None = None, *, probability: float = 1.0,
                  seed: int | None = None) -> Fault:
-        """Make STARTTLS fail after its ``220``: ``handshake`` (the server cannot agree on
-        anything: a TLS alert), ``expired`` (a certificate from the test CA whose validity
+        """Make STARTTLS fail after its ``220``: ``handshake`` (the server has no
+        certificate to offer and breaks the handshake off), ``expired`` (a certificate from the test CA whose validity
         ended yesterday) or ``untrusted`` (a valid certificate from another CA).  Needs
         ``tls=True``."""
         if kind not in ("handshake", "expired", "untrusted"):
@@ -165,16 +165,16 @@ class FaultInjection:
             return list(self._faults)
 
 
-def tls_fault_context(kind: str, ca: Any) -> ssl.SSLContext:
+def tls_fault_context(kind: str, ca: Any, hosts: list[str]) -> ssl.SSLContext:
     """A server context whose STARTTLS handshake fails as *kind* says: ``handshake``
-    (no certificate at all: the client gets a handshake-failure alert), ``expired``
+    (no certificate at all: no cipher can be agreed), ``expired``
     (signed by the test CA, *ca*, valid until yesterday) or ``untrusted`` (valid, from
-    a CA nobody trusts)."""
+    a CA nobody trusts); the certificates name *hosts*, so only the fault fails them."""
     import trustme  # a test dependency, as for tls=True
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    names = ("127.0.0.1", "localhost", "trimail.test")
+    names = list(dict.fromkeys(["127.0.0.1", "localhost", "trimail.test", *hosts]))
     if kind == "expired":
         now = datetime.datetime.now(datetime.UTC)
         ca.issue_cert(*names, not_before=now - datetime.timedelta(days=30),

@@ -69,7 +69,8 @@ class _Hooks(SessionHooks):
         if fault is None or fault.tls is None:
             return context
         if fault.tls not in self._tls:
-            self._tls[fault.tls] = tls_fault_context(fault.tls, self.owner.ca)
+            hosts = [address.host for address in self.owner.server.addresses if address.host not in ("", "0.0.0.0", "::")]
+            self._tls[fault.tls] = tls_fault_context(fault.tls, self.owner.ca, hosts)
         return self._tls[fault.tls]
 
     def ended(self, session: SmtpdSession) -> None:
