@@ -138,3 +138,16 @@ async def test_trio_form_attempts_and_deliveries():
         assert sent.recipient == "ann@example.com"
         [relayed] = await downstream.wait_for_attempts(1)
         assert relayed.helo == "trimail.test"
+
+
+def test_a_failed_wait_names_the_sessions_that_were_refused():
+    with TestMTA(smtpd_listen=f"{HOST}:0") as mta:
+        mta.defer(sender="app@*", count=1)
+        with pytest.raises(smtplib.SMTPSenderRefused):
+            send(mta)
+        mta.wait_for_attempts(1)
+        with pytest.raises(MTAAssertionError) as failure:
+            mta.wait_for(timeout=0)
+        assert str(failure.value).splitlines()[-2:] == [
+            "1 SMTP session(s) with a refusal or not ended by QUIT:",
+            f"  [{HOST}] helo=<app.example>: greeting 220, EHLO 250, MAIL 451, RSET 250, QUIT 221; quit"]

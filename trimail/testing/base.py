@@ -190,6 +190,10 @@ class TestMTABase(FaultInjection):
             lines.append(f"  {message}: {'; '.join(missed) if missed else 'matches'}")
         if not arrived:
             lines.append("  (none)")
+        troubled = [a for a in self.attempts if a.ended not in (None, "quit") or any(c >= 400 for c in a.replies)]
+        if troubled:  # why mail may be missing: refusals, faults, hang-ups (the last ten)
+            lines.append(f"{len(troubled)} SMTP session(s) with a refusal or not ended by QUIT:")
+            lines += [f"  {attempt}" for attempt in troubled[-10:]]
         return "\n".join(lines)
 
     # -- waiting and asserting (the sync form; mta.py has the trio form's) ---------
