@@ -113,6 +113,7 @@ def test_assert_nothing_sent_without_within_checks_now(mta):
 async def test_trio_form_wait_for_one_and_nothing_sent_within():
     async with open_test_mta(smtpd_listen=f"{HOST}:0") as mta:
         mta.assert_nothing_sent()  # no await needed without within
+        await mta.assert_nothing_sent()  # but it may be awaited
         await mta.assert_nothing_sent(within=0.1)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, send, mta, "Late")
