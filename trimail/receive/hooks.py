@@ -38,7 +38,9 @@ class AcceptedMessage:
 
 class SessionHooks:
     """Extension points used by trimail.testing: refuse, delay or drop at a stage
-    (``mail``, ``rcpt``, ``data``, ``end``) and learn about accepted messages."""
+    (``auth`` with the user name, ``mail`` with the sender, ``rcpt`` with the
+    recipient, ``data``, ``end``; ``connected`` for the greeting) and learn about
+    accepted messages and each session's bytes and end."""
 
     async def connected(self, session: SmtpdSession, greeting: Reply | None) -> Reply | None:
         """Before the greeting: the greeting to give (None: the usual banner); may
