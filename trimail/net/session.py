@@ -144,6 +144,8 @@ class Session:
                 if greeting is None and self.greet_pause > 0 and await self._talks_first():
                     log.info("reject: pipelining before the greeting from %s", client)
                     greeting = replies.Reply(554, "5.5.1", "Error: SMTP protocol synchronization")
+                if self.decisions.ctx.hooks is not None:  # trimail.testing: faults at connect
+                    greeting = await self.decisions.ctx.hooks.connected(self.decisions, greeting)
                 self.conn.greet(greeting)
                 await self._loop()
             if self._scope.cancelled_caught:
@@ -173,6 +175,8 @@ class Session:
             await self._final_flush()
         finally:
             self.decisions.close()  # discards an unfinished transaction
+            if self.decisions.ctx.hooks is not None:
+                self.decisions.ctx.hooks.ended(self.decisions)
             with trio.CancelScope(shield=True):
                 await self.stream.aclose()
             log.info("disconnect from %s%s", client, format_stats(self.conn.command_stats))
@@ -180,6 +184,7 @@ class Session:
     async def _loop(self) -> None:
         conn = self.conn
         hostname = self.decisions.ctx.hostname
+        hooks = self.decisions.ctx.hooks  # trimail.testing: sees (and may cut) what the client sends
         progress = True  # a whole record (command or content line) since the deadline was last set
         while True:
             event = conn.next_event()
@@ -195,6 +200,8 @@ class Session:
                 self._reading = True
                 data = await self.stream.receive_some(RECEIVE_SIZE)
                 self._reading = False
+                if hooks is not None:
+                    hooks.received(self.decisions, data)
                 conn.receive_data(data)
                 continue
             progress = True
@@ -226,6 +233,8 @@ class Session:
     async def _start_tls(self) -> None:
         ctx = self.decisions.ctx.tls_context
         assert ctx is not None
+        if self.decisions.ctx.hooks is not None:  # trimail.testing: STARTTLS faults
+            ctx = self.decisions.ctx.hooks.tls_context(self.decisions, ctx)
         stream = trio.SSLStream(self.stream, ctx, server_side=True, https_compatible=False)
         try:
             with trio.CancelScope(deadline=trio.current_time() + self.tls_handshake_timeout) as scope:
@@ -261,6 +270,8 @@ class Session:
     async def _flush(self) -> None:
         data = self.conn.data_to_send()
         if data:
+            if self.decisions.ctx.hooks is not None:
+                self.decisions.ctx.hooks.sent(self.decisions, data)
             self._extend_deadline()
             await self.stream.send_all(data)
 

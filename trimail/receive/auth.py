@@ -35,6 +35,9 @@ _auth_limiter = thread_pool("trimail_auth_checks", AUTH_THREADS)
 
 async def authenticate_session(session: SmtpdSession, event: Auth) -> Reply:
     ctx = session.ctx
+    if ctx.hooks is not None and (
+            hooked := await ctx.hooks.before("auth", session, event.credentials.username)) is not None:
+        return hooked  # trimail.testing's fault injection
     now = time.monotonic()
     failures = ctx.auth_failures.count(session.client_address, now)
     if failures >= ctx.auth_failure_limit:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -66,6 +67,8 @@ class Results:
     def __init__(self, config: Config, writer: QueueWriter) -> None:
         self.writer = writer
         self.metrics: Metrics | None = None
+        # told each recipient's outcome: (queue id, recipient, status, dsn, text, relay); trimail.testing's
+        self.observer: Callable[[str, str, str, str, str, str], None] | None = None
         self.queued = 0  # notifications queued (bounces, delay warnings): each needs a round
         self.apply(config)
 
@@ -106,6 +109,8 @@ class Results:
                 else status
             if self.metrics is not None:
                 self.metrics.outcome(status, outcome.dsn, job.route.transport, message.arrival_time)
+            if self.observer is not None:
+                self.observer(message.id, recipient.address, status, outcome.dsn, text, relay)
             agent_log = AGENT_LOGS.get(job.route.transport, smtp_log)
             orig_to = message.params.get(ORIG_TO_PARAM) or ""  # a forwarded copy: the alias it was sent for
             if isinstance(outcome, Expanded) and outcome.lines and shown == outcome.status:

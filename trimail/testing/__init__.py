@@ -9,7 +9,10 @@ through the ``pytest11`` entry point.
 
 from trimail.testing.base import MTAAssertionError
 from trimail.testing.content import CapturedMessage
+from trimail.testing.faults import Fault
 from trimail.testing.mta import TrioTestMTA, open_test_mta
+from trimail.testing.observe import Attempt, Delivery, Exchange
 from trimail.testing.sync import TestMTA
 
-__all__ = ["CapturedMessage", "MTAAssertionError", "TestMTA", "TrioTestMTA", "open_test_mta"]
+__all__ = ["Attempt", "CapturedMessage", "Delivery", "Exchange", "Fault", "MTAAssertionError", "TestMTA", "TrioTestMTA",
+           "open_test_mta"]

@@ -9,9 +9,10 @@ is ``open_test_mta`` here; the synchronous form is ``TestMTA`` (sync.py).
 from __future__ import annotations
 
 import getpass
+import math
 import shutil
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,10 @@ import trio
 from trimail import config as configuration
 from trimail.config import Config
 from trimail.passwords import hash_password, write_table
-from trimail.testing.base import MTAAssertionError, TestMTABase
+from trimail.testing.base import MTAAssertionError, T, TestMTABase
 from trimail.testing.content import CapturedMessage
-from trimail.testing.faults import _Hooks
+from trimail.testing.hooks import _Hooks
+from trimail.testing.observe import Attempt, Delivery
 
 
 def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | None, tls: bool,
@@ -75,14 +77,58 @@ class TrioTestMTA(TestMTABase):
     """The trio form; see ``open_test_mta``."""
 
     async def wait_for(self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[CapturedMessage]:
+        return await self._until_async(lambda: self._check_wait(count, match), timeout,
+                                       lambda: self._explain(self._expected(count, timeout, match), match))
+
+    async def wait_for_one(self, timeout: float = 5.0, **match: Any) -> CapturedMessage:
+        """The one message matching *match*; fails as soon as more than one match."""
+        return await self._until_async(lambda: self._check_one(match), timeout,
+                                       lambda: self._explain(self._expected(1, timeout, match), match))
+
+    async def wait_for_attempts(self, count: int = 1, timeout: float = 5.0) -> list[Attempt]:
+        """Wait until *count* SMTP sessions have ended; every ended one."""
+        return await self._until_async(lambda: self._check_attempts(count), timeout,
+                                       lambda: self._attempts_failure(count, timeout))
+
+    async def wait_for_delivery(self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[Delivery]:
+        """Relay mode: wait until *count* delivery outcomes match (see TestMTA.wait_for_delivery)."""
+        return await self._until_async(lambda: self._check_deliveries(count, match), timeout,
+                                       lambda: self._deliveries_failure(count, timeout, match))
+
+    def assert_nothing_sent(self, within: float = 0.0) -> Awaitable[None]:  # type: ignore[override]
+        """Fail now if a message arrived; with *within*, ``await`` it: it keeps watching
+        that many seconds and fails as soon as one arrives.  (Without *within* it may be
+        called without ``await``, as in the sync form.)"""
+        self._check_nothing()
+        return self._nothing_within(within) if within > 0 else _DONE
+
+    async def _nothing_within(self, within: float) -> None:
+        with trio.move_on_after(within):
+            await self._until_async(self._check_nothing, math.inf, str)
+
+    async def _until_async(self, check: Callable[[], T | None], timeout: float, failure: Callable[[], str]) -> T:
+        """*check* every 10 ms until it gives a result (or raises); fail with *failure()*
+        after *timeout* seconds.  (The MTA runs in this event loop: it must never block.)"""
         with trio.move_on_after(timeout):
             while True:
-                found = self._check_wait(count, match)
+                found = check()
                 if found is not None:
                     return found
                 await trio.sleep(0.01)
-        raise MTAAssertionError(self._explain(self._expected(count, timeout, match)))
+        found = check()
+        if found is not None:
+            return found
+        raise MTAAssertionError(failure())
 
+
+class _Done:
+    """An awaitable that is already finished."""
+
+    def __await__(self) -> Generator[None, None, None]:
+        return iter(())  # type: ignore[return-value]
+
+
+_DONE = _Done()
 
 
 @asynccontextmanager
@@ -121,6 +167,7 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
             for context in server.contexts.values():
                 context.hooks = hooks
             mta.server = server  # type: ignore[attr-defined]
+            server.scheduler.results.observer = hooks.delivered  # relay mode: mta.deliveries
             mta.port = server.addresses[0].port
             try:
                 yield server

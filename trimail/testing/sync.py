@@ -18,6 +18,7 @@ import trio
 from trimail.testing.base import TestMTABase
 from trimail.testing.content import CapturedMessage
 from trimail.testing.mta import running
+from trimail.testing.observe import Attempt, Delivery
 
 
 class TestMTA(TestMTABase):
@@ -83,3 +84,18 @@ class TestMTA(TestMTABase):
         ``predicate``; ``exactly=n`` fails as soon as more than n match.  On timeout
         the error lists what did arrive."""
         return self.wait_for_sync(count, timeout, **match)
+
+    def wait_for_one(self, timeout: float = 5.0, **match: Any) -> CapturedMessage:
+        """Wait until a message matches *match* (``wait_for``'s criteria) and return it;
+        fail as soon as more than one matches, listing them."""
+        return self.wait_for_one_sync(timeout, **match)
+
+    def wait_for_attempts(self, count: int = 1, timeout: float = 5.0) -> list[Attempt]:
+        """Wait until *count* SMTP sessions have ended; return every ended one."""
+        return self.wait_for_attempts_sync(count, timeout)
+
+    def wait_for_delivery(self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[Delivery]:
+        """Relay mode: wait until *count* delivery outcomes match ``status`` (``sent``,
+        ``deferred``, ``bounced``), ``recipient``, ``dsn`` (a prefix), ``reply`` (a
+        substring), ``queue_id``; return them."""
+        return self.wait_for_delivery_sync(count, timeout, **match)
