@@ -125,14 +125,19 @@ class QueueWriter:
         self._thread = threading.Thread(target=self._main, args=(report,), name="trimail-queue-writer",
                                         daemon=True)
         self._thread.start()
-        await opened.wait()
-        if failure:
-            await trio.to_thread.run_sync(self._thread.join)
-            raise failure[0]
-        # Every connection is opened now, before anything else could touch the file;
-        # a later open (a reader needed under load) goes through SQLite alone too.
-        for _ in range(self._reader_count):
-            self._readers.append(await trio.to_thread.run_sync(self._open_store))
+        try:
+            await opened.wait()
+            if failure:
+                await trio.to_thread.run_sync(self._thread.join)
+                raise failure[0]
+            # Every connection is opened now, before anything else could touch the file;
+            # a later open (a reader needed under load) goes through SQLite alone too.
+            for _ in range(self._reader_count):
+                self._readers.append(await trio.to_thread.run_sync(self._open_store))
+        except BaseException:  # cancelled while starting: the thread and the readers must not outlive us
+            if not failure:
+                await self.__aexit__()
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
