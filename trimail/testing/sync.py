@@ -6,18 +6,78 @@
 
 Each instance has its own ephemeral port and temporary directory, so parallel
 test processes (pytest-xdist) never clash.
+
+The thread (``_Runner``) holds the ``TestMTA`` only through a weak proxy, so a
+``TestMTA`` whose ``stop()`` was forgotten is still garbage-collected; its
+finalizer then stops the MTA and removes the temporary directory, and so does the
+interpreter's exit for one still alive.
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from typing import Any
 
 import trio
 
 from trimail.testing.base import TestMTABase
 from trimail.testing.content import CapturedMessage
-from trimail.testing.mta import running
+from trimail.testing.mta import check_options, remove_directory, running
+
+
+class _Runner:
+    """The background thread and its trio loop for one ``TestMTA``."""
+
+    def __init__(self, mta: TestMTABase, options: dict[str, Any]) -> None:
+        self.mta = weakref.proxy(mta)  # never a strong reference: see the module's docstring
+        self.options = options
+        self.thread: threading.Thread | None = None
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.stopping: trio.Event | None = None
+        self.ready = threading.Event()
+        self.error: BaseException | None = None
+        self.directory: Any = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._main, name="trimail-test-mta", daemon=True)
+        self.thread.start()
+        self.ready.wait(60)
+        if self.error is not None:
+            raise self.error
+        if not self.ready.is_set():
+            raise RuntimeError("the test MTA did not start within 60 s")
+
+    def _main(self) -> None:
+        try:
+            trio.run(self._run)
+        except BaseException as exc:  # reported to start()
+            self.error = exc
+            self.ready.set()
+
+    async def _run(self) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        self.stopping = trio.Event()
+        async with running(self.mta, **self.options):
+            self.directory = self.mta.directory
+            self.ready.set()
+            await self.stopping.wait()
+
+    def stop(self) -> None:
+        """Stop the loop and wait for it (unless called on its own thread, as a
+        finalizer may be); idempotent."""
+        thread, self.thread = self.thread, None
+        if thread is None:
+            return
+        if self.token is not None and self.stopping is not None:
+            try:
+                self.token.run_sync_soon(self.stopping.set)
+            except trio.RunFinishedError:
+                pass
+        if thread is not threading.current_thread():
+            thread.join(30)
+            if self.directory is not None:
+                remove_directory(self.directory)
 
 
 class TestMTA(TestMTABase):
@@ -26,49 +86,21 @@ class TestMTA(TestMTABase):
     def __init__(self, *, relay: bool = False, transport: dict[str, str] | None = None, tls: bool = False,
                  auth: dict[str, str] | None = None, require_auth: bool = False, require_tls: bool = False,
                  **config: Any) -> None:
+        check_options(config, f"{type(self).__name__}()")
         super().__init__()
         self._options = dict(relay=relay, transport=transport, tls=tls, auth=auth, require_auth=require_auth,
                              require_tls=require_tls, **config)
-        self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._runner: _Runner | None = None
 
     def start(self) -> TestMTA:
-        self._thread = threading.Thread(target=self._main, name="trimail-test-mta", daemon=True)
-        self._thread.start()
-        self._ready.wait(60)
-        if self._error is not None:
-            raise self._error
-        if not self._ready.is_set():
-            raise RuntimeError("the test MTA did not start within 60 s")
+        runner = self._runner = _Runner(self, self._options)
+        weakref.finalize(self, runner.stop)  # a forgotten stop(): when collected, or at exit
+        runner.start()
         return self
 
-    def _main(self) -> None:
-        try:
-            trio.run(self._run)
-        except BaseException as exc:  # reported to start() or stop()
-            self._error = exc
-            self._ready.set()
-
-    async def _run(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._stop = trio.Event()
-        async with running(self, **self._options):
-            self._ready.set()
-            await self._stop.wait()
-
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        if self._token is not None and self._stop is not None:
-            try:
-                self._token.run_sync_soon(self._stop.set)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(30)
-        self._thread = None
+        if self._runner is not None:
+            self._runner.stop()
 
     def __enter__(self) -> TestMTA:
         return self.start()

@@ -1,0 +1,234 @@
+"""Starting and stopping the test MTA on first use: misspelt options, the address it
+really listens on, no leftover directory, an unlisted uid, trustme missing, the lazy
+plugin, the session fixture's marker and late mail.  Addresses: 127.0.42.0/24."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import shutil
+import smtplib
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from trimail.testing import TestMTA, open_test_mta
+from trimail.testing.shared import SharedTestMTA
+
+LISTEN = "127.0.42.1:0"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def python(code: str, *, cwd: Path, env: dict[str, str] | None = None,
+           prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([*(prefix or []), sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, env=environment)
+
+
+def send(host: str, port: int, subject: str = "hi") -> None:
+    with smtplib.SMTP(host, port, timeout=30) as client:
+        client.sendmail("app@example.org", ["ann@example.com"], f"Subject: {subject}\r\n\r\nx\r\n")
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def leftovers(directory: Path) -> list[Path]:
+    return sorted(directory.glob("trimail-test-*"))
+
+
+# -- options ------------------------------------------------------------------------
+
+def test_misspelt_parameter_is_refused_with_the_closest_name():
+    with pytest.raises(TypeError, match=r"unknown option smtpd_recipent_limit \(did you mean smtpd_recipient_limit\?"):
+        TestMTA(smtpd_recipent_limit=5)
+    with pytest.raises(TypeError, match=r"did you mean require_tls\?"):
+        TestMTA(requre_tls=True)
+    with pytest.raises(TypeError, match=r"^TestMTA\(\): unknown option no_such_thing; the options are relay"):
+        TestMTA(no_such_thing=1)
+
+
+async def test_trio_form_refuses_a_misspelt_parameter_too():
+    with pytest.raises(TypeError, match=r"open_test_mta\(\): unknown option smtpd_recipent_limit \(did you mean"):
+        async with open_test_mta(smtpd_recipent_limit=5):
+            pass
+
+
+def test_host_is_the_address_it_listens_on():
+    with TestMTA(smtpd_listen="127.0.42.5:0", smtpd_recipient_limit=1) as mta:
+        assert mta.host == "127.0.42.5"
+        send(mta.host, mta.port)
+        assert mta.wait_for()[0].recipients == ["ann@example.com"]
+
+
+def test_tls_without_trustme_says_which_extra_to_install(tmp_path):
+    result = python(f"""
+        import sys
+        sys.modules["trustme"] = None  # as after a plain pip install trimail
+        from trimail.testing import TestMTA
+        TestMTA(tls=True, smtpd_listen="{LISTEN}").start()
+        """, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "ModuleNotFoundError: tls=True needs trustme" in result.stderr
+    assert "pip install 'trimail[testing]'" in result.stderr
+
+
+# -- no leftover directory ------------------------------------------------------------
+
+def test_a_forgotten_test_mta_is_stopped_and_removed_when_collected():
+    mta = TestMTA(smtpd_listen=LISTEN).start()
+    directory, host, port = mta.directory, mta.host, mta.port
+    assert directory is not None and directory.is_dir()
+    del mta
+    gc.collect()
+    wait_until(lambda: not directory.exists())
+    with pytest.raises(OSError):
+        send(host, port)
+
+
+def test_a_test_mta_still_running_at_exit_leaves_no_directory(tmp_path):
+    result = python(f"""
+        from trimail.testing import TestMTA
+        mta = TestMTA(smtpd_listen="{LISTEN}").start()   # never stopped
+        print(mta.directory)
+        """, cwd=tmp_path, env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(tmp_path))
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("after", [0, 0.001, 0.003, 0.01, None])
+async def test_trio_form_cancelled_at_any_point_leaves_no_directory(tmp_path, monkeypatch, after):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with trio.CancelScope() as scope:
+        if after is not None:
+            scope.deadline = trio.current_time() + after
+        async with open_test_mta(smtpd_listen=LISTEN) as mta:
+            assert mta.directory.parent == tmp_path
+            scope.cancel()
+            await trio.sleep_forever()
+    assert leftovers(tmp_path) == []
+
+
+# -- a uid without a passwd entry (CI containers) -------------------------------------
+
+def test_runs_as_a_uid_without_a_passwd_entry(tmp_path):
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to become an unlisted uid")
+    uid = 54321
+    import pwd
+
+    with pytest.raises(KeyError):
+        pwd.getpwuid(uid)
+    tmp_path.chmod(0o777)
+    result = python(f"""
+        import os, smtplib
+        from trimail.testing import TestMTA
+        assert os.getuid() == {uid}
+        with TestMTA(smtpd_listen="{LISTEN}") as mta:
+            with smtplib.SMTP(mta.host, mta.port) as client:
+                client.sendmail("app@example.org", ["ann@example.com"], "Subject: unlisted\\r\\n\\r\\nx\\r\\n")
+            print(mta.wait_for()[0].subject)
+        """, cwd=tmp_path, env={"TMPDIR": str(tmp_path), "HOME": str(tmp_path)},
+        prefix=[setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "unlisted"
+    assert leftovers(tmp_path) == []
+
+
+# -- the pytest plugin ------------------------------------------------------------------
+
+def test_importing_the_plugin_imports_nothing_of_the_mta(tmp_path):
+    result = python("""
+        import sys
+        import trimail.testing.plugin
+        heavy = ("trio", "apsw", "dns", "trustme", "trimail.master", "trimail.testing.mta",
+                 "trimail.testing.sync", "trimail.config")
+        print(sorted(m for m in sys.modules if m.startswith(heavy)))
+        from trimail.testing import TestMTA, open_test_mta, CapturedMessage, MTAAssertionError, TrioTestMTA
+        print("trio" in sys.modules)
+        """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+SUITE = '''
+import smtplib
+import pytest
+
+late = []
+
+
+def open_transaction(mta):
+    client = smtplib.SMTP(mta.host, mta.port)
+    client.ehlo()
+    assert client.mail("app@example.org")[0] == 250
+    assert client.rcpt("late@example.com")[0] == 250
+    return client
+
+
+def test_1_leaves_a_transaction_open(trimail_mta_session):
+    late.append(open_transaction(trimail_mta_session))
+
+
+def test_2_late_mail_of_the_first_test_is_not_seen(trimail_mta_session):
+    client = late.pop()
+    assert client.data(b"Subject: late\\r\\n\\r\\nx\\r\\n")[0] == 250   # accepted, not captured
+    client.quit()
+    with smtplib.SMTP(trimail_mta_session.host, trimail_mta_session.port) as own:
+        own.sendmail("app@example.org", ["ann@example.com"], "Subject: own\\r\\n\\r\\nx\\r\\n")
+    assert [m.subject for m in trimail_mta_session.wait_for(subject="own")] == ["own"]
+    assert [m.subject for m in trimail_mta_session.messages] == ["own"]
+
+
+@pytest.mark.trimail(message_size_limit=1000)
+def test_3_marker_on_the_session_fixture(trimail_mta_session):
+    pass
+
+
+@pytest.mark.trimail(smtpd_recipent_limit=5)
+def test_4_misspelt_marker(trimail_mta):
+    pass
+'''
+
+
+def test_session_fixture_drops_late_mail_and_refuses_a_marker(tmp_path):
+    (tmp_path / "test_suite.py").write_text(SUITE)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                             "-p", "no:randomly", "-rA", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = result.stdout
+    assert "PASSED test_suite.py::test_1_leaves_a_transaction_open" in out, out[-4000:]
+    assert "PASSED test_suite.py::test_2_late_mail_of_the_first_test_is_not_seen" in out, out[-4000:]
+    assert re.search(r"ERROR at setup of test_3_marker_on_the_session_fixture _+\n"
+                     r"@pytest.mark.trimail\(...\) options do not apply to trimail_mta_session, which the whole "
+                     r"session shares: use the trimail_mta fixture", out), out[-4000:]
+    assert re.search(r"ERROR at setup of test_4_misspelt_marker _+\n@pytest.mark.trimail\(...\): unknown option "
+                     r"smtpd_recipent_limit \(did you mean smtpd_recipient_limit\?\)", out), out[-4000:]
+    assert "During handling" not in out
+
+
+def test_clear_of_a_shared_mta_drops_mail_whose_transaction_began_before():
+    with SharedTestMTA(smtpd_listen=LISTEN) as mta:
+        with smtplib.SMTP(mta.host, mta.port) as early:
+            early.ehlo()
+            early.mail("app@example.org")
+            early.rcpt("late@example.com")
+            mta.clear()
+            assert early.data(b"Subject: late\r\n\r\nx\r\n")[0] == 250
+            early.sendmail("app@example.org", ["ann@example.com"], "Subject: after\r\n\r\nx\r\n")
+        assert [m.subject for m in mta.wait_for(subject="after")] == ["after"]
+        assert [m.subject for m in mta.messages] == ["after"]
