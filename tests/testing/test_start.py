@@ -232,3 +232,72 @@ def test_clear_of_a_shared_mta_drops_mail_whose_transaction_began_before():
             early.sendmail("app@example.org", ["ann@example.com"], "Subject: after\r\n\r\nx\r\n")
         assert [m.subject for m in mta.wait_for(subject="after")] == ["after"]
         assert [m.subject for m in mta.messages] == ["after"]
+
+
+# -- test mode: what it gives up for speed (testmode.py) ------------------------------------
+
+def test_a_queue_marked_unsafe_commits_without_fsync_and_no_other_does(tmp_path):
+    from trimail.queue.database import Database, unsafe_skip_fsync
+
+    def synchronous(directory):
+        db = Database.open(directory)
+        try:
+            db.set_durable(True)
+            return db.db.execute("PRAGMA synchronous").fetchone()[0]
+        finally:
+            db.close()
+
+    assert synchronous(tmp_path / "a") == 2  # FULL
+    unsafe_skip_fsync(tmp_path / "a")
+    try:
+        assert synchronous(tmp_path / "a") == 0  # OFF, even when asked to be durable
+        assert synchronous(tmp_path / "b") == 2
+    finally:
+        unsafe_skip_fsync(tmp_path / "a", skip=False)
+    assert synchronous(tmp_path / "a") == 2
+
+
+async def test_the_test_mta_queue_is_unsynced_and_forgotten_when_it_stops():
+    from trimail.queue import database
+
+    async with open_test_mta(smtpd_listen=LISTEN) as mta:
+        level = await mta.server.writer.run(lambda store: store.db.execute("PRAGMA synchronous").fetchone()[0])
+        assert level == 0
+        queue = os.path.realpath(mta.directory / "queue")
+        assert queue in database._UNSAFE_UNSYNCED
+    assert queue not in database._UNSAFE_UNSYNCED
+
+
+def test_one_ca_per_process_and_a_cheap_password_hash():
+    with TestMTA(smtpd_listen=LISTEN, tls=True, auth={"app": "secret"}) as first, \
+         TestMTA(smtpd_listen=LISTEN, tls=True, auth={"app": "secret"}, require_auth=True) as second:
+        assert first.ca is second.ca
+        assert Path(first.ca_file).read_bytes() == Path(second.ca_file).read_bytes()
+        assert (second.directory / "sasl_passwd").read_text().startswith("app:scrypt$2$1$1$")
+        with smtplib.SMTP(second.host, second.port, timeout=30) as client:
+            client.starttls(context=first.ssl_context())
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("app", "wrong")
+            client.login("app", "secret")
+            client.sendmail("app@example.org", ["ann@example.com"], "Subject: tls\r\n\r\nx\r\n")
+        assert second.wait_for()[0].auth == "app"
+
+
+def test_mtas_with_the_same_options_share_the_checked_configuration_but_not_their_directories():
+    from trimail.config import ConfigError
+    from trimail.testing.testmode import SharedConfig
+
+    with TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit=2) as first, \
+         TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit=2) as second:
+        for mta in (first, second):
+            assert mta.server.config.queue_directory == str(mta.directory / "queue")
+            assert mta.server.config.smtpd_recipient_limit == 2
+        assert isinstance(second.server.config, SharedConfig)
+        refused = {}
+        with smtplib.SMTP(second.host, second.port, timeout=30) as client:
+            refused = client.sendmail("app@example.org", ["a@example.com", "b@example.com", "c@example.com"],
+                                      "Subject: limit\r\n\r\nx\r\n")
+        assert list(refused) == ["c@example.com"]
+    for _ in range(2):  # a bad value is refused every time, not only the first
+        with pytest.raises(ConfigError, match="smtpd_recipient_limit"):
+            TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit="many").start()

@@ -23,17 +23,14 @@ import trio
 
 from trimail import config as configuration
 from trimail.config import Config
-from trimail.passwords import hash_password, write_table
 from trimail.testing.base import MTAAssertionError, TestMTABase
 from trimail.testing.content import CapturedMessage
+from trimail.testing import testmode
 from trimail.testing.faults import _Hooks
 
 
 OPTIONS = ("relay", "transport", "tls", "auth", "require_auth", "require_tls")
 """The test MTA's own options; every other keyword is a main.cf parameter."""
-
-INSTALL_HINT = "pip install 'trimail[testing]'"
-
 
 def check_options(config: dict[str, Any], where: str = "TestMTA()") -> None:
     """Refuse a keyword that is neither an option nor a main.cf parameter, with the
@@ -75,6 +72,7 @@ def new_directory() -> Path:
 
 
 def remove_directory(directory: Path | str) -> None:
+    testmode.forget_queue(Path(directory) / "queue")
     shutil.rmtree(directory, ignore_errors=True)
     _directories.discard(str(directory))
 
@@ -109,28 +107,26 @@ def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | No
         entries = ", ".join(f"{{ {k} = {v} }}" for k, v in transport.items())
         settings["transport_maps"] = f"inline:{{ {entries} }}"
     if tls:
-        try:
-            import trustme  # in the trimail[testing] extra, needed only for tls=True
-        except ImportError:
-            raise ModuleNotFoundError(f"tls=True needs trustme, which makes the test certificates: {INSTALL_HINT}",
-                                      name="trustme") from None
-        ca = trustme.CA()
+        ca, pem = testmode.tls_material(str(extra.get("smtpd_listen", settings["smtpd_listen"])))
         cert = directory / "cert.pem"
-        ca.issue_cert("127.0.0.1", "localhost", "trimail.test").private_key_and_cert_chain_pem.write_to_path(str(cert))
+        testmode.write_private(cert, pem)
         settings["smtpd_tls_cert_file"] = str(cert)
         settings["smtpd_tls_security_level"] = "encrypt" if require_tls else "may"
     if auth:
         passwords = directory / "sasl_passwd"
-        write_table(passwords, {user: hash_password(pw) for user, pw in auth.items()})
+        testmode.write_private(passwords, testmode.password_table(auth))
         settings["smtpd_sasl_auth_enable"] = "yes"
         settings["smtpd_sasl_password_file"] = str(passwords)
         settings["smtpd_tls_auth_only"] = "yes" if tls else "no"
         if require_auth:
             settings["smtpd_relay_restrictions"] = "permit_sasl_authenticated, reject"
     settings.update({k: str(v) for k, v in extra.items()})
+    if settings["queue_directory"] == str(directory / "queue"):  # ours: test mode (testmode.py)
+        testmode.new_queue(directory / "queue")
     path = directory / "main.cf"
-    path.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-    return configuration.load(path), ca
+    text = "".join(f"{k} = {v}\n" for k, v in settings.items())
+    path.write_text(text)
+    return testmode.load_config(path, text, directory), ca
 
 
 class TrioTestMTA(TestMTABase):
