@@ -30,7 +30,7 @@ def python(code: str, *, cwd: Path, env: dict[str, str] | None = None,
            prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     return subprocess.run([*(prefix or []), sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=120, cwd=cwd, env=environment)
+                          text=True, timeout=120, cwd=cwd, env=environment, check=False)
 
 
 def send(host: str, port: int, subject: str = "hi") -> None:
@@ -209,7 +209,7 @@ def test_session_fixture_drops_late_mail_and_refuses_a_marker(tmp_path):
     (tmp_path / "test_suite.py").write_text(SUITE)
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                              "-p", "no:randomly", "-rA", str(tmp_path)], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                            timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
     out = result.stdout
     assert "PASSED test_suite.py::test_1_leaves_a_transaction_open" in out, out[-4000:]
     assert "PASSED test_suite.py::test_2_late_mail_of_the_first_test_is_not_seen" in out, out[-4000:]

@@ -21,16 +21,15 @@ from typing import Any
 
 import trio
 
-from trimail import config as configuration
 from trimail.config import Config
+from trimail.testing import testmode
 from trimail.testing.base import MTAAssertionError, TestMTABase
 from trimail.testing.content import CapturedMessage
-from trimail.testing import testmode
 from trimail.testing.faults import _Hooks
-
 
 OPTIONS = ("relay", "transport", "tls", "auth", "require_auth", "require_tls")
 """The test MTA's own options; every other keyword is a main.cf parameter."""
+
 
 def check_options(config: dict[str, Any], where: str = "TestMTA()") -> None:
     """Refuse a keyword that is neither an option nor a main.cf parameter, with the
