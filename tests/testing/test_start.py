@@ -301,3 +301,31 @@ def test_mtas_with_the_same_options_share_the_checked_configuration_but_not_thei
     for _ in range(2):  # a bad value is refused every time, not only the first
         with pytest.raises(ConfigError, match="smtpd_recipient_limit"):
             TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit="many").start()
+
+
+def test_one_mta_failing_to_start_does_not_disturb_the_others():
+    from trimail.config import ConfigError
+
+    with TestMTA(smtpd_listen=LISTEN) as running:
+        with pytest.raises(ConfigError):
+            TestMTA(smtpd_listen=LISTEN, message_size_limit="huge").start()
+        send(running.host, running.port, subject="still here")
+        assert running.wait_for()[0].subject == "still here"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_starts_test_mtas_of_its_own():
+    with TestMTA(smtpd_listen=LISTEN) as parent:
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's loop thread is not there
+            code = 1
+            try:
+                with TestMTA(smtpd_listen=LISTEN) as child:
+                    send(child.host, child.port, subject="child")
+                    code = 0 if child.wait_for()[0].subject == "child" else 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        send(parent.host, parent.port, subject="parent")
+        assert [m.subject for m in parent.wait_for()] == ["parent"]
