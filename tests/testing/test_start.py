@@ -329,3 +329,15 @@ def test_a_forked_child_starts_test_mtas_of_its_own():
         assert os.waitstatus_to_exitcode(status) == 0
         send(parent.host, parent.port, subject="parent")
         assert [m.subject for m in parent.wait_for()] == ["parent"]
+
+
+async def test_a_queue_writer_cancelled_while_starting_leaves_no_thread(tmp_path):
+    from trimail.queue.store import Store
+    from trimail.queue.writer import QueueWriter
+
+    writer = QueueWriter(lambda: Store.open(tmp_path / "queue"))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with writer:
+            pytest.fail("the writer started inside a cancelled scope")
+    assert writer._thread is not None and not writer._thread.is_alive()
