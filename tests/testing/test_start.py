@@ -318,7 +318,9 @@ def test_one_mta_failing_to_start_does_not_disturb_the_others():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_forked_child_starts_test_mtas_of_its_own():
+def test_a_forked_child_has_test_mtas_of_its_own_and_leaves_its_parents_alone():
+    import atexit
+
     with TestMTA(smtpd_listen=LISTEN) as parent:
         pid = os.fork()
         if pid == 0:  # the child: the parent's loop thread is not there
@@ -327,10 +329,12 @@ def test_a_forked_child_starts_test_mtas_of_its_own():
                 with TestMTA(smtpd_listen=LISTEN) as child:
                     send(child.host, child.port, subject="child")
                     code = 0 if child.wait_for()[0].subject == "child" else 1
+                atexit._run_exitfuncs()  # as the child's interpreter would at its exit
             finally:
                 os._exit(code)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+        assert parent.directory.is_dir()
         send(parent.host, parent.port, subject="parent")
         assert [m.subject for m in parent.wait_for()] == ["parent"]
 

@@ -8,14 +8,9 @@ is ``open_test_mta`` here; the synchronous form is ``TestMTA`` (sync.py).
 
 from __future__ import annotations
 
-import atexit
 import difflib
 import getpass
 import os
-import queue
-import shutil
-import tempfile
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -27,6 +22,7 @@ from trimail.config import Config
 from trimail.testing import testmode
 from trimail.testing.base import MTAAssertionError, TestMTABase
 from trimail.testing.content import CapturedMessage
+from trimail.testing.directories import new_directory, remove_directory
 from trimail.testing.faults import _Hooks
 
 OPTIONS = ("relay", "transport", "tls", "auth", "require_auth", "require_tls")
@@ -59,68 +55,6 @@ def loopback_of(host: str) -> str:
     """The address a client connects to for a listener on *host* (a wildcard
     listener is reached through the loopback address of its family)."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-
-
-_directories: set[str] = set()  # temporary directories of the test MTAs still running
-_trash: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # renamed directories, for the remover thread
-_remover: threading.Thread | None = None
-_remover_lock = threading.Lock()
-
-
-def new_directory() -> Path:
-    """A temporary directory for one test MTA; removed when it stops (``remove_directory``),
-    and at interpreter exit at the latest, even when it was never stopped."""
-    directory = tempfile.mkdtemp(prefix="trimail-test-")
-    _directories.add(directory)
-    return Path(directory)
-
-
-def remove_directory(directory: Path | str) -> None:
-    """Take the directory away at once (a rename: its path is gone when this
-    returns) and delete its files on a thread of its own, off the test's time; the
-    exit waits for that thread."""
-    global _remover
-    testmode.forget_queue(Path(directory) / "queue")
-    _directories.discard(str(directory))
-    trash = tempfile.mkdtemp(prefix="trimail-removing-", dir=os.path.dirname(directory))
-    try:
-        os.rename(directory, os.path.join(trash, "directory"))
-    except FileNotFoundError:
-        os.rmdir(trash)
-        return
-    except OSError:
-        shutil.rmtree(directory, ignore_errors=True)
-    with _remover_lock:
-        if _remover is None or not _remover.is_alive() or _remover_pid != os.getpid():
-            _start_remover()
-        _trash.put(trash)
-
-
-_remover_pid = 0
-
-
-def _start_remover() -> None:
-    global _remover, _remover_pid
-    _remover = threading.Thread(target=_remove_trash, name="trimail-test-remover", daemon=True)
-    _remover_pid = os.getpid()
-    _remover.start()
-
-
-def _remove_trash() -> None:
-    while (trash := _trash.get()) is not None:
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-@atexit.register
-def _remove_leftovers() -> None:
-    for directory in list(_directories):
-        remove_directory(directory)
-    with _remover_lock:
-        remover = _remover
-        if remover is not None and remover.is_alive():
-            _trash.put(None)
-    if remover is not None:
-        remover.join(30)
 
 
 def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | None, tls: bool,

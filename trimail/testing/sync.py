@@ -26,7 +26,8 @@ import trio
 
 from trimail.testing.base import TestMTABase
 from trimail.testing.content import CapturedMessage
-from trimail.testing.mta import check_options, remove_directory, running
+from trimail.testing.directories import remove_directory
+from trimail.testing.mta import check_options, running
 
 
 class _Loop:
@@ -55,8 +56,9 @@ class _Loop:
         self.token.run_sync_soon(self.nursery.start_soon, fn)
 
     def close(self) -> None:
-        """At exit: the MTAs still running stop (their directories go) and the loop ends."""
-        if self.token is not None and self.nursery is not None:
+        """At exit: the MTAs still running stop (their directories go) and the loop ends
+        (not in a forked child, which has no loop thread)."""
+        if self.token is not None and self.nursery is not None and self.pid == os.getpid():
             try:
                 self.token.run_sync_soon(self.nursery.cancel_scope.cancel)
             except trio.RunFinishedError:
@@ -117,7 +119,7 @@ class _Runner:
         """Stop the MTA and wait for it (unless called on the loop's own thread, as a
         finalizer may be); idempotent."""
         loop, self.loop = self.loop, None
-        if loop is None:
+        if loop is None or loop.pid != os.getpid():  # a forked child's copy of its parent's MTA
             return
         if self.stopping is not None and loop.token is not None:
             try:
