@@ -40,9 +40,12 @@ LABELS = {"start_stop": "start + stop", "tls_auth_start_stop": "start + stop, ST
           "trimail": "trimail.testing", "aiosmtpd": "aiosmtpd Controller", "smtpdfix": "smtpdfix"}
 
 
+HOST = "127.0.0.1"  # where every contestant listens (the tests use another loopback address)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((HOST, 0))
         return int(sock.getsockname()[1])
 
 
@@ -54,7 +57,7 @@ class Certificate:
 
         ca = trustme.CA()
         self.file = directory / "server.pem"
-        ca.issue_cert("127.0.0.1", "localhost").private_key_and_cert_chain_pem.write_to_path(str(self.file))
+        ca.issue_cert(HOST, "localhost").private_key_and_cert_chain_pem.write_to_path(str(self.file))
         self.ca = ca
 
     def client_context(self) -> Any:
@@ -80,7 +83,7 @@ def trimail(tls_auth: bool, certificate: Certificate) -> Iterator[Running]:
     from trimail.testing import TestMTA
 
     options: dict[str, Any] = {"tls": True, "auth": {USER: PASSWORD}} if tls_auth else {}
-    with TestMTA(**options) as mta:
+    with TestMTA(smtpd_listen=f"{HOST}:0", **options) as mta:
         yield Running(mta.host, mta.port, lambda: len(mta.messages), mta.ssl_context)
 
 
@@ -108,10 +111,10 @@ def aiosmtpd(tls_auth: bool, certificate: Certificate) -> Iterator[Running]:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(str(certificate.file))
         kwargs = {"tls_context": context, "authenticator": authenticate, "auth_require_tls": True}
-    controller = Controller(handler, hostname="127.0.0.1", port=free_port(), **kwargs)
+    controller = Controller(handler, hostname=HOST, port=free_port(), **kwargs)
     controller.start()
     try:
-        yield Running("127.0.0.1", controller.port, lambda: len(handler.messages), certificate.client_context)
+        yield Running(HOST, controller.port, lambda: len(handler.messages), certificate.client_context)
     finally:
         controller.stop()
 
@@ -126,8 +129,8 @@ def smtpdfix(tls_auth: bool, certificate: Certificate) -> Iterator[Running]:
         config.ssl_cert_files = (str(certificate.file), None)
         config.use_starttls = True
         config.enforce_auth = True
-    with SMTPDFix(hostname="127.0.0.1", port=free_port(), config=config) as controller:
-        yield Running("127.0.0.1", controller.port, lambda: len(controller.messages), certificate.client_context)
+    with SMTPDFix(hostname=HOST, port=free_port(), config=config) as controller:
+        yield Running(HOST, controller.port, lambda: len(controller.messages), certificate.client_context)
 
 
 MTAS: dict[str, Callable[..., Any]] = {"trimail": trimail, "aiosmtpd": aiosmtpd, "smtpdfix": smtpdfix}
@@ -173,7 +176,7 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 def bench_test_mtas(runs: int, contestants: tuple[str, ...] = CONTESTANTS) -> dict:
-    runs = max(runs, 10)
+    """Measure, print the table, return the figures (``runs`` per figure and contestant)."""
     warnings.filterwarnings("ignore", message="Session.login_data is deprecated")  # smtpdfix's, not ours
     measures: dict[str, Callable[[str, Certificate], float]] = {
         "start_stop": start_stop,
