@@ -128,7 +128,7 @@ async def test_trio_form_cancelled_at_any_point_leaves_no_directory(tmp_path, mo
 
 # -- a uid without a passwd entry (CI containers) -------------------------------------
 
-def test_runs_as_a_uid_without_a_passwd_entry(tmp_path):
+def test_runs_as_a_uid_without_a_passwd_entry():
     setpriv = shutil.which("setpriv")
     if os.geteuid() != 0 or setpriv is None:
         pytest.skip("needs root and setpriv to become an unlisted uid")
@@ -137,20 +137,26 @@ def test_runs_as_a_uid_without_a_passwd_entry(tmp_path):
 
     with pytest.raises(KeyError):
         pwd.getpwuid(uid)
-    tmp_path.chmod(0o777)
-    result = python(f"""
-        import os, smtplib
-        from trimail.testing import TestMTA
-        assert os.getuid() == {uid}
-        with TestMTA(smtpd_listen="{LISTEN}") as mta:
-            with smtplib.SMTP(mta.host, mta.port) as client:
-                client.sendmail("app@example.org", ["ann@example.com"], "Subject: unlisted\\r\\n\\r\\nx\\r\\n")
-            print(mta.wait_for()[0].subject)
-        """, cwd=tmp_path, env={"TMPDIR": str(tmp_path), "HOME": str(tmp_path)},
-        prefix=[setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "unlisted"
-    assert leftovers(tmp_path, "trimail-*") == []
+    become = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    work = Path(tempfile.mkdtemp(prefix="unlisted-"))  # in /tmp, which any uid may enter
+    try:
+        work.chmod(0o777)
+        if python("import trimail", cwd=work, prefix=become).returncode != 0:
+            pytest.skip(f"uid {uid} cannot run this Python or read this tree")
+        result = python(f"""
+            import os, smtplib
+            from trimail.testing import TestMTA
+            assert os.getuid() == {uid}
+            with TestMTA(smtpd_listen="{LISTEN}") as mta:
+                with smtplib.SMTP(mta.host, mta.port) as client:
+                    client.sendmail("app@example.org", ["ann@example.com"], "Subject: unlisted\\r\\n\\r\\nx\\r\\n")
+                print(mta.wait_for()[0].subject)
+            """, cwd=work, env={"TMPDIR": str(work), "HOME": str(work)}, prefix=become)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip() == "unlisted"
+        assert leftovers(work, "trimail-*") == []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # -- the pytest plugin ------------------------------------------------------------------
