@@ -1,12 +1,10 @@
-"""trimail-only figures of ``scripts/bench``: ``--mode testmta`` (TestMTA start-up and
-tear-down, in process), ``--mode queuelist`` (``trimail queue list`` on a long
+"""trimail-only figures of ``scripts/bench``: ``--mode queuelist`` (``trimail queue list`` on a long
 queue) and ``--mode idle`` (serve's memory with many idle SMTP sessions).
 """
 
 from __future__ import annotations
 
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -16,26 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from bench_procs import tree_pids
-
-
-def bench_test_mta(runs: int) -> dict:
-    """Start-up and tear-down of trimail.testing.TestMTA, in this process."""
-    from trimail.testing import TestMTA
-
-    TestMTA().start().stop()  # imports and first-use costs are not per-test costs
-    starts, stops = [], []
-    for _ in range(runs):
-        began = time.perf_counter()
-        mta = TestMTA().start()
-        started = time.perf_counter()
-        mta.stop()
-        stops.append(time.perf_counter() - started)
-        starts.append(started - began)
-    figures = {"start_ms": statistics.median(starts) * 1000, "stop_ms": statistics.median(stops) * 1000,
-               "start_max_ms": max(starts) * 1000, "stop_max_ms": max(stops) * 1000, "runs": runs}
-    print(f"TestMTA start-up median {figures['start_ms']:.1f} ms (max {figures['start_max_ms']:.1f}), "
-          f"tear-down median {figures['stop_ms']:.1f} ms (max {figures['stop_max_ms']:.1f}), {runs} runs")
-    return figures
 
 
 def bench_queue_list(count: int) -> dict:

@@ -19,6 +19,12 @@ in a directory mail_owner owns); a missing or truncated database beside
 ``queue.stamp`` is refused rather than silently replaced by an empty queue.
 Nothing here takes a path from mail.
 
+Test mode (trimail.testing only, never a parameter): ``unsafe_skip_fsync`` marks one
+queue directory whose connections commit with ``synchronous = OFF``: atomic still
+(WAL), but nothing is fsynced, so a power loss or kernel crash may lose mail already
+acknowledged.  A test's throw-away queue needs no durability; no main.cf, ``-o`` or
+environment variable can reach the switch.
+
 Parameters: none (``queue_directory`` and the busy timeout come from the caller).
 """
 
@@ -49,6 +55,19 @@ class QueueError(TrimailError):
 
 
 STAMP_NAME = "queue.stamp"
+
+_UNSAFE_UNSYNCED: set[str] = set()  # real paths of test queue directories that skip fsync
+
+
+def unsafe_skip_fsync(queue_directory: str | os.PathLike[str], skip: bool = True) -> None:
+    """UNSAFE, for trimail.testing's throw-away queues only: connections opened on
+    *queue_directory* from now on never fsync (``PRAGMA synchronous = OFF``), so
+    acknowledged mail may be lost on power loss.  ``skip=False`` forgets the mark."""
+    real = os.path.realpath(queue_directory)
+    if skip:
+        _UNSAFE_UNSYNCED.add(real)
+    else:
+        _UNSAFE_UNSYNCED.discard(real)
 
 
 def prepare_directory(queue_directory: Path) -> Path:
@@ -150,6 +169,7 @@ class Database:
         self.db = connection
         self.path = path
         self.durable = True  # PRAGMA synchronous = FULL (set in open)
+        self.unsafe_unsynced = False  # PRAGMA synchronous = OFF for good: unsafe_skip_fsync
         self.busy_timeout = BUSY_TIMEOUT_MS / 1000
 
     @classmethod
@@ -174,6 +194,7 @@ class Database:
         # root opens this before the privilege drop in a directory mail_owner owns:
         # never through a planted link (the directory's own path is the operator's)
         real = Path(os.path.realpath(directory)) / DATABASE_NAME
+        unsynced = str(real.parent) in _UNSAFE_UNSYNCED
         try:
             db = apsw.Connection(str(real), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
             db.set_busy_handler(patient(busy_timeout))
@@ -183,9 +204,10 @@ class Database:
             if not readonly:
                 cursor.execute("PRAGMA journal_mode = WAL")
                 cursor.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT:d}")
-            cursor.execute("PRAGMA synchronous = FULL")
+            cursor.execute("PRAGMA synchronous = OFF" if unsynced else "PRAGMA synchronous = FULL")
             cursor.execute("PRAGMA foreign_keys = ON")
             store = cls(db, path)
+            store.unsafe_unsynced = unsynced
             store.busy_timeout = busy_timeout
             store._migrate(readonly)
         except apsw.Error as exc:
@@ -202,7 +224,7 @@ class Database:
     def set_durable(self, durable: bool) -> None:
         """Whether COMMIT fsyncs (FULL) or leaves it to the next one that does (NORMAL).
         In WAL mode both are atomic; only the durability of the last commits differs."""
-        if durable != self.durable:
+        if durable != self.durable and not self.unsafe_unsynced:
             self.db.execute("PRAGMA synchronous = FULL" if durable else "PRAGMA synchronous = NORMAL")
             self.durable = durable
 

@@ -125,14 +125,17 @@ class QueueWriter:
         self._thread = threading.Thread(target=self._main, args=(report,), name="trimail-queue-writer",
                                         daemon=True)
         self._thread.start()
-        await opened.wait()
+        # The thread opens its connection and the readers' (one hand-over, not one per
+        # reader): every connection is opened now, before anything else could touch the
+        # file; a later open (a reader needed under load) goes through SQLite alone too.
+        try:
+            await opened.wait()
+        except BaseException:  # cancelled while starting: the thread and the readers must not outlive us
+            await self.__aexit__()
+            raise
         if failure:
             await trio.to_thread.run_sync(self._thread.join)
             raise failure[0]
-        # Every connection is opened now, before anything else could touch the file;
-        # a later open (a reader needed under load) goes through SQLite alone too.
-        for _ in range(self._reader_count):
-            self._readers.append(await trio.to_thread.run_sync(self._open_store))
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -176,6 +179,15 @@ class QueueWriter:
         try:
             store = self._open_store()
         except BaseException as exc:  # reported to __aenter__
+            token.run_sync_soon(report, exc)
+            return
+        try:
+            for _ in range(self._reader_count):  # closed by __aexit__, which joins this thread first
+                self._readers.append(self._open_store())
+        except BaseException as exc:  # reported to __aenter__
+            for opened in [*self._readers, store]:
+                opened.close()
+            self._readers.clear()
             token.run_sync_soon(report, exc)
             return
         token.run_sync_soon(report, None)

@@ -8,10 +8,10 @@ is ``open_test_mta`` here; the synchronous form is ``TestMTA`` (sync.py).
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import math
-import shutil
-import tempfile
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,13 +19,44 @@ from typing import Any
 
 import trio
 
-from trimail import config as configuration
 from trimail.config import Config
-from trimail.passwords import hash_password, write_table
+from trimail.testing import testmode
 from trimail.testing.base import MTAAssertionError, T, TestMTABase
 from trimail.testing.content import CapturedMessage
+from trimail.testing.directories import new_directory, remove_directory
 from trimail.testing.hooks import _Hooks
 from trimail.testing.observe import Attempt, Delivery
+
+OPTIONS = ("relay", "transport", "tls", "auth", "require_auth", "require_tls")
+"""The test MTA's own options; every other keyword is a main.cf parameter."""
+
+
+def check_options(config: dict[str, Any], where: str = "TestMTA()") -> None:
+    """Refuse a keyword that is neither an option nor a main.cf parameter, with the
+    closest name: a misspelt ``smtpd_recipent_limit=5`` must not be ignored."""
+    from trimail.config.registry import PARAMETERS
+
+    for name in config:
+        if name not in PARAMETERS and name not in OPTIONS:
+            close = difflib.get_close_matches(name, [*OPTIONS, *PARAMETERS], n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise TypeError(f"{where}: unknown option {name}{hint}; the options are {', '.join(OPTIONS)} "
+                            "and main.cf parameters (trimail config)")
+
+
+def user_name() -> str:
+    """Who runs the tests (``mail_owner``): a uid without a passwd entry, as in many CI
+    containers, is named by its number instead of failing in ``getpass.getuser``."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # KeyError up to Python 3.12, OSError from 3.13
+        return str(os.getuid())
+
+
+def loopback_of(host: str) -> str:
+    """The address a client connects to for a listener on *host* (a wildcard
+    listener is reached through the loopback address of its family)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
 def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | None, tls: bool,
@@ -38,7 +69,7 @@ def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | No
         "queue_directory": str(directory / "queue"),
         "mynetworks": "127.0.0.0/8 [::1]/128",
         "allow_root": "yes",
-        "mail_owner": getpass.getuser(),
+        "mail_owner": user_name(),
         "alias_maps": "",
         "alias_database": "",
         "local_recipient_maps": "",
@@ -52,25 +83,26 @@ def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | No
         entries = ", ".join(f"{{ {k} = {v} }}" for k, v in transport.items())
         settings["transport_maps"] = f"inline:{{ {entries} }}"
     if tls:
-        import trustme  # a test dependency, needed only for tls=True
-
-        ca = trustme.CA()
+        ca, pem = testmode.tls_material(str(extra.get("smtpd_listen", settings["smtpd_listen"])))
         cert = directory / "cert.pem"
-        ca.issue_cert("127.0.0.1", "localhost", "trimail.test").private_key_and_cert_chain_pem.write_to_path(str(cert))
+        testmode.write_private(cert, pem)
         settings["smtpd_tls_cert_file"] = str(cert)
         settings["smtpd_tls_security_level"] = "encrypt" if require_tls else "may"
     if auth:
         passwords = directory / "sasl_passwd"
-        write_table(passwords, {user: hash_password(pw) for user, pw in auth.items()})
+        testmode.write_private(passwords, testmode.password_table(auth))
         settings["smtpd_sasl_auth_enable"] = "yes"
         settings["smtpd_sasl_password_file"] = str(passwords)
         settings["smtpd_tls_auth_only"] = "yes" if tls else "no"
         if require_auth:
             settings["smtpd_relay_restrictions"] = "permit_sasl_authenticated, reject"
     settings.update({k: str(v) for k, v in extra.items()})
+    if settings["queue_directory"] == str(directory / "queue"):  # ours: test mode (testmode.py)
+        testmode.new_queue(directory / "queue")
     path = directory / "main.cf"
-    path.write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
-    return configuration.load(path), ca
+    text = "".join(f"{k} = {v}\n" for k, v in settings.items())
+    path.write_text(text)
+    return testmode.load_config(path, text, directory), ca
 
 
 class TrioTestMTA(TestMTABase):
@@ -142,6 +174,7 @@ async def open_test_mta(*, relay: bool = False, transport: dict[str, str] | None
     by default mail is only captured.  Other keyword arguments are main.cf
     parameters (``message_size_limit=10000``, ``smtpd_recipient_limit=5``, ...).
     """
+    check_options(config, "open_test_mta()")
     mta = TrioTestMTA()
     async with running(mta, relay=relay, transport=transport, tls=tls, auth=auth, require_auth=require_auth,
                        require_tls=require_tls, **config):
@@ -152,10 +185,11 @@ async def open_test_mta(*, relay: bool = False, transport: dict[str, str] | None
 async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | None, tls: bool,
                   auth: dict[str, str] | None, require_auth: bool, require_tls: bool,
                   **config: Any) -> AsyncIterator[Any]:
-    """Run serve for *mta* (hooks attached) in a temporary directory."""
+    """Run serve for *mta* (hooks attached) in a temporary directory, removed when
+    the block ends, however it ends (cancelled too)."""
     from trimail.master import serve
 
-    directory = Path(tempfile.mkdtemp(prefix="trimail-test-"))
+    directory = new_directory()
     mta.directory = directory  # type: ignore[attr-defined]
     try:
         cfg, mta.ca = build_config(directory, relay=relay or bool(transport),  # type: ignore[attr-defined]
@@ -163,15 +197,16 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
                                    require_tls=require_tls, extra=config)
         async with trio.open_nursery() as nursery:
             server = await nursery.start(serve, cfg)
-            hooks = _Hooks(mta)
+            hooks = getattr(mta, "hooks_class", _Hooks)(mta)
             for context in server.contexts.values():
                 context.hooks = hooks
             mta.server = server  # type: ignore[attr-defined]
             server.scheduler.results.observer = hooks.delivered  # relay mode: mta.deliveries
+            mta.host = loopback_of(server.addresses[0].host)
             mta.port = server.addresses[0].port
             try:
                 yield server
             finally:
                 server.stop()
     finally:
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_directory(directory)

@@ -4,18 +4,28 @@ Fixtures:
 - ``trimail_mta``: a fresh ``TestMTA`` per test; options from
   ``@pytest.mark.trimail(tls=True, auth={"u": "pw"}, ...)``.
 - ``trimail_mta_session``: one ``TestMTA`` for the whole session, cleared before
-  each test that uses it (faster when hundreds of tests send mail).
+  each test that uses it (faster when hundreds of tests send mail); mail from a
+  transaction that began before the clear (sent late by an earlier test) is not
+  captured.  It takes no per-test options: a test that uses it with
+  ``@pytest.mark.trimail(...)`` fails and says to use ``trimail_mta``.
 - ``trimail_trio_mta``: the trio form, for pytest-trio tests.
+
+The plugin is loaded by every pytest run in an environment where trimail is
+installed, so importing it imports nothing of trimail's MTA (no trio, no
+trimail.master): the fixtures import it when a test first uses one.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from trimail.testing.mta import TrioTestMTA, open_test_mta
-from trimail.testing.sync import TestMTA
+if TYPE_CHECKING:
+    from trimail.testing.mta import TrioTestMTA
+    from trimail.testing.shared import SharedTestMTA
+    from trimail.testing.sync import TestMTA
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -47,30 +57,52 @@ def pytest_configure(config: pytest.Config) -> None:
                                        "(relay, transport, tls, auth, require_auth, require_tls, main.cf parameters)")
 
 
-def _options(request: pytest.FixtureRequest) -> dict:
+def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
     marker = request.node.get_closest_marker("trimail")
-    return dict(marker.kwargs) if marker else {}
+    if marker is None:
+        return {}
+    from trimail.testing.mta import check_options
+
+    options = dict(marker.kwargs)
+    try:
+        check_options(options, "@pytest.mark.trimail(...)")
+    except TypeError as exc:
+        refused = str(exc)
+    else:
+        return options
+    pytest.fail(refused, pytrace=False)
 
 
 @pytest.fixture
 def trimail_mta(request: pytest.FixtureRequest) -> Iterator[TestMTA]:
+    from trimail.testing.sync import TestMTA
+
     with TestMTA(**_options(request)) as mta:
         yield mta
 
 
 @pytest.fixture(scope="session")
-def trimail_mta_session() -> Iterator[TestMTA]:
-    with TestMTA() as mta:
+def trimail_mta_session() -> Iterator[SharedTestMTA]:
+    from trimail.testing.shared import SharedTestMTA
+
+    with SharedTestMTA() as mta:
         yield mta
 
 
 @pytest.fixture(autouse=True)
 def _trimail_clear_session_mta(request: pytest.FixtureRequest) -> None:
-    if "trimail_mta_session" in request.fixturenames:
-        request.getfixturevalue("trimail_mta_session").clear()
+    if "trimail_mta_session" not in request.fixturenames:
+        return
+    if request.node.get_closest_marker("trimail") is not None:
+        pytest.fail("@pytest.mark.trimail(...) options do not apply to trimail_mta_session, which the whole "
+                    "session shares: use the trimail_mta fixture for a test that needs its own options",
+                    pytrace=False)
+    request.getfixturevalue("trimail_mta_session").clear()
 
 
 @pytest.fixture
 async def trimail_trio_mta(request: pytest.FixtureRequest) -> AsyncIterator[TrioTestMTA]:
+    from trimail.testing.mta import open_test_mta
+
     async with open_test_mta(**_options(request)) as mta:
         yield mta

@@ -6,19 +6,131 @@
 
 Each instance has its own ephemeral port and temporary directory, so parallel
 test processes (pytest-xdist) never clash.
+
+Every ``TestMTA`` of a process runs as a task in one trio loop on a daemon thread
+(``_Loop``).  Its task (``_Runner``) holds the ``TestMTA`` only through a weak
+proxy, so a ``TestMTA`` whose ``stop()`` was forgotten is still garbage-collected;
+its finalizer then stops the MTA and removes the temporary directory, and so does
+the interpreter's exit for one still alive.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import threading
-from typing import Any
+import weakref
+from typing import Any, Self
 
 import trio
 
 from trimail.testing.base import TestMTABase
 from trimail.testing.content import CapturedMessage
-from trimail.testing.mta import running
+from trimail.testing.directories import remove_directory
+from trimail.testing.mta import check_options, running
 from trimail.testing.observe import Attempt, Delivery
+
+
+class _Loop:
+    """One trio loop, on a daemon thread, for every ``TestMTA`` of the process: an
+    MTA's start does not pay for a thread and a ``trio.run`` of its own."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.token: trio.lowlevel.TrioToken | None = None
+        self.nursery: trio.Nursery | None = None
+        ready = threading.Event()
+        self.thread = threading.Thread(target=trio.run, args=(self._main, ready), name="trimail-test-mtas",
+                                       daemon=True)
+        self.thread.start()
+        ready.wait()
+
+    async def _main(self, ready: threading.Event) -> None:
+        self.token = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            ready.set()
+            await trio.sleep_forever()
+
+    def spawn(self, fn: Any) -> None:
+        assert self.token is not None and self.nursery is not None
+        self.token.run_sync_soon(self.nursery.start_soon, fn)
+
+    def close(self) -> None:
+        """At exit: the MTAs still running stop (their directories go) and the loop ends
+        (not in a forked child, which has no loop thread)."""
+        if self.token is not None and self.nursery is not None and self.pid == os.getpid():
+            try:
+                self.token.run_sync_soon(self.nursery.cancel_scope.cancel)
+            except trio.RunFinishedError:
+                return
+            self.thread.join(30)
+
+
+_loop: _Loop | None = None
+_loop_lock = threading.Lock()
+
+
+def shared_loop() -> _Loop:
+    """The process's loop, started on first use (again in a forked child)."""
+    global _loop
+    with _loop_lock:
+        if _loop is None or _loop.pid != os.getpid() or not _loop.thread.is_alive():
+            _loop = _Loop()
+            atexit.register(_loop.close)
+        return _loop
+
+
+class _Runner:
+    """One ``TestMTA``'s task in the shared loop."""
+
+    def __init__(self, mta: TestMTABase, options: dict[str, Any]) -> None:
+        self.mta = weakref.proxy(mta)  # never a strong reference: see the module's docstring
+        self.options = options
+        self.loop: _Loop | None = None
+        self.stopping: trio.Event | None = None
+        self.ready = threading.Event()
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+        self.directory: Any = None
+
+    def start(self) -> None:
+        self.loop = shared_loop()
+        self.loop.spawn(self._run)
+        self.ready.wait(60)
+        if self.error is not None:
+            raise self.error
+        if not self.ready.is_set():
+            raise RuntimeError("the test MTA did not start within 60 s")
+
+    async def _run(self) -> None:
+        self.stopping = trio.Event()
+        try:
+            async with running(self.mta, **self.options):
+                self.directory = self.mta.directory
+                self.ready.set()
+                await self.stopping.wait()
+        except Exception as exc:  # noqa: BLE001 - this MTA's failure (reported to start()) must not end the others
+            self.error = exc
+        finally:
+            self.done.set()
+            self.ready.set()
+
+    def stop(self) -> None:
+        """Stop the MTA and wait for it (unless called on the loop's own thread, as a
+        finalizer may be); idempotent."""
+        loop, self.loop = self.loop, None
+        if loop is None or loop.pid != os.getpid():  # a forked child's copy of its parent's MTA
+            return
+        if self.stopping is not None and loop.token is not None:
+            try:
+                loop.token.run_sync_soon(self.stopping.set)
+            except trio.RunFinishedError:
+                pass
+        if threading.current_thread() is not loop.thread:
+            self.done.wait(30)
+            if self.directory is not None:
+                remove_directory(self.directory)
 
 
 class TestMTA(TestMTABase):
@@ -27,51 +139,23 @@ class TestMTA(TestMTABase):
     def __init__(self, *, relay: bool = False, transport: dict[str, str] | None = None, tls: bool = False,
                  auth: dict[str, str] | None = None, require_auth: bool = False, require_tls: bool = False,
                  **config: Any) -> None:
+        check_options(config, f"{type(self).__name__}()")
         super().__init__()
         self._options = dict(relay=relay, transport=transport, tls=tls, auth=auth, require_auth=require_auth,
                              require_tls=require_tls, **config)
-        self._thread: threading.Thread | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._stop: trio.Event | None = None
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
+        self._runner: _Runner | None = None
 
     def start(self) -> TestMTA:
-        self._thread = threading.Thread(target=self._main, name="trimail-test-mta", daemon=True)
-        self._thread.start()
-        self._ready.wait(60)
-        if self._error is not None:
-            raise self._error
-        if not self._ready.is_set():
-            raise RuntimeError("the test MTA did not start within 60 s")
+        runner = self._runner = _Runner(self, self._options)
+        weakref.finalize(self, runner.stop)  # a forgotten stop(): when collected, or at exit
+        runner.start()
         return self
 
-    def _main(self) -> None:
-        try:
-            trio.run(self._run)
-        except BaseException as exc:  # reported to start() or stop()
-            self._error = exc
-            self._ready.set()
-
-    async def _run(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._stop = trio.Event()
-        async with running(self, **self._options):
-            self._ready.set()
-            await self._stop.wait()
-
     def stop(self) -> None:
-        if self._thread is None:
-            return
-        if self._token is not None and self._stop is not None:
-            try:
-                self._token.run_sync_soon(self._stop.set)
-            except trio.RunFinishedError:
-                pass
-        self._thread.join(30)
-        self._thread = None
+        if self._runner is not None:
+            self._runner.stop()
 
-    def __enter__(self) -> TestMTA:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

@@ -1,0 +1,357 @@
+"""Starting and stopping the test MTA on first use: misspelt options, the address it
+really listens on, no leftover directory, an unlisted uid, trustme missing, the lazy
+plugin, the session fixture's marker and late mail.  Addresses: 127.0.42.0/24."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import shutil
+import smtplib
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+from trimail.testing import TestMTA, open_test_mta
+from trimail.testing.shared import SharedTestMTA
+
+LISTEN = "127.0.42.1:0"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def python(code: str, *, cwd: Path, env: dict[str, str] | None = None,
+           prefix: list[str] | None = None) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([*(prefix or []), sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=120, cwd=cwd, env=environment, check=False)
+
+
+def send(host: str, port: int, subject: str = "hi") -> None:
+    with smtplib.SMTP(host, port, timeout=30) as client:
+        client.sendmail("app@example.org", ["ann@example.com"], f"Subject: {subject}\r\n\r\nx\r\n")
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def leftovers(directory: Path, *patterns: str) -> list[Path]:
+    """The test MTAs' directories (``trimail-test-*``) and those being removed
+    (``trimail-removing-*``) in *directory*; ``trimail-*`` adds the template queue."""
+    return sorted(path for pattern in patterns or ("trimail-test-*", "trimail-removing-*")
+                  for path in directory.glob(pattern))
+
+
+# -- options ------------------------------------------------------------------------
+
+def test_misspelt_parameter_is_refused_with_the_closest_name():
+    with pytest.raises(TypeError, match=r"unknown option smtpd_recipent_limit \(did you mean smtpd_recipient_limit\?"):
+        TestMTA(smtpd_recipent_limit=5)
+    with pytest.raises(TypeError, match=r"did you mean require_tls\?"):
+        TestMTA(requre_tls=True)
+    with pytest.raises(TypeError, match=r"^TestMTA\(\): unknown option no_such_thing; the options are relay"):
+        TestMTA(no_such_thing=1)
+
+
+async def test_trio_form_refuses_a_misspelt_parameter_too():
+    with pytest.raises(TypeError, match=r"open_test_mta\(\): unknown option smtpd_recipent_limit \(did you mean"):
+        async with open_test_mta(smtpd_recipent_limit=5):
+            pass
+
+
+def test_host_is_the_address_it_listens_on():
+    with TestMTA(smtpd_listen="127.0.42.5:0", smtpd_recipient_limit=1) as mta:
+        assert mta.host == "127.0.42.5"
+        send(mta.host, mta.port)
+        assert mta.wait_for()[0].recipients == ["ann@example.com"]
+
+
+def test_tls_without_trustme_says_which_extra_to_install(tmp_path):
+    result = python(f"""
+        import sys
+        sys.modules["trustme"] = None  # as after a plain pip install trimail
+        from trimail.testing import TestMTA
+        TestMTA(tls=True, smtpd_listen="{LISTEN}").start()
+        """, cwd=tmp_path)
+    assert result.returncode == 1
+    assert "ModuleNotFoundError: tls=True needs trustme" in result.stderr
+    assert "pip install 'trimail[testing]'" in result.stderr
+
+
+# -- no leftover directory ------------------------------------------------------------
+
+def test_a_forgotten_test_mta_is_stopped_and_removed_when_collected():
+    mta = TestMTA(smtpd_listen=LISTEN).start()
+    directory, host, port = mta.directory, mta.host, mta.port
+    assert directory is not None and directory.is_dir()
+    del mta
+    gc.collect()
+    wait_until(lambda: not directory.exists())
+    with pytest.raises(OSError):
+        send(host, port)
+
+
+def test_a_test_mta_still_running_at_exit_leaves_no_directory(tmp_path):
+    result = python(f"""
+        from trimail.testing import TestMTA
+        mta = TestMTA(smtpd_listen="{LISTEN}").start()   # never stopped
+        print(mta.directory)
+        """, cwd=tmp_path, env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(str(tmp_path))
+    assert leftovers(tmp_path, "trimail-*") == []
+
+
+@pytest.mark.parametrize("after", [0, 0.001, 0.003, 0.01, None])
+async def test_trio_form_cancelled_at_any_point_leaves_no_directory(tmp_path, monkeypatch, after):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with trio.CancelScope() as scope:
+        if after is not None:
+            scope.deadline = trio.current_time() + after
+        async with open_test_mta(smtpd_listen=LISTEN) as mta:
+            assert mta.directory.parent == tmp_path
+            scope.cancel()
+            await trio.sleep_forever()
+    assert not list(tmp_path.glob("trimail-test-*"))  # gone at once; its files a moment later
+    wait_until(lambda: not leftovers(tmp_path))
+
+
+# -- a uid without a passwd entry (CI containers) -------------------------------------
+
+def test_runs_as_a_uid_without_a_passwd_entry():
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        pytest.skip("needs root and setpriv to become an unlisted uid")
+    uid = 54321
+    import pwd
+
+    with pytest.raises(KeyError):
+        pwd.getpwuid(uid)
+    become = [setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+    work = Path(tempfile.mkdtemp(prefix="unlisted-"))  # in /tmp, which any uid may enter
+    try:
+        work.chmod(0o777)
+        if python("import trimail", cwd=work, prefix=become).returncode != 0:
+            pytest.skip(f"uid {uid} cannot run this Python or read this tree")
+        result = python(f"""
+            import os, smtplib
+            from trimail.testing import TestMTA
+            assert os.getuid() == {uid}
+            with TestMTA(smtpd_listen="{LISTEN}") as mta:
+                with smtplib.SMTP(mta.host, mta.port) as client:
+                    client.sendmail("app@example.org", ["ann@example.com"], "Subject: unlisted\\r\\n\\r\\nx\\r\\n")
+                print(mta.wait_for()[0].subject)
+            """, cwd=work, env={"TMPDIR": str(work), "HOME": str(work)}, prefix=become)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.strip() == "unlisted"
+        assert leftovers(work, "trimail-*") == []
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# -- the pytest plugin ------------------------------------------------------------------
+
+def test_importing_the_plugin_imports_nothing_of_the_mta(tmp_path):
+    result = python("""
+        import sys
+        import trimail.testing.plugin
+        heavy = ("trio", "apsw", "dns", "trustme", "trimail.master", "trimail.testing.mta",
+                 "trimail.testing.sync", "trimail.config")
+        print(sorted(m for m in sys.modules if m.startswith(heavy)))
+        from trimail.testing import TestMTA, open_test_mta, CapturedMessage, MTAAssertionError, TrioTestMTA
+        print("trio" in sys.modules)
+        """, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+SUITE = '''
+import smtplib
+import pytest
+
+late = []
+
+
+def open_transaction(mta):
+    client = smtplib.SMTP(mta.host, mta.port)
+    client.ehlo()
+    assert client.mail("app@example.org")[0] == 250
+    assert client.rcpt("late@example.com")[0] == 250
+    return client
+
+
+def test_1_leaves_a_transaction_open(trimail_mta_session):
+    late.append(open_transaction(trimail_mta_session))
+
+
+def test_2_late_mail_of_the_first_test_is_not_seen(trimail_mta_session):
+    client = late.pop()
+    assert client.data(b"Subject: late\\r\\n\\r\\nx\\r\\n")[0] == 250   # accepted, not captured
+    client.quit()
+    with smtplib.SMTP(trimail_mta_session.host, trimail_mta_session.port) as own:
+        own.sendmail("app@example.org", ["ann@example.com"], "Subject: own\\r\\n\\r\\nx\\r\\n")
+    assert [m.subject for m in trimail_mta_session.wait_for(subject="own")] == ["own"]
+    assert [m.subject for m in trimail_mta_session.messages] == ["own"]
+
+
+@pytest.mark.trimail(message_size_limit=1000)
+def test_3_marker_on_the_session_fixture(trimail_mta_session):
+    pass
+
+
+@pytest.mark.trimail(smtpd_recipent_limit=5)
+def test_4_misspelt_marker(trimail_mta):
+    pass
+'''
+
+
+def test_session_fixture_drops_late_mail_and_refuses_a_marker(tmp_path):
+    (tmp_path / "test_suite.py").write_text(SUITE)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                             "-p", "no:randomly", "-rA", str(tmp_path)], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=False)
+    out = result.stdout
+    assert "PASSED test_suite.py::test_1_leaves_a_transaction_open" in out, out[-4000:]
+    assert "PASSED test_suite.py::test_2_late_mail_of_the_first_test_is_not_seen" in out, out[-4000:]
+    assert re.search(r"ERROR at setup of test_3_marker_on_the_session_fixture _+\n"
+                     r"@pytest.mark.trimail\(...\) options do not apply to trimail_mta_session, which the whole "
+                     r"session shares: use the trimail_mta fixture", out), out[-4000:]
+    assert re.search(r"ERROR at setup of test_4_misspelt_marker _+\n@pytest.mark.trimail\(...\): unknown option "
+                     r"smtpd_recipent_limit \(did you mean smtpd_recipient_limit\?\)", out), out[-4000:]
+    assert "During handling" not in out
+
+
+def test_clear_of_a_shared_mta_drops_mail_whose_transaction_began_before():
+    with SharedTestMTA(smtpd_listen=LISTEN) as mta:
+        with smtplib.SMTP(mta.host, mta.port) as early:
+            early.ehlo()
+            early.mail("app@example.org")
+            early.rcpt("late@example.com")
+            mta.clear()
+            assert early.data(b"Subject: late\r\n\r\nx\r\n")[0] == 250
+            early.sendmail("app@example.org", ["ann@example.com"], "Subject: after\r\n\r\nx\r\n")
+        assert [m.subject for m in mta.wait_for(subject="after")] == ["after"]
+        assert [m.subject for m in mta.messages] == ["after"]
+
+
+# -- test mode: what it gives up for speed (testmode.py) ------------------------------------
+
+def test_a_queue_marked_unsafe_commits_without_fsync_and_no_other_does(tmp_path):
+    from trimail.queue.database import Database, unsafe_skip_fsync
+
+    def synchronous(directory):
+        db = Database.open(directory)
+        try:
+            db.set_durable(True)
+            return db.db.execute("PRAGMA synchronous").fetchone()[0]
+        finally:
+            db.close()
+
+    assert synchronous(tmp_path / "a") == 2  # FULL
+    unsafe_skip_fsync(tmp_path / "a")
+    try:
+        assert synchronous(tmp_path / "a") == 0  # OFF, even when asked to be durable
+        assert synchronous(tmp_path / "b") == 2
+    finally:
+        unsafe_skip_fsync(tmp_path / "a", skip=False)
+    assert synchronous(tmp_path / "a") == 2
+
+
+async def test_the_test_mta_queue_is_unsynced_and_forgotten_when_it_stops():
+    from trimail.queue import database
+
+    async with open_test_mta(smtpd_listen=LISTEN) as mta:
+        level = await mta.server.writer.run(lambda store: store.db.execute("PRAGMA synchronous").fetchone()[0])
+        assert level == 0
+        queue = os.path.realpath(mta.directory / "queue")
+        assert queue in database._UNSAFE_UNSYNCED
+    assert queue not in database._UNSAFE_UNSYNCED
+
+
+def test_one_ca_per_process_and_a_cheap_password_hash():
+    with TestMTA(smtpd_listen=LISTEN, tls=True, auth={"app": "secret"}) as first, \
+         TestMTA(smtpd_listen=LISTEN, tls=True, auth={"app": "secret"}, require_auth=True) as second:
+        assert first.ca is second.ca
+        assert Path(first.ca_file).read_bytes() == Path(second.ca_file).read_bytes()
+        assert (second.directory / "sasl_passwd").read_text().startswith("app:scrypt$2$1$1$")
+        with smtplib.SMTP(second.host, second.port, timeout=30) as client:
+            client.starttls(context=first.ssl_context())
+            with pytest.raises(smtplib.SMTPAuthenticationError):
+                client.login("app", "wrong")
+            client.login("app", "secret")
+            client.sendmail("app@example.org", ["ann@example.com"], "Subject: tls\r\n\r\nx\r\n")
+        assert second.wait_for()[0].auth == "app"
+
+
+def test_mtas_with_the_same_options_share_the_checked_configuration_but_not_their_directories():
+    from trimail.config import ConfigError
+    from trimail.testing.testmode import SharedConfig
+
+    with TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit=2) as first, \
+         TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit=2) as second:
+        for mta in (first, second):
+            assert mta.server.config.queue_directory == str(mta.directory / "queue")
+            assert mta.server.config.smtpd_recipient_limit == 2
+        assert isinstance(second.server.config, SharedConfig)
+        refused = {}
+        with smtplib.SMTP(second.host, second.port, timeout=30) as client:
+            refused = client.sendmail("app@example.org", ["a@example.com", "b@example.com", "c@example.com"],
+                                      "Subject: limit\r\n\r\nx\r\n")
+        assert list(refused) == ["c@example.com"]
+    for _ in range(2):  # a bad value is refused every time, not only the first
+        with pytest.raises(ConfigError, match="smtpd_recipient_limit"):
+            TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit="many").start()
+
+
+def test_one_mta_failing_to_start_does_not_disturb_the_others():
+    from trimail.config import ConfigError
+
+    with TestMTA(smtpd_listen=LISTEN) as running:
+        with pytest.raises(ConfigError):
+            TestMTA(smtpd_listen=LISTEN, message_size_limit="huge").start()
+        send(running.host, running.port, subject="still here")
+        assert running.wait_for()[0].subject == "still here"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_forked_child_has_test_mtas_of_its_own_and_leaves_its_parents_alone():
+    import atexit
+
+    with TestMTA(smtpd_listen=LISTEN) as parent:
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's loop thread is not there
+            code = 1
+            try:
+                with TestMTA(smtpd_listen=LISTEN) as child:
+                    send(child.host, child.port, subject="child")
+                    code = 0 if child.wait_for()[0].subject == "child" else 1
+                atexit._run_exitfuncs()  # as the child's interpreter would at its exit
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert parent.directory.is_dir()
+        send(parent.host, parent.port, subject="parent")
+        assert [m.subject for m in parent.wait_for()] == ["parent"]
+
+
+async def test_a_queue_writer_cancelled_while_starting_leaves_no_thread(tmp_path):
+    from trimail.queue.store import Store
+    from trimail.queue.writer import QueueWriter
+
+    writer = QueueWriter(lambda: Store.open(tmp_path / "queue"))
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        async with writer:
+            pytest.fail("the writer started inside a cancelled scope")
+    assert writer._thread is not None and not writer._thread.is_alive()
