@@ -59,3 +59,23 @@ def test_a_symlink_planted_as_the_control_socket_is_not_followed(tmp_path):
         assert time.monotonic() - started < 5
     finally:
         server.close()
+
+
+async def test_a_queue_directory_deeper_than_a_socket_address_still_has_its_control_socket(tmp_path):
+    """A queue under a deep $TMPDIR (pytest's tmp_path under xdist, macOS's /var/folders)
+    makes queue/control longer than the 107 bytes of a UNIX socket address: serve binds
+    it all the same, and the CLI reaches it."""
+    import trio
+
+    from trimail.net.control import open_control_listener, serve_control
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    assert len(os.fsencode(deep / CONTROL_NAME)) > 107
+    listener = await open_control_listener(deep)
+    assert (deep / CONTROL_NAME).is_socket()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_control, listener, {"ping": lambda: "pong"})
+        answer = await trio.to_thread.run_sync(send_command, deep, "ping")
+        nursery.cancel_scope.cancel()
+    assert answer == "pong"

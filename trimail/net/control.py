@@ -23,7 +23,7 @@ import inspect
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -38,6 +38,22 @@ MAX_LINE = 256
 MAX_ANSWER = 1 << 20  # what the CLI reads of serve's answer (a status is a few KiB; dead lists are bounded)
 READ_TIMEOUT = 5.0  # seconds to send a command line, and to take the answer
 READ_ONLY = frozenset({"ping", "status", "dead"})  # answered even while a reload or stop runs
+SUN_PATH_MAX = 107  # bytes of a UNIX socket address's path on Linux, without its NUL
+
+
+@contextlib.contextmanager
+def socket_address(path: Path) -> Iterator[str]:
+    """The address to bind or connect for the socket *path*.  A path longer than a
+    UNIX socket address allows (a queue under a deep $TMPDIR, as pytest's tmp_path
+    gives) is reached through its directory's descriptor: ``/proc/self/fd/N/name``."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield str(path)
+        return
+    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
+    try:
+        yield f"/proc/self/fd/{fd}/{path.name}"
+    finally:
+        os.close(fd)
 
 
 async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
@@ -47,9 +63,10 @@ async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
-        await sock.bind(str(path))
+        with socket_address(path) as address:
+            await sock.bind(address)
         sock.listen(16)
-    except OSError as exc:  # e.g. a path longer than a UNIX socket address allows (108 bytes)
+    except OSError as exc:  # e.g. a directory we may not write
         sock.close()
         raise ListenError(f"control socket {path}: {exc.strerror or exc}") from None
     finally:
@@ -98,7 +115,8 @@ def send_command(queue_directory: Path, command: str, timeout: float = 5.0) -> s
             return None
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(timeout)
-            sock.connect(str(path))
+            with socket_address(path) as address:
+                sock.connect(address)
             sock.sendall(command.encode() + b"\n")
             data = b""
             while b"\n" not in data and len(data) < MAX_ANSWER:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from trimail.testing.faults import _Hooks
+from trimail.testing.hooks import _Hooks
 from trimail.testing.sync import TestMTA
 
 if TYPE_CHECKING:
