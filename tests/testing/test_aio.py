@@ -49,8 +49,10 @@ def test_the_blocking_wait_starves_a_background_asyncio_sender():
     async def main():
         async with AsyncTestMTA(smtpd_listen=LISTEN) as mta:
             sender = asyncio.create_task(asend(mta))
-            with pytest.raises(MTAAssertionError, match=r"0 message\(s\) arrived"):
+            with pytest.raises(MTAAssertionError, match=r"0 message\(s\) arrived") as failure:
                 TestMTA.wait_for(mta, timeout=0.5)  # blocks the loop: the task never runs
+            assert "blocked the asyncio event loop" in str(failure.value)
+            assert "AsyncTestMTA and `await mta.wait_for(...)`" in str(failure.value)
             await sender  # the loop runs again: the same task sends at once
             await mta.wait_for_one(subject="Welcome")
 
@@ -119,10 +121,14 @@ def test_a_failed_wait_explains_itself_as_the_sync_form_does():
                 await mta.wait_for(subject="Reset", timeout=0.1)
             with pytest.raises(MTAAssertionError) as blocking:
                 TestMTA.wait_for(mta, subject="Reset", timeout=0.1)
-            assert str(awaited.value) == str(blocking.value)
+            assert str(blocking.value).startswith(str(awaited.value) + "\n(this wait blocked the asyncio")
             assert "subject='Welcome'" in str(awaited.value)
+            return mta, str(awaited.value)
 
-    asyncio.run(main())
+    mta, awaited = asyncio.run(main())
+    with pytest.raises(MTAAssertionError) as outside_a_loop:  # no event loop here: no hint
+        TestMTA.wait_for(mta, subject="Reset", timeout=0.1)
+    assert str(outside_a_loop.value) == awaited
 
 
 def test_options_and_faults_are_test_mtas():

@@ -15,7 +15,7 @@ from typing import Any
 
 import trio
 
-from trimail.testing.base import TestMTABase
+from trimail.testing.base import MTAAssertionError, TestMTABase
 from trimail.testing.content import CapturedMessage
 from trimail.testing.mta import running
 
@@ -82,4 +82,21 @@ class TestMTA(TestMTABase):
         or HTML), ``text``, ``html``, ``attachment`` (a filename, substring),
         ``predicate``; ``exactly=n`` fails as soon as more than n match.  On timeout
         the error lists what did arrive."""
-        return self.wait_for_sync(count, timeout, **match)
+        try:
+            return self.wait_for_sync(count, timeout, **match)
+        except MTAAssertionError as failure:
+            raise _with_event_loop_hint(failure) from None
+
+
+def _with_event_loop_hint(failure: MTAAssertionError) -> MTAAssertionError:
+    """A blocking wait that timed out inside a coroutine may have starved the very
+    task that was to send: say so, and name the awaited form."""
+    import sniffio
+
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return failure
+    return MTAAssertionError(
+        f"{failure}\n(this wait blocked the {library} event loop it was called from, so no task of that "
+        "loop could send meanwhile: use trimail.testing.AsyncTestMTA and `await mta.wait_for(...)`)")
