@@ -5,6 +5,7 @@ background task."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from email.message import EmailMessage
@@ -15,6 +16,7 @@ from shop import Smtp
 from shop.invoice import invoice_pdf
 
 SENDER = "Shop news <news@shop.example>"
+log = logging.getLogger(__name__)
 
 
 def newsletter(issue: str, email: str) -> EmailMessage:
@@ -55,11 +57,17 @@ class Outbox:
     def put(self, mail: EmailMessage) -> None:
         self._queue.put_nowait(mail)
 
+    async def drain(self) -> None:
+        """Wait until everything put so far has been sent (or given up)."""
+        await self._queue.join()
+
     async def run(self) -> None:
         while True:
             mail = await self._queue.get()
             try:
                 await send(self.smtp, mail)
+            except aiosmtplib.SMTPException:
+                log.exception("mail to %s not sent", mail["To"])
             finally:
                 self._queue.task_done()
 
@@ -70,8 +78,10 @@ async def running_outbox(smtp: Smtp) -> AsyncIterator[Outbox]:
     task = asyncio.create_task(outbox.run())
     try:
         yield outbox
+        await outbox.drain()  # a graceful stop sends what was queued
     finally:
         task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def subscribe(outbox: Outbox, email: str) -> None:
