@@ -211,8 +211,9 @@ async def asend(mta, subject):
 
 @pytest.mark.asyncio
 async def test_pytest_asyncio(trimail_async_mta):
-    asyncio.create_task(asend(trimail_async_mta, "from a task"))
+    task = asyncio.create_task(asend(trimail_async_mta, "from a task"))
     assert (await trimail_async_mta.wait_for_one()).subject == "from a task"
+    await task
 
 
 @pytest_asyncio.fixture
