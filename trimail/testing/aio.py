@@ -104,7 +104,7 @@ class AsyncTestMTA(TestMTA):
 
     # -- waiting -----------------------------------------------------------------------
 
-    async def _until(self, check: Callable[[], T | None], timeout: float, failure: Callable[[], str]) -> T:
+    async def _until_async(self, check: Callable[[], T | None], timeout: float, failure: Callable[[], str]) -> T:
         """Await *check*'s first non-None answer, asking again each time the MTA
         records something; MTAAssertionError with *failure*'s text after *timeout*."""
         with anyio.move_on_after(timeout):
@@ -126,7 +126,7 @@ class AsyncTestMTA(TestMTA):
             self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[CapturedMessage]:
         """Await *count* messages matching *match* (the criteria of ``TestMTA.wait_for``);
         the event loop runs on meanwhile.  On timeout the error lists what did arrive."""
-        return await self._until(lambda: self._check_wait(count, match), timeout,
+        return await self._until_async(lambda: self._check_wait(count, match), timeout,
                                  lambda: self._explain(self._expected(count, timeout, match)))
 
     async def wait_for_one(self, timeout: float = 5.0, **match: Any) -> CapturedMessage:
