@@ -92,7 +92,9 @@ class AsyncTestMTA(TestMTA):
     def start(self) -> AsyncTestMTA:
         super().start()
         if self.server is not None and self.server.addresses:  # the address it really listens on
-            self.host = self.server.addresses[0].host
+            host = self.server.addresses[0].host
+            if host not in ("0.0.0.0", "::", ""):  # a wildcard: keep the loopback address
+                self.host = host
         return self
 
     async def __aenter__(self) -> Self:
