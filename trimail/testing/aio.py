@@ -132,7 +132,7 @@ class AsyncTestMTA(TestMTA):
         """Await *count* messages matching *match* (the criteria of ``TestMTA.wait_for``);
         the event loop runs on meanwhile.  On timeout the error lists what did arrive."""
         return await self._until_async(lambda: self._check_wait(count, match), timeout,
-                                 lambda: self._explain(self._expected(count, timeout, match)))
+                                       lambda: self._explain(self._expected(count, timeout, match)))
 
     async def wait_for_one(self, timeout: float = 5.0, **match: Any) -> CapturedMessage:
         """Await the first message matching *match*; fail if more than one matches."""
