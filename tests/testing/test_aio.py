@@ -131,6 +131,20 @@ def test_a_failed_wait_explains_itself_as_the_sync_form_does():
     assert str(outside_a_loop.value) == awaited
 
 
+def test_tls_and_auth_with_aiosmtplib():
+    async def main():
+        async with AsyncTestMTA(smtpd_listen=LISTEN, tls=True, auth={"app": "secret"}, require_auth=True) as mta:
+            client = aiosmtplib.SMTP(hostname=mta.host, port=mta.port, start_tls=False)
+            async with client:
+                await client.starttls(tls_context=mta.ssl_context(), server_hostname="trimail.test")
+                await client.login("app", "secret")
+                await client.sendmail("app@app.example", ["ann@example.com"], "Subject: secure\r\n\r\nx\r\n")
+            message = await mta.wait_for_one(subject="secure")
+            assert message.auth == "app" and message.tls.startswith("TLSv1.")
+
+    asyncio.run(main())
+
+
 def test_options_and_faults_are_test_mtas():
     async def main():
         async with AsyncTestMTA(smtpd_listen=LISTEN, message_size_limit=10_000) as mta:
@@ -283,3 +297,35 @@ def test_the_async_fixture_under_pytest_asyncio_anyio_and_pytest_trio(tmp_path):
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.fullmatch(r"6 passed in [\d.]+s", summary), summary
+
+
+AUTO_SUITE = """
+import asyncio
+
+import aiosmtplib
+import pytest
+
+pytestmark = pytest.mark.trimail(smtpd_listen="127.0.43.3:0")
+
+
+@pytest.fixture
+async def app(trimail_async_mta):  # auto mode: an unmarked async fixture is asyncio's
+    yield trimail_async_mta
+
+
+@pytest.mark.parametrize("n", range(2))
+async def test_unmarked_async_test(app, n):  # auto mode: an unmarked async test is asyncio's
+    task = asyncio.create_task(aiosmtplib.send("Subject: auto\\r\\n\\r\\nx\\r\\n", sender="a@app.example",
+                                               recipients=["b@example.com"], hostname=app.host, port=app.port))
+    await app.wait_for_one(subject="auto")
+    await task
+"""
+
+
+def test_the_async_fixture_under_pytest_asyncio_auto_mode(tmp_path):
+    (tmp_path / "pytest.ini").write_text(INI.replace("strict", "auto"))
+    (tmp_path / "test_auto_suite.py").write_text(textwrap.dedent(AUTO_SUITE))
+    result = run_pytest(tmp_path, "-p", "no:trio", "-p", "no:anyio")
+    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.fullmatch(r"2 passed in [\d.]+s", summary), summary
