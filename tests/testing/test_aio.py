@@ -319,6 +319,13 @@ async def test_unmarked_async_test(app, n):  # auto mode: an unmarked async test
                                                recipients=["b@example.com"], hostname=app.host, port=app.port))
     await app.wait_for_one(subject="auto")
     await task
+
+
+@pytest.mark.asyncio(loop_scope="module")  # a longer-lived loop: the fixture does not care
+async def test_module_scoped_loop(trimail_async_mta):
+    await aiosmtplib.send("Subject: module\\r\\n\\r\\nx\\r\\n", sender="a@app.example",
+                          recipients=["b@example.com"], hostname=trimail_async_mta.host, port=trimail_async_mta.port)
+    await trimail_async_mta.wait_for_one(subject="module")
 """
 
 
@@ -328,4 +335,4 @@ def test_the_async_fixture_under_pytest_asyncio_auto_mode(tmp_path):
     result = run_pytest(tmp_path, "-p", "no:trio", "-p", "no:anyio")
     summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.fullmatch(r"2 passed in [\d.]+s", summary), summary
+    assert re.fullmatch(r"3 passed in [\d.]+s", summary), summary
