@@ -31,4 +31,4 @@ def test_doc_pytest_suite_runs_under_xdist(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "2", "-p", "xdist", str(tmp_path)],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert re.search(r"\b6 passed\b", result.stdout), result.stdout[-2000:]
+    assert re.search(r"\b9 passed\b", result.stdout), result.stdout[-2000:]

@@ -1,6 +1,7 @@
 """trimail.testing: a real MTA embedded in a test suite.
 
     from trimail.testing import TestMTA, open_test_mta
+    from trimail.testing import AsyncTestMTA   # asyncio or trio, awaited waits (needs anyio)
 
 See docs/testing.md.  The pytest plugin (fixtures ``trimail_mta`` and
 ``trimail_mta_session``, marker ``@pytest.mark.trimail(...)``) is registered
@@ -17,6 +18,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from trimail.testing.aio import AsyncTestMTA
     from trimail.testing.base import MTAAssertionError
     from trimail.testing.content import CapturedMessage
     from trimail.testing.faults import Fault
@@ -25,6 +27,7 @@ if TYPE_CHECKING:
     from trimail.testing.sync import TestMTA
 
 _WHERE = {
+    "AsyncTestMTA": "trimail.testing.aio",  # needs anyio, which the rest does not
     "Attempt": "trimail.testing.observe",
     "Delivery": "trimail.testing.observe",
     "Exchange": "trimail.testing.observe",
@@ -36,7 +39,7 @@ _WHERE = {
     "open_test_mta": "trimail.testing.mta",
 }
 
-__all__ = ["Attempt", "CapturedMessage", "Delivery", "Exchange", "Fault", "MTAAssertionError", "TestMTA", "TrioTestMTA",
+__all__ = ["AsyncTestMTA", "Attempt", "CapturedMessage", "Delivery", "Exchange", "Fault", "MTAAssertionError", "TestMTA", "TrioTestMTA",
            "open_test_mta"]
 
 

@@ -209,7 +209,7 @@ class TestMTABase(FaultInjection):
                     return found
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise MTAAssertionError(failure())
+                    raise _with_event_loop_hint(MTAAssertionError(failure()))
                 self._lock.wait(remaining)
 
     def wait_for_sync(self, count: int = 1, timeout: float = 5.0, **match: Any) -> list[CapturedMessage]:
@@ -273,3 +273,17 @@ def _delivery_matches(delivery: Delivery, match: dict[str, Any]) -> bool:
 def _criteria(match: dict[str, Any]) -> dict[str, Any]:
     """*match* without ``exactly``: what each message is matched on."""
     return {k: v for k, v in match.items() if k != "exactly"}
+
+
+def _with_event_loop_hint(failure: MTAAssertionError) -> MTAAssertionError:
+    """A blocking wait that timed out inside a coroutine may have starved the very
+    task that was to send: say so, and name the awaited form."""
+    import sniffio
+
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return failure
+    return MTAAssertionError(
+        f"{failure}\n(this wait blocked the {library} event loop it was called from, so no task of that "
+        "loop could send meanwhile: use trimail.testing.AsyncTestMTA and `await mta.wait_for(...)`)")

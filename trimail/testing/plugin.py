@@ -9,6 +9,8 @@ Fixtures:
   captured.  It takes no per-test options: a test that uses it with
   ``@pytest.mark.trimail(...)`` fails and says to use ``trimail_mta``.
 - ``trimail_trio_mta``: the trio form, for pytest-trio tests.
+- ``trimail_async_mta``: an ``AsyncTestMTA`` (awaited waits) for async tests run by
+  pytest-asyncio, anyio's plugin or pytest-trio; options from the marker.
 
 The plugin is loaded by every pytest run in an environment where trimail is
 installed, so importing it imports nothing of trimail's MTA (no trio, no
@@ -105,4 +107,20 @@ async def trimail_trio_mta(request: pytest.FixtureRequest) -> AsyncIterator[Trio
     from trimail.testing.mta import open_test_mta
 
     async with open_test_mta(**_options(request)) as mta:
+        yield mta
+
+
+# -- asyncio and anyio: AsyncTestMTA ----------------------------------------------------
+# A plain (not async) fixture on purpose: the MTA runs in a background thread, so there is
+# nothing to await to start it, and a plain fixture works whichever plugin runs the
+# test - pytest-asyncio in strict or auto mode with any loop scope, anyio's plugin on
+# either backend, pytest-trio - without importing any of them.  Only the waits, which
+# run inside the test, are coroutines.
+
+
+@pytest.fixture
+def trimail_async_mta(request: pytest.FixtureRequest) -> Iterator[Any]:
+    from trimail.testing.aio import AsyncTestMTA
+
+    with AsyncTestMTA(**_options(request)) as mta:
         yield mta
