@@ -1,0 +1,50 @@
+"""``trimail catch``: the capturing MTA with Mailpit's HTTP API and a web page
+(trimail.catch; docs/catch.md).  Flag names and defaults are Mailpit's
+(``--smtp 127.0.0.1:1025``, ``--listen 127.0.0.1:8025``, ``--max 500``,
+``--enable-chaos``); ``-o NAME=VALUE`` sets a main.cf parameter of the capturing
+listener (``-o message_size_limit=1000000``).  Runs until SIGTERM or SIGINT.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import trio
+from cyclopts import Parameter
+
+from trimail.cli import Failure, Overrides, app
+
+
+@app.command(name="catch")
+def catch_command(*, smtp: Annotated[str, Parameter(name=["--smtp", "-s"], help="SMTP listener HOST:PORT")]
+                  = "127.0.0.1:1025",
+                  listen: Annotated[str, Parameter(name=["--listen", "--http", "-l"],
+                                                   help="HTTP listener (API and web page) HOST:PORT")]
+                  = "127.0.0.1:8025",
+                  max_messages: Annotated[int, Parameter(name=["--max", "--max-messages", "-m"],
+                                                         help="keep at most this many messages, dropping the "
+                                                              "oldest (0: no limit)")] = 500,
+                  enable_chaos: Annotated[bool, Parameter(name=["--enable-chaos"], negative="",
+                                                          help="allow chaos triggers (PUT /api/v1/chaos)")] = False,
+                  chaos_seed: Annotated[int | None, Parameter(name=["--chaos-seed"],
+                                                              help="seed for the chaos draws (repeatable runs)")]
+                  = None,
+                  o: Overrides = None) -> None:
+    """Capture mail for tests: SMTP in, Mailpit's API v1 and a web page out (Mailpit's flags)."""
+    from trimail.catch import run_until_signal, split_address
+
+    overrides: dict[str, str] = {}
+    for item in o or []:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise Failure(f"-o {item}: expected NAME=VALUE")
+        overrides[name.strip()] = value.strip()
+    try:
+        split_address(smtp, "--smtp")
+        split_address(listen, "--listen")
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
+    if max_messages < 0:
+        raise Failure("--max: must be 0 or more")
+    trio.run(lambda: run_until_signal(smtp=smtp, listen=listen, max_messages=max_messages,
+                                      enable_chaos=enable_chaos, chaos_seed=chaos_seed, config=overrides))
