@@ -102,7 +102,8 @@ def message_json(stored: Stored) -> dict[str, Any]:
     attachments, inline = view.listed()
     date = view.date() or stored.created
     return_path = view.header("Return-Path").strip().strip("<>") or view.sender()["Address"]
-    return {"ID": stored.id, "MessageID": view.message_id, "From": view.sender(), "To": view.addresses("To"),
+    # Read: no longer in Mailpit's Message, but clients written for Mailpit 1.x before 1.6 require it
+    return {"ID": stored.id, "MessageID": view.message_id, "Read": True, "From": view.sender(), "To": view.addresses("To"),
             "Cc": view.addresses("Cc"), "Bcc": view.addresses("Bcc"), "ReplyTo": view.addresses("Reply-To"),
             "ReturnPath": return_path, "Subject": view.subject,
             "ListUnsubscribe": {"Header": view.header("List-Unsubscribe"), "Links": [], "Errors": "",
