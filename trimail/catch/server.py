@@ -75,8 +75,11 @@ def parse_request(head: bytes) -> Head:
         raise BadRequest(400, "bad Content-Length")
     if length > MAX_BODY:
         raise BadRequest(413, "body too large")
-    parts = urlsplit(target)
-    query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=100) if parts.query else {}
+    try:
+        parts = urlsplit(target)
+        query = parse_qs(parts.query, keep_blank_values=True, max_num_fields=100) if parts.query else {}
+    except ValueError:  # a malformed target, or more than 100 query fields
+        raise BadRequest(400, "malformed request target") from None
     return Head(Request(method, unquote(parts.path), query), length)
 
 
@@ -133,8 +136,11 @@ async def handle(stream: trio.SocketStream, api: Api) -> None:
                 log.exception("catch: %s %s failed", head.request.method, head.request.path)
                 response = Response(500, b"internal error\n")
         await stream.send_all(render(response, head_only=head_only))
-        with trio.move_on_after(1):  # let the client read the answer before the close
-            await stream.send_eof()
+        with trio.move_on_after(1):  # let the client read the answer before the close: closing with
+            await stream.send_eof()  # unread input would reset the connection and lose the answer
+            drained = 0
+            while drained < MAX_BODY and (chunk := await stream.receive_some(65536)):
+                drained += len(chunk)
 
 
 async def serve_http(listener: trio.SocketListener, api: Api) -> None:
