@@ -44,9 +44,13 @@ async def run(*, smtp: str = "127.0.0.1:1025", listen: str = "127.0.0.1:8025", m
     mailbox = Mailbox(max_messages)
     chaos = Chaos(enable_chaos, chaos_seed)
     smtp_listen = f"[{smtp_host}]:{smtp_port}" if ":" in smtp_host else f"{smtp_host}:{smtp_port}"
-    settings = {"smtpd_listen": smtp_listen, "myhostname": "trimail-catch.test", **(config or {})}
+    # the queue manager runs and discards every message once captured, so the queue on
+    # disk stays as small as the mail in flight (the mailbox in memory is the only copy)
+    settings = {"smtpd_listen": smtp_listen, "myhostname": "trimail-catch.test", "default_transport": "discard",
+                "relay_transport": "discard", "local_transport": "discard", "virtual_transport": "discard",
+                **(config or {})}
     mta = TrioTestMTA()
-    async with running(mta, relay=False, transport=None, tls=False, auth=None, require_auth=False,
+    async with running(mta, relay=True, transport=None, tls=False, auth=None, require_auth=False,
                        require_tls=False, **settings) as server:
         for context in server.contexts.values():
             context.hooks = CatchHooks(mailbox, chaos, context.hooks)
