@@ -128,8 +128,7 @@ def test_mark_read_and_unread(catch):
     assert c.json("/api/v1/messages")["unread"] == 0
     c.request("PUT", "/api/v1/messages", json.dumps({"read": False, "search": "subject:a"}).encode())
     assert [m["Subject"] for m in c.json("/api/v1/search?query=is:unread")["messages"]] == ["a"]
-    status, _, body = c.request("PUT", "/api/v1/messages", b"ids=x")
-    assert status == 400
+    assert c.request("PUT", "/api/v1/messages", b"ids=x")[0] == 400  # form data, not JSON: Mailpit's 400
 
 
 def test_max_keeps_the_newest_messages(catch):

@@ -111,8 +111,8 @@ def test_broken_mime_is_still_listed_and_shown(catch):
     deep = b"".join(b"Content-Type: multipart/mixed; boundary=b%d\r\n\r\n--b%d\r\n" % (n, n) for n in range(300))
     broken = [
         b"Subject: no boundary\r\nContent-Type: multipart/mixed\r\n\r\nbody\r\n",
-        b"Subject: bad base64\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n"
-        b"Content-Type: application/pdf; name=a.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!notbase64\r\n--x--\r\n",
+        (b"Subject: bad base64\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\n"
+         b"Content-Type: application/pdf; name=a.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!notbase64\r\n--x--\r\n"),
         b"Subject: =?bogus-charset?q?x?=\r\nContent-Type: text/plain; charset=no-such-charset\r\n\r\n\xff\xfe\r\n",
         b"Subject: deep\r\nMIME-Version: 1.0\r\n" + deep + b"end\r\n",
         b"From: <<<@@@>>>\r\nTo: ,,,;;;\r\nDate: not a date\r\nSubject: bad addresses\r\n\r\nx\r\n",

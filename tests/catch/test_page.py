@@ -27,7 +27,7 @@ HOSTILE_HTML = ("<h1 style='color:#c00'>Your invoice</h1><p>Pay <b>now</b> "
 def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                f"--user-data-dir={tmp_path / 'profile'}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    return subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
 
 
 def _png_pixels(path: Path) -> tuple[int, int, set[bytes]]:

@@ -17,7 +17,7 @@ from typing import Any
 import trio
 
 from trimail.catch.api import Api
-from trimail.catch.chaos import Chaos, CatchHooks
+from trimail.catch.chaos import CatchHooks, Chaos
 from trimail.catch.server import serve_http
 from trimail.catch.store import Mailbox
 

@@ -20,9 +20,9 @@ from typing import Any
 from urllib.parse import quote
 
 from trimail import __version__
+from trimail.catch import page
 from trimail.catch.chaos import Chaos, ChaosError
 from trimail.catch.mime import go_time
-from trimail.catch import page
 from trimail.catch.store import Mailbox, Stored
 
 NOT_FOUND = b"404 page not found"

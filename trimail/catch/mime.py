@@ -97,7 +97,7 @@ def decode_words(value: str) -> str:
 class _Text(HTMLParser):
     """HTML down to text for an HTML-only message (the role of enmime's html2text)."""
 
-    BLOCK = {"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "hr"}
+    BLOCK = frozenset({"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "hr"})
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
