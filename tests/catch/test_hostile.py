@@ -127,3 +127,17 @@ def test_broken_mime_is_still_listed_and_shown(catch):
         assert k.request("GET", f"/view/{summary['ID']}")[0] == 200
         assert k.request("GET", f"/api/v1/message/{summary['ID']}/headers")[0] == 200
     assert k.alive()
+
+
+def test_a_message_cannot_write_http_header_fields(catch):
+    k = catch()
+    raw = (b"Subject: smuggle\r\nContent-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Type: text/plain\r\n\r\n"
+           b"hi\r\n--x\r\nContent-Type: text/\r\n Set-Cookie: evil=1\r\nContent-Disposition: attachment; "
+           b"filename=\"a\r\n Set-Cookie: evil=2.txt\"\r\n\r\ndata\r\n--x--\r\n")
+    k.send(raw)
+    [summary] = k.wait_for(1)
+    [attachment] = k.json(f"/api/v1/message/{summary['ID']}")["Attachments"]
+    answer = _raw(k, f"GET /api/v1/message/{summary['ID']}/part/{attachment['PartID']} HTTP/1.1\r\n\r\n".encode())
+    head = answer.split(b"\r\n\r\n", 1)[0]
+    assert _status(answer) == 200
+    assert not any(line.lower().startswith(b"set-cookie") for line in head.split(b"\r\n"))

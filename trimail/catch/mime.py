@@ -31,6 +31,7 @@ from html.parser import HTMLParser
 
 OCTET_STREAM = "application/octet-stream"
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_MEDIA_TYPE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+/[!#$%&'*+\-.^_`|~0-9a-z]+$")
 
 
 def go_time(moment: datetime) -> str:
@@ -177,7 +178,10 @@ def _part(message: email.message.Message, part_id: str, depth: int) -> Part:
     filename = message.get_filename() or message.get_param("file", None) or ""
     if not isinstance(filename, str):
         filename = email.utils.collapse_rfc2231_value(filename)
-    part = Part(part_id=part_id, content_type=message.get_content_type(),
+    content_type = message.get_content_type()
+    if not _MEDIA_TYPE.match(content_type):  # folded or hostile: it goes into an HTTP header later
+        content_type = OCTET_STREAM
+    part = Part(part_id=part_id, content_type=content_type,
                 disposition=message.get_content_disposition() or "", filename=decode_words(filename),
                 content_id=str(message.get("Content-ID", "")).strip().strip("<>"),
                 content=b"" if multipart else _payload(message),
@@ -214,12 +218,9 @@ class MessageView:
         self.raw = raw
 
     @cached_property
-    def message(self) -> email.message.Message:
-        return email.message_from_bytes(self.raw, policy=email.policy.compat32)
-
-    @cached_property
     def root(self) -> Part:
-        return _part(self.message, "0", 0)
+        """The part tree, decoded; the parser's own objects are not kept (memory)."""
+        return _part(email.message_from_bytes(self.raw, policy=email.policy.compat32), "0", 0)
 
     @cached_property
     def fields(self) -> list[tuple[str, str]]:
@@ -323,6 +324,7 @@ class MessageView:
     def part(self, part_id: str) -> Part | None:
         return next((p for p in _breadth(self.root) if p.part_id == part_id and not p.multipart), None)
 
+    @cached_property
     def search_text(self) -> str:
         """What a plain search word is looked for in (Mailpit's SearchText)."""
         text, html = self.bodies
@@ -331,6 +333,7 @@ class MessageView:
         pieces += [p.filename for p in self.parts[0]]
         return clean(" ".join(pieces))
 
+    @cached_property
     def snippet(self) -> str:
         text, html = self.bodies
         source = html_to_text(html) if html.strip() else text

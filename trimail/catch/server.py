@@ -88,7 +88,8 @@ def render(response: Response, *, head_only: bool = False) -> bytes:
     lines = [f"HTTP/1.1 {response.status} {reason}", f"Content-Type: {response.content_type}",
              f"Content-Length: {len(response.body)}", "Connection: close", "Cache-Control: no-store",
              "X-Content-Type-Options: nosniff", "Referrer-Policy: no-referrer"]
-    lines += [f"{name}: {value}" for name, value in response.headers]
+    # no value may end the header early, whatever a message put into it
+    lines += [f"{name}: {value.replace(chr(13), ' ').replace(chr(10), ' ')}" for name, value in response.headers]
     head = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
     return head if head_only else head + response.body
 

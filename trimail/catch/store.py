@@ -53,7 +53,7 @@ class Stored:
                 "To": view.addresses("To"), "Cc": view.addresses("Cc"), "Bcc": view.addresses("Bcc"),
                 "ReplyTo": view.addresses("Reply-To"), "Subject": view.subject,
                 "Created": created_time(self.created), "Username": self.username, "Tags": [],
-                "Size": len(view.raw), "Attachments": len(view.parts[0]), "Snippet": view.snippet()}
+                "Size": len(view.raw), "Attachments": len(view.parts[0]), "Snippet": view.snippet}
 
 
 def with_envelope(raw: bytes, sender: str, recipients: list[str]) -> bytes:
@@ -223,7 +223,7 @@ def matches(message: Stored, term: str) -> bool:
                 return True  # Mailpit ignores a date it cannot read
             result = message.created >= moment if lower.startswith("after:") else message.created <= moment
         else:
-            result = clean(term) in view.search_text()
+            result = clean(term) in view.search_text
     return result != exclude
 
 
