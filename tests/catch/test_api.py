@@ -4,7 +4,11 @@ Mailpit's JSON field names, over real SMTP and HTTP."""
 from __future__ import annotations
 
 import json
+import os
 import smtplib
+import socket
+import subprocess
+import sys
 
 import pytest
 
@@ -195,3 +199,22 @@ def test_chaos_out_of_bounds_is_400_and_changes_nothing(catch, body):
     status, _, text = c.request("PUT", "/api/v1/chaos", json.dumps(body).encode())
     assert status == 400 and b"must be between" in text
     assert c.json("/api/v1/chaos")["Sender"]["Probability"] == 0
+
+
+@pytest.mark.parametrize("which", ["--smtp", "--listen"])
+def test_a_port_in_use_is_one_line_and_status_1(which):
+    with socket.socket() as busy:
+        busy.bind(("127.0.44.254", 0))
+        busy.listen()
+        taken = f"127.0.44.254:{busy.getsockname()[1]}"
+        other = "--listen" if which == "--smtp" else "--smtp"
+        done = subprocess.run([sys.executable, "-m", "trimail", "catch", which, taken, other, "127.0.44.254:0"],
+                              capture_output=True, text=True, timeout=60, env=dict(os.environ), check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"trimail: fatal: cannot listen on {taken}: Address already in use"
+
+
+def test_a_malformed_address_is_refused():
+    done = subprocess.run([sys.executable, "-m", "trimail", "catch", "--smtp", "nonsense"], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ), check=False)
+    assert done.returncode == 1 and "--smtp: expected HOST:PORT" in done.stderr

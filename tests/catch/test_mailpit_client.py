@@ -198,9 +198,15 @@ set -e
 mount --bind {hosts} /etc/hosts
 ip link set lo up
 {sys.executable} -m trimail catch --smtp 127.0.0.1:1025 --listen 127.0.0.1:8025 > {tmp_path}/out 2>&1 &
+catcher=$!
 for i in $(seq 300); do grep -q http {tmp_path}/out && break; sleep 0.1; done
 cd {source}
-HOME={tmp_path} {sys.executable} -m pytest -q -p no:cacheprovider -p no:trimail -o addopts= tests/integration -k "{deselect}"
+status=0
+HOME={tmp_path} {sys.executable} -m pytest -q -p no:cacheprovider -p no:trimail -o addopts= tests/integration \
+    -k "{deselect}" || status=$?
+kill $catcher
+wait $catcher || true
+exit $status
 """
     done = subprocess.run(["unshare", "--net", "--mount", "sh", "-c", script], capture_output=True, text=True,
                           timeout=300, env=dict(os.environ), check=False)

@@ -20,6 +20,7 @@ from trimail.catch.api import Api
 from trimail.catch.chaos import CatchHooks, Chaos
 from trimail.catch.server import serve_http
 from trimail.catch.store import Mailbox
+from trimail.net.listener import ListenError
 
 
 def split_address(value: str, what: str) -> tuple[str, int]:
@@ -54,12 +55,19 @@ async def run(*, smtp: str = "127.0.0.1:1025", listen: str = "127.0.0.1:8025", m
                        require_tls=False, **settings) as server:
         for context in server.contexts.values():
             context.hooks = CatchHooks(mailbox, chaos, context.hooks)
-        listeners = await trio.open_tcp_listeners(http_port, host=http_host)
+        try:
+            listeners = await trio.open_tcp_listeners(http_port, host=http_host)
+        except OSError as exc:  # one line for the operator, as serve's listeners say it
+            raise ListenError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
         bound_http = listeners[0].socket.getsockname()[1]
         for extra in listeners[1:]:
             await extra.aclose()
         task_status.started((mta.port, bound_http))
         await serve_http(listeners[0], Api(mailbox, chaos))
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 async def run_until_signal(**options: Any) -> None:
@@ -69,8 +77,8 @@ async def run_until_signal(**options: Any) -> None:
     async with trio.open_nursery() as nursery:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
             smtp_port, http_port = await nursery.start(lambda task_status: run(task_status=task_status, **options))
-            smtp_host = split_address(options.get("smtp", "127.0.0.1:1025"), "--smtp")[0]
-            http_host = split_address(options.get("listen", "127.0.0.1:8025"), "--listen")[0]
+            smtp_host = _url_host(split_address(options.get("smtp", "127.0.0.1:1025"), "--smtp")[0])
+            http_host = _url_host(split_address(options.get("listen", "127.0.0.1:8025"), "--listen")[0])
             print(f"trimail catch: smtp {smtp_host}:{smtp_port} http http://{http_host}:{http_port}/", flush=True)
             async for _ in signals:
                 nursery.cancel_scope.cancel()
