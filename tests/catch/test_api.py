@@ -218,3 +218,20 @@ def test_a_malformed_address_is_refused():
     done = subprocess.run([sys.executable, "-m", "trimail", "catch", "--smtp", "nonsense"], capture_output=True,
                           text=True, timeout=60, env=dict(os.environ), check=False)
     assert done.returncode == 1 and "--smtp: expected HOST:PORT" in done.stderr
+
+
+def test_mailpits_testing_views_give_the_html_and_the_text_alone(catch):
+    c = catch()
+    msg = message("with image", text="the text\n", html="<p>logo: <img src=\"cid:logo@x\"></p>")
+    msg.get_payload()[1].add_related(b"\x89PNG-ish", maintype="image", subtype="png", cid="<logo@x>")
+    c.send(msg)
+    [summary] = c.wait_for(1)
+    status, headers, html = c.request("GET", f"/view/{summary['ID']}.html")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    [inline] = c.json(f"/api/v1/message/{summary['ID']}")["Inline"]
+    assert f'<img src="/api/v1/message/{summary["ID"]}/part/{inline["PartID"]}">'.encode() in html
+    assert c.request("GET", "/view/latest.txt")[2] == b"the text\r\n"
+    c.send(message("text only"))
+    c.wait_for(2)
+    assert c.request("GET", "/view/latest.html")[:3:2] == (404, b"This message does not contain a HTML part")
+    assert c.request("GET", "/view/AAAAAAAAAAAAAAAAAAAAAA.txt")[:3:2] == (404, b"Message not found")

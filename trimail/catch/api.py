@@ -232,10 +232,17 @@ class Api:
             return Response(200, page.index(self.mailbox, request.arg("query")), "text/html; charset=utf-8",
                             list(page.PAGE_HEADERS))
         name = request.path[len("/view/"):]
-        if name.endswith(".html"):
-            stored = self._find(request, name[:-5])
+        if name.endswith((".html", ".txt")):  # Mailpit's "testing" views: the HTML or the text alone
+            stem, _, kind = name.rpartition(".")
+            stored = self._find(request, stem)
             if stored is None:
-                return error(NOT_FOUND.decode(), 404)
+                return error("Message not found", 404)
+            stored.read = True
+            text, html = stored.view.bodies
+            if kind == "txt":
+                return Response(200, text.encode("utf-8"), "text/plain; charset=utf-8")
+            if not html:
+                return error("This message does not contain a HTML part", 404)
             return Response(200, page.body_html(stored), "text/html; charset=utf-8",
                             [("Content-Security-Policy", page.BODY_CSP)])
         stored = self._find(request, name)

@@ -6,11 +6,13 @@ so it works with JavaScript off and in ``chromium --dump-dom``.  Everything take
 from a message is escaped.  The page's Content-Security-Policy allows nothing but
 its own inline style and frames from itself; a message's HTML is shown in an
 ``<iframe sandbox>`` whose document (``/view/{ID}.html``) is served with a CSP of
-its own (``sandbox``, no scripts, no remote loads: a tracking pixel stays silent).
+its own (``sandbox``, no scripts, nothing loaded from elsewhere: a tracking pixel
+stays silent; its ``cid:`` images are shown from the message's own parts).
 """
 
 from __future__ import annotations
 
+import re
 from html import escape
 from urllib.parse import quote
 
@@ -33,7 +35,8 @@ iframe{width:100%;height:420px;border:1px solid #dde3ee;background:#fff}
 PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; frame-src 'self'; "
             "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
 # the message's own HTML: a unique origin, no scripts, no forms, nothing loaded from anywhere
-BODY_CSP = "sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src data:; frame-ancestors 'self'"
+BODY_CSP = ("sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+            "frame-ancestors 'self'")
 PAGE_HEADERS = (("Content-Security-Policy", PAGE_CSP), ("X-Frame-Options", "DENY"))
 
 
@@ -100,4 +103,13 @@ def message(stored: Stored) -> bytes:
 
 
 def body_html(stored: Stored) -> bytes:
-    return stored.view.bodies[1].encode("utf-8")
+    """The message's HTML with ``cid:`` references pointing at the parts they name
+    (as Mailpit's /view/{ID}.html does), so inline images show."""
+    html = stored.view.bodies[1]
+    attachments, inline = stored.view.listed()
+    for part in inline + attachments:
+        if part.content_id:
+            pattern = re.compile(r"(?i)(=[\"']?)cid:" + re.escape(part.content_id) + r"([\"'\s/>;])")
+            target = f"/api/v1/message/{stored.id}/part/{quote(part.part_id)}"
+            html = pattern.sub(lambda m, target=target: m.group(1) + target + m.group(2), html)
+    return html.encode("utf-8")
