@@ -154,6 +154,7 @@ def test_info_and_webui(catch):
             "RuntimeStats"} <= set(info)
     webui = c.json("/api/v1/webui")
     assert webui["ChaosEnabled"] is False and webui["MessageRelay"]["Enabled"] is False
+    assert c.json("/api/v1/tags") == []
 
 
 def test_unknown_ids_paths_and_methods(catch):

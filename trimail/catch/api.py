@@ -131,6 +131,7 @@ class Api:
             "/api/v1/messages": {"GET": self.list, "PUT": self.set_read, "DELETE": self.delete},
             "/api/v1/search": {"GET": self.search, "DELETE": self.delete_search},
             "/api/v1/info": {"GET": self.info},
+            "/api/v1/tags": {"GET": lambda request: as_json([])},  # no tags here (docs/catch.md)
             "/api/v1/webui": {"GET": self.webui},
             "/api/v1/chaos": {"GET": self.get_chaos, "PUT": self.set_chaos},
         }
