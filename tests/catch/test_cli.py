@@ -38,3 +38,11 @@ def test_o_cannot_move_the_catcher_or_make_it_deliver(name):
                            "--listen", "127.0.44.254:0"], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ), check=False)
     assert done.returncode == 1 and f"-o {name}: set by trimail catch itself" in done.stderr
+
+
+def test_sigterm_stops_it_with_status_0(catch):
+    c = catch()
+    c.send(message("last"))
+    c.wait_for(1)
+    assert c.stop() == 0
+    assert "trimail catch: stopped" in c.proc.stderr.read().decode()
