@@ -179,6 +179,8 @@ class Api:
         data = _decode(request.body)
         if data is None:
             return error("invalid JSON body")
+        if not isinstance(data.get("ids", []), list):
+            return error("IDs must be an array of message IDs")
         ids, search, read = _ids(data.get("ids")), str(data.get("search") or ""), bool(data.get("read"))
         if ids and search:
             return error("You may specify either IDs or a search query, not both")

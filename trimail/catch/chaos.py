@@ -14,12 +14,15 @@ repeatable, which Mailpit cannot do.
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Any
 
 from trimail.catch.store import Mailbox
 from trimail.receive.hooks import AcceptedMessage, SessionHooks
 from trimail.smtp.replies import Reply
+
+log = logging.getLogger("trimail.catch")
 
 TRIGGERS = {"Sender": 451, "Recipient": 451, "Authentication": 535}
 STAGES = {"mail": ("Sender", "sender"), "rcpt": ("Recipient", "recipient"), "auth": ("Authentication", "authentication")}
@@ -88,5 +91,13 @@ class CatchHooks(SessionHooks):
         return None if self.inner is None else await self.inner.before(stage, session, address)
 
     def accepted(self, message: AcceptedMessage) -> None:
-        self.mailbox.add(message.raw, sender=message.sender, recipients=list(message.recipients),
-                         username=message.sasl_username or "")
+        """Store the message; if adding Mailpit's header fields fails on some odd
+        message (a bug of ours), it is stored as received and the failure logged:
+        the SMTP session has already committed it and must not pay for it."""
+        username = message.sasl_username or ""
+        try:
+            self.mailbox.add(message.raw, sender=message.sender, recipients=list(message.recipients),
+                             username=username)
+        except Exception:  # noqa: BLE001 - see above
+            log.exception("catch: message %s stored without Mailpit's fields", message.queue_id)
+            self.mailbox.add_raw(message.raw, username=username)

@@ -165,7 +165,12 @@ class Part:
 def _payload(message: email.message.Message) -> bytes:
     if message.get_content_maintype() == "message" and message.is_multipart():
         inner = message.get_payload(0)
-        return inner.as_bytes() if isinstance(inner, email.message.Message) else b""
+        if not isinstance(inner, email.message.Message):
+            return b""
+        try:
+            return inner.as_bytes()
+        except Exception:  # noqa: BLE001 - the stdlib generator on a broken inner message: show nothing
+            return b""
     try:
         payload = message.get_payload(decode=True)
     except (ValueError, TypeError, AssertionError):
@@ -309,7 +314,8 @@ class MessageView:
                 return ([], [root]) if root.disposition == "inline" else ([root], [])
             return [], []
         everything = _breadth(root)
-        attachments = [p for p in everything if p.disposition == "attachment" or p.content_type == OCTET_STREAM]
+        attachments = [p for p in everything if not p.multipart
+                       and (p.disposition == "attachment" or p.content_type == OCTET_STREAM)]
         inline = [p for p in everything if p.disposition == "inline" and not p.multipart]
         other = [p for p in everything if not p.multipart and not p.disposition and p.content_type != OCTET_STREAM
                  and p.content_type not in ("text/plain", "text/html")]

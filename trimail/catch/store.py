@@ -109,8 +109,11 @@ class Mailbox:
         view = MessageView(raw)
         if not view.message_id:  # Mailpit gives every message a Message-ID
             raw = f"Message-ID: <{new_id()}@mailpit>\r\n".encode() + raw
-            view = MessageView(raw)
-        stored = Stored(new_id(), datetime.now(UTC), view, username)
+        return self.add_raw(raw, username=username)
+
+    def add_raw(self, raw: bytes, *, username: str = "") -> Stored:
+        """Store *raw* as it is, dropping the oldest message beyond ``max_messages``."""
+        stored = Stored(new_id(), datetime.now(UTC), MessageView(raw), username)
         self._messages[stored.id] = stored
         self.accepted += 1
         self.accepted_size += len(raw)
