@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from trimail.catch.api import Api, Request, message_json
 from trimail.catch.chaos import Chaos
 from trimail.catch.mime import MessageView
-from trimail.catch.page import body_html, message as message_page
+from trimail.catch.page import body_html
+from trimail.catch.page import message as message_page
 from trimail.catch.store import Mailbox, Stored
 
 PIECES = [b"Content-Type: multipart/mixed; boundary=b\r\n", b"Content-Type: multipart/alternative; boundary=b\r\n",
