@@ -98,6 +98,6 @@ class CatchHooks(SessionHooks):
         try:
             self.mailbox.add(message.raw, sender=message.sender, recipients=list(message.recipients),
                              username=username)
-        except Exception:
+        except Exception:  # any bug of ours, see above
             log.exception("catch: message %s stored without Mailpit's fields", message.queue_id)
             self.mailbox.add_raw(message.raw, username=username)
