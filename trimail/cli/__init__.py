@@ -93,7 +93,7 @@ def first_known(group: BaseExceptionGroup) -> BaseException:
 
 
 # The commands, by job; each module registers its own on ``app``.
-from trimail.cli import admin, daemon, queue, tables  # noqa: F401
+from trimail.cli import admin, catch, daemon, queue, tables  # noqa: F401
 
 # -- entry point -----------------------------------------------------------------
 

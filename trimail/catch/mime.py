@@ -1,0 +1,354 @@
+"""One captured message as Mailpit shows it: the part tree with Mailpit's part IDs,
+its Text and HTML, Attachments and Inline parts, the address headers as contacts,
+the header fields as Go's ``net/mail`` reads them.  Pure functions of the raw bytes
+(no I/O); ``MessageView`` parses once and caches.
+
+Mailpit reads messages with the Go library enmime; what a client sees follows from
+enmime's rules, re-stated here (not translated): part IDs ``1``, ``2``, ``1.1`` (a
+nested multipart part gets ``.0`` after its children are numbered); Text is the
+text/plain parts that are not attachments (in a multipart/alternative the first one
+breadth-first, otherwise all of them depth-first joined by ``\\n--\\n``), keeping the
+message's own line ends; HTML the first text/html that is not an attachment; an
+HTML-only message gets a Text made from its HTML.  Attachments are the parts with
+``Content-Disposition: attachment`` or type application/octet-stream; Inline the
+``inline`` parts and the other non-text parts with no disposition; both only when
+they have a file name or a Content-ID.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import email
+import email.header
+import email.message
+import email.policy
+import email.utils
+import hashlib
+import re
+from datetime import UTC, datetime
+from functools import cached_property
+from html.parser import HTMLParser
+
+OCTET_STREAM = "application/octet-stream"
+_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_MEDIA_TYPE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+/[!#$%&'*+\-.^_`|~0-9a-z]+$")
+
+
+def go_time(moment: datetime) -> str:
+    """RFC 3339 as Go's RFC3339Nano writes it: fraction without trailing zeros, ``Z`` for UTC."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    base = moment.strftime("%Y-%m-%dT%H:%M:%S")
+    fraction = f"{moment.microsecond:06d}".rstrip("0")
+    offset = moment.utcoffset()
+    if not offset:
+        zone = "Z"
+    else:
+        minutes = int(offset.total_seconds()) // 60
+        sign = "+" if minutes >= 0 else "-"
+        zone = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+    return f"{base}{'.' + fraction if fraction else ''}{zone}"
+
+
+def created_time(moment: datetime) -> str:
+    """Mailpit's ``Created``: milliseconds in UTC, written with all three digits
+    (clients that parse Go's trimmed fractions by hand accept this form too)."""
+    moment = moment.astimezone(UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def canonical_key(name: str) -> str:
+    """Go's CanonicalMIMEHeaderKey: ``message-id`` -> ``Message-Id``; a name with a
+    byte that is not a token character is left as it is."""
+    if not _TOKEN.match(name):
+        return name
+    return "-".join(word[:1].upper() + word[1:].lower() for word in name.split("-"))
+
+
+def header_fields(raw: bytes) -> list[tuple[str, str]]:
+    """The header block as (name, value) pairs, continuation lines joined by one
+    space and values trimmed, not decoded (Go's textproto.ReadMIMEHeader)."""
+    end = len(raw)
+    for marker in (b"\r\n\r\n", b"\n\n"):
+        at = raw.find(marker)
+        if at != -1:
+            end = min(end, at)
+    fields: list[tuple[str, str]] = []
+    for line in raw[:end].decode("utf-8", "replace").splitlines():
+        if line[:1] in (" ", "\t"):
+            if fields:
+                name, value = fields[-1]
+                piece = line.strip()
+                fields[-1] = (name, f"{value} {piece}" if value else piece)
+            continue
+        name, colon, value = line.partition(":")
+        if colon and name.strip():
+            fields.append((canonical_key(name.strip()), value.strip()))
+    return fields
+
+
+def decode_words(value: str) -> str:
+    """RFC 2047 encoded words decoded; anything undecodable kept as it is."""
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (LookupError, ValueError, UnicodeError):
+        return value
+
+
+class _Text(HTMLParser):
+    """HTML down to text for an HTML-only message (the role of enmime's html2text)."""
+
+    BLOCK = frozenset({"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "hr"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self.skip = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in ("script", "style", "head", "title"):
+            self.skip += 1
+        elif tag in self.BLOCK:
+            self.out.append("\n")
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("script", "style", "head", "title"):
+            self.skip = max(0, self.skip - 1)
+        elif tag in self.BLOCK:
+            self.out.append("\n")
+
+    def handle_data(self, data: str) -> None:
+        if not self.skip:
+            self.out.append(re.sub(r"\s+", " ", data))
+
+
+def html_to_text(html: str) -> str:
+    parser = _Text()
+    try:
+        parser.feed(html)
+        parser.close()
+    except (AssertionError, ValueError):  # HTMLParser on hostile input: keep what was read
+        pass
+    lines = [line.strip() for line in "".join(parser.out).splitlines()]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+@dataclasses.dataclass(slots=True)
+class Part:
+    part_id: str
+    content_type: str
+    disposition: str
+    filename: str
+    content_id: str
+    content: bytes
+    charset: str | None
+    multipart: bool
+    children: list[Part]
+
+    def text(self) -> str:
+        for charset in (self.charset or "utf-8", "utf-8"):
+            try:
+                return self.content.decode(charset)
+            except (LookupError, UnicodeDecodeError):
+                continue
+        return self.content.decode("utf-8", "replace")
+
+    def summary(self) -> dict[str, object]:
+        """Mailpit's Attachment object."""
+        return {"PartID": self.part_id, "FileName": self.filename, "ContentType": self.content_type,
+                "ContentID": self.content_id, "Size": len(self.content),
+                "Checksums": {"MD5": hashlib.md5(self.content, usedforsecurity=False).hexdigest(),
+                              "SHA1": hashlib.sha1(self.content, usedforsecurity=False).hexdigest(),
+                              "SHA256": hashlib.sha256(self.content).hexdigest()}}
+
+
+def _payload(message: email.message.Message) -> bytes:
+    if message.get_content_maintype() == "message" and message.is_multipart():
+        inner = message.get_payload(0)
+        if not isinstance(inner, email.message.Message):
+            return b""
+        try:
+            return inner.as_bytes()
+        except Exception:  # noqa: BLE001 - the stdlib generator on a broken inner message: show nothing
+            return b""
+    try:
+        payload = message.get_payload(decode=True)
+    except (ValueError, TypeError, AssertionError):
+        payload = None
+    return payload if isinstance(payload, bytes) else b""
+
+
+def _part(message: email.message.Message, part_id: str, depth: int) -> Part:
+    multipart = message.get_content_maintype() == "multipart" and message.is_multipart()
+    filename = message.get_filename() or message.get_param("file", None) or ""
+    if not isinstance(filename, str):
+        filename = email.utils.collapse_rfc2231_value(filename)
+    content_type = message.get_content_type()
+    if not _MEDIA_TYPE.match(content_type):  # folded or hostile: it goes into an HTTP header later
+        content_type = OCTET_STREAM
+    part = Part(part_id=part_id, content_type=content_type,
+                disposition=message.get_content_disposition() or "", filename=decode_words(filename),
+                content_id=str(message.get("Content-ID", "")).strip().strip("<>"),
+                content=b"" if multipart else _payload(message),
+                charset=message.get_content_charset(), multipart=multipart, children=[])
+    if multipart and depth < 50:  # nesting deeper than any real message: the rest is one leaf
+        payload = message.get_payload()
+        for index, child in enumerate(payload if isinstance(payload, list) else [], 1):
+            child_id = str(index) if depth == 0 else f"{part_id}.{index}"
+            part.children.append(_part(child, child_id, depth + 1))
+        if depth > 0:
+            part.part_id += ".0"
+    return part
+
+
+def _breadth(root: Part) -> list[Part]:
+    found, level = [], [root]
+    while level:
+        found += level
+        level = [child for part in level for child in part.children]
+    return found
+
+
+def _depth(root: Part) -> list[Part]:
+    found = [root]
+    for child in root.children:
+        found += _depth(child)
+    return found
+
+
+class MessageView:
+    """The parsed message, Mailpit's fields computed on first use."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+
+    @cached_property
+    def root(self) -> Part:
+        """The part tree, decoded; the parser's own objects are not kept (memory)."""
+        return _part(email.message_from_bytes(self.raw, policy=email.policy.compat32), "0", 0)
+
+    @cached_property
+    def fields(self) -> list[tuple[str, str]]:
+        return header_fields(self.raw)
+
+    def header(self, name: str) -> str:
+        """The first field called *name*, decoded (enmime's GetHeader)."""
+        key = canonical_key(name)
+        for field, value in self.fields:
+            if field == key:
+                return decode_words(value)
+        return ""
+
+    def headers(self) -> dict[str, list[str]]:
+        """Every field, Go's ``mail.Header`` map: canonical name -> values in order."""
+        result: dict[str, list[str]] = {}
+        for name, value in self.fields:
+            result.setdefault(name, []).append(value)
+        return result
+
+    def addresses(self, name: str) -> list[dict[str, str]]:
+        values = [decode_words(v) for field, v in self.fields if field == canonical_key(name)]
+        if not values:
+            return []
+        return [{"Name": display, "Address": address}
+                for display, address in email.utils.getaddresses(values) if address or display]
+
+    def sender(self) -> dict[str, str]:
+        found = self.addresses("From")
+        if found:
+            return found[0]
+        return {"Name": self.header("From"), "Address": ""}
+
+    @property
+    def message_id(self) -> str:
+        return self.header("Message-ID").strip().strip("<>")
+
+    @property
+    def subject(self) -> str:
+        return self.header("Subject")
+
+    def date(self) -> datetime | None:
+        value = self.header("Date")
+        try:
+            return email.utils.parsedate_to_datetime(value) if value else None
+        except (TypeError, ValueError, IndexError):
+            return None
+
+    @cached_property
+    def bodies(self) -> tuple[str, str]:
+        """(Text, HTML) as Mailpit gives them."""
+        root = self.root
+        if not root.multipart:
+            if root.content_type == "text/html" and root.disposition != "attachment":
+                html = root.text()
+                return html_to_text(html), html
+            if self._binary_root():
+                return "", ""
+            return root.text(), ""
+
+        def plain(p: Part) -> bool:
+            return p.content_type == "text/plain" and p.disposition != "attachment"
+
+        if root.content_type == "multipart/alternative":
+            first = next((p for p in _breadth(root) if plain(p)), None)
+            text = first.text() if first else ""
+        else:
+            text = "\n--\n".join(p.text() for p in _depth(root) if plain(p))
+        html_part = next((p for p in _depth(root)
+                          if p.content_type == "text/html" and p.disposition != "attachment"), None)
+        html = html_part.text() if html_part else ""
+        if not text and html:
+            text = html_to_text(html)
+        return text, html
+
+    def _binary_root(self) -> bool:
+        root = self.root
+        return root.disposition == "attachment" or not root.content_type.startswith("text/")
+
+    @cached_property
+    def parts(self) -> tuple[list[Part], list[Part]]:
+        """(Attachments, Inline) before Mailpit's file name / Content-ID filter."""
+        root = self.root
+        if not root.multipart:
+            if self._binary_root():
+                return ([], [root]) if root.disposition == "inline" else ([root], [])
+            return [], []
+        everything = _breadth(root)
+        attachments = [p for p in everything if not p.multipart
+                       and (p.disposition == "attachment" or p.content_type == OCTET_STREAM)]
+        inline = [p for p in everything if p.disposition == "inline" and not p.multipart]
+        other = [p for p in everything if not p.multipart and not p.disposition and p.content_type != OCTET_STREAM
+                 and p.content_type not in ("text/plain", "text/html")]
+        return attachments, inline + other
+
+    def listed(self) -> tuple[list[Part], list[Part]]:
+        """(Attachments, Inline) as the API lists them: named or with a Content-ID."""
+        attachments, inline = self.parts
+        return ([p for p in attachments if p.filename or p.content_id],
+                [p for p in inline if p.filename or p.content_id])
+
+    def part(self, part_id: str) -> Part | None:
+        return next((p for p in _breadth(self.root) if p.part_id == part_id and not p.multipart), None)
+
+    @cached_property
+    def search_text(self) -> str:
+        """What a plain search word is looked for in (Mailpit's SearchText)."""
+        text, html = self.bodies
+        pieces = [self.header(name) for name in ("From", "Subject", "To", "Cc", "Bcc", "Reply-To", "Return-Path")]
+        pieces.append(html_to_text(html) if html else text)
+        pieces += [p.filename for p in self.parts[0]]
+        return clean(" ".join(pieces))
+
+    @cached_property
+    def snippet(self) -> str:
+        text, html = self.bodies
+        source = html_to_text(html) if html.strip() else text
+        flat = " ".join(source.replace("\ufeff", " ").split())
+        return flat if len(flat) <= 200 else flat[:200] + "..."
+
+
+def clean(value: str) -> str:
+    """Mailpit's cleanString: punctuation that separates words becomes space,
+    white space collapsed, lower case."""
+    value = re.sub(r"(\r?\n|\t|>|<|\"|,|;|\(|\))", " ", value.replace("\ufeff", " "))
+    return " ".join(value.split()).lower()

@@ -1,0 +1,115 @@
+"""The catcher's web page: the captured mail (``/``, a search box) and one message
+(``/view/{ID}``: HTML, text, header fields, raw source, attachments).
+
+Rendered on the server as plain HTML, with no script at all and no external asset,
+so it works with JavaScript off and in ``chromium --dump-dom``.  Everything taken
+from a message is escaped.  The page's Content-Security-Policy allows nothing but
+its own inline style and frames from itself; a message's HTML is shown in an
+``<iframe sandbox>`` whose document (``/view/{ID}.html``) is served with a CSP of
+its own (``sandbox``, no scripts, nothing loaded from elsewhere: a tracking pixel
+stays silent; its ``cid:`` images are shown from the message's own parts).
+"""
+
+from __future__ import annotations
+
+import re
+from html import escape
+from urllib.parse import quote
+
+from trimail.catch.store import Mailbox, Stored
+
+STYLE = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;color:#1d2433;background:#f4f6fa}
+header{background:#23395d;color:#fff;padding:10px 18px;display:flex;gap:18px;align-items:center}
+header a{color:#fff;text-decoration:none;font-weight:600;font-size:18px}
+header form{margin-left:auto}input{padding:5px 8px;width:260px;border:0;border-radius:4px}
+main{padding:14px 18px}table{border-collapse:collapse;width:100%;background:#fff}
+td,th{padding:7px 10px;border-bottom:1px solid #dde3ee;text-align:left;vertical-align:top}
+th{background:#e8edf6}tr.unread td{font-weight:600}td.subject a{color:#1d4ed8}
+.empty{padding:30px;text-align:center;color:#667}.meta td:first-child{width:110px;color:#556}
+section{background:#fff;margin:14px 0;padding:10px 14px;border:1px solid #dde3ee}
+h2{font-size:15px;margin:0 0 8px}pre{white-space:pre-wrap;word-break:break-word;margin:0}
+iframe{width:100%;height:420px;border:1px solid #dde3ee;background:#fff}
+"""
+
+PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; frame-src 'self'; "
+            "form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
+# the message's own HTML: a unique origin, no scripts, no forms, nothing loaded from anywhere
+BODY_CSP = ("sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
+            "frame-ancestors 'self'")
+PAGE_HEADERS = (("Content-Security-Policy", PAGE_CSP), ("X-Frame-Options", "DENY"))
+
+
+def _document(title: str, body: str, query: str = "") -> bytes:
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
+            f"<meta name=viewport content='width=device-width'><style>{STYLE}</style></head><body>"
+            f"<header><a href='/'>trimail catch</a><form action='/' method=get>"
+            f"<input name=query placeholder='Search: to: from: subject: ...' value='{escape(query)}'>"
+            f"</form></header><main>{body}</main></body></html>").encode()
+
+
+def _contacts(contacts: list[dict[str, str]]) -> str:
+    return ", ".join(escape(f"{c['Name']} <{c['Address']}>" if c["Name"] else c["Address"]) for c in contacts)
+
+
+def index(mailbox: Mailbox, query: str = "") -> bytes:
+    messages = mailbox.search(query) if query.strip() else mailbox.newest_first()
+    if not messages:
+        rows = "<p class=empty id=empty>No messages" + (" match." if query.strip() else " yet.") + "</p>"
+    else:
+        body = []
+        for stored in messages:
+            summary = stored.summary()
+            sender = summary["From"]
+            assert isinstance(sender, dict)
+            css = "" if stored.read else " class=unread"
+            subject = escape(str(summary["Subject"]) or "(no subject)")
+            body.append(f"<tr{css}><td>{_contacts([sender])}</td><td>{_contacts(summary['To'])}</td>"  # type: ignore[arg-type]
+                        f"<td class=subject><a href='/view/{stored.id}'>{subject}</a></td>"
+                        f"<td>{escape(str(summary['Created'])[:19].replace('T', ' '))}</td>"
+                        f"<td>{summary['Size']}</td></tr>")
+        rows = ("<table id=messages><thead><tr><th>From</th><th>To</th><th>Subject</th><th>Received (UTC)</th>"
+                "<th>Size</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")
+    count = f"<p>{mailbox.total} message(s), {mailbox.unread} unread</p>"
+    return _document("trimail catch", count + rows, query)
+
+
+def message(stored: Stored) -> bytes:
+    view = stored.view
+    text, html = view.bodies
+    attachments, inline = view.listed()
+    meta = [("From", _contacts([view.sender()])), ("To", _contacts(view.addresses("To"))),
+            ("Cc", _contacts(view.addresses("Cc"))), ("Bcc", _contacts(view.addresses("Bcc"))),
+            ("Subject", escape(view.subject)), ("Date", escape(view.header("Date"))),
+            ("Size", str(len(view.raw)))]
+    sections = ["<table class=meta>" + "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in meta if v)
+                + "</table>"]
+    if html:
+        sections.append(f"<section id=html><h2>HTML</h2><iframe sandbox title='message HTML' "
+                        f"src='/view/{stored.id}.html'></iframe></section>")
+    sections.append(f"<section id=text><h2>Text</h2><pre>{escape(text)}</pre></section>")
+    parts = attachments + inline
+    if parts:
+        links = "".join(f"<li><a href='/api/v1/message/{stored.id}/part/{quote(p.part_id)}'>"
+                        f"{escape(p.filename or p.content_id)}</a> ({escape(p.content_type)}, {len(p.content)} bytes)"
+                        f"</li>" for p in parts)
+        sections.append(f"<section id=attachments><h2>Attachments</h2><ul>{links}</ul></section>")
+    fields = "".join(f"<tr><td>{escape(name)}</td><td>{escape(value)}</td></tr>" for name, value in view.fields)
+    sections.append(f"<section id=headers><h2>Headers</h2><table>{fields}</table></section>")
+    raw = view.raw.decode("utf-8", "replace")
+    sections.append(f"<section id=raw><h2>Raw <a href='/api/v1/message/{stored.id}/raw?dl=1'>(download)</a></h2>"
+                    f"<pre>{escape(raw)}</pre></section>")
+    return _document(view.subject or "(no subject)", "".join(sections))
+
+
+def body_html(stored: Stored) -> bytes:
+    """The message's HTML with ``cid:`` references pointing at the parts they name
+    (as Mailpit's /view/{ID}.html does), so inline images show."""
+    html = stored.view.bodies[1]
+    attachments, inline = stored.view.listed()
+    for part in inline + attachments:
+        if part.content_id:
+            pattern = re.compile(r"(?i)(=[\"']?)cid:" + re.escape(part.content_id) + r"([\"'\s/>;])")
+            target = f"/api/v1/message/{stored.id}/part/{quote(part.part_id)}"
+            html = pattern.sub(lambda m, target=target: m.group(1) + target + m.group(2), html)
+    return html.encode("utf-8")
