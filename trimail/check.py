@@ -17,7 +17,7 @@ beside the MTA it replaces, without taking a port from either, even for a moment
 Parameters: queue_directory, mail_owner, allow_root, chroot, smtpd_workers,
 smtpd_tls_cert_file, smtpd_tls_key_file, dns_nameservers, local_recipient_maps, the
 tables of alias_maps, alias_database, transport_maps and virtual_alias_maps, the
-listeners (smtpd_listen, submission_listen, smtps_listen, metrics_listen) and the
+listeners (smtpd_listen, submission_listen, smtps_listen, reinject_listen, metrics_listen) and the
 smtpd_*_restrictions lists (through trimail.policy.engine).
 """
 
@@ -156,7 +156,7 @@ def resolver_reachable(config: Config) -> list[str]:
     return trio.run(probe)
 
 
-LISTEN_PARAMETERS = ("smtpd_listen", "submission_listen", "smtps_listen", "metrics_listen")
+LISTEN_PARAMETERS = ("smtpd_listen", "submission_listen", "smtps_listen", "reinject_listen", "metrics_listen")
 
 
 def planned_listeners(config: Config) -> list[tuple[str, ListenAddress]]:
