@@ -158,7 +158,8 @@ def listener_config(config: Config, kind: str) -> Config:
         if name in ("reinject_listen", "reinject_overrides"):
             raise ConfigError(f"{config.where('reinject_overrides')}: reinject_overrides: {name} cannot be "
                               "overridden for the listener it makes")
-    listener = config.with_overrides({"content_filter": "", **overrides})
+    listener = config.with_overrides({"content_filter": "", **overrides},
+                                     origin=f"{config.where('reinject_overrides')}: reinject_overrides")
     for name in overrides:
         listener.get(name)  # a bad value fails now, at start or reload, naming the override
     return listener
