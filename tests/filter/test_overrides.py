@@ -127,3 +127,14 @@ async def test_a_bad_filter_configuration_does_not_start(nursery, tmp_path, para
     with pytest.raises(ConfigError) as raised:
         await nursery.start(serve, configuration.load(path))
     assert words in str(raised.value) and str(path) in str(raised.value)
+
+
+def test_check_reports_the_reinjection_listeners_restrictions(tmp_path):
+    path = write_main_cf(tmp_path, smtpd_listen=f"{GATEWAY}:0", reinject_listen=f"{GATEWAY}:0", alias_maps="",
+                         reinject_overrides="smtpd_recipient_restrictions=permit_mynetworks,reject_unath_destination")
+    result = subprocess.run([sys.executable, "-m", "trimail", "check", "-c", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("reinject_overrides"))
+    assert result.returncode == 1
+    assert (f"error: {path}, line {line}: reinject_overrides smtpd_recipient_restrictions: smtpd_recipient_restrictions:"
+            " unknown restriction 'reject_unath_destination'") in result.stderr, result.stderr
