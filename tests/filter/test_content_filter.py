@@ -12,7 +12,7 @@ import json
 
 import trio
 
-from tests.conftest import trimail, wait_for
+from tests.conftest import trimail, wait_for, write_main_cf
 from tests.filter.mtas import (
     FINAL,
     GATEWAY,
@@ -117,3 +117,24 @@ async def test_access_filter_sends_only_the_matched_mail_to_the_filter(nursery, 
         by_recipient = {tuple(recipients): received_by(raw) for _, recipients, raw in sink.messages}
         assert by_recipient == {("f@remote.example",): ["mx.test.example", "filter.test.example", "mx.test.example"],
                                 ("plain@remote.example",): ["mx.test.example"]}
+
+
+async def test_the_filter_set_up_works_with_smtpd_and_qmgr_worker_processes(nursery, tmp_path, serve_process):
+    filter_port, reinject_port, port = free_port(FILTER), free_port(GATEWAY), free_port(GATEWAY)
+    with Sink(FINAL) as sink:
+        flt = await start_filter(nursery, tmp_path / "filter", filter_port, reinject_port)
+        directory = tmp_path / "gateway"
+        directory.mkdir()
+        path = write_main_cf(directory, myhostname="mx.test.example", smtpd_listen=f"{GATEWAY}:{port}",
+                             reinject_listen=f"{GATEWAY}:{reinject_port}", relayhost=f"[{FINAL}]:{sink.port}",
+                             content_filter=f"smtp:[{FILTER}]:{filter_port}", master_service_disable="",
+                             smtpd_workers="1", mynetworks="127.0.0.0/8", mydestination="",
+                             dns_nameservers="127.0.46.9:9")
+        gw = await trio.to_thread.run_sync(serve_process, path)
+        await trio.to_thread.run_sync(send, GATEWAY, port, "a@client.example", ["r@remote.example"])
+        await wait_for(lambda: len(sink.messages) >= 1, 30)
+        await wait_for(lambda: not queue(flt), 30)
+        gw.stop()
+        [(_, recipients, raw)] = sink.messages
+        assert recipients == ["r@remote.example"]
+        assert received_by(raw) == ["mx.test.example", "filter.test.example", "mx.test.example"]
