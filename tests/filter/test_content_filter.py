@@ -14,9 +14,9 @@ import trio
 
 from tests.conftest import trimail, wait_for, write_main_cf
 from tests.filter.mtas import (
+    FILTER,
     FINAL,
     GATEWAY,
-    FILTER,
     free_port,
     queue,
     send,

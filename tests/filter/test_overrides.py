@@ -86,7 +86,8 @@ async def test_no_address_mappings_before_the_filter_and_mappings_after_it(nurse
     reinject_port = free_port(GATEWAY)
     with Sink(FINAL) as content_filter, Sink("127.0.46.4") as final:
         srv = await start(nursery, tmp_path, smtpd_listen=f"{GATEWAY}:0", reinject_listen=f"{GATEWAY}:{reinject_port}",
-                          relayhost=f"[127.0.46.4]:{final.port}", content_filter=f"smtp:[{FINAL}]:{content_filter.port}",
+                          relayhost=f"[127.0.46.4]:{final.port}",
+                          content_filter=f"smtp:[{FINAL}]:{content_filter.port}",
                           receive_override_options="no_address_mappings",
                           virtual_alias_maps="inline:{ alias@remote.example=target@remote.example }",
                           masquerade_domains="example.com")
@@ -106,15 +107,31 @@ async def test_pickup_sends_local_submissions_through_the_content_filter(nursery
                           content_filter=f"smtp:[{FINAL}]:{content_filter.port}", relayhost="[127.0.46.5]:9")
         result = await trio.to_thread.run_sync(lambda: subprocess.run(
             [sys.executable, "-m", "trimail", "sendmail", "-c", str(srv.config.source), "-f", "a@mx.test.example",
-             "r@remote.example"], input="Subject: local\n\nhello\n", capture_output=True, text=True, timeout=60))
+             "r@remote.example"], input="Subject: local\n\nhello\n", capture_output=True, text=True, timeout=60,
+            check=False))
         assert result.returncode == 0, result.stderr
         await wait_for(lambda: len(content_filter.messages) == 1 and not queue(srv), 30)
         assert content_filter.messages[0][1] == ["r@remote.example"]
 
 
+async def test_local_submissions_honour_no_address_mappings_as_pickup_does(nursery, tmp_path):
+    with Sink(FINAL) as content_filter:
+        srv = await start(nursery, tmp_path, smtpd_listen=f"{GATEWAY}:0",
+                          content_filter=f"smtp:[{FINAL}]:{content_filter.port}", relayhost="[127.0.46.5]:9",
+                          receive_override_options="no_address_mappings", masquerade_domains="example.com",
+                          virtual_alias_maps="inline:{ alias@remote.example=target@remote.example }")
+        result = await trio.to_thread.run_sync(lambda: subprocess.run(
+            [sys.executable, "-m", "trimail", "sendmail", "-c", str(srv.config.source), "-f", "a@host.example.com",
+             "alias@remote.example"], input="Subject: local\n\nhello\n", capture_output=True, text=True,
+            timeout=60, check=False))
+        assert result.returncode == 0, result.stderr
+        await wait_for(lambda: len(content_filter.messages) == 1 and not queue(srv), 30)
+        assert content_filter.messages[0][:2] == ("a@host.example.com", ["alias@remote.example"])
+
+
 @pytest.mark.parametrize(("params", "words"), [
-    ({"reinject_overrides": "content_filer="}, "reinject_overrides: unknown parameter content_filer "
-                                               "(did you mean content_filter?)"),
+    ({"reinject_overrides": "content_filer="},
+     "reinject_overrides: unknown parameter content_filer (did you mean content_filter?)"),
     ({"reinject_overrides": "smtpd_recipient_restrictions=permit_mynetwork"}, "permit_mynetwork"),
     ({"reinject_overrides": "message_size_limit=10MB"}, "message_size_limit"),
     ({"reinject_overrides": "no_equals_sign"}, "bad override 'no_equals_sign'"),
@@ -133,8 +150,8 @@ def test_check_reports_the_reinjection_listeners_restrictions(tmp_path):
     path = write_main_cf(tmp_path, smtpd_listen=f"{GATEWAY}:0", reinject_listen=f"{GATEWAY}:0", alias_maps="",
                          reinject_overrides="smtpd_recipient_restrictions=permit_mynetworks,reject_unath_destination")
     result = subprocess.run([sys.executable, "-m", "trimail", "check", "-c", str(path)], capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, check=False)
     line = next(n for n, text in enumerate(path.read_text().splitlines(), 1) if text.startswith("reinject_overrides"))
     assert result.returncode == 1
-    assert (f"error: {path}, line {line}: reinject_overrides smtpd_recipient_restrictions: smtpd_recipient_restrictions:"
-            " unknown restriction 'reject_unath_destination'") in result.stderr, result.stderr
+    assert (f"error: {path}, line {line}: reinject_overrides smtpd_recipient_restrictions: "
+            "smtpd_recipient_restrictions: unknown restriction 'reject_unath_destination'") in result.stderr, result.stderr

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import trio
 
 from trimail import log as maillog
-from trimail.cleanup.rewrite import RWR_PARAM
-from trimail.delivery.route import FILTER_PARAM, NOMAP_PARAM
+from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM
+from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
 from trimail.log import printable
 from trimail.maps import TableError

@@ -24,8 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from trimail.cleanup.headers import complete_headers
-from trimail.cleanup.rewrite import LOCAL, RWR_PARAM, header_context, masquerade
-from trimail.delivery.route import NOMAP_PARAM
+from trimail.cleanup.rewrite import LOCAL, NOMAP_PARAM, RWR_PARAM, header_context, masquerade
 from trimail.delivery.smtp import Envelope
 from trimail.queue import transitions
 
