@@ -51,8 +51,8 @@ running.
 
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
 append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
-receive_override_options (no_address_mappings: no virtual aliases, no masquerading),
-smtpd_listen (the fallback over SMTP).
+receive_override_options (its option for address mappings: no virtual aliases, no
+masquerading), smtpd_listen (the fallback over SMTP).
 """
 
 from __future__ import annotations
