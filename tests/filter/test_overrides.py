@@ -67,6 +67,18 @@ async def test_reinjection_listener_has_its_own_restrictions(nursery, tmp_path):
     assert (code, text) == (554, "5.7.1 <r@remote.example>: Recipient address rejected: Access denied")
 
 
+async def test_reload_refuses_a_misspelt_override_and_keeps_the_listener(nursery, tmp_path):
+    reinject_port = free_port(GATEWAY)
+    srv = await start(nursery, tmp_path, master_service_disable="qmgr", smtpd_listen=f"{GATEWAY}:0",
+                      reinject_listen=f"{GATEWAY}:{reinject_port}")
+    main_cf = tmp_path / "main.cf"
+    main_cf.write_text(main_cf.read_text() + "reinject_overrides = content_filer=\n")
+    answer = await srv.reload()
+    assert answer.startswith("error: ") and "unknown parameter content_filer" in answer
+    assert await trio.to_thread.run_sync(rcpt, reinject_port, "r@remote.example") == (250, "2.1.5 Ok")
+    assert srv.contexts["reinject"].config.content_filter == ""
+
+
 async def test_reinjected_mail_is_never_filtered_again_even_without_content_filter_in_the_overrides(
         nursery, tmp_path):
     reinject_port = free_port(GATEWAY)
