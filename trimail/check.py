@@ -17,8 +17,8 @@ beside the MTA it replaces, without taking a port from either, even for a moment
 Parameters: queue_directory, mail_owner, allow_root, chroot, smtpd_workers,
 smtpd_tls_cert_file, smtpd_tls_key_file, dns_nameservers, local_recipient_maps, the
 tables of alias_maps, alias_database, transport_maps and virtual_alias_maps, the
-listeners (smtpd_listen, submission_listen, smtps_listen, metrics_listen) and the
-smtpd_*_restrictions lists (through trimail.policy.engine).
+listeners (smtpd_listen, submission_listen, smtps_listen, reinject_listen, metrics_listen) and the
+smtpd_*_restrictions lists (through trimail.policy.engine), also as reinject_overrides sets them.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress
 from trimail.maps import compiled_path
 from trimail.policy.engine import restriction_lists
+from trimail.receive.context import listener_config
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -72,6 +73,8 @@ def warnings(config: Config, *, handing_over: bool = False) -> list[str]:
             found.append(f"{parameter}: database {database} is older than source file {source}; run {command}")
     try:
         restriction_lists(config)
+        if config.reinject_listen:  # the content filter's way back has lists of its own (reinject_overrides)
+            restriction_lists(listener_config(config, "reinject"))
     except ConfigError as exc:
         found.append(f"error: {exc}")
     found += _certificate(config)
@@ -156,7 +159,7 @@ def resolver_reachable(config: Config) -> list[str]:
     return trio.run(probe)
 
 
-LISTEN_PARAMETERS = ("smtpd_listen", "submission_listen", "smtps_listen", "metrics_listen")
+LISTEN_PARAMETERS = ("smtpd_listen", "submission_listen", "smtps_listen", "reinject_listen", "metrics_listen")
 
 
 def planned_listeners(config: Config) -> list[tuple[str, ListenAddress]]:

@@ -323,8 +323,8 @@ class Server:
                 stream,
                 decisions,
                 limits=self.limits,
-                error_sleep=config.smtpd_error_sleep_time,
-                soft_error_limit=config.smtpd_soft_error_limit,
+                error_sleep=context.config.smtpd_error_sleep_time,  # per listener (reinject_overrides)
+                soft_error_limit=context.config.smtpd_soft_error_limit,
                 session_deadline=config.smtpd_session_deadline,
                 implicit_tls=kind == "smtps",
             )

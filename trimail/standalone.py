@@ -25,7 +25,7 @@ are bounded by ``line_length_limit``.  The user can submit nothing here that
 
 Parameters: those of smtpd's protocol settings (``trimail.receive.context.protocol_settings``),
 myhostname, mail_name, myorigin, mydomain, append_at_myorigin, append_dot_mydomain,
-virtual_alias_maps, queue_directory.
+virtual_alias_maps, receive_override_options, queue_directory.
 """
 
 from __future__ import annotations
@@ -173,7 +173,8 @@ class _Session:
         assert tx is not None
         cfg = self.cfg
         try:
-            recipients = cleanup_rewrite.virtual_expand(tx.recipients, self.virtual)
+            recipients = tx.recipients if "no_address_mappings" in cfg.receive_override_options \
+                else cleanup_rewrite.virtual_expand(tx.recipients, self.virtual)
             for address in recipients:
                 check_domain(address)
         except SendmailError:

@@ -22,7 +22,7 @@ dropped, so neither the jail nor ``mail_owner`` needs access to them; ``allow_ro
 = yes`` (test suites and development only) keeps root and says so in the log.
 
 Parameters: queue_directory, queue_busy_timeout, smtpd_tls_cert_file, smtpd_listen,
-submission_listen, smtps_listen, metrics_listen, mail_owner, allow_root, chroot.
+submission_listen, smtps_listen, reinject_listen, metrics_listen, mail_owner, allow_root, chroot.
 """
 
 from __future__ import annotations
@@ -52,8 +52,10 @@ from trimail.supervise import describe
 
 log = logging.getLogger("trimail.master")
 
-# (session kind, parameter with its addresses): port 25, 587 (STARTTLS, AUTH), 465 (implicit TLS)
-LISTENERS = (("smtp", "smtpd_listen"), ("submission", "submission_listen"), ("smtps", "smtps_listen"))
+# (session kind, parameter with its addresses): port 25, 587 (STARTTLS, AUTH), 465 (implicit TLS),
+# and where a content filter gives mail back (Postfix's 127.0.0.1:10025 smtpd, reinject_overrides)
+LISTENERS = (("smtp", "smtpd_listen"), ("submission", "submission_listen"), ("smtps", "smtps_listen"),
+             ("reinject", "reinject_listen"))
 # an open SMTP listener: (listener, session kind, configured address)
 Endpoint = tuple[trio.SocketListener, str, ListenAddress]
 

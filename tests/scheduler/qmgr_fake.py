@@ -91,7 +91,8 @@ class FakeQmgr:
         self.masq_domains: list[str] = []
         self.masq_exceptions: list[str] = []
         self.masq_classes: list[str] = []
-        self.header_rewriters = {context: header_rewriter(config, context) for context in (LOCAL, REMOTE, None)}
+        self.header_rewriters = {(context, mapped): header_rewriter(config, context)
+                                 for context in (LOCAL, REMOTE, None) for mapped in (True, False)}
         self.completed: list[tuple[str, Outcome]] = []  # (recipient, outcome) in completion order
         self.nursery: trio.Nursery | None = None
 

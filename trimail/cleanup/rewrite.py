@@ -66,6 +66,7 @@ _HEADER_CLASSES = {
 LOCAL = "local"  # Postfix's MAIL_ATTR_RWR_LOCAL
 REMOTE = "remote"  # MAIL_ATTR_RWR_REMOTE
 RWR_PARAM = "_RWR"  # message params key of the rewrite context ("_" is not in an esmtp-keyword); absent: local
+NOMAP_PARAM = "_NOMAP"  # message params key: received with receive_override_options = no_address_mappings
 
 # local_header_rewrite_clients: the names Postfix's smtpd_check_rewrite() knows
 _REWRITE_CLIENT_CHECKS = ("permit_inet_interfaces", "permit_mynetworks", "permit_sasl_authenticated",

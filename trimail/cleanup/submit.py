@@ -51,7 +51,8 @@ running.
 
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
 append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
-smtpd_listen (the fallback over SMTP).
+receive_override_options (its option for address mappings: no virtual aliases, no
+masquerading), smtpd_listen (the fallback over SMTP).
 """
 
 from __future__ import annotations
@@ -204,8 +205,9 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list
     sender = opts["f"] if opts["f"] is not None else getpass.getuser()
     sender = "" if sender in ("<>", "") else qualify(sender.strip("<>"))
     rcpts = [qualify(r.strip().strip("<>")) for r in rcpts]
-    tables = [open_table(ref) for ref in cfg.virtual_alias_maps]
-    rcpts = cleanup_rewrite.virtual_expand(rcpts, tables)
+    if "no_address_mappings" not in cfg.receive_override_options:  # as Postfix's pickup passes it to cleanup
+        tables = [open_table(ref) for ref in cfg.virtual_alias_maps]
+        rcpts = cleanup_rewrite.virtual_expand(rcpts, tables)
     for address in ([sender] if sender else []) + rcpts:
         check_domain(address)
     full_name = opts["F"] if opts["F"] is not None else full_name_of_user()
@@ -320,6 +322,9 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
         if "Permission denied" not in str(exc) and "permission" not in str(exc).lower():
             raise SendmailError(str(exc)) from None
         return _submit_smtp(cfg, sender, rcpts, content)
+    if "no_address_mappings" in cfg.receive_override_options:
+        # not masqueraded on its way to the content filter (scheduler/transfer.py)
+        params = {**(params or {}), cleanup_rewrite.NOMAP_PARAM: None}
     spool = Spool(memory_limit=len(content))  # read into memory already: no temporary file
     spool.write(content)
     try:

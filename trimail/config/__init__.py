@@ -234,10 +234,11 @@ class Config(TypedParameters):
             return setting.where
         return self.source
 
-    def with_overrides(self, overrides: Mapping[str, str]) -> Config:
+    def with_overrides(self, overrides: Mapping[str, str], origin: str = "-o") -> Config:
+        """A copy with *overrides* set; errors in them name ``ORIGIN NAME``."""
         settings = dict(self._settings)
         for name, value in overrides.items():
-            settings[name] = Setting(value, f"-o {name}")
+            settings[name] = Setting(value, f"{origin} {name}")
         config = Config(settings, self.source, self.warnings)
         config.path = self.path
         config.overrides = self.overrides

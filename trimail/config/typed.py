@@ -208,3 +208,7 @@ class TypedParameters:
     proxy_interfaces: list[str]
     smtp_tls_security_level: str
     smtp_tls_CAfile: str
+    content_filter: str
+    receive_override_options: frozenset[str]
+    reinject_listen: list[ListenAddress]
+    reinject_overrides: dict[str, str]

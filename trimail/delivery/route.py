@@ -42,10 +42,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 
 from trimail import rewrite
 from trimail.config import Config
+from trimail.config.params_filter import NEXTHOP
 from trimail.maps import Table, lookup_first, open_table
 
 log = logging.getLogger("trimail.route")
@@ -53,7 +53,7 @@ log = logging.getLogger("trimail.route")
 DEFAULT_PORT = 25
 SMTP_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
 BAD_ADDRESS_SYNTAX = "5.1.3 bad address syntax"  # Postfix qmgr's words for the error transport
-FILTER_PARAM = "_FILTER"  # message params key of an access-table FILTER ("_" is not in an esmtp-keyword)
+FILTER_PARAM = "_FILTER"  # message params key of its content filter ("_" is not in an esmtp-keyword)
 UNKNOWN_VIRTUAL_ALIAS = "5.1.1 User unknown in virtual alias table"  # Postfix trivial-rewrite's
 
 
@@ -81,7 +81,7 @@ class Route:
 
 def parse_nexthop(text: str) -> tuple[str, int, bool]:
     """``[host]:port`` / ``[host]`` (no MX) or ``host:port`` / ``host`` (MX)."""
-    m = re.fullmatch(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?", text.strip())
+    m = NEXTHOP.fullmatch(text.strip())
     if not m:
         raise RouteError(f"bad nexthop {text!r}")
     if m.group(1):

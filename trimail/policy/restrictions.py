@@ -59,7 +59,7 @@ from typing import TYPE_CHECKING
 
 from trimail import rewrite
 from trimail.config import Config
-from trimail.delivery.route import RouteError, parse_nexthop
+from trimail.config.params_filter import filter_problem  # the one check of transport:nexthop
 from trimail.log import printable
 from trimail.maps import Table, TableError, off_loop, open_table
 from trimail.net.dns import Resolver
@@ -98,7 +98,6 @@ SUBJECT_TEXT = {
     "end_of_data": "End-of-data rejected",
     "etrn": "Etrn command rejected",
 }
-FILTER_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
 MESSAGE_ACTIONS = frozenset({"hold", "discard", "redirect", "filter", "bcc"})  # act on the message
 
 
@@ -345,22 +344,6 @@ class Policy(DnsChecks):
         log.warning("%s: access table %s: %s %s is not a valid address; ignored",
                     req.queue_id or "NOQUEUE", source or "(policy)", action, printable(repr(address)))
         return True
-
-
-def filter_problem(text: str) -> str:
-    """Why ``FILTER transport:nexthop`` cannot be used ("" when it can): the
-    transport must be an SMTP/LMTP client, the nexthop empty or a valid nexthop."""
-    transport, colon, nexthop = text.strip().partition(":")
-    if not colon:
-        return "needs transport:destination"
-    if transport.lower() not in FILTER_TRANSPORTS:
-        return f"unknown transport {transport!r} (use one of {', '.join(sorted(FILTER_TRANSPORTS))})"
-    if nexthop:
-        try:
-            parse_nexthop(nexthop)
-        except RouteError as exc:
-            return str(exc)
-    return ""
 
 
 def _server_error(reply: Reply) -> bool:

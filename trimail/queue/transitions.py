@@ -85,10 +85,20 @@ def promote_due(store: Store, now: float, limit: int = PROMOTE_BATCH) -> int:
     return changed + db.changes()
 
 
-def promote_maildrop(store: Store, limit: int = PROMOTE_BATCH) -> int:
-    """Up to *limit* maildrop messages go to incoming (through the state index)."""
-    store.db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN"
-                     " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT ?)", (limit,))
+def promote_maildrop(store: Store, limit: int = PROMOTE_BATCH, param: tuple[str, str] | None = None) -> int:
+    """Up to *limit* maildrop messages go to incoming (through the state index).
+    *param* ``(key, value)`` is set in each one's params on the way, or removed when
+    *value* is empty: Postfix's pickup writes its content_filter into the queue file
+    and drops one found there."""
+    if param is None:
+        store.db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN"
+                         " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT ?)", (limit,))
+    else:
+        path = '$."' + param[0].replace('"', "") + '"'
+        store.db.execute("UPDATE message SET state = 'incoming', params = CASE WHEN ?3 = '' THEN"
+                         " json_remove(params, ?2) ELSE json_set(params, ?2, ?3) END WHERE rowid IN"
+                         " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT ?1)",
+                         (limit, path, param[1]))
     return store.db.changes()
 
 

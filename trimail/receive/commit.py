@@ -5,7 +5,11 @@ be taken back and the client gets its ``250`` only after it -- then the hand-ove
 the queue manager (straight into active when it has room) and cleanup's and qmgr's
 log lines.
 
-Parameters: hopcount_limit, header_size_limit, virtual_alias_maps (through ReceiveContext).
+The message's content filter (``content_filter``, or an access-table FILTER) is
+stored with it in its params, and so is ``no_address_mappings``.
+
+Parameters: hopcount_limit, header_size_limit, virtual_alias_maps, content_filter,
+receive_override_options (through ReceiveContext).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from trimail import log as maillog
-from trimail.cleanup.rewrite import RWR_PARAM
+from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM
 from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
 from trimail.log import printable
@@ -134,8 +138,13 @@ async def commit(session: SmtpdSession) -> Reply:
             log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
             return replies.LOCAL_ERROR
         params = {**txn.params, RWR_PARAM: txn.rewrite_context}  # cleanup.rewrite.header_context reads it
-        if verdict.filter and not verdict.redirect:  # FILTER: the router sends every recipient there
-            params[FILTER_PARAM] = verdict.filter  # (REDIRECT overrides FILTER, as in Postfix)
+        # the content filter is stored now, so a reload does not change where queued mail goes:
+        # an access-table FILTER overrides content_filter, REDIRECT overrides both (as in Postfix)
+        content_filter = verdict.filter or session.ctx.content_filter
+        if content_filter and not verdict.redirect:  # the router sends every recipient there
+            params[FILTER_PARAM] = content_filter
+        if "no_address_mappings" in session.ctx.receive_override_options:
+            params[NOMAP_PARAM] = None  # no masquerading when it is delivered (scheduler/transfer.py)
         message = NewMessage(
             id=txn.queue_id,
             state="hold" if verdict.hold else "incoming",

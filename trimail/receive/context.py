@@ -1,6 +1,10 @@
 """What every SMTP session of one listener shares: the protocol settings made from
-main.cf (and master.cf's submission/smtps defaults), the policy, the recipient
-tables, the queue writer and the scheduler to hand mail to.
+main.cf (and master.cf's submission/smtps defaults, or reinject_overrides for the
+content filter's way back), the policy, the recipient tables, the queue writer
+and the scheduler to hand mail to.  receive_override_options (Postfix's
+input_transp flags) are kept here for whoever honours them: the unknown-recipient
+checks and virtual alias expansion here, masquerading at delivery (through the
+message's params), the milters (``no_milters``).
 
 Parameters: myhostname, mail_name, smtpd_banner, message_size_limit,
 line_length_limit, smtpd_recipient_limit, smtpd_hard_error_limit,
@@ -11,7 +15,8 @@ smtpd_helo_required, smtpd_tls_cert_file, smtpd_tls_security_level, smtpd_tls_au
 smtpd_sasl_auth_enable, smtpd_sasl_password_file, smtpd_auth_failure_limit,
 smtpd_tls_handshake_timeout, smtpd_reject_unlisted_recipient, hopcount_limit,
 header_size_limit, queue_directory, queue_minfree, table_lookup_timeout,
-parent_domain_matches_subdomains, dns_nameservers.
+parent_domain_matches_subdomains, dns_nameservers, content_filter, receive_override_options,
+reinject_overrides.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from trimail import rewrite
 from trimail.anvil import AuthFailures
 from trimail.cleanup.rewrite import virtual_expand
 from trimail.config import Config, ConfigError
+from trimail.config.registry import PARAMETERS, suggest
 from trimail.maps import Table, TableError, off_loop
 from trimail.maps.patterns import _parse_pattern, match_regexp, parse_regexp
 from trimail.metrics import Metrics
@@ -128,23 +134,50 @@ def _inline_rules(text: str) -> list[str]:
     return rules
 
 
+def listener_config(config: Config, kind: str) -> Config:
+    """The parameters of one listener kind: main.cf's with master.cf's defaults of
+    the service (submission, smtps) or, for the content filter's way back
+    (reinject_listen), ``content_filter`` empty and ``reinject_overrides`` (master.cf's
+    ``-o``).  An override that names no parameter, or a bad value, is a ConfigError."""
+    if kind in ("submission", "smtps"):
+        # Postfix's master.cf submission defaults: TLS first, and only logins may send
+        return config.with_overrides({
+            "smtpd_tls_security_level": "encrypt" if kind == "submission" else "may",
+            "smtpd_client_restrictions": "permit_sasl_authenticated, reject",
+            "smtpd_relay_restrictions": "permit_sasl_authenticated, reject",
+            # the client list above needs AUTH first: never at connect (smtpd_delay_reject = no)
+            "smtpd_delay_reject": "yes",
+        })
+    if kind != "reinject":
+        return config
+    overrides: dict[str, str] = config.reinject_overrides
+    for name in overrides:
+        if name not in PARAMETERS:  # a typo such as content_filer= would send mail round in a loop
+            raise ConfigError(f"{config.where('reinject_overrides')}: reinject_overrides: unknown parameter "
+                              f"{name}{suggest(name)}")
+        if name in ("reinject_listen", "reinject_overrides"):
+            raise ConfigError(f"{config.where('reinject_overrides')}: reinject_overrides: {name} cannot be "
+                              "overridden for the listener it makes")
+    listener = config.with_overrides({"content_filter": "", **overrides},
+                                     origin=f"{config.where('reinject_overrides')}: reinject_overrides")
+    for name in overrides:
+        listener.get(name)  # a bad value fails now, at start or reload, naming the override
+    return listener
+
+
 class ReceiveContext:
     """What every session of one serve shares: configuration and the queue writer."""
 
     def __init__(self, config: Config, writer: QueueWriter, scheduler: Scheduler | None = None,
                  resolver: Resolver | None = None, kind: str = "smtp",
                  auth_failures: AuthFailures | None = None) -> None:
-        if kind in ("submission", "smtps"):
-            # Postfix's master.cf submission defaults: TLS first, and only logins may send
-            config = config.with_overrides({
-                "smtpd_tls_security_level": "encrypt" if kind == "submission" else "may",
-                "smtpd_client_restrictions": "permit_sasl_authenticated, reject",
-                "smtpd_relay_restrictions": "permit_sasl_authenticated, reject",
-                # the client list above needs AUTH first: never at connect (smtpd_delay_reject = no)
-                "smtpd_delay_reject": "yes",
-            })
+        config = listener_config(config, kind)
         self.kind = kind
         self.config = config
+        # Postfix's input_transp flags: what this listener leaves out (receive_override_options);
+        # "no_milters" in it means smtpd_milters are not run for its mail
+        self.receive_override_options: frozenset[str] = config.receive_override_options
+        self.content_filter: str = config.content_filter  # stored with each message (route.FILTER_PARAM)
         self.writer = writer
         self.scheduler = scheduler  # woken for new mail, or takes it straight into active when it has room
         self.tls_context = server_tls_context(config) if config.smtpd_tls_cert_file else None
@@ -180,7 +213,11 @@ class ReceiveContext:
     async def unlisted(self, recipient: str, resolved: Resolved | None = None) -> Unlisted | None:
         """Whether the table of *recipient*'s address class lacks it (``trimail/unlisted.py``:
         local_recipient_maps, virtual_alias_maps, virtual_mailbox_maps, relay_recipient_maps),
-        read off the event loop within table_lookup_timeout; TableError when a table cannot answer."""
+        read off the event loop within table_lookup_timeout; TableError when a table cannot answer.
+        Never with receive_override_options = no_unknown_recipient_checks (Postfix: neither
+        smtpd_reject_unlisted_recipient nor reject_unlisted_recipient/sender then)."""
+        if "no_unknown_recipient_checks" in self.receive_override_options:
+            return None
         resolved = resolved or rewrite.resolve(recipient, self.policy.rewrite)
         if resolved.klass == "invalid":
             return None
@@ -188,7 +225,10 @@ class ReceiveContext:
 
     async def expand_virtual(self, recipients: list[str]) -> list[str]:
         """virtual_alias_maps applied to *recipients*, off the event loop when a table
-        may block (TableError, ValueError as virtual_expand)."""
+        may block (TableError, ValueError as virtual_expand); nothing with
+        receive_override_options = no_address_mappings."""
+        if "no_address_mappings" in self.receive_override_options:
+            return recipients
         tables = self.virtual_tables()
         return await off_loop(tables, virtual_expand, recipients, tables, timeout=self.lookup_timeout)
 

@@ -116,7 +116,7 @@ class Qmgr(Protocol):
     masq_domains: list[str]
     masq_exceptions: list[str]
     masq_classes: list[str]
-    header_rewriters: dict[str | None, Callable[[bytes], bytes]]
+    header_rewriters: dict[tuple[str | None, bool], Callable[[bytes], bytes]]  # (context, mapped)
 
     def wake(self) -> None: ...
 

@@ -25,8 +25,11 @@ when small), so accepting and scheduling one message costs one commit, not a
 commit plus a claim plus a read; a crash before delivery returns it to
 ``incoming`` at the next start like any active message.
 
+Local submissions leave maildrop for incoming in each round (Postfix's pickup),
+with ``content_filter`` stored in their params on the way, as pickup does.
+
 Parameters: qmgr_message_active_limit, qmgr_message_recipient_limit,
-default_process_limit, masquerade_domains, masquerade_exceptions,
+default_process_limit, content_filter, masquerade_domains, masquerade_exceptions,
 masquerade_classes (plus what dispatch.py, share.py, workers.py and results.py read).
 """
 
@@ -46,7 +49,7 @@ from trimail.config import Config
 from trimail.delivery.connector import Connector
 from trimail.delivery.local.agent import LocalAgent
 from trimail.delivery.outcome import Outcome, deferred
-from trimail.delivery.route import Router
+from trimail.delivery.route import FILTER_PARAM, Router
 from trimail.delivery.virtual import VirtualAgent
 from trimail.errors import StorageError
 from trimail.metrics import Metrics
@@ -83,7 +86,7 @@ def may_hold(size: int, room: int) -> bool:
 
 
 def schedule_round(store: Store, now: float, room: int, recipients: int | None = None,
-                   held: int = 0) -> tuple[list[ClaimedMessage], float | None]:
+                   held: int = 0, content_filter: str = "") -> tuple[list[ClaimedMessage], float | None]:
     """One step of a round, in one (non-durable) writer request: a bounded batch of
     maildrop to incoming, then up to min(*room*, ``CLAIM_BATCH``) messages claimed,
     new mail and due retries in turn (stopping once they have *recipients*
@@ -92,7 +95,7 @@ def schedule_round(store: Store, now: float, room: int, recipients: int | None =
     up to *held* bytes in all, so their delivery needs no read of its own (a
     thread hop per message that cost the event loop a sixth of its time in a
     retry storm)."""
-    transitions.promote_maildrop(store)
+    transitions.promote_maildrop(store, param=(FILTER_PARAM, content_filter))  # pickup's content_filter
     claimed = transitions.claim(store, min(room, transitions.CLAIM_BATCH), now, recipients)
     for message in claimed:
         if may_hold(message.size, held):
@@ -155,11 +158,15 @@ class Scheduler(Dispatcher):
         self.shares.apply(config)
         self.agents.total_tokens = config.default_process_limit
         self.results.apply(config)
+        self.content_filter: str = config.content_filter  # pickup's: for local submissions (maildrop)
         self.masq_domains: list[str] = config.masquerade_domains
         self.masq_exceptions: list[str] = config.masquerade_exceptions
         self.masq_classes: list[str] = config.masquerade_classes
         # cleanup's header rewriting per rewrite context (cleanup.rewrite.header_context), built once
-        self.header_rewriters = {context: header_rewriter(config, context) for context in (LOCAL, REMOTE, None)}
+        # (context, mapped): with mapped False (no_address_mappings) the headers are not masqueraded
+        unmasked = config.with_overrides({"masquerade_domains": ""})
+        self.header_rewriters = {(context, mapped): header_rewriter(config if mapped else unmasked, context)
+                                 for context in (LOCAL, REMOTE, None) for mapped in (True, False)}
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
@@ -180,7 +187,8 @@ class Scheduler(Dispatcher):
             try:
                 claimed, due = await self.writer.run(schedule_round, self.wall_clock(), batch,
                                                      self.recipient_limit - self._recipients,
-                                                     HELD_TOTAL_LIMIT - self._held, durable=False)
+                                                     HELD_TOTAL_LIMIT - self._held, self.content_filter,
+                                                     durable=False)
             except Exception as exc:  # the round's boundary: disk full, queue locked, I/O error
                 report("qmgr round", exc, self.metrics, logger=log)
                 await trio.sleep(backoff.next())  # mail waits in incoming; sessions go on

@@ -7,7 +7,9 @@ recipients of all mail.  The sender and recipient headers are rewritten (incompl
 addresses completed, then masqueraded: ``cleanup.header_rewriter``) only for mail in
 a header rewriting context (``cleanup.rewrite.header_context``: local submissions and
 ``local_header_rewrite_clients``; other clients' mail only with
-``remote_header_rewrite_domain``).  The
+``remote_header_rewrite_domain``).  Mail received with
+``receive_override_options = no_address_mappings`` (``NOMAP_PARAM``: on its way to
+a content filter) is not masqueraded; it is when it comes back.  The
 content comes from memory when it was handed over at acceptance, else it is read
 from the queue in pieces of ``CONTENT_CHUNK`` bytes (memory does not grow with the
 message); a piece that is missing raises ``ContentError`` before the end of data is
@@ -22,7 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
 from trimail.cleanup.headers import complete_headers
-from trimail.cleanup.rewrite import LOCAL, RWR_PARAM, header_context, masquerade
+from trimail.cleanup.rewrite import LOCAL, NOMAP_PARAM, RWR_PARAM, header_context, masquerade
 from trimail.delivery.smtp import Envelope
 from trimail.queue import transitions
 
@@ -38,9 +40,11 @@ class ContentError(Exception):
 
 def envelope_of(q: Qmgr, job: Job) -> Envelope:
     message = job.message
+    mapped = NOMAP_PARAM not in message.params
     return Envelope(
-        sender=masquerade_address(q, message.sender, "envelope_sender"),
-        recipients=[masquerade_address(q, r.address, "envelope_recipient") for r in job.recipients],
+        sender=masquerade_address(q, message.sender, "envelope_sender") if mapped else message.sender,
+        recipients=[masquerade_address(q, r.address, "envelope_recipient") if mapped else r.address
+                    for r in job.recipients],
         size=message.size,
         eight_bit=str(message.params.get("BODY", "")).upper() == "8BITMIME",
         smtputf8="SMTPUTF8" in message.params,
@@ -80,7 +84,8 @@ def cleanup_headers(q: Qmgr, job: Job) -> Callable[[bytes], bytes]:
     from a local-context SMTP client a missing From:, Date: (its arrival) and
     Message-ID: (from its queue ID) added, the same in every copy."""
     message = job.message
-    rewrite = q.header_rewriters[header_context(message.params, q.config.remote_header_rewrite_domain)]
+    context = header_context(message.params, q.config.remote_header_rewrite_domain)
+    rewrite = q.header_rewriters[(context, NOMAP_PARAM not in message.params)]
     if message.params.get(RWR_PARAM) != LOCAL:  # sendmail completed its own; remote clients' mail is theirs
         return rewrite
     hostname = q.config.myhostname
