@@ -10,7 +10,7 @@ smtpd_client_restrictions, smtputf8_enable, disable_vrfy_command, fast_flush_dom
 smtpd_helo_required, smtpd_tls_cert_file, smtpd_tls_security_level, smtpd_tls_auth_only,
 smtpd_sasl_auth_enable, smtpd_sasl_password_file, smtpd_auth_failure_limit,
 smtpd_tls_handshake_timeout, smtpd_reject_unlisted_recipient, hopcount_limit,
-header_size_limit, queue_directory, queue_minfree, table_lookup_timeout,
+header_size_limit, queue_directory, queue_minfree, table_lookup_timeout, smtpd_milters,
 parent_domain_matches_subdomains, dns_nameservers.
 """
 
@@ -34,12 +34,14 @@ from trimail.passwords import PasswordError, prepare
 from trimail.policy.restrictions import Policy
 from trimail.queue.spool import QueueSpace
 from trimail.queue.writer import QueueWriter
+from trimail.receive.milters import SmtpdMilters
 from trimail.rewrite import Resolved
 from trimail.smtp.server import Settings
 from trimail.unlisted import RecipientTables, Unlisted
 
 if TYPE_CHECKING:
     from trimail.receive.hooks import SessionHooks
+    from trimail.receive.session import SmtpdSession
     from trimail.scheduler import Scheduler
 
 log = logging.getLogger("trimail.smtpd")
@@ -65,7 +67,8 @@ def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
         forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands if ":" not in c),
         forbidden_match=forbidden_tables(config),
         # Postfix: smtpd_delay_reject = no runs smtpd_client_restrictions at connect
-        connect_check=not config.smtpd_delay_reject and bool(config.smtpd_client_restrictions),
+        connect_check=not config.smtpd_delay_reject and bool(config.smtpd_client_restrictions)
+        or bool(config.smtpd_milters),  # the filters hear of the connection before the greeting
         smtputf8=config.smtputf8_enable,
         vrfy=not config.disable_vrfy_command,
         etrn=bool(config.fast_flush_domains),
@@ -173,6 +176,11 @@ class ReceiveContext:
         self.spool_directory = Path(config.queue_directory)
         self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit)
         self.lookup_timeout: float = config.table_lookup_timeout
+        self.milter_names: list[str] = config.smtpd_milters
+
+    def session_milters(self, session: SmtpdSession) -> SmtpdMilters:
+        """smtpd_milters for one session (trimail/receive/milters.py)."""
+        return SmtpdMilters(session, self.milter_names)
 
     def virtual_tables(self) -> list[Table]:
         return self.recipients.tables("virtual_alias_maps")
