@@ -28,8 +28,16 @@ class MilterError(Exception):
 
 
 def _strerror(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.errno:
-        return os.strerror(exc.errno)
+    """The system's text for *exc*, looking through trio's "all attempts to connect
+    failed" to the first attempt's error."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno:
+            return os.strerror(cause.errno)
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+        else:
+            cause = cause.__cause__
     return str(exc) or type(exc).__name__
 
 
