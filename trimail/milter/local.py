@@ -10,7 +10,8 @@ the commit, so ``sendmail`` itself reports the refusal (exit status 69, or 75 fo
 temporary one) and nothing is queued.  Mail trimail makes itself (bounces, -bv
 reports) is not filtered (Postfix's internal_mail_filter_classes, empty).
 
-Parameters: non_smtpd_milters, milter_* (``trimail.milter.chain``), myhostname.
+Parameters: non_smtpd_milters, milter_* (``trimail.milter.chain``), milter_macro_daemon_name,
+milter_macro_v, myhostname, queue_directory.
 """
 
 from __future__ import annotations

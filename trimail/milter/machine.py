@@ -12,7 +12,7 @@ is legal after that event: modifications only at end of message and only those
 negotiated, DISCARD never at connect or HELO.  After SMFIR_SKIP the rest of the
 same event (body chunks) is not sent.
 
-Parameters: none read (milter_protocol's text is parsed by ``parse_protocol``).
+Parameters: none read (milter_protocol's text is parsed here for the registry).
 """
 
 from __future__ import annotations
