@@ -107,8 +107,10 @@ class Milters:
         self.filters = [_Filter(name, settings) for name in settings.names]
 
     def _fail(self, f: _Filter, text: str, configuration: bool = False) -> str | None:
-        log.warning("milter %s: %s", f.name, text) if not text.startswith("connect to") \
-            else log.warning("%s", text)
+        if text.startswith("connect to Milter service"):
+            log.warning("%s", text)
+        else:
+            log.warning("milter %s: %s", f.name, text)
         f.client.close(quit=False)
         f.state = "error"
         f.persistent = failure_reply(self.settings.default_action, configuration)
