@@ -34,10 +34,11 @@ async def test_a_filter_that_is_down_tempfails_by_default(start_serve, caplog):
     assert f"connect to Milter service {DOWN}: Connection refused" in caplog.text
 
 
-async def test_default_action_accept_goes_on_without_the_filter(start_serve):
+async def test_default_action_accept_goes_on_without_the_filter(start_serve, caplog):
     srv = await start_serve(smtpd_milters=DOWN, milter_default_action="accept")
     result = await send(srv, "alice@example.com", ["bob@remote.example"])
     assert stored(srv, result.queue_id)[0].state == "incoming"
+    assert f"connect to Milter service {DOWN}: Connection refused" in caplog.text
 
 
 async def test_default_action_reject_refuses_the_connection(start_serve, caplog):

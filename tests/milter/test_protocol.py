@@ -152,3 +152,13 @@ def test_no_header_value_can_end_the_header_section(value):
 def test_a_bad_header_name_is_refused():
     with pytest.raises(ValueError):
         apply(content(b"A: b\r\n\r\n"), [Modification("addheader", name="Bad Name", value="v")], False)
+
+
+def test_a_replaced_body_gets_crlf_line_ends_and_a_bound():
+    c = content(b"Subject: s\r\n\r\nold\r\n")
+    apply(c, [Modification("replbody", data=b"one\ntwo\r"), Modification("replbody", data=b"\nthree")], False)
+    assert trio.run(c.build).getvalue() == b"Subject: s\r\n\r\none\r\ntwo\r\nthree\r\n"
+    c = content(b"Subject: s\r\n\r\nold\r\n")
+    c.size_limit = 10
+    with pytest.raises(ValueError, match="body replacement exceeds 10 bytes"):
+        apply(c, [Modification("replbody", data=b"x" * 11)], False)

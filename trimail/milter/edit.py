@@ -70,7 +70,7 @@ class Content:
     *body_offset*, or the replacement)."""
 
     def __init__(self, spool: Spool, header: bytes, body_offset: int, *, own_first: bool,
-                 sender: str, recipients: list[str], directory=None) -> None:
+                 sender: str, recipients: list[str], directory=None, size_limit: int = 0) -> None:
         fields, _ = split_header(header)
         self.headers = [Header(raw, own=own_first and i == 0) for i, raw in enumerate(fields)]
         self.spool = spool
@@ -79,6 +79,7 @@ class Content:
         self.recipients = list(recipients)
         self.directory = directory
         self.new_body: Spool | None = None
+        self.size_limit = size_limit  # most bytes a replaced body may have (0: no limit)
         self.changed = False  # headers or body edited: the content must be written again
 
     def visible_headers(self) -> list[tuple[str, str]]:
@@ -104,10 +105,22 @@ class Content:
         """The edited message in a new spool (the caller discards the old one)."""
         out = Spool(self.directory)
         await out.write_async(b"".join(h.raw for h in self.headers) + b"\r\n")
+        carry, tail = b"", b""  # a replaced body's line ends become CRLF (Postfix reads it by lines)
         async for chunk in self.body_chunks(1 << 16):
+            if self.new_body is not None:
+                chunk = carry + chunk
+                carry = b"\r" if chunk.endswith(b"\r") else b""
+                chunk = _crlf(chunk[:len(chunk) - len(carry)])
+                tail = (tail + chunk)[-2:]
             await out.write_async(chunk)
+        if self.new_body is not None and (carry or (self.new_body.size and tail != b"\r\n")):
+            await out.write_async(b"\r\n")
         await out.finish()
         return out
+
+
+def _crlf(data: bytes) -> bytes:
+    return re.sub(rb"\r?\n|\r", b"\r\n", data)
 
 
 def _field(name: str, value: str, leading_space: bool) -> bytes:
@@ -162,4 +175,6 @@ def apply(content: Content, edits: list[Modification], leading_space: bool) -> N
             if content.new_body is None:
                 content.new_body = Spool(content.directory)
             content.new_body.write(edit.data)
+            if content.size_limit and content.new_body.size > content.size_limit:
+                raise ValueError(f"body replacement exceeds {content.size_limit} bytes")
         content.changed = True

@@ -172,7 +172,8 @@ class SmtpdMilters:
         header = await self._header_section(txn.spool)
         fields, offset = split_header(header)
         content = Content(txn.spool, header[:offset], offset, own_first=True, sender=txn.envelope_sender,
-                          recipients=txn.recipients, directory=s.ctx.spool_directory)
+                          recipients=txn.recipients, directory=s.ctx.spool_directory,
+                          size_limit=s.ctx.config.message_size_limit)
         reply = self._check(await self.chain.message(content), "END-OF-MESSAGE")
         if reply is not None:
             s._discard()
