@@ -162,3 +162,18 @@ def test_a_replaced_body_gets_crlf_line_ends_and_a_bound():
     c.size_limit = 10
     with pytest.raises(ValueError, match="body replacement exceeds 10 bytes"):
         apply(c, [Modification("replbody", data=b"x" * 11)], False)
+
+
+def test_the_protocol_core_imports_no_io_library():
+    import ast
+    from pathlib import Path
+
+    import trimail.milter.machine
+    import trimail.milter.protocol
+
+    for module in (trimail.milter.protocol, trimail.milter.machine):
+        tree = ast.parse(Path(module.__file__).read_text())
+        names = {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        names |= {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                  for alias in node.names}
+        assert not names & {"trio", "socket", "apsw", "dns", "asyncio", "logging"}, module.__name__

@@ -36,7 +36,7 @@ MACRO_PARAMS = {"connect": "milter_connect_macros", "helo": "milter_helo_macros"
                 "eoh": "milter_end_of_header_macros", "eom": "milter_end_of_data_macros"}
 REJECTED = "550 5.7.1 Command rejected"
 TEMPFAILED = "451 4.7.1 Service unavailable - try again later"
-_REPLY = re.compile(r"[45]\d\d(?:[ -][45]\.\d{1,3}\.\d{1,3})?(?:[ -].*)?\Z", re.S)
+_REPLY = re.compile(r"[45]\d\d(?:[ -][45]\.\d{1,3}\.\d{1,3})?(?:[ -].*)?\Z", re.DOTALL)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -18,7 +18,13 @@ import trio
 
 from trimail.milter import protocol as p
 from trimail.milter.machine import Conversation, parse_endpoint
-from trimail.milter.protocol import Decision, FrameReader, MilterProtocolError, Modification, parse_response
+from trimail.milter.protocol import (
+    Decision,
+    FrameReader,
+    MilterProtocolError,
+    Modification,
+    parse_response,
+)
 
 RECEIVE_SIZE = 65536
 

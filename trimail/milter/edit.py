@@ -31,7 +31,7 @@ _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")
 
 
 class Header:
-    __slots__ = ("name", "raw", "own")
+    __slots__ = ("name", "own", "raw")
 
     def __init__(self, raw: bytes, own: bool = False) -> None:
         self.raw = raw  # the whole field with its CRLFs

@@ -89,7 +89,7 @@ async def _filter(cfg, queue_id: str, sender: str, recipients: list[str], conten
             return sender, recipients, content, state
         spool = Spool(memory_limit=len(content))
         spool.write(content)
-        fields, offset = edit.split_header(content)
+        _, offset = edit.split_header(content)
         message = edit.Content(spool, content[:offset], offset, own_first=True, sender=sender,
                                recipients=recipients, directory=cfg.queue_directory)
         if verdict(await chain.message(message), "END-OF-MESSAGE"):

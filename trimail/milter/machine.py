@@ -18,7 +18,14 @@ Parameters: none read (milter_protocol's text is parsed here for the registry).
 from __future__ import annotations
 
 from trimail.milter import protocol as p
-from trimail.milter.protocol import Decision, MilterProtocolError, Modification, OptNeg, Progress, Response
+from trimail.milter.protocol import (
+    Decision,
+    MilterProtocolError,
+    Modification,
+    OptNeg,
+    Progress,
+    Response,
+)
 
 # event name -> (command, "do not send" flag, "no reply" flag)
 EVENTS: dict[str, tuple[bytes, int, int]] = {

@@ -15,7 +15,7 @@ end-of-data restrictions run first.  The filters' connections live as long as th
 SMTP session; QUIT is sent when it ends.
 
 Parameters: smtpd_milters, smtpd_delay_reject, milter_* (``trimail.milter.chain``),
-milter_macro_daemon_name, milter_macro_v, myhostname.
+milter_macro_daemon_name, milter_macro_v, myhostname, message_size_limit (a replaced body's bound).
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class SmtpdMilters:
         if self.chain is None or txn is None or txn.spool is None or txn.verdict.discard or txn.header_too_big:
             return None
         header = await self._header_section(txn.spool)
-        fields, offset = split_header(header)
+        _, offset = split_header(header)
         content = Content(txn.spool, header[:offset], offset, own_first=True, sender=txn.envelope_sender,
                           recipients=txn.recipients, directory=s.ctx.spool_directory,
                           size_limit=s.ctx.config.message_size_limit)
