@@ -164,11 +164,12 @@ class FakeMilter:
     continue; [] nothing at all).  Records every command it got."""
 
     def __init__(self, script: Script | None = None, *, actions: int = p.ALL_ACTIONS, protocol: int = 0,
-                 host: str = "127.0.45.2", optneg: bytes | None = None) -> None:
+                 host: str = "127.0.45.2", optneg: bytes | None = None, unix: str | None = None) -> None:
         self.script = script or (lambda command, data, m: None)
         self.actions, self.protocol = actions, protocol
         self.host = host
         self.optneg = optneg
+        self.unix = unix
         self.commands: list[tuple[bytes, bytes]] = []
         self.connections = 0
         self.listener: trio.SocketListener | None = None
@@ -176,6 +177,8 @@ class FakeMilter:
     @property
     def name(self) -> str:
         assert self.listener is not None
+        if self.unix:
+            return f"unix:{self.unix}"
         return f"inet:{self.host}:{self.listener.socket.getsockname()[1]}"
 
     def got(self, command: bytes) -> list[bytes]:
@@ -189,7 +192,13 @@ class FakeMilter:
         return out
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(0, host=self.host)
+        if self.unix:
+            sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            await sock.bind(self.unix)
+            sock.listen(16)
+            listeners = [trio.SocketListener(sock)]
+        else:
+            listeners = await trio.open_tcp_listeners(0, host=self.host)
         self.listener = listeners[0]
         task_status.started(self)
         await trio.serve_listeners(self._handle, listeners)

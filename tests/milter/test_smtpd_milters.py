@@ -221,3 +221,54 @@ def _queue(srv):
         return store.list_messages()
     finally:
         store.close()
+
+
+async def test_quarantine_at_rcpt_holds_that_message_only(start_serve, nursery, caplog):
+    caplog.set_level(logging.INFO)
+    milter = await fake(nursery, lambda c, d, m: [reply(p.SMFIR_QUARANTINE, b"rcpt says\0"), reply(p.SMFIR_CONTINUE)]
+                        if c == p.SMFIC_RCPT and b"bob" in d else None)
+    srv = await start_serve(smtpd_milters=milter.name)
+
+    def two_messages() -> None:  # one SMTP session
+        with smtplib.SMTP("127.0.45.1", srv.addresses[0].port, timeout=30) as client:
+            for rcpt in ("bob@remote.example", "carol@remote.example"):
+                client.sendmail("alice@example.com", [rcpt], MESSAGE)
+
+    await trio.to_thread.run_sync(two_messages)
+    states = {m.recipients[0].address: m.state for m in _queue(srv)}
+    assert states == {"bob@remote.example": "hold", "carol@remote.example": "incoming"}
+    assert "milter-hold: RCPT from unknown[127.0.0.1]: rcpt says;" in caplog.text
+
+
+async def test_rset_aborts_the_filters_transaction(start_serve, nursery):
+    milter = await fake(nursery)
+    srv = await start_serve(smtpd_milters=milter.name)
+
+    def rset() -> None:
+        with smtplib.SMTP("127.0.45.1", srv.addresses[0].port, timeout=30) as client:
+            client.ehlo("client.example")
+            client.mail("alice@example.com")
+            client.rset()
+            client.mail("alice@example.com")
+
+    await trio.to_thread.run_sync(rset)
+    order = [c for c, _ in milter.commands if c in (p.SMFIC_MAIL, p.SMFIC_ABORT)]
+    assert order == [p.SMFIC_MAIL, p.SMFIC_ABORT, p.SMFIC_MAIL]
+
+
+async def test_a_multi_line_reply_from_a_filter(start_serve, nursery):
+    text = b"550-5.7.1 first line\r\n550 5.7.1 second line\0"
+    milter = await fake(nursery, on(p.SMFIC_RCPT, reply(p.SMFIR_REPLYCODE, text)))
+    srv = await start_serve(smtpd_milters=milter.name)
+    result = await send(srv, "alice@example.com", ["bob@remote.example"])
+    assert result.rcpts == [(550, b"5.7.1 first line\n5.7.1 second line")]
+
+
+async def test_a_unix_socket_filter(start_serve, nursery, tmp_path):
+    path = tmp_path / "milter.sock"
+    milter = await fake(nursery, on(p.SMFIC_BODYEOB, reply(p.SMFIR_ADDHEADER, b"X-Unix\0yes\0"),
+                                    reply(p.SMFIR_CONTINUE)), unix=str(path))
+    srv = await start_serve(smtpd_milters=f"unix:{path}")
+    result = await send(srv, "alice@example.com", ["bob@remote.example"])
+    _, content = stored(srv, result.queue_id)
+    assert b"\r\nX-Unix: yes\r\n" in content

@@ -173,11 +173,14 @@ class Milters:
                 if f.persistent is not None:
                     return f.persistent
                 continue
+            edits: list[Modification] = []
             try:
-                decision = await f.client.event(event, payload, self._macros(f, event))
+                decision = await f.client.event(event, payload, self._macros(f, event), edits)
             except MilterError as exc:
                 resp = self._fail(f, str(exc))
             else:
+                if edits:  # a quarantine before the end of the message: it stays (Postfix)
+                    f.persistent = "H" + edits[-1].value[:100]
                 resp = self._decide(f, event, decision)
             if resp is not None:
                 return resp
@@ -231,8 +234,8 @@ class Milters:
             except ValueError as exc:
                 return self._fail(f, str(exc))
             if hold:
-                f.persistent = "H" + hold[-1].value[:100]
-                resp = resp if resp is not None and resp[0] in "45DS" else f.persistent
+                held = "H" + hold[-1].value[:100]
+                resp = resp if resp is not None and resp[0] in "45DS" else held
             if resp is not None:
                 return resp
         return None
@@ -276,6 +279,8 @@ class Milters:
                     continue
             if f.state == "accept_msg":
                 f.state = "envelope"
+            if f.state == "envelope" and f.persistent and f.persistent[0] == "H":
+                f.persistent = None  # a quarantine holds one message, not the session's next ones
 
     def close(self) -> None:
         for f in self.filters:

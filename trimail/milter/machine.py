@@ -157,7 +157,7 @@ class Conversation:
         if isinstance(response, Progress):
             return None
         if isinstance(response, Modification):
-            if event != "eom":
+            if event != "eom" and response.kind != "quarantine":  # Postfix takes a quarantine anywhere
                 raise MilterProtocolError(f"unexpected filter response {response.kind} after event {event}")
             if not NEEDS[response.kind] & self.rq_mask:
                 raise MilterProtocolError(f"{response.kind} was not negotiated")
