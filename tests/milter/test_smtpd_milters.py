@@ -268,7 +268,8 @@ async def test_a_unix_socket_filter(start_serve, nursery, tmp_path):
     path = tmp_path / "milter.sock"
     milter = await fake(nursery, on(p.SMFIC_BODYEOB, reply(p.SMFIR_ADDHEADER, b"X-Unix\0yes\0"),
                                     reply(p.SMFIR_CONTINUE)), unix=str(path))
-    srv = await start_serve(smtpd_milters=f"unix:{path}")
+    assert milter.name == f"unix:{path}"
+    srv = await start_serve(smtpd_milters=milter.name)
     result = await send(srv, "alice@example.com", ["bob@remote.example"])
     _, content = stored(srv, result.queue_id)
     assert b"\r\nX-Unix: yes\r\n" in content
