@@ -89,3 +89,16 @@ async def test_a_filter_that_is_down_tempfails_sendmail(tmp_path):
     result = await sendmail(path, "bob@remote.example")
     assert result.returncode == 75
     assert b"451 4.7.1 Service unavailable - try again later" in result.stderr
+
+
+async def test_sendmail_bs_mail_goes_through_the_filters_with_the_clients_helo(tmp_path, nursery):
+    eom = [reply(p.SMFIR_ADDHEADER, b"X-Filtered\0bs\0"), reply(p.SMFIR_CONTINUE)]
+    milter = await nursery.start(FakeMilter(lambda c, d, m: eom if c == p.SMFIC_BODYEOB else None).run)
+    path = config(tmp_path, non_smtpd_milters=milter.name)
+    session = (b"EHLO me.example\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@remote.example>\r\nDATA\r\n"
+               b"Subject: bs\r\n\r\nhello\r\n.\r\nQUIT\r\n")
+    result = await sendmail(path, "-bs", data=session)
+    assert result.returncode == 0, result.stderr
+    [(message, content)] = queued(path)
+    assert b"\r\nX-Filtered: bs\r\n" in content
+    assert milter.got(p.SMFIC_HELO) == [b"me.example\0"]
