@@ -99,6 +99,6 @@ async def test_sendmail_bs_mail_goes_through_the_filters_with_the_clients_helo(t
                b"Subject: bs\r\n\r\nhello\r\n.\r\nQUIT\r\n")
     result = await sendmail(path, "-bs", data=session)
     assert result.returncode == 0, result.stderr
-    [(message, content)] = queued(path)
+    [(_, content)] = queued(path)
     assert b"\r\nX-Filtered: bs\r\n" in content
     assert milter.got(p.SMFIC_HELO) == [b"me.example\0"]
