@@ -22,7 +22,14 @@ import os
 import socket
 from pathlib import Path
 
-from trimail.config import params_global, params_local, params_milter, params_queue, params_smtp, params_smtpd
+from trimail.config import (
+    params_global,
+    params_local,
+    params_milter,
+    params_queue,
+    params_smtp,
+    params_smtpd,
+)
 from trimail.config.param import Param
 from trimail.config.values import parse_count, parse_int, parse_size
 
