@@ -52,7 +52,9 @@ running.
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
 append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
 receive_override_options (its option for address mappings: no virtual aliases, no
-masquerading), smtpd_listen (the fallback over SMTP).
+masquerading; and no_milters), smtpd_listen (the fallback over SMTP), non_smtpd_milters
+(``trimail/milter/local.py``: the filters run before the commit; a refusal is
+sendmail's error, exit status 69 or 75).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ from trimail.cleanup import headers
 from trimail.cleanup import rewrite as cleanup_rewrite
 from trimail.config import Config, ConfigError, load
 from trimail.maps import open_table
+from trimail.milter.local import MilterRefused, filter_local
 from trimail.net.control import send_command
 from trimail.queue.database import QueueError
 from trimail.queue.ids import new_queue_id
@@ -321,15 +324,26 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     except QueueError as exc:
         if "Permission denied" not in str(exc) and "permission" not in str(exc).lower():
             raise SendmailError(str(exc)) from None
-        return _submit_smtp(cfg, sender, rcpts, content)
+        return _submit_smtp(cfg, sender, rcpts, content)  # serve's smtpd_milters see it there
     if "no_address_mappings" in cfg.receive_override_options:
         # not masqueraded on its way to the content filter (scheduler/transfer.py)
         params = {**(params or {}), cleanup_rewrite.NOMAP_PARAM: None}
+    state = "maildrop"
+    if (cfg.non_smtpd_milters and protocol != "bounce"  # trimail's own mail is not filtered (Postfix)
+            and "no_milters" not in cfg.receive_override_options):
+        try:
+            sender, rcpts, content, state = filter_local(cfg, queue_id, sender, rcpts, content, helo_name)
+        except MilterRefused as exc:
+            store.close()
+            raise SendmailError(str(exc), exc.status) from None
+        if state == "discard":
+            store.close()
+            return 0
     spool = Spool(memory_limit=len(content))  # read into memory already: no temporary file
     spool.write(content)
     try:
         with store.transaction():
-            store.insert_message(NewMessage(queue_id, sender, rcpts, spool, state="maildrop",
+            store.insert_message(NewMessage(queue_id, sender, rcpts, spool, state=state,
                                             arrival_time=time.time(), protocol=protocol, helo_name=helo_name,
                                             client_name="localhost", client_address="127.0.0.1",
                                             params=params or {}))

@@ -22,7 +22,15 @@ import os
 import socket
 from pathlib import Path
 
-from trimail.config import params_filter, params_global, params_local, params_queue, params_smtp, params_smtpd
+from trimail.config import (
+    params_filter,
+    params_global,
+    params_local,
+    params_milter,
+    params_queue,
+    params_smtp,
+    params_smtpd,
+)
 from trimail.config.param import Param
 from trimail.config.values import parse_count, parse_int, parse_size
 
@@ -48,6 +56,7 @@ LIMITS: dict[str, tuple[float, float | None]] = {
     ), (1, None)),
     "line_length_limit": (512, None),
     "maximal_queue_lifetime": (0, 8640000),
+    **dict.fromkeys(("milter_connect_timeout", "milter_command_timeout", "milter_content_timeout"), (1, None)),
     "bounce_queue_lifetime": (0, 8640000),
 }
 _WHOLE_NUMBERS = {parse_int, parse_count, parse_size}
@@ -60,7 +69,7 @@ def _bounded(param: Param) -> Param:
     return param
 
 
-TABLES = (params_global, params_local, params_queue, params_smtpd, params_smtp, params_filter)
+TABLES = (params_global, params_local, params_queue, params_smtpd, params_smtp, params_filter, params_milter)
 """The registry's tables, in the order ``trimail config --sample`` lists them."""
 
 PARAMETERS: dict[str, Param] = {param.name: _bounded(param) for table in TABLES for param in table.PARAMS}

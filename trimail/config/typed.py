@@ -212,3 +212,19 @@ class TypedParameters:
     receive_override_options: frozenset[str]
     reinject_listen: list[ListenAddress]
     reinject_overrides: dict[str, str]
+    smtpd_milters: list[str]
+    non_smtpd_milters: list[str]
+    milter_protocol: str
+    milter_default_action: str
+    milter_connect_timeout: float
+    milter_command_timeout: float
+    milter_content_timeout: float
+    milter_macro_daemon_name: str
+    milter_macro_v: str
+    milter_connect_macros: list[str]
+    milter_helo_macros: list[str]
+    milter_mail_macros: list[str]
+    milter_rcpt_macros: list[str]
+    milter_data_macros: list[str]
+    milter_end_of_header_macros: list[str]
+    milter_end_of_data_macros: list[str]

@@ -14,9 +14,9 @@ smtpd_client_restrictions, smtputf8_enable, disable_vrfy_command, fast_flush_dom
 smtpd_helo_required, smtpd_tls_cert_file, smtpd_tls_security_level, smtpd_tls_auth_only,
 smtpd_sasl_auth_enable, smtpd_sasl_password_file, smtpd_auth_failure_limit,
 smtpd_tls_handshake_timeout, smtpd_reject_unlisted_recipient, hopcount_limit,
-header_size_limit, queue_directory, queue_minfree, table_lookup_timeout,
-parent_domain_matches_subdomains, dns_nameservers, content_filter, receive_override_options,
-reinject_overrides.
+header_size_limit, queue_directory, queue_minfree, table_lookup_timeout, smtpd_milters,
+parent_domain_matches_subdomains, dns_nameservers, content_filter, receive_override_options
+(no_milters among them), reinject_overrides.
 """
 
 from __future__ import annotations
@@ -40,15 +40,23 @@ from trimail.passwords import PasswordError, prepare
 from trimail.policy.restrictions import Policy
 from trimail.queue.spool import QueueSpace
 from trimail.queue.writer import QueueWriter
+from trimail.receive.milters import SmtpdMilters
 from trimail.rewrite import Resolved
 from trimail.smtp.server import Settings
 from trimail.unlisted import RecipientTables, Unlisted
 
 if TYPE_CHECKING:
     from trimail.receive.hooks import SessionHooks
+    from trimail.receive.session import SmtpdSession
     from trimail.scheduler import Scheduler
 
 log = logging.getLogger("trimail.smtpd")
+
+
+def milters_of(config: Config) -> list[str]:
+    """smtpd_milters, unless receive_override_options has no_milters (a reinjection
+    listener: the mail was filtered before it went to the content filter)."""
+    return [] if "no_milters" in config.receive_override_options else config.smtpd_milters
 
 
 def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
@@ -71,7 +79,8 @@ def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
         forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands if ":" not in c),
         forbidden_match=forbidden_tables(config),
         # Postfix: smtpd_delay_reject = no runs smtpd_client_restrictions at connect
-        connect_check=not config.smtpd_delay_reject and bool(config.smtpd_client_restrictions),
+        connect_check=not config.smtpd_delay_reject and bool(config.smtpd_client_restrictions)
+        or bool(milters_of(config)),  # the filters hear of the connection before the greeting
         smtputf8=config.smtputf8_enable,
         vrfy=not config.disable_vrfy_command,
         etrn=bool(config.fast_flush_domains),
@@ -206,6 +215,11 @@ class ReceiveContext:
         self.spool_directory = Path(config.queue_directory)
         self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit)
         self.lookup_timeout: float = config.table_lookup_timeout
+        self.milter_names: list[str] = milters_of(config)
+
+    def session_milters(self, session: SmtpdSession) -> SmtpdMilters:
+        """smtpd_milters for one session (trimail/receive/milters.py)."""
+        return SmtpdMilters(session, self.milter_names)
 
     def virtual_tables(self) -> list[Table]:
         return self.recipients.tables("virtual_alias_maps")

@@ -129,6 +129,7 @@ class SmtpdSession:
         # local_header_rewrite_clients' answer: it depends on the client's address, AUTH and
         # TLS only, so it is found at the first MAIL and again only after AUTH or STARTTLS
         self._rewrite_context: str | None = None
+        self.milters = ctx.session_milters(self)  # smtpd_milters (trimail/receive/milters.py)
 
     def connection(self) -> ServerConnection:
         settings = self.ctx.settings
@@ -139,8 +140,8 @@ class SmtpdSession:
 
     async def handle(self, conn: ServerConnection, event: Event) -> Reply | None:
         """Decide on *event*; a Reply for decision events (None accepts), else None."""
-        if isinstance(event, Connect):  # smtpd_delay_reject = no: the client list at connect
-            return await self._restrict("client", "CONNECT", conn)
+        if isinstance(event, Connect):  # smtpd_delay_reject = no: the client list; smtpd_milters
+            return await self.milters.connect(conn)
         if isinstance(event, Rejected):
             if event.sender is not None:  # SIZE above message_size_limit: Postfix's smtpd_check_size logs it
                 self._log_reject("MAIL", event.reply, None, sender=event.sender)
@@ -166,7 +167,7 @@ class SmtpdSession:
             self.helo_name = printable(event.name, 255)
             self.extended = event.extended
             self._discard()
-            return await self._restrict("helo", "HELO", conn)
+            return await self._restrict("helo", "HELO", conn) or await self.milters.helo(event.name)
         if isinstance(event, MailFrom):
             self._discard()
             self.txn = Transaction(event.sender, event.params)
@@ -188,7 +189,7 @@ class SmtpdSession:
                     self.txn = None
                     return context
                 self.txn.rewrite_context = self._rewrite_context = context
-            return reply
+            return reply or await self.milters.mail(event)
         if isinstance(event, RcptTo):
             assert self.txn is not None
             if (hooked := await self._hook("rcpt", event.recipient)) is not None:
@@ -222,13 +223,12 @@ class SmtpdSession:
                 reply = Reply(*unknown.text(event.recipient))
                 self._log_reject("RCPT", reply, event.recipient)
                 return reply
-            self._accept_recipient(resolved.stored(event.recipient))
-            return None
+            return await self.milters.rcpt(event) or self._accept_recipient(resolved.stored(event.recipient))
         if isinstance(event, DataStart):
             assert self.txn is not None
             if (hooked := await self._hook("data", None)) is not None:
                 return hooked
-            reply = await self._restrict("data", "DATA", conn, sender=self.txn.sender)
+            reply = await self._restrict("data", "DATA", conn, sender=self.txn.sender) or await self.milters.data()
             if reply is not None:
                 return reply
             self.txn.protocol = self._protocol(conn)
@@ -254,7 +254,7 @@ class SmtpdSession:
             if reply is not None:
                 self._discard()
                 return reply
-            return await commit(self)
+            return await self.milters.end() or await commit(self)
         if isinstance(event, (DataAborted, Reset)):
             self._discard()
         return None
@@ -377,6 +377,7 @@ class SmtpdSession:
 
     def close(self) -> None:
         self._discard()
+        self.milters.close()
 
     def _discard(self) -> None:
         if self.txn is not None:
