@@ -273,3 +273,13 @@ async def test_a_unix_socket_filter(start_serve, nursery, tmp_path):
     result = await send(srv, "alice@example.com", ["bob@remote.example"])
     _, content = stored(srv, result.queue_id)
     assert b"\r\nX-Unix: yes\r\n" in content
+
+
+async def test_no_milters_in_receive_override_options_turns_smtpd_milters_off(start_serve, nursery):
+    """Postfix's receive_override_options = no_milters (the content filter's reinjection
+    listener has it by default): the listener neither connects to the milters nor asks them."""
+    milter = await fake(nursery, on(p.SMFIC_RCPT, reply(p.SMFIR_REJECT)))  # as in the first test
+    srv = await start_serve(smtpd_milters=milter.name, receive_override_options="no_milters")
+    result = await send(srv, "alice@example.com", ["bob@remote.example"])
+    assert result.data is not None and result.data[0] == 250
+    assert milter.commands == []
