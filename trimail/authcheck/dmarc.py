@@ -33,7 +33,7 @@ POLICIES = ("none", "quarantine", "reject")
 
 
 @functools.cache
-def _psl():  # noqa: ANN202 - publicsuffixlist's own type
+def _psl():
     from publicsuffixlist import PublicSuffixList
 
     return PublicSuffixList()

@@ -24,7 +24,14 @@ import dataclasses
 import ipaddress
 import re
 
-from trimail.authcheck.spfrecord import Directive, MacroEnv, SpfPermError, expand_domain, is_spf, parse
+from trimail.authcheck.spfrecord import (
+    Directive,
+    MacroEnv,
+    SpfPermError,
+    expand_domain,
+    is_spf,
+    parse,
+)
 from trimail.net.dns import DnsError, Resolver
 
 LOOKUP_LIMIT = 10

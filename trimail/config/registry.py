@@ -22,7 +22,7 @@ import os
 import socket
 from pathlib import Path
 
-from trimail.config import params_global, params_local, params_queue, params_smtp, params_smtpd
+from trimail.config import params_auth, params_global, params_local, params_queue, params_smtp, params_smtpd
 from trimail.config.param import Param
 from trimail.config.values import parse_count, parse_int, parse_size
 
@@ -60,7 +60,7 @@ def _bounded(param: Param) -> Param:
     return param
 
 
-TABLES = (params_global, params_local, params_queue, params_smtpd, params_smtp)
+TABLES = (params_global, params_local, params_queue, params_smtpd, params_auth, params_smtp)
 """The registry's tables, in the order ``trimail config --sample`` lists them."""
 
 PARAMETERS: dict[str, Param] = {param.name: _bounded(param) for table in TABLES for param in table.PARAMS}

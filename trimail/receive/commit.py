@@ -5,7 +5,8 @@ be taken back and the client gets its ``250`` only after it -- then the hand-ove
 the queue manager (straight into active when it has room) and cleanup's and qmgr's
 log lines.
 
-Parameters: hopcount_limit, header_size_limit, virtual_alias_maps (through ReceiveContext).
+Parameters: hopcount_limit, header_size_limit, virtual_alias_maps (through ReceiveContext), and
+trimail/authcheck/inbound.py's (Authentication-Results, DKIM signing: before the commit).
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ async def commit(session: SmtpdSession) -> Reply:
         verdict = txn.verdict
         if verdict.discard:  # logged when the action triggered (log_whatsup)
             return replies.queued(txn.queue_id)
+        # DKIM, DMARC and Authentication-Results for outside clients, DKIM signing for ours
+        if (refused := await session.ctx.authcheck.at_end(session, txn)) is not None:
+            return refused
         try:
             recipients = [verdict.redirect] if verdict.redirect else list(txn.recipients)
             if verdict.bcc and verdict.bcc not in recipients:  # access action BCC: one more copy

@@ -11,7 +11,7 @@ smtpd_helo_required, smtpd_tls_cert_file, smtpd_tls_security_level, smtpd_tls_au
 smtpd_sasl_auth_enable, smtpd_sasl_password_file, smtpd_auth_failure_limit,
 smtpd_tls_handshake_timeout, smtpd_reject_unlisted_recipient, hopcount_limit,
 header_size_limit, queue_directory, queue_minfree, table_lookup_timeout,
-parent_domain_matches_subdomains, dns_nameservers.
+parent_domain_matches_subdomains, dns_nameservers, and trimail/authcheck/inbound.py's.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 from trimail import rewrite
 from trimail.anvil import AuthFailures
+from trimail.authcheck.inbound import AuthChecks
 from trimail.cleanup.rewrite import virtual_expand
 from trimail.config import Config, ConfigError
 from trimail.maps import Table, TableError, off_loop
@@ -155,6 +156,7 @@ class ReceiveContext:
         self.metrics: Metrics | None = None
         self.auth_failures = auth_failures if auth_failures is not None else AuthFailures()
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
+        self.authcheck = AuthChecks(config, self.policy.resolver)  # SPF, DKIM, DMARC; DKIM signing
         self.recipients = RecipientTables(config)
         self.policy.unlisted = self.unlisted
         self.reject_unlisted_recipient: bool = config.smtpd_reject_unlisted_recipient

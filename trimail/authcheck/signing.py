@@ -1,0 +1,228 @@
+"""Outbound DKIM signing (RFC 6376; rsa-sha256, and ed25519-sha256 after RFC 8463)
+per sender domain, with OpenDKIM's SigningTable/KeyTable model.
+
+``dkim_signing_table`` maps the From: address to a key name; it is looked up with
+the whole address, then the domain, then each parent domain as ``.parent``
+(Postfix's table habits; OpenDKIM's refile ``*@example.com`` is the domain key
+here).  ``dkim_key_table`` maps the key name to ``domain:selector:/path/to/key``
+(OpenDKIM's KeyTable format).  The key file is PEM (PKCS#1 or PKCS#8; an Ed25519
+key as PKCS#8 PEM or dkimpy's base64 seed), read when first used and again when
+it changes.  The signature covers dkimpy's default header list (RFC 6376 5.4.1,
+From: signed twice so a second one cannot be added) with relaxed/relaxed
+canonicalization, and is placed right after trimail's own Received: header.
+
+``trimail dkim keygen`` (``generate_key``) writes a new key, mode 0600, and gives
+the DNS TXT record to publish.
+
+Security notes: the private key never leaves this module and is never logged; a
+key file that cannot be read or parsed is an error of the message (451 4.3.0,
+the mail waits), never mail sent unsigned by accident.  Signing runs in a worker
+thread: RSA in dkimpy is pure Python.
+
+Parameters: dkim_signing_table, dkim_key_table, table_lookup_timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import os
+import threading
+from pathlib import Path
+from types import SimpleNamespace
+
+import dkim
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dkim.canonicalization import CanonicalizationPolicy
+
+from trimail.maps import TableError, lookup_first, off_loop, open_table
+
+CANONICALIZATION = (b"relaxed", b"relaxed")
+
+
+class SigningError(Exception):
+    """A signing table, key table or key file that cannot be used."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SigningKey:
+    domain: str
+    selector: str
+    path: str
+
+
+def _ed25519_pem(data: bytes) -> ed25519.Ed25519PrivateKey:
+    if b"-----BEGIN" in data:
+        key = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(key, ed25519.Ed25519PrivateKey):
+            raise SigningError("not an Ed25519 private key")
+        return key
+    return ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(data.strip()))
+
+
+class _Ed25519Adapter:
+    """What dkimpy's gen_header asks of an ed25519 key (pynacl's ``sign(...).signature``)."""
+
+    def __init__(self, key: ed25519.Ed25519PrivateKey) -> None:
+        self._key = key
+
+    def sign(self, data: bytes) -> SimpleNamespace:
+        return SimpleNamespace(signature=self._key.sign(data))
+
+
+class _Signer(dkim.DKIM):
+    def sign_ed25519(self, selector: bytes, domain: bytes, key: ed25519.Ed25519PrivateKey) -> bytes:
+        """dkimpy's sign() for ed25519-sha256, the key held by ``cryptography``."""
+        import time
+
+        self.signature_algorithm = b"ed25519-sha256"
+        canon = CanonicalizationPolicy.from_c_value(b"/".join(CANONICALIZATION))
+        include = tuple(x.lower() for x in self.default_sign_headers())
+        if b"from" not in include:
+            raise dkim.ParameterError("The From header field MUST be signed")
+        self.include_headers = include
+        self.hasher = dkim.HASH_ALGORITHMS[self.signature_algorithm]
+        bodyhash = base64.b64encode(self.hasher(canon.canonicalize_body(self.body)).digest())
+        fields = [(b"v", b"1"), (b"a", self.signature_algorithm), (b"c", canon.to_c_value()), (b"d", domain),
+                  (b"i", b"@" + domain), (b"q", b"dns/txt"), (b"s", selector),
+                  (b"t", str(int(time.time())).encode()), (b"h", b" : ".join(include)), (b"bh", bodyhash),
+                  (b"b", b"0" * 60)]
+        return b"DKIM-Signature: " + self.gen_header(fields, include, canon, b"DKIM-Signature",
+                                                     _Ed25519Adapter(key))
+
+
+class _KeyCache:
+    """Key files by path, read again when they change (inode, size, mtime)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: dict[str, tuple[tuple[int, ...], str, object]] = {}
+
+    def get(self, path: str) -> tuple[str, object]:
+        try:
+            st = os.stat(path)
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            with self._lock:
+                cached = self._keys.get(path)
+            if cached and cached[0] == stamp:
+                return cached[1], cached[2]
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise SigningError(f"cannot read DKIM key {path}: {exc.strerror or exc}") from None
+        kind, key = _load(data, path)
+        with self._lock:
+            self._keys[path] = (stamp, kind, key)
+        return kind, key
+
+
+def _load(data: bytes, path: str) -> tuple[str, object]:
+    """("rsa", PEM bytes for dkimpy) or ("ed25519", an Ed25519PrivateKey)."""
+    try:
+        if b"PRIVATE KEY" not in data:
+            return "ed25519", _ed25519_pem(data)
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, SigningError) as exc:
+        raise SigningError(f"DKIM key {path}: not a usable private key ({exc})") from None
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "ed25519", key
+    if isinstance(key, rsa.RSAPrivateKey):  # dkimpy reads PKCS#1 only
+        return "rsa", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                        serialization.NoEncryption())
+    raise SigningError(f"DKIM key {path}: neither RSA nor Ed25519")
+
+
+def sign_message(message: bytes, key: SigningKey, cache: _KeyCache) -> bytes:
+    """The DKIM-Signature field (CRLF-terminated) for *message*; SigningError."""
+    kind, private = cache.get(key.path)
+    try:
+        signer = _Signer(message, linesep=b"\r\n")
+        if kind == "ed25519":
+            field = signer.sign_ed25519(key.selector.encode(), key.domain.encode(), private)  # type: ignore[arg-type]
+        else:
+            field = signer.sign(key.selector.encode(), key.domain.encode(), private,  # type: ignore[arg-type]
+                                canonicalize=CANONICALIZATION)
+    except dkim.DKIMException as exc:
+        raise SigningError(f"cannot sign with {key.path}: {exc}") from None
+    return field if field.endswith(b"\r\n") else field + b"\r\n"
+
+
+class Signer:
+    """The signing and key tables of one configuration."""
+
+    def __init__(self, signing_tables: list[str], key_tables: list[str], lookup_timeout: float = 10.0) -> None:
+        try:
+            self.signing = [open_table(ref, lazy=True) for ref in signing_tables]
+            self.keys = [open_table(ref, lazy=True) for ref in key_tables]
+        except TableError as exc:
+            raise SigningError(str(exc)) from None
+        self.lookup_timeout = lookup_timeout
+        self.cache = _KeyCache()
+
+    def _find(self, address: str) -> SigningKey | None:
+        address = address.lower().strip()
+        domain = address.rpartition("@")[2].rstrip(".")
+        if not domain:
+            return None
+        keys = [address, domain] if "@" in address else [domain]
+        labels = domain.split(".")
+        keys += ["." + ".".join(labels[i:]) for i in range(1, len(labels))]
+        name = None
+        for key in keys:
+            if (name := lookup_first(self.signing, key)) is not None:
+                break
+        if name is None:
+            return None
+        entry = lookup_first(self.keys, name.strip())
+        if entry is None:
+            raise SigningError(f"dkim_signing_table names key {name.strip()!r}, which dkim_key_table lacks")
+        parts = entry.strip().split(":", 2)
+        if len(parts) != 3 or not all(parts):
+            raise SigningError(f"dkim_key_table entry {name.strip()!r}: expected domain:selector:/path/to/key")
+        return SigningKey(parts[0].strip().lower(), parts[1].strip(), parts[2].strip())
+
+    def find(self, address: str) -> SigningKey | None:
+        """The key for *address*; SigningError (a table too: TableError) when unusable."""
+        try:
+            return self._find(address)
+        except TableError as exc:
+            raise SigningError(str(exc)) from None
+
+    async def find_async(self, address: str) -> SigningKey | None:
+        try:
+            return await off_loop([*self.signing, *self.keys], self._find, address, timeout=self.lookup_timeout)
+        except TableError as exc:
+            raise SigningError(str(exc)) from None
+
+
+def public_record(private_pem: bytes) -> str:
+    """The DNS TXT record (``v=DKIM1; k=...; p=...``) for a PEM private key."""
+    kind, key = _load(private_pem, "key")
+    if kind == "ed25519":
+        assert isinstance(key, ed25519.Ed25519PrivateKey)
+        raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
+    private = serialization.load_pem_private_key(private_pem, password=None)
+    der = private.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
+
+
+def generate_key(kind: str = "rsa", bits: int = 2048) -> bytes:
+    """A new private key as PEM (PKCS#1 for RSA, which dkimpy and OpenDKIM read;
+    PKCS#8 for Ed25519)."""
+    if kind == "ed25519":
+        return ed25519.Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    return rsa.generate_private_key(public_exponent=65537, key_size=bits).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+
+
+def dns_txt_zone_line(selector: str, domain: str, record: str) -> str:
+    """The record as a zone file line, split into 255-octet strings (RFC 7208 3.3 style)."""
+    chunks = [record[i:i + 250] for i in range(0, len(record), 250)]
+    quoted = " ".join(f'"{chunk}"' for chunk in chunks)
+    return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"
+
+
+__all__ = ["Signer", "SigningError", "SigningKey", "generate_key", "public_record", "sign_message"]
