@@ -23,7 +23,7 @@ app.command(dkim_app)
 
 @dkim_app.command(name="keygen")
 def keygen(domain: str, selector: str, *,
-           type: Annotated[Literal["rsa", "ed25519"], Parameter(name=["--type", "-t"])] = "rsa",  # noqa: A002
+           type: Annotated[Literal["rsa", "ed25519"], Parameter(name=["--type", "-t"])] = "rsa",
            bits: Annotated[int, Parameter(name=["--bits", "-b"])] = 2048,
            directory: Annotated[str, Parameter(name=["--directory", "-D"])] = ".") -> None:
     """Write a new private key to DIRECTORY/SELECTOR.private (mode 0600) and print
