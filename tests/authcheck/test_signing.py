@@ -18,6 +18,7 @@ import smtplib
 import socket
 import stat
 import subprocess
+import sys
 
 import dkim
 import dns.message
@@ -190,3 +191,23 @@ def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(t
     again = trimail("dkim", "keygen", "example.org", "s2026", "--directory", str(tmp_path))
     assert again.returncode == 1 and "exists already" in again.stderr
     assert key.read_bytes() == before
+
+
+def test_local_submission_is_signed_by_sendmail(keys, tmp_path):
+    directory, zone = keys
+    config_path = write_main_cf(tmp_path, smtpd_listen="127.0.47.30:0", alias_maps="", alias_database="",
+                                **tables(tmp_path, directory, "sender.example  rsa1._domainkey.sender.example\n"))
+    message = b"From: Alice <alice@sender.example>\nTo: bob@rcpt.example\nSubject: local\n\nsigned locally\n"
+    done = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path), "-f",
+                           "alice@sender.example", "bob@rcpt.example"], input=message, capture_output=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    store = Store.open(tmp_path / "queue", readonly=True)
+    try:
+        [queued] = store.list_messages()
+        content = store.read_content(queued.id)
+    finally:
+        store.close()
+    names = [line.split(b":")[0] for line in content.split(b"\r\n\r\n")[0].split(b"\r\n") if line[:1] not in b" \t"]
+    assert names[:2] == [b"Received", b"DKIM-Signature"]
+    assert dkim.verify(content, dnsfunc=dnsfunc(zone))

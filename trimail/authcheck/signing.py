@@ -19,17 +19,20 @@ key file that cannot be read or parsed is an error of the message (451 4.3.0,
 the mail waits), never mail sent unsigned by accident.  Signing runs in a worker
 thread: RSA in dkimpy is pure Python.
 
-Parameters: dkim_signing_table, dkim_key_table, table_lookup_timeout.
+Parameters: dkim_signing_table, dkim_key_table, table_lookup_timeout (read by the caller; sign_local\nreads the first two).
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import email.utils
 import os
+import re
 import threading
 from pathlib import Path
 from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import dkim
 from cryptography.hazmat.primitives import serialization
@@ -38,7 +41,11 @@ from dkim.canonicalization import CanonicalizationPolicy
 
 from trimail.maps import TableError, lookup_first, off_loop, open_table
 
+if TYPE_CHECKING:
+    from trimail.config import Config
+
 CANONICALIZATION = (b"relaxed", b"relaxed")
+_FIRST_FIELD = re.compile(rb"[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 
 class SigningError(Exception):
@@ -195,6 +202,25 @@ class Signer:
             raise SigningError(str(exc)) from None
 
 
+def sign_local(config: Config, content: bytes) -> bytes:
+    """A local submission (``trimail sendmail``: its Received: first, then the completed
+    header) with the DKIM-Signature its From: address calls for inserted after that
+    Received:; unchanged when there is no key for it.  SigningError (for instance a
+    key only mail_owner may read): the caller hands the mail to serve instead."""
+    if not (config.dkim_signing_table and config.dkim_key_table):
+        return content
+    signer = Signer(config.dkim_signing_table, config.dkim_key_table)
+    cut = _FIRST_FIELD.match(content)
+    start = cut.end() if cut else 0
+    match = re.search(rb"(?im)^from:(.*(?:\r\n[ \t].*)*)", content[start:content.find(b"\r\n\r\n") + 2])
+    addresses = [a for _, a in email.utils.getaddresses([match.group(1).decode("utf-8", "replace")]) if a] \
+        if match else []
+    key = signer.find(addresses[0]) if len(addresses) == 1 else None
+    if key is None:
+        return content
+    return content[:start] + sign_message(content[start:], key, signer.cache) + content[start:]
+
+
 def public_record(private_pem: bytes) -> str:
     """The DNS TXT record (``v=DKIM1; k=...; p=...``) for a PEM private key."""
     kind, key = _load(private_pem, "key")
@@ -225,4 +251,4 @@ def dns_txt_zone_line(selector: str, domain: str, record: str) -> str:
     return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"
 
 
-__all__ = ["Signer", "SigningError", "SigningKey", "generate_key", "public_record", "sign_message"]
+__all__ = ["Signer", "SigningError", "SigningKey", "generate_key", "public_record", "sign_local", "sign_message"]

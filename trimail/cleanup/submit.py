@@ -51,7 +51,8 @@ running.
 
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
 append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
-smtpd_listen (the fallback over SMTP).
+smtpd_listen (the fallback over SMTP), dkim_signing_table and dkim_key_table (DKIM signing of
+the submission: trimail/authcheck/signing.py).
 """
 
 from __future__ import annotations
@@ -320,6 +321,15 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
         if "Permission denied" not in str(exc) and "permission" not in str(exc).lower():
             raise SendmailError(str(exc)) from None
         return _submit_smtp(cfg, sender, rcpts, content)
+    if cfg.dkim_signing_table:  # DKIM signing; a key this user may not read: serve signs it
+        from trimail.authcheck.signing import SigningError, sign_local
+
+        try:
+            content = sign_local(cfg, content)
+        except SigningError as exc:
+            store.close()
+            print(f"sendmail: warning: {exc}; submitting to serve over SMTP", file=sys.stderr)
+            return _submit_smtp(cfg, sender, rcpts, content)
     spool = Spool(memory_limit=len(content))  # read into memory already: no temporary file
     spool.write(content)
     try:
