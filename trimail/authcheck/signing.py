@@ -17,7 +17,7 @@ the DNS TXT record to publish.
 Security notes: the private key never leaves this module and is never logged; a
 key file that cannot be read or parsed is an error of the message (451 4.3.0,
 the mail waits), never mail sent unsigned by accident.  Signing runs in a worker
-thread: RSA in dkimpy is pure Python.
+thread (a big body takes a while to hash).
 
 Parameters: dkim_signing_table, dkim_key_table, table_lookup_timeout (read by the caller; sign_local\nreads the first two).
 """
@@ -35,8 +35,9 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import dkim
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
 from trimail.maps import TableError, lookup_first, off_loop, open_table
@@ -68,35 +69,42 @@ def _ed25519_pem(data: bytes) -> ed25519.Ed25519PrivateKey:
     return ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(data.strip()))
 
 
-class _Ed25519Adapter:
-    """What dkimpy's gen_header asks of an ed25519 key (pynacl's ``sign(...).signature``)."""
+class _KeyAdapter:
+    """A ``cryptography`` private key as dkimpy's gen_header uses an ed25519 key
+    (pynacl's ``sign(digest).signature``): *digest* is the SHA-256 of the signed
+    header data, which Ed25519 signs as such (RFC 8463) and RSA signs as a
+    prehashed SHA-256 in PKCS#1 v1.5 -- exactly what rsa-sha256 is (RFC 6376 3.3.1)."""
 
-    def __init__(self, key: ed25519.Ed25519PrivateKey) -> None:
+    def __init__(self, key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey) -> None:
         self._key = key
 
-    def sign(self, data: bytes) -> SimpleNamespace:
-        return SimpleNamespace(signature=self._key.sign(data))
+    def sign(self, digest: bytes) -> SimpleNamespace:
+        if isinstance(self._key, rsa.RSAPrivateKey):
+            return SimpleNamespace(signature=self._key.sign(digest, padding.PKCS1v15(), Prehashed(hashes.SHA256())))
+        return SimpleNamespace(signature=self._key.sign(digest))
 
 
 class _Signer(dkim.DKIM):
-    def sign_ed25519(self, selector: bytes, domain: bytes, key: ed25519.Ed25519PrivateKey) -> bytes:
-        """dkimpy's sign() for ed25519-sha256, the key held by ``cryptography``."""
+    def sign_with(self, selector: bytes, domain: bytes, key: ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey) -> bytes:
+        """dkimpy's sign(), the key held by ``cryptography``: dkimpy needs pynacl for
+        ed25519 and signs RSA in pure Python (7.7 ms a message against 0.5 ms)."""
         import time
 
-        self.signature_algorithm = b"ed25519-sha256"
+        algorithm = b"rsa-sha256" if isinstance(key, rsa.RSAPrivateKey) else b"ed25519-sha256"
         canon = CanonicalizationPolicy.from_c_value(b"/".join(CANONICALIZATION))
         include = tuple(x.lower() for x in self.default_sign_headers())
         if b"from" not in include:
             raise dkim.ParameterError("The From header field MUST be signed")
         self.include_headers = include
-        self.hasher = dkim.HASH_ALGORITHMS[self.signature_algorithm]
+        self.hasher = dkim.HASH_ALGORITHMS[algorithm]  # SHA-256 for both
         bodyhash = base64.b64encode(self.hasher(canon.canonicalize_body(self.body)).digest())
-        fields = [(b"v", b"1"), (b"a", self.signature_algorithm), (b"c", canon.to_c_value()), (b"d", domain),
+        fields = [(b"v", b"1"), (b"a", algorithm), (b"c", canon.to_c_value()), (b"d", domain),
                   (b"i", b"@" + domain), (b"q", b"dns/txt"), (b"s", selector),
                   (b"t", str(int(time.time())).encode()), (b"h", b" : ".join(include)), (b"bh", bodyhash),
                   (b"b", b"0" * 60)]
-        return b"DKIM-Signature: " + self.gen_header(fields, include, canon, b"DKIM-Signature",
-                                                     _Ed25519Adapter(key))
+        # gen_header's ed25519 branch hands the header digest to _KeyAdapter.sign
+        self.signature_algorithm = b"ed25519-sha256"
+        return b"DKIM-Signature: " + self.gen_header(fields, include, canon, b"DKIM-Signature", _KeyAdapter(key))
 
 
 class _KeyCache:
@@ -104,9 +112,9 @@ class _KeyCache:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._keys: dict[str, tuple[tuple[int, ...], str, object]] = {}
+        self._keys: dict[str, tuple[tuple[int, ...], str, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey]] = {}
 
-    def get(self, path: str) -> tuple[str, object]:
+    def get(self, path: str) -> tuple[str, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey]:
         try:
             st = os.stat(path)
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -123,8 +131,8 @@ class _KeyCache:
         return kind, key
 
 
-def _load(data: bytes, path: str) -> tuple[str, object]:
-    """("rsa", PEM bytes for dkimpy) or ("ed25519", an Ed25519PrivateKey)."""
+def _load(data: bytes, path: str) -> tuple[str, ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey]:
+    """("rsa" or "ed25519", the private key)."""
     try:
         if b"PRIVATE KEY" not in data:
             return "ed25519", _ed25519_pem(data)
@@ -133,22 +141,18 @@ def _load(data: bytes, path: str) -> tuple[str, object]:
         raise SigningError(f"DKIM key {path}: not a usable private key ({exc})") from None
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return "ed25519", key
-    if isinstance(key, rsa.RSAPrivateKey):  # dkimpy reads PKCS#1 only
-        return "rsa", key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
-                                        serialization.NoEncryption())
+    if isinstance(key, rsa.RSAPrivateKey):
+        if key.key_size < 1024:
+            raise SigningError(f"DKIM key {path}: {key.key_size} bits; RFC 8301 wants at least 1024")
+        return "rsa", key
     raise SigningError(f"DKIM key {path}: neither RSA nor Ed25519")
 
 
 def sign_message(message: bytes, key: SigningKey, cache: _KeyCache) -> bytes:
     """The DKIM-Signature field (CRLF-terminated) for *message*; SigningError."""
-    kind, private = cache.get(key.path)
+    _, private = cache.get(key.path)
     try:
-        signer = _Signer(message, linesep=b"\r\n")
-        if kind == "ed25519":
-            field = signer.sign_ed25519(key.selector.encode(), key.domain.encode(), private)  # type: ignore[arg-type]
-        else:
-            field = signer.sign(key.selector.encode(), key.domain.encode(), private,  # type: ignore[arg-type]
-                                canonicalize=CANONICALIZATION)
+        field = _Signer(message, linesep=b"\r\n").sign_with(key.selector.encode(), key.domain.encode(), private)
     except dkim.DKIMException as exc:
         raise SigningError(f"cannot sign with {key.path}: {exc}") from None
     return field if field.endswith(b"\r\n") else field + b"\r\n"
@@ -223,14 +227,11 @@ def sign_local(config: Config, content: bytes) -> bytes:
 
 def public_record(private_pem: bytes) -> str:
     """The DNS TXT record (``v=DKIM1; k=...; p=...``) for a PEM private key."""
-    kind, key = _load(private_pem, "key")
-    if kind == "ed25519":
-        assert isinstance(key, ed25519.Ed25519PrivateKey)
+    _, key = _load(private_pem, "key")
+    if isinstance(key, ed25519.Ed25519PrivateKey):
         raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         return f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}"
-    private = serialization.load_pem_private_key(private_pem, password=None)
-    der = private.public_key().public_bytes(serialization.Encoding.DER,
-                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+    der = key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode()}"
 
 
