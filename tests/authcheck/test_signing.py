@@ -16,6 +16,7 @@ import re
 import shutil
 import smtplib
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -210,4 +211,42 @@ def test_local_submission_is_signed_by_sendmail(keys, tmp_path):
         store.close()
     names = [line.split(b":")[0] for line in content.split(b"\r\n\r\n")[0].split(b"\r\n") if line[:1] not in b" \t"]
     assert names[:2] == [b"Received", b"DKIM-Signature"]
+    assert dkim.verify(content, dnsfunc=dnsfunc(zone))
+
+
+async def test_mail_from_an_authenticated_client_outside_mynetworks_is_signed_not_checked(
+        nursery, keys, tmp_path, ca):
+    directory, zone = keys
+    cert = tmp_path / "cert.pem"
+    ca.issue_cert("mx.test.example", "127.0.47.30").private_key_and_cert_chain_pem.write_to_path(str(cert))
+    port = await nursery.start(run_dns_server, zone, "127.0.47.31")
+    path = write_main_cf(tmp_path, smtpd_listen="127.0.47.30:0", dns_nameservers=f"127.0.47.31:{port}",
+                         mynetworks="127.0.47.33/32", smtpd_tls_cert_file=str(cert), smtpd_sasl_auth_enable="yes",
+                         smtpd_sasl_password_file=str(tmp_path / "sasl_passwd"), smtpd_peername_lookup="no",
+                         **tables(tmp_path, directory, "sender.example  rsa1._domainkey.sender.example\n"))
+    added = await trio.run_process([sys.executable, "-m", "trimail", "passwd", "add", "alice", "-c", str(path)],
+                                   stdin=b"correct horse\n", capture_stdout=True, capture_stderr=True, check=False)
+    assert added.returncode == 0, added.stderr
+    srv = await nursery.start(serve, configuration.load(path))
+
+    def submit() -> tuple[int, bytes]:
+        context = ssl.create_default_context()
+        ca.configure_trust(context)
+        with smtplib.SMTP("127.0.47.30", srv.addresses[0].port, local_hostname="laptop.example", timeout=30,
+                          source_address=("127.0.47.34", 0)) as smtp:  # outside mynetworks
+            smtp.starttls(context=context)
+            smtp.login("alice", "correct horse")
+            smtp.mail("alice@sender.example")
+            smtp.rcpt("bob@far.example")  # relayed: permit_sasl_authenticated
+            return smtp.data(MESSAGE)
+
+    reply = await trio.to_thread.run_sync(submit)
+    assert reply[0] == 250
+    store = Store.open(srv.config.queue_directory, readonly=True)
+    try:
+        [queued] = store.list_messages()
+        content = store.read_content(queued.id)
+    finally:
+        store.close()
+    assert b"Authentication-Results" not in content
     assert dkim.verify(content, dnsfunc=dnsfunc(zone))

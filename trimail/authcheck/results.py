@@ -14,8 +14,9 @@ removed before ours is added.
 
 Security notes: every value placed in the field comes from the client or from
 DNS; property values that are not plain tokens are quoted, comments lose their
-parentheses and backslashes, and everything is made printable and bounded, so a
-sender cannot add a method or a line of its own.
+parentheses and backslashes, and everything is made printable ASCII (anything
+else becomes ``?``) and bounded, so a sender cannot add a method or a line of its
+own.
 
 Parameters: none read (the caller passes $myhostname).
 """
@@ -34,15 +35,20 @@ NAME = "Authentication-Results"
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+")
 
 
+def _ascii(text: str, limit: int) -> str:
+    """Printable ASCII only: RFC 8601 parsers (and most readers of the field) expect it."""
+    return "".join(ch if " " <= ch <= "~" else "?" for ch in printable(text, limit))
+
+
 def _value(text: str) -> str:
-    text = printable(text, 255)
+    text = _ascii(text, 255)
     if _TOKEN.fullmatch(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _comment(text: str) -> str:
-    text = printable(text, 120).replace("(", "").replace(")", "").replace("\\", "").strip()
+    text = _ascii(text, 120).replace("(", "").replace(")", "").replace("\\", "").strip()
     return f" ({text})" if text else ""
 
 
