@@ -182,6 +182,16 @@ async def test_an_unreadable_key_defers_the_message_instead_of_sending_it_unsign
     assert any("DKIM signing failed" in r.getMessage() and "gone.private" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_message_whose_header_cannot_be_parsed_goes_unsigned_with_a_warning(start, keys, tmp_path, caplog):
+    directory, zone = keys
+    srv = await start(zone, **tables(tmp_path, directory, "sender.example  rsa1._domainkey.sender.example\n"))
+    broken = MESSAGE.replace(b"Subject: hello\r\n", b"Subject: hello\r\nthis line is no header field\r\n")
+    reply, content = await sent(srv, broken)
+    assert reply[0] == 250
+    assert b"DKIM-Signature" not in content
+    assert any("not DKIM-signed" in r.getMessage() for r in caplog.records)
+
+
 def test_keygen_writes_a_private_key_only_its_owner_reads_and_never_overwrites(tmp_path):
     record = keygen(tmp_path, "Example.ORG", "s2026", "rsa")
     assert record.startswith('"v=DKIM1; k=rsa; p=')

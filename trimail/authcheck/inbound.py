@@ -44,7 +44,7 @@ import trio
 from trimail.authcheck.dkimverify import check_signature, signatures
 from trimail.authcheck.dmarc import DmarcResult, check_dmarc, from_domain
 from trimail.authcheck.results import NAME, claims, header_field
-from trimail.authcheck.signing import Signer, SigningError, sign_message
+from trimail.authcheck.signing import Signer, SigningError, UnsignableMessage, sign_message
 from trimail.authcheck.spf import SpfResult, check_spf
 from trimail.queue.spool import Spool
 from trimail.smtp import replies
@@ -96,12 +96,20 @@ class AuthChecks:
         return not session.sasl_username and not _in_networks(session.client_address, self.mynetworks)
 
     async def at_mail(self, session: SmtpdSession) -> Reply | None:
-        """SPF for the MAIL FROM (or HELO) identity; a Reply when smtpd_spf_reject refuses it."""
+        """SPF for the MAIL FROM (or HELO) identity; a Reply when smtpd_spf_reject
+        refuses it.  The error boundary of the checks: a failure of ours is 451 4.3.0."""
         txn = session.txn
         assert txn is not None
         txn.auth = Results()
         if "spf" not in self.methods or not self.outside(session):
             return None
+        try:
+            return await self._spf(session, txn)
+        except Exception:  # a bug here costs this transaction a 451, never the session
+            log.exception("%s: SPF check failed", txn.queue_id or "NOQUEUE")
+            return replies.LOCAL_ERROR
+
+    async def _spf(self, session: SmtpdSession, txn: Transaction) -> Reply | None:
         started = trio.current_time()
         with trio.move_on_after(self.timeout):
             txn.auth.spf = await check_spf(self.resolver, session.client_address, txn.sender, session.helo_name)
@@ -127,14 +135,15 @@ class AuthChecks:
 
     async def at_end(self, session: SmtpdSession, txn: Transaction) -> Reply | None:
         """Before the commit: check and add Authentication-Results, or sign; a Reply
-        when the message is refused (DMARC reject, a signing failure)."""
-        if self.outside(session):
-            if not self.methods:
-                return None
-            return await self._check(session, txn)
-        if self.signer is not None:
-            return await self._sign(session, txn)
-        return None
+        when the message is refused (DMARC reject, a signing failure, 451 4.3.0 for a
+        failure of ours)."""
+        try:
+            if self.outside(session):
+                return await self._check(session, txn) if self.methods else None
+            return await self._sign(session, txn) if self.signer is not None else None
+        except Exception:  # the boundary: this message gets a 451, the session goes on
+            log.exception("%s: authentication checks failed", txn.queue_id)
+            return replies.LOCAL_ERROR
 
     async def _check(self, session: SmtpdSession, txn: Transaction) -> Reply | None:
         assert txn.spool is not None
@@ -181,6 +190,9 @@ class AuthChecks:
         except SigningError as exc:
             log.error("%s: DKIM signing failed for %s: %s", txn.queue_id, header_from, exc)
             return replies.LOCAL_ERROR
+        except UnsignableMessage as exc:  # the message's own fault: it goes as it is
+            log.warning("%s: not DKIM-signed: %s", txn.queue_id, exc)
+            return None
         txn.spool = await replace_content(session.ctx.spool_directory, txn.spool, raw, field, lambda f: False)
         log.info("%s: DKIM-Signature field added (s=%s d=%s)", txn.queue_id, key.selector, key.domain)
         return None

@@ -35,6 +35,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import dkim
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
@@ -51,6 +52,10 @@ _FIRST_FIELD = re.compile(rb"[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 
 class SigningError(Exception):
     """A signing table, key table or key file that cannot be used."""
+
+
+class UnsignableMessage(Exception):
+    """A message dkimpy cannot parse (its header section is broken): sent unsigned."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -137,7 +142,7 @@ def _load(data: bytes, path: str) -> tuple[str, ed25519.Ed25519PrivateKey | rsa.
         if b"PRIVATE KEY" not in data:
             return "ed25519", _ed25519_pem(data)
         key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError, SigningError) as exc:
+    except (ValueError, TypeError, SigningError, UnsupportedAlgorithm) as exc:
         raise SigningError(f"DKIM key {path}: not a usable private key ({exc})") from None
     if isinstance(key, ed25519.Ed25519PrivateKey):
         return "ed25519", key
@@ -153,6 +158,8 @@ def sign_message(message: bytes, key: SigningKey, cache: _KeyCache) -> bytes:
     _, private = cache.get(key.path)
     try:
         field = _Signer(message, linesep=b"\r\n").sign_with(key.selector.encode(), key.domain.encode(), private)
+    except (dkim.MessageFormatError, dkim.ParameterError) as exc:
+        raise UnsignableMessage(str(exc)[:200]) from None
     except dkim.DKIMException as exc:
         raise SigningError(f"cannot sign with {key.path}: {exc}") from None
     return field if field.endswith(b"\r\n") else field + b"\r\n"
@@ -222,7 +229,11 @@ def sign_local(config: Config, content: bytes) -> bytes:
     key = signer.find(addresses[0]) if len(addresses) == 1 else None
     if key is None:
         return content
-    return content[:start] + sign_message(content[start:], key, signer.cache) + content[start:]
+    try:
+        field = sign_message(content[start:], key, signer.cache)
+    except UnsignableMessage:  # a header section dkimpy cannot read: queued as it is, as serve does
+        return content
+    return content[:start] + field + content[start:]
 
 
 def public_record(private_pem: bytes) -> str:
@@ -252,4 +263,5 @@ def dns_txt_zone_line(selector: str, domain: str, record: str) -> str:
     return f"{selector}._domainkey.{domain}. IN TXT ( {quoted} )"
 
 
-__all__ = ["Signer", "SigningError", "SigningKey", "generate_key", "public_record", "sign_local", "sign_message"]
+__all__ = ["Signer", "SigningError", "SigningKey", "UnsignableMessage", "generate_key", "public_record",
+           "sign_local", "sign_message"]
