@@ -165,8 +165,7 @@ class AuthChecks:
                              dkims if "dkim" in self.methods else None, dmarc)
         txn.spool = await replace_content(session.ctx.spool_directory, txn.spool, raw, field,
                                           lambda f: _forged(f, self.authserv_id))
-        log.info("%s: %s", txn.queue_id, field.decode("utf-8", "replace").split(":", 1)[1].replace(
-            "\r\n\t", " ").strip())
+        log.info("%s: %s", txn.queue_id, field.decode("utf-8", "replace").replace("\r\n\t", " ").strip())
         if dmarc is not None and dmarc.result == "fail":
             if dmarc.disposition == "reject" and self.dmarc_reject:
                 reply = Reply(550, "5.7.1", f"rejected by DMARC policy for {dmarc.header_from}")

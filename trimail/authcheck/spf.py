@@ -205,7 +205,8 @@ async def check_spf(resolver: Resolver, ip: str, sender: str, helo: str) -> SpfR
         return SpfResult("none", identity, domain, address, "no IP address")
     try:
         result = await check.check_host(domain)
-        reason = f"{domain}: {check.ip} is {'not ' if result != 'pass' else ''}designated"
+        reason = {"pass": f"{domain}: {check.ip} is designated", "neutral": f"{domain}: no statement about {check.ip}",
+                  "none": f"{domain}: no SPF record"}.get(result, f"{domain}: {check.ip} is not designated")
     except SpfPermError as exc:
         result, reason = "permerror", f"{domain}: {exc}"
     except SpfTempError as exc:
