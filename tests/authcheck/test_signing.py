@@ -30,6 +30,7 @@ from tests.authcheck.keys import MESSAGE as SUBDOMAIN_MESSAGE
 from tests.conftest import trimail, write_main_cf
 from tests.dnsserver import answer, run_dns_server
 from trimail import config as configuration
+from trimail.config import ConfigError
 from trimail.master import serve
 from trimail.queue.store import Store
 
@@ -260,3 +261,9 @@ async def test_mail_from_an_authenticated_client_outside_mynetworks_is_signed_no
         store.close()
     assert b"Authentication-Results" not in content
     assert dkim.verify(content, dnsfunc=dnsfunc(zone))
+
+
+async def test_a_signing_table_without_a_key_table_is_a_configuration_error(nursery, tmp_path):
+    path = write_main_cf(tmp_path, smtpd_listen="127.0.47.30:0", dkim_signing_table="inline:{ a.example=k }")
+    with pytest.raises(ConfigError, match="dkim_signing_table needs dkim_key_table"):
+        await nursery.start(serve, configuration.load(path))

@@ -46,6 +46,7 @@ from trimail.authcheck.dmarc import DmarcResult, check_dmarc, from_domain
 from trimail.authcheck.results import NAME, claims, header_field
 from trimail.authcheck.signing import Signer, SigningError, UnsignableMessage, sign_message
 from trimail.authcheck.spf import SpfResult, check_spf
+from trimail.config import ConfigError
 from trimail.queue.spool import Spool
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
@@ -89,8 +90,15 @@ class AuthChecks:
         self.authserv_id: str = config.myhostname
         self.mynetworks = config.mynetworks
         self.resolver = resolver
-        self.signer = Signer(config.dkim_signing_table, config.dkim_key_table, config.table_lookup_timeout) \
-            if config.dkim_signing_table and config.dkim_key_table else None
+        if bool(config.dkim_signing_table) != bool(config.dkim_key_table):
+            given, missing = ("dkim_signing_table", "dkim_key_table") if config.dkim_signing_table \
+                else ("dkim_key_table", "dkim_signing_table")
+            raise ConfigError(f"{config.where(given)}: {given} needs {missing} (the key names' files)")
+        try:
+            self.signer = Signer(config.dkim_signing_table, config.dkim_key_table, config.table_lookup_timeout) \
+                if config.dkim_signing_table else None
+        except SigningError as exc:
+            raise ConfigError(f"{config.where('dkim_signing_table')}: {exc}") from None
 
     def outside(self, session: SmtpdSession) -> bool:
         return not session.sasl_username and not _in_networks(session.client_address, self.mynetworks)
