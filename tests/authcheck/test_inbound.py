@@ -253,3 +253,22 @@ async def test_a_dns_server_that_never_answers_costs_the_time_budget_and_gives_t
     [header] = auth_results(content)
     assert [(r.method, r.result) for r in header.results] == [
         ("spf", "temperror"), ("dkim", "temperror"), ("dmarc", "temperror")]
+
+
+async def test_smtpd_worker_processes_add_the_header_too(nursery, tmp_path, serve_process):
+    port = await nursery.start(run_dns_server, ZONE, "127.0.47.6")
+    path = write_main_cf(tmp_path, smtpd_listen="127.0.47.5:0", dns_nameservers=f"127.0.47.6:{port}",
+                         mynetworks="127.0.47.10/32", relay_domains="rcpt.example", smtpd_peername_lookup="no",
+                         smtpd_workers="2")
+    served = await trio.to_thread.run_sync(serve_process, path)
+    reply = await trio.to_thread.run_sync(lambda: send(served.port, signed()))
+    assert reply[0] == 250
+    queue_id = reply[1].decode().rsplit(" ", 1)[1]
+    store = Store.open(tmp_path / "queue", readonly=True)
+    try:
+        content = store.read_content(queue_id)
+    finally:
+        store.close()
+    [header] = auth_results(content)
+    assert [(r.method, r.result) for r in header.results] == [("spf", "pass"), ("dkim", "pass"), ("dmarc", "pass")]
+    assert served.stop() == 0
