@@ -19,7 +19,8 @@ key file that cannot be read or parsed is an error of the message (451 4.3.0,
 the mail waits), never mail sent unsigned by accident.  Signing runs in a worker
 thread (a big body takes a while to hash).
 
-Parameters: dkim_signing_table, dkim_key_table, table_lookup_timeout (read by the caller; sign_local\nreads the first two).
+Parameters: dkim_signing_table, dkim_key_table (here for a local submission, else through the
+caller, as table_lookup_timeout is).
 """
 
 from __future__ import annotations
