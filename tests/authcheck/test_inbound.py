@@ -272,3 +272,14 @@ async def test_smtpd_worker_processes_add_the_header_too(nursery, tmp_path, serv
     [header] = auth_results(content)
     assert [(r.method, r.result) for r in header.results] == [("spf", "pass"), ("dkim", "pass"), ("dmarc", "pass")]
     assert served.stop() == 0
+
+
+async def test_a_reload_turns_the_checks_off_for_new_sessions(start, tmp_path):
+    srv = await start()
+    _, content = await sent(srv, MESSAGE, client="127.0.47.21")
+    assert len(auth_results(content)) == 1
+    main_cf = tmp_path / "main.cf"
+    main_cf.write_text(main_cf.read_text() + "smtpd_authentication_checks =\n")
+    await srv.reload()
+    _, content = await sent(srv, MESSAGE, client="127.0.47.21")
+    assert auth_results(content) == []
