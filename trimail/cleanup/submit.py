@@ -54,7 +54,8 @@ append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
 receive_override_options (its option for address mappings: no virtual aliases, no
 masquerading; and no_milters), smtpd_listen (the fallback over SMTP), non_smtpd_milters
 (``trimail/milter/local.py``: the filters run before the commit; a refusal is
-sendmail's error, exit status 69 or 75).
+sendmail's error, exit status 69 or 75), dkim_signing_table and dkim_key_table (DKIM
+signing of the submission, after the milters: trimail/authcheck/signing.py).
 """
 
 from __future__ import annotations
@@ -339,6 +340,15 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
         if state == "discard":
             store.close()
             return 0
+    if cfg.dkim_signing_table:  # DKIM signing; a key this user may not read: serve signs it
+        from trimail.authcheck.signing import SigningError, sign_local
+
+        try:
+            content = sign_local(cfg, content)
+        except SigningError as exc:
+            store.close()
+            print(f"sendmail: warning: {exc}; submitting to serve over SMTP", file=sys.stderr)
+            return _submit_smtp(cfg, sender, rcpts, content)
     spool = Spool(memory_limit=len(content))  # read into memory already: no temporary file
     spool.write(content)
     try:

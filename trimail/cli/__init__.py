@@ -1,8 +1,9 @@
 """The ``trimail`` command line (cyclopts): the app, what every command shares,
 the personalities and ``main``; the commands themselves live by job in
 ``daemon`` (serve, reload, stop, status), ``queue`` (queue ..., flush; the mailq
-layout in ``mailq``), ``tables`` (postmap, postalias, newaliases) and ``admin``
-(config, check, passwd), each registering its own on ``app`` when imported below.
+layout in ``mailq``), ``tables`` (postmap, postalias, newaliases), ``admin``
+(config, check, passwd) and ``dkimkeys`` (dkim keygen), each registering its own on
+``app`` when imported below.
 
 Invoked through a link named ``mailq``, ``newaliases`` or ``sendmail``, the binary
 acts as that command (``PERSONALITIES``; ``sendmail`` is ``trimail.cleanup.submit``).
@@ -93,7 +94,7 @@ def first_known(group: BaseExceptionGroup) -> BaseException:
 
 
 # The commands, by job; each module registers its own on ``app``.
-from trimail.cli import admin, catch, daemon, queue, tables  # noqa: F401
+from trimail.cli import admin, catch, daemon, dkimkeys, queue, tables  # noqa: F401
 
 # -- entry point -----------------------------------------------------------------
 

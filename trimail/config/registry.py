@@ -23,6 +23,7 @@ import socket
 from pathlib import Path
 
 from trimail.config import (
+    params_auth,
     params_filter,
     params_global,
     params_local,
@@ -69,7 +70,8 @@ def _bounded(param: Param) -> Param:
     return param
 
 
-TABLES = (params_global, params_local, params_queue, params_smtpd, params_smtp, params_filter, params_milter)
+TABLES = (params_global, params_local, params_queue, params_smtpd, params_auth, params_smtp, params_filter,
+          params_milter)
 """The registry's tables, in the order ``trimail config --sample`` lists them."""
 
 PARAMETERS: dict[str, Param] = {param.name: _bounded(param) for table in TABLES for param in table.PARAMS}

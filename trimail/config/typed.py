@@ -192,6 +192,13 @@ class TypedParameters:
     smtpd_tls_handshake_timeout: float
     smtpd_tls_key_file: str
     smtpd_tls_security_level: str
+    smtpd_authentication_checks: list[str]
+    smtpd_authentication_timeout: float
+    smtpd_spf_reject: list[str]
+    smtpd_dmarc_reject: bool
+    smtpd_dmarc_quarantine: str
+    dkim_signing_table: list[str]
+    dkim_key_table: list[str]
     smtp_connect_timeout: float
     smtp_helo_timeout: float
     smtp_mail_timeout: float

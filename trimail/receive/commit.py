@@ -9,7 +9,8 @@ The message's content filter (``content_filter``, or an access-table FILTER) is
 stored with it in its params, and so is ``no_address_mappings``.
 
 Parameters: hopcount_limit, header_size_limit, virtual_alias_maps, content_filter,
-receive_override_options (through ReceiveContext).
+receive_override_options (through ReceiveContext), and trimail/authcheck/inbound.py's
+(Authentication-Results, DKIM signing: before the commit).
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ async def commit(session: SmtpdSession) -> Reply:
         verdict = txn.verdict
         if verdict.discard:  # logged when the action triggered (log_whatsup)
             return replies.queued(txn.queue_id)
+        # DKIM, DMARC and Authentication-Results for outside clients, DKIM signing for ours
+        if (refused := await session.ctx.authcheck.at_end(session, txn)) is not None:
+            return refused
         try:
             recipients = [verdict.redirect] if verdict.redirect else list(txn.recipients)
             if verdict.bcc and verdict.bcc not in recipients:  # access action BCC: one more copy

@@ -16,7 +16,7 @@ smtpd_sasl_auth_enable, smtpd_sasl_password_file, smtpd_auth_failure_limit,
 smtpd_tls_handshake_timeout, smtpd_reject_unlisted_recipient, hopcount_limit,
 header_size_limit, queue_directory, queue_minfree, table_lookup_timeout, smtpd_milters,
 parent_domain_matches_subdomains, dns_nameservers, content_filter, receive_override_options
-(no_milters among them), reinject_overrides.
+(no_milters among them), reinject_overrides, and trimail/authcheck/inbound.py's.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 
 from trimail import rewrite
 from trimail.anvil import AuthFailures
+from trimail.authcheck.inbound import AuthChecks
 from trimail.cleanup.rewrite import virtual_expand
 from trimail.config import Config, ConfigError
 from trimail.config.registry import PARAMETERS, suggest
@@ -197,6 +198,7 @@ class ReceiveContext:
         self.metrics: Metrics | None = None
         self.auth_failures = auth_failures if auth_failures is not None else AuthFailures()
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
+        self.authcheck = AuthChecks(config, self.policy.resolver)  # SPF, DKIM, DMARC; DKIM signing
         self.recipients = RecipientTables(config)
         self.policy.unlisted = self.unlisted
         self.reject_unlisted_recipient: bool = config.smtpd_reject_unlisted_recipient

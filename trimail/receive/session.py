@@ -104,6 +104,7 @@ class Transaction:
         self.verdict = Verdict()  # actions collected from the restrictions (HOLD, PREPEND, ...)
         self.envelope_sender = sender  # what the queue stores: *sender* qualified (rewrite.canonical)
         self.rewrite_context = "remote"  # local_header_rewrite_clients' answer at MAIL (cleanup.rewrite.rewrite_context)
+        self.auth: Any = None  # trimail.authcheck.inbound.Results: SPF's at MAIL, for the end of DATA
 
     def discard(self) -> None:
         if self.spool is not None:
@@ -189,6 +190,7 @@ class SmtpdSession:
                     self.txn = None
                     return context
                 self.txn.rewrite_context = self._rewrite_context = context
+                reply = await self.ctx.authcheck.at_mail(self)  # SPF (trimail/authcheck/inbound.py)
             return reply or await self.milters.mail(event)
         if isinstance(event, RcptTo):
             assert self.txn is not None

@@ -1,0 +1,160 @@
+"""DKIM verification (RFC 6376, RFC 8463) with dkimpy, the keys fetched asynchronously.
+
+``verify_dkim(resolver, message)`` reads the message's DKIM-Signature fields (at
+most ``SIGNATURE_LIMIT``), fetches each one's key record
+(``selector._domainkey.domain`` TXT) through trimail's trio resolver, and only then
+lets dkimpy check the signature with a ``dnsfunc`` that answers from what was
+fetched, in a worker thread (the hashing of a big body would stall the event
+loop).  Each signature gives a ``DkimResult``: pass, fail (the signature or the
+body hash does not match), neutral (none of ours), permerror (a broken signature
+or key record, no key), temperror (DNS failure).
+
+ed25519-sha256 signatures are checked here with the ``cryptography`` package:
+dkimpy needs pynacl for them, which trimail does not depend on.
+
+Security notes: the message and the key records come from strangers; every
+dkimpy exception becomes a result, never an error of the session; RSA keys under
+1024 bits fail (dkimpy's minkey), as RFC 8301 asks.
+
+Parameters: none read (see trimail/authcheck/inbound.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import logging
+import re
+
+import dkim
+import trio
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.util import parse_tag_value
+
+from trimail.net.dns import DnsError, Resolver
+
+SIGNATURE_LIMIT = 5  # signatures checked per message; the others are not reported
+log = logging.getLogger("trimail.smtpd")
+_null_log = logging.getLogger("trimail.authcheck.dkimpy")
+_null_log.disabled = True  # dkimpy's own error lines: the result says it
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DkimResult:
+    result: str  # pass, fail, neutral, permerror, temperror
+    domain: str  # d=
+    selector: str  # s=
+    signature: str = ""  # the first characters of b= (RFC 6008 header.b)
+    algorithm: str = ""
+    reason: str = ""
+
+
+class _Ed25519Verifier(dkim.DKIM):
+    """dkimpy's DKIM with ed25519-sha256 checked by ``cryptography``."""
+
+    def check_ed25519(self, sig: dict, include_headers: list[bytes], sig_header: tuple, public: bytes) -> bool:
+        try:
+            canon = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        except InvalidCanonicalizationPolicyError as exc:
+            raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
+        hasher = dkim.HASH_ALGORITHMS[b"ed25519-sha256"]
+        body = canon.canonicalize_body(self.body)
+        if b"l" in sig:
+            body = body[:int(sig[b"l"])]
+        if hasher(body).digest() != base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"])):
+            raise dkim.ValidationError("body hash mismatch")
+        if b"from" in include_headers:
+            include_headers.append(b"from")
+        h = dkim.HashThrough(hasher(), False)
+        dkim.hash_headers(h, canon, canon.canonicalize_headers(self.headers), include_headers, sig_header, sig)
+        try:
+            Ed25519PublicKey.from_public_bytes(public).verify(
+                base64.b64decode(re.sub(rb"\s+", b"", sig[b"b"])), h.digest())
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+def _signature_tags(value: bytes) -> dict[bytes, bytes]:
+    try:
+        return parse_tag_value(value)
+    except Exception:  # noqa: BLE001 - a stranger's header: anything unparsable is just unparsable
+        return {}
+
+
+def _key_tags(record: bytes) -> dict[bytes, bytes]:
+    try:
+        return parse_tag_value(record)
+    except Exception:  # noqa: BLE001 - as above, for a stranger's key record
+        return {}
+
+
+def _verify_one(message: bytes, index: int, record: bytes) -> tuple[str, str]:
+    """Check signature *index* against key *record* (a worker thread); (result, reason)."""
+    try:
+        verifier = _Ed25519Verifier(message, logger=_null_log, minkey=1024)
+        prep = verifier.verify_headerprep(index)
+        if not prep:
+            return "permerror", "no signature"
+        sig, include_headers, sigheaders = prep
+        if sig.get(b"a") == b"ed25519-sha256":
+            key = _key_tags(record)
+            if key.get(b"k") != b"ed25519" or not key.get(b"p"):
+                return "permerror", "key record is not an ed25519 key"
+            public = base64.b64decode(re.sub(rb"\s+", b"", key[b"p"]))
+            ok = verifier.check_ed25519(sig, include_headers, sigheaders[index], public)
+        else:
+            dkim.evaluate_pk(b"key", record)  # a bad key record is permerror (dkimpy would say fail)
+            ok = verifier.verify(index, dnsfunc=lambda name, timeout=5: record)
+    except dkim.ValidationError as exc:
+        text = str(exc)
+        if "body hash mismatch" in text:
+            return "fail", "body hash did not verify"
+        return "permerror", text[:100]
+    except (dkim.KeyFormatError, binascii.Error) as exc:
+        return "permerror", f"bad key record: {str(exc)[:80]}"
+    except Exception as exc:  # noqa: BLE001 - dkimpy's edge: any surprise is this signature's permerror
+        return "permerror", f"{type(exc).__name__}: {str(exc)[:80]}"
+    return ("pass", "") if ok else ("fail", "signature did not verify")
+
+
+def signatures(message: bytes) -> list[DkimResult]:
+    """The message's DKIM signatures (up to SIGNATURE_LIMIT, top first), each as a
+    permerror result naming its d=, s=, a= and b= until it is checked."""
+    try:
+        headers = dkim.DKIM(message, logger=_null_log).headers
+    except Exception:  # noqa: BLE001 - a message dkimpy cannot split: nothing to verify
+        return []
+    found = []
+    for value in [v for name, v in headers if name.lower() == b"dkim-signature"][:SIGNATURE_LIMIT]:
+        tags = _signature_tags(value)
+        domain = tags.get(b"d", b"").decode("ascii", "replace").strip().lower()
+        selector = tags.get(b"s", b"").decode("ascii", "replace").strip()
+        algorithm = tags.get(b"a", b"").decode("ascii", "replace").strip()
+        header_b = re.sub(r"\s+", "", tags.get(b"b", b"").decode("ascii", "replace"))[:8]
+        found.append(DkimResult("permerror", domain, selector, header_b, algorithm, "bad signature field"))
+    return found
+
+
+async def check_signature(resolver: Resolver, message: bytes, index: int, found: DkimResult) -> DkimResult:
+    """Signature *index* of *message* (*found*: what signatures() said of it) checked."""
+    if not found.domain or not found.selector:
+        return found
+    name = f"{found.selector}._domainkey.{found.domain}"
+    try:
+        records = await resolver.lookup(name, "TXT")
+    except DnsError:
+        return dataclasses.replace(found, result="temperror", reason="key unavailable")
+    if not records:
+        return dataclasses.replace(found, result="permerror", reason="no key for signature")
+    outcome, reason = await trio.to_thread.run_sync(_verify_one, message, index, records[0].encode())
+    return dataclasses.replace(found, result=outcome, reason=reason)
+
+
+async def verify_dkim(resolver: Resolver, message: bytes) -> list[DkimResult]:
+    """One result per DKIM-Signature (up to SIGNATURE_LIMIT), top first; [] when unsigned."""
+    return [await check_signature(resolver, message, index, found)
+            for index, found in enumerate(signatures(message))]
