@@ -52,7 +52,7 @@ running.
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
 append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
 receive_override_options (its option for address mappings: no virtual aliases, no
-masquerading; and no_milters), smtpd_listen (the fallback over SMTP), non_smtpd_milters
+masquerading; and the switch for milters), smtpd_listen (the fallback over SMTP), non_smtpd_milters
 (``trimail/milter/local.py``: the filters run before the commit; a refusal is
 sendmail's error, exit status 69 or 75), dkim_signing_table and dkim_key_table (DKIM
 signing of the submission, after the milters: trimail/authcheck/signing.py).

@@ -16,7 +16,7 @@ smtpd_sasl_auth_enable, smtpd_sasl_password_file, smtpd_auth_failure_limit,
 smtpd_tls_handshake_timeout, smtpd_reject_unlisted_recipient, hopcount_limit,
 header_size_limit, queue_directory, queue_minfree, table_lookup_timeout, smtpd_milters,
 parent_domain_matches_subdomains, dns_nameservers, content_filter, receive_override_options
-(no_milters among them), reinject_overrides, and trimail/authcheck/inbound.py's.
+(the milters' switch among them), reinject_overrides, and trimail/authcheck/inbound.py's.
 """
 
 from __future__ import annotations
