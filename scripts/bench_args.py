@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MODES = ["report", "accept", "e2e", "latency", "scaling", "testmta", "queuelist", "scale", "idle", "storm"]
+MODES = ["report", "accept", "e2e", "latency", "scaling", "testmta", "filtering", "queuelist", "scale", "idle", "storm"]
 LOAD_MODES = {"report": ["accept", "e2e", "latency"], "accept": ["accept"], "e2e": ["e2e"],
               "latency": ["latency"], "scaling": ["accept"]}
 # messages per run for each size, so that a run lasts seconds, not minutes
