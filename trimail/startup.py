@@ -44,7 +44,7 @@ from trimail.net.control import open_control_listener
 from trimail.net.listener import open_listeners
 from trimail.net.tls import server_tls_context
 from trimail.privileges import drop_privileges
-from trimail.queue.database import QueueError, prepare_directory
+from trimail.queue.database import QueueError, is_test_queue, prepare_directory
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
@@ -102,7 +102,8 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
         for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
             log.warning("%s", warning)
         queue = OpenedQueue(directory, lock, config.queue_busy_timeout)
-        async with QueueWriter(queue.open_store) as writer:
+        # a test queue (trimail.testing) opens its reading connections on first use
+        async with QueueWriter(queue.open_store, readers_at_start=0 if is_test_queue(directory) else None) as writer:
             queue.writer = writer
             await recover(writer, directory)
             preflight(config)

@@ -59,6 +59,11 @@ STAMP_NAME = "queue.stamp"
 _UNSAFE_UNSYNCED: set[str] = set()  # real paths of test queue directories that skip fsync
 
 
+def is_test_queue(queue_directory: str | os.PathLike[str]) -> bool:
+    """Marked by ``unsafe_skip_fsync``: a throw-away queue of trimail.testing."""
+    return bool(_UNSAFE_UNSYNCED) and os.path.realpath(queue_directory) in _UNSAFE_UNSYNCED
+
+
 def unsafe_skip_fsync(queue_directory: str | os.PathLike[str], skip: bool = True) -> None:
     """UNSAFE, for trimail.testing's throw-away queues only: connections opened on
     *queue_directory* from now on never fsync (``PRAGMA synchronous = OFF``), so

@@ -93,16 +93,19 @@ class QueueWriter:
     """Use as ``async with QueueWriter(open_store) as writer:``."""
 
     def __init__(self, open_store: Callable[[], Store], max_batch: int = 512, readers: int = 4,
-                 share_lock: float = 0.0) -> None:
+                 share_lock: float = 0.0, readers_at_start: int | None = None) -> None:
         self._open_store = open_store
         # seconds to leave the database's write lock free after a bookkeeping slice when
         # more is waiting: other processes (smtpd workers committing accepted mail) get
         # their turn instead of losing every race for it to the next slice
         self._share_lock = share_lock
         self._max_batch = max_batch
-        self._readers: list[Store] = []  # idle reading connections, all opened at start (__aenter__)
+        # idle reading connections, opened at start (__aenter__): all of them unless
+        # *readers_at_start* says fewer (a test queue, which never changes hands or
+        # jails, opens them on first use: see read())
+        self._readers: list[Store] = []
         self._read_limiter = trio.CapacityLimiter(readers)
-        self._reader_count = readers
+        self._reader_count = readers if readers_at_start is None else min(readers, readers_at_start)
         self._dead: StorageError | None = None  # set if the writer thread ever ends unexpectedly
         self._checkpoint_idle = CHECKPOINT_IDLE
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()

@@ -164,7 +164,7 @@ class Scheduler(Dispatcher):
         self.masq_classes: list[str] = config.masquerade_classes
         # cleanup's header rewriting per rewrite context (cleanup.rewrite.header_context), built once
         # (context, mapped): with mapped False (no_address_mappings) the headers are not masqueraded
-        unmasked = config.with_overrides({"masquerade_domains": ""})
+        unmasked = config.with_overrides({"masquerade_domains": ""}) if config.masquerade_domains else config
         self.header_rewriters = {(context, mapped): header_rewriter(config if mapped else unmasked, context)
                                  for context in (LOCAL, REMOTE, None) for mapped in (True, False)}
 
