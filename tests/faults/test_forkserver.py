@@ -95,7 +95,9 @@ def test_sigterm_to_the_whole_process_group_drains_sessions(tmp_path, serve_proc
         sock.sendall(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
         got = b""
         while b"354 " not in got:
-            got += sock.recv(4096)
+            chunk = sock.recv(4096)
+            assert chunk, f"closed before 354: {got!r}"
+            got += chunk
         os.killpg(serve.proc.pid, signal.SIGTERM)
         wait_until(lambda: _refused(HOST, serve.port))  # the stop has begun: nothing new is accepted
         sock.sendall(b"Subject: group stop\r\n\r\nfinished in the grace period\r\n.\r\n")

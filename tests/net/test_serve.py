@@ -109,7 +109,9 @@ async def test_data_cut_off_before_the_final_dot_is_not_queued(server):
             sock.sendall(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
             got = b""
             while b"354 " not in got:
-                got += sock.recv(4096)
+                chunk = sock.recv(4096)
+                assert chunk, f"closed before 354: {got!r}"
+                got += chunk
             sock.sendall(b"Subject: half\r\n\r\nthe message is not finished\r\n")
         return got.decode().split("\r\n")
 
@@ -244,7 +246,9 @@ def test_session_in_data_may_finish_during_graceful_stop(tmp_path, serve_process
         sock.sendall(b"EHLO x\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.com>\r\nDATA\r\n")
         got = b""
         while b"354 " not in got:
-            got += sock.recv(4096)
+            chunk = sock.recv(4096)
+            assert chunk, f"closed before 354: {got!r}"
+            got += chunk
         proc.proc.send_signal(signal.SIGTERM)
         proc.wait_log("connect from")  # still alive and serving this session
         sock.sendall(b"Subject: late\r\n\r\nfinished in the grace period\r\n.\r\n")

@@ -114,7 +114,9 @@ async def test_smuggling_through_trimail_delivers_one_message_with_clean_line_en
                 sock.sendall(b"EHLO x.example\r\nMAIL FROM:<a@client.example>\r\nRCPT TO:<b@far.example>\r\nDATA\r\n")
                 got = b""
                 while b"354 " not in got:
-                    got += sock.recv(4096)
+                    chunk = sock.recv(4096)
+                    assert chunk, f"closed before 354: {got!r}"
+                    got += chunk
                 sock.sendall(smuggled.encode() + b".\r\nQUIT\r\n")
                 return read_all(sock)
 

@@ -32,7 +32,6 @@ mynetworks, myhostname, table_lookup_timeout.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import re
 from collections.abc import Callable
@@ -47,6 +46,7 @@ from trimail.authcheck.results import NAME, claims, header_field
 from trimail.authcheck.signing import Signer, SigningError, UnsignableMessage, sign_message
 from trimail.authcheck.spf import SpfResult, check_spf
 from trimail.config import ConfigError
+from trimail.net.addresses import in_networks
 from trimail.queue.spool import Spool
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
@@ -66,16 +66,6 @@ class Results:
 
     spf: SpfResult | None = None
     spent: float = 0.0  # seconds of the time budget used
-
-
-def _in_networks(address: str, networks: list) -> bool:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip.version == net.version and ip in net for net in networks)
 
 
 class AuthChecks:
@@ -101,7 +91,7 @@ class AuthChecks:
             raise ConfigError(f"{config.where('dkim_signing_table')}: {exc}") from None
 
     def outside(self, session: SmtpdSession) -> bool:
-        return not session.sasl_username and not _in_networks(session.client_address, self.mynetworks)
+        return not session.sasl_username and not in_networks(session.client_address, self.mynetworks)
 
     async def at_mail(self, session: SmtpdSession) -> Reply | None:
         """SPF for the MAIL FROM (or HELO) identity; a Reply when smtpd_spf_reject

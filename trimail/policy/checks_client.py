@@ -26,6 +26,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from trimail.maps import TableError
+from trimail.net.addresses import client_ip
 from trimail.policy.access import client_keys
 from trimail.policy.dnschecks import reversed_ip
 from trimail.policy.engine import DUNNO, PERMIT, Request, Result, Verdict, register
@@ -53,9 +54,7 @@ async def permit_inet_interfaces(policy: Policy, req: Request, kind: str, arg: s
                                  verdict: Verdict) -> Result:
     """The client is this host: an address serve listens on; with a wildcard
     listener, any interface address of this host or any loopback address."""
-    from trimail.policy.restrictions import _ip
-
-    ip = _ip(req.client_address)
+    ip = client_ip(req.client_address)
     if ip is None:
         return DUNNO
     own, wildcard = policy.own_addresses

@@ -52,7 +52,6 @@ parameters (``verify.py``).
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -62,6 +61,7 @@ from trimail.config import Config
 from trimail.config.params_filter import filter_problem  # the one check of transport:nexthop
 from trimail.log import printable
 from trimail.maps import Table, TableError, off_loop, open_table
+from trimail.net.addresses import client_ip
 from trimail.net.dns import Resolver
 from trimail.policy.access import AccessResult, parse_result
 from trimail.policy.dnschecks import DnsChecks
@@ -242,7 +242,7 @@ class Policy(DnsChecks):
     def in_mynetworks(self, address: str) -> bool:
         known = self._mynetworks_cache.get(address)
         if known is None:
-            ip = _ip(address)
+            ip = client_ip(address)
             if ip is None:
                 return False
             known = any(ip.version == n.version and ip in n for n in self.mynetworks)
@@ -351,21 +351,11 @@ def _server_error(reply: Reply) -> bool:
     return reply.code == 451 and reply.enhanced.startswith("4.3.")
 
 
-def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return None
-    if ip.version == 6 and ip.ipv4_mapped:
-        return ip.ipv4_mapped
-    return ip
-
-
 def _listen_addresses(config: Config) -> tuple[frozenset[str], bool]:
     """The addresses serve listens on (permit_inet_interfaces: Postfix's
     $inet_interfaces), every interface address when a listener is a wildcard; and
     whether one is (then all of 127/8 is this host too)."""
-    wildcard = any((ip := _ip(address.host.strip("[]"))) is not None and ip.is_unspecified
+    wildcard = any((ip := client_ip(address.host.strip("[]"))) is not None and ip.is_unspecified
                    for parameter in ("smtpd_listen", "submission_listen", "smtps_listen")
                    for address in config.get(parameter))
     return rewrite.own_addresses(config, proxies=False), wildcard

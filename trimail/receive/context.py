@@ -21,7 +21,6 @@ parent_domain_matches_subdomains, dns_nameservers, content_filter, receive_overr
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -247,14 +246,3 @@ class ReceiveContext:
             return recipients
         tables = self.virtual_tables()
         return await off_loop(tables, virtual_expand, recipients, tables, timeout=self.lookup_timeout)
-
-
-def in_networks(address: str, networks: list) -> bool:
-    """smtpd_forbid_bare_newline_exclusions: is the client *address* in one of *networks*?"""
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
-    return any(ip.version == net.version and ip in net for net in networks)

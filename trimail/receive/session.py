@@ -52,12 +52,13 @@ from trimail import rewrite
 from trimail.cleanup.rewrite import rewrite_context
 from trimail.log import printable
 from trimail.maps import TableError
+from trimail.net.addresses import in_networks
 from trimail.policy.restrictions import Request, Verdict
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool, SpoolError
 from trimail.receive.auth import authenticate_session
 from trimail.receive.commit import commit, received_header, scan_header
-from trimail.receive.context import ReceiveContext, in_networks
+from trimail.receive.context import ReceiveContext
 from trimail.receive.etrn import etrn
 from trimail.smtp import replies
 from trimail.smtp.events import (
