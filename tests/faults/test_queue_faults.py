@@ -159,7 +159,9 @@ def test_queue_locked_by_another_process_during_deliveries(daemon, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a tmpfs: needs root")
 def test_disk_full_under_the_queue_while_delivering(daemon, tmp_path, small_queue):
-    with Sink(delay=1.5) as sink:  # a slow peer: the outcomes are recorded after the disk filled up
+    # a slow peer: the outcomes are recorded after the disk filled up, and the three messages
+    # stay active (claimed, not yet delivered) long enough to be seen so under a loaded CI
+    with Sink(delay=3) as sink:
         served = daemon(relayhost=f"[127.0.0.1]:{sink.port}", queue_directory=small_queue,
                         message_size_limit="1000000")
         acknowledged = [send(served.port, [f"a{n}@example.com"], _body(f"before {n}")) for n in range(3)]
