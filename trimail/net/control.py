@@ -60,18 +60,21 @@ async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
     path = queue_directory / CONTROL_NAME
     if path.exists() or path.is_symlink():
         path.unlink()
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # bound here, not through trio's bind (a worker thread for every UNIX socket):
+    # creating one socket file in our own directory does not block
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)
     try:
         with socket_address(path) as address:
-            await sock.bind(address)
+            sock.bind(address)
         sock.listen(16)
     except OSError as exc:  # e.g. a directory we may not write
         sock.close()
         raise ListenError(f"control socket {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
-    return trio.SocketListener(sock)
+    await trio.lowlevel.checkpoint()
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
 
 
 @contextlib.asynccontextmanager

@@ -111,6 +111,7 @@ class QueueWriter:
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending: tuple[deque[_Request], ...] = ()  # taken off the queue by the thread, not yet run
         self._thread: threading.Thread | None = None
+        self._finished = trio.Event()  # set (from the thread, through the token) as the thread ends
         self._token: trio.lowlevel.TrioToken | None = None
         self.stats = WriterStats()
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
@@ -125,7 +126,7 @@ class QueueWriter:
                 failure.append(error)
             opened.set()
 
-        self._thread = threading.Thread(target=self._main, args=(report,), name="trimail-queue-writer",
+        self._thread = threading.Thread(target=self._thread_main, args=(report,), name="trimail-queue-writer",
                                         daemon=True)
         self._thread.start()
         # The thread opens its connection and the readers' (one hand-over, not one per
@@ -145,7 +146,8 @@ class QueueWriter:
         self._requests.put(_STOP)
         assert self._thread is not None
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(self._thread.join)
+            await self._finished.wait()  # no worker thread just to wait in join()
+            self._thread.join()  # returns at once: the thread has nothing left to do
             for store in self._readers:
                 store.close()
             self._readers.clear()
@@ -175,6 +177,16 @@ class QueueWriter:
         return request.result  # type: ignore[no-any-return]
 
     # -- the writer thread -----------------------------------------------------
+
+    def _thread_main(self, report: Callable[[BaseException | None], None]) -> None:
+        try:
+            self._main(report)
+        finally:
+            assert self._token is not None
+            try:
+                self._token.run_sync_soon(self._finished.set)
+            except trio.RunFinishedError:
+                pass
 
     def _main(self, report: Callable[[BaseException | None], None]) -> None:
         assert self._token is not None
