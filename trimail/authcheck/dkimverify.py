@@ -14,7 +14,13 @@ dkimpy needs pynacl for them, which trimail does not depend on.
 
 Security notes: the message and the key records come from strangers; every
 dkimpy exception becomes a result, never an error of the session; RSA keys under
-1024 bits fail (dkimpy's minkey), as RFC 8301 asks.
+1024 bits fail (dkimpy's minkey), as RFC 8301 asks.  dkimpy checks RSA in pure
+Python, ``pow(signature, e, n)`` with the key record's own ``e`` and ``n``: one C
+call that holds the GIL, so a 16384-bit modulus with a 16384-bit exponent stalled
+the whole daemon for 9 s per signature.  A key over OpenSSL's limits (modulus over
+``MAX_MODULUS_BITS``, public exponent over ``MAX_EXPONENT_BITS``, a ``p=`` over
+``MAX_KEY_CHARS``) is a permerror before any arithmetic, and the check runs in a
+thread the time budget can abandon.
 
 Parameters: none read (see trimail/authcheck/inbound.py).
 """
@@ -32,11 +38,15 @@ import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.crypto import parse_public_key
 from dkim.util import parse_tag_value
 
 from trimail.net.dns import DnsError, Resolver
 
 SIGNATURE_LIMIT = 5  # signatures checked per message; the others are not reported
+MAX_MODULUS_BITS = 16384  # OpenSSL's OPENSSL_RSA_MAX_MODULUS_BITS
+MAX_EXPONENT_BITS = 64  # OpenSSL's RSA_MAX_PUBEXP_BITS (real keys: 65537)
+MAX_KEY_CHARS = 4096  # base64 of p=: a 16384-bit key's SubjectPublicKeyInfo is about 2,800
 log = logging.getLogger("trimail.smtpd")
 _null_log = logging.getLogger("trimail.authcheck.dkimpy")
 _null_log.disabled = True  # dkimpy's own error lines: the result says it
@@ -92,6 +102,23 @@ def _key_tags(record: bytes) -> dict[bytes, bytes]:
         return {}
 
 
+def _rsa_key_problem(record: bytes) -> str | None:
+    """Why an RSA key record is refused before dkimpy's arithmetic sees it, or None."""
+    key = _key_tags(record)
+    text = re.sub(rb"\s+", b"", key.get(b"p", b""))
+    if len(text) > MAX_KEY_CHARS:
+        return f"key record over {MAX_KEY_CHARS} characters"
+    try:
+        public = parse_public_key(base64.b64decode(text))
+    except Exception:  # noqa: BLE001 - dkimpy's own parse says what is wrong below
+        return None
+    if public["modulus"].bit_length() > MAX_MODULUS_BITS:
+        return f"RSA key over {MAX_MODULUS_BITS} bits"
+    if public["publicExponent"].bit_length() > MAX_EXPONENT_BITS:
+        return f"RSA public exponent over {MAX_EXPONENT_BITS} bits"
+    return None
+
+
 def _verify_one(message: bytes, index: int, record: bytes) -> tuple[str, str]:
     """Check signature *index* against key *record* (a worker thread); (result, reason)."""
     try:
@@ -107,6 +134,9 @@ def _verify_one(message: bytes, index: int, record: bytes) -> tuple[str, str]:
             public = base64.b64decode(re.sub(rb"\s+", b"", key[b"p"]))
             ok = verifier.check_ed25519(sig, include_headers, sigheaders[index], public)
         else:
+            problem = _rsa_key_problem(record)
+            if problem is not None:
+                return "permerror", f"bad key record: {problem}"
             dkim.evaluate_pk(b"key", record)  # a bad key record is permerror (dkimpy would say fail)
             ok = verifier.verify(index, dnsfunc=lambda name, timeout=5: record)
     except dkim.ValidationError as exc:
@@ -150,7 +180,9 @@ async def check_signature(resolver: Resolver, message: bytes, index: int, found:
         return dataclasses.replace(found, result="temperror", reason="key unavailable")
     if not records:
         return dataclasses.replace(found, result="permerror", reason="no key for signature")
-    outcome, reason = await trio.to_thread.run_sync(_verify_one, message, index, records[0].encode())
+    # abandoned when the time budget runs out (the thread finishes on its own; bounded work)
+    outcome, reason = await trio.to_thread.run_sync(_verify_one, message, index, records[0].encode(),
+                                                    abandon_on_cancel=True)
     return dataclasses.replace(found, result=outcome, reason=reason)
 
 

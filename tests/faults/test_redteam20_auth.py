@@ -1,0 +1,183 @@
+"""Red team of the mail authentication checks (issue 20) against a real ``trimail
+serve`` child process: what a stranger's DNS zone and a stranger's message can make
+the SPF, DKIM and DMARC checks do.  The rule (STYLE.md section 0): nothing outside
+one session ends or stalls the daemon, and one message's checks cost bounded time
+and memory.
+
+Loopback addresses of this module: serve on 127.0.61.5, the DNS server on
+127.0.61.6, clients 127.0.61.20 .. .29 (outside mynetworks; 127.0.61.10 is
+mynetworks)."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import queue
+import random
+import smtplib
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import dkim
+import trio
+
+from tests.authcheck.keys import txt
+from tests.dnsserver import run_dns_server
+from tests.faults.conftest import banner
+from trimail.authcheck.signing import generate_key
+from trimail.queue.store import Store
+
+SERVE = "127.0.61.5"
+DNS = "127.0.61.6"
+CLIENT = "127.0.61.20"
+SIGNING_PEM = generate_key("rsa", 1024)
+MESSAGE = (b"From: Alice <alice@sender.example>\r\nTo: bob@rcpt.example\r\nSubject: hello\r\n"
+           b"Date: Wed, 02 Dec 2026 10:00:00 +0000\r\nMessage-ID: <1@sender.example>\r\n\r\n"
+           b"Hello Bob.\r\n")
+
+
+@contextlib.contextmanager
+def dns_server(zone: dict) -> Iterator[int]:
+    """tests/dnsserver.py's server answering *zone* on DNS, in a thread of its own
+    (the test drives a serve child process, not a trio run); yields its port."""
+    started: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            started.put(await nursery.start(run_dns_server, zone, DNS))
+            await trio.to_thread.run_sync(stop.wait)
+            nursery.cancel_scope.cancel()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    try:
+        yield started.get(timeout=10)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
+def start(daemon, dns_port: int, **params: object):
+    settings: dict[str, object] = {
+        "smtpd_listen": f"{SERVE}:0", "dns_nameservers": f"{DNS}:{dns_port}", "mynetworks": "127.0.61.10/32",
+        "relay_domains": "rcpt.example", "smtpd_peername_lookup": "no", "smtpd_workers": "0",
+        "master_service_disable": "qmgr"}
+    settings.update(params)
+    return daemon(**settings)
+
+
+def send(port: int, message: bytes, sender: str = "bounce@sender.example") -> tuple[int, bytes]:
+    """The reply to MAIL FROM when refused, else to the end of DATA."""
+    with smtplib.SMTP(SERVE, port, local_hostname="helo.example", timeout=60, source_address=(CLIENT, 0)) as smtp:
+        smtp.ehlo()
+        reply = smtp.mail(sender)
+        if reply[0] != 250:
+            return reply
+        assert smtp.rcpt("bob@rcpt.example")[0] == 250
+        return smtp.data(message)
+
+
+def assert_serving(serve) -> None:
+    assert serve.alive, "serve exited:\n" + "\n".join(serve.proc.log[-30:])
+    greeting = banner(serve.port, SERVE)
+    assert greeting.startswith("220 "), greeting
+
+
+def last_queued(queue_directory) -> bytes:
+    store = Store.open(queue_directory, readonly=True)
+    try:
+        return store.read_content(store.list_messages()[0].id)
+    finally:
+        store.close()
+
+
+def auth_results(content: bytes) -> str:
+    head = content.split(b"\r\n\r\n", 1)[0].decode("utf-8", "replace").replace("\r\n\t", " ").replace("\r\n ", " ")
+    return "\n".join(line for line in head.split("\r\n") if line.lower().startswith("authentication-results:"))
+
+
+def sign(message: bytes, selector: bytes, domain: bytes = b"sender.example") -> bytes:
+    return dkim.sign(message, selector, domain, SIGNING_PEM) + message
+
+
+def _der_length(length: int) -> bytes:
+    if length < 128:
+        return bytes([length])
+    octets = length.to_bytes((length.bit_length() + 7) // 8, "big")
+    return bytes([0x80 | len(octets)]) + octets
+
+
+def _der_integer(value: int) -> bytes:
+    octets = value.to_bytes(value.bit_length() // 8 + 1, "big")
+    return b"\x02" + _der_length(len(octets)) + octets
+
+
+def rsa_public_key(modulus_bits: int, exponent_bits: int) -> str:
+    """A DKIM key record of a (made up) RSA key: an RSAPublicKey of the given sizes."""
+    rng = random.Random(modulus_bits * 7 + exponent_bits)
+    modulus = rng.getrandbits(modulus_bits) | 1 | (1 << (modulus_bits - 1))
+    exponent = rng.getrandbits(exponent_bits) | 1 | (1 << (exponent_bits - 1))
+    body = _der_integer(modulus) + _der_integer(exponent)
+    der = b"\x30" + _der_length(len(body)) + body
+    return "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode()
+
+
+class Probe:
+    """Greetings of fresh connections, one after another, while something runs:
+    the longest wait for a 220 is how long serve stood still."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.worst = 0.0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            began = time.monotonic()
+            try:
+                banner(self.port, SERVE, timeout=15)
+            except OSError:
+                pass
+            self.worst = max(self.worst, time.monotonic() - began)
+
+    def __enter__(self) -> Probe:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(20)
+
+
+def test_a_dkim_key_with_a_huge_exponent_stalls_no_one(daemon):
+    """dkimpy checks RSA in pure Python: pow(signature, e, n) with the key record's
+    e and n, one C call holding the GIL.  A 16384-bit modulus with a 16384-bit
+    exponent costs about 9 s of CPU per signature, and the event loop stood still
+    all along: every other session of the daemon waited (several signatures, a
+    bigger key: minutes).  Such a key is now a permerror before any arithmetic
+    (OpenSSL's limits: modulus at most 16384 bits, exponent at most 64 bits)."""
+    record = rsa_public_key(16384, 16384)
+    zone = {"sender.example": {"TXT": [txt("v=spf1 -all")]},
+            "s1._domainkey.sender.example": {"TXT": [txt(record)]},
+            "s2._domainkey.sender.example": {"TXT": [txt(record)]}}
+    message = sign(sign(MESSAGE, b"s1"), b"s2")
+    with dns_server(zone) as dns_port:
+        serve = start(daemon, dns_port, smtpd_authentication_timeout="3s")
+        outcome: list = []
+        sender = threading.Thread(target=lambda: outcome.append((send(serve.port, message), time.monotonic())))
+        began = time.monotonic()
+        with Probe(serve.port) as probe:
+            sender.start()
+            sender.join(60)
+        assert outcome, "no reply to the message"
+        (code, text), ended = outcome[0]
+        assert code == 250, text
+        assert ended - began < 6, f"the message took {ended - began:.1f} s (budget 3 s)"
+        assert probe.worst < 1.5, f"a new client waited {probe.worst:.1f} s for its greeting"
+        assert_serving(serve)
+        results = auth_results(last_queued(serve.queue_directory))
+        assert "dkim=permerror" in results and "dkim=pass" not in results, results
