@@ -218,3 +218,22 @@ def test_a_signature_naming_thousands_of_fields_costs_little_cpu(daemon):
         assert_serving(serve)
         results = auth_results(last_queued(serve.queue_directory))
         assert "dkim=permerror" in results, results
+
+
+def test_a_from_field_after_64_kb_of_header_does_not_escape_dmarc(daemon):
+    """DMARC read the From: domain from the header the session keeps for Message-ID
+    and the hop count: its first 64 kB only.  A spoofed From: placed after 64 kB of
+    padding (still under header_size_limit) was "not exactly one From: address",
+    dmarc=permerror, and smtpd_dmarc_reject let the forgery of a p=reject domain
+    through.  The From: is now read from the whole header section."""
+    zone = {"sender.example": {"TXT": [txt("v=spf1 -all")]},
+            "_dmarc.sender.example": {"TXT": [txt("v=DMARC1; p=reject")]}}
+    padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"x" * 60) for i in range(1000))
+    assert 64 * 1024 < len(padding) < 90 * 1024
+    spoof = padding + MESSAGE
+    with dns_server(zone) as dns_port:
+        serve = start(daemon, dns_port, smtpd_dmarc_reject="yes")
+        code, text = send(serve.port, spoof, sender="bounce@evil.example")
+        assert (code, text[:5]) == (550, b"5.7.1"), (code, text)
+        assert b"sender.example" in text
+        assert_serving(serve)
