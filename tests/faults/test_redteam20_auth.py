@@ -237,3 +237,37 @@ def test_a_from_field_after_64_kb_of_header_does_not_escape_dmarc(daemon):
         assert (code, text[:5]) == (550, b"5.7.1"), (code, text)
         assert b"sender.example" in text
         assert_serving(serve)
+
+
+def test_an_spf_record_of_macros_does_not_freeze_the_event_loop(daemon):
+    """An expanded SPF name over 253 octets loses labels on the left; that was a loop
+    copying the rest of the name for each label dropped, in the event loop at MAIL
+    FROM.  "exists:%{h}%{h}..." with a HELO name of 125 labels expands to
+    megabytes with a dot every other byte: seconds for 16 kB of record, minutes
+    for a 64 kB one, and the time budget (a cancel scope) cannot interrupt code
+    that never awaits.  Now one cut, linear."""
+    helo = ".".join(["a"] * 120) + ".example"
+    record = "v=spf1 exists:" + "%{h}" * 4000 + ".example -all"
+    zone = {"sender.example": {"TXT": [txt(record)]}}
+    with dns_server(zone) as dns_port:
+        serve = start(daemon, dns_port, smtpd_authentication_timeout="3s")
+        outcome: list = []
+
+        def mail() -> None:
+            with smtplib.SMTP(SERVE, serve.port, local_hostname=helo, timeout=60,
+                              source_address=(CLIENT, 0)) as smtp:
+                smtp.ehlo()
+                began = time.monotonic()
+                reply = smtp.mail("bounce@sender.example")
+                outcome.append((reply, time.monotonic() - began))
+
+        sender = threading.Thread(target=mail)
+        with Probe(serve.port) as probe:
+            sender.start()
+            sender.join(60)
+        assert outcome, "no reply to MAIL FROM"
+        (code, text), took = outcome[0]
+        assert code == 250, text
+        assert took < 2, f"MAIL FROM took {took:.1f} s"
+        assert probe.worst < 1.5, f"a new client waited {probe.worst:.1f} s for its greeting"
+        assert_serving(serve)
