@@ -18,6 +18,7 @@ import queue
 import random
 import smtplib
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from tests.authcheck.keys import txt
 from tests.dnsserver import run_dns_server
 from tests.faults.conftest import banner
 from trimail.authcheck.signing import generate_key, public_record
+from trimail.milter import protocol as p
 from trimail.queue.store import Store
 
 SERVE = "127.0.61.5"
@@ -299,3 +301,94 @@ def test_a_big_unsigned_message_does_not_hold_the_event_loop(daemon):
         assert min(spent) < 0.3, f"the event loop spent {spent} s on each message"
         assert_serving(serve)
         assert "dkim=none" in auth_results(last_queued(serve.queue_directory))
+
+
+MILTER = "127.0.61.7"
+
+
+class StreamingMilter:
+    """A milter (raw sockets, a thread) that says "continue" to everything and, at
+    the end of the message, sends *frames* modification replies made by *make(n)*
+    as fast as trimail reads them, then accepts; counts the bytes it got out."""
+
+    def __init__(self, make, frames: int) -> None:
+        self.make = make
+        self.frames = frames
+        self.sent = 0
+        self.listener = socket.create_server((MILTER, 0))
+        self.port = self.listener.getsockname()[1]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    @property
+    def name(self) -> str:
+        return f"inet:{MILTER}:{self.port}"
+
+    def _run(self) -> None:
+        conn, _ = self.listener.accept()
+        reader = p.FrameReader()
+        with conn:
+            try:
+                while True:
+                    frame = reader.next_frame()
+                    if frame is None:
+                        data = conn.recv(65536)
+                        if not data:
+                            return
+                        reader.receive_data(data)
+                        continue
+                    command, _ = frame
+                    if command == p.SMFIC_OPTNEG:
+                        conn.sendall(p.frame(p.SMFIC_OPTNEG, struct.pack(">III", 6, p.ALL_ACTIONS, 0)))
+                    elif command in (p.SMFIC_MACRO, p.SMFIC_ABORT):
+                        continue
+                    elif command == p.SMFIC_QUIT:
+                        return
+                    elif command == p.SMFIC_BODYEOB:
+                        for n in range(self.frames):
+                            data = self.make(n)
+                            conn.sendall(data)
+                            self.sent += len(data)
+                        conn.sendall(p.frame(p.SMFIR_ACCEPT))
+                    else:
+                        conn.sendall(p.frame(p.SMFIR_CONTINUE))
+            except OSError:  # trimail closed the connection: what it had enough of
+                return
+
+    def close(self) -> None:
+        self.listener.close()
+        self.thread.join(30)
+
+
+def peak_memory(serve) -> int:
+    """serve's peak resident set (VmHWM) in bytes."""
+    for line in open(f"/proc/{serve.proc.proc.pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_a_milter_streaming_a_replacement_body_is_cut_off(daemon, tmp_path):
+    """At the end of the message the milter client kept every modification reply in
+    a list until the filter's decision came, and only then wrote a replaced body to
+    a spool and checked it against message_size_limit: a filter that streams
+    SMFIR_REPLBODY (each frame under the 1 MiB frame limit, the timeout counted per
+    frame) grew serve by whatever it sent (here 300 MB; nothing stopped 30 GB, and
+    the kernel's OOM killer ends the whole daemon).  The modifications of one
+    message are now bounded (message_size_limit + header_size_limit + 1 MiB), and a
+    filter that sends more has failed: milter_default_action (tempfail)."""
+    chunk = p.frame(p.SMFIR_REPLBODY, b"x" * ((1 << 20) - 3) + b"\r\n")
+    milter = StreamingMilter(lambda n: chunk, 300)
+    try:
+        with dns_server({}) as dns_port:
+            serve = start(daemon, dns_port, smtpd_milters=milter.name, smtpd_authentication_checks="")
+            before = peak_memory(serve)
+            code, text = send(serve.port, MESSAGE)
+            grown = peak_memory(serve) - before
+            assert (code, text[:5]) == (451, b"4.7.1"), (code, text)
+            assert milter.sent < 40 << 20, f"the milter got {milter.sent >> 20} MiB in"
+            assert grown < 100 << 20, f"serve grew by {grown >> 20} MiB"
+            milter.close()  # the next session's filter is down: its greeting at once
+            assert_serving(serve)
+    finally:
+        milter.close()
