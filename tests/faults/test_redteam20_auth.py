@@ -311,8 +311,9 @@ class StreamingMilter:
     the end of the message, sends *frames* modification replies made by *make(n)*
     as fast as trimail reads them, then accepts; counts the bytes it got out."""
 
-    def __init__(self, make, frames: int) -> None:
+    def __init__(self, make, frames: int, protocol: int = 0) -> None:
         self.make = make
+        self.protocol = protocol
         self.frames = frames
         self.sent = 0
         self.listener = socket.create_server((MILTER, 0))
@@ -339,7 +340,7 @@ class StreamingMilter:
                         continue
                     command, _ = frame
                     if command == p.SMFIC_OPTNEG:
-                        conn.sendall(p.frame(p.SMFIC_OPTNEG, struct.pack(">III", 6, p.ALL_ACTIONS, 0)))
+                        conn.sendall(p.frame(p.SMFIC_OPTNEG, struct.pack(">III", 6, p.ALL_ACTIONS, self.protocol)))
                     elif command in (p.SMFIC_MACRO, p.SMFIC_ABORT):
                         continue
                     elif command == p.SMFIC_QUIT:
@@ -389,6 +390,30 @@ def test_a_milter_streaming_a_replacement_body_is_cut_off(daemon, tmp_path):
             assert milter.sent < 40 << 20, f"the milter got {milter.sent >> 20} MiB in"
             assert grown < 100 << 20, f"serve grew by {grown >> 20} MiB"
             milter.close()  # the next session's filter is down: its greeting at once
+            assert_serving(serve)
+    finally:
+        milter.close()
+
+
+def test_a_milter_changing_absent_headers_does_not_hold_the_event_loop(daemon):
+    """Each SMFIR_CHGHEADER scans the header fields for the name's instances: 1,000
+    of them (index 2**31, a name the message does not have) against the 20,000
+    fields of a 100 kB header cost 1.3 s, in the event loop, where every session
+    of the daemon waited.  The edits are made in a worker thread now."""
+    change = p.frame(p.SMFIR_CHGHEADER, struct.pack(">I", 2**31) + b"X-Absent\0\0")
+    milter = StreamingMilter(lambda n: change, 1000, protocol=p.SMFIP_NOHDRS | p.SMFIP_NOBODY)
+    message = MESSAGE.replace(b"\r\n\r\n", b"\r\n" + b"".join(
+        b"a:%d\r\n" % (i % 10) for i in range(19000)) + b"\r\n", 1)
+    assert len(message) < 102400  # header_size_limit
+    try:
+        with dns_server({}) as dns_port:
+            serve = start(daemon, dns_port, smtpd_milters=milter.name, smtpd_authentication_checks="")
+            cpu = event_loop_cpu(serve)
+            code, text = send(serve.port, message)
+            spent = event_loop_cpu(serve) - cpu
+            assert code == 250, text
+            assert spent < 0.6, f"the event loop spent {spent:.2f} s on the message"
+            milter.close()
             assert_serving(serve)
     finally:
         milter.close()

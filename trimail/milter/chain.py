@@ -23,6 +23,8 @@ import logging
 import re
 from collections.abc import Callable
 
+import trio
+
 from trimail.milter import protocol as p
 from trimail.milter.client import DEFAULT_EDIT_LIMIT, MilterClient, MilterError
 from trimail.milter.edit import Content, apply
@@ -234,7 +236,10 @@ class Milters:
             f.in_message = False
             hold = [e for e in edits if e.kind == "quarantine"]
             try:
-                apply(content, [e for e in edits if e.kind != "quarantine"], f.client.conversation.leading_space)
+                # in a worker thread: up to MAX_EDITS edits, each a scan of up to
+                # header_size_limit's fields, cost seconds the event loop cannot spend
+                await trio.to_thread.run_sync(apply, content, [e for e in edits if e.kind != "quarantine"],
+                                              f.client.conversation.leading_space)
             except ValueError as exc:
                 return self._fail(f, str(exc))
             if hold:
