@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterator
 
 import dkim
+import pytest
 import trio
 
 from tests.authcheck.keys import txt
@@ -415,5 +416,30 @@ def test_a_milter_changing_absent_headers_does_not_hold_the_event_loop(daemon):
             assert spent < 0.6, f"the event loop spent {spent:.2f} s on the message"
             milter.close()
             assert_serving(serve)
+    finally:
+        milter.close()
+
+
+@pytest.mark.parametrize("command", [p.SMFIR_ADDRCPT, p.SMFIR_CHGFROM])
+def test_a_milter_address_with_cr_lf_is_refused(daemon, command):
+    """An address a filter adds (SMFIR_ADDRCPT) or puts as the sender (SMFIR_CHGFROM)
+    went into the queue as it came, CR LF included: a recipient the SMTP client
+    refuses to format at every delivery attempt (it would write "RCPT TO:<a>" and a
+    command of the filter's choosing).  Such an edit cannot be made: the filter has
+    failed, milter_default_action answers (tempfail), nothing is queued."""
+    edit = p.frame(command, b"<evil@rcpt.example>\r\nRCPT TO:<other@rcpt.example>\0")
+    milter = StreamingMilter(lambda n: edit, 1, protocol=p.SMFIP_NOHDRS | p.SMFIP_NOBODY)
+    try:
+        with dns_server({}) as dns_port:
+            serve = start(daemon, dns_port, smtpd_milters=milter.name, smtpd_authentication_checks="")
+            code, text = send(serve.port, MESSAGE)
+            assert (code, text[:5]) == (451, b"4.7.1"), (code, text)
+            milter.close()
+            assert_serving(serve)
+            store = Store.open(serve.queue_directory, readonly=True)
+            try:
+                assert store.list_messages() == []
+            finally:
+                store.close()
     finally:
         milter.close()
