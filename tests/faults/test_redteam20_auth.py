@@ -11,9 +11,9 @@ mynetworks)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
-import contextlib
 import queue
 import random
 import smtplib
@@ -22,6 +22,8 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Self
 
 import dkim
 import pytest
@@ -149,7 +151,7 @@ class Probe:
                 pass
             self.worst = max(self.worst, time.monotonic() - began)
 
-    def __enter__(self) -> Probe:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -190,7 +192,7 @@ def test_a_dkim_key_with_a_huge_exponent_stalls_no_one(daemon):
 
 def serve_cpu(serve) -> float:
     """CPU seconds serve has used so far (user + system, from /proc)."""
-    fields = open(f"/proc/{serve.proc.proc.pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{serve.proc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -280,7 +282,7 @@ def event_loop_cpu(serve) -> float:
     """CPU seconds of serve's main thread: its trio event loop (worker threads,
     where DKIM hashing belongs, are other tasks of the process)."""
     pid = serve.proc.proc.pid
-    fields = open(f"/proc/{pid}/task/{pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -364,7 +366,7 @@ class StreamingMilter:
 
 def peak_memory(serve) -> int:
     """serve's peak resident set (VmHWM) in bytes."""
-    for line in open(f"/proc/{serve.proc.proc.pid}/status"):
+    for line in Path(f"/proc/{serve.proc.proc.pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("no VmHWM")
