@@ -14,7 +14,18 @@ dkimpy needs pynacl for them, which trimail does not depend on.
 
 Security notes: the message and the key records come from strangers; every
 dkimpy exception becomes a result, never an error of the session; RSA keys under
-1024 bits fail (dkimpy's minkey), as RFC 8301 asks.
+1024 bits fail (dkimpy's minkey), as RFC 8301 asks.  dkimpy checks RSA in pure
+Python, ``pow(signature, e, n)`` with the key record's own ``e`` and ``n``: one C
+call that holds the GIL, so a 16384-bit modulus with a 16384-bit exponent stalled
+the whole daemon for 9 s per signature.  A key over OpenSSL's limits (modulus over
+``MAX_MODULUS_BITS``, public exponent over ``MAX_EXPONENT_BITS``, a ``p=`` over
+``MAX_KEY_CHARS``) is a permerror before any arithmetic, and the check runs in a
+thread the time budget can abandon.  dkimpy looks up each ``h=`` name by scanning
+the header section from the bottom: 7,000 names against 9,000 fields (an 86 kB
+message) cost 4 s of CPU per signature, so a signature naming more than
+``MAX_SIGNED_FIELDS`` fields is a permerror before that scan, and so is a ``b=``
+longer than a ``MAX_MODULUS_BITS`` signature (dkimpy turns it into an integer byte
+by byte, quadratic: 0.75 s for a 93 kB one).
 
 Parameters: none read (see trimail/authcheck/inbound.py).
 """
@@ -32,13 +43,19 @@ import trio
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from dkim.canonicalization import CanonicalizationPolicy, InvalidCanonicalizationPolicyError
+from dkim.crypto import parse_public_key
 from dkim.util import parse_tag_value
 
 from trimail.net.dns import DnsError, Resolver
 
 SIGNATURE_LIMIT = 5  # signatures checked per message; the others are not reported
+MAX_MODULUS_BITS = 16384  # OpenSSL's OPENSSL_RSA_MAX_MODULUS_BITS
+MAX_EXPONENT_BITS = 64  # OpenSSL's RSA_MAX_PUBEXP_BITS (real keys: 65537)
+MAX_KEY_CHARS = 4096  # base64 of p=: a 16384-bit key's SubjectPublicKeyInfo is about 2,800
+MAX_SIGNED_FIELDS = 256  # names in h= (real signatures: 10 to 40, oversigned twice that)
 log = logging.getLogger("trimail.smtpd")
 _null_log = logging.getLogger("trimail.authcheck.dkimpy")
+_HEADER_END = re.compile(rb"\n\r?\n")  # the empty line after the header, as dkimpy splits lines
 _null_log.disabled = True  # dkimpy's own error lines: the result says it
 
 
@@ -92,6 +109,23 @@ def _key_tags(record: bytes) -> dict[bytes, bytes]:
         return {}
 
 
+def _rsa_key_problem(record: bytes) -> str | None:
+    """Why an RSA key record is refused before dkimpy's arithmetic sees it, or None."""
+    key = _key_tags(record)
+    text = re.sub(rb"\s+", b"", key.get(b"p", b""))
+    if len(text) > MAX_KEY_CHARS:
+        return f"key record over {MAX_KEY_CHARS} characters"
+    try:
+        public = parse_public_key(base64.b64decode(text))
+    except Exception:  # noqa: BLE001 - dkimpy's own parse says what is wrong below
+        return None
+    if public["modulus"].bit_length() > MAX_MODULUS_BITS:
+        return f"RSA key over {MAX_MODULUS_BITS} bits"
+    if public["publicExponent"].bit_length() > MAX_EXPONENT_BITS:
+        return f"RSA public exponent over {MAX_EXPONENT_BITS} bits"
+    return None
+
+
 def _verify_one(message: bytes, index: int, record: bytes) -> tuple[str, str]:
     """Check signature *index* against key *record* (a worker thread); (result, reason)."""
     try:
@@ -100,6 +134,11 @@ def _verify_one(message: bytes, index: int, record: bytes) -> tuple[str, str]:
         if not prep:
             return "permerror", "no signature"
         sig, include_headers, sigheaders = prep
+        if len(include_headers) > MAX_SIGNED_FIELDS:
+            return "permerror", f"h= names over {MAX_SIGNED_FIELDS} header fields"
+        if len(re.sub(rb"\s+", b"", sig.get(b"b", b""))) > MAX_MODULUS_BITS // 6 + 4:
+            # longer than any key's signature: dkimpy's byte-by-byte str2int() is quadratic
+            return "permerror", f"b= longer than a {MAX_MODULUS_BITS}-bit signature"
         if sig.get(b"a") == b"ed25519-sha256":
             key = _key_tags(record)
             if key.get(b"k") != b"ed25519" or not key.get(b"p"):
@@ -107,6 +146,9 @@ def _verify_one(message: bytes, index: int, record: bytes) -> tuple[str, str]:
             public = base64.b64decode(re.sub(rb"\s+", b"", key[b"p"]))
             ok = verifier.check_ed25519(sig, include_headers, sigheaders[index], public)
         else:
+            problem = _rsa_key_problem(record)
+            if problem is not None:
+                return "permerror", f"bad key record: {problem}"
             dkim.evaluate_pk(b"key", record)  # a bad key record is permerror (dkimpy would say fail)
             ok = verifier.verify(index, dnsfunc=lambda name, timeout=5: record)
     except dkim.ValidationError as exc:
@@ -123,9 +165,14 @@ def _verify_one(message: bytes, index: int, record: bytes) -> tuple[str, str]:
 
 def signatures(message: bytes) -> list[DkimResult]:
     """The message's DKIM signatures (up to SIGNATURE_LIMIT, top first), each as a
-    permerror result naming its d=, s=, a= and b= until it is checked."""
+    permerror result naming its d=, s=, a= and b= until it is checked.  Only the
+    header section is parsed (this runs in the event loop: dkimpy splitting a 9 MB
+    body into lines held it 0.6 s for every message from outside, signed or not)."""
+    if message.startswith((b"\r\n", b"\n")):
+        return []
+    end = _HEADER_END.search(message)
     try:
-        headers = dkim.DKIM(message, logger=_null_log).headers
+        headers = dkim.DKIM(message if end is None else message[:end.end()], logger=_null_log).headers
     except Exception:  # noqa: BLE001 - a message dkimpy cannot split: nothing to verify
         return []
     found = []
@@ -150,7 +197,9 @@ async def check_signature(resolver: Resolver, message: bytes, index: int, found:
         return dataclasses.replace(found, result="temperror", reason="key unavailable")
     if not records:
         return dataclasses.replace(found, result="permerror", reason="no key for signature")
-    outcome, reason = await trio.to_thread.run_sync(_verify_one, message, index, records[0].encode())
+    # abandoned when the time budget runs out (the thread finishes on its own; bounded work)
+    outcome, reason = await trio.to_thread.run_sync(_verify_one, message, index, records[0].encode(),
+                                                    abandon_on_cancel=True)
     return dataclasses.replace(found, result=outcome, reason=reason)
 
 

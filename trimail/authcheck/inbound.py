@@ -147,7 +147,10 @@ class AuthChecks:
         assert txn.spool is not None
         results = getattr(txn, "auth", None) or Results()
         raw = await read_content(txn.spool)
-        header_from = from_domain(txn.header)
+        # the whole header section (bounded by header_size_limit), not txn.header: that
+        # keeps only the first 64 kB, and a From: placed after them made DMARC permerror
+        # instead of fail (smtpd_dmarc_reject bypassed by padding)
+        header_from = from_domain(header_section(raw))
         # what a check that runs out of time reports: temperror
         pending = signatures(raw) if self.methods & {"dkim", "dmarc"} else None
         dkims = None if pending is None else [
@@ -212,6 +215,14 @@ def _forged(field: bytes, authserv_id: str) -> bool:
     name, colon, value = field.partition(b":")
     return bool(colon) and name.strip().lower() == NAME.lower().encode() and claims(
         value.decode("utf-8", "replace"), authserv_id)
+
+
+def header_section(raw: bytes) -> bytes:
+    """*raw*'s header section, with the empty line that ends it (all of *raw* without one)."""
+    if raw.startswith(b"\r\n"):
+        return b""
+    end = raw.find(b"\r\n\r\n")
+    return raw if end < 0 else raw[:end + 4]
 
 
 def first_field_end(raw: bytes) -> int:

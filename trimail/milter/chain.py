@@ -12,7 +12,8 @@ Answers are Postfix's strings: None (go on), ``"D"`` (discard), ``"H"`` + reason
 
 Parameters (``MilterSettings``): smtpd_milters or non_smtpd_milters, milter_protocol,
 milter_default_action, milter_connect_timeout, milter_command_timeout,
-milter_content_timeout, milter_*_macros, milter_macro_daemon_name, milter_macro_v.
+milter_content_timeout, milter_*_macros, milter_macro_daemon_name, milter_macro_v,
+message_size_limit and header_size_limit (the bound of one filter's modifications).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ import logging
 import re
 from collections.abc import Callable
 
+import trio
+
 from trimail.milter import protocol as p
-from trimail.milter.client import MilterClient, MilterError
+from trimail.milter.client import DEFAULT_EDIT_LIMIT, MilterClient, MilterError
 from trimail.milter.edit import Content, apply
 from trimail.milter.machine import MACRO_STAGE, parse_endpoint, parse_protocol
 from trimail.milter.protocol import Decision, Modification
@@ -48,6 +51,7 @@ class MilterSettings:
     command_timeout: float = 30.0
     content_timeout: float = 300.0
     macros: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+    edit_limit: int = DEFAULT_EDIT_LIMIT  # bytes of one filter's modifications to one message
 
     @classmethod
     def from_config(cls, config, names: list[str]) -> MilterSettings:
@@ -55,7 +59,9 @@ class MilterSettings:
                    default_action=config.milter_default_action,
                    connect_timeout=config.milter_connect_timeout, command_timeout=config.milter_command_timeout,
                    content_timeout=config.milter_content_timeout,
-                   macros={stage: tuple(getattr(config, param)) for stage, param in MACRO_PARAMS.items()})
+                   macros={stage: tuple(getattr(config, param)) for stage, param in MACRO_PARAMS.items()},
+                   edit_limit=config.message_size_limit + config.header_size_limit + (1 << 20)
+                   if config.message_size_limit else DEFAULT_EDIT_LIMIT)
 
 
 def valid_reply(text: str) -> bool:
@@ -92,7 +98,7 @@ class _Filter:
         self.name = name
         self.client = MilterClient(name, settings.protocol, connect_timeout=settings.connect_timeout,
                                    command_timeout=settings.command_timeout,
-                                   content_timeout=settings.content_timeout)
+                                   content_timeout=settings.content_timeout, edit_limit=settings.edit_limit)
         self.state = "new"  # new, envelope, accept_con, reject_con, accept_msg, error
         self.persistent: str | None = None  # the reply that stays (def_reply)
         self.in_message = False  # MAIL sent since the last ABORT or end of message
@@ -230,7 +236,10 @@ class Milters:
             f.in_message = False
             hold = [e for e in edits if e.kind == "quarantine"]
             try:
-                apply(content, [e for e in edits if e.kind != "quarantine"], f.client.conversation.leading_space)
+                # in a worker thread: up to MAX_EDITS edits, each a scan of up to
+                # header_size_limit's fields, cost seconds the event loop cannot spend
+                await trio.to_thread.run_sync(apply, content, [e for e in edits if e.kind != "quarantine"],
+                                              f.client.conversation.leading_space)
             except ValueError as exc:
                 return self._fail(f, str(exc))
             if hold:

@@ -4,8 +4,15 @@ with its deadline.  Everything the filter can do wrong -- refuse the connection,
 say nothing until the deadline, close, send a malformed or unexpected frame --
 comes out as ``MilterError`` with the text Postfix logs after ``milter NAME:``.
 
+The modifications a filter sends before its decision at the end of a message are
+held until the decision comes (a replaced body too): at most ``MAX_EDITS`` of them
+and ``edit_limit`` bytes (message_size_limit + header_size_limit + 1 MiB, each
+modification charged ``EDIT_OVERHEAD`` more); a filter that sends more has failed
+("too many modifications").  Without the bound a filter streaming SMFIR_REPLBODY
+grew the daemon by all it sent, until the OOM killer ended it.
+
 Parameters (through the caller): milter_connect_timeout, milter_command_timeout,
-milter_content_timeout, milter_protocol.
+milter_content_timeout, milter_protocol, message_size_limit, header_size_limit.
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ from trimail.milter.protocol import (
 )
 
 RECEIVE_SIZE = 65536
+MAX_EDITS = 1000  # modification replies one filter may send for one message
+EDIT_OVERHEAD = 256  # bytes charged per modification besides its data (the objects holding it)
+DEFAULT_EDIT_LIMIT = 64 << 20  # bytes of modifications per message when message_size_limit is 0
 
 
 class MilterError(Exception):
@@ -51,8 +61,9 @@ class MilterClient:
     """One connection to one filter for one SMTP session."""
 
     def __init__(self, name: str, protocol: str, *, connect_timeout: float, command_timeout: float,
-                 content_timeout: float) -> None:
+                 content_timeout: float, edit_limit: int = DEFAULT_EDIT_LIMIT) -> None:
         self.name = name
+        self.edit_limit = edit_limit
         self.conversation = Conversation(protocol)
         self.connect_timeout = connect_timeout
         self.command_timeout = command_timeout
@@ -102,6 +113,7 @@ class MilterClient:
         if not reply:
             return None
         timeout = self.content_timeout if event in ("header", "eoh", "body", "eom") else self.command_timeout
+        held = 0  # bytes of modifications held for this event
         while True:
             command, frame_data = await self._frame(name, timeout)
             try:
@@ -110,6 +122,10 @@ class MilterClient:
                 raise MilterError(str(exc)) from None
             if isinstance(answer, Modification):
                 if edits is not None:
+                    held += len(frame_data) + EDIT_OVERHEAD
+                    if len(edits) >= MAX_EDITS or held > self.edit_limit:
+                        raise MilterError(f"too many modifications at {name}: over {MAX_EDITS} or "
+                                          f"{self.edit_limit} bytes")
                     edits.append(answer)
             elif answer is not None:
                 return answer

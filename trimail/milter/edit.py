@@ -7,7 +7,8 @@ Header indexes follow Postfix's Sendmail compatibility: the filters never see ou
 (``Received`` #1 is the client's first), an insert counts positions with it (0: above
 it, 1: just below).  A value a filter gives is folded with CRLF and each
 continuation line keeps a leading white space, so no edit can end the header section
-or start a header of its own.
+or start a header of its own.  An address with a control character (a CR LF that
+would write an SMTP command of the filter's own) is an edit that cannot be made.
 
 Memory: the header section is held (it is bounded by header_size_limit before the
 milters run); the body stays in the spool and is read in chunks, and a replaced body
@@ -133,7 +134,12 @@ def _field(name: str, value: str, leading_space: bool) -> bytes:
 
 
 def _address(text: str) -> str:
+    """The address of SMFIR_ADDRCPT / CHGFROM / DELRCPT; ValueError for one with a
+    control character (CR LF would end the RCPT TO or MAIL FROM line it is sent in,
+    and no delivery could ever format it)."""
     text = text.strip()
+    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in text):
+        raise ValueError(f"control character in address {text[:100]!r}")
     return text[1:-1] if text.startswith("<") and text.endswith(">") else text
 
 
