@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import email
 import email.header
+import email.parser
 import email.message
 import email.policy
 import email.utils
@@ -30,6 +31,7 @@ from functools import cached_property
 from html.parser import HTMLParser
 
 OCTET_STREAM = "application/octet-stream"
+MAX_PARTS = 1000  # parts shown per message (a real one has a handful)
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _MEDIA_TYPE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+/[!#$%&'*+\-.^_`|~0-9a-z]+$")
 
@@ -178,7 +180,10 @@ def _payload(message: email.message.Message) -> bytes:
     return payload if isinstance(payload, bytes) else b""
 
 
-def _part(message: email.message.Message, part_id: str, depth: int) -> Part:
+def _part(message: email.message.Message, part_id: str, depth: int, budget: list[int]) -> Part:
+    """One part and its children; *budget* (one counter shared by the whole tree)
+    bounds the parts shown, so the JSON and the page of a 100,000-part message stay small."""
+    budget[0] -= 1
     multipart = message.get_content_maintype() == "multipart" and message.is_multipart()
     filename = message.get_filename() or message.get_param("file", None) or ""
     if not isinstance(filename, str):
@@ -194,8 +199,10 @@ def _part(message: email.message.Message, part_id: str, depth: int) -> Part:
     if multipart and depth < 50:  # nesting deeper than any real message: the rest is one leaf
         payload = message.get_payload()
         for index, child in enumerate(payload if isinstance(payload, list) else [], 1):
+            if budget[0] <= 0:  # more parts than any real message: the rest is not shown
+                break
             child_id = str(index) if depth == 0 else f"{part_id}.{index}"
-            part.children.append(_part(child, child_id, depth + 1))
+            part.children.append(_part(child, child_id, depth + 1, budget))
         if depth > 0:
             part.part_id += ".0"
     return part
@@ -224,8 +231,17 @@ class MessageView:
 
     @cached_property
     def root(self) -> Part:
-        """The part tree, decoded; the parser's own objects are not kept (memory)."""
-        return _part(email.message_from_bytes(self.raw, policy=email.policy.compat32), "0", 0)
+        """The part tree, decoded; the parser's own objects are not kept (memory).
+        The stdlib parser recurses once per nesting level: a message nested deeper
+        than the interpreter's stack (a few hundred levels) is shown as one leaf
+        with its header fields, instead of failing every list that includes it."""
+        try:
+            return _part(email.message_from_bytes(self.raw, policy=email.policy.compat32), "0", 0, [MAX_PARTS])
+        except RecursionError:
+            flat = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(self.raw, headersonly=True)
+            part = _part(flat, "0", 0, [MAX_PARTS])
+            part.multipart, part.children, part.content = False, [], b""
+            return part
 
     @cached_property
     def fields(self) -> list[tuple[str, str]]:
