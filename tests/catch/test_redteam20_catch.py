@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 
 import pytest
 
@@ -95,3 +96,48 @@ def test_a_size_filter_too_big_for_a_float_is_no_error(c):
     found = c.json("/api/v1/search?query=larger:" + "9" * 400)
     assert found["messages_count"] == 0
     assert c.json("/api/v1/search?query=smaller:" + "9" * 400)["messages_count"] == 1
+
+
+def _timed_get(c: Catch, path: str, within: float) -> bytes:
+    """GET *path*; the whole answer must come within *within* seconds (the catcher
+    has one thread: a slow answer is a stalled catcher, SMTP included)."""
+    started = time.monotonic()
+    with socket.create_connection((c.host, c.http_port), timeout=within) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\n\r\n".encode())
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert time.monotonic() - started < within, path
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    return answer
+
+
+HOSTILE = {
+    # HTMLParser rescans to the end at each "<" it cannot close: 200 KB of "<a" was minutes
+    "html-unclosed-tags": b"Subject: h\r\nContent-Type: text/html\r\n\r\n" + b"<a" * 100_000,
+    "html-end-tags": b"Subject: h\r\nContent-Type: text/html\r\n\r\n" + b"</" * 200_000,
+    # (top-level fields are bounded by header_size_limit; a MIME part's are not)
+    # email.header.decode_header pops from the front of a list: quadratic in the words
+    "encoded-words": (b'Subject: w\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+                      b"Content-Type: application/pdf\r\nContent-Disposition: attachment;\r\n filename=\""
+                      + b"=?utf-8?q?a?= " * 100_000 + b'"\r\n\r\nx\r\n--b--\r\n'),
+    # email.message._parseparam slices the field at each ";": quadratic in the parameters
+    "parameters": (b'Subject: p\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n'
+                   b"Content-Type: text/plain; " + b"; ".join(b"p%d=v" % n for n in range(200_000))
+                   + b"\r\n\r\nx\r\n--b--\r\n"),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_a_hostile_message_does_not_stall_the_catcher(c, name):
+    c.send(message("before"))
+    c.send(b"From: a@example.org\r\n" + HOSTILE[name])
+    deadline = time.monotonic() + 10
+    while len(json.loads(_timed_get(c, "/api/v1/messages", 5).split(b"\r\n\r\n", 1)[1])["messages"]) < 2:
+        assert time.monotonic() < deadline
+    listed = json.loads(_timed_get(c, "/api/v1/messages", 3).split(b"\r\n\r\n", 1)[1])["messages"]
+    for path in (f"/api/v1/message/{listed[0]['ID']}", f"/view/{listed[0]['ID']}", "/", "/api/v1/search?query=zzz",
+                 "/api/v1/messages", "/api/v1/messages"):
+        _timed_get(c, path, 3)
+    c.send(message("after"))  # SMTP too
+    assert c.wait_for(3)[0]["Subject"] == "after"
