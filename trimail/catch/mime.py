@@ -19,17 +19,19 @@ from __future__ import annotations
 
 import dataclasses
 import email
-import email.header
 import email.message
+import email.parser
 import email.policy
 import email.utils
 import hashlib
 import re
 from datetime import UTC, datetime
 from functools import cached_property
-from html.parser import HTMLParser
+
+from trimail.catch.text import decode_words, html_to_text
 
 OCTET_STREAM = "application/octet-stream"
+MAX_PARTS = 1000  # parts shown per message (a real one has a handful)
 _TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _MEDIA_TYPE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9a-z]+/[!#$%&'*+\-.^_`|~0-9a-z]+$")
 
@@ -87,50 +89,7 @@ def header_fields(raw: bytes) -> list[tuple[str, str]]:
     return fields
 
 
-def decode_words(value: str) -> str:
-    """RFC 2047 encoded words decoded; anything undecodable kept as it is."""
-    try:
-        return str(email.header.make_header(email.header.decode_header(value)))
-    except (LookupError, ValueError, UnicodeError):
-        return value
-
-
-class _Text(HTMLParser):
-    """HTML down to text for an HTML-only message (the role of enmime's html2text)."""
-
-    BLOCK = frozenset({"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "hr"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self.skip = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in ("script", "style", "head", "title"):
-            self.skip += 1
-        elif tag in self.BLOCK:
-            self.out.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in ("script", "style", "head", "title"):
-            self.skip = max(0, self.skip - 1)
-        elif tag in self.BLOCK:
-            self.out.append("\n")
-
-    def handle_data(self, data: str) -> None:
-        if not self.skip:
-            self.out.append(re.sub(r"\s+", " ", data))
-
-
-def html_to_text(html: str) -> str:
-    parser = _Text()
-    try:
-        parser.feed(html)
-        parser.close()
-    except (AssertionError, ValueError):  # HTMLParser on hostile input: keep what was read
-        pass
-    lines = [line.strip() for line in "".join(parser.out).splitlines()]
-    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+MAX_ADDRESS_TEXT = 65536  # characters of one address header read for addresses (1,000s of them)
 
 
 @dataclasses.dataclass(slots=True)
@@ -178,7 +137,10 @@ def _payload(message: email.message.Message) -> bytes:
     return payload if isinstance(payload, bytes) else b""
 
 
-def _part(message: email.message.Message, part_id: str, depth: int) -> Part:
+def _part(message: email.message.Message, part_id: str, depth: int, budget: list[int]) -> Part:
+    """One part and its children; *budget* (one counter shared by the whole tree)
+    bounds the parts shown, so the JSON and the page of a 100,000-part message stay small."""
+    budget[0] -= 1
     multipart = message.get_content_maintype() == "multipart" and message.is_multipart()
     filename = message.get_filename() or message.get_param("file", None) or ""
     if not isinstance(filename, str):
@@ -194,11 +156,28 @@ def _part(message: email.message.Message, part_id: str, depth: int) -> Part:
     if multipart and depth < 50:  # nesting deeper than any real message: the rest is one leaf
         payload = message.get_payload()
         for index, child in enumerate(payload if isinstance(payload, list) else [], 1):
+            if budget[0] <= 0:  # more parts than any real message: the rest is not shown
+                break
             child_id = str(index) if depth == 0 else f"{part_id}.{index}"
-            part.children.append(_part(child, child_id, depth + 1))
+            part.children.append(_part(child, child_id, depth + 1, budget))
         if depth > 0:
             part.part_id += ".0"
     return part
+
+
+MAX_PARAMS_FIELD = 8192  # characters of a Content-Type/-Disposition field given to the parser
+_PARAMS_FIELD = re.compile(rb"^(content-(?:type|disposition)[ \t]*:)([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
+                           re.IGNORECASE | re.MULTILINE)
+
+
+def _short_params(raw: bytes) -> bytes:
+    """*raw* with every Content-Type and Content-Disposition field cut to
+    ``MAX_PARAMS_FIELD`` characters: the stdlib reads parameters by slicing the rest
+    of the field at each ``;`` (quadratic: 200,000 parameters took 34 s), and no real
+    field is longer than a few hundred."""
+    if not any(len(m.group(2)) > MAX_PARAMS_FIELD for m in _PARAMS_FIELD.finditer(raw)):
+        return raw
+    return _PARAMS_FIELD.sub(lambda m: m.group(1) + m.group(2)[:MAX_PARAMS_FIELD].rstrip(b"\r\n"), raw)
 
 
 def _breadth(root: Part) -> list[Part]:
@@ -221,23 +200,35 @@ class MessageView:
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
+        self._decoded: dict[str, str] = {}
+        self._addresses: dict[str, list[dict[str, str]]] = {}
 
     @cached_property
     def root(self) -> Part:
-        """The part tree, decoded; the parser's own objects are not kept (memory)."""
-        return _part(email.message_from_bytes(self.raw, policy=email.policy.compat32), "0", 0)
+        """The part tree, decoded; the parser's own objects are not kept (memory).
+        The stdlib parser recurses once per nesting level: a message nested deeper
+        than the interpreter's stack (a few hundred levels) is shown as one leaf
+        with its header fields, instead of failing every list that includes it."""
+        try:
+            return _part(email.message_from_bytes(_short_params(self.raw), policy=email.policy.compat32), "0", 0,
+                         [MAX_PARTS])
+        except RecursionError:
+            flat = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(self.raw, headersonly=True)
+            part = _part(flat, "0", 0, [MAX_PARTS])
+            part.multipart, part.children, part.content = False, [], b""
+            return part
 
     @cached_property
     def fields(self) -> list[tuple[str, str]]:
         return header_fields(self.raw)
 
     def header(self, name: str) -> str:
-        """The first field called *name*, decoded (enmime's GetHeader)."""
+        """The first field called *name*, decoded (enmime's GetHeader); remembered,
+        since every list and page asks again."""
         key = canonical_key(name)
-        for field, value in self.fields:
-            if field == key:
-                return decode_words(value)
-        return ""
+        if key not in self._decoded:
+            self._decoded[key] = next((decode_words(value) for field, value in self.fields if field == key), "")
+        return self._decoded[key]
 
     def headers(self) -> dict[str, list[str]]:
         """Every field, Go's ``mail.Header`` map: canonical name -> values in order."""
@@ -247,11 +238,17 @@ class MessageView:
         return result
 
     def addresses(self, name: str) -> list[dict[str, str]]:
-        values = [decode_words(v) for field, v in self.fields if field == canonical_key(name)]
-        if not values:
-            return []
-        return [{"Name": display, "Address": address}
-                for display, address in email.utils.getaddresses(values) if address or display]
+        """The addresses of the fields called *name*, remembered; a list longer than
+        ``MAX_ADDRESS_TEXT`` characters is read up to there (no real header is)."""
+        key = canonical_key(name)
+        if key not in self._addresses:
+            text = ", ".join(v for field, v in self.fields if field == key)
+            if len(text) > MAX_ADDRESS_TEXT:
+                text = text[:text.rfind(",", 0, MAX_ADDRESS_TEXT) + 1 or MAX_ADDRESS_TEXT]
+            found = email.utils.getaddresses([decode_words(text)]) if text else []
+            self._addresses[key] = [{"Name": display, "Address": address} for display, address in found
+                                    if address or display]
+        return [dict(entry) for entry in self._addresses[key]]
 
     def sender(self) -> dict[str, str]:
         found = self.addresses("From")
@@ -281,7 +278,7 @@ class MessageView:
         if not root.multipart:
             if root.content_type == "text/html" and root.disposition != "attachment":
                 html = root.text()
-                return html_to_text(html), html
+                return self._html_text(html), html
             if self._binary_root():
                 return "", ""
             return root.text(), ""
@@ -298,8 +295,14 @@ class MessageView:
                           if p.content_type == "text/html" and p.disposition != "attachment"), None)
         html = html_part.text() if html_part else ""
         if not text and html:
-            text = html_to_text(html)
+            text = self._html_text(html)
         return text, html
+
+    def _html_text(self, html: str) -> str:
+        """``html_to_text`` of this message's HTML, once (hostile HTML costs its budget once)."""
+        if self._decoded.get("\0html") is None:
+            self._decoded["\0html"] = html_to_text(html)
+        return self._decoded["\0html"]
 
     def _binary_root(self) -> bool:
         root = self.root
@@ -335,14 +338,14 @@ class MessageView:
         """What a plain search word is looked for in (Mailpit's SearchText)."""
         text, html = self.bodies
         pieces = [self.header(name) for name in ("From", "Subject", "To", "Cc", "Bcc", "Reply-To", "Return-Path")]
-        pieces.append(html_to_text(html) if html else text)
+        pieces.append(self._html_text(html) if html else text)
         pieces += [p.filename for p in self.parts[0]]
         return clean(" ".join(pieces))
 
     @cached_property
     def snippet(self) -> str:
         text, html = self.bodies
-        source = html_to_text(html) if html.strip() else text
+        source = self._html_text(html) if html.strip() else text
         flat = " ".join(source.replace("\ufeff", " ").split())
         return flat if len(flat) <= 200 else flat[:200] + "..."
 

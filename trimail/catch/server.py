@@ -64,11 +64,17 @@ def parse_request(head: bytes) -> Head:
         name, colon, value = line.partition(":")
         if not colon or not name or name != name.strip() or line[:1] in " \t":
             raise BadRequest(400, "malformed header field")
-        fields[name.lower()] = value.strip()
+        key = name.lower()
+        if key in ("content-length", "transfer-encoding", "host") and key in fields:
+            raise BadRequest(400, f"more than one {name} field")  # RFC 9112 6.3: a smuggling attempt
+        fields[key] = value.strip()
     if "transfer-encoding" in fields:
         raise BadRequest(411, "send a Content-Length")
+    length_text = fields.get("content-length", "0")
+    if not length_text.isdigit() or not length_text.isascii():  # int() would take "+5", " 5", "5_0", "٥"
+        raise BadRequest(400, "bad Content-Length")
     try:
-        length = int(fields.get("content-length", "0"))
+        length = int(length_text)
     except ValueError:
         raise BadRequest(400, "bad Content-Length") from None
     if length < 0:

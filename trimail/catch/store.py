@@ -173,7 +173,8 @@ def _size(value: str) -> int:
     m = _SIZE.match(value.strip())
     if not m:
         return 0
-    return int(float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2).lower()])
+    size = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}[m.group(2).lower()]
+    return int(min(size, 2.0 ** 62))  # "larger:999...9" (400 digits) is inf as a float: no message is larger
 
 
 def _json(addresses: object) -> str:

@@ -22,8 +22,14 @@ from trimail.config.values import parse_listen, register_kind, split_list
 TITLE = "The after-queue content filter (FILTER_README)"
 
 FILTER_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})  # trimail's SMTP/LMTP delivery agents
-# transport(5)'s nexthop: [host]:port or [host] (no MX lookup), host:port or host (MX lookup)
-NEXTHOP = re.compile(r"\[([^\]]+)\](?::(\d+))?|([^:\[\]]+)(?::(\d+))?")
+# transport(5)'s nexthop: [host]:port or [host] (no MX lookup), host:port or host (MX lookup).
+# The host is at most 255 printable characters without white space (a DNS name's
+# bound; CR/LF would end up in log lines and in the bounce's Diagnostic-Code) and
+# the port 0-65535 (99999 reached the socket layer and deferred as "internal error").
+_HOST = r"[^\s\x00-\x1f\x7f:\[\]]{1,255}"
+_BRACKETED = r"[^\s\x00-\x1f\x7f\[\]]{1,255}"  # an IPv6 address has colons
+_PORT = r"(?::(0*(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|\d{1,4})))?"
+NEXTHOP = re.compile(rf"\[({_BRACKETED})\]{_PORT}|({_HOST}){_PORT}")
 
 # input_transp.c's names (postconf(5) receive_override_options)
 RECEIVE_OVERRIDE_OPTIONS = ("no_unknown_recipient_checks", "no_address_mappings", "no_header_body_checks",
