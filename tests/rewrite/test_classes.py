@@ -117,3 +117,13 @@ def test_relay_domains_match_as_postfixs_domain_lists(subdomains, expected):
     settings = Settings(local_domains=frozenset(), relay_domains=frozenset({".example.com", "corp.example"}),
                         relay_subdomains=subdomains)
     assert {domain: resolve(f"u@{domain}", settings).klass for domain in expected} == expected
+
+
+def test_a_filter_without_nexthop_never_lets_local_mail_past_the_filter(tmp_path):
+    """FILTER smtp: (no nexthop) for a recipient delivered locally: Postfix sends it to
+    the recipient's domain (empty default_filter_nexthop), not to the local mailbox."""
+    router = _router(tmp_path)
+    assert router.route("u@gw.example", "smtp:") == Route("smtp", "gw.example", mx=True)
+    assert router.route("u@mbox.example", "smtp:") == Route("smtp", "mbox.example", mx=True)
+    own = router.route("u@corp.example")  # an SMTP route: its own nexthop, through the filter's transport
+    assert router.route("u@corp.example", "lmtp:") == Route("lmtp", own.nexthop, own.port, own.mx)

@@ -158,6 +158,10 @@ class Router:
             own = self.route(recipient)
             if own.transport in SMTP_TRANSPORTS:
                 return Route(transport, own.nexthop, own.port, own.mx)
-            return own
+            # local, virtual, error or discard: never past the filter; Postfix's (empty)
+            # default_filter_nexthop, the recipient's domain
+            domain = rewrite.resolve(recipient, self.rewrite).domain or self.config.myhostname
+            host, port, mx = parse_nexthop(domain)
+            return Route(transport, host, port, mx)
         host, port, mx = parse_nexthop(nexthop)
         return Route(transport, host, port, mx)
