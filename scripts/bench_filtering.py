@@ -27,7 +27,6 @@ steady state of a gateway that sees the same senders again.
 
 from __future__ import annotations
 
-import os
 import shutil
 import smtplib
 import socket
@@ -41,7 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import trio
+from bench_conn import cpu_seconds
+from bench_mtas import free_port
 
 HOST = "127.0.48.1"
 DNS_HOST = "127.0.48.2"
@@ -56,18 +56,6 @@ MESSAGE = (b"From: Alice <alice@sender.example>\r\nTo: bob@rcpt.example\r\nSubje
 
 def _txt(record: str) -> str:
     return " ".join(f'"{record[i:i + 200]}"' for i in range(0, len(record), 200))
-
-
-def _cpu(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 class _Dns:
@@ -101,7 +89,7 @@ class _OpenDkim:
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir()
-        self.port = _free_port(HOST)
+        self.port = free_port(HOST)
         (directory / "opendkim.conf").write_text(
             f"Syslog no\nMode v\nSocket inet:{self.port}@{HOST}\nPidFile {directory}/opendkim.pid\n"
             f"Nameservers {DNS_HOST}\n")
@@ -159,7 +147,7 @@ class _Serve:
     """``trimail serve`` with *params*, receiving only."""
 
     def __init__(self, directory: Path, dns_port: int, **params: str) -> None:
-        self.port = _free_port(HOST)
+        self.port = free_port(HOST)
         settings = {"queue_directory": str(directory / "queue"), "allow_root": "yes", "smtpd_workers": "0",
                     "master_service_disable": "qmgr", "smtpd_listen": f"{HOST}:{self.port}",
                     "mynetworks": f"{INSIDE}/32", "relay_domains": "rcpt.example", "smtpd_peername_lookup": "no",
@@ -198,10 +186,10 @@ def _send(port: int, message: bytes, client: str, count: int) -> None:
 def _measure(serve: _Serve, message: bytes, client: str, messages: int,
              other: int | None = None) -> tuple[float, float | None]:
     _send(serve.port, message, client, 20)  # warm: caches, imports, the first key fetch
-    started, other_started = _cpu(serve.proc.pid), _cpu(other) if other else 0.0
+    started, other_started = cpu_seconds(serve.proc.pid), cpu_seconds(other) if other else 0.0
     _send(serve.port, message, client, messages)
-    used = (_cpu(serve.proc.pid) - started) * 1000 / messages
-    return used, ((_cpu(other) - other_started) * 1000 / messages) if other else None
+    used = (cpu_seconds(serve.proc.pid) - started) * 1000 / messages
+    return used, ((cpu_seconds(other) - other_started) * 1000 / messages) if other else None
 
 
 def bench_filtering(messages: int, runs: int) -> dict[str, Any]:

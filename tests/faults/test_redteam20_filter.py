@@ -11,28 +11,21 @@ Every test binds only loopback addresses in 127.0.62.0/24 (.1-.99 here).
 from __future__ import annotations
 
 import smtplib
-import socket
 from pathlib import Path
 
 import trio
 
 from tests.conftest import wait_for, write_main_cf
 from tests.dnsserver import run_dns_server
+from tests.filter.mtas import queue, send
 from tests.peers import Sink
 from trimail import config as configuration
 from trimail.master import serve
-from trimail.queue.store import Store
 
 GATEWAY = "127.0.62.1"
 FINAL = "127.0.62.3"
 DNS = "127.0.62.9"
 FILTERHOST = "127.0.62.2"
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 async def start(nursery: trio.Nursery, directory: Path, **params: object):
@@ -44,27 +37,6 @@ async def start(nursery: trio.Nursery, directory: Path, **params: object):
                                    "smtpd_listen": f"{GATEWAY}:0"}
     settings.update(params)
     return await nursery.start(serve, configuration.load(write_main_cf(directory, **settings)))
-
-
-def send(port: int, recipients: list[str], body: str = "Subject: test\r\n\r\nhello\r\n",
-         host: str = GATEWAY) -> str:
-    with smtplib.SMTP(host, port, timeout=30, source_address=(GATEWAY, 0)) as client:
-        client.ehlo("client.example")
-        client.mail("a@client.example")
-        for rcpt in recipients:
-            code, text = client.rcpt(rcpt)
-            assert code == 250, (code, text)
-        code, reply = client.data(body)
-        assert code == 250, reply
-        return reply.decode().rsplit(" ", 1)[1]
-
-
-def queue(server) -> list:
-    store = Store.open(server.config.queue_directory, readonly=True)
-    try:
-        return store.list_messages()
-    finally:
-        store.close()
 
 
 def replies(server, queue_id: str) -> list[tuple[str, str | None]]:
@@ -101,7 +73,7 @@ async def test_a_filter_nexthop_that_cannot_be_used_is_a_451_not_a_queued_messag
         for name in names:
             code, text = await trio.to_thread.run_sync(rcpt_reply, port, f"{name}@remote.example")
             assert (code, text[:5]) == (451, b"4.3.5"), (name, code, text)
-        await trio.to_thread.run_sync(send, port, ["plain@remote.example"])
+        await trio.to_thread.run_sync(send, GATEWAY, port, "a@client.example", ["plain@remote.example"])
         await wait_for(lambda: len(sink.messages) >= 1 and not queue(gw), 10)
         assert [recipients for _, recipients, _ in sink.messages] == [["plain@remote.example"]]
 

@@ -73,24 +73,10 @@ def parse_overrides(text: str) -> dict[str, str]:
     may hold commas: ``smtpd_recipient_restrictions=permit_mynetworks,reject``), or
     Postfix 3.0's ``{ name = value with spaces }``; ``name=`` makes a value empty.
     Whether each name is a parameter is checked where the overrides are applied."""
-    words: list[str] = []
-    current: list[str] = []
-    depth = 0
-    for ch in text:
-        if ch == "{":
-            depth += 1
-        elif ch == "}" and depth:
-            depth -= 1
-        if depth == 0 and ch.isspace():
-            if current:
-                words.append("".join(current))
-                current = []
-            continue
-        current.append(ch)
-    if depth:
-        raise ValueError(f"missing '}}' in {text.strip()!r}")
-    if current:
-        words.append("".join(current))
+    try:
+        words = split_list(text, commas=False)
+    except ValueError:
+        raise ValueError(f"missing '}}' in {text.strip()!r}") from None
     overrides: dict[str, str] = {}
     for word in words:
         if word.startswith("{") and word.endswith("}"):

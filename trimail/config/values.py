@@ -94,9 +94,10 @@ def parse_reject_code(text: str) -> int:
     return value
 
 
-def split_list(text: str) -> list[str]:
-    """Postfix list: elements separated by commas and/or white space; ``{ ... }``
-    groups (as in ``inline:{ a=b, c=d }``) stay one element."""
+def split_list(text: str, *, commas: bool = True) -> list[str]:
+    """Postfix list: elements separated by commas and/or white space (white space only
+    without *commas*, as master.cf's ``-o`` words); ``{ ... }`` groups (as in
+    ``inline:{ a=b, c=d }``) stay one element."""
     items: list[str] = []
     current: list[str] = []
     depth = 0
@@ -105,7 +106,7 @@ def split_list(text: str) -> list[str]:
             depth += 1
         elif ch == "}" and depth:
             depth -= 1
-        if depth == 0 and (ch == "," or ch.isspace()):
+        if depth == 0 and ((commas and ch == ",") or ch.isspace()):
             if current:
                 items.append("".join(current))
                 current = []
