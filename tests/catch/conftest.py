@@ -11,6 +11,7 @@ import re
 import selectors
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import time
@@ -86,6 +87,16 @@ class Catch:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as exc:
             return exc.code, dict(exc.headers), exc.read()
+
+    def raw(self, data: bytes, timeout: float = 15.0) -> bytes:
+        """Send *data* on a fresh HTTP connection and read the answer until the server closes."""
+        with socket.create_connection((self.host, self.http_port), timeout=timeout) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        return answer
 
     def json(self, path: str, method: str = "GET", body: Any = None) -> Any:
         data = None if body is None else json.dumps(body).encode()

@@ -12,17 +12,6 @@ import pytest
 from tests.catch.conftest import message
 
 
-def _raw(c, data: bytes, timeout: float = 15.0) -> bytes:
-    """Send *data* on a fresh connection and read the answer until the server closes."""
-    with socket.create_connection((c.host, c.http_port), timeout=timeout) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    return answer
-
-
 def _status(answer: bytes) -> int:
     return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else 0
 
@@ -54,14 +43,14 @@ def c(shared_catch):
     (b"GET /api/v1/search?query=%ff%fe%00 HTTP/1.1\r\n\r\n", 200),
 ])
 def test_malformed_requests_get_a_4xx_and_the_catcher_goes_on(c, request_bytes, status):
-    assert _status(_raw(c, request_bytes)) == status
+    assert _status(c.raw(request_bytes)) == status
     assert c.alive()
 
 
 def test_huge_header_fields_get_431(c):
-    answer = _raw(c, b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
+    answer = c.raw(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
     assert _status(answer) == 431
-    assert _status(_raw(c, b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 5000 + b"\r\n")) == 431
+    assert _status(c.raw(b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 5000 + b"\r\n")) == 431
 
 
 @pytest.mark.parametrize("path", [
@@ -76,7 +65,7 @@ def test_huge_header_fields_get_431(c):
     "/etc/passwd",
 ])
 def test_path_tricks_in_ids_find_nothing(c, path):
-    answer = _raw(c, f"GET {path} HTTP/1.1\r\n\r\n".encode())
+    answer = c.raw(f"GET {path} HTTP/1.1\r\n\r\n".encode())
     assert _status(answer) == 404 and b"root:" not in answer
 
 
@@ -137,7 +126,7 @@ def test_a_message_cannot_write_http_header_fields(catch):
     k.send(raw)
     [summary] = k.wait_for(1)
     [attachment] = k.json(f"/api/v1/message/{summary['ID']}")["Attachments"]
-    answer = _raw(k, f"GET /api/v1/message/{summary['ID']}/part/{attachment['PartID']} HTTP/1.1\r\n\r\n".encode())
+    answer = k.raw(f"GET /api/v1/message/{summary['ID']}/part/{attachment['PartID']} HTTP/1.1\r\n\r\n".encode())
     head = answer.split(b"\r\n\r\n", 1)[0]
     assert _status(answer) == 200
     assert not any(line.lower().startswith(b"set-cookie") for line in head.split(b"\r\n"))

@@ -67,15 +67,6 @@ def test_a_message_with_twenty_thousand_parts_gets_a_bounded_answer(c):
     assert c.json("/api/v1/messages")["messages"][0]["Attachments"] <= 1000
 
 
-def _raw(c: Catch, data: bytes) -> bytes:
-    with socket.create_connection((c.host, c.http_port), timeout=15) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        while chunk := s.recv(65536):
-            answer += chunk
-    return answer
-
 
 @pytest.mark.parametrize("request_bytes", [
     b"PUT /api/v1/messages HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 11\r\n\r\n{\"IDs\":[1]}",
@@ -87,7 +78,7 @@ def _raw(c: Catch, data: bytes) -> bytes:
 def test_ambiguous_framing_is_refused_not_guessed(c, request_bytes):
     """RFC 9112 6.3: two Content-Length fields (or one int() reads but HTTP does
     not) are a smuggling attempt behind a proxy: 400, never a guess."""
-    assert _raw(c, request_bytes).startswith(b"HTTP/1.1 400 ")
+    assert c.raw(request_bytes).startswith(b"HTTP/1.1 400 ")
 
 
 def test_a_size_filter_too_big_for_a_float_is_no_error(c):
