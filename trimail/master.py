@@ -121,9 +121,10 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
 
             await serve_sessions(server, listeners, started, lambda: notify_systemd(b"STOPPING=1"))
             top.cancel_scope.cancel()  # deliveries in flight stop; their messages go back below
-        returned = await writer.run(Store.recover_active)
-        if returned:
-            log.info("%d message(s) in delivery returned to the incoming queue", returned)
+        if "qmgr" not in config.master_service_disable:  # without it, nothing was ever taken for delivery
+            returned = await writer.run(Store.recover_active)
+            if returned:
+                log.info("%d message(s) in delivery returned to the incoming queue", returned)
         stats = writer.stats
         log.info("queue writer: %d commits for %d requests, largest batch %d, %.3f s committing",
                  stats.batches, stats.requests, stats.largest_batch, stats.commit_seconds)

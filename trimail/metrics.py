@@ -15,8 +15,10 @@ processes the master answers with the sum of every process's registry
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
@@ -35,35 +37,63 @@ class _LogDrops(Collector):
                                   value=maillog.dropped_lines())
 
 
+class _Made:
+    """A metric of ``Metrics``, made and registered on first use: a test MTA starts in
+    milliseconds and most of these (delivery, bounces, failures) it never uses.  The
+    exposition makes every one first, so the endpoint shows them all from the start."""
+
+    def __init__(self, make: Callable[[CollectorRegistry], Any]) -> None:
+        self.make = make
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, metrics: Metrics | None, owner: type | None = None) -> Any:
+        if metrics is None:
+            return self
+        with metrics._making:  # the writer thread may be first (commit) while the loop is too
+            made = metrics.__dict__.get(self.name)
+            if made is None:
+                made = metrics.__dict__[self.name] = self.make(metrics.registry)
+            return made
+
+
 class Metrics:
+    received = _Made(lambda r: Counter("trimail_messages_received", "Messages accepted into the queue",
+                                       registry=r))
+    delivered = _Made(lambda r: Counter("trimail_recipients_delivered", "Recipients delivered", ["transport"],
+                                        registry=r))
+    deferred = _Made(lambda r: Counter("trimail_recipients_deferred", "Delivery attempts deferred",
+                                       ["dsn_class"], registry=r))
+    bounced = _Made(lambda r: Counter("trimail_recipients_bounced", "Recipients bounced", ["dsn_class"],
+                                      registry=r))
+    rejected = _Made(lambda r: Counter("trimail_smtpd_rejects", "SMTP commands refused by policy",
+                                       ["command", "code"], registry=r))
+    sessions = _Made(lambda r: Gauge("trimail_smtpd_sessions", "Open SMTP sessions", registry=r))
+    queue = _Made(lambda r: Gauge("trimail_queue_messages", "Messages in the queue", ["state"], registry=r))
+    oldest = _Made(lambda r: Gauge("trimail_queue_oldest_message_age_seconds", "Age of the oldest queued message",
+                                   registry=r))
+    dead = _Made(lambda r: Gauge("trimail_dead_destinations", "Destinations held dead: new mail for them is "
+                                 "deferred without a connection until their retry time", registry=r))
+    destinations = _Made(lambda r: Gauge("trimail_destination_connections", "Delivery connections in use",
+                                         ["destination"], registry=r))
+    delivery_seconds = _Made(lambda r: Histogram(
+        "trimail_delivery_duration_seconds", "Time from arrival to delivery",
+        buckets=(0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400), registry=r))
+    commit_seconds = _Made(lambda r: Histogram(
+        "trimail_queue_commit_seconds", "Duration of one group commit",
+        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5), registry=r))
+    commit_batch = _Made(lambda r: Histogram(
+        "trimail_queue_commit_batch_size", "Requests per group commit",
+        buckets=(1, 2, 5, 10, 20, 50, 100, 200, 512), registry=r))
+    failures = _Made(lambda r: Counter("trimail_task_failures", "Failures contained by an error boundary",
+                                       ["task"], registry=r))
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.received = Counter("trimail_messages_received", "Messages accepted into the queue", registry=r)
-        self.delivered = Counter("trimail_recipients_delivered", "Recipients delivered", ["transport"], registry=r)
-        self.deferred = Counter("trimail_recipients_deferred", "Delivery attempts deferred", ["dsn_class"],
-                                registry=r)
-        self.bounced = Counter("trimail_recipients_bounced", "Recipients bounced", ["dsn_class"], registry=r)
-        self.rejected = Counter("trimail_smtpd_rejects", "SMTP commands refused by policy", ["command", "code"],
-                                registry=r)
-        self.sessions = Gauge("trimail_smtpd_sessions", "Open SMTP sessions", registry=r)
-        self.queue = Gauge("trimail_queue_messages", "Messages in the queue", ["state"], registry=r)
-        self.oldest = Gauge("trimail_queue_oldest_message_age_seconds", "Age of the oldest queued message",
-                            registry=r)
-        self.dead = Gauge("trimail_dead_destinations", "Destinations held dead: new mail for them is deferred "
-                          "without a connection until their retry time", registry=r)
-        self.destinations = Gauge("trimail_destination_connections", "Delivery connections in use",
-                                  ["destination"], registry=r)
-        self.delivery_seconds = Histogram("trimail_delivery_duration_seconds", "Time from arrival to delivery",
-                                          buckets=(0.05, 0.1, 0.5, 1, 5, 30, 60, 300, 3600, 86400), registry=r)
-        self.commit_seconds = Histogram("trimail_queue_commit_seconds", "Duration of one group commit",
-                                        buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
-                                        registry=r)
-        self.commit_batch = Histogram("trimail_queue_commit_batch_size", "Requests per group commit",
-                                      buckets=(1, 2, 5, 10, 20, 50, 100, 200, 512), registry=r)
-        self.failures = Counter("trimail_task_failures", "Failures contained by an error boundary", ["task"],
-                                registry=r)
-        r.register(_LogDrops())
+        self._making = threading.Lock()
+        self.registry.register(_LogDrops())
 
     def task_failed(self, task: str) -> None:
         self.failures.labels(task).inc()
@@ -82,4 +112,7 @@ class Metrics:
         self.commit_seconds.observe(seconds)
 
     def exposition(self) -> bytes:
+        for name, attribute in vars(Metrics).items():
+            if isinstance(attribute, _Made):
+                getattr(self, name)
         return generate_latest(self.registry)

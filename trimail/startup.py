@@ -47,7 +47,7 @@ from trimail.privileges import drop_privileges
 from trimail.queue.database import QueueError, is_test_queue, prepare_directory
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import Store
-from trimail.queue.writer import QueueWriter
+from trimail.queue.writer import InlineWriter, QueueWriter
 from trimail.supervise import describe
 
 log = logging.getLogger("trimail.master")
@@ -102,10 +102,14 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
         for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
             log.warning("%s", warning)
         queue = OpenedQueue(directory, lock, config.queue_busy_timeout)
-        # a test queue (trimail.testing) opens its reading connections on first use
-        async with QueueWriter(queue.open_store, readers_at_start=0 if is_test_queue(directory) else None) as writer:
+        # a test queue (trimail.testing: never fsynced, never shared) commits in the
+        # event loop (InlineWriter) and opens its reading connections on first use
+        test_queue = is_test_queue(directory)
+        writer_class, readers = (InlineWriter, 0) if test_queue else (QueueWriter, None)
+        async with writer_class(queue.open_store, readers_at_start=readers) as writer:
             queue.writer = writer
-            await recover(writer, directory)
+            if not test_queue:  # a test queue is a fresh copy of an empty one: nothing to recover
+                await recover(writer, directory)
             preflight(config)
             yield queue
     finally:

@@ -53,3 +53,51 @@ async def test_accepted_mail_commits_without_waiting_for_slow_bookkeeping_queued
             finally:
                 release_slow.set()
         assert results == ["accepted", "claimed"]
+
+
+# -- a test queue's writer: in the event loop, no thread ------------------------------
+
+async def test_a_test_mta_commits_in_its_event_loop_without_a_writer_thread():
+    """trimail.testing's queue is never fsynced nor shared, so its commits run where
+    they are asked for (InlineWriter): starting a test MTA starts no writer thread,
+    and a message is still committed and captured."""
+    import smtplib
+
+    from trimail.testing.mta import open_test_mta
+
+    before = {thread.ident for thread in threading.enumerate()}
+    async with open_test_mta() as mta:
+        started = [thread.name for thread in threading.enumerate() if thread.ident not in before]
+        assert "trimail-queue-writer" not in started
+
+        def send() -> None:
+            with smtplib.SMTP(mta.host, mta.port, timeout=10) as client:
+                client.sendmail("a@example.org", ["b@example.com"], "Subject: inline\r\n\r\nx\r\n")
+
+        await trio.to_thread.run_sync(send)
+        [message] = await mta.wait_for(subject="inline")
+        counts = await mta.server.writer.read(lambda store: store.counts())
+        assert sum(counts.values()) == 1, counts  # committed: a reading connection sees it
+
+
+async def test_the_inline_writer_maps_failures_and_refuses_work_after_it_closed(tmp_path):
+    from trimail.errors import StorageError
+    from trimail.queue.writer import InlineWriter
+
+    def broken(store: Store) -> None:
+        store.db.execute("SELECT * FROM no_such_table")
+
+    async with InlineWriter(lambda: Store.open(tmp_path), readers_at_start=0) as writer:
+        assert await writer.run(lambda store: store.db.execute("PRAGMA user_version").fetchone()[0]) > 0
+        try:
+            await writer.run(broken)
+        except StorageError as exc:
+            assert "no_such_table" in str(exc)
+        else:
+            raise AssertionError("a failing request must raise StorageError")
+    try:
+        await writer.run(lambda store: None)
+    except StorageError as exc:
+        assert "stopped" in str(exc)
+    else:
+        raise AssertionError("a closed writer must refuse")

@@ -57,7 +57,14 @@ import apsw
 import trio
 
 from trimail.config.values import split_list
-from trimail.maps.patterns import CidrRules, RegexpRules, match_cidr, match_regexp, parse_cidr, parse_regexp
+from trimail.maps.patterns import (
+    CidrRules,
+    RegexpRules,
+    match_cidr,
+    match_regexp,
+    parse_cidr,
+    parse_regexp,
+)
 from trimail.maps.source import (
     TableError,
     compile_table,

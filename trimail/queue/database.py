@@ -219,7 +219,7 @@ class Database:
             raise QueueError(f"{path}: {exc}") from None
         except OSError as exc:
             raise QueueError(f"{path}: {exc.strerror}") from None
-        if not readonly:
+        if not readonly and not unsynced:  # a throw-away test queue is never restored from a backup
             _write_stamp(path)
         return store
 

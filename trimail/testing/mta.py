@@ -46,11 +46,20 @@ def check_options(config: dict[str, Any], where: str = "TestMTA()") -> None:
 
 def user_name() -> str:
     """Who runs the tests (``mail_owner``): a uid without a passwd entry, as in many CI
-    containers, is named by its number instead of failing in ``getpass.getuser``."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # KeyError up to Python 3.12, OSError from 3.13
-        return str(os.getuid())
+    containers, is named by its number instead of failing in ``getpass.getuser``.
+    Looked up once per uid (each lookup reads the passwd database)."""
+    uid = os.getuid()
+    name = _user_names.get(uid)
+    if name is None:
+        try:
+            name = getpass.getuser()
+        except (KeyError, OSError):  # KeyError up to Python 3.12, OSError from 3.13
+            name = str(uid)
+        _user_names[uid] = name
+    return name
+
+
+_user_names: dict[int, str] = {}
 
 
 def loopback_of(host: str) -> str:

@@ -145,4 +145,5 @@ def load_config(path: Path, text: str, directory: Path) -> Config:
     config = SharedConfig(settings, str(path), warnings)
     config.path = path
     config.shared = shared
+    config.__dict__.update(shared)  # read as attributes without a __getattr__ each (Config.__getattr__)
     return config
