@@ -92,9 +92,10 @@ def _certificate(config: Config) -> list[str]:
     import ssl
     import time
 
+    from trimail.net.tls import loaded_chain
+
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.smtpd_tls_cert_file,
-                                                                config.smtpd_tls_key_file or None)
+        loaded_chain(config.smtpd_tls_cert_file, config.smtpd_tls_key_file)
         info = ssl._ssl._test_decode_cert(config.smtpd_tls_cert_file)  # noqa: SLF001 (stdlib, no parser else)
     except (OSError, ssl.SSLError, ValueError, AttributeError) as exc:
         return [f"error: smtpd_tls_cert_file {config.smtpd_tls_cert_file}: {exc}"]

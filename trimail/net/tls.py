@@ -63,10 +63,8 @@ def server_tls_context(config: Config) -> ssl.SSLContext:
     A certificate that cannot be opened any more but was loaded before is kept,
     with one warning (restart serve to load a new one)."""
     key = (config.smtpd_tls_cert_file, config.smtpd_tls_key_file)
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
-        ctx.load_cert_chain(config.smtpd_tls_cert_file, config.smtpd_tls_key_file or None)
+        ctx = loaded_chain(config.smtpd_tls_cert_file, config.smtpd_tls_key_file)
     except (OSError, ssl.SSLError) as exc:
         if not isinstance(exc, ssl.SSLError) and key in _loaded:
             if key not in _kept_warned:
@@ -78,3 +76,37 @@ def server_tls_context(config: Config) -> ssl.SSLContext:
                           f"{config.smtpd_tls_cert_file} / key {config.smtpd_tls_key_file}: {exc}") from None
     _loaded[key] = ctx
     return ctx
+
+
+# Server contexts by the content of their certificate and key files: the start-up check, the
+# preflight and every listener of a start (and every test MTA of a process, each with its own
+# copy of one test certificate) parse and check a chain once; a renewed certificate is new content.
+_by_content: dict[tuple[bytes, bytes], ssl.SSLContext] = {}
+_BY_CONTENT_LIMIT = 16
+_FILE_LIMIT = 1 << 20  # bytes read of a certificate or key file to know its content; a bigger one is not kept
+
+
+def loaded_chain(cert_file: str, key_file: str = "") -> ssl.SSLContext:
+    """A server context (TLS 1.2 or newer) with this certificate chain and key;
+    raises what ``load_cert_chain`` raises.  Never changed once made: callers share it."""
+    content = (_digest(cert_file), _digest(key_file) if key_file else b"")
+    ctx = _by_content.get(content)
+    if ctx is not None:
+        return ctx
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert_file, key_file or None)
+    if content[0] and (content[1] or not key_file):
+        if len(_by_content) >= _BY_CONTENT_LIMIT:
+            del _by_content[next(iter(_by_content))]
+        _by_content[content] = ctx
+    return ctx
+
+
+def _digest(path: str) -> bytes:
+    """SHA-256 of the file's content, or b"" when it is too big to keep (never cached)."""
+    import hashlib
+
+    with open(path, "rb") as source:
+        data = source.read(_FILE_LIMIT + 1)
+    return b"" if len(data) > _FILE_LIMIT else hashlib.sha256(data).digest()
