@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import struct
+import time
 import urllib.request
 from pathlib import Path
 
@@ -130,3 +131,53 @@ def test_descriptor_exhaustion_delays_the_endpoints_but_does_not_end_them(daemon
     waiting_metrics.close()
     assert_serving(d)
     assert trimail_cmd("status", "-c", str(d.config_path)).returncode == 0
+
+
+def test_slow_partial_requests_cannot_hold_every_metrics_slot(daemon):
+    """Slowloris: more clients than the endpoint's slots (32) each send part of a
+    request and then a byte now and then, within every read deadline.  A scrape
+    must still be answered within a few seconds (a trickler older than
+    EVICT_AFTER makes way), not after the 10 s read deadline of the tricklers."""
+    d = daemon(metrics_listen="127.0.0.1:0", master_service_disable="qmgr")
+    port = metrics_port(d)
+    tricklers = []
+    try:
+        for _ in range(40):  # 32 take every slot, 8 wait in the backlog behind them
+            sock = connect(d, port)
+            sock.sendall(b"GET /metrics HTTP/1.0\r\nX-Slow: ")
+            tricklers.append(sock)
+        client = connect(d, port)
+        client.settimeout(6)  # under the tricklers' 10 s read deadline
+        client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+        answer = b""
+        while chunk := client.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.0 200"), answer[:200]
+        assert b"trimail_smtpd_sessions" in answer
+        client.close()
+    finally:
+        for sock in tricklers:
+            sock.close()
+    assert_serving(d)
+
+
+def test_slow_partial_commands_cannot_hold_every_control_slot(daemon):
+    """The same on the control socket (32 slots, a 5 s read deadline)."""
+    d = daemon()
+    path = str(Path(d.queue_directory) / "control")
+    tricklers = []
+    try:
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(path)
+            sock.sendall(b"sta")  # never finishes the line
+            tricklers.append(sock)
+        began = time.monotonic()
+        result = trimail_cmd("status", "-c", str(d.config_path), timeout=10)
+        assert result.returncode == 0, result.stdout + result.stderr
+        # not after the tricklers' 5 s read deadline (the CLI itself starts in about 0.5 s)
+        assert time.monotonic() - began < 4, "status waited for the tricklers' deadline"
+    finally:
+        for sock in tricklers:
+            sock.close()
+    assert_serving(d)

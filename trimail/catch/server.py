@@ -20,7 +20,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import trio
 
 from trimail.catch.api import Api, Request, Response
-from trimail.net.reading import serve_requests
+from trimail.net.reading import request_read, serve_requests
 
 log = logging.getLogger("trimail.catch")
 
@@ -128,6 +128,7 @@ async def handle(stream: trio.SocketStream, api: Api) -> None:
         try:
             with trio.fail_after(READ_TIMEOUT):
                 head, body = await _read(stream)
+            request_read()
         except BadRequest as exc:
             response = Response(exc.status, f"{exc}\n".encode())
         except trio.TooSlowError:

@@ -30,7 +30,7 @@ import trio
 
 from trimail.log import printable
 from trimail.net.listener import ListenError
-from trimail.net.reading import receive_until, serve_requests
+from trimail.net.reading import receive_until, request_read, serve_requests
 from trimail.supervise import FailureCounter
 
 CONTROL_NAME = "control"
@@ -93,6 +93,7 @@ async def serve_control(listener: trio.SocketListener,
     async def handle(stream: trio.SocketStream) -> None:
         with trio.move_on_after(READ_TIMEOUT) as reading:
             line = await receive_until(stream, b"\n", MAX_LINE)
+        request_read()
         if reading.cancelled_caught or not line or (b"\n" not in line and len(line) >= MAX_LINE):
             return  # silent, too slow or over-long: nothing was asked
         command = line.split(b"\n")[0].decode("ascii", "replace").strip()

@@ -18,7 +18,7 @@ import trio
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from trimail.metrics import Metrics
-from trimail.net.reading import receive_until, serve_requests
+from trimail.net.reading import receive_until, request_read, serve_requests
 from trimail.supervise import report
 
 MAX_REQUEST = 8192
@@ -36,6 +36,7 @@ async def serve_metrics(listener: trio.SocketListener, metrics: Metrics,
     async def handle(stream: trio.SocketStream) -> None:
         with trio.move_on_after(REQUEST_TIMEOUT):
             request = await receive_until(stream, b"\r\n\r\n", MAX_REQUEST)
+            request_read()
             if not request.startswith(b"GET "):
                 await stream.send_all(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
                 return

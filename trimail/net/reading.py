@@ -11,12 +11,18 @@ both endpoints share, built so that no client can end ``serve``:
   dropped quietly (debug log only, so a reset flood cannot flood the mail log);
 * at most *limit* requests are served at once (more wait in the listen backlog), and
   reading a request has a deadline, so silent clients cannot pile up tasks;
+* and slow ones cannot hold every slot either (slowloris): when all are taken, a new
+  connection takes the place of the oldest one still sending its request after
+  ``EVICT_AFTER`` seconds (a handler says its request is in with ``request_read()``;
+  one whose answer is being made is never cut).  A real request is read in
+  milliseconds, so only a client that trickles loses its slot, and only to a newcomer;
 * the accept loop survives descriptor exhaustion (``net.listener.accept`` waits) and
   any other accept error (logged, then a growing pause, then accept again).
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -28,6 +34,17 @@ from trimail.supervise import Backoff, FailureCounter, contained, report
 log = logging.getLogger("trimail.master")
 
 PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+EVICT_AFTER = 1.0  # seconds a connection may spend sending its request before a newcomer may take its slot
+
+_request_in: contextvars.ContextVar[Callable[[], None] | None] = contextvars.ContextVar("request_in", default=None)
+
+
+def request_read() -> None:
+    """Called by a ``serve_requests`` handler once its whole request is in: from then
+    on no newcomer takes its slot (no-op outside ``serve_requests``)."""
+    done = _request_in.get()
+    if done is not None:
+        done()
 
 
 async def receive_until(stream: trio.abc.ReceiveStream, marker: bytes, limit: int) -> bytes:
@@ -48,18 +65,34 @@ async def serve_requests(listener: trio.SocketListener, handle: Callable[[trio.S
     each one in its own boundary (see the module docstring).  The stream is closed
     afterwards; *handle* sets its own deadlines."""
     limiter = trio.CapacityLimiter(limit)
+    # connections still sending their request, oldest first: stream -> (its scope, accepted at)
+    reading: dict[trio.SocketStream, tuple[trio.CancelScope, float]] = {}
 
-    async def one(stream: trio.SocketStream) -> None:
+    async def one(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
+        _request_in.set(lambda: reading.pop(stream, None))
         try:
-            with contained(task, metrics):
+            with scope, contained(task, metrics):
                 try:
                     await handle(stream)
                 except PEER_GONE as exc:
                     log.debug("%s: client went away: %r", task, exc)
         finally:
+            reading.pop(stream, None)
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await trio.aclose_forcefully(stream)
             limiter.release_on_behalf_of(stream)
+
+    def evict_slowest() -> None:
+        """Every slot taken: cut the oldest connection still sending its request, if it
+        has been at it for EVICT_AFTER seconds."""
+        if limiter.available_tokens or not reading:
+            return
+        stream, (scope, accepted) = next(iter(reading.items()))
+        if trio.current_time() - accepted >= EVICT_AFTER:
+            del reading[stream]
+            scope.cancel()
+            log.debug("%s: every slot taken: a client still sending its request after %.1f s makes way",
+                      task, trio.current_time() - accepted)
 
     backoff = Backoff(0.1, 5.0)
     async with listener, trio.open_nursery() as nursery:
@@ -74,8 +107,14 @@ async def serve_requests(listener: trio.SocketListener, handle: Callable[[trio.S
                 continue
             backoff.reset()
             try:
-                await limiter.acquire_on_behalf_of(stream)
+                while True:
+                    evict_slowest()
+                    with trio.move_on_after(EVICT_AFTER / 4):
+                        await limiter.acquire_on_behalf_of(stream)
+                        break
             except BaseException:
                 stream.socket.close()
                 raise
-            nursery.start_soon(one, stream)
+            scope = trio.CancelScope()
+            reading[stream] = (scope, trio.current_time())
+            nursery.start_soon(one, stream, scope)
