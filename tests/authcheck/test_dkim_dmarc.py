@@ -5,6 +5,8 @@ Loopback addresses of this test module: the DNS server on 127.0.47.4."""
 
 from __future__ import annotations
 
+import time
+
 import dkim
 import pytest
 
@@ -90,6 +92,44 @@ async def test_ed25519_signed_by_trimail_passes_and_tampering_fails(resolver, tm
     assert [r.result for r in await verify_dkim(resolver, field + MESSAGE)] == ["pass"]
     tampered = field + MESSAGE.replace(b"Bob", b"Eve")
     assert [r.result for r in await verify_dkim(resolver, tampered)] == ["fail"]
+
+
+
+async def test_signatures_of_one_message_with_different_c_and_l_each_get_their_own_verdict(resolver, tmp_path):
+    """The signatures of a message share its body hashes, each kept by canonicalization,
+    algorithm and l=: a shared hash must never decide another signature's verdict."""
+    path = tmp_path / "ed.key"
+    path.write_bytes(ED_PEM)
+    message = MESSAGE + b"Second  line,\ttabbed   \r\n\r\n\r\n"
+    fields = [dkim.sign(message, b"rsa", b"sender.example", RSA_PEM, canonicalize=canon, length=length)
+              for canon, length in (((b"relaxed", b"simple"), False), ((b"simple", b"relaxed"), False),
+                                    ((b"relaxed", b"relaxed"), True), ((b"simple", b"simple"), True))]
+    fields.append(sign_message(message, SigningKey("sender.example", "ed", str(path)), _KeyCache()))
+    other_body = dkim.sign(message.replace(b"Second", b"Third"), b"rsa", b"sender.example", RSA_PEM,
+                           canonicalize=(b"relaxed", b"simple"))  # the first field's combination, another body
+    assert [(r.result, r.reason) for r in await verify_dkim(resolver, b"".join(fields) + message)] == [("pass", "")] * 5
+    assert [(r.result, r.reason) for r in await verify_dkim(resolver, other_body + fields[0] + message)] == [
+        ("fail", "body hash did not verify"), ("pass", "")]
+    changed = b"".join(fields) + message.replace(b"Second", b"Third")
+    assert [r.result for r in await verify_dkim(resolver, changed)] == ["fail"] * 5
+
+
+async def test_five_signatures_on_a_5_mb_body_cost_little_more_cpu_than_one(resolver):
+    """dkimpy split the message into lines, canonicalized its body and hashed it again
+    for every signature: five signatures on a 10 MB body cost 7 s of CPU, five times
+    one, most of it with the GIL held.  The signatures now share one split and one
+    body hash."""
+    message = MESSAGE + b"a line of text, with  two spaces and a tab\t\r\n" * 120_000
+    field = dkim.sign(message, b"rsa", b"sender.example", RSA_PEM, canonicalize=(b"relaxed", b"relaxed"))
+
+    async def cpu_seconds(signed: bytes) -> float:
+        start = time.process_time()
+        assert {r.result for r in await verify_dkim(resolver, signed)} == {"pass"}
+        return time.process_time() - start
+
+    one = await cpu_seconds(field + message)
+    five = await cpu_seconds(field * 5 + message)
+    assert five < 2 * one, (one, five)
 
 
 def spf(result: str, domain: str) -> SpfResult:

@@ -25,7 +25,11 @@ the header section from the bottom: 7,000 names against 9,000 fields (an 86 kB
 message) cost 4 s of CPU per signature, so a signature naming more than
 ``MAX_SIGNED_FIELDS`` fields is a permerror before that scan, and so is a ``b=``
 longer than a ``MAX_MODULUS_BITS`` signature (dkimpy turns it into an integer byte
-by byte, quadratic: 0.75 s for a 93 kB one).
+by byte, quadratic: 0.75 s for a 93 kB one).  dkimpy split the whole message into
+lines and canonicalized and hashed its body again for every signature: five
+signatures on a 10 MB body cost 7 s of CPU, the GIL held most of it.  A
+``SignedMessage`` splits the message once and keeps each canonical body and each
+body hash for the signatures after it.
 
 Parameters: none read (see trimail/authcheck/inbound.py).
 """
@@ -69,23 +73,79 @@ class DkimResult:
     reason: str = ""
 
 
-class _Ed25519Verifier(dkim.DKIM):
-    """dkimpy's DKIM with ed25519-sha256 checked by ``cryptography``."""
+class SignedMessage:
+    """A message whose signatures are checked one after another, each in a worker
+    thread: split once into its header section and its body, each canonical body
+    made once (at most two: simple and relaxed) and each body hash computed once per
+    (canonicalization, algorithm, l=).  The checks of one message never overlap (an
+    abandoned one is the last); if they did, a value would only be computed twice."""
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._parts: tuple[bytes, bytes] | None = None  # not a cached_property: its lock (3.11) is per class
+        self._canonical: dict[bytes, bytes] = {}
+        self._hashes: dict[tuple[bytes, bytes, bytes | None], bytes] = {}
+
+    def parts(self) -> tuple[bytes, bytes]:
+        """(the header section with its empty line, the body with CRLF line ends):
+        dkimpy's rfc822_parse split, without making a list of the body's lines."""
+        if self._parts is None:
+            end = _HEADER_END.search(self.raw)
+            self._parts = (self.raw, b"") if end is None else (
+                self.raw[:end.end()], self.raw[end.end():].replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+        return self._parts
+
+    def body_hash(self, sig: dict[bytes, bytes]) -> bytes:
+        """The hash of the body as signature *sig* (its tags) canonicalizes, hashes and
+        limits it (c=, a=, l=): dkimpy's verify_sig_process, once per combination."""
+        try:
+            canon = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+        except InvalidCanonicalizationPolicyError as exc:
+            raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
+        key = (canon.body_algorithm.name, sig[b"a"], sig.get(b"l"))
+        if key not in self._hashes:
+            name = canon.body_algorithm.name
+            if name not in self._canonical:
+                self._canonical[name] = canon.canonicalize_body(self.parts()[1])
+            body = self._canonical[name]
+            if b"l" in sig:
+                body = body[:int(sig[b"l"])]
+            self._hashes[key] = dkim.HASH_ALGORITHMS[sig[b"a"]](body).digest()
+        return self._hashes[key]
+
+    def check_body_hash(self, sig: dict[bytes, bytes]) -> None:
+        """ValidationError("body hash mismatch") when the body is not what *sig* signed."""
+        if self.body_hash(sig) != base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"])):
+            raise dkim.ValidationError("body hash mismatch")
+
+
+class _Verifier(dkim.DKIM):
+    """dkimpy's DKIM for one signature of *message*: given only the header section
+    (the body hash is the ``SignedMessage``'s), with ed25519-sha256 checked by
+    ``cryptography``."""
+
+    def __init__(self, message: SignedMessage) -> None:
+        super().__init__(message.parts()[0], logger=_null_log, minkey=1024)
+        self.message = message
+
+    def verify_sig_process(self, sig: dict, include_headers: list[bytes], sig_header: tuple, dnsfunc) -> bool:
+        """dkimpy's check of an RSA signature, the body hash compared first by the
+        ``SignedMessage``; dkimpy gets the tags without bh= and so skips the body."""
+        if self.seqtlsrpt:  # a key for TLS reports only: dkimpy refuses it before looking at the body
+            return super().verify_sig_process(sig, include_headers, sig_header, dnsfunc)
+        self.message.check_body_hash(sig)
+        return super().verify_sig_process({tag: value for tag, value in sig.items() if tag != b"bh"},
+                                          include_headers, sig_header, dnsfunc)
 
     def check_ed25519(self, sig: dict, include_headers: list[bytes], sig_header: tuple, public: bytes) -> bool:
         try:
             canon = CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
         except InvalidCanonicalizationPolicyError as exc:
             raise dkim.MessageFormatError(f"invalid c= value: {exc}") from None
-        hasher = dkim.HASH_ALGORITHMS[b"ed25519-sha256"]
-        body = canon.canonicalize_body(self.body)
-        if b"l" in sig:
-            body = body[:int(sig[b"l"])]
-        if hasher(body).digest() != base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"])):
-            raise dkim.ValidationError("body hash mismatch")
+        self.message.check_body_hash(sig)
         if b"from" in include_headers:
             include_headers.append(b"from")
-        h = dkim.HashThrough(hasher(), False)
+        h = dkim.HashThrough(dkim.HASH_ALGORITHMS[b"ed25519-sha256"](), False)
         dkim.hash_headers(h, canon, canon.canonicalize_headers(self.headers), include_headers, sig_header, sig)
         try:
             Ed25519PublicKey.from_public_bytes(public).verify(
@@ -126,10 +186,10 @@ def _rsa_key_problem(record: bytes) -> str | None:
     return None
 
 
-def _verify_one(message: bytes, index: int, record: bytes) -> tuple[str, str]:
+def _verify_one(message: SignedMessage, index: int, record: bytes) -> tuple[str, str]:
     """Check signature *index* against key *record* (a worker thread); (result, reason)."""
     try:
-        verifier = _Ed25519Verifier(message, logger=_null_log, minkey=1024)
+        verifier = _Verifier(message)
         prep = verifier.verify_headerprep(index)
         if not prep:
             return "permerror", "no signature"
@@ -186,8 +246,9 @@ def signatures(message: bytes) -> list[DkimResult]:
     return found
 
 
-async def check_signature(resolver: Resolver, message: bytes, index: int, found: DkimResult) -> DkimResult:
-    """Signature *index* of *message* (*found*: what signatures() said of it) checked."""
+async def check_signature(resolver: Resolver, message: SignedMessage, index: int, found: DkimResult) -> DkimResult:
+    """Signature *index* of *message* (*found*: what signatures() said of it) checked;
+    the signatures of one message share one ``SignedMessage``."""
     if not found.domain or not found.selector:
         return found
     name = f"{found.selector}._domainkey.{found.domain}"
@@ -205,5 +266,6 @@ async def check_signature(resolver: Resolver, message: bytes, index: int, found:
 
 async def verify_dkim(resolver: Resolver, message: bytes) -> list[DkimResult]:
     """One result per DKIM-Signature (up to SIGNATURE_LIMIT), top first; [] when unsigned."""
-    return [await check_signature(resolver, message, index, found)
+    signed = SignedMessage(message)
+    return [await check_signature(resolver, signed, index, found)
             for index, found in enumerate(signatures(message))]

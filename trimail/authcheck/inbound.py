@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trimail.authcheck.dkimverify import check_signature, signatures
+from trimail.authcheck.dkimverify import SignedMessage, check_signature, signatures
 from trimail.authcheck.dmarc import DmarcResult, check_dmarc, from_domain
 from trimail.authcheck.results import NAME, claims, header_field
 from trimail.authcheck.signing import Signer, SigningError, UnsignableMessage, sign_message
@@ -157,9 +157,10 @@ class AuthChecks:
             dataclasses.replace(s, result="temperror", reason="time limit exceeded") for s in pending]
         dmarc = DmarcResult("temperror", header_from or "", reason="time limit exceeded") \
             if "dmarc" in self.methods else None
+        signed = SignedMessage(raw)  # the signatures share its body hashes
         with trio.move_on_after(max(0.0, self.timeout - results.spent)):
             for index, found in enumerate(pending or []):
-                dkims[index] = await check_signature(self.resolver, raw, index, found)  # type: ignore[index]
+                dkims[index] = await check_signature(self.resolver, signed, index, found)  # type: ignore[index]
             if dmarc is not None:
                 dmarc = await check_dmarc(self.resolver, header_from, results.spf, dkims or [])
         field = header_field(self.authserv_id, results.spf if "spf" in self.methods else None,
