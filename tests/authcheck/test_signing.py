@@ -174,6 +174,23 @@ async def test_mail_of_a_domain_without_a_key_and_mail_from_outside_are_not_sign
     assert b"DKIM-Signature" not in content and b"Authentication-Results: mx.test.example" in content
 
 
+async def test_a_from_field_after_64_kb_of_header_is_signed_for_its_own_domain(start, keys, tmp_path):
+    """The signer looked for From: in the session's copy of the header, its first 64 kB
+    only: a From: after 64 kB of other fields (still under header_size_limit) was not
+    found and the envelope sender chose the key (here: none, the mail went unsigned).
+    From: is now read from the whole header section."""
+    directory, zone = keys
+    srv = await start(zone, **tables(tmp_path, directory, "mail.sender.example  rsa1._domainkey.sender.example\n"))
+    padding = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"x" * 60) for i in range(1000))
+    assert 64 * 1024 < len(padding) < 90 * 1024
+    reply, content = await sent(srv, padding + SUBDOMAIN_MESSAGE)  # From: alice@mail.sender.example
+    assert reply[0] == 250
+    names = [line.split(b":")[0] for line in content.split(b"\r\n\r\n")[0].split(b"\r\n") if line[:1] not in b" \t"]
+    assert names[:3] == [b"Received", b"DKIM-Signature", b"X-Pad-0"]
+    assert b"d=sender.example" in content and b"s=rsa1" in content
+    assert dkim.verify(content, dnsfunc=dnsfunc(zone))
+
+
 async def test_an_unreadable_key_defers_the_message_instead_of_sending_it_unsigned(start, keys, tmp_path, caplog):
     directory, zone = keys
     srv = await start(zone, **tables(tmp_path, directory, "sender.example  missing\n"))

@@ -180,12 +180,15 @@ class AuthChecks:
 
     async def _sign(self, session: SmtpdSession, txn: Transaction) -> Reply | None:
         assert self.signer is not None and txn.spool is not None
-        header_from = _from_address(txn.header) or txn.envelope_sender
+        raw = await read_content(txn.spool)
+        # the whole header section (bounded by header_size_limit), as for DMARC: txn.header
+        # keeps the first 64 kB, and a From: after them was not found (the envelope sender
+        # chose the key, or the mail went unsigned)
+        header_from = _from_address(header_section(raw)) or txn.envelope_sender
         try:
             key = await self.signer.find_async(header_from)
             if key is None:
                 return None
-            raw = await read_content(txn.spool)
             cut = first_field_end(raw)
             field = await trio.to_thread.run_sync(sign_message, raw[cut:], key, self.signer.cache)
         except SigningError as exc:
