@@ -104,6 +104,25 @@ def schedule_round(store: Store, now: float, room: int, recipients: int | None =
     return claimed, transitions.next_due(store)
 
 
+class HeaderRewriters(dict[tuple[str | None, bool], Callable[[bytes], bytes]]):
+    """(rewrite context, mapped) -> cleanup's header rewriter for it, made when first
+    asked for: most configurations use one or two of the six."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+
+    def __missing__(self, key: tuple[str | None, bool]) -> Callable[[bytes], bytes]:
+        context, mapped = key
+        if context not in (LOCAL, REMOTE, None):
+            raise KeyError(key)
+        config = self.config
+        if not mapped and config.masquerade_domains:
+            config = config.with_overrides({"masquerade_domains": ""})
+        rewriter = self[key] = header_rewriter(config, context)
+        return rewriter
+
+
 class Scheduler(Dispatcher):
     def __init__(self, config: Config, writer: QueueWriter, connector: Connector) -> None:
         self.writer = writer
@@ -162,11 +181,9 @@ class Scheduler(Dispatcher):
         self.masq_domains: list[str] = config.masquerade_domains
         self.masq_exceptions: list[str] = config.masquerade_exceptions
         self.masq_classes: list[str] = config.masquerade_classes
-        # cleanup's header rewriting per rewrite context (cleanup.rewrite.header_context), built once
-        # (context, mapped): with mapped False (no_address_mappings) the headers are not masqueraded
-        unmasked = config.with_overrides({"masquerade_domains": ""}) if config.masquerade_domains else config
-        self.header_rewriters = {(context, mapped): header_rewriter(config if mapped else unmasked, context)
-                                 for context in (LOCAL, REMOTE, None) for mapped in (True, False)}
+        # cleanup's header rewriting per rewrite context (cleanup.rewrite.header_context), each built
+        # on first use (context, mapped): with mapped False (no_address_mappings) not masqueraded
+        self.header_rewriters = HeaderRewriters(config)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         try:
