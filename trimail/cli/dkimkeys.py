@@ -14,7 +14,6 @@ from typing import Annotated, Literal
 
 from cyclopts import App, Parameter
 
-from trimail.authcheck.signing import dns_txt_zone_line, generate_key, public_record
 from trimail.cli import Failure, app
 
 dkim_app = App(name="dkim", help="DKIM signing keys (dkim_signing_table, dkim_key_table).")
@@ -28,6 +27,9 @@ def keygen(domain: str, selector: str, *,
            directory: Annotated[str, Parameter(name=["--directory", "-D"])] = ".") -> None:
     """Write a new private key to DIRECTORY/SELECTOR.private (mode 0600) and print
     the DNS TXT record to publish at SELECTOR._domainkey.DOMAIN."""
+    # here, not at the top: dkimpy and dnspython cost every other command 80 ms to import
+    from trimail.authcheck.signing import dns_txt_zone_line, generate_key, public_record
+
     domain = domain.lower().rstrip(".")
     if not domain or "/" in selector or not selector or selector.startswith("."):
         raise Failure(f"bad domain or selector: {domain!r} {selector!r}")
