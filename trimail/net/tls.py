@@ -11,7 +11,9 @@ Parameters: smtpd_tls_cert_file, smtpd_tls_key_file, smtp_tls_security_level, sm
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import ssl
 
 from trimail.config import Config, ConfigError
@@ -104,9 +106,15 @@ def loaded_chain(cert_file: str, key_file: str = "") -> ssl.SSLContext:
 
 
 def _digest(path: str) -> bytes:
-    """SHA-256 of the file's content, or b"" when it is too big to keep (never cached)."""
+    """SHA-256 of the file's content, or b"" when it is too big to keep (never cached).
+    Anything but a regular file is an OSError: opening a FIFO waits for a writer, and
+    that froze serve (start, or a reload in the event loop) for good."""
     import hashlib
+    import stat
 
-    with open(path, "rb") as source:
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    with open(descriptor, "rb") as source:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
         data = source.read(_FILE_LIMIT + 1)
     return b"" if len(data) > _FILE_LIMIT else hashlib.sha256(data).digest()
