@@ -134,26 +134,29 @@ def test_descriptor_exhaustion_delays_the_endpoints_but_does_not_end_them(daemon
 
 
 def test_slow_partial_requests_cannot_hold_every_metrics_slot(daemon):
-    """Slowloris: more clients than the endpoint's slots (32) each send part of a
-    request and then a byte now and then, within every read deadline.  A scrape
-    must still be answered within a few seconds (a trickler older than
-    EVICT_AFTER makes way), not after the 10 s read deadline of the tricklers."""
+    """Slowloris: more clients than the endpoint's slots (256) each send part of a
+    request and stay within every read deadline.  A scrape behind them in the
+    backlog must still be answered within a few seconds (a trickler older than
+    EVICT_AFTER makes way for each newcomer), not after the tricklers' 10 s read
+    deadline, nor after (its place in the backlog) / 32 s as with 32 slots."""
     d = daemon(metrics_listen="127.0.0.1:0", master_service_disable="qmgr")
     port = metrics_port(d)
     tricklers = []
     try:
-        for _ in range(40):  # 32 take every slot, 8 wait in the backlog behind them
+        for _ in range(300):  # 256 take every slot, 44 wait in the backlog
             sock = connect(d, port)
             sock.sendall(b"GET /metrics HTTP/1.0\r\nX-Slow: ")
             tricklers.append(sock)
+        began = time.monotonic()
         client = connect(d, port)
-        client.settimeout(6)  # under the tricklers' 10 s read deadline
+        client.settimeout(8)  # under the tricklers' 10 s read deadline
         client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
         answer = b""
         while chunk := client.recv(65536):
             answer += chunk
         assert answer.startswith(b"HTTP/1.0 200"), answer[:200]
         assert b"trimail_smtpd_sessions" in answer
+        assert time.monotonic() - began < 4, "the scrape waited for the tricklers"
         client.close()
     finally:
         for sock in tricklers:
@@ -161,13 +164,26 @@ def test_slow_partial_requests_cannot_hold_every_metrics_slot(daemon):
     assert_serving(d)
 
 
+def test_a_request_cut_short_is_not_answered(daemon):
+    """A partial request ended by end of file asks for nothing: no metrics page is
+    made for it (a flood of them cost serve most of a core)."""
+    d = daemon(metrics_listen="127.0.0.1:0", master_service_disable="qmgr")
+    port = metrics_port(d)
+    sock = connect(d, port)
+    sock.sendall(b"GET ")
+    sock.shutdown(socket.SHUT_WR)
+    assert sock.recv(65536) == b""
+    sock.close()
+    assert scrape(port)[0] == 200
+
+
 def test_slow_partial_commands_cannot_hold_every_control_slot(daemon):
-    """The same on the control socket (32 slots, a 5 s read deadline)."""
+    """The same on the control socket (256 slots, a 5 s read deadline)."""
     d = daemon()
     path = str(Path(d.queue_directory) / "control")
     tricklers = []
     try:
-        for _ in range(40):
+        for _ in range(300):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(path)
             sock.sendall(b"sta")  # never finishes the line

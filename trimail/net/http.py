@@ -37,6 +37,8 @@ async def serve_metrics(listener: trio.SocketListener, metrics: Metrics,
         with trio.move_on_after(REQUEST_TIMEOUT):
             request = await receive_until(stream, b"\r\n\r\n", MAX_REQUEST)
             request_read()
+            if b"\r\n\r\n" not in request:  # cut short (end of file) or over-long: nothing was asked
+                return
             if not request.startswith(b"GET "):
                 await stream.send_all(b"HTTP/1.0 405 Method Not Allowed\r\nContent-Length: 0\r\n\r\n")
                 return

@@ -9,8 +9,10 @@ both endpoints share, built so that no client can end ``serve``:
 * a peer that resets, closes early or vanishes (``trio.BrokenResourceError``,
   ``trio.ClosedResourceError``, ``OSError``) is the peer's business: the request is
   dropped quietly (debug log only, so a reset flood cannot flood the mail log);
-* at most *limit* requests are served at once (more wait in the listen backlog), and
-  reading a request has a deadline, so silent clients cannot pile up tasks;
+* at most *limit* connections are served at once (more wait in the listen backlog),
+  and reading a request has a deadline, so silent clients cannot pile up tasks; the
+  limit is large (256: a request is at most a few kB) because a flood of tricklers
+  delays a newcomer by about (its place in the backlog) / *limit* seconds;
 * and slow ones cannot hold every slot either (slowloris): when all are taken, a new
   connection takes the place of the oldest one still sending its request after
   ``EVICT_AFTER`` seconds (a handler says its request is in with ``request_read()``;
@@ -60,7 +62,7 @@ async def receive_until(stream: trio.abc.ReceiveStream, marker: bytes, limit: in
 
 
 async def serve_requests(listener: trio.SocketListener, handle: Callable[[trio.SocketStream], Awaitable[None]],
-                         *, task: str, metrics: FailureCounter | None = None, limit: int = 32) -> None:
+                         *, task: str, metrics: FailureCounter | None = None, limit: int = 256) -> None:
     """Accept connections on *listener* until cancelled; ``await handle(stream)`` for
     each one in its own boundary (see the module docstring).  The stream is closed
     afterwards; *handle* sets its own deadlines."""
