@@ -36,3 +36,18 @@ def test_a_broken_file_still_fails_after_a_good_one_was_loaded(tmp_path):
         pass
     else:
         raise AssertionError("a truncated certificate must not load")
+
+
+def test_a_file_over_1_mib_is_refused_before_openssl_reads_it(tmp_path):
+    """A certificate chain is a few kB; OpenSSL would read a multi-GB file whole, in
+    the event loop at a reload."""
+    good = tmp_path / "good.pem"
+    trustme.CA().issue_cert("mx.example").private_key_and_cert_chain_pem.write_to_path(str(good))
+    huge = tmp_path / "huge.pem"
+    huge.write_bytes(good.read_bytes() + b"\n" * (1 << 20))
+    try:
+        loaded_chain(str(huge))
+    except OSError as exc:
+        assert "larger than 1 MiB" in str(exc)
+    else:
+        raise AssertionError("a 1 MiB certificate file must be refused")

@@ -85,7 +85,7 @@ def server_tls_context(config: Config) -> ssl.SSLContext:
 # copy of one test certificate) parse and check a chain once; a renewed certificate is new content.
 _by_content: dict[tuple[bytes, bytes], ssl.SSLContext] = {}
 _BY_CONTENT_LIMIT = 16
-_FILE_LIMIT = 1 << 20  # bytes read of a certificate or key file to know its content; a bigger one is not kept
+_FILE_LIMIT = 1 << 20  # bytes of a certificate or key file at most (they are a few kB)
 
 
 def loaded_chain(cert_file: str, key_file: str = "") -> ssl.SSLContext:
@@ -98,17 +98,17 @@ def loaded_chain(cert_file: str, key_file: str = "") -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file or None)
-    if content[0] and (content[1] or not key_file):
-        if len(_by_content) >= _BY_CONTENT_LIMIT:
-            del _by_content[next(iter(_by_content))]
-        _by_content[content] = ctx
+    if len(_by_content) >= _BY_CONTENT_LIMIT:
+        del _by_content[next(iter(_by_content))]
+    _by_content[content] = ctx
     return ctx
 
 
 def _digest(path: str) -> bytes:
-    """SHA-256 of the file's content, or b"" when it is too big to keep (never cached).
-    Anything but a regular file is an OSError: opening a FIFO waits for a writer, and
-    that froze serve (start, or a reload in the event loop) for good."""
+    """SHA-256 of the file's content.  Anything but a regular file is an OSError:
+    opening a FIFO waits for a writer, and that froze serve (start, or a reload in
+    the event loop) for good.  So is a file over 1 MiB (certificate chains and keys
+    are a few kB): OpenSSL would read all of it in the event loop at a reload."""
     import hashlib
     import stat
 
@@ -117,4 +117,6 @@ def _digest(path: str) -> bytes:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", path)
         data = source.read(_FILE_LIMIT + 1)
-    return b"" if len(data) > _FILE_LIMIT else hashlib.sha256(data).digest()
+    if len(data) > _FILE_LIMIT:
+        raise OSError(errno.EFBIG, f"larger than {_FILE_LIMIT >> 20} MiB: not a certificate or key file", path)
+    return hashlib.sha256(data).digest()
