@@ -28,9 +28,11 @@ wait for a turn).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import ipaddress
 import logging
+import os
 import random
 import re
 
@@ -51,6 +53,8 @@ from trimail.log import printable
 DEFAULT_LIFETIME = 10.0
 DEFAULT_CONCURRENCY = 100  # dns_concurrency_limit's default
 CACHE_SIZE = 10_000  # answers kept (each for its TTL; the least recently used goes first)
+
+RESOLV_CONF = "/etc/resolv.conf"
 
 log = logging.getLogger("trimail.smtp")
 
@@ -112,6 +116,29 @@ class MailHost:
     preference: int
 
 
+_system: tuple[tuple[int, int, int] | None, dns.asyncresolver.Resolver] | None = None  # resolv.conf's identity, parsed
+
+
+def _system_resolver() -> dns.asyncresolver.Resolver:
+    """A resolver configured from /etc/resolv.conf (127.0.0.1 when there is none or it
+    is bad, e.g. in a chroot), parsed again only when the file changed: every start
+    and reload makes two, and a test MTA starts in milliseconds."""
+    global _system
+    try:
+        stat = os.stat(RESOLV_CONF)
+        identity: tuple[int, int, int] | None = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        identity = None
+    if _system is None or identity is None or _system[0] != identity:
+        try:
+            template = dns.asyncresolver.Resolver(filename=RESOLV_CONF)
+        except (dns.exception.DNSException, OSError, ValueError):  # no or bad resolv.conf
+            template = dns.asyncresolver.Resolver(configure=False)
+            template.nameservers = ["127.0.0.1"]
+        _system = (identity, template)
+    return copy.copy(_system[1])  # each its own attributes (lifetime, cache); the lists are never changed
+
+
 class Resolver:
     """dnspython's async resolver on trio, at most *concurrency* queries in flight
     (``dns_concurrency_limit``): a queue run to thousands of destinations, or a
@@ -125,11 +152,7 @@ class Resolver:
             self._resolver = dns.asyncresolver.Resolver(configure=False)
             self._resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers]
         else:
-            try:
-                self._resolver = dns.asyncresolver.Resolver()
-            except (dns.exception.DNSException, OSError, ValueError):  # no or bad resolv.conf, e.g. in a chroot
-                self._resolver = dns.asyncresolver.Resolver(configure=False)
-                self._resolver.nameservers = ["127.0.0.1"]
+            self._resolver = _system_resolver()
         self._resolver.lifetime = lifetime
         self._resolver.timeout = min(lifetime, 3.0)
         self._resolver.retry_servfail = False
