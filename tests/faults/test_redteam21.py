@@ -8,7 +8,6 @@ ends or freezes it (STYLE.md section 0).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,20 +15,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_main_cf
-from tests.faults.conftest import trimail_cmd
+from tests.faults.conftest import banner, trimail_cmd
 
 HOST = "127.0.61.1"
-
-
-def banner(port: int, timeout: float = 10.0) -> bytes:
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        data = b""
-        while b"\r\n" not in data:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            data += chunk
-    return data
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +43,7 @@ def test_a_certificate_replaced_by_a_fifo_does_not_freeze_serve_at_reload(daemon
     result = trimail_cmd("reload", "-c", str(d.config_path), timeout=30)
     assert result.returncode == 0, result.stdout + result.stderr
     d.proc.wait_log(r"cannot read .*cert\.pem.*keeping the certificate loaded at start")
-    assert banner(d.port).startswith(b"220 ")
+    assert banner(d.port, HOST).startswith("220 ")
     assert trimail_cmd("status", "-c", str(d.config_path), timeout=30).returncode == 0
     assert d.proc.stop(timeout=30) == 0
 
