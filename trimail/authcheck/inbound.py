@@ -180,15 +180,12 @@ class AuthChecks:
 
     async def _sign(self, session: SmtpdSession, txn: Transaction) -> Reply | None:
         assert self.signer is not None and txn.spool is not None
-        raw = await read_content(txn.spool)
-        # the whole header section (bounded by header_size_limit), as for DMARC: txn.header
-        # keeps the first 64 kB, and a From: after them was not found (the envelope sender
-        # chose the key, or the mail went unsigned)
-        header_from = _from_address(header_section(raw)) or txn.envelope_sender
+        header_from = _from_address(await whole_header(txn)) or txn.envelope_sender
         try:
             key = await self.signer.find_async(header_from)
             if key is None:
                 return None
+            raw = await read_content(txn.spool)
             cut = first_field_end(raw)
             field = await trio.to_thread.run_sync(sign_message, raw[cut:], key, self.signer.cache)
         except SigningError as exc:
@@ -219,6 +216,16 @@ def _forged(field: bytes, authserv_id: str) -> bool:
     name, colon, value = field.partition(b":")
     return bool(colon) and name.strip().lower() == NAME.lower().encode() and claims(
         value.decode("utf-8", "replace"), authserv_id)
+
+
+async def whole_header(txn: Transaction) -> bytes:
+    """The message's whole header section (bounded by header_size_limit): the
+    session's copy when it holds all of it, as it does below 64 kB; else read from the
+    stored content (a From: after 64 kB of header must still be found)."""
+    if txn.header_done and not txn.header_too_big and txn.header_seen == len(txn.header):
+        return bytes(txn.header)
+    assert txn.spool is not None
+    return header_section(await read_content(txn.spool))
 
 
 def header_section(raw: bytes) -> bytes:
