@@ -351,7 +351,6 @@ class InlineWriter(QueueWriter):
     _store: Store | None = None
 
     async def __aenter__(self) -> QueueWriter:
-        self._token = trio.lowlevel.current_trio_token()
         self._store = self._open_store()
         try:
             for _ in range(self._reader_count):

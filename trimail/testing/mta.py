@@ -9,6 +9,7 @@ is ``open_test_mta`` here; the synchronous form is ``TestMTA`` (sync.py).
 from __future__ import annotations
 
 import difflib
+import functools
 import getpass
 import math
 import os
@@ -46,20 +47,16 @@ def check_options(config: dict[str, Any], where: str = "TestMTA()") -> None:
 
 def user_name() -> str:
     """Who runs the tests (``mail_owner``): a uid without a passwd entry, as in many CI
-    containers, is named by its number instead of failing in ``getpass.getuser``.
-    Looked up once per uid (each lookup reads the passwd database)."""
-    uid = os.getuid()
-    name = _user_names.get(uid)
-    if name is None:
-        try:
-            name = getpass.getuser()
-        except (KeyError, OSError):  # KeyError up to Python 3.12, OSError from 3.13
-            name = str(uid)
-        _user_names[uid] = name
-    return name
+    containers, is named by its number instead of failing in ``getpass.getuser``."""
+    return _name_of(os.getuid())
 
 
-_user_names: dict[int, str] = {}
+@functools.cache  # once per uid: each lookup reads the passwd database
+def _name_of(uid: int) -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # KeyError up to Python 3.12, OSError from 3.13
+        return str(uid)
 
 
 def loopback_of(host: str) -> str:
