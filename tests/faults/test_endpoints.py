@@ -87,15 +87,29 @@ def test_reset_and_garbage_on_the_control_socket_cost_one_request_each(daemon):
     assert not [line for line in d.proc.log if "Traceback" in line]
 
 
+def control_clients(d: Daemon, count: int, saying: bytes = b"") -> list[socket.socket]:
+    """*count* connections to serve's control socket, each having sent *saying* and
+    nothing more (the caller closes them)."""
+    path = str(Path(d.queue_directory) / "control")
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            clients.append(sock)
+            sock.connect(path)
+            if saying:
+                sock.sendall(saying)
+    except BaseException:
+        for sock in clients:
+            sock.close()
+        raise
+    return clients
+
+
 def test_a_silent_control_client_does_not_block_the_next_one(daemon):
     d = daemon()
-    path = str(Path(d.queue_directory) / "control")
-    silent = []
+    silent = control_clients(d, 5)  # connected, never say anything
     try:
-        for _ in range(5):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(path)
-            silent.append(sock)  # connected, never says anything
         result = trimail_cmd("status", "-c", str(d.config_path), timeout=4)
         assert result.returncode == 0, result.stdout + result.stderr
     finally:
@@ -180,14 +194,8 @@ def test_a_request_cut_short_is_not_answered(daemon):
 def test_slow_partial_commands_cannot_hold_every_control_slot(daemon):
     """The same on the control socket (256 slots, a 5 s read deadline)."""
     d = daemon()
-    path = str(Path(d.queue_directory) / "control")
-    tricklers = []
+    tricklers = control_clients(d, 300, b"sta")  # never finish the line
     try:
-        for _ in range(300):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.connect(path)
-            sock.sendall(b"sta")  # never finishes the line
-            tricklers.append(sock)
         began = time.monotonic()
         result = trimail_cmd("status", "-c", str(d.config_path), timeout=10)
         assert result.returncode == 0, result.stdout + result.stderr
