@@ -79,11 +79,12 @@ def test_idle_connections_filling_every_slot_are_cut_under_stress(daemon) -> Non
     idle = silent_connections(d.port)
     try:
         assert served_within(d.port, 5) < 5
-        # at 80 % of the limit; with two smtpd workers adding to the shared count at once,
-        # the one that sees it may already count one more
+        # at 80 % of the limit, never below; with two smtpd workers adding to the shared
+        # count at once, the one that sees it may already count the sessions that opened
+        # meanwhile in the other (41 and 42 of 50 were seen in CI-like runs)
         line = d.proc.wait_log(rf"warning: stress mode on: \d+ of {LIMIT} sessions")
         counted = int(re.search(r"stress mode on: (\d+) of", line).group(1))
-        assert LIMIT * 80 // 100 <= counted <= LIMIT * 80 // 100 + 1, line
+        assert LIMIT * 80 // 100 <= counted <= LIMIT, line
         queue_id = send(d.port, ["bob@relay.example"])
         wait_until(lambda: any(f"{queue_id}: client=" in line for line in d.proc.log))
         wait_until(lambda: any("stress mode off" in line for line in d.proc.log))
