@@ -143,7 +143,7 @@ class QueueReads:
                     continue
                 recipients = [RecipientInfo(*r) for r in self.db.execute(
                     "SELECT address, status, attempts, next_attempt, last_reply FROM recipient"
-                    " WHERE message_id = ? ORDER BY seq", (queue_id,))]
+                    " WHERE message_id = +? ORDER BY seq", (queue_id,))]  # +?: see queue/transitions.py
                 found.append(MessageInfo(*row, recipients=recipients))
         return found
 

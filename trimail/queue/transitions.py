@@ -4,6 +4,13 @@ Functions take a ``Store`` and run inside the caller's transaction (the writer
 thread's group commit in serve).  The operator's changes (flush, hold, release,
 delete, requeue) are in ``queue/admin.py``.
 
+Bound values that the query planner could look at are written ``+?``: SQLite
+plans with the value of a bare ``?`` in ``LIMIT ?``, and in ``column = ?`` when
+the ORDER BY could then be dropped, and then prepares the statement again every
+time a new value is bound (measured: 5-20 µs per statement, on every claim and
+finish).  ``+?`` is the same value to the statement and opaque to the planner,
+and each statement still runs through the index its plan names.
+
 Message states move ``incoming -> active`` and, when due, ``deferred -> active``
 (claim: new mail and retries in turn, at most ``CLAIM_BATCH`` per request, each
 through its index), ``maildrop -> incoming`` (promote, in bounded batches),
@@ -78,10 +85,10 @@ def promote_due(store: Store, now: float, limit: int = PROMOTE_BATCH) -> int:
     statement rewrites a whole storm of rows inside one commit."""
     db = store.db
     db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN"
-               " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT ?)", (limit,))
+               " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?)", (limit,))
     changed = db.changes()
     db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN (SELECT rowid FROM message"
-               " WHERE state = 'deferred' AND next_attempt <= ? ORDER BY next_attempt LIMIT ?)", (now, limit))
+               " WHERE state = 'deferred' AND next_attempt <= ? ORDER BY next_attempt LIMIT +?)", (now, limit))
     return changed + db.changes()
 
 
@@ -92,12 +99,12 @@ def promote_maildrop(store: Store, limit: int = PROMOTE_BATCH, param: tuple[str,
     and drops one found there."""
     if param is None:
         store.db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN"
-                         " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT ?)", (limit,))
+                         " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?)", (limit,))
     else:
         path = '$."' + param[0].replace('"', "") + '"'
         store.db.execute("UPDATE message SET state = 'incoming', params = CASE WHEN ?3 = '' THEN"
                          " json_remove(params, ?2) ELSE json_set(params, ?2, ?3) END WHERE rowid IN"
-                         " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT ?1)",
+                         " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?1)",
                          (limit, path, param[1]))
     return store.db.changes()
 
@@ -119,9 +126,9 @@ def claim(store: Store, limit: int, now: float, recipients: int | None = None) -
     if limit <= 0:
         return []
     db = store.db
-    new = db.execute(f"{_CLAIM_COLUMNS} WHERE state = 'incoming' ORDER BY id LIMIT ?", (limit,)).fetchall()
+    new = db.execute(f"{_CLAIM_COLUMNS} WHERE state = 'incoming' ORDER BY id LIMIT +?", (limit,)).fetchall()
     due = db.execute(f"{_CLAIM_COLUMNS} WHERE state = 'deferred' AND next_attempt <= ?"
-                     " ORDER BY next_attempt LIMIT ?", (now, limit)).fetchall()
+                     " ORDER BY next_attempt LIMIT +?", (now, limit)).fetchall()
     taken: list[tuple[str, tuple]] = []
     for i in range(max(len(new), len(due))):
         taken += [("incoming", new[i])] if i < len(new) else []
@@ -138,7 +145,7 @@ def claim(store: Store, limit: int, now: float, recipients: int | None = None) -
             continue
         store.transition(message_id, state, "active")
         pending = [QueuedRecipient(*r) for r in db.execute(
-            "SELECT seq, address, attempts, last_reply FROM recipient WHERE message_id = ?"
+            "SELECT seq, address, attempts, last_reply FROM recipient WHERE message_id = +?"
             " AND status IN ('pending', 'deferred') ORDER BY seq", (message_id,))]
         loaded += len(pending)
         claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, json.loads(params), pending,
@@ -181,7 +188,7 @@ def finish(store: Store, message_id: str,
     that returns True (a delay warning was queued) the message is marked warned."""
     db = store.db
     bounced = [tuple(b) for b in db.execute(
-        "SELECT address, coalesce(last_reply, '') FROM recipient WHERE message_id = ? AND status = 'bounced'"
+        "SELECT address, coalesce(last_reply, '') FROM recipient WHERE message_id = +? AND status = 'bounced'"
         " AND notified = 0 ORDER BY seq", (message_id,))]
     if bounced and notify is not None:
         notify(bounced)
@@ -194,7 +201,7 @@ def finish(store: Store, message_id: str,
         if warn is not None and not db.execute("SELECT delay_warned FROM message WHERE id = ?",
                                                (message_id,)).fetchone()[0]:
             waiting = [tuple(r) for r in db.execute(
-                "SELECT address, coalesce(last_reply, '') FROM recipient WHERE message_id = ?"
+                "SELECT address, coalesce(last_reply, '') FROM recipient WHERE message_id = +?"
                 " AND status = 'deferred' ORDER BY seq", (message_id,))]
             if waiting and warn(waiting):
                 db.execute("UPDATE message SET delay_warned = 1 WHERE id = ?", (message_id,))
