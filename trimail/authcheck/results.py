@@ -32,7 +32,11 @@ from trimail.authcheck.spf import SpfResult
 from trimail.log import printable
 
 NAME = "Authentication-Results"
-_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.@-]+")
+# a pvalue (RFC 8601 section 2.2) unquoted: an RFC 2045 token (no tspecials), or
+# [local-part] "@" domain-name; anything else is written as a quoted-string
+_TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+^_`{|}~.-]+"
+                    r"|(?:[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*)?"
+                    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*")
 
 
 def _ascii(text: str, limit: int) -> str:
