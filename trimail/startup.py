@@ -45,9 +45,10 @@ from trimail.net.listener import open_listeners
 from trimail.net.tls import server_tls_context
 from trimail.privileges import drop_privileges
 from trimail.queue.database import QueueError, is_test_queue, prepare_directory
+from trimail.queue.inline import InlineWriter
 from trimail.queue.lock import QueueLock
 from trimail.queue.store import Store
-from trimail.queue.writer import InlineWriter, QueueWriter
+from trimail.queue.writer import QueueWriter
 from trimail.supervise import describe
 
 log = logging.getLogger("trimail.master")

@@ -7,6 +7,7 @@ import threading
 
 import trio
 
+from trimail.queue.inline import BookkeepingWriter
 from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 
@@ -82,7 +83,7 @@ async def test_a_test_mta_commits_in_its_event_loop_without_a_writer_thread():
 
 async def test_the_inline_writer_maps_failures_and_refuses_work_after_it_closed(tmp_path):
     from trimail.errors import StorageError
-    from trimail.queue.writer import InlineWriter
+    from trimail.queue.inline import InlineWriter
 
     def broken(store: Store) -> None:
         store.db.execute("SELECT * FROM no_such_table")
@@ -101,3 +102,189 @@ async def test_the_inline_writer_maps_failures_and_refuses_work_after_it_closed(
         assert "stopped" in str(exc)
     else:
         raise AssertionError("a closed writer must refuse")
+
+
+# -- the qmgr worker's writer (BookkeepingWriter): bookkeeping in the event loop ------
+
+def _wal_size(directory) -> int:
+    wal = directory / "queue.db-wal"
+    return wal.stat().st_size if wal.exists() else 0
+
+
+async def test_bookkeeping_runs_in_the_event_loop_when_the_write_lock_is_free(tmp_path):
+    """With BookkeepingWriter, a non-durable request runs in the caller's thread
+    (no hand-over) and is committed: another connection sees it at once.  Durable
+    requests (accepted mail) still go to the writer thread, which fsyncs."""
+    loop_thread = threading.get_ident()
+    seen: dict[str, int] = {}
+
+    def note(store: Store, name: str) -> None:
+        seen[name] = threading.get_ident()
+        store.db.execute("PRAGMA user_version")
+        store.db.execute("INSERT INTO queue_count (state, messages) VALUES (?, 1)"
+                         " ON CONFLICT (state) DO UPDATE SET messages = messages + 1", (name,))
+
+    async with BookkeepingWriter(lambda: Store.open(tmp_path)) as writer:
+        await writer.run(note, "hold", durable=False)
+        await writer.run(note, "incoming", durable=True)
+    assert seen["hold"] == loop_thread
+    assert seen["incoming"] != loop_thread
+    other = Store.open(tmp_path)
+    try:
+        rows = dict(other.db.execute("SELECT state, messages FROM queue_count WHERE state IN ('hold', 'incoming')"))
+    finally:
+        other.close()
+    assert rows == {"hold": 1, "incoming": 1}
+
+
+async def test_bookkeeping_waits_in_the_writer_thread_while_another_process_holds_the_lock(tmp_path):
+    """When another writer (an smtpd worker's commit) holds SQLite's write lock, an
+    inline attempt does not wait in the event loop: the request goes to the writer
+    thread, which waits for the lock, and the loop stays free meanwhile."""
+    loop_thread = threading.get_ident()
+    ran_in: list[int] = []
+
+    def bookkeeping(store: Store) -> str:
+        ran_in.append(threading.get_ident())
+        return "done"
+
+    other = Store.open(tmp_path)
+    async with BookkeepingWriter(lambda: Store.open(tmp_path, busy_timeout=2.0)) as writer:
+        other.db.execute("BEGIN IMMEDIATE")  # the lock, held elsewhere
+        result: list[str] = []
+        gaps: list[float] = []
+        async with trio.open_nursery() as nursery:
+            async def submit() -> None:
+                result.append(await writer.run(bookkeeping, durable=False))
+
+            async def tick() -> None:  # the loop's responsiveness while the request waits
+                last = trio.current_time()
+                while True:
+                    await trio.sleep(0.001)
+                    now = trio.current_time()
+                    gaps.append(now - last)
+                    last = now
+
+            nursery.start_soon(tick)
+            nursery.start_soon(submit)
+            await trio.sleep(0.3)
+            assert result == []
+            other.db.execute("COMMIT")
+            with trio.fail_after(5):
+                while not result:
+                    await trio.sleep(0.001)
+            nursery.cancel_scope.cancel()
+        assert result == ["done"]
+        assert ran_in and ran_in[0] != loop_thread
+        # waiting for the lock in the loop would have stopped it for the busy timeout (2 s)
+        assert max(gaps) < 1.0, max(gaps)
+    other.close()
+
+
+async def test_inline_commits_past_the_autocheckpoint_size_are_checkpointed_by_the_writer_thread(
+        tmp_path, monkeypatch):
+    """The inline connection never checkpoints by itself (a checkpoint fsyncs the
+    database in the event loop): once its commits grow the WAL past the automatic
+    checkpoint size, the thread checkpoints at once, without waiting to be idle."""
+    import trimail.queue.inline as inline_module
+
+    monkeypatch.setattr(inline_module, "AUTOCHECKPOINT_PAGES", 8)
+    checkpoints: list[float] = []
+    real = QueueWriter._checkpoint
+    monkeypatch.setattr(QueueWriter, "_checkpoint", lambda self, store: (checkpoints.append(1), real(self, store)))
+
+    def grow(store: Store, number: int) -> None:
+        store.db.execute("INSERT INTO queue_count (state, messages) VALUES (?, ?)", (f"s{number}" + "x" * 3000, number))
+
+    async with BookkeepingWriter(lambda: Store.open(tmp_path)) as writer:
+        writer._checkpoint_idle = 3600.0  # only the size can make it checkpoint now
+        for number in range(20):
+            await writer.run(grow, number, durable=False)
+        assert writer.stats.requests == 20
+        with trio.fail_after(5):
+            while not checkpoints:
+                await trio.sleep(0.005)
+
+
+async def test_inline_commits_are_checkpointed_by_the_writer_thread_when_idle(tmp_path):
+    """After inline commits, the thread checkpoints (and truncates the WAL) once it
+    has been idle, as after its own commits."""
+    def grow(store: Store, number: int) -> None:
+        store.db.execute("INSERT INTO queue_count (state, messages) VALUES (?, ?)", (f"s{number}", number))
+
+    async with BookkeepingWriter(lambda: Store.open(tmp_path)) as writer:
+        writer._checkpoint_idle = 0.05
+        for number in range(3):
+            await writer.run(grow, number, durable=False)
+        assert _wal_size(tmp_path) > 0
+        with trio.fail_after(5):
+            while _wal_size(tmp_path) != 0:  # idle: checkpointed
+                await trio.sleep(0.005)
+
+
+async def test_bookkeeping_never_overtakes_bookkeeping_handed_to_the_thread(tmp_path):
+    """A request that went to the thread because the lock was busy is committed
+    before any later bookkeeping of the same loop: the last job of a message must
+    see the outcomes its other jobs recorded, or a recipient still pending there
+    is delivered again (found by the test bed: messages delivered twice)."""
+    order: list[str] = []
+    holding, release_hold = threading.Event(), threading.Event()
+
+    def hold(store: Store) -> None:  # accepted mail being committed: the thread holds the lock
+        holding.set()
+        release_hold.wait(10)
+
+    def record(store: Store, name: str) -> None:
+        order.append(name)
+
+    # one request per slice, and the lock left free for 0.3 s after a slice while more
+    # bookkeeping waits: the thread holds "second" while nobody holds the lock
+    async with BookkeepingWriter(lambda: Store.open(tmp_path), max_batch=1, share_lock=0.3) as writer:
+        answered: list[str] = []
+
+        async def submit(name: str) -> None:
+            await writer.run(record, name, durable=False)
+            answered.append(name)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, hold)
+            assert await trio.to_thread.run_sync(holding.wait, 5)
+            for name in ("first", "second"):  # both go to the thread (the lock is busy), in turn
+                nursery.start_soon(submit, name)
+                with trio.fail_after(5):
+                    while len(writer._handed) < 1 + (name == "second"):
+                        await trio.sleep(0.001)
+            release_hold.set()
+            with trio.fail_after(5):
+                while not answered:  # "first" committed; the thread now leaves the lock free
+                    await trio.sleep(0.001)
+            nursery.start_soon(submit, "third")
+    assert order == ["first", "second", "third"]
+
+
+async def test_bookkeeping_in_the_event_loop_runs_in_the_order_it_was_asked_for(tmp_path):
+    """A request that runs at once runs before run() yields: trio then schedules the
+    waiting tasks in any order, and a later request (the last job of a message,
+    finishing it) ran before an earlier one (another job's outcomes), which made
+    the finish see recipients still pending (the test bed: two DSNs for one
+    message)."""
+    from trimail.queue.inline import InlineWriter
+
+    for writer_class in (BookkeepingWriter, InlineWriter):
+        asked: list[int] = []
+        ran: list[int] = []
+
+        def record(store: Store, number: int) -> None:
+            ran.append(number)
+
+        async with writer_class(lambda: Store.open(tmp_path)) as writer:
+            async def job(number: int) -> None:
+                await trio.lowlevel.checkpoint()  # every job is scheduled, then asks in turn
+                asked.append(number)
+                await writer.run(record, number, durable=False)
+
+            for _ in range(20):
+                async with trio.open_nursery() as nursery:
+                    for number in range(20):
+                        nursery.start_soon(job, number)
+        assert ran == asked, writer_class.__name__

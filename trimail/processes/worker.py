@@ -60,6 +60,7 @@ from trimail.processes.board import SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.clients import ClientBoard
 from trimail.qshape import dead_destinations
+from trimail.queue.inline import BookkeepingWriter
 from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
@@ -229,7 +230,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
     trigger = socket.socket(fileno=spec["trigger"])
     holder, open_store = _open_store(config)
     addresses = [parse_host_port(text) for text in spec.get("addresses", [])]
-    async with QueueWriter(open_store, share_lock=SHARE_LOCK) as writer:
+    async with BookkeepingWriter(open_store, share_lock=SHARE_LOCK) as writer:
         await recover(writer, holder["directory"])  # a predecessor's deliveries in flight: back to incoming
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=True,
                                                        handed_over=True)

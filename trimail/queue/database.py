@@ -248,9 +248,11 @@ class Database:
                 self.db.execute(f"PRAGMA user_version = {number + 1:d}")  # a pragma takes no parameters
 
     @contextmanager
-    def transaction(self) -> Iterator[None]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (fsynced unless set_durable(False)), rolled back on error."""
-        self.db.execute("BEGIN IMMEDIATE")
+    def transaction(self, begun: bool = False) -> Iterator[None]:
+        """``BEGIN IMMEDIATE`` (unless *begun*: the caller did) ... ``COMMIT`` (fsynced
+        unless set_durable(False)), rolled back on error."""
+        if not begun:
+            self.db.execute("BEGIN IMMEDIATE")
         try:
             yield
             self.db.execute("COMMIT")

@@ -30,6 +30,10 @@ only roll the bookkeeping back to a state that was true before: a message
 delivered again (as Postfix may after a crash between delivery and unlink), never
 one lost.
 
+The qmgr worker runs its bookkeeping in its event loop when the write lock is
+free (``queue.inline.BookkeepingWriter``); the thread then only checkpoints for
+those commits, when told to (``_DIRTY``, ``_CHECKPOINT``).
+
 Reads that need no write (a message's content while it is being delivered, the
 queue counts for metrics) go through ``writer.read``: a few reading connections of
 their own, on worker threads, each read in one snapshot, so a delivery never waits
@@ -59,6 +63,8 @@ log = logging.getLogger("trimail.queue")
 T = TypeVar("T")
 
 _STOP = object()
+_DIRTY = object()  # a commit in the event loop happened (queue.inline): checkpoint when idle
+_CHECKPOINT = object()  # commits in the event loop grew the WAL past their limit: checkpoint now
 CHECKPOINT_IDLE = 10.0  # seconds without requests after which the WAL is checkpointed and truncated
 BOOKKEEPING_SLICE = 0.01  # seconds of non-durable requests per transaction, between turns of accepted mail
 
@@ -95,6 +101,9 @@ class QueueWriter:
     def __init__(self, open_store: Callable[[], Store], max_batch: int = 512, readers: int = 4,
                  share_lock: float = 0.0, readers_at_start: int | None = None) -> None:
         self._open_store = open_store
+        self._dirty_told = False  # the thread knows of commits in the event loop since its last checkpoint
+        self._checkpoint_asked = False
+        self._stats_lock = threading.Lock()  # commits are counted in the event loop too (queue.inline)
         # seconds to leave the database's write lock free after a bookkeeping slice when
         # more is waiting: other processes (smtpd workers committing accepted mail) get
         # their turn instead of losing every race for it to the next slice
@@ -169,12 +178,24 @@ class QueueWriter:
         (fsynced unless *durable* is false: see the module's docstring)."""
         if self._dead is not None:
             raise self._dead
-        request = _Request(fn, args, durable)
+        return await self._hand_over(_Request(fn, args, durable))
+
+    async def _hand_over(self, request: _Request) -> Any:
         self._requests.put(request)
         await request.done.wait()
         if request.error is not None:
             raise request.error
-        return request.result  # type: ignore[no-any-return]
+        return request.result
+
+    def _tell(self, checkpoint: bool) -> None:
+        """A commit in the event loop (queue.inline) happened: the thread checkpoints
+        when idle, and at once when *checkpoint*."""
+        if not self._dirty_told:
+            self._dirty_told = True
+            self._requests.put(_DIRTY)
+        if checkpoint and not self._checkpoint_asked:
+            self._checkpoint_asked = True
+            self._requests.put(_CHECKPOINT)
 
     # -- the writer thread -----------------------------------------------------
 
@@ -239,6 +260,9 @@ class QueueWriter:
                 if first is _STOP:
                     self._checkpoint(store)
                     return
+                if first is _DIRTY or first is _CHECKPOINT:
+                    dirty = self._inline_told(store, first) or dirty
+                    continue
                 (durable if first.durable else bookkeeping).append(first)
             while not stop and len(durable) + len(bookkeeping) < 4 * self._max_batch:
                 try:
@@ -247,6 +271,8 @@ class QueueWriter:
                     break
                 if item is _STOP:
                     stop = True
+                elif item is _DIRTY or item is _CHECKPOINT:
+                    dirty = self._inline_told(store, item) or dirty
                 else:
                     (durable if item.durable else bookkeeping).append(item)
             # Accepted mail first, in a transaction of its own: its 250 never waits
@@ -265,6 +291,14 @@ class QueueWriter:
                 if self._share_lock and bookkeeping:
                     time.sleep(self._share_lock)
 
+    def _inline_told(self, store: Store, item: object) -> bool:
+        """The event loop committed (_DIRTY: True, the WAL wants a checkpoint when
+        idle) or grew the WAL past its limit (_CHECKPOINT: checkpointed now)."""
+        if item is _CHECKPOINT:
+            self._checkpoint_asked = False
+            self._checkpoint(store)
+        return item is _DIRTY
+
     def _wake(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
         for request in batch:
             token.run_sync_soon(request.done.set)
@@ -279,7 +313,7 @@ class QueueWriter:
                 item = self._requests.get_nowait()
             except queue.Empty:
                 break
-            if item is not _STOP:
+            if isinstance(item, _Request):
                 pending.append(item)
         for request in pending:
             request.error = request.error or self._dead
@@ -291,20 +325,23 @@ class QueueWriter:
     def _checkpoint(self, store: Store) -> None:
         """When idle: move the WAL into the database and truncate it (WAL hygiene:
         the WAL does not grow without bound and a backup copies less)."""
+        self._dirty_told = False  # inline commits from now on tell again
         try:
             frames, done = store.checkpoint()
             log.debug("queue checkpoint: %d of %d WAL frames", done, frames)
         except apsw.Error as exc:
             log.warning("queue checkpoint failed: %s", exc)
 
-    def _run_batch(self, store: Store, batch: list[_Request], source: deque[_Request] | None = None) -> None:
-        """Run *batch* in one transaction; with *source*, take requests from it into
-        the batch as they run, until ``max_batch`` or ``BOOKKEEPING_SLICE`` seconds."""
+    def _run_batch(self, store: Store, batch: list[_Request], source: deque[_Request] | None = None,
+                   begun: bool = False) -> None:
+        """Run *batch* in one transaction (*begun*: already begun); with *source*,
+        take requests from it into the batch as they run, until ``max_batch`` or
+        ``BOOKKEEPING_SLICE`` seconds."""
         started = time.monotonic()
         durable = any(request.durable for request in batch)
         try:
             store.set_durable(durable)
-            with store.transaction():
+            with store.transaction(begun=begun):
                 index = 0
                 while True:
                     if index == len(batch):
@@ -327,52 +364,14 @@ class QueueWriter:
             for request in batch:
                 request.result = None
                 request.error = request.error or error
-        stats = self.stats
-        stats.batches += 1
-        stats.durable_batches += durable
-        stats.requests += len(batch)
-        stats.largest_batch = max(stats.largest_batch, len(batch))
         elapsed = time.monotonic() - started
-        stats.commit_seconds += elapsed
+        with self._stats_lock:
+            stats = self.stats
+            stats.batches += 1
+            stats.durable_batches += durable
+            stats.requests += len(batch)
+            stats.largest_batch = max(stats.largest_batch, len(batch))
+            stats.commit_seconds += elapsed
         if self.on_commit is not None:
             self.on_commit(len(batch), elapsed)  # prometheus_client is thread-safe
 
-
-class InlineWriter(QueueWriter):
-    """A test queue's writer (trimail.testing, ``synchronous = OFF``: no commit ever
-    waits for the disk): each request runs at once, in the event loop's thread, in a
-    transaction of its own.  No thread to start and stop and no hand-over per commit,
-    which on a test queue cost more than the commits themselves.
-
-    Never for a real queue: there, a commit waits for fsync, or for the write lock
-    that another process holds, and that would stall every session of the loop.
-    Reads still go through ``read`` (reading connections on worker threads)."""
-
-    _store: Store | None = None
-
-    async def __aenter__(self) -> QueueWriter:
-        self._store = self._open_store()
-        try:
-            for _ in range(self._reader_count):
-                self._readers.append(self._open_store())
-        except BaseException:
-            await self.__aexit__()
-            raise
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        store, self._store = self._store, None
-        for opened in [*self._readers, *([store] if store is not None else [])]:
-            opened.close()
-        self._readers.clear()
-        self._dead = self._dead or StorageError("queue writer stopped", temporary=False)
-
-    async def run(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> T:
-        await trio.lowlevel.checkpoint()  # a checkpoint, as the threaded form's wait is
-        if self._dead is not None or self._store is None:
-            raise self._dead or StorageError("queue writer stopped", temporary=False)
-        request = _Request(fn, args, durable)
-        self._run_batch(self._store, [request])
-        if request.error is not None:
-            raise request.error
-        return request.result  # type: ignore[no-any-return]

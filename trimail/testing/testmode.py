@@ -6,7 +6,7 @@
   test's queue is deleted when the test ends anyway.
 - A new queue starts as a copy of one empty database made once per process
   (schema and WAL mode already in place) instead of being created and migrated.
-  Its commits run in the event loop (``queue.writer.InlineWriter``): with no fsync
+  Its commits run in the event loop (``queue.inline.InlineWriter``): with no fsync
   and no other process, a thread and a hand-over per commit cost more than the commit.
 - One test CA per process and one server certificate per set of listening
   addresses (``tls=True``), made on first use; each MTA gets a copy of the PEM file.
