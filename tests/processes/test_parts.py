@@ -212,6 +212,8 @@ def _session_boards(count: int):
     from trimail.processes.board import SessionBoard
 
     master = SessionBoard.create()
+    for slot in range(count):
+        master.hand_out(slot)  # as the supervisor does before it starts the worker
     return master, [SessionBoard(master.fd, slot) for slot in range(count)]
 
 
@@ -249,6 +251,23 @@ def test_a_worker_that_stopped_accepting_still_counts_but_never_has_the_turn() -
     assert master.total() == 2
     master.clear(0)  # it died: its sessions died with it
     assert master.total() == 0 and new.my_turn()
+
+
+def test_readers_scan_the_slots_ever_handed_out() -> None:
+    """The master notes the highest slot it handed out, and workers count up to it
+    only (the supervisor hands out the lowest free slot, so that stays small)."""
+    from trimail.processes.board import SessionBoard
+
+    master = SessionBoard.create()
+    assert master.total() == 0 and master._high() == 0
+    master.hand_out(5)
+    late = SessionBoard(master.fd, 5)
+    late.add(3)
+    early = SessionBoard(master.fd, 0)
+    master.hand_out(0)  # a lower slot does not lower the mark
+    early.add(1)
+    assert master._high() == 6 and master.total() == 4 and early.total() == 4
+    assert late.my_turn() is False and early.my_turn() is True  # light load: the first slot
 
 
 def test_under_load_every_worker_not_ahead_takes_connections_at_once() -> None:

@@ -34,6 +34,7 @@ trimail.master.serve reads).
 
 from __future__ import annotations
 
+import heapq
 import logging
 import socket
 import time
@@ -128,7 +129,8 @@ class Master:
                 slot.gone.set()
                 raise WorkerStartError("no free session-board slot: too many smtpd workers still finishing "
                                        "sessions of earlier reloads")
-            slot.board_slot = self._free_slots.pop(0)
+            slot.board_slot = heapq.heappop(self._free_slots)  # the lowest: readers scan up to the highest
+            self.board.hand_out(slot.board_slot)
         try:
             while True:
                 began = time.monotonic()
@@ -161,7 +163,7 @@ class Master:
                     return
         finally:
             if slot.board_slot is not None:
-                self._free_slots.append(slot.board_slot)
+                heapq.heappush(self._free_slots, slot.board_slot)
             slot.gone.set()
 
     async def _run_one(self, slot: Slot, worker: Worker, task_status: trio.TaskStatus[None] | None) -> bool:
