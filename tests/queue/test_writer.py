@@ -288,3 +288,24 @@ async def test_bookkeeping_in_the_event_loop_runs_in_the_order_it_was_asked_for(
                     for number in range(20):
                         nursery.start_soon(job, number)
         assert ran == asked, writer_class.__name__
+
+
+async def test_an_idle_checkpoint_that_a_reader_kept_from_finishing_is_tried_again(tmp_path):
+    """A reader holding an old snapshot keeps the idle checkpoint from truncating
+    the WAL; once it is gone, the next idle period finishes the job without any new
+    commit (the WAL stayed at its peak size, 435 MB in a red-team run, until new
+    mail arrived)."""
+    reader = Store.open(tmp_path, readonly=False)
+    async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
+        writer._checkpoint_idle = 0.05
+        await writer.run(lambda store: store.db.execute("PRAGMA user_version").fetchone())
+        with reader.read_snapshot():
+            reader.db.execute("SELECT count(*) FROM message").fetchone()  # the snapshot is taken
+            await writer.run(lambda store: store.db.execute(
+                "INSERT INTO queue_count (state, messages) VALUES ('x', 1)"))
+            await trio.sleep(0.3)  # idle checkpoints run and cannot truncate past the reader
+            assert _wal_size(tmp_path) > 0
+        with trio.fail_after(5):
+            while _wal_size(tmp_path) != 0:
+                await trio.sleep(0.01)
+    reader.close()

@@ -271,10 +271,10 @@ class Database:
         except apsw.Error:
             pass
 
-    def checkpoint(self) -> tuple[int, int]:
+    def checkpoint(self) -> tuple[bool, int, int]:
         """Copy the WAL into the database and truncate it (when no reader needs
-        it); returns (WAL frames, frames checkpointed).  Busy readers make it
-        partial, never wrong."""
+        it); returns (complete, WAL frames, frames checkpointed).  Busy readers
+        make it partial (not complete), never wrong."""
         # Never wait for readers: a long read (a backup, a listing of a big queue)
         # would otherwise hold the writer, and every pending 250, for the busy timeout.
         self.db.set_busy_timeout(0)
@@ -282,7 +282,7 @@ class Database:
             row = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         finally:
             self.db.set_busy_handler(patient(self.busy_timeout))
-        return int(row[1]), int(row[2])
+        return not row[0], int(row[1]), int(row[2])
 
     @contextmanager
     def savepoint(self) -> Iterator[None]:

@@ -254,8 +254,9 @@ class QueueWriter:
                 try:
                     first = self._requests.get(timeout=self._checkpoint_idle if dirty else None)
                 except queue.Empty:
-                    self._checkpoint(store)
-                    dirty = False
+                    # a reader that kept it from finishing (a backup, a long listing) makes
+                    # it try again after the next idle period, not only after new commits
+                    dirty = not self._checkpoint(store)
                     continue
                 if first is _STOP:
                     self._checkpoint(store)
@@ -322,15 +323,18 @@ class QueueWriter:
             except trio.RunFinishedError:
                 pass
 
-    def _checkpoint(self, store: Store) -> None:
+    def _checkpoint(self, store: Store) -> bool:
         """When idle: move the WAL into the database and truncate it (WAL hygiene:
-        the WAL does not grow without bound and a backup copies less)."""
+        the WAL does not grow without bound and a backup copies less).  Whether it
+        finished (False: a reader kept it from it, or it failed)."""
         self._dirty_told = False  # inline commits from now on tell again
         try:
-            frames, done = store.checkpoint()
+            complete, frames, done = store.checkpoint()
             log.debug("queue checkpoint: %d of %d WAL frames", done, frames)
+            return complete
         except apsw.Error as exc:
             log.warning("queue checkpoint failed: %s", exc)
+            return False
 
     def _run_batch(self, store: Store, batch: list[_Request], source: deque[_Request] | None = None,
                    begun: bool = False) -> None:
