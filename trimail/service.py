@@ -93,11 +93,12 @@ class Server:
                  listeners: list[tuple[trio.SocketListener, str, ListenAddress]],
                  trigger: QmgrTrigger | None = None, shared_sessions: anvil.SharedCount | None = None,
                  shared_clients: anvil.SharedClients | None = None,
-                 accept_at_once: Callable[[], bool] | None = None) -> None:
+                 accept_delay: Callable[[], float] | None = None) -> None:
         self.config = config
         self.writer = writer
-        # one of several smtpd workers: whether it is its turn to accept (net.listener.DeferredAccept)
-        self.accept_at_once = accept_at_once
+        # one of several smtpd workers: how long a pending connection waits before it takes
+        # it (none when it is its turn: net.listener.DeferredAccept)
+        self.accept_delay = accept_delay
         # (kind, configured address) -> its open listeners, each with the scope of its accept loop
         self.listening: dict[tuple[str, str], list[tuple[trio.SocketListener, trio.CancelScope]]] = {}
         self._accepting: trio.Nursery | None = None
@@ -273,7 +274,7 @@ class Server:
                            scope: trio.CancelScope) -> None:
         """Accept until cancelled: every connection gets its own task (and boundary);
         a failing accept() is logged and retried with back-off, never fatal."""
-        deferred = DeferredAccept(listener, self.accept_at_once)
+        deferred = DeferredAccept(listener, self.accept_delay)
         try:
             with scope:
                 async with listener:

@@ -270,6 +270,20 @@ def test_readers_scan_the_slots_ever_handed_out() -> None:
     assert late.my_turn() is False and early.my_turn() is True  # light load: the first slot
 
 
+def test_the_others_wait_longer_under_light_load_when_the_worker_whose_turn_it_is_is_idle() -> None:
+    """The accept delay: none for the worker whose turn it is; under light load the
+    others wait 10 ms (that worker is idle and takes it at once, and the others are
+    not woken by every connection), under load 1 ms."""
+    from trimail.processes.board import DEFER_LIGHT, DEFER_UNDER_LOAD
+
+    master, (first, second) = _session_boards(2)
+    assert (first.accept_delay(), second.accept_delay()) == (0.0, DEFER_LIGHT)
+    first.add(4)
+    second.add(1)  # 5 sessions on 2 workers: load, and the first is ahead
+    assert (first.accept_delay(), second.accept_delay()) == (DEFER_UNDER_LOAD, 0.0)
+    assert DEFER_UNDER_LOAD < DEFER_LIGHT
+
+
 def test_under_load_every_worker_not_ahead_takes_connections_at_once() -> None:
     master, workers = _session_boards(2)
     workers[0].add(6)

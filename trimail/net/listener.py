@@ -13,9 +13,10 @@ all and whichever is scheduled first takes it: with light load the connections
 alternate between workers, each time waking a process that was idle (on this
 2-core VM that cost a one-message connection about 0.3-0.7 ms against one worker).
 So when a connection is pending only the worker whose turn it is (the session
-board says whose: ``SessionBoard.my_turn``) takes it at once; the others
-(``DeferredAccept``) take it only once it has waited ``ACCEPT_DEFER`` more -- the
-worker whose turn it was is busy, stuck or restarting.  One client at a time is
+board says whose: ``SessionBoard.accept_delay``) takes it at once; the others
+(``DeferredAccept``) take it only once it has waited 1 ms more (10 ms under light
+load, when that worker is idle) -- the worker whose turn it was is busy, stuck or
+restarting.  One client at a time is
 served by one warm worker; under load the sessions spread evenly.  Postfix gets
 the first half of this by starting smtpd processes on demand.
 
@@ -42,7 +43,6 @@ BACKLOG = 1024
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # a connection that died in the backlog (what trio's SocketListener.accept skips too)
 _GONE_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
-ACCEPT_DEFER = 0.001  # seconds a connection waits for the worker whose turn it is before another takes it
 
 
 class ListenError(Exception):
@@ -72,17 +72,15 @@ def bound_address(listener: trio.SocketListener) -> ListenAddress:
 
 class DeferredAccept:
     """Accepting for one of several workers on one listening socket: wait until a
-    connection is pending; take it at once when *at_once()* says it is this
-    worker's turn, else give the others ``defer`` seconds to take it and then take
-    it if it is still waiting (*at_once* None: the only worker, always at once).
+    connection is pending; take it after *delay()* seconds if it is still waiting
+    (none when it is this worker's turn; the others' time to take it first; *delay*
+    None: the only worker, always at once).
     After taking one, the next try does not wait first (more may be waiting).
     Each connection comes as a ``net.stream.DirectStream``."""
 
-    def __init__(self, listener: trio.SocketListener, at_once: Callable[[], bool] | None = None,
-                 defer: float = ACCEPT_DEFER) -> None:
+    def __init__(self, listener: trio.SocketListener, delay: Callable[[], float] | None = None) -> None:
         self.listener = listener
-        self.at_once = at_once
-        self.defer = defer
+        self.delay = delay
         # a second descriptor of the same socket, to try accept() without waiting
         self._raw = socket.socket(fileno=os.dup(listener.socket.fileno()))
         self._raw.setblocking(False)
@@ -97,8 +95,9 @@ class DeferredAccept:
                 await trio.lowlevel.checkpoint()
             else:
                 await trio.lowlevel.wait_readable(self.listener.socket)
-            if self.at_once is not None and not self.at_once():
-                await trio.sleep(self.defer)
+            wait = self.delay() if self.delay is not None else 0.0
+            if wait:
+                await trio.sleep(wait)
             try:
                 connection, _ = self._raw.accept()
             except BlockingIOError:

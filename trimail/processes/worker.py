@@ -170,7 +170,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         die_with_master(spec.get("parent", spec["master"]))
         board = SessionBoard(spec["board"], spec["slot"])
         server = Server(config, writer, listeners, trigger, board, ClientBoard(spec["clients"], spec["slot"]),
-                        accept_at_once=board.my_turn if spec.get("workers", 1) > 1 else None)
+                        accept_delay=board.accept_delay if spec.get("workers", 1) > 1 else None)
         stopped = trio.Event()
 
         def metrics(_: dict[str, Any]) -> str:
