@@ -191,7 +191,7 @@ async def test_inline_commits_past_the_autocheckpoint_size_are_checkpointed_by_t
     monkeypatch.setattr(inline_module, "AUTOCHECKPOINT_PAGES", 8)
     checkpoints: list[float] = []
     real = QueueWriter._checkpoint
-    monkeypatch.setattr(QueueWriter, "_checkpoint", lambda self, store: (checkpoints.append(1), real(self, store)))
+    monkeypatch.setattr(QueueWriter, "_checkpoint", lambda self, store: checkpoints.append(1) or real(self, store))
 
     def grow(store: Store, number: int) -> None:
         store.db.execute("INSERT INTO queue_count (state, messages) VALUES (?, ?)", (f"s{number}" + "x" * 3000, number))

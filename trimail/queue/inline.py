@@ -90,9 +90,7 @@ class BookkeepingWriter(QueueWriter):
         request = _Request(fn, args, durable)
         if not self._handed_pending() and self._run_inline(request):
             await _checkpoint_after()
-            if request.error is not None:
-                raise request.error
-            return request.result  # type: ignore[no-any-return]
+            return request.answer()  # type: ignore[no-any-return]
         self._handed.append(request)
         return await self._hand_over(request)  # type: ignore[no-any-return]
 
@@ -163,6 +161,4 @@ class InlineWriter(QueueWriter):
         request = _Request(fn, args, durable)
         self._run_batch(self._store, [request])
         await _checkpoint_after()
-        if request.error is not None:
-            raise request.error
-        return request.result  # type: ignore[no-any-return]
+        return request.answer()  # type: ignore[no-any-return]

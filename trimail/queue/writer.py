@@ -80,6 +80,12 @@ class _Request:
         self.result: Any = None
         self.error: BaseException | None = None
 
+    def answer(self) -> Any:
+        """The result, once run; the error is raised."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
 
 def _in_snapshot(store: Store, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
     with store.read_snapshot():
@@ -183,9 +189,7 @@ class QueueWriter:
     async def _hand_over(self, request: _Request) -> Any:
         self._requests.put(request)
         await request.done.wait()
-        if request.error is not None:
-            raise request.error
-        return request.result
+        return request.answer()
 
     def _tell(self, checkpoint: bool) -> None:
         """A commit in the event loop (queue.inline) happened: the thread checkpoints
