@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import trio
 
-from trimail.queue.inline import BookkeepingWriter
+from trimail.queue.inline import BookkeepingWriter, InlineWriter
 from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 
@@ -83,8 +84,6 @@ async def test_a_test_mta_commits_in_its_event_loop_without_a_writer_thread():
 
 async def test_the_inline_writer_maps_failures_and_refuses_work_after_it_closed(tmp_path):
     from trimail.errors import StorageError
-    from trimail.queue.inline import InlineWriter
-
     def broken(store: Store) -> None:
         store.db.execute("SELECT * FROM no_such_table")
 
@@ -262,32 +261,30 @@ async def test_bookkeeping_never_overtakes_bookkeeping_handed_to_the_thread(tmp_
     assert order == ["first", "second", "third"]
 
 
-async def test_bookkeeping_in_the_event_loop_runs_in_the_order_it_was_asked_for(tmp_path):
+@pytest.mark.parametrize("writer_class", [BookkeepingWriter, InlineWriter])
+async def test_bookkeeping_in_the_event_loop_runs_in_the_order_it_was_asked_for(tmp_path, writer_class):
     """A request that runs at once runs before run() yields: trio then schedules the
     waiting tasks in any order, and a later request (the last job of a message,
     finishing it) ran before an earlier one (another job's outcomes), which made
     the finish see recipients still pending (the test bed: two DSNs for one
     message)."""
-    from trimail.queue.inline import InlineWriter
+    asked: list[int] = []
+    ran: list[int] = []
 
-    for writer_class in (BookkeepingWriter, InlineWriter):
-        asked: list[int] = []
-        ran: list[int] = []
+    def record(store: Store, number: int) -> None:
+        ran.append(number)
 
-        def record(store: Store, number: int) -> None:
-            ran.append(number)
+    async with writer_class(lambda: Store.open(tmp_path)) as writer:
+        async def job(number: int) -> None:
+            await trio.lowlevel.checkpoint()  # every job is scheduled, then asks in turn
+            asked.append(number)
+            await writer.run(record, number, durable=False)
 
-        async with writer_class(lambda: Store.open(tmp_path)) as writer:
-            async def job(number: int) -> None:
-                await trio.lowlevel.checkpoint()  # every job is scheduled, then asks in turn
-                asked.append(number)
-                await writer.run(record, number, durable=False)
-
-            for _ in range(20):
-                async with trio.open_nursery() as nursery:
-                    for number in range(20):
-                        nursery.start_soon(job, number)
-        assert ran == asked, writer_class.__name__
+        for _ in range(20):
+            async with trio.open_nursery() as nursery:
+                for number in range(20):
+                    nursery.start_soon(job, number)
+    assert ran == asked
 
 
 async def test_an_idle_checkpoint_that_a_reader_kept_from_finishing_is_tried_again(tmp_path):
