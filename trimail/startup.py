@@ -100,8 +100,9 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
     lock = QueueLock(directory)
     lock.acquire()
     try:
-        for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
-            log.warning("%s", warning)
+        if not config.start_warnings_logged:
+            for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
+                log.warning("%s", warning)
         queue = OpenedQueue(directory, lock, config.queue_busy_timeout)
         # a test queue (trimail.testing: never fsynced, never shared) commits in the
         # event loop (InlineWriter) and opens its reading connections on first use

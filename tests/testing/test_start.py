@@ -267,6 +267,83 @@ def test_a_queue_marked_unsafe_commits_without_fsync_and_no_other_does(tmp_path)
     assert synchronous(tmp_path / "a") == 2
 
 
+def test_an_unsafe_queue_is_not_checkpointed_at_close_and_loses_nothing(tmp_path):
+    from trimail.queue.database import Database, unsafe_skip_fsync
+
+    def write_and_close(directory):
+        db = Database.open(directory)
+        db.db.execute("CREATE TABLE kept (v)")
+        db.db.execute("INSERT INTO kept VALUES ('there')")
+        db.close()
+
+    write_and_close(tmp_path / "real")
+    assert not (tmp_path / "real" / "queue.db-wal").exists()  # checkpointed into the file, WAL removed
+    unsafe_skip_fsync(tmp_path / "test")
+    try:
+        write_and_close(tmp_path / "test")
+        assert (tmp_path / "test" / "queue.db-wal").stat().st_size > 0  # left in the WAL: no checkpoint
+        db = Database.open(tmp_path / "test")
+        try:
+            assert db.db.execute("SELECT v FROM kept").fetchall() == [("there",)]
+        finally:
+            db.close()
+    finally:
+        unsafe_skip_fsync(tmp_path / "test", skip=False)
+
+
+def test_the_directories_are_in_memory_unless_a_temporary_directory_is_named(tmp_path):
+    from trimail.testing import testmode
+
+    code = """
+        from trimail.testing import TestMTA
+        with TestMTA(smtpd_listen="{listen}") as mta:
+            print(mta.directory.parent)
+        """.format(listen=LISTEN)
+    environment = {name: value for name, value in os.environ.items() if name not in ("TMPDIR", "TEMP", "TMP")}
+    if testmode._in_memory_usable():
+        result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                                timeout=120, env={**environment, "PYTHONPATH": str(ROOT)}, check=False)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "/dev/shm"
+    named = python(code, cwd=tmp_path, env={"TMPDIR": str(tmp_path)})
+    assert named.returncode == 0, named.stderr
+    assert named.stdout.strip() == str(tmp_path)
+
+
+def test_a_small_or_missing_dev_shm_is_not_used(monkeypatch):
+    from trimail.testing import testmode
+
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    testmode._in_memory_usable.cache_clear()
+    try:
+        monkeypatch.setattr(testmode, "IN_MEMORY_FREE", 1 << 62)  # more than any /dev/shm has free
+        assert testmode.scratch_parent() is None
+        testmode._in_memory_usable.cache_clear()
+        monkeypatch.setattr(testmode, "IN_MEMORY_FREE", 1)
+        monkeypatch.setattr(testmode, "IN_MEMORY", "/nonexistent-shm")
+        assert testmode.scratch_parent() is None
+        monkeypatch.setattr(tempfile, "tempdir", "/somewhere/else")  # a test or the user named one
+        monkeypatch.setattr(testmode, "IN_MEMORY", "/dev/shm")
+        testmode._in_memory_usable.cache_clear()
+        assert testmode.scratch_parent() is None
+    finally:
+        testmode._in_memory_usable.cache_clear()
+
+
+def test_start_time_warnings_are_logged_once_per_set_of_options(caplog):
+    options = {"smtpd_listen": LISTEN, "transport_maps": "hash:/nonexistent/trimail-transport"}
+    with caplog.at_level("WARNING", logger="trimail"):
+        for _ in range(3):
+            with TestMTA(**options):
+                pass
+        with TestMTA(**options, smtpd_recipient_limit=7):  # other options: checked again
+            pass
+    found = [r for r in caplog.records if "neither /nonexistent/trimail-transport" in r.getMessage()]
+    assert len(found) == 2
+
+
 async def test_the_test_mta_queue_is_unsynced_and_forgotten_when_it_stops():
     from trimail.queue import database
 
@@ -301,6 +378,8 @@ def test_mtas_with_the_same_options_share_the_checked_configuration_but_not_thei
          TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit=2) as second:
         for mta in (first, second):
             assert mta.server.config.queue_directory == str(mta.directory / "queue")
+            assert str(mta.directory / "queue") in mta.server.config.address_verify_map  # $queue_directory/...
+            assert mta.server.config.expand("smtpd_sasl_password_file").startswith(str(mta.directory))
             assert mta.server.config.smtpd_recipient_limit == 2
         assert isinstance(second.server.config, SharedConfig)
         refused = {}

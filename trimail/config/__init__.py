@@ -81,6 +81,10 @@ class Config(TypedParameters):
     these also take a name main.cf sets that the registry does not know, as text).
     A name that is neither raises ``UnknownParameter``."""
 
+    # start-time warnings (check.warnings) already logged for these settings: a test MTA
+    # whose options an earlier one had (trimail.testing.testmode.SharedConfig)
+    start_warnings_logged = False
+
     def __init__(self, settings: Mapping[str, Setting], source: str, warnings: Iterable[str] = ()):
         self._settings = dict(settings)
         self.source = source

@@ -203,6 +203,8 @@ class Database:
         try:
             db = apsw.Connection(str(real), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
             db.set_busy_handler(patient(busy_timeout))
+            if unsynced:  # a test queue, deleted after its last close: no checkpoint into it then
+                db.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
             if new:
                 os.chmod(path, 0o600)  # by path: never a descriptor of our own (SQLite gives -wal/-shm this mode)
             cursor = db.cursor()

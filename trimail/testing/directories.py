@@ -1,5 +1,6 @@
-"""The test MTAs' temporary directories (``/tmp/trimail-test-*``): made at start,
-and removed when the MTA stops, however it stops, and at interpreter exit at the
+"""The test MTAs' temporary directories (``/dev/shm/trimail-test-*``, else
+``$TMPDIR/trimail-test-*``: ``testmode.scratch_parent``): made at start, and
+removed when the MTA stops, however it stops, and at interpreter exit at the
 latest for one never stopped.
 
 Removal takes the directory away at once (a rename: its path is gone when
@@ -28,7 +29,7 @@ _remover_lock = threading.Lock()
 def new_directory() -> Path:
     """A temporary directory for one test MTA; removed when it stops (``remove_directory``),
     and at interpreter exit at the latest, even when it was never stopped."""
-    directory = tempfile.mkdtemp(prefix="trimail-test-")
+    directory = tempfile.mkdtemp(prefix="trimail-test-", dir=testmode.scratch_parent())
     with _remover_lock:
         _directories[directory] = os.getpid()
     return Path(directory)

@@ -15,12 +15,21 @@
   converted values (``SharedConfig``), except those that name their own directory.
 - ``auth=`` passwords are hashed with the cheapest scrypt cost (N=2, r=1, p=1):
   the same scheme and code path as production, without its deliberate slowness.
+- Files in memory: the test MTAs' directories are made in ``/dev/shm`` (a tmpfs)
+  when the user named no temporary directory of their own (``TMPDIR``, ``TEMP``,
+  ``TMP`` or ``tempfile.tempdir``) and it is a writable directory with at least
+  1 GiB free (``scratch_parent``): a disk file system's journal made creating and
+  deleting the few files of a test queue about a third of start + stop.  A small
+  ``/dev/shm`` (64 MiB in a default Docker container) is not used: a test's large
+  messages must not fill it.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -37,42 +46,65 @@ INSTALL_HINT = "pip install 'trimail[testing]'"
 CHEAP_SCRYPT = (2, 1, 1)  # N, r, p: test passwords only
 
 _lock = threading.Lock()
-_template: Path | None = None  # an empty queue database, made once per process
+_template: bytes | None = None  # an empty queue database, made once per process
 _ca: Any = None  # the process's trustme.CA
 _leaves: dict[tuple[str, ...], bytes] = {}  # the server's identities -> its key and certificate chain
+
+IN_MEMORY = "/dev/shm"
+IN_MEMORY_FREE = 1 << 30  # bytes free that /dev/shm needs to be used
+SYSTEM_TEMPORARY = ("/tmp", "/var/tmp", "/usr/tmp")  # tempfile's own choices (with the working directory)
+
+
+def scratch_parent() -> str | None:
+    """Where the test MTAs' directories go: ``/dev/shm`` when nobody named a temporary
+    directory and it is usable (see the module's docstring), else None (tempfile's)."""
+    if any(os.environ.get(name) for name in ("TMPDIR", "TEMP", "TMP")):
+        return None
+    if tempfile.tempdir is not None and tempfile.tempdir not in SYSTEM_TEMPORARY:  # set by the user or a test
+        return None
+    return IN_MEMORY if _in_memory_usable() else None
+
+
+@functools.cache
+def _in_memory_usable() -> bool:
+    try:
+        status = os.lstat(IN_MEMORY)
+        space = os.statvfs(IN_MEMORY)
+    except OSError:
+        return False
+    return (stat.S_ISDIR(status.st_mode) and os.access(IN_MEMORY, os.W_OK | os.X_OK)
+            and space.f_bavail * space.f_frsize >= IN_MEMORY_FREE)
 
 
 def new_queue(queue_directory: Path) -> None:
     """Make *queue_directory* (0700) with an empty queue database in it, unsynced."""
     queue_directory.mkdir(mode=0o700)
     unsafe_skip_fsync(queue_directory)
-    template = _template_database()
     fd = os.open(queue_directory / DATABASE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "wb") as target, open(template, "rb") as source:  # before any SQLite connection has it
-        shutil.copyfileobj(source, target)
+    with open(fd, "wb") as target:  # before any SQLite connection has it
+        target.write(_template_database())
 
 
 def forget_queue(queue_directory: Path) -> None:
     unsafe_skip_fsync(queue_directory, skip=False)
 
 
-def _template_database() -> Path:
+def _template_database() -> bytes:
+    """An empty queue database (schema, WAL mode), made once per process."""
     global _template
     with _lock:
-        if _template is None or not _template.exists():
-            directory = Path(tempfile.mkdtemp(prefix="trimail-template-")) / "queue"
-            unsafe_skip_fsync(directory)
-            Database.open(directory).close()  # schema, WAL mode; the WAL is checkpointed away at close
-            forget_queue(directory)
-            _template = directory / DATABASE_NAME
-            _register_removal(directory.parent)
+        if _template is None:
+            directory = Path(tempfile.mkdtemp(prefix="trimail-template-", dir=scratch_parent())) / "queue"
+            try:
+                unsafe_skip_fsync(directory)
+                database = Database.open(directory)
+                database.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the schema into the file
+                database.close()
+                forget_queue(directory)
+                _template = (directory / DATABASE_NAME).read_bytes()
+            finally:
+                shutil.rmtree(directory.parent, ignore_errors=True)
         return _template
-
-
-def _register_removal(directory: Path) -> None:
-    import atexit
-
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
 
 
 def tls_material(listen: str) -> tuple[Any, bytes]:
@@ -113,13 +145,33 @@ def password_table(auth: dict[str, str]) -> bytes:
     return "".join(f"{user}:{hash_password(pw, *CHEAP_SCRYPT)}\n" for user, pw in sorted(auth.items())).encode()
 
 
+class _Shape:
+    """What the test MTAs with one set of options share: the converted values that do
+    not name an MTA's directory, and the expanded text of those that do, the
+    directory left out (``\0``)."""
+
+    def __init__(self, config: Config, directory: str) -> None:
+        self.values: dict[str, Any] = {}
+        self.texts: dict[str, str] = {}
+        for name in PARAMETERS:
+            text = config.expand(name)
+            if directory in text:
+                self.texts[name] = text.replace(directory, "\0")
+            else:
+                self.values[name] = config.get(name)
+
+
 class SharedConfig(Config):
     """A test MTA's configuration whose converted values are shared by every test MTA
     with the same options (``shared``), except the values that name this MTA's own
-    temporary directory, which are its own.  Values are never changed once made."""
+    temporary directory, which are its own (converted from the shape's expanded text,
+    with no ``$name`` expansion again).  Values are never changed once made.  The
+    first MTA with these options logged the start-time warnings (``check.warnings``)."""
 
     shared: dict[str, Any]
+    shape: _Shape
     directory: str
+    start_warnings_logged = True
 
     def get(self, name: str) -> Any:
         try:
@@ -127,25 +179,29 @@ class SharedConfig(Config):
         except KeyError:
             return super().get(name)
 
+    def expand(self, name: str) -> str:
+        text = self.shape.texts.get(name)
+        return super().expand(name) if text is None else text.replace("\0", self.directory)
 
-_shapes: dict[str, dict[str, Any]] = {}  # main.cf text, directory left out -> the values shared
+
+_shapes: dict[str, _Shape] = {}  # main.cf text, directory left out -> what its MTAs share
 
 
 def load_config(path: Path, text: str, directory: Path) -> Config:
     """The configuration of a test MTA in *directory* from main.cf *text*: the first
     time these options are seen, ``configuration.load`` converts and checks every
     parameter (errors name the line); later, a ``SharedConfig`` reuses those values."""
-    shape = text.replace(str(directory), "\0")
-    shared = _shapes.get(shape)
-    if shared is None:
+    shape = _shapes.get(text.replace(str(directory), "\0"))
+    if shape is None:
         config = configuration.load(path)
-        _shapes[shape] = {name: config.get(name) for name in PARAMETERS if str(directory) not in config.expand(name)}
+        _shapes[text.replace(str(directory), "\0")] = _Shape(config, str(directory))
         if len(_shapes) > 64:
             del _shapes[next(iter(_shapes))]
         return config
     settings, warnings = parse_main_cf(text, str(path))
     config = SharedConfig(settings, str(path), warnings)
     config.path = path
-    config.shared = shared
-    config.__dict__.update(shared)  # read as attributes without a __getattr__ each (Config.__getattr__)
+    config.shape, config.directory = shape, str(directory)
+    config.shared = shape.values
+    config.__dict__.update(shape.values)  # read as attributes without a __getattr__ each (Config.__getattr__)
     return config
