@@ -163,6 +163,35 @@ def test_a_maillog_fifo_nobody_reads_does_not_stop_mail(tmp_path, background):
     assert status == 0 and "Traceback" not in err, err
 
 
+def test_with_a_maillog_nobody_reads_smtpd_workers_still_wake_the_qmgr(tmp_path, background):
+    """The log writer thread wakes the qmgr worker once the lines about a message are
+    written (scheduler.trigger): when they never are, the watchdog wakes it within
+    LOG_ORDER_WAIT, and every message is delivered (counted at the downstream)."""
+    from tests.peers import Sink
+
+    fifo = tmp_path / "maillog"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)
+        with Sink() as sink:
+            port = free_port()
+            config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(fifo),
+                                        smtpd_workers="2", master_service_disable="",
+                                        relayhost=f"[127.0.0.1]:{sink.port}")
+            serve = background(config_path)
+            wait_until(lambda: answers_220(port) or not serve.alive, timeout=30)
+            for n in range(40):  # far more log than one page: the writer blocks for good
+                send(port, [f"r{n}@far.example"])
+            wait_until(lambda: len(sink.messages) >= 40 or not serve.alive, timeout=60)
+            assert len(sink.messages) == 40
+            assert serve.alive and answers_220(port)
+    finally:
+        os.close(reader)
+    status, err = serve.stop()
+    assert status == 0 and "Traceback" not in err, err
+
+
 def test_maillog_is_reopened_after_logrotate_moves_it(tmp_path, background):
     maillog = tmp_path / "maillog"
     port = free_port()
