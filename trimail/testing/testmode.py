@@ -147,8 +147,8 @@ def password_table(auth: dict[str, str]) -> bytes:
 
 class _Shape:
     """What the test MTAs with one set of options share: the converted values that do
-    not name an MTA's directory, and the expanded text of those that do, the
-    directory left out (``\0``)."""
+    not name an MTA's directory, and the expanded text of those that do, with a NUL
+    character in place of the directory."""
 
     def __init__(self, config: Config, directory: str) -> None:
         self.values: dict[str, Any] = {}
