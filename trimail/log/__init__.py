@@ -13,10 +13,9 @@ thread can block on a slow disk, a full pipe or a stopped journald.  It writes
 the lines waiting together and rests ``BATCH_WAIT`` (10 ms) after each write:
 under load it takes the interpreter from the event loop once per batch, not once
 per line (two lines per SMTP connection were a large share of its cost).  An
-smtpd worker that has queued a message puts a mark in the queue
-(``mark_written``), which ends the rest; once the lines before it are written, the
-writer thread wakes the qmgr worker (another process) about the message itself,
-so the log reads in the order things happened (``scheduler.trigger``).  Past
+smtpd worker about to hand a message to the qmgr worker (another process) puts a
+mark in the queue (``mark_written``), which ends the rest and tells it once the
+lines before it are written, so the log reads in the order things happened.  Past
 ``MAX_QUEUED_LINES`` waiting lines, new lines are dropped and counted (the
 ``trimail_log_lines_dropped_total`` metric, and one warning line once the writer
 catches up), so a stuck destination costs log lines, never the daemon's memory or
@@ -114,11 +113,11 @@ class Written:
 def mark_written(done: Callable[[], None]) -> bool:
     """Call *done* (from the writer thread) once the lines logged so far are written,
     and end the writer's rest so that it is soon; False (and *done* never called)
-    when no writer runs: the lines were written at once.  An smtpd worker wakes the
-    qmgr worker about a new message this way (``QmgrTrigger.wake_after_log``): the
+    when no writer runs: the lines were written at once.  The smtpd worker waits for
+    this before it wakes the qmgr worker about a new message (``receive.commit``): the
     qmgr, another process, logs about the message a millisecond later, and its lines
     must not reach the log before this process's ``client=`` and ``message-id=``
-    lines (pflogsumm and people read the log in order).  *done* must not block."""
+    lines (pflogsumm and people read the log in order)."""
     listener = _listener
     if listener is None:
         return False

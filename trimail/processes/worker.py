@@ -213,7 +213,6 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         async with trio.open_nursery() as top:
             top.start_soon(watch_channel)
             top.start_soon(watch_signal)
-            top.start_soon(trigger.watch_log_order)  # a stuck log destination delays no mail
             if spec.get("workers", 1) > 1:
                 top.start_soon(watch_stress)
 
