@@ -164,9 +164,9 @@ def test_a_maillog_fifo_nobody_reads_does_not_stop_mail(tmp_path, background):
 
 
 def test_with_a_maillog_nobody_reads_smtpd_workers_still_wake_the_qmgr(tmp_path, background):
-    """The log writer thread wakes the qmgr worker once the lines about a message are
-    written (scheduler.trigger): when they never are, the watchdog wakes it within
-    LOG_ORDER_WAIT, and every message is delivered (counted at the downstream)."""
+    """An smtpd worker wakes the qmgr worker about a message once its log lines about
+    it are written (receive.commit): when they never are, it waits LOG_ORDER_WAIT at
+    most, and every message is delivered (counted at the downstream)."""
     from tests.peers import Sink
 
     fifo = tmp_path / "maillog"
