@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import smtplib
 import socket
 import tempfile
@@ -29,15 +30,19 @@ def free_port() -> int:
 def postfix():
     started = []
 
+    workdirs: list[Path] = []
+
     def start(relay_port: int, extra: str = "") -> postfix_peer.Postfix:
-        workdir = Path(tempfile.mkdtemp(prefix="trimail-interop-"))
-        peer = postfix_peer.Postfix(workdir, free_port(), relay_port, extra)
+        workdirs.append(Path(tempfile.mkdtemp(prefix="trimail-interop-")))
+        peer = postfix_peer.Postfix(workdirs[-1], free_port(), relay_port, extra)
         started.append(peer)
         return peer
 
     yield start
     for peer in started:
         peer.stop()
+    for workdir in workdirs:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 async def test_trimail_relays_through_a_real_postfix(start_mta, postfix):

@@ -7,6 +7,7 @@ import email
 import email.policy
 import os
 import pwd
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -278,17 +279,20 @@ async def test_command_target_runs_without_shell_as_unprivileged_user(tmp_path, 
     import tempfile
 
     outdir = Path(tempfile.mkdtemp(prefix="trimail-pipe-"))
-    outdir.chmod(0o777)
-    aliases = tmp_path / "aliases"
-    aliases.write_text(f'pipe: "|/usr/bin/tee {outdir / "got"}"\n')
-    assert trimail("postalias", str(aliases)).returncode == 0
-    srv = await start_mta(alias_maps=f"hash:{aliases}", allow_mail_to_commands="alias")
-    await send(srv, "alice@client.example", ["pipe@mx.test.example"], "Subject: piped\r\n\r\nx\r\n")
-    await wait_empty(srv)
-    got = (outdir / "got").read_bytes()
-    assert b"Subject: piped\n" in got and b"Delivered-To: pipe@mx.test.example\n" in got
-    if os.geteuid() == 0:
-        assert (outdir / "got").stat().st_uid != 0  # ran as mail_owner or nobody, not root
+    try:
+        outdir.chmod(0o777)
+        aliases = tmp_path / "aliases"
+        aliases.write_text(f'pipe: "|/usr/bin/tee {outdir / "got"}"\n')
+        assert trimail("postalias", str(aliases)).returncode == 0
+        srv = await start_mta(alias_maps=f"hash:{aliases}", allow_mail_to_commands="alias")
+        await send(srv, "alice@client.example", ["pipe@mx.test.example"], "Subject: piped\r\n\r\nx\r\n")
+        await wait_empty(srv)
+        got = (outdir / "got").read_bytes()
+        assert b"Subject: piped\n" in got and b"Delivered-To: pipe@mx.test.example\n" in got
+        if os.geteuid() == 0:
+            assert (outdir / "got").stat().st_uid != 0  # ran as mail_owner or nobody, not root
+    finally:
+        shutil.rmtree(outdir, ignore_errors=True)
 
 
 async def test_mbox_delivery_when_home_mailbox_is_empty(tmp_path, start_mta):
