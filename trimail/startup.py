@@ -100,9 +100,8 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
     lock = QueueLock(directory)
     lock.acquire()
     try:
-        if not config.start_warnings_logged:
-            for warning in check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root):
-                log.warning("%s", warning)
+        for warning in start_warnings(config):
+            log.warning("%s", warning)
         queue = OpenedQueue(directory, lock, config.queue_busy_timeout)
         # a test queue (trimail.testing: never fsynced, never shared) commits in the
         # event loop (InlineWriter) and opens its reading connections on first use
@@ -116,6 +115,14 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
             yield queue
     finally:
         lock.release()
+
+
+def start_warnings(config: Config) -> list[str]:
+    """What ``trimail check`` would warn about, logged at every start (found once per
+    set of options for test MTAs: ``Config.start_warnings``)."""
+    if config.start_warnings is not None:
+        return config.start_warnings
+    return check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root)
 
 
 async def recover(writer: QueueWriter, queue_directory: Path) -> None:

@@ -332,16 +332,19 @@ def test_a_small_or_missing_dev_shm_is_not_used(monkeypatch):
         testmode._in_memory_usable.cache_clear()
 
 
-def test_start_time_warnings_are_logged_once_per_set_of_options(caplog):
+def test_every_mta_logs_the_start_time_warnings_found_once_per_set_of_options(caplog):
+    from trimail.testing import testmode
+
     options = {"smtpd_listen": LISTEN, "transport_maps": "hash:/nonexistent/trimail-transport"}
     with caplog.at_level("WARNING", logger="trimail"):
-        for _ in range(3):
-            with TestMTA(**options):
-                pass
-        with TestMTA(**options, smtpd_recipient_limit=7):  # other options: checked again
+        for _ in range(3):  # whichever test runs first, each sees the warning (no order dependence)
+            with TestMTA(**options) as mta:
+                assert mta.server.config.start_warnings is not None
+        with TestMTA(**options, smtpd_recipient_limit=7):  # other options: found again
             pass
     found = [r for r in caplog.records if "neither /nonexistent/trimail-transport" in r.getMessage()]
-    assert len(found) == 2
+    assert len(found) == 4
+    assert sum("transport_maps" in str(shape.warnings) for shape in testmode._shapes.values()) >= 2
 
 
 async def test_the_test_mta_queue_is_unsynced_and_forgotten_when_it_stops():

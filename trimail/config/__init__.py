@@ -81,9 +81,9 @@ class Config(TypedParameters):
     these also take a name main.cf sets that the registry does not know, as text).
     A name that is neither raises ``UnknownParameter``."""
 
-    # start-time warnings (check.warnings) already logged for these settings: a test MTA
-    # whose options an earlier one had (trimail.testing.testmode.SharedConfig)
-    start_warnings_logged = False
+    # the start-time warnings (check.warnings) when already found for these settings:
+    # a test MTA's, found once per set of options (trimail.testing.testmode)
+    start_warnings: list[str] | None = None
 
     def __init__(self, settings: Mapping[str, Setting], source: str, warnings: Iterable[str] = ()):
         self._settings = dict(settings)

@@ -10,9 +10,10 @@
   and no other process, a thread and a hand-over per commit cost more than the commit.
 - One test CA per process and one server certificate per set of listening
   addresses (``tls=True``), made on first use; each MTA gets a copy of the PEM file.
-- The configuration is checked whole (``configuration.load``) the first time a test
-  MTA has a set of options; the MTAs after it with the same options share its
-  converted values (``SharedConfig``), except those that name their own directory.
+- The configuration is checked whole (``configuration.load``), and the start-time
+  warnings found, the first time a test MTA has a set of options; the MTAs after it
+  with the same options share its converted values (``SharedConfig``), except those
+  that name their own directory, and log the same warnings.
 - ``auth=`` passwords are hashed with the cheapest scrypt cost (N=2, r=1, p=1):
   the same scheme and code path as production, without its deliberate slowness.
 - Files in memory: the test MTAs' directories are made in ``/dev/shm`` (a tmpfs)
@@ -151,8 +152,11 @@ class _Shape:
     character in place of the directory."""
 
     def __init__(self, config: Config, directory: str) -> None:
+        from trimail.startup import start_warnings
+
         self.values: dict[str, Any] = {}
         self.texts: dict[str, str] = {}
+        self.warnings = start_warnings(config)  # logged by every MTA, found by the first
         for name in PARAMETERS:
             text = config.expand(name)
             if directory in text:
@@ -166,12 +170,11 @@ class SharedConfig(Config):
     with the same options (``shared``), except the values that name this MTA's own
     temporary directory, which are its own (converted from the shape's expanded text,
     with no ``$name`` expansion again).  Values are never changed once made.  The
-    first MTA with these options logged the start-time warnings (``check.warnings``)."""
+    start-time warnings (``check.warnings``) are the first MTA's, logged again."""
 
     shared: dict[str, Any]
     shape: _Shape
     directory: str
-    start_warnings_logged = True
 
     def get(self, name: str) -> Any:
         try:
@@ -194,7 +197,8 @@ def load_config(path: Path, text: str, directory: Path) -> Config:
     shape = _shapes.get(text.replace(str(directory), "\0"))
     if shape is None:
         config = configuration.load(path)
-        _shapes[text.replace(str(directory), "\0")] = _Shape(config, str(directory))
+        shape = _shapes[text.replace(str(directory), "\0")] = _Shape(config, str(directory))
+        config.start_warnings = shape.warnings
         if len(_shapes) > 64:
             del _shapes[next(iter(_shapes))]
         return config
@@ -202,6 +206,7 @@ def load_config(path: Path, text: str, directory: Path) -> Config:
     config = SharedConfig(settings, str(path), warnings)
     config.path = path
     config.shape, config.directory = shape, str(directory)
+    config.start_warnings = shape.warnings
     config.shared = shape.values
     config.__dict__.update(shape.values)  # read as attributes without a __getattr__ each (Config.__getattr__)
     return config
