@@ -106,6 +106,32 @@ def test_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(daemon, rol
     assert integrity_ok(d.queue_directory) == "ok"
 
 
+def test_mail_a_killed_smtpd_worker_committed_but_never_told_the_qmgr_about_is_delivered(daemon):
+    """A worker killed between its commit and its wake-up of the qmgr (committed here by
+    this test, as the worker would have, with no wake-up): the master wakes the qmgr
+    when the worker exits, so the message does not wait for unrelated mail."""
+    from trimail.queue.ids import new_queue_id
+    from trimail.queue.spool import Spool
+    from trimail.queue.store import NewMessage, Store
+
+    with Sink() as sink:
+        d = daemon(smtpd_workers=1, relayhost=f"[127.0.0.1]:{sink.port}")
+        [victim] = running(d, "smtpd")
+        store = Store.open(d.queue_directory)
+        try:
+            spool = Spool()
+            spool.write(b"Subject: token committed-then-killed\r\n\r\nx\r\n")
+            with store.transaction():
+                store.insert_message(NewMessage(new_queue_id(), "a@client.example", ["r@far.example"], spool,
+                                                state="incoming", protocol="ESMTP"))
+        finally:
+            store.close()
+        os.kill(victim, signal.SIGKILL)
+        d.proc.wait_log(rf"warning: process trimail/smtpd pid {victim} killed by signal 9")
+        wait_until(lambda: "committed-then-killed" in _tokens(sink.messages), timeout=30)
+        assert_serving(d)
+
+
 def test_worker_stopped_with_sigterm_is_restarted(daemon):
     d = daemon(smtpd_workers=1, master_service_disable="qmgr")
     [victim] = running(d, "smtpd")

@@ -189,6 +189,8 @@ class Master:
             if slot.board_slot is not None:
                 self.board.clear(slot.board_slot)  # its sessions died with it
                 self.clients.clear(slot.board_slot)
+            if slot.role == "smtpd":  # mail it committed but had not yet told the qmgr about (it
+                self.trigger.wake()  # died, or was killed, in between): a round claims it now
             with trio.CancelScope(shield=True):
                 if worker.process.poll() is None:
                     worker.process.kill()
