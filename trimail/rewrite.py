@@ -102,6 +102,15 @@ class Settings:
 
     @classmethod
     def from_config(cls, config: object) -> Settings:
+        """The settings of *config*: made once per configuration (``Config.memo``), though
+        the router, the local agent and every listener's policy ask for them."""
+        memo = getattr(config, "memo", None)
+        if memo is not None:
+            return memo("rewrite.Settings", lambda: cls._made(config))  # type: ignore[no-any-return]
+        return cls._made(config)
+
+    @classmethod
+    def _made(cls, config: object) -> Settings:
         get = config.get  # type: ignore[attr-defined]
 
         def names(param: str) -> frozenset[str]:

@@ -233,3 +233,21 @@ def test_sample_main_cf_lists_every_parameter_and_is_current():
         assert f"#{name} =" in sample and param.doc in sample
     committed = Path(__file__).resolve().parents[2] / "docs" / "main.cf.sample"
     assert committed.read_text().rstrip("\n") == sample.rstrip("\n"), "run: trimail config --sample > docs/main.cf.sample"
+
+
+def test_a_value_derived_from_a_configuration_is_made_once_per_configuration(tmp_path):
+    from trimail import rewrite
+    from trimail.net.session import SessionLimits
+
+    cfg = load_text(tmp_path, "mydestination = example.com\nsmtpd_timeout = ${stress?{10s}:{300s}}\n")
+    made = []
+    assert cfg.memo("k", lambda: made.append(1) or len(made)) == 1
+    assert cfg.memo("k", lambda: made.append(1) or len(made)) == 1 and made == [1]
+    assert rewrite.Settings.from_config(cfg) is rewrite.Settings.from_config(cfg)
+    assert rewrite.Settings.from_config(cfg).local_domains == frozenset({"example.com"})
+    stress = SessionLimits.from_config(cfg, stress=True)
+    assert stress is SessionLimits.from_config(cfg, stress=True)
+    assert (stress.timeout, SessionLimits.from_config(cfg).timeout) == (10, 300)
+    copy = cfg.with_overrides({"mydestination": "example.net"})  # its own values
+    assert rewrite.Settings.from_config(copy).local_domains == frozenset({"example.net"})
+    assert copy.memo("k", lambda: 2) == 2

@@ -395,6 +395,19 @@ def test_mtas_with_the_same_options_share_the_checked_configuration_but_not_thei
             TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit="many").start()
 
 
+def test_mtas_with_the_same_options_share_what_is_derived_from_them():
+    with TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit=3) as first, \
+         TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit=3) as second, \
+         TestMTA(smtpd_listen=LISTEN, smtpd_recipient_limit=3) as third:
+        for mta in (first, second, third):  # one per configuration: router and policy alike
+            assert mta.server.context.policy.rewrite is mta.server.scheduler.router.rewrite
+        assert second.server.context.policy.rewrite is third.server.context.policy.rewrite
+        assert second.server.stress_limits is third.server.stress_limits
+        assert second.server.config.queue_directory != third.server.config.queue_directory
+        send(third.host, third.port)
+        assert third.wait_for()[0].recipients == ["ann@example.com"]
+
+
 def test_one_mta_failing_to_start_does_not_disturb_the_others():
     from trimail.config import ConfigError
 

@@ -37,9 +37,9 @@ it derives the defaults of myhostname and mydomain itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from trimail.config import syntax
 from trimail.config.param import Param
@@ -53,6 +53,8 @@ from trimail.config.registry import (
 from trimail.config.syntax import ConfigError, Setting, parse_main_cf, parse_override
 from trimail.config.typed import TypedParameters
 from trimail.config.values import BadValue
+
+T = TypeVar("T")
 
 DEFAULT_CONFIG_FILE = Path("/etc/trimail/main.cf")
 
@@ -237,6 +239,16 @@ class Config(TypedParameters):
         if setting is not None and setting.where.startswith("-o "):
             return setting.where
         return self.source
+
+    def memo(self, key: str, make: Callable[[], T]) -> T:
+        """The value *make* builds from this configuration, made once (a Config never
+        changes).  Only for values built from parameters that name no file or
+        directory of this instance: test MTAs with the same options share them
+        (trimail.testing.testmode.SharedConfig)."""
+        memo: dict[str, Any] = self.__dict__.setdefault("_memo", {})
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]
 
     def with_overrides(self, overrides: Mapping[str, str], origin: str = "-o") -> Config:
         """A copy with *overrides* set; errors in them name ``ORIGIN NAME``."""

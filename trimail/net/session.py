@@ -60,9 +60,15 @@ class SessionLimits:
 
     @classmethod
     def from_config(cls, config: Config, *, stress: bool = False) -> SessionLimits:
-        """The limits of *config*; with *stress*, as if ``stress = yes`` (and no greeting pause)."""
+        """The limits of *config*; with *stress*, as if ``stress = yes`` (and no greeting
+        pause), made once per configuration (``Config.memo``: they take a copy of it)."""
         if stress:
-            config = config.with_overrides({"stress": "yes"})
+            return config.memo("SessionLimits.stress",
+                               lambda: cls._made(config.with_overrides({"stress": "yes"}), stress=True))
+        return cls._made(config, stress=False)
+
+    @classmethod
+    def _made(cls, config: Config, *, stress: bool) -> SessionLimits:
         return cls(timeout=config.smtpd_timeout, hard_error_limit=config.smtpd_hard_error_limit,
                    junk_command_limit=config.smtpd_junk_command_limit,
                    tls_handshake_timeout=config.smtpd_tls_handshake_timeout,

@@ -33,8 +33,9 @@ import shutil
 import stat
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from trimail import config as configuration
 from trimail.config import Config
@@ -42,6 +43,8 @@ from trimail.config.registry import PARAMETERS
 from trimail.config.syntax import parse_main_cf
 from trimail.passwords import hash_password
 from trimail.queue.database import DATABASE_NAME, Database, unsafe_skip_fsync
+
+T = TypeVar("T")
 
 INSTALL_HINT = "pip install 'trimail[testing]'"
 CHEAP_SCRYPT = (2, 1, 1)  # N, r, p: test passwords only
@@ -156,6 +159,7 @@ class _Shape:
 
         self.values: dict[str, Any] = {}
         self.texts: dict[str, str] = {}
+        self.memo: dict[str, Any] = {}  # Config.memo's values, for the MTAs after the first
         self.warnings = start_warnings(config)  # logged by every MTA, found by the first
         for name in PARAMETERS:
             text = config.expand(name)
@@ -181,6 +185,14 @@ class SharedConfig(Config):
             return self.shared[name]
         except KeyError:
             return super().get(name)
+
+    def memo(self, key: str, make: Callable[[], T]) -> T:
+        """Shared by the MTAs with these options (what Config.memo may hold names no file
+        or directory of one MTA)."""
+        memo = self.shape.memo
+        if key not in memo:
+            memo[key] = make()
+        return memo[key]  # type: ignore[no-any-return]
 
     def expand(self, name: str) -> str:
         text = self.shape.texts.get(name)
