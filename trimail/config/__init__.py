@@ -242,9 +242,9 @@ class Config(TypedParameters):
 
     def memo(self, key: str, make: Callable[[], T]) -> T:
         """The value *make* builds from this configuration, made once (a Config never
-        changes).  Only for values built from parameters that name no file or
-        directory of this instance: test MTAs with the same options share them
-        (trimail.testing.testmode.SharedConfig)."""
+        changes) and kept in ``_memo``.  Only for values built from parameters that
+        name no file or directory of this instance: the test MTAs with the same
+        options share one ``_memo`` (trimail.testing.testmode.load_config)."""
         memo: dict[str, Any] = self.__dict__.setdefault("_memo", {})
         if key not in memo:
             memo[key] = make()

@@ -33,9 +33,8 @@ import shutil
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from trimail import config as configuration
 from trimail.config import Config
@@ -43,8 +42,6 @@ from trimail.config.registry import PARAMETERS
 from trimail.config.syntax import parse_main_cf
 from trimail.passwords import hash_password
 from trimail.queue.database import DATABASE_NAME, Database, unsafe_skip_fsync
-
-T = TypeVar("T")
 
 INSTALL_HINT = "pip install 'trimail[testing]'"
 CHEAP_SCRYPT = (2, 1, 1)  # N, r, p: test passwords only
@@ -159,7 +156,7 @@ class _Shape:
 
         self.values: dict[str, Any] = {}
         self.texts: dict[str, str] = {}
-        self.memo: dict[str, Any] = {}  # Config.memo's values, for the MTAs after the first
+        self.memo: dict[str, Any] = {}  # Config.memo's values, for every MTA of the shape
         self.warnings = start_warnings(config)  # logged by every MTA, found by the first
         for name in PARAMETERS:
             text = config.expand(name)
@@ -171,28 +168,19 @@ class _Shape:
 
 class SharedConfig(Config):
     """A test MTA's configuration whose converted values are shared by every test MTA
-    with the same options (``shared``), except the values that name this MTA's own
-    temporary directory, which are its own (converted from the shape's expanded text,
-    with no ``$name`` expansion again).  Values are never changed once made.  The
-    start-time warnings (``check.warnings``) are the first MTA's, logged again."""
+    with the same options (``shape.values``), except the values that name this MTA's
+    own temporary directory, which are its own (converted from the shape's expanded
+    text, with no ``$name`` expansion again).  Values are never changed once made.
+    The start-time warnings (``check.warnings``) are the first MTA's, logged again."""
 
-    shared: dict[str, Any]
     shape: _Shape
     directory: str
 
     def get(self, name: str) -> Any:
         try:
-            return self.shared[name]
+            return self.shape.values[name]
         except KeyError:
             return super().get(name)
-
-    def memo(self, key: str, make: Callable[[], T]) -> T:
-        """Shared by the MTAs with these options (what Config.memo may hold names no file
-        or directory of one MTA)."""
-        memo = self.shape.memo
-        if key not in memo:
-            memo[key] = make()
-        return memo[key]  # type: ignore[no-any-return]
 
     def expand(self, name: str) -> str:
         text = self.shape.texts.get(name)
@@ -206,19 +194,19 @@ def load_config(path: Path, text: str, directory: Path) -> Config:
     """The configuration of a test MTA in *directory* from main.cf *text*: the first
     time these options are seen, ``configuration.load`` converts and checks every
     parameter (errors name the line); later, a ``SharedConfig`` reuses those values."""
-    shape = _shapes.get(text.replace(str(directory), "\0"))
+    key = text.replace(str(directory), "\0")
+    shape = _shapes.get(key)
     if shape is None:
         config = configuration.load(path)
-        shape = _shapes[text.replace(str(directory), "\0")] = _Shape(config, str(directory))
-        config.start_warnings = shape.warnings
+        shape = _shapes[key] = _Shape(config, str(directory))
         if len(_shapes) > 64:
             del _shapes[next(iter(_shapes))]
-        return config
-    settings, warnings = parse_main_cf(text, str(path))
-    config = SharedConfig(settings, str(path), warnings)
-    config.path = path
-    config.shape, config.directory = shape, str(directory)
+    else:
+        settings, warnings = parse_main_cf(text, str(path))
+        config = SharedConfig(settings, str(path), warnings)
+        config.path = path
+        config.shape, config.directory = shape, str(directory)
+        config.__dict__.update(shape.values)  # read as attributes without a __getattr__ each (Config.__getattr__)
     config.start_warnings = shape.warnings
-    config.shared = shape.values
-    config.__dict__.update(shape.values)  # read as attributes without a __getattr__ each (Config.__getattr__)
+    config.__dict__["_memo"] = shape.memo  # Config.memo's store: shared by every MTA of the shape
     return config
