@@ -48,7 +48,7 @@ from trimail.delivery.local import privileged
 from trimail.maps import TableError
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver
-from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, open_listeners
+from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, close_now, open_listeners
 from trimail.net.session import Session, SessionLimits
 from trimail.net.stream import DirectStream
 from trimail.peername import PeerNames
@@ -277,15 +277,15 @@ class Server:
         deferred = DeferredAccept(listener, self.accept_delay)
         try:
             with scope:
-                async with listener:
-                    while True:
-                        try:
-                            stream = await accept(listener, deferred)
-                        except trio.ClosedResourceError:
-                            return  # closed under us (a reload removed it): nothing more to accept
-                        sessions.start_soon(self._handle, stream, kind)
+                while True:
+                    try:
+                        stream = await accept(listener, deferred)
+                    except trio.ClosedResourceError:
+                        return  # closed under us (a reload removed it): nothing more to accept
+                    sessions.start_soon(self._handle, stream, kind)
         finally:
             deferred.close()
+            close_now(listener)
 
     async def _handle(self, stream: DirectStream, kind: str = "smtp") -> None:
         """One connection from accept onward, inside its own boundary: whatever goes
@@ -379,8 +379,8 @@ class Server:
                 waiting.start_soon(idle)
                 await self._stop_now.wait()
                 waiting.cancel_scope.cancel()
-            if not self.sessions:
-                return
+        if not self.sessions:  # (no checkpoint: a stop with nothing to drain takes no turn of the loop)
+            return
         for session in list(self.sessions):
             session.request_stop()
         with trio.move_on_after(self.config.graceful_timeout):

@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from trimail.net.listener import accept
+from trimail.net.listener import accept, close_now
 from trimail.supervise import Backoff, FailureCounter, contained, report
 
 log = logging.getLogger("trimail.master")
@@ -97,26 +97,29 @@ async def serve_requests(listener: trio.SocketListener, handle: Callable[[trio.S
                       task, trio.current_time() - accepted)
 
     backoff = Backoff(0.1, 5.0)
-    async with listener, trio.open_nursery() as nursery:
-        while True:
-            try:
-                stream = await accept(listener)
-            except trio.ClosedResourceError:
-                return
-            except OSError as exc:  # not descriptor exhaustion (accept waits for that): log, pause, go on
-                report(f"{task} accept", exc, metrics)
-                await trio.sleep(backoff.next())
-                continue
-            backoff.reset()
-            try:
-                while True:
-                    evict_slowest()
-                    with trio.move_on_after(EVICT_AFTER / 4):
-                        await limiter.acquire_on_behalf_of(stream)
-                        break
-            except BaseException:
-                stream.socket.close()
-                raise
-            scope = trio.CancelScope()
-            reading[stream] = (scope, trio.current_time())
-            nursery.start_soon(one, stream, scope)
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    stream = await accept(listener)
+                except trio.ClosedResourceError:
+                    return
+                except OSError as exc:  # not descriptor exhaustion (accept waits for that): log, pause, go on
+                    report(f"{task} accept", exc, metrics)
+                    await trio.sleep(backoff.next())
+                    continue
+                backoff.reset()
+                try:
+                    while True:
+                        evict_slowest()
+                        with trio.move_on_after(EVICT_AFTER / 4):
+                            await limiter.acquire_on_behalf_of(stream)
+                            break
+                except BaseException:
+                    stream.socket.close()
+                    raise
+                scope = trio.CancelScope()
+                reading[stream] = (scope, trio.current_time())
+                nursery.start_soon(one, stream, scope)
+    finally:
+        close_now(listener)  # not aclose(): see close_now
