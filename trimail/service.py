@@ -48,7 +48,14 @@ from trimail.delivery.local import privileged
 from trimail.maps import TableError
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver
-from trimail.net.listener import DeferredAccept, ListenError, accept, bound_address, close_now, open_listeners
+from trimail.net.listener import (
+    DeferredAccept,
+    ListenError,
+    accept,
+    bound_address,
+    close_now,
+    open_listeners,
+)
 from trimail.net.session import Session, SessionLimits
 from trimail.net.stream import DirectStream
 from trimail.peername import PeerNames
