@@ -126,6 +126,21 @@ async def test_trio_form_cancelled_at_any_point_leaves_no_directory(tmp_path, mo
     wait_until(lambda: not leftovers(tmp_path))
 
 
+def test_a_directory_is_removed_when_its_removal_name_is_taken(tmp_path, monkeypatch):
+    """The stopped MTA's directory is renamed to trimail-removing-<its suffix>; when
+    something holds that name, the directory still goes at once and is removed, and
+    what held the name is not touched."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with TestMTA(smtpd_listen=LISTEN) as mta:
+        directory = mta.directory
+        squatter = tmp_path / directory.name.replace("trimail-test-", "trimail-removing-")
+        squatter.mkdir()
+        (squatter / "kept").write_text("not the MTA's")
+    assert not directory.exists()  # gone at once
+    wait_until(lambda: leftovers(tmp_path) == [squatter])
+    assert (squatter / "kept").read_text() == "not the MTA's"
+
+
 # -- a uid without a passwd entry (CI containers) -------------------------------------
 
 def test_runs_as_a_uid_without_a_passwd_entry():

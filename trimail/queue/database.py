@@ -56,23 +56,36 @@ class QueueError(TrimailError):
 
 STAMP_NAME = "queue.stamp"
 
-_UNSAFE_UNSYNCED: set[str] = set()  # real paths of test queue directories that skip fsync
+# test queue directories that skip fsync: their real paths, and the name each was marked by -> its real path
+_UNSAFE_UNSYNCED: set[str] = set()
+_UNSYNCED_NAMES: dict[str, str] = {}
 
 
 def is_test_queue(queue_directory: str | os.PathLike[str]) -> bool:
     """Marked by ``unsafe_skip_fsync``: a throw-away queue of trimail.testing."""
-    return bool(_UNSAFE_UNSYNCED) and os.path.realpath(queue_directory) in _UNSAFE_UNSYNCED
+    return bool(_UNSAFE_UNSYNCED) and _real_path(queue_directory) in _UNSAFE_UNSYNCED
+
+
+def _real_path(queue_directory: str | os.PathLike[str]) -> str:
+    """``os.path.realpath``, except for a test queue named as it was marked (its
+    real path was found then: no lstat of every component at each open)."""
+    named = os.fspath(queue_directory)
+    return _UNSYNCED_NAMES.get(named) or os.path.realpath(named)
 
 
 def unsafe_skip_fsync(queue_directory: str | os.PathLike[str], skip: bool = True) -> None:
     """UNSAFE, for trimail.testing's throw-away queues only: connections opened on
     *queue_directory* from now on never fsync (``PRAGMA synchronous = OFF``), so
     acknowledged mail may be lost on power loss.  ``skip=False`` forgets the mark."""
-    real = os.path.realpath(queue_directory)
+    named = os.fspath(queue_directory)
+    real = _real_path(named)
     if skip:
         _UNSAFE_UNSYNCED.add(real)
+        _UNSYNCED_NAMES[named] = real
     else:
         _UNSAFE_UNSYNCED.discard(real)
+        for name in [name for name, its in list(_UNSYNCED_NAMES.items()) if its == real]:
+            _UNSYNCED_NAMES.pop(name, None)
 
 
 def prepare_directory(queue_directory: Path) -> Path:
@@ -198,7 +211,7 @@ class Database:
             flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
         # root opens this before the privilege drop in a directory mail_owner owns:
         # never through a planted link (the directory's own path is the operator's)
-        real = Path(os.path.realpath(directory)) / DATABASE_NAME
+        real = Path(_real_path(directory)) / DATABASE_NAME
         unsynced = str(real.parent) in _UNSAFE_UNSYNCED
         try:
             db = apsw.Connection(str(real), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)

@@ -86,7 +86,7 @@ def new_queue(queue_directory: Path) -> None:
         target.write(_template_database())
 
 
-def forget_queue(queue_directory: Path) -> None:
+def forget_queue(queue_directory: str | os.PathLike[str]) -> None:
     unsafe_skip_fsync(queue_directory, skip=False)
 
 
