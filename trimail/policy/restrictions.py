@@ -118,7 +118,7 @@ class Policy(DnsChecks):
     def __init__(self, config: Config, resolver: Resolver) -> None:
         self.config = config
         self.resolver = resolver
-        self.lists = restriction_lists(config)
+        self.lists = config.memo("restriction_lists", lambda: restriction_lists(config))  # read only
         self.delay_reject: bool = config.smtpd_delay_reject
         self.mynetworks = config.mynetworks
         self._mynetworks_cache: dict[str, bool] = {}
@@ -132,7 +132,7 @@ class Policy(DnsChecks):
         self.lookup_timeout: float = config.table_lookup_timeout
         self.unlisted: Callable[[str], Awaitable[object]] = _never_unlisted  # an Unlisted or None
         self.verifier: Verifier | None = None  # made on first use of reject_unverified_recipient
-        self.own_addresses = _listen_addresses(config)
+        self.own_addresses = config.memo("listen_addresses", lambda: _listen_addresses(config))
         if any(name == "permit_tls_clientcerts" for items in self.lists.values() for name, _ in items):
             log.warning("permit_tls_clientcerts is requested, but trimail does not ask clients for certificates "
                         "(Postfix's smtpd_tls_ask_ccert = no): it never permits")

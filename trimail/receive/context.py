@@ -88,6 +88,13 @@ def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
     )
 
 
+def _reads_no_file(config: Config) -> bool:
+    """Whether ``protocol_settings`` reads no file (every smtpd_forbidden_commands
+    table is inline), so that it may be made once per configuration (``Config.memo``)."""
+    return all(entry.partition(":")[2].startswith("{") for entry in config.smtpd_forbidden_commands
+               if ":" in entry)
+
+
 def forbidden_tables(config: Config):
     """A matcher for the ``type:table`` entries of smtpd_forbidden_commands (Postfix's
     default ``regexp:{{/^[^A-Z]/ Bogus}}``): inline ``regexp:{{/re/ result}, ...}`` and
@@ -203,7 +210,8 @@ class ReceiveContext:
         self.reject_unlisted_recipient: bool = config.smtpd_reject_unlisted_recipient
         self.fast_flush_domains = frozenset(d.lower().rstrip(".") for d in config.fast_flush_domains)
         self.fast_flush_subdomains = "fast_flush_domains" in config.parent_domain_matches_subdomains
-        self.settings = protocol_settings(config, kind)
+        self.settings = (config.memo(f"protocol_settings {kind}", lambda: protocol_settings(config, kind))
+                         if _reads_no_file(config) else protocol_settings(config, kind))
         if self.settings.auth:
             try:  # the dummy hash for unknown users, made now rather than at the first one
                 prepare(self.password_file)
