@@ -286,15 +286,19 @@ class Database:
         except apsw.Error:
             pass
 
-    def checkpoint(self) -> tuple[bool, int, int]:
+    def checkpoint(self, truncate: bool = True) -> tuple[bool, int, int]:
         """Copy the WAL into the database and truncate it (when no reader needs
         it); returns (complete, WAL frames, frames checkpointed).  Busy readers
-        make it partial (not complete), never wrong."""
+        make it partial (not complete), never wrong.  *truncate* False: a PASSIVE
+        checkpoint, which leaves the WAL file as it is and, unlike TRUNCATE, does
+        not hold the write lock while it copies and fsyncs (every process's
+        commits, and so every pending 250, would wait for it); SQLite writes the
+        WAL from its start again once it has all been copied."""
         # Never wait for readers: a long read (a backup, a listing of a big queue)
         # would otherwise hold the writer, and every pending 250, for the busy timeout.
         self.db.set_busy_timeout(0)
         try:
-            row = self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            row = self.db.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})").fetchone()
         finally:
             self.db.set_busy_handler(patient(self.busy_timeout))
         return not row[0], int(row[1]), int(row[2])

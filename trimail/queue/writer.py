@@ -299,9 +299,9 @@ class QueueWriter:
     def _inline_told(self, store: Store, item: object) -> bool:
         """The event loop committed (_DIRTY: True, the WAL wants a checkpoint when
         idle) or grew the WAL past its limit (_CHECKPOINT: checkpointed now)."""
-        if item is _CHECKPOINT:
+        if item is _CHECKPOINT:  # under load: passive, never holding up the commits of others
             self._checkpoint_asked = False
-            self._checkpoint(store)
+            self._checkpoint(store, truncate=False)
         return item is _DIRTY
 
     def _wake(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
@@ -327,13 +327,14 @@ class QueueWriter:
             except trio.RunFinishedError:
                 pass
 
-    def _checkpoint(self, store: Store) -> bool:
+    def _checkpoint(self, store: Store, truncate: bool = True) -> bool:
         """When idle: move the WAL into the database and truncate it (WAL hygiene:
-        the WAL does not grow without bound and a backup copies less).  Whether it
-        finished (False: a reader kept it from it, or it failed)."""
+        the WAL does not grow without bound and a backup copies less); *truncate*
+        False: only move it (``Database.checkpoint``).  Whether it finished (False:
+        a reader kept it from it, or it failed)."""
         self._dirty_told = False  # inline commits from now on tell again
         try:
-            complete, frames, done = store.checkpoint()
+            complete, frames, done = store.checkpoint(truncate)
             log.debug("queue checkpoint: %d of %d WAL frames", done, frames)
             return complete
         except apsw.Error as exc:
