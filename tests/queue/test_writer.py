@@ -190,7 +190,8 @@ async def test_inline_commits_past_the_autocheckpoint_size_are_checkpointed_by_t
     monkeypatch.setattr(inline_module, "AUTOCHECKPOINT_PAGES", 8)
     checkpoints: list[float] = []
     real = QueueWriter._checkpoint
-    monkeypatch.setattr(QueueWriter, "_checkpoint", lambda self, store: checkpoints.append(1) or real(self, store))
+    monkeypatch.setattr(QueueWriter, "_checkpoint",
+                        lambda self, store, truncate=True: checkpoints.append(truncate) or real(self, store, truncate))
 
     def grow(store: Store, number: int) -> None:
         store.db.execute("INSERT INTO queue_count (state, messages) VALUES (?, ?)", (f"s{number}" + "x" * 3000, number))
@@ -203,6 +204,32 @@ async def test_inline_commits_past_the_autocheckpoint_size_are_checkpointed_by_t
         with trio.fail_after(5):
             while not checkpoints:
                 await trio.sleep(0.005)
+        assert checkpoints[0] is False  # passive: see the next test
+
+
+def test_a_passive_checkpoint_runs_while_another_connection_writes_and_a_truncating_one_cannot(tmp_path):
+    """The checkpoint the writer makes under load (the WAL past its size) copies the
+    WAL without the write lock, so the other processes' commits (an smtpd worker's,
+    and its client's 250) never wait for it; the one made when idle truncates the
+    WAL and needs the lock, which it never waits for."""
+    store, other = Store.open(tmp_path), Store.open(tmp_path)
+    try:
+        with store.transaction():
+            for number in range(50):
+                store.db.execute("INSERT INTO queue_count (state, messages) VALUES (?, ?)",
+                                 (f"s{number}" + "x" * 1000, number))
+        other.db.execute("BEGIN IMMEDIATE")  # another process in the middle of its commit
+        other.db.execute("INSERT INTO queue_count (state, messages) VALUES ('pending', 1)")
+        complete, frames, done = store.checkpoint(truncate=False)
+        assert complete and frames > 0 and done == frames  # copied while the other held the lock
+        complete, _, _ = store.checkpoint(truncate=True)
+        assert not complete  # the lock is the other's: not waited for
+        other.db.execute("COMMIT")
+        assert store.checkpoint(truncate=True)[0]
+        assert _wal_size(tmp_path) == 0
+    finally:
+        other.close()
+        store.close()
 
 
 async def test_inline_commits_are_checkpointed_by_the_writer_thread_when_idle(tmp_path):
