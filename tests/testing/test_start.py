@@ -126,19 +126,30 @@ async def test_trio_form_cancelled_at_any_point_leaves_no_directory(tmp_path, mo
     wait_until(lambda: not leftovers(tmp_path))
 
 
-def test_a_directory_is_removed_when_its_removal_name_is_taken(tmp_path, monkeypatch):
+@pytest.mark.parametrize("squatter_is", ["a directory", "an empty directory", "a file"])
+def test_a_directory_is_removed_when_its_removal_name_is_taken(tmp_path, monkeypatch, squatter_is):
     """The stopped MTA's directory is renamed to trimail-removing-<its suffix>; when
     something holds that name, the directory still goes at once and is removed, and
-    what held the name is not touched."""
+    what held the name is not touched (an empty directory was replaced by the rename
+    until the red team found it)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with TestMTA(smtpd_listen=LISTEN) as mta:
         directory = mta.directory
         squatter = tmp_path / directory.name.replace("trimail-test-", "trimail-removing-")
-        squatter.mkdir()
-        (squatter / "kept").write_text("not the MTA's")
+        if squatter_is == "a file":
+            squatter.write_text("not the MTA's")
+        else:
+            squatter.mkdir()
+            if squatter_is == "a directory":
+                (squatter / "kept").write_text("not the MTA's")
+        before = squatter.stat().st_ino
     assert not directory.exists()  # gone at once
     wait_until(lambda: leftovers(tmp_path) == [squatter])
-    assert (squatter / "kept").read_text() == "not the MTA's"
+    assert squatter.stat().st_ino == before
+    if squatter_is == "a directory":
+        assert (squatter / "kept").read_text() == "not the MTA's"
+    elif squatter_is == "an empty directory":
+        assert list(squatter.iterdir()) == []
 
 
 # -- a uid without a passwd entry (CI containers) -------------------------------------
@@ -421,6 +432,38 @@ def test_mtas_with_the_same_options_share_what_is_derived_from_them():
         assert second.server.config.queue_directory != third.server.config.queue_directory
         send(third.host, third.port)
         assert third.wait_for()[0].recipients == ["ann@example.com"]
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_what_mtas_with_the_same_options_share_never_names_one_of_their_directories(concurrent):
+    """A restriction's table and the banner that name ``$queue_directory``: each MTA
+    uses its own (found by the red team: the restriction lists and protocol
+    settings shared per set of options had kept the first MTA's directory, and the
+    second MTA answered 451 for every recipient, its table gone with the first)."""
+    options = dict(smtpd_listen=LISTEN, smtpd_banner="$myhostname ESMTP at $queue_directory",
+                   smtpd_recipient_restrictions="check_recipient_access regexp:$queue_directory/../rcpt.re, "
+                                                "permit_mynetworks, reject")
+
+    def check(mta: TestMTA, who: str) -> None:
+        (mta.directory / "rcpt.re").write_text(f"/^{who}@far\\.example$/ REJECT no {who}\n")
+        with smtplib.SMTP(timeout=30) as client:
+            code, banner = client.connect(mta.host, mta.port)
+            assert code == 220 and str(mta.directory / "queue") in banner.decode()
+            client.ehlo("client.example")
+            client.mail("app@example.org")
+            assert client.rcpt(f"{who}@far.example") == (554, f"5.7.1 <{who}@far.example>: Recipient address "
+                                                              f"rejected: no {who}".encode())
+            assert client.rcpt("other@far.example")[0] == 250
+
+    if concurrent:
+        with TestMTA(**options) as first, TestMTA(**options) as second:
+            check(first, "first")
+            check(second, "second")
+            check(first, "first")  # the first still reads its own table
+    else:
+        for who in ("first", "second", "third"):
+            with TestMTA(**options) as mta:
+                check(mta, who)
 
 
 def test_one_mta_failing_to_start_does_not_disturb_the_others():

@@ -240,12 +240,17 @@ class Config(TypedParameters):
             return setting.where
         return self.source
 
-    def memo(self, key: str, make: Callable[[], T]) -> T:
+    def memo(self, key: str, make: Callable[[], T], keeps: tuple[str, ...] = ()) -> T:
         """The value *make* builds from this configuration, made once (a Config never
-        changes) and kept in ``_memo``.  Only for values built from parameters that
-        name no file or directory of this instance: the test MTAs with the same
-        options share one ``_memo`` (trimail.testing.testmode.load_config)."""
-        memo: dict[str, Any] = self.__dict__.setdefault("_memo", {})
+        changes) and kept in ``_memo``.  The test MTAs with the same options share one
+        ``_memo`` (trimail.testing.testmode.load_config): a value must name no file or
+        directory of this instance, so *keeps* names the parameters whose text the
+        value keeps (a restriction list's table names, a banner); when one of them
+        names this instance's directory (``_own``: a test MTA's ``$queue_directory``
+        in it), the value is made for this instance alone."""
+        own: frozenset[str] = self.__dict__.get("_own", frozenset())
+        shared = not own or own.isdisjoint(keeps)
+        memo: dict[str, Any] = self.__dict__.setdefault("_memo" if shared else "_own_memo", {})
         if key not in memo:
             memo[key] = make()
         return memo[key]

@@ -101,6 +101,8 @@ SUBJECT_TEXT = {
 MESSAGE_ACTIONS = frozenset({"hold", "discard", "redirect", "filter", "bcc"})  # act on the message
 
 
+LIST_PARAMETERS = tuple(name for stage in STAGE_LISTS.values() for name in stage)  # smtpd_*_restrictions
+
 # the earlier stages whose remembered defer_if_permit each stage starts from, nearest first
 _CARRIED_FROM = {"client": (), "helo": ("client",), "sender": ("helo", "client"),
                  "recipient": ("sender", "helo", "client")}
@@ -118,7 +120,8 @@ class Policy(DnsChecks):
     def __init__(self, config: Config, resolver: Resolver) -> None:
         self.config = config
         self.resolver = resolver
-        self.lists = config.memo("restriction_lists", lambda: restriction_lists(config))  # read only
+        self.lists = config.memo("restriction_lists", lambda: restriction_lists(config),  # read only
+                                 keeps=LIST_PARAMETERS)
         self.delay_reject: bool = config.smtpd_delay_reject
         self.mynetworks = config.mynetworks
         self._mynetworks_cache: dict[str, bool] = {}
@@ -132,7 +135,7 @@ class Policy(DnsChecks):
         self.lookup_timeout: float = config.table_lookup_timeout
         self.unlisted: Callable[[str], Awaitable[object]] = _never_unlisted  # an Unlisted or None
         self.verifier: Verifier | None = None  # made on first use of reject_unverified_recipient
-        self.own_addresses = config.memo("listen_addresses", lambda: _listen_addresses(config))
+        self.own_addresses = config.memo("listen_addresses", lambda: _listen_addresses(config))  # addresses only
         if any(name == "permit_tls_clientcerts" for items in self.lists.values() for name, _ in items):
             log.warning("permit_tls_clientcerts is requested, but trimail does not ask clients for certificates "
                         "(Postfix's smtpd_tls_ask_ccert = no): it never permits")

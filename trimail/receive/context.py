@@ -210,7 +210,8 @@ class ReceiveContext:
         self.reject_unlisted_recipient: bool = config.smtpd_reject_unlisted_recipient
         self.fast_flush_domains = frozenset(d.lower().rstrip(".") for d in config.fast_flush_domains)
         self.fast_flush_subdomains = "fast_flush_domains" in config.parent_domain_matches_subdomains
-        self.settings = (config.memo(f"protocol_settings {kind}", lambda: protocol_settings(config, kind))
+        self.settings = (config.memo(f"protocol_settings {kind}", lambda: protocol_settings(config, kind),
+                                     keeps=("myhostname", "smtpd_banner", "smtpd_forbidden_commands"))
                          if _reads_no_file(config) else protocol_settings(config, kind))
         if self.settings.auth:
             try:  # the dummy hash for unknown users, made now rather than at the first one

@@ -46,22 +46,23 @@ def remove_directory(directory: Path | str) -> None:
         del _directories[str(directory)]
     testmode.forget_queue(os.path.join(directory, "queue"))
     parent, name = os.path.split(directory)
-    # trimail-test-XYZ becomes trimail-removing-XYZ (unique as its name was), or, should
-    # that name be taken, a directory of its own in a new trimail-removing-* directory
+    # trimail-test-XYZ becomes trimail-removing-XYZ (unique as its name was; made first, so
+    # that nothing else of that name is replaced), or, should that name be taken, a
+    # directory of its own in a new trimail-removing-* directory
     trash = os.path.join(parent, "trimail-removing-" + name.removeprefix("trimail-test-"))
     try:
-        os.rename(directory, trash)
-    except FileNotFoundError:
-        return
+        os.mkdir(trash, 0o700)
+        target = trash
     except OSError:
         trash = tempfile.mkdtemp(prefix="trimail-removing-", dir=parent)
-        try:
-            os.rename(directory, os.path.join(trash, "directory"))
-        except FileNotFoundError:
-            os.rmdir(trash)
-            return
-        except OSError:
-            shutil.rmtree(directory, ignore_errors=True)
+        target = os.path.join(trash, "directory")
+    try:
+        os.rename(directory, target)  # onto (or into) the empty directory just made: ours
+    except FileNotFoundError:
+        os.rmdir(trash)
+        return
+    except OSError:
+        shutil.rmtree(directory, ignore_errors=True)
     with _remover_lock:
         if _remover is None or not _remover.is_alive() or _remover_pid != os.getpid():
             _start_remover()

@@ -164,6 +164,7 @@ class _Shape:
                 self.texts[name] = text.replace(directory, "\0")
             else:
                 self.values[name] = config.get(name)
+        self.own = frozenset(self.texts)  # the parameters that name each MTA's directory (Config.memo)
 
 
 class SharedConfig(Config):
@@ -209,4 +210,5 @@ def load_config(path: Path, text: str, directory: Path) -> Config:
         config.__dict__.update(shape.values)  # read as attributes without a __getattr__ each (Config.__getattr__)
     config.start_warnings = shape.warnings
     config.__dict__["_memo"] = shape.memo  # Config.memo's store: shared by every MTA of the shape
+    config.__dict__["_own"] = shape.own  # ... except values kept from parameters that name its directory
     return config
