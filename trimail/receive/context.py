@@ -59,6 +59,11 @@ def milters_of(config: Config) -> list[str]:
     return [] if "no_milters" in config.receive_override_options else config.smtpd_milters
 
 
+# the parameters whose text protocol_settings keeps (Config.memo's keeps); the others
+# it reads become flags and numbers
+PROTOCOL_TEXTS = ("myhostname", "smtpd_banner", "smtpd_forbidden_commands")
+
+
 def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
     tls = bool(config.smtpd_tls_cert_file) and config.smtpd_tls_security_level != "none"
     return Settings(
@@ -211,7 +216,7 @@ class ReceiveContext:
         self.fast_flush_domains = frozenset(d.lower().rstrip(".") for d in config.fast_flush_domains)
         self.fast_flush_subdomains = "fast_flush_domains" in config.parent_domain_matches_subdomains
         self.settings = (config.memo(f"protocol_settings {kind}", lambda: protocol_settings(config, kind),
-                                     keeps=("myhostname", "smtpd_banner", "smtpd_forbidden_commands"))
+                                     keeps=PROTOCOL_TEXTS)
                          if _reads_no_file(config) else protocol_settings(config, kind))
         if self.settings.auth:
             try:  # the dummy hash for unknown users, made now rather than at the first one
