@@ -11,9 +11,11 @@ from aiosmtpd.controller import Controller
 class Recorder:
     """aiosmtpd handler: records messages; ``rules`` maps a local part to a reply."""
 
-    def __init__(self, rules: dict[str, str] | None = None, delay: float = 0.0) -> None:
+    def __init__(self, rules: dict[str, str] | None = None, delay: float = 0.0,
+                 gate: threading.Event | None = None) -> None:
         self.rules = rules or {}
         self.delay = delay
+        self.gate = gate  # when given: DATA is answered only once it is set (a peer held by the test)
         self.tls_used: list[bool] = []
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.lock = threading.Lock()
@@ -35,6 +37,11 @@ class Recorder:
             import asyncio
 
             await asyncio.sleep(self.delay)  # a slow peer, so deliveries are in flight
+        if self.gate is not None:
+            import asyncio
+
+            while not self.gate.is_set():  # held until the test releases it, however slow the machine
+                await asyncio.sleep(0.01)
         self.in_flight -= 1
         with self.lock:
             self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
@@ -47,8 +54,10 @@ class Recorder:
 
 class Sink:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, rules: dict[str, str] | None = None,
-                 delay: float = 0.0, tls_context=None, size_limit: int | None = None) -> None:
-        self.recorder = Recorder(rules, delay)
+                 delay: float = 0.0, tls_context=None, size_limit: int | None = None, held: bool = False) -> None:
+        # held: DATA is answered only after release() (deliveries stay in flight until the test says)
+        self.gate = threading.Event() if held else None
+        self.recorder = Recorder(rules, delay, self.gate)
         extra = {"tls_context": tls_context} if tls_context is not None else {}
         if size_limit is not None:
             extra["data_size_limit"] = size_limit
@@ -62,7 +71,13 @@ class Sink:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
         self.controller.stop()
+
+    def release(self) -> None:
+        """A held sink answers the DATA it holds, and every one after, at once."""
+        if self.gate is not None:
+            self.gate.set()
 
     @property
     def messages(self):

@@ -159,9 +159,9 @@ def test_queue_locked_by_another_process_during_deliveries(daemon, tmp_path):
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a tmpfs: needs root")
 def test_disk_full_under_the_queue_while_delivering(daemon, tmp_path, small_queue):
-    # a slow peer: the outcomes are recorded after the disk filled up, and the three messages
-    # stay active (claimed, not yet delivered) long enough to be seen so under a loaded CI
-    with Sink(delay=3) as sink:
+    # a peer held until the disk is full: the outcomes are recorded after the disk filled up,
+    # and the three messages stay active (claimed, not yet delivered) however loaded the machine
+    with Sink(held=True) as sink:
         served = daemon(relayhost=f"[127.0.0.1]:{sink.port}", queue_directory=small_queue,
                         message_size_limit="1000000")
         acknowledged = [send(served.port, [f"a{n}@example.com"], _body(f"before {n}")) for n in range(3)]
@@ -181,6 +181,7 @@ def test_disk_full_under_the_queue_while_delivering(daemon, tmp_path, small_queu
                 results.append("4xx")
             assert served.alive, "\n".join(served.proc.log[-20:])
         assert "4xx" in results
+        sink.release()
         # the peer took the three messages while the disk is full: recording that fails
         wait_until(lambda: len(sink.messages) >= 3, timeout=30)
         wait_until(lambda: not served.alive or any("recording delivery status failed" in line
