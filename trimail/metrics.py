@@ -40,7 +40,8 @@ class _LogDrops(Collector):
 class _Made:
     """A metric of ``Metrics``, made and registered on first use: a test MTA starts in
     milliseconds and most of these (delivery, bounces, failures) it never uses.  The
-    exposition makes every one first, so the endpoint shows them all from the start."""
+    exposition makes every one first, so the endpoint shows them all from the start.
+    A gauge read from a function (``Metrics.measure``) gets it when it is made."""
 
     def __init__(self, make: Callable[[CollectorRegistry], Any]) -> None:
         self.make = make
@@ -56,6 +57,9 @@ class _Made:
             made = metrics.__dict__.get(self.name)
             if made is None:
                 made = metrics.__dict__[self.name] = self.make(metrics.registry)
+                function = metrics._functions.get(self.name)
+                if function is not None:
+                    made.set_function(function)
             return made
 
 
@@ -76,6 +80,8 @@ class Metrics:
                                    registry=r))
     dead = _Made(lambda r: Gauge("trimail_dead_destinations", "Destinations held dead: new mail for them is "
                                  "deferred without a connection until their retry time", registry=r))
+    stress = _Made(lambda r: Gauge("trimail_smtpd_stress", "1 while the SMTP service is under stress (STRESS_README)",
+                                   registry=r))
     destinations = _Made(lambda r: Gauge("trimail_destination_connections", "Delivery connections in use",
                                          ["destination"], registry=r))
     delivery_seconds = _Made(lambda r: Histogram(
@@ -93,7 +99,19 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self._making = threading.Lock()
+        self._functions: dict[str, Callable[[], float]] = {}  # gauge name -> what it reads (measure)
         self.registry.register(_LogDrops())
+
+    def measure(self, name: str, function: Callable[[], float]) -> None:
+        """The gauge *name* (``sessions``, ``dead``) reads *function* when scraped.  It
+        is made only then (prometheus_client's ``set_function`` ties the gauge to
+        itself in a reference cycle, which only the garbage collector undoes: a test
+        MTA that is never scraped leaves none behind)."""
+        with self._making:
+            self._functions[name] = function
+            made = self.__dict__.get(name)
+        if made is not None:
+            made.set_function(function)
 
     def task_failed(self, task: str) -> None:
         self.failures.labels(task).inc()

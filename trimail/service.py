@@ -33,11 +33,11 @@ import json
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import trio
-from prometheus_client import Gauge
 
 from trimail import __version__, anvil
 from trimail import config as configuration
@@ -118,8 +118,11 @@ class Server:
             self.addresses_by_kind.setdefault(kind, []).append(address)
         resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
         self.peer_resolver = peer_resolver(config)
+        # what the server hands out to read its state holds it weakly: no reference cycle keeps a
+        # stopped Server (and all it owns) alive until the garbage collector runs
+        this = weakref.proxy(self)
         # the queue manager in this process, or (an smtpd worker) the trigger that wakes the qmgr worker's
-        self.scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: self.addresses))
+        self.scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: this.addresses))
         self.handing_over: Scheduler | QmgrTrigger = self.scheduler if trigger is None else trigger
         auth_failures = anvil.AuthFailures(shared_clients)  # every worker's, given the client board
         self.contexts = {kind: ReceiveContext(config, writer, scheduler=self.handing_over, resolver=resolver,
@@ -131,19 +134,18 @@ class Server:
         for context in self.contexts.values():
             context.policy.verifier = self.verifier
         self.metrics = Metrics()
-        self.metrics.sessions.set_function(lambda: len(self.sessions))
+        self.metrics.measure("sessions", lambda: len(this.sessions))
         for context in self.contexts.values():
             context.metrics = self.metrics
         self.scheduler.metrics = self.metrics
-        self.metrics.dead.set_function(lambda: len(self.scheduler.dead.snapshot(time.time())))
+        dead = self.scheduler.dead
+        self.metrics.measure("dead", lambda: len(dead.snapshot(time.time())))
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
         self.anvil = anvil.Anvil(config, shared_sessions, shared_clients)
         self.peer_names = PeerNames()  # verified client names, cached across sessions (smtpd_peername_lookup)
         self.limits = SessionLimits.from_config(config)
         self.stress_limits = SessionLimits.from_config(config, stress=True)
-        self.stress_gauge = Gauge("trimail_smtpd_stress", "1 while the SMTP service is under stress (STRESS_README)",
-                                  registry=self.metrics.registry)
         self.started = time.monotonic()
         self.reloads = 0
         self.metrics_addresses: list[ListenAddress] = []
@@ -367,7 +369,7 @@ class Server:
         """Stress mode turned on (every open session gets the stress limits now) or off
         (new sessions get the normal ones; open sessions keep what they have)."""
         on = self.anvil.stress
-        self.stress_gauge.set(1 if on else 0)
+        self.metrics.stress.set(1 if on else 0)
         (log.warning if on else log.info)("stress mode %s: %d of %d sessions", "on" if on else "off",
                                           self.anvil.sessions, self.anvil.process_limit)
         if on:

@@ -109,10 +109,13 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
         writer_class, readers = (InlineWriter, 0) if test_queue else (QueueWriter, None)
         async with writer_class(queue.open_store, readers_at_start=readers) as writer:
             queue.writer = writer
-            if not test_queue:  # a test queue is a fresh copy of an empty one: nothing to recover
-                await recover(writer, directory)
-            preflight(config)
-            yield queue
+            try:
+                if not test_queue:  # a test queue is a fresh copy of an empty one: nothing to recover
+                    await recover(writer, directory)
+                preflight(config)
+                yield queue
+            finally:
+                del queue.writer  # (it holds queue.open_store: no cycle left for the garbage collector)
     finally:
         lock.release()
 

@@ -148,18 +148,29 @@ class Resolver:
     def __init__(self, nameservers: list[ListenAddress] | None = None, lifetime: float = DEFAULT_LIFETIME,
                  concurrency: int = DEFAULT_CONCURRENCY) -> None:
         self._limiter = trio.CapacityLimiter(max(1, concurrency))
-        if nameservers:
-            self._resolver = dns.asyncresolver.Resolver(configure=False)
-            self._resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in nameservers]
-        else:
-            self._resolver = _system_resolver()
-        self._resolver.lifetime = lifetime
-        self._resolver.timeout = min(lifetime, 3.0)
-        self._resolver.retry_servfail = False
-        # answers are kept for their TTL (dnspython's LRU cache, bounded): a queue
-        # run does not ask again for every new connection to the same destination
-        self._resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
+        self._nameservers = list(nameservers or ())
+        self._lifetime = lifetime
+        self._dns: dns.asyncresolver.Resolver | None = None  # made at the first query (_resolver)
         self._backend = dns.asyncbackend.get_backend("trio")
+
+    @property
+    def _resolver(self) -> dns.asyncresolver.Resolver:
+        """dnspython's resolver, made at the first query: every start makes two
+        Resolvers, and a test MTA that captures mail may never ask anything."""
+        if self._dns is None:
+            if self._nameservers:
+                resolver = dns.asyncresolver.Resolver(configure=False)
+                resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in self._nameservers]
+            else:
+                resolver = _system_resolver()
+            resolver.lifetime = self._lifetime
+            resolver.timeout = min(self._lifetime, 3.0)
+            resolver.retry_servfail = False
+            # answers are kept for their TTL (dnspython's LRU cache, bounded): a queue
+            # run does not ask again for every new connection to the same destination
+            resolver.cache = dns.resolver.LRUCache(CACHE_SIZE)
+            self._dns = resolver
+        return self._dns
 
     async def _query(self, name: str, rdtype: str) -> dns.resolver.Answer | None:
         """The answer, or None for "no records of this type"; raises DnsError and

@@ -240,7 +240,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
         metrics = Metrics()
         scheduler.metrics = metrics
         writer.on_commit = metrics.commit
-        metrics.dead.set_function(lambda: len(scheduler.dead.snapshot(time.time())))
+        metrics.measure("dead", lambda: len(scheduler.dead.snapshot(time.time())))
         stop = trio.Event()
         current = {"config": config}
 

@@ -22,6 +22,7 @@ parent_domain_matches_subdomains, dns_nameservers, content_filter, receive_overr
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -211,7 +212,8 @@ class ReceiveContext:
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
         self.authcheck = AuthChecks(config, self.policy.resolver)  # SPF, DKIM, DMARC; DKIM signing
         self.recipients = RecipientTables(config)
-        self.policy.unlisted = self.unlisted
+        this = weakref.proxy(self)  # the policy it owns holds it weakly: no cycle outlives a stopped serve
+        self.policy.unlisted = lambda recipient: this.unlisted(recipient)
         self.reject_unlisted_recipient: bool = config.smtpd_reject_unlisted_recipient
         self.fast_flush_domains = frozenset(d.lower().rstrip(".") for d in config.fast_flush_domains)
         self.fast_flush_subdomains = "fast_flush_domains" in config.parent_domain_matches_subdomains

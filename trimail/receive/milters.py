@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
+import weakref
 from typing import TYPE_CHECKING
 
 from trimail import rewrite
@@ -61,7 +62,9 @@ class SmtpdMilters:
     """The filters of one SMTP session (none: every call is a no-op)."""
 
     def __init__(self, session: SmtpdSession, names: list[str]) -> None:
-        self.session = session
+        # held weakly (the session owns this): an ended session is freed by reference
+        # counting, not left in a cycle for the garbage collector
+        self.session = weakref.proxy(session)
         config = session.ctx.config
         self.chain = Milters(MilterSettings.from_config(config, names), self.macro) if names else None
         self.recipient: str | None = None
@@ -230,5 +233,6 @@ class SmtpdMilters:
         return reply
 
     def close(self) -> None:
-        if self.chain is not None:
-            self.chain.close()
+        chain, self.chain = self.chain, None  # (the chain holds self.macro: a cycle until now)
+        if chain is not None:
+            chain.close()

@@ -201,18 +201,25 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
         cfg, mta.ca = build_config(directory, relay=relay or bool(transport),  # type: ignore[attr-defined]
                                    transport=transport, tls=tls, auth=auth, require_auth=require_auth,
                                    require_tls=require_tls, extra=config)
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(serve, cfg)
-            hooks = getattr(mta, "hooks_class", _Hooks)(mta)
-            for context in server.contexts.values():
-                context.hooks = hooks
-            mta.server = server  # type: ignore[attr-defined]
-            server.scheduler.results.observer = hooks.delivered  # relay mode: mta.deliveries
-            mta.host = loopback_of(server.addresses[0].host)
-            mta.port = server.addresses[0].port
-            try:
-                yield server
-            finally:
-                server.stop()
+        server = None
+        try:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(serve, cfg)
+                hooks = getattr(mta, "hooks_class", _Hooks)(mta)
+                for context in server.contexts.values():
+                    context.hooks = hooks
+                mta.server = server  # type: ignore[attr-defined]
+                server.scheduler.results.observer = hooks.delivered  # relay mode: mta.deliveries
+                mta.host = loopback_of(server.addresses[0].host)
+                mta.port = server.addresses[0].port
+                try:
+                    yield server
+                finally:
+                    server.stop()
+        finally:
+            if server is not None:  # serve has ended: the hooks go, and with them the cycle mta -> server -> mta
+                for context in server.contexts.values():
+                    context.hooks = None
+                server.scheduler.results.observer = None
     finally:
         remove_directory(directory)
