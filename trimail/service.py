@@ -29,6 +29,7 @@ trimail.receive reads).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -116,14 +117,19 @@ class Server:
             address = bound_address(listener)
             self.addresses.append(address)
             self.addresses_by_kind.setdefault(kind, []).append(address)
-        resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
+        resolver = self._resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
         self.peer_resolver = peer_resolver(config)
-        # what the server hands out to read its state holds it weakly: no reference cycle keeps a
-        # stopped Server (and all it owns) alive until the garbage collector runs
-        this = weakref.proxy(self)
-        # the queue manager in this process, or (an smtpd worker) the trigger that wakes the qmgr worker's
-        self.scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: this.addresses))
-        self.handing_over: Scheduler | QmgrTrigger = self.scheduler if trigger is None else trigger
+        # what the server hands out to read its state holds it weakly (no reference cycle keeps a
+        # stopped Server, and all it owns, alive until the garbage collector runs), and reads
+        # nothing once it is gone (a test that kept its metrics or scheduler)
+        this = weakref.ref(self)
+        self._own_addresses = lambda: server.addresses if (server := this()) is not None else []
+        self.metrics = Metrics()
+        # what new mail is handed to: the queue manager in this process, or (an smtpd worker) the
+        # trigger that wakes the qmgr worker's; nothing when qmgr is disabled (master_service_disable)
+        self.handing_over: Scheduler | QmgrTrigger | None = trigger
+        if trigger is None and "qmgr" not in config.master_service_disable:
+            self.handing_over = self.scheduler
         auth_failures = anvil.AuthFailures(shared_clients)  # every worker's, given the client board
         self.contexts = {kind: ReceiveContext(config, writer, scheduler=self.handing_over, resolver=resolver,
                                               kind=kind, auth_failures=auth_failures)
@@ -133,13 +139,10 @@ class Server:
         self.verifier = Verifier(config, resolver)
         for context in self.contexts.values():
             context.policy.verifier = self.verifier
-        self.metrics = Metrics()
-        self.metrics.measure("sessions", lambda: len(this.sessions))
+        self.metrics.measure("sessions", lambda: len(server.sessions) if (server := this()) is not None else 0)
         for context in self.contexts.values():
             context.metrics = self.metrics
-        self.scheduler.metrics = self.metrics
-        dead = self.scheduler.dead
-        self.metrics.measure("dead", lambda: len(dead.snapshot(time.time())))
+        self.metrics.measure("dead", lambda: len(server._dead_now()) if (server := this()) is not None else 0)
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
         self.anvil = anvil.Anvil(config, shared_sessions, shared_clients)
@@ -154,6 +157,18 @@ class Server:
         self.retiring = False
         self._idle = trio.Event()
         self._idle.set()
+
+    @functools.cached_property
+    def scheduler(self) -> Scheduler:
+        """This process's queue manager, made when first wanted: at start when it runs
+        here, else never unless asked (a capturing test MTA, an smtpd worker)."""
+        scheduler = Scheduler(self.config, self.writer, Connector(self.config, self._resolver, self._own_addresses))
+        scheduler.metrics = self.metrics
+        return scheduler
+
+    def _dead_now(self) -> list[Any]:
+        """The destinations held dead now (none when there is no queue manager here)."""
+        return self.scheduler.dead.snapshot(time.time()) if "scheduler" in self.__dict__ else []
 
     def control_commands(self) -> dict[str, Callable[[], Any]]:
         def flush() -> str:
@@ -175,7 +190,7 @@ class Server:
     def dead_destinations(self) -> dict[str, Any]:
         """The destinations the queue manager holds dead now (``trimail queue summary``,
         ``trimail status``): ``{"total": N, "dead": [...]}``, bounded (trimail.qshape)."""
-        return dead_destinations(self.scheduler.dead.snapshot(time.time()))
+        return dead_destinations(self._dead_now())
 
     def start_listening(self, listeners: list[tuple[trio.SocketListener, str, ListenAddress]]) -> None:
         assert self._accepting is not None and self._sessions is not None
@@ -211,7 +226,8 @@ class Server:
             for key, address in wanted.items():
                 if key not in self.listening:
                     opened += [(listener, key[0], address) for listener in await open_listeners([address])]
-            self.scheduler.reconfigure(fresh)
+            if "scheduler" in self.__dict__:  # (one made later takes self.config then)
+                self.scheduler.reconfigure(fresh)
             self.verifier.reconfigure(fresh, resolver)
         except (ConfigError, TableError, OSError, ListenError) as exc:
             for listener, _, _ in opened:

@@ -542,3 +542,20 @@ def test_a_stopped_test_mta_and_its_sessions_leave_nothing_to_the_garbage_collec
     # and it holds the connection's stream under it: that one is trio's, not ours
     allowed = ["trimail.net.stream.DirectStream"] if options else []
     assert left in ([], allowed)
+
+
+def test_what_a_test_kept_of_a_stopped_and_freed_mta_still_answers():
+    """Red team: the metrics, queue manager or policy a test kept outlive the Server they
+    read, which holds them weakly: the exposition still works, the loop check sees no
+    address of ours, and the policy finds no recipient unlisted (no ReferenceError)."""
+    mta = TestMTA(smtpd_listen=LISTEN, relay=True)
+    mta.start()
+    metrics, scheduler, policy = mta.server.metrics, mta.server.scheduler, mta.server.context.policy
+    send(mta.host, mta.port)
+    mta.wait_for(1)
+    mta.stop()
+    del mta
+    gc.collect()
+    assert b"trimail_smtpd_sessions 0.0" in metrics.exposition()
+    assert scheduler.connector.own() == []
+    assert trio.run(policy.unlisted, "nobody@localhost") is None

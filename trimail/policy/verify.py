@@ -140,16 +140,31 @@ class Verifier:
         self.store: VerifyCache | None = None
         self.store_turn = trio.CapacityLimiter(1)  # one connection: one call at a time, in a thread
         self._complained: tuple[str, float] = ("", 0.0)
+        self._route: tuple[Router, Connector] | None = None
         self.reconfigure(config, resolver)
+
+    @property
+    def router(self) -> Router:
+        return self._probe_route()[0]
+
+    @property
+    def connector(self) -> Connector:
+        return self._probe_route()[1]
+
+    def _probe_route(self) -> tuple[Router, Connector]:
+        if self._route is None:
+            self._route = (Router(self.config), Connector(self.config, self.resolver, list(self.config.smtpd_listen)))
+        return self._route
 
     def reconfigure(self, config: Config, resolver: Resolver) -> None:
         """Take a reloaded configuration: new probes use its route, timeouts and
         expiry times; the cache (unless address_verify_map names another), the
         running probes and the probe limit stay."""
-        router = Router(config)  # first: whatever raises leaves the running configuration
-        connector = Connector(config, resolver, list(config.smtpd_listen))
-        path = cache_file(config.address_verify_map)
-        self.config, self.router, self.connector = config, router, connector
+        path = cache_file(config.address_verify_map)  # first: whatever raises leaves the running configuration
+        # the route and connector of probes, made at the first probe (most servers never
+        # verify an address), or now when probes already ran (a reload: a broken table shows)
+        route = (Router(config), Connector(config, resolver, list(config.smtpd_listen))) if self._route else None
+        self.config, self.resolver, self._route = config, resolver, route
         sender = config.address_verify_sender.strip().strip("<>")
         self.sender = sender if not sender or "@" in sender else f"{sender}@{config.myorigin}"
         self.positive: float = config.address_verify_positive_expire_time
@@ -274,7 +289,8 @@ class Verifier:
     async def probe(self, address: str) -> Answer:
         self.probes += 1
         try:
-            route: Route = await off_loop(self.router.tables, self.router.route, address,
+            router = self.router  # (made at the first probe: a broken table is this probe's deferral)
+            route: Route = await off_loop(router.tables, router.route, address,
                                           timeout=self.config.table_lookup_timeout)
         except (TableError, RouteError) as exc:
             return Answer("defer", f"mail transport unavailable: {exc}", local=True)

@@ -95,9 +95,14 @@ def prepare_directory(queue_directory: Path) -> Path:
     ``Database.open``), because closing any descriptor of the file would drop the
     POSIX locks that serve's connections hold on it."""
     try:
-        queue_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        mode = stat.S_IMODE(queue_directory.stat().st_mode)
-        if mode & 0o077:
+        try:
+            status = os.stat(queue_directory)  # there already: the usual case, without mkdir's EEXIST
+        except FileNotFoundError:
+            queue_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            status = os.stat(queue_directory)
+        if not stat.S_ISDIR(status.st_mode):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+        if stat.S_IMODE(status.st_mode) & 0o077:
             os.chmod(queue_directory, 0o700)
     except OSError as exc:
         raise QueueError(f"queue_directory {queue_directory}: {exc.strerror}") from None

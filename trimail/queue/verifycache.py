@@ -45,6 +45,7 @@ address_verify_cache_size, queue_busy_timeout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -98,6 +99,7 @@ class Entry:
     probing_until: float  # a probe runs (in some process) until then (0: none)
 
 
+@functools.lru_cache(maxsize=64)  # read at each check of the value, each start and each reload
 def cache_file(reference: str) -> Path | None:
     """The file an ``address_verify_map`` value names (None: in memory); ValueError
     for anything else, in the words ``trimail config`` and serve's start print."""

@@ -212,8 +212,13 @@ class ReceiveContext:
         self.policy = Policy(config, resolver or Resolver(config.dns_nameservers))
         self.authcheck = AuthChecks(config, self.policy.resolver)  # SPF, DKIM, DMARC; DKIM signing
         self.recipients = RecipientTables(config)
-        this = weakref.proxy(self)  # the policy it owns holds it weakly: no cycle outlives a stopped serve
-        self.policy.unlisted = lambda recipient: this.unlisted(recipient)
+        this = weakref.ref(self)  # the policy it owns holds it weakly: no cycle outlives a stopped serve
+
+        async def unlisted(recipient: str) -> Unlisted | None:
+            context = this()
+            return None if context is None else await context.unlisted(recipient)
+
+        self.policy.unlisted = unlisted
         self.reject_unlisted_recipient: bool = config.smtpd_reject_unlisted_recipient
         self.fast_flush_domains = frozenset(d.lower().rstrip(".") for d in config.fast_flush_domains)
         self.fast_flush_subdomains = "fast_flush_domains" in config.parent_domain_matches_subdomains

@@ -107,7 +107,7 @@ def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | No
         testmode.new_queue(directory / "queue")
     path = directory / "main.cf"
     text = "".join(f"{k} = {v}\n" for k, v in settings.items())
-    path.write_text(text)
+    testmode.write_file(path, text.encode())
     return testmode.load_config(path, text, directory), ca
 
 
@@ -209,7 +209,8 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
                 for context in server.contexts.values():
                     context.hooks = hooks
                 mta.server = server  # type: ignore[attr-defined]
-                server.scheduler.results.observer = hooks.delivered  # relay mode: mta.deliveries
+                if "qmgr" not in cfg.master_service_disable:  # relay mode: mta.deliveries
+                    server.scheduler.results.observer = hooks.delivered
                 mta.host = loopback_of(server.addresses[0].host)
                 mta.port = server.addresses[0].port
                 try:
@@ -220,6 +221,7 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
             if server is not None:  # serve has ended: the hooks go, and with them the cycle mta -> server -> mta
                 for context in server.contexts.values():
                     context.hooks = None
-                server.scheduler.results.observer = None
+                if "scheduler" in vars(server):
+                    server.scheduler.results.observer = None
     finally:
         remove_directory(directory)

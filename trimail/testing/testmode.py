@@ -81,9 +81,7 @@ def new_queue(queue_directory: Path) -> None:
     """Make *queue_directory* (0700) with an empty queue database in it, unsynced."""
     queue_directory.mkdir(mode=0o700)
     unsafe_skip_fsync(queue_directory)
-    fd = os.open(queue_directory / DATABASE_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "wb") as target:  # before any SQLite connection has it
-        target.write(_template_database())
+    write_file(os.path.join(queue_directory, DATABASE_NAME), _template_database(), 0o600, exclusive=True)
 
 
 def forget_queue(queue_directory: str | os.PathLike[str]) -> None:
@@ -136,9 +134,20 @@ def tls_material(listen: str) -> tuple[Any, bytes]:
 
 def write_private(path: Path, data: bytes) -> None:
     """A file only we read (0600), not fsynced: it lives as long as the test."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with open(fd, "wb") as out:
-        out.write(data)
+    write_file(path, data, 0o600, exclusive=True)
+
+
+def write_file(path: str | os.PathLike[str], data: bytes, mode: int = 0o666, *, exclusive: bool = False) -> None:
+    """*data* into the file *path* (made with *mode*, less the umask; *exclusive*: a
+    new one), not fsynced, with neither a file object nor a buffer of its own."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
+    fd = os.open(path, flags, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def password_table(auth: dict[str, str]) -> bytes:
