@@ -15,6 +15,7 @@ import trio
 from trimail.errors import StorageError
 from trimail.queue.database import QueueError
 from trimail.queue.ids import is_queue_id, new_queue_id
+from trimail.queue.inline import BookkeepingWriter, InlineWriter
 from trimail.queue.schema import SCHEMA_VERSION
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store, TransitionError
@@ -310,3 +311,29 @@ def test_forked_processes_do_not_share_the_random_part_of_queue_ids() -> None:
             suffixes.append(pipe.read())
         os.waitpid(pid, 0)
     assert suffixes[0] != suffixes[1]  # equal by chance once in 6.8 million runs
+
+
+@pytest.mark.parametrize("writer_class", [QueueWriter, InlineWriter, BookkeepingWriter])
+async def test_a_request_alone_in_its_batch_that_fails_halfway_leaves_nothing(tmp_path, writer_class):
+    """A batch of one runs without a savepoint of its own (its transaction is one):
+    what it wrote before it failed is rolled back, its error is its caller's, and
+    the writer goes on."""
+    first = message()
+
+    def halfway(store: Store) -> None:
+        store.insert_message(first)  # written ...
+        raise ValueError("a failure after writing")  # ... and undone
+
+    def halfway_sql(store: Store) -> None:
+        store.insert_message(first)
+        store.db.execute("SELECT * FROM no_such_table")
+
+    async with writer_class(lambda: Store.open(tmp_path)) as writer:
+        with pytest.raises(ValueError, match="after writing"):
+            await writer.run(halfway, durable=writer_class is not BookkeepingWriter)
+        with pytest.raises(StorageError, match="no_such_table"):
+            await writer.run(halfway_sql, durable=writer_class is not BookkeepingWriter)
+        assert await writer.run(Store.counts) == {}
+        second = message()
+        await writer.run(Store.insert_message, second)
+        assert [m.id for m in await writer.run(Store.list_messages)] == [second.id]

@@ -69,6 +69,10 @@ CHECKPOINT_IDLE = 10.0  # seconds without requests after which the WAL is checkp
 BOOKKEEPING_SLICE = 0.01  # seconds of non-durable requests per transaction, between turns of accepted mail
 
 
+class _RequestFailed(Exception):
+    """A lone request failed: its transaction is rolled back (``QueueWriter._run_alone``)."""
+
+
 class _Request:
     __slots__ = ("args", "done", "durable", "error", "fn", "result")
 
@@ -341,6 +345,25 @@ class QueueWriter:
             log.warning("queue checkpoint failed: %s", exc)
             return False
 
+    @staticmethod
+    def _run_alone(store: Store, request: _Request, begun: bool) -> None:
+        """A batch of one request: its transaction does what a savepoint does in a
+        larger batch (a request that fails is rolled back, and is the only one that
+        fails), with two statements fewer.  BEGIN or COMMIT failing raises, as in
+        ``_run_batch``."""
+        try:
+            with store.transaction(begun=begun):
+                try:
+                    request.result = request.fn(store, *request.args)
+                except (apsw.Error, OSError) as exc:
+                    request.error = storage_error(exc)
+                    raise _RequestFailed from None
+                except Exception as exc:
+                    request.error = exc
+                    raise _RequestFailed from None
+        except _RequestFailed:
+            pass  # rolled back: the request's error says why
+
     def _run_batch(self, store: Store, batch: list[_Request], source: deque[_Request] | None = None,
                    begun: bool = False) -> None:
         """Run *batch* in one transaction (*begun*: already begun); with *source*,
@@ -350,23 +373,26 @@ class QueueWriter:
         durable = any(request.durable for request in batch)
         try:
             store.set_durable(durable)
-            with store.transaction(begun=begun):
-                index = 0
-                while True:
-                    if index == len(batch):
-                        if (source is None or not source or len(batch) >= self._max_batch
-                                or time.monotonic() - started > BOOKKEEPING_SLICE):
-                            break
-                        batch.append(source.popleft())
-                    request = batch[index]
-                    index += 1
-                    try:
-                        with store.savepoint():
-                            request.result = request.fn(store, *request.args)
-                    except (apsw.Error, OSError) as exc:
-                        request.error = storage_error(exc)
-                    except Exception as exc:
-                        request.error = exc
+            if len(batch) == 1 and source is None:
+                self._run_alone(store, batch[0], begun)
+            else:
+                with store.transaction(begun=begun):
+                    index = 0
+                    while True:
+                        if index == len(batch):
+                            if (source is None or not source or len(batch) >= self._max_batch
+                                    or time.monotonic() - started > BOOKKEEPING_SLICE):
+                                break
+                            batch.append(source.popleft())
+                        request = batch[index]
+                        index += 1
+                        try:
+                            with store.savepoint():
+                                request.result = request.fn(store, *request.args)
+                        except (apsw.Error, OSError) as exc:
+                            request.error = storage_error(exc)
+                        except Exception as exc:
+                            request.error = exc
         except Exception as exc:  # BEGIN or COMMIT failed (rolled back): nothing in the batch is durable
             error = storage_error(exc)
             log.error("queue commit failed: %s", error)
