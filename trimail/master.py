@@ -6,7 +6,8 @@ Structure (nurseries are the architecture)::
     ├── QueueWriter thread            (group commit; the one writing connection)
     └── top nursery
         ├── Scheduler.run             (the queue manager, unless master_service_disable)
-        ├── clean_cache               (the address-verification cache's expiry)
+        ├── clean_cache               (the address-verification cache's expiry; none for a
+        │                              test queue holding its cache: both go within seconds)
         └── session nursery           (one task per SMTP connection)
             └── listener nursery      (one accept loop per smtpd_listen socket,
                                        the control socket, the metrics endpoint)
@@ -39,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
@@ -48,7 +50,9 @@ from trimail.net.control import serve_control
 from trimail.net.http import serve_metrics
 from trimail.net.listener import bound_address
 from trimail.policy.verify import clean_cache
+from trimail.queue.database import is_test_queue
 from trimail.queue.store import Store
+from trimail.queue.verifycache import cache_file
 from trimail.service import Server
 from trimail.startup import Endpoint, become_mail_owner, open_endpoints, opened_queue
 
@@ -88,6 +92,19 @@ async def serve_sessions(server: Server, listeners: list[Endpoint],
         await server._drain()
 
 
+def _cache_goes_with_the_queue(config: Config, queue_directory: Path) -> bool:
+    """A test queue (trimail.testing) whose address-verification cache is a file in
+    it: both are deleted within seconds, long before any expiry run is due, so no
+    task waits for one."""
+    if not is_test_queue(queue_directory):
+        return False
+    try:
+        path = cache_file(config.address_verify_map)
+    except ValueError:
+        return False
+    return path is not None and os.path.dirname(path) == os.fspath(queue_directory)
+
+
 async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
     """Run the MTA until ``Server.stop()``; readiness is reported with the Server.
 
@@ -105,7 +122,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                 await top.start(server.scheduler.run)
             else:
                 log.info("qmgr disabled by master_service_disable: mail stays queued")
-            top.start_soon(clean_cache, lambda: server.config)  # the verification cache's expiry
+            if not _cache_goes_with_the_queue(config, queue.directory):
+                top.start_soon(clean_cache, lambda: server.config)  # the verification cache's expiry
 
             def started(accepting: trio.Nursery) -> None:
                 accepting.start_soon(serve_control, control, server.control_commands(), server.metrics)

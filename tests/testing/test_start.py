@@ -558,3 +558,28 @@ def test_what_a_test_kept_of_a_stopped_and_freed_mta_still_answers():
     assert b"trimail_smtpd_sessions 0.0" in metrics.exposition()
     assert scheduler.connector.own() == []
     assert trio.run(policy.unlisted, "nobody@localhost") is None
+
+
+def _task_names(task: trio.lowlevel.Task) -> list[str]:
+    names = [task.name]
+    for nursery in task.child_nurseries:
+        for child in nursery.child_tasks:
+            names += _task_names(child)
+    return names
+
+
+async def test_a_test_mta_runs_no_cache_cleanup_task_but_serve_does(tmp_path):
+    """The address-verification cache of a test MTA is a file in its queue, deleted
+    with it within seconds: no task waits 12 hours to expire its entries.  A serve
+    with a queue of its own keeps the task."""
+    from tests.conftest import write_main_cf
+    from trimail import config as configuration
+    from trimail.master import serve
+
+    async with open_test_mta(smtpd_listen=LISTEN):
+        assert not [name for name in _task_names(trio.lowlevel.current_root_task()) if "clean_cache" in name]
+    path = write_main_cf(tmp_path, smtpd_listen=LISTEN)
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve, configuration.load(path))
+        assert [name for name in _task_names(trio.lowlevel.current_root_task()) if "clean_cache" in name]
+        server.stop()

@@ -58,7 +58,7 @@ def socket_address(path: Path) -> Iterator[str]:
 
 async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
     path = queue_directory / CONTROL_NAME
-    if path.exists() or path.is_symlink():
+    if os.path.lexists(path):  # a socket left behind, or anything else by that name (a link too)
         path.unlink()
     # bound here, not through trio's bind (a worker thread for every UNIX socket):
     # creating one socket file in our own directory does not block

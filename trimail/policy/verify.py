@@ -81,6 +81,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -351,7 +352,7 @@ async def clean_cache(current: Callable[[], Config]) -> None:
             if interval <= 0 or path is None:
                 await trio.sleep(CLEANUP_LOOK_AGAIN)
                 continue
-            if not path.exists():
+            if not os.path.exists(path):
                 await trio.sleep(min(interval, CLEANUP_LOOK_AGAIN))
                 continue
             if cache is None or cache.path != path:

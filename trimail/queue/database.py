@@ -88,8 +88,8 @@ def unsafe_skip_fsync(queue_directory: str | os.PathLike[str], skip: bool = True
             _UNSYNCED_NAMES.pop(name, None)
 
 
-def prepare_directory(queue_directory: Path) -> Path:
-    """Create the queue directory 0700 (or tighten it) and return the database path.
+def prepare_directory(queue_directory: str | os.PathLike[str]) -> None:
+    """Create the queue directory 0700 (or tighten it).
 
     The database file itself is never opened here: only SQLite opens it (see
     ``Database.open``), because closing any descriptor of the file would drop the
@@ -98,7 +98,7 @@ def prepare_directory(queue_directory: Path) -> Path:
         try:
             status = os.stat(queue_directory)  # there already: the usual case, without mkdir's EEXIST
         except FileNotFoundError:
-            queue_directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            Path(queue_directory).mkdir(mode=0o700, parents=True, exist_ok=True)
             status = os.stat(queue_directory)
         if not stat.S_ISDIR(status.st_mode):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
@@ -106,26 +106,25 @@ def prepare_directory(queue_directory: Path) -> Path:
             os.chmod(queue_directory, 0o700)
     except OSError as exc:
         raise QueueError(f"queue_directory {queue_directory}: {exc.strerror}") from None
-    return queue_directory / DATABASE_NAME
 
 
-def _check_not_lost(path: Path) -> bool:
+def _check_not_lost(path: str) -> bool:
     """Whether the database must be created; refuse when it should exist and does not.
 
     ``queue.stamp`` is written once the database exists.  A missing or zero-length
     ``queue.db`` beside a stamp means the queue was deleted or truncated: SQLite
     would silently start an empty queue, and every queued message would be gone
     without a word, so we refuse instead."""
-    stamp = path.parent / STAMP_NAME
+    stamp = os.path.join(os.path.dirname(path), STAMP_NAME)
     try:
-        size: int | None = path.stat().st_size
+        size: int | None = os.stat(path).st_size
     except FileNotFoundError:
         size = None
     except OSError as exc:
         raise QueueError(f"{path}: {exc.strerror}") from None
     if size:
         return False
-    if stamp.exists():
+    if os.path.exists(stamp):
         what = "missing" if size is None else "empty (zero length)"
         raise QueueError(f"{path}: {what}, but this queue directory held a queue ({stamp} exists): restore "
                          f"{DATABASE_NAME} from a backup (trimail queue backup), or remove {stamp} to start "
@@ -203,10 +202,10 @@ class Database:
         A writing connection makes the directory and, when there is none yet (and
         ``queue.stamp`` does not say there was one), the database.  The file is only
         ever opened by SQLite: see ``prepare_directory``."""
-        directory = Path(queue_directory)
-        path = directory / DATABASE_NAME
+        directory = os.fspath(queue_directory)
+        path = os.path.join(directory, DATABASE_NAME)  # (strings: Path's parsing was a tenth of a test MTA's start)
         if readonly:
-            if not path.exists():
+            if not os.path.exists(path):
                 raise QueueError(f"{path}: no queue database (has trimail serve run with this queue_directory?)")
             flags = apsw.SQLITE_OPEN_READWRITE  # a reader still writes the -shm index (WAL)
             new = False
@@ -216,10 +215,10 @@ class Database:
             flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
         # root opens this before the privilege drop in a directory mail_owner owns:
         # never through a planted link (the directory's own path is the operator's)
-        real = Path(_real_path(directory)) / DATABASE_NAME
-        unsynced = str(real.parent) in _UNSAFE_UNSYNCED
+        real_directory = _real_path(directory)
+        unsynced = real_directory in _UNSAFE_UNSYNCED
         try:
-            db = apsw.Connection(str(real), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
+            db = apsw.Connection(os.path.join(real_directory, DATABASE_NAME), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
             db.set_busy_handler(patient(busy_timeout))
             if unsynced:  # a test queue, deleted after its last close: no checkpoint into it then
                 db.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
@@ -231,7 +230,7 @@ class Database:
                 cursor.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT:d}")
             cursor.execute("PRAGMA synchronous = OFF" if unsynced else "PRAGMA synchronous = FULL")
             cursor.execute("PRAGMA foreign_keys = ON")
-            store = cls(db, path)
+            store = cls(db, Path(path))
             store.unsafe_unsynced = unsynced
             store.busy_timeout = busy_timeout
             store._migrate(readonly)
@@ -240,7 +239,7 @@ class Database:
         except OSError as exc:
             raise QueueError(f"{path}: {exc.strerror}") from None
         if not readonly and not unsynced:  # a throw-away test queue is never restored from a backup
-            _write_stamp(path)
+            _write_stamp(store.path)
         return store
 
     def close(self) -> None:

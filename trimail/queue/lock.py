@@ -41,14 +41,14 @@ class AlreadyRunning(Exception):
     pass
 
 
-def pid_path(queue_directory: Path) -> Path:
-    return queue_directory / PID_DIRECTORY / PID_NAME
+def pid_path(queue_directory: str | os.PathLike[str]) -> Path:
+    return Path(os.path.join(queue_directory, PID_DIRECTORY, PID_NAME))
 
 
-def open_pid_directory(queue_directory: Path) -> int:
+def open_pid_directory(queue_directory: str | os.PathLike[str]) -> int:
     """A descriptor of ``pid/``, created 0755 if missing; ConfigurationError when
     it is not a directory owned by us (root) and writable by us alone."""
-    path = queue_directory / PID_DIRECTORY
+    path = os.path.join(queue_directory, PID_DIRECTORY)
     try:
         os.mkdir(path, 0o755)  # never follows a planted symlink: EEXIST
     except FileExistsError:
@@ -185,7 +185,7 @@ def _locked_pid(path: Path) -> int | None:
 
 def _refuse_old_serve(queue_directory: Path) -> None:
     try:
-        pid = _locked_pid(queue_directory / OLD_LOCK_NAME)
+        pid = _locked_pid(os.path.join(queue_directory, OLD_LOCK_NAME))
     except OSError:
         return
     if pid is not None:

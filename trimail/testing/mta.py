@@ -72,7 +72,7 @@ def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | No
         "myhostname": "trimail.test",
         "mydestination": "",
         "smtpd_listen": "127.0.0.1:0",
-        "queue_directory": str(directory / "queue"),
+        "queue_directory": (queue := os.path.join(directory, "queue")),
         "mynetworks": "127.0.0.0/8 [::1]/128",
         "allow_root": "yes",
         "mail_owner": user_name(),
@@ -103,8 +103,8 @@ def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | No
         if require_auth:
             settings["smtpd_relay_restrictions"] = "permit_sasl_authenticated, reject"
     settings.update({k: str(v) for k, v in extra.items()})
-    if settings["queue_directory"] == str(directory / "queue"):  # ours: test mode (testmode.py)
-        testmode.new_queue(directory / "queue")
+    if settings["queue_directory"] == queue:  # ours: test mode (testmode.py)
+        testmode.new_queue(queue)
     path = directory / "main.cf"
     text = "".join(f"{k} = {v}\n" for k, v in settings.items())
     testmode.write_file(path, text.encode())

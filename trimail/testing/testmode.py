@@ -77,9 +77,9 @@ def _in_memory_usable() -> bool:
             and space.f_bavail * space.f_frsize >= IN_MEMORY_FREE)
 
 
-def new_queue(queue_directory: Path) -> None:
+def new_queue(queue_directory: str) -> None:
     """Make *queue_directory* (0700) with an empty queue database in it, unsynced."""
-    queue_directory.mkdir(mode=0o700)
+    os.mkdir(queue_directory, 0o700)
     unsafe_skip_fsync(queue_directory)
     write_file(os.path.join(queue_directory, DATABASE_NAME), _template_database(), 0o600, exclusive=True)
 
