@@ -31,8 +31,8 @@ the jail; then the tasks.  Only errors at start (exit 1, or 2 for configuration)
 and an explicit stop end serve; the control socket and the metrics endpoint serve
 each request inside its own error boundary.
 
-Parameters: master_service_disable (plus what trimail.startup and trimail.service
-read).
+Parameters: master_service_disable, address_verify_map (plus what trimail.startup and
+trimail.service read).
 """
 
 from __future__ import annotations
@@ -45,11 +45,12 @@ from pathlib import Path
 import trio
 
 from trimail import __version__
+from trimail.commands import control_commands
 from trimail.config import Config
 from trimail.net.control import serve_control
 from trimail.net.http import serve_metrics
 from trimail.net.listener import bound_address
-from trimail.policy.verify import clean_cache
+from trimail.policy.verifycleanup import clean_cache
 from trimail.queue.database import is_test_queue
 from trimail.queue.store import Store
 from trimail.queue.verifycache import cache_file
@@ -126,7 +127,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                 top.start_soon(clean_cache, lambda: server.config)  # the verification cache's expiry
 
             def started(accepting: trio.Nursery) -> None:
-                accepting.start_soon(serve_control, control, server.control_commands(), server.metrics)
+                accepting.start_soon(serve_control, control, control_commands(server), server.metrics)
                 for listener in metrics_listeners:
                     accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
                     server.metrics_addresses.append(bound_address(listener))

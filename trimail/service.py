@@ -5,7 +5,8 @@ A Server owns the accept loops (one per listening socket, ``start_listening``),
 each connection from accept onward (``_handle``: admission, the client-name
 lookup, the session), the stress level, the drain after a stop or retirement
 (``_drain``), ``reload`` (new configuration, tables and listeners; sessions in
-progress keep theirs), ``status`` and the control socket's commands.  Its parts:
+progress keep theirs) and stop (the control socket's commands and status:
+trimail.commands).  Its parts:
 one ``ReceiveContext`` per session kind, the queue manager of this process (or,
 in an smtpd worker, the trigger that wakes the qmgr worker's), one
 address-verification cache, the metrics and anvil's accounting.  master.serve
@@ -23,16 +24,14 @@ smtpd_soft_error_limit, smtpd_error_sleep_time, smtpd_client_connection_count_li
 smtpd_client_connection_rate_limit, smtpd_process_limit, graceful_timeout,
 smtpd_stress_threshold, smtpd_junk_command_limit, smtpd_hard_error_limit,
 smtpd_tls_handshake_timeout, smtpd_greet_pause, smtpd_session_deadline,
-smtpd_peername_lookup, dns_nameservers, dns_concurrency_limit (plus everything
-trimail.receive reads).
+smtpd_peername_lookup, dns_nameservers, dns_concurrency_limit,
+master_service_disable (plus everything trimail.receive reads).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import os
 import time
 import weakref
 from collections.abc import Callable
@@ -45,7 +44,6 @@ from trimail import config as configuration
 from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress
 from trimail.delivery.connector import Connector
-from trimail.delivery.local import privileged
 from trimail.maps import TableError
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver
@@ -62,7 +60,6 @@ from trimail.net.stream import DirectStream
 from trimail.peername import PeerNames
 from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verify import Verifier
-from trimail.qshape import dead_destinations
 from trimail.queue.writer import QueueWriter
 from trimail.receive.context import ReceiveContext
 from trimail.receive.session import SmtpdSession
@@ -142,7 +139,7 @@ class Server:
         self.metrics.measure("sessions", lambda: len(server.sessions) if (server := this()) is not None else 0)
         for context in self.contexts.values():
             context.metrics = self.metrics
-        self.metrics.measure("dead", lambda: len(server._dead_now()) if (server := this()) is not None else 0)
+        self.metrics.measure("dead", lambda: len(server.dead_now()) if (server := this()) is not None else 0)
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
         self.anvil = anvil.Anvil(config, shared_sessions, shared_clients)
@@ -166,31 +163,9 @@ class Server:
         scheduler.metrics = self.metrics
         return scheduler
 
-    def _dead_now(self) -> list[Any]:
+    def dead_now(self) -> list[Any]:
         """The destinations held dead now (none when there is no queue manager here)."""
         return self.scheduler.dead.snapshot(time.time()) if "scheduler" in self.__dict__ else []
-
-    def control_commands(self) -> dict[str, Callable[[], Any]]:
-        def flush() -> str:
-            self.scheduler.dead.flush()  # a flush tries dead sites again (Postfix's QMGR_REQ_FLUSH_DEAD)
-            self.scheduler.wake()
-            return "ok"
-
-        def wake() -> str:  # hold/release/delete/requeue: no flush (postsuper never unthrottles)
-            self.scheduler.wake()
-            return "ok"
-
-        def stop() -> str:
-            self.stop()
-            return "ok"
-
-        return {"flush": flush, "wake": wake, "ping": lambda: "ok", "reload": self.reload, "stop": stop,
-                "status": self.status, "dead": lambda: json.dumps(self.dead_destinations())}
-
-    def dead_destinations(self) -> dict[str, Any]:
-        """The destinations the queue manager holds dead now (``trimail queue summary``,
-        ``trimail status``): ``{"total": N, "dead": [...]}``, bounded (trimail.qshape)."""
-        return dead_destinations(self._dead_now())
 
     def start_listening(self, listeners: list[tuple[trio.SocketListener, str, ListenAddress]]) -> None:
         assert self._accepting is not None and self._sessions is not None
@@ -262,21 +237,6 @@ class Server:
         for state in ("maildrop", "incoming", "active", "deferred", "hold"):
             self.metrics.queue.labels(state).set(counts.get(state, 0))
         self.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
-
-    def status(self) -> str:
-        dead = self.dead_destinations()
-        return json.dumps({
-            "pid": os.getpid(),
-            "uptime": round(time.monotonic() - self.started, 3),
-            "listeners": [str(a) for a in self.addresses],
-            "sessions": len(self.sessions),
-            "stress": self.anvil.stress,
-            "reloads": self.reloads,
-            "configuration": self.config.source,
-            "delivery_helper": privileged.state(),
-            "dead_destinations": dead["dead"],
-            "dead_destinations_total": dead["total"],
-        })
 
     def stop(self) -> None:
         """Begin a graceful stop (idempotent)."""

@@ -11,7 +11,8 @@ import time
 import trio
 
 from trimail.net.dns import Resolver
-from trimail.policy.verify import IN_PROGRESS, UNAVAILABLE, Answer, Verifier, clean_cache
+from trimail.policy.verify import IN_PROGRESS, UNAVAILABLE, Answer, Verifier
+from trimail.policy.verifycleanup import clean_cache
 from trimail.queue.verifycache import VerifyCache, cache_file
 
 

@@ -42,8 +42,8 @@ slot; an internal error; a table that cannot be read) is never cached, so a
 flood that makes probes wait cannot poison the cache for real users.  The cache
 holds at most address_verify_cache_size addresses (the oldest answers go first);
 expired entries are removed every address_verify_cache_cleanup_interval by
-``clean_cache``, which one process runs (the qmgr worker, or a single-process
-serve).
+``clean_cache`` (``policy/verifycleanup.py``), which one process runs (the qmgr
+worker, or a single-process serve).
 
 At most one probe runs for an address across all processes: the process that
 starts it leaves a mark with a deadline (PROBE_MARK) in the cache; another finds
@@ -68,7 +68,7 @@ failure becomes "not verified" and one log line.  A probe never sends content.
 Parameters: address_verify_sender, address_verify_map,
 address_verify_positive_expire_time, address_verify_positive_refresh_time,
 address_verify_negative_expire_time, address_verify_negative_cache,
-address_verify_negative_refresh_time, address_verify_cache_cleanup_interval,
+address_verify_negative_refresh_time,
 address_verify_poll_count, address_verify_poll_delay, address_verify_cache_size,
 queue_busy_timeout,
 unverified_recipient_reject_code, unverified_recipient_defer_code,
@@ -81,7 +81,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -329,52 +328,6 @@ class Verifier:
             return Answer("ok", f"host {relay} said: {reply.code} {' '.join(reply.lines())}")
         outcome = classify(reply, relay, stage)
         return Answer("bounce" if outcome.status == "bounced" else "defer", outcome.text)
-
-
-CLEANUP_LOOK_AGAIN = 600.0  # seconds: how often the cleanup task re-reads a reloaded configuration
-
-
-async def clean_cache(current: Callable[[], Config]) -> None:
-    """address_verify_cache_cleanup_interval: remove expired entries and lapsed
-    probe marks from the shared cache, in one process of a serve (the qmgr worker,
-    or a single-process serve); *current* gives the configuration in force.  A run
-    is due that interval after the last one completed, which the cache itself
-    records (Postfix's dict_cache), so a restart neither repeats nor postpones it.
-    Nothing is done while the cache file does not exist (no worker verified
-    anything yet) or when it is in memory.  The error boundary of the task: a
-    failure is one warning, tried again later."""
-    cache: VerifyCache | None = None
-    try:
-        while True:
-            config = current()
-            interval: float = config.address_verify_cache_cleanup_interval
-            path = cache_file(config.address_verify_map)
-            if interval <= 0 or path is None:
-                await trio.sleep(CLEANUP_LOOK_AGAIN)
-                continue
-            if not os.path.exists(path):
-                await trio.sleep(min(interval, CLEANUP_LOOK_AGAIN))
-                continue
-            if cache is None or cache.path != path:
-                if cache is not None:
-                    cache.close()
-                cache = VerifyCache(path, busy_timeout=config.queue_busy_timeout)
-            try:
-                wait = await trio.to_thread.run_sync(cache.cleanup_due, time.time(), interval)
-                if wait > 0:
-                    await trio.sleep(min(wait, CLEANUP_LOOK_AGAIN))
-                    continue
-                retained, dropped = await trio.to_thread.run_sync(
-                    cache.cleanup, time.time(), config.address_verify_positive_expire_time,
-                    config.address_verify_negative_expire_time)
-                log.info("cache %s full cleanup: retained=%d dropped=%d entries", config.address_verify_map,
-                         retained, dropped)
-            except Exception as exc:  # noqa: BLE001 (the boundary: VerifyCacheError, or a bug)
-                log.warning("address verification cache cleanup failed: %s", describe(exc))
-                await trio.sleep(min(interval, CLEANUP_LOOK_AGAIN))
-    finally:
-        if cache is not None:
-            cache.close()
 
 
 @register("reject_unverified_recipient", needs="recipient")

@@ -55,7 +55,7 @@ from trimail.master import serve_sessions
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver
 from trimail.policy.restrictions import restriction_lists
-from trimail.policy.verify import clean_cache
+from trimail.policy.verifycleanup import clean_cache
 from trimail.processes.board import SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.clients import ClientBoard

@@ -35,8 +35,9 @@ import apsw
 import trio
 
 from trimail.errors import StorageError
+from trimail.queue.batch import Request as _Request
 from trimail.queue.store import Store
-from trimail.queue.writer import QueueWriter, _Request
+from trimail.queue.writer import QueueWriter
 
 T = TypeVar("T")
 

@@ -55,6 +55,8 @@ import apsw
 import trio
 
 from trimail.errors import StorageError
+from trimail.queue.batch import Request as _Request
+from trimail.queue.batch import run_in_transaction
 from trimail.queue.database import storage_error
 from trimail.queue.store import Store
 
@@ -66,29 +68,6 @@ _STOP = object()
 _DIRTY = object()  # a commit in the event loop happened (queue.inline): checkpoint when idle
 _CHECKPOINT = object()  # commits in the event loop grew the WAL past their limit: checkpoint now
 CHECKPOINT_IDLE = 10.0  # seconds without requests after which the WAL is checkpointed and truncated
-BOOKKEEPING_SLICE = 0.01  # seconds of non-durable requests per transaction, between turns of accepted mail
-
-
-class _RequestFailed(Exception):
-    """A lone request failed: its transaction is rolled back (``QueueWriter._run_alone``)."""
-
-
-class _Request:
-    __slots__ = ("args", "done", "durable", "error", "fn", "result")
-
-    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], durable: bool) -> None:
-        self.fn = fn
-        self.args = args
-        self.durable = durable
-        self.done = trio.Event()
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-    def answer(self) -> Any:
-        """The result, once run; the error is raised."""
-        if self.error is not None:
-            raise self.error
-        return self.result
 
 
 def _in_snapshot(store: Store, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
@@ -345,25 +324,6 @@ class QueueWriter:
             log.warning("queue checkpoint failed: %s", exc)
             return False
 
-    @staticmethod
-    def _run_alone(store: Store, request: _Request, begun: bool) -> None:
-        """A batch of one request: its transaction does what a savepoint does in a
-        larger batch (a request that fails is rolled back, and is the only one that
-        fails), with two statements fewer.  BEGIN or COMMIT failing raises, as in
-        ``_run_batch``."""
-        try:
-            with store.transaction(begun=begun):
-                try:
-                    request.result = request.fn(store, *request.args)
-                except (apsw.Error, OSError) as exc:
-                    request.error = storage_error(exc)
-                    raise _RequestFailed from None
-                except Exception as exc:
-                    request.error = exc
-                    raise _RequestFailed from None
-        except _RequestFailed:
-            pass  # rolled back: the request's error says why
-
     def _run_batch(self, store: Store, batch: list[_Request], source: deque[_Request] | None = None,
                    begun: bool = False) -> None:
         """Run *batch* in one transaction (*begun*: already begun); with *source*,
@@ -373,26 +333,7 @@ class QueueWriter:
         durable = any(request.durable for request in batch)
         try:
             store.set_durable(durable)
-            if len(batch) == 1 and source is None:
-                self._run_alone(store, batch[0], begun)
-            else:
-                with store.transaction(begun=begun):
-                    index = 0
-                    while True:
-                        if index == len(batch):
-                            if (source is None or not source or len(batch) >= self._max_batch
-                                    or time.monotonic() - started > BOOKKEEPING_SLICE):
-                                break
-                            batch.append(source.popleft())
-                        request = batch[index]
-                        index += 1
-                        try:
-                            with store.savepoint():
-                                request.result = request.fn(store, *request.args)
-                        except (apsw.Error, OSError) as exc:
-                            request.error = storage_error(exc)
-                        except Exception as exc:
-                            request.error = exc
+            run_in_transaction(store, batch, source, begun, self._max_batch, started)
         except Exception as exc:  # BEGIN or COMMIT failed (rolled back): nothing in the batch is durable
             error = storage_error(exc)
             log.error("queue commit failed: %s", error)

@@ -4,6 +4,9 @@ Same protocol core, queue, policy and (in relay mode) scheduler as ``trimail
 serve``; a temporary queue directory; nothing leaves the machine unless the test
 asks for relaying.  What both forms share is ``TestMTABase`` (base.py); the trio form
 is ``open_test_mta`` here; the synchronous form is ``TestMTA`` (sync.py).
+
+Parameters: master_service_disable (relay mode keeps the queue manager; what else
+a test MTA sets is listed where its configuration is built).
 """
 
 from __future__ import annotations

@@ -1,0 +1,90 @@
+"""One group commit's transaction (``queue.writer``, ``queue.inline``): the requests
+of a batch, each in a savepoint of its own, so that one that fails is rolled back
+and alone answered with its error, while the others commit; or one request alone,
+whose transaction is its savepoint (two statements fewer for every commit of a
+quiet gateway and every message a test MTA captures).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import apsw
+import trio
+
+from trimail.queue.database import storage_error
+from trimail.queue.store import Store
+
+BOOKKEEPING_SLICE = 0.01  # seconds of non-durable requests per transaction, between turns of accepted mail
+
+
+class Request:
+    """One call a writer runs in a transaction for the event loop, and its answer."""
+
+    __slots__ = ("args", "done", "durable", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[..., Any], args: tuple[Any, ...], durable: bool) -> None:
+        self.fn = fn
+        self.args = args
+        self.durable = durable
+        self.done = trio.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def answer(self) -> Any:
+        """The result, once run; the error is raised."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class _RequestFailed(Exception):
+    """A lone request failed: its transaction is rolled back (``_run_alone``)."""
+
+
+def run_in_transaction(store: Store, batch: list[Request], source: deque[Request] | None, begun: bool,
+                       max_batch: int, started: float) -> None:
+    """Run *batch* in one transaction (*begun*: already begun); with *source*, take
+    requests from it into the batch as they run, until *max_batch* or
+    ``BOOKKEEPING_SLICE`` seconds after *started*.  Each request's result or error
+    is set on it; BEGIN or COMMIT failing raises (the transaction is rolled back)."""
+    if len(batch) == 1 and source is None:
+        _run_alone(store, batch[0], begun)
+        return
+    with store.transaction(begun=begun):
+        index = 0
+        while True:
+            if index == len(batch):
+                if (source is None or not source or len(batch) >= max_batch
+                        or time.monotonic() - started > BOOKKEEPING_SLICE):
+                    break
+                batch.append(source.popleft())
+            request = batch[index]
+            index += 1
+            try:
+                with store.savepoint():
+                    request.result = request.fn(store, *request.args)
+            except (apsw.Error, OSError) as exc:
+                request.error = storage_error(exc)
+            except Exception as exc:
+                request.error = exc
+
+
+def _run_alone(store: Store, request: Request, begun: bool) -> None:
+    """A batch of one request: its transaction does what a savepoint does in a larger
+    batch (a request that fails is rolled back, and is the only one that fails)."""
+    try:
+        with store.transaction(begun=begun):
+            try:
+                request.result = request.fn(store, *request.args)
+            except (apsw.Error, OSError) as exc:
+                request.error = storage_error(exc)
+                raise _RequestFailed from None
+            except Exception as exc:
+                request.error = exc
+                raise _RequestFailed from None
+    except _RequestFailed:
+        pass  # rolled back: the request's error says why
