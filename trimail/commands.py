@@ -20,22 +20,29 @@ if TYPE_CHECKING:
     from trimail.service import Server
 
 
+def command_table(*, flush: Callable[[], object], wake: Callable[[], object], stop: Callable[[], object],
+                  reload: Callable[[], Any], status: Callable[[], Any], dead: Callable[[], Any],
+                  ) -> dict[str, Callable[[], Any]]:
+    """The control socket's commands, for either process model: *flush* (dead sites
+    tried again), *wake* (hold/release/delete/requeue: no flush, as postsuper never
+    unthrottles) and *stop* answer "ok"; the others answer what they return."""
+    def done(action: Callable[[], object]) -> Callable[[], str]:
+        def run() -> str:
+            action()
+            return "ok"
+        return run
+
+    return {"flush": done(flush), "wake": done(wake), "ping": lambda: "ok", "reload": reload, "stop": done(stop),
+            "status": status, "dead": dead}
+
+
 def control_commands(server: Server) -> dict[str, Callable[[], Any]]:
-    def flush() -> str:
+    def flush() -> None:
         server.scheduler.dead.flush()  # a flush tries dead sites again (Postfix's QMGR_REQ_FLUSH_DEAD)
         server.scheduler.wake()
-        return "ok"
 
-    def wake() -> str:  # hold/release/delete/requeue: no flush (postsuper never unthrottles)
-        server.scheduler.wake()
-        return "ok"
-
-    def stop() -> str:
-        server.stop()
-        return "ok"
-
-    return {"flush": flush, "wake": wake, "ping": lambda: "ok", "reload": server.reload, "stop": stop,
-            "status": lambda: status(server), "dead": lambda: json.dumps(dead(server))}
+    return command_table(flush=flush, wake=lambda: server.scheduler.wake(), stop=server.stop, reload=server.reload,
+                         status=lambda: status(server), dead=lambda: json.dumps(dead(server)))
 
 
 def dead(server: Server) -> dict[str, Any]:

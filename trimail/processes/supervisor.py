@@ -45,6 +45,7 @@ import trio
 from prometheus_client import Counter
 
 from trimail import __version__
+from trimail.commands import command_table
 from trimail.config import Config
 from trimail.master import notify_systemd
 from trimail.metrics import Metrics
@@ -282,20 +283,8 @@ class Master:
     # -- what the operator's commands do -------------------------------------
 
     def control_commands(self) -> dict[str, Callable[[], Any]]:
-        def flush() -> str:
-            self.trigger.forget_dead()
-            return "ok"
-
-        def wake() -> str:
-            self.trigger.wake()
-            return "ok"
-
-        def stop() -> str:
-            self.stop()
-            return "ok"
-
-        return {"flush": flush, "wake": wake, "ping": lambda: "ok", "reload": self.reload, "stop": stop,
-                "status": self.status, "dead": self.dead}
+        return command_table(flush=lambda: self.trigger.forget_dead(), wake=lambda: self.trigger.wake(),
+                             stop=self.stop, reload=self.reload, status=self.status, dead=self.dead)
 
     async def dead(self) -> str:
         return await reports.dead(self)
