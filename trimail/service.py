@@ -5,8 +5,8 @@ A Server owns the accept loops (one per listening socket, ``start_listening``),
 each connection from accept onward (``_handle``: admission, the client-name
 lookup, the session), the stress level, the drain after a stop or retirement
 (``_drain``), ``reload`` (new configuration, tables and listeners; sessions in
-progress keep theirs) and stop (the control socket's commands and status:
-trimail.commands).  Its parts:
+progress keep theirs) and ``stop``; the control socket's commands and status are
+trimail.commands.  Its parts:
 one ``ReceiveContext`` per session kind, the queue manager of this process (or,
 in an smtpd worker, the trigger that wakes the qmgr worker's), one
 address-verification cache, the metrics and anvil's accounting.  master.serve

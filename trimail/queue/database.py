@@ -203,7 +203,8 @@ class Database:
         ``queue.stamp`` does not say there was one), the database.  The file is only
         ever opened by SQLite: see ``prepare_directory``."""
         directory = os.fspath(queue_directory)
-        path = os.path.join(directory, DATABASE_NAME)  # (strings: Path's parsing was a tenth of a test MTA's start)
+        # strings, not Path: its parsing was a sixth of the Python a test MTA's start + stop ran
+        path = os.path.join(directory, DATABASE_NAME)
         if readonly:
             if not os.path.exists(path):
                 raise QueueError(f"{path}: no queue database (has trimail serve run with this queue_directory?)")
@@ -218,7 +219,8 @@ class Database:
         real_directory = _real_path(directory)
         unsynced = real_directory in _UNSAFE_UNSYNCED
         try:
-            db = apsw.Connection(os.path.join(real_directory, DATABASE_NAME), flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
+            db = apsw.Connection(os.path.join(real_directory, DATABASE_NAME),
+                                 flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
             db.set_busy_handler(patient(busy_timeout))
             if unsynced:  # a test queue, deleted after its last close: no checkpoint into it then
                 db.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
