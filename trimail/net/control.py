@@ -73,8 +73,7 @@ async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
         raise ListenError(f"control socket {path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old)
-    await trio.lowlevel.checkpoint()
-    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))  # (no turn of the loop: nothing waited)
 
 
 @contextlib.asynccontextmanager

@@ -26,6 +26,7 @@ Parameters: smtpd_listen, submission_listen, smtps_listen (through master.py).
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import os
 import socket
@@ -62,7 +63,9 @@ async def open_listeners(addresses: list[ListenAddress]) -> list[trio.SocketList
     try:
         for address in addresses:
             try:
-                opened = await trio.open_tcp_listeners(address.port, host=address.host, backlog=BACKLOG)
+                opened = _open_numeric(address)
+                if opened is None:  # a name (or a wildcard meaning both families): trio resolves it
+                    opened = await trio.open_tcp_listeners(address.port, host=address.host, backlog=BACKLOG)
             except OSError as exc:
                 raise ListenError(f"cannot listen on {address}: {exc.strerror or exc}") from None
             listeners.extend(opened)
@@ -71,6 +74,28 @@ async def open_listeners(addresses: list[ListenAddress]) -> list[trio.SocketList
             await listener.aclose()
         raise
     return listeners
+
+
+def _open_numeric(address: ListenAddress) -> list[trio.SocketListener] | None:
+    """The listener of an IP address literal, bound here as trio.open_tcp_listeners
+    would (SO_REUSEADDR; IPv6 only on an IPv6 socket), without its two turns of the
+    event loop (getaddrinfo and bind): a test MTA starts one at every test.  None for
+    anything else."""
+    try:
+        ip = ipaddress.ip_address(address.host)
+    except ValueError:
+        return None
+    sock = socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if ip.version == 6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address.host, address.port))
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return [trio.SocketListener(trio.socket.from_stdlib_socket(sock))]
 
 
 def bound_address(listener: trio.SocketListener) -> ListenAddress:
