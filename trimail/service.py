@@ -163,9 +163,16 @@ class Server:
         scheduler.metrics = self.metrics
         return scheduler
 
+    @property
+    def queue_manager(self) -> Scheduler | None:
+        """The queue manager if this process has made one (always when qmgr runs here),
+        without making one."""
+        return self.__dict__.get("scheduler")
+
     def dead_now(self) -> list[Any]:
         """The destinations held dead now (none when there is no queue manager here)."""
-        return self.scheduler.dead.snapshot(time.time()) if "scheduler" in self.__dict__ else []
+        manager = self.queue_manager
+        return manager.dead.snapshot(time.time()) if manager is not None else []
 
     def start_listening(self, listeners: list[tuple[trio.SocketListener, str, ListenAddress]]) -> None:
         assert self._accepting is not None and self._sessions is not None
@@ -201,8 +208,8 @@ class Server:
             for key, address in wanted.items():
                 if key not in self.listening:
                     opened += [(listener, key[0], address) for listener in await open_listeners([address])]
-            if "scheduler" in self.__dict__:  # (one made later takes self.config then)
-                self.scheduler.reconfigure(fresh)
+            if (manager := self.queue_manager) is not None:  # (one made later takes self.config then)
+                manager.reconfigure(fresh)
             self.verifier.reconfigure(fresh, resolver)
         except (ConfigError, TableError, OSError, ListenError) as exc:
             for listener, _, _ in opened:

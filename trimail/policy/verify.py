@@ -130,6 +130,11 @@ class _Probe:
         self.answer: Answer | None = None
 
 
+def _probe_route(config: Config, resolver: Resolver) -> tuple[Router, Connector]:
+    """What a probe routes and connects with (the Router first: a broken table raises)."""
+    return Router(config), Connector(config, resolver, list(config.smtpd_listen))
+
+
 class Verifier:
     """Probes and the shared cache; one per serve process (shared by its sessions)."""
 
@@ -153,7 +158,7 @@ class Verifier:
 
     def _probe_route(self) -> tuple[Router, Connector]:
         if self._route is None:
-            self._route = (Router(self.config), Connector(self.config, self.resolver, list(self.config.smtpd_listen)))
+            self._route = _probe_route(self.config, self.resolver)
         return self._route
 
     def reconfigure(self, config: Config, resolver: Resolver) -> None:
@@ -163,7 +168,7 @@ class Verifier:
         path = cache_file(config.address_verify_map)  # first: whatever raises leaves the running configuration
         # the route and connector of probes, made at the first probe (most servers never
         # verify an address), or now when probes already ran (a reload: a broken table shows)
-        route = (Router(config), Connector(config, resolver, list(config.smtpd_listen))) if self._route else None
+        route = _probe_route(config, resolver) if self._route else None
         self.config, self.resolver, self._route = config, resolver, route
         sender = config.address_verify_sender.strip().strip("<>")
         self.sender = sender if not sender or "@" in sender else f"{sender}@{config.myorigin}"

@@ -67,10 +67,8 @@ def run_in_transaction(store: Store, batch: list[Request], source: deque[Request
             try:
                 with store.savepoint():
                     request.result = request.fn(store, *request.args)
-            except (apsw.Error, OSError) as exc:
-                request.error = storage_error(exc)
             except Exception as exc:
-                request.error = exc
+                request.error = _request_error(exc)
 
 
 def _run_alone(store: Store, request: Request, begun: bool) -> None:
@@ -80,11 +78,14 @@ def _run_alone(store: Store, request: Request, begun: bool) -> None:
         with store.transaction(begun=begun):
             try:
                 request.result = request.fn(store, *request.args)
-            except (apsw.Error, OSError) as exc:
-                request.error = storage_error(exc)
-                raise _RequestFailed from None
             except Exception as exc:
-                request.error = exc
+                request.error = _request_error(exc)
                 raise _RequestFailed from None
     except _RequestFailed:
         pass  # rolled back: the request's error says why
+
+
+def _request_error(exc: Exception) -> BaseException:
+    """What a failing request's caller gets: SQLite's and the OS's errors as the
+    queue's StorageError (database.storage_error), anything else as it is."""
+    return storage_error(exc) if isinstance(exc, (apsw.Error, OSError)) else exc

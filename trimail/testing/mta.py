@@ -212,8 +212,8 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
                 for context in server.contexts.values():
                     context.hooks = hooks
                 mta.server = server  # type: ignore[attr-defined]
-                if "qmgr" not in cfg.master_service_disable:  # relay mode: mta.deliveries
-                    server.scheduler.results.observer = hooks.delivered
+                if (manager := server.queue_manager) is not None:  # relay mode: mta.deliveries
+                    manager.results.observer = hooks.delivered
                 mta.host = loopback_of(server.addresses[0].host)
                 mta.port = server.addresses[0].port
                 try:
@@ -224,7 +224,7 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
             if server is not None:  # serve has ended: the hooks go, and with them the cycle mta -> server -> mta
                 for context in server.contexts.values():
                     context.hooks = None
-                if "scheduler" in vars(server):
-                    server.scheduler.results.observer = None
+                if (manager := server.queue_manager) is not None:
+                    manager.results.observer = None
     finally:
         remove_directory(directory)
