@@ -316,6 +316,25 @@ def test_an_unsafe_queue_is_not_checkpointed_at_close_and_loses_nothing(tmp_path
         unsafe_skip_fsync(tmp_path / "test", skip=False)
 
 
+def test_a_test_queue_keeps_its_wal_index_in_memory_and_is_locked_against_other_processes():
+    from trimail.queue.database import Database
+
+    with TestMTA(smtpd_listen=LISTEN) as mta:
+        with smtplib.SMTP(mta.host, mta.port) as client:
+            client.sendmail("app@example.org", ["ann@example.com"], "Subject: one\r\n\r\nx\r\n")
+        mta.wait_for(subject="one")
+        database = mta.directory / "queue" / "queue.db"
+        assert database.exists() and not (mta.directory / "queue" / "queue.db-shm").exists()
+        code = f"import sqlite3; sqlite3.connect({str(database)!r}, timeout=0).execute('SELECT 1 FROM message')"
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode != 0 and "database is locked" in result.stderr
+        own = Database.open(mta.directory / "queue", readonly=True)  # the test's own process reads it as usual
+        try:
+            assert own.db.execute("SELECT count(*) FROM message").fetchone()[0] == 1
+        finally:
+            own.close()
+
+
 def test_the_directories_are_in_memory_unless_a_temporary_directory_is_named(tmp_path):
     from trimail.testing import testmode
 

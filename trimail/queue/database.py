@@ -23,7 +23,10 @@ Test mode (trimail.testing only, never a parameter): ``unsafe_skip_fsync`` marks
 queue directory whose connections commit with ``synchronous = OFF``: atomic still
 (WAL), but nothing is fsynced, so a power loss or kernel crash may lose mail already
 acknowledged.  A test's throw-away queue needs no durability; no main.cf, ``-o`` or
-environment variable can reach the switch.
+environment variable can reach the switch.  Its connections also use SQLite's
+``unix-excl`` VFS: the first to read the file locks it against every other process
+(connections of the test's own process share it as usual), so the WAL index lives
+in the heap, not in a ``-shm`` file made and mapped anew at each start.
 
 Parameters: none (``queue_directory`` and the busy timeout come from the caller).
 """
@@ -48,6 +51,7 @@ from trimail.queue.schema import MIGRATIONS, SCHEMA_VERSION
 DATABASE_NAME = "queue.db"
 BUSY_TIMEOUT_MS = 30_000
 JOURNAL_SIZE_LIMIT = 64 << 20  # the WAL is truncated to this after a checkpoint
+TEST_QUEUE_VFS = "unix-excl"  # a test queue's (see the module's docstring): every connection to it uses this
 
 
 class QueueError(TrimailError):
@@ -220,7 +224,7 @@ class Database:
         unsynced = real_directory in _UNSAFE_UNSYNCED
         try:
             db = apsw.Connection(os.path.join(real_directory, DATABASE_NAME),
-                                 flags=flags | apsw.SQLITE_OPEN_NOFOLLOW)
+                                 flags=flags | apsw.SQLITE_OPEN_NOFOLLOW, vfs=TEST_QUEUE_VFS if unsynced else None)
             db.set_busy_handler(patient(busy_timeout))
             if unsynced:  # a test queue, deleted after its last close: no checkpoint into it then
                 db.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
