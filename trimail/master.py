@@ -10,7 +10,8 @@ Structure (nurseries are the architecture)::
         │                              test queue holding its cache: both go within seconds)
         └── session nursery           (one task per SMTP connection)
             └── listener nursery      (one accept loop per smtpd_listen socket,
-                                       the control socket, the metrics endpoint)
+                                       the control socket (none for a test MTA),
+                                       the metrics endpoint)
 
 Start it with ``await nursery.start(serve, config)``; it reports readiness with the
 ``Server`` handle (trimail.service) once every listener is bound, and tells
@@ -51,7 +52,6 @@ from trimail.net.control import serve_control
 from trimail.net.http import serve_metrics
 from trimail.net.listener import bound_address
 from trimail.policy.verifycleanup import clean_cache
-from trimail.queue.database import is_test_queue
 from trimail.queue.store import Store
 from trimail.queue.verifycache import cache_file
 from trimail.service import Server
@@ -94,11 +94,9 @@ async def serve_sessions(server: Server, listeners: list[Endpoint],
 
 
 def _cache_goes_with_the_queue(config: Config, queue_directory: Path) -> bool:
-    """A test queue (trimail.testing) whose address-verification cache is a file in
-    it: both are deleted within seconds, long before any expiry run is due, so no
-    task waits for one."""
-    if not is_test_queue(queue_directory):
-        return False
+    """The address-verification cache is a file in the queue directory: for a test
+    queue (trimail.testing), both are deleted within seconds, long before any expiry
+    run is due, so no task waits for one."""
     try:
         path = cache_file(config.address_verify_map)
     except ValueError:
@@ -114,7 +112,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
     the TLS certificate (``preflight``), then the listeners, then mail_owner and
     the jail, then the tasks."""
     async with opened_queue(config) as queue:
-        listeners, control, metrics_listeners = await open_endpoints(config, queue.directory)
+        listeners, control, metrics_listeners = await open_endpoints(config, queue.directory, control=not queue.test)
         config, queue.directory = become_mail_owner(config, queue.directory)
         writer = queue.writer
         server = Server(config, writer, listeners)
@@ -123,11 +121,12 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                 await top.start(server.scheduler.run)
             else:
                 log.info("qmgr disabled by master_service_disable: mail stays queued")
-            if not _cache_goes_with_the_queue(config, queue.directory):
+            if not (queue.test and _cache_goes_with_the_queue(config, queue.directory)):
                 top.start_soon(clean_cache, lambda: server.config)  # the verification cache's expiry
 
             def started(accepting: trio.Nursery) -> None:
-                accepting.start_soon(serve_control, control, control_commands(server), server.metrics)
+                if control is not None:  # none for a test MTA (trimail.startup)
+                    accepting.start_soon(serve_control, control, control_commands(server), server.metrics)
                 for listener in metrics_listeners:
                     accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
                     server.metrics_addresses.append(bound_address(listener))

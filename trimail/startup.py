@@ -10,8 +10,10 @@ recovered (``recover``: messages an earlier run left ``active`` go back to
 before any port is open (no client is accepted and then reset); the TLS
 certificate (``preflight``), loaded once as root and outside any jail (same rule).
 Then ``open_endpoints`` binds the SMTP listeners (``LISTENERS``: the services and
-the parameter with their addresses), the control socket and the metrics endpoint,
-closing those already open when one cannot be bound; and ``become_mail_owner``,
+the parameter with their addresses), the control socket (none for a test queue:
+a test MTA is driven through its Python object, never by ``trimail stop`` or
+``reload``) and the metrics endpoint, closing those already open when one cannot
+be bound; and ``become_mail_owner``,
 started as root, starts the root local delivery helper
 (trimail.delivery.local.privileged), enters the jail with ``chroot = yes`` (the
 mail log stays open across it, see trimail.log) and drops to ``mail_owner``.
@@ -82,6 +84,7 @@ class OpenedQueue:
         self.lock = lock
         self.busy_timeout = busy_timeout
         self.writer: QueueWriter
+        self.test = is_test_queue(directory)  # trimail.testing's: never fsynced, never shared, no control socket
 
     def open_store(self) -> Store:
         return Store.open(self.directory, busy_timeout=self.busy_timeout)
@@ -103,14 +106,12 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
         for warning in start_warnings(config):
             log.warning("%s", warning)
         queue = OpenedQueue(directory, lock, config.queue_busy_timeout)
-        # a test queue (trimail.testing: never fsynced, never shared) commits in the
-        # event loop (InlineWriter) and opens its reading connections on first use
-        test_queue = is_test_queue(directory)
-        writer_class, readers = (InlineWriter, 0) if test_queue else (QueueWriter, None)
+        # a test queue commits in the event loop (InlineWriter) and opens its reading connections on first use
+        writer_class, readers = (InlineWriter, 0) if queue.test else (QueueWriter, None)
         async with writer_class(queue.open_store, readers_at_start=readers) as writer:
             queue.writer = writer
             try:
-                if not test_queue:  # a test queue is a fresh copy of an empty one: nothing to recover
+                if not queue.test:  # a test queue is a fresh copy of an empty one: nothing to recover
                     await recover(writer, directory)
                 preflight(config)
                 yield queue
@@ -149,10 +150,11 @@ def preflight(config: Config) -> None:
         server_tls_context(config)
 
 
-async def open_endpoints(config: Config, queue_directory: Path
-                         ) -> tuple[list[Endpoint], trio.SocketListener, list[trio.SocketListener]]:
-    """Bind every SMTP listener, the control socket and the metrics endpoint; when
-    one cannot be opened, those already open are closed and ListenError raised."""
+async def open_endpoints(config: Config, queue_directory: Path, *, control: bool = True,
+                         ) -> tuple[list[Endpoint], trio.SocketListener | None, list[trio.SocketListener]]:
+    """Bind every SMTP listener, the control socket (unless not *control*) and the
+    metrics endpoint; when one cannot be opened, those already open are closed and
+    ListenError raised."""
     opened: list[trio.SocketListener] = []
     try:
         listeners: list[Endpoint] = []
@@ -161,15 +163,16 @@ async def open_endpoints(config: Config, queue_directory: Path
                 for listener in await open_listeners([address]):
                     opened.append(listener)
                     listeners.append((listener, kind, address))
-        control = await open_control_listener(queue_directory)
-        opened.append(control)
+        control_listener = await open_control_listener(queue_directory) if control else None
+        if control_listener is not None:
+            opened.append(control_listener)
         metrics_listeners = await open_listeners(config.metrics_listen)
     except BaseException:
         with trio.CancelScope(shield=True):
             for listener in opened:
                 await listener.aclose()
         raise
-    return listeners, control, metrics_listeners
+    return listeners, control_listener, metrics_listeners
 
 
 def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = True,

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import smtplib
+import stat
 import subprocess
 import sys
 import tempfile
@@ -587,18 +588,25 @@ def _task_names(task: trio.lowlevel.Task) -> list[str]:
     return names
 
 
-async def test_a_test_mta_runs_no_cache_cleanup_task_but_serve_does(tmp_path):
+async def test_a_test_mta_runs_no_cache_cleanup_task_and_no_control_socket_but_serve_does(tmp_path):
     """The address-verification cache of a test MTA is a file in its queue, deleted
-    with it within seconds: no task waits 12 hours to expire its entries.  A serve
-    with a queue of its own keeps the task."""
+    with it within seconds: no task waits 12 hours to expire its entries.  A test MTA
+    is driven through its Python object, so it binds no control socket either.  A
+    serve with a queue of its own keeps both."""
     from tests.conftest import write_main_cf
     from trimail import config as configuration
     from trimail.master import serve
+    from trimail.net.control import CONTROL_NAME
 
-    async with open_test_mta(smtpd_listen=LISTEN):
-        assert not [name for name in _task_names(trio.lowlevel.current_root_task()) if "clean_cache" in name]
+    def tasks(part):
+        return [name for name in _task_names(trio.lowlevel.current_root_task()) if part in name]
+
+    async with open_test_mta(smtpd_listen=LISTEN) as mta:
+        assert not tasks("clean_cache") and not tasks("serve_control")
+        assert not os.path.lexists(mta.directory / "queue" / CONTROL_NAME)
     path = write_main_cf(tmp_path, smtpd_listen=LISTEN)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve, configuration.load(path))
-        assert [name for name in _task_names(trio.lowlevel.current_root_task()) if "clean_cache" in name]
+        assert tasks("clean_cache") and tasks("serve_control")
+        assert stat.S_ISSOCK(os.lstat(os.path.join(server.config.queue_directory, CONTROL_NAME)).st_mode)
         server.stop()

@@ -46,6 +46,7 @@ async def serve_processes(config: Config, fork_server: ForkServer | None = None,
     try:
         async with opened_queue(config) as queue:
             listeners, control, metrics_listeners = await open_endpoints(config, queue.directory)
+            assert control is not None  # only a test queue has none, and no test MTA runs worker processes
             hand_queue_over(config, queue.directory)
             master = Master(config, queue.writer, queue.lock, listeners, fork_server)
             async with trio.open_nursery() as nursery:
