@@ -102,6 +102,22 @@ def test_a_forgotten_test_mta_is_stopped_and_removed_when_collected():
         send(host, port)
 
 
+def test_a_stop_asked_before_the_mta_is_ready_stops_it_as_soon_as_it_is():
+    """A finalizer or another thread may stop a TestMTA whose serve is not ready yet:
+    it must stop once ready, not run on (and leave its directory) while stop() waits."""
+    from trimail.testing.sync import _Runner, shared_loop
+
+    mta = TestMTA(smtpd_listen=LISTEN)
+    runner = _Runner(mta, mta._options)
+    runner.loop = loop = shared_loop()
+    assert loop.token is not None
+    loop.token.run_sync_soon(runner._stop_server)  # before the MTA's task even runs
+    loop.spawn(runner._run)
+    assert runner.done.wait(30), "the MTA did not stop"
+    assert runner.error is None
+    assert runner.directory is not None and not os.path.exists(runner.directory)
+
+
 def test_a_test_mta_still_running_at_exit_leaves_no_directory(tmp_path):
     result = python(f"""
         from trimail.testing import TestMTA

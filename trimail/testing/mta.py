@@ -16,8 +16,8 @@ import functools
 import getpass
 import math
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -198,33 +198,54 @@ async def running(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | 
     the block ends, however it ends (cancelled too)."""
     from trimail.master import serve
 
+    with prepared(mta, relay=relay, transport=transport, tls=tls, auth=auth, require_auth=require_auth,
+                  require_tls=require_tls, **config) as cfg:
+        server = None
+        try:
+            async with trio.open_nursery() as nursery:
+                server = await nursery.start(serve, cfg)
+                attach(mta, server)
+                try:
+                    yield server
+                finally:
+                    server.stop()
+        finally:
+            if server is not None:
+                detach(server)
+
+
+@contextmanager
+def prepared(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | None, tls: bool,
+             auth: dict[str, str] | None, require_auth: bool, require_tls: bool,
+             **config: Any) -> Iterator[Config]:
+    """*mta*'s temporary directory and the configuration of a serve in it; the
+    directory is removed when the block ends, however it ends."""
     directory = new_directory()
     mta.directory = directory  # type: ignore[attr-defined]
     try:
         cfg, mta.ca = build_config(directory, relay=relay or bool(transport),  # type: ignore[attr-defined]
                                    transport=transport, tls=tls, auth=auth, require_auth=require_auth,
                                    require_tls=require_tls, extra=config)
-        server = None
-        try:
-            async with trio.open_nursery() as nursery:
-                server = await nursery.start(serve, cfg)
-                hooks = getattr(mta, "hooks_class", _Hooks)(mta)
-                for context in server.contexts.values():
-                    context.hooks = hooks
-                mta.server = server  # type: ignore[attr-defined]
-                if (manager := server.queue_manager) is not None:  # relay mode: mta.deliveries
-                    manager.results.observer = hooks.delivered
-                mta.host = loopback_of(server.addresses[0].host)
-                mta.port = server.addresses[0].port
-                try:
-                    yield server
-                finally:
-                    server.stop()
-        finally:
-            if server is not None:  # serve has ended: the hooks go, and with them the cycle mta -> server -> mta
-                for context in server.contexts.values():
-                    context.hooks = None
-                if (manager := server.queue_manager) is not None:
-                    manager.results.observer = None
+        yield cfg
     finally:
         remove_directory(directory)
+
+
+def attach(mta: TestMTABase, server: Any) -> None:
+    """Once serve is ready: its sessions (and in relay mode its deliveries) report to *mta*."""
+    hooks = getattr(mta, "hooks_class", _Hooks)(mta)
+    for context in server.contexts.values():
+        context.hooks = hooks
+    mta.server = server  # type: ignore[attr-defined]
+    if (manager := server.queue_manager) is not None:  # relay mode: mta.deliveries
+        manager.results.observer = hooks.delivered
+    mta.host = loopback_of(server.addresses[0].host)
+    mta.port = server.addresses[0].port
+
+
+def detach(server: Any) -> None:
+    """Once serve has ended: the hooks go, and with them the cycle mta -> server -> mta."""
+    for context in server.contexts.values():
+        context.hooks = None
+    if (manager := server.queue_manager) is not None:
+        manager.results.observer = None

@@ -27,7 +27,7 @@ import trio
 from trimail.testing.base import TestMTABase
 from trimail.testing.content import CapturedMessage
 from trimail.testing.directories import remove_directory
-from trimail.testing.mta import check_options, running
+from trimail.testing.mta import attach, check_options, detach, prepared
 from trimail.testing.observe import Attempt, Delivery
 
 
@@ -88,7 +88,8 @@ class _Runner:
         self.mta = weakref.proxy(mta)  # never a strong reference: see the module's docstring
         self.options = options
         self.loop: _Loop | None = None
-        self.stopping: trio.Event | None = None
+        self.server: Any = None  # serve's handle, once it is ready
+        self.stop_asked = False  # stop() came before serve was ready: it stops as soon as it is
         self.ready = threading.Event()
         self.done = threading.Event()
         self.error: BaseException | None = None
@@ -104,17 +105,36 @@ class _Runner:
             raise RuntimeError("the test MTA did not start within 60 s")
 
     async def _run(self) -> None:
-        self.stopping = trio.Event()
+        """Serve in this task (no nursery of its own: ``started`` reports readiness)."""
+        from trimail.master import serve
+
         try:
-            async with running(self.mta, **self.options):
+            with prepared(self.mta, **self.options) as config:
                 self.directory = self.mta.directory
-                self.ready.set()
-                await self.stopping.wait()
+                try:
+                    await serve(config, task_status=self)
+                finally:
+                    if self.server is not None:
+                        detach(self.server)
+                        self.server = None  # the TestMTA keeps it (mta.server), not this task
         except Exception as exc:  # noqa: BLE001 - this MTA's failure (reported to start()) must not end the others
             self.error = exc
         finally:
             self.done.set()
             self.ready.set()
+
+    def started(self, server: Any) -> None:
+        """serve's ``task_status.started``: it listens."""
+        attach(self.mta, server)
+        self.server = server
+        self.ready.set()
+        if self.stop_asked:
+            server.stop()
+
+    def _stop_server(self) -> None:  # in the loop's thread
+        self.stop_asked = True
+        if self.server is not None:
+            self.server.stop()
 
     def stop(self) -> None:
         """Stop the MTA and wait for it (unless called on the loop's own thread, as a
@@ -122,9 +142,9 @@ class _Runner:
         loop, self.loop = self.loop, None
         if loop is None or loop.pid != os.getpid():  # a forked child's copy of its parent's MTA
             return
-        if self.stopping is not None and loop.token is not None:
+        if loop.token is not None:
             try:
-                loop.token.run_sync_soon(self.stopping.set)
+                loop.token.run_sync_soon(self._stop_server)
             except trio.RunFinishedError:
                 pass
         if threading.current_thread() is not loop.thread:
