@@ -41,7 +41,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 
 import trio
 
@@ -93,7 +92,7 @@ async def serve_sessions(server: Server, listeners: list[Endpoint],
         await server._drain()
 
 
-def _cache_goes_with_the_queue(config: Config, queue_directory: Path) -> bool:
+def _cache_goes_with_the_queue(config: Config, queue_directory: str) -> bool:
     """The address-verification cache is a file in the queue directory: for a test
     queue (trimail.testing), both are deleted within seconds, long before any expiry
     run is due, so no task waits for one."""

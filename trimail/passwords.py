@@ -62,9 +62,10 @@ def verify_password(password: str, stored: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
-def read_table(path: Path) -> dict[str, str]:
+def read_table(path: str | os.PathLike[str]) -> dict[str, str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as table:
+            text = table.read()
     except FileNotFoundError:
         return {}
     except OSError as exc:
@@ -132,13 +133,13 @@ def dummy_hash(table: dict[str, str]) -> str:
     return dummy
 
 
-def prepare(path: Path) -> None:
+def prepare(path: str | os.PathLike[str]) -> None:
     """Compute the dummy hash for *path*'s table now (serve, at start), so that not
     even the first unknown user of a process pays for making it; PasswordError."""
     dummy_hash(read_table(path))
 
 
-def authenticate(path: Path, user: str, password: str) -> bool:
+def authenticate(path: str | os.PathLike[str], user: str, password: str) -> bool:
     """Check *password* for *user*: one scrypt whether or not the user exists
     (docs/security.md); PasswordError when the table cannot be read."""
     table = read_table(path)

@@ -79,7 +79,7 @@ class OpenedQueue:
     """The queue as serve holds it: its directory (``/`` once inside the jail: the
     writer's connections read it when they open), the lock and the writer."""
 
-    def __init__(self, directory: Path, lock: QueueLock, busy_timeout: float) -> None:
+    def __init__(self, directory: str, lock: QueueLock, busy_timeout: float) -> None:
         self.directory = directory
         self.lock = lock
         self.busy_timeout = busy_timeout
@@ -98,7 +98,7 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
     before any port is open) and the TLS certificate (``preflight``).  The lock is
     released when the block ends."""
     raise_descriptor_limit()
-    directory = Path(config.queue_directory)
+    directory: str = config.queue_directory  # a string: Path's parsing is not free, and this runs at each start
     prepare_directory(directory)
     lock = QueueLock(directory)
     lock.acquire()
@@ -129,7 +129,7 @@ def start_warnings(config: Config) -> list[str]:
     return check_warnings(config, handing_over=os.geteuid() == 0 and not config.allow_root)
 
 
-async def recover(writer: QueueWriter, queue_directory: Path) -> None:
+async def recover(writer: QueueWriter, queue_directory: str) -> None:
     """Messages an earlier run left ``active`` go back to ``incoming``; a queue that
     cannot even do that is a QueueError (one fatal line at start)."""
     try:
@@ -137,7 +137,7 @@ async def recover(writer: QueueWriter, queue_directory: Path) -> None:
     except QueueError:
         raise
     except Exception as exc:  # noqa: BLE001 - the database opened but cannot be written
-        raise QueueError(f"{queue_directory / 'queue.db'}: {describe(exc)}") from None
+        raise QueueError(f"{os.path.join(queue_directory, 'queue.db')}: {describe(exc)}") from None
     if recovered:
         log.info("recovered %d message(s) left active by an earlier run", recovered)
 
@@ -150,7 +150,7 @@ def preflight(config: Config) -> None:
         server_tls_context(config)
 
 
-async def open_endpoints(config: Config, queue_directory: Path, *, control: bool = True,
+async def open_endpoints(config: Config, queue_directory: str, *, control: bool = True,
                          ) -> tuple[list[Endpoint], trio.SocketListener | None, list[trio.SocketListener]]:
     """Bind every SMTP listener, the control socket (unless not *control*) and the
     metrics endpoint; when one cannot be opened, those already open are closed and
@@ -163,7 +163,7 @@ async def open_endpoints(config: Config, queue_directory: Path, *, control: bool
                 for listener in await open_listeners([address]):
                     opened.append(listener)
                     listeners.append((listener, kind, address))
-        control_listener = await open_control_listener(queue_directory) if control else None
+        control_listener = await open_control_listener(Path(queue_directory)) if control else None
         if control_listener is not None:
             opened.append(control_listener)
         metrics_listeners = await open_listeners(config.metrics_listen)
@@ -175,8 +175,8 @@ async def open_endpoints(config: Config, queue_directory: Path, *, control: bool
     return listeners, control_listener, metrics_listeners
 
 
-def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = True,
-                      handed_over: bool = False) -> tuple[Config, Path]:
+def become_mail_owner(config: Config, queue_directory: str, *, helper: bool = True,
+                      handed_over: bool = False) -> tuple[Config, str]:
     """Started as root: start the root delivery helper (when file or command
     targets are allowed or virtual(8) mailboxes are configured:
     trimail.delivery.local.privileged), then become
@@ -195,10 +195,10 @@ def become_mail_owner(config: Config, queue_directory: Path, *, helper: bool = T
         except OSError as exc:
             log.warning("cannot start the root delivery helper (file and command targets and virtual mailboxes "
                         "of other uids will be deferred): %s", exc)
-    with maillog.entering_jail(queue_directory) if config.chroot else contextlib.nullcontext():
-        drop_privileges(config.mail_owner, queue_directory, config.chroot, handed_over=handed_over)
+    with maillog.entering_jail(Path(queue_directory)) if config.chroot else contextlib.nullcontext():
+        drop_privileges(config.mail_owner, Path(queue_directory), config.chroot, handed_over=handed_over)
     if config.chroot:  # trimail.check warned at start about files the jail hides
         config = config.with_overrides({"queue_directory": "/"})
-        queue_directory = Path("/")
+        queue_directory = "/"
     log.info("running as %s%s", config.mail_owner, " in a chroot jail" if config.chroot else "")
     return config, queue_directory

@@ -469,6 +469,24 @@ def test_mtas_with_the_same_options_share_what_is_derived_from_them():
         assert third.wait_for()[0].recipients == ["ann@example.com"]
 
 
+def test_a_later_mta_with_the_same_options_has_main_cf_as_parsing_its_own_would_give():
+    """main.cf is parsed once per set of options; each later MTA's settings (values,
+    where each was set, the parser's warnings) name its own file, as a parse would."""
+    from trimail.config.syntax import parse_main_cf
+
+    options = dict(smtpd_listen=LISTEN, smtpd_banner="$myhostname at $queue_directory", message_size_limit=12345)
+    for _ in range(3):
+        with TestMTA(**options) as mta:
+            config = mta.server.config
+            path = mta.directory / "main.cf"
+            settings, warnings = parse_main_cf(path.read_text(), str(path))
+            assert config.explicit_names() == sorted(settings)
+            assert [(config.raw(name), config.where(name)) for name in sorted(settings)] == \
+                [(settings[name].value, settings[name].where) for name in sorted(settings)]
+            assert config.warnings == warnings
+            assert config.path == path and config.raw("queue_directory") == str(mta.directory / "queue")
+
+
 @pytest.mark.parametrize("concurrent", [False, True])
 def test_what_mtas_with_the_same_options_share_never_names_one_of_their_directories(concurrent):
     """A restriction's table and the banner that name ``$queue_directory``: each MTA

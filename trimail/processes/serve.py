@@ -28,14 +28,14 @@ from trimail.startup import open_endpoints, opened_queue
 log = logging.getLogger("trimail.master")
 
 
-def hand_queue_over(config: Config, queue_directory: Path) -> None:
+def hand_queue_over(config: Config, queue_directory: str) -> None:
     """Started as root: the queue directory goes to mail_owner once, here, before
     any worker runs (each worker then only enters the jail and drops root); an
     unusable mail_owner ends serve now with one line, as in one process."""
     if os.geteuid() != 0 or config.allow_root:
         return
     uid, gid = owner_ids(config.mail_owner)
-    hand_over(queue_directory, uid, gid)
+    hand_over(Path(queue_directory), uid, gid)
 
 
 async def serve_processes(config: Config, fork_server: ForkServer | None = None, *,

@@ -40,7 +40,6 @@ import signal
 import socket
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -147,7 +146,7 @@ async def say_final(channel: Channel, metrics: Metrics) -> None:
 
 
 def _open_store(config: Config):
-    queue_directory = Path(config.queue_directory)
+    queue_directory: str = config.queue_directory
     busy_timeout = config.queue_busy_timeout
     holder = {"directory": queue_directory}
 

@@ -136,9 +136,9 @@ def _check_not_lost(path: str) -> bool:
     return True
 
 
-def _write_stamp(path: Path) -> None:
-    stamp = path.parent / STAMP_NAME
-    if not stamp.exists():
+def _write_stamp(path: str) -> None:
+    stamp = os.path.join(os.path.dirname(path), STAMP_NAME)
+    if not os.path.exists(stamp):
         try:
             fd = os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             with open(fd, "w") as out:  # O_EXCL: never through a planted (dangling) link
@@ -191,7 +191,7 @@ class Database:
     """One connection to the queue database (not thread-safe: one thread each);
     ``store.Store`` adds the queue's writes and reads."""
 
-    def __init__(self, connection: apsw.Connection, path: Path) -> None:
+    def __init__(self, connection: apsw.Connection, path: str) -> None:
         self.db = connection
         self.path = path
         self.durable = True  # PRAGMA synchronous = FULL (set in open)
@@ -236,7 +236,7 @@ class Database:
                 cursor.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT:d}")
             cursor.execute("PRAGMA synchronous = OFF" if unsynced else "PRAGMA synchronous = FULL")
             cursor.execute("PRAGMA foreign_keys = ON")
-            store = cls(db, Path(path))
+            store = cls(db, path)
             store.unsafe_unsynced = unsynced
             store.busy_timeout = busy_timeout
             store._migrate(readonly)

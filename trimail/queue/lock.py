@@ -27,7 +27,6 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
-from pathlib import Path
 
 from trimail.errors import ConfigurationError
 
@@ -41,8 +40,8 @@ class AlreadyRunning(Exception):
     pass
 
 
-def pid_path(queue_directory: str | os.PathLike[str]) -> Path:
-    return Path(os.path.join(queue_directory, PID_DIRECTORY, PID_NAME))
+def pid_path(queue_directory: str | os.PathLike[str]) -> str:
+    return os.path.join(queue_directory, PID_DIRECTORY, PID_NAME)
 
 
 def open_pid_directory(queue_directory: str | os.PathLike[str]) -> int:
@@ -73,7 +72,7 @@ def open_pid_directory(queue_directory: str | os.PathLike[str]) -> int:
     return fd
 
 
-def safe_open(directory_fd: int, name: str, flags: int, where: Path) -> int:
+def safe_open(directory_fd: int, name: str, flags: int, where: str | os.PathLike[str]) -> int:
     """Postfix's safe_open: open *name* in *directory_fd* without following a
     symlink; the result must be a regular file with one link owned by us."""
     try:
@@ -95,7 +94,7 @@ def safe_open(directory_fd: int, name: str, flags: int, where: Path) -> int:
 
 
 class QueueLock:
-    def __init__(self, queue_directory: Path) -> None:
+    def __init__(self, queue_directory: str | os.PathLike[str]) -> None:
         self.queue_directory = queue_directory
         self.path = pid_path(queue_directory)
         self._fd: int | None = None
@@ -130,7 +129,7 @@ class QueueLock:
             self._fd = None
 
 
-def _open_for_reading(path: Path) -> int | None:
+def _open_for_reading(path: str | os.PathLike[str]) -> int | None:
     """A read-only descriptor of a regular file at *path*, never through a symlink
     and never opening a device or FIFO; None when there is no such file."""
     try:
@@ -154,7 +153,7 @@ def _read_fd(fd: int) -> int | None:
     return int(text) if text.isascii() and text.isdigit() else None
 
 
-def read_pid(path: Path) -> int | None:
+def read_pid(path: str | os.PathLike[str]) -> int | None:
     try:
         fd = _open_for_reading(path)
     except OSError:
@@ -167,7 +166,7 @@ def read_pid(path: Path) -> int | None:
         os.close(fd)
 
 
-def _locked_pid(path: Path) -> int | None:
+def _locked_pid(path: str | os.PathLike[str]) -> int | None:
     """The pid in *path* when some process holds its lock; None when unlocked or
     missing.  PermissionError goes up: the caller may not look (not "not running")."""
     fd = _open_for_reading(path)
@@ -183,21 +182,22 @@ def _locked_pid(path: Path) -> int | None:
         os.close(fd)
 
 
-def _refuse_old_serve(queue_directory: Path) -> None:
+def _refuse_old_serve(queue_directory: str | os.PathLike[str]) -> None:
+    old = os.path.join(queue_directory, OLD_LOCK_NAME)
     try:
-        pid = _locked_pid(os.path.join(queue_directory, OLD_LOCK_NAME))
+        pid = _locked_pid(old)
     except OSError:
         return
     if pid is not None:
-        raise AlreadyRunning(f"{queue_directory / OLD_LOCK_NAME}: an earlier trimail serve (pid {pid}) "
+        raise AlreadyRunning(f"{old}: an earlier trimail serve (pid {pid}) "
                              "uses this queue_directory; stop it first")
 
 
-def running_pid(queue_directory: Path) -> int | None:
+def running_pid(queue_directory: str | os.PathLike[str]) -> int | None:
     """The pid of the serve holding the lock, or None when none runs; raises
     PermissionError when the caller may not look into the queue directory."""
     new = pid_path(queue_directory)
     pid = _locked_pid(new)
-    if pid is None and not new.exists():
-        pid = _locked_pid(queue_directory / OLD_LOCK_NAME)  # a serve of the previous release
+    if pid is None and not os.path.exists(new):
+        pid = _locked_pid(os.path.join(queue_directory, OLD_LOCK_NAME))  # a serve of the previous release
     return pid

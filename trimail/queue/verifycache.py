@@ -49,7 +49,6 @@ import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import apsw
 
@@ -100,7 +99,7 @@ class Entry:
 
 
 @functools.lru_cache(maxsize=64)  # read at each check of the value, each start and each reload
-def cache_file(reference: str) -> Path | None:
+def cache_file(reference: str) -> str | None:
     """The file an ``address_verify_map`` value names (None: in memory); ValueError
     for anything else, in the words ``trimail config`` and serve's start print."""
     text = reference.strip()
@@ -118,7 +117,7 @@ def cache_file(reference: str) -> Path | None:
                          "memory)")
     if not path.startswith("/"):
         raise ValueError(f"address verification cache {text!r}: the file name must be absolute")
-    return Path(os.path.normpath(path) + suffix)
+    return os.path.normpath(path) + suffix
 
 
 def parse_map(text: str) -> str:
@@ -131,7 +130,7 @@ class VerifyCache:
     """One connection to the cache (not thread-safe: one call at a time; the
     policy runs them in a thread, one after another)."""
 
-    def __init__(self, path: Path | None, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str | None, busy_timeout: float = 5.0) -> None:
         self.path = path
         self.name = str(path) if path is not None else "(memory)"
         self.busy_timeout = busy_timeout

@@ -203,7 +203,7 @@ class ReceiveContext:
         self.writer = writer
         self.scheduler = scheduler  # woken for new mail, or takes it straight into active when it has room
         self.tls_context = server_tls_context(config) if config.smtpd_tls_cert_file else None
-        self.password_file = Path(config.smtpd_sasl_password_file)
+        self.password_file: str = config.smtpd_sasl_password_file
         self.auth_failure_limit: int = config.smtpd_auth_failure_limit
         self.tls_handshake_timeout: float = config.smtpd_tls_handshake_timeout
         self.hooks: SessionHooks | None = None
@@ -234,7 +234,7 @@ class ReceiveContext:
         self.mail_name: str = config.mail_name
         self.hopcount_limit: int = config.hopcount_limit
         self.header_size_limit: int = config.header_size_limit
-        self.spool_directory = Path(config.queue_directory)
+        self.spool_directory: str = config.queue_directory
         self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit)
         self.lookup_timeout: float = config.table_lookup_timeout
         self.milter_names: list[str] = milters_of(config)

@@ -34,13 +34,18 @@ class TestMTABase(FaultInjection):
     def __init__(self) -> None:
         self.server: Any = None
         self.ca: Any = None
-        self.directory: Path | None = None
+        self._directory: str | None = None  # made a Path when asked for (``directory``)
         self._messages: list[CapturedMessage] = []
         self._attempts: list[Attempt] = []
         self._deliveries: list[Delivery] = []
         self._faults: list[Fault] = []
         self._greylist: set[tuple[str, str, str]] | None = None
         self._lock = threading.Condition()
+
+    @property
+    def directory(self) -> Path | None:
+        """The MTA's temporary directory (its queue, main.cf, certificates); None before start."""
+        return None if self._directory is None else Path(self._directory)
 
     # -- TLS for the client side ---------------------------------------------------
 

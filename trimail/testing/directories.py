@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import threading
-from pathlib import Path
 
 from trimail.testing import testmode
 
@@ -24,25 +23,25 @@ _directories: dict[str, int] = {}  # temporary directories of the test MTAs stil
 _lock = threading.Lock()
 
 
-def new_directory() -> Path:
+def new_directory() -> str:
     """A temporary directory for one test MTA; removed when it stops (``remove_directory``),
     and at interpreter exit at the latest, even when it was never stopped."""
     directory = tempfile.mkdtemp(prefix="trimail-test-", dir=testmode.scratch_parent())
     with _lock:
         _directories[directory] = os.getpid()
-    return Path(directory)
+    return directory
 
 
-def remove_directory(directory: Path | str) -> None:
+def remove_directory(directory: str) -> None:
     """Delete the directory and what is in it.  Once per directory; a forked child
     never removes its parent's."""
     with _lock:
-        if _directories.get(str(directory)) != os.getpid():
+        if _directories.get(directory) != os.getpid():
             return
-        del _directories[str(directory)]
+        del _directories[directory]
     testmode.forget_queue(os.path.join(directory, "queue"))
     try:
-        _delete(os.fspath(directory))
+        _delete(directory)
     except OSError:  # something unexpected in it (a test's own files, a mount): the careful way
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -18,7 +18,6 @@ import math
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -68,7 +67,7 @@ def loopback_of(host: str) -> str:
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
 
 
-def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | None, tls: bool,
+def build_config(directory: str, *, relay: bool, transport: dict[str, str] | None, tls: bool,
                  auth: dict[str, str] | None, require_auth: bool, require_tls: bool,
                  extra: dict[str, Any]) -> tuple[Config, Any]:
     settings: dict[str, str] = {
@@ -93,22 +92,22 @@ def build_config(directory: Path, *, relay: bool, transport: dict[str, str] | No
         settings["transport_maps"] = f"inline:{{ {entries} }}"
     if tls:
         ca, pem = testmode.tls_material(str(extra.get("smtpd_listen", settings["smtpd_listen"])))
-        cert = directory / "cert.pem"
+        cert = os.path.join(directory, "cert.pem")
         testmode.write_private(cert, pem)
-        settings["smtpd_tls_cert_file"] = str(cert)
+        settings["smtpd_tls_cert_file"] = cert
         settings["smtpd_tls_security_level"] = "encrypt" if require_tls else "may"
     if auth:
-        passwords = directory / "sasl_passwd"
+        passwords = os.path.join(directory, "sasl_passwd")
         testmode.write_private(passwords, testmode.password_table(auth))
         settings["smtpd_sasl_auth_enable"] = "yes"
-        settings["smtpd_sasl_password_file"] = str(passwords)
+        settings["smtpd_sasl_password_file"] = passwords
         settings["smtpd_tls_auth_only"] = "yes" if tls else "no"
         if require_auth:
             settings["smtpd_relay_restrictions"] = "permit_sasl_authenticated, reject"
     settings.update({k: str(v) for k, v in extra.items()})
     if settings["queue_directory"] == queue:  # ours: test mode (testmode.py)
         testmode.new_queue(queue)
-    path = directory / "main.cf"
+    path = os.path.join(directory, "main.cf")
     text = "".join(f"{k} = {v}\n" for k, v in settings.items())
     testmode.write_file(path, text.encode())
     return testmode.load_config(path, text, directory), ca
@@ -221,7 +220,7 @@ def prepared(mta: TestMTABase, *, relay: bool, transport: dict[str, str] | None,
     """*mta*'s temporary directory and the configuration of a serve in it; the
     directory is removed when the block ends, however it ends."""
     directory = new_directory()
-    mta.directory = directory  # type: ignore[attr-defined]
+    mta._directory = directory
     try:
         cfg, mta.ca = build_config(directory, relay=relay or bool(transport),  # type: ignore[attr-defined]
                                    transport=transport, tls=tls, auth=auth, require_auth=require_auth,

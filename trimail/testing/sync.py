@@ -110,7 +110,7 @@ class _Runner:
 
         try:
             with prepared(self.mta, **self.options) as config:
-                self.directory = self.mta.directory
+                self.directory = self.mta._directory
                 try:
                     await serve(config, task_status=self)
                 finally:

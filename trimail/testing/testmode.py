@@ -39,7 +39,7 @@ from typing import Any
 from trimail import config as configuration
 from trimail.config import Config
 from trimail.config.registry import PARAMETERS
-from trimail.config.syntax import parse_main_cf
+from trimail.config.syntax import Setting, parse_main_cf
 from trimail.passwords import hash_password
 from trimail.queue.database import DATABASE_NAME, Database, unsafe_skip_fsync
 
@@ -132,7 +132,7 @@ def tls_material(listen: str) -> tuple[Any, bytes]:
         return _ca, pem
 
 
-def write_private(path: Path, data: bytes) -> None:
+def write_private(path: str, data: bytes) -> None:
     """A file only we read (0600), not fsynced: it lives as long as the test."""
     write_file(path, data, 0o600, exclusive=True)
 
@@ -158,9 +158,9 @@ def password_table(auth: dict[str, str]) -> bytes:
 class _Shape:
     """What the test MTAs with one set of options share: the converted values that do
     not name an MTA's directory, and the expanded text of those that do, with a NUL
-    character in place of the directory."""
+    character in place of the directory; main.cf as parsed, the same way."""
 
-    def __init__(self, config: Config, directory: str) -> None:
+    def __init__(self, config: Config, directory: str, main_cf: str, path: str) -> None:
         from trimail.startup import start_warnings
 
         self.values: dict[str, Any] = {}
@@ -174,6 +174,17 @@ class _Shape:
             else:
                 self.values[name] = config.get(name)
         self.own = frozenset(self.texts)  # the parameters that name each MTA's directory (Config.memo)
+        # main.cf as parsed (its values, and where each is: the file's name has the directory in it)
+        settings, warnings = parse_main_cf(main_cf, path)
+        self.settings = {name: (setting.value.replace(directory, "\0"), setting.where.replace(directory, "\0"))
+                         for name, setting in settings.items()}
+        self.parse_warnings = [warning.replace(directory, "\0") for warning in warnings]
+
+    def parsed(self, directory: str) -> tuple[dict[str, Setting], list[str]]:
+        """What ``parse_main_cf`` gives for this shape's main.cf in *directory*, without parsing it again."""
+        settings = {name: Setting(value.replace("\0", directory), where.replace("\0", directory))
+                    for name, (value, where) in self.settings.items()}
+        return settings, [warning.replace("\0", directory) for warning in self.parse_warnings]
 
 
 class SharedConfig(Config):
@@ -185,6 +196,15 @@ class SharedConfig(Config):
 
     shape: _Shape
     directory: str
+    _main_cf: str | None = None
+
+    @property  # type: ignore[override]
+    def path(self) -> Path | None:  # the main.cf read (reload): a Path made only when asked for
+        return None if self._main_cf is None else Path(self._main_cf)
+
+    @path.setter
+    def path(self, value: str | os.PathLike[str] | None) -> None:
+        self._main_cf = None if value is None else os.fspath(value)
 
     def get(self, name: str) -> Any:
         try:
@@ -200,22 +220,22 @@ class SharedConfig(Config):
 _shapes: dict[str, _Shape] = {}  # main.cf text, directory left out -> what its MTAs share
 
 
-def load_config(path: Path, text: str, directory: Path) -> Config:
+def load_config(path: str, text: str, directory: str) -> Config:
     """The configuration of a test MTA in *directory* from main.cf *text*: the first
     time these options are seen, ``configuration.load`` converts and checks every
     parameter (errors name the line); later, a ``SharedConfig`` reuses those values."""
-    key = text.replace(str(directory), "\0")
+    key = text.replace(directory, "\0")
     shape = _shapes.get(key)
     if shape is None:
         config = configuration.load(path)
-        shape = _shapes[key] = _Shape(config, str(directory))
+        shape = _shapes[key] = _Shape(config, directory, text, path)
         if len(_shapes) > 64:
             del _shapes[next(iter(_shapes))]
     else:
-        settings, warnings = parse_main_cf(text, str(path))
-        config = SharedConfig(settings, str(path), warnings)
+        settings, warnings = shape.parsed(directory)
+        config = SharedConfig(settings, path, warnings)
         config.path = path
-        config.shape, config.directory = shape, str(directory)
+        config.shape, config.directory = shape, directory
         config.__dict__.update(shape.values)  # read as attributes without a __getattr__ each (Config.__getattr__)
     config.start_warnings = shape.warnings
     config.__dict__["_memo"] = shape.memo  # Config.memo's store: shared by every MTA of the shape
