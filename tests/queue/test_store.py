@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import stat
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from functools import partial
 
 import apsw
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trimail.errors import StorageError
 from trimail.queue.database import QueueError
@@ -32,6 +35,26 @@ def message(sender="a@example.org", recipients=("b@example.com",), content=b"Sub
 def insert(store: Store, msg: NewMessage) -> None:
     with store.transaction():
         store.insert_message(msg)
+
+
+@given(st.integers(min_value=0, max_value=51**14 - 1))
+def test_a_queue_id_spells_its_microseconds_and_counter_digit_by_digit(value):
+    """The encoding (two digits at a time, the time's first six digits kept) is the
+    plain base-51 spelling in ALPHABET, the highest digit first."""
+    from trimail.queue import ids
+
+    def spelt(number, digits):
+        text = ""
+        for _ in range(digits):
+            number, digit = divmod(number, len(ids.ALPHABET))
+            text = ids.ALPHABET[digit] + text
+        return text
+
+    assert ids._encode(value, 14) == spelt(value, 14)
+    before = time.time_ns() // 1000
+    queue_id = new_queue_id()
+    after = time.time_ns() // 1000
+    assert spelt(before, 10) <= queue_id[:10] <= spelt(after, 10)
 
 
 def test_queue_ids_are_unique_sortable_and_short():

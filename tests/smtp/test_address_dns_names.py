@@ -74,3 +74,14 @@ def test_any_text_gives_a_name_or_none_and_only_address_errors(text: str) -> Non
         check_mailbox(f"b@{text}", utf8=True)
     except AddressError:
         pass
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.text(st.sampled_from(list("ab-0.A")), max_size=70), min_size=1, max_size=6).map(".".join)
+       | st.text(st.characters(max_codepoint=127), max_size=300))
+def test_an_ascii_name_takes_the_short_way_to_what_the_label_by_label_way_gives(domain: str) -> None:
+    """ASCII names (nearly all) skip IDNA: the same answer, every length limit included."""
+    from trimail.smtp.address import MAX_DOMAIN, _idna_name
+
+    expected = _idna_name(domain) if domain and len(domain) <= MAX_DOMAIN else None
+    assert dns_name(domain) == expected, domain

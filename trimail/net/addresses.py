@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 
+@functools.lru_cache(maxsize=4096)  # each session asks for its client's several times; the objects never change
 def client_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """*address* as an IP address, unmapped; None when it is not one."""
     try:

@@ -97,8 +97,18 @@ def dns_name(domain: str) -> bytes | None:
     U-label IDNA cannot encode.  Pure; never raises for any ``str``."""
     if not domain or len(domain) > MAX_DOMAIN:
         return None
-    ascii_only = domain.isascii()
-    labels = domain.split(".") if ascii_only else _DOTS.split(domain)
+    if domain.isascii():  # nearly every name: the labels are their own A-labels
+        name = domain[:-1] if len(domain) > 1 and domain[-1] == "." else domain  # one final dot: absolute
+        labels = name.split(".")
+        if "" in labels or max(map(len, labels)) > MAX_LABEL or len(name) + 2 > MAX_WIRE_NAME:
+            return None
+        return name.encode("ascii")
+    return _idna_name(domain)
+
+
+def _idna_name(domain: str) -> bytes | None:
+    """``dns_name`` label by label, through IDNA (any text; the general case)."""
+    labels = _DOTS.split(domain)
     if len(labels) > 1 and labels[-1] == "":
         labels.pop()  # one final dot: the name is absolute
     encoded: list[bytes] = []
@@ -210,6 +220,8 @@ def source_route_end(text: str) -> int:
 def _closing_bracket(text: str) -> int:
     """Index of the '>' closing a path that starts at text[0] == '<', honouring
     quoted local parts; -1 when there is none."""
+    if '"' not in text:  # nothing quoted (nearly every path): the first '>'
+        return text.find(">", 1)
     quoted = False
     escaped = False
     for i, ch in enumerate(text[1:], 1):
