@@ -43,3 +43,23 @@ def test_machine_refuses_separators_and_c1_controls_under_smtputf8(bad):
     d = Driver().feed(f"EHLO c.example\r\nMAIL FROM:<x{bad}@c.example> SMTPUTF8\r\n".encode())
     assert d.replies()[-1] == "501 5.1.7 Bad sender address syntax"
 
+
+
+@given(st.text(st.sampled_from(list('<>"\\ab@ ')), max_size=40).map(lambda rest: "<" + rest))
+def test_the_closing_bracket_of_a_path_honours_quotes_and_escapes(text):
+    """The short way (no quote in the text: the first '>') agrees with a scan of every character."""
+    from trimail.smtp.address import _closing_bracket
+
+    quoted = escaped = False
+    expected = -1
+    for i, ch in enumerate(text[1:], 1):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quoted:
+            escaped = True
+        elif ch == '"':
+            quoted = not quoted
+        elif ch == ">" and not quoted:
+            expected = i
+            break
+    assert _closing_bracket(text) == expected
