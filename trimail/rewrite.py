@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 from typing import Literal
 
 from trimail.smtp.address import _DOT_STRING, _QUOTED, dns_name, is_domain, source_route_end
@@ -211,9 +212,12 @@ def canonical(address: str, settings: Settings) -> str:
     return f"{local}@{domain}"
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def resolve(address: str, settings: Settings) -> Resolved:
     """Resolve *address* (a path as the SMTP parser returns it) as described above."""
-    if any(ord(ch) < 0x20 or ch == "\x7f" for ch in address):  # CR, LF, NUL ...: never on the wire
+    if _CONTROL.search(address):  # CR, LF, NUL ...: never on the wire
         return INVALID
     for _ in range(len(address) + 2):
         while 0 <= (route_end := source_route_end(address)) < len(address) - 1:
