@@ -20,6 +20,7 @@ import email
 import email.message
 import email.policy
 import html
+import operator
 import re
 from collections.abc import Iterator, Mapping
 from functools import cached_property
@@ -229,6 +230,9 @@ class MessageContent:
         return target
 
 
+_accepted_fields = operator.attrgetter(*(field.name for field in dataclasses.fields(AcceptedMessage)))
+
+
 class CapturedMessage(AcceptedMessage, MessageContent):
     """One accepted message: envelope (``sender``, ``recipients``, ``params``),
     session facts (``client_address``, ``helo``, ``protocol``, ``tls``, ``auth``)
@@ -237,7 +241,7 @@ class CapturedMessage(AcceptedMessage, MessageContent):
 
     @classmethod
     def of(cls, accepted: AcceptedMessage) -> CapturedMessage:
-        return cls(*(getattr(accepted, field.name) for field in dataclasses.fields(accepted)))
+        return cls(*_accepted_fields(accepted))
 
     @property
     def auth(self) -> str | None:

@@ -136,6 +136,8 @@ class FaultInjection:
                      client: str = "") -> Fault | None:
         """The fault that fires now at *stage* for *address*, if any (each fault is
         asked in the order armed; the first that fires wins)."""
+        if not self._faults and self._greylist is None:  # nothing armed (most tests): no lock taken
+            return None
         with self._lock:
             if stage == "rcpt" and self._greylist is not None and txn_sender is not None:
                 triple = (client, txn_sender.lower(), (address or "").lower())
@@ -154,6 +156,8 @@ class FaultInjection:
 
     def _cut_after(self, received: int) -> bool:
         """Does a ``drop(after_bytes=n)`` fire, *received* content bytes into a message?"""
+        if not self._faults:
+            return False
         with self._lock:
             return any(fault.after_bytes is not None and received >= fault.after_bytes and fault.fires()
                        for fault in self._faults)

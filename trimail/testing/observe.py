@@ -137,23 +137,28 @@ class Attempt:
 
     def sent(self, data: bytes) -> None:
         """Bytes the server sent."""
-        self._out += data
-        while (end := self._out.find(b"\n")) >= 0:
-            line = bytes(self._out[:end]).rstrip(b"\r").decode("utf-8", "replace")
-            del self._out[:end + 1]
-            self._reply_lines.append(line[4:][:LINE_LIMIT])
+        out = self._out
+        out += data
+        if b"\n" not in data:  # no line ended (a line's end is in the bytes that end it)
+            return
+        *lines, rest = out.split(b"\n")
+        del out[:len(out) - len(rest)]
+        for raw in lines:
+            line = raw.rstrip(b"\r").decode("utf-8", "replace")
+            self._reply_lines.append(line[4:4 + LINE_LIMIT])
             if line[3:4] == "-":
                 continue
             code = int(line[:3]) if line[:3].isdigit() else 0
             command = self._pending.popleft() if self._pending else None
             self.exchanges.append(Exchange(command, code, "\n".join(self._reply_lines)))
             self._reply_lines = []
-            if command is not None and command.upper() == "DATA":
+            verb = command.upper() if command is not None else None
+            if verb == "DATA":
                 self._waiting_data_reply = False
                 self._in_data = code == 354
                 self.message_bytes = 0
                 self._before = b"\r\n"
-            elif command is not None and command.upper() == "STARTTLS" and code == 220:
+            elif verb == "STARTTLS" and code == 220:
                 self._pending.clear()  # anything sent with it in plaintext is discarded (RFC 3207)
                 self._in.clear()
         if not self._waiting_data_reply and self._in:
