@@ -33,6 +33,7 @@ import math
 import trio
 
 from trimail.config import Config
+from trimail.net.stream import DirectStream
 from trimail.receive.hooks import DropConnection
 from trimail.receive.session import SmtpdSession
 from trimail.smtp import replies
@@ -183,8 +184,11 @@ class Session:
             self.decisions.close()  # discards an unfinished transaction
             if self.decisions.ctx.hooks is not None:
                 self.decisions.ctx.hooks.ended(self.decisions)
-            with trio.CancelScope(shield=True):
-                await self.stream.aclose()
+            if isinstance(self.stream, DirectStream):
+                self.stream.close_now()  # (no pass of the run loop, nor a scope to shield it)
+            else:  # TLS: close_notify is sent, shielded from a stop
+                with trio.CancelScope(shield=True):
+                    await self.stream.aclose()
             log.info("disconnect from %s%s", client, format_stats(self.conn.command_stats))
 
     async def _loop(self) -> None:
@@ -282,15 +286,24 @@ class Session:
             await self.stream.send_all(data)
 
     async def _final_flush(self) -> None:
-        # one scope, shielded from stop requests and bounded by its own deadline (a scope costs
-        # about as much as a send: this runs once per session)
+        """The last replies (221, 421), shielded from stop requests and bounded by their
+        own deadline; on a plain connection the kernel nearly always takes them at once,
+        and then no scope is made (a scope costs about as much as a send)."""
         if not self.conn.output_size:
             return
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
-            try:
-                await self._flush()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+        data: bytes | memoryview = self.conn.data_to_send()
+        if self.decisions.ctx.hooks is not None:
+            self.decisions.ctx.hooks.sent(self.decisions, data)
+        try:
+            if isinstance(self.stream, DirectStream):
+                sent = self.stream.send_now(data)
+                if sent == len(data):
+                    return
+                data = memoryview(data)[sent:]
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 5):
+                await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
 
 
 class _TlsFailed(Exception):

@@ -24,8 +24,9 @@ at once costs no cancel scope either (``delivery.smtp.Connection``).
 
 Cancellation is honoured where it matters: a cancelled task raises at its next
 wait, and a stream closed by another task wakes a waiting receive with
-``trio.ClosedResourceError`` (``aclose`` goes through trio's socket, which notifies
-waiters).  Socket errors map as trio maps them: EBADF to ``ClosedResourceError``,
+``trio.ClosedResourceError`` (``aclose`` and ``close_now`` go through trio's socket,
+which notifies waiters; ``close_now`` without ``aclose``'s pass of the run loop, when
+the session is over and nothing is left to wait for).  Socket errors map as trio maps them: EBADF to ``ClosedResourceError``,
 the rest to ``BrokenResourceError``.
 """
 
@@ -104,6 +105,11 @@ class DirectStream(trio.abc.HalfCloseableStream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+    def close_now(self) -> None:
+        """Close without the pass of the run loop that ``aclose`` adds after it (trio's
+        socket still wakes a task waiting on it: ``ClosedResourceError``)."""
+        self.socket.close()
 
 
 def _stream_error(exc: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
