@@ -190,6 +190,8 @@ class InlineWriter(QueueWriter):
 
     Never for a real queue: there, a commit waits for fsync, or for the write lock
     that another process holds, and that would stall every session of the loop.
+    A request is a cancellation point but no schedule point: its caller's next read
+    or write is one.
     Reads still go through ``read`` (reading connections on worker threads)."""
 
     _store: Store | None = None
@@ -217,5 +219,6 @@ class InlineWriter(QueueWriter):
             raise self._dead or StorageError("queue writer stopped", temporary=False)
         request = _Request(fn, args, durable)
         self._run_batch(self._store, [request])
-        await _checkpoint_after()
+        # no schedule point after it (a pass of the run loop per captured message): what
+        # asks next is network I/O that yields anyway (a session's next read, a delivery)
         return request.answer()  # type: ignore[no-any-return]
