@@ -222,6 +222,11 @@ def _closing_bracket(text: str) -> int:
     quoted local parts; -1 when there is none."""
     if '"' not in text:  # nothing quoted (nearly every path): the first '>'
         return text.find(">", 1)
+    return _scan_closing_bracket(text)
+
+
+def _scan_closing_bracket(text: str) -> int:
+    """``_closing_bracket`` character by character (any text; the general case)."""
     quoted = False
     escaped = False
     for i, ch in enumerate(text[1:], 1):
