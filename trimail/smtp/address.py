@@ -31,6 +31,7 @@ limit checked first.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 try:  # the IDNA 2008 codec dnspython uses when it is installed (trio requires it)
@@ -90,6 +91,7 @@ def is_domain(text: str) -> bool:
     return dns_name(name) is not None
 
 
+@functools.lru_cache(maxsize=4096)  # pure; each message asks for its domains several times
 def dns_name(domain: str) -> bytes | None:
     """*domain* as the ASCII name a resolver sends (A-labels, dot-separated, no
     final dot), or None when it cannot be a DNS name: an empty label, a label
