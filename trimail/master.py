@@ -49,7 +49,7 @@ from trimail.commands import control_commands
 from trimail.config import Config
 from trimail.net.control import serve_control
 from trimail.net.http import serve_metrics
-from trimail.net.listener import bound_address
+from trimail.net.listener import bound_address, close_now
 from trimail.policy.verifycleanup import clean_cache
 from trimail.queue.store import Store
 from trimail.queue.verifycache import cache_file
@@ -112,9 +112,14 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
     the jail, then the tasks."""
     async with opened_queue(config) as queue:
         listeners, control, metrics_listeners = await open_endpoints(config, queue.directory, control=not queue.test)
-        config, queue.directory = become_mail_owner(config, queue.directory)
-        writer = queue.writer
-        server = Server(config, writer, listeners)
+        try:
+            config, queue.directory = become_mail_owner(config, queue.directory)
+            writer = queue.writer
+            server = Server(config, writer, listeners)
+        except BaseException:  # (a bad restriction list, say): no socket stays open in an embedding process
+            for listener in [*(entry[0] for entry in listeners), *metrics_listeners, *([control] if control else [])]:
+                close_now(listener)
+            raise
         async with trio.open_nursery() as top:
             if "qmgr" not in config.master_service_disable:
                 await top.start(server.scheduler.run)

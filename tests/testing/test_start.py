@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import smtplib
+import socket
 import stat
 import subprocess
 import sys
@@ -345,11 +346,37 @@ def test_a_test_queue_keeps_its_wal_index_in_memory_and_is_locked_against_other_
         code = f"import sqlite3; sqlite3.connect({str(database)!r}, timeout=0).execute('SELECT 1 FROM message')"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode != 0 and "database is locked" in result.stderr
+        # trimail's own commands say what it is at once, rather than wait out the busy timeout
+        # and (queue list --json) print an empty queue (found by the red team)
+        began = time.monotonic()
+        listing = subprocess.run([sys.executable, "-m", "trimail", "queue", "list", "--json", "-c",
+                                  str(mta.directory / "main.cf")], capture_output=True, text=True, timeout=60,
+                                 check=False, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert time.monotonic() - began < 20
+        assert listing.returncode != 0 and listing.stdout.strip() != "[]"
+        assert "the queue of a trimail.testing test MTA" in listing.stderr
         own = Database.open(mta.directory / "queue", readonly=True)  # the test's own process reads it as usual
         try:
             assert own.db.execute("SELECT count(*) FROM message").fetchone()[0] == 1
         finally:
             own.close()
+
+
+def test_a_start_that_fails_after_binding_leaves_no_socket_listening():
+    """A configuration that fails once the listener is bound (a bad restriction list)
+    raises from start(), and the port is free again: an embedding process keeps no
+    listening socket of it (found by the red team)."""
+    from trimail.config import ConfigError
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.42.1", 0))
+        port = probe.getsockname()[1]
+    for _ in range(2):
+        with pytest.raises(ConfigError):
+            TestMTA(smtpd_listen=f"127.0.42.1:{port}", smtpd_recipient_restrictions="no_such_restriction").start()
+        with socket.socket() as again:  # EADDRINUSE while a listener of the failed start is open
+            again.bind(("127.0.42.1", port))
+            again.listen()
 
 
 def test_the_directories_are_in_memory_unless_a_temporary_directory_is_named(tmp_path):

@@ -17,6 +17,7 @@ Parameters: queue_directory.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +31,7 @@ from trimail.cli import ConfigOption, Failure, Overrides, app, load_config, mail
 from trimail.config import Config
 from trimail.net.control import send_command
 from trimail.queue import admin, transitions
-from trimail.queue.database import QueueError
+from trimail.queue.database import DATABASE_NAME, QueueError
 from trimail.queue.reads import MessageInfo
 from trimail.queue.store import Store
 from trimail.smtp.address import is_domain
@@ -88,9 +89,9 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
     try:
         store = _open_queue(cfg)
     except Failure:
-        if not json_output:
-            raise
-        print("[]")
+        if not json_output or os.path.exists(os.path.join(cfg.queue_directory, DATABASE_NAME)):
+            raise  # a queue that is there but cannot be read (locked, damaged) is no empty queue
+        print("[]")  # no queue database yet (serve never ran): nothing queued
         return
     source = store.iter_messages()
     try:

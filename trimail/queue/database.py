@@ -26,7 +26,9 @@ acknowledged.  A test's throw-away queue needs no durability; no main.cf, ``-o``
 environment variable can reach the switch.  Its connections also use SQLite's
 ``unix-excl`` VFS: the first to read the file locks it against every other process
 (connections of the test's own process share it as usual), so the WAL index lives
-in the heap, not in a ``-shm`` file made and mapped anew at each start.
+in the heap, not in a ``-shm`` file made and mapped anew at each start.  The file
+``queue.test`` beside it (``TEST_QUEUE_MARK``) makes any other process refuse it at
+once, instead of waiting out the busy timeout for a lock it will never get.
 
 Parameters: none (``queue_directory`` and the busy timeout come from the caller).
 """
@@ -52,6 +54,7 @@ DATABASE_NAME = "queue.db"
 BUSY_TIMEOUT_MS = 30_000
 JOURNAL_SIZE_LIMIT = 64 << 20  # the WAL is truncated to this after a checkpoint
 TEST_QUEUE_VFS = "unix-excl"  # a test queue's (see the module's docstring): every connection to it uses this
+TEST_QUEUE_MARK = "queue.test"  # beside a test queue's database: another process refuses it at once
 
 
 class QueueError(TrimailError):
@@ -222,6 +225,9 @@ class Database:
         # never through a planted link (the directory's own path is the operator's)
         real_directory = _real_path(directory)
         unsynced = real_directory in _UNSAFE_UNSYNCED
+        if not unsynced and os.path.exists(os.path.join(real_directory, TEST_QUEUE_MARK)):
+            raise QueueError(f"{path}: the queue of a trimail.testing test MTA, which only the process "
+                             "running that MTA can open")
         try:
             db = apsw.Connection(os.path.join(real_directory, DATABASE_NAME),
                                  flags=flags | apsw.SQLITE_OPEN_NOFOLLOW, vfs=TEST_QUEUE_VFS if unsynced else None)

@@ -41,7 +41,7 @@ from trimail.config import Config
 from trimail.config.registry import PARAMETERS
 from trimail.config.syntax import Setting, parse_main_cf
 from trimail.passwords import hash_password
-from trimail.queue.database import DATABASE_NAME, Database, unsafe_skip_fsync
+from trimail.queue.database import DATABASE_NAME, TEST_QUEUE_MARK, Database, unsafe_skip_fsync
 
 INSTALL_HINT = "pip install 'trimail[testing]'"
 CHEAP_SCRYPT = (2, 1, 1)  # N, r, p: test passwords only
@@ -82,6 +82,7 @@ def new_queue(queue_directory: str) -> None:
     os.mkdir(queue_directory, 0o700)
     unsafe_skip_fsync(queue_directory)
     write_file(os.path.join(queue_directory, DATABASE_NAME), _template_database(), 0o600, exclusive=True)
+    write_file(os.path.join(queue_directory, TEST_QUEUE_MARK), b"", 0o600, exclusive=True)  # other processes: hands off
 
 
 def forget_queue(queue_directory: str | os.PathLike[str]) -> None:
