@@ -81,3 +81,34 @@ async def test_a_worker_whose_linger_is_over_is_no_longer_woken(autojump_clock):
     assert not dest.idle
     dest.add(job("m1"))
     assert len(dest.jobs) == 1
+
+
+async def test_a_worker_cancelled_after_its_wake_up_still_takes_the_job(autojump_clock):
+    """The one idle worker a job woke is cancelled before it runs (asked by the red
+    team: is the wake-up lost, and the job left for a whole linger?).  No: trio hands
+    a woken task its wake-up before any cancellation, and next_job takes the job
+    with no schedule point in between; the cancellation comes at the worker's next
+    one, with the job in hand (a stopping qmgr returns its messages to incoming)."""
+    dest = Destination(ROUTE, 5, ROUTE.key)
+    taken: list[str] = []
+
+    async def idle_worker(scope_box: list) -> None:
+        with trio.CancelScope() as scope:
+            scope_box.append(scope)
+            got = await dest.next_job(linger=60.0)
+            if got is not None:
+                taken.append(got.message.id)
+
+    first: list = []
+    last: list = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(idle_worker, first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(idle_worker, last)
+        await trio.testing.wait_all_tasks_blocked()
+        dest.add(job("m1"))  # wakes the last to become idle ...
+        last[0].cancel()  # ... which is cancelled before it runs
+        with trio.fail_after(1):  # (the linger is 60 s: a lost wake-up would leave the job that long)
+            while not taken:
+                await trio.sleep(0.01)
+        assert taken == ["m1"] and not dest.jobs
