@@ -33,7 +33,8 @@ def test_the_connection_count_limit_counts_the_sessions_of_every_worker(daemon):
     assert_serving_on(d)
 
 
-OTHER_CLIENT = "127.0.23.99"  # a filler session from another address counts for no limit of the client
+OTHER_CLIENTS = "127.0.23.{}"  # filler sessions, each from an address of its own (99, 98, ...): they count
+# for no limit of the client, nor for one of their own (two fillers from one address met its count limit)
 
 
 def _one_in_each_worker(d) -> tuple[list[socket.socket], int]:
@@ -67,7 +68,7 @@ def _one_in_each_worker(d) -> tuple[list[socket.socket], int]:
                 before = {pid: count - (pid == worker) for pid, count in _sessions_by_worker(d).items()}
                 conn.close()
                 wait_until(lambda before=before: _sessions_by_worker(d) == before, timeout=10)
-                fillers.append(opened(OTHER_CLIENT)[0])
+                fillers.append(opened(OTHER_CLIENTS.format(99 - len(fillers)))[0])
                 continue
             held[worker] = conn
             if len(held) == 2:
