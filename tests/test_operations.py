@@ -133,11 +133,13 @@ def pflogsumm():
 
 
 def test_pflogsumm_reads_the_mail_log_with_exact_counts(tmp_path, pflogsumm):
-    with socket.socket() as probe:
+    # the dead port stays bound (never listening: connections are refused) for the whole
+    # test, so serve's own listener on 127.0.0.1:0 cannot be given it: it once was, and
+    # the mail for dead.example "looped back to myself" and bounced instead of deferring
+    with socket.socket() as probe, Sink(rules={"bad": "550 5.1.1 no such user"}) as sink:
         probe.bind(("127.0.0.1", 0))
         dead = probe.getsockname()[1]
-    maillog = tmp_path / "maillog"
-    with Sink(rules={"bad": "550 5.1.1 no such user"}) as sink:
+        maillog = tmp_path / "maillog"
         config_path = write_main_cf(
             tmp_path, master_service_disable="", maillog_file=str(maillog), mynetworks="127.0.0.1/32",
             smtp_connect_timeout="2s",
