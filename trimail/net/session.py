@@ -277,11 +277,16 @@ class Session:
             await self._flush()
             await trio.sleep(self.error_sleep)
 
-    async def _flush(self) -> None:
+    def _output(self) -> bytes:
+        """The replies waiting to be sent (trimail.testing's hooks see them first)."""
         data = self.conn.data_to_send()
+        if data and self.decisions.ctx.hooks is not None:
+            self.decisions.ctx.hooks.sent(self.decisions, data)
+        return data
+
+    async def _flush(self) -> None:
+        data = self._output()
         if data:
-            if self.decisions.ctx.hooks is not None:
-                self.decisions.ctx.hooks.sent(self.decisions, data)
             self._extend_deadline()
             await self.stream.send_all(data)
 
@@ -291,9 +296,7 @@ class Session:
         and then no scope is made (a scope costs about as much as a send)."""
         if not self.conn.output_size:
             return
-        data: bytes | memoryview = self.conn.data_to_send()
-        if self.decisions.ctx.hooks is not None:
-            self.decisions.ctx.hooks.sent(self.decisions, data)
+        data: bytes | memoryview = self._output()
         try:
             if isinstance(self.stream, DirectStream):
                 sent = self.stream.send_now(data)
