@@ -75,3 +75,71 @@ def test_a_line_logged_when_idle_is_written_at_once_and_none_is_lost_at_shutdown
     log.warning("last %s", "words")
     maillog.shutdown()
     assert stream.text().splitlines()[-1].endswith(f"trimail/master[{os.getpid()}]: warning: last words")
+
+
+class GatedStream(CountingStream):
+    """A destination whose writes wait until ``gate`` is set (a stuck disk or pipe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+
+    def write(self, text: str) -> int:
+        self.gate.wait(30)
+        return super().write(text)
+
+
+@pytest.fixture
+def gated():
+    root = logging.getLogger("trimail")
+    saved = list(root.handlers), root.level, root.propagate
+    stream = GatedStream()
+    maillog.setup("mx.test.example", stream=stream)
+    try:
+        yield stream
+    finally:
+        stream.gate.set()
+        maillog.shutdown(timeout=1)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        root.propagate = saved[2]
+
+
+def test_a_mark_acts_once_after_its_lines_are_written_when_the_commit_ends_first(gated):
+    """receive.commit: the commit is done before the lines are written; the writer
+    thread acts then, once, and only after the line before the mark is out."""
+    calls = []
+    logging.getLogger("trimail.cleanup").info("QID: message-id=<m@example>")
+    mark = maillog.mark()
+    assert mark is not None
+    mark.then(lambda: calls.append(("message-id=<m@example>" in gated.text(), threading.get_ident())))
+    assert calls == []  # the destination holds the line: no wake-up yet
+    gated.gate.set()
+    wait_until(lambda: calls)
+    assert calls == [(True, maillog._listener._thread.ident)]  # from the writer thread, after the line
+
+
+def test_a_mark_acts_at_once_in_the_committer_when_the_lines_are_written_first(stream):
+    logging.getLogger("trimail.cleanup").info("QID: message-id=<m@example>")
+    mark = maillog.mark()
+    assert mark is not None
+    wait_until(lambda: len(mark._turns) == 1)  # the writer has been past it
+    calls = []
+    mark.then(lambda: calls.append(threading.get_ident()))
+    assert calls == [threading.get_ident()]
+    assert "message-id=<m@example>" in stream.text()
+
+
+def test_no_mark_is_put_while_the_destination_is_stuck(gated, monkeypatch):
+    """A stuck destination must not hold up the qmgr's wake-ups for good: once a mark
+    has waited STUCK_AFTER, mark() gives None (the caller wakes the qmgr itself)."""
+    monkeypatch.setattr(maillog, "STUCK_AFTER", 0.01)
+    logging.getLogger("trimail.smtpd").info("a line the destination will not take")
+    first = maillog.mark()
+    assert first is not None
+    wait_until(lambda: maillog.mark() is None)
+    gated.gate.set()  # it moves again: marks are put again once the waiting one is reached
+    wait_until(lambda: maillog.mark() is not None)

@@ -164,9 +164,10 @@ def test_a_maillog_fifo_nobody_reads_does_not_stop_mail(tmp_path, background):
 
 
 def test_with_a_maillog_nobody_reads_smtpd_workers_still_wake_the_qmgr(tmp_path, background):
-    """An smtpd worker wakes the qmgr worker about a message once its log lines about
-    it are written (receive.commit): when they never are, it waits LOG_ORDER_WAIT at
-    most, and every message is delivered (counted at the downstream)."""
+    """An smtpd worker has the qmgr worker woken about a message once its log lines
+    about it are written (receive.commit, log.mark): when they never are, it wakes the
+    qmgr itself once a mark has waited STUCK_AFTER, and every message is delivered
+    (counted at the downstream)."""
     from tests.peers import Sink
 
     fifo = tmp_path / "maillog"

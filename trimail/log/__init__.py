@@ -1,5 +1,5 @@
 """The mail log: its writer thread, and the calls serve makes on it (``setup``,
-``shutdown``, ``mark_written``, ``entering_jail``, ``dropped_lines``, ``printable``).
+``shutdown``, ``mark``, ``entering_jail``, ``dropped_lines``, ``printable``).
 
 Lines are in Postfix's format (``format.py``), so pflogsumm and operators' habits
 work.  They are written to stderr by default, to ``maillog_file`` when set, or to
@@ -13,9 +13,11 @@ thread can block on a slow disk, a full pipe or a stopped journald.  It writes
 the lines waiting together and rests ``BATCH_WAIT`` (10 ms) after each write:
 under load it takes the interpreter from the event loop once per batch, not once
 per line (two lines per SMTP connection were a large share of its cost).  An
-smtpd worker about to hand a message to the qmgr worker (another process) puts a
-mark in the queue (``mark_written``), which ends the rest and tells it once the
-lines before it are written, so the log reads in the order things happened.  Past
+smtpd worker about to commit a message puts a mark in the queue (``mark``), which
+ends the rest; the qmgr worker (another process) is woken about the message once
+both the commit is done and the lines before the mark are written, by whichever
+thread comes second, so the log reads in the order things happened and nobody
+waits for the log.  Past
 ``MAX_QUEUED_LINES`` waiting lines, new lines are dropped and counted (the
 ``trimail_log_lines_dropped_total`` metric, and one warning line once the writer
 catches up), so a stuck destination costs log lines, never the daemon's memory or
@@ -63,6 +65,7 @@ MAX_QUEUED_LINES = 10_000
 BATCH_LINES = 512  # lines written together at most (one write() for the lines waiting)
 BATCH_WAIT = 0.01  # seconds the writer rests after a write (so a line may wait this long to be written)
 FLUSH_TIMEOUT = 5.0
+STUCK_AFTER = 0.05  # seconds a mark may wait for its lines before mark() stops putting more
 
 _listener: _Writer | None = None
 
@@ -101,29 +104,54 @@ class _BoundedQueueHandler(logging.handlers.QueueHandler):
 
 
 class Written:
-    """A mark in the writer's queue: ``done`` is called (on the writer thread) once
-    every line logged before it has been written to the destination."""
+    """A mark in the writer's queue (``mark``), put before a commit: the writer thread
+    arrives once every line logged before it has been written, the committer once its
+    commit is done (``then``); whichever of the two comes second calls ``done``."""
 
-    __slots__ = ("done",)
+    __slots__ = ("done", "_turns")
 
-    def __init__(self, done: Callable[[], None]) -> None:
+    def __init__(self) -> None:
+        self.done: Callable[[], None] | None = None
+        self._turns = [True, False]  # list.pop() is atomic: the second to arrive gets True
+
+    def arrive(self) -> bool:
+        """Whether the other side has arrived already (then this one calls ``done``)."""
+        return self._turns.pop()
+
+    def then(self, done: Callable[[], None]) -> None:
+        """The committer's side: call *done* now if the lines are written, else the
+        writer thread calls it once they are."""
         self.done = done
+        if self.arrive():
+            done()
 
 
-def mark_written(done: Callable[[], None]) -> bool:
-    """Call *done* (from the writer thread) once the lines logged so far are written,
-    and end the writer's rest so that it is soon; False (and *done* never called)
-    when no writer runs: the lines were written at once.  The smtpd worker waits for
-    this before it wakes the qmgr worker about a new message (``receive.commit``): the
-    qmgr, another process, logs about the message a millisecond later, and its lines
-    must not reach the log before this process's ``client=`` and ``message-id=``
-    lines (pflogsumm and people read the log in order)."""
+def mark() -> Written | None:
+    """A mark after the lines logged so far, the writer woken from its rest to write
+    them now (while the caller's commit is being fsynced, typically).  None when no
+    writer runs (the lines were written at once) or when the destination has not
+    moved for ``STUCK_AFTER`` seconds (a mark put before is still waiting): the
+    caller then goes on without it, out of order rather than never.
+
+    An smtpd worker marks before each commit and has its wake-up of the qmgr worker
+    sent through the mark (``receive.commit``): the qmgr, another process, logs about
+    the message a moment later, and its lines must not reach the log before this
+    process's ``client=`` and ``message-id=`` lines (pflogsumm and people read the
+    log in order).  Nobody waits: the session sends its ``250`` after the commit, and
+    the writer thread sends the wake-up when it is the later of the two."""
     listener = _listener
     if listener is None:
-        return False
-    listener.queue.put_nowait(Written(done))
+        return None
+    since = listener.marked_since
+    now = time.monotonic()
+    if since and now - since > STUCK_AFTER:
+        return None
+    if not since:
+        listener.marked_since = now
+    written = Written()
+    listener.queue.put_nowait(written)
     listener.hurry.set()
-    return True
+    return written
 
 
 class _Writer(logging.handlers.QueueListener):
@@ -135,7 +163,8 @@ class _Writer(logging.handlers.QueueListener):
         self.source = source
         self.target = target
         self._told = 0
-        self.hurry = threading.Event()  # ends the rest after a write: see mark_written()
+        self.marked_since = 0.0  # monotonic time the oldest mark not yet reached was put (0: none)
+        self.hurry = threading.Event()  # ends the rest after a write: see mark()
 
     def _monitor(self) -> None:
         """Write the lines waiting (up to ``BATCH_LINES``) together, then rest unless the
@@ -156,8 +185,11 @@ class _Writer(logging.handlers.QueueListener):
                 records = [r for r in records if type(r) is not Written]
             if records:
                 self.write(records)
-            for mark in marks:
-                mark.done()
+            if marks:
+                self.marked_since = 0.0  # (a mark put meanwhile is dated by the next one)
+                for mark in marks:
+                    if mark.arrive():
+                        mark.done()  # type: ignore[misc]
             if stop:
                 return
             if len(records) < BATCH_LINES:  # a full batch: more are waiting, no rest

@@ -44,28 +44,6 @@ cleanup_log = logging.getLogger("trimail.cleanup")
 qmgr_log = logging.getLogger("trimail.qmgr")
 
 HEADER_SCAN_LIMIT = 64 * 1024  # header bytes examined for Message-ID and hop count
-LOG_ORDER_WAIT = 0.05  # seconds the qmgr's wake-up may wait for this process's log lines to be written
-
-
-def _lines_written(scheduler: object) -> trio.Event | None:
-    """An event set once the lines logged so far are written, asked for at the start of
-    the commit so that it is usually set by its end; the qmgr worker is woken only
-    after it (None: nothing to wait for -- the queue manager runs in this process, and
-    its lines follow ours through the same writer, or there is none, or no log writer
-    thread).  A qmgr round that finds the row by itself, without the wake-up, can still
-    log first: the order is kept for the mail it is told about."""
-    if not isinstance(scheduler, QmgrTrigger):
-        return None
-    token = trio.lowlevel.current_trio_token()
-    event = trio.Event()
-
-    def done() -> None:
-        try:
-            token.run_sync_soon(event.set)
-        except trio.RunFinishedError:
-            pass
-
-    return event if maillog.mark_written(done) else None
 
 
 def received_header(session: SmtpdSession, conn: ServerConnection) -> bytes:
@@ -168,7 +146,8 @@ async def commit(session: SmtpdSession) -> Reply:
             message.state = "active"
         if message_id is not None:  # cleanup's line, before the queue file is done (as Postfix)
             cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
-        written = _lines_written(scheduler)  # ours before the qmgr's (maillog.mark_written)
+        # the qmgr worker is woken once these lines are written too (log.mark): ours before its own
+        written = maillog.mark() if isinstance(scheduler, QmgrTrigger) else None
         # The client must get its 250 only after the commit, and a commit that
         # has begun cannot be taken back: so the wait is shielded from shutdown.
         with trio.CancelScope(shield=True):
@@ -180,12 +159,11 @@ async def commit(session: SmtpdSession) -> Reply:
                 log.error("%s: cannot queue message from %s: %s", txn.queue_id, session.client, exc)
                 full = isinstance(exc, StorageError) and exc.no_space
                 return replies.INSUFFICIENT_STORAGE if full else replies.LOCAL_ERROR
-            if written is not None and not written.is_set():
-                with trio.move_on_after(LOG_ORDER_WAIT):  # a stuck log destination delays no mail
-                    await written.wait()
         if scheduler is not None:
             if hand_over:
                 scheduler.hand_over(message, message.content.getvalue())
+            elif written is not None:
+                written.then(scheduler.wake)
             else:
                 scheduler.wake()
         if session.ctx.metrics is not None:
