@@ -20,16 +20,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench_load import REUSE_LABELS, measure_latency, run_load
+from bench_load import REUSE_LABELS, STEPS, measure_latency, run_load
 from bench_mtas import SINK_ADDRESS, free_port
 from bench_procs import tree_usage, wait_until_idle
 
 METRICS = {"rate": ("msg/s", "{:,.0f}"), "cpu_per_1000": ("CPU s / 1,000 msgs", "{:.2f}"),
            "peak_rss_mib": ("peak RSS MiB, sum", "{:,.0f}"), "largest_rss_mib": ("largest process MiB", "{:,.0f}"),
-           "latency_p50_ms": ("latency p50 ms", "{:.1f}"), "latency_p99_ms": ("latency p99 ms", "{:.1f}")}
+           "latency_p50_ms": ("latency p50 ms", "{:.1f}"), "latency_p99_ms": ("latency p99 ms", "{:.1f}"),
+           **{f"step_{name}_ms": (f"p50 ms, {name}", "{:.3f}") for name in STEPS}}
 LOAD_METRICS = ("rate", "cpu_per_1000", "peak_rss_mib", "largest_rss_mib")
 TABLE_METRICS = ("rate", "cpu_per_1000", "peak_rss_mib")
-LATENCY_METRICS = ("latency_p50_ms", "latency_p99_ms")
+LATENCY_METRICS = ("latency_p50_ms", "latency_p99_ms", *(f"step_{name}_ms" for name in STEPS))
+
+
+def latency_metrics(reuse: str) -> tuple[str, ...]:
+    """With reuse, only the steps of every message (the connection's are made once)."""
+    once = ("step_connect_ms", "step_ehlo_ms", "step_quit_ms")
+    return tuple(m for m in LATENCY_METRICS if reuse != "yes" or m not in once)
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,9 @@ def one_run(contestant: Contestant, key: dict, generator: str, relay: tuple[str,
         mta = contestant.start(Path(tmp), relay if mode == "e2e" else None)
         try:
             if mode == "latency":
-                p50, p99 = measure_latency(mta.address, mta.port, key["reuse"], key["messages"])
-                return {"latency_p50_ms": p50 * 1000, "latency_p99_ms": p99 * 1000}
+                figures = measure_latency(mta.address, mta.port, key["reuse"], key["messages"])
+                return {"latency_p50_ms": figures.pop("p50") * 1000, "latency_p99_ms": figures.pop("p99") * 1000,
+                        **{f"step_{name}_ms": seconds * 1000 for name, seconds in figures.items()}}
             settled = wait_until_idle(mta.root_pid())
             before = tree_usage(mta.root_pid())
             started = time.perf_counter()
@@ -93,7 +101,7 @@ def one_run(contestant: Contestant, key: dict, generator: str, relay: tuple[str,
 
 def run_cell(contestants: list[Contestant], key: dict, generator: str, relay: tuple[str, int] | None,
              runs: int) -> dict:
-    metrics = LATENCY_METRICS if key["mode"] == "latency" else LOAD_METRICS
+    metrics = latency_metrics(key["reuse"]) if key["mode"] == "latency" else LOAD_METRICS
     results: dict[str, list[dict]] = {c.label: [] for c in contestants}
     for number in range(1, runs + 1):
         for contestant in contestants:
@@ -150,7 +158,7 @@ def matrix_table(cells: list[dict]) -> list[str]:
     header += " trimail / postfix |" if postfix and trimails != [None] else ""
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for cell in cells:
-        metrics = LATENCY_METRICS if cell["mode"] == "latency" else TABLE_METRICS
+        metrics = latency_metrics(cell["reuse"]) if cell["mode"] == "latency" else TABLE_METRICS
         for label in trimails:
             for metric in metrics:
                 unit, fmt = METRICS[metric]

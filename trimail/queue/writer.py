@@ -150,9 +150,12 @@ class QueueWriter:
                 store.close()
             self._readers.clear()
 
-    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+    async def read(self, fn: Callable[..., T], *args: Any, small: bool = False) -> T:
         """Run ``fn(store, *args)`` in one read snapshot on a reading connection, on a
-        worker thread: never queued behind the writer's commits."""
+        worker thread: never queued behind the writer's commits.  *small*: the caller
+        knows the read is of a few pages (``queue.inline.BookkeepingWriter`` may then
+        run it in the event loop)."""
+        del small
         async with self._read_limiter:
             store = self._readers.pop() if self._readers else await trio.to_thread.run_sync(self._open_store)
             try:

@@ -27,6 +27,7 @@ from trimail.cleanup.headers import complete_headers
 from trimail.cleanup.rewrite import LOCAL, NOMAP_PARAM, RWR_PARAM, header_context, masquerade
 from trimail.delivery.smtp import Envelope
 from trimail.queue import transitions
+from trimail.queue.inline import SMALL_READ
 
 if TYPE_CHECKING:
     from trimail.scheduler.destination import Job, Qmgr
@@ -62,8 +63,9 @@ def content_of(q: Qmgr, job: Job) -> Callable[[], AsyncIterator[bytes]]:
             return
         offset = 0
         while offset < size:
-            chunk = await q.writer.read(transitions.read_chunk, message_id, offset,
-                                        min(CONTENT_CHUNK, size - offset))
+            length = min(CONTENT_CHUNK, size - offset)
+            chunk = await q.writer.read(transitions.read_chunk, message_id, offset, length,
+                                        small=length <= SMALL_READ)
             if not chunk:
                 # raised before the end of data is sent: the peer never gets a
                 # truncated message, and the connection is dropped
