@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import apsw
 import pytest
 import trio
 
@@ -135,6 +136,48 @@ async def test_bookkeeping_runs_in_the_event_loop_when_the_write_lock_is_free(tm
     finally:
         other.close()
     assert rows == {"hold": 1, "incoming": 1}
+
+
+async def test_the_qmgr_reads_small_content_in_the_event_loop_even_while_the_write_lock_is_held(tmp_path):
+    """BookkeepingWriter.read(small=True) (the qmgr's pieces of content up to
+    SMALL_READ) runs in the caller's thread, on the inline connection, and a reader
+    needs no lock: another process holding the write lock delays nothing.  Other
+    reads go to a reading thread."""
+    loop_thread = threading.get_ident()
+
+    def count(store: Store) -> tuple[int, int]:
+        return threading.get_ident(), store.db.execute("SELECT count(*) FROM message").fetchone()[0]
+
+    other = Store.open(tmp_path)
+    async with BookkeepingWriter(lambda: Store.open(tmp_path, busy_timeout=2.0)) as writer:
+        other.db.execute("BEGIN IMMEDIATE")  # the lock, held elsewhere
+        try:
+            with trio.fail_after(1):
+                small = await writer.read(count, small=True)
+                large = await writer.read(count)
+        finally:
+            other.db.execute("COMMIT")
+    other.close()
+    assert small == (loop_thread, 0)
+    assert large[0] != loop_thread and large[1] == 0
+
+
+async def test_a_small_read_that_finds_the_wal_index_busy_goes_to_a_reading_thread(tmp_path):
+    """The inline connection never waits inside SQLite (busy timeout 0): a read it
+    cannot begin at once is done by a reading thread, not failed."""
+    loop_thread = threading.get_ident()
+    tries: list[int] = []
+
+    def busy_once(store: Store) -> int:
+        tries.append(threading.get_ident())
+        if len(tries) == 1:
+            raise apsw.BusyError("database is locked")
+        return threading.get_ident()
+
+    async with BookkeepingWriter(lambda: Store.open(tmp_path)) as writer:
+        ran_in = await writer.read(busy_once, small=True)
+        assert writer._inline is not None and writer._inline.db.getautocommit()  # its snapshot was ended
+    assert tries[0] == loop_thread and ran_in != loop_thread
 
 
 async def test_bookkeeping_waits_in_the_event_loop_while_another_process_holds_the_lock(tmp_path):
