@@ -1,7 +1,7 @@
 """The load modes of ``scripts/bench``: the command line, the two connection modes
 of both load generators, the tables, and the CPU and memory accounting of an MTA
 that is a tree of processes (trimail's master and workers, Postfix's daemons).
-No MTA runs here."""
+The latency steps are timed against trimail.testing's TestMTA; no other MTA runs."""
 
 from __future__ import annotations
 
@@ -271,3 +271,21 @@ def test_the_load_is_measured_only_once_the_mta_has_finished_starting() -> None:
     finally:
         proc.stdin.close()
         proc.wait(30)
+
+
+@pytest.mark.parametrize("reuse", ["yes", "no"])
+def test_latency_times_every_step_of_one_message_at_a_time(reuse: str) -> None:
+    """``measure_latency`` against a real MTA (trimail.testing's): p50 and p99 of the
+    whole and the p50 of each step; a connection's steps only without reuse."""
+    from trimail.testing import TestMTA
+
+    with TestMTA(smtpd_listen=f"{ADDRESS}:0") as mta:
+        figures = bench_load.measure_latency(mta.host, mta.port, reuse, count=6)
+        assert len(mta.messages) == 6
+    per_message = {"mail", "rcpt", "data", "dot"}
+    steps = per_message | ({"connect", "ehlo", "quit"} if reuse == "no" else set())
+    assert set(figures) == {"p50", "p99"} | steps
+    assert all(value > 0 for value in figures.values())
+    assert figures["p50"] > max(figures[step] for step in per_message)  # the whole holds them
+    assert set(bench_matrix.latency_metrics(reuse)) == {"latency_p50_ms", "latency_p99_ms"} | {
+        f"step_{step}_ms" for step in steps}
