@@ -193,6 +193,39 @@ def test_with_a_maillog_nobody_reads_smtpd_workers_still_wake_the_qmgr(tmp_path,
     assert status == 0 and "Traceback" not in err, err
 
 
+def test_behind_a_maillog_that_stops_moving_every_message_is_delivered_before_the_next_arrives(
+        tmp_path, background):
+    """A message whose log mark was put before the destination stopped moving (its
+    wake-up of the qmgr left to the log writer thread, which never gets there) is
+    still delivered on its own, without another message to rescue it: the smtpd
+    worker wakes the qmgr itself once the mark has waited STUCK_AFTER
+    (scheduler.trigger.QmgrTrigger.wake_after).  Before, one of the messages
+    around the point where the pipe filled sat in incoming for good."""
+    from tests.peers import Sink
+
+    fifo = tmp_path / "maillog"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)
+        with Sink() as sink:
+            port = free_port()
+            config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(fifo),
+                                        smtpd_workers="2", master_service_disable="",
+                                        relayhost=f"[127.0.0.1]:{sink.port}")
+            serve = background(config_path)
+            wait_until(lambda: answers_220(port) or not serve.alive, timeout=30)
+            for n in range(60):  # far more log than the pipe holds: the writer blocks for good
+                send(port, [f"r{n}@far.example"])
+                wait_until(lambda: len(sink.messages) > n or not serve.alive, timeout=10)
+                assert len(sink.messages) == n + 1, f"message {n} was not delivered on its own"
+            assert serve.alive
+    finally:
+        os.close(reader)
+    status, err = serve.stop()
+    assert status == 0 and "Traceback" not in err, err
+
+
 def test_maillog_is_reopened_after_logrotate_moves_it(tmp_path, background):
     maillog = tmp_path / "maillog"
     port = free_port()

@@ -118,20 +118,29 @@ class Written:
         """Whether the other side has arrived already (then this one calls ``done``)."""
         return self._turns.pop()
 
-    def then(self, done: Callable[[], None]) -> None:
-        """The committer's side: call *done* now if the lines are written, else the
-        writer thread calls it once they are."""
+    def then(self, done: Callable[[], None]) -> bool:
+        """The committer's side: call *done* now if the lines are written (True), else
+        the writer thread calls it once they are (False)."""
         self.done = done
         if self.arrive():
             done()
+            return True
+        return False
+
+    @property
+    def reached(self) -> bool:
+        """Both sides have arrived: ``done`` has been called (or is being called)."""
+        return not self._turns
 
 
 def mark() -> Written | None:
     """A mark after the lines logged so far, the writer woken from its rest to write
     them now (while the caller's commit is being fsynced, typically).  None when no
     writer runs (the lines were written at once) or when the destination has not
-    moved for ``STUCK_AFTER`` seconds (a mark put before is still waiting): the
-    caller then goes on without it, out of order rather than never.
+    moved for ``STUCK_AFTER`` seconds (a mark put before is still waiting) or its
+    queue is full: the caller then goes on without it, out of order rather than
+    never.  A mark already put may wait for good behind a stuck destination: its
+    caller must not wait for it alone (``scheduler.trigger.QmgrTrigger.wake_after``).
 
     An smtpd worker marks before each commit and has its wake-up of the qmgr worker
     sent through the mark (``receive.commit``): the qmgr, another process, logs about
@@ -144,7 +153,7 @@ def mark() -> Written | None:
         return None
     since = listener.marked_since
     now = time.monotonic()
-    if since and now - since > STUCK_AFTER:
+    if since and now - since > STUCK_AFTER or listener.queue.qsize() >= listener.source.bound:
         return None
     if not since:
         listener.marked_since = now

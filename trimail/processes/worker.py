@@ -212,6 +212,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         async with trio.open_nursery() as top:
             top.start_soon(watch_channel)
             top.start_soon(watch_signal)
+            top.start_soon(trigger.watch)  # the qmgr's wake-ups that the mail log holds up
             if spec.get("workers", 1) > 1:
                 top.start_soon(watch_stress)
 

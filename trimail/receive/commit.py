@@ -163,7 +163,7 @@ async def commit(session: SmtpdSession) -> Reply:
             if hand_over:
                 scheduler.hand_over(message, message.content.getvalue())
             elif written is not None:
-                written.then(scheduler.wake)
+                scheduler.wake_after(written)  # type: ignore[union-attr]
             else:
                 scheduler.wake()
         if session.ctx.metrics is not None:

@@ -14,9 +14,12 @@ reading end while the qmgr restarts, so triggers sent meanwhile wait for it.
 from __future__ import annotations
 
 import socket
+from collections import deque
 from typing import Protocol
 
 import trio
+
+from trimail.log import STUCK_AFTER, Written
 
 WAKE = b"W"
 FLUSH = b"F"
@@ -29,6 +32,38 @@ class QmgrTrigger:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
         self.sock = sock
+        self._late: deque[tuple[float, Written]] = deque()  # marks not reached at their commit, oldest first
+        self._alarm = trio.Event()  # set when _late gets its first entry
+
+    def wake_after(self, written: Written) -> None:
+        """Wake the qmgr about mail just committed once the log lines before
+        *written* (a ``log.mark``) are written -- now, or by the log writer thread --
+        and ``STUCK_AFTER`` seconds from now at the latest (``watch``): a log
+        destination that does not move delays the wake-up, never loses it."""
+        if written.then(self.wake):
+            return
+        if not self._late:
+            self._alarm.set()
+        self._late.append((trio.current_time() + STUCK_AFTER, written))
+
+    async def watch(self) -> None:
+        """Until cancelled (a task of the smtpd worker): for a mark not reached by
+        its deadline, wake the qmgr (once for all of them: a round claims every
+        message committed so far)."""
+        late = self._late
+        while True:
+            if not late:
+                await self._alarm.wait()
+                self._alarm = trio.Event()
+                continue
+            deadline, written = late[0]
+            if written.reached:
+                late.popleft()
+            elif trio.current_time() < deadline:
+                await trio.sleep_until(deadline)
+            else:
+                late.clear()
+                self.wake()
 
     def _send(self, byte: bytes) -> None:
         try:
