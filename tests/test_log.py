@@ -143,3 +143,39 @@ def test_no_mark_is_put_while_the_destination_is_stuck(gated, monkeypatch):
     wait_until(lambda: maillog.mark() is None)
     gated.gate.set()  # it moves again: marks are put again once the waiting one is reached
     wait_until(lambda: maillog.mark() is not None)
+
+
+_PIPE_WRITER = """
+import logging, os, sys
+from trimail import log as maillog
+maillog.setup("mx.test.example", stream=os.fdopen(int(sys.argv[1]), "w"))
+log = logging.getLogger("trimail.smtpd")
+for i in range(3000):
+    log.info("%s line %d %s", sys.argv[2], i, "x" * 80)
+maillog.shutdown()
+"""
+
+
+def test_processes_logging_into_one_pipe_never_cut_each_others_lines():
+    """Workers share stderr (a pipe or socket under systemd) or a FIFO: a write of
+    more than PIPE_BUF bytes into it may be cut by another process's lines while the
+    reader lags, so the batches go in pieces of whole lines (log.destinations)."""
+    import fcntl
+    import re
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, 1031, 4096)  # F_SETPIPE_SZ: a small pipe, full most of the time
+    writers = [subprocess.Popen([sys.executable, "-c", _PIPE_WRITER, str(write_end), name], pass_fds=(write_end,))
+               for name in ("AAAA", "BBBB")]
+    os.close(write_end)
+    data = bytearray()
+    with os.fdopen(read_end, "rb") as reader:
+        while chunk := reader.read1(512):  # a reader that takes little at a time
+            data += chunk
+    assert [writer.wait(60) for writer in writers] == [0, 0]
+    lines = data.decode().splitlines()
+    whole = re.compile(r".* trimail/smtpd\[\d+\]: (AAAA|BBBB) line \d+ x{80}")
+    assert [line for line in lines if not whole.fullmatch(line)] == []
+    assert len(lines) == 6000

@@ -2,7 +2,10 @@
 
 Each destination is a ``logging`` handler the writer thread (``trimail.log``)
 drives.  Stream destinations write the lines waiting with one ``write()``
-(``emit_many``); syslog gets one datagram per line.  ``maillog_file`` is opened at
+(``emit_many``) -- into a pipe or socket (stderr under systemd, a FIFO), which the
+workers share, in pieces of whole lines of at most ``PIPE_BUF`` bytes, the most
+that POSIX writes to a pipe whole: a larger write could be cut by another
+process's lines when the reader lags; syslog gets one datagram per line.  ``maillog_file`` is opened at
 start (before serve drops root or enters its jail) and reopened when logrotate
 moves it (no signal needed): the path's inode is compared with the open file's
 before each write.  ``MailLogFile.enter_jail`` follows the path as seen from
@@ -24,6 +27,8 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import select
+import stat
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -48,11 +53,43 @@ class _QuietErrors:
             pass
 
 
+PIPE_BUF = select.PIPE_BUF  # bytes a pipe takes whole from one write (4096 on Linux)
+
+
+def _pieces(lines: list[str], limit: int = PIPE_BUF) -> list[str]:
+    """*lines* joined into pieces of whole lines, each at most *limit* bytes in UTF-8
+    (a longer line is a piece of its own)."""
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
+    for line in lines:
+        length = len(line) if line.isascii() else len(line.encode("utf-8", "surrogateescape"))
+        if current and size + length > limit:
+            pieces.append("".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += length
+    if current:
+        pieces.append("".join(current))
+    return pieces
+
+
+def _shared_whole(stream: TextIO) -> bool:
+    """Whether one write of any size reaches *stream* whole (a regular file); not a
+    pipe or a socket, nor what cannot say (a StringIO in tests: one piece)."""
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, AttributeError):
+        return True  # no descriptor: nobody else writes into it
+
+
 class _Batched:
-    """Stream destinations write the lines waiting with one ``write()`` and flush."""
+    """Stream destinations write the lines waiting with one ``write()`` (one per
+    ``PIPE_BUF`` into a pipe or socket) and flush."""
 
     stream: TextIO | None
     terminator: str
+    _whole: tuple[TextIO | None, bool] = (None, True)  # the stream last asked about, and its answer
 
     def emit_many(self, records: list[logging.LogRecord]) -> None:  # the caller holds the lock
         lines = []
@@ -63,11 +100,15 @@ class _Batched:
                 raise
             except Exception:  # noqa: BLE001 - logging's rule: the destination's trouble never reaches the caller
                 self.handleError(record)  # type: ignore[attr-defined]
-        if not lines or self.stream is None:
+        stream = self.stream
+        if not lines or stream is None:
             return
+        if self._whole[0] is not stream:
+            self._whole = (stream, _shared_whole(stream))
         try:
-            self.stream.write("".join(lines))
-            self.flush()  # type: ignore[attr-defined]
+            for piece in ["".join(lines)] if self._whole[1] else _pieces(lines):
+                stream.write(piece)
+                self.flush()  # type: ignore[attr-defined]
         except RecursionError:
             raise
         except Exception:  # noqa: BLE001 - as above (EPIPE, ENOSPC, EIO: said once per kind)
