@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,26 @@ def public() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def mail_log(**setup: object) -> Iterator[None]:
+    """trimail.log.setup(**setup) for the block, its writer stopped at the end and the
+    ``trimail`` logger's handlers, level and propagation put back as they were."""
+    import logging
+
+    from trimail import log as maillog
+
+    root = logging.getLogger("trimail")
+    saved = list(root.handlers), root.level, root.propagate
+    maillog.setup("mx.test.example", **setup)  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        maillog.shutdown(timeout=1)
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+        root.propagate = saved[2]

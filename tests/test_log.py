@@ -10,26 +10,16 @@ import time
 
 import pytest
 
+from tests.conftest import mail_log
 from trimail import log as maillog
 
 
 @pytest.fixture
 def stream():
     """setup() to a counting stream; the ``trimail`` logger is put back afterwards."""
-    root = logging.getLogger("trimail")
-    saved = list(root.handlers), root.level, root.propagate
     counting = CountingStream()
-    maillog.setup("mx.test.example", stream=counting)
-    try:
+    with mail_log(stream=counting):
         yield counting
-    finally:
-        maillog.shutdown(timeout=1)
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
-        root.propagate = saved[2]
 
 
 class CountingStream(io.StringIO):
@@ -91,21 +81,12 @@ class GatedStream(CountingStream):
 
 @pytest.fixture
 def gated():
-    root = logging.getLogger("trimail")
-    saved = list(root.handlers), root.level, root.propagate
     stream = GatedStream()
-    maillog.setup("mx.test.example", stream=stream)
-    try:
-        yield stream
-    finally:
-        stream.gate.set()
-        maillog.shutdown(timeout=1)
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
-        root.propagate = saved[2]
+    with mail_log(stream=stream):
+        try:
+            yield stream
+        finally:
+            stream.gate.set()  # before the writer is stopped: it may be inside a write
 
 
 def test_a_mark_acts_once_after_its_lines_are_written_when_the_commit_ends_first(gated):

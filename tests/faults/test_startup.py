@@ -163,39 +163,10 @@ def test_a_maillog_fifo_nobody_reads_does_not_stop_mail(tmp_path, background):
     assert status == 0 and "Traceback" not in err, err
 
 
-def test_with_a_maillog_nobody_reads_smtpd_workers_still_wake_the_qmgr(tmp_path, background):
-    """An smtpd worker has the qmgr worker woken about a message once its log lines
-    about it are written (receive.commit, log.mark): when they never are, it wakes the
-    qmgr itself once a mark has waited STUCK_AFTER, and every message is delivered
-    (counted at the downstream)."""
-    from tests.peers import Sink
-
-    fifo = tmp_path / "maillog"
-    os.mkfifo(fifo)
-    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)
-        with Sink() as sink:
-            port = free_port()
-            config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(fifo),
-                                        smtpd_workers="2", master_service_disable="",
-                                        relayhost=f"[127.0.0.1]:{sink.port}")
-            serve = background(config_path)
-            wait_until(lambda: answers_220(port) or not serve.alive, timeout=30)
-            for n in range(40):  # far more log than one page: the writer blocks for good
-                send(port, [f"r{n}@far.example"])
-            wait_until(lambda: len(sink.messages) >= 40 or not serve.alive, timeout=60)
-            assert len(sink.messages) == 40
-            assert serve.alive and answers_220(port)
-    finally:
-        os.close(reader)
-    status, err = serve.stop()
-    assert status == 0 and "Traceback" not in err, err
-
-
 def test_behind_a_maillog_that_stops_moving_every_message_is_delivered_before_the_next_arrives(
         tmp_path, background):
-    """A message whose log mark was put before the destination stopped moving (its
+    """An smtpd worker has the qmgr worker woken about a message once its log lines
+    about it are written (receive.commit, log.mark).  A message whose log mark was put before the destination stopped moving (its
     wake-up of the qmgr left to the log writer thread, which never gets there) is
     still delivered on its own, without another message to rescue it: the smtpd
     worker wakes the qmgr itself once the mark has waited STUCK_AFTER
@@ -325,42 +296,34 @@ def test_a_blocked_log_destination_drops_and_counts_lines_instead_of_blocking(tm
     lines are dropped, counted, and reported once the destination moves again."""
     import logging
 
+    from tests.conftest import mail_log
     from trimail import log as maillog
 
     fifo = tmp_path / "maillog"
     os.mkfifo(fifo)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
-    root = logging.getLogger("trimail")
-    saved = list(root.handlers), root.level, root.propagate
+    read = b""
+
+    def drained() -> bool:
+        nonlocal read
+        try:
+            read += os.read(reader, 65536)
+        except BlockingIOError:
+            pass
+        return b"mail log line(s) dropped" in read
+
     try:
         fcntl.fcntl(reader, F_SETPIPE_SZ, 4096)
-        maillog.setup("mx.test.example", maillog_file=str(fifo), bound=50)
-        started = time.monotonic()
-        for number in range(2000):
-            logging.getLogger("trimail.smtpd").info("line %d %s", number, "x" * 100)
-        assert time.monotonic() - started < 5  # 2000 lines into a full pipe, without waiting on it
-        assert maillog.dropped_lines() > 1000
-        read = b""
-
-        def drained() -> bool:
-            nonlocal read
-            try:
-                read += os.read(reader, 65536)
-            except BlockingIOError:
-                pass
-            return b"mail log line(s) dropped" in read
-
-        wait_until(drained)
-        assert b"trimail/smtpd[" in read and b"line 0 " in read
+        with mail_log(maillog_file=str(fifo), bound=50):
+            started = time.monotonic()
+            for number in range(2000):
+                logging.getLogger("trimail.smtpd").info("line %d %s", number, "x" * 100)
+            assert time.monotonic() - started < 5  # 2000 lines into a full pipe, without waiting on it
+            assert maillog.dropped_lines() > 1000
+            wait_until(drained)
+            assert b"trimail/smtpd[" in read and b"line 0 " in read
     finally:
-        maillog.shutdown(timeout=1)
         os.close(reader)
-        for handler in list(root.handlers):
-            root.removeHandler(handler)
-        for handler in saved[0]:
-            root.addHandler(handler)
-        root.setLevel(saved[1])
-        root.propagate = saved[2]
 
 
 @needs_root
