@@ -5,7 +5,8 @@ drives.  Stream destinations write the lines waiting with one ``write()``
 (``emit_many``) -- into a pipe or socket (stderr under systemd, a FIFO), which the
 workers share, in pieces of whole lines of at most ``PIPE_BUF`` bytes, the most
 that POSIX writes to a pipe whole: a larger write could be cut by another
-process's lines when the reader lags; syslog gets one datagram per line.  ``maillog_file`` is opened at
+process's lines when the reader lags; syslog gets one datagram per line.
+``maillog_file`` is opened at
 start (before serve drops root or enters its jail) and reopened when logrotate
 moves it (no signal needed): the path's inode is compared with the open file's
 before each write.  ``MailLogFile.enter_jail`` follows the path as seen from

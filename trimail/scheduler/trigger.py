@@ -9,6 +9,11 @@ trigger is already pending and this one adds nothing.  The database stays the
 source of truth (the mail was committed before the trigger), so a lost trigger
 delays delivery by at most a round timer, never loses mail; the master holds the
 reading end while the qmgr restarts, so triggers sent meanwhile wait for it.
+
+An smtpd worker wakes the qmgr about new mail only once its log lines about it
+are written (``wake_after``, with ``trimail.log.mark``), so the qmgr's lines follow
+them in the log; when the log destination stops moving, ``watch`` wakes it
+``STUCK_AFTER`` seconds after the commit anyway.
 """
 
 from __future__ import annotations
