@@ -60,8 +60,8 @@ from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.clients import ClientBoard
 from trimail.qshape import dead_destinations
 from trimail.queue.inline import BookkeepingWriter
+from trimail.queue.solo import SmtpdWriter
 from trimail.queue.store import Store
-from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.scheduler.trigger import QmgrTrigger, receive_triggers
 from trimail.service import Server
@@ -162,7 +162,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
     trigger = QmgrTrigger(socket.socket(fileno=spec["trigger"]))
     listeners = listening_sockets(spec)
     holder, open_store = _open_store(config)
-    async with QueueWriter(open_store) as writer:
+    async with SmtpdWriter(open_store) as writer:
         preflight(config)  # the certificate, read before the jail may hide it
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False,
                                                        handed_over=True)
@@ -170,6 +170,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         board = SessionBoard(spec["board"], spec["slot"])
         server = Server(config, writer, listeners, trigger, board, ClientBoard(spec["clients"], spec["slot"]),
                         accept_delay=board.accept_delay if spec.get("workers", 1) > 1 else None)
+        writer.alone = lambda: len(server.sessions) <= 1  # its message commits in the loop (queue.solo)
         stopped = trio.Event()
 
         def metrics(_: dict[str, Any]) -> str:

@@ -73,6 +73,23 @@ async def _checkpoint_after() -> None:
     await trio.lowlevel.cancel_shielded_checkpoint()
 
 
+def _open_inline(writer: QueueWriter, durable: bool) -> Store:
+    """A writing connection for the event loop's thread: it never waits inside SQLite
+    for the write lock (busy timeout 0: its caller decides what to do when the lock is
+    busy), and never checkpoints by itself (its WAL hook tells *writer*'s thread)."""
+    store = writer._open_store()
+    store.db.set_busy_timeout(0)
+    store.set_durable(durable)
+
+    def committed(connection: apsw.Connection, name: str, pages: int) -> int:
+        del connection, name
+        writer._tell(checkpoint=pages >= AUTOCHECKPOINT_PAGES)
+        return apsw.SQLITE_OK
+
+    store.db.set_wal_hook(committed)  # replaces its automatic checkpoints
+    return store
+
+
 class BookkeepingWriter(QueueWriter):
     """The qmgr worker's writer: bookkeeping in the event loop, where it also waits
     for the write lock when another process holds it."""
@@ -92,11 +109,7 @@ class BookkeepingWriter(QueueWriter):
         return self
 
     def _open_inline(self) -> Store:
-        store = self._open_store()
-        store.db.set_busy_timeout(0)  # never waits inside SQLite: _wait_for_lock does, in the loop
-        store.set_durable(False)
-        store.db.set_wal_hook(self._committed)  # replaces its automatic checkpoints
-        return store
+        return _open_inline(self, durable=False)  # _wait_for_lock waits for the lock, in the loop
 
     async def __aexit__(self, *exc_info: object) -> None:
         await super().__aexit__(*exc_info)
@@ -205,11 +218,6 @@ class BookkeepingWriter(QueueWriter):
             request.error = request.error or error
             request.done.set()
 
-    def _committed(self, connection: apsw.Connection, name: str, pages: int) -> int:
-        """SQLite's WAL hook on the inline connection, after each of its commits."""
-        del connection, name
-        self._tell(checkpoint=pages >= AUTOCHECKPOINT_PAGES)
-        return apsw.SQLITE_OK
 
 
 class InlineWriter(QueueWriter):

@@ -103,6 +103,11 @@ class Spool:
             raise SpoolError(f"cannot write spool file in {self._directory}: {exc.strerror or exc}",
                              no_space=no_space) from exc
 
+    @property
+    def in_memory(self) -> bool:
+        """Whether the whole content is still in memory (no file to read)."""
+        return self._buffer is not None
+
     def getvalue(self) -> bytes | None:
         """The whole content if it is still in memory, else None (use chunks())."""
         return bytes(self._buffer) if self._buffer is not None else None

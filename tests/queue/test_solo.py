@@ -1,0 +1,170 @@
+"""The smtpd worker's writer (queue.solo.SmtpdWriter): a message commits in the
+event loop while its session is the worker's only one, and on the writer thread
+whenever that could stall another session, race another request, or wait."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import trio
+
+from trimail.queue import solo
+from trimail.queue.solo import SmtpdWriter
+from trimail.queue.spool import Spool
+from trimail.queue.store import NewMessage, Store
+
+
+def _message(queue_id: str, spool: Spool | None = None) -> NewMessage:
+    if spool is None:
+        spool = Spool()
+        spool.write(b"Subject: t\r\n\r\nbody\r\n")
+    return NewMessage(id=queue_id, sender="a@example.org", recipients=["b@example.net"], content=spool)
+
+
+def _queued(directory) -> set[str]:
+    other = Store.open(directory)
+    try:
+        return {row[0] for row in other.db.execute("SELECT id FROM message")}
+    finally:
+        other.close()
+
+
+def _insert_noting_thread(ran_in: dict[str, tuple[int, int]]):
+    def insert(store: Store, message: NewMessage) -> None:
+        synchronous = store.db.execute("PRAGMA synchronous").fetchone()[0]
+        ran_in[message.id] = (threading.get_ident(), synchronous)
+        store.insert_message(message)
+    return insert
+
+
+async def test_a_lone_sessions_message_commits_fsynced_in_the_event_loop(tmp_path):
+    """Alone: the commit runs in the loop's thread with synchronous = FULL (2) and is
+    visible to another connection when run() returns; with other sessions open the
+    same request goes to the writer thread, as before."""
+    loop_thread = threading.get_ident()
+    ran_in: dict[str, tuple[int, int]] = {}
+    insert = _insert_noting_thread(ran_in)
+    sessions = 1
+    async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
+        writer.alone = lambda: sessions <= 1
+        await writer.run(insert, _message("AAAA1"))
+        assert _queued(tmp_path) == {"AAAA1"}
+        sessions = 2
+        await writer.run(insert, _message("AAAA2"))
+    assert ran_in["AAAA1"] == (loop_thread, 2)
+    assert ran_in["AAAA2"][0] != loop_thread and ran_in["AAAA2"][1] == 2
+    assert _queued(tmp_path) == {"AAAA1", "AAAA2"}
+
+
+async def test_a_commit_goes_to_the_thread_when_another_process_holds_the_lock(tmp_path):
+    """The loop never waits for SQLite's write lock: while another connection (the
+    other smtpd worker, the qmgr) holds it, the lone session's commit is handed to
+    the thread, whose busy handler waits; the loop keeps running meanwhile."""
+    loop_thread = threading.get_ident()
+    ran_in: dict[str, tuple[int, int]] = {}
+    insert = _insert_noting_thread(ran_in)
+    other = Store.open(tmp_path)
+    async with SmtpdWriter(lambda: Store.open(tmp_path, busy_timeout=5.0)) as writer:
+        writer.alone = lambda: True
+        other.db.execute("BEGIN IMMEDIATE")
+        ticks = 0
+        async with trio.open_nursery() as nursery:
+            async def submit() -> None:
+                await writer.run(insert, _message("BBBB1"))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(submit)
+            with trio.fail_after(5):
+                while ticks < 20:  # the loop runs while the commit waits for the lock
+                    await trio.sleep(0.005)
+                    ticks += 1
+            assert "BBBB1" not in ran_in or ran_in["BBBB1"][0] != loop_thread
+            other.db.execute("COMMIT")
+            with trio.fail_after(5):
+                await trio.sleep_forever()
+    other.close()
+    assert ran_in["BBBB1"][0] != loop_thread
+    assert _queued(tmp_path) == {"BBBB1"}
+
+
+async def test_a_commit_never_overtakes_one_that_is_with_the_thread(tmp_path):
+    """A request made while an earlier one is still with the thread goes to the
+    thread too, behind it: commits happen in the order they were asked for."""
+    loop_thread = threading.get_ident()
+    order: list[str] = []
+    release = threading.Event()
+
+    def first(store: Store) -> None:
+        release.wait(5)
+        order.append("first")
+
+    def second(store: Store) -> int:
+        order.append("second")
+        return threading.get_ident()
+
+    alone = False
+    async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
+        writer.alone = lambda: alone
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, first)
+            await trio.testing.wait_all_tasks_blocked()
+            alone = True  # the other session ended: its commit is still on the thread
+            result: list[int] = []
+
+            async def later() -> None:
+                result.append(await writer.run(second))
+
+            nursery.start_soon(later)
+            await trio.testing.wait_all_tasks_blocked()
+            assert order == []
+            release.set()
+    assert order == ["first", "second"]
+    assert result[0] != loop_thread
+
+
+async def test_content_spilled_to_a_file_and_a_slow_disk_keep_commits_on_the_thread(tmp_path, monkeypatch):
+    """The loop never reads a spool file, and after one commit in the loop slower
+    than SLOW_COMMIT it leaves the next ones to the thread for SLOW_BACKOFF."""
+    loop_thread = threading.get_ident()
+    ran_in: dict[str, tuple[int, int]] = {}
+    insert = _insert_noting_thread(ran_in)
+    spilled = Spool(tmp_path, memory_limit=8)
+    spilled.write(b"Subject: big\r\n\r\n" + b"x" * 100 + b"\r\n")
+    await spilled.finish()
+    assert not spilled.in_memory
+    monkeypatch.setattr(solo, "SLOW_COMMIT", 0.02)
+
+    def slow_insert(store: Store, message: NewMessage) -> None:
+        time.sleep(0.05)  # a disk that takes 50 ms to sync
+        insert(store, message)
+
+    async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
+        writer.alone = lambda: True
+        await writer.run(insert, _message("CCCC1", spilled))
+        await writer.run(slow_insert, _message("CCCC2"))
+        await writer.run(insert, _message("CCCC3"))
+    assert ran_in["CCCC1"][0] != loop_thread
+    assert ran_in["CCCC2"][0] == loop_thread
+    assert ran_in["CCCC3"][0] != loop_thread
+    assert _queued(tmp_path) == {"CCCC1", "CCCC2", "CCCC3"}
+
+
+async def test_a_failing_commit_in_the_loop_is_the_callers_error_and_leaves_no_transaction(tmp_path):
+    """A request that raises is rolled back and its caller gets the error; the
+    connection is usable for the next commit."""
+    def broken(store: Store, message: NewMessage) -> None:
+        store.insert_message(message)
+        raise ValueError("bad")
+
+    async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
+        writer.alone = lambda: True
+        try:
+            await writer.run(broken, _message("DDDD1"))
+        except ValueError:
+            pass
+        else:
+            raise AssertionError("the request's error must reach its caller")
+        assert writer._inline is not None and writer._inline.db.getautocommit()
+        await writer.run(Store.insert_message, _message("DDDD2"))
+    assert _queued(tmp_path) == {"DDDD2"}
