@@ -4,6 +4,8 @@ whenever that could stall another session, race another request, or wait."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -168,3 +170,54 @@ async def test_a_failing_commit_in_the_loop_is_the_callers_error_and_leaves_no_t
         assert writer._inline is not None and writer._inline.db.getautocommit()
         await writer.run(Store.insert_message, _message("DDDD2"))
     assert _queued(tmp_path) == {"DDDD2"}
+
+
+def _hold_wal_index_read_locks(directory, seconds: float) -> subprocess.Popen[bytes]:
+    """Another process holding every read lock of the WAL index (as one running WAL
+    recovery does), for *seconds*; returns once they are held."""
+    script = ("import fcntl, os, sys, time\n"
+              "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+              "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 5, 123)\n"
+              "print('held', flush=True)\n"
+              "time.sleep(float(sys.argv[2]))\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(directory / "queue.db-shm"), str(seconds)],
+                              stdout=subprocess.PIPE)
+    assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+    return holder
+
+
+async def test_a_begin_that_waited_for_the_wal_index_sends_the_next_commits_to_the_thread(tmp_path):
+    """SQLite retries the WAL index's read locks by itself, sleeping, although the
+    busy timeout is 0: a BEGIN in the loop while another process holds them stops
+    the loop until they are free (or ~10 s).  That happens once: the next commits
+    go to the thread for SLOW_BACKOFF, and the loop runs while they wait."""
+    loop_thread = threading.get_ident()
+    ran_in: dict[str, tuple[int, int]] = {}
+    insert = _insert_noting_thread(ran_in)
+    async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
+        writer.alone = lambda: True
+        await writer.run(insert, _message("EEEE0"))  # the WAL and its index exist
+        holder = _hold_wal_index_read_locks(tmp_path, 1.0)
+        started = time.monotonic()
+        await writer.run(insert, _message("EEEE1"))  # waits in the loop, once
+        assert time.monotonic() - started > 0.5
+        holder.wait()
+        holder = _hold_wal_index_read_locks(tmp_path, 1.0)
+        gaps: list[float] = []
+        async with trio.open_nursery() as nursery:
+            async def tick() -> None:
+                last = trio.current_time()
+                while True:
+                    await trio.sleep(0.01)
+                    gaps.append(trio.current_time() - last)
+                    last = trio.current_time()
+
+            nursery.start_soon(tick)
+            with trio.fail_after(15):
+                await writer.run(insert, _message("EEEE2"))
+            nursery.cancel_scope.cancel()
+        holder.wait()
+    assert ran_in["EEEE0"][0] == ran_in["EEEE1"][0] == loop_thread
+    assert ran_in["EEEE2"][0] != loop_thread
+    assert len(gaps) > 20 and max(gaps) < 0.3, max(gaps)
+    assert _queued(tmp_path) == {"EEEE0", "EEEE1", "EEEE2"}

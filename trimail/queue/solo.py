@@ -25,7 +25,10 @@ fsynced COMMIT, checkpoints left to the thread), when all of this holds:
 - the last commit in the loop took less than ``SLOW_COMMIT`` (10 ms; here a
   commit takes 0.8 ms at the median, 2.3 ms at the 99th percentile): on a slow or
   overloaded disk the loop must not stop for each fsync, so for ``SLOW_BACKOFF``
-  (5 s) after such a commit everything goes to the thread again.
+  (5 s) after such a commit, or after a BEGIN that took as long or failed other
+  than busy, everything goes to the thread again.  One such wait can still stop
+  the loop: SQLite retries taking the WAL index's read locks by itself, for up to
+  about 10 s, while another process recovers the WAL (``_note_time``).
 
 While the loop waits for the fsync the interpreter lock is free (SQLite runs
 without it), so the mail log's thread writes the message's lines meanwhile.
@@ -105,14 +108,26 @@ class SmtpdWriter(QueueWriter):
         once; False (nothing done) when it is not, or the connection cannot begin."""
         store = self._inline
         assert store is not None
+        started = time.monotonic()  # before BEGIN: even a BEGIN that fails may take long (see below)
         try:
             store.db.execute("BEGIN IMMEDIATE")
-        except apsw.Error:  # busy (another process commits), or failing: the thread's turn
+        except apsw.Error as exc:  # busy (another process commits), or failing: the thread's turn
             store.rollback()
+            if not isinstance(exc, apsw.BusyError):
+                self._slow_until = trio.current_time() + SLOW_BACKOFF
+            self._note_time(started)
             return False
-        started = time.monotonic()
         self._run_batch(store, [request], begun=True)
+        self._note_time(started)
+        return True
+
+    def _note_time(self, started: float) -> None:
+        """After a commit or a try in the loop: one slower than SLOW_COMMIT sends the
+        commits to the thread for SLOW_BACKOFF.  A BEGIN can be slow although the
+        busy timeout is 0: while another process holds the WAL index's read locks
+        (it runs WAL recovery) SQLite retries starting a read by itself, sleeping,
+        for up to about 10 s before SQLITE_PROTOCOL, and nothing makes that retry
+        loop return at once; so the loop waits for it at most once per back-off."""
         if time.monotonic() - started > SLOW_COMMIT:
             self._slow_until = trio.current_time() + SLOW_BACKOFF
-        return True
 
