@@ -73,7 +73,7 @@ async def _checkpoint_after() -> None:
     await trio.lowlevel.cancel_shielded_checkpoint()
 
 
-def _open_inline(writer: QueueWriter, durable: bool) -> Store:
+def open_inline(writer: QueueWriter, durable: bool) -> Store:
     """A writing connection for the event loop's thread: it never waits inside SQLite
     for the write lock (busy timeout 0: its caller decides what to do when the lock is
     busy), and never checkpoints by itself (its WAL hook tells *writer*'s thread)."""
@@ -109,7 +109,7 @@ class BookkeepingWriter(QueueWriter):
         return self
 
     def _open_inline(self) -> Store:
-        return _open_inline(self, durable=False)  # _wait_for_lock waits for the lock, in the loop
+        return open_inline(self, durable=False)  # _wait_for_lock waits for the lock, in the loop
 
     async def __aexit__(self, *exc_info: object) -> None:
         await super().__aexit__(*exc_info)
@@ -217,7 +217,6 @@ class BookkeepingWriter(QueueWriter):
             request = waiting.popleft()
             request.error = request.error or error
             request.done.set()
-
 
 
 class InlineWriter(QueueWriter):

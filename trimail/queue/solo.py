@@ -11,7 +11,7 @@ hand-over to the thread 99 us and the wake-up back 142 us, beside 521 us of
 COMMIT and fsync.  Postfix's cleanup, one process per message, fsyncs in line.
 
 So ``SmtpdWriter.run`` commits a durable request right away, in the event loop's
-thread, on a connection of its own (``queue.inline._open_inline``: no busy wait,
+thread, on a connection of its own (``queue.inline.open_inline``: no busy wait,
 fsynced COMMIT, checkpoints left to the thread), when all of this holds:
 
 - the worker has at most one session (``alone``, set by the worker to ask its
@@ -50,7 +50,7 @@ import apsw
 import trio
 
 from trimail.queue.batch import Request as _Request
-from trimail.queue.inline import _open_inline
+from trimail.queue.inline import open_inline
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 
@@ -73,7 +73,7 @@ class SmtpdWriter(QueueWriter):
     async def __aenter__(self) -> QueueWriter:
         await super().__aenter__()
         try:
-            self._inline = await trio.to_thread.run_sync(_open_inline, self, True)
+            self._inline = await trio.to_thread.run_sync(open_inline, self, True)
         except BaseException:
             await self.__aexit__()
             raise
