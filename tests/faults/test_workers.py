@@ -83,13 +83,16 @@ class Load:
             thread.join(60)
 
 
-@pytest.mark.parametrize("role", ["smtpd", "qmgr"])
-def test_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(daemon, role):
+@pytest.mark.parametrize(("role", "workers", "clients"), [("smtpd", 2, 8), ("qmgr", 2, 8), ("smtpd", 1, 1)],
+                         ids=["smtpd", "qmgr", "smtpd-lone-session"])
+def test_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(daemon, role, workers, clients):
+    """smtpd-lone-session: one client and one worker, whose commits then run in its
+    event loop (queue.solo), so the kill lands in or around one of them."""
     with Sink(delay=0.05) as sink:  # deliveries are in flight when the qmgr dies
-        d = daemon(smtpd_workers=2, relayhost=f"[127.0.0.1]:{sink.port}")
+        d = daemon(smtpd_workers=workers, relayhost=f"[127.0.0.1]:{sink.port}")
         before = running(d, role)
-        assert len(before) == (2 if role == "smtpd" else 1)
-        with Load(d.port) as load:
+        assert len(before) == (workers if role == "smtpd" else 1)
+        with Load(d.port, clients) as load:
             wait_until(lambda: len(load.acknowledged) >= 30, timeout=30)
             victim = before[0]
             os.kill(victim, signal.SIGKILL)

@@ -125,8 +125,9 @@ async def test_a_commit_never_overtakes_one_that_is_with_the_thread(tmp_path):
     assert result[0] != loop_thread
 
 
-async def test_content_spilled_to_a_file_and_a_slow_disk_keep_commits_on_the_thread(tmp_path, monkeypatch):
-    """The loop never reads a spool file, and after one commit in the loop slower
+async def test_large_content_and_a_slow_disk_keep_commits_on_the_thread(tmp_path, monkeypatch):
+    """The loop never commits content over INLINE_CONTENT nor reads a spool file, and
+    after one commit in the loop slower
     than SLOW_COMMIT it leaves the next ones to the thread for SLOW_BACKOFF."""
     loop_thread = threading.get_ident()
     ran_in: dict[str, tuple[int, int]] = {}
@@ -141,15 +142,21 @@ async def test_content_spilled_to_a_file_and_a_slow_disk_keep_commits_on_the_thr
         time.sleep(0.05)  # a disk that takes 50 ms to sync
         insert(store, message)
 
+    large = Spool()
+    large.write(b"Subject: large\r\n\r\n" + b"x" * solo.INLINE_CONTENT + b"\r\n")
+    assert large.in_memory
+
     async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
         writer.alone = lambda: True
+        await writer.run(insert, _message("CCCC0", large))
         await writer.run(insert, _message("CCCC1", spilled))
         await writer.run(slow_insert, _message("CCCC2"))
         await writer.run(insert, _message("CCCC3"))
+    assert ran_in["CCCC0"][0] != loop_thread
     assert ran_in["CCCC1"][0] != loop_thread
     assert ran_in["CCCC2"][0] == loop_thread
     assert ran_in["CCCC3"][0] != loop_thread
-    assert _queued(tmp_path) == {"CCCC1", "CCCC2", "CCCC3"}
+    assert _queued(tmp_path) == {"CCCC0", "CCCC1", "CCCC2", "CCCC3"}
 
 
 async def test_a_failing_commit_in_the_loop_is_the_callers_error_and_leaves_no_transaction(tmp_path):
