@@ -272,7 +272,7 @@ def test_readers_scan_the_slots_ever_handed_out() -> None:
 
 def test_the_others_wait_longer_under_light_load_when_the_worker_whose_turn_it_is_is_idle() -> None:
     """The accept delay: none for the worker whose turn it is; under light load the
-    others wait 50 ms (that worker is idle and takes it at once, and the others are
+    others wait 10 ms (that worker is idle and takes it at once, and the others are
     not woken by every connection), under load 1 ms."""
     from trimail.processes.board import DEFER_LIGHT, DEFER_UNDER_LOAD
 

@@ -14,7 +14,7 @@ alternate between workers, each time waking a process that was idle (on this
 2-core VM that cost a one-message connection about 0.3-0.7 ms against one worker).
 So when a connection is pending only the worker whose turn it is (the session
 board says whose: ``SessionBoard.accept_delay``) takes it at once; the others
-(``DeferredAccept``) take it only once it has waited 1 ms more (50 ms under light
+(``DeferredAccept``) take it only once it has waited 1 ms more (10 ms under light
 load, when that worker is idle) -- the worker whose turn it was is busy, stuck or
 restarting.  One client at a time is
 served by one warm worker; under load the sessions spread evenly.  Postfix gets

@@ -21,7 +21,7 @@ import struct
 
 SLOTS = 256
 DEFER_UNDER_LOAD = 0.001  # seconds a connection waits for the worker whose turn it is, under load ...
-DEFER_LIGHT = 0.05  # ... and under light load, where that worker is idle: the others wake less often (see accept_delay)
+DEFER_LIGHT = 0.01  # ... and under light load, where that worker is idle: the others wake less often
 _ALL = struct.Struct(f"={SLOTS}q")
 _ONE = struct.Struct("=q")
 _HIGH = _ALL.size  # offset of the count of slots ever handed out
@@ -88,10 +88,12 @@ class SessionBoard:
         DEFER_LIGHT: the worker whose turn it is is idle then and takes it at once,
         so the others need not wake for every connection (while one waits they are
         not woken by the next ones: 0.3 ms of CPU per connection with 1 ms, on this
-        VM, at 250 connections a second; with 10 ms the idle worker still cost 0.2-0.4
-        ms per message of one client's, with 50 ms 0.06-0.12).  A worker whose turn it
-        was and that died or hangs costs a connection 50 ms more, once: the others then
-        take every connection waiting.  Used by net.listener.DeferredAccept."""
+        VM, at 250 connections a second).  Not longer: a worker computes its delay
+        when a connection wakes it and sleeps all of it, so while it sleeps the load
+        can rise and its turn come without it; with 50 ms (which cut the idle worker's
+        CPU per message of a lone client from 0.2-0.4 to 0.06-0.12 ms) ten connections
+        opened in a row under CI load went 2 / 8 instead of spreading.  Used by
+        net.listener.DeferredAccept."""
         mine, light = self._turn()
         return 0.0 if mine else DEFER_LIGHT if light else DEFER_UNDER_LOAD
 
