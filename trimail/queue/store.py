@@ -29,6 +29,26 @@ from trimail.queue.spool import Spool
 BLOB_CHUNK = 1 << 20
 
 
+_ROWS = 256  # rows per statement of insert_messages (11 values each: SQLite allows 32,766)
+_MESSAGE_ROW = ("INSERT INTO message (id, state, sender, arrival_time, next_attempt, size, client_address,"
+                " client_name, helo_name, protocol, params) VALUES ", "(?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)")
+_BODY_ROW = ("INSERT INTO body (message_id, content) VALUES ", "(?, ?)")
+_RECIPIENT_ROW = ("INSERT INTO recipient (message_id, seq, address) VALUES ", "(?, ?, ?)")
+
+
+def _insert_rows(statement: tuple[str, str], count: int) -> str:
+    return statement[0] + ", ".join([statement[1]] * count)
+
+
+def _message_values(msg: NewMessage) -> tuple:
+    return (msg.id, msg.state, msg.sender, msg.arrival_time, msg.content.size, msg.client_address, msg.client_name,
+            msg.helo_name, msg.protocol, json.dumps(msg.params))
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
+
+
 class TransitionError(QueueError):
     """A state transition found the row in another state than expected."""
 
@@ -57,25 +77,34 @@ class Store(Database, QueueReads):
         """Insert envelope, recipients and content (call inside a transaction)."""
         db = self.db
         size = msg.content.size
-        db.execute(
-            "INSERT INTO message (id, state, sender, arrival_time, next_attempt, size, client_address,"
-            " client_name, helo_name, protocol, params) VALUES (?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?)",
-            (msg.id, msg.state, msg.sender, msg.arrival_time, size, msg.client_address, msg.client_name,
-             msg.helo_name, msg.protocol, json.dumps(msg.params)),
-        )
-        db.executemany(
-            "INSERT INTO recipient (message_id, seq, address) VALUES (?, ?, ?)",
-            [(msg.id, seq, address) for seq, address in enumerate(msg.recipients)],
-        )
+        db.execute(_insert_rows(_MESSAGE_ROW, 1), _message_values(msg))
+        db.executemany(_insert_rows(_RECIPIENT_ROW, 1),
+                       [(msg.id, seq, address) for seq, address in enumerate(msg.recipients)])
         in_memory = msg.content.getvalue()
         if in_memory is not None:
-            db.execute("INSERT INTO body (message_id, content) VALUES (?, ?)", (msg.id, in_memory))
+            db.execute(_insert_rows(_BODY_ROW, 1), (msg.id, in_memory))
             return
         db.execute("INSERT INTO body (message_id, content) VALUES (?, zeroblob(?))", (msg.id, size))
         rowid = db.last_insert_rowid()
         with db.blob_open("main", "body", "content", rowid, True) as blob:
             for chunk in msg.content.chunks(BLOB_CHUNK):
                 blob.write(chunk)
+
+    def insert_messages(self, messages: list[NewMessage]) -> None:
+        """Insert several messages whose content is in memory, with one statement per
+        table (call inside a transaction): SQLite runs each statement without the
+        interpreter lock, and the thread that runs them waits to get it back after
+        every one while the event loop holds it: a batch of n messages waits three
+        times, not five times n (``queue.batch._insert_together``)."""
+        db = self.db
+        for chunk in _chunks(messages, _ROWS):
+            db.execute(_insert_rows(_MESSAGE_ROW, len(chunk)),
+                       [value for msg in chunk for value in _message_values(msg)])
+            db.execute(_insert_rows(_BODY_ROW, len(chunk)), [
+                value for msg in chunk for value in (msg.id, msg.content.getvalue())])
+        rows = [(msg.id, seq, address) for msg in messages for seq, address in enumerate(msg.recipients)]
+        for chunk in _chunks(rows, _ROWS):
+            db.execute(_insert_rows(_RECIPIENT_ROW, len(chunk)), [value for row in chunk for value in row])
 
     def recover_active(self) -> int:
         """After a crash, messages left ``active`` go back to ``incoming`` (as qmgr does)."""

@@ -75,6 +75,11 @@ def _in_snapshot(store: Store, fn: Callable[..., T], args: tuple[Any, ...]) -> T
         return fn(store, *args)
 
 
+def _set_all(events: list[trio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
 @dataclasses.dataclass(slots=True)
 class WriterStats:
     batches: int = 0
@@ -291,8 +296,10 @@ class QueueWriter:
         return item is _DIRTY
 
     def _wake(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
-        for request in batch:
-            token.run_sync_soon(request.done.set)
+        """One call into the event loop for the whole batch (each wakes the loop with
+        a write to its wake-up socket, and waits for the interpreter lock)."""
+        done = [request.done for request in batch]
+        token.run_sync_soon(_set_all, done)
         batch.clear()
 
     def _fail_pending(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
