@@ -18,7 +18,11 @@ need no such protection:
   timer (``LOCK_RETRY``, doubling to ``LOCK_RETRY_MAX``) and then runs the waiting
   requests in turn, as many as one slice takes, in one transaction; later
   bookkeeping queues behind them, so requests commit in the order they were made.
-  Durable requests always go to the thread.  Measured in the 1-session
+  Durable requests always go to the thread, and so does all bookkeeping, and
+  the small reads, for ``SLOW_BACKOFF`` (5 s) after a BEGIN or read in the loop
+  took longer than ``SLOW`` (10 ms): SQLite may retry the WAL index's locks by
+  itself for about 10 s while another process recovers the WAL, and the loop
+  must not stop for each request meanwhile.  Measured in the 1-session
   end-to-end bench: the qmgr worker's CPU per message fell from 2.1 to 1.5-1.8 ms
   with the inline commits; with a connection reused for every message, half the
   requests still found the lock busy and went to the thread, each paying both
@@ -42,6 +46,7 @@ past SQLite's own automatic checkpoint size (``AUTOCHECKPOINT_PAGES``).
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -61,6 +66,8 @@ AUTOCHECKPOINT_PAGES = 1000  # SQLite's default wal_autocheckpoint
 SMALL_READ = 64 << 10  # bytes of content the qmgr reads in its event loop (BookkeepingWriter.read)
 LOCK_RETRY = 0.0005  # seconds before bookkeeping tries a busy write lock again ...
 LOCK_RETRY_MAX = 0.002  # ... doubling up to this (trio's timers wake at best each millisecond)
+SLOW = 0.01  # seconds: a BEGIN or small read in the loop slower than this sends the next ones to threads ...
+SLOW_BACKOFF = 5.0  # ... for this long (queue.solo has its own, for the smtpd's commits)
 
 log = logging.getLogger("trimail.queue")
 
@@ -98,6 +105,7 @@ class BookkeepingWriter(QueueWriter):
         super().__init__(open_store, **options)
         self._inline: Store | None = None
         self._waiting: deque[_Request] = deque()  # bookkeeping waiting for the write lock, in turn
+        self._slow_until = 0.0  # trio time until which nothing runs in the loop (see _stalled)
 
     async def __aenter__(self) -> QueueWriter:
         await super().__aenter__()
@@ -125,20 +133,38 @@ class BookkeepingWriter(QueueWriter):
         queued are in the page cache; the other reads, and a small one that finds
         the WAL index busy for a moment, go to a reading thread as in QueueWriter."""
         store = self._inline
-        if not small or store is None:
+        if not small or store is None or self._backing_off():
             return await super().read(fn, *args)
         await trio.lowlevel.checkpoint_if_cancelled()
+        started = time.monotonic()
         try:
             with store.read_snapshot():
                 answer = fn(store, *args)
         except apsw.BusyError:
             store.rollback()
+            self._stalled(started)
             return await super().read(fn, *args)
         except (apsw.Error, OSError) as exc:
             store.rollback()
+            self._stalled(started)
             raise storage_error(exc) from exc
+        self._stalled(started)
         await _checkpoint_after()
         return answer
+
+    def _backing_off(self) -> bool:
+        return trio.current_time() < self._slow_until
+
+    def _stalled(self, started: float, failed: bool = False) -> None:
+        """After a BEGIN or a small read in the loop: one that took longer than
+        ``SLOW``, or a BEGIN that failed other than busy, sends the bookkeeping and
+        the small reads to the threads for ``SLOW_BACKOFF``.  While another process
+        holds the WAL index's read locks (it runs WAL recovery) SQLite retries
+        starting a read by itself, sleeping, for up to about 10 s although the
+        busy timeout is 0, and the loop (every delivery) waits with it; so it waits
+        at most once per back-off (as queue.solo's commits)."""
+        if failed or time.monotonic() - started > SLOW:
+            self._slow_until = trio.current_time() + SLOW_BACKOFF
 
     async def run(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> T:
         if durable or self._inline is None:
@@ -147,13 +173,13 @@ class BookkeepingWriter(QueueWriter):
         if self._dead is not None:
             raise self._dead
         request = _Request(fn, args, durable)
-        if not self._waiting and self._run_inline(request):
+        if not self._waiting and not self._backing_off() and self._run_inline(request):
             await _checkpoint_after()
             return request.answer()  # type: ignore[no-any-return]
-        # the lock is busy, or earlier bookkeeping waits for it: later bookkeeping
-        # must not overtake it (one message's jobs record their outcomes in turn, and
-        # the last one's finish must see the others': a recipient still pending there
-        # would be delivered again)
+        # the lock is busy, or earlier bookkeeping waits for it, or the loop backs off:
+        # later bookkeeping must not overtake earlier (one message's jobs record their
+        # outcomes in turn, and the last one's finish must see the others': a
+        # recipient still pending there would be delivered again)
         self._waiting.append(request)
         if len(self._waiting) == 1:
             trio.lowlevel.spawn_system_task(self._wait_for_lock, name="trimail queue: waiting for the write lock")
@@ -166,11 +192,14 @@ class BookkeepingWriter(QueueWriter):
         store = self._inline
         if store is None:  # closed meanwhile (stop)
             return False
+        started = time.monotonic()
         try:
             store.db.execute("BEGIN IMMEDIATE")
-        except apsw.Error:  # busy: another writer holds the lock; anything else _wait_for_lock reports
+        except apsw.Error as exc:  # busy: another writer holds the lock; anything else _wait_for_lock reports
             store.rollback()
+            self._stalled(started, failed=not isinstance(exc, apsw.BusyError))
             return False
+        self._stalled(started)
         self._run_batch(store, [request], begun=True)
         return True
 
@@ -186,19 +215,32 @@ class BookkeepingWriter(QueueWriter):
         delay, since = LOCK_RETRY, trio.current_time()
         try:
             while waiting:
+                if self._backing_off():  # the thread runs them, in turn, then the next ones
+                    if self._dead is not None:
+                        self._fail_waiting(self._dead)
+                        return
+                    handed = list(waiting)
+                    waiting.clear()
+                    for request in handed:
+                        self._requests.put(request)
+                    await handed[-1].done.wait()
+                    continue
                 await trio.sleep(delay)
                 store = self._inline
                 if store is None:  # stopped: __aexit__ failed the waiting requests
                     return
+                started = time.monotonic()
                 try:
                     store.db.execute("BEGIN IMMEDIATE")
                 except apsw.Error as exc:
                     store.rollback()
+                    self._stalled(started)
                     if isinstance(exc, apsw.BusyError) and trio.current_time() - since < store.busy_timeout:
                         delay = min(2 * delay, LOCK_RETRY_MAX)
                         continue
                     self._fail_waiting(storage_error(exc))  # as the thread's batch would fail
                     return
+                self._stalled(started)
                 batch = [waiting.popleft()]
                 self._run_batch(store, batch, waiting or None, begun=True)
                 for request in batch:

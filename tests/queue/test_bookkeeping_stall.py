@@ -1,0 +1,69 @@
+"""The qmgr worker's bookkeeping runs in its event loop (queue.inline.BookkeepingWriter);
+a BEGIN there that SQLite itself keeps waiting (another process holds the WAL
+index's read locks, as WAL recovery does) stops that loop once, not for every
+request: the next bookkeeping and small reads go to the threads for SLOW_BACKOFF,
+in the order they were asked for."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import trio
+import trio.testing
+
+from tests.queue.test_solo import _hold_wal_index_read_locks
+from tests.queue.test_store import message
+from trimail.queue.inline import BookkeepingWriter
+from trimail.queue.store import Store
+
+
+async def test_bookkeeping_after_a_begin_that_waited_for_the_wal_index_goes_to_the_thread_in_turn(tmp_path):
+    loop_thread = threading.get_ident()
+    ran: list[tuple[str, int]] = []
+
+    def note(store: Store, name: str) -> str:
+        store.db.execute("UPDATE queue_count SET messages = messages WHERE state = 'none'")  # a write
+        ran.append((name, threading.get_ident()))
+        return name
+
+    async with BookkeepingWriter(lambda: Store.open(tmp_path)) as writer:
+        await writer.run(Store.insert_message, message())  # durable: the thread; the WAL and its index exist
+        assert await writer.run(note, "before", durable=False) == "before"
+        holder = _hold_wal_index_read_locks(tmp_path, 1.0)
+        started = time.monotonic()
+        await writer.run(note, "stalled", durable=False)  # waits in the loop, once
+        assert time.monotonic() - started > 0.5
+        holder.wait()
+
+        holder = _hold_wal_index_read_locks(tmp_path, 1.0)
+        gaps: list[float] = []
+        answers: list[str] = []
+
+        async def tick() -> None:
+            last = trio.current_time()
+            while True:
+                await trio.sleep(0.01)
+                gaps.append(trio.current_time() - last)
+                last = trio.current_time()
+
+        async def submit(name: str) -> None:
+            answers.append(await writer.run(note, name, durable=False))
+
+        with trio.fail_after(15):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(tick)
+                for name in ("a", "b", "c"):
+                    nursery.start_soon(submit, name)
+                    await trio.testing.wait_all_tasks_blocked()  # asked for in this order
+                assert await writer.read(Store.counts, small=True) == {"incoming": 1}
+                while len(answers) < 3:
+                    await trio.sleep(0.01)
+                nursery.cancel_scope.cancel()
+        holder.wait()
+    threads = dict(ran)
+    assert threads["before"] == threads["stalled"] == loop_thread
+    assert [name for name, _ in ran[2:]] == ["a", "b", "c"]  # committed in the order asked
+    assert sorted(answers) == ["a", "b", "c"]
+    assert all(threads[name] != loop_thread for name in "abc")
+    assert len(gaps) > 20 and max(gaps) < 0.3, max(gaps)
