@@ -12,7 +12,7 @@ import time
 import trio
 import trio.testing
 
-from tests.queue.test_solo import _hold_wal_index_read_locks
+from tests.queue.test_solo import _hold_wal_index_read_locks, note_gaps
 from tests.queue.test_store import message
 from trimail.queue.inline import BookkeepingWriter
 from trimail.queue.store import Store
@@ -40,19 +40,12 @@ async def test_bookkeeping_after_a_begin_that_waited_for_the_wal_index_goes_to_t
         gaps: list[float] = []
         answers: list[str] = []
 
-        async def tick() -> None:
-            last = trio.current_time()
-            while True:
-                await trio.sleep(0.01)
-                gaps.append(trio.current_time() - last)
-                last = trio.current_time()
-
         async def submit(name: str) -> None:
             answers.append(await writer.run(note, name, durable=False))
 
         with trio.fail_after(15):
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(tick)
+                nursery.start_soon(note_gaps, gaps)
                 for name in ("a", "b", "c"):
                     nursery.start_soon(submit, name)
                     await trio.testing.wait_all_tasks_blocked()  # asked for in this order

@@ -179,6 +179,15 @@ async def test_a_failing_commit_in_the_loop_is_the_callers_error_and_leaves_no_t
     assert _queued(tmp_path) == {"DDDD2"}
 
 
+async def note_gaps(gaps: list[float]) -> None:
+    """Tick every 10 ms until cancelled, noting each gap: how long the loop stopped."""
+    last = trio.current_time()
+    while True:
+        await trio.sleep(0.01)
+        gaps.append(trio.current_time() - last)
+        last = trio.current_time()
+
+
 def _hold_wal_index_read_locks(directory, seconds: float) -> subprocess.Popen[bytes]:
     """Another process holding every read lock of the WAL index (as one running WAL
     recovery does), for *seconds*; returns once they are held."""
@@ -212,14 +221,7 @@ async def test_a_begin_that_waited_for_the_wal_index_sends_the_next_commits_to_t
         holder = _hold_wal_index_read_locks(tmp_path, 1.0)
         gaps: list[float] = []
         async with trio.open_nursery() as nursery:
-            async def tick() -> None:
-                last = trio.current_time()
-                while True:
-                    await trio.sleep(0.01)
-                    gaps.append(trio.current_time() - last)
-                    last = trio.current_time()
-
-            nursery.start_soon(tick)
+            nursery.start_soon(note_gaps, gaps)
             with trio.fail_after(15):
                 await writer.run(insert, _message("EEEE2"))
             nursery.cancel_scope.cancel()
