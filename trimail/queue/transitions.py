@@ -190,9 +190,10 @@ def finish(store: Store, message_id: str,
     bounced = [tuple(b) for b in db.execute(
         "SELECT address, coalesce(last_reply, '') FROM recipient WHERE message_id = +? AND status = 'bounced'"
         " AND notified = 0 ORDER BY seq", (message_id,))]
-    if bounced and notify is not None:
-        notify(bounced)
-    db.execute("UPDATE recipient SET notified = 1 WHERE message_id = ? AND status = 'bounced'", (message_id,))
+    if bounced:  # none (every message delivered): nothing to mark, one statement fewer per message
+        if notify is not None:
+            notify(bounced)
+        db.execute("UPDATE recipient SET notified = 1 WHERE message_id = ? AND status = 'bounced'", (message_id,))
     row = db.execute(
         "SELECT count(*), min(coalesce(next_attempt, 0)) FROM recipient WHERE message_id = ?"
         " AND status IN ('pending', 'deferred')", (message_id,)).fetchone()
