@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from functools import partial
 
 import trio
 import trio.testing
@@ -60,3 +61,36 @@ async def test_bookkeeping_after_a_begin_that_waited_for_the_wal_index_goes_to_t
     assert sorted(answers) == ["a", "b", "c"]
     assert all(threads[name] != loop_thread for name in "abc")
     assert len(gaps) > 20 and max(gaps) < 0.3, max(gaps)
+
+
+async def test_bookkeeping_after_the_back_off_ends_still_waits_for_what_the_thread_has(tmp_path):
+    """Requests handed to the thread while backing off stay ahead of later ones: when
+    the back-off ends before the thread ran them (it is busy), a new request must not
+    run in the loop before them."""
+    ran: list[str] = []
+    holding, release = threading.Event(), threading.Event()
+
+    def hold(store: Store) -> None:  # keeps the writer thread busy, without the write lock
+        store.db.execute("COMMIT")  # (as while SQLite itself retries the WAL index's locks)
+        holding.set()
+        release.wait(10)
+        store.db.execute("BEGIN IMMEDIATE")
+
+    def note(store: Store, name: str) -> None:
+        store.db.execute("UPDATE queue_count SET messages = messages WHERE state = 'none'")
+        ran.append(name)
+
+    async with BookkeepingWriter(lambda: Store.open(tmp_path)) as writer:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run, hold)
+            assert await trio.to_thread.run_sync(holding.wait, 5)
+            writer._slow_until = trio.current_time() + 60  # backing off (what a stalled BEGIN sets)
+            nursery.start_soon(partial(writer.run, note, "first", durable=False))
+            with trio.fail_after(5):
+                while writer._requests.qsize() < 1:  # handed to the thread, behind hold
+                    await trio.sleep(0.001)
+            writer._slow_until = 0.0  # the back-off ends; the thread still has "first"
+            nursery.start_soon(partial(writer.run, note, "second", durable=False))
+            await trio.testing.wait_all_tasks_blocked()
+            release.set()
+    assert ran == ["first", "second"]

@@ -88,7 +88,7 @@ def _insert_together(store: Store, batch: list[Request]) -> bool:
     try:
         with store.transaction():
             store.insert_messages([request.args[0] for request in batch])
-    except (apsw.Error, OSError):
+    except Exception:  # anything one request alone might raise (SQLite, the OS, a value it cannot bind)
         return False
     return True
 

@@ -106,6 +106,7 @@ class BookkeepingWriter(QueueWriter):
         self._inline: Store | None = None
         self._waiting: deque[_Request] = deque()  # bookkeeping waiting for the write lock, in turn
         self._slow_until = 0.0  # trio time until which nothing runs in the loop (see _stalled)
+        self._handed = 0  # how many of the first waiting requests are with the thread (backing off)
 
     async def __aenter__(self) -> QueueWriter:
         await super().__aenter__()
@@ -219,11 +220,16 @@ class BookkeepingWriter(QueueWriter):
                     if self._dead is not None:
                         self._fail_waiting(self._dead)
                         return
+                    # they stay in _waiting until committed: a later request must queue
+                    # behind them even if the back-off ends while the thread still has them
                     handed = list(waiting)
-                    waiting.clear()
+                    self._handed = len(handed)
                     for request in handed:
                         self._requests.put(request)
-                    await handed[-1].done.wait()
+                    await handed[-1].done.wait()  # the thread runs bookkeeping first in, first out
+                    for _ in handed:
+                        waiting.popleft()
+                    self._handed = 0
                     continue
                 await trio.sleep(delay)
                 store = self._inline
@@ -254,9 +260,10 @@ class BookkeepingWriter(QueueWriter):
             self._fail_waiting(StorageError(f"queue writer failed: {exc}", temporary=False))
 
     def _fail_waiting(self, error: StorageError) -> None:
+        """Fail the waiting requests, but those handed to the thread (it answers them)."""
         waiting = self._waiting
-        while waiting:
-            request = waiting.popleft()
+        while len(waiting) > self._handed:
+            request = waiting.pop()
             request.error = request.error or error
             request.done.set()
 
