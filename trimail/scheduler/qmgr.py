@@ -195,7 +195,9 @@ class Scheduler(Dispatcher):
             self._nursery = None  # no more hand-overs: new mail stays in incoming
 
     async def _rounds(self) -> None:
-        backoff = Backoff(initial=1.0, maximum=60.0)
+        # at most 10 s between tries: mail already acknowledged waits in incoming for
+        # the next try after the cause (a full disk) is gone, and no new mail wakes us
+        backoff = Backoff(initial=1.0, maximum=10.0)
         while True:
             room = self.active_limit - len(self.active) - self._reserved
             if self._recipients >= self.recipient_limit:
