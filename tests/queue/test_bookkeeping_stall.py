@@ -84,12 +84,12 @@ async def test_bookkeeping_after_the_back_off_ends_still_waits_for_what_the_thre
         async with trio.open_nursery() as nursery:
             nursery.start_soon(writer.run, hold)
             assert await trio.to_thread.run_sync(holding.wait, 5)
-            writer._slow_until = trio.current_time() + 60  # backing off (what a stalled BEGIN sets)
+            writer._stalls.until = trio.current_time() + 60  # backing off (what a stalled BEGIN sets)
             nursery.start_soon(partial(writer.run, note, "first", durable=False))
             with trio.fail_after(5):
                 while writer._requests.qsize() < 1:  # handed to the thread, behind hold
                     await trio.sleep(0.001)
-            writer._slow_until = 0.0  # the back-off ends; the thread still has "first"
+            writer._stalls.until = 0.0  # the back-off ends; the thread still has "first"
             nursery.start_soon(partial(writer.run, note, "second", durable=False))
             await trio.testing.wait_all_tasks_blocked()
             release.set()

@@ -11,7 +11,7 @@ import time
 
 import trio
 
-from trimail.queue import solo
+from trimail.queue import inline, solo
 from trimail.queue.solo import SmtpdWriter
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
@@ -128,7 +128,7 @@ async def test_a_commit_never_overtakes_one_that_is_with_the_thread(tmp_path):
 async def test_large_content_and_a_slow_disk_keep_commits_on_the_thread(tmp_path, monkeypatch):
     """The loop never commits content over INLINE_CONTENT nor reads a spool file, and
     after one commit in the loop slower
-    than SLOW_COMMIT it leaves the next ones to the thread for SLOW_BACKOFF."""
+    than inline.SLOW it leaves the next ones to the thread for SLOW_BACKOFF."""
     loop_thread = threading.get_ident()
     ran_in: dict[str, tuple[int, int]] = {}
     insert = _insert_noting_thread(ran_in)
@@ -136,7 +136,7 @@ async def test_large_content_and_a_slow_disk_keep_commits_on_the_thread(tmp_path
     spilled.write(b"Subject: big\r\n\r\n" + b"x" * 100 + b"\r\n")
     await spilled.finish()
     assert not spilled.in_memory
-    monkeypatch.setattr(solo, "SLOW_COMMIT", 0.02)
+    monkeypatch.setattr(inline, "SLOW", 0.02)
 
     def slow_insert(store: Store, message: NewMessage) -> None:
         time.sleep(0.05)  # a disk that takes 50 ms to sync

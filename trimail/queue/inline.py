@@ -66,8 +66,8 @@ AUTOCHECKPOINT_PAGES = 1000  # SQLite's default wal_autocheckpoint
 SMALL_READ = 64 << 10  # bytes of content the qmgr reads in its event loop (BookkeepingWriter.read)
 LOCK_RETRY = 0.0005  # seconds before bookkeeping tries a busy write lock again ...
 LOCK_RETRY_MAX = 0.002  # ... doubling up to this (trio's timers wake at best each millisecond)
-SLOW = 0.01  # seconds: a BEGIN or small read in the loop slower than this sends the next ones to threads ...
-SLOW_BACKOFF = 5.0  # ... for this long (queue.solo has its own, for the smtpd's commits)
+SLOW = 0.01  # seconds: a wait in the loop slower than this sends the next requests to threads ...
+SLOW_BACKOFF = 5.0  # ... for this long (LoopStalls)
 
 log = logging.getLogger("trimail.queue")
 
@@ -78,6 +78,30 @@ async def _checkpoint_after() -> None:
     (the last job of a message, finishing it) run before an earlier one (another
     job's outcomes), which then found its recipients still pending."""
     await trio.lowlevel.cancel_shielded_checkpoint()
+
+
+class LoopStalls:
+    """When an event loop last waited too long inside SQLite: after a BEGIN, a read
+    or a commit in the loop that took longer than ``SLOW``, or a BEGIN that failed
+    other than busy, the writer's requests go to its threads for ``SLOW_BACKOFF``.
+    A BEGIN can be slow although the busy timeout is 0: while another process holds
+    the WAL index's read locks (it runs WAL recovery) SQLite retries starting a
+    read by itself, sleeping, for up to about 10 s before SQLITE_PROTOCOL, and
+    nothing makes that retry loop return at once; so the loop waits for it at most
+    once per back-off.  Used by BookkeepingWriter and queue.solo.SmtpdWriter."""
+
+    __slots__ = ("until",)
+
+    def __init__(self) -> None:
+        self.until = 0.0  # trio time until which requests go to the threads
+
+    def backing_off(self) -> bool:
+        return trio.current_time() < self.until
+
+    def note(self, started: float, failed: bool = False) -> None:
+        """After a wait in the loop that began at *started* (``time.monotonic()``)."""
+        if failed or time.monotonic() - started > SLOW:
+            self.until = trio.current_time() + SLOW_BACKOFF
 
 
 def open_inline(writer: QueueWriter, durable: bool) -> Store:
@@ -105,7 +129,7 @@ class BookkeepingWriter(QueueWriter):
         super().__init__(open_store, **options)
         self._inline: Store | None = None
         self._waiting: deque[_Request] = deque()  # bookkeeping waiting for the write lock, in turn
-        self._slow_until = 0.0  # trio time until which nothing runs in the loop (see _stalled)
+        self._stalls = LoopStalls()
         self._handed = 0  # how many of the first waiting requests are with the thread (backing off)
 
     async def __aenter__(self) -> QueueWriter:
@@ -134,7 +158,7 @@ class BookkeepingWriter(QueueWriter):
         queued are in the page cache; the other reads, and a small one that finds
         the WAL index busy for a moment, go to a reading thread as in QueueWriter."""
         store = self._inline
-        if not small or store is None or self._backing_off():
+        if not small or store is None or self._stalls.backing_off():
             return await super().read(fn, *args)
         await trio.lowlevel.checkpoint_if_cancelled()
         started = time.monotonic()
@@ -143,29 +167,15 @@ class BookkeepingWriter(QueueWriter):
                 answer = fn(store, *args)
         except apsw.BusyError:
             store.rollback()
-            self._stalled(started)
+            self._stalls.note(started)
             return await super().read(fn, *args)
         except (apsw.Error, OSError) as exc:
             store.rollback()
-            self._stalled(started)
+            self._stalls.note(started)
             raise storage_error(exc) from exc
-        self._stalled(started)
+        self._stalls.note(started)
         await _checkpoint_after()
         return answer
-
-    def _backing_off(self) -> bool:
-        return trio.current_time() < self._slow_until
-
-    def _stalled(self, started: float, failed: bool = False) -> None:
-        """After a BEGIN or a small read in the loop: one that took longer than
-        ``SLOW``, or a BEGIN that failed other than busy, sends the bookkeeping and
-        the small reads to the threads for ``SLOW_BACKOFF``.  While another process
-        holds the WAL index's read locks (it runs WAL recovery) SQLite retries
-        starting a read by itself, sleeping, for up to about 10 s although the
-        busy timeout is 0, and the loop (every delivery) waits with it; so it waits
-        at most once per back-off (as queue.solo's commits)."""
-        if failed or time.monotonic() - started > SLOW:
-            self._slow_until = trio.current_time() + SLOW_BACKOFF
 
     async def run(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> T:
         if durable or self._inline is None:
@@ -174,7 +184,7 @@ class BookkeepingWriter(QueueWriter):
         if self._dead is not None:
             raise self._dead
         request = _Request(fn, args, durable)
-        if not self._waiting and not self._backing_off() and self._run_inline(request):
+        if not self._waiting and not self._stalls.backing_off() and self._run_inline(request):
             await _checkpoint_after()
             return request.answer()  # type: ignore[no-any-return]
         # the lock is busy, or earlier bookkeeping waits for it, or the loop backs off:
@@ -198,9 +208,9 @@ class BookkeepingWriter(QueueWriter):
             store.db.execute("BEGIN IMMEDIATE")
         except apsw.Error as exc:  # busy: another writer holds the lock; anything else _wait_for_lock reports
             store.rollback()
-            self._stalled(started, failed=not isinstance(exc, apsw.BusyError))
+            self._stalls.note(started, failed=not isinstance(exc, apsw.BusyError))
             return False
-        self._stalled(started)
+        self._stalls.note(started)
         self._run_batch(store, [request], begun=True)
         return True
 
@@ -216,7 +226,7 @@ class BookkeepingWriter(QueueWriter):
         delay, since = LOCK_RETRY, trio.current_time()
         try:
             while waiting:
-                if self._backing_off():  # the thread runs them, in turn, then the next ones
+                if self._stalls.backing_off():  # the thread runs them, in turn, then the next ones
                     if self._dead is not None:
                         self._fail_waiting(self._dead)
                         return
@@ -240,13 +250,13 @@ class BookkeepingWriter(QueueWriter):
                     store.db.execute("BEGIN IMMEDIATE")
                 except apsw.Error as exc:
                     store.rollback()
-                    self._stalled(started)
+                    self._stalls.note(started)
                     if isinstance(exc, apsw.BusyError) and trio.current_time() - since < store.busy_timeout:
                         delay = min(2 * delay, LOCK_RETRY_MAX)
                         continue
                     self._fail_waiting(storage_error(exc))  # as the thread's batch would fail
                     return
-                self._stalled(started)
+                self._stalls.note(started)
                 batch = [waiting.popleft()]
                 self._run_batch(store, batch, waiting or None, begun=True)
                 for request in batch:

@@ -25,13 +25,13 @@ fsynced COMMIT, checkpoints left to the thread), when all of this holds:
   most ``INLINE_CONTENT`` (64 KiB) long: with 100 KiB messages the commit in the
   loop gained nothing and cost the worker 5-10 % more CPU (accept, one session,
   three alternating triples), and the loop stops for longer;
-- the last commit in the loop took less than ``SLOW_COMMIT`` (10 ms; here a
+- the last commit in the loop took less than ``inline.SLOW`` (10 ms; here a
   commit takes 0.8 ms at the median, 2.3 ms at the 99th percentile): on a slow or
-  overloaded disk the loop must not stop for each fsync, so for ``SLOW_BACKOFF``
+  overloaded disk the loop must not stop for each fsync, so for ``inline.SLOW_BACKOFF``
   (5 s) after such a commit, or after a BEGIN that took as long or failed other
   than busy, everything goes to the thread again.  One such wait can still stop
   the loop: SQLite retries taking the WAL index's read locks by itself, for up to
-  about 10 s, while another process recovers the WAL (``_note_time``).
+  about 10 s, while another process recovers the WAL (``inline.LoopStalls``).
 
 While the loop waits for the fsync the interpreter lock is free (SQLite runs
 without it), so the mail log's thread writes the message's lines meanwhile.
@@ -53,15 +53,13 @@ import apsw
 import trio
 
 from trimail.queue.batch import Request as _Request
-from trimail.queue.inline import open_inline
+from trimail.queue.inline import LoopStalls, open_inline
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
 
 T = TypeVar("T")
 
 INLINE_CONTENT = 64 << 10  # bytes of content at most that a message may have to commit in the loop
-SLOW_COMMIT = 0.01  # seconds: a commit in the loop slower than this sends the next ones to the thread ...
-SLOW_BACKOFF = 5.0  # ... for this long
 
 
 class SmtpdWriter(QueueWriter):
@@ -72,7 +70,7 @@ class SmtpdWriter(QueueWriter):
         self._inline: Store | None = None
         self.alone: Callable[[], bool] = lambda: False  # the worker's Server: at most one session?
         self._with_thread = 0  # requests handed to the thread, not yet answered
-        self._slow_until = 0.0  # trio time until which commits go to the thread (SLOW_COMMIT)
+        self._stalls = LoopStalls()  # a slow commit or BEGIN in the loop: the thread's turn for a while
 
     async def __aenter__(self) -> QueueWriter:
         await super().__aenter__()
@@ -101,7 +99,7 @@ class SmtpdWriter(QueueWriter):
             self._with_thread -= 1
 
     def _may_run_inline(self, args: tuple[Any, ...]) -> bool:
-        if self._inline is None or self._with_thread or trio.current_time() < self._slow_until:
+        if self._inline is None or self._with_thread or self._stalls.backing_off():
             return False
         if any(isinstance(arg, NewMessage) and (not arg.content.in_memory or arg.content.size > INLINE_CONTENT)
                for arg in args):
@@ -113,26 +111,14 @@ class SmtpdWriter(QueueWriter):
         once; False (nothing done) when it is not, or the connection cannot begin."""
         store = self._inline
         assert store is not None
-        started = time.monotonic()  # before BEGIN: even a BEGIN that fails may take long (see below)
+        started = time.monotonic()  # before BEGIN: even a BEGIN that fails may take long (inline.LoopStalls)
         try:
             store.db.execute("BEGIN IMMEDIATE")
         except apsw.Error as exc:  # busy (another process commits), or failing: the thread's turn
             store.rollback()
-            if not isinstance(exc, apsw.BusyError):
-                self._slow_until = trio.current_time() + SLOW_BACKOFF
-            self._note_time(started)
+            self._stalls.note(started, failed=not isinstance(exc, apsw.BusyError))
             return False
         self._run_batch(store, [request], begun=True)
-        self._note_time(started)
+        self._stalls.note(started)  # the BEGIN and the commit with its fsync
         return True
-
-    def _note_time(self, started: float) -> None:
-        """After a commit or a try in the loop: one slower than SLOW_COMMIT sends the
-        commits to the thread for SLOW_BACKOFF.  A BEGIN can be slow although the
-        busy timeout is 0: while another process holds the WAL index's read locks
-        (it runs WAL recovery) SQLite retries starting a read by itself, sleeping,
-        for up to about 10 s before SQLITE_PROTOCOL, and nothing makes that retry
-        loop return at once; so the loop waits for it at most once per back-off."""
-        if time.monotonic() - started > SLOW_COMMIT:
-            self._slow_until = trio.current_time() + SLOW_BACKOFF
 
