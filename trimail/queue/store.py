@@ -19,6 +19,7 @@ Parameters: none.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 
@@ -36,6 +37,7 @@ _BODY_ROW = ("INSERT INTO body (message_id, content) VALUES ", "(?, ?)")
 _RECIPIENT_ROW = ("INSERT INTO recipient (message_id, seq, address) VALUES ", "(?, ?, ?)")
 
 
+@functools.cache  # at most 3 x 256 texts, built once each: insert_message runs per message
 def _insert_rows(statement: tuple[str, str], count: int) -> str:
     return statement[0] + ", ".join([statement[1]] * count)
 
