@@ -9,6 +9,7 @@ message whose content has no CR or LF outside a CRLF pair.
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import threading
@@ -18,6 +19,7 @@ from typing import Self
 import pytest
 
 from tests.faults.conftest import assert_serving, wait_until
+from tests.smtp.test_content_normalise import data_model
 
 STRAY = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 
@@ -142,6 +144,48 @@ def test_relayed_content_has_only_crlf_line_ends(daemon, raw_peer, content, kept
     relayed = raw_peer.messages[0]
     assert not STRAY.search(relayed), relayed
     assert relayed.endswith(kept)  # content, not a second message
+    assert_serving(d)
+
+
+def _big_content(seed: int, size: int, bare_lf: bool) -> bytes:
+    """Mail-like lines up to *size* bytes: mostly CRLF text, some stuffed dots, lines
+    past the reader's 4,096-byte flush, stray CRs, and with *bare_lf* bare LFs (which
+    send the reader line by line; without them it reads in bulk)."""
+    rng = random.Random(seed)
+    parts = [b"Subject: big\r\n\r\n"]
+    total = 0
+    while total < size:
+        kind = rng.random()
+        if kind < 0.80:
+            line = b"y" * rng.randrange(0, 90) + b"\r\n"
+        elif kind < 0.88:
+            line = b"." + b"." * rng.randrange(0, 2) + b"x" * rng.randrange(0, 20) + b"\r\n"
+        elif kind < 0.92:
+            line = b"z" * rng.randrange(4000, 9000) + b"\r\n"
+        elif kind < 0.96 or not bare_lf:
+            line = b"a\rb." * rng.randrange(1, 5) + b"\r\n"
+        else:
+            line = b"bare" + b"\n" + b".dot\n"
+        parts.append(line)
+        total += len(line)
+    return b"".join(parts)
+
+
+@pytest.mark.parametrize(("size", "bare_lf"), [(100_000, False), (100_000, True), (400_000, False)],
+                         ids=["in-memory", "in-memory-bare-lf", "spilled"])
+def test_relayed_content_is_what_the_line_rules_give(daemon, raw_peer, size, bare_lf):
+    """Big messages (the DATA reader's bulk pass; over 256 KiB the spool file too)
+    arrive downstream exactly as the DATA rules, applied one line at a time, say."""
+    d = daemon(relayhost=f"[127.0.0.1]:{raw_peer.port}", mynetworks="127.0.0.0/8")
+    content = _big_content(size, size, bare_lf)
+    lines = _raw_session(d.port, content + b"\r\n.\r\n")
+    assert sum(1 for line in lines if line.startswith(b"250 2.0.0 Ok: queued as")) == 1, lines[-5:]
+    wait_until(lambda: raw_peer.messages, 15)
+    expected, ended = data_model(content + b"\r\n.\r\n", replace=True)
+    assert ended
+    body = expected[len(b"Subject: big\r\n"):]  # from the blank line: every line start follows a CRLF
+    relayed = raw_peer.messages[0]  # as sent downstream: dot-stuffed
+    assert relayed.endswith(body.replace(b"\r\n.", b"\r\n..")), len(relayed)
     assert_serving(d)
 
 

@@ -81,7 +81,7 @@ def test_replace_stray_cr_agrees_on_the_readers_output(data):
     assert not STRAY.search(out)
 
 
-def _model(wire: bytes, replace: bool) -> tuple[bytes, bool]:
+def data_model(wire: bytes, replace: bool) -> tuple[bytes, bool]:
     """The DATA rules line by line, as the reader's docstring states them: the content
     (as stored) and whether the end marker was read.  Normalise mode (no reject)."""
     out, pos, prev_crlf = [], 0, True
@@ -120,7 +120,7 @@ def test_the_data_reader_in_any_pieces_stores_what_the_line_rules_give(body, cut
             got.append(content)
             if not progressed:
                 break
-    expected, marker = _model(wire, replace)
+    expected, marker = data_model(wire, replace)
     assert ended and marker
     assert b"".join(got) == expected
     assert reader.size == len(expected)
