@@ -34,8 +34,7 @@ import functools
 import logging
 import time
 import weakref
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -69,6 +68,9 @@ from trimail.smtp import replies
 from trimail.startup import LISTENERS
 from trimail.supervise import contained
 
+if TYPE_CHECKING:
+    from trimail.processes.turns import Turns
+
 log = logging.getLogger("trimail.master")
 
 
@@ -98,12 +100,12 @@ class Server:
                  listeners: list[tuple[trio.SocketListener, str, ListenAddress]],
                  trigger: QmgrTrigger | None = None, shared_sessions: anvil.SharedCount | None = None,
                  shared_clients: anvil.SharedClients | None = None,
-                 accept_delay: Callable[[], float] | None = None) -> None:
+                 turns: Turns | None = None) -> None:
         self.config = config
         self.writer = writer
-        # one of several smtpd workers: how long a pending connection waits before it takes
-        # it (none when it is its turn: net.listener.DeferredAccept)
-        self.accept_delay = accept_delay
+        # one of several smtpd workers: when it takes a pending connection, and when it
+        # rests (trimail.processes.turns, net.listener.DeferredAccept)
+        self.turns = turns
         # (kind, configured address) -> its open listeners, each with the scope of its accept loop
         self.listening: dict[tuple[str, str], list[tuple[trio.SocketListener, trio.CancelScope]]] = {}
         self._accepting: trio.Nursery | None = None
@@ -266,7 +268,7 @@ class Server:
                            scope: trio.CancelScope) -> None:
         """Accept until cancelled: every connection gets its own task (and boundary);
         a failing accept() is logged and retried with back-off, never fatal."""
-        deferred = DeferredAccept(listener, self.accept_delay)
+        deferred = DeferredAccept(listener, self.turns)
         try:
             with scope:
                 while True:

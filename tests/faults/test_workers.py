@@ -13,7 +13,9 @@ import signal
 import smtplib
 import socket
 import threading
+import time
 import urllib.request
+from pathlib import Path
 from typing import Self
 
 import pytest
@@ -239,6 +241,38 @@ def test_one_client_at_a_time_is_served_by_one_warm_worker(daemon):
     wait_until(lambda: sum(_served_by(d).values()) == 40)
     (_, most), *_ = _served_by(d).most_common()
     assert most >= 32, _served_by(d)
+
+
+def _wake_ups(pid: int) -> int:
+    """Context switches of every thread of *pid* so far: each time it slept and woke."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
+def test_a_worker_with_nothing_to_do_is_not_woken_by_a_lone_clients_connections(daemon):
+    """The worker whose turn it is not rests on the board's wake-up descriptor
+    (trimail.processes.turns) instead of waking for every connection: at most a look
+    every RECHECK (0.25 s), a few wake-ups each.  Before, every connection it saw
+    cost it a deferral and a failed accept: about 250 wake-ups a second."""
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr")
+    _hello(d.port)
+    wait_until(lambda: sum(_served_by(d).values()) == 1)
+    (warm, _), = _served_by(d).items()
+    idle, = (pid for pid in running(d, "smtpd") if pid != int(warm))
+    before, started, count = _wake_ups(idle), time.monotonic(), 0
+    while count < 100 or time.monotonic() - started < 1.0:  # long enough for a rate
+        _hello(d.port)
+        count += 1
+    woken, elapsed = _wake_ups(idle) - before, time.monotonic() - started
+    wait_until(lambda: sum(_served_by(d).values()) == count + 1)
+    # now and then the warm worker's last session is still counted when the client is
+    # back, and the turn passes (and the other wakes) for a connection or two
+    assert _served_by(d)[warm] >= count - 5, _served_by(d)
+    assert woken <= 20 + 20 * elapsed, (woken, elapsed, count)
 
 
 def test_a_stopped_worker_whose_turn_it_is_delays_a_connection_but_does_not_lose_it(daemon):

@@ -17,8 +17,10 @@ board says whose: ``SessionBoard.accept_delay``) takes it at once; the others
 (``DeferredAccept``) take it only once it has waited 1 ms more (10 ms under light
 load, when that worker is idle) -- the worker whose turn it was is busy, stuck or
 restarting.  One client at a time is
-served by one warm worker; under load the sessions spread evenly.  Postfix gets
-the first half of this by starting smtpd processes on demand.
+served by one warm worker; under load the sessions spread evenly.  A worker with
+nothing to do under light load does not even watch the socket: it rests until the
+board signals that the turn may be its own (processes.turns).  Postfix gets the
+first half of this by starting smtpd processes on demand.
 
 Parameters: smtpd_listen, submission_listen, smtps_listen (through master.py).
 """
@@ -30,13 +32,16 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import trio
 
 from trimail.config.values import ListenAddress
 from trimail.net.stream import DirectStream
 from trimail.supervise import Backoff
+
+if TYPE_CHECKING:
+    from trimail.processes.turns import Turns
 
 log = logging.getLogger("trimail.master")
 
@@ -105,15 +110,16 @@ def bound_address(listener: trio.SocketListener) -> ListenAddress:
 
 class DeferredAccept:
     """Accepting for one of several workers on one listening socket: wait until a
-    connection is pending; take it after *delay()* seconds if it is still waiting
-    (none when it is this worker's turn; the others' time to take it first; *delay*
-    None: the only worker, always at once).
+    connection is pending; take it once *turns.defer()* returns if it is still
+    waiting (at once when it is this worker's turn; else the others' time to take
+    it first; *turns* None: the only worker, always at once).  Before it watches the socket it
+    lets *turns.rest()* return (a worker with nothing to do there rests).
     After taking one, the next try does not wait first (more may be waiting).
     Each connection comes as a ``net.stream.DirectStream``."""
 
-    def __init__(self, listener: trio.SocketListener, delay: Callable[[], float] | None = None) -> None:
+    def __init__(self, listener: trio.SocketListener, turns: Turns | None = None) -> None:
         self.listener = listener
-        self.delay = delay
+        self.turns = turns
         # a second descriptor of the same socket, to try accept() without waiting
         self._raw = socket.socket(fileno=os.dup(listener.socket.fileno()))
         self._raw.setblocking(False)
@@ -127,10 +133,11 @@ class DeferredAccept:
             if self._more:
                 await trio.lowlevel.checkpoint()
             else:
+                if self.turns is not None:
+                    await self.turns.rest()
                 await trio.lowlevel.wait_readable(self.listener.socket)
-            wait = self.delay() if self.delay is not None else 0.0
-            if wait:
-                await trio.sleep(wait)
+            if self.turns is not None:
+                await self.turns.defer()
             try:
                 connection, _ = self._raw.accept()
             except BlockingIOError:

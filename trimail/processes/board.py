@@ -10,10 +10,18 @@ a moment earlier).  The master clears the slot of a worker that died, whose
 sessions died with it.  After the slots, the master keeps how many of them it
 ever handed out (it hands out the lowest free one), so a reader scans those
 only: with two workers, two slots of 256, on every connection and session.
+
+Beside the page, a wake-up descriptor (an eventfd, ``wake``): a worker with
+nothing to do on the listening sockets (``idle``: light load, another's turn, no
+session of its own) rests on it instead of being woken by every connection
+(processes.turns.Turns.rest), and whatever may give it the turn signals it: a
+worker whose new session makes the load heavy or passes the turn on, a worker that
+stops accepting, the master clearing a dead worker's slot.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import mmap
 import os
@@ -37,10 +45,11 @@ class SessionBoard:
     """Each slot holds ``sessions + 1`` for a worker that accepts, ``-(sessions + 1)``
     for one that no longer does (retiring or stopping), 0 for no worker."""
 
-    def __init__(self, fd: int, slot: int | None = None) -> None:
+    def __init__(self, fd: int, slot: int | None = None, wake: int | None = None) -> None:
         self.fd = fd
         self.memory = mmap.mmap(fd, _SIZE)
         self.slot = slot
+        self.wake = wake  # the eventfd idle workers rest on (None: a lone worker, nobody to wake)
         self.mine = 0
         self.accepting = True
         if slot is not None:
@@ -50,7 +59,7 @@ class SessionBoard:
     def create(cls) -> SessionBoard:
         fd = os.memfd_create("trimail-sessions", 0)
         os.ftruncate(fd, _SIZE)
-        return cls(fd)
+        return cls(fd, wake=os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
 
     def _write(self) -> None:
         assert self.slot is not None
@@ -60,10 +69,35 @@ class SessionBoard:
     def add(self, change: int) -> None:
         self.mine += change
         self._write()
+        if change > 0 and self.wake is not None and self._turn() != (True, True):
+            self.signal()  # the load is heavy, or the next connection is another's: wake the resting
 
     def stop_accepting(self) -> None:
         self.accepting = False
         self._write()
+        self.signal()  # the turn passes on
+
+    def signal(self) -> None:
+        """Wake every worker resting on ``wake`` to look at the board again."""
+        if self.wake is not None:
+            with contextlib.suppress(OSError):  # the counter at its maximum: readable anyway
+                os.eventfd_write(self.wake, 1)
+
+    def drain(self) -> None:
+        """Before a resting worker looks at the board: a signal given after that look
+        makes ``wake`` readable again."""
+        with contextlib.suppress(OSError):  # BlockingIOError: nothing to drain
+            os.eventfd_read(self.wake)
+
+    def idle(self) -> bool:
+        """Whether this worker may leave the listening sockets to the others: no session
+        of its own, light load, and another accepting worker's turn (who takes every
+        connection at once).  A worker with a session never rests, so while any
+        session is open some worker with sessions watches the sockets as well."""
+        if self.mine or not self.accepting:
+            return False
+        mine, light = self._turn()
+        return light and not mine
 
     def hand_out(self, slot: int) -> None:
         """The master: *slot* is about to be used (before its worker starts)."""
@@ -88,12 +122,12 @@ class SessionBoard:
         DEFER_LIGHT: the worker whose turn it is is idle then and takes it at once,
         so the others need not wake for every connection (while one waits they are
         not woken by the next ones: 0.3 ms of CPU per connection with 1 ms, on this
-        VM, at 250 connections a second).  Not longer: a worker computes its delay
-        when a connection wakes it and sleeps all of it, so while it sleeps the load
-        can rise and its turn come without it; with 50 ms (which cut the idle worker's
-        CPU per message of a lone client from 0.2-0.4 to 0.06-0.12 ms) ten connections
-        opened in a row under CI load went 2 / 8 instead of spreading.  Used by
-        net.listener.DeferredAccept."""
+        VM, at 250 connections a second).  A worker with no session of its own does
+        not even watch then (``idle``).  The wait ends early when the board is
+        signalled and the turn is this worker's (processes.turns.Turns.defer): the
+        load can rise while it waits, and with 50 ms of a wait that did not end
+        early ten connections opened in a row under CI load went 2 / 8 instead of
+        spreading."""
         mine, light = self._turn()
         return 0.0 if mine else DEFER_LIGHT if light else DEFER_UNDER_LOAD
 
@@ -117,3 +151,4 @@ class SessionBoard:
 
     def clear(self, slot: int) -> None:
         _ONE.pack_into(self.memory, slot * 8, 0)
+        self.signal()  # it may have had the turn

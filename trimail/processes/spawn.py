@@ -48,8 +48,9 @@ def worker_spec(master: Master, slot: Slot, channel_fd: int) -> tuple[dict[str, 
     fds = [channel_fd, master.lock.fileno()]
     if slot.role == "smtpd":
         spec["board"], spec["slot"], spec["clients"] = master.board.fd, slot.board_slot, master.clients.fd
-        spec["workers"] = slot.peers  # several: they take turns to accept (SessionBoard.accept_delay)
-        fds += [master.board.fd, master.clients.fd]
+        spec["wake"] = master.board.wake
+        spec["workers"] = slot.peers  # several: they take turns to accept (trimail.processes.turns)
+        fds += [master.board.fd, master.board.wake, master.clients.fd]
         spec["trigger"] = master._send_trigger.fileno()
         spec["listeners"] = [[listener.socket.fileno(), kind, str(configured)]
                              for listener, kind, configured in master.endpoints]

@@ -58,6 +58,7 @@ from trimail.policy.verifycleanup import clean_cache
 from trimail.processes.board import SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.clients import ClientBoard
+from trimail.processes.turns import Turns
 from trimail.qshape import dead_destinations
 from trimail.queue.inline import BookkeepingWriter
 from trimail.queue.solo import SmtpdWriter
@@ -94,7 +95,7 @@ def renumbered(spec: dict[str, Any], mapping: dict[int, int], parent: int) -> di
     one this process received it as (*mapping*), and *parent*: the fork server
     (trimail.processes.forkserver), whose death this worker dies with."""
     fresh = dict(spec, parent=parent)
-    for key in ("channel", "lock", "trigger", "board", "clients"):
+    for key in ("channel", "lock", "trigger", "board", "wake", "clients"):
         if key in spec:
             fresh[key] = mapping[spec[key]]
     if "listeners" in spec:
@@ -167,9 +168,10 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
         config, holder["directory"] = become_mail_owner(config, holder["directory"], helper=False,
                                                        handed_over=True)
         die_with_master(spec.get("parent", spec["master"]))
-        board = SessionBoard(spec["board"], spec["slot"])
+        several = spec.get("workers", 1) > 1  # they take turns to accept
+        board = SessionBoard(spec["board"], spec["slot"], spec["wake"] if several else None)
         server = Server(config, writer, listeners, trigger, board, ClientBoard(spec["clients"], spec["slot"]),
-                        accept_delay=board.accept_delay if spec.get("workers", 1) > 1 else None)
+                        turns=Turns(board) if several else None)
         writer.alone = lambda: len(server.sessions) <= 1  # its message commits in the loop (queue.solo)
         stopped = trio.Event()
 
