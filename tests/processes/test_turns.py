@@ -42,6 +42,23 @@ def test_a_lone_clients_sessions_signal_nobody_and_the_other_worker_stays_idle()
     assert not any(board.idle() for board in (first, second))
 
 
+def test_under_load_only_a_session_that_gives_another_worker_the_turn_signals() -> None:
+    """A deferring worker is woken only when its turn has come (it waits with the
+    descriptor), not by every session the others take."""
+    master, (first, second) = _boards(2)
+    first.add(3)
+    second.add(3)
+    master.drain()
+    first.add(1)  # 4 against 3: both still within one of the least busy
+    second.add(1)
+    first.add(1)
+    first.add(1)  # 6 against 4: the first is ahead now, nobody gained the turn
+    assert not _signalled(master)
+    assert not first.my_turn()
+    second.add(1)  # 6 against 5: the first's turn again
+    assert _signalled(master) and first.my_turn()
+
+
 def test_a_worker_with_a_session_never_rests() -> None:
     master, (first, second) = _boards(2)
     second.add(1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import mmap
 import os
 import struct
@@ -69,8 +70,12 @@ class SessionBoard:
     def add(self, change: int) -> None:
         self.mine += change
         self._write()
-        if change > 0 and self.wake is not None and self._turn() != (True, True):
-            self.signal()  # the load is heavy, or the next connection is another's: wake the resting
+        if change > 0 and self.wake is not None and self.slot is not None:
+            after = [value - 1 for value in self._values()]
+            before = list(after)
+            before[self.slot] -= change
+            if _whose(after)[0] - _whose(before)[0] - {self.slot}:
+                self.signal()  # another's turn now (the load rose, or this one is ahead): wake it
 
     def stop_accepting(self) -> None:
         self.accepting = False
@@ -141,14 +146,21 @@ class SessionBoard:
         most one session more than the least busy, so a connection never waits for
         one busy worker while another could take it, and no worker runs ahead of the
         others."""
-        counts = [value - 1 for value in self._values()]
-        accepting = [count for count in counts if count >= 0]
-        least = min(accepting, default=0)
-        if sum(accepting) > len(accepting):
-            return self.mine <= least + 1, False
-        turn = next((slot for slot, count in enumerate(counts) if 0 <= count <= least + 1), self.slot)
-        return turn == self.slot, True
+        whose, light = _whose([value - 1 for value in self._values()])
+        return self.slot in whose, light
 
     def clear(self, slot: int) -> None:
         _ONE.pack_into(self.memory, slot * 8, 0)
         self.signal()  # it may have had the turn
+
+
+def _whose(counts: list[int]) -> tuple[set[int], bool]:
+    """(The slots whose turn it is, whether the load is light) from every slot's count
+    of sessions (negative: no worker, or one that no longer accepts), by the rules of
+    SessionBoard._turn."""
+    accepting = [count for count in counts if count >= 0]
+    least = min(accepting, default=0)
+    eligible = (slot for slot, count in enumerate(counts) if 0 <= count <= least + 1)
+    if sum(accepting) > len(accepting):
+        return set(eligible), False
+    return set(itertools.islice(eligible, 1)), True
