@@ -142,7 +142,7 @@ async def test_large_content_and_a_slow_disk_keep_commits_on_the_thread(tmp_path
         time.sleep(0.05)  # a disk that takes 50 ms to sync
         insert(store, message)
 
-    large = Spool()
+    large = Spool(memory_limit=2 * solo.INLINE_CONTENT)  # (the default keeps no more than that in memory)
     large.write(b"Subject: large\r\n\r\n" + b"x" * solo.INLINE_CONTENT + b"\r\n")
     assert large.in_memory
 
