@@ -112,8 +112,8 @@ class DeferredAccept:
     """Accepting for one of several workers on one listening socket: wait until a
     connection is pending; take it once *turns.defer()* returns if it is still
     waiting (at once when it is this worker's turn; else the others' time to take
-    it first; *turns* None: the only worker, always at once).  Before it watches the socket it
-    lets *turns.rest()* return (a worker with nothing to do there rests).
+    it first; *turns* None: the only worker, always at once).  Before it watches
+    the socket it lets *turns.rest()* return (a worker with nothing to do rests).
     After taking one, the next try does not wait first (more may be waiting).
     Each connection comes as a ``net.stream.DirectStream``."""
 

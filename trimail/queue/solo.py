@@ -29,8 +29,8 @@ fsynced COMMIT, checkpoints left to the thread), when all of this holds:
   1,500 messages, 1 session, 100 KiB): end to end one message per connection 4 of
   5 pairs faster with 256 KiB than with 64 KiB (median 1.06x, CPU per message lower
   in 4 of 5), with reuse 1.04x (2 of 4 faster, 1 equal), accept one message per
-  connection 1.05x (3 of 3): the two hand-overs are on the lone client's path, the commit of 100 KB
-  (0.3-0.4 ms) in the loop stops nobody else;
+  connection 1.05x (3 of 3): the two hand-overs are on the lone client's path,
+  and the commit of 100 KB (0.3-0.4 ms) in the loop stops nobody else;
 - the last commit in the loop took less than ``inline.SLOW`` (10 ms; here a
   commit takes 0.8 ms at the median, 2.3 ms at the 99th percentile): on a slow or
   overloaded disk the loop must not stop for each fsync, so for ``inline.SLOW_BACKOFF``
