@@ -4,6 +4,7 @@ answers the signal.  Real boards (a memfd and an eventfd), trio's MockClock."""
 
 from __future__ import annotations
 
+import os
 import select
 
 import pytest
@@ -21,10 +22,18 @@ def _boards(count: int) -> tuple[SessionBoard, list[SessionBoard]]:
 
 
 def _signalled(board: SessionBoard) -> bool:
-    """Whether the descriptor is readable; drains it, as a resting worker does."""
+    """Whether a signal was given since the last call (the test reads the counter;
+    the workers never do, see test_every_worker_gets_every_signal)."""
     readable = bool(select.select([board.wake], [], [], 0)[0])
-    board.drain()
+    _reset(board)
     return readable
+
+
+def _reset(board: SessionBoard) -> None:
+    try:
+        os.eventfd_read(board.wake)
+    except BlockingIOError:
+        pass
 
 
 def test_a_lone_clients_sessions_signal_nobody_and_the_other_worker_stays_idle() -> None:
@@ -48,7 +57,7 @@ def test_under_load_only_a_session_that_gives_another_worker_the_turn_signals() 
     master, (first, second) = _boards(2)
     first.add(3)
     second.add(3)
-    master.drain()
+    _reset(master)
     first.add(1)  # 4 against 3: both still within one of the least busy
     second.add(1)
     first.add(1)
@@ -71,7 +80,7 @@ def test_stopping_to_accept_and_a_dead_workers_slot_pass_the_turn_with_a_signal(
     assert _signalled(master) and second.my_turn() and not second.idle() and not first.idle()
     master, (first, second) = _boards(2)
     first.add(2)
-    master.drain()
+    _reset(master)
     master.clear(0)  # it died: its sessions with it
     assert _signalled(master) and second.my_turn()
 
@@ -157,3 +166,29 @@ async def test_a_deferring_worker_takes_the_connection_as_soon_as_the_turn_is_it
     started = trio.current_time()
     await Turns(second).defer()  # its turn: no wait
     assert trio.current_time() == started
+
+
+async def test_every_worker_gets_every_signal(autojump_clock) -> None:
+    """The first worker's second session gives the second worker the turn, and the
+    first then defers a connection for it: the first's look at the board must not
+    take the signal from the resting second (a first version read the shared
+    counter, and under CI load sessions went 20 / 0), nor a third resting worker's
+    from it.  Each worker watches the signals through its own epoll."""
+    master, (first, second, third) = _boards(3)
+    first.add(1)  # 1, 0, 0: the first's turn; the others rest
+    woke: list[str] = []
+
+    async def rest(name: str, turns: Turns) -> None:
+        await turns.rest()
+        woke.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rest, "second", Turns(second))
+        nursery.start_soon(rest, "third", Turns(third))
+        await trio.sleep(RECHECK / 10)
+        started = trio.current_time()
+        first.add(1)  # 2, 0, 0: the second's turn, signalled
+        await Turns(first).defer()  # looks at the board (and the signals) before the others run
+        assert trio.current_time() - started == pytest.approx(DEFER_LIGHT)  # its whole delay
+        assert sorted(woke) == ["second", "third"]  # the third returns too, to look again
+    assert trio.current_time() < RECHECK

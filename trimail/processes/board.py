@@ -85,14 +85,8 @@ class SessionBoard:
     def signal(self) -> None:
         """Wake every worker resting on ``wake`` to look at the board again."""
         if self.wake is not None:
-            with contextlib.suppress(OSError):  # the counter at its maximum: readable anyway
+            with contextlib.suppress(OSError):  # the counter at its maximum (after 2^64 signals)
                 os.eventfd_write(self.wake, 1)
-
-    def drain(self) -> None:
-        """Before a resting worker looks at the board: a signal given after that look
-        makes ``wake`` readable again."""
-        with contextlib.suppress(OSError):  # BlockingIOError: nothing to drain
-            os.eventfd_read(self.wake)
 
     def idle(self) -> bool:
         """Whether this worker may leave the listening sockets to the others: no session
