@@ -40,21 +40,21 @@ class Turns:
     def __init__(self, board: SessionBoard) -> None:
         self.board = board
         self._woken: trio.Event | None = None  # set when the task waiting on the descriptor returns
-        self._notices: select.epoll | None = None  # this worker's view of the signals (its lifetime)
-        if board.wake is not None:
-            self._notices = select.epoll()
-            self._notices.register(board.wake, select.EPOLLIN | select.EPOLLET)
+        # this worker's view of the signals, for its lifetime (only workers with peers
+        # take turns, and only their boards have the descriptor)
+        assert board.wake is not None
+        self._notices = select.epoll()
+        self._notices.register(board.wake, select.EPOLLIN | select.EPOLLET)
 
     def _seen(self) -> None:
         """Take note of the signals given so far (before a look at the board)."""
-        if self._notices is not None:
-            self._notices.poll(0)
+        self._notices.poll(0)
 
     async def rest(self) -> None:
         """Return when this worker should watch the listening sockets: at once if it has
         something to do there, else when signalled or after RECHECK."""
         board = self.board
-        if self._notices is None or not board.idle():
+        if not board.idle():
             return
         self._seen()  # then look again: a signal after this look wakes the wait below
         if board.idle():
@@ -69,7 +69,7 @@ class Turns:
         if not delay:
             return
         deadline = trio.current_time() + delay
-        while self._notices is not None:
+        while True:
             self._seen()
             if board.my_turn():
                 return
@@ -77,7 +77,6 @@ class Turns:
             if remaining <= 0:
                 return
             await self._wait(remaining)
-        await trio.sleep_until(deadline)
 
     async def _wait(self, timeout: float) -> None:
         """Until the board is signalled, or *timeout* seconds, or another of this
@@ -88,7 +87,6 @@ class Turns:
                 await self._woken.wait()
                 return
             self._woken = woken = trio.Event()
-            assert self._notices is not None
             try:
                 await trio.lowlevel.wait_readable(self._notices.fileno())
             finally:
