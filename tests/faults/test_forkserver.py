@@ -84,6 +84,55 @@ def test_a_killed_fork_server_takes_its_workers_and_serve_goes_on(daemon):
     assert integrity_ok(d.queue_directory) == "ok"
 
 
+def test_a_stop_while_the_fork_server_hangs_starts_no_worker(daemon):
+    """A worker that died while the fork server does not answer is restarted through
+    it, the master waiting up to its timeout (10 s) before it falls back to a new
+    interpreter.  A stop in that wait must end the restart, not fall back: the stop
+    has closed the listening sockets the new worker would be given (red team 19:
+    "process trimail/smtpd could not be started: ValueError: bad value(s) in
+    fds_to_keep").  Meanwhile status tells the restart's back-off ("waiting") from
+    the start itself ("starting")."""
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr")
+    facts = serve_status(d.queue_directory)
+    server = facts["fork_server"]
+    victim = next(w["pid"] for w in facts["workers"] if w["role"] == "smtpd")
+
+    def restarting(state: str) -> bool:
+        return any(w["role"] == "smtpd" and w["state"] == state and w["restarts"] == 1
+                   for w in serve_status(d.queue_directory)["workers"])
+
+    os.kill(server, signal.SIGSTOP)
+    try:
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: restarting("starting"), timeout=10)  # past the back-off: asking the fork server
+        assert d.proc.stop(signal.SIGTERM, timeout=60) == 0
+    finally:
+        try:
+            os.kill(server, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+    log = "\n".join(d.proc.log)
+    assert f"fork server pid {server} did not answer" in log
+    assert "could not be started" not in log, log
+    assert "terminating on stop request" in log
+
+
+def test_a_restart_waits_its_back_off_in_status(daemon):
+    d = daemon(smtpd_workers=2, master_service_disable="qmgr")
+    victim = next(w["pid"] for w in serve_status(d.queue_directory)["workers"] if w["role"] == "smtpd")
+    os.kill(victim, signal.SIGKILL)
+    seen: set[str] = set()
+
+    def replaced() -> bool:
+        states = [w["state"] for w in serve_status(d.queue_directory)["workers"] if w["role"] == "smtpd"]
+        seen.update(states)
+        return states == ["running", "running"] and victim not in _running(serve_status(d.queue_directory))
+
+    wait_until(replaced, timeout=20, interval=0.01)
+    assert "waiting" in seen  # the 0.5 s back-off before the first restart
+    assert_serving(d)
+
+
 def test_sigterm_to_the_whole_process_group_drains_sessions(tmp_path, serve_process):
     """systemd stops a service by sending SIGTERM to every process in it: the fork
     server must outlive its workers, or they die (PR_SET_PDEATHSIG) with a

@@ -37,7 +37,7 @@ async def status(master: Master) -> str:
         entry: dict[str, Any] = {"role": slot.role, "generation": slot.generation, "restarts": slot.restarts}
         worker = slot.worker
         if worker is None:
-            entry["state"] = "starting"
+            entry["state"] = "waiting" if slot.waiting else "starting"  # a restart's back-off, or its start
         elif isinstance(answered.get(worker.pid), dict):
             answer = answered[worker.pid]
             entry.update(state="retiring" if slot.retired else "running", pid=worker.pid,

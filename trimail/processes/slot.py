@@ -97,5 +97,6 @@ class Slot:
         self.leaving = trio.Event()  # set with retired: ends a restart back-off at once
         self.worker: Worker | None = None
         self.restarts = 0
+        self.waiting = False  # in the back-off before a restart (status: "waiting", else "starting")
         self.board_slot: int | None = None  # its place on the session board (smtpd)
         self.gone = trio.Event()

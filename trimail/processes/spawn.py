@@ -62,14 +62,19 @@ def worker_spec(master: Master, slot: Slot, channel_fd: int) -> tuple[dict[str, 
     return spec, fds
 
 
-async def spawn(master: Master, slot: Slot) -> Worker:
+async def spawn(master: Master, slot: Slot) -> Worker | None:
     """Forked by the fork server, or else with a new interpreter.  Each try has a
     channel of its own: a fork that comes after its request gave up finds its
-    channel closed and exits, never sharing the next worker's."""
+    channel closed and exits, never sharing the next worker's.  None: the slot was
+    retired, or serve began to stop, while the fork server did not answer (up to
+    its timeout): nothing is started then (a stop may have closed the listening
+    sockets the new interpreter would be given)."""
     if master.fork_server is not None and master.fork_server.alive:
         worker = await _start(master, slot, forked=True)
         if worker is not None:
             return worker
+        if slot.retired or master.stopping:
+            return None
     worker = await _start(master, slot, forked=False)
     assert worker is not None
     return worker

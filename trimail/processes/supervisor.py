@@ -142,6 +142,10 @@ class Master:
                         raise WorkerStartError(f"{slot.role} worker could not be started: {describe(exc)}") from None
                     log.warning("process trimail/%s could not be started: %s", slot.role, describe(exc))
                 else:
+                    if worker is None:  # retired or stopping while the fork server did not answer
+                        if first:
+                            raise WorkerStartError(f"{slot.role} worker not started: serve is stopping")
+                        return
                     ready = await self._run_one(slot, worker, task_status if first else None)
                     if first and not ready:
                         status = exit_text(worker.process.returncode)
@@ -158,8 +162,12 @@ class Master:
                 delay = backoff.next()
                 if delay >= 4:
                     log.warning("trimail/%s: bad command startup -- throttling for %.0fs", slot.role, delay)
-                with trio.move_on_after(delay):
-                    await slot.leaving.wait()  # a stop or a reload ends the wait, and the slot
+                slot.waiting = True
+                try:
+                    with trio.move_on_after(delay):
+                        await slot.leaving.wait()  # a stop or a reload ends the wait, and the slot
+                finally:
+                    slot.waiting = False
                 if slot.retired or self._stop.is_set():
                     return
         finally:
