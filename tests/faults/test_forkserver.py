@@ -124,9 +124,10 @@ def test_a_restart_waits_its_back_off_in_status(daemon):
     seen: set[str] = set()
 
     def replaced() -> bool:
-        states = [w["state"] for w in serve_status(d.queue_directory)["workers"] if w["role"] == "smtpd"]
+        facts = serve_status(d.queue_directory)
+        states = [w["state"] for w in facts["workers"] if w["role"] == "smtpd"]
         seen.update(states)
-        return states == ["running", "running"] and victim not in _running(serve_status(d.queue_directory))
+        return states == ["running", "running"] and victim not in _running(facts)
 
     wait_until(replaced, timeout=20, interval=0.01)
     assert "waiting" in seen  # the 0.5 s back-off before the first restart
