@@ -271,8 +271,13 @@ def test_a_worker_with_nothing_to_do_is_not_woken_by_a_lone_clients_connections(
     wait_until(lambda: sum(_served_by(d).values()) == count + 1)
     # now and then the warm worker's last session is still counted when the client is
     # back, and the turn passes (and the other wakes) for a connection or two
-    assert _served_by(d)[warm] >= count - 5, _served_by(d)
-    assert woken <= 20 + 20 * elapsed, (woken, elapsed, count)
+    served = _served_by(d)
+    assert served[warm] >= count - 5, served
+    # a connection it serves costs it 10-16 wake-ups (its loop, commit and log threads;
+    # measured): those are not what this is about (CI failed with 43 <= 40 for 754
+    # connections, two or three served by the idle one); before, every connection woke it
+    taken = sum(n for pid, n in served.items() if pid != warm)
+    assert woken <= 20 + 20 * elapsed + 20 * taken, (woken, elapsed, count, served)
 
 
 def test_a_stopped_worker_whose_turn_it_is_delays_a_connection_but_does_not_lose_it(daemon):
