@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -160,3 +161,74 @@ def test_processes_logging_into_one_pipe_never_cut_each_others_lines():
     whole = re.compile(r".* trimail/smtpd\[\d+\]: (AAAA|BBBB) line \d+ x{80}")
     assert [line for line in lines if not whole.fullmatch(line)] == []
     assert len(lines) == 6000
+
+
+def test_a_committer_writes_the_lines_itself_into_a_file_before_its_commit(tmp_path):
+    """log.write_waiting: into a file the smtpd worker's loop writes the lines waiting
+    when it would mark (before the commit), instead of waking the writer thread."""
+    path = tmp_path / "maillog"
+    with mail_log(maillog_file=str(path)):
+        assert maillog._listener.direct
+        for n in range(50):
+            logging.getLogger("trimail.cleanup").info("Q%d: message-id=<m%d@example>", n, n)
+            assert maillog.mark() is None  # nothing to wait for: ...
+            assert f"Q{n}: message-id=<m{n}@example>" in path.read_text()  # ... the line is out
+            assert not maillog._listener.hurry.is_set()  # and nobody was woken for it
+
+
+def test_lines_written_by_committers_and_the_writer_thread_keep_their_order(tmp_path):
+    """Whoever takes lines from the queue writes them before anyone takes more."""
+    path = tmp_path / "maillog"
+    per_thread = 3000
+
+    def work(name: str) -> None:
+        log = logging.getLogger("trimail.smtpd")
+        for n in range(per_thread):
+            log.info("%s %d", name, n)
+            if n % 7 == 0:
+                maillog.mark()
+                maillog.write_waiting()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # the threads take turns between any two steps
+    try:
+        with mail_log(maillog_file=str(path)):
+            threads = [threading.Thread(target=work, args=(f"t{i}",)) for i in range(4)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    seen: dict[str, list[int]] = {}
+    for line in path.read_text().splitlines():
+        name, n = line.rsplit(": ", 1)[1].split()
+        seen.setdefault(name, []).append(int(n))
+    assert seen == {f"t{i}": list(range(per_thread)) for i in range(4)}
+
+
+def test_a_pipe_or_a_terminal_is_left_to_the_writer_thread(tmp_path):
+    """A write into a pipe, a socket or a terminal can wait for its reader: then the
+    committer only hurries the writer thread (which the mark did already)."""
+    import pty
+
+    from trimail.log.destinations import StreamLog, never_waits
+
+    read_end, write_end = os.pipe()
+    primary, secondary = pty.openpty()
+    try:
+        with os.fdopen(write_end, "w") as pipe, os.fdopen(secondary, "w") as tty, \
+                open(os.devnull, "w") as null, open(tmp_path / "file", "w") as file:
+            assert [never_waits(StreamLog(s)) for s in (pipe, tty, null, file)] == [False, False, True, True]
+    finally:
+        os.close(read_end)
+        os.close(primary)
+
+
+def test_without_a_file_a_mark_is_put_and_the_writer_hurried(stream):
+    logging.getLogger("trimail.cleanup").info("QID: message-id=<m@example>")
+    assert not maillog._listener.direct and not maillog.write_waiting()
+    mark = maillog.mark()
+    assert mark is not None
+    wait_until(lambda: len(mark._turns) == 1)  # the writer has been past it
+    assert "message-id=<m@example>" in stream.text()

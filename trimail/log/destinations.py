@@ -84,6 +84,20 @@ def _shared_whole(stream: TextIO) -> bool:
         return True  # no descriptor: nobody else writes into it
 
 
+def never_waits(target: logging.Handler) -> bool:
+    """Whether a write into *target* returns without waiting for a reader: a regular
+    file or a character device (/dev/null), not a pipe, a socket or syslog."""
+    stream = getattr(target, "stream", None)
+    if isinstance(target, MailLogFile):
+        return True
+    try:
+        fd = stream.fileno()  # type: ignore[union-attr]
+        mode = os.fstat(fd).st_mode
+        return stat.S_ISREG(mode) or stat.S_ISCHR(mode) and not os.isatty(fd)  # a terminal can stop
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 class _Batched:
     """Stream destinations write the lines waiting with one ``write()`` (one per
     ``PIPE_BUF`` into a pipe or socket) and flush."""
