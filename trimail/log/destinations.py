@@ -84,12 +84,10 @@ def _shared_whole(stream: TextIO) -> bool:
         return True  # no descriptor: nobody else writes into it
 
 
-def never_waits(target: logging.Handler) -> bool:
-    """Whether a write into *target* returns without waiting for a reader: a regular
-    file or a character device (/dev/null), not a pipe, a socket or syslog."""
-    stream = getattr(target, "stream", None)
-    if isinstance(target, MailLogFile):
-        return True
+def never_waits(stream: TextIO | None) -> bool:
+    """Whether a write into *stream* returns without waiting for a reader: a regular
+    file or a character device (/dev/null), not a pipe or FIFO, a socket or a
+    terminal (nor syslog, which has no stream)."""
     try:
         fd = stream.fileno()  # type: ignore[union-attr]
         mode = os.fstat(fd).st_mode

@@ -98,7 +98,7 @@ class Writer(logging.handlers.QueueListener):
         self._told = 0
         self.marked_since = 0.0  # monotonic time the oldest mark not yet reached was put (0: none)
         self.hurry = threading.Event()  # ends the rest after a write: see mark()
-        self.direct = never_waits(target)  # committers may write the lines themselves (write_waiting)
+        self._direct: tuple[object, bool] = (None, False)  # the stream last asked about, and its answer
         # Whoever takes lines from the queue holds the lock until they are written, so
         # lines reach the destination in the order they were logged.  So the thread does
         # not wait in the queue's get() (it would hold a line without the lock) but on a
@@ -107,6 +107,16 @@ class Writer(logging.handlers.QueueListener):
         self.bell: queue.SimpleQueue[None] = queue.SimpleQueue()
         self.sleeping = False
         source.writer = self
+
+    @property
+    def direct(self) -> bool:
+        """Whether a committer may write the lines itself (``log.write_waiting``): the
+        destination's stream never waits for a reader (asked again when it changes:
+        a ``maillog_file`` reopened after logrotate moved it)."""
+        stream = getattr(self.target, "stream", None)
+        if stream is not self._direct[0]:
+            self._direct = (stream, stream is not None and never_waits(stream))
+        return self._direct[1]
 
     def _monitor(self) -> None:
         """Write the lines waiting (up to ``BATCH_LINES``) together, then rest unless the
