@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -163,17 +164,31 @@ def test_processes_logging_into_one_pipe_never_cut_each_others_lines():
     assert len(lines) == 6000
 
 
+@contextlib.contextmanager
+def _writer_hushed():
+    """Wait until the writer thread sleeps, and keep lines and marks from waking it in
+    the block (so a committer's write_waiting does not race with it for the lock)."""
+    listener = maillog._listener
+    wait_until(lambda: listener.sleeping and listener.queue.empty())
+    listener.sleeping = False  # a put rings the bell only while this is True
+    try:
+        yield
+    finally:
+        listener.bell.put_nowait(None)
+
+
 def test_a_committer_writes_the_lines_itself_into_a_file_before_its_commit(tmp_path):
     """log.write_waiting: into a file the smtpd worker's loop writes the lines waiting
     when it would mark (before the commit), instead of waking the writer thread."""
     path = tmp_path / "maillog"
     with mail_log(maillog_file=str(path)):
         assert maillog._listener.direct
-        for n in range(50):
-            logging.getLogger("trimail.cleanup").info("Q%d: message-id=<m%d@example>", n, n)
-            assert maillog.mark() is None  # nothing to wait for: ...
-            assert f"Q{n}: message-id=<m{n}@example>" in path.read_text()  # ... the line is out
-            assert not maillog._listener.hurry.is_set()  # and nobody was woken for it
+        with _writer_hushed():
+            for n in range(50):
+                logging.getLogger("trimail.cleanup").info("Q%d: message-id=<m%d@example>", n, n)
+                assert maillog.mark() is None  # nothing to wait for: ...
+                assert f"Q{n}: message-id=<m{n}@example>" in path.read_text()  # ... the line is out
+                assert not maillog._listener.hurry.is_set()  # and nobody was woken for it
 
 
 def test_lines_written_by_committers_and_the_writer_thread_keep_their_order(tmp_path):
@@ -232,3 +247,42 @@ def test_without_a_file_a_mark_is_put_and_the_writer_hurried(stream):
     assert mark is not None
     wait_until(lambda: len(mark._turns) == 1)  # the writer has been past it
     assert "message-id=<m@example>" in stream.text()
+
+
+def test_a_committer_never_reopens_a_moved_log_file_itself(tmp_path):
+    """After logrotate moved the file, the next write reopens the path: that open can
+    wait (here a FIFO nobody reads took the file's place), so it is the writer
+    thread's, never the loop's (mark() returns at once and puts a mark instead)."""
+    path = tmp_path / "maillog"
+    with mail_log(maillog_file=str(path)):
+        with _writer_hushed():
+            logging.getLogger("trimail.smtpd").info("before")
+            assert maillog.mark() is None and "before" in path.read_text()
+        path.rename(tmp_path / "maillog.1")
+        os.mkfifo(path)
+        logging.getLogger("trimail.smtpd").info("after")
+        marked = []
+        committer = threading.Thread(target=lambda: marked.append(maillog.mark()), daemon=True)
+        committer.start()
+        committer.join(5)
+        try:
+            assert not committer.is_alive(), "mark() waited for the FIFO"
+            assert marked and marked[0] is not None  # left to the writer thread
+        finally:
+            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer's open return
+            try:
+                if marked and marked[0] is not None:
+                    wait_until(lambda: len(marked[0]._turns) < 2)  # the writer has been past it
+            finally:
+                os.close(reader)
+
+
+def test_a_mark_put_while_the_writer_sleeps_wakes_it(stream):
+    """A mark is put without a line after it: it must ring the writer's bell itself,
+    or its wake-up of the qmgr waits for the next line logged (or STUCK_AFTER)."""
+    logging.getLogger("trimail.cleanup").info("QID: message-id=<m@example>")
+    listener = maillog._listener
+    wait_until(lambda: "message-id=<m@example>" in stream.text() and listener.sleeping and listener.queue.empty())
+    mark = maillog.mark()
+    assert mark is not None
+    wait_until(lambda: len(mark._turns) == 1, timeout=2)  # the writer has been past it

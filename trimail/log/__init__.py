@@ -97,7 +97,7 @@ def mark() -> Written | None:
     if not since:
         listener.marked_since = now
     written = Written()
-    listener.queue.put_nowait(written)
+    listener.put(written)
     listener.hurry.set()
     return written
 

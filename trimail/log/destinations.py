@@ -155,14 +155,19 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
             self.stream = self._open()
         super().emit_many(records)
 
-    def reopenIfNeeded(self) -> None:  # logging's name
+    def moved(self) -> bool:
+        """Whether the next write reopens the file first (its path names another file,
+        or none): opening can wait (a FIFO put in its place waits for a reader)."""
         if not self.follow:
-            return
+            return False
         try:
             sres = os.stat(self.baseFilename)
         except FileNotFoundError:
-            sres = None
-        if sres is not None and sres.st_dev == self.dev and sres.st_ino == self.ino:
+            return True
+        return sres.st_dev != self.dev or sres.st_ino != self.ino
+
+    def reopenIfNeeded(self) -> None:  # logging's name
+        if not self.moved():
             return
         try:
             fresh = self._open()

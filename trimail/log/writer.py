@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from trimail.log.destinations import never_waits
+from trimail.log.destinations import MailLogFile, never_waits
 
 MAX_QUEUED_LINES = 10_000
 BATCH_LINES = 512  # lines written together at most (one write() for the lines waiting)
@@ -50,11 +50,11 @@ class BoundedQueueHandler(logging.handlers.QueueHandler):
         if self.queue.qsize() >= self.bound:
             self.dropped += 1
         else:
-            self.queue.put_nowait(record)
             writer = self.writer
-            if writer is not None and writer.sleeping:  # (after the put: see Writer._monitor)
-                writer.sleeping = False
-                writer.bell.put_nowait(None)
+            if writer is None:
+                self.queue.put_nowait(record)
+            else:
+                writer.put(record)
 
 
 class Written:
@@ -112,11 +112,21 @@ class Writer(logging.handlers.QueueListener):
     def direct(self) -> bool:
         """Whether a committer may write the lines itself (``log.write_waiting``): the
         destination's stream never waits for a reader (asked again when it changes:
-        a ``maillog_file`` reopened after logrotate moved it)."""
-        stream = getattr(self.target, "stream", None)
+        a ``maillog_file`` reopened after logrotate moved it), and the write would not
+        reopen it first (the writer thread does that)."""
+        target = self.target
+        stream = getattr(target, "stream", None)
         if stream is not self._direct[0]:
             self._direct = (stream, stream is not None and never_waits(stream))
-        return self._direct[1]
+        return self._direct[1] and not (isinstance(target, MailLogFile) and target.moved())
+
+    def put(self, item: object) -> None:
+        """Queue a line or a mark, and wake the thread if it sleeps (after the put:
+        see ``_monitor``)."""
+        self.queue.put_nowait(item)
+        if self.sleeping:
+            self.sleeping = False
+            self.bell.put_nowait(None)
 
     def _monitor(self) -> None:
         """Write the lines waiting (up to ``BATCH_LINES``) together, then rest unless the
