@@ -67,6 +67,7 @@ from trimail.log.format import PostfixFormatter, SyslogFormatter
 from trimail.log.writer import FLUSH_TIMEOUT, MAX_QUEUED_LINES, BoundedQueueHandler, Writer, Written
 
 STUCK_AFTER = 0.05  # seconds a mark may wait for its lines before mark() stops putting more
+WRITER_TURN = 0.005  # seconds a committer waits for the writer thread's write into a file (write_waiting)
 
 _listener: Writer | None = None
 
@@ -105,13 +106,15 @@ def mark() -> Written | None:
 def write_waiting() -> bool:
     """Write the lines waiting now, in the caller's thread, when the destination never
     waits for a reader (a regular file, /dev/null: ``destinations.never_waits``) and
-    the writer thread is not writing; whether it did.  ``mark`` does, before a commit:
+    the writer thread's write (into the same file) ends within ``WRITER_TURN``; whether
+    it did.  ``mark`` does, before a commit:
     one write() there costs an smtpd worker less than waking the writer thread for
     every message (about five hand-overs of the interpreter between the threads per
     message, measured), and the lines are out before the commit is, so no qmgr round
     (woken by any process) can log about the message first."""
     listener = _listener
-    if listener is None or not listener.direct or not listener.lock.acquire(blocking=False):
+    # the writer thread may hold the lock, writing other lines into the same file: never long
+    if listener is None or not listener.direct or not listener.lock.acquire(timeout=WRITER_TURN):
         return False
     try:
         listener.take_and_write(in_thread=False)
