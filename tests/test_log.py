@@ -286,3 +286,31 @@ def test_a_mark_put_while_the_writer_sleeps_wakes_it(stream):
     mark = maillog.mark()
     assert mark is not None
     wait_until(lambda: len(mark._turns) == 1, timeout=2)  # the writer has been past it
+
+
+def test_a_committer_writes_into_the_open_file_when_it_is_moved_after_the_check(tmp_path, monkeypatch):
+    """The path can be moved (a FIFO nobody reads put in its place) between the
+    committer's look (``Writer.direct``) and its write: the write goes into the open,
+    moved file, and only the writer thread reopens (found by a red team: the worker's
+    loop hung in open() for good, one time in about 50 rotations under load)."""
+    from trimail.log.writer import Writer
+
+    path = tmp_path / "maillog"
+    with mail_log(maillog_file=str(path)):
+        with _writer_hushed():
+            logging.getLogger("trimail.smtpd").info("before")
+            assert maillog.mark() is None
+            path.rename(tmp_path / "maillog.1")
+            os.mkfifo(path)
+            monkeypatch.setattr(Writer, "direct", property(lambda self: True))  # it looked before the move
+            logging.getLogger("trimail.smtpd").info("after")
+            committer = threading.Thread(target=maillog.mark, daemon=True)
+            committer.start()
+            committer.join(5)
+            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # (lets a stuck open return)
+            try:
+                assert not committer.is_alive(), "the committer opened the FIFO"
+                assert (tmp_path / "maillog.1").read_text().splitlines()[-1].endswith("after")
+            finally:
+                monkeypatch.undo()
+                os.close(reader)

@@ -117,7 +117,9 @@ def write_waiting() -> bool:
     if listener is None or not listener.direct or not listener.lock.acquire(timeout=WRITER_TURN):
         return False
     try:
-        listener.take_and_write(in_thread=False)
+        if not listener.stream_never_waits():  # the writer thread reopened the path meanwhile
+            return False
+        listener.take_and_write(in_thread=False)  # (into the open stream: never reopened here)
     finally:
         listener.lock.release()
     return True

@@ -104,7 +104,7 @@ class _Batched:
     terminator: str
     _whole: tuple[TextIO | None, bool] = (None, True)  # the stream last asked about, and its answer
 
-    def emit_many(self, records: list[logging.LogRecord]) -> None:  # the caller holds the lock
+    def emit_many(self, records: list[logging.LogRecord], reopen: bool = True) -> None:  # the caller holds the lock
         lines = []
         for record in records:
             try:
@@ -149,8 +149,10 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
         self._reported = set()
         self.follow = True  # compare the path with the open file before each write
 
-    def emit_many(self, records: list[logging.LogRecord]) -> None:  # WatchedFileHandler.emit, once
-        self.reopenIfNeeded()
+    def emit_many(self, records: list[logging.LogRecord], reopen: bool = True) -> None:
+        """WatchedFileHandler.emit, once for all *records*."""
+        if reopen:
+            self.reopenIfNeeded()
         if self.stream is None and (self.mode != "w" or not self._closed):  # type: ignore[attr-defined]
             self.stream = self._open()
         super().emit_many(records)

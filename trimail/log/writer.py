@@ -111,14 +111,19 @@ class Writer(logging.handlers.QueueListener):
     @property
     def direct(self) -> bool:
         """Whether a committer may write the lines itself (``log.write_waiting``): the
-        destination's stream never waits for a reader (asked again when it changes:
-        a ``maillog_file`` reopened after logrotate moved it), and the write would not
-        reopen it first (the writer thread does that)."""
+        destination's stream never waits for a reader, and the path was not moved (the
+        writer thread reopens it: opening can wait).  Asked again under ``lock``
+        (``stream_never_waits``): the writer thread may reopen meanwhile."""
         target = self.target
-        stream = getattr(target, "stream", None)
+        return self.stream_never_waits() and not (isinstance(target, MailLogFile) and target.moved())
+
+    def stream_never_waits(self) -> bool:
+        """Whether the open stream never waits for a reader (asked again when it changes:
+        a ``maillog_file`` reopened after logrotate moved it)."""
+        stream = getattr(self.target, "stream", None)
         if stream is not self._direct[0]:
             self._direct = (stream, stream is not None and never_waits(stream))
-        return self._direct[1] and not (isinstance(target, MailLogFile) and target.moved())
+        return self._direct[1]
 
     def put(self, item: object) -> None:
         """Queue a line or a mark, and wake the thread if it sleeps (after the put:
@@ -171,7 +176,7 @@ class Writer(logging.handlers.QueueListener):
         if marks:
             records = [r for r in records if type(r) is not Written]
         if records:
-            self.write(records)
+            self.write(records, reopen=in_thread)
         if marks:
             self.marked_since = 0.0  # (a mark put meanwhile is dated by the next one)
             for mark in marks:
@@ -179,7 +184,10 @@ class Writer(logging.handlers.QueueListener):
                     mark.done()  # type: ignore[misc]
         return stop, full
 
-    def write(self, records: list[logging.LogRecord]) -> None:
+    def write(self, records: list[logging.LogRecord], reopen: bool = True) -> None:
+        """Write *records* (the caller holds ``lock``); a moved ``maillog_file`` is
+        reopened first only when *reopen* (the writer thread's write, never a
+        committer's: the lines go into the moved file then)."""
         target = self.target
         emit_many = getattr(target, "emit_many", None)
         if emit_many is None or target.filters:  # syslog: one datagram per line
@@ -188,7 +196,7 @@ class Writer(logging.handlers.QueueListener):
         else:
             target.acquire()
             try:
-                emit_many(records)
+                emit_many(records, reopen)
             finally:
                 target.release()
         dropped = self.source.dropped
