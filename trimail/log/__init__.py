@@ -11,14 +11,16 @@ syslog; see ``mark`` for a file).  ``setup`` puts a
 ``QueueHandler`` on the ``trimail`` logger: the thread that logs only merges the
 message with its arguments and puts the record on a bounded queue; one writer
 thread (a ``QueueListener``) formats the lines and writes them, and only that
-thread can block on a slow disk, a full pipe or a stopped journald.  It writes
+thread can block on a full pipe or a stopped journald (an smtpd worker's loop
+writes into a log file too, as it writes the queue: below).  It writes
 the lines waiting together and rests ``BATCH_WAIT`` (10 ms) after each write:
 under load it takes the interpreter from the event loop once per batch, not once
 per line (two lines per SMTP connection were a large share of its cost).  An
 smtpd worker about to commit a message has the lines about it written first
 (``mark``), so the qmgr worker (another process) never logs about the message
 before them: into a destination that never waits for a reader (a file or
-/dev/null) it writes the lines waiting itself (``write_waiting``; whoever takes
+/dev/null) it writes the lines waiting itself, into the open file (``write_waiting``:
+a moved ``maillog_file`` is reopened by the writer thread only; whoever takes
 lines from the queue holds ``Writer.lock`` until they are written, so they keep
 their order); into a pipe, a socket or syslog it puts a mark in the queue, which
 ends the writer's rest, and the qmgr is woken once both the commit is done and the
