@@ -314,3 +314,15 @@ def test_a_committer_writes_into_the_open_file_when_it_is_moved_after_the_check(
             finally:
                 monkeypatch.undo()
                 os.close(reader)
+
+
+def test_a_committer_writes_every_line_waiting_not_only_one_batch(tmp_path):
+    from trimail.log.writer import BATCH_LINES
+
+    path = tmp_path / "maillog"
+    with mail_log(maillog_file=str(path)):
+        with _writer_hushed():
+            for n in range(BATCH_LINES * 3 + 7):
+                logging.getLogger("trimail.smtpd").info("line %d", n)
+            assert maillog.mark() is None
+            assert path.read_text().splitlines()[-1].endswith(f"line {BATCH_LINES * 3 + 6}")

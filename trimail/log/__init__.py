@@ -121,7 +121,8 @@ def write_waiting() -> bool:
     try:
         if not listener.stream_never_waits():  # the writer thread reopened the path meanwhile
             return False
-        listener.take_and_write(in_thread=False)  # (into the open stream: never reopened here)
+        while listener.take_and_write(in_thread=False)[1]:  # into the open stream, never reopened here;
+            pass  # a full batch: more lines wait before this caller's
     finally:
         listener.lock.release()
     return True
