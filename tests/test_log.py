@@ -227,14 +227,14 @@ def test_a_pipe_or_a_terminal_is_left_to_the_writer_thread(tmp_path):
     committer only hurries the writer thread (which the mark did already)."""
     import pty
 
-    from trimail.log.destinations import never_waits
+    from trimail.log.destinations import StreamLog
 
     read_end, write_end = os.pipe()
     primary, secondary = pty.openpty()
     try:
         with os.fdopen(write_end, "w") as pipe, os.fdopen(secondary, "w") as tty, \
                 open(os.devnull, "w") as null, open(tmp_path / "file", "w") as file:
-            assert [never_waits(s) for s in (pipe, tty, null, file)] == [False, False, True, True]
+            assert [StreamLog(s).never_waits() for s in (pipe, tty, null, file)] == [False, False, True, True]
     finally:
         os.close(read_end)
         os.close(primary)

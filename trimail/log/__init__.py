@@ -107,7 +107,7 @@ def mark() -> Written | None:
 
 def write_waiting() -> bool:
     """Write the lines waiting now, in the caller's thread, when the destination never
-    waits for a reader (a regular file, /dev/null: ``destinations.never_waits``) and
+    waits for a reader (a regular file, /dev/null: ``destinations._Batched.never_waits``) and
     the writer thread's write (into the same file) ends within ``WRITER_TURN``; whether
     it did.  ``mark`` does, before a commit:
     one write() there costs an smtpd worker less than waking the writer thread for
@@ -119,7 +119,7 @@ def write_waiting() -> bool:
     if listener is None or not listener.direct or not listener.lock.acquire(timeout=WRITER_TURN):
         return False
     try:
-        if not listener.stream_never_waits():  # the writer thread reopened the path meanwhile
+        if not listener.target.never_waits():  # type: ignore[attr-defined]  # reopened meanwhile
             return False
         while listener.take_and_write(in_thread=False)[1]:  # into the open stream, never reopened here;
             pass  # a full batch: more lines wait before this caller's

@@ -75,25 +75,18 @@ def _pieces(lines: list[str], limit: int = PIPE_BUF) -> list[str]:
     return pieces
 
 
-def _shared_whole(stream: TextIO) -> bool:
-    """Whether one write of any size reaches *stream* whole (a regular file); not a
-    pipe or a socket, nor what cannot say (a StringIO in tests: one piece)."""
+def _stream_facts(stream: TextIO) -> tuple[bool, bool]:
+    """(Whether one write of any size reaches *stream* whole: a regular file, not a
+    pipe or a socket, or what cannot say (a StringIO in tests: one piece); whether a
+    write into it returns without waiting for a reader: a regular file or a character
+    device (/dev/null), not a pipe or FIFO, a socket or a terminal), from one fstat."""
     try:
-        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
-    except (OSError, ValueError, AttributeError):
-        return True  # no descriptor: nobody else writes into it
-
-
-def never_waits(stream: TextIO | None) -> bool:
-    """Whether a write into *stream* returns without waiting for a reader: a regular
-    file or a character device (/dev/null), not a pipe or FIFO, a socket or a
-    terminal (nor syslog, which has no stream)."""
-    try:
-        fd = stream.fileno()  # type: ignore[union-attr]
+        fd = stream.fileno()
         mode = os.fstat(fd).st_mode
-        return stat.S_ISREG(mode) or stat.S_ISCHR(mode) and not os.isatty(fd)  # a terminal can stop
     except (OSError, ValueError, AttributeError):
-        return False
+        return True, False  # no descriptor: nobody else writes into it, and nothing says it never waits
+    regular = stat.S_ISREG(mode)
+    return regular, regular or stat.S_ISCHR(mode) and not os.isatty(fd)  # a terminal can stop
 
 
 class _Batched:
@@ -102,7 +95,18 @@ class _Batched:
 
     stream: TextIO | None
     terminator: str
-    _whole: tuple[TextIO | None, bool] = (None, True)  # the stream last asked about, and its answer
+    _facts: tuple[TextIO | None, bool, bool] = (None, True, False)  # the stream last asked about, _stream_facts
+
+    def _facts_now(self) -> tuple[TextIO | None, bool, bool]:
+        stream = self.stream
+        if self._facts[0] is not stream:  # asked again when it changes (a maillog_file reopened)
+            self._facts = (stream, *_stream_facts(stream))  # type: ignore[arg-type]
+        return self._facts
+
+    def never_waits(self) -> bool:
+        """Whether a write into the open stream returns without waiting for a reader
+        (``trimail.log.write_waiting``); False with no stream."""
+        return self.stream is not None and self._facts_now()[2]
 
     def emit_many(self, records: list[logging.LogRecord], reopen: bool = True) -> None:  # the caller holds the lock
         lines = []
@@ -116,10 +120,8 @@ class _Batched:
         stream = self.stream
         if not lines or stream is None:
             return
-        if self._whole[0] is not stream:
-            self._whole = (stream, _shared_whole(stream))
         try:
-            for piece in ["".join(lines)] if self._whole[1] else _pieces(lines):
+            for piece in ["".join(lines)] if self._facts_now()[1] else _pieces(lines):
                 stream.write(piece)
                 self.flush()  # type: ignore[attr-defined]
         except RecursionError:

@@ -11,7 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from trimail.log.destinations import MailLogFile, never_waits
+from trimail.log.destinations import MailLogFile
 
 MAX_QUEUED_LINES = 10_000
 BATCH_LINES = 512  # lines written together at most (one write() for the lines waiting)
@@ -98,7 +98,6 @@ class Writer(logging.handlers.QueueListener):
         self._told = 0
         self.marked_since = 0.0  # monotonic time the oldest mark not yet reached was put (0: none)
         self.hurry = threading.Event()  # ends the rest after a write: see mark()
-        self._direct: tuple[object, bool] = (None, False)  # the stream last asked about, and its answer
         # Whoever takes lines from the queue holds the lock until they are written, so
         # lines reach the destination in the order they were logged.  So the thread does
         # not wait in the queue's get() (it would hold a line without the lock) but on a
@@ -111,19 +110,13 @@ class Writer(logging.handlers.QueueListener):
     @property
     def direct(self) -> bool:
         """Whether a committer may write the lines itself (``log.write_waiting``): the
-        destination's stream never waits for a reader, and the path was not moved (the
-        writer thread reopens it: opening can wait).  Asked again under ``lock``
-        (``stream_never_waits``): the writer thread may reopen meanwhile."""
+        destination's stream never waits for a reader (``destinations._Batched``; not
+        syslog), and the path was not moved (the writer thread reopens it: opening can
+        wait).  The stream is asked again under ``lock``: the writer thread may reopen
+        meanwhile."""
         target = self.target
-        return self.stream_never_waits() and not (isinstance(target, MailLogFile) and target.moved())
-
-    def stream_never_waits(self) -> bool:
-        """Whether the open stream never waits for a reader (asked again when it changes:
-        a ``maillog_file`` reopened after logrotate moved it)."""
-        stream = getattr(self.target, "stream", None)
-        if stream is not self._direct[0]:
-            self._direct = (stream, stream is not None and never_waits(stream))
-        return self._direct[1]
+        quick = getattr(target, "never_waits", None)
+        return quick is not None and quick() and not (isinstance(target, MailLogFile) and target.moved())
 
     def put(self, item: object) -> None:
         """Queue a line or a mark, and wake the thread if it sleeps (after the put:
