@@ -1,12 +1,15 @@
-"""A group commit of new messages (the smtpd's accepted mail) inserts them with one
-statement per table (``Store.insert_messages``, ``queue.batch._insert_together``):
-the rows are those of inserting them one by one, and one message that cannot be
-inserted still fails alone."""
+"""A group commit of new messages (the smtpd's accepted mail) inserts and commits
+them with one statement (``Store.commit_messages``, ``queue.batch._insert_together``),
+or with one statement per table in a transaction when there are more than one
+statement takes (``Store.insert_messages``): the rows are those of inserting them
+one by one, and one message that cannot be inserted still fails alone."""
 
 from __future__ import annotations
 
 import threading
+import time
 
+import apsw
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,14 +28,19 @@ def rows(store: Store) -> dict[str, list[tuple]]:
 def messages_of(shapes: list[tuple[str, int, bytes, dict]]) -> list[NewMessage]:
     made = []
     for sender, recipients, content, params in shapes:
-        msg = message(sender=sender, recipients=[f"r{i}@example.com" for i in range(recipients)], content=content)
+        if isinstance(recipients, int):
+            recipients = [f"r{i}@example.com" for i in range(recipients)]
+        msg = message(sender=sender, recipients=recipients, content=content)
         msg.params = params
         made.append(msg)
     return made
 
 
+# recipients as any text SQLite takes (not a lone surrogate): they go through JSON
+# on their way into commit_messages' statement
+ADDRESS = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
 SHAPES = st.lists(st.tuples(st.sampled_from(["", "a@example.org", "\u00e9@\u00e9xample.org"]),
-                            st.integers(min_value=1, max_value=40),
+                            st.integers(min_value=1, max_value=40) | st.lists(ADDRESS, max_size=5),
                             st.binary(max_size=300),
                             st.dictionaries(st.sampled_from(["BODY", "SMTPUTF8", "ENVID"]),
                                             st.none() | st.text(max_size=5), max_size=2)),
@@ -43,16 +51,80 @@ SHAPES = st.lists(st.tuples(st.sampled_from(["", "a@example.org", "\u00e9@\u00e9
 @given(shapes=SHAPES)
 def test_messages_inserted_together_are_the_rows_of_messages_inserted_one_by_one(tmp_path_factory, shapes):
     together = Store.open(tmp_path_factory.mktemp("together"))
+    committed = Store.open(tmp_path_factory.mktemp("committed"))
     one_by_one = Store.open(tmp_path_factory.mktemp("one-by-one"))
     made = messages_of(shapes)
     with together.transaction():
         together.insert_messages(made)
+    committed.commit_messages(made)
     with one_by_one.transaction():
         for msg in made:
             one_by_one.insert_message(msg)
     assert rows(together) == rows(one_by_one)
-    together.close()
-    one_by_one.close()
+    assert rows(committed) == rows(one_by_one)
+    for store in (together, committed, one_by_one):
+        store.close()
+
+
+def test_one_statement_commits_the_messages_outside_any_transaction(tmp_path):
+    """commit_messages is its own transaction: committed when it returns, seen by
+    another connection, and the connection is not left inside a transaction."""
+    store = Store.open(tmp_path)
+    made = [message(recipients=["x@example.com", "y@example.com"]) for _ in range(3)]
+    store.commit_messages(made)
+    assert store.db.getautocommit()
+    other = Store.open(tmp_path)
+    assert sorted(info.id for info in other.list_messages()) == sorted(msg.id for msg in made)
+    assert other.db.execute("SELECT count(*) FROM recipient").fetchall() == [(6,)]
+    assert other.counts() == {"incoming": 3}
+    store.commit_messages([message()])  # the view is made once per connection: a second commit
+    assert other.counts() == {"incoming": 4}
+    for opened in (store, other):
+        opened.close()
+
+
+def test_one_statement_that_fails_leaves_nothing(tmp_path):
+    """One row of the statement breaks a constraint: none of its messages is queued."""
+    store = Store.open(tmp_path)
+    queued = message()
+    store.commit_messages([queued])
+    twin = message()
+    twin.id = queued.id
+    made = [message(), twin, message()]
+    try:
+        store.commit_messages(made)
+    except apsw.ConstraintError:
+        pass
+    else:
+        raise AssertionError("a duplicate ID was committed")
+    assert store.db.getautocommit()
+    assert [info.id for info in store.list_messages()] == [queued.id]
+    assert store.db.execute("SELECT count(*) FROM recipient").fetchall() == [(1,)]
+    store.close()
+
+
+def test_one_statement_waits_for_the_write_lock_another_connection_holds(tmp_path):
+    """Like BEGIN IMMEDIATE, the statement waits through the busy handler while
+    another process's transaction holds SQLite's write lock, and then commits."""
+    store = Store.open(tmp_path)
+    holder = Store.open(tmp_path)
+    holder.db.execute("BEGIN IMMEDIATE")
+    released = threading.Event()
+
+    def release() -> None:
+        time.sleep(0.2)  # the lock held for a while: the statement must wait, not fail
+        released.set()
+        holder.db.execute("COMMIT")
+
+    thread = threading.Thread(target=release)
+    thread.start()
+    made = [message(), message()]
+    store.commit_messages(made)
+    assert released.is_set()  # it returned only after the lock was given up
+    thread.join()
+    assert sorted(info.id for info in holder.list_messages()) == sorted(msg.id for msg in made)
+    for opened in (store, holder):
+        opened.close()
 
 
 def test_more_rows_than_one_statement_takes_are_inserted_in_several(tmp_path):
@@ -105,15 +177,43 @@ async def _batch(tmp_path, made: list[NewMessage], before=None) -> tuple[list[ob
     return answers, statements
 
 
-async def test_a_group_commit_of_new_messages_runs_one_insert_per_table(tmp_path):
+def _after_hold(statements: list[str]) -> list[str]:
+    """The statements of the batch: those after the holding request's COMMIT, but
+    for the checkpoint as the writer stops."""
+    return [sql for sql in statements[statements.index("COMMIT") + 1:] if not sql.startswith("PRAGMA wal_checkpoint")]
+
+
+async def test_a_group_commit_of_new_messages_runs_one_statement(tmp_path):
     made = [message() for _ in range(5)]
     answers, statements = await _batch(tmp_path, made)
     assert answers == [None] * 5
-    inserts = [sql for sql in statements if sql.startswith("INSERT")]
-    assert len(inserts) == 3, statements  # message, body, recipient: not 3 per message
-    assert not any(sql.startswith("SAVEPOINT") for sql in statements)
+    ran = [sql for sql in _after_hold(statements) if not sql.lstrip().startswith("CREATE TEMP")]
+    assert len(ran) == 1 and ran[0].startswith("INSERT INTO temp.new_message"), statements
     store = Store.open(tmp_path)
     assert sorted(info.id for info in store.list_messages()) == sorted(msg.id for msg in made)
+
+
+async def test_a_lone_new_message_is_committed_by_one_statement_too(tmp_path):
+    made = [message()]
+    answers, statements = await _batch(tmp_path, made)
+    assert answers == [None]
+    ran = [sql for sql in _after_hold(statements) if not sql.lstrip().startswith("CREATE TEMP")]
+    assert len(ran) == 1 and ran[0].startswith("INSERT INTO temp.new_message"), statements
+
+
+async def test_a_group_commit_of_more_messages_than_one_statement_takes_runs_one_insert_per_table(tmp_path):
+    from trimail.queue.store import COMMIT_ROWS
+
+    made = [message() for _ in range(COMMIT_ROWS + 1)]
+    answers, statements = await _batch(tmp_path, made)
+    assert answers == [None] * len(made)
+    ran = _after_hold(statements)
+    assert ran[0] == "BEGIN IMMEDIATE" and ran[-1] == "COMMIT", ran
+    inserts = [sql for sql in ran if sql.startswith("INSERT")]
+    assert len(inserts) == 6, ran  # each table twice: 256 rows a statement, and one more
+    assert not any(sql.startswith("SAVEPOINT") for sql in ran)
+    store = Store.open(tmp_path)
+    assert len(store.list_messages()) == len(made)
 
 
 async def test_a_message_that_cannot_be_inserted_fails_alone_in_its_group_commit(tmp_path):

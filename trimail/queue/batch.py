@@ -2,9 +2,9 @@
 of a batch, each in a savepoint of its own, so that one that fails is rolled back
 and alone answered with its error, while the others commit; or one request alone,
 whose transaction is its savepoint (two statements fewer for every commit of a
-quiet gateway and every message a test MTA captures); or, for a batch of new
-messages held in memory (the sessions' commits), one statement per table and no
-savepoints (``_insert_together``).
+quiet gateway); or, for a batch of new messages held in memory (the sessions'
+commits, a test MTA's captured message), one statement that is its own
+transaction, with no BEGIN, COMMIT or savepoints (``_insert_together``).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import apsw
 import trio
 
 from trimail.queue.database import storage_error
-from trimail.queue.store import NewMessage, Store
+from trimail.queue.store import COMMIT_ROWS, NewMessage, Store
 
 BOOKKEEPING_SLICE = 0.01  # seconds of non-durable requests per transaction, between turns of accepted mail
 
@@ -53,10 +53,10 @@ def run_in_transaction(store: Store, batch: list[Request], source: deque[Request
     requests from it into the batch as they run, until *max_batch* or
     ``BOOKKEEPING_SLICE`` seconds after *started*.  Each request's result or error
     is set on it; BEGIN or COMMIT failing raises (the transaction is rolled back)."""
+    if source is None and not begun and _insert_together(store, batch):
+        return
     if len(batch) == 1 and source is None:
         _run_alone(store, batch[0], begun)
-        return
-    if source is None and not begun and _insert_together(store, batch):
         return
     with store.transaction(begun=begun):
         index = 0
@@ -77,17 +77,22 @@ def run_in_transaction(store: Store, batch: list[Request], source: deque[Request
 
 def _insert_together(store: Store, batch: list[Request]) -> bool:
     """A batch of new messages whose content is in memory (the smtpd's group
-    commit): inserted with one statement per table (``Store.insert_messages``) and
-    no savepoints.  False when the batch is anything else, or when that
+    commit): inserted and committed by one statement (``Store.commit_messages``),
+    or with one statement per table (``Store.insert_messages``) when there are more
+    than one statement takes.  False when the batch is anything else, or when that
     transaction failed (rolled back): then each request runs in a savepoint of its
     own, so that only one that fails is answered with its error."""
     if not all(request.fn is Store.insert_message and len(request.args) == 1
                and isinstance(request.args[0], NewMessage) and request.args[0].content.in_memory
                for request in batch):
         return False
+    messages = [request.args[0] for request in batch]
     try:
-        with store.transaction():
-            store.insert_messages([request.args[0] for request in batch])
+        if len(messages) <= COMMIT_ROWS:
+            store.commit_messages(messages)
+        else:
+            with store.transaction():
+                store.insert_messages(messages)
     except Exception:  # anything one request alone might raise (SQLite, the OS, a value it cannot bind)
         return False
     return True
