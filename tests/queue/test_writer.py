@@ -3,6 +3,7 @@ scheduler's bookkeeping, so no 250 waits for a long claim or a slice of records.
 
 from __future__ import annotations
 
+import os
 import threading
 
 import apsw
@@ -424,3 +425,15 @@ async def test_an_idle_checkpoint_that_a_reader_kept_from_finishing_is_tried_aga
             while _wal_size(tmp_path) != 0:
                 await trio.sleep(0.01)
     reader.close()
+
+
+async def test_the_writer_thread_does_not_preempt_on_wake_up_and_the_event_loop_keeps_its_policy(tmp_path):
+    """The writer's thread runs SCHED_BATCH (no wake-up preemption of the event loop
+    that holds the interpreter lock it needs: queue.writer._no_wakeup_preemption);
+    the event loop's own thread keeps the policy it had."""
+    before = os.sched_getscheduler(0)
+    async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
+        assert writer._thread is not None and writer._thread.native_id is not None
+        assert os.sched_getscheduler(writer._thread.native_id) == os.SCHED_BATCH
+        assert await writer.run(lambda store: os.sched_getscheduler(0)) == os.SCHED_BATCH
+        assert os.sched_getscheduler(0) == before

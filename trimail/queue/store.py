@@ -55,7 +55,7 @@ _NEW_MESSAGE_ROW = ("INSERT INTO temp.new_message VALUES ", "(?, ?, ?, ?, ?, ?, 
 COMMIT_ROWS = _ROWS  # messages commit_messages takes (12 values each)
 
 
-@functools.cache  # at most 3 x 256 texts, built once each: insert_message runs per message
+@functools.cache  # at most 4 x 256 texts, built once each: insert_message runs per message
 def _insert_rows(statement: tuple[str, str], count: int) -> str:
     return statement[0] + ", ".join([statement[1]] * count)
 
