@@ -230,3 +230,75 @@ async def test_a_begin_that_waited_for_the_wal_index_sends_the_next_commits_to_t
     assert ran_in["EEEE2"][0] != loop_thread
     assert len(gaps) > 20 and max(gaps) < 0.3, max(gaps)
     assert _queued(tmp_path) == {"EEEE0", "EEEE1", "EEEE2"}
+
+
+def _trace(store: Store, seen: list[tuple[int, str]]) -> None:
+    """Note (thread, SQL) of every statement *store*'s connection runs."""
+    store.db.exec_trace = lambda _cursor, sql, _bindings: seen.append((threading.get_ident(), sql)) or True
+
+
+async def test_a_lone_sessions_new_message_commits_in_the_loop_with_one_statement(tmp_path):
+    """Store.insert_message of a message in memory, alone: committed in the loop's
+    thread by one statement (Store.commit_messages: no BEGIN, no COMMIT), visible to
+    another connection when run() returns."""
+    loop_thread = threading.get_ident()
+    seen: list[tuple[int, str]] = []
+    async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
+        writer.alone = lambda: True
+        assert writer._inline is not None
+        _trace(writer._inline, seen)
+        await writer.run(Store.insert_message, _message("EEEE1"))
+        assert _queued(tmp_path) == {"EEEE1"}
+        assert writer.stats.batches == 1 and writer.stats.requests == 1
+    ran = [(thread, sql) for thread, sql in seen if not sql.lstrip().startswith("CREATE TEMP")]
+    assert [sql.split(" VALUES")[0] for _thread, sql in ran] == ["INSERT INTO temp.new_message"]
+    assert ran[0][0] == loop_thread
+
+
+async def test_a_lone_sessions_new_message_goes_to_the_thread_while_another_holds_the_lock(tmp_path):
+    """The one statement finds the write lock busy (busy timeout 0 in the loop): the
+    message is handed to the thread, which waits for the lock; it is committed, not
+    refused, and the loop runs meanwhile."""
+    loop_thread = threading.get_ident()
+    seen: list[tuple[int, str]] = []
+    other = Store.open(tmp_path)
+    async with SmtpdWriter(lambda: Store.open(tmp_path, busy_timeout=5.0)) as writer:
+        writer.alone = lambda: True
+        assert writer._inline is not None
+        _trace(writer._inline, seen)
+        other.db.execute("BEGIN IMMEDIATE")
+        async with trio.open_nursery() as nursery:
+            async def submit() -> None:
+                await writer.run(Store.insert_message, _message("FFFF1"))
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(submit)
+            for _ in range(20):  # the loop runs while the commit waits for the lock
+                await trio.sleep(0.005)
+            assert _queued(tmp_path) == set()
+            other.db.execute("COMMIT")
+            with trio.fail_after(5):
+                await trio.sleep_forever()
+    other.close()
+    assert _queued(tmp_path) == {"FFFF1"}
+    assert any(sql.startswith("INSERT INTO temp.new_message") for _thread, sql in seen)  # tried in the loop
+    assert all(thread == loop_thread for thread, _sql in seen)
+
+
+async def test_a_new_message_sqlite_refuses_in_the_loop_is_its_callers_error(tmp_path):
+    """A value SQLite cannot take (a lone surrogate) fails the statement in the loop;
+    the thread runs the request again and its caller gets the error; nothing is
+    queued and the next message commits."""
+    bad = _message("GGGG1")
+    bad.sender = "\ud800@example.org"
+    async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
+        writer.alone = lambda: True
+        try:
+            await writer.run(Store.insert_message, bad)
+        except UnicodeEncodeError:
+            pass
+        else:
+            raise AssertionError("the request's error must reach its caller")
+        assert writer._inline is not None and writer._inline.db.getautocommit()
+        await writer.run(Store.insert_message, _message("GGGG2"))
+    assert _queued(tmp_path) == {"GGGG2"}
