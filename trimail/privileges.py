@@ -131,6 +131,7 @@ def preload() -> None:
     """Import now what serve would otherwise import lazily later: after the switch
     to mail_owner (and inside a chroot) the Python installation may be out of reach."""
     import encodings.idna  # noqa: F401  (dnspython's name codec)
+    import encodings.punycode  # noqa: F401  (an A-label's codec: smtp.address, idna)
     import importlib
 
     import dns.rdata
@@ -140,7 +141,8 @@ def preload() -> None:
     for module in ("dns._trio_backend", "dns.asyncbackend", "dns.asyncquery", "dns.edns", "dns.flags",
                    "dns.message", "dns.nameserver", "dns.query", "dns.rcode", "dns.resolver", "dns.reversename",
                    "trimail.passwords", "trimail.delivery.local.aliases", "trimail.delivery.local.mailbox", "ssl", "subprocess",
-                   "shlex", "email.utils", "email.policy"):
+                   "shlex", "email.utils", "email.policy",
+                   "idna", "idna.uts46data"):  # idna imports its UTS 46 table at the first IDN domain
         importlib.import_module(module)
     for rdtype in ("A", "AAAA", "MX", "TXT", "PTR", "CNAME", "NS", "SOA", "OPT"):
         dns.rdata.get_rdata_class(dns.rdataclass.IN, dns.rdatatype.from_text(rdtype))
