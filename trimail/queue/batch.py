@@ -75,13 +75,6 @@ def run_in_transaction(store: Store, batch: list[Request], source: deque[Request
                 request.error = _request_error(exc)
 
 
-def new_in_memory(request: Request) -> bool:
-    """Whether *request* inserts one new message whose content is in memory (what
-    ``Store.commit_messages`` takes)."""
-    return (request.fn is Store.insert_message and len(request.args) == 1
-            and isinstance(request.args[0], NewMessage) and request.args[0].content.in_memory)
-
-
 def _insert_together(store: Store, batch: list[Request]) -> bool:
     """A batch of new messages whose content is in memory (the smtpd's group
     commit): inserted and committed by one statement (``Store.commit_messages``),
@@ -89,7 +82,9 @@ def _insert_together(store: Store, batch: list[Request]) -> bool:
     than one statement takes.  False when the batch is anything else, or when that
     transaction failed (rolled back): then each request runs in a savepoint of its
     own, so that only one that fails is answered with its error."""
-    if not all(new_in_memory(request) for request in batch):
+    if not all(request.fn is Store.insert_message and len(request.args) == 1
+               and isinstance(request.args[0], NewMessage) and request.args[0].content.in_memory
+               for request in batch):
         return False
     messages = [request.args[0] for request in batch]
     try:

@@ -18,11 +18,9 @@ fsynced COMMIT, checkpoints left to the thread), when all of this holds:
   ``Server``): a second session's commands would wait for the fsync;
 - no request of this worker is with the thread (the order of commits stays the
   order of the requests, and a batch under way is not raced for the lock);
-- the write lock is free at once (``BEGIN IMMEDIATE`` with no busy wait; for a new
-  message whose content is in memory, ``Store.commit_messages``: one statement that
-  is its own transaction, with no busy wait either): another process's commit (the
-  other smtpd worker, the qmgr's bookkeeping) sends the request to the thread,
-  whose busy handler waits for the lock off the loop;
+- the write lock is free at once (``BEGIN IMMEDIATE`` with no busy wait): another
+  process's commit (the other smtpd worker, the qmgr's bookkeeping) sends the
+  request to the thread, whose busy handler waits for the lock off the loop;
 - the content is in memory (a message spilled to a file reads that file) and at
   most ``INLINE_CONTENT`` (256 KiB, the spool's memory limit) long.  It was 64 KiB
   once, after 100 KiB messages committed in the loop had gained nothing and cost
@@ -61,7 +59,6 @@ import apsw
 import trio
 
 from trimail.queue.batch import Request as _Request
-from trimail.queue.batch import new_in_memory
 from trimail.queue.inline import LoopStalls, open_inline
 from trimail.queue.store import NewMessage, Store
 from trimail.queue.writer import QueueWriter
@@ -121,8 +118,6 @@ class SmtpdWriter(QueueWriter):
         store = self._inline
         assert store is not None
         started = time.monotonic()  # before BEGIN: even a BEGIN that fails may take long (inline.LoopStalls)
-        if new_in_memory(request):
-            return self._commit_inline(store, request, started)
         try:
             store.db.execute("BEGIN IMMEDIATE")
         except apsw.Error as exc:  # busy (another process commits), or failing: the thread's turn
@@ -131,26 +126,5 @@ class SmtpdWriter(QueueWriter):
             return False
         self._run_batch(store, [request], begun=True)
         self._stalls.note(started)  # the BEGIN and the commit with its fsync
-        return True
-
-    def _commit_inline(self, store: Store, request: _Request, started: float) -> bool:
-        """A new message: inserted and committed by one statement (``Store.commit_messages``:
-        its own transaction, two statements fewer than BEGIN, the insert and COMMIT).
-        False (nothing done) when the write lock is busy, or when the statement failed
-        otherwise: the thread runs the request then, and answers it with its error if
-        it fails there too (a connection failing in the loop backs off as a failed
-        BEGIN does)."""
-        try:
-            store.commit_messages([request.args[0]])
-        except apsw.BusyError:  # another process commits: the thread's turn (rolled back whole)
-            self._stalls.note(started)
-            return False
-        except Exception:  # noqa: BLE001 - SQLite, the OS, a value it cannot bind: the thread's path decides
-            self._stalls.note(started, failed=True)
-            return False
-        request.result = None
-        elapsed = time.monotonic() - started
-        self._count(1, True, elapsed)
-        self._stalls.note(started)  # the statement with its fsync
         return True
 

@@ -370,17 +370,14 @@ class QueueWriter:
             for request in batch:
                 request.result = None
                 request.error = request.error or error
-        self._count(len(batch), durable, time.monotonic() - started)
-
-    def _count(self, size: int, durable: bool, elapsed: float) -> None:
-        """A commit of *size* requests that took *elapsed* seconds, in the stats and metrics."""
+        elapsed = time.monotonic() - started
         with self._stats_lock:
             stats = self.stats
             stats.batches += 1
             stats.durable_batches += durable
-            stats.requests += size
-            stats.largest_batch = max(stats.largest_batch, size)
+            stats.requests += len(batch)
+            stats.largest_batch = max(stats.largest_batch, len(batch))
             stats.commit_seconds += elapsed
         if self.on_commit is not None:
-            self.on_commit(size, elapsed)  # prometheus_client is thread-safe
+            self.on_commit(len(batch), elapsed)  # prometheus_client is thread-safe
 
