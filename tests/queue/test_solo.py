@@ -230,3 +230,21 @@ async def test_a_begin_that_waited_for_the_wal_index_sends_the_next_commits_to_t
     assert ran_in["EEEE2"][0] != loop_thread
     assert len(gaps) > 20 and max(gaps) < 0.3, max(gaps)
     assert _queued(tmp_path) == {"EEEE0", "EEEE1", "EEEE2"}
+
+
+async def test_a_new_message_sqlite_refuses_in_the_loop_is_its_callers_error(tmp_path):
+    """A value SQLite cannot take (a lone surrogate) fails the commit in the loop: its
+    caller gets the error, nothing is queued, and the next message commits."""
+    bad = _message("GGGG1")
+    bad.sender = "\ud800@example.org"
+    async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
+        writer.alone = lambda: True
+        try:
+            await writer.run(Store.insert_message, bad)
+        except UnicodeEncodeError:
+            pass
+        else:
+            raise AssertionError("the request's error must reach its caller")
+        assert writer._inline is not None and writer._inline.db.getautocommit()
+        await writer.run(Store.insert_message, _message("GGGG2"))
+    assert _queued(tmp_path) == {"GGGG2"}
