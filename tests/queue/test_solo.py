@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import pytest
 import trio
 
 from trimail.queue import inline, solo
@@ -159,21 +160,29 @@ async def test_large_content_and_a_slow_disk_keep_commits_on_the_thread(tmp_path
     assert _queued(tmp_path) == {"CCCC0", "CCCC1", "CCCC2", "CCCC3"}
 
 
-async def test_a_failing_commit_in_the_loop_is_the_callers_error_and_leaves_no_transaction(tmp_path):
-    """A request that raises is rolled back and its caller gets the error; the
-    connection is usable for the next commit."""
-    def broken(store: Store, message: NewMessage) -> None:
-        store.insert_message(message)
-        raise ValueError("bad")
+def _broken(store: Store, message: NewMessage) -> None:
+    store.insert_message(message)
+    raise ValueError("bad")
 
+
+def _unbindable(queue_id: str) -> NewMessage:
+    message = _message(queue_id)
+    message.sender = "\ud800@example.org"  # a lone surrogate: not UTF-8, SQLite cannot take it
+    return message
+
+
+@pytest.mark.parametrize(("request_fn", "make", "error"), [
+    (_broken, _message, ValueError),  # the request itself raises
+    (Store.insert_message, _unbindable, UnicodeEncodeError),  # SQLite refuses a value of the new message
+], ids=["request-raises", "sqlite-refuses"])
+async def test_a_failing_commit_in_the_loop_is_the_callers_error_and_leaves_no_transaction(tmp_path, request_fn,
+                                                                                            make, error):
+    """A request that fails is rolled back and its caller gets the error; nothing of
+    it is queued and the connection is usable for the next commit."""
     async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
         writer.alone = lambda: True
-        try:
-            await writer.run(broken, _message("DDDD1"))
-        except ValueError:
-            pass
-        else:
-            raise AssertionError("the request's error must reach its caller")
+        with pytest.raises(error):
+            await writer.run(request_fn, make("DDDD1"))
         assert writer._inline is not None and writer._inline.db.getautocommit()
         await writer.run(Store.insert_message, _message("DDDD2"))
     assert _queued(tmp_path) == {"DDDD2"}
@@ -230,21 +239,3 @@ async def test_a_begin_that_waited_for_the_wal_index_sends_the_next_commits_to_t
     assert ran_in["EEEE2"][0] != loop_thread
     assert len(gaps) > 20 and max(gaps) < 0.3, max(gaps)
     assert _queued(tmp_path) == {"EEEE0", "EEEE1", "EEEE2"}
-
-
-async def test_a_new_message_sqlite_refuses_in_the_loop_is_its_callers_error(tmp_path):
-    """A value SQLite cannot take (a lone surrogate) fails the commit in the loop: its
-    caller gets the error, nothing is queued, and the next message commits."""
-    bad = _message("GGGG1")
-    bad.sender = "\ud800@example.org"
-    async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
-        writer.alone = lambda: True
-        try:
-            await writer.run(Store.insert_message, bad)
-        except UnicodeEncodeError:
-            pass
-        else:
-            raise AssertionError("the request's error must reach its caller")
-        assert writer._inline is not None and writer._inline.db.getautocommit()
-        await writer.run(Store.insert_message, _message("GGGG2"))
-    assert _queued(tmp_path) == {"GGGG2"}
