@@ -60,6 +60,11 @@ def build_parser(description: str = "") -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=3, help="runs per figure, alternating between the MTAs")
     parser.add_argument("--mta", choices=["trimail", "postfix", "both"],
                         help="default: both; scaling: trimail")
+    parser.add_argument("--autogroup", choices=["keep", "off"], default="keep",
+                        help="the kernel's grouping of processes by session (kernel.sched_autogroup_enabled) "
+                             "during the load modes: keep it as it is (the default), or off for the runs, "
+                             "restored after (root); with it on the load generator weighs as much as the whole "
+                             "MTA on these shared cores (docs/benchmarks.md)")
     parser.add_argument("--generator", choices=["auto", "smtp-source", "builtin"], default="auto")
     parser.add_argument("-k", "--new", type=int, default=2000,
                         help="storm: new messages sent during the storm (default 2000)")

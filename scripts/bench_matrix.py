@@ -22,7 +22,7 @@ from typing import Any
 
 from bench_load import REUSE_LABELS, STEPS, measure_latency, run_load
 from bench_mtas import SINK_ADDRESS, free_port
-from bench_procs import tree_usage, wait_until_idle
+from bench_procs import autogroup_off, tree_usage, wait_until_idle
 
 METRICS = {"rate": ("msg/s", "{:,.0f}"), "cpu_per_1000": ("CPU s / 1,000 msgs", "{:.2f}"),
            "peak_rss_mib": ("peak RSS MiB, sum", "{:,.0f}"), "largest_rss_mib": ("largest process MiB", "{:,.0f}"),
@@ -219,25 +219,15 @@ def bench_load_modes(args: Any, contestants: list[Contestant], generator: str) -
         if not shutil.which("smtp-sink"):
             raise SystemExit("bench: e2e mode needs smtp-sink (Debian package postfix)")
         sink = subprocess.Popen(["smtp-sink", "-u", "nobody", f"{relay[0]}:{relay[1]}", "1000"])
-    print(f"{', '.join(c.label for c in contestants)}; {args.runs} runs per figure, alternating; "
-          f"connections: {', '.join(REUSE_LABELS[r] for r in args.reuse)}; load from {generator}; "
-          f"{os.cpu_count()} CPUs", flush=True)
-    if args.runs < 3:
-        print("  (fewer than 3 runs per figure: a check, not figures to quote)", flush=True)
     cells: list[dict] = []
     try:
-        for mode in args.modes:
-            if mode == "latency":
-                for reuse in args.reuse:
-                    key = {"mode": mode, "size": 1024, "sessions": 1, "messages": 200, "reuse": reuse}
-                    cells.append(run_cell(contestants, key, generator, relay, args.runs))
-                continue
-            for size in args.sizes:
-                for sessions in args.sessions:
-                    for reuse in args.reuse:
-                        key = {"mode": mode, "size": size, "sessions": sessions,
-                               "messages": args.messages_for(size), "reuse": reuse}
-                        cells.append(run_cell(contestants, key, generator, relay, args.runs))
+        with autogroup_off(args.autogroup == "off") as autogroup:
+            print(f"{', '.join(c.label for c in contestants)}; {args.runs} runs per figure, alternating; "
+                  f"connections: {', '.join(REUSE_LABELS[r] for r in args.reuse)}; load from {generator}; "
+                  f"{os.cpu_count()} CPUs; autogroup {autogroup}", flush=True)
+            if args.runs < 3:
+                print("  (fewer than 3 runs per figure: a check, not figures to quote)", flush=True)
+            run_cells(args, contestants, generator, relay, cells)
     finally:
         if sink is not None:
             sink.terminate()
@@ -247,5 +237,22 @@ def bench_load_modes(args: Any, contestants: list[Contestant], generator: str) -
     if len([c for c in contestants if c.kind.name == "trimail"]) > 1 and "accept" in args.modes:
         print()
         print("\n".join(scaling_table(cells)))
-    return {"generator": generator, "runs": args.runs, "cpus": os.cpu_count(),
+    return {"generator": generator, "runs": args.runs, "cpus": os.cpu_count(), "autogroup": autogroup,
             "contestants": [c.label for c in contestants], "reuse": args.reuse, "cells": cells}
+
+
+def run_cells(args: Any, contestants: list[Contestant], generator: str, relay: tuple[str, int],
+              cells: list[dict]) -> None:
+    """Every cell of *args*, each appended to *cells* as it is done."""
+    for mode in args.modes:
+        if mode == "latency":
+            for reuse in args.reuse:
+                key = {"mode": mode, "size": 1024, "sessions": 1, "messages": 200, "reuse": reuse}
+                cells.append(run_cell(contestants, key, generator, relay, args.runs))
+            continue
+        for size in args.sizes:
+            for sessions in args.sessions:
+                for reuse in args.reuse:
+                    key = {"mode": mode, "size": size, "sessions": sessions,
+                           "messages": args.messages_for(size), "reuse": reuse}
+                    cells.append(run_cell(contestants, key, generator, relay, args.runs))

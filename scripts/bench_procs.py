@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,3 +121,40 @@ def wait_until_idle(root: int | None, window: float = 0.2, busy: float = 0.02, t
             return True
         last = now
     return False
+
+
+# The kernel's automatic grouping of processes by session (sched(7), "The autogroup
+# feature"): with it on, the scheduler shares the CPUs first between sessions, then
+# between the threads of each.  Each MTA runs in a session of its own (Postfix's
+# master calls setsid(), the bench starts trimail with one) and the load generator
+# and the sink in the bench's: on a shared machine the generator then weighs as
+# much as the whole MTA, all its processes together, and its wake-ups preempt the
+# MTA's busiest threads.  Real clients are other machines and cost a gateway no
+# CPU; with the grouping off every thread weighs the same.
+AUTOGROUP = PROC / "sys" / "kernel" / "sched_autogroup_enabled"
+
+
+def autogroup_state(path: Path = AUTOGROUP) -> str:
+    """"on", "off", or "absent" (a kernel without the feature)."""
+    try:
+        return "on" if path.read_text().strip() == "1" else "off"
+    except OSError:
+        return "absent"
+
+
+@contextmanager
+def autogroup_off(wanted: bool, path: Path = AUTOGROUP) -> Iterator[str]:
+    """While inside (when *wanted*), the kernel's autogroup feature off; restored to
+    what it was after, also on an error.  Yields the state the runs see."""
+    before = autogroup_state(path)
+    if not wanted or before != "on":
+        yield before
+        return
+    try:
+        path.write_text("0\n")
+    except OSError as exc:
+        raise SystemExit(f"bench: --autogroup off needs root ({path}: {exc.strerror})") from exc
+    try:
+        yield autogroup_state(path)
+    finally:
+        path.write_text("1\n")

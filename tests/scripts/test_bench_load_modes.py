@@ -34,7 +34,7 @@ def test_workers_and_reuse_options_are_parsed_into_lists() -> None:
 
 
 @pytest.mark.parametrize("argv", [["--workers", "-1"], ["--workers", "two"], ["--workers", ""],
-                                  ["--reuse", "maybe"], ["--runs", "0"]])
+                                  ["--reuse", "maybe"], ["--runs", "0"], ["--autogroup", "on"]])
 def test_bad_options_are_refused(argv: list[str]) -> None:
     with pytest.raises(SystemExit):
         bench_args.parse(argv)
@@ -44,7 +44,8 @@ def test_defaults_depend_on_the_mode() -> None:
     report = bench_args.parse([])
     assert report.modes == ["accept", "e2e", "latency"] and report.reuse == ["yes", "no"]
     assert report.sizes == [1024, 10240, 102400] and report.sessions == [1, 20, 100]
-    assert report.workers == ["auto"] and report.mta == "both"
+    assert report.workers == ["auto"] and report.mta == "both" and report.autogroup == "keep"
+    assert bench_args.parse(["--autogroup", "off"]).autogroup == "off"
     assert [report.messages_for(size) for size in report.sizes] == [3000, 2000, 1000]
     scaling = bench_args.parse(["--mode", "scaling"])
     assert scaling.modes == ["accept"] and scaling.workers == ["0", "1", "2"] and scaling.mta == "trimail"
@@ -53,6 +54,31 @@ def test_defaults_depend_on_the_mode() -> None:
     assert [quick.messages_for(size) for size in quick.sizes] == [1000, 600, 300]
     assert bench_args.parse(["--quick", "-m", "50"]).messages_for(102400) == 50
     assert bench_args.parse(["--mode", "storm"]).messages is None  # storm and queuelist have their own default
+
+
+def test_autogroup_off_turns_the_feature_off_inside_and_restores_it_after_an_error(tmp_path: Path) -> None:
+    setting = tmp_path / "sched_autogroup_enabled"  # stands in for /proc/sys/kernel/...
+    setting.write_text("1\n")
+    with pytest.raises(RuntimeError), bench_procs.autogroup_off(True, setting) as state:
+        assert state == "off" and setting.read_text() == "0\n"
+        raise RuntimeError("a run failed")
+    assert setting.read_text() == "1\n"
+    with bench_procs.autogroup_off(False, setting) as state:  # keep: untouched
+        assert state == "on" and setting.read_text() == "1\n"
+    setting.write_text("0\n")
+    with bench_procs.autogroup_off(True, setting) as state:  # already off: left off
+        assert state == "off"
+    assert setting.read_text() == "0\n"
+    with bench_procs.autogroup_off(True, tmp_path / "absent") as state:
+        assert state == "absent"
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or bench_procs.autogroup_state() != "on",
+                    reason="needs root and a kernel with autogroup on")
+def test_autogroup_off_changes_the_kernel_setting_for_the_runs_only() -> None:
+    with bench_procs.autogroup_off(True) as state:
+        assert state == "off" == bench_procs.autogroup_state()
+    assert bench_procs.autogroup_state() == "on"
 
 
 def test_smtp_source_disconnects_after_each_message_unless_told_to_reuse() -> None:
