@@ -1,4 +1,6 @@
-"""CPU time and memory of a whole MTA, every process of it, for ``scripts/bench``.
+"""CPU time and memory of a whole MTA, every process of it, for ``scripts/bench``;
+and the kernel setting that decides how the MTA shares the CPUs with the load
+generator (``autogroup_off``, at the end).
 
 An MTA here is a tree of processes: Postfix's master(8) and the daemons it runs,
 or trimail's master and its smtpd and qmgr workers (``smtpd_workers``; one
