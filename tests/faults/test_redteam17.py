@@ -173,7 +173,8 @@ def test_auth_failures_survive_a_reload(daemon, tmp_path, workers):
     reloaded = trimail_cmd("reload", "-c", str(d.config_path), timeout=60)
     assert reloaded.returncode == 0, reloaded.stdout + reloaded.stderr
     if workers:  # the old generation has no session left: it is gone
-        wait_until(lambda: not old & {w["pid"] for w in serve_status(d.queue_directory)["workers"]}
+        # a worker of the new generation that is still starting has no pid yet
+        wait_until(lambda: not old & {w.get("pid") for w in serve_status(d.queue_directory)["workers"]}
                    and all(_stat(pid) is None or _stat(pid)[0] == "Z" for pid in old), timeout=30, interval=0.2)
     with socket.create_connection((HOST, d.port), timeout=10) as conn:
         assert conn.recv(4096).startswith(b"220")
