@@ -180,6 +180,23 @@ def test_client_rate_counts_every_workers_window_until_it_expires() -> None:
     assert two.arrived("198.51.100.8") == 1
 
 
+def test_client_counts_include_every_slot_in_use_however_scattered() -> None:
+    """Reloads move workers to new slots: a table in use anywhere counts (the first
+    and last slot included), and one never used does not."""
+    from trimail.processes.board import SLOTS
+    from trimail.processes.clients import ClientBoard
+
+    master = ClientBoard.create()
+    boards = [ClientBoard(master.fd, slot) for slot in (0, 7, 130, SLOTS - 1)]
+    for board in boards:
+        board.add("192.0.2.9", 1)
+        board.arrived("192.0.2.9")
+    assert master._live() == [0, 7, 130, SLOTS - 1]
+    assert boards[1].sessions("192.0.2.9") == 4 and boards[2].arrived("192.0.2.9") == 5
+    master.clear(130)
+    assert boards[0].sessions("192.0.2.9") == 3
+
+
 def test_a_full_client_table_stops_counting_per_client_but_stays_bounded() -> None:
     from trimail.processes.clients import ENTRIES
 

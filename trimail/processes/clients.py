@@ -119,14 +119,24 @@ class ClientBoard:
         """(open sessions, rate count and start, AUTH failures and start) of *wanted*
         in every table in use."""
         found = []
-        for slot, live in enumerate(_LIVE.unpack_from(self.memory, _KEY)):
-            if live:
-                for offset in self._entries(slot, wanted):
-                    key, *values = _ENTRY.unpack_from(self.memory, offset)
-                    if key == wanted:
-                        found.append(tuple(values))
-                        break
+        for slot in self._live():
+            for offset in self._entries(slot, wanted):
+                key, *values = _ENTRY.unpack_from(self.memory, offset)
+                if key == wanted:
+                    found.append(tuple(values))
+                    break
         return found
+
+    def _live(self) -> list[int]:
+        """The slots whose tables are in use (found with ``bytes.find``: a Python loop
+        over all SLOTS flags cost a connection 7 us, with two of them set)."""
+        flags = self.memory[_KEY:_HEADER]
+        live = []
+        slot = flags.find(1)
+        while slot >= 0:
+            live.append(slot)
+            slot = flags.find(1, slot + 1)
+        return live
 
     def _update(self, wanted: int, now: float, change: Callable[[list], None]) -> None:
         """Apply *change* (to the entry's fields after the key) to this worker's
