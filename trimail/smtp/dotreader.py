@@ -14,16 +14,16 @@ Security notes: the input buffer is consumed as lines complete; a partial line
 longer than ``FLUSH`` bytes is passed on in pieces (keeping its last byte, which
 may be the ``<CR>`` of a ``<CR><LF>``), so nothing here grows with the input.
 Bulk work is done with ``bytes`` methods (``find``, ``replace``) and ``re`` searches
-that start with a literal (a line starting with a dot, a bare LF, a stray CR),
-never a per-byte Python loop: this is on the path of every message (100 KB of
-80-byte lines: about 0.17 ms, of which about 0.1 ms the three searches).
+that start with a literal (a line starting with a dot or a bare LF, in one pass; a
+stray CR), never a per-byte Python loop: this is on the path of every message (100
+KB of 80-byte lines: about 0.15 ms, of which about 0.09 ms the two searches).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from trimail.smtp.content import BARE_LF, LINE_DOT, replace_stray_cr
+from trimail.smtp.content import BARE_LF, LINE_DOT_OR_BARE_LF, replace_stray_cr
 
 FLUSH = 4096  # longest partial data line kept before it is passed on
 
@@ -100,20 +100,23 @@ class DotReader:
         if last < 0 or (self.prev_crlf and buf.startswith(b".\r\n")):
             return 0, b""
         stop, stuffed = last + 1, False
-        match = LINE_DOT.search(buf, 0, stop)
-        if match is not None:  # the end marker, or a stuffed dot (and maybe the marker after it)
+        # every LF before the first match is part of a CRLF and starts no dotted line
+        match = LINE_DOT_OR_BARE_LF.search(buf, 0, stop)
+        if match is not None:
             at = match.start()
-            if at > 0 and buf[at - 1] == 0x0D and buf[at + 2 : at + 4] == b"\r\n":
+            if at == 0 or buf[at - 1] != 0x0D:
+                return 0, b""  # a bare LF: line by line
+            if buf[at + 2 : at + 4] == b"\r\n":
                 stop = at + 1  # the lines before the end marker
-            else:
+            else:  # a stuffed dot (and maybe the marker after it), then maybe a bare LF
                 stuffed = True
                 marker = buf.find(b"\r\n.\r\n", at, stop)
                 if marker >= 0:
                     stop = marker + 2
+                if BARE_LF.search(buf, at + 1, stop) is not None:
+                    return 0, b""
         with memoryview(buf) as view:  # one copy: bytes(buf[:stop]) makes two
             region = bytes(view[:stop])
-        if BARE_LF.search(region) is not None:
-            return 0, b""
         if self.replace_stray:
             region = replace_stray_cr(region)
         if stuffed:
