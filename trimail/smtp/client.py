@@ -22,7 +22,12 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from trimail.smtp.content import LINE_DOT, replace_stray_cr_lf
+from trimail.smtp.content import (
+    LINE_DOT,
+    LINE_DOT_OR_BARE_LF,
+    replace_stray_cr,
+    replace_stray_cr_lf,
+)
 from trimail.smtp.replies import Reply
 
 MAX_LINE = 4096
@@ -162,8 +167,11 @@ class DotStuffer:
             chunk, self._held_cr = chunk[:-1], True
         if not chunk:
             return b""
-        chunk = replace_stray_cr_lf(chunk)
-        out = chunk.replace(b"\n.", b"\n..") if LINE_DOT.search(chunk) else chunk  # nearly always none
+        if LINE_DOT_OR_BARE_LF.search(chunk) is None:  # nearly always: one pass for both
+            out = chunk = replace_stray_cr(chunk)
+        else:
+            chunk = replace_stray_cr_lf(chunk)
+            out = chunk.replace(b"\n.", b"\n..") if LINE_DOT.search(chunk) else chunk
         if self._at_line_start and chunk.startswith(b"."):
             out = b"." + out
         self._at_line_start = chunk.endswith(b"\n")

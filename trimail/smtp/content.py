@@ -41,9 +41,10 @@ LINE_DOT = re.compile(rb"\n\.")
 # A literal first, then the look-around: "(?<!\r)\n" would be tried at every byte.
 STRAY_CR = re.compile(rb"\r(?!\n)")
 BARE_LF = re.compile(rb"\n(?<!\r\n)")
-# The first LF that starts a line with a dot or is bare: the DATA reader's one pass
-# for both over content that has neither (100 KB of 80-byte lines: 49 us, against
-# 30 + 41 us for LINE_DOT and BARE_LF apart).
+# The first LF that starts a line with a dot or is bare: one pass for both over
+# content that has neither (100 KB of 80-byte lines: 49 us, against 30 + 41 us for
+# LINE_DOT and BARE_LF apart), in the DATA reader and in the delivery agent's
+# DotStuffer (trimail.smtp.client).
 LINE_DOT_OR_BARE_LF = re.compile(rb"\n(?:\.|(?<!\r\n))")
 
 
