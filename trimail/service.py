@@ -268,7 +268,7 @@ class Server:
                            scope: trio.CancelScope) -> None:
         """Accept until cancelled: every connection gets its own task (and boundary);
         a failing accept() is logged and retried with back-off, never fatal."""
-        deferred = DeferredAccept(listener, self.turns)
+        deferred = DeferredAccept(listener, self.turns, busy=lambda: len(self.sessions) > 1)
         try:
             with scope:
                 while True:
