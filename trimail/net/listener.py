@@ -27,9 +27,12 @@ only when the worker is busy (``DeferredAccept``'s *busy*: more than one session
 its own); otherwise the accept loop waits for readability.  An ``accept()`` that
 finds nothing, and its turn of the run loop, fell on a lone client's EHLO half the
 time (trio runs a turn's tasks in random order): waiting instead, accept to
-banner in the worker went from 100 to 88 us and the client saw its connect 8-13 us
-and its EHLO 15 us sooner, while under load (100 sessions, one message per
-connection) waiting for each connection cost 1-2 % more CPU than trying.
+banner in the worker went from 100 to 88 us, and EHLO's p50 in ``scripts/bench
+--mode latency`` (one message per connection) from 0.082-0.108 to 0.067-0.068 ms
+with one worker and from 0.091 to 0.069-0.070 ms with two (sets of five runs);
+the p99 of the whole transaction moved within its noise (1.8-3.6 ms either way).
+Under load (100 sessions, one message per connection) waiting for each connection
+cost 1-2 % more CPU than trying, so a busy worker still tries.
 
 Parameters: smtpd_listen, submission_listen, smtps_listen (through master.py).
 """
