@@ -33,30 +33,37 @@ def _queued(directory) -> set[str]:
         other.close()
 
 
-def _insert_noting_thread(ran_in: dict[str, tuple[int, int]]):
+def _insert_noting_thread(ran_in: dict[str, tuple]):
+    """An insert that notes its thread, its connection's PRAGMA synchronous, the
+    connection, and how many times that connection had fsynced its WAL before."""
     def insert(store: Store, message: NewMessage) -> None:
         synchronous = store.db.execute("PRAGMA synchronous").fetchone()[0]
-        ran_in[message.id] = (threading.get_ident(), synchronous)
+        ran_in[message.id] = (threading.get_ident(), synchronous, store, store.wal_syncs)
         store.insert_message(message)
     return insert
 
 
 async def test_a_lone_sessions_message_commits_fsynced_in_the_event_loop(tmp_path):
-    """Alone: the commit runs in the loop's thread with synchronous = FULL (2) and is
-    visible to another connection when run() returns; with other sessions open the
-    same request goes to the writer thread, as before."""
+    """Alone: the commit runs in the loop's thread, with synchronous = NORMAL (1) and
+    the WAL fsynced after the COMMIT (outside the write lock) before run() returns,
+    and is visible to another connection then; with other sessions open the same
+    request goes to the writer thread, which fsyncs the same way."""
     loop_thread = threading.get_ident()
-    ran_in: dict[str, tuple[int, int]] = {}
+    ran_in: dict[str, tuple] = {}
     insert = _insert_noting_thread(ran_in)
     sessions = 1
     async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
         writer.alone = lambda: sessions <= 1
         await writer.run(insert, _message("AAAA1"))
+        thread, synchronous, store, syncs = ran_in["AAAA1"]
+        assert (thread, synchronous) == (loop_thread, 1)
+        assert store.wal_syncs == syncs + 1
         assert _queued(tmp_path) == {"AAAA1"}
         sessions = 2
         await writer.run(insert, _message("AAAA2"))
-    assert ran_in["AAAA1"] == (loop_thread, 2)
-    assert ran_in["AAAA2"][0] != loop_thread and ran_in["AAAA2"][1] == 2
+        thread, synchronous, store, syncs = ran_in["AAAA2"]
+        assert thread != loop_thread and synchronous == 1
+        assert store.wal_syncs == syncs + 1
     assert _queued(tmp_path) == {"AAAA1", "AAAA2"}
 
 
@@ -65,7 +72,7 @@ async def test_a_commit_goes_to_the_thread_when_another_process_holds_the_lock(t
     other smtpd worker, the qmgr) holds it, the lone session's commit is handed to
     the thread, whose busy handler waits; the loop keeps running meanwhile."""
     loop_thread = threading.get_ident()
-    ran_in: dict[str, tuple[int, int]] = {}
+    ran_in: dict[str, tuple] = {}
     insert = _insert_noting_thread(ran_in)
     other = Store.open(tmp_path)
     async with SmtpdWriter(lambda: Store.open(tmp_path, busy_timeout=5.0)) as writer:
@@ -131,7 +138,7 @@ async def test_large_content_and_a_slow_disk_keep_commits_on_the_thread(tmp_path
     after one commit in the loop slower
     than inline.SLOW it leaves the next ones to the thread for SLOW_BACKOFF."""
     loop_thread = threading.get_ident()
-    ran_in: dict[str, tuple[int, int]] = {}
+    ran_in: dict[str, tuple] = {}
     insert = _insert_noting_thread(ran_in)
     spilled = Spool(tmp_path, memory_limit=8)
     spilled.write(b"Subject: big\r\n\r\n" + b"x" * 100 + b"\r\n")
@@ -217,7 +224,7 @@ async def test_a_begin_that_waited_for_the_wal_index_sends_the_next_commits_to_t
     the loop until they are free (or ~10 s).  That happens once: the next commits
     go to the thread for SLOW_BACKOFF, and the loop runs while they wait."""
     loop_thread = threading.get_ident()
-    ran_in: dict[str, tuple[int, int]] = {}
+    ran_in: dict[str, tuple] = {}
     insert = _insert_noting_thread(ran_in)
     async with SmtpdWriter(lambda: Store.open(tmp_path)) as writer:
         writer.alone = lambda: True

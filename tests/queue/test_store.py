@@ -237,23 +237,94 @@ def synchronous(store: Store) -> int:
     return store.db.execute("PRAGMA synchronous").fetchone()[0]  # 1 NORMAL, 2 FULL
 
 
+def syncs(store: Store) -> tuple[int, int, Store]:
+    """PRAGMA synchronous, how many times the connection fsynced its WAL so far, and it."""
+    return synchronous(store), store.wal_syncs, store
+
+
 async def test_only_batches_of_bookkeeping_alone_skip_the_fsync(tmp_path):
-    """An accepted message is fsynced; the scheduler's bookkeeping (durable=False)
-    commits with synchronous=NORMAL, in a transaction of its own even when it
-    waited beside durable work (which commits first)."""
+    """An accepted message is fsynced before run() returns: the writer commits with
+    synchronous=NORMAL and then fsyncs the WAL itself, outside the write lock.  The
+    scheduler's bookkeeping (durable=False) commits with NORMAL and no fsync, in a
+    transaction of its own even when it waited beside durable work (which commits
+    first)."""
     gate = Gate()
     async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
-        assert await writer.run(synchronous) == 2
-        assert await writer.run(synchronous, durable=False) == 1
-        assert await writer.run(synchronous) == 2
+        level, before, store = await writer.run(syncs)
+        assert level == 1
+        assert store.wal_syncs == before + 1  # fsynced before run() returned
+        assert (await writer.run(syncs, durable=False))[:2] == (1, before + 1)
+        assert store.wal_syncs == before + 1  # bookkeeping: no fsync
+        assert (await writer.run(syncs))[:2] == (1, before + 1)
+        assert store.wal_syncs == before + 2
         seen: list[int] = []
 
         async def submit(durable: bool) -> None:
-            seen.append(await writer.run(synchronous, durable=durable))
+            seen.append((await writer.run(syncs, durable=durable))[1])
 
         await gate.batched(writer, partial(submit, False), partial(submit, True), partial(submit, False))
-        assert sorted(seen) == [1, 1, 2]  # the durable request fsynced, the bookkeeping not
+        # the gate's request and the durable one fsynced (one batch each), the bookkeeping not,
+        # and the bookkeeping ran after the durable request's fsync
+        assert store.wal_syncs == before + 4
+        assert sorted(seen) == [before + 3, before + 4, before + 4]
         assert writer.stats.durable_batches == writer.stats.batches - 2
+
+
+def test_the_fsync_outside_the_lock_syncs_the_wal_sqlite_writes(tmp_path):
+    """sync_commits_itself: NORMAL from then on (set_durable no longer brings FULL
+    back), and the descriptor sync_wal fsyncs is the WAL file SQLite appends to; an
+    ordinary connection keeps FULL and sync_wal does nothing on it."""
+    store, plain = Store.open(tmp_path), Store.open(tmp_path)
+    try:
+        store.sync_commits_itself()
+        store.set_durable(True)
+        assert synchronous(store) == 1
+        wal = os.fstat(store._wal)
+        assert (wal.st_dev, wal.st_ino) == (os.stat(store.db.filename_wal).st_dev,
+                                            os.stat(store.db.filename_wal).st_ino)
+        store.sync_wal()
+        assert store.wal_syncs == 1
+        plain.set_durable(True)
+        plain.sync_wal()
+        assert (synchronous(plain), plain.wal_syncs) == (2, 0)
+    finally:
+        store.close()
+        plain.close()
+    assert store._wal is None  # closed with the connection
+
+
+def test_a_planted_wal_that_is_no_regular_file_keeps_full(tmp_path):
+    """Root opens the WAL before the privilege drop, in mail_owner's directory: a
+    symlink or a FIFO in its place is never opened, and the connection keeps FULL."""
+    store = Store.open(tmp_path)
+    wal = store.db.filename_wal
+    os.rename(wal, wal + ".real")  # SQLite keeps its own descriptor; nothing runs meanwhile
+    try:
+        for plant in (lambda: os.symlink(wal + ".real", wal), lambda: os.mkfifo(wal)):
+            plant()
+            store.sync_commits_itself()
+            assert store._wal is None and synchronous(store) == 2
+            os.unlink(wal)
+    finally:
+        os.rename(wal + ".real", wal)
+        store.close()
+
+
+async def test_a_failing_wal_fsync_answers_the_batch_with_an_error(tmp_path):
+    """fdatasync failing (EINVAL here: the descriptor made a pipe's) fails the durable
+    batch with StorageError, so its 250 is never sent; the writer goes on."""
+    async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
+        store = (await writer.run(syncs))[2]
+        read, write = os.pipe()
+        real, store._wal = store._wal, read
+        try:
+            with pytest.raises(StorageError):
+                await writer.run(synchronous)
+        finally:
+            store._wal = real
+            os.close(read)
+            os.close(write)
+        assert (await writer.run(syncs))[0] == 1
 
 
 async def test_a_failing_request_does_not_spoil_its_batch(tmp_path):

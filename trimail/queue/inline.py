@@ -13,7 +13,7 @@ need no such protection:
   never fsync (``synchronous = NORMAL``).  Such a request runs at once in the loop,
   on a writing connection of its own, when SQLite's write lock is free at once
   (``BEGIN IMMEDIATE`` with no busy wait).  When another writer holds it (an smtpd
-  worker committing accepted mail, for the length of its fsync) the request waits
+  worker committing accepted mail, while it appends to the WAL) the request waits
   in the loop without stopping it: a system task tries the lock again after a
   timer (``LOCK_RETRY``, doubling to ``LOCK_RETRY_MAX``) and then runs the waiting
   requests in turn, as many as one slice takes, in one transaction; later
@@ -110,6 +110,8 @@ def open_inline(writer: QueueWriter, durable: bool) -> Store:
     busy), and never checkpoints by itself (its WAL hook tells *writer*'s thread)."""
     store = writer._open_store()
     store.db.set_busy_timeout(0)
+    if durable:
+        store.sync_commits_itself()  # its caller fsyncs after the COMMIT (QueueWriter._run_batch)
     store.set_durable(durable)
 
     def committed(connection: apsw.Connection, name: str, pages: int) -> int:

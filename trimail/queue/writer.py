@@ -13,8 +13,10 @@ A task that is cancelled while waiting does not cancel its request: callers that
 must answer a client after the commit (the SMTP session's ``250``) shield the wait.
 
 Durability is per request.  A message accepted from a client (``durable=True``,
-the default) is answered only after its batch is fsynced (``synchronous =
-FULL``).  The scheduler's bookkeeping (claiming rows, recording outcomes, removing
+the default) is answered only after its batch is committed and the WAL fsynced,
+which the thread does itself after the COMMIT, outside SQLite's write lock, so
+that other processes commit meanwhile (``queue.database``: the fsync outside the
+lock; ``synchronous = FULL`` where that cannot be had).  The scheduler's bookkeeping (claiming rows, recording outcomes, removing
 delivered mail, queueing bounces) passes ``durable=False`` and commits in
 transactions of its own with ``synchronous = NORMAL``, which is just as atomic but
 leaves the fsync to the next durable commit or checkpoint.  Durable requests never
@@ -229,6 +231,7 @@ class QueueWriter:
         token = self._token
         try:
             store = self._open_store()
+            store.sync_commits_itself()
         except BaseException as exc:  # reported to __aenter__
             token.run_sync_soon(report, exc)
             return
@@ -364,6 +367,8 @@ class QueueWriter:
         try:
             store.set_durable(durable)
             run_in_transaction(store, batch, source, begun, self._max_batch, started)
+            if durable:
+                store.sync_wal()  # its COMMIT did not (queue.database: the fsync outside the lock)
         except Exception as exc:  # BEGIN or COMMIT failed (rolled back): nothing in the batch is durable
             error = storage_error(exc)
             log.error("queue commit failed: %s", error)
