@@ -50,6 +50,9 @@ def test_defaults_depend_on_the_mode() -> None:
     scaling = bench_args.parse(["--mode", "scaling"])
     assert scaling.modes == ["accept"] and scaling.workers == ["0", "1", "2"] and scaling.mta == "trimail"
     assert scaling.sizes == [1024] and scaling.sessions == [20]
+    assert scaling.messages_for(1024) == 10000  # a run of seconds for two workers too
+    assert bench_args.parse(["--mode", "scaling", "--quick"]).messages_for(1024) == 1000
+    assert bench_args.parse(["--mode", "scaling", "-m", "3000"]).messages_for(1024) == 3000
     quick = bench_args.parse(["--quick"])
     assert [quick.messages_for(size) for size in quick.sizes] == [1000, 600, 300]
     assert bench_args.parse(["--quick", "-m", "50"]).messages_for(102400) == 50
