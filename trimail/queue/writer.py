@@ -16,8 +16,9 @@ Durability is per request.  A message accepted from a client (``durable=True``,
 the default) is answered only after its batch is committed and the WAL fsynced,
 which the thread does itself after the COMMIT, outside SQLite's write lock, so
 that other processes commit meanwhile (``queue.database``: the fsync outside the
-lock; ``synchronous = FULL`` where that cannot be had).  The scheduler's bookkeeping (claiming rows, recording outcomes, removing
-delivered mail, queueing bounces) passes ``durable=False`` and commits in
+lock; ``synchronous = FULL`` where that cannot be had).  The scheduler's
+bookkeeping (claiming rows, recording outcomes, removing delivered mail, queueing
+bounces) passes ``durable=False`` and commits in
 transactions of its own with ``synchronous = NORMAL``, which is just as atomic but
 leaves the fsync to the next durable commit or checkpoint.  Durable requests never
 share a transaction with bookkeeping: the thread runs the durable requests waiting
@@ -231,11 +232,11 @@ class QueueWriter:
         token = self._token
         try:
             store = self._open_store()
-            store.sync_commits_itself()
         except BaseException as exc:  # reported to __aenter__
             token.run_sync_soon(report, exc)
             return
         try:
+            store.sync_commits_itself()
             for _ in range(self._reader_count):  # closed by __aexit__, which joins this thread first
                 self._readers.append(self._open_store())
         except BaseException as exc:  # reported to __aenter__
@@ -369,7 +370,7 @@ class QueueWriter:
             run_in_transaction(store, batch, source, begun, self._max_batch, started)
             if durable:
                 store.sync_wal()  # its COMMIT did not (queue.database: the fsync outside the lock)
-        except Exception as exc:  # BEGIN or COMMIT failed (rolled back): nothing in the batch is durable
+        except Exception as exc:  # BEGIN or COMMIT failed (rolled back), or the WAL's fsync: nothing is durable
             error = storage_error(exc)
             log.error("queue commit failed: %s", error)
             for request in batch:
