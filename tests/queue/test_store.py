@@ -293,6 +293,30 @@ def test_the_fsync_outside_the_lock_syncs_the_wal_sqlite_writes(tmp_path):
     assert store._wal is None  # closed with the connection
 
 
+def test_the_wal_descriptor_stays_the_wal_while_other_processes_come_and_go(tmp_path):
+    """SQLite deletes the WAL as the last connection closes: another process that
+    opens, writes and closes (``trimail sendmail``, the system sqlite3 tool) must not
+    leave the writer fsyncing a file no longer there."""
+    import subprocess
+    import sys
+
+    store = Store.open(tmp_path)
+    try:
+        store.sync_commits_itself()
+        wal = store.db.filename_wal
+        code = ("import apsw; from trimail.queue.store import Store; "
+                f"b = Store.open({str(tmp_path)!r}); "
+                "b.db.execute(\"INSERT INTO queue_count (state, messages) VALUES ('x', 1)\"); b.close(); "
+                f"c = apsw.Connection({wal[:-4]!r}); c.execute('SELECT count(*) FROM message').fetchall(); c.close()")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+        assert os.fstat(store._wal).st_ino == os.stat(wal).st_ino
+        with store.transaction():
+            store.db.execute("INSERT INTO queue_count (state, messages) VALUES ('y', 1)")
+        store.sync_wal()
+    finally:
+        store.close()
+
+
 def test_a_planted_wal_that_is_no_regular_file_keeps_full(tmp_path):
     """Root opens the WAL before the privilege drop, in mail_owner's directory: a
     symlink or a FIFO in its place is never opened, and the connection keeps FULL."""
