@@ -291,6 +291,12 @@ def test_the_fsync_outside_the_lock_syncs_the_wal_sqlite_writes(tmp_path):
         store.close()
         plain.close()
     assert store._wal is None  # closed with the connection
+    again = Store.open(tmp_path)  # the last close removed the WAL: opening makes it again
+    try:
+        again.sync_commits_itself()
+        assert again._wal is not None and synchronous(again) == 1
+    finally:
+        again.close()
 
 
 def test_the_wal_descriptor_stays_the_wal_while_other_processes_come_and_go(tmp_path):
