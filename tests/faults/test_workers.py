@@ -20,7 +20,7 @@ from typing import Self
 
 import pytest
 
-from tests.faults.conftest import assert_serving, banner, integrity_ok, send, trimail_cmd, wait_until
+from tests.faults.conftest import assert_serving, banner, integrity_ok, send, smtp_command, trimail_cmd, wait_until
 from tests.peers import Sink
 
 
@@ -134,6 +134,28 @@ def test_mail_a_killed_smtpd_worker_committed_but_never_told_the_qmgr_about_is_d
         os.kill(victim, signal.SIGKILL)
         d.proc.wait_log(rf"warning: process trimail/smtpd pid {victim} killed by signal 9")
         wait_until(lambda: "committed-then-killed" in _tokens(sink.messages), timeout=30)
+        assert_serving(d)
+
+
+def test_mail_whose_250_waits_behind_a_pipelined_quit_wakes_the_qmgr(daemon):
+    """With QUIT pipelined behind the end of data, the 250 goes out only with the 221,
+    as the session ends; the qmgr must still be woken for the message (it does not
+    poll: a lost wake-up would leave the message waiting for unrelated mail)."""
+    with Sink() as sink:
+        d = daemon(smtpd_workers=1, relayhost=f"[127.0.0.1]:{sink.port}")
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as conn:
+            assert conn.recv(4096).startswith(b"220")
+            for command, code in ((b"EHLO client.example", b"250"), (b"MAIL FROM:<a@client.example>", b"250"),
+                                  (b"RCPT TO:<r@far.example>", b"250"), (b"DATA", b"354")):
+                assert smtp_command(conn, command).startswith(code)
+            conn.sendall(b"Subject: token pipelined-quit\r\n\r\nx\r\n.\r\nQUIT\r\n")
+            replies = b""
+            while b"\r\n221" not in replies:
+                chunk = conn.recv(4096)
+                assert chunk, replies
+                replies += chunk
+            assert replies.startswith(b"250 ")
+        wait_until(lambda: "pipelined-quit" in _tokens(sink.messages), timeout=30)
         assert_serving(d)
 
 
