@@ -68,6 +68,7 @@ from typing import Self
 import apsw
 
 from trimail.errors import StorageError, TrimailError
+from trimail.queue.lock import open_regular_for_reading
 from trimail.queue.reads import rfc3339
 from trimail.queue.schema import MIGRATIONS, SCHEMA_VERSION
 
@@ -293,11 +294,10 @@ class Database:
         if self.unsafe_unsynced or self._wal is not None:
             return
         try:  # root may open it before the privilege drop: never through a planted link or FIFO
-            wal = os.open(self.db.filename_wal, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+            wal = open_regular_for_reading(self.db.filename_wal)
         except OSError:
-            return
-        if not stat.S_ISREG(os.fstat(wal).st_mode):
-            os.close(wal)
+            wal = None
+        if wal is None:
             return
         self.set_durable(False)
         self._wal = wal

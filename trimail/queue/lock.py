@@ -129,7 +129,7 @@ class QueueLock:
             self._fd = None
 
 
-def _open_for_reading(path: str | os.PathLike[str]) -> int | None:
+def open_regular_for_reading(path: str | os.PathLike[str]) -> int | None:
     """A read-only descriptor of a regular file at *path*, never through a symlink
     and never opening a device or FIFO; None when there is no such file."""
     try:
@@ -155,7 +155,7 @@ def _read_fd(fd: int) -> int | None:
 
 def read_pid(path: str | os.PathLike[str]) -> int | None:
     try:
-        fd = _open_for_reading(path)
+        fd = open_regular_for_reading(path)
     except OSError:
         return None
     if fd is None:
@@ -169,7 +169,7 @@ def read_pid(path: str | os.PathLike[str]) -> int | None:
 def _locked_pid(path: str | os.PathLike[str]) -> int | None:
     """The pid in *path* when some process holds its lock; None when unlocked or
     missing.  PermissionError goes up: the caller may not look (not "not running")."""
-    fd = _open_for_reading(path)
+    fd = open_regular_for_reading(path)
     if fd is None:
         return None
     try:
