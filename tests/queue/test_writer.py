@@ -276,13 +276,14 @@ async def test_inline_commits_past_the_autocheckpoint_size_are_checkpointed_by_t
     """The inline connection never checkpoints by itself (a checkpoint fsyncs the
     database in the event loop): once its commits grow the WAL past the automatic
     checkpoint size, the thread checkpoints at once, without waiting to be idle."""
+    import trimail.queue.checkpoints as checkpoints_module
     import trimail.queue.inline as inline_module
 
     monkeypatch.setattr(inline_module, "AUTOCHECKPOINT_PAGES", 8)
-    checkpoints: list[float] = []
-    real = QueueWriter._checkpoint
-    monkeypatch.setattr(QueueWriter, "_checkpoint",
-                        lambda self, store, truncate=True: checkpoints.append(truncate) or real(self, store, truncate))
+    checkpoints: list[str] = []
+    real = checkpoints_module.checkpoint
+    monkeypatch.setattr(checkpoints_module, "checkpoint",
+                        lambda store, mode: checkpoints.append(mode) or real(store, mode))
 
     def grow(store: Store, number: int) -> None:
         store.db.execute("INSERT INTO queue_count (state, messages) VALUES (?, ?)", (f"s{number}" + "x" * 3000, number))
@@ -295,7 +296,7 @@ async def test_inline_commits_past_the_autocheckpoint_size_are_checkpointed_by_t
         with trio.fail_after(5):
             while not checkpoints:
                 await trio.sleep(0.005)
-        assert checkpoints[0] is False  # passive: see the next test
+        assert checkpoints[0] == "PASSIVE"  # see the next test
 
 
 def test_a_passive_checkpoint_runs_while_another_connection_writes_and_a_truncating_one_cannot(tmp_path):
@@ -311,12 +312,12 @@ def test_a_passive_checkpoint_runs_while_another_connection_writes_and_a_truncat
                                  (f"s{number}" + "x" * 1000, number))
         other.db.execute("BEGIN IMMEDIATE")  # another process in the middle of its commit
         other.db.execute("INSERT INTO queue_count (state, messages) VALUES ('pending', 1)")
-        complete, frames, done = store.checkpoint(truncate=False)
+        complete, frames, done = store.checkpoint("PASSIVE")
         assert complete and frames > 0 and done == frames  # copied while the other held the lock
-        complete, _, _ = store.checkpoint(truncate=True)
+        complete, _, _ = store.checkpoint("TRUNCATE")
         assert not complete  # the lock is the other's: not waited for
         other.db.execute("COMMIT")
-        assert store.checkpoint(truncate=True)[0]
+        assert store.checkpoint("TRUNCATE")[0]
         assert _wal_size(tmp_path) == 0
     finally:
         other.close()

@@ -63,7 +63,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 import apsw
 
@@ -356,19 +356,19 @@ class Database:
         except apsw.Error:
             pass
 
-    def checkpoint(self, truncate: bool = True) -> tuple[bool, int, int]:
-        """Copy the WAL into the database and truncate it (when no reader needs
-        it); returns (complete, WAL frames, frames checkpointed).  Busy readers
-        make it partial (not complete), never wrong.  *truncate* False: a PASSIVE
-        checkpoint, which leaves the WAL file as it is and, unlike TRUNCATE, does
-        not hold the write lock while it copies and fsyncs (every process's
-        commits, and so every pending 250, would wait for it); SQLite writes the
-        WAL from its start again once it has all been copied."""
+    def checkpoint(self, mode: Literal["PASSIVE", "RESTART", "TRUNCATE"] = "TRUNCATE") -> tuple[bool, int, int]:
+        """Copy the WAL into the database; returns (complete, WAL frames, frames
+        checkpointed).  Busy readers or writers make it partial (not complete), never
+        wrong.  TRUNCATE (when idle) also empties the WAL file.  PASSIVE (under load)
+        takes no lock, so nobody's commit (and 250) waits for its copy and fsyncs.
+        RESTART takes the write lock for what is left to copy, and makes sure no
+        reader is in the WAL, so that the next writer writes it from its start
+        (``queue.writer``: the checkpoint under load)."""
         # Never wait for readers: a long read (a backup, a listing of a big queue)
         # would otherwise hold the writer, and every pending 250, for the busy timeout.
         self.db.set_busy_timeout(0)
         try:
-            row = self.db.execute(f"PRAGMA wal_checkpoint({'TRUNCATE' if truncate else 'PASSIVE'})").fetchone()
+            row = self.db.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         finally:
             self.db.set_busy_handler(patient(self.busy_timeout))
         return not row[0], int(row[1]), int(row[2])

@@ -40,7 +40,7 @@ per connection, 3 alternating pairs: the qmgr worker's CPU per message 1.55 ->
 That connection never checkpoints by itself: a checkpoint fsyncs the database and
 may take milliseconds.  Its WAL hook tells the thread instead, which checkpoints
 when it is idle, as after its own commits, and at once when the WAL has grown
-past SQLite's own automatic checkpoint size (``AUTOCHECKPOINT_PAGES``).
+past SQLite's own automatic checkpoint size (``queue.checkpoints``).
 """
 
 from __future__ import annotations
@@ -56,13 +56,13 @@ import trio
 
 from trimail.errors import StorageError
 from trimail.queue.batch import Request as _Request
+from trimail.queue.checkpoints import AUTOCHECKPOINT_PAGES
 from trimail.queue.database import storage_error
 from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 
 T = TypeVar("T")
 
-AUTOCHECKPOINT_PAGES = 1000  # SQLite's default wal_autocheckpoint
 SMALL_READ = 64 << 10  # bytes of content the qmgr reads in its event loop (BookkeepingWriter.read)
 LOCK_RETRY = 0.0005  # seconds before bookkeeping tries a busy write lock again ...
 LOCK_RETRY_MAX = 0.002  # ... doubling up to this (trio's timers wake at best each millisecond)

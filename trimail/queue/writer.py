@@ -35,7 +35,9 @@ one lost.
 
 The qmgr worker runs its bookkeeping in its event loop when the write lock is
 free (``queue.inline.BookkeepingWriter``); the thread then only checkpoints for
-those commits, when told to (``_DIRTY``, ``_CHECKPOINT``).
+those commits, when told to (``_DIRTY``, ``_CHECKPOINT``).  The thread's own
+connection does not checkpoint inside a batch's COMMIT either: past the WAL's
+limit the thread checkpoints after it answered the batch (``queue.checkpoints``).
 
 Reads that need no write (a message's content while it is being delivered, the
 queue counts for metrics) go through ``writer.read``: a few reading connections of
@@ -61,6 +63,7 @@ import trio
 from trimail.errors import StorageError
 from trimail.queue.batch import Request as _Request
 from trimail.queue.batch import run_in_transaction
+from trimail.queue.checkpoints import WalWatch, checkpoint, under_load
 from trimail.queue.database import storage_error
 from trimail.queue.store import Store
 
@@ -237,6 +240,7 @@ class QueueWriter:
             return
         try:
             store.sync_commits_itself()
+            watch = WalWatch(store)  # no checkpoint inside a batch's COMMIT (queue.checkpoints)
             for _ in range(self._reader_count):  # closed by __aexit__, which joins this thread first
                 self._readers.append(self._open_store())
         except BaseException as exc:  # reported to __aenter__
@@ -248,7 +252,7 @@ class QueueWriter:
         token.run_sync_soon(report, None)
         batch: list[_Request] = []
         try:
-            self._serve(store, token, batch)
+            self._serve(store, token, batch, watch)
         except BaseException as exc:  # the thread must not die silently: waiters would hang
             log.critical("queue writer stopped: %s", exc, exc_info=exc)
             self._dead = StorageError(f"queue writer stopped: {exc}", temporary=False)
@@ -259,7 +263,7 @@ class QueueWriter:
             except apsw.Error as exc:
                 log.warning("closing the queue database: %s", exc)
 
-    def _serve(self, store: Store, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
+    def _serve(self, store: Store, token: trio.lowlevel.TrioToken, batch: list[_Request], watch: WalWatch) -> None:
         dirty = False  # commits since the last checkpoint
         durable: deque[_Request] = deque()  # taken from the queue, not yet run
         bookkeeping: deque[_Request] = deque()
@@ -302,22 +306,33 @@ class QueueWriter:
                 self._run_batch(store, batch)
                 self._wake(token, batch)
                 dirty = True
+                if watch.grown:  # after the batch's 250s, not inside its COMMIT
+                    self._checkpoint_under_load(store, watch)
             # ... then one slice of bookkeeping (bounded in time), before the next
             # accepted mail gets its turn; each side always makes progress
             if bookkeeping:
                 self._run_batch(store, batch, bookkeeping)
                 self._wake(token, batch)
                 dirty = True
+                if watch.grown:
+                    self._checkpoint_under_load(store, watch)
                 if self._share_lock and bookkeeping:
                     time.sleep(self._share_lock)
 
     def _inline_told(self, store: Store, item: object) -> bool:
         """The event loop committed (_DIRTY: True, the WAL wants a checkpoint when
         idle) or grew the WAL past its limit (_CHECKPOINT: checkpointed now)."""
-        if item is _CHECKPOINT:  # under load: passive, never holding up the commits of others
+        if item is _CHECKPOINT:
             self._checkpoint_asked = False
-            self._checkpoint(store, truncate=False)
+            self._checkpoint_under_load(store)
         return item is _DIRTY
+
+    def _checkpoint_under_load(self, store: Store, watch: WalWatch | None = None) -> None:
+        """The WAL grew past its limit: ``checkpoints.under_load``, which never holds
+        up the commits of others."""
+        if watch is not None:
+            watch.pages = 0  # asked again by the next commit that finds it still past
+        under_load(store)
 
     def _wake(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
         """One call into the event loop for the whole batch (each wakes the loop with
@@ -344,19 +359,12 @@ class QueueWriter:
             except trio.RunFinishedError:
                 pass
 
-    def _checkpoint(self, store: Store, truncate: bool = True) -> bool:
+    def _checkpoint(self, store: Store) -> bool:
         """When idle: move the WAL into the database and truncate it (WAL hygiene:
-        the WAL does not grow without bound and a backup copies less); *truncate*
-        False: only move it (``Database.checkpoint``).  Whether it finished (False:
-        a reader kept it from it, or it failed)."""
+        the WAL does not grow without bound and a backup copies less).  Whether it
+        finished (False: a reader kept it from it, or it failed)."""
         self._dirty_told = False  # inline commits from now on tell again
-        try:
-            complete, frames, done = store.checkpoint(truncate)
-            log.debug("queue checkpoint: %d of %d WAL frames", done, frames)
-            return complete
-        except apsw.Error as exc:
-            log.warning("queue checkpoint failed: %s", exc)
-            return False
+        return checkpoint(store, "TRUNCATE")
 
     def _run_batch(self, store: Store, batch: list[_Request], source: deque[_Request] | None = None,
                    begun: bool = False) -> None:
