@@ -22,7 +22,7 @@ from typing import Any
 
 from bench_load import REUSE_LABELS, STEPS, measure_latency, run_load
 from bench_mtas import SINK_ADDRESS, free_port
-from bench_procs import autogroup_off, tree_usage, wait_until_idle
+from bench_procs import autogroup_off, interpreter, tree_usage, wait_until_idle
 
 METRICS = {"rate": ("msg/s", "{:,.0f}"), "cpu_per_1000": ("CPU s / 1,000 msgs", "{:.2f}"),
            "peak_rss_mib": ("peak RSS MiB, sum", "{:,.0f}"), "largest_rss_mib": ("largest process MiB", "{:,.0f}"),
@@ -220,6 +220,9 @@ def bench_load_modes(args: Any, contestants: list[Contestant], generator: str) -
             raise SystemExit("bench: e2e mode needs smtp-sink (Debian package postfix)")
         sink = subprocess.Popen(["smtp-sink", "-u", "nobody", f"{relay[0]}:{relay[1]}", "1000"])
     cells: list[dict] = []
+    python = interpreter()
+    print(f"trimail runs on Python {python['version']} ({python['executable']}"
+          f"{', shared libpython' if python['shared_libpython'] else ''})", flush=True)
     try:
         with autogroup_off(args.autogroup == "off") as autogroup:
             print(f"{', '.join(c.label for c in contestants)}; {args.runs} runs per figure, alternating; "
@@ -237,7 +240,7 @@ def bench_load_modes(args: Any, contestants: list[Contestant], generator: str) -
     if len([c for c in contestants if c.kind.name == "trimail"]) > 1 and "accept" in args.modes:
         print()
         print("\n".join(scaling_table(cells)))
-    return {"generator": generator, "runs": args.runs, "cpus": os.cpu_count(), "autogroup": autogroup,
+    return {"generator": generator, "runs": args.runs, "cpus": os.cpu_count(), "autogroup": autogroup, "python": python,
             "contestants": [c.label for c in contestants], "reuse": args.reuse, "cells": cells}
 
 

@@ -27,6 +27,7 @@ before the end of the run is not in either.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -160,3 +161,18 @@ def autogroup_off(wanted: bool, path: Path = AUTOGROUP) -> Iterator[str]:
         yield autogroup_state(path)
     finally:
         path.write_text("1\n")
+
+
+def interpreter(maps: Path = PROC / "self" / "maps") -> dict:
+    """The Python that runs trimail (scripts/bench_mtas.py starts it with the bench's
+    own ``sys.executable``): version, the real path, and whether libpython is a
+    shared library.  How the interpreter was built moves trimail's figures: on
+    this machine pyenv's build (shared libpython, no profile-guided optimisation)
+    cost trimail's processes 10-20 % more user CPU than Debian 12's own python3.11
+    (static, optimised), what ``python3 -m venv`` gives on a stock Debian."""
+    try:
+        shared = "libpython" in maps.read_text()
+    except OSError:
+        shared = None
+    return {"version": sys.version.split()[0], "executable": os.path.realpath(sys.executable),
+            "shared_libpython": shared}

@@ -59,6 +59,17 @@ def test_defaults_depend_on_the_mode() -> None:
     assert bench_args.parse(["--mode", "storm"]).messages is None  # storm and queuelist have their own default
 
 
+def test_the_interpreter_that_runs_trimail_is_named_with_how_libpython_is_linked(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"  # stands in for /proc/self/maps
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/libpython3.11.so.1.0\n")
+    python = bench_procs.interpreter(maps)
+    assert python["version"] == sys.version.split()[0] and python["shared_libpython"] is True
+    assert Path(python["executable"]) == Path(os.path.realpath(sys.executable))
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/bin/python3.11\n")
+    assert bench_procs.interpreter(maps)["shared_libpython"] is False
+    assert bench_procs.interpreter(tmp_path / "absent")["shared_libpython"] is None
+
+
 def test_autogroup_off_turns_the_feature_off_inside_and_restores_it_after_an_error(tmp_path: Path) -> None:
     setting = tmp_path / "sched_autogroup_enabled"  # stands in for /proc/sys/kernel/...
     setting.write_text("1\n")
