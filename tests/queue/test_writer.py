@@ -430,7 +430,7 @@ async def test_an_idle_checkpoint_that_a_reader_kept_from_finishing_is_tried_aga
 
 async def test_the_writer_thread_does_not_preempt_on_wake_up_and_the_event_loop_keeps_its_policy(tmp_path):
     """The writer's thread runs SCHED_BATCH (no wake-up preemption of the event loop
-    that holds the interpreter lock it needs: queue.writer._no_wakeup_preemption);
+    that holds the interpreter lock it needs: queue.sched.no_wakeup_preemption);
     the event loop's own thread keeps the policy it had."""
     before = os.sched_getscheduler(0)
     async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
@@ -438,3 +438,55 @@ async def test_the_writer_thread_does_not_preempt_on_wake_up_and_the_event_loop_
         assert os.sched_getscheduler(writer._thread.native_id) == os.SCHED_BATCH
         assert await writer.run(lambda store: os.sched_getscheduler(0)) == os.SCHED_BATCH
         assert os.sched_getscheduler(0) == before
+
+
+def _count(store: Store, number: int) -> int:
+    store.db.execute("INSERT INTO queue_count (state, messages) VALUES (?, ?)", (f"s{number}", number))
+    return number
+
+
+async def test_the_writer_thread_serves_on_after_its_own_loop_fails(tmp_path, monkeypatch, caplog):
+    """A fault of the thread's loop itself (a bug, no memory; not a request's own
+    error) costs the requests it held a temporary error, and the writer serves
+    again: a dead writer answered every later message with an error until serve
+    was restarted."""
+    import trimail.queue.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "RECOVER_PAUSE", 0.01)
+    faults = [RuntimeError("injected")]
+    real = QueueWriter._wake
+
+    def wake(self, token, batch):
+        if faults:
+            raise faults.pop()
+        real(self, token, batch)
+
+    monkeypatch.setattr(QueueWriter, "_wake", wake)
+    async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
+        with trio.fail_after(5), pytest.raises(StorageError) as failed:
+            await writer.run(_count, 1)
+        assert failed.value.temporary
+        with trio.fail_after(5):
+            assert await writer.run(_count, 2) == 2
+            assert await writer.run(_count, 3, durable=False) == 3
+        assert writer._dead is None
+    assert "queue writer failed: injected; serving again" in caplog.text
+
+
+async def test_a_stop_the_writer_thread_took_before_its_loop_failed_still_stops_it(tmp_path, monkeypatch):
+    import trimail.queue.writer as writer_module
+
+    monkeypatch.setattr(writer_module, "RECOVER_PAUSE", 0.01)
+    faults = [RuntimeError("injected at stop")]
+    real = QueueWriter._checkpoint
+
+    def checkpoint(self, store):
+        if faults:
+            raise faults.pop()
+        return real(self, store)
+
+    monkeypatch.setattr(QueueWriter, "_checkpoint", checkpoint)
+    with trio.fail_after(5):
+        async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
+            await writer.run(_count, 1)
+    assert not faults  # the stop's checkpoint failed once; the stop went through

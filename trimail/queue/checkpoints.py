@@ -44,8 +44,8 @@ AUTOCHECKPOINT_PAGES = 1000  # SQLite's default wal_autocheckpoint
 
 
 class WalWatch:
-    """Replaces SQLite's automatic checkpoints on *store*'s connection: after each of
-    its commits, ``grown`` says whether the WAL is past ``AUTOCHECKPOINT_PAGES``."""
+    """Replaces SQLite's automatic checkpoints on *store*'s connection: notes the
+    WAL's size after each of its commits, for ``after_batch``."""
 
     __slots__ = ("pages",)
 
@@ -58,9 +58,13 @@ class WalWatch:
         self.pages = pages
         return apsw.SQLITE_OK
 
-    @property
-    def grown(self) -> bool:
-        return self.pages >= AUTOCHECKPOINT_PAGES
+    def after_batch(self, store: Store) -> None:
+        """After the thread answered a batch: ``under_load`` when the batch's commit
+        left the WAL past ``AUTOCHECKPOINT_PAGES`` (a later commit that finds it
+        still past asks again)."""
+        if self.pages >= AUTOCHECKPOINT_PAGES:
+            self.pages = 0
+            under_load(store)
 
 
 def checkpoint(store: Store, mode: Literal["PASSIVE", "RESTART", "TRUNCATE"]) -> bool:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import queue
 import threading
 import time
@@ -65,6 +64,7 @@ from trimail.queue.batch import Request as _Request
 from trimail.queue.batch import run_in_transaction
 from trimail.queue.checkpoints import WalWatch, checkpoint, under_load
 from trimail.queue.database import storage_error
+from trimail.queue.sched import no_wakeup_preemption
 from trimail.queue.store import Store
 
 log = logging.getLogger("trimail.queue")
@@ -75,29 +75,12 @@ _STOP = object()
 _DIRTY = object()  # a commit in the event loop happened (queue.inline): checkpoint when idle
 _CHECKPOINT = object()  # commits in the event loop grew the WAL past their limit: checkpoint now
 CHECKPOINT_IDLE = 10.0  # seconds without requests after which the WAL is checkpointed and truncated
+RECOVER_PAUSE = 1.0  # seconds before the thread serves again after its loop failed (_recover)
 
 
 def _in_snapshot(store: Store, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
     with store.read_snapshot():
         return fn(store, *args)
-
-
-def _no_wakeup_preemption() -> None:
-    """The calling thread (the writer's) becomes ``SCHED_BATCH``: woken (a request,
-    the end of an fsync), it runs on an idle core at once as before, but on a busy
-    one it no longer preempts the thread running there.  That was mostly its own
-    event loop, which then held the interpreter lock it needed: it woke, found the
-    lock taken, and slept again, two switches for nothing, and the loop lost its
-    place in the caches.  Measured with two smtpd workers saturating this 2-core
-    machine (accept, 20 sessions, reuse, three alternating pairs): the event loops'
-    involuntary switches per message 1.4-1.7 -> 0.65-0.9, the writer threads' 1.2 ->
-    0.65, CPU per message -1 to -13 %; a probe client's latency under that load the
-    same (p50 6.9-8.1 against 6.8-7.4 ms).  Any user may choose the policy; a
-    system that refuses (not Linux, a seccomp profile) keeps the default."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError):
-        pass
 
 
 def _set_all(events: list[trio.Event]) -> None:
@@ -122,6 +105,7 @@ class QueueWriter:
         self._open_store = open_store
         self._dirty_told = False  # the thread knows of commits in the event loop since its last checkpoint
         self._checkpoint_asked = False
+        self._stop_taken = False  # the thread took _STOP off the queue (_recover puts it back)
         self._stats_lock = threading.Lock()  # commits are counted in the event loop too (queue.inline)
         # seconds to leave the database's write lock free after a bookkeeping slice when
         # more is waiting: other processes (smtpd workers committing accepted mail) get
@@ -220,7 +204,7 @@ class QueueWriter:
     # -- the writer thread -----------------------------------------------------
 
     def _thread_main(self, report: Callable[[BaseException | None], None]) -> None:
-        _no_wakeup_preemption()
+        no_wakeup_preemption()
         try:
             self._main(report)
         finally:
@@ -252,7 +236,12 @@ class QueueWriter:
         token.run_sync_soon(report, None)
         batch: list[_Request] = []
         try:
-            self._serve(store, token, batch, watch)
+            while True:
+                try:
+                    self._serve(store, token, batch, watch)
+                    return
+                except Exception as exc:  # noqa: BLE001 - the loop's own fault, not a request's
+                    self._recover(store, token, batch, exc)
         except BaseException as exc:  # the thread must not die silently: waiters would hang
             log.critical("queue writer stopped: %s", exc, exc_info=exc)
             self._dead = StorageError(f"queue writer stopped: {exc}", temporary=False)
@@ -282,6 +271,7 @@ class QueueWriter:
                     dirty = not self._checkpoint(store)
                     continue
                 if first is _STOP:
+                    self._stop_taken = True
                     self._checkpoint(store)
                     return
                 if first is _DIRTY or first is _CHECKPOINT:
@@ -294,7 +284,7 @@ class QueueWriter:
                 except queue.Empty:
                     break
                 if item is _STOP:
-                    stop = True
+                    stop = self._stop_taken = True
                 elif item is _DIRTY or item is _CHECKPOINT:
                     dirty = self._inline_told(store, item) or dirty
                 else:
@@ -306,33 +296,24 @@ class QueueWriter:
                 self._run_batch(store, batch)
                 self._wake(token, batch)
                 dirty = True
-                if watch.grown:  # after the batch's 250s, not inside its COMMIT
-                    self._checkpoint_under_load(store, watch)
+                watch.after_batch(store)  # a checkpoint after the batch's 250s, not inside its COMMIT
             # ... then one slice of bookkeeping (bounded in time), before the next
             # accepted mail gets its turn; each side always makes progress
             if bookkeeping:
                 self._run_batch(store, batch, bookkeeping)
                 self._wake(token, batch)
                 dirty = True
-                if watch.grown:
-                    self._checkpoint_under_load(store, watch)
+                watch.after_batch(store)
                 if self._share_lock and bookkeeping:
                     time.sleep(self._share_lock)
 
     def _inline_told(self, store: Store, item: object) -> bool:
         """The event loop committed (_DIRTY: True, the WAL wants a checkpoint when
         idle) or grew the WAL past its limit (_CHECKPOINT: checkpointed now)."""
-        if item is _CHECKPOINT:
+        if item is _CHECKPOINT:  # never holding up the commits of others (queue.checkpoints)
             self._checkpoint_asked = False
-            self._checkpoint_under_load(store)
+            under_load(store)
         return item is _DIRTY
-
-    def _checkpoint_under_load(self, store: Store, watch: WalWatch | None = None) -> None:
-        """The WAL grew past its limit: ``checkpoints.under_load``, which never holds
-        up the commits of others."""
-        if watch is not None:
-            watch.pages = 0  # asked again by the next commit that finds it still past
-        under_load(store)
 
     def _wake(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
         """One call into the event loop for the whole batch (each wakes the loop with
@@ -340,6 +321,21 @@ class QueueWriter:
         done = [request.done for request in batch]
         token.run_sync_soon(_set_all, done)
         batch.clear()
+
+    def _recover(self, store: Store, token: trio.lowlevel.TrioToken, batch: list[_Request], exc: Exception) -> None:
+        """The loop failed outside any request (a bug, no memory): what it held gets a
+        temporary error (sent again; if committed, delivered twice, never lost), and it
+        serves on after ``RECOVER_PAUSE``, not dead until serve restarts."""
+        log.critical("queue writer failed: %s; serving again in %g s", exc, RECOVER_PAUSE, exc_info=exc)
+        held = [*batch, *(request for side in self._pending for request in side)]
+        for request in held:
+            request.error = request.error or StorageError(f"queue writer failed: {exc}")
+        self._wake(token, held)
+        batch.clear()
+        store.rollback()
+        if self._stop_taken:
+            self._requests.put(_STOP)
+        time.sleep(RECOVER_PAUSE)
 
     def _fail_pending(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
         """After the thread failed: every request it took or that waits gets the error."""
