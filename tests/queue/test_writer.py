@@ -474,6 +474,8 @@ async def test_the_writer_thread_serves_on_after_its_own_loop_fails(tmp_path, mo
 
 
 async def test_a_stop_the_writer_thread_took_before_its_loop_failed_still_stops_it(tmp_path, monkeypatch):
+    """The loop fails while it handles the stop (its last checkpoint): the stop is put
+    back, so the thread ends instead of serving on while serve waits for it."""
     import trimail.queue.writer as writer_module
 
     monkeypatch.setattr(writer_module, "RECOVER_PAUSE", 0.01)
@@ -486,7 +488,13 @@ async def test_a_stop_the_writer_thread_took_before_its_loop_failed_still_stops_
         return real(self, store)
 
     monkeypatch.setattr(QueueWriter, "_checkpoint", checkpoint)
-    with trio.fail_after(5):
-        async with QueueWriter(lambda: Store.open(tmp_path)) as writer:
-            await writer.run(_count, 1)
-    assert not faults  # the stop's checkpoint failed once; the stop went through
+    writer = QueueWriter(lambda: Store.open(tmp_path))
+    await writer.__aenter__()
+    await writer.run(_count, 1)
+    writer._requests.put(writer_module._STOP)  # what __aexit__ puts first
+    with trio.move_on_after(5):
+        await writer._finished.wait()
+    stopped = writer._finished.is_set()
+    await writer.__aexit__()  # (its own stop ends the thread if the first one was lost)
+    assert not faults  # the stop's checkpoint failed once ...
+    assert stopped  # ... and the stop went through all the same
