@@ -21,9 +21,9 @@ answered the batch (``queue.writer``):
   and then no fsync either) and checks that no reader is in the WAL; the next
   writer then starts the WAL over, at the start of the file.  Neither waits: a busy
   write lock or a reader makes it partial, and the next commit past the limit asks
-  again.  Measured (same load, 4
-  alternating pairs): 1,600-1,750 -> about 300 checkpoints, CPU per message of all
-  processes 0.06-0.18 ms lower in 4 of 4 pairs, the rate higher in 3 of 4.
+  again.  Measured (same load, 4 alternating pairs): 1,600-1,750 -> about 300
+  checkpoints, CPU per message of all processes 0.06-0.18 ms lower in 4 of 4 pairs,
+  the rate higher in 3 of 4.
 - **when idle** (``queue.writer.CHECKPOINT_IDLE``), TRUNCATE: the WAL is emptied, so
   it does not stay large and a copy of the queue directory copies less.
 
@@ -69,8 +69,9 @@ class WalWatch:
 
 
 def checkpoint(store: Store, mode: Literal["PASSIVE", "RESTART", "TRUNCATE"]) -> bool:
-    """One checkpoint (``Database.checkpoint``); whether it finished (False: a reader
-    or a writer kept it from it, or it failed, which is logged)."""
+    """One checkpoint (``Database.checkpoint``); whether it finished (False: another
+    checkpoint was under way, readers or a writer kept a RESTART or TRUNCATE one from
+    finishing, or it failed, which is logged)."""
     try:
         complete, frames, done = store.checkpoint(mode)
         log.debug("queue checkpoint (%s): %d of %d WAL frames", mode.lower(), done, frames)

@@ -358,8 +358,9 @@ class Database:
 
     def checkpoint(self, mode: Literal["PASSIVE", "RESTART", "TRUNCATE"] = "TRUNCATE") -> tuple[bool, int, int]:
         """Copy the WAL into the database; returns (complete, WAL frames, frames
-        checkpointed).  Busy readers or writers make it partial (not complete), never
-        wrong.  TRUNCATE (when idle) also empties the WAL file.  PASSIVE (under load)
+        checkpointed).  Not complete: another checkpoint was under way, or readers or
+        a writer kept a RESTART or TRUNCATE one from finishing (a PASSIVE one copies
+        what readers allow and says so only in the counts).  TRUNCATE also empties the WAL.  PASSIVE (under load)
         takes no lock, so nobody's commit (and 250) waits for its copy and fsyncs.
         RESTART takes the write lock for what is left to copy, and makes sure no
         reader is in the WAL, so that the next writer writes it from its start

@@ -322,12 +322,17 @@ class QueueWriter:
         token.run_sync_soon(_set_all, done)
         batch.clear()
 
+    def _taken(self, batch: list[_Request]) -> list[_Request]:
+        """The requests the thread took off the queue and has not answered: the batch
+        under way and the ones waiting for their turn."""
+        return [*batch, *(request for side in self._pending for request in side)]
+
     def _recover(self, store: Store, token: trio.lowlevel.TrioToken, batch: list[_Request], exc: Exception) -> None:
         """The loop failed outside any request (a bug, no memory): what it held gets a
         temporary error (sent again; if committed, delivered twice, never lost), and it
         serves on after ``RECOVER_PAUSE``, not dead until serve restarts."""
         log.critical("queue writer failed: %s; serving again in %g s", exc, RECOVER_PAUSE, exc_info=exc)
-        held = [*batch, *(request for side in self._pending for request in side)]
+        held = self._taken(batch)
         for request in held:
             request.error = request.error or StorageError(f"queue writer failed: {exc}")
         self._wake(token, held)
@@ -340,7 +345,7 @@ class QueueWriter:
     def _fail_pending(self, token: trio.lowlevel.TrioToken, batch: list[_Request]) -> None:
         """After the thread failed: every request it took or that waits gets the error."""
         assert self._dead is not None
-        pending = list(batch) + [request for side in self._pending for request in side]
+        pending = self._taken(batch)
         while True:
             try:
                 item = self._requests.get_nowait()
