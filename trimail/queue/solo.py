@@ -106,6 +106,15 @@ class SmtpdWriter(QueueWriter):
         finally:
             self._with_thread -= 1
 
+    async def run_shielded(self, fn: Callable[..., T], *args: Any) -> T:
+        """A commit in the loop has no wait to shield: the shielded scope (6 us) only
+        for the thread's."""
+        if self._dead is None and self._may_run_inline(args):
+            request = _Request(fn, args, True)
+            if self._run_inline(request):
+                return request.answer()  # type: ignore[no-any-return]
+        return await super().run_shielded(fn, *args)
+
     def _may_run_inline(self, args: tuple[Any, ...]) -> bool:
         if self._inline is None or self._with_thread or self._stalls.backing_off():
             return False

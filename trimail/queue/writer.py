@@ -10,7 +10,8 @@ the waiting tasks.  While one batch is being fsynced the next one fills up, so t
 batch size follows the load by itself: one request when idle, dozens under load.
 
 A task that is cancelled while waiting does not cancel its request: callers that
-must answer a client after the commit (the SMTP session's ``250``) shield the wait.
+must answer a client after the commit (the SMTP session's ``250``) shield the wait
+(``run_shielded``).
 
 Durability is per request.  A message accepted from a client (``durable=True``,
 the default) is answered only after its batch is committed and the WAL fsynced,
@@ -18,20 +19,18 @@ which the thread does itself after the COMMIT, outside SQLite's write lock, so
 that other processes commit meanwhile (``queue.database``: the fsync outside the
 lock; ``synchronous = FULL`` where that cannot be had).  The scheduler's
 bookkeeping (claiming rows, recording outcomes, removing delivered mail, queueing
-bounces) passes ``durable=False`` and commits in
-transactions of its own with ``synchronous = NORMAL``, which is just as atomic but
-leaves the fsync to the next durable commit or checkpoint.  Durable requests never
-share a transaction with bookkeeping: the thread runs the durable requests waiting
-first, then one slice of bookkeeping (at most ``BOOKKEEPING_SLICE`` = 10 ms of
-requests, or ``max_batch``), then durable again (the qmgr worker also leaves the lock free for
-``share_lock`` seconds between slices, for the smtpd workers' commits), so a
-``250`` waits for at most
-one short slice of the scheduler's work, and a stream of accepted mail never
-starves the scheduler either.  The WAL is one
-sequence, so a later fsync makes every earlier commit durable too, and a crash can
-only roll the bookkeeping back to a state that was true before: a message
-delivered again (as Postfix may after a crash between delivery and unlink), never
-one lost.
+bounces) passes ``durable=False`` and commits in transactions of its own with
+``synchronous = NORMAL``, which is just as atomic but leaves the fsync to the next
+durable commit or checkpoint.  Durable requests never share a transaction with
+bookkeeping: the thread runs the durable requests waiting first, then one slice of
+bookkeeping (at most ``BOOKKEEPING_SLICE`` = 10 ms of requests, or ``max_batch``),
+then durable again (the qmgr worker also leaves the lock free for ``share_lock``
+seconds between slices, for the smtpd workers' commits), so a ``250`` waits for at
+most one short slice of the scheduler's work, and a stream of accepted mail never
+starves the scheduler either.  The WAL is one sequence, so a later fsync makes
+every earlier commit durable too, and a crash can only roll the bookkeeping back to
+a state that was true before: a message delivered again (as Postfix may after a
+crash between delivery and unlink), never one lost.
 
 The qmgr worker runs its bookkeeping in its event loop when the write lock is
 free (``queue.inline.BookkeepingWriter``); the thread then only checkpoints for
@@ -112,9 +111,8 @@ class QueueWriter:
         # their turn instead of losing every race for it to the next slice
         self._share_lock = share_lock
         self._max_batch = max_batch
-        # idle reading connections, opened at start (__aenter__): all of them unless
-        # *readers_at_start* says fewer (a test queue, which never changes hands or
-        # jails, opens them on first use: see read())
+        # idle reading connections, opened at start (__aenter__): all unless *readers_at_start*
+        # says fewer (a test queue, which never changes hands or jails, opens them in read())
         self._readers: list[Store] = []
         self._read_limiter = trio.CapacityLimiter(readers)
         self._reader_count = readers if readers_at_start is None else min(readers, readers_at_start)
@@ -141,9 +139,8 @@ class QueueWriter:
         self._thread = threading.Thread(target=self._thread_main, args=(report,), name="trimail-queue-writer",
                                         daemon=True)
         self._thread.start()
-        # The thread opens its connection and the readers' (one hand-over, not one per
-        # reader): every connection is opened now, before anything else could touch the
-        # file; a later open (a reader needed under load) goes through SQLite alone too.
+        # The thread opens its connection and the readers' (one hand-over, not one per reader):
+        # all now, before anything else could touch the file; a later open goes through SQLite alone.
         try:
             await opened.wait()
         except BaseException:  # cancelled while starting: the thread and the readers must not outlive us
@@ -185,6 +182,11 @@ class QueueWriter:
         if self._dead is not None:
             raise self._dead
         return await self._hand_over(_Request(fn, args, durable))
+
+    async def run_shielded(self, fn: Callable[..., T], *args: Any) -> T:
+        """A durable ``run`` that cancellation does not interrupt (its caller answers after it)."""
+        with trio.CancelScope(shield=True):
+            return await self.run(fn, *args)
 
     async def _hand_over(self, request: _Request) -> Any:
         self._requests.put(request)

@@ -21,8 +21,6 @@ import re
 import time
 from typing import TYPE_CHECKING
 
-import trio
-
 from trimail import log as maillog
 from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM
 from trimail.delivery.route import FILTER_PARAM
@@ -150,15 +148,14 @@ async def commit(session: SmtpdSession) -> Reply:
         written = maillog.mark() if isinstance(scheduler, QmgrTrigger) else None
         # The client must get its 250 only after the commit, and a commit that
         # has begun cannot be taken back: so the wait is shielded from shutdown.
-        with trio.CancelScope(shield=True):
-            try:
-                await session.ctx.writer.run(Store.insert_message, message)
-            except Exception as exc:  # noqa: BLE001 - the commit's boundary: any failure costs this message a 4xx
-                if hand_over:
-                    scheduler.release()  # type: ignore[union-attr]
-                log.error("%s: cannot queue message from %s: %s", txn.queue_id, session.client, exc)
-                full = isinstance(exc, StorageError) and exc.no_space
-                return replies.INSUFFICIENT_STORAGE if full else replies.LOCAL_ERROR
+        try:
+            await session.ctx.writer.run_shielded(Store.insert_message, message)
+        except Exception as exc:  # noqa: BLE001 - the commit's boundary: any failure costs this message a 4xx
+            if hand_over:
+                scheduler.release()  # type: ignore[union-attr]
+            log.error("%s: cannot queue message from %s: %s", txn.queue_id, session.client, exc)
+            full = isinstance(exc, StorageError) and exc.no_space
+            return replies.INSUFFICIENT_STORAGE if full else replies.LOCAL_ERROR
         if scheduler is not None:
             if hand_over:
                 scheduler.hand_over(message, message.content.getvalue())
