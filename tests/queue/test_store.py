@@ -16,10 +16,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trimail.errors import StorageError
+from trimail.queue import transitions
 from trimail.queue.database import QueueError
 from trimail.queue.ids import is_queue_id, new_queue_id
 from trimail.queue.inline import BookkeepingWriter, InlineWriter
-from trimail.queue.schema import SCHEMA_VERSION
+from trimail.queue.schema import MIGRATIONS, SCHEMA_VERSION
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store, TransitionError
 from trimail.queue.writer import QueueWriter
@@ -158,13 +159,60 @@ def test_active_rows_are_recovered_as_incoming(tmp_path):
     assert reopened.list_messages()[0].state == "incoming"
 
 
-def test_due_deferred_rows_are_found_through_the_state_index(tmp_path):
+def test_due_deferred_rows_are_found_through_the_deferred_index(tmp_path):
     store = Store.open(tmp_path)
-    plan = store.db.execute(
-        "EXPLAIN QUERY PLAN SELECT id FROM message WHERE state = 'deferred' AND next_attempt <= ?", (0.0,)
-    ).fetchall()
-    detail = " ".join(row[-1] for row in plan)
-    assert "USING INDEX message_state_next_attempt (state=? AND next_attempt<?)" in detail
+    for query in ("SELECT id FROM message WHERE state = 'deferred' AND next_attempt <= ? ORDER BY next_attempt",
+                  "UPDATE message SET state = 'incoming' WHERE rowid IN (SELECT rowid FROM message"
+                  " WHERE state = 'deferred' AND next_attempt <= ? ORDER BY next_attempt LIMIT 10)"):
+        plan = store.db.execute(f"EXPLAIN QUERY PLAN {query}", (0.0,)).fetchall()
+        detail = " ".join(row[-1] for row in plan)
+        assert "INDEX message_deferred (state=? AND next_attempt<?)" in detail, detail
+        assert "TEMP B-TREE" not in detail  # no sort of the due rows
+    plan = store.db.execute("EXPLAIN QUERY PLAN SELECT min(next_attempt) FROM message WHERE state = 'deferred'")
+    assert "INDEX message_deferred" in " ".join(row[-1] for row in plan)
+
+
+def test_the_next_attempt_index_holds_deferred_messages_only(tmp_path):
+    """A new message, its claim and its removal leave the next-attempt index alone
+    (one page less each to write); deferring puts the message in it, and a claim
+    takes it out."""
+    store = Store.open(tmp_path)
+
+    def entries() -> int:  # the cells of the index's b-tree, read by SQLite's dbstat
+        return store.db.execute("SELECT sum(ncell) FROM dbstat WHERE name = 'message_deferred'").fetchone()[0]
+
+    new, later = message(), message()
+    insert(store, new)
+    insert(store, later)
+    assert entries() == 0
+    with store.transaction():
+        store.db.execute("UPDATE message SET state = 'deferred', next_attempt = 50 WHERE id = ?", (later.id,))
+    assert entries() == 1
+    claimed = [m.id for m in transitions.claim(store, 10, now=100.0)]
+    assert sorted(claimed) == sorted([new.id, later.id])
+    assert entries() == 0
+
+
+def test_a_schema_5_queue_upgrades_to_the_deferred_index(tmp_path):
+    """A queue written before the deferred-only index: the old (state, next_attempt)
+    index goes, the new one is built from the deferred messages already queued, and
+    they are found and claimed through it."""
+    db = apsw.Connection(str(tmp_path / "queue.db"))
+    for number, migration in enumerate(MIGRATIONS[:5]):
+        db.execute(migration)
+        db.execute(f"PRAGMA user_version = {number + 1:d}")
+    db.executemany("INSERT INTO message (id, state, sender, arrival_time, next_attempt, size) VALUES (?, ?, '', 1, ?, 1)",
+                   [("M1", "deferred", 30.0), ("M2", "incoming", None), ("M3", "deferred", 10.0),
+                    ("M4", "deferred", 500.0), ("M5", "hold", 5.0)])
+    db.execute("INSERT INTO body (message_id, content) SELECT id, x'00' FROM message")
+    db.close()
+    store = Store.open(tmp_path)
+    names = {row[0] for row in store.db.execute("SELECT name FROM sqlite_schema WHERE type = 'index'")}
+    assert "message_deferred" in names and "message_state_next_attempt" not in names
+    assert store.db.execute("SELECT id FROM message INDEXED BY message_deferred WHERE state = 'deferred'"
+                            " ORDER BY next_attempt").fetchall() == [("M3",), ("M1",), ("M4",)]
+    assert transitions.next_due(store) == 10.0
+    assert [m.id for m in transitions.claim(store, 10, now=100.0)] == ["M2", "M3", "M1"]
 
 
 def test_unknown_state_is_refused_by_the_schema(tmp_path):

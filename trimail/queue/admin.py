@@ -86,7 +86,7 @@ def flush_site(store: Store, site: str, now: float | None = None) -> int:
     site = site.rstrip(".")
     db = store.db
     # driven from the site's recipients: "+state" keeps SQLite from walking every
-    # deferred message through message_state_next_attempt instead
+    # deferred message through message_deferred instead
     db.execute("UPDATE message SET next_attempt = ?1 WHERE id IN (SELECT message_id FROM recipient WHERE "
                + SITE + " = lower(?2) AND status = 'deferred') AND +state = 'deferred'", (now, site))
     count = db.changes()

@@ -106,6 +106,12 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX message_state_id ON message (state, id);
     """,
+    # 5 -> 6: the next-attempt index holds the deferred messages only (all its queries
+    # are about them): a new message, its claim and its removal each write one page less
+    """
+    DROP INDEX message_state_next_attempt;
+    CREATE INDEX message_deferred ON message (state, next_attempt) WHERE state = 'deferred';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)

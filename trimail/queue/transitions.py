@@ -117,7 +117,7 @@ def next_due(store: Store) -> float | None:
 def claim(store: Store, limit: int, now: float, recipients: int | None = None) -> list[ClaimedMessage]:
     """Move up to *limit* messages to active and load them, taking new mail
     (incoming, oldest first, through the (state, id) index) and due retries
-    (deferred, earliest due first, through the (state, next_attempt) index) in
+    (deferred, earliest due first, through the deferred rows' next_attempt index) in
     turn, as Postfix's qmgr alternates its incoming and deferred scans: a retry
     storm never keeps new mail waiting, nor new mail a retry.  No sort, no
     statement touching more than *limit* rows of each queue.  With *recipients*,
