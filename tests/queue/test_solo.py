@@ -98,6 +98,43 @@ async def test_a_commit_goes_to_the_thread_when_another_process_holds_the_lock(t
     assert _queued(tmp_path) == {"BBBB1"}
 
 
+async def test_a_shielded_commit_is_seen_through_when_its_caller_is_cancelled(tmp_path):
+    """run_shielded (the end of DATA, whose 250 follows the commit): under a cancelled
+    scope a commit in the loop runs and answers (it has no wait a cancellation could
+    end); cancelled while its commit waits on the thread for another process's lock,
+    the caller still gets the commit's answer once it is done."""
+    other = Store.open(tmp_path)
+    async with SmtpdWriter(lambda: Store.open(tmp_path, busy_timeout=5.0)) as writer:
+        writer.alone = lambda: True
+        answers = []
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            answers.append(await writer.run_shielded(lambda store, m: store.insert_message(m) or "in loop",
+                                                     _message("CCCC1")))
+        assert answers == ["in loop"] and _queued(tmp_path) == {"CCCC1"}
+
+        other.db.execute("BEGIN IMMEDIATE")
+
+        async def submit(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope() as caller:
+                task_status.started(caller)
+                answers.append(await writer.run_shielded(lambda store, m: store.insert_message(m) or "on thread",
+                                                         _message("CCCC2")))
+
+        async with trio.open_nursery() as nursery:
+            caller = await nursery.start(submit)
+            with trio.fail_after(5):
+                while not writer._with_thread:  # handed to the thread, which waits for the lock
+                    await trio.sleep(0.001)
+            caller.cancel()
+            await trio.lowlevel.checkpoint()
+            assert answers == ["in loop"]  # still waiting, not cancelled away
+            other.db.execute("COMMIT")
+    other.close()
+    assert answers == ["in loop", "on thread"]
+    assert _queued(tmp_path) == {"CCCC1", "CCCC2"}
+
+
 async def test_a_commit_never_overtakes_one_that_is_with_the_thread(tmp_path):
     """A request made while an earlier one is still with the thread goes to the
     thread too, behind it: commits happen in the order they were asked for."""

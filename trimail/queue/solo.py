@@ -96,24 +96,34 @@ class SmtpdWriter(QueueWriter):
             inline.close()
 
     async def run(self, fn: Callable[..., T], *args: Any, durable: bool = True) -> T:
+        done = self._in_loop(fn, args, durable)
+        if done is not None:
+            return done.answer()  # type: ignore[no-any-return]
+        return await self._on_thread(fn, args, durable)
+
+    async def run_shielded(self, fn: Callable[..., T], *args: Any) -> T:
+        """A commit in the loop has no wait to shield: the shielded scope (6 us) only
+        for the thread's."""
+        done = self._in_loop(fn, args, True)
+        if done is not None:
+            return done.answer()  # type: ignore[no-any-return]
+        with trio.CancelScope(shield=True):
+            return await self._on_thread(fn, args, True)
+
+    def _in_loop(self, fn: Callable[..., Any], args: tuple[Any, ...], durable: bool) -> _Request | None:
+        """The request, run now in the loop, or None when it is the thread's."""
         if self._dead is None and self._may_run_inline(args):
             request = _Request(fn, args, durable)
             if self._run_inline(request):
-                return request.answer()  # type: ignore[no-any-return]
+                return request
+        return None
+
+    async def _on_thread(self, fn: Callable[..., T], args: tuple[Any, ...], durable: bool) -> T:
         self._with_thread += 1
         try:
             return await super().run(fn, *args, durable=durable)
         finally:
             self._with_thread -= 1
-
-    async def run_shielded(self, fn: Callable[..., T], *args: Any) -> T:
-        """A commit in the loop has no wait to shield: the shielded scope (6 us) only
-        for the thread's."""
-        if self._dead is None and self._may_run_inline(args):
-            request = _Request(fn, args, True)
-            if self._run_inline(request):
-                return request.answer()  # type: ignore[no-any-return]
-        return await super().run_shielded(fn, *args)
 
     def _may_run_inline(self, args: tuple[Any, ...]) -> bool:
         if self._inline is None or self._with_thread or self._stalls.backing_off():
