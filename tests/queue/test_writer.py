@@ -9,9 +9,11 @@ import threading
 import apsw
 import pytest
 import trio
+import trio.testing
 
 from trimail.errors import StorageError
 from trimail.queue.inline import BookkeepingWriter, InlineWriter
+from trimail.queue.solo import SmtpdWriter
 from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 
@@ -498,3 +500,27 @@ async def test_a_stop_the_writer_thread_took_before_its_loop_failed_still_stops_
     await writer.__aexit__()  # (its own stop ends the thread if the first one was lost)
     assert not faults  # the stop's checkpoint failed once ...
     assert stopped  # ... and the stop went through all the same
+
+
+@pytest.mark.parametrize("writer_class", [QueueWriter, SmtpdWriter, BookkeepingWriter])
+@pytest.mark.parametrize("durable", [True, False])
+async def test_a_request_to_a_writer_that_is_closing_or_closed_fails_at_once(tmp_path, writer_class, durable):
+    """A request that comes after the writer began to close gets a temporary error
+    (its client a 4xx) instead of waiting for ever behind the thread's stop: once,
+    such a wait kept a stopping worker from ever ending."""
+    writer = writer_class(lambda: Store.open(tmp_path))
+    await writer.__aenter__()
+    assert await writer.run(_count, 1, durable=durable) == 1
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.__aexit__)
+        await trio.testing.wait_all_tasks_blocked()  # __aexit__ has asked the thread to stop
+        with trio.fail_after(5), pytest.raises(StorageError) as closing:
+            await writer.run(_count, 2, durable=durable)
+    with trio.fail_after(5), pytest.raises(StorageError) as closed:
+        await writer.run(_count, 3, durable=durable)
+    assert closing.value.temporary and closed.value.temporary
+    store = Store.open(tmp_path)
+    try:
+        assert [row[0] for row in store.db.execute("SELECT state FROM queue_count")] == ["s1"]
+    finally:
+        store.close()

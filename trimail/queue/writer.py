@@ -106,9 +106,8 @@ class QueueWriter:
         self._checkpoint_asked = False
         self._stop_taken = False  # the thread took _STOP off the queue (_recover puts it back)
         self._stats_lock = threading.Lock()  # commits are counted in the event loop too (queue.inline)
-        # seconds to leave the database's write lock free after a bookkeeping slice when
-        # more is waiting: other processes (smtpd workers committing accepted mail) get
-        # their turn instead of losing every race for it to the next slice
+        # seconds to leave the write lock free after a bookkeeping slice when more waits: other
+        # processes (smtpd workers committing mail) get their turn instead of losing every race
         self._share_lock = share_lock
         self._max_batch = max_batch
         # idle reading connections, opened at start (__aenter__): all unless *readers_at_start*
@@ -116,7 +115,7 @@ class QueueWriter:
         self._readers: list[Store] = []
         self._read_limiter = trio.CapacityLimiter(readers)
         self._reader_count = readers if readers_at_start is None else min(readers, readers_at_start)
-        self._dead: StorageError | None = None  # set if the writer thread ever ends unexpectedly
+        self._dead: StorageError | None = None  # the thread ended unexpectedly, or the writer is closed
         self._checkpoint_idle = CHECKPOINT_IDLE
         self._requests: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._pending: tuple[deque[_Request], ...] = ()  # taken off the queue by the thread, not yet run
@@ -152,6 +151,7 @@ class QueueWriter:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        self._dead = self._dead or StorageError("queue writer closed")  # a later run must not wait forever
         self._requests.put(_STOP)
         assert self._thread is not None
         with trio.CancelScope(shield=True):
