@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Annotated
 
+import apsw
 from cyclopts import App, Parameter
 
 from trimail import log as maillog
@@ -31,7 +32,7 @@ from trimail.cli import ConfigOption, Failure, Overrides, app, load_config, mail
 from trimail.config import Config
 from trimail.net.control import send_command
 from trimail.queue import admin, transitions
-from trimail.queue.database import DATABASE_NAME, QueueError
+from trimail.queue.database import DATABASE_NAME, QueueError, storage_error
 from trimail.queue.reads import MessageInfo
 from trimail.queue.store import Store
 from trimail.smtp.address import is_domain
@@ -167,6 +168,8 @@ def _queue_change(cfg: Config, change: Callable[[Store], list[str] | int], comma
     try:
         with store.transaction():
             result = change(store)
+    except apsw.Error as exc:  # a full file system, a lock held too long: one fatal line, not a traceback
+        raise storage_error(exc) from exc
     finally:
         store.close()
     send_command(Path(cfg.queue_directory), command)
