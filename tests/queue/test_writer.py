@@ -506,8 +506,9 @@ async def test_a_stop_the_writer_thread_took_before_its_loop_failed_still_stops_
 @pytest.mark.parametrize("durable", [True, False])
 async def test_a_request_to_a_writer_that_is_closing_or_closed_fails_at_once(tmp_path, writer_class, durable):
     """A request that comes after the writer began to close gets a temporary error
-    (its client a 4xx) instead of waiting for ever behind the thread's stop: once,
-    such a wait kept a stopping worker from ever ending."""
+    (its client a 4xx) instead of waiting for ever behind the thread's stop: in an
+    experiment that ran sessions after their writer had closed, every commit waited
+    so, and the worker did not stop on SIGTERM."""
     writer = writer_class(lambda: Store.open(tmp_path))
     await writer.__aenter__()
     assert await writer.run(_count, 1, durable=durable) == 1
