@@ -16,7 +16,11 @@ is full; the caller discards the spool, which gives the space back at once.
 ``QueueSpace`` is Postfix's queue_minfree check for MAIL FROM: there must be more
 than max(queue_minfree, 1.5 * message_size_limit) bytes free in the queue file
 system.  ``statvfs`` runs in a worker thread and its answer is kept for a second,
-so a burst of MAIL commands costs one system call.
+so a burst of MAIL commands costs one system call.  It also admits each message
+at the end of DATA (``room_for``), which the check at MAIL cannot do for sessions
+that all passed it while there was room: the queue must keep some room once the
+message is in it (max(queue_minfree, ``ROOM_MARGIN``)), or the queue manager could
+not record a delivery or remove delivered mail (see ``room_for``).
 
 Parameters (through the caller): queue_directory, queue_minfree, message_size_limit.
 """
@@ -33,11 +37,19 @@ from typing import Any
 import trio
 
 from trimail.errors import StorageError
+from trimail.queue.database import DATABASE_NAME
 
 DEFAULT_MEMORY_LIMIT = 256 * 1024
 FLUSH_SIZE = 256 * 1024  # bytes per file write (and per thread hop) past the memory limit
 SPACE_MULTIPLIER = 1.5  # Postfix's smtpd_space_multf
 SPACE_CACHE_SECONDS = 1.0
+WAL_NAME = DATABASE_NAME + "-wal"
+ROOM_MARGIN = 256 << 10  # bytes room_for keeps free after a message: the queue manager's records (64 WAL pages)
+# room_for reads the free space again, for each message, when the last reading is within
+# max(FRESH_BELOW, FRESH_BELOW_LIMITS * message_size_limit) bytes of the line: the other
+# smtpd workers' commits since that reading (up to a second old) are not counted otherwise
+FRESH_BELOW = 64 << 20
+FRESH_BELOW_LIMITS = 16
 
 log = logging.getLogger("trimail.smtpd")
 
@@ -144,6 +156,9 @@ class QueueSpace:
         self._free: int | None = None
         self._checked_at = -1e9
         self._warned_at = -1e9
+        self._in_flight = 0  # bytes admitted by room_for whose commits have not ended (settled)
+        self._since = 0  # bytes admitted since the last reading, or still in flight when it was taken
+        self._wal = 0  # the WAL's size at the last reading: what a checkpoint may still add to the database
 
     def _statvfs(self) -> int | None:
         try:
@@ -152,6 +167,10 @@ class QueueSpace:
             log.warning("cannot find the free space of queue_directory %s: %s", self.directory,
                         exc.strerror or exc)
             return None
+        try:
+            self._wal = os.stat(os.path.join(self.directory, WAL_NAME)).st_size
+        except OSError:  # no WAL (no connection open): nothing to copy
+            self._wal = 0
         return stat.f_bavail * stat.f_frsize
 
     async def free(self) -> int | None:
@@ -160,7 +179,51 @@ class QueueSpace:
         if now - self._checked_at >= SPACE_CACHE_SECONDS:
             self._checked_at = now
             self._free = await trio.to_thread.run_sync(self._statvfs)
+            self._since = self._in_flight  # the commits the reading may not show yet
         return self._free
+
+    async def _room(self) -> int | None:
+        """``free`` less the WAL's size and what was admitted since the reading: the
+        WAL reuses its file after a checkpoint, so the free space drops only when a
+        checkpoint grows the database by the new pages the WAL holds (4.5 MB at
+        once, measured), and the WAL's size bounds that."""
+        free = await self.free()
+        return None if free is None else free - self._wal - self._since
+
+    async def room_for(self, size: int, spooled: bool = False) -> bool:
+        """At the end of DATA, just before the commit: whether the queue keeps
+        max(queue_minfree, ``ROOM_MARGIN``) bytes free once this message of *size*
+        bytes is in it, counted twice (the WAL takes it, and the checkpoint
+        copies it into the database, which grows).  Without it, sessions that had all
+        passed MAIL while there was room filled the file system to its last byte, and
+        from then on every queue write failed, even the queue manager's record of a
+        delivery and its removal of delivered mail: nothing moved until the file
+        system grew.  The commits of this serve's other sessions still under way
+        count as taken; near the line the free space is read again, not taken from a
+        reading up to a second old.  A message *spooled* to a file in the queue's
+        file system counts once: the file already takes its size, and gives it back
+        once the message is committed.  True admits it: call ``settled`` with the
+        same arguments once its commit has ended, whatever the outcome."""
+        taken = size if spooled else 2 * size
+        needed = taken + max(self.minfree, ROOM_MARGIN)
+        room = await self._room()
+        if room is not None and room < needed + max(FRESH_BELOW, FRESH_BELOW_LIMITS * self.message_size_limit):
+            self._checked_at = -1e9  # close to the line: what is free now
+            room = await self._room()
+        if room is not None and room < needed:
+            now = trio.current_time()
+            if now - self._warned_at >= SPACE_CACHE_SECONDS:
+                self._warned_at = now
+                log.warning("not enough free space in mail queue for a message of %d bytes: %d bytes of room "
+                            "(free, less the WAL and the commits under way), %d needed", size, room, needed)
+            return False
+        self._in_flight += taken
+        self._since += taken
+        return True
+
+    def settled(self, size: int, spooled: bool = False) -> None:
+        """The commit of a message that ``room_for`` admitted has ended."""
+        self._in_flight -= size if spooled else 2 * size
 
     async def short(self) -> int | None:
         """The free bytes when they are too few for a new message, else None."""

@@ -146,6 +146,12 @@ async def commit(session: SmtpdSession) -> Reply:
             cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
         # the qmgr worker is woken once these lines are written too (log.mark): ours before its own
         written = maillog.mark() if isinstance(scheduler, QmgrTrigger) else None
+        size, spooled = message.content.size, not message.content.in_memory
+        if not await session.ctx.queue_space.room_for(size, spooled):  # room left for the queue manager (spool.QueueSpace)
+            if hand_over:
+                scheduler.release()  # type: ignore[union-attr]
+            log.warning("%s: reject: not enough free space in mail queue from %s", txn.queue_id, session.client)
+            return replies.INSUFFICIENT_STORAGE
         # The client must get its 250 only after the commit, and a commit that
         # has begun cannot be taken back: so the wait is shielded from shutdown.
         try:
@@ -156,6 +162,8 @@ async def commit(session: SmtpdSession) -> Reply:
             log.error("%s: cannot queue message from %s: %s", txn.queue_id, session.client, exc)
             full = isinstance(exc, StorageError) and exc.no_space
             return replies.INSUFFICIENT_STORAGE if full else replies.LOCAL_ERROR
+        finally:
+            session.ctx.queue_space.settled(size, spooled)
         if scheduler is not None:
             if hand_over:
                 scheduler.hand_over(message, message.content.getvalue())
