@@ -14,6 +14,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import apsw
@@ -166,16 +167,22 @@ def trimail_cmd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[
                           timeout=timeout)
 
 
+@contextmanager
+def tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    """*directory*, made a tmpfs of *size* (mount's notation: "4m"), unmounted afterwards."""
+    directory.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)], check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
 @pytest.fixture
 def small_queue(tmp_path: Path) -> Iterator[Path]:
     """A 4 MiB tmpfs to serve as the queue directory, unmounted afterwards."""
-    queue = tmp_path / "queue"
-    queue.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(queue)], check=True)
-    try:
+    with tmpfs(tmp_path / "queue", "4m") as queue:
         yield queue
-    finally:
-        subprocess.run(["umount", "-l", str(queue)], check=False)
 
 
 def fill(queue: Path, leave: int) -> Path:

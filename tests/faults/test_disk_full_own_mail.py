@@ -17,13 +17,12 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import assert_serving, integrity_ok, trimail_cmd, wait_until
+from tests.faults.conftest import assert_serving, integrity_ok, tmpfs, trimail_cmd, wait_until
 from tests.peers import Sink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
@@ -34,13 +33,8 @@ LIMIT = 1_000_000  # message_size_limit: MAIL needs 1.5 MB free
 
 @pytest.fixture
 def queue_16m(tmp_path: Path) -> Iterator[Path]:
-    queue = tmp_path / "queue"
-    queue.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m,mode=0700", "tmpfs", str(queue)], check=True)
-    try:
+    with tmpfs(tmp_path / "queue", "16m") as queue:
         yield queue
-    finally:
-        subprocess.run(["umount", "-l", str(queue)], check=False)
 
 
 def _body(n: int, size: int) -> bytes:
