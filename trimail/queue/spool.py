@@ -190,7 +190,7 @@ class QueueSpace:
         free = await self.free()
         return None if free is None else free - self._wal - self._since
 
-    async def room_for(self, size: int, spooled: bool = False) -> bool:
+    async def room_for(self, size: int, spooled: bool = False) -> int | None:
         """At the end of DATA, just before the commit: whether the queue keeps
         max(queue_minfree, ``ROOM_MARGIN``) bytes free once this message of *size*
         bytes is in it, counted twice (the WAL takes it, and the checkpoint
@@ -202,8 +202,8 @@ class QueueSpace:
         count as taken; near the line the free space is read again, not taken from a
         reading up to a second old.  A message *spooled* to a file in the queue's
         file system counts once: the file already takes its size, and gives it back
-        once the message is committed.  True admits it: call ``settled`` with the
-        same arguments once its commit has ended, whatever the outcome."""
+        once the message is committed.  Admitted: the bytes counted as taken, for
+        ``settled`` once its commit has ended, whatever the outcome; else None."""
         taken = size if spooled else 2 * size
         needed = taken + max(self.minfree, ROOM_MARGIN)
         room = await self._room()
@@ -216,14 +216,14 @@ class QueueSpace:
                 self._warned_at = now
                 log.warning("not enough free space in mail queue for a message of %d bytes: %d bytes of room "
                             "(free, less the WAL and the commits under way), %d needed", size, room, needed)
-            return False
+            return None
         self._in_flight += taken
         self._since += taken
-        return True
+        return taken
 
-    def settled(self, size: int, spooled: bool = False) -> None:
-        """The commit of a message that ``room_for`` admitted has ended."""
-        self._in_flight -= size if spooled else 2 * size
+    def settled(self, taken: int) -> None:
+        """The commit of a message that ``room_for`` admitted, counting *taken* bytes, has ended."""
+        self._in_flight -= taken
 
     async def short(self) -> int | None:
         """The free bytes when they are too few for a new message, else None."""

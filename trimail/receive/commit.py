@@ -146,11 +146,12 @@ async def commit(session: SmtpdSession) -> Reply:
             cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
         # the qmgr worker is woken once these lines are written too (log.mark): ours before its own
         written = maillog.mark() if isinstance(scheduler, QmgrTrigger) else None
-        size, spooled = message.content.size, not message.content.in_memory
-        if not await session.ctx.queue_space.room_for(size, spooled):  # room left for the queue manager (spool.QueueSpace)
+        # room left for the queue manager once it is in (spool.QueueSpace.room_for)
+        taken = await session.ctx.queue_space.room_for(message.content.size, not message.content.in_memory)
+        if taken is None:
             if hand_over:
                 scheduler.release()  # type: ignore[union-attr]
-            log.warning("%s: reject: not enough free space in mail queue from %s", txn.queue_id, session.client)
+            log.info("%s: reject: not enough free space in mail queue from %s", txn.queue_id, session.client)
             return replies.INSUFFICIENT_STORAGE
         # The client must get its 250 only after the commit, and a commit that
         # has begun cannot be taken back: so the wait is shielded from shutdown.
@@ -163,7 +164,7 @@ async def commit(session: SmtpdSession) -> Reply:
             full = isinstance(exc, StorageError) and exc.no_space
             return replies.INSUFFICIENT_STORAGE if full else replies.LOCAL_ERROR
         finally:
-            session.ctx.queue_space.settled(size, spooled)
+            session.ctx.queue_space.settled(taken)
         if scheduler is not None:
             if hand_over:
                 scheduler.hand_over(message, message.content.getvalue())
