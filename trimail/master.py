@@ -51,6 +51,8 @@ from trimail.net.control import serve_control
 from trimail.net.http import serve_metrics
 from trimail.net.listener import bound_address, close_now
 from trimail.policy.verifycleanup import clean_cache
+from trimail.queue.reserve import QueueReserve
+from trimail.queue.reserve import keep as keep_reserve
 from trimail.queue.store import Store
 from trimail.queue.verifycache import cache_file
 from trimail.service import Server
@@ -123,6 +125,10 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
         async with trio.open_nursery() as top:
             if "qmgr" not in config.master_service_disable:
                 await top.start(server.scheduler.run)
+                if not queue.test:  # a test queue is deleted within seconds
+                    reserve = QueueReserve(queue.directory)
+                    writer.on_no_space = reserve.release
+                    top.start_soon(keep_reserve, reserve)
             else:
                 log.info("qmgr disabled by master_service_disable: mail stays queued")
             if not (queue.test and _cache_goes_with_the_queue(config, queue.directory)):

@@ -61,6 +61,8 @@ from trimail.processes.clients import ClientBoard
 from trimail.processes.turns import Turns
 from trimail.qshape import dead_destinations
 from trimail.queue.inline import BookkeepingWriter
+from trimail.queue.reserve import QueueReserve
+from trimail.queue.reserve import keep as keep_reserve
 from trimail.queue.solo import SmtpdWriter
 from trimail.queue.store import Store
 from trimail.scheduler import Scheduler
@@ -240,6 +242,8 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
         die_with_master(spec.get("parent", spec["master"]))
         resolver = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit)
         scheduler = Scheduler(config, writer, Connector(config, resolver, lambda: addresses))
+        reserve = QueueReserve(holder["directory"])
+        writer.on_no_space = reserve.release
         metrics = Metrics()
         scheduler.metrics = metrics
         writer.on_commit = metrics.commit
@@ -282,6 +286,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
         async with trio.open_nursery() as top:
             await top.start(scheduler.run)
             top.start_soon(receive_triggers, trigger, scheduler)
+            top.start_soon(keep_reserve, reserve)
             top.start_soon(clean_cache, lambda: current["config"])  # the verification cache's expiry
             top.start_soon(serve_channel, channel, commands, stop)
             await channel.send({"ready": {"role": "qmgr", "pid": os.getpid()}})

@@ -9,6 +9,7 @@ transaction, with no BEGIN, COMMIT or savepoints (``_insert_together``).
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from collections.abc import Callable
@@ -17,8 +18,11 @@ from typing import Any
 import apsw
 import trio
 
+from trimail.errors import StorageError
 from trimail.queue.database import storage_error
 from trimail.queue.store import COMMIT_ROWS, NewMessage, Store
+
+log = logging.getLogger("trimail.queue")
 
 BOOKKEEPING_SLICE = 0.01  # seconds of non-durable requests per transaction, between turns of accepted mail
 
@@ -45,6 +49,32 @@ class Request:
 
 class _RequestFailed(Exception):
     """A lone request failed: its transaction is rolled back (``_run_alone``)."""
+
+
+def commit_batch(store: Store, batch: list[Request], source: deque[Request] | None, begun: bool,
+                 max_batch: int, started: float, on_no_space: Callable[[], None] | None) -> bool:
+    """``run_in_transaction``, then the WAL's fsync when a request is durable (its
+    COMMIT did not: queue.database, the fsync outside the lock); whether it was.
+    When BEGIN, COMMIT or the fsync fails, nothing is durable: every request gets the
+    error.  A request that failed for want of space (its own error or the
+    transaction's) calls *on_no_space* first (the queue manager's reserve:
+    queue.reserve), so that its caller's next try finds room."""
+    durable = any(request.durable for request in batch)
+    try:
+        store.set_durable(durable)
+        run_in_transaction(store, batch, source, begun, max_batch, started)
+        if durable:
+            store.sync_wal()
+    except Exception as exc:
+        error = storage_error(exc)
+        log.error("queue commit failed: %s", error)
+        for request in batch:
+            request.result = None
+            request.error = request.error or error
+    if on_no_space is not None and any(isinstance(request.error, StorageError) and request.error.no_space
+                                       for request in batch):
+        on_no_space()
+    return durable
 
 
 def run_in_transaction(store: Store, batch: list[Request], source: deque[Request] | None, begun: bool,

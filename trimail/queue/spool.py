@@ -20,7 +20,9 @@ so a burst of MAIL commands costs one system call.  It also admits each message
 at the end of DATA (``room_for``), which the check at MAIL cannot do for sessions
 that all passed it while there was room: the queue must keep some room once the
 message is in it (max(queue_minfree, ``ROOM_MARGIN``)), or the queue manager could
-not record a delivery or remove delivered mail (see ``room_for``).
+not record a delivery or remove delivered mail (see ``room_for``).  What the queue
+manager's space reserve lacks (``queue.reserve``: released when the file system
+filled) counts as taken: those bytes are the queue manager's.
 
 Parameters (through the caller): queue_directory, queue_minfree, message_size_limit.
 """
@@ -38,6 +40,7 @@ import trio
 
 from trimail.errors import StorageError
 from trimail.queue.database import DATABASE_NAME
+from trimail.queue.reserve import missing_bytes
 
 DEFAULT_MEMORY_LIMIT = 256 * 1024
 FLUSH_SIZE = 256 * 1024  # bytes per file write (and per thread hop) past the memory limit
@@ -171,7 +174,7 @@ class QueueSpace:
             self._wal = os.stat(os.path.join(self.directory, WAL_NAME)).st_size
         except OSError:  # no WAL (no connection open): nothing to copy
             self._wal = 0
-        return stat.f_bavail * stat.f_frsize
+        return stat.f_bavail * stat.f_frsize - missing_bytes(self.directory, stat)  # the qmgr's, not mail's
 
     async def free(self) -> int | None:
         """Free bytes for unprivileged writers (None when unknown), at most a second old."""

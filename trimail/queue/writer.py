@@ -60,7 +60,7 @@ import trio
 
 from trimail.errors import StorageError
 from trimail.queue.batch import Request as _Request
-from trimail.queue.batch import run_in_transaction
+from trimail.queue.batch import commit_batch
 from trimail.queue.checkpoints import WalWatch, checkpoint, under_load
 from trimail.queue.database import storage_error
 from trimail.queue.sched import no_wakeup_preemption
@@ -124,6 +124,7 @@ class QueueWriter:
         self._token: trio.lowlevel.TrioToken | None = None
         self.stats = WriterStats()
         self.on_commit: Callable[[int, float], None] | None = None  # (batch size, seconds), for metrics
+        self.on_no_space: Callable[[], None] | None = None  # a commit found the file system full (queue.reserve)
 
     async def __aenter__(self) -> QueueWriter:
         self._token = trio.lowlevel.current_trio_token()
@@ -375,18 +376,7 @@ class QueueWriter:
         take requests from it into the batch as they run, until ``max_batch`` or
         ``BOOKKEEPING_SLICE`` seconds."""
         started = time.monotonic()
-        durable = any(request.durable for request in batch)
-        try:
-            store.set_durable(durable)
-            run_in_transaction(store, batch, source, begun, self._max_batch, started)
-            if durable:
-                store.sync_wal()  # its COMMIT did not (queue.database: the fsync outside the lock)
-        except Exception as exc:  # BEGIN or COMMIT failed (rolled back), or the WAL's fsync: nothing is durable
-            error = storage_error(exc)
-            log.error("queue commit failed: %s", error)
-            for request in batch:
-                request.result = None
-                request.error = request.error or error
+        durable = commit_batch(store, batch, source, begun, self._max_batch, started, self.on_no_space)
         elapsed = time.monotonic() - started
         with self._stats_lock:
             stats = self.stats

@@ -1,0 +1,94 @@
+"""A queue file system that something else fills (logs, another program) while mail
+waits for its delivery: found by a red team on 1795379.  Every queue write failed,
+the queue manager's too, so mail that the next hop had accepted could not be
+recorded as delivered, and nothing left the queue until the file system had room
+again.  (The idle checkpoint empties the WAL, so even the first record needs new
+blocks.)
+
+The fix: the queue manager keeps ``queue.reserve`` (``trimail.queue.reserve``) and
+gives its blocks back when a queue write finds the file system full; the smtpd
+counts what the reserve lacks as taken, so new mail does not take those bytes.
+Here, on a real 16 MiB tmpfs (a 512 KiB reserve) filled to the last byte while the
+downstream holds every delivery: the queue drains while the filler stays, new mail
+is refused meanwhile, and once the filler is gone the reserve is whole again and
+mail is accepted.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import smtplib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import assert_serving, fill, integrity_ok, queued, send, tmpfs, wait_until
+from tests.peers import Sink
+from trimail.queue.reserve import CHECK_SECONDS, RESERVE_NAME
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
+                                reason="mounts a tmpfs: needs root")
+
+LIMIT = 60_000  # message_size_limit: MAIL needs 90 KB free, far less than the reserve's 512 KiB
+MESSAGES = 12
+
+
+@pytest.fixture
+def queue_16m(tmp_path: Path) -> Iterator[Path]:
+    with tmpfs(tmp_path / "queue", "16m") as queue:
+        yield queue
+
+
+def _free(path: Path) -> int:
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
+def test_a_queue_file_system_filled_by_something_else_still_drains(daemon, queue_16m) -> None:
+    reserve, wal = queue_16m / RESERVE_NAME, queue_16m / "queue.db-wal"
+    with Sink(held=True) as sink:
+        served = daemon(relayhost=f"[127.0.0.1]:{sink.port}", queue_directory=str(queue_16m),
+                        message_size_limit=str(LIMIT))
+        wait_until(lambda: _size(reserve) == 512 << 10, timeout=30)
+        body = b"Subject: held %d\r\n\r\n" + (b"y" * 98 + b"\r\n") * 400
+        for n in range(MESSAGES):
+            send(served.port, [f"r{n}@example.com"], body % n)
+        wait_until(lambda: sink.recorder.in_flight >= 1, timeout=30)  # deliveries in flight, held
+        wait_until(lambda: _size(wal) == 0, timeout=30)  # the idle checkpoint emptied the WAL
+        filler = fill(queue_16m, leave=0)
+        assert _free(queue_16m) < 64 << 10, _free(queue_16m)
+
+        sink.release()  # every delivery is accepted downstream: now they must be recorded
+
+        def subjects() -> set[bytes]:
+            return {line for _, _, content in sink.messages for line in content.split(b"\r\n")
+                    if line.startswith(b"Subject: held ")}
+
+        wait_until(lambda: len(subjects()) == MESSAGES, timeout=60, interval=0.1)
+        wait_until(lambda: queued(queue_16m) == 0, timeout=60, interval=0.2)
+        assert filler.exists() and _size(reserve) == 0  # drained while the file system stayed full
+        assert any("released the queue space reserve (524288 bytes)" in line for line in served.proc.log)
+        # the released bytes are the queue manager's: new mail is refused, not let into them
+        with smtplib.SMTP("127.0.0.1", served.port, timeout=30) as client:
+            client.ehlo("client.example")
+            code, reply = client.mail("late@client.example")
+            assert code == 452, reply
+        assert_serving(served)
+
+        filler.unlink()
+        wait_until(lambda: _size(reserve) == 512 << 10, timeout=CHECK_SECONDS + 20, interval=0.2)
+        wait_until(lambda: any("queue space reserve restored (524288 bytes)" in line for line in served.proc.log),
+                   timeout=10)
+        send(served.port, ["again@example.com"], b"Subject: held again\r\n\r\nafter\r\n")
+        wait_until(lambda: b"Subject: held again" in subjects(), timeout=30, interval=0.1)
+        assert_serving(served)
+    assert integrity_ok(queue_16m) == "ok"

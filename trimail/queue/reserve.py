@@ -1,0 +1,127 @@
+"""The queue manager's space reserve: ``queue.reserve``, a file of allocated blocks
+in the queue directory, given back to the file system when a queue write finds it
+full (``release``), so that the queue manager can go on recording deliveries and
+removing delivered mail, and so drain the queue.
+
+Why: a queue write appends to the WAL, and after a quiet spell the WAL is empty
+(``queue.checkpoints``: the idle checkpoint truncates it).  When something else
+fills the file system (logs, another program), every queue write fails, the queue
+manager's too: mail that was delivered cannot be marked so, and nothing moves until
+the file system has room again.  Postfix's queue manager frees space as it delivers
+(a delivered message is a file it deletes); ours needs a little first.
+
+- ``QueueReserve.ensure`` (the queue manager, at start and every ``CHECK_SECONDS``)
+  grows the file to ``reserve_size`` with ``posix_fallocate`` when the file system
+  has at least twice the missing bytes free, and creates it empty when it has not,
+  so the smtpd sees a reserve missing.
+- ``QueueReserve.release`` (the queue writer, when a commit failed for want of
+  space: ``QueueWriter.on_no_space``) truncates it to nothing, once, and says so.
+- The smtpd's ``spool.QueueSpace`` counts what is missing from the file as taken:
+  the queue manager's bytes are not new mail's.  No file (a test queue, qmgr not
+  running here yet): nothing is counted.
+
+Its size: ``RESERVE_BYTES`` (8 MiB: twice the WAL's size when a checkpoint under
+load starts it over, ``checkpoints.AUTOCHECKPOINT_PAGES``), at most a ``SHARE`` of
+the file system (a 16 MiB file system keeps 512 KiB).
+
+Parameters: queue_directory (through the caller).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+import trio
+
+RESERVE_NAME = "queue.reserve"
+RESERVE_BYTES = 8 << 20
+SHARE = 32  # the reserve takes at most 1/SHARE of the queue's file system
+CHECK_SECONDS = 10.0  # how often the queue manager tries to restore a released reserve
+
+log = logging.getLogger("trimail.queue")
+
+
+def reserve_size(stat: os.statvfs_result) -> int:
+    """The reserve's size on a file system of this ``statvfs``, in whole 4 KiB blocks."""
+    return min(RESERVE_BYTES, stat.f_blocks * stat.f_frsize // SHARE) & ~4095
+
+
+def missing_bytes(directory: str | os.PathLike[str], stat: os.statvfs_result) -> int:
+    """What the reserve in *directory* lacks (0 when there is no reserve file)."""
+    try:
+        present = os.stat(os.path.join(directory, RESERVE_NAME)).st_size
+    except OSError:
+        return 0
+    return max(0, reserve_size(stat) - present)
+
+
+class QueueReserve:
+    """The reserve of one queue directory, kept by its queue manager."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.path = os.path.join(directory, RESERVE_NAME)
+        self.directory = directory
+        self._lock = threading.Lock()  # release runs on the writer's thread or the event loop's
+        self._released = False  # since the last time it was whole
+
+    def ensure(self) -> bool:
+        """Create the file, and grow it to its size when there is room for it twice
+        over; True when it is whole.  ``OSError`` is the caller's (a worker thread's)."""
+        with self._lock:
+            stat = os.statvfs(self.directory)
+            size = reserve_size(stat)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            try:
+                present = os.fstat(fd).st_size
+                lacking = size - present
+                if lacking <= 0:
+                    return True
+                if stat.f_bavail * stat.f_frsize < 2 * lacking:
+                    return False
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError:
+                    os.ftruncate(fd, present)  # not whole: the blocks it took go back
+                    raise
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            restored, self._released = self._released, False
+        if restored:
+            log.info("queue space reserve restored (%d bytes)", size)
+        return True
+
+    def release(self) -> None:
+        """A queue write found the file system full: give the reserve's blocks back,
+        and say so once.  Never raises (the writer's thread calls it)."""
+        with self._lock:
+            try:
+                released = os.stat(self.path).st_size
+                if released:
+                    os.truncate(self.path, 0)
+                    self._released = True
+            except OSError as exc:
+                log.warning("cannot release the queue space reserve %s: %s", self.path, exc.strerror or exc)
+                return
+        if released:
+            log.warning("queue file system full: released the queue space reserve (%d bytes), so that the "
+                        "queue manager can record deliveries and remove delivered mail", released)
+
+
+async def keep(reserve: QueueReserve) -> None:
+    """The queue manager's task: make the reserve whole at start, and again every
+    ``CHECK_SECONDS`` once the file system has room.  Its own error boundary: a
+    failure is logged (once until it changes) and tried again."""
+    told = ""
+    while True:
+        try:
+            await trio.to_thread.run_sync(reserve.ensure)
+            told = ""
+        except Exception as exc:  # OSError (read-only, quota), or a bug: never the queue manager's end
+            text = getattr(exc, "strerror", None) or str(exc)
+            if text != told:
+                log.warning("cannot keep the queue space reserve %s: %s", reserve.path, text)
+                told = text
+        await trio.sleep(CHECK_SECONDS)
