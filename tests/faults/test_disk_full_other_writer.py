@@ -65,7 +65,8 @@ def test_a_queue_file_system_filled_by_something_else_still_drains(daemon, queue
         wait_until(lambda: sink.recorder.in_flight >= 1, timeout=30)  # deliveries in flight, held
         wait_until(lambda: _size(wal) == 0, timeout=30)  # the idle checkpoint emptied the WAL
         filler = fill(queue_16m, leave=0)
-        assert _free(queue_16m) < 64 << 10, _free(queue_16m)
+        # full, unless a queue write in between found it so and the reserve went already (seen once)
+        assert _free(queue_16m) < 64 << 10 or _size(reserve) == 0, _free(queue_16m)
 
         sink.release()  # every delivery is accepted downstream: now they must be recorded
 
@@ -77,11 +78,16 @@ def test_a_queue_file_system_filled_by_something_else_still_drains(daemon, queue
         wait_until(lambda: queued(queue_16m) == 0, timeout=60, interval=0.2)
         assert filler.exists() and _size(reserve) == 0  # drained while the file system stayed full
         assert any("released the queue space reserve (524288 bytes)" in line for line in served.proc.log)
-        # the released bytes are the queue manager's: new mail is refused, not let into them
+        # the released bytes are the queue manager's: new mail is refused (at MAIL FROM, or at
+        # the end of DATA once the database's free pages let it pass MAIL), not let into them
         with smtplib.SMTP("127.0.0.1", served.port, timeout=30) as client:
             client.ehlo("client.example")
             code, reply = client.mail("late@client.example")
+            if code == 250:
+                assert client.rcpt("late@example.com")[0] == 250
+                code, reply = client.data(body % 99)
             assert code == 452, reply
+        assert queued(queue_16m) == 0 and _size(reserve) == 0
         assert_serving(served)
 
         filler.unlink()

@@ -65,7 +65,7 @@ def commit_batch(store: Store, batch: list[Request], source: deque[Request] | No
         run_in_transaction(store, batch, source, begun, max_batch, started)
         if durable:
             store.sync_wal()
-    except Exception as exc:
+    except Exception as exc:  # BEGIN or COMMIT failed (rolled back), or the WAL's fsync: nothing is durable
         error = storage_error(exc)
         log.error("queue commit failed: %s", error)
         for request in batch:

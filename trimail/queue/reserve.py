@@ -98,10 +98,16 @@ class QueueReserve:
         and say so once.  Never raises (the writer's thread calls it)."""
         with self._lock:
             try:
-                released = os.stat(self.path).st_size
-                if released:
-                    os.truncate(self.path, 0)
-                    self._released = True
+                fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                try:
+                    released = os.fstat(fd).st_size
+                    if released:
+                        os.ftruncate(fd, 0)
+                        self._released = True
+                finally:
+                    os.close(fd)
+            except FileNotFoundError:
+                return  # not made yet (the file system was full from the start)
             except OSError as exc:
                 log.warning("cannot release the queue space reserve %s: %s", self.path, exc.strerror or exc)
                 return

@@ -39,7 +39,7 @@ from trimail.net.dns import Resolver
 from trimail.net.tls import server_tls_context
 from trimail.passwords import PasswordError, prepare
 from trimail.policy.restrictions import Policy
-from trimail.queue.spool import QueueSpace
+from trimail.queue.spool import QueueSpace, unused_bytes
 from trimail.queue.writer import QueueWriter
 from trimail.receive.milters import SmtpdMilters
 from trimail.rewrite import Resolved
@@ -235,7 +235,8 @@ class ReceiveContext:
         self.hopcount_limit: int = config.hopcount_limit
         self.header_size_limit: int = config.header_size_limit
         self.spool_directory: str = config.queue_directory
-        self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit)
+        self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit,
+                                      unused=lambda: writer.read(unused_bytes))
         self.lookup_timeout: float = config.table_lookup_timeout
         self.milter_names: list[str] = milters_of(config)
 
