@@ -23,7 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import assert_serving, fill, integrity_ok, queued, send, tmpfs, wait_until
+from tests.faults.conftest import (
+    assert_serving,
+    fill,
+    integrity_ok,
+    queued,
+    send,
+    tmpfs,
+    wait_until,
+)
 from tests.peers import Sink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,

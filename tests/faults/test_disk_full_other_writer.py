@@ -24,7 +24,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import assert_serving, fill, integrity_ok, queued, send, tmpfs, wait_until
+from tests.faults.conftest import (
+    assert_serving,
+    fill,
+    integrity_ok,
+    queued,
+    send,
+    tmpfs,
+    wait_until,
+)
 from tests.peers import Sink
 from trimail.queue.reserve import CHECK_SECONDS, RESERVE_NAME
 
