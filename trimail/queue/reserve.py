@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat as stat_module
 import threading
 
 import trio
@@ -49,11 +50,15 @@ def reserve_size(stat: os.statvfs_result) -> int:
 
 
 def missing_bytes(directory: str | os.PathLike[str], stat: os.statvfs_result) -> int:
-    """What the reserve in *directory* lacks (0 when there is no reserve file)."""
+    """What the reserve in *directory* lacks (0 when there is no reserve file: a
+    symbolic link or anything else but a file is none)."""
     try:
-        present = os.stat(os.path.join(directory, RESERVE_NAME)).st_size
+        found = os.lstat(os.path.join(directory, RESERVE_NAME))
     except OSError:
         return 0
+    if not stat_module.S_ISREG(found.st_mode):
+        return 0
+    present = found.st_size
     return max(0, reserve_size(stat) - present)
 
 
