@@ -18,9 +18,13 @@ under load it takes the interpreter from the event loop once per batch, not once
 per line (two lines per SMTP connection were a large share of its cost).  An
 smtpd worker about to commit a message has the lines about it written first
 (``mark``), so the qmgr worker (another process) never logs about the message
-before them: into a destination that never waits for a reader (a file or
-/dev/null) it writes the lines waiting itself, into the open file (``write_waiting``:
-a moved ``maillog_file`` is reopened by the writer thread only; whoever takes
+before them.  The queue manager, before it records a job's outcomes, writes its
+``status=`` lines into a log file (``scheduler.results``): a ``kill -9`` never
+leaves a recorded delivery without its line there (into syslog or a pipe they
+follow within ``BATCH_WAIT``).  Into a destination that never waits for a reader
+(a file or /dev/null) the caller writes the lines waiting itself, into the open
+file (``write_waiting``: a moved ``maillog_file`` is reopened by the writer
+thread only; whoever takes
 lines from the queue holds ``Writer.lock`` until they are written, so they keep
 their order); into a pipe, a socket or syslog it puts a mark in the queue, which
 ends the writer's rest, and the qmgr is woken once both the commit is done and the

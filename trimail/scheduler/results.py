@@ -25,7 +25,7 @@ from trimail.config import Config
 from trimail.delivery.bounce import Failure, dsn_parts, header_lines, returns_full, status_of
 from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded
 from trimail.delivery.outcome import Outcome
-from trimail.log import printable
+from trimail.log import printable, write_waiting
 from trimail.metrics import Metrics
 from trimail.queue import transitions
 from trimail.queue.ids import new_queue_id
@@ -128,8 +128,13 @@ class Results:
         """Commit a job's outcomes; when the queue cannot be written (disk full, locked
         by another process, I/O error) keep them and try again with back-off.  The
         message stays ``active`` meanwhile, so a crash is still covered: the next
-        start returns it to ``incoming`` and it is delivered again, never lost."""
+        start returns it to ``incoming`` and it is delivered again, never lost.
+        The lines about the outcomes are written first when the log is a file (as
+        Postfix's delivery agent logs before its queue manager updates the queue
+        file): a ``kill -9`` right after the commit loses no ``status=`` line of
+        a delivery the queue already records."""
         async def record_once() -> transitions.Finished:
+            write_waiting()
             with trio.CancelScope(shield=True):  # a commit that has begun is waited for
                 return await self.writer.run(self._record, message, results, last, corrupt, durable=False)
 
