@@ -185,6 +185,19 @@ def small_queue(tmp_path: Path) -> Iterator[Path]:
         yield queue
 
 
+@pytest.fixture
+def queue_16m(tmp_path: Path) -> Iterator[Path]:
+    """A 16 MiB tmpfs to serve as the queue directory (a 512 KiB reserve), unmounted afterwards."""
+    with tmpfs(tmp_path / "queue", "16m") as queue:
+        yield queue
+
+
+def free_space(path: Path) -> int:
+    """Bytes free for unprivileged writers in the file system of *path*."""
+    stat = os.statvfs(path)
+    return stat.f_bavail * stat.f_frsize
+
+
 def fill(queue: Path, leave: int) -> Path:
     """A filler file that leaves about *leave* bytes free in the file system."""
     filler = queue / "filler"

@@ -18,18 +18,16 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.faults.conftest import (
     assert_serving,
     fill,
+    free_space,
     integrity_ok,
     queued,
     send,
-    tmpfs,
     wait_until,
 )
 from tests.peers import Sink
@@ -38,17 +36,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is No
                                 reason="mounts a tmpfs: needs root")
 
 LIMIT = 1_000_000  # message_size_limit: MAIL needs 1.5 MB free
-
-
-@pytest.fixture
-def queue_16m(tmp_path: Path) -> Iterator[Path]:
-    with tmpfs(tmp_path / "queue", "16m") as queue:
-        yield queue
-
-
-def _free(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
 
 
 def test_the_pages_a_delivered_backlog_left_in_the_database_are_room_for_new_mail(daemon, queue_16m) -> None:
@@ -66,7 +53,7 @@ def test_the_pages_a_delivered_backlog_left_in_the_database_are_room_for_new_mai
         wait_until(lambda: not wal.exists() or wal.stat().st_size == 0, timeout=30, interval=0.2)  # idle checkpoint
         assert (queue_16m / "queue.db").stat().st_size >= 4_000_000, grown  # the pages stay in the file
         fill(queue_16m, leave=1_000_000)
-        assert _free(queue_16m) < 1.5 * LIMIT
+        assert free_space(queue_16m) < 1.5 * LIMIT
 
         with smtplib.SMTP("127.0.0.1", served.port, timeout=30) as client:
             client.ehlo("client.example")

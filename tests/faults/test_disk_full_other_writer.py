@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,10 +26,10 @@ import pytest
 from tests.faults.conftest import (
     assert_serving,
     fill,
+    free_space,
     integrity_ok,
     queued,
     send,
-    tmpfs,
     wait_until,
 )
 from tests.peers import Sink
@@ -41,17 +40,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is No
 
 LIMIT = 60_000  # message_size_limit: MAIL needs 90 KB free, far less than the reserve's 512 KiB
 MESSAGES = 12
-
-
-@pytest.fixture
-def queue_16m(tmp_path: Path) -> Iterator[Path]:
-    with tmpfs(tmp_path / "queue", "16m") as queue:
-        yield queue
-
-
-def _free(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
 
 
 def _size(path: Path) -> int:
@@ -74,7 +62,7 @@ def test_a_queue_file_system_filled_by_something_else_still_drains(daemon, queue
         wait_until(lambda: _size(wal) == 0, timeout=30)  # the idle checkpoint emptied the WAL
         filler = fill(queue_16m, leave=0)
         # full, unless a queue write in between found it so and the reserve went already (seen once)
-        assert _free(queue_16m) < 64 << 10 or _size(reserve) == 0, _free(queue_16m)
+        assert free_space(queue_16m) < 64 << 10 or _size(reserve) == 0, free_space(queue_16m)
 
         sink.release()  # every delivery is accepted downstream: now they must be recorded
 

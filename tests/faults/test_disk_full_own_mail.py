@@ -17,12 +17,10 @@ from __future__ import annotations
 import os
 import shutil
 import smtplib
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import assert_serving, integrity_ok, tmpfs, trimail_cmd, wait_until
+from tests.faults.conftest import assert_serving, free_space, integrity_ok, trimail_cmd, wait_until
 from tests.peers import Sink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
@@ -31,19 +29,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is No
 LIMIT = 1_000_000  # message_size_limit: MAIL needs 1.5 MB free
 
 
-@pytest.fixture
-def queue_16m(tmp_path: Path) -> Iterator[Path]:
-    with tmpfs(tmp_path / "queue", "16m") as queue:
-        yield queue
-
-
 def _body(n: int, size: int) -> bytes:
     return f"Subject: fill {n}\r\n\r\n".encode() + (b"z" * 98 + b"\r\n") * max(1, size // 100)
-
-
-def _free(path: Path) -> int:
-    stat = os.statvfs(path)
-    return stat.f_bavail * stat.f_frsize
 
 
 def test_mail_that_would_fill_the_queue_file_system_is_refused_before_deliveries_wedge(daemon, queue_16m) -> None:
@@ -59,13 +46,13 @@ def test_mail_that_would_fill_the_queue_file_system_is_refused_before_deliveries
             sessions.append(client)
         acknowledged: dict[str, int] = {}
         refused = 0
-        lowest = _free(queue_16m)
+        lowest = free_space(queue_16m)
         n = 0
         for size in (900_000, 400_000, 200_000, 100_000, 50_000, 20_000, 5_000, 1_000):
             while n < len(sessions):
                 code, reply = sessions[n].data(_body(n, size))
                 n += 1
-                lowest = min(lowest, _free(queue_16m))
+                lowest = min(lowest, free_space(queue_16m))
                 if code != 250:
                     assert code == 452, reply  # 4.3.1: the client tries again later
                     refused += 1
