@@ -213,10 +213,13 @@ class QueueSpace:
     def _needs(self, size: int, spooled: bool) -> tuple[int, int]:
         """(bytes of the file system, bytes of the database's free pages) that a
         message of *size* bytes takes: its WAL frames, and its copy into the
-        database, which takes free pages first; spooled to a file, it takes its WAL
-        frames' worth already (given back once it is committed)."""
+        database, which takes free pages first.  *spooled* to a file, its WAL frames
+        only: the file holds its size until the commit, and gives it back before the
+        checkpoint copies the message."""
+        if spooled:
+            return size, 0
         from_pages = min(size, max(0, self._unused - self._since[1]))
-        return (size if spooled else 2 * size) - from_pages, from_pages
+        return 2 * size - from_pages, from_pages
 
     async def room_for(self, size: int, spooled: bool = False) -> tuple[int, int] | None:
         """At the end of DATA, just before the commit: whether the queue keeps
