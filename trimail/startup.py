@@ -42,6 +42,7 @@ from trimail.check import warnings as check_warnings
 from trimail.config import Config
 from trimail.config.values import ListenAddress
 from trimail.delivery.local import privileged
+from trimail.errors import StorageError
 from trimail.net.control import open_control_listener
 from trimail.net.listener import open_listeners
 from trimail.net.tls import server_tls_context
@@ -49,6 +50,7 @@ from trimail.privileges import drop_privileges
 from trimail.queue.database import QueueError, is_test_queue, prepare_directory
 from trimail.queue.inline import InlineWriter
 from trimail.queue.lock import QueueLock
+from trimail.queue.reserve import QueueReserve
 from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 from trimail.supervise import describe
@@ -131,9 +133,17 @@ def start_warnings(config: Config) -> list[str]:
 
 async def recover(writer: QueueWriter, queue_directory: str) -> None:
     """Messages an earlier run left ``active`` go back to ``incoming``; a queue that
-    cannot even do that is a QueueError (one fatal line at start)."""
+    cannot even do that is a QueueError (one fatal line at start).  A file system
+    that is full gives up the queue manager's space reserve for it first."""
     try:
-        recovered = await writer.run(Store.recover_active)
+        try:
+            recovered = await writer.run(Store.recover_active)
+        except StorageError as exc:
+            if not exc.no_space:
+                raise
+            # what the queue manager's reserve is for (queue.reserve): its own process makes it whole again
+            await trio.to_thread.run_sync(QueueReserve(queue_directory).release)
+            recovered = await writer.run(Store.recover_active)
     except QueueError:
         raise
     except Exception as exc:  # noqa: BLE001 - the database opened but cannot be written

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import smtplib
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from tests.faults.conftest import (
     fill,
     free_space,
     integrity_ok,
+    process_tree,
     queued,
     send,
     wait_until,
@@ -93,4 +95,34 @@ def test_a_queue_file_system_filled_by_something_else_still_drains(daemon, queue
         send(served.port, ["again@example.com"], b"Subject: held again\r\n\r\nafter\r\n")
         wait_until(lambda: b"Subject: held again" in subjects(), timeout=30, interval=0.1)
         assert_serving(served)
+    assert integrity_ok(queue_16m) == "ok"
+
+
+def test_serve_starts_again_on_a_full_file_system_with_mail_left_in_delivery(daemon, queue_16m) -> None:
+    """Killed while deliveries were in flight, on a file system that something else
+    has filled since: the next start must put them back in the incoming queue (a
+    write), which failed and ended serve (``fatal: ... queue file system full``)
+    although the reserve was whole.  Start-up recovery gives it up now."""
+    reserve = queue_16m / RESERVE_NAME
+    with Sink(held=True) as sink:
+        params = {"relayhost": f"[127.0.0.1]:{sink.port}", "queue_directory": str(queue_16m),
+                  "message_size_limit": str(LIMIT)}
+        served = daemon(**params)
+        wait_until(lambda: _size(reserve) == 512 << 10, timeout=30)
+        for n in range(5):
+            send(served.port, [f"r{n}@example.com"], b"Subject: in flight %d\r\n\r\nbody\r\n" % n)
+        wait_until(lambda: sink.recorder.in_flight >= 1, timeout=30)
+        for pid in reversed(process_tree(served.proc.proc.pid)):
+            os.kill(pid, signal.SIGKILL)
+        served.proc.proc.wait(10)
+        wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in process_tree(served.proc.proc.pid)),
+                   timeout=10)
+        fill(queue_16m, leave=0)
+        again = daemon(**params)  # "daemon started", or the fixture's assertion with the log
+        assert any("released the queue space reserve" in line for line in again.proc.log)
+        assert any("recovered" in line and "left active" in line for line in again.proc.log)
+        assert_serving(again)
+        sink.release()
+        wait_until(lambda: queued(queue_16m) == 0, timeout=60, interval=0.2)
+        assert_serving(again)
     assert integrity_ok(queue_16m) == "ok"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -79,3 +80,29 @@ async def test_keep_reports_a_failure_once_and_goes_on(tmp_path: Path, caplog, m
         await keep(QueueReserve(tmp_path))
     failures = [r for r in caplog.records if "cannot keep the queue space reserve" in r.getMessage()]
     assert len(failures) == 1
+
+
+def test_a_fifo_in_its_place_never_stops_the_caller(tmp_path: Path, caplog) -> None:
+    os.mkfifo(tmp_path / RESERVE_NAME)
+    reserve = QueueReserve(tmp_path)
+    done = threading.Event()
+    caller = threading.Thread(target=lambda: (reserve.release(), reserve.release(), done.set()), daemon=True)
+    caller.start()
+    assert done.wait(5), "release() waited on a FIFO (the queue manager's event loop would stop)"
+    with pytest.raises(OSError, match="not a regular file"):
+        reserve.ensure()
+    warned = [r.getMessage() for r in caplog.records if "cannot release" in r.getMessage()]
+    assert len(warned) == 1  # once, not at every commit that finds the file system full
+    assert missing_bytes(tmp_path, os.statvfs(tmp_path)) == 0
+
+
+def test_a_sparse_file_is_no_reserve_until_its_blocks_are_allocated(tmp_path: Path) -> None:
+    size = reserve_size(os.statvfs(tmp_path))
+    path = tmp_path / RESERVE_NAME
+    with open(path, "wb") as sparse:  # as `truncate -s` or `rsync -S` leave it: a size, no blocks
+        sparse.truncate(size)
+    assert path.stat().st_blocks == 0
+    assert missing_bytes(tmp_path, os.statvfs(tmp_path)) == size
+    assert QueueReserve(tmp_path).ensure()
+    assert path.stat().st_blocks * 512 >= size
+    assert missing_bytes(tmp_path, os.statvfs(tmp_path)) == 0

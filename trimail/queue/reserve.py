@@ -29,6 +29,7 @@ Parameters: queue_directory (through the caller).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat as stat_module
@@ -49,17 +50,22 @@ def reserve_size(stat: os.statvfs_result) -> int:
     return min(RESERVE_BYTES, stat.f_blocks * stat.f_frsize // SHARE) & ~4095
 
 
+def _allocated(found: os.stat_result) -> int:
+    """The bytes of the file that blocks back: a sparse file's holes (a copy made
+    with ``rsync -S``, a ``truncate -s``) would give nothing back."""
+    return min(found.st_size, found.st_blocks * 512)
+
+
 def missing_bytes(directory: str | os.PathLike[str], stat: os.statvfs_result) -> int:
     """What the reserve in *directory* lacks (0 when there is no reserve file: a
-    symbolic link or anything else but a file is none)."""
+    symbolic link or anything else but a regular file is none)."""
     try:
         found = os.lstat(os.path.join(directory, RESERVE_NAME))
     except OSError:
         return 0
     if not stat_module.S_ISREG(found.st_mode):
         return 0
-    present = found.st_size
-    return max(0, reserve_size(stat) - present)
+    return max(0, reserve_size(stat) - _allocated(found))
 
 
 class QueueReserve:
@@ -70,17 +76,26 @@ class QueueReserve:
         self.directory = directory
         self._lock = threading.Lock()  # release runs on the writer's thread or the event loop's
         self._released = False  # since the last time it was whole
+        self._told = ""  # the last failure release reported (each kind once, not at every commit)
+
+    def _open(self, flags: int) -> int:
+        """The file, never through a symbolic link, and never anything but a regular
+        file: a FIFO in its place must not stop the thread that opens it."""
+        fd = os.open(self.path, flags | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+        if not stat_module.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise OSError(errno.EINVAL, "not a regular file")
+        return fd
 
     def ensure(self) -> bool:
-        """Create the file, and grow it to its size when there is room for it twice
+        """Create the file, and allocate its blocks when there is room for them twice
         over; True when it is whole.  ``OSError`` is the caller's (a worker thread's)."""
         with self._lock:
             stat = os.statvfs(self.directory)
             size = reserve_size(stat)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+            fd = self._open(os.O_RDWR | os.O_CREAT)
             try:
-                present = os.fstat(fd).st_size
-                lacking = size - present
+                lacking = size - _allocated(os.fstat(fd))
                 if lacking <= 0:
                     return True
                 if stat.f_bavail * stat.f_frsize < 2 * lacking:
@@ -88,7 +103,7 @@ class QueueReserve:
                 try:
                     os.posix_fallocate(fd, 0, size)
                 except OSError:
-                    os.ftruncate(fd, present)  # not whole: the blocks it took go back
+                    os.ftruncate(fd, 0)  # not whole: the blocks it took go back
                     raise
                 os.fsync(fd)
             finally:
@@ -100,13 +115,15 @@ class QueueReserve:
 
     def release(self) -> None:
         """A queue write found the file system full: give the reserve's blocks back,
-        and say so once.  Never raises (the writer's thread calls it)."""
+        and say so once.  Never raises, never waits (the writer's thread calls it, or
+        the queue manager's event loop)."""
         with self._lock:
             try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+                fd = self._open(os.O_WRONLY)
                 try:
-                    released = os.fstat(fd).st_size
-                    if released:
+                    found = os.fstat(fd)
+                    released = _allocated(found)
+                    if found.st_size:
                         os.ftruncate(fd, 0)
                         self._released = True
                 finally:
@@ -114,7 +131,10 @@ class QueueReserve:
             except FileNotFoundError:
                 return  # not made yet (the file system was full from the start)
             except OSError as exc:
-                log.warning("cannot release the queue space reserve %s: %s", self.path, exc.strerror or exc)
+                text = exc.strerror or str(exc)
+                if text != self._told:
+                    self._told = text
+                    log.warning("cannot release the queue space reserve %s: %s", self.path, text)
                 return
         if released:
             log.warning("queue file system full: released the queue space reserve (%d bytes), so that the "
