@@ -32,6 +32,7 @@ from tests.faults.conftest import (
     process_tree,
     queued,
     send,
+    tmpfs,
     wait_until,
 )
 from tests.peers import Sink
@@ -126,3 +127,27 @@ def test_serve_starts_again_on_a_full_file_system_with_mail_left_in_delivery(dae
         wait_until(lambda: queued(queue_16m) == 0, timeout=60, interval=0.2)
         assert_serving(again)
     assert integrity_ok(queue_16m) == "ok"
+
+
+def test_a_file_system_filled_while_a_large_wal_waits_for_its_copy_still_drains(daemon, tmp_path) -> None:
+    """The red team's second shape: the disk fills while the WAL still holds 4 MB of
+    new mail that its copy into the database (the checkpoint) must grow the database
+    by.  The released reserve (8 MiB on a 300 MiB file system) lets that copy end, so
+    the WAL starts over in the blocks it has, and the deliveries are recorded.  (On a
+    file system under 256 MiB the reserve is a 32nd of it and may be too small for
+    that: docs/operations.md.)"""
+    with tmpfs(tmp_path / "queue", "300m") as queue:
+        reserve = queue / RESERVE_NAME
+        with Sink(held=True) as sink:
+            served = daemon(relayhost=f"[127.0.0.1]:{sink.port}", queue_directory=str(queue))
+            wait_until(lambda: _size(reserve) == 8 << 20, timeout=30)
+            body = b"Subject: waiting %d\r\n\r\n" + (b"w" * 98 + b"\r\n") * 1000
+            for n in range(45):
+                send(served.port, [f"r{n}@example.com"], body % n)
+            assert _size(queue / "queue.db-wal") > 2 << 20  # new mail not yet copied into the database
+            fill(queue, leave=0)
+            sink.release()
+            wait_until(lambda: queued(queue) == 0, timeout=60, interval=0.2)
+            assert (queue / "filler").exists() and free_space(queue) < 8 << 20
+            assert_serving(served)
+        assert integrity_ok(queue) == "ok"

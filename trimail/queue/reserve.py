@@ -22,7 +22,13 @@ the file system has room again.  Postfix's queue manager frees space as it deliv
 
 Its size: ``RESERVE_BYTES`` (8 MiB: twice the WAL's size when a checkpoint under
 load starts it over, ``checkpoints.AUTOCHECKPOINT_PAGES``), at most a ``SHARE`` of
-the file system (a 16 MiB file system keeps 512 KiB).
+the file system (a 16 MiB file system keeps 512 KiB).  What the released blocks
+must hold: the queue manager's records, and, when the disk filled while the WAL
+still held new mail, that mail's copy into the database (a checkpoint grows it into
+the released blocks; once the copy ends, the WAL starts over in the blocks it has).
+8 MiB covers a WAL of up to about 4 MB waiting; on a file system under 256 MiB the
+reserve is smaller than that, and the queue manager may still wait for room there
+(a red team's 16 MiB tmpfs with 4.2 MB of WAL waiting).
 
 Parameters: queue_directory (through the caller).
 """
