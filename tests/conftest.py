@@ -80,7 +80,12 @@ class ServeProcess:
         self._eof = False
         self._cond = threading.Condition()
         threading.Thread(target=self._read, daemon=True).start()
-        line = self.wait_log(r"daemon started")
+        try:
+            line = self.wait_log(r"daemon started")
+        except BaseException:  # never started: nobody else will stop it (the fixture never got it)
+            self.proc.kill()
+            self.proc.wait()
+            raise
         self.port = int(re.search(r"listening on .*?:(\d+)", line).group(1))
 
     def _read(self) -> None:

@@ -40,7 +40,12 @@ class _LogFileServe:
                                      stderr=subprocess.DEVNULL)
         self.port = port
         self.maillog = maillog
-        wait_until(lambda: maillog.exists() and "daemon started" in maillog.read_text(), timeout=30)
+        try:
+            wait_until(lambda: maillog.exists() and "daemon started" in maillog.read_text(), timeout=30)
+        except BaseException:  # never started: the test's finally never gets it
+            self.proc.kill()
+            self.proc.wait()
+            raise
 
     @property
     def log(self) -> list[str]:
