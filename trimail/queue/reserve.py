@@ -96,11 +96,12 @@ class QueueReserve:
     def ensure(self) -> bool:
         """Create the file, and allocate its blocks when there is room for them twice
         over; True when it is whole.  ``OSError`` is the caller's (a worker thread's)."""
-        with self._lock:
-            stat = os.statvfs(self.directory)
-            size = reserve_size(stat)
-            fd = self._open(os.O_RDWR | os.O_CREAT)
-            try:
+        fd = -1
+        try:
+            with self._lock:
+                stat = os.statvfs(self.directory)
+                size = reserve_size(stat)
+                fd = self._open(os.O_RDWR | os.O_CREAT)
                 lacking = size - _allocated(os.fstat(fd))
                 if lacking <= 0:
                     return True
@@ -111,18 +112,20 @@ class QueueReserve:
                 except OSError:
                     os.ftruncate(fd, 0)  # not whole: the blocks it took go back
                     raise
-                os.fsync(fd)
-            finally:
+                restored, self._released = self._released, False
+            os.fsync(fd)  # outside the lock: a release meanwhile does not wait for the disk
+        finally:
+            if fd >= 0:
                 os.close(fd)
-            restored, self._released = self._released, False
         if restored:
             log.info("queue space reserve restored (%d bytes)", size)
         return True
 
     def release(self) -> None:
         """A queue write found the file system full: give the reserve's blocks back,
-        and say so once.  Never raises, never waits (the writer's thread calls it, or
-        the queue manager's event loop)."""
+        and say so once.  Never raises, and never waits for the disk (the writer's
+        thread calls it, or the queue manager's event loop): at most for an
+        ``ensure`` under way to allocate the blocks, not to sync them."""
         with self._lock:
             try:
                 fd = self._open(os.O_WRONLY)
