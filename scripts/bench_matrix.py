@@ -5,7 +5,11 @@ A *contestant* is one MTA set-up: Postfix, or trimail with one ``smtpd_workers``
 value.  A *cell* is one load (mode, message size, sessions, messages, connection
 mode); each cell is run ``--runs`` times, the contestants taking turns within
 each round, and every figure is the median of its runs with min and max.  The
-ratio is each trimail's median over Postfix's, in the same cell.
+ratio is each trimail's median over Postfix's, in the same cell; beside it, the
+least and the greatest ratio of one round (trimail's run over the Postfix run
+next to it).  A host whose speed drifts between rounds moves both runs of a round
+together, so the round ratios show how far the verdict holds, where the medians
+of two spreads alone may hide it.
 """
 
 from __future__ import annotations
@@ -116,7 +120,9 @@ def run_cell(contestants: list[Contestant], key: dict, generator: str, relay: tu
 
 def summarise(key: dict, results: dict[str, list[dict]], metrics: tuple[str, ...]) -> dict:
     """A cell: its key, every run, each figure's median (min–max) per contestant,
-    and each trimail contestant's ratio of medians to Postfix's."""
+    and each trimail contestant's ratio of medians to Postfix's, with the ratios of
+    its rounds (``round_ratio``: median, min, max of trimail's run over Postfix's run
+    of the same round)."""
     cell = dict(key)
     cell["runs"] = results
     cell["figures"] = {label: {m: stat([r[m] for r in found]) for m in metrics} for label, found in results.items()}
@@ -125,6 +131,9 @@ def summarise(key: dict, results: dict[str, list[dict]], metrics: tuple[str, ...
         cell["ratio"] = {label: {m: figures[m]["median"] / postfix[m]["median"]
                                  for m in metrics if postfix[m]["median"]}
                          for label, figures in cell["figures"].items() if label != "postfix"}
+        cell["round_ratio"] = {label: {m: stat([run[m] / other[m] for run, other in zip(found, results["postfix"])])
+                                       for m in metrics if all(other[m] for other in results["postfix"])}
+                               for label, found in results.items() if label != "postfix"}
     return cell
 
 
@@ -148,14 +157,15 @@ def _figure(stats: dict, fmt: str) -> str:
 
 def matrix_table(cells: list[dict]) -> list[str]:
     """One Markdown table: a row per cell, connection mode, trimail worker count and
-    figure, with trimail's and Postfix's median (min–max) and the ratio trimail / Postfix."""
+    figure, with trimail's and Postfix's median (min–max) and the ratio trimail / Postfix
+    of the medians (the least–greatest ratio of one round)."""
     labels = list(dict.fromkeys(label for cell in cells for label in cell["figures"]))
     trimails = [label for label in labels if label != "postfix"] or [None]
     postfix = "postfix" in labels
     header = "| test | connections | trimail workers | figure |"
     header += " trimail median (min–max) |" if trimails != [None] else ""
     header += " postfix median (min–max) |" if postfix else ""
-    header += " trimail / postfix |" if postfix and trimails != [None] else ""
+    header += " trimail / postfix (rounds) |" if postfix and trimails != [None] else ""
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for cell in cells:
         metrics = latency_metrics(cell["reuse"]) if cell["mode"] == "latency" else TABLE_METRICS
@@ -170,7 +180,9 @@ def matrix_table(cells: list[dict]) -> list[str]:
                     row += f" {_figure(cell['figures']['postfix'][metric], fmt)} |"
                 if postfix and label:
                     ratio = cell.get("ratio", {}).get(label, {}).get(metric)
-                    row += f" {ratio:.2f} |" if ratio is not None else " |"
+                    rounds = cell.get("round_ratio", {}).get(label, {}).get(metric)
+                    row += f" {ratio:.2f}" if ratio is not None else ""
+                    row += f" ({rounds['min']:.2f}–{rounds['max']:.2f}) |" if rounds is not None else " |"
                 lines.append(row)
     return lines
 

@@ -178,6 +178,10 @@ def test_a_cell_keeps_every_run_and_compares_medians_with_postfix() -> None:
     assert summary["ratio"]["trimail, workers 2"]["rate"] == 2.0
     assert summary["ratio"]["trimail, workers 2"]["cpu_per_1000"] == 0.5
     assert len(summary["runs"]["postfix"]) == 3 and "postfix" not in summary["ratio"]
+    # each round's runs compared with each other: 300/100, 100/80, 200/120
+    rounds = summary["round_ratio"]["trimail, workers 2"]["rate"]
+    assert (rounds["median"], rounds["min"], rounds["max"]) == (200 / 120, 1.25, 3.0)
+    assert "postfix" not in summary["round_ratio"]
 
 
 def test_the_table_has_a_row_per_connection_mode_worker_count_and_figure() -> None:
@@ -186,10 +190,10 @@ def test_the_table_has_a_row_per_connection_mode_worker_count_and_figure() -> No
              for reuse in ("yes", "no")]
     lines = bench_matrix.matrix_table(cells)
     assert lines[0] == ("| test | connections | trimail workers | figure | trimail median (min–max) "
-                        "| postfix median (min–max) | trimail / postfix |")
+                        "| postfix median (min–max) | trimail / postfix (rounds) |")
     assert len(lines) == 2 + 2 * 2 * 3  # connection modes x worker counts x figures
-    assert "| accept: 1 KiB, 20 sessions | reuse (-d) | 0 | msg/s | 100 (100–100) | 90 (90–90) | 1.11 |" in lines
-    assert "| accept: 1 KiB, 20 sessions | one per message | 2 | msg/s | 180 (180–180) | 90 (90–90) | 2.00 |" in lines
+    assert "| accept: 1 KiB, 20 sessions | reuse (-d) | 0 | msg/s | 100 (100–100) | 90 (90–90) | 1.11 (1.11–1.11) |" in lines
+    assert "| accept: 1 KiB, 20 sessions | one per message | 2 | msg/s | 180 (180–180) | 90 (90–90) | 2.00 (2.00–2.00) |" in lines
     alone = bench_matrix.matrix_table([cell("accept", "no", {"trimail, workers 1": [run(100, 2)]})])
     assert alone[0].endswith("| trimail median (min–max) |") and alone[2].count("|") == 6
 
