@@ -21,6 +21,7 @@ loop or not at all.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -28,6 +29,12 @@ from typing import Any, Protocol, TypeVar
 import trio
 
 log = logging.getLogger("trimail.master")
+
+# Signals an operator may send out of habit (``kill -USR1`` to reopen logs) or by
+# mistake (``pkill -USR2 trimail``), whose default action ends a process: the
+# master logs and ignores them (its end would be every worker's and every
+# session's), the fork server and the workers ignore them.
+STRAY_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 
 T = TypeVar("T")
 

@@ -41,7 +41,7 @@ from trimail.config import Config
 from trimail.net.control import send_command
 from trimail.queue.database import QueueError
 from trimail.queue.store import Store
-from trimail.supervise import contained
+from trimail.supervise import STRAY_SIGNALS, contained
 
 if TYPE_CHECKING:
     from trimail.processes.forkserver import ForkServer
@@ -93,7 +93,7 @@ async def _serve_until_signal(cfg: Config, fork_server: ForkServer | None) -> No
         await run_server(task_status=task_status)
         scope.cancel()  # serve ended (signal or `trimail stop`): stop waiting for signals
 
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *STRAY_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             watching = trio.CancelScope()
             server = await nursery.start(run_then_stop_watching, watching)
@@ -102,6 +102,9 @@ async def _serve_until_signal(cfg: Config, fork_server: ForkServer | None) -> No
                     if signum == signal.SIGHUP:
                         with contained("reload on SIGHUP", server.metrics):  # a failed reload never ends serve
                             await server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
+                    elif signum in STRAY_SIGNALS:
+                        logging.getLogger("trimail.master").warning(
+                            "signal %s ignored (SIGHUP reloads, SIGTERM stops)", signal.Signals(signum).name)
                     else:
                         server.stop()  # serve drains its sessions and returns
 

@@ -35,6 +35,8 @@ import time
 import traceback
 from typing import Any
 
+from trimail.supervise import STRAY_SIGNALS
+
 MESSAGE_LIMIT = 1 << 20  # bytes of one request: a spec names its listeners, at most a few hundred
 DESCRIPTOR_LIMIT = 253  # SCM_RIGHTS' own limit per message (SCM_MAX_FD)
 
@@ -45,7 +47,7 @@ def run(sock: socket.socket, master: int) -> int:
     from trimail.processes.worker import die_with_master
 
     die_with_master(master)
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, *STRAY_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)

@@ -69,7 +69,7 @@ from trimail.scheduler import Scheduler
 from trimail.scheduler.trigger import QmgrTrigger, receive_triggers
 from trimail.service import Server
 from trimail.startup import become_mail_owner, preflight, recover
-from trimail.supervise import describe
+from trimail.supervise import STRAY_SIGNALS, describe
 
 log = logging.getLogger("trimail.master")
 
@@ -326,7 +326,8 @@ def run(spec: dict[str, Any]) -> None:
     """The worker *spec* describes, until it stops (raises SystemExit on failure)."""
     die_with_master(spec.get("parent", spec["master"]))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C goes to the whole group: the master's
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for signum in (signal.SIGHUP, *STRAY_SIGNALS):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         config = configuration.load(spec["config"], spec["overrides"])
     except ConfigError as exc:
