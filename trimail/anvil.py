@@ -18,6 +18,12 @@ its own: callers pass the time), so the accept path cannot fail in here.
   ``True``/``False`` when the mode changes and ``None`` otherwise; what stress
   means for a session (shorter deadlines, one error) is the ``stress``
   parameter's business (``smtpd_timeout = ${stress?{10}:{300}}s``).
+* Out of descriptors: a process that cannot accept for want of file descriptors
+  (EMFILE, ENFILE: a low ``RLIMIT_NOFILE``, long before ``smtpd_process_limit``)
+  is under stress too (``out_of_descriptors``), until its own sessions drop below
+  half of what it held then: idle clients holding every descriptor are cut after
+  the stress ``smtpd_timeout`` instead of shutting everyone out for 300 s, for as
+  long as they care to reconnect.
 
 With smtpd worker processes, the session total (process limit, stress) is
 the sum over all workers (``shared``: trimail.processes.board), and so are the
@@ -102,6 +108,7 @@ class Anvil:
         self.shared = shared  # smtpd workers: the process limit and stress count every worker's sessions
         self.clients = clients  # smtpd workers: and the per-client limits every worker's clients
         self.stress = False
+        self.short_at = 0  # this process's sessions when it last ran out of descriptors (0: it has not)
         self.configure(config)
 
     @property
@@ -157,15 +164,27 @@ class Anvil:
 
     def restate(self) -> bool | None:
         """Stress on or off from the session total (with workers the total moves with
-        other processes' sessions too, so either change can show at any open or close)."""
+        other processes' sessions too, so either change can show at any open or close),
+        and from this process's shortage of descriptors."""
         total = self.sessions
+        if self.short_at and self._sessions < self.short_at / 2:
+            self.short_at = 0  # half of them are free again
         if not self.stress and self.stress_on and total >= self.stress_on:
             self.stress = True
             return True
-        if self.stress and total < max(1, self.stress_off):
+        if self.stress and total < max(1, self.stress_off) and not self.short_at:
             self.stress = False
             return False
         return None
+
+    def out_of_descriptors(self) -> bool | None:
+        """An accept failed with EMFILE or ENFILE: stress on (``True`` when it just
+        turned on), until this process's sessions drop below half of what it holds now."""
+        self.short_at = max(self.short_at, self._sessions, 1)
+        if self.stress:
+            return None
+        self.stress = True
+        return True
 
     def _count(self, change: int) -> None:
         self._sessions += change

@@ -25,13 +25,15 @@ smtpd_client_connection_rate_limit, smtpd_process_limit, graceful_timeout,
 smtpd_stress_threshold, smtpd_junk_command_limit, smtpd_hard_error_limit,
 smtpd_tls_handshake_timeout, smtpd_greet_pause, smtpd_session_deadline,
 smtpd_peername_lookup, dns_nameservers, dns_concurrency_limit,
-master_service_disable (plus everything trimail.receive reads).
+master_service_disable, queue_directory and chroot (a reload refuses a new queue_directory), plus
+everything trimail.receive reads.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import resource
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -199,6 +201,9 @@ class Server:
         opened: list[tuple[trio.SocketListener, str, ListenAddress]] = []
         try:
             fresh = configuration.load(self.config.path, self.config.overrides)
+            if self.config.chroot and self.config.queue_directory == "/":  # in the jail, as startup left it
+                fresh = fresh.with_overrides({"queue_directory": "/"})
+            configuration.refuse_restart_only_changes(self.config, fresh)
             restriction_lists(fresh)
             resolver = Resolver(fresh.dns_nameservers, concurrency=fresh.dns_concurrency_limit)
             fresh_peer_resolver = peer_resolver(fresh)
@@ -273,7 +278,7 @@ class Server:
             with scope:
                 while True:
                     try:
-                        stream = await accept(listener, deferred)
+                        stream = await accept(listener, deferred, self._out_of_descriptors)
                     except trio.ClosedResourceError:
                         return  # closed under us (a reload removed it): nothing more to accept
                     sessions.start_soon(self._handle, stream, kind)
@@ -343,6 +348,12 @@ class Server:
                 self._stress_changed()
             if not self.sessions:
                 self._idle.set()
+
+    def _out_of_descriptors(self) -> None:
+        if self.anvil.out_of_descriptors():
+            log.warning("out of file descriptors at %d sessions of this process (RLIMIT_NOFILE %d)",
+                        len(self.sessions), resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+            self._stress_changed()
 
     def recheck_stress(self) -> None:
         """With workers the session total also moves with other processes' sessions:

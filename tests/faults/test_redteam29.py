@@ -10,15 +10,21 @@ failing on 01b0a42.  Downstream servers bind 127.0.0.6x only.
 from __future__ import annotations
 
 import os
+import re
+import resource
 import signal
+import socket
 import subprocess
-from pathlib import Path
+import urllib.request
 
 import pytest
 
 from tests.faults.conftest import (
     assert_serving,
     banner,
+    integrity_ok,
+    process_tree,
+    send,
     serve_status,
     wait_until,
 )
@@ -71,25 +77,80 @@ def _still_running(d, seconds: float = 2.0) -> bool:
     return False
 
 
+# -- the running configuration is not what a replacement worker runs -----------------
+
+
+def test_a_worker_restarted_after_main_cf_was_edited_commits_into_the_running_queue(daemon, tmp_path):
+    """The operator has edited main.cf (a new queue_directory for a migration planned for
+    the next restart) and not reloaded.  An smtpd worker then dies (crash, OOM killer):
+    its replacement read main.cf again (processes/worker.py ``run``:
+    ``configuration.load(spec["config"], ...)``) and committed into the other
+    directory, where no qmgr looks and no lock is held: its mail was acknowledged and
+    never delivered (found: 4 of 20 messages stranded with two workers).  Now it
+    loads the master's text of main.cf."""
+    with Sink(host=SINK_HOST) as sink:
+        d = daemon(smtpd_workers=1, relayhost=f"[{SINK_HOST}]:{sink.port}")
+        send(d.port, ["r@far.example"], _mail("before"))
+        wait_until(lambda: "before" in _tokens(sink), timeout=30)
+        elsewhere = tmp_path / "queue-next"
+        elsewhere.mkdir()
+        text = d.config_path.read_text()
+        d.config_path.write_text(re.sub(r"(?m)^queue_directory = .*$", f"queue_directory = {elsewhere}", text))
+        _replace_worker(d)
+        send(d.port, ["r@far.example"], _mail("after-restart"))
+        wait_until(lambda: "after-restart" in _tokens(sink), timeout=30)
+        assert not (elsewhere / "queue.db").exists()
+    assert integrity_ok(d.queue_directory) == "ok"
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_reload_that_changes_queue_directory_strands_no_acknowledged_mail(daemon, tmp_path, workers):
+    """SIGHUP with a new queue_directory: the new smtpd generation opened the new
+    queue (processes/reload.py checked nothing about it), the qmgr stayed on the old
+    one (its writer was opened at start), and ``trimail status``/``stop`` looked for
+    the control socket in the new directory ("not running").  In one process the
+    writer stayed on the old queue, so mail flowed there; with workers it was
+    acknowledged into a queue no process serves.  Now the reload is refused (it
+    takes a stop and a start, as in Postfix), in both modes."""
+    with Sink(host=SINK_HOST) as sink:
+        d = daemon(smtpd_workers=workers, relayhost=f"[{SINK_HOST}]:{sink.port}")
+        elsewhere = tmp_path / "queue-next"
+        elsewhere.mkdir()
+        text = d.config_path.read_text()
+        d.config_path.write_text(re.sub(r"(?m)^queue_directory = .*$", f"queue_directory = {elsewhere}", text))
+        os.kill(d.proc.proc.pid, signal.SIGHUP)
+        d.proc.wait_log(r"reload refused, keeping the running configuration: queue_directory cannot change")
+        wait_until(lambda: _greets(d.port), timeout=30)
+        send(d.port, ["r@far.example"], _mail("after-reload"))
+        wait_until(lambda: "after-reload" in _tokens(sink), timeout=30)
+        assert serve_status(d.queue_directory)["pid"] == d.proc.proc.pid  # the control socket is where it was
+        assert not (elsewhere / "queue.db").exists()
+    assert integrity_ok(d.queue_directory) == "ok"
+
+
+def test_a_refused_reload_keeps_the_running_configuration_for_restarted_workers(daemon):
+    """``reload refused, keeping the running configuration`` -- but it was kept only
+    until a worker died: its replacement read the broken main.cf, exited, and was
+    retried with back-off for as long as the file stayed broken.  With every smtpd worker
+    gone the master's listening socket still completes handshakes into its backlog,
+    so clients hung without a greeting instead of being refused.  Now every worker
+    loads the text the master runs (processes.reload.text_memfd)."""
+    with Sink(host=SINK_HOST) as sink:
+        d = daemon(smtpd_workers=1, relayhost=f"[{SINK_HOST}]:{sink.port}")
+        with d.config_path.open("a") as main_cf:
+            main_cf.write("smtpd_recipient_restrictions = reject_no_such_restriction\n")
+        os.kill(d.proc.proc.pid, signal.SIGHUP)
+        d.proc.wait_log(r"reload refused, keeping the running configuration")
+        [victim] = _running(d, "smtpd")
+        os.kill(victim, signal.SIGKILL)
+        d.proc.wait_log(rf"warning: process trimail/smtpd pid {victim} killed by signal 9")
+        wait_until(lambda: _greets(d.port), timeout=30)
+        send(d.port, ["r@far.example"], _mail("after-refused-reload"))
+        wait_until(lambda: "after-refused-reload" in _tokens(sink), timeout=30)
+        assert_serving(d)
+
+
 # -- signals ------------------------------------------------------------------------------
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below *pid* (the fork server, the workers, helpers), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 @pytest.mark.parametrize("workers", [2, 0])
@@ -104,7 +165,7 @@ def test_a_stray_signal_to_the_master_does_not_end_serve(daemon, signum, workers
     the workers ignore it (``pkill`` reaches them all): none is restarted."""
     d = daemon(smtpd_workers=workers)
     before = {role: _running(d, role) for role in ("smtpd", "qmgr")} if workers else None
-    for pid in [d.proc.proc.pid, *_descendants(d.proc.proc.pid)]:
+    for pid in process_tree(d.proc.proc.pid):
         try:
             os.kill(pid, signum)
         except ProcessLookupError:
@@ -115,3 +176,59 @@ def test_a_stray_signal_to_the_master_does_not_end_serve(daemon, signum, workers
     if workers:
         assert {role: _running(d, role) for role in ("smtpd", "qmgr")} == before
     assert not any("exit status" in line or "killed by signal" in line for line in d.proc.log)
+
+
+# -- a low descriptor limit ------------------------------------------------------------------
+
+
+def test_idle_connections_holding_every_descriptor_turn_stress_on(daemon):
+    """serve raises the soft RLIMIT_NOFILE to the hard one; where the hard limit is low
+    (96 here, set on the running workers) the workers run out of descriptors long
+    before smtpd_process_limit (1000) is near, so stress mode (80 % of the process
+    limit) never came: ~190 idle connections held every descriptor of both workers,
+    ``"stress": false``, and a real client waited in the backlog until it gave up --
+    for as long as the idle clients care to stay (smtpd_timeout, 300 s, renewed by
+    reconnecting).  Now EMFILE at accept turns stress on in the worker (anvil:
+    ``out_of_descriptors``), and its idle sessions are cut after 10 s."""
+    d = daemon(smtpd_workers=2, smtpd_client_connection_count_limit=0, smtpd_client_connection_rate_limit=0)
+    for pid in _running(d, "smtpd"):
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (96, 96))
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(250):
+            idle.append(socket.create_connection(("127.0.0.1", d.port), timeout=10))
+        wait_until(lambda: serve_status(d.queue_directory)["sessions"] >= 100, timeout=30)
+        greeting = banner(d.port, timeout=40)  # stress: idle sessions are cut after 10 s
+        assert greeting.startswith("220 "), greeting
+        d.proc.wait_log(r"out of file descriptors at \d+ sessions of this process \(RLIMIT_NOFILE 96\)")
+        d.proc.wait_log(r"warning: stress mode on: ")
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+# -- the delivery metrics ---------------------------------------------------------------------
+
+
+def test_a_destination_whose_last_delivery_worker_ended_leaves_no_metrics_label(daemon):
+    """``trimail_destination_connections{destination=...}`` was made for every route
+    ever delivered to and never removed (scheduler/workers.py), although the
+    destination itself is forgotten: on an outbound gateway, months of distinct
+    destinations grow the exposition without bound (100,000: 9.6 MB, a second of
+    the qmgr's event loop per scrape) until the qmgr's answer no longer fits the
+    master's channel.  Now the label goes with the destination's last worker."""
+    with Sink(host=SINK_HOST) as sink:
+        d = daemon(smtpd_workers=1, relayhost=f"[{SINK_HOST}]:{sink.port}", smtp_connection_cache_time_limit="1s",
+                   metrics_listen="127.0.0.1:0")
+        line = d.proc.wait_log(r"metrics endpoint listening on")
+        metrics_port = int(re.search(r"listening on .*?:(\d+)", line).group(1))
+        send(d.port, ["r@far.example"], _mail("measured"))
+        wait_until(lambda: "measured" in _tokens(sink), timeout=30)
+
+        def labels() -> list[str]:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+            return [line for line in body.splitlines() if line.startswith("trimail_destination_connections{")]
+
+        # the worker ends once the connection cache time has passed with no job
+        wait_until(lambda: not labels(), timeout=30)
+        assert_serving(d)

@@ -270,6 +270,20 @@ def _num(value: float) -> str:
     return str(int(value)) if value == int(value) else str(value)
 
 
+RESTART_ONLY = ("queue_directory",)  # a running serve's queue is where its lock, control socket and processes are
+
+
+def refuse_restart_only_changes(running: Config, fresh: Config) -> None:
+    """ConfigError when *fresh* changes a parameter that only a stop and a start of
+    serve can change (Postfix: ``postfix stop; postfix start`` after a new
+    queue_directory): new workers would commit into a queue no qmgr serves, and the
+    control socket would be looked for where none is."""
+    for name in RESTART_ONLY:
+        if fresh.get(name) != running.get(name):
+            raise ConfigError(f"{name} cannot change while serve runs ({running.get(name)} -> {fresh.get(name)}): "
+                              "stop serve and start it again")
+
+
 def config_path(explicit: str | os.PathLike[str] | None) -> Path | None:
     """Which main.cf to read: -c, then $TRIMAIL_CONFIG, then /etc/trimail/main.cf."""
     if explicit:

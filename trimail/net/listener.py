@@ -172,16 +172,19 @@ class DeferredAccept:
             return DirectStream(connection)
 
 
-async def accept(listener: trio.SocketListener,
-                 deferred: DeferredAccept | None = None) -> trio.SocketStream | DirectStream:
+async def accept(listener: trio.SocketListener, deferred: DeferredAccept | None = None,
+                 exhausted: Callable[[], None] | None = None) -> trio.SocketStream | DirectStream:
     """Accept one connection (through *deferred* when given); an accept error is
-    logged and retried (with back-off), never raised.  ``trio.ClosedResourceError``
-    (the listener was closed) passes."""
+    logged and retried (with back-off), never raised; *exhausted* is called when it
+    was for want of descriptors (EMFILE, ENFILE: ``Anvil.out_of_descriptors``).
+    ``trio.ClosedResourceError`` (the listener was closed) passes."""
     backoff = None  # made at the first error only: accept() runs once per connection
     while True:
         try:
             return await (deferred() if deferred is not None else listener.accept())
         except OSError as exc:
+            if exhausted is not None and exc.errno in (errno.EMFILE, errno.ENFILE):
+                exhausted()
             backoff = backoff or Backoff(0.05, 1.0)
             delay = backoff.next()
             if delay == backoff.initial:  # one line per episode, not per retry

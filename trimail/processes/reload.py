@@ -9,7 +9,15 @@ every session run to its end), and listeners no longer configured are closed.  I
 the new workers cannot start, the old ones go on as they were.  The qmgr worker
 takes the new configuration in place, main.cf's text coming with the request (a
 qmgr in the jail needs no access to the file); ``master_service_disable = qmgr``
-retires it, and removing that starts one.
+retires it, and removing that starts one.  A new ``queue_directory`` is refused:
+it takes a stop and a start (``config.RESTART_ONLY``).
+
+The configuration serve runs is main.cf's text as the master last loaded it
+(at start, or at the last reload it took), kept in a sealed in-memory file that
+every worker started from then on inherits and loads (``text_memfd``): a worker
+restarted after a crash runs what the others run, never an edit of main.cf that
+was not reloaded, nor one a reload refused.  (Its tables, aliases and
+certificates are read from their files when it starts, as a reload reads them.)
 
 One reload at a time, none once stopping: the caller (``Master.reload``) holds
 the lock.
@@ -20,7 +28,9 @@ submission_listen, smtps_listen (plus everything the new workers read).
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,7 +38,7 @@ import trio
 
 from trimail import __version__
 from trimail import config as configuration
-from trimail.config import Config, ConfigError
+from trimail.config import Config, ConfigError, refuse_restart_only_changes
 from trimail.maps import TableError
 from trimail.net.listener import ListenError, open_listeners
 from trimail.policy.restrictions import restriction_lists
@@ -49,6 +59,7 @@ async def apply_reload(master: Master) -> str:
     try:
         text = read_main_cf(master.config.path)
         fresh = configuration.load(master.config.path, master.config.overrides, text=text)
+        refuse_restart_only_changes(master.config, fresh)
         restriction_lists(fresh)
         wanted = {(kind, str(address)): address for kind, parameter in LISTENERS for address in fresh.get(parameter)}
         for key, address in wanted.items():
@@ -60,6 +71,7 @@ async def apply_reload(master: Master) -> str:
         log.error("reload refused, keeping the running configuration: %s", exc)
         return f"error: {exc}"
     previous, master.config = master.config, fresh
+    previous_text, master.main_cf = master.main_cf, text_memfd(text)  # what the new workers (and any restarted) load
     removed = {key: entries for key, entries in master.listening.items() if key not in wanted}
     for key in removed:
         del master.listening[key]
@@ -71,6 +83,8 @@ async def apply_reload(master: Master) -> str:
         await master._start_slots("smtpd", workers_wanted(fresh), master.generation)
     except WorkerStartError as exc:  # the new workers cannot run: the old ones go on as they were
         master.config = previous
+        close_memfd(master.main_cf)
+        master.main_cf = previous_text
         for endpoint in opened:
             master.listening[(endpoint[1], str(endpoint[2]))].remove(endpoint)
         master.listening = {key: entries for key, entries in master.listening.items() if entries}
@@ -79,6 +93,7 @@ async def apply_reload(master: Master) -> str:
             await listener.aclose()
         log.error("reload refused, keeping the running configuration: %s", exc)
         return f"error: {exc}"
+    close_memfd(previous_text)
     master.retired += old
     await master._retire(old, command="retire")  # they close their listeners and finish their sessions
     for entries in removed.values():
@@ -106,6 +121,44 @@ async def _reload_qmgr(master: Master, fresh: Config, text: str | None) -> None:
             await worker.request("reload", addresses=[str(a) for a in master.addresses], main_cf=text)
         except (ChannelClosed, trio.TooSlowError, RuntimeError) as exc:
             log.warning("qmgr worker pid %d did not take the reload: %s", worker.pid, describe(exc))
+
+
+def text_memfd(text: str | None) -> int | None:
+    """A sealed in-memory file holding main.cf's *text* (None: no file, the built-in
+    defaults), inherited by every worker started from now on, which loads it
+    (``worker.run``): a worker restarted after a crash runs the configuration serve
+    runs, not whatever main.cf says by then (an edit not yet reloaded, or one a
+    reload refused)."""
+    if text is None:
+        return None
+    fd = os.memfd_create("trimail-main.cf", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    data = text.encode("utf-8")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+    return fd
+
+
+def read_memfd(fd: int) -> str:
+    """The text of a ``text_memfd`` (a worker's side); the descriptor is closed."""
+    try:
+        size = os.fstat(fd).st_size
+        chunks, offset = [], 0
+        while offset < size:
+            chunk = os.pread(fd, size - offset, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8")
+
+
+def close_memfd(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
 
 
 def read_main_cf(path: Path | None) -> str | None:

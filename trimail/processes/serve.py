@@ -19,9 +19,11 @@ from pathlib import Path
 
 import trio
 
+from trimail import config as configuration
 from trimail.config import Config
 from trimail.privileges import hand_over, owner_ids
 from trimail.processes.forkserver import ForkServer
+from trimail.processes.reload import read_main_cf, text_memfd
 from trimail.processes.supervisor import Master
 from trimail.startup import open_endpoints, opened_queue
 
@@ -43,12 +45,16 @@ async def serve_processes(config: Config, fork_server: ForkServer | None = None,
     """Run the master until ``Master.stop()``; readiness is reported with the Master.
     Workers are forked by *fork_server* when there is one (``trimail serve`` starts
     it before anything else: trimail.processes.forkserver)."""
+    main_cf = read_main_cf(config.path)  # the text every worker loads (trimail.processes.reload)
+    if main_cf is not None:
+        config = configuration.load(config.path, config.overrides, text=main_cf)
     try:
         async with opened_queue(config) as queue:
             listeners, control, metrics_listeners = await open_endpoints(config, queue.directory)
             assert control is not None  # only a test queue has none, and no test MTA runs worker processes
             hand_queue_over(config, queue.directory)
             master = Master(config, queue.writer, queue.lock, listeners, fork_server)
+            master.main_cf = text_memfd(main_cf)
             async with trio.open_nursery() as nursery:
                 if fork_server is not None:
                     nursery.start_soon(fork_server.run)

@@ -2,7 +2,8 @@
 forked by the fork server or else a new interpreter, and its first word (ready).
 
 The spec (trimail.processes.worker reads it) names the configuration file and
-the ``-o`` overrides, never the configuration itself: the worker loads it.  An
+the ``-o`` overrides, and passes main.cf's text as serve runs it (a sealed
+in-memory file: trimail.processes.reload.text_memfd); the worker loads it.  An
 smtpd worker gets the listening sockets, the session board, the client board and
 the sending end of the qmgr trigger; the qmgr worker gets the trigger's receiving
 end and the listening addresses (mail for them is mail for us).  Both get the
@@ -16,7 +17,7 @@ main thread: its ``PR_SET_PDEATHSIG`` fires when the thread that started it exit
 Security: a worker inherits only the descriptors its spec names (``pass_fds``, or
 ``SCM_RIGHTS`` to the fork server).
 
-Parameters: none (the worker reads its configuration itself).
+Parameters: none (the worker loads its configuration itself).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ def worker_spec(master: Master, slot: Slot, channel_fd: int) -> tuple[dict[str, 
                             "overrides": list(master.config.overrides), "master": os.getpid(),
                             "channel": channel_fd, "lock": master.lock.fileno(), "generation": slot.generation}
     fds = [channel_fd, master.lock.fileno()]
+    if master.main_cf is not None:
+        spec["main_cf"] = master.main_cf
+        fds.append(master.main_cf)
     if slot.role == "smtpd":
         spec["board"], spec["slot"], spec["clients"] = master.board.fd, slot.board_slot, master.clients.fd
         spec["wake"] = master.board.wake

@@ -81,6 +81,7 @@ class Master:
     def __init__(self, config: Config, writer: QueueWriter, lock: QueueLock, listeners: list[Endpoint],
                  fork_server: ForkServer | None = None) -> None:
         self.config = config
+        self.main_cf: int | None = None  # main.cf's text as running, for every worker to load (processes.reload)
         self.fork_server = fork_server
         self.writer = writer
         self.lock = lock

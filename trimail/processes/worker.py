@@ -50,6 +50,7 @@ from trimail.config import Config, ConfigError
 from trimail.config.values import ListenAddress, parse_host_port
 from trimail.delivery.connector import Connector
 from trimail.delivery.local import privileged
+from trimail.maps import TableError
 from trimail.master import serve_sessions
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver
@@ -58,6 +59,7 @@ from trimail.policy.verifycleanup import clean_cache
 from trimail.processes.board import SessionBoard
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.clients import ClientBoard
+from trimail.processes.reload import read_memfd
 from trimail.processes.turns import Turns
 from trimail.qshape import dead_destinations
 from trimail.queue.inline import BookkeepingWriter
@@ -97,7 +99,7 @@ def renumbered(spec: dict[str, Any], mapping: dict[int, int], parent: int) -> di
     one this process received it as (*mapping*), and *parent*: the fork server
     (trimail.processes.forkserver), whose death this worker dies with."""
     fresh = dict(spec, parent=parent)
-    for key in ("channel", "lock", "trigger", "board", "wake", "clients"):
+    for key in ("channel", "lock", "trigger", "board", "wake", "clients", "main_cf"):
         if key in spec:
             fresh[key] = mapping[spec[key]]
     if "listeners" in spec:
@@ -329,13 +331,15 @@ def run(spec: dict[str, Any]) -> None:
     for signum in (signal.SIGHUP, *STRAY_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
     try:
-        config = configuration.load(spec["config"], spec["overrides"])
-    except ConfigError as exc:
+        # main.cf as serve runs it (the master's), never as the file may say by now
+        text = read_memfd(spec["main_cf"]) if "main_cf" in spec else None
+        config = configuration.load(spec["config"], spec["overrides"], text=text)
+        restriction_lists(config)  # imports every policy module it names now: the jail may hide them later
+    except (ConfigError, TableError, OSError, UnicodeDecodeError) as exc:
         print(f"trimail: fatal: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     maillog.setup(config.myhostname, maillog_file=config.maillog_file, syslog_facility=config.syslog_facility)
     logging.getLogger("trimail.master").addFilter(_NamedAfterRole(spec["role"]))
-    restriction_lists(config)  # imports every policy module it names now: the jail may hide them later
     serve_role = run_smtpd if spec["role"] == "smtpd" else run_qmgr
 
     async def until_terminated() -> None:

@@ -55,7 +55,7 @@ async def local_worker(q: Qmgr, dest: Destination) -> None:
         dest.busy -= 1
         dest.workers -= 1
         if q.metrics is not None:
-            q.metrics.destinations.labels(str(dest.route)).dec()
+            q.metrics.delivery_worker(str(dest.route), -1)
         if not dest.jobs and dest.workers == 0 and q.destinations.get(dest.key) is dest:
             del q.destinations[dest.key]
 

@@ -72,7 +72,7 @@ def start_workers(q: Qmgr, dest: Destination, nursery: trio.Nursery) -> None:
     while dest.wants_worker():
         dest.workers += 1
         if q.metrics is not None:
-            q.metrics.destinations.labels(str(dest.route)).inc()
+            q.metrics.delivery_worker(str(dest.route), 1)
         nursery.start_soon(_supervised_worker, q, dest)
 
 
@@ -143,7 +143,7 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
             dest.busy -= 1
         dest.workers -= 1
         if q.metrics is not None:
-            q.metrics.destinations.labels(str(dest.route)).dec()
+            q.metrics.delivery_worker(str(dest.route), -1)
         if conn is not None:
             dest.connected -= 1
             await conn.close()
