@@ -150,6 +150,43 @@ def test_a_refused_reload_keeps_the_running_configuration_for_restarted_workers(
         assert_serving(d)
 
 
+# -- the queue's shared-memory file -------------------------------------------------------
+
+
+def _metrics_port(d) -> int:
+    line = d.proc.wait_log(r"metrics endpoint listening on")
+    return int(re.search(r"listening on .*?:(\d+)", line).group(1))
+
+
+def test_a_truncated_wal_index_does_not_end_serve(daemon):
+    """``queue.db-shm`` truncated to zero (an operator's clean-up, a compromised
+    mail_owner: the queue directory is its own) while serve runs: every process that
+    has it mapped takes SIGBUS at its next touch.  The workers are restarted (their
+    replacements extend the file again), but the master read the queue gauges through
+    its own connection: a scrape of /metrics before that killed the master with no
+    log line, and its workers with it.  Now a worker reads them for the master.
+    (In one process the next message still ends serve: docs/operations.md.)"""
+    with Sink(host=SINK_HOST) as sink:
+        d = daemon(smtpd_workers=2, relayhost=f"[{SINK_HOST}]:{sink.port}", metrics_listen="127.0.0.1:0")
+        port = _metrics_port(d)
+        send(d.port, ["r@far.example"], _mail("before"))
+        wait_until(lambda: "before" in _tokens(sink), timeout=30)
+        os.truncate(d.queue_directory / "queue.db-shm", 0)
+        for _ in range(2):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+            except OSError:
+                pass
+            try:
+                send(d.port, ["r@far.example"], _mail("after"))
+            except Exception:  # noqa: BLE001 - a session cut by its worker's SIGBUS: not acknowledged
+                pass
+        assert _still_running(d), f"serve exited, status {d.proc.proc.returncode}:\n" + "\n".join(d.proc.log[-20:])
+        wait_until(lambda: _greets(d.port), timeout=30)
+        send(d.port, ["r@far.example"], _mail("later"))
+        wait_until(lambda: "later" in _tokens(sink), timeout=30)
+
+
 # -- signals ------------------------------------------------------------------------------
 
 

@@ -15,7 +15,10 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+import trio
+
 from trimail.processes.aggregate import merge
+from trimail.processes.channel import ChannelClosed
 
 if TYPE_CHECKING:
     from trimail.processes.supervisor import Master
@@ -62,7 +65,24 @@ async def status(master: Master) -> str:
 
 
 async def refresh_metrics(master: Master) -> None:
-    counts, oldest = await master.writer.read(lambda store: (store.counts(), store.oldest_arrival()))
+    """The queue gauges, as a worker reads them (the qmgr's, else an smtpd worker's;
+    with none answering they keep their last values).  The master never touches the
+    queue database once its workers run: its mapping of the WAL index (``-shm``)
+    would make a truncation of that file (by whoever owns the queue directory,
+    ``mail_owner`` included) a SIGBUS in the root master, and the end of every worker
+    with it; a worker that takes one is restarted."""
+    from trimail.processes.supervisor import ASK_TIMEOUT  # (it imports this module)
+
+    facts = None
+    for worker in master._live("qmgr") + master._live("smtpd"):
+        try:
+            facts = await worker.request("queue", timeout=ASK_TIMEOUT)
+            break
+        except (ChannelClosed, trio.TooSlowError, RuntimeError):
+            continue
+    if not isinstance(facts, dict):
+        return
+    counts, oldest = facts.get("counts", {}), facts.get("oldest")
     for state in ("maildrop", "incoming", "active", "deferred", "hold"):
         master.metrics.queue.labels(state).set(counts.get(state, 0))
     master.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))

@@ -67,6 +67,7 @@ from trimail.queue.reserve import QueueReserve
 from trimail.queue.reserve import keep as keep_reserve
 from trimail.queue.solo import SmtpdWriter
 from trimail.queue.store import Store
+from trimail.queue.writer import QueueWriter
 from trimail.scheduler import Scheduler
 from trimail.scheduler.trigger import QmgrTrigger, receive_triggers
 from trimail.service import Server
@@ -105,6 +106,13 @@ def renumbered(spec: dict[str, Any], mapping: dict[int, int], parent: int) -> di
     if "listeners" in spec:
         fresh["listeners"] = [[mapping[fd], kind, configured] for fd, kind, configured in spec["listeners"]]
     return fresh
+
+
+async def queue_facts(writer: QueueWriter) -> dict[str, Any]:
+    """The queue's counts by state and its oldest arrival, for the master's gauges:
+    the master reads no queue once serve runs (processes.reports.refresh_metrics)."""
+    counts, oldest = await writer.read(lambda store: (store.counts(), store.oldest_arrival()))
+    return {"counts": counts, "oldest": oldest}
 
 
 def listening_sockets(spec: dict[str, Any]) -> list[tuple[trio.SocketListener, str, ListenAddress]]:
@@ -199,7 +207,7 @@ async def run_smtpd(spec: dict[str, Any], config: Config, terminated: trio.Event
             return "ok"
 
         commands = {"status": status, "stop": stop, "retire": retire, "ping": lambda _: "ok",
-                    "metrics": metrics}
+                    "metrics": metrics, "queue": lambda _: queue_facts(writer)}
 
         async def watch_channel() -> None:
             await serve_channel(channel, commands, stopped)
@@ -283,6 +291,7 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
             return "ok"
 
         commands = {"status": status, "stop": stopping, "ping": lambda _: "ok", "reload": reload,
+                    "queue": lambda _: queue_facts(writer),
                     "flush": flush, "wake": wake, "metrics": lambda _: metrics.exposition().decode(),
                     "dead": lambda _: dead_destinations(scheduler.dead.snapshot(time.time()))}
         async with trio.open_nursery() as top:
