@@ -3,7 +3,7 @@
 Structure::
 
     serve_processes
-    ├── QueueWriter thread          (migrations and recovery at start; queue gauges on scrape)
+    ├── QueueWriter thread          (migrations and recovery at start; a worker reads the queue gauges)
     ├── one supervising task per worker slot: spawn, wait, restart with back-off
     │   ├── qmgr worker             (trimail.processes.worker: scheduler, delivery, bounces)
     │   └── smtpd worker × smtpd_workers   (sessions, policy, its own group commit)
