@@ -10,6 +10,8 @@ transaction, with no BEGIN, COMMIT or savepoints (``_insert_together``).
 from __future__ import annotations
 
 import logging
+import math
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,6 +49,32 @@ class Request:
         return self.result
 
 
+class FailureLog:
+    """``queue commit failed`` once a second at most, the failures meanwhile counted
+    in the next line: a queue that fails every commit (a full disk under a thousand
+    sessions, a WAL removed under serve) logged 400 lines a second.  Thread-safe
+    (the writer thread and an event loop's inline commits share it)."""
+
+    INTERVAL = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last = -math.inf
+        self._more = 0
+
+    def report(self, error: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self.INTERVAL:
+                self._more += 1
+                return
+            more, self._more, self._last = self._more, 0, now
+        log.error("queue commit failed: %s%s", error, f" ({more} more failed since the last report)" if more else "")
+
+
+_failures = FailureLog()
+
+
 class _RequestFailed(Exception):
     """A lone request failed: its transaction is rolled back (``_run_alone``)."""
 
@@ -67,7 +95,7 @@ def commit_batch(store: Store, batch: list[Request], source: deque[Request] | No
             store.sync_wal()
     except Exception as exc:  # BEGIN or COMMIT failed (rolled back), or the WAL's fsync: nothing is durable
         error = storage_error(exc)
-        log.error("queue commit failed: %s", error)
+        _failures.report(error)
         for request in batch:
             request.result = None
             request.error = request.error or error
