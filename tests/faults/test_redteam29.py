@@ -227,7 +227,8 @@ def test_idle_connections_holding_every_descriptor_turn_stress_on(daemon):
     for as long as the idle clients care to stay (smtpd_timeout, 300 s, renewed by
     reconnecting).  Now EMFILE at accept turns stress on in the worker (anvil:
     ``out_of_descriptors``), and its idle sessions are cut after 10 s."""
-    d = daemon(smtpd_workers=2, smtpd_client_connection_count_limit=0, smtpd_client_connection_rate_limit=0)
+    d = daemon(smtpd_workers=2, smtpd_client_connection_count_limit=0, smtpd_client_connection_rate_limit=0,
+               smtpd_timeout="${stress?{2}:{300}}s")  # stress cuts idle sessions after 2 s (10 by default)
     for pid in _running(d, "smtpd"):
         resource.prlimit(pid, resource.RLIMIT_NOFILE, (96, 96))
     idle: list[socket.socket] = []
@@ -235,7 +236,7 @@ def test_idle_connections_holding_every_descriptor_turn_stress_on(daemon):
         for _ in range(250):
             idle.append(socket.create_connection(("127.0.0.1", d.port), timeout=10))
         wait_until(lambda: serve_status(d.queue_directory)["sessions"] >= 100, timeout=30)
-        greeting = banner(d.port, timeout=40)  # stress: idle sessions are cut after 10 s
+        greeting = banner(d.port, timeout=40)  # stress: idle sessions are cut after 2 s
         assert greeting.startswith("220 "), greeting
         d.proc.wait_log(r"out of file descriptors at \d+ sessions of this process \(RLIMIT_NOFILE 96\)")
         d.proc.wait_log(r"warning: stress mode on: ")
