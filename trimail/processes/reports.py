@@ -74,9 +74,13 @@ async def refresh_metrics(master: Master) -> None:
     from trimail.processes.supervisor import ASK_TIMEOUT  # (it imports this module)
 
     facts = None
+    deadline = trio.current_time() + ASK_TIMEOUT  # for them all: a scrape waits no longer for stuck workers
     for worker in master._live("qmgr") + master._live("smtpd"):
+        left = deadline - trio.current_time()
+        if left <= 0:
+            break
         try:
-            facts = await worker.request("queue", timeout=ASK_TIMEOUT)
+            facts = await worker.request("queue", timeout=left)
             break
         except (ChannelClosed, trio.TooSlowError, RuntimeError):
             continue
