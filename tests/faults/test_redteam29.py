@@ -187,6 +187,38 @@ def test_a_truncated_wal_index_does_not_end_serve(daemon):
         wait_until(lambda: "later" in _tokens(sink), timeout=30)
 
 
+def test_a_removed_wal_index_starts_no_worker_that_would_lose_mail(daemon):
+    """``queue.db-shm`` removed while serve runs: the running processes keep the
+    unlinked one mapped; a worker that started afterwards (any crash) made a new
+    one, so its commits were indexed where the others never look.  Found: messages
+    acknowledged by the replacement worker were never delivered, ``trimail queue
+    list`` failed with ``disk I/O error``, and after ``trimail stop`` the queue was
+    empty and ``integrity_check`` ok -- the two acknowledged messages were gone.
+    Now the master starts no worker while the index is not the one it maps
+    (processes.spawn.check_queue_index): the other smtpd worker and the qmgr go on,
+    and a new serve starts clean."""
+    with Sink(host=SINK_HOST) as sink:
+        d = daemon(smtpd_workers=2, relayhost=f"[{SINK_HOST}]:{sink.port}")
+        send(d.port, ["r@far.example"], _mail("before"))
+        wait_until(lambda: "before" in _tokens(sink), timeout=30)
+        os.remove(d.queue_directory / "queue.db-shm")
+        [victim, *_] = _running(d, "smtpd")
+        os.kill(victim, signal.SIGKILL)
+        d.proc.wait_log(r"warning: process trimail/smtpd could not be started: .*queue.db-shm was removed or "
+                        r"replaced while serve runs")
+        acknowledged = []
+        for n in range(5):
+            send(d.port, ["r@far.example"], _mail(f"after-{n}"))
+            acknowledged.append(f"after-{n}")
+        wait_until(lambda: set(acknowledged) <= _tokens(sink), timeout=60)
+        assert victim not in _running(d, "smtpd") and len(_running(d, "smtpd")) == 1
+        d.proc.stop()
+        again = daemon(smtpd_workers=2, relayhost=f"[{SINK_HOST}]:{sink.port}")
+        send(again.port, ["r@far.example"], _mail("restarted"))
+        wait_until(lambda: "restarted" in _tokens(sink), timeout=30)
+    assert integrity_ok(d.queue_directory) == "ok"
+
+
 # -- signals ------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ Parameters: none (the worker loads its configuration itself).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -34,6 +35,7 @@ import trio
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.forked import ForkedProcess
 from trimail.processes.slot import Slot, Worker
+from trimail.queue.database import DATABASE_NAME
 
 if TYPE_CHECKING:
     from trimail.processes.supervisor import Master
@@ -66,13 +68,37 @@ def worker_spec(master: Master, slot: Slot, channel_fd: int) -> tuple[dict[str, 
     return spec, fds
 
 
+def index_identity(directory: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(device, inode) of the queue's WAL index (``queue.db-shm``), None without one."""
+    try:
+        found = os.stat(os.path.join(directory, DATABASE_NAME + "-shm"))
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
+def check_queue_index(master: Master) -> None:
+    """OSError when ``queue.db-shm`` is no longer the file the running processes map
+    (removed or replaced under serve: SQLite cannot tell): a worker started now
+    would make an index of its own, the two would disagree, and mail it
+    acknowledged could be lost (red team 29).  The slot waits with back-off; the
+    running workers go on, all with the one index."""
+    expected = master.queue_index
+    if expected is not None and index_identity(master.queue_directory) != expected:
+        raise OSError(errno.ESTALE, f"{DATABASE_NAME}-shm was removed or replaced while serve runs: a worker "
+                      "started now would index the queue apart from the running ones and could lose mail; "
+                      "stop serve and start it again")
+
+
 async def spawn(master: Master, slot: Slot) -> Worker | None:
     """Forked by the fork server, or else with a new interpreter.  Each try has a
     channel of its own: a fork that comes after its request gave up finds its
     channel closed and exits, never sharing the next worker's.  None: the slot was
     retired, or serve began to stop, while the fork server did not answer (up to
     its timeout): nothing is started then (a stop may have closed the listening
-    sockets the new interpreter would be given)."""
+    sockets the new interpreter would be given).  OSError: no process could be
+    started, or none may be (``check_queue_index``)."""
+    check_queue_index(master)
     if master.fork_server is not None and master.fork_server.alive:
         worker = await _start(master, slot, forked=True)
         if worker is not None:

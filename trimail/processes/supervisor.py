@@ -82,6 +82,8 @@ class Master:
                  fork_server: ForkServer | None = None) -> None:
         self.config = config
         self.main_cf: int | None = None  # main.cf's text as running, for every worker to load (processes.reload)
+        self.queue_directory = ""
+        self.queue_index: tuple[int, int] | None = None  # the WAL index every process maps (spawn.check_queue_index)
         self.fork_server = fork_server
         self.writer = writer
         self.lock = lock
