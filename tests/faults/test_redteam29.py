@@ -302,3 +302,28 @@ def test_a_destination_whose_last_delivery_worker_ended_leaves_no_metrics_label(
         # the worker ends once the connection cache time has passed with no job
         wait_until(lambda: not labels(), timeout=30)
         assert_serving(d)
+
+
+def test_a_metrics_slowloris_under_a_low_descriptor_limit_leaves_the_control_socket_working(daemon):
+    """With 100 descriptors (``prlimit`` on the master), 150 connections trickling to
+    the metrics endpoint held them all (256 slots): ``trimail status`` said "not
+    running" for as long as they stayed.  Now an endpoint serves at most an eighth
+    of the descriptors at once (net.reading.slots), evicting the oldest trickler
+    for a newcomer."""
+    d = daemon(smtpd_workers=1, metrics_listen="127.0.0.1:0")
+    line = d.proc.wait_log(r"metrics endpoint listening on")
+    metrics_port = int(re.search(r"listening on .*?:(\d+)", line).group(1))
+    resource.prlimit(d.proc.proc.pid, resource.RLIMIT_NOFILE, (100, 100))
+    tricklers: list[socket.socket] = []
+    try:
+        for _ in range(150):
+            sock = socket.create_connection(("127.0.0.1", metrics_port), timeout=10)
+            sock.sendall(b"GET /metrics HTTP/1.0\r\n")  # and never the end of the request
+            tricklers.append(sock)
+        assert serve_status(d.queue_directory)["pid"] == d.proc.proc.pid
+        body = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=20).read().decode()
+        assert "trimail_queue_messages" in body
+    finally:
+        for sock in tricklers:
+            sock.close()
+    assert_serving(d)

@@ -12,7 +12,8 @@ both endpoints share, built so that no client can end ``serve``:
 * at most *limit* connections are served at once (more wait in the listen backlog),
   and reading a request has a deadline, so silent clients cannot pile up tasks; the
   limit is large (256: a request is at most a few kB) because a flood of tricklers
-  delays a newcomer by about (its place in the backlog) / *limit* seconds;
+  delays a newcomer by about (its place in the backlog) / *limit* seconds, but
+  never above an eighth of the process's descriptors (``slots``);
 * and slow ones cannot hold every slot either (slowloris): when all are taken, a new
   connection takes the place of the oldest one still sending its request after
   ``EVICT_AFTER`` seconds (a handler says its request is in with ``request_read()``;
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import resource
 from collections.abc import Awaitable, Callable
 
 import trio
@@ -59,6 +61,16 @@ async def receive_until(stream: trio.abc.ReceiveStream, marker: bytes, limit: in
             break
         data += chunk
     return data
+
+
+def slots(limit: int) -> int:
+    """Connections served at once: *limit*, or an eighth of this process's descriptors
+    when that is fewer (at least 4), read at each connection (``ulimit -n`` may be
+    low, and ``prlimit`` can change it under a running serve): slow clients of one
+    endpoint must leave descriptors for the sessions and the other endpoints (a
+    metrics slowloris of 150 connections under a limit of 100 made ``trimail
+    status`` say "not running")."""
+    return min(limit, max(4, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
 
 
 async def serve_requests(listener: trio.SocketListener, handle: Callable[[trio.SocketStream], Awaitable[None]],
@@ -109,6 +121,7 @@ async def serve_requests(listener: trio.SocketListener, handle: Callable[[trio.S
                     await trio.sleep(backoff.next())
                     continue
                 backoff.reset()
+                limiter.total_tokens = slots(limit)
                 try:
                     while True:
                         evict_slowest()
