@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import trio
 
@@ -136,7 +137,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
 
             def started(accepting: trio.Nursery) -> None:
                 if control is not None:  # none for a test MTA (trimail.startup)
-                    accepting.start_soon(serve_control, control, control_commands(server), server.metrics)
+                    accepting.start_soon(serve_control, control, control_commands(server), server.metrics,
+                                         Path(queue.directory))
                 for listener in metrics_listeners:
                     accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
                     server.metrics_addresses.append(bound_address(listener))

@@ -327,3 +327,16 @@ def test_a_metrics_slowloris_under_a_low_descriptor_limit_leaves_the_control_soc
         for sock in tricklers:
             sock.close()
     assert_serving(d)
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_a_removed_control_socket_is_bound_again(daemon, workers):
+    """The control socket removed while serve runs (a clean-up of the queue
+    directory): ``trimail status``, ``stop`` and ``reload`` said "not running", and
+    ``sendmail``'s wake-up was lost, so its mail waited for ``queue_run_delay``.  Now
+    serve binds it again within ``KEEP_EVERY`` (5 s) and says so."""
+    d = daemon(smtpd_workers=workers)
+    (d.queue_directory / "control").unlink()
+    d.proc.wait_log(r"warning: control socket .*control was removed or replaced: bound again", timeout=20)
+    assert serve_status(d.queue_directory)["pid"] == d.proc.proc.pid
+    assert_serving(d)

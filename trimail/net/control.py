@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 import socket
 import stat
@@ -39,6 +40,9 @@ MAX_ANSWER = 1 << 20  # what the CLI reads of serve's answer (a status is a few 
 READ_TIMEOUT = 5.0  # seconds to send a command line, and to take the answer
 READ_ONLY = frozenset({"ping", "status", "dead"})  # answered even while a reload or stop runs
 SUN_PATH_MAX = 107  # bytes of a UNIX socket address's path on Linux, without its NUL
+KEEP_EVERY = 5.0  # seconds between looks at the socket file (serve_control binds it again when it is gone)
+
+log = logging.getLogger("trimail.master")
 
 
 @contextlib.contextmanager
@@ -83,10 +87,11 @@ async def _no_lock() -> AsyncIterator[None]:
 
 async def serve_control(listener: trio.SocketListener,
                         commands: dict[str, Callable[[], str | Awaitable[str]]],
-                        metrics: FailureCounter | None = None) -> None:
+                        metrics: FailureCounter | None = None, queue_directory: Path | None = None) -> None:
     """Answer one command per connection.  Clients are read concurrently (a silent
     one cannot hold the socket), each request in its own error boundary; commands
-    run one at a time, so two reloads never interleave."""
+    run one at a time, so two reloads never interleave.  With *queue_directory*,
+    the socket file is bound again when it was removed or replaced (``_keep_path``)."""
     one_at_a_time = trio.Lock()
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -104,7 +109,54 @@ async def serve_control(listener: trio.SocketListener,
         with trio.move_on_after(READ_TIMEOUT):
             await stream.send_all(answer.encode() + b"\n")
 
-    await serve_requests(listener, handle, task="control request", metrics=metrics)
+    async def serve(listener: trio.SocketListener, scope: trio.CancelScope) -> None:
+        with scope:
+            await serve_requests(listener, handle, task="control request", metrics=metrics)
+
+    async with trio.open_nursery() as nursery:
+        scope = trio.CancelScope()
+        nursery.start_soon(serve, listener, scope)
+        if queue_directory is not None:
+            nursery.start_soon(_keep_path, queue_directory, scope, serve, nursery)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return None
+    return (found.st_dev, found.st_ino) if stat.S_ISSOCK(found.st_mode) else None
+
+
+async def _keep_path(queue_directory: Path, scope: trio.CancelScope,
+                     serve: Callable[[trio.SocketListener, trio.CancelScope], Awaitable[None]],
+                     nursery: trio.Nursery) -> None:
+    """Every ``KEEP_EVERY`` seconds: is the socket file still the one bound?  When it
+    was removed or replaced (an operator's clean-up of the queue directory), bind a
+    new one there and serve it instead: without it ``trimail status``, ``stop`` and
+    ``reload`` said "not running", and ``sendmail``'s wake-up was lost (its mail
+    waited for ``queue_run_delay``)."""
+    path = queue_directory / CONTROL_NAME
+    ours = _identity(path)
+    failed = False
+    while True:
+        await trio.sleep(KEEP_EVERY)
+        if ours is not None and _identity(path) == ours:
+            continue
+        try:
+            fresh = await open_control_listener(queue_directory)
+        except ListenError as exc:
+            if not failed:
+                log.warning("the control socket was removed or replaced, and cannot be bound again: %s", exc)
+            failed = True
+            continue
+        failed = False
+        ours = _identity(path)
+        if ours is not None:  # (None: not ours to judge, a tmpfs without inodes: never the case on Linux)
+            log.warning("control socket %s was removed or replaced: bound again", path)
+        scope.cancel()  # the old listener is closed; its requests in flight end
+        scope = trio.CancelScope()
+        nursery.start_soon(serve, fresh, scope)
 
 
 def send_command(queue_directory: Path, command: str, timeout: float = 5.0) -> str | None:

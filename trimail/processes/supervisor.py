@@ -39,6 +39,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -335,7 +336,8 @@ class Master:
                 log.info("qmgr disabled by master_service_disable: mail stays queued")
             await self._start_slots("smtpd", workers_wanted(self.config), self.generation)
             async with trio.open_nursery() as requests:
-                requests.start_soon(serve_control, control, self.control_commands(), self.metrics)
+                requests.start_soon(serve_control, control, self.control_commands(), self.metrics,
+                                    Path(self.queue_directory) if self.queue_directory else None)
                 for listener in metrics_listeners:
                     requests.start_soon(serve_metrics, listener, self.metrics, self.refresh_metrics, self.exposition)
                     self.metrics_addresses.append(bound_address(listener))
