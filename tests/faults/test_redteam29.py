@@ -340,3 +340,20 @@ def test_a_removed_control_socket_is_bound_again(daemon, workers):
     d.proc.wait_log(r"warning: control socket .*control was removed or replaced: bound again", timeout=20)
     assert serve_status(d.queue_directory)["pid"] == d.proc.proc.pid
     assert_serving(d)
+
+
+def test_a_directory_in_place_of_the_control_socket_ends_nothing(daemon):
+    """What takes the control socket's place may not be removable (a directory): serve
+    says so once and goes on; once it is gone, the socket is bound again."""
+    d = daemon(smtpd_workers=1)
+    path = d.queue_directory / "control"
+    path.unlink()
+    path.mkdir()
+    (path / "keep").write_text("x")
+    d.proc.wait_log(r"warning: the control socket was removed or replaced, and cannot be bound again", timeout=20)
+    assert _still_running(d)
+    assert_serving(d)
+    (path / "keep").unlink()
+    path.rmdir()
+    d.proc.wait_log(r"control socket .*control was removed or replaced: bound again", timeout=20)
+    assert serve_status(d.queue_directory)["pid"] == d.proc.proc.pid

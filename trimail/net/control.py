@@ -145,7 +145,7 @@ async def _keep_path(queue_directory: Path, scope: trio.CancelScope,
             continue
         try:
             fresh = await open_control_listener(queue_directory)
-        except ListenError as exc:
+        except (ListenError, OSError) as exc:  # e.g. a directory put in its place: never the end of serve
             if not failed:
                 log.warning("the control socket was removed or replaced, and cannot be bound again: %s", exc)
             failed = True
