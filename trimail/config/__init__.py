@@ -278,8 +278,8 @@ def refuse_restart_only_changes(running: Config, fresh: Config) -> None:
     serve can change (Postfix: ``postfix stop; postfix start`` after a new
     queue_directory): new workers would commit into a queue no qmgr serves, and the
     control socket would be looked for where none is."""
-    for name in RESTART_ONLY:
-        if fresh.get(name) != running.get(name):
+    for name in RESTART_ONLY:  # paths: the same directory written with a trailing slash is no change
+        if os.path.normpath(str(fresh.get(name))) != os.path.normpath(str(running.get(name))):
             raise ConfigError(f"{name} cannot change while serve runs ({running.get(name)} -> {fresh.get(name)}): "
                               "stop serve and start it again")
 
