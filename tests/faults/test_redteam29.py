@@ -28,7 +28,7 @@ from tests.faults.conftest import (
     serve_status,
     wait_until,
 )
-from tests.peers import Sink
+from tests.peers import Sink, _free_port
 
 SINK_HOST = "127.0.0.62"
 
@@ -148,6 +148,54 @@ def test_a_refused_reload_keeps_the_running_configuration_for_restarted_workers(
         send(d.port, ["r@far.example"], _mail("after-refused-reload"))
         wait_until(lambda: "after-refused-reload" in _tokens(sink), timeout=30)
         assert_serving(d)
+
+
+def _connectable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_the_control_socket_bound_again_does_not_cut_a_reload_in_half(daemon):
+    """``trimail reload`` is running (its new smtpd generation starting: here the fork
+    server is slow, SIGSTOP) when the control socket file is removed (the clean-up
+    that ``_keep_path`` exists for).  ``_keep_path`` binds it again and cancels the
+    old listener's scope -- with the request in flight inside it
+    (net/control.py ``scope.cancel()``): ``apply_reload`` was cancelled in
+    ``_start_slots``, after it had set ``master.config`` and ``master.main_cf`` to the
+    new text and registered the new listener, with no roll-back (it rolls back on
+    ``WorkerStartError`` only).  Found: the client got no answer, the new address
+    stayed bound by the master with no worker accepting on it (clients complete the
+    handshake and hang without a greeting), ``trimail status`` lists it as listening,
+    the old generation runs on with the old configuration, and the previous main.cf
+    memfd leaks (red team 29b).  Now the old listener only stops accepting: its
+    requests in flight run to their end."""
+    d = daemon(smtpd_workers=1)
+    new_port = _free_port("127.0.0.1")
+    text = d.config_path.read_text()
+    d.config_path.write_text(re.sub(r"(?m)^smtpd_listen = (.*)$", rf"smtpd_listen = \1, 127.0.0.1:{new_port}", text))
+    fork_server = serve_status(d.queue_directory)["fork_server"]
+    assert fork_server
+    path = d.queue_directory / "control"
+    os.kill(fork_server, signal.SIGSTOP)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(path))
+            client.sendall(b"reload\n")
+            wait_until(lambda: _connectable(new_port), timeout=20)  # the reload opened it: now in _start_slots
+            path.unlink()
+            d.proc.wait_log(r"control socket .*control was removed or replaced: bound again", timeout=20)
+            client.settimeout(30)
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+    finally:
+        os.kill(fork_server, signal.SIGCONT)
+    wait_until(lambda: _greets(new_port), timeout=30)  # the address the reload opened is served
+    assert answer.strip(), "the reload's client got no answer: the request was cancelled mid-reload"
+    assert_serving(d)
 
 
 # -- the queue's shared-memory file -------------------------------------------------------

@@ -30,7 +30,7 @@ from pathlib import Path
 import trio
 
 from trimail.log import printable
-from trimail.net.listener import ListenError
+from trimail.net.listener import ListenError, close_now
 from trimail.net.reading import receive_until, request_read, serve_requests
 from trimail.supervise import FailureCounter
 
@@ -109,15 +109,13 @@ async def serve_control(listener: trio.SocketListener,
         with trio.move_on_after(READ_TIMEOUT):
             await stream.send_all(answer.encode() + b"\n")
 
-    async def serve(listener: trio.SocketListener, scope: trio.CancelScope) -> None:
-        with scope:
-            await serve_requests(listener, handle, task="control request", metrics=metrics)
+    async def serve(listener: trio.SocketListener) -> None:
+        await serve_requests(listener, handle, task="control request", metrics=metrics)
 
     async with trio.open_nursery() as nursery:
-        scope = trio.CancelScope()
-        nursery.start_soon(serve, listener, scope)
+        nursery.start_soon(serve, listener)
         if queue_directory is not None:
-            nursery.start_soon(_keep_path, queue_directory, scope, serve, nursery)
+            nursery.start_soon(_keep_path, queue_directory, listener, serve, nursery)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -128,9 +126,8 @@ def _identity(path: Path) -> tuple[int, int] | None:
     return (found.st_dev, found.st_ino) if stat.S_ISSOCK(found.st_mode) else None
 
 
-async def _keep_path(queue_directory: Path, scope: trio.CancelScope,
-                     serve: Callable[[trio.SocketListener, trio.CancelScope], Awaitable[None]],
-                     nursery: trio.Nursery) -> None:
+async def _keep_path(queue_directory: Path, listener: trio.SocketListener,
+                     serve: Callable[[trio.SocketListener], Awaitable[None]], nursery: trio.Nursery) -> None:
     """Every ``KEEP_EVERY`` seconds: is the socket file still the one bound?  When it
     was removed or replaced (an operator's clean-up of the queue directory), bind a
     new one there and serve it instead: without it ``trimail status``, ``stop`` and
@@ -154,9 +151,10 @@ async def _keep_path(queue_directory: Path, scope: trio.CancelScope,
         ours = _identity(path)
         if ours is not None:  # (None: not ours to judge, a tmpfs without inodes: never the case on Linux)
             log.warning("control socket %s was removed or replaced: bound again", path)
-        scope.cancel()  # the old listener is closed; its requests in flight end
-        scope = trio.CancelScope()
-        nursery.start_soon(serve, fresh, scope)
+        nursery.start_soon(serve, fresh)
+        # the old one stops accepting; its requests in flight (a reload) run to their end
+        close_now(listener)
+        listener = fresh
 
 
 def send_command(queue_directory: Path, command: str, timeout: float = 5.0) -> str | None:

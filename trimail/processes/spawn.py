@@ -43,15 +43,17 @@ if TYPE_CHECKING:
 START_TIMEOUT = 60.0  # seconds for a worker to report ready
 
 
-def worker_spec(master: Master, slot: Slot, channel_fd: int) -> tuple[dict[str, Any], list[int]]:
-    """The spec of a worker for *slot* and the descriptors it names."""
+def worker_spec(master: Master, slot: Slot, channel_fd: int,
+                main_cf: int | None = None) -> tuple[dict[str, Any], list[int]]:
+    """The spec of a worker for *slot* and the descriptors it names; *main_cf*: this
+    try's own copy of the running main.cf's descriptor (``_start``)."""
     spec: dict[str, Any] = {"role": slot.role, "config": str(master.config.path) if master.config.path else None,
                             "overrides": list(master.config.overrides), "master": os.getpid(),
                             "channel": channel_fd, "lock": master.lock.fileno(), "generation": slot.generation}
     fds = [channel_fd, master.lock.fileno()]
-    if master.main_cf is not None:
-        spec["main_cf"] = master.main_cf
-        fds.append(master.main_cf)
+    if main_cf is not None:
+        spec["main_cf"] = main_cf
+        fds.append(main_cf)
     if slot.role == "smtpd":
         spec["board"], spec["slot"], spec["clients"] = master.board.fd, slot.board_slot, master.clients.fd
         spec["wake"] = master.board.wake
@@ -113,8 +115,11 @@ async def spawn(master: Master, slot: Slot) -> Worker | None:
 async def _start(master: Master, slot: Slot, forked: bool) -> Worker | None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     process: subprocess.Popen[bytes] | ForkedProcess | None = None
+    # a copy of its own: a reload may close the master's while this try waits for
+    # the fork server, and the number could name another file by the time it is sent
+    main_cf = None if master.main_cf is None else os.dup(master.main_cf)
     try:
-        spec, fds = worker_spec(master, slot, theirs.fileno())
+        spec, fds = worker_spec(master, slot, theirs.fileno(), main_cf)
         if forked:
             assert master.fork_server is not None
             process = await master.fork_server.spawn(spec, fds)
@@ -126,6 +131,8 @@ async def _start(master: Master, slot: Slot, forked: bool) -> Worker | None:
                 pass_fds=fds, stdin=subprocess.DEVNULL)
     finally:
         theirs.close()
+        if main_cf is not None:
+            os.close(main_cf)
         if process is None:
             ours.close()
     return None if process is None else Worker(slot, process, Channel(ours))
