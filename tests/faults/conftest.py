@@ -198,9 +198,9 @@ def free_space(path: Path) -> int:
     return stat.f_bavail * stat.f_frsize
 
 
-def fill(queue: Path, leave: int) -> Path:
+def fill(queue: Path, leave: int, name: str = "filler") -> Path:
     """A filler file that leaves about *leave* bytes free in the file system."""
-    filler = queue / "filler"
+    filler = queue / name
     stat = os.statvfs(queue)
     size = max(0, stat.f_bavail * stat.f_frsize - leave)
     with open(filler, "wb", buffering=0) as out:

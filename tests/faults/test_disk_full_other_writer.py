@@ -64,8 +64,18 @@ def test_a_queue_file_system_filled_by_something_else_still_drains(daemon, queue
         wait_until(lambda: sink.recorder.in_flight >= 1, timeout=30)  # deliveries in flight, held
         wait_until(lambda: _size(wal) == 0, timeout=30)  # the idle checkpoint emptied the WAL
         filler = fill(queue_16m, leave=0)
-        # full, unless a queue write in between found it so and the reserve went already (seen once)
-        assert free_space(queue_16m) < 64 << 10 or _size(reserve) == 0, free_space(queue_16m)
+        # full, unless a queue write in between found it so and the reserve went already (seen
+        # once); a queue write that ended after the fill may give blocks back (its WAL truncated
+        # by the idle checkpoint: 800 KB seen once): those are filled too
+        more = [filler]
+
+        def full() -> bool:
+            if free_space(queue_16m) < 64 << 10 or _size(reserve) == 0:
+                return True
+            more.append(fill(queue_16m, leave=0, name=f"filler{len(more)}"))
+            return False
+
+        wait_until(full, timeout=30, interval=0.5)
 
         sink.release()  # every delivery is accepted downstream: now they must be recorded
 
@@ -89,7 +99,8 @@ def test_a_queue_file_system_filled_by_something_else_still_drains(daemon, queue
         assert queued(queue_16m) == 0 and _size(reserve) == 0
         assert_serving(served)
 
-        filler.unlink()
+        for each in more:
+            each.unlink()
         wait_until(lambda: _size(reserve) == 512 << 10, timeout=CHECK_SECONDS + 20, interval=0.2)
         wait_until(lambda: any("queue space reserve restored (524288 bytes)" in line for line in served.proc.log),
                    timeout=10)
