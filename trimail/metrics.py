@@ -130,6 +130,13 @@ class Metrics:
             with contextlib.suppress(KeyError):
                 self.destinations.remove(destination)
 
+    def set_queue(self, counts: dict[str, int], oldest: float | None) -> None:
+        """The queue gauges from what ``Store.gauges`` read: messages per state, and the
+        oldest message's age."""
+        for state in ("maildrop", "incoming", "active", "deferred", "hold"):
+            self.queue.labels(state).set(counts.get(state, 0))
+        self.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
+
     def task_failed(self, task: str) -> None:
         self.failures.labels(task).inc()
 

@@ -61,6 +61,7 @@ from trimail.net.stream import DirectStream
 from trimail.peername import PeerNames
 from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verify import Verifier
+from trimail.queue.store import Store
 from trimail.queue.writer import QueueWriter
 from trimail.receive.context import ReceiveContext
 from trimail.receive.session import SmtpdSession
@@ -247,10 +248,7 @@ class Server:
 
     async def refresh_metrics(self) -> None:
         """Queue sizes and the oldest message's age, read when the endpoint is scraped."""
-        counts, oldest = await self.writer.read(lambda store: (store.counts(), store.oldest_arrival()))
-        for state in ("maildrop", "incoming", "active", "deferred", "hold"):
-            self.metrics.queue.labels(state).set(counts.get(state, 0))
-        self.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
+        self.metrics.set_queue(*await self.writer.read(Store.gauges))
 
     def stop(self) -> None:
         """Begin a graceful stop (idempotent)."""

@@ -86,10 +86,7 @@ async def refresh_metrics(master: Master) -> None:
             continue
     if not isinstance(facts, dict):
         return
-    counts, oldest = facts.get("counts", {}), facts.get("oldest")
-    for state in ("maildrop", "incoming", "active", "deferred", "hold"):
-        master.metrics.queue.labels(state).set(counts.get(state, 0))
-    master.metrics.oldest.set(0 if oldest is None else max(0.0, time.time() - oldest))
+    master.metrics.set_queue(facts.get("counts", {}), facts.get("oldest"))
 
 
 async def exposition(master: Master) -> bytes:

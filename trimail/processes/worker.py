@@ -111,7 +111,7 @@ def renumbered(spec: dict[str, Any], mapping: dict[int, int], parent: int) -> di
 async def queue_facts(writer: QueueWriter) -> dict[str, Any]:
     """The queue's counts by state and its oldest arrival, for the master's gauges:
     the master reads no queue once serve runs (processes.reports.refresh_metrics)."""
-    counts, oldest = await writer.read(lambda store: (store.counts(), store.oldest_arrival()))
+    counts, oldest = await writer.read(Store.gauges)
     return {"counts": counts, "oldest": oldest}
 
 

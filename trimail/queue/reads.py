@@ -91,6 +91,10 @@ class QueueReads:
         """The oldest message's arrival time (one step down the ``message_arrival`` index)."""
         return self.db.execute("SELECT min(arrival_time) FROM message").fetchone()[0]
 
+    def gauges(self) -> tuple[dict[str, int], float | None]:
+        """What the queue gauges show (``Metrics.set_queue``): ``counts`` and ``oldest_arrival``."""
+        return self.counts(), self.oldest_arrival()
+
     def iter_messages(self) -> Iterator[MessageInfo]:
         """Like list_messages(), but streamed: one pass over both tables in queue-ID
         order, so the first message comes out at once however long the queue is."""
