@@ -9,6 +9,7 @@ database passes ``PRAGMA integrity_check``.
 from __future__ import annotations
 
 import os
+import shutil
 import smtplib
 import socket
 import subprocess
@@ -165,6 +166,10 @@ def trimail_cmd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[
 
     return subprocess.run([sys.executable, "-m", "trimail", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+# the tests that mount one (``tmpfs``, ``queue_16m``)
+NEEDS_TMPFS = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a tmpfs: needs root")
 
 
 @contextmanager

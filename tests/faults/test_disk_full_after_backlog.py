@@ -15,13 +15,10 @@ mail is accepted and delivered.
 
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
 
-import pytest
-
 from tests.faults.conftest import (
+    NEEDS_TMPFS,
     assert_serving,
     fill,
     free_space,
@@ -32,8 +29,7 @@ from tests.faults.conftest import (
 )
 from tests.peers import Sink
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
-                                reason="mounts a tmpfs: needs root")
+pytestmark = NEEDS_TMPFS
 
 LIMIT = 1_000_000  # message_size_limit: MAIL needs 1.5 MB free
 

@@ -17,14 +17,12 @@ mail is accepted.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import smtplib
 from pathlib import Path
 
-import pytest
-
 from tests.faults.conftest import (
+    NEEDS_TMPFS,
     assert_serving,
     fill,
     free_space,
@@ -38,8 +36,7 @@ from tests.faults.conftest import (
 from tests.peers import Sink
 from trimail.queue.reserve import CHECK_SECONDS, RESERVE_NAME
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
-                                reason="mounts a tmpfs: needs root")
+pytestmark = NEEDS_TMPFS
 
 LIMIT = 60_000  # message_size_limit: MAIL needs 90 KB free, far less than the reserve's 512 KiB
 MESSAGES = 12

@@ -14,17 +14,19 @@ every acknowledged message is delivered and the queue empties.
 
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
 
-import pytest
-
-from tests.faults.conftest import assert_serving, free_space, integrity_ok, trimail_cmd, wait_until
+from tests.faults.conftest import (
+    NEEDS_TMPFS,
+    assert_serving,
+    free_space,
+    integrity_ok,
+    trimail_cmd,
+    wait_until,
+)
 from tests.peers import Sink
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
-                                reason="mounts a tmpfs: needs root")
+pytestmark = NEEDS_TMPFS
 
 LIMIT = 1_000_000  # message_size_limit: MAIL needs 1.5 MB free
 

@@ -9,22 +9,25 @@ space comes back, mail is accepted again.  serve never stops answering.
 
 from __future__ import annotations
 
-import os
-import shutil
 import smtplib
 import time
 from pathlib import Path
 
-import pytest
-
-from tests.faults.conftest import assert_serving, fill, integrity_ok, send, trimail_cmd, wait_until
+from tests.faults.conftest import (
+    NEEDS_TMPFS,
+    assert_serving,
+    fill,
+    integrity_ok,
+    send,
+    trimail_cmd,
+    wait_until,
+)
 from trimail.queue.spool import SPACE_CACHE_SECONDS
 
 SMALL = b"Subject: small\r\n\r\n" + b"x" * 1000 + b"\r\n"
 BIG = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1024  # 1 MiB: past the in-memory spool limit
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
-                                reason="mounts a tmpfs: needs root")
+pytestmark = NEEDS_TMPFS
 
 
 def queued_ids(config_path: Path) -> list[str]:

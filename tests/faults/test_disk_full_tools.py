@@ -8,15 +8,9 @@ The queue directory is a real 4 MiB tmpfs, filled to the last byte while serve r
 
 from __future__ import annotations
 
-import os
-import shutil
+from tests.faults.conftest import NEEDS_TMPFS, fill, integrity_ok, send, trimail_cmd
 
-import pytest
-
-from tests.faults.conftest import fill, integrity_ok, send, trimail_cmd
-
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None,
-                                reason="mounts a tmpfs: needs root")
+pytestmark = NEEDS_TMPFS
 
 
 def test_queue_delete_on_a_full_file_system_says_so_in_one_line_and_works_once_there_is_room(

@@ -10,8 +10,6 @@ or outcome retried later), never the daemon.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import apsw
 import pytest
 
 from tests.conftest import trimail
-from tests.faults.conftest import assert_serving, fill, integrity_ok, send, wait_until
+from tests.faults.conftest import NEEDS_TMPFS, assert_serving, fill, integrity_ok, send, wait_until
 from tests.peers import Sink
 
 
@@ -157,7 +155,7 @@ def test_queue_locked_by_another_process_during_deliveries(daemon, tmp_path):
         assert integrity_ok(served.queue_directory) == "ok"
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a tmpfs: needs root")
+@NEEDS_TMPFS
 def test_disk_full_under_the_queue_while_delivering(daemon, tmp_path, small_queue):
     # a peer held until the disk is full: the outcomes are recorded after the disk filled up,
     # and the three messages stay active (claimed, not yet delivered) however loaded the machine

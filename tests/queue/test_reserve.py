@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import trio
 
-from tests.faults.conftest import fill, tmpfs
+from tests.faults.conftest import NEEDS_TMPFS, fill, tmpfs
 from trimail.queue import reserve as reserve_module
 from trimail.queue.reserve import RESERVE_NAME, QueueReserve, keep, missing_bytes, reserve_size
 
@@ -45,7 +44,7 @@ def test_reserve_is_made_released_once_and_restored(tmp_path: Path, caplog) -> N
         f"queue space reserve restored ({size} bytes)"]
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("mount") is None, reason="mounts a tmpfs: needs root")
+@NEEDS_TMPFS
 def test_reserve_waits_for_twice_its_size_free(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "queue", "4m") as queue:  # a 128 KiB reserve
         size = reserve_size(os.statvfs(queue))
