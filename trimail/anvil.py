@@ -179,9 +179,11 @@ class Anvil:
 
     def out_of_descriptors(self) -> bool | None:
         """An accept failed with EMFILE or ENFILE: stress on (``True`` when it just
-        turned on), until this process's sessions drop below half of what it holds now."""
-        self.short_at = max(self.short_at, self._sessions, 1)
-        if self.stress:
+        turned on), until this process's sessions drop below half of what it holds now.
+        Not with no session of its own: stress would free nothing, and it went on and
+        off at every retry of the accept."""
+        self.short_at = max(self.short_at, self._sessions)
+        if self.stress or not self._sessions:  # (no session to cut: stress would free nothing)
             return None
         self.stress = True
         return True

@@ -27,3 +27,10 @@ def test_without_a_shortage_stress_follows_the_session_total_only() -> None:
     assert changes[-1] is True and changes[:-1] == [None] * 7
     changes = [anvil.closed(f"192.0.2.{n}") for n in range(8)]
     assert changes == [None, None, None, None, False, None, None, None]  # under 4 (half of 8): off
+
+
+def test_running_out_of_descriptors_without_a_session_is_no_stress() -> None:
+    """Nothing to cut: stress went on at each retry of the accept and off at once."""
+    anvil = Anvil(configuration.load(None, ["smtpd_process_limit=1000", "smtpd_stress_threshold=80"]))
+    assert anvil.out_of_descriptors() is None
+    assert not anvil.stress and anvil.restate() is None

@@ -43,6 +43,7 @@ import errno
 import ipaddress
 import logging
 import os
+import resource
 import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -59,6 +60,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trimail.master")
 
 BACKLOG = 1024
+# descriptors an SMTP connection may not take (the last of RLIMIT_NOFILE): 1/16, 8 to 64
+HEADROOM_MIN, HEADROOM_MAX = 8, 64
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # a connection that died in the backlog (what trio's SocketListener.accept skips too)
 _GONE_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
@@ -131,7 +134,19 @@ class DeferredAccept:
     the new session has not counted itself yet); when *busy()* says the worker has
     sessions enough that more connections are likely waiting, it tries after a
     checkpoint, else it waits for readability (see the module docstring).
-    Each connection comes as a ``net.stream.DirectStream``."""
+    Each connection comes as a ``net.stream.DirectStream``.
+
+    The last descriptors of ``RLIMIT_NOFILE`` (1/16 of it, 8 to 64, at most half of
+    those free when the listener was taken up) are not for new connections.  Descriptors are numbered lowest free first, so a connection's
+    number is a floor of the descriptors open: once one took the last descriptor
+    below the ceiling, the next accept first asks a ``dup`` of the socket where the
+    lowest free one is, and while that is at the ceiling it accepts nothing
+    (reported as EMFILE, which turns stress on: ``accept``'s *exhausted*) and the
+    connections wait in the backlog, as with EMFILE itself.  The descriptors kept
+    let the sessions in progress open their spool files and tables, and the control
+    socket and the metrics endpoint of this process accept (with ``smtpd_workers =
+    0``, idle clients holding every descriptor made ``trimail status`` say "not
+    running" until stress cut them)."""
 
     def __init__(self, listener: trio.SocketListener, turns: Turns | None = None,
                  busy: Callable[[], bool] = lambda: True) -> None:
@@ -142,6 +157,8 @@ class DeferredAccept:
         self._raw = socket.socket(fileno=os.dup(listener.socket.fileno()))
         self._raw.setblocking(False)
         self._more = False  # the last try took one: there may be more waiting
+        self._full = False  # the last connection took the last descriptor below the ceiling
+        self._base = self._raw.fileno()  # about the descriptors held before any session
 
     def close(self) -> None:
         self._raw.close()
@@ -158,6 +175,10 @@ class DeferredAccept:
                 await trio.lowlevel.wait_readable(self.listener.socket)
             if self.turns is not None:
                 await self.turns.defer()
+            if self._full and not self._room():  # the connection waits in the backlog
+                self._more = False
+                raise OSError(errno.EMFILE, os.strerror(errno.EMFILE) + " (the last ones are kept for the "
+                                            "sessions in progress and the control socket)")
             try:
                 connection, _ = self._raw.accept()
             except BlockingIOError:
@@ -169,7 +190,25 @@ class DeferredAccept:
                     continue
                 raise
             self._more = True
+            self._full = connection.fileno() >= _ceiling(self._base) - 1
             return DirectStream(connection)
+
+    def _room(self) -> bool:
+        """Is the lowest free descriptor below the ceiling (a ``dup`` tells)?"""
+        probe = os.dup(self._raw.fileno())
+        os.close(probe)
+        self._full = probe >= _ceiling(self._base)
+        return not self._full
+
+
+def _ceiling(base: int) -> int:
+    """The lowest descriptor number a new SMTP connection may not have: the last of
+    ``RLIMIT_NOFILE`` are kept (see ``DeferredAccept``), but never more than half of
+    what is left above *base* (the descriptors the process holds without sessions)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return 1 << 62
+    return soft - min(HEADROOM_MAX, max(HEADROOM_MIN, soft // 16), max(0, soft - base) // 2)
 
 
 async def accept(listener: trio.SocketListener, deferred: DeferredAccept | None = None,
