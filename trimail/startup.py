@@ -48,6 +48,7 @@ from trimail.net.listener import open_listeners
 from trimail.net.tls import server_tls_context
 from trimail.privileges import drop_privileges
 from trimail.queue.database import QueueError, is_test_queue, prepare_directory
+from trimail.queue.guards import index_identity
 from trimail.queue.inline import InlineWriter
 from trimail.queue.lock import QueueLock
 from trimail.queue.reserve import QueueReserve
@@ -86,6 +87,7 @@ class OpenedQueue:
         self.lock = lock
         self.busy_timeout = busy_timeout
         self.writer: QueueWriter
+        self.index: tuple[int, int] | None = None  # queue.db-shm's (device, inode) (database.index_identity)
         self.test = is_test_queue(directory)  # trimail.testing's: never fsynced, never shared, no control socket
 
     def open_store(self) -> Store:
@@ -115,6 +117,9 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
             try:
                 if not queue.test:  # a test queue is a fresh copy of an empty one: nothing to recover
                     await recover(writer, directory)
+                    # the WAL index every process of this serve maps: no other opening while it is gone
+                    queue.index = index_identity(directory)
+                    lock.record_index(queue.index)
                 preflight(config)
                 yield queue
             finally:

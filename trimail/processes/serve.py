@@ -24,7 +24,6 @@ from trimail.config import Config
 from trimail.privileges import hand_over, owner_ids
 from trimail.processes.forkserver import ForkServer
 from trimail.processes.reload import read_main_cf, text_memfd
-from trimail.processes.spawn import index_identity
 from trimail.processes.supervisor import Master
 from trimail.startup import open_endpoints, opened_queue
 
@@ -57,7 +56,7 @@ async def serve_processes(config: Config, fork_server: ForkServer | None = None,
             master = Master(config, queue.writer, queue.lock, listeners, fork_server)
             master.main_cf = text_memfd(main_cf)
             master.queue_directory = queue.directory
-            master.queue_index = index_identity(queue.directory)  # mapped by the master's own connection
+            master.queue_index = queue.index  # mapped by the master's own connection
             async with trio.open_nursery() as nursery:
                 if fork_server is not None:
                     nursery.start_soon(fork_server.run)

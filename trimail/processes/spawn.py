@@ -35,7 +35,7 @@ import trio
 from trimail.processes.channel import Channel, ChannelClosed
 from trimail.processes.forked import ForkedProcess
 from trimail.processes.slot import Slot, Worker
-from trimail.queue.database import DATABASE_NAME
+from trimail.queue.guards import DATABASE_NAME, index_identity
 
 if TYPE_CHECKING:
     from trimail.processes.supervisor import Master
@@ -68,15 +68,6 @@ def worker_spec(master: Master, slot: Slot, channel_fd: int,
         spec["addresses"] = [str(address) for address in master.addresses]
         fds.append(master._receive_trigger.fileno())
     return spec, fds
-
-
-def index_identity(directory: str | os.PathLike[str]) -> tuple[int, int] | None:
-    """(device, inode) of the queue's WAL index (``queue.db-shm``), None without one."""
-    try:
-        found = os.stat(os.path.join(directory, DATABASE_NAME + "-shm"))
-    except FileNotFoundError:
-        return None
-    return found.st_dev, found.st_ino
 
 
 def check_queue_index(master: Master) -> None:

@@ -67,23 +67,22 @@ from typing import Literal, Self
 
 import apsw
 
-from trimail.errors import StorageError, TrimailError
+from trimail.errors import StorageError
+from trimail.queue.guards import (
+    DATABASE_NAME,
+    QueueError,
+    check_not_lost,
+    refuse_other_index,
+    write_stamp,
+)
 from trimail.queue.lock import open_regular_for_reading
-from trimail.queue.reads import rfc3339
 from trimail.queue.schema import MIGRATIONS, SCHEMA_VERSION
 
-DATABASE_NAME = "queue.db"
 BUSY_TIMEOUT_MS = 30_000
 JOURNAL_SIZE_LIMIT = 64 << 20  # the WAL is truncated to this after a checkpoint
 TEST_QUEUE_VFS = "unix-excl"  # a test queue's (see the module's docstring): every connection to it uses this
 TEST_QUEUE_MARK = "queue.test"  # beside a test queue's database: another process refuses it at once
 
-
-class QueueError(TrimailError):
-    """A queue problem an operator must see (bad directory, newer schema, ...)."""
-
-
-STAMP_NAME = "queue.stamp"
 
 # test queue directories that skip fsync: their real paths, and the name each was marked by -> its real path
 _UNSAFE_UNSYNCED: set[str] = set()
@@ -135,41 +134,6 @@ def prepare_directory(queue_directory: str | os.PathLike[str]) -> None:
             os.chmod(queue_directory, 0o700)
     except OSError as exc:
         raise QueueError(f"queue_directory {queue_directory}: {exc.strerror}") from None
-
-
-def _check_not_lost(path: str) -> bool:
-    """Whether the database must be created; refuse when it should exist and does not.
-
-    ``queue.stamp`` is written once the database exists.  A missing or zero-length
-    ``queue.db`` beside a stamp means the queue was deleted or truncated: SQLite
-    would silently start an empty queue, and every queued message would be gone
-    without a word, so we refuse instead."""
-    stamp = os.path.join(os.path.dirname(path), STAMP_NAME)
-    try:
-        size: int | None = os.stat(path).st_size
-    except FileNotFoundError:
-        size = None
-    except OSError as exc:
-        raise QueueError(f"{path}: {exc.strerror}") from None
-    if size:
-        return False
-    if os.path.exists(stamp):
-        what = "missing" if size is None else "empty (zero length)"
-        raise QueueError(f"{path}: {what}, but this queue directory held a queue ({stamp} exists): restore "
-                         f"{DATABASE_NAME} from a backup (trimail queue backup), or remove {stamp} to start "
-                         "with an empty queue")
-    return True
-
-
-def _write_stamp(path: str) -> None:
-    stamp = os.path.join(os.path.dirname(path), STAMP_NAME)
-    if not os.path.exists(stamp):
-        try:
-            fd = os.open(stamp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with open(fd, "w") as out:  # O_EXCL: never through a planted (dangling) link
-                out.write(f"queue database created {rfc3339(time.time())}\n")
-        except OSError as exc:
-            raise QueueError(f"{stamp}: {exc.strerror}") from None
 
 
 def storage_error(exc: BaseException) -> StorageError:
@@ -243,7 +207,7 @@ class Database:
             new = False
         else:
             prepare_directory(directory)
-            new = _check_not_lost(path)
+            new = check_not_lost(path)
             flags = apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
         # root opens this before the privilege drop in a directory mail_owner owns:
         # never through a planted link (the directory's own path is the operator's)
@@ -252,6 +216,8 @@ class Database:
         if not unsynced and os.path.exists(os.path.join(real_directory, TEST_QUEUE_MARK)):
             raise QueueError(f"{path}: the queue of a trimail.testing test MTA, which only the process "
                              "running that MTA can open")
+        if not unsynced:
+            refuse_other_index(real_directory)
         try:
             db = apsw.Connection(os.path.join(real_directory, DATABASE_NAME),
                                  flags=flags | apsw.SQLITE_OPEN_NOFOLLOW, vfs=TEST_QUEUE_VFS if unsynced else None)
@@ -275,7 +241,7 @@ class Database:
         except OSError as exc:
             raise QueueError(f"{path}: {exc.strerror}") from None
         if not readonly and not unsynced:  # a throw-away test queue is never restored from a backup
-            _write_stamp(store.path)
+            write_stamp(store.path)
         return store
 
     def close(self) -> None:

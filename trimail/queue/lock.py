@@ -4,6 +4,9 @@ The lock is ``flock(2)`` on ``$queue_directory/pid/master.pid`` (Postfix's
 master.pid), held for the life of serve and released by the kernel when the
 process dies (even on ``kill -9``), so a stale pid file never blocks a restart.
 The file holds the pid for ``trimail status``, ``stop`` and ``reload``.
+``pid/queue.index`` beside it names the ``queue.db-shm`` serve maps (device and
+inode, once the queue is open): while the lock is held, every other opening of
+the queue compares it with the file there now (``database.Database.open``).
 
 Security notes: serve opens this file as root, before it becomes mail_owner,
 and mail_owner owns the queue directory, so the pid file must not be anything
@@ -32,6 +35,7 @@ from trimail.errors import ConfigurationError
 
 PID_DIRECTORY = "pid"
 PID_NAME = "master.pid"
+INDEX_NAME = "queue.index"  # beside it: (device, inode) of the queue.db-shm serve maps
 OLD_LOCK_NAME = "master.lock"  # before issue 14: in the mail_owner-owned queue directory; read only
 _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -115,6 +119,23 @@ class QueueLock:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
+        self.record_index(None)  # the last serve's, until this one has opened the queue
+
+    def record_index(self, identity: tuple[int, int] | None) -> None:
+        """Write (device, inode) of the ``queue.db-shm`` this serve maps to ``pid/``'s
+        ``queue.index``, for ``running_index`` (None: empty it)."""
+        directory = open_pid_directory(self.queue_directory)
+        try:
+            fd = safe_open(directory, INDEX_NAME, os.O_WRONLY | os.O_CREAT,
+                           os.path.join(self.queue_directory, PID_DIRECTORY, INDEX_NAME))
+        finally:
+            os.close(directory)
+        try:
+            os.ftruncate(fd, 0)
+            if identity is not None:
+                os.write(fd, f"{identity[0]} {identity[1]}\n".encode())
+        finally:
+            os.close(fd)
 
     def fileno(self) -> int:
         """The locked descriptor: worker processes inherit it, so the lock is held
@@ -180,6 +201,26 @@ def _locked_pid(path: str | os.PathLike[str]) -> int | None:
         return None
     finally:
         os.close(fd)
+
+
+def running_index(queue_directory: str | os.PathLike[str]) -> tuple[int, int] | None:
+    """(device, inode) of the ``queue.db-shm`` the running serve maps (``record_index``);
+    None when no serve runs, it has recorded none yet, or the caller may not look."""
+    try:
+        if _locked_pid(pid_path(queue_directory)) is None:
+            return None
+        fd = open_regular_for_reading(os.path.join(queue_directory, PID_DIRECTORY, INDEX_NAME))
+    except PermissionError:
+        return None
+    if fd is None:
+        return None
+    try:
+        fields = os.pread(fd, 64, 0).split()
+    finally:
+        os.close(fd)
+    if len(fields) != 2 or not all(field.isdigit() for field in fields):
+        return None
+    return int(fields[0]), int(fields[1])
 
 
 def _refuse_old_serve(queue_directory: str | os.PathLike[str]) -> None:
