@@ -87,7 +87,7 @@ class OpenedQueue:
         self.lock = lock
         self.busy_timeout = busy_timeout
         self.writer: QueueWriter
-        self.index: tuple[int, int] | None = None  # queue.db-shm's (device, inode) (database.index_identity)
+        self.index: tuple[int, ...] | None = None  # the WAL's and its index's files (guards.index_identity)
         self.test = is_test_queue(directory)  # trimail.testing's: never fsynced, never shared, no control socket
 
     def open_store(self) -> Store:

@@ -252,7 +252,7 @@ def test_a_removed_wal_index_starts_no_worker_that_would_lose_mail(daemon):
         os.remove(d.queue_directory / "queue.db-shm")
         [victim, *_] = _running(d, "smtpd")
         os.kill(victim, signal.SIGKILL)
-        d.proc.wait_log(r"warning: process trimail/smtpd could not be started: .*queue.db-shm was removed or "
+        d.proc.wait_log(r"warning: process trimail/smtpd could not be started: .*queue.db-wal or -shm was removed or "
                         r"replaced while serve runs")
         acknowledged = []
         for n in range(5):

@@ -84,7 +84,7 @@ class Master:
         self.config = config
         self.main_cf: int | None = None  # main.cf's text as running, for every worker to load (processes.reload)
         self.queue_directory = ""
-        self.queue_index: tuple[int, int] | None = None  # the WAL index every process maps (spawn.check_queue_index)
+        self.queue_index: tuple[int, ...] | None = None  # the WAL and index every process has (spawn.check_queue_index)
         self.fork_server = fork_server
         self.writer = writer
         self.lock = lock

@@ -1,7 +1,7 @@
 """The queue's files, and what makes an opening of them safe: ``queue.stamp`` (a
 database that went missing is refused, never silently replaced by an empty
-queue) and the WAL index a running serve maps (``pid/queue.index``: no other
-opening while ``queue.db-shm`` is not the file serve has).  ``database.Database.open``
+queue) and the WAL with its index that a running serve has open (``pid/queue.index``:
+no other opening while ``queue.db-wal`` or ``queue.db-shm`` is not the file serve has).  ``database.Database.open``
 runs both checks."""
 
 from __future__ import annotations
@@ -21,25 +21,33 @@ class QueueError(TrimailError):
     """A queue problem an operator must see (bad directory, newer schema, ...)."""
 
 
-def index_identity(directory: str | os.PathLike[str]) -> tuple[int, int] | None:
-    """(device, inode) of the queue's WAL index (``queue.db-shm``), None without one."""
+Identity = tuple[int, ...]
+
+
+def index_identity(directory: str | os.PathLike[str]) -> Identity | None:
+    """Device and inode of the queue's WAL (``queue.db-wal``) and of its index
+    (``queue.db-shm``), None when either is missing.  Neither is removed while a
+    connection is open (SQLite removes them at the last close), so while serve runs
+    both stay the files its processes have open."""
     try:
-        found = os.stat(os.path.join(directory, DATABASE_NAME + "-shm"))
+        wal = os.stat(os.path.join(directory, DATABASE_NAME + "-wal"))
+        shm = os.stat(os.path.join(directory, DATABASE_NAME + "-shm"))
     except FileNotFoundError:
         return None
-    return found.st_dev, found.st_ino
+    return wal.st_dev, wal.st_ino, shm.st_dev, shm.st_ino
 
 
 def refuse_other_index(directory: str) -> None:
-    """QueueError when a running serve maps a ``queue.db-shm`` that is no longer the
-    file at that path (removed or replaced under it: SQLite cannot tell).  A
-    connection opened now would make or use an index of its own, the two would
-    disagree, and mail could be lost (red team 29: 2 of 63 messages, through a
-    worker started afterwards; ``sendmail`` and the queue commands write too)."""
+    """QueueError when the ``queue.db-wal`` or ``queue.db-shm`` a running serve has
+    open is no longer the file at that path (removed or replaced under it: SQLite
+    cannot tell).  A connection opened now would make or use a WAL or an index of
+    its own, the two sides would disagree, and mail could be lost (red team 29: 2 of
+    63 messages, through a worker started after ``-shm`` was removed; ``sendmail``
+    and the queue commands write too)."""
     expected = running_index(directory)
     if expected is not None and index_identity(directory) != expected:
-        raise QueueError(f"{os.path.join(directory, DATABASE_NAME)}-shm was removed or replaced while serve runs: "
-                         "opening the queue now would index it apart from serve and could lose mail; "
+        raise QueueError(f"{os.path.join(directory, DATABASE_NAME)}-wal or -shm was removed or replaced while "
+                         "serve runs: opening the queue now would split it from serve's and could lose mail; "
                          "stop serve and start it again")
 
 

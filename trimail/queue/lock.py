@@ -4,8 +4,8 @@ The lock is ``flock(2)`` on ``$queue_directory/pid/master.pid`` (Postfix's
 master.pid), held for the life of serve and released by the kernel when the
 process dies (even on ``kill -9``), so a stale pid file never blocks a restart.
 The file holds the pid for ``trimail status``, ``stop`` and ``reload``.
-``pid/queue.index`` beside it names the ``queue.db-shm`` serve maps (device and
-inode, once the queue is open): while the lock is held, every other opening of
+``pid/queue.index`` beside it names the ``queue.db-wal`` and ``queue.db-shm`` serve
+has open (devices and inodes, once the queue is open): while the lock is held, every other opening of
 the queue compares it with the file there now (``database.Database.open``).
 
 Security notes: serve opens this file as root, before it becomes mail_owner,
@@ -35,7 +35,7 @@ from trimail.errors import ConfigurationError
 
 PID_DIRECTORY = "pid"
 PID_NAME = "master.pid"
-INDEX_NAME = "queue.index"  # beside it: (device, inode) of the queue.db-shm serve maps
+INDEX_NAME = "queue.index"  # beside it: devices and inodes of the queue.db-wal and -shm serve has open
 OLD_LOCK_NAME = "master.lock"  # before issue 14: in the mail_owner-owned queue directory; read only
 _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -121,9 +121,10 @@ class QueueLock:
         self._fd = fd
         self.record_index(None)  # the last serve's, until this one has opened the queue
 
-    def record_index(self, identity: tuple[int, int] | None) -> None:
-        """Write (device, inode) of the ``queue.db-shm`` this serve maps to ``pid/``'s
-        ``queue.index``, for ``running_index`` (None: empty it)."""
+    def record_index(self, identity: tuple[int, ...] | None) -> None:
+        """Write *identity* (``guards.index_identity``: devices and inodes of the WAL
+        and its index this serve has open) to ``pid/``'s ``queue.index``, for
+        ``running_index`` (None: empty it)."""
         directory = open_pid_directory(self.queue_directory)
         try:
             fd = safe_open(directory, INDEX_NAME, os.O_WRONLY | os.O_CREAT,
@@ -133,7 +134,7 @@ class QueueLock:
         try:
             os.ftruncate(fd, 0)
             if identity is not None:
-                os.write(fd, f"{identity[0]} {identity[1]}\n".encode())
+                os.write(fd, (" ".join(map(str, identity)) + "\n").encode())
         finally:
             os.close(fd)
 
@@ -203,9 +204,9 @@ def _locked_pid(path: str | os.PathLike[str]) -> int | None:
         os.close(fd)
 
 
-def running_index(queue_directory: str | os.PathLike[str]) -> tuple[int, int] | None:
-    """(device, inode) of the ``queue.db-shm`` the running serve maps (``record_index``);
-    None when no serve runs, it has recorded none yet, or the caller may not look."""
+def running_index(queue_directory: str | os.PathLike[str]) -> tuple[int, ...] | None:
+    """What the running serve recorded (``record_index``); None when no serve runs,
+    it has recorded nothing yet, or the caller may not look."""
     try:
         if _locked_pid(pid_path(queue_directory)) is None:
             return None
@@ -215,12 +216,12 @@ def running_index(queue_directory: str | os.PathLike[str]) -> tuple[int, int] | 
     if fd is None:
         return None
     try:
-        fields = os.pread(fd, 64, 0).split()
+        fields = os.pread(fd, 128, 0).split()
     finally:
         os.close(fd)
-    if len(fields) != 2 or not all(field.isdigit() for field in fields):
+    if not fields or not all(field.isdigit() for field in fields):
         return None
-    return int(fields[0]), int(fields[1])
+    return tuple(int(field) for field in fields)
 
 
 def _refuse_old_serve(queue_directory: str | os.PathLike[str]) -> None:
