@@ -137,8 +137,9 @@ class DeferredAccept:
     Each connection comes as a ``net.stream.DirectStream``.
 
     The last descriptors of ``RLIMIT_NOFILE`` (1/16 of it, 8 to 64, at most half of
-    those free when the listener was taken up) are not for new connections.  Descriptors are numbered lowest free first, so a connection's
-    number is a floor of the descriptors open: once one took the last descriptor
+    those free when the listener was taken up) are not for new connections.
+    Descriptors are numbered lowest free first, so a connection's number is a
+    floor of the descriptors open: once one took the last descriptor
     below the ceiling, the next accept first asks a ``dup`` of the socket where the
     lowest free one is, and while that is at the ceiling it accepts nothing
     (reported as EMFILE, which turns stress on: ``accept``'s *exhausted*) and the

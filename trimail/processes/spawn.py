@@ -74,13 +74,13 @@ def check_queue_index(master: Master) -> None:
     """OSError when ``queue.db-wal`` or ``queue.db-shm`` is no longer the file the
     running processes have open (removed or replaced under serve: SQLite cannot
     tell): a worker started now would make a WAL or an index of its own, the two
-    would disagree, and mail it acknowledged could be lost (red team 29).  The slot waits with back-off; the
-    running workers go on, all with the one index."""
+    would disagree, and mail it acknowledged could be lost (red team 29).  The slot
+    waits with back-off; the running workers go on, all with the one WAL."""
     expected = master.queue_index
     if expected is not None and index_identity(master.queue_directory) != expected:
-        raise OSError(errno.ESTALE, f"{DATABASE_NAME}-wal or -shm was removed or replaced while serve runs: a worker "
-                      "started now would index the queue apart from the running ones and could lose mail; "
-                      "stop serve and start it again")
+        raise OSError(errno.ESTALE, f"{DATABASE_NAME}-wal or -shm was removed or replaced while serve runs: "
+                      "a worker started now would split the queue from the running ones' and could lose "
+                      "mail; stop serve and start it again")
 
 
 async def spawn(master: Master, slot: Slot) -> Worker | None:

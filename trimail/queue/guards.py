@@ -1,8 +1,8 @@
 """The queue's files, and what makes an opening of them safe: ``queue.stamp`` (a
 database that went missing is refused, never silently replaced by an empty
-queue) and the WAL with its index that a running serve has open (``pid/queue.index``:
-no other opening while ``queue.db-wal`` or ``queue.db-shm`` is not the file serve has).  ``database.Database.open``
-runs both checks."""
+queue) and the WAL with its index that a running serve has open
+(``pid/queue.index``: no other opening while ``queue.db-wal`` or ``queue.db-shm``
+is not the file serve has).  ``database.Database.open`` runs both checks."""
 
 from __future__ import annotations
 

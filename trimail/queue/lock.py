@@ -5,8 +5,9 @@ master.pid), held for the life of serve and released by the kernel when the
 process dies (even on ``kill -9``), so a stale pid file never blocks a restart.
 The file holds the pid for ``trimail status``, ``stop`` and ``reload``.
 ``pid/queue.index`` beside it names the ``queue.db-wal`` and ``queue.db-shm`` serve
-has open (devices and inodes, once the queue is open): while the lock is held, every other opening of
-the queue compares it with the file there now (``database.Database.open``).
+has open (devices and inodes, once the queue is open): while the lock is held,
+every other opening of the queue compares them with the files there now
+(``guards.refuse_other_index``).
 
 Security notes: serve opens this file as root, before it becomes mail_owner,
 and mail_owner owns the queue directory, so the pid file must not be anything
