@@ -40,7 +40,7 @@ from trimail import __version__
 from trimail import config as configuration
 from trimail.config import Config, ConfigError, refuse_restart_only_changes
 from trimail.maps import TableError
-from trimail.net.listener import ListenError, open_listeners
+from trimail.net.listener import ListenError, close_now, open_listeners
 from trimail.policy.restrictions import restriction_lists
 from trimail.processes.channel import ChannelClosed
 from trimail.processes.slot import WorkerStartError
@@ -81,7 +81,8 @@ async def apply_reload(master: Master) -> str:
     try:
         master.generation += 1
         await master._start_slots("smtpd", workers_wanted(fresh), master.generation)
-    except WorkerStartError as exc:  # the new workers cannot run: the old ones go on as they were
+    except BaseException as exc:  # the new workers cannot run: the old ones go on as they were
+        # (undone whatever ended it, without a checkpoint: a stop's cancellation too)
         master.config = previous
         close_memfd(master.main_cf)
         master.main_cf = previous_text
@@ -90,7 +91,9 @@ async def apply_reload(master: Master) -> str:
         master.listening = {key: entries for key, entries in master.listening.items() if entries}
         master.listening.update(removed)
         for listener, _, _ in opened:
-            await listener.aclose()
+            close_now(listener)
+        if not isinstance(exc, WorkerStartError):
+            raise
         log.error("reload refused, keeping the running configuration: %s", exc)
         return f"error: {exc}"
     close_memfd(previous_text)
