@@ -1,7 +1,12 @@
 """One JSON line per message between the master and one worker process.
 
-The master makes a ``socketpair`` per worker and passes one end to it; the
-worker first says ``{"ready": ...}`` once it accepts work, then answers each
+The master makes a ``socketpair`` per worker and passes one end to it.  Its first
+word is ``GO``, written once it knows the process is the one it started (the fork
+server answered with its pid, or the new interpreter runs): a worker waits for it
+before it does anything (``await_go``), so a fork that came after the master gave
+up on it -- and started another -- reads the end of the channel instead and
+exits without having touched the queue.  The worker first says ``{"ready": ...}``
+once it accepts work, then answers each
 request (``{"cmd": NAME, "id": N, ...}``) with one line (``{"id": N, "ok": VALUE}``
 or ``{"id": N, "error": TEXT}``).  Requests are made one at a time (the master
 holds a lock per worker); the id is for a request the master gave up waiting on
@@ -14,12 +19,34 @@ channel, and the other side treats the process as gone.
 from __future__ import annotations
 
 import json
+import os
 import socket
 from typing import Any
 
 import trio
 
 MAX_LINE = 16 << 20
+GO = b'{"go":true}\n'
+
+
+def await_go(fd: int, timeout: float) -> bool:
+    """In a worker, before anything else: whether the master's first word on the
+    channel *fd* is ``GO`` within *timeout* (False: the channel ended, or nothing
+    came).  Read a byte at a time, so nothing after it is taken from the channel."""
+    sock = socket.socket(fileno=os.dup(fd))
+    line = b""
+    try:
+        sock.settimeout(timeout)
+        while not line.endswith(b"\n") and len(line) < len(GO):
+            byte = sock.recv(1)
+            if not byte:
+                return False
+            line += byte
+    except OSError:
+        return False
+    finally:
+        sock.close()
+    return line == GO
 
 
 class ChannelClosed(Exception):

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from trimail.processes.channel import Channel, ChannelClosed
+from trimail.processes.channel import GO, Channel, ChannelClosed
 from trimail.processes.forked import ForkedProcess
 from trimail.processes.slot import Slot, Worker
 from trimail.queue.guards import DATABASE_NAME, index_identity
@@ -120,6 +120,11 @@ async def _start(master: Master, slot: Slot, forked: bool) -> Worker | None:
             process = subprocess.Popen(  # noqa: ASYNC220 - must be this thread (above); it returns at once
                 [sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
                 pass_fds=fds, stdin=subprocess.DEVNULL)
+        if process is not None:  # this process is the one started: it may begin (channel.await_go)
+            try:
+                ours.sendall(GO)  # (a new socket pair: it takes the line at once)
+            except OSError:
+                pass  # it died already: became_ready finds the channel closed
     finally:
         theirs.close()
         if main_cf is not None:

@@ -57,9 +57,10 @@ from trimail.net.dns import Resolver
 from trimail.policy.restrictions import restriction_lists
 from trimail.policy.verifycleanup import clean_cache
 from trimail.processes.board import SessionBoard
-from trimail.processes.channel import Channel, ChannelClosed
+from trimail.processes.channel import Channel, ChannelClosed, await_go
 from trimail.processes.clients import ClientBoard
 from trimail.processes.reload import read_memfd
+from trimail.processes.spawn import START_TIMEOUT
 from trimail.processes.turns import Turns
 from trimail.qshape import dead_destinations
 from trimail.queue.inline import BookkeepingWriter
@@ -339,6 +340,10 @@ def run(spec: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's ^C goes to the whole group: the master's
     for signum in (signal.SIGHUP, *STRAY_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
+    if not await_go(spec["channel"], START_TIMEOUT):  # a late fork: another worker has its place
+        print(f"trimail: warning: {spec['role']} worker pid {os.getpid()} was started after the master "
+              "gave up on it: exiting", file=sys.stderr)
+        raise SystemExit(0)
     try:
         # main.cf as serve runs it (the master's), never as the file may say by now
         text = read_memfd(spec["main_cf"]) if "main_cf" in spec else None
