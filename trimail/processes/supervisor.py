@@ -184,15 +184,19 @@ class Master:
         ready (then *task_status*, when given, is told)."""
         ready = False
         try:
-            if await became_ready(worker):
+            if await self._ready_unless_leaving(slot, worker):
                 ready = True
                 slot.worker = worker
                 if task_status is not None:
                     task_status.started()
                 if slot.retired or self._stop.is_set():  # retired while it started: nobody else tells it
                     await self._tell_stop(worker, slot.farewell)
-            else:  # it failed (its own log line says why) or stays silent: let it end, or end it
-                with trio.move_on_after(5):
+            else:  # it failed (its own log line says why), stays silent, or a stop or a reload
+                # came while it started (then as a stop: SIGTERM): let it end, or end it
+                leaving = slot.leaving.is_set()
+                if leaving:
+                    worker.process.terminate()
+                with trio.move_on_after(self.config.graceful_timeout + STOP_MARGIN if leaving else 5):
                     await worker.wait()
                 if worker.process.poll() is None:
                     worker.process.kill()
@@ -210,6 +214,26 @@ class Master:
                     await worker.wait()
                 await self._depart(worker)
                 await worker.channel.aclose()
+        return ready
+
+    @staticmethod
+    async def _ready_unless_leaving(slot: Slot, worker: Worker) -> bool:
+        """``became_ready``, except that the slot's retirement (a stop, a reload) ends
+        the wait (False): a worker stuck in its start (frozen, starved) held a stop
+        for the whole ``START_TIMEOUT``, past ``graceful_timeout`` + 15 s."""
+        ready = False
+        async with trio.open_nursery() as racing:
+            async def starts() -> None:
+                nonlocal ready
+                ready = await became_ready(worker)
+                racing.cancel_scope.cancel()
+
+            async def leaves() -> None:
+                await slot.leaving.wait()
+                racing.cancel_scope.cancel()
+
+            racing.start_soon(starts)
+            racing.start_soon(leaves)
         return ready
 
     async def _depart(self, worker: Worker) -> None:
