@@ -10,7 +10,9 @@ HTTP or control request) inside a boundary:
 
 An ``Exception`` escaping the block is logged on one line (``warning: <what>
 failed: <error>``, with the traceback at debug level), counted in
-``trimail_task_failures_total{task=...}`` and swallowed; cancellation and
+``trimail_task_failures_total{task=...}`` (under *label* when the task's name
+names a message or a destination: a label per message would grow the metric
+without bound) and swallowed; cancellation and
 ``KeyboardInterrupt``/``SystemExit`` pass through untouched, and so does an
 ``ExceptionGroup`` holding only cancellations.  ``retry_with_backoff`` runs a
 unit again after a failure, waiting longer each time (bounded), so a failing
@@ -51,22 +53,23 @@ def describe(exc: BaseException) -> str:
 
 @contextmanager
 def contained(task: str, metrics: FailureCounter | None = None, *,
-              logger: logging.Logger | None = None) -> Iterator[None]:
+              logger: logging.Logger | None = None, label: str | None = None) -> Iterator[None]:
     """Contain an ``Exception`` raised by the block (see the module docstring)."""
     try:
         yield
     except Exception as exc:  # the boundary: anything a unit of work did not expect
-        report(task, exc, metrics, logger=logger)
+        report(task, exc, metrics, logger=logger, label=label)
 
 
 def report(task: str, exc: BaseException, metrics: FailureCounter | None = None, *,
-           logger: logging.Logger | None = None) -> None:
-    """Log one contained failure on one line (traceback at debug) and count it."""
+           logger: logging.Logger | None = None, label: str | None = None) -> None:
+    """Log one contained failure on one line (traceback at debug) and count it,
+    under *label* when given (a task named after a message or a destination)."""
     (logger or log).warning("%s failed: %s", task, describe(exc))
     (logger or log).debug("%s failed", task, exc_info=exc)
     if metrics is not None:
         try:
-            metrics.task_failed(task)
+            metrics.task_failed(label or task)
         except Exception:  # never let the bookkeeping of a failure fail the boundary
             pass
 
@@ -91,7 +94,7 @@ class Backoff:
 async def retry_with_backoff(task: str, fn: Callable[..., Awaitable[T]], *args: Any,
                              metrics: FailureCounter | None = None, initial: float = 1.0,
                              maximum: float = 60.0, retry_on: tuple[type[BaseException], ...] = (Exception,),
-                             logger: logging.Logger | None = None) -> T:
+                             logger: logging.Logger | None = None, label: str | None = None) -> T:
     """``await fn(*args)`` until it returns; each failure of a *retry_on* kind is
     reported and followed by a growing delay.  Cancellation ends the retries."""
     backoff = Backoff(initial, maximum)
@@ -99,7 +102,7 @@ async def retry_with_backoff(task: str, fn: Callable[..., Awaitable[T]], *args: 
         try:
             return await fn(*args)
         except retry_on as exc:
-            report(task, exc, metrics, logger=logger)
+            report(task, exc, metrics, logger=logger, label=label)
             await trio.sleep(backoff.next())
 
 

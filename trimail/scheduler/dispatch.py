@@ -76,7 +76,8 @@ class Dispatcher:
         def wake(self) -> None: ...
         def _track(self, message: ClaimedMessage, outstanding: int) -> ActiveMessage: ...
         def _untrack(self, message: ClaimedMessage) -> None: ...
-        async def _supervised(self, task: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None: ...
+        async def _supervised(self, task: str, label: str | None, fn: Callable[..., Awaitable[None]],
+                              *args: Any) -> None: ...
         async def complete(self, job: Job, outcomes: list[Outcome], relay: str, started: float) -> None: ...
 
     def _dispatch_safely(self, message: ClaimedMessage, routes: list[Route | Exception] | None = None,
@@ -88,16 +89,17 @@ class Dispatcher:
             self._track(message, 1)  # counted while its routes are looked up
             self.idle = trio.Event() if self.idle.is_set() else self.idle
             assert self._nursery is not None
-            self._nursery.start_soon(self._supervised, f"{message.id}: routing", self._route_off_loop, message)
+            self._nursery.start_soon(self._supervised, f"{message.id}: routing", "qmgr: routing",
+                                     self._route_off_loop, message)
             return
         try:
             self._dispatch(message, routes, park)
         except Exception as exc:
-            report(f"{message.id}: scheduling", exc, self.metrics, logger=log)
+            report(f"{message.id}: scheduling", exc, self.metrics, logger=log, label="qmgr: scheduling")
             outcome = deferred("4.3.0", "mail system temporarily unable to schedule this message")
             assert self._nursery is not None
             self._track(message, 1)
-            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
+            self._nursery.start_soon(self._supervised, "qmgr: completing a message", None, self._complete_immediate,
                                      message, [(recipient, outcome) for recipient in message.recipients])
 
     async def _route_off_loop(self, message: ClaimedMessage) -> None:
@@ -145,9 +147,9 @@ class Dispatcher:
             self._track(message, 1)  # counted until it is back in the deferred queue
             until = self.shares.park_until(groups, self.wall_clock(), message.retry)
             if self.parking.add(message, routes, until):
-                self._nursery.start_soon(self._supervised, "qmgr: parking", self.parking.drain, self.writer,
-                                         self._parked, functools.partial(self._dispatch_safely, park=False),
-                                         self.metrics)
+                self._nursery.start_soon(self._supervised, "qmgr: parking", None, self.parking.drain,
+                                         self.writer, self._parked,
+                                         functools.partial(self._dispatch_safely, park=False), self.metrics)
             return
         jobs = [Job(message, recipients[i:i + limit], route, key)
                 for key, (route, recipients) in groups.items()
@@ -155,12 +157,13 @@ class Dispatcher:
                 for i in range(0, len(recipients), limit)]
         active = self._track(message, len(jobs) + (1 if immediate else 0))
         if immediate:
-            self._nursery.start_soon(self._supervised, "qmgr: completing a message", self._complete_immediate,
-                                     message, immediate)
+            self._nursery.start_soon(self._supervised, "qmgr: completing a message", None,
+                                     self._complete_immediate, message, immediate)
         for job in jobs:
             self._enqueue(job)
         if active.outstanding == 0:  # no recipients left at all (all done before a crash)
-            self._nursery.start_soon(self._supervised, "qmgr: finishing a message", self._finish_only, message)
+            self._nursery.start_soon(self._supervised, "qmgr: finishing a message", None,
+                                     self._finish_only, message)
 
     def _recipient_limit(self, route: Route) -> int:
         """Recipients per delivery: <transport>_destination_recipient_limit."""
@@ -179,7 +182,8 @@ class Dispatcher:
         assert self._nursery is not None
         refusal = self.dead.refusal(key, time.time())
         if refusal is not None:  # a dead destination: deferred at once, without a connection
-            self._nursery.start_soon(self._supervised, f"qmgr: deferring a job for {job.route}", self.complete,
+            self._nursery.start_soon(self._supervised, f"qmgr: deferring a job for {job.route}",
+                                     "qmgr: deferring a job", self.complete,
                                      job, [refusal] * len(job.recipients), "none", time.time())
             return
         dest = self.destinations.get(key)

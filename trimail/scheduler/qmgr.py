@@ -274,11 +274,12 @@ class Scheduler(Dispatcher):
         if not self.active:
             self.idle.set()
 
-    async def _supervised(self, task: str, fn: Callable[..., Awaitable[None]], *args: Any) -> None:
+    async def _supervised(self, task: str, label: str | None, fn: Callable[..., Awaitable[None]],
+                          *args: Any) -> None:
         """The last boundary of a task in the delivery nursery: a bug in one worker is
         logged and counted, never the end of the queue manager (its messages stay
         active in the queue and are delivered again after the next start)."""
-        with contained(task, self.metrics, logger=log):
+        with contained(task, self.metrics, logger=log, label=label):
             await fn(*args)
 
     def job_failed(self, job: Job, exc: Exception) -> list[Outcome]:
@@ -291,7 +292,8 @@ class Scheduler(Dispatcher):
             if active is not None:
                 active.corrupt = True
             return [deferred("4.3.0", "queue file is damaged: moved to the corrupt queue")] * len(job.recipients)
-        report(f"{job.message.id}: delivery to {job.route}", exc, self.metrics, logger=log)
+        report(f"{job.message.id}: delivery to {job.route}", exc, self.metrics, logger=log,
+               label="qmgr: delivery")
         return [deferred("4.3.0", "mail system temporarily unable to deliver: internal error")] * len(job.recipients)
 
     async def complete(self, job: Job, outcomes: list[Outcome], relay: str, started: float) -> None:

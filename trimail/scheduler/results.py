@@ -140,7 +140,8 @@ class Results:
 
         try:
             return await retry_with_backoff(f"{message.id}: recording delivery status", record_once,
-                                            metrics=self.metrics, initial=0.5, maximum=30.0, logger=log)
+                                            metrics=self.metrics, initial=0.5, maximum=30.0, logger=log,
+                                            label="qmgr: recording delivery status")
         except trio.Cancelled:
             log.warning("%s: delivery status not recorded before stop: the message stays queued", message.id)
             raise

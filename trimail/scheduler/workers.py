@@ -80,7 +80,8 @@ async def _supervised_worker(q: Qmgr, dest: Destination) -> None:
     """The last boundary of a worker: a bug in one is logged and counted, never the
     end of the queue manager (its messages stay active and are delivered again
     after the next start)."""
-    with contained(f"qmgr: delivery worker for {dest.route}", q.metrics, logger=log):
+    with contained(f"qmgr: delivery worker for {dest.route}", q.metrics, logger=log,
+                   label="qmgr: delivery worker"):
         await run_worker(q, dest)
 
 
