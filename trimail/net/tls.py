@@ -89,7 +89,7 @@ _FILE_LIMIT = 1 << 20  # bytes of a certificate or key file at most (they are a 
 
 
 def loaded_chain(cert_file: str, key_file: str = "") -> ssl.SSLContext:
-    """A server context (TLS 1.2 or newer) with this certificate chain and key;
+    """A server context (TLS 1.2 or newer, no renegotiation) with this certificate chain and key;
     raises what ``load_cert_chain`` raises.  Never changed once made: callers share it."""
     content = (_digest(cert_file), _digest(key_file) if key_file else b"")
     ctx = _by_content.get(content)
@@ -97,6 +97,9 @@ def loaded_chain(cert_file: str, key_file: str = "") -> ssl.SSLContext:
         return ctx
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # a client's TLS 1.2 renegotiations each cost the server a handshake: refused, as
+    # Postfix's tls_ssl_options NO_RENEGOTIATION does
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
     ctx.load_cert_chain(cert_file, key_file or None)
     if len(_by_content) >= _BY_CONTENT_LIMIT:
         del _by_content[next(iter(_by_content))]
