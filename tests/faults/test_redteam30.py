@@ -14,6 +14,7 @@ import re
 import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import threading
 import time
@@ -277,3 +278,20 @@ def test_failed_status_records_add_no_metrics_series_per_message(daemon):
         per_message = [line for line in series if re.search(r'task="[0-9A-Za-z]{12,}: ', line)]
         assert not per_message, f"{len(per_message)} of {len(series)} failure series are named after a message:\n" \
             + "\n".join(per_message[:5])
+
+
+def test_a_command_serve_took_and_did_not_answer_in_time_is_not_not_running(tmp_path):
+    """Red team 30: ``trimail reload`` gave up after 30 s on a reload that waited for a
+    starting worker, and said "serve is not running".  A control socket that took the
+    command and did not answer in time is a running serve: the CLI says so."""
+    from trimail.net.control import CONTROL_NAME, send_command
+
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / CONTROL_NAME))
+    listener.listen(1)
+    try:
+        answer = send_command(tmp_path, "reload", timeout=0.5)  # taken into the backlog, never answered
+    finally:
+        listener.close()
+    assert answer is not None and answer.startswith("error: serve took 'reload' and did not answer within"), answer
+    assert send_command(tmp_path, "reload", timeout=0.5) is None  # nobody listens: not running

@@ -151,6 +151,8 @@ def status_command(*, json_output: Annotated[bool, Parameter(name=["--json"], he
     if answer is None:
         print('{"running": false}' if json_output else "trimail: not running")
         raise SystemExit(1)
+    if answer.startswith("error:"):  # it runs, and did not answer in time
+        raise Failure(maillog.printable(answer[6:].strip(), 1000))
     try:
         facts = json.loads(answer)
         if not isinstance(facts, dict):

@@ -158,8 +158,11 @@ async def _keep_path(queue_directory: Path, listener: trio.SocketListener,
 
 
 def send_command(queue_directory: Path, command: str, timeout: float = 5.0) -> str | None:
-    """Blocking client for the CLI; None when no serve listens."""
+    """Blocking client for the CLI; None when no serve listens, ``error: ...`` when
+    it took the command and did not answer within *timeout* (a reload waiting for
+    its workers: it goes on, and its outcome is logged)."""
     path = queue_directory / CONTROL_NAME
+    connected = False
     try:
         # the socket lives in mail_owner's directory: a symlink planted there is
         # not followed by a root CLI, and the answer is bounded (a process posing as
@@ -170,6 +173,7 @@ def send_command(queue_directory: Path, command: str, timeout: float = 5.0) -> s
             sock.settimeout(timeout)
             with socket_address(path) as address:
                 sock.connect(address)
+            connected = True
             sock.sendall(command.encode() + b"\n")
             data = b""
             while b"\n" not in data and len(data) < MAX_ANSWER:
@@ -178,5 +182,10 @@ def send_command(queue_directory: Path, command: str, timeout: float = 5.0) -> s
                     break
                 data += chunk
             return data[:MAX_ANSWER].decode("ascii", "replace").strip()
+    except TimeoutError:
+        if not connected:
+            return None
+        return (f"error: serve took {command!r} and did not answer within {timeout:.0f} s; "
+                "it may still complete: see serve's log")
     except OSError:
         return None
