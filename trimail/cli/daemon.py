@@ -93,6 +93,23 @@ async def _serve_until_signal(cfg: Config, fork_server: ForkServer | None) -> No
         await run_server(task_status=task_status)
         scope.cancel()  # serve ended (signal or `trimail stop`): stop waiting for signals
 
+    reloading = {"running": False, "again": False}
+
+    async def reload_on_sighup(server) -> None:
+        """SIGHUP's reloads, one after another, in a task of their own: the signal loop
+        goes on (a SIGTERM is not held behind a reload waiting for its new workers);
+        SIGHUPs that come during one make one more, not one each."""
+        reloading["running"] = True
+        try:
+            while True:
+                reloading["again"] = False
+                with contained("reload on SIGHUP", server.metrics):  # a failed reload never ends serve
+                    await server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
+                if not reloading["again"]:
+                    return
+        finally:
+            reloading["running"] = False
+
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP, *STRAY_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             watching = trio.CancelScope()
@@ -100,8 +117,10 @@ async def _serve_until_signal(cfg: Config, fork_server: ForkServer | None) -> No
             with watching:
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        with contained("reload on SIGHUP", server.metrics):  # a failed reload never ends serve
-                            await server.reload()  # like `trimail reload`; a broken main.cf is logged and ignored
+                        if reloading["running"]:
+                            reloading["again"] = True
+                        else:
+                            nursery.start_soon(reload_on_sighup, server)
                     elif signum in STRAY_SIGNALS:
                         logging.getLogger("trimail.master").warning(
                             "signal %s ignored (SIGHUP reloads, SIGTERM stops)", signal.Signals(signum).name)

@@ -70,6 +70,10 @@ async def apply_reload(master: Master) -> str:
             await listener.aclose()
         log.error("reload refused, keeping the running configuration: %s", exc)
         return f"error: {exc}"
+    except BaseException:  # cancelled by a stop: nothing changed yet but these
+        for listener, _, _ in opened:
+            close_now(listener)
+        raise
     previous, master.config = master.config, fresh
     previous_text, master.main_cf = master.main_cf, text_memfd(text)  # what the new workers (and any restarted) load
     removed = {key: entries for key, entries in master.listening.items() if key not in wanted}

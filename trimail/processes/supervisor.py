@@ -110,6 +110,7 @@ class Master:
         self._nursery: trio.Nursery | None = None
         self._stop = trio.Event()
         self._reloading = trio.Lock()  # SIGHUP does not pass the control socket's one-command-at-a-time lock
+        self._reload_scope: trio.CancelScope | None = None  # the reload in progress
 
     # -- the listeners as they are now --------------------------------------
 
@@ -336,6 +337,8 @@ class Master:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._reload_scope is not None:  # its new workers would hold the stop until they start
+            self._reload_scope.cancel()
 
     @property
     def stopping(self) -> bool:
@@ -348,7 +351,14 @@ class Master:
             if self._stop.is_set():
                 log.info("reload ignored: serve is stopping")
                 return "error: serve is stopping"
-            return await apply_reload(self)
+            self._reload_scope = trio.CancelScope()  # a stop cancels it (undone: apply_reload)
+            try:
+                with self._reload_scope:
+                    return await apply_reload(self)
+            finally:
+                self._reload_scope = None
+            log.info("reload cancelled: serve is stopping")
+            return "error: serve is stopping"
 
     async def run(self, control: trio.SocketListener, metrics_listeners: list[trio.SocketListener], *,
                   task_status: trio.TaskStatus[Master] = trio.TASK_STATUS_IGNORED) -> None:
