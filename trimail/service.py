@@ -216,6 +216,8 @@ class Server:
             for key, address in wanted.items():
                 if key not in self.listening:
                     opened += [(listener, key[0], address) for listener in await open_listeners([address])]
+            if self._stop.is_set():  # a SIGHUP during the stop: nothing opened stays (its nursery is closed)
+                raise ConfigError("serve is stopping")
             if (manager := self.queue_manager) is not None:  # (one made later takes self.config then)
                 manager.reconfigure(fresh)
             self.verifier.reconfigure(fresh, resolver)
