@@ -89,6 +89,15 @@ def smtpd_pids(daemon: Daemon) -> list[int]:
     return [worker["pid"] for worker in workers if worker["role"] == "smtpd" and worker.get("state") == "running"]
 
 
+def connectable(port: int) -> bool:
+    """Does something accept TCP connections on 127.0.0.1:*port*?"""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
 def banner(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> str:
     """The greeting of a fresh connection (serve is up and answering)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:

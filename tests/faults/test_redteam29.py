@@ -22,6 +22,7 @@ import pytest
 from tests.faults.conftest import (
     assert_serving,
     banner,
+    connectable,
     integrity_ok,
     process_tree,
     send,
@@ -150,14 +151,6 @@ def test_a_refused_reload_keeps_the_running_configuration_for_restarted_workers(
         assert_serving(d)
 
 
-def _connectable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 def test_the_control_socket_bound_again_does_not_cut_a_reload_in_half(daemon):
     """``trimail reload`` is running (its new smtpd generation starting: here the fork
     server is slow, SIGSTOP) when the control socket file is removed (the clean-up
@@ -184,7 +177,7 @@ def test_the_control_socket_bound_again_does_not_cut_a_reload_in_half(daemon):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
             client.connect(str(path))
             client.sendall(b"reload\n")
-            wait_until(lambda: _connectable(new_port), timeout=20)  # the reload opened it: now in _start_slots
+            wait_until(lambda: connectable(new_port), timeout=20)  # the reload opened it: now in _start_slots
             path.unlink()
             d.proc.wait_log(r"control socket .*control was removed or replaced: bound again", timeout=20)
             client.settimeout(30)

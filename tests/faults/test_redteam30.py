@@ -211,14 +211,20 @@ def test_stop_while_a_worker_is_starting_ends_serve_within_its_bound(daemon):
     fork_server = serve_status(d.queue_directory)["fork_server"]
     assert fork_server
     stopped = _stop_a_starting_worker(d, fork_server)
+    _stops_within_bound(d, stopped, f"worker pid {stopped} is starting, stopped")
+
+
+def _stops_within_bound(d, stopped: int, what: str) -> None:
+    """SIGTERM (``trimail stop`` does the same through the control socket): serve must
+    end within graceful_timeout (1 s) + 15 s; *stopped* (SIGSTOPped) is let go after."""
     try:
         began = time.monotonic()
-        d.proc.proc.send_signal(signal.SIGTERM)  # `trimail stop` does the same through the control socket
+        d.proc.proc.send_signal(signal.SIGTERM)
         try:
             d.proc.proc.wait(timeout=1 + 15 + 3)
         except subprocess.TimeoutExpired:
             pytest.fail(f"serve still running {time.monotonic() - began:.0f} s after the stop "
-                        f"(graceful_timeout 1 s); worker pid {stopped} is starting, stopped")
+                        f"(graceful_timeout 1 s); {what}")
     finally:
         try:
             os.kill(stopped, signal.SIGCONT)
@@ -314,16 +320,5 @@ def test_a_stop_during_a_reload_whose_new_worker_hangs_ends_serve_within_its_bou
     assert fresh, "the reload forked no new worker"
     [new] = fresh
     os.kill(new, signal.SIGSTOP)  # the new generation's worker never reports ready
-    try:  # (the reload is under way: only a reload forks a worker here)
-        began = time.monotonic()
-        d.proc.proc.send_signal(signal.SIGTERM)
-        try:
-            d.proc.proc.wait(timeout=1 + 15 + 3)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"serve still running {time.monotonic() - began:.0f} s after the stop "
-                        f"(graceful_timeout 1 s); the reload's new worker pid {new} is stopped")
-    finally:
-        try:
-            os.kill(new, signal.SIGCONT)
-        except ProcessLookupError:
-            pass
+    # (the reload is under way: only a reload forks a worker here)
+    _stops_within_bound(d, new, f"the reload's new worker pid {new} is stopped")

@@ -10,21 +10,8 @@ from __future__ import annotations
 import signal
 import socket
 
-from tests.faults.conftest import wait_until
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
+from tests.faults.conftest import connectable, wait_until
+from tests.peers import _free_port
 
 
 def _busy_session(port: int) -> socket.socket:
@@ -57,7 +44,7 @@ def test_a_sighup_during_the_stop_opens_no_new_listener_single_process(daemon):
     busy = _busy_session(d.port)
     try:
         d.proc.proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: not _accepts(d.port), timeout=5)  # draining: its listeners are closed
+        wait_until(lambda: not connectable(d.port), timeout=5)  # draining: its listeners are closed
         extra = _free_port()
         text = d.config_path.read_text().replace("smtpd_listen = 127.0.0.1:0",
                                                  f"smtpd_listen = 127.0.0.1:0, 127.0.0.1:{extra}")
@@ -66,7 +53,7 @@ def test_a_sighup_during_the_stop_opens_no_new_listener_single_process(daemon):
         # the reload's outcome, whatever it is (found: "reload on SIGHUP failed: RuntimeError: ...")
         outcome = d.proc.wait_log(r"reload (refused|ignored|cancelled|--)|reload on SIGHUP failed", timeout=10)
         assert "serve is stopping" in outcome, outcome
-        assert not _accepts(extra), (f"a reload during the stop bound 127.0.0.1:{extra}, where connections are "
+        assert not connectable(extra), (f"a reload during the stop bound 127.0.0.1:{extra}, where connections are "
                                      "accepted and never greeted; log:\n" + "\n".join(d.proc.log[-5:]))
     finally:
         busy.close()
