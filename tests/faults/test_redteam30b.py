@@ -45,7 +45,7 @@ def test_a_sighup_during_the_stop_opens_no_new_listener_single_process(daemon):
     try:
         d.proc.proc.send_signal(signal.SIGTERM)
         wait_until(lambda: not connectable(d.port), timeout=5)  # draining: its listeners are closed
-        extra = _free_port()
+        extra = _free_port("127.0.0.1")
         text = d.config_path.read_text().replace("smtpd_listen = 127.0.0.1:0",
                                                  f"smtpd_listen = 127.0.0.1:0, 127.0.0.1:{extra}")
         d.config_path.write_text(text)

@@ -68,6 +68,7 @@ class ForkServer:
         self._socket = trio.socket.from_stdlib_socket(sock)
         self._asking = trio.Lock()
         self._requests = 0
+        self._waiting: int | None = None  # the request a spawn() waits on (None: nobody waits)
         self._answer: dict[str, Any] | None = None
         self._answered = trio.Event()
         self._children: dict[int, ForkedProcess] = {}
@@ -112,16 +113,20 @@ class ForkServer:
             if len(request) > MESSAGE_LIMIT:
                 return None
             self._answered = trio.Event()
+            self._waiting = self._requests
             try:
-                await self._socket.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                        array.array("i", fds))])
-            except OSError:
-                return None
-            with trio.move_on_after(REPLY_TIMEOUT):
-                while self.alive and (self._answer is None or self._answer.get("id") != self._requests):
-                    await self._answered.wait()
-                    self._answered = trio.Event()
-            answer, self._answer = self._answer, None
+                try:
+                    await self._socket.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                            array.array("i", fds))])
+                except OSError:
+                    return None
+                with trio.move_on_after(REPLY_TIMEOUT):
+                    while self.alive and (self._answer is None or self._answer.get("id") != self._requests):
+                        await self._answered.wait()
+                        self._answered = trio.Event()
+                answer, self._answer = self._answer, None
+            finally:
+                self._waiting = None  # an answer to it from now on is one nobody takes (run)
         if answer is None or answer.get("id") != self._requests or "pid" not in answer:
             if answer is not None and "error" in answer:
                 log.warning("fork server could not start a worker: %s", answer["error"])
@@ -152,6 +157,10 @@ class ForkServer:
                 else:
                     if "pid" in message:  # registered now: its exit may be the very next message
                         message["process"] = self._children[message["pid"]] = ForkedProcess(message["pid"])
+                        if message.get("id") != self._waiting:  # its spawn() gave up or was cancelled
+                            log.warning("fork server pid %d forked worker pid %d after the master gave up on "
+                                        "it: killed", self.pid, message["pid"])
+                            message["process"].kill()  # (it would exit at the end of its channel, unless frozen)
                     self._answer = message
                     self._answered.set()
         finally:
