@@ -35,7 +35,7 @@ import trio
 from trimail.processes.channel import GO, Channel, ChannelClosed
 from trimail.processes.forked import ForkedProcess
 from trimail.processes.slot import Slot, Worker
-from trimail.queue.guards import DATABASE_NAME, index_identity
+from trimail.queue.guards import QueueError, refuse_other_index
 
 if TYPE_CHECKING:
     from trimail.processes.supervisor import Master
@@ -76,11 +76,12 @@ def check_queue_index(master: Master) -> None:
     tell): a worker started now would make a WAL or an index of its own, the two
     would disagree, and mail it acknowledged could be lost (red team 29).  The slot
     waits with back-off; the running workers go on, all with the one WAL."""
-    expected = master.queue_index
-    if expected is not None and index_identity(master.queue_directory) != expected:
-        raise OSError(errno.ESTALE, f"{DATABASE_NAME}-wal or -shm was removed or replaced while serve runs: "
-                      "a worker started now would split the queue from the running ones' and could lose "
-                      "mail; stop serve and start it again")
+    if master.queue_index is None:
+        return
+    try:
+        refuse_other_index(master.queue_directory, master.queue_index)
+    except QueueError as exc:
+        raise OSError(errno.ESTALE, str(exc)) from None
 
 
 async def spawn(master: Master, slot: Slot) -> Worker | None:

@@ -37,14 +37,15 @@ def index_identity(directory: str | os.PathLike[str]) -> Identity | None:
     return wal.st_dev, wal.st_ino, shm.st_dev, shm.st_ino
 
 
-def refuse_other_index(directory: str) -> None:
+def refuse_other_index(directory: str, expected: Identity | None = None) -> None:
     """QueueError when the ``queue.db-wal`` or ``queue.db-shm`` a running serve has
     open is no longer the file at that path (removed or replaced under it: SQLite
     cannot tell).  A connection opened now would make or use a WAL or an index of
     its own, the two sides would disagree, and mail could be lost (red team 29: 2 of
     63 messages, through a worker started after ``-shm`` was removed; ``sendmail``
-    and the queue commands write too)."""
-    expected = running_index(directory)
+    and the queue commands write too).  *expected*: what serve has open, when the
+    caller knows (the master); else what the running serve recorded."""
+    expected = expected or running_index(directory)
     if expected is not None and index_identity(directory) != expected:
         raise QueueError(f"{os.path.join(directory, DATABASE_NAME)}-wal or -shm was removed or replaced while "
                          "serve runs: opening the queue now would split it from serve's and could lose mail; "
