@@ -26,6 +26,7 @@ import pytest
 
 from tests.faults.conftest import integrity_ok, serve_status, wait_until
 from tests.peers import Sink
+from trimail.processes.supervisor import UNREADY_GRACE
 
 SINK_HOST = "127.0.0.76"
 LATE_FORK = re.compile(r"^clone3?\(.*= (\d+)", re.MULTILINE)  # strace's line for the fork server's (delayed) fork
@@ -214,14 +215,39 @@ def test_stop_while_a_worker_is_starting_ends_serve_within_its_bound(daemon):
     _stops_within_bound(d, stopped, f"worker pid {stopped} is starting, stopped")
 
 
+def test_a_stop_during_a_reload_whose_new_worker_hangs_ends_serve_soon(daemon):
+    """Red team 30, from reading the code: SIGHUP's reload ran inside the signal loop,
+    and the stop waited for any reload begun; a reload whose new smtpd worker never
+    reported ready (frozen) held a SIGTERM for the whole start timeout (60 s).  Now a
+    stop cancels a reload in progress (its changes undone).  Its new worker: if the
+    fork server had not yet answered, it is killed when the answer comes; if it had,
+    the worker is not ready and gets SIGKILL ``UNREADY_GRACE`` after its SIGTERM.  (The
+    second case took graceful_timeout + 15 s, 16 s here: 1 run in 4 under load.)"""
+    d = daemon(smtpd_workers=1, master_service_disable="qmgr", graceful_timeout="1s")
+    fork_server = serve_status(d.queue_directory)["fork_server"]
+    before = _children(fork_server)
+    d.proc.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    fresh: set[int] = set()
+    while not fresh and time.monotonic() < deadline:
+        fresh = _children(fork_server) - before
+    assert fresh, "the reload forked no new worker"
+    [new] = fresh
+    os.kill(new, signal.SIGSTOP)  # the new generation's worker never reports ready
+    # (the reload is under way: only a reload forks a worker here)
+    _stops_within_bound(d, new, f"the reload's new worker pid {new} is stopped")
+
+
 def _stops_within_bound(d, stopped: int, what: str) -> None:
     """SIGTERM (``trimail stop`` does the same through the control socket): serve must
-    end within graceful_timeout (1 s) + 15 s; *stopped* (SIGSTOPped) is let go after."""
+    end within ``UNREADY_GRACE`` (5 s: a worker never ready has no session to drain, and
+    gets SIGKILL then) and 5 s of slack for a loaded machine, well before graceful_timeout
+    (1 s) + 15 s; *stopped* (SIGSTOPped) is let go after."""
     try:
         began = time.monotonic()
         d.proc.proc.send_signal(signal.SIGTERM)
         try:
-            d.proc.proc.wait(timeout=1 + 15 + 3)
+            d.proc.proc.wait(timeout=UNREADY_GRACE + 5)
         except subprocess.TimeoutExpired:
             pytest.fail(f"serve still running {time.monotonic() - began:.0f} s after the stop "
                         f"(graceful_timeout 1 s); {what}; log:\n" + "\n".join(d.proc.log[-12:]))

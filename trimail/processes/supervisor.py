@@ -73,6 +73,9 @@ log = logging.getLogger("trimail.master")
 ASK_TIMEOUT = 3.0  # seconds for status, dead and metrics answers: well within the CLI's and the scrape's 10 s
 STEADY = 60.0  # a worker that ran this long before it died restarts without back-off history
 STOP_MARGIN = 15.0  # seconds beyond graceful_timeout before a stopping worker is killed
+# seconds a worker that never reported ready gets to end after SIGTERM (it failed, or a stop
+# or reload came while it started): it serves no session yet, nothing of it needs draining
+UNREADY_GRACE = 5.0
 
 
 class Master:
@@ -193,11 +196,11 @@ class Master:
                 if slot.retired or self._stop.is_set():  # retired while it started: nobody else tells it
                     await self._tell_stop(worker, slot.farewell)
             else:  # it failed (its own log line says why), stays silent, or a stop or a reload
-                # came while it started (then as a stop: SIGTERM): let it end, or end it
-                leaving = slot.leaving.is_set()
-                if leaving:
+                # came while it started (then SIGTERM): let it end, or end it.  Not ready, it
+                # has no session to drain: a frozen one held a stop for graceful_timeout + 15 s
+                if slot.leaving.is_set():
                     worker.process.terminate()
-                with trio.move_on_after(self.config.graceful_timeout + STOP_MARGIN if leaving else 5):
+                with trio.move_on_after(UNREADY_GRACE):
                     await worker.wait()
                 if worker.process.poll() is None:
                     worker.process.kill()
