@@ -33,6 +33,7 @@ class RawPeer:
         self.port = self.sock.getsockname()[1]
         self.messages: list[bytes] = []
         self._stop = False
+        self._conn: socket.socket | None = None  # the session in progress (a cached delivery connection)
         self._thread = threading.Thread(target=self._serve, daemon=True)
 
     def __enter__(self) -> Self:
@@ -42,6 +43,12 @@ class RawPeer:
     def __exit__(self, *exc: object) -> None:
         self._stop = True
         self.sock.close()
+        conn = self._conn
+        if conn is not None:  # trimail keeps its delivery connection open for the next message:
+            try:  # end our side now, not when its connection cache gives it up (2 s)
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
         self._thread.join(5)
 
     def _serve(self) -> None:
@@ -52,6 +59,7 @@ class RawPeer:
             except (TimeoutError, OSError):
                 continue
             with conn:
+                self._conn = conn
                 conn.settimeout(10)
                 try:
                     self._session(conn)
