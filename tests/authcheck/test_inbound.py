@@ -232,6 +232,19 @@ async def test_smtpd_dmarc_reject_refuses_a_failing_message_of_a_reject_domain(s
     assert passed[0] == 250 and content is not None
 
 
+async def test_a_from_field_with_deeply_nested_comments_is_still_judged_by_dmarc(start):
+    """Red team 31: ``From: (((...))) Alice <...>`` with comments nested 2,000 deep made
+    the stdlib's address parser (recursive per level) raise RecursionError: the
+    message got 451 4.3.0 and a traceback in the log.  Now the address is read without
+    the comments (cleanup.headers.header_addresses), and DMARC judges it as any other:
+    unsigned mail of a p=reject domain from an unauthorized client is refused."""
+    srv = await start(smtpd_dmarc_reject="yes")
+    nested = MESSAGE.replace(b"From: Alice", b"From: " + b"(" * 2000 + b")" * 2000 + b" Alice")
+    reply, content = await sent(srv, nested, client="127.0.47.21")
+    assert reply == (550, b"5.7.1 rejected by DMARC policy for mail.sender.example")
+    assert content is None
+
+
 async def test_smtpd_dmarc_quarantine_hold_holds_the_message(start):
     srv = await start(smtpd_dmarc_quarantine="hold")
     reply, _ = await sent(srv, from_header("soft.example"), sender="bounce@soft.example")

@@ -21,12 +21,12 @@ Parameters: none read (see trimail/authcheck/inbound.py).
 from __future__ import annotations
 
 import dataclasses
-import email.utils
 import functools
 import random
 
 from trimail.authcheck.dkimverify import DkimResult
 from trimail.authcheck.spf import SpfResult
+from trimail.cleanup.headers import header_addresses
 from trimail.net.dns import DnsError, Resolver
 
 POLICIES = ("none", "quarantine", "reject")
@@ -69,7 +69,7 @@ def from_domain(header: bytes | bytearray) -> str | None:
             values.append(current)
     if len(values) != 1:
         return None
-    addresses = [a for _, a in email.utils.getaddresses(["".join(values[0])]) if a]
+    addresses = [a for _, a in header_addresses("".join(values[0])) if a]
     if len(addresses) != 1 or "@" not in addresses[0]:
         return None
     domain = addresses[0].rpartition("@")[2].strip().lower().rstrip(".")

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from functools import cached_property
 
 from trimail.catch.text import decode_words, html_to_text
+from trimail.cleanup.headers import header_addresses
 
 OCTET_STREAM = "application/octet-stream"
 MAX_PARTS = 1000  # parts shown per message (a real one has a handful)
@@ -245,7 +246,7 @@ class MessageView:
             text = ", ".join(v for field, v in self.fields if field == key)
             if len(text) > MAX_ADDRESS_TEXT:
                 text = text[:text.rfind(",", 0, MAX_ADDRESS_TEXT) + 1 or MAX_ADDRESS_TEXT]
-            found = email.utils.getaddresses([decode_words(text)]) if text else []
+            found = header_addresses(decode_words(text)) if text else []
             self._addresses[key] = [{"Name": display, "Address": address} for display, address in found
                                     if address or display]
         return [dict(entry) for entry in self._addresses[key]]

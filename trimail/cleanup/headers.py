@@ -1,6 +1,6 @@
 """Header sections as cleanup(8) treats them: split a message into header and body,
 walk its fields, find the addresses in a header value (``address_spans``) and rewrite
-them, complete a local submission's missing ``From:``, ``Date:`` and ``Message-ID:``,
+them, read a header's address list safely (``header_addresses``), complete a local submission's missing ``From:``, ``Date:`` and ``Message-ID:``,
 and give every line a CRLF end.  Pure functions: bytes or text in, bytes or text out.
 
 Parameters: none read (callers pass the values).
@@ -142,3 +142,49 @@ def complete_headers(content: bytes, *, sender: str, full_name: str | None, host
 def normalize_newlines(data: bytes) -> bytes:
     """Any of CRLF, bare LF, bare CR line ends to CRLF."""
     return re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+
+
+def header_addresses(value: str) -> list[tuple[str, str]]:
+    """``email.utils.getaddresses`` of one header value, safe on hostile input: its
+    comment parser recurses once per level of nesting, and a ``From:`` of 2,000 ``(``
+    raised RecursionError inside a session (red team 31).  Then the value is read
+    again without its comments (``without_comments``): the addresses are the same,
+    only the display names that comments gave are lost."""
+    try:
+        return email.utils.getaddresses([value])
+    except RecursionError:
+        return email.utils.getaddresses([without_comments(value)])
+
+
+def without_comments(value: str) -> str:
+    """*value* with each comment, nested ones included, replaced by one space;
+    quoted strings, domain literals and quoted pairs are kept as they are.  An
+    unclosed comment runs to the end.  One pass, no recursion."""
+    out: list[str] = []
+    depth, quoted, literal, escaped = 0, False, False, False
+    for ch in value:
+        if escaped:
+            escaped = False
+            if not depth:
+                out.append(ch)
+            continue
+        if ch == "\\" and (quoted or depth or literal):
+            escaped = True
+            if not depth:
+                out.append(ch)
+        elif depth:
+            depth += {"(": 1, ")": -1}.get(ch, 0)
+            if not depth:
+                out.append(" ")
+        elif quoted:
+            out.append(ch)
+            quoted = ch != '"'
+        elif literal:
+            out.append(ch)
+            literal = ch != "]"
+        elif ch == "(":
+            depth = 1
+        else:
+            out.append(ch)
+            quoted, literal = ch == '"', ch == "["
+    return "".join(out)
