@@ -21,6 +21,7 @@ from tests.authcheck.keys import MESSAGE, new_key, txt
 from tests.conftest import write_main_cf
 from tests.dnsserver import run_dns_server
 from trimail import config as configuration
+from trimail.authcheck.inbound import LARGE_MESSAGE, LARGE_SLOTS
 from trimail.master import serve
 from trimail.queue.store import Store
 
@@ -266,6 +267,33 @@ async def test_a_dns_server_that_never_answers_costs_the_time_budget_and_gives_t
     [header] = auth_results(content)
     assert [(r.method, r.result) for r in header.results] == [
         ("spf", "temperror"), ("dkim", "temperror"), ("dmarc", "temperror")]
+
+
+async def test_large_messages_are_checked_a_few_at_a_time(start, nursery):
+    """Red team 31: 200 signed 9 MB messages at once grew one process to 5.7 GB (each
+    check holds the whole message and copies of its body) and kept it from answering
+    ``trimail status``.  A message over LARGE_MESSAGE is now checked only in one of
+    LARGE_SLOTS slots.  Twice that many at once, each check waiting its whole budget
+    (2 s) for a key record that never comes: the later ones wait for a slot, so the
+    first reply after the slots' worth comes two budgets after the start."""
+    port = await nursery.start(blackhole)
+    srv = await start(nameserver=f"127.0.47.7:{port}", smtpd_authentication_timeout="2s",
+                      smtpd_authentication_checks="dkim")
+    line = b"x" * 76 + b"\r\n"
+    big = signed(MESSAGE + line * (LARGE_MESSAGE // len(line) + 100))
+    began = trio.current_time()
+    ended: list[float] = []
+
+    async def one() -> None:
+        reply = await trio.to_thread.run_sync(lambda: send(srv.addresses[0].port, big, client="127.0.47.21"))
+        assert reply[0] == 250, reply
+        ended.append(trio.current_time() - began)
+
+    async with trio.open_nursery() as clients:
+        for _ in range(2 * LARGE_SLOTS):
+            clients.start_soon(one)
+    ended.sort()
+    assert ended[LARGE_SLOTS] >= 2 * 2, ended  # (all at about 2 s before: every check at once)
 
 
 async def test_smtpd_worker_processes_add_the_header_too(nursery, tmp_path, serve_process):

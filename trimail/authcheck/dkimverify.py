@@ -246,9 +246,11 @@ def signatures(message: bytes) -> list[DkimResult]:
     return found
 
 
-async def check_signature(resolver: Resolver, message: SignedMessage, index: int, found: DkimResult) -> DkimResult:
+async def check_signature(resolver: Resolver, message: SignedMessage, index: int, found: DkimResult,
+                          threads: trio.CapacityLimiter | None = None) -> DkimResult:
     """Signature *index* of *message* (*found*: what signatures() said of it) checked;
-    the signatures of one message share one ``SignedMessage``."""
+    the signatures of one message share one ``SignedMessage``.  *threads*: the limiter
+    of the thread that checks it (an abandoned thread keeps its place until it ends)."""
     if not found.domain or not found.selector:
         return found
     name = f"{found.selector}._domainkey.{found.domain}"
@@ -260,7 +262,7 @@ async def check_signature(resolver: Resolver, message: SignedMessage, index: int
         return dataclasses.replace(found, result="permerror", reason="no key for signature")
     # abandoned when the time budget runs out (the thread finishes on its own; bounded work)
     outcome, reason = await trio.to_thread.run_sync(_verify_one, message, index, records[0].encode(),
-                                                    abandon_on_cancel=True)
+                                                    abandon_on_cancel=True, limiter=threads)
     return dataclasses.replace(found, result=outcome, reason=reason)
 
 

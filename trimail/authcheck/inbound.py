@@ -24,6 +24,16 @@ share ``smtpd_authentication_timeout``: SPF at MAIL FROM and DKIM and DMARC at
 the end of DATA spend from the same budget, and what does not finish in time is
 temperror.
 
+Memory: the checks read the whole message (its header section for DMARC, its body
+for DKIM's hash, which also makes a canonical copy of it).  A message over
+``LARGE_MESSAGE`` is checked only when one of ``LARGE_SLOTS`` slots of this process
+is free, its session waiting until then, and the DKIM hash runs in at most
+``DKIM_THREADS`` threads of this process (a thread the time budget abandoned keeps its
+slot until it ends): red team 31 sent 200 signed 9 MB messages at once, and one
+process grew to 5.7 GB and answered ``trimail status`` after 10 s, its DKIM threads
+holding the interpreter lock.  Now what the checks hold at once is bounded by
+(``LARGE_SLOTS`` + ``DKIM_THREADS``) times a few copies of ``message_size_limit``.
+
 Parameters: smtpd_authentication_checks, smtpd_authentication_timeout, smtpd_spf_reject,
 smtpd_dmarc_reject, smtpd_dmarc_quarantine, dkim_signing_table, dkim_key_table,
 mynetworks, myhostname, table_lookup_timeout.
@@ -59,6 +69,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trimail.smtpd")
 _FIELD = re.compile(rb"[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+LARGE_MESSAGE = 1 << 20  # bytes: above this a message's checks take one of LARGE_SLOTS
+LARGE_SLOTS = 4  # large messages of one process checked at once (each held whole, and rewritten)
+DKIM_THREADS = 4  # threads of one process hashing bodies for DKIM at once (the rest wait)
 
 
 @dataclasses.dataclass(slots=True)
@@ -81,6 +94,8 @@ class AuthChecks:
         self.authserv_id: str = config.myhostname
         self.mynetworks = config.mynetworks
         self.resolver = resolver
+        self._large: trio.CapacityLimiter | None = None  # made in trio, at first use
+        self._threads: trio.CapacityLimiter | None = None
         if bool(config.dkim_signing_table) != bool(config.dkim_key_table):
             given, missing = ("dkim_signing_table", "dkim_key_table") if config.dkim_signing_table \
                 else ("dkim_key_table", "dkim_signing_table")
@@ -146,6 +161,16 @@ class AuthChecks:
 
     async def _check(self, session: SmtpdSession, txn: Transaction) -> Reply | None:
         assert txn.spool is not None
+        if self._large is None or self._threads is None:
+            self._large, self._threads = trio.CapacityLimiter(LARGE_SLOTS), trio.CapacityLimiter(DKIM_THREADS)
+        if txn.spool.size <= LARGE_MESSAGE:
+            return await self._check_whole(session, txn, self._threads)
+        async with self._large:  # bounded memory: see the module's docstring
+            return await self._check_whole(session, txn, self._threads)
+
+    async def _check_whole(self, session: SmtpdSession, txn: Transaction,
+                           threads: trio.CapacityLimiter) -> Reply | None:
+        assert txn.spool is not None
         results = getattr(txn, "auth", None) or Results()
         raw = await read_content(txn.spool)
         # the whole header section (bounded by header_size_limit), not txn.header: that
@@ -161,7 +186,8 @@ class AuthChecks:
         signed = SignedMessage(raw)  # the signatures share its body hashes
         with trio.move_on_after(max(0.0, self.timeout - results.spent)):
             for index, found in enumerate(pending or []):
-                dkims[index] = await check_signature(self.resolver, signed, index, found)  # type: ignore[index]
+                dkims[index] = await check_signature(  # type: ignore[index]
+                    self.resolver, signed, index, found, threads)
             if dmarc is not None:
                 dmarc = await check_dmarc(self.resolver, header_from, results.spf, dkims or [])
         field = header_field(self.authserv_id, results.spf if "spf" in self.methods else None,
