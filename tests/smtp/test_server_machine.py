@@ -373,3 +373,23 @@ def test_close_queues_reply_and_aborts_data():
     d.pump()
     assert d.replies()[-1].startswith("421 4.3.2")
     assert d.of_type(DataAborted)
+
+
+@pytest.mark.parametrize("line, code", [
+    ("MA\u0131L FROM:<a@example.org>", 500),  # dotless i: "I" to str.upper(); not recognized
+    ("\u017fTARTTLS", 221),  # long s: "S" to str.upper(); not A-Z first: a non-SMTP command, as in Postfix
+    ("MAIL FROM:<a@example.org> BODY=8B\u0131TMIME", 555),
+    ("MAIL FROM:<a@example.org> \u0131D=1", 501),  # not an esmtp-keyword at all
+    ("MAIL \u0192ROM:<a@example.org>", 501),
+    ("mail from:<a@example.org> body=8bitmime", 250),  # ASCII in any case
+])
+def test_keywords_are_compared_in_ascii_only(line, code):
+    """Red team 31: verbs and keywords went through str.upper(), so MAıL was MAIL and
+    ſTARTTLS was STARTTLS here, and a filter in front that compares as Postfix does (in
+    ASCII) saw another command than trimail did.  (500 and the 221 of a non-SMTP command
+    are what Postfix answers them.)"""
+    d = Driver(Settings(hostname="mx.example.com"))
+    d.feed(EHLO)
+    d.output.clear()
+    d.feed(line.encode() + b"\r\n")
+    assert bytes(d.output)[:3] == str(code).encode(), bytes(d.output)

@@ -82,6 +82,14 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-
 _DOTS = re.compile("[.\u3002\uff0e\uff61]")  # the full stops IDNA and dnspython split on
 
 
+def ascii_upper(text: str) -> str:
+    """*text* in upper case as SMTP compares its keywords: in ASCII only (Postfix's
+    strcasecmp).  ``str.upper()`` maps "ı" to "I" and "ſ" to "S": ``MAıL`` was MAIL to
+    trimail and no command at all to Postfix or a filter in front of it (red team 31).
+    A word with other characters stays as it is, and so matches no keyword."""
+    return text.upper() if text.isascii() else text
+
+
 def is_domain(text: str) -> bool:
     """A domain (final dots aside) or an address literal that mail can be
     routed to: RFC 5321 syntax, and a name DNS can express (``dns_name``)."""
@@ -172,7 +180,7 @@ def parse_path(argument: str, prefix: str, *, utf8_allowed: bool) -> Path:
     The SMTPUTF8 parameter on the same MAIL command allows a UTF-8 address, so
     parameters are parsed before the address is checked.
     """
-    if argument[: len(prefix)].upper() != prefix:
+    if ascii_upper(argument[: len(prefix)]) != prefix:
         raise AddressError("syntax")
     rest = argument[len(prefix):].lstrip(" ")
     if rest.startswith("<"):
@@ -257,5 +265,5 @@ def parse_params(text: str) -> dict[str, str | None]:
         key, sep, value = item.partition("=")
         if not _KEYWORD.fullmatch(key) or (sep and (not value or _CONTROL.search(value))):
             raise AddressError(f"bad parameter {item!r}")
-        params[key.upper()] = value if sep else None
+        params[ascii_upper(key)] = value if sep else None
     return params

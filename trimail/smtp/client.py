@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from trimail.smtp.address import ascii_upper
 from trimail.smtp.content import (
     LINE_DOT,
     LINE_DOT_OR_BARE_LF,
@@ -104,7 +105,7 @@ class Extensions:
         for line in reply.lines()[1:]:
             word, _, arg = line.strip().partition(" ")
             if word:
-                keywords[word.upper()] = arg.strip()
+                keywords[ascii_upper(word)] = arg.strip()
         return cls(keywords)
 
     def has(self, keyword: str) -> bool:

@@ -26,7 +26,7 @@ import re
 from typing import TYPE_CHECKING
 
 from trimail.smtp import replies
-from trimail.smtp.address import AddressError, Utf8NotDeclared, is_domain, parse_path
+from trimail.smtp.address import AddressError, Utf8NotDeclared, ascii_upper, is_domain, parse_path
 from trimail.smtp.events import DataStart, Etrn, Event, Hello, MailFrom, RcptTo, Rejected, StartTls
 from trimail.smtp.replies import Reply
 from trimail.smtp.sasl import MECHANISMS
@@ -42,7 +42,7 @@ _TRANSACTION = (State.MAIL, State.RCPT)
 
 def not_a_letter_first(word: str) -> bool:
     """Postfix's default ``regexp:{{/^[^A-Z]/ Bogus}}`` (regexp tables ignore case)."""
-    return not ("A" <= word[:1].upper() <= "Z")
+    return not ("A" <= ascii_upper(word[:1]) <= "Z")
 
 
 def looks_like_header(word: str) -> bool:
@@ -52,7 +52,7 @@ def looks_like_header(word: str) -> bool:
 
 def is_non_smtp(word: str, settings: Settings) -> bool:
     """A header as a command, or smtpd_forbidden_commands names it (unknown verbs only)."""
-    return (looks_like_header(word) or word.upper() in settings.forbidden_commands
+    return (looks_like_header(word) or ascii_upper(word) in settings.forbidden_commands
             or (settings.forbidden_match is not None and settings.forbidden_match(word)))
 
 
@@ -97,7 +97,7 @@ def check_mail_params(params: dict[str, str | None], extended: bool, settings: S
             if limit and int(value) > limit:
                 return replies.MESSAGE_TOO_BIG
         elif key == "BODY":
-            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+            if value is None or ascii_upper(value) not in ("7BIT", "8BITMIME"):
                 return replies.unsupported_option(key, value)  # Postfix: BODY=BINARY too
         elif key == "SMTPUTF8" and settings.smtputf8:
             if value is not None:
@@ -174,6 +174,6 @@ def check_auth(conn: ServerConnection, mechanism: str) -> Rejected | None:
         return Rejected("auth", replies.IN_TRANSACTION)
     if conn.helo_name is None:
         return Rejected("auth", replies.NEED_HELO)
-    if mechanism.upper() not in MECHANISMS:
+    if ascii_upper(mechanism) not in MECHANISMS:
         return Rejected("auth", replies.AUTH_MECHANISM_UNSUPPORTED)
     return None

@@ -31,6 +31,7 @@ from collections import Counter, deque
 from typing import TYPE_CHECKING
 
 from trimail.smtp import replies
+from trimail.smtp.address import ascii_upper
 from trimail.smtp.commands import (
     check_auth,
     check_data,
@@ -197,7 +198,7 @@ class CommandReader:
         if not word:
             self._error("", replies.BAD_SYNTAX)
             return
-        verb = word.upper()
+        verb = ascii_upper(word)
         arg = arg.strip(" ")
         handler = _HANDLERS.get(verb)
         if handler is None:
