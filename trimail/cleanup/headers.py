@@ -1,7 +1,8 @@
 """Header sections as cleanup(8) treats them: split a message into header and body,
 walk its fields, find the addresses in a header value (``address_spans``) and rewrite
-them, read a header's address list safely (``header_addresses``), complete a local submission's missing ``From:``, ``Date:`` and ``Message-ID:``,
-and give every line a CRLF end.  Pure functions: bytes or text in, bytes or text out.
+them, read a header's address list safely (``header_addresses``), complete a local
+submission's missing ``From:``, ``Date:`` and ``Message-ID:``, and give every line a
+CRLF end.  Pure functions: bytes or text in, bytes or text out.
 
 Parameters: none read (callers pass the values).
 """
