@@ -94,8 +94,8 @@ class AuthChecks:
         self.authserv_id: str = config.myhostname
         self.mynetworks = config.mynetworks
         self.resolver = resolver
-        self._large: trio.CapacityLimiter | None = None  # made in trio, at first use
-        self._threads: trio.CapacityLimiter | None = None
+        self._large = trio.CapacityLimiter(LARGE_SLOTS)  # see the module's docstring
+        self._threads = trio.CapacityLimiter(DKIM_THREADS)
         if bool(config.dkim_signing_table) != bool(config.dkim_key_table):
             given, missing = ("dkim_signing_table", "dkim_key_table") if config.dkim_signing_table \
                 else ("dkim_key_table", "dkim_signing_table")
@@ -161,15 +161,12 @@ class AuthChecks:
 
     async def _check(self, session: SmtpdSession, txn: Transaction) -> Reply | None:
         assert txn.spool is not None
-        if self._large is None or self._threads is None:
-            self._large, self._threads = trio.CapacityLimiter(LARGE_SLOTS), trio.CapacityLimiter(DKIM_THREADS)
         if txn.spool.size <= LARGE_MESSAGE:
-            return await self._check_whole(session, txn, self._threads)
+            return await self._check_whole(session, txn)
         async with self._large:  # bounded memory: see the module's docstring
-            return await self._check_whole(session, txn, self._threads)
+            return await self._check_whole(session, txn)
 
-    async def _check_whole(self, session: SmtpdSession, txn: Transaction,
-                           threads: trio.CapacityLimiter) -> Reply | None:
+    async def _check_whole(self, session: SmtpdSession, txn: Transaction) -> Reply | None:
         assert txn.spool is not None
         results = getattr(txn, "auth", None) or Results()
         raw = await read_content(txn.spool)
@@ -187,7 +184,7 @@ class AuthChecks:
         with trio.move_on_after(max(0.0, self.timeout - results.spent)):
             for index, found in enumerate(pending or []):
                 dkims[index] = await check_signature(  # type: ignore[index]
-                    self.resolver, signed, index, found, threads)
+                    self.resolver, signed, index, found, self._threads)
             if dmarc is not None:
                 dmarc = await check_dmarc(self.resolver, header_from, results.spf, dkims or [])
         field = header_field(self.authserv_id, results.spf if "spf" in self.methods else None,
