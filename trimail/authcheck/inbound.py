@@ -55,7 +55,7 @@ from trimail.authcheck.dmarc import DmarcResult, check_dmarc, from_domain
 from trimail.authcheck.results import NAME, claims, header_field
 from trimail.authcheck.signing import Signer, SigningError, UnsignableMessage, sign_message
 from trimail.authcheck.spf import SpfResult, check_spf
-from trimail.cleanup.headers import header_addresses
+from trimail.cleanup.headers import from_field_addresses
 from trimail.config import ConfigError
 from trimail.net.addresses import in_networks
 from trimail.queue.spool import Spool
@@ -227,10 +227,7 @@ def _from_address(header: bytes | bytearray) -> str | None:
     domain = from_domain(header)
     if domain is None:
         return None
-    match = re.search(rb"(?im)^from:(.*(?:\r\n[ \t].*)*)", bytes(header))
-    if not match:
-        return None
-    addresses = [a for _, a in header_addresses(match.group(1).decode("utf-8", "replace")) if a]
+    addresses = from_field_addresses(header)
     return addresses[0] if addresses else None
 
 

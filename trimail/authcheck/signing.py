@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
-from trimail.cleanup.headers import header_addresses
+from trimail.cleanup.headers import from_field_addresses
 from trimail.maps import TableError, lookup_first, off_loop, open_table
 
 if TYPE_CHECKING:
@@ -224,9 +224,7 @@ def sign_local(config: Config, content: bytes) -> bytes:
     signer = Signer(config.dkim_signing_table, config.dkim_key_table)
     cut = _FIRST_FIELD.match(content)
     start = cut.end() if cut else 0
-    match = re.search(rb"(?im)^from:(.*(?:\r\n[ \t].*)*)", content[start:content.find(b"\r\n\r\n") + 2])
-    addresses = [a for _, a in header_addresses(match.group(1).decode("utf-8", "replace")) if a] \
-        if match else []
+    addresses = from_field_addresses(content[start:content.find(b"\r\n\r\n") + 2])
     key = signer.find(addresses[0]) if len(addresses) == 1 else None
     if key is None:
         return content

@@ -157,6 +157,18 @@ def header_addresses(value: str) -> list[tuple[str, str]]:
         return email.utils.getaddresses([without_comments(value)])
 
 
+_FROM_FIELD = re.compile(rb"(?im)^from:(.*(?:\r\n[ \t].*)*)")
+
+
+def from_field_addresses(header: bytes | bytearray) -> list[str]:
+    """The addresses of the first ``From:`` field of *header* (a header section, CRLF
+    line ends), in order; [] without one."""
+    match = _FROM_FIELD.search(header)
+    if not match:
+        return []
+    return [a for _, a in header_addresses(match.group(1).decode("utf-8", "replace")) if a]
+
+
 def without_comments(value: str) -> str:
     """*value* with each comment, nested ones included, replaced by one space;
     quoted strings, domain literals and quoted pairs are kept as they are.  An
