@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -125,6 +126,12 @@ class ForkServer:
                         await self._answered.wait()
                         self._answered = trio.Event()
                 answer, self._answer = self._answer, None
+            except BaseException:  # cancelled (a stop): its answer may have come in the same pass of
+                # trio's loop as the cancellation, taken by run while this still waited for it
+                late, self._answer = self._answer, None
+                if late is not None and late.get("id") == self._requests and "process" in late:
+                    self._unwanted(late)
+                raise
             finally:
                 self._waiting = None  # an answer to it from now on is one nobody takes (run)
         if answer is None or answer.get("id") != self._requests or "pid" not in answer:
@@ -158,9 +165,7 @@ class ForkServer:
                     if "pid" in message:  # registered now: its exit may be the very next message
                         message["process"] = self._children[message["pid"]] = ForkedProcess(message["pid"])
                         if message.get("id") != self._waiting:  # its spawn() gave up or was cancelled
-                            log.warning("fork server pid %d forked worker pid %d after the master gave up on "
-                                        "it: killed", self.pid, message["pid"])
-                            message["process"].kill()  # (it would exit at the end of its channel, unless frozen)
+                            self._unwanted(message)
                     self._answer = message
                     self._answered.set()
         finally:
@@ -177,6 +182,13 @@ class ForkServer:
                 await until_exited(self.pid)
                 self.reap()  # no zombie left behind
             self._finished.set()
+
+    def _unwanted(self, answer: dict[str, Any]) -> None:
+        """A worker forked for a ``spawn`` that gave up or was cancelled: killed (it
+        would exit at the end of its channel, unless frozen: then a stop waited for it)."""
+        log.warning("fork server pid %d forked worker pid %d after the master gave up on it: killed",
+                    self.pid, answer["pid"])
+        answer["process"].kill()
 
     def close(self) -> None:
         """No more workers: the fork server exits once the ones it started have
@@ -195,12 +207,20 @@ class ForkServer:
         with trio.move_on_after(REPLY_TIMEOUT):
             await self._finished.wait()
         if not self._finished.is_set():
-            log.warning("fork server pid %d did not exit: killed", self.pid)
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            await self._finished.wait()
+            left = children_of(self.pid)  # forked, not yet its own: no PR_SET_PDEATHSIG, and
+            # holding the fork server's socket (a frozen one kept run from its end for ever)
+            log.warning("fork server pid %d did not exit: killed%s", self.pid,
+                        f", and the processes it forked still running: pid {', '.join(map(str, left))}" if left else "")
+            for pid in [*left, self.pid]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            with trio.move_on_after(REPLY_TIMEOUT):
+                await self._finished.wait()
+            if not self._finished.is_set():  # something else still holds the socket's other end
+                self._socket.close()  # run's recv ends now
+                await self._finished.wait()
 
     def abandon(self) -> None:
         """serve failed before ``run`` ran (no worker was started): let the fork
@@ -215,3 +235,11 @@ class ForkServer:
             os.waitpid(self.pid, 0)
         except ChildProcessError:  # reaped already
             pass
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of *pid*'s children (Linux's /proc; none where it cannot be read)."""
+    try:
+        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (OSError, ValueError):
+        return []
