@@ -1,3 +1,3 @@
-from trimail.cli import main
+from trimail.entry import main
 
 main()

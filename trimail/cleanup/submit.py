@@ -69,11 +69,12 @@ import smtplib
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from trimail.cleanup import headers
 from trimail.cleanup import rewrite as cleanup_rewrite
 from trimail.config import Config, ConfigError, load
-from trimail.maps import open_table
+from trimail.maps import TableError, open_table
 from trimail.milter.local import MilterRefused, filter_local
 from trimail.net.control import send_command
 from trimail.queue.database import QueueError
@@ -266,6 +267,19 @@ def _tool(opts: dict, *command: str) -> None:
         args += ["-o", override]
     cli.main(args)
     raise SystemExit(0)
+
+
+def main(argv: list[str]) -> NoReturn:
+    """``trimail sendmail ARGS`` (and the binary through a link named sendmail:
+    trimail.entry): its exit status, and every error one ``sendmail: fatal:`` line."""
+    try:
+        raise SystemExit(submit(argv))
+    except SendmailError as exc:
+        print(f"sendmail: fatal: {exc}", file=sys.stderr)
+        raise SystemExit(exc.status) from None
+    except (QueueError, TableError) as exc:
+        print(f"sendmail: fatal: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def submit(argv: list[str], stdin=None, stdout=None) -> int:

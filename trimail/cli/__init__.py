@@ -31,10 +31,8 @@ from trimail import __version__
 from trimail import config as configuration
 from trimail.config import Config
 from trimail.errors import ConfigurationError, TrimailError
-from trimail.maps import TableError
 from trimail.net.listener import ListenError
 from trimail.privileges import PrivilegeError
-from trimail.queue.database import QueueError
 from trimail.queue.lock import AlreadyRunning
 
 app = App(name="trimail", help="A secure SMTP gateway MTA.", version=__version__,
@@ -99,19 +97,6 @@ from trimail.cli import admin, catch, daemon, dkimkeys, queue, tables  # noqa: F
 # -- entry point -----------------------------------------------------------------
 
 
-def _sendmail(argv: list[str]) -> None:
-    from trimail.cleanup.submit import SendmailError, submit
-
-    try:
-        raise SystemExit(submit(argv))
-    except SendmailError as exc:
-        print(f"sendmail: fatal: {exc}", file=sys.stderr)
-        raise SystemExit(exc.status) from None
-    except (QueueError, TableError) as exc:
-        print(f"sendmail: fatal: {exc}", file=sys.stderr)
-        raise SystemExit(1) from None
-
-
 # Invoked through a link with one of these names, the binary acts as that command.
 PERSONALITIES = {"sendmail": ["sendmail"], "mailq": ["queue", "list", "--plain"], "newaliases": ["newaliases"]}
 
@@ -147,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         if name in PERSONALITIES:
             argv = PERSONALITIES[name] + argv
     if argv[:1] == ["sendmail"]:
-        _sendmail(argv[1:])
+        from trimail.cleanup.submit import main as sendmail
+
+        sendmail(argv[1:])
     try:
         try:
             try:
