@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import smtplib
+import threading
 
 import authres
 import dkim
@@ -21,7 +22,8 @@ from tests.authcheck.keys import MESSAGE, new_key, txt
 from tests.conftest import write_main_cf
 from tests.dnsserver import run_dns_server
 from trimail import config as configuration
-from trimail.authcheck.inbound import LARGE_MESSAGE, LARGE_SLOTS
+from trimail.authcheck.dmarc import from_domain
+from trimail.authcheck.inbound import LARGE_MESSAGE, LARGE_SLOTS, LONG_HEADER
 from trimail.master import serve
 from trimail.queue.store import Store
 
@@ -244,6 +246,29 @@ async def test_a_from_field_with_deeply_nested_comments_is_still_judged_by_dmarc
     reply, content = await sent(srv, nested, client="127.0.47.21")
     assert reply == (550, b"5.7.1 rejected by DMARC policy for mail.sender.example")
     assert content is None
+
+
+async def test_a_long_from_field_is_read_whole_and_off_the_event_loop(start, monkeypatch):
+    """Red team 31: a ``From:`` padded to 90 kB (``<><><>...``, ``@.@.``) took the
+    stdlib's address parser 0.2-0.3 s, every other session of the process waiting.
+    A long header section's From: is now read on a thread; and read whole, since a
+    From: cut short would make a padded message of a p=reject domain permerror, not
+    fail, and dodge ``smtpd_dmarc_reject``."""
+    threads = []
+
+    def recording(header):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return from_domain(header)
+
+    monkeypatch.setattr("trimail.authcheck.inbound.from_domain", recording)
+    srv = await start(smtpd_dmarc_reject="yes")
+    padded = MESSAGE.replace(b"From: Alice", b"From: " + b"<>" * 45000 + b" Alice")
+    assert len(padded) > 2 * LONG_HEADER
+    reply, content = await sent(srv, padded, client="127.0.47.21")
+    assert reply == (550, b"5.7.1 rejected by DMARC policy for mail.sender.example")
+    assert threads == [False], "the From: of a long header section was read on the event loop's thread"
+    reply, _ = await sent(srv, MESSAGE, client="127.0.47.21")  # a short one: right there, no thread
+    assert reply[0] == 550 and threads == [False, True]
 
 
 async def test_smtpd_dmarc_quarantine_hold_holds_the_message(start):
