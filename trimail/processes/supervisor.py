@@ -73,9 +73,7 @@ log = logging.getLogger("trimail.master")
 ASK_TIMEOUT = 3.0  # seconds for status, dead and metrics answers: well within the CLI's and the scrape's 10 s
 STEADY = 60.0  # a worker that ran this long before it died restarts without back-off history
 STOP_MARGIN = 15.0  # seconds beyond graceful_timeout before a stopping worker is killed
-# seconds a worker that never reported ready gets to end after SIGTERM (it failed, or a stop
-# or reload came while it started): it serves no session yet, nothing of it needs draining
-UNREADY_GRACE = 5.0
+UNREADY_GRACE = 5.0  # seconds after SIGTERM for a worker never ready to end: no session to drain
 
 
 class Master:
@@ -271,7 +269,9 @@ class Master:
 
     async def _retire(self, slots: list[Slot], wait: bool = False, command: str = "stop") -> None:
         """Tell the workers in *slots* to stop (smtpd: drain their sessions) or, after
-        a reload, to retire (smtpd: let every session run to its end)."""
+        a reload, to retire (smtpd: let every session run to its end); with *wait*, kill
+        those alive ``graceful_timeout`` + ``STOP_MARGIN`` after the telling began."""
+        deadline = trio.current_time() + self.config.graceful_timeout + STOP_MARGIN  # a frozen one's telling: 10 s
         for slot in slots:
             slot.retired, slot.farewell = True, command
             slot.leaving.set()
@@ -280,7 +280,7 @@ class Master:
                 if slot.worker is not None:
                     telling.start_soon(self._tell_stop, slot.worker, command)
         if wait:
-            with trio.move_on_after(self.config.graceful_timeout + STOP_MARGIN):
+            with trio.move_on_at(deadline):
                 for slot in slots:
                     await slot.gone.wait()
             for slot in slots:
