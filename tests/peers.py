@@ -12,10 +12,11 @@ class Recorder:
     """aiosmtpd handler: records messages; ``rules`` maps a local part to a reply."""
 
     def __init__(self, rules: dict[str, str] | None = None, delay: float = 0.0,
-                 gate: threading.Event | None = None) -> None:
+                 gate: threading.Event | None = None, commit_first: bool = False) -> None:
         self.rules = rules or {}
         self.delay = delay
         self.gate = gate  # when given: DATA is answered only once it is set (a peer held by the test)
+        self.commit_first = commit_first  # an MTA's way: the message is kept before the reply is sent
         self.tls_used: list[bool] = []
         self.messages: list[tuple[str, list[str], bytes]] = []
         self.lock = threading.Lock()
@@ -33,6 +34,8 @@ class Recorder:
         self.tls_used.append(session.ssl is not None)
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        if self.commit_first:  # kept now, even if the client has gone by the time the reply is sent
+            self._keep(envelope)
         if self.delay:
             import asyncio
 
@@ -43,9 +46,13 @@ class Recorder:
             while not self.gate.is_set():  # held until the test releases it, however slow the machine
                 await asyncio.sleep(0.01)
         self.in_flight -= 1
+        if not self.commit_first:
+            self._keep(envelope)
+        return "250 2.0.0 Ok: queued as SINK"
+
+    def _keep(self, envelope) -> None:
         with self.lock:
             self.messages.append((envelope.mail_from, list(envelope.rcpt_tos), envelope.original_content))
-        return "250 2.0.0 Ok: queued as SINK"
 
     def recipients(self) -> list[str]:
         with self.lock:
@@ -54,10 +61,11 @@ class Recorder:
 
 class Sink:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, rules: dict[str, str] | None = None,
-                 delay: float = 0.0, tls_context=None, size_limit: int | None = None, held: bool = False) -> None:
+                 delay: float = 0.0, tls_context=None, size_limit: int | None = None, held: bool = False,
+                 commit_first: bool = False) -> None:
         # held: DATA is answered only after release() (deliveries stay in flight until the test says)
         self.gate = threading.Event() if held else None
-        self.recorder = Recorder(rules, delay, self.gate)
+        self.recorder = Recorder(rules, delay, self.gate, commit_first)
         extra = {"tls_context": tls_context} if tls_context is not None else {}
         if size_limit is not None:
             extra["data_size_limit"] = size_limit

@@ -32,7 +32,7 @@ the jail; then the tasks.  Only errors at start (exit 1, or 2 for configuration)
 and an explicit stop end serve; the control socket and the metrics endpoint serve
 each request inside its own error boundary.
 
-Parameters: master_service_disable, address_verify_map (plus what trimail.startup and
+Parameters: master_service_disable, address_verify_map, graceful_timeout (plus what trimail.startup and
 trimail.service read).
 """
 
@@ -150,7 +150,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
                 notify_systemd(b"READY=1")
 
             await serve_sessions(server, listeners, started, lambda: notify_systemd(b"STOPPING=1"))
-            top.cancel_scope.cancel()  # deliveries in flight stop; their messages go back below
+            await server.scheduler.finish(server.config.graceful_timeout)
+            top.cancel_scope.cancel()  # deliveries still in flight stop; their messages go back below
         if "qmgr" not in config.master_service_disable:  # without it, nothing was ever taken for delivery
             returned = await writer.run(Store.recover_active)
             if returned:

@@ -12,9 +12,15 @@ import os
 import signal
 import subprocess
 import time
+from collections import Counter
 
-from tests.faults.conftest import serve_status
+import pytest
+
+from tests.faults.conftest import queued, send, serve_status, wait_until
+from tests.peers import Sink
 from trimail.processes.supervisor import STOP_MARGIN
+
+SINK_HOST = "127.0.0.78"
 
 
 def test_a_frozen_running_worker_is_killed_within_graceful_timeout_and_the_margin(daemon):
@@ -39,3 +45,32 @@ def test_a_frozen_running_worker_is_killed_within_graceful_timeout_and_the_margi
             os.kill(worker, signal.SIGCONT)
         except ProcessLookupError:
             pass
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_stop_lets_the_deliveries_in_progress_end_and_sends_none_twice(daemon, tmp_path, workers):
+    """A stop under load cancelled every delivery in progress at once, also one whose
+    message the next hop had taken and was about to acknowledge: the message went back
+    to incoming and was sent again after the next start (320 of 17,237 messages twice
+    over 8 stops, red team 32).  Now the queue manager begins nothing more and lets
+    the deliveries in progress end, within ``graceful_timeout``: four messages the
+    downstream has kept, their replies held while serve stops, arrive once each."""
+    with Sink(SINK_HOST, held=True, commit_first=True) as sink:
+        settings = dict(smtpd_workers=workers, relayhost=f"[{SINK_HOST}]:{sink.port}", graceful_timeout="10s")
+        d = daemon(**settings)
+        tokens = [f"t{i}" for i in range(4)]
+        for token in tokens:
+            send(d.port, ["r@far.example"], f"Subject: token {token}\r\n\r\nbody\r\n".encode())
+        wait_until(lambda: sink.recorder.in_flight == len(tokens), timeout=20)
+        d.proc.proc.send_signal(signal.SIGTERM)
+        try:  # the stop has begun: serve says it waits for them (or, before the fix, has ended)
+            wait_until(lambda: d.proc.proc.poll() is not None or any(
+                "waiting up to 10s for 4 deliveries in progress" in line for line in d.proc.log), timeout=20)
+        finally:
+            sink.release()  # the downstream acknowledges the four now
+        d.proc.proc.wait(timeout=30)
+        again = daemon(tmp_path, **settings)  # the same queue: whatever went back is sent again
+        wait_until(lambda: queued(again.queue_directory) == 0, timeout=30)
+        delivered = Counter(line.split(b" ", 2)[2].decode() for _, _, content in sink.messages
+                            for line in content.split(b"\r\n") if line.startswith(b"Subject: token "))
+        assert delivered == Counter(tokens), f"delivered: {dict(delivered)}; log:\n" + "\n".join(d.proc.log[-10:])

@@ -94,7 +94,7 @@ PARAMS: list[Param] = [
     P("maillog_file", "", parse_text, "mail log file (reopened after logrotate); syslog: to syslog; empty: stderr"),
     P("syslog_facility", "mail", parse_text, "syslog facility when maillog_file = syslog"),
     T("graceful_timeout", "10s", time_parser(),
-       "on stop, how long open sessions may finish before 421"),
+       "on stop, how long open sessions may finish before 421, then SMTP deliveries in progress"),
     P("disable_vrfy_command", "no", parse_bool, "refuse VRFY (502) instead of answering 252"),
     P("smtputf8_enable", "yes", parse_bool, "announce and accept SMTPUTF8"),
     # restrictions (consulted by the policy layer)

@@ -25,7 +25,7 @@ serving a queue that a new master may take.  SIGINT and SIGHUP are the master's
 to handle; SIGTERM stops the worker gracefully (the master restarts it).
 Exit status: 0 after a stop, 2 for a configuration error, 1 otherwise.
 
-Parameters: queue_directory, queue_busy_timeout, myhostname, chroot, maillog_file,
+Parameters: queue_directory, queue_busy_timeout, myhostname, chroot, maillog_file, graceful_timeout,
 syslog_facility, dns_nameservers, dns_concurrency_limit (plus what the smtpd and qmgr
 roles read: trimail.service, trimail.scheduler.qmgr).
 """
@@ -309,7 +309,8 @@ async def run_qmgr(spec: dict[str, Any], config: Config, terminated: trio.Event)
 
             top.start_soon(watch_signal)
             await stop.wait()
-            top.cancel_scope.cancel()  # deliveries in flight stop; their messages go back below
+            await scheduler.finish(current["config"].graceful_timeout)
+            top.cancel_scope.cancel()  # deliveries still in flight stop; their messages go back below
         returned = await writer.run(Store.recover_active)
         if returned:
             log.info("%d message(s) in delivery returned to the incoming queue", returned)

@@ -73,6 +73,15 @@ class Destination:
     connecting: int = 0  # connection attempts in progress
     connected: int = 0  # connections up
     nursery: trio.Nursery | None = None  # where its workers run (the queue manager's delivery nursery)
+    closed: bool = False  # serve is stopping: its workers finish the job in hand and take no other
+
+    def close(self) -> None:
+        """No more jobs (serve is stopping): the waiting ones stay active in the queue,
+        returned to incoming at the stop; idle workers leave now."""
+        self.closed = True
+        self.jobs.clear()
+        while self.idle:
+            self.idle.pop().set()
 
     def add(self, job: Job) -> None:
         self.jobs.append(job)
@@ -100,7 +109,7 @@ class Destination:
         """The next job; with none waiting, wait up to *linger* seconds for one (a
         worker holding an open connection caches it for the next message)."""
         deadline = trio.current_time() + linger
-        while not self.jobs and trio.current_time() < deadline:
+        while not self.jobs and not self.closed and trio.current_time() < deadline:
             woken = trio.Event()
             self.idle.append(woken)
             try:

@@ -70,6 +70,7 @@ class Dispatcher:
     parking: ParkingLot
     idle: trio.Event
     wall_clock: Callable[[], float]
+    closing: bool
     _nursery: trio.Nursery | None
 
     if TYPE_CHECKING:  # the Scheduler's (qmgr.py)
@@ -178,6 +179,8 @@ class Dispatcher:
         self.wake()  # a slot is free for the next message, and a new due time is set
 
     def _enqueue(self, job: Job) -> None:
+        if self.closing:  # serve is stopping: the job's message stays active, returned to incoming
+            return
         key = job.key or job.route.key
         assert self._nursery is not None
         refusal = self.dead.refusal(key, time.time())

@@ -28,6 +28,10 @@ commit plus a claim plus a read; a crash before delivery returns it to
 Local submissions leave maildrop for incoming in each round (Postfix's pickup),
 with ``content_filter`` stored in their params on the way, as pickup does.
 
+At a stop (``finish``) nothing more is claimed or begun, and the SMTP deliveries
+in progress get ``graceful_timeout`` to end: a message the next hop has taken is then
+recorded, not sent again after the next start.
+
 Parameters: qmgr_message_active_limit, qmgr_message_recipient_limit,
 default_process_limit, content_filter, masquerade_domains, masquerade_exceptions,
 masquerade_classes (plus what dispatch.py, share.py, workers.py and results.py read).
@@ -142,6 +146,7 @@ class Scheduler(Dispatcher):
         self._held = 0  # bytes of content held in memory by active messages
         self._starved = False  # the last round filled every slot: a finished message must wake us
         self.idle = trio.Event()  # set whenever nothing is active (tests and stop wait on it)
+        self.closing = False  # serve is stopping: nothing more is claimed or begun (close)
         self._metrics: Metrics | None = None
         self.wall_clock: Callable[[], float] = time.time  # due times are wall-clock (tests may substitute one)
 
@@ -159,6 +164,32 @@ class Scheduler(Dispatcher):
     def forget_dead(self) -> None:
         """Try dead destinations again at once (a flush, an ETRN that made mail due)."""
         self.dead.flush()
+
+    def close(self) -> None:
+        """Serve is stopping: no more rounds, hand-overs or deliveries begun; the ones
+        in progress go on (``drained``), so a message the next hop has taken is recorded
+        as delivered, not sent again after the next start.  Stopping cancelled them
+        all: a red team counted 320 of 17,237 messages delivered twice over 8 stops
+        under load.  What is still active is returned to incoming at the stop."""
+        self.closing = True
+        for dest in self.destinations.values():
+            dest.close()
+        self.wake()
+
+    async def finish(self, grace: float) -> None:
+        """``close``, then up to *grace* seconds (graceful_timeout) until every SMTP
+        delivery worker has left: its job in hand done, its connection closed with QUIT.
+        Only the next hop's reply tells whether it took a message; a local delivery
+        (which may wait 20 s for a mailbox lock) is ours to cancel.  Polled: it is
+        waited on once, at a stop."""
+        self.close()
+        remote = [dest for dest in self.destinations.values() if dest.route.transport not in ("local", "virtual")]
+        busy = sum(dest.busy for dest in remote)
+        if busy:
+            log.info("stop: waiting up to %gs for %d deliveries in progress", grace, busy)
+        with trio.move_on_after(grace):
+            while any(dest.workers for dest in remote):
+                await trio.sleep(0.05)
 
     def reconfigure(self, config: Config) -> None:
         """Take a reloaded configuration: new routes, tables and limits for the
@@ -198,7 +229,7 @@ class Scheduler(Dispatcher):
         # at most 10 s between tries: mail already acknowledged waits in incoming for
         # the next try after the cause (a full disk) is gone, and no new mail wakes us
         backoff = Backoff(initial=1.0, maximum=10.0)
-        while True:
+        while not self.closing:
             room = self.active_limit - len(self.active) - self._reserved
             if self._recipients >= self.recipient_limit:
                 room = 0  # qmgr_message_recipient_limit: a finishing message wakes us
@@ -237,7 +268,7 @@ class Scheduler(Dispatcher):
         """A slot for a message about to be committed straight into ``active``;
         False when the scheduler is not running or has no room (the message then
         goes to ``incoming`` and waits for a round)."""
-        if (self._nursery is None or len(self.active) + self._reserved >= self.active_limit
+        if (self._nursery is None or self.closing or len(self.active) + self._reserved >= self.active_limit
                 or self._recipients >= self.recipient_limit):
             return False
         self._reserved += 1
