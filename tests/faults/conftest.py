@@ -59,11 +59,19 @@ def process_tree(pid: int) -> list[int]:
     while todo:
         current = todo.pop()
         found.append(current)
+        todo += children_of(current)
+    return found
+
+
+def children_of(pid: int) -> list[int]:
+    """The children of every thread of *pid* (a worker started with a new interpreter
+    is the child of the master's starter thread: trimail.processes.starter)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+            found += [int(child) for child in (task / "children").read_text().split()]
         except OSError:
             continue
-        todo += [int(child) for child in children]
     return found
 
 

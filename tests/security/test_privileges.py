@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_main_cf
+from tests.faults.conftest import children_of
 from tests.peers import Sink
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind port 25 and change users")
@@ -21,10 +22,6 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind po
 def ids(pid: int) -> tuple[list[int], list[int]]:
     fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
     return [int(x) for x in fields["Uid"].split()], [int(x) for x in fields["Gid"].split()]
-
-
-def children(pid: int) -> list[int]:
-    return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
 
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["one-process", "workers"])
@@ -46,9 +43,9 @@ def test_serve_drops_root_and_mail_still_flows(tmp_path, serve_process, chroot, 
             proc = serve_process(config_path)
             assert proc.port == 25
             if workers:  # the master's one child is the fork server (root, as the master); the workers are its
-                [server] = children(proc.proc.pid)
+                [server] = children_of(proc.proc.pid)
                 assert ids(proc.proc.pid)[0] == [0] * 4 and ids(server)[0] == [0] * 4
-                unprivileged = children(server)
+                unprivileged = children_of(server)
             else:
                 unprivileged = [proc.proc.pid]
             assert len(unprivileged) == (workers + 1 if workers else 1)

@@ -11,8 +11,10 @@ queue lock's descriptor and their channel.
 
 Each try has a channel of its own: a fork that comes after its request gave up
 (trimail.processes.forkserver) finds its channel closed and exits, never sharing
-the next worker's.  A worker started with a new interpreter is started from the
-main thread: its ``PR_SET_PDEATHSIG`` fires when the thread that started it exits.
+the next worker's.  A worker started with a new interpreter is started on the
+starter's own thread (trimail.processes.starter), which lives as long as serve: its
+``PR_SET_PDEATHSIG`` fires when the thread that started it exits, and a child
+frozen before its exec holds that thread, not the event loop.
 
 Security: a worker inherits only the descriptors its spec names (``pass_fds``, or
 ``SCM_RIGHTS`` to the fork server).
@@ -35,12 +37,14 @@ import trio
 from trimail.processes.channel import GO, Channel, ChannelClosed
 from trimail.processes.forked import ForkedProcess
 from trimail.processes.slot import Slot, Worker
+from trimail.processes.starter import Starter
 from trimail.queue.guards import QueueError, refuse_other_index
 
 if TYPE_CHECKING:
     from trimail.processes.supervisor import Master
 
 START_TIMEOUT = 60.0  # seconds for a worker to report ready
+STARTER = Starter()  # this process's starts with a new interpreter (its thread is made at the first)
 
 
 def worker_spec(master: Master, slot: Slot, channel_fd: int,
@@ -110,26 +114,31 @@ async def _start(master: Master, slot: Slot, forked: bool) -> Worker | None:
     # a copy of its own: a reload may close the master's while this try waits for
     # the fork server, and the number could name another file by the time it is sent
     main_cf = None if master.main_cf is None else os.dup(master.main_cf)
+    abandoned = False
     try:
         spec, fds = worker_spec(master, slot, theirs.fileno(), main_cf)
         if forked:
             assert master.fork_server is not None
             process = await master.fork_server.spawn(spec, fds)
-        else:
-            # started from this (the main) thread, not trio's thread pool: the worker's
-            # PR_SET_PDEATHSIG fires when the thread that started it exits
-            process = subprocess.Popen(  # noqa: ASYNC220 - must be this thread (above); it returns at once
-                [sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
-                pass_fds=fds, stdin=subprocess.DEVNULL)
+        else:  # on the starter's thread: a child frozen before its exec holds that thread, not the loop
+            try:
+                process = await STARTER.start([sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
+                                              fds)
+            except BaseException:
+                abandoned = STARTER.stuck  # Popen may still read these: left open (one start's worth)
+                raise
         if process is not None:  # this process is the one started: it may begin (channel.await_go)
             try:
                 ours.sendall(GO)  # (a new socket pair: it takes the line at once)
             except OSError:
                 pass  # it died already: became_ready finds the channel closed
     finally:
-        theirs.close()
-        if main_cf is not None:
-            os.close(main_cf)
+        if abandoned:
+            theirs.detach()
+        else:
+            theirs.close()
+            if main_cf is not None:
+                os.close(main_cf)
         if process is None:
             ours.close()
     return None if process is None else Worker(slot, process, Channel(ours))
