@@ -17,11 +17,11 @@ from pathlib import Path
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    if Path(sys.argv[0]).name == "sendmail" or argv[:1] == ["sendmail"]:
+    linked = Path(sys.argv[0]).name == "sendmail"
+    if linked or sys.argv[1:2] == ["sendmail"]:
         from trimail.cleanup.submit import main as sendmail
 
-        sendmail(argv if Path(sys.argv[0]).name == "sendmail" else argv[1:])
+        sendmail(sys.argv[1:] if linked else sys.argv[2:])
     from trimail.cli import main as command_line
 
     command_line()
