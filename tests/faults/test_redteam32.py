@@ -8,15 +8,17 @@ attack, 35 minutes).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections import Counter
 
 import pytest
 
-from tests.faults.conftest import queued, send, serve_status, wait_until
+from tests.faults.conftest import queued, send, serve_status, trimail_cmd, wait_until
 from tests.peers import Sink
 from trimail.processes.supervisor import STOP_MARGIN
 
@@ -74,3 +76,29 @@ def test_a_stop_lets_the_deliveries_in_progress_end_and_sends_none_twice(daemon,
         delivered = Counter(line.split(b" ", 2)[2].decode() for _, _, content in sink.messages
                             for line in content.split(b"\r\n") if line.startswith(b"Subject: token "))
         assert delivered == Counter(tokens), f"delivered: {dict(delivered)}; log:\n" + "\n".join(d.proc.log[-10:])
+
+
+def test_status_and_stop_while_serve_finishes_its_deliveries(daemon):
+    """Red team 32: while a stopping serve let its deliveries end (the control socket
+    closes first), ``trimail status`` said ``not running`` (exit 1) and ``trimail stop``
+    failed with ``not running``: a script's ``stop && start`` would start a second
+    serve beside the first.  Now status says it is stopping (exit 0) and stop waits."""
+    with Sink(SINK_HOST, held=True, commit_first=True) as sink:
+        d = daemon(smtpd_workers=1, relayhost=f"[{SINK_HOST}]:{sink.port}", graceful_timeout="10s")
+        send(d.port, ["r@far.example"], b"Subject: token held\r\n\r\nbody\r\n")
+        wait_until(lambda: sink.recorder.in_flight == 1, timeout=20)
+        d.proc.proc.send_signal(signal.SIGTERM)
+        d.proc.wait_log(r"waiting up to 10s for 1 deliveries in progress", timeout=10)
+        status = trimail_cmd("status", "--json", "-c", str(d.config_path))
+        assert status.returncode == 0, status.stdout + status.stderr
+        assert json.loads(status.stdout) == {"running": True, "stopping": True, "pid": d.proc.proc.pid}
+        stop = subprocess.Popen([sys.executable, "-m", "trimail", "stop", "-c", str(d.config_path)],
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            said = stop.stderr.readline()  # (before the delivery may end: it waits for the release)
+            assert f"serve pid {d.proc.proc.pid} is stopping already: waiting" in said, said
+        finally:
+            sink.release()
+            _, rest = stop.communicate(timeout=30)
+        assert stop.returncode == 0 and "trimail: stopped" in rest, rest
+        d.proc.proc.wait(timeout=10)

@@ -151,7 +151,14 @@ def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: f
     from trimail.queue.lock import running_pid
 
     cfg = load_config(config, o)
-    _control(cfg, "stop")
+    answer = send_command(require_access(cfg), "stop", timeout=30)
+    if answer is None:  # no control socket: not running, or stopping already (it closed it first)
+        pid = running_pid(Path(cfg.queue_directory))
+        if pid is None:
+            raise Failure(f"trimail serve is not running (no control socket in {cfg.queue_directory})")
+        print(f"trimail: serve pid {pid} is stopping already: waiting", file=sys.stderr)
+    elif answer.startswith("error:"):
+        raise Failure(maillog.printable(answer[6:].strip(), 1000))
     deadline = time.monotonic() + timeout
     while running_pid(Path(cfg.queue_directory)) is not None:
         if time.monotonic() > deadline:
@@ -164,10 +171,17 @@ def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: f
 def status_command(*, json_output: Annotated[bool, Parameter(name=["--json"], help="one JSON object")] = False,
                    config: ConfigOption = None, o: Overrides = None) -> None:
     """Is serve running: pid, uptime, listeners, queue counts, dead destinations;
-    exit 0 running, 1 not (postfix status)."""
+    exit 0 running (or stopping), 1 not (postfix status)."""
+    from trimail.queue.lock import running_pid
+
     cfg = load_config(config, o)
     answer = send_command(require_access(cfg), "status", timeout=10)
-    if answer is None:
+    if answer is None:  # no control socket: not running, or stopping (it closed it first)
+        pid = running_pid(Path(cfg.queue_directory))
+        if pid is not None:  # still holding the queue: its sessions and deliveries are ending
+            print(json.dumps({"running": True, "stopping": True, "pid": pid}) if json_output
+                  else f"trimail: stopping, pid {pid}: finishing its sessions and deliveries")
+            return
         print('{"running": false}' if json_output else "trimail: not running")
         raise SystemExit(1)
     if answer.startswith("error:"):  # it runs, and did not answer in time
