@@ -37,7 +37,7 @@ import trio
 from trimail.processes.channel import GO, Channel, ChannelClosed
 from trimail.processes.forked import ForkedProcess
 from trimail.processes.slot import Slot, Worker
-from trimail.processes.starter import Starter
+from trimail.processes.starter import StartAbandoned, Starter
 from trimail.queue.guards import QueueError, refuse_other_index
 
 if TYPE_CHECKING:
@@ -124,8 +124,8 @@ async def _start(master: Master, slot: Slot, forked: bool) -> Worker | None:
             try:
                 process = await STARTER.start([sys.executable, "-m", "trimail.processes.worker", json.dumps(spec)],
                                               fds)
-            except BaseException:
-                abandoned = STARTER.stuck  # Popen may still read these: left open (one start's worth)
+            except StartAbandoned:  # Popen may still read these: left open (one start's worth)
+                abandoned = True
                 raise
         if process is not None:  # this process is the one started: it may begin (channel.await_go)
             try:

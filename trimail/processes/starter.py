@@ -14,7 +14,8 @@ seconds for it; a start that takes longer is abandoned (``OSError``: the slot
 tries again after its back-off), and no other start is tried until that one has
 returned: the process it started then is killed.  A start whose caller was
 cancelled (a stop) is killed the same way.  The descriptors an abandoned start was
-given stay open (the caller sees ``stuck``): ``Popen`` may still be reading them.
+given stay open (the caller sees ``StartAbandoned``): ``Popen`` may still be reading
+them.  A start refused meanwhile is a plain ``OSError``; its descriptors are closed.
 
 Parameters: none.
 """
@@ -62,9 +63,9 @@ class Starter:
         self.stuck = False  # an abandoned start has not returned yet
 
     async def start(self, args: list[str], fds: list[int]) -> subprocess.Popen[bytes]:
-        if self.stuck:
-            raise StartAbandoned(errno.EAGAIN, "an earlier start of a worker with a new interpreter "
-                                               "has not returned (its process frozen before exec?)")
+        if self.stuck:  # (nothing was given to Popen: the caller closes the descriptors as usual)
+            raise OSError(errno.EAGAIN, "an earlier start of a worker with a new interpreter "
+                                        "has not returned (its process frozen before exec?)")
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="trimail-worker-starter", daemon=True)
             self._thread.start()
