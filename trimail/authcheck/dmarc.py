@@ -56,6 +56,15 @@ class DmarcResult:
 
 def from_domain(header: bytes | bytearray) -> str | None:
     """The domain of the one From: address in *header*, None when there is not exactly one."""
+    address = from_address(header)
+    if address is None:
+        return None
+    return address.rpartition("@")[2].strip().lower().rstrip(".") or None
+
+
+def from_address(header: bytes | bytearray) -> str | None:
+    """The one From: address in *header* (one From: field holding one address with a
+    domain part), None otherwise."""
     values = []
     current: list[str] | None = None
     for line in bytes(header).decode("utf-8", "replace").split("\r\n"):
@@ -72,8 +81,7 @@ def from_domain(header: bytes | bytearray) -> str | None:
     addresses = [a for _, a in header_addresses("".join(values[0])) if a]
     if len(addresses) != 1 or "@" not in addresses[0]:
         return None
-    domain = addresses[0].rpartition("@")[2].strip().lower().rstrip(".")
-    return domain or None
+    return addresses[0]
 
 
 def parse_record(text: str) -> dict[str, str] | None:

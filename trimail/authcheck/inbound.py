@@ -57,11 +57,10 @@ from typing import TYPE_CHECKING
 import trio
 
 from trimail.authcheck.dkimverify import SignedMessage, check_signature, signatures
-from trimail.authcheck.dmarc import DmarcResult, check_dmarc, from_domain
+from trimail.authcheck.dmarc import DmarcResult, check_dmarc, from_address, from_domain
 from trimail.authcheck.results import NAME, claims, header_field
 from trimail.authcheck.signing import Signer, SigningError, UnsignableMessage, sign_message
 from trimail.authcheck.spf import SpfResult, check_spf
-from trimail.cleanup.headers import from_field_addresses
 from trimail.config import ConfigError
 from trimail.net.addresses import in_networks
 from trimail.queue.spool import Spool
@@ -220,7 +219,7 @@ class AuthChecks:
 
     async def _sign(self, session: SmtpdSession, txn: Transaction) -> Reply | None:
         assert self.signer is not None and txn.spool is not None
-        header_from = await self._read_from(_from_address, await whole_header(txn)) or txn.envelope_sender
+        header_from = await self._read_from(from_address, await whole_header(txn)) or txn.envelope_sender
         try:
             key = await self.signer.find_async(header_from)
             if key is None:
@@ -237,14 +236,6 @@ class AuthChecks:
         txn.spool = await replace_content(session.ctx.spool_directory, txn.spool, raw, field, lambda f: False)
         log.info("%s: DKIM-Signature field added (s=%s d=%s)", txn.queue_id, key.selector, key.domain)
         return None
-
-
-def _from_address(header: bytes | bytearray) -> str | None:
-    domain = from_domain(header)
-    if domain is None:
-        return None
-    addresses = from_field_addresses(header)
-    return addresses[0] if addresses else None
 
 
 def _forged(field: bytes, authserv_id: str) -> bool:
