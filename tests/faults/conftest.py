@@ -22,6 +22,7 @@ import apsw
 import pytest
 
 from tests.conftest import ServeProcess, write_main_cf
+from trimail.processes.forkserver import children_of
 
 
 class Daemon:
@@ -60,18 +61,6 @@ def process_tree(pid: int) -> list[int]:
         current = todo.pop()
         found.append(current)
         todo += children_of(current)
-    return found
-
-
-def children_of(pid: int) -> list[int]:
-    """The children of every thread of *pid* (a worker started with a new interpreter
-    is the child of the master's starter thread: trimail.processes.starter)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            continue
     return found
 
 

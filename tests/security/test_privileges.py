@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import write_main_cf
-from tests.faults.conftest import children_of
 from tests.peers import Sink
+from trimail.processes.forkserver import children_of
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to bind port 25 and change users")
 

@@ -238,8 +238,13 @@ class ForkServer:
 
 
 def children_of(pid: int) -> list[int]:
-    """The pids of *pid*'s children (Linux's /proc; none where it cannot be read)."""
-    try:
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except (OSError, ValueError):
-        return []
+    """The pids of the children of every thread of *pid* (Linux's /proc; none where it
+    cannot be read).  (A master's worker started with a new interpreter is the child of
+    its starter thread: trimail.processes.starter.)"""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found
