@@ -102,3 +102,16 @@ def test_status_and_stop_while_serve_finishes_its_deliveries(daemon):
             _, rest = stop.communicate(timeout=30)
         assert stop.returncode == 0 and "trimail: stopped" in rest, rest
         d.proc.proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_stop_returns_after_serve_has_exited(daemon, workers):
+    """Red team 32b: ``trimail stop`` returned about 50 ms before serve's process had
+    exited (it waited for the queue lock, released just before the end), so a
+    ``stop`` followed at once by a kill of what is left (systemd's ExecStop, then
+    SIGKILL to the cgroup) could cut serve's last moments.  It now waits for the
+    process too."""
+    d = daemon(smtpd_workers=workers, master_service_disable="qmgr")
+    stop = trimail_cmd("stop", "-c", str(d.config_path), timeout=60)
+    assert stop.returncode == 0 and "trimail: stopped" in stop.stderr, stop.stderr
+    assert d.proc.proc.poll() is not None, "trimail stop returned while serve was still running"

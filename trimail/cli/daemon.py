@@ -151,6 +151,7 @@ def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: f
     from trimail.queue.lock import running_pid
 
     cfg = load_config(config, o)
+    pid = running_pid(Path(cfg.queue_directory))  # (serve lets the lock go a moment before it exits)
     answer = send_command(require_access(cfg), "stop", timeout=30)
     if answer is None:  # no control socket: not running, or stopping already (it closed it first)
         pid = running_pid(Path(cfg.queue_directory))
@@ -160,11 +161,21 @@ def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: f
     elif answer.startswith("error:"):
         raise Failure(maillog.printable(answer[6:].strip(), 1000))
     deadline = time.monotonic() + timeout
-    while running_pid(Path(cfg.queue_directory)) is not None:
+    while running_pid(Path(cfg.queue_directory)) is not None or (pid is not None and _alive(pid)):
         if time.monotonic() > deadline:
             raise Failure(f"serve did not stop within {timeout:g}s")
         time.sleep(0.05)
     print("trimail: stopped", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    """Is *pid* a process that has not exited (a zombie, waiting for its parent to
+    reap it, has)?"""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 @app.command(name="status")
