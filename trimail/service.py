@@ -140,10 +140,8 @@ class Server:
         # one address-verification cache and probe limit for every listener, kept across reloads
         self.verifier = Verifier(config, resolver)
         for context in self.contexts.values():
-            context.policy.verifier = self.verifier
+            context.policy.verifier, context.metrics = self.verifier, self.metrics
         self.metrics.measure("sessions", lambda: len(server.sessions) if (server := this()) is not None else 0)
-        for context in self.contexts.values():
-            context.metrics = self.metrics
         self.metrics.measure("dead", lambda: len(server.dead_now()) if (server := this()) is not None else 0)
         writer.on_commit = self.metrics.commit
         self.sessions: set[Session] = set()
@@ -224,7 +222,9 @@ class Server:
         except (ConfigError, TableError, OSError, ListenError) as exc:
             for listener, _, _ in opened:
                 await listener.aclose()
-            log.error("reload refused, keeping the running configuration: %s", exc)
+            stopping = self._stop.is_set()  # (a SIGHUP during the stop: as the master with workers says it)
+            log.log(logging.INFO if stopping else logging.ERROR, "reload ignored: %s" if stopping else
+                    "reload refused, keeping the running configuration: %s", exc)
             return f"error: {exc}"
         self.start_listening(opened)
         for key in [key for key in self.listening if key not in wanted]:
