@@ -65,7 +65,6 @@ import getpass
 import os
 import pwd
 import re
-import smtplib
 import sys
 import time
 from pathlib import Path
@@ -339,7 +338,7 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     except QueueError as exc:
         if "Permission denied" not in str(exc) and "permission" not in str(exc).lower():
             raise SendmailError(str(exc)) from None
-        return _submit_smtp(cfg, sender, rcpts, content)  # serve's smtpd_milters see it there
+        return _over_smtp(cfg, sender, rcpts, content)  # serve's smtpd_milters see it there
     if "no_address_mappings" in cfg.receive_override_options:
         # not masqueraded on its way to the content filter (scheduler/transfer.py)
         params = {**(params or {}), cleanup_rewrite.NOMAP_PARAM: None}
@@ -362,7 +361,7 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
         except SigningError as exc:
             store.close()
             print(f"sendmail: warning: {exc}; submitting to serve over SMTP", file=sys.stderr)
-            return _submit_smtp(cfg, sender, rcpts, content)
+            return _over_smtp(cfg, sender, rcpts, content)
     spool = Spool(memory_limit=len(content))  # read into memory already: no temporary file
     spool.write(content)
     try:
@@ -378,12 +377,7 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     return 0
 
 
-def _submit_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> int:
-    listen = cfg.smtpd_listen[0]
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "::") else listen.host
-    try:
-        with smtplib.SMTP(host, listen.port, timeout=60) as client:
-            client.sendmail(sender or "<>", rcpts, content)
-    except (OSError, smtplib.SMTPException) as exc:
-        raise SendmailError(f"cannot write the queue and cannot submit over SMTP to {listen}: {exc}") from None
-    return 0
+def _over_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> int:
+    from trimail.cleanup.fallback import submit_smtp  # (smtplib: only when it is needed)
+
+    return submit_smtp(cfg, sender, rcpts, content)

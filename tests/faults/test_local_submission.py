@@ -1,0 +1,86 @@
+"""Red team 33b: ``trimail sendmail`` run by a user who may not write the queue
+submits over SMTP to serve's loopback listener (cleanup/fallback.py).  smtplib's
+``sendmail()`` returns the recipients serve refused and goes on, and sendmail then
+exited 0: the refused recipients were lost without a word, 4xx ones included, and
+with more recipients than ``smtpd_recipient_limit`` the rest vanished.  Now it is
+all or nothing, and a temporary condition (serve down, a 4xx) exits 75
+(EX_TEMPFAIL), so a caller that retries on it does.
+
+The user is ``nobody``: the test's interpreter imports sendmail's modules as root,
+then takes nobody's ids (the interpreter's own files may be out of nobody's reach)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import queued, wait_until
+from tests.peers import Sink
+
+SINK_HOST = "127.0.0.83"
+RESTRICTIONS = "check_recipient_access inline:{ blocked.example=REJECT, tmp.example=DEFER }, permit_mynetworks, reject"
+AS_NOBODY = """
+import os, sys
+import encodings.idna, trimail.cleanup.fallback, trimail.cleanup.submit as submit
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+submit.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def readable() -> Iterator[Path]:
+    """A directory nobody can read, for the main.cf sendmail reads as nobody."""
+    with tempfile.TemporaryDirectory(prefix="trimail-t33-") as name:
+        os.chmod(name, 0o755)
+        yield Path(name)
+
+
+def sendmail_as_nobody(d, readable: Path, *args: str, port: int | None = None) -> subprocess.CompletedProcess:
+    config = readable / "main.cf"
+    config.write_text(f"myhostname = mx.test.example\nsmtpd_listen = 127.0.0.1:{port or d.port}\n"
+                      f"queue_directory = {d.queue_directory}\nalias_maps =\nalias_database =\n")
+    config.chmod(0o644)
+    return subprocess.run([sys.executable, "-c", AS_NOBODY, "-C", str(config), "-f", "me@mx.test.example", *args],
+                          input=b"Subject: local\n\nhello\n", capture_output=True, timeout=60, cwd="/",
+                          check=False)
+
+
+def test_a_refused_recipient_sends_nothing_and_says_so(daemon, readable):
+    with Sink(SINK_HOST) as sink:
+        d = daemon(smtpd_workers=0, relayhost=f"[{SINK_HOST}]:{sink.port}", master_service_disable="",
+                   smtpd_recipient_restrictions=RESTRICTIONS)
+        permanent = sendmail_as_nobody(d, readable, "ok@dest.example", "u@blocked.example", "v@tmp.example")
+        assert permanent.returncode == 69, permanent.stderr  # EX_UNAVAILABLE: a 5xx among the refusals
+        said = permanent.stderr.decode()
+        assert "nothing was sent" in said and "<u@blocked.example>: 554" in said and "<v@tmp.example>: 450" in said
+        temporary = sendmail_as_nobody(d, readable, "ok@dest.example", "v@tmp.example")
+        assert temporary.returncode == 75, temporary.stderr  # EX_TEMPFAIL: only 4xx
+        accepted = sendmail_as_nobody(d, readable, "ok@dest.example", "also@dest.example")
+        assert accepted.returncode == 0, accepted.stderr
+        wait_until(lambda: queued(d.queue_directory) == 0 and len(sink.messages) == 1, timeout=30)
+        [(_, recipients, _)] = sink.messages  # only the message sendmail said was sent
+        assert sorted(recipients) == ["also@dest.example", "ok@dest.example"]
+
+
+def test_recipients_past_smtpd_recipient_limit_are_not_lost(daemon, readable):
+    d = daemon(smtpd_workers=0, smtpd_recipient_limit=3)
+    result = sendmail_as_nobody(d, readable, *[f"r{n}@dest.example" for n in range(5)])
+    assert result.returncode == 75, result.stderr  # 452 too many recipients: temporary
+    assert "<r3@dest.example>: 452" in result.stderr.decode()
+    assert queued(d.queue_directory) == 0
+
+
+def test_serve_not_running_is_a_temporary_failure(daemon, readable):
+    d = daemon(smtpd_workers=0)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))  # a port nobody listens on
+        result = sendmail_as_nobody(d, readable, "a@dest.example", port=unused.getsockname()[1])
+    assert result.returncode == 75, result.stderr
+    assert "cannot submit over SMTP" in result.stderr.decode()
