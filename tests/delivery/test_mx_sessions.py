@@ -83,3 +83,20 @@ async def test_a_backup_session_looks_past_the_host_it_already_had_within_the_ad
     targets = Targets(Resolver(), "far.example", hosts, is_self=lambda a: False, address_limit=1,  # type: ignore[arg-type]
                       skip=frozenset({MX1}))
     assert [t.address async for t in targets] == [MX2]
+
+
+async def test_the_soft_failure_logged_on_the_way_to_the_backup_is_printable_and_bounded(start_mta, fleet, caplog):
+    """Red team 33a: that line logged the primary's reply as it came, so any domain's
+    first MX host could put terminal escapes, NULs and carriage returns into the mail
+    log, and 4 MB in one line (the reply parser's bound); every status= line was
+    already made printable and cut to REPLY_TEXT_LIMIT."""
+    hostile = (b"451-4.3.0 \x1b[31mRED\x1b[0m \x00NUL \rCR \x07bell\r\n" + b"451-4.3.0 " + b"x" * 1000 + b"\r\n") * 5 \
+        + b"451 4.3.0 end\r\n"
+    primary, backup, zone = two_mx(fleet, rcpt_reply=hostile)
+    srv = await start_mta(zone)
+    caplog.set_level("INFO", logger="trimail.smtp")
+    await send(srv, "a@client.example", RCPTS)
+    await wait_empty(srv, timeout=10)
+    assert sorted(backup.recipients) == RCPTS
+    [line] = [r.getMessage() for r in caplog.records if "RED" in r.getMessage() and "status=" not in r.getMessage()]
+    assert line.isprintable() and "451 4.3.0" in line and len(line) < 1100, repr(line[:200])

@@ -21,9 +21,10 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from trimail.delivery.connector import ConnectionFailed, Connector
-from trimail.delivery.outcome import Outcome
+from trimail.delivery.outcome import REPLY_TEXT_LIMIT, Outcome
 from trimail.delivery.route import Route
 from trimail.delivery.smtp import Connection, Envelope
+from trimail.log import printable
 from trimail.supervise import report
 
 log = logging.getLogger("trimail.smtp")
@@ -52,8 +53,9 @@ async def deliver(connector: Connector, conn: Connection, route: Route, envelope
             report(f"{queue_id or route.nexthop}: backup session for {route}", exc, logger=log)
             break
         used.add(backup.address)
-        # Postfix logs the soft failure that sends recipients to a backup host at info
-        log.info("%s: %s", queue_id or route.nexthop, outcomes[moving[0]].text)
+        # Postfix logs the soft failure that sends recipients to a backup host at info (the
+        # peer's text made printable and bounded, as on every status= line: red team 33a)
+        log.info("%s: %s", queue_id or route.nexthop, printable(outcomes[moving[0]].text, REPLY_TEXT_LIMIT))
         try:
             more = await backup.deliver(
                 dataclasses.replace(envelope, recipients=[envelope.recipients[i] for i in moving]), content)

@@ -33,9 +33,10 @@ from trimail.config import Config
 from trimail.config.values import ListenAddress
 from trimail.delivery.interfaces import OwnAddresses
 from trimail.delivery.mx import Targets, dns_outcome
-from trimail.delivery.outcome import Outcome, bounced, classify, deferred
+from trimail.delivery.outcome import REPLY_TEXT_LIMIT, Outcome, bounced, classify, deferred
 from trimail.delivery.route import DEFAULT_PORT, Route
 from trimail.delivery.smtp import Connection, ConnectionLost, Timeouts, TlsFailed, TlsRequired
+from trimail.log import printable
 from trimail.net.dns import DnsError, MailHost, Resolver
 from trimail.net.stream import DirectStream
 from trimail.net.tls import TlsPolicy
@@ -146,7 +147,7 @@ class Connector:
             await conn.close()
             if self.tls.required:
                 return None, deferred("4.7.5", exc.text)
-            log.info("%s; trying again in clear (smtp_tls_security_level = may)", exc.text)
+            log.info("%s; trying again in clear (smtp_tls_security_level = may)", printable(exc.text, REPLY_TEXT_LIMIT))
             return await self._try(host, address, port, tls=False)
         except ConnectionLost as exc:
             await conn.close()

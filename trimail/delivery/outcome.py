@@ -16,6 +16,8 @@ import dataclasses
 
 from trimail.smtp.replies import Reply
 
+REPLY_TEXT_LIMIT = 1000  # characters of a peer's reply kept with a recipient and logged
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Outcome:

@@ -24,7 +24,7 @@ import trio
 from trimail.config import Config
 from trimail.delivery.bounce import Failure, dsn_parts, header_lines, returns_full, status_of
 from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded
-from trimail.delivery.outcome import Outcome
+from trimail.delivery.outcome import REPLY_TEXT_LIMIT, Outcome
 from trimail.log import printable, write_waiting
 from trimail.metrics import Metrics
 from trimail.queue import transitions
@@ -43,7 +43,6 @@ smtp_log = logging.getLogger("trimail.smtp")
 AGENT_LOGS = {"local": logging.getLogger("trimail.local"), "virtual": logging.getLogger("trimail.virtual")}
 bounce_log = logging.getLogger("trimail.bounce")
 
-REPLY_TEXT_LIMIT = 1000  # characters of a peer's reply kept with a recipient
 
 
 def log_seconds(seconds: float) -> str:
