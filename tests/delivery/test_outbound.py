@@ -234,3 +234,20 @@ async def test_a_listener_added_by_reload_counts_as_myself(start_mta, nursery):
     message, recipients, _ = parse_dsn(senders.received[0].data)
     assert recipients == [("rfc822; r@loop.example", "failed", "5.4.6")]
     assert "mail for loop.example loops back to myself" in message.as_string()
+
+
+async def test_a_reload_takes_new_dns_nameservers_for_deliveries(start_mta, nursery):
+    """Red team 33a: the queue manager kept the resolver it started with, so after a
+    reload that changed ``dns_nameservers`` mail routed by MX still asked the old
+    servers (and bounced 5.1.2 when they knew nothing) until a restart."""
+    peer = ScriptedPeer()
+    port = await nursery.start(peer.run)
+    zone = {"far.example": {"MX": ["10 mx.far.example."]}, "mx.far.example": {"A": ["127.0.0.1"]}}
+    knowing = await nursery.start(run_dns_server, zone)
+    srv = await start_mta({}, transport_maps=f"inline:{{ far.example=smtp:far.example:{port} }}")  # knows nothing
+    lines = [line for line in srv.config.path.read_text().splitlines() if not line.startswith("dns_nameservers")]
+    srv.config.path.write_text("\n".join([*lines, f"dns_nameservers = 127.0.0.1:{knowing}", ""]))
+    assert await srv.reload() == "ok"
+    await send(srv, "<>", ["r@far.example"])
+    await wait_empty(srv)
+    assert len(peer.received) == 1

@@ -67,10 +67,15 @@ class Connector:
         self.resolver = resolver
         self.own = own_addresses
         self.interfaces = interfaces or OwnAddresses()
+        self._dns = (tuple(config.dns_nameservers), config.dns_concurrency_limit)
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> None:
-        """Settings for connections opened from now on (a reload)."""
+        """Settings for connections opened from now on (a reload); new name servers
+        get a resolver of their own (the one given at start kept asking the old ones)."""
+        dns = (tuple(config.dns_nameservers), config.dns_concurrency_limit)
+        if dns != self._dns:
+            self.resolver, self._dns = Resolver(config.dns_nameservers, concurrency=config.dns_concurrency_limit), dns
         self.helo_name: str = config.myhostname
         self.timeouts = Timeouts.from_config(config)
         self.proxies = frozenset(ipaddress.ip_address(a) for a in config.proxy_interfaces)
