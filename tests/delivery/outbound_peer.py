@@ -18,8 +18,13 @@ class Received:
 
 class ScriptedPeer:
     def __init__(self, *, greeting: bytes = b"220 peer.test ESMTP", ehlo_name: str = "peer.test",
-                 extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SMTPUTF8")) -> None:
+                 extensions: tuple[str, ...] = ("PIPELINING", "8BITMIME", "SMTPUTF8"),
+                 mail_reply: bytes = b"250 2.1.0 Ok\r\n", close_after_mail: bool = False,
+                 data_done_reply: bytes = b"250 2.0.0 Ok: queued\r\n") -> None:
         self.greeting = greeting
+        self.mail_reply = mail_reply  # what MAIL FROM gets, and whether the peer then hangs up
+        self.close_after_mail = close_after_mail
+        self.data_done_reply = data_done_reply  # the end of data's reply (a stray one after it too)
         self.ehlo_name = ehlo_name
         self.extensions = extensions
         self.connections = 0
@@ -64,7 +69,9 @@ class ScriptedPeer:
                         await stream.send_all(reply)
                     elif verb == b"MAIL":
                         mail, rcpts = cmd, []
-                        await stream.send_all(b"250 2.1.0 Ok\r\n")
+                        await stream.send_all(self.mail_reply)
+                        if self.close_after_mail:
+                            return
                     elif verb == b"RCPT":
                         rcpts.append(cmd)
                         await stream.send_all(b"250 2.1.5 Ok\r\n")
@@ -74,7 +81,7 @@ class ScriptedPeer:
                         while (text := await line()) != b".":
                             data += text + b"\r\n"
                         self.received.append(Received(mail, rcpts, bytes(data)))
-                        await stream.send_all(b"250 2.0.0 Ok: queued\r\n")
+                        await stream.send_all(self.data_done_reply)
                     elif verb == b"QUIT":
                         await stream.send_all(b"221 2.0.0 Bye\r\n")
                         return

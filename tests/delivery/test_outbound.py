@@ -251,3 +251,35 @@ async def test_a_reload_takes_new_dns_nameservers_for_deliveries(start_mta, nurs
     await send(srv, "<>", ["r@far.example"])
     await wait_empty(srv)
     assert len(peer.received) == 1
+
+
+# -- a next hop that talks out of turn (red team 33a) -------------------------------
+
+
+async def test_a_stray_reply_after_the_end_of_data_is_never_the_next_messages_answer(start_mta, nursery):
+    """A server that answered the end of data with ``250`` and then ``550``: the next
+    message on the cached connection took the stale 550 as its MAIL FROM reply and
+    bounced, although the server never saw it.  A connection whose server said
+    anything out of turn is not used again."""
+    peer = ScriptedPeer(data_done_reply=b"250 2.0.0 Ok: queued\r\n550 5.7.1 leftover reply for nobody\r\n")
+    port = await nursery.start(peer.run)
+    srv = await start_mta(relayhost=f"[127.0.0.1]:{port}", smtp_connection_cache_time_limit="10s")
+    for n in range(3):  # one after another: each could reuse the connection of the one before
+        await send(srv, "<>", [f"r{n}@far.example"])
+        await wait_empty(srv)
+        await wait_for(lambda n=n: len(peer.received) == n + 1, timeout=10)
+    assert [r.rcpts for r in peer.received] == [[f"RCPT TO:<r{n}@far.example>".encode()] for n in range(3)]
+
+
+@pytest.mark.parametrize("pipelining", [True, False], ids=["pipelining", "one-at-a-time"])
+async def test_a_refusal_followed_by_a_close_is_the_answer(start_mta, nursery, pipelining):
+    """``554`` to MAIL FROM and then a close: the message was deferred 4.4.2 (lost
+    connection while receiving the RCPT TO reply, or the RSET's) and retried for the
+    whole queue lifetime; it is refused, and bounces now."""
+    peer = ScriptedPeer(mail_reply=b"554 5.7.1 go away\r\n", close_after_mail=True,
+                        extensions=("PIPELINING", "8BITMIME") if pipelining else ("8BITMIME",))
+    port = await nursery.start(peer.run)
+    srv = await start_mta(relayhost=f"[127.0.0.1]:{port}")
+    queue_id = await send(srv, "<>", ["r@far.example"])
+    await wait_empty(srv)  # bounced: nothing left to retry
+    assert peer.connections == 1 and queue_id not in queue(srv)

@@ -37,6 +37,9 @@ class FakeConnection:
         self.site.last_delivery = trio.current_time()
         return [sent("250 2.0.0 Ok")] * len(envelope.recipients)
 
+    def desynchronized(self) -> bool:
+        return False  # (a well-behaved server says nothing out of turn)
+
     async def close(self) -> None:
         self.site.open -= 1
 

@@ -239,8 +239,13 @@ class Connection:
         if self.ext.has("PIPELINING"):
             await self._send(mail + b"".join(rcpts) + b"DATA\r\n", t.mail, "sending MAIL FROM")
             mail_reply = await self._read(t.mail, "receiving the MAIL FROM reply")
-            rcpt_replies = [await self._read(t.rcpt, "receiving the RCPT TO reply") for _ in rcpts]
-            data_reply = await self._read(t.data_init, "receiving the DATA reply")
+            rcpt_replies = []
+            try:
+                while len(rcpt_replies) < len(rcpts):
+                    rcpt_replies.append(await self._read(t.rcpt, "receiving the RCPT TO reply"))
+                data_reply = await self._read(t.data_init, "receiving the DATA reply")
+            except ConnectionLost as exc:  # a refusal and then a close: the refusal is the answer
+                return self._refused_then_lost(mail_reply, rcpt_replies, len(rcpts), exc)
         else:
             await self._send(mail, t.mail, "sending MAIL FROM")
             mail_reply = await self._read(t.mail, "receiving the MAIL FROM reply")
@@ -280,6 +285,33 @@ class Connection:
         final = classify(final_reply, self.namaddr, "end of DATA")
         return [o if o is not None else final for o in outcomes]
 
+    def _refused_then_lost(self, mail_reply: Reply, rcpt_replies: list[Reply], count: int,
+                           lost: ConnectionLost) -> list[Outcome]:
+        """A pipelined transaction whose connection broke after some replies: a refused
+        MAIL FROM answers for every recipient, a refused RCPT TO for its own; the rest
+        are deferred with the loss (red team 33a: a 554 and a close was deferred 4.4.2,
+        and retried for the whole queue lifetime instead of bounced)."""
+        if mail_reply.code != 250:
+            return [classify(mail_reply, self.namaddr, "MAIL FROM")] * count
+        failure = deferred("4.4.2", lost.text)
+        return [classify(reply, self.namaddr, "RCPT TO") if reply.code not in (250, 251) else failure
+                for reply in rcpt_replies] + [failure] * (count - len(rcpt_replies))
+
+    def desynchronized(self) -> bool:
+        """Has the server sent anything since its last reply (a stray reply, or the end
+        of the connection)?  Then the connection is not used again: the next
+        transaction would take those bytes for its own replies (red team 33a: a stray
+        550 after a 250 bounced the next message).  A TLS connection is judged by what
+        the parser holds only (a read there cannot be cancelled safely)."""
+        if self.parser.pending:
+            return True
+        if isinstance(self.stream, DirectStream):
+            try:
+                return self.stream.receive_now(CHUNK) is not None  # (b"": the server closed)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return True
+        return False
+
     async def command(self, line: bytes, timeout: float, what: str) -> Reply:
         """Send one command line and read its reply, each within *timeout*
         (ConnectionLost when the connection breaks, times out or talks nonsense)."""
@@ -287,7 +319,12 @@ class Connection:
         return await self._read(timeout, f"receiving the {what} reply")
 
     async def _reset(self) -> None:
-        reply = await self.command(b"RSET\r\n", self.timeouts.mail, "RSET")
+        """RSET after a refusal, which stays the answer: a server that closed instead
+        only makes the connection unusable (``_lost``)."""
+        try:
+            reply = await self.command(b"RSET\r\n", self.timeouts.mail, "RSET")
+        except ConnectionLost:
+            return
         if reply.code != 250:
             self.usable = False
 

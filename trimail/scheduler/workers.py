@@ -103,6 +103,7 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
     held_since = trio.current_time()  # when this worker got its slot
     conn: Connection | None = None
     opened = 0.0
+    reused = False  # conn has carried a transaction
     busy = False
     finished = False  # left the loop normally (not cancelled, not by a bug)
     try:
@@ -124,7 +125,7 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
                     if not go_on:
                         break
                     continue
-                opened = trio.current_time()
+                opened, reused = trio.current_time(), False
             # Postfix's connection cache: an open connection waits a little for the
             # next message to the same destination instead of hanging up at once
             # (not while other destinations wait for a delivery agent's slot: an idle
@@ -134,8 +135,13 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
             job = await dest.next_job(linger)
             if job is None:
                 break
+            if reused and conn.desynchronized():  # it spoke out of turn: a new connection for the job
+                dest.jobs.appendleft(job)
+                conn.usable = False
+                continue
             dest.busy, busy = dest.busy + 1, True
             await deliver_job(q, dest, conn, job)
+            reused = True  # (a new connection is not judged: one that always talks out of turn would loop)
             if q.agents.should_yield(dest.key, held_since):
                 break  # its turn is over and a destination without a slot waits (slots.py)
         finished = True
