@@ -3,8 +3,12 @@ postmap(1) and postalias(1) print them; compared with Postfix's own tools when i
 
 from __future__ import annotations
 
+import os
+import pwd
 import shutil
 import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +109,32 @@ def test_same_answers_as_postfix_postmap_and_postalias(tmp_path):
     for key in ("List", "root", "nobody"):
         same(trimail("postalias", "-q", key, str(ours_dir / "aliases")),
              _postfix("postalias", config_dir, "-q", key, str(theirs_dir / "aliases")))
+
+
+@pytest.mark.parametrize("tool", ["postmap", "postalias"])
+def test_root_compiles_a_users_table_as_that_user(tool):
+    """Red team 33b: root's postmap of a table in a directory its owner may write made
+    a temporary file there, then chmodded (by name) and wrote it as root: the owner
+    swapped it for a symlink and /etc/shadow became 0666.  As Postfix's postmap and
+    postalias, root now compiles a source another user owns with that user's ids, so
+    whatever the owner plants, nothing is done as root; the .db is the owner's."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    nobody = pwd.getpwnam("nobody")
+    with tempfile.TemporaryDirectory(prefix="trimail-t33-") as name:
+        os.chmod(name, 0o755)  # (pytest's own directories are root's alone)
+        home = Path(name) / "user"
+        home.mkdir()
+        source = home / "table"
+        source.write_text(ALIASES if tool == "postalias" else SOURCE)
+        os.chmod(source, 0o640)
+        for path in (home, source):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        result = trimail(tool, str(source))
+        assert result.returncode == 0, result.stderr
+        compiled = Path(f"{source}.db").stat()
+        assert (compiled.st_uid, compiled.st_gid, compiled.st_mode & 0o777) == (nobody.pw_uid, nobody.pw_gid, 0o640)
+        os.chown(home, 0, 0)  # a directory the owner may not write: the user's ids cannot write there
+        os.chmod(home, 0o755)
+        refused = trimail(tool, str(source))
+        assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused.stderr

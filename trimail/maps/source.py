@@ -9,12 +9,17 @@ the old one, so a reader sees the old table or the new one, never a mixture.
 Security notes: source files are read as text (at most what the file holds, as
 UTF-8) and never executed; the compiled file gets the source file's permission
 bits (without execute) and is written next to it, never through a symlink
-(``mkstemp`` creates it).  Every library error (apsw, OS) becomes a
-``TableError`` naming the file.
+(``mkstemp`` creates it, its mode is set on that descriptor, and SQLite opens it
+with ``SQLITE_OPEN_NOFOLLOW``).  Run by root, compiling a source file another user
+owns happens with that user's ids, as Postfix's postmap and postalias do: the
+owner of the directory could otherwise swap the temporary file for a symlink and
+have root's chmod or SQLite change any file (red team 33b: /etc/shadow made 0666).
+Every library error (apsw, OS) becomes a ``TableError`` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
@@ -85,7 +90,35 @@ def postmap(source: Path) -> tuple[int, list[str]]:
 def compile_table(source: Path, entries: Iterable[tuple[str, str, int]]) -> tuple[int, list[str]]:
     """Write (key, value, line) entries as ``source.db`` (an indexed SQLite table):
     to a temporary file, fsynced, renamed over the old one.  The first of duplicate
-    keys wins, with a warning naming both lines."""
+    keys wins, with a warning naming both lines.  Root does it as the source's owner."""
+    try:
+        owner = source.stat()
+    except OSError as exc:
+        raise TableError(f"{source}: {exc.strerror}") from None
+    with _as_user(owner.st_uid, owner.st_gid):
+        return _compile(source, entries)
+
+
+@contextlib.contextmanager
+def _as_user(uid: int, gid: int) -> Iterator[None]:
+    """Root's effective ids become *uid*:*gid* (no supplementary groups) for the block;
+    anybody else's, and root's own files, stay as they are."""
+    if os.geteuid() != 0 or uid == 0:
+        yield
+        return
+    groups, egid = os.getgroups(), os.getegid()
+    os.setgroups([])
+    os.setegid(gid)
+    os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+
+def _compile(source: Path, entries: Iterable[tuple[str, str, int]]) -> tuple[int, list[str]]:
     target = compiled_path(source)
     _check_replaceable(target)
     warnings: list[str] = []
@@ -101,15 +134,17 @@ def compile_table(source: Path, entries: Iterable[tuple[str, str, int]]) -> tupl
         fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
     except OSError as exc:
         raise TableError(f"{target}: cannot create a temporary file: {exc.strerror}") from None
-    os.close(fd)
     try:
-        db = apsw.Connection(tmp)
+        try:
+            os.fchmod(fd, source.stat().st_mode & 0o666)  # (the file mkstemp made, whatever its name is now)
+        finally:
+            os.close(fd)
+        db = apsw.Connection(tmp, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
         db.execute("PRAGMA journal_mode = DELETE")
         with db:
             db.execute("CREATE TABLE map (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID")
             db.executemany("INSERT INTO map (key, value) VALUES (?, ?)", rows)
         db.close()
-        os.chmod(tmp, source.stat().st_mode & 0o666)
         fsync_path(tmp)
         os.replace(tmp, target)
     except (OSError, apsw.Error) as exc:
