@@ -509,3 +509,39 @@ async def test_a_request_alone_in_its_batch_that_fails_halfway_leaves_nothing(tm
         second = message()
         await writer.run(Store.insert_message, second)
         assert [m.id for m in await writer.run(Store.list_messages)] == [second.id]
+
+
+def test_a_backup_is_never_readable_by_others_while_it_is_written(tmp_path):
+    """Red team 33b: ``trimail queue backup`` let SQLite create ``.NAME.partial`` (0644
+    under the usual umask) and made it 0600 only once the copy was whole: any local
+    user could open it during the copy and read every queued message.  A thread
+    looks at the file for as long as the copy runs: it is 0600 whenever it exists."""
+    from trimail.queue.backup import backup
+
+    store = Store.open(tmp_path / "queue")
+    for _ in range(40):  # 40 MiB of mail: the copy takes long enough to be seen
+        insert(store, message(content=b"Subject: x\r\n\r\n" + os.urandom(1 << 20).hex().encode()[: 1 << 20],
+                              directory=tmp_path))
+    store.close()
+    target = tmp_path / "out" / "copy.db"
+    target.parent.mkdir()
+    partial = target.with_name(f".{target.name}.partial")
+    modes: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                modes.add(stat.S_IMODE(os.stat(partial).st_mode))
+            except FileNotFoundError:
+                pass
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        backup(tmp_path / "queue", target)
+    finally:
+        done.set()
+        watcher.join()
+    assert modes and modes == {0o600}, f"modes seen while the copy was written: {sorted(map(oct, modes))}"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600

@@ -66,7 +66,10 @@ def backup(queue_directory: str | os.PathLike[str], destination: str | os.PathLi
     source = Store.open(queue_directory, readonly=True)
     try:
         temporary.unlink(missing_ok=True)
-        copy = apsw.Connection(str(temporary))
+        # made 0600 before a page of mail is in it, and never through a symlink planted
+        # there (red team 33b: a user opened the 0644 file SQLite made during the copy)
+        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        copy = apsw.Connection(str(temporary), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
         try:
             with copy.backup("main", source.db, "main") as step:
                 step.step(-1)  # all pages in one read transaction: one consistent instant
@@ -78,9 +81,11 @@ def backup(queue_directory: str | os.PathLike[str], destination: str | os.PathLi
             messages = copy.execute("SELECT count(*) FROM message").fetchone()[0]
         finally:
             copy.close()
-        os.chmod(temporary, 0o600)
-        with open(temporary, "rb") as f:  # our own copy, never the live queue.db
-            os.fsync(f.fileno())
+        copied = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW)  # our own copy, never the live queue.db
+        try:
+            os.fsync(copied)
+        finally:
+            os.close(copied)
         os.replace(temporary, target)
         directory = os.open(target.parent, os.O_RDONLY)
         try:
