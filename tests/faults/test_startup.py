@@ -11,6 +11,7 @@ import shutil
 import smtplib
 import socket
 import ssl
+import stat
 import subprocess
 import sys
 import tempfile
@@ -342,5 +343,39 @@ def test_chroot_with_the_maillog_inside_the_jail_follows_logrotate(tmp_path, bac
     second = send(port, ["b@far.example"])
     wait_until(lambda: maillog.exists() and second in maillog.read_text())
     assert second not in (jail / "maillog.1").read_text()
+    status, err = serve.stop()
+    assert status == 0 and "Traceback" not in err, err
+
+
+# -- red team 33b: the mail log is never opened through a symlink ---------------------
+
+
+def test_a_symlink_planted_as_the_maillog_file_is_never_followed(tmp_path, background):
+    """The master opens ``maillog_file`` as root: a user who may write its directory
+    planted a symlink there and had root append to a root-only file, or create one
+    anywhere (/etc/nologin).  At start serve now refuses such a path; after logrotate
+    moved the file, a symlink in its place is not reopened and the lines go on into
+    the moved file."""
+    secret = tmp_path / "root-only"
+    secret.write_text("secret\n")
+    os.chmod(secret, 0o600)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    planted = logs / "maillog"
+    planted.symlink_to(secret)
+    port = free_port()
+    config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(planted))
+    refused = trimail_cmd("serve", "-c", str(config_path), timeout=30)
+    assert refused.returncode != 0 and str(planted) in refused.stderr, refused.stderr
+    assert secret.read_text() == "secret\n"
+    planted.unlink()
+    serve = background(config_path)
+    wait_until(lambda: answers_220(port) or not serve.alive, timeout=30)
+    assert serve.alive and stat.S_IMODE(planted.stat().st_mode) == 0o640  # it names every sender: not 0644
+    planted.rename(logs / "maillog.1")  # logrotate
+    planted.symlink_to(secret)
+    send(port, ["r@far.example"])
+    wait_until(lambda: "cannot reopen after it was moved" in (logs / "maillog.1").read_text(), timeout=30)
+    assert secret.read_text() == "secret\n" and serve.alive
     status, err = serve.stop()
     assert status == 0 and "Traceback" not in err, err
