@@ -228,3 +228,38 @@ async def test_R_hdrs_makes_the_bounce_return_headers_only(start_mta):
                     for _, _, content in senders.messages]
         assert [part.get_content_type() for part in returned] == ["text/rfc822-headers", "message/rfc822"]
         assert b"secret body line" not in senders.messages[0][2] and b"secret body line" in senders.messages[1][2]
+
+
+def test_a_line_without_end_is_refused_at_the_size_limit_not_read_whole(tmp_path):
+    """Red team 33b: sendmail read a whole line before it checked message_size_limit,
+    so 1.5 GB without a newline took 2 GiB of memory.  Here the process may not use
+    more than 512 MiB of address space and is sent 768 MiB without a newline."""
+    import resource
+    import threading
+
+    config_path = config(tmp_path, message_size_limit="1000000")
+    limit = 512 << 20
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    proc = subprocess.Popen([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path), "a@far.example"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=cap)
+
+    def feed() -> None:
+        try:
+            for _ in range(768):
+                proc.stdin.write(b"x" * (1 << 20))
+            proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    feeder.join(120)
+    err = proc.stderr.read()
+    proc.wait(60)
+    proc.stdout.close()
+    proc.stderr.close()
+    assert proc.returncode == 1, err
+    assert b"message is larger than message_size_limit" in err and b"Traceback" not in err, err[-500:]
