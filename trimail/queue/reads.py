@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import apsw
 
+LIST_PAGE = 1000  # messages a listing reads in one snapshot
+
 
 @dataclasses.dataclass(slots=True)
 class RecipientInfo:
@@ -95,14 +97,25 @@ class QueueReads:
         """What the queue gauges show (``Metrics.set_queue``): ``counts`` and ``oldest_arrival``."""
         return self.counts(), self.oldest_arrival()
 
-    def iter_messages(self) -> Iterator[MessageInfo]:
-        """Like list_messages(), but streamed: one pass over both tables in queue-ID
-        order, so the first message comes out at once however long the queue is."""
-        with self.read_snapshot():
-            rows = self.db.execute(
-                "SELECT m.id, m.state, m.sender, m.arrival_time, m.size, r.address, r.status, r.attempts,"
-                " r.next_attempt, r.last_reply FROM message AS m JOIN recipient AS r ON r.message_id = m.id"
-                " ORDER BY m.id, r.seq")
+    def iter_messages(self, page: int = LIST_PAGE) -> Iterator[MessageInfo]:
+        """Like list_messages(), but streamed in queue-ID order, *page* messages at a
+        time, so the first message comes out at once however long the queue is.  Each
+        page is read in a snapshot of its own that ends before it is yielded: a reader
+        that stops reading (``mailq | less`` left open) holds no snapshot, and the WAL
+        goes on being checkpointed (red team 33b: it grew to 410 MB behind one).  The
+        listing is therefore one instant per page, as Postfix's showq walks its queue
+        directories while they change."""
+        after = ""
+        while True:
+            with self.read_snapshot():
+                last = self.db.execute("SELECT max(id) FROM (SELECT id FROM message WHERE id > ? ORDER BY id LIMIT ?)",
+                                       (after, page)).fetchone()[0]
+                if last is None:
+                    return
+                rows = self.db.execute(
+                    "SELECT m.id, m.state, m.sender, m.arrival_time, m.size, r.address, r.status, r.attempts,"
+                    " r.next_attempt, r.last_reply FROM message AS m JOIN recipient AS r ON r.message_id = m.id"
+                    " WHERE m.id > ? AND m.id <= ? ORDER BY m.id, r.seq", (after, last)).fetchall()
             current: MessageInfo | None = None
             for message_id, state, sender, arrival, size, *recipient in rows:
                 if current is None or current.id != message_id:
@@ -112,6 +125,7 @@ class QueueReads:
                 current.recipients.append(RecipientInfo(*recipient))
             if current is not None and _not_done(current):
                 yield current
+            after = last
 
     def list_messages(self) -> list[MessageInfo]:
         """Queued messages with at least one recipient not yet done, oldest first."""
