@@ -13,7 +13,7 @@ import trio
 
 from tests.conftest import wait_for
 from tests.peers import Sink
-from trimail.delivery.bounce import Failure, build_dsn, header_lines, returns_full
+from trimail.delivery.bounce import Failure, build_dsn, dsn_parts, header_lines, returns_full
 from trimail.queue.store import Store
 
 HOST = "127.0.44.1"  # this module's loopback addresses
@@ -112,3 +112,25 @@ async def test_bounce_of_a_message_over_bounce_size_limit_returns_its_headers_on
     assert returned.get_content_type() == "text/rfc822-headers"
     assert b"Subject: doomed\r\n" in content
     assert b"first body line" not in content and b"yyyy" not in content
+
+
+@pytest.mark.parametrize("smtputf8", [False, True], ids=["ascii", "smtputf8"])
+def test_a_long_or_8bit_reply_is_folded_and_the_report_stays_ascii(smtputf8):
+    """Red team 33a: a peer's reply of 1,000 characters (U+20AC here) was written on one
+    line twice, 2,946 octets (RFC 5322: at most 998), and as UTF-8 inside a
+    message/delivery-status, which is US-ASCII (RFC 3464).  Lines are now folded at 78
+    columns as Postfix's are, and the plain report has '?' for what ASCII cannot say."""
+    reply = "smtp; 550 5.7.1 " + "\u20ac" * 1300 + " " + "x" * 1200 + " (in reply to RCPT TO command)"
+    head, tail = dsn_parts(hostname="mx.test.example", queue_id="Q1", sender="a@client.example",
+                           arrival_time=0.0, failures=[Failure("r@far.example", "5.7.1", reply, "mx.far.example")],
+                           full=False, smtputf8=smtputf8)
+    text = head + tail
+    assert max(len(line) for line in text.split(b"\r\n")) <= 998
+    message = email.message_from_bytes(text, policy=email.policy.default)
+    [report] = [p for p in message.walk() if p.get_content_type().endswith("delivery-status")]
+    raw = head.split(b"Content-Description: Delivery report", 1)[1]
+    assert raw.isascii() != smtputf8
+    code = " ".join(raw.decode("utf-8").split("Diagnostic-Code:", 1)[1].split("\r\n--", 1)[0].split())
+    assert code.startswith("smtp; 550 5.7.1 " + ("\u20ac" if smtputf8 else "?") * 5)
+    assert code.replace(" ", "").count("x") == 1200 and code.endswith("(in reply to RCPT TO command)")
+    assert report is not None

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import email.utils
 import re
+import textwrap
 import time
 
 from trimail.queue.ids import new_queue_id
@@ -135,7 +136,7 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
     if reason:
         human += [reason, ""]
     for failure in failures:
-        human.append(f"<{failure.recipient}>: {failure.diagnostic}")
+        human.append(_folded(f"<{failure.recipient}>: {_one_line(failure.diagnostic)}"))
     status = [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Trimail-Queue-ID: {queue_id}",
@@ -155,7 +156,9 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         diagnostic = _one_line(failure.diagnostic)
         if not _DIAGNOSTIC_TYPE.match(diagnostic):  # RFC 3464: diagnostic-type ";" text
             diagnostic = f"X-Trimail; {diagnostic}"
-        status.append(f"Diagnostic-Code: {diagnostic}")
+        if not smtputf8:  # message/delivery-status is US-ASCII (RFC 3464); 8-bit only in the global form
+            diagnostic = diagnostic.encode("ascii", "replace").decode("ascii")
+        status.append(_folded(f"Diagnostic-Code: {diagnostic}"))
     headers = [
         f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
         "Subject: " + ("Mail Delivery Status Report" if requested else "Delayed Mail (still being retried)"
@@ -204,3 +207,14 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
+
+
+def _folded(line: str) -> str:
+    """*line* folded as Postfix folds a report's lines: at 78 columns, continuation
+    lines indented four spaces (a header field's folding, RFC 5322 2.2.3).  A peer's
+    reply may be 1,000 characters of one word: it is cut too, since no line of a
+    message may pass 998 octets (red team 33a: a DSN with 2,946-octet lines)."""
+    if len(line) <= 78:
+        return line
+    return "\r\n".join(textwrap.wrap(line, width=78, subsequent_indent="    ", break_long_words=True,
+                                      break_on_hyphens=False))
