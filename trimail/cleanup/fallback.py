@@ -7,6 +7,9 @@ nothing is queued: sendmail's exit 0 means every recipient was queued (smtplib's
 they were dropped with exit 0).  A refusal or failure is one line; the exit status
 is EX_TEMPFAIL (75) when the condition is temporary (serve not running, a 4xx),
 so a caller that retries on it does, and EX_UNAVAILABLE (69) when not.
+
+Parameters: smtpd_listen (the first listener; a wildcard address is reached on
+127.0.0.1).
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ the next mail host (``open(skip=)``, within smtp_mx_session_limit).
 
 Parameters: smtp_connect_timeout (and the other smtp_*_timeout, for the sessions it
 opens: ``smtp.Timeouts``), myhostname, smtp_mx_address_limit, smtp_mx_session_limit,
-proxy_interfaces, disable_mime_output_conversion, smtp_tls_security_level, smtp_tls_CAfile.
+proxy_interfaces, disable_mime_output_conversion, smtp_tls_security_level, smtp_tls_CAfile,
+dns_nameservers and dns_concurrency_limit (a reload that changes them: a new resolver).
 
 Security notes: one attempt's fan-out (connections, lookups) is bounded
 (smtp_mx_address_limit, ``mx.Targets``); an address of our own (a listener, an
