@@ -84,3 +84,21 @@ def test_serve_not_running_is_a_temporary_failure(daemon, readable):
         result = sendmail_as_nobody(d, readable, "a@dest.example", port=unused.getsockname()[1])
     assert result.returncode == 75, result.stderr
     assert "cannot submit over SMTP" in result.stderr.decode()
+
+
+def test_a_queue_opened_wide_by_an_admin_still_takes_a_users_mail_through_serve(readable, daemon):
+    """Red team 33b: sendmail fell back to SMTP only when the queue's error said
+    "permission"; after ``chmod 755`` of the queue directory and ``644`` of its files
+    (an admin giving users mailq) the tightening chmod failed with EPERM and every
+    user's sendmail exited 1.  A user other than root and mail_owner never writes
+    the queue, whatever its modes."""
+    with Sink(SINK_HOST) as sink:
+        d = daemon(smtpd_workers=0, relayhost=f"[{SINK_HOST}]:{sink.port}", master_service_disable="",
+                   queue_directory=readable / "queue")  # (where nobody can reach it)
+        d.queue_directory.chmod(0o755)
+        for name in ("queue.db", "queue.db-wal", "queue.db-shm"):
+            if (d.queue_directory / name).exists():
+                (d.queue_directory / name).chmod(0o644)
+        result = sendmail_as_nobody(d, readable, "ok@dest.example")
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: len(sink.messages) == 1, timeout=30)

@@ -339,12 +339,14 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     """Commit one message into the maildrop state (or, for a user who cannot write
     the queue, submit it over SMTP to serve) and wake serve; 0 once it is durable."""
     queue_directory = Path(cfg.queue_directory)
+    if not _writes_the_queue(queue_directory):
+        return _over_smtp(cfg, sender, rcpts, content)  # serve's smtpd_milters see it there
     try:
         store = Store.open(queue_directory)
     except QueueError as exc:
-        if "Permission denied" not in str(exc) and "permission" not in str(exc).lower():
+        if "permission" not in str(exc).lower():
             raise SendmailError(str(exc)) from None
-        return _over_smtp(cfg, sender, rcpts, content)  # serve's smtpd_milters see it there
+        return _over_smtp(cfg, sender, rcpts, content)
     if "no_address_mappings" in cfg.receive_override_options:
         # not masqueraded on its way to the content filter (scheduler/transfer.py)
         params = {**(params or {}), cleanup_rewrite.NOMAP_PARAM: None}
@@ -381,6 +383,15 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
         store.close()
     send_command(queue_directory, "wake", timeout=2)  # a new round; never "flush" (it forgets dead sites)
     return 0
+
+
+def _writes_the_queue(queue_directory: Path) -> bool:
+    """Root and the queue's owner (mail_owner) write it, whatever the modes say (red
+    team 33b: a queue opened for mailq made every user's sendmail fail)."""
+    try:
+        return os.geteuid() in (0, queue_directory.stat().st_uid)
+    except OSError as exc:
+        return isinstance(exc, FileNotFoundError)  # no queue yet: the opening says why
 
 
 def _over_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> int:
