@@ -149,11 +149,13 @@ def integrity_ok(queue_directory: Path) -> str:
         db.close()
 
 
-def queued(queue_directory: Path) -> int:
-    """Messages in the queue, every state, through a read-only connection."""
+def queued(queue_directory: Path, state: str | None = None) -> int:
+    """Messages in the queue (in *state*, else every state), through a read-only connection."""
     db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
     try:
-        return int(db.execute("SELECT count(*) FROM message").fetchone()[0])
+        if state is None:
+            return int(db.execute("SELECT count(*) FROM message").fetchone()[0])
+        return int(db.execute("SELECT count(*) FROM message WHERE state = ?", (state,)).fetchone()[0])
     finally:
         db.close()
 

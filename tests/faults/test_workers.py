@@ -18,10 +18,18 @@ import urllib.request
 from pathlib import Path
 from typing import Self
 
-import apsw
 import pytest
 
-from tests.faults.conftest import assert_serving, banner, integrity_ok, send, smtp_command, trimail_cmd, wait_until
+from tests.faults.conftest import (
+    assert_serving,
+    banner,
+    integrity_ok,
+    queued,
+    send,
+    smtp_command,
+    trimail_cmd,
+    wait_until,
+)
 from tests.peers import Sink
 
 
@@ -39,14 +47,6 @@ def status(daemon) -> dict:
 
 def running(daemon, role: str) -> list[int]:
     return [w["pid"] for w in status(daemon)["workers"] if w["role"] == role and w.get("state") == "running"]
-
-
-def _active(queue_directory: Path) -> int:
-    db = apsw.Connection(str(queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
-    try:
-        return int(db.execute("SELECT count(*) FROM message WHERE state = 'active'").fetchone()[0])
-    finally:
-        db.close()
 
 
 def _tokens(messages) -> set[str]:
@@ -106,7 +106,7 @@ def test_killed_worker_is_restarted_and_nothing_acknowledged_is_lost(daemon, rol
         with Load(d.port, clients) as load:
             wait_until(lambda: len(load.acknowledged) >= 30, timeout=30)
             if role == "qmgr":  # the sink holds each message 50 ms: some are in delivery at the kill
-                wait_until(lambda: _active(d.queue_directory) > 0, timeout=30)
+                wait_until(lambda: queued(d.queue_directory, "active") > 0, timeout=30)
             victim = before[0]
             os.kill(victim, signal.SIGKILL)
             d.proc.wait_log(rf"warning: process trimail/{role} pid {victim} killed by signal 9")
