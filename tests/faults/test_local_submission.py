@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,3 +103,73 @@ def test_a_queue_opened_wide_by_an_admin_still_takes_a_users_mail_through_serve(
         result = sendmail_as_nobody(d, readable, "ok@dest.example")
         assert result.returncode == 0, result.stderr
         wait_until(lambda: len(sink.messages) == 1, timeout=30)
+
+
+SQUATTER = """
+import os, socket, sys
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+while True:
+    conn, _ = listener.accept()
+    conn.sendall(b"220 squatter ESMTP\\r\\n")
+    seen = b""
+    while data := conn.recv(65536):
+        seen += data
+        for line in data.split(b"\\r\\n")[:-1]:
+            conn.sendall(b"354 go on\\r\\n" if line.upper() == b"DATA" else b"250 ok\\r\\n")
+        if b"\\r\\n.\\r\\n" in seen:
+            sys.stdout.write("GOT MAIL\\n"); sys.stdout.flush()
+    conn.close()
+"""
+
+
+def test_a_listener_that_is_not_serves_gets_no_mail(daemon, readable):
+    """Red team 33b: with serve's port above 1023, a user who bound it while serve was
+    down received other users' mail, and their sendmail exited 0.  A listener whose
+    end of the connection belongs to another uid than root's or the queue's gets
+    nothing, and sendmail says try again later (75)."""
+    d = daemon(smtpd_workers=0)
+    squatter = subprocess.Popen([sys.executable, "-c", SQUATTER], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(squatter.stdout.readline())
+        result = sendmail_as_nobody(d, readable, "a@dest.example", port=port)
+        assert result.returncode == 75, result.stderr
+        assert b"is not serve (its socket belongs to uid 65534)" in result.stderr, result.stderr
+    finally:
+        squatter.kill()
+        rest, _ = squatter.communicate(timeout=10)
+    assert "GOT MAIL" not in rest
+
+
+def test_a_message_serve_accepted_is_sent_even_if_its_quit_is_refused(daemon, readable):
+    """smtplib's ``with`` raised when QUIT got no 221, after DATA's 250: sendmail said
+    "try again later" (75) for a message serve had taken, and a caller that retried
+    sent it twice.  Played here by a root-owned listener that answers QUIT with 421."""
+    d = daemon(smtpd_workers=0)
+    listener = socket.create_server(("127.0.0.1", 0))
+    got: list[bytes] = []
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()
+        with conn, conn.makefile("rb") as lines:
+            conn.sendall(b"220 fake ESMTP\r\n")
+            for line in lines:
+                verb = line[:4].upper()
+                if verb == b"DATA":
+                    conn.sendall(b"354 go on\r\n")
+                    got.append(b"".join(iter(lines.readline, b".\r\n")))
+                    conn.sendall(b"250 2.0.0 queued\r\n")
+                    lines.readline()  # QUIT, answered as a server going down answers it
+                    conn.sendall(b"421 4.3.0 shutting down\r\n")
+                    return
+                conn.sendall(b"250 ok\r\n")
+
+    server = threading.Thread(target=serve_once)
+    server.start()
+    try:
+        result = sendmail_as_nobody(d, readable, "a@dest.example", port=listener.getsockname()[1])
+    finally:
+        server.join(30)
+        listener.close()
+    assert len(got) == 1 and result.returncode == 0, result.stderr

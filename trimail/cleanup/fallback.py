@@ -8,14 +8,22 @@ they were dropped with exit 0).  A refusal or failure is one line; the exit stat
 is EX_TEMPFAIL (75) when the condition is temporary (serve not running, a 4xx),
 so a caller that retries on it does, and EX_UNAVAILABLE (69) when not.
 
+Whoever listens there gets the message only if its end of the connection belongs
+to root or to the queue's owner (``/proc/net/tcp``): with a port above 1023, any
+user could bind it while serve was down and receive other users' mail, their
+sendmail saying it was sent (red team 33b).
+
 Parameters: smtpd_listen (the first listener; a wildcard address is reached on
-127.0.0.1).
+127.0.0.1), queue_directory (its owner), mail_owner.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+import pwd
 import smtplib
+import socket
 
 from trimail.cleanup.submit import SendmailError
 from trimail.config import Config
@@ -27,43 +35,67 @@ EX_TEMPFAIL = 75  # sysexits.h: temporary failure, try again later
 
 def submit_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> int:
     """*content* from *sender* to *rcpts* through serve's smtpd (see the module); 0, or
-    SendmailError."""
+    SendmailError.  Once DATA has its 250 the message is serve's: how the session then
+    ends changes nothing (smtplib's ``with`` raised when QUIT got no 221, and a caller
+    retrying on that sent the message twice)."""
     listen = cfg.smtpd_listen[0]
     host = "127.0.0.1" if listen.host in ("0.0.0.0", "::") else listen.host
     try:
-        with smtplib.SMTP(host, listen.port, timeout=60) as client:
-            client.ehlo_or_helo_if_needed()
-            options = [f"SIZE={len(content)}"] if client.has_extn("size") else []
-            if not content.isascii() and client.has_extn("8bitmime"):
-                options.append("BODY=8BITMIME")
-            if not all(address.isascii() for address in (sender, *rcpts)):
-                if not client.has_extn("smtputf8"):
-                    raise SendmailError(f"serve at {listen} does not offer SMTPUTF8, which the addresses need",
-                                        EX_UNAVAILABLE)
-                client.command_encoding = "utf-8"
-                options.append("SMTPUTF8")
-            code, reply = client.mail(sender or "<>", options)
-            refused = [(f"<{sender}>", code, reply)] if code != 250 else []
-            for rcpt in rcpts if not refused else []:
-                code, reply = client.rcpt(rcpt)
-                if code not in (250, 251):
-                    refused.append((f"<{rcpt}>", code, reply))
-                    if code == 421:  # serve is closing the session
-                        break
-            if not refused:
-                try:
-                    code, reply = client.data(content)
-                except smtplib.SMTPDataError as exc:  # DATA itself refused
-                    code, reply = exc.smtp_code, exc.smtp_error
-                refused = [("the message", code, reply)] if code != 250 else []
-            if refused:
-                with contextlib.suppress(OSError, smtplib.SMTPException):
-                    client.rset()
-                raise _refusal(listen, refused, len(rcpts))
+        client = smtplib.SMTP(host, listen.port, timeout=60)
     except (OSError, smtplib.SMTPException) as exc:
-        raise SendmailError(f"cannot write the queue and cannot submit over SMTP to {listen}: "
-                            f"{printable(str(exc), 300)}", EX_TEMPFAIL) from None
+        raise _failed(listen, exc) from None
+    polite = True  # QUIT at the end (not to a listener that is not serve)
+    try:
+        owner = _server_uid(client.sock)
+        if owner is not None and owner not in _trusted(cfg):
+            polite = False
+            raise SendmailError(f"what listens on {listen} is not serve (its socket belongs to uid {owner}): "
+                                "not submitted", EX_TEMPFAIL)
+        _transaction(client, listen, sender, rcpts, content)
+    except (OSError, smtplib.SMTPException) as exc:
+        raise _failed(listen, exc) from None
+    finally:
+        if polite:
+            with contextlib.suppress(OSError, smtplib.SMTPException):
+                client.quit()
+        client.close()
     return 0
+
+
+def _transaction(client: smtplib.SMTP, listen: object, sender: str, rcpts: list[str], content: bytes) -> None:
+    client.ehlo_or_helo_if_needed()
+    options = [f"SIZE={len(content)}"] if client.has_extn("size") else []
+    if not content.isascii() and client.has_extn("8bitmime"):
+        options.append("BODY=8BITMIME")
+    if not all(address.isascii() for address in (sender, *rcpts)):
+        if not client.has_extn("smtputf8"):
+            raise SendmailError(f"serve at {listen} does not offer SMTPUTF8, which the addresses need",
+                                EX_UNAVAILABLE)
+        client.command_encoding = "utf-8"
+        options.append("SMTPUTF8")
+    code, reply = client.mail(sender or "<>", options)
+    refused = [(f"<{sender}>", code, reply)] if code != 250 else []
+    for rcpt in rcpts if not refused else []:
+        code, reply = client.rcpt(rcpt)
+        if code not in (250, 251):
+            refused.append((f"<{rcpt}>", code, reply))
+            if code == 421:  # serve is closing the session
+                break
+    if not refused:
+        try:
+            code, reply = client.data(content)
+        except smtplib.SMTPDataError as exc:  # DATA itself refused
+            code, reply = exc.smtp_code, exc.smtp_error
+        refused = [("the message", code, reply)] if code != 250 else []
+    if refused:
+        with contextlib.suppress(OSError, smtplib.SMTPException):
+            client.rset()
+        raise _refusal(listen, refused, len(rcpts))
+
+
+def _failed(listen: object, exc: Exception) -> SendmailError:
+    return SendmailError(f"cannot write the queue and cannot submit over SMTP to {listen}: "
+                         f"{printable(str(exc), 300)}", EX_TEMPFAIL)
 
 
 def _refusal(listen: object, refused: list[tuple[str, int, bytes]], recipients: int) -> SendmailError:
@@ -75,3 +107,40 @@ def _refusal(listen: object, refused: list[tuple[str, int, bytes]], recipients: 
     return SendmailError(f"serve at {listen} refused the message over SMTP and nothing was sent "
                          f"({len(refused)} refusals, {recipients} recipients): {shown}{more}",
                          EX_TEMPFAIL if temporary else EX_UNAVAILABLE)
+
+
+def _trusted(cfg: Config) -> set[int]:
+    """Who may own serve's sockets: root, the queue's owner, mail_owner."""
+    uids = {0}
+    with contextlib.suppress(OSError):
+        uids.add(os.stat(cfg.queue_directory).st_uid)
+    with contextlib.suppress(KeyError):
+        uids.add(pwd.getpwnam(cfg.mail_owner).pw_uid)
+    return uids
+
+
+def _server_uid(sock: socket.socket) -> int | None:
+    """The uid that owns the other end of *sock* (a TCP connection on this host), as
+    /proc/net/tcp{,6} lists it; None when it cannot be told."""
+    try:
+        local, peer = sock.getsockname(), sock.getpeername()
+    except OSError:
+        return None
+    wanted = (_proc_address(sock.family, peer), _proc_address(sock.family, local))
+    try:
+        with open(f"/proc/net/{'tcp6' if sock.family == socket.AF_INET6 else 'tcp'}") as table:
+            for line in table:
+                fields = line.split()
+                if len(fields) > 7 and (fields[1], fields[2]) == wanted:
+                    return int(fields[7])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _proc_address(family: int, address: tuple) -> str:
+    """``ADDR:PORT`` as the kernel prints it: each 32-bit word of the address in host
+    (little-endian) order, in hex, then the port."""
+    packed = socket.inet_pton(family, address[0])
+    words = b"".join(packed[i:i + 4][::-1] for i in range(0, len(packed), 4))
+    return f"{words.hex().upper()}:{address[1]:04X}"
