@@ -31,7 +31,7 @@ from trimail.config import Config
 from trimail.delivery.mime import content_needs_smtputf8, downgraded
 from trimail.delivery.outcome import Outcome, bounced, classify, deferred
 from trimail.net.stream import DirectStream
-from trimail.net.tls import TlsPolicy
+from trimail.net.tls import TlsPolicy, close_within
 from trimail.smtp.client import (
     DotStuffer,
     Extensions,
@@ -335,5 +335,4 @@ class Connection:
                     await self.command(b"QUIT\r\n", self.timeouts.quit, "QUIT")
                 except ConnectionLost:
                     pass
-        with trio.CancelScope(shield=True):
-            await self.stream.aclose()
+        await close_within(self.stream)

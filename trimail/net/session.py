@@ -34,6 +34,7 @@ import trio
 
 from trimail.config import Config
 from trimail.net.stream import DirectStream
+from trimail.net.tls import close_within
 from trimail.receive.hooks import DropConnection
 from trimail.receive.session import SmtpdSession
 from trimail.smtp import replies
@@ -186,9 +187,8 @@ class Session:
                 self.decisions.ctx.hooks.ended(self.decisions)
             if isinstance(self.stream, DirectStream):
                 self.stream.close_now()  # (no pass of the run loop, nor a scope to shield it)
-            else:  # TLS: close_notify is sent, shielded from a stop
-                with trio.CancelScope(shield=True):
-                    await self.stream.aclose()
+            else:  # TLS: close_notify is sent, shielded from a stop, within its bound
+                await close_within(self.stream)
             log.info("disconnect from %s%s", client, format_stats(self.conn.command_stats))
 
     async def _loop(self) -> None:
