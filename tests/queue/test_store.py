@@ -565,3 +565,30 @@ def test_a_listing_its_reader_stopped_reading_holds_no_snapshot(tmp_path):
     assert [first.id, *(m.id for m in listing)] == [m.id for m in reader.list_messages()][:251]
     reader.close()
     store.close()
+
+
+def test_readonly_open_without_access_says_so(tmp_path):
+    """Red team 33b: a user who may not look into the queue directory was told there
+    was no queue database."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to become another user")
+    Store.open(tmp_path / "queue").close()
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # (a fork: the interpreter's files need not be within nobody's reach)
+        os.close(read)
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            Store.open(tmp_path / "queue", readonly=True)
+            os.write(write, b"opened")
+        except QueueError as exc:
+            os.write(write, str(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    said = os.read(read, 4096).decode()
+    os.close(read)
+    os.waitpid(child, 0)
+    assert "permission denied: run as root or mail_owner" in said, said

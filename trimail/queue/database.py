@@ -201,8 +201,13 @@ class Database:
         # strings, not Path: its parsing was a sixth of the Python a test MTA's start + stop ran
         path = os.path.join(directory, DATABASE_NAME)
         if readonly:
-            if not os.path.exists(path):
-                raise QueueError(f"{path}: no queue database (has trimail serve run with this queue_directory?)")
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                raise QueueError(f"{path}: no queue database (has trimail serve run with this queue_directory?)") \
+                    from None
+            except PermissionError:  # (it said "no queue database" to a user who may not look: red team 33b)
+                raise QueueError(f"{path}: permission denied: run as root or mail_owner") from None
             flags = apsw.SQLITE_OPEN_READWRITE  # a reader still writes the -shm index (WAL)
             new = False
         else:
