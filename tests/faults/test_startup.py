@@ -353,29 +353,63 @@ def test_chroot_with_the_maillog_inside_the_jail_follows_logrotate(tmp_path, bac
 def test_a_symlink_planted_as_the_maillog_file_is_never_followed(tmp_path, background):
     """The master opens ``maillog_file`` as root: a user who may write its directory
     planted a symlink there and had root append to a root-only file, or create one
-    anywhere (/etc/nologin).  At start serve now refuses such a path; after logrotate
-    moved the file, a symlink in its place is not reopened and the lines go on into
-    the moved file."""
+    anywhere (/etc/nologin), or (red team 33c) a FIFO of their own after logrotate
+    moved the file, and read the log.  At start serve now refuses such a path; after
+    a rotation it reopens nothing that is not root's and goes on with the moved file."""
+    nobody = pwd.getpwnam("nobody")
     secret = tmp_path / "root-only"
     secret.write_text("secret\n")
     os.chmod(secret, 0o600)
     logs = tmp_path / "logs"
     logs.mkdir()
+    os.chown(logs, nobody.pw_uid, nobody.pw_gid)  # a directory the user may write
     planted = logs / "maillog"
     planted.symlink_to(secret)
+    os.lchown(planted, nobody.pw_uid, nobody.pw_gid)
     port = free_port()
     config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(planted))
     refused = trimail_cmd("serve", "-c", str(config_path), timeout=30)
     assert refused.returncode != 0 and str(planted) in refused.stderr, refused.stderr
     assert secret.read_text() == "secret\n"
     planted.unlink()
-    serve = background(config_path)
-    wait_until(lambda: answers_220(port) or not serve.alive, timeout=30)
-    assert serve.alive and stat.S_IMODE(planted.stat().st_mode) == 0o640  # it names every sender: not 0644
-    planted.rename(logs / "maillog.1")  # logrotate
-    planted.symlink_to(secret)
-    send(port, ["r@far.example"])
-    wait_until(lambda: "cannot reopen after it was moved" in (logs / "maillog.1").read_text(), timeout=30)
-    assert secret.read_text() == "secret\n" and serve.alive
-    status, err = serve.stop()
-    assert status == 0 and "Traceback" not in err, err
+    for plant in ("symlink", "fifo"):
+        port = free_port()
+        config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(planted))
+        serve = background(config_path)
+        wait_until(lambda port=port: answers_220(port) or not serve.alive, timeout=30)
+        assert serve.alive and stat.S_IMODE(planted.stat().st_mode) == 0o640  # it names every sender: not 0644
+        moved = logs / f"maillog.{plant}"
+        planted.rename(moved)  # logrotate
+        reader = None
+        if plant == "symlink":
+            planted.symlink_to(secret)
+            os.lchown(planted, nobody.pw_uid, nobody.pw_gid)
+        else:
+            os.mkfifo(planted, 0o600)
+            os.chown(planted, nobody.pw_uid, nobody.pw_gid)
+            reader = os.open(planted, os.O_RDONLY | os.O_NONBLOCK)  # the user's reader
+        send(port, ["r@far.example"])
+        wait_until(lambda: "cannot reopen after it was moved" in moved.read_text(), timeout=30)
+        assert serve.alive and secret.read_text() == "secret\n"
+        if reader is not None:
+            assert os.read(reader, 65536) == b"", "the log went to the user's FIFO"
+            os.close(reader)
+        status, err = serve.stop()
+        assert status == 0 and "Traceback" not in err, err
+        planted.unlink()
+
+
+def test_maillog_file_dev_stdout_logs_to_standard_output(tmp_path):
+    """Red team 33c: the first fix refused every symlink, and /dev/stdout is one (to
+    /proc/self/fd/1): Postfix's documented container setting no longer started.  A
+    symlink root owns in a directory only root may write is followed."""
+    port = free_port()
+    config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file="/dev/stdout")
+    proc = subprocess.Popen([sys.executable, "-m", "trimail", "serve", "-c", str(config_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert "trimail/master" in line, line + proc.stderr.read() if proc.poll() is not None else line
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)

@@ -25,6 +25,7 @@ to ``trimail.log.setup``).
 
 from __future__ import annotations
 
+import errno
 import logging
 import logging.handlers
 import os
@@ -142,6 +143,42 @@ class SyslogLog(_QuietErrors, logging.handlers.SysLogHandler):
         self._reported = set()
 
 
+def open_log(path: str) -> int:
+    """``maillog_file`` opened for appending as Postfix's safe_open would: the master
+    opens it as root, and whoever may write its directory (a user, mail_owner) could
+    otherwise have root append to, create, or feed their own reader with it (red teams
+    33b, 33c).  So a symlink is followed only when root owns it and its directory and
+    nobody else may write there (``/dev/stdout``); what is opened must be a character
+    device, or a FIFO, socket or single-linked regular file that root or this process
+    owns; a FIFO without a reader is not waited for.  A new file is made 0640: the log
+    names every sender and recipient."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o640)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP or not _roots_link(path):
+            raise
+        fd = os.open(path, flags, 0o640)
+    try:
+        st = os.fstat(fd)
+        owned = st.st_uid in (0, os.geteuid())
+        if not (stat.S_ISCHR(st.st_mode) or owned and (not stat.S_ISREG(st.st_mode) or st.st_nlink == 1)):
+            raise OSError(errno.EPERM, f"not opened: owned by uid {st.st_uid} or a hard link, not serve's")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _roots_link(path: str) -> bool:
+    try:
+        link, parent = os.lstat(path), os.stat(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return False
+    return stat.S_ISLNK(link.st_mode) and link.st_uid == 0 and parent.st_uid == 0 and not parent.st_mode & 0o022
+
+
 class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
     """``maillog_file``: reopened when logrotate moves it, while its path can be
     seen and opened; otherwise the open file goes on receiving the lines."""
@@ -152,11 +189,7 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
         self.follow = True  # compare the path with the open file before each write
 
     def _open(self):  # logging's name: every open, at start and after logrotate moved the file
-        """Never through a symlink: the master opens it as root, and a user (or
-        mail_owner) who may write the directory would have root append to, or create,
-        any file (red team 33b).  Made 0640: the log names every sender and recipient."""
-        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
-        return open(os.open(self.baseFilename, flags, 0o640), "a", encoding=self.encoding, errors=self.errors)
+        return open(open_log(self.baseFilename), "a", encoding=self.encoding, errors=self.errors)
 
     def emit_many(self, records: list[logging.LogRecord], reopen: bool = True) -> None:
         """WatchedFileHandler.emit, once for all *records*."""
