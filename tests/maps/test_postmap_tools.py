@@ -138,3 +138,20 @@ def test_root_compiles_a_users_table_as_that_user(tool):
         os.chmod(home, 0o755)
         refused = trimail(tool, str(source))
         assert refused.returncode != 0 and "Permission denied" in refused.stderr, refused.stderr
+
+
+def test_root_does_not_write_a_table_where_another_user_may_replace_it():
+    """Red team 33c: root's own source in a directory a user may write (root keeps
+    its ids there): the user renamed a file of their own over root's temporary
+    table, and postmap installed it.  Root refuses to write there."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    with tempfile.TemporaryDirectory(prefix="trimail-t33-") as name:
+        home = Path(name) / "user"
+        home.mkdir()
+        os.chown(home, 65534, 65534)
+        source = home / "table"
+        source.write_text(SOURCE)  # root's
+        result = trimail("postmap", str(source))
+        assert result.returncode != 0 and "another user may replace files" in result.stderr, result.stderr
+        assert not Path(f"{source}.db").exists()

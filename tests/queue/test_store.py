@@ -592,3 +592,25 @@ def test_readonly_open_without_access_says_so(tmp_path):
     os.close(read)
     os.waitpid(child, 0)
     assert "permission denied: run as root or mail_owner" in said, said
+
+
+def test_a_backup_is_not_written_where_another_user_may_replace_it(tmp_path):
+    """Red team 33c: in a directory its owner (a user) may write, the user renamed a
+    file of their own over the 0600 temporary just after root made it, and SQLite
+    wrote the queue into the user's file.  Such a directory is refused."""
+    from trimail.queue.backup import backup
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    Store.open(tmp_path / "queue").close()
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    with pytest.raises(QueueError, match="another user may replace files"):
+        backup(tmp_path / "queue", theirs / "copy.db")
+    assert list(theirs.iterdir()) == []
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # sticky, as /tmp: nobody else may rename root's file there
+    backup(tmp_path / "queue", shared / "copy.db")
+    assert (shared / "copy.db").exists()

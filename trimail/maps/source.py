@@ -118,8 +118,23 @@ def _as_user(uid: int, gid: int) -> Iterator[None]:
         os.setgroups(groups)
 
 
+def replaceable_by_others(directory: Path) -> bool:
+    """May a user other than this process's and root rename or replace what this
+    process writes in *directory* (it is theirs, or others may write it and it is not
+    sticky)?  Then a file made there could be swapped before it is written, whatever
+    O_EXCL and O_NOFOLLOW say (red team 33c: a queue backup read by a user)."""
+    st = directory.stat()
+    others_write = st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX
+    return st.st_uid not in (0, os.geteuid()) or bool(others_write)
+
+
 def _compile(source: Path, entries: Iterable[tuple[str, str, int]]) -> tuple[int, list[str]]:
     target = compiled_path(source)
+    try:
+        if os.geteuid() == 0 and replaceable_by_others(target.parent):  # (a user's own table: their ids by now)
+            raise TableError(f"{target}: another user may replace files in {target.parent}: not written as root")
+    except OSError as exc:
+        raise TableError(f"{target.parent}: {exc.strerror}") from None
     _check_replaceable(target)
     warnings: list[str] = []
     seen: dict[str, int] = {}

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import apsw
 
+from trimail.maps.source import replaceable_by_others
 from trimail.queue.database import QueueError
 from trimail.queue.store import Store
 
@@ -63,6 +64,12 @@ def backup(queue_directory: str | os.PathLike[str], destination: str | os.PathLi
     target = Path(destination)
     _check_destination(Path(queue_directory), target)
     temporary = target.with_name(f".{target.name}.partial")
+    try:
+        if replaceable_by_others(target.parent):
+            raise QueueError(f"{target}: another user may replace files in {target.parent}; "
+                             "put the backup where only root or mail_owner may write")
+    except OSError as exc:
+        raise QueueError(f"backup to {target}: {exc.strerror or exc}") from None
     source = Store.open(queue_directory, readonly=True)
     try:
         temporary.unlink(missing_ok=True)
