@@ -301,16 +301,25 @@ class Connection:
         """Has the server sent anything since its last reply (a stray reply, or the end
         of the connection)?  Then the connection is not used again: the next
         transaction would take those bytes for its own replies (red team 33a: a stray
-        550 after a 250 bounced the next message).  A TLS connection is judged by what
-        the parser holds only (a read there cannot be cancelled safely)."""
+        550 after a 250 bounced the next message).  On TLS (red team 33c) the records
+        TLS holds undecrypted and the socket under it are looked at without reading,
+        since a TLS read cannot be cancelled safely."""
         if self.parser.pending:
             return True
-        if isinstance(self.stream, DirectStream):
-            try:
-                return self.stream.receive_now(CHUNK) is not None  # (b"": the server closed)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        stream = self.stream
+        if isinstance(stream, trio.SSLStream):
+            ssl_object, incoming = getattr(stream, "_ssl_object", None), getattr(stream, "_incoming", None)
+            if (ssl_object is not None and ssl_object.pending()) or (incoming is not None and incoming.pending):
                 return True
-        return False
+            stream = stream.transport_stream
+        if not isinstance(stream, DirectStream):
+            return False
+        if stream is not self.stream:  # (bytes of TLS records: look, do not take)
+            return stream.waiting()
+        try:
+            return stream.receive_now(CHUNK) is not None  # (b"": the server closed)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            return True
 
     async def command(self, line: bytes, timeout: float, what: str) -> Reply:
         """Send one command line and read its reply, each within *timeout*

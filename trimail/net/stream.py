@@ -83,6 +83,17 @@ class DirectStream(trio.abc.HalfCloseableStream):
         except OSError as exc:
             raise _stream_error(exc) from exc
 
+    def waiting(self) -> bool:
+        """Is anything received and not yet read (bytes, or the peer's close)?  Nothing
+        is taken: what waits may be TLS records for the stream above this one."""
+        try:
+            self._sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # (an error waits for the next read)
+        return True
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sent = self.send_now(data)
         if sent < len(data):
