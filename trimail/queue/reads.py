@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import apsw
 
-LIST_PAGE = 1000  # messages a listing reads in one snapshot
+LIST_PAGE = 2000  # recipients a listing reads in one snapshot (and holds in memory)
 
 
 @dataclasses.dataclass(slots=True)
@@ -98,34 +98,33 @@ class QueueReads:
         return self.counts(), self.oldest_arrival()
 
     def iter_messages(self, page: int = LIST_PAGE) -> Iterator[MessageInfo]:
-        """Like list_messages(), but streamed in queue-ID order, *page* messages at a
-        time, so the first message comes out at once however long the queue is.  Each
-        page is read in a snapshot of its own that ends before it is yielded: a reader
-        that stops reading (``mailq | less`` left open) holds no snapshot, and the WAL
-        goes on being checkpointed (red team 33b: it grew to 410 MB behind one).  The
-        listing is therefore one instant per page, as Postfix's showq walks its queue
-        directories while they change."""
-        after = ""
+        """Like list_messages(), but streamed in queue-ID order, *page* recipients at a
+        time, so the first message comes out at once however long the queue is and
+        memory does not grow with it.  Each page is read in a snapshot of its own that
+        ends before anything is yielded: a reader that stops reading (``mailq | less``
+        left open) holds no snapshot, and the WAL goes on being checkpointed (red team
+        33b: it grew to 410 MB behind one).  The listing is therefore one instant per
+        page, as Postfix's showq walks its queue directories while they change."""
+        after: tuple[str, int] = ("", -1)  # (message id, recipient seq) last read
+        current: MessageInfo | None = None
         while True:
             with self.read_snapshot():
-                last = self.db.execute("SELECT max(id) FROM (SELECT id FROM message WHERE id > ? ORDER BY id LIMIT ?)",
-                                       (after, page)).fetchone()[0]
-                if last is None:
-                    return
                 rows = self.db.execute(
                     "SELECT m.id, m.state, m.sender, m.arrival_time, m.size, r.address, r.status, r.attempts,"
-                    " r.next_attempt, r.last_reply FROM message AS m JOIN recipient AS r ON r.message_id = m.id"
-                    " WHERE m.id > ? AND m.id <= ? ORDER BY m.id, r.seq", (after, last)).fetchall()
-            current: MessageInfo | None = None
-            for message_id, state, sender, arrival, size, *recipient in rows:
+                    " r.next_attempt, r.last_reply, r.seq FROM recipient AS r JOIN message AS m ON m.id = r.message_id"
+                    " WHERE (r.message_id, r.seq) > (?, ?) ORDER BY r.message_id, r.seq LIMIT ?",
+                    (*after, page)).fetchall()
+            for message_id, state, sender, arrival, size, *recipient, _ in rows:
                 if current is None or current.id != message_id:
                     if current is not None and _not_done(current):
                         yield current
                     current = MessageInfo(message_id, state, sender, arrival, size, recipients=[])
                 current.recipients.append(RecipientInfo(*recipient))
-            if current is not None and _not_done(current):
-                yield current
-            after = last
+            if len(rows) < page:
+                if current is not None and _not_done(current):
+                    yield current
+                return
+            after = (rows[-1][0], rows[-1][-1])
 
     def list_messages(self) -> list[MessageInfo]:
         """Queued messages with at least one recipient not yet done, oldest first."""
