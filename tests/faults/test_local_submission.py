@@ -29,7 +29,7 @@ SINK_HOST = "127.0.0.83"
 RESTRICTIONS = "check_recipient_access inline:{ blocked.example=REJECT, tmp.example=DEFER }, permit_mynetworks, reject"
 AS_NOBODY = """
 import os, sys
-import encodings.idna, trimail.cleanup.fallback, trimail.cleanup.submit as submit
+import encodings.idna, trimail.cleanup.fallback, trimail.standalone, trimail.cleanup.submit as submit
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
 submit.main(sys.argv[1:])
 """
@@ -43,13 +43,14 @@ def readable() -> Iterator[Path]:
         yield Path(name)
 
 
-def sendmail_as_nobody(d, readable: Path, *args: str, port: int | None = None) -> subprocess.CompletedProcess:
+def sendmail_as_nobody(d, readable: Path, *args: str, port: int | None = None,
+                       data: bytes = b"Subject: local\n\nhello\n") -> subprocess.CompletedProcess:
     config = readable / "main.cf"
     config.write_text(f"myhostname = mx.test.example\nsmtpd_listen = 127.0.0.1:{port or d.port}\n"
                       f"queue_directory = {d.queue_directory}\nalias_maps =\nalias_database =\n")
     config.chmod(0o644)
     return subprocess.run([sys.executable, "-c", AS_NOBODY, "-C", str(config), "-f", "me@mx.test.example", *args],
-                          input=b"Subject: local\n\nhello\n", capture_output=True, timeout=60, cwd="/",
+                          input=data, capture_output=True, timeout=60, cwd="/",
                           check=False)
 
 
@@ -73,8 +74,9 @@ def test_a_refused_recipient_sends_nothing_and_says_so(daemon, readable):
 def test_recipients_past_smtpd_recipient_limit_are_not_lost(daemon, readable):
     d = daemon(smtpd_workers=0, smtpd_recipient_limit=3)
     result = sendmail_as_nobody(d, readable, *[f"r{n}@dest.example" for n in range(5)])
-    assert result.returncode == 75, result.stderr  # 452 too many recipients: temporary
-    assert "<r3@dest.example>: 452" in result.stderr.decode()
+    # 452 4.5.3 would come again at every try: 69, not 75 (red team 33c: retried for ever)
+    assert result.returncode == 69, result.stderr
+    assert "<r3@dest.example>: 452" in result.stderr.decode() and "send it in parts" in result.stderr.decode()
     assert queued(d.queue_directory) == 0
 
 
@@ -173,3 +175,14 @@ def test_a_message_serve_accepted_is_sent_even_if_its_quit_is_refused(daemon, re
         server.join(30)
         listener.close()
     assert len(got) == 1 and result.returncode == 0, result.stderr
+
+
+def test_bs_answers_a_refusal_for_good_with_a_permanent_reply(daemon, readable):
+    """Red team 33c: ``sendmail -bs`` answered every failure of the submission through
+    serve with ``451`` (try again), a refusal for good too."""
+    d = daemon(smtpd_workers=0, smtpd_recipient_restrictions=RESTRICTIONS)
+    session = (b"EHLO me.example\r\nMAIL FROM:<me@mx.test.example>\r\nRCPT TO:<u@blocked.example>\r\n"
+               b"DATA\r\nSubject: x\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    result = sendmail_as_nobody(d, readable, "-bs", data=session)
+    replies = result.stdout.decode().splitlines()
+    assert any(line.startswith("554 5.0.0 Error: serve at") for line in replies), (replies, result.stderr)

@@ -103,7 +103,12 @@ def _refusal(listen: object, refused: list[tuple[str, int, bytes]], recipients: 
     shown = "; ".join(f"{what}: {code} {printable(reply.decode('utf-8', 'replace'), 200)}"
                       for what, code, reply in refused[:3])
     more = f"; and {len(refused) - 3} more" if len(refused) > 3 else ""
-    temporary = all(400 <= code < 500 for _, code, _ in refused)
+    # a 452 4.5.3 (smtpd_recipient_limit) would come again at every try: not temporary
+    # for this message (red team 33c: a caller retrying on 75 retried for ever)
+    too_many = any(code == 452 and reply.startswith(b"4.5.3") for _, code, reply in refused)
+    if too_many:
+        more += " (more recipients than serve takes in one message, smtpd_recipient_limit: send it in parts)"
+    temporary = not too_many and all(400 <= code < 500 for _, code, _ in refused)
     return SendmailError(f"serve at {listen} refused the message over SMTP and nothing was sent "
                          f"({len(refused)} refusals, {recipients} recipients): {shown}{more}",
                          EX_TEMPFAIL if temporary else EX_UNAVAILABLE)
