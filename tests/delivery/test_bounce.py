@@ -120,7 +120,8 @@ def test_a_long_or_8bit_reply_is_folded_and_the_report_stays_ascii(smtputf8):
     line twice, 2,946 octets (RFC 5322: at most 998), and as UTF-8 inside a
     message/delivery-status, which is US-ASCII (RFC 3464).  Lines are now folded at 78
     columns as Postfix's are, and the plain report has '?' for what ASCII cannot say."""
-    reply = "smtp; 550 5.7.1 " + "\u20ac" * 1300 + " " + "x" * 1200 + " (in reply to RCPT TO command)"
+    url = "https://help.far.test/" + "a" * 150  # (a usual word is never cut: 33c)
+    reply = "smtp; 550 5.7.1 " + "\u20ac" * 1300 + " " + "x" * 1200 + f" see {url} (in reply to RCPT TO command)"
     head, tail = dsn_parts(hostname="mx.test.example", queue_id="Q1", sender="a@client.example",
                            arrival_time=0.0, failures=[Failure("r@far.example", "5.7.1", reply, "mx.far.example")],
                            full=False, smtputf8=smtputf8)
@@ -133,4 +134,5 @@ def test_a_long_or_8bit_reply_is_folded_and_the_report_stays_ascii(smtputf8):
     code = " ".join(raw.decode("utf-8").split("Diagnostic-Code:", 1)[1].split("\r\n--", 1)[0].split())
     assert code.startswith("smtp; 550 5.7.1 " + ("\u20ac" if smtputf8 else "?") * 5)
     assert code.replace(" ", "").count("x") == 1200 and code.endswith("(in reply to RCPT TO command)")
+    assert f" {url} " in code and f" {url} " in " ".join(head.decode("utf-8").split())
     assert report is not None

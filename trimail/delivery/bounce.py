@@ -216,5 +216,7 @@ def _folded(line: str) -> str:
     message may pass 998 octets (red team 33a: a DSN with 2,946-octet lines)."""
     if len(line) <= 78:
         return line
-    return "\r\n".join(textwrap.wrap(line, width=78, subsequent_indent="    ", break_long_words=True,
-                                      break_on_hyphens=False))
+    lines = textwrap.wrap(line, width=78, subsequent_indent="    ", break_long_words=False, break_on_hyphens=False)
+    # a word is cut only past 240 characters (4 octets each at most in UTF-8: under 998); a URL stays whole
+    return "\r\n".join(part if len(part) <= 240 else "\r\n    ".join(part[i:i + 240] for i in range(0, len(part), 240))
+                       for part in lines)
