@@ -8,6 +8,7 @@ import trio
 import trustme
 
 from tests.conftest import wait_for
+from tests.delivery.outbound_peer import ScriptedPeer
 from tests.delivery.test_delivery import recipient_status, send, wait_empty
 from tests.peers import Sink
 
@@ -72,61 +73,12 @@ async def test_a_stray_reply_on_a_tls_connection_is_never_the_next_messages_answ
     """Red team 33c: a connection whose server spoke out of turn was recognised in
     clear text only; over STARTTLS the stray 550 after a 250 still bounced the next
     message on the cached connection.  The TLS records waiting are looked at too."""
-    ctx = server_context()
-    received: list[int] = []
-    strays: list[int] = []  # sent after the 250, before the next message is queued
-
-    async def peer(*, task_status=trio.TASK_STATUS_IGNORED):
-        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-        task_status.started(listeners[0].socket.getsockname()[1])
-
-        async def handle(raw):
-            stream, buf = raw, bytearray()
-
-            async def line() -> bytes:
-                while b"\r\n" not in buf:
-                    data = await stream.receive_some(65536)
-                    if not data:
-                        raise trio.BrokenResourceError
-                    buf.extend(data)
-                end = buf.index(b"\r\n")
-                out = bytes(buf[:end])
-                del buf[:end + 2]
-                return out
-
-            try:
-                await stream.send_all(b"220 peer ESMTP\r\n")
-                while True:
-                    verb = (await line())[:4].upper()
-                    if verb == b"EHLO":
-                        await stream.send_all(b"250-peer\r\n250-PIPELINING\r\n250 STARTTLS\r\n" if stream is raw
-                                              else b"250-peer\r\n250 PIPELINING\r\n")
-                    elif verb == b"STAR":
-                        await stream.send_all(b"220 go ahead\r\n")
-                        stream = trio.SSLStream(raw, ctx, server_side=True)
-                        await stream.do_handshake()
-                    elif verb == b"DATA":
-                        await stream.send_all(b"354 go ahead\r\n")
-                        while await line() != b".":
-                            pass
-                        received.append(1)
-                        await stream.send_all(b"250 2.0.0 accepted\r\n")
-                        await trio.sleep(0.1)
-                        await stream.send_all(b"550 5.7.1 stray reply out of turn\r\n")
-                        strays.append(1)
-                    elif verb == b"QUIT":
-                        await stream.send_all(b"221 bye\r\n")
-                        return
-                    else:
-                        await stream.send_all(b"250 ok\r\n")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return
-
-        await trio.serve_listeners(handle, listeners)
-
-    port = await nursery.start(peer)
+    peer = ScriptedPeer(tls=server_context(), stray=b"550 5.7.1 stray reply out of turn\r\n")
+    port = await nursery.start(peer.run)
     srv = await start_mta(relayhost=f"[127.0.0.1]:{port}", smtp_connection_cache_time_limit="10s")
     for n in range(3):  # one after another: each could reuse the connection of the one before
         await send(srv, "<>", [f"r{n}@far.example"])
         await wait_empty(srv)
-        await wait_for(lambda n=n: len(received) == n + 1 and len(strays) == n + 1, timeout=10)
+        # (the stray is out before the next message is queued, so the next finds it waiting)
+        await wait_for(lambda n=n: len(peer.received) == n + 1 and peer.strays == n + 1, timeout=10)
+    assert peer.connections == 3  # each stray condemned its connection
