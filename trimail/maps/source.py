@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -118,6 +119,20 @@ def _as_user(uid: int, gid: int) -> Iterator[None]:
         os.setgroups(groups)
 
 
+@contextlib.contextmanager
+def private_directory(parent: Path) -> Iterator[Path]:
+    """A new directory in *parent* only this process's user may enter (0700),
+    removed with what is left in it afterwards: where a file is written before it is
+    renamed into *parent*, with SQLite's side files (-journal, -wal) beside it.  In a
+    sticky directory (/tmp) nobody else may create files next to the temporary one:
+    a user planted a -wal there and SQLite wrote it into a backup (red team 33d)."""
+    made = Path(tempfile.mkdtemp(prefix=".trimail-", dir=parent))
+    try:
+        yield made
+    finally:
+        shutil.rmtree(made, ignore_errors=True)
+
+
 def replaceable_by_others(directory: Path) -> bool:
     """May a user other than this process's and root rename or replace what this
     process writes in *directory* (it is theirs, or others may write it and it is not
@@ -146,9 +161,15 @@ def _compile(source: Path, entries: Iterable[tuple[str, str, int]]) -> tuple[int
         seen[key] = number
         rows.append((key, value))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=target.parent)
+        with private_directory(target.parent) as private:
+            return _write(source, target, private, rows, warnings)
     except OSError as exc:
         raise TableError(f"{target}: cannot create a temporary file: {exc.strerror}") from None
+
+
+def _write(source: Path, target: Path, private: Path, rows: list[tuple[str, str]],
+           warnings: list[str]) -> tuple[int, list[str]]:
+    fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".tmp", dir=private)
     try:
         try:
             os.fchmod(fd, source.stat().st_mode & 0o666)  # (the file mkstemp made, whatever its name is now)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import apsw
 
-from trimail.maps.source import replaceable_by_others
+from trimail.maps.source import private_directory, replaceable_by_others
 from trimail.queue.database import QueueError
 from trimail.queue.store import Store
 
@@ -63,37 +63,21 @@ def backup(queue_directory: str | os.PathLike[str], destination: str | os.PathLi
     """Copy the live queue database to *destination* (see the module docstring)."""
     target = Path(destination)
     _check_destination(Path(queue_directory), target)
-    temporary = target.with_name(f".{target.name}.partial")
     try:
         if replaceable_by_others(target.parent):
             raise QueueError(f"{target}: another user may replace files in {target.parent}; "
-                             "put the backup where only root or mail_owner may write")
+                             "put the backup where only root (or the user who runs the backup) may write")
     except OSError as exc:
         raise QueueError(f"backup to {target}: {exc.strerror or exc}") from None
     source = Store.open(queue_directory, readonly=True)
     try:
-        temporary.unlink(missing_ok=True)
-        # made 0600 before a page of mail is in it, and never through a symlink planted
-        # there (red team 33b: a user opened the 0644 file SQLite made during the copy)
-        os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
-        copy = apsw.Connection(str(temporary), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
-        try:
-            with copy.backup("main", source.db, "main") as step:
-                step.step(-1)  # all pages in one read transaction: one consistent instant
-                pages = step.pagecount
-            copy.execute("PRAGMA journal_mode = DELETE")  # a self-contained file, no -wal beside it
-            check = copy.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise QueueError(f"{target}: the copy fails quick_check: {check}")
-            messages = copy.execute("SELECT count(*) FROM message").fetchone()[0]
-        finally:
-            copy.close()
-        copied = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW)  # our own copy, never the live queue.db
-        try:
-            os.fsync(copied)
-        finally:
-            os.close(copied)
-        os.replace(temporary, target)
+        # written in a 0700 directory of its own, then renamed: nobody else can open it
+        # during the copy (red team 33b) or plant SQLite's -wal beside it (red team 33d)
+        with private_directory(target.parent) as private:
+            temporary = private / target.name
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+            pages, messages = _copy(source, temporary, target)
+            os.replace(temporary, target)
         directory = os.open(target.parent, os.O_RDONLY)
         try:
             os.fsync(directory)
@@ -105,8 +89,26 @@ def backup(queue_directory: str | os.PathLike[str], destination: str | os.PathLi
         raise QueueError(f"backup to {target}: {exc.strerror or exc}") from None
     finally:
         source.close()
-        try:
-            temporary.unlink(missing_ok=True)
-        except OSError:
-            pass
     return BackupResult(target, pages, messages)
+
+
+def _copy(source: Store, temporary: Path, target: Path) -> tuple[int, int]:
+    """The live queue copied into *temporary* (pages, messages), checked and fsynced."""
+    copy = apsw.Connection(str(temporary), flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_NOFOLLOW)
+    try:
+        with copy.backup("main", source.db, "main") as step:
+            step.step(-1)  # all pages in one read transaction: one consistent instant
+            pages = step.pagecount
+        copy.execute("PRAGMA journal_mode = DELETE")  # a self-contained file, no -wal beside it
+        check = copy.execute("PRAGMA quick_check").fetchone()[0]
+        if check != "ok":
+            raise QueueError(f"{target}: the copy fails quick_check: {check}")
+        messages = copy.execute("SELECT count(*) FROM message").fetchone()[0]
+    finally:
+        copy.close()
+    copied = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW)  # our own copy, never the live queue.db
+    try:
+        os.fsync(copied)
+    finally:
+        os.close(copied)
+    return pages, messages
