@@ -110,7 +110,13 @@ def test_a_queue_opened_wide_by_an_admin_still_takes_a_users_mail_through_serve(
 SQUATTER = """
 import os, socket, sys
 os.setgroups([]); os.setgid(65534); os.setuid(65534)
-listener = socket.create_server(("127.0.0.1", 0))
+if sys.argv[1] == "4":
+    listener = socket.create_server(("127.0.0.1", 0))
+else:  # an IPv6 socket that takes IPv4 connections too: its end is in /proc/net/tcp6
+    listener = socket.socket(socket.AF_INET6)
+    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listener.bind(("::ffff:127.0.0.1", 0))
+    listener.listen()
 print(listener.getsockname()[1], flush=True)
 while True:
     conn, _ = listener.accept()
@@ -126,13 +132,14 @@ while True:
 """
 
 
-def test_a_listener_that_is_not_serves_gets_no_mail(daemon, readable):
+@pytest.mark.parametrize("family", ["4", "6"], ids=["ipv4", "ipv6-socket"])
+def test_a_listener_that_is_not_serves_gets_no_mail(daemon, readable, family):
     """Red team 33b: with serve's port above 1023, a user who bound it while serve was
     down received other users' mail, and their sendmail exited 0.  A listener whose
     end of the connection belongs to another uid than root's or the queue's gets
     nothing, and sendmail says try again later (75)."""
     d = daemon(smtpd_workers=0)
-    squatter = subprocess.Popen([sys.executable, "-c", SQUATTER], stdout=subprocess.PIPE, text=True)
+    squatter = subprocess.Popen([sys.executable, "-c", SQUATTER, family], stdout=subprocess.PIPE, text=True)
     try:
         port = int(squatter.stdout.readline())
         result = sendmail_as_nobody(d, readable, "a@dest.example", port=port)

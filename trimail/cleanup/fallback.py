@@ -49,8 +49,8 @@ def submit_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> i
         owner = _server_uid(client.sock)
         if owner is not None and owner not in _trusted(cfg):
             polite = False
-            raise SendmailError(f"what listens on {listen} is not serve (its socket belongs to uid {owner}): "
-                                "not submitted", EX_TEMPFAIL)
+            whose = f"its socket belongs to uid {owner}" if owner >= 0 else "its socket is not in /proc/net"
+            raise SendmailError(f"what listens on {listen} is not serve ({whose}): not submitted", EX_TEMPFAIL)
         _transaction(client, listen, sender, rcpts, content)
     except (OSError, smtplib.SMTPException) as exc:
         raise _failed(listen, exc) from None
@@ -126,21 +126,29 @@ def _trusted(cfg: Config) -> set[int]:
 
 def _server_uid(sock: socket.socket) -> int | None:
     """The uid that owns the other end of *sock* (a TCP connection on this host), as
-    /proc/net/tcp{,6} lists it; None when it cannot be told."""
+    /proc/net/tcp and tcp6 list it (an IPv4 connection to an IPv6 socket is there as
+    ::ffff:a.b.c.d: red team 33d); None when the tables cannot be read, -1 when the
+    other end is in neither (then nobody can say whose it is)."""
     try:
-        local, peer = sock.getsockname(), sock.getpeername()
+        local, peer = sock.getsockname()[:2], sock.getpeername()[:2]
     except OSError:
         return None
-    wanted = (_proc_address(sock.family, peer), _proc_address(sock.family, local))
-    try:
-        with open(f"/proc/net/{'tcp6' if sock.family == socket.AF_INET6 else 'tcp'}") as table:
-            for line in table:
-                fields = line.split()
-                if len(fields) > 7 and (fields[1], fields[2]) == wanted:
-                    return int(fields[7])
-    except (OSError, ValueError):
-        pass
-    return None
+    wanted = {(_proc_address(sock.family, peer), _proc_address(sock.family, local))}
+    if sock.family == socket.AF_INET:
+        wanted.add((_proc_address(socket.AF_INET6, (f"::ffff:{peer[0]}", peer[1])),
+                    _proc_address(socket.AF_INET6, (f"::ffff:{local[0]}", local[1]))))
+    read = False
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{table}") as lines:
+                read = True
+                for line in lines:
+                    fields = line.split()
+                    if len(fields) > 7 and (fields[1], fields[2]) in wanted:
+                        return int(fields[7])
+        except (OSError, ValueError):
+            continue
+    return -1 if read else None
 
 
 def _proc_address(family: int, address: tuple) -> str:
