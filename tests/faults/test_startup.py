@@ -394,6 +394,11 @@ def test_a_symlink_planted_as_the_maillog_file_is_never_followed(tmp_path, backg
         if reader is not None:
             assert os.read(reader, 65536) == b"", "the log went to the user's FIFO"
             os.close(reader)
+        fixed = logs / "maillog.new"  # the admin puts a proper file there: it is taken (red team 33d: never again)
+        fixed.touch(mode=0o640)
+        os.replace(fixed, planted)  # (made before the planted one goes: another inode number)
+        send(port, ["again@far.example"])
+        wait_until(lambda: "connect from" in planted.read_text(), timeout=30)
         status, err = serve.stop()
         assert status == 0 and "Traceback" not in err, err
         planted.unlink()
@@ -410,6 +415,27 @@ def test_maillog_file_dev_stdout_logs_to_standard_output(tmp_path):
     try:
         line = proc.stdout.readline()
         assert "trimail/master" in line, line + proc.stderr.read() if proc.poll() is not None else line
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+
+
+def test_a_maillog_file_another_user_owns_in_roots_directory_is_written(tmp_path):
+    """Red team 33d: logrotate's ``create 0640 syslog adm`` makes the log another
+    user's, and serve refused to start with it (Postfix takes it).  In a directory
+    only root may write, only root could have put it there: it is taken."""
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o755)
+    log_file = logs / "maillog"
+    log_file.touch(mode=0o640)
+    os.chown(log_file, 65534, 65534)
+    port = free_port()
+    config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(log_file))
+    proc = subprocess.Popen([sys.executable, "-m", "trimail", "serve", "-c", str(config_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: "daemon started" in log_file.read_text() or proc.poll() is not None, timeout=30)
+        assert proc.poll() is None, proc.stderr.read()
     finally:
         proc.terminate()
         proc.communicate(timeout=30)

@@ -32,6 +32,7 @@ import os
 import select
 import stat
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
@@ -143,27 +144,38 @@ class SyslogLog(_QuietErrors, logging.handlers.SysLogHandler):
         self._reported = set()
 
 
+REFUSED_RETRY = 60.0  # seconds before a refused maillog_file of the same inode number is tried again
+
+
 def open_log(path: str) -> int:
     """``maillog_file`` opened for appending as Postfix's safe_open would: the master
     opens it as root, and whoever may write its directory (a user, mail_owner) could
     otherwise have root append to, create, or feed their own reader with it (red teams
-    33b, 33c).  So a symlink is followed only when root owns it and its directory and
-    nobody else may write there (``/dev/stdout``); what is opened must be a character
-    device, or a FIFO, socket or single-linked regular file that root or this process
-    owns; a FIFO without a reader is not waited for.  A new file is made 0640: the log
-    names every sender and recipient."""
+    33b-33d).  A symlink is followed only when root owns it and its directory and
+    nobody else may write there (``/dev/stdout``; only that first link is vetted, as
+    Postfix does); what is opened must be a character device, what such a link leads
+    to, or a single-linked file, FIFO or socket that root or this process owns or that
+    lies in a directory only root may write (logrotate's ``create 0640 syslog adm``).
+    A FIFO without a reader is an error, not a wait.  A new file is made 0640."""
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+    via_link = False
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW, 0o640)
+        try:
+            fd = os.open(path, flags | os.O_NOFOLLOW, 0o640)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP or not _roots_link(path):
+                raise
+            via_link = True
+            fd = os.open(path, flags, 0o640)
     except OSError as exc:
-        if exc.errno != errno.ELOOP or not _roots_link(path):
-            raise
-        fd = os.open(path, flags, 0o640)
+        if exc.errno == errno.ENXIO:
+            raise OSError(errno.ENXIO, "a FIFO nobody reads") from None
+        raise
     try:
         st = os.fstat(fd)
-        owned = st.st_uid in (0, os.geteuid())
-        if not (stat.S_ISCHR(st.st_mode) or owned and (not stat.S_ISREG(st.st_mode) or st.st_nlink == 1)):
-            raise OSError(errno.EPERM, f"not opened: owned by uid {st.st_uid} or a hard link, not serve's")
+        if not (stat.S_ISCHR(st.st_mode) or (via_link and not stat.S_ISREG(st.st_mode)) or _may_use(path, st)):
+            raise OSError(errno.EPERM, f"not opened: owned by uid {st.st_uid} in a directory others may write, "
+                                       "or a hard link")
         os.set_blocking(fd, True)
     except BaseException:
         os.close(fd)
@@ -176,7 +188,22 @@ def _roots_link(path: str) -> bool:
         link, parent = os.lstat(path), os.stat(os.path.dirname(os.path.abspath(path)))
     except OSError:
         return False
-    return stat.S_ISLNK(link.st_mode) and link.st_uid == 0 and parent.st_uid == 0 and not parent.st_mode & 0o022
+    return stat.S_ISLNK(link.st_mode) and link.st_uid == 0 and _roots_only(parent)
+
+
+def _may_use(path: str, st: os.stat_result) -> bool:
+    if stat.S_ISREG(st.st_mode) and st.st_nlink != 1:
+        return False
+    if st.st_uid in (0, os.geteuid()):
+        return True
+    try:  # another user's file where only root could have put it
+        return _roots_only(os.stat(os.path.dirname(os.path.abspath(path))))
+    except OSError:
+        return False
+
+
+def _roots_only(directory: os.stat_result) -> bool:
+    return directory.st_uid == 0 and not directory.st_mode & 0o022
 
 
 class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
@@ -187,6 +214,7 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
         super().__init__(filename, encoding="utf-8")
         self._reported = set()
         self.follow = True  # compare the path with the open file before each write
+        self.refused: tuple[int, int, float] | None = None  # the file last refused (dev, ino) and when
 
     def _open(self):  # logging's name: every open, at start and after logrotate moved the file
         return open(open_log(self.baseFilename), "a", encoding=self.encoding, errors=self.errors)
@@ -201,14 +229,17 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
 
     def moved(self) -> bool:
         """Whether the next write reopens the file first (its path names another file,
-        or none): opening can wait (a FIFO put in its place waits for a reader)."""
+        or none, and not the one refused last)."""
         if not self.follow:
             return False
         try:
             sres = os.stat(self.baseFilename)
         except FileNotFoundError:
             return True
-        return sres.st_dev != self.dev or sres.st_ino != self.ino
+        moved = sres.st_dev != self.dev or sres.st_ino != self.ino
+        if moved and self.refused is not None and self.refused[:2] == (sres.st_dev, sres.st_ino):
+            return time.monotonic() - self.refused[2] > REFUSED_RETRY  # (a new file may reuse the number)
+        return moved
 
     def reopenIfNeeded(self) -> None:  # logging's name
         if not self.moved():
@@ -216,7 +247,11 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
         try:
             fresh = self._open()
         except OSError as exc:  # e.g. the new file belongs to root now that we are mail_owner
-            self.follow = False
+            try:  # the next file there (the admin's fix, the next rotation) is tried (red team 33d)
+                seen = os.stat(self.baseFilename)
+                self.refused = (seen.st_dev, seen.st_ino, time.monotonic())
+            except OSError:
+                self.follow = False
             logging.getLogger("trimail.master").warning(
                 "maillog_file %s: cannot reopen after it was moved (%s); writing on to the moved file",
                 self.baseFilename, exc.strerror or exc)
