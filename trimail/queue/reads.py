@@ -2,7 +2,9 @@
 queue list/show``, and a message's content.
 
 ``QueueReads`` is the reading half of ``store.Store`` (a mixin on its connection);
-a listing runs in one read snapshot, so it sees one consistent state of the queue.
+``list_messages`` runs in one read snapshot, so it sees one consistent state of the
+queue; ``iter_messages`` (``trimail queue list``, mailq) reads a page at a time, each
+message whole, and holds no snapshot between pages.
 ``MessageInfo`` and ``RecipientInfo`` are what the listings return, with the JSON
 the CLI prints (times as RFC 3339, ``rfc3339``).
 
