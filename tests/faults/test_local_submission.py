@@ -43,10 +43,10 @@ def readable() -> Iterator[Path]:
         yield Path(name)
 
 
-def sendmail_as_nobody(d, readable: Path, *args: str, port: int | None = None,
+def sendmail_as_nobody(d, readable: Path, *args: str, port: int | None = None, host: str = "127.0.0.1",
                        data: bytes = b"Subject: local\n\nhello\n") -> subprocess.CompletedProcess:
     config = readable / "main.cf"
-    config.write_text(f"myhostname = mx.test.example\nsmtpd_listen = 127.0.0.1:{port or d.port}\n"
+    config.write_text(f"myhostname = mx.test.example\nsmtpd_listen = {host}:{port or d.port}\n"
                       f"queue_directory = {d.queue_directory}\nalias_maps =\nalias_database =\n")
     config.chmod(0o644)
     return subprocess.run([sys.executable, "-c", AS_NOBODY, "-C", str(config), "-f", "me@mx.test.example", *args],
@@ -193,3 +193,14 @@ def test_bs_answers_a_refusal_for_good_with_a_permanent_reply(daemon, readable):
     result = sendmail_as_nobody(d, readable, "-bs", data=session)
     replies = result.stdout.decode().splitlines()
     assert any(line.startswith("554 5.0.0 Error: serve at") for line in replies), (replies, result.stderr)
+
+
+def test_a_serve_listening_on_the_ipv6_wildcard_takes_a_users_mail(daemon, readable):
+    """Red team 33e: the fallback dialled 127.0.0.1 for ``[::]``, where serve's IPv6-only
+    socket is not: every user's sendmail failed, and another user could take that port."""
+    with Sink(SINK_HOST) as sink:
+        d = daemon(smtpd_workers=0, relayhost=f"[{SINK_HOST}]:{sink.port}", master_service_disable="",
+                   smtpd_listen="[::]:0")
+        result = sendmail_as_nobody(d, readable, "ok@dest.example", host="[::]")
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: len(sink.messages) == 1, timeout=30)

@@ -372,7 +372,7 @@ def test_a_symlink_planted_as_the_maillog_file_is_never_followed(tmp_path, backg
     assert refused.returncode != 0 and str(planted) in refused.stderr, refused.stderr
     assert secret.read_text() == "secret\n"
     planted.unlink()
-    for plant in ("symlink", "fifo"):
+    for plant in ("symlink", "dangling", "fifo"):
         port = free_port()
         config_path = write_main_cf(tmp_path, smtpd_listen=f"127.0.0.1:{port}", maillog_file=str(planted))
         serve = background(config_path)
@@ -381,8 +381,8 @@ def test_a_symlink_planted_as_the_maillog_file_is_never_followed(tmp_path, backg
         moved = logs / f"maillog.{plant}"
         planted.rename(moved)  # logrotate
         reader = None
-        if plant == "symlink":
-            planted.symlink_to(secret)
+        if plant in ("symlink", "dangling"):  # (dangling: nothing there to stat, red team 33e)
+            planted.symlink_to(secret if plant == "symlink" else tmp_path / "nowhere")
             os.lchown(planted, nobody.pw_uid, nobody.pw_gid)
         else:
             os.mkfifo(planted, 0o600)

@@ -13,8 +13,8 @@ to root or to the queue's owner (``/proc/net/tcp``): with a port above 1023, any
 user could bind it while serve was down and receive other users' mail, their
 sendmail saying it was sent (red team 33b).
 
-Parameters: smtpd_listen (the first listener; a wildcard address is reached on
-127.0.0.1), queue_directory (its owner), mail_owner.
+Parameters: smtpd_listen (the first listener; a wildcard address is reached on its
+family's loopback), queue_directory (its owner), mail_owner.
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ def submit_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> i
     ends changes nothing (smtplib's ``with`` raised when QUIT got no 221, and a caller
     retrying on that sent the message twice)."""
     listen = cfg.smtpd_listen[0]
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "::") else listen.host
+    # a wildcard is reached on its own family's loopback: serve's [::] socket is IPv6 only
+    # (red team 33e: 127.0.0.1 was refused, and free for another user to take)
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(listen.host, listen.host)
     try:
         client = smtplib.SMTP(host, listen.port, timeout=60)
     except (OSError, smtplib.SMTPException) as exc:

@@ -173,7 +173,8 @@ def open_log(path: str) -> int:
         raise
     try:
         st = os.fstat(fd)
-        if not (stat.S_ISCHR(st.st_mode) or (via_link and not stat.S_ISREG(st.st_mode)) or _may_use(path, st)):
+        judged = os.path.realpath(path) if via_link else path  # (a file beyond a link: in its own directory)
+        if not (stat.S_ISCHR(st.st_mode) or (via_link and not stat.S_ISREG(st.st_mode)) or _may_use(judged, st)):
             raise OSError(errno.EPERM, f"not opened: owned by uid {st.st_uid} in a directory others may write, "
                                        "or a hard link")
         os.set_blocking(fd, True)
@@ -214,7 +215,7 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
         super().__init__(filename, encoding="utf-8")
         self._reported = set()
         self.follow = True  # compare the path with the open file before each write
-        self.refused: tuple[int, int, float] | None = None  # the file last refused (dev, ino) and when
+        self.refused: tuple[tuple[int, int] | None, float] | None = None  # the name's file last refused, when
 
     def _open(self):  # logging's name: every open, at start and after logrotate moved the file
         return open(open_log(self.baseFilename), "a", encoding=self.encoding, errors=self.errors)
@@ -234,11 +235,12 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
             return False
         try:
             sres = os.stat(self.baseFilename)
-        except FileNotFoundError:
-            return True
-        moved = sres.st_dev != self.dev or sres.st_ino != self.ino
-        if moved and self.refused is not None and self.refused[:2] == (sres.st_dev, sres.st_ino):
-            return time.monotonic() - self.refused[2] > REFUSED_RETRY  # (a new file may reuse the number)
+            found: tuple[int, int] | None = (sres.st_dev, sres.st_ino)
+        except OSError:  # none there (or a dangling symlink)
+            found = None
+        moved = found != (self.dev, self.ino)
+        if moved and self.refused is not None and self.refused[0] == found:
+            return time.monotonic() - self.refused[1] > REFUSED_RETRY  # (a new file may reuse the number)
         return moved
 
     def reopenIfNeeded(self) -> None:  # logging's name
@@ -247,11 +249,11 @@ class MailLogFile(_QuietErrors, _Batched, logging.handlers.WatchedFileHandler):
         try:
             fresh = self._open()
         except OSError as exc:  # e.g. the new file belongs to root now that we are mail_owner
-            try:  # the next file there (the admin's fix, the next rotation) is tried (red team 33d)
+            try:  # the next file there (the admin's fix, the next rotation) is tried (red teams 33d, 33e)
                 seen = os.stat(self.baseFilename)
-                self.refused = (seen.st_dev, seen.st_ino, time.monotonic())
+                self.refused = ((seen.st_dev, seen.st_ino), time.monotonic())
             except OSError:
-                self.follow = False
+                self.refused = (None, time.monotonic())
             logging.getLogger("trimail.master").warning(
                 "maillog_file %s: cannot reopen after it was moved (%s); writing on to the moved file",
                 self.baseFilename, exc.strerror or exc)
