@@ -128,9 +128,13 @@ async def _serve_until_signal(cfg: Config, fork_server: ForkServer | None) -> No
                         server.stop()  # serve drains its sessions and returns
 
 
-def _control(cfg: Config, command: str) -> str:
-    answer = send_command(require_access(cfg), command, timeout=30)
+def _control(cfg: Config, command: str, *, timeout: float = 30, absent: bool = False) -> str | None:
+    """serve's answer to *command*; its ``error:`` answer is a Failure, and so is no
+    control socket, unless *absent* (then None: not running, or stopping already)."""
+    answer = send_command(require_access(cfg), command, timeout=timeout)
     if answer is None:
+        if absent:
+            return None
         raise Failure(f"trimail serve is not running (no control socket in {cfg.queue_directory})")
     if answer.startswith("error:"):
         raise Failure(maillog.printable(answer[6:].strip(), 1000))  # the socket is in mail_owner's directory
@@ -152,14 +156,11 @@ def stop_command(*, config: ConfigOption = None, o: Overrides = None, timeout: f
 
     cfg = load_config(config, o)
     pid = running_pid(Path(cfg.queue_directory))  # (serve lets the lock go a moment before it exits)
-    answer = send_command(require_access(cfg), "stop", timeout=30)
-    if answer is None:  # no control socket: not running, or stopping already (it closed it first)
+    if _control(cfg, "stop", absent=True) is None:  # not running, or stopping already (it closed the socket first)
         pid = running_pid(Path(cfg.queue_directory))
         if pid is None:
             raise Failure(f"trimail serve is not running (no control socket in {cfg.queue_directory})")
         print(f"trimail: serve pid {pid} is stopping already: waiting", file=sys.stderr)
-    elif answer.startswith("error:"):
-        raise Failure(maillog.printable(answer[6:].strip(), 1000))
     deadline = time.monotonic() + timeout
     while running_pid(Path(cfg.queue_directory)) is not None or (pid is not None and _alive(pid)):
         if time.monotonic() > deadline:
@@ -186,7 +187,7 @@ def status_command(*, json_output: Annotated[bool, Parameter(name=["--json"], he
     from trimail.queue.lock import running_pid
 
     cfg = load_config(config, o)
-    answer = send_command(require_access(cfg), "status", timeout=10)
+    answer = _control(cfg, "status", timeout=10, absent=True)  # (an error: it runs, and did not answer in time)
     if answer is None:  # no control socket: not running, or stopping (it closed it first)
         pid = running_pid(Path(cfg.queue_directory))
         if pid is not None:  # still holding the queue: its sessions and deliveries are ending
@@ -195,8 +196,6 @@ def status_command(*, json_output: Annotated[bool, Parameter(name=["--json"], he
             return
         print('{"running": false}' if json_output else "trimail: not running")
         raise SystemExit(1)
-    if answer.startswith("error:"):  # it runs, and did not answer in time
-        raise Failure(maillog.printable(answer[6:].strip(), 1000))
     try:
         facts = json.loads(answer)
         if not isinstance(facts, dict):
