@@ -29,9 +29,6 @@ from trimail.cleanup.submit import SendmailError
 from trimail.config import Config
 from trimail.log import printable
 
-EX_UNAVAILABLE = 69  # sysexits.h: a service is unavailable
-EX_TEMPFAIL = 75  # sysexits.h: temporary failure, try again later
-
 
 def submit_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> int:
     """*content* from *sender* to *rcpts* through serve's smtpd (see the module); 0, or
@@ -52,7 +49,7 @@ def submit_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> i
         if owner is not None and owner not in _trusted(cfg):
             polite = False
             whose = f"its socket belongs to uid {owner}" if owner >= 0 else "its socket is not in /proc/net"
-            raise SendmailError(f"what listens on {listen} is not serve ({whose}): not submitted", EX_TEMPFAIL)
+            raise SendmailError(f"what listens on {listen} is not serve ({whose}): not submitted", os.EX_TEMPFAIL)
         _transaction(client, listen, sender, rcpts, content)
     except (OSError, smtplib.SMTPException) as exc:
         raise _failed(listen, exc) from None
@@ -72,7 +69,7 @@ def _transaction(client: smtplib.SMTP, listen: object, sender: str, rcpts: list[
     if not all(address.isascii() for address in (sender, *rcpts)):
         if not client.has_extn("smtputf8"):
             raise SendmailError(f"serve at {listen} does not offer SMTPUTF8, which the addresses need",
-                                EX_UNAVAILABLE)
+                                os.EX_UNAVAILABLE)
         client.command_encoding = "utf-8"
         options.append("SMTPUTF8")
     code, reply = client.mail(sender or "<>", options)
@@ -97,7 +94,7 @@ def _transaction(client: smtplib.SMTP, listen: object, sender: str, rcpts: list[
 
 def _failed(listen: object, exc: Exception) -> SendmailError:
     return SendmailError(f"cannot write the queue and cannot submit over SMTP to {listen}: "
-                         f"{printable(str(exc), 300)}", EX_TEMPFAIL)
+                         f"{printable(str(exc), 300)}", os.EX_TEMPFAIL)
 
 
 def _refusal(listen: object, refused: list[tuple[str, int, bytes]], recipients: int) -> SendmailError:
@@ -113,7 +110,7 @@ def _refusal(listen: object, refused: list[tuple[str, int, bytes]], recipients: 
     temporary = not too_many and all(400 <= code < 500 for _, code, _ in refused)
     return SendmailError(f"serve at {listen} refused the message over SMTP and nothing was sent "
                          f"({len(refused)} refusals, {recipients} recipients): {shown}{more}",
-                         EX_TEMPFAIL if temporary else EX_UNAVAILABLE)
+                         os.EX_TEMPFAIL if temporary else os.EX_UNAVAILABLE)
 
 
 def _trusted(cfg: Config) -> set[int]:

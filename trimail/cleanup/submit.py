@@ -43,11 +43,9 @@ octets in wire form after IDNA, no empty label) is refused before anything is
 queued, with ``bad address syntax`` and exit status 65 (EX_DATAERR), so such a
 name never sits in the queue.
 
-Unprivileged users: the queue database is 0600 and owned by ``mail_owner``, so a
-user who cannot open it for writing submits over SMTP to serve's first loopback
-``smtpd_listen`` address instead (a submission socket in all but name): users
-never get write access to other people's queued mail.  That path needs serve
-running.
+Unprivileged users: a user other than root and the queue's owner (``mail_owner``)
+never writes the queue; the message goes to serve's first ``smtpd_listen`` over
+SMTP instead (``cleanup/fallback.py``: all recipients or nothing), so serve must run.
 
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
 append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
