@@ -251,30 +251,30 @@ def test_without_a_file_a_mark_is_put_and_the_writer_hurried(stream):
 
 def test_a_committer_never_reopens_a_moved_log_file_itself(tmp_path):
     """After logrotate moved the file, the next write reopens the path: that open can
-    wait (here a FIFO nobody reads took the file's place), so it is the writer
-    thread's, never the loop's (mark() returns at once and puts a mark instead)."""
+    wait (a FIFO nobody reads took the file's place here; an open on a hung disk),
+    so it is the writer thread's, never the loop's (mark() returns at once and puts a
+    mark instead).  The writer is kept asleep until the committer has marked: once it
+    has refused the FIFO (opened without waiting since red team 33c), the name is
+    no longer a move to reopen, and the committer would write the moved file itself."""
     path = tmp_path / "maillog"
     with mail_log(maillog_file=str(path)):
+        marked = []
         with _writer_hushed():
             logging.getLogger("trimail.smtpd").info("before")
             assert maillog.mark() is None and "before" in path.read_text()
-        path.rename(tmp_path / "maillog.1")
-        os.mkfifo(path)
-        logging.getLogger("trimail.smtpd").info("after")
-        marked = []
-        committer = threading.Thread(target=lambda: marked.append(maillog.mark()), daemon=True)
-        committer.start()
-        committer.join(5)
-        try:
+            path.rename(tmp_path / "maillog.1")
+            os.mkfifo(path)
+            logging.getLogger("trimail.smtpd").info("after")
+            committer = threading.Thread(target=lambda: marked.append(maillog.mark()), daemon=True)
+            committer.start()
+            committer.join(5)
             assert not committer.is_alive(), "mark() waited for the FIFO"
             assert marked and marked[0] is not None  # left to the writer thread
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets a writer's open return
+        try:
+            wait_until(lambda: len(marked[0]._turns) < 2)  # the writer has been past it
         finally:
-            reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # lets the writer's open return
-            try:
-                if marked and marked[0] is not None:
-                    wait_until(lambda: len(marked[0]._turns) < 2)  # the writer has been past it
-            finally:
-                os.close(reader)
+            os.close(reader)
 
 
 def test_a_mark_put_while_the_writer_sleeps_wakes_it(stream):
