@@ -44,10 +44,10 @@ def readable() -> Iterator[Path]:
 
 
 def sendmail_as_nobody(d, readable: Path, *args: str, port: int | None = None, host: str = "127.0.0.1",
-                       data: bytes = b"Subject: local\n\nhello\n") -> subprocess.CompletedProcess:
+                       data: bytes = b"Subject: local\n\nhello\n", extra: str = "") -> subprocess.CompletedProcess:
     config = readable / "main.cf"
     config.write_text(f"myhostname = mx.test.example\nsmtpd_listen = {host}:{port or d.port}\n"
-                      f"queue_directory = {d.queue_directory}\nalias_maps =\nalias_database =\n")
+                      f"queue_directory = {d.queue_directory}\nalias_maps =\nalias_database =\n{extra}")
     config.chmod(0o644)
     return subprocess.run([sys.executable, "-c", AS_NOBODY, "-C", str(config), "-f", "me@mx.test.example", *args],
                           input=data, capture_output=True, timeout=60, cwd="/",
@@ -69,6 +69,24 @@ def test_a_refused_recipient_sends_nothing_and_says_so(daemon, readable):
         wait_until(lambda: queued(d.queue_directory) == 0 and len(sink.messages) == 1, timeout=30)
         [(_, recipients, _)] = sink.messages  # only the message sendmail said was sent
         assert sorted(recipients) == ["also@dest.example", "ok@dest.example"]
+
+
+def test_a_users_mail_is_expanded_by_serve_through_tables_the_user_may_not_read(daemon, readable, tmp_path):
+    """A user's sendmail read virtual_alias_maps itself before it went to serve, and
+    a table only root and mail_owner may read (tmp_path is root's, 0700) made it exit
+    1: the message was not sent.  serve expands the aliases of what it receives."""
+    table = tmp_path / "virtual"
+    table.write_text("alias@dest.example real@dest.example\n")
+    table.chmod(0o600)
+    with Sink(SINK_HOST) as sink:
+        d = daemon(smtpd_workers=0, relayhost=f"[{SINK_HOST}]:{sink.port}", master_service_disable="",
+                   virtual_alias_maps=f"texthash:{table}")
+        result = sendmail_as_nobody(d, readable, "alias@dest.example",
+                                    extra=f"virtual_alias_maps = texthash:{table}\n")
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: queued(d.queue_directory) == 0 and len(sink.messages) == 1, timeout=30)
+        [(_, recipients, _)] = sink.messages
+        assert recipients == ["real@dest.example"]
 
 
 def test_recipients_past_smtpd_recipient_limit_are_not_lost(daemon, readable):

@@ -44,8 +44,8 @@ queued, with ``bad address syntax`` and exit status 65 (EX_DATAERR), so such a
 name never sits in the queue.
 
 Unprivileged users: a user other than root and the queue's owner (``mail_owner``)
-never writes the queue; the message goes to serve's first ``smtpd_listen`` over
-SMTP instead (``cleanup/fallback.py``: all recipients or nothing), so serve must run.
+never writes the queue; the message goes to serve's first ``smtpd_listen`` over SMTP
+(``cleanup/fallback.py``: all or nothing; serve must run, and expands virtual aliases).
 
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
 append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
@@ -192,8 +192,10 @@ def recipients_from_headers(header: bytes) -> list[str]:
     return [addr for _, addr in email.utils.getaddresses(values) if addr]
 
 
-def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list[str], bytes]:
-    """Envelope and cleaned-up content for one submission."""
+def build(cfg: Config, opts: dict, raw: bytes, queue_id: str, *,
+          expand: bool = True) -> tuple[str, list[str], bytes]:
+    """Envelope and cleaned-up content for one submission; virtual_alias_maps only
+    when *expand* (not for a user who may not read them: serve expands theirs)."""
     def qualify(address: str) -> str:
         return cleanup_rewrite.qualify(address, cfg.myorigin, cfg.mydomain, cfg.append_at_myorigin,
                                cfg.append_dot_mydomain)
@@ -213,7 +215,7 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str) -> tuple[str, list
     sender = opts["f"] if opts["f"] is not None else getpass.getuser()
     sender = "" if sender in ("<>", "") else qualify(sender.strip("<>"))
     rcpts = [qualify(r.strip().strip("<>")) for r in rcpts]
-    if "no_address_mappings" not in cfg.receive_override_options:  # as Postfix's pickup passes it to cleanup
+    if expand and "no_address_mappings" not in cfg.receive_override_options:  # as pickup passes it to cleanup
         tables = [open_table(ref) for ref in cfg.virtual_alias_maps]
         rcpts = cleanup_rewrite.virtual_expand(rcpts, tables)
     for address in ([sender] if sender else []) + rcpts:
@@ -318,8 +320,8 @@ def submit(argv: list[str], stdin=None, stdout=None) -> int:
 
         return serve_stdio(cfg, stdin or sys.stdin.buffer, stdout or sys.stdout.buffer)
     raw = read_message(stdin or sys.stdin.buffer, not opts["i"], cfg.message_size_limit)
-    queue_id = new_queue_id()
-    sender, rcpts, content = build(cfg, opts, raw, queue_id)
+    expand = mode == "verify" or _writes_the_queue(Path(cfg.queue_directory))
+    sender, rcpts, content = build(cfg, opts, raw, queue_id := new_queue_id(), expand=expand)
     if mode == "verify":
         from trimail.verify_report import verify_report
 
