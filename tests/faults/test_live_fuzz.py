@@ -29,7 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from hypothesis import HealthCheck, Phase, given, settings, strategies as st
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd
 from tests.faults.test_connections import listening_ports

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from trimail.maps import TableError, compiled_path, open_table, postmap
 from tests.conftest import trimail
+from trimail.maps import TableError, compiled_path, open_table, postmap
 
 
 def test_inline_table_with_braced_values():

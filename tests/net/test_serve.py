@@ -14,8 +14,8 @@ import pytest
 import trio
 
 from tests.conftest import trimail, wait_for, write_main_cf
-from trimail.queue.store import Store
 from trimail.master import serve
+from trimail.queue.store import Store
 
 BODY = "Subject: hello\r\nMessage-ID: <m1@client.example>\r\n\r\nline one\r\n.leading dot\r\n"
 

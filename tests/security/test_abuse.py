@@ -7,9 +7,9 @@ import time
 
 import trio
 
-from trimail.queue.store import Store
 from tests.delivery.test_delivery import wait_empty
 from tests.peers import Sink
+from trimail.queue.store import Store
 
 
 def read_all(sock: socket.socket) -> bytes:

@@ -8,8 +8,8 @@ import ssl
 
 import trio
 
-from trimail.queue.store import Store
 from tests.conftest import trimail
+from trimail.queue.store import Store
 
 
 def client_context(ca) -> ssl.SSLContext:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dns.exception
 import dns.name
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trimail.smtp.address import AddressError, check_mailbox, dns_name, is_domain
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
-from trimail.smtp.client import DotStuffer, Extensions, PeerProtocolError, ReplyParser
 from tests.smtp.driver import Driver
+from trimail.smtp.client import DotStuffer, Extensions, PeerProtocolError, ReplyParser
 
 
 def test_multiline_reply_with_enhanced_codes():
