@@ -80,7 +80,6 @@ from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
 from trimail.smtp.address import AddressError, check_mailbox
 
-EX_DATAERR = 65  # sysexits.h: the input data was incorrect
 READ_PIECE = 1 << 16  # bytes of standard input read at a time, a line or part of one
 IGNORED_FLAGS = {"-bm", "-odi", "-odb", "-oem", "-oep", "-oeq", "-om", "-U", "-v", "-n", "-G", "-m", "-x",
                  "-bh", "-bH", "-Am", "-Ac", "-o7", "-o8"}
@@ -237,7 +236,7 @@ def check_domain(address: str) -> None:
         check_mailbox(address, utf8=True)
     except AddressError:
         shown = address.encode("ascii", "backslashreplace").decode("ascii")[:600]
-        raise SendmailError(f"<{shown}>: bad address syntax", EX_DATAERR) from None
+        raise SendmailError(f"<{shown}>: bad address syntax", os.EX_DATAERR) from None
 
 
 def full_name_of_user() -> str | None:

@@ -17,6 +17,7 @@ milter_macro_v, myhostname, queue_directory.
 from __future__ import annotations
 
 import logging
+import os
 
 import trio
 
@@ -25,9 +26,6 @@ from trimail.milter.chain import Milters, MilterSettings
 from trimail.queue.spool import Spool
 
 log = logging.getLogger("trimail.cleanup")
-
-EX_UNAVAILABLE = 69
-EX_TEMPFAIL = 75
 
 
 class MilterRefused(Exception):
@@ -73,7 +71,7 @@ async def _filter(cfg, queue_id: str, sender: str, recipients: list[str], conten
         text = "421 4.7.0 Service unavailable" if resp[0] == "S" else resp
         log.info(whatsup, "milter-reject", text)
         raise MilterRefused(f"message refused by a mail filter: {text}",
-                            EX_TEMPFAIL if text[0] == "4" else EX_UNAVAILABLE)
+                            os.EX_TEMPFAIL if text[0] == "4" else os.EX_UNAVAILABLE)
 
     try:
         if verdict(await chain.connect("localhost", "127.0.0.1", 0), "CONNECT") \
@@ -99,7 +97,7 @@ async def _filter(cfg, queue_id: str, sender: str, recipients: list[str], conten
             content = built.getvalue() or b"".join(built.chunks(1 << 20))
             built.close()
         if not message.recipients:
-            raise MilterRefused("message refused by a mail filter: no recipients left", EX_UNAVAILABLE)
+            raise MilterRefused("message refused by a mail filter: no recipients left", os.EX_UNAVAILABLE)
         return message.sender, message.recipients, content, state
     finally:
         chain.close()

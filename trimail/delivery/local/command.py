@@ -27,7 +27,6 @@ import time
 
 from trimail.delivery.local.identity import Identity
 
-EX_TEMPFAIL = 75
 OUTPUT_KEPT = 4096  # the end of a command's output kept for the bounce text (of which 200 characters are used)
 
 
@@ -54,7 +53,7 @@ def run(command: str, sender: str, recipient: str, domain: str, copy: bytes, who
         returncode, output = _communicate(proc, copy.replace(b"\r\n", b"\n"), time_limit)
     except subprocess.TimeoutExpired:
         raise CommandFailed(True, "4.3.0", f"command time limit exceeded: {command}") from None
-    if returncode == EX_TEMPFAIL:
+    if returncode == os.EX_TEMPFAIL:
         raise CommandFailed(True, "4.3.0", f"temporary failure. Command output: {_tail(output)}")
     if returncode != 0:
         raise CommandFailed(False, "5.3.0", f"Command died with status {returncode}: {command}. {_tail(output)}")

@@ -46,7 +46,8 @@ from trimail.delivery.local.mailbox import (
 )
 
 MAX_MESSAGE = 1 << 30
-EX_DATAERR, EX_LOCKED, EX_TEMPFAIL = 65, 73, 75  # --virtual: bounced 5.3.5, deferred 4.2.0, deferred 4.3.0
+# --virtual: bounced 5.3.5, deferred 4.2.0 (EX_CANTCREAT: the lock), deferred 4.3.0
+EX_DATAERR, EX_LOCKED, EX_TEMPFAIL = os.EX_DATAERR, os.EX_CANTCREAT, os.EX_TEMPFAIL
 
 
 def write_mailbox(base: Path, relative: str, maildir: bool, content: bytes, sender: str,

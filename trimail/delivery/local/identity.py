@@ -34,9 +34,6 @@ from trimail.delivery.local.mailbox import LockPolicy, MailboxError, MailboxLock
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[3])  # where this trimail is imported from
 
-# Exit statuses of the file-writer child (sysexits.h).
-EX_OK, EX_DATAERR, EX_NOPERM, EX_CANTCREAT, EX_TEMPFAIL = 0, 65, 77, 73, 75
-
 
 class IdentityError(Exception):
     """The delivery cannot run as the right user; *dsn* says temporary or not."""
@@ -106,10 +103,10 @@ def append_file(who: Identity, path: Path, copy: bytes, sender: str, lock: LockP
     except subprocess.TimeoutExpired:
         raise OSError(f"writing {path} took longer than {timeout:g}s") from None
     text = result.stderr.decode("utf-8", "replace").strip()[-300:] or f"exit status {result.returncode}"
-    if result.returncode == EX_OK:
+    if result.returncode == os.EX_OK:
         return
-    if result.returncode == EX_TEMPFAIL:
+    if result.returncode == os.EX_TEMPFAIL:
         raise MailboxLocked(text)
-    if result.returncode in (EX_DATAERR, EX_NOPERM, EX_CANTCREAT):
+    if result.returncode in (os.EX_DATAERR, os.EX_NOPERM, os.EX_CANTCREAT):
         raise MailboxError(text)
     raise OSError(text)
