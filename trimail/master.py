@@ -48,10 +48,10 @@ import trio
 from trimail import __version__
 from trimail.commands import control_commands
 from trimail.config import Config
-from trimail.net.control import serve_control
 from trimail.net.http import serve_metrics
 from trimail.net.listener import bound_address, close_now
 from trimail.policy.verifycleanup import clean_cache
+from trimail.public import serve_operators
 from trimail.queue.reserve import QueueReserve
 from trimail.queue.reserve import keep as keep_reserve
 from trimail.queue.store import Store
@@ -137,8 +137,8 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
 
             def started(accepting: trio.Nursery) -> None:
                 if control is not None:  # none for a test MTA (trimail.startup)
-                    accepting.start_soon(serve_control, control, control_commands(server), server.metrics,
-                                         Path(queue.directory))
+                    accepting.start_soon(serve_operators, control, control_commands(server), server.metrics,
+                                         Path(queue.directory), lambda: server.config)
                 for listener in metrics_listeners:
                     accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
                     server.metrics_addresses.append(bound_address(listener))

@@ -20,7 +20,7 @@ import pytest
 from tests import postfix_peer
 from tests.conftest import trimail, write_main_cf
 from tests.peers import Sink
-from trimail.cli import mailq
+from trimail.queue import mailq
 from trimail.queue.reads import MessageInfo, RecipientInfo
 
 HEADER = "----Queue ID----- --Size-- ---Arrival Time---- --Sender/Recipient------"

@@ -157,12 +157,15 @@ def test_unprivileged_user_gets_permission_denied_not_a_traceback(daemon, queue,
         d = daemon(where, **unprivileged(queue))
         assert_serving(d)
         d.config_path.chmod(0o644)
-        for args in (["status"], ["queue", "list"], ["stop"], ["reload"]):
+        for args in (["status"], ["queue", "show", "X"], ["stop"], ["reload"]):
             result = run_as(outsider, *args, "-c", str(d.config_path))
             assert result.returncode != 0, (args, result)
             assert "Traceback" not in result.stderr, (args, result.stderr)
             assert "not running" not in result.stdout + result.stderr, (args, result)
             assert "permission denied: run as root or mail_owner" in result.stderr, (args, result.stderr)
+        # the listing is any user's, through serve, as Postfix's mailq (tests/faults/test_public_queue.py)
+        listing = run_as(outsider, "queue", "list", "-c", str(d.config_path))
+        assert listing.returncode == 0 and "Mail queue is empty" in listing.stdout, listing
         assert_serving(d)
     finally:
         shutil.rmtree(where, ignore_errors=True)

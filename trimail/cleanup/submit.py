@@ -74,7 +74,7 @@ from trimail.config import Config, ConfigError, load
 from trimail.maps import TableError, open_table
 from trimail.milter.local import MilterRefused, filter_local
 from trimail.net.control import send_command
-from trimail.queue.database import QueueError
+from trimail.queue.database import QueueError, works_the_queue_itself
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
@@ -319,7 +319,7 @@ def submit(argv: list[str], stdin=None, stdout=None) -> int:
 
         return serve_stdio(cfg, stdin or sys.stdin.buffer, stdout or sys.stdout.buffer)
     raw = read_message(stdin or sys.stdin.buffer, not opts["i"], cfg.message_size_limit)
-    expand = mode == "verify" or _writes_the_queue(Path(cfg.queue_directory))
+    expand = mode == "verify" or works_the_queue_itself(Path(cfg.queue_directory))
     sender, rcpts, content = build(cfg, opts, raw, queue_id := new_queue_id(), expand=expand)
     if mode == "verify":
         from trimail.verify_report import verify_report
@@ -338,7 +338,7 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     """Commit one message into the maildrop state (or, for a user who cannot write
     the queue, submit it over SMTP to serve) and wake serve; 0 once it is durable."""
     queue_directory = Path(cfg.queue_directory)
-    if not _writes_the_queue(queue_directory):
+    if not works_the_queue_itself(queue_directory):
         return _over_smtp(cfg, sender, rcpts, content)  # serve's smtpd_milters see it there
     try:
         store = Store.open(queue_directory)
@@ -382,15 +382,6 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
         store.close()
     send_command(queue_directory, "wake", timeout=2)  # a new round; never "flush" (it forgets dead sites)
     return 0
-
-
-def _writes_the_queue(queue_directory: Path) -> bool:
-    """Root and the queue's owner (mail_owner) write it, whatever the modes say (red
-    team 33b: a queue opened for mailq made every user's sendmail fail)."""
-    try:
-        return os.geteuid() in (0, queue_directory.stat().st_uid)
-    except OSError as exc:
-        return isinstance(exc, FileNotFoundError)  # no queue yet: the opening says why
 
 
 def _over_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> int:

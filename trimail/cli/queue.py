@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -28,12 +28,13 @@ import apsw
 from cyclopts import App, Parameter
 
 from trimail import log as maillog
-from trimail.cli import ConfigOption, Failure, Overrides, app, load_config, mailq, require_access
+from trimail import public
+from trimail.cli import ConfigOption, Failure, Overrides, app, load_config, require_access
 from trimail.config import Config
 from trimail.net.control import send_command
-from trimail.queue import admin, transitions
-from trimail.queue.database import DATABASE_NAME, QueueError, storage_error
-from trimail.queue.reads import MessageInfo
+from trimail.queue import admin, mailq, transitions
+from trimail.queue.database import DATABASE_NAME, QueueError, storage_error, works_the_queue_itself
+from trimail.queue.reads import filtered
 from trimail.queue.store import Store
 from trimail.smtp.address import is_domain
 
@@ -47,21 +48,6 @@ def _open_queue(cfg: Config) -> Store:
         return Store.open(cfg.queue_directory, readonly=True)
     except QueueError as exc:
         raise Failure(str(exc)) from None
-
-
-def _filtered(messages: Iterable[MessageInfo], state: str | None, sender: str | None, recipient: str | None,
-              domain: str | None) -> Iterator[MessageInfo]:
-    def keep(m: MessageInfo) -> bool:
-        if state and m.state != state:
-            return False
-        if sender is not None and m.sender.lower() != sender.lower():
-            return False
-        pending = [r.address.lower() for r in m.recipients if r.status in ("pending", "deferred")]
-        if recipient and recipient.lower() not in pending:
-            return False
-        return not (domain and not any(a.rpartition("@")[2] == domain.lower() for a in pending))
-
-    return (m for m in messages if keep(m))
 
 
 StateFilter = Annotated[str | None, Parameter(name=["--state"], help="only messages in this queue")]
@@ -86,6 +72,10 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
     """List queued messages (mailq, postqueue -p / -j): Postfix's layout when piped
     (and always as mailq), a table on a terminal."""
     cfg = load_config(config, o)
+    if not works_the_queue_itself(cfg.queue_directory):  # Postfix's showq, for any user
+        _through_serve(cfg, {"command": "list", "json": json_output, "state": state, "sender": sender,
+                             "recipient": recipient, "domain": domain})
+        return
     require_access(cfg)
     try:
         store = _open_queue(cfg)
@@ -96,7 +86,7 @@ def queue_list(*, json_output: Annotated[bool, Parameter(name=["--json"], help="
         return
     source = store.iter_messages()
     try:
-        messages = _filtered(source, state, sender, recipient, domain)
+        messages = filtered(source, state, sender, recipient, domain)
         if json_output:  # one JSON array, written element by element
             out = sys.stdout
             out.write("[")
@@ -203,10 +193,33 @@ def queue_flush(ids: list[str] | None = None, *, domain: SiteOption = None, conf
         site = domain.strip()
         if not (is_domain(site.rstrip(".")) or (site.startswith("[") and site.endswith("]"))):
             raise Failure(f"not a domain or an address literal: {maillog.printable(site, 300)}")
+    if not works_the_queue_itself(cfg.queue_directory):  # a user's flush: serve does it
+        answer = _through_serve(cfg, {"command": "flush", "ids": ids or None, "site": domain and site}, keep=True)
+        count = int(b"".join(answer).strip() or 0)
+    elif domain is not None:
         count = _queue_change(cfg, lambda store: admin.flush_site(store, site), "flush")
+    else:
+        _queue_change(cfg, lambda store: admin.flush(store, ids or None), "flush")
+    if domain is not None:
         print(f"trimail: flushed {count} message(s) for {site.lower().rstrip('.')}", file=sys.stderr)
-        return
-    _queue_change(cfg, lambda store: admin.flush(store, ids or None), "flush")
+
+
+def _through_serve(cfg: Config, request: dict, keep: bool = False) -> list[bytes]:
+    """A user who may not look into the queue asks serve (trimail.public): its answer
+    written to standard output as it comes, or returned (*keep*); a refusal is one
+    fatal line and Postfix's exit status (EX_NOPERM: a user authorized_* does not name)."""
+    kept = []
+    try:
+        for piece in public.ask(cfg, request):
+            if keep:
+                kept.append(piece)
+            else:
+                sys.stdout.flush()
+                sys.stdout.buffer.write(piece)
+    except (public.Refused, OSError) as exc:
+        print(f"trimail: fatal: {maillog.printable(str(exc), 300)}", file=sys.stderr)
+        raise SystemExit(getattr(exc, "status", os.EX_UNAVAILABLE)) from None
+    return kept
 
 
 @app.command(name="flush")

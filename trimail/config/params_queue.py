@@ -18,6 +18,7 @@ from trimail.config.values import (
     parse_int,
     parse_size,
     parse_text,
+    parse_user_list,
     time_parser,
 )
 
@@ -32,6 +33,12 @@ PARAMS: list[Param] = [
        "free bytes the queue file system needs for smtpd to accept MAIL FROM; it also needs "
        "more than 1.5 * message_size_limit"),
     P("mail_owner", "trimail", parse_text, "unprivileged account serve runs as"),
+    P("authorized_mailq_users", "static:anyone", parse_user_list,
+      "users who may list the queue through serve (mailq, sendmail -bp, trimail queue list): names, "
+      "uid:N, !name, type:table; root and mail_owner always may"),
+    P("authorized_flush_users", "static:anyone", parse_user_list,
+      "users who may flush the queue through serve (sendmail -q, trimail flush); root and mail_owner "
+      "always may"),
     T("allow_root", "no", parse_bool,
        "stay root instead of becoming mail_owner: development and test suites only"),
     T("chroot", "no", parse_bool, "confine serve to queue_directory after start (see docs/security.md)"),

@@ -79,6 +79,8 @@ class TypedParameters:
     queue_busy_timeout: float
     queue_minfree: int
     mail_owner: str
+    authorized_mailq_users: list[str]
+    authorized_flush_users: list[str]
     allow_root: bool
     chroot: bool
     minimal_backoff_time: float

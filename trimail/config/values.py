@@ -146,6 +146,21 @@ def parse_maps(text: str) -> list[str]:
     return maps
 
 
+
+def parse_user_list(text: str) -> list[str]:
+    """Postfix's list of users (authorized_mailq_users, authorized_flush_users): user
+    names, ``uid:N`` for a uid without a name, ``type:table`` lookups (``static:anyone``
+    names every user), each may be negated with ``!``; the first match decides."""
+    items = split_list(text)
+    for item in items:
+        pattern = item.removeprefix("!")
+        kind, sep, _ = pattern.partition(":")
+        if sep and kind != "uid":
+            parse_maps(pattern)  # a lookup table: a known type and a name
+        elif kind == "uid" and not pattern[4:].isdigit():
+            raise ValueError(f"bad uid in {item!r} (use uid:N)")
+    return items
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class ListenAddress:
     host: str
@@ -321,6 +336,7 @@ _KINDS: dict[Callable[[str], Any], str] = {
     split_list: "list",
     parse_domain_names: "domain names",
     parse_maps: "lookup tables",
+    parse_user_list: "user names and lookup tables",
     parse_listen: "host:port list",
     parse_nameservers: "IP[:port] list",
     parse_feedback: "feedback",

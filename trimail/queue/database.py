@@ -89,6 +89,17 @@ _UNSAFE_UNSYNCED: set[str] = set()
 _UNSYNCED_NAMES: dict[str, str] = {}
 
 
+def works_the_queue_itself(queue_directory: str | os.PathLike[str]) -> bool:
+    """Whether this process reads and writes the queue itself: root and the queue's
+    owner (mail_owner) do, whatever the modes say (red team 33b: a queue opened for
+    mailq made every user's sendmail fail).  Every other user goes through serve:
+    sendmail over SMTP (cleanup/fallback.py), the listing and flush over the public
+    socket (trimail.public).  No queue yet: True (the opening says why)."""
+    try:
+        return os.geteuid() in (0, os.stat(queue_directory).st_uid)
+    except OSError as exc:
+        return isinstance(exc, FileNotFoundError)
+
 def is_test_queue(queue_directory: str | os.PathLike[str]) -> bool:
     """Marked by ``unsafe_skip_fsync``: a throw-away queue of trimail.testing."""
     return bool(_UNSAFE_UNSYNCED) and _real_path(queue_directory) in _UNSAFE_UNSYNCED

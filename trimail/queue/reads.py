@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING
 
@@ -69,6 +69,23 @@ class MessageInfo:
 
 def _not_done(message: MessageInfo) -> bool:
     return any(r.status in ("pending", "deferred") for r in message.recipients)
+
+
+def filtered(messages: Iterable[MessageInfo], state: str | None = None, sender: str | None = None,
+             recipient: str | None = None, domain: str | None = None) -> Iterator[MessageInfo]:
+    """The messages in *state*, from *sender*, or with *recipient* or a recipient in
+    *domain* among those not yet done (``trimail queue list``'s filters)."""
+    def keep(m: MessageInfo) -> bool:
+        if state and m.state != state:
+            return False
+        if sender is not None and m.sender.lower() != sender.lower():
+            return False
+        pending = [r.address.lower() for r in m.recipients if r.status in ("pending", "deferred")]
+        if recipient and recipient.lower() not in pending:
+            return False
+        return not (domain and not any(a.rpartition("@")[2] == domain.lower() for a in pending))
+
+    return (m for m in messages if keep(m))
 
 
 def rfc3339(timestamp: float | None) -> str | None:

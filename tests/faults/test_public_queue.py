@@ -1,0 +1,161 @@
+"""A user who may not look into the queue lists and flushes it through serve's
+public socket (trimail.public), as Postfix's postqueue reaches showq and flush for
+any user: ``authorized_mailq_users`` and ``authorized_flush_users`` say who may;
+the client believes only serve's process; nothing a user sends there ends serve.
+
+The user is ``nobody``: the test's interpreter imports the command line as root,
+then takes nobody's ids (the interpreter's own files may be out of nobody's reach)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.conftest import assert_serving, queued, send, wait_until
+from tests.peers import Sink, _free_port
+from trimail import public
+
+SINK_HOST = "127.0.0.86"
+AS_NOBODY = """
+import os, sys
+import trimail.cli, trimail.cli.queue
+os.setgroups([]); os.setgid(65534); os.setuid(65534)
+trimail.cli.main(sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def readable() -> Iterator[Path]:
+    """A directory nobody can read, for the main.cf the command reads as nobody."""
+    with tempfile.TemporaryDirectory(prefix="trimail-t34-") as name:
+        os.chmod(name, 0o755)
+        yield Path(name)
+
+
+def as_nobody(d, readable: Path, *args: str, extra: str = "") -> subprocess.CompletedProcess:
+    config = readable / "main.cf"
+    config.write_text(f"queue_directory = {d.queue_directory}\n{extra}")
+    config.chmod(0o644)
+    return subprocess.run([sys.executable, "-c", AS_NOBODY, *args, "-c", str(config)],
+                          capture_output=True, timeout=60, cwd="/", check=False)
+
+
+def as_root(d, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trimail", *args, "-c", str(d.config_path)],
+                          capture_output=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_user_lists_the_queue_as_root_sees_it(daemon, readable, workers):
+    d = daemon(smtpd_workers=workers, master_service_disable="qmgr")  # the mail stays queued
+    ids = {send(d.port, [f"r{n}@dest.example", "other@dest.example"]) for n in range(3)}
+    listing = as_nobody(d, readable, "queue", "list", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert {m["id"] for m in json.loads(listing.stdout)} == ids
+    assert listing.stdout == as_root(d, "queue", "list", "--json").stdout
+    plain = as_nobody(d, readable, "queue", "list", "--plain", "--sender", "alice@client.example")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout == as_root(d, "queue", "list", "--plain").stdout
+    assert plain.stdout.decode().endswith("in 3 Requests.\n")
+
+
+def test_the_authorized_lists_refuse_a_user_they_do_not_name(daemon, readable):
+    d = daemon(smtpd_workers=0, master_service_disable="qmgr",
+               authorized_mailq_users="root", authorized_flush_users="!nobody, static:anyone")
+    send(d.port, ["a@dest.example"])
+    for args, what in ((("queue", "list"), "view"), (("flush",), "flush"), (("flush", "-d", "dest.example"), "flush")):
+        result = as_nobody(d, readable, *args, extra="authorized_mailq_users = static:anyone\n")
+        assert result.returncode == os.EX_NOPERM, result.stderr  # serve's list counts, not the user's main.cf
+        assert f"User nobody(65534) is not allowed to {what} the mail queue" in result.stderr.decode()
+        assert result.stdout == b""
+    assert_serving(d)
+
+
+def test_a_users_flush_delivers_deferred_mail_now(daemon, readable):
+    port = _free_port(SINK_HOST)
+    d = daemon(smtpd_workers=0, relayhost=f"[{SINK_HOST}]:{port}")  # nobody listens there yet: deferred
+    send(d.port, ["a@dest.example"])
+    wait_until(lambda: queued(d.queue_directory, "deferred") == 1, timeout=30)
+    with Sink(SINK_HOST, port=port) as sink:  # the next try is minimal_backoff_time (300 s) away ...
+        result = as_nobody(d, readable, "flush")
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: len(sink.messages) == 1, timeout=30)  # ... unless a flush makes it due
+    wait_until(lambda: queued(d.queue_directory) == 0)
+
+
+def test_a_process_holding_the_public_name_is_not_believed_and_serve_takes_the_name_later(
+        daemon, readable, tmp_path):
+    """A user who bound the name before serve: serve starts all the same (the name
+    is tried again every RETRY seconds), a user's listing is refused rather than
+    taken from the squatter, and once the name is free serve answers on it."""
+    queue_directory = tmp_path / "queue"
+    squatter = subprocess.Popen(
+        [sys.executable, "-c", "import os, socket, sys\n"
+         "os.setgroups([]); os.setgid(65534); os.setuid(65534)\n"
+         "s = socket.socket(socket.AF_UNIX); s.bind(bytes.fromhex(sys.argv[1])); s.listen()\n"
+         "print('bound', flush=True)\n"
+         "while True:\n    c, _ = s.accept(); c.sendall(b'ok\\nforged listing\\n'); c.close()\n",
+         public.address(queue_directory).hex()], stdout=subprocess.PIPE)
+    try:
+        assert squatter.stdout.readline() == b"bound\n"
+        d = daemon(smtpd_workers=0, master_service_disable="qmgr", queue_directory=queue_directory)
+        assert_serving(d)
+        wait_until(lambda: any("public socket" in line and "trying again" in line for line in d.proc.log))
+        refused = as_nobody(d, readable, "queue", "list")
+        assert refused.returncode == os.EX_UNAVAILABLE, refused.stderr
+        assert b"held by uid 65534, not by serve" in refused.stderr and b"forged" not in refused.stdout
+    finally:
+        squatter.kill()
+        squatter.wait()
+    send(d.port, ["a@dest.example"])
+    wait_until(lambda: as_nobody(d, readable, "queue", "list").returncode == 0, timeout=30)
+    assert b"in 1 Request." in as_nobody(d, readable, "queue", "list").stdout
+
+
+def test_garbage_and_silence_on_the_public_socket_cost_serve_nothing(daemon):
+    d = daemon(smtpd_workers=0, master_service_disable="qmgr")
+    name = public.address(d.queue_directory)
+    requests = [b"\n", b"{}\n", b"[1]\n", b'{"command": "list", "state": 5}\n', b'{"command": "flush", "ids": "x"}\n',
+                b'{"command": "flush", "site": "../../etc"}\n', b"x" * 5000, b'{"command": "list"}']
+    for request in requests:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(name)
+            try:
+                sock.sendall(request)
+                sock.shutdown(socket.SHUT_WR)
+                answer = b"".join(iter(lambda: sock.recv(65536), b""))
+            except ConnectionResetError:  # closed with the rest of an over-long request unread
+                assert len(request) > public.MAX_REQUEST
+                answer = b""
+        assert answer == b"" or answer.startswith(b"error: "), (request, answer)
+    silent = [socket.socket(socket.AF_UNIX) for _ in range(public.LIMIT + 4)]  # more than it answers at once
+    try:
+        for sock in silent:
+            sock.settimeout(10)
+            wait_until(lambda sock=sock: connected(sock, name), timeout=20)  # (a full backlog: EAGAIN)
+        with socket.socket(socket.AF_UNIX) as sock:  # a real request still gets its answer
+            sock.settimeout(20)
+            wait_until(lambda: connected(sock, name), timeout=20)
+            sock.sendall(b'{"command": "list", "json": true}\n')
+            assert b"".join(iter(lambda: sock.recv(65536), b"")) == b"ok\n[]\n"
+    finally:
+        for sock in silent:
+            sock.close()
+    assert_serving(d)
+
+
+def connected(sock: socket.socket, name: bytes) -> bool:
+    try:
+        sock.connect(name)
+    except BlockingIOError:
+        return False
+    return True

@@ -1,0 +1,308 @@
+"""The public socket: the queue's listing and flush for every local user (Postfix's
+showq and flush services, which postqueue(1) reaches for any user).
+
+The queue is mail_owner's and 0700, and a Python program cannot be setgid as
+postqueue is, so the ``mailq``, ``sendmail -bp`` and ``-q``, ``trimail queue
+list`` and ``trimail flush`` of a user who may not look into the queue ask serve
+instead, on a Linux abstract UNIX socket named after the queue directory
+(``address``: no file that could be planted, moved or have its mode changed).
+Each side checks the other's credentials (``SO_PEERCRED``):
+
+- serve answers the users that ``authorized_mailq_users`` (the listing) and
+  ``authorized_flush_users`` (a flush) name: user names, ``uid:N`` for a uid
+  without a name, ``type:table`` lookups by user name (``static:anyone``, the
+  default, names everyone), each may be negated with ``!``, the first match
+  decides; root and mail_owner always, as postqueue does;
+- the client (``ask``) takes an answer only from a process of root, mail_owner or
+  the queue directory's owner: a user who took the name first (serve logs it and
+  tries again every ``RETRY`` seconds) answers nobody.
+
+One request per connection: one line of JSON, ``{"command": "list", "json":
+false, "state", "sender", "recipient", "domain"}`` (the filters of ``trimail
+queue list``) or ``{"command": "flush", "ids": [...], "site": ...}``, at most
+``MAX_REQUEST`` bytes within ``READ_TIMEOUT`` seconds.  The answer's first line
+is ``ok`` or ``error: ...``; a listing follows in Postfix's layout (or JSON),
+made on a thread a few hundred lines at a time, one page of the queue per read
+snapshot, so a reader that stops reading holds no snapshot, and each piece must
+be taken within ``SEND_TIMEOUT`` seconds.  At most ``LIMIT`` requests are
+answered at once (``net.reading.serve_requests``), and one flush at a time.
+
+Parameters: authorized_mailq_users, authorized_flush_users, mail_owner,
+queue_directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import apsw
+import trio
+
+from trimail.config import Config
+from trimail.errors import TrimailError
+from trimail.maps import TableError, open_table
+from trimail.net.control import serve_control
+from trimail.net.reading import receive_until, request_read, serve_requests
+from trimail.queue import admin, mailq
+from trimail.queue.database import QueueError, storage_error
+from trimail.queue.reads import filtered
+from trimail.queue.store import Store
+from trimail.smtp.address import is_domain
+from trimail.supervise import FailureCounter, contained
+
+log = logging.getLogger("trimail.master")
+
+PREFIX = b"\0trimail-public:"
+MAX_REQUEST = 1024  # bytes of a request line
+MAX_IDS = 100  # queue IDs one flush may name
+READ_TIMEOUT = 5.0  # seconds to send the request
+SEND_TIMEOUT = 30.0  # seconds the client may take to read each piece of an answer
+LIMIT = 16  # requests answered at once
+RETRY = 5.0  # seconds between tries to bind a name another process holds
+LINES = 500  # lines of a listing made per thread hop
+FILTERS = ("state", "sender", "recipient", "domain")
+
+
+class Refused(TrimailError):
+    """serve refused a user's request (``status``: the exit status, EX_NOPERM for
+    a user the authorized_* list does not name)."""
+
+    def __init__(self, text: str, status: int = 1) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+def address(queue_directory: str | os.PathLike[str]) -> bytes:
+    """The abstract socket address of the queue in *queue_directory*: from the name
+    as main.cf gives it, made absolute without looking at the file system (a user
+    may not be able to look at the path that leads to the queue)."""
+    named = os.fsencode(os.path.normpath(os.path.abspath(queue_directory)))
+    return PREFIX + hashlib.sha256(named).hexdigest()[:32].encode()
+
+
+def peer_uid(sock: Any) -> int:
+    pid_uid_gid = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", pid_uid_gid)[1]
+
+
+def user_key(uid: int) -> str:
+    """What the authorized_* lists match: the user name, ``uid:N`` for a uid without one."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
+
+
+def _uid_of(name: str) -> int | None:
+    try:
+        return pwd.getpwnam(name).pw_uid
+    except KeyError:
+        return None
+
+
+def authorized(users: list[str], uid: int, config: Config) -> bool:
+    """Whether *uid* is one of *users* (an authorized_* list: see the module)."""
+    if uid in (0, os.geteuid(), _uid_of(config.mail_owner)):
+        return True
+    key = user_key(uid)
+    for item in users:
+        pattern = item.removeprefix("!")
+        if ":" in pattern and not pattern.startswith("uid:"):
+            hit = open_table(pattern).lookup(key) is not None
+        else:
+            hit = pattern.lower() == key.lower()
+        if hit:
+            return not item.startswith("!")
+    return False
+
+
+def _refusal(uid: int, what: str) -> bytes:
+    return f"error: User {user_key(uid)}({uid}) is not allowed to {what}\n".encode()
+
+
+def _listing(queue_directory: Path, config: Config, uid: int, request: dict[str, Any]) -> Iterator[bytes]:
+    """The answer to a listing, piece by piece (each ``next`` on a thread)."""
+    try:
+        allowed = authorized(config.authorized_mailq_users, uid, config)
+    except TableError as exc:
+        log.warning("authorized_mailq_users: %s", exc)
+        allowed = False
+    if not allowed:
+        yield _refusal(uid, "view the mail queue")
+        return
+    try:
+        store = Store.open(queue_directory, readonly=True)
+    except QueueError as exc:
+        yield f"error: {exc}\n".encode()
+        return
+    source = store.iter_messages()
+    try:
+        yield b"ok\n"
+        messages = filtered(source, *(request.get(name) for name in FILTERS))
+        if request.get("json"):  # as the CLI writes it: one line
+            texts = itertools.chain(("[",), (("" if number == 0 else ", ") + json.dumps(m.to_json())
+                                             for number, m in enumerate(messages)), ("]\n",))
+        else:
+            texts = (line + "\n" for line in mailq.mailq_lines(messages))
+        while piece := "".join(itertools.islice(texts, LINES)):
+            yield piece.encode()
+    finally:
+        source.close()
+        store.close()
+
+
+def _flush(queue_directory: Path, config: Config, uid: int, request: dict[str, Any]) -> bytes:
+    try:
+        allowed = authorized(config.authorized_flush_users, uid, config)
+    except TableError as exc:
+        log.warning("authorized_flush_users: %s", exc)
+        allowed = False
+    if not allowed:
+        return _refusal(uid, "flush the mail queue")
+    site, ids = request.get("site"), request.get("ids")
+    if site is not None and not (isinstance(site, str) and (is_domain(site.rstrip(".")) or (
+            site.startswith("[") and site.endswith("]") and len(site) <= 255))):
+        return b"error: not a domain or an address literal\n"
+    if ids is not None and not (isinstance(ids, list) and len(ids) <= MAX_IDS
+                                and all(isinstance(i, str) and i.isalnum() and len(i) <= 64 for i in ids)):
+        return b"error: bad queue IDs\n"
+    try:
+        store = Store.open(queue_directory)
+        try:
+            with store.transaction():
+                count = admin.flush_site(store, site) if site is not None else admin.flush(store, ids or None)
+        finally:
+            store.close()
+    except (TrimailError, apsw.Error) as exc:  # a full disk, a lock held too long: the user's answer
+        return f"error: {storage_error(exc) if isinstance(exc, apsw.Error) else exc}\n".encode()
+    return f"ok\n{count}\n".encode()
+
+
+async def serve_public(queue_directory: Path, settings: Callable[[], Config], commands: dict[str, Callable[[], Any]],
+                       metrics: FailureCounter | None = None) -> None:
+    """Bind the public socket (again every ``RETRY`` seconds while another process
+    holds the name) and answer on it until cancelled; *settings* gives the
+    configuration of the moment, *commands* the control socket's (its ``flush``
+    makes the queue manager try dead sites again).  Its own boundary: a failure here
+    costs the users' listing, never serve."""
+    with contained("public socket", metrics, logger=log):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # closed: the name is free again at once
+            await _bind(sock, queue_directory)
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            await serve_requests(listener, _handler(queue_directory, settings, commands), task="public request",
+                                 metrics=metrics, limit=LIMIT)
+
+
+async def _bind(sock: socket.socket, queue_directory: Path) -> None:
+    complained = False
+    while True:
+        try:
+            sock.bind(address(queue_directory))
+            sock.listen(16)
+            break
+        except OSError as exc:  # another process holds the name: never the end of serve
+            if not complained:
+                log.warning("public socket for users' mailq and flush: %s; trying again every %gs",
+                            exc.strerror or exc, RETRY)
+                complained = True
+            await trio.sleep(RETRY)
+    if complained:
+        log.info("public socket for users' mailq and flush bound")
+
+
+def _handler(queue_directory: Path, settings: Callable[[], Config],
+             commands: dict[str, Callable[[], Any]]) -> Callable[[trio.SocketStream], Awaitable[None]]:
+    one_flush = trio.Lock()
+
+    async def handle(stream: trio.SocketStream) -> None:
+        line = b""
+        with trio.move_on_after(READ_TIMEOUT):
+            line = await receive_until(stream, b"\n", MAX_REQUEST)
+        request_read()
+        if b"\n" not in line:
+            return  # silent, too slow or over-long: nothing was asked
+        uid, config = peer_uid(stream.socket), settings()
+        try:
+            request = json.loads(line)
+            command = request["command"]
+        except (ValueError, TypeError, KeyError):
+            request, command = {}, None
+        if command == "flush":
+            async with one_flush:
+                answer = await trio.to_thread.run_sync(_flush, queue_directory, config, uid, request)
+            if answer.startswith(b"ok"):
+                commands["flush"]()
+            with trio.move_on_after(SEND_TIMEOUT):
+                await stream.send_all(answer)
+            return
+        if command != "list" or not all(isinstance(request.get(f), (str, type(None))) for f in FILTERS):
+            with trio.move_on_after(SEND_TIMEOUT):
+                await stream.send_all(b"error: bad request\n")
+            return
+        pieces = _listing(queue_directory, config, uid, request)
+        try:
+            while (piece := await trio.to_thread.run_sync(next, pieces, None)) is not None:
+                with trio.move_on_after(SEND_TIMEOUT) as sending:
+                    await stream.send_all(piece)
+                if sending.cancelled_caught:
+                    return  # a reader that stopped reading: its answer ends
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(pieces.close)
+
+    return handle
+
+
+async def serve_operators(control: trio.SocketListener, commands: dict[str, Callable[[], Any]],
+                          metrics: FailureCounter | None, queue_directory: Path, settings: Callable[[], Config]) -> None:
+    """The control socket (root and mail_owner) and the public socket (every user)."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_control, control, commands, metrics, queue_directory)
+        nursery.start_soon(serve_public, queue_directory, settings, commands, metrics)
+
+
+def ask(config: Config, request: dict[str, Any], timeout: float = 10.0) -> Iterator[bytes]:
+    """A user's request to serve (blocking): the answer after its ``ok`` line, piece
+    by piece; ``Refused`` for an ``error:`` line, an answer from a process that is
+    not serve's, or no serve."""
+    trusted = {0, _uid_of(config.mail_owner)}
+    try:
+        trusted.add(os.stat(config.queue_directory).st_uid)
+    except OSError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with sock:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(address(config.queue_directory))
+        except OSError:
+            raise Refused("trimail serve is not running, and only root and mail_owner may read the queue "
+                          "without it", os.EX_UNAVAILABLE) from None
+        if peer_uid(sock) not in trusted:
+            raise Refused(f"the public socket of {config.queue_directory} is held by uid {peer_uid(sock)}, "
+                          "not by serve", os.EX_UNAVAILABLE)
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while b"\n" not in data and len(data) < MAX_REQUEST:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        status, _, rest = data.partition(b"\n")
+        if status != b"ok":
+            text = status.decode("utf-8", "replace").removeprefix("error: ") or "no answer from serve"
+            raise Refused(text[:300], os.EX_NOPERM if "is not allowed" in text else os.EX_UNAVAILABLE)
+        if rest:
+            yield rest
+        while chunk := sock.recv(65536):
+            yield chunk
