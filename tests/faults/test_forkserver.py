@@ -8,22 +8,30 @@ graceful stop: the fork server must not take its workers down with it.
 from __future__ import annotations
 
 import os
+import random
 import signal
+import smtplib
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 from tests.conftest import write_main_cf
 from tests.faults.conftest import (
     assert_serving,
+    banner,
     integrity_ok,
     queued,
     send,
     serve_status,
     wait_until,
 )
+from tests.faults.test_workers import _tokens
+from tests.peers import Sink
+from trimail.processes.forkserver import children_of
 
 HOST = "127.0.31.1"
+RELOAD_HOST = "127.34.1.1"  # the kill -9 during a reload: its serves and downstream
 
 
 def _running(facts: dict) -> list[int]:
@@ -164,3 +172,82 @@ def test_sigterm_to_the_whole_process_group_drains_sessions(tmp_path, serve_proc
         raise AssertionError("serve did not stop:\n" + "\n".join(serve.log[-20:])) from None
     assert not [line for line in serve.log if "killed by signal" in line], serve.log[-20:]
     assert queued(tmp_path / "queue") == 1
+
+
+def _port_of_its_own(host: str) -> int:
+    """A free port for *host*, kept by every serve of one configuration (the next
+    serve binds what the killed one's forks held)."""
+    for port in random.sample(range(41000, 42000), 1000):
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port")
+
+
+def _send_token(port: int, token: str) -> None:
+    """One message to serve on RELOAD_HOST, acknowledged (``250``) or an error."""
+    with smtplib.SMTP(RELOAD_HOST, port, timeout=30) as client:
+        client.sendmail("alice@client.example", ["rcpt@example.com"], f"Subject: token {token}\r\n\r\nx\r\n")
+
+
+def _live(pid: int) -> bool:
+    """Not exited (a zombie has let go of all it held)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return not stat.read().rsplit(") ", 1)[1].startswith("Z")
+    except OSError:
+        return False
+
+
+def test_a_master_killed_during_a_reload_leaves_no_fork_behind(daemon):
+    """kill -9 to the master while a reload forks the new smtpd generation, each fork
+    stopped (SIGSTOP: a debugger, an operator's job control) the moment it appears.
+    A fork sets its own PR_SET_PDEATHSIG in its first milliseconds; one stopped before
+    that outlived the master and the fork server for good (state T, parent 1),
+    holding the queue lock and the listening socket: the next serve on the same
+    configuration was refused ("another trimail serve uses this queue_directory").
+    The test catches a fork that early in about 7 rounds of 10 (busy-polling the
+    fork server's children), so it runs several rounds, each a new serve on the
+    same configuration and queue; mail acknowledged in each is delivered in the end.
+    Now the fork server, told of the master's death, kills what it forked first."""
+    with Sink(host=RELOAD_HOST, port=_port_of_its_own(RELOAD_HOST)) as sink:
+        params = {"smtpd_workers": 2, "smtpd_listen": f"{RELOAD_HOST}:{_port_of_its_own(RELOAD_HOST)}",
+                  "relayhost": f"[{RELOAD_HOST}]:{sink.port}"}
+        acknowledged: list[str] = []
+        for round_ in range(5):
+            d = daemon(**params)
+            _send_token(d.port, str(round_))
+            acknowledged.append(str(round_))
+            server = serve_status(d.queue_directory)["fork_server"]
+            before = set(children_of(server))
+            os.kill(d.proc.proc.pid, signal.SIGHUP)
+            stopped: list[int] = []
+            deadline = time.monotonic() + 10
+            try:
+                while len(stopped) < 2 and time.monotonic() < deadline:  # no pause: a fork's first ms count
+                    for pid in set(children_of(server)) - before - set(stopped):
+                        os.kill(pid, signal.SIGSTOP)
+                        stopped.append(pid)
+                assert len(stopped) == 2, f"the reload forked {stopped}"
+                d.proc.proc.kill()
+                d.proc.proc.wait(10)
+                try:
+                    wait_until(lambda: not any(map(_live, stopped)), timeout=5)
+                except AssertionError:
+                    raise AssertionError(f"round {round_}: forks outlived the killed master: "
+                                         f"{[pid for pid in stopped if _live(pid)]}") from None
+            finally:
+                for pid in stopped:  # what a failed round left
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        d = daemon(**params)
+        _send_token(d.port, "last")
+        acknowledged.append("last")
+        wait_until(lambda: set(acknowledged) <= _tokens(sink.messages), timeout=30)
+        assert banner(d.port, RELOAD_HOST).startswith("220 ")
+    assert integrity_ok(d.queue_directory) == "ok"

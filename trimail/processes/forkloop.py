@@ -15,9 +15,20 @@ Security: it stays root on a gateway (it must start workers that enter the jail
 before they drop privileges) and reads nothing but the master's socket.  A
 request that names other descriptors than it carries, or comes after its
 deadline (the master gave up on it), forks nothing and its descriptors are
-closed.  It dies with the master (``PR_SET_PDEATHSIG``) and ignores SIGINT,
-SIGHUP and SIGTERM, so the workers drain before their parent goes; when the
-master closes the socket it waits for its workers and exits.
+closed.  It dies with the master and ignores SIGINT, SIGHUP and SIGTERM, so the
+workers drain before their parent goes; when the master closes the socket it
+waits for its workers and exits.
+
+Its ``PR_SET_PDEATHSIG`` is ``MASTER_GONE``, not SIGKILL: when the master dies it
+first kills every process it forked (``_master_gone``), then exits.  A worker sets
+its own ``PR_SET_PDEATHSIG`` in its first milliseconds and, if its parent went
+before that, sees it (getppid) and exits; but one stopped in those milliseconds
+(SIGSTOP, a debugger) when the master was killed (kill -9 during a reload, which
+forks a new generation) outlived it for good, stopped, holding the queue lock and
+the listening sockets it was given: the next serve was refused ("another trimail
+serve uses this queue_directory").  SIGKILL ends a stopped process too.  (A fork
+server itself stopped when the master dies acts once it runs again; meanwhile its
+workers find their channels closed and stop as at a stop.)
 
 Parameters: none.
 """
@@ -33,12 +44,14 @@ import socket
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import Any
 
 from trimail.supervise import STRAY_SIGNALS
 
 MESSAGE_LIMIT = 1 << 20  # bytes of one request: a spec names its listeners, at most a few hundred
 DESCRIPTOR_LIMIT = 253  # SCM_RIGHTS' own limit per message (SCM_MAX_FD)
+MASTER_GONE = signal.SIGRTMIN  # the fork server's PR_SET_PDEATHSIG (a signal nobody sends it by mistake)
 
 
 def run(sock: socket.socket, master: int) -> int:
@@ -46,7 +59,8 @@ def run(sock: socket.socket, master: int) -> int:
     it forked has exited; its exit code."""
     from trimail.processes.worker import die_with_master
 
-    die_with_master(master)
+    signal.signal(MASTER_GONE, lambda *_: _master_gone(master))
+    die_with_master(master, MASTER_GONE)
     for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM, *STRAY_SIGNALS):
         signal.signal(signum, signal.SIG_IGN)
     wake_read, wake_write = os.pipe()
@@ -78,6 +92,19 @@ def run(sock: socket.socket, master: int) -> int:
                     pass
         _reap(sock, children)
     return 0
+
+
+def _master_gone(master: int) -> None:
+    """``MASTER_GONE`` came: if the master has died, SIGKILL to every process this one
+    forked (the kernel's list: also one forked a moment ago), then exit."""
+    if os.getppid() == master:  # not its death: a stray signal
+        return
+    for pid in children_of(os.getpid()):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os._exit(1)
 
 
 def _reap(sock: socket.socket, children: set[int]) -> None:
@@ -131,7 +158,7 @@ def _run_worker(sock: socket.socket, spec: dict[str, Any], mapping: dict[int, in
     code = 1
     try:
         signal.set_wakeup_fd(-1)
-        for signum in (signal.SIGCHLD, signal.SIGTERM):
+        for signum in (signal.SIGCHLD, signal.SIGTERM, MASTER_GONE):
             signal.signal(signum, signal.SIG_DFL)
         sock.close()
         for fd in own:
@@ -151,3 +178,16 @@ def _run_worker(sock: socket.socket, spec: dict[str, Any], mapping: dict[int, in
             sys.stderr.flush()
         finally:
             os._exit(code)
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of the children of every thread of *pid* (Linux's /proc; none where it
+    cannot be read).  (A master's worker started with a new interpreter is the child of
+    its starter thread: trimail.processes.starter.)"""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return found

@@ -16,8 +16,10 @@ This module is the master's end (``ForkServer``: start it, ``spawn`` a worker,
 trimail.processes.forkloop, and the handle on each forked worker
 trimail.processes.forked (``ForkedProcess``).
 
-Lifetime: it dies with the master (``PR_SET_PDEATHSIG``) and its workers die with
-it, so nothing outlives the master.  It ignores SIGINT, SIGHUP and SIGTERM (a
+Lifetime: it dies with the master (``PR_SET_PDEATHSIG``), killing first every
+process it forked (one forked a moment ago has no ``PR_SET_PDEATHSIG`` of its own
+yet: trimail.processes.forkloop), and its workers die with it, so nothing outlives
+the master.  It ignores SIGINT, SIGHUP and SIGTERM (a
 terminal's ^C and systemd's stop reach the whole group: the master and its
 workers stop gracefully, and the workers must not lose their parent before they
 have drained); when the master closes the socket it waits for its workers and
@@ -45,14 +47,13 @@ import sys
 import threading
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from trimail.processes import forkloop
 from trimail.processes.forked import ForkedProcess, until_exited
-from trimail.processes.forkloop import DESCRIPTOR_LIMIT, MESSAGE_LIMIT
+from trimail.processes.forkloop import DESCRIPTOR_LIMIT, MESSAGE_LIMIT, children_of
 
 log = logging.getLogger("trimail.master")
 
@@ -236,15 +237,3 @@ class ForkServer:
         except ChildProcessError:  # reaped already
             pass
 
-
-def children_of(pid: int) -> list[int]:
-    """The pids of the children of every thread of *pid* (Linux's /proc; none where it
-    cannot be read).  (A master's worker started with a new interpreter is the child of
-    its starter thread: trimail.processes.starter.)"""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-    return found

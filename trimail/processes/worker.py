@@ -82,14 +82,15 @@ SHARE_LOCK = 0.002  # seconds the qmgr's writer leaves SQLite's write lock free 
 STRESS_RECHECK = 0.2  # seconds between an smtpd worker's looks at the shared session total (stress mode)
 
 
-def die_with_master(master: int) -> None:
-    """Linux: SIGKILL when the master goes; if it went already, go now.  Called
+def die_with_master(master: int, signum: int = signal.SIGKILL) -> None:
+    """Linux: *signum* when the master goes (the fork server's is one it handles:
+    trimail.processes.forkloop); if it went already, go now.  Called
     again after the worker becomes mail_owner: a change of uid or gid clears the
     setting (prctl(2)), and a worker that outlived a killed master kept the queue
     lock from the next serve while it drained its sessions."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.prctl(PR_SET_PDEATHSIG, signum)
     except (OSError, AttributeError):  # not Linux: the channel's EOF still stops us
         pass
     if os.getppid() != master:
