@@ -40,6 +40,14 @@ MACRO_PARAMS = {"connect": "milter_connect_macros", "helo": "milter_helo_macros"
 REJECTED = "550 5.7.1 Command rejected"
 TEMPFAILED = "451 4.7.1 Service unavailable - try again later"
 _REPLY = re.compile(r"[45]\d\d(?:[ -][45]\.\d{1,3}\.\d{1,3})?(?:[ -].*)?\Z", re.DOTALL)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(text: str) -> str:
+    """A filter's text (a reply line, a quarantine reason) with each control character
+    as ``?``: a bare CR or LF must neither end the SMTP reply line early (the client
+    would read the rest as the reply to its next command) nor start a mail log line."""
+    return _CONTROL.sub("?", text)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -186,7 +194,7 @@ class Milters:
                 resp = self._fail(f, str(exc))
             else:
                 if edits:  # a quarantine before the end of the message: it stays (Postfix)
-                    f.persistent = "H" + edits[-1].value[:100]
+                    f.persistent = "H" + _printable(edits[-1].value[:100])
                 resp = self._decide(f, event, decision)
             if resp is not None:
                 return resp
@@ -205,7 +213,7 @@ class Milters:
             f.state = "accept_msg"
             return "D"
         if kind == "replycode":
-            text = decision.text
+            text = "\r\n".join(_printable(line) for line in decision.text.split("\r\n"))
             if not valid_reply(text):
                 return self._fail(f, f"malformed reply: {text}", configuration=True)
             resp = re.sub(r"%(.?)", lambda m: m.group(1) if m.group(1) == "%" else "", text)
@@ -243,7 +251,7 @@ class Milters:
             except ValueError as exc:
                 return self._fail(f, str(exc))
             if hold:
-                held = "H" + hold[-1].value[:100]
+                held = "H" + _printable(hold[-1].value[:100])
                 resp = resp if resp is not None and resp[0] in "45DS" else held
             if resp is not None:
                 return resp
@@ -258,16 +266,16 @@ class Milters:
                 break
             if not conv.leading_space and value.startswith(" "):
                 value = value[1:]
-            decision = await client.event("header", p.encode_header(name, value), macros)
+            decision = await client.event("header", p.encode_header(name, value), macros, edits)
             if decision is not None and decision.kind != "continue":
                 return self._decide(f, "header", decision)
-        decision = await client.event("eoh", p.frame(p.SMFIC_EOH), macros)
+        decision = await client.event("eoh", p.frame(p.SMFIC_EOH), macros, edits)
         if decision is not None and decision.kind not in ("continue", "skip"):
             return self._decide(f, "eoh", decision)
         macros = self._macros(f, "eom")
         if conv.wants("body"):
             async for chunk in content.body_chunks(p.CHUNK_SIZE):
-                decision = await client.event("body", p.frame(p.SMFIC_BODY, chunk), macros)
+                decision = await client.event("body", p.frame(p.SMFIC_BODY, chunk), macros, edits)
                 if decision is not None and decision.kind == "skip":
                     break
                 if decision is not None and decision.kind != "continue":
