@@ -93,3 +93,16 @@ async def test_a_quarantine_reason_with_a_line_end_is_one_log_line(start_serve, 
     held = [r.getMessage() for r in caplog.records if "milter-hold" in r.getMessage()]
     assert held and all("\n" not in m for m in held), held
     assert "milter-hold: END-OF-MESSAGE from unknown[127.0.0.1]: bad?Dec  6" in caplog.text
+
+
+async def test_a_header_value_with_empty_lines_gets_no_blank_continuation_line(start_serve, nursery):
+    # was: "X-A: a\r\n\t\r\n\t\r\n\tBcc: x": a reader that trims the white-space-only
+    # line takes it for the end of the header section
+    value = b"a\n\n \r\n\t\nBcc: x@evil.example"
+    milter = await fake(nursery, on(p.SMFIC_BODYEOB, reply(p.SMFIR_ADDHEADER, b"X-A\0" + value + b"\0"),
+                                    reply(p.SMFIR_ACCEPT)))
+    srv = await start_serve(smtpd_milters=milter.name)
+    result = await send(srv, "alice@example.com", ["bob@remote.example"])
+    header = stored(srv, result.queue_id)[1].split(b"\r\n\r\n", 1)[0]
+    assert b"X-A: a\r\n\tBcc: x@evil.example" in header, header
+    assert all(line.strip() for line in header.split(b"\r\n")), header

@@ -128,7 +128,9 @@ def _field(name: str, value: str, leading_space: bool) -> bytes:
     if not _NAME.match(name):
         raise ValueError(f"bad header name: {name[:100]!r}")
     lines = value.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    lines = [lines[0]] + [line if line[:1] in (" ", "\t") else "\t" + line for line in lines[1:]]
+    # a continuation line of white space only is left out: a reader that trims it sees
+    # the empty line that ends the header section, and the rest as the body
+    lines = [lines[0]] + [line if line[:1] in (" ", "\t") else "\t" + line for line in lines[1:] if line.strip()]
     text = f"{name}:{'' if leading_space else ' '}" + "\r\n".join(lines) + "\r\n"
     return text.encode("utf-8", "surrogateescape")
 
