@@ -1,46 +1,50 @@
-"""The public socket: the queue's listing and flush for every local user (Postfix's
-showq and flush services, which postqueue(1) reaches for any user).
+"""The public socket: what every local user may ask serve.  Postfix's postqueue and
+postdrop reach its showq, flush and pickup services for any user; here:
+
+- the queue's listing (``mailq``, ``sendmail -bp``, ``trimail queue list``) for
+  the users ``authorized_mailq_users`` names;
+- a flush (``sendmail -q``, ``trimail flush [-d site] [IDs]``) for the users
+  ``authorized_flush_users`` names (then the queue manager tries dead sites again);
+- a local submission (a user's ``sendmail``: cleanup/pickup.py), for every user.
 
 The queue is mail_owner's and 0700, and a Python program cannot be setgid as
-postqueue is, so the ``mailq``, ``sendmail -bp`` and ``-q``, ``trimail queue
-list`` and ``trimail flush`` of a user who may not look into the queue ask serve
-instead, on a Linux abstract UNIX socket named after the queue directory
-(``address``: no file that could be planted, moved or have its mode changed).
-Each side checks the other's credentials (``SO_PEERCRED``):
+postqueue and postdrop are, so a user who may not touch the queue asks serve, on a
+Linux abstract UNIX socket named after the queue directory (``postqueue.address``:
+no file that could be planted, moved or have its mode changed).  Each side checks
+the other's credentials (``SO_PEERCRED``): serve judges the user's uid (the
+authorized_* lists: user names, ``uid:N`` for a uid without a name, ``type:table``
+lookups by user name, ``static:anyone`` (the default) for everyone, each may be
+negated with ``!``, the first match decides; root and mail_owner always, as
+postqueue does), and the user's side (trimail.postqueue) takes an answer only from
+a process of root, mail_owner or the queue directory's owner: a user who took the
+name first (serve logs it, starts all the same and tries again every ``RETRY``
+seconds) answers nobody.
 
-- serve answers the users that ``authorized_mailq_users`` (the listing) and
-  ``authorized_flush_users`` (a flush) name: user names, ``uid:N`` for a uid
-  without a name, ``type:table`` lookups by user name (``static:anyone``, the
-  default, names everyone), each may be negated with ``!``, the first match
-  decides; root and mail_owner always, as postqueue does;
-- the client (``ask``) takes an answer only from a process of root, mail_owner or
-  the queue directory's owner: a user who took the name first (serve logs it and
-  tries again every ``RETRY`` seconds) answers nobody.
-
-One request per connection: one line of JSON, ``{"command": "list", "json":
-false, "state", "sender", "recipient", "domain"}`` (the filters of ``trimail
-queue list``) or ``{"command": "flush", "ids": [...], "site": ...}``, at most
-``MAX_REQUEST`` bytes within ``READ_TIMEOUT`` seconds.  The answer's first line
-is ``ok`` or ``error: ...``; a listing follows in Postfix's layout (or JSON),
-made on a thread a few hundred lines at a time, one page of the queue per read
-snapshot, so a reader that stops reading holds no snapshot, and each piece must
-be taken within ``SEND_TIMEOUT`` seconds.  At most ``LIMIT`` requests are
-answered at once (``net.reading.serve_requests``), and one flush at a time.
+One request per connection: one line of JSON within ``READ_TIMEOUT`` seconds (at
+most ``pickup.ENVELOPE_LIMIT`` bytes), ``{"command": "list", "json": false,
+"state", "sender", "recipient", "domain"}`` (``trimail queue list``'s filters),
+``{"command": "flush", "ids": [...], "site": ...}`` or ``{"command": "submit",
+"sender", "recipients", "size", "params"}`` followed by the message.  The answer's
+first line is ``ok`` or ``error N: text`` (N: the exit status the user's command
+ends with: 77 for a user the list does not name, 75 for a temporary condition); a
+listing follows in Postfix's layout (or JSON), made on a thread a few hundred lines
+at a time, one page of the queue per read snapshot, so a reader that stops reading
+holds no snapshot, and each piece must be taken within ``SEND_TIMEOUT`` seconds.
+At most ``LIMIT`` requests are answered at once (``net.reading.serve_requests``:
+a slow sender loses its place to a newcomer), and one flush at a time.
 
 Parameters: authorized_mailq_users, authorized_flush_users, mail_owner,
-queue_directory.
+queue_directory (and cleanup/pickup.py's).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
 import os
 import pwd
 import socket
-import struct
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,11 +52,14 @@ from typing import Any
 import apsw
 import trio
 
+from trimail import postqueue
+from trimail.cleanup import pickup
 from trimail.config import Config
 from trimail.errors import TrimailError
 from trimail.maps import TableError, open_table
 from trimail.net.control import serve_control
 from trimail.net.reading import receive_until, request_read, serve_requests
+from trimail.postqueue import peer_uid, uid_of
 from trimail.queue import admin, mailq
 from trimail.queue.database import QueueError, storage_error
 from trimail.queue.reads import filtered
@@ -62,8 +69,6 @@ from trimail.supervise import FailureCounter, contained
 
 log = logging.getLogger("trimail.master")
 
-PREFIX = b"\0trimail-public:"
-MAX_REQUEST = 1024  # bytes of a request line
 MAX_IDS = 100  # queue IDs one flush may name
 READ_TIMEOUT = 5.0  # seconds to send the request
 SEND_TIMEOUT = 30.0  # seconds the client may take to read each piece of an answer
@@ -71,28 +76,6 @@ LIMIT = 16  # requests answered at once
 RETRY = 5.0  # seconds between tries to bind a name another process holds
 LINES = 500  # lines of a listing made per thread hop
 FILTERS = ("state", "sender", "recipient", "domain")
-
-
-class Refused(TrimailError):
-    """serve refused a user's request (``status``: the exit status, EX_NOPERM for
-    a user the authorized_* list does not name)."""
-
-    def __init__(self, text: str, status: int = 1) -> None:
-        super().__init__(text)
-        self.status = status
-
-
-def address(queue_directory: str | os.PathLike[str]) -> bytes:
-    """The abstract socket address of the queue in *queue_directory*: from the name
-    as main.cf gives it, made absolute without looking at the file system (a user
-    may not be able to look at the path that leads to the queue)."""
-    named = os.fsencode(os.path.normpath(os.path.abspath(queue_directory)))
-    return PREFIX + hashlib.sha256(named).hexdigest()[:32].encode()
-
-
-def peer_uid(sock: Any) -> int:
-    pid_uid_gid = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", pid_uid_gid)[1]
 
 
 def user_key(uid: int) -> str:
@@ -103,16 +86,9 @@ def user_key(uid: int) -> str:
         return f"uid:{uid}"
 
 
-def _uid_of(name: str) -> int | None:
-    try:
-        return pwd.getpwnam(name).pw_uid
-    except KeyError:
-        return None
-
-
 def authorized(users: list[str], uid: int, config: Config) -> bool:
     """Whether *uid* is one of *users* (an authorized_* list: see the module)."""
-    if uid in (0, os.geteuid(), _uid_of(config.mail_owner)):
+    if uid in (0, os.geteuid(), uid_of(config.mail_owner)):
         return True
     key = user_key(uid)
     for item in users:
@@ -127,7 +103,7 @@ def authorized(users: list[str], uid: int, config: Config) -> bool:
 
 
 def _refusal(uid: int, what: str) -> bytes:
-    return f"error: User {user_key(uid)}({uid}) is not allowed to {what}\n".encode()
+    return f"error {os.EX_NOPERM}: User {user_key(uid)}({uid}) is not allowed to {what}\n".encode()
 
 
 def _listing(queue_directory: Path, config: Config, uid: int, request: dict[str, Any]) -> Iterator[bytes]:
@@ -143,7 +119,7 @@ def _listing(queue_directory: Path, config: Config, uid: int, request: dict[str,
     try:
         store = Store.open(queue_directory, readonly=True)
     except QueueError as exc:
-        yield f"error: {exc}\n".encode()
+        yield f"error {os.EX_TEMPFAIL}: {exc}\n".encode()
         return
     source = store.iter_messages()
     try:
@@ -172,10 +148,10 @@ def _flush(queue_directory: Path, config: Config, uid: int, request: dict[str, A
     site, ids = request.get("site"), request.get("ids")
     if site is not None and not (isinstance(site, str) and (is_domain(site.rstrip(".")) or (
             site.startswith("[") and site.endswith("]") and len(site) <= 255))):
-        return b"error: not a domain or an address literal\n"
+        return b"error 64: not a domain or an address literal\n"
     if ids is not None and not (isinstance(ids, list) and len(ids) <= MAX_IDS
                                 and all(isinstance(i, str) and i.isalnum() and len(i) <= 64 for i in ids)):
-        return b"error: bad queue IDs\n"
+        return b"error 64: bad queue IDs\n"
     try:
         store = Store.open(queue_directory)
         try:
@@ -184,7 +160,7 @@ def _flush(queue_directory: Path, config: Config, uid: int, request: dict[str, A
         finally:
             store.close()
     except (TrimailError, apsw.Error) as exc:  # a full disk, a lock held too long: the user's answer
-        return f"error: {storage_error(exc) if isinstance(exc, apsw.Error) else exc}\n".encode()
+        return f"error {os.EX_TEMPFAIL}: {storage_error(exc) if isinstance(exc, apsw.Error) else exc}\n".encode()
     return f"ok\n{count}\n".encode()
 
 
@@ -207,7 +183,7 @@ async def _bind(sock: socket.socket, queue_directory: Path) -> None:
     complained = False
     while True:
         try:
-            sock.bind(address(queue_directory))
+            sock.bind(postqueue.address(queue_directory))
             sock.listen(16)
             break
         except OSError as exc:  # another process holds the name: never the end of serve
@@ -225,11 +201,11 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
     one_flush = trio.Lock()
 
     async def handle(stream: trio.SocketStream) -> None:
-        line = b""
+        data = b""
         with trio.move_on_after(READ_TIMEOUT):
-            line = await receive_until(stream, b"\n", MAX_REQUEST)
-        request_read()
-        if b"\n" not in line:
+            data = await receive_until(stream, b"\n", pickup.ENVELOPE_LIMIT)
+        line, newline, rest = data.partition(b"\n")
+        if not newline:
             return  # silent, too slow or over-long: nothing was asked
         uid, config = peer_uid(stream.socket), settings()
         try:
@@ -237,6 +213,15 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
             command = request["command"]
         except (ValueError, TypeError, KeyError):
             request, command = {}, None
+        if command == "submit":  # a user's sendmail (Postfix's postdrop): the message follows
+            answer = await pickup.receive(stream, rest, uid, config, request)
+            request_read()
+            if answer.startswith(b"ok"):
+                commands["wake"]()
+            with trio.move_on_after(SEND_TIMEOUT):
+                await stream.send_all(answer)
+            return
+        request_read()
         if command == "flush":
             async with one_flush:
                 answer = await trio.to_thread.run_sync(_flush, queue_directory, config, uid, request)
@@ -247,7 +232,7 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
             return
         if command != "list" or not all(isinstance(request.get(f), (str, type(None))) for f in FILTERS):
             with trio.move_on_after(SEND_TIMEOUT):
-                await stream.send_all(b"error: bad request\n")
+                await stream.send_all(b"error 64: bad request\n")
             return
         pieces = _listing(queue_directory, config, uid, request)
         try:
@@ -264,45 +249,9 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
 
 
 async def serve_operators(control: trio.SocketListener, commands: dict[str, Callable[[], Any]],
-                          metrics: FailureCounter | None, queue_directory: Path, settings: Callable[[], Config]) -> None:
+                          metrics: FailureCounter | None, queue_directory: Path,
+                          settings: Callable[[], Config]) -> None:
     """The control socket (root and mail_owner) and the public socket (every user)."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_control, control, commands, metrics, queue_directory)
         nursery.start_soon(serve_public, queue_directory, settings, commands, metrics)
-
-
-def ask(config: Config, request: dict[str, Any], timeout: float = 10.0) -> Iterator[bytes]:
-    """A user's request to serve (blocking): the answer after its ``ok`` line, piece
-    by piece; ``Refused`` for an ``error:`` line, an answer from a process that is
-    not serve's, or no serve."""
-    trusted = {0, _uid_of(config.mail_owner)}
-    try:
-        trusted.add(os.stat(config.queue_directory).st_uid)
-    except OSError:
-        pass
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with sock:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(address(config.queue_directory))
-        except OSError:
-            raise Refused("trimail serve is not running, and only root and mail_owner may read the queue "
-                          "without it", os.EX_UNAVAILABLE) from None
-        if peer_uid(sock) not in trusted:
-            raise Refused(f"the public socket of {config.queue_directory} is held by uid {peer_uid(sock)}, "
-                          "not by serve", os.EX_UNAVAILABLE)
-        sock.sendall(json.dumps(request).encode() + b"\n")
-        data = b""
-        while b"\n" not in data and len(data) < MAX_REQUEST:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-        status, _, rest = data.partition(b"\n")
-        if status != b"ok":
-            text = status.decode("utf-8", "replace").removeprefix("error: ") or "no answer from serve"
-            raise Refused(text[:300], os.EX_NOPERM if "is not allowed" in text else os.EX_UNAVAILABLE)
-        if rest:
-            yield rest
-        while chunk := sock.recv(65536):
-            yield chunk

@@ -41,7 +41,7 @@ from trimail.cleanup import rewrite as cleanup_rewrite
 from trimail.config import Config
 from trimail.log import printable
 from trimail.maps import TableError, open_table
-from trimail.queue.database import QueueError
+from trimail.queue.database import QueueError, works_the_queue_itself
 from trimail.queue.ids import new_queue_id
 from trimail.receive.context import protocol_settings
 from trimail.smtp import replies
@@ -124,7 +124,10 @@ class _Session:
         self.helo = ""
         self.extended = False
         self.tx: _Transaction | None = None
-        self.virtual = [open_table(ref) for ref in cfg.virtual_alias_maps]
+        # a user who submits through serve leaves virtual_alias_maps to serve (cleanup/pickup.py)
+        mapped = "no_address_mappings" not in cfg.receive_override_options
+        self.virtual = [open_table(ref) for ref in cfg.virtual_alias_maps] \
+            if mapped and works_the_queue_itself(cfg.queue_directory) else None
 
     def qualify(self, address: str) -> str:
         cfg = self.cfg
@@ -173,7 +176,7 @@ class _Session:
         assert tx is not None
         cfg = self.cfg
         try:
-            recipients = tx.recipients if "no_address_mappings" in cfg.receive_override_options \
+            recipients = tx.recipients if self.virtual is None \
                 else cleanup_rewrite.virtual_expand(tx.recipients, self.virtual)
             for address in recipients:
                 check_domain(address)

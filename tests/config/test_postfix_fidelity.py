@@ -15,7 +15,7 @@ import sys
 import time
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import trimail, write_main_cf
@@ -264,6 +264,7 @@ _TEXT = st.one_of(st.lists(_PIECES, max_size=40).map("".join), st.text(max_size=
 
 @settings(max_examples=400, deadline=None)
 @given(text=_TEXT)
+@example(text="${?$} == {")  # found by hypothesis in CI: expanding skipped the "$" that scanning refused
 def test_expansion_of_arbitrary_text_gives_a_string_or_a_macro_error(text):
     lookup = {"a": "x", "n": "5", "empty": ""}.get
     try:

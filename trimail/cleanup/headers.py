@@ -140,6 +140,12 @@ def complete_headers(content: bytes, *, sender: str, full_name: str | None, host
     return header + extra + rest
 
 
+def local_received(hostname: str, mail_name: str, uid: int, queue_id: str) -> bytes:
+    """The ``Received:`` line of a local submission by *uid*, as Postfix's cleanup
+    writes it (by trimail.cleanup.submit, or by serve for a user: cleanup/pickup.py)."""
+    return (f"Received: by {hostname} ({mail_name}, from userid {uid})\r\n"
+            f"\tid {queue_id}; {email.utils.formatdate(localtime=True)}\r\n").encode()
+
 def normalize_newlines(data: bytes) -> bytes:
     """Any of CRLF, bare LF, bare CR line ends to CRLF."""
     return re.sub(rb"\r\n|\r|\n", b"\r\n", data)

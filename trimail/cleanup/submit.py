@@ -31,11 +31,10 @@ The full name of a missing ``From:`` is ``-F``, else ``$NAME``, else the user's
 password entry (GECOS) up to the first ``,``, ``;`` or ``%``, with ``&`` replaced by
 the login name capitalised (Postfix's fullname()).
 
-The message goes through cleanup (missing From:/Date:/Message-ID:, CRLF line
-ends, qualified addresses, virtual aliases; masquerading happens when mail leaves) and is committed into
-the ``maildrop`` state of the queue database; the exit status is 0 only after the
-commit (fsync).  serve picks it up (maildrop -> incoming) when it runs, at once if
-it is running (the control socket wakes it), else at its next start.
+The message goes through cleanup (missing From:/Date:/Message-ID:, CRLF line ends,
+qualified addresses, virtual aliases; masquerading happens when mail leaves) into the
+``maildrop`` state; exit status 0 only after the commit (fsync).  serve picks it up
+(maildrop -> incoming) at once if it runs (the control socket wakes it), else at its start.
 
 Addresses: a recipient or ``-f`` sender whose domain is not a usable mail domain
 (RFC 5321 syntax, and a name DNS can express: labels up to 63 octets, 255
@@ -44,16 +43,15 @@ queued, with ``bad address syntax`` and exit status 65 (EX_DATAERR), so such a
 name never sits in the queue.
 
 Unprivileged users: a user other than root and the queue's owner (``mail_owner``)
-never writes the queue; the message goes to serve's first ``smtpd_listen`` over SMTP
-(``cleanup/fallback.py``: all or nothing; serve must run, and expands virtual aliases).
+never writes the queue; serve takes the message on its public socket and queues it
+(``cleanup/pickup.py``, with the uid it sees), so serve must run (else exit 75).
 
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
 append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
 receive_override_options (its option for address mappings: no virtual aliases, no
-masquerading; and the switch for milters), smtpd_listen (the fallback over SMTP), non_smtpd_milters
-(``trimail/milter/local.py``: the filters run before the commit; a refusal is
-sendmail's error, exit status 69 or 75), dkim_signing_table and dkim_key_table (DKIM
-signing of the submission, after the milters: trimail/authcheck/signing.py).
+masquerading; and the switch for milters), non_smtpd_milters (``milter/local.py``: run
+before the commit; a refusal is sendmail's error, exit status 69 or 75), dkim_signing_table
+and dkim_key_table (DKIM signing, after the milters: trimail/authcheck/signing.py).
 """
 
 from __future__ import annotations
@@ -222,9 +220,7 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str, *,
     full_name = opts["F"] if opts["F"] is not None else full_name_of_user()
     content = headers.complete_headers(header + rest, sender=sender, full_name=full_name,
                                        hostname=cfg.myhostname, queue_id=queue_id)
-    received = (f"Received: by {cfg.myhostname} ({cfg.mail_name}, from userid {os.getuid()})\r\n"
-                f"\tid {queue_id}; {email.utils.formatdate(localtime=True)}\r\n").encode()
-    return sender, rcpts, received + content
+    return sender, rcpts, content
 
 
 def check_domain(address: str) -> None:
@@ -324,28 +320,32 @@ def submit(argv: list[str], stdin=None, stdout=None) -> int:
     if mode == "verify":
         from trimail.verify_report import verify_report
 
-        return verify_report(cfg, sender, rcpts, content, stdout or sys.stdout.buffer)
+        received = headers.local_received(cfg.myhostname, cfg.mail_name, os.getuid(), queue_id)
+        return verify_report(cfg, sender, rcpts, received + content, stdout or sys.stdout.buffer)
     params: dict[str, str | None] = {}
     if opts["ret"]:
         params["RET"] = opts["ret"].upper()
     if opts["body"]:
         params["BODY"] = opts["body"]
-    return enqueue(cfg, queue_id, sender, rcpts, content, params=params)
+    return enqueue(cfg, queue_id, sender, rcpts, content, params=params, received=True)
 
 
 def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: bytes, *,
-            params: dict[str, str | None] | None = None, protocol: str = "sendmail", helo_name: str = "") -> int:
-    """Commit one message into the maildrop state (or, for a user who cannot write
-    the queue, submit it over SMTP to serve) and wake serve; 0 once it is durable."""
+            params: dict[str, str | None] | None = None, protocol: str = "sendmail", helo_name: str = "",
+            received: bool = False, in_serve: bool = False) -> int:
+    """Commit one message into the maildrop state and wake serve; 0 once it is
+    durable.  A user who cannot write the queue hands it to serve instead (its
+    ``Received:`` with the uid is serve's then: cleanup/pickup.py, which calls this
+    *in_serve*); *received*: this process adds that line itself."""
     queue_directory = Path(cfg.queue_directory)
-    if not works_the_queue_itself(queue_directory):
-        return _over_smtp(cfg, sender, rcpts, content)  # serve's smtpd_milters see it there
+    if not in_serve and not works_the_queue_itself(queue_directory):
+        return _through_serve(cfg, sender, rcpts, content, params)
+    if received:
+        content = headers.local_received(cfg.myhostname, cfg.mail_name, os.getuid(), queue_id) + content
     try:
         store = Store.open(queue_directory)
     except QueueError as exc:
-        if "permission" not in str(exc).lower():
-            raise SendmailError(str(exc)) from None
-        return _over_smtp(cfg, sender, rcpts, content)
+        raise SendmailError(str(exc), os.EX_TEMPFAIL if in_serve else 1) from None
     if "no_address_mappings" in cfg.receive_override_options:
         # not masqueraded on its way to the content filter (scheduler/transfer.py)
         params = {**(params or {}), cleanup_rewrite.NOMAP_PARAM: None}
@@ -367,8 +367,10 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
             content = sign_local(cfg, content)
         except SigningError as exc:
             store.close()
-            print(f"sendmail: warning: {exc}; submitting to serve over SMTP", file=sys.stderr)
-            return _over_smtp(cfg, sender, rcpts, content)
+            if in_serve:  # serve cannot read its own key either: its operator's to fix
+                raise SendmailError(f"{exc}: try again later", os.EX_TEMPFAIL) from None
+            print(f"sendmail: warning: {exc}; submitting it through serve", file=sys.stderr)
+            return _through_serve(cfg, sender, rcpts, content, params)
     spool = Spool(memory_limit=len(content))  # read into memory already: no temporary file
     spool.write(content)
     try:
@@ -380,11 +382,16 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     finally:
         spool.close()
         store.close()
-    send_command(queue_directory, "wake", timeout=2)  # a new round; never "flush" (it forgets dead sites)
+    if not in_serve:
+        send_command(queue_directory, "wake", timeout=2)  # a new round; never "flush" (it forgets dead sites)
     return 0
 
 
-def _over_smtp(cfg: Config, sender: str, rcpts: list[str], content: bytes) -> int:
-    from trimail.cleanup.fallback import submit_smtp  # (smtplib: only when it is needed)
+def _through_serve(cfg: Config, sender: str, rcpts: list[str], content: bytes,
+                   params: dict[str, str | None] | None) -> int:
+    from trimail.postqueue import Refused, submit_through_serve
 
-    return submit_smtp(cfg, sender, rcpts, content)
+    try:
+        return submit_through_serve(cfg, sender, rcpts, content, params or {})
+    except Refused as exc:
+        raise SendmailError(f"serve did not queue the message: {exc}", exc.status) from None

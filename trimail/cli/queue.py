@@ -28,7 +28,7 @@ import apsw
 from cyclopts import App, Parameter
 
 from trimail import log as maillog
-from trimail import public
+from trimail import postqueue
 from trimail.cli import ConfigOption, Failure, Overrides, app, load_config, require_access
 from trimail.config import Config
 from trimail.net.control import send_command
@@ -205,18 +205,18 @@ def queue_flush(ids: list[str] | None = None, *, domain: SiteOption = None, conf
 
 
 def _through_serve(cfg: Config, request: dict, keep: bool = False) -> list[bytes]:
-    """A user who may not look into the queue asks serve (trimail.public): its answer
-    written to standard output as it comes, or returned (*keep*); a refusal is one
-    fatal line and Postfix's exit status (EX_NOPERM: a user authorized_* does not name)."""
+    """A user who may not look into the queue asks serve (trimail.postqueue): its
+    answer written to standard output as it comes, or returned (*keep*); a refusal
+    is one fatal line and Postfix's exit status (77: a user authorized_* does not name)."""
     kept = []
     try:
-        for piece in public.ask(cfg, request):
+        for piece in postqueue.ask(cfg, request):
             if keep:
                 kept.append(piece)
             else:
                 sys.stdout.flush()
                 sys.stdout.buffer.write(piece)
-    except (public.Refused, OSError) as exc:
+    except (postqueue.Refused, OSError) as exc:
         print(f"trimail: fatal: {maillog.printable(str(exc), 300)}", file=sys.stderr)
         raise SystemExit(getattr(exc, "status", os.EX_UNAVAILABLE)) from None
     return kept

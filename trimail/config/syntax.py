@@ -215,6 +215,8 @@ class _Expander:
                     raise MacroError(f"attribute name syntax error at: {_excerpt(body[cp:])!r}")
                 cp += 1
             name = body[start:cp]
+            if not name and mode:  # ``${?text}``: expanding skipped the text, scanning failed on it
+                raise MacroError(f"empty macro name before {mode!r} at: {_excerpt(body)!r}")
             cp = after + 1
             if self.scan:
                 if name:

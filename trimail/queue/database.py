@@ -92,9 +92,9 @@ _UNSYNCED_NAMES: dict[str, str] = {}
 def works_the_queue_itself(queue_directory: str | os.PathLike[str]) -> bool:
     """Whether this process reads and writes the queue itself: root and the queue's
     owner (mail_owner) do, whatever the modes say (red team 33b: a queue opened for
-    mailq made every user's sendmail fail).  Every other user goes through serve:
-    sendmail over SMTP (cleanup/fallback.py), the listing and flush over the public
-    socket (trimail.public).  No queue yet: True (the opening says why)."""
+    mailq made every user's sendmail fail).  Every other user goes through serve's
+    public socket (trimail.postqueue, trimail.public): sendmail, the listing and
+    flush.  No queue yet: True (the opening says why)."""
     try:
         return os.geteuid() in (0, os.stat(queue_directory).st_uid)
     except OSError as exc:
