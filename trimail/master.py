@@ -51,6 +51,7 @@ from trimail.config import Config
 from trimail.net.http import serve_metrics
 from trimail.net.listener import bound_address, close_now
 from trimail.policy.verifycleanup import clean_cache
+from trimail.postqueue import address
 from trimail.public import serve_operators
 from trimail.queue.reserve import QueueReserve
 from trimail.queue.reserve import keep as keep_reserve
@@ -115,6 +116,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
     the jail, then the tasks."""
     async with opened_queue(config) as queue:
         listeners, control, metrics_listeners = await open_endpoints(config, queue.directory, control=not queue.test)
+        public_name = address(queue.directory)  # named before the jail, as the users' tools name it
         try:
             config, queue.directory = become_mail_owner(config, queue.directory)
             writer = queue.writer
@@ -138,7 +140,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
             def started(accepting: trio.Nursery) -> None:
                 if control is not None:  # none for a test MTA (trimail.startup)
                     accepting.start_soon(serve_operators, control, control_commands(server), server.metrics,
-                                         Path(queue.directory), lambda: server.config)
+                                         Path(queue.directory), lambda: server.config, public_name)
                 for listener in metrics_listeners:
                     accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
                     server.metrics_addresses.append(bound_address(listener))

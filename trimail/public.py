@@ -165,25 +165,26 @@ def _flush(queue_directory: Path, config: Config, uid: int, request: dict[str, A
 
 
 async def serve_public(queue_directory: Path, settings: Callable[[], Config], commands: dict[str, Callable[[], Any]],
-                       metrics: FailureCounter | None = None) -> None:
+                       metrics: FailureCounter | None = None, name: bytes | None = None) -> None:
     """Bind the public socket (again every ``RETRY`` seconds while another process
     holds the name) and answer on it until cancelled; *settings* gives the
     configuration of the moment, *commands* the control socket's (its ``flush``
-    makes the queue manager try dead sites again).  Its own boundary: a failure here
-    costs the users' listing, never serve."""
+    makes the queue manager try dead sites again); *name*: the socket's, when
+    *queue_directory* is not the users' name for it (``/`` in the chroot jail).  Its
+    own boundary: a failure here costs the users' requests, never serve."""
     with contained("public socket", metrics, logger=log):
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # closed: the name is free again at once
-            await _bind(sock, queue_directory)
+            await _bind(sock, name or postqueue.address(queue_directory))
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
             await serve_requests(listener, _handler(queue_directory, settings, commands), task="public request",
                                  metrics=metrics, limit=LIMIT)
 
 
-async def _bind(sock: socket.socket, queue_directory: Path) -> None:
+async def _bind(sock: socket.socket, name: bytes) -> None:
     complained = False
     while True:
         try:
-            sock.bind(postqueue.address(queue_directory))
+            sock.bind(name)
             sock.listen(16)
             break
         except OSError as exc:  # another process holds the name: never the end of serve
@@ -250,8 +251,8 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
 
 async def serve_operators(control: trio.SocketListener, commands: dict[str, Callable[[], Any]],
                           metrics: FailureCounter | None, queue_directory: Path,
-                          settings: Callable[[], Config]) -> None:
+                          settings: Callable[[], Config], name: bytes | None = None) -> None:
     """The control socket (root and mail_owner) and the public socket (every user)."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_control, control, commands, metrics, queue_directory)
-        nursery.start_soon(serve_public, queue_directory, settings, commands, metrics)
+        nursery.start_soon(serve_public, queue_directory, settings, commands, metrics, name)

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults.conftest import assert_serving, queued, send, wait_until
+from tests.faults.test_startup import background, chroot_config, free_port, jail, needs_root  # noqa: F401
 from tests.peers import Sink, _free_port
 from trimail import postqueue, public
 from trimail.cleanup import pickup
@@ -162,3 +163,33 @@ def connected(sock: socket.socket, name: bytes) -> bool:
     except BlockingIOError:
         return False
     return True
+
+
+AS_UID = """
+import os, sys
+import trimail.cli, trimail.cli.queue
+os.setgroups([]); os.setgid(65533); os.setuid(65533)
+trimail.cli.main(sys.argv[1:])
+"""
+
+
+@needs_root
+def test_a_serve_in_the_chroot_jail_answers_on_the_name_users_know(tmp_path, background, jail, readable):  # noqa: F811
+    """With ``chroot = yes`` serve's queue directory is ``/`` once it is in the jail;
+    the public socket keeps the name made from main.cf's queue_directory, which is
+    the one users' tools make.  The user here has a uid without a passwd entry
+    (``uid:65533`` to the authorized_* lists)."""
+    port = free_port()
+    maillog = tmp_path / "maillog"
+    serve = background(chroot_config(tmp_path, jail, port))
+    wait_until(lambda: (maillog.exists() and "daemon started" in maillog.read_text()) or not serve.alive,
+               timeout=30)
+    assert serve.alive, maillog.read_text() if maillog.exists() else ""
+    send(port, ["someone@far.example"])
+    config = readable / "main.cf"
+    config.write_text(f"queue_directory = {jail}\nmail_owner = nobody\n")
+    config.chmod(0o644)
+    listing = subprocess.run([sys.executable, "-c", AS_UID, "queue", "list", "-c", str(config)],
+                             capture_output=True, timeout=60, cwd="/", check=False)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.decode().endswith("in 1 Request.\n")
