@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import email
+import email.header
+import email.headerregistry
 import email.message
 import email.policy
 import html
@@ -159,6 +161,64 @@ def _data(part: email.message.EmailMessage) -> bytes:
     return payload if isinstance(payload, bytes) else b""
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _Unparsed(email.headerregistry.UnstructuredHeader):
+    """A field the stdlib's parser raised on, as text, with what its structured
+    classes offer read from the text: enough for ``EmailMessage``'s own methods
+    (``is_attachment``, ``get_body``, ``iter_attachments``)."""
+
+    @property
+    def content_disposition(self) -> str | None:
+        return str(self).split(";")[0].strip().lower() or None
+
+    @property
+    def content_type(self) -> str:
+        value = str(self).split(";")[0].strip().lower()
+        return value if value.count("/") == 1 else "text/plain"
+
+    @property
+    def maintype(self) -> str:
+        return self.content_type.partition("/")[0]
+
+    @property
+    def subtype(self) -> str:
+        return self.content_type.partition("/")[2]
+
+    params: Mapping[str, str] = {}
+    addresses: tuple[email.headerregistry.Address, ...] = ()
+    groups: tuple[email.headerregistry.Group, ...] = ()
+
+
+_UNSTRUCTURED = email.headerregistry.HeaderRegistry(default_class=_Unparsed, use_default_map=False)
+
+
+class _Lenient(email.policy.EmailPolicy):
+    """``email.policy.default``, except that a header field its parser raises on is
+    read as unstructured text (encoded words decoded, undecodable characters as
+    U+FFFD).  Python 3.11's parser raises on ``To: a@[`` (AttributeError),
+    ``Message-ID: <<>>`` (IndexError) and on an encoded word or RFC 2231 parameter
+    in UTF-7 that decodes to a lone surrogate (UnicodeEncodeError, also from
+    ``text``, ``html`` and ``attachments`` through Content-Disposition): the mail
+    is whatever the application under test sent, and no question about it may
+    raise into the test."""
+
+    def header_fetch_parse(self, name, value):  # type: ignore[no-untyped-def]
+        try:
+            return super().header_fetch_parse(name, value)
+        except Exception:  # noqa: BLE001 - any bug of the stdlib parser on odd input, see above
+            try:
+                text = str(email.header.make_header(email.header.decode_header(value)))
+            except Exception:  # noqa: BLE001
+                text = value
+            text = _SURROGATE.sub("\ufffd", text).replace("=?", "=\ufffd?")  # decoded once, never again
+            return _UNSTRUCTURED(name, text)
+
+
+LENIENT = _Lenient()
+
+
 class MessageContent:
     """The content helpers; needs ``raw`` (the message bytes) and ``queue_id``."""
 
@@ -167,8 +227,8 @@ class MessageContent:
 
     @cached_property
     def message(self) -> email.message.EmailMessage:
-        """The parsed message (``email.policy.default``), parsed once."""
-        return email.message_from_bytes(self.raw, policy=email.policy.default)  # type: ignore[return-value]
+        """The parsed message (``email.policy.default``, lenient: ``_Lenient``), parsed once."""
+        return email.message_from_bytes(self.raw, policy=LENIENT)  # type: ignore[return-value]
 
     @cached_property
     def headers(self) -> Headers:
