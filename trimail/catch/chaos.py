@@ -54,7 +54,7 @@ class Chaos:
             try:
                 code = int(given.get("errorcode") or 0) or default
                 probability = int(given.get("probability") or 0)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):  # OverflowError: 1e400 or Infinity
                 raise ChaosError(f"{name}: ErrorCode and Probability must be numbers") from None
             if not 400 <= code <= 599:
                 raise ChaosError("error code must be between 400 and 599")

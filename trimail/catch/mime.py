@@ -28,7 +28,7 @@ import re
 from datetime import UTC, datetime
 from functools import cached_property
 
-from trimail.catch.text import decode_words, html_to_text
+from trimail.catch.text import decode_words, html_to_text, no_surrogates
 from trimail.cleanup.headers import header_addresses
 
 OCTET_STREAM = "application/octet-stream"
@@ -108,7 +108,7 @@ class Part:
     def text(self) -> str:
         for charset in (self.charset or "utf-8", "utf-8"):
             try:
-                return self.content.decode(charset)
+                return no_surrogates(self.content.decode(charset))  # UTF-7 decodes to lone surrogates
             except (LookupError, UnicodeDecodeError):
                 continue
         return self.content.decode("utf-8", "replace")
@@ -151,7 +151,7 @@ def _part(message: email.message.Message, part_id: str, depth: int, budget: list
         content_type = OCTET_STREAM
     part = Part(part_id=part_id, content_type=content_type,
                 disposition=message.get_content_disposition() or "", filename=decode_words(filename),
-                content_id=str(message.get("Content-ID", "")).strip().strip("<>"),
+                content_id=no_surrogates(str(message.get("Content-ID", ""))).strip().strip("<>"),
                 content=b"" if multipart else _payload(message),
                 charset=message.get_content_charset(), multipart=multipart, children=[])
     if multipart and depth < 50:  # nesting deeper than any real message: the rest is one leaf

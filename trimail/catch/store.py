@@ -239,6 +239,8 @@ def _when(value: str) -> datetime | None:
         except ValueError:
             continue
     try:
-        return email.utils.parsedate_to_datetime(value)
+        moment = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
+    # no zone, or "-0000": naive, and comparing it with an aware Created raised TypeError
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment

@@ -14,6 +14,16 @@ import re
 import time
 from html.parser import HTMLParser
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def no_surrogates(text: str) -> str:
+    """*text* with each lone surrogate as U+FFFD.  UTF-7 (and the stdlib's
+    surrogateescape for 8-bit header bytes) decodes to them, and a str holding one
+    cannot be encoded as UTF-8: one such message made every list a 500."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
 WORDS_PIECE = 4096  # characters decoded at a time: the stdlib decoder is quadratic in the words
 
 
@@ -29,7 +39,7 @@ def decode_words(value: str) -> str:
             end = min(size, start + WORDS_PIECE)
         pieces.append(_decode_piece(value[start:end]))
         start = end
-    return "".join(pieces)
+    return no_surrogates("".join(pieces))
 
 
 def _decode_piece(value: str) -> str:

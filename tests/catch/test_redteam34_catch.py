@@ -1,0 +1,66 @@
+"""Red team (session 34) against a real ``trimail catch``: a UTF-7 body, subject,
+file name or Content-ID that decodes to a lone surrogate cost every list, search
+and the message itself a 500 (JSON cannot encode it); a date without a zone in
+``after:``/``before:`` cost the search a 500; an infinite chaos value a 500."""
+
+from __future__ import annotations
+
+import json
+import urllib.parse
+
+import pytest
+
+from tests.catch.conftest import Catch
+
+
+@pytest.fixture
+def c():
+    catch = Catch("--enable-chaos", host="127.0.34.151")
+    yield catch
+    assert catch.alive()
+    catch.stop()
+
+
+SURROGATES = [
+    b"Subject: body\r\nContent-Type: text/plain; charset=utf-7\r\n\r\nhi +2AA-\r\n",
+    b"Subject: =?utf-7?q?+2AA-?=\r\n\r\nhi\r\n",
+    b'Subject: name\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\n\r\nhi\r\n'
+    b"--b\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename*=utf-7''a+2AA-.pdf\r\n\r\n"
+    b"%PDF\r\n--b--\r\n",
+    b'Subject: cid\r\nContent-Type: multipart/related; boundary="b"\r\n\r\n--b\r\nContent-Type: text/html\r\n\r\n'
+    b'<img src="cid:\x80">\r\n--b\r\nContent-Type: image/png\r\nContent-ID: <\x80>\r\n\r\nPNG\r\n--b--\r\n',
+]
+
+
+@pytest.mark.parametrize("raw", SURROGATES, ids=["utf7-body", "utf7-subject", "utf7-filename", "8bit-content-id"])
+def test_a_lone_surrogate_in_one_message_does_not_break_the_api(c, raw):
+    c.send(raw)
+    [listed] = c.wait_for(1)
+    ident = listed["ID"]
+    paths = ["/api/v1/messages", "/api/v1/search?query=hi", f"/api/v1/message/{ident}", f"/view/{ident}",
+             f"/view/{ident}.txt", "/", f"/api/v1/message/{ident}/headers"]
+    for part in c.json(f"/api/v1/message/{ident}")["Attachments"] + c.json(f"/api/v1/message/{ident}")["Inline"]:
+        paths.append(f"/api/v1/message/{ident}/part/{part['PartID']}")
+    for path in paths:
+        status, _, body = c.request("GET", path)
+        assert status == 200, (path, body[:200])
+        body.decode("utf-8")
+
+
+@pytest.mark.parametrize("query", ['after:"1 Jan 2024 00:00:00 -0000"', 'before:"Mon, 1 Jan 2024 00:00:00"'])
+def test_a_date_without_a_zone_in_a_search_is_read_as_utc(c, query):
+    c.send(b"Subject: dated\r\n\r\nx\r\n")
+    c.wait_for(1)
+    status, _, body = c.request("GET", "/api/v1/search?query=" + urllib.parse.quote(query))
+    assert status == 200, body
+    assert json.loads(body)["messages_count"] == (1 if query.startswith("after") else 0)
+    status, _, _ = c.request("GET", "/?query=" + urllib.parse.quote(query))
+    assert status == 200
+
+
+@pytest.mark.parametrize("body", [b'{"Sender": {"ErrorCode": 1e400, "Probability": 100}}',
+                                  b'{"Recipient": {"ErrorCode": 451, "Probability": -Infinity}}'])
+def test_an_infinite_chaos_value_is_a_400_and_changes_nothing(c, body):
+    status, _, answer = c.request("PUT", "/api/v1/chaos", body)
+    assert status == 400, answer
+    assert c.json("/api/v1/chaos")["Sender"]["Probability"] == 0
