@@ -15,6 +15,9 @@ from typing import Any
 DEFAULT_DIRECTORY = ".trimail-failures"
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _NAME_LIMIT = 150  # bytes of a folder name (file systems allow 255)
+# folder -> node id, of the folders this process wrote: two ids made safe alike
+# (``test[<a@b>]`` and ``test[a@b]``) must not replace each other's mail
+_written: dict[str, str] = {}
 
 
 def folder_name(nodeid: str) -> str:
@@ -36,7 +39,12 @@ def mtas_of(funcargs: dict[str, Any]) -> dict[str, Any]:
 
 def save_failed_mail(directory: Path, nodeid: str, mtas: dict[str, Any]) -> list[Path]:
     """Write every message the *mtas* captured under *directory*/<test>/; the paths."""
-    target = directory / folder_name(nodeid)
+    name = folder_name(nodeid)
+    if _written.setdefault(name, nodeid) != nodeid:  # another test of this run has it: this id's hash too
+        import hashlib
+
+        name = f"{name[:_NAME_LIMIT - 13]}-{hashlib.sha1(nodeid.encode()).hexdigest()[:12]}"
+    target = directory / name
     shutil.rmtree(target, ignore_errors=True)
     saved: list[Path] = []
     for fixture, mta in mtas.items():
