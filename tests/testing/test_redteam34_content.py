@@ -54,3 +54,12 @@ def test_malformed_fields_are_listed_and_matched_not_raised(mta, field):
     assert name in [n for n, _ in message.headers.fields()]
     assert field.split(b": ", 1)[1].decode() in str(message.headers[name])
     assert mta.wait_for(header=(name, "<"if name == "Message-ID" else "ann"))
+
+
+@pytest.mark.parametrize("content_type", [b"", b"Content-Type: text/plain\r\n", b"Content-Type: text/html\r\n"])
+def test_an_undeclared_utf8_body_is_read_as_utf8(mta, content_type):
+    body = "<p>Grüße, 493817</p>" if b"html" in content_type else "Grüße, 493817"
+    send(mta, b"Subject: hi\r\n" + content_type + b"Content-Transfer-Encoding: 8bit\r\n\r\n" + body.encode() + b"\r\n")
+    [message] = mta.wait_for(body="Grüße")
+    assert (message.html if b"html" in content_type else message.text) == body + "\n"
+    assert message.extract(r"Grüße, (\d+)") == "493817"

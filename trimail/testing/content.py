@@ -135,7 +135,17 @@ def _hrefs(page: str) -> Iterator[str]:
 
 def _decoded(part: email.message.EmailMessage) -> str:
     """A text body as a Python string: charset and transfer encoding undone, and
-    the wire's CRLF line ends as newlines."""
+    the wire's CRLF line ends as newlines.  A body that names no charset but is
+    8-bit UTF-8 (what an application that writes UTF-8 without saying so sends, and
+    what SMTPUTF8 and 8BITMIME carry) is read as UTF-8, not as ASCII with U+FFFD
+    for every byte: the catcher (catch/mime.py) and Mailpit read it so too."""
+    if part.get_param("charset") is None:
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes) and not payload.isascii():
+            try:
+                return payload.decode("utf-8").replace("\r\n", "\n")
+            except UnicodeDecodeError:
+                pass
     try:
         content = part.get_content()
     except (LookupError, KeyError, ValueError):  # an unknown or lying charset: show what is there
