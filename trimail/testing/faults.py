@@ -30,7 +30,7 @@ class Fault:
     reply: Reply | None  # None: drop the connection (or, with delay, answer late)
     pattern: str | None = None  # fnmatch pattern: sender (mail), recipient (rcpt), user (auth), client (connect)
     remaining: int | None = None  # None: every time
-    delay: float = 0.0
+    delay: float | None = None  # slow(): answer this many seconds late (0 too), instead of dropping
     after_bytes: int | None = None  # stage "data": hang up once this many content bytes arrived
     tls: str | None = None  # stage "starttls": "handshake", "expired" or "untrusted"
     probability: float = 1.0
@@ -85,6 +85,15 @@ class FaultInjection:
         address at connect (the greeting), or the ``connect``/``auth``/``data``/``end`` stage."""
         chosen = _stage(stage or ("rcpt" if rcpt else "mail" if sender else "auth" if user
                                   else "connect" if client else "data"))
+        given = [(name, at) for name, at, value in (("rcpt", "rcpt", rcpt), ("sender", "mail", sender),
+                                                     ("user", "auth", user), ("client", "connect", client))
+                 if value is not None]
+        # one pattern, on what the stage sees: reject(stage="mail", rcpt=...) matched the sender with it,
+        # and reject(rcpt=..., sender=...) ignored the sender
+        if len(given) > 1 or (given and given[0][1] != chosen):
+            raise ValueError(f"{', '.join(f'{name}=' for name, _ in given)} and stage={chosen!r} do not go "
+                             "together: one pattern, rcpt= (stage 'rcpt'), sender= ('mail'), user= ('auth') "
+                             "or client= ('connect')")
         klass = "4" if code < 500 else "5"
         detail = "7.0" if chosen == "auth" and klass == "4" else _DETAIL[chosen]
         reply = Reply(code, enhanced or f"{klass}.{detail}", text)
@@ -113,6 +122,8 @@ class FaultInjection:
     def slow(self, seconds: float, stage: str = "rcpt", count: int | None = None, *,
              probability: float = 1.0, seed: int | None = None) -> Fault:
         """Delay the reply at *stage* by *seconds* (``connect``: a slow banner), then answer normally."""
+        if not seconds >= 0:  # slow(0) answered at once? it dropped the connection; slow(-1) was a 451
+            raise ValueError("seconds must be 0 or more")
         return self._add(Fault(_stage(stage), None, None, count, delay=seconds, **_chance(probability, seed)))
 
     def fail_tls(self, kind: str = "handshake", count: int | None = None, *, probability: float = 1.0,

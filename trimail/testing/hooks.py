@@ -42,7 +42,7 @@ class _Hooks(SessionHooks):
         return None if fault is None else await self._apply(fault, session)
 
     async def _apply(self, fault: Fault, session: SmtpdSession) -> Reply | None:
-        if fault.delay:
+        if fault.delay is not None:
             await trio.sleep(fault.delay)
         elif fault.reply is None:
             self._dropped.add(id(session))
