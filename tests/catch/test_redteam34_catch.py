@@ -64,3 +64,23 @@ def test_an_infinite_chaos_value_is_a_400_and_changes_nothing(c, body):
     status, _, answer = c.request("PUT", "/api/v1/chaos", body)
     assert status == 400, answer
     assert c.json("/api/v1/chaos")["Sender"]["Probability"] == 0
+
+
+def test_a_query_of_thousands_of_terms_is_refused_not_run(c):
+    import smtplib
+    import time
+
+    with smtplib.SMTP(c.host, c.smtp_port, timeout=30) as client:
+        for n in range(200):
+            client.sendmail("a@example.org", ["b@example.com"], f"Subject: apples {n}\r\n\r\napples\r\n")
+    assert len(c.json("/api/v1/messages?limit=500")["messages"]) == 200
+    many = urllib.parse.quote_plus(" ".join(f"-x{n}" for n in range(1500)))  # every term excludes nothing: all pass
+    for method, path in [("GET", "/api/v1/search?query="), ("DELETE", "/api/v1/search?query="), ("GET", "/?query="),
+                         ("GET", "/api/v1/message/latest?query=")]:
+        started = time.monotonic()
+        status, _, body = c.request(method, path + many)
+        assert (status, body) == (400, b"Error: too many search terms (1500, at most 50)"), (path, status, body[:100])
+        assert time.monotonic() - started < 5
+    assert c.json("/api/v1/messages")["total"] == 200
+    fifty = urllib.parse.quote("apples " + " ".join(f"-x{n}" for n in range(49)))
+    assert c.json("/api/v1/search?query=" + fifty)["messages_count"] == 200

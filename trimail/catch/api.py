@@ -23,7 +23,7 @@ from trimail import __version__
 from trimail.catch import page
 from trimail.catch.chaos import Chaos, ChaosError
 from trimail.catch.mime import go_time
-from trimail.catch.store import Mailbox, Stored
+from trimail.catch.store import Mailbox, SearchError, Stored
 
 NOT_FOUND = b"404 page not found"
 
@@ -120,6 +120,12 @@ class Api:
         self.started = time.monotonic()
 
     def answer(self, request: Request) -> Response:
+        try:
+            return self._answer(request)
+        except SearchError as exc:  # a query of too many terms, from any route that searches
+            return error(str(exc))
+
+    def _answer(self, request: Request) -> Response:
         path, method = request.path, request.method
         if method == "OPTIONS" and path.startswith("/api/v1/"):
             return ok_text("")
