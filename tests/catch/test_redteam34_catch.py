@@ -84,3 +84,18 @@ def test_a_query_of_thousands_of_terms_is_refused_not_run(c):
     assert c.json("/api/v1/messages")["total"] == 200
     fifty = urllib.parse.quote("apples " + " ".join(f"-x{n}" for n in range(49)))
     assert c.json("/api/v1/search?query=" + fifty)["messages_count"] == 200
+
+
+def test_the_html_view_of_a_big_message_with_many_inline_parts_is_quick(c):
+    import time
+
+    html = "<p>" + "x=" * 1_500_000 + '</p><img src="cid:i5@x"><img src=CID:I7@X/>'
+    parts = "".join(f"--b\r\nContent-Type: image/png\r\nContent-ID: <i{n}@x>\r\n\r\nP\r\n" for n in range(999))
+    c.send(('Subject: cids\r\nContent-Type: multipart/related; boundary="b"\r\n\r\n--b\r\n'
+            f"Content-Type: text/html\r\n\r\n{html}\r\n{parts}--b--\r\n").encode())
+    [listed] = c.wait_for(1, timeout=30)
+    started = time.monotonic()
+    status, _, body = c.request("GET", f"/view/{listed['ID']}.html")
+    assert status == 200 and time.monotonic() - started < 10
+    assert body.endswith(f'<img src="/api/v1/message/{listed["ID"]}/part/7">'
+                         f'<img src=/api/v1/message/{listed["ID"]}/part/9/>'.encode())

@@ -102,14 +102,35 @@ def message(stored: Stored) -> bytes:
     return _document(view.subject or "(no subject)", "".join(sections))
 
 
+_CID_REF = re.compile(r"(?i)(=[\"']?)cid:([^\"'\s>;]{1,998})")  # a Content-ID is at most a line long
+
+
 def body_html(stored: Stored) -> bytes:
     """The message's HTML with ``cid:`` references pointing at the parts they name
-    (as Mailpit's /view/{ID}.html does), so inline images show."""
+    (as Mailpit's /view/{ID}.html does), so inline images show.  One pass over the
+    HTML, each reference looked up among the parts' Content-IDs (the first part
+    wins, case ignored): a pattern per part, each scanning the whole HTML, took 70 s
+    for a 5 MB message with 999 inline parts, on the catcher's one thread."""
     html = stored.view.bodies[1]
     attachments, inline = stored.view.listed()
-    for part in inline + attachments:
+    targets: dict[str, tuple[int, str]] = {}
+    for order, part in enumerate(inline + attachments):
         if part.content_id:
-            pattern = re.compile(r"(?i)(=[\"']?)cid:" + re.escape(part.content_id) + r"([\"'\s/>;])")
-            target = f"/api/v1/message/{stored.id}/part/{quote(part.part_id)}"
-            html = pattern.sub(lambda m, target=target: m.group(1) + target + m.group(2), html)
-    return html.encode("utf-8")
+            targets.setdefault(part.content_id.lower(),
+                               (order, f"/api/v1/message/{stored.id}/part/{quote(part.part_id)}"))
+    if not targets:
+        return html.encode("utf-8")
+
+    def swap(match: re.Match[str]) -> str:
+        ref, end = match.group(2), match.end()
+        # the reference ends at a quote, white space, ">", ";" or "/": each "/" in it may end it
+        ends = [at for at, char in enumerate(ref) if char == "/"]
+        if end < len(html) and (html[end] in "\"'>;/" or html[end].isspace()):
+            ends.append(len(ref))
+        found = [(targets[ref[:at].lower()], at) for at in ends if ref[:at].lower() in targets]
+        if not found:
+            return match.group(0)
+        (_, target), at = min(found)
+        return match.group(1) + target + ref[at:]
+
+    return _CID_REF.sub(swap, html).encode("utf-8")
