@@ -56,3 +56,19 @@ def test_patterns_with_their_own_stage_still_work(mta):
                                                                                               b"the test MTA")}
     with pytest.raises(smtplib.SMTPSenderRefused):
         send(mta, sender="flaky@example.org")
+
+
+def test_starting_a_running_mta_again_starts_no_second_one():
+    import socket
+
+    with TestMTA(smtpd_listen=f"{HOST}:0").start() as mta:  # start(), then the with block's start()
+        port, directory = mta.port, mta.directory
+        assert mta.start() is mta and (mta.port, mta.directory) == (port, directory)
+    with socket.socket() as probe:
+        assert probe.connect_ex((HOST, port)) != 0  # nothing listens after stop()
+    assert not directory.exists()
+    mta.start()  # a stopped one starts again
+    try:
+        assert send(mta) == {} and mta.wait_for()
+    finally:
+        mta.stop()

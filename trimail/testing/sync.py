@@ -166,6 +166,12 @@ class TestMTA(TestMTABase):
         self._runner: _Runner | None = None
 
     def start(self) -> TestMTA:
+        """Start the MTA; on one already running, nothing (``with TestMTA().start() as mta``):
+        a second MTA would have gone on listening and capturing after ``stop()``."""
+        running = self._runner
+        if running is not None and running.loop is not None and running.loop.pid == os.getpid() \
+                and not running.done.is_set():
+            return self
         runner = self._runner = _Runner(self, self._options)
         weakref.finalize(self, runner.stop)  # a forgotten stop(): when collected, or at exit
         runner.start()
