@@ -72,3 +72,14 @@ def test_starting_a_running_mta_again_starts_no_second_one():
         assert send(mta) == {} and mta.wait_for()
     finally:
         mta.stop()
+
+
+@pytest.mark.parametrize("code", [250, 199, 354, 700, 99, "550"])
+def test_a_fault_reply_code_that_is_no_refusal_is_refused_when_armed(mta, code):
+    for arm in (lambda: mta.reject(rcpt="ann@*", code=code), lambda: mta.defer(sender="app@*", code=code),
+                lambda: mta.defer_next(1, code=code)):
+        with pytest.raises(ValueError, match="4xx or 5xx"):
+            arm()
+    assert mta.faults == []
+    assert send(mta, to=["ann@example.com", "bob@example.com"]) == {}
+    assert mta.wait_for()[0].recipients == ["ann@example.com", "bob@example.com"]

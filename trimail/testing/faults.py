@@ -55,6 +55,13 @@ def _chance(probability: float, seed: int | None) -> dict[str, Any]:
     return {"probability": probability, "rng": random.Random(seed)} if probability < 1.0 else {}
 
 
+def _refusal(code: int) -> None:
+    """A fault's reply is a refusal: ``code=250`` told the client its recipient was
+    accepted while the MTA dropped it, and 99 or 700 went out as malformed replies."""
+    if isinstance(code, bool) or not isinstance(code, int) or not 400 <= code <= 599:
+        raise ValueError(f"code must be a 4xx or 5xx reply code, not {code!r}")
+
+
 def _stage(stage: str, allowed: tuple[str, ...] = STAGES) -> str:
     if stage not in allowed:
         raise ValueError(f"stage must be one of {allowed}")
@@ -83,6 +90,7 @@ class FaultInjection:
                probability: float = 1.0, seed: int | None = None) -> Fault:
         """Refuse a recipient (``rcpt`` pattern), a sender, an AUTH ``user``, a ``client``
         address at connect (the greeting), or the ``connect``/``auth``/``data``/``end`` stage."""
+        _refusal(code)
         chosen = _stage(stage or ("rcpt" if rcpt else "mail" if sender else "auth" if user
                                   else "connect" if client else "data"))
         given = [(name, at) for name, at, value in (("rcpt", "rcpt", rcpt), ("sender", "mail", sender),
@@ -107,6 +115,7 @@ class FaultInjection:
 
     def defer_next(self, count: int = 1, code: int = 451, text: str = "Try again later") -> Fault:
         """The next *count* messages are deferred at the end of DATA."""
+        _refusal(code)
         return self._add(Fault("end", Reply(code, "4.3.0", text), None, count))
 
     def drop(self, stage: str = "data", count: int | None = None, *, after_bytes: int | None = None,
