@@ -99,3 +99,16 @@ def test_the_html_view_of_a_big_message_with_many_inline_parts_is_quick(c):
     assert status == 200 and time.monotonic() - started < 10
     assert body.endswith(f'<img src="/api/v1/message/{listed["ID"]}/part/7">'
                          f'<img src=/api/v1/message/{listed["ID"]}/part/9/>'.encode())
+
+
+def test_a_request_with_lf_line_ends_is_answered_at_once(c):
+    import socket
+
+    for request, status in [(b"GET /livez HTTP/1.0\n\n", b"200"), (b"GET /api/v1/messages HTTP/1.1\nHost: x\n\n", b"200"),
+                            (b"GET /livez HTTP/1.1\r\nHost: x\n\r\n", b"200"), (b"GET /livez HTTP/1.1\nX: a\rb\n\n", b"400")]:
+        with socket.create_connection((c.host, c.http_port), timeout=5) as s:  # no shutdown: the server must see the end
+            s.sendall(request)
+            answer = b""
+            while b"\r\n\r\n" not in answer and (chunk := s.recv(65536)):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 " + status), (request, answer[:80])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from http import HTTPStatus
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -29,6 +30,11 @@ MAX_BODY = 1024 * 1024
 READ_TIMEOUT = 10.0
 ANSWER_TIMEOUT = 30.0
 METHODS = {"GET", "HEAD", "PUT", "DELETE", "POST", "OPTIONS"}
+
+
+# the blank line that ends the head: CRLF CRLF, or LF alone as a line end (RFC 9112 2.2 lets a
+# server take it; Go's net/http, so Mailpit, does, and `printf 'GET / HTTP/1.0\n\n' | nc` sends it)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 
 
 class BadRequest(Exception):
@@ -47,7 +53,7 @@ def parse_request(head: bytes) -> Head:
     """The request line and header fields (up to the blank line, excluded)."""
     try:
         text = head.decode("iso-8859-1")
-        lines = text.split("\r\n")
+        lines = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]  # CRLF, or LF alone
         method, target, version = lines[0].split(" ")
     except ValueError:
         raise BadRequest(400, "malformed request line") from None
@@ -58,6 +64,8 @@ def parse_request(head: bytes) -> Head:
     if not target.startswith("/"):
         raise BadRequest(400, "request target must be a path")
     fields: dict[str, str] = {}
+    if any("\r" in line for line in lines):  # a bare CR (RFC 9112 2.2)
+        raise BadRequest(400, "bare CR in the request")
     for line in lines[1:]:
         if not line:
             continue
@@ -102,14 +110,14 @@ def render(response: Response, *, head_only: bool = False) -> bytes:
 
 async def _read(stream: trio.abc.ReceiveStream) -> tuple[Head, bytes]:
     data = b""
-    while b"\r\n\r\n" not in data:
+    while (end := _HEAD_END.search(data)) is None:
         if len(data) > MAX_HEAD:
             raise BadRequest(431, "request header fields too large")
         chunk = await stream.receive_some(MAX_HEAD)
         if not chunk:
             raise EOFError
         data += chunk
-    head_bytes, _, body = data.partition(b"\r\n\r\n")
+    head_bytes, body = data[:end.start()], data[end.end():]
     if len(head_bytes) > MAX_HEAD:
         raise BadRequest(431, "request header fields too large")
     head = parse_request(head_bytes)
