@@ -112,3 +112,19 @@ def test_a_request_with_lf_line_ends_is_answered_at_once(c):
             while b"\r\n\r\n" not in answer and (chunk := s.recv(65536)):
                 answer += chunk
         assert answer.startswith(b"HTTP/1.1 " + status), (request, answer[:80])
+
+
+def test_an_o_value_of_two_lines_cannot_add_parameters():
+    import subprocess
+    import sys
+
+    catch = subprocess.Popen([sys.executable, "-m", "trimail", "catch", "-o",
+                              "bounce_size_limit=50000\ndefault_transport = smtp", "--smtp", "127.0.34.153:0",
+                              "--listen", "127.0.34.153:0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _, stderr = catch.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # it started, delivering with smtp
+        catch.kill()
+        catch.communicate()
+        raise AssertionError("trimail catch started with a default_transport of the -o value's second line") from None
+    assert catch.returncode == 1 and "-o bounce_size_limit: a value is one line" in stderr, stderr[-500:]

@@ -83,3 +83,8 @@ def test_a_fault_reply_code_that_is_no_refusal_is_refused_when_armed(mta, code):
     assert mta.faults == []
     assert send(mta, to=["ann@example.com", "bob@example.com"]) == {}
     assert mta.wait_for()[0].recipients == ["ann@example.com", "bob@example.com"]
+
+
+def test_an_option_value_of_two_lines_cannot_add_main_cf_parameters():
+    with pytest.raises(ValueError, match="a main.cf value is one line"):
+        TestMTA(smtpd_listen=f"{HOST}:0", myhostname="a.test\nsmtpd_banner = injected ESMTP").start()

@@ -51,6 +51,8 @@ def catch_command(*, smtp: Annotated[str, Parameter(name=["--smtp", "-s"], help=
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise Failure(f"-o {item}: expected NAME=VALUE")
+        if "\n" in value or "\r" in value:  # it would add main.cf lines, OWN ones too
+            raise Failure(f"-o {name.strip()}: a value is one line")
         if name.strip() in OWN:
             raise Failure(f"-o {name.strip()}: set by trimail catch itself (see --smtp, --listen)")
         overrides[name.strip()] = value.strip()

@@ -105,6 +105,9 @@ def build_config(directory: str, *, relay: bool, transport: dict[str, str] | Non
         if require_auth:
             settings["smtpd_relay_restrictions"] = "permit_sasl_authenticated, reject"
     settings.update({k: str(v) for k, v in extra.items()})
+    for name, value in settings.items():  # one line each: "a\nrelayhost = ..." would add parameters
+        if "\n" in value or "\r" in value:
+            raise ValueError(f"{name}: a main.cf value is one line, got {value!r}")
     if settings["queue_directory"] == queue:  # ours: test mode (testmode.py)
         testmode.new_queue(queue)
     path = os.path.join(directory, "main.cf")
