@@ -128,3 +128,13 @@ def test_an_o_value_of_two_lines_cannot_add_parameters():
         catch.communicate()
         raise AssertionError("trimail catch started with a default_transport of the -o value's second line") from None
     assert catch.returncode == 1 and "-o bounce_size_limit: a value is one line" in stderr, stderr[-500:]
+
+
+def test_o_cannot_open_a_reinjection_listener():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "trimail", "catch", "-o", "reinject_listen=127.0.34.153:0",
+                           "--smtp", "127.0.34.153:0", "--listen", "127.0.34.153:0"], capture_output=True, text=True,
+                          timeout=20, check=False)
+    assert done.returncode == 1 and "-o reinject_listen: set by trimail catch itself" in done.stderr

@@ -20,8 +20,8 @@ from trimail.cli import ConfigOption, Failure, Overrides, app, load_config
 
 # set by the catcher itself: where it listens and queues, and that nothing leaves it
 OWN = frozenset({"queue_directory", "smtpd_listen", "submission_listen", "smtps_listen", "metrics_listen",
-                 "master_service_disable", "smtpd_workers", "mail_owner", "allow_root", "default_transport",
-                 "relay_transport", "local_transport", "virtual_transport", "transport_maps", "relayhost",
+                 "reinject_listen", "master_service_disable", "smtpd_workers", "mail_owner", "allow_root",
+                 "default_transport", "relay_transport", "local_transport", "virtual_transport", "transport_maps", "relayhost",
                  "content_filter", "always_bcc", "sender_bcc_maps", "recipient_bcc_maps"})
 
 
