@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from trimail.testing import TestMTA, open_test_mta
 from trimail.testing.shared import SharedTestMTA
@@ -668,6 +669,7 @@ async def test_a_test_mta_runs_no_cache_cleanup_task_and_no_control_socket_but_s
     path = write_main_cf(tmp_path, smtpd_listen=LISTEN)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(serve, configuration.load(path))
-        assert tasks("clean_cache") and tasks("serve_control")
+        await trio.testing.wait_all_tasks_blocked()  # (the control socket's task starts the public socket's too)
+        assert tasks("clean_cache") and tasks("serve_control") and tasks("serve_public")
         assert stat.S_ISSOCK(os.lstat(os.path.join(server.config.queue_directory, CONTROL_NAME)).st_mode)
         server.stop()
