@@ -212,7 +212,7 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
         try:
             request = json.loads(line)
             command = request["command"]
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError, KeyError, RecursionError):  # (arrays nested 1,000 deep: no log line)
             request, command = {}, None
         if command == "submit":  # a user's sendmail (Postfix's postdrop): the message follows
             answer = await pickup.receive(stream, rest, uid, config, request)

@@ -193,3 +193,20 @@ def test_a_serve_in_the_chroot_jail_answers_on_the_name_users_know(tmp_path, bac
                              capture_output=True, timeout=60, cwd="/", check=False)
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.decode().endswith("in 1 Request.\n")
+
+
+def test_a_deeply_nested_request_is_a_bad_request_not_a_mail_log_line(daemon):
+    """Red team 34: '[' * 1000 made json.loads raise RecursionError, which the
+    request's boundary logged as a failure: any local user wrote a warning line to
+    the mail log (and a task failure to /metrics) per connection."""
+    d = daemon(smtpd_workers=0, master_service_disable="qmgr")
+    with socket.socket(socket.AF_UNIX) as probe:  # bound by its own task, just after "daemon started"
+        wait_until(lambda: probe.connect_ex(postqueue.address(d.queue_directory)) == 0)
+    for _ in range(3):
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(postqueue.address(d.queue_directory))
+            sock.sendall(b"[" * 1000 + b"\n")
+            assert b"".join(iter(lambda: sock.recv(65536), b"")) == b"error 64: bad request\n"
+    assert not [line for line in d.proc.log if "public request failed" in line]
+    assert_serving(d)
