@@ -28,8 +28,9 @@ most ``pickup.ENVELOPE_LIMIT`` bytes), ``{"command": "list", "json": false,
 first line is ``ok`` or ``error N: text`` (N: the exit status the user's command
 ends with: 77 for a user the list does not name, 75 for a temporary condition); a
 listing follows in Postfix's layout (or JSON), made on a thread a few hundred lines
-at a time, one page of the queue per read snapshot, so a reader that stops reading
-holds no snapshot, and each piece must be taken within ``SEND_TIMEOUT`` seconds.
+(at most about ``PIECE`` characters, ``SCAN`` messages looked at) at a time, one
+page of the queue per read snapshot, so a reader that stops reading holds no
+snapshot, and each piece must be taken within ``SEND_TIMEOUT`` seconds.
 At most ``LIMIT`` requests are answered at once (``net.reading.serve_requests``:
 a slow sender loses its place to a newcomer), and one flush at a time.
 
@@ -62,7 +63,7 @@ from trimail.net.reading import receive_until, request_read, serve_requests
 from trimail.postqueue import peer_uid, uid_of
 from trimail.queue import admin, mailq
 from trimail.queue.database import QueueError, storage_error
-from trimail.queue.reads import filtered
+from trimail.queue.reads import MessageInfo, filtered
 from trimail.queue.store import Store
 from trimail.smtp.address import is_domain
 from trimail.supervise import FailureCounter, contained
@@ -74,7 +75,9 @@ READ_TIMEOUT = 5.0  # seconds to send the request
 SEND_TIMEOUT = 30.0  # seconds the client may take to read each piece of an answer
 LIMIT = 16  # requests answered at once
 RETRY = 5.0  # seconds between tries to bind a name another process holds
-LINES = 500  # lines of a listing made per thread hop
+LINES = 500  # lines of a listing made per thread hop, at most
+PIECE = 65536  # characters of a listing made per thread hop, about (a JSON line is a whole message)
+SCAN = 1000  # messages a thread hop looks at, at most (a filter may keep none of them)
 FILTERS = ("state", "sender", "recipient", "domain")
 
 
@@ -124,17 +127,44 @@ def _listing(queue_directory: Path, config: Config, uid: int, request: dict[str,
     source = store.iter_messages()
     try:
         yield b"ok\n"
-        messages = filtered(source, *(request.get(name) for name in FILTERS))
+        messages = _paused(source, [request.get(name) for name in FILTERS])
         if request.get("json"):  # as the CLI writes it: one line
-            texts = itertools.chain(("[",), (("" if number == 0 else ", ") + json.dumps(m.to_json())
-                                             for number, m in enumerate(messages)), ("]\n",))
+            texts = itertools.chain(("[",), _json_texts(messages), ("]\n",))
         else:
-            texts = (line + "\n" for line in mailq.mailq_lines(messages))
-        while piece := "".join(itertools.islice(texts, LINES)):
-            yield piece.encode()
+            texts = (line if line is None else line + "\n" for line in mailq.paused_lines(messages))
+        piece: list[str] = []
+        size = 0
+        for text in texts:  # a piece ends at LINES lines, PIECE characters or a pause (b"": nothing to send)
+            if text is not None:
+                piece.append(text)
+                size += len(text)
+            if text is None or len(piece) >= LINES or size >= PIECE:
+                yield "".join(piece).encode()
+                piece, size = [], 0
+        if piece:
+            yield "".join(piece).encode()
     finally:
         source.close()
         store.close()
+
+
+def _paused(source: Iterator[MessageInfo], filters: list[Any]) -> Iterator[MessageInfo | None]:
+    """The messages the filters keep, and a None (a pause) after every ``SCAN``
+    messages looked at: a filter that keeps few makes no hop walk the whole queue."""
+    for number, message in enumerate(source, 1):
+        yield from filtered((message,), *filters)
+        if number % SCAN == 0:
+            yield None
+
+
+def _json_texts(messages: Iterator[MessageInfo | None]) -> Iterator[str | None]:
+    count = 0
+    for m in messages:
+        if m is None:
+            yield None
+        else:
+            yield ("" if count == 0 else ", ") + json.dumps(m.to_json())
+            count += 1
 
 
 def _flush(queue_directory: Path, config: Config, uid: int, request: dict[str, Any]) -> bytes:

@@ -210,3 +210,69 @@ def test_a_deeply_nested_request_is_a_bad_request_not_a_mail_log_line(daemon):
             assert b"".join(iter(lambda: sock.recv(65536), b"")) == b"error 64: bad request\n"
     assert not [line for line in d.proc.log if "public request failed" in line]
     assert_serving(d)
+
+
+def load_queue(queue_directory: Path, messages: int, recipients: int, prefix: str) -> None:
+    """*messages* deferred messages of *recipients* recipients each, written straight
+    into a running serve's queue (its queue manager is off): a big queue in seconds."""
+    import time
+
+    import apsw
+    db = apsw.Connection(str(queue_directory / "queue.db"))
+    db.execute("PRAGMA busy_timeout = 10000")
+    now = time.time()
+    with db:
+        for m in range(messages):
+            mid = f"{prefix}{m:010d}"
+            db.execute("INSERT INTO message (id, state, sender, arrival_time, size, next_attempt)"
+                       " VALUES (?, 'deferred', 's@x.example', ?, 1000, ?)", (mid, now, now + 3600))
+            db.executemany("INSERT INTO recipient (message_id, seq, address, status, attempts, last_reply, next_attempt)"
+                           " VALUES (?, ?, ?, 'deferred', 3, '4.2.2 mailbox full', ?)",
+                           [(mid, i, f"user{i}@dom{m % 50}.example", now + 3600) for i in range(recipients)])
+    db.close()
+
+
+def peak_memory(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+
+
+def test_a_listing_is_made_in_bounded_pieces(daemon):
+    """Red team 34: a JSON listing was made 500 messages per thread hop, whole
+    messages: with 1,000 recipients each one piece was ~70 MB, and 16 users who
+    asked and did not read took serve to 1.5 GB (and SMTP waited on the GIL for
+    minutes); a filter that kept nothing walked the whole queue in one hop, which a
+    stop waits for.  Now a piece is at most about PIECE characters and a hop looks
+    at most at SCAN messages."""
+    d = daemon(smtpd_workers=0, master_service_disable="qmgr")
+    load_queue(d.queue_directory, 300, 1000, "0mBIG")
+    before = peak_memory(d.proc.proc.pid)
+    readers = []
+    try:
+        for _ in range(8):  # ask, and read nothing but the first bytes
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(120)
+            sock.connect(postqueue.address(d.queue_directory))
+            sock.sendall(b'{"command": "list", "json": true}\n')
+            readers.append(sock)
+        for sock in readers:  # "ok" and the listing's first piece: it has been made
+            first = b""
+            while len(first) < 4:
+                chunk = sock.recv(4 - len(first))
+                assert chunk, first
+                first += chunk
+            assert first == b"ok\n["
+        grown = peak_memory(d.proc.proc.pid) - before
+        assert grown < 100 * 2**20, f"serve grew by {grown // 2**20} MiB for 8 listings"
+    finally:
+        for sock in readers:
+            sock.close()
+    assert_serving(d)
+
+    from trimail import config as configuration  # a filter that keeps nothing: the hops still end
+    load_queue(d.queue_directory, 3 * public.SCAN, 1, "0mSMALL")
+    pieces = list(public._listing(d.queue_directory, configuration.load(d.config_path), 0,
+                                  {"command": "list", "sender": "nobody@nowhere.example"}))
+    assert b"".join(pieces) == b"ok\nMail queue is empty\n"
+    assert len(pieces) >= 1 + (3 * public.SCAN + 300) // public.SCAN

@@ -100,8 +100,17 @@ def summary(total_bytes: int, count: int) -> str:
 
 def mailq_lines(messages: Iterable[MessageInfo]) -> Iterator[str]:
     """The whole listing line by line (streams a long queue)."""
+    return (line for line in paused_lines(messages) if line is not None)
+
+
+def paused_lines(messages: Iterable[MessageInfo | None]) -> Iterator[str | None]:
+    """``mailq_lines``, where a None among the messages (a pause: trimail.public ends
+    a thread hop there) comes out as a None among the lines."""
     total = count = 0
     for m in messages:
+        if m is None:
+            yield None
+            continue
         yield _columns(*HEADINGS) if count == 0 else ""
         count += 1
         total += m.size
