@@ -32,7 +32,9 @@ listing follows in Postfix's layout (or JSON), made on a thread a few hundred li
 page of the queue per read snapshot, so a reader that stops reading holds no
 snapshot, and each piece must be taken within ``SEND_TIMEOUT`` seconds.
 At most ``LIMIT`` requests are answered at once (``net.reading.serve_requests``:
-a slow sender loses its place to a newcomer), and one flush at a time.
+a slow sender loses its place to a newcomer), at most ``PER_USER`` listings and
+flushes of one user (a user's slow readers leave room for the others'; red team
+34), and one flush at a time.
 
 Parameters: authorized_mailq_users, authorized_flush_users, mail_owner,
 queue_directory (and cleanup/pickup.py's).
@@ -40,6 +42,7 @@ queue_directory (and cleanup/pickup.py's).
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import logging
@@ -74,6 +77,7 @@ MAX_IDS = 100  # queue IDs one flush may name
 READ_TIMEOUT = 5.0  # seconds to send the request
 SEND_TIMEOUT = 30.0  # seconds the client may take to read each piece of an answer
 LIMIT = 16  # requests answered at once
+PER_USER = 4  # listings and flushes of one user at once (not root's, not serve's own user)
 RETRY = 5.0  # seconds between tries to bind a name another process holds
 LINES = 500  # lines of a listing made per thread hop, at most
 PIECE = 65536  # characters of a listing made per thread hop, about (a JSON line is a whole message)
@@ -230,6 +234,7 @@ async def _bind(sock: socket.socket, name: bytes) -> None:
 def _handler(queue_directory: Path, settings: Callable[[], Config],
              commands: dict[str, Callable[[], Any]]) -> Callable[[trio.SocketStream], Awaitable[None]]:
     one_flush = trio.Lock()
+    busy: collections.Counter[int] = collections.Counter()  # listings and flushes in progress by uid
 
     async def handle(stream: trio.SocketStream) -> None:
         data = b""
@@ -253,6 +258,22 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
                 await stream.send_all(answer)
             return
         request_read()
+        if busy[uid] >= PER_USER and uid not in (0, os.geteuid()):  # red team 34: slow readers took every slot
+            with trio.move_on_after(SEND_TIMEOUT):
+                await stream.send_all(f"error {os.EX_TEMPFAIL}: uid {uid} has {PER_USER} requests in progress\n"
+                                      .encode())
+            return
+        busy[uid] += 1
+        try:
+            await queue_request(stream, uid, config, command, request)
+        finally:
+            busy[uid] -= 1
+            if not busy[uid]:
+                del busy[uid]
+
+    async def queue_request(stream: trio.SocketStream, uid: int, config: Config, command: object,
+                            request: dict[str, Any]) -> None:
+        """A listing or a flush (at most PER_USER of them at once for one user)."""
         if command == "flush":
             async with one_flush:
                 answer = await trio.to_thread.run_sync(_flush, queue_directory, config, uid, request)

@@ -276,3 +276,51 @@ def test_a_listing_is_made_in_bounded_pieces(daemon):
                                   {"command": "list", "sender": "nobody@nowhere.example"}))
     assert b"".join(pieces) == b"ok\nMail queue is empty\n"
     assert len(pieces) >= 1 + (3 * public.SCAN + 300) // public.SCAN
+
+
+def connect_as(uid: int, name: bytes) -> socket.socket:
+    """A connection whose SO_PEERCRED says *uid* (taken at connect: the effective uid)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(10)
+    os.seteuid(uid)
+    try:
+        sock.connect(name)
+    finally:
+        os.seteuid(0)
+    return sock
+
+
+def test_one_users_slow_readers_leave_room_for_the_others(daemon):
+    """Red team 34: a user who asked for 16 listings and read them slowly held every
+    slot of the public socket (each piece may take SEND_TIMEOUT): every other user's
+    mailq and flush timed out, for as long as the listings lasted (hours at 100,000
+    messages).  Now one user has at most PER_USER listings and flushes in progress;
+    submissions are not counted (a script's parallel sendmails are all queued)."""
+    d = daemon(smtpd_workers=0, master_service_disable="qmgr")
+    load_queue(d.queue_directory, 5000, 2, "0mSLOW")  # a listing of ~1 MB: more than the socket holds
+    name = postqueue.address(d.queue_directory)
+    with socket.socket(socket.AF_UNIX) as probe:
+        wait_until(lambda: probe.connect_ex(name) == 0)
+    slow = []
+    try:
+        for _ in range(public.LIMIT - 2):
+            sock = connect_as(65534, name)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b'{"command": "list"}\n')
+            slow.append(sock)
+        for sock in slow[:public.PER_USER]:  # these are being answered, and are not read
+            assert sock.recv(3) == b"ok\n"
+        with connect_as(4242, name) as other:  # another user, within the client's 10 s
+            other.sendall(b'{"command": "flush"}\n')
+            assert b"".join(iter(lambda: other.recv(65536), b"")) == b"ok\n5000\n"
+        refused = slow[-1].recv(200)
+        assert refused == f"error 75: uid 65534 has {public.PER_USER} requests in progress\n".encode()
+        with connect_as(65534, name) as submission:  # the same user's sendmail still gets through
+            message = b"Subject: s\r\n\r\nbody\r\n"
+            submission.sendall(json.dumps({"command": "submit", "sender": "me@x.example", "size": len(message),
+                                           "recipients": ["a@dest.example"]}).encode() + b"\n" + message)
+            assert b"".join(iter(lambda: submission.recv(65536), b"")).startswith(b"ok\n")
+    finally:
+        for sock in slow:
+            sock.close()
+    assert_serving(d)
