@@ -58,14 +58,17 @@ def summary(store: Store, now: float | None = None) -> Iterator[tuple[str, str, 
 
 
 def flush(store: Store, ids: list[str] | None, now: float | None = None) -> int:
-    """Make deferred mail due now (all, or the given IDs).  All is two set-based
-    UPDATEs (Postfix's ``postqueue -f`` touches no file either), not two per message."""
+    """Make deferred mail due now (all, or the given IDs); the number of messages made
+    due.  All is two set-based UPDATEs (Postfix's ``postqueue -f`` touches no file
+    either), not two per message, and rows already due are left as they are: every
+    flush rewrote every deferred row, and a user's flush loop (any user may flush)
+    held the write lock 0.8 s a flush at 100,000 deferred messages (red team 34)."""
     now = time.time() if now is None else now
     db = store.db
     if ids is None:
-        db.execute("UPDATE recipient SET next_attempt = ? WHERE status = 'deferred'"
+        db.execute("UPDATE recipient SET next_attempt = ?1 WHERE status = 'deferred' AND next_attempt > ?1"
                    " AND message_id IN (SELECT id FROM message WHERE state = 'deferred')", (now,))
-        db.execute("UPDATE message SET next_attempt = ? WHERE state = 'deferred'", (now,))
+        db.execute("UPDATE message SET next_attempt = ?1 WHERE state = 'deferred' AND next_attempt > ?1", (now,))
         return db.changes()
     count = 0
     for message_id in ids:
