@@ -52,7 +52,7 @@ from trimail.net.http import serve_metrics
 from trimail.net.listener import bound_address, close_now
 from trimail.policy.verifycleanup import clean_cache
 from trimail.postqueue import address
-from trimail.public import serve_operators
+from trimail.public import PublicSocket, serve_operators
 from trimail.queue.reserve import QueueReserve
 from trimail.queue.reserve import keep as keep_reserve
 from trimail.queue.store import Store
@@ -140,7 +140,7 @@ async def serve(config: Config, *, task_status: trio.TaskStatus[Server] = trio.T
             def started(accepting: trio.Nursery) -> None:
                 if control is not None:  # none for a test MTA (trimail.startup)
                     accepting.start_soon(serve_operators, control, control_commands(server), server.metrics,
-                                         Path(queue.directory), lambda: server.config, public_name)
+                                         Path(queue.directory), lambda: server.config, PublicSocket(public_name))
                 for listener in metrics_listeners:
                     accepting.start_soon(serve_metrics, listener, server.metrics, server.refresh_metrics)
                     server.metrics_addresses.append(bound_address(listener))

@@ -198,37 +198,45 @@ def _flush(queue_directory: Path, config: Config, uid: int, request: dict[str, A
     return f"ok\n{count}\n".encode()
 
 
-async def serve_public(queue_directory: Path, settings: Callable[[], Config], commands: dict[str, Callable[[], Any]],
-                       metrics: FailureCounter | None = None, name: bytes | None = None) -> None:
-    """Bind the public socket (again every ``RETRY`` seconds while another process
-    holds the name) and answer on it until cancelled; *settings* gives the
-    configuration of the moment, *commands* the control socket's (its ``flush``
-    makes the queue manager try dead sites again); *name*: the socket's, when
-    *queue_directory* is not the users' name for it (``/`` in the chroot jail).  Its
-    own boundary: a failure here costs the users' requests, never serve."""
-    with contained("public socket", metrics, logger=log):
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:  # closed: the name is free again at once
-            await _bind(sock, name or postqueue.address(queue_directory))
-            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-            await serve_requests(listener, _handler(queue_directory, settings, commands), task="public request",
-                                 metrics=metrics, limit=LIMIT)
+class PublicSocket:
+    """The public socket, bound at once when its name is free: before serve says it
+    has started (and tells systemd), so a user's command right after finds serve
+    (red team 34: one in four at once was told serve was not running).  When
+    another process holds the name, ``serve_public`` binds it later."""
 
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.error = self.bind()
 
-async def _bind(sock: socket.socket, name: bytes) -> None:
-    complained = False
-    while True:
+    def bind(self) -> OSError | None:
         try:
-            sock.bind(name)
-            sock.listen(16)
-            break
+            self.sock.bind(self.name)
+            self.sock.listen(16)
         except OSError as exc:  # another process holds the name: never the end of serve
-            if not complained:
-                log.warning("public socket for users' mailq and flush: %s; trying again every %gs",
-                            exc.strerror or exc, RETRY)
-                complained = True
-            await trio.sleep(RETRY)
-    if complained:
-        log.info("public socket for users' mailq and flush bound")
+            return exc
+        return None
+
+
+async def serve_public(queue_directory: Path, settings: Callable[[], Config], commands: dict[str, Callable[[], Any]],
+                       metrics: FailureCounter | None = None, public: PublicSocket | None = None) -> None:
+    """Answer on the public socket (bound again every ``RETRY`` seconds while another
+    process holds the name) until cancelled; *settings* gives the configuration of
+    the moment, *commands* the control socket's (its ``flush`` makes the queue
+    manager try dead sites again); *public*: the socket, named before the chroot
+    jail (where *queue_directory* is ``/``).  Its own boundary: a failure here costs
+    the users' requests, never serve."""
+    public = public or PublicSocket(postqueue.address(queue_directory))
+    with contained("public socket", metrics, logger=log), public.sock:  # closed: the name is free again at once
+        if public.error is not None:
+            log.warning("public socket for users' mailq, flush and sendmail: %s; trying again every %gs",
+                        public.error.strerror or public.error, RETRY)
+            while public.bind() is not None:
+                await trio.sleep(RETRY)
+            log.info("public socket for users' mailq, flush and sendmail bound")
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(public.sock))
+        await serve_requests(listener, _handler(queue_directory, settings, commands), task="public request",
+                             metrics=metrics, limit=LIMIT)
 
 
 def _handler(queue_directory: Path, settings: Callable[[], Config],
@@ -302,8 +310,8 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
 
 async def serve_operators(control: trio.SocketListener, commands: dict[str, Callable[[], Any]],
                           metrics: FailureCounter | None, queue_directory: Path,
-                          settings: Callable[[], Config], name: bytes | None = None) -> None:
+                          settings: Callable[[], Config], public: PublicSocket) -> None:
     """The control socket (root and mail_owner) and the public socket (every user)."""
     async with trio.open_nursery() as nursery:
         nursery.start_soon(serve_control, control, commands, metrics, queue_directory)
-        nursery.start_soon(serve_public, queue_directory, settings, commands, metrics, name)
+        nursery.start_soon(serve_public, queue_directory, settings, commands, metrics, public)

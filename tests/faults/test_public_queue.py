@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.faults.conftest import assert_serving, queued, send, wait_until
 from tests.faults.test_startup import background, chroot_config, free_port, jail, needs_root  # noqa: F401
@@ -324,3 +325,27 @@ def test_one_users_slow_readers_leave_room_for_the_others(daemon):
         for sock in slow:
             sock.close()
     assert_serving(d)
+
+
+def public_bound(queue_directory: Path) -> bool:
+    """Whether a process has the public socket's name bound (/proc/net/unix lists
+    an abstract name with a leading @)."""
+    name = "@" + postqueue.address(queue_directory)[1:].decode()
+    return any(line.split()[-1] == name for line in Path("/proc/net/unix").read_text().splitlines()[1:]
+               if len(line.split()) == 8)
+
+
+async def test_the_public_name_is_bound_before_serve_says_it_started(tmp_path):
+    """Red team 34: serve logged "daemon started" (and told systemd it was ready) a
+    moment before its task bound the public name, and a user's command at once was
+    told serve was not running (1 run in 4 under load).  In one process: when
+    ``serve`` reports that it started, the name is bound, before any other task ran."""
+    from tests.conftest import write_main_cf
+    from trimail import config as configuration
+    from trimail.master import serve
+
+    path = write_main_cf(tmp_path, smtpd_listen="127.0.0.1:0", master_service_disable="qmgr")
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(serve, configuration.load(path))
+        assert public_bound(Path(server.config.queue_directory))
+        server.stop()

@@ -52,6 +52,7 @@ from trimail.master import notify_systemd
 from trimail.metrics import Metrics
 from trimail.net.http import serve_metrics
 from trimail.net.listener import bound_address
+from trimail.postqueue import address
 from trimail.processes import reports
 from trimail.processes.aggregate import merge
 from trimail.processes.board import SLOTS, SessionBoard
@@ -61,7 +62,7 @@ from trimail.processes.forkserver import ForkServer
 from trimail.processes.reload import apply_reload, workers_wanted
 from trimail.processes.slot import Slot, Worker, WorkerStartError, exit_text
 from trimail.processes.spawn import became_ready, spawn
-from trimail.public import serve_operators
+from trimail.public import PublicSocket, serve_operators
 from trimail.queue.lock import QueueLock
 from trimail.queue.writer import QueueWriter
 from trimail.scheduler.trigger import QmgrTrigger
@@ -373,8 +374,8 @@ class Master:
                 log.info("qmgr disabled by master_service_disable: mail stays queued")
             await self._start_slots("smtpd", workers_wanted(self.config), self.generation)
             async with trio.open_nursery() as requests:
-                requests.start_soon(serve_operators, control, self.control_commands(), self.metrics,
-                                    Path(self.queue_directory), lambda: self.config)
+                requests.start_soon(serve_operators, control, self.control_commands(), self.metrics, Path(self.queue_directory),
+                                    lambda: self.config, PublicSocket(address(self.queue_directory)))
                 for listener in metrics_listeners:
                     requests.start_soon(serve_metrics, listener, self.metrics, self.refresh_metrics, self.exposition)
                     self.metrics_addresses.append(bound_address(listener))
