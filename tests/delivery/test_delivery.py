@@ -601,3 +601,19 @@ async def test_an_etrn_that_makes_nothing_due_does_not_forget_the_dead_sites(sta
     _ehlo, answers = await trio.to_thread.run_sync(etrn_dialogue, srv.addresses[0].port, ["ETRN back.example"])
     assert answers == [(250, "Queuing started")]
     assert [site.destination for site in dead.snapshot(time.time())] == ["smtp:far.example"]
+
+
+async def test_lines_past_smtp_line_length_limit_are_broken_for_the_next_hop(start_mta):
+    """Postfix's smtp_line_length_limit (998): a longer header or body line goes out
+    broken with CRLF SPACE.  aiosmtpd, like many servers, refuses a line past 1,000
+    octets ("500 Line too long"): a milter's 900 KB header bounced so (red team 34)."""
+    subject = "Subject: " + "word " * 600  # 3,009 octets
+    body = "x" * 2500
+    with Sink() as sink:
+        srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}")
+        await send(srv, "a@client.example", ["b@far.example"], f"{subject}\r\n\r\n{body}\r\n")
+        await wait_empty(srv)
+    [(_, _, content)] = sink.messages
+    assert max(len(line) for line in content.split(b"\r\n")) <= 998
+    unbroken = content.replace(b"\r\n ", b"")
+    assert subject.encode() in unbroken.split(b"\r\n") and unbroken.endswith(f"\r\n\r\n{body}\r\n".encode())

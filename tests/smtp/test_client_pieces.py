@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.smtp.driver import Driver
@@ -98,3 +98,30 @@ def test_dot_stuffer_turns_a_bare_cr_dot_into_text():
     stuffer = DotStuffer()
     wire = stuffer.stuff(b"first\r.\r") + stuffer.stuff(b"\nMAIL FROM:<x@y>\r\n") + stuffer.finish()
     assert wire == b"first .\r\nMAIL FROM:<x@y>\r\n.\r\n"
+
+
+_LINE = st.binary(max_size=120).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"").lstrip(b" "))
+
+
+@settings(max_examples=300, deadline=None)
+@given(lines=st.lists(_LINE, min_size=1, max_size=8),
+       limit=st.sampled_from([2, 3, 7, 40, 998]), cuts=st.lists(st.integers(min_value=1), max_size=6))
+def test_lines_past_smtp_line_length_limit_are_broken_and_nothing_else_changes(lines, limit, cuts):
+    """Postfix's smtp_line_length_limit: each wire line at most *limit* bytes (one
+    more for a stuffed dot), wherever the chunks end, and taking out every inserted
+    CRLF SPACE (and the stuffed dots) gives the content back."""
+    content = b"\r\n".join(lines) + b"\r\n"
+    ends = sorted({c % len(content) for c in cuts} - {0}) + [len(content)]
+    chunks = [content[a:b] for a, b in zip([0, *ends[:-1]], ends)]
+    stuffer = DotStuffer(limit)
+    wire = b"".join(stuffer.stuff(c) for c in chunks) + stuffer.finish()
+    assert wire.endswith(b"\r\n.\r\n")
+    sent = wire[:-3].split(b"\r\n")[:-1]
+    assert all(len(line) <= limit + (line[:1] == b".") for line in sent), sent
+    unstuffed = b"\r\n".join(line[1:] if line[:1] == b"." else line for line in sent) + b"\r\n"
+    assert unstuffed.replace(b"\r\n ", b"") == content
+
+
+def test_without_a_limit_long_lines_pass_as_they_are():
+    stuffer = DotStuffer()
+    assert stuffer.stuff(b"x" * 5000 + b"\r\n") + stuffer.finish() == b"x" * 5000 + b"\r\n.\r\n"

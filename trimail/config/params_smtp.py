@@ -42,6 +42,9 @@ PARAMS: list[Param] = [
        "most SMTP sessions (connections that got past greeting and EHLO) in one delivery attempt "
        "(0: no limit, trimail stops at 10): recipients soft-failed in one session (4xx, lost "
        "connection) go to the next mail host while sessions are left"),
+    P("smtp_line_length_limit", "998", parse_count,
+      "longest message header or body line sent over SMTP, without its CRLF; a longer one is broken "
+      "by inserting CRLF SPACE (0: no limit)"),
     P("disable_mime_output_conversion", "no", parse_bool,
        "send 8-bit MIME entities as they are to a server that does not offer 8BITMIME, instead of "
        "converting them to quoted-printable"),

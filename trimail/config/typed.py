@@ -213,6 +213,7 @@ class TypedParameters:
     smtp_connection_reuse_time_limit: float
     smtp_mx_address_limit: int
     smtp_mx_session_limit: int
+    smtp_line_length_limit: int
     disable_mime_output_conversion: bool
     proxy_interfaces: list[str]
     smtp_tls_security_level: str

@@ -13,7 +13,7 @@ the next mail host (``open(skip=)``, within smtp_mx_session_limit).
 
 Parameters: smtp_connect_timeout (and the other smtp_*_timeout, for the sessions it
 opens: ``smtp.Timeouts``), myhostname, smtp_mx_address_limit, smtp_mx_session_limit,
-proxy_interfaces, disable_mime_output_conversion, smtp_tls_security_level, smtp_tls_CAfile,
+proxy_interfaces, disable_mime_output_conversion, smtp_line_length_limit, smtp_tls_security_level, smtp_tls_CAfile,
 dns_nameservers and dns_concurrency_limit (a reload that changes them: a new resolver).
 
 Security notes: one attempt's fan-out (connections, lookups) is bounded
@@ -83,6 +83,7 @@ class Connector:
         self.address_limit: int = config.smtp_mx_address_limit
         self.session_limit: int = config.smtp_mx_session_limit
         self.mime_conversion = not config.disable_mime_output_conversion
+        self.line_limit: int = config.smtp_line_length_limit
         self.tls = TlsPolicy(config.smtp_tls_security_level or "none", config.smtp_tls_CAfile)
 
     def _is_self(self, address: str, port: int) -> bool:
@@ -143,7 +144,7 @@ class Connector:
         except OSError as exc:
             return None, deferred("4.4.1", f"connect to {relay}: {connect_error(exc)}")
         conn = Connection(stream, host, address, port, self.timeouts)
-        conn.mime_conversion = self.mime_conversion
+        conn.mime_conversion, conn.line_limit = self.mime_conversion, self.line_limit
         try:
             reply = await conn.hello(self.helo_name, self.tls if tls else None)
         except TlsRequired as exc:

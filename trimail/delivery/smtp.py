@@ -100,6 +100,7 @@ class Connection:
         self.ehlo_name = ""  # the first word of the EHLO reply: the server's name for itself
         self.usable = True
         self.mime_conversion = True  # not disable_mime_output_conversion
+        self.line_limit = 0  # smtp_line_length_limit (0: none)
         self.tls: str | None = None  # "TLSv1.3 with cipher ..." once encrypted
 
     @property
@@ -274,7 +275,7 @@ class Connection:
             await self._reset()
             final = classify(data_reply, self.namaddr, "DATA")
             return [o if o is not None else final for o in outcomes]
-        stuffer = DotStuffer()
+        stuffer = DotStuffer(self.line_limit)
         pending = b""  # the last piece goes out with the end of data, in one send
         async for chunk in content():  # streamed: memory does not grow with message size
             if pending:
