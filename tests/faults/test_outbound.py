@@ -101,6 +101,7 @@ def test_hostile_zones_odd_peers_and_deep_mime_leave_serve_running(daemon):
             assert converted.isascii() and converted.count(b"Content-Transfer-Encoding: 7bit") == 30
             # past MAX_DEPTH the conversion stops: the rest goes as it came (as with
             # disable_mime_output_conversion), the 8-bit line intact
-            assert b"\r\n" + b"\xff" * 200_000 + b"\r\n" in got[b"RCPT TO:<r@deeper.example>"]
+            # (lines past smtp_line_length_limit go out broken with CRLF SPACE)
+            assert b"\r\n" + b"\xff" * 200_000 + b"\r\n" in got[b"RCPT TO:<r@deeper.example>"].replace(b"\r\n ", b"")
             assert_serving(d)
             assert integrity_ok(d.queue_directory) == "ok"
