@@ -258,11 +258,11 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
         except (ValueError, TypeError, KeyError, RecursionError):  # (arrays nested 1,000 deep: no log line)
             request, command = {}, None
         if command == "submit":  # a user's sendmail (Postfix's postdrop): the message follows
-            answer = await pickup.receive(stream, rest, uid, config, request)
-            request_read()
+            answer = await pickup.receive(stream, rest, uid, config, request)  # (calls request_read)
             if answer.startswith(b"ok"):
                 commands["wake"]()
-            with trio.move_on_after(SEND_TIMEOUT):
+            # queued: the answer goes out even when serve stops now (red team 34e: exit 75, queued)
+            with trio.CancelScope(shield=True), trio.move_on_after(SEND_TIMEOUT):
                 await stream.send_all(answer)
             return
         request_read()

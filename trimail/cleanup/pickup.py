@@ -36,6 +36,7 @@ from trimail.config import Config
 from trimail.errors import TrimailError
 from trimail.log import printable
 from trimail.maps import TableError, open_table
+from trimail.net.reading import request_read
 from trimail.queue.ids import new_queue_id
 
 log = logging.getLogger("trimail.pickup")
@@ -77,6 +78,7 @@ async def receive(stream: trio.SocketStream, first: bytes, uid: int, config: Con
             content += chunk
     if len(content) < size:
         return _error(os.EX_TEMPFAIL, "the message did not arrive whole: nothing was queued")
+    request_read()  # in whole: no newcomer cuts it off while it is queued (its answer would be lost)
     try:
         queue_id = await trio.to_thread.run_sync(queue, config, uid, sender, rcpts, bytes(content), params)
     except SendmailError as exc:
