@@ -73,10 +73,11 @@ def trusted_uids(config: Any) -> set[int | None]:
 
 
 def ask(config: Any, request: dict[str, Any], body: bytes = b"", *, timeout: float = 60.0,
-        down: int = os.EX_UNAVAILABLE) -> Iterator[bytes]:
+        down: int = os.EX_UNAVAILABLE, work: float = 0.0) -> Iterator[bytes]:
     """One request to serve (blocking): the answer after its ``ok`` line, piece by
     piece.  ``Refused`` for an ``error`` line, an answer from a process that is not
-    serve's, or no serve (status *down*)."""
+    serve's, or no serve (status *down*).  *work*: seconds serve may take besides
+    before its first line (a submission's milters)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         try:
@@ -94,6 +95,7 @@ def ask(config: Any, request: dict[str, Any], body: bytes = b"", *, timeout: flo
                 sock.sendall(json.dumps(request).encode() + b"\n" + body)
             except OSError:  # a refusal before the whole message was taken: read it
                 pass
+            sock.settimeout(timeout + work)
             while b"\n" not in data and len(data) < ANSWER_LINE:
                 chunk = sock.recv(65536)
                 if not chunk:
@@ -115,8 +117,14 @@ def ask(config: Any, request: dict[str, Any], body: bytes = b"", *, timeout: flo
 def submit_through_serve(config: Any, sender: str, rcpts: list[str], content: bytes,
                          params: dict[str, str | None]) -> int:
     """A user's sendmail: serve queues the message (cleanup/pickup.py); 0 once it is
-    queued, ``Refused`` with serve's exit status (75 when serve is not running)."""
+    queued, ``Refused`` with serve's exit status (75 when serve is not running).
+    The answer is awaited as long as serve's non_smtpd_milters may take (a milter's
+    ``milter_content_timeout`` is 300 s): a sendmail that gave up at 60 s exited 75
+    for a message serve then queued (red team 34e)."""
     request = {"command": "submit", "sender": sender, "recipients": rcpts, "size": len(content), "params": params}
-    for _ in ask(config, request, content, down=os.EX_TEMPFAIL):
+    milters = len(getattr(config, "non_smtpd_milters", None) or ())
+    work = milters * (config.milter_connect_timeout + config.milter_content_timeout
+                      + (8 + len(rcpts)) * config.milter_command_timeout) if milters else 0.0
+    for _ in ask(config, request, content, down=os.EX_TEMPFAIL, work=work):
         pass
     return 0

@@ -13,13 +13,15 @@ import json
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
 import pytest
 
 from tests.faults.conftest import queued, wait_until
-from tests.faults.test_local_submission import readable, sendmail_as_nobody  # noqa: F401 (a fixture)
+from tests.faults.test_local_submission import AS_NOBODY, readable, sendmail_as_nobody  # noqa: F401 (a fixture)
 from trimail.postqueue import address
 
 HOST = "127.0.34.66"
@@ -129,3 +131,34 @@ def test_a_submission_queued_as_serve_stops_is_answered(daemon, readable, milter
     assert result[0].returncode == 0, result[0].stderr
     assert queued(d.queue_directory) == 1
 
+
+
+def test_sendmail_waits_for_a_slow_milter_of_serves(daemon, readable, milter):  # noqa: F811
+    """sendmail waited 60 s for serve's answer, a milter may take milter_content_timeout
+    (300 s) at the end of the message: sendmail exited 75 and serve queued the message.
+    Here sendmail's own wait is 2 s and the milter holds the message until sendmail
+    has exited or 5 s have passed."""
+    d = daemon(smtpd_workers=0, smtpd_listen=f"{SMTP}:{SMTP_PORT}", non_smtpd_milters=f"inet:{HOST}:{milter.port}")
+    config = readable / "main.cf"
+    config.write_text(f"myhostname = mx.test.example\nqueue_directory = {d.queue_directory}\n"
+                      f"alias_maps =\nalias_database =\nnon_smtpd_milters = inet:{HOST}:{milter.port}\n")
+    config.chmod(0o644)
+    script = AS_NOBODY.replace("os.setgroups", "trimail.postqueue.ask.__kwdefaults__['timeout'] = 2.0\nos.setgroups")
+    sendmail = subprocess.Popen([sys.executable, "-c", script, "-C", str(config), "a@dest.example"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/")
+    try:
+        sendmail.stdin.write(b"Subject: slow\n\nhi\n")
+        sendmail.stdin.close()
+        assert milter.holding.wait(30)
+        try:
+            sendmail.wait(5)  # (the milter's time at the end of the message, not a synchronisation)
+        except subprocess.TimeoutExpired:
+            pass
+        milter.release.set()
+        status = sendmail.wait(60)
+    finally:
+        if sendmail.poll() is None:
+            sendmail.kill()
+            sendmail.wait()
+    wait_until(lambda: queued(d.queue_directory) == 1)
+    assert status == 0, sendmail.stderr.read()
