@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
+import apsw
 import pytest
 
 from tests.faults.conftest import queued, wait_until
@@ -162,3 +163,26 @@ def test_sendmail_waits_for_a_slow_milter_of_serves(daemon, readable, milter):  
             sendmail.wait()
     wait_until(lambda: queued(d.queue_directory) == 1)
     assert status == 0, sendmail.stderr.read()
+
+
+def test_serve_qualifies_what_the_socket_brings(daemon):
+    """A user who speaks the public socket's protocol without sendmail had bare names
+    (``root``) queued as they came, as envelope sender and recipient: sendmail
+    qualifies them (user@$myorigin, Postfix's cleanup), so serve does too."""
+    d = daemon(smtpd_workers=0, smtpd_listen=f"{SMTP}:{SMTP_PORT}")
+    body = b"Subject: bare\r\n\r\nhi\r\n"
+    request = {"command": "submit", "sender": "root", "recipients": ["postmaster", "a@dest.example"],
+               "size": len(body), "params": {}}
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(address(d.queue_directory))
+        sock.sendall(json.dumps(request).encode() + b"\n" + body)
+        assert sock.recv(100).startswith(b"ok\n")
+    db = apsw.Connection(str(d.queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        senders = [row[0] for row in db.execute("SELECT sender FROM message")]
+        recipients = sorted(row[0] for row in db.execute("SELECT address FROM recipient"))
+    finally:
+        db.close()
+    assert senders == ["root@mx.test.example"]
+    assert recipients == ["a@dest.example", "postmaster@mx.test.example"]

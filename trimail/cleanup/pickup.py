@@ -93,8 +93,13 @@ def queue(config: Config, uid: int, sender: str, rcpts: list[str], content: byte
           params: dict[str, str | None]) -> str:
     """(On a thread) the message into maildrop as pickup and cleanup would have it;
     its queue ID once committed."""
+    def qualify(address: str) -> str:  # sendmail did; the socket does not say it was sendmail (red team 34e)
+        return rewrite.qualify(address, config.myorigin, config.mydomain, config.append_at_myorigin,
+                               config.append_dot_mydomain)
+
+    sender, rcpts = qualify(sender), [qualify(r) for r in rcpts]
     for address in ([sender] if sender else []) + rcpts:
-        check_domain(address)  # sendmail did; the socket does not say it was sendmail
+        check_domain(address)
     if "no_address_mappings" not in config.receive_override_options:
         try:
             rcpts = rewrite.virtual_expand(rcpts, [open_table(ref) for ref in config.virtual_alias_maps])
