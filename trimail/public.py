@@ -242,6 +242,7 @@ async def serve_public(queue_directory: Path, settings: Callable[[], Config], co
 def _handler(queue_directory: Path, settings: Callable[[], Config],
              commands: dict[str, Callable[[], Any]]) -> Callable[[trio.SocketStream], Awaitable[None]]:
     one_flush = trio.Lock()
+    big = trio.Semaphore(pickup.BIG_AT_ONCE)  # submissions over pickup.BIG read and queued at once
     busy: collections.Counter[int] = collections.Counter()  # listings and flushes in progress by uid
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -258,7 +259,7 @@ def _handler(queue_directory: Path, settings: Callable[[], Config],
         except (ValueError, TypeError, KeyError, RecursionError):  # (arrays nested 1,000 deep: no log line)
             request, command = {}, None
         if command == "submit":  # a user's sendmail (Postfix's postdrop): the message follows
-            answer = await pickup.receive(stream, rest, uid, config, request)  # (calls request_read)
+            answer = await pickup.receive(stream, rest, uid, config, request, big)  # (calls request_read)
             if answer.startswith(b"ok"):
                 commands["wake"]()
             # queued: the answer goes out even when serve stops now (red team 34e: exit 75, queued)
