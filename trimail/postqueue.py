@@ -13,7 +13,9 @@ does not name, 75 for a temporary condition, 69 for good).
 
 No trio here: a user's sendmail imports this module.
 
-Parameters: queue_directory, mail_owner.
+Parameters: queue_directory, mail_owner, non_smtpd_milters, milter_connect_timeout,
+milter_content_timeout, milter_command_timeout (how long serve may take to answer a
+submission).
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ Bounds: the envelope is one line of at most ``ENVELOPE_LIMIT`` bytes (about
 is held in memory while it is queued (about three copies), so at most
 ``BIG_AT_ONCE`` messages over ``BIG`` bytes are read at a time; the others wait.
 
-Parameters: message_size_limit, myhostname, mail_name, virtual_alias_maps,
-receive_override_options (plus what cleanup/submit.enqueue reads).
+Parameters: message_size_limit, myhostname, mail_name, myorigin, mydomain,
+append_at_myorigin, append_dot_mydomain, virtual_alias_maps, receive_override_options
+(plus what cleanup/submit.enqueue reads).
 """
 
 from __future__ import annotations
