@@ -109,19 +109,22 @@ def authorized(users: list[str], uid: int, config: Config) -> bool:
     return False
 
 
-def _refusal(uid: int, what: str) -> bytes:
+def _refusal(config: Config, users: str, uid: int, what: str) -> bytes | None:
+    """Postfix's refusal when the list *users* (a parameter) does not name *uid*; None
+    when it does (a table that cannot be read names nobody)."""
+    try:
+        if authorized(config.get(users), uid, config):
+            return None
+    except TableError as exc:
+        log.warning("%s: %s", users, exc)
     return f"error {os.EX_NOPERM}: User {user_key(uid)}({uid}) is not allowed to {what}\n".encode()
 
 
 def _listing(queue_directory: Path, config: Config, uid: int, request: dict[str, Any]) -> Iterator[bytes]:
     """The answer to a listing, piece by piece (each ``next`` on a thread)."""
-    try:
-        allowed = authorized(config.authorized_mailq_users, uid, config)
-    except TableError as exc:
-        log.warning("authorized_mailq_users: %s", exc)
-        allowed = False
-    if not allowed:
-        yield _refusal(uid, "view the mail queue")
+    refused = _refusal(config, "authorized_mailq_users", uid, "view the mail queue")
+    if refused is not None:
+        yield refused
         return
     try:
         store = Store.open(queue_directory, readonly=True)
@@ -172,13 +175,9 @@ def _json_texts(messages: Iterator[MessageInfo | None]) -> Iterator[str | None]:
 
 
 def _flush(queue_directory: Path, config: Config, uid: int, request: dict[str, Any]) -> bytes:
-    try:
-        allowed = authorized(config.authorized_flush_users, uid, config)
-    except TableError as exc:
-        log.warning("authorized_flush_users: %s", exc)
-        allowed = False
-    if not allowed:
-        return _refusal(uid, "flush the mail queue")
+    refused = _refusal(config, "authorized_flush_users", uid, "flush the mail queue")
+    if refused is not None:
+        return refused
     site, ids = request.get("site"), request.get("ids")
     if site is not None and not (isinstance(site, str) and (is_domain(site.rstrip(".")) or (
             site.startswith("[") and site.endswith("]") and len(site) <= 255))):
