@@ -130,8 +130,7 @@ class _Session:
             if mapped and works_the_queue_itself(cfg.queue_directory) else None
 
     def qualify(self, address: str) -> str:
-        cfg = self.cfg
-        return cleanup_rewrite.qualify(address, cfg.myorigin, cfg.mydomain, cfg.append_at_myorigin, cfg.append_dot_mydomain)
+        return cleanup_rewrite.qualified(address, self.cfg)
 
     def decide(self, event) -> Reply | None:
         from trimail.cleanup.submit import SendmailError, check_domain

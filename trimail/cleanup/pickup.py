@@ -94,7 +94,7 @@ async def _receive(stream: trio.SocketStream, first: bytes, uid: int, config: Co
         return _error(os.EX_TEMPFAIL, "the message did not arrive whole: nothing was queued")
     request_read()  # in whole: no newcomer cuts it off while it is queued (its answer would be lost)
     try:
-        queue_id = await trio.to_thread.run_sync(queue, config, uid, sender, rcpts, bytes(content), params)
+        queue_id = await trio.to_thread.run_sync(queue, config, uid, sender, rcpts, content, params)
     except SendmailError as exc:
         return _error(exc.status, str(exc))
     except (TrimailError, TableError) as exc:  # the queue or a table: try again later
@@ -103,15 +103,12 @@ async def _receive(stream: trio.SocketStream, first: bytes, uid: int, config: Co
     return f"ok\n{queue_id}\n".encode()
 
 
-def queue(config: Config, uid: int, sender: str, rcpts: list[str], content: bytes,
+def queue(config: Config, uid: int, sender: str, rcpts: list[str], content: bytes | bytearray,
           params: dict[str, str | None]) -> str:
     """(On a thread) the message into maildrop as pickup and cleanup would have it;
     its queue ID once committed."""
-    def qualify(address: str) -> str:  # sendmail did; the socket does not say it was sendmail (red team 34e)
-        return rewrite.qualify(address, config.myorigin, config.mydomain, config.append_at_myorigin,
-                               config.append_dot_mydomain)
-
-    sender, rcpts = qualify(sender), [qualify(r) for r in rcpts]
+    # sendmail qualified them; the socket does not say it was sendmail (red team 34e)
+    sender, rcpts = rewrite.qualified(sender, config), [rewrite.qualified(r, config) for r in rcpts]
     for address in ([sender] if sender else []) + rcpts:
         check_domain(address)
     if "no_address_mappings" not in config.receive_override_options:

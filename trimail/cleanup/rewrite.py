@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from trimail import rewrite
 from trimail.maps import Table, TableError, lookup_first
@@ -183,6 +183,13 @@ def qualify(address: str, myorigin: str, mydomain: str, append_at_myorigin: bool
     if append_dot_mydomain and "." not in domain and not domain.startswith("["):
         return f"{local}@{domain}.{mydomain}"
     return address
+
+
+def qualified(address: str, config: Any) -> str:
+    """``qualify`` with the configuration's myorigin, mydomain, append_at_myorigin and
+    append_dot_mydomain (sendmail, ``sendmail -bs`` and serve's pickup)."""
+    return qualify(address, config.myorigin, config.mydomain, config.append_at_myorigin,
+                   config.append_dot_mydomain)
 
 
 def virtual_expand(recipients: list[str], tables: list[Table]) -> list[str]:

@@ -193,10 +193,6 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str, *,
           expand: bool = True) -> tuple[str, list[str], bytes]:
     """Envelope and cleaned-up content for one submission; virtual_alias_maps only
     when *expand* (not for a user who may not read them: serve expands theirs)."""
-    def qualify(address: str) -> str:
-        return cleanup_rewrite.qualify(address, cfg.myorigin, cfg.mydomain, cfg.append_at_myorigin,
-                               cfg.append_dot_mydomain)
-
     content = headers.normalize_newlines(raw)
     if content.startswith(b"From "):  # an mbox From_ line is not a header
         content = content.split(b"\r\n", 1)[1] if b"\r\n" in content else b""
@@ -210,8 +206,8 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str, *,
         raise SendmailError("no recipient addresses found in message header" if opts["t"]
                             else "no recipients specified", 2 if not opts["t"] else 1)
     sender = opts["f"] if opts["f"] is not None else getpass.getuser()
-    sender = "" if sender in ("<>", "") else qualify(sender.strip("<>"))
-    rcpts = [qualify(r.strip().strip("<>")) for r in rcpts]
+    sender = "" if sender in ("<>", "") else cleanup_rewrite.qualified(sender.strip("<>"), cfg)
+    rcpts = [cleanup_rewrite.qualified(r.strip().strip("<>"), cfg) for r in rcpts]
     if expand and "no_address_mappings" not in cfg.receive_override_options:  # as pickup passes it to cleanup
         tables = [open_table(ref) for ref in cfg.virtual_alias_maps]
         rcpts = cleanup_rewrite.virtual_expand(rcpts, tables)
