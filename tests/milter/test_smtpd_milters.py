@@ -116,6 +116,17 @@ async def test_every_modification_action_is_made_before_the_commit(start_serve, 
     assert b"".join(milter.got(p.SMFIC_BODY)) == b"Hello Bob,\r\nthis is the body.\r\n"
 
 
+async def test_a_recipient_a_milter_adds_twice_is_queued_once(start_serve, nursery):
+    # cleanup's duplicate filter sees what milters add too (tests/rewrite/test_duplicate_recipients.py)
+    milter = await fake(nursery, on(p.SMFIC_BODYEOB, reply(p.SMFIR_ADDRCPT, b"<Bob@remote.example>\0"),
+                                    reply(p.SMFIR_ADDRCPT, b"<archive@remote.example>\0"),
+                                    reply(p.SMFIR_ADDRCPT, b"<archive@remote.example>\0"), reply(p.SMFIR_CONTINUE)))
+    srv = await start_serve(smtpd_milters=milter.name)
+    result = await send(srv, "alice@example.com", ["bob@remote.example"])
+    info, _ = stored(srv, result.queue_id)
+    assert [r.address for r in info.recipients] == ["bob@remote.example", "archive@remote.example"]
+
+
 async def test_an_action_not_negotiated_is_a_protocol_error(start_serve, nursery, caplog):
     milter = await fake(nursery, on(p.SMFIC_BODYEOB, reply(p.SMFIR_ADDHEADER, b"X-A\0b\0"), reply(p.SMFIR_CONTINUE)),
                         actions=p.SMFIF_CHGHDRS)

@@ -35,4 +35,5 @@ async def test_an_outside_client_may_use_a_source_route_to_a_local_mailbox(start
     assert replies[4][1] == b"4.7.1 <victim@outside.example>: Relay access denied"
     [info] = Store.open(srv.config.queue_directory, readonly=True).list_messages_by_id([queue_id])
     assert info.sender == "alice@client.example"
-    assert sorted(r.address for r in info.recipients) == ["user@gw.example"] * 3
+    # all three name one mailbox once the routes are stripped: queued once (cleanup's duplicate filter)
+    assert [r.address for r in info.recipients] == ["user@gw.example"]

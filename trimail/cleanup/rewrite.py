@@ -7,6 +7,11 @@ masquerading and the header rewriting context.
 - ``virtual_alias_maps`` rewrites envelope recipients, for any domain: the full
   address is looked up, then ``@domain``; results expand recursively (bounded),
   a result equal to its key stops the recursion, duplicates are dropped.
+- Duplicate recipients (``unique``): one message never holds the same recipient
+  twice, whatever brought it (RCPT TO, ``sendmail`` arguments, ``-t``, a milter's
+  SMFIR_ADDRCPT, an access BCC, alias expansion); compared without case, as
+  Postfix's cleanup_out_recipient() with its been_here filter of
+  ``duplicate_filter_limit`` addresses.
 - Masquerading (``masquerade_domains``, ``masquerade_exceptions``,
   ``masquerade_classes``) strips subdomains: ``joe@host.sub.example.com`` becomes
   ``joe@example.com`` for ``masquerade_domains = example.com``; ``!domain`` stops it
@@ -29,7 +34,7 @@ All functions here are pure (text in, text out) except the table lookups.
 
 Parameters: masquerade_domains, masquerade_exceptions, masquerade_classes,
 local_header_rewrite_clients, remote_header_rewrite_domain, myorigin, mydomain,
-append_at_myorigin, append_dot_mydomain, virtual_alias_maps.
+append_at_myorigin, append_dot_mydomain, virtual_alias_maps, duplicate_filter_limit.
 """
 
 from __future__ import annotations
@@ -190,6 +195,22 @@ def qualified(address: str, config: Any) -> str:
     append_dot_mydomain (sendmail, ``sendmail -bs`` and serve's pickup)."""
     return qualify(address, config.myorigin, config.mydomain, config.append_at_myorigin,
                    config.append_dot_mydomain)
+
+
+def unique(recipients: list[str], limit: int) -> list[str]:
+    """*recipients* without repeats, the first of each kept (compared without case).
+    As Postfix's been_here filter: at most *limit* addresses are remembered (0: no
+    limit), and those past it are kept as they come, each as often as it comes."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for address in recipients:
+        key = address.lower()
+        if key in seen:
+            continue
+        if not limit or len(seen) < limit:
+            seen.add(key)
+        out.append(address)
+    return out
 
 
 def virtual_expand(recipients: list[str], tables: list[Table]) -> list[str]:

@@ -47,7 +47,7 @@ never writes the queue; serve takes the message on its public socket and queues 
 (``cleanup/pickup.py``, with the uid it sees), so serve must run (else exit 75).
 
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
-append_at_myorigin, append_dot_mydomain, virtual_alias_maps, message_size_limit,
+append_at_myorigin, append_dot_mydomain, virtual_alias_maps, duplicate_filter_limit, message_size_limit,
 receive_override_options (its option for address mappings: no virtual aliases, no
 masquerading; and the switch for milters), non_smtpd_milters (``milter/local.py``: run
 before the commit; a refusal is sendmail's error, exit status 69 or 75), dkim_signing_table
@@ -356,6 +356,7 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
         if state == "discard":
             store.close()
             return 0
+    rcpts = cleanup_rewrite.unique(rcpts, cfg.duplicate_filter_limit)  # after what a milter added
     if cfg.dkim_signing_table:  # DKIM signing; a key this user may not read: serve signs it
         from trimail.authcheck.signing import SigningError, sign_local
 

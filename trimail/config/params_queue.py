@@ -99,4 +99,7 @@ PARAMS: list[Param] = [
            "default_destination_concurrency_failed_cohort_limit", parse_count))),
     P("delay_warning_time", "0h", time_parser("h"), "when to tell the sender mail is delayed (0: never)"),
     P("hopcount_limit", "50", parse_int, "most Received: headers before a mail loop bounce"),
+    P("duplicate_filter_limit", "1000", parse_count,
+      "addresses cleanup's duplicate filter remembers per message: a recipient given twice "
+      "is queued once (0: no limit)"),
 ]

@@ -113,6 +113,7 @@ class TypedParameters:
     relay_destination_concurrency_failed_cohort_limit: int
     delay_warning_time: float
     hopcount_limit: int
+    duplicate_filter_limit: int
     smtpd_listen: list[ListenAddress]
     submission_listen: list[ListenAddress]
     smtps_listen: list[ListenAddress]

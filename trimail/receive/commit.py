@@ -8,7 +8,7 @@ log lines.
 The message's content filter (``content_filter``, or an access-table FILTER) is
 stored with it in its params, and so is ``no_address_mappings``.
 
-Parameters: hopcount_limit, header_size_limit, virtual_alias_maps, content_filter,
+Parameters: hopcount_limit, header_size_limit, virtual_alias_maps, duplicate_filter_limit, content_filter,
 receive_override_options (through ReceiveContext), and trimail/authcheck/inbound.py's
 (Authentication-Results, DKIM signing: before the commit).
 """
@@ -22,7 +22,7 @@ import time
 from typing import TYPE_CHECKING
 
 from trimail import log as maillog
-from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM
+from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM, unique
 from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
 from trimail.log import printable
@@ -113,7 +113,7 @@ async def commit(session: SmtpdSession) -> Reply:
             recipients = [verdict.redirect] if verdict.redirect else list(txn.recipients)
             if verdict.bcc and verdict.bcc not in recipients:  # access action BCC: one more copy
                 recipients.append(verdict.bcc)
-            recipients = await session.ctx.expand_virtual(recipients)
+            recipients = unique(await session.ctx.expand_virtual(recipients), session.ctx.duplicate_filter_limit)
         except (TableError, ValueError) as exc:
             log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
             return replies.LOCAL_ERROR

@@ -13,7 +13,7 @@ cleanup_replace_stray_cr_lf, smtpd_forbidden_commands, smtpd_delay_reject,
 smtpd_client_restrictions, smtputf8_enable, disable_vrfy_command, fast_flush_domains,
 smtpd_helo_required, smtpd_tls_cert_file, smtpd_tls_security_level, smtpd_tls_auth_only,
 smtpd_sasl_auth_enable, smtpd_sasl_password_file, smtpd_auth_failure_limit,
-smtpd_tls_handshake_timeout, smtpd_reject_unlisted_recipient, hopcount_limit,
+smtpd_tls_handshake_timeout, smtpd_reject_unlisted_recipient, hopcount_limit, duplicate_filter_limit,
 header_size_limit, queue_directory, queue_minfree, table_lookup_timeout, smtpd_milters,
 parent_domain_matches_subdomains, dns_nameservers, content_filter, receive_override_options
 (the milters' switch among them), reinject_overrides, and trimail/authcheck/inbound.py's.
@@ -233,6 +233,7 @@ class ReceiveContext:
         self.hostname: str = config.myhostname
         self.mail_name: str = config.mail_name
         self.hopcount_limit: int = config.hopcount_limit
+        self.duplicate_filter_limit: int = config.duplicate_filter_limit
         self.header_size_limit: int = config.header_size_limit
         self.spool_directory: str = config.queue_directory
         self.queue_space = QueueSpace(self.spool_directory, config.queue_minfree, config.message_size_limit,
