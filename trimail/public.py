@@ -5,17 +5,16 @@ postdrop reach its showq, flush and pickup services for any user; here:
   the users ``authorized_mailq_users`` names;
 - a flush (``sendmail -q``, ``trimail flush [-d site] [IDs]``) for the users
   ``authorized_flush_users`` names (then the queue manager tries dead sites again);
-- a local submission (a user's ``sendmail``: cleanup/pickup.py), for every user.
+- a local submission (a user's ``sendmail``: cleanup/pickup.py) for the users
+  ``authorized_submit_users`` names (every user by default).
 
 The queue is mail_owner's and 0700, and a Python program cannot be setgid as
 postqueue and postdrop are, so a user who may not touch the queue asks serve, on a
 Linux abstract UNIX socket named after the queue directory (``postqueue.address``:
 no file that could be planted, moved or have its mode changed).  Each side checks
-the other's credentials (``SO_PEERCRED``): serve judges the user's uid (the
-authorized_* lists: user names, ``uid:N`` for a uid without a name, ``type:table``
-lookups by user name, ``static:anyone`` (the default) for everyone, each may be
-negated with ``!``, the first match decides; root and mail_owner always, as
-postqueue does), and the user's side (trimail.postqueue) takes an answer only from
+the other's credentials (``SO_PEERCRED``): serve judges the user's uid against
+the authorized_* lists (trimail/userlists.py: root and mail_owner may always view
+and flush, as postqueue lets them), and the user's side (trimail.postqueue) takes an answer only from
 a process of root, mail_owner or the queue directory's owner: a user who took the
 name first (serve logs it, starts all the same and tries again every ``RETRY``
 seconds) answers nobody.
@@ -37,7 +36,7 @@ flushes of one user (a user's slow readers leave room for the others'; red team
 34), and one flush at a time.
 
 Parameters: authorized_mailq_users, authorized_flush_users, mail_owner,
-queue_directory (and cleanup/pickup.py's).
+queue_directory (and cleanup/pickup.py's, trimail/userlists.py's).
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ import itertools
 import json
 import logging
 import os
-import pwd
 import socket
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -56,14 +54,13 @@ from typing import Any
 import apsw
 import trio
 
-from trimail import postqueue
+from trimail import postqueue, userlists
 from trimail.cleanup import pickup
 from trimail.config import Config
 from trimail.errors import TrimailError
-from trimail.maps import TableError, open_table
 from trimail.net.control import serve_control
 from trimail.net.reading import receive_until, request_read, serve_requests
-from trimail.postqueue import peer_uid, uid_of
+from trimail.postqueue import peer_uid
 from trimail.queue import admin, mailq
 from trimail.queue.database import QueueError, storage_error
 from trimail.queue.reads import MessageInfo, filtered
@@ -85,44 +82,15 @@ SCAN = 1000  # messages a thread hop looks at, at most (a filter may keep none o
 FILTERS = ("state", "sender", "recipient", "domain")
 
 
-def user_key(uid: int) -> str:
-    """What the authorized_* lists match: the user name, ``uid:N`` for a uid without one."""
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid:{uid}"
-
-
-def authorized(users: list[str], uid: int, config: Config) -> bool:
-    """Whether *uid* is one of *users* (an authorized_* list: see the module)."""
-    if uid in (0, os.geteuid(), uid_of(config.mail_owner)):
-        return True
-    key = user_key(uid)
-    for item in users:
-        pattern = item.removeprefix("!")
-        if ":" in pattern and not pattern.startswith("uid:"):
-            hit = open_table(pattern).lookup(key) is not None
-        else:
-            hit = pattern.lower() == key.lower()
-        if hit:
-            return not item.startswith("!")
-    return False
-
-
-def _refusal(config: Config, users: str, uid: int, what: str) -> bytes | None:
-    """Postfix's refusal when the list *users* (a parameter) does not name *uid*; None
-    when it does (a table that cannot be read names nobody)."""
-    try:
-        if authorized(config.get(users), uid, config):
-            return None
-    except TableError as exc:
-        log.warning("%s: %s", users, exc)
-    return f"error {os.EX_NOPERM}: User {user_key(uid)}({uid}) is not allowed to {what}\n".encode()
+def _refusal(config: Config, users: str, uid: int) -> bytes | None:
+    """The answer refusing *uid* when the list *users* (a parameter) does not name it."""
+    refused = userlists.refusal(config, users, uid)
+    return None if refused is None else f"error {os.EX_NOPERM}: {refused}\n".encode()
 
 
 def _listing(queue_directory: Path, config: Config, uid: int, request: dict[str, Any]) -> Iterator[bytes]:
     """The answer to a listing, piece by piece (each ``next`` on a thread)."""
-    refused = _refusal(config, "authorized_mailq_users", uid, "view the mail queue")
+    refused = _refusal(config, "authorized_mailq_users", uid)
     if refused is not None:
         yield refused
         return
@@ -175,7 +143,7 @@ def _json_texts(messages: Iterator[MessageInfo | None]) -> Iterator[str | None]:
 
 
 def _flush(queue_directory: Path, config: Config, uid: int, request: dict[str, Any]) -> bytes:
-    refused = _refusal(config, "authorized_flush_users", uid, "flush the mail queue")
+    refused = _refusal(config, "authorized_flush_users", uid)
     if refused is not None:
         return refused
     site, ids = request.get("site"), request.get("ids")

@@ -196,7 +196,7 @@ class _Session:
                     protocol=protocol, helo_name=self.helo)
         except (SendmailError, QueueError, OSError) as exc:
             log.error("%s: cannot queue the message: %s", tx.queue_id, exc)
-            if isinstance(exc, SendmailError) and exc.status in (os.EX_DATAERR, os.EX_UNAVAILABLE):  # for good (33c)
+            if isinstance(exc, SendmailError) and exc.status in (os.EX_DATAERR, os.EX_UNAVAILABLE, os.EX_NOPERM):  # for good (33c)
                 return Reply(554, "5.0.0", f"Error: {printable(str(exc), 400)}")
             return replies.LOCAL_ERROR
         return replies.queued(tx.queue_id)

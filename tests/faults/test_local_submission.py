@@ -167,3 +167,38 @@ def test_bs_answers_a_refusal_for_good_with_a_permanent_reply(daemon, readable, 
     replies = result.stdout.decode().splitlines()
     assert any(line.startswith("554 5.0.0 Error: serve did not queue") for line in replies), (replies, result.stderr)
     assert queued(d.queue_directory) == 0
+
+
+@pytest.mark.parametrize("size", [20, 5 << 20], ids=["small", "5MiB"])
+def test_a_user_authorized_submit_users_leaves_out_is_refused_by_serve(daemon, readable, size):
+    """Postfix's authorized_submit_users (postdrop's check, here serve's pickup): the
+    user's sendmail exits 77 with Postfix's text and nothing is queued; serve refuses
+    before it reads the message, and sendmail still gets the answer when serve did
+    not take a 5 MiB one."""
+    d = daemon(smtpd_workers=0, authorized_submit_users="!nobody, static:anyone")
+    result = sendmail_as_nobody(d, readable, "you@dest.example", data=b"Subject: x\n\n" + b"y" * size + b"\n")
+    assert result.returncode == 77, result.stderr
+    assert result.stderr.decode().strip() == "sendmail: fatal: User nobody(65534) is not allowed to submit mail"
+    session = b"HELO me.example\r\nMAIL FROM:<me@mx.test.example>\r\nRCPT TO:<you@dest.example>\r\nDATA\r\nx\r\n.\r\n"
+    replies = sendmail_as_nobody(d, readable, "-bs", data=session).stdout.decode().splitlines()
+    assert "554 5.0.0 Error: User nobody(65534) is not allowed to submit mail" in replies, replies
+    assert queued(d.queue_directory) == 0
+
+
+def test_root_is_not_exempt_from_authorized_submit_users(tmp_path):
+    """As Postfix's sendmail, which exempts no one: root's sendmail writes the queue
+    itself, so it judges the list itself."""
+    from tests.conftest import write_main_cf
+
+    def sendmail(users: str) -> subprocess.CompletedProcess:
+        config_path = write_main_cf(tmp_path, authorized_submit_users=users)
+        return subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path),
+                               "you@dest.example"], input=b"Subject: x\n\nhi\n", capture_output=True,
+                              timeout=60, check=False)
+
+    refused = sendmail("!root, static:anyone")
+    assert refused.returncode == 77
+    assert refused.stderr.decode().strip() == "sendmail: fatal: User root(0) is not allowed to submit mail"
+    assert not (tmp_path / "queue" / "queue.db").exists() or queued(tmp_path / "queue") == 0
+    assert sendmail("static:anyone").returncode == 0
+    assert queued(tmp_path / "queue") == 1

@@ -19,8 +19,8 @@ is held in memory while it is queued (about three copies), so at most
 ``BIG_AT_ONCE`` messages over ``BIG`` bytes are read at a time; the others wait.
 
 Parameters: message_size_limit, myhostname, mail_name, myorigin, mydomain,
-append_at_myorigin, append_dot_mydomain, virtual_alias_maps, receive_override_options
-(plus what cleanup/submit.enqueue reads).
+append_at_myorigin, append_dot_mydomain, virtual_alias_maps, receive_override_options,
+authorized_submit_users (plus what cleanup/submit.enqueue reads).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from trimail import userlists
 from trimail.cleanup import rewrite
 from trimail.cleanup.headers import local_received
 from trimail.cleanup.submit import SendmailError, check_domain, enqueue
@@ -71,6 +72,9 @@ async def receive(stream: trio.SocketStream, first: bytes, uid: int, config: Con
     bytes, read with the envelope) and queue it; the answer's bytes.  A message over
     ``BIG`` bytes is read and queued only while it holds *big* (serve's, shared by
     all its submissions)."""
+    refused = await trio.to_thread.run_sync(userlists.refusal, config, "authorized_submit_users", uid)
+    if refused is not None:  # as postdrop: before the message is read
+        return _error(os.EX_NOPERM, refused)
     try:
         sender, rcpts, size, params = envelope(request, config)
     except SendmailError as exc:

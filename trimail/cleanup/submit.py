@@ -47,7 +47,8 @@ never writes the queue; serve takes the message on its public socket and queues 
 (``cleanup/pickup.py``, with the uid it sees), so serve must run (else exit 75).
 
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
-append_at_myorigin, append_dot_mydomain, virtual_alias_maps, duplicate_filter_limit, message_size_limit,
+append_at_myorigin, append_dot_mydomain, virtual_alias_maps, duplicate_filter_limit, authorized_submit_users,
+message_size_limit,
 receive_override_options (its option for address mappings: no virtual aliases, no
 masquerading; and the switch for milters), non_smtpd_milters (``milter/local.py``: run
 before the commit; a refusal is sendmail's error, exit status 69 or 75), dkim_signing_table
@@ -66,6 +67,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+from trimail import userlists
 from trimail.cleanup import headers
 from trimail.cleanup import rewrite as cleanup_rewrite
 from trimail.config import Config, ConfigError, load
@@ -335,7 +337,9 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     *in_serve*); *received*: this process adds that line itself."""
     queue_directory = Path(cfg.queue_directory)
     if not in_serve and not works_the_queue_itself(queue_directory):
-        return _through_serve(cfg, sender, rcpts, content, params)
+        return _through_serve(cfg, sender, rcpts, content, params)  # serve judges authorized_submit_users
+    if not in_serve and (refused := userlists.refusal(cfg, "authorized_submit_users", os.getuid())):
+        raise SendmailError(refused, os.EX_NOPERM)
     if received:
         content = headers.local_received(cfg.myhostname, cfg.mail_name, os.getuid(), queue_id) + content
     try:
@@ -391,4 +395,5 @@ def _through_serve(cfg: Config, sender: str, rcpts: list[str], content: bytes,
     try:
         return submit_through_serve(cfg, sender, rcpts, content, params or {})
     except Refused as exc:
-        raise SendmailError(f"serve did not queue the message: {exc}", exc.status) from None
+        raise SendmailError(str(exc) if exc.status == os.EX_NOPERM else f"serve did not queue the message: {exc}",
+                            exc.status) from None

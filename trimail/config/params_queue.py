@@ -39,6 +39,9 @@ PARAMS: list[Param] = [
     P("authorized_flush_users", "static:anyone", parse_user_list,
       "users who may flush the queue through serve (sendmail -q, trimail flush); root and mail_owner "
       "always may"),
+    P("authorized_submit_users", "static:anyone", parse_user_list,
+      "users who may submit mail with sendmail (exit 77 for the others, as Postfix's sendmail and "
+      "postdrop); no one is exempt, root included"),
     T("allow_root", "no", parse_bool,
        "stay root instead of becoming mail_owner: development and test suites only"),
     T("chroot", "no", parse_bool, "confine serve to queue_directory after start (see docs/security.md)"),

@@ -81,6 +81,7 @@ class TypedParameters:
     mail_owner: str
     authorized_mailq_users: list[str]
     authorized_flush_users: list[str]
+    authorized_submit_users: list[str]
     allow_root: bool
     chroot: bool
     minimal_backoff_time: float

@@ -1,0 +1,72 @@
+"""Postfix's lists of local users: who may view the queue (``authorized_mailq_users``),
+flush it (``authorized_flush_users``) and submit mail with sendmail
+(``authorized_submit_users``).
+
+An entry is a user name, ``uid:N`` for a uid without a name, a ``type:table``
+looked up by user name, or ``static:anyone`` (every default) for everyone; each may
+be negated with ``!``, and the first entry that matches decides (none: refused).
+postqueue always lets root and mail_owner view and flush the queue; sendmail and
+postdrop exempt nobody (``authorized_submit_users = !www-data, static:anyone``
+keeps a web server from sending mail).  A refusal is Postfix's text, ``User
+NAME(UID) is not allowed to ...``, with exit status 77 (EX_NOPERM).
+
+Parameters: authorized_mailq_users, authorized_flush_users, authorized_submit_users,
+mail_owner (read through the caller's configuration).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+
+from trimail.config import Config
+from trimail.maps import TableError, open_table
+from trimail.postqueue import uid_of
+
+log = logging.getLogger("trimail.master")
+
+# the parameter, what its users may do (the refusal's words), and whether root,
+# serve's own user and mail_owner may always (postqueue) or only when listed (postdrop)
+LISTS = {
+    "authorized_mailq_users": ("view the mail queue", True),
+    "authorized_flush_users": ("flush the mail queue", True),
+    "authorized_submit_users": ("submit mail", False),
+}
+
+
+def user_key(uid: int) -> str:
+    """What the lists match: the user name, ``uid:N`` for a uid without one."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid:{uid}"
+
+
+def authorized(users: list[str], uid: int, config: Config, exempt: bool = True) -> bool:
+    """Whether *uid* is one of *users*; root, this process's user and mail_owner
+    always are when *exempt*.  TableError when a table cannot answer."""
+    if exempt and uid in (0, os.geteuid(), uid_of(config.mail_owner)):
+        return True
+    key = user_key(uid)
+    for item in users:
+        pattern = item.removeprefix("!")
+        if ":" in pattern and not pattern.startswith("uid:"):
+            hit = open_table(pattern).lookup(key) is not None
+        else:
+            hit = pattern.lower() == key.lower()
+        if hit:
+            return not item.startswith("!")
+    return False
+
+
+def refusal(config: Config, parameter: str, uid: int) -> str | None:
+    """Postfix's refusal when the list *parameter* does not name *uid*; None when it
+    does.  A table that cannot be read names nobody (and is logged)."""
+    what, exempt = LISTS[parameter]
+    try:
+        if authorized(config.get(parameter), uid, config, exempt):
+            return None
+    except TableError as exc:
+        log.warning("%s: %s", parameter, exc)
+    return f"User {user_key(uid)}({uid}) is not allowed to {what}"
