@@ -127,3 +127,33 @@ async def test_trio_form_wait_for_one_and_nothing_sent_within():
         with pytest.raises(MTAAssertionError, match="subject 'Nope' not in 'Late'"):
             await mta.wait_for_one(subject="Nope", timeout=0.05)
         mta.assert_not_sent_to("bob@example.com")
+
+
+def test_a_slow_predicate_holds_up_no_test_mta():
+    """Red team 34: wait_for ran its criteria holding the MTA's lock, so while a slow
+    ``predicate`` ran, the event-loop thread every sync TestMTA shares blocked on that
+    lock as soon as the MTA recorded anything (a new session): every other test MTA
+    in the process stopped answering.  The predicate now runs without the lock."""
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(message) -> bool:
+        entered.set()
+        release.wait(30)  # a predicate that takes its time (parsing, a lookup, a breakpoint)
+        return "Second" in message.subject
+
+    with TestMTA(smtpd_listen=f"{HOST}:0") as first, TestMTA(smtpd_listen="127.0.41.2:0") as other:
+        send(first, "First")
+        found: list = []
+        waiter = threading.Thread(target=lambda: found.extend(first.wait_for(predicate=slow, timeout=60)))
+        waiter.start()
+        try:
+            assert entered.wait(10)
+            # while the predicate runs: this MTA records a session and a message, the other answers
+            for port, subject in ((first.port, "Second"), (other.port, "Other")):
+                with smtplib.SMTP(HOST if subject == "Second" else "127.0.41.2", port, timeout=10) as client:
+                    client.sendmail("app@app.example", ["ann@example.com"], f"Subject: {subject}\r\n\r\nHi\r\n")
+            assert other.wait_for_one(subject="Other", timeout=10)
+        finally:
+            release.set()
+            waiter.join(30)
+        assert [m.subject for m in found] == ["Second"]  # the capture during the predicate was seen

@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, Self, TypeVar
 
 import anyio
 import sniffio
 
-from trimail.testing.base import MTAAssertionError
+from trimail.testing.base import MTAAssertionError, Recording
 from trimail.testing.content import CapturedMessage
 from trimail.testing.mta import _DONE
 from trimail.testing.observe import Attempt, Delivery
@@ -58,7 +57,7 @@ class _Waker:
             pass
 
 
-class _WakingCondition(threading.Condition):
+class _WakingCondition(Recording):
     """The test MTA's condition (``TestMTABase._lock``): whatever notifies the
     blocking waiters (a captured message, or anything else the base records) also
     wakes the awaiting ones."""
