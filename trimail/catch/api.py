@@ -9,6 +9,12 @@ GET /api/v1/message/{ID} (``latest`` too, optionally ``?query=``), .../headers,
 GET/PUT /api/v1/chaos, /livez, /readyz; the web page at ``/`` (catch/page.py).
 IDs that are not in Mailpit's ID alphabet are simply not found: no ID reaches
 anything but a dictionary lookup.
+
+One request reads the HTML of the messages it lists or searches into text for at
+most ``REQUEST_BUDGET`` seconds (catch/text.py): a message not read by then has an
+empty ``Snippet``, a search tells the messages it could not search in an
+``X-Search-Incomplete`` header, a search that would change messages is refused
+(``503``), and a later request goes on reading.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from trimail.catch import page
 from trimail.catch.chaos import Chaos, ChaosError
 from trimail.catch.mime import go_time
 from trimail.catch.store import Mailbox, SearchError, Stored
+from trimail.catch.text import REQUEST_BUDGET, shared_budget
 
 NOT_FOUND = b"404 page not found"
 
@@ -54,6 +61,13 @@ def ok_text(text: str = "ok") -> Response:
 
 def error(text: str, status: int = 400) -> Response:
     return Response(status, text.encode(), "text/plain")
+
+
+def incomplete(untold: int) -> Response:
+    """A search that would change messages, with some not searched within the request's budget."""
+    response = error(f"Error: search incomplete ({untold} messages not searched yet), try again", 503)
+    response.headers.append(("Retry-After", "1"))
+    return response
 
 
 def as_json(value: Any) -> Response:
@@ -121,7 +135,8 @@ class Api:
 
     def answer(self, request: Request) -> Response:
         try:
-            return self._answer(request)
+            with shared_budget(REQUEST_BUDGET):
+                return self._answer(request)
         except SearchError as exc:  # a query of too many terms, from any route that searches
             return error(str(exc))
 
@@ -163,15 +178,21 @@ class Api:
         query = request.arg("query").strip()
         if not query:
             return error("Error: no search query")
-        matched = self.mailbox.search(query)
+        matched, untold = self.mailbox.search(query)
         page = _page(matched, request)
-        return as_json(_summary(self.mailbox, page, _start_limit(request)[0], matched))
+        response = as_json(_summary(self.mailbox, page, _start_limit(request)[0], matched))
+        if untold:  # Mailpit's JSON has no field for it; its clients read the matches found
+            response.headers.append(("X-Search-Incomplete", str(untold)))
+        return response
 
     def delete_search(self, request: Request) -> Response:
         query = request.arg("query").strip()
         if not query:
             return error("Error: no search query")
-        self.mailbox.delete([m.id for m in self.mailbox.search(query)])
+        matched, untold = self.mailbox.search(query)
+        if untold:
+            return incomplete(untold)
+        self.mailbox.delete([m.id for m in matched])
         return ok_text()
 
     def delete(self, request: Request) -> Response:
@@ -191,7 +212,9 @@ class Api:
         if ids and search:
             return error("You may specify either IDs or a search query, not both")
         if search:
-            targets = self.mailbox.search(search)
+            targets, untold = self.mailbox.search(search)
+            if untold:
+                return incomplete(untold)
         elif ids:
             targets = [m for m in (self.mailbox.get(i) for i in ids) if m is not None]
         else:
@@ -205,7 +228,7 @@ class Api:
     def _find(self, request: Request, message_id: str) -> Stored | None:
         if message_id == "latest":
             query = request.arg("query").strip()
-            found = self.mailbox.search(query) if query else self.mailbox.newest_first()
+            found = self.mailbox.search(query)[0] if query else self.mailbox.newest_first()
             return found[0] if found else None
         return self.mailbox.get(message_id)
 

@@ -201,7 +201,7 @@ class MessageView:
 
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
-        self._decoded: dict[str, str] = {}
+        self._decoded: dict[str, str] = {}  # header fields by name; "\0html" ...: what was read of the HTML
         self._addresses: dict[str, list[dict[str, str]]] = {}
 
     @cached_property
@@ -273,13 +273,12 @@ class MessageView:
             return None
 
     @cached_property
-    def bodies(self) -> tuple[str, str]:
-        """(Text, HTML) as Mailpit gives them."""
+    def _bodies(self) -> tuple[str, str]:
+        """(Text, HTML) before an HTML-only message's Text is made from its HTML."""
         root = self.root
         if not root.multipart:
             if root.content_type == "text/html" and root.disposition != "attachment":
-                html = root.text()
-                return self._html_text(html), html
+                return "", root.text()
             if self._binary_root():
                 return "", ""
             return root.text(), ""
@@ -294,15 +293,27 @@ class MessageView:
             text = "\n--\n".join(p.text() for p in _depth(root) if plain(p))
         html_part = next((p for p in _depth(root)
                           if p.content_type == "text/html" and p.disposition != "attachment"), None)
-        html = html_part.text() if html_part else ""
-        if not text and html:
-            text = self._html_text(html)
-        return text, html
+        return text, html_part.text() if html_part else ""
 
-    def _html_text(self, html: str) -> str:
-        """``html_to_text`` of this message's HTML, once (hostile HTML costs its budget once)."""
+    @property
+    def html(self) -> str:
+        return self._bodies[1]
+
+    @property
+    def bodies(self) -> tuple[str, str]:
+        """(Text, HTML) as Mailpit gives them: the one message shown reads its HTML
+        within its own budget, whatever the request's (catch/text.py)."""
+        text, html = self._bodies
+        return (text or self.html_text() or "") if html else text, html
+
+    def html_text(self, *, shared: bool = False) -> str | None:
+        """``html_to_text`` of this message's HTML, kept once read (hostile HTML costs
+        its budget once); None when *shared* and the request's budget ran out first."""
         if self._decoded.get("\0html") is None:
-            self._decoded["\0html"] = html_to_text(html)
+            text = html_to_text(self.html, shared=shared)
+            if text is None:
+                return None
+            self._decoded["\0html"] = text
         return self._decoded["\0html"]
 
     def _binary_root(self) -> bool:
@@ -334,21 +345,30 @@ class MessageView:
     def part(self, part_id: str) -> Part | None:
         return next((p for p in _breadth(self.root) if p.part_id == part_id and not p.multipart), None)
 
-    @cached_property
-    def search_text(self) -> str:
-        """What a plain search word is looked for in (Mailpit's SearchText)."""
-        text, html = self.bodies
-        pieces = [self.header(name) for name in ("From", "Subject", "To", "Cc", "Bcc", "Reply-To", "Return-Path")]
-        pieces.append(self._html_text(html) if html else text)
-        pieces += [p.filename for p in self.parts[0]]
-        return clean(" ".join(pieces))
+    def search_text(self) -> str | None:
+        """What a plain search word is looked for in (Mailpit's SearchText); None
+        while the request's budget leaves the HTML unread (a later request reads it)."""
+        if self._decoded.get("\0search") is None:
+            text, html = self._bodies
+            body = self.html_text(shared=True) if html else text
+            if body is None:
+                return None
+            pieces = [self.header(name) for name in ("From", "Subject", "To", "Cc", "Bcc", "Reply-To", "Return-Path")]
+            pieces += [body] + [p.filename for p in self.parts[0]]
+            self._decoded["\0search"] = clean(" ".join(pieces))
+        return self._decoded["\0search"]
 
-    @cached_property
+    @property
     def snippet(self) -> str:
-        text, html = self.bodies
-        source = self._html_text(html) if html.strip() else text
-        flat = " ".join(source.replace("\ufeff", " ").split())
-        return flat if len(flat) <= 200 else flat[:200] + "..."
+        """Mailpit's Snippet; empty while the request's budget leaves the HTML unread."""
+        if self._decoded.get("\0snippet") is None:
+            text, html = self._bodies
+            source = self.html_text(shared=True) if html.strip() else text
+            if source is None:
+                return ""
+            flat = " ".join(source.replace("\ufeff", " ").split())
+            self._decoded["\0snippet"] = flat if len(flat) <= 200 else flat[:200] + "..."
+        return self._decoded["\0snippet"]
 
 
 def clean(value: str) -> str:

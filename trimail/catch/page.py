@@ -16,6 +16,7 @@ import re
 from html import escape
 from urllib.parse import quote
 
+from trimail.catch.mime import created_time
 from trimail.catch.store import Mailbox, Stored
 
 STYLE = """
@@ -53,24 +54,26 @@ def _contacts(contacts: list[dict[str, str]]) -> str:
 
 
 def index(mailbox: Mailbox, query: str = "") -> bytes:
-    messages = mailbox.search(query) if query.strip() else mailbox.newest_first()
+    """The list (no snippets: nothing here reads a message's HTML, except a search)."""
+    messages, untold = mailbox.search(query) if query.strip() else (mailbox.newest_first(), 0)
     if not messages:
         rows = "<p class=empty id=empty>No messages" + (" match." if query.strip() else " yet.") + "</p>"
     else:
         body = []
         for stored in messages:
-            summary = stored.summary()
-            sender = summary["From"]
-            assert isinstance(sender, dict)
+            view = stored.view
             css = "" if stored.read else " class=unread"
-            subject = escape(str(summary["Subject"]) or "(no subject)")
-            body.append(f"<tr{css}><td>{_contacts([sender])}</td><td>{_contacts(summary['To'])}</td>"  # type: ignore[arg-type]
+            subject = escape(view.subject or "(no subject)")
+            body.append(f"<tr{css}><td>{_contacts([view.sender()])}</td><td>{_contacts(view.addresses('To'))}</td>"
                         f"<td class=subject><a href='/view/{stored.id}'>{subject}</a></td>"
-                        f"<td>{escape(str(summary['Created'])[:19].replace('T', ' '))}</td>"
-                        f"<td>{summary['Size']}</td></tr>")
+                        f"<td>{escape(created_time(stored.created)[:19].replace('T', ' '))}</td>"
+                        f"<td>{len(view.raw)}</td></tr>")
         rows = ("<table id=messages><thead><tr><th>From</th><th>To</th><th>Subject</th><th>Received (UTC)</th>"
                 "<th>Size</th></tr></thead><tbody>" + "".join(body) + "</tbody></table>")
     count = f"<p>{mailbox.total} message(s), {mailbox.unread} unread</p>"
+    if untold:
+        count += (f"<p id=incomplete>{untold} message(s) not searched yet (their HTML is still being read): "
+                  f"reload for the rest.</p>")
     return _document("trimail catch", count + rows, query)
 
 
@@ -111,7 +114,7 @@ def body_html(stored: Stored) -> bytes:
     HTML, each reference looked up among the parts' Content-IDs (the first part
     wins, case ignored): a pattern per part, each scanning the whole HTML, took 70 s
     for a 5 MB message with 999 inline parts, on the catcher's one thread."""
-    html = stored.view.bodies[1]
+    html = stored.view.html
     attachments, inline = stored.view.listed()
     targets: dict[str, tuple[int, str]] = {}
     for order, part in enumerate(inline + attachments):

@@ -146,16 +146,24 @@ class Mailbox:
             if self._messages.pop(message_id, None) is not None:
                 self.deleted += 1
 
-    def search(self, query: str) -> list[Stored]:
-        """The messages matching every term of *query*, newest first.  SearchError
-        beyond ``MAX_TERMS`` distinct terms: each term is looked for in each message
-        on the catcher's one thread, and 8,000 terms in one 16 KiB query stopped HTTP
-        and SMTP for 20 s with 500 small messages (dropping terms instead would make a
-        DELETE of a search delete more than it says)."""
+    def search(self, query: str) -> tuple[list[Stored], int]:
+        """The messages matching every term of *query*, newest first, and how many
+        messages it could not tell: a plain word needs a message's text, and HTML is
+        read into text within the request's budget (catch/text.py; a later search
+        reads the rest).  SearchError beyond ``MAX_TERMS`` distinct terms: each term
+        is looked for in each message on the catcher's one thread, and 8,000 terms in
+        one 16 KiB query stopped HTTP and SMTP for 20 s with 500 small messages
+        (dropping terms instead would make a DELETE of a search delete more than it says)."""
         terms = list(dict.fromkeys(arguments(query)))
         if len(terms) > MAX_TERMS:
             raise SearchError(f"Error: too many search terms ({len(terms)}, at most {MAX_TERMS})")
-        return [m for m in self.newest_first() if all(matches(m, term) for term in terms)]
+        found, untold = [], 0
+        for message in self.newest_first():
+            verdict = _all(message, terms)
+            if verdict:
+                found.append(message)
+            untold += verdict is None
+        return found, untold
 
 
 MAX_TERMS = 50  # distinct words of one search query (a real one has a few)
@@ -195,10 +203,23 @@ def _json(addresses: object) -> str:
     return json.dumps(addresses).lower()
 
 
-def matches(message: Stored, term: str) -> bool:
+def _all(message: Stored, terms: list[str]) -> bool | None:
+    """Every term matches; None when none fails but a word needs text still unread.
+    The terms needing no text are tried first: a message they rule out costs no HTML."""
+    first = [(term, matches(message, term, text=False)) for term in terms]
+    if any(verdict is False for _, verdict in first):
+        return False
+    later = [matches(message, term) for term, verdict in first if verdict is None]
+    if False in later:
+        return False
+    return None if None in later else True
+
+
+def matches(message: Stored, term: str, *, text: bool = True) -> bool | None:
     """One of Mailpit's search filters (``to:``, ``from:``, ``subject:``, ``is:unread``,
     ``has:attachment``, ... , ``-`` or ``!`` in front to exclude), or a word looked
-    for in the addresses, subject and text.  Matching ignores case, as SQLite's LIKE."""
+    for in the addresses, subject and text (None while the text is unread, or
+    without *text*).  Matching ignores case, as SQLite's LIKE."""
     exclude = len(term) > 1 and term[0] in "-!"
     if exclude:
         term = term[1:]
@@ -241,7 +262,10 @@ def matches(message: Stored, term: str) -> bool:
                 return True  # Mailpit ignores a date it cannot read
             result = message.created >= moment if lower.startswith("after:") else message.created <= moment
         else:
-            result = clean(term) in view.search_text
+            searched = view.search_text() if text else None
+            if searched is None:
+                return None
+            result = clean(term) in searched
     return result != exclude
 
 

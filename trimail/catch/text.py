@@ -4,14 +4,20 @@ enmime's html2text for an HTML-only message).  The catcher has one thread: the
 stdlib's quadratic corners (``decode_header`` popping from the front of a list,
 ``HTMLParser`` rescanning to the end at each ``<`` it cannot close) would stop every
 HTTP and SMTP client, so long values are decoded in pieces and HTML parsing has a
-time budget.  Pure functions, no I/O.
+time budget: ``HTML_BUDGET`` for one message, and within ``shared_budget`` (one
+HTTP request) at most that many seconds for all the messages it reads together.
+Pure functions, no I/O.
 """
 
 from __future__ import annotations
 
 import email.header
+import math
 import re
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from html.parser import HTMLParser
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -50,6 +56,21 @@ def _decode_piece(value: str) -> str:
 
 
 HTML_BUDGET = 0.5  # seconds of parsing per message's HTML; hostile HTML is cut there
+REQUEST_BUDGET = 1.0  # seconds of parsing for all the messages one HTTP request lists or searches
+
+_shared_deadline: ContextVar[float] = ContextVar("trimail.catch.text.shared_deadline", default=math.inf)
+
+
+@contextmanager
+def shared_budget(seconds: float) -> Iterator[None]:
+    """Inside, the ``html_to_text(..., shared=True)`` calls parse for *seconds* in all:
+    500 messages of hostile HTML at ``HTML_BUDGET`` each held the catcher's one thread
+    (and so every HTTP and SMTP client) for 250 s on the first listing that wanted them."""
+    token = _shared_deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _shared_deadline.reset(token)
 
 
 class _OverBudget(Exception):
@@ -65,11 +86,11 @@ class _Text(HTMLParser):
 
     BLOCK = frozenset({"p", "div", "br", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol", "hr"})
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float) -> None:
         super().__init__(convert_charrefs=True)
         self.out: list[str] = []
         self.skip = 0
-        self.deadline = time.monotonic() + HTML_BUDGET
+        self.deadline = deadline
 
     def _check(self) -> None:
         if time.monotonic() > self.deadline:
@@ -107,14 +128,24 @@ class _Text(HTMLParser):
             self.out.append(re.sub(r"\s+", " ", data))
 
 
-def html_to_text(html: str) -> str:
-    parser = _Text()
+def html_to_text(html: str, *, shared: bool = False) -> str | None:
+    """The text of *html*, what was read of it within ``HTML_BUDGET``.  With *shared*,
+    None when the enclosing ``shared_budget`` ran out first: nothing is final then (the
+    caller keeps nothing, and a later call with budget left reads it whole)."""
+    own = time.monotonic() + HTML_BUDGET
+    deadline = min(own, _shared_deadline.get()) if shared else own
+    if deadline <= time.monotonic():
+        return None
+    parser = _Text(deadline)
     try:
         for start in range(0, len(html), 65536):  # in pieces: the deadline is checked between them too
             parser.feed(html[start:start + 65536])
             parser._check()
         parser.close()
-    except (AssertionError, ValueError, _OverBudget):  # HTMLParser on hostile input: keep what was read
+    except _OverBudget:  # hostile HTML: keep what was read within its own budget
+        if deadline < own:
+            return None
+    except (AssertionError, ValueError):  # HTMLParser on hostile input: keep what was read
         pass
     lines = [line.strip() for line in "".join(parser.out).splitlines()]
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()

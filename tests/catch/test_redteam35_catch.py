@@ -1,0 +1,118 @@
+"""Red team (session 35) against a real ``trimail catch``: HTML text extraction had a
+budget per message (0.5 s) but none per request, so a dozen HTML-only messages that
+each use their whole budget held the catcher's one thread for 6 s on the first
+listing that wanted their snippets (500 of them: 250 s), and every other HTTP and
+SMTP client waited; and the web page rendered the whole mailbox at once."""
+
+from __future__ import annotations
+
+import json
+import smtplib
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.catch.conftest import Catch, message
+
+HOSTILE = 12  # HTML-only messages whose text takes the whole per-message budget each
+
+
+def _hostile(n: int) -> bytes:
+    # HTMLParser rescans to the end at each "<" it cannot close: html_to_text stops at its budget
+    return (f"From: a@example.org\r\nSubject: hostile {n}\r\nContent-Type: text/html\r\n\r\n".encode()
+            + b"<p>hostile</p>" + b"<a" * 100_000)
+
+
+@pytest.fixture
+def c():
+    catch = Catch(host="127.0.92.35")
+    yield catch
+    assert catch.alive()
+    catch.stop()
+
+
+def _fill(c: Catch) -> None:
+    with smtplib.SMTP(c.host, c.smtp_port, timeout=30) as client:
+        client.send_message(message("needle", text="the haystack's needle\n"))
+        for n in range(HOSTILE):
+            client.sendmail("a@example.org", ["b@example.com"], _hostile(n))
+    deadline = time.monotonic() + 30
+    while c.json("/api/v1/info")["Messages"] < HOSTILE + 1:  # info reads no message's text
+        assert time.monotonic() < deadline
+
+
+def _probe(c: Catch, within: float) -> None:
+    """An HTTP and an SMTP client, each answered within *within* seconds."""
+    started = time.monotonic()
+    with socket.create_connection((c.host, c.http_port), timeout=30) as s:
+        s.sendall(b"GET /livez HTTP/1.1\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.1 200 ")
+    with smtplib.SMTP(c.host, c.smtp_port, timeout=30) as client:
+        assert client.noop()[0] == 250
+    took = time.monotonic() - started
+    assert took < within, f"another client waited {took:.1f} s"
+
+
+def _while_running(c: Catch, method: str, path: str, within: float) -> tuple[int, dict[str, str], bytes]:
+    """*path* in a thread while other clients probe the catcher until it is answered;
+    the answer itself must come within *within* seconds as well."""
+    answer: list[tuple[int, dict[str, str], bytes]] = []
+    started = time.monotonic()
+    worker = threading.Thread(target=lambda: answer.append(c.request(method, path)))
+    worker.start()
+    try:
+        while worker.is_alive():
+            _probe(c, 3.0)
+    finally:
+        worker.join()
+    assert time.monotonic() - started < within, f"{path} took {time.monotonic() - started:.1f} s"
+    return answer[0]
+
+
+@pytest.mark.parametrize("path", ["/api/v1/messages", "/api/v1/messages?limit=0", "/api/v1/search?query=needle",
+                                  "/?query=needle", "/"])
+def test_hostile_html_cannot_hold_the_catcher_for_one_request(c, path):
+    _fill(c)
+    status, _, _ = _while_running(c, "GET", path, 4.0)
+    assert status == 200
+
+
+def test_texts_not_read_within_a_request_are_read_by_later_ones(c):
+    _fill(c)
+    snippets: list[str] = []
+    deadline = time.monotonic() + 60
+    while len(snippets) < HOSTILE + 1 or "" in snippets:  # each listing reads what its budget allows
+        assert time.monotonic() < deadline, snippets
+        _, _, body = _while_running(c, "GET", "/api/v1/messages", 4.0)
+        snippets = [m["Snippet"] for m in json.loads(body)["messages"]]
+    assert snippets[0].startswith("hostile") and snippets[-1] == "the haystack's needle"
+
+
+def test_a_search_says_when_it_could_not_read_every_message(c):
+    _fill(c)
+    status, headers, body = _while_running(c, "GET", "/api/v1/search?query=needle", 4.0)
+    assert status == 200
+    unsearched = int(headers.get("X-Search-Incomplete", "0"))
+    assert 0 < unsearched < HOSTILE + 1  # some read within the budget, not all
+    assert json.loads(body)["messages_count"] == 1  # plain text needs no HTML read: found all the same
+    # a search that changes messages is refused while incomplete, and changes nothing
+    status, headers, body = _while_running(c, "DELETE", "/api/v1/search?query=needle", 4.0)
+    if status == 503:
+        assert body.startswith(b"Error: search incomplete") and headers["Retry-After"] == "1"
+        assert c.json("/api/v1/info")["Messages"] == HOSTILE + 1
+    deadline = time.monotonic() + 60
+    while status != 200:
+        assert time.monotonic() < deadline
+        status, headers, body = _while_running(c, "DELETE", "/api/v1/search?query=needle", 4.0)
+    assert c.json("/api/v1/info")["Messages"] == HOSTILE
+    status, headers, body = _while_running(c, "GET", "/api/v1/search?query=hostile", 4.0)
+    assert "X-Search-Incomplete" not in headers and json.loads(body)["messages_count"] == HOSTILE
+
+
+def test_one_hostile_message_is_still_shown_whole(c):
+    _fill(c)
+    latest = c.json("/api/v1/messages?limit=1")["messages"][0]
+    status, _, body = _while_running(c, "GET", f"/api/v1/message/{latest['ID']}", 4.0)
+    assert status == 200 and json.loads(body)["Text"].startswith("hostile")
