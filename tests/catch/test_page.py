@@ -95,6 +95,15 @@ def test_the_list_shows_every_subject_in_the_browser(mailbox, tmp_path):
     assert "3 message(s)" in dom
 
 
+def test_the_list_pages_with_start_and_limit_as_mailpits_does(mailbox, tmp_path):
+    dom = _chromium(tmp_path, "--dump-dom", mailbox.base + "/?limit=2").stdout
+    assert "Invoice due" in dom and "Weekly newsletter" in dom and "Reset your password" not in dom
+    assert "1-2 of 3" in dom and 'href="/?start=2&amp;limit=2"' in dom
+    dom = _chromium(tmp_path, "--dump-dom", mailbox.base + "/?start=2&limit=2").stdout
+    assert "Reset your password" in dom and "Invoice due" not in dom
+    assert "3-3 of 3" in dom and 'href="/?limit=2"' in dom
+
+
 def test_search_box_filters_the_list(mailbox, tmp_path):
     dom = _chromium(tmp_path, "--dump-dom", mailbox.base + "/?query=subject%3Ainvoice").stdout
     assert "Invoice due" in dom and "Weekly newsletter" not in dom

@@ -6,11 +6,14 @@ SMTP client waited; and the web page rendered the whole mailbox at once."""
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import smtplib
 import socket
 import threading
 import time
+import urllib.parse
 
 import pytest
 
@@ -116,3 +119,36 @@ def test_one_hostile_message_is_still_shown_whole(c):
     latest = c.json("/api/v1/messages?limit=1")["messages"][0]
     status, _, body = _while_running(c, "GET", f"/api/v1/message/{latest['ID']}", 4.0)
     assert status == 200 and json.loads(body)["Text"].startswith("hostile")
+
+
+def _subjects_and_links(page: bytes) -> tuple[list[int], str, dict[str, str]]:
+    text = page.decode()
+    subjects = [int(n) for n in re.findall(r"<a href='/view/\w+'>number (\d+)</a>", text)]
+    shown = re.search(r"<span id=shown>([^<]*)</span>", text)
+    links = {m.group(1): html.unescape(m.group(2)) for m in re.finditer(r"<a id=(prev|next) href='([^']*)'", text)}
+    return subjects, shown.group(1) if shown else "", links
+
+
+def test_the_page_shows_fifty_messages_at_a_time_as_mailpits_does():
+    c = Catch(host="127.0.92.36")
+    try:
+        with smtplib.SMTP(c.host, c.smtp_port, timeout=30) as client:
+            for n in range(55):
+                client.send_message(message(f"number {n}"))
+        deadline = time.monotonic() + 30
+        while c.json("/api/v1/info")["Messages"] < 55:
+            assert time.monotonic() < deadline
+        subjects, shown, links = _subjects_and_links(c.request("GET", "/")[2])
+        assert (subjects, shown, links) == (list(range(54, 4, -1)), "1-50 of 55", {"next": "/?start=50"})
+        subjects, shown, links = _subjects_and_links(c.request("GET", links["next"])[2])
+        assert (subjects, shown, links) == ([4, 3, 2, 1, 0], "51-55 of 55", {"prev": "/"})
+        # a search pages the same way, the query and a limit other than 50 kept in the links
+        first = "/?" + urllib.parse.urlencode({"query": "subject:number", "limit": 20, "start": 20})
+        subjects, shown, links = _subjects_and_links(c.request("GET", first)[2])
+        assert (subjects, shown) == (list(range(34, 14, -1)), "21-40 of 55")
+        assert links == {"prev": "/?query=subject%3Anumber&limit=20",
+                         "next": "/?query=subject%3Anumber&start=40&limit=20"}
+        page = c.request("GET", "/?start=500")[2].decode()  # past the end: empty, with the way back
+        assert "No messages on this page." in page and "<a id=prev href='/?start=450'>" in page
+    finally:
+        c.stop()

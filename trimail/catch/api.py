@@ -96,7 +96,7 @@ def _start_limit(request: Request) -> tuple[int, int]:
             return default
         return value if value >= minimum else default
 
-    return number("start", 0, 1), number("limit", 50, 0)
+    return number("start", 0, 1), number("limit", page.DEFAULT_LIMIT, 0)
 
 
 def _page(messages: list[Stored], request: Request) -> list[Stored]:
@@ -260,9 +260,12 @@ class Api:
     # -- the web page (catch/page.py) -------------------------------------------------
 
     def web(self, request: Request) -> Response:
-        if request.path == "/":
-            return Response(200, page.index(self.mailbox, request.arg("query")), "text/html; charset=utf-8",
-                            list(page.PAGE_HEADERS))
+        if request.path == "/":  # the page pages as GET /api/v1/messages and /api/v1/search do
+            query = request.arg("query")
+            matched, untold = self.mailbox.search(query) if query.strip() else (self.mailbox.newest_first(), 0)
+            start, limit = _start_limit(request)
+            html = page.index(self.mailbox, matched, _page(matched, request), start, limit, query, untold)
+            return Response(200, html, "text/html; charset=utf-8", list(page.PAGE_HEADERS))
         name = request.path[len("/view/"):]
         if name.endswith((".html", ".txt")):  # Mailpit's "testing" views: the HTML or the text alone
             stem, _, kind = name.rpartition(".")

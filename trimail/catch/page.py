@@ -1,5 +1,6 @@
-"""The catcher's web page: the captured mail (``/``, a search box) and one message
-(``/view/{ID}``: HTML, text, header fields, raw source, attachments).
+"""The catcher's web page: the captured mail (``/``, a search box, 50 messages a
+page as Mailpit's UI pages, through the API's ``start`` and ``limit``) and one
+message (``/view/{ID}``: HTML, text, header fields, raw source, attachments).
 
 Rendered on the server as plain HTML, with no script at all and no external asset,
 so it works with JavaScript off and in ``chromium --dump-dom``.  Everything taken
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import re
 from html import escape
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 from trimail.catch.mime import created_time
 from trimail.catch.store import Mailbox, Stored
@@ -31,6 +32,7 @@ th{background:#e8edf6}tr.unread td{font-weight:600}td.subject a{color:#1d4ed8}
 section{background:#fff;margin:14px 0;padding:10px 14px;border:1px solid #dde3ee}
 h2{font-size:15px;margin:0 0 8px}pre{white-space:pre-wrap;word-break:break-word;margin:0}
 iframe{width:100%;height:420px;border:1px solid #dde3ee;background:#fff}
+nav{margin:0 0 10px;display:flex;gap:14px}nav a{color:#1d4ed8}.off{color:#99a}
 """
 
 PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; frame-src 'self'; "
@@ -53,14 +55,38 @@ def _contacts(contacts: list[dict[str, str]]) -> str:
     return ", ".join(escape(f"{c['Name']} <{c['Address']}>" if c["Name"] else c["Address"]) for c in contacts)
 
 
-def index(mailbox: Mailbox, query: str = "") -> bytes:
-    """The list (no snippets: nothing here reads a message's HTML, except a search)."""
-    messages, untold = mailbox.search(query) if query.strip() else (mailbox.newest_first(), 0)
-    if not messages:
-        rows = "<p class=empty id=empty>No messages" + (" match." if query.strip() else " yet.") + "</p>"
+DEFAULT_LIMIT = 50  # messages a page (and an API list) shows unless ?limit= says otherwise, as in Mailpit
+
+
+def _link(query: str, start: int, limit: int) -> str:
+    """``/`` with Mailpit's UI parameters: ``start`` when not 0, ``limit`` when not the default."""
+    params = {"query": query} if query.strip() else {}
+    params |= {"start": str(start)} if start > 0 else {}
+    params |= {"limit": str(limit)} if limit != DEFAULT_LIMIT else {}
+    return "/?" + urlencode(params) if params else "/"
+
+
+def _paging(start: int, limit: int, shown: int, matched: int, query: str) -> str:
+    """Mailpit's "1-50 of 500" and its buttons for the previous and the next page."""
+    first, last = (start + 1, start + shown) if shown else (start, start)
+    prev = (f"<a id=prev href='{escape(_link(query, max(0, start - limit), limit))}'>&lsaquo; Newer</a>"
+            if start > 0 and limit > 0 else "<span class=off>&lsaquo; Newer</span>")
+    after = (f"<a id=next href='{escape(_link(query, start + limit, limit))}'>Older &rsaquo;</a>"
+             if 0 < limit and start + limit < matched else "<span class=off>Older &rsaquo;</span>")
+    return f"<nav><span id=shown>{first}-{last} of {matched}</span> {prev} {after}</nav>"
+
+
+def index(mailbox: Mailbox, matched: list[Stored], shown: list[Stored], start: int, limit: int,
+          query: str = "", untold: int = 0) -> bytes:
+    """One page of the list: *shown*, the part of *matched* (everything, or what
+    *query* found) from *start* on that the API's ``start`` and ``limit`` give.  No
+    snippets: nothing here reads a message's HTML, except a search."""
+    if not shown:
+        empty = "No messages on this page." if matched else "No messages" + (" match." if query.strip() else " yet.")
+        rows = f"<p class=empty id=empty>{empty}</p>"
     else:
         body = []
-        for stored in messages:
+        for stored in shown:
             view = stored.view
             css = "" if stored.read else " class=unread"
             subject = escape(view.subject or "(no subject)")
@@ -74,6 +100,8 @@ def index(mailbox: Mailbox, query: str = "") -> bytes:
     if untold:
         count += (f"<p id=incomplete>{untold} message(s) not searched yet (their HTML is still being read): "
                   f"reload for the rest.</p>")
+    if matched:
+        count += _paging(start, limit, len(shown), len(matched), query)
     return _document("trimail catch", count + rows, query)
 
 
