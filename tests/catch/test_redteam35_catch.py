@@ -100,6 +100,9 @@ def test_a_search_says_when_it_could_not_read_every_message(c):
     unsearched = int(headers.get("X-Search-Incomplete", "0"))
     assert 0 < unsearched < HOSTILE + 1  # some read within the budget, not all
     assert json.loads(body)["messages_count"] == 1  # plain text needs no HTML read: found all the same
+    # latest?query= could name an older message than the newest match: refused while incomplete
+    status, headers, body = _while_running(c, "GET", "/api/v1/message/latest?query=needle", 4.0)
+    assert (status, headers["Retry-After"]) == (503, "1") and body.startswith(b"Error: search incomplete ("), body
     # a search that changes messages is refused while incomplete, and changes nothing
     status, headers, body = _while_running(c, "DELETE", "/api/v1/search?query=needle", 4.0)
     if status == 503:
@@ -110,6 +113,8 @@ def test_a_search_says_when_it_could_not_read_every_message(c):
         assert time.monotonic() < deadline
         status, headers, body = _while_running(c, "DELETE", "/api/v1/search?query=needle", 4.0)
     assert c.json("/api/v1/info")["Messages"] == HOSTILE
+    assert c.request("GET", "/api/v1/message/latest?query=needle")[0] == 404
+    assert c.json("/api/v1/message/latest?query=hostile")["Subject"] == f"hostile {HOSTILE - 1}"
     status, headers, body = _while_running(c, "GET", "/api/v1/search?query=hostile", 4.0)
     assert "X-Search-Incomplete" not in headers and json.loads(body)["messages_count"] == HOSTILE
 

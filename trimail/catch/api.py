@@ -13,8 +13,8 @@ anything but a dictionary lookup.
 One request reads the HTML of the messages it lists or searches into text for at
 most ``REQUEST_BUDGET`` seconds (catch/text.py): a message not read by then has an
 empty ``Snippet``, a search tells the messages it could not search in an
-``X-Search-Incomplete`` header, a search that would change messages is refused
-(``503``), and a later request goes on reading.
+``X-Search-Incomplete`` header, a search that must be whole (one that changes
+messages, ``latest?query=``) is refused (``503``), and a later request goes on reading.
 """
 
 from __future__ import annotations
@@ -63,11 +63,12 @@ def error(text: str, status: int = 400) -> Response:
     return Response(status, text.encode(), "text/plain")
 
 
-def incomplete(untold: int) -> Response:
-    """A search that would change messages, with some not searched within the request's budget."""
-    response = error(f"Error: search incomplete ({untold} messages not searched yet), try again", 503)
-    response.headers.append(("Retry-After", "1"))
-    return response
+class Incomplete(Exception):
+    """A search that must be whole (one that changes messages, or ``latest``) met
+    messages it could not search within the request's budget."""
+
+    def __init__(self, untold: int) -> None:
+        super().__init__(f"Error: search incomplete ({untold} messages not searched yet), try again")
 
 
 def as_json(value: Any) -> Response:
@@ -139,6 +140,17 @@ class Api:
                 return self._answer(request)
         except SearchError as exc:  # a query of too many terms, from any route that searches
             return error(str(exc))
+        except Incomplete as exc:  # a later request goes on reading: try again
+            response = error(str(exc), 503)
+            response.headers.append(("Retry-After", "1"))
+            return response
+
+    def _whole(self, query: str, first: bool = False) -> list[Stored]:
+        """What *query* finds, all of it (Incomplete otherwise)."""
+        matched, untold = self.mailbox.search(query, first=first)
+        if untold:
+            raise Incomplete(untold)
+        return matched
 
     def _answer(self, request: Request) -> Response:
         path, method = request.path, request.method
@@ -189,10 +201,7 @@ class Api:
         query = request.arg("query").strip()
         if not query:
             return error("Error: no search query")
-        matched, untold = self.mailbox.search(query)
-        if untold:
-            return incomplete(untold)
-        self.mailbox.delete([m.id for m in matched])
+        self.mailbox.delete([m.id for m in self._whole(query)])
         return ok_text()
 
     def delete(self, request: Request) -> Response:
@@ -212,9 +221,7 @@ class Api:
         if ids and search:
             return error("You may specify either IDs or a search query, not both")
         if search:
-            targets, untold = self.mailbox.search(search)
-            if untold:
-                return incomplete(untold)
+            targets = self._whole(search)
         elif ids:
             targets = [m for m in (self.mailbox.get(i) for i in ids) if m is not None]
         else:
@@ -228,7 +235,7 @@ class Api:
     def _find(self, request: Request, message_id: str) -> Stored | None:
         if message_id == "latest":
             query = request.arg("query").strip()
-            found = self.mailbox.search(query)[0] if query else self.mailbox.newest_first()
+            found = self._whole(query, first=True) if query else self.mailbox.newest_first()
             return found[0] if found else None
         return self.mailbox.get(message_id)
 

@@ -146,11 +146,12 @@ class Mailbox:
             if self._messages.pop(message_id, None) is not None:
                 self.deleted += 1
 
-    def search(self, query: str) -> tuple[list[Stored], int]:
+    def search(self, query: str, *, first: bool = False) -> tuple[list[Stored], int]:
         """The messages matching every term of *query*, newest first, and how many
         messages it could not tell: a plain word needs a message's text, and HTML is
         read into text within the request's budget (catch/text.py; a later search
-        reads the rest).  SearchError beyond ``MAX_TERMS`` distinct terms: each term
+        reads the rest).  With *first*, it stops at the first message it finds or
+        cannot tell.  SearchError beyond ``MAX_TERMS`` distinct terms: each term
         is looked for in each message on the catcher's one thread, and 8,000 terms in
         one 16 KiB query stopped HTTP and SMTP for 20 s with 500 small messages
         (dropping terms instead would make a DELETE of a search delete more than it says)."""
@@ -163,6 +164,8 @@ class Mailbox:
             if verdict:
                 found.append(message)
             untold += verdict is None
+            if first and verdict is not False:
+                break
         return found, untold
 
 
