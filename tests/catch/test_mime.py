@@ -7,7 +7,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta, timezone
 
 from trimail.catch.mime import MessageView, canonical_key, go_time, header_fields
-from trimail.catch.store import arguments, with_envelope
+from trimail.catch.store import Mailbox, arguments, with_envelope
+from trimail.catch.text import shared_budget
 
 NESTED = (b"From: A <a@example.org>\r\nTo: b@example.com, \"C, D\" <c@example.com>\r\nSubject: nested\r\n"
           b"Content-Type: multipart/mixed; boundary=outer\r\n\r\n"
@@ -70,3 +71,21 @@ def test_return_path_and_bcc_from_the_envelope():
 
 def test_query_words_split_outside_quotes():
     assert arguments('subject:"two words" to:bob  -is:read') == ["subject:two words", "to:bob", "-is:read"]
+
+
+def test_html_the_shared_budget_leaves_unread_is_kept_nowhere_and_read_later():
+    raw = b"From: a@example.org\r\nSubject: h\r\nContent-Type: text/html\r\n\r\n<p>hello there</p>"
+    mailbox = Mailbox()
+    stored = mailbox.add_raw(raw)
+    with shared_budget(0):  # a request whose budget is spent
+        assert stored.view.snippet == "" and stored.view.search_text() is None
+        assert mailbox.search("hello") == ([], 1) and mailbox.search("subject:zzz hello") == ([], 0)
+        assert mailbox.search("subject:h", first=True) == ([stored], 0)  # no text needed
+        assert stored.view.bodies == ("hello there", "<p>hello there</p>")  # the message shown: its own budget
+    fresh = MessageView(raw)
+    with shared_budget(0):
+        assert fresh.snippet == ""
+    with shared_budget(1):  # a later request
+        assert fresh.snippet == "hello there" and "hello there" in (fresh.search_text() or "")
+    with shared_budget(0):
+        assert fresh.snippet == "hello there"  # kept once read
