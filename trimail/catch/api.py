@@ -68,7 +68,7 @@ class Incomplete(Exception):
     messages it could not search within the request's budget."""
 
     def __init__(self, untold: int) -> None:
-        super().__init__(f"Error: search incomplete ({untold} messages not searched yet), try again")
+        super().__init__(f"Error: search incomplete ({untold} message(s) not searched yet), try again")
 
 
 def as_json(value: Any) -> Response:
