@@ -149,8 +149,10 @@ def test_the_page_shows_fifty_messages_at_a_time_as_mailpits_does():
         assert (subjects, shown, links) == ([4, 3, 2, 1, 0], "51-55 of 55", {"prev": "/"})
         # a search pages the same way, the query and a limit other than 50 kept in the links
         first = "/?" + urllib.parse.urlencode({"query": "subject:number", "limit": 20, "start": 20})
-        subjects, shown, links = _subjects_and_links(c.request("GET", first)[2])
+        page = c.request("GET", first)[2]
+        subjects, shown, links = _subjects_and_links(page)
         assert (subjects, shown) == (list(range(34, 14, -1)), "21-40 of 55")
+        assert b"<input type=hidden name=limit value=20>" in page  # the search box keeps the limit
         assert links == {"prev": "/?query=subject%3Anumber&limit=20",
                          "next": "/?query=subject%3Anumber&start=40&limit=20"}
         page = c.request("GET", "/?start=500")[2].decode()  # past the end: empty, with the way back

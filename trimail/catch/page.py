@@ -41,21 +41,21 @@ PAGE_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; fram
 BODY_CSP = ("sandbox; default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; "
             "frame-ancestors 'self'")
 PAGE_HEADERS = (("Content-Security-Policy", PAGE_CSP), ("X-Frame-Options", "DENY"))
+DEFAULT_LIMIT = 50  # messages a page (and an API list) shows unless ?limit= says otherwise, as in Mailpit
 
 
-def _document(title: str, body: str, query: str = "") -> bytes:
+def _document(title: str, body: str, query: str = "", limit: int = DEFAULT_LIMIT) -> bytes:
+    """A page; a search from its box keeps the list's *limit* (a new search starts at its first page)."""
+    keep = f"<input type=hidden name=limit value={limit}>" if limit != DEFAULT_LIMIT else ""
     return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{escape(title)}</title>"
             f"<meta name=viewport content='width=device-width'><style>{STYLE}</style></head><body>"
-            f"<header><a href='/'>trimail catch</a><form action='/' method=get>"
+            f"<header><a href='/'>trimail catch</a><form action='/' method=get>{keep}"
             f"<input name=query placeholder='Search: to: from: subject: ...' value='{escape(query)}'>"
             f"</form></header><main>{body}</main></body></html>").encode()
 
 
 def _contacts(contacts: list[dict[str, str]]) -> str:
     return ", ".join(escape(f"{c['Name']} <{c['Address']}>" if c["Name"] else c["Address"]) for c in contacts)
-
-
-DEFAULT_LIMIT = 50  # messages a page (and an API list) shows unless ?limit= says otherwise, as in Mailpit
 
 
 def _link(query: str, start: int, limit: int) -> str:
@@ -102,7 +102,7 @@ def index(mailbox: Mailbox, matched: list[Stored], shown: list[Stored], start: i
                   f"reload for the rest.</p>")
     if matched:
         count += _paging(start, limit, len(shown), len(matched), query)
-    return _document("trimail catch", count + rows, query)
+    return _document("trimail catch", count + rows, query, limit)
 
 
 def message(stored: Stored) -> bytes:
