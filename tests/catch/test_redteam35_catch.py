@@ -74,12 +74,14 @@ def _while_running(c: Catch, method: str, path: str, within: float) -> tuple[int
     return answer[0]
 
 
-@pytest.mark.parametrize("path", ["/api/v1/messages", "/api/v1/messages?limit=0", "/api/v1/search?query=needle",
-                                  "/?query=needle", "/"])
-def test_hostile_html_cannot_hold_the_catcher_for_one_request(c, path):
+@pytest.mark.parametrize("path, within", [
+    ("/api/v1/messages", 4.0), ("/api/v1/messages?limit=0", 4.0), ("/", 4.0),
+    # a search reads every message it needs, a step at a time (12 x 0.5 s here)
+    ("/api/v1/search?query=needle", 20.0), ("/?query=needle", 20.0)])
+def test_hostile_html_cannot_hold_the_catcher_for_one_request(c, path, within):
     _fill(c)
-    status, _, _ = _while_running(c, "GET", path, 4.0)
-    assert status == 200
+    status, headers, body = _while_running(c, "GET", path, within)
+    assert status == 200 and "X-Search-Incomplete" not in headers and b"not searched yet" not in body
 
 
 def test_texts_not_read_within_a_request_are_read_by_later_ones(c):
@@ -93,30 +95,24 @@ def test_texts_not_read_within_a_request_are_read_by_later_ones(c):
     assert snippets[0].startswith("hostile") and snippets[-1] == "the haystack's needle"
 
 
-def test_a_search_says_when_it_could_not_read_every_message(c):
+def test_a_search_is_whole_and_nobody_waits_behind_it(c):
+    """A search that needs more HTML read than one step's budget is answered whole:
+    the server takes it up again after the other clients' turn (server.STEP_PAUSE)
+    until every message it needed is read.  The first version of the budget answered
+    what one step had read (an X-Search-Incomplete header, or 503 for a search that
+    must be whole): a test suite's search after a few hundred newsletters missed
+    matches, and a DELETE of a search failed."""
     _fill(c)
-    status, headers, body = _while_running(c, "GET", "/api/v1/search?query=needle", 4.0)
+    status, headers, body = _while_running(c, "GET", "/api/v1/search?query=hostile", 20.0)
+    assert status == 200 and "X-Search-Incomplete" not in headers
+    assert json.loads(body)["messages_count"] == HOSTILE
+    status, headers, body = _while_running(c, "GET", "/api/v1/message/latest?query=needle", 20.0)
+    assert status == 200 and json.loads(body)["Subject"] == "needle", body
+    status, _, _ = _while_running(c, "DELETE", "/api/v1/search?query=needle", 20.0)
     assert status == 200
-    unsearched = int(headers.get("X-Search-Incomplete", "0"))
-    assert 0 < unsearched < HOSTILE + 1  # some read within the budget, not all
-    assert json.loads(body)["messages_count"] == 1  # plain text needs no HTML read: found all the same
-    # latest?query= could name an older message than the newest match: refused while incomplete
-    status, headers, body = _while_running(c, "GET", "/api/v1/message/latest?query=needle", 4.0)
-    assert (status, headers["Retry-After"]) == (503, "1") and body.startswith(b"Error: search incomplete ("), body
-    # a search that changes messages is refused while incomplete, and changes nothing
-    status, headers, body = _while_running(c, "DELETE", "/api/v1/search?query=needle", 4.0)
-    if status == 503:
-        assert body.startswith(b"Error: search incomplete") and headers["Retry-After"] == "1"
-        assert c.json("/api/v1/info")["Messages"] == HOSTILE + 1
-    deadline = time.monotonic() + 60
-    while status != 200:
-        assert time.monotonic() < deadline
-        status, headers, body = _while_running(c, "DELETE", "/api/v1/search?query=needle", 4.0)
     assert c.json("/api/v1/info")["Messages"] == HOSTILE
     assert c.request("GET", "/api/v1/message/latest?query=needle")[0] == 404
     assert c.json("/api/v1/message/latest?query=hostile")["Subject"] == f"hostile {HOSTILE - 1}"
-    status, headers, body = _while_running(c, "GET", "/api/v1/search?query=hostile", 4.0)
-    assert "X-Search-Incomplete" not in headers and json.loads(body)["messages_count"] == HOSTILE
 
 
 def test_one_hostile_message_is_still_shown_whole(c):

@@ -10,11 +10,14 @@ GET/PUT /api/v1/chaos, /livez, /readyz; the web page at ``/`` (catch/page.py).
 IDs that are not in Mailpit's ID alphabet are simply not found: no ID reaches
 anything but a dictionary lookup.
 
-One request reads the HTML of the messages it lists or searches into text for at
+One answer reads the HTML of the messages it lists or searches into text for at
 most ``REQUEST_BUDGET`` seconds (catch/text.py): a message not read by then has an
-empty ``Snippet``, a search tells the messages it could not search in an
-``X-Search-Incomplete`` header, a search that must be whole (one that changes
-messages, ``latest?query=``) is refused (``503``), and a later request goes on reading.
+empty ``Snippet``, and a search that could not read every message it needed is
+``unfinished``: the server answers it again after the other clients' turn, going on
+where the last answer stopped (catch/server.py), so a search is whole and nobody
+waits behind it.  One still unfinished after ``server.FINISH_TIME`` tells the
+messages it did not search in an ``X-Search-Incomplete`` header, or, when it must
+be whole (one that changes messages, ``latest?query=``), is refused (``503``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Response:
     body: bytes = b""
     content_type: str = "text/plain; charset=utf-8"
     headers: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    unfinished: bool = False  # the request's text budget left a message unsearched: ask again (server.py)
 
 
 def ok_text(text: str = "ok") -> Response:
@@ -143,6 +147,7 @@ class Api:
         except Incomplete as exc:  # a later request goes on reading: try again
             response = error(str(exc), 503)
             response.headers.append(("Retry-After", "1"))
+            response.unfinished = True
             return response
 
     def _whole(self, query: str, first: bool = False) -> list[Stored]:
@@ -195,6 +200,7 @@ class Api:
         response = as_json(_summary(self.mailbox, page, _start_limit(request)[0], matched))
         if untold:  # Mailpit's JSON has no field for it; its clients read the matches found
             response.headers.append(("X-Search-Incomplete", str(untold)))
+            response.unfinished = True
         return response
 
     def delete_search(self, request: Request) -> Response:
@@ -272,7 +278,7 @@ class Api:
             matched, untold = self.mailbox.search(query) if query.strip() else (self.mailbox.newest_first(), 0)
             start, limit = _start_limit(request)
             html = page.index(self.mailbox, matched, _page(matched, request), start, limit, query, untold)
-            return Response(200, html, "text/html; charset=utf-8", list(page.PAGE_HEADERS))
+            return Response(200, html, "text/html; charset=utf-8", list(page.PAGE_HEADERS), bool(untold))
         name = request.path[len("/view/"):]
         if name.endswith((".html", ".txt")):  # Mailpit's "testing" views: the HTML or the text alone
             stem, _, kind = name.rpartition(".")

@@ -5,7 +5,11 @@ The request is parsed by ``parse_request`` (pure, no I/O).  Bounds: the request
 line and header fields at most 16 KiB (``431``), a body at most 1 MiB (``413``,
 with ``Content-Length`` only; chunked bodies get ``411``), the whole request read
 within 10 s and answered within 30 s (a slow client gets ``408`` or is dropped), at
-most 64 connections served at once.  Every connection runs in its own error
+most 64 connections served at once.  A search whose text budget ran out before it
+read every message it needed (``Response.unfinished``) is answered again, with
+``STEP_PAUSE`` for the other clients between steps, for up to ``FINISH_TIME``: the
+client gets the whole answer, and nobody waits behind hostile HTML for more than one
+step (about 1.5 s).  Every connection runs in its own error
 boundary (``net.reading.serve_requests``): malformed requests get a 4xx, a bug in a
 handler costs that request a ``500`` and a log line, never the process.
 """
@@ -29,6 +33,8 @@ MAX_HEAD = 16 * 1024
 MAX_BODY = 1024 * 1024
 READ_TIMEOUT = 10.0
 ANSWER_TIMEOUT = 30.0
+FINISH_TIME = 20.0  # seconds an unfinished search is answered again, a step at a time
+STEP_PAUSE = 0.05  # seconds the other clients have between two steps of an unfinished search
 METHODS = {"GET", "HEAD", "PUT", "DELETE", "POST", "OPTIONS"}
 
 
@@ -148,6 +154,10 @@ async def handle(stream: trio.SocketStream, api: Api) -> None:
             head_only = head.request.method == "HEAD"
             try:
                 response = api.answer(head.request)
+                finish_by = trio.current_time() + FINISH_TIME
+                while response.unfinished and trio.current_time() < finish_by:  # the texts read are kept:
+                    await trio.sleep(STEP_PAUSE)  # the other clients' turn, then the next step
+                    response = api.answer(head.request)
             except Exception:  # a bug costs this request, logged; never the catcher
                 log.exception("catch: %s %s failed", head.request.method, head.request.path)
                 response = Response(500, b"internal error\n")
