@@ -1,6 +1,7 @@
 """Duplicate recipients (Postfix's cleanup_out_recipient and its been_here filter of
 duplicate_filter_limit addresses): a message is queued with each recipient once,
-however often the envelope names it, compared without case; over SMTP, from
+however often the envelope names it, compared as addresses (not case, quoting,
+a domain's final dots or IDN spelling: red team 35a); over SMTP, from
 sendmail's arguments and -t, and (tests/milter/test_smtpd_milters.py) a milter's
 SMFIR_ADDRCPT.  Before this, 30,000 copies of one address in one submission were
 queued as 30,000 recipients, each delivered."""
@@ -8,9 +9,11 @@ queued as 30,000 recipients, each delivered."""
 from __future__ import annotations
 
 import logging
+import smtplib
 import subprocess
 import sys
 
+import trio
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -79,3 +82,50 @@ def test_sendmail_queues_each_recipient_once(tmp_path):
     finally:
         store.close()
     assert [r.address for r in queued.recipients] == ["bob@far.example", "carol@far.example", "dave@far.example"]
+
+
+def test_spellings_of_one_mailbox_are_one_recipient():
+    # red team 35a: quoting, a final dot and an IDN's two spellings named one mailbox
+    # each, and each spelling was queued and delivered: the filter compares addresses
+    spellings = ['bob@far.example', '"bob"@far.example', '"b\\ob"@far.example', 'BOB@far.example.',
+                 "ü@bücher.example", "ü@xn--bcher-kva.example", "Ü@BÜCHER.example."]
+    assert unique(spellings, 1000) == ["bob@far.example", "ü@bücher.example"]
+    # what differs stays apart: a quoted space, an "@" inside quotes, another domain
+    assert unique(['"a b"@x.example', "ab@x.example", '"ab@x.example"', "ab@x.example.org"], 1000) == [
+        '"a b"@x.example', "ab@x.example", '"ab@x.example"', "ab@x.example.org"]
+
+
+def smtp_transaction(port: int, recipients: list[str]) -> list[int]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.example")
+        codes = []
+        for line in ["MAIL FROM:<alice@client.example> SMTPUTF8", *(f"RCPT TO:<{rcpt}>" for rcpt in recipients)]:
+            client.send(f"{line}\r\n".encode())  # UTF-8: smtplib's commands are ASCII
+            codes.append(client.getreply()[0])
+        codes.append(client.data(b"Subject: x\r\n\r\nbody\r\n")[0])
+    return codes
+
+
+async def test_one_mailbox_spelled_many_ways_over_smtp_is_delivered_once(start_mta):
+    with Sink() as sink:
+        srv = await start_mta(relayhost=f"[127.0.0.1]:{sink.port}", smtputf8_enable="yes")
+        spellings = ['bob@far.example', '"bob"@far.example', '"b\\ob"@far.example', '"\\b\\o\\b"@far.example',
+                     "bob@far.example.", "ü@bücher.example", "ü@xn--bcher-kva.example"]
+        codes = await trio.to_thread.run_sync(smtp_transaction, srv.addresses[0].port, spellings)
+        assert codes == [250] * 8 + [250]
+        await wait_empty(srv)
+        assert [rcpts for _, rcpts, _ in sink.messages] == [["bob@far.example", "ü@bücher.example"]]
+
+
+def test_sendmail_queues_a_domain_with_a_final_dot_once(tmp_path):
+    config_path = write_main_cf(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path),
+                           "bob@far.example", "bob@far.example.", '"bob"@far.example'],
+                          input=b"Subject: x\n\nbody\n", capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    store = Store.open(tmp_path / "queue", readonly=True)
+    try:
+        [queued] = store.list_messages()
+    finally:
+        store.close()
+    assert [r.address for r in queued.recipients] == ["bob@far.example"]

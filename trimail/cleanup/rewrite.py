@@ -9,9 +9,10 @@ masquerading and the header rewriting context.
   a result equal to its key stops the recursion, duplicates are dropped.
 - Duplicate recipients (``unique``): one message never holds the same recipient
   twice, whatever brought it (RCPT TO, ``sendmail`` arguments, ``-t``, a milter's
-  SMFIR_ADDRCPT, an access BCC, alias expansion); compared without case, as
-  Postfix's cleanup_out_recipient() with its been_here filter of
-  ``duplicate_filter_limit`` addresses.
+  SMFIR_ADDRCPT, an access BCC, alias expansion); compared as addresses
+  (``recipient_key``: without case, the local part's quoting, the domain's final
+  dots or IDN spelling), as Postfix's cleanup_out_recipient() with its been_here
+  filter of ``duplicate_filter_limit`` addresses.
 - Masquerading (``masquerade_domains``, ``masquerade_exceptions``,
   ``masquerade_classes``) strips subdomains: ``joe@host.sub.example.com`` becomes
   ``joe@example.com`` for ``masquerade_domains = example.com``; ``!domain`` stops it
@@ -46,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from trimail import rewrite
 from trimail.maps import Table, TableError, lookup_first
+from trimail.smtp.address import dns_name
 from trimail.smtp.replies import Reply
 
 if TYPE_CHECKING:
@@ -197,14 +199,35 @@ def qualified(address: str, config: Any) -> str:
                    config.append_dot_mydomain)
 
 
+_QUOTING = re.compile(r'\\(.)|"', re.DOTALL)
+
+
+def recipient_key(address: str) -> tuple[str, str]:
+    """What the duplicate filter compares of *address*: the local part without its
+    quoting (``"bob"@x`` and ``"b\\ob"@x`` are ``bob@x`` on the wire and to any
+    mailbox; Postfix compares the unquoted internal form), the domain without final
+    dots and as DNS names it (an IDN's U-labels and A-labels are one domain), both
+    without case.  Red team 35a: a client that spelled one mailbox in each of these
+    ways had it delivered once per spelling."""
+    local, at, domain = address.rpartition("@")
+    if not at or '"' in domain:  # no domain, or an "@" inside a quoted local part
+        local, domain = address, ""
+    local = _QUOTING.sub(lambda m: m.group(1) or "", local) if '"' in local or "\\" in local else local
+    domain = domain.rstrip(".")
+    if not domain.isascii():
+        domain = (dns_name(domain) or domain.encode()).decode("utf-8", "replace")
+    return local.lower(), domain.lower()
+
+
 def unique(recipients: list[str], limit: int) -> list[str]:
-    """*recipients* without repeats, the first of each kept (compared without case).
-    As Postfix's been_here filter: at most *limit* addresses are remembered (0: no
-    limit), and those past it are kept as they come, each as often as it comes."""
-    seen: set[str] = set()
+    """*recipients* without repeats, the first of each kept (``recipient_key``: not
+    case, quoting, final dots or IDN spelling).  As Postfix's been_here filter: at
+    most *limit* addresses are remembered (0: no limit), and those past it are kept
+    as they come, each as often as it comes."""
+    seen: set[tuple[str, str]] = set()
     out: list[str] = []
     for address in recipients:
-        key = address.lower()
+        key = recipient_key(address)
         if key in seen:
             continue
         if not limit or len(seen) < limit:
