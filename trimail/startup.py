@@ -38,6 +38,7 @@ from pathlib import Path
 import trio
 
 from trimail import log as maillog
+from trimail import userlists
 from trimail.check import warnings as check_warnings
 from trimail.config import Config
 from trimail.config.values import ListenAddress
@@ -195,7 +196,8 @@ def become_mail_owner(config: Config, queue_directory: str, *, helper: bool = Tr
     """Started as root: start the root delivery helper (when file or command
     targets are allowed or virtual(8) mailboxes are configured:
     trimail.delivery.local.privileged), then become
-    mail_owner (entering the chroot jail first when ``chroot = yes``), unless
+    mail_owner (entering the chroot jail first when ``chroot = yes``, with the
+    password file's names kept for trimail/userlists.py), unless
     ``allow_root``.  Returns the configuration and the
     queue directory as serve sees them from now on (``/`` inside the jail).  The
     mail log file stays open across the switch (trimail.log)."""
@@ -210,6 +212,8 @@ def become_mail_owner(config: Config, queue_directory: str, *, helper: bool = Tr
         except OSError as exc:
             log.warning("cannot start the root delivery helper (file and command targets and virtual mailboxes "
                         "of other uids will be deferred): %s", exc)
+    if config.chroot:  # the password file stays outside: the authorized_* lists' names (userlists)
+        userlists.remember_names()
     with maillog.entering_jail(Path(queue_directory)) if config.chroot else contextlib.nullcontext():
         drop_privileges(config.mail_owner, Path(queue_directory), config.chroot, handed_over=handed_over)
     if config.chroot:  # trimail.check warned at start about files the jail hides

@@ -5,6 +5,10 @@ flush it (``authorized_flush_users``) and submit mail with sendmail
 An entry is a user name, ``uid:N`` for a uid without a name, a ``type:table``
 looked up by user name, or ``static:anyone`` (every default) for everyone; each may
 be negated with ``!``, and the first entry that matches decides (none: refused).
+Inside serve's chroot jail the password file is out of reach: the names are those
+it had when serve entered the jail (``remember_names``), else a name-based entry
+never matched there and ``!www-data, static:anyone`` let www-data through (red
+team 35a; a user added since is ``uid:N`` there until serve restarts).
 postqueue always lets root and mail_owner view and flush the queue; sendmail and
 postdrop exempt nobody (``authorized_submit_users = !www-data, static:anyone``
 keeps a web server from sending mail).  A refusal is Postfix's text, ``User
@@ -35,12 +39,22 @@ LISTS = {
 }
 
 
+_NAMES: dict[int, str] = {}  # the password file's names when serve entered the chroot jail
+
+
+def remember_names() -> None:
+    """Keep the password file's names for ``user_key`` (called before the chroot jail)."""
+    for entry in pwd.getpwall():
+        _NAMES.setdefault(entry.pw_uid, entry.pw_name)  # the first of a uid's names, as getpwuid
+
+
 def user_key(uid: int) -> str:
-    """What the lists match: the user name, ``uid:N`` for a uid without one."""
+    """The user's name (from the password file, else as it was when serve entered
+    its jail), ``uid:N`` for a uid without one."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
-        return f"uid:{uid}"
+        return _NAMES.get(uid, f"uid:{uid}")
 
 
 def authorized(users: list[str], uid: int, config: Config, exempt: bool = True) -> bool:

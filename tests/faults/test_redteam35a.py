@@ -1,0 +1,66 @@
+"""Red team 35a: the authorized_* lists of local users (trimail/userlists.py:
+authorized_submit_users, and authorized_mailq_users / authorized_flush_users, which
+share it) against a hostile local user and a careless operator, with a real serve.
+
+- Inside the chroot jail serve could not read the password file, so every user was
+  ``uid:N`` to it: ``authorized_submit_users = !www-data, static:anyone`` (the
+  documented way to keep a web server from mailing) let www-data submit, and list
+  the queue past ``authorized_mailq_users``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.faults.conftest import queued, wait_until
+from tests.faults.test_local_submission import readable  # noqa: F401
+from tests.faults.test_startup import background, chroot_config, free_port, jail, needs_root  # noqa: F401
+
+# the test's interpreter imports what it needs as root, then takes the uid given first
+AS_USER = """
+import os, sys
+uid = int(sys.argv.pop(1))
+import encodings.idna, trimail.postqueue, trimail.standalone, trimail.cli, trimail.cli.queue
+import trimail.cleanup.submit as submit
+os.setgroups([]); os.setgid(uid); os.setuid(uid)
+trimail.cli.main(sys.argv[1:]) if sys.argv[1] == "queue" else submit.main(sys.argv[1:])
+"""
+
+
+def as_user(uid: int, config: Path, *args: str) -> subprocess.CompletedProcess:
+    """``trimail sendmail ARGS`` (``queue ...``: that CLI command) as *uid*, with *config*."""
+    options = ["-c", str(config)] if args[0] == "queue" else ["-C", str(config), "-f", "me@mx.test.example"]
+    return subprocess.run([sys.executable, "-c", AS_USER, str(uid), *args, *options],
+                          input=b"Subject: x\n\nhello\n", capture_output=True, timeout=60, cwd="/", check=False)
+
+
+def users_config(readable: Path, queue_directory: Path) -> Path:  # noqa: F811
+    config = readable / "main.cf"
+    config.write_text(f"myhostname = mx.test.example\nqueue_directory = {queue_directory}\nmail_owner = nobody\n"
+                      "alias_maps =\nalias_database =\n")
+    config.chmod(0o644)
+    return config
+
+
+@needs_root
+def test_a_name_in_the_lists_names_its_user_inside_the_chroot_jail(tmp_path, background, jail, readable):  # noqa: F811
+    port = free_port()
+    maillog = tmp_path / "maillog"
+    listed = "!www-data, static:anyone"
+    serve = background(chroot_config(tmp_path, jail, port, authorized_submit_users=listed,
+                                     authorized_mailq_users=listed))
+    wait_until(lambda: (maillog.exists() and "daemon started" in maillog.read_text()) or not serve.alive,
+               timeout=30)
+    assert serve.alive, maillog.read_text() if maillog.exists() else ""
+    config = users_config(readable, jail)
+    refused = as_user(33, config, "you@dest.example")
+    assert refused.returncode == 77, refused.stderr
+    assert refused.stderr.decode().strip() == "sendmail: fatal: User www-data(33) is not allowed to submit mail"
+    listing = as_user(33, config, "queue", "list")
+    assert listing.returncode == 77, listing.stderr
+    assert queued(jail) == 0
+    taken = as_user(65533, config, "you@dest.example")  # a uid without a name is not www-data
+    assert taken.returncode == 0, taken.stderr
+    assert queued(jail) == 1
+
