@@ -2,13 +2,14 @@
 flush it (``authorized_flush_users``) and submit mail with sendmail
 (``authorized_submit_users``).
 
-An entry is a user name, ``uid:N`` for a uid without a name, a ``type:table``
-looked up by user name, or ``static:anyone`` (every default) for everyone; each may
+An entry is a user name (``unknown``, as in Postfix, names every uid the password
+file does not), ``uid:N`` for the uid N whatever its name, a ``type:table`` looked
+up by user name, or ``static:anyone`` (every default) for everyone; each may
 be negated with ``!``, and the first entry that matches decides (none: refused).
 Inside serve's chroot jail the password file is out of reach: the names are those
 it had when serve entered the jail (``remember_names``), else a name-based entry
 never matched there and ``!www-data, static:anyone`` let www-data through (red
-team 35a; a user added since is ``uid:N`` there until serve restarts).
+team 35a; a user added since is ``unknown`` there until serve restarts).
 postqueue always lets root and mail_owner view and flush the queue; sendmail and
 postdrop exempt nobody (``authorized_submit_users = !www-data, static:anyone``
 keeps a web server from sending mail).  A refusal is Postfix's text, ``User
@@ -63,12 +64,17 @@ def authorized(users: list[str], uid: int, config: Config, exempt: bool = True) 
     if exempt and uid in (0, os.geteuid(), uid_of(config.mail_owner)):
         return True
     key = user_key(uid)
+    # a table looks up the name (Postfix's "unknown" too, for a uid without one); an
+    # entry also matches uid:N, whatever the uid's name (red team 35a: !uid:33 let www-data through)
+    keys = [key, "unknown"] if key.startswith("uid:") else [key]
+    names = {k.lower() for k in keys} | {f"uid:{uid}"}
     for item in users:
         pattern = item.removeprefix("!")
         if ":" in pattern and not pattern.startswith("uid:"):
-            hit = open_table(pattern).lookup(key) is not None
+            table = open_table(pattern)
+            hit = any(table.lookup(k) is not None for k in keys)
         else:
-            hit = pattern.lower() == key.lower()
+            hit = pattern.lower() in names
         if hit:
             return not item.startswith("!")
     return False

@@ -5,7 +5,10 @@ share it) against a hostile local user and a careless operator, with a real serv
 - Inside the chroot jail serve could not read the password file, so every user was
   ``uid:N`` to it: ``authorized_submit_users = !www-data, static:anyone`` (the
   documented way to keep a web server from mailing) let www-data submit, and list
-  the queue past ``authorized_mailq_users``."""
+  the queue past ``authorized_mailq_users``.
+- ``uid:N`` matched only a uid without a name (``!uid:33`` let www-data through),
+  and Postfix's ``unknown`` (its documented name for such a uid, ``!unknown`` to
+  block accounts that do not exist) matched nothing."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ from pathlib import Path
 from tests.faults.conftest import queued, wait_until
 from tests.faults.test_local_submission import readable  # noqa: F401
 from tests.faults.test_startup import background, chroot_config, free_port, jail, needs_root  # noqa: F401
+from trimail.userlists import refusal
 
 # the test's interpreter imports what it needs as root, then takes the uid given first
 AS_USER = """
@@ -64,3 +68,24 @@ def test_a_name_in_the_lists_names_its_user_inside_the_chroot_jail(tmp_path, bac
     assert taken.returncode == 0, taken.stderr
     assert queued(jail) == 1
 
+
+def test_uid_n_names_its_uid_whatever_its_name_and_unknown_a_uid_without_one(make_config):
+    config = make_config(authorized_submit_users="!uid:65534, !unknown, static:anyone")
+    assert refusal(config, "authorized_submit_users", 65534) == "User nobody(65534) is not allowed to submit mail"
+    assert refusal(config, "authorized_submit_users", 65533) == "User uid:65533(65533) is not allowed to submit mail"
+    assert refusal(config, "authorized_submit_users", 33) is None
+    # a table is asked for Postfix's "unknown" too
+    config = make_config(authorized_mailq_users="!inline:{ unknown=yes }, static:anyone")
+    assert refusal(config, "authorized_mailq_users", 65533) == (
+        "User uid:65533(65533) is not allowed to view the mail queue")
+    assert refusal(config, "authorized_mailq_users", 65534) is None
+
+
+def test_postfixs_unknown_keeps_a_uid_without_a_name_from_submitting(daemon, readable):  # noqa: F811
+    d = daemon(smtpd_workers=0, authorized_submit_users="!unknown, static:anyone")
+    config = users_config(readable, d.queue_directory)
+    refused = as_user(65533, config, "you@dest.example")
+    assert refused.returncode == 77, refused.stderr
+    assert refused.stderr.decode().strip() == "sendmail: fatal: User uid:65533(65533) is not allowed to submit mail"
+    assert queued(d.queue_directory) == 0
+    assert as_user(65534, config, "you@dest.example").returncode == 0

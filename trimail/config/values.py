@@ -149,9 +149,10 @@ def parse_maps(text: str) -> list[str]:
 
 def parse_user_list(text: str) -> list[str]:
     """Postfix's list of users (authorized_mailq_users, authorized_flush_users,
-    authorized_submit_users): user names, ``uid:N`` for a uid without a name,
-    ``type:table`` lookups (``static:anyone`` names every user), each may be negated
-    with ``!``; the first match decides (trimail/userlists.py)."""
+    authorized_submit_users): user names (``unknown``: a uid without one), ``uid:N``
+    for a uid whatever its name, ``type:table`` lookups (``static:anyone`` names
+    every user), each may be negated with ``!``; the first match decides
+    (trimail/userlists.py)."""
     items = split_list(text)
     for item in items:
         pattern = item.removeprefix("!")
