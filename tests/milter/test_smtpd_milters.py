@@ -294,3 +294,16 @@ async def test_no_milters_in_receive_override_options_turns_smtpd_milters_off(st
     result = await send(srv, "alice@example.com", ["bob@remote.example"])
     assert result.data is not None and result.data[0] == 250
     assert milter.commands == []
+
+
+async def test_a_milter_deletes_a_recipient_however_the_client_spelled_it(start_serve, nursery):
+    # red team 35a: a milter deletes what it saw at RCPT; the queue stores the address
+    # without the final dot, and the spelling the milter named was not found: kept
+    seen = [b"<carol@remote.example.>\0", b'<"dave"@remote.example>\0']
+    milter = await fake(nursery, on(p.SMFIC_BODYEOB, *(reply(p.SMFIR_DELRCPT, s) for s in seen),
+                                    reply(p.SMFIR_CONTINUE)))
+    srv = await start_serve(smtpd_milters=milter.name)
+    result = await send(srv, "alice@example.com", ["bob@remote.example", "carol@remote.example.",
+                                                   "dave@remote.example"])
+    info, _ = stored(srv, result.queue_id)
+    assert [r.address for r in info.recipients] == ["bob@remote.example"]

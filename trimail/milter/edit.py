@@ -9,6 +9,9 @@ it, 1: just below).  A value a filter gives is folded with CRLF and each
 continuation line keeps a leading white space, so no edit can end the header section
 or start a header of its own.  An address with a control character (a CR LF that
 would write an SMTP command of the filter's own) is an edit that cannot be made.
+SMFIR_DELRCPT deletes each recipient that is the same address (cleanup's duplicate
+filter's ``recipient_key``: not case, quoting, a final dot): a filter names what it
+saw at RCPT, ``<bob@x.>``, and the queue holds ``bob@x`` (red team 35a: kept).
 
 Memory: the header section is held (it is bounded by header_size_limit before the
 milters run); the body stays in the spool and is read in chunks, and a replaced body
@@ -24,6 +27,7 @@ from collections.abc import AsyncIterator
 
 import trio
 
+from trimail.cleanup.rewrite import recipient_key
 from trimail.milter.protocol import Modification
 from trimail.queue.spool import Spool
 
@@ -175,9 +179,9 @@ def apply(content: Content, edits: list[Modification], leading_space: bool) -> N
             if address and address not in content.recipients:
                 content.recipients.append(address)
             continue
-        elif kind == "delrcpt":
-            address = _address(edit.value).lower()
-            content.recipients = [r for r in content.recipients if r.lower() != address]
+        elif kind == "delrcpt":  # as the filter saw it at RCPT: the queue's spelling may differ (a final dot)
+            key = recipient_key(_address(edit.value))
+            content.recipients = [r for r in content.recipients if recipient_key(r) != key]
             continue
         elif kind == "replbody":
             if content.new_body is None:
