@@ -129,3 +129,20 @@ def test_sendmail_queues_a_domain_with_a_final_dot_once(tmp_path):
     finally:
         store.close()
     assert [r.address for r in queued.recipients] == ["bob@far.example"]
+
+
+def test_sendmail_drops_a_domains_final_dot_as_smtp_does(tmp_path):
+    # red team 35a: sendmail kept "bob@far.example." (smtpd stores it without the dot),
+    # sent it so, and a strict nexthop refused it; the filter kept that spelling first
+    config_path = write_main_cf(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path),
+                           "-f", "me@here.example.", "bob@far.example.", "bob@far.example", "carol@far.example.."],
+                          input=b"Subject: x\n\nbody\n", capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    store = Store.open(tmp_path / "queue", readonly=True)
+    try:
+        [queued] = store.list_messages()
+    finally:
+        store.close()
+    assert queued.sender == "me@here.example"
+    assert [r.address for r in queued.recipients] == ["bob@far.example", "carol@far.example"]

@@ -194,7 +194,10 @@ def qualify(address: str, myorigin: str, mydomain: str, append_at_myorigin: bool
 
 def qualified(address: str, config: Any) -> str:
     """``qualify`` with the configuration's myorigin, mydomain, append_at_myorigin and
-    append_dot_mydomain (sendmail, ``sendmail -bs`` and serve's pickup)."""
+    append_dot_mydomain (sendmail, ``sendmail -bs`` and serve's pickup), less the
+    domain's final dots, as smtpd stores it (red team 35a: ``bob@x.`` went out so)."""
+    if "@" in address and address.endswith(".") and not address.endswith("@."):
+        address = address.rstrip(".")
     return qualify(address, config.myorigin, config.mydomain, config.append_at_myorigin,
                    config.append_dot_mydomain)
 
