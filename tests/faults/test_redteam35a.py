@@ -8,7 +8,10 @@ share it) against a hostile local user and a careless operator, with a real serv
   the queue past ``authorized_mailq_users``.
 - ``uid:N`` matched only a uid without a name (``!uid:33`` let www-data through),
   and Postfix's ``unknown`` (its documented name for such a uid, ``!unknown`` to
-  block accounts that do not exist) matched nothing."""
+  block accounts that do not exist) matched nothing.
+- ``! www-data, static:anyone`` (a space after the ``!``) was two entries, ``!``
+  naming nobody and ``www-data`` letting www-data in: a configuration error now,
+  as Postfix's "no pattern after '!'"."""
 
 from __future__ import annotations
 
@@ -16,9 +19,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.faults.conftest import queued, wait_until
 from tests.faults.test_local_submission import readable  # noqa: F401
 from tests.faults.test_startup import background, chroot_config, free_port, jail, needs_root  # noqa: F401
+from trimail.config import ConfigError
 from trimail.userlists import refusal
 
 # the test's interpreter imports what it needs as root, then takes the uid given first
@@ -89,3 +95,9 @@ def test_postfixs_unknown_keeps_a_uid_without_a_name_from_submitting(daemon, rea
     assert refused.stderr.decode().strip() == "sendmail: fatal: User uid:65533(65533) is not allowed to submit mail"
     assert queued(d.queue_directory) == 0
     assert as_user(65534, config, "you@dest.example").returncode == 0
+
+
+@pytest.mark.parametrize("users", ["! www-data, static:anyone", "!!www-data, static:anyone", "!, static:anyone"])
+def test_a_negation_without_its_name_is_a_configuration_error(make_config, users):
+    with pytest.raises(ConfigError, match="after '!'"):
+        make_config(authorized_submit_users=users)

@@ -156,6 +156,8 @@ def parse_user_list(text: str) -> list[str]:
     items = split_list(text)
     for item in items:
         pattern = item.removeprefix("!")
+        if not pattern or pattern.startswith("!"):  # "! www-data" is two entries: the second lets www-data in
+            raise ValueError(f"no user name or table after '!' in {item!r} (write !name, without a space)")
         kind, sep, _ = pattern.partition(":")
         if sep and kind != "uid":
             parse_maps(pattern)  # a lookup table: a known type and a name
