@@ -101,3 +101,17 @@ def test_postfixs_unknown_keeps_a_uid_without_a_name_from_submitting(daemon, rea
 def test_a_negation_without_its_name_is_a_configuration_error(make_config, users):
     with pytest.raises(ConfigError, match="after '!'"):
         make_config(authorized_submit_users=users)
+
+
+def test_a_table_that_cannot_be_read_is_not_a_log_line_per_request(daemon, readable, tmp_path):  # noqa: F811
+    """Any local user could write a warning to the mail log per connection (about
+    1,900 a second) while a table of the list could not be read; once a minute now.
+    Each request is still refused, as Postfix refuses when the table cannot answer."""
+    d = daemon(smtpd_workers=0, authorized_submit_users=f"!hash:{tmp_path}/missing, static:anyone")
+    config = users_config(readable, d.queue_directory)
+    for _ in range(4):
+        refused = as_user(65534, config, "you@dest.example")
+        assert refused.returncode == 77, refused.stderr
+    wait_until(lambda: any("missing.db" in line for line in d.proc.log))
+    assert len([line for line in d.proc.log if "authorized_submit_users: hash:" in line]) == 1, d.proc.log[-6:]
+    assert queued(d.queue_directory) == 0
