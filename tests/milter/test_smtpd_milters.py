@@ -307,3 +307,12 @@ async def test_a_milter_deletes_a_recipient_however_the_client_spelled_it(start_
                                                    "dave@remote.example"])
     info, _ = stored(srv, result.queue_id)
     assert [r.address for r in info.recipients] == ["bob@remote.example"]
+
+
+async def test_a_milter_deletes_an_unqualified_recipient_it_saw(start_serve, nursery):
+    # red team 35a: RCPT TO:<erin> is stored as erin@$myorigin; the filter saw <erin>
+    milter = await fake(nursery, on(p.SMFIC_BODYEOB, reply(p.SMFIR_DELRCPT, b"<erin>\0"), reply(p.SMFIR_CONTINUE)))
+    srv = await start_serve(smtpd_milters=milter.name, local_recipient_maps="")
+    result = await send(srv, "alice@example.com", ["bob@remote.example", "erin"])
+    info, _ = stored(srv, result.queue_id)
+    assert [r.address for r in info.recipients] == ["bob@remote.example"]

@@ -10,8 +10,10 @@ continuation line keeps a leading white space, so no edit can end the header sec
 or start a header of its own.  An address with a control character (a CR LF that
 would write an SMTP command of the filter's own) is an edit that cannot be made.
 SMFIR_DELRCPT deletes each recipient that is the same address (cleanup's duplicate
-filter's ``recipient_key``: not case, quoting, a final dot): a filter names what it
-saw at RCPT, ``<bob@x.>``, and the queue holds ``bob@x`` (red team 35a: kept).
+filter's ``recipient_key``: not case, quoting, a final dot) as the one the queue
+stores for the address named (``Content.stored``: smtpd's resolution): a filter
+names what it saw at RCPT, ``<bob@x.>`` or ``<bob>``, and the queue holds ``bob@x``
+or ``bob@$myorigin`` (red team 35a: kept).
 
 Memory: the header section is held (it is bounded by header_size_limit before the
 milters run); the body stays in the spool and is read in chunks, and a replaced body
@@ -23,7 +25,7 @@ Parameters: none read.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -75,7 +77,8 @@ class Content:
     *body_offset*, or the replacement)."""
 
     def __init__(self, spool: Spool, header: bytes, body_offset: int, *, own_first: bool,
-                 sender: str, recipients: list[str], directory=None, size_limit: int = 0) -> None:
+                 sender: str, recipients: list[str], directory=None, size_limit: int = 0,
+                 stored: Callable[[str], str] | None = None) -> None:
         fields, _ = split_header(header)
         self.headers = [Header(raw, own=own_first and i == 0) for i, raw in enumerate(fields)]
         self.spool = spool
@@ -85,6 +88,7 @@ class Content:
         self.directory = directory
         self.new_body: Spool | None = None
         self.size_limit = size_limit  # most bytes a replaced body may have (0: no limit)
+        self.stored = stored  # the recipient the queue stores for an address as the filters saw it at RCPT
         self.changed = False  # headers or body edited: the content must be written again
 
     def visible_headers(self) -> list[tuple[str, str]]:
@@ -180,7 +184,8 @@ def apply(content: Content, edits: list[Modification], leading_space: bool) -> N
                 content.recipients.append(address)
             continue
         elif kind == "delrcpt":  # as the filter saw it at RCPT: the queue's spelling may differ (a final dot)
-            key = recipient_key(_address(edit.value))
+            address = _address(edit.value)
+            key = recipient_key(content.stored(address) if content.stored else address)
             content.recipients = [r for r in content.recipients if recipient_key(r) != key]
             continue
         elif kind == "replbody":

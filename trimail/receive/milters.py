@@ -176,7 +176,8 @@ class SmtpdMilters:
         _, offset = split_header(header)
         content = Content(txn.spool, header[:offset], offset, own_first=True, sender=txn.envelope_sender,
                           recipients=txn.recipients, directory=s.ctx.spool_directory,
-                          size_limit=s.ctx.config.message_size_limit)
+                          size_limit=s.ctx.config.message_size_limit,
+                          stored=lambda address: rewrite.resolve(address, s.ctx.policy.rewrite).stored(address))
         reply = self._check(await self.chain.message(content), "END-OF-MESSAGE")
         if reply is not None:
             s._discard()
