@@ -11,7 +11,9 @@ share it) against a hostile local user and a careless operator, with a real serv
   block accounts that do not exist) matched nothing.
 - ``! www-data, static:anyone`` (a space after the ``!``) was two entries, ``!``
   naming nobody and ``www-data`` letting www-data in: a configuration error now,
-  as Postfix's "no pattern after '!'"."""
+  as Postfix's "no pattern after '!'".
+- A list's table was opened at every request: one that could not be read wrote a
+  warning per connection any local user opened, and a big one cost serve its CPU."""
 
 from __future__ import annotations
 
