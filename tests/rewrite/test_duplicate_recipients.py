@@ -69,11 +69,10 @@ async def test_duplicate_filter_limit_bounds_what_is_remembered(start_mta):
                                                              "carol@far.example"]]
 
 
-def test_sendmail_queues_each_recipient_once(tmp_path):
+def sendmail_queued(tmp_path, *args: str, message: bytes = b"Subject: x\n\nbody\n"):
+    """Root's ``trimail sendmail ARGS`` (it writes the queue itself); the one message queued."""
     config_path = write_main_cf(tmp_path)
-    message = b"From: root@here.example\nTo: Bob@far.example, dave@far.example\nSubject: x\n\nbody\n"
-    done = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path), "-t",
-                           "bob@far.example", "carol@far.example", "bob@far.example"],
+    done = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path), *args],
                           input=message, capture_output=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     store = Store.open(tmp_path / "queue", readonly=True)
@@ -81,6 +80,13 @@ def test_sendmail_queues_each_recipient_once(tmp_path):
         [queued] = store.list_messages()
     finally:
         store.close()
+    return queued
+
+
+def test_sendmail_queues_each_recipient_once(tmp_path):
+    message = b"From: root@here.example\nTo: Bob@far.example, dave@far.example\nSubject: x\n\nbody\n"
+    queued = sendmail_queued(tmp_path, "-t", "bob@far.example", "carol@far.example", "bob@far.example",
+                             message=message)
     assert [r.address for r in queued.recipients] == ["bob@far.example", "carol@far.example", "dave@far.example"]
 
 
@@ -118,31 +124,14 @@ async def test_one_mailbox_spelled_many_ways_over_smtp_is_delivered_once(start_m
 
 
 def test_sendmail_queues_a_domain_with_a_final_dot_once(tmp_path):
-    config_path = write_main_cf(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path),
-                           "bob@far.example", "bob@far.example.", '"bob"@far.example'],
-                          input=b"Subject: x\n\nbody\n", capture_output=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    store = Store.open(tmp_path / "queue", readonly=True)
-    try:
-        [queued] = store.list_messages()
-    finally:
-        store.close()
+    queued = sendmail_queued(tmp_path, "bob@far.example", "bob@far.example.", '"bob"@far.example')
     assert [r.address for r in queued.recipients] == ["bob@far.example"]
 
 
 def test_sendmail_drops_a_domains_final_dot_as_smtp_does(tmp_path):
     # red team 35a: sendmail kept "bob@far.example." (smtpd stores it without the dot),
     # sent it so, and a strict nexthop refused it; the filter kept that spelling first
-    config_path = write_main_cf(tmp_path)
-    done = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path),
-                           "-f", "me@here.example.", "bob@far.example.", "bob@far.example", "carol@far.example.."],
-                          input=b"Subject: x\n\nbody\n", capture_output=True, timeout=60, check=False)
-    assert done.returncode == 0, done.stderr
-    store = Store.open(tmp_path / "queue", readonly=True)
-    try:
-        [queued] = store.list_messages()
-    finally:
-        store.close()
+    queued = sendmail_queued(tmp_path, "-f", "me@here.example.", "bob@far.example.", "bob@far.example",
+                             "carol@far.example..")
     assert queued.sender == "me@here.example"
     assert [r.address for r in queued.recipients] == ["bob@far.example", "carol@far.example"]
