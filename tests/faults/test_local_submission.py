@@ -20,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import apsw
 import pytest
 
 from tests.faults.conftest import queued, wait_until
@@ -202,3 +203,21 @@ def test_root_is_not_exempt_from_authorized_submit_users(tmp_path):
     assert not (tmp_path / "queue" / "queue.db").exists() or queued(tmp_path / "queue") == 0
     assert sendmail("static:anyone").returncode == 0
     assert queued(tmp_path / "queue") == 1
+
+
+def test_a_users_envelope_cannot_get_past_the_duplicate_filter(daemon, readable):
+    """Red team 35a: a user's sendmail has no recipient limit, and the duplicate
+    filter remembers duplicate_filter_limit (1000) addresses, as Postfix's: 1,000
+    other addresses first, then one mailbox 5,000 times, queued 5,000 copies for it.
+    serve's pickup remembers every address of the envelope (already in memory)."""
+    d = daemon(smtpd_workers=0)
+    fillers = [f"f{n}@dest.example" for n in range(1000)]
+    result = sendmail_as_nobody(d, readable, *fillers, *["victim@dest.example"] * 50)
+    assert result.returncode == 0, result.stderr
+    db = apsw.Connection(str(d.queue_directory / "queue.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        rows = db.execute("SELECT address, count(*) FROM recipient GROUP BY address HAVING count(*) > 1").fetchall()
+        total = db.execute("SELECT count(*) FROM recipient").fetchone()[0]
+    finally:
+        db.close()
+    assert rows == [] and total == 1001

@@ -360,7 +360,7 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
         if state == "discard":
             store.close()
             return 0
-    rcpts = cleanup_rewrite.unique(rcpts, cfg.duplicate_filter_limit)  # after what a milter added
+    rcpts = cleanup_rewrite.unique(rcpts, 0 if in_serve else cfg.duplicate_filter_limit)  # (a user's: all, 35a)
     if cfg.dkim_signing_table:  # DKIM signing; a key this user may not read: serve signs it
         from trimail.authcheck.signing import SigningError, sign_local
 

@@ -104,5 +104,5 @@ PARAMS: list[Param] = [
     P("hopcount_limit", "50", parse_int, "most Received: headers before a mail loop bounce"),
     P("duplicate_filter_limit", "1000", parse_count,
       "addresses cleanup's duplicate filter remembers per message: a recipient given twice "
-      "is queued once (0: no limit)"),
+      "is queued once (0: no limit; a user's submission through serve: always every address)"),
 ]
