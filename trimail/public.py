@@ -84,7 +84,7 @@ FILTERS = ("state", "sender", "recipient", "domain")
 
 def _refusal(config: Config, users: str, uid: int) -> bytes | None:
     """The answer refusing *uid* when the list *users* (a parameter) does not name it."""
-    refused = userlists.refusal(config, users, uid)
+    refused = userlists.judged_by_serve(config, users, uid)
     return None if refused is None else f"error {os.EX_NOPERM}: {refused}\n".encode()
 
 

@@ -13,7 +13,8 @@ team 35a; a user added since is ``unknown`` there until serve restarts).
 postqueue always lets root and mail_owner view and flush the queue; sendmail and
 postdrop exempt nobody (``authorized_submit_users = !www-data, static:anyone``
 keeps a web server from sending mail).  A refusal is Postfix's text, ``User
-NAME(UID) is not allowed to ...``, with exit status 77 (EX_NOPERM).
+NAME(UID) is not allowed to ...``, with exit status 77 (EX_NOPERM); serve logs the
+refusals it makes as a warning, once a minute per user and list (``judged_by_serve``).
 
 Parameters: authorized_mailq_users, authorized_flush_users, authorized_submit_users,
 mail_owner (read through the caller's configuration).
@@ -42,8 +43,8 @@ LISTS = {
 
 
 _NAMES: dict[int, str] = {}  # the password file's names when serve entered the chroot jail
-WARN_EVERY = 60.0  # seconds between two warnings of a list's table that cannot be read
-_told: dict[str, tuple[str, float]] = {}  # the last such warning of each list, and when
+WARN_EVERY = 60.0  # seconds between two warnings of a list's table that cannot be read, or of one refusal
+_told: dict[tuple, tuple[str, float]] = {}  # the last warning of each list (and user), and when
 
 
 def remember_names() -> None:
@@ -93,8 +94,26 @@ def refusal(config: Config, parameter: str, uid: int) -> str | None:
         if authorized(config.get(parameter), uid, config, exempt):
             return None
     except TableError as exc:
-        text, now = f"{parameter}: {exc}", time.monotonic()
-        if _told.get(parameter, ("", 0.0))[0] != text or now - _told[parameter][1] >= WARN_EVERY:
-            _told[parameter] = (text, now)
-            log.warning("%s", text)
+        _warn((parameter,), f"{parameter}: {exc}")
     return f"User {user_key(uid)}({uid}) is not allowed to {what}"
+
+
+def judged_by_serve(config: Config, parameter: str, uid: int) -> str | None:
+    """``refusal`` for a request on serve's public socket, and the refusal in the mail
+    log, as Postfix's postqueue and postdrop log theirs: once a minute per user and
+    list, since any local user may ask again and again."""
+    refused = refusal(config, parameter, uid)
+    if refused is not None:
+        _warn((parameter, uid), refused)
+    return refused
+
+
+def _warn(key: tuple[str, ...] | tuple[str, int], text: str) -> None:
+    """A warning, unless the same one for *key* was logged less than ``WARN_EVERY`` ago."""
+    now = time.monotonic()
+    last = _told.get(key)
+    if last is None or last[0] != text or now - last[1] >= WARN_EVERY:
+        if len(_told) >= 1000:  # uids are many at most: forget, rather than grow
+            _told.clear()
+        _told[key] = (text, now)
+        log.warning("%s", text)

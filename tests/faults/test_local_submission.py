@@ -184,6 +184,10 @@ def test_a_user_authorized_submit_users_leaves_out_is_refused_by_serve(daemon, r
     replies = sendmail_as_nobody(d, readable, "-bs", data=session).stdout.decode().splitlines()
     assert "554 5.0.0 Error: User nobody(65534) is not allowed to submit mail" in replies, replies
     assert queued(d.queue_directory) == 0
+    # in the mail log, as Postfix's postdrop logs it: once a minute per user, however often asked
+    wait_until(lambda: any("warning: User nobody(65534) is not allowed to submit mail" in line
+                           for line in d.proc.log))
+    assert sum("is not allowed to submit mail" in line for line in d.proc.log) == 1
 
 
 def test_root_is_not_exempt_from_authorized_submit_users(tmp_path):

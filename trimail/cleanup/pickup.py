@@ -72,7 +72,7 @@ async def receive(stream: trio.SocketStream, first: bytes, uid: int, config: Con
     bytes, read with the envelope) and queue it; the answer's bytes.  A message over
     ``BIG`` bytes is read and queued only while it holds *big* (serve's, shared by
     all its submissions)."""
-    refused = await trio.to_thread.run_sync(userlists.refusal, config, "authorized_submit_users", uid)
+    refused = await trio.to_thread.run_sync(userlists.judged_by_serve, config, "authorized_submit_users", uid)
     if refused is not None:  # as postdrop: before the message is read
         return _error(os.EX_NOPERM, refused)
     try:
