@@ -192,20 +192,27 @@ def test_a_user_authorized_submit_users_leaves_out_is_refused_by_serve(daemon, r
 
 def test_root_is_not_exempt_from_authorized_submit_users(tmp_path):
     """As Postfix's sendmail, which exempts no one: root's sendmail writes the queue
-    itself, so it judges the list itself."""
+    itself, so it judges the list itself, before it reads the message (red team 35a:
+    it read the whole message first, and ``-bs`` answered 554 per message)."""
     from tests.conftest import write_main_cf
 
-    def sendmail(users: str) -> subprocess.CompletedProcess:
+    def sendmail(users: str, *args: str, stdin=None) -> subprocess.CompletedProcess:
         config_path = write_main_cf(tmp_path, authorized_submit_users=users)
-        return subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path),
-                               "you@dest.example"], input=b"Subject: x\n\nhi\n", capture_output=True,
-                              timeout=60, check=False)
+        return subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path), *args],
+                              input=None if stdin is not None else b"Subject: x\n\nhi\n", stdin=stdin,
+                              capture_output=True, timeout=60, check=False)
 
-    refused = sendmail("!root, static:anyone")
-    assert refused.returncode == 77
-    assert refused.stderr.decode().strip() == "sendmail: fatal: User root(0) is not allowed to submit mail"
+    reading, writing = os.pipe()  # a message that never ends: the refusal must not wait for it
+    try:
+        for args in (["you@dest.example"], ["-bs"]):
+            refused = sendmail("!root, static:anyone", *args, stdin=reading)
+            assert refused.returncode == 77, (args, refused.stdout)
+            assert refused.stderr.decode().strip() == "sendmail: fatal: User root(0) is not allowed to submit mail"
+    finally:
+        os.close(reading)
+        os.close(writing)
     assert not (tmp_path / "queue" / "queue.db").exists() or queued(tmp_path / "queue") == 0
-    assert sendmail("static:anyone").returncode == 0
+    assert sendmail("static:anyone", "you@dest.example").returncode == 0
     assert queued(tmp_path / "queue") == 1
 
 

@@ -308,6 +308,9 @@ def submit(argv: list[str], stdin=None, stdout=None) -> int:
         cfg = load(opts["config"], opts["overrides"])
     except ConfigError as exc:
         raise SendmailError(str(exc), 2) from None
+    if works_the_queue_itself(Path(cfg.queue_directory)) and (  # else serve judges it; here as Postfix's
+            refused := userlists.refusal(cfg, "authorized_submit_users", os.getuid())):  # sendmail: before
+        raise SendmailError(refused, os.EX_NOPERM)  # the message is read, -bs's too
     if mode == "smtp":
         from trimail.standalone import serve_stdio
 
@@ -338,8 +341,6 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     queue_directory = Path(cfg.queue_directory)
     if not in_serve and not works_the_queue_itself(queue_directory):
         return _through_serve(cfg, sender, rcpts, content, params)  # serve judges authorized_submit_users
-    if not in_serve and (refused := userlists.refusal(cfg, "authorized_submit_users", os.getuid())):
-        raise SendmailError(refused, os.EX_NOPERM)
     if received:
         content = headers.local_received(cfg.myhostname, cfg.mail_name, os.getuid(), queue_id) + content
     try:
