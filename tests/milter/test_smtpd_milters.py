@@ -316,3 +316,16 @@ async def test_a_milter_deletes_an_unqualified_recipient_it_saw(start_serve, nur
     result = await send(srv, "alice@example.com", ["bob@remote.example", "erin"])
     info, _ = stored(srv, result.queue_id)
     assert [r.address for r in info.recipients] == ["bob@remote.example"]
+
+
+async def test_a_recipient_a_milter_adds_is_stored_as_smtpd_stores_a_rcpt(start_serve, nursery):
+    # red team 35a's lead: SMFIR_ADDRCPT <archive> was queued as "archive", <Bob@remote.example.>
+    # with its final dot (a strict next hop refuses it); Postfix's cleanup rewrites both
+    milter = await fake(nursery, on(p.SMFIC_BODYEOB, reply(p.SMFIR_ADDRCPT, b"<archive>\0"),
+                                    reply(p.SMFIR_ADDRCPT, b"<carol@remote.example.>\0"), reply(p.SMFIR_CONTINUE)))
+    srv = await start_serve(smtpd_milters=milter.name, local_recipient_maps="")
+    result = await send(srv, "alice@example.com", ["bob@remote.example"])
+    info, _ = stored(srv, result.queue_id)
+    myorigin = srv.config.myorigin
+    assert [r.address for r in info.recipients] == ["bob@remote.example", f"archive@{myorigin}",
+                                                    "carol@remote.example"]

@@ -9,6 +9,9 @@ it, 1: just below).  A value a filter gives is folded with CRLF and each
 continuation line keeps a leading white space, so no edit can end the header section
 or start a header of its own.  An address with a control character (a CR LF that
 would write an SMTP command of the filter's own) is an edit that cannot be made.
+SMFIR_ADDRCPT's address is stored as smtpd stores a RCPT (``Content.stored``:
+``<archive>`` is ``archive@$myorigin``, a final dot goes), as Postfix's cleanup
+rewrites it; one that does not resolve is kept as the filter gave it.
 SMFIR_DELRCPT deletes each recipient that is the same address (cleanup's duplicate
 filter's ``recipient_key``: not case, quoting, a final dot) as the one the queue
 stores for the address named (``Content.stored``: smtpd's resolution): a filter
@@ -178,9 +181,10 @@ def apply(content: Content, edits: list[Modification], leading_space: bool) -> N
         elif kind == "chgfrom":
             content.sender = _address(edit.value)
             continue
-        elif kind == "addrcpt":
-            address = _address(edit.value)
-            if address and address not in content.recipients:
+        elif kind == "addrcpt":  # stored as smtpd stores a RCPT (Postfix's cleanup rewrites it too):
+            address = _address(edit.value)  # <archive> is archive@$myorigin, a final dot goes; one
+            address = (content.stored(address) if content.stored and address else "") or address  # that does
+            if address and address not in content.recipients:  # not resolve stays as given
                 content.recipients.append(address)
             continue
         elif kind == "delrcpt":  # as the filter saw it at RCPT: the queue's spelling may differ (a final dot)
