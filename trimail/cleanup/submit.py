@@ -47,9 +47,8 @@ never writes the queue; serve takes the message on its public socket and queues 
 (``cleanup/pickup.py``, with the uid it sees), so serve must run (else exit 75).
 
 Parameters: queue_directory, myhostname, mydomain, myorigin, mail_name,
-append_at_myorigin, append_dot_mydomain, virtual_alias_maps, duplicate_filter_limit, authorized_submit_users,
-message_size_limit,
-receive_override_options (its option for address mappings: no virtual aliases, no
+append_at_myorigin, append_dot_mydomain, virtual_alias_maps, duplicate_filter_limit,
+authorized_submit_users, message_size_limit, receive_override_options (its option for address mappings: no virtual aliases, no
 masquerading; and the switch for milters), non_smtpd_milters (``milter/local.py``: run
 before the commit; a refusal is sendmail's error, exit status 69 or 75), dkim_signing_table
 and dkim_key_table (DKIM signing, after the milters: trimail/authcheck/signing.py).
@@ -308,16 +307,15 @@ def submit(argv: list[str], stdin=None, stdout=None) -> int:
         cfg = load(opts["config"], opts["overrides"])
     except ConfigError as exc:
         raise SendmailError(str(exc), 2) from None
-    if works_the_queue_itself(Path(cfg.queue_directory)) and (  # else serve judges it; here as Postfix's
-            refused := userlists.refusal(cfg, "authorized_submit_users", os.getuid())):  # sendmail: before
-        raise SendmailError(refused, os.EX_NOPERM)  # the message is read, -bs's too
+    own_queue = works_the_queue_itself(Path(cfg.queue_directory))  # else serve judges the user, and expands
+    if own_queue and (refused := userlists.refusal(cfg, "authorized_submit_users", os.getuid())):
+        raise SendmailError(refused, os.EX_NOPERM)  # before the message (or -bs) is read, as Postfix's sendmail
     if mode == "smtp":
         from trimail.standalone import serve_stdio
 
         return serve_stdio(cfg, stdin or sys.stdin.buffer, stdout or sys.stdout.buffer)
     raw = read_message(stdin or sys.stdin.buffer, not opts["i"], cfg.message_size_limit)
-    expand = mode == "verify" or works_the_queue_itself(Path(cfg.queue_directory))
-    sender, rcpts, content = build(cfg, opts, raw, queue_id := new_queue_id(), expand=expand)
+    sender, rcpts, content = build(cfg, opts, raw, queue_id := new_queue_id(), expand=mode == "verify" or own_queue)
     if mode == "verify":
         from trimail.verify_report import verify_report
 

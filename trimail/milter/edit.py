@@ -94,6 +94,10 @@ class Content:
         self.stored = stored  # the recipient the queue stores for an address as the filters saw it at RCPT
         self.changed = False  # headers or body edited: the content must be written again
 
+    def queued_form(self, address: str) -> str:
+        """*address* as the queue stores it (``stored``); as it is when it does not resolve."""
+        return (self.stored(address) if self.stored is not None and address else "") or address
+
     def visible_headers(self) -> list[tuple[str, str]]:
         return [(h.name, h.value()) for h in self.headers if not h.own]
 
@@ -181,15 +185,13 @@ def apply(content: Content, edits: list[Modification], leading_space: bool) -> N
         elif kind == "chgfrom":
             content.sender = _address(edit.value)
             continue
-        elif kind == "addrcpt":  # stored as smtpd stores a RCPT (Postfix's cleanup rewrites it too):
-            address = _address(edit.value)  # <archive> is archive@$myorigin, a final dot goes; one
-            address = (content.stored(address) if content.stored and address else "") or address  # that does
-            if address and address not in content.recipients:  # not resolve stays as given
+        elif kind == "addrcpt":  # stored as smtpd stores a RCPT (Postfix's cleanup rewrites it too)
+            address = content.queued_form(_address(edit.value))
+            if address and address not in content.recipients:
                 content.recipients.append(address)
             continue
         elif kind == "delrcpt":  # as the filter saw it at RCPT: the queue's spelling may differ (a final dot)
-            address = _address(edit.value)
-            key = recipient_key(content.stored(address) if content.stored else address)
+            key = recipient_key(content.queued_form(_address(edit.value)))
             content.recipients = [r for r in content.recipients if recipient_key(r) != key]
             continue
         elif kind == "replbody":
