@@ -7,6 +7,8 @@ import threading
 import trio
 from aiosmtpd.controller import Controller
 
+from tests.ports import free_port as _free_port
+
 
 class Recorder:
     """aiosmtpd handler: records messages; ``rules`` maps a local part to a reply."""
@@ -90,14 +92,6 @@ class Sink:
     @property
     def messages(self):
         return self.recorder.messages
-
-
-def _free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 async def silent_server(host: str = "127.0.0.1", *, task_status=trio.TASK_STATUS_IGNORED) -> None:

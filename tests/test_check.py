@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from tests.conftest import write_main_cf
+from tests.ports import free_port
 from trimail.check import listening_sockets
 
 # Runs `trimail check` with an audit hook (PEP 578) that prints every socket.bind the
@@ -33,12 +34,6 @@ def audited_check(config_path) -> tuple[subprocess.CompletedProcess[str], str]:
                             capture_output=True, text=True, timeout=60, check=False)
     binds = next(line for line in result.stderr.splitlines() if line.startswith("BINDS:"))
     return result, binds
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def test_check_beside_a_live_serve_binds_nothing_and_names_what_is_taken(tmp_path, serve_process):

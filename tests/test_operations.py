@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import trimail, write_main_cf
 from tests.peers import Sink
+from tests.ports import free_port
 
 
 class Sender(threading.Thread):
@@ -239,9 +240,7 @@ def test_serve_notifies_systemd_when_ready(tmp_path):
 
 
 def test_reload_opens_new_listeners_and_closes_removed_ones(tmp_path, serve_process):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        second = probe.getsockname()[1]
+    second = free_port()
     config_path = write_main_cf(tmp_path)
     proc = serve_process(config_path)
     first = proc.port

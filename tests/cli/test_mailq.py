@@ -20,6 +20,7 @@ import pytest
 from tests import postfix_peer
 from tests.conftest import trimail, write_main_cf
 from tests.peers import Sink
+from tests.ports import free_port
 from trimail.queue import mailq
 from trimail.queue.reads import MessageInfo, RecipientInfo
 
@@ -197,12 +198,6 @@ class PrivatePostfix:
 
     def mailq(self) -> str:
         return self.postfix("-p", tool="postqueue")
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _wait(predicate, what: str, state=lambda: "", timeout: float = 30.0):

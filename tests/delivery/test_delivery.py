@@ -6,7 +6,6 @@ import email
 import email.policy
 import logging
 import smtplib
-import socket
 import time
 
 import pytest
@@ -14,6 +13,7 @@ import trio
 
 from tests.conftest import trimail, wait_for, write_main_cf
 from tests.peers import DroppingServer, Sink, greeting_only_server, silent_server
+from tests.ports import free_port
 from trimail.queue.store import Store
 
 
@@ -258,9 +258,7 @@ async def test_dead_destination_does_not_hold_up_live_ones(start_mta, nursery):
 
 
 async def test_mail_looping_back_to_myself_bounces(start_mta):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        own_port = probe.getsockname()[1]
+    own_port = free_port()
     zone = {"loop.example": {"MX": ["10 me.loop.example."]}, "me.loop.example": {"A": ["127.0.0.1"]}}
     with Sink() as senders:
         srv = await start_mta(zone, smtpd_listen=f"127.0.0.1:{own_port}",

@@ -14,14 +14,9 @@ from tests.conftest import wait_for
 from tests.delivery.outbound_peer import ScriptedPeer
 from tests.delivery.test_delivery import parse_dsn, queue, recipient_status, send, wait_empty
 from tests.dnsserver import run_dns_server
+from tests.ports import free_port
 from trimail.config.values import ListenAddress
 from trimail.net.dns import Resolver
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 async def deferred_once(srv, queue_id: str, address: str) -> str:

@@ -19,6 +19,7 @@ from tests.delivery.outbound_peer import ScriptedPeer
 from tests.delivery.test_delivery import parse_dsn, queue, send, wait_empty
 from tests.delivery.test_outbound_8bit import EIGHT_BIT_MESSAGE
 from tests.delivery.test_outbound_8bit import send as send_with_options
+from tests.ports import free_port
 
 pytestmark = pytest.mark.skipif(not shutil.which("smtp-sink"), reason="Postfix's smtp-sink is not installed")
 
@@ -58,9 +59,7 @@ def smtp_sink() -> Iterator:
 
     async def start(*options: str, host: str = "127.0.0.1", port: int = 0) -> SmtpSink:
         if not port:
-            with socket.socket() as probe:
-                probe.bind((host, 0))
-                port = probe.getsockname()[1]
+            port = free_port(host)
         sink = SmtpSink(top / f"sink{len(sinks)}", host, port, *options)
         sinks.append(sink)
         await wait_for(sink.ready, timeout=10)

@@ -28,8 +28,9 @@ import apsw
 
 from tests.conftest import write_main_cf
 from tests.faults.conftest import Daemon, assert_serving, integrity_ok, queued, wait_until
-from tests.faults.test_workers import Load, _free_port, _tokens, running
+from tests.faults.test_workers import Load, _tokens, running
 from tests.peers import Sink
+from tests.ports import free_port as _free_port
 
 
 class _LogFileServe:

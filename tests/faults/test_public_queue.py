@@ -21,8 +21,9 @@ import pytest
 import trio
 
 from tests.faults.conftest import assert_serving, queued, send, wait_until
-from tests.faults.test_startup import background, chroot_config, free_port, jail, needs_root  # noqa: F401
-from tests.peers import Sink, _free_port
+from tests.faults.test_startup import background, chroot_config, jail, needs_root  # noqa: F401
+from tests.peers import Sink
+from tests.ports import free_port
 from trimail import postqueue, public
 from trimail.cleanup import pickup
 
@@ -83,7 +84,7 @@ def test_the_authorized_lists_refuse_a_user_they_do_not_name(daemon, readable):
 
 
 def test_a_users_flush_delivers_deferred_mail_now(daemon, readable):
-    port = _free_port(SINK_HOST)
+    port = free_port(SINK_HOST)
     d = daemon(smtpd_workers=0, relayhost=f"[{SINK_HOST}]:{port}")  # nobody listens there yet: deferred
     send(d.port, ["a@dest.example"])
     wait_until(lambda: queued(d.queue_directory, "deferred") == 1, timeout=30)

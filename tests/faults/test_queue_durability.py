@@ -22,16 +22,9 @@ import pytest
 
 from tests.faults.conftest import assert_serving, integrity_ok, send, wait_until
 from tests.peers import Sink
+from tests.ports import free_port as _free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("sqlite3") is None, reason="the sqlite3 tool is not installed")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _tokens(messages) -> list[str]:

@@ -23,14 +23,9 @@ import pytest
 from tests.conftest import write_main_cf
 from tests.faults.conftest import serve_status, trimail_cmd, wait_until
 from tests.peers import Recorder, Sink
+from tests.ports import free_port as _free_port
 
 HOST = "127.0.23.1"
-
-
-def _free_port(host: str = HOST) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _status(daemon) -> dict:
@@ -241,7 +236,6 @@ def test_concurrent_reloads_retire_every_older_generation(daemon):
     wait_until(lambda: len([w for w in _status(d)["workers"]]) == 2, timeout=30)
     facts = _status(d)
     assert [w["generation"] for w in facts["workers"]] == [2, 2], facts["workers"]
-
 
 
 def _sessions_by_worker(daemon) -> dict[int, int]:

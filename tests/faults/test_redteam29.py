@@ -29,7 +29,8 @@ from tests.faults.conftest import (
     serve_status,
     wait_until,
 )
-from tests.peers import Sink, _free_port
+from tests.peers import Sink
+from tests.ports import free_port as _free_port
 
 SINK_HOST = "127.0.0.62"
 

@@ -11,7 +11,7 @@ import signal
 import socket
 
 from tests.faults.conftest import connectable, wait_until
-from tests.peers import _free_port
+from tests.ports import free_port as _free_port
 
 
 def _busy_session(port: int) -> socket.socket:

@@ -25,7 +25,8 @@ import pytest
 
 from tests.faults.conftest import queued, wait_until
 from tests.faults.test_local_submission import readable  # noqa: F401
-from tests.faults.test_startup import background, chroot_config, free_port, jail, needs_root  # noqa: F401
+from tests.faults.test_startup import background, chroot_config, jail, needs_root  # noqa: F401
+from tests.ports import free_port
 from trimail.config import ConfigError
 from trimail.maps import TextHashTable
 from trimail.userlists import refusal

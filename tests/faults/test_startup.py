@@ -24,14 +24,9 @@ import pytest
 
 from tests.conftest import write_main_cf
 from tests.faults.conftest import banner, integrity_ok, send, trimail_cmd, wait_until
+from tests.ports import free_port
 
 F_SETPIPE_SZ = 1031
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 class Background:

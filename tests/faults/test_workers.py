@@ -31,12 +31,7 @@ from tests.faults.conftest import (
     wait_until,
 )
 from tests.peers import Sink
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.ports import free_port as _free_port
 
 
 def status(daemon) -> dict:

@@ -7,7 +7,6 @@ and SMTP submission from a chosen source address."""
 from __future__ import annotations
 
 import smtplib
-import socket
 from pathlib import Path
 
 import trio
@@ -23,12 +22,6 @@ FILTER = "127.0.46.2"  # the content filter
 FINAL = "127.0.46.3"  # the final destination (an aiosmtpd sink)
 DNS = "127.0.46.9"
 OUTSIDE = "127.0.46.20"  # a client source address outside the reinjection listener's mynetworks
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 async def start(nursery: trio.Nursery, directory: Path, **params: object):

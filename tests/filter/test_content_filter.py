@@ -13,18 +13,9 @@ import json
 import trio
 
 from tests.conftest import trimail, wait_for, write_main_cf
-from tests.filter.mtas import (
-    FILTER,
-    FINAL,
-    GATEWAY,
-    free_port,
-    queue,
-    send,
-    start,
-    start_filter,
-    wait_empty,
-)
+from tests.filter.mtas import FILTER, FINAL, GATEWAY, queue, send, start, start_filter, wait_empty
 from tests.peers import Sink
+from tests.ports import free_port
 from trimail.queue.store import Store
 
 

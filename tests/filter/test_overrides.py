@@ -14,8 +14,9 @@ import pytest
 import trio
 
 from tests.conftest import wait_for, write_main_cf
-from tests.filter.mtas import FINAL, GATEWAY, OUTSIDE, free_port, queue, send, start
+from tests.filter.mtas import FINAL, GATEWAY, OUTSIDE, queue, send, start
 from tests.peers import Sink
+from tests.ports import free_port
 from trimail import config as configuration
 from trimail.config import ConfigError
 from trimail.master import serve

@@ -20,8 +20,9 @@ import pytest
 import trio
 
 from tests.conftest import wait_for
-from tests.filter.mtas import FILTER, FINAL, GATEWAY, free_port, send, start, wait_empty
+from tests.filter.mtas import FILTER, FINAL, GATEWAY, send, start, wait_empty
 from tests.peers import Sink
+from tests.ports import free_port
 from tests.postfix_peer import available, postfix_master_cf
 
 pytestmark = pytest.mark.skipif(not available(), reason="needs root and Debian's postfix package")

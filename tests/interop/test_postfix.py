@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import smtplib
-import socket
 import tempfile
 from pathlib import Path
 
@@ -15,15 +14,10 @@ import trustme
 from tests import postfix_peer
 from tests.delivery.test_delivery import send, wait_empty
 from tests.peers import Sink
+from tests.ports import free_port
 from trimail.testing import TestMTA
 
 pytestmark = pytest.mark.skipif(not postfix_peer.available(), reason="needs root and Debian's postfix package")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

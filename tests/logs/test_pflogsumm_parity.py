@@ -16,16 +16,9 @@ import pytest
 from tests.conftest import write_main_cf
 from tests.logs import traffic
 from tests.peers import Sink
+from tests.ports import free_port
 
 pytestmark = pytest.mark.skipif(not traffic.postfix_available(), reason="needs root, Debian's postfix and pflogsumm")
-
-
-def free_port(host: str) -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def settled(log: Path, syslog_name: str, timeout: float = 15.0) -> dict[str, int]:

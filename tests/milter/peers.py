@@ -17,18 +17,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from tests.ports import free_port
 from trimail.milter import protocol as p
 
 OPENDKIM = "/usr/sbin/opendkim"
 OPENDKIM_GENKEY = "/usr/sbin/opendkim-genkey"
 RSPAMD = "/usr/bin/rspamd"
 HOST = "127.0.45.1"
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:

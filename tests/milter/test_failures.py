@@ -12,7 +12,8 @@ import pytest
 import trio
 
 from tests.milter.conftest import send, stored
-from tests.milter.peers import FakeMilter, free_port, reply
+from tests.milter.peers import FakeMilter, reply
+from tests.ports import free_port
 from trimail.milter import protocol as p
 
 

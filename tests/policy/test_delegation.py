@@ -9,6 +9,7 @@ import trio
 
 from tests.peers import silent_server
 from tests.policy.test_restrictions import D, converse
+from tests.ports import free_port
 
 
 class PolicyServer:
@@ -79,9 +80,7 @@ async def test_policy_service_over_a_unix_socket(start_mta, nursery, tmp_path):
     ("DUNNO", (250, "")),
 ])
 async def test_policy_service_down_uses_the_default_action(start_mta, default, expected):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead_port = probe.getsockname()[1]
+    dead_port = free_port()  # nothing listens there
     extra = {"smtpd_policy_service_default_action": default} if default else {}
     srv = await start_mta(master_service_disable="qmgr", **extra,
                           smtpd_recipient_restrictions=f"check_policy_service inet:127.0.0.1:{dead_port}")

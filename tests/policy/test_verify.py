@@ -10,6 +10,7 @@ import trio
 
 from tests.conftest import wait_for
 from tests.delivery.test_delivery import wait_empty
+from tests.ports import free_port
 
 
 class InternalServer:
@@ -139,9 +140,7 @@ async def test_concurrent_probes_for_one_address_coalesce(start_mta, nursery):
 
 
 async def test_internal_server_down_gives_450(start_mta):
-    with trio.socket.socket() as closed:
-        await closed.bind(("127.0.0.1", 0))
-        down = closed.getsockname()[1]
+    down = free_port()  # nothing listens there
     srv = await start_mta(master_service_disable="qmgr", relayhost=f"[127.0.0.1]:{down}", **SETTINGS)
     got = await trio.to_thread.run_sync(rcpt_replies, srv.addresses[0].port, ["someone@remote.example"])
     assert got[0][0] == 450

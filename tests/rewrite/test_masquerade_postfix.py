@@ -30,6 +30,7 @@ from tests import postfix_peer
 from tests.conftest import wait_for
 from tests.delivery.test_delivery import wait_empty
 from tests.peers import Sink
+from tests.ports import free_port
 
 pytestmark = pytest.mark.skipif(not postfix_peer.available(), reason="needs root and Debian's postfix package")
 
@@ -40,12 +41,6 @@ SETTINGS = {"masquerade_domains": ".client.example far.example near.example", "m
             "myorigin": "origin.example"}
 MESSAGE = ("From: Joe <joe@host.client.example>\r\nTo: ann@eng.far.example\r\n"
            "Cc: bob@host.near.example\r\nReply-To: joe, sales (team)\r\nSubject: from {source}\r\n\r\nbody\r\n")
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def listening(host: str, port: int) -> bool:

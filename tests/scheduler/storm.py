@@ -13,7 +13,8 @@ from typing import Self
 
 from aiosmtpd.controller import Controller
 
-from tests.peers import Recorder, _free_port
+from tests.peers import Recorder
+from tests.ports import free_port as _free_port
 from trimail.queue.store import Store
 
 

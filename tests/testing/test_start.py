@@ -22,6 +22,7 @@ import pytest
 import trio
 import trio.testing
 
+from tests.ports import free_port
 from trimail.testing import TestMTA, open_test_mta
 from trimail.testing.shared import SharedTestMTA
 
@@ -369,9 +370,7 @@ def test_a_start_that_fails_after_binding_leaves_no_socket_listening():
     listening socket of it (found by the red team)."""
     from trimail.config import ConfigError
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.42.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port("127.0.42.1")
     for _ in range(2):
         with pytest.raises(ConfigError):
             TestMTA(smtpd_listen=f"127.0.42.1:{port}", smtpd_recipient_restrictions="no_such_restriction").start()
