@@ -11,6 +11,8 @@ Addresses (all loopback, this suite's own ranges):
 - 127.0.45.10     Postfix's smtpd, 127.0.45.20 trimail's;
 - clients bind 127.0.45.x (inside ``mynetworks = 127.0.45.0/24``) or 127.0.46.x
   (outside).
+
+``TRIMAIL_DIFF_NET`` moves the two blocks (net.py).
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ import dns.message
 import dns.rdatatype
 from aiosmtpd.controller import Controller
 
+from tests.differential import net
 from tests.dnsserver import answer
 from tests.postfix_peer import postfix_master_cf
 
-DNS_HOST = "127.0.45.53"
-SINK_HOST = "127.0.45.2"
-POSTFIX_HOST = "127.0.45.10"
-POSTFIX_OUT = "127.0.45.11"
-TRIMAIL_HOST = "127.0.45.20"
+DNS_HOST = net.inside(53)
+SINK_HOST = net.inside(2)
+POSTFIX_HOST = net.inside(10)
+POSTFIX_OUT = net.inside(11)
+TRIMAIL_HOST = net.inside(20)
 
 
 def available() -> bool:
@@ -69,7 +72,7 @@ def wait_until(predicate, what: str, timeout: float = 30.0, state=lambda: ""):
 
 
 class DnsServer:
-    """tests/dnsserver.py's answers on UDP 127.0.45.53:53, in a thread (port 53 because
+    """tests/dnsserver.py's answers on UDP port 53 of DNS_HOST, in a thread (port 53 because
     resolv.conf cannot name another port)."""
 
     def __init__(self, zone: dict) -> None:
@@ -125,7 +128,7 @@ class SinkHandler:
 
 
 class Sink:
-    """One aiosmtpd sink for both MTAs on 127.0.45.2."""
+    """One aiosmtpd sink for both MTAs on SINK_HOST."""
 
     def __init__(self) -> None:
         self.handler = SinkHandler()
@@ -167,7 +170,7 @@ def expand(main_cf: str, tables: Path, sink_port: int) -> str:
 
 
 class PrivatePostfix:
-    """Debian's Postfix from a configuration directory of its own: smtpd on 127.0.45.10
+    """Debian's Postfix from a configuration directory of its own: smtpd on POSTFIX_HOST
     only, chrooted to its own queue directory so that its resolv.conf there points at
     our DNS server; every other service unchrooted."""
 

@@ -3,6 +3,8 @@
 ``@TABLES@`` is each MTA's own table directory (the same sources, compiled by its own
 postmap/postalias), ``@SINK@`` the shared sink.  The clients:
 
+(127.0.45 and 127.0.46 stand for the two blocks of net.py.)
+
 - 127.0.45.5 and .6: inside ``mynetworks``; 127.0.45.30: inside but access-listed REJECT;
 - 127.0.46.5, .6, .7: outside, no PTR record (``unknown``);
 - 127.0.46.20-.27: outside, in the client access table (one action each);
@@ -12,11 +14,13 @@ postmap/postalias), ``@SINK@`` the shared sink.  The clients:
 
 from __future__ import annotations
 
+from tests.differential.net import INSIDE_NET, inside, outside, reverse
+
 MAIN_CF = """\
 myhostname = mx.test.example
 mydomain = test.example
 mydestination = $myhostname, localhost.$mydomain, localhost
-mynetworks = 127.0.45.0/24
+mynetworks = @INSIDE_NET@.0/24
 relay_domains = relay.test
 relayhost = @SINK@
 alias_maps = hash:@TABLES@/aliases
@@ -35,7 +39,7 @@ smtpd_recipient_restrictions = check_recipient_access hash:@TABLES@/recipient_ac
     reject_rbl_client rbl.test, reject_rhsbl_sender dbl.test
 message_size_limit = 20000
 smtpd_recipient_limit = 10
-"""
+""".replace("@INSIDE_NET@", INSIDE_NET)
 
 TABLES = {
     "aliases": (
@@ -54,15 +58,15 @@ TABLES = {
         "other@relay.test OK\n"
     ),
     "client_access": (
-        "127.0.45.30 REJECT\n"
-        "127.0.46.20 REJECT\n"
-        "127.0.46.21 550 Go away\n"
-        "127.0.46.22 OK\n"
-        "127.0.46.23 DISCARD\n"
-        "127.0.46.24 HOLD\n"
-        "127.0.46.25 450 Try again later\n"
-        "127.0.46.26 DEFER_IF_PERMIT Come back later\n"
-        "127.0.46.27 REJECT Your network is not welcome\n"
+        f"{inside(30)} REJECT\n"
+        f"{outside(20)} REJECT\n"
+        f"{outside(21)} 550 Go away\n"
+        f"{outside(22)} OK\n"
+        f"{outside(23)} DISCARD\n"
+        f"{outside(24)} HOLD\n"
+        f"{outside(25)} 450 Try again later\n"
+        f"{outside(26)} DEFER_IF_PERMIT Come back later\n"
+        f"{outside(27)} REJECT Your network is not welcome\n"
     ),
     "helo_access": (
         "bad.helo.test REJECT\n"
@@ -84,17 +88,17 @@ TABLES = {
 }
 
 ZONE: dict = {
-    "client.test": {"A": ["127.0.46.1"]},
+    "client.test": {"A": [outside(1)]},
     "remote.test": {"MX": ["10 mx.remote.test."]},
-    "mx.remote.test": {"A": ["127.0.45.2"]},
+    "mx.remote.test": {"A": [inside(2)]},
     "relay.test": {"MX": ["10 mx.remote.test."]},
     "far.test": {"MX": ["10 mx.remote.test."]},
-    "virtual.test": {"A": ["127.0.45.2"]},
-    "badsender.test": {"A": ["127.0.46.1"]},
+    "virtual.test": {"A": [inside(2)]},
+    "badsender.test": {"A": [outside(1)]},
     "servfail.test": "SERVFAIL",
-    "spam.test": {"A": ["127.0.46.1"]},
+    "spam.test": {"A": [outside(1)]},
     "spam.test.dbl.test": {"A": ["127.0.1.2"], "TXT": ['"spam.test is a spam domain"']},
-    "66.46.0.127.rbl.test": {"A": ["127.0.0.2"], "TXT": ['"listed: see rbl.test"']},
-    "77.46.0.127.in-addr.arpa": {"PTR": ["client77.remote.test."]},
-    "client77.remote.test": {"A": ["127.0.46.77"]},
+    f"{reverse(outside(66))}.rbl.test": {"A": ["127.0.0.2"], "TXT": ['"listed: see rbl.test"']},
+    f"{reverse(outside(77))}.in-addr.arpa": {"PTR": ["client77.remote.test."]},
+    "client77.remote.test": {"A": [outside(77)]},
 }

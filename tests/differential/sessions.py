@@ -10,14 +10,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-INSIDE = "127.0.45.5"
-INSIDE_2 = "127.0.45.6"
-INSIDE_LISTED = "127.0.45.30"
-OUTSIDE = "127.0.46.5"
-OUTSIDE_2 = "127.0.46.6"
-OUTSIDE_3 = "127.0.46.7"
-RBL_LISTED = "127.0.46.66"
-NAMED = "127.0.46.77"
+from tests.differential.net import inside, outside
+
+INSIDE = inside(5)
+INSIDE_2 = inside(6)
+INSIDE_LISTED = inside(30)
+OUTSIDE = outside(5)
+OUTSIDE_2 = outside(6)
+OUTSIDE_3 = outside(7)
+RBL_LISTED = outside(66)
+NAMED = outside(77)
 
 
 @dataclass
@@ -140,7 +142,7 @@ SESSIONS: list[Session] = [
     Session("unqualified-sender", OUTSIDE, send("unqualified-sender", "someone", ["info@mx.test.example"]),
             messages=1),
     # -- address syntax checks -------------------------------------------------------------------------
-    Session("non-fqdn-recipient", INSIDE, probe("a@client.test", ["x@far", "x@[127.0.46.1]", "x@far."])),
+    Session("non-fqdn-recipient", INSIDE, probe("a@client.test", ["x@far", f"x@[{outside(1)}]", "x@far."])),
     Session("non-fqdn-sender", OUTSIDE, probe("a@client", ["info@mx.test.example"])),
     Session("unknown-sender-domain", OUTSIDE, probe("a@nxdomain.test", ["info@mx.test.example"])),
     Session("servfail-sender-domain", OUTSIDE, probe("a@servfail.test", ["info@mx.test.example"])),
@@ -155,16 +157,16 @@ SESSIONS: list[Session] = [
     Session("sender-access-hold", OUTSIDE, send("hold", "hold@client.test", ["info@mx.test.example"])),
     Session("recipient-access", INSIDE, probe("a@client.test", ["blocked@relay.test", "closed@remote.test",
                                                                "user@relay.test"])),
-    Session("client-reject", "127.0.46.20", probe("a@client.test", ["info@mx.test.example"])),
-    Session("client-reject-custom-code", "127.0.46.21", probe("a@client.test", ["info@mx.test.example"])),
-    Session("client-ok-still-no-relay", "127.0.46.22", probe("a@client.test", ["x@far.test",
+    Session("client-reject", outside(20), probe("a@client.test", ["info@mx.test.example"])),
+    Session("client-reject-custom-code", outside(21), probe("a@client.test", ["info@mx.test.example"])),
+    Session("client-ok-still-no-relay", outside(22), probe("a@client.test", ["x@far.test",
                                                                               "info@mx.test.example"])),
-    Session("client-discard", "127.0.46.23", send("client-discard", "a@client.test", ["info@mx.test.example"])),
-    Session("client-hold", "127.0.46.24", send("client-hold", "a@client.test", ["info@mx.test.example"])),
-    Session("client-temporary", "127.0.46.25", probe("a@client.test", ["info@mx.test.example"])),
-    Session("client-defer-if-permit", "127.0.46.26", probe("a@client.test", ["info@mx.test.example",
+    Session("client-discard", outside(23), send("client-discard", "a@client.test", ["info@mx.test.example"])),
+    Session("client-hold", outside(24), send("client-hold", "a@client.test", ["info@mx.test.example"])),
+    Session("client-temporary", outside(25), probe("a@client.test", ["info@mx.test.example"])),
+    Session("client-defer-if-permit", outside(26), probe("a@client.test", ["info@mx.test.example",
                                                                             "x@far.test"])),
-    Session("client-reject-with-text", "127.0.46.27", probe("a@client.test", ["info@mx.test.example"])),
+    Session("client-reject-with-text", outside(27), probe("a@client.test", ["info@mx.test.example"])),
     Session("helo-access-reject", OUTSIDE, probe("a@client.test", ["info@mx.test.example"],
                                                  helo="HELO bad.helo.test")),
     Session("helo-access-custom", OUTSIDE, probe("a@client.test", ["info@mx.test.example"],
@@ -211,8 +213,8 @@ SESSIONS: list[Session] = [
                                           "rcpt to:<info@mx.test.example>", "rset", "quit"]),
     Session("quoted-local-part", INSIDE, probe("a@client.test", ['"john doe"@far.test', '"info"@mx.test.example',
                                                                 "x@FAR.TEST."])),
-    Session("address-literal-recipient", OUTSIDE, probe("a@client.test", ["info@[127.0.46.1]",
-                                                                         "info@[127.0.46.1]."])),
+    Session("address-literal-recipient", OUTSIDE, probe("a@client.test", [f"info@[{outside(1)}]",
+                                                                         f"info@[{outside(1)}]."])),
     Session("smtputf8-recipient", OUTSIDE, ["EHLO client.test", "MAIL FROM:<a@client.test>",
                                             "RCPT TO:<jürgen@relay.test>", "RSET",
                                             "MAIL FROM:<a@client.test> SMTPUTF8", "RCPT TO:<jürgen@relay.test>",
