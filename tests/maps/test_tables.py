@@ -89,3 +89,17 @@ def test_cidr_and_regexp_tables(tmp_path):
     (tmp_path / "bad").write_text("if /x/\n/y/ OK\n")
     with pytest.raises(TableError, match="if without endif"):
         open_table(f"regexp:{tmp_path / 'bad'}")
+
+
+def test_regexp_dot_matches_the_newline_of_a_folded_header_and_pcre_dot_does_not(tmp_path):
+    """regexp_table(5) is POSIX regexec without REG_NEWLINE: a folded header in
+    header_checks (one string, its lines joined by newlines) matches ``first.*second``
+    unless the ``m`` flag; pcre_table(5) needs the ``s`` flag for that."""
+    folded = "X-Folded: first\n\tsecond"
+    (tmp_path / "r").write_text("/^X-Folded: first.*second/ REJECT folded\n/^\tsecond/m DUNNO\n")
+    (tmp_path / "m").write_text("/^X-Folded: first.*second/m REJECT folded\n")
+    (tmp_path / "p").write_text("/^X-Folded: first.*second/ REJECT folded\n/first.*second/s DUNNO\n")
+    assert open_table(f"regexp:{tmp_path / 'r'}").lookup(folded) == "REJECT folded"
+    assert open_table(f"regexp:{tmp_path / 'r'}").lookup("x\n\tsecond") == "DUNNO"
+    assert open_table(f"regexp:{tmp_path / 'm'}").lookup(folded) is None
+    assert open_table(f"pcre:{tmp_path / 'p'}").lookup(folded) == "DUNNO"

@@ -307,6 +307,13 @@ class RegexpTable(_FileTable[RegexpRules]):
         return match_regexp(self._current(), key)
 
 
+class PcreTable(RegexpTable):
+    """``pcre:/path`` (pcre_table(5)): regexp's syntax with PCRE's flags and defaults."""
+
+    def _load(self) -> RegexpRules:
+        return parse_regexp(self.path, pcre=True)
+
+
 class PasswdTable(Table):
     """``unix:passwd.byname``: the system's user database (value: the home directory).
     Every lookup may ask NSS (files, LDAP, sssd, ...), so it may block."""
@@ -345,7 +352,7 @@ def open_table(ref: str, *, lazy: bool = False) -> Table:
     if kind == "static":
         return StaticTable(ref, name)
     files: dict[str, type[_FileTable[Any]]] = {"texthash": TextHashTable, "hash": HashTable, "btree": HashTable,
-                                                "cidr": CidrTable, "regexp": RegexpTable, "pcre": RegexpTable}
+                                                "cidr": CidrTable, "regexp": RegexpTable, "pcre": PcreTable}
     if kind in files:
         return files[kind](ref, Path(name), lazy=lazy)
     raise TableError(f"{ref}: unsupported lookup table type {kind!r}")

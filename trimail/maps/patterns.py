@@ -51,8 +51,9 @@ def match_cidr(rules: CidrRules, key: str) -> str | None:
     return None
 
 
-def parse_regexp(path: Path) -> RegexpRules:
-    """``/pattern/flags result``, ``!/pattern/``, ``if /pattern/`` ... ``endif``."""
+def parse_regexp(path: Path, pcre: bool = False) -> RegexpRules:
+    """``/pattern/flags result``, ``!/pattern/``, ``if /pattern/`` ... ``endif``; with
+    *pcre*, pcre_table(5)'s flags and defaults (see ``_parse_pattern``)."""
     rules: RegexpRules = []
     conditions: list[tuple[re.Pattern[str], bool]] = []
     stack: list[int] = []
@@ -64,7 +65,7 @@ def parse_regexp(path: Path) -> RegexpRules:
             continue
         is_if = line.lower().startswith("if ") or line.lower().startswith("if\t")
         body = line[3:].strip() if is_if else line
-        pattern, negated, rest = _parse_pattern(path, number, body)
+        pattern, negated, rest = _parse_pattern(path, number, body, pcre)
         if is_if:
             stack.append(len(conditions))
             conditions.append((pattern, negated))
@@ -98,7 +99,13 @@ def match_regexp(rules: RegexpRules, key: str) -> str | None:
     return None
 
 
-def _parse_pattern(path: Path, number: int, text: str) -> tuple[re.Pattern[str], bool, str]:
+def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tuple[re.Pattern[str], bool, str]:
+    """One ``/pattern/flags`` and what follows it.  regexp_table(5) is POSIX regcomp with
+    REG_EXTENDED | REG_ICASE: ``.`` matches a newline too (a folded header in
+    header_checks is one string with its newlines) unless the ``m`` flag
+    (REG_NEWLINE), which also makes ``^`` and ``$`` match at each line.
+    pcre_table(5): ``.`` does not match a newline unless the ``s`` flag (PCRE_DOTALL);
+    ``m`` is PCRE_MULTILINE.  ``i`` turns case sensitivity on in both."""
     negated = text.startswith("!")
     if negated:
         text = text[1:]
@@ -116,13 +123,15 @@ def _parse_pattern(path: Path, number: int, text: str) -> tuple[re.Pattern[str],
         raise TableError(f"{path}:{number}: unterminated pattern")
     pattern, rest = text[1:end], text[end + 1:]
     flags_text, _, result = rest.partition(" ")
-    if not re.fullmatch(r"[imx]*", flags_text):
+    if not re.fullmatch(r"[imsx]*" if pcre else r"[imx]*", flags_text):
         result, flags_text = rest, ""
-    flags = re.IGNORECASE
+    flags = re.IGNORECASE if pcre else re.IGNORECASE | re.DOTALL
     if "i" in flags_text:
-        flags = 0  # Postfix: the i flag toggles case sensitivity on
+        flags &= ~re.IGNORECASE  # Postfix: the i flag toggles case sensitivity on
     if "m" in flags_text:
-        flags |= re.MULTILINE
+        flags = (flags | re.MULTILINE) if pcre else (flags | re.MULTILINE) & ~re.DOTALL
+    if "s" in flags_text:
+        flags |= re.DOTALL
     if "x" in flags_text:
         flags |= re.VERBOSE
     try:
