@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.differential import harness, scenario
+from tests.differential import checks, harness, scenario
 
 
 @dataclass
@@ -30,9 +30,10 @@ def pair() -> Iterator[Pair]:
     dns = harness.DnsServer(scenario.ZONE)
     sink = harness.Sink()
     postfix = trimail = None
+    main_cf, tables = scenario.MAIN_CF + checks.MAIN_CF, {**scenario.TABLES, **checks.TABLES}
     try:
-        postfix = harness.PrivatePostfix(workdir / "postfix", scenario.MAIN_CF, scenario.TABLES, sink.port)
-        trimail = harness.Trimail(workdir / "trimail", scenario.MAIN_CF, scenario.TABLES, sink.port)
+        postfix = harness.PrivatePostfix(workdir / "postfix", main_cf, tables, sink.port)
+        trimail = harness.Trimail(workdir / "trimail", main_cf, tables, sink.port)
         yield Pair(dns, sink, postfix, trimail)
     finally:
         for mta in (trimail, postfix):

@@ -152,14 +152,18 @@ class Sink:
 # -- the two MTAs ------------------------------------------------------------------------
 
 
-def compile_tables(tables: dict[str, str], directory: Path, postmap: list[str], postalias: list[str]) -> None:
-    """Write each table source into *directory* and compile it with the MTA's own tools
-    (``aliases`` with postalias, the others with postmap)."""
+def compile_tables(tables: dict[str, str], directory: Path, postmap: list[str], postalias: list[str],
+                   sink_port: int = 0) -> None:
+    """Write each table source into *directory* (``@SINK@`` expanded) and compile it
+    with the MTA's own tools (``aliases`` with postalias, ``*.regexp`` not at all, the
+    others with postmap)."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o755)
     for name, text in tables.items():
         path = directory / name
-        path.write_text(text)
+        path.write_text(expand(text, directory, sink_port))
+        if name.endswith(".regexp"):
+            continue
         tool = postalias if name == "aliases" else postmap
         done = subprocess.run([*tool, str(path)], capture_output=True, text=True, timeout=60, check=False)
         assert done.returncode == 0, f"{tool} {path}: {done.stderr}"
@@ -201,7 +205,7 @@ class PrivatePostfix:
             f"maillog_file_prefixes = {workdir}\nmaillog_file = {workdir / 'maillog'}\n"
             + expand(main_cf, workdir / "tables", sink_port))
         compile_tables(tables, workdir / "tables", ["postmap", "-c", str(workdir / "conf")],
-                       ["postalias", "-c", str(workdir / "conf")])
+                       ["postalias", "-c", str(workdir / "conf")], sink_port)
         self.postfix("start")
         try:
             wait_until(lambda: _listening(POSTFIX_HOST, self.port), "Postfix to listen")
@@ -250,7 +254,7 @@ class Trimail:
         self.dir = workdir
         workdir.mkdir(parents=True)
         trimail = [sys.executable, "-m", "trimail"]
-        compile_tables(tables, workdir / "tables", [*trimail, "postmap"], [*trimail, "postalias"])
+        compile_tables(tables, workdir / "tables", [*trimail, "postmap"], [*trimail, "postalias"], sink_port)
         self.port = free_port(TRIMAIL_HOST)
         self.config = workdir / "main.cf"
         self.config.write_text(

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.differential import harness
+from tests.differential import checks, harness
 from tests.differential.differences import DIFFERENCES, explain
-from tests.differential.sessions import SESSIONS, Session
+from tests.differential.sessions import SESSIONS as PROTOCOL_SESSIONS
+from tests.differential.sessions import Session
 
+SESSIONS = [*PROTOCOL_SESSIONS, *checks.SESSIONS]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "postfix.md"
 
 # session name -> (pairs, identical, explained by a deliberate difference)

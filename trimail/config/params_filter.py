@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 
 from trimail.config.param import P, Param, T
-from trimail.config.values import parse_listen, register_kind, split_list
+from trimail.config.values import parse_listen, parse_maps, parse_size, register_kind, split_list
 
 TITLE = "The after-queue content filter (FILTER_README)"
 
@@ -108,6 +108,16 @@ PARAMS: list[Param] = [
     P("receive_override_options", "", parse_receive_override_options,
       "what the SMTP server and cleanup leave out for mail received here: no_unknown_recipient_checks,"
       " no_address_mappings, no_header_body_checks, no_milters"),
+    P("header_checks", "", parse_maps,
+      "tables that each primary header of a message received is looked up in (header_checks(5):"
+      " REJECT, WARN, INFO, HOLD, DISCARD, IGNORE, PREPEND, REPLACE, REDIRECT, FILTER, DUNNO)"),
+    P("mime_header_checks", "$header_checks", parse_maps,
+      "header_checks for MIME headers (Content-*, MIME-Version) and the headers of multipart parts"),
+    P("nested_header_checks", "$header_checks", parse_maps,
+      "header_checks for the headers of an attached message (message/rfc822)"),
+    P("body_checks", "", parse_maps,
+      "tables that each body line of a message received is looked up in (header_checks(5) actions)"),
+    P("body_checks_size_limit", "51200", parse_size, "how many bytes of each body part body_checks inspect"),
     T("reinject_listen", "", parse_listen,
       "listener for mail coming back from the content filter, host:port (Postfix's 127.0.0.1:10025"
       " smtpd in master.cf); its parameters are main.cf's with reinject_overrides"),

@@ -222,6 +222,11 @@ class TypedParameters:
     smtp_tls_CAfile: str
     content_filter: str
     receive_override_options: frozenset[str]
+    header_checks: list[str]
+    mime_header_checks: list[str]
+    nested_header_checks: list[str]
+    body_checks: list[str]
+    body_checks_size_limit: int
     reinject_listen: list[ListenAddress]
     reinject_overrides: dict[str, str]
     smtpd_milters: list[str]

@@ -41,6 +41,7 @@ from trimail.passwords import PasswordError, prepare
 from trimail.policy.restrictions import Policy
 from trimail.queue.spool import QueueSpace, unused_bytes
 from trimail.queue.writer import QueueWriter
+from trimail.receive.checks import content_checks
 from trimail.receive.milters import SmtpdMilters
 from trimail.rewrite import Resolved
 from trimail.smtp.server import Settings
@@ -240,6 +241,7 @@ class ReceiveContext:
                                       unused=lambda: writer.read(unused_bytes))
         self.lookup_timeout: float = config.table_lookup_timeout
         self.milter_names: list[str] = milters_of(config)
+        self.content_checks = content_checks(config)  # header_checks, body_checks (None: none set)
 
     def session_milters(self, session: SmtpdSession) -> SmtpdMilters:
         """smtpd_milters for one session (trimail/receive/milters.py)."""

@@ -57,6 +57,7 @@ from trimail.policy.restrictions import Request, Verdict
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool, SpoolError
 from trimail.receive.auth import authenticate_session
+from trimail.receive.checks import check_content
 from trimail.receive.commit import commit, received_header, scan_header
 from trimail.receive.context import ReceiveContext
 from trimail.receive.etrn import etrn
@@ -257,7 +258,7 @@ class SmtpdSession:
             if reply is not None:
                 self._discard()
                 return reply
-            return await self.milters.end() or await commit(self)
+            return await check_content(self) or await self.milters.end() or await commit(self)
         if isinstance(event, (DataAborted, Reset)):
             self._discard()
         return None

@@ -1,0 +1,59 @@
+"""trimail/cleanup/checks.py without an MTA: which table sees which line, and what the
+actions do to the content (tests/differential/checks.py compares the same with Postfix)."""
+
+from __future__ import annotations
+
+from trimail.cleanup.checks import ContentChecks
+from trimail.maps import open_table
+
+
+def table(tmp_path, name: str, text: str):
+    (tmp_path / name).write_text(text)
+    return [open_table(f"regexp:{tmp_path / name}")]
+
+
+def scan(checks: ContentChecks, message: str):
+    out: list[bytes] = []
+    notes: list[tuple[str, str, str, str]] = []
+    lines = [line.encode() + b"\r\n" for line in message.split("\n")]
+    outcome = checks.scan(lines, out.append, lambda *note: notes.append(note))
+    return outcome, b"".join(out).decode(), notes
+
+
+MIME = ("Subject: s\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=b\n\n--b\n"
+        "Content-Type: message/rfc822\nX-Part: p\n\nX-Inner: i\n\ninner body\n--b--")
+
+
+def test_each_header_class_has_its_own_table(tmp_path):
+    checks = ContentChecks(table(tmp_path, "h", "/^(Subject|X-Part|X-Inner):/ WARN header_checks\n"),
+                           table(tmp_path, "m", "/^(Content-Type|X-Part|X-Inner):/ WARN mime\n"),
+                           table(tmp_path, "n", "/^X-Inner:/ WARN nested\n"),
+                           table(tmp_path, "b", "/^(X-|inner|--b)/ WARN body\n"))
+    _, out, notes = scan(checks, MIME)
+    assert out == MIME.replace("\n", "\r\n") + "\r\n"
+    assert [(what, text, arg) for _, what, text, arg in notes] == [
+        ("header", "Subject: s", "header_checks"),
+        ("header", "Content-Type: multipart/mixed; boundary=b", "mime"),
+        ("body", "--b", "body"),
+        ("header", "Content-Type: message/rfc822", "mime"),
+        ("header", "X-Part: p", "mime"),  # a part's header: mime_header_checks
+        ("header", "X-Inner: i", "nested"),  # the attached message's: nested_header_checks
+        ("body", "inner body", "body"),
+        ("body", "--b--", "body"),
+    ]
+
+
+def test_edits_and_the_first_reject_ends_the_checks(tmp_path):
+    checks = ContentChecks(table(tmp_path, "h", "/^X-Old: (.*)/ REPLACE X-New: $1\n/^X-Gone:/ IGNORE\n"
+                                 "/^Subject:/ PREPEND not a header\n"), [], [],
+                           table(tmp_path, "b", "/^stop/ REJECT 4.7.0 later\n/^after/ HOLD\n"))
+    outcome, out, notes = scan(checks, "X-Old: v\nX-Gone: g\nSubject: s\n\nbefore\nstop\nafter")
+    assert out == "X-New: v\r\nSubject: s\r\n\r\nbefore\r\nafter\r\n"
+    assert (outcome.reject, outcome.hold, outcome.edited) == ("4.7.0 later", False, True)
+    assert ("warning", "", "PREPEND action without valid header", "") in notes
+
+
+def test_body_checks_stop_after_the_size_limit(tmp_path):
+    checks = ContentChecks([], [], [], table(tmp_path, "b", "/^bad/ REJECT\n"), body_limit=20)
+    assert scan(checks, "S: s\n\n" + "x" * 30 + "\nbad")[0].reject is None
+    assert scan(checks, "S: s\n\nbad")[0].reject == "5.7.1 message content rejected"

@@ -1,0 +1,218 @@
+"""header_checks and body_checks, as Postfix's cleanup(8) applies them (header_checks(5)):
+each logical header (its folded lines joined with a newline) is looked up in
+``header_checks`` when it is a primary header, in ``mime_header_checks`` when it is a
+MIME header (``Content-*``, ``MIME-Version``) or a header of a multipart part, in
+``nested_header_checks`` when it is a header of an attached message (message/rfc822);
+every other line of the body (preamble, boundary lines, part contents) in
+``body_checks``, up to ``body_checks_size_limit`` bytes of each part.  The first table
+that answers decides; its answer is an action:
+
+REJECT [text], WARN [text], INFO [text], HOLD [text], DISCARD [text], IGNORE,
+PREPEND text, REPLACE text, REDIRECT address, FILTER transport:nexthop, DUNNO, OK.
+
+After REJECT or DISCARD nothing more is looked up (Postfix clears its filter flags).
+REJECT's text may start with an enhanced status code (default ``5.7.1``; a ``4.x.x``
+code makes it a ``451`` deferral); without text it is ``5.7.1 message content
+rejected``.  An unknown action is logged as a warning and changes nothing.
+
+``ContentChecks.scan`` is pure: lines in, lines out (through *out*), the actions to
+log through *note*, the outcome returned.  Table errors (``TableError``) propagate.
+
+Parameters: none read (trimail/receive/checks.py passes the tables).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from trimail.maps import Table, lookup_first
+
+HEADER_NAME = re.compile(rb"^[!-9;-~]+[ \t]*:")
+MIME_HEADER = re.compile(r"^(content-|mime-version[ \t]*:)", re.IGNORECASE)
+DSN = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}(?:\s+|$)")
+BOUNDARY = re.compile(r'boundary[ \t]*=[ \t]*(?:"([^"]*)"|([^\s;]+))', re.IGNORECASE)
+NESTING_LIMIT = 100  # mime_nesting_limit
+
+
+@dataclass
+class Outcome:
+    reject: str | None = None  # "5.7.1 text" (or "4.x.x text": defer)
+    hold: bool = False
+    discard: bool = False
+    redirect: str | None = None
+    filter: str | None = None
+    edited: bool = False
+
+
+Note = Callable[[str, str, str, str], None]  # (action, "header"|"body", the line, text)
+
+
+@dataclass
+class _Part:
+    boundary: bytes | None = None  # the boundary of this multipart body
+    body_bytes: int = 0  # body bytes of the current part inspected so far
+
+
+class ContentChecks:
+    def __init__(self, header: Sequence[Table], mime: Sequence[Table], nested: Sequence[Table],
+                 body: Sequence[Table], body_limit: int = 51200) -> None:
+        self.header, self.mime, self.nested, self.body = header, mime, nested, body
+        self.body_limit = body_limit
+
+    def active(self) -> bool:
+        return bool(self.header or self.mime or self.nested or self.body)
+
+    def scan(self, lines: Iterable[bytes], out: Callable[[bytes], None], note: Note) -> Outcome:
+        """Each CRLF-ended line of the message (its first the ``Received:`` header this
+        MTA added), the kept and edited lines written to *out*."""
+        return _Scan(self, out, note).run(lines)
+
+
+class _Scan:
+    def __init__(self, checks: ContentChecks, out: Callable[[bytes], None], note: Note) -> None:
+        self.checks, self.out, self.note = checks, out, note
+        self.outcome = Outcome()
+        self.stack: list[_Part] = []  # enclosing multipart bodies
+        self.top = _Part()  # the body outside any multipart
+        self.in_header = True
+        self.header_class = "primary"  # primary | multipart | nested
+        self.pending: list[bytes] = []  # the logical header being collected
+        self.content_type = ""  # of the header section being read
+        self.checking = True
+
+    def run(self, lines: Iterable[bytes]) -> Outcome:
+        for line in lines:
+            if self.in_header:
+                self._header_line(line)
+            else:
+                self._body_line(line)
+        self._flush_header()
+        return self.outcome
+
+    # -- headers ---------------------------------------------------------------------------
+    def _header_line(self, line: bytes) -> None:
+        if line[:1] in (b" ", b"\t") and self.pending:
+            self.pending.append(line)
+            return
+        self._flush_header()
+        if HEADER_NAME.match(line):
+            self.pending = [line]
+            return
+        self._end_of_header()
+        if line in (b"\r\n", b"\n"):
+            self.out(line)
+        else:  # not a header: the body begins here
+            self._body_line(line)
+
+    def _flush_header(self) -> None:
+        if not self.pending:
+            return
+        lines, self.pending = self.pending, []
+        original = b"".join(lines)
+        logical = original.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n")
+        if MIME_HEADER.match(logical) and logical[:13].lower().startswith("content-type"):
+            self.content_type = logical
+        klass = self.header_class
+        if MIME_HEADER.match(logical) or klass == "multipart":
+            tables, param = self.checks.mime, "mime_header_checks"
+        elif klass == "nested":
+            tables, param = self.checks.nested, "nested_header_checks"
+        else:
+            tables, param = self.checks.header, "header_checks"
+        kept = self._act(tables, param, "header", logical, original)
+        if kept is None:
+            self.out(original)
+        elif kept:
+            self.out(kept)
+
+    def _end_of_header(self) -> None:
+        """The header section just read is over: what its Content-Type says comes next."""
+        self.in_header = False
+        kind = self.content_type.partition(":")[2].strip().lower()
+        self.content_type = ""
+        if kind.startswith("multipart/") and len(self.stack) < NESTING_LIMIT:
+            m = BOUNDARY.search(kind)
+            if m:
+                self.stack.append(_Part((m.group(1) or m.group(2) or "").encode("utf-8", "replace")))
+                return
+        if kind.startswith("message/rfc822") and len(self.stack) < NESTING_LIMIT:
+            self.in_header, self.header_class = True, "nested"
+
+    # -- body --------------------------------------------------------------------------------
+    def _body_line(self, line: bytes) -> None:
+        stripped = line.rstrip(b"\r\n")
+        if stripped.startswith(b"--"):
+            for depth in range(len(self.stack) - 1, -1, -1):
+                boundary = self.stack[depth].boundary
+                if boundary and stripped[2:].rstrip(b" \t").startswith(boundary):
+                    del self.stack[depth + 1:]
+                    closing = stripped[2 + len(boundary):].startswith(b"--")
+                    self._check_body(line, stripped)
+                    self.stack[depth].body_bytes = 0
+                    if closing:
+                        self.stack[depth].boundary = None
+                    else:
+                        self.in_header, self.header_class = True, "multipart"
+                    return
+        self._check_body(line, stripped)
+
+    def _check_body(self, line: bytes, stripped: bytes) -> None:
+        part = self.stack[-1] if self.stack else self.top
+        tables = self.checks.body if part.body_bytes < self.checks.body_limit else []
+        part.body_bytes += len(line)
+        kept = self._act(tables, "body_checks", "body", stripped.decode("utf-8", "replace"), line)
+        if kept is None:
+            self.out(line)
+        elif kept:
+            self.out(kept)
+
+    # -- actions ------------------------------------------------------------------------------
+    def _act(self, tables: Sequence[Table], param: str, what: str, text: str, original: bytes) -> bytes | None:
+        """None: keep the line; b"": drop it; else the line(s) that take its place."""
+        if not self.checking or not tables:
+            return None
+        value = lookup_first(tables, text)
+        if value is None:
+            return None
+        command, _, arg = value.strip().partition(" ")
+        command, arg = command.upper(), arg.strip()
+        outcome = self.outcome
+        if command == "REJECT":
+            reason = arg if DSN.match(arg) else f"5.7.1 {arg}" if arg else "5.7.1 message content rejected"
+            if reason[0] not in "45":
+                reason = "4" + reason[1:]
+            outcome.reject, self.checking = reason, False
+            self.note("reject", what, text, reason)
+            return b""
+        if command in ("WARN", "INFO"):
+            self.note("warning" if command == "WARN" else "info", what, text, arg)
+        elif command == "HOLD":
+            outcome.hold = True
+            self.note("hold", what, text, arg)
+        elif command == "DISCARD":
+            outcome.discard, self.checking = True, False
+            self.note("discard", what, text, arg)
+        elif command == "IGNORE":
+            outcome.edited = True
+            return b""
+        elif command in ("PREPEND", "REPLACE"):
+            if not arg or (what == "header" and not HEADER_NAME.match(arg.encode())):
+                self.note("warning", "", f"{command} action without {'valid header' if arg else 'text'}", "")
+                return None
+            outcome.edited = True
+            self.note(command.lower(), what, text, arg)
+            new = arg.encode("utf-8") + b"\r\n"
+            if command == "REPLACE":
+                return new
+            return new + original
+        elif command == "REDIRECT" and arg:
+            outcome.redirect = arg
+            self.note("redirect", what, text, arg)
+        elif command == "FILTER" and ":" in arg:
+            outcome.filter = arg
+            self.note("filter", what, text, arg)
+        elif command not in ("DUNNO", "OK"):
+            self.note("warning", "", f"unknown command in {param} map: {value.strip()}", "")
+        return None
