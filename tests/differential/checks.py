@@ -33,6 +33,7 @@ HEADER_CHECKS = """\
 /^X-Nested-Bad:/ REJECT nested header refused
 /^X-Discard-First:/ DISCARD
 /^X-After-Discard:/ REJECT rejected after a discard
+/^Received: from hc-received\\.test / REJECT our own Received header
 """
 
 BODY_CHECKS = """\
@@ -78,6 +79,15 @@ _PART_HEADER = mime("bc-b1", ["Content-Type: text/plain\nX-Part-Header: yes\n\nt
 _BOUNDARY = mime("bc-boundary-reject", ["Content-Type: text/plain\n\ntext part\n"])
 
 SESSIONS: list[Session] = [
+    Session("hc-reject-then-next", INSIDE, [
+        "EHLO client.test", "MAIL FROM:<a@client.test>", "RCPT TO:<hc@far.test>", "DATA",
+        message("hc-reject", "hc@far.test"), "MAIL FROM:<a@client.test>", "RCPT TO:<hc@far.test>", "DATA",
+        message("hc-after-reject", "hc@far.test"), "QUIT"], messages=1),
+    Session("hc-own-received", INSIDE, ["EHLO hc-received.test", "MAIL FROM:<a@client.test>",
+                                        "RCPT TO:<hc@far.test>", "DATA", message("hc-own-received"), "QUIT"]),
+    Session("hc-header-only", INSIDE, ["EHLO client.test", "MAIL FROM:<a@client.test>", "RCPT TO:<hc@far.test>",
+                                       "DATA", "DATA:Subject: differential hc-reject", "QUIT"]),
+    relay("bc-long-line", body="x" * 2048 + "body-reject-me\n", messages=0),
     relay("hc-reject", messages=0),
     relay("hc-reject-text", messages=0),
     relay("hc-reject-dsn", messages=0),

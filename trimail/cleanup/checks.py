@@ -4,7 +4,8 @@ each logical header (its folded lines joined with a newline) is looked up in
 MIME header (``Content-*``, ``MIME-Version``) or a header of a multipart part, in
 ``nested_header_checks`` when it is a header of an attached message (message/rfc822);
 every other line of the body (preamble, boundary lines, part contents) in
-``body_checks``, up to ``body_checks_size_limit`` bytes of each part.  The first table
+``body_checks`` (a line longer than ``line_length_limit`` piece by piece), up to
+``body_checks_size_limit`` bytes of each part.  The first table
 that answers decides; its answer is an action:
 
 REJECT [text], WARN [text], INFO [text], HOLD [text], DISCARD [text], IGNORE,
@@ -57,9 +58,9 @@ class _Part:
 
 class ContentChecks:
     def __init__(self, header: Sequence[Table], mime: Sequence[Table], nested: Sequence[Table],
-                 body: Sequence[Table], body_limit: int = 51200) -> None:
+                 body: Sequence[Table], body_limit: int = 51200, line_limit: int = 2048) -> None:
         self.header, self.mime, self.nested, self.body = header, mime, nested, body
-        self.body_limit = body_limit
+        self.body_limit, self.line_limit = body_limit, max(line_limit, 1)
 
     def active(self) -> bool:
         return bool(self.header or self.mime or self.nested or self.body)
@@ -159,14 +160,23 @@ class _Scan:
         self._check_body(line, stripped)
 
     def _check_body(self, line: bytes, stripped: bytes) -> None:
+        """A line longer than line_length_limit is looked up piece by piece, as Postfix's
+        smtpd stores it as records of that length (the pieces stay one line)."""
+        limit = self.checks.line_limit
+        if len(stripped) <= limit:
+            pieces = [line]
+        else:
+            pieces = [stripped[i:i + limit] for i in range(0, len(stripped), limit)]
+            pieces[-1] += line[len(stripped):]
         part = self.stack[-1] if self.stack else self.top
-        tables = self.checks.body if part.body_bytes < self.checks.body_limit else []
-        part.body_bytes += len(line)
-        kept = self._act(tables, "body_checks", "body", stripped.decode("utf-8", "replace"), line)
-        if kept is None:
-            self.out(line)
-        elif kept:
-            self.out(kept)
+        for piece in pieces:
+            tables = self.checks.body if part.body_bytes < self.checks.body_limit else []
+            part.body_bytes += len(piece)
+            kept = self._act(tables, "body_checks", "body", piece.rstrip(b"\r\n").decode("utf-8", "replace"), piece)
+            if kept is None:
+                self.out(piece)
+            elif kept:
+                self.out(kept)
 
     # -- actions ------------------------------------------------------------------------------
     def _act(self, tables: Sequence[Table], param: str, what: str, text: str, original: bytes) -> bytes | None:

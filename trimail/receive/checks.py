@@ -13,7 +13,7 @@ A table that cannot be read costs the message a ``451 4.3.0``, as Postfix's clea
 defers it.  Nothing happens with ``receive_override_options = no_header_body_checks``.
 
 Parameters: header_checks, mime_header_checks, nested_header_checks, body_checks,
-body_checks_size_limit, receive_override_options, table_lookup_timeout.
+body_checks_size_limit, line_length_limit, receive_override_options, table_lookup_timeout.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ CHECK_PARAMS = ("header_checks", "mime_header_checks", "nested_header_checks", "
 def content_checks(config: Config) -> ContentChecks | None:
     """The four tables of *config* (opened lazily), or None when every list is empty."""
     tables = [[open_table(ref, lazy=True) for ref in config.get(name)] for name in CHECK_PARAMS]
-    checks = ContentChecks(*tables, body_limit=config.body_checks_size_limit)
+    checks = ContentChecks(*tables, body_limit=config.body_checks_size_limit, line_limit=config.line_length_limit)
     return checks if checks.active() else None
 
 
