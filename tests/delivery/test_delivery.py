@@ -116,7 +116,7 @@ async def test_null_mx_and_nxdomain_bounce_to_the_sender(start_mta, zone, status
         [(sender, rcpts, content)] = senders.messages
         assert sender == "<>" and rcpts == ["alice@client.example"]  # aiosmtpd shows the null sender as <>
         message, recipients, headers = parse_dsn(content)
-        assert message["From"].startswith("MAILER-DAEMON@mx.test.example")
+        assert message["From"] == "Mail Delivery System <MAILER-DAEMON@mx.test.example>"  # as Postfix 3.7
         assert recipients == [(f"rfc822; rcpt@{domain}", "failed", status)]
         assert headers.get_content_type() == "message/rfc822"  # the whole message, under bounce_size_limit
         assert headers.get_payload()[0]["Subject"] == "doomed"

@@ -22,7 +22,7 @@ class Pair:
     trimail: harness.Trimail
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # one pair: its DNS server holds port 53
 def pair() -> Iterator[Pair]:
     if not harness.available():
         pytest.skip("needs root and Debian's postfix package")

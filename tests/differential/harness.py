@@ -120,6 +120,13 @@ class SinkHandler:
         self.messages: list[Arrived] = []
         self.lock = threading.Lock()
 
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        """A recipient named ``bounce-...`` does not exist here (both MTAs then bounce)."""
+        if address.lower().startswith("bounce-"):
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
             self.messages.append(Arrived(session.peer[0], envelope.mail_from, list(envelope.rcpt_tos),

@@ -53,6 +53,27 @@ class Failure:
     diagnostic: str  # "smtp; 550 5.1.1 ..." or the reason text
     remote_mta: str = ""
     action: str = ""  # RFC 3464 Action; "" = failed (delayed in a delay warning)
+    text: str = ""  # the human part's explanation ("" = the diagnostic)
+
+
+# a recorded SMTP failure (delivery/smtp.py): host NAME[ADDR] said: REPLY (in reply to ... command)
+_SAID = re.compile(r"host (?P<name>[^\s\[]+)\[[^\]]*\](?::\d+)? said: (?P<reply>.*?)"
+                   r"(?: \(in reply to [^()]*\))?$", re.DOTALL)
+
+
+def failure_of(recipient: str, reply: str) -> Failure:
+    """The Failure of a recipient's recorded reply (``"5.1.1 host mx[addr] said: 550 ...
+    (in reply to RCPT TO command)"``), as Postfix's bounce reports it: the human part
+    says what the log says, the Diagnostic-Code is the remote server's reply itself
+    (``smtp; 550 5.1.1 ...``) and Remote-MTA names the server; a failure that is no
+    server's reply has no Remote-MTA and the ``X-Trimail`` diagnostic type (Postfix's
+    ``X-Postfix``)."""
+    status = status_of(reply)
+    text = reply.split(" ", 1)[-1] if reply.startswith(status) else reply
+    m = _SAID.match(text)
+    if m is None:
+        return Failure(recipient, status, f"X-Trimail; {text}", text=text)
+    return Failure(recipient, status, f"smtp; {m.group('reply')}", remote_mta=m.group("name"), text=text)
 
 
 def status_of(reply: str) -> str:
@@ -136,7 +157,7 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
     if reason:
         human += [reason, ""]
     for failure in failures:
-        human.append(_folded(f"<{failure.recipient}>: {_one_line(failure.diagnostic)}"))
+        human.append(_folded(f"<{failure.recipient}>: {_one_line(failure.text or failure.diagnostic)}"))
     status = [
         f"Reporting-MTA: dns; {hostname}",
         f"X-Trimail-Queue-ID: {queue_id}",
@@ -147,7 +168,7 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         status += [
             "",
             f"Final-Recipient: {typed(failure.recipient)}",
-            f"Original-Recipient: {typed(failure.recipient)}",
+            f"Original-Recipient: {typed(failure.recipient).replace('rfc822; ', 'rfc822;', 1)}",  # as Postfix
             f"Action: {failure.action or ('delayed' if delayed else 'failed')}",
             f"Status: {failure.status}",
         ]
@@ -160,7 +181,7 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
             diagnostic = diagnostic.encode("ascii", "replace").decode("ascii")
         status.append(_folded(f"Diagnostic-Code: {diagnostic}"))
     headers = [
-        f"From: MAILER-DAEMON@{hostname} (Mail Delivery System)",
+        f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
         "Subject: " + ("Mail Delivery Status Report" if requested else "Delayed Mail (still being retried)"
                        if delayed else "Undelivered Mail Returned to Sender"),
         f"To: {sender}",
@@ -184,6 +205,7 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         f"--{boundary}",
         "Content-Description: Notification",
         "Content-Type: text/plain; charset=utf-8",
+        "Content-Transfer-Encoding: 8bit",
         "",
         "\r\n".join(human),
         "",

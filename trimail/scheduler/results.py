@@ -22,7 +22,7 @@ from collections.abc import Callable
 import trio
 
 from trimail.config import Config
-from trimail.delivery.bounce import Failure, dsn_parts, header_lines, returns_full, status_of
+from trimail.delivery.bounce import dsn_parts, failure_of, header_lines, returns_full
 from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded
 from trimail.delivery.outcome import REPLY_TEXT_LIMIT, Outcome
 from trimail.log import printable, write_waiting
@@ -178,8 +178,7 @@ class Results:
 
     def _queue_dsn(self, store: Store, message: ClaimedMessage, rcpts: list[tuple[str, str]], *,
                    delayed: bool) -> str:
-        failures = [Failure(address, status_of(reply), f"smtp; {reply.split(' ', 1)[-1]}")
-                    for address, reply in rcpts]
+        failures = [failure_of(address, reply) for address, reply in rcpts]
         smtputf8 = "SMTPUTF8" in message.params  # RFC 6533: a utf-8 DSN, itself sent with SMTPUTF8
         full = returns_full(size=message.size, ret=message.params.get("RET"), delayed=delayed,
                             limit=self.bounce_size_limit)
