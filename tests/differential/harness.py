@@ -36,6 +36,7 @@ from aiosmtpd.controller import Controller
 
 from tests.differential import net
 from tests.dnsserver import answer
+from tests.ports import free_port
 from tests.postfix_peer import postfix_master_cf
 
 DNS_HOST = net.inside(53)
@@ -48,12 +49,6 @@ TRIMAIL_HOST = net.inside(20)
 def available() -> bool:
     return (shutil.which("postfix") is not None and os.geteuid() == 0
             and Path("/etc/postfix/master.cf").exists() and Path("/usr/sbin/postalias").exists())
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate, what: str, timeout: float = 30.0, state=lambda: ""):
