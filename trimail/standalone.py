@@ -194,7 +194,7 @@ class _Session:
         try:
             enqueue(cfg, tx.queue_id, tx.sender, recipients, received + content, params=params,
                     protocol=protocol, helo_name=self.helo)
-        except (SendmailError, QueueError, OSError) as exc:
+        except (SendmailError, QueueError, TableError, OSError) as exc:  # TableError: header/body checks
             log.error("%s: cannot queue the message: %s", tx.queue_id, exc)
             if isinstance(exc, SendmailError) and exc.status in (os.EX_DATAERR, os.EX_UNAVAILABLE, os.EX_NOPERM):  # for good (33c)
                 return Reply(554, "5.0.0", f"Error: {printable(str(exc), 400)}")

@@ -232,3 +232,17 @@ def test_a_users_envelope_cannot_get_past_the_duplicate_filter(daemon, readable)
     finally:
         db.close()
     assert rows == [] and total == 1001
+
+
+def test_serve_applies_header_checks_to_a_users_submission_and_logs_from_local(daemon, readable, tmp_path):
+    """As Postfix's cleanup checks mail from pickup (trimail/cleanup/inspection.py): the
+    user's sendmail reports the REJECT (exit 69), nothing is queued, and serve logs it
+    as cleanup does (``from local;``)."""
+    (tmp_path / "hc").write_text("/^Subject: .*forbidden/ REJECT 5.7.1 Not this subject\n")
+    d = daemon(smtpd_workers=0, master_service_disable="qmgr", header_checks=f"regexp:{tmp_path / 'hc'}")
+    result = sendmail_as_nobody(d, readable, "bob@remote.example", data=b"Subject: a forbidden thing\n\nhi\n")
+    assert result.returncode == 69, result.stderr
+    assert b"5.7.1 Not this subject" in result.stderr
+    assert queued(d.queue_directory) == 0
+    wait_until(lambda: any("reject: header Subject: a forbidden thing from local; from=<me@mx.test.example> "
+                           "to=<bob@remote.example>: 5.7.1 Not this subject" in line for line in d.proc.log))

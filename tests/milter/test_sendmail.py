@@ -34,6 +34,8 @@ async def sendmail(config_path: Path, *args: str, data: bytes = LETTER) -> subpr
 
 
 def queued(config_path: Path) -> list[tuple[dict, bytes]]:
+    if not (config_path.parent / "queue" / "queue.db").exists():  # nothing was ever queued
+        return []
     out = subprocess.run([sys.executable, "-m", "trimail", "queue", "list", "--json", "-c", str(config_path)],
                          capture_output=True, check=True, text=True).stdout
     store = Store.open(config_path.parent / "queue", readonly=True)

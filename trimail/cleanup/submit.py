@@ -69,9 +69,9 @@ from typing import NoReturn
 from trimail import userlists
 from trimail.cleanup import headers
 from trimail.cleanup import rewrite as cleanup_rewrite
+from trimail.cleanup.inspection import ContentRefused, inspect_local
 from trimail.config import Config, ConfigError, load
 from trimail.maps import TableError, open_table
-from trimail.milter.local import MilterRefused, filter_local
 from trimail.net.control import send_command
 from trimail.queue.database import QueueError, works_the_queue_itself
 from trimail.queue.ids import new_queue_id
@@ -341,6 +341,13 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
         return _through_serve(cfg, sender, rcpts, content, params)  # serve judges authorized_submit_users
     if received:
         content = headers.local_received(cfg.myhostname, cfg.mail_name, os.getuid(), queue_id) + content
+    try:  # header and body checks, non_smtpd_milters
+        sender, rcpts, content, state = inspect_local(cfg, queue_id, sender, rcpts, content, protocol=protocol,
+                                                      helo_name=helo_name)
+    except ContentRefused as exc:
+        raise SendmailError(str(exc), exc.status) from None
+    if state == "discard":
+        return 0
     try:
         store = Store.open(queue_directory)
     except QueueError as exc:
@@ -348,17 +355,6 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     if "no_address_mappings" in cfg.receive_override_options:
         # not masqueraded on its way to the content filter (scheduler/transfer.py)
         params = {**(params or {}), cleanup_rewrite.NOMAP_PARAM: None}
-    state = "maildrop"
-    if (cfg.non_smtpd_milters and protocol != "bounce"  # trimail's own mail is not filtered (Postfix)
-            and "no_milters" not in cfg.receive_override_options):
-        try:
-            sender, rcpts, content, state = filter_local(cfg, queue_id, sender, rcpts, content, helo_name)
-        except MilterRefused as exc:
-            store.close()
-            raise SendmailError(str(exc), exc.status) from None
-        if state == "discard":
-            store.close()
-            return 0
     rcpts = cleanup_rewrite.unique(rcpts, 0 if in_serve else cfg.duplicate_filter_limit)  # (a user's: all, 35a)
     if cfg.dkim_signing_table:  # DKIM signing; a key this user may not read: serve signs it
         from trimail.authcheck.signing import SigningError, sign_local

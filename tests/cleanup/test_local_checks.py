@@ -1,0 +1,98 @@
+"""header_checks and body_checks on locally submitted mail (trimail/cleanup/inspection.py),
+as Postfix's cleanup applies them to mail from pickup: root's ``trimail sendmail`` (a
+real process writing the queue itself) and ``sendmail -bs``; a user's submission that
+serve's pickup takes: tests/faults/test_local_submission.py.  A REJECT is sendmail's refusal (exit 69, 75 for a 4.x.x text)
+and nothing is queued; the other actions act on what is queued."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import write_main_cf
+from trimail.queue.store import Store
+
+HEADER_CHECKS = """\
+/^Subject: .*forbidden/ REJECT 5.7.1 Not this subject
+/^Subject: .*later/ REJECT 4.7.1 Not now
+/^Subject: hold me/ HOLD
+/^Subject: drop me/ DISCARD
+/^Subject: elsewhere/ REDIRECT archive@remote.example
+/^X-Internal:/ IGNORE
+/^Subject: tag me/ PREPEND X-Tagged: yes
+"""
+BODY_CHECKS = "/secret/ REPLACE [redacted]\n"
+
+
+def config(tmp_path: Path, **params) -> Path:
+    (tmp_path / "hc").write_text(HEADER_CHECKS)
+    (tmp_path / "bc").write_text(BODY_CHECKS)
+    settings = {"myorigin": "example.com", "alias_maps": "", "alias_database": "",
+                "header_checks": f"regexp:{tmp_path / 'hc'}", "body_checks": f"regexp:{tmp_path / 'bc'}"}
+    return write_main_cf(tmp_path, **{**settings, **params})
+
+
+def sendmail(config_path: Path, *args: str, data: bytes) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path), *args],
+                          input=data, capture_output=True, timeout=60, check=False)
+
+
+def queue(config_path: Path) -> list[tuple[dict, bytes]]:
+    if not (config_path.parent / "queue" / "queue.db").exists():  # nothing was ever queued
+        return []
+    out = subprocess.run([sys.executable, "-m", "trimail", "queue", "list", "--json", "-c", str(config_path)],
+                         capture_output=True, check=True, text=True).stdout
+    store = Store.open(config_path.parent / "queue", readonly=True)
+    try:
+        return [(m, store.read_content(m["id"])) for m in json.loads(out)]
+    finally:
+        store.close()
+
+
+def test_a_reject_is_sendmails_refusal_and_nothing_is_queued(tmp_path):
+    path = config(tmp_path)
+    result = sendmail(path, "bob@remote.example", data=b"Subject: a forbidden thing\n\nhi\n")
+    assert result.returncode == 69
+    assert b"message content rejected: 5.7.1 Not this subject" in result.stderr
+    later = sendmail(path, "bob@remote.example", data=b"Subject: try later\n\nhi\n")
+    assert later.returncode == 75, later.stderr
+    assert queue(path) == []
+
+
+def test_edits_hold_discard_and_redirect_act_on_what_is_queued(tmp_path):
+    path = config(tmp_path)
+    letter = b"Subject: hold me\nX-Internal: yes\n\nmy secret here\nand the rest\n"
+    assert sendmail(path, "bob@remote.example", data=letter).returncode == 0
+    [(held, content)] = queue(path)
+    assert held["state"] == "hold"
+    assert b"X-Internal" not in content and b"secret" not in content
+    assert b"\n[redacted]\r\nand the rest" in content  # the line replaced, the rest kept
+    assert sendmail(path, "bob@remote.example", data=b"Subject: drop me\n\nx\n").returncode == 0
+    assert len(queue(path)) == 1  # discarded: not queued, and sendmail says nothing went wrong
+    assert sendmail(path, "bob@remote.example", data=b"Subject: elsewhere\n\nx\n").returncode == 0
+    assert sendmail(path, "bob@remote.example", data=b"Subject: tag me\n\nx\n").returncode == 0
+    by_subject = {c.split(b"Subject: ")[1].split(b"\r\n")[0].split(b"\n")[0]: (m, c) for m, c in queue(path)}
+    redirected, _ = by_subject[b"elsewhere"]
+    assert [r["address"] for r in redirected["recipients"]] == ["archive@remote.example"]
+    _, tagged = by_subject[b"tag me"]
+    assert tagged.index(b"X-Tagged: yes") < tagged.index(b"Subject: tag me")
+
+
+def test_no_header_body_checks_leaves_local_mail_alone(tmp_path):
+    path = config(tmp_path, receive_override_options="no_header_body_checks")
+    assert sendmail(path, "bob@remote.example", data=b"Subject: a forbidden thing\n\nsecret\n").returncode == 0
+    [(_, content)] = queue(path)
+    assert b"secret" in content
+
+
+def test_sendmail_bs_answers_a_reject_with_554(tmp_path):
+    path = config(tmp_path)
+    session = (b"EHLO client.example\r\nMAIL FROM:<alice@example.com>\r\nRCPT TO:<bob@remote.example>\r\n"
+               b"DATA\r\nSubject: a forbidden thing\r\n\r\nhi\r\n.\r\nQUIT\r\n")
+    result = sendmail(path, "-bs", data=session)
+    replies = result.stdout.decode().splitlines()
+    assert any(line.startswith("554 ") and "5.7.1 Not this subject" in line for line in replies), replies
+    assert queue(path) == []
+

@@ -1,0 +1,110 @@
+"""The content inspection of mail submitted locally (``trimail sendmail``, ``sendmail
+-bs``, serve's pickup of a user's submission), before it is committed, as Postfix's
+cleanup inspects mail from pickup: first ``header_checks``, ``mime_header_checks``,
+``nested_header_checks`` and ``body_checks`` (``trimail.cleanup.checks``, the tables
+SMTP mail meets too: trimail/receive/checks.py), then ``non_smtpd_milters``
+(``trimail.milter.local``).  Mail trimail makes itself (bounces) is inspected by
+neither, as Postfix's internal mail (``internal_mail_filter_classes`` empty, and
+cleanup's flags for it leave out the header and body checks).
+
+As with the milters, and unlike Postfix (which bounces a message that pickup's
+cleanup refuses), the refusal is sendmail's: it reports a REJECT and exits 69 (75 for
+a ``4.x.x`` text), and nothing is queued; ``-bs`` answers the message with ``554``.
+HOLD, DISCARD, REDIRECT, IGNORE, PREPEND, REPLACE, WARN and INFO act as for SMTP
+mail; FILTER is not applied to local mail (logged; pickup's ``content_filter``
+decides where it goes).  Each action is logged as cleanup logs it for mail from
+pickup (``from local;``).
+
+Parameters: header_checks, mime_header_checks, nested_header_checks, body_checks,
+body_checks_size_limit, line_length_limit, receive_override_options, non_smtpd_milters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+from trimail.cleanup.checks import ContentChecks, Outcome
+from trimail.config import Config
+from trimail.log import printable
+from trimail.milter.local import MilterRefused, filter_local
+
+log = logging.getLogger("trimail.cleanup")
+
+
+class ContentRefused(Exception):
+    """The checks or a filter refused the message; *status* is sendmail's exit status."""
+
+    def __init__(self, text: str, status: int) -> None:
+        super().__init__(text)
+        self.status = status
+
+
+def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str], content: bytes, *,
+                  protocol: str, helo_name: str) -> tuple[str, list[str], bytes, str]:
+    """(sender, recipients, content, state) of one local submission once inspected;
+    state ``maildrop``, ``hold`` or ``discard``.  Raises ContentRefused (and TableError:
+    a table that cannot be read)."""
+    state = "maildrop"
+    if protocol == "bounce":  # trimail's own mail
+        return sender, recipients, content, state
+    options = cfg.receive_override_options
+    checks = _checks(cfg) if "no_header_body_checks" not in options else None
+    if checks is not None:
+        recipients, content, state = _check(checks, queue_id, sender, recipients, content, protocol, helo_name)
+        if state == "discard":
+            return sender, recipients, content, state
+    if cfg.non_smtpd_milters and "no_milters" not in options:
+        try:
+            sender, recipients, content, filtered = filter_local(cfg, queue_id, sender, recipients, content,
+                                                                 helo_name)
+        except MilterRefused as exc:
+            raise ContentRefused(str(exc), exc.status) from None
+        if state == "maildrop" or filtered == "discard":
+            state = filtered
+    return sender, recipients, content, state
+
+
+def _checks(cfg: Config) -> ContentChecks | None:
+    from trimail.receive.checks import content_checks
+
+    return cfg.memo("content_checks", lambda: content_checks(cfg))  # serve's pickup: once per configuration
+
+
+def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[str], content: bytes,
+           protocol: str, helo_name: str) -> tuple[list[str], bytes, str]:
+    kept: list[bytes] = []
+    notes: list[tuple[str, str, str, str]] = []
+    outcome: Outcome = checks.scan(_lines(content), kept.append, lambda *note: notes.append(note))
+    to = f" to=<{recipients[0]}>" if recipients else ""
+    origin = f" proto={protocol} helo=<{printable(helo_name, 200)}>" if helo_name else ""
+    for action, what, text, arg in notes:
+        if not what:
+            log.warning("%s", text)
+        else:
+            log.info("%s: %s: %s %s from local; from=<%s>%s%s%s", queue_id, action, what,
+                     printable(text, 200).removesuffix("..."), sender, to, origin, f": {arg}" if arg else "")
+    if outcome.reject is not None:
+        raise ContentRefused(f"message content rejected: {outcome.reject}",
+                             os.EX_TEMPFAIL if outcome.reject.startswith("4") else os.EX_UNAVAILABLE)
+    if outcome.filter:
+        log.warning("%s: FILTER %s in header or body checks is not applied to locally submitted mail",
+                    queue_id, printable(outcome.filter, 200))
+    if outcome.redirect:
+        recipients = [outcome.redirect]
+    if outcome.edited:
+        content = b"".join(kept)
+    return recipients, content, "discard" if outcome.discard else "hold" if outcome.hold else "maildrop"
+
+
+def _lines(content: bytes) -> Iterator[bytes]:
+    """The lines of *content*, each with its LF (a bare CR is no line end)."""
+    start, size = 0, len(content)
+    while start < size:
+        end = content.find(b"\n", start)
+        if end < 0:
+            yield content[start:]
+            return
+        yield content[start:end + 1]
+        start = end + 1
