@@ -6,13 +6,12 @@ and nothing is queued; the other actions act on what is queued."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import write_main_cf
-from trimail.queue.store import Store
+from tests.milter.test_sendmail import queued as queue
 
 HEADER_CHECKS = """\
 /^Subject: .*forbidden/ REJECT 5.7.1 Not this subject
@@ -37,18 +36,6 @@ def config(tmp_path: Path, **params) -> Path:
 def sendmail(config_path: Path, *args: str, data: bytes) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path), *args],
                           input=data, capture_output=True, timeout=60, check=False)
-
-
-def queue(config_path: Path) -> list[tuple[dict, bytes]]:
-    if not (config_path.parent / "queue" / "queue.db").exists():  # nothing was ever queued
-        return []
-    out = subprocess.run([sys.executable, "-m", "trimail", "queue", "list", "--json", "-c", str(config_path)],
-                         capture_output=True, check=True, text=True).stdout
-    store = Store.open(config_path.parent / "queue", readonly=True)
-    try:
-        return [(m, store.read_content(m["id"])) for m in json.loads(out)]
-    finally:
-        store.close()
 
 
 def test_a_reject_is_sendmails_refusal_and_nothing_is_queued(tmp_path):
