@@ -6,12 +6,15 @@ and nothing is queued; the other actions act on what is queued."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 from tests.conftest import write_main_cf
 from tests.milter.test_sendmail import queued as queue
+from trimail.delivery.route import CHECKS_FILTER_PARAM
+from trimail.queue.store import Store
 
 HEADER_CHECKS = """\
 /^Subject: .*forbidden/ REJECT 5.7.1 Not this subject
@@ -21,6 +24,7 @@ HEADER_CHECKS = """\
 /^Subject: elsewhere/ REDIRECT archive@remote.example
 /^X-Internal:/ IGNORE
 /^Subject: tag me/ PREPEND X-Tagged: yes
+/^Subject: filter me/ FILTER smtp:[127.0.0.9]:10026
 """
 BODY_CHECKS = "/secret/ REPLACE [redacted]\n"
 
@@ -83,3 +87,14 @@ def test_sendmail_bs_answers_a_reject_with_554(tmp_path):
     assert any(line.startswith("554 ") and "5.7.1 Not this subject" in line for line in replies), replies
     assert queue(path) == []
 
+
+
+def test_a_filter_is_stored_for_pickup_to_put_in_place_of_its_content_filter(tmp_path):
+    path = config(tmp_path, content_filter="smtp:[127.0.0.1]:10024")
+    assert sendmail(path, "bob@remote.example", data=b"Subject: filter me\n\nx\n").returncode == 0
+    store = Store.open(tmp_path / "queue", readonly=True)
+    try:
+        [(state, params)] = store.db.execute("SELECT state, params FROM message").fetchall()
+    finally:
+        store.close()
+    assert state == "maildrop" and json.loads(params) == {CHECKS_FILTER_PARAM: "smtp:[127.0.0.9]:10026"}

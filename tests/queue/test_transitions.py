@@ -3,6 +3,7 @@ retries in turn."""
 
 from __future__ import annotations
 
+import json
 import time
 
 from tests.scheduler.storm import queue_due_retries
@@ -85,3 +86,29 @@ def test_maildrop_is_promoted_in_bounded_batches(tmp_path):
             store.insert_message(message)
         assert transitions.promote_maildrop(store) == transitions.PROMOTE_BATCH
         assert transitions.promote_maildrop(store) == 10
+
+
+def test_pickup_puts_its_content_filter_unless_the_checks_gave_a_filter(tmp_path):
+    """Postfix's cleanup writes a header_checks FILTER after pickup's content_filter:
+    the promotion stores pickup's, or the checks' in its place (cleanup/inspection.py)."""
+    from trimail.delivery.route import CHECKS_FILTER_PARAM, FILTER_PARAM
+
+    store = Store.open(tmp_path)
+    with store.transaction():
+        for n, params in enumerate([{}, {CHECKS_FILTER_PARAM: "smtp:[127.0.0.9]:10026"}, {FILTER_PARAM: "old:x"}]):
+            message = new_message(n)
+            message.state, message.params = "maildrop", params
+            store.insert_message(message)
+        assert transitions.promote_maildrop(store, param=(FILTER_PARAM, "smtp:[127.0.0.1]:10024"),
+                                            override=CHECKS_FILTER_PARAM) == 3
+    params = {mid: json.loads(text) for mid, text in store.db.execute("SELECT id, params FROM message")}
+    assert params == {"N000000000": {FILTER_PARAM: "smtp:[127.0.0.1]:10024"},
+                      "N000000001": {FILTER_PARAM: "smtp:[127.0.0.9]:10026"},
+                      "N000000002": {FILTER_PARAM: "smtp:[127.0.0.1]:10024"}}
+    with store.transaction():
+        message = new_message(3)
+        message.state, message.params = "maildrop", {CHECKS_FILTER_PARAM: "smtp:[127.0.0.9]:10026"}
+        store.insert_message(message)
+        transitions.promote_maildrop(store, param=(FILTER_PARAM, ""), override=CHECKS_FILTER_PARAM)
+    [(text,)] = store.db.execute("SELECT params FROM message WHERE id = 'N000000003'").fetchall()
+    assert json.loads(text) == {FILTER_PARAM: "smtp:[127.0.0.9]:10026"}  # no content_filter: the checks' still

@@ -10,10 +10,10 @@ cleanup's flags for it leave out the header and body checks).
 As with the milters, and unlike Postfix (which bounces a message that pickup's
 cleanup refuses), the refusal is sendmail's: it reports a REJECT and exits 69 (75 for
 a ``4.x.x`` text), and nothing is queued; ``-bs`` answers the message with ``554``.
-HOLD, DISCARD, REDIRECT, IGNORE, PREPEND, REPLACE, WARN and INFO act as for SMTP
-mail; FILTER is not applied to local mail (logged; pickup's ``content_filter``
-decides where it goes).  Each action is logged as cleanup logs it for mail from
-pickup (``from local;``).
+HOLD, DISCARD, REDIRECT, FILTER, IGNORE, PREPEND, REPLACE, WARN and INFO act as for
+SMTP mail (FILTER is stored under ``CHECKS_FILTER_PARAM``: pickup's round puts it in
+place of its ``content_filter``, as cleanup writes it after pickup's).  Each action
+is logged as cleanup logs it for mail from pickup (``from local;``).
 
 Parameters: header_checks, mime_header_checks, nested_header_checks, body_checks,
 body_checks_size_limit, line_length_limit, receive_override_options, non_smtpd_milters.
@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 from trimail.cleanup.checks import ContentChecks, Outcome
 from trimail.config import Config
+from trimail.delivery.route import CHECKS_FILTER_PARAM
 from trimail.log import printable
 from trimail.milter.local import MilterRefused, filter_local
 
@@ -41,20 +42,24 @@ class ContentRefused(Exception):
         self.status = status
 
 
-def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str], content: bytes, *,
-                  protocol: str, helo_name: str) -> tuple[str, list[str], bytes, str]:
-    """(sender, recipients, content, state) of one local submission once inspected;
-    state ``maildrop``, ``hold`` or ``discard``.  Raises ContentRefused (and TableError:
-    a table that cannot be read)."""
+def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str], content: bytes,
+                  params: dict[str, str | None], *, protocol: str,
+                  helo_name: str) -> tuple[str, list[str], bytes, str, dict[str, str | None]]:
+    """(sender, recipients, content, state, params) of one local submission once
+    inspected; state ``maildrop``, ``hold`` or ``discard``.  Raises ContentRefused (and
+    TableError: a table that cannot be read)."""
     state = "maildrop"
     if protocol == "bounce":  # trimail's own mail
-        return sender, recipients, content, state
+        return sender, recipients, content, state, params
     options = cfg.receive_override_options
     checks = _checks(cfg) if "no_header_body_checks" not in options else None
     if checks is not None:
-        recipients, content, state = _check(checks, queue_id, sender, recipients, content, protocol, helo_name)
+        recipients, content, state, filter_ = _check(checks, queue_id, sender, recipients, content, protocol,
+                                                     helo_name)
+        if filter_:
+            params = {**params, CHECKS_FILTER_PARAM: filter_}
         if state == "discard":
-            return sender, recipients, content, state
+            return sender, recipients, content, state, params
     if cfg.non_smtpd_milters and "no_milters" not in options:
         try:
             sender, recipients, content, filtered = filter_local(cfg, queue_id, sender, recipients, content,
@@ -63,7 +68,7 @@ def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str]
             raise ContentRefused(str(exc), exc.status) from None
         if state == "maildrop" or filtered == "discard":
             state = filtered
-    return sender, recipients, content, state
+    return sender, recipients, content, state, params
 
 
 def _checks(cfg: Config) -> ContentChecks | None:
@@ -73,7 +78,7 @@ def _checks(cfg: Config) -> ContentChecks | None:
 
 
 def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[str], content: bytes,
-           protocol: str, helo_name: str) -> tuple[list[str], bytes, str]:
+           protocol: str, helo_name: str) -> tuple[list[str], bytes, str, str | None]:
     kept: list[bytes] = []
     notes: list[tuple[str, str, str, str]] = []
     outcome: Outcome = checks.scan(_lines(content), kept.append, lambda *note: notes.append(note))
@@ -88,14 +93,12 @@ def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[s
     if outcome.reject is not None:
         raise ContentRefused(f"message content rejected: {outcome.reject}",
                              os.EX_TEMPFAIL if outcome.reject.startswith("4") else os.EX_UNAVAILABLE)
-    if outcome.filter:
-        log.warning("%s: FILTER %s in header or body checks is not applied to locally submitted mail",
-                    queue_id, printable(outcome.filter, 200))
     if outcome.redirect:
         recipients = [outcome.redirect]
     if outcome.edited:
         content = b"".join(kept)
-    return recipients, content, "discard" if outcome.discard else "hold" if outcome.hold else "maildrop"
+    return recipients, content, "discard" if outcome.discard else "hold" if outcome.hold else "maildrop", \
+        outcome.filter
 
 
 def _lines(content: bytes) -> Iterator[bytes]:

@@ -54,6 +54,7 @@ DEFAULT_PORT = 25
 SMTP_TRANSPORTS = frozenset({"smtp", "relay", "lmtp"})
 BAD_ADDRESS_SYNTAX = "5.1.3 bad address syntax"  # Postfix qmgr's words for the error transport
 FILTER_PARAM = "_FILTER"  # message params key of its content filter ("_" is not in an esmtp-keyword)
+CHECKS_FILTER_PARAM = "_CHECKS_FILTER"  # a local submission's FILTER from header/body checks (pickup keeps it)
 UNKNOWN_VIRTUAL_ALIAS = "5.1.1 User unknown in virtual alias table"  # Postfix trivial-rewrite's
 
 

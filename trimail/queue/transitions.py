@@ -92,20 +92,26 @@ def promote_due(store: Store, now: float, limit: int = PROMOTE_BATCH) -> int:
     return changed + db.changes()
 
 
-def promote_maildrop(store: Store, limit: int = PROMOTE_BATCH, param: tuple[str, str] | None = None) -> int:
+def promote_maildrop(store: Store, limit: int = PROMOTE_BATCH, param: tuple[str, str] | None = None,
+                     override: str = "") -> int:
     """Up to *limit* maildrop messages go to incoming (through the state index).
     *param* ``(key, value)`` is set in each one's params on the way, or removed when
     *value* is empty: Postfix's pickup writes its content_filter into the queue file
-    and drops one found there."""
+    and drops one found there.  A message whose params have the key *override* gets
+    that value under *param*'s key instead (and loses *override*): a FILTER the
+    header or body checks gave a local submission, which cleanup writes after
+    pickup's content_filter."""
     if param is None:
         store.db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN"
                          " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?)", (limit,))
     else:
-        path = '$."' + param[0].replace('"', "") + '"'
-        store.db.execute("UPDATE message SET state = 'incoming', params = CASE WHEN ?3 = '' THEN"
-                         " json_remove(params, ?2) ELSE json_set(params, ?2, ?3) END WHERE rowid IN"
-                         " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?1)",
-                         (limit, path, param[1]))
+        path, given = ('$."' + key.replace('"', "") + '"' for key in (param[0], override or param[0]))
+        store.db.execute("UPDATE message SET state = 'incoming', params = CASE"
+                         " WHEN ?4 != ?2 AND json_type(params, ?4) IS NOT NULL THEN"
+                         " json_set(json_remove(params, ?4), ?2, json_extract(params, ?4))"
+                         " WHEN ?3 = '' THEN json_remove(params, ?2) ELSE json_set(params, ?2, ?3) END"
+                         " WHERE rowid IN (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?1)",
+                         (limit, path, param[1], given))
     return store.db.changes()
 
 

@@ -53,7 +53,7 @@ from trimail.config import Config
 from trimail.delivery.connector import Connector
 from trimail.delivery.local.agent import LocalAgent
 from trimail.delivery.outcome import Outcome, deferred
-from trimail.delivery.route import FILTER_PARAM, Router
+from trimail.delivery.route import CHECKS_FILTER_PARAM, FILTER_PARAM, Router
 from trimail.delivery.virtual import VirtualAgent
 from trimail.errors import StorageError
 from trimail.metrics import Metrics
@@ -99,7 +99,8 @@ def schedule_round(store: Store, now: float, room: int, recipients: int | None =
     up to *held* bytes in all, so their delivery needs no read of its own (a
     thread hop per message that cost the event loop a sixth of its time in a
     retry storm)."""
-    transitions.promote_maildrop(store, param=(FILTER_PARAM, content_filter))  # pickup's content_filter
+    transitions.promote_maildrop(store, param=(FILTER_PARAM, content_filter),  # pickup's content_filter
+                                 override=CHECKS_FILTER_PARAM)  # unless header_checks said FILTER
     claimed = transitions.claim(store, min(room, transitions.CLAIM_BATCH), now, recipients)
     for message in claimed:
         if may_hold(message.size, held):
