@@ -10,7 +10,10 @@ logged as cleanup's ``cleanup_act_log`` writes it:
     ID: reject: header Subject: spam from host[addr]; from=<a@b> to=<c@d> proto=ESMTP helo=<h>: 5.7.1 text
 
 A table that cannot be read costs the message a ``451 4.3.0``, as Postfix's cleanup
-defers it.  Nothing happens with ``receive_override_options = no_header_body_checks``.
+defers it, and so does a scan that makes no progress for ``table_lookup_timeout``
+(a regular expression that backtracks for ever): the scan runs on a thread of its
+own pool (``SCAN_THREADS``), never on the event loop, and is abandoned then (it
+stops at its next line).  Nothing happens with ``receive_override_options = no_header_body_checks``.
 
 Parameters: header_checks, mime_header_checks, nested_header_checks, body_checks,
 body_checks_size_limit, line_length_limit, receive_override_options, table_lookup_timeout.
@@ -27,10 +30,11 @@ import trio
 from trimail.cleanup.checks import ContentChecks
 from trimail.config import Config
 from trimail.log import printable
-from trimail.maps import TableError, off_loop, open_table
+from trimail.maps import TableError, open_table
 from trimail.queue.spool import Spool, SpoolError
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
+from trimail.supervise import thread_pool
 
 if TYPE_CHECKING:
     from trimail.receive.session import SmtpdSession
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("trimail.cleanup")
 
 CHECK_PARAMS = ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks")
+SCAN_THREADS = 4  # scans at once per serve (an abandoned one holds its thread until its lookup returns)
+_scan_limiter = thread_pool("trimail_content_checks", SCAN_THREADS)
 
 
 def content_checks(config: Config) -> ContentChecks | None:
@@ -58,6 +64,50 @@ def _lines(spool: Spool) -> Iterator[bytes]:
         yield carry
 
 
+class _Progress:
+    """The lines a scan has taken so far; ``abandoned`` stops it at its next line."""
+
+    def __init__(self) -> None:
+        self.lines = 0
+        self.abandoned = False
+
+    def count(self, lines: Iterator[bytes]) -> Iterator[bytes]:
+        for line in lines:
+            if self.abandoned:
+                raise TableError("scan abandoned")
+            self.lines += 1
+            yield line
+
+
+async def _off_loop(scan, progress: _Progress, timeout: float):
+    """*scan()* on a scan thread; TableError when no line was taken for *timeout* seconds
+    (waiting for a thread included), the thread then abandoned."""
+    result: list = []
+
+    async def run(cancel_scope: trio.CancelScope) -> None:
+        try:
+            result.append(await trio.to_thread.run_sync(scan, limiter=_scan_limiter(), abandon_on_cancel=True))
+        except Exception as exc:  # TableError, SpoolError, a bug: raised below, not as a group
+            result.append(exc)
+        cancel_scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run, nursery.cancel_scope)
+            seen = -1
+            while seen != progress.lines:  # the watchdog: a line taken within each period
+                seen = progress.lines
+                await trio.sleep(timeout)
+            nursery.cancel_scope.cancel()
+    finally:
+        progress.abandoned = True  # an abandoned scan stops at its next line
+    if not result:
+        raise TableError(f"header/body checks: no progress within {timeout:g}s (table_lookup_timeout)")
+    if isinstance(result[0], Exception):
+        raise result[0]
+    return result[0]
+
+
 async def check_content(session: SmtpdSession) -> Reply | None:
     """Run the checks on the transaction's content; a Reply when the message is refused."""
     ctx, txn = session.ctx, session.txn
@@ -70,21 +120,22 @@ async def check_content(session: SmtpdSession) -> Reply | None:
     out = Spool(ctx.spool_directory)
     spool = txn.spool
 
-    def scan():
-        return checks.scan(_lines(spool), out.write, lambda *note: notes.append(note))
+    progress = _Progress()
 
-    tables = [*checks.header, *checks.mime, *checks.nested, *checks.body]
+    def scan():
+        return checks.scan(progress.count(_lines(spool)), out.write, lambda *note: notes.append(note))
+
     try:
-        if spool.in_memory:
-            outcome = await off_loop(tables, scan, timeout=ctx.lookup_timeout)
-        else:
-            outcome = await trio.to_thread.run_sync(scan)
+        outcome = await _off_loop(scan, progress, ctx.lookup_timeout)
         await out.finish()
     except (TableError, SpoolError) as exc:
         out.close()
         log.warning("%s: header/body checks failed: %s", txn.queue_id, exc)
         session._discard()
         return replies.LOCAL_ERROR
+    except BaseException:  # cancelled (the client left, stop): the copy goes with the session
+        out.close()
+        raise
     recipient = f" to=<{txn.recipients[0]}>" if txn.recipients else ""
     for action, what, text, arg in notes:
         if not what:
