@@ -54,14 +54,22 @@ def content_checks(config: Config) -> ContentChecks | None:
 
 
 def _lines(spool: Spool) -> Iterator[bytes]:
-    carry = b""
+    """The spool's lines, each with its newline (the last one may have none); a line
+    longer than a chunk is gathered in one buffer, never copied again per chunk."""
+    carry = bytearray()
     for chunk in spool.chunks(1 << 16):
-        lines = (carry + chunk).split(b"\n")
-        carry = lines.pop()
-        for line in lines:
-            yield line + b"\n"
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if carry:
+                carry += chunk[start:end + 1]
+                yield bytes(carry)
+                carry.clear()
+            else:
+                yield chunk[start:end + 1]
+            start = end + 1
+        carry += chunk[start:]
     if carry:
-        yield carry
+        yield bytes(carry)
 
 
 class _Progress:
