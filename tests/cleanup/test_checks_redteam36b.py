@@ -65,3 +65,20 @@ def test_a_message_no_rule_matches_comes_out_byte_identical(lines: list[bytes], 
 def _split(data: bytes) -> list[bytes]:
     """Lines as _lines cuts them: after each newline (a bare CR is no end of line)."""
     return re.findall(rb"[^\n]*\n|[^\n]+\Z", data)
+
+
+def test_redirect_without_user_at_domain_is_ignored_with_a_warning() -> None:
+    """``REDIRECT postmaster`` (or REDIRECT with nothing after it, or a stray word) made
+    the message's only recipient that text; Postfix's cleanup ignores a REDIRECT target
+    without ``@`` and warns ("need user@domain"), and so does trimail now."""
+    for value in ("REDIRECT postmaster", "REDIRECT", "REDIRECT not an address"):
+        table = open_table(f"inline:{{{{subject: x={value}}}}}")
+        checks = ContentChecks([table], [], [], [])
+        notes: list[tuple] = []
+        outcome = checks.scan([b"Subject: x\r\n", b"\r\n", b"body\r\n"], lambda line: None, lambda *n: notes.append(n))
+        assert outcome.redirect is None, value
+        assert notes and notes[0][0] == "warning" and "need user@domain" in notes[0][2], notes
+    table = open_table("inline:{{subject: x=REDIRECT boss@example.com}}")
+    outcome = ContentChecks([table], [], [], []).scan([b"Subject: x\r\n", b"\r\n"], lambda line: None,
+                                                      lambda *n: None)
+    assert outcome.redirect == "boss@example.com"

@@ -217,7 +217,10 @@ class _Scan:
             if command == "REPLACE":
                 return new
             return new + original
-        elif command == "REDIRECT" and arg:
+        elif command == "REDIRECT":
+            if "@" not in arg:  # Postfix's cleanup ignores it, with this warning
+                self.note("warning", "", f"bad REDIRECT target \"{arg}\" in {param} map, need user@domain", "")
+                return None
             outcome.redirect = arg
             self.note("redirect", what, text, arg)
         elif command == "FILTER" and ":" in arg:
