@@ -5,7 +5,12 @@ MIME header (``Content-*``, ``MIME-Version``) or a header of a multipart part, i
 ``nested_header_checks`` when it is a header of an attached message (message/rfc822);
 every other line of the body (preamble, boundary lines, part contents) in
 ``body_checks`` (a line longer than ``line_length_limit`` piece by piece), up to
-``body_checks_size_limit`` bytes of each part.  The first table
+``body_checks_size_limit`` bytes of each part.  A header longer than
+``header_size_limit`` (a part's or an attached message's: the primary header
+section is refused whole at that size) is looked up by its first
+``header_size_limit`` bytes, as Postfix's MIME parser keeps no more of it; the rest
+of its lines is passed on (dropped with it by IGNORE and REPLACE), never held in
+memory.  The first table
 that answers decides; its answer is an action:
 
 REJECT [text], WARN [text], INFO [text], HOLD [text], DISCARD [text], IGNORE,
@@ -58,9 +63,11 @@ class _Part:
 
 class ContentChecks:
     def __init__(self, header: Sequence[Table], mime: Sequence[Table], nested: Sequence[Table],
-                 body: Sequence[Table], body_limit: int = 51200, line_limit: int = 2048) -> None:
+                 body: Sequence[Table], body_limit: int = 51200, line_limit: int = 2048,
+                 header_limit: int = 102400) -> None:
         self.header, self.mime, self.nested, self.body = header, mime, nested, body
         self.body_limit, self.line_limit = body_limit, max(line_limit, 1)
+        self.header_limit = max(header_limit, 1)
 
     def active(self) -> bool:
         return bool(self.header or self.mime or self.nested or self.body)
@@ -80,6 +87,8 @@ class _Scan:
         self.in_header = True
         self.header_class = "primary"  # primary | multipart | nested
         self.pending: list[bytes] = []  # the logical header being collected
+        self.pending_size = 0
+        self.overflow: bool | None = None  # a header past header_limit: are its further lines kept?
         self.content_type = ""  # of the header section being read
         self.checking = True
 
@@ -94,12 +103,20 @@ class _Scan:
 
     # -- headers ---------------------------------------------------------------------------
     def _header_line(self, line: bytes) -> None:
+        if line[:1] in (b" ", b"\t") and self.overflow is not None:
+            if self.overflow:
+                self.out(line)
+            return
         if line[:1] in (b" ", b"\t") and self.pending:
             self.pending.append(line)
+            self.pending_size += len(line)
+            if self.pending_size > self.checks.header_limit:
+                self._flush_header()  # looked up now, by what it has so far
             return
         self._flush_header()
+        self.overflow = None
         if HEADER_NAME.match(line):
-            self.pending = [line]
+            self.pending, self.pending_size = [line], len(line)
             return
         self._end_of_header()
         if line in (b"\r\n", b"\n"):
@@ -112,7 +129,9 @@ class _Scan:
             return
         lines, self.pending = self.pending, []
         original = b"".join(lines)
-        logical = original.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n")
+        overflowed = self.pending_size > self.checks.header_limit
+        key = original[:self.checks.header_limit]
+        logical = key.decode("utf-8", "replace").rstrip("\r\n").replace("\r\n", "\n")
         if MIME_HEADER.match(logical) and logical[:13].lower().startswith("content-type"):
             self.content_type = logical
         klass = self.header_class
@@ -127,6 +146,8 @@ class _Scan:
             self.out(original)
         elif kept:
             self.out(kept)
+        if overflowed:
+            self.overflow = kept is None or kept.endswith(original)  # kept, or PREPEND
 
     def _end_of_header(self) -> None:
         """The header section just read is over: what its Content-Type says comes next."""

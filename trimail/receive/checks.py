@@ -49,7 +49,8 @@ _scan_limiter = thread_pool("trimail_content_checks", SCAN_THREADS)
 def content_checks(config: Config) -> ContentChecks | None:
     """The four tables of *config* (opened lazily), or None when every list is empty."""
     tables = [[open_table(ref, lazy=True) for ref in config.get(name)] for name in CHECK_PARAMS]
-    checks = ContentChecks(*tables, body_limit=config.body_checks_size_limit, line_limit=config.line_length_limit)
+    checks = ContentChecks(*tables, body_limit=config.body_checks_size_limit, line_limit=config.line_length_limit,
+                           header_limit=config.header_size_limit)
     return checks if checks.active() else None
 
 
