@@ -46,7 +46,8 @@ def _send_in_background(port: int, body: bytes) -> dict:
 
 
 # each of these headers costs the rule about 50 ms (2**20 steps): slow, never stuck
-SLOW_HEADERS = b"".join(b"X-Slow-%d: " % n + b"a" * 20 + b"!\r\n" for n in range(400))
+def slow_headers(count: int) -> bytes:
+    return b"".join(b"X-Slow-%d: " % n + b"a" * 20 + b"!\r\n" for n in range(count))
 SLOW_HEADER_RULE = "/^X-Slow-[0-9]+: (a+)+$/ WARN slow\n"
 
 
@@ -57,17 +58,18 @@ def _slow_daemon(daemon, tmp_path: Path, rule: str, **params):
                   **params)
 
 
-def test_slow_scan_of_a_small_message_is_off_the_event_loop(daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_slow_scan_of_a_small_message_is_off_the_event_loop(daemon, tmp_path: Path, workers: str) -> None:
     """A message small enough to stay in memory was scanned through off_loop: on the
     event loop itself within a second of the table's last check (every session and
     ``trimail status`` waited), else on a lookup thread with table_lookup_timeout for
-    the whole scan (400 headers a rule needs 50 ms each, 20 s, got 451 although every
+    the whole scan (160 headers a rule needs 50 ms each, 8 s, got 451 although every
     lookup answered).  Now every scan runs on a thread and only a line that takes
     longer than table_lookup_timeout fails it: serve answers meanwhile, the mail is
     accepted."""
-    d = _slow_daemon(daemon, tmp_path, SLOW_HEADER_RULE, smtpd_workers="0")
+    d = _slow_daemon(daemon, tmp_path, SLOW_HEADER_RULE, smtpd_workers=workers)
     send(d.port, ["bob@remote.example"])  # the table is loaded: no reload due for a while
-    result = _send_in_background(d.port, b"Subject: slow\r\n" + SLOW_HEADERS + b"\r\nbody\r\n")
+    result = _send_in_background(d.port, b"Subject: slow\r\n" + slow_headers(160) + b"\r\nbody\r\n")
     answered = 0
     while "done" not in result:  # serve answers all along
         greeting = banner(d.port, timeout=3)
@@ -78,12 +80,13 @@ def test_slow_scan_of_a_small_message_is_off_the_event_loop(daemon, tmp_path: Pa
     assert_serving(d)
 
 
-def test_stop_during_a_long_scan_ends_it(daemon, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_stop_during_a_long_scan_ends_it(daemon, tmp_path: Path, workers: str) -> None:
     """The scan of a message in a spool file ran in a thread trio could not cancel:
     ``trimail stop`` during a 20 s scan waited for all of it, past graceful_timeout.
     Now the scan is abandoned at its next line and stop takes graceful_timeout."""
-    d = _slow_daemon(daemon, tmp_path, SLOW_HEADER_RULE, smtpd_workers="0", graceful_timeout="2s")
-    body = b"Subject: slow\r\n" + SLOW_HEADERS + b"\r\n" + (b"x" * 78 + b"\r\n") * 5000
+    d = _slow_daemon(daemon, tmp_path, SLOW_HEADER_RULE, smtpd_workers=workers, graceful_timeout="2s")
+    body = b"Subject: slow\r\n" + slow_headers(400) + b"\r\n" + (b"x" * 78 + b"\r\n") * 5000
     conn = socket.create_connection(("127.0.0.1", d.port), timeout=120)
     conn.recv(4096)
     for line in (b"EHLO client.example", b"MAIL FROM:<alice@client.example>", b"RCPT TO:<bob@remote.example>",
