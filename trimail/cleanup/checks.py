@@ -240,7 +240,7 @@ class _Scan:
             return new + original
         elif command == "REDIRECT":
             if "@" not in arg:  # Postfix's cleanup ignores it, with this warning
-                self.note("warning", "", f"bad REDIRECT target \"{arg}\" in {param} map, need user@domain", "")
+                self.note("warning", "", f"bad REDIRECT target \"{arg}\" in {param} map -- need user@domain", "")
                 return None
             outcome.redirect = arg
             self.note("redirect", what, text, arg)
