@@ -103,3 +103,38 @@ def test_regexp_dot_matches_the_newline_of_a_folded_header_and_pcre_dot_does_not
     assert open_table(f"regexp:{tmp_path / 'r'}").lookup("x\n\tsecond") == "DUNNO"
     assert open_table(f"regexp:{tmp_path / 'm'}").lookup(folded) is None
     assert open_table(f"pcre:{tmp_path / 'p'}").lookup(folded) == "DUNNO"
+
+
+def test_a_rule_that_backtracks_is_a_bounded_lookup_error_that_holds_no_other_thread(tmp_path):
+    """Python's re held the interpreter for a whole catastrophic match (red team 36b):
+    one client's text froze the process.  The rules are the regex module's: a match
+    is bounded (MATCH_TIMEOUT: a TableError), and one on a long key lets other threads run."""
+    import threading
+    import time
+
+    from trimail.maps.patterns import MATCH_TIMEOUT
+
+    rules = tmp_path / "checks.regexp"
+    rules.write_text("/^Subject: (a|aa)+$/ REJECT slow\n/^Subject: fine/ OK\n")
+    table = open_table(f"regexp:{rules}")
+    assert table.lookup("Subject: fine day") == "OK"
+    started = time.monotonic()
+    with pytest.raises(TableError, match="took longer than"):
+        table.lookup("Subject: " + "a" * 60 + "!")
+    assert time.monotonic() - started < MATCH_TIMEOUT + 2
+    # a long key: another thread keeps running while the match goes on
+    ticks, done = [0], threading.Event()
+
+    def look() -> None:
+        try:
+            table.lookup("Subject: " + "a" * 5000 + "!")
+        except TableError:
+            pass
+        done.set()
+
+    worker = threading.Thread(target=look)
+    worker.start()
+    while not done.is_set():
+        ticks[0] += 1
+    worker.join()
+    assert ticks[0] > 50_000, ticks

@@ -6,7 +6,17 @@ it into rules (raising ``TableError`` with file and line), ``match_cidr`` and
 reload them live in ``trimail.maps``.
 
 Security notes: regular expressions come from the operator's file, not from
-clients; a client's text is only ever the subject of ``search``.
+clients; a client's text is only ever the subject of ``search``.  Yet an operator's
+rule can backtrack catastrophically (``/^Subject: (a|aa)+$/``) on a text the client
+chooses, and Python's ``re`` holds the interpreter for a whole match: one message froze
+every session of its process (red team 36b).  Postfix is safe there (glibc's regexec,
+PCRE's match limit).  So the rules are compiled with the ``regex`` module (``re``'s
+syntax, VERSION0), which avoids much of that backtracking and bounds each match:
+one that takes longer than ``MATCH_TIMEOUT`` is a lookup error (``TableError``: a
+temporary failure, ``451 4.3.0`` in SMTP), logged with the rule's pattern.  A match
+on a long key (a header, past ``CONCURRENT_FROM`` characters) lets other threads run
+meanwhile (the scans of header_checks run on threads); a short key's does not, so
+a lookup on the event loop never waits to get the interpreter back.
 """
 
 from __future__ import annotations
@@ -15,11 +25,16 @@ import ipaddress
 import re
 from pathlib import Path
 
+import regex
+
 from trimail.maps.source import TableError, logical_lines
+
+MATCH_TIMEOUT = 0.1  # seconds one rule's match may take (see the module docstring)
+CONCURRENT_FROM = 4096  # key length from which a match releases the interpreter
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CidrRules = list[tuple[Network, str]]
-RegexpRules = list[tuple[list[tuple[re.Pattern[str], bool]], str]]
+RegexpRules = list[tuple[list[tuple[regex.Pattern, bool]], str]]
 
 
 def parse_cidr(path: Path) -> CidrRules:
@@ -55,7 +70,7 @@ def parse_regexp(path: Path, pcre: bool = False) -> RegexpRules:
     """``/pattern/flags result``, ``!/pattern/``, ``if /pattern/`` ... ``endif``; with
     *pcre*, pcre_table(5)'s flags and defaults (see ``_parse_pattern``)."""
     rules: RegexpRules = []
-    conditions: list[tuple[re.Pattern[str], bool]] = []
+    conditions: list[tuple[regex.Pattern, bool]] = []
     stack: list[int] = []
     for number, line in logical_lines(path):
         if line.lower() == "endif":
@@ -81,11 +96,16 @@ def parse_regexp(path: Path, pcre: bool = False) -> RegexpRules:
 def match_regexp(rules: RegexpRules, key: str) -> str | None:
     """The first matching rule's result with ``$n`` replaced (no case folding of the
     key: the pattern flags decide)."""
+    concurrent = len(key) >= CONCURRENT_FROM
     for conditions, result in rules:
         matches = []
         ok = True
         for pattern, negated in conditions:
-            m = pattern.search(key)
+            try:
+                m = pattern.search(key, concurrent=concurrent, timeout=MATCH_TIMEOUT)
+            except TimeoutError:
+                raise TableError(f"regexp: /{pattern.pattern[:80]}/ took longer than {MATCH_TIMEOUT:g} s to match"
+                                 f" a key of {len(key)} characters: a rule that backtracks") from None
             if bool(m) == negated:
                 ok = False
                 break
@@ -99,7 +119,7 @@ def match_regexp(rules: RegexpRules, key: str) -> str | None:
     return None
 
 
-def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tuple[re.Pattern[str], bool, str]:
+def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tuple[regex.Pattern, bool, str]:
     """One ``/pattern/flags`` and what follows it.  regexp_table(5) is POSIX regcomp with
     REG_EXTENDED | REG_ICASE: ``.`` matches a newline too (a folded header in
     header_checks is one string with its newlines) unless the ``m`` flag
@@ -125,16 +145,16 @@ def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tu
     flags_text, _, result = rest.partition(" ")
     if not re.fullmatch(r"[imsx]*" if pcre else r"[imx]*", flags_text):
         result, flags_text = rest, ""
-    flags = re.IGNORECASE if pcre else re.IGNORECASE | re.DOTALL
+    flags = regex.IGNORECASE if pcre else regex.IGNORECASE | regex.DOTALL
     if "i" in flags_text:
-        flags &= ~re.IGNORECASE  # Postfix: the i flag toggles case sensitivity on
+        flags &= ~regex.IGNORECASE  # Postfix: the i flag toggles case sensitivity on
     if "m" in flags_text:
-        flags = (flags | re.MULTILINE) if pcre else (flags | re.MULTILINE) & ~re.DOTALL
+        flags = (flags | regex.MULTILINE) if pcre else (flags | regex.MULTILINE) & ~regex.DOTALL
     if "s" in flags_text:
-        flags |= re.DOTALL
+        flags |= regex.DOTALL
     if "x" in flags_text:
-        flags |= re.VERBOSE
+        flags |= regex.VERBOSE
     try:
-        return re.compile(pattern, flags), negated, result.strip()
-    except re.error as exc:
+        return regex.compile(pattern, flags | regex.VERSION0), negated, result.strip()
+    except (regex.error, ValueError) as exc:
         raise TableError(f"{path}:{number}: bad regular expression: {exc}") from None
