@@ -138,3 +138,16 @@ def test_a_rule_that_backtracks_is_a_bounded_lookup_error_that_holds_no_other_th
         ticks[0] += 1
     worker.join()
     assert ticks[0] > 50_000, ticks
+
+
+def test_posix_classes_match_as_in_postfix(tmp_path):
+    """regexp_table(5) is POSIX: [[:digit:]] and friends are common in Postfix rules.
+    Python's re read [[:digit:]] as a set of ':digt' and then a ']' (it matched none of
+    these keys); the regex module knows the classes."""
+    rules = tmp_path / "clients.regexp"
+    rules.write_text("/^[[:digit:]]+-[[:digit:]]+-[[:digit:]]+\\.dyn\\./ REJECT dynamic\n"
+                     "/^[[:alpha:]]+[[:space:]]is[[:punct:]]$/ OK\n")
+    table = open_table(f"regexp:{rules}")
+    assert table.lookup("10-1-2.dyn.example.net") == "REJECT dynamic"
+    assert table.lookup("mail.example.net") is None
+    assert table.lookup("Sky is!") == "OK"
