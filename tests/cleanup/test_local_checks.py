@@ -25,6 +25,7 @@ HEADER_CHECKS = """\
 /^X-Internal:/ IGNORE
 /^Subject: tag me/ PREPEND X-Tagged: yes
 /^Subject: filter me/ FILTER smtp:[127.0.0.9]:10026
+/^Subject: copy me/ BCC copy@remote.example
 """
 BODY_CHECKS = "/secret/ REPLACE [redacted]\n"
 
@@ -98,3 +99,10 @@ def test_a_filter_is_stored_for_pickup_to_put_in_place_of_its_content_filter(tmp
     finally:
         store.close()
     assert state == "maildrop" and json.loads(params) == {CHECKS_FILTER_PARAM: "smtp:[127.0.0.9]:10026"}
+
+
+def test_a_bcc_adds_a_recipient(tmp_path):
+    path = config(tmp_path)
+    assert sendmail(path, "bob@remote.example", data=b"Subject: copy me\n\nx\n").returncode == 0
+    [(message, _)] = queue(path)
+    assert [r["address"] for r in message["recipients"]] == ["bob@remote.example", "copy@remote.example"]

@@ -22,6 +22,9 @@ HEADER_CHECKS = """\
 /^Subject: differential hc-prepend$/ PREPEND X-Prepended: by header_checks
 /^X-Replace-Me: (.*)/ REPLACE X-Replaced: $1
 /^Subject: differential hc-redirect$/ REDIRECT redirected@far.test
+/^Subject: differential hc-bcc$/ BCC copy@far.test
+/^X-Bcc-Twice:/ BCC second@far.test
+/^Subject: differential hc-bad-bcc$/ BCC nobody
 /^Subject: differential hc-filter$/ FILTER smtp:@SINK@
 /^Subject: differential hc-info$/ INFO informed by header
 /^Subject: differential hc-dunno$/ DUNNO
@@ -99,6 +102,8 @@ SESSIONS: list[Session] = [
     relay("hc-prepend"),
     relay("hc-replace", extra="X-Replace-Me: old value\n"),
     relay("hc-redirect"),
+    relay("hc-bcc", extra="X-Bcc-Twice: yes\n"),
+    relay("hc-bad-bcc"),
     relay("hc-filter"),
     relay("hc-info"),
     relay("hc-dunno"),

@@ -14,7 +14,7 @@ memory.  The first table
 that answers decides; its answer is an action:
 
 REJECT [text], WARN [text], INFO [text], HOLD [text], DISCARD [text], IGNORE,
-PREPEND text, REPLACE text, REDIRECT address, FILTER transport:nexthop, DUNNO, OK.
+PREPEND text, REPLACE text, REDIRECT address, BCC address, FILTER transport:nexthop, DUNNO, OK.
 
 After REJECT or DISCARD nothing more is looked up (Postfix clears its filter flags).
 REJECT's text may start with an enhanced status code (default ``5.7.1``; a ``4.x.x``
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trimail.maps import Table, lookup_first
 
@@ -48,6 +48,7 @@ class Outcome:
     hold: bool = False
     discard: bool = False
     redirect: str | None = None
+    bcc: list[str] = field(default_factory=list)  # every BCC, in order (Postfix's cleanup keeps them all)
     filter: str | None = None
     edited: bool = False
 
@@ -244,6 +245,13 @@ class _Scan:
                 return None
             outcome.redirect = arg
             self.note("redirect", what, text, arg)
+        elif command == "BCC":
+            if "@" not in arg:  # Postfix's cleanup ignores it, with this warning
+                self.note("warning", "", f"bad BCC address \"{arg}\" in {param} map -- need user@domain", "")
+                return None
+            if arg not in outcome.bcc:
+                outcome.bcc.append(arg)
+            self.note("bcc", what, text, arg)
         elif command == "FILTER" and ":" in arg:
             outcome.filter = arg
             self.note("filter", what, text, arg)

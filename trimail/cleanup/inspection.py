@@ -10,7 +10,7 @@ cleanup's flags for it leave out the header and body checks).
 As with the milters, and unlike Postfix (which bounces a message that pickup's
 cleanup refuses), the refusal is sendmail's: it reports a REJECT and exits 69 (75 for
 a ``4.x.x`` text), and nothing is queued; ``-bs`` answers the message with ``554``.
-HOLD, DISCARD, REDIRECT, FILTER, IGNORE, PREPEND, REPLACE, WARN and INFO act as for
+HOLD, DISCARD, REDIRECT, BCC, FILTER, IGNORE, PREPEND, REPLACE, WARN and INFO act as for
 SMTP mail (FILTER is stored under ``CHECKS_FILTER_PARAM``: pickup's round puts it in
 place of its ``content_filter``, as cleanup writes it after pickup's).  Each action
 is logged as cleanup logs it for mail from pickup (``from local;``).
@@ -95,6 +95,7 @@ def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[s
                              os.EX_TEMPFAIL if outcome.reject.startswith("4") else os.EX_UNAVAILABLE)
     if outcome.redirect:
         recipients = [outcome.redirect]
+    recipients = recipients + [bcc for bcc in outcome.bcc if bcc not in recipients]
     if outcome.edited:
         content = b"".join(kept)
     return recipients, content, "discard" if outcome.discard else "hold" if outcome.hold else "maildrop", \

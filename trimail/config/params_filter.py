@@ -110,7 +110,7 @@ PARAMS: list[Param] = [
       " no_address_mappings, no_header_body_checks, no_milters"),
     P("header_checks", "", parse_maps,
       "tables that each primary header of a message received is looked up in (header_checks(5):"
-      " REJECT, WARN, INFO, HOLD, DISCARD, IGNORE, PREPEND, REPLACE, REDIRECT, FILTER, DUNNO)"),
+      " REJECT, WARN, INFO, HOLD, DISCARD, IGNORE, PREPEND, REPLACE, REDIRECT, BCC, FILTER, DUNNO)"),
     P("mime_header_checks", "$header_checks", parse_maps,
       "header_checks for MIME headers (Content-*, MIME-Version) and the headers of multipart parts"),
     P("nested_header_checks", "$header_checks", parse_maps,

@@ -165,6 +165,7 @@ async def check_content(session: SmtpdSession) -> Reply | None:
         verdict.hold = "header_checks"
     if outcome.redirect:
         verdict.redirect = outcome.redirect
+    verdict.checks_bcc = outcome.bcc
     if outcome.filter:
         verdict.filter = outcome.filter
     if outcome.edited:

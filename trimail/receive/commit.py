@@ -111,8 +111,9 @@ async def commit(session: SmtpdSession) -> Reply:
             return refused
         try:
             recipients = [verdict.redirect] if verdict.redirect else list(txn.recipients)
-            if verdict.bcc and verdict.bcc not in recipients:  # access action BCC: one more copy
-                recipients.append(verdict.bcc)
+            for bcc in ([verdict.bcc] if verdict.bcc else []) + verdict.checks_bcc:  # BCC actions: one more copy
+                if bcc not in recipients:
+                    recipients.append(bcc)
             recipients = unique(await session.ctx.expand_virtual(recipients), session.ctx.duplicate_filter_limit)
         except (TableError, ValueError) as exc:
             log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
