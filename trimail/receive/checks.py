@@ -16,7 +16,7 @@ own pool (``SCAN_THREADS``), never on the event loop, and is abandoned then (it
 stops at its next line).  Nothing happens with ``receive_override_options = no_header_body_checks``.
 
 Parameters: header_checks, mime_header_checks, nested_header_checks, body_checks,
-body_checks_size_limit, line_length_limit, receive_override_options, table_lookup_timeout.
+body_checks_size_limit, line_length_limit, header_size_limit, receive_override_options, table_lookup_timeout.
 """
 
 from __future__ import annotations
