@@ -27,6 +27,7 @@ from pathlib import Path
 
 import regex
 
+from trimail.maps.posix import translate
 from trimail.maps.source import TableError, logical_lines
 
 MATCH_TIMEOUT = 0.1  # seconds one rule's match may take (see the module docstring)
@@ -35,6 +36,8 @@ CONCURRENT_FROM = 4096  # key length from which a match releases the interpreter
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 CidrRules = list[tuple[Network, str]]
 RegexpRules = list[tuple[list[tuple[regex.Pattern, bool]], str]]
+# $$, $n, ${n}, $(n) (Postfix's mac_parse: a name is letters, digits and _)
+_REFERENCE = re.compile(r"\$(?:\$|([A-Za-z0-9_]+)|\{([A-Za-z0-9_]*)\}|\(([A-Za-z0-9_]*)\)|)")
 
 
 def parse_cidr(path: Path) -> CidrRules:
@@ -97,14 +100,16 @@ def match_regexp(rules: RegexpRules, key: str) -> str | None:
     """The first matching rule's result with ``$n`` replaced (no case folding of the
     key: the pattern flags decide)."""
     concurrent = len(key) >= CONCURRENT_FROM
+    raw = key.encode("utf-8", "surrogateescape")  # what regexp: (POSIX, C locale) patterns see
     for conditions, result in rules:
         matches = []
         ok = True
         for pattern, negated in conditions:
             try:
-                m = pattern.search(key, concurrent=concurrent, timeout=MATCH_TIMEOUT)
+                m = pattern.search(raw if isinstance(pattern.pattern, bytes) else key,
+                                   concurrent=concurrent, timeout=MATCH_TIMEOUT)
             except TimeoutError:
-                raise TableError(f"regexp: /{pattern.pattern[:80]}/ took longer than {MATCH_TIMEOUT:g} s to match"
+                raise TableError(f"regexp: /{_text(pattern.pattern)[:80]}/ took longer than {MATCH_TIMEOUT:g} s to match"
                                  f" a key of {len(key)} characters: a rule that backtracks") from None
             if bool(m) == negated:
                 ok = False
@@ -112,10 +117,38 @@ def match_regexp(rules: RegexpRules, key: str) -> str | None:
             matches.append(m)
         if ok:
             last = matches[-1] if matches else None
-            if last is not None:
-                return re.sub(r"\$(\d)|\$\{(\d)\}",
-                              lambda g: last.group(int(g.group(1) or g.group(2))) or "", result)
-            return result
+            return _REFERENCE.sub(lambda g: _expand(last, g), result)
+    return None
+
+
+def _text(value: str | bytes | None) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else (value or "")
+
+
+def _expand(match, reference: re.Match) -> str:
+    """One reference of a result checked by ``_check_result``: ``$$`` is a ``$``."""
+    name = next((g for g in reference.groups() if g is not None), None)
+    if name is None:
+        return "$"
+    return _text(match.group(int(name))) if match is not None else ""
+
+
+def _check_result(result: str, groups: int, negated: bool) -> str | None:
+    """What Postfix's regexp/pcre tables refuse in a result (they skip the rule):
+    a ``$`` that is not ``$$`` or a reference, a name that is not a number, a number
+    outside 1..groups, any number in a negated rule's result."""
+    for g in _REFERENCE.finditer(result):
+        if g.group(0) == "$$":
+            continue
+        name = next((x for x in g.groups() if x is not None), None)
+        if not name:
+            return f"bad replacement syntax in {result!r}"
+        if not name.isdigit():
+            return f"non-numeric replacement index {name!r}"
+        if negated:
+            return "$number found in negative match replacement text"
+        if not 1 <= int(name) <= groups:
+            return f"out of range replacement index {name!r}"
     return None
 
 
@@ -129,21 +162,24 @@ def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tu
     negated = text.startswith("!")
     if negated:
         text = text[1:]
-    if not text or text[0] not in "/":
+    if not text or text[0].isspace():
         raise TableError(f"{path}:{number}: expected /pattern/flags")
+    delimiter = text[0]  # Postfix: any character delimits the pattern (/ is usual)
     end = 1
     while end < len(text):
         if text[end] == "\\":
             end += 2
             continue
-        if text[end] == "/":
+        if text[end] == delimiter:
             break
         end += 1
     if end >= len(text):
         raise TableError(f"{path}:{number}: unterminated pattern")
     pattern, rest = text[1:end], text[end + 1:]
-    flags_text, _, result = rest.partition(" ")
-    if not re.fullmatch(r"[imsx]*" if pcre else r"[imx]*", flags_text):
+    flags_text, result = (re.split(r"[ \t]+", rest, maxsplit=1) + [""])[:2]
+    if not pcre and not re.fullmatch(r"[imx]*", flags_text):  # Postfix skips such a rule
+        raise TableError(f"{path}:{number}: unknown regexp option in {flags_text!r}")
+    if not re.fullmatch(r"[imsx]*", flags_text):
         result, flags_text = rest, ""
     flags = regex.IGNORECASE if pcre else regex.IGNORECASE | regex.DOTALL
     if "i" in flags_text:
@@ -154,7 +190,17 @@ def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tu
         flags |= regex.DOTALL
     if "x" in flags_text:
         flags |= regex.VERBOSE
+    source: str | bytes = pattern
     try:
-        return regex.compile(pattern, flags | regex.VERSION0), negated, result.strip()
-    except (regex.error, ValueError) as exc:
+        if not pcre:  # POSIX ERE (trimail.maps.posix), matched on the key's bytes
+            source = translate(pattern.encode("utf-8", "surrogateescape").decode("latin-1"),
+                               icase=bool(flags & regex.IGNORECASE),
+                               newline=bool(flags & regex.MULTILINE)).encode("latin-1")
+        compiled = regex.compile(source, flags | regex.VERSION0)
+    except (regex.error, ValueError) as exc:  # PosixError is a ValueError
         raise TableError(f"{path}:{number}: bad regular expression: {exc}") from None
+    result = result.strip()
+    problem = _check_result(result, compiled.groups, negated)
+    if problem:
+        raise TableError(f"{path}:{number}: {problem}")
+    return compiled, negated, result
