@@ -11,7 +11,8 @@ rule can backtrack catastrophically (``/^Subject: (a|aa)+$/``) on a text the cli
 chooses, and Python's ``re`` holds the interpreter for a whole match: one message froze
 every session of its process (red team 36b).  Postfix is safe there (glibc's regexec,
 PCRE's match limit).  So the rules are compiled with the ``regex`` module (``re``'s
-syntax, VERSION0), which avoids much of that backtracking and bounds each match:
+syntax, VERSION0; a ``regexp:`` rule is POSIX ERE, translated by ``trimail.maps.posix``
+and matched on the key's UTF-8 bytes), which avoids much of that backtracking and bounds each match:
 one that takes longer than ``MATCH_TIMEOUT`` is a lookup error (``TableError``: a
 temporary failure, ``451 4.3.0`` in SMTP), logged with the rule's pattern.  A match
 on a long key (a header, past ``CONCURRENT_FROM`` characters) lets other threads run
@@ -188,7 +189,7 @@ def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tu
         flags = (flags | regex.MULTILINE) if pcre else (flags | regex.MULTILINE) & ~regex.DOTALL
     if "s" in flags_text:
         flags |= regex.DOTALL
-    if "x" in flags_text:
+    if "x" in flags_text and pcre:  # regexp: basic REs are not implemented (docs/postfix.md)
         flags |= regex.VERBOSE
     source: str | bytes = pattern
     try:
