@@ -92,3 +92,14 @@ def test_postfix_itself_agrees(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(ask, range(len(CASES))))
     assert [(rule, key, a) for (rule, key, _), a in zip(CASES, answers)] == CASES
+
+
+def test_smtpd_forbidden_commands_reads_a_pcre_entry_as_pcre(make_config):
+    """A ``pcre:`` entry of smtpd_forbidden_commands was parsed as ``regexp:``, which is
+    POSIX now: ``\\d`` (a digit in PCRE) never matches there, as in Postfix."""
+    from trimail.receive.context import forbidden_tables
+
+    matcher = forbidden_tables(make_config(smtpd_forbidden_commands="pcre:{{/^\\d/ Bogus}}"))
+    assert matcher is not None and matcher("1HELO")
+    posix = forbidden_tables(make_config(smtpd_forbidden_commands="regexp:{{/^[[:digit:]]/ Bogus}}"))
+    assert posix is not None and posix("1HELO") and not posix("HELO")

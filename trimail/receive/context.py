@@ -119,12 +119,13 @@ def forbidden_tables(config: Config):
         try:
             if name.startswith("{"):
                 for number, text in enumerate(_inline_rules(name), 1):
-                    pattern, negated, result = _parse_pattern(Path("smtpd_forbidden_commands"), number, text)
+                    pattern, negated, result = _parse_pattern(Path("smtpd_forbidden_commands"), number, text,
+                                                              pcre=kind == "pcre")
                     if not result:
                         raise TableError(f"{entry}: no result after the pattern")
                     rules.append(([(pattern, negated)], result))
             else:
-                rules += parse_regexp(Path(name))
+                rules += parse_regexp(Path(name), pcre=kind == "pcre")
         except (TableError, ValueError) as exc:
             raise ConfigError(f"{config.where('smtpd_forbidden_commands')}: {exc}") from None
     if not rules:
