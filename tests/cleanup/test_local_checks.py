@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tests.conftest import write_main_cf
 from tests.milter.test_sendmail import queued as queue
+from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
 from trimail.queue.store import Store
 
@@ -106,3 +107,9 @@ def test_a_bcc_adds_a_recipient(tmp_path):
     assert sendmail(path, "bob@remote.example", data=b"Subject: copy me\n\nx\n").returncode == 0
     [(message, _)] = queue(path)
     assert [r["address"] for r in message["recipients"]] == ["bob@remote.example", "copy@remote.example"]
+    store = Store.open(tmp_path / "queue", readonly=True)
+    try:
+        [(params,)] = store.db.execute("SELECT params FROM message").fetchall()
+    finally:
+        store.close()
+    assert json.loads(json.loads(params)[SILENT_PARAM]) == ["copy@remote.example"]  # never reported to the sender

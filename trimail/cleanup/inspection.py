@@ -21,12 +21,14 @@ body_checks_size_limit, line_length_limit, receive_override_options, non_smtpd_m
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
 
 from trimail.cleanup.checks import ContentChecks, Outcome
 from trimail.config import Config
+from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
 from trimail.log import printable
 from trimail.milter.local import MilterRefused, filter_local
@@ -54,10 +56,12 @@ def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str]
     options = cfg.receive_override_options
     checks = _checks(cfg) if "no_header_body_checks" not in options else None
     if checks is not None:
-        recipients, content, state, filter_ = _check(checks, queue_id, sender, recipients, content, protocol,
-                                                     helo_name)
+        recipients, content, state, filter_, copies = _check(checks, queue_id, sender, recipients, content,
+                                                             protocol, helo_name)
         if filter_:
             params = {**params, CHECKS_FILTER_PARAM: filter_}
+        if copies:
+            params = {**params, SILENT_PARAM: json.dumps(copies)}
         if state == "discard":
             return sender, recipients, content, state, params
     if cfg.non_smtpd_milters and "no_milters" not in options:
@@ -78,7 +82,7 @@ def _checks(cfg: Config) -> ContentChecks | None:
 
 
 def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[str], content: bytes,
-           protocol: str, helo_name: str) -> tuple[list[str], bytes, str, str | None]:
+           protocol: str, helo_name: str) -> tuple[list[str], bytes, str, str | None, list[str]]:
     kept: list[bytes] = []
     notes: list[tuple[str, str, str, str]] = []
     outcome: Outcome = checks.scan(_lines(content), kept.append, lambda *note: notes.append(note))
@@ -95,11 +99,12 @@ def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[s
                              os.EX_TEMPFAIL if outcome.reject.startswith("4") else os.EX_UNAVAILABLE)
     if outcome.redirect:
         recipients = [outcome.redirect]
-    recipients = recipients + [bcc for bcc in outcome.bcc if bcc not in recipients]
+    copies = [bcc for bcc in outcome.bcc if bcc not in recipients]  # never reported to the sender
+    recipients = recipients + copies
     if outcome.edited:
         content = b"".join(kept)
     return recipients, content, "discard" if outcome.discard else "hold" if outcome.hold else "maildrop", \
-        outcome.filter
+        outcome.filter, copies
 
 
 def _lines(content: bytes) -> Iterator[bytes]:

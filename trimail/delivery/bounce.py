@@ -36,12 +36,16 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
+import json
 import re
 import textwrap
 import time
 
 from trimail.queue.ids import new_queue_id
 
+# message params key: a JSON list of the recipients the sender is never told about (the
+# copies BCC actions added: Postfix's cleanup gives them NOTIFY=NEVER)
+SILENT_PARAM = "_NOTIFY_NEVER"
 _HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # Postfix's is_header()
 _DIAGNOSTIC_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9-]*;")
 
@@ -242,3 +246,15 @@ def _folded(line: str) -> str:
     # a word is cut only past 240 characters (4 octets each at most in UTF-8: under 998); a URL stays whole
     return "\r\n".join(part if len(part) <= 240 else "\r\n    ".join(part[i:i + 240] for i in range(0, len(part), 240))
                        for part in lines)
+
+
+def reported(params: dict[str, str | None], rcpts: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """*rcpts* (address, reply) but the silent ones (``SILENT_PARAM``) of a message with *params*."""
+    silent = params.get(SILENT_PARAM)
+    if not silent:
+        return rcpts
+    try:
+        never = set(json.loads(silent))
+    except (ValueError, TypeError):
+        return rcpts
+    return [(address, reply) for address, reply in rcpts if address not in never]

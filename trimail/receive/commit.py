@@ -16,6 +16,7 @@ receive_override_options (through ReceiveContext), and trimail/authcheck/inbound
 from __future__ import annotations
 
 import email.utils
+import json
 import logging
 import re
 import time
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from trimail import log as maillog
 from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM, unique
+from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
 from trimail.log import printable
@@ -111,14 +113,19 @@ async def commit(session: SmtpdSession) -> Reply:
             return refused
         try:
             recipients = [verdict.redirect] if verdict.redirect else list(txn.recipients)
-            for bcc in ([verdict.bcc] if verdict.bcc else []) + verdict.checks_bcc:  # BCC actions: one more copy
-                if bcc not in recipients:
-                    recipients.append(bcc)
             recipients = unique(await session.ctx.expand_virtual(recipients), session.ctx.duplicate_filter_limit)
+            silent: list[str] = []
+            if copies := ([verdict.bcc] if verdict.bcc else []) + verdict.checks_bcc:  # BCC actions: one more copy
+                count = len(recipients)  # each copy the sender is never told about (Postfix: NOTIFY=NEVER)
+                recipients = unique(recipients + await session.ctx.expand_virtual(copies),
+                                    session.ctx.duplicate_filter_limit)
+                silent = recipients[count:]
         except (TableError, ValueError) as exc:
             log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
             return replies.LOCAL_ERROR
         params = {**txn.params, RWR_PARAM: txn.rewrite_context}  # cleanup.rewrite.header_context reads it
+        if silent:
+            params[SILENT_PARAM] = json.dumps(silent)
         # the content filter is stored now, so a reload does not change where queued mail goes:
         # an access-table FILTER overrides content_filter, REDIRECT overrides both (as in Postfix)
         content_filter = verdict.filter or session.ctx.content_filter

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import trio
 
 from trimail.config import Config
-from trimail.delivery.bounce import dsn_parts, failure_of, header_lines, returns_full
+from trimail.delivery.bounce import dsn_parts, failure_of, header_lines, reported, returns_full
 from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded
 from trimail.delivery.outcome import REPLY_TEXT_LIMIT, Outcome
 from trimail.log import printable, write_waiting
@@ -166,11 +166,15 @@ class Results:
             bounce_log.info("%s: not sending a notification about a bounce (null sender): %s", message.id,
                             ", ".join(f"<{a}>" for a, _ in bounced_rcpts))
             return
+        if not (bounced_rcpts := reported(message.params, bounced_rcpts)):  # BCC copies only
+            return
         bounce_id = self._queue_dsn(store, message, bounced_rcpts, delayed=False)
         bounce_log.info("%s: sender non-delivery notification: %s", message.id, bounce_id)
 
     def _queue_delay_warning(self, store: Store, message: ClaimedMessage, waiting: list[tuple[str, str]]) -> bool:
         if not self.delay_warning or message.sender == "" or time.time() - message.arrival_time < self.delay_warning:
+            return False
+        if not (waiting := reported(message.params, waiting)):  # BCC copies only
             return False
         warning_id = self._queue_dsn(store, message, waiting, delayed=True)
         bounce_log.info("%s: sender delay notification: %s", message.id, warning_id)
