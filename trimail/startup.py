@@ -120,7 +120,12 @@ async def opened_queue(config: Config) -> AsyncIterator[OpenedQueue]:
                     await recover(writer, directory)
                     # the WAL index every process of this serve maps: no other opening while it is gone
                     queue.index = index_identity(directory)
-                    lock.record_index(queue.index)
+                    try:
+                        lock.record_index(queue.index)
+                    except OSError as exc:  # (a full queue file system): the guard is weaker, mail goes on
+                        log.warning("cannot record the queue index serve has open (%s): sendmail and the queue "
+                                    "commands will not notice a queue.db-wal or -shm replaced under serve",
+                                    exc.strerror or exc)
                 preflight(config)
                 yield queue
             finally:

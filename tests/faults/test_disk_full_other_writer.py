@@ -159,3 +159,25 @@ def test_a_file_system_filled_while_a_large_wal_waits_for_its_copy_still_drains(
             assert (queue / "filler").exists() and free_space(queue) < 8 << 20
             assert_serving(served)
         assert integrity_ok(queue) == "ok"
+
+
+def test_serve_starts_when_its_queue_index_record_finds_the_file_system_full(daemon, queue_16m) -> None:
+    """Found by the session's clean-clone run of the test above: serve records the
+    queue index it has open in pid/queue.index at start, and that truncate-and-write
+    needed a new block; on a file system filled to the last byte (recovery's writes
+    had taken the block the truncate gave back) the ENOSPC ended serve with a
+    traceback.  The record is written in place now, and one that cannot be written
+    costs a warning, not the start.  Here the old record is emptied first, so writing
+    it needs a block whatever else happens."""
+    served = daemon(queue_directory=str(queue_16m))
+    for pid in reversed(process_tree(served.proc.proc.pid)):  # killed: its -wal and -shm stay, as in the test above
+        os.kill(pid, signal.SIGKILL)
+    served.proc.proc.wait(10)
+    wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in process_tree(served.proc.proc.pid)),
+               timeout=10)
+    (queue_16m / "pid" / "queue.index").write_bytes(b"")
+    (queue_16m / RESERVE_NAME).unlink()  # (the reserve would be given back at the first full write)
+    fill(queue_16m, leave=0)
+    again = daemon(queue_directory=str(queue_16m))
+    wait_until(lambda: any("cannot record the queue index" in line for line in again.proc.log), timeout=10)
+    assert_serving(again)

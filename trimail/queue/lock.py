@@ -37,6 +37,7 @@ from trimail.errors import ConfigurationError
 PID_DIRECTORY = "pid"
 PID_NAME = "master.pid"
 INDEX_NAME = "queue.index"  # beside it: devices and inodes of the queue.db-wal and -shm serve has open
+INDEX_RECORD = 128  # bytes of its one record (running_index reads that many)
 OLD_LOCK_NAME = "master.lock"  # before issue 14: in the mail_owner-owned queue directory; read only
 _OPEN = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
@@ -117,27 +118,41 @@ class QueueLock:
             os.close(fd)
             raise AlreadyRunning(f"{self.path}: another trimail serve (pid {read_pid(self.path)}) "
                                  "uses this queue_directory") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        # in place, as Postfix's "%10d\n": a file that has its block needs no new one
+        # (a start on a queue file system something else filled; release() leaves it)
+        _rewrite(fd, f"{os.getpid():>10}\n".encode())
         self._fd = fd
-        self.record_index(None)  # the last serve's, until this one has opened the queue
+        try:
+            self.record_index(None)  # the last serve's, until this one has opened the queue
+        except OSError:
+            pass  # no record left at all: as good (startup.opened_queue says so when it records)
 
     def record_index(self, identity: tuple[int, ...] | None) -> None:
         """Write *identity* (``guards.index_identity``: devices and inodes of the WAL
         and its index this serve has open) to ``pid/``'s ``queue.index``, for
-        ``running_index`` (None: empty it)."""
+        ``running_index`` (None: a blank record).  The record has one size and is
+        written in place, so a file that has it needs no new block: serve starting
+        again on a queue file system something else filled (red team's disk-full
+        test) got ENOSPC from the truncate-and-write this was, and ended.  When it
+        cannot be written the file is removed (no record: other processes skip the
+        check rather than compare with a stale one) and the OSError raised."""
         directory = open_pid_directory(self.queue_directory)
+        path = os.path.join(self.queue_directory, PID_DIRECTORY, INDEX_NAME)
         try:
-            fd = safe_open(directory, INDEX_NAME, os.O_WRONLY | os.O_CREAT,
-                           os.path.join(self.queue_directory, PID_DIRECTORY, INDEX_NAME))
+            fd = safe_open(directory, INDEX_NAME, os.O_WRONLY | os.O_CREAT, path)
+            try:
+                text = " ".join(map(str, identity)) if identity is not None else ""
+                _rewrite(fd, text.encode().ljust(INDEX_RECORD - 1) + b"\n")
+            finally:
+                os.close(fd)
+        except OSError:
+            try:
+                os.unlink(INDEX_NAME, dir_fd=directory)
+            except OSError:
+                pass
+            raise
         finally:
             os.close(directory)
-        try:
-            os.ftruncate(fd, 0)
-            if identity is not None:
-                os.write(fd, (" ".join(map(str, identity)) + "\n").encode())
-        finally:
-            os.close(fd)
 
     def fileno(self) -> int:
         """The locked descriptor: worker processes inherit it, so the lock is held
@@ -147,9 +162,20 @@ class QueueLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            try:
+                _rewrite(self._fd, b" " * 10 + b"\n")  # no pid: blank, keeping the block
+            except OSError:
+                os.ftruncate(self._fd, 0)
             os.close(self._fd)
             self._fd = None
+
+
+def _rewrite(fd: int, record: bytes) -> None:
+    """*record* as the whole file, written over the start of what is there (a file at
+    least that long needs no new block), the rest cut off."""
+    os.pwrite(fd, record, 0)
+    if os.fstat(fd).st_size > len(record):
+        os.ftruncate(fd, len(record))
 
 
 def open_regular_for_reading(path: str | os.PathLike[str]) -> int | None:
@@ -217,7 +243,7 @@ def running_index(queue_directory: str | os.PathLike[str]) -> tuple[int, ...] | 
     if fd is None:
         return None
     try:
-        fields = os.pread(fd, 128, 0).split()
+        fields = os.pread(fd, INDEX_RECORD, 0).split()
     finally:
         os.close(fd)
     if not fields or not all(field.isdigit() for field in fields):
