@@ -52,12 +52,20 @@ BODY_CHECKS = """\
 /^Subject: differential bc-/ REJECT a message header seen as body
 """
 
+# which table sees a header that is not a MIME header in each place: the default
+# tables ($header_checks) first, then a rule of each table's own for X-Which
+MIME_ONLY = "/^X-Which: (.*)/ REJECT seen by mime_header_checks: $1\n"
+NESTED_ONLY = "/^X-Which: (.*)/ REJECT seen by nested_header_checks: $1\n"
+
 MAIN_CF = """\
 header_checks = regexp:@TABLES@/header_checks.regexp
+mime_header_checks = regexp:@TABLES@/header_checks.regexp, regexp:@TABLES@/mime_only.regexp
+nested_header_checks = regexp:@TABLES@/header_checks.regexp, regexp:@TABLES@/nested_only.regexp
 body_checks = regexp:@TABLES@/body_checks.regexp
 """
 
-TABLES = {"header_checks.regexp": HEADER_CHECKS, "body_checks.regexp": BODY_CHECKS}
+TABLES = {"header_checks.regexp": HEADER_CHECKS, "body_checks.regexp": BODY_CHECKS,
+          "mime_only.regexp": MIME_ONLY, "nested_only.regexp": NESTED_ONLY}
 
 
 def mime(boundary: str, parts: list[str]) -> tuple[str, str]:
@@ -80,6 +88,13 @@ _NESTED = mime("hc-b2", ["Content-Type: text/plain\n\ntext part\n",
                          "inner body\n"])
 _PART_HEADER = mime("bc-b1", ["Content-Type: text/plain\nX-Part-Header: yes\n\ntext part\n"])
 _BOUNDARY = mime("bc-boundary-reject", ["Content-Type: text/plain\n\ntext part\n"])
+_WHICH_PART = mime("hc-w1", ["Content-Type: text/plain\nX-Which: part\n\ntext part\n"])
+_WHICH_NESTED = mime("hc-w2", ["Content-Type: message/rfc822\n\nFrom: x@client.test\nX-Which: nested\n"
+                               "Subject: inner\n\ninner body\n"])
+_WHICH_NESTED_PART = mime("hc-w3", ["Content-Type: message/rfc822\n\nFrom: x@client.test\nSubject: inner\n"
+                                    'MIME-Version: 1.0\nContent-Type: multipart/mixed; boundary="hc-w4"\n\n'
+                                    "--hc-w4\nContent-Type: text/plain\nX-Which: part of nested\n\ninner\n"
+                                    "--hc-w4--\n"])
 
 SESSIONS: list[Session] = [
     Session("hc-reject-then-next", INSIDE, [
@@ -120,4 +135,8 @@ SESSIONS: list[Session] = [
     relay("bc-edits", body="one\nbody-replace-me with this\nbody-ignore-me\nbody-prepend-me\nbody-warn-me\n"),
     relay("bc-part-header", *_PART_HEADER),
     relay("bc-boundary", *_BOUNDARY, messages=0),
+    relay("hc-which-primary", extra="X-Which: primary\n"),
+    relay("hc-which-part", *_WHICH_PART, messages=0),
+    relay("hc-which-nested", *_WHICH_NESTED, messages=0),
+    relay("hc-which-nested-part", *_WHICH_NESTED_PART, messages=0),
 ]
