@@ -1,4 +1,4 @@
-"""Red team 36b: the scan's input and output, pure (trimail.receive.checks._lines,
+"""Red team 36b: the scan's input and output, pure (trimail.cleanup.checks.message_lines,
 trimail.cleanup.checks.ContentChecks)."""
 
 from __future__ import annotations
@@ -9,16 +9,21 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trimail.cleanup.checks import ContentChecks
+from trimail.cleanup.checks import ContentChecks, message_lines
 from trimail.maps import open_table
 from trimail.queue.spool import Spool
-from trimail.receive.checks import _lines
+from trimail.receive.checks import SCAN_CHUNK
 
 
 def _spool(tmp_path, data: bytes) -> Spool:
     spool = Spool(tmp_path, memory_limit=1 << 16)
     spool.write(data)
     return spool
+
+
+def _lines(spool: Spool):
+    """The lines receive/checks.py scans: the spool's 64 KiB chunks, cut into lines."""
+    return message_lines(spool.chunks(SCAN_CHUNK))
 
 
 @given(st.binary(max_size=3000), st.integers(min_value=1, max_value=5000))
@@ -33,7 +38,7 @@ def test_lines_are_the_content_split_after_each_newline(tmp_path_factory, data: 
 
 
 def test_a_line_of_48_mb_without_newline_is_read_in_linear_time(tmp_path) -> None:
-    """_lines appended each 64 KiB chunk to the line so far by copying it: a 48 MB
+    """The line reader appended each 64 KiB chunk to the line so far by copying it: a 48 MB
     line without a newline (message_size_limit raised) cost 10 s of the scan and
     twice its size at each step; now the line is gathered in one buffer."""
     spool = _spool(tmp_path, b"Subject: x\r\n\r\n" + b"x" * (48 << 20))
@@ -63,7 +68,7 @@ def test_a_message_no_rule_matches_comes_out_byte_identical(lines: list[bytes], 
 
 
 def _split(data: bytes) -> list[bytes]:
-    """Lines as _lines cuts them: after each newline (a bare CR is no end of line)."""
+    """Lines as message_lines cuts them: after each newline (a bare CR is no end of line)."""
     return re.findall(rb"[^\n]*\n|[^\n]+\Z", data)
 
 

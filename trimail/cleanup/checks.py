@@ -23,17 +23,24 @@ rejected``.  An unknown action is logged as a warning and changes nothing.
 
 ``ContentChecks.scan`` is pure: lines in, lines out (through *out*), the actions to
 log through *note*, the outcome returned.  Table errors (``TableError``) propagate.
+``message_lines`` cuts a message's chunks into the lines it takes, and ``log_actions``
+writes the noted actions as cleanup's log lines, for both callers: SMTP mail
+(trimail/receive/checks.py) and local submissions (trimail/cleanup/inspection.py).
 
 Parameters: none read (trimail/receive/checks.py passes the tables).
 """
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from trimail.log import printable
 from trimail.maps import Table, lookup_first
+
+log = logging.getLogger("trimail.cleanup")
 
 HEADER_NAME = re.compile(rb"^[!-9;-~]+[ \t]*:")
 MIME_HEADER = re.compile(r"^(content-|mime-version[ \t]*:)", re.IGNORECASE)
@@ -77,6 +84,41 @@ class ContentChecks:
         """Each CRLF-ended line of the message (its first the ``Received:`` header this
         MTA added), the kept and edited lines written to *out*."""
         return _Scan(self, out, note).run(lines)
+
+
+def message_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a message given in *chunks*, each with its LF (a bare CR is no line
+    end; the last line may have none); a line longer than a chunk is gathered in one
+    buffer, never copied again per chunk."""
+    carry = bytearray()
+    for chunk in chunks:
+        start = 0
+        while (end := chunk.find(b"\n", start)) >= 0:
+            if carry:
+                carry += chunk[start:end + 1]
+                yield bytes(carry)
+                carry.clear()
+            else:
+                yield chunk[start:end + 1]
+            start = end + 1
+        carry += chunk[start:]
+    if carry:
+        yield bytes(carry)
+
+
+def log_actions(queue_id: str, notes: Iterable[tuple[str, str, str, str]], *, origin: str, sender: str,
+                recipients: Sequence[str], proto: str | None = None, helo: str = "") -> None:
+    """The actions *scan* noted, as cleanup_act_log writes them (``ID: reject: header
+    Subject: ... from ORIGIN; from=<...> to=<...> proto=... helo=<...>: text``; no
+    proto and helo when *proto* is None); a note without a class is a warning."""
+    to = f" to=<{recipients[0]}>" if recipients else ""
+    session = f" proto={proto} helo=<{helo}>" if proto is not None else ""
+    for action, what, text, arg in notes:
+        if not what:
+            log.warning("%s", text)
+        else:
+            log.info("%s: %s: %s %s from %s; from=<%s>%s%s%s", queue_id, action, what,
+                     printable(text, 200).removesuffix("..."), origin, sender, to, session, f": {arg}" if arg else "")
 
 
 class _Scan:

@@ -24,9 +24,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
 
-from trimail.cleanup.checks import ContentChecks, Outcome
+from trimail.cleanup.checks import ContentChecks, Outcome, log_actions, message_lines
 from trimail.config import Config
 from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
@@ -85,15 +84,9 @@ def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[s
            protocol: str, helo_name: str) -> tuple[list[str], bytes, str, str | None, list[str]]:
     kept: list[bytes] = []
     notes: list[tuple[str, str, str, str]] = []
-    outcome: Outcome = checks.scan(_lines(content), kept.append, lambda *note: notes.append(note))
-    to = f" to=<{recipients[0]}>" if recipients else ""
-    origin = f" proto={protocol} helo=<{printable(helo_name, 200)}>" if helo_name else ""
-    for action, what, text, arg in notes:
-        if not what:
-            log.warning("%s", text)
-        else:
-            log.info("%s: %s: %s %s from local; from=<%s>%s%s%s", queue_id, action, what,
-                     printable(text, 200).removesuffix("..."), sender, to, origin, f": {arg}" if arg else "")
+    outcome: Outcome = checks.scan(message_lines((content,)), kept.append, lambda *note: notes.append(note))
+    log_actions(queue_id, notes, origin="local", sender=sender, recipients=recipients,
+                proto=protocol if helo_name else None, helo=printable(helo_name, 200))
     if outcome.reject is not None:
         raise ContentRefused(f"message content rejected: {outcome.reject}",
                              os.EX_TEMPFAIL if outcome.reject.startswith("4") else os.EX_UNAVAILABLE)
@@ -106,14 +99,3 @@ def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[s
     return recipients, content, "discard" if outcome.discard else "hold" if outcome.hold else "maildrop", \
         outcome.filter, copies
 
-
-def _lines(content: bytes) -> Iterator[bytes]:
-    """The lines of *content*, each with its LF (a bare CR is no line end)."""
-    start, size = 0, len(content)
-    while start < size:
-        end = content.find(b"\n", start)
-        if end < 0:
-            yield content[start:]
-            return
-        yield content[start:end + 1]
-        start = end + 1

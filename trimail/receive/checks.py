@@ -27,9 +27,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trimail.cleanup.checks import ContentChecks
+from trimail.cleanup.checks import ContentChecks, log_actions, message_lines
 from trimail.config import Config
-from trimail.log import printable
 from trimail.maps import TableError, open_table
 from trimail.queue.spool import Spool, SpoolError
 from trimail.smtp import replies
@@ -42,6 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trimail.cleanup")
 
 CHECK_PARAMS = ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks")
+SCAN_CHUNK = 1 << 16  # bytes of the spool read at a time (a line may span chunks)
 SCAN_THREADS = 4  # scans at once per serve (an abandoned one holds its thread until its lookup returns)
 _scan_limiter = thread_pool("trimail_content_checks", SCAN_THREADS)
 
@@ -52,25 +52,6 @@ def content_checks(config: Config) -> ContentChecks | None:
     checks = ContentChecks(*tables, body_limit=config.body_checks_size_limit, line_limit=config.line_length_limit,
                            header_limit=config.header_size_limit)
     return checks if checks.active() else None
-
-
-def _lines(spool: Spool) -> Iterator[bytes]:
-    """The spool's lines, each with its newline (the last one may have none); a line
-    longer than a chunk is gathered in one buffer, never copied again per chunk."""
-    carry = bytearray()
-    for chunk in spool.chunks(1 << 16):
-        start = 0
-        while (end := chunk.find(b"\n", start)) >= 0:
-            if carry:
-                carry += chunk[start:end + 1]
-                yield bytes(carry)
-                carry.clear()
-            else:
-                yield chunk[start:end + 1]
-            start = end + 1
-        carry += chunk[start:]
-    if carry:
-        yield bytes(carry)
 
 
 class _Progress:
@@ -132,7 +113,8 @@ async def check_content(session: SmtpdSession) -> Reply | None:
     progress = _Progress()
 
     def scan():
-        return checks.scan(progress.count(_lines(spool)), out.write, lambda *note: notes.append(note))
+        return checks.scan(progress.count(message_lines(spool.chunks(SCAN_CHUNK))), out.write,
+                           lambda *note: notes.append(note))
 
     try:
         outcome = await _off_loop(scan, progress, ctx.lookup_timeout)
@@ -145,14 +127,8 @@ async def check_content(session: SmtpdSession) -> Reply | None:
     except BaseException:  # cancelled (the client left, stop): the copy goes with the session
         out.close()
         raise
-    recipient = f" to=<{txn.recipients[0]}>" if txn.recipients else ""
-    for action, what, text, arg in notes:
-        if not what:
-            log.warning("%s", text)
-            continue
-        log.info("%s: %s: %s %s from %s; from=<%s>%s proto=%s helo=<%s>%s", txn.queue_id, action, what,
-                 printable(text, 200).removesuffix("..."), session.client, txn.envelope_sender, recipient,
-                 "ESMTP" if session.extended else "SMTP", session.helo_name, f": {arg}" if arg else "")
+    log_actions(txn.queue_id, notes, origin=str(session.client), sender=txn.envelope_sender,
+                recipients=txn.recipients, proto="ESMTP" if session.extended else "SMTP", helo=session.helo_name)
     if outcome.reject is not None:
         out.close()
         session._discard()
