@@ -57,3 +57,17 @@ def test_body_checks_stop_after_the_size_limit(tmp_path):
     checks = ContentChecks([], [], [], table(tmp_path, "b", "/^bad/ REJECT\n"), body_limit=20)
     assert scan(checks, "S: s\n\n" + "x" * 30 + "\nbad")[0].reject is None
     assert scan(checks, "S: s\n\nbad")[0].reject == "5.7.1 message content rejected"
+
+
+def test_strip_drops_the_line_with_a_note_and_pass_ends_the_checks(tmp_path):
+    checks = ContentChecks(table(tmp_path, "h", "/^X-Strip:/ STRIP stripped\n/^Subject: ok/ PASS trusted\n"
+                                 "/^X-After:/ REJECT\n"), [], [], table(tmp_path, "b", "/^strip/ STRIP\n/^bad/ REJECT\n"))
+    outcome, out, notes = scan(checks, "X-Strip: x\nSubject: s\n\nstrip me\nkept")
+    assert out == "Subject: s\r\n\r\nkept\r\n"
+    assert outcome.edited and not outcome.passed
+    assert [(action, what, text, arg) for action, what, text, arg in notes] == [
+        ("strip", "header", "X-Strip: x", "stripped"), ("strip", "body", "strip me", "")]
+    outcome, out, notes = scan(checks, "Subject: ok\nX-After: 1\nX-Strip: y\n\nbad")
+    assert outcome.passed and outcome.reject is None and not outcome.edited
+    assert out == "Subject: ok\r\nX-After: 1\r\nX-Strip: y\r\n\r\nbad\r\n"  # nothing looked up after PASS
+    assert notes == [("pass", "header", "Subject: ok", "trusted")]

@@ -15,7 +15,10 @@ from tests.conftest import write_main_cf
 from tests.milter.test_sendmail import queued as queue
 from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
+from trimail.cleanup.loglines import LOG_PARAM
+from trimail.queue import transitions
 from trimail.queue.store import Store
+from trimail.queue.transitions import PICKUP_HOLD_PARAM
 
 HEADER_CHECKS = """\
 /^Subject: .*forbidden/ REJECT 5.7.1 Not this subject
@@ -39,6 +42,15 @@ def config(tmp_path: Path, **params) -> Path:
     return write_main_cf(tmp_path, **{**settings, **params})
 
 
+def stored(tmp_path: Path) -> list[tuple[str, dict]]:
+    """(state, params) of each message in the queue."""
+    store = Store.open(tmp_path / "queue", readonly=True)
+    try:
+        return [(state, json.loads(params)) for state, params in store.db.execute("SELECT state, params FROM message")]
+    finally:
+        store.close()
+
+
 def sendmail(config_path: Path, *args: str, data: bytes) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-c", str(config_path), *args],
                           input=data, capture_output=True, timeout=60, check=False)
@@ -59,7 +71,15 @@ def test_edits_hold_discard_and_redirect_act_on_what_is_queued(tmp_path):
     letter = b"Subject: hold me\nX-Internal: yes\n\nmy secret here\nand the rest\n"
     assert sendmail(path, "bob@remote.example", data=letter).returncode == 0
     [(held, content)] = queue(path)
-    assert held["state"] == "hold"
+    # held once serve's pickup takes it (its log lines written then: cleanup/loglines.py)
+    assert held["state"] == "maildrop" and PICKUP_HOLD_PARAM in stored(tmp_path)[0][1]
+    store = Store.open(tmp_path / "queue")
+    try:
+        with store.transaction():
+            transitions.promote_maildrop(store)
+    finally:
+        store.close()
+    assert queue(path)[0][0]["state"] == "hold"
     assert b"X-Internal" not in content and b"secret" not in content
     assert b"\n[redacted]\r\nand the rest" in content  # the line replaced, the rest kept
     assert sendmail(path, "bob@remote.example", data=b"Subject: drop me\n\nx\n").returncode == 0
@@ -94,12 +114,9 @@ def test_sendmail_bs_answers_a_reject_with_554(tmp_path):
 def test_a_filter_is_stored_for_pickup_to_put_in_place_of_its_content_filter(tmp_path):
     path = config(tmp_path, content_filter="smtp:[127.0.0.1]:10024")
     assert sendmail(path, "bob@remote.example", data=b"Subject: filter me\n\nx\n").returncode == 0
-    store = Store.open(tmp_path / "queue", readonly=True)
-    try:
-        [(state, params)] = store.db.execute("SELECT state, params FROM message").fetchall()
-    finally:
-        store.close()
-    assert state == "maildrop" and json.loads(params) == {CHECKS_FILTER_PARAM: "smtp:[127.0.0.9]:10026"}
+    [(state, params)] = stored(tmp_path)
+    params.pop(LOG_PARAM)
+    assert state == "maildrop" and params == {CHECKS_FILTER_PARAM: "smtp:[127.0.0.9]:10026"}
 
 
 def test_a_bcc_adds_a_recipient(tmp_path):
@@ -107,9 +124,31 @@ def test_a_bcc_adds_a_recipient(tmp_path):
     assert sendmail(path, "bob@remote.example", data=b"Subject: copy me\n\nx\n").returncode == 0
     [(message, _)] = queue(path)
     assert [r["address"] for r in message["recipients"]] == ["bob@remote.example", "copy@remote.example"]
-    store = Store.open(tmp_path / "queue", readonly=True)
-    try:
-        [(params,)] = store.db.execute("SELECT params FROM message").fetchall()
-    finally:
-        store.close()
-    assert json.loads(json.loads(params)[SILENT_PARAM]) == ["copy@remote.example"]  # never reported to the sender
+    [(_, params)] = stored(tmp_path)
+    assert json.loads(params[SILENT_PARAM]) == ["copy@remote.example"]  # never reported to the sender
+
+
+def test_strip_drops_a_line_and_pass_ends_the_checks(tmp_path):
+    (tmp_path / "extra").write_text("/^X-Strip:/ STRIP stripped\n/^Subject: trusted/ PASS\n")
+    path = config(tmp_path, header_checks=f"regexp:{tmp_path / 'extra'}, regexp:{tmp_path / 'hc'}")
+    result = sendmail(path, "bob@remote.example", data=b"X-Strip: yes\nSubject: trusted\nX-Internal: kept\n\n"
+                                                       b"my secret stays\n")
+    assert result.returncode == 0, result.stderr
+    [(message, content)] = queue(path)
+    assert b"X-Strip" not in content
+    assert b"X-Internal: kept" in content and b"my secret stays" in content  # nothing checked after PASS
+
+
+def test_the_log_lines_are_kept_for_serve_to_write(tmp_path):
+    # root's sendmail has no mail log: pickup's and cleanup's lines go with the message
+    # (cleanup/loglines.py; serve writes them: tests/faults/test_local_submission.py)
+    path = config(tmp_path)
+    letter = b"Subject: tag me\nMessage-ID: <m1@example.com>\n\nx\n"
+    assert sendmail(path, "-f", "alice@example.com", "bob@remote.example", data=letter).returncode == 0
+    [(state, params)] = stored(tmp_path)
+    [queue_id] = [m["id"] for m, _ in queue(path)]
+    assert json.loads(params[LOG_PARAM]) == [
+        ["pickup", 20, f"{queue_id}: uid=0 from=<alice@example.com>"],
+        ["cleanup", 20, f"{queue_id}: prepend: header Subject: tag me from local; from=<alice@example.com> "
+                        "to=<bob@remote.example>: X-Tagged: yes"],
+        ["cleanup", 20, f"{queue_id}: message-id=<m1@example.com>"]]

@@ -19,6 +19,9 @@ HEADER_CHECKS = """\
 /^Subject: differential hc-hold$/ HOLD held by header
 /^Subject: differential hc-discard$/ DISCARD dropped by header
 /^X-Drop-Me:/ IGNORE
+/^X-Strip-Me:/ STRIP stripped by header
+/^Subject: differential hc-pass$/ PASS passed by header
+/^X-After-Pass:/ REJECT rejected after a pass
 /^Subject: differential hc-prepend$/ PREPEND X-Prepended: by header_checks
 /^X-Replace-Me: (.*)/ REPLACE X-Replaced: $1
 /^Subject: differential hc-redirect$/ REDIRECT redirected@far.test
@@ -45,6 +48,7 @@ BODY_CHECKS = """\
 /^body-discard-me/ DISCARD
 /^body-replace-me (.*)/ REPLACE replaced: $1
 /^body-ignore-me/ IGNORE
+/^body-strip-me/ STRIP
 /^body-warn-me/ WARN
 /^body-prepend-me/ PREPEND prepended line
 /^X-Part-Header:/ REJECT a part header seen as body
@@ -114,6 +118,9 @@ SESSIONS: list[Session] = [
     relay("hc-hold", messages=0),
     relay("hc-discard", messages=0),
     relay("hc-ignore", extra="X-Drop-Me: yes\n"),
+    relay("hc-strip", extra="X-Strip-Me: yes\nX-Kept: yes\n", body="one\nbody-strip-me\ntwo\n"),
+    relay("hc-pass", extra="X-After-Pass: yes\n", body="body-reject-me\n"),
+    relay("hc-after-pass", extra="X-After-Pass: yes\n", messages=0),
     relay("hc-prepend"),
     relay("hc-replace", extra="X-Replace-Me: old value\n"),
     relay("hc-redirect"),

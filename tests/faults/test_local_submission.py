@@ -246,3 +246,30 @@ def test_serve_applies_header_checks_to_a_users_submission_and_logs_from_local(d
     assert queued(d.queue_directory) == 0
     wait_until(lambda: any("reject: header Subject: a forbidden thing from local; from=<me@mx.test.example> "
                            "to=<bob@remote.example>: 5.7.1 Not this subject" in line for line in d.proc.log))
+
+
+def test_serve_writes_the_log_lines_of_roots_submission_when_it_picks_it_up(daemon, tmp_path):
+    """Root's sendmail writes the queue itself and has no mail log: pickup's ``uid=0``
+    line, cleanup's header_checks lines and its ``message-id=`` come from serve's
+    queue manager when it takes the message from maildrop (cleanup/loglines.py), as
+    Postfix's pickup and cleanup write them then; a message the checks held goes to
+    hold at that moment, with its lines.  Before, none of these lines was written."""
+    (tmp_path / "hc").write_text("/^Subject: watch me/ WARN watched\n/^Subject: hold me/ HOLD held here\n")
+    with Sink(SINK_HOST) as sink:
+        d = daemon(smtpd_workers=0, relayhost=f"[{SINK_HOST}]:{sink.port}", header_checks=f"regexp:{tmp_path / 'hc'}")
+        for subject in (b"watch me", b"hold me"):
+            result = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-C", str(d.config_path),
+                                     "-f", "alice@mx.test.example", "bob@dest.example"],
+                                    input=b"Subject: " + subject + b"\nMessage-ID: <" + subject.replace(b" ", b"-")
+                                    + b"@mx.test.example>\n\nhello\n", capture_output=True, timeout=60, check=False)
+            assert result.returncode == 0, result.stderr
+        wait_until(lambda: len(sink.messages) == 1 and queued(d.queue_directory) == 1, timeout=30)
+        wanted = ["uid=0 from=<alice@mx.test.example>",
+                  "warning: header Subject: watch me from local; from=<alice@mx.test.example> "
+                  "to=<bob@dest.example>: watched", "message-id=<watch-me@mx.test.example>",
+                  "hold: header Subject: hold me from local; from=<alice@mx.test.example> "
+                  "to=<bob@dest.example>: held here", "message-id=<hold-me@mx.test.example>"]
+        wait_until(lambda: all(any(text in line for line in d.proc.log) for text in wanted))
+        assert sum("uid=0 from=<alice@mx.test.example>" in line for line in d.proc.log) == 2  # once each
+        state = apsw.Connection(str(d.queue_directory / "queue.db")).execute("SELECT state FROM message").fetchall()
+        assert state == [("hold",)]

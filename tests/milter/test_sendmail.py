@@ -17,6 +17,7 @@ import trio
 from tests.conftest import write_main_cf
 from tests.milter.peers import FakeMilter, OpenDkim, reply
 from trimail.milter import protocol as p
+from trimail.queue import transitions
 from trimail.queue.store import Store
 
 LETTER = b"From: alice@example.com\nTo: bob@remote.example\nSubject: local\n\nfrom sendmail\n"
@@ -81,6 +82,14 @@ async def test_quarantine_holds_and_edits_are_made(tmp_path, nursery):
     result = await sendmail(path, "bob@remote.example")
     assert result.returncode == 0, result.stderr
     [(message, content)] = queued(path)
+    assert message["state"] == "maildrop"  # held once serve's pickup takes it, as cleanup holds it after pickup
+    store = Store.open(path.parent / "queue")
+    try:
+        with store.transaction():
+            transitions.promote_maildrop(store)
+    finally:
+        store.close()
+    [(message, content)] = queued(path)
     assert message["state"] == "hold"
     assert sorted(r["address"] for r in message["recipients"]) == ["archive@remote.example", "bob@remote.example"]
     assert b"\r\nSubject: filtered\r\n" in content
@@ -104,3 +113,19 @@ async def test_sendmail_bs_mail_goes_through_the_filters_with_the_clients_helo(t
     [(_, content)] = queued(path)
     assert b"\r\nX-Filtered: bs\r\n" in content
     assert milter.got(p.SMFIC_HELO) == [b"me.example\0"]
+
+
+async def test_a_header_checks_pass_keeps_local_mail_from_the_milters(tmp_path, nursery):
+    # header_checks(5) PASS turns off Milter inspection of the message too; the control
+    # (no PASS) is refused by the same milter
+    milter = await nursery.start(FakeMilter(
+        lambda c, d, m: [reply(p.SMFIR_REPLYCODE, b"550 5.7.1 Not from here\0")] if c == p.SMFIC_BODYEOB
+        else None).run)
+    (tmp_path / "hc").write_text("/^Subject: local$/ PASS\n")
+    path = config(tmp_path, non_smtpd_milters=milter.name, header_checks=f"regexp:{tmp_path / 'hc'}")
+    result = await sendmail(path, "bob@remote.example")
+    assert result.returncode == 0, result.stderr
+    assert [message["state"] for message, _ in queued(path)] == ["maildrop"]
+    assert milter.got(p.SMFIC_BODYEOB) == []
+    control = await sendmail(path, "bob@remote.example", data=LETTER.replace(b"Subject: local", b"Subject: other"))
+    assert control.returncode == 69

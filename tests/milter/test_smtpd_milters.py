@@ -329,3 +329,21 @@ async def test_a_recipient_a_milter_adds_is_stored_as_smtpd_stores_a_rcpt(start_
     myorigin = srv.config.myorigin
     assert [r.address for r in info.recipients] == ["bob@remote.example", f"archive@{myorigin}",
                                                     "carol@remote.example"]
+
+
+async def test_a_header_checks_pass_keeps_the_message_from_the_milters(start_serve, nursery, tmp_path, caplog):
+    # header_checks(5) PASS: no further header/body checks and no Milter inspection of
+    # this message; the control message (no PASS) is refused by the same milter
+    caplog.set_level(logging.INFO)
+    (tmp_path / "hc").write_text("/^Subject: trusted/ PASS known sender\n/^X-Later:/ REJECT not after a pass\n")
+    milter = await fake(nursery, on(p.SMFIC_BODYEOB, reply(p.SMFIR_REPLYCODE, b"554 5.7.0 milter says no\0")))
+    srv = await start_serve(smtpd_milters=milter.name, header_checks=f"regexp:{tmp_path / 'hc'}")
+    passed = await send(srv, "alice@example.com", ["bob@remote.example"],
+                        MESSAGE.replace("Subject: milter test", "Subject: trusted\r\nX-Later: yes"))
+    info, content = stored(srv, passed.queue_id)
+    assert b"X-Later: yes" in content
+    assert milter.got(p.SMFIC_BODYEOB) == []
+    assert (f"{passed.queue_id}: pass: header Subject: trusted from unknown[127.0.0.1]; from=<alice@example.com> "
+            "to=<bob@remote.example> proto=ESMTP helo=<client.example>: known sender") in caplog.text
+    control = await send(srv, "alice@example.com", ["bob@remote.example"])
+    assert control.data == (554, b"5.7.0 milter says no")

@@ -112,3 +112,32 @@ def test_pickup_puts_its_content_filter_unless_the_checks_gave_a_filter(tmp_path
         transitions.promote_maildrop(store, param=(FILTER_PARAM, ""), override=CHECKS_FILTER_PARAM)
     [(text,)] = store.db.execute("SELECT params FROM message WHERE id = 'N000000003'").fetchall()
     assert json.loads(text) == {FILTER_PARAM: "smtp:[127.0.0.9]:10026"}  # no content_filter: the checks' still
+
+
+def test_pickup_takes_the_log_lines_a_message_kept_and_holds_one_that_asked(tmp_path):
+    """Root's sendmail keeps pickup's and cleanup's log lines with the message, and a
+    message the checks held waits in maildrop for serve (cleanup/loglines.py): the
+    promotion hands the lines over once, and moves that message to hold."""
+    from trimail.cleanup.loglines import LOG_PARAM
+    from trimail.delivery.route import FILTER_PARAM
+
+    store = Store.open(tmp_path)
+    logs: list[tuple[str, str]] = []
+    with store.transaction():
+        for n, params in enumerate([{}, {LOG_PARAM: '[["pickup", 20, "N000000001: uid=0 from=<a@b>"]]'},
+                                    {LOG_PARAM: "[]", transitions.PICKUP_HOLD_PARAM: None, "RET": "HDRS"}]):
+            message = new_message(n)
+            message.state, message.params = "maildrop", params
+            store.insert_message(message)
+        assert transitions.promote_maildrop(store, param=(FILTER_PARAM, ""), logs=logs) == 3
+    assert logs == [("N000000001", '[["pickup", 20, "N000000001: uid=0 from=<a@b>"]]'), ("N000000002", "[]")]
+    rows = {mid: (state, json.loads(text)) for mid, state, text in store.db.execute("SELECT id, state, params FROM message")}
+    assert rows == {"N000000000": ("incoming", {}), "N000000001": ("incoming", {}), "N000000002": ("hold", {"RET": "HDRS"})}
+    logs.clear()
+    with store.transaction():
+        message = new_message(3)
+        message.state, message.params = "maildrop", {LOG_PARAM: "[]", transitions.PICKUP_HOLD_PARAM: None}
+        store.insert_message(message)
+        assert transitions.promote_maildrop(store) == 1  # the qmgr's way without a content_filter param
+    [(state, text)] = store.db.execute("SELECT state, params FROM message WHERE id = 'N000000003'").fetchall()
+    assert (state, json.loads(text)) == ("hold", {LOG_PARAM: "[]"})  # lines taken only when asked for

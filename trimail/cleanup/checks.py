@@ -14,9 +14,12 @@ memory.  The first table
 that answers decides; its answer is an action:
 
 REJECT [text], WARN [text], INFO [text], HOLD [text], DISCARD [text], IGNORE,
-PREPEND text, REPLACE text, REDIRECT address, BCC address, FILTER transport:nexthop, DUNNO, OK.
+STRIP [text], PASS [text], PREPEND text, REPLACE text, REDIRECT address, BCC address,
+FILTER transport:nexthop, DUNNO, OK.
 
-After REJECT or DISCARD nothing more is looked up (Postfix clears its filter flags).
+After REJECT, DISCARD or PASS nothing more is looked up (Postfix clears its filter
+flags); after PASS no milter sees the message either (``Outcome.passed``).  STRIP is
+IGNORE with a log line.
 REJECT's text may start with an enhanced status code (default ``5.7.1``; a ``4.x.x``
 code makes it a ``451`` deferral); without text it is ``5.7.1 message content
 rejected``.  An unknown action is logged as a warning and changes nothing.
@@ -24,7 +27,7 @@ rejected``.  An unknown action is logged as a warning and changes nothing.
 ``ContentChecks.scan`` is pure: lines in, lines out (through *out*), the actions to
 log through *note*, the outcome returned.  Table errors (``TableError``) propagate.
 ``message_lines`` cuts a message's chunks into the lines it takes, and ``log_actions``
-writes the noted actions as cleanup's log lines, for both callers: SMTP mail
+(``action_lines``) writes the noted actions as cleanup's log lines, for both callers: SMTP mail
 (trimail/receive/checks.py) and local submissions (trimail/cleanup/inspection.py).
 
 Parameters: none read (trimail/receive/checks.py passes the tables).
@@ -58,6 +61,7 @@ class Outcome:
     bcc: list[str] = field(default_factory=list)  # every BCC, in order (Postfix's cleanup keeps them all)
     filter: str | None = None
     edited: bool = False
+    passed: bool = False  # PASS: no further checks, and no milter inspection of this message
 
 
 Note = Callable[[str, str, str, str], None]  # (action, "header"|"body", the line, text)
@@ -108,17 +112,27 @@ def message_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
 
 def log_actions(queue_id: str, notes: Iterable[tuple[str, str, str, str]], *, origin: str, sender: str,
                 recipients: Sequence[str], proto: str | None = None, helo: str = "") -> None:
-    """The actions *scan* noted, as cleanup_act_log writes them (``ID: reject: header
-    Subject: ... from ORIGIN; from=<...> to=<...> proto=... helo=<...>: text``; no
-    proto and helo when *proto* is None); a note without a class is a warning."""
+    """The actions *scan* noted, written to the mail log (``action_lines``)."""
+    for level, text in action_lines(queue_id, notes, origin=origin, sender=sender, recipients=recipients,
+                                    proto=proto, helo=helo):
+        log.log(level, "%s", text)
+
+
+def action_lines(queue_id: str, notes: Iterable[tuple[str, str, str, str]], *, origin: str, sender: str,
+                 recipients: Sequence[str], proto: str | None = None, helo: str = "") -> list[tuple[int, str]]:
+    """(level, text) of each action *scan* noted, as cleanup_act_log writes them (``ID:
+    reject: header Subject: ... from ORIGIN; from=<...> to=<...> proto=... helo=<...>:
+    text``; no proto and helo when *proto* is None); a note without a class is a warning."""
     to = f" to=<{recipients[0]}>" if recipients else ""
     session = f" proto={proto} helo=<{helo}>" if proto is not None else ""
+    lines = []
     for action, what, text, arg in notes:
         if not what:
-            log.warning("%s", text)
+            lines.append((logging.WARNING, text))
         else:
-            log.info("%s: %s: %s %s from %s; from=<%s>%s%s%s", queue_id, action, what,
-                     printable(text, 200).removesuffix("..."), origin, sender, to, session, f": {arg}" if arg else "")
+            lines.append((logging.INFO, f"{queue_id}: {action}: {what} {printable(text, 200).removesuffix('...')} "
+                                        f"from {origin}; from=<{sender}>{to}{session}{f': {arg}' if arg else ''}"))
+    return lines
 
 
 class _Scan:
@@ -268,8 +282,13 @@ class _Scan:
         elif command == "DISCARD":
             outcome.discard, self.checking = True, False
             self.note("discard", what, text, arg)
-        elif command == "IGNORE":
+        elif command == "PASS":
+            outcome.passed, self.checking = True, False
+            self.note("pass", what, text, arg)
+        elif command in ("IGNORE", "STRIP"):
             outcome.edited = True
+            if command == "STRIP":
+                self.note("strip", what, text, arg)
             return b""
         elif command in ("PREPEND", "REPLACE"):
             if not arg or (what == "header" and not HEADER_NAME.match(arg.encode())):

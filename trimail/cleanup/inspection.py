@@ -10,8 +10,8 @@ cleanup's flags for it leave out the header and body checks).
 As with the milters, and unlike Postfix (which bounces a message that pickup's
 cleanup refuses), the refusal is sendmail's: it reports a REJECT and exits 69 (75 for
 a ``4.x.x`` text), and nothing is queued; ``-bs`` answers the message with ``554``.
-HOLD, DISCARD, REDIRECT, BCC, FILTER, IGNORE, PREPEND, REPLACE, WARN and INFO act as for
-SMTP mail (FILTER is stored under ``CHECKS_FILTER_PARAM``: pickup's round puts it in
+HOLD, DISCARD, REDIRECT, BCC, FILTER, IGNORE, STRIP, PREPEND, REPLACE, WARN, INFO and
+PASS act as for SMTP mail (PASS keeps the message from ``non_smtpd_milters``; FILTER is stored under ``CHECKS_FILTER_PARAM``: pickup's round puts it in
 place of its ``content_filter``, as cleanup writes it after pickup's).  Each action
 is logged as cleanup logs it for mail from pickup (``from local;``).
 
@@ -25,7 +25,7 @@ import json
 import logging
 import os
 
-from trimail.cleanup.checks import ContentChecks, Outcome, log_actions, message_lines
+from trimail.cleanup.checks import ContentChecks, Outcome, action_lines, message_lines
 from trimail.config import Config
 from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
@@ -45,25 +45,31 @@ class ContentRefused(Exception):
 
 def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str], content: bytes,
                   params: dict[str, str | None], *, protocol: str,
-                  helo_name: str) -> tuple[str, list[str], bytes, str, dict[str, str | None]]:
-    """(sender, recipients, content, state, params) of one local submission once
-    inspected; state ``maildrop``, ``hold`` or ``discard``.  Raises ContentRefused (and
-    TableError: a table that cannot be read)."""
+                  helo_name: str) -> tuple[str, list[str], bytes, str, dict[str, str | None], list[tuple[int, str]]]:
+    """(sender, recipients, content, state, params, log lines) of one local submission
+    once inspected; state ``maildrop``, ``hold`` or ``discard``; the log lines, cleanup's
+    of the checks' actions (level, text), are the caller's to write (``cleanup.loglines``).
+    Raises ContentRefused (its lines written: nothing is queued) and TableError (a table
+    that cannot be read)."""
     state = "maildrop"
+    actions: list[tuple[int, str]] = []
     if protocol == "bounce":  # trimail's own mail
-        return sender, recipients, content, state, params
+        return sender, recipients, content, state, params, actions
     options = cfg.receive_override_options
     checks = _checks(cfg) if "no_header_body_checks" not in options else None
+    passed = False
     if checks is not None:
-        recipients, content, state, filter_, copies = _check(checks, queue_id, sender, recipients, content,
-                                                             protocol, helo_name)
-        if filter_:
-            params = {**params, CHECKS_FILTER_PARAM: filter_}
-        if copies:
-            params = {**params, SILENT_PARAM: json.dumps(copies)}
+        recipients, content, outcome, actions = _check(checks, queue_id, sender, recipients, content, protocol,
+                                                       helo_name)
+        state = "discard" if outcome.discard else "hold" if outcome.hold else state
+        if outcome.filter:
+            params = {**params, CHECKS_FILTER_PARAM: outcome.filter}
+        if outcome.bcc:
+            params = {**params, SILENT_PARAM: json.dumps(outcome.bcc)}
         if state == "discard":
-            return sender, recipients, content, state, params
-    if cfg.non_smtpd_milters and "no_milters" not in options:
+            return sender, recipients, content, state, params, actions
+        passed = outcome.passed  # PASS: no milter sees it either
+    if cfg.non_smtpd_milters and "no_milters" not in options and not passed:
         try:
             sender, recipients, content, filtered = filter_local(cfg, queue_id, sender, recipients, content,
                                                                  helo_name)
@@ -71,7 +77,7 @@ def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str]
             raise ContentRefused(str(exc), exc.status) from None
         if state == "maildrop" or filtered == "discard":
             state = filtered
-    return sender, recipients, content, state, params
+    return sender, recipients, content, state, params, actions
 
 
 def _checks(cfg: Config) -> ContentChecks | None:
@@ -81,21 +87,27 @@ def _checks(cfg: Config) -> ContentChecks | None:
 
 
 def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[str], content: bytes,
-           protocol: str, helo_name: str) -> tuple[list[str], bytes, str, str | None, list[str]]:
+           protocol: str, helo_name: str) -> tuple[list[str], bytes, Outcome, list[tuple[int, str]]]:
+    """(recipients, content, outcome, log lines) of the checks; the BCC copies are in
+    the recipients and in ``outcome.bcc`` only when they were not recipients already."""
     kept: list[bytes] = []
     notes: list[tuple[str, str, str, str]] = []
     outcome: Outcome = checks.scan(message_lines((content,)), kept.append, lambda *note: notes.append(note))
-    log_actions(queue_id, notes, origin="local", sender=sender, recipients=recipients,
-                proto=protocol if helo_name else None, helo=printable(helo_name, 200))
+    actions = action_lines(queue_id, notes, origin="local", sender=sender, recipients=recipients,
+                           proto=protocol if helo_name else None, helo=printable(helo_name, 200))
     if outcome.reject is not None:
+        write_actions(actions)  # serve's pickup logs them; root's sendmail has no log (cleanup.loglines)
         raise ContentRefused(f"message content rejected: {outcome.reject}",
                              os.EX_TEMPFAIL if outcome.reject.startswith("4") else os.EX_UNAVAILABLE)
     if outcome.redirect:
         recipients = [outcome.redirect]
-    copies = [bcc for bcc in outcome.bcc if bcc not in recipients]  # never reported to the sender
-    recipients = recipients + copies
+    outcome.bcc = [bcc for bcc in outcome.bcc if bcc not in recipients]  # copies: never reported to the sender
+    recipients = recipients + outcome.bcc
     if outcome.edited:
         content = b"".join(kept)
-    return recipients, content, "discard" if outcome.discard else "hold" if outcome.hold else "maildrop", \
-        outcome.filter, copies
+    return recipients, content, outcome, actions
 
+
+def write_actions(actions: list[tuple[int, str]]) -> None:
+    for level, text in actions:
+        log.log(level, "%s", text)

@@ -124,8 +124,7 @@ def queue(config: Config, uid: int, sender: str, rcpts: list[str], content: byte
             check_domain(address)
     queue_id = new_queue_id()
     received = local_received(config.myhostname, config.mail_name, uid, queue_id)
-    enqueue(config, queue_id, sender, rcpts, received + content, params=params, in_serve=True)
-    log.info("%s: uid=%d from=<%s>", queue_id, uid, printable(sender, 300))
+    enqueue(config, queue_id, sender, rcpts, received + content, params=params, in_serve=True, uid=uid)
     return queue_id
 
 

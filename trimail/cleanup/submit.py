@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from trimail import userlists
-from trimail.cleanup import headers
+from trimail.cleanup import headers, loglines
 from trimail.cleanup import rewrite as cleanup_rewrite
 from trimail.cleanup.inspection import ContentRefused, inspect_local
 from trimail.config import Config, ConfigError, load
@@ -77,6 +77,7 @@ from trimail.queue.database import QueueError, works_the_queue_itself
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
 from trimail.queue.store import NewMessage, Store
+from trimail.queue.transitions import PICKUP_HOLD_PARAM
 from trimail.smtp.address import AddressError, check_mailbox
 
 READ_PIECE = 1 << 16  # bytes of standard input read at a time, a line or part of one
@@ -331,23 +332,28 @@ def submit(argv: list[str], stdin=None, stdout=None) -> int:
 
 def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: bytes, *,
             params: dict[str, str | None] | None = None, protocol: str = "sendmail", helo_name: str = "",
-            received: bool = False, in_serve: bool = False) -> int:
+            received: bool = False, in_serve: bool = False, uid: int | None = None) -> int:
     """Commit one message into the maildrop state and wake serve; 0 once it is
     durable.  A user who cannot write the queue hands it to serve instead (its
     ``Received:`` with the uid is serve's then: cleanup/pickup.py, which calls this
-    *in_serve*); *received*: this process adds that line itself."""
+    *in_serve* with the user's *uid*); *received*: this process adds that line itself.
+    The log lines: written *in_serve*, else kept for serve to write (``cleanup.loglines``)."""
     queue_directory = Path(cfg.queue_directory)
     if not in_serve and not works_the_queue_itself(queue_directory):
         return _through_serve(cfg, sender, rcpts, content, params)  # serve judges authorized_submit_users
     if received:
         content = headers.local_received(cfg.myhostname, cfg.mail_name, os.getuid(), queue_id) + content
     try:  # header and body checks, non_smtpd_milters
-        sender, rcpts, content, state, params = inspect_local(cfg, queue_id, sender, rcpts, content, params or {},
-                                                              protocol=protocol, helo_name=helo_name)
+        sender, rcpts, content, state, params, actions = inspect_local(
+            cfg, queue_id, sender, rcpts, content, params or {}, protocol=protocol, helo_name=helo_name)
     except ContentRefused as exc:
         raise SendmailError(str(exc), exc.status) from None
+    lines = loglines.submission_lines(queue_id, os.getuid() if uid is None else uid, sender, actions, content)
+    params = loglines.settle(lines if protocol != "bounce" else [], params, now=in_serve or state == "discard")
     if state == "discard":
         return 0
+    if state == "hold" and not in_serve:  # held when serve picks it up (its lines logged then)
+        state, params = "maildrop", {**params, PICKUP_HOLD_PARAM: None}
     try:
         store = Store.open(queue_directory)
     except QueueError as exc:

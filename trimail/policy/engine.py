@@ -96,6 +96,7 @@ class Verdict:
     filter: str | None = None  # FILTER transport:nexthop (the last one wins)
     bcc: str | None = None  # BCC address (the first one wins)
     checks_bcc: list[str] = dataclasses.field(default_factory=list)  # header/body checks' BCCs: all
+    passed: bool = False  # header/body checks' PASS: no milter sees the message
     prepend: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     # access actions for the mail log, as Postfix's log_whatsup: (action, text), e.g.

@@ -25,6 +25,7 @@ import json
 import logging
 from collections.abc import Callable
 
+from trimail.cleanup.loglines import LOG_PARAM
 from trimail.queue.store import Store, TransitionError
 
 HEADER_BYTES = 64 * 1024
@@ -72,6 +73,7 @@ class Finished:
 
 CLAIM_BATCH = 64  # most messages one claim (one writer request) moves to active
 PROMOTE_BATCH = 256  # most maildrop rows one round moves to incoming
+PICKUP_HOLD_PARAM = "hold_at_pickup"  # a maildrop message that goes to hold, not incoming (promote_maildrop)
 
 _CLAIM_COLUMNS = ("SELECT id, sender, arrival_time, size, params,"
                   " (SELECT length(content) FROM body WHERE message_id = message.id) FROM message")
@@ -93,26 +95,41 @@ def promote_due(store: Store, now: float, limit: int = PROMOTE_BATCH) -> int:
 
 
 def promote_maildrop(store: Store, limit: int = PROMOTE_BATCH, param: tuple[str, str] | None = None,
-                     override: str = "") -> int:
-    """Up to *limit* maildrop messages go to incoming (through the state index).
+                     override: str = "", logs: list[tuple[str, str]] | None = None) -> int:
+    """Up to *limit* maildrop messages go to incoming (through the state index), or to
+    hold when their params have ``PICKUP_HOLD_PARAM`` (root's sendmail held it: the
+    header or body checks, a milter's quarantine), which they lose on the way.
     *param* ``(key, value)`` is set in each one's params on the way, or removed when
     *value* is empty: Postfix's pickup writes its content_filter into the queue file
     and drops one found there.  A message whose params have the key *override* gets
     that value under *param*'s key instead (and loses *override*): a FILTER the
     header or body checks gave a local submission, which cleanup writes after
-    pickup's content_filter."""
+    pickup's content_filter.  With *logs*, the mail log lines a message kept for
+    this moment (``cleanup.loglines.LOG_PARAM``, root's sendmail) are taken from it
+    and added to *logs* as (queue ID, the stored value), for the caller to write."""
+    hold = f"'$.\"{PICKUP_HOLD_PARAM}\"'"
+    state = f"state = CASE WHEN json_type(params, {hold}) IS NULL THEN 'incoming' ELSE 'hold' END"
+    returning = f" RETURNING id, json_extract(params, '$.\"{LOG_PARAM}\"')" if logs is not None else ""
     if param is None:
-        store.db.execute("UPDATE message SET state = 'incoming' WHERE rowid IN"
-                         " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?)", (limit,))
+        rows = store.db.execute(f"UPDATE message SET {state}, params = json_remove(params, {hold}) WHERE rowid IN"
+                                " (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?)" + returning,
+                                (limit,)).fetchall()
     else:
         path, given = ('$."' + key.replace('"', "") + '"' for key in (param[0], override or param[0]))
-        store.db.execute("UPDATE message SET state = 'incoming', params = CASE"
-                         " WHEN ?4 != ?2 AND json_type(params, ?4) IS NOT NULL THEN"
-                         " json_set(json_remove(params, ?4), ?2, json_extract(params, ?4))"
-                         " WHEN ?3 = '' THEN json_remove(params, ?2) ELSE json_set(params, ?2, ?3) END"
-                         " WHERE rowid IN (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?1)",
-                         (limit, path, param[1], given))
-    return store.db.changes()
+        rows = store.db.execute(f"UPDATE message SET {state}, params = json_remove(CASE"
+                                " WHEN ?4 != ?2 AND json_type(params, ?4) IS NOT NULL THEN"
+                                " json_set(json_remove(params, ?4), ?2, json_extract(params, ?4))"
+                                f" WHEN ?3 = '' THEN json_remove(params, ?2) ELSE json_set(params, ?2, ?3) END, {hold})"
+                                " WHERE rowid IN (SELECT rowid FROM message WHERE state = 'maildrop' LIMIT +?1)"
+                                + returning, (limit, path, param[1], given)).fetchall()
+    if logs is None:
+        return store.db.changes()
+    kept = [(message_id, value) for message_id, value in rows if value is not None]
+    if kept:
+        store.db.executemany(f"UPDATE message SET params = json_remove(params, '$.\"{LOG_PARAM}\"') WHERE id = ?",
+                             [(message_id,) for message_id, _ in kept])
+        logs.extend(kept)
+    return len(rows)
 
 
 def next_due(store: Store) -> float | None:

@@ -4,7 +4,8 @@ and runs the milters once it is complete): the spool is scanned line by line
 (``trimail.cleanup.checks``), an edited message (IGNORE, PREPEND, REPLACE) replaces
 it, and the actions become the transaction's: REJECT is the reply to DATA
 (``550 5.7.1 ...``, or ``451 4.x.x`` for a 4.x.x code), HOLD, DISCARD, REDIRECT and
-FILTER go into its verdict as an access-table action's would.  Each action is
+FILTER go into its verdict as an access-table action's would, and PASS keeps the
+message from the milters (``Verdict.passed``).  Each action is
 logged as cleanup's ``cleanup_act_log`` writes it:
 
     ID: reject: header Subject: spam from host[addr]; from=<a@b> to=<c@d> proto=ESMTP helo=<h>: 5.7.1 text
@@ -142,6 +143,7 @@ async def check_content(session: SmtpdSession) -> Reply | None:
     if outcome.redirect:
         verdict.redirect = outcome.redirect
     verdict.checks_bcc = outcome.bcc
+    verdict.passed = outcome.passed
     if outcome.filter:
         verdict.filter = outcome.filter
     if outcome.edited:

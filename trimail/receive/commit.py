@@ -23,11 +23,11 @@ import time
 from typing import TYPE_CHECKING
 
 from trimail import log as maillog
+from trimail.cleanup.loglines import header_message_id
 from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM, unique
 from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
-from trimail.log import printable
 from trimail.maps import TableError
 from trimail.queue.store import NewMessage, Store
 from trimail.receive.hooks import AcceptedMessage
@@ -216,10 +216,3 @@ def rfc5322_date() -> str:
 def hop_count(header: bytes | bytearray) -> int:
     """Received: and Delivered-To: headers, plus the one we add (Postfix's hop count)."""
     return len(re.findall(rb"(?im)^(?:received|delivered-to):", header)) + 1
-
-
-def header_message_id(header: bytes | bytearray) -> str | None:
-    m = re.search(rb"(?im)^message-id:[ \t]*(.*(?:\r\n[ \t].*)*)", header)
-    if not m:
-        return None
-    return printable(m.group(1).decode("utf-8", "replace").replace("\r\n", "").strip(), 200)

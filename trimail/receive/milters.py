@@ -170,7 +170,8 @@ class SmtpdMilters:
         sender, recipients; hold, discard); a Reply when one refuses it."""
         s = self.session
         txn = s.txn
-        if self.chain is None or txn is None or txn.spool is None or txn.verdict.discard or txn.header_too_big:
+        if self.chain is None or txn is None or txn.spool is None or txn.verdict.discard or txn.header_too_big \
+                or txn.verdict.passed:  # header/body checks' PASS
             return None
         header = await self._header_section(txn.spool)
         _, offset = split_header(header)

@@ -48,6 +48,7 @@ from typing import Any
 
 import trio
 
+from trimail.cleanup import loglines
 from trimail.cleanup.rewrite import LOCAL, REMOTE, header_rewriter
 from trimail.config import Config
 from trimail.delivery.connector import Connector
@@ -89,8 +90,9 @@ def may_hold(size: int, room: int) -> bool:
     return size <= min(HELD_MESSAGE_LIMIT, room)
 
 
-def schedule_round(store: Store, now: float, room: int, recipients: int | None = None,
-                   held: int = 0, content_filter: str = "") -> tuple[list[ClaimedMessage], float | None]:
+def schedule_round(store: Store, now: float, room: int, recipients: int | None = None, held: int = 0,
+                   content_filter: str = "", picked: list[tuple[str, str]] | None = None,
+                   ) -> tuple[list[ClaimedMessage], float | None]:
     """One step of a round, in one (non-durable) writer request: a bounded batch of
     maildrop to incoming, then up to min(*room*, ``CLAIM_BATCH``) messages claimed,
     new mail and due retries in turn (stopping once they have *recipients*
@@ -98,9 +100,10 @@ def schedule_round(store: Store, now: float, room: int, recipients: int | None =
     retries wait for room).  The content of small claimed messages is loaded too,
     up to *held* bytes in all, so their delivery needs no read of its own (a
     thread hop per message that cost the event loop a sixth of its time in a
-    retry storm)."""
+    retry storm).  *picked* gets the log lines that messages from root's sendmail
+    kept for their pickup (``promote_maildrop``'s *logs*)."""
     transitions.promote_maildrop(store, param=(FILTER_PARAM, content_filter),  # pickup's content_filter
-                                 override=CHECKS_FILTER_PARAM)  # unless header_checks said FILTER
+                                 override=CHECKS_FILTER_PARAM, logs=picked)  # unless header_checks said FILTER
     claimed = transitions.claim(store, min(room, transitions.CLAIM_BATCH), now, recipients)
     for message in claimed:
         if may_hold(message.size, held):
@@ -235,16 +238,19 @@ class Scheduler(Dispatcher):
             if self._recipients >= self.recipient_limit:
                 room = 0  # qmgr_message_recipient_limit: a finishing message wakes us
             batch = min(room, transitions.CLAIM_BATCH)
+            picked: list[tuple[str, str]] = []
             try:
                 claimed, due = await self.writer.run(schedule_round, self.wall_clock(), batch,
                                                      self.recipient_limit - self._recipients,
                                                      HELD_TOTAL_LIMIT - self._held, self.content_filter,
-                                                     durable=False)
+                                                     picked, durable=False)
             except Exception as exc:  # the round's boundary: disk full, queue locked, I/O error
                 report("qmgr round", exc, self.metrics, logger=log)
                 await trio.sleep(backoff.next())  # mail waits in incoming; sessions go on
                 continue
             backoff.reset()
+            for queue_id, lines in picked:  # pickup's and cleanup's lines of root's submissions
+                loglines.write_stored(queue_id, lines)
             self._held += sum(len(m.content) for m in claimed if m.content is not None)
             for message in claimed:  # into active, as Postfix's qmgr logs it (a hand-over was logged by smtpd)
                 log.info("%s: from=<%s>, size=%d, nrcpt=%d (queue active)", message.id, message.sender,
