@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from trimail import log as maillog
-from trimail.net.control import send_command
+from trimail.net.controlclient import send_command
 from trimail.queue.admin import AGE_BUCKETS
 from trimail.queue.reads import rfc3339
 

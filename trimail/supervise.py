@@ -26,9 +26,10 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import trio
+if TYPE_CHECKING:
+    import trio
 
 log = logging.getLogger("trimail.master")
 
@@ -103,16 +104,25 @@ async def retry_with_backoff(task: str, fn: Callable[..., Awaitable[T]], *args: 
             return await fn(*args)
         except retry_on as exc:
             report(task, exc, metrics, logger=logger, label=label)
+            import trio  # (not at the top: sendmail imports this module, and trio costs it 80 ms)
+
             await trio.sleep(backoff.next())
 
 
 def thread_pool(name: str, threads: int) -> Callable[[], trio.CapacityLimiter]:
     """A pool of worker threads of one kind, one limiter per trio run: work of that
     kind (table lookups, AUTH's scrypt) waits for its own threads and never fills
-    trio's shared pool ahead of everybody else's.  Returns the limiter's getter."""
-    var: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar(name)
+    trio's shared pool ahead of everybody else's.  Returns the limiter's getter.
+    trio is imported at the first call, not here (sendmail imports the pools'
+    modules and never runs trio: 80 ms of its start)."""
+    var: trio.lowlevel.RunVar[trio.CapacityLimiter] | None = None
 
     def limiter() -> trio.CapacityLimiter:
+        nonlocal var
+        import trio
+
+        if var is None:
+            var = trio.lowlevel.RunVar(name)
         try:
             return var.get()
         except LookupError:

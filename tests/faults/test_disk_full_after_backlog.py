@@ -3,7 +3,7 @@ for new mail.  The database never shrinks: the pages of delivered mail wait insi
 the file for new mail.  The check at MAIL FROM looked only at the file system's
 free space, so a backlog that had grown the database until the file system was
 nearly full had the gateway refuse all mail (``452 4.3.1``) long after it had
-left.  Now ``spool.QueueSpace`` counts the database's free pages as room (a
+left.  Now ``space.QueueSpace`` counts the database's free pages as room (a
 message's copy into the database takes them first; its WAL frames still need the
 file system).
 

@@ -7,7 +7,7 @@ the database by the mail the WAL holds): nothing was delivered again until the
 file system grew, and serve could not even start.
 
 The fix admits a message at the end of DATA only if the file system keeps room
-after it for the queue manager (``spool.QueueSpace.room_for``).  Here, on a real
+after it for the queue manager (``space.QueueSpace.room_for``).  Here, on a real
 16 MiB tmpfs: the same sequence leaves room, and once the held downstream answers,
 every acknowledged message is delivered and the queue empties.
 """

@@ -22,7 +22,7 @@ from tests.faults.conftest import (
     trimail_cmd,
     wait_until,
 )
-from trimail.queue.spool import SPACE_CACHE_SECONDS
+from trimail.queue.space import SPACE_CACHE_SECONDS
 
 SMALL = b"Subject: small\r\n\r\n" + b"x" * 1000 + b"\r\n"
 BIG = b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 1024  # 1 MiB: past the in-memory spool limit

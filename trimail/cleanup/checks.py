@@ -30,7 +30,8 @@ log through *note*, the outcome returned.  Table errors (``TableError``) propaga
 (``action_lines``) writes the noted actions as cleanup's log lines, for both callers: SMTP mail
 (trimail/receive/checks.py) and local submissions (trimail/cleanup/inspection.py).
 
-Parameters: none read (trimail/receive/checks.py passes the tables).
+Parameters: header_checks, mime_header_checks, nested_header_checks, body_checks,
+body_checks_size_limit, line_length_limit, header_size_limit.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from trimail.config import Config
 from trimail.log import printable
-from trimail.maps import Table, lookup_first
+from trimail.maps import Table, lookup_first, open_table
 
 log = logging.getLogger("trimail.cleanup")
 
@@ -73,6 +75,9 @@ class _Part:
     body_bytes: int = 0  # body bytes of the current part inspected so far
 
 
+CHECK_PARAMS = ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks")
+
+
 class ContentChecks:
     def __init__(self, header: Sequence[Table], mime: Sequence[Table], nested: Sequence[Table],
                  body: Sequence[Table], body_limit: int = 51200, line_limit: int = 2048,
@@ -88,6 +93,14 @@ class ContentChecks:
         """Each CRLF-ended line of the message (its first the ``Received:`` header this
         MTA added), the kept and edited lines written to *out*."""
         return _Scan(self, out, note).run(lines)
+
+
+def content_checks(config: Config) -> ContentChecks | None:
+    """The four tables of *config* (opened lazily), or None when every list is empty."""
+    tables = [[open_table(ref, lazy=True) for ref in config.get(name)] for name in CHECK_PARAMS]
+    checks = ContentChecks(*tables, body_limit=config.body_checks_size_limit, line_limit=config.line_length_limit,
+                           header_limit=config.header_size_limit)
+    return checks if checks.active() else None
 
 
 def message_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:

@@ -25,12 +25,17 @@ import json
 import logging
 import os
 
-from trimail.cleanup.checks import ContentChecks, Outcome, action_lines, message_lines
+from trimail.cleanup.checks import (
+    ContentChecks,
+    Outcome,
+    action_lines,
+    content_checks,
+    message_lines,
+)
 from trimail.config import Config
 from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
 from trimail.log import printable
-from trimail.milter.local import MilterRefused, filter_local
 
 log = logging.getLogger("trimail.cleanup")
 
@@ -70,6 +75,11 @@ def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str]
             return sender, recipients, content, state, params, actions
         passed = outcome.passed  # PASS: no milter sees it either
     if cfg.non_smtpd_milters and "no_milters" not in options and not passed:
+        from trimail.milter.local import (  # (trio: imported only for the milters)
+            MilterRefused,
+            filter_local,
+        )
+
         try:
             sender, recipients, content, filtered = filter_local(cfg, queue_id, sender, recipients, content,
                                                                  helo_name)
@@ -81,8 +91,6 @@ def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str]
 
 
 def _checks(cfg: Config) -> ContentChecks | None:
-    from trimail.receive.checks import content_checks
-
     return cfg.memo("content_checks", lambda: content_checks(cfg))  # serve's pickup: once per configuration
 
 

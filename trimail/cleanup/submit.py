@@ -72,7 +72,7 @@ from trimail.cleanup import rewrite as cleanup_rewrite
 from trimail.cleanup.inspection import ContentRefused, inspect_local
 from trimail.config import Config, ConfigError, load
 from trimail.maps import TableError, open_table
-from trimail.net.control import send_command
+from trimail.net.controlclient import send_command
 from trimail.queue.database import QueueError, works_the_queue_itself
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool

@@ -38,7 +38,7 @@ from trimail.cli import (
     require_access,
 )
 from trimail.config import Config
-from trimail.net.control import send_command
+from trimail.net.controlclient import send_command
 from trimail.queue.database import QueueError
 from trimail.queue.store import Store
 from trimail.supervise import STRAY_SIGNALS, contained

@@ -31,7 +31,7 @@ from trimail import log as maillog
 from trimail import postqueue
 from trimail.cli import ConfigOption, Failure, Overrides, app, load_config, require_access
 from trimail.config import Config
-from trimail.net.control import send_command
+from trimail.net.controlclient import send_command
 from trimail.queue import admin, mailq, transitions
 from trimail.queue.database import DATABASE_NAME, QueueError, storage_error, works_the_queue_itself
 from trimail.queue.reads import filtered

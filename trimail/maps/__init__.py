@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import apsw
-import trio
 
 from trimail.config.values import split_list
 from trimail.maps.patterns import (
@@ -377,6 +376,8 @@ async def off_loop(tables: Sequence[Table], fn: Callable[..., T], *args: Any,
     against ``LOOKUP_THREADS`` until it returns)."""
     if not any(table.may_block() for table in tables):
         return fn(*args)
+    import trio  # (not at the top: sendmail looks tables up without trio, whose import costs it 80 ms)
+
     with trio.move_on_after(timeout):
         return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=_lookup_limiter(),
                                              abandon_on_cancel=True)

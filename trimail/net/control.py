@@ -24,40 +24,23 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import trio
 
 from trimail.log import printable
+from trimail.net.controlclient import CONTROL_NAME, MAX_ANSWER, send_command, socket_address  # noqa: F401 (theirs)
 from trimail.net.listener import ListenError, close_now
 from trimail.net.reading import receive_until, request_read, serve_requests
 from trimail.supervise import FailureCounter
 
-CONTROL_NAME = "control"
 MAX_LINE = 256
-MAX_ANSWER = 1 << 20  # what the CLI reads of serve's answer (a status is a few KiB; dead lists are bounded)
 READ_TIMEOUT = 5.0  # seconds to send a command line, and to take the answer
 READ_ONLY = frozenset({"ping", "status", "dead"})  # answered even while a reload or stop runs
-SUN_PATH_MAX = 107  # bytes of a UNIX socket address's path on Linux, without its NUL
 KEEP_EVERY = 5.0  # seconds between looks at the socket file (serve_control binds it again when it is gone)
 
 log = logging.getLogger("trimail.master")
-
-
-@contextlib.contextmanager
-def socket_address(path: Path) -> Iterator[str]:
-    """The address to bind or connect for the socket *path*.  A path longer than a
-    UNIX socket address allows (a queue under a deep $TMPDIR, as pytest's tmp_path
-    gives) is reached through its directory's descriptor: ``/proc/self/fd/N/name``."""
-    if len(os.fsencode(path)) <= SUN_PATH_MAX:
-        yield str(path)
-        return
-    fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY)
-    try:
-        yield f"/proc/self/fd/{fd}/{path.name}"
-    finally:
-        os.close(fd)
 
 
 async def open_control_listener(queue_directory: Path) -> trio.SocketListener:
@@ -155,37 +138,3 @@ async def _keep_path(queue_directory: Path, listener: trio.SocketListener,
         # the old one stops accepting; its requests in flight (a reload) run to their end
         close_now(listener)
         listener = fresh
-
-
-def send_command(queue_directory: Path, command: str, timeout: float = 5.0) -> str | None:
-    """Blocking client for the CLI; None when no serve listens, ``error: ...`` when
-    it took the command and did not answer within *timeout* (a reload waiting for
-    its workers: it goes on, and its outcome is logged)."""
-    path = queue_directory / CONTROL_NAME
-    connected = False
-    try:
-        # the socket lives in mail_owner's directory: a symlink planted there is
-        # not followed by a root CLI, and the answer is bounded (a process posing as
-        # serve cannot grow the CLI without end); the caller prints it printable
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return None
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            with socket_address(path) as address:
-                sock.connect(address)
-            connected = True
-            sock.sendall(command.encode() + b"\n")
-            data = b""
-            while b"\n" not in data and len(data) < MAX_ANSWER:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-            return data[:MAX_ANSWER].decode("ascii", "replace").strip()
-    except TimeoutError:
-        if not connected:
-            return None
-        return (f"error: serve took {command!r} and did not answer within {timeout:.0f} s; "
-                "it may still complete: see serve's log")
-    except OSError:
-        return None

@@ -16,7 +16,7 @@ the file system has room again.  Postfix's queue manager frees space as it deliv
   so the smtpd sees a reserve missing.
 - ``QueueReserve.release`` (the queue writer, when a commit failed for want of
   space: ``QueueWriter.on_no_space``) truncates it to nothing, once, and says so.
-- The smtpd's ``spool.QueueSpace`` counts what is missing from the file as taken:
+- The smtpd's ``space.QueueSpace`` counts what is missing from the file as taken:
   the queue manager's bytes are not new mail's.  No file (a test queue, qmgr not
   running here yet): nothing is counted.
 

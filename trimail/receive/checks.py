@@ -28,9 +28,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trimail.cleanup.checks import ContentChecks, log_actions, message_lines
-from trimail.config import Config
-from trimail.maps import TableError, open_table
+from trimail.cleanup.checks import log_actions, message_lines
+from trimail.maps import TableError
 from trimail.queue.spool import Spool, SpoolError
 from trimail.smtp import replies
 from trimail.smtp.replies import Reply
@@ -41,18 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trimail.cleanup")
 
-CHECK_PARAMS = ("header_checks", "mime_header_checks", "nested_header_checks", "body_checks")
 SCAN_CHUNK = 1 << 16  # bytes of the spool read at a time (a line may span chunks)
 SCAN_THREADS = 4  # scans at once per serve (an abandoned one holds its thread until its lookup returns)
 _scan_limiter = thread_pool("trimail_content_checks", SCAN_THREADS)
-
-
-def content_checks(config: Config) -> ContentChecks | None:
-    """The four tables of *config* (opened lazily), or None when every list is empty."""
-    tables = [[open_table(ref, lazy=True) for ref in config.get(name)] for name in CHECK_PARAMS]
-    checks = ContentChecks(*tables, body_limit=config.body_checks_size_limit, line_limit=config.line_length_limit,
-                           header_limit=config.header_size_limit)
-    return checks if checks.active() else None
 
 
 class _Progress:

@@ -154,7 +154,7 @@ async def commit(session: SmtpdSession) -> Reply:
             cleanup_log.info("%s: message-id=%s", txn.queue_id, message_id)
         # the qmgr worker is woken once these lines are written too (log.mark): ours before its own
         written = maillog.mark() if isinstance(scheduler, QmgrTrigger) else None
-        # room left for the queue manager once it is in (spool.QueueSpace.room_for)
+        # room left for the queue manager once it is in (space.QueueSpace.room_for)
         taken = await session.ctx.queue_space.room_for(message.content.size, not message.content.in_memory)
         if taken is None:
             if hand_over:

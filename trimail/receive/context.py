@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from trimail import rewrite
 from trimail.anvil import AuthFailures
 from trimail.authcheck.inbound import AuthChecks
+from trimail.cleanup.checks import content_checks
 from trimail.cleanup.rewrite import virtual_expand
 from trimail.config import Config, ConfigError
 from trimail.config.registry import PARAMETERS, suggest
@@ -39,9 +40,8 @@ from trimail.net.dns import Resolver
 from trimail.net.tls import server_tls_context
 from trimail.passwords import PasswordError, prepare
 from trimail.policy.restrictions import Policy
-from trimail.queue.spool import QueueSpace, unused_bytes
+from trimail.queue.space import QueueSpace, unused_bytes
 from trimail.queue.writer import QueueWriter
-from trimail.receive.checks import content_checks
 from trimail.receive.milters import SmtpdMilters
 from trimail.rewrite import Resolved
 from trimail.smtp.server import Settings

@@ -18,7 +18,7 @@ virtual_alias_maps, table_lookup_timeout, local_header_rewrite_clients.
 
 Storage: MAIL FROM is answered ``452 4.3.1 Insufficient system storage`` when the
 queue file system has no more than max(queue_minfree, 1.5 * message_size_limit)
-bytes free (Postfix's rule; ``spool.QueueSpace``).  When the spool file of a big
+bytes free (Postfix's rule; ``space.QueueSpace``).  When the spool file of a big
 message cannot be written (disk full, I/O error), the content is dropped at once,
 the rest of DATA is still read to its real end so the session stays in step, and
 the end of DATA is answered ``452 4.3.1`` (no space) or ``451 4.3.0``; a failed
