@@ -73,14 +73,16 @@ def settle(lines: list[Line], params: dict[str, str | None], *, now: bool) -> di
 
 def write_stored(queue_id: str, value: object) -> None:
     """Write the lines kept under ``LOG_PARAM`` (*value*, as the params hold it); a
-    value that is not such a list is reported and skipped, never raised."""
+    value that is not such a list is reported and skipped, never raised: the qmgr
+    calls this in its round, and whatever sits in the queue must not end it."""
     try:
         lines = json.loads(value) if isinstance(value, str) else value
         checked = [(program, level, text) for program, level, text in lines
-                   if program in PROGRAMS and level in (logging.INFO, logging.WARNING) and isinstance(text, str)]
-    except (ValueError, TypeError):
-        checked = None
-    if checked is None or len(checked) != len(lines):
+                   if program in PROGRAMS and type(level) is int and level in (logging.INFO, logging.WARNING)
+                   and isinstance(text, str)]  # (a float 20.0 is "in" but logging refuses it: red team 37)
+        complete = len(checked) == len(lines)
+    except (ValueError, TypeError, RecursionError):
+        checked, complete = [], False
+    if not complete:
         logging.getLogger("trimail.qmgr").warning("%s: malformed %s in the queue: not logged", queue_id, LOG_PARAM)
-        checked = checked or []
     write([(program, level, printable(text, 1000)) for program, level, text in checked])
