@@ -107,6 +107,7 @@ def promote_maildrop(store: Store, limit: int = PROMOTE_BATCH, param: tuple[str,
     pickup's content_filter.  With *logs*, the mail log lines a message kept for
     this moment (``cleanup.loglines.LOG_PARAM``, root's sendmail) are taken from it
     and added to *logs* as (queue ID, the stored value), for the caller to write."""
+    _quarantine_unreadable(store, limit)  # (their json_type and json_set would fail the whole round)
     hold = f"'$.\"{PICKUP_HOLD_PARAM}\"'"
     state = f"state = CASE WHEN json_type(params, {hold}) IS NULL THEN 'incoming' ELSE 'hold' END"
     returning = f" RETURNING id, json_extract(params, '$.\"{LOG_PARAM}\"')" if logs is not None else ""
@@ -130,6 +131,27 @@ def promote_maildrop(store: Store, limit: int = PROMOTE_BATCH, param: tuple[str,
                              [(message_id,) for message_id, _ in kept])
         logs.extend(kept)
     return len(rows)
+
+
+def _quarantine_unreadable(store: Store, limit: int) -> None:
+    """The messages of the next maildrop batch whose params are not a JSON object
+    (queue.db edited by hand) go to ``corrupt``, as a message with a short body does:
+    one of them failed every round before, and no mail was claimed (red team 37)."""
+    for (message_id,) in store.db.execute(
+            "UPDATE message SET state = 'corrupt' WHERE rowid IN (SELECT rowid FROM message WHERE state = 'maildrop'"
+            " LIMIT +?) AND NOT (json_valid(params) AND json_type(params) = 'object') RETURNING id",
+            (limit,)).fetchall():
+        log.warning("%s: corrupt queue file (its parameters are not a JSON object): moved to the corrupt queue",
+                    message_id)
+
+
+def _params(text: str) -> dict | None:
+    """A claimed message's params, None when they are not a JSON object."""
+    try:
+        params = json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    return params if isinstance(params, dict) else None
 
 
 def next_due(store: Store) -> float | None:
@@ -166,12 +188,17 @@ def claim(store: Store, limit: int, now: float, recipients: int | None = None) -
             log.warning("%s: corrupt queue file (content %s of %d bytes): moved to the corrupt queue",
                         message_id, "missing" if stored is None else f"{stored}", size)
             continue
+        if (loaded_params := _params(params)) is None:  # as a short body: kept, never sent (red team 37)
+            quarantine(store, message_id, state)
+            log.warning("%s: corrupt queue file (its parameters are not a JSON object): moved to the corrupt queue",
+                        message_id)
+            continue
         store.transition(message_id, state, "active")
         pending = [QueuedRecipient(*r) for r in db.execute(
             "SELECT seq, address, attempts, last_reply FROM recipient WHERE message_id = +?"
             " AND status IN ('pending', 'deferred') ORDER BY seq", (message_id,))]
         loaded += len(pending)
-        claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, json.loads(params), pending,
+        claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, loaded_params, pending,
                                       retry=any(r.attempts for r in pending)))
     return claimed
 
