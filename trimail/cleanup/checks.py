@@ -52,6 +52,8 @@ MIME_HEADER = re.compile(r"^(content-|mime-version[ \t]*:)", re.IGNORECASE)
 DSN = re.compile(r"^([245])\.\d{1,3}\.\d{1,3}(?:\s+|$)")
 BOUNDARY = re.compile(r'boundary[ \t]*=[ \t]*(?:"([^"]*)"|([^\s;]+))', re.IGNORECASE)
 NESTING_LIMIT = 100  # mime_nesting_limit
+REPLY_TEXT_LIMIT = 400  # characters of a REJECT text: its reply stays within SMTP's 512-octet line
+NOTE_TEXT_LIMIT = 1000  # characters of an action's text in its log line
 
 
 @dataclass
@@ -141,7 +143,7 @@ def action_lines(queue_id: str, notes: Iterable[tuple[str, str, str, str]], *, o
     lines = []
     for action, what, text, arg in notes:
         if not what:
-            lines.append((logging.WARNING, text))
+            lines.append((logging.WARNING, printable(text, NOTE_TEXT_LIMIT)))
         else:
             lines.append((logging.INFO, f"{queue_id}: {action}: {what} {printable(text, 200).removesuffix('...')} "
                                         f"from {origin}; from=<{sender}>{to}{session}{f': {arg}' if arg else ''}"))
@@ -150,7 +152,10 @@ def action_lines(queue_id: str, notes: Iterable[tuple[str, str, str, str]], *, o
 
 class _Scan:
     def __init__(self, checks: ContentChecks, out: Callable[[bytes], None], note: Note) -> None:
-        self.checks, self.out, self.note = checks, out, note
+        self.checks, self.out = checks, out
+        # an action's text may hold the line's own ($1: a folded header's newline, ESC):
+        # logged as Postfix's msg functions log it, each control character a "?" (red team 37)
+        self.note: Note = lambda action, what, text, arg: note(action, what, text, printable(arg, NOTE_TEXT_LIMIT))
         self.outcome = Outcome()
         self.stack: list[_Part] = []  # enclosing multipart bodies
         self.top = _Part()  # the body outside any multipart
@@ -284,6 +289,7 @@ class _Scan:
             reason = arg if DSN.match(arg) else f"5.7.1 {arg}" if arg else "5.7.1 message content rejected"
             if reason[0] not in "45":
                 reason = "4" + reason[1:]
+            reason = printable(reason, REPLY_TEXT_LIMIT)  # a reply line: no CR or LF from the line ($1)
             outcome.reject, self.checking = reason, False
             self.note("reject", what, text, reason)
             return b""
