@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 from tests.conftest import trimail, write_main_cf
 from tests.net.test_serve import smtplib_send_reply
@@ -98,3 +100,18 @@ def test_queue_list_is_a_table_on_a_terminal_and_plain_when_piped(tmp_path):
     on_tty = subprocess.run(["script", "-qec", command, "/dev/null"], capture_output=True, text=True,
                             timeout=60, check=False).stdout
     assert "Queue ID" in on_tty and queue_id in on_tty and "a@far.example" in on_tty and "\x1b[" in on_tty
+
+
+def test_hold_leaves_a_message_in_maildrop_for_pickup(tmp_path):
+    """postsuper -h takes no message from maildrop: held and released, one went to
+    incoming and skipped pickup (its content_filter, a header_checks FILTER, the log
+    lines root's sendmail kept for it: cleanup/loglines.py).  Red team 37."""
+    config_path = write_main_cf(tmp_path, content_filter="smtp:[127.0.0.1]:10024")
+    sent = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-C", str(config_path), "bob@remote.example"],
+                          input=b"Subject: waits for pickup\n\nhi\n", capture_output=True, timeout=60, check=False)
+    assert sent.returncode == 0, sent.stderr
+    [queue_id] = listed(config_path)
+    held = trimail("queue", "hold", queue_id, "-c", str(config_path))
+    assert f"{queue_id}: no such message in a state that can be placed on hold" in held.stderr
+    assert trimail("queue", "hold", "--all", "-c", str(config_path)).stderr.endswith("placed on hold: 0 messages\n")
+    assert listed(config_path)[queue_id]["state"] == "maildrop"

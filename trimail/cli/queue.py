@@ -258,11 +258,13 @@ STATES_NOT_ACTIVE = ("maildrop", "incoming", "deferred", "hold")
 @queue_app.command(name="hold")
 def queue_hold(ids: list[str] | None = None, *, all_: AllFlag = False, config: ConfigOption = None,
                o: Overrides = None) -> None:
-    """Put messages on hold: kept, but not delivered (postsuper -h)."""
+    """Put messages on hold: kept, but not delivered (postsuper -h).  Not a message
+    still in maildrop, as postsuper -h takes none: released, it would skip pickup (its
+    content_filter, its FILTER and log lines: cleanup/loglines.py); red team 37."""
     cfg = load_config(config, o)
     wanted = _ids_or_all(ids, all_)
     _report("placed on hold", _queue_change(cfg, lambda store: admin.set_state(
-        store, wanted, "hold", ("maildrop", "incoming", "deferred"), time.time())), wanted)
+        store, wanted, "hold", ("incoming", "deferred"), time.time())), wanted)
 
 
 @queue_app.command(name="release")
