@@ -645,3 +645,16 @@ def test_a_listing_pages_by_recipients_and_keeps_each_message_whole(tmp_path):
         " WHERE r.message_id > '' ORDER BY r.message_id, r.seq LIMIT 10"))
     assert "TEMP B-TREE" not in plan, plan  # read in key order, not sorted whole first
     store.close()
+
+
+def test_queue_ids_stay_sorted_when_the_count_wraps_within_a_microsecond(monkeypatch):
+    """The 4 counting characters wrap after 51**4 IDs; when that fell within one
+    microsecond, ...W0zzzz was followed by ...W00000 (a clean-clone run, session 37)."""
+    import itertools
+
+    from trimail.queue import ids
+
+    monkeypatch.setattr(ids, "_counter", itertools.count(51**4 - 3))
+    monkeypatch.setattr(ids.time, "time_ns", lambda: 1_800_000_000_000_000_000)  # the clock stands still
+    made = [new_queue_id() for _ in range(6)]
+    assert made == sorted(made) and len(set(made)) == 6

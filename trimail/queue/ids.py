@@ -55,8 +55,10 @@ def new_queue_id() -> str:
     global _last_us
     with _lock:
         now = max(time.time_ns() // 1000, _last_us)
-        _last_us = now
         seq = next(_counter) % (_BASE**_SEQ_DIGITS)
+        if seq == 0 and now == _last_us:  # the count wrapped within a microsecond: the next one keeps IDs sorted
+            now += 1
+        _last_us = now
     global _high
     high, low = divmod(now, _LOW)
     known = _high
