@@ -86,9 +86,14 @@ async def test_quarantine_holds_and_edits_are_made(tmp_path, nursery):
     store = Store.open(path.parent / "queue")
     try:
         with store.transaction():
-            transitions.promote_maildrop(store)
+            logs: list[tuple[str, str]] = []
+            transitions.promote_maildrop(store, logs=logs)
     finally:
         store.close()
+    # the milter's line, kept for serve to write with pickup's (cleanup/loglines.py)
+    [(_, kept)] = logs
+    assert ["cleanup", 20, f"{message['id']}: milter-hold: END-OF-MESSAGE from localhost[127.0.0.1]: check me; "
+            "from=<root@example.com>"] in json.loads(kept)
     [(message, content)] = queued(path)
     assert message["state"] == "hold"
     assert sorted(r["address"] for r in message["recipients"]) == ["archive@remote.example", "bob@remote.example"]

@@ -32,6 +32,7 @@ from trimail.cleanup.checks import (
     content_checks,
     message_lines,
 )
+from trimail.cleanup.loglines import captured
 from trimail.config import Config
 from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
@@ -49,11 +50,13 @@ class ContentRefused(Exception):
 
 
 def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str], content: bytes,
-                  params: dict[str, str | None], *, protocol: str,
-                  helo_name: str) -> tuple[str, list[str], bytes, str, dict[str, str | None], list[tuple[int, str]]]:
+                  params: dict[str, str | None], *, protocol: str, helo_name: str,
+                  keep_log: bool = False) -> tuple[str, list[str], bytes, str, dict[str, str | None],
+                                                   list[tuple[int, str]]]:
     """(sender, recipients, content, state, params, log lines) of one local submission
     once inspected; state ``maildrop``, ``hold`` or ``discard``; the log lines, cleanup's
-    of the checks' actions (level, text), are the caller's to write (``cleanup.loglines``).
+    of the checks' actions (level, text), are the caller's to write (``cleanup.loglines``),
+    and with *keep_log* (root's sendmail, one thread) the milters' lines too.
     Raises ContentRefused (its lines written: nothing is queued) and TableError (a table
     that cannot be read)."""
     state = "maildrop"
@@ -81,10 +84,12 @@ def inspect_local(cfg: Config, queue_id: str, sender: str, recipients: list[str]
         )
 
         try:
-            sender, recipients, content, filtered = filter_local(cfg, queue_id, sender, recipients, content,
-                                                                 helo_name)
+            with captured(keep_log) as filter_lines:  # root's sendmail: kept with the message
+                sender, recipients, content, filtered = filter_local(cfg, queue_id, sender, recipients, content,
+                                                                     helo_name)
         except MilterRefused as exc:
             raise ContentRefused(str(exc), exc.status) from None
+        actions = actions + filter_lines
         if state == "maildrop" or filtered == "discard":
             state = filtered
     return sender, recipients, content, state, params, actions

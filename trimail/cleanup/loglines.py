@@ -12,7 +12,8 @@ under ``LOG_PARAM``; serve's queue manager writes them when its round moves the 
 from maildrop to incoming (``queue.transitions.promote_maildrop``), which is when
 Postfix's pickup would.  Without this, nothing in the log said that root's mail had
 arrived (pflogsumm counts pickup's ``uid=`` lines as received mail), and a
-``header_checks`` WARN on it was lost.  A submission that is refused or discarded is
+``header_checks`` WARN or a milter's HOLD on it was lost (``captured`` takes what
+``milter.local`` logs in sendmail).  A submission that is refused or discarded is
 never queued, so its lines are not kept (sendmail reports a refusal itself).
 
 Parameters: none.
@@ -20,9 +21,11 @@ Parameters: none.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
+from collections.abc import Iterator
 
 from trimail.log import printable
 
@@ -54,6 +57,38 @@ def submission_lines(queue_id: str, uid: int, sender: str, actions: list[tuple[i
     if message_id is not None:
         lines.append(("cleanup", logging.INFO, f"{queue_id}: message-id={message_id}"))
     return lines
+
+
+@contextlib.contextmanager
+def captured(enabled: bool = True) -> Iterator[list[tuple[int, str]]]:
+    """(level, text) of what this process logs meanwhile under ``trimail.cleanup`` and
+    ``trimail.milter`` (``milter.local``'s ``milter-hold`` lines, a filter's warnings),
+    instead of logging it: root's sendmail keeps them as cleanup's lines.  Only in a
+    process of one thread (sendmail): the loggers are this process's, and serve's other
+    sessions log through them.  Not *enabled*: nothing is taken."""
+    lines: list[tuple[int, str]] = []
+    if not enabled:
+        yield lines
+        return
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append((logging.INFO if record.levelno <= logging.INFO else logging.WARNING, record.getMessage()))
+
+    handler = Keep(logging.INFO)
+    loggers = [logging.getLogger(name) for name in ("trimail.cleanup", "trimail.milter")]
+    saved = [(logger.level, logger.propagate) for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    try:
+        yield lines
+    finally:
+        for logger, (level, propagate) in zip(loggers, saved):
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
 
 
 def write(lines: list[Line]) -> None:

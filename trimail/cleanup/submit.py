@@ -344,8 +344,8 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     if received:
         content = headers.local_received(cfg.myhostname, cfg.mail_name, os.getuid(), queue_id) + content
     try:  # header and body checks, non_smtpd_milters
-        sender, rcpts, content, state, params, actions = inspect_local(
-            cfg, queue_id, sender, rcpts, content, params or {}, protocol=protocol, helo_name=helo_name)
+        sender, rcpts, content, state, params, actions = inspect_local(cfg, queue_id, sender, rcpts, content,
+            params or {}, protocol=protocol, helo_name=helo_name, keep_log=not in_serve)
     except ContentRefused as exc:
         raise SendmailError(str(exc), exc.status) from None
     lines = loglines.submission_lines(queue_id, os.getuid() if uid is None else uid, sender, actions, content)
