@@ -273,3 +273,33 @@ def test_serve_writes_the_log_lines_of_roots_submission_when_it_picks_it_up(daem
         assert sum("uid=0 from=<alice@mx.test.example>" in line for line in d.proc.log) == 2  # once each
         state = apsw.Connection(str(d.queue_directory / "queue.db")).execute("SELECT state FROM message").fetchall()
         assert state == [("hold",)]
+
+
+def test_a_message_roots_sendmail_cannot_sign_reaches_serve_as_it_was_submitted(daemon, tmp_path):
+    """Root's sendmail hands a message it cannot sign (a key it cannot read) to serve,
+    which checks and signs it itself: serve must get the submission as it was.  It
+    got the message with sendmail's header_checks already applied (a PREPEND twice)
+    and sendmail's own ``Received:`` line beside serve's (red team 37's side note)."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    made = subprocess.run([sys.executable, "-m", "trimail", "dkim", "keygen", "mx.test.example", "s1", "--type",
+                           "ed25519", "--directory", str(keys)], capture_output=True, timeout=60, check=False)
+    assert made.returncode == 0, made.stderr
+    (tmp_path / "signing").write_text("mx.test.example  s1._domainkey.mx.test.example\n")
+    (tmp_path / "keys.table").write_text(f"s1._domainkey.mx.test.example  mx.test.example:s1:{keys}/s1.private\n")
+    (tmp_path / "keys.broken").write_text(f"s1._domainkey.mx.test.example  mx.test.example:s1:{keys}/gone.private\n")
+    (tmp_path / "hc").write_text("/^Subject: tag me/ PREPEND X-Tagged: yes\n")
+    d = daemon(smtpd_workers=0, master_service_disable="qmgr", header_checks=f"regexp:{tmp_path / 'hc'}",
+               dkim_signing_table=f"texthash:{tmp_path / 'signing'}", dkim_key_table=f"texthash:{tmp_path / 'keys.table'}")
+    sent = subprocess.run([sys.executable, "-m", "trimail", "sendmail", "-C", str(d.config_path),
+                           "-o", f"dkim_key_table=texthash:{tmp_path / 'keys.broken'}", "-f", "alice@mx.test.example",
+                           "bob@remote.example"], input=b"From: alice@mx.test.example\nSubject: tag me\n\nhello\n",
+                          capture_output=True, timeout=60, check=False)
+    assert sent.returncode == 0, sent.stderr
+    assert b"submitting it through serve" in sent.stderr
+    db = apsw.Connection(str(d.queue_directory / "queue.db"))
+    [(content,)] = db.execute("SELECT content FROM body").fetchall()
+    header = bytes(content).split(b"\r\n\r\n")[0]
+    assert header.count(b"X-Tagged: yes") == 1, header
+    assert header.count(b"\r\nReceived: ") + header.startswith(b"Received: ") == 1, header
+    assert b"(trimail, from userid 0)" in header and b"DKIM-Signature:" in header

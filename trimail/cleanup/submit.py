@@ -333,14 +333,14 @@ def submit(argv: list[str], stdin=None, stdout=None) -> int:
 def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: bytes, *,
             params: dict[str, str | None] | None = None, protocol: str = "sendmail", helo_name: str = "",
             received: bool = False, in_serve: bool = False, uid: int | None = None) -> int:
-    """Commit one message into the maildrop state and wake serve; 0 once it is
-    durable.  A user who cannot write the queue hands it to serve instead (its
-    ``Received:`` with the uid is serve's then: cleanup/pickup.py, which calls this
-    *in_serve* with the user's *uid*); *received*: this process adds that line itself.
-    The log lines: written *in_serve*, else kept for serve to write (``cleanup.loglines``)."""
+    """Commit one message into the maildrop state and wake serve; 0 once it is durable.
+    A user who cannot write the queue, or a message this process cannot sign, goes to
+    serve as submitted (cleanup/pickup.py calls this *in_serve* with the user's *uid*);
+    *received*: this process adds its ``Received:``.  Log lines: ``cleanup.loglines``."""
     queue_directory = Path(cfg.queue_directory)
+    submitted = (sender, rcpts, content, params)  # serve checks and rewrites it again: before our own
     if not in_serve and not works_the_queue_itself(queue_directory):
-        return _through_serve(cfg, sender, rcpts, content, params)  # serve judges authorized_submit_users
+        return _through_serve(cfg, *submitted)  # serve judges authorized_submit_users
     if received:
         content = headers.local_received(cfg.myhostname, cfg.mail_name, os.getuid(), queue_id) + content
     try:  # header and body checks, non_smtpd_milters
@@ -372,7 +372,7 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
             if in_serve:  # serve cannot read its own key either: its operator's to fix
                 raise SendmailError(f"{exc}: try again later", os.EX_TEMPFAIL) from None
             print(f"sendmail: warning: {exc}; submitting it through serve", file=sys.stderr)
-            return _through_serve(cfg, sender, rcpts, content, params)
+            return _through_serve(cfg, *submitted)  # (not checked twice, one Received: line: red team 37)
     spool = Spool(memory_limit=len(content))  # read into memory already: no temporary file
     spool.write(content)
     try:
