@@ -11,9 +11,10 @@ As with the milters, and unlike Postfix (which bounces a message that pickup's
 cleanup refuses), the refusal is sendmail's: it reports a REJECT and exits 69 (75 for
 a ``4.x.x`` text), and nothing is queued; ``-bs`` answers the message with ``554``.
 HOLD, DISCARD, REDIRECT, BCC, FILTER, IGNORE, STRIP, PREPEND, REPLACE, WARN, INFO and
-PASS act as for SMTP mail (PASS keeps the message from ``non_smtpd_milters``; FILTER is stored under ``CHECKS_FILTER_PARAM``: pickup's round puts it in
-place of its ``content_filter``, as cleanup writes it after pickup's).  Each action
-is logged as cleanup logs it for mail from pickup (``from local;``).
+PASS act as for SMTP mail (PASS keeps the message from ``non_smtpd_milters``; FILTER
+is stored under ``CHECKS_FILTER_PARAM``: pickup's round puts it in place of its
+``content_filter``, as cleanup writes it after pickup's).  Each action is logged as
+cleanup logs it for mail from pickup (``from local;``).
 
 Parameters: header_checks, mime_header_checks, nested_header_checks, body_checks,
 body_checks_size_limit, line_length_limit, receive_override_options, non_smtpd_milters.
