@@ -128,8 +128,13 @@ def message_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
 def log_actions(queue_id: str, notes: Iterable[tuple[str, str, str, str]], *, origin: str, sender: str,
                 recipients: Sequence[str], proto: str | None = None, helo: str = "") -> None:
     """The actions *scan* noted, written to the mail log (``action_lines``)."""
-    for level, text in action_lines(queue_id, notes, origin=origin, sender=sender, recipients=recipients,
-                                    proto=proto, helo=helo):
+    log_lines(action_lines(queue_id, notes, origin=origin, sender=sender, recipients=recipients, proto=proto,
+                           helo=helo))
+
+
+def log_lines(lines: Iterable[tuple[int, str]]) -> None:
+    """(level, text) lines of ``action_lines``, written as cleanup's."""
+    for level, text in lines:
         log.log(level, "%s", text)
 
 

@@ -23,7 +23,6 @@ body_checks_size_limit, line_length_limit, receive_override_options, non_smtpd_m
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 from trimail.cleanup.checks import (
@@ -31,6 +30,7 @@ from trimail.cleanup.checks import (
     Outcome,
     action_lines,
     content_checks,
+    log_lines,
     message_lines,
 )
 from trimail.cleanup.loglines import captured
@@ -38,8 +38,6 @@ from trimail.config import Config
 from trimail.delivery.bounce import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
 from trimail.log import printable
-
-log = logging.getLogger("trimail.cleanup")
 
 
 class ContentRefused(Exception):
@@ -110,7 +108,7 @@ def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[s
     actions = action_lines(queue_id, notes, origin="local", sender=sender, recipients=recipients,
                            proto=protocol if helo_name else None, helo=printable(helo_name, 200))
     if outcome.reject is not None:
-        write_actions(actions)  # serve's pickup logs them; root's sendmail has no log (cleanup.loglines)
+        log_lines(actions)  # serve's pickup logs them; root's sendmail has no log (cleanup.loglines)
         raise ContentRefused(f"message content rejected: {outcome.reject}",
                              os.EX_TEMPFAIL if outcome.reject.startswith("4") else os.EX_UNAVAILABLE)
     if outcome.redirect:
@@ -121,7 +119,3 @@ def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[s
         content = b"".join(kept)
     return recipients, content, outcome, actions
 
-
-def write_actions(actions: list[tuple[int, str]]) -> None:
-    for level, text in actions:
-        log.log(level, "%s", text)
