@@ -122,6 +122,38 @@ def test_lines_past_smtp_line_length_limit_are_broken_and_nothing_else_changes(l
     assert unstuffed.replace(b"\r\n ", b"") == content
 
 
+@settings(max_examples=300, deadline=None)
+@given(limit=st.sampled_from([509, 510, 511, 998]),
+       lengths=st.lists(st.one_of(st.integers(0, 80), st.integers(-3, 3).map(lambda d: 998 + d),
+                                  st.integers(400, 2100)), min_size=1, max_size=40),
+       cuts=st.lists(st.integers(min_value=1), max_size=6))
+def test_long_lines_near_a_real_limit_are_broken_wherever_they_lie(limit, lengths, cuts):
+    """The same at limits whose lines the stuffer measures a block at a time: lines
+    just under, at and just over the limit, and up to twice it, among short ones."""
+    content = b"".join(bytes([0x61 + i % 26]) * n + b"\r\n" for i, n in enumerate(lengths))
+    ends = sorted({c % len(content) for c in cuts} - {0}) + [len(content)]
+    stuffer = DotStuffer(limit)
+    wire = b"".join(stuffer.stuff(content[a:b]) for a, b in zip([0, *ends[:-1]], ends)) + stuffer.finish()
+    sent = wire[:-3].split(b"\r\n")[:-1]
+    assert max(map(len, sent)) <= limit
+    assert b"\r\n".join(sent).replace(b"\r\n ", b"") + b"\r\n" == content
+    assert len(sent) == len(lengths) + sum(max(0, -(-(n - limit) // (limit - 1))) for n in lengths)
+
+
+def test_a_line_one_byte_over_the_limit_is_broken_wherever_it_starts():
+    """Every alignment of the shortest line that must be broken (999 bytes at 998),
+    after 0 to 1,000 bytes of short lines, in one chunk and cut after a CR."""
+    for before in range(1001):
+        short_lines = b"y" * 38 + b"\r\n"
+        content = b"first\r\n" + short_lines * (before // 40) + b"f" * (before % 40) + b"\r\n"
+        cut = len(content) - 1
+        content += b"x" * 999 + b"\r\nshort\r\n"
+        for chunks in ([content], [content[:cut], content[cut:]]):
+            stuffer = DotStuffer(998)
+            wire = b"".join(stuffer.stuff(c) for c in chunks) + stuffer.finish()
+            assert max(map(len, wire.split(b"\r\n"))) <= 998, before
+
+
 def test_without_a_limit_long_lines_pass_as_they_are():
     stuffer = DotStuffer()
     assert stuffer.stuff(b"x" * 5000 + b"\r\n") + stuffer.finish() == b"x" * 5000 + b"\r\n.\r\n"
