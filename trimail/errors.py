@@ -54,3 +54,9 @@ class LookupFailure(OperationalError):
         super().__init__(text)
         self.temporary = temporary
         self.dsn = dsn or ("4.3.0" if temporary else "5.3.0")
+
+
+class ListenError(Exception):
+    """A listening socket could not be opened (address in use, not ours, refused);
+    here rather than beside the listeners so that the command line can name it
+    without importing trio."""

@@ -30,8 +30,7 @@ from cyclopts import App, CycloptsError, Parameter
 from trimail import __version__
 from trimail import config as configuration
 from trimail.config import Config
-from trimail.errors import ConfigurationError, TrimailError
-from trimail.net.listener import ListenError
+from trimail.errors import ConfigurationError, ListenError, TrimailError
 from trimail.privileges import PrivilegeError
 from trimail.queue.lock import AlreadyRunning
 

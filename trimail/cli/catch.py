@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import trio
 from cyclopts import Parameter
 
 from trimail.cli import ConfigOption, Failure, Overrides, app, load_config
@@ -41,6 +40,8 @@ def catch_command(*, smtp: Annotated[str, Parameter(name=["--smtp", "-s"], help=
                   = None,
                   config: ConfigOption = None, o: Overrides = None) -> None:
     """Capture mail for tests: SMTP in, Mailpit's API v1 and a web page out (Mailpit's flags)."""
+    import trio
+
     from trimail.catch import run_until_signal, split_address
 
     overrides: dict[str, str] = {}

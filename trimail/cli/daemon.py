@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
-import trio
 from cyclopts import Parameter
 
 from trimail import log as maillog
@@ -66,6 +65,8 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
     if cfg.maillog_file:  # stderr has main.cf's warnings (load_config); the mail log gets them too
         for warning in cfg.warnings:
             logging.getLogger("trimail.master").warning("%s", warning)
+    import trio  # (here: every other command runs without the event loop's import)
+
     try:
         trio.run(_serve_until_signal, cfg, fork_server)
     except BaseException as exc:
@@ -79,6 +80,8 @@ def serve(*, config: ConfigOption = None, o: Overrides = None) -> None:
 
 
 async def _serve_until_signal(cfg: Config, fork_server: ForkServer | None) -> None:
+    import trio
+
     async def run_server(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
         if cfg.smtpd_workers > 0:  # a master with worker processes (trimail.processes)
             from trimail.processes.serve import serve_processes

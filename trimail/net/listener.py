@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from trimail.config.values import ListenAddress
+from trimail.errors import ListenError
 from trimail.net.stream import DirectStream
 from trimail.supervise import Backoff
 
@@ -65,10 +66,6 @@ HEADROOM_MIN, HEADROOM_MAX = 8, 64
 _RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 # a connection that died in the backlog (what trio's SocketListener.accept skips too)
 _GONE_ERRORS = {errno.ECONNABORTED, errno.EPERM, errno.EPROTO}
-
-
-class ListenError(Exception):
-    pass
 
 
 def close_now(listener: trio.SocketListener) -> None:
