@@ -31,6 +31,7 @@ CASES = [  # (rule, key, Postfix's answer; None: not found)
     (r"/^a\Z/ hit", "aZ", "hit"),
     (r"/^a**$/ hit", "aaa", "hit"),  # a quantifier of a quantified atom
     (r"/^a{1,2}{2}$/ hit", "aaa", "hit"),
+    (r"/^a{,}$/ hit", "aa", "hit"),  # {,} is {0,}
     (r"/^(a+?)/ [$1]", "aaa", "[aaa]"),  # +? is (+)?, not lazy
     (r"/^(.*?)@/ [$1]", "a@b@c", "[a@b]"),
     (r"/^foo$/ hit", "foo\n", None),  # $ is the end of the text

@@ -22,7 +22,7 @@ bytes with VERSION0.  What glibc does, and so what the translation does:
 - a quantifier after a quantifier applies to the quantified atom (``a+?`` is
   ``(a+)?``, not a lazy ``+``; ``a**``); one with nothing to repeat (at the start,
   after ``(``, ``|``, ``^`` or ``$``) is an error, as is a ``{`` that is not a
-  bound (``{m}``, ``{m,}``, ``{m,n}``, ``{,n}``, at most RE_DUP_MAX);
+  bound (``{m}``, ``{m,}``, ``{m,n}``, ``{,n}``, ``{,}``, at most RE_DUP_MAX);
 - ``(?`` and other Python extensions are errors (``?`` has nothing to repeat);
   an unmatched ``)`` is a literal.
 
@@ -130,7 +130,7 @@ def translate(src: str, icase: bool = True, newline: bool = False) -> str:
             if last is None:
                 raise PosixError("Invalid preceding regular expression")
             m = _BOUND.match(src, i - 1)
-            if not m or (not m.group(1) and not m.group(3) and m.group(2)) or (not m.group(1) and not m.group(2)):
+            if not m or (not m.group(1) and not m.group(2)):  # {,} is {0,}
                 raise PosixError("Invalid content of \\{\\}")
             low = int(m.group(1) or 0)
             high = low if not m.group(2) else (int(m.group(3)) if m.group(3) else None)
