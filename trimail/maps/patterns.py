@@ -29,6 +29,7 @@ from pathlib import Path
 import regex
 
 from trimail.maps.posix import translate
+from trimail.maps.posixbasic import extended
 from trimail.maps.source import TableError, logical_lines
 
 MATCH_TIMEOUT = 0.1  # seconds one rule's match may take (see the module docstring)
@@ -157,7 +158,8 @@ def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tu
     """One ``/pattern/flags`` and what follows it.  regexp_table(5) is POSIX regcomp with
     REG_EXTENDED | REG_ICASE: ``.`` matches a newline too (a folded header in
     header_checks is one string with its newlines) unless the ``m`` flag
-    (REG_NEWLINE), which also makes ``^`` and ``$`` match at each line.
+    (REG_NEWLINE), which also makes ``^`` and ``$`` match at each line; ``x`` toggles
+    REG_EXTENDED off (a basic RE, ``trimail.maps.posixbasic``).
     pcre_table(5): ``.`` does not match a newline unless the ``s`` flag (PCRE_DOTALL);
     ``m`` is PCRE_MULTILINE.  ``i`` turns case sensitivity on in both."""
     negated = text.startswith("!")
@@ -189,12 +191,14 @@ def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tu
         flags = (flags | regex.MULTILINE) if pcre else (flags | regex.MULTILINE) & ~regex.DOTALL
     if "s" in flags_text:
         flags |= regex.DOTALL
-    if "x" in flags_text and pcre:  # regexp: basic REs are not implemented (docs/postfix.md)
+    basic = not pcre and flags_text.count("x") % 2 == 1  # regexp: x toggles REG_EXTENDED off
+    if "x" in flags_text and pcre:
         flags |= regex.VERBOSE
     source: str | bytes = pattern
     try:
-        if not pcre:  # POSIX ERE (trimail.maps.posix), matched on the key's bytes
-            source = translate(pattern.encode("utf-8", "surrogateescape").decode("latin-1"),
+        if not pcre:  # POSIX ERE (trimail.maps.posix) or BRE (.posixbasic), on the key's bytes
+            posix = pattern.encode("utf-8", "surrogateescape").decode("latin-1")
+            source = translate(extended(posix) if basic else posix,
                                icase=bool(flags & regex.IGNORECASE),
                                newline=bool(flags & regex.MULTILINE)).encode("latin-1")
         compiled = regex.compile(source, flags | regex.VERSION0)

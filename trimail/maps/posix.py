@@ -26,6 +26,9 @@ bytes with VERSION0.  What glibc does, and so what the translation does:
 - ``(?`` and other Python extensions are errors (``?`` has nothing to repeat);
   an unmatched ``)`` is a literal.
 
+A rule with the ``x`` flag (REG_EXTENDED off) is a basic RE: ``trimail.maps.posixbasic``
+rewrites it as the ERE that means the same, and ``translate`` takes that.
+
 Not translated: POSIX's leftmost-longest rule (see docs/postfix.md).
 """
 
