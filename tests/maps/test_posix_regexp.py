@@ -49,6 +49,9 @@ CASES = [  # (rule, key, Postfix's answer; None: not found)
     (r"/(a)/ x$01", "a", "xa"),
     (r"/(a)(b)(c)(d)(e)(f)(g)(h)(i)(j)/ $10", "abcdefghij", "j"),
     (r"=a= x", "a", "x"),  # any delimiter
+    (r"/^a$/ii hit", "A", "hit"),  # each flag toggles: ii is case insensitive again
+    (r"/^a$/mm hit", "a\nb", None),
+    (r"/^a$/m hit", "a\nb", "hit"),
 ]
 
 # rules Postfix refuses (a warning; it skips the rule): trimail refuses the table

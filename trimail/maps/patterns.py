@@ -161,7 +161,8 @@ def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tu
     (REG_NEWLINE), which also makes ``^`` and ``$`` match at each line; ``x`` toggles
     REG_EXTENDED off (a basic RE, ``trimail.maps.posixbasic``).
     pcre_table(5): ``.`` does not match a newline unless the ``s`` flag (PCRE_DOTALL);
-    ``m`` is PCRE_MULTILINE.  ``i`` turns case sensitivity on in both."""
+    ``m`` is PCRE_MULTILINE.  ``i`` turns case sensitivity on in both.  Each flag
+    toggles, as in Postfix: ``ii`` is case insensitive again."""
     negated = text.startswith("!")
     if negated:
         text = text[1:]
@@ -185,14 +186,14 @@ def _parse_pattern(path: Path, number: int, text: str, pcre: bool = False) -> tu
     if not re.fullmatch(r"[imsx]*", flags_text):
         result, flags_text = rest, ""
     flags = regex.IGNORECASE if pcre else regex.IGNORECASE | regex.DOTALL
-    if "i" in flags_text:
+    if flags_text.count("i") % 2:
         flags &= ~regex.IGNORECASE  # Postfix: the i flag toggles case sensitivity on
-    if "m" in flags_text:
+    if flags_text.count("m") % 2:
         flags = (flags | regex.MULTILINE) if pcre else (flags | regex.MULTILINE) & ~regex.DOTALL
-    if "s" in flags_text:
+    if flags_text.count("s") % 2:
         flags |= regex.DOTALL
     basic = not pcre and flags_text.count("x") % 2 == 1  # regexp: x toggles REG_EXTENDED off
-    if "x" in flags_text and pcre:
+    if pcre and flags_text.count("x") % 2:
         flags |= regex.VERBOSE
     source: str | bytes = pattern
     try:
