@@ -48,6 +48,7 @@ CASES = [  # (rule, key, Postfix's answer; None: not found)
     (r"/^a\{,2\}$/x hit", "", "hit"),
     (r"/^a\{,\}$/x hit", "aa", "hit"),
     (r"/^\(a\)\1$/x hit", "aa", "hit"),
+    (r"/^\(\(a\)\|b\)\2$/x hit", "aa", "hit"),
     (r"/^\(a\)\{2\}\1$/x [$1]", "aaa", "[a]"),
     (r"/^a\(b\|c\)*d$/x [$1]", "abcbd", "[b]"),
     (r"/^a\w\W\s\S$/x hit", "ab- x", "hit"),
@@ -63,7 +64,7 @@ CASES = [  # (rule, key, Postfix's answer; None: not found)
 REFUSED = [r"/^a**$/x x", r"/^a*\{2\}$/x x", r"/^a\{2\}*$/x x", r"/^a\+*$/x x", r"/\{2\}a/x x", r"/^\{2\}/x x",
            r"/\(\{2\}\)/x x", r"/a\)/x x", r"/\(a/x x", r"/^a\{1,2}$/x x", r"/^a\{\}$/x x", r"/^a\{2,1\}$/x x",
            r"/^a\{1,x\}$/x x", r"/^\(a\1\)$/x x", r"/^\(a\)\2$/x x", r"/^a\{32768\}$/x x", r"/a\{1,2\}\{2\}/x x",
-           r"/^[a/x x"]
+           r"/^[a/x x", r"/\(a\)\|\1/x x"]
 
 
 @pytest.mark.parametrize("rule,key,answer", CASES)

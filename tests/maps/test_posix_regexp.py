@@ -49,6 +49,8 @@ CASES = [  # (rule, key, Postfix's answer; None: not found)
     (r"/(a)/ x$01", "a", "xa"),
     (r"/(a)(b)(c)(d)(e)(f)(g)(h)(i)(j)/ $10", "abcdefghij", "j"),
     (r"=a= x", "a", "x"),  # any delimiter
+    (r"/^((a)|b)\2$/ hit", "aa", "hit"),  # a group of any branch, after the alternation
+    (r"/^(a)(b|\1)$/ hit", "aa", "hit"),
     (r"/^a$/ii hit", "A", "hit"),  # each flag toggles: ii is case insensitive again
     (r"/^a$/mm hit", "a\nb", None),
     (r"/^a$/m hit", "a\nb", "hit"),
@@ -58,7 +60,7 @@ CASES = [  # (rule, key, Postfix's answer; None: not found)
 REFUSED = [r"/(?i)abc/ x", r"/(?:abc)/ x", r"/^a{$/ x", r"/^a{x}$/ x", r"/^{a$/ x", r"/^*a$/ x", r"/a$*/ x",
            r"/^[[:word:]]$/ x", r"/^[[:digit]$/ x", r"/^[a-c-e]$/ x", r"/^a{99999}$/ x", r"/^\1(a)$/ x",
            r"/^[[.hyphen.]]$/ x", r"/(a)/ x$2", r"/(a)/ x$0", r"/(a)/ x$1y", r"/(a)/ x$", r"/(a)/ x${1",
-           "!/(a)/ x$1", r"/a/q x"]
+           "!/(a)/ x$1", r"/a/q x", r"/(a)|\1/ x", r"/b()|b\1/ x"]  # \1 of an earlier branch
 
 
 @pytest.mark.parametrize("rule,key,answer", CASES)

@@ -13,7 +13,8 @@ bytes with VERSION0.  What glibc does, and so what the translation does:
   that is neither first, last nor a range's end is an error; with the ``m`` flag
   (REG_NEWLINE) a non-matching list never matches a newline;
 - GNU escapes: ``\\<`` ``\\>`` ``\\b`` ``\\B`` ``\\w`` ``\\W`` ``\\s`` ``\\S`` and
-  ``\\``` (start of the text) ``\\'`` (end); ``\\1``-``\\9`` refer to a closed group;
+  ``\\``` (start of the text) ``\\'`` (end); ``\\1``-``\\9`` refer to a closed group,
+  not one in an earlier branch of the same alternation (``(a)|\\1`` is an error);
   any other escaped character is itself (``\\d`` is a ``d``, ``\\t`` a ``t``) -
   and under REG_ICASE glibc compares an escaped lowercase letter unfolded against
   the folded (upper-case) text, so ``\\d`` there matches nothing at all;
@@ -63,7 +64,9 @@ def translate(src: str, icase: bool = True, newline: bool = False) -> str:
     last: int | None = None  # out index where the last quantifiable piece starts
     quantified = False
     opened: list[tuple[int, int]] = []  # (out index of "(", group number)
-    closed: set[int] = set()
+    closed: set[int] = set()  # the groups a back-reference here may name
+    # per open (: the groups closed at its start, and in its earlier branches
+    levels: list[tuple[set[int], set[int]]] = [(set(), set())]
     groups = 0
     i, n = 0, len(src)
 
@@ -108,6 +111,7 @@ def translate(src: str, icase: bool = True, newline: bool = False) -> str:
         elif c == "(":
             groups += 1
             opened.append((len(out), groups))
+            levels.append((set(closed), set()))
             out.append("(")
             last = None
         elif c == ")":
@@ -116,9 +120,11 @@ def translate(src: str, icase: bool = True, newline: bool = False) -> str:
                 continue
             start, number = opened.pop()
             out.append(")")
-            closed.add(number)
+            closed |= levels.pop()[1] | {number}
             last, quantified = start, False
-        elif c == "|":
+        elif c == "|":  # glibc: a branch's back-references name no group of an earlier branch
+            levels[-1][1].update(closed)
+            closed = set(levels[-1][0])
             out.append("|")
             last = None
         elif c == "^":
