@@ -11,6 +11,7 @@ clients 127.0.47.33 (mynetworks) and 127.0.47.34 (outside)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -44,14 +45,25 @@ def keygen(directory, domain: str, selector: str, kind: str) -> str:
     return re.search(r"IN TXT \( (.*) \)", done.stdout).group(1)
 
 
-@pytest.fixture
-def keys(tmp_path):
-    directory = tmp_path / "keys"
-    directory.mkdir()
+@pytest.fixture(scope="module")
+def made_keys(tmp_path_factory):
+    """The module's keys, made once (three ``trimail dkim keygen`` runs, an interpreter
+    and an RSA key each: most of this module's time when made for every test)."""
+    directory = tmp_path_factory.mktemp("keys")
     zone = {f"{sel}._domainkey.sender.example": {"TXT": [keygen(directory, "sender.example", sel, kind)]}
             for sel, kind in (("rsa1", "rsa"), ("ed1", "ed25519"))}
     zone["rsa1._domainkey.other.example"] = {"TXT": [keygen(directory, "other.example", "rsa1o", "rsa")]}
     return directory, zone
+
+
+@pytest.fixture
+def keys(made_keys, tmp_path):
+    """A copy of the module's keys (modes kept) and zone of this test's own: a test may
+    change either (an unreadable key) without the next test seeing it."""
+    made, zone = made_keys
+    directory = tmp_path / "keys"
+    shutil.copytree(made, directory)
+    return directory, copy.deepcopy(zone)
 
 
 def tables(tmp_path, directory, signing: str) -> dict[str, str]:
