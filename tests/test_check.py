@@ -7,8 +7,13 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
+
+import dns.message
+import pytest
 
 from tests.conftest import write_main_cf
+from tests.dnsserver import answer
 from tests.ports import free_port
 from trimail.check import listening_sockets
 
@@ -36,7 +41,34 @@ def audited_check(config_path) -> tuple[subprocess.CompletedProcess[str], str]:
     return result, binds
 
 
-def test_check_beside_a_live_serve_binds_nothing_and_names_what_is_taken(tmp_path, serve_process):
+@pytest.fixture
+def nameserver():
+    """A real DNS server on 127.0.43.12 (a random UDP port) answering check's probe
+    (the root's NS records) at once: check waits up to 3 s for a silent resolver."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.43.12", 0))
+    sock.settimeout(0.1)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                data, peer = sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            sock.sendto(answer({".": {"NS": ["a.root.example."]}}, dns.message.from_wire(data)).to_wire(), peer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"127.0.43.12:{sock.getsockname()[1]}"
+    finally:
+        done.set()
+        thread.join()
+        sock.close()
+
+
+def test_check_beside_a_live_serve_binds_nothing_and_names_what_is_taken(tmp_path, serve_process, nameserver):
     live_dir = tmp_path / "live"
     live_dir.mkdir()
     live_config = write_main_cf(live_dir, smtpd_listen="127.0.43.10:0")
@@ -48,7 +80,7 @@ def test_check_beside_a_live_serve_binds_nothing_and_names_what_is_taken(tmp_pat
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     other = write_main_cf(other_dir, smtpd_listen=f"127.0.43.10:{port}", submission_listen=f"127.0.43.11:{spare}",
-                          dns_nameservers="127.0.43.12:53")
+                          dns_nameservers=nameserver)
     result, binds = audited_check(other)
     assert result.returncode == 1
     assert f"trimail: smtpd_listen: would listen on 127.0.43.10:{port}: in use" in result.stdout.splitlines()
@@ -58,7 +90,7 @@ def test_check_beside_a_live_serve_binds_nothing_and_names_what_is_taken(tmp_pat
     assert str(port) not in binds and str(spare) not in binds, binds
 
     # the wildcard collides with the live serve's address too
-    wildcard = write_main_cf(other_dir, smtpd_listen=f"0.0.0.0:{port}", dns_nameservers="127.0.43.12:53")
+    wildcard = write_main_cf(other_dir, smtpd_listen=f"0.0.0.0:{port}", dns_nameservers=nameserver)
     result, binds = audited_check(wildcard)
     assert result.returncode == 1 and f"cannot listen on 0.0.0.0:{port}" in result.stderr
     assert str(port) not in binds, binds
