@@ -23,7 +23,7 @@ Security notes: the content is held in memory, bounded by ``message_size_limit``
 are bounded by ``line_length_limit``.  The user can submit nothing here that
 ``sendmail`` would not take: the same checks, the same queue path.
 
-Parameters: those of smtpd's protocol settings (``trimail.receive.context.protocol_settings``),
+Parameters: those of smtpd's protocol settings (``trimail.receive.protocol.protocol_settings``),
 myhostname, mail_name, myorigin, mydomain, append_at_myorigin, append_dot_mydomain,
 virtual_alias_maps, receive_override_options, queue_directory.
 """
@@ -43,7 +43,7 @@ from trimail.log import printable
 from trimail.maps import TableError, open_table
 from trimail.queue.database import QueueError, works_the_queue_itself
 from trimail.queue.ids import new_queue_id
-from trimail.receive.context import protocol_settings
+from trimail.receive.protocol import protocol_settings
 from trimail.smtp import replies
 from trimail.smtp.events import (
     NEED_DATA,

@@ -103,7 +103,7 @@ def test_postfix_itself_agrees(tmp_path):
 def test_smtpd_forbidden_commands_reads_a_pcre_entry_as_pcre(make_config):
     """A ``pcre:`` entry of smtpd_forbidden_commands was parsed as ``regexp:``, which is
     POSIX now: ``\\d`` (a digit in PCRE) never matches there, as in Postfix."""
-    from trimail.receive.context import forbidden_tables
+    from trimail.receive.protocol import forbidden_tables
 
     matcher = forbidden_tables(make_config(smtpd_forbidden_commands="pcre:{{/^\\d/ Bogus}}"))
     assert matcher is not None and matcher("1HELO")

@@ -1,6 +1,7 @@
 """What every SMTP session of one listener shares: the protocol settings made from
-main.cf (and master.cf's submission/smtps defaults, or reinject_overrides for the
-content filter's way back), the policy, the recipient tables, the queue writer
+main.cf (``trimail.receive.protocol``; master.cf's submission/smtps defaults, or
+reinject_overrides for the content filter's way back, make the listener's
+configuration here), the policy, the recipient tables, the queue writer
 and the scheduler to hand mail to.  receive_override_options (Postfix's
 input_transp flags) are kept here for whoever honours them: the unknown-recipient
 checks and virtual alias expansion here, masquerading at delivery (through the
@@ -23,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import weakref
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trimail import rewrite
@@ -33,8 +33,7 @@ from trimail.cleanup.checks import content_checks
 from trimail.cleanup.rewrite import virtual_expand
 from trimail.config import Config, ConfigError
 from trimail.config.registry import PARAMETERS, suggest
-from trimail.maps import Table, TableError, off_loop
-from trimail.maps.patterns import _parse_pattern, match_regexp, parse_regexp
+from trimail.maps import Table, off_loop
 from trimail.metrics import Metrics
 from trimail.net.dns import Resolver
 from trimail.net.tls import server_tls_context
@@ -43,8 +42,8 @@ from trimail.policy.restrictions import Policy
 from trimail.queue.space import QueueSpace, unused_bytes
 from trimail.queue.writer import QueueWriter
 from trimail.receive.milters import SmtpdMilters
+from trimail.receive.protocol import PROTOCOL_TEXTS, _reads_no_file, milters_of, protocol_settings
 from trimail.rewrite import Resolved
-from trimail.smtp.server import Settings
 from trimail.unlisted import RecipientTables, Unlisted
 
 if TYPE_CHECKING:
@@ -55,107 +54,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("trimail.smtpd")
 
 
-def milters_of(config: Config) -> list[str]:
-    """smtpd_milters, unless receive_override_options has no_milters (a reinjection
-    listener: the mail was filtered before it went to the content filter)."""
-    return [] if "no_milters" in config.receive_override_options else config.smtpd_milters
 
-
-# the parameters whose text protocol_settings keeps (Config.memo's keeps); the others
-# it reads become flags and numbers
-PROTOCOL_TEXTS = ("myhostname", "smtpd_banner", "smtpd_forbidden_commands")
-
-
-def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
-    tls = bool(config.smtpd_tls_cert_file) and config.smtpd_tls_security_level != "none"
-    return Settings(
-        starttls=tls and kind != "smtps",
-        tls_required=tls and config.smtpd_tls_security_level == "encrypt",
-        auth=kind in ("submission", "smtps") or config.smtpd_sasl_auth_enable,
-        auth_tls_only=config.smtpd_tls_auth_only,
-        hostname=config.myhostname,
-        banner=config.smtpd_banner,
-        message_size_limit=config.message_size_limit,
-        line_length_limit=config.line_length_limit,
-        recipient_limit=config.smtpd_recipient_limit,
-        hard_error_limit=config.smtpd_hard_error_limit,
-        # Postfix: yes and note are normalize; trimail never ends DATA at a bare LF, so no is too
-        bare_newline="reject" if config.smtpd_forbid_bare_newline == "reject" else "normalize",
-        bare_newline_code=config.smtpd_forbid_bare_newline_reject_code,
-        replace_stray_cr_lf=config.cleanup_replace_stray_cr_lf,
-        forbidden_commands=frozenset(c.upper() for c in config.smtpd_forbidden_commands if ":" not in c),
-        forbidden_match=forbidden_tables(config),
-        # Postfix: smtpd_delay_reject = no runs smtpd_client_restrictions at connect
-        connect_check=not config.smtpd_delay_reject and bool(config.smtpd_client_restrictions)
-        or bool(milters_of(config)),  # the filters hear of the connection before the greeting
-        smtputf8=config.smtputf8_enable,
-        vrfy=not config.disable_vrfy_command,
-        etrn=bool(config.fast_flush_domains),
-        helo_required=config.smtpd_helo_required,
-    )
-
-
-def _reads_no_file(config: Config) -> bool:
-    """Whether ``protocol_settings`` reads no file (every smtpd_forbidden_commands
-    table is inline), so that it may be made once per configuration (``Config.memo``)."""
-    return all(entry.partition(":")[2].startswith("{") for entry in config.smtpd_forbidden_commands
-               if ":" in entry)
-
-
-def forbidden_tables(config: Config):
-    """A matcher for the ``type:table`` entries of smtpd_forbidden_commands (Postfix's
-    default ``regexp:{{/^[^A-Z]/ Bogus}}``): inline ``regexp:{{/re/ result}, ...}`` and
-    ``pcre:`` entries, or regexp/pcre files, read once here; other table types are not
-    consulted (a warning).  None when there are no entries."""
-    rules: list = []
-    for entry in config.smtpd_forbidden_commands:
-        kind, sep, name = entry.partition(":")
-        if not sep:
-            continue
-        if kind not in ("regexp", "pcre"):
-            log.warning("%s: %s: only regexp: and pcre: tables are consulted here; ignored",
-                        config.where("smtpd_forbidden_commands"), entry)
-            continue
-        try:
-            if name.startswith("{"):
-                for number, text in enumerate(_inline_rules(name), 1):
-                    pattern, negated, result = _parse_pattern(Path("smtpd_forbidden_commands"), number, text,
-                                                              pcre=kind == "pcre")
-                    if not result:
-                        raise TableError(f"{entry}: no result after the pattern")
-                    rules.append(([(pattern, negated)], result))
-            else:
-                rules += parse_regexp(Path(name), pcre=kind == "pcre")
-        except (TableError, ValueError) as exc:
-            raise ConfigError(f"{config.where('smtpd_forbidden_commands')}: {exc}") from None
-    if not rules:
-        return None
-    return lambda word: match_regexp(rules, word) is not None
-
-
-def _inline_rules(text: str) -> list[str]:
-    """The rules of an inline table ``{ {rule}, {rule} }`` (or ``{rule}``)."""
-    body = text.strip()
-    if not (body.startswith("{") and body.endswith("}")):
-        raise ValueError(f"bad inline table {text!r}")
-    body = body[1:-1].strip()
-    if not body.startswith("{"):
-        return [body] if body else []
-    rules, depth, start = [], 0, 0
-    for i, ch in enumerate(body):
-        if ch == "{":
-            depth += 1
-            if depth == 1:
-                start = i + 1
-        elif ch == "}":
-            depth -= 1
-            if depth == 0:
-                rules.append(body[start:i].strip())
-            elif depth < 0:
-                raise ValueError(f"bad inline table {text!r}")
-    if depth:
-        raise ValueError(f"bad inline table {text!r}")
-    return rules
 
 
 def listener_config(config: Config, kind: str) -> Config:
