@@ -22,7 +22,6 @@ parent_domain_matches_subdomains, dns_nameservers, content_filter, receive_overr
 
 from __future__ import annotations
 
-import logging
 import weakref
 from typing import TYPE_CHECKING
 
@@ -50,11 +49,6 @@ if TYPE_CHECKING:
     from trimail.receive.hooks import SessionHooks
     from trimail.receive.session import SmtpdSession
     from trimail.scheduler import Scheduler
-
-log = logging.getLogger("trimail.smtpd")
-
-
-
 
 
 def listener_config(config: Config, kind: str) -> Config:
