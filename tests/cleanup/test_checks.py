@@ -43,6 +43,23 @@ def test_each_header_class_has_its_own_table(tmp_path):
     ]
 
 
+def test_a_boundary_with_capital_letters_is_found_and_its_parts_headers_are_checked(tmp_path):
+    """Red team 38: the boundary was taken from the lower-cased Content-Type, so
+    "--Part_Abc" never matched "part_abc": a part's headers went unchecked by
+    mime_header_checks (an .exe attachment passed a REJECT rule), and the body
+    limit never started again per part.  RFC 2046 boundaries are case-sensitive."""
+    checks = ContentChecks([], table(tmp_path, "m", '/^Content-Type:.*name=.*\\.exe/ REJECT exe attachment\n'), [],
+                           table(tmp_path, "b", "/^bad/ REJECT\n"), body_limit=20)
+    message = ("Subject: s\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"----=_Part_1_Abc\"\n\n"
+               "------=_Part_1_Abc\nContent-Type: text/plain\n\n{}\n"
+               "------=_Part_1_Abc\nContent-Type: application/octet-stream; name=\"x.exe\"\n\nTVqQ\n"
+               "------=_Part_1_Abc--")
+    assert scan(checks, message.format("hello"))[0].reject == "5.7.1 exe attachment"
+    # the body limit starts again with each part: "bad" at the start of the second is seen
+    second_bad = message.replace("TVqQ", "bad").replace("x.exe", "x.txt").format("x" * 30)
+    assert scan(checks, second_bad)[0].reject == "5.7.1 message content rejected"
+
+
 def test_edits_and_the_first_reject_ends_the_checks(tmp_path):
     checks = ContentChecks(table(tmp_path, "h", "/^X-Old: (.*)/ REPLACE X-New: $1\n/^X-Gone:/ IGNORE\n"
                                  "/^Subject:/ PREPEND not a header\n"), [], [],

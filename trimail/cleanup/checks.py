@@ -232,10 +232,11 @@ class _Scan:
     def _end_of_header(self) -> None:
         """The header section just read is over: what its Content-Type says comes next."""
         self.in_header = False
-        kind = self.content_type.partition(":")[2].strip().lower()
+        value = self.content_type.partition(":")[2].strip()
+        kind = value.lower()
         self.content_type = ""
         if kind.startswith("multipart/") and len(self.stack) < NESTING_LIMIT:
-            m = BOUNDARY.search(kind)
+            m = BOUNDARY.search(value)  # a boundary is case-sensitive (RFC 2046): "--BB" is not "--bb"
             if m:
                 self.stack.append(_Part((m.group(1) or m.group(2) or "").encode("utf-8", "replace")))
                 return
