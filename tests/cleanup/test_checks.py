@@ -3,6 +3,9 @@ actions do to the content (tests/differential/checks.py compares the same with P
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from trimail.cleanup.checks import ContentChecks
 from trimail.maps import open_table
 
@@ -88,3 +91,37 @@ def test_strip_drops_the_line_with_a_note_and_pass_ends_the_checks(tmp_path):
     assert outcome.passed and outcome.reject is None and not outcome.edited
     assert out == "Subject: ok\r\nX-After: 1\r\nX-Strip: y\r\n\r\nbad\r\n"  # nothing looked up after PASS
     assert notes == [("pass", "header", "Subject: ok", "trusted")]
+
+
+def _reference_body_lookups(lines: list[bytes], line_limit: int, body_limit: int) -> list[bytes]:
+    """The pieces of each body line that body_checks looks up, as trimail looked them
+    up before red team 38 (every piece made, those past the limit not looked up)."""
+    looked, seen = [], 0
+    for line in lines:
+        stripped = line.rstrip(b"\r\n")
+        pieces = [line] if len(stripped) <= line_limit else [
+            stripped[i:i + line_limit] for i in range(0, len(stripped), line_limit)]
+        for number, piece in enumerate(pieces, 1):
+            if seen < body_limit:
+                looked.append(piece.rstrip(b"\r\n"))
+            seen += len(piece) + (len(line) - len(stripped) if number == len(pieces) > 1 else 0)
+    return looked
+
+
+@settings(max_examples=200, deadline=None)
+@given(lengths=st.lists(st.integers(0, 300), min_size=1, max_size=12), line_limit=st.integers(1, 40),
+       body_limit=st.integers(0, 400))
+def test_long_body_lines_are_looked_up_up_to_the_size_limit_and_pass_whole(tmp_path_factory, lengths, line_limit,
+                                                                          body_limit):
+    """Red team 38: past body_checks_size_limit the rest of a long line is no longer
+    cut into pieces; the pieces looked up, and the output, are what they were."""
+    directory = tmp_path_factory.mktemp("t")
+    checks = ContentChecks([], [], [], table(directory, "b", "/^(.*)$/ WARN seen $1\n"),
+                           body_limit=body_limit, line_limit=line_limit)
+    lines = [bytes([0x61 + i % 26]) * n + b"\r\n" for i, n in enumerate(lengths)]
+    out: list[bytes] = []
+    notes: list[tuple[str, str, str, str]] = []
+    checks.scan([b"Subject: s\r\n", b"\r\n", *lines], out.append, lambda *note: notes.append(note))
+    assert b"".join(out) == b"Subject: s\r\n\r\n" + b"".join(lines)
+    looked = [text.encode() for _, what, text, _ in notes if what == "body"]
+    assert looked == _reference_body_lookups(lines, line_limit, body_limit)

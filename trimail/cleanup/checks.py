@@ -263,14 +263,28 @@ class _Scan:
 
     def _check_body(self, line: bytes, stripped: bytes) -> None:
         """A line longer than line_length_limit is looked up piece by piece, as Postfix's
-        smtpd stores it as records of that length (the pieces stay one line)."""
+        smtpd stores it as records of that length (the pieces stay one line).  Only the
+        pieces that start within body_checks_size_limit are looked up; the rest of the
+        line goes out as it is, in one piece, and so does a line past the limit (red
+        team 38: a 40 MB line was cut into 20,000 pieces, each decoded, to look none of
+        them up; 10 MB of short lines past the limit: 0.16 -> 0.11-0.14 s)."""
+        part = self.stack[-1] if self.stack else self.top
+        room = self.checks.body_limit - part.body_bytes
+        if room <= 0 or not self.checking or not self.checks.body:  # nothing to look up
+            part.body_bytes += len(line)
+            self.out(line)
+            return
         limit = self.checks.line_limit
         if len(stripped) <= limit:
-            pieces = [line]
+            pieces, rest = [line], b""
         else:
-            pieces = [stripped[i:i + limit] for i in range(0, len(stripped), limit)]
-            pieces[-1] += line[len(stripped):]
-        part = self.stack[-1] if self.stack else self.top
+            cut = min(len(stripped), -(-room // limit) * limit)  # the pieces that start within the limit
+            pieces = [stripped[i:i + limit] for i in range(0, cut, limit)]
+            if cut == len(stripped):
+                pieces[-1] += line[len(stripped):]
+                rest = b""
+            else:
+                rest = line[cut:]
         for piece in pieces:
             tables = self.checks.body if part.body_bytes < self.checks.body_limit else []
             part.body_bytes += len(piece)
@@ -279,6 +293,9 @@ class _Scan:
                 self.out(piece)
             elif kept:
                 self.out(kept)
+        if rest:
+            part.body_bytes += len(rest)
+            self.out(rest)
 
     # -- actions ------------------------------------------------------------------------------
     def _act(self, tables: Sequence[Table], param: str, what: str, text: str, original: bytes) -> bytes | None:
