@@ -194,14 +194,14 @@ class DotStuffer:
             return chunk
         first, final = chunk.find(b"\n"), chunk.rfind(b"\n")
         if first < 0:  # the line goes on
-            if self._column + len(chunk) > limit:
-                chunk = self._fold(chunk)
-            self._column = self._column_after(chunk)
-            return chunk
-        if (self._column + first - 1 > limit or len(chunk) - final - 1 > limit
-                or self._may_have_long_line(chunk, first + 1, final + 1)):
+            too_long = self._column + len(chunk) > limit
+        else:
+            too_long = (self._column + first - 1 > limit or len(chunk) - final - 1 > limit
+                        or self._may_have_long_line(chunk, first + 1, final + 1))
+        if too_long:
             chunk = self._fold(chunk)
-        self._column = self._column_after(chunk)
+            final = chunk.rfind(b"\n")
+        self._column = self._column + len(chunk) if final < 0 else len(chunk) - final - 1
         return chunk
 
     def _may_have_long_line(self, chunk: bytes, start: int, end: int) -> bool:
@@ -211,21 +211,14 @@ class DotStuffer:
         (limit + 3) // 2 bytes counted from *start*: when every block has an LF, no
         line is too long.  One memchr per block: for 100 KB of 80-byte lines about
         30 us, against 90 us for splitting them all and measuring each.  A block
-        without an LF (a line of more than half the limit) sends the chunk to that
-        exact test."""
+        without an LF (a line of more than half the limit), or a small limit, sends
+        the chunk to that exact test."""
         block = (self.line_limit + 3) // 2
-        if block < 256:  # a small limit: the exact test is as fast
-            return max(map(len, chunk[start:end].split(b"\n"))) > self.line_limit + 1
-        find = chunk.find
-        for at in range(start, end, block):
-            if find(b"\n", at, min(at + block, end)) < 0:
-                return max(map(len, chunk[start:end].split(b"\n"))) > self.line_limit + 1
-        return False
-
-    def _column_after(self, chunk: bytes) -> int:
-        """The length of the line not ended yet after *chunk*."""
-        final = chunk.rfind(b"\n")
-        return self._column + len(chunk) if final < 0 else len(chunk) - final - 1
+        if block >= 256:
+            find = chunk.find
+            if all(find(b"\n", at, min(at + block, end)) >= 0 for at in range(start, end, block)):
+                return False
+        return max(map(len, chunk[start:end].split(b"\n"))) > self.line_limit + 1
 
     def _fold(self, chunk: bytes) -> bytes:
         limit, column, lines = self.line_limit, self._column, []
