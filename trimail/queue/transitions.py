@@ -141,8 +141,12 @@ def _quarantine_unreadable(store: Store, limit: int) -> None:
             "UPDATE message SET state = 'corrupt' WHERE rowid IN (SELECT rowid FROM message WHERE state = 'maildrop'"
             " LIMIT +?) AND NOT (json_valid(params) AND json_type(params) = 'object') RETURNING id",
             (limit,)).fetchall():
-        log.warning("%s: corrupt queue file (its parameters are not a JSON object): moved to the corrupt queue",
-                    message_id)
+        _report_unreadable(message_id)
+
+
+def _report_unreadable(message_id: str) -> None:
+    log.warning("%s: corrupt queue file (its parameters are not a JSON object): moved to the corrupt queue",
+                message_id)
 
 
 def _params(text: str) -> dict | None:
@@ -190,8 +194,7 @@ def claim(store: Store, limit: int, now: float, recipients: int | None = None) -
             continue
         if (loaded_params := _params(params)) is None:  # as a short body: kept, never sent (red team 37)
             quarantine(store, message_id, state)
-            log.warning("%s: corrupt queue file (its parameters are not a JSON object): moved to the corrupt queue",
-                        message_id)
+            _report_unreadable(message_id)
             continue
         store.transition(message_id, state, "active")
         pending = [QueuedRecipient(*r) for r in db.execute(
