@@ -12,13 +12,17 @@ import sys
 
 from tests.cleanup.test_local_checks import config, stored
 
-RUN_WITHOUT_TRIO = """
+# the start of a program whose import of trio fails ("... imported trio")
+REFUSE_TRIO = """
 import sys
 class Refuse:
     def find_spec(self, name, path=None, target=None):
         if name == "trio" or name.startswith("trio."):
-            raise ImportError("sendmail imported trio")
+            raise ImportError("the command imported trio")
 sys.meta_path.insert(0, Refuse())
+"""
+
+RUN_WITHOUT_TRIO = REFUSE_TRIO + """
 sys.argv = ["trimail", "sendmail"] + sys.argv[1:]
 from trimail.entry import main
 main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from tests.cleanup.test_sendmail_without_trio import REFUSE_TRIO
 from trimail.queue.store import Store
 
 
@@ -20,13 +21,7 @@ def test_the_command_line_does_not_import_dkim_dns_or_trio_until_a_command_needs
     assert result.stdout.strip() == "[]"
 
 
-WITHOUT_TRIO = """
-import sys
-class Refuse:
-    def find_spec(self, name, path=None, target=None):
-        if name == "trio" or name.startswith("trio."):
-            raise ImportError("the command imported trio")
-sys.meta_path.insert(0, Refuse())
+WITHOUT_TRIO = REFUSE_TRIO + """
 from trimail.cli import main
 main(sys.argv[1:])
 """
