@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from itertools import repeat
 
 from trimail.smtp.address import ascii_upper
 from trimail.smtp.content import (
@@ -209,14 +210,15 @@ class DotStuffer:
         longer than line_limit?  Such a line is a run of at least limit + 2 bytes
         without an LF (its CR counts), and a run that long contains a whole block of
         (limit + 3) // 2 bytes counted from *start*: when every block has an LF, no
-        line is too long.  One memchr per block: for 100 KB of 80-byte lines about
-        30 us, against 90 us for splitting them all and measuring each.  A block
-        without an LF (a line of more than half the limit), or a small limit, sends
-        the chunk to that exact test."""
+        line is too long.  One memchr per block, the calls made by ``map`` in C (a
+        generator of them cost 100 us per 100 KB of 80-byte lines, this 38, splitting
+        the lines and measuring each 127).  The last block may reach past *end*: no
+        LF follows it.  A block without an LF (a line of more than half the limit),
+        or a small limit, sends the chunk to that exact test."""
         block = (self.line_limit + 3) // 2
         if block >= 256:
-            find = chunk.find
-            if all(find(b"\n", at, min(at + block, end)) >= 0 for at in range(start, end, block)):
+            starts, ends = range(start, end, block), range(start + block, end + block, block)
+            if -1 not in map(chunk.find, repeat(b"\n"), starts, ends):
                 return False
         return max(map(len, chunk[start:end].split(b"\n"))) > self.line_limit + 1
 
