@@ -1,4 +1,4 @@
-"""Red team 36b: the scan's input and output, pure (trimail.cleanup.checks.message_lines,
+"""Red team 36b: the scan's input and output, pure (trimail.cleanup.lines.message_lines,
 trimail.cleanup.checks.ContentChecks)."""
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ import time
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from trimail.cleanup.checks import ContentChecks, message_lines
+from trimail.cleanup.checks import ContentChecks
+from trimail.cleanup.lines import message_lines
 from trimail.maps import open_table
 from trimail.queue.spool import Spool
 from trimail.receive.checks import SCAN_CHUNK
@@ -22,7 +23,8 @@ def _spool(tmp_path, data: bytes) -> Spool:
 
 
 def _lines(spool: Spool):
-    """The lines receive/checks.py scans: the spool's 64 KiB chunks, cut into lines."""
+    """The spool's 64 KiB chunks cut into whole lines (receive/checks.py takes a long one in
+    pieces: tests/cleanup/test_checks_pieces.py)."""
     return message_lines(spool.chunks(SCAN_CHUNK))
 
 

@@ -31,7 +31,6 @@ from trimail.cleanup.checks import (
     action_lines,
     content_checks,
     log_lines,
-    message_lines,
 )
 from trimail.cleanup.loglines import captured
 from trimail.config import Config
@@ -104,7 +103,7 @@ def _check(checks: ContentChecks, queue_id: str, sender: str, recipients: list[s
     the recipients and in ``outcome.bcc`` only when they were not recipients already."""
     kept: list[bytes] = []
     notes: list[tuple[str, str, str, str]] = []
-    outcome: Outcome = checks.scan(message_lines((content,)), kept.append, lambda *note: notes.append(note))
+    outcome: Outcome = checks.scan(checks.lines((content,)), kept.append, lambda *note: notes.append(note))
     actions = action_lines(queue_id, notes, origin="local", sender=sender, recipients=recipients,
                            proto=protocol if helo_name else None, helo=printable(helo_name, 200))
     if outcome.reject is not None:

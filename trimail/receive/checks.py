@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from trimail.cleanup.checks import log_actions, message_lines
+from trimail.cleanup.checks import log_actions
 from trimail.maps import TableError
 from trimail.queue.spool import Spool, SpoolError
 from trimail.smtp import replies
@@ -104,7 +104,7 @@ async def check_content(session: SmtpdSession) -> Reply | None:
     progress = _Progress()
 
     def scan():
-        return checks.scan(progress.count(message_lines(spool.chunks(SCAN_CHUNK))), out.write,
+        return checks.scan(progress.count(checks.lines(spool.chunks(SCAN_CHUNK))), out.write,
                            lambda *note: notes.append(note))
 
     try:
