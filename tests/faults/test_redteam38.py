@@ -1,0 +1,59 @@
+"""Red team 38: the header and body checks under a flood of large messages, against a
+real serve."""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+from tests.faults.conftest import assert_serving, smtp_command
+from tests.faults.test_redteam36b import SLOW_HEADER_RULE, slow_headers
+from trimail.receive.checks import SCAN_THREADS
+
+
+def _open_transaction(port: int) -> socket.socket:
+    conn = socket.create_connection(("127.0.0.1", port), timeout=120)
+    conn.recv(4096)
+    for line in (b"EHLO client.example", b"MAIL FROM:<alice@client.example>", b"RCPT TO:<bob@remote.example>",
+                 b"DATA"):
+        assert smtp_command(conn, line)[:1] in (b"2", b"3"), line
+    return conn
+
+
+def _reply(conn: socket.socket) -> bytes:
+    answer = b""
+    while not answer.endswith(b"\r\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        answer += chunk
+    return answer
+
+
+def test_waiting_for_a_scan_thread_is_not_a_table_that_cannot_answer(daemon, tmp_path: Path) -> None:
+    """The watchdog of a scan (a line taken within table_lookup_timeout) counted the wait
+    for a free scan thread: with every thread busy on big messages, mail whose tables
+    answered at once was refused ``451 4.3.0 ... no progress within 20s`` (red team 38:
+    45 of 100 messages of 40 MB at once).  Now only the scan itself is watched; the wait
+    is bounded by the session's smtpd_timeout."""
+    rules = tmp_path / "header_checks"
+    rules.write_text(SLOW_HEADER_RULE)
+    d = daemon(smtpd_workers="0", header_checks=f"regexp:{rules}", table_lookup_timeout="1s",
+               message_size_limit=10_000_000)
+    busy = b"Subject: slow\r\n" + slow_headers(120) + b"\r\nbody\r\n.\r\n"  # seconds of lines of ms each
+    scans = [_open_transaction(d.port) for _ in range(SCAN_THREADS)]
+    for conn in scans:
+        conn.sendall(busy)  # every scan thread taken
+    waiting = _open_transaction(d.port)  # after the others' ends of DATA: its scan waits for a thread
+    started = time.monotonic()
+    waiting.sendall(b"Subject: quick\r\n\r\nbody\r\n.\r\n")
+    reply = _reply(waiting)
+    waited = time.monotonic() - started
+    assert reply.startswith(b"250 "), reply
+    assert waited > 1.5, f"the message did not wait for a thread ({waited:.2f} s): the test proves nothing"
+    for conn in scans:
+        assert _reply(conn).startswith(b"250 ")
+        conn.close()
+    waiting.close()
+    assert_serving(d)
