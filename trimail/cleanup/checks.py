@@ -40,6 +40,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -95,11 +96,14 @@ class ContentChecks:
     def active(self) -> bool:
         return bool(self.header or self.mime or self.nested or self.body)
 
-    def scan(self, lines: Iterable[bytes], out: Callable[[bytes], None], note: Note) -> Outcome:
+    def scan(self, lines: Iterable[bytes], out: Callable[[bytes], None], note: Note,
+             turn: AbstractContextManager = nullcontext()) -> Outcome:
         """Each CRLF-ended line of the message (its first the ``Received:`` header this
         MTA added), the kept and edited lines written to *out*.  A long line may come in
-        pieces, as ``lines`` cuts it: a piece without an LF is followed by more of its line."""
-        return _Scan(self, out, note).run(lines)
+        pieces, as ``lines`` cuts it: a piece without an LF is followed by more of its line.
+        Each lookup is made holding *turn* (scans on threads take turns: see
+        trimail/receive/checks.py)."""
+        return _Scan(self, out, note, turn).run(lines)
 
     def lines(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         """The lines of a message's *chunks* for ``scan``, a long line in pieces of a
@@ -148,8 +152,9 @@ def action_lines(queue_id: str, notes: Iterable[tuple[str, str, str, str]], *, o
 
 
 class _Scan:
-    def __init__(self, checks: ContentChecks, out: Callable[[bytes], None], note: Note) -> None:
-        self.checks, self.out = checks, out
+    def __init__(self, checks: ContentChecks, out: Callable[[bytes], None], note: Note,
+                 turn: AbstractContextManager) -> None:
+        self.checks, self.out, self.turn = checks, out, turn
         # an action's text may hold the line's own ($1: a folded header's newline, ESC):
         # logged as Postfix's msg functions log it, each control character a "?" (red team 37)
         self.note: Note = lambda action, what, text, arg: note(action, what, text, printable(arg, NOTE_TEXT_LIMIT))
@@ -326,7 +331,8 @@ class _Scan:
         """None: keep the line; b"": drop it; else the line(s) that take its place."""
         if not self.checking or not tables:
             return None
-        value = lookup_first(tables, text)
+        with self.turn:
+            value = lookup_first(tables, text)
         if value is None:
             return None
         command, _, arg = value.strip().partition(" ")
