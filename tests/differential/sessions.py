@@ -85,6 +85,18 @@ SESSIONS: list[Session] = [
                                         "MAIL FROM:<a@client.test>", "RCPT TO:<info@mx.test.example> NOTIFY=NEVER",
                                         "RCPT TO:<info@mx.test.example> ORCPT=rfc822;info@mx.test.example",
                                         "QUIT"]),
+    Session("dsn-parameter-errors", OUTSIDE, [
+        "EHLO client.test", "MAIL FROM:<a@client.test> RET=PARTIAL", "MAIL FROM:<a@client.test> RET=FULL RET=HDRS",
+        "MAIL FROM:<a@client.test> ENVID=a+2", "MAIL FROM:<a@client.test> ENVID=a+0Db",
+        "MAIL FROM:<a@client.test> ENVID=x ENVID=y", "MAIL FROM:<a@client.test> NOTIFY=NEVER",
+        "MAIL FROM:<a@client.test> RET=hdrs ENVID=a+2Bb", "QUIT"]),
+    Session("dsn-rcpt-parameter-errors", OUTSIDE, [
+        "EHLO client.test", "MAIL FROM:<a@client.test>", "RCPT TO:<info@mx.test.example> NOTIFY=NEVER,SUCCESS",
+        "RCPT TO:<info@mx.test.example> NOTIFY=SOMETIMES",
+        "RCPT TO:<info@mx.test.example> NOTIFY=DELAY NOTIFY=FAILURE", "RCPT TO:<info@mx.test.example> ORCPT=x",
+        "RCPT TO:<info@mx.test.example> ORCPT=;x", "RCPT TO:<info@mx.test.example> ORCPT=rfc822;a+4",
+        "RCPT TO:<info@mx.test.example> RET=FULL",
+        "RCPT TO:<info@mx.test.example> NOTIFY=success,Delay ORCPT=rfc822;info+40mx.test.example", "QUIT"]),
     Session("bdat", OUTSIDE, ["EHLO client.test", "MAIL FROM:<a@client.test>", "RCPT TO:<x@far.test>",
                               "BDAT 0 LAST", "QUIT"]),
     Session("starttls-not-offered", OUTSIDE, ["EHLO client.test", "STARTTLS", "QUIT"]),

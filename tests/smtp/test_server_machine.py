@@ -36,6 +36,7 @@ def test_golden_dialogue_with_pipelining():
         "250-VRFY\r\n"
         "250-ENHANCEDSTATUSCODES\r\n"
         "250-8BITMIME\r\n"
+        "250-DSN\r\n"
         "250 SMTPUTF8\r\n"
         "250 2.1.0 Ok\r\n"
         "250 2.1.5 Ok\r\n"
@@ -163,7 +164,8 @@ def test_esmtp_parameters_need_ehlo():
         (b"RCPT TO:<user>\r\n", 250),  # the machine takes it; smtpd qualifies it (user@$myorigin)
         (b"RCPT TO:<user@>\r\n", 501),
         (b"RCPT FROM:<a@example.com>\r\n", 501),
-        (b"RCPT TO:<a@example.com> NOTIFY=NEVER\r\n", 555),
+        (b"RCPT TO:<a@example.com> NOTIFY=NEVER\r\n", 250),  # RFC 3461
+        (b"RCPT TO:<a@example.com> FROB=1\r\n", 555),
         (b"RCPT TO:<\"quoted name\"@example.com>\r\n", 250),
         (b"RCPT TO:<a@[192.0.2.1]>\r\n", 250),
         (b"RCPT TO:<a@[IPv6:2001:db8::1]>\r\n", 250),

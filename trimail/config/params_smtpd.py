@@ -97,6 +97,9 @@ PARAMS: list[Param] = [
        "on stop, how long open sessions may finish before 421, then SMTP deliveries in progress"),
     P("disable_vrfy_command", "no", parse_bool, "refuse VRFY (502) instead of answering 252"),
     P("smtputf8_enable", "yes", parse_bool, "announce and accept SMTPUTF8"),
+    P("smtpd_discard_ehlo_keywords", "", split_list,
+       "EHLO keywords not announced, case-insensitive (dsn: the DSN parameters are refused too; "
+       "silent-discard: accepted and ignored, nothing here is logged)"),
     # restrictions (consulted by the policy layer)
     P("smtpd_client_restrictions", "", split_list, "restrictions at connect time"),
     P("smtpd_helo_restrictions", "", split_list, "restrictions on HELO/EHLO"),

@@ -148,6 +148,7 @@ class TypedParameters:
     graceful_timeout: float
     disable_vrfy_command: bool
     smtputf8_enable: bool
+    smtpd_discard_ehlo_keywords: list[str]
     smtpd_client_restrictions: list[str]
     smtpd_helo_restrictions: list[str]
     smtpd_sender_restrictions: list[str]

@@ -13,7 +13,7 @@ smtpd_forbid_bare_newline_reject_code, cleanup_replace_stray_cr_lf,
 smtpd_forbidden_commands, smtpd_delay_reject, smtpd_client_restrictions,
 smtputf8_enable, disable_vrfy_command, fast_flush_domains, smtpd_helo_required,
 smtpd_tls_cert_file, smtpd_tls_security_level, smtpd_tls_auth_only,
-smtpd_sasl_auth_enable, smtpd_milters, receive_override_options.
+smtpd_sasl_auth_enable, smtpd_milters, receive_override_options, smtpd_discard_ehlo_keywords.
 """
 
 from __future__ import annotations
@@ -42,7 +42,10 @@ PROTOCOL_TEXTS = ("myhostname", "smtpd_banner", "smtpd_forbidden_commands")
 
 def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
     tls = bool(config.smtpd_tls_cert_file) and config.smtpd_tls_security_level != "none"
+    discard = frozenset(k.upper() for k in config.smtpd_discard_ehlo_keywords) - {"SILENT-DISCARD"}
     return Settings(
+        dsn="DSN" not in discard,
+        discard_ehlo=discard,
         starttls=tls and kind != "smtps",
         tls_required=tls and config.smtpd_tls_security_level == "encrypt",
         auth=kind in ("submission", "smtps") or config.smtpd_sasl_auth_enable,

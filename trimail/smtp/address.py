@@ -58,6 +58,7 @@ class Utf8NotDeclared(AddressError):
 class Path:
     address: str  # "" for the null reverse-path <>
     params: dict[str, str | None]
+    repeated: frozenset[str] = frozenset()  # keys given more than once (the value kept is the last)
 
 
 # Character classes with every non-ASCII character are written as the ASCII they leave
@@ -194,7 +195,7 @@ def parse_path(argument: str, prefix: str, *, utf8_allowed: bool) -> Path:
         path, _, params_text = rest.partition(" ")
         if not path:
             raise AddressError("syntax")
-    params = parse_params(params_text)
+    params, repeated = parse_params_repeated(params_text)
     if len(path) > MAX_PATH:
         raise AddressError("path too long")
     if path.startswith("@"):  # source route: <@relay1,@relay2:user@domain>
@@ -204,9 +205,9 @@ def parse_path(argument: str, prefix: str, *, utf8_allowed: bool) -> Path:
             raise AddressError("bad source route")
         path = path[end + 1:]
     if path == "":
-        return Path("", params)
+        return Path("", params, repeated)
     utf8 = utf8_allowed or "SMTPUTF8" in params
-    return Path(check_mailbox(path, utf8=utf8), params)
+    return Path(check_mailbox(path, utf8=utf8), params, repeated)
 
 
 def source_route_end(text: str) -> int:
@@ -260,10 +261,20 @@ def _scan_closing_bracket(text: str) -> int:
 
 def parse_params(text: str) -> dict[str, str | None]:
     """``KEY=VALUE`` and ``KEY`` parameters; keys upper-cased (RFC 5321 4.1.2)."""
+    return parse_params_repeated(text)[0]
+
+
+def parse_params_repeated(text: str) -> tuple[dict[str, str | None], frozenset[str]]:
+    """The parameters and the keys given more than once (a repeated DSN parameter is
+    refused, as Postfix's smtpd refuses it)."""
     params: dict[str, str | None] = {}
+    repeated: set[str] = set()
     for item in text.split():
         key, sep, value = item.partition("=")
         if not _KEYWORD.fullmatch(key) or (sep and (not value or _CONTROL.search(value))):
             raise AddressError(f"bad parameter {item!r}")
-        params[ascii_upper(key)] = value if sep else None
-    return params
+        key = ascii_upper(key)
+        if key in params:
+            repeated.add(key)
+        params[key] = value if sep else None
+    return params, frozenset(repeated)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from trimail.smtp import replies
+from trimail.smtp import dsn, replies
 from trimail.smtp.address import AddressError, Utf8NotDeclared, ascii_upper, is_domain, parse_path
 from trimail.smtp.events import DataStart, Etrn, Event, Hello, MailFrom, RcptTo, Rejected, StartTls
 from trimail.smtp.replies import Reply
@@ -80,13 +80,14 @@ def check_mail(conn: ServerConnection, arg: str) -> Event:
         return Rejected("mail", replies.NEED_SMTPUTF8)
     except AddressError as exc:
         return Rejected("mail", replies.SYNTAX_MAIL if str(exc) == "syntax" else replies.BAD_SENDER)
-    problem = check_mail_params(path.params, conn.extended, conn.settings)
+    problem = check_mail_params(path.params, conn.extended, conn.settings, path.repeated)
     if problem is not None:  # refused for its SIZE: Postfix logs the sender, as for a policy reject
         return Rejected("mail", problem, path.address if problem is replies.MESSAGE_TOO_BIG else None)
     return MailFrom(path.address, path.params)
 
 
-def check_mail_params(params: dict[str, str | None], extended: bool, settings: Settings) -> Reply | None:
+def check_mail_params(params: dict[str, str | None], extended: bool, settings: Settings,
+                      repeated: frozenset[str] = frozenset()) -> Reply | None:
     if params and not extended:
         return replies.unsupported_option(*next(iter(params.items())))
     for key, value in params.items():
@@ -102,9 +103,30 @@ def check_mail_params(params: dict[str, str | None], extended: bool, settings: S
         elif key == "SMTPUTF8" and settings.smtputf8:
             if value is not None:
                 return replies.bad_parameter("Bad SMTPUTF8 parameter syntax")
+        elif key in dsn.MAIL_CHECKS:
+            if (problem := _dsn_param(key, value, settings, repeated, dsn.MAIL_CHECKS)) is not None:
+                return problem
         else:
             return replies.unsupported_option(key, value)
     return None
+
+
+def check_rcpt_params(params: dict[str, str | None], settings: Settings,
+                      repeated: frozenset[str] = frozenset()) -> Reply | None:
+    """RCPT TO's parameters: NOTIFY and ORCPT (RFC 3461), nothing else (Postfix)."""
+    for key, value in params.items():
+        if key not in dsn.RCPT_CHECKS:
+            return replies.unsupported_option(key, value)
+        if (problem := _dsn_param(key, value, settings, repeated, dsn.RCPT_CHECKS)) is not None:
+            return problem
+    return None
+
+
+def _dsn_param(key: str, value: str | None, settings: Settings, repeated: frozenset[str], checks) -> Reply | None:
+    if not settings.dsn:  # smtpd_discard_ehlo_keywords names dsn
+        return dsn.DISABLED
+    check, bad = checks[key]
+    return bad if key in repeated else check(value)
 
 
 def check_rcpt(conn: ServerConnection, arg: str) -> Event:
@@ -118,8 +140,8 @@ def check_rcpt(conn: ServerConnection, arg: str) -> Event:
         return Rejected("rcpt", replies.SYNTAX_RCPT if str(exc) == "syntax" else replies.BAD_RECIPIENT)
     if not path.address:
         return Rejected("rcpt", replies.BAD_RECIPIENT)
-    if path.params:
-        return Rejected("rcpt", replies.unsupported_option(*next(iter(path.params.items()))))
+    if path.params and (problem := check_rcpt_params(path.params, conn.settings, path.repeated)) is not None:
+        return Rejected("rcpt", problem)
     return RcptTo(path.address, path.params)
 
 

@@ -108,6 +108,8 @@ class Settings:
     tls_required: bool = False  # smtpd_tls_security_level = encrypt: no mail before STARTTLS
     auth: bool = False  # offer AUTH PLAIN LOGIN
     auth_tls_only: bool = True  # smtpd_tls_auth_only: AUTH only once TLS is active
+    dsn: bool = True  # offer DSN and take its parameters (RFC 3461; smtpd_discard_ehlo_keywords may hide it)
+    discard_ehlo: frozenset[str] = frozenset()  # smtpd_discard_ehlo_keywords, upper case: not announced
     extra_extensions: tuple[str, ...] = ()
 
 
@@ -278,6 +280,8 @@ class ServerConnection(CommandReader):
         if self.settings.etrn:
             keywords.append("ETRN")
         keywords += ["ENHANCEDSTATUSCODES", "8BITMIME"]
+        if self.settings.dsn:
+            keywords.append("DSN")
         if self.settings.smtputf8:
             keywords.append("SMTPUTF8")
         if self.settings.starttls and not self.tls_active:
@@ -285,6 +289,8 @@ class ServerConnection(CommandReader):
         if self.settings.auth and (self.tls_active or not self.settings.auth_tls_only) and not self.authenticated:
             keywords.append("AUTH " + " ".join(MECHANISMS))
         keywords += self.settings.extra_extensions
+        if self.settings.discard_ehlo:
+            keywords = [k for k in keywords if k.split(" ", 1)[0].upper() not in self.settings.discard_ehlo]
         return keywords
 
     def _proceed(self, event: Event) -> None:
