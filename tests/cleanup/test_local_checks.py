@@ -14,7 +14,7 @@ from pathlib import Path
 from tests.conftest import write_main_cf
 from tests.milter.test_sendmail import queued as queue
 from trimail.cleanup.loglines import LOG_PARAM
-from trimail.delivery.bounce import SILENT_PARAM
+from trimail.delivery.notify import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
 from trimail.queue import transitions
 from trimail.queue.store import Store

@@ -34,7 +34,7 @@ from trimail.cleanup.checks import (
 )
 from trimail.cleanup.loglines import captured
 from trimail.config import Config
-from trimail.delivery.bounce import SILENT_PARAM
+from trimail.delivery.notify import SILENT_PARAM
 from trimail.delivery.route import CHECKS_FILTER_PARAM
 from trimail.log import printable
 

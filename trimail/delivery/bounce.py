@@ -7,6 +7,14 @@ Reporting-MTA, Arrival-Date; per-recipient fields: Final-Recipient, Action,
 Status, Diagnostic-Code) and the returned message.  It is queued like any other
 mail.  Mail from the null sender is never bounced (no bounce loops): the caller drops it and logs why.
 
+RFC 3461's requests (``delivery.notify``) are honoured as Postfix honours them: a
+recipient whose NOTIFY lacks FAILURE (or is NEVER) is in no bounce, one whose NOTIFY
+lacks DELAY in no delay warning (``reported``); one that asked SUCCESS gets a success
+notice (``success=True``: Action delivered or relayed, the headers returned); MAIL
+FROM's ENVID comes back as ``Original-Envelope-Id`` after Reporting-MTA, and a
+recipient's ORCPT as its ``Original-Recipient`` (without one, Postfix's habit: the
+recipient itself).
+
 For mail that was sent with SMTPUTF8 (``smtputf8=True``) the notification follows
 RFC 6533 as Postfix writes it: the report is ``message/global-delivery-status``, the
 returned headers ``message/global-headers``, and an address that is not ASCII is
@@ -20,6 +28,7 @@ The returned message (the third part) is what Postfix's bounce_original() return
 ``text/rfc822-headers`` (``message/global-headers``) when
 
 - the sender asked for headers only (``RET=HDRS`` at MAIL, RFC 3461),
+- the notification is a success notice (Postfix's bounce_trace_service),
 - the notification is a delay warning (Postfix's bounce_warn_service returns headers
   only, whatever RET= says), or
 - the message is larger than ``bounce_size_limit`` (or of unknown size): Postfix does
@@ -36,16 +45,14 @@ from __future__ import annotations
 
 import dataclasses
 import email.utils
-import json
 import re
 import textwrap
 import time
 
+from trimail.delivery.notify import wants
 from trimail.queue.ids import new_queue_id
+from trimail.smtp.dsn import orcpt_param
 
-# message params key: a JSON list of the recipients the sender is never told about (the
-# copies BCC actions added: Postfix's cleanup gives them NOTIFY=NEVER)
-SILENT_PARAM = "_NOTIFY_NEVER"
 _HEADER_NAME = re.compile(rb"[!-9;-~]+[ \t]*:")  # Postfix's is_header()
 _DIAGNOSTIC_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9-]*;")
 
@@ -58,6 +65,7 @@ class Failure:
     remote_mta: str = ""
     action: str = ""  # RFC 3464 Action; "" = failed (delayed in a delay warning)
     text: str = ""  # the human part's explanation ("" = the diagnostic)
+    orcpt: str = ""  # RCPT TO's ORCPT as "type;address" ("" = none given: the recipient itself)
 
 
 # a recorded SMTP failure (delivery/smtp.py): host NAME[ADDR] said: REPLY (in reply to ... command)
@@ -110,12 +118,13 @@ def header_lines(head: bytes) -> bytes:
 
 def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float, failures: list[Failure],
               original: bytes, full: bool = False, reason: str = "", delayed: bool = False,
-              smtputf8: bool = False, requested: bool = False) -> bytes:
+              smtputf8: bool = False, requested: bool = False, envid: str | None = None,
+              success: bool = False) -> bytes:
     """The whole notification (wire format), *original* being the message (``full``)
     or its start, of which the header lines are returned.  See ``dsn_parts``."""
     head, tail = dsn_parts(hostname=hostname, queue_id=queue_id, sender=sender, arrival_time=arrival_time,
                            failures=failures, full=full, reason=reason, delayed=delayed, smtputf8=smtputf8,
-                           requested=requested)
+                           requested=requested, envid=envid, success=success)
     body = original if full else header_lines(original)
     if body and not body.endswith(b"\r\n"):
         body += b"\r\n"
@@ -124,17 +133,29 @@ def build_dsn(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
 
 def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float, failures: list[Failure],
               full: bool, reason: str = "", delayed: bool = False, smtputf8: bool = False,
-              requested: bool = False) -> tuple[bytes, bytes]:
+              requested: bool = False, envid: str | None = None, success: bool = False) -> tuple[bytes, bytes]:
     """The notification before and after the returned text: the returned message
     (``full``: every byte of it, ending in CRLF) or its header lines go between the
     two.  ``delayed=True`` makes the delay warning of delay_warning_time (Action:
     delayed) instead of a bounce; ``requested=True`` the delivery report the sender
     asked for (``sendmail -bv``: Postfix's "Mail Delivery Status Report", each
-    recipient with its own Action); ``smtputf8=True`` the RFC 6533 form for mail sent
-    with SMTPUTF8."""
+    recipient with its own Action); ``success=True`` the success notice of RFC 3461's
+    NOTIFY=SUCCESS (Postfix's "Successful Mail Delivery Report", each recipient's Action
+    ``delivered`` or ``relayed``); ``smtputf8=True`` the RFC 6533 form for mail sent
+    with SMTPUTF8.  *envid* (MAIL FROM's ENVID, decoded) is given back as
+    ``Original-Envelope-Id``, a failure's ``orcpt`` as its ``Original-Recipient``."""
 
     def typed(address: str) -> str:
         return f"{'utf-8' if smtputf8 and not address.isascii() else 'rfc822'}; {address}"
+
+    def original(failure: Failure) -> str:
+        """Postfix's Original-Recipient: the ORCPT as given (type;address), else the recipient."""
+        if not failure.orcpt:
+            return typed(failure.recipient).replace("rfc822; ", "rfc822;", 1)
+        kind, _, address = failure.orcpt.partition(";")
+        if not smtputf8 and not address.isascii():  # message/delivery-status is ASCII: RFC 6533's xtext
+            return orcpt_param(kind, address)
+        return failure.orcpt
 
     boundary = f"{queue_id}.{int(time.time())}/{hostname}"
     now = email.utils.formatdate(time.time(), localtime=True)
@@ -142,13 +163,17 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         f"This is the mail system at host {hostname}.",
         "",
         *(["Enclosed is the mail delivery report that you requested."] if requested else
+          ["Your message was successfully delivered to the destination(s)",
+           "listed below. If the message was delivered to mailbox you will",
+           "receive no further notifications. Otherwise you may still receive",
+           "notifications of mail delivery errors from other systems."] if success else
           ["This is just a warning: your message has not yet been delivered",
            "to one or more recipients. The mail system will keep trying;",
            "you do not need to send it again."] if delayed else
           ["I'm sorry to have to inform you that your message could not",
            "be delivered to one or more recipients. It's attached below."]),
         "",
-        *([] if requested else [
+        *([] if requested or success else [
             "For further assistance, please send mail to postmaster.",
             "",
             "If you do so, please include this problem report. You can",
@@ -164,6 +189,7 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         human.append(_folded(f"<{failure.recipient}>: {_one_line(failure.text or failure.diagnostic)}"))
     status = [
         f"Reporting-MTA: dns; {hostname}",
+        *([f"Original-Envelope-Id: {_one_line(envid)}"] if envid else []),  # where Postfix puts it
         f"X-Trimail-Queue-ID: {queue_id}",
         f"X-Trimail-Sender: {typed(sender)}",
         f"Arrival-Date: {email.utils.formatdate(arrival_time, localtime=True)}",
@@ -172,7 +198,7 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         status += [
             "",
             f"Final-Recipient: {typed(failure.recipient)}",
-            f"Original-Recipient: {typed(failure.recipient).replace('rfc822; ', 'rfc822;', 1)}",  # as Postfix
+            f"Original-Recipient: {original(failure)}",
             f"Action: {failure.action or ('delayed' if delayed else 'failed')}",
             f"Status: {failure.status}",
         ]
@@ -186,7 +212,8 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         status.append(_folded(f"Diagnostic-Code: {diagnostic}"))
     headers = [
         f"From: Mail Delivery System <MAILER-DAEMON@{hostname}>",
-        "Subject: " + ("Mail Delivery Status Report" if requested else "Delayed Mail (still being retried)"
+        "Subject: " + ("Mail Delivery Status Report" if requested else "Successful Mail Delivery Report"
+                       if success else "Delayed Mail (still being retried)"
                        if delayed else "Undelivered Mail Returned to Sender"),
         f"To: {sender}",
         "Auto-Submitted: auto-replied",
@@ -196,7 +223,7 @@ def dsn_parts(*, hostname: str, queue_id: str, sender: str, arrival_time: float,
         f"Date: {now}",
         f"Message-Id: <{new_queue_id()}@{hostname}>",
     ]
-    undelivered = "" if requested else "Undelivered "  # Postfix: only a bounce or delay warning says so
+    undelivered = "" if requested or success else "Undelivered "  # Postfix: only a bounce or delay warning says so
     if full:
         returned = (f"{undelivered}Message", "message/global" if smtputf8 else "message/rfc822")
     else:
@@ -248,13 +275,9 @@ def _folded(line: str) -> str:
                        for part in lines)
 
 
-def reported(params: dict[str, str | None], rcpts: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """*rcpts* (address, reply) but the silent ones (``SILENT_PARAM``) of a message with *params*."""
-    silent = params.get(SILENT_PARAM)
-    if not silent:
-        return rcpts
-    try:
-        never = set(json.loads(silent))
-    except (ValueError, TypeError):
-        return rcpts
-    return [(address, reply) for address, reply in rcpts if address not in never]
+def reported(params: dict[str, str | None], rcpts: list[tuple[str, str]],
+             kind: str = "FAILURE") -> list[tuple[str, str]]:
+    """*rcpts* (address, reply) of a message with *params* that the sender is to be told
+    of *kind* about (``FAILURE``, ``DELAY``: RFC 3461's NOTIFY; the BCC copies of
+    ``SILENT_PARAM`` never)."""
+    return [(address, reply) for address, reply in rcpts if wants(params, address, kind)]

@@ -7,7 +7,7 @@ the protocol machine in trimail.smtp.client) into an outcome with Postfix's
 wording: ``host mx[192.0.2.1] said: 550 5.1.1 ... (in reply to RCPT TO command)``.
 The enhanced code is the server's when its class matches the reply code, else
 ``4.0.0``/``5.0.0``; a success where a refusal was expected is a broken peer
-(4.5.0).
+(4.5.0).  ``Relayed`` is a success at a server without DSN (a success notice is due).
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ class Outcome:
     @property
     def done(self) -> bool:
         return self.status != "deferred"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Relayed(Outcome):
+    """Sent to a next hop that does not offer DSN (RFC 3461 5.2.2): a recipient that
+    asked NOTIFY=SUCCESS is told now, ``Action: relayed``, since no one after us will."""
 
 
 def sent(text: str) -> Outcome:

@@ -7,7 +7,10 @@ host cannot give it, ``TlsFailed`` when the handshake fails).  ``Connection.deli
 runs one transaction (pipelined when offered), one ``Outcome`` per recipient;
 connection trouble defers every recipient not yet decided.  Mail that needs
 SMTPUTF8 bounces ``5.6.7`` at a server without it; 8-bit MIME entities to a server
-without 8BITMIME become quoted-printable (``mime``).  Connections are reused for
+without 8BITMIME become quoted-printable (``mime``).  To a server that offers DSN,
+RET and ENVID go with MAIL FROM and NOTIFY and ORCPT with each RCPT TO (the
+``Envelope``'s, from ``delivery.notify``); a success at a server without DSN is
+``Relayed`` (a NOTIFY=SUCCESS recipient is told so).  Connections are reused for
 several messages.  Every read and write has its stage's timeout (``Timeouts``).
 
 Parameters: smtp_{connect,helo,mail,rcpt,data_init,data_xfer,data_done,quit}_timeout
@@ -29,7 +32,7 @@ import trio
 
 from trimail.config import Config
 from trimail.delivery.mime import content_needs_smtputf8, downgraded
-from trimail.delivery.outcome import Outcome, bounced, classify, deferred
+from trimail.delivery.outcome import Outcome, Relayed, bounced, classify, deferred
 from trimail.net.stream import DirectStream
 from trimail.net.tls import TlsPolicy, close_within
 from trimail.smtp.client import (
@@ -85,6 +88,8 @@ class Envelope:
     size: int
     eight_bit: bool = False
     smtputf8: bool = False
+    dsn_mail: tuple[str, ...] = ()  # RET=, ENVID= (sent to a server that offers DSN)
+    dsn_rcpts: tuple[tuple[str, ...], ...] = ()  # NOTIFY=, ORCPT= of each recipient, in order
 
 
 class Connection:
@@ -235,8 +240,9 @@ class Connection:
                            size: int | None) -> list[Outcome]:
         t = self.timeouts
         mail = mail_command(envelope.sender, size, self.ext, eight_bit=envelope.eight_bit,
-                            smtputf8=envelope.smtputf8)
-        rcpts = [rcpt_command(r) for r in envelope.recipients]
+                            smtputf8=envelope.smtputf8, dsn=envelope.dsn_mail)
+        dsn = envelope.dsn_rcpts or ((),) * len(envelope.recipients)
+        rcpts = [rcpt_command(r, d, self.ext) for r, d in zip(envelope.recipients, dsn, strict=True)]
         if self.ext.has("PIPELINING"):
             await self._send(mail + b"".join(rcpts) + b"DATA\r\n", t.mail, "sending MAIL FROM")
             mail_reply = await self._read(t.mail, "receiving the MAIL FROM reply")
@@ -284,6 +290,8 @@ class Connection:
         await self._send(pending + stuffer.finish(), t.data_xfer, "sending message body")
         final_reply = await self._read(t.data_done, "receiving the end of data reply")
         final = classify(final_reply, self.namaddr, "end of DATA")
+        if final.status == "sent" and not self.ext.has("DSN"):  # NOTIFY=SUCCESS is ours to answer
+            final = Relayed(final.status, final.dsn, final.text)
         return [o if o is not None else final for o in outcomes]
 
     def _refused_then_lost(self, mail_reply: Reply, rcpt_replies: list[Reply], count: int,

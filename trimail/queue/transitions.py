@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from trimail.cleanup.loglines import LOG_PARAM
 from trimail.queue.store import Store, TransitionError
@@ -60,6 +61,7 @@ class RecipientResult:
     status: str  # sent | deferred | bounced
     reply: str
     next_attempt: float | None = None
+    notice: Any = None  # a success notice due (NOTIFY=SUCCESS): the delivery.bounce.Failure it reports
 
 
 @dataclasses.dataclass(slots=True)

@@ -6,7 +6,9 @@ the queue manager (straight into active when it has room) and cleanup's and qmgr
 log lines.
 
 The message's content filter (``content_filter``, or an access-table FILTER) is
-stored with it in its params, and so is ``no_address_mappings``.
+stored with it in its params, and so are ``no_address_mappings`` and the DSN
+requests (MAIL FROM's RET and ENVID as received, the recipients' NOTIFY and ORCPT:
+``trimail.delivery.notify``).
 
 Parameters: hopcount_limit, header_size_limit, virtual_alias_maps, duplicate_filter_limit, content_filter,
 receive_override_options (through ReceiveContext), and trimail/authcheck/inbound.py's
@@ -25,7 +27,8 @@ from typing import TYPE_CHECKING
 from trimail import log as maillog
 from trimail.cleanup.loglines import header_message_id
 from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM, unique
-from trimail.delivery.bounce import SILENT_PARAM
+from trimail.delivery import notify
+from trimail.delivery.notify import SILENT_PARAM
 from trimail.delivery.route import FILTER_PARAM
 from trimail.errors import StorageError
 from trimail.maps import TableError
@@ -62,6 +65,16 @@ def received_header(session: SmtpdSession, conn: ServerConnection) -> bytes:
         lines.append(f"\t{stamp}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
 
+
+
+def protocol_name(session: SmtpdSession, conn: ServerConnection) -> str:
+    """RFC 3848 / 6531 WITH protocol types: ESMTP, ESMTPS, ESMTPSA, UTF8SMTPS, ..."""
+    base = "UTF8SMTP" if conn.smtputf8 else ("ESMTP" if session.extended else "SMTP")
+    if session.tls:
+        base += "S"
+    if session.sasl_username and base != "SMTP":
+        base += "A"
+    return base
 
 
 def scan_header(session: SmtpdSession, data: bytes) -> None:
@@ -120,12 +133,14 @@ async def commit(session: SmtpdSession) -> Reply:
                 recipients = unique(recipients + await session.ctx.expand_virtual(copies),
                                     session.ctx.duplicate_filter_limit)
                 silent = recipients[count:]
+            dsn = await _expanded_dsn(session, txn.dsn) if txn.dsn and not verdict.redirect else {}
         except (TableError, ValueError) as exc:
             log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
             return replies.LOCAL_ERROR
         params = {**txn.params, RWR_PARAM: txn.rewrite_context}  # cleanup.rewrite.header_context reads it
         if silent:
             params[SILENT_PARAM] = json.dumps(silent)
+        notify.store(params, dsn)  # each recipient's NOTIFY and ORCPT (RFC 3461)
         # the content filter is stored now, so a reload does not change where queued mail goes:
         # an access-table FILTER overrides content_filter, REDIRECT overrides both (as in Postfix)
         content_filter = verdict.filter or session.ctx.content_filter
@@ -199,6 +214,17 @@ async def commit(session: SmtpdSession) -> Reply:
         txn.discard()
 
 
+
+
+async def _expanded_dsn(session: SmtpdSession, entries: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """RCPT TO's NOTIFY and ORCPT for every address virtual_alias_maps makes of the
+    recipient that gave them (as Postfix's cleanup copies them to each expansion);
+    of two recipients that became one address, the first one's."""
+    out: dict[str, dict[str, str]] = {}
+    for address, entry in entries.items():
+        for final in await session.ctx.expand_virtual([address]):
+            out.setdefault(final, entry)
+    return out
 
 
 _date_cache: tuple[int, str] = (-1, "")

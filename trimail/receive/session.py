@@ -50,6 +50,7 @@ from typing import Any
 
 from trimail import rewrite
 from trimail.cleanup.rewrite import rewrite_context
+from trimail.delivery.notify import rcpt_entry
 from trimail.log import printable
 from trimail.maps import TableError
 from trimail.net.addresses import in_networks
@@ -58,7 +59,7 @@ from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool, SpoolError
 from trimail.receive.auth import authenticate_session
 from trimail.receive.checks import check_content
-from trimail.receive.commit import commit, received_header, scan_header
+from trimail.receive.commit import commit, protocol_name, received_header, scan_header
 from trimail.receive.context import ReceiveContext
 from trimail.receive.etrn import etrn
 from trimail.smtp import replies
@@ -95,6 +96,7 @@ class Transaction:
         self.sender = sender
         self.params = params
         self.recipients: list[str] = []
+        self.dsn: dict[str, dict[str, str]] = {}  # recipient -> its NOTIFY and ORCPT (delivery.notify)
         self.spool: Spool | None = None
         self.spool_error: SpoolError | None = None  # the content could not be stored: refuse at the end
         self.protocol = "SMTP"
@@ -202,7 +204,7 @@ class SmtpdSession:
             if event.recipient.lower() == "postmaster" and resolved.klass != "invalid":
                 # Postfix's smtpd_check_rcpt: a bare postmaster is accepted before any
                 # restriction or recipient table (RFC 5321 4.5.1); stored as postmaster@$myorigin
-                self._accept_recipient(resolved.stored(event.recipient))
+                self._accept_recipient(resolved.stored(event.recipient), event.params)
                 return None
             if resolved.klass == "invalid":
                 # trivial-rewrite cannot resolve it: refused, never taken for local
@@ -227,7 +229,8 @@ class SmtpdSession:
                 reply = Reply(*unknown.text(event.recipient))
                 self._log_reject("RCPT", reply, event.recipient)
                 return reply
-            return await self.milters.rcpt(event) or self._accept_recipient(resolved.stored(event.recipient))
+            return await self.milters.rcpt(event) or self._accept_recipient(resolved.stored(event.recipient),
+                                                                           event.params)
         if isinstance(event, DataStart):
             assert self.txn is not None
             if (hooked := await self._hook("data", None)) is not None:
@@ -235,7 +238,7 @@ class SmtpdSession:
             reply = await self._restrict("data", "DATA", conn, sender=self.txn.sender) or await self.milters.data()
             if reply is not None:
                 return reply
-            self.txn.protocol = self._protocol(conn)
+            self.txn.protocol = protocol_name(self, conn)
             self.txn.spool = Spool(self.ctx.spool_directory)
             await self._spool(received_header(self, conn))
             for header in self.txn.verdict.prepend:
@@ -263,7 +266,7 @@ class SmtpdSession:
             self._discard()
         return None
 
-    def _accept_recipient(self, recipient: str) -> None:
+    def _accept_recipient(self, recipient: str, params: dict[str, str | None]) -> None:
         """Add an accepted recipient; the first one gives the transaction its queue ID
         and logs ``ID: client=...``, as Postfix's smtpd does when it opens the queue
         file there: a transaction whose every RCPT is refused has no ID and is not
@@ -271,6 +274,8 @@ class SmtpdSession:
         txn = self.txn
         assert txn is not None
         txn.recipients.append(recipient)
+        if params and (entry := rcpt_entry(params)):  # the first RCPT's (Postfix's duplicate filter keeps it)
+            txn.dsn.setdefault(recipient, entry)
         if txn.queue_id:
             return
         txn.queue_id = new_queue_id()
@@ -387,12 +392,3 @@ class SmtpdSession:
         if self.txn is not None:
             self.txn.discard()
             self.txn = None
-
-    def _protocol(self, conn: ServerConnection) -> str:
-        """RFC 3848 / 6531 WITH protocol types: ESMTP, ESMTPS, ESMTPSA, UTF8SMTPS, ..."""
-        base = "UTF8SMTP" if conn.smtputf8 else ("ESMTP" if self.extended else "SMTP")
-        if self.tls:
-            base += "S"
-        if self.sasl_username and base != "SMTP":
-            base += "A"
-        return base

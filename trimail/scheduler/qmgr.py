@@ -346,6 +346,7 @@ class Scheduler(Dispatcher):
         queued_before = self.results.queued
         corrupt = last and active.corrupt
         finished = await self.results.commit(message, results, last, corrupt)
+        notified = self.results.queued != queued_before  # a notification (a success notice: any job's)
         if corrupt:
             log.warning("%s: moved to the corrupt queue", message.id)
         if last:
@@ -354,5 +355,7 @@ class Scheduler(Dispatcher):
                 log.info("%s: removed", message.id)
             # a new round only when it can find something: a slot freed for waiting
             # mail, a new due time, or a notification this message queued
-            if self._starved or not finished.removed or self.results.queued != queued_before:
+            if self._starved or not finished.removed or notified:
                 self.wake()
+        elif notified:
+            self.wake()

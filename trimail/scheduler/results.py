@@ -5,7 +5,10 @@ Every outcome is committed as soon as it is known (so a crash repeats at most th
 deliveries in flight: at least once, never lost).  When all jobs of a message are
 done the message is deferred (next attempt: the earliest of its recipients') or
 removed, and recipients that bounced this round get one RFC 3464 notification,
-queued in the same transaction.  Temporary failures past
+queued in the same transaction (as is the success notice of recipients that asked
+NOTIFY=SUCCESS and were delivered or relayed to a server without DSN: with their
+``sent`` record).  RFC 3461's NOTIFY decides who is in a bounce or delay warning,
+ENVID and ORCPT what it says back (``delivery.notify``, ``delivery.bounce``).  Temporary failures past
 ``maximal_queue_lifetime`` (``bounce_queue_lifetime`` for bounces) bounce; a
 message deferred longer than ``delay_warning_time`` gets one delay notification.
 
@@ -15,6 +18,7 @@ bounce_queue_lifetime, delay_warning_time, bounce_size_limit, myhostname.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -22,9 +26,17 @@ from collections.abc import Callable
 import trio
 
 from trimail.config import Config
-from trimail.delivery.bounce import dsn_parts, failure_of, header_lines, reported, returns_full
+from trimail.delivery import notify
+from trimail.delivery.bounce import (
+    Failure,
+    dsn_parts,
+    failure_of,
+    header_lines,
+    reported,
+    returns_full,
+)
 from trimail.delivery.local.agent import ORIG_TO_PARAM, Expanded
-from trimail.delivery.outcome import REPLY_TEXT_LIMIT, Outcome
+from trimail.delivery.outcome import REPLY_TEXT_LIMIT, Outcome, Relayed
 from trimail.log import printable, write_waiting
 from trimail.metrics import Metrics
 from trimail.queue import transitions
@@ -43,6 +55,12 @@ smtp_log = logging.getLogger("trimail.smtp")
 AGENT_LOGS = {"local": logging.getLogger("trimail.local"), "virtual": logging.getLogger("trimail.virtual")}
 bounce_log = logging.getLogger("trimail.bounce")
 
+
+
+def _orcpt(params: dict[str, str | None], address: str) -> str:
+    """The recipient's ORCPT for its Original-Recipient field ("" = none given)."""
+    orcpt = notify.orcpt_of(params, address)
+    return f"{orcpt[0]};{orcpt[1]}" if orcpt else ""
 
 
 def log_seconds(seconds: float) -> str:
@@ -100,7 +118,8 @@ class Results:
                     status, text = "bounced", f"message expired: {reply_text}"
                 else:
                     next_attempt = now + retry_delay(recipient.attempts + 1, self.min_backoff, self.max_backoff)
-            results.append(RecipientResult(recipient.seq, status, f"{outcome.dsn} {text}", next_attempt))
+            results.append(RecipientResult(recipient.seq, status, f"{outcome.dsn} {text}", next_attempt,
+                                           self._notice(job, recipient.address, outcome, relay, reply_text)))
             delay = log_seconds(now - message.arrival_time)
             delays = "/".join(map(log_seconds, (message.active_time - message.arrival_time,
                                                 started - message.active_time, 0.0, now - started)))
@@ -121,6 +140,26 @@ class Results:
                 _log_delivery(agent_log, message.id, recipient.address, orig_to, relay, delay, delays,
                               outcome.dsn, shown, reply_text)
         return results
+
+    @staticmethod
+    def _notice(job: Job, address: str, outcome: Outcome, relay: str, text: str) -> Failure | None:
+        """The success notice a delivery calls for (RFC 3461 NOTIFY=SUCCESS, as Postfix
+        sends them): a final delivery by local(8) or virtual(8) is ``delivered`` (an
+        alias that forwarded a copy ``expanded``), a relay to a server without DSN
+        ``relayed``; a server that offers DSN got the NOTIFY and answers it itself."""
+        if outcome.status != "sent" or job.message.sender == "" \
+                or not notify.wants(job.message.params, address, "SUCCESS"):
+            return None
+        if isinstance(outcome, Relayed):
+            return Failure(address, outcome.dsn, f"smtp; {text}", remote_mta=relay.partition("[")[0],
+                           action="relayed", text=f"delivery via {relay}: {text}",
+                           orcpt=_orcpt(job.message.params, address))
+        if job.route.transport not in AGENT_LOGS:
+            return None
+        forwarded = isinstance(outcome, Expanded) and any(o.text.startswith("forwarded as ")
+                                                          for _, o in outcome.lines)
+        return Failure(address, outcome.dsn, f"X-Trimail; {text}", action="expanded" if forwarded else "delivered",
+                       text=f"delivery via {job.route.transport}: {text}", orcpt=_orcpt(job.message.params, address))
 
     async def commit(self, message: ClaimedMessage, results: list[RecipientResult], last: bool,
                      corrupt: bool) -> transitions.Finished:
@@ -152,6 +191,9 @@ class Results:
         content could not be read whole, move it to the corrupt queue)."""
         if results:
             transitions.record(store, message.id, results)
+            if notices := [r.notice for r in results if r.notice is not None]:  # in the same transaction
+                notice_id = self._queue_dsn(store, message, [], delayed=False, notices=notices)
+                bounce_log.info("%s: sender delivery status notification: %s", message.id, notice_id)
         if not last:
             return transitions.Finished(False, None, [])
         if corrupt:
@@ -166,7 +208,7 @@ class Results:
             bounce_log.info("%s: not sending a notification about a bounce (null sender): %s", message.id,
                             ", ".join(f"<{a}>" for a, _ in bounced_rcpts))
             return
-        if not (bounced_rcpts := reported(message.params, bounced_rcpts)):  # BCC copies only
+        if not (bounced_rcpts := reported(message.params, bounced_rcpts)):  # NOTIFY without FAILURE, BCC copies
             return
         bounce_id = self._queue_dsn(store, message, bounced_rcpts, delayed=False)
         bounce_log.info("%s: sender non-delivery notification: %s", message.id, bounce_id)
@@ -174,21 +216,23 @@ class Results:
     def _queue_delay_warning(self, store: Store, message: ClaimedMessage, waiting: list[tuple[str, str]]) -> bool:
         if not self.delay_warning or message.sender == "" or time.time() - message.arrival_time < self.delay_warning:
             return False
-        if not (waiting := reported(message.params, waiting)):  # BCC copies only
+        if not (waiting := reported(message.params, waiting, "DELAY")):  # NOTIFY without DELAY, BCC copies
             return False
         warning_id = self._queue_dsn(store, message, waiting, delayed=True)
         bounce_log.info("%s: sender delay notification: %s", message.id, warning_id)
         return True
 
     def _queue_dsn(self, store: Store, message: ClaimedMessage, rcpts: list[tuple[str, str]], *,
-                   delayed: bool) -> str:
-        failures = [failure_of(address, reply) for address, reply in rcpts]
-        smtputf8 = "SMTPUTF8" in message.params  # RFC 6533: a utf-8 DSN, itself sent with SMTPUTF8
-        full = returns_full(size=message.size, ret=message.params.get("RET"), delayed=delayed,
-                            limit=self.bounce_size_limit)
+                   delayed: bool, notices: list[Failure] | None = None) -> str:
+        params = message.params
+        failures = notices or [dataclasses.replace(failure_of(address, reply), orcpt=_orcpt(params, address))
+                               for address, reply in rcpts]
+        smtputf8 = "SMTPUTF8" in params  # RFC 6533: a utf-8 DSN, itself sent with SMTPUTF8
+        full = not notices and returns_full(size=message.size, ret=params.get("RET"), delayed=delayed,
+                                            limit=self.bounce_size_limit)
         head, tail = dsn_parts(hostname=self.hostname, queue_id=message.id, sender=message.sender,
                                arrival_time=message.arrival_time, failures=failures, full=full, delayed=delayed,
-                               smtputf8=smtputf8)
+                               smtputf8=smtputf8, envid=notify.envid_of(params), success=bool(notices))
         spool = Spool()
         spool.write(head)
         if full:  # the whole original, in chunks (bounce_size_limit = 0 returns any size)
@@ -201,7 +245,7 @@ class Results:
         else:
             spool.write(header_lines(transitions.read_headers(store, message.id)))
         spool.write(tail)
-        eight_bit = str(message.params.get("BODY", "")).upper() == "8BITMIME"
+        eight_bit = str(params.get("BODY", "")).upper() == "8BITMIME"
         params: dict[str, str | None] = {"SMTPUTF8": None, "BODY": "8BITMIME"} if smtputf8 else \
             {"BODY": "8BITMIME"} if full and eight_bit else {}
         dsn_id = new_queue_id()

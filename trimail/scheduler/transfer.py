@@ -13,7 +13,8 @@ a content filter) is not masqueraded; it is when it comes back.  The
 content comes from memory when it was handed over at acceptance, else it is read
 from the queue in pieces of ``CONTENT_CHUNK`` bytes (memory does not grow with the
 message); a piece that is missing raises ``ContentError`` before the end of data is
-sent, so a peer never gets a truncated message.
+sent, so a peer never gets a truncated message.  The envelope carries the DSN
+requests stored with the message (``delivery.notify``) for a server that offers DSN.
 
 Parameters: myhostname, remote_header_rewrite_domain.
 """
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from trimail.cleanup.headers import complete_headers
 from trimail.cleanup.rewrite import LOCAL, NOMAP_PARAM, RWR_PARAM, header_context, masquerade
+from trimail.delivery import notify
 from trimail.delivery.smtp import Envelope
 from trimail.queue import transitions
 from trimail.queue.inline import SMALL_READ
@@ -49,6 +51,9 @@ def envelope_of(q: Qmgr, job: Job) -> Envelope:
         size=message.size,
         eight_bit=str(message.params.get("BODY", "")).upper() == "8BITMIME",
         smtputf8="SMTPUTF8" in message.params,
+        dsn_mail=tuple(notify.mail_params(message.params)),
+        dsn_rcpts=tuple(tuple(notify.rcpt_params(message.params, r.address)) for r in job.recipients)
+        if notify.per_recipient(message.params) else (),
     )
 
 

@@ -125,10 +125,12 @@ def first_word(reply: Reply) -> str:
     return words[0] if words else ""
 
 
-def mail_command(sender: str, size: int | None, ext: Extensions, *, eight_bit: bool, smtputf8: bool) -> bytes:
+def mail_command(sender: str, size: int | None, ext: Extensions, *, eight_bit: bool, smtputf8: bool,
+                 dsn: tuple[str, ...] = ()) -> bytes:
     """MAIL FROM with SIZE (unless *size* is None: the content is converted on the way),
-    BODY=8BITMIME and SMTPUTF8 where the server offers them."""
-    params = []
+    BODY=8BITMIME, SMTPUTF8 and the *dsn* parameters (RET, ENVID) where the server
+    offers them."""
+    params = list(dsn) if dsn and ext.has("DSN") else []
     if size is not None and ext.has("SIZE"):
         params.append(f"SIZE={size}")
     if eight_bit and ext.has("8BITMIME"):
@@ -138,7 +140,10 @@ def mail_command(sender: str, size: int | None, ext: Extensions, *, eight_bit: b
     return (" ".join([f"MAIL FROM:<{_path(sender)}>", *params]) + "\r\n").encode("utf-8")
 
 
-def rcpt_command(recipient: str) -> bytes:
+def rcpt_command(recipient: str, dsn: tuple[str, ...] = (), ext: Extensions | None = None) -> bytes:
+    """RCPT TO, with the *dsn* parameters (NOTIFY, ORCPT) when the server offers DSN."""
+    if dsn and ext is not None and ext.has("DSN"):
+        return f"RCPT TO:<{_path(recipient)}> {' '.join(dsn)}\r\n".encode()
     return f"RCPT TO:<{_path(recipient)}>\r\n".encode()
 
 

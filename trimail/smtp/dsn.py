@@ -103,10 +103,10 @@ def uxtext_decode(text: str) -> str:
 
 
 def uxtext_encode(text: str) -> str:
-    """*text* as utf-8-addr-xtext: ASCII outside ``!`` to ``~``, ``+``, ``=`` and ``\\``
-    escaped, other characters (UTF-8) left as they are."""
-    return "".join(f"\\x{{{ord(ch):X}}}" if ch.isascii() and not ("!" <= ch <= "~" and ch not in "+=\\")
-                   else ch for ch in text)
+    """*text* as RFC 6533's utf-8-addr-xtext: every character outside ``!`` to ``~``,
+    and ``+``, ``=`` and ``\\``, as ``\\x{HEX}`` (ASCII only, so it may go to a server
+    without SMTPUTF8)."""
+    return "".join(ch if "!" <= ch <= "~" and ch not in "+=\\" else f"\\x{{{ord(ch):X}}}" for ch in text)
 
 
 def check_ret(value: str | None) -> Reply | None:
