@@ -21,7 +21,9 @@ client gets its replies in one write, as from serve.
 Security notes: the content is held in memory, bounded by ``message_size_limit``
 (the machine refuses more, ``552 5.3.4``, and reads on to the end); command lines
 are bounded by ``line_length_limit``.  The user can submit nothing here that
-``sendmail`` would not take: the same checks, the same queue path.
+``sendmail`` would not take: the same checks, the same queue path.  DSN (RFC 3461) is
+not offered and its parameters are refused (``501 5.7.1 DSN support is disabled``):
+``sendmail -N``/``-R``/``-V`` are the way to ask for it here.
 
 Parameters: those of smtpd's protocol settings (``trimail.receive.protocol.protocol_settings``),
 myhostname, mail_name, myorigin, mydomain, append_at_myorigin, append_dot_mydomain,
@@ -77,7 +79,7 @@ class _Transaction:
 def serve_stdio(cfg: Config, stdin: BinaryIO, stdout: BinaryIO) -> int:
     """One SMTP session on *stdin*/*stdout*; 0 when it ends (QUIT or end of input)."""
     settings = dataclasses.replace(protocol_settings(cfg), starttls=False, tls_required=False, auth=False,
-                                   etrn=False)
+                                   etrn=False, dsn=False)  # no DSN here: refused, never taken and dropped
     conn = ServerConnection(settings)
     session = _Session(cfg)
     conn.greet()

@@ -9,7 +9,9 @@ the user's uid from the socket's credentials (``SO_PEERCRED``), never the user's
 own; virtual_alias_maps (tables the user may not read); non_smtpd_milters and
 DKIM signing (``enqueue``); the commit into ``maildrop`` (fsynced before the
 answer: ``ok`` and the queue ID); and the log line ``QUEUEID: uid=N from=<...>``,
-as pickup writes it.  No smtpd restriction and no smtpd_recipient_limit apply, as
+as pickup writes it.  Of the envelope's params only RET, BODY and the DSN requests
+sendmail's ``-V`` and ``-N`` make (ENVID, NOTIFY) are kept, and those only when the
+SMTP server would take them.  No smtpd restriction and no smtpd_recipient_limit apply, as
 none applies to Postfix's local submission.
 
 Bounds: the envelope is one line of at most ``ENVELOPE_LIMIT`` bytes (about
@@ -41,6 +43,7 @@ from trimail.log import printable
 from trimail.maps import TableError, open_table
 from trimail.net.reading import request_read
 from trimail.queue.ids import new_queue_id
+from trimail.smtp import dsn
 
 log = logging.getLogger("trimail.pickup")
 
@@ -63,6 +66,9 @@ def envelope(request: dict[str, Any], config: Config) -> tuple[str, list[str], i
     if not 0 <= size <= limit:
         raise SendmailError(f"message file too big (more than message_size_limit, {limit} bytes)", os.EX_DATAERR)
     kept = {key: params[key] for key in ("RET", "BODY") if isinstance(params.get(key), str)}
+    # sendmail's -V and -N (RFC 3461), kept only when they are what the SMTP server would take
+    kept |= {key: value for key, check in (("ENVID", dsn.check_envid), ("NOTIFY", dsn.check_notify))
+             if isinstance(value := params.get(key), str) and check(value) is None}
     return sender, rcpts, size, kept
 
 

@@ -3,9 +3,10 @@
 Flags: ``-t`` (recipients from To:/Cc:/Bcc:, added to those on the command line;
 ``Bcc:`` is removed), ``-i``/``-oi`` (a lone ``.`` does not end the input),
 ``-f SENDER``/``-r SENDER`` (``-f <>`` for the null sender), ``-F NAME`` (full name for a
-missing ``From:``), ``-R hdrs|full`` (what a bounce returns: RFC 3461 RET),
+missing ``From:``), ``-R hdrs|full``, ``-N never|success,failure,delay`` and ``-V envid``
+(RFC 3461's RET, NOTIFY for every recipient and ENVID: ``cleanup/dsnflags.py``),
 ``-B 7BIT|8BITMIME`` (the body type), ``-c``/``-C PATH`` and ``-o NAME=VALUE``; other
-legacy flags (``-oX``, ``-bm``, ``-odi``, ``-N dsn``, ``-V envid``, ``-L label``,
+legacy flags (``-oX``, ``-bm``, ``-odi``, ``-L label``,
 ``-h hops``, ``-O option=value``, ``-q`` *interval*, ``-bh``/``-bH``) are accepted and
 ignored, as Postfix does.
 
@@ -69,6 +70,7 @@ from typing import NoReturn
 from trimail import userlists
 from trimail.cleanup import headers, loglines
 from trimail.cleanup import rewrite as cleanup_rewrite
+from trimail.cleanup.dsnflags import check_flags, submission_params
 from trimail.cleanup.inspection import ContentRefused, inspect_local
 from trimail.config import Config, ConfigError, load
 from trimail.maps import TableError, open_table
@@ -84,7 +86,7 @@ READ_PIECE = 1 << 16  # bytes of standard input read at a time, a line or part o
 IGNORED_FLAGS = {"-bm", "-odi", "-odb", "-oem", "-oep", "-oeq", "-om", "-U", "-v", "-n", "-G", "-m", "-x",
                  "-bh", "-bH", "-Am", "-Ac", "-o7", "-o8"}
 VALUE_FLAGS = {"-f": "f", "-r": "f", "-F": "F", "-c": "config", "-C": "config", "--config": "config",
-               "-R": "ret", "-B": "body", "-N": None, "-V": None, "-L": None, "-h": None, "-O": None, "-A": None,
+               "-R": "ret", "-B": "body", "-N": "notify", "-V": "envid", "-L": None, "-h": None, "-O": None, "-A": None,
                "-e": None, "-p": None}
 MODES = {"-bp": "mailq", "-bi": "newaliases", "-I": "newaliases", "-bs": "smtp", "-bv": "verify", "-q": "flush"}
 
@@ -97,7 +99,8 @@ class SendmailError(Exception):
 
 def parse_args(argv: list[str]) -> dict:
     opts: dict = {"t": False, "i": False, "f": None, "F": None, "config": None, "overrides": [], "rcpts": [],
-                  "mode": "enqueue", "site": None, "flush_id": None, "ret": None, "body": None, "alias_db": None}
+                  "mode": "enqueue", "site": None, "flush_id": None, "ret": None, "body": None, "alias_db": None,
+            "notify": None, "envid": None}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -137,9 +140,7 @@ def parse_args(argv: list[str]) -> dict:
             continue
         else:
             raise SendmailError(f"unknown option {arg}", 2)
-    if opts["ret"] is not None and opts["ret"].lower() not in ("hdrs", "full"):
-        print("sendmail: warning: bad -R option value -- ignored", file=sys.stderr)  # Postfix: a warning
-        opts["ret"] = None
+    check_flags(opts)  # -R, -N, -V: a bad value is a warning (Postfix)
     if opts["body"] is not None and opts["body"] not in ("7BIT", "8BITMIME"):
         raise SendmailError("-B option needs 8BITMIME or 7BIT", 2)
     if opts["t"] and opts["mode"] != "enqueue":
@@ -322,12 +323,7 @@ def submit(argv: list[str], stdin=None, stdout=None) -> int:
 
         received = headers.local_received(cfg.myhostname, cfg.mail_name, os.getuid(), queue_id)
         return verify_report(cfg, sender, rcpts, received + content, stdout or sys.stdout.buffer)
-    params: dict[str, str | None] = {}
-    if opts["ret"]:
-        params["RET"] = opts["ret"].upper()
-    if opts["body"]:
-        params["BODY"] = opts["body"]
-    return enqueue(cfg, queue_id, sender, rcpts, content, params=params, received=True)
+    return enqueue(cfg, queue_id, sender, rcpts, content, params=submission_params(opts), received=True)
 
 
 def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: bytes, *,
