@@ -171,3 +171,18 @@ async def test_notify_without_delay_gets_no_delay_warning(start_mta):
         message, recipients, _ = parse_dsn(warning)
         assert message["Subject"] == "Delayed Mail (still being retried)"
         assert recipients == [("rfc822; slow2@far.example", "delayed", "4.2.0")]
+
+
+async def test_a_bcc_copy_goes_to_a_dsn_next_hop_with_notify_never(start_mta, nursery, tmp_path):
+    """Postfix's cleanup gives a BCC action's copy NOTIFY=NEVER, and its SMTP client
+    says so to a next hop that offers DSN, so no one reports on the hidden copy."""
+    rules = tmp_path / "checks"
+    rules.write_text("/^Subject: dsn test/ BCC hidden@far.example\n")
+    peer = ScriptedPeer(extensions=("PIPELINING", "8BITMIME", "DSN"))
+    port = await nursery.start(peer.run, PEER)
+    with Sink(SENDERS) as senders:
+        srv = await start(start_mta, senders, f"[{PEER}]:{port}", header_checks=f"regexp:{rules}")
+        await send(srv, [], [("named@far.example", [])])
+        await wait_empty(srv)
+        assert sorted(rcpt for received in peer.received for rcpt in received.rcpts) == [
+            b"RCPT TO:<hidden@far.example> NOTIFY=NEVER", b"RCPT TO:<named@far.example>"]

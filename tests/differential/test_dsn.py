@@ -15,7 +15,7 @@ import email.policy
 import re
 
 from tests.differential import harness
-from tests.differential.sessions import INSIDE, send
+from tests.differential.sessions import INSIDE, message, send
 from tests.differential.test_sessions import without_trace
 
 SESSION = send("dsn-bounce", "a@client.test", ["bounce-me@far.test", "ok@far.test"])
@@ -48,7 +48,7 @@ def summary(raw: bytes) -> dict:
     out["per-recipient"] = [{k: _unfold(v) for k, v in block.items()} for block in blocks[1:]]
     returned = parts[2].get_payload()[0] if parts[2].is_multipart() else parts[2].get_payload()
     out["returned"] = without_trace(returned.as_bytes().replace(b"\n", b"\r\n")) if not isinstance(returned, str) \
-        else returned
+        else without_trace(returned.encode())  # headers only (RET=HDRS, a success notice)
     return out
 
 
@@ -62,3 +62,33 @@ def test_a_bounce_has_postfixs_structure_and_fields(pair):
     different = {key: (theirs[key], ours.get(key)) for key in theirs if theirs[key] != ours.get(key)}
     assert different == {}, "\n".join(f"{k}:\n    Postfix: {p!r}\n    trimail: {t!r}" for k, (p, t) in
                                       different.items())
+
+
+# RFC 3461 parameters: the bounce (RET=HDRS, ENVID, ORCPT, NOTIFY=FAILURE), no report
+# for NOTIFY=NEVER, and the success notice for NOTIFY=SUCCESS relayed to the sink (which
+# does not offer DSN: Action relayed)
+DSN_PARAMS_SESSION = [
+    "EHLO client.test", "MAIL FROM:<a@client.test> RET=HDRS ENVID=QQ+2B42",
+    "RCPT TO:<bounce-dsn1@far.test> NOTIFY=FAILURE ORCPT=rfc822;first+2Bone@far.test",
+    "RCPT TO:<bounce-dsn2@far.test> NOTIFY=NEVER", "RCPT TO:<ok-dsn@far.test> NOTIFY=SUCCESS ORCPT=rfc822;second@far.test",
+    "DATA", message("dsn-params", "ok-dsn@far.test"), "QUIT"]
+
+
+def _reports(messages: list[harness.Arrived], subject: bytes) -> list[bytes]:
+    return [m.content for m in messages if m.sender in ("", "<>") and b"differential dsn-params" in m.content
+            and b"Subject: " + subject in m.content]
+
+
+def test_dsn_parameters_give_postfixs_bounce_and_success_notice(pair):
+    for host, port in ((harness.POSTFIX_HOST, pair.postfix.port), (harness.TRIMAIL_HOST, pair.trimail.port)):
+        harness.run_session(host, port, INSIDE, DSN_PARAMS_SESSION)
+    for subject in (b"Undelivered Mail Returned to Sender", b"Successful Mail Delivery Report"):
+        harness.wait_until(lambda s=subject: _reports(pair.sink.postfix_messages(), s) and _reports(
+            pair.sink.trimail_messages(), s), f"both {subject.decode()} notifications at the sink", 60)
+        [theirs_raw] = _reports(pair.sink.postfix_messages(), subject)
+        [ours_raw] = _reports(pair.sink.trimail_messages(), subject)
+        theirs, ours = summary(theirs_raw), summary(ours_raw)
+        different = {key: (theirs[key], ours.get(key)) for key in theirs if theirs[key] != ours.get(key)}
+        assert different == {}, "\n".join(f"{k}:\n    Postfix: {p!r}\n    trimail: {t!r}" for k, (p, t) in
+                                          different.items())
+        assert re.search(rb"Original-Envelope-Id: QQ\+42\r?\n", ours_raw), ours_raw

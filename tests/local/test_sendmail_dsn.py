@@ -10,9 +10,10 @@ import functools
 import trio
 
 from tests.conftest import wait_for
-from tests.delivery.test_dsn_notify import notices, status_fields
 from tests.delivery.test_delivery import parse_dsn, queue
+from tests.delivery.test_dsn_notify import notices, status_fields
 from tests.local.test_sendmail import config, sendmail
+from tests.peers import Sink
 from trimail.cleanup.pickup import envelope
 from trimail.config import load
 
@@ -22,8 +23,6 @@ FAR = "127.0.40.13"
 
 
 async def test_N_and_V_ask_for_a_success_notice_that_names_the_envelope_id(start_mta):
-    from tests.peers import Sink
-
     with Sink(SENDERS) as senders, Sink(FAR, rules={"gone": "550 5.1.1 no such user"}) as far:
         srv = await start_mta(smtpd_listen=f"{HOST}:0", transport_maps=(
             f"inline:{{ client.example=smtp:[{SENDERS}]:{senders.port}, far.example=smtp:[{FAR}]:{far.port} }}"))
