@@ -147,8 +147,9 @@ class Results:
         sends them): a final delivery by local(8) or virtual(8) is ``delivered`` (an
         alias that forwarded a copy ``expanded``), a relay to a server without DSN
         ``relayed``; a server that offers DSN got the NOTIFY and answers it itself."""
-        if outcome.status != "sent" or job.message.sender == "" \
-                or not notify.wants(job.message.params, address, "SUCCESS"):
+        params = job.message.params
+        if outcome.status != "sent" or job.message.sender == "" or not notify.per_recipient(params) \
+                or not notify.wants(params, address, "SUCCESS"):  # mail without NOTIFY: no look at the JSON
             return None
         if isinstance(outcome, Relayed):
             return Failure(address, outcome.dsn, f"smtp; {text}", remote_mta=relay.partition("[")[0],
