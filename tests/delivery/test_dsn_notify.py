@@ -186,3 +186,20 @@ async def test_a_bcc_copy_goes_to_a_dsn_next_hop_with_notify_never(start_mta, nu
         await wait_empty(srv)
         assert sorted(rcpt for received in peer.received for rcpt in received.rcpts) == [
             b"RCPT TO:<hidden@far.example> NOTIFY=NEVER", b"RCPT TO:<named@far.example>"]
+
+
+async def test_a_virtual_alias_passes_its_recipients_dsn_parameters_to_each_address(start_mta, nursery):
+    """Postfix's cleanup copies NOTIFY and ORCPT to each address virtual_alias_maps makes
+    of a recipient; the recipient beside it keeps its own (none)."""
+    peer = ScriptedPeer(extensions=("PIPELINING", "8BITMIME", "DSN"))
+    port = await nursery.start(peer.run, PEER)
+    with Sink(SENDERS) as senders:
+        srv = await start(start_mta, senders, f"[{PEER}]:{port}",
+                          virtual_alias_maps="inline:{ { list@far.example = a@far.example, b@far.example } }")
+        await send(srv, [], [("list@far.example", ["NOTIFY=DELAY", "ORCPT=rfc822;list@far.example"]),
+                             ("c@far.example", [])])
+        await wait_empty(srv)
+        assert sorted(rcpt for received in peer.received for rcpt in received.rcpts) == [
+            b"RCPT TO:<a@far.example> NOTIFY=DELAY ORCPT=rfc822;list@far.example",
+            b"RCPT TO:<b@far.example> NOTIFY=DELAY ORCPT=rfc822;list@far.example",
+            b"RCPT TO:<c@far.example>"]
