@@ -7,9 +7,11 @@ real DNS server, a real serve; the peers are the queue manager's test fleet
 from __future__ import annotations
 
 import os
+import smtplib
 from collections.abc import Iterator
 
 import pytest
+import trio
 
 from tests.conftest import wait_for
 from tests.delivery.test_delivery import queue, recipient_status, send, wait_empty
@@ -100,3 +102,26 @@ async def test_the_soft_failure_logged_on_the_way_to_the_backup_is_printable_and
     assert sorted(backup.recipients) == RCPTS
     [line] = [r.getMessage() for r in caplog.records if "RED" in r.getMessage() and "status=" not in r.getMessage()]
     assert line.isprintable() and "451 4.3.0" in line and len(line) < 1100, repr(line[:200])
+
+
+async def test_a_recipient_with_dsn_parameters_soft_failed_alone_goes_to_the_next_mx(start_mta, fleet):
+    """The backup session takes only the recipients that moved; their RCPT TO
+    parameters (RFC 3461 NOTIFY, ORCPT) are the envelope's per recipient, and the
+    envelope handed to the backup kept all of them: one recipient moving of two made
+    the lists differ, the backup session failed, and the recipient waited for the
+    retry."""
+    busy = b"450 4.2.1 mailbox busy, try later\r\n"
+    primary, backup, zone = two_mx(fleet, rcpt_reply=lambda address: busy if address == RCPTS[0] else b"")
+    srv = await start_mta(zone)
+
+    def submit() -> None:
+        with smtplib.SMTP("127.0.0.1", srv.addresses[0].port, timeout=30) as client:
+            client.ehlo("client.example")
+            client.mail("a@client.example")
+            for rcpt in RCPTS:
+                assert client.rcpt(rcpt, ["NOTIFY=FAILURE", f"ORCPT=rfc822;{rcpt}"])[0] == 250
+            assert client.data(b"Subject: test\r\n\r\nhello\r\n")[0] == 250
+
+    await trio.to_thread.run_sync(submit)
+    await wait_empty(srv, timeout=10)  # delivered now, not deferred for minimal_backoff_time
+    assert primary.recipients == [RCPTS[1]] and backup.recipients == [RCPTS[0]]

@@ -57,8 +57,7 @@ async def deliver(connector: Connector, conn: Connection, route: Route, envelope
         # peer's text made printable and bounded, as on every status= line: red team 33a)
         log.info("%s: %s", queue_id or route.nexthop, printable(outcomes[moving[0]].text, REPLY_TEXT_LIMIT))
         try:
-            more = await backup.deliver(
-                dataclasses.replace(envelope, recipients=[envelope.recipients[i] for i in moving]), content)
+            more = await backup.deliver(_only(envelope, moving), content)
         except Exception as exc:  # noqa: BLE001 - the recipients delivered so far stay delivered
             report(f"{queue_id or route.nexthop}: backup session with {backup.relay}", exc, logger=log)
             break  # (raising would defer them all, the delivered ones too: sent twice)
@@ -68,3 +67,9 @@ async def deliver(connector: Connector, conn: Connection, route: Route, envelope
             outcomes[i] = outcome
         relay = backup.relay
     return outcomes, relay
+
+
+def _only(envelope: Envelope, which: list[int]) -> Envelope:
+    """*envelope* for the recipients at *which*, each with its own DSN parameters."""
+    return dataclasses.replace(envelope, recipients=[envelope.recipients[i] for i in which],
+                               dsn_rcpts=tuple(envelope.dsn_rcpts[i] for i in which) if envelope.dsn_rcpts else ())
