@@ -100,7 +100,7 @@ class SendmailError(Exception):
 def parse_args(argv: list[str]) -> dict:
     opts: dict = {"t": False, "i": False, "f": None, "F": None, "config": None, "overrides": [], "rcpts": [],
                   "mode": "enqueue", "site": None, "flush_id": None, "ret": None, "body": None, "alias_db": None,
-            "notify": None, "envid": None}
+                  "notify": None, "envid": None}
     args = list(argv)
     while args:
         arg = args.pop(0)
