@@ -157,3 +157,35 @@ def test_a_line_one_byte_over_the_limit_is_broken_wherever_it_starts():
 def test_without_a_limit_long_lines_pass_as_they_are():
     stuffer = DotStuffer()
     assert stuffer.stuff(b"x" * 5000 + b"\r\n") + stuffer.finish() == b"x" * 5000 + b"\r\n.\r\n"
+
+
+def test_a_huge_reply_is_read_whole_but_only_its_first_text_is_kept():
+    """Red team 39: a hostile server answered every RCPT with 1,000 lines of 4 KiB;
+    each reply was held whole until the transaction ended (10 messages of 50
+    recipients in flight took the qmgr to 2.35 GB).  The reply is still read to its
+    end (the session stays in step), but at most MAX_REPLY_TEXT characters of its
+    text are kept, whole lines only after the first."""
+    from trimail.smtp.client import MAX_LINES
+
+    parser = ReplyParser()
+    line = b"550-5.1.1 " + b"x" * 3990 + b"\r\n"
+    parser.feed(line * (MAX_LINES - 1) + b"550 5.1.1 no such user\r\n250 2.0.0 next\r\n")
+    reply = parser.next_reply()
+    assert reply is not None and reply.code == 550 and reply.enhanced == "5.1.1"
+    kept = reply.lines()
+    assert sum(map(len, kept)) <= 8192  # (held whole before: 4 MB)
+    assert kept[0] == "x" * 3990 and all(text == "x" * 3990 for text in kept)
+    following = parser.next_reply()
+    assert following is not None and (following.code, following.enhanced) == (250, "2.0.0")
+
+
+def test_ehlo_keywords_past_the_kept_text_are_dropped_whole_never_cut():
+    parser = ReplyParser()
+    filler = [b"250-X-FILLER" + b"y" * 1000 + b"\r\n"] * 7
+    data = b"250-peer.example\r\n250-PIPELINING\r\n" + b"".join(filler) + b"250-Z" + b"z" * 700 + \
+        b"\r\n250 SIZE 10240000\r\n"
+    parser.feed(data)
+    reply = parser.next_reply()
+    assert reply is not None and sum(map(len, reply.lines())) <= 8192
+    ext = Extensions.from_ehlo(reply)
+    assert ext.has("PIPELINING") and ext.size_limit in (None, 10240000)
