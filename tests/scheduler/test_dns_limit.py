@@ -79,3 +79,35 @@ async def test_answers_are_reused_within_their_ttl_not_asked_for_again(nursery):
             assert [h.name for h in hosts] == ["mx.busy.example"]
             assert await resolver.lookup("mx.busy.example", "A") == ["192.0.2.7"]
     assert server.answered == 2  # one MX query, one A query
+
+
+async def test_an_answer_with_hundreds_of_records_is_used_but_not_kept(nursery):
+    """Red team 39: a wildcard zone answered every MX query with 2,400 records; each
+    parsed answer (885 KB) stayed in the cache, and one message to 1,000 of its names
+    took the qmgr from 43 MB to 1.2 GB.  A heavy answer is used and asked for again
+    next time; a light one is still kept for its TTL."""
+    zone = {"heavy.example": {"MX": [f"10 mx{i}.heavy.example." for i in range(400)]},
+            "light.example": {"MX": ["10 mx.light.example."]},
+            "stuffed.example": {"TXT": [f'"{i:02d}' + "v" * 200 + '"' for i in range(30)]}}
+    server = CountingDns(zone, delay=0)
+    port = await nursery.start(server.run)
+    resolver = Resolver([ListenAddress(DNS_HOST, port)])
+    with trio.fail_after(20):
+        for _ in range(3):
+            assert len(await resolver.mx_hosts("heavy.example")) == 400
+            assert [h.name for h in await resolver.mx_hosts("light.example")] == ["mx.light.example"]
+            assert len(await resolver.lookup("stuffed.example", "TXT")) == 30
+    assert server.asked == {"heavy.example": 3, "light.example": 1, "stuffed.example": 3}
+
+
+class CountingDns(SlowDns):
+    """SlowDns that counts the queries per name as they come (``answered`` is
+    counted after the answer is sent, when the resolver may have read it already)."""
+
+    asked: dict[str, int]
+
+    async def _answer(self, sock, data: bytes, peer) -> None:
+        name = dns.message.from_wire(data).question[0].name.to_text(omit_final_dot=True)
+        self.asked = getattr(self, "asked", {})
+        self.asked[name] = self.asked.get(name, 0) + 1
+        await super()._answer(sock, data, peer)
