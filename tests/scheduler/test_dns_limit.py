@@ -111,3 +111,19 @@ class CountingDns(SlowDns):
         self.asked = getattr(self, "asked", {})
         self.asked[name] = self.asked.get(name, 0) + 1
         await super()._answer(sock, data, peer)
+
+
+async def test_an_mx_set_of_numeric_exchanges_is_one_warning_per_lookup_not_one_per_record(nursery, caplog):
+    """Red team 39: each MX record whose exchange is no host name was a warning line of
+    its own, all of them before MX_HOST_LIMIT applied: a zone of 1,000 such records wrote
+    1,000 lines to the mail log per lookup (a wildcard zone: per recipient domain)."""
+    zone = {"flood.example": {"MX": [f"10 192.0.2.{i % 250}." if i % 2 else f"10 -bad{i}-.flood.example."
+                                     for i in range(1000)] + ["20 mx.flood.example."]}}
+    port = await nursery.start(SlowDns(zone, delay=0).run)
+    resolver = Resolver([ListenAddress(DNS_HOST, port)])
+    with caplog.at_level("WARNING", logger="trimail.smtp"), trio.fail_after(20):
+        hosts = await resolver.mx_hosts("flood.example")
+    assert [h.name for h in hosts] == ["mx.flood.example"]
+    lines = [r.getMessage() for r in caplog.records if "resource data of MX record" in r.getMessage()]
+    assert len(lines) == 1, len(lines)
+    assert "flood.example" in lines[0] and "(and 624 more)" in lines[0]  # 625 distinct bad records

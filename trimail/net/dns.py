@@ -100,23 +100,20 @@ def to_name(name: str) -> dns.name.Name:
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 
 
-def _bad_exchange(domain: str, name: str) -> bool:
-    """An MX exchange that is no host name: an IP address (``10 192.0.2.1.``, which
-    Postfix uses with a "numeric domain name" warning but RFC 5321 section 5.1
-    forbids) or anything else a host name cannot be (Postfix's valid_hostname: the
-    record is dropped).  Such a record is skipped, with a warning, and never
+def _exchange_gripe(name: str) -> str | None:
+    """Why an MX exchange is no host name, or None when it is one: an IP address
+    (``10 192.0.2.1.``, which Postfix uses with a "numeric domain name" warning but
+    RFC 5321 section 5.1 forbids) or anything else a host name cannot be (Postfix's
+    valid_hostname: the record is dropped).  Such a record is skipped and never
     connected to; a domain with nothing else is deferred."""
     try:
         ipaddress.ip_address(name.strip("[]"))
-        gripe = "numeric domain name"
+        return "numeric domain name"
     except ValueError:
         labels = name.split(".")
         if len(name) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels):
-            return False
-        gripe = "malformed domain name"
-    log.warning("%s in resource data of MX record for %s: %s", gripe, printable(domain, 300),
-                printable(name, 100))
-    return True
+            return None
+        return "malformed domain name"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -236,7 +233,17 @@ class Resolver:
                                "type=MX") from exc
         if any(name in ("", ".") for _, name in records) or any(str(r.exchange) == "." for r in answer):
             raise DnsPermanent("5.1.10", f"Domain {domain} does not accept mail (nullMX)")
-        usable = [(pref, name) for pref, name in records if not _bad_exchange(domain, name)]
+        usable, bad = [], []
+        for pref, name in records:
+            gripe = _exchange_gripe(name)
+            if gripe is None:
+                usable.append((pref, name))
+            else:
+                bad.append((gripe, name))
+        if bad:  # one line per lookup (red team 39: a line per record, 1,000 for one answer)
+            gripe, name = bad[0]
+            log.warning("%s in resource data of MX record for %s: %s%s", gripe, printable(domain, 300),
+                        printable(name, 100), f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
         if not usable:
             name = records[0][1]
             raise DnsTemporary("4.4.4", f"malformed MX record for {printable(domain, 300)}: "
