@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import socket
 
+import dns.flags
 import dns.message
+import pytest
 import trio
 
 from tests.dnsserver import answer
@@ -127,3 +129,71 @@ async def test_an_mx_set_of_numeric_exchanges_is_one_warning_per_lookup_not_one_
     lines = [r.getMessage() for r in caplog.records if "resource data of MX record" in r.getMessage()]
     assert len(lines) == 1, len(lines)
     assert "flood.example" in lines[0] and "(and 624 more)" in lines[0]  # 625 distinct bad records
+
+
+class TruncatingDns:
+    """A name server that answers every query over UDP with TC set and nothing else,
+    and over TCP with the whole answer (as a server does for an answer over 512
+    octets); ``datagram`` names whose whole answer it sends over UDP instead, TC or
+    not (a hostile server)."""
+
+    def __init__(self, zone: dict, datagram: frozenset[str] = frozenset()) -> None:
+        self.zone, self.datagram = zone, datagram
+        self.tcp_answers: list[str] = []
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        await sock.bind((DNS_HOST, 0))
+        port = sock.getsockname()[1]
+        listeners = await trio.open_tcp_listeners(port, host=DNS_HOST)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.serve_listeners, self._tcp, listeners)
+            task_status.started(port)
+            with sock:
+                while True:
+                    data, peer = await sock.recvfrom(4096)
+                    query = dns.message.from_wire(data)
+                    response = answer(self.zone, query)
+                    if query.question[0].name.to_text(omit_final_dot=True) not in self.datagram:
+                        response.answer.clear()
+                        response.flags |= dns.flags.TC
+                    await sock.sendto(response.to_wire(), peer)
+
+    async def _tcp(self, stream: trio.SocketStream) -> None:
+        data = b""
+        while len(data) < 2 or len(data) < 2 + int.from_bytes(data[:2], "big"):
+            chunk = await stream.receive_some()
+            if not chunk:
+                return
+            data += chunk
+        query = dns.message.from_wire(data[2:])
+        self.tcp_answers.append(query.question[0].name.to_text(omit_final_dot=True))
+        wire = answer(self.zone, query).to_wire()
+        await stream.send_all(len(wire).to_bytes(2, "big") + wire)
+        await stream.aclose()
+
+
+async def test_an_answer_over_the_limit_is_never_parsed_by_udp_or_tcp(nursery):
+    """Red team 39: a wildcard zone's 52 KB MX answers (2,400 records) cost the qmgr's
+    event loop 0.16 s each to parse, and one message to 1,000 of its names held good
+    mail for 4 minutes.  An answer over ANSWER_LIMIT is a temporary failure, over TCP
+    at once (FormError), over UDP when the datagram is dropped; a truncated answer
+    under the limit still comes over TCP."""
+    from trimail.net.dns import DnsTemporary
+
+    huge = [f"10 mx{i}.wild.example." for i in range(2400)]
+    zone = {"huge.example": {"MX": huge}, "shouted.example": {"MX": huge},
+            "fair.example": {"MX": [f"10 mx{i}.fair.example." for i in range(300)]}}
+    server = TruncatingDns(zone, datagram=frozenset({"shouted.example"}))
+    port = await nursery.start(server.run)
+    assert len(answer(zone, dns.message.make_query("huge.example", "MX")).to_wire()) > 50_000
+    resolver = Resolver([ListenAddress(DNS_HOST, port)], lifetime=2)
+    with trio.fail_after(20):
+        assert len(await resolver.mx_hosts("fair.example")) == 300  # by TCP, under the limit
+        started = trio.current_time()
+        with pytest.raises(DnsTemporary):
+            await resolver.mx_hosts("huge.example")
+        assert trio.current_time() - started < 1  # the length said it: no read, no wait
+        with pytest.raises(DnsTemporary):
+            await resolver.mx_hosts("shouted.example")
+    assert server.tcp_answers == ["fair.example", "huge.example"]

@@ -25,6 +25,13 @@ strings over ``CACHED_TEXT_LIMIT`` octets) is used and not kept: dnspython keeps
 the whole parsed response with an answer, about 370 bytes a record, and an
 expired entry leaves the cache only when it is asked for again or pushed out.
 
+An answer is bounded before dnspython parses it (``Bounded``): a datagram over
+``ANSWER_LIMIT`` octets is dropped as a stray one (we send no EDNS, so a server
+keeps to 512 and sets TC), and a TCP answer whose length is over it ends the query
+at that server (``FormError``, a temporary failure).  dnspython parses an answer on the event loop, about 3 ms per KiB of MX
+records here: a wildcard zone's 52 KB answers (2,400 records, 0.16 s each) for
+1,000 recipient domains held every delivery of the qmgr for minutes.
+
 Parameters: dns_nameservers (resolvers to ask instead of /etc/resolv.conf),
 dns_concurrency_limit (most queries in flight at once, per resolver; the others
 wait for a turn).
@@ -39,10 +46,14 @@ import logging
 import os
 import random
 import re
+import socket
+import time
 
 import dns.asyncbackend
+import dns.asyncquery
 import dns.asyncresolver
 import dns.exception
+import dns.inet
 import dns.name
 import dns.nameserver
 import dns.rdatatype
@@ -62,6 +73,7 @@ CACHE_SIZE = 10_000  # answers kept (each for its TTL; the least recently used g
 # 43 MB to 1.2 GB with one message to 1,000 of its names; 10,000 would be 8.6 GB)
 CACHED_RECORDS_LIMIT = 32
 CACHED_TEXT_LIMIT = 4096
+ANSWER_LIMIT = 16384  # octets of an answer taken, by UDP or TCP; a bigger one is never parsed
 
 RESOLV_CONF = "/etc/resolv.conf"
 
@@ -120,6 +132,68 @@ def _exchange_gripe(name: str) -> str | None:
 class MailHost:
     name: str
     preference: int
+
+
+class _LimitedSocket:
+    """A dnspython socket that gives dnspython no answer over *limit* octets: a bigger
+    datagram is dropped as a stray one would be (within the same deadline), a TCP
+    answer whose two-octet length says more is a FormError before it is read."""
+
+    def __init__(self, sock, limit: int) -> None:  # type: ignore[no-untyped-def]
+        self._sock, self._limit, self._head = sock, limit, b""
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._sock, name)
+
+    async def recvfrom(self, size: int, timeout: float | None):  # type: ignore[no-untyped-def]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            data, address = await self._sock.recvfrom(size, left)
+            if len(data) <= self._limit:
+                return data, address
+
+    async def recv(self, size: int, timeout: float | None) -> bytes:
+        data = await self._sock.recv(size, timeout)
+        if len(self._head) < 2:
+            self._head += data[:2 - len(self._head)]
+            if len(self._head) == 2 and int.from_bytes(self._head, "big") > self._limit:
+                raise dns.exception.FormError(f"a DNS answer of {int.from_bytes(self._head, 'big')} octets "
+                                              f"(the limit is {self._limit})")
+        return data
+
+
+class Bounded(dns.nameserver.Do53Nameserver):
+    """A name server over UDP, and TCP for a truncated answer, as dnspython's own,
+    whose answers are bounded (ANSWER_LIMIT) before they are
+    parsed.  (No source address: trimail never asks for one.)"""
+
+    async def async_query(self, request, timeout, source, source_port, max_size, backend,  # type: ignore[no-untyped-def]
+                          one_rr_per_rrset=False, ignore_trailing=False):
+        af = dns.inet.af_for_address(self.address)
+        if max_size:  # TCP
+            sock = await backend.make_socket(af, socket.SOCK_STREAM, 0, None, (self.address, self.port), timeout)
+        else:
+            sock = await backend.make_socket(af, socket.SOCK_DGRAM, 0, None, (self.address, self.port)
+                                             if backend.datagram_connection_required() else None)
+        async with sock:
+            if max_size:
+                return await dns.asyncquery.tcp(request, self.address, timeout, self.port,
+                                                one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing,
+                                                sock=_LimitedSocket(sock, ANSWER_LIMIT))
+            return await dns.asyncquery.udp(request, self.address, timeout, self.port, ignore_unexpected=True,
+                                            one_rr_per_rrset=one_rr_per_rrset, ignore_trailing=ignore_trailing,
+                                            raise_on_truncation=True, ignore_errors=True,
+                                            sock=_LimitedSocket(sock, ANSWER_LIMIT))
+
+
+def bounded(nameservers, ports: dict[str, int], port: int) -> list:  # type: ignore[no-untyped-def]
+    """*nameservers* (addresses or dnspython's name servers) as Bounded ones; others
+    (DNS over HTTPS in a resolv.conf) as they are."""
+    found = []
+    for ns in dns.asyncresolver.Resolver._enrich_nameservers(list(nameservers), ports, port):
+        found.append(Bounded(ns.address, ns.port) if type(ns) is dns.nameserver.Do53Nameserver else ns)
+    return found
 
 
 class BoundedCache(dns.resolver.LRUCache):
@@ -192,9 +266,10 @@ class Resolver:
         if self._dns is None:
             if self._nameservers:
                 resolver = dns.asyncresolver.Resolver(configure=False)
-                resolver.nameservers = [dns.nameserver.Do53Nameserver(ns.host, ns.port) for ns in self._nameservers]
+                resolver.nameservers = [Bounded(ns.host, ns.port) for ns in self._nameservers]
             else:
                 resolver = _system_resolver()
+                resolver.nameservers = bounded(resolver.nameservers, resolver.nameserver_ports, resolver.port)
             resolver.lifetime = self._lifetime
             resolver.timeout = min(self._lifetime, 3.0)
             resolver.retry_servfail = False
