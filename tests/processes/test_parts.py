@@ -122,6 +122,29 @@ async def test_trigger_wakes_once_per_burst_and_flushes_on_f() -> None:
     assert woken.flushes == 1
 
 
+async def test_a_flush_trigger_the_full_socket_refused_is_sent_once_there_is_room() -> None:
+    """A wake-up the full socket refuses adds nothing (one is pending), but a flush
+    (ETRN, ``queue flush``) was dropped with it: the site stayed dead.  It is owed now,
+    and ``watch`` sends it (and a wake-up) when the qmgr has read the others."""
+    sending, receiving = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiving.setblocking(False)
+    trigger = QmgrTrigger(sending)
+    while True:  # the socket's buffer full of wake-ups
+        try:
+            sending.send(b"W")
+        except BlockingIOError:
+            break
+    trigger.forget_dead()
+    received = b""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trigger.watch)
+        with trio.fail_after(5):
+            while b"F" not in received:
+                await trio.lowlevel.wait_readable(receiving)
+                received += receiving.recv(16)
+        nursery.cancel_scope.cancel()
+
+
 def test_trigger_never_blocks_when_nobody_reads() -> None:
     sending, receiving = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     trigger = QmgrTrigger(sending)

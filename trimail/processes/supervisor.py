@@ -28,8 +28,7 @@ trimail.processes.reload, the operator's reports made by trimail.processes.repor
 Restart with back-off, reload by generations, stop, and what is counted where:
 docs/architecture.md, section "Processes".
 
-Parameters: smtpd_workers, master_service_disable, graceful_timeout (plus what
-trimail.master.serve reads).
+Parameters: smtpd_workers, master_service_disable, graceful_timeout (plus what trimail.master.serve reads).
 """
 
 from __future__ import annotations
@@ -374,6 +373,7 @@ class Master:
                 log.info("qmgr disabled by master_service_disable: mail stays queued")
             await self._start_slots("smtpd", workers_wanted(self.config), self.generation)
             async with trio.open_nursery() as requests:
+                requests.start_soon(self.trigger.watch)  # an owed flush trigger (queue flush)
                 requests.start_soon(serve_operators, control, self.control_commands(), self.metrics, Path(self.queue_directory),
                                     lambda: self.config, PublicSocket(address(self.queue_directory)))
                 for listener in metrics_listeners:

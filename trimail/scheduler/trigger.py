@@ -4,8 +4,11 @@ in another process, like Postfix's qmgr FIFO.
 A ``SOCK_DGRAM`` socketpair made by the master: every sender holds one end, the
 qmgr worker reads the other.  A trigger is one byte: ``W`` (new mail: run a
 round now) or ``F`` (also forget the dead destinations: a flush or an ETRN).
-Sending never blocks: when the qmgr is slow and the socket buffer is full, a
-trigger is already pending and this one adds nothing.  The database stays the
+Sending never blocks: when the qmgr is slow and the socket's buffer is full (a few
+hundred triggers), a ``W`` is already pending and this one adds nothing.  An ``F``
+is owed instead, and ``watch`` sends it as soon as there is room: a lost one would
+leave the site of an ETRN dead, its mail made due only to be deferred again at
+once.  The database stays the
 source of truth (the mail was committed before the trigger), so a lost trigger
 delays delivery by at most a round timer, never loses mail; the master holds the
 reading end while the qmgr restarts, so triggers sent meanwhile wait for it.
@@ -28,6 +31,7 @@ from trimail.log import STUCK_AFTER, Written
 
 WAKE = b"W"
 FLUSH = b"F"
+FLUSH_RETRY = 0.01  # seconds between tries of an owed F
 
 
 class QmgrTrigger:
@@ -38,7 +42,8 @@ class QmgrTrigger:
         sock.setblocking(False)
         self.sock = sock
         self._late: deque[tuple[float, Written]] = deque()  # marks not reached at their commit, oldest first
-        self._alarm = trio.Event()  # set when _late gets its first entry
+        self._alarm = trio.Event()  # set when _late gets its first entry, or a flush is owed
+        self._flush_owed = False  # an F the full socket did not take: watch sends it
 
     def wake_after(self, written: Written) -> None:
         """Wake the qmgr about mail just committed once the log lines before
@@ -57,6 +62,13 @@ class QmgrTrigger:
         message committed so far)."""
         late = self._late
         while True:
+            if self._flush_owed:
+                if self._send(FLUSH):
+                    self._flush_owed = False
+                    self.wake()
+                else:
+                    await trio.sleep(FLUSH_RETRY)
+                    continue
             if not late:
                 await self._alarm.wait()
                 self._alarm = trio.Event()
@@ -70,19 +82,25 @@ class QmgrTrigger:
                 late.clear()
                 self.wake()
 
-    def _send(self, byte: bytes) -> None:
+    def _send(self, byte: bytes) -> bool:
+        """Whether the trigger went (False: the queue is full of ones the qmgr has
+        yet to read); no reader at all (shutting down) counts as sent: the database
+        says what is due."""
         try:
             self.sock.send(byte)
         except (BlockingIOError, InterruptedError):
-            pass  # the buffer is full of triggers the qmgr has yet to read
+            return False
         except OSError:
-            pass  # no reader at all (shutting down): the database says what is due
+            pass
+        return True
 
     def wake(self) -> None:
         self._send(WAKE)
 
     def forget_dead(self) -> None:
-        self._send(FLUSH)
+        if not self._send(FLUSH):
+            self._flush_owed = True
+            self._alarm.set()
 
     def reserve(self) -> bool:
         return False
