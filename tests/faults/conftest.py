@@ -118,6 +118,17 @@ def smtp_command(conn: socket.socket, line: bytes) -> bytes:
     return data.split(b"\r\n")[-2]
 
 
+def read_line(conn: socket.socket) -> bytes:
+    """What a raw connection receives up to the end of a line (less at its close)."""
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = conn.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def assert_serving(daemon: Daemon) -> None:
     assert daemon.alive, "serve exited:\n" + "\n".join(daemon.proc.log[-30:])
     greeting = banner(daemon.port)

@@ -22,7 +22,14 @@ import time
 
 import pytest
 
-from tests.faults.conftest import banner, serve_status, smtp_command, trimail_cmd, wait_until
+from tests.faults.conftest import (
+    banner,
+    read_line,
+    serve_status,
+    smtp_command,
+    trimail_cmd,
+    wait_until,
+)
 from tests.faults.hostile_dns import HostileDns
 
 HOST = "127.0.47.1"
@@ -40,16 +47,6 @@ def _client(port: int, source: str, timeout: float = 10.0) -> socket.socket:
 def _serving(d) -> None:
     assert d.alive, "serve exited:\n" + "\n".join(d.proc.log[-30:])
     assert banner(d.port, HOST).startswith("220 ")
-
-
-def _line(conn: socket.socket) -> bytes:
-    data = b""
-    while not data.endswith(b"\r\n"):
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return data
 
 
 # -- the client name: what a hostile reverse zone can put in it -----------------------
@@ -70,7 +67,7 @@ def test_a_ptr_name_that_is_no_host_name_is_unknown(daemon, ptr):
         d = daemon(smtpd_listen=f"{HOST}:0", dns_nameservers=f"{DNS_HOST}:{dns.port}",
                    smtpd_client_restrictions="reject")
         with _client(d.port, client) as conn:
-            assert _line(conn).startswith(b"220 ")
+            assert read_line(conn).startswith(b"220 ")
             smtp_command(conn, b"HELO helo.example")
             smtp_command(conn, b"MAIL FROM:<a@client.example>")
             reply = smtp_command(conn, b"RCPT TO:<root@mx.test.example>")
@@ -87,7 +84,7 @@ def test_a_plain_forward_confirmed_name_is_used(daemon):
     with HostileDns(DNS_HOST, ptr={client: [b"good.example"]}, a={b"good.example": [client]}) as dns:
         d = daemon(smtpd_listen=f"{HOST}:0", dns_nameservers=f"{DNS_HOST}:{dns.port}")
         with _client(d.port, client) as conn:
-            assert _line(conn).startswith(b"220 ")
+            assert read_line(conn).startswith(b"220 ")
             smtp_command(conn, b"QUIT")
         d.proc.wait_log(rf"connect from good\.example\[{re.escape(client)}\]")
 
@@ -120,7 +117,7 @@ def test_connections_over_the_process_limit_are_refused_without_waiting_for_dns(
                 while len(answered) < total and time.monotonic() < deadline:
                     for key, _ in sel.select(timeout=0.5):
                         answered[key.data] = time.monotonic() - opened[key.data]
-                        assert _line(key.fileobj).startswith((b"220 ", b"421 "))
+                        assert read_line(key.fileobj).startswith((b"220 ", b"421 "))
                         sel.unregister(key.fileobj)
             assert len(answered) == total
             quick = sum(1 for waited in answered.values() if waited < 1.5)
@@ -160,7 +157,7 @@ def test_silent_reverse_zones_do_not_cost_other_clients_their_names(daemon):
         try:
             wait_until(lambda: len(conns) >= 40, timeout=20)
             with _client(d.port, good) as conn:
-                assert _line(conn).startswith(b"220 ")
+                assert read_line(conn).startswith(b"220 ")
                 smtp_command(conn, b"QUIT")
             line = d.proc.wait_log(rf"connect from \S+\[{re.escape(good)}\]")
             assert f"connect from good.example[{good}]" in line, line
@@ -210,7 +207,7 @@ def test_a_stopped_worker_does_not_keep_connections_waiting(daemon, which):
         for i in range(5):
             started = time.monotonic()
             with _client(d.port, f"127.0.48.{i + 1}", timeout=5) as conn:
-                assert _line(conn).startswith(b"220 ")
+                assert read_line(conn).startswith(b"220 ")
                 assert time.monotonic() - started < 1.0
                 smtp_command(conn, b"HELO client.example")
                 assert smtp_command(conn, b"MAIL FROM:<a@client.example>").startswith(b"250 ")
@@ -248,7 +245,7 @@ def test_a_hold_is_logged_once_and_kept_when_its_recipient_is_refused(daemon):
     and a second one is not logged again (pflogsumm counts one held message)."""
     d = _policy_daemon(daemon)
     with _client(d.port, "127.0.48.30") as conn:
-        assert _line(conn).startswith(b"220 ")
+        assert read_line(conn).startswith(b"220 ")
         smtp_command(conn, b"EHLO client.example")
         assert smtp_command(conn, b"MAIL FROM:<a@client.example>").startswith(b"250 ")
         assert smtp_command(conn, b"RCPT TO:<hold@mx.test.example>").startswith(b"550 5.1.1 ")
@@ -270,7 +267,7 @@ def test_a_hold_is_logged_once_and_kept_when_its_recipient_is_refused(daemon):
 def test_a_discarded_recipient_is_not_checked_against_the_recipient_table(daemon):
     d = _policy_daemon(daemon)
     with _client(d.port, "127.0.48.31") as conn:
-        assert _line(conn).startswith(b"220 ")
+        assert read_line(conn).startswith(b"220 ")
         smtp_command(conn, b"EHLO client.example")
         assert smtp_command(conn, b"MAIL FROM:<a@client.example>").startswith(b"250 ")
         reply = smtp_command(conn, b"RCPT TO:<disc@mx.test.example>")
@@ -294,7 +291,7 @@ def test_a_reload_during_lookups_serves_the_waiting_sessions(daemon):
             if time.monotonic() - connected > 1.9:
                 pytest.skip("the reload took longer than the lookups: nothing was in a lookup")
             for conn in conns:
-                assert _line(conn).startswith(b"220 ")
+                assert read_line(conn).startswith(b"220 ")
                 assert smtp_command(conn, b"HELO client.example").startswith(b"250 ")
                 assert smtp_command(conn, b"MAIL FROM:<a@client.example>").startswith(b"250 ")
                 assert smtp_command(conn, b"QUIT").startswith(b"221 ")
@@ -313,7 +310,7 @@ def test_many_connections_at_once_are_all_greeted(daemon):
         conns = [_client(d.port, f"127.0.48.{i % 250 + 1}", timeout=30) for i in range(300)]
         try:
             for conn in conns:
-                assert _line(conn).startswith(b"220 ")
+                assert read_line(conn).startswith(b"220 ")
             for conn in conns:
                 assert smtp_command(conn, b"QUIT").startswith(b"221 ")
         finally:
@@ -344,7 +341,7 @@ def test_a_killed_worker_leaves_no_connection_waiting(daemon):
         started = time.monotonic()
         try:
             with _client(d.port, f"127.0.48.{i + 60}", timeout=5) as conn:
-                greeting = _line(conn)
+                greeting = read_line(conn)
                 if not greeting:
                     lost += 1
                     continue
@@ -373,7 +370,7 @@ def _spread(daemon, lookup: str) -> list[int]:
                 else:
                     wait_until(lambda: serve_status(d.queue_directory)["sessions"] >= len(conns), timeout=10)
             for conn in conns:
-                assert _line(conn).startswith(b"220 ")
+                assert read_line(conn).startswith(b"220 ")
             return [w["sessions"] for w in serve_status(d.queue_directory)["workers"] if w["role"] == "smtpd"]
         finally:
             for conn in conns:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.faults.conftest import assert_serving, smtp_command
+from tests.faults.conftest import assert_serving, read_line, smtp_command
 from tests.faults.test_redteam36b import SLOW_HEADER_RULE, slow_headers
 from trimail.receive.checks import SCAN_THREADS
 
@@ -18,16 +18,6 @@ def _open_transaction(port: int) -> socket.socket:
                  b"DATA"):
         assert smtp_command(conn, line)[:1] in (b"2", b"3"), line
     return conn
-
-
-def _reply(conn: socket.socket) -> bytes:
-    answer = b""
-    while not answer.endswith(b"\r\n"):
-        chunk = conn.recv(4096)
-        if not chunk:
-            break
-        answer += chunk
-    return answer
 
 
 def test_waiting_for_a_scan_thread_is_not_a_table_that_cannot_answer(daemon, tmp_path: Path) -> None:
@@ -47,7 +37,7 @@ def test_waiting_for_a_scan_thread_is_not_a_table_that_cannot_answer(daemon, tmp
     for conn in sessions:  # every scan thread taken, and two scans waiting for one
         conn.sendall(busy)
     for conn in sessions:
-        reply = _reply(conn)
+        reply = read_line(conn)
         assert reply.startswith(b"250 "), reply
         conn.close()
     assert_serving(d)
