@@ -72,7 +72,7 @@ async def test_answers_are_reused_within_their_ttl_not_asked_for_again(nursery):
     answers come from the resolver's cache for their TTL (60 s here), as from a
     local caching resolver, instead of two more queries per connection."""
     zone = {"busy.example": {"MX": ["10 mx.busy.example."]}, "mx.busy.example": {"A": ["192.0.2.7"]}}
-    server = SlowDns(zone, delay=0)
+    server = CountingDns(zone, delay=0)
     port = await nursery.start(server.run)
     resolver = Resolver([ListenAddress(DNS_HOST, port)])
     with trio.fail_after(20):
@@ -80,7 +80,7 @@ async def test_answers_are_reused_within_their_ttl_not_asked_for_again(nursery):
             hosts = await resolver.mx_hosts("busy.example")
             assert [h.name for h in hosts] == ["mx.busy.example"]
             assert await resolver.lookup("mx.busy.example", "A") == ["192.0.2.7"]
-    assert server.answered == 2  # one MX query, one A query
+    assert server.asked == {"busy.example": 1, "mx.busy.example": 1}  # one MX query, one A query
 
 
 async def test_an_answer_with_hundreds_of_records_is_used_but_not_kept(nursery):
@@ -197,3 +197,35 @@ async def test_an_answer_over_the_limit_is_never_parsed_by_udp_or_tcp(nursery):
         with pytest.raises(DnsTemporary):
             await resolver.mx_hosts("shouted.example")
     assert server.tcp_answers == ["fair.example", "huge.example"]
+
+
+class SilentFor(SlowDns):
+    """SlowDns that never answers the names in *silent* (a zone whose servers are gone)."""
+
+    def __init__(self, zone: dict, silent: set[str]) -> None:
+        super().__init__(zone, delay=0)
+        self.silent = silent
+
+    async def _answer(self, sock, data: bytes, peer) -> None:
+        if dns.message.from_wire(data).question[0].name.to_text(omit_final_dot=True) in self.silent:
+            self.in_flight += 1  # held for good
+            return
+        await super()._answer(sock, data, peer)
+
+
+async def test_a_cached_answer_does_not_wait_for_a_turn_behind_a_silent_zone(nursery):
+    """Red team 39: one message to 1,000 names of a zone that never answers filled every
+    dns_concurrency_limit turn for their lifetime, and a destination whose answers were
+    in the cache waited for a turn all the same.  An answer from the cache takes no turn."""
+    zone = {"good.example": {"MX": ["10 mx.good.example."]}, "mx.good.example": {"A": ["192.0.2.9"]}}
+    server = SilentFor(zone, {"gone.example"})
+    port = await nursery.start(server.run)
+    resolver = Resolver([ListenAddress(DNS_HOST, port)], concurrency=1)
+    with trio.fail_after(20):
+        assert [h.name for h in await resolver.mx_hosts("good.example")] == ["mx.good.example"]
+    nursery.start_soon(resolver.mx_hosts, "gone.example")  # holds the only turn for its lifetime
+    with trio.fail_after(5):
+        while server.in_flight < 1:
+            await trio.sleep(0.01)  # (polling the server's count with a deadline)
+    with trio.fail_after(2):  # the lookup's lifetime is 10 s: it must not wait for the turn
+        assert [h.name for h in await resolver.mx_hosts("good.example")] == ["mx.good.example"]
