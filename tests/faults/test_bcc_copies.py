@@ -1,7 +1,7 @@
 """A BCC action's copy is never reported to the sender (Postfix's cleanup adds it with
 NOTIFY=NEVER): when it bounces, the sender gets no notification that would name the
 hidden address; a recipient the sender chose still gets one.  Access tables' BCC and
-header_checks' BCC alike (receive/commit.py, delivery/bounce.SILENT_PARAM)."""
+header_checks' BCC alike (receive/commit.py, delivery/notify.SILENT_PARAM)."""
 
 from __future__ import annotations
 
