@@ -268,7 +268,7 @@ class _Scan:
                         self.rest_of = partial(self._more_body, part=_Part(None, part.body_bytes))
                     part.body_bytes = 0
                     if closing:
-                        self.stack[depth].boundary = None
+                        part.boundary = None
                     else:
                         self.in_header, self.header_class = True, "multipart"
                     return

@@ -221,8 +221,8 @@ async def _expanded_dsn(session: SmtpdSession, entries: dict[str, dict[str, str]
     recipient that gave them (as Postfix's cleanup copies them to each expansion);
     of two recipients that became one address, the first one's."""
     out: dict[str, dict[str, str]] = {}
-    for address, entry in entries.items():
-        for final in await session.ctx.expand_virtual([address]):
+    for entry, finals in zip(entries.values(), await session.ctx.expand_virtual_each(list(entries)), strict=True):
+        for final in finals:
             out.setdefault(final, entry)
     return out
 

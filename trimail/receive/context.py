@@ -165,3 +165,15 @@ class ReceiveContext:
             return recipients
         tables = self.virtual_tables()
         return await off_loop(tables, virtual_expand, recipients, tables, timeout=self.lookup_timeout)
+
+    async def expand_virtual_each(self, recipients: list[str]) -> list[list[str]]:
+        """``expand_virtual`` of each of *recipients* on its own, in one lookup request
+        (one hand-over to a lookup thread, not one per recipient)."""
+        if "no_address_mappings" in self.receive_override_options:
+            return [[recipient] for recipient in recipients]
+        tables = self.virtual_tables()
+        return await off_loop(tables, _expand_each, recipients, tables, timeout=self.lookup_timeout)
+
+
+def _expand_each(recipients: list[str], tables: list[Table]) -> list[list[str]]:
+    return [virtual_expand([recipient], tables) for recipient in recipients]
