@@ -9,17 +9,21 @@ database passes ``PRAGMA integrity_check``.
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import smtplib
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
+import trio
 
 from tests.conftest import ServeProcess, write_main_cf
 from trimail.processes.forkserver import children_of
@@ -136,10 +140,10 @@ def assert_serving(daemon: Daemon) -> None:
 
 
 def send(port: int, recipients: list[str], body: bytes = b"Subject: fault\r\n\r\nbody\r\n",
-         sender: str = "alice@client.example") -> str:
-    """One message over smtplib; returns the queue ID from the ``250`` reply
-    (raises smtplib's errors when any reply is not a success)."""
-    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+         sender: str = "alice@client.example", host: str = "127.0.0.1") -> str:
+    """One message over smtplib to *host*:*port*; returns the queue ID from the ``250``
+    reply (raises smtplib's errors when any reply is not a success)."""
+    with smtplib.SMTP(host, port, timeout=30) as client:
         client.ehlo("client.example")
         code, reply = client.mail(sender)
         assert code == 250, reply
@@ -235,3 +239,33 @@ def fill(queue: Path, leave: int, name: str = "filler") -> Path:
             except OSError:  # the tmpfs is full: good enough
                 break
     return filler
+
+
+@contextmanager
+def trio_thread(*starts: Any) -> Iterator[list[Any]]:
+    """Run trio services (``nursery.start`` arguments) in a thread of their own while
+    the test drives a serve child process; yields what each one's start returned."""
+    started: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            try:
+                values = [await nursery.start(*args) for args in starts]
+            except BaseException as exc:
+                started.put(exc)
+                raise
+            started.put(values)
+            await trio.to_thread.run_sync(stop.wait)
+            nursery.cancel_scope.cancel()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    values = started.get(timeout=10)
+    if isinstance(values, BaseException):
+        raise values
+    try:
+        yield values
+    finally:
+        stop.set()
+        thread.join(10)

@@ -1,7 +1,8 @@
 """A DNS server in a thread for tests that drive a ``trimail serve`` child process
 (tests/dnsserver.py runs in the test's trio run, which those tests do not have):
-it answers PTR and A records a test sets, may answer late or never, and counts
-the queries it gets.  Names are dnspython names, so a label can hold any bytes
+it answers PTR and A records a test sets, may answer late or never (all names,
+the reverse zones of some addresses, or every name of a zone), and counts the
+queries it gets (``asked``: per name).  Names are dnspython names, so a label can hold any bytes
 (the hostile PTR names of the red team: brackets, spaces, control characters).
 
     dns = HostileDns("127.0.47.53", ptr={"127.0.48.1": [b"evil[6.6.6.6]"]},
@@ -37,7 +38,8 @@ def name(labels: bytes | str) -> dns.name.Name:
 class HostileDns:
     def __init__(self, host: str, ptr: dict[str, list[bytes | str]] | None = None,
                  a: dict[bytes | str, list[str]] | None = None, delay: float = 0.0,
-                 silent: bool = False, silent_for: list[str] | None = None) -> None:
+                 silent: bool = False, silent_for: list[str] | None = None,
+                 silent_zone: str | None = None) -> None:
         self.ptr = {dns.reversename.from_address(addr): [name(n) for n in names]
                     for addr, names in (ptr or {}).items()}
         self.a = {name(n): addrs for n, addrs in (a or {}).items()}
@@ -45,7 +47,10 @@ class HostileDns:
         self.silent = silent
         # addresses whose reverse zone never answers (a hostile client's own zone)
         self.silent_for = {dns.reversename.from_address(addr) for addr in silent_for or ()}
+        # a zone whose servers never answer (every name at or under it: a silent wildcard zone)
+        self.silent_zone = name(silent_zone) if silent_zone else None
         self.queries = 0
+        self.asked: dict[str, int] = {}  # queries per name (as text), as they arrive
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind((host, 0))
         self.sock.settimeout(0.1)
@@ -91,7 +96,12 @@ class HostileDns:
                 query = dns.message.from_wire(data)
             except Exception:  # noqa: BLE001, S112 - garbage in: no answer
                 continue
-            if query.question and query.question[0].name in self.silent_for:
+            if not query.question:
+                continue
+            qname = query.question[0].name
+            key = qname.to_text(omit_final_dot=True)
+            self.asked[key] = self.asked.get(key, 0) + 1
+            if qname in self.silent_for or (self.silent_zone is not None and qname.is_subdomain(self.silent_zone)):
                 continue
             wire = self.answer(query).to_wire()
             if self.delay:

@@ -5,47 +5,16 @@ answering, the fan-out stays bounded and every message ends delivered or deferre
 
 from __future__ import annotations
 
-import contextlib
-import queue
-import threading
-from collections.abc import Iterator
-from typing import Any
-
-import trio
-
 from tests.delivery.outbound_peer import ScriptedPeer
 from tests.dnsserver import run_dns_server
-from tests.faults.conftest import assert_serving, integrity_ok, send, trimail_cmd, wait_until
-
-
-@contextlib.contextmanager
-def trio_thread(*starts: Any) -> Iterator[list[Any]]:
-    """Run trio services (``nursery.start`` arguments) in a thread of their own while
-    the test drives a serve child process; yields what each one's start returned."""
-    started: queue.Queue = queue.Queue()
-    stop = threading.Event()
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            try:
-                values = [await nursery.start(*args) for args in starts]
-            except BaseException as exc:
-                started.put(exc)
-                raise
-            started.put(values)
-            await trio.to_thread.run_sync(stop.wait)
-            nursery.cancel_scope.cancel()
-
-    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
-    thread.start()
-    values = started.get(timeout=10)
-    if isinstance(values, BaseException):
-        raise values
-    try:
-        yield values
-    finally:
-        stop.set()
-        thread.join(10)
+from tests.faults.conftest import (
+    assert_serving,
+    integrity_ok,
+    send,
+    trimail_cmd,
+    trio_thread,
+    wait_until,
+)
 
 
 def deep_mime(depth: int) -> bytes:
