@@ -70,7 +70,10 @@ class Peer:
             while not predicate():
                 await self.changed.wait()
 
-    async def open(self, route: Route) -> Connection:
+    async def lookup(self, route: Route) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def open(self, route: Route, targets: None = None) -> Connection:
         await trio.lowlevel.checkpoint()
         return Connection(self, route)
 

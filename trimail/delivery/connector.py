@@ -1,7 +1,8 @@
 """Opening the SMTP delivery agent's connections: from a route to a session that greeted.
 
 ``Connector.open()`` tries the addresses ``mx.Targets`` gives (MX or ``[host]``, at
-most smtp_mx_address_limit, cut at our own preference) until one greets with ``220``
+most smtp_mx_address_limit, cut at our own preference; ``Connector.lookup()`` makes
+the lookups before the first connection on their own) until one greets with ``220``
 and accepts EHLO (HELO as fallback): that session (``smtp.Connection``) carries the
 attempt; without one, ``ConnectionFailed`` carries the reason for every recipient.
 Towards port 25, an EHLO reply naming $myhostname is a loop: ``5.4.6 mail for X loops
@@ -101,19 +102,32 @@ class Connector:
                 return True
         return False
 
-    async def open(self, route: Route, *, skip: frozenset[str] = frozenset()) -> Connection:
-        """A session with the first mail host of *route* that greets and accepts EHLO
-        (never one of the addresses in *skip*); ConnectionFailed with the reason
-        when there is none."""
+    async def lookup(self, route: Route, *, skip: frozenset[str] = frozenset()) -> Targets:
+        """The DNS half of ``open``: the mail hosts of *route* and the addresses of the
+        best preference group that has any (``Targets.prepare``), looked up now;
+        ConnectionFailed when the MX lookup fails.  A delivery worker calls it before
+        it takes a delivery agent's slot, so that a destination whose DNS does not
+        answer waits without one; later groups are looked up by ``open`` as needed."""
         try:
             hosts = await self.resolver.mx_hosts(route.nexthop) if route.mx else [MailHost(route.nexthop, 0)]
         except DnsError as exc:
             raise ConnectionFailed(dns_outcome(exc)) from None
+        targets = Targets(self.resolver, route.nexthop, hosts, address_limit=self.address_limit,
+                          is_self=lambda address: self._is_self(address, route.port), skip=skip)
+        await targets.prepare()
+        return targets
+
+    async def open(self, route: Route, *, skip: frozenset[str] = frozenset(),
+                   targets: Targets | None = None) -> Connection:
+        """A session with the first mail host of *route* that greets and accepts EHLO
+        (never one of the addresses in *skip*); ConnectionFailed with the reason
+        when there is none.  *targets*: the hosts ``lookup`` found for *route* (else
+        it is looked up now)."""
+        if targets is None:
+            targets = await self.lookup(route, skip=skip)
         # Postfix looks for loops only towards port 25: a content filter on another port
         # of this host is no loop.  Our own listeners are known exactly and always count.
         loop_detect = route.port == DEFAULT_PORT
-        targets = Targets(self.resolver, route.nexthop, hosts, address_limit=self.address_limit,
-                          is_self=lambda address: self._is_self(address, route.port), skip=skip)
         last: Outcome | None = None
         async for target in targets:
             conn, outcome = await self._try(target.host, target.address, route.port)

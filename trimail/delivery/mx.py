@@ -22,6 +22,9 @@ group only when the better groups gave no session, and yields ``Target``s:
   the loop; the caller combines it with connection failures.
 - ``skip``: addresses to pass over (a backup session of the same attempt never goes
   back to a host it already had a session with).
+- **DNS first** (``prepare``): the lookups made before the first address is
+  yielded can be made on their own, before any connection: a delivery worker makes
+  them (``Connector.lookup``) before it takes a delivery agent's slot.
 
 "This host" is decided by the caller's ``is_self(address)``; see
 ``trimail.delivery.interfaces`` and ``Connector``.
@@ -34,7 +37,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from trimail.delivery.outcome import Outcome, bounced, deferred
 from trimail.net.dns import DnsError, DnsPermanent, MailHost, Resolver
@@ -70,17 +73,29 @@ class Targets:
         self.failure: Outcome | None = None
         self.loop = False  # the attempt ends in a loop verdict: try no fall-back either
         self.tried = 0  # addresses yielded (the caller un-counts a retry in clear)
+        self._groups: Iterator[tuple[int, Iterator[MailHost]]] = itertools.groupby(
+            self.hosts, key=lambda host: host.preference)
+        self._first: tuple[int, list[tuple[str, str]]] | None = None  # looked up by prepare()
+        self._ready = False  # prepare() looked up self._first, not yet taken by the iteration
 
     def _room(self) -> int | None:
         return None if self.address_limit <= 0 else self.address_limit - self.tried
 
-    async def __aiter__(self) -> AsyncIterator[Target]:
-        best_pref = self.hosts[0].preference if self.hosts else 0
-        found_any = False
-        for pref, group in itertools.groupby(self.hosts, key=lambda host: host.preference):
+    async def prepare(self) -> None:
+        """Make the lookups that come before the first address is yielded (those of the
+        best preference group that has an address), now: the delivery worker makes
+        them before it takes a delivery agent's slot, so a destination whose DNS does
+        not answer waits without one."""
+        if not self._ready:
+            self._first, self._ready = await self._next_group(), True
+
+    async def _next_group(self) -> tuple[int, list[tuple[str, str]]] | None:
+        """The next preference group that has addresses, and its (host, address) pairs;
+        None when no group is left or the room is full."""
+        for pref, group in self._groups:
             room = self._room()
             if room is not None and room <= 0:
-                return
+                return None
             resolved: list[tuple[str, str]] = []
             for host in group:
                 if room is not None and sum(a not in self.skip for _, a in resolved) >= room:
@@ -91,8 +106,21 @@ class Targets:
                     self.failure = dns_outcome(exc)
                     continue
                 resolved += [(host.name, address) for address in addresses]
-            if not resolved:
-                continue
+            if resolved:
+                return pref, resolved
+        return None
+
+    async def __aiter__(self) -> AsyncIterator[Target]:
+        best_pref = self.hosts[0].preference if self.hosts else 0
+        found_any = False
+        while True:
+            if self._ready:
+                found, self._first, self._ready = self._first, None, False
+            else:
+                found = await self._next_group()
+            if found is None:
+                return
+            pref, resolved = found
             if any(self.is_self(address) for _, address in resolved):
                 # we are an MX host of this destination at this preference: never hand
                 # the mail to an equal or worse one (smtp_truncate_self)

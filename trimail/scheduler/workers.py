@@ -9,8 +9,14 @@ greeting and EHLO reply (and per delivery once no attempt has failed for
 ``feedback.QUIET``), down when a connection attempt fails; it bounds new
 connections (a connection that is up keeps delivering).  Each worker holds one of
 ``default_process_limit``'s slots (``slots.AgentSlots``, round-robin over
-destinations) and gives it up after a job once its turn is over while a
-destination holding none waits.  A worker connects first and then takes jobs (so
+destinations) while it connects and delivers, and gives it up after a job once its
+turn is over while a destination holding none waits.  An SMTP worker makes its
+connection's DNS lookups (the MX hosts and the addresses of the best that have
+any: ``Connector.lookup``) before it takes its slot (``Slot``), and gives the slot
+up when it must look up again for a new connection: a destination whose DNS does
+not answer waits for it bounded by dns_concurrency_limit alone, and holds no slot
+from the others (red team 39's lead: one message to 1,000 names of a silent zone
+held every slot for minutes).  A worker connects first and then takes jobs (so
 a failed attempt never holds one); it keeps its connection for as many jobs as
 the destination has, and lingers ``smtp_connection_cache_time_limit`` for the
 next one (not while a destination holding no slot waits: an idle cached
@@ -51,6 +57,7 @@ from trimail.scheduler.dead import suspended
 from trimail.scheduler.destination import Destination, Job, Qmgr
 from trimail.scheduler.feedback import Window, WindowSettings
 from trimail.scheduler.local import local_worker
+from trimail.scheduler.slots import AgentSlots
 from trimail.scheduler.transfer import content_of, envelope_of
 from trimail.supervise import contained
 
@@ -85,22 +92,48 @@ async def _supervised_worker(q: Qmgr, dest: Destination) -> None:
         await run_worker(q, dest)
 
 
+class Slot:
+    """A worker's hold on one of ``default_process_limit``'s slots (``slots.AgentSlots``):
+    taken (``take``) once its connection's DNS lookups are done, given up when it
+    looks up again for a new connection and when it ends, so that a worker
+    waiting only on DNS holds none."""
+
+    __slots__ = ("agents", "key", "since")
+
+    def __init__(self, agents: AgentSlots, key: tuple) -> None:
+        self.agents, self.key = agents, key
+        self.since: float | None = None  # trio time it got the slot; None: holds none
+
+    async def take(self) -> None:
+        if self.since is None:
+            await self.agents.acquire(self.key)
+            self.since = trio.current_time()
+
+    def give_up(self) -> None:
+        if self.since is not None:
+            self.since = None
+            self.agents.release(self.key)
+
+    def turn_over(self) -> bool:
+        """It has had its turn while a destination without a slot waits (``should_yield``)."""
+        return self.since is not None and self.agents.should_yield(self.key, self.since)
+
+
 async def run_worker(q: Qmgr, dest: Destination) -> None:
     """One worker of *dest*: takes its jobs until none is left (and, for SMTP, none
     comes within the connection cache time)."""
-    key = dest.key
-    await q.agents.acquire(key)  # a delivery agent's slot (default_process_limit), held while it works
+    slot = Slot(q.agents, dest.key)  # a delivery agent's slot (default_process_limit), held while it works
     try:
         if dest.route.transport in ("local", "virtual"):  # agents on worker threads, no connection
+            await slot.take()
             await local_worker(q, dest)
         else:
-            await smtp_worker(q, dest)
+            await smtp_worker(q, dest, slot)  # (takes it after the DNS lookups of its connection)
     finally:
-        q.agents.release(key)
+        slot.give_up()
 
 
-async def smtp_worker(q: Qmgr, dest: Destination) -> None:
-    held_since = trio.current_time()  # when this worker got its slot
+async def smtp_worker(q: Qmgr, dest: Destination, slot: Slot) -> None:
     conn: Connection | None = None
     opened = 0.0
     reused = False  # conn has carried a transaction
@@ -120,7 +153,7 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
                 # window bounds new connections (one that is up keeps delivering)
                 break
             if conn is None:
-                conn, go_on = await connect(q, dest)
+                conn, go_on = await connect(q, dest, slot)
                 if conn is None:
                     if not go_on:
                         break
@@ -142,7 +175,7 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
             dest.busy, busy = dest.busy + 1, True
             await deliver_job(q, dest, conn, job)
             reused = True  # (a new connection is not judged: one that always talks out of turn would loop)
-            if q.agents.should_yield(dest.key, held_since):
+            if slot.turn_over():
                 break  # its turn is over and a destination without a slot waits (slots.py)
         finished = True
     finally:
@@ -164,15 +197,23 @@ async def smtp_worker(q: Qmgr, dest: Destination) -> None:
                 q.dead.keep(dest.key, dest.window, now + q.config.minimal_backoff_time)
 
 
-async def connect(q: Qmgr, dest: Destination) -> tuple[Connection | None, bool]:
+async def connect(q: Qmgr, dest: Destination, slot: Slot) -> tuple[Connection | None, bool]:
     """A connection for *dest*, with the window's feedback; without one, whether
-    the worker should go on (try again for the next job) or end."""
+    the worker should go on (try again for the next job) or end.  The DNS lookups
+    come first, without a delivery agent's slot (the worker gives up the one it
+    holds): *slot* is taken after them, for the connection attempts and what the
+    connection carries, so destinations whose DNS does not answer cannot take
+    every slot from those whose does (red team 39's lead: 1,000 names of a silent
+    zone held them all for minutes)."""
     started = time.time()
     failure: Outcome | None = None
     error: Exception | None = None
     dest.connecting += 1
     try:
-        conn = await q.connector.open(dest.route)
+        slot.give_up()
+        targets = await q.connector.lookup(dest.route)  # bounded by dns_concurrency_limit, not by the slots
+        await slot.take()
+        conn = await q.connector.open(dest.route, targets=targets)
     except ConnectionFailed as exc:
         conn, failure = None, exc.outcome
     except Exception as exc:  # a bug: one job takes the blame (so this cannot loop)
