@@ -25,6 +25,8 @@ group only when the better groups gave no session, and yields ``Target``s:
 - **DNS first** (``prepare``): the lookups made before the first address is
   yielded can be made on their own, before any connection: a delivery worker makes
   them (``Connector.lookup``) before it takes a delivery agent's slot.
+- **Failed lookups are bounded** (``DNS_FAILURE_TIME_LIMIT``): once the attempt's
+  failed address lookups have taken 30 s, no more mail hosts are looked up.
 
 "This host" is decided by the caller's ``is_self(address)``; see
 ``trimail.delivery.interfaces`` and ``Connector``.
@@ -39,10 +41,20 @@ import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import trio
+
 from trimail.delivery.outcome import Outcome, bounced, deferred
 from trimail.net.dns import DnsError, DnsPermanent, MailHost, Resolver
 
 MX_HOST_LIMIT = 100
+# Seconds the failed address lookups of one attempt may take before it looks up no
+# more of its mail hosts (it tries the addresses found so far).  Postfix has no such
+# bound: smtp_addr_list looks up every MX host (at most dns_rr_list_limit, 100), each
+# with the resolver's own timeouts, and only daemon_timeout (18000 s) ends a process
+# stuck longer.  Without it, 100 MX hosts whose address lookups never answer (A and
+# AAAA, 10 s each) kept one attempt looking up for 2,000 s.  Lookups that answer are
+# not counted (a lookup's wait for a dns_concurrency_limit turn is, when it fails).
+DNS_FAILURE_TIME_LIMIT = 30.0
 
 log = logging.getLogger("trimail.smtp")
 
@@ -73,6 +85,7 @@ class Targets:
         self.failure: Outcome | None = None
         self.loop = False  # the attempt ends in a loop verdict: try no fall-back either
         self.tried = 0  # addresses yielded (the caller un-counts a retry in clear)
+        self.failed_for = 0.0  # seconds the failed address lookups took (DNS_FAILURE_TIME_LIMIT)
         self._groups: Iterator[tuple[int, Iterator[MailHost]]] = itertools.groupby(
             self.hosts, key=lambda host: host.preference)
         self._first: tuple[int, list[tuple[str, str]]] | None = None  # looked up by prepare()
@@ -91,7 +104,8 @@ class Targets:
 
     async def _next_group(self) -> tuple[int, list[tuple[str, str]]] | None:
         """The next preference group that has addresses, and its (host, address) pairs;
-        None when no group is left or the room is full."""
+        None when no group is left, the room is full, or the failed lookups took
+        DNS_FAILURE_TIME_LIMIT."""
         for pref, group in self._groups:
             room = self._room()
             if room is not None and room <= 0:
@@ -100,10 +114,17 @@ class Targets:
             for host in group:
                 if room is not None and sum(a not in self.skip for _, a in resolved) >= room:
                     break
+                if self.failed_for >= DNS_FAILURE_TIME_LIMIT:
+                    log.info("%s: address lookups of its mail hosts failed for %.0f s: looking up no more",
+                             self.nexthop, self.failed_for)
+                    self._groups = iter(())  # (the addresses found so far are still tried)
+                    return (pref, resolved) if resolved else None
+                started = trio.current_time()
                 try:
                     addresses = await self.resolver.addresses(host.name)
                 except DnsError as exc:
                     self.failure = dns_outcome(exc)
+                    self.failed_for += trio.current_time() - started
                     continue
                 resolved += [(host.name, address) for address in addresses]
             if resolved:
