@@ -76,11 +76,22 @@ class FakeConnector:
 
     def __init__(self, site: FakeSite) -> None:
         self.site = site
+        self.silent: set[str] = set()  # nexthops whose DNS lookups never answer
+        self.looking_up = 0  # lookups in progress
 
     async def lookup(self, route: Route, *, skip: frozenset[str] = frozenset()) -> None:
-        await trio.lowlevel.checkpoint()  # (no DNS: the site is its own address)
+        self.looking_up += 1
+        try:
+            if route.nexthop in self.silent:
+                await trio.sleep_forever()
+            await trio.lowlevel.checkpoint()  # (no DNS: the site is its own address)
+        finally:
+            self.looking_up -= 1
 
     async def open(self, route: Route, *, skip: frozenset[str] = frozenset(), targets: None = None) -> FakeConnection:
+        """As ``Connector.open``: without *targets* from ``lookup``, it looks up first."""
+        if targets is None:
+            await self.lookup(route)
         return await self.site.open_connection(route)
 
 

@@ -9,6 +9,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -21,6 +22,7 @@ from trimail.delivery.outcome import deferred
 from trimail.delivery.route import Route
 from trimail.scheduler.dead import DeadSites
 from trimail.scheduler.feedback import Window, WindowSettings
+from trimail.scheduler.slots import AgentSlots
 
 
 class Lines(logging.Handler):
@@ -299,3 +301,26 @@ def test_deliveries_over_reused_connections_grow_a_window_once_the_site_stops_re
     for i in range(3):
         w.delivered(2, 100.0 + QUIET + i)
     assert w.size == 5  # quiet for QUIET seconds: one per delivery, up to workers + initial
+
+
+async def test_a_worker_waiting_for_dns_that_never_answers_holds_no_slot(make_config, autojump_clock):
+    """Red team 39's lead: a worker took its delivery agent's slot before its MX
+    lookup, so destinations whose DNS never answers held every slot and mail to a
+    healthy one waited for their lookups to time out.  With the only slot and a
+    silent destination's worker in its lookup, the healthy one is delivered at once."""
+    site = FakeSite(max_sessions=10, delivery_time=0.1)
+    q = FakeQmgr(make_config(), site)
+    q.agents = AgentSlots(1)
+    q.connector.silent.add("silent.example")
+    silent = Route("smtp", "silent.example", 25, True)
+    async with trio.open_nursery() as nursery:
+        q.nursery = nursery
+        q.enqueue(silent, "r@silent.example")
+        await trio.testing.wait_all_tasks_blocked()
+        assert q.connector.looking_up == 1
+        q.enqueue(ROUTE, "r@far.example")
+        with trio.fail_after(5):
+            while not site.delivered:
+                await trio.sleep(0.1)  # (MockClock time)
+        assert silent.key not in q.agents.held and q.connector.looking_up == 1  # it holds no slot
+        nursery.cancel_scope.cancel()
