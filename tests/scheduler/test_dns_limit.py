@@ -229,3 +229,36 @@ async def test_a_cached_answer_does_not_wait_for_a_turn_behind_a_silent_zone(nur
             await trio.sleep(0.01)  # (polling the server's count with a deadline)
     with trio.fail_after(2):  # the lookup's lifetime is 10 s: it must not wait for the turn
         assert [h.name for h in await resolver.mx_hosts("good.example")] == ["mx.good.example"]
+
+
+class SilentZone(SlowDns):
+    """SlowDns that never answers any name under *zone* (a silent wildcard zone)."""
+
+    def __init__(self, zone: dict, silent: str) -> None:
+        super().__init__(zone, delay=0)
+        self.silent = silent
+
+    async def _answer(self, sock, data: bytes, peer) -> None:
+        if dns.message.from_wire(data).question[0].name.to_text(omit_final_dot=True).endswith("." + self.silent):
+            self.in_flight += 1  # held for good
+            return
+        await super()._answer(sock, data, peer)
+
+
+async def test_a_silent_zone_cannot_take_every_turn_from_another_zones_lookups(nursery):
+    """Red team 39's lead: one message to 1,000 names of a zone that never answers
+    took every dns_concurrency_limit turn for their lifetime, and a healthy
+    destination's first (uncached) MX lookup waited behind all of them.  The turns
+    are shared out by zone: the silent zone's lookups keep off the last quarter."""
+    zone = {"good.example": {"MX": ["10 mx.good.example."]}, "mx.good.example": {"A": ["192.0.2.9"]}}
+    server = SilentZone(zone, "silent.example")
+    port = await nursery.start(server.run)
+    resolver = Resolver([ListenAddress(DNS_HOST, port)], concurrency=4)
+    for i in range(12):
+        nursery.start_soon(resolver.mx_hosts, f"d{i}.silent.example")
+    with trio.fail_after(5):
+        while server.in_flight < 3:
+            await trio.sleep(0.01)  # (polling the server's count with a deadline)
+    with trio.fail_after(2):  # the silent lookups' lifetime is 10 s: no waiting for one of their turns
+        assert [h.name for h in await resolver.mx_hosts("good.example")] == ["mx.good.example"]
+        assert await resolver.addresses("mx.good.example") == ["192.0.2.9"]

@@ -50,5 +50,6 @@ PARAMS: list[Param] = [
        "resolvers to use instead of /etc/resolv.conf, ip or ip:port"),
     T("dns_concurrency_limit", "100", parse_int,
        "most DNS queries in flight at once (delivery's MX and address lookups, smtpd's "
-       "restrictions); more wait for a turn"),
+       "restrictions); more wait for a turn, given to the zones in turn (one zone never "
+       "takes the last quarter)"),
 ]

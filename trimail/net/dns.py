@@ -34,7 +34,8 @@ records here: a wildcard zone's 52 KB answers (2,400 records, 0.16 s each) for
 
 Parameters: dns_nameservers (resolvers to ask instead of /etc/resolv.conf),
 dns_concurrency_limit (most queries in flight at once, per resolver; the others
-wait for a turn; an answer from the cache takes none).
+wait for a turn, shared out by zone: ``dnsturns.Turns``; an answer from the cache
+takes none).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ import trio
 from trimail.config.values import ListenAddress
 from trimail.errors import LookupFailure
 from trimail.log import printable
+from trimail.net.dnsturns import Turns, zone_of
 
 DEFAULT_LIFETIME = 10.0
 DEFAULT_CONCURRENCY = 100  # dns_concurrency_limit's default
@@ -254,7 +256,7 @@ class Resolver:
 
     def __init__(self, nameservers: list[ListenAddress] | None = None, lifetime: float = DEFAULT_LIFETIME,
                  concurrency: int = DEFAULT_CONCURRENCY) -> None:
-        self._limiter = trio.CapacityLimiter(max(1, concurrency))
+        self._turns = Turns(concurrency)  # round-robin by zone: a silent one cannot take them all
         self._nameservers = list(nameservers or ())
         self._lifetime = lifetime
         self._dns: dns.asyncresolver.Resolver | None = None  # made at the first query (_resolver)
@@ -292,7 +294,7 @@ class Resolver:
                 # still a checkpoint, as the turn was, so a round of cached lookups lets others run
                 await trio.lowlevel.checkpoint()
                 return await resolver.resolve(qname, rdtype, backend=self._backend, search=False)
-            async with self._limiter:  # the time waiting for a turn counts against the caller's deadline
+            async with self._turns.turn(zone_of(name)):  # the wait for a turn counts against the caller's deadline
                 return await resolver.resolve(qname, rdtype, backend=self._backend, search=False)
         except dns.resolver.NXDOMAIN:
             raise DnsPermanent("5.1.2", f"Host or domain name not found. Name service error for "
