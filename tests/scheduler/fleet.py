@@ -455,18 +455,20 @@ class Fleet(Counter):
         """Run *fn* on the fleet's loop (changes to peers go through here)."""
         return self._on_loop(trio.from_thread.run_sync, fn, *args)
 
-    def peer(self, name: str, **behaviour: Any) -> Peer:
-        """A new peer on a loopback address of its own, on the fleet's port unless
-        *behaviour* has ``port``."""
+    def peer(self, name: str, host: str | None = None, **behaviour: Any) -> Peer:
+        """A new peer on a loopback address of its own (*host*, or the next free one of
+        the fleet's), on the fleet's port unless *behaviour* has ``port``."""
         behaviour.setdefault("port", self.port)
-        for host in _addresses:
-            peer = Peer(self, name, host, **behaviour)
+        for address in _addresses if host is None else [host]:
+            peer = Peer(self, name, address, **behaviour)
             if not peer.up:
                 self.peers.append(peer)
                 return peer
             try:
                 self._on_loop(trio.from_thread.run, self.nursery.start, peer.listen)
             except OSError:
+                if host is not None:
+                    raise
                 continue  # the address is taken (an earlier run): the next one
             self.peers.append(peer)
             return peer
