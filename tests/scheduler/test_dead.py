@@ -4,13 +4,20 @@ minimal_backoff_time, new jobs deferred at once without connecting."""
 
 from __future__ import annotations
 
+import json
 import time
 
+import pytest
 import trio
 
-from tests.conftest import trimail, wait_for
+from tests.conftest import trimail, wait_for, write_main_cf
 from tests.delivery.test_delivery import queue, send
-from tests.scheduler.fleet import Fleet
+from tests.scheduler.fleet import Client, Fleet, deferred_recipients, message_states
+from trimail.delivery.outcome import deferred
+from trimail.net.controlclient import send_command
+from trimail.queue import admin
+from trimail.queue.store import Store
+from trimail.scheduler.dead import DeadSites
 
 SUSPENDED = "delivery temporarily suspended: "
 
@@ -111,3 +118,72 @@ async def test_a_flush_forgets_dead_sites_so_a_site_that_came_back_gets_its_mail
     await wait_for(lambda: len(peer.recipients) == 10, timeout=10)
     await wait_for(lambda: not queue(srv), timeout=10)
     assert not srv.scheduler.dead.snapshot(time.time())
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    """Poll *predicate* until it holds or *timeout* passes (a sync test's wait)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_mail_a_flush_made_due_is_tried_though_a_round_claims_it_before_the_qmgr_hears_of_the_flush(
+        tmp_path, serve_process, ephemeral_fleet: Fleet, workers: str):
+    """A flush (ETRN, ``queue flush``) commits its change (the site's mail due now), then
+    tells the queue manager to forget its dead sites (the trigger ``F``, a control
+    command).  A round that runs in between (every deferral starts one) claims the
+    mail first: it was deferred again at once against the site still marked dead,
+    300 s out, and the late word made nothing due (test_bed's ETRN test saw 0
+    connections once in CI).  Here that order is forced, in both process models: the
+    queue changed as a flush changes it, then a round (``wake``), no ``flush`` at all."""
+    listen, peer_host = "127.0.101.1", "127.0.101.2"
+    peer = ephemeral_fleet.peer("flapping", host=peer_host, refusing=True)  # down: 421 to everyone
+    srv = serve_process(write_main_cf(
+        tmp_path, master_service_disable="", smtpd_workers=workers, smtpd_listen=f"{listen}:0",
+        mynetworks="127.0.0.0/8", relayhost=f"[{peer.host}]:{peer.port}",
+        minimal_backoff_time="300s", maximal_backoff_time="300s"))
+    queue_directory = tmp_path / "queue"
+    client = Client(srv.port, host=listen)
+    try:
+        for i in range(10):
+            client.message(f"r{i}", "a@client.example", [f"r{i}@far.example"])
+    finally:
+        client.close()
+    assert wait_until(lambda: message_states(queue_directory) == {"deferred": 10}, timeout=10), \
+        message_states(queue_directory)
+    assert json.loads(send_command(queue_directory, "dead") or "{}").get("total") == 1
+    ephemeral_fleet.set(peer, refusing=False, session_limit=10)  # back
+
+    store = Store.open(queue_directory)  # the flush's transaction, as `trimail queue flush -d` runs it
+    try:
+        with store.transaction():
+            assert admin.flush_site(store, "far.example") == 10
+    finally:
+        store.close()
+    assert send_command(queue_directory, "wake") == "ok"  # a round, before any word of the flush
+
+    def tried_again() -> bool:  # delivered, or deferred again (attempts 2: suspended, without a connection)
+        again = deferred_recipients(queue_directory, "far.example")
+        return len(peer.recipients) == 10 or (len(again) + len(peer.recipients) == 10
+                                              and all(n == 2 for _, n, _ in again))
+
+    assert wait_until(tried_again, timeout=10)
+    assert sorted(peer.recipients) == sorted(f"r{i}@far.example" for i in range(10)), \
+        deferred_recipients(queue_directory, "far.example")
+
+
+def test_mail_a_flush_made_due_revives_a_site_declared_dead_before_the_flush_not_after():
+    """The flush's time on its mail against the site's: a site that fails again after
+    the flush is dead for the rest of that mail (one more cohort, not one per message)."""
+    dead, key, failure = DeadSites(), ("smtp", "far.example"), deferred("4.4.1", "connection refused")
+    dead.mark(key, "smtp:far.example", failure, 100.0, 300.0)
+    assert dead.refusal(key, 150.0) is not None  # mail no flush made due
+    assert dead.refusal(key, 150.0, flushed=90.0) is not None  # a flush before it died
+    assert dead.refusal(key, 150.0, flushed=120.0) is None  # a flush since: alive again
+    assert not dead.snapshot(150.0) and not dead.revived(key, 150.0)  # forgotten, as flush() forgets
+    dead.mark(key, "smtp:far.example", failure, 160.0, 300.0)  # the flushed mail's attempt failed
+    assert dead.refusal(key, 170.0, flushed=120.0) is not None

@@ -62,17 +62,20 @@ def flush(store: Store, ids: list[str] | None, now: float | None = None) -> int:
     due.  All is two set-based UPDATEs (Postfix's ``postqueue -f`` touches no file
     either), not two per message, and rows already due are left as they are: every
     flush rewrote every deferred row, and a user's flush loop (any user may flush)
-    held the write lock 0.8 s a flush at 100,000 deferred messages (red team 34)."""
+    held the write lock 0.8 s a flush at 100,000 deferred messages (red team 34).
+    Each message made due is marked ``flushed`` (*now*), as ``flush_site`` marks its own."""
     now = time.time() if now is None else now
     db = store.db
     if ids is None:
         db.execute("UPDATE recipient SET next_attempt = ?1 WHERE status = 'deferred' AND next_attempt > ?1"
                    " AND message_id IN (SELECT id FROM message WHERE state = 'deferred')", (now,))
-        db.execute("UPDATE message SET next_attempt = ?1 WHERE state = 'deferred' AND next_attempt > ?1", (now,))
+        db.execute("UPDATE message SET next_attempt = ?1, flushed = ?1 WHERE state = 'deferred'"
+                   " AND next_attempt > ?1", (now,))
         return db.changes()
     count = 0
     for message_id in ids:
-        db.execute("UPDATE message SET next_attempt = ? WHERE id = ? AND state = 'deferred'", (now, message_id))
+        db.execute("UPDATE message SET next_attempt = ?1, flushed = ?1 WHERE id = ?2 AND state = 'deferred'",
+                   (now, message_id))
         count += db.changes()
         db.execute("UPDATE recipient SET next_attempt = ? WHERE message_id = ? AND status = 'deferred'",
                    (now, message_id))
@@ -84,13 +87,19 @@ def flush_site(store: Store, site: str, now: float | None = None) -> int:
     the deferred recipients whose site is *site* (ASCII case and trailing dots
     aside) and their messages; the other recipients of those messages keep their
     times.  Returns how many messages were made due.  Found through the
-    ``recipient_site`` index: the cost follows that site's mail, not the queue."""
+    ``recipient_site`` index: the cost follows that site's mail, not the queue.
+
+    Each message made due is marked ``flushed`` (*now*) in the same transaction, as
+    Postfix's flush(8) marks each queue file it flushes for qmgr: the round that
+    claims it finds its destinations alive if they were declared dead before the
+    flush (``scheduler.dead.DeadSites.refusal``), even when that round comes before
+    the queue manager hears of the flush (the trigger ``F``, a control command)."""
     now = time.time() if now is None else now
     site = site.rstrip(".")
     db = store.db
     # driven from the site's recipients: "+state" keeps SQLite from walking every
     # deferred message through message_deferred instead
-    db.execute("UPDATE message SET next_attempt = ?1 WHERE id IN (SELECT message_id FROM recipient WHERE "
+    db.execute("UPDATE message SET next_attempt = ?1, flushed = ?1 WHERE id IN (SELECT message_id FROM recipient WHERE "
                + SITE + " = lower(?2) AND status = 'deferred') AND +state = 'deferred'", (now, site))
     count = db.changes()
     db.execute("UPDATE recipient SET next_attempt = ?1 WHERE " + SITE + " = lower(?2) AND status = 'deferred'"

@@ -7,9 +7,10 @@ Tables (all STRICT):
 
 - ``message``: one row per queued message.  ``state`` is the Postfix queue it is
   in (maildrop, incoming, active, deferred, hold, or corrupt for rows that failed
-  to load); ``next_attempt`` is when a deferred message is due.  The compound
-  index on (state, next_attempt) serves both "what is due in the deferred queue"
-  and "how many rows per state" without a table scan.
+  to load); ``next_attempt`` is when a deferred message is due, ``flushed`` when a
+  flush last made it due (the queue manager's dead-site check reads it with the
+  claim).  The compound index on (state, next_attempt) serves both "what is due in
+  the deferred queue" and "how many rows per state" without a table scan.
 - ``recipient``: one row per envelope recipient, with its own delivery status
   (pending, deferred, sent, bounced), attempt count, next attempt and last reply.
   ``notified`` is set once a bounced recipient is in a delivery status notification.
@@ -111,6 +112,12 @@ MIGRATIONS: list[str] = [
     """
     DROP INDEX message_state_next_attempt;
     CREATE INDEX message_deferred ON message (state, next_attempt) WHERE state = 'deferred';
+    """,
+    # 6 -> 7: when a flush (ETRN, queue flush) last made the message due: its claim then
+    # finds its destinations alive if they were declared dead before that (flush(8)'s
+    # mark on a queue file it flushes, which qmgr reads with the file)
+    """
+    ALTER TABLE message ADD COLUMN flushed REAL;
     """,
 ]
 

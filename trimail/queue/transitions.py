@@ -53,6 +53,7 @@ class ClaimedMessage:
     recipients: list[QueuedRecipient]
     content: bytes | None = None  # held in memory when handed over at acceptance (small messages)
     retry: bool = False  # tried before (a recipient has attempts): a retry, not new mail
+    flushed: float | None = None  # when a flush last made it due (ETRN, queue flush): see scheduler/dead.py
 
 
 @dataclasses.dataclass(slots=True)
@@ -77,7 +78,7 @@ CLAIM_BATCH = 64  # most messages one claim (one writer request) moves to active
 PROMOTE_BATCH = 256  # most maildrop rows one round moves to incoming
 PICKUP_HOLD_PARAM = "hold_at_pickup"  # a maildrop message that goes to hold, not incoming (promote_maildrop)
 
-_CLAIM_COLUMNS = ("SELECT id, sender, arrival_time, size, params,"
+_CLAIM_COLUMNS = ("SELECT id, sender, arrival_time, size, params, flushed,"
                   " (SELECT length(content) FROM body WHERE message_id = message.id) FROM message")
 
 
@@ -173,7 +174,9 @@ def claim(store: Store, limit: int, now: float, recipients: int | None = None) -
     storm never keeps new mail waiting, nor new mail a retry.  No sort, no
     statement touching more than *limit* rows of each queue.  With *recipients*,
     claiming stops once the claimed messages have that many recipients
-    (qmgr_message_recipient_limit; the first message is always taken)."""
+    (qmgr_message_recipient_limit; the first message is always taken).  Each comes
+    with its ``flushed`` time, read with the row that made it due: a claim never
+    sees mail a flush made due without the mark of that flush."""
     if limit <= 0:
         return []
     db = store.db
@@ -186,7 +189,7 @@ def claim(store: Store, limit: int, now: float, recipients: int | None = None) -
         taken += [("deferred", due[i])] if i < len(due) else []
     claimed: list[ClaimedMessage] = []
     loaded = 0
-    for state, (message_id, sender, arrival, size, params, stored) in taken[:limit]:
+    for state, (message_id, sender, arrival, size, params, flushed, stored) in taken[:limit]:
         if recipients is not None and claimed and loaded >= recipients:
             break
         if stored != size:  # a missing or short body is never sent: Postfix's corrupt queue
@@ -204,7 +207,7 @@ def claim(store: Store, limit: int, now: float, recipients: int | None = None) -
             " AND status IN ('pending', 'deferred') ORDER BY seq", (message_id,))]
         loaded += len(pending)
         claimed.append(ClaimedMessage(message_id, sender, arrival, now, size, loaded_params, pending,
-                                      retry=any(r.attempts for r in pending)))
+                                      retry=any(r.attempts for r in pending), flushed=flushed))
     return claimed
 
 

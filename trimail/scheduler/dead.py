@@ -10,6 +10,22 @@ suspended: <reason>``.  So a dead site costs one cohort of connection attempts,
 then one attempt (a window of 1, ``probing``) per backoff period, never one per
 message.
 
+A flush (``trimail queue flush``, ETRN) forgets the dead destinations: it commits
+the mail it makes due, then tells the queue manager (``flush``: the trigger ``F``
+or the control command).  A round can claim that mail in between (each deferral
+starts one), and a flushed message would be deferred at once again, a whole
+backoff out, against the site the flush was meant to revive.  So the flush also
+marks each message it makes due with its time (``message.flushed``, in the same
+transaction), and a job of such a message finds a destination declared dead
+before that time alive (``refusal``): Postfix's flush(8) marks each queue file
+it flushes (``MAIL_QUEUE_STAT_UNTHROTTLE``) and qmgr unthrottles the queues of
+such a file as it reads it (``QMGR_FLUSH_EACH``).  A site declared dead again
+after the flush (the flushed mail's own attempt failed) stays dead for the rest
+of that mail, so a flush costs a site still down one more cohort, not one per
+message.  The times are wall-clock times of this host (the flush may run in
+another process): a clock stepped back between the two may still leave flushed
+mail to the ``F`` alone, as before.
+
 A destination that goes idle (no job, no worker) while its failures are not yet
 forgiven (a failed cohort under way) leaves its window here too (``keep``), for
 ``minimal_backoff_time``: the next job for it continues the count, so messages
@@ -66,11 +82,17 @@ class DeadSites:
             self._sweep(now)
         return site
 
-    def refusal(self, key: tuple, now: float) -> Outcome | None:
+    def refusal(self, key: tuple, now: float, flushed: float | None = None) -> Outcome | None:
         """The outcome for a new job to *key* while it is dead, else None.  After
-        its time the entry stays (as ``revived``) until its destination is made again."""
+        its time the entry stays (as ``revived``) until its destination is made again.
+        A job of mail that a flush made due at *flushed*, after *key* was declared
+        dead, finds it alive: the flush forgets it (as ``flush`` would), whether or
+        not the queue manager has heard of the flush yet."""
         entry = self._dead.get(key)
         if entry is None or now >= entry[0].until:
+            return None
+        if flushed is not None and flushed >= entry[0].since:
+            del self._dead[key]  # (it has no kept window: mark dropped it, keep is not called while dead)
             return None
         return entry[1]
 
@@ -97,7 +119,9 @@ class DeadSites:
 
     def flush(self) -> None:
         """Forget every dead site and kept window: an operator's flush or a client's
-        ETRN tries them all again now (Postfix's QMGR_REQ_FLUSH_DEAD)."""
+        ETRN tries them all again now (Postfix's QMGR_REQ_FLUSH_DEAD: the trigger ``F``,
+        or the control socket's ``flush``; the mail it made due is marked too, see
+        ``refusal``)."""
         self._dead.clear()
         self._windows.clear()
 

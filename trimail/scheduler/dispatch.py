@@ -11,7 +11,8 @@ and retries in turn (``scheduler/jobqueue.py``), whose workers start up to its
 window (``workers.start_workers``; a new destination's limit is
 ``<transport>_destination_concurrency_limit``, default
 ``default_destination_concurrency_limit``).  A job for a dead destination is
-deferred at once, without a connection (``dead.DeadSites``).  A message whose
+deferred at once, without a connection (``dead.DeadSites``), unless a flush made
+its message due after the destination was declared dead.  A message whose
 destinations all hold their share of the active queue
 (``qmgr_destination_active_share``) is parked in the deferred queue instead
 (``scheduler/share.py``).  A message that cannot even be split is deferred whole
@@ -183,7 +184,7 @@ class Dispatcher:
             return
         key = job.key or job.route.key
         assert self._nursery is not None
-        refusal = self.dead.refusal(key, time.time())
+        refusal = self.dead.refusal(key, time.time(), job.message.flushed)
         if refusal is not None:  # a dead destination: deferred at once, without a connection
             self._nursery.start_soon(self._supervised, f"qmgr: deferring a job for {job.route}",
                                      "qmgr: deferring a job", self.complete,

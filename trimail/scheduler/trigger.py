@@ -7,11 +7,12 @@ round now) or ``F`` (also forget the dead destinations: a flush or an ETRN).
 Sending never blocks: when the qmgr is slow and the socket's buffer is full (a few
 hundred triggers), a ``W`` is already pending and this one adds nothing.  An ``F``
 is owed instead, and ``watch`` sends it as soon as there is room: a lost one would
-leave the site of an ETRN dead, its mail made due only to be deferred again at
-once.  The database stays the
-source of truth (the mail was committed before the trigger), so a lost trigger
-delays delivery by at most a round timer, never loses mail; the master holds the
-reading end while the qmgr restarts, so triggers sent meanwhile wait for it.
+leave the dead sites dead (the mail the flush made due is marked in the database
+and finds its own destinations alive, however late the ``F``: scheduler/dead.py).
+The database stays the source of truth (the mail was committed before the
+trigger), so a lost trigger delays delivery by at most a round timer, never loses
+mail; the master holds the reading end while the qmgr restarts, so triggers sent
+meanwhile wait for it.
 
 An smtpd worker wakes the qmgr about new mail only once its log lines about it
 are written (``wake_after``, with ``trimail.log.mark``), so the qmgr's lines follow
