@@ -49,6 +49,8 @@ from trimail.receive.protocol import protocol_settings
 from trimail.smtp import replies
 from trimail.smtp.events import (
     NEED_DATA,
+    BdatStart,
+    ChunkEnd,
     Closed,
     DataAborted,
     DataChunk,
@@ -158,7 +160,7 @@ class _Session:
             assert self.tx is not None
             self.tx.recipients.append(recipient)
             return None
-        if isinstance(event, DataStart):
+        if isinstance(event, (DataStart, BdatStart, ChunkEnd)):
             return None
         if isinstance(event, DataEnd):
             return self.commit()

@@ -20,19 +20,9 @@ def _verb(command: str) -> str:
     return command.split(" ", 1)[0].upper()
 
 
-def _without_chunking(lines: list[str]) -> list[str]:
-    kept = [line for line in lines if line[4:].upper() != "CHUNKING"]
-    if kept and kept[-1][3:4] == "-":
-        kept[-1] = kept[-1][:3] + " " + kept[-1][4:]
-    return kept
-
-
 NOT_RECOGNIZED = ["500 5.5.2 Error: command not recognized"]
 
 DIFFERENCES = [
-    # trimail does not offer CHUNKING (RFC 3030)
-    Difference("ehlo-chunking", lambda c, p, t: _verb(c) == "EHLO" and _without_chunking(p) == t),
-    Difference("bdat", lambda c, p, t: _verb(c) == "BDAT" and t == ["502 5.5.1 Error: command not implemented"]),
     # VRFY never confirms or denies a user (nor runs the recipient restrictions)
     Difference("vrfy", lambda c, p, t: _verb(c) == "VRFY" and " " in c.strip()
                and t == ["252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery"]),

@@ -77,6 +77,20 @@ def test_bs_is_an_smtp_session_on_stdin_that_queues_like_sendmail(tmp_path):
     assert message.get_content().splitlines() == ["line one", ".dot-stuffed"]
 
 
+def test_bs_takes_bdat_as_postfixs_stand_alone_smtpd_does(tmp_path):
+    config_path = config(tmp_path)
+    session = (b"EHLO me.example\r\nMAIL FROM:<alice@client.example>\r\nRCPT TO:<bob@far.example>\r\n"
+               b"BDAT 24\r\nSubject: chunked\r\n\r\n.oneBDAT 5 LAST\r\n\r\ntwoQUIT\r\n")
+    result = sendmail(config_path, "-bs", data=session)
+    assert result.returncode == 0, result.stderr
+    replies = result.stdout.decode().split("\r\n")
+    assert "250-SMTPUTF8" in replies and "250 CHUNKING" in replies
+    assert replies[-5:-3] == ["250 2.1.5 Ok", "250 2.0.0 Ok: 24 bytes"]
+    assert replies[-3].startswith("250 2.0.0 Ok: 31 bytes queued as ") and replies[-2:] == ["221 2.0.0 Bye", ""]
+    content = content_of(config_path, replies[-3].rsplit(" ", 1)[1])
+    assert b"\r\nSubject: chunked\r\n" in content and content.endswith(b"\r\n\r\n.one\r\ntwo\r\n")
+
+
 def test_bs_answers_errors_with_smtpds_replies_and_queues_nothing_unfinished(tmp_path):
     config_path = config(tmp_path)
     session = (b"HELO me\r\nRCPT TO:<bob@far.example>\r\nMAIL FROM:<alice@client.example>\r\n"

@@ -229,7 +229,7 @@ def test_sigterm_answers_421_to_idle_sessions_and_exits_cleanly(tmp_path, serve_
     with socket.create_connection(("127.0.0.1", proc.port), timeout=30) as sock:
         sock.sendall(b"EHLO x\r\n")
         got = b""
-        while b"250 SMTPUTF8\r\n" not in got:
+        while b"250 CHUNKING\r\n" not in got:
             got += sock.recv(4096)
         proc.proc.send_signal(signal.SIGTERM)
         while chunk := sock.recv(4096):

@@ -91,7 +91,7 @@ async def test_client_refused_at_connect_gets_the_refusal_as_greeting_and_503_to
                "rejected: Access denied; proto=SMTP" == r.getMessage() for r in caplog.records), caplog.text
     # another client is greeted as usual
     got = await run(talk, port, OUTSIDE, ["EHLO client.example", "QUIT"])
-    assert got[0].startswith("220 ") and got[1] == "250 SMTPUTF8" and got[2] == "221 2.0.0 Bye"
+    assert got[0].startswith("220 ") and got[1] == "250 CHUNKING" and got[2] == "221 2.0.0 Bye"
 
 
 async def test_access_denied_session_still_ends_at_the_hard_error_limit(start_mta):

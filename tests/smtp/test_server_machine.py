@@ -37,7 +37,8 @@ def test_golden_dialogue_with_pipelining():
         "250-ENHANCEDSTATUSCODES\r\n"
         "250-8BITMIME\r\n"
         "250-DSN\r\n"
-        "250 SMTPUTF8\r\n"
+        "250-SMTPUTF8\r\n"
+        "250 CHUNKING\r\n"
         "250 2.1.0 Ok\r\n"
         "250 2.1.5 Ok\r\n"
         "354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -67,7 +68,7 @@ COMMANDS = {
     "VRFY": (b"VRFY root\r\n", {s: 252 for s in PREFIX}),
     "HELP": (b"HELP\r\n", {s: 214 for s in PREFIX}),
     "EXPN": (b"EXPN list\r\n", {s: 502 for s in PREFIX}),
-    "BDAT": (b"BDAT 10 LAST\r\n", {s: 502 for s in PREFIX}),
+    "BDAT": (b"BDAT 0 LAST\r\n", {State.INIT: 503, State.READY: 503, State.MAIL: 554, State.RCPT: 250}),
     "unknown": (b"FROB x\r\n", {s: 500 for s in PREFIX}),
 }
 NEXT_STATE = {
@@ -77,6 +78,7 @@ NEXT_STATE = {
     "RCPT": {State.INIT: State.INIT, State.READY: State.READY, State.MAIL: State.RCPT, State.RCPT: State.RCPT},
     "DATA": {State.INIT: State.INIT, State.READY: State.READY, State.MAIL: State.MAIL, State.RCPT: State.DATA},
     "RSET": {State.INIT: State.INIT, State.READY: State.READY, State.MAIL: State.READY, State.RCPT: State.READY},
+    "BDAT": {State.INIT: State.INIT, State.READY: State.READY, State.MAIL: State.READY, State.RCPT: State.READY},
     "QUIT": {s: State.CLOSED for s in PREFIX},
 }
 

@@ -99,6 +99,7 @@ PARAMS: list[Param] = [
     P("smtputf8_enable", "yes", parse_bool, "announce and accept SMTPUTF8"),
     P("smtpd_discard_ehlo_keywords", "", split_list,
        "EHLO keywords not announced, case-insensitive (dsn: the DSN parameters are refused too; "
+       "chunking: BDAT is answered 521 and ends the session; "
        "silent-discard: accepted and ignored, nothing here is logged)"),
     # restrictions (consulted by the policy layer)
     P("smtpd_client_restrictions", "", split_list, "restrictions at connect time"),

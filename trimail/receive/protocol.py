@@ -45,6 +45,7 @@ def protocol_settings(config: Config, kind: str = "smtp") -> Settings:
     discard = frozenset(k.upper() for k in config.smtpd_discard_ehlo_keywords) - {"SILENT-DISCARD"}
     return Settings(
         dsn="DSN" not in discard,
+        chunking="CHUNKING" not in discard,
         discard_ehlo=discard,
         starttls=tls and kind != "smtps",
         tls_required=tls and config.smtpd_tls_security_level == "encrypt",

@@ -1,20 +1,17 @@
 """The SMTP server's decision side (smtpd(8)): what trimail answers to each protocol event.
 
-The sans-IO machine (``trimail.smtp.server``) says *what the client asked*; this
-module decides *what to do about it*: assign the queue ID at the first accepted
-RCPT (as Postfix does; a transaction whose every recipient is refused has none and
-logs ``NOQUEUE``), collect recipients, prepend the ``Received:`` header, spool the content,
-count hops, and commit the message to the queue through the group-commit writer
-before answering ``250 2.0.0 Ok: queued as ID``.  Policy (restriction lists)
-will hook in here, per event.
+The sans-IO machine (``trimail.smtp.server``) says *what the client asked*; this module
+decides *what to do about it*: the queue ID at the first accepted RCPT (as Postfix; a
+transaction whose every recipient is refused has none: ``NOQUEUE``), the restrictions,
+the ``Received:`` header, the spool, and the commit before ``250 2.0.0 Ok: queued as ID``
+(BDAT: its first chunk decided as DATA, its content as DATA's, ``trimail.smtp.bdat``).
 
-Parameters: myhostname, mail_name, smtpd_banner, message_size_limit,
-line_length_limit, smtpd_recipient_limit, smtpd_hard_error_limit,
-smtpd_forbid_bare_newline, smtpd_forbid_bare_newline_reject_code,
-smtpd_forbid_bare_newline_exclusions, cleanup_replace_stray_cr_lf, smtpd_forbidden_commands, hopcount_limit,
-disable_vrfy_command, smtputf8_enable, queue_directory, queue_minfree,
-smtpd_reject_unlisted_recipient (and the tables of ``trimail/unlisted.py``),
-virtual_alias_maps, table_lookup_timeout, local_header_rewrite_clients.
+Parameters: myhostname, mail_name, smtpd_banner, message_size_limit, line_length_limit,
+smtpd_recipient_limit, smtpd_hard_error_limit, smtpd_forbid_bare_newline,
+smtpd_forbid_bare_newline_reject_code, smtpd_forbid_bare_newline_exclusions,
+cleanup_replace_stray_cr_lf, smtpd_forbidden_commands, hopcount_limit, disable_vrfy_command,
+smtputf8_enable, queue_directory, queue_minfree, smtpd_reject_unlisted_recipient (and the
+tables of ``trimail/unlisted.py``), virtual_alias_maps, table_lookup_timeout, local_header_rewrite_clients.
 
 Storage: MAIL FROM is answered ``452 4.3.1 Insufficient system storage`` when the
 queue file system has no more than max(queue_minfree, 1.5 * message_size_limit)
@@ -65,6 +62,8 @@ from trimail.receive.etrn import etrn
 from trimail.smtp import replies
 from trimail.smtp.events import (
     Auth,
+    BdatStart,
+    ChunkEnd,
     Connect,
     DataAborted,
     DataChunk,
@@ -232,18 +231,7 @@ class SmtpdSession:
             return await self.milters.rcpt(event) or self._accept_recipient(resolved.stored(event.recipient),
                                                                            event.params)
         if isinstance(event, DataStart):
-            assert self.txn is not None
-            if (hooked := await self._hook("data", None)) is not None:
-                return hooked
-            reply = await self._restrict("data", "DATA", conn, sender=self.txn.sender) or await self.milters.data()
-            if reply is not None:
-                return reply
-            self.txn.protocol = protocol_name(self, conn)
-            self.txn.spool = Spool(self.ctx.spool_directory)
-            await self._spool(received_header(self, conn))
-            for header in self.txn.verdict.prepend:
-                await self._spool(printable(header, 998).encode("utf-8") + b"\r\n")
-            return None
+            return await self._begin_content("DATA", conn)
         if isinstance(event, DataChunk):
             if self.txn is not None and self.txn.spool is not None:
                 scan_header(self, event.data)
@@ -262,8 +250,26 @@ class SmtpdSession:
                 self._discard()
                 return reply
             return await check_content(self) or await self.milters.end() or await commit(self)
+        if isinstance(event, BdatStart):  # the first chunk (RFC 3030): Postfix decides it as DATA
+            return await self._begin_content("BDAT", conn)
+        if isinstance(event, ChunkEnd):  # a chunk before LAST: refused only if it could not be stored
+            return None if self.txn is None or self.txn.spool_error is None else await self._spool_end()
         if isinstance(event, (DataAborted, Reset)):
             self._discard()
+        return None
+
+    async def _begin_content(self, command: str, conn: ServerConnection) -> Reply | None:
+        """DATA or the first BDAT: the restrictions, filters, spool file, Received:, PREPEND."""
+        assert self.txn is not None
+        if (hooked := await self._hook("data", None)) is not None:
+            return hooked
+        if reply := await self._restrict("data", command, conn, sender=self.txn.sender) or await self.milters.data():
+            return reply
+        self.txn.protocol = protocol_name(self, conn)
+        self.txn.spool = Spool(self.ctx.spool_directory)
+        await self._spool(received_header(self, conn))
+        for header in self.txn.verdict.prepend:
+            await self._spool(printable(header, 998).encode("utf-8") + b"\r\n")
         return None
 
     def _accept_recipient(self, recipient: str, params: dict[str, str | None]) -> None:

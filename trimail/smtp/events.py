@@ -58,13 +58,37 @@ class DataStart(Event):
 
 
 @dataclasses.dataclass(slots=True)
+class BdatStart(Event):
+    """The first BDAT chunk of a transaction (RFC 3030), decided as DATA is: None (or any
+    positive reply) takes the chunk, whose content then comes as ``DataChunk`` events
+    and ends with ``ChunkEnd`` or, after LAST, ``DataEnd``; an error reply is sent after
+    the chunk has been read and dropped (Postfix's skip_bdat)."""
+
+    size: int  # the chunk's size as declared
+    last: bool
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
+class ChunkEnd(Event):
+    """A BDAT chunk other than the last was read: None answers ``250 2.0.0 Ok: N bytes``;
+    an error reply (the content could not be stored) makes the message void, and the
+    chunks that follow are dropped until BDAT LAST or RSET."""
+
+    size: int  # the chunk's size as declared
+    needs_reply = True
+
+
+@dataclasses.dataclass(slots=True)
 class DataChunk(Event):
     data: bytes
 
 
 @dataclasses.dataclass(slots=True)
 class DataEnd(Event):
-    """The message is complete; answer with the reply for its fate (e.g. queued)."""
+    """The message is complete; answer with the reply for its fate (e.g. queued).  After
+    BDAT LAST the machine sends ``Ok: queued as ID`` as Postfix does then: ``Ok: N
+    bytes queued as ID``."""
 
     size: int
     needs_reply = True

@@ -85,7 +85,7 @@ _SEQUENCE_ERRORS: dict[str, dict[State, Reply]] = {
              State.MAIL: replies.NO_VALID_RECIPIENTS},
 }
 _JUNK_COMMANDS = frozenset({"HELO", "EHLO", "NOOP", "VRFY", "RSET", "ETRN"})  # Postfix's SMTPD_CMD_FLAG_LIMIT
-_KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "BDAT", "ATRN", "SEND",
+_KNOWN_NOT_IMPLEMENTED = frozenset({"EXPN", "TURN", "ATRN", "SEND",
                                     "SOML", "SAML"})
 
 
@@ -111,12 +111,15 @@ class CommandReader:
     _pending_verb: str
     _skipping_long_line: bool
     _last_command_crlf: bool
+    _bdat: int  # Postfix's bdat_state: 0 none, BDAT_OK (chunks taken), BDAT_ERROR (chunks dropped)
+    _bdat_size: int  # Postfix's act_size while BDAT goes on: content taken and bytes dropped
 
     # -- primitives (ServerConnection's decisions use them too) ------------
 
     def _end_transaction(self, trigger: Trigger) -> None:
         self.recipient_count = 0
         self.smtputf8 = False
+        self._bdat = self._bdat_size = 0  # Postfix's mail_reset ends BDAT too
         self.state = advance(self.state, trigger)
 
     def _send(self, reply: Reply) -> None:
@@ -225,17 +228,23 @@ class CommandReader:
             if self.junk_commands > self.settings.junk_command_limit:
                 self.error_count += 1
             self.junk_commands += 1
-        if verb in ("MAIL", "RCPT", "DATA", "AUTH") and self.settings.tls_required and not self.tls_active:
+        if verb in ("MAIL", "RCPT", "DATA", "AUTH", "BDAT") and self.settings.tls_required and not self.tls_active:
             self._error(name, replies.NEED_STARTTLS)
             return
         trigger = _VERB_TRIGGERS.get(verb)
         if trigger is not None:
+            if self._bdat and trigger is DataStart:  # Postfix: before the sequence rules
+                self._error(name, replies.DATA_AFTER_BDAT)
+                return
             if trigger not in TRANSITIONS[self.state]:
                 self._error(name, _SEQUENCE_ERRORS[verb][self.state])
                 return
             if (trigger is MailFrom and self.state is State.INIT
                     and (self.settings.helo_required or self.tls_restarted)):
                 self._error(name, replies.NEED_HELO)  # after STARTTLS: a new EHLO first (RFC 3207 4.2)
+                return
+            if self._bdat and trigger is not Hello:  # BDAT began or failed: MAIL, RCPT until LAST or RSET
+                self._error(name, replies.MAIL_AFTER_BDAT if trigger is MailFrom else replies.RCPT_AFTER_BDAT)
                 return
         self._pending_verb = name
         event = handler(self, arg)
@@ -319,6 +328,9 @@ class CommandReader:
         self.command_stats["help/ok"] += 1
         self._send(replies.HELP)
 
+    def _do_bdat(self, arg: str) -> Event | None:  # trimail.smtp.bdat
+        raise NotImplementedError
+
 
 # one function per verb: a check of commands.py returns the event (a decision, or Rejected);
 # the machine's own commands act at once and return None
@@ -334,6 +346,7 @@ _HANDLERS: dict[str, Callable[[CommandReader, str], Event | None]] = {
     "VRFY": CommandReader._do_vrfy,
     "ETRN": check_etrn,
     "HELP": CommandReader._do_help,
+    "BDAT": lambda reader, arg: reader._do_bdat(arg),  # RFC 3030: trimail.smtp.bdat
     "STARTTLS": check_starttls,
     "AUTH": CommandReader._do_auth,
 }

@@ -55,6 +55,24 @@ def queued(queue_id: str) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {queue_id}")
 
 
+def chunk_ok(size: int) -> Reply:
+    """A BDAT chunk (not the last) taken: its declared size, as Postfix says it."""
+    return Reply(250, "2.0.0", f"Ok: {size} bytes")
+
+
+def chunks_queued(reply: Reply, size: int) -> Reply:
+    """The end of a BDAT message: Postfix's ``Ok: N bytes queued as ID`` (N: the content's
+    size) for the ``Ok: queued as ID`` of DATA; any other reply as it is."""
+    if reply.code == 250 and isinstance(reply.text, str) and reply.text.startswith("Ok: queued as "):
+        return Reply(250, reply.enhanced, f"Ok: {size} bytes {reply.text[4:]}")
+    return reply
+
+
+def chunks_discarded(size: int) -> Reply:
+    """A BDAT chunk after an earlier error in the same message (Postfix's skip_bdat)."""
+    return Reply(551, "5.0.0", f"Discarded {size} bytes after earlier error")
+
+
 @functools.lru_cache(maxsize=32)
 def greeting(banner: str) -> Reply:
     """The 220 banner; one value per banner, so its wire form is made once."""
@@ -150,6 +168,13 @@ ETRN_UNABLE = Reply(458, "", "Unable to queue messages")
 LOCAL_ERROR = Reply(451, "4.3.0", "Error: queue file write error")
 INSUFFICIENT_STORAGE = Reply(452, "4.3.1", "Insufficient system storage")  # queue file system short or full
 TEMPORARY_FAILURE = Reply(451, "4.3.0", "Error: internal error, try again later")
+BDAT_DISABLED = Reply(521, "5.5.1", "Error: command not implemented")  # CHUNKING discarded: hang up
+SYNTAX_BDAT = Reply(521, "5.5.4", "Syntax: BDAT count [LAST]")  # the next bytes are content: hang up
+NULL_BDAT = Reply(551, "5.7.1", "Null BDAT request")  # BDAT 0 without LAST
+CHUNK_TOO_BIG = Reply(552, "5.3.4", "Chunk exceeds message size limit")
+DATA_AFTER_BDAT = Reply(503, "5.5.1", "Error: DATA after BDAT")
+MAIL_AFTER_BDAT = Reply(503, "5.5.1", "Error: MAIL after BDAT")
+RCPT_AFTER_BDAT = Reply(503, "5.5.1", "Error: RCPT after BDAT")
 BARE_LF = Reply(521, "5.5.2", "Error: bare <LF> received")
 FORBIDDEN_COMMAND = Reply(221, "2.7.0", "Error: I can break rules, too. Goodbye.")
 TOO_MANY_HOPS = Reply(554, "5.4.0", "Error: too many hops")

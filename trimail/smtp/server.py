@@ -20,7 +20,8 @@ The parts, as h11 has them: ``events`` (what next_event() returns), ``states``
 (the one table of legal moves; every change of state goes through
 ``states.advance``), ``reader`` (the command reader: framing, limits, sequence
 rules, the machine's own commands), ``commands`` (one check per verb),
-``dotreader`` (DATA), ``replies`` (every reply a named value).  This module holds
+``dotreader`` (DATA), ``bdat`` (BDAT, RFC 3030 CHUNKING: exactly N raw bytes, given
+as DATA's events), ``replies`` (every reply a named value).  This module holds
 the machine's public side: input and output buffers, the events, the decisions
 (``respond``) and what accepting one changes.
 
@@ -53,11 +54,13 @@ from collections import Counter, deque
 from collections.abc import Callable
 
 from trimail.smtp import replies
+from trimail.smtp.bdat import BdatReader
 from trimail.smtp.commands import not_a_letter_first
 from trimail.smtp.dotreader import DotReader
 from trimail.smtp.events import (
     NEED_DATA,
     Auth,
+    BdatStart,
     Connect,
     DataAborted,
     DataChunk,
@@ -71,7 +74,6 @@ from trimail.smtp.events import (
     RcptTo,
     StartTls,
 )
-from trimail.smtp.reader import CommandReader
 from trimail.smtp.replies import Reply
 from trimail.smtp.sasl import MECHANISMS, SaslExchange
 from trimail.smtp.states import GREET, LocalProtocolError, State, advance
@@ -108,13 +110,15 @@ class Settings:
     tls_required: bool = False  # smtpd_tls_security_level = encrypt: no mail before STARTTLS
     auth: bool = False  # offer AUTH PLAIN LOGIN
     auth_tls_only: bool = True  # smtpd_tls_auth_only: AUTH only once TLS is active
+    chunking: bool = True  # offer CHUNKING and take BDAT (RFC 3030; smtpd_discard_ehlo_keywords may hide it)
     dsn: bool = True  # offer DSN and take its parameters (RFC 3461; smtpd_discard_ehlo_keywords may hide it)
     discard_ehlo: frozenset[str] = frozenset()  # smtpd_discard_ehlo_keywords, upper case: not announced
     extra_extensions: tuple[str, ...] = ()
 
 
-class ServerConnection(CommandReader):
-    """One SMTP server session, without I/O (its command reader: ``trimail.smtp.reader``)."""
+class ServerConnection(BdatReader):
+    """One SMTP server session, without I/O (its command reader: ``trimail.smtp.reader``,
+    BDAT's: ``trimail.smtp.bdat``)."""
 
     def __init__(self, settings: Settings = Settings(), client: str = "unknown") -> None:
         self.settings = settings
@@ -141,6 +145,8 @@ class ServerConnection(CommandReader):
         self._skipping_long_line = False
         self._last_command_crlf = True
         self._reader = DotReader()  # the DATA reader of the current message
+        self._raw = None  # BDAT: raw bytes owed (trimail.smtp.bdat)
+        self._bdat = self._bdat_size = 0
 
     # -- I/O side ----------------------------------------------------------
 
@@ -193,7 +199,7 @@ class ServerConnection(CommandReader):
         """End the session now (shutdown, timeout): queue *reply* and go CLOSED."""
         if self.state is State.CLOSED:
             return
-        if self.state is State.DATA:
+        if self.state is State.DATA or self.state is State.BDAT:
             self._events.append(DataAborted(reason))
         if reply is not None:
             self._send(reply)
@@ -210,12 +216,15 @@ class ServerConnection(CommandReader):
                 raise LocalProtocolError("next_event() after Closed")
             if self.state is State.GREETING:
                 return NEED_DATA
-            progressed = self._read_data() if self.state is State.DATA else self._read_command()
+            if self.state is State.DATA:
+                progressed = self._read_data()
+            else:
+                progressed = self._read_command() if self._raw is None else self._read_raw()
             if not progressed:
                 if not self._eof:
                     return NEED_DATA
-                if self.state is State.DATA:
-                    self._events.append(DataAborted("lost connection in DATA"))
+                if self.state is State.DATA or self.state is State.BDAT:
+                    self._events.append(DataAborted(f"lost connection in {self.state.name}"))
                 self._close("lost connection")
         event = self._events.popleft()
         if event.needs_reply:
@@ -227,6 +236,10 @@ class ServerConnection(CommandReader):
         event = self._pending
         if event is None:
             raise LocalProtocolError("respond() with no event waiting for a reply")
+        if event.__class__ is BdatStart or self.state is State.BDAT:
+            self._pending = None
+            self._bdat_decided(event, reply)
+            return
         if reply is None:
             if isinstance(event, DataEnd):
                 raise LocalProtocolError("DataEnd needs an explicit reply (e.g. queued as ID)")
@@ -284,6 +297,8 @@ class ServerConnection(CommandReader):
             keywords.append("DSN")
         if self.settings.smtputf8:
             keywords.append("SMTPUTF8")
+        if self.settings.chunking:
+            keywords.append("CHUNKING")
         if self.settings.starttls and not self.tls_active:
             keywords.append("STARTTLS")
         if self.settings.auth and (self.tls_active or not self.settings.auth_tls_only) and not self.authenticated:

@@ -22,6 +22,8 @@ import enum
 
 from trimail.smtp.events import (
     Auth,
+    BdatStart,
+    ChunkEnd,
     Closed,
     DataAborted,
     DataEnd,
@@ -46,6 +48,7 @@ class State(enum.Enum):
     MAIL = "mail"  # MAIL accepted, no recipient yet
     RCPT = "rcpt"  # at least one recipient accepted
     DATA = "data"  # reading message content
+    BDAT = "bdat"  # reading the content of a BDAT chunk (between chunks: RCPT)
     AUTH = "auth"  # reading SASL responses
     CLOSED = "closed"
 
@@ -55,6 +58,7 @@ GREET = "greet"  # the 220 banner is queued, or the Connect decision (smtpd_dela
 AUTH_START = "auth start"  # AUTH named a mechanism: SASL response lines follow
 AUTH_END = "auth end"  # the client aborted the exchange with "*" or sent a malformed response
 RESET_BEFORE_HELO = "reset before helo"  # RSET, or a transaction's end, with no HELO/EHLO name yet
+NEXT_CHUNK = "next chunk"  # a BDAT after the first of its message: no decision, its content follows
 
 Trigger = type[Event] | str
 
@@ -65,9 +69,12 @@ TRANSITIONS: dict[State, dict[Trigger, State]] = {
     State.INIT: {Hello: State.READY, MailFrom: State.MAIL, StartTls: State.INIT},
     State.READY: {Hello: State.READY, MailFrom: State.MAIL, StartTls: State.INIT, AUTH_START: State.AUTH},
     State.MAIL: {Hello: State.READY, RcptTo: State.RCPT},
-    State.RCPT: {Hello: State.READY, RcptTo: State.RCPT, DataStart: State.DATA},
+    State.RCPT: {Hello: State.READY, RcptTo: State.RCPT, DataStart: State.DATA,
+                 BdatStart: State.BDAT, NEXT_CHUNK: State.BDAT},
     # DataEnd: accepted or refused; DataAborted: read to its end, then refused (too big, bare LF)
     State.DATA: {DataEnd: State.READY, DataAborted: State.READY},
+    # ChunkEnd: a chunk before LAST taken, the next BDAT (or RSET...) is read in RCPT
+    State.BDAT: {ChunkEnd: State.RCPT, DataEnd: State.READY, DataAborted: State.READY},
     State.AUTH: {Auth: State.READY, AUTH_END: State.READY},
     State.CLOSED: {},
 }

@@ -7,7 +7,7 @@ delivery outcome (``Delivery``: recipient, sent/deferred/bounced, the remote rep
 side, so after STARTTLS too): lines the client sent are commands, paired in order
 with the replies the server sent (PIPELINING keeps them in order); after a ``354``
 the client's bytes are message content up to ``CRLF.CRLF``, shown as the command
-``.``.  AUTH arguments and SASL responses are never kept (``AUTH PLAIN ***``).
+``.``; the bytes a ``BDAT <size>`` announces are content too, whatever its reply.  AUTH arguments and SASL responses are never kept (``AUTH PLAIN ***``).
 Sans-IO: nothing here touches a socket.
 """
 
@@ -56,6 +56,8 @@ class Attempt:
     _in_data: bool = False
     _before: bytes = b"\r\n"  # the last two bytes before _in (the terminator needs its CRLF)
     _waiting_data_reply: bool = False  # DATA sent: what follows waits for its 354 (or refusal)
+    _chunk: int = 0  # bytes of a BDAT chunk still to come (the server reads them, taken or not)
+    _bdat_first: bool = True  # the next BDAT begins a message
 
     # -- reading ----------------------------------------------------------------
 
@@ -113,6 +115,12 @@ class Attempt:
                 self._in_data = False
                 self._pending.append(".")
                 continue
+            if self._chunk:
+                taken = min(self._chunk, len(self._in))
+                self._chunk -= taken
+                self.message_bytes += taken
+                del self._in[:taken]
+                continue
             end = self._in.find(b"\n")
             if end < 0:
                 return
@@ -134,6 +142,13 @@ class Attempt:
         self._pending.append(line)
         if verb == "DATA":
             self._waiting_data_reply = True
+        elif verb == "BDAT":
+            size = argument.split()[:1]
+            if size and size[0].isascii() and size[0].isdigit():  # (a malformed BDAT ends the session)
+                if self._bdat_first:
+                    self.message_bytes = 0
+                self._chunk = int(size[0])
+                self._bdat_first = "LAST" in argument.upper()
 
     def sent(self, data: bytes) -> None:
         """Bytes the server sent."""
