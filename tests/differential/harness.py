@@ -302,7 +302,9 @@ def run_session(host: str, port: int, source: str, commands: list[str], timeout:
     """Connect from *source*, read the greeting, send each command and read its reply.
 
     A command starting with ``DATA:`` is message content: sent as it is (CRLF line
-    ends, the final ``.`` added) and answered with the end-of-data reply.  Stops at
+    ends, the final ``.`` added) and answered with the end-of-data reply.  ``CHUNKS:``
+    is sent as it is (BDAT commands, each with its bytes, and any other commands): one
+    reply per command line (``chunk_commands``).  Stops at
     the end of the list or when the server closes; after a 221/421 the next exchange
     records whether the server closed (``<EOF>``).
     """
@@ -333,6 +335,13 @@ def run_session(host: str, port: int, source: str, commands: list[str], timeout:
             if command.startswith("DATA:"):
                 body = command[5:].replace("\r\n", "\n").replace("\n", "\r\n")
                 sock.sendall(body.encode() + (b"" if body.endswith("\r\n") else b"\r\n") + b".\r\n")
+            elif command.startswith("CHUNKS:"):  # BDAT commands with their content, in one write
+                sock.sendall(command[7:].encode())
+                for line in chunk_commands(command[7:]):
+                    out.append(Exchange(line, reply()))
+                    if out[-1].reply[-1] == "<EOF>":
+                        break
+                continue
             elif command.startswith("PIPE:"):
                 group = command[5:].split("|")
                 sock.sendall("".join(f"{c}\r\n" for c in group).encode())
@@ -346,6 +355,22 @@ def run_session(host: str, port: int, source: str, commands: list[str], timeout:
         if last[:3] in ("221", "421"):
             out.append(Exchange("<close?>", reply()))
         return out
+
+
+def chunk_commands(wire: str) -> list[str]:
+    """The command lines of *wire*, where a well-formed ``BDAT <n>`` is followed by n
+    characters of content (ASCII: characters are bytes)."""
+    lines, at = [], 0
+    while at < len(wire):
+        end = wire.find("\r\n", at)
+        end = len(wire) if end < 0 else end
+        line = wire[at:end]
+        lines.append(line)
+        at = end + 2
+        words = line.split()
+        if len(words) in (2, 3) and words[0].upper() == "BDAT" and words[1].isdigit():
+            at += int(words[1])
+    return lines
 
 
 QUEUE_ID = re.compile(r"(queued as )\S+")

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.differential import checks, harness
+from tests.differential import checks, chunking, harness
 from tests.differential.differences import DIFFERENCES, explain
 from tests.differential.sessions import SESSIONS as PROTOCOL_SESSIONS
 from tests.differential.sessions import Session
 
-SESSIONS = [*PROTOCOL_SESSIONS, *checks.SESSIONS]
+SESSIONS = [*PROTOCOL_SESSIONS, *checks.SESSIONS, *chunking.SESSIONS]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "postfix.md"
 
 # session name -> (pairs, identical, explained by a deliberate difference)
