@@ -16,6 +16,7 @@ from pathlib import Path
 from tests.faults.conftest import (
     NEEDS_TMPFS,
     assert_serving,
+    banner,
     fill,
     integrity_ok,
     send,
@@ -135,3 +136,31 @@ def test_queue_commit_failing_for_lack_of_space_answers_4xx_and_mail_flows_again
     assert set(queued_ids(d.config_path)) == {before, after}
     assert_serving(d)
     assert integrity_ok(d.queue_directory) == "ok"
+
+
+def test_disk_full_in_a_bdat_chunk_answers_452_after_that_chunk_and_drops_the_rest(daemon, small_queue) -> None:
+    # BDAT (RFC 3030): the chunk whose content could not be spooled is answered at its end,
+    # as Postfix answers a cleanup write error there; later chunks are dropped until LAST
+    host = "127.0.102.3"
+    d = daemon(master_service_disable="qmgr", queue_directory=str(small_queue), message_size_limit="0",
+               smtpd_listen=f"{host}:0")
+    filler = fill(small_queue, leave=384 << 10)
+    with smtplib.SMTP(host, d.port, timeout=30) as client:
+        client.ehlo("client.example")
+        assert "chunking" in client.esmtp_features
+        assert command(client, "MAIL FROM:<alice@client.example>")[0] == 250
+        assert command(client, "RCPT TO:<bob@example.net>")[0] == 250
+        client.send(b"BDAT %d\r\n" % len(BIG) + BIG + b"BDAT 5 LAST\r\nlast.")
+        assert client.getreply() == (452, b"4.3.1 Insufficient system storage")
+        assert client.getreply() == (551, b"5.0.0 Discarded 5 bytes after earlier error")
+        assert command(client, "MAIL FROM:<alice@client.example>")[0] == 250  # LAST ended the transaction
+        assert command(client, "RCPT TO:<bob@example.net>")[0] == 250
+        client.send(b"BDAT %d LAST\r\n" % len(SMALL) + SMALL)
+        code, text = client.getreply()
+        assert code == 250, text
+        small = text.decode().rsplit(" ", 1)[1]
+        assert command(client, "QUIT")[0] == 221
+    assert d.alive and banner(d.port, host).startswith("220 ")
+    assert queued_ids(d.config_path) == [small]
+    assert not [p for p in small_queue.iterdir() if p.name.startswith("spool.")]
+    filler.unlink()
