@@ -146,3 +146,16 @@ def test_a_big_chunk_is_stored_whole():
         message = mta.wait_for_one(subject="chunks")
         assert got[3] == f"250 2.0.0 Ok: {len(HEADERS) + len(body)} bytes queued as {message.queue_id}"
         assert without_received(message.raw) == HEADERS + body
+
+
+def test_reject_unauth_pipelining_does_not_take_a_chunks_bytes_for_pipelining():
+    # Postfix: BDAT is no "last command of a group" (RFC 2920); only DATA is checked
+    with TestMTA(smtpd_listen=f"{HOST}:0", smtpd_data_restrictions="reject_unauth_pipelining") as mta:
+        client = Client(mta)
+        got = client.send(b"EHLO app.example\r\n", 1)
+        got += client.send(b"MAIL FROM:<app@app.example>\r\n", 1) + client.send(b"RCPT TO:<ann@example.com>\r\n", 1)
+        got += client.send(bdat([HEADERS + b"body\r\n"]), 1)
+        assert got[-1].startswith("250 2.0.0 Ok: ") and " bytes queued as " in got[-1]
+        got = client.send(START + b"DATA\r\n" + HEADERS + b"body\r\n.\r\n", 5)
+        assert got[-2].startswith("503 5.5.0 ") and "pipelining" in got[-2]
+        client.close()

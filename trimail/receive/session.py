@@ -328,7 +328,7 @@ class SmtpdSession:
             return None
         txn = self.txn
         request = self._request(sender=sender, recipient=recipient, size=size, etrn=etrn,
-                                pipelined=conn.pending_input and (stage == "data" or not self.extended))
+                                pipelined=conn.pending_input and (command == "DATA" or not self.extended))
         verdict = await policy.check(stage, request)
         for action, text in verdict.logged:  # HOLD, DISCARD, INFO, WARN, ... as Postfix logs them
             if txn is not None and (action == "hold" and txn.verdict.hold
