@@ -35,6 +35,10 @@ so where the client cuts its chunks never changes the content.  The content's si
 is counted as it arrives (message_size_limit: ``552 5.3.4 Error: message file too
 big`` after the chunk).
 
+Parameters (through ``Settings``): message_size_limit, smtpd_forbid_bare_newline,
+smtpd_forbid_bare_newline_reject_code, cleanup_replace_stray_cr_lf,
+smtpd_discard_ehlo_keywords (``chunking``).
+
 Security notes: a chunk of any declared size is read in pieces of at most ``PIECE``
 bytes, each passed on at once: nothing here grows with it.  The caller reads only
 on NEED_DATA, each read bounded by smtpd_timeout.  Sizes above 2**63 - 1 are
@@ -200,9 +204,10 @@ class BdatReader(CommandReader):
             self._bdat = BDAT_OK  # a message is begun: a chunk too big now voids it
             self._chunk(event.size, event.last, BdatStart)
             return
-        if reply is None and isinstance(event, DataEnd):
-            raise LocalProtocolError("DataEnd needs an explicit reply (e.g. queued as ID)")
-        reply = reply or replies.chunk_ok(event.size)  # type: ignore[attr-defined]
+        if reply is None:
+            if not isinstance(event, ChunkEnd):
+                raise LocalProtocolError("DataEnd needs an explicit reply (e.g. queued as ID)")
+            reply = replies.chunk_ok(event.size)
         if reply.is_positive:
             self.command_stats["bdat/ok"] += 1
             if isinstance(event, DataEnd):
