@@ -8,6 +8,7 @@ Everything binds in 127.0.102.0/24, ports picked by the kernel.
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 
@@ -159,3 +160,23 @@ def test_reject_unauth_pipelining_does_not_take_a_chunks_bytes_for_pipelining():
         got = client.send(START + b"DATA\r\n" + HEADERS + b"body\r\n.\r\n", 5)
         assert got[-2].startswith("503 5.5.0 ") and "pipelining" in got[-2]
         client.close()
+
+
+def test_postfixs_warnings_for_null_too_big_and_malformed_bdat(caplog):
+    caplog.set_level(logging.INFO, logger="trimail.smtpd")
+    with TestMTA(smtpd_listen=f"{HOST}:0", message_size_limit=1000) as mta:
+        client = Client(mta)
+        again = START.split(b"\r\n", 1)[1]  # MAIL and RCPT
+        got = client.send(START + b"BDAT 0\r\nBDAT 2 LAST\r\nxy" + again + b"BDAT 1001\r\n" + b"z" * 1001
+                          + b"BDAT 1x\r\n", 10)
+        assert got[3:] == ["551 5.7.1 Null BDAT request", "551 5.0.0 Discarded 2 bytes after earlier error",
+                           "250 2.1.0 Ok", "250 2.1.5 Ok", "552 5.3.4 Chunk exceeds message size limit",
+                           "521 5.5.4 Syntax: BDAT count [LAST]", "<EOF>"]
+        client.close()
+        mta.wait_for_attempts(1)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    client = f"[{CLIENT}]"
+    [queue_id] = {w.split(":", 1)[0] for w in warnings if w.endswith(f"null BDAT request from unknown{client}")}
+    assert queue_id != "NOQUEUE"  # after the first accepted RCPT
+    assert any(w.endswith(f": BDAT request from unknown{client} exceeds message size limit") for w in warnings)
+    assert f"NOQUEUE: malformed BDAT command syntax from unknown{client}" in warnings, warnings

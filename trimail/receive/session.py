@@ -14,13 +14,12 @@ smtputf8_enable, queue_directory, queue_minfree, smtpd_reject_unlisted_recipient
 tables of ``trimail/unlisted.py``), virtual_alias_maps, table_lookup_timeout, local_header_rewrite_clients.
 
 Storage: MAIL FROM is answered ``452 4.3.1 Insufficient system storage`` when the
-queue file system has no more than max(queue_minfree, 1.5 * message_size_limit)
-bytes free (Postfix's rule; ``space.QueueSpace``).  When the spool file of a big
-message cannot be written (disk full, I/O error), the content is dropped at once,
-the rest of DATA is still read to its real end so the session stays in step, and
-the end of DATA is answered ``452 4.3.1`` (no space) or ``451 4.3.0``; a failed
-queue commit answers ``451 4.3.0``.  Either costs that one message, never the
-session or the daemon.
+queue file system has no more than max(queue_minfree, 1.5 * message_size_limit) bytes
+free (Postfix's rule; ``space.QueueSpace``).  When the spool file of a big message
+cannot be written (disk full, I/O error), the content is dropped at once, the rest of
+DATA is still read to its real end so the session stays in step, and the end of DATA
+(or of that BDAT chunk) is answered ``452 4.3.1`` (no space) or ``451 4.3.0``; a failed
+queue commit answers ``451 4.3.0``.  Either costs that one message, never the session.
 
 Postfix's session details: with ``smtpd_delay_reject = no`` the client restrictions
 run at connect (the machine's ``Connect`` event) and a refusal is the greeting, after
@@ -60,6 +59,7 @@ from trimail.receive.commit import commit, protocol_name, received_header, scan_
 from trimail.receive.context import ReceiveContext
 from trimail.receive.etrn import etrn
 from trimail.smtp import replies
+from trimail.smtp.bdat import WARNINGS as BDAT_WARNINGS
 from trimail.smtp.events import (
     Auth,
     BdatStart,
@@ -149,6 +149,8 @@ class SmtpdSession:
         if isinstance(event, Rejected):
             if event.sender is not None:  # SIZE above message_size_limit: Postfix's smtpd_check_size logs it
                 self._log_reject("MAIL", event.reply, None, sender=event.sender)
+            elif event.command == "bdat" and (why := BDAT_WARNINGS.get(event.reply)):  # Postfix's msg_warn
+                log.warning("%s: %s", self.txn and self.txn.queue_id or "NOQUEUE", why.format(self.client))
             return None
         if isinstance(event, NonSmtpCommand):
             log.warning("non-SMTP command from %s: %s", self.client, printable(event.line, 100))
@@ -351,8 +353,7 @@ class SmtpdSession:
         return None
 
     def _request(self, **command: Any) -> Request:
-        """What the policy sees of this session and transaction now; *command*: what
-        the command being decided adds (sender, recipient, size, ...)."""
+        """What the policy sees of this session and transaction now, and *command*'s (sender, recipient...)."""
         txn = self.txn
         return Request(
             client_address=self.client_address, client_name=self.client_name, helo=self.helo_name,
@@ -361,8 +362,7 @@ class SmtpdSession:
             sasl_username=self.sasl_username, tls=self.tls is not None, cache=self.dns_cache, **command)
 
     async def _hook(self, stage: str, address: str | None) -> Reply | None:
-        hooks = self.ctx.hooks
-        return None if hooks is None else await hooks.before(stage, self, address)
+        return None if (hooks := self.ctx.hooks) is None else await hooks.before(stage, self, address)
 
     def _log_reject(self, command: str, reply: Reply, recipient: str | None, what: str = "reject",
                     sender: str | None = None) -> None:

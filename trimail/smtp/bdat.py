@@ -78,6 +78,11 @@ BDAT_OK = 1  # Postfix's SMTPD_BDAT_STAT_OK: chunks are taken
 BDAT_ERROR = 2  # SMTPD_BDAT_STAT_ERROR: chunks are dropped until LAST or RSET
 
 
+# Postfix's warnings for these refusals ({} is the client), for the caller's log
+WARNINGS = {replies.SYNTAX_BDAT: "malformed BDAT command syntax from {}", replies.NULL_BDAT: "null BDAT request from {}",
+            replies.CHUNK_TOO_BIG: "BDAT request from {} exceeds message size limit"}
+
+
 @dataclasses.dataclass(slots=True)
 class ChunkReader:
     """The content of one message's chunks, normalised; ``start()`` each chunk."""
