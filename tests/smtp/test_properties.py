@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.smtp.driver import Driver
-from trimail.smtp.events import Closed, DataAborted, DataChunk, DataEnd, DataStart, Event
+from trimail.smtp.events import BdatStart, Closed, DataAborted, DataChunk, DataEnd, DataStart, Event
 from trimail.smtp.server import Settings
 
 TOKENS = [
@@ -14,7 +14,8 @@ TOKENS = [
     b"MAIL FROM:<a@example.org> SIZE=100\r\n", b"RCPT TO:<b@example.com>\r\n", b"DATA\r\n",
     b".\r\n", b"..\r\n", b"\r\n", b"\n", b"\r", b".", b"RSET\r\n", b"NOOP\r\n", b"QUIT\r\n",
     b"VRFY x\r\n", b"HELP\r\n", b"GET / HTTP/1.0\r\n", b"text line\r\n", b"\r\n.\n", b"\n.\r\n",
-    b"BDAT 1\r\n", b"\xff\xfe", b"\x00",
+    b"BDAT 1\r\n", b"BDAT 3 LAST\r\n", b"BDAT 0 LAST\r\n", b"BDAT 0\r\n", b"BDAT 7\r\n", b"BDAT\r\n",
+    b"\xff\xfe", b"\x00",
 ]
 streams = st.lists(
     st.one_of(st.sampled_from(TOKENS), st.binary(max_size=40)), max_size=40
@@ -62,10 +63,10 @@ def test_only_answered_messages_are_accepted(stream, cuts, config):
     # the session always ends, with exactly one Closed event last
     assert isinstance(d.events[-1], Closed)
     assert sum(isinstance(e, Closed) for e in d.events) == 1
-    # content only flows between DataStart and its DataEnd/DataAborted
+    # content only flows between DataStart (or BDAT's first chunk) and its DataEnd/DataAborted
     inside = False
     for event in d.events:
-        if isinstance(event, DataStart):
+        if isinstance(event, (DataStart, BdatStart)):
             assert not inside
             inside = True
         elif isinstance(event, DataChunk):
