@@ -163,6 +163,24 @@ def test_hang_up_after_n_bytes_of_the_message(mta):
     assert attempt.ended == "dropped (fault)" and attempt.message_bytes == 1001
 
 
+def test_hang_up_after_n_bytes_of_a_message_sent_in_bdat_chunks(mta):
+    fault = mta.drop(after_bytes=1000)
+    with socket.create_connection((HOST, mta.port), timeout=30) as raw:
+        replies = raw.makefile("rb")
+        assert replies.readline().startswith(b"220")
+        raw.sendall(b"HELO app.example\r\n")
+        assert replies.readline().startswith(b"250")
+        for size, outcome in ((999, b"250 2.0.0 Ok: 999 bytes queued as "), (1001, b"")):
+            content = b"Subject: cut\r\n\r\n" + b"x" * (size - 18) + b"\r\n"
+            raw.sendall(b"MAIL FROM:<app@app.example>\r\nRCPT TO:<ann@example.com>\r\n"
+                        b"BDAT 500\r\n" + content[:500] + b"BDAT %d LAST\r\n" % (size - 500) + content[500:])
+            got = [replies.readline() for _ in range(4)]
+            assert got[3].startswith(outcome), got  # b"": the connection is gone
+    assert len(mta.messages) == 1 and fault.hits == 1
+    [attempt] = mta.wait_for_attempts(1)
+    assert attempt.ended == "dropped (fault)" and attempt.message_bytes == 1001
+
+
 def test_hang_up_in_data_seen_by_smtplib(mta):
     mta.drop(after_bytes=10_000, count=1)
     with pytest.raises(smtplib.SMTPServerDisconnected):

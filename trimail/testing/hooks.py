@@ -53,9 +53,9 @@ class _Hooks(SessionHooks):
         attempt = self._live.get(id(session))
         if attempt is None:
             return
-        in_data = attempt.in_data
-        attempt.received(data)
-        if in_data and self.owner._cut_after(attempt.content_received):
+        in_data, before = attempt.in_data, attempt.content_received
+        attempt.received(data)  # (BDAT: a chunk's bytes come with their command)
+        if (in_data or attempt.content_received > before) and self.owner._cut_after(attempt.content_received):
             self._dropped.add(id(session))
             raise DropConnection
 
