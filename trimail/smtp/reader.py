@@ -18,7 +18,9 @@ no``): every command except QUIT is answered ``503 5.7.0 Error: access denied fo
 HELO, EHLO, NOOP, VRFY, RSET and ETRN are "junk" commands: past
 ``junk_command_limit`` of them each one counts as an error too
 (``smtpd_junk_command_limit``); the junk count starts again after a message is
-accepted.
+accepted.  While BDAT goes on (``trimail.smtp.bdat``), MAIL, RCPT and DATA get
+Postfix's ``503 5.5.1 Error: MAIL after BDAT`` (``RCPT``, ``DATA``), in Postfix's order
+among the sequence checks.
 
 Performance: this is the path of every command.  A base class, not a helper
 object, so that splitting the machine across two files adds no call and no

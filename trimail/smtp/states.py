@@ -11,7 +11,9 @@ a state is checked against the same table first and refused with an SMTP reply.
 The table is data the command reader consults too (is ``MAIL`` legal here?), so
 the sequence rules of RFC 5321 4.1.4 are written once.  What it does not say:
 policy (``smtpd_helo_required``, MAIL before a new EHLO after STARTTLS) is the
-machine's, which refuses such a command before any move.
+machine's, which refuses such a command before any move; so is BDAT's mode (Postfix's
+bdat_state: chunks taken, or dropped after an error), a flag beside the state: between
+chunks the state is RCPT, and MAIL, RCPT and DATA are refused while the flag is up.
 
 Performance: a move is two dictionary lookups, no allocation.
 """
