@@ -134,6 +134,10 @@ def test_a_client_silent_inside_a_chunk_gets_the_timeout():
         assert got[3:] == ["421 4.4.2 trimail.test Error: timeout exceeded", "<EOF>"]
         assert time.monotonic() - started < 10
         client.close()
+        client = Client(mta)  # the same inside a refused chunk (its bytes are read before the refusal)
+        got = client.send(b"EHLO app.example\r\nBDAT 100 LAST\r\n0123456789", 3)
+        assert got[1:] == ["421 4.4.2 trimail.test Error: timeout exceeded", "<EOF>"]
+        client.close()
         mta.assert_nothing_sent()
 
 
