@@ -60,6 +60,9 @@ def sessions(tag: str = "bdat", to: str = "x@far.test") -> list[Session]:
             mail, "QUIT"]),
         Session(f"{tag}-first-chunk-too-big", INSIDE, [
             *start, "CHUNKS:BDAT 20001 LAST\r\n" + "x" * 20001 + "NOOP\r\n", "QUIT"]),
+        Session(f"{tag}-chunk-ends-inside-a-line-near-the-limit", INSIDE, [
+            *start, "CHUNKS:BDAT 19000\r\n" + "a\r\n" * 6000 + "b" * 1000 + "BDAT 1900 LAST\r\n" + "b" * 800
+            + "\r\n" + "c" * 1098, mail, "QUIT"]),
         Session(f"{tag}-content-grows-past-the-limit", INSIDE, [
             *start, "CHUNKS:BDAT 14000\r\n" + "a\n" * 7000 + "BDAT 2 LAST\r\nzz", "RSET", "QUIT"]),
         Session(f"{tag}-refused-recipients-then-bdat", OUTSIDE, [

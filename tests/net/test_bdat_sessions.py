@@ -106,7 +106,7 @@ def test_header_checks_and_the_size_limit_apply_to_chunks(tmp_path):
         got = client.send(START + bdat([b"Subject: refuse me\r\n", b"\r\nbody\r\n"]), 5)
         assert got[3:] == ["250 2.0.0 Ok: 20 bytes", "550 5.7.1 not this one"]
         got = client.send(b"MAIL FROM:<app@app.example>\r\nRCPT TO:<ann@example.com>\r\nBDAT 1500\r\n"
-                          + b"y" * 1500 + b"BDAT 600 LAST\r\n" + b"z" * 600 + b"NOOP\r\n", 5)
+                          + (b"y" * 98 + b"\r\n") * 15 + b"BDAT 600 LAST\r\n" + b"z" * 600 + b"NOOP\r\n", 5)
         assert got == ["250 2.1.0 Ok", "250 2.1.5 Ok", "250 2.0.0 Ok: 1500 bytes",
                        "552 5.3.4 Chunk exceeds message size limit", "250 2.0.0 Ok"]
         client.close()

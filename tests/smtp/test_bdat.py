@@ -123,13 +123,24 @@ def test_discarded_chunking_is_not_offered_and_bdat_ends_the_session():
 
 
 def test_a_chunk_past_the_size_limit_is_refused_before_it_is_read():
-    d = Driver(Settings(message_size_limit=100)).feed(START + b"BDAT 60\r\n" + b"x" * 60 + b"BDAT 41\r\n")
+    d = Driver(Settings(message_size_limit=100)).feed(START + b"BDAT 60\r\n" + b"x" * 58 + b"\r\nBDAT 41\r\n")
     assert d.replies()[-1] == "250 2.0.0 Ok: 60 bytes"
     d.feed(b"y" * 41)
     assert d.replies()[-1] == "552 5.3.4 Chunk exceeds message size limit"
     assert d.of_type(DataAborted) and d.conn.state is State.RCPT
     d.feed(b"BDAT 5 LAST\r\nzzzzz" + MAIL)
     assert d.replies()[-2:] == ["551 5.0.0 Discarded 5 bytes after earlier error", "250 2.1.0 Ok"]
+
+
+def test_a_line_counts_toward_the_limit_when_it_ends_as_in_postfix():
+    # 60 bytes of lines and 20 of a line not ended yet: Postfix counts 60, so a chunk of 30
+    # is taken, and the message is too big once its lines end (Postfix's act_size)
+    d = Driver(Settings(message_size_limit=100)).feed(
+        START + b"BDAT 80\r\n" + b"a\r\n" * 20 + b"b" * 20 + b"BDAT 30 LAST\r\n" + b"b" * 10 + b"\r\n" + b"c" * 18)
+    assert d.replies()[-2:] == ["250 2.0.0 Ok: 80 bytes", "552 5.3.4 Error: message file too big"]
+    d = Driver(Settings(message_size_limit=200, line_length_limit=40)).feed(
+        START + b"BDAT 150\r\n" + b"a\r\n" * 20 + b"b" * 90 + b"BDAT 70\r\n" + b"b" * 70)
+    assert d.replies()[-1] == "552 5.3.4 Chunk exceeds message size limit"  # 60 + 80 of the long line
 
 
 def test_content_grown_past_the_limit_by_its_line_ends_is_message_file_too_big():

@@ -32,8 +32,10 @@ after the chunk), every other CR becomes a space (cleanup_replace_stray_cr_lf), 
 a last line without an end gets CRLF, as Postfix stores it.  A CR that ends a chunk
 is held until the next byte says whether an LF follows (possibly in the next chunk),
 so where the client cuts its chunks never changes the content.  The content's size
-is counted as it arrives (message_size_limit: ``552 5.3.4 Error: message file too
-big`` after the chunk).
+counts toward message_size_limit as Postfix counts it (``counted``): a line when it
+ends, a longer line in whole pieces of line_length_limit (``552 5.3.4 Error: message
+file too big`` after the chunk), so a chunk that ends inside a line is measured as
+Postfix measures it; Postfix's 2 more bytes per piece of a long line are not added.
 
 Parameters (through ``Settings``): message_size_limit, smtpd_forbid_bare_newline,
 smtpd_forbid_bare_newline_reject_code, cleanup_replace_stray_cr_lf,
@@ -90,12 +92,14 @@ class ChunkReader:
     size_limit: int = 0  # message_size_limit, 0: none
     reject_bare_lf: bool = False  # smtpd_forbid_bare_newline = reject
     replace_stray: bool = True  # cleanup_replace_stray_cr_lf
+    line_limit: int = 2048  # line_length_limit: a longer line counts in pieces of this size
     declared: int = 0  # the current chunk's size
     remaining: int = 0  # bytes of the current chunk still to read
     last: bool = False  # the current chunk is the last (BDAT ... LAST)
     size: int = 0  # content bytes so far (normalised)
     cr: bool = False  # a CR ended what was read: held until the next byte is known
     line_end: bool = True  # the content so far ends a line (or is empty)
+    partial: int = 0  # bytes of the last line so far, when it has not ended
     too_big: bool = False
     bare_lf: bool = False  # reject_bare_lf and a bare LF: the message is void
 
@@ -137,9 +141,17 @@ class ChunkReader:
         if not piece:
             return b"", done, take > 0
         self.size += len(piece)
-        if self.size_limit and self.size > self.size_limit:
+        lf = piece.rfind(b"\n")
+        self.partial = len(piece) - lf - 1 if lf >= 0 else self.partial + len(piece)
+        if self.size_limit and self.counted > self.size_limit:
             self.too_big = True
         return (b"" if self.too_big or self.bare_lf else piece), done, take > 0
+
+    @property
+    def counted(self) -> int:
+        """The size Postfix measures (its act_size): lines that ended, and whole pieces
+        of line_length_limit of the line that has not (Postfix's records)."""
+        return self.size - (self.partial % self.line_limit if self.line_limit > 0 else self.partial)
 
 
 @dataclasses.dataclass(slots=True)
@@ -205,7 +217,7 @@ class BdatReader(CommandReader):
                 return
             settings = self.settings
             self._chunks = ChunkReader(settings.message_size_limit, self._rejecting_bare_lf,
-                                       settings.replace_stray_cr_lf)
+                                       settings.replace_stray_cr_lf, settings.line_length_limit)
             self._bdat = BDAT_OK  # a message is begun: a chunk too big now voids it
             self._chunk(event.size, event.last, BdatStart)
             return
@@ -220,7 +232,7 @@ class BdatReader(CommandReader):
                 reply = replies.chunks_queued(reply, event.size)
                 self._end_transaction(DataEnd)
             else:
-                self._bdat_size = self._chunks.size
+                self._bdat_size = self._chunks.counted
                 self.state = advance(self.state, ChunkEnd)
         else:
             self.error_count += 1
