@@ -30,16 +30,16 @@ def _submit(port: int, token: str) -> None:
 
 
 class Clients:
-    """Threads sending messages whose ENVID is a token; ``acknowledged``: the
+    """Threads sending *each* messages whose ENVID is a token; ``acknowledged``: the
     tokens whose ``250`` came."""
 
-    def __init__(self, port: int, count: int = 4) -> None:
-        self.port, self.acknowledged, self.stop = port, [], threading.Event()
+    def __init__(self, port: int, count: int = 4, each: int = 50) -> None:
+        self.port, self.acknowledged, self.stop, self.each = port, [], threading.Event(), each
         self.threads = [threading.Thread(target=self._run, args=(n,)) for n in range(count)]
 
     def _run(self, client: int) -> None:
         number = 0
-        while not self.stop.is_set():
+        while not self.stop.is_set() and number < self.each:
             number += 1
             token = f"c{client}-{number}"
             try:
@@ -81,7 +81,7 @@ def test_a_killed_qmgr_neither_loses_nor_doubles_a_success_notice(daemon):
     with Sink(delay=0.05) as sink:  # deliveries (and notices) are in flight at each kill
         d = daemon(smtpd_workers=1, relayhost=f"[127.0.0.1]:{sink.port}")
         with Clients(d.port) as clients:
-            for kill in range(2):
+            for kill in range(2):  # the first while mail comes in, the second in the backlog it left
                 wait_until(lambda: len(clients.acknowledged) >= 15 * (kill + 1), timeout=60)
                 wait_until(lambda: queued(d.queue_directory, "active") > 0, timeout=30)
                 victim = running(d, "qmgr")[0]
