@@ -7,7 +7,8 @@ A message's params (the JSON of its queue row) hold the DSN requests in wire for
 - ``_DSN_RCPT`` (``RCPT_PARAM``): a JSON object, recipient address as queued ->
   ``{"NOTIFY": "SUCCESS,FAILURE", "ORCPT": "rfc822;a+2Bb@example"}``, for the
   recipients that gave RCPT TO parameters; a recipient that virtual_alias_maps
-  expanded passes its own to each address it became (as Postfix's cleanup copies them).
+  expanded passes its own to each address it became (as Postfix's cleanup copies them),
+  less SUCCESS: it gets one ``expanded`` notice instead (``cleanup.expanded``).
 
 A message queued before these existed has none of them, and is reported as before:
 a recipient without NOTIFY gets failure notices and delay warnings and no success

@@ -8,7 +8,8 @@ log lines.
 The message's content filter (``content_filter``, or an access-table FILTER) is
 stored with it in its params, and so are ``no_address_mappings`` and the DSN
 requests (MAIL FROM's RET and ENVID as received, the recipients' NOTIFY and ORCPT:
-``trimail.delivery.notify``).
+``trimail.delivery.notify``); a NOTIFY=SUCCESS recipient that virtual_alias_maps
+expanded gets its ``expanded`` notice in the same transaction (``cleanup.expanded``).
 
 Parameters: hopcount_limit, header_size_limit, virtual_alias_maps, duplicate_filter_limit, content_filter,
 receive_override_options (through ReceiveContext), and trimail/authcheck/inbound.py's
@@ -25,6 +26,8 @@ import time
 from typing import TYPE_CHECKING
 
 from trimail import log as maillog
+from trimail.cleanup.expanded import Expansions, orcpt_text, passed_on
+from trimail.cleanup.expanded import insert as insert_expanded
 from trimail.cleanup.loglines import header_message_id
 from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM, unique
 from trimail.delivery import notify
@@ -133,7 +136,7 @@ async def commit(session: SmtpdSession) -> Reply:
                 recipients = unique(recipients + await session.ctx.expand_virtual(copies),
                                     session.ctx.duplicate_filter_limit)
                 silent = recipients[count:]
-            dsn = await _expanded_dsn(session, txn.dsn) if txn.dsn and not verdict.redirect else {}
+            dsn, expanded = await _expanded_dsn(session, txn.dsn) if txn.dsn and not verdict.redirect else ({}, [])
         except (TableError, ValueError) as exc:
             log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
             return replies.LOCAL_ERROR
@@ -179,7 +182,11 @@ async def commit(session: SmtpdSession) -> Reply:
         # The client must get its 250 only after the commit, and a commit that
         # has begun cannot be taken back: so the wait is shielded from shutdown.
         try:
-            await session.ctx.writer.run_shielded(Store.insert_message, message)
+            if expanded:  # with the success notice of the alias expansion, in one transaction
+                await session.ctx.writer.run_shielded(
+                    insert_expanded, message, Expansions(session.ctx.hostname, expanded))
+            else:
+                await session.ctx.writer.run_shielded(Store.insert_message, message)
         except Exception as exc:  # noqa: BLE001 - the commit's boundary: any failure costs this message a 4xx
             if hand_over:
                 scheduler.release()  # type: ignore[union-attr]
@@ -195,6 +202,8 @@ async def commit(session: SmtpdSession) -> Reply:
                 scheduler.wake_after(written)  # type: ignore[union-attr]
             else:
                 scheduler.wake()
+            if expanded and hand_over:
+                scheduler.wake()  # the notice waits in incoming
         if session.ctx.metrics is not None:
             session.ctx.metrics.received.inc()
         if session.ctx.hooks is not None:
@@ -216,15 +225,22 @@ async def commit(session: SmtpdSession) -> Reply:
 
 
 
-async def _expanded_dsn(session: SmtpdSession, entries: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+async def _expanded_dsn(session: SmtpdSession, entries: dict[str, dict[str, str]]
+                        ) -> tuple[dict[str, dict[str, str]], list[tuple[str, str]]]:
     """RCPT TO's NOTIFY and ORCPT for every address virtual_alias_maps makes of the
-    recipient that gave them (as Postfix's cleanup copies them to each expansion);
-    of two recipients that became one address, the first one's."""
+    recipient that gave them (as Postfix's cleanup copies them to each expansion, but
+    SUCCESS: ``cleanup.expanded``); of two recipients that became one address, the
+    first one's.  Also the recipients owed an ``expanded`` notice, with their ORCPT."""
     out: dict[str, dict[str, str]] = {}
-    for entry, finals in zip(entries.values(), await session.ctx.expand_virtual_each(list(entries)), strict=True):
+    expanded: list[tuple[str, str]] = []
+    for (address, entry), finals in zip(entries.items(), await session.ctx.expand_virtual_each(list(entries)),
+                                        strict=True):
+        entry, notice = passed_on(address, entry, finals)
+        if notice:
+            expanded.append((address, orcpt_text(entry)))
         for final in finals:
             out.setdefault(final, entry)
-    return out
+    return out, expanded
 
 
 _date_cache: tuple[int, str] = (-1, "")

@@ -1,0 +1,138 @@
+"""Red team 40: the DSN extension (RFC 3461) against a real serve, its peers a raw
+SMTP sink that offers DSN and records every command line.
+
+Addresses: serve on 127.0.103.1, the sinks on 127.0.103.2, the clients from 127.0.103.9.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import smtplib
+import socketserver
+import threading
+from pathlib import Path
+
+from tests.faults.conftest import banner, queued, wait_until
+
+SERVE = "127.0.103.1"
+SINK = "127.0.103.2"
+CLIENT = "127.0.103.9"
+
+
+class DsnSink:
+    """A raw SMTP server offering DSN, 8BITMIME and SMTPUTF8 that takes everything and
+    keeps each transaction: ``(MAIL line, RCPT lines, content)``."""
+
+    def __init__(self, extensions: tuple[str, ...] = ("DSN", "8BITMIME", "SMTPUTF8"),
+                 rcpt_reply: bytes = b"250 2.1.5 Ok") -> None:
+        self.messages: list[tuple[bytes, list[bytes], bytes]] = []
+        self.lock = threading.Lock()
+        sink = self
+        ehlo = b"250-sink.test\r\n" + b"".join(f"250-{e}\r\n".encode() for e in extensions[:-1]) \
+            + f"250 {extensions[-1]}\r\n".encode()
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                self.wfile.write(b"220 sink.test ESMTP\r\n")
+                mail, rcpts = b"", []
+                while line := self.rfile.readline(1 << 16):
+                    verb = line[:4].upper()
+                    if verb == b"EHLO":
+                        self.wfile.write(ehlo)
+                    elif verb == b"MAIL":
+                        mail, rcpts = line, []
+                        self.wfile.write(b"250 2.1.0 Ok\r\n")
+                    elif verb == b"RCPT":
+                        rcpts.append(line)
+                        self.wfile.write(rcpt_reply + b"\r\n")
+                    elif verb == b"DATA":
+                        self.wfile.write(b"354 go ahead\r\n")
+                        content = bytearray()
+                        while (data := self.rfile.readline(1 << 20)) not in (b"", b".\r\n"):
+                            content += data
+                        with sink.lock:
+                            sink.messages.append((mail, rcpts, bytes(content)))
+                        self.wfile.write(b"250 2.0.0 Ok: queued as SINK\r\n")
+                    elif verb == b"QUIT":
+                        self.wfile.write(b"221 2.0.0 Bye\r\n")
+                        return
+                    else:
+                        self.wfile.write(b"250 2.0.0 Ok\r\n")
+
+        class Server(socketserver.ThreadingTCPServer):
+            allow_reuse_address = True
+            daemon_threads = True
+
+        self.server = Server((SINK, 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def taken(self) -> list[tuple[bytes, list[bytes], bytes]]:
+        with self.lock:
+            return list(self.messages)
+
+    def notices(self) -> list[email.message.EmailMessage]:
+        return [email.message_from_bytes(content, policy=email.policy.default)
+                for mail, _, content in self.taken() if mail.startswith(b"MAIL FROM:<>")]
+
+    def __enter__(self) -> DsnSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _client(port: int) -> smtplib.SMTP:
+    client = smtplib.SMTP(SERVE, port, timeout=30, source_address=(CLIENT, 0))
+    client.ehlo("client.example")
+    return client
+
+
+def _serve(daemon, sink: DsnSink, **params: object):
+    return daemon(smtpd_listen=f"{SERVE}:0", relayhost=f"[{SINK}]:{sink.port}", mynetworks="127.0.103.0/24",
+                  **params)
+
+
+def _assert_serving(d) -> None:
+    assert d.alive, "serve exited:\n" + "\n".join(d.proc.log[-30:])
+    assert banner(d.port, SERVE).startswith("220 ")
+
+
+def _report(notice: email.message.EmailMessage) -> list[email.message.Message]:
+    """The per-message and per-recipient field groups of a notice's delivery-status part."""
+    return list(list(notice.iter_parts())[1].get_payload())
+
+
+# 1. NOTIFY=SUCCESS on a virtual alias: one RCPT to an alias of n addresses was copied
+#    to each address with its NOTIFY=SUCCESS, so every next hop the alias reaches sent
+#    the sender a success notice (n notices for one RCPT; each naming an address of the
+#    alias), and where a next hop had no DSN trimail's own notice listed every address
+#    of the alias.  Postfix's cleanup sends one "expanded" notice for the alias and
+#    passes NOTIFY without SUCCESS (NEVER here) to the addresses (cleanup_out_recipient).
+
+def test_notify_success_on_a_virtual_alias_is_one_expanded_notice_not_one_per_address(daemon, tmp_path: Path):
+    members = [f"member{i}@dom{i}.example" for i in range(5)]
+    virtual = tmp_path / "virtual"
+    virtual.write_text(f"list@lists.example {', '.join(members)}\n")
+    with DsnSink() as sink:
+        d = _serve(daemon, sink, virtual_alias_maps=f"texthash:{virtual}")
+        with _client(d.port) as client:
+            assert client.mail("alice@client.example", ["ENVID=list-1"])[0] == 250
+            assert client.rcpt("list@lists.example", ["NOTIFY=SUCCESS"])[0] == 250
+            assert client.data(b"Subject: to the list\r\n\r\nbody\r\n")[0] == 250
+        wait_until(lambda: any(m[0].startswith(b"MAIL FROM:<alice@") for m in sink.taken()), timeout=15)
+        relayed = [line for mail, rcpts, _ in sink.taken() if mail.startswith(b"MAIL FROM:<alice@") for line in rcpts]
+        assert len(relayed) == len(members), relayed
+        asked = [line for line in relayed if b"SUCCESS" in line.upper()]
+        assert not asked, f"{len(asked)} of {len(members)} next-hop recipients asked for a success notice: {asked}"
+        assert all(b" NOTIFY=NEVER" in line for line in relayed), relayed
+        wait_until(lambda: sink.notices() and queued(d.queue_directory) == 0, timeout=15)
+        (notice,) = sink.notices()
+        assert notice["Subject"] == "Successful Mail Delivery Report"
+        fields = _report(notice)
+        assert fields[0]["Original-Envelope-Id"] == "list-1"
+        assert [(f["Final-Recipient"], f["Action"]) for f in fields[1:]] == [("rfc822; list@lists.example", "expanded")]
+        assert not any(member.encode() in notice.as_bytes() for member in members)
+        _assert_serving(d)
