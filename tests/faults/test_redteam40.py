@@ -136,3 +136,35 @@ def test_notify_success_on_a_virtual_alias_is_one_expanded_notice_not_one_per_ad
         assert [(f["Final-Recipient"], f["Action"]) for f in fields[1:]] == [("rfc822; list@lists.example", "expanded")]
         assert not any(member.encode() in notice.as_bytes() for member in members)
         _assert_serving(d)
+
+
+# 2. An ORCPT is passed on in xtext's own form (RFC 3461 5.2.1), which may be longer
+#    than what the client sent: a raw "=" becomes "+3D", a raw UTF-8 character of a
+#    utf-8 ORCPT "\x{4E2D}".  serve took ORCPTs of up to 500 characters as sent, so
+#    one it took could leave 1,539 characters long ("=" x 490), and a next hop that
+#    holds RFC 3461's 500 (trimail itself) refused it, 501 5.5.4: the recipient
+#    bounced (measured trimail to trimail with a utf-8 ORCPT of 221 characters, 1,622
+#    on the wire).  Now the form passed on must fit in 500 characters too, else the
+#    RCPT is refused as Postfix refuses a bad ORCPT.
+
+def test_every_orcpt_serve_takes_reaches_the_next_hop_in_at_most_500_characters(daemon):
+    orcpts = {"equals": "rfc822;" + "x=" * 160 + "@example.com",  # 335 as sent, 659 passed on
+              "han": "utf-8;" + "\u4e2d" * 100 + "@example.com",  # 118 as sent, 818 passed on
+              "plain": "rfc822;plain+2Bextension@example.com"}
+    with DsnSink() as sink:
+        d = _serve(daemon, sink)
+        with _client(d.port) as client:
+            assert client.mail("alice@client.example", ["SMTPUTF8"])[0] == 250
+            taken = {name for name, orcpt in orcpts.items()
+                     if client.rcpt(f"{name}@dest.example", ["NOTIFY=FAILURE", f"ORCPT={orcpt}"])[0] == 250}
+            assert "plain" in taken
+            assert client.data(b"Subject: orcpt\r\n\r\nbody\r\n")[0] == 250
+        wait_until(lambda: sink.taken() and queued(d.queue_directory) == 0, timeout=15)
+        (relayed,) = [rcpts for mail, rcpts, _ in sink.taken() if mail.startswith(b"MAIL FROM:<alice@")]
+        passed = {line.split(b"<", 1)[1].split(b"@", 1)[0].decode():
+                  line.split(b" ORCPT=", 1)[1].rstrip(b"\r\n") for line in relayed}
+        assert set(passed) == taken
+        long = {name: len(value) for name, value in passed.items() if len(value) > 500}
+        assert not long, f"ORCPTs taken and passed on longer than RFC 3461's 500 characters: {long}"
+        assert passed["plain"] == b"rfc822;plain+2Bextension@example.com"
+        _assert_serving(d)

@@ -19,7 +19,8 @@ written ``+`` and two hexadecimal digits.  The decoder is Postfix's
 (xtext_unquote): upper- and lower-case digits are read, a ``+`` without two digits
 is an error.  Stricter than Postfix: a raw character of the text must be
 printable ASCII (RFC 3461's xchar), the decoded ENVID at most 100 characters and
-the ORCPT value at most 500 (RFC 3461 4.2 and 4.4; Postfix checks neither), and
+the ORCPT value at most 500, as received and as the SMTP client passes it on (RFC 3461
+4.2 and 4.4; Postfix checks neither), and
 a decoded ORCPT address may hold no control character (Postfix leaves it to the
 bounce server to sanitize; here nothing with a line break reaches a report).
 ``utf-8`` ORCPTs (RFC 6533) are decoded as Postfix's uxtext_unquote does:
@@ -145,8 +146,8 @@ def parse_orcpt(value: str) -> tuple[str, str]:
     if not sep or _ADDR_TYPE.fullmatch(kind) is None or len(value) > MAX_ORCPT:
         raise XtextError(value)
     address = uxtext_decode(coded) if kind.lower() == "utf-8" else xtext_decode(coded)
-    if _CONTROL.search(address):
-        raise XtextError(value)
+    if _CONTROL.search(address) or len(orcpt_param(kind, address)) > MAX_ORCPT:
+        raise XtextError(value)  # (the form the SMTP client passes on is at most 500 characters too)
     return kind, address
 
 
