@@ -203,3 +203,33 @@ def test_the_parsed_dsn_requests_of_gone_messages_are_not_kept_without_bound():
     finally:
         tracemalloc.stop()
     assert kept < 48 << 20, f"{kept / 1e6:.0f} MB kept for 120 messages that are gone"
+
+
+# 4. A success notice was queued with each delivery job's record, so a message made as
+#    many notices as it had jobs: local(8) delivers each recipient on its own, so one
+#    message from the Internet to 50 local users with NOTIFY=SUCCESS sent 50 notices to
+#    its (forged) sender, one per RCPT line (1,000 with smtpd_recipient_limit's default),
+#    and 120 relayed recipients 3 (one per 50).  Postfix 3.7 sends one for the message
+#    (its qmgr flushes the message's trace when its round is done: 1 notice for 120
+#    relayed recipients, measured).  Now a recipient owed a notice says so in its
+#    record, and the message's last job queues one notice for all of them.
+
+def test_one_message_to_many_local_users_with_notify_success_is_one_notice(daemon, tmp_path: Path):
+    spool = tmp_path / "spool"
+    spool.mkdir(mode=0o1777)
+    spool.chmod(0o1777)
+    users = [f"root+{n}@mx.test.example" for n in range(30)]
+    with DsnSink() as sink:
+        d = _serve(daemon, sink, mydestination="mx.test.example", alias_maps="", local_recipient_maps="",
+                   recipient_delimiter="+", mail_spool_directory=str(spool), home_mailbox="")
+        with _client(d.port) as client:
+            assert client.mail("victim@client.example", ["ENVID=forged"])[0] == 250
+            for user in users:
+                assert client.rcpt(user, ["NOTIFY=SUCCESS"])[0] == 250
+            assert client.data(b"Subject: to everyone\r\n\r\nbody\r\n")[0] == 250
+        wait_until(lambda: sink.notices() and queued(d.queue_directory) == 0, timeout=15)
+        notices = sink.notices()
+        assert len(notices) == 1, f"{len(notices)} success notices for one message"
+        reported = [(f["Final-Recipient"], f["Action"]) for f in _report(notices[0])[1:]]
+        assert sorted(reported) == sorted((f"rfc822; {user}", "delivered") for user in users)
+        _assert_serving(d)

@@ -13,7 +13,9 @@ Tables (all STRICT):
   the deferred queue" and "how many rows per state" without a table scan.
 - ``recipient``: one row per envelope recipient, with its own delivery status
   (pending, deferred, sent, bounced), attempt count, next attempt and last reply.
-  ``notified`` is set once a bounced recipient is in a delivery status notification.
+  ``notified`` is set (1) once a bounced recipient is in a delivery status notification;
+  a sent one owed a success notice (NOTIFY=SUCCESS) holds a code above 1 until the
+  notice of its message's round is queued (``transitions.owed_notices``).
 - ``body``: the message content in wire format (CRLF line ends), one blob per
   message, written with incremental blob I/O so a large message is never held in
   memory whole.

@@ -24,7 +24,6 @@ import dataclasses
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
 
 from trimail.cleanup.loglines import LOG_PARAM
 from trimail.queue.store import Store, TransitionError
@@ -62,7 +61,8 @@ class RecipientResult:
     status: str  # sent | deferred | bounced
     reply: str
     next_attempt: float | None = None
-    notice: Any = None  # a success notice due (NOTIFY=SUCCESS): the delivery.bounce.Failure it reports
+    owed: int = 0  # sent, and owed a success notice (NOTIFY=SUCCESS): the caller's code (> 1) for it, kept
+    # in recipient.notified until the message's round ends (owed_notices)
 
 
 @dataclasses.dataclass(slots=True)
@@ -230,9 +230,23 @@ def quarantine(store: Store, message_id: str, expected: str = "active") -> None:
 
 def record(store: Store, message_id: str, results: list[RecipientResult]) -> None:
     store.db.executemany(
-        "UPDATE recipient SET status = ?, attempts = attempts + 1, next_attempt = ?, last_reply = ?"
+        "UPDATE recipient SET status = ?, attempts = attempts + 1, next_attempt = ?, last_reply = ?, notified = ?"
         " WHERE message_id = ? AND seq = ?",
-        [(r.status, r.next_attempt, r.reply, message_id, r.seq) for r in results])
+        [(r.status, r.next_attempt, r.reply, r.owed, message_id, r.seq) for r in results])
+
+
+def owed_notices(store: Store, message_id: str) -> list[tuple[str, str, int]]:
+    """The sent recipients owed a success notice, ``(address, last reply, code)``, each
+    marked told: the caller queues one notice for them in the same transaction (as
+    Postfix's qmgr flushes a message's trace once its round is done)."""
+    db = store.db
+    owed = [tuple(r) for r in db.execute(
+        "SELECT address, coalesce(last_reply, ''), notified FROM recipient WHERE message_id = +?"
+        " AND status = 'sent' AND notified > 1 ORDER BY seq", (message_id,))]
+    if owed:
+        db.execute("UPDATE recipient SET notified = 1 WHERE message_id = ? AND status = 'sent' AND notified > 1",
+                   (message_id,))
+    return owed  # type: ignore[return-value]
 
 
 def finish(store: Store, message_id: str,
