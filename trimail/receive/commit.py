@@ -136,7 +136,8 @@ async def commit(session: SmtpdSession) -> Reply:
                 recipients = unique(recipients + await session.ctx.expand_virtual(copies),
                                     session.ctx.duplicate_filter_limit)
                 silent = recipients[count:]
-            dsn, expanded = await _expanded_dsn(session, txn.dsn) if txn.dsn and not verdict.redirect else ({}, [])
+            dsn, expanded = await _expanded_dsn(session, txn.dsn, txn.recipients) \
+                if txn.dsn and not verdict.redirect else ({}, [])
         except (TableError, ValueError) as exc:
             log.error("%s: virtual alias expansion failed: %s", txn.queue_id, exc)
             return replies.LOCAL_ERROR
@@ -225,14 +226,17 @@ async def commit(session: SmtpdSession) -> Reply:
 
 
 
-async def _expanded_dsn(session: SmtpdSession, entries: dict[str, dict[str, str]]
+async def _expanded_dsn(session: SmtpdSession, entries: dict[str, dict[str, str]], recipients: list[str]
                         ) -> tuple[dict[str, dict[str, str]], list[tuple[str, str]]]:
     """RCPT TO's NOTIFY and ORCPT for every address virtual_alias_maps makes of the
     recipient that gave them (as Postfix's cleanup copies them to each expansion, but
     SUCCESS: ``cleanup.expanded``); of two recipients that became one address, the
-    first one's.  Also the recipients owed an ``expanded`` notice, with their ORCPT."""
+    first one's.  Also the recipients owed an ``expanded`` notice, with their ORCPT.
+    Only *recipients* (the transaction's, after the milters' edits) are looked at."""
     out: dict[str, dict[str, str]] = {}
     expanded: list[tuple[str, str]] = []
+    kept = set(recipients)
+    entries = {address: entry for address, entry in entries.items() if address in kept}
     for (address, entry), finals in zip(entries.items(), await session.ctx.expand_virtual_each(list(entries)),
                                         strict=True):
         entry, notice = passed_on(address, entry, finals)
