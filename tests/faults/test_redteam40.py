@@ -233,3 +233,32 @@ def test_one_message_to_many_local_users_with_notify_success_is_one_notice(daemo
         reported = [(f["Final-Recipient"], f["Action"]) for f in _report(notices[0])[1:]]
         assert sorted(reported) == sorted((f"rfc822; {user}", "delivered") for user in users)
         _assert_serving(d)
+
+
+# 5. The same through sendmail: ``-N success`` is one NOTIFY for every recipient, so
+#    each address virtual_alias_maps made of one recipient got NOTIFY=SUCCESS too (3
+#    next-hop RCPTs with SUCCESS for an alias of 3).  Now the submission's expansion
+#    does what cleanup does for SMTP mail.
+
+def test_sendmail_N_success_to_a_virtual_alias_is_one_expanded_notice(daemon, tmp_path: Path):
+    from tests.local.test_sendmail import sendmail
+
+    members = ["a@x.example", "b@y.example", "c@z.example"]
+    virtual = tmp_path / "virtual"
+    virtual.write_text(f"list@lists.example {', '.join(members)}\n")
+    with DsnSink() as sink:
+        d = _serve(daemon, sink, virtual_alias_maps=f"texthash:{virtual}")
+        done = sendmail(d.config_path, "-N", "success,failure", "-V", "local-1", "-f", "alice@client.example",
+                        "list@lists.example", "direct@w.example", data=b"Subject: from sendmail\n\nbody\n")
+        assert done.returncode == 0, done.stderr
+        wait_until(lambda: any(m[0].startswith(b"MAIL FROM:<alice@") for m in sink.taken()), timeout=15)
+        relayed = sorted(line for mail, rcpts, _ in sink.taken() if mail.startswith(b"MAIL FROM:<alice@")
+                         for line in rcpts)
+        assert relayed == sorted([f"RCPT TO:<{m}> NOTIFY=FAILURE\r\n".encode() for m in members]
+                                 + [b"RCPT TO:<direct@w.example> NOTIFY=SUCCESS,FAILURE\r\n"]), relayed
+        wait_until(lambda: sink.notices() and queued(d.queue_directory) == 0, timeout=15)
+        (notice,) = sink.notices()
+        fields = _report(notice)
+        assert fields[0]["Original-Envelope-Id"] == "local-1"
+        assert [(f["Final-Recipient"], f["Action"]) for f in fields[1:]] == [("rfc822; list@lists.example", "expanded")]
+        _assert_serving(d)

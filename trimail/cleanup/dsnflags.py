@@ -43,7 +43,7 @@ def submission_params(opts: dict) -> dict[str, str | None]:
         params["NOTIFY"] = ",".join(dsn.notify_words(opts["notify"]) or ())
     if opts["envid"]:
         params["ENVID"] = dsn.xtext_encode(opts["envid"])
-    return params
+    return {**params, **opts.get("dsn_expanded", {})}  # the addresses an alias made (cleanup.expanded)
 
 
 def _warn(text: str) -> None:

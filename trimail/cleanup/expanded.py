@@ -10,7 +10,8 @@ alias reaches, and this MTA's own notice named every address of the alias (who i
 on a list is none of the sender's business).
 
 The notice is queued in the transaction that queues the message (``insert``), so
-both are there or neither; mail from the null sender gets none.
+both are there or neither; mail from the null sender gets none.  The same holds for
+a local submission with ``sendmail -N success`` (``expand``).
 
 Parameters: none (myhostname through the caller).
 """
@@ -18,10 +19,14 @@ Parameters: none (myhostname through the caller).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 
+from trimail.cleanup.rewrite import virtual_expand
 from trimail.delivery import notify
 from trimail.delivery.bounce import Failure, dsn_parts, header_lines
+from trimail.delivery.notify import store as notify_store
+from trimail.maps import Table
 from trimail.queue import transitions
 from trimail.queue.ids import new_queue_id
 from trimail.queue.spool import Spool
@@ -31,13 +36,7 @@ from trimail.smtp import dsn
 bounce_log = logging.getLogger("trimail.bounce")
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Expansions:
-    """What the notice says: the recipients that were expanded, each with its ORCPT
-    (``type;address`` decoded, "" when none was given)."""
-
-    hostname: str
-    recipients: list[tuple[str, str]]
+EXPANDED_PARAM = "_DSN_EXPANDED"  # JSON [[address, orcpt], ...]: owed an expanded notice (taken out by insert)
 
 
 def passed_on(address: str, entry: dict[str, str], finals: list[str]) -> tuple[dict[str, str], bool]:
@@ -60,18 +59,45 @@ def orcpt_text(entry: dict[str, str]) -> str:
     return f"{kind};{address}" if kind else ""
 
 
-def insert(store: Store, message: NewMessage, expansions: Expansions | None) -> None:
-    """Writer-thread work: queue *message* and, when it has *expansions* and a sender,
-    the ``expanded`` success notice (the headers returned, as every success notice)."""
+def expand(recipients: list[str], tables: list[Table], notify: str | None) -> tuple[list[str], dict[str, str]]:
+    """A local submission's virtual_alias_maps expansion (sendmail -N: one NOTIFY for
+    every recipient): the addresses, and the params that give the ones an alias made
+    its NOTIFY without SUCCESS and owe the alias its ``expanded`` notice (``insert``)."""
+    words = dsn.notify_words(notify) if notify else None
+    if not words or "SUCCESS" not in words:
+        return virtual_expand(recipients, tables), {}
+    out: list[str] = []
+    entries: dict[str, dict[str, str]] = {}
+    owed: list[tuple[str, str]] = []
+    for address in recipients:
+        finals = virtual_expand([address], tables)
+        entry, notice = passed_on(address, {"NOTIFY": ",".join(words)}, finals)
+        if notice:
+            owed.append((address, ""))
+            for final in finals:
+                entries.setdefault(final, entry)
+        out += finals
+    params: dict[str, str | None] = {}
+    notify_store(params, entries)
+    return out, {**params, **({EXPANDED_PARAM: json.dumps(owed)} if owed else {})}  # type: ignore[dict-item]
+
+
+def insert(store: Store, message: NewMessage, hostname: str) -> None:
+    """Writer-thread work: queue *message* and, when its params owe ``expanded``
+    notices (EXPANDED_PARAM, not kept) and it has a sender, the success notice (the
+    headers returned, as every success notice)."""
+    params = dict(message.params)
+    owed = _owed(params.pop(EXPANDED_PARAM, None))
+    message = dataclasses.replace(message, params=params)
     store.insert_message(message)
-    if expansions is None or not expansions.recipients or message.sender == "":
+    if not owed or message.sender == "":
         return
     failures = [Failure(address, "2.0.0", "X-Trimail; alias expanded", action="expanded", text="alias expanded",
-                        orcpt=orcpt) for address, orcpt in expansions.recipients]
-    smtputf8 = "SMTPUTF8" in message.params
-    head, tail = dsn_parts(hostname=expansions.hostname, queue_id=message.id, sender=message.sender,
+                        orcpt=orcpt) for address, orcpt in owed]
+    smtputf8 = "SMTPUTF8" in params
+    head, tail = dsn_parts(hostname=hostname, queue_id=message.id, sender=message.sender,
                            arrival_time=message.arrival_time, failures=failures, full=False, smtputf8=smtputf8,
-                           envid=notify.envid_of(message.params), success=True)
+                           envid=notify.envid_of(params), success=True)
     spool = Spool()
     spool.write(head)
     spool.write(header_lines(transitions.read_headers(store, message.id)))
@@ -80,3 +106,12 @@ def insert(store: Store, message: NewMessage, expansions: Expansions | None) -> 
     store.insert_message(NewMessage(notice_id, "", [message.sender], spool, protocol="bounce",
                                     params={"SMTPUTF8": None, "BODY": "8BITMIME"} if smtputf8 else {}))
     bounce_log.info("%s: sender delivery status notification: %s", message.id, notice_id)
+
+
+def _owed(text: str | None) -> list[tuple[str, str]]:
+    try:
+        owed = json.loads(text) if isinstance(text, str) else []
+    except ValueError:
+        return []
+    return [(a, o) for a, o in owed if isinstance(a, str) and isinstance(o, str)] \
+        if isinstance(owed, list) and all(isinstance(x, list) and len(x) == 2 for x in owed) else []

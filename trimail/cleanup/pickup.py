@@ -34,7 +34,7 @@ from typing import Any
 import trio
 
 from trimail import userlists
-from trimail.cleanup import rewrite
+from trimail.cleanup import expanded, rewrite
 from trimail.cleanup.headers import local_received
 from trimail.cleanup.submit import SendmailError, check_domain, enqueue
 from trimail.config import Config
@@ -123,7 +123,9 @@ def queue(config: Config, uid: int, sender: str, rcpts: list[str], content: byte
         check_domain(address)
     if "no_address_mappings" not in config.receive_override_options:
         try:
-            rcpts = rewrite.virtual_expand(rcpts, [open_table(ref) for ref in config.virtual_alias_maps])
+            rcpts, more = expanded.expand(rcpts, [open_table(ref) for ref in config.virtual_alias_maps],
+                                          params.get("NOTIFY"))  # sendmail -N success: cleanup.expanded
+            params = {**params, **more}
         except ValueError as exc:  # an alias loop deeper than VIRTUAL_DEPTH: for good
             raise SendmailError(str(exc), os.EX_UNAVAILABLE) from None
         for address in rcpts:

@@ -68,7 +68,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from trimail import userlists
-from trimail.cleanup import headers, loglines
+from trimail.cleanup import expanded, headers, loglines
 from trimail.cleanup import rewrite as cleanup_rewrite
 from trimail.cleanup.dsnflags import check_flags, submission_params
 from trimail.cleanup.inspection import ContentRefused, inspect_local
@@ -213,7 +213,7 @@ def build(cfg: Config, opts: dict, raw: bytes, queue_id: str, *,
     rcpts = [cleanup_rewrite.qualified(r.strip().strip("<>"), cfg) for r in rcpts]
     if expand and "no_address_mappings" not in cfg.receive_override_options:  # as pickup passes it to cleanup
         tables = [open_table(ref) for ref in cfg.virtual_alias_maps]
-        rcpts = cleanup_rewrite.virtual_expand(rcpts, tables)
+        rcpts, opts["dsn_expanded"] = expanded.expand(rcpts, tables, opts["notify"])  # sendmail -N success
     for address in ([sender] if sender else []) + rcpts:
         check_domain(address)
     full_name = opts["F"] if opts["F"] is not None else full_name_of_user()
@@ -373,10 +373,10 @@ def enqueue(cfg: Config, queue_id: str, sender: str, rcpts: list[str], content: 
     spool.write(content)
     try:
         with store.transaction():
-            store.insert_message(NewMessage(queue_id, sender, rcpts, spool, state=state,
-                                            arrival_time=time.time(), protocol=protocol, helo_name=helo_name,
-                                            client_name="localhost", client_address="127.0.0.1",
-                                            params=params or {}))
+            expanded.insert(store, NewMessage(queue_id, sender, rcpts, spool, state=state,
+                                              arrival_time=time.time(), protocol=protocol, helo_name=helo_name,
+                                              client_name="localhost", client_address="127.0.0.1",
+                                              params=params or {}), cfg.myhostname)
     finally:
         spool.close()
         store.close()

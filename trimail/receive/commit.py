@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from trimail import log as maillog
-from trimail.cleanup.expanded import Expansions, orcpt_text, passed_on
+from trimail.cleanup.expanded import EXPANDED_PARAM, orcpt_text, passed_on
 from trimail.cleanup.expanded import insert as insert_expanded
 from trimail.cleanup.loglines import header_message_id
 from trimail.cleanup.rewrite import NOMAP_PARAM, RWR_PARAM, unique
@@ -145,6 +145,8 @@ async def commit(session: SmtpdSession) -> Reply:
         if silent:
             params[SILENT_PARAM] = json.dumps(silent)
         notify.store(params, dsn)  # each recipient's NOTIFY and ORCPT (RFC 3461)
+        if expanded:  # their notice, queued with the message (cleanup.expanded.insert)
+            params[EXPANDED_PARAM] = json.dumps(expanded)
         # the content filter is stored now, so a reload does not change where queued mail goes:
         # an access-table FILTER overrides content_filter, REDIRECT overrides both (as in Postfix)
         content_filter = verdict.filter or session.ctx.content_filter
@@ -184,8 +186,8 @@ async def commit(session: SmtpdSession) -> Reply:
         # has begun cannot be taken back: so the wait is shielded from shutdown.
         try:
             if expanded:  # with the success notice of the alias expansion, in one transaction
-                await session.ctx.writer.run_shielded(
-                    insert_expanded, message, Expansions(session.ctx.hostname, expanded))
+                await session.ctx.writer.run_shielded(insert_expanded, message, session.ctx.hostname)
+                del message.params[EXPANDED_PARAM]  # (not queued: not for the hand-over either)
             else:
                 await session.ctx.writer.run_shielded(Store.insert_message, message)
         except Exception as exc:  # noqa: BLE001 - the commit's boundary: any failure costs this message a 4xx
