@@ -57,6 +57,8 @@ class Peer:
     """The connector: every destination answers at once, or holds each delivery
     until the test releases it (``hold``)."""
 
+    session_limit = 0  # smtp_mx_session_limit (delivery.attempt reads it)
+
     def __init__(self, hold: bool = False) -> None:
         self.hold = hold
         self.released = trio.Semaphore(0)
@@ -84,6 +86,7 @@ class Peer:
 class Connection:
     def __init__(self, peer: Peer, route: Route) -> None:
         self.peer, self.usable, self.relay = peer, True, f"{route.nexthop}[192.0.2.1]:25"
+        self.address = "192.0.2.1"  # (delivery.attempt keeps the addresses an attempt used)
 
     async def deliver(self, envelope: Any, content: Any) -> list[Outcome]:
         self.peer.in_delivery += 1
@@ -98,6 +101,9 @@ class Connection:
         self.peer.changed.set()
         self.peer.changed = trio.Event()
         return [sent("250 2.0.0 Ok")] * len(envelope.recipients)
+
+    def desynchronized(self) -> bool:
+        return False  # (a well-behaved server says nothing out of turn)
 
     async def close(self) -> None:
         await trio.lowlevel.checkpoint()
@@ -139,6 +145,48 @@ async def test_qmgr_message_recipient_limit_bounds_the_recipients_claimed(tmp_pa
     await trio.testing.wait_all_tasks_blocked()
     assert len(scheduler.active) == 30
     assert not scheduler.reserve()  # new mail waits in incoming too
+
+
+class FinishingWriter(InlineWriter):
+    """Lets ``during[n]`` held deliveries end, and their messages finish, inside the
+    n-th round's claim (before it runs), as deliveries end while a writer request
+    waits for its turn."""
+
+    def __init__(self, store: Store, peer: Peer, during: dict[int, int]) -> None:
+        super().__init__(store)
+        self.peer, self.during = peer, during
+
+    async def run(self, fn: Callable[..., Any], *args: Any, durable: bool = True) -> Any:
+        if fn is schedule_round and (count := self.during.pop(self.calls["schedule_round"] + 1, 0)):
+            ended = len(self.peer.delivered) + count
+            for _ in range(count):
+                self.peer.released.release()
+            await self.peer.until(lambda: len(self.peer.delivered) >= ended, timeout=10)
+            await trio.testing.wait_all_tasks_blocked()  # their messages finished (removed)
+        return await super().run(fn, *args, durable=durable)
+
+
+async def test_messages_finishing_during_claims_capped_by_the_recipient_limit_leave_none_waiting(
+        tmp_path, nursery, autojump_clock):
+    """qmgr_message_recipient_limit of 30: a round's claim is capped at the recipients
+    the active queue had room for when it began.  Messages that finish meanwhile
+    make room it does not see; when they finish while the last round looked not
+    starved they wake nobody, and the mail left in incoming waited for new mail or
+    a restart (red team 40: 1-14 of 60 messages for over 300 s after a burst)."""
+    queue_messages(tmp_path / "queue", [f"u{i}@far.example" for i in range(100)])
+    peer = Peer(hold=True)
+    config = configuration.load(write_main_cf(tmp_path, relayhost="[192.0.2.1]:25", qmgr_message_recipient_limit=30))
+    writer = FinishingWriter(Store.open(tmp_path / "queue"), peer, {2: 2, 3: 2})
+    scheduler = Scheduler(config, writer, peer)  # type: ignore[arg-type]
+    await nursery.start(scheduler.run)
+    await wait_for(lambda: writer.calls["schedule_round"] >= 1 and len(scheduler.active) == 30)
+    peer.released.release()  # the first to finish wakes the round (starved), whose claim sees two more
+    # finish; those wake the next round, whose claim sees two more finish (waking nobody)
+    await wait_for(lambda: not writer.during and len(peer.delivered) == 5)
+    await wait_for(lambda: len(scheduler.active) == 30)  # the room they made is taken at once (it stayed 28)
+    for _ in range(100):
+        peer.released.release()
+    await peer.until(lambda: len(peer.delivered) == 100, timeout=600)
 
 
 async def test_the_round_sleeps_until_the_next_retry_is_due(tmp_path, nursery, autojump_clock):
