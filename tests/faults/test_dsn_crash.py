@@ -14,10 +14,9 @@ import email.policy
 import os
 import signal
 import smtplib
-import threading
 
 from tests.faults.conftest import assert_serving, integrity_ok, queued, wait_until
-from tests.faults.test_workers import running
+from tests.faults.test_workers import Load, running
 from tests.peers import Sink
 
 
@@ -27,36 +26,6 @@ def _submit(port: int, token: str) -> None:
         assert client.mail("alice@client.example", [f"ENVID={token}"])[0] == 250
         assert client.rcpt("rcpt@example.com", ["NOTIFY=SUCCESS,FAILURE"])[0] == 250
         assert client.data(f"Subject: token {token}\r\n\r\nx\r\n".encode())[0] == 250
-
-
-class Clients:
-    """Threads sending *each* messages whose ENVID is a token; ``acknowledged``: the
-    tokens whose ``250`` came."""
-
-    def __init__(self, port: int, count: int = 4, each: int = 50) -> None:
-        self.port, self.acknowledged, self.stop, self.each = port, [], threading.Event(), each
-        self.threads = [threading.Thread(target=self._run, args=(n,)) for n in range(count)]
-
-    def _run(self, client: int) -> None:
-        number = 0
-        while not self.stop.is_set() and number < self.each:
-            number += 1
-            token = f"c{client}-{number}"
-            try:
-                _submit(self.port, token)
-            except (OSError, smtplib.SMTPException, AssertionError):
-                continue  # not acknowledged: it need not arrive
-            self.acknowledged.append(token)
-
-    def __enter__(self) -> Clients:
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(60)
 
 
 def _notices(messages) -> dict[str, set[str]]:
@@ -80,7 +49,7 @@ def _delivered(messages) -> set[str]:
 def test_a_killed_qmgr_neither_loses_nor_doubles_a_success_notice(daemon):
     with Sink(delay=0.05) as sink:  # deliveries (and notices) are in flight at each kill
         d = daemon(smtpd_workers=1, relayhost=f"[127.0.0.1]:{sink.port}")
-        with Clients(d.port, count=2, each=400) as clients:
+        with Load(d.port, 2, submit=_submit, each=400) as clients:
             for kill in range(2):  # mail comes in until the second
                 base = len(clients.acknowledged)
                 wait_until(lambda: len(clients.acknowledged) >= base + 15, timeout=60)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import re
 import signal
@@ -15,6 +16,7 @@ import socket
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Self
 
@@ -53,12 +55,18 @@ def _tokens(messages) -> set[str]:
     return found
 
 
-class Load:
-    """Client threads sending numbered messages; ``acknowledged`` holds the tokens of
-    those that got their ``250`` (only those must arrive)."""
+def _send_token(port: int, token: str) -> None:
+    send(port, ["rcpt@example.com"], f"Subject: token {token}\r\n\r\nx\r\n".encode())
 
-    def __init__(self, port: int, clients: int = 8) -> None:
-        self.port = port
+
+class Load:
+    """Client threads sending numbered messages (*submit*: port, token; at most *each*
+    a client); ``acknowledged`` holds the tokens of those that got their ``250``
+    (only those must arrive)."""
+
+    def __init__(self, port: int, clients: int = 8, submit: Callable[[int, str], None] = _send_token,
+                 each: float = math.inf) -> None:
+        self.port, self.submit, self.each = port, submit, each
         self.acknowledged: list[str] = []
         self.failures = 0
         self.errors: list[str] = []
@@ -67,11 +75,11 @@ class Load:
 
     def _run(self, client: int) -> None:
         number = 0
-        while not self.stop.is_set():
+        while not self.stop.is_set() and number < self.each:
             number += 1
             token = f"c{client}-{number}"
             try:
-                send(self.port, ["rcpt@example.com"], f"Subject: token {token}\r\n\r\nx\r\n".encode())
+                self.submit(self.port, token)
             except (OSError, smtplib.SMTPException, AssertionError) as exc:
                 self.failures += 1
                 self.errors.append(repr(exc))
