@@ -250,7 +250,7 @@ class BdatReader(CommandReader):
         """Refuse a BDAT: drop its *size* bytes, then reply (Postfix's skip_bdat); past
         1.5 times message_size_limit, reply now and end the session instead."""
         limit = self.settings.message_size_limit
-        if limit and self._bdat_size / 1.5 > limit - size / 1.5:
+        if limit and 2 * (self._bdat_size + size) > 3 * limit:  # past 1.5 times the limit (exact, in integers)
             self._error("bdat", reply)
             self._close("too much BDAT content")
             return None
